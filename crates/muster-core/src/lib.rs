@@ -1,0 +1,38 @@
+//! # muster-core: what muster decides
+//!
+//! Everything in this crate is pure: no I/O, no clocks, no randomness, no async runtime.
+//! Time (`now`, in Unix milliseconds), ids and random seeds are chosen by the caller and
+//! passed in, so every function here is deterministic and testable without a runtime.
+//!
+//! - [`names`]: the naming rules for compute targets and experiments.
+//! - [`resources`]: CPU, memory and GPUs a node offers and a run asks for.
+//! - [`compute`]: compute targets (`local`, `cluster`, `instance`, `attached`) and Azure ML compute YAML.
+//! - [`spec`]: the run spec and Azure ML v2 command-job YAML parsing and validation.
+//! - [`snapshot`]: the manifest of a content-addressed code snapshot.
+//! - [`state`]: the replicated state machine: [`Command`], [`State::apply`], [`State::sanity_check`].
+//! - [`schedule`]: the scheduler: `schedule(&State, now) -> Vec<Decision>`.
+//!
+//! Crate choices: `serde` + `serde_json` for the versioned command encoding (readable in a
+//! log dump, tagged enums so an old log replays on a newer server), `yaml_serde` for YAML
+//! (serde_yaml is deprecated, serde_yml unsound) and `serde_path_to_error` to name the full
+//! path of a bad or unknown key.
+
+pub mod compute;
+pub mod names;
+pub mod resources;
+pub mod schedule;
+pub mod snapshot;
+pub mod spec;
+pub mod state;
+
+pub use compute::{ComputeKind, ComputeSpec, Tier};
+pub use resources::{Capacity, Gpu, Resources};
+pub use schedule::{Decision, Placement, schedule};
+pub use spec::RunSpec;
+pub use state::{
+    Applied, ApplyError, Attempt, AttemptEnd, AttemptState, Command, Node, NodeState, Run,
+    RunState, State,
+};
+
+/// Unix time in milliseconds, as chosen by the proposer of a command.
+pub type Millis = u64;

@@ -1,0 +1,835 @@
+//! The run spec, and Azure ML v2 command-job YAML (`type: command`) parsing.
+//!
+//! A job file is parsed into a [`JobFile`] (as written, unknown keys rejected with their
+//! path), the CLI applies its flags on top, and [`JobFile::into_run_spec`] substitutes
+//! `${{inputs.x}}` / `${{outputs.x}}`, applies defaults and validates, giving the
+//! normalized [`RunSpec`] that the server stores. The server calls [`RunSpec::validate`]
+//! again on every submission: the CLI is a convenience, not the enforcer.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::names::{validate_compute_name, validate_experiment_name};
+use crate::resources::{Resources, parse_cpu, parse_memory};
+use crate::snapshot::{GitInfo, is_sha256_hex};
+
+/// Default `max_attempts` of a run (first attempt plus two restarts).
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// The default compute target.
+pub const DEFAULT_COMPUTE: &str = "local";
+/// The longest command accepted, in bytes.
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+
+/// A bad job or compute spec: which field, what is wrong and what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecError {
+    /// The dotted path of the field (`resources.instance_count`), or empty for the document.
+    pub path: String,
+    /// What is wrong and what to do.
+    pub message: String,
+    /// 1-based line and column in the YAML text, when known.
+    pub location: Option<(usize, usize)>,
+}
+
+impl SpecError {
+    /// An error about one field.
+    pub fn field(path: impl Into<String>, message: impl Into<String>) -> SpecError {
+        SpecError {
+            path: path.into(),
+            message: message.into(),
+            location: None,
+        }
+    }
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        write!(f, "{}", self.message)?;
+        if let Some((line, col)) = self.location {
+            write!(f, " (line {line}, column {col})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for SpecError {}
+
+/// Parses YAML into `T`, naming the full path of a bad or unknown key and its position.
+pub(crate) fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, SpecError> {
+    if text.trim().is_empty() {
+        return Err(SpecError::field("", "the file is empty"));
+    }
+    let de = yaml_serde::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        let location = inner.location().map(|l| (l.line(), l.column()));
+        let raw = inner.to_string();
+        // yaml_serde appends " at line L column C"; we report the location ourselves.
+        let raw = raw.split(" at line ").next().unwrap_or(&raw).to_string();
+        let path = if path == "." { String::new() } else { path };
+        let (path, message) = if let Some(at) = raw.find("unknown field `") {
+            // serde_path_to_error's path already ends with the unknown key.
+            let rest = &raw[at + "unknown field `".len()..];
+            let expected = rest.split("expected ").nth(1).unwrap_or_default();
+            let hint = if expected.is_empty() {
+                String::new()
+            } else {
+                format!("; expected {expected}")
+            };
+            (
+                path,
+                format!("unknown key: remove it or fix its spelling{hint}"),
+            )
+        } else {
+            // yaml_serde prefixes some messages with the YAML path; we report it ourselves.
+            let message = match raw.split_once(": ") {
+                Some((prefix, rest)) if !path.is_empty() && path.starts_with(prefix) => {
+                    rest.to_string()
+                }
+                _ => raw,
+            };
+            (path, message)
+        };
+        SpecError {
+            path,
+            message,
+            location,
+        }
+    })
+}
+
+/// A distributed-training setup (DESIGN.md section 9).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Distribution {
+    /// torch.distributed: `MASTER_ADDR`, `WORLD_SIZE`, `RANK`, ...
+    Pytorch {
+        /// Processes started per instance (default 1).
+        process_count_per_instance: u32,
+    },
+    /// MPI: a hostfile with `slots`; the launcher runs on rank 0.
+    Mpi {
+        /// Processes (slots) per instance.
+        process_count_per_instance: u32,
+    },
+    /// TensorFlow: `TF_CONFIG`.
+    Tensorflow {
+        /// Workers (default: instance_count).
+        worker_count: u32,
+        /// Parameter servers (default 0).
+        parameter_server_count: u32,
+    },
+}
+
+/// How the run's process is started: a container image, or the node's own userland.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Environment {
+    /// A container image; `None` runs in the node's userland (user-managed environment).
+    pub image: Option<String>,
+    /// A registered environment reference as written (`azureml:name@version`, prefix removed).
+    pub name: Option<String>,
+    /// A conda file named by the job, recorded for reference (muster does not build images).
+    pub conda_file: Option<String>,
+}
+
+/// Where a run's code comes from: a snapshot manifest in the blob store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodeRef {
+    /// SHA-256 of the manifest blob.
+    pub manifest: String,
+    /// Number of files.
+    pub files: u64,
+    /// Total bytes.
+    pub bytes: u64,
+    /// The git state of the source directory, when it was a work tree.
+    pub git: Option<GitInfo>,
+}
+
+/// A run as the server stores it: normalized, substituted, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSpec {
+    /// The shell command (run with `sh -c`), inputs already substituted.
+    pub command: String,
+    /// The compute target.
+    pub compute: String,
+    /// The experiment.
+    pub experiment: String,
+    /// A friendly name.
+    pub display_name: Option<String>,
+    /// Free text.
+    pub description: Option<String>,
+    /// Free-form tags.
+    pub tags: BTreeMap<String, String>,
+    /// Image or node userland.
+    pub environment: Environment,
+    /// Variables set in the run's environment.
+    pub environment_variables: BTreeMap<String, String>,
+    /// The inputs as resolved (literal values, or data paths), for display and reuse.
+    pub inputs: BTreeMap<String, String>,
+    /// Nodes the run spans (a gang).
+    pub instance_count: u32,
+    /// What one instance needs.
+    pub resources: Resources,
+    /// Shared memory for the container, in bytes (Azure ML's default is 2g).
+    pub shm_size: Option<u64>,
+    /// Distributed-training setup.
+    pub distribution: Option<Distribution>,
+    /// Wall-clock limit of one attempt in seconds; the run ends TimedOut past it.
+    pub timeout_s: Option<u64>,
+    /// Higher runs first (`low` = -100, `normal` = 0, `high` = 100).
+    pub priority: i32,
+    /// Attempts before the run fails for good.
+    pub max_attempts: u32,
+    /// The code snapshot, if any.
+    pub code: Option<CodeRef>,
+}
+
+impl RunSpec {
+    /// A minimal spec: `command` on `local`, experiment `default`.
+    pub fn new(command: impl Into<String>) -> RunSpec {
+        RunSpec {
+            command: command.into(),
+            compute: DEFAULT_COMPUTE.to_string(),
+            experiment: "default".to_string(),
+            display_name: None,
+            description: None,
+            tags: BTreeMap::new(),
+            environment: Environment::default(),
+            environment_variables: BTreeMap::new(),
+            inputs: BTreeMap::new(),
+            instance_count: 1,
+            resources: Resources::default(),
+            shm_size: None,
+            distribution: None,
+            timeout_s: None,
+            priority: 0,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            code: None,
+        }
+    }
+
+    /// Checks every field the server relies on; the error names the field.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.command.trim().is_empty() {
+            return Err(SpecError::field(
+                "command",
+                "missing: give the command to run (in the YAML, or after `--` on the command line)",
+            ));
+        }
+        if self.command.len() > MAX_COMMAND_BYTES {
+            return Err(SpecError::field(
+                "command",
+                format!(
+                    "{} bytes is longer than the {MAX_COMMAND_BYTES}-byte limit: put the script in the code directory",
+                    self.command.len()
+                ),
+            ));
+        }
+        if self.command.contains("${{") {
+            return Err(SpecError::field(
+                "command",
+                "an unresolved ${{...}} reference remains: define the input it names",
+            ));
+        }
+        validate_compute_name(&self.compute)
+            .map_err(|e| SpecError::field("compute", e.to_string()))?;
+        validate_experiment_name(&self.experiment)
+            .map_err(|e| SpecError::field("experiment_name", e.to_string()))?;
+        for key in self.environment_variables.keys() {
+            if !is_env_name(key) {
+                return Err(SpecError::field(
+                    format!("environment_variables.{key}"),
+                    "not a valid variable name: use letters, digits and '_', not starting with a digit",
+                ));
+            }
+        }
+        if self.instance_count == 0 {
+            return Err(SpecError::field(
+                "resources.instance_count",
+                "must be at least 1",
+            ));
+        }
+        if self.instance_count > 1024 {
+            return Err(SpecError::field(
+                "resources.instance_count",
+                format!(
+                    "{} is more than the 1024 nodes one run may span",
+                    self.instance_count
+                ),
+            ));
+        }
+        if self.max_attempts == 0 {
+            return Err(SpecError::field("max_attempts", "must be at least 1"));
+        }
+        if self.timeout_s == Some(0) {
+            return Err(SpecError::field(
+                "limits.timeout",
+                "must be at least 1 second (leave it out for no limit)",
+            ));
+        }
+        if let Some(image) = &self.environment.image
+            && (image.trim().is_empty() || image.chars().any(char::is_whitespace))
+        {
+            return Err(SpecError::field(
+                "environment.image",
+                format!("{image:?} is not an image reference"),
+            ));
+        }
+        match &self.distribution {
+            Some(Distribution::Mpi {
+                process_count_per_instance: 0,
+            })
+            | Some(Distribution::Pytorch {
+                process_count_per_instance: 0,
+            }) => {
+                return Err(SpecError::field(
+                    "distribution.process_count_per_instance",
+                    "must be at least 1",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(code) = &self.code
+            && !is_sha256_hex(&code.manifest)
+        {
+            return Err(SpecError::field(
+                "code",
+                "the snapshot manifest reference is not a SHA-256 digest",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn is_env_name(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Parses `low`, `normal`, `high` or an integer.
+pub fn parse_priority(s: &str) -> Result<i32, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "low" => Ok(-100),
+        "normal" | "medium" => Ok(0),
+        "high" => Ok(100),
+        other => other
+            .parse::<i32>()
+            .map_err(|_| format!("{s:?} is not a priority: use low, normal, high or an integer")),
+    }
+}
+
+/// Removes Azure ML's `azureml:` prefix from a reference.
+pub fn strip_azureml(s: &str) -> &str {
+    s.strip_prefix("azureml:").unwrap_or(s)
+}
+
+/// A YAML scalar that may be written as a number or a string (`priority: high`, `memory: 4g`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum Scalar {
+    /// An integer.
+    Int(i64),
+    /// A float.
+    Float(f64),
+    /// A boolean.
+    Bool(bool),
+    /// Text.
+    Text(String),
+}
+
+impl fmt::Display for Scalar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scalar::Int(v) => write!(f, "{v}"),
+            Scalar::Float(v) => write!(f, "{v}"),
+            Scalar::Bool(v) => write!(f, "{v}"),
+            Scalar::Text(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+/// A job input: a literal, or a data reference.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum InputFile {
+    /// A literal value.
+    Literal(Scalar),
+    /// A data input (`uri_folder`, `uri_file`, ...).
+    Data(DataInput),
+}
+
+/// A data input as written in the YAML.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataInput {
+    /// `uri_folder`, `uri_file`, `mltable`, ...
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// Where the data is.
+    pub path: Option<String>,
+    /// `ro_mount`, `download`, ...
+    pub mode: Option<String>,
+    /// A literal default, for pipeline inputs.
+    pub default: Option<Scalar>,
+    /// Free text.
+    pub description: Option<String>,
+}
+
+/// A job output as written in the YAML.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputFile {
+    /// `uri_folder`, `uri_file`, ...
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// Where the output goes.
+    pub path: Option<String>,
+    /// `rw_mount`, `upload`, ...
+    pub mode: Option<String>,
+    /// Free text.
+    pub description: Option<String>,
+}
+
+/// `environment:` as a reference string or an inline definition.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum EnvironmentFile {
+    /// `azureml:name@version`, or an image reference.
+    Reference(String),
+    /// `{image: ..., conda_file: ...}`.
+    Inline(InlineEnvironment),
+}
+
+/// An inline environment.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InlineEnvironment {
+    /// The container image.
+    pub image: Option<String>,
+    /// A conda file.
+    pub conda_file: Option<yaml_serde::Value>,
+    /// A name.
+    pub name: Option<String>,
+    /// A version.
+    pub version: Option<Scalar>,
+    /// Free text.
+    pub description: Option<String>,
+    /// Tags.
+    pub tags: Option<BTreeMap<String, Scalar>>,
+    /// Operating system (`linux`).
+    pub os_type: Option<String>,
+}
+
+/// `distribution:` as written.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistributionFile {
+    /// `pytorch`, `mpi` or `tensorflow`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// pytorch / mpi.
+    pub process_count_per_instance: Option<u32>,
+    /// tensorflow.
+    pub worker_count: Option<u32>,
+    /// tensorflow.
+    pub parameter_server_count: Option<u32>,
+}
+
+/// `resources:` as written: Azure ML's keys plus muster's per-instance requests.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourcesFile {
+    /// Nodes the run spans.
+    pub instance_count: Option<u32>,
+    /// Azure ML VM size; informational.
+    pub instance_type: Option<String>,
+    /// Container shared memory (`2g`).
+    pub shm_size: Option<Scalar>,
+    /// Azure ML properties; accepted.
+    pub properties: Option<yaml_serde::Value>,
+    /// Extra docker arguments; not supported (rejected at conversion).
+    pub docker_args: Option<String>,
+    /// muster: CPUs per instance (`2`, `0.5`, `500m`).
+    pub cpu: Option<Scalar>,
+    /// muster: memory per instance (`8g`).
+    pub memory: Option<Scalar>,
+    /// muster: GPUs per instance.
+    pub gpus: Option<u32>,
+}
+
+/// `limits:` as written.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    /// Seconds.
+    pub timeout: Option<u64>,
+}
+
+/// An Azure ML v2 command job, as written (plus muster's `priority` and `max_attempts`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobFile {
+    /// The schema URL; ignored.
+    #[serde(rename = "$schema")]
+    pub schema: Option<String>,
+    /// `command` (default); `sweep` and `pipeline` are other job types.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// Azure ML's job name; muster assigns run ids itself, so this becomes the display name if none is given.
+    pub name: Option<String>,
+    /// A friendly name.
+    pub display_name: Option<String>,
+    /// The experiment.
+    pub experiment_name: Option<String>,
+    /// Free text.
+    pub description: Option<String>,
+    /// Tags.
+    pub tags: Option<BTreeMap<String, Scalar>>,
+    /// Azure ML properties; accepted and kept as tags are not.
+    pub properties: Option<yaml_serde::Value>,
+    /// The command.
+    pub command: Option<String>,
+    /// The code directory, relative to the YAML file.
+    pub code: Option<String>,
+    /// The environment.
+    pub environment: Option<EnvironmentFile>,
+    /// Variables.
+    pub environment_variables: Option<BTreeMap<String, Scalar>>,
+    /// The compute target.
+    pub compute: Option<String>,
+    /// Inputs.
+    pub inputs: Option<BTreeMap<String, InputFile>>,
+    /// Outputs.
+    pub outputs: Option<BTreeMap<String, Option<OutputFile>>>,
+    /// Distributed-training setup.
+    pub distribution: Option<DistributionFile>,
+    /// Resources.
+    pub resources: Option<ResourcesFile>,
+    /// Limits.
+    pub limits: Option<LimitsFile>,
+    /// muster: `low`, `normal`, `high` or an integer.
+    pub priority: Option<Scalar>,
+    /// muster: attempts before the run fails for good.
+    pub max_attempts: Option<u32>,
+}
+
+/// Parses an Azure ML v2 command job. Unknown keys are errors naming their path.
+pub fn parse_job_yaml(text: &str) -> Result<JobFile, SpecError> {
+    let job: JobFile = parse_yaml(text)?;
+    match job.kind.as_deref() {
+        None | Some("command") => Ok(job),
+        Some(other @ ("sweep" | "pipeline")) => Err(SpecError::field(
+            "type",
+            format!(
+                "a {other} job is submitted with `muster {other} submit`, not `muster run submit`"
+            ),
+        )),
+        Some(other) => Err(SpecError::field(
+            "type",
+            format!("unknown job type {other:?}: use command, sweep or pipeline"),
+        )),
+    }
+}
+
+/// Replaces `${{inputs.x}}` and `${{outputs.x}}` in `command`. `field` names the field in errors.
+pub fn substitute(
+    field: &str,
+    command: &str,
+    lookup: impl Fn(&str, &str) -> Option<String>,
+) -> Result<String, SpecError> {
+    let mut out = String::with_capacity(command.len());
+    let mut rest = command;
+    while let Some(start) = rest.find("${{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 3..];
+        let end = after
+            .find("}}")
+            .ok_or_else(|| SpecError::field(field, "a `${{` is not closed with `}}`"))?;
+        let expr = after[..end].trim();
+        let (scope, name) = expr.split_once('.').ok_or_else(|| {
+            SpecError::field(
+                field,
+                format!("`${{{{{expr}}}}}` is not of the form ${{{{inputs.NAME}}}}"),
+            )
+        })?;
+        let value = lookup(scope, name).ok_or_else(|| {
+            SpecError::field(
+                field,
+                match scope {
+                    "inputs" | "outputs" => format!(
+                        "`${{{{{expr}}}}}` names {scope}.{name}, which the job does not define: add it under `{scope}:`"
+                    ),
+                    "search_space" => format!(
+                        "`${{{{{expr}}}}}` is only meaningful in a sweep's trial: submit it with `muster sweep submit`"
+                    ),
+                    _ => format!("`${{{{{expr}}}}}`: unknown scope {scope:?}; use inputs or outputs"),
+                },
+            )
+        })?;
+        out.push_str(&value);
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+impl JobFile {
+    /// Normalizes the job into a run spec: defaults, substitution, validation.
+    /// `default_experiment` is used when the job names none (the CLI passes the code
+    /// directory's name, as Azure ML does).
+    pub fn into_run_spec(self, default_experiment: &str) -> Result<RunSpec, SpecError> {
+        let command = self.command.clone().ok_or_else(|| {
+            SpecError::field(
+                "command",
+                "missing: give the command to run (in the YAML, or after `--` on the command line)",
+            )
+        })?;
+        let mut inputs = BTreeMap::new();
+        for (name, input) in self.inputs.clone().unwrap_or_default() {
+            let value = match input {
+                InputFile::Literal(v) => v.to_string(),
+                InputFile::Data(d) => match (d.path, d.default) {
+                    (Some(p), _) => strip_azureml(&p).to_string(),
+                    (None, Some(v)) => v.to_string(),
+                    (None, None) => {
+                        return Err(SpecError::field(
+                            format!("inputs.{name}"),
+                            "a data input needs a `path`",
+                        ));
+                    }
+                },
+            };
+            inputs.insert(name, value);
+        }
+        let outputs: Vec<String> = self
+            .outputs
+            .clone()
+            .unwrap_or_default()
+            .into_keys()
+            .collect();
+        let command = substitute("command", &command, |scope, name| match scope {
+            "inputs" => inputs.get(name).cloned(),
+            "outputs" => outputs
+                .iter()
+                .any(|o| o == name)
+                .then(|| format!("outputs/{name}")),
+            _ => None,
+        })?;
+
+        let mut spec = RunSpec::new(command);
+        if let Some(c) = self.compute {
+            spec.compute = strip_azureml(&c).to_string();
+        }
+        spec.experiment = self
+            .experiment_name
+            .unwrap_or_else(|| default_experiment.to_string());
+        spec.display_name = self.display_name.or(self.name);
+        spec.description = self.description;
+        spec.tags = self
+            .tags
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.to_string()))
+            .collect();
+        spec.environment_variables = self
+            .environment_variables
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.to_string()))
+            .collect();
+        spec.inputs = inputs;
+        spec.environment = match self.environment {
+            None => Environment::default(),
+            Some(EnvironmentFile::Reference(r)) if r.starts_with("azureml:") => Environment {
+                name: Some(strip_azureml(&r).to_string()),
+                ..Environment::default()
+            },
+            Some(EnvironmentFile::Reference(r)) => Environment {
+                image: Some(r),
+                ..Environment::default()
+            },
+            Some(EnvironmentFile::Inline(e)) => Environment {
+                image: e.image,
+                name: e.name,
+                conda_file: e.conda_file.map(|c| match c {
+                    yaml_serde::Value::String(s) => s,
+                    other => yaml_serde::to_string(&other).unwrap_or_default(),
+                }),
+            },
+        };
+        if let Some(r) = self.resources {
+            if let Some(n) = r.instance_count {
+                spec.instance_count = n;
+            }
+            if r.docker_args.is_some() {
+                return Err(SpecError::field(
+                    "resources.docker_args",
+                    "muster does not pass raw docker arguments: use resources.shm_size, cpu, memory and gpus",
+                ));
+            }
+            if let Some(s) = r.shm_size {
+                spec.shm_size = Some(
+                    parse_memory(&s.to_string())
+                        .map_err(|e| SpecError::field("resources.shm_size", e))?,
+                );
+            }
+            if let Some(c) = r.cpu {
+                spec.resources.cpu_millis =
+                    parse_cpu(&c.to_string()).map_err(|e| SpecError::field("resources.cpu", e))?;
+            }
+            if let Some(m) = r.memory {
+                spec.resources.memory_bytes = parse_memory(&m.to_string())
+                    .map_err(|e| SpecError::field("resources.memory", e))?;
+            }
+            if let Some(g) = r.gpus {
+                spec.resources.gpus = g;
+            }
+        }
+        if let Some(d) = self.distribution {
+            spec.distribution = Some(match d.kind.to_ascii_lowercase().as_str() {
+                "pytorch" => Distribution::Pytorch {
+                    process_count_per_instance: d.process_count_per_instance.unwrap_or(1),
+                },
+                "mpi" => Distribution::Mpi {
+                    process_count_per_instance: d.process_count_per_instance.ok_or_else(|| {
+                        SpecError::field(
+                            "distribution.process_count_per_instance",
+                            "missing: an mpi distribution needs process_count_per_instance",
+                        )
+                    })?,
+                },
+                "tensorflow" => Distribution::Tensorflow {
+                    worker_count: d.worker_count.unwrap_or(spec.instance_count),
+                    parameter_server_count: d.parameter_server_count.unwrap_or(0),
+                },
+                other => {
+                    return Err(SpecError::field(
+                        "distribution.type",
+                        format!("unknown distribution {other:?}: use pytorch, mpi or tensorflow"),
+                    ));
+                }
+            });
+        }
+        if let Some(l) = self.limits {
+            spec.timeout_s = l.timeout;
+        }
+        if let Some(p) = self.priority {
+            spec.priority =
+                parse_priority(&p.to_string()).map_err(|e| SpecError::field("priority", e))?;
+        }
+        if let Some(m) = self.max_attempts {
+            spec.max_attempts = m;
+        }
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_azure_ml_pytorch_job() {
+        let text =
+            include_str!("../../../../shared/formats/v2_command_job_pytorch_distributed.yml");
+        let job = parse_job_yaml(text).unwrap();
+        assert_eq!(job.code.as_deref(), Some("src"));
+        let spec = job.into_run_spec("fallback").unwrap();
+        assert_eq!(
+            spec.command,
+            "python train.py --epochs 1 --learning-rate 0.2 --data-dir cifar-10-example@latest"
+        );
+        assert_eq!(spec.compute, "gpu-cluster");
+        assert_eq!(spec.experiment, "pytorch-cifar-distributed-example");
+        assert_eq!(spec.instance_count, 2);
+        assert_eq!(
+            spec.distribution,
+            Some(Distribution::Pytorch {
+                process_count_per_instance: 1
+            })
+        );
+        assert_eq!(
+            spec.environment.name.as_deref(),
+            Some("AzureML-acpt-pytorch-2.8-cuda12.6@latest")
+        );
+    }
+
+    #[test]
+    fn unknown_keys_name_their_full_path() {
+        let e = parse_job_yaml("command: echo\nresources:\n  instance_cont: 2\n").unwrap_err();
+        assert_eq!(e.path, "resources.instance_cont");
+        assert!(e.message.contains("unknown key"), "{e}");
+        assert_eq!(e.location.map(|l| l.0), Some(3));
+        let e = parse_job_yaml("command: echo\nfoo: 1\n").unwrap_err();
+        assert_eq!(e.path, "foo");
+    }
+
+    #[test]
+    fn malformed_yaml_reports_line_and_column() {
+        let e = parse_job_yaml("command: echo\n  bad: [1\n").unwrap_err();
+        assert!(e.location.is_some(), "{e}");
+        assert!(e.to_string().contains("line"), "{e}");
+    }
+
+    #[test]
+    fn missing_command_and_bad_fields_are_named() {
+        let e = parse_job_yaml("compute: local\n")
+            .unwrap()
+            .into_run_spec("x")
+            .unwrap_err();
+        assert_eq!(e.path, "command");
+        let e = parse_job_yaml("command: echo\ncompute: gpu_1\n")
+            .unwrap()
+            .into_run_spec("x")
+            .unwrap_err();
+        assert_eq!(e.path, "compute");
+        let e = parse_job_yaml("command: echo ${{inputs.nope}}\n")
+            .unwrap()
+            .into_run_spec("x")
+            .unwrap_err();
+        assert_eq!(e.path, "command");
+        assert!(e.message.contains("inputs.nope"), "{e}");
+        let e = parse_job_yaml("command: echo\ndistribution:\n  type: mpi\n")
+            .unwrap()
+            .into_run_spec("x")
+            .unwrap_err();
+        assert_eq!(e.path, "distribution.process_count_per_instance");
+        let e = parse_job_yaml("type: sweep\n").unwrap_err();
+        assert_eq!(e.path, "type");
+    }
+
+    #[test]
+    fn muster_additions_parse() {
+        let spec = parse_job_yaml(
+            "command: python t.py --out ${{outputs.model}}\npriority: high\nmax_attempts: 5\nresources:\n  cpu: 2\n  memory: 4g\n  gpus: 1\n  shm_size: 2g\noutputs:\n  model:\n    type: uri_folder\nlimits:\n  timeout: 60\nenvironment:\n  image: busybox:latest\nenvironment_variables:\n  SEED: 7\n",
+        )
+        .unwrap()
+        .into_run_spec("exp")
+        .unwrap();
+        assert_eq!(spec.command, "python t.py --out outputs/model");
+        assert_eq!(spec.priority, 100);
+        assert_eq!(spec.max_attempts, 5);
+        assert_eq!(
+            spec.resources,
+            Resources {
+                cpu_millis: 2000,
+                memory_bytes: 4 << 30,
+                gpus: 1
+            }
+        );
+        assert_eq!(spec.shm_size, Some(2 << 30));
+        assert_eq!(spec.timeout_s, Some(60));
+        assert_eq!(spec.environment.image.as_deref(), Some("busybox:latest"));
+        assert_eq!(spec.environment_variables["SEED"], "7");
+        assert_eq!(spec.experiment, "exp");
+    }
+}

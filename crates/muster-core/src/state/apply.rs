@@ -1,0 +1,556 @@
+//! `State::apply`: the only code that mutates the replicated state.
+
+use std::collections::BTreeSet;
+
+use crate::Millis;
+use crate::compute::ComputeKind;
+use crate::names::validate_node_name;
+use crate::schedule::Placement;
+use crate::spec::RunSpec;
+use crate::state::{
+    Applied, ApplyError, Attempt, AttemptEnd, AttemptReport, AttemptState, Command, ComputeTarget,
+    Node, NodeState, QueueKey, RankEnd, Run, RunState, State,
+};
+
+/// Base delay before a preempted or node-lost run may be placed again; doubles per attempt.
+pub const REQUEUE_BACKOFF_MS: u64 = 1_000;
+/// The longest backoff between attempts.
+pub const MAX_REQUEUE_BACKOFF_MS: u64 = 60_000;
+
+impl State {
+    /// Applies one command. Deterministic; on error nothing is changed.
+    pub fn apply(&mut self, command: &Command) -> Result<Applied, ApplyError> {
+        match command {
+            Command::CreateCompute { spec, at } => {
+                spec.validate()
+                    .map_err(|e| ApplyError::InvalidSpec(e.to_string()))?;
+                if self.computes.contains_key(&spec.name) {
+                    return Err(ApplyError::ComputeExists(spec.name.clone()));
+                }
+                self.computes.insert(
+                    spec.name.clone(),
+                    ComputeTarget {
+                        spec: spec.clone(),
+                        created_at: *at,
+                    },
+                );
+                Ok(Applied::Done)
+            }
+            Command::DeleteCompute { name, .. } => self.delete_compute(name),
+            Command::RegisterNode {
+                node_id,
+                name,
+                compute,
+                capacity,
+                labels,
+                tier,
+                address,
+                at,
+            } => {
+                validate_node_name(name).map_err(|e| ApplyError::InvalidSpec(e.to_string()))?;
+                if !self.computes.contains_key(compute) {
+                    return Err(ApplyError::UnknownCompute(compute.clone()));
+                }
+                if self
+                    .nodes
+                    .values()
+                    .any(|n| n.name == *name && n.id != *node_id)
+                {
+                    return Err(ApplyError::NodeNameTaken(name.clone()));
+                }
+                match self.nodes.get_mut(node_id) {
+                    Some(node) => {
+                        // A returning node: new capacity and address; a lost or evicted node is
+                        // ready again (its stale attempts were already requeued).
+                        node.name = name.clone();
+                        node.compute = compute.clone();
+                        node.capacity = capacity.clone();
+                        node.labels = labels.clone();
+                        node.tier = *tier;
+                        node.address = address.clone();
+                        if matches!(node.state, NodeState::Lost | NodeState::Evicted) {
+                            node.state = NodeState::Ready;
+                            node.state_reason = None;
+                        }
+                        node.updated_at = *at;
+                    }
+                    None => {
+                        self.nodes.insert(
+                            node_id.clone(),
+                            Node {
+                                id: node_id.clone(),
+                                name: name.clone(),
+                                compute: compute.clone(),
+                                capacity: capacity.clone(),
+                                labels: labels.clone(),
+                                tier: *tier,
+                                address: address.clone(),
+                                state: NodeState::Ready,
+                                state_reason: None,
+                                registered_at: *at,
+                                updated_at: *at,
+                                allocated: Default::default(),
+                                allocated_gpus: BTreeSet::new(),
+                                attempts: BTreeSet::new(),
+                            },
+                        );
+                    }
+                }
+                Ok(Applied::Done)
+            }
+            Command::SetNodeState {
+                node_id,
+                state,
+                reason,
+                at,
+            } => {
+                let node = self
+                    .nodes
+                    .get_mut(node_id)
+                    .ok_or_else(|| ApplyError::UnknownNode(node_id.clone()))?;
+                node.state = *state;
+                node.state_reason = reason.clone();
+                node.updated_at = *at;
+                if matches!(state, NodeState::Lost | NodeState::Evicted) {
+                    let victims: Vec<(String, u32)> = node.attempts.iter().cloned().collect();
+                    let why = reason
+                        .clone()
+                        .unwrap_or_else(|| format!("node {} was {}", node.name, state.as_str()));
+                    for (run_id, attempt) in victims {
+                        self.end_attempt(
+                            &run_id,
+                            attempt,
+                            AttemptEnd::NodeLost,
+                            None,
+                            Some(why.clone()),
+                            None,
+                            *at,
+                        );
+                    }
+                }
+                Ok(Applied::Done)
+            }
+            Command::SubmitRun {
+                run_id,
+                spec,
+                idempotency_key,
+                at,
+            } => self.submit(run_id, spec, idempotency_key.as_deref(), *at),
+            Command::PlaceRun {
+                run_id,
+                attempt,
+                placements,
+                at,
+            } => self.place(run_id, *attempt, placements, *at),
+            Command::ReportAttempt {
+                run_id,
+                attempt,
+                node_id,
+                report,
+                at,
+            } => self.report(run_id, *attempt, node_id, report, *at),
+            Command::CancelRun { run_id, reason, at } => {
+                let run = self
+                    .runs
+                    .get_mut(run_id)
+                    .ok_or_else(|| ApplyError::UnknownRun(run_id.clone()))?;
+                if run.state.is_terminal() {
+                    return Err(ApplyError::RunFinished {
+                        run_id: run_id.clone(),
+                        state: run.state.as_str().to_string(),
+                    });
+                }
+                let why = reason
+                    .clone()
+                    .unwrap_or_else(|| "canceled by user".to_string());
+                if run.state == RunState::Queued {
+                    let key = queue_key(run);
+                    run.state = RunState::Canceled;
+                    run.finished_at = Some(*at);
+                    run.message = Some(why);
+                    run.not_before = None;
+                    self.queue.remove(&key);
+                } else {
+                    run.cancel_requested = true;
+                    run.message = Some(format!("{why}; stopping"));
+                }
+                Ok(Applied::Done)
+            }
+        }
+    }
+
+    fn delete_compute(&mut self, name: &str) -> Result<Applied, ApplyError> {
+        let target = self
+            .computes
+            .get(name)
+            .ok_or_else(|| ApplyError::UnknownCompute(name.to_string()))?;
+        if target.spec.kind == ComputeKind::Local && name == "local" {
+            return Err(ApplyError::ComputeInUse {
+                name: name.to_string(),
+                detail: "the built-in local target cannot be deleted".to_string(),
+            });
+        }
+        let nodes = self.nodes.values().filter(|n| n.compute == name).count();
+        if nodes > 0 {
+            return Err(ApplyError::ComputeInUse {
+                name: name.to_string(),
+                detail: format!("{nodes} node(s) belong to it; stop their agents first"),
+            });
+        }
+        let unfinished = self
+            .runs
+            .values()
+            .filter(|r| r.spec.compute == name && !r.state.is_terminal())
+            .count();
+        if unfinished > 0 {
+            return Err(ApplyError::ComputeInUse {
+                name: name.to_string(),
+                detail: format!("{unfinished} unfinished run(s) target it; cancel them first"),
+            });
+        }
+        self.computes.remove(name);
+        Ok(Applied::Done)
+    }
+
+    fn submit(
+        &mut self,
+        run_id: &str,
+        spec: &RunSpec,
+        idempotency_key: Option<&str>,
+        at: Millis,
+    ) -> Result<Applied, ApplyError> {
+        if let Some(key) = idempotency_key
+            && let Some(existing) = self.idempotency.get(key)
+        {
+            return Ok(Applied::Submitted {
+                run_id: existing.clone(),
+                existing: true,
+            });
+        }
+        spec.validate()
+            .map_err(|e| ApplyError::InvalidSpec(e.to_string()))?;
+        if !self.computes.contains_key(&spec.compute) {
+            return Err(ApplyError::UnknownCompute(spec.compute.clone()));
+        }
+        if self.runs.contains_key(run_id) {
+            return Err(ApplyError::RunExists(run_id.to_string()));
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let run = Run {
+            id: run_id.to_string(),
+            seq,
+            spec: spec.clone(),
+            state: RunState::Queued,
+            created_at: at,
+            started_at: None,
+            finished_at: None,
+            exit_code: None,
+            message: None,
+            cancel_requested: false,
+            not_before: None,
+            attempts: Vec::new(),
+            idempotency_key: idempotency_key.map(str::to_string),
+        };
+        self.queue.insert(queue_key(&run));
+        self.runs.insert(run_id.to_string(), run);
+        if let Some(key) = idempotency_key {
+            self.idempotency.insert(key.to_string(), run_id.to_string());
+        }
+        Ok(Applied::Submitted {
+            run_id: run_id.to_string(),
+            existing: false,
+        })
+    }
+
+    fn place(
+        &mut self,
+        run_id: &str,
+        attempt: u32,
+        placements: &[Placement],
+        at: Millis,
+    ) -> Result<Applied, ApplyError> {
+        let run = self
+            .runs
+            .get(run_id)
+            .ok_or_else(|| ApplyError::UnknownRun(run_id.to_string()))?;
+        let bad = |m: String| Err(ApplyError::InvalidPlacement(format!("run {run_id}: {m}")));
+        if run.state != RunState::Queued {
+            return bad(format!("it is {}, not queued", run.state.as_str()));
+        }
+        if attempt != run.attempt_number() + 1 {
+            return bad(format!(
+                "attempt {attempt} is not the next attempt ({})",
+                run.attempt_number() + 1
+            ));
+        }
+        if placements.len() != run.spec.instance_count as usize {
+            return bad(format!(
+                "{} placements for {} instances",
+                placements.len(),
+                run.spec.instance_count
+            ));
+        }
+        let mut seen_nodes = BTreeSet::new();
+        for p in placements {
+            let Some(node) = self.nodes.get(&p.node_id) else {
+                return bad(format!("node {} is not registered", p.node_id));
+            };
+            if !seen_nodes.insert(&p.node_id) {
+                return bad(format!("node {} appears twice", node.name));
+            }
+            if node.state != NodeState::Ready {
+                return bad(format!("node {} is {}", node.name, node.state.as_str()));
+            }
+            if node.compute != run.spec.compute {
+                return bad(format!(
+                    "node {} is not in compute {}",
+                    node.name, run.spec.compute
+                ));
+            }
+            if p.resources != run.spec.resources.with_gpus(p.gpus.len() as u32)
+                || p.gpus.len() as u32 != run.spec.resources.gpus
+            {
+                return bad(format!(
+                    "resources on node {} differ from the run's request",
+                    node.name
+                ));
+            }
+            let mut free = node.capacity_resources();
+            free.sub(&node.allocated);
+            if (node.capacity.cpu_millis > 0 && p.resources.cpu_millis > free.cpu_millis)
+                || (node.capacity.memory_bytes > 0 && p.resources.memory_bytes > free.memory_bytes)
+            {
+                return bad(format!("node {} lacks free CPU or memory", node.name));
+            }
+            let mut gpus = BTreeSet::new();
+            for g in &p.gpus {
+                if !node.capacity.gpus.iter().any(|x| x.uuid == *g) {
+                    return bad(format!("node {} has no GPU {g}", node.name));
+                }
+                if node.allocated_gpus.contains(g) || !gpus.insert(g) {
+                    return bad(format!("GPU {g} on node {} is already assigned", node.name));
+                }
+            }
+        }
+        // Validated: now mutate.
+        let run = self.runs.get_mut(run_id).expect("checked above");
+        let key = queue_key(run);
+        self.queue.remove(&key);
+        run.state = RunState::Scheduled;
+        run.not_before = None;
+        run.message = None;
+        run.attempts.push(Attempt {
+            number: attempt,
+            placements: placements.to_vec(),
+            state: AttemptState::Scheduled,
+            placed_at: at,
+            started_at: None,
+            finished_at: None,
+            exit_code: None,
+            message: None,
+            rank_ends: Default::default(),
+            outputs: None,
+        });
+        for p in placements {
+            let node = self.nodes.get_mut(&p.node_id).expect("checked above");
+            node.allocated.add(&p.resources);
+            node.allocated_gpus.extend(p.gpus.iter().cloned());
+            node.attempts.insert((run_id.to_string(), attempt));
+        }
+        Ok(Applied::Done)
+    }
+
+    fn report(
+        &mut self,
+        run_id: &str,
+        attempt: u32,
+        node_id: &str,
+        report: &AttemptReport,
+        at: Millis,
+    ) -> Result<Applied, ApplyError> {
+        let run = self
+            .runs
+            .get_mut(run_id)
+            .ok_or_else(|| ApplyError::UnknownRun(run_id.to_string()))?;
+        let stale = Applied::Stale {
+            run_id: run_id.to_string(),
+            attempt,
+        };
+        let Some(current) = run.attempts.last_mut() else {
+            return Ok(stale);
+        };
+        if current.number != attempt || matches!(current.state, AttemptState::Ended(_)) {
+            return Ok(stale);
+        }
+        let Some(rank) = current.placements.iter().position(|p| p.node_id == node_id) else {
+            return Ok(stale);
+        };
+        let rank = rank as u32;
+        match report {
+            AttemptReport::Preparing => {
+                if current.state == AttemptState::Scheduled {
+                    current.state = AttemptState::Preparing;
+                    run.state = RunState::Preparing;
+                }
+                Ok(Applied::Done)
+            }
+            AttemptReport::Running => {
+                if matches!(
+                    current.state,
+                    AttemptState::Scheduled | AttemptState::Preparing
+                ) {
+                    current.state = AttemptState::Running;
+                    current.started_at = Some(at);
+                    run.state = RunState::Running;
+                    run.started_at.get_or_insert(at);
+                }
+                Ok(Applied::Done)
+            }
+            AttemptReport::Ended {
+                end,
+                exit_code,
+                message,
+                outputs,
+            } => {
+                if current.rank_ends.contains_key(&rank) {
+                    return Ok(stale);
+                }
+                current.rank_ends.insert(
+                    rank,
+                    RankEnd {
+                        end: *end,
+                        exit_code: *exit_code,
+                    },
+                );
+                if rank == 0 && outputs.is_some() {
+                    current.outputs = outputs.clone();
+                }
+                let all_ended = current.rank_ends.len() == current.placements.len();
+                // A rank that did not complete ends the whole attempt (no hung survivors);
+                // its peers are stopped by their agents when they see the attempt is over.
+                if *end != AttemptEnd::Completed || all_ended {
+                    let code = if *end == AttemptEnd::Completed {
+                        current.rank_ends.get(&0).and_then(|r| r.exit_code)
+                    } else {
+                        *exit_code
+                    };
+                    let message = if current.placements.len() > 1 && *end != AttemptEnd::Completed {
+                        Some(format!(
+                            "rank {rank}: {}",
+                            message.clone().unwrap_or_else(|| end.as_str().to_string())
+                        ))
+                    } else {
+                        message.clone()
+                    };
+                    self.end_attempt(run_id, attempt, *end, code, message, outputs.clone(), at);
+                }
+                Ok(Applied::Done)
+            }
+        }
+    }
+
+    /// Ends an active attempt: releases its resources and moves the run on (terminal, or
+    /// requeued as a new attempt for Preempted/NodeLost while attempts remain).
+    #[allow(clippy::too_many_arguments)]
+    fn end_attempt(
+        &mut self,
+        run_id: &str,
+        attempt: u32,
+        end: AttemptEnd,
+        exit_code: Option<i32>,
+        message: Option<String>,
+        outputs: Option<String>,
+        at: Millis,
+    ) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let Some(current) = run.attempts.last_mut() else {
+            return;
+        };
+        if current.number != attempt || matches!(current.state, AttemptState::Ended(_)) {
+            return;
+        }
+        current.state = AttemptState::Ended(end);
+        current.finished_at = Some(at);
+        current.exit_code = exit_code;
+        current.message = message.clone();
+        if current.outputs.is_none() {
+            current.outputs = outputs;
+        }
+        for p in &current.placements {
+            if let Some(node) = self.nodes.get_mut(&p.node_id) {
+                node.allocated.sub(&p.resources);
+                for g in &p.gpus {
+                    node.allocated_gpus.remove(g);
+                }
+                node.attempts.remove(&(run_id.to_string(), attempt));
+            }
+        }
+        run.exit_code = exit_code;
+        let terminal = |run: &mut Run, state: RunState, message: Option<String>| {
+            run.state = state;
+            run.finished_at = Some(at);
+            run.message = message;
+        };
+        if run.cancel_requested {
+            let m = run
+                .message
+                .clone()
+                .map(|m| m.trim_end_matches("; stopping").to_string());
+            terminal(run, RunState::Canceled, m);
+            return;
+        }
+        match end {
+            AttemptEnd::Completed => terminal(run, RunState::Completed, message),
+            AttemptEnd::Failed => terminal(run, RunState::Failed, message),
+            AttemptEnd::Canceled => terminal(run, RunState::Canceled, message),
+            AttemptEnd::TimedOut => terminal(run, RunState::TimedOut, message),
+            AttemptEnd::Preempted | AttemptEnd::NodeLost => {
+                let why = message.unwrap_or_else(|| end.as_str().to_string());
+                if run.attempt_number() >= run.spec.max_attempts {
+                    terminal(
+                        run,
+                        RunState::Failed,
+                        Some(format!(
+                            "attempt {attempt} ended: {why}; max_attempts ({}) reached",
+                            run.spec.max_attempts
+                        )),
+                    );
+                } else {
+                    let backoff = REQUEUE_BACKOFF_MS
+                        .saturating_mul(1 << (attempt.saturating_sub(1)).min(16))
+                        .min(MAX_REQUEUE_BACKOFF_MS);
+                    run.state = RunState::Queued;
+                    run.not_before = Some(at + backoff);
+                    run.message = Some(format!(
+                        "attempt {attempt} ended: {why}; restarting from scratch as attempt {}",
+                        attempt + 1
+                    ));
+                    self.queue.insert(queue_key(run));
+                }
+            }
+        }
+    }
+}
+
+/// The queue position of a run.
+pub(crate) fn queue_key(run: &Run) -> QueueKey {
+    QueueKey {
+        neg_priority: -(run.spec.priority as i64),
+        seq: run.seq,
+        run_id: run.id.clone(),
+    }
+}
+
+impl Node {
+    /// The node's capacity as plain resources (GPU count).
+    pub fn capacity_resources(&self) -> crate::Resources {
+        crate::Resources {
+            cpu_millis: self.capacity.cpu_millis,
+            memory_bytes: self.capacity.memory_bytes,
+            gpus: self.capacity.gpus.len() as u32,
+        }
+    }
+}

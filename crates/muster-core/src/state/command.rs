@@ -1,0 +1,223 @@
+//! Commands (the Raft log's entries) and what applying them gives back.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::Millis;
+use crate::compute::{ComputeSpec, Tier};
+use crate::resources::Capacity;
+use crate::schedule::Placement;
+use crate::spec::RunSpec;
+use crate::state::{AttemptEnd, NodeState};
+
+/// A change to the replicated state. Each variant carries an explicit, versioned tag so a
+/// newer server can replay an older log; a changed variant gets a new tag (`.v2`) and the
+/// old one stays decodable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd")]
+pub enum Command {
+    /// Create a compute target.
+    #[serde(rename = "create_compute.v1")]
+    CreateCompute {
+        /// Its definition.
+        spec: ComputeSpec,
+        /// When.
+        at: Millis,
+    },
+    /// Delete a compute target that has no nodes and no unfinished runs.
+    #[serde(rename = "delete_compute.v1")]
+    DeleteCompute {
+        /// Its name.
+        name: String,
+        /// When.
+        at: Millis,
+    },
+    /// Register a node, or re-register it with new capacity (same id).
+    #[serde(rename = "register_node.v1")]
+    RegisterNode {
+        /// Stable id from the agent's data dir.
+        node_id: String,
+        /// Unique name.
+        name: String,
+        /// Compute target.
+        compute: String,
+        /// What it offers.
+        capacity: Capacity,
+        /// Labels.
+        labels: BTreeMap<String, String>,
+        /// Tier.
+        tier: Tier,
+        /// Address for peers.
+        address: String,
+        /// When.
+        at: Millis,
+    },
+    /// Change a node's standing. Lost or Evicted requeues its active attempts.
+    #[serde(rename = "set_node_state.v1")]
+    SetNodeState {
+        /// The node.
+        node_id: String,
+        /// New standing.
+        state: NodeState,
+        /// Why.
+        reason: Option<String>,
+        /// When.
+        at: Millis,
+    },
+    /// Accept a submission.
+    #[serde(rename = "submit_run.v1")]
+    SubmitRun {
+        /// New id, chosen by the proposer.
+        run_id: String,
+        /// What to run.
+        spec: RunSpec,
+        /// A retry with the same key returns the first run instead of a new one.
+        idempotency_key: Option<String>,
+        /// When.
+        at: Millis,
+    },
+    /// Start attempt `attempt` of a queued run on these nodes (a scheduler decision).
+    #[serde(rename = "place_run.v1")]
+    PlaceRun {
+        /// The run.
+        run_id: String,
+        /// Must be the run's next attempt number.
+        attempt: u32,
+        /// One per instance, rank order.
+        placements: Vec<Placement>,
+        /// When.
+        at: Millis,
+    },
+    /// An agent's report on one rank of an attempt.
+    #[serde(rename = "report_attempt.v1")]
+    ReportAttempt {
+        /// The run.
+        run_id: String,
+        /// The attempt reported on; a stale one is ignored.
+        attempt: u32,
+        /// The reporting node.
+        node_id: String,
+        /// What happened.
+        report: AttemptReport,
+        /// When.
+        at: Millis,
+    },
+    /// A user's cancel.
+    #[serde(rename = "cancel_run.v1")]
+    CancelRun {
+        /// The run.
+        run_id: String,
+        /// Why (shown on the run).
+        reason: Option<String>,
+        /// When.
+        at: Millis,
+    },
+}
+
+impl Command {
+    /// Encodes the command for the Raft log.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("commands serialize")
+    }
+
+    /// Decodes a command from the Raft log.
+    pub fn decode(bytes: &[u8]) -> Result<Command, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("undecodable command: {e}"))
+    }
+}
+
+/// What an agent reports about its rank of an attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AttemptReport {
+    /// Fetching code or image.
+    Preparing,
+    /// The process started.
+    Running,
+    /// The rank is over.
+    Ended {
+        /// How.
+        end: AttemptEnd,
+        /// Exit code, if the process exited.
+        exit_code: Option<i32>,
+        /// Why, in words (OOM-killed, image missing, ...).
+        message: Option<String>,
+        /// SHA-256 of the uploaded outputs archive, if any.
+        outputs: Option<String>,
+    },
+}
+
+/// The result of applying a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Applied {
+    /// The change was made.
+    Done,
+    /// A submission: the run's id; `existing` when an idempotency key matched an earlier run.
+    Submitted {
+        /// The run.
+        run_id: String,
+        /// True when no new run was created.
+        existing: bool,
+    },
+    /// A report for an attempt that is not current (or already over): ignored. The
+    /// reporting agent must stop that attempt (fencing).
+    Stale {
+        /// The run.
+        run_id: String,
+        /// The attempt reported on.
+        attempt: u32,
+    },
+}
+
+/// Why a command was rejected. Nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq, Error, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
+pub enum ApplyError {
+    /// The name is taken.
+    #[error("compute target {0:?} already exists: pick another name, or delete it first")]
+    ComputeExists(String),
+    /// No such compute target.
+    #[error(
+        "compute target {0:?} does not exist: create it with `muster compute create`, or list them with `muster compute list`"
+    )]
+    UnknownCompute(String),
+    /// The compute target is still used.
+    #[error("compute target {name:?} is in use: {detail}")]
+    ComputeInUse {
+        /// Its name.
+        name: String,
+        /// By what.
+        detail: String,
+    },
+    /// A spec failed validation.
+    #[error("{0}")]
+    InvalidSpec(String),
+    /// No such run.
+    #[error("run {0:?} does not exist")]
+    UnknownRun(String),
+    /// The id is taken (the proposer picks another).
+    #[error("run id {0:?} is already taken")]
+    RunExists(String),
+    /// The run is over.
+    #[error("run {run_id:?} already finished ({state})")]
+    RunFinished {
+        /// The run.
+        run_id: String,
+        /// Its terminal state.
+        state: String,
+    },
+    /// No such node.
+    #[error("node {0:?} is not registered")]
+    UnknownNode(String),
+    /// Another node has this name.
+    #[error(
+        "node name {0:?} is already used by another node: give this agent another --name, or remove the other node"
+    )]
+    NodeNameTaken(String),
+    /// A placement that does not fit the state (stale scheduler decision).
+    #[error("placement rejected: {0}")]
+    InvalidPlacement(String),
+}

@@ -1,0 +1,347 @@
+//! The replicated state machine (DESIGN.md section 4).
+//!
+//! Every change to cluster state is a [`Command`] appended to the Raft log and applied by
+//! [`State::apply`] on every server in log order. `apply` is deterministic: it reads no
+//! clock (times travel inside commands), uses no randomness and iterates only ordered
+//! maps. A rejected command changes nothing.
+
+mod apply;
+mod check;
+mod command;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+pub use command::{Applied, ApplyError, AttemptReport, Command};
+
+use crate::Millis;
+use crate::compute::{ComputeSpec, Tier};
+use crate::resources::{Capacity, Resources};
+use crate::schedule::Placement;
+use crate::spec::RunSpec;
+
+/// A compute target as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComputeTarget {
+    /// Its definition.
+    pub spec: ComputeSpec,
+    /// When it was created.
+    pub created_at: Millis,
+}
+
+/// A node's standing with the scheduler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Takes new runs.
+    Ready,
+    /// Takes no new runs; running ones finish.
+    Draining,
+    /// Missed heartbeats past the grace period; its attempts were requeued.
+    Lost,
+    /// Reclaimed or evicted; its attempts were requeued.
+    Evicted,
+}
+
+impl NodeState {
+    /// The lowercase name used in output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Ready => "ready",
+            NodeState::Draining => "draining",
+            NodeState::Lost => "lost",
+            NodeState::Evicted => "evicted",
+        }
+    }
+}
+
+/// One machine running `muster agent`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// Stable id, kept in the agent's data dir.
+    pub id: String,
+    /// Unique name (default: the hostname).
+    pub name: String,
+    /// The compute target it belongs to.
+    pub compute: String,
+    /// What it offers.
+    pub capacity: Capacity,
+    /// Labels for placement constraints.
+    pub labels: BTreeMap<String, String>,
+    /// Dedicated or low-priority.
+    pub tier: Tier,
+    /// The address peers of a distributed run use to reach it.
+    pub address: String,
+    /// Its standing.
+    pub state: NodeState,
+    /// Why it is in that state (for lost/evicted/draining).
+    pub state_reason: Option<String>,
+    /// First registration.
+    pub registered_at: Millis,
+    /// Last change of state or registration.
+    pub updated_at: Millis,
+    /// Sum of the resources of the active attempts placed here.
+    pub allocated: Resources,
+    /// GPUs held by active attempts.
+    pub allocated_gpus: BTreeSet<String>,
+    /// Active attempts placed here: (run id, attempt number).
+    pub attempts: BTreeSet<(String, u32)>,
+}
+
+/// The state of a run (DESIGN.md section 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Waiting for placement.
+    Queued,
+    /// Placed; the agents have not started it yet.
+    Scheduled,
+    /// Agents are fetching code/images.
+    Preparing,
+    /// Its process is running.
+    Running,
+    /// Exited 0.
+    Completed,
+    /// Exited non-zero, could not start, or ran out of attempts.
+    Failed,
+    /// Canceled by a user.
+    Canceled,
+    /// Ran past `limits.timeout`.
+    TimedOut,
+}
+
+impl RunState {
+    /// Completed, Failed, Canceled or TimedOut.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            RunState::Completed | RunState::Failed | RunState::Canceled | RunState::TimedOut
+        )
+    }
+
+    /// Scheduled, Preparing or Running: an attempt holds resources.
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            RunState::Scheduled | RunState::Preparing | RunState::Running
+        )
+    }
+
+    /// The lowercase name used in flags and output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Queued => "queued",
+            RunState::Scheduled => "scheduled",
+            RunState::Preparing => "preparing",
+            RunState::Running => "running",
+            RunState::Completed => "completed",
+            RunState::Failed => "failed",
+            RunState::Canceled => "canceled",
+            RunState::TimedOut => "timed_out",
+        }
+    }
+
+    /// Parses a state name (case-insensitive; `timedout` and `cancelled` accepted).
+    pub fn parse(s: &str) -> Result<RunState, String> {
+        Ok(match s.to_ascii_lowercase().replace('-', "_").as_str() {
+            "queued" => RunState::Queued,
+            "scheduled" => RunState::Scheduled,
+            "preparing" => RunState::Preparing,
+            "running" => RunState::Running,
+            "completed" => RunState::Completed,
+            "failed" => RunState::Failed,
+            "canceled" | "cancelled" => RunState::Canceled,
+            "timed_out" | "timedout" => RunState::TimedOut,
+            other => {
+                return Err(format!(
+                    "unknown run state {other:?}: use queued, scheduled, preparing, running, completed, failed, canceled or timed_out"
+                ));
+            }
+        })
+    }
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptEnd {
+    /// Exit code 0.
+    Completed,
+    /// Non-zero exit, OOM kill, or failure to start.
+    Failed,
+    /// Stopped on a user's request.
+    Canceled,
+    /// Stopped at `limits.timeout`.
+    TimedOut,
+    /// Stopped to make room for a higher-priority run; the run gets a new attempt.
+    Preempted,
+    /// Its node was lost or evicted; the run gets a new attempt.
+    NodeLost,
+}
+
+impl AttemptEnd {
+    /// Whether the run is requeued as a new attempt after this end.
+    pub fn restarts(self) -> bool {
+        matches!(self, AttemptEnd::Preempted | AttemptEnd::NodeLost)
+    }
+
+    /// The lowercase name used in output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptEnd::Completed => "completed",
+            AttemptEnd::Failed => "failed",
+            AttemptEnd::Canceled => "canceled",
+            AttemptEnd::TimedOut => "timed_out",
+            AttemptEnd::Preempted => "preempted",
+            AttemptEnd::NodeLost => "node_lost",
+        }
+    }
+}
+
+/// Where an attempt is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptState {
+    /// Placed, not yet started.
+    Scheduled,
+    /// Preparing (code, image).
+    Preparing,
+    /// Running.
+    Running,
+    /// Over.
+    Ended(AttemptEnd),
+}
+
+/// How one rank (one node) of an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankEnd {
+    /// How it ended.
+    pub end: AttemptEnd,
+    /// Its exit code, if its process exited.
+    pub exit_code: Option<i32>,
+}
+
+/// One execution of a run, on one node per instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// 1-based.
+    pub number: u32,
+    /// Where each rank runs, rank order.
+    pub placements: Vec<Placement>,
+    /// Where it is.
+    pub state: AttemptState,
+    /// When it was placed.
+    pub placed_at: Millis,
+    /// When its first rank started running.
+    pub started_at: Option<Millis>,
+    /// When it ended.
+    pub finished_at: Option<Millis>,
+    /// The exit code (rank 0's, or the first failing rank's).
+    pub exit_code: Option<i32>,
+    /// Why it ended as it did.
+    pub message: Option<String>,
+    /// How each rank ended so far.
+    pub rank_ends: BTreeMap<u32, RankEnd>,
+    /// SHA-256 of the outputs archive (rank 0's), when uploaded.
+    pub outputs: Option<String>,
+}
+
+/// One submission of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    /// Stable id, chosen by the proposer.
+    pub id: String,
+    /// Submission order (ties in priority go to the earlier submission).
+    pub seq: u64,
+    /// What to run.
+    pub spec: RunSpec,
+    /// Where it is.
+    pub state: RunState,
+    /// When it was submitted.
+    pub created_at: Millis,
+    /// When its first attempt started running.
+    pub started_at: Option<Millis>,
+    /// When it reached a terminal state.
+    pub finished_at: Option<Millis>,
+    /// Exit code of the last attempt.
+    pub exit_code: Option<i32>,
+    /// Why it is in its state (a failure, a cancel, a wait).
+    pub message: Option<String>,
+    /// A user asked to cancel it; its agents are stopping it.
+    pub cancel_requested: bool,
+    /// Earliest time a requeued run may be placed again (backoff).
+    pub not_before: Option<Millis>,
+    /// The attempts, oldest first.
+    pub attempts: Vec<Attempt>,
+    /// The client's idempotency key, if it gave one.
+    pub idempotency_key: Option<String>,
+}
+
+impl Run {
+    /// The latest attempt, if any.
+    pub fn current_attempt(&self) -> Option<&Attempt> {
+        self.attempts.last()
+    }
+
+    /// The number of the latest attempt (0 before the first placement).
+    pub fn attempt_number(&self) -> u32 {
+        self.attempts.len() as u32
+    }
+}
+
+/// A waiting run's place in the queue: higher priority first, then submission order.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct QueueKey {
+    /// Negated priority, so that ascending order is highest priority first.
+    pub neg_priority: i64,
+    /// Submission order.
+    pub seq: u64,
+    /// The run.
+    pub run_id: String,
+}
+
+/// The whole replicated state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// Compute targets by name.
+    pub computes: BTreeMap<String, ComputeTarget>,
+    /// Nodes by id.
+    pub nodes: BTreeMap<String, Node>,
+    /// Runs by id.
+    pub runs: BTreeMap<String, Run>,
+    /// Queued runs in placement order.
+    pub queue: BTreeSet<QueueKey>,
+    /// Idempotency key → run id.
+    pub idempotency: BTreeMap<String, String>,
+    /// The next submission's sequence number.
+    pub next_seq: u64,
+}
+
+impl State {
+    /// Decodes a snapshot produced by [`State::to_snapshot`].
+    pub fn from_snapshot(bytes: &[u8]) -> Result<State, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("state snapshot is corrupt: {e}"))
+    }
+
+    /// Encodes the whole state for a Raft snapshot.
+    pub fn to_snapshot(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("state serializes")
+    }
+
+    /// Finds a node by name.
+    pub fn node_by_name(&self, name: &str) -> Option<&Node> {
+        self.nodes.values().find(|n| n.name == name)
+    }
+
+    /// Runs of one compute target that are queued.
+    pub fn queued_on<'a>(&'a self, compute: &'a str) -> impl Iterator<Item = &'a Run> + 'a {
+        self.queue
+            .iter()
+            .filter_map(|k| self.runs.get(&k.run_id))
+            .filter(move |r| r.spec.compute == compute)
+    }
+}
+
+#[cfg(test)]
+mod tests;

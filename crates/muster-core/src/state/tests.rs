@@ -1,0 +1,511 @@
+//! Unit and property tests of `State::apply` and the scheduler.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use crate::compute::{ComputeKind, ComputeSpec, Tier};
+use crate::resources::{Capacity, Gpu, Resources};
+use crate::schedule::{Decision, schedule};
+use crate::spec::RunSpec;
+use crate::state::{
+    Applied, ApplyError, AttemptEnd, AttemptReport, Command, NodeState, RunState, State,
+};
+
+fn compute(name: &str) -> Command {
+    Command::CreateCompute {
+        spec: ComputeSpec::new(name, ComputeKind::Attached),
+        at: 1,
+    }
+}
+
+fn node(id: &str, compute: &str, cpus: u64, gpus: usize) -> Command {
+    Command::RegisterNode {
+        node_id: id.into(),
+        name: format!("host-{id}"),
+        compute: compute.into(),
+        capacity: Capacity {
+            cpu_millis: cpus * 1000,
+            memory_bytes: 64 << 30,
+            gpus: (0..gpus)
+                .map(|i| Gpu {
+                    uuid: format!("GPU-{id}-{i}"),
+                    model: "Fake".into(),
+                    memory_bytes: 16 << 30,
+                })
+                .collect(),
+        },
+        labels: BTreeMap::new(),
+        tier: Tier::Dedicated,
+        address: format!("10.0.0.{}", id.len()),
+        at: 2,
+    }
+}
+
+fn submit(id: &str, compute: &str, cpus: u64, gpus: u32, instances: u32) -> Command {
+    let mut spec = RunSpec::new("python train.py");
+    spec.compute = compute.into();
+    spec.resources = Resources {
+        cpu_millis: cpus * 1000,
+        memory_bytes: 1 << 30,
+        gpus,
+    };
+    spec.instance_count = instances;
+    Command::SubmitRun {
+        run_id: id.into(),
+        spec,
+        idempotency_key: None,
+        at: 3,
+    }
+}
+
+fn apply_all(state: &mut State, cmds: &[Command]) {
+    for c in cmds {
+        state.apply(c).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+        state.sanity_check().unwrap();
+    }
+}
+
+fn place_all(state: &mut State, now: u64) -> usize {
+    let decisions = schedule(state, now);
+    let n = decisions.len();
+    for d in decisions {
+        state.apply(&d.into_command(now)).unwrap();
+        state.sanity_check().unwrap();
+    }
+    n
+}
+
+fn end(run: &str, attempt: u32, node: &str, end: AttemptEnd, code: Option<i32>) -> Command {
+    Command::ReportAttempt {
+        run_id: run.into(),
+        attempt,
+        node_id: node.into(),
+        report: AttemptReport::Ended {
+            end,
+            exit_code: code,
+            message: None,
+            outputs: None,
+        },
+        at: 10,
+    }
+}
+
+#[test]
+fn a_run_goes_from_queued_to_failed_with_its_exit_code() {
+    let mut s = State::default();
+    apply_all(
+        &mut s,
+        &[
+            compute("cpu-pool"),
+            node("n1", "cpu-pool", 4, 0),
+            submit("r1", "cpu-pool", 1, 0, 1),
+        ],
+    );
+    assert_eq!(s.runs["r1"].state, RunState::Queued);
+    assert_eq!(place_all(&mut s, 5), 1);
+    assert_eq!(s.runs["r1"].state, RunState::Scheduled);
+    let running = Command::ReportAttempt {
+        run_id: "r1".into(),
+        attempt: 1,
+        node_id: "n1".into(),
+        report: AttemptReport::Running,
+        at: 6,
+    };
+    apply_all(
+        &mut s,
+        &[running, end("r1", 1, "n1", AttemptEnd::Failed, Some(3))],
+    );
+    let r = &s.runs["r1"];
+    assert_eq!(
+        (r.state, r.exit_code, r.started_at, r.finished_at),
+        (RunState::Failed, Some(3), Some(6), Some(10))
+    );
+    assert_eq!(s.nodes["n1"].allocated, Resources::default());
+}
+
+#[test]
+fn stale_reports_are_fenced_and_change_nothing() {
+    let mut s = State::default();
+    apply_all(
+        &mut s,
+        &[
+            compute("cpu-pool"),
+            node("n1", "cpu-pool", 4, 0),
+            submit("r1", "cpu-pool", 1, 0, 1),
+        ],
+    );
+    place_all(&mut s, 5);
+    let before = s.clone();
+    assert_eq!(
+        s.apply(&end("r1", 7, "n1", AttemptEnd::Completed, Some(0)))
+            .unwrap(),
+        Applied::Stale {
+            run_id: "r1".into(),
+            attempt: 7
+        }
+    );
+    assert_eq!(
+        s.apply(&end("r1", 1, "other", AttemptEnd::Completed, Some(0)))
+            .unwrap(),
+        Applied::Stale {
+            run_id: "r1".into(),
+            attempt: 1
+        }
+    );
+    assert_eq!(s, before);
+}
+
+#[test]
+fn rejected_commands_change_nothing() {
+    let mut s = State::default();
+    apply_all(&mut s, &[compute("cpu-pool"), node("n1", "cpu-pool", 4, 0)]);
+    let before = s.clone();
+    assert_eq!(
+        s.apply(&compute("cpu-pool")),
+        Err(ApplyError::ComputeExists("cpu-pool".into()))
+    );
+    assert!(matches!(
+        s.apply(&submit("r1", "nowhere", 1, 0, 1)),
+        Err(ApplyError::UnknownCompute(_))
+    ));
+    let mut bad = submit("r2", "cpu-pool", 1, 0, 1);
+    if let Command::SubmitRun { spec, .. } = &mut bad {
+        spec.command = " ".into();
+    }
+    assert!(matches!(s.apply(&bad), Err(ApplyError::InvalidSpec(m)) if m.starts_with("command")));
+    let mut clash = node("n2", "cpu-pool", 4, 0);
+    if let Command::RegisterNode { name, .. } = &mut clash {
+        *name = "host-n1".into();
+    }
+    assert_eq!(
+        s.apply(&clash),
+        Err(ApplyError::NodeNameTaken("host-n1".into()))
+    );
+    assert_eq!(s, before);
+}
+
+#[test]
+fn idempotency_keys_never_duplicate_a_run() {
+    let mut s = State::default();
+    apply_all(&mut s, &[compute("cpu-pool")]);
+    let with_key = |id: &str| {
+        let mut c = submit(id, "cpu-pool", 1, 0, 1);
+        if let Command::SubmitRun {
+            idempotency_key, ..
+        } = &mut c
+        {
+            *idempotency_key = Some("k-1".into());
+        }
+        c
+    };
+    assert_eq!(
+        s.apply(&with_key("r1")).unwrap(),
+        Applied::Submitted {
+            run_id: "r1".into(),
+            existing: false
+        }
+    );
+    assert_eq!(
+        s.apply(&with_key("r2")).unwrap(),
+        Applied::Submitted {
+            run_id: "r1".into(),
+            existing: true
+        }
+    );
+    assert_eq!(s.runs.len(), 1);
+    s.sanity_check().unwrap();
+}
+
+#[test]
+fn cancel_of_a_queued_run_is_immediate_and_of_a_running_one_waits_for_the_agent() {
+    let mut s = State::default();
+    apply_all(
+        &mut s,
+        &[
+            compute("cpu-pool"),
+            node("n1", "cpu-pool", 1, 0),
+            submit("r1", "cpu-pool", 1, 0, 1),
+            submit("r2", "cpu-pool", 1, 0, 1),
+        ],
+    );
+    place_all(&mut s, 5);
+    let cancel = |id: &str| Command::CancelRun {
+        run_id: id.into(),
+        reason: None,
+        at: 8,
+    };
+    apply_all(&mut s, &[cancel("r2")]);
+    assert_eq!(s.runs["r2"].state, RunState::Canceled);
+    apply_all(&mut s, &[cancel("r1")]);
+    assert!(s.runs["r1"].cancel_requested);
+    assert_eq!(s.runs["r1"].state, RunState::Scheduled);
+    apply_all(
+        &mut s,
+        &[end("r1", 1, "n1", AttemptEnd::Canceled, Some(143))],
+    );
+    assert_eq!(s.runs["r1"].state, RunState::Canceled);
+    assert!(matches!(
+        s.apply(&cancel("r1")),
+        Err(ApplyError::RunFinished { .. })
+    ));
+}
+
+#[test]
+fn a_lost_node_requeues_its_runs_as_new_attempts_until_max_attempts() {
+    let mut s = State::default();
+    apply_all(
+        &mut s,
+        &[
+            compute("cpu-pool"),
+            node("n1", "cpu-pool", 2, 0),
+            node("n2", "cpu-pool", 2, 0),
+            submit("r1", "cpu-pool", 1, 0, 1),
+        ],
+    );
+    for attempt in 1..=3u32 {
+        let now = 100_000 * attempt as u64;
+        assert_eq!(place_all(&mut s, now), 1, "attempt {attempt}");
+        let a = s.runs["r1"].current_attempt().unwrap();
+        assert_eq!(a.number, attempt);
+        let on = a.placements[0].node_id.clone();
+        apply_all(
+            &mut s,
+            &[Command::SetNodeState {
+                node_id: on.clone(),
+                state: NodeState::Lost,
+                reason: None,
+                at: now + 1,
+            }],
+        );
+        // The node comes back.
+        apply_all(&mut s, &[node(&on, "cpu-pool", 2, 0)]);
+    }
+    let r = &s.runs["r1"];
+    assert_eq!(r.state, RunState::Failed);
+    assert!(
+        r.message
+            .as_deref()
+            .unwrap()
+            .contains("max_attempts (3) reached"),
+        "{:?}",
+        r.message
+    );
+}
+
+#[test]
+fn gangs_start_on_all_nodes_or_none_and_gpus_are_disjoint() {
+    let mut s = State::default();
+    apply_all(
+        &mut s,
+        &[
+            compute("gpu-pool"),
+            node("n1", "gpu-pool", 8, 4),
+            submit("big", "gpu-pool", 1, 2, 2),
+            submit("a", "gpu-pool", 1, 2, 1),
+            submit("b", "gpu-pool", 1, 2, 1),
+        ],
+    );
+    place_all(&mut s, 5);
+    assert_eq!(
+        s.runs["big"].state,
+        RunState::Queued,
+        "one node cannot hold a 2-node gang"
+    );
+    let gpus: Vec<_> = ["a", "b"]
+        .iter()
+        .flat_map(|r| s.runs[*r].attempts[0].placements[0].gpus.clone())
+        .collect();
+    assert_eq!(gpus, vec!["GPU-n1-0", "GPU-n1-1", "GPU-n1-2", "GPU-n1-3"]);
+}
+
+#[test]
+fn snapshots_round_trip_and_commands_decode() {
+    let mut s = State::default();
+    let cmds = [
+        compute("cpu-pool"),
+        node("n1", "cpu-pool", 2, 1),
+        submit("r1", "cpu-pool", 1, 1, 1),
+    ];
+    apply_all(&mut s, &cmds);
+    place_all(&mut s, 4);
+    assert_eq!(State::from_snapshot(&s.to_snapshot()).unwrap(), s);
+    for c in &cmds {
+        assert_eq!(&Command::decode(&c.encode()).unwrap(), c);
+    }
+    assert!(
+        String::from_utf8(cmds[2].encode())
+            .unwrap()
+            .contains("\"cmd\":\"submit_run.v1\"")
+    );
+    assert!(State::from_snapshot(b"{not json").is_err());
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Node {
+        n: u8,
+        cpus: u8,
+        gpus: u8,
+    },
+    Submit {
+        cpus: u8,
+        gpus: u8,
+        instances: u8,
+        priority: i8,
+    },
+    Schedule,
+    Report {
+        pick: u16,
+        outcome: u8,
+    },
+    Cancel {
+        pick: u16,
+    },
+    Lose {
+        n: u8,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u8..6, 0u8..8, 0u8..5).prop_map(|(n, cpus, gpus)| Op::Node { n, cpus, gpus }),
+        (0u8..4, 0u8..4, 1u8..3, -2i8..3).prop_map(|(cpus, gpus, instances, priority)| {
+            Op::Submit {
+                cpus,
+                gpus,
+                instances,
+                priority,
+            }
+        }),
+        Just(Op::Schedule),
+        Just(Op::Schedule),
+        (any::<u16>(), 0u8..6).prop_map(|(pick, outcome)| Op::Report { pick, outcome }),
+        any::<u16>().prop_map(|pick| Op::Cancel { pick }),
+        (0u8..6).prop_map(|n| Op::Lose { n }),
+    ]
+}
+
+/// Turns random operations into the commands a leader would propose (some of them
+/// invalid on purpose); returns the commands that were applied.
+fn run_ops(ops: &[Op]) -> (State, Vec<Command>) {
+    let mut s = State::default();
+    let mut log = vec![compute("pool-a")];
+    s.apply(&log[0]).unwrap();
+    let mut now = 10u64;
+    let mut next = 0u32;
+    for op in ops {
+        now += 500;
+        let mut cmds = Vec::new();
+        match op {
+            Op::Node { n, cpus, gpus } => cmds.push(node(
+                &format!("n{n}"),
+                "pool-a",
+                *cpus as u64,
+                *gpus as usize,
+            )),
+            Op::Submit {
+                cpus,
+                gpus,
+                instances,
+                priority,
+            } => {
+                next += 1;
+                let mut c = submit(
+                    &format!("r{next}"),
+                    "pool-a",
+                    *cpus as u64,
+                    *gpus as u32,
+                    *instances as u32,
+                );
+                if let Command::SubmitRun { spec, at, .. } = &mut c {
+                    spec.priority = *priority as i32 * 100;
+                    *at = now;
+                }
+                cmds.push(c);
+            }
+            Op::Schedule => cmds.extend(schedule(&s, now).into_iter().map(|d| d.into_command(now))),
+            Op::Report { pick, outcome } => {
+                let active: Vec<_> = s.runs.values().filter(|r| r.state.is_active()).collect();
+                if let Some(run) = active.get(*pick as usize % active.len().max(1)) {
+                    let a = run.current_attempt().unwrap();
+                    for p in &a.placements {
+                        let report = match outcome {
+                            0 => AttemptReport::Running,
+                            1 => AttemptReport::Preparing,
+                            o => AttemptReport::Ended {
+                                end: [
+                                    AttemptEnd::Completed,
+                                    AttemptEnd::Failed,
+                                    AttemptEnd::Preempted,
+                                    AttemptEnd::TimedOut,
+                                ][*o as usize - 2],
+                                exit_code: Some(*o as i32),
+                                message: None,
+                                outputs: None,
+                            },
+                        };
+                        cmds.push(Command::ReportAttempt {
+                            run_id: run.id.clone(),
+                            attempt: a.number,
+                            node_id: p.node_id.clone(),
+                            report,
+                            at: now,
+                        });
+                    }
+                }
+            }
+            Op::Cancel { pick } => {
+                let ids: Vec<_> = s.runs.keys().cloned().collect();
+                if let Some(id) = ids.get(*pick as usize % ids.len().max(1)) {
+                    cmds.push(Command::CancelRun {
+                        run_id: id.clone(),
+                        reason: None,
+                        at: now,
+                    });
+                }
+            }
+            Op::Lose { n } => cmds.push(Command::SetNodeState {
+                node_id: format!("n{n}"),
+                state: NodeState::Lost,
+                reason: None,
+                at: now,
+            }),
+        }
+        for c in cmds {
+            let before = s.clone();
+            if let Err(e) = s.sanity_check() {
+                panic!("before {c:?}: {e}");
+            }
+            match s.apply(&c) {
+                Ok(_) => log.push(c),
+                Err(_) => assert_eq!(s, before, "a rejected command changed the state: {c:?}"),
+            }
+        }
+    }
+    s.sanity_check().unwrap();
+    (s, log)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn apply_keeps_the_invariants_and_is_deterministic(ops in proptest::collection::vec(op(), 1..80)) {
+        let (state, log) = run_ops(&ops);
+        // Same commands, same state.
+        let mut replay = State::default();
+        for c in &log {
+            replay.apply(&Command::decode(&c.encode()).unwrap()).unwrap();
+        }
+        prop_assert_eq!(&replay, &state);
+        prop_assert_eq!(State::from_snapshot(&state.to_snapshot()).unwrap(), state.clone());
+        // The scheduler never proposes an invalid placement.
+        let mut s = state.clone();
+        for d in schedule(&state, u64::MAX / 2) {
+            let Decision::Place { .. } = &d;
+            prop_assert!(s.apply(&d.into_command(u64::MAX / 2)).is_ok());
+            prop_assert!(s.sanity_check().is_ok());
+        }
+    }
+}
