@@ -1,0 +1,335 @@
+//! Conversions between wire types and muster-core types.
+
+use muster_core::compute::{ComputeKind, ComputeSpec, Tier};
+use muster_core::snapshot::GitInfo as CoreGit;
+use muster_core::spec::{CodeRef as CoreCode, Distribution as CoreDist, Environment};
+use muster_core::state::{AttemptState, ComputeTarget as CoreCompute, Node as CoreNode, Run as CoreRun};
+use muster_core::{Placement as CorePlacement, Resources as CoreResources, RunSpec as CoreSpec, State};
+
+use crate::v1;
+
+impl From<CoreResources> for v1::Resources {
+    fn from(r: CoreResources) -> Self {
+        v1::Resources {
+            cpu_millis: r.cpu_millis,
+            memory_bytes: r.memory_bytes,
+            gpus: r.gpus,
+        }
+    }
+}
+
+impl From<v1::Resources> for CoreResources {
+    fn from(r: v1::Resources) -> Self {
+        CoreResources {
+            cpu_millis: r.cpu_millis,
+            memory_bytes: r.memory_bytes,
+            gpus: r.gpus,
+        }
+    }
+}
+
+impl From<muster_core::Gpu> for v1::Gpu {
+    fn from(g: muster_core::Gpu) -> Self {
+        v1::Gpu {
+            uuid: g.uuid,
+            model: g.model,
+            memory_bytes: g.memory_bytes,
+        }
+    }
+}
+
+impl From<v1::Gpu> for muster_core::Gpu {
+    fn from(g: v1::Gpu) -> Self {
+        muster_core::Gpu {
+            uuid: g.uuid,
+            model: g.model,
+            memory_bytes: g.memory_bytes,
+        }
+    }
+}
+
+impl From<CoreSpec> for v1::RunSpec {
+    fn from(s: CoreSpec) -> Self {
+        v1::RunSpec {
+            command: s.command,
+            compute: s.compute,
+            experiment: s.experiment,
+            display_name: s.display_name,
+            description: s.description,
+            tags: s.tags.into_iter().collect(),
+            image: s.environment.image,
+            environment_name: s.environment.name,
+            conda_file: s.environment.conda_file,
+            environment_variables: s.environment_variables.into_iter().collect(),
+            inputs: s.inputs.into_iter().collect(),
+            instance_count: s.instance_count,
+            resources: Some(s.resources.into()),
+            shm_size: s.shm_size,
+            distribution: s.distribution.map(|d| match d {
+                CoreDist::Pytorch {
+                    process_count_per_instance,
+                } => v1::Distribution {
+                    r#type: "pytorch".into(),
+                    process_count_per_instance,
+                    ..Default::default()
+                },
+                CoreDist::Mpi {
+                    process_count_per_instance,
+                } => v1::Distribution {
+                    r#type: "mpi".into(),
+                    process_count_per_instance,
+                    ..Default::default()
+                },
+                CoreDist::Tensorflow {
+                    worker_count,
+                    parameter_server_count,
+                } => v1::Distribution {
+                    r#type: "tensorflow".into(),
+                    worker_count,
+                    parameter_server_count,
+                    ..Default::default()
+                },
+            }),
+            timeout_s: s.timeout_s,
+            priority: s.priority,
+            max_attempts: s.max_attempts,
+            code: s.code.map(|c| v1::CodeRef {
+                manifest: c.manifest,
+                files: c.files,
+                bytes: c.bytes,
+                git: c.git.map(|g| v1::GitInfo {
+                    commit: g.commit,
+                    branch: g.branch,
+                    dirty: g.dirty,
+                }),
+            }),
+        }
+    }
+}
+
+/// Converts a wire run spec to core. Fails only on an unknown distribution type; the
+/// server validates the result with [`CoreSpec::validate`].
+pub fn spec_from_wire(s: v1::RunSpec) -> Result<CoreSpec, String> {
+    let distribution = match s.distribution {
+        None => None,
+        Some(d) => Some(match d.r#type.as_str() {
+            "pytorch" => CoreDist::Pytorch {
+                process_count_per_instance: d.process_count_per_instance.max(1),
+            },
+            "mpi" => CoreDist::Mpi {
+                process_count_per_instance: d.process_count_per_instance,
+            },
+            "tensorflow" => CoreDist::Tensorflow {
+                worker_count: d.worker_count,
+                parameter_server_count: d.parameter_server_count,
+            },
+            other => {
+                return Err(format!(
+                    "distribution.type: unknown distribution {other:?}: use pytorch, mpi or tensorflow"
+                ));
+            }
+        }),
+    };
+    Ok(CoreSpec {
+        command: s.command,
+        compute: s.compute,
+        experiment: s.experiment,
+        display_name: s.display_name,
+        description: s.description,
+        tags: s.tags.into_iter().collect(),
+        environment: Environment {
+            image: s.image,
+            name: s.environment_name,
+            conda_file: s.conda_file,
+        },
+        environment_variables: s.environment_variables.into_iter().collect(),
+        inputs: s.inputs.into_iter().collect(),
+        instance_count: s.instance_count,
+        resources: s.resources.unwrap_or_default().into(),
+        shm_size: s.shm_size,
+        distribution,
+        timeout_s: s.timeout_s,
+        priority: s.priority,
+        max_attempts: s.max_attempts,
+        code: s.code.map(|c| CoreCode {
+            manifest: c.manifest,
+            files: c.files,
+            bytes: c.bytes,
+            git: c.git.map(|g| CoreGit {
+                commit: g.commit,
+                branch: g.branch,
+                dirty: g.dirty,
+            }),
+        }),
+    })
+}
+
+/// A placement with the node's name and address filled in from the state.
+pub fn placement_to_wire(state: &State, p: &CorePlacement) -> v1::Placement {
+    let node = state.nodes.get(&p.node_id);
+    v1::Placement {
+        node_id: p.node_id.clone(),
+        node_name: node.map(|n| n.name.clone()).unwrap_or_default(),
+        address: node.map(|n| n.address.clone()).unwrap_or_default(),
+        gpus: p.gpus.clone(),
+        resources: Some(p.resources.into()),
+    }
+}
+
+/// A run as the API shows it.
+pub fn run_to_wire(state: &State, r: &CoreRun) -> v1::Run {
+    v1::Run {
+        id: r.id.clone(),
+        spec: Some(r.spec.clone().into()),
+        state: r.state.as_str().to_string(),
+        attempt: r.attempt_number(),
+        exit_code: r.exit_code,
+        created_at_ms: r.created_at,
+        started_at_ms: r.started_at,
+        finished_at_ms: r.finished_at,
+        message: r.message.clone(),
+        cancel_requested: r.cancel_requested,
+        seq: r.seq,
+        attempts: r
+            .attempts
+            .iter()
+            .map(|a| v1::Attempt {
+                number: a.number,
+                placements: a.placements.iter().map(|p| placement_to_wire(state, p)).collect(),
+                state: match a.state {
+                    AttemptState::Scheduled => "scheduled",
+                    AttemptState::Preparing => "preparing",
+                    AttemptState::Running => "running",
+                    AttemptState::Ended(_) => "ended",
+                }
+                .to_string(),
+                end: match a.state {
+                    AttemptState::Ended(e) => Some(e.as_str().to_string()),
+                    _ => None,
+                },
+                placed_at_ms: a.placed_at,
+                started_at_ms: a.started_at,
+                finished_at_ms: a.finished_at,
+                exit_code: a.exit_code,
+                message: a.message.clone(),
+                outputs: a.outputs.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// A compute target as the API shows it, with a summary of its nodes and runs.
+pub fn compute_to_wire(state: &State, c: &CoreCompute) -> v1::ComputeTarget {
+    let name = &c.spec.name;
+    let nodes: Vec<&CoreNode> = state.nodes.values().filter(|n| &n.compute == name).collect();
+    let mut capacity = CoreResources::default();
+    let mut allocated = CoreResources::default();
+    for n in &nodes {
+        capacity.add(&n.capacity_resources());
+        allocated.add(&n.allocated);
+        allocated.gpus = allocated.gpus.saturating_add(n.allocated_gpus.len() as u32);
+    }
+    let (mut queued, mut active) = (0u32, 0u32);
+    for r in state.runs.values().filter(|r| &r.spec.compute == name) {
+        if r.state == muster_core::RunState::Queued {
+            queued += 1;
+        } else if r.state.is_active() {
+            active += 1;
+        }
+    }
+    let mut wire = compute_spec_to_wire(&c.spec);
+    wire.created_at_ms = c.created_at;
+    wire.nodes = nodes.len() as u32;
+    wire.queued_runs = queued;
+    wire.active_runs = active;
+    wire.capacity = Some(capacity.into());
+    wire.allocated = Some(allocated.into());
+    wire
+}
+
+/// The definition fields of a compute target.
+pub fn compute_spec_to_wire(s: &ComputeSpec) -> v1::ComputeTarget {
+    v1::ComputeTarget {
+        name: s.name.clone(),
+        r#type: s.kind.as_str().to_string(),
+        size: s.size.clone(),
+        min_instances: s.min_instances,
+        max_instances: s.max_instances,
+        idle_time_before_scale_down_s: s.idle_time_before_scale_down_s,
+        tier: s.tier.as_str().to_string(),
+        description: s.description.clone(),
+        ..Default::default()
+    }
+}
+
+/// Reads the definition fields of a wire compute target; the error names the field.
+pub fn compute_spec_from_wire(c: &v1::ComputeTarget) -> Result<ComputeSpec, String> {
+    let kind = ComputeKind::parse(&c.r#type).map_err(|e| format!("type: {e}"))?;
+    let tier = if c.tier.is_empty() {
+        Tier::Dedicated
+    } else {
+        Tier::parse(&c.tier).map_err(|e| format!("tier: {e}"))?
+    };
+    Ok(ComputeSpec {
+        name: c.name.clone(),
+        kind,
+        size: c.size.clone(),
+        min_instances: c.min_instances,
+        max_instances: c.max_instances,
+        idle_time_before_scale_down_s: c.idle_time_before_scale_down_s,
+        tier,
+        description: c.description.clone(),
+    })
+}
+
+/// A node as the API shows it.
+pub fn node_to_wire(n: &CoreNode, last_heartbeat_ms: Option<u64>) -> v1::Node {
+    let mut allocated: v1::Resources = n.allocated.into();
+    allocated.gpus = n.allocated_gpus.len() as u32;
+    v1::Node {
+        id: n.id.clone(),
+        name: n.name.clone(),
+        compute: n.compute.clone(),
+        capacity: Some(n.capacity_resources().into()),
+        gpus: n.capacity.gpus.iter().cloned().map(Into::into).collect(),
+        labels: n.labels.clone().into_iter().collect(),
+        tier: n.tier.as_str().to_string(),
+        address: n.address.clone(),
+        state: n.state.as_str().to_string(),
+        state_reason: n.state_reason.clone(),
+        registered_at_ms: n.registered_at,
+        allocated: Some(allocated),
+        allocated_gpus: n.allocated_gpus.iter().cloned().collect(),
+        runs: n.attempts.iter().map(|(r, a)| format!("{r}/{a}")).collect(),
+        last_heartbeat_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_spec_round_trips_through_the_wire() {
+        let mut spec = CoreSpec::new("python train.py");
+        spec.distribution = Some(CoreDist::Tensorflow {
+            worker_count: 2,
+            parameter_server_count: 1,
+        });
+        spec.environment.image = Some("busybox".into());
+        spec.environment_variables.insert("A".into(), "1".into());
+        spec.timeout_s = Some(5);
+        spec.code = Some(CoreCode {
+            manifest: "a".repeat(64),
+            files: 2,
+            bytes: 10,
+            git: Some(CoreGit {
+                commit: "abc".into(),
+                branch: Some("main".into()),
+                dirty: true,
+            }),
+        });
+        let wire: v1::RunSpec = spec.clone().into();
+        assert_eq!(spec_from_wire(wire).unwrap(), spec);
+    }
+}
