@@ -1,1 +1,90 @@
-//! muster-agent
+//! # muster-agent: the node
+//!
+//! `muster agent` runs on every machine of a compute target. It finds what the machine
+//! offers (`resources.rs`: sysinfo for CPU and memory, NVML for GPUs), registers with a
+//! server, keeps one session stream open (`session.rs`), and runs each assignment
+//! (`attempt.rs`): fetch the code snapshot (`snapshot.rs`), execute (`executor/`), ship
+//! logs live, upload `outputs/` (`outputs.rs`), report the end — and resend what the server
+//! has not acknowledged after a reconnect. It decides no placement.
+//!
+//! Crate choices: `sysinfo` and `nvml-wrapper` (loads libnvidia-ml at run time, so the
+//! agent builds and runs without a driver), `nix` for process-group signals, `tar` for the
+//! outputs archive, `backon` for reconnect backoff.
+
+mod attempt;
+mod executor;
+mod identity;
+mod outputs;
+pub mod resources;
+mod session;
+mod snapshot;
+pub mod transfer;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use muster_core::compute::Tier;
+
+pub use resources::{GpuProbe, GpuReport, NoGpus, NvmlProbe};
+
+/// How an agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Server URLs (`http://host:port`); the agent uses the first that answers.
+    pub servers: Vec<String>,
+    /// The agent's own directory: node id, snapshot cache, attempt working directories.
+    pub data_dir: PathBuf,
+    /// The node's unique name (default: the hostname).
+    pub name: String,
+    /// The compute target it joins.
+    pub compute: String,
+    /// Dedicated or low-priority capacity.
+    pub tier: Tier,
+    /// Labels for placement.
+    pub labels: BTreeMap<String, String>,
+    /// The address peers of a distributed run use to reach this node.
+    pub advertise_addr: String,
+    /// Offer at most this many millicores (default: all CPUs).
+    pub cpu_millis: Option<u64>,
+    /// Offer at most this much memory (default: all memory).
+    pub memory_bytes: Option<u64>,
+    /// Offer no resource limits at all (the `local` target: runs are not packed).
+    pub unlimited: bool,
+    /// Where GPUs come from (NVML, or a fake in tests).
+    pub gpu_probe: Arc<dyn GpuProbe>,
+}
+
+impl AgentConfig {
+    /// Defaults for an agent of compute `compute` talking to `server`.
+    pub fn new(server: impl Into<String>, data_dir: impl Into<PathBuf>, compute: impl Into<String>) -> AgentConfig {
+        AgentConfig {
+            servers: vec![server.into()],
+            data_dir: data_dir.into(),
+            name: hostname(),
+            compute: compute.into(),
+            tier: Tier::Dedicated,
+            labels: BTreeMap::new(),
+            advertise_addr: "127.0.0.1".into(),
+            cpu_millis: None,
+            memory_bytes: None,
+            unlimited: false,
+            gpu_probe: Arc::new(NvmlProbe),
+        }
+    }
+}
+
+/// The machine's hostname, as a node name (falls back to `node`).
+pub fn hostname() -> String {
+    sysinfo::System::host_name()
+        .ok()
+        .map(|h| h.split('.').next().unwrap_or(&h).to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_string())
+}
+
+/// Runs an agent until `shutdown` resolves. Running attempts are stopped at shutdown.
+pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    session::Agent::open(config)?.run(shutdown).await
+}

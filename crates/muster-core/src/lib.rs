@@ -30,7 +30,7 @@ pub use resources::{Capacity, Gpu, Resources};
 pub use schedule::{Decision, Placement, schedule};
 pub use spec::RunSpec;
 pub use state::{
-    Applied, ApplyError, Attempt, AttemptEnd, AttemptState, Command, Node, NodeState, Run,
+    Applied, ApplyError, Attempt, AttemptEnd, AttemptReport, AttemptState, Command, Node, NodeState, Run,
     RunState, State,
 };
 

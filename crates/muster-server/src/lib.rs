@@ -1,1 +1,114 @@
-//! muster-server
+//! # muster-server: the coordinator
+//!
+//! One `muster server` replica: the gRPC API and the web UI on one port, a member of the
+//! Raft group (muster-raft), and — while it leads — the loops that schedule runs and watch
+//! node heartbeats. It carries out what muster-core decides; it decides nothing itself.
+//!
+//! Follow a run through this crate: `grpc/runs.rs` (SubmitRun proposes a `SubmitRun`
+//! command) → `machine.rs` (applied to the state) → `leader/scheduling.rs` (`schedule()`
+//! gives a placement, proposed as `PlaceRun`) → `grpc/agents.rs` (the node's session sends
+//! the assignment, receives logs into `logs.rs` and the end report, proposed as
+//! `ReportAttempt`) → `grpc/runs.rs` again (WaitRun, StreamLogs).
+//!
+//! Crate choices: `axum` serves gRPC (tonic routes) and HTTP on one listener;
+//! `prometheus-client` renders `/metrics`; `sha2` addresses blobs.
+
+mod blobs;
+mod coordinator;
+mod grpc;
+mod leader;
+mod logs;
+mod machine;
+mod web;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use blobs::{BlobError, BlobStore};
+pub use coordinator::Coordinator;
+pub use muster_raft::RaftConfig;
+
+/// How a server runs. Build it over [`ServerConfig::new`] and check it with [`ServerConfig::validate`].
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Everything the server stores lives here (Raft log and snapshots, blobs, logs).
+    pub data_dir: PathBuf,
+    /// The Raft node's settings (id, initial voters, timing).
+    pub raft: RaftConfig,
+    /// How often agents send heartbeats.
+    pub heartbeat_interval: Duration,
+    /// A node silent this long is marked lost and its runs restarted elsewhere.
+    pub node_grace: Duration,
+    /// The scheduler runs at most this often (it runs on events, not on a timer).
+    pub scheduler_min_interval: Duration,
+    /// Time a canceled run gets between SIGTERM and SIGKILL.
+    pub stop_grace: Duration,
+    /// The largest blob accepted (a code snapshot or an outputs archive).
+    pub max_blob_bytes: u64,
+    /// Create the `local` compute target on first start (`muster dev`).
+    pub create_local_compute: bool,
+}
+
+impl ServerConfig {
+    /// Defaults for a server storing under `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> ServerConfig {
+        ServerConfig {
+            data_dir: data_dir.into(),
+            raft: RaftConfig::default(),
+            heartbeat_interval: Duration::from_secs(2),
+            node_grace: Duration::from_secs(30),
+            scheduler_min_interval: Duration::from_millis(5),
+            stop_grace: Duration::from_secs(10),
+            max_blob_bytes: 4 << 30,
+            create_local_compute: false,
+        }
+    }
+
+    /// Checks the settings; the error names the setting.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.raft.validate()?;
+        anyhow::ensure!(
+            self.node_grace > self.heartbeat_interval * 2,
+            "node grace ({:?}) must exceed two heartbeat intervals ({:?})",
+            self.node_grace,
+            self.heartbeat_interval
+        );
+        Ok(())
+    }
+}
+
+/// Runs a server on `listener` until `shutdown` resolves: opens the data directory (or
+/// fails with a clear error), starts Raft, serves gRPC + HTTP, and runs the leader loops.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let coordinator = Coordinator::open(&config).await?;
+    let result = serve(listener, coordinator.clone(), shutdown).await;
+    coordinator.stop().await;
+    result
+}
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    coordinator: std::sync::Arc<Coordinator>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let leader_tasks = leader::spawn(coordinator.clone());
+    let router = grpc::router(coordinator.clone()).merge(web::router(coordinator.clone()));
+    let stop = coordinator.clone();
+    let result = axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            // End long-lived streams (agent sessions, log follows) so shutdown completes.
+            stop.begin_shutdown();
+        })
+        .await;
+    for t in leader_tasks {
+        t.abort();
+    }
+    result.map_err(Into::into)
+}

@@ -1,0 +1,239 @@
+//! The process executor: `sh -c COMMAND` in its own process group, output captured to the
+//! attempt's log file, stopped with SIGTERM to the group, then SIGKILL after the grace.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use muster_core::AttemptEnd;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{Launch, Outcome, Stop, StopReason};
+
+/// Runs `launch` until it exits, is stopped, or times out. `started` fires once the process runs.
+pub(crate) async fn run(launch: Launch, mut stop: watch::Receiver<Option<Stop>>, started: oneshot::Sender<()>) -> Outcome {
+    let log = match tokio::fs::OpenOptions::new().create(true).append(true).open(&launch.log_path).await {
+        Ok(f) => f,
+        Err(e) => return failed(None, format!("cannot open the log file {}: {e}", launch.log_path.display())),
+    };
+    let mut child = match tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(&launch.command)
+        .current_dir(&launch.workdir)
+        .envs(launch.env.iter().cloned())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return failed(None, format!("could not start `sh -c`: {e}")),
+    };
+    let pgid = child.id().map(|id| Pid::from_raw(id as i32));
+    let _ = started.send(());
+
+    // One writer appends both streams to the log in arrival order.
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
+    let writer = tokio::spawn(async move {
+        let mut log = log;
+        while let Some(chunk) = rx.recv().await {
+            if log.write_all(&chunk).await.is_err() {
+                break;
+            }
+            let _ = log.flush().await;
+        }
+        let _ = log.sync_all().await;
+    });
+    let readers = [
+        child.stdout.take().map(|s| tokio::spawn(pump(s, tx.clone()))),
+        child.stderr.take().map(|s| tokio::spawn(pump(s, tx.clone()))),
+    ];
+    drop(tx);
+
+    let timeout = async {
+        match launch.timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    let (status, stopped_by, timed_out) = tokio::select! {
+        status = child.wait() => (status, None, false),
+        order = wait_stop(&mut stop) => {
+            let status = terminate(&mut child, pgid, order.grace).await;
+            (status, Some(order.reason), false)
+        }
+        _ = timeout => {
+            let status = terminate(&mut child, pgid, Duration::from_secs(10)).await;
+            (status, None, true)
+        }
+    };
+    // The command is over: whatever it left running in its group goes too (as Slurm does).
+    if let Some(pgid) = pgid {
+        let _ = killpg(pgid, Signal::SIGKILL);
+    }
+    for r in readers.into_iter().flatten() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+
+    let status = match status {
+        Ok(s) => s,
+        Err(e) => return failed(None, format!("lost track of the process: {e}")),
+    };
+    let code = exit_code(status);
+    if timed_out {
+        let secs = launch.timeout.map(|t| t.as_secs()).unwrap_or_default();
+        return Outcome {
+            end: AttemptEnd::TimedOut,
+            exit_code: Some(code),
+            message: Some(format!("stopped after limits.timeout ({secs} s)")),
+        };
+    }
+    match stopped_by {
+        Some(StopReason::Canceled) => Outcome {
+            end: AttemptEnd::Canceled,
+            exit_code: Some(code),
+            message: Some("canceled".into()),
+        },
+        Some(StopReason::Stale) => Outcome {
+            end: AttemptEnd::Canceled,
+            exit_code: Some(code),
+            message: Some("stopped: the attempt is no longer current".into()),
+        },
+        None if code == 0 => Outcome {
+            end: AttemptEnd::Completed,
+            exit_code: Some(0),
+            message: None,
+        },
+        None => failed(Some(code), describe(status)),
+    }
+}
+
+fn failed(code: Option<i32>, message: String) -> Outcome {
+    Outcome {
+        end: AttemptEnd::Failed,
+        exit_code: code,
+        message: Some(message),
+    }
+}
+
+async fn wait_stop(stop: &mut watch::Receiver<Option<Stop>>) -> Stop {
+    loop {
+        if let Some(order) = *stop.borrow_and_update() {
+            return order;
+        }
+        if stop.changed().await.is_err() {
+            // The agent dropped the attempt: treat as a stop with a short grace.
+            return Stop {
+                reason: StopReason::Stale,
+                grace: Duration::from_secs(1),
+            };
+        }
+    }
+}
+
+/// SIGTERM to the group, wait up to `grace`, then SIGKILL.
+async fn terminate(child: &mut tokio::process::Child, pgid: Option<Pid>, grace: Duration) -> std::io::Result<ExitStatus> {
+    if let Some(pgid) = pgid {
+        let _ = killpg(pgid, Signal::SIGTERM);
+    }
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(status) => status,
+        Err(_) => {
+            if let Some(pgid) = pgid {
+                let _ = killpg(pgid, Signal::SIGKILL);
+            }
+            child.wait().await
+        }
+    }
+}
+
+async fn pump(mut stream: impl AsyncRead + Unpin, tx: mpsc::Sender<Vec<u8>>) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if tx.send(buf[..n].to_vec()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The shell convention: the exit code, or 128 + the signal number.
+fn exit_code(status: ExitStatus) -> i32 {
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(-1)
+}
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exited with code {c}"),
+        (None, Some(s)) => format!(
+            "killed by signal {}",
+            Signal::try_from(s).map(|s| s.as_str().to_string()).unwrap_or_else(|_| s.to_string())
+        ),
+        _ => "ended without an exit code".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch(dir: &std::path::Path, command: &str, timeout: Option<Duration>) -> Launch {
+        Launch {
+            command: command.into(),
+            workdir: dir.to_path_buf(),
+            env: vec![("GREETING".into(), "hi".into())],
+            log_path: dir.join("out.log"),
+            timeout,
+        }
+    }
+
+    #[tokio::test]
+    async fn captures_output_and_exit_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_stop_tx, stop) = watch::channel(None);
+        let (started, _) = oneshot::channel();
+        let out = run(launch(dir.path(), "echo $GREETING; echo err >&2; exit 3", None), stop, started).await;
+        assert_eq!(out.end, AttemptEnd::Failed);
+        assert_eq!(out.exit_code, Some(3));
+        assert_eq!(out.message.as_deref(), Some("exited with code 3"));
+        let log = std::fs::read_to_string(dir.path().join("out.log")).unwrap();
+        assert!(log.contains("hi\n") && log.contains("err\n"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn cancel_sends_sigterm_to_the_group_then_sigkill() {
+        let dir = tempfile::tempdir().unwrap();
+        let (stop_tx, stop) = watch::channel(None);
+        let (started, started_rx) = oneshot::channel();
+        // The shell ignores SIGTERM, so only SIGKILL after the grace ends it.
+        let task = tokio::spawn(run(launch(dir.path(), "trap '' TERM; sleep 30 & wait; sleep 30", None), stop, started));
+        started_rx.await.unwrap();
+        let t0 = std::time::Instant::now();
+        stop_tx.send_replace(Some(Stop { reason: StopReason::Canceled, grace: Duration::from_millis(300) }));
+        let out = task.await.unwrap();
+        assert_eq!(out.end, AttemptEnd::Canceled);
+        assert!(t0.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn timeout_ends_the_run_as_timed_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_stop_tx, stop) = watch::channel(None);
+        let (started, _) = oneshot::channel();
+        let out = run(launch(dir.path(), "sleep 30", Some(Duration::from_millis(200))), stop, started).await;
+        assert_eq!(out.end, AttemptEnd::TimedOut);
+    }
+}

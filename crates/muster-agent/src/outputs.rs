@@ -1,0 +1,50 @@
+//! Packs an attempt's `outputs/` directory into a tar archive and uploads it as a blob.
+
+use std::path::{Path, PathBuf};
+
+use muster_proto::v1::blob_service_client::BlobServiceClient;
+use tonic::transport::Channel;
+
+use crate::transfer;
+
+/// Archives `outputs` (if it has any file) to `archive` and uploads it; returns its address.
+pub(crate) async fn upload(
+    client: &mut BlobServiceClient<Channel>,
+    outputs: &Path,
+    archive: PathBuf,
+) -> anyhow::Result<Option<String>> {
+    let dir = outputs.to_path_buf();
+    let tar_path = archive.clone();
+    let has_files = tokio::task::spawn_blocking(move || -> anyhow::Result<bool> {
+        let any = walk_has_file(&dir);
+        if !any {
+            return Ok(false);
+        }
+        let file = std::fs::File::create(&tar_path)?;
+        let mut builder = tar::Builder::new(std::io::BufWriter::new(file));
+        builder.follow_symlinks(false);
+        builder.append_dir_all(".", &dir)?;
+        builder.into_inner()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        Ok(true)
+    })
+    .await??;
+    if !has_files {
+        return Ok(None);
+    }
+    let sha = transfer::hash_file(&archive)?;
+    if !transfer::missing(client, vec![sha.clone()]).await?.is_empty() {
+        transfer::upload_file(client, &sha, &archive).await?;
+    }
+    let _ = tokio::fs::remove_file(&archive).await;
+    Ok(Some(sha))
+}
+
+fn walk_has_file(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let p = e.path();
+        if p.is_dir() { walk_has_file(&p) } else { true }
+    })
+}

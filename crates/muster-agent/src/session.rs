@@ -1,0 +1,395 @@
+//! The agent's main loop: register, hold the session stream, start and stop attempts,
+//! ship their logs, and report their ends until the server acknowledges them. Attempts
+//! outlive a broken session; on reconnect everything unacknowledged is sent again.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use muster_core::AttemptEnd;
+use muster_proto::v1::{
+    self, agent_message, agent_service_client::AgentServiceClient, blob_service_client::BlobServiceClient,
+    server_message,
+};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::AgentConfig;
+use crate::attempt::{AttemptTask, Event, Key};
+use crate::executor::{Outcome, Stop, StopReason};
+use crate::resources::host_capacity;
+
+const SHIP_CHUNK: usize = 256 * 1024;
+const SHIP_PER_TICK: usize = 8 << 20;
+
+/// An attempt this agent knows of, until the server acknowledges its end.
+struct Entry {
+    log_path: PathBuf,
+    workdir: PathBuf,
+    shipped: u64,
+    state: &'static str,
+    end: Option<v1::AttemptUpdate>,
+    end_sent: bool,
+    stop: watch::Sender<Option<Stop>>,
+    task: Option<JoinHandle<()>>,
+}
+
+pub(crate) struct Agent {
+    config: AgentConfig,
+    node_id: String,
+    _lock: std::fs::File,
+    attempts: HashMap<Key, Entry>,
+    events_tx: mpsc::Sender<Event>,
+    events_rx: mpsc::Receiver<Event>,
+}
+
+/// A failure that retrying will not fix (bad name, unknown compute target, ...).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Fatal(String);
+
+impl Agent {
+    pub(crate) fn open(config: AgentConfig) -> anyhow::Result<Agent> {
+        anyhow::ensure!(!config.servers.is_empty(), "give at least one server address (--server)");
+        let (lock, node_id) = crate::identity::open(&config.data_dir)?;
+        for d in ["work", "cache/blobs"] {
+            std::fs::create_dir_all(config.data_dir.join(d))
+                .with_context(|| format!("cannot create {}", config.data_dir.join(d).display()))?;
+        }
+        let (events_tx, events_rx) = mpsc::channel(1024);
+        Ok(Agent {
+            config,
+            node_id,
+            _lock: lock,
+            attempts: HashMap::new(),
+            events_tx,
+            events_rx,
+        })
+    }
+
+    pub(crate) async fn run(mut self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let report = self.config.gpu_probe.probe();
+        if let Some(note) = &report.note {
+            tracing::info!("{note}");
+        }
+        tracing::info!(node = %self.config.name, id = %self.node_id, compute = %self.config.compute, gpus = report.gpus.len(), "agent starting");
+        tokio::pin!(shutdown);
+        let mut backoff = Duration::from_millis(100);
+        let result = loop {
+            let attempt = tokio::select! {
+                _ = &mut shutdown => break Ok(()),
+                r = self.serve(&report) => r,
+            };
+            match attempt {
+                Err(e) if e.downcast_ref::<Fatal>().is_some() => break Err(e),
+                Err(e) => tracing::warn!(cause = %format!("{e:#}"), retry_in = ?backoff, "no session with a server"),
+                Ok(()) => {
+                    tracing::info!("session ended; reconnecting");
+                    backoff = Duration::from_millis(100);
+                }
+            }
+            tokio::select! {
+                _ = &mut shutdown => break Ok(()),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        };
+        self.stop_all().await;
+        result
+    }
+
+    /// Stops every attempt (agent shutdown); the server restarts them elsewhere.
+    async fn stop_all(&mut self) {
+        for entry in self.attempts.values() {
+            entry.stop.send_replace(Some(Stop {
+                reason: StopReason::Stale,
+                grace: Duration::from_secs(2),
+            }));
+        }
+        for entry in self.attempts.values_mut() {
+            if let Some(t) = entry.task.take() {
+                let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+            }
+        }
+    }
+
+    async fn connect(&self) -> anyhow::Result<Channel> {
+        let mut last = None;
+        for url in &self.config.servers {
+            let endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|e| Fatal(format!("server address {url:?} is not a URL: {e}")))?
+                .connect_timeout(Duration::from_secs(3))
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(20));
+            match endpoint.connect().await {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(anyhow::anyhow!("{url}: {e}")),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no servers")))
+    }
+
+    async fn serve(&mut self, gpus: &crate::GpuReport) -> anyhow::Result<()> {
+        let channel = self.connect().await?;
+        let mut client = AgentServiceClient::new(channel.clone()).max_decoding_message_size(8 << 20);
+        let blobs = BlobServiceClient::new(channel).max_decoding_message_size(8 << 20);
+        let (cpu, mem) = host_capacity();
+        let (cpu, mem) = if self.config.unlimited {
+            (0, 0)
+        } else {
+            (self.config.cpu_millis.unwrap_or(cpu).min(cpu), self.config.memory_bytes.unwrap_or(mem).min(mem))
+        };
+        let registered = client
+            .register(v1::RegisterRequest {
+                node_id: self.node_id.clone(),
+                name: self.config.name.clone(),
+                compute: self.config.compute.clone(),
+                capacity: Some(v1::Resources { cpu_millis: cpu, memory_bytes: mem, gpus: gpus.gpus.len() as u32 }),
+                gpus: gpus.gpus.iter().cloned().map(Into::into).collect(),
+                labels: self.config.labels.clone().into_iter().collect(),
+                tier: self.config.tier.as_str().into(),
+                address: self.config.advertise_addr.clone(),
+                version: env!("CARGO_PKG_VERSION").into(),
+            })
+            .await
+            .map_err(|s| match s.code() {
+                Code::InvalidArgument | Code::NotFound | Code::AlreadyExists => {
+                    anyhow::Error::new(Fatal(format!("the server refused this agent: {}", s.message())))
+                }
+                _ => anyhow::anyhow!("register: {}", s.message()),
+            })?
+            .into_inner();
+        let heartbeat_every = Duration::from_millis(registered.heartbeat_interval_ms.max(100));
+
+        let (out, out_rx) = mpsc::channel::<v1::AgentMessage>(1024);
+        out.send(msg(agent_message::Msg::Hello(v1::Hello {
+            node_id: self.node_id.clone(),
+            running: self.running(),
+        })))
+        .await?;
+        let mut inbound = client
+            .session(ReceiverStream::new(out_rx))
+            .await
+            .map_err(|s| anyhow::anyhow!("session: {}", s.message()))?
+            .into_inner();
+        tracing::info!(node = %self.config.name, "connected");
+        for entry in self.attempts.values_mut() {
+            entry.end_sent = false;
+        }
+        for ((run_id, attempt), entry) in &self.attempts {
+            if entry.end.is_none() {
+                out.send(update(run_id, *attempt, entry.state)).await?;
+            }
+        }
+        let mut ship = tokio::time::interval(Duration::from_millis(100));
+        let mut heartbeat = tokio::time::interval(heartbeat_every);
+        loop {
+            tokio::select! {
+                m = inbound.message() => match m {
+                    Ok(Some(m)) => self.on_server_message(m, &blobs, &out).await?,
+                    Ok(None) => return Ok(()),
+                    Err(s) => anyhow::bail!("session: {}", s.message()),
+                },
+                Some(ev) = self.events_rx.recv() => self.on_event(ev, &out).await?,
+                _ = ship.tick() => self.ship(&out).await?,
+                _ = heartbeat.tick() => {
+                    out.send(msg(agent_message::Msg::Heartbeat(v1::HeartbeatRequest {
+                        node_id: self.node_id.clone(),
+                        running: self.running(),
+                    }))).await?;
+                }
+            }
+        }
+    }
+
+    fn running(&self) -> Vec<v1::RunningAttempt> {
+        self.attempts
+            .keys()
+            .map(|(run_id, attempt)| v1::RunningAttempt { run_id: run_id.clone(), attempt: *attempt })
+            .collect()
+    }
+
+    async fn on_server_message(
+        &mut self,
+        m: v1::ServerMessage,
+        blobs: &BlobServiceClient<Channel>,
+        out: &mpsc::Sender<v1::AgentMessage>,
+    ) -> anyhow::Result<()> {
+        match m.msg {
+            Some(server_message::Msg::Assign(a)) => self.on_assign(a, blobs),
+            Some(server_message::Msg::Stop(s)) => {
+                let key = (s.run_id.clone(), s.attempt);
+                let reason = if s.reason == "canceled" { StopReason::Canceled } else { StopReason::Stale };
+                let grace = Duration::from_millis(s.grace_ms);
+                match self.attempts.get(&key) {
+                    Some(entry) => {
+                        tracing::info!(run_id = %s.run_id, attempt = s.attempt, reason = %s.reason, "stopping attempt");
+                        entry.stop.send_replace(Some(Stop { reason, grace }));
+                    }
+                    // Never started here: it is over as far as this node is concerned.
+                    None => {
+                        let mut u = update(&s.run_id, s.attempt, "ended");
+                        if let Some(agent_message::Msg::Update(u)) = &mut u.msg {
+                            u.end = Some("canceled".into());
+                            u.message = Some("stopped before it started".into());
+                        }
+                        out.send(u).await?;
+                    }
+                }
+            }
+            Some(server_message::Msg::Ack(ack)) => {
+                let key = (ack.run_id, ack.attempt);
+                if self.attempts.get(&key).is_some_and(|e| e.end.is_some()) {
+                    let entry = self.attempts.remove(&key).expect("checked");
+                    tokio::spawn(async move {
+                        let _ = tokio::fs::remove_dir_all(&entry.workdir).await;
+                    });
+                }
+            }
+            Some(server_message::Msg::Resume(r)) => {
+                if let Some(entry) = self.attempts.get_mut(&(r.run_id, r.attempt)) {
+                    entry.shipped = r.offset;
+                    entry.end_sent = false;
+                }
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    fn on_assign(&mut self, a: v1::Assignment, blobs: &BlobServiceClient<Channel>) {
+        let key = (a.run_id.clone(), a.attempt);
+        if self.attempts.contains_key(&key) {
+            return;
+        }
+        let workdir = self.config.data_dir.join("work").join(format!("{}.{}", a.run_id, a.attempt));
+        let log_path = workdir.join("output.log");
+        let (stop, stop_rx) = watch::channel(None);
+        if workdir.exists() {
+            // This agent started the attempt before a restart and lost its process: report
+            // the node lost for this attempt, so the run restarts as a new attempt.
+            tracing::warn!(run_id = %a.run_id, attempt = a.attempt, "the attempt's process was lost in an agent restart");
+            let log_bytes = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
+            let mut end = ended(&key, &Outcome {
+                end: AttemptEnd::NodeLost,
+                exit_code: None,
+                message: Some("the agent restarted and lost the process (processes cannot be re-adopted; containers can)".into()),
+            }, None);
+            end.log_bytes = log_bytes;
+            self.attempts.insert(key, Entry { log_path, workdir, shipped: 0, state: "running", end: Some(end), end_sent: false, stop, task: None });
+            return;
+        }
+        tracing::info!(run_id = %a.run_id, attempt = a.attempt, rank = a.rank, "starting attempt");
+        let task = AttemptTask {
+            assignment: a,
+            workdir: workdir.clone(),
+            log_path: log_path.clone(),
+            cache_dir: self.config.data_dir.join("cache/blobs"),
+            blobs: blobs.clone(),
+            events: self.events_tx.clone(),
+            stop: stop_rx,
+        };
+        if let Err(e) = std::fs::create_dir_all(&workdir) {
+            tracing::error!(cause = %e, "cannot create the attempt's working directory");
+        }
+        let handle = tokio::spawn(task.run());
+        self.attempts.insert(key, Entry { log_path, workdir, shipped: 0, state: "scheduled", end: None, end_sent: false, stop, task: Some(handle) });
+    }
+
+    async fn on_event(&mut self, ev: Event, out: &mpsc::Sender<v1::AgentMessage>) -> anyhow::Result<()> {
+        match ev {
+            Event::State(key, state) => {
+                if let Some(entry) = self.attempts.get_mut(&key) {
+                    entry.state = state;
+                    out.send(update(&key.0, key.1, state)).await?;
+                }
+            }
+            Event::Ended(key, outcome, outputs) => {
+                if let Some(entry) = self.attempts.get_mut(&key) {
+                    tracing::info!(run_id = %key.0, attempt = key.1, end = outcome.end.as_str(), exit_code = ?outcome.exit_code, "attempt ended");
+                    let mut end = ended(&key, &outcome, outputs);
+                    end.log_bytes = tokio::fs::metadata(&entry.log_path).await.map(|m| m.len()).unwrap_or(0);
+                    entry.end = Some(end);
+                    entry.task = None;
+                }
+                self.ship(out).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends new log bytes of every attempt, then the ends whose logs are all shipped.
+    async fn ship(&mut self, out: &mpsc::Sender<v1::AgentMessage>) -> anyhow::Result<()> {
+        for ((run_id, attempt), entry) in self.attempts.iter_mut() {
+            let mut budget = SHIP_PER_TICK;
+            while budget > 0 {
+                let data = read_from(&entry.log_path, entry.shipped, SHIP_CHUNK.min(budget)).await;
+                if data.is_empty() {
+                    break;
+                }
+                let n = data.len();
+                out.send(msg(agent_message::Msg::Log(v1::LogData {
+                    run_id: run_id.clone(),
+                    attempt: *attempt,
+                    offset: entry.shipped,
+                    data,
+                })))
+                .await?;
+                entry.shipped += n as u64;
+                budget -= n;
+            }
+            if let Some(end) = &entry.end
+                && !entry.end_sent
+                && entry.shipped >= end.log_bytes
+            {
+                out.send(msg(agent_message::Msg::Update(end.clone()))).await?;
+                entry.end_sent = true;
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn read_from(path: &std::path::Path, offset: u64, max: usize) -> Vec<u8> {
+    let Ok(mut file) = tokio::fs::File::open(path).await else {
+        return Vec::new();
+    };
+    if file.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
+        return Vec::new();
+    }
+    let mut buf = Vec::with_capacity(max.min(SHIP_CHUNK));
+    let _ = (&mut file).take(max as u64).read_to_end(&mut buf).await;
+    buf
+}
+
+fn msg(m: agent_message::Msg) -> v1::AgentMessage {
+    v1::AgentMessage { msg: Some(m) }
+}
+
+fn update(run_id: &str, attempt: u32, state: &str) -> v1::AgentMessage {
+    msg(agent_message::Msg::Update(v1::AttemptUpdate {
+        run_id: run_id.to_string(),
+        attempt,
+        state: state.to_string(),
+        ..Default::default()
+    }))
+}
+
+fn ended(key: &Key, o: &Outcome, outputs: Option<String>) -> v1::AttemptUpdate {
+    v1::AttemptUpdate {
+        run_id: key.0.clone(),
+        attempt: key.1,
+        state: "ended".into(),
+        end: Some(o.end.as_str().into()),
+        exit_code: o.exit_code,
+        message: o.message.clone(),
+        outputs,
+        log_bytes: 0,
+    }
+}

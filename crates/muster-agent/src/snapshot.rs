@@ -1,0 +1,41 @@
+//! Materializes a code snapshot into an attempt's working directory, through a local
+//! content-addressed cache so an unchanged file is downloaded once per node.
+
+use std::path::Path;
+
+use muster_core::snapshot::Manifest;
+use muster_proto::v1::blob_service_client::BlobServiceClient;
+use tonic::transport::Channel;
+
+use crate::transfer;
+
+/// Fetches manifest `manifest_sha` and its files into `dest`, using `cache` for blobs.
+pub(crate) async fn materialize(
+    client: &mut BlobServiceClient<Channel>,
+    manifest_sha: &str,
+    cache: &Path,
+    dest: &Path,
+) -> anyhow::Result<usize> {
+    let bytes = transfer::download_bytes(client, manifest_sha).await?;
+    let manifest: Manifest = serde_json::from_slice(&bytes)
+        .map_err(|e| anyhow::anyhow!("the snapshot manifest {manifest_sha} is not valid: {e}"))?;
+    manifest.validate().map_err(|e| anyhow::anyhow!(e))?;
+    for file in &manifest.files {
+        let cached = cache.join(&file.sha256[..2]).join(&file.sha256);
+        if !cached.exists() {
+            transfer::download(client, &file.sha256, &cached).await?;
+        }
+        let target = dest.join(&file.path);
+        if let Some(dir) = target.parent() {
+            tokio::fs::create_dir_all(dir).await?;
+        }
+        tokio::fs::copy(&cached, &target).await?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = if file.executable { 0o755 } else { 0o644 };
+            tokio::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode)).await?;
+        }
+    }
+    Ok(manifest.files.len())
+}

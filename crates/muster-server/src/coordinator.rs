@@ -1,0 +1,197 @@
+//! The coordinator: the shared state, the Raft handle, the stores, and the few operations
+//! every service needs (propose a command, read the state, wait for a change).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use muster_core::compute::{ComputeKind, ComputeSpec};
+use muster_core::{Applied, ApplyError, Command, State};
+use muster_raft::{ProposeError, RaftHandle, RaftNode, Transport};
+use tokio::sync::watch;
+
+use crate::ServerConfig;
+use crate::blobs::BlobStore;
+use crate::logs::LogStore;
+use crate::machine::{ApplyResult, Machine};
+
+/// Why a command did not take effect.
+#[derive(Debug, thiserror::Error)]
+pub enum ProposalError {
+    /// The state machine rejected it (nothing changed).
+    #[error(transparent)]
+    Rejected(#[from] ApplyError),
+    /// Raft could not commit it.
+    #[error(transparent)]
+    Raft(#[from] ProposeError),
+}
+
+/// A single-server transport: there are no peers to send to.
+#[derive(Debug)]
+struct NoPeers;
+
+impl Transport for NoPeers {
+    fn send(&self, to: u64, _message: Vec<u8>) {
+        tracing::warn!(to, "raft tried to message a peer, but this server has no peers configured");
+    }
+}
+
+/// Everything one server holds.
+#[derive(Debug)]
+pub struct Coordinator {
+    raft: RaftHandle,
+    state: Arc<RwLock<State>>,
+    applied: watch::Receiver<u64>,
+    pub(crate) blobs: BlobStore,
+    pub(crate) logs: LogStore,
+    pub(crate) config: ServerConfig,
+    heartbeats: Mutex<HashMap<String, u64>>,
+    shutdown: watch::Sender<bool>,
+    pub(crate) metrics: crate::web::Metrics,
+    _lock: File,
+}
+
+impl Coordinator {
+    /// Opens the data directory and starts Raft. Fails if the directory is held by another
+    /// process or corrupt; never starts empty over existing state.
+    pub async fn open(config: &ServerConfig) -> anyhow::Result<Arc<Coordinator>> {
+        let dir = &config.data_dir;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+        let lock_path = dir.join("LOCK");
+        let lock = File::create(&lock_path)
+            .with_context(|| format!("cannot open {}", lock_path.display()))?;
+        if lock.try_lock().is_err() {
+            anyhow::bail!(
+                "the data directory {} is in use by another muster process: stop it, or pass another --data-dir",
+                dir.display()
+            );
+        }
+        let state = Arc::new(RwLock::new(State::default()));
+        let (applied_tx, applied) = watch::channel(0);
+        let machine = Machine::new(state.clone(), applied_tx);
+        let raft = RaftNode::start(config.raft.clone(), &dir.join("raft"), machine, Arc::new(NoPeers))
+            .with_context(|| format!("cannot open the replicated log in {}", dir.join("raft").display()))?;
+        let blobs = BlobStore::open(dir.join("blobs"))
+            .with_context(|| format!("cannot open the blob store in {}", dir.display()))?;
+        let logs = LogStore::open(dir.join("logs"))
+            .with_context(|| format!("cannot open the log store in {}", dir.display()))?;
+        let coordinator = Arc::new(Coordinator {
+            raft,
+            state,
+            applied,
+            blobs,
+            logs,
+            config: config.clone(),
+            heartbeats: Mutex::new(HashMap::new()),
+            shutdown: watch::channel(false).0,
+            metrics: crate::web::Metrics::default(),
+            _lock: lock,
+        });
+        if config.create_local_compute {
+            coordinator.ensure_local_compute().await?;
+        }
+        Ok(coordinator)
+    }
+
+    async fn ensure_local_compute(&self) -> anyhow::Result<()> {
+        // The single voter needs a moment to elect itself after start.
+        for _ in 0..100 {
+            if self.read(|s| s.computes.contains_key("local")) {
+                return Ok(());
+            }
+            let cmd = Command::CreateCompute {
+                spec: ComputeSpec::new("local", ComputeKind::Local),
+                at: now_ms(),
+            };
+            match self.propose(cmd).await {
+                Ok(_) | Err(ProposalError::Rejected(ApplyError::ComputeExists(_))) => return Ok(()),
+                Err(ProposalError::Raft(ProposeError::NotLeader { .. } | ProposeError::Dropped)) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e).context("cannot create the local compute target"),
+            }
+        }
+        anyhow::bail!("the server did not become leader within 5 s; cannot create the local compute target")
+    }
+
+    /// Proposes a command and waits until it is applied here.
+    pub async fn propose(&self, command: Command) -> Result<Applied, ProposalError> {
+        let bytes = self.raft.propose(command.encode()).await?;
+        self.metrics.proposals.inc();
+        let result: ApplyResult = serde_json::from_slice(&bytes).expect("apply results decode");
+        Ok(result?)
+    }
+
+    /// Reads the state under its lock (keep `f` short).
+    pub fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        f(&self.state.read().expect("state lock"))
+    }
+
+    /// A receiver of the applied index: it changes after every applied command.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.applied.clone()
+    }
+
+    /// Whether this server leads the Raft group.
+    pub fn is_leader(&self) -> bool {
+        self.raft.status().role == muster_raft::Role::Leader
+    }
+
+    /// The Raft handle.
+    pub fn raft(&self) -> &RaftHandle {
+        &self.raft
+    }
+
+    /// Records a heartbeat from a node.
+    pub fn heartbeat(&self, node_id: &str) {
+        self.heartbeats.lock().expect("heartbeat lock").insert(node_id.to_string(), now_ms());
+    }
+
+    /// The last heartbeat of a node, in Unix ms, as seen by this server.
+    pub fn last_heartbeat(&self, node_id: &str) -> Option<u64> {
+        self.heartbeats.lock().expect("heartbeat lock").get(node_id).copied()
+    }
+
+    /// Forgets all heartbeats (a new leader gives every node a fresh grace period).
+    pub(crate) fn heartbeats_snapshot(&self) -> HashMap<String, u64> {
+        self.heartbeats.lock().expect("heartbeat lock").clone()
+    }
+
+    /// Resolves when the server begins shutting down.
+    pub async fn shutting_down(&self) {
+        let mut rx = self.shutdown.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Tells long-lived streams to end.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Stops Raft and releases the data directory.
+    pub async fn stop(&self) {
+        self.begin_shutdown();
+        self.raft.shutdown().await;
+    }
+}
+
+/// Now, in Unix milliseconds (the server is where the clock is read).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A new run id: `run-` and 10 random lowercase letters and digits.
+pub fn new_run_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut id = String::from("run-");
+    for _ in 0..10 {
+        id.push(ALPHABET[rand::random_range(0..ALPHABET.len())] as char);
+    }
+    id
+}

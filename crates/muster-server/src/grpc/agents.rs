@@ -1,0 +1,340 @@
+//! AgentService: node registration, heartbeats, and the session stream on which a node
+//! gets its assignments and stop orders and ships updates and logs.
+//!
+//! The session is level-triggered: on every state change it compares what the state says
+//! the node should run with what it has told the node, so a reconnect or a failover needs
+//! no special path (the node re-reports what it runs; stale attempts are stopped).
+
+use std::collections::{BTreeMap, HashSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use muster_core::compute::Tier;
+use muster_core::names::validate_node_name;
+use muster_core::resources::Capacity;
+use muster_core::state::AttemptEnd;
+use muster_core::{Applied, ApplyError, AttemptReport, Command};
+use muster_proto::v1::{self, agent_message, agent_service_server::AgentService, server_message};
+use muster_proto::placement_to_wire;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::coordinator::{Coordinator, ProposalError, now_ms};
+use crate::grpc::{rejected, status};
+use crate::logs::Append;
+
+pub(crate) struct Agents(pub Arc<Coordinator>);
+
+type Outbound = mpsc::Sender<Result<v1::ServerMessage, Status>>;
+type SessionStream = Pin<Box<dyn Stream<Item = Result<v1::ServerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for Agents {
+    async fn register(&self, req: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterResponse>, Status> {
+        let req = req.into_inner();
+        validate_node_name(&req.name).map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
+        if req.node_id.is_empty() || req.node_id.len() > 64 {
+            return Err(Status::invalid_argument("node_id: give the node's stable id (1 to 64 characters)"));
+        }
+        let tier = if req.tier.is_empty() {
+            Tier::Dedicated
+        } else {
+            Tier::parse(&req.tier).map_err(|e| Status::invalid_argument(format!("tier: {e}")))?
+        };
+        let capacity = req.capacity.unwrap_or_default();
+        let mut gpus: Vec<muster_core::Gpu> = req.gpus.into_iter().map(Into::into).collect();
+        gpus.sort();
+        let cmd = Command::RegisterNode {
+            node_id: req.node_id.clone(),
+            name: req.name,
+            compute: req.compute,
+            capacity: Capacity {
+                cpu_millis: capacity.cpu_millis,
+                memory_bytes: capacity.memory_bytes,
+                gpus,
+            },
+            labels: req.labels.into_iter().collect::<BTreeMap<_, _>>(),
+            tier,
+            address: req.address,
+            at: now_ms(),
+        };
+        self.0.propose(cmd).await.map_err(status)?;
+        self.0.heartbeat(&req.node_id);
+        Ok(Response::new(v1::RegisterResponse {
+            node_id: req.node_id,
+            heartbeat_interval_ms: self.0.config.heartbeat_interval.as_millis() as u64,
+        }))
+    }
+
+    async fn heartbeat(&self, req: Request<v1::HeartbeatRequest>) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        let node_id = req.into_inner().node_id;
+        if !self.0.read(|s| s.nodes.contains_key(&node_id)) {
+            return Err(Status::not_found(format!("node {node_id} is not registered: register first")));
+        }
+        self.0.heartbeat(&node_id);
+        Ok(Response::new(v1::HeartbeatResponse {}))
+    }
+
+    type SessionStream = SessionStream;
+
+    async fn session(&self, req: Request<Streaming<v1::AgentMessage>>) -> Result<Response<SessionStream>, Status> {
+        let mut inbound = req.into_inner();
+        let hello = match inbound.next().await {
+            Some(Ok(v1::AgentMessage { msg: Some(agent_message::Msg::Hello(h)) })) => h,
+            Some(Err(e)) => return Err(e),
+            _ => return Err(Status::invalid_argument("the first message of a session must be Hello")),
+        };
+        if !self.0.read(|s| s.nodes.contains_key(&hello.node_id)) {
+            return Err(Status::failed_precondition(format!(
+                "node {} is not registered: call Register first",
+                hello.node_id
+            )));
+        }
+        let (tx, rx) = mpsc::channel(256);
+        let session = Session {
+            coordinator: self.0.clone(),
+            node_id: hello.node_id.clone(),
+            tx,
+            running: hello.running.iter().map(|r| (r.run_id.clone(), r.attempt)).collect(),
+            assigned: HashSet::new(),
+            stopped: HashSet::new(),
+        };
+        tokio::spawn(session.run(inbound));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+struct Session {
+    coordinator: Arc<Coordinator>,
+    node_id: String,
+    tx: Outbound,
+    /// What the agent says it runs.
+    running: HashSet<(String, u32)>,
+    /// Assignments sent on this session.
+    assigned: HashSet<(String, u32)>,
+    /// Stop orders sent on this session.
+    stopped: HashSet<(String, u32)>,
+}
+
+impl Session {
+    async fn run(mut self, mut inbound: Streaming<v1::AgentMessage>) {
+        tracing::info!(node = %self.node_id, "agent session opened");
+        self.coordinator.heartbeat(&self.node_id);
+        let resumes: Vec<(String, u32)> = self.running.iter().cloned().collect();
+        for (run_id, attempt) in resumes {
+            self.send_resume(&run_id, attempt).await;
+        }
+        let mut changes = self.coordinator.subscribe();
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        let result: Result<(), Status> = async {
+            loop {
+                self.dispatch().await?;
+                tokio::select! {
+                    msg = inbound.next() => match msg {
+                        Some(Ok(m)) => self.on_message(m).await?,
+                        Some(Err(e)) => return Err(e),
+                        None => return Ok(()),
+                    },
+                    _ = changes.changed() => {}
+                    _ = tick.tick() => {}
+                    _ = self.coordinator.shutting_down() => {
+                        return Err(Status::unavailable("the server is shutting down; reconnect"));
+                    }
+                }
+            }
+        }
+        .await;
+        match result {
+            Ok(()) => tracing::info!(node = %self.node_id, "agent session closed"),
+            Err(e) => {
+                tracing::info!(node = %self.node_id, cause = %e.message(), "agent session ended");
+                let _ = self.tx.send(Err(e)).await;
+            }
+        }
+    }
+
+    async fn send(&self, msg: server_message::Msg) -> Result<(), Status> {
+        self.tx
+            .send(Ok(v1::ServerMessage { msg: Some(msg) }))
+            .await
+            .map_err(|_| Status::cancelled("the agent went away"))
+    }
+
+    async fn send_resume(&self, run_id: &str, attempt: u32) {
+        let rank = self.rank(run_id, attempt).unwrap_or(0);
+        let offset = self.coordinator.logs.len(run_id, attempt, rank);
+        let _ = self
+            .send(server_message::Msg::Resume(v1::LogResume {
+                run_id: run_id.to_string(),
+                attempt,
+                offset,
+            }))
+            .await;
+    }
+
+    fn rank(&self, run_id: &str, attempt: u32) -> Option<u32> {
+        self.coordinator.read(|s| {
+            let a = s.runs.get(run_id)?.attempts.get(attempt.checked_sub(1)? as usize)?;
+            a.placements.iter().position(|p| p.node_id == self.node_id).map(|r| r as u32)
+        })
+    }
+
+    /// Sends what the state asks of this node and the agent has not been told yet.
+    async fn dispatch(&mut self) -> Result<(), Status> {
+        let grace_ms = self.coordinator.config.stop_grace.as_millis() as u64;
+        let (assign, stop) = self.coordinator.read(|s| {
+            let mut assign = Vec::new();
+            let mut stop = Vec::new();
+            let Some(node) = s.nodes.get(&self.node_id) else {
+                return (assign, stop);
+            };
+            for (run_id, attempt) in &node.attempts {
+                let key = (run_id.clone(), *attempt);
+                let Some(run) = s.runs.get(run_id) else { continue };
+                if run.cancel_requested {
+                    if !self.stopped.contains(&key) {
+                        stop.push((key, "canceled"));
+                    }
+                    continue;
+                }
+                if self.assigned.contains(&key) || self.running.contains(&key) {
+                    continue;
+                }
+                let Some(a) = run.attempts.last() else { continue };
+                let rank = a.placements.iter().position(|p| p.node_id == self.node_id).unwrap_or(0);
+                assign.push(v1::Assignment {
+                    run_id: run_id.clone(),
+                    attempt: *attempt,
+                    rank: rank as u32,
+                    spec: Some(run.spec.clone().into()),
+                    placements: a.placements.iter().map(|p| placement_to_wire(s, p)).collect(),
+                });
+            }
+            // Attempts the agent runs that are not (or no longer) placed here: fence them.
+            for key in &self.running {
+                if !node.attempts.contains(key) && !self.stopped.contains(key) {
+                    stop.push((key.clone(), "stale"));
+                }
+            }
+            (assign, stop)
+        });
+        for a in assign {
+            self.assigned.insert((a.run_id.clone(), a.attempt));
+            tracing::debug!(node = %self.node_id, run_id = %a.run_id, attempt = a.attempt, "assigning");
+            self.send(server_message::Msg::Assign(a)).await?;
+        }
+        for ((run_id, attempt), reason) in stop {
+            self.stopped.insert((run_id.clone(), attempt));
+            self.send(server_message::Msg::Stop(v1::StopAttempt {
+                run_id,
+                attempt,
+                reason: reason.to_string(),
+                grace_ms,
+            }))
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn on_message(&mut self, msg: v1::AgentMessage) -> Result<(), Status> {
+        self.coordinator.heartbeat(&self.node_id);
+        match msg.msg {
+            Some(agent_message::Msg::Heartbeat(h)) => {
+                self.running = h.running.into_iter().map(|r| (r.run_id, r.attempt)).collect();
+            }
+            Some(agent_message::Msg::Log(log)) => {
+                let Some(rank) = self.rank(&log.run_id, log.attempt) else {
+                    return Ok(());
+                };
+                match self.coordinator.logs.append(&log.run_id, log.attempt, rank, log.offset, &log.data) {
+                    Ok(Append::Stored(_)) => {}
+                    Ok(Append::Gap(_)) => self.send_resume(&log.run_id, log.attempt).await,
+                    Err(e) => return Err(Status::internal(format!("storing logs: {e}"))),
+                }
+            }
+            Some(agent_message::Msg::Update(u)) => self.on_update(u).await?,
+            Some(agent_message::Msg::Hello(_)) | None => {}
+        }
+        Ok(())
+    }
+
+    async fn on_update(&mut self, u: v1::AttemptUpdate) -> Result<(), Status> {
+        let key = (u.run_id.clone(), u.attempt);
+        let report = match u.state.as_str() {
+            "preparing" => AttemptReport::Preparing,
+            "running" => AttemptReport::Running,
+            "ended" => {
+                let end = match u.end.as_deref() {
+                    Some("completed") => AttemptEnd::Completed,
+                    Some("canceled") => AttemptEnd::Canceled,
+                    Some("timed_out") => AttemptEnd::TimedOut,
+                    Some("preempted") => AttemptEnd::Preempted,
+                    Some("node_lost") => AttemptEnd::NodeLost,
+                    _ => AttemptEnd::Failed,
+                };
+                if let Some(rank) = self.rank(&u.run_id, u.attempt) {
+                    let stored = self.coordinator.logs.len(&u.run_id, u.attempt, rank);
+                    if stored < u.log_bytes {
+                        // Logs are still missing: ask for them; the agent re-sends the end after.
+                        self.send_resume(&u.run_id, u.attempt).await;
+                        return Ok(());
+                    }
+                    self.coordinator
+                        .logs
+                        .seal(&u.run_id, u.attempt, rank)
+                        .map_err(|e| Status::internal(format!("sealing logs: {e}")))?;
+                }
+                AttemptReport::Ended {
+                    end,
+                    exit_code: u.exit_code,
+                    message: u.message.clone(),
+                    outputs: u.outputs.clone(),
+                }
+            }
+            other => return Err(Status::invalid_argument(format!("update.state: unknown state {other:?}"))),
+        };
+        let ended = matches!(report, AttemptReport::Ended { .. });
+        let cmd = Command::ReportAttempt {
+            run_id: u.run_id.clone(),
+            attempt: u.attempt,
+            node_id: self.node_id.clone(),
+            report,
+            at: now_ms(),
+        };
+        let applied = match self.coordinator.propose(cmd).await {
+            Ok(a) => a,
+            // A report for a run that no longer exists is as stale as can be.
+            Err(ProposalError::Rejected(ApplyError::UnknownRun(_))) => Applied::Stale {
+                run_id: u.run_id.clone(),
+                attempt: u.attempt,
+            },
+            Err(ProposalError::Rejected(e)) => return Err(rejected(e)),
+            Err(e) => return Err(status(e)),
+        };
+        if ended {
+            self.running.remove(&key);
+            self.send(server_message::Msg::Ack(v1::UpdateAck {
+                run_id: u.run_id,
+                attempt: u.attempt,
+                state: u.state,
+            }))
+            .await?;
+        } else {
+            self.running.insert(key.clone());
+            if matches!(applied, Applied::Stale { .. }) && !self.stopped.contains(&key) {
+                self.stopped.insert(key.clone());
+                self.send(server_message::Msg::Stop(v1::StopAttempt {
+                    run_id: key.0,
+                    attempt: key.1,
+                    reason: "stale".into(),
+                    grace_ms: self.coordinator.config.stop_grace.as_millis() as u64,
+                }))
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,121 @@
+//! BlobService: upload only what the server lacks; download by address.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use muster_proto::v1::{self, blob_service_server::BlobService};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::blobs::BlobError;
+use crate::coordinator::Coordinator;
+
+pub(crate) struct Blobs(pub Arc<Coordinator>);
+
+const CHUNK: usize = 1 << 20;
+
+pub(crate) fn blob_status(e: BlobError) -> Status {
+    let msg = e.to_string();
+    match e {
+        BlobError::BadAddress(_) | BlobError::DigestMismatch { .. } => Status::invalid_argument(msg),
+        BlobError::TooLarge { .. } | BlobError::DiskFull(_) => Status::resource_exhausted(msg),
+        BlobError::NotFound(_) => Status::not_found(msg),
+        BlobError::Io { .. } => Status::internal(msg),
+    }
+}
+
+type BlobStream = Pin<Box<dyn Stream<Item = Result<v1::BlobChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl BlobService for Blobs {
+    async fn missing_blobs(&self, req: Request<v1::MissingBlobsRequest>) -> Result<Response<v1::MissingBlobsResponse>, Status> {
+        let mut sha256 = Vec::new();
+        for h in req.into_inner().sha256 {
+            self.0.blobs.path(&h).map_err(blob_status)?;
+            if !self.0.blobs.has(&h) {
+                sha256.push(h);
+            }
+        }
+        Ok(Response::new(v1::MissingBlobsResponse { sha256 }))
+    }
+
+    async fn put_blob(&self, req: Request<Streaming<v1::BlobChunk>>) -> Result<Response<v1::PutBlobResponse>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty upload: the first chunk must name the blob's sha256"))??;
+        let sha = first.sha256.clone();
+        let store = self.0.blobs.clone();
+        let limit = self.0.config.max_blob_bytes;
+        let mut writer = store.writer(&sha, limit).map_err(blob_status)?;
+        // File I/O off the async threads, chunk by chunk.
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+        let sink = tokio::task::spawn_blocking(move || -> Result<u64, BlobError> {
+            while let Some(data) = rx.blocking_recv() {
+                writer.write(&data)?;
+            }
+            writer.finish()
+        });
+        let mut send_err = None;
+        if tx.send(first.data).await.is_ok() {
+            while let Some(chunk) = stream.next().await {
+                match chunk {
+                    Ok(c) => {
+                        if tx.send(c.data).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        send_err = Some(e);
+                        break;
+                    }
+                }
+            }
+        }
+        drop(tx);
+        if let Some(e) = send_err {
+            sink.abort();
+            return Err(e);
+        }
+        let size = sink
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(blob_status)?;
+        Ok(Response::new(v1::PutBlobResponse { sha256: sha, size }))
+    }
+
+    type GetBlobStream = BlobStream;
+
+    async fn get_blob(&self, req: Request<v1::GetBlobRequest>) -> Result<Response<BlobStream>, Status> {
+        let sha = req.into_inner().sha256;
+        let path = self.0.blobs.path(&sha).map_err(blob_status)?;
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|_| blob_status(BlobError::NotFound(sha.clone())))?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut file = file;
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                match file.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        let chunk = v1::BlobChunk { sha256: String::new(), data: buf[..n].to_vec() };
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(format!("reading blob {sha}: {e}")))).await;
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

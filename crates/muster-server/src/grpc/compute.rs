@@ -1,0 +1,74 @@
+//! ComputeService: create, list, show and delete compute targets; list nodes.
+
+use std::sync::Arc;
+
+use muster_core::Command;
+use muster_proto::v1::{self, compute_service_server::ComputeService};
+use muster_proto::{compute_spec_from_wire, compute_to_wire, node_to_wire};
+use tonic::{Request, Response, Status};
+
+use crate::coordinator::{Coordinator, now_ms};
+use crate::grpc::status;
+
+pub(crate) struct Computes(pub Arc<Coordinator>);
+
+#[tonic::async_trait]
+impl ComputeService for Computes {
+    async fn create_compute(&self, req: Request<v1::CreateComputeRequest>) -> Result<Response<v1::ComputeTarget>, Status> {
+        let wire = req
+            .into_inner()
+            .compute
+            .ok_or_else(|| Status::invalid_argument("compute: missing"))?;
+        let spec = compute_spec_from_wire(&wire).map_err(Status::invalid_argument)?;
+        spec.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let name = spec.name.clone();
+        self.0
+            .propose(Command::CreateCompute { spec, at: now_ms() })
+            .await
+            .map_err(status)?;
+        self.get(&name)
+    }
+
+    async fn list_computes(&self, _req: Request<v1::ListComputesRequest>) -> Result<Response<v1::ListComputesResponse>, Status> {
+        let computes = self.0.read(|s| s.computes.values().map(|c| compute_to_wire(s, c)).collect());
+        Ok(Response::new(v1::ListComputesResponse { computes }))
+    }
+
+    async fn get_compute(&self, req: Request<v1::GetComputeRequest>) -> Result<Response<v1::ComputeTarget>, Status> {
+        self.get(&req.into_inner().name)
+    }
+
+    async fn delete_compute(&self, req: Request<v1::DeleteComputeRequest>) -> Result<Response<v1::DeleteComputeResponse>, Status> {
+        let name = req.into_inner().name;
+        self.0
+            .propose(Command::DeleteCompute { name, at: now_ms() })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(v1::DeleteComputeResponse {}))
+    }
+
+    async fn list_nodes(&self, req: Request<v1::ListNodesRequest>) -> Result<Response<v1::ListNodesResponse>, Status> {
+        let compute = req.into_inner().compute;
+        let nodes = self.0.read(|s| {
+            s.nodes
+                .values()
+                .filter(|n| compute.as_ref().is_none_or(|c| &n.compute == c))
+                .map(|n| node_to_wire(n, self.0.last_heartbeat(&n.id)))
+                .collect()
+        });
+        Ok(Response::new(v1::ListNodesResponse { nodes }))
+    }
+}
+
+impl Computes {
+    fn get(&self, name: &str) -> Result<Response<v1::ComputeTarget>, Status> {
+        self.0
+            .read(|s| s.computes.get(name).map(|c| compute_to_wire(s, c)))
+            .map(Response::new)
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "compute target {name:?} does not exist: list them with `muster compute list`"
+                ))
+            })
+    }
+}

@@ -1,0 +1,52 @@
+//! Node liveness: heartbeats live in the leader's memory (never in the log); a node silent
+//! past the grace period is marked lost through Raft, which requeues its attempts. A new
+//! leader gives every node a fresh grace period.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use muster_core::{Command, NodeState};
+
+use crate::coordinator::{Coordinator, now_ms};
+
+pub(crate) async fn run(coordinator: Arc<Coordinator>) {
+    let grace = coordinator.config.node_grace.as_millis() as u64;
+    let mut leader_since: Option<u64> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        if !coordinator.is_leader() {
+            leader_since = None;
+            continue;
+        }
+        let now = now_ms();
+        let since = *leader_since.get_or_insert(now);
+        let beats = coordinator.heartbeats_snapshot();
+        let silent: Vec<(String, String)> = coordinator.read(|s| {
+            s.nodes
+                .values()
+                .filter(|n| matches!(n.state, NodeState::Ready | NodeState::Draining))
+                .filter(|n| {
+                    let last = beats.get(&n.id).copied().unwrap_or(0).max(since);
+                    now.saturating_sub(last) > grace
+                })
+                .map(|n| (n.id.clone(), n.name.clone()))
+                .collect()
+        });
+        for (node_id, name) in silent {
+            tracing::warn!(node = %name, "no heartbeat within the grace period; marking the node lost");
+            let cmd = Command::SetNodeState {
+                node_id,
+                state: NodeState::Lost,
+                reason: Some(format!(
+                    "node {name} sent no heartbeat for {} s",
+                    coordinator.config.node_grace.as_secs()
+                )),
+                at: now,
+            };
+            if let Err(e) = coordinator.propose(cmd).await {
+                tracing::debug!(cause = %e, "could not mark the node lost");
+            }
+        }
+    }
+}

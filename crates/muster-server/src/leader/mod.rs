@@ -1,0 +1,18 @@
+//! Loops that run on every server but act only while it leads the Raft group.
+
+mod heartbeats;
+mod scheduling;
+
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+
+use crate::coordinator::Coordinator;
+
+/// Starts the leader loops; the caller aborts them at shutdown.
+pub(crate) fn spawn(coordinator: Arc<Coordinator>) -> Vec<JoinHandle<()>> {
+    vec![
+        tokio::spawn(scheduling::run(coordinator.clone())),
+        tokio::spawn(heartbeats::run(coordinator)),
+    ]
+}
