@@ -1,1 +1,296 @@
-//! muster-testkit
+//! # muster-testkit: clusters in a test
+//!
+//! - [`DevCluster`]: `muster dev` in this process on a 127.0.0.1 port chosen by the OS,
+//!   over a temporary (or given) data directory, stoppable and restartable.
+//! - [`DevProcess`]: the real `muster` binary as a child process, for tests that must
+//!   `kill -9` it (a crash, not a clean shutdown).
+//! - [`FakeGpuProbe`]: gives a node any GPUs a test wants.
+//! - [`muster`]: runs a CLI command against a server and captures what it printed.
+//!
+//! Test-only: nothing outside tests and benches depends on this crate.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use muster_agent::{GpuProbe, GpuReport, NoGpus};
+use muster_cli::client::Clients;
+use muster_cli::DevConfig;
+use muster_core::Gpu;
+use tokio::task::JoinHandle;
+
+/// Sets up tracing once for a test binary (`MUSTER_LOG` filters; default warnings only).
+pub fn init_tracing() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("MUSTER_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    });
+}
+
+/// A GPU probe that reports a fixed set of GPUs.
+#[derive(Debug, Clone, Default)]
+pub struct FakeGpuProbe {
+    /// The GPUs reported.
+    pub gpus: Vec<Gpu>,
+}
+
+impl FakeGpuProbe {
+    /// `n` fake GPUs named `GPU-fake-<prefix>-<i>`, 16 GiB each.
+    pub fn with(prefix: &str, n: usize) -> FakeGpuProbe {
+        FakeGpuProbe {
+            gpus: (0..n)
+                .map(|i| Gpu {
+                    uuid: format!("GPU-fake-{prefix}-{i}"),
+                    model: "Fake Tensor Core GPU".into(),
+                    memory_bytes: 16 << 30,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl GpuProbe for FakeGpuProbe {
+    fn probe(&self) -> GpuReport {
+        GpuReport {
+            gpus: self.gpus.clone(),
+            driver_version: Some("fake".into()),
+            cuda_version: None,
+            note: None,
+        }
+    }
+}
+
+/// `muster dev` in this process.
+#[derive(Debug)]
+pub struct DevCluster {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    _temp: Option<Arc<tempfile::TempDir>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    tweak: fn(&mut DevConfig),
+}
+
+fn test_defaults(c: &mut DevConfig) {
+    c.gpu_probe = Arc::new(NoGpus);
+    c.server.stop_grace = Duration::from_secs(2);
+}
+
+impl DevCluster {
+    /// Starts on a fresh temporary data directory.
+    pub async fn start() -> anyhow::Result<DevCluster> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts on a fresh temporary directory with settings changed by `tweak`.
+    pub async fn start_with(tweak: fn(&mut DevConfig)) -> anyhow::Result<DevCluster> {
+        let temp = Arc::new(tempfile::tempdir()?);
+        let mut c = Self::launch(temp.path().to_path_buf(), "127.0.0.1:0".parse()?, tweak).await?;
+        c._temp = Some(temp);
+        Ok(c)
+    }
+
+    async fn launch(data_dir: PathBuf, addr: SocketAddr, tweak: fn(&mut DevConfig)) -> anyhow::Result<DevCluster> {
+        init_tracing();
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let mut config = DevConfig::new(&data_dir);
+        test_defaults(&mut config);
+        tweak(&mut config);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(muster_cli::serve_dev(listener, config, async move {
+            let _ = stopped.await;
+        }));
+        let cluster = DevCluster { addr, data_dir, _temp: None, stop: Some(stop), task: Some(task), tweak };
+        cluster.wait_ready().await?;
+        Ok(cluster)
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// gRPC clients connected to it.
+    pub async fn clients(&self) -> anyhow::Result<Clients> {
+        muster_cli::client::connect(&self.url()).await
+    }
+
+    /// Waits (bounded) until the local compute target exists and its agent is registered.
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        for _ in 0..200 {
+            if let Ok(mut c) = self.clients().await
+                && let Ok(nodes) = c.compute.list_nodes(muster_proto::v1::ListNodesRequest { compute: None }).await
+                && nodes.get_ref().nodes.iter().any(|n| n.state == "ready")
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        anyhow::bail!("muster dev did not become ready within 5 s")
+    }
+
+    /// Stops it cleanly (agent, then server) and waits until the data directory is free.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task).await???;
+        }
+        Ok(())
+    }
+
+    /// Stops it and starts it again on the same data directory and address.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop().await?;
+        let temp = self._temp.take();
+        let mut next = Self::launch(self.data_dir.clone(), self.addr, self.tweak).await?;
+        next._temp = temp;
+        *self = next;
+        Ok(())
+    }
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The `muster` binary of this workspace, built on first use (so a test needs no prior
+/// `cargo build`). Runs `cargo build -p muster-cli --bin muster` with the same profile.
+pub fn muster_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
+        let out = Command::new(cargo)
+            .args(["build", "-p", "muster-cli", "--bin", "muster", "--message-format=json", "--manifest-path"])
+            .arg(&manifest)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("cargo runs");
+        assert!(out.status.success(), "building the muster binary failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "muster")
+            .filter_map(|v| v["executable"].as_str().map(PathBuf::from))
+            .last()
+            .expect("cargo reports the muster executable")
+    })
+    .clone()
+}
+
+/// What a CLI command printed, and its exit code.
+#[derive(Debug)]
+pub struct CliOutput {
+    /// Exit code (-1 if killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl From<Output> for CliOutput {
+    fn from(o: Output) -> Self {
+        CliOutput {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+/// Runs `muster --server URL ARGS...` in `cwd` and waits for it (off the async threads).
+pub async fn muster(server: &str, cwd: &Path, args: &[&str]) -> CliOutput {
+    let bin = muster_bin();
+    let server = server.to_string();
+    let cwd = cwd.to_path_buf();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        Command::new(bin)
+            .arg("--server")
+            .arg(server)
+            .args(&args)
+            .current_dir(cwd)
+            .env_remove("MUSTER_SERVER")
+            .output()
+            .expect("muster runs")
+            .into()
+    })
+    .await
+    .expect("the CLI task completes")
+}
+
+/// The real `muster dev` binary as a child process (killable with SIGKILL).
+#[derive(Debug)]
+pub struct DevProcess {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl DevProcess {
+    /// Starts `muster dev` on a free port over `data_dir` and waits until it serves.
+    pub async fn start(data_dir: &Path) -> anyhow::Result<DevProcess> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        Self::start_on(data_dir, format!("127.0.0.1:{port}").parse()?).await
+    }
+
+    /// Starts `muster dev` on `addr` over `data_dir`.
+    pub async fn start_on(data_dir: &Path, addr: SocketAddr) -> anyhow::Result<DevProcess> {
+        let child = Command::new(muster_bin())
+            .args(["dev", "--listen", &addr.to_string(), "--data-dir"])
+            .arg(data_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut p = DevProcess { addr, data_dir: data_dir.to_path_buf(), child: Some(child) };
+        for _ in 0..200 {
+            if let Ok(mut c) = muster_cli::client::connect(&p.url()).await
+                && let Ok(nodes) = c.compute.list_nodes(muster_proto::v1::ListNodesRequest { compute: None }).await
+                && nodes.get_ref().nodes.iter().any(|n| n.state == "ready")
+            {
+                return Ok(p);
+            }
+            if let Some(status) = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                anyhow::bail!("muster dev exited early with {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        p.kill();
+        anyhow::bail!("muster dev did not become ready within 5 s")
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// SIGKILL: no clean shutdown at all.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for DevProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,7 +1,10 @@
 //! The scheduling loop: on every state change (at most once per `scheduler_min_interval`),
-//! ask muster-core's `schedule()` for decisions and propose each through Raft.
+//! and at least once a second (so a requeued run whose backoff has passed is placed without
+//! waiting for an unrelated event), ask muster-core's `schedule()` for decisions and propose
+//! each through Raft.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::join_all;
 use muster_core::schedule;
@@ -14,8 +17,9 @@ pub(crate) async fn run(coordinator: Arc<Coordinator>) {
     let min_interval = coordinator.config.scheduler_min_interval;
     let mut last = Instant::now() - min_interval;
     loop {
-        if changes.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         tokio::time::sleep_until(last + min_interval).await;
         last = Instant::now();

@@ -1,0 +1,271 @@
+//! The command line, as clap structs. Flags are parsed here; the work is in `commands/`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// muster: run ML training on your own GPU machines.
+#[derive(Debug, Parser)]
+#[command(name = "muster", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The server to talk to (several, comma-separated, are tried in turn).
+    #[arg(long, global = true, env = "MUSTER_SERVER", default_value = "http://127.0.0.1:7070")]
+    pub server: String,
+    /// How results are printed.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Table for people, JSON for scripts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns.
+    Table,
+    /// JSON (an array for lists).
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// One process with a server, a local agent and the web UI (for a laptop or a single box).
+    Dev(DevArgs),
+    /// A coordinator replica.
+    Server(ServerArgs),
+    /// The node daemon: runs the runs placed on this machine.
+    Agent(AgentArgs),
+    /// Compute targets: where runs execute.
+    #[command(subcommand)]
+    Compute(ComputeCommand),
+    /// Nodes: the machines running agents.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Runs: submit, follow, inspect, cancel, download.
+    #[command(subcommand)]
+    Run(RunCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Where everything is kept (default: ~/.local/share/muster/dev).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Address for gRPC, the web UI and /metrics.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Address for gRPC, the web UI and /metrics.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: String,
+    /// Where the server keeps its log, snapshots and blobs.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Seconds a node may miss heartbeats before its runs are restarted elsewhere.
+    #[arg(long, default_value_t = 30)]
+    pub node_grace_secs: u64,
+    /// Create the `local` compute target if missing.
+    #[arg(long)]
+    pub local_compute: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The compute target this node joins.
+    #[arg(long)]
+    pub compute: String,
+    /// The node's unique name (default: the hostname).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Where the agent keeps its node id, cache and working directories (default: ~/.local/share/muster/agent).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// dedicated or low_priority.
+    #[arg(long, default_value = "dedicated")]
+    pub tier: String,
+    /// Labels, `key=value`, comma-separated or repeated.
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// The address other nodes of a distributed run reach this one at.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub advertise_addr: String,
+    /// Offer at most this many CPUs (e.g. 6 or 5.5); the rest stays for the system.
+    #[arg(long)]
+    pub cpus: Option<String>,
+    /// Offer at most this much memory (e.g. 48g).
+    #[arg(long)]
+    pub memory: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ComputeCommand {
+    /// Create a compute target from flags or an Azure ML compute YAML.
+    Create(ComputeCreateArgs),
+    /// List compute targets.
+    List,
+    /// Show one compute target.
+    Show {
+        /// Its name.
+        name: String,
+    },
+    /// Delete a compute target with no nodes and no unfinished runs.
+    Delete {
+        /// Its name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ComputeCreateArgs {
+    /// The name (3–24 letters, digits and '-', starting with a letter).
+    pub name: Option<String>,
+    /// An Azure ML compute YAML (`type: amlcompute`, ...).
+    #[arg(long, short = 'f')]
+    pub file: Option<PathBuf>,
+    /// local, cluster, instance or attached.
+    #[arg(long = "type", short = 't')]
+    pub kind: Option<String>,
+    /// A size name, informational (e.g. STANDARD_NC6).
+    #[arg(long)]
+    pub size: Option<String>,
+    /// Cluster: the fewest nodes.
+    #[arg(long)]
+    pub min_instances: Option<u32>,
+    /// Cluster: the most nodes.
+    #[arg(long)]
+    pub max_instances: Option<u32>,
+    /// Cluster: seconds a node may idle before it is released.
+    #[arg(long)]
+    pub idle_time_before_scale_down: Option<u64>,
+    /// dedicated or low_priority.
+    #[arg(long)]
+    pub tier: Option<String>,
+    /// Free text.
+    #[arg(long)]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// List nodes.
+    List {
+        /// Only nodes of this compute target.
+        #[arg(long)]
+        compute: Option<String>,
+    },
+    /// Show one node (by name or id).
+    Show {
+        /// Name or id.
+        node: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunCommand {
+    /// Submit a run: snapshot the code, upload what the server lacks, queue it.
+    Submit(SubmitArgs),
+    /// List runs, oldest first.
+    List {
+        /// Only this experiment.
+        #[arg(long)]
+        experiment: Option<String>,
+        /// Only runs in this state (queued, running, completed, failed, ...).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only runs on this compute target.
+        #[arg(long)]
+        compute: Option<String>,
+        /// Only the newest N.
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// Show one run.
+    Show {
+        /// The run id.
+        id: String,
+    },
+    /// Print a run's logs (each attempt in turn).
+    Logs {
+        /// The run id.
+        id: String,
+        /// Keep following until the run ends.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only this attempt.
+        #[arg(long)]
+        attempt: Option<u32>,
+    },
+    /// Cancel a run (SIGTERM, then SIGKILL after the grace period).
+    Cancel {
+        /// The run id.
+        id: String,
+    },
+    /// Wait for a run to end; exits with its exit code.
+    Wait {
+        /// The run id.
+        id: String,
+        /// Give up after this many seconds (exit 124).
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Download a run's outputs/ and logs.
+    Download {
+        /// The run id.
+        id: String,
+        /// Where to (default: ./<run id>).
+        #[arg(long)]
+        to: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// An Azure ML v2 command job YAML.
+    #[arg(long, short = 'f')]
+    pub file: Option<PathBuf>,
+    /// The compute target (default: the job's, else `local`).
+    #[arg(long)]
+    pub compute: Option<String>,
+    /// The experiment (default: the job's, else the code directory's name).
+    #[arg(long)]
+    pub experiment: Option<String>,
+    /// The directory to snapshot (default: the job's `code`, else `.`).
+    #[arg(long)]
+    pub code: Option<PathBuf>,
+    /// Run in this container image.
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Environment variables, `KEY=VALUE` (repeatable).
+    #[arg(long = "env", short = 'e')]
+    pub env: Vec<String>,
+    /// A display name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Seconds before the run is stopped as timed out.
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// low, normal, high or an integer.
+    #[arg(long)]
+    pub priority: Option<String>,
+    /// Attempts before the run fails for good (restarts after preemption or node loss).
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Retrying with the same key never creates a second run.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Follow the logs to the end and exit with the run's exit code.
+    #[arg(long)]
+    pub stream: bool,
+    /// Snapshot limit in bytes.
+    #[arg(long, default_value_t = 300_000_000)]
+    pub max_snapshot_bytes: u64,
+    /// Snapshot limit in files.
+    #[arg(long, default_value_t = 2_000)]
+    pub max_snapshot_files: usize,
+    /// The command (after `--`); replaces the job's.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}

@@ -1,0 +1,45 @@
+//! `muster agent`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use muster_agent::{AgentConfig, NvmlProbe};
+use muster_core::compute::Tier;
+use muster_core::resources::{parse_cpu, parse_memory};
+
+use crate::cli::AgentArgs;
+
+/// Runs an agent until Ctrl-C.
+pub async fn run(server: &str, args: AgentArgs) -> anyhow::Result<()> {
+    let data_dir = args.data_dir.unwrap_or_else(|| super::default_data_dir("agent"));
+    let mut config = AgentConfig::new(String::new(), data_dir, args.compute);
+    config.servers = server
+        .split(',')
+        .map(|s| if s.contains("://") { s.trim().to_string() } else { format!("http://{}", s.trim()) })
+        .collect();
+    if let Some(name) = args.name {
+        config.name = name;
+    }
+    config.tier = Tier::parse(&args.tier).map_err(|e| anyhow::anyhow!("--tier: {e}"))?;
+    config.labels = parse_labels(&args.labels)?;
+    config.advertise_addr = args.advertise_addr;
+    config.cpu_millis = args.cpus.as_deref().map(parse_cpu).transpose().map_err(|e| anyhow::anyhow!("--cpus: {e}"))?;
+    config.memory_bytes = args.memory.as_deref().map(parse_memory).transpose().map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
+    config.gpu_probe = Arc::new(NvmlProbe);
+    eprintln!("muster agent {} joining compute {} via {}", config.name, config.compute, config.servers.join(", "));
+    muster_agent::run(config, super::shutdown_signal()).await
+}
+
+/// Parses `key=value` labels.
+pub fn parse_labels(items: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    items
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| anyhow::anyhow!("--labels: {s:?} is not key=value"))
+        })
+        .collect()
+}

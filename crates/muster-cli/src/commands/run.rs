@@ -1,0 +1,334 @@
+//! `muster run ...`: the user's path from a script to its results.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::StreamExt;
+use muster_core::names::validate_experiment_name;
+use muster_core::spec::{EnvironmentFile, JobFile, LimitsFile, Scalar, parse_job_yaml};
+use muster_proto::v1;
+use serde_json::json;
+use tonic::Code;
+
+use crate::cli::{OutputFormat, RunCommand, SubmitArgs};
+use crate::client::{Clients, connect, status};
+use crate::output::{print_json, run_details, run_json, runs_table};
+use crate::snapshot::{self, SnapshotLimits, human_bytes};
+
+/// Runs a `muster run` command; returns the process exit code.
+pub async fn run(server: &str, output: OutputFormat, cmd: RunCommand) -> anyhow::Result<i32> {
+    match cmd {
+        RunCommand::Submit(args) => submit(server, output, args).await,
+        RunCommand::List { experiment, state, compute, limit } => {
+            let mut c = connect(server).await?;
+            let runs = c
+                .runs
+                .list_runs(v1::ListRunsRequest { experiment, state, compute, limit })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .runs;
+            if output == OutputFormat::Json {
+                print_json(&json!(runs.iter().map(run_json).collect::<Vec<_>>()));
+            } else if runs.is_empty() {
+                println!("No runs. Submit one with `muster run submit -- COMMAND`.");
+            } else {
+                println!("{}", runs_table(&runs));
+            }
+            Ok(0)
+        }
+        RunCommand::Show { id } => {
+            let mut c = connect(server).await?;
+            let run = get(&mut c, &id).await?;
+            print_run(output, &run);
+            Ok(0)
+        }
+        RunCommand::Logs { id, follow, attempt } => {
+            let mut c = connect(server).await?;
+            stream_logs(&mut c, &id, follow, attempt).await?;
+            Ok(0)
+        }
+        RunCommand::Cancel { id } => {
+            let mut c = connect(server).await?;
+            let run = c
+                .runs
+                .cancel_run(v1::CancelRunRequest { id: id.clone(), reason: None })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if output == OutputFormat::Json {
+                print_json(&run_json(&run));
+            } else if run.state == "canceled" {
+                println!("Canceled run {id}.");
+            } else {
+                println!("Canceling run {id}: its process gets SIGTERM, then SIGKILL after the grace period.");
+            }
+            Ok(0)
+        }
+        RunCommand::Wait { id, timeout } => {
+            let mut c = connect(server).await?;
+            let run = wait(&mut c, &id, timeout.map(Duration::from_secs)).await?;
+            print_run(output, &run);
+            if !is_terminal(&run.state) {
+                eprintln!("run {id} is still {} after the timeout", run.state);
+                return Ok(124);
+            }
+            Ok(exit_code(&run))
+        }
+        RunCommand::Download { id, to } => {
+            let mut c = connect(server).await?;
+            let to = to.unwrap_or_else(|| PathBuf::from(&id));
+            let summary = download(&mut c, &id, &to).await?;
+            if output == OutputFormat::Json {
+                print_json(&summary);
+            } else {
+                println!("Downloaded run {id} to {}", to.display());
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn print_run(output: OutputFormat, run: &v1::Run) {
+    if output == OutputFormat::Json {
+        print_json(&run_json(run));
+    } else {
+        print!("{}", run_details(run));
+    }
+}
+
+fn is_terminal(state: &str) -> bool {
+    matches!(state, "completed" | "failed" | "canceled" | "timed_out")
+}
+
+/// The process exit code that stands for a finished run: its own for completed and failed
+/// runs, 130 for canceled (as for Ctrl-C), 124 for timed out (as `timeout` does).
+pub fn exit_code(run: &v1::Run) -> i32 {
+    match run.state.as_str() {
+        "completed" => 0,
+        "canceled" => 130,
+        "timed_out" => 124,
+        _ => match run.exit_code {
+            Some(c) if (1..=255).contains(&c) => c,
+            _ => 1,
+        },
+    }
+}
+
+async fn get(c: &mut Clients, id: &str) -> anyhow::Result<v1::Run> {
+    Ok(c.runs.get_run(v1::GetRunRequest { id: id.to_string() }).await.map_err(status)?.into_inner())
+}
+
+async fn wait(c: &mut Clients, id: &str, timeout: Option<Duration>) -> anyhow::Result<v1::Run> {
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    // Bounded by the deadline (if any); each call returns at the latest after a minute so a
+    // dropped connection is noticed.
+    loop {
+        let left = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+        let slice = left.unwrap_or(Duration::from_secs(60)).min(Duration::from_secs(60));
+        let run = c
+            .runs
+            .wait_run(v1::WaitRunRequest { id: id.to_string(), timeout_ms: slice.as_millis().max(1) as u64 })
+            .await
+            .map_err(status)?
+            .into_inner();
+        if is_terminal(&run.state) || left.is_some_and(|l| l <= slice) {
+            return Ok(run);
+        }
+    }
+}
+
+async fn stream_logs(c: &mut Clients, id: &str, follow: bool, attempt: Option<u32>) -> anyhow::Result<()> {
+    let mut stream = c
+        .runs
+        .stream_logs(v1::StreamLogsRequest { id: id.to_string(), attempt, follow })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut current = 0;
+    let mut stdout = std::io::stdout();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(status)?;
+        if chunk.attempt != current {
+            if current != 0 || chunk.attempt > 1 {
+                let _ = stdout.flush();
+                eprintln!("── attempt {} ──", chunk.attempt);
+            }
+            current = chunk.attempt;
+        }
+        stdout.write_all(&chunk.data)?;
+        stdout.flush()?;
+    }
+    Ok(())
+}
+
+/// Quotes one argument for `sh -c` only when it needs it.
+fn shell_quote(arg: &str) -> String {
+    let safe = !arg.is_empty()
+        && arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if safe { arg.to_string() } else { format!("'{}'", arg.replace('\'', "'\\''")) }
+}
+
+fn default_experiment(code: &Path) -> String {
+    std::fs::canonicalize(code)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
+        .filter(|n| validate_experiment_name(n).is_ok())
+        .unwrap_or_else(|| "default".to_string())
+}
+
+async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow::Result<i32> {
+    // Everything the user gave is checked before the network is touched.
+    let (mut job, base) = match &args.file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let job = parse_job_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            (job, path.parent().map(Path::to_path_buf).unwrap_or_default())
+        }
+        None => (JobFile::default(), PathBuf::new()),
+    };
+    let code_dir = match (&args.code, &job.code) {
+        (Some(c), _) => c.clone(),
+        (None, Some(c)) => base.join(c),
+        (None, None) => PathBuf::from("."),
+    };
+    if !args.command.is_empty() {
+        job.command = Some(args.command.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" "));
+    }
+    if let Some(c) = args.compute {
+        job.compute = Some(c);
+    }
+    if let Some(e) = args.experiment {
+        job.experiment_name = Some(e);
+    }
+    if let Some(n) = args.name {
+        job.display_name = Some(n);
+    }
+    if let Some(i) = args.image {
+        job.environment = Some(EnvironmentFile::Reference(i));
+    }
+    for kv in &args.env {
+        let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--env: {kv:?} is not KEY=VALUE"))?;
+        job.environment_variables.get_or_insert_with(Default::default).insert(k.to_string(), Scalar::Text(v.to_string()));
+    }
+    if let Some(t) = args.timeout {
+        job.limits.get_or_insert_with(LimitsFile::default).timeout = Some(t);
+    }
+    if let Some(p) = args.priority {
+        job.priority = Some(Scalar::Text(p));
+    }
+    if let Some(m) = args.max_attempts {
+        job.max_attempts = Some(m);
+    }
+    let label = args.file.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default();
+    let mut spec = job
+        .into_run_spec(&default_experiment(&code_dir))
+        .map_err(|e| anyhow::anyhow!("{label}{e}"))?;
+    let limits = SnapshotLimits { max_bytes: args.max_snapshot_bytes, max_files: args.max_snapshot_files };
+    let snap = snapshot::build(&code_dir, limits)?;
+
+    let mut c = connect(server).await?;
+    let (code, stats) = snapshot::upload(&mut c.blobs, &snap).await?;
+    if output == OutputFormat::Table {
+        eprintln!(
+            "Snapshot of {}: {} files, {} ({} uploaded, {})",
+            code_dir.display(),
+            code.files,
+            human_bytes(code.bytes),
+            stats.uploaded_files,
+            human_bytes(stats.uploaded_bytes)
+        );
+    }
+    spec.code = Some(code);
+    // The same key on every retry: a retry after a timeout never makes a second run.
+    let key = args.idempotency_key.unwrap_or_else(|| format!("cli-{:032x}", rand_u128()));
+    let mut tries = 0;
+    let run = loop {
+        tries += 1;
+        match c
+            .runs
+            .submit_run(v1::SubmitRunRequest { spec: Some(spec.clone().into()), idempotency_key: Some(key.clone()) })
+            .await
+        {
+            Ok(r) => break r.into_inner(),
+            Err(s) if s.code() == Code::Unavailable && tries < 5 => {
+                tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+            }
+            Err(s) => return Err(status(s)),
+        }
+    };
+    if output == OutputFormat::Json && !args.stream {
+        print_json(&run_json(&run));
+        return Ok(0);
+    }
+    if output == OutputFormat::Table {
+        if args.stream {
+            eprintln!("Submitted run {} (experiment {}, compute {}); streaming its logs", run.id, spec.experiment, spec.compute);
+        } else {
+            println!("{}", run.id);
+            eprintln!("Submitted run {} (experiment {}, compute {}). Follow it: muster run logs --follow {}", run.id, spec.experiment, spec.compute, run.id);
+            return Ok(0);
+        }
+    }
+    stream_logs(&mut c, &run.id, true, None).await?;
+    let done = wait(&mut c, &run.id, None).await?;
+    if output == OutputFormat::Json {
+        print_json(&run_json(&done));
+    } else {
+        let detail = done.message.clone().map(|m| format!(": {m}")).unwrap_or_default();
+        eprintln!("Run {} {}{detail}", done.id, done.state);
+    }
+    Ok(exit_code(&done))
+}
+
+fn rand_u128() -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    let a = std::collections::hash_map::RandomState::new().build_hasher().finish() as u128;
+    let b = std::collections::hash_map::RandomState::new().build_hasher().finish() as u128;
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    (a << 64 | b) ^ t
+}
+
+/// Downloads the outputs of the run's latest attempt that has any (into `to/outputs/`)
+/// and the logs of every attempt (into `to/logs/`).
+async fn download(c: &mut Clients, id: &str, to: &Path) -> anyhow::Result<serde_json::Value> {
+    let run = get(c, id).await?;
+    std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
+    let outputs = run.attempts.iter().rev().find_map(|a| a.outputs.clone());
+    let mut files = 0usize;
+    if let Some(sha) = &outputs {
+        let archive = to.join(".outputs.tar");
+        muster_agent::transfer::download(&mut c.blobs, sha, &archive).await?;
+        let dest = to.join("outputs");
+        let archive2 = archive.clone();
+        files = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+            let mut ar = tar::Archive::new(std::fs::File::open(&archive2)?);
+            let count = ar.entries()?.filter(|e| e.as_ref().is_ok_and(|e| e.header().entry_type().is_file())).count();
+            let mut ar = tar::Archive::new(std::fs::File::open(&archive2)?);
+            ar.unpack(&dest)?;
+            Ok(count)
+        })
+        .await??;
+        let _ = std::fs::remove_file(&archive);
+    }
+    let logs_dir = to.join("logs");
+    std::fs::create_dir_all(&logs_dir)?;
+    for a in &run.attempts {
+        let mut stream = c
+            .runs
+            .stream_logs(v1::StreamLogsRequest { id: id.to_string(), attempt: Some(a.number), follow: false })
+            .await
+            .map_err(status)?
+            .into_inner();
+        let mut f = std::fs::File::create(logs_dir.join(format!("attempt-{}.std_log.txt", a.number)))?;
+        while let Some(chunk) = stream.next().await {
+            f.write_all(&chunk.map_err(status)?.data)?;
+        }
+    }
+    if outputs.is_none() {
+        eprintln!("run {id} has no outputs (nothing was written to outputs/); its logs are in {}", logs_dir.display());
+    }
+    Ok(json!({"id": id, "to": to.display().to_string(), "output_files": files, "attempts": run.attempts.len()}))
+}

@@ -1,0 +1,138 @@
+//! How results are printed: tables for people (comfy-table), JSON for scripts.
+
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use muster_proto::v1;
+use serde_json::{Value, json};
+
+/// RFC 3339 time of Unix milliseconds.
+pub fn time(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+}
+
+fn opt_time(ms: Option<u64>) -> Value {
+    ms.map(|t| Value::String(time(t))).unwrap_or(Value::Null)
+}
+
+/// A run as JSON: id, experiment, compute, state, attempt, exit_code, created_at,
+/// started_at, finished_at, nodes, and the rest of what a script may want.
+pub fn run_json(r: &v1::Run) -> Value {
+    let spec = r.spec.clone().unwrap_or_default();
+    let nodes: Vec<String> = r
+        .attempts
+        .last()
+        .map(|a| a.placements.iter().map(|p| if p.node_name.is_empty() { p.node_id.clone() } else { p.node_name.clone() }).collect())
+        .unwrap_or_default();
+    json!({
+        "id": r.id,
+        "experiment": spec.experiment,
+        "compute": spec.compute,
+        "state": r.state,
+        "attempt": r.attempt,
+        "exit_code": r.exit_code,
+        "created_at": time(r.created_at_ms),
+        "started_at": opt_time(r.started_at_ms),
+        "finished_at": opt_time(r.finished_at_ms),
+        "nodes": nodes,
+        "display_name": spec.display_name,
+        "command": spec.command,
+        "image": spec.image,
+        "priority": spec.priority,
+        "instance_count": spec.instance_count,
+        "message": r.message,
+        "code": spec.code.as_ref().map(|c| json!({
+            "manifest": c.manifest, "files": c.files, "bytes": c.bytes,
+            "git": c.git.as_ref().map(|g| json!({"commit": g.commit, "branch": g.branch, "dirty": g.dirty})),
+        })),
+        "attempts": r.attempts.iter().map(|a| json!({
+            "number": a.number,
+            "state": a.state,
+            "end": a.end,
+            "exit_code": a.exit_code,
+            "message": a.message,
+            "placed_at": time(a.placed_at_ms),
+            "started_at": opt_time(a.started_at_ms),
+            "finished_at": opt_time(a.finished_at_ms),
+            "nodes": a.placements.iter().map(|p| p.node_name.clone()).collect::<Vec<_>>(),
+            "outputs": a.outputs,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// A new table with muster's look.
+pub fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY).set_header(header.to_vec());
+    t
+}
+
+/// The runs table.
+pub fn runs_table(runs: &[v1::Run]) -> Table {
+    let mut t = table(&["ID", "EXPERIMENT", "COMPUTE", "STATE", "ATTEMPT", "EXIT", "CREATED", "NAME"]);
+    for r in runs {
+        let spec = r.spec.clone().unwrap_or_default();
+        t.add_row(vec![
+            r.id.clone(),
+            spec.experiment,
+            spec.compute,
+            r.state.clone(),
+            r.attempt.to_string(),
+            r.exit_code.map(|c| c.to_string()).unwrap_or_default(),
+            time(r.created_at_ms),
+            spec.display_name.unwrap_or_default(),
+        ]);
+    }
+    t
+}
+
+/// One run, as key/value lines.
+pub fn run_details(r: &v1::Run) -> String {
+    let spec = r.spec.clone().unwrap_or_default();
+    let mut lines = vec![
+        ("id", r.id.clone()),
+        ("state", r.state.clone()),
+        ("experiment", spec.experiment.clone()),
+        ("compute", spec.compute.clone()),
+        ("command", spec.command.clone()),
+        ("attempt", r.attempt.to_string()),
+        ("exit code", r.exit_code.map(|c| c.to_string()).unwrap_or_default()),
+        ("created", time(r.created_at_ms)),
+        ("started", r.started_at_ms.map(time).unwrap_or_default()),
+        ("finished", r.finished_at_ms.map(time).unwrap_or_default()),
+    ];
+    if let Some(n) = &spec.display_name {
+        lines.push(("name", n.clone()));
+    }
+    if let Some(m) = &r.message {
+        lines.push(("message", m.clone()));
+    }
+    if let Some(i) = &spec.image {
+        lines.push(("image", i.clone()));
+    }
+    if let Some(c) = &spec.code {
+        let mut code = format!("{} files, {} (manifest {})", c.files, crate::snapshot::human_bytes(c.bytes), &c.manifest[..12.min(c.manifest.len())]);
+        if let Some(g) = &c.git {
+            code.push_str(&format!("; git {}{}{}", &g.commit[..12.min(g.commit.len())], g.branch.as_ref().map(|b| format!(" on {b}")).unwrap_or_default(), if g.dirty { " (dirty)" } else { "" }));
+        }
+        lines.push(("code", code));
+    }
+    for a in &r.attempts {
+        let nodes: Vec<String> = a.placements.iter().map(|p| p.node_name.clone()).collect();
+        lines.push((
+            "attempt",
+            format!(
+                "#{} {}{} on {}{}",
+                a.number,
+                a.end.clone().unwrap_or_else(|| a.state.clone()),
+                a.exit_code.map(|c| format!(" (exit {c})")).unwrap_or_default(),
+                nodes.join(", "),
+                a.message.as_ref().map(|m| format!(": {m}")).unwrap_or_default()
+            ),
+        ));
+    }
+    lines.into_iter().map(|(k, v)| format!("{k:<11} {v}\n")).collect()
+}
+
+/// Prints JSON.
+pub fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("JSON prints"));
+}

@@ -1,0 +1,244 @@
+//! Code snapshots: walk the source directory honouring `.amlignore` (which wins when
+//! present) or `.gitignore` (nested files too, gitignore syntax, via the `ignore` crate),
+//! enforce the size and file-count limits, hash every file, record the git state, and
+//! upload only the blobs the server lacks.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use muster_core::snapshot::{GitInfo, Manifest, ManifestEntry};
+use muster_core::spec::CodeRef;
+use muster_proto::v1::blob_service_client::BlobServiceClient;
+use tonic::transport::Channel;
+
+/// Azure ML's default limits.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotLimits {
+    /// Total bytes (default 300 MB).
+    pub max_bytes: u64,
+    /// Files (default 2,000).
+    pub max_files: usize,
+}
+
+impl Default for SnapshotLimits {
+    fn default() -> Self {
+        SnapshotLimits {
+            max_bytes: 300 * 1000 * 1000,
+            max_files: 2_000,
+        }
+    }
+}
+
+/// A snapshot ready to upload.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// Where each manifest entry's content is on disk (same order).
+    pub sources: Vec<PathBuf>,
+    /// The git state, if the directory is in a work tree.
+    pub git: Option<GitInfo>,
+}
+
+/// What an upload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadStats {
+    /// Files uploaded (the server lacked them).
+    pub uploaded_files: usize,
+    /// Bytes uploaded.
+    pub uploaded_bytes: u64,
+}
+
+/// Builds the snapshot of `dir`.
+pub fn build(dir: &Path, limits: SnapshotLimits) -> anyhow::Result<Snapshot> {
+    let meta = std::fs::metadata(dir)
+        .with_context(|| format!("code: cannot read the code directory {}", dir.display()))?;
+    anyhow::ensure!(meta.is_dir(), "code: {} is not a directory", dir.display());
+    let use_amlignore = dir.join(".amlignore").exists();
+    let mut walk = ignore::WalkBuilder::new(dir);
+    walk.hidden(false)
+        .parents(false)
+        .ignore(false)
+        .git_global(false)
+        .git_exclude(false)
+        .follow_links(false)
+        .sort_by_file_name(|a, b| a.cmp(b));
+    if use_amlignore {
+        walk.git_ignore(false).add_custom_ignore_filename(".amlignore");
+    } else {
+        walk.git_ignore(true).require_git(false);
+    }
+    let mut entries: Vec<(String, PathBuf, u64, bool)> = Vec::new();
+    let mut total = 0u64;
+    for item in walk.build() {
+        let item = item.with_context(|| format!("code: walking {}", dir.display()))?;
+        let path = item.path();
+        let rel = path.strip_prefix(dir).unwrap_or(path);
+        if rel.as_os_str().is_empty() || rel.components().next().is_some_and(|c| c.as_os_str() == ".git") {
+            continue;
+        }
+        // Follow a symlink to its content; skip links to directories or nowhere.
+        let Ok(meta) = std::fs::metadata(path) else { continue };
+        if !meta.is_file() {
+            continue;
+        }
+        let rel = rel
+            .to_str()
+            .with_context(|| format!("code: {} is not a UTF-8 path; rename it or exclude it", rel.display()))?
+            .replace('\\', "/");
+        #[cfg(unix)]
+        let executable = {
+            use std::os::unix::fs::PermissionsExt;
+            meta.permissions().mode() & 0o111 != 0
+        };
+        #[cfg(not(unix))]
+        let executable = false;
+        total += meta.len();
+        entries.push((rel, path.to_path_buf(), meta.len(), executable));
+    }
+    let ignore_file = if use_amlignore { ".amlignore" } else { ".amlignore (or .gitignore)" };
+    if entries.len() > limits.max_files {
+        anyhow::bail!(
+            "code: the snapshot of {} has {} files, over the limit of {}: exclude files with a {ignore_file} in that directory (gitignore syntax, e.g. `data/` or `*.ckpt`), or raise the limit with --max-snapshot-files",
+            dir.display(),
+            entries.len(),
+            limits.max_files
+        );
+    }
+    if total > limits.max_bytes {
+        let mut biggest: Vec<_> = entries.iter().map(|e| (e.2, e.0.as_str())).collect();
+        biggest.sort_by(|a, b| b.cmp(a));
+        let names: Vec<String> = biggest
+            .iter()
+            .take(3)
+            .map(|(size, name)| format!("{name} ({})", human_bytes(*size)))
+            .collect();
+        anyhow::bail!(
+            "code: the snapshot of {} is {}, over the limit of {}: exclude files with a {ignore_file} in that directory (largest: {}), or raise the limit with --max-snapshot-bytes",
+            dir.display(),
+            human_bytes(total),
+            human_bytes(limits.max_bytes),
+            names.join(", ")
+        );
+    }
+    let mut files = Vec::with_capacity(entries.len());
+    let mut sources = Vec::with_capacity(entries.len());
+    for (rel, path, size, executable) in entries {
+        let sha256 = muster_agent::transfer::hash_file(&path)
+            .with_context(|| format!("code: cannot read {}", path.display()))?;
+        files.push(ManifestEntry { path: rel, sha256, size, executable });
+        sources.push(path);
+    }
+    Ok(Snapshot {
+        manifest: Manifest { files },
+        sources,
+        git: git_info(dir),
+    })
+}
+
+/// Uploads what the server lacks (files, then the manifest); returns the run's code reference.
+pub async fn upload(client: &mut BlobServiceClient<Channel>, snapshot: &Snapshot) -> anyhow::Result<(CodeRef, UploadStats)> {
+    let hashes: Vec<String> = snapshot.manifest.files.iter().map(|f| f.sha256.clone()).collect();
+    let missing: std::collections::HashSet<String> =
+        muster_agent::transfer::missing(client, hashes).await?.into_iter().collect();
+    let mut stats = UploadStats { uploaded_files: 0, uploaded_bytes: 0 };
+    let mut done = std::collections::HashSet::new();
+    for (entry, source) in snapshot.manifest.files.iter().zip(&snapshot.sources) {
+        if missing.contains(&entry.sha256) && done.insert(entry.sha256.clone()) {
+            muster_agent::transfer::upload_file(client, &entry.sha256, source)
+                .await
+                .with_context(|| format!("uploading {}", entry.path))?;
+            stats.uploaded_files += 1;
+            stats.uploaded_bytes += entry.size;
+        }
+    }
+    let manifest = serde_json::to_vec(&snapshot.manifest)?;
+    let sha = muster_agent::transfer::upload_bytes(client, manifest).await?;
+    Ok((
+        CodeRef {
+            manifest: sha,
+            files: snapshot.manifest.files.len() as u64,
+            bytes: snapshot.manifest.total_bytes(),
+            git: snapshot.git.clone(),
+        },
+        stats,
+    ))
+}
+
+fn git(dir: &Path, args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new("git").arg("-C").arg(dir).args(args).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The commit, branch and dirty flag of the work tree `dir` is in, if any.
+pub fn git_info(dir: &Path) -> Option<GitInfo> {
+    let commit = git(dir, &["rev-parse", "HEAD"]).filter(|c| !c.is_empty())?;
+    let branch = git(dir, &["symbolic-ref", "--short", "-q", "HEAD"]).filter(|b| !b.is_empty());
+    let dirty = git(dir, &["status", "--porcelain"]).is_some_and(|s| !s.is_empty());
+    Some(GitInfo { commit, branch, dirty })
+}
+
+/// `1.5 MB`-style sizes.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1000.0 && unit < UNITS.len() - 1 {
+        v /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, rel: &str, content: &str) {
+        let p = dir.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+
+    fn paths(s: &Snapshot) -> Vec<&str> {
+        s.manifest.files.iter().map(|f| f.path.as_str()).collect()
+    }
+
+    #[test]
+    fn gitignore_applies_including_nested_files() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), ".gitignore", "*.ckpt\ndata/\n");
+        write(d.path(), "train.py", "print(1)");
+        write(d.path(), "model.ckpt", "x");
+        write(d.path(), "data/big.bin", "x");
+        write(d.path(), "sub/.gitignore", "secret.txt\n");
+        write(d.path(), "sub/secret.txt", "x");
+        write(d.path(), "sub/keep.txt", "x");
+        write(d.path(), ".git/HEAD", "ref");
+        let s = build(d.path(), SnapshotLimits::default()).unwrap();
+        assert_eq!(paths(&s), vec![".gitignore", "sub/.gitignore", "sub/keep.txt", "train.py"]);
+    }
+
+    #[test]
+    fn amlignore_wins_over_gitignore() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), ".gitignore", "*.py\n");
+        write(d.path(), ".amlignore", "*.log\n");
+        write(d.path(), "train.py", "print(1)");
+        write(d.path(), "run.log", "x");
+        let s = build(d.path(), SnapshotLimits::default()).unwrap();
+        assert_eq!(paths(&s), vec![".amlignore", ".gitignore", "train.py"]);
+    }
+
+    #[test]
+    fn limits_name_the_limit_the_size_and_the_fix() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..5 {
+            write(d.path(), &format!("f{i}.txt"), "0123456789");
+        }
+        let e = build(d.path(), SnapshotLimits { max_bytes: 1 << 20, max_files: 3 }).unwrap_err().to_string();
+        assert!(e.contains("5 files, over the limit of 3") && e.contains(".amlignore"), "{e}");
+        let e = build(d.path(), SnapshotLimits { max_bytes: 20, max_files: 100 }).unwrap_err().to_string();
+        assert!(e.contains("50 B, over the limit of 20 B") && e.contains("largest"), "{e}");
+    }
+}
