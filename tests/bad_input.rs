@@ -5,7 +5,13 @@ use muster_tests::{all_runs, write};
 
 async fn computes(url: &str) -> usize {
     let mut c = muster_cli::client::connect(url).await.unwrap();
-    c.compute.list_computes(muster_proto::v1::ListComputesRequest {}).await.unwrap().into_inner().computes.len()
+    c.compute
+        .list_computes(muster_proto::v1::ListComputesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .computes
+        .len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -23,28 +29,82 @@ async fn bad_input_is_refused_with_a_clear_message_and_changes_nothing() {
     };
 
     // Compute targets.
-    let out = muster(&url, p, &["compute", "create", "gpu_1", "--type", "cluster"]).await;
-    expect_err(&out, &["invalid compute target name \"gpu_1\"", "letters, digits and '-'"]);
-    let out = muster(&url, p, &["compute", "create", "gpu-1", "--type", "cluster"]).await;
+    let out = muster(
+        &url,
+        p,
+        &["compute", "create", "gpu_1", "--type", "cluster"],
+    )
+    .await;
+    expect_err(
+        &out,
+        &[
+            "invalid compute target name \"gpu_1\"",
+            "letters, digits and '-'",
+        ],
+    );
+    let out = muster(
+        &url,
+        p,
+        &["compute", "create", "gpu-1", "--type", "cluster"],
+    )
+    .await;
     expect_err(&out, &["followed later by at least one letter"]);
-    let ok = muster(&url, p, &["compute", "create", "gpu-pool", "--type", "attached"]).await;
+    let ok = muster(
+        &url,
+        p,
+        &["compute", "create", "gpu-pool", "--type", "attached"],
+    )
+    .await;
     assert_eq!(ok.code, 0, "{ok:?}");
-    let out = muster(&url, p, &["compute", "create", "gpu-pool", "--type", "attached"]).await;
+    let out = muster(
+        &url,
+        p,
+        &["compute", "create", "gpu-pool", "--type", "attached"],
+    )
+    .await;
     expect_err(&out, &["already exists"]);
-    write(p, "compute.yml", "name: cpu-pool\ntype: amlcompute\nmax_instance: 2\n");
+    write(
+        p,
+        "compute.yml",
+        "name: cpu-pool\ntype: amlcompute\nmax_instance: 2\n",
+    );
     let out = muster(&url, p, &["compute", "create", "-f", "compute.yml"]).await;
-    expect_err(&out, &["compute.yml", "max_instance: unknown key", "line 3"]);
+    expect_err(
+        &out,
+        &["compute.yml", "max_instance: unknown key", "line 3"],
+    );
     assert_eq!(computes(&url).await, 2, "local and gpu-pool only");
 
     // Runs.
-    let out = muster(&url, p, &["run", "submit", "--compute", "nowhere", "--", "true"]).await;
-    expect_err(&out, &["compute target \"nowhere\" does not exist", "muster compute create"]);
+    let out = muster(
+        &url,
+        p,
+        &["run", "submit", "--compute", "nowhere", "--", "true"],
+    )
+    .await;
+    expect_err(
+        &out,
+        &[
+            "compute target \"nowhere\" does not exist",
+            "muster compute create",
+        ],
+    );
     write(p, "bad.yml", "command: echo hi\n  resources: [1\n");
     let out = muster(&url, p, &["run", "submit", "-f", "bad.yml"]).await;
     expect_err(&out, &["bad.yml", "line 2"]);
-    write(p, "unknown.yml", "command: echo hi\nresources:\n  instance_cont: 2\n");
+    write(
+        p,
+        "unknown.yml",
+        "command: echo hi\nresources:\n  instance_cont: 2\n",
+    );
     let out = muster(&url, p, &["run", "submit", "-f", "unknown.yml"]).await;
-    expect_err(&out, &["unknown.yml: resources.instance_cont: unknown key", "line 3"]);
+    expect_err(
+        &out,
+        &[
+            "unknown.yml: resources.instance_cont: unknown key",
+            "line 3",
+        ],
+    );
     write(p, "nocommand.yml", "compute: local\n");
     let out = muster(&url, p, &["run", "submit", "-f", "nocommand.yml"]).await;
     expect_err(&out, &["command: missing"]);
@@ -53,10 +113,27 @@ async fn bad_input_is_refused_with_a_clear_message_and_changes_nothing() {
     for i in 0..4 {
         write(p, &format!("many/f{i}.txt"), "x");
     }
-    let out = muster(&url, &p.join("many"), &["run", "submit", "--max-snapshot-files", "3", "--", "true"]).await;
+    let out = muster(
+        &url,
+        &p.join("many"),
+        &["run", "submit", "--max-snapshot-files", "3", "--", "true"],
+    )
+    .await;
     expect_err(&out, &["4 files, over the limit of 3", ".amlignore"]);
     write(p, "big/blob.bin", &"x".repeat(5000));
-    let out = muster(&url, &p.join("big"), &["run", "submit", "--max-snapshot-bytes", "1000", "--", "true"]).await;
+    let out = muster(
+        &url,
+        &p.join("big"),
+        &[
+            "run",
+            "submit",
+            "--max-snapshot-bytes",
+            "1000",
+            "--",
+            "true",
+        ],
+    )
+    .await;
     expect_err(&out, &["5.0 KB, over the limit of 1.0 KB", "blob.bin"]);
     let out = muster(&url, p, &["run", "show", "run-nope"]).await;
     expect_err(&out, &["run \"run-nope\" does not exist"]);
@@ -68,10 +145,24 @@ async fn bad_input_is_refused_with_a_clear_message_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_server_says_where_and_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let out = muster(&format!("http://127.0.0.1:{port}"), dir.path(), &["run", "list"]).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = muster(
+        &format!("http://127.0.0.1:{port}"),
+        dir.path(),
+        &["run", "list"],
+    )
+    .await;
     assert_eq!(out.code, 1, "{out:?}");
-    assert!(out.stderr.contains(&format!("cannot reach a muster server at http://127.0.0.1:{port}")), "{out:?}");
+    assert!(
+        out.stderr.contains(&format!(
+            "cannot reach a muster server at http://127.0.0.1:{port}"
+        )),
+        "{out:?}"
+    );
     assert!(out.stderr.contains("muster dev"), "{out:?}");
 }
 
@@ -79,14 +170,47 @@ async fn an_unreachable_server_says_where_and_what_to_do() {
 async fn a_held_or_corrupt_data_dir_is_refused() {
     let dev = DevCluster::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let out = muster(&dev.url(), dir.path(), &["dev", "--listen", "127.0.0.1:0", "--data-dir", dev.data_dir.to_str().unwrap()]).await;
+    let out = muster(
+        &dev.url(),
+        dir.path(),
+        &[
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            dev.data_dir.to_str().unwrap(),
+        ],
+    )
+    .await;
     assert_eq!(out.code, 1, "{out:?}");
-    assert!(out.stderr.contains("is in use by another muster process"), "{out:?}");
+    assert!(
+        out.stderr.contains("is in use by another muster process"),
+        "{out:?}"
+    );
 
     let corrupt = tempfile::tempdir().unwrap();
-    write(corrupt.path(), "server/raft/raft.redb", "this is not a database");
-    let out = muster(&dev.url(), dir.path(), &["dev", "--listen", "127.0.0.1:0", "--data-dir", corrupt.path().to_str().unwrap()]).await;
+    write(
+        corrupt.path(),
+        "server/raft/raft.redb",
+        "this is not a database",
+    );
+    let out = muster(
+        &dev.url(),
+        dir.path(),
+        &[
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            corrupt.path().to_str().unwrap(),
+        ],
+    )
+    .await;
     assert_eq!(out.code, 1, "{out:?}");
     assert!(out.stderr.contains("raft.redb"), "{out:?}");
-    assert_eq!(std::fs::read(corrupt.path().join("server/raft/raft.redb")).unwrap(), b"this is not a database", "left untouched");
+    assert_eq!(
+        std::fs::read(corrupt.path().join("server/raft/raft.redb")).unwrap(),
+        b"this is not a database",
+        "left untouched"
+    );
 }

@@ -19,34 +19,82 @@ async fn failed_run_streams_its_logs_exit_code_and_outputs() {
     let project = tempfile::tempdir().unwrap();
     write(project.path(), "train.sh", SCRIPT);
 
-    let out = muster(&dev.url(), project.path(), &["run", "submit", "--stream", "--", "sh", "train.sh"]).await;
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "--stream", "--", "sh", "train.sh"],
+    )
+    .await;
     assert_eq!(out.code, 3, "{out:?}");
-    assert!(out.stdout.contains("hello from run-") && out.stdout.contains("attempt 1"), "{out:?}");
-    assert!(out.stdout.contains("to stderr"), "stderr is in the combined log: {out:?}");
+    assert!(
+        out.stdout.contains("hello from run-") && out.stdout.contains("attempt 1"),
+        "{out:?}"
+    );
+    assert!(
+        out.stdout.contains("to stderr"),
+        "stderr is in the combined log: {out:?}"
+    );
     assert!(out.stderr.contains("failed: exited with code 3"), "{out:?}");
 
     let runs = all_runs(&dev.url()).await;
     assert_eq!(runs.len(), 1);
     let run = &runs[0];
-    assert_eq!((run.state.as_str(), run.exit_code, run.attempt), ("failed", Some(3), 1));
+    assert_eq!(
+        (run.state.as_str(), run.exit_code, run.attempt),
+        ("failed", Some(3), 1)
+    );
 
     // JSON has the documented keys.
-    let json = muster(&dev.url(), project.path(), &["run", "show", &run.id, "-o", "json"]).await;
+    let json = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "show", &run.id, "-o", "json"],
+    )
+    .await;
     let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
-    for key in ["id", "experiment", "compute", "state", "attempt", "exit_code", "created_at", "started_at", "finished_at", "nodes"] {
+    for key in [
+        "id",
+        "experiment",
+        "compute",
+        "state",
+        "attempt",
+        "exit_code",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "nodes",
+    ] {
         assert!(v.get(key).is_some(), "missing {key} in {v}");
     }
     assert_eq!(v["state"], "failed");
     let list = muster(&dev.url(), project.path(), &["run", "list", "-o", "json"]).await;
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&list.stdout).unwrap().as_array().unwrap().len(), 1);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&list.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 
     // Outputs and logs download.
     let to = project.path().join("download");
-    let dl = muster(&dev.url(), project.path(), &["run", "download", &run.id, "--to", to.to_str().unwrap()]).await;
+    let dl = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "download", &run.id, "--to", to.to_str().unwrap()],
+    )
+    .await;
     assert_eq!(dl.code, 0, "{dl:?}");
-    assert_eq!(std::fs::read_to_string(to.join("outputs/result.txt")).unwrap(), "42\n");
+    assert_eq!(
+        std::fs::read_to_string(to.join("outputs/result.txt")).unwrap(),
+        "42\n"
+    );
     let log = std::fs::read_to_string(to.join("logs/attempt-1.std_log.txt")).unwrap();
-    assert!(log.contains("hello from") && log.contains("to stderr"), "{log}");
+    assert!(
+        log.contains("hello from") && log.contains("to stderr"),
+        "{log}"
+    );
 
     // `run logs` prints the same log.
     let logs = muster(&dev.url(), project.path(), &["run", "logs", &run.id]).await;
@@ -61,24 +109,57 @@ async fn unchanged_code_is_not_uploaded_twice_and_git_state_is_recorded() {
     write(project.path(), "data/big.bin", "x");
     write(project.path(), ".amlignore", "data/\n");
     let git = |args: &[&str]| {
-        std::process::Command::new("git").args(args).current_dir(project.path()).output().map(|o| o.status.success()).unwrap_or(false)
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(project.path())
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
     };
-    let have_git = git(&["init", "-q", "-b", "main"]) && git(&["-c", "user.email=t@t", "-c", "user.name=t", "add", "."]) && git(&["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "x"]);
+    let have_git = git(&["init", "-q", "-b", "main"])
+        && git(&["-c", "user.email=t@t", "-c", "user.name=t", "add", "."])
+        && git(&[
+            "-c",
+            "user.email=t@t",
+            "-c",
+            "user.name=t",
+            "commit",
+            "-qm",
+            "x",
+        ]);
 
     let first = muster(&dev.url(), project.path(), &["run", "submit", "--", "true"]).await;
     assert_eq!(first.code, 0, "{first:?}");
-    assert!(first.stderr.contains("2 files") && first.stderr.contains("(2 uploaded"), "{first:?}");
-    let second = muster(&dev.url(), project.path(), &["run", "submit", "-o", "json", "--", "true"]).await;
+    assert!(
+        first.stderr.contains("2 files") && first.stderr.contains("(2 uploaded"),
+        "{first:?}"
+    );
+    let second = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "-o", "json", "--", "true"],
+    )
+    .await;
     assert_eq!(second.code, 0, "{second:?}");
     let v: serde_json::Value = serde_json::from_str(&second.stdout).unwrap();
-    assert_eq!(v["code"]["files"], 2, "data/ is excluded by .amlignore: {v}");
+    assert_eq!(
+        v["code"]["files"], 2,
+        "data/ is excluded by .amlignore: {v}"
+    );
     if have_git {
         assert_eq!(v["code"]["git"]["branch"], "main", "{v}");
         assert_eq!(v["code"]["git"]["dirty"], false, "{v}");
-        assert_eq!(v["code"]["git"]["commit"].as_str().unwrap().len(), 40, "{v}");
+        assert_eq!(
+            v["code"]["git"]["commit"].as_str().unwrap().len(),
+            40,
+            "{v}"
+        );
     }
     let again = muster(&dev.url(), project.path(), &["run", "submit", "--", "true"]).await;
-    assert!(again.stderr.contains("(0 uploaded, 0 B)"), "a second submit of an unchanged directory uploads nothing: {again:?}");
+    assert!(
+        again.stderr.contains("(0 uploaded, 0 B)"),
+        "a second submit of an unchanged directory uploads nothing: {again:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,7 +167,19 @@ async fn cancel_stops_a_sleeping_run_within_the_grace_period() {
     let dev = DevCluster::start().await.unwrap();
     let project = tempfile::tempdir().unwrap();
     // The shell ignores SIGTERM: only the SIGKILL after the grace (2 s in tests) ends it.
-    let out = muster(&dev.url(), project.path(), &["run", "submit", "--", "sh", "-c", "trap '' TERM; sleep 300 & wait; sleep 300"]).await;
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &[
+            "run",
+            "submit",
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; sleep 300 & wait; sleep 300",
+        ],
+    )
+    .await;
     let id = out.stdout.trim().to_string();
     wait_for_state(&dev.url(), &id, "running").await;
     let t0 = Instant::now();
@@ -102,14 +195,31 @@ async fn cancel_stops_a_sleeping_run_within_the_grace_period() {
     // A queued run is canceled at once; a finished one says so.
     let again = muster(&dev.url(), project.path(), &["run", "cancel", &id]).await;
     assert_ne!(again.code, 0);
-    assert!(again.stderr.contains("already finished (canceled)"), "{again:?}");
+    assert!(
+        again.stderr.contains("already finished (canceled)"),
+        "{again:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeout_ends_a_run_as_timed_out() {
     let dev = DevCluster::start().await.unwrap();
     let project = tempfile::tempdir().unwrap();
-    let out = muster(&dev.url(), project.path(), &["run", "submit", "--timeout", "1", "--stream", "--", "sleep", "30"]).await;
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &[
+            "run",
+            "submit",
+            "--timeout",
+            "1",
+            "--stream",
+            "--",
+            "sleep",
+            "30",
+        ],
+    )
+    .await;
     assert_eq!(out.code, 124, "{out:?}");
     let runs = all_runs(&dev.url()).await;
     assert_eq!(runs[0].state, "timed_out");
@@ -120,7 +230,19 @@ async fn a_clean_restart_keeps_every_run_and_its_logs() {
     let mut dev = DevCluster::start().await.unwrap();
     let project = tempfile::tempdir().unwrap();
     for i in 0..3 {
-        let out = muster(&dev.url(), project.path(), &["run", "submit", "--stream", "--", "echo", &format!("line {i}")]).await;
+        let out = muster(
+            &dev.url(),
+            project.path(),
+            &[
+                "run",
+                "submit",
+                "--stream",
+                "--",
+                "echo",
+                &format!("line {i}"),
+            ],
+        )
+        .await;
         assert_eq!(out.code, 0, "{out:?}");
     }
     let before = all_runs(&dev.url()).await;
@@ -140,11 +262,28 @@ async fn a_killed_server_comes_back_with_every_run_and_its_logs() {
     let mut dev = DevProcess::start(data.path()).await.unwrap();
     let mut ids = Vec::new();
     for i in 0..5 {
-        let out = muster(&dev.url(), project.path(), &["run", "submit", "--stream", "--", "echo", &format!("run {i}")]).await;
+        let out = muster(
+            &dev.url(),
+            project.path(),
+            &[
+                "run",
+                "submit",
+                "--stream",
+                "--",
+                "echo",
+                &format!("run {i}"),
+            ],
+        )
+        .await;
         assert_eq!(out.code, 0, "{out:?}");
     }
     // Acknowledged but not yet finished: must survive too.
-    let queued = muster(&dev.url(), project.path(), &["run", "submit", "--", "sleep", "1"]).await;
+    let queued = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "--", "sleep", "1"],
+    )
+    .await;
     ids.push(queued.stdout.trim().to_string());
     let before = all_runs(&dev.url()).await;
     assert_eq!(before.len(), 6);
@@ -165,6 +304,14 @@ async fn a_killed_server_comes_back_with_every_run_and_its_logs() {
     }
     // The run that was in flight finishes (as a new attempt if its process died with the server).
     let mut c = muster_cli::client::connect(&dev.url()).await.unwrap();
-    let done = c.runs.wait_run(v1::WaitRunRequest { id: ids[0].clone(), timeout_ms: 30_000 }).await.unwrap().into_inner();
+    let done = c
+        .runs
+        .wait_run(v1::WaitRunRequest {
+            id: ids[0].clone(),
+            timeout_ms: 30_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(done.state, "completed", "{done:?}");
 }

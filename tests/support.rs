@@ -16,7 +16,12 @@ pub fn write(dir: &Path, rel: &str, content: &str) {
 pub async fn wait_for_state(server: &str, id: &str, state: &str) -> v1::Run {
     let mut c = muster_cli::client::connect(server).await.expect("connect");
     for _ in 0..600 {
-        let r = c.runs.get_run(v1::GetRunRequest { id: id.into() }).await.expect("get").into_inner();
+        let r = c
+            .runs
+            .get_run(v1::GetRunRequest { id: id.into() })
+            .await
+            .expect("get")
+            .into_inner();
         if r.state == state {
             return r;
         }
@@ -28,5 +33,10 @@ pub async fn wait_for_state(server: &str, id: &str, state: &str) -> v1::Run {
 /// Lists every run.
 pub async fn all_runs(server: &str) -> Vec<v1::Run> {
     let mut c = muster_cli::client::connect(server).await.expect("connect");
-    c.runs.list_runs(v1::ListRunsRequest::default()).await.expect("list").into_inner().runs
+    c.runs
+        .list_runs(v1::ListRunsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .runs
 }

@@ -37,7 +37,10 @@ pub(crate) struct AttemptTask {
 impl AttemptTask {
     pub(crate) async fn run(mut self) {
         let key = (self.assignment.run_id.clone(), self.assignment.attempt);
-        let _ = self.events.send(Event::State(key.clone(), "preparing")).await;
+        let _ = self
+            .events
+            .send(Event::State(key.clone(), "preparing"))
+            .await;
         let (outcome, outputs) = match self.prepare().await {
             Err(message) => (
                 Outcome {
@@ -55,9 +58,12 @@ impl AttemptTask {
     async fn prepare(&mut self) -> Result<Launch, String> {
         let spec = self.assignment.spec.clone().unwrap_or_default();
         let code_dir = self.workdir.join("code");
-        tokio::fs::create_dir_all(&code_dir)
-            .await
-            .map_err(|e| format!("cannot create the working directory {}: {e}", code_dir.display()))?;
+        tokio::fs::create_dir_all(&code_dir).await.map_err(|e| {
+            format!(
+                "cannot create the working directory {}: {e}",
+                code_dir.display()
+            )
+        })?;
         if let Some(code) = &spec.code {
             snapshot::materialize(&mut self.blobs, &code.manifest, &self.cache_dir, &code_dir)
                 .await
@@ -73,9 +79,15 @@ impl AttemptTask {
             ("MUSTER_RUN_ID".into(), a.run_id.clone()),
             ("MUSTER_ATTEMPT".into(), a.attempt.to_string()),
             ("MUSTER_NODE_RANK".into(), a.rank.to_string()),
-            ("MUSTER_NODE_COUNT".into(), a.placements.len().max(1).to_string()),
+            (
+                "MUSTER_NODE_COUNT".into(),
+                a.placements.len().max(1).to_string(),
+            ),
             ("MUSTER_EXPERIMENT".into(), spec.experiment.clone()),
-            ("MUSTER_OUTPUTS_DIR".into(), code_dir.join("outputs").display().to_string()),
+            (
+                "MUSTER_OUTPUTS_DIR".into(),
+                code_dir.join("outputs").display().to_string(),
+            ),
             ("AZUREML_RUN_ID".into(), a.run_id.clone()),
         ];
         if a.attempt > 1 {
@@ -109,7 +121,9 @@ impl AttemptTask {
             Err(e) => {
                 if outcome.end == AttemptEnd::Completed {
                     outcome.end = AttemptEnd::Failed;
-                    outcome.message = Some(format!("the command succeeded but outputs/ could not be uploaded: {e:#}"));
+                    outcome.message = Some(format!(
+                        "the command succeeded but outputs/ could not be uploaded: {e:#}"
+                    ));
                 }
                 None
             }

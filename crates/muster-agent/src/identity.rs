@@ -10,7 +10,8 @@ pub(crate) fn open(dir: &Path) -> anyhow::Result<(File, String)> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create the agent data directory {}", dir.display()))?;
     let lock_path = dir.join("LOCK");
-    let lock = File::create(&lock_path).with_context(|| format!("cannot open {}", lock_path.display()))?;
+    let lock =
+        File::create(&lock_path).with_context(|| format!("cannot open {}", lock_path.display()))?;
     if lock.try_lock().is_err() {
         anyhow::bail!(
             "the agent data directory {} is in use by another agent: stop it, or pass another --data-dir",
@@ -21,7 +22,10 @@ pub(crate) fn open(dir: &Path) -> anyhow::Result<(File, String)> {
     let id = match std::fs::read_to_string(&id_path) {
         Ok(s) => {
             let id = s.trim().to_string();
-            if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            if id.is_empty()
+                || id.len() > 64
+                || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            {
                 anyhow::bail!(
                     "{} is corrupt (not a node id): restore it, or remove it to join as a new node",
                     id_path.display()
@@ -33,7 +37,8 @@ pub(crate) fn open(dir: &Path) -> anyhow::Result<(File, String)> {
             let id = format!("node-{:016x}", rand::random::<u64>());
             let tmp = dir.join("node_id.tmp");
             std::fs::write(&tmp, &id).with_context(|| format!("cannot write {}", tmp.display()))?;
-            std::fs::rename(&tmp, &id_path).with_context(|| format!("cannot write {}", id_path.display()))?;
+            std::fs::rename(&tmp, &id_path)
+                .with_context(|| format!("cannot write {}", id_path.display()))?;
             id
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", id_path.display())),

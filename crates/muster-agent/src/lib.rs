@@ -58,7 +58,11 @@ pub struct AgentConfig {
 
 impl AgentConfig {
     /// Defaults for an agent of compute `compute` talking to `server`.
-    pub fn new(server: impl Into<String>, data_dir: impl Into<PathBuf>, compute: impl Into<String>) -> AgentConfig {
+    pub fn new(
+        server: impl Into<String>,
+        data_dir: impl Into<PathBuf>,
+        compute: impl Into<String>,
+    ) -> AgentConfig {
         AgentConfig {
             servers: vec![server.into()],
             data_dir: data_dir.into(),
@@ -85,6 +89,9 @@ pub fn hostname() -> String {
 }
 
 /// Runs an agent until `shutdown` resolves. Running attempts are stopped at shutdown.
-pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
     session::Agent::open(config)?.run(shutdown).await
 }

@@ -24,7 +24,11 @@ pub(crate) async fn upload(
         let mut builder = tar::Builder::new(std::io::BufWriter::new(file));
         builder.follow_symlinks(false);
         builder.append_dir_all(".", &dir)?;
-        builder.into_inner()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        builder
+            .into_inner()?
+            .into_inner()
+            .map_err(|e| e.into_error())?
+            .sync_all()?;
         Ok(true)
     })
     .await??;
@@ -32,7 +36,10 @@ pub(crate) async fn upload(
         return Ok(None);
     }
     let sha = transfer::hash_file(&archive)?;
-    if !transfer::missing(client, vec![sha.clone()]).await?.is_empty() {
+    if !transfer::missing(client, vec![sha.clone()])
+        .await?
+        .is_empty()
+    {
         transfer::upload_file(client, &sha, &archive).await?;
     }
     let _ = tokio::fs::remove_file(&archive).await;

@@ -88,7 +88,9 @@ impl GpuProbe for NvmlProbe {
 
 /// CPU millicores and memory bytes of this machine.
 pub fn host_capacity() -> (u64, u64) {
-    let cpus = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u64)
+        .unwrap_or(1);
     let memory = match sysinfo::System::new() {
         Ok(mut sys) => {
             sys.refresh_memory();

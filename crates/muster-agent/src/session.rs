@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::Context;
 use muster_core::AttemptEnd;
 use muster_proto::v1::{
-    self, agent_message, agent_service_client::AgentServiceClient, blob_service_client::BlobServiceClient,
-    server_message,
+    self, agent_message, agent_service_client::AgentServiceClient,
+    blob_service_client::BlobServiceClient, server_message,
 };
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{mpsc, watch};
@@ -56,7 +56,10 @@ struct Fatal(String);
 
 impl Agent {
     pub(crate) fn open(config: AgentConfig) -> anyhow::Result<Agent> {
-        anyhow::ensure!(!config.servers.is_empty(), "give at least one server address (--server)");
+        anyhow::ensure!(
+            !config.servers.is_empty(),
+            "give at least one server address (--server)"
+        );
         let (lock, node_id) = crate::identity::open(&config.data_dir)?;
         for d in ["work", "cache/blobs"] {
             std::fs::create_dir_all(config.data_dir.join(d))
@@ -73,7 +76,10 @@ impl Agent {
         })
     }
 
-    pub(crate) async fn run(mut self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    pub(crate) async fn run(
+        mut self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
         let report = self.config.gpu_probe.probe();
         if let Some(note) = &report.note {
             tracing::info!("{note}");
@@ -88,7 +94,9 @@ impl Agent {
             };
             match attempt {
                 Err(e) if e.downcast_ref::<Fatal>().is_some() => break Err(e),
-                Err(e) => tracing::warn!(cause = %format!("{e:#}"), retry_in = ?backoff, "no session with a server"),
+                Err(e) => {
+                    tracing::warn!(cause = %format!("{e:#}"), retry_in = ?backoff, "no session with a server")
+                }
                 Ok(()) => {
                     tracing::info!("session ended; reconnecting");
                     backoff = Duration::from_millis(100);
@@ -137,20 +145,28 @@ impl Agent {
 
     async fn serve(&mut self, gpus: &crate::GpuReport) -> anyhow::Result<()> {
         let channel = self.connect().await?;
-        let mut client = AgentServiceClient::new(channel.clone()).max_decoding_message_size(8 << 20);
+        let mut client =
+            AgentServiceClient::new(channel.clone()).max_decoding_message_size(8 << 20);
         let blobs = BlobServiceClient::new(channel).max_decoding_message_size(8 << 20);
         let (cpu, mem) = host_capacity();
         let (cpu, mem) = if self.config.unlimited {
             (0, 0)
         } else {
-            (self.config.cpu_millis.unwrap_or(cpu).min(cpu), self.config.memory_bytes.unwrap_or(mem).min(mem))
+            (
+                self.config.cpu_millis.unwrap_or(cpu).min(cpu),
+                self.config.memory_bytes.unwrap_or(mem).min(mem),
+            )
         };
         let registered = client
             .register(v1::RegisterRequest {
                 node_id: self.node_id.clone(),
                 name: self.config.name.clone(),
                 compute: self.config.compute.clone(),
-                capacity: Some(v1::Resources { cpu_millis: cpu, memory_bytes: mem, gpus: gpus.gpus.len() as u32 }),
+                capacity: Some(v1::Resources {
+                    cpu_millis: cpu,
+                    memory_bytes: mem,
+                    gpus: gpus.gpus.len() as u32,
+                }),
                 gpus: gpus.gpus.iter().cloned().map(Into::into).collect(),
                 labels: self.config.labels.clone().into_iter().collect(),
                 tier: self.config.tier.as_str().into(),
@@ -159,9 +175,9 @@ impl Agent {
             })
             .await
             .map_err(|s| match s.code() {
-                Code::InvalidArgument | Code::NotFound | Code::AlreadyExists => {
-                    anyhow::Error::new(Fatal(format!("the server refused this agent: {}", s.message())))
-                }
+                Code::InvalidArgument | Code::NotFound | Code::AlreadyExists => anyhow::Error::new(
+                    Fatal(format!("the server refused this agent: {}", s.message())),
+                ),
                 _ => anyhow::anyhow!("register: {}", s.message()),
             })?
             .into_inner();
@@ -211,7 +227,10 @@ impl Agent {
     fn running(&self) -> Vec<v1::RunningAttempt> {
         self.attempts
             .keys()
-            .map(|(run_id, attempt)| v1::RunningAttempt { run_id: run_id.clone(), attempt: *attempt })
+            .map(|(run_id, attempt)| v1::RunningAttempt {
+                run_id: run_id.clone(),
+                attempt: *attempt,
+            })
             .collect()
     }
 
@@ -225,7 +244,11 @@ impl Agent {
             Some(server_message::Msg::Assign(a)) => self.on_assign(a, blobs),
             Some(server_message::Msg::Stop(s)) => {
                 let key = (s.run_id.clone(), s.attempt);
-                let reason = if s.reason == "canceled" { StopReason::Canceled } else { StopReason::Stale };
+                let reason = if s.reason == "canceled" {
+                    StopReason::Canceled
+                } else {
+                    StopReason::Stale
+                };
                 let grace = Duration::from_millis(s.grace_ms);
                 match self.attempts.get(&key) {
                     Some(entry) => {
@@ -268,7 +291,11 @@ impl Agent {
         if self.attempts.contains_key(&key) {
             return;
         }
-        let workdir = self.config.data_dir.join("work").join(format!("{}.{}", a.run_id, a.attempt));
+        let workdir = self
+            .config
+            .data_dir
+            .join("work")
+            .join(format!("{}.{}", a.run_id, a.attempt));
         let log_path = workdir.join("output.log");
         let (stop, stop_rx) = watch::channel(None);
         if workdir.exists() {
@@ -282,7 +309,19 @@ impl Agent {
                 message: Some("the agent restarted and lost the process (processes cannot be re-adopted; containers can)".into()),
             }, None);
             end.log_bytes = log_bytes;
-            self.attempts.insert(key, Entry { log_path, workdir, shipped: 0, state: "running", end: Some(end), end_sent: false, stop, task: None });
+            self.attempts.insert(
+                key,
+                Entry {
+                    log_path,
+                    workdir,
+                    shipped: 0,
+                    state: "running",
+                    end: Some(end),
+                    end_sent: false,
+                    stop,
+                    task: None,
+                },
+            );
             return;
         }
         tracing::info!(run_id = %a.run_id, attempt = a.attempt, rank = a.rank, "starting attempt");
@@ -299,10 +338,26 @@ impl Agent {
             tracing::error!(cause = %e, "cannot create the attempt's working directory");
         }
         let handle = tokio::spawn(task.run());
-        self.attempts.insert(key, Entry { log_path, workdir, shipped: 0, state: "scheduled", end: None, end_sent: false, stop, task: Some(handle) });
+        self.attempts.insert(
+            key,
+            Entry {
+                log_path,
+                workdir,
+                shipped: 0,
+                state: "scheduled",
+                end: None,
+                end_sent: false,
+                stop,
+                task: Some(handle),
+            },
+        );
     }
 
-    async fn on_event(&mut self, ev: Event, out: &mpsc::Sender<v1::AgentMessage>) -> anyhow::Result<()> {
+    async fn on_event(
+        &mut self,
+        ev: Event,
+        out: &mpsc::Sender<v1::AgentMessage>,
+    ) -> anyhow::Result<()> {
         match ev {
             Event::State(key, state) => {
                 if let Some(entry) = self.attempts.get_mut(&key) {
@@ -314,7 +369,10 @@ impl Agent {
                 if let Some(entry) = self.attempts.get_mut(&key) {
                     tracing::info!(run_id = %key.0, attempt = key.1, end = outcome.end.as_str(), exit_code = ?outcome.exit_code, "attempt ended");
                     let mut end = ended(&key, &outcome, outputs);
-                    end.log_bytes = tokio::fs::metadata(&entry.log_path).await.map(|m| m.len()).unwrap_or(0);
+                    end.log_bytes = tokio::fs::metadata(&entry.log_path)
+                        .await
+                        .map(|m| m.len())
+                        .unwrap_or(0);
                     entry.end = Some(end);
                     entry.task = None;
                 }
@@ -348,7 +406,8 @@ impl Agent {
                 && !entry.end_sent
                 && entry.shipped >= end.log_bytes
             {
-                out.send(msg(agent_message::Msg::Update(end.clone()))).await?;
+                out.send(msg(agent_message::Msg::Update(end.clone())))
+                    .await?;
                 entry.end_sent = true;
             }
         }

@@ -21,9 +21,15 @@ pub fn hash_file(path: &Path) -> std::io::Result<String> {
 }
 
 /// Downloads blob `sha256` into `dest` (via a temporary file; the digest is checked).
-pub async fn download(client: &mut BlobServiceClient<Channel>, sha256: &str, dest: &Path) -> anyhow::Result<u64> {
+pub async fn download(
+    client: &mut BlobServiceClient<Channel>,
+    sha256: &str,
+    dest: &Path,
+) -> anyhow::Result<u64> {
     let mut stream = client
-        .get_blob(GetBlobRequest { sha256: sha256.to_string() })
+        .get_blob(GetBlobRequest {
+            sha256: sha256.to_string(),
+        })
         .await
         .map_err(|s| anyhow::anyhow!("blob {sha256}: {}", s.message()))?
         .into_inner();
@@ -60,15 +66,24 @@ pub async fn download(client: &mut BlobServiceClient<Channel>, sha256: &str, des
 }
 
 /// Downloads a small blob into memory (manifests).
-pub async fn download_bytes(client: &mut BlobServiceClient<Channel>, sha256: &str) -> anyhow::Result<Vec<u8>> {
+pub async fn download_bytes(
+    client: &mut BlobServiceClient<Channel>,
+    sha256: &str,
+) -> anyhow::Result<Vec<u8>> {
     let mut stream = client
-        .get_blob(GetBlobRequest { sha256: sha256.to_string() })
+        .get_blob(GetBlobRequest {
+            sha256: sha256.to_string(),
+        })
         .await
         .map_err(|s| anyhow::anyhow!("blob {sha256}: {}", s.message()))?
         .into_inner();
     let mut data = Vec::new();
     while let Some(chunk) = stream.next().await {
-        data.extend_from_slice(&chunk.map_err(|s| anyhow::anyhow!("blob {sha256}: {}", s.message()))?.data);
+        data.extend_from_slice(
+            &chunk
+                .map_err(|s| anyhow::anyhow!("blob {sha256}: {}", s.message()))?
+                .data,
+        );
     }
     if hex::encode(Sha256::digest(&data)) != sha256 {
         anyhow::bail!("blob {sha256} arrived corrupted");
@@ -77,11 +92,16 @@ pub async fn download_bytes(client: &mut BlobServiceClient<Channel>, sha256: &st
 }
 
 /// The subset of `hashes` the server lacks.
-pub async fn missing(client: &mut BlobServiceClient<Channel>, hashes: Vec<String>) -> anyhow::Result<Vec<String>> {
+pub async fn missing(
+    client: &mut BlobServiceClient<Channel>,
+    hashes: Vec<String>,
+) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::new();
     for batch in hashes.chunks(5_000) {
         let resp = client
-            .missing_blobs(MissingBlobsRequest { sha256: batch.to_vec() })
+            .missing_blobs(MissingBlobsRequest {
+                sha256: batch.to_vec(),
+            })
             .await
             .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
         out.extend(resp.into_inner().sha256);
@@ -90,7 +110,11 @@ pub async fn missing(client: &mut BlobServiceClient<Channel>, hashes: Vec<String
 }
 
 /// Uploads a file as blob `sha256` (the caller hashed it).
-pub async fn upload_file(client: &mut BlobServiceClient<Channel>, sha256: &str, path: &Path) -> anyhow::Result<()> {
+pub async fn upload_file(
+    client: &mut BlobServiceClient<Channel>,
+    sha256: &str,
+    path: &Path,
+) -> anyhow::Result<()> {
     let mut file = tokio::fs::File::open(path).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let sha = sha256.to_string();
@@ -124,13 +148,19 @@ pub async fn upload_file(client: &mut BlobServiceClient<Channel>, sha256: &str, 
 }
 
 /// Uploads bytes as a blob; returns its address.
-pub async fn upload_bytes(client: &mut BlobServiceClient<Channel>, data: Vec<u8>) -> anyhow::Result<String> {
+pub async fn upload_bytes(
+    client: &mut BlobServiceClient<Channel>,
+    data: Vec<u8>,
+) -> anyhow::Result<String> {
     let sha = hex::encode(Sha256::digest(&data));
     if missing(client, vec![sha.clone()]).await?.is_empty() {
         return Ok(sha);
     }
     let chunks: Vec<BlobChunk> = if data.is_empty() {
-        vec![BlobChunk { sha256: sha.clone(), data }]
+        vec![BlobChunk {
+            sha256: sha.clone(),
+            data,
+        }]
     } else {
         data.chunks(CHUNK)
             .enumerate()

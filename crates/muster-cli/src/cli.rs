@@ -9,7 +9,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[command(name = "muster", version, about, propagate_version = true)]
 pub struct Cli {
     /// The server to talk to (several, comma-separated, are tried in turn).
-    #[arg(long, global = true, env = "MUSTER_SERVER", default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        global = true,
+        env = "MUSTER_SERVER",
+        default_value = "http://127.0.0.1:7070"
+    )]
     pub server: String,
     /// How results are printed.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Table)]
@@ -166,7 +171,7 @@ pub enum NodeCommand {
 #[derive(Debug, Subcommand)]
 pub enum RunCommand {
     /// Submit a run: snapshot the code, upload what the server lacks, queue it.
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// List runs, oldest first.
     List {
         /// Only this experiment.

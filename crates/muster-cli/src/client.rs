@@ -23,7 +23,11 @@ pub struct Clients {
 pub async fn connect(servers: &str) -> anyhow::Result<Clients> {
     let mut failures = Vec::new();
     for url in servers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let url = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
+        let url = if url.contains("://") {
+            url.to_string()
+        } else {
+            format!("http://{url}")
+        };
         let endpoint = match Endpoint::from_shared(url.clone()) {
             Ok(e) => e.connect_timeout(Duration::from_secs(3)),
             Err(e) => {
@@ -34,13 +38,16 @@ pub async fn connect(servers: &str) -> anyhow::Result<Clients> {
         match endpoint.connect().await {
             Ok(channel) => {
                 return Ok(Clients {
-                    runs: RunServiceClient::new(channel.clone()).max_decoding_message_size(16 << 20),
+                    runs: RunServiceClient::new(channel.clone())
+                        .max_decoding_message_size(16 << 20),
                     compute: ComputeServiceClient::new(channel.clone()),
                     blobs: BlobServiceClient::new(channel).max_decoding_message_size(16 << 20),
                 });
             }
             Err(e) => {
-                let cause = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
+                let cause = std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| e.to_string());
                 failures.push(format!("{url} ({cause})"));
             }
         }

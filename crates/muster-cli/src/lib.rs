@@ -25,8 +25,12 @@ pub async fn execute(cli: Cli) -> anyhow::Result<i32> {
         Command::Dev(args) => commands::dev::run(args).await.map(|_| 0),
         Command::Server(args) => commands::server::run(args).await.map(|_| 0),
         Command::Agent(args) => commands::agent::run(&cli.server, args).await.map(|_| 0),
-        Command::Compute(cmd) => commands::compute::run(&cli.server, cli.output, cmd).await.map(|_| 0),
-        Command::Node(cmd) => commands::node::run(&cli.server, cli.output, cmd).await.map(|_| 0),
+        Command::Compute(cmd) => commands::compute::run(&cli.server, cli.output, cmd)
+            .await
+            .map(|_| 0),
+        Command::Node(cmd) => commands::node::run(&cli.server, cli.output, cmd)
+            .await
+            .map(|_| 0),
         Command::Run(cmd) => commands::run::run(&cli.server, cli.output, cmd).await,
     }
 }

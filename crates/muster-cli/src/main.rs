@@ -6,11 +6,15 @@ use muster_cli::cli::{Cli, Command};
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    let daemon = matches!(cli.command, Command::Dev(_) | Command::Server(_) | Command::Agent(_));
+    let daemon = matches!(
+        cli.command,
+        Command::Dev(_) | Command::Server(_) | Command::Agent(_)
+    );
     let default_level = if daemon { "info,raft=warn" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MUSTER_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+            tracing_subscriber::EnvFilter::try_from_env("MUSTER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();

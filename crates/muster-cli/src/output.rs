@@ -6,7 +6,8 @@ use serde_json::{Value, json};
 
 /// RFC 3339 time of Unix milliseconds.
 pub fn time(ms: u64) -> String {
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
 }
 
 fn opt_time(ms: Option<u64>) -> Value {
@@ -20,7 +21,18 @@ pub fn run_json(r: &v1::Run) -> Value {
     let nodes: Vec<String> = r
         .attempts
         .last()
-        .map(|a| a.placements.iter().map(|p| if p.node_name.is_empty() { p.node_id.clone() } else { p.node_name.clone() }).collect())
+        .map(|a| {
+            a.placements
+                .iter()
+                .map(|p| {
+                    if p.node_name.is_empty() {
+                        p.node_id.clone()
+                    } else {
+                        p.node_name.clone()
+                    }
+                })
+                .collect()
+        })
         .unwrap_or_default();
     json!({
         "id": r.id,
@@ -67,7 +79,16 @@ pub fn table(header: &[&str]) -> Table {
 
 /// The runs table.
 pub fn runs_table(runs: &[v1::Run]) -> Table {
-    let mut t = table(&["ID", "EXPERIMENT", "COMPUTE", "STATE", "ATTEMPT", "EXIT", "CREATED", "NAME"]);
+    let mut t = table(&[
+        "ID",
+        "EXPERIMENT",
+        "COMPUTE",
+        "STATE",
+        "ATTEMPT",
+        "EXIT",
+        "CREATED",
+        "NAME",
+    ]);
     for r in runs {
         let spec = r.spec.clone().unwrap_or_default();
         t.add_row(vec![
@@ -94,7 +115,10 @@ pub fn run_details(r: &v1::Run) -> String {
         ("compute", spec.compute.clone()),
         ("command", spec.command.clone()),
         ("attempt", r.attempt.to_string()),
-        ("exit code", r.exit_code.map(|c| c.to_string()).unwrap_or_default()),
+        (
+            "exit code",
+            r.exit_code.map(|c| c.to_string()).unwrap_or_default(),
+        ),
         ("created", time(r.created_at_ms)),
         ("started", r.started_at_ms.map(time).unwrap_or_default()),
         ("finished", r.finished_at_ms.map(time).unwrap_or_default()),
@@ -109,9 +133,22 @@ pub fn run_details(r: &v1::Run) -> String {
         lines.push(("image", i.clone()));
     }
     if let Some(c) = &spec.code {
-        let mut code = format!("{} files, {} (manifest {})", c.files, crate::snapshot::human_bytes(c.bytes), &c.manifest[..12.min(c.manifest.len())]);
+        let mut code = format!(
+            "{} files, {} (manifest {})",
+            c.files,
+            crate::snapshot::human_bytes(c.bytes),
+            &c.manifest[..12.min(c.manifest.len())]
+        );
         if let Some(g) = &c.git {
-            code.push_str(&format!("; git {}{}{}", &g.commit[..12.min(g.commit.len())], g.branch.as_ref().map(|b| format!(" on {b}")).unwrap_or_default(), if g.dirty { " (dirty)" } else { "" }));
+            code.push_str(&format!(
+                "; git {}{}{}",
+                &g.commit[..12.min(g.commit.len())],
+                g.branch
+                    .as_ref()
+                    .map(|b| format!(" on {b}"))
+                    .unwrap_or_default(),
+                if g.dirty { " (dirty)" } else { "" }
+            ));
         }
         lines.push(("code", code));
     }
@@ -123,13 +160,21 @@ pub fn run_details(r: &v1::Run) -> String {
                 "#{} {}{} on {}{}",
                 a.number,
                 a.end.clone().unwrap_or_else(|| a.state.clone()),
-                a.exit_code.map(|c| format!(" (exit {c})")).unwrap_or_default(),
+                a.exit_code
+                    .map(|c| format!(" (exit {c})"))
+                    .unwrap_or_default(),
                 nodes.join(", "),
-                a.message.as_ref().map(|m| format!(": {m}")).unwrap_or_default()
+                a.message
+                    .as_ref()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default()
             ),
         ));
     }
-    lines.into_iter().map(|(k, v)| format!("{k:<11} {v}\n")).collect()
+    lines
+        .into_iter()
+        .map(|(k, v)| format!("{k:<11} {v}\n"))
+        .collect()
 }
 
 /// Prints JSON.

@@ -64,7 +64,8 @@ pub fn build(dir: &Path, limits: SnapshotLimits) -> anyhow::Result<Snapshot> {
         .follow_links(false)
         .sort_by_file_name(|a, b| a.cmp(b));
     if use_amlignore {
-        walk.git_ignore(false).add_custom_ignore_filename(".amlignore");
+        walk.git_ignore(false)
+            .add_custom_ignore_filename(".amlignore");
     } else {
         walk.git_ignore(true).require_git(false);
     }
@@ -74,17 +75,29 @@ pub fn build(dir: &Path, limits: SnapshotLimits) -> anyhow::Result<Snapshot> {
         let item = item.with_context(|| format!("code: walking {}", dir.display()))?;
         let path = item.path();
         let rel = path.strip_prefix(dir).unwrap_or(path);
-        if rel.as_os_str().is_empty() || rel.components().next().is_some_and(|c| c.as_os_str() == ".git") {
+        if rel.as_os_str().is_empty()
+            || rel
+                .components()
+                .next()
+                .is_some_and(|c| c.as_os_str() == ".git")
+        {
             continue;
         }
         // Follow a symlink to its content; skip links to directories or nowhere.
-        let Ok(meta) = std::fs::metadata(path) else { continue };
+        let Ok(meta) = std::fs::metadata(path) else {
+            continue;
+        };
         if !meta.is_file() {
             continue;
         }
         let rel = rel
             .to_str()
-            .with_context(|| format!("code: {} is not a UTF-8 path; rename it or exclude it", rel.display()))?
+            .with_context(|| {
+                format!(
+                    "code: {} is not a UTF-8 path; rename it or exclude it",
+                    rel.display()
+                )
+            })?
             .replace('\\', "/");
         #[cfg(unix)]
         let executable = {
@@ -96,7 +109,11 @@ pub fn build(dir: &Path, limits: SnapshotLimits) -> anyhow::Result<Snapshot> {
         total += meta.len();
         entries.push((rel, path.to_path_buf(), meta.len(), executable));
     }
-    let ignore_file = if use_amlignore { ".amlignore" } else { ".amlignore (or .gitignore)" };
+    let ignore_file = if use_amlignore {
+        ".amlignore"
+    } else {
+        ".amlignore (or .gitignore)"
+    };
     if entries.len() > limits.max_files {
         anyhow::bail!(
             "code: the snapshot of {} has {} files, over the limit of {}: exclude files with a {ignore_file} in that directory (gitignore syntax, e.g. `data/` or `*.ckpt`), or raise the limit with --max-snapshot-files",
@@ -126,7 +143,12 @@ pub fn build(dir: &Path, limits: SnapshotLimits) -> anyhow::Result<Snapshot> {
     for (rel, path, size, executable) in entries {
         let sha256 = muster_agent::transfer::hash_file(&path)
             .with_context(|| format!("code: cannot read {}", path.display()))?;
-        files.push(ManifestEntry { path: rel, sha256, size, executable });
+        files.push(ManifestEntry {
+            path: rel,
+            sha256,
+            size,
+            executable,
+        });
         sources.push(path);
     }
     Ok(Snapshot {
@@ -137,11 +159,25 @@ pub fn build(dir: &Path, limits: SnapshotLimits) -> anyhow::Result<Snapshot> {
 }
 
 /// Uploads what the server lacks (files, then the manifest); returns the run's code reference.
-pub async fn upload(client: &mut BlobServiceClient<Channel>, snapshot: &Snapshot) -> anyhow::Result<(CodeRef, UploadStats)> {
-    let hashes: Vec<String> = snapshot.manifest.files.iter().map(|f| f.sha256.clone()).collect();
+pub async fn upload(
+    client: &mut BlobServiceClient<Channel>,
+    snapshot: &Snapshot,
+) -> anyhow::Result<(CodeRef, UploadStats)> {
+    let hashes: Vec<String> = snapshot
+        .manifest
+        .files
+        .iter()
+        .map(|f| f.sha256.clone())
+        .collect();
     let missing: std::collections::HashSet<String> =
-        muster_agent::transfer::missing(client, hashes).await?.into_iter().collect();
-    let mut stats = UploadStats { uploaded_files: 0, uploaded_bytes: 0 };
+        muster_agent::transfer::missing(client, hashes)
+            .await?
+            .into_iter()
+            .collect();
+    let mut stats = UploadStats {
+        uploaded_files: 0,
+        uploaded_bytes: 0,
+    };
     let mut done = std::collections::HashSet::new();
     for (entry, source) in snapshot.manifest.files.iter().zip(&snapshot.sources) {
         if missing.contains(&entry.sha256) && done.insert(entry.sha256.clone()) {
@@ -166,8 +202,15 @@ pub async fn upload(client: &mut BlobServiceClient<Channel>, snapshot: &Snapshot
 }
 
 fn git(dir: &Path, args: &[&str]) -> Option<String> {
-    let out = std::process::Command::new("git").arg("-C").arg(dir).args(args).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// The commit, branch and dirty flag of the work tree `dir` is in, if any.
@@ -175,7 +218,11 @@ pub fn git_info(dir: &Path) -> Option<GitInfo> {
     let commit = git(dir, &["rev-parse", "HEAD"]).filter(|c| !c.is_empty())?;
     let branch = git(dir, &["symbolic-ref", "--short", "-q", "HEAD"]).filter(|b| !b.is_empty());
     let dirty = git(dir, &["status", "--porcelain"]).is_some_and(|s| !s.is_empty());
-    Some(GitInfo { commit, branch, dirty })
+    Some(GitInfo {
+        commit,
+        branch,
+        dirty,
+    })
 }
 
 /// `1.5 MB`-style sizes.
@@ -187,7 +234,11 @@ pub fn human_bytes(n: u64) -> String {
         v /= 1000.0;
         unit += 1;
     }
-    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
 
 #[cfg(test)]
@@ -216,7 +267,10 @@ mod tests {
         write(d.path(), "sub/keep.txt", "x");
         write(d.path(), ".git/HEAD", "ref");
         let s = build(d.path(), SnapshotLimits::default()).unwrap();
-        assert_eq!(paths(&s), vec![".gitignore", "sub/.gitignore", "sub/keep.txt", "train.py"]);
+        assert_eq!(
+            paths(&s),
+            vec![".gitignore", "sub/.gitignore", "sub/keep.txt", "train.py"]
+        );
     }
 
     #[test]
@@ -236,9 +290,31 @@ mod tests {
         for i in 0..5 {
             write(d.path(), &format!("f{i}.txt"), "0123456789");
         }
-        let e = build(d.path(), SnapshotLimits { max_bytes: 1 << 20, max_files: 3 }).unwrap_err().to_string();
-        assert!(e.contains("5 files, over the limit of 3") && e.contains(".amlignore"), "{e}");
-        let e = build(d.path(), SnapshotLimits { max_bytes: 20, max_files: 100 }).unwrap_err().to_string();
-        assert!(e.contains("50 B, over the limit of 20 B") && e.contains("largest"), "{e}");
+        let e = build(
+            d.path(),
+            SnapshotLimits {
+                max_bytes: 1 << 20,
+                max_files: 3,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("5 files, over the limit of 3") && e.contains(".amlignore"),
+            "{e}"
+        );
+        let e = build(
+            d.path(),
+            SnapshotLimits {
+                max_bytes: 20,
+                max_files: 100,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("50 B, over the limit of 20 B") && e.contains("largest"),
+            "{e}"
+        );
     }
 }

@@ -30,8 +30,8 @@ pub use resources::{Capacity, Gpu, Resources};
 pub use schedule::{Decision, Placement, schedule};
 pub use spec::RunSpec;
 pub use state::{
-    Applied, ApplyError, Attempt, AttemptEnd, AttemptReport, AttemptState, Command, Node, NodeState, Run,
-    RunState, State,
+    Applied, ApplyError, Attempt, AttemptEnd, AttemptReport, AttemptState, Command, Node,
+    NodeState, Run, RunState, State,
 };
 
 /// Unix time in milliseconds, as chosen by the proposer of a command.

@@ -94,7 +94,7 @@ pub fn parse_cpu(text: &str) -> Result<u64, String> {
         return m.parse::<u64>().map_err(|_| bad());
     }
     let cores: f64 = t.parse().map_err(|_| bad())?;
-    if !cores.is_finite() || cores < 0.0 || cores > 1e9 {
+    if !cores.is_finite() || !(0.0..=1e9).contains(&cores) {
         return Err(bad());
     }
     Ok((cores * 1000.0).round() as u64)

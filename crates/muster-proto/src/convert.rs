@@ -3,8 +3,12 @@
 use muster_core::compute::{ComputeKind, ComputeSpec, Tier};
 use muster_core::snapshot::GitInfo as CoreGit;
 use muster_core::spec::{CodeRef as CoreCode, Distribution as CoreDist, Environment};
-use muster_core::state::{AttemptState, ComputeTarget as CoreCompute, Node as CoreNode, Run as CoreRun};
-use muster_core::{Placement as CorePlacement, Resources as CoreResources, RunSpec as CoreSpec, State};
+use muster_core::state::{
+    AttemptState, ComputeTarget as CoreCompute, Node as CoreNode, Run as CoreRun,
+};
+use muster_core::{
+    Placement as CorePlacement, Resources as CoreResources, RunSpec as CoreSpec, State,
+};
 
 use crate::v1;
 
@@ -195,7 +199,11 @@ pub fn run_to_wire(state: &State, r: &CoreRun) -> v1::Run {
             .iter()
             .map(|a| v1::Attempt {
                 number: a.number,
-                placements: a.placements.iter().map(|p| placement_to_wire(state, p)).collect(),
+                placements: a
+                    .placements
+                    .iter()
+                    .map(|p| placement_to_wire(state, p))
+                    .collect(),
                 state: match a.state {
                     AttemptState::Scheduled => "scheduled",
                     AttemptState::Preparing => "preparing",
@@ -221,7 +229,11 @@ pub fn run_to_wire(state: &State, r: &CoreRun) -> v1::Run {
 /// A compute target as the API shows it, with a summary of its nodes and runs.
 pub fn compute_to_wire(state: &State, c: &CoreCompute) -> v1::ComputeTarget {
     let name = &c.spec.name;
-    let nodes: Vec<&CoreNode> = state.nodes.values().filter(|n| &n.compute == name).collect();
+    let nodes: Vec<&CoreNode> = state
+        .nodes
+        .values()
+        .filter(|n| &n.compute == name)
+        .collect();
     let mut capacity = CoreResources::default();
     let mut allocated = CoreResources::default();
     for n in &nodes {

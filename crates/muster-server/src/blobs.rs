@@ -23,7 +23,9 @@ pub enum BlobError {
     #[error("{0:?} is not a blob address (64 lowercase hex digits of SHA-256)")]
     BadAddress(String),
     /// The content does not hash to the address named.
-    #[error("the uploaded content hashes to {actual}, not {expected}: the upload was corrupted; retry it")]
+    #[error(
+        "the uploaded content hashes to {actual}, not {expected}: the upload was corrupted; retry it"
+    )]
     DigestMismatch {
         /// The address named by the client.
         expected: String,
@@ -160,7 +162,9 @@ impl BlobWriter {
             });
         }
         let file = self.file.take().expect("open until finish");
-        let file = file.into_inner().map_err(|e| io_err(&self.tmp, e.into_error()))?;
+        let file = file
+            .into_inner()
+            .map_err(|e| io_err(&self.tmp, e.into_error()))?;
         file.sync_all().map_err(|e| io_err(&self.tmp, e))?;
         drop(file);
         if let Some(dir) = self.dest.parent() {
@@ -197,9 +201,21 @@ mod tests {
         assert!(matches!(w.finish(), Err(BlobError::DigestMismatch { .. })));
         assert!(!store.has(&"0".repeat(64)));
         let mut w = store.writer(&"1".repeat(64), 4).unwrap();
-        assert!(matches!(w.write(b"too long"), Err(BlobError::TooLarge { .. })));
-        assert!(matches!(store.get(&"2".repeat(64)), Err(BlobError::NotFound(_))));
+        assert!(matches!(
+            w.write(b"too long"),
+            Err(BlobError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            store.get(&"2".repeat(64)),
+            Err(BlobError::NotFound(_))
+        ));
         assert!(matches!(store.get("../etc"), Err(BlobError::BadAddress(_))));
-        assert_eq!(std::fs::read_dir(dir.path().join("blobs/tmp")).unwrap().count(), 0);
+        drop(w);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("blobs/tmp"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 }

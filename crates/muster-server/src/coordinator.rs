@@ -34,7 +34,10 @@ struct NoPeers;
 
 impl Transport for NoPeers {
     fn send(&self, to: u64, _message: Vec<u8>) {
-        tracing::warn!(to, "raft tried to message a peer, but this server has no peers configured");
+        tracing::warn!(
+            to,
+            "raft tried to message a peer, but this server has no peers configured"
+        );
     }
 }
 
@@ -72,8 +75,18 @@ impl Coordinator {
         let state = Arc::new(RwLock::new(State::default()));
         let (applied_tx, applied) = watch::channel(0);
         let machine = Machine::new(state.clone(), applied_tx);
-        let raft = RaftNode::start(config.raft.clone(), &dir.join("raft"), machine, Arc::new(NoPeers))
-            .with_context(|| format!("cannot open the replicated log in {}", dir.join("raft").display()))?;
+        let raft = RaftNode::start(
+            config.raft.clone(),
+            &dir.join("raft"),
+            machine,
+            Arc::new(NoPeers),
+        )
+        .with_context(|| {
+            format!(
+                "cannot open the replicated log in {}",
+                dir.join("raft").display()
+            )
+        })?;
         let blobs = BlobStore::open(dir.join("blobs"))
             .with_context(|| format!("cannot open the blob store in {}", dir.display()))?;
         let logs = LogStore::open(dir.join("logs"))
@@ -108,13 +121,17 @@ impl Coordinator {
             };
             match self.propose(cmd).await {
                 Ok(_) | Err(ProposalError::Rejected(ApplyError::ComputeExists(_))) => return Ok(()),
-                Err(ProposalError::Raft(ProposeError::NotLeader { .. } | ProposeError::Dropped)) => {
+                Err(ProposalError::Raft(
+                    ProposeError::NotLeader { .. } | ProposeError::Dropped,
+                )) => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(e) => return Err(e).context("cannot create the local compute target"),
             }
         }
-        anyhow::bail!("the server did not become leader within 5 s; cannot create the local compute target")
+        anyhow::bail!(
+            "the server did not become leader within 5 s; cannot create the local compute target"
+        )
     }
 
     /// Proposes a command and waits until it is applied here.
@@ -147,12 +164,19 @@ impl Coordinator {
 
     /// Records a heartbeat from a node.
     pub fn heartbeat(&self, node_id: &str) {
-        self.heartbeats.lock().expect("heartbeat lock").insert(node_id.to_string(), now_ms());
+        self.heartbeats
+            .lock()
+            .expect("heartbeat lock")
+            .insert(node_id.to_string(), now_ms());
     }
 
     /// The last heartbeat of a node, in Unix ms, as seen by this server.
     pub fn last_heartbeat(&self, node_id: &str) -> Option<u64> {
-        self.heartbeats.lock().expect("heartbeat lock").get(node_id).copied()
+        self.heartbeats
+            .lock()
+            .expect("heartbeat lock")
+            .get(node_id)
+            .copied()
     }
 
     /// Forgets all heartbeats (a new leader gives every node a fresh grace period).

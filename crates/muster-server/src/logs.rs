@@ -54,7 +54,14 @@ impl LogStore {
     }
 
     /// Appends `data`, which the agent says starts at `offset`.
-    pub fn append(&self, run: &str, attempt: u32, rank: u32, offset: u64, data: &[u8]) -> io::Result<Append> {
+    pub fn append(
+        &self,
+        run: &str,
+        attempt: u32,
+        rank: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> io::Result<Append> {
         let key = (run.to_string(), attempt, rank);
         let mut open = self.open.lock().expect("log lock");
         if !open.contains_key(&key) {
@@ -62,7 +69,11 @@ impl LogStore {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;
             }
-            let file = OpenOptions::new().create(true).append(true).read(true).open(&path)?;
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .read(true)
+                .open(&path)?;
             let len = file.metadata()?.len();
             open.insert(key.clone(), (file, len));
         }
@@ -81,15 +92,26 @@ impl LogStore {
 
     /// The stored length of a log.
     pub fn len(&self, run: &str, attempt: u32, rank: u32) -> u64 {
-        if let Some((_, len)) = self.open.lock().expect("log lock").get(&(run.to_string(), attempt, rank)) {
+        if let Some((_, len)) =
+            self.open
+                .lock()
+                .expect("log lock")
+                .get(&(run.to_string(), attempt, rank))
+        {
             return *len;
         }
-        std::fs::metadata(self.path(run, attempt, rank)).map(|m| m.len()).unwrap_or(0)
+        std::fs::metadata(self.path(run, attempt, rank))
+            .map(|m| m.len())
+            .unwrap_or(0)
     }
 
     /// Makes a log durable and closes it (called before an attempt's end is proposed).
     pub fn seal(&self, run: &str, attempt: u32, rank: u32) -> io::Result<()> {
-        let entry = self.open.lock().expect("log lock").remove(&(run.to_string(), attempt, rank));
+        let entry = self
+            .open
+            .lock()
+            .expect("log lock")
+            .remove(&(run.to_string(), attempt, rank));
         if let Some((file, _)) = entry {
             file.sync_all()?;
         }
@@ -98,7 +120,14 @@ impl LogStore {
     }
 
     /// Reads up to `max` bytes from `offset`; empty at the end (or if there is no log).
-    pub fn read(&self, run: &str, attempt: u32, rank: u32, offset: u64, max: usize) -> io::Result<Vec<u8>> {
+    pub fn read(
+        &self,
+        run: &str,
+        attempt: u32,
+        rank: u32,
+        offset: u64,
+        max: usize,
+    ) -> io::Result<Vec<u8>> {
         read_at(&self.path(run, attempt, rank), offset, max)
     }
 }
@@ -123,8 +152,14 @@ mod tests {
     fn appends_trim_overlaps_and_refuse_gaps() {
         let dir = tempfile::tempdir().unwrap();
         let logs = LogStore::open(dir.path().to_path_buf()).unwrap();
-        assert_eq!(logs.append("r", 1, 0, 0, b"hello ").unwrap(), Append::Stored(6));
-        assert_eq!(logs.append("r", 1, 0, 3, b"lo world").unwrap(), Append::Stored(11));
+        assert_eq!(
+            logs.append("r", 1, 0, 0, b"hello ").unwrap(),
+            Append::Stored(6)
+        );
+        assert_eq!(
+            logs.append("r", 1, 0, 3, b"lo world").unwrap(),
+            Append::Stored(11)
+        );
         assert_eq!(logs.append("r", 1, 0, 20, b"x").unwrap(), Append::Gap(11));
         logs.seal("r", 1, 0).unwrap();
         assert_eq!(logs.read("r", 1, 0, 0, 100).unwrap(), b"hello world");

@@ -46,7 +46,8 @@ impl Metrics {
     pub(crate) fn observe_schedule(&self, took: Duration, placed: usize) {
         self.schedule_seconds.observe(took.as_secs_f64());
         self.placements.inc_by(placed as u64);
-        self.last_pass_micros.store(took.as_micros() as u64, Ordering::Relaxed);
+        self.last_pass_micros
+            .store(took.as_micros() as u64, Ordering::Relaxed);
     }
 }
 
@@ -69,7 +70,10 @@ async fn healthz(State(c): State<Arc<Coordinator>>) -> Response {
     let body = format!(
         "ok\nrole: {:?}\nleader: {}\napplied: {}\n",
         status.role,
-        status.leader.map(|l| l.to_string()).unwrap_or_else(|| "none".into()),
+        status
+            .leader
+            .map(|l| l.to_string())
+            .unwrap_or_else(|| "none".into()),
         status.applied_index
     );
     (StatusCode::OK, body).into_response()
@@ -78,14 +82,33 @@ async fn healthz(State(c): State<Arc<Coordinator>>) -> Response {
 async fn metrics(State(c): State<Arc<Coordinator>>) -> Response {
     let mut registry = Registry::with_prefix("muster");
     let m = &c.metrics;
-    registry.register("raft_proposals", "Commands applied through Raft by this server", m.proposals.clone());
-    registry.register("runs_submitted", "Runs accepted by this server", m.runs_submitted.clone());
-    registry.register("placements", "Placements decided by this server's scheduler", m.placements.clone());
-    registry.register("schedule_pass_seconds", "Duration of one scheduling pass", m.schedule_seconds.clone());
+    registry.register(
+        "raft_proposals",
+        "Commands applied through Raft by this server",
+        m.proposals.clone(),
+    );
+    registry.register(
+        "runs_submitted",
+        "Runs accepted by this server",
+        m.runs_submitted.clone(),
+    );
+    registry.register(
+        "placements",
+        "Placements decided by this server's scheduler",
+        m.placements.clone(),
+    );
+    registry.register(
+        "schedule_pass_seconds",
+        "Duration of one scheduling pass",
+        m.schedule_seconds.clone(),
+    );
     let runs = Family::<StateLabel, Gauge>::default();
     let (nodes, applied) = c.read(|s| {
         for r in s.runs.values() {
-            runs.get_or_create(&StateLabel { state: r.state.as_str().to_string() }).inc();
+            runs.get_or_create(&StateLabel {
+                state: r.state.as_str().to_string(),
+            })
+            .inc();
         }
         (s.nodes.len() as i64, c.raft().status().applied_index as i64)
     });
@@ -95,40 +118,38 @@ async fn metrics(State(c): State<Arc<Coordinator>>) -> Response {
     registry.register("nodes", "Registered nodes", g);
     let a = Gauge::<i64>::default();
     a.set(applied);
-    registry.register("raft_applied_index", "Highest log index applied on this server", a);
+    registry.register(
+        "raft_applied_index",
+        "Highest log index applied on this server",
+        a,
+    );
     let mut body = String::new();
     if encode(&mut body, &registry).is_err() {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn ms(t: Option<u64>) -> String {
     t.map(|t| {
-        humantime_like(t)
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(t))
+            .to_string()
     })
     .unwrap_or_default()
-}
-
-fn humantime_like(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (d, rem) = (secs / 86_400, secs % 86_400);
-    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
-    // Days since the epoch to a civil date (Howard Hinnant's algorithm).
-    let z = d as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {h:02}:{m:02}:{s:02}Z")
 }
 
 const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}.completed{color:#176f2c}.failed,.timed_out{color:#b00020}.running{color:#0b57d0}.canceled{color:#777}pre{background:#f6f8fa;padding:1em;overflow:auto}";
@@ -166,12 +187,18 @@ async fn index(State(c): State<Arc<Coordinator>>) -> Html<String> {
 }
 
 async fn run_page(State(c): State<Arc<Coordinator>>, Path(id): Path<String>) -> Response {
-    let Some((run, attempts)) = c.read(|s| s.runs.get(&id).map(|r| (r.clone(), r.attempt_number()))) else {
+    let Some((run, attempts)) =
+        c.read(|s| s.runs.get(&id).map(|r| (r.clone(), r.attempt_number())))
+    else {
         return (StatusCode::NOT_FOUND, format!("run {id} does not exist")).into_response();
     };
     let mut html = format!(
         "<!doctype html><html><head><meta charset=utf-8>{}<title>{}</title><style>{STYLE}</style></head><body><p><a href=\"/\">← runs</a></p><h1>{}</h1>",
-        if run.state.is_terminal() { "" } else { "<meta http-equiv=refresh content=2>" },
+        if run.state.is_terminal() {
+            ""
+        } else {
+            "<meta http-equiv=refresh content=2>"
+        },
         esc(&run.id),
         esc(&run.id)
     );
@@ -190,7 +217,11 @@ async fn run_page(State(c): State<Arc<Coordinator>>, Path(id): Path<String>) -> 
     );
     for attempt in 1..=attempts {
         let log = c.logs.read(&id, attempt, 0, 0, 1 << 20).unwrap_or_default();
-        let _ = write!(html, "<h2>Attempt {attempt}</h2><pre>{}</pre>", esc(&String::from_utf8_lossy(&log)));
+        let _ = write!(
+            html,
+            "<h2>Attempt {attempt}</h2><pre>{}</pre>",
+            esc(&String::from_utf8_lossy(&log))
+        );
     }
     if run.state == RunState::Queued {
         html.push_str("<p>Waiting for placement.</p>");

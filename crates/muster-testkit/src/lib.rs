@@ -16,8 +16,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use muster_agent::{GpuProbe, GpuReport, NoGpus};
-use muster_cli::client::Clients;
 use muster_cli::DevConfig;
+use muster_cli::client::Clients;
 use muster_core::Gpu;
 use tokio::task::JoinHandle;
 
@@ -27,7 +27,10 @@ pub fn init_tracing() {
     ONCE.get_or_init(|| {
         let filter = tracing_subscriber::EnvFilter::try_from_env("MUSTER_LOG")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
     });
 }
 
@@ -96,7 +99,11 @@ impl DevCluster {
         Ok(c)
     }
 
-    async fn launch(data_dir: PathBuf, addr: SocketAddr, tweak: fn(&mut DevConfig)) -> anyhow::Result<DevCluster> {
+    async fn launch(
+        data_dir: PathBuf,
+        addr: SocketAddr,
+        tweak: fn(&mut DevConfig),
+    ) -> anyhow::Result<DevCluster> {
         init_tracing();
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
@@ -107,7 +114,14 @@ impl DevCluster {
         let task = tokio::spawn(muster_cli::serve_dev(listener, config, async move {
             let _ = stopped.await;
         }));
-        let cluster = DevCluster { addr, data_dir, _temp: None, stop: Some(stop), task: Some(task), tweak };
+        let cluster = DevCluster {
+            addr,
+            data_dir,
+            _temp: None,
+            stop: Some(stop),
+            task: Some(task),
+            tweak,
+        };
         cluster.wait_ready().await?;
         Ok(cluster)
     }
@@ -126,7 +140,10 @@ impl DevCluster {
     async fn wait_ready(&self) -> anyhow::Result<()> {
         for _ in 0..200 {
             if let Ok(mut c) = self.clients().await
-                && let Ok(nodes) = c.compute.list_nodes(muster_proto::v1::ListNodesRequest { compute: None }).await
+                && let Ok(nodes) = c
+                    .compute
+                    .list_nodes(muster_proto::v1::ListNodesRequest { compute: None })
+                    .await
                 && nodes.get_ref().nodes.iter().any(|n| n.state == "ready")
             {
                 return Ok(());
@@ -174,7 +191,15 @@ pub fn muster_bin() -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
         let out = Command::new(cargo)
-            .args(["build", "-p", "muster-cli", "--bin", "muster", "--message-format=json", "--manifest-path"])
+            .args([
+                "build",
+                "-p",
+                "muster-cli",
+                "--bin",
+                "muster",
+                "--message-format=json",
+                "--manifest-path",
+            ])
             .arg(&manifest)
             .stderr(Stdio::inherit())
             .output()
@@ -182,10 +207,10 @@ pub fn muster_bin() -> PathBuf {
         assert!(out.status.success(), "building the muster binary failed");
         String::from_utf8_lossy(&out.stdout)
             .lines()
+            .rev()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "muster")
-            .filter_map(|v| v["executable"].as_str().map(PathBuf::from))
-            .last()
+            .find_map(|v| v["executable"].as_str().map(PathBuf::from))
             .expect("cargo reports the muster executable")
     })
     .clone()
@@ -246,7 +271,9 @@ pub struct DevProcess {
 impl DevProcess {
     /// Starts `muster dev` on a free port over `data_dir` and waits until it serves.
     pub async fn start(data_dir: &Path) -> anyhow::Result<DevProcess> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         Self::start_on(data_dir, format!("127.0.0.1:{port}").parse()?).await
     }
 
@@ -258,10 +285,17 @@ impl DevProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        let mut p = DevProcess { addr, data_dir: data_dir.to_path_buf(), child: Some(child) };
+        let mut p = DevProcess {
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            child: Some(child),
+        };
         for _ in 0..200 {
             if let Ok(mut c) = muster_cli::client::connect(&p.url()).await
-                && let Ok(nodes) = c.compute.list_nodes(muster_proto::v1::ListNodesRequest { compute: None }).await
+                && let Ok(nodes) = c
+                    .compute
+                    .list_nodes(muster_proto::v1::ListNodesRequest { compute: None })
+                    .await
                 && nodes.get_ref().nodes.iter().any(|n| n.state == "ready")
             {
                 return Ok(p);

@@ -14,10 +14,27 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::{Launch, Outcome, Stop, StopReason};
 
 /// Runs `launch` until it exits, is stopped, or times out. `started` fires once the process runs.
-pub(crate) async fn run(launch: Launch, mut stop: watch::Receiver<Option<Stop>>, started: oneshot::Sender<()>) -> Outcome {
-    let log = match tokio::fs::OpenOptions::new().create(true).append(true).open(&launch.log_path).await {
+pub(crate) async fn run(
+    launch: Launch,
+    mut stop: watch::Receiver<Option<Stop>>,
+    started: oneshot::Sender<()>,
+) -> Outcome {
+    let log = match tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&launch.log_path)
+        .await
+    {
         Ok(f) => f,
-        Err(e) => return failed(None, format!("cannot open the log file {}: {e}", launch.log_path.display())),
+        Err(e) => {
+            return failed(
+                None,
+                format!(
+                    "cannot open the log file {}: {e}",
+                    launch.log_path.display()
+                ),
+            );
+        }
     };
     let mut child = match tokio::process::Command::new("sh")
         .arg("-c")
@@ -50,8 +67,14 @@ pub(crate) async fn run(launch: Launch, mut stop: watch::Receiver<Option<Stop>>,
         let _ = log.sync_all().await;
     });
     let readers = [
-        child.stdout.take().map(|s| tokio::spawn(pump(s, tx.clone()))),
-        child.stderr.take().map(|s| tokio::spawn(pump(s, tx.clone()))),
+        child
+            .stdout
+            .take()
+            .map(|s| tokio::spawn(pump(s, tx.clone()))),
+        child
+            .stderr
+            .take()
+            .map(|s| tokio::spawn(pump(s, tx.clone()))),
     ];
     drop(tx);
 
@@ -138,7 +161,11 @@ async fn wait_stop(stop: &mut watch::Receiver<Option<Stop>>) -> Stop {
 }
 
 /// SIGTERM to the group, wait up to `grace`, then SIGKILL.
-async fn terminate(child: &mut tokio::process::Child, pgid: Option<Pid>, grace: Duration) -> std::io::Result<ExitStatus> {
+async fn terminate(
+    child: &mut tokio::process::Child,
+    pgid: Option<Pid>,
+    grace: Duration,
+) -> std::io::Result<ExitStatus> {
     if let Some(pgid) = pgid {
         let _ = killpg(pgid, Signal::SIGTERM);
     }
@@ -180,7 +207,9 @@ fn describe(status: ExitStatus) -> String {
         (Some(c), _) => format!("exited with code {c}"),
         (None, Some(s)) => format!(
             "killed by signal {}",
-            Signal::try_from(s).map(|s| s.as_str().to_string()).unwrap_or_else(|_| s.to_string())
+            Signal::try_from(s)
+                .map(|s| s.as_str().to_string())
+                .unwrap_or_else(|_| s.to_string())
         ),
         _ => "ended without an exit code".into(),
     }
@@ -205,7 +234,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_stop_tx, stop) = watch::channel(None);
         let (started, _) = oneshot::channel();
-        let out = run(launch(dir.path(), "echo $GREETING; echo err >&2; exit 3", None), stop, started).await;
+        let out = run(
+            launch(dir.path(), "echo $GREETING; echo err >&2; exit 3", None),
+            stop,
+            started,
+        )
+        .await;
         assert_eq!(out.end, AttemptEnd::Failed);
         assert_eq!(out.exit_code, Some(3));
         assert_eq!(out.message.as_deref(), Some("exited with code 3"));
@@ -219,10 +253,17 @@ mod tests {
         let (stop_tx, stop) = watch::channel(None);
         let (started, started_rx) = oneshot::channel();
         // The shell ignores SIGTERM, so only SIGKILL after the grace ends it.
-        let task = tokio::spawn(run(launch(dir.path(), "trap '' TERM; sleep 30 & wait; sleep 30", None), stop, started));
+        let task = tokio::spawn(run(
+            launch(dir.path(), "trap '' TERM; sleep 30 & wait; sleep 30", None),
+            stop,
+            started,
+        ));
         started_rx.await.unwrap();
         let t0 = std::time::Instant::now();
-        stop_tx.send_replace(Some(Stop { reason: StopReason::Canceled, grace: Duration::from_millis(300) }));
+        stop_tx.send_replace(Some(Stop {
+            reason: StopReason::Canceled,
+            grace: Duration::from_millis(300),
+        }));
         let out = task.await.unwrap();
         assert_eq!(out.end, AttemptEnd::Canceled);
         assert!(t0.elapsed() < Duration::from_secs(5));
@@ -233,7 +274,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_stop_tx, stop) = watch::channel(None);
         let (started, _) = oneshot::channel();
-        let out = run(launch(dir.path(), "sleep 30", Some(Duration::from_millis(200))), stop, started).await;
+        let out = run(
+            launch(dir.path(), "sleep 30", Some(Duration::from_millis(200))),
+            stop,
+            started,
+        )
+        .await;
         assert_eq!(out.end, AttemptEnd::TimedOut);
     }
 }

@@ -11,11 +11,19 @@ use crate::cli::AgentArgs;
 
 /// Runs an agent until Ctrl-C.
 pub async fn run(server: &str, args: AgentArgs) -> anyhow::Result<()> {
-    let data_dir = args.data_dir.unwrap_or_else(|| super::default_data_dir("agent"));
+    let data_dir = args
+        .data_dir
+        .unwrap_or_else(|| super::default_data_dir("agent"));
     let mut config = AgentConfig::new(String::new(), data_dir, args.compute);
     config.servers = server
         .split(',')
-        .map(|s| if s.contains("://") { s.trim().to_string() } else { format!("http://{}", s.trim()) })
+        .map(|s| {
+            if s.contains("://") {
+                s.trim().to_string()
+            } else {
+                format!("http://{}", s.trim())
+            }
+        })
         .collect();
     if let Some(name) = args.name {
         config.name = name;
@@ -23,10 +31,25 @@ pub async fn run(server: &str, args: AgentArgs) -> anyhow::Result<()> {
     config.tier = Tier::parse(&args.tier).map_err(|e| anyhow::anyhow!("--tier: {e}"))?;
     config.labels = parse_labels(&args.labels)?;
     config.advertise_addr = args.advertise_addr;
-    config.cpu_millis = args.cpus.as_deref().map(parse_cpu).transpose().map_err(|e| anyhow::anyhow!("--cpus: {e}"))?;
-    config.memory_bytes = args.memory.as_deref().map(parse_memory).transpose().map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
+    config.cpu_millis = args
+        .cpus
+        .as_deref()
+        .map(parse_cpu)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--cpus: {e}"))?;
+    config.memory_bytes = args
+        .memory
+        .as_deref()
+        .map(parse_memory)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
     config.gpu_probe = Arc::new(NvmlProbe);
-    eprintln!("muster agent {} joining compute {} via {}", config.name, config.compute, config.servers.join(", "));
+    eprintln!(
+        "muster agent {} joining compute {} via {}",
+        config.name,
+        config.compute,
+        config.servers.join(", ")
+    );
     muster_agent::run(config, super::shutdown_signal()).await
 }
 

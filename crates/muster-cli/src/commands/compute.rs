@@ -20,18 +20,29 @@ pub async fn run(server: &str, output: OutputFormat, cmd: ComputeCommand) -> any
             let spec = create.expect("parsed above");
             let created = c
                 .compute
-                .create_compute(v1::CreateComputeRequest { compute: Some(muster_proto::compute_spec_to_wire(&spec)) })
+                .create_compute(v1::CreateComputeRequest {
+                    compute: Some(muster_proto::compute_spec_to_wire(&spec)),
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
             show(output, &created);
         }
         ComputeCommand::List => {
-            let list = c.compute.list_computes(v1::ListComputesRequest {}).await.map_err(status)?.into_inner();
+            let list = c
+                .compute
+                .list_computes(v1::ListComputesRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
             if output == OutputFormat::Json {
-                print_json(&json!(list.computes.iter().map(compute_json).collect::<Vec<_>>()));
+                print_json(&json!(
+                    list.computes.iter().map(compute_json).collect::<Vec<_>>()
+                ));
             } else {
-                let mut t = table(&["NAME", "TYPE", "TIER", "NODES", "MIN", "MAX", "QUEUED", "ACTIVE"]);
+                let mut t = table(&[
+                    "NAME", "TYPE", "TIER", "NODES", "MIN", "MAX", "QUEUED", "ACTIVE",
+                ]);
                 for c in &list.computes {
                     t.add_row(vec![
                         c.name.clone(),
@@ -48,11 +59,19 @@ pub async fn run(server: &str, output: OutputFormat, cmd: ComputeCommand) -> any
             }
         }
         ComputeCommand::Show { name } => {
-            let got = c.compute.get_compute(v1::GetComputeRequest { name }).await.map_err(status)?.into_inner();
+            let got = c
+                .compute
+                .get_compute(v1::GetComputeRequest { name })
+                .await
+                .map_err(status)?
+                .into_inner();
             show(output, &got);
         }
         ComputeCommand::Delete { name } => {
-            c.compute.delete_compute(v1::DeleteComputeRequest { name: name.clone() }).await.map_err(status)?;
+            c.compute
+                .delete_compute(v1::DeleteComputeRequest { name: name.clone() })
+                .await
+                .map_err(status)?;
             if output == OutputFormat::Json {
                 print_json(&json!({"deleted": name}));
             } else {
@@ -66,13 +85,22 @@ pub async fn run(server: &str, output: OutputFormat, cmd: ComputeCommand) -> any
 fn spec_from_args(a: &ComputeCreateArgs) -> anyhow::Result<ComputeSpec> {
     let mut spec = match &a.file {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-            parse_compute_yaml(&text, a.name.as_deref()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+            parse_compute_yaml(&text, a.name.as_deref())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
         }
         None => {
-            let name = a.name.clone().ok_or_else(|| anyhow::anyhow!("give the compute target a NAME, or a YAML file with -f"))?;
-            let kind = a.kind.as_deref().ok_or_else(|| anyhow::anyhow!("--type: missing: use local, cluster, instance or attached"))?;
-            ComputeSpec::new(name, ComputeKind::parse(kind).map_err(|e| anyhow::anyhow!("--type: {e}"))?)
+            let name = a.name.clone().ok_or_else(|| {
+                anyhow::anyhow!("give the compute target a NAME, or a YAML file with -f")
+            })?;
+            let kind = a.kind.as_deref().ok_or_else(|| {
+                anyhow::anyhow!("--type: missing: use local, cluster, instance or attached")
+            })?;
+            ComputeSpec::new(
+                name,
+                ComputeKind::parse(kind).map_err(|e| anyhow::anyhow!("--type: {e}"))?,
+            )
         }
     };
     if let Some(k) = &a.kind
@@ -130,10 +158,16 @@ fn show(output: OutputFormat, c: &v1::ComputeTarget) {
         println!("size        {s}");
     }
     if c.r#type == "cluster" {
-        println!("instances   {} to {} (idle {} s before scale-down)", c.min_instances, c.max_instances, c.idle_time_before_scale_down_s);
+        println!(
+            "instances   {} to {} (idle {} s before scale-down)",
+            c.min_instances, c.max_instances, c.idle_time_before_scale_down_s
+        );
     }
     println!("nodes       {}", c.nodes);
-    println!("runs        {} queued, {} active", c.queued_runs, c.active_runs);
+    println!(
+        "runs        {} queued, {} active",
+        c.queued_runs, c.active_runs
+    );
     println!(
         "cpu         {:.1} of {:.1} allocated",
         alloc.cpu_millis as f64 / 1000.0,

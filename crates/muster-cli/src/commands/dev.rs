@@ -36,7 +36,11 @@ impl DevConfig {
 }
 
 /// Runs a dev cluster on `listener` until `shutdown`: the agent stops first, then the server.
-pub async fn serve(listener: TcpListener, config: DevConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    config: DevConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let mut server_config = config.server.clone();
     server_config.data_dir = config.data_dir.join("server");
@@ -44,7 +48,11 @@ pub async fn serve(listener: TcpListener, config: DevConfig, shutdown: impl Futu
     let server = tokio::spawn(muster_server::run(listener, server_config, async move {
         let _ = server_stopped.await;
     }));
-    let mut agent_config = AgentConfig::new(format!("http://{addr}"), config.data_dir.join("agent"), "local");
+    let mut agent_config = AgentConfig::new(
+        format!("http://{addr}"),
+        config.data_dir.join("agent"),
+        "local",
+    );
     agent_config.unlimited = true;
     agent_config.gpu_probe = config.gpu_probe.clone();
     let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -71,7 +79,9 @@ pub async fn serve(listener: TcpListener, config: DevConfig, shutdown: impl Futu
 
 /// `muster dev` from the command line.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
-    let data_dir = args.data_dir.unwrap_or_else(|| super::default_data_dir("dev"));
+    let data_dir = args
+        .data_dir
+        .unwrap_or_else(|| super::default_data_dir("dev"));
     let listener = super::server::bind(&args.listen).await?;
     let addr = listener.local_addr()?;
     eprintln!("muster dev: server, local agent and web UI on http://{addr}");

@@ -14,27 +14,71 @@ pub async fn run(server: &str, output: OutputFormat, cmd: NodeCommand) -> anyhow
         NodeCommand::List { compute } => (compute.clone(), None),
         NodeCommand::Show { node } => (None, Some(node.clone())),
     };
-    let nodes = c.compute.list_nodes(v1::ListNodesRequest { compute }).await.map_err(status)?.into_inner().nodes;
+    let nodes = c
+        .compute
+        .list_nodes(v1::ListNodesRequest { compute })
+        .await
+        .map_err(status)?
+        .into_inner()
+        .nodes;
     if let Some(wanted) = only {
         let node = nodes
             .iter()
             .find(|n| n.name == wanted || n.id == wanted)
-            .ok_or_else(|| anyhow::anyhow!("node {wanted:?} is not registered: list nodes with `muster node list`"))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "node {wanted:?} is not registered: list nodes with `muster node list`"
+                )
+            })?;
         if output == OutputFormat::Json {
             print_json(&node_json(node));
         } else {
             let cap = node.capacity.unwrap_or_default();
             let alloc = node.allocated.unwrap_or_default();
-            println!("name        {}\nid          {}\ncompute     {}\nstate       {}{}\ntier        {}\naddress     {}", node.name, node.id, node.compute, node.state, node.state_reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default(), node.tier, node.address);
-            println!("cpu         {:.1} of {:.1} allocated", alloc.cpu_millis as f64 / 1000.0, cap.cpu_millis as f64 / 1000.0);
-            println!("memory      {} of {} allocated", human_bytes(alloc.memory_bytes), human_bytes(cap.memory_bytes));
+            println!(
+                "name        {}\nid          {}\ncompute     {}\nstate       {}{}\ntier        {}\naddress     {}",
+                node.name,
+                node.id,
+                node.compute,
+                node.state,
+                node.state_reason
+                    .as_ref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default(),
+                node.tier,
+                node.address
+            );
+            println!(
+                "cpu         {:.1} of {:.1} allocated",
+                alloc.cpu_millis as f64 / 1000.0,
+                cap.cpu_millis as f64 / 1000.0
+            );
+            println!(
+                "memory      {} of {} allocated",
+                human_bytes(alloc.memory_bytes),
+                human_bytes(cap.memory_bytes)
+            );
             println!("gpus        {} of {} allocated", alloc.gpus, cap.gpus);
             for g in &node.gpus {
-                let used = if node.allocated_gpus.contains(&g.uuid) { "in use" } else { "free" };
-                println!("  {} {} {} ({used})", g.uuid, g.model, human_bytes(g.memory_bytes));
+                let used = if node.allocated_gpus.contains(&g.uuid) {
+                    "in use"
+                } else {
+                    "free"
+                };
+                println!(
+                    "  {} {} {} ({used})",
+                    g.uuid,
+                    g.model,
+                    human_bytes(g.memory_bytes)
+                );
             }
             println!("runs        {}", node.runs.join(", "));
-            println!("heartbeat   {}", node.last_heartbeat_ms.map(time).unwrap_or_else(|| "none seen by this server".into()));
+            println!(
+                "heartbeat   {}",
+                node.last_heartbeat_ms
+                    .map(time)
+                    .unwrap_or_else(|| "none seen by this server".into())
+            );
         }
         return Ok(());
     }
@@ -48,8 +92,16 @@ pub async fn run(server: &str, output: OutputFormat, cmd: NodeCommand) -> anyhow
                 n.name.clone(),
                 n.compute.clone(),
                 n.state.clone(),
-                if cap.cpu_millis == 0 { "-".into() } else { format!("{:.1}", cap.cpu_millis as f64 / 1000.0) },
-                if cap.memory_bytes == 0 { "-".into() } else { human_bytes(cap.memory_bytes) },
+                if cap.cpu_millis == 0 {
+                    "-".into()
+                } else {
+                    format!("{:.1}", cap.cpu_millis as f64 / 1000.0)
+                },
+                if cap.memory_bytes == 0 {
+                    "-".into()
+                } else {
+                    human_bytes(cap.memory_bytes)
+                },
                 format!("{}/{}", n.allocated_gpus.len(), n.gpus.len()),
                 n.runs.len().to_string(),
             ]);

@@ -20,12 +20,22 @@ use crate::snapshot::{self, SnapshotLimits, human_bytes};
 /// Runs a `muster run` command; returns the process exit code.
 pub async fn run(server: &str, output: OutputFormat, cmd: RunCommand) -> anyhow::Result<i32> {
     match cmd {
-        RunCommand::Submit(args) => submit(server, output, args).await,
-        RunCommand::List { experiment, state, compute, limit } => {
+        RunCommand::Submit(args) => submit(server, output, *args).await,
+        RunCommand::List {
+            experiment,
+            state,
+            compute,
+            limit,
+        } => {
             let mut c = connect(server).await?;
             let runs = c
                 .runs
-                .list_runs(v1::ListRunsRequest { experiment, state, compute, limit })
+                .list_runs(v1::ListRunsRequest {
+                    experiment,
+                    state,
+                    compute,
+                    limit,
+                })
                 .await
                 .map_err(status)?
                 .into_inner()
@@ -45,7 +55,11 @@ pub async fn run(server: &str, output: OutputFormat, cmd: RunCommand) -> anyhow:
             print_run(output, &run);
             Ok(0)
         }
-        RunCommand::Logs { id, follow, attempt } => {
+        RunCommand::Logs {
+            id,
+            follow,
+            attempt,
+        } => {
             let mut c = connect(server).await?;
             stream_logs(&mut c, &id, follow, attempt).await?;
             Ok(0)
@@ -54,7 +68,10 @@ pub async fn run(server: &str, output: OutputFormat, cmd: RunCommand) -> anyhow:
             let mut c = connect(server).await?;
             let run = c
                 .runs
-                .cancel_run(v1::CancelRunRequest { id: id.clone(), reason: None })
+                .cancel_run(v1::CancelRunRequest {
+                    id: id.clone(),
+                    reason: None,
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -63,7 +80,9 @@ pub async fn run(server: &str, output: OutputFormat, cmd: RunCommand) -> anyhow:
             } else if run.state == "canceled" {
                 println!("Canceled run {id}.");
             } else {
-                println!("Canceling run {id}: its process gets SIGTERM, then SIGKILL after the grace period.");
+                println!(
+                    "Canceling run {id}: its process gets SIGTERM, then SIGKILL after the grace period."
+                );
             }
             Ok(0)
         }
@@ -118,7 +137,11 @@ pub fn exit_code(run: &v1::Run) -> i32 {
 }
 
 async fn get(c: &mut Clients, id: &str) -> anyhow::Result<v1::Run> {
-    Ok(c.runs.get_run(v1::GetRunRequest { id: id.to_string() }).await.map_err(status)?.into_inner())
+    Ok(c.runs
+        .get_run(v1::GetRunRequest { id: id.to_string() })
+        .await
+        .map_err(status)?
+        .into_inner())
 }
 
 async fn wait(c: &mut Clients, id: &str, timeout: Option<Duration>) -> anyhow::Result<v1::Run> {
@@ -127,10 +150,15 @@ async fn wait(c: &mut Clients, id: &str, timeout: Option<Duration>) -> anyhow::R
     // dropped connection is noticed.
     loop {
         let left = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
-        let slice = left.unwrap_or(Duration::from_secs(60)).min(Duration::from_secs(60));
+        let slice = left
+            .unwrap_or(Duration::from_secs(60))
+            .min(Duration::from_secs(60));
         let run = c
             .runs
-            .wait_run(v1::WaitRunRequest { id: id.to_string(), timeout_ms: slice.as_millis().max(1) as u64 })
+            .wait_run(v1::WaitRunRequest {
+                id: id.to_string(),
+                timeout_ms: slice.as_millis().max(1) as u64,
+            })
             .await
             .map_err(status)?
             .into_inner();
@@ -140,10 +168,19 @@ async fn wait(c: &mut Clients, id: &str, timeout: Option<Duration>) -> anyhow::R
     }
 }
 
-async fn stream_logs(c: &mut Clients, id: &str, follow: bool, attempt: Option<u32>) -> anyhow::Result<()> {
+async fn stream_logs(
+    c: &mut Clients,
+    id: &str,
+    follow: bool,
+    attempt: Option<u32>,
+) -> anyhow::Result<()> {
     let mut stream = c
         .runs
-        .stream_logs(v1::StreamLogsRequest { id: id.to_string(), attempt, follow })
+        .stream_logs(v1::StreamLogsRequest {
+            id: id.to_string(),
+            attempt,
+            follow,
+        })
         .await
         .map_err(status)?
         .into_inner();
@@ -167,8 +204,14 @@ async fn stream_logs(c: &mut Clients, id: &str, follow: bool, attempt: Option<u3
 /// Quotes one argument for `sh -c` only when it needs it.
 fn shell_quote(arg: &str) -> String {
     let safe = !arg.is_empty()
-        && arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
-    if safe { arg.to_string() } else { format!("'{}'", arg.replace('\'', "'\\''")) }
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if safe {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', "'\\''"))
+    }
 }
 
 fn default_experiment(code: &Path) -> String {
@@ -183,9 +226,14 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
     // Everything the user gave is checked before the network is touched.
     let (mut job, base) = match &args.file {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-            let job = parse_job_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            (job, path.parent().map(Path::to_path_buf).unwrap_or_default())
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let job =
+                parse_job_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            (
+                job,
+                path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            )
         }
         None => (JobFile::default(), PathBuf::new()),
     };
@@ -195,7 +243,13 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
         (None, None) => PathBuf::from("."),
     };
     if !args.command.is_empty() {
-        job.command = Some(args.command.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" "));
+        job.command = Some(
+            args.command
+                .iter()
+                .map(|a| shell_quote(a))
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
     }
     if let Some(c) = args.compute {
         job.compute = Some(c);
@@ -210,8 +264,12 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
         job.environment = Some(EnvironmentFile::Reference(i));
     }
     for kv in &args.env {
-        let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--env: {kv:?} is not KEY=VALUE"))?;
-        job.environment_variables.get_or_insert_with(Default::default).insert(k.to_string(), Scalar::Text(v.to_string()));
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--env: {kv:?} is not KEY=VALUE"))?;
+        job.environment_variables
+            .get_or_insert_with(Default::default)
+            .insert(k.to_string(), Scalar::Text(v.to_string()));
     }
     if let Some(t) = args.timeout {
         job.limits.get_or_insert_with(LimitsFile::default).timeout = Some(t);
@@ -222,11 +280,18 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
     if let Some(m) = args.max_attempts {
         job.max_attempts = Some(m);
     }
-    let label = args.file.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default();
+    let label = args
+        .file
+        .as_ref()
+        .map(|p| format!("{}: ", p.display()))
+        .unwrap_or_default();
     let mut spec = job
         .into_run_spec(&default_experiment(&code_dir))
         .map_err(|e| anyhow::anyhow!("{label}{e}"))?;
-    let limits = SnapshotLimits { max_bytes: args.max_snapshot_bytes, max_files: args.max_snapshot_files };
+    let limits = SnapshotLimits {
+        max_bytes: args.max_snapshot_bytes,
+        max_files: args.max_snapshot_files,
+    };
     let snap = snapshot::build(&code_dir, limits)?;
 
     let mut c = connect(server).await?;
@@ -243,13 +308,18 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
     }
     spec.code = Some(code);
     // The same key on every retry: a retry after a timeout never makes a second run.
-    let key = args.idempotency_key.unwrap_or_else(|| format!("cli-{:032x}", rand_u128()));
+    let key = args
+        .idempotency_key
+        .unwrap_or_else(|| format!("cli-{:032x}", rand_u128()));
     let mut tries = 0;
     let run = loop {
         tries += 1;
         match c
             .runs
-            .submit_run(v1::SubmitRunRequest { spec: Some(spec.clone().into()), idempotency_key: Some(key.clone()) })
+            .submit_run(v1::SubmitRunRequest {
+                spec: Some(spec.clone().into()),
+                idempotency_key: Some(key.clone()),
+            })
             .await
         {
             Ok(r) => break r.into_inner(),
@@ -265,10 +335,16 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
     }
     if output == OutputFormat::Table {
         if args.stream {
-            eprintln!("Submitted run {} (experiment {}, compute {}); streaming its logs", run.id, spec.experiment, spec.compute);
+            eprintln!(
+                "Submitted run {} (experiment {}, compute {}); streaming its logs",
+                run.id, spec.experiment, spec.compute
+            );
         } else {
             println!("{}", run.id);
-            eprintln!("Submitted run {} (experiment {}, compute {}). Follow it: muster run logs --follow {}", run.id, spec.experiment, spec.compute, run.id);
+            eprintln!(
+                "Submitted run {} (experiment {}, compute {}). Follow it: muster run logs --follow {}",
+                run.id, spec.experiment, spec.compute, run.id
+            );
             return Ok(0);
         }
     }
@@ -277,7 +353,11 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
     if output == OutputFormat::Json {
         print_json(&run_json(&done));
     } else {
-        let detail = done.message.clone().map(|m| format!(": {m}")).unwrap_or_default();
+        let detail = done
+            .message
+            .clone()
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default();
         eprintln!("Run {} {}{detail}", done.id, done.state);
     }
     Ok(exit_code(&done))
@@ -285,9 +365,16 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
 
 fn rand_u128() -> u128 {
     use std::hash::{BuildHasher, Hasher};
-    let a = std::collections::hash_map::RandomState::new().build_hasher().finish() as u128;
-    let b = std::collections::hash_map::RandomState::new().build_hasher().finish() as u128;
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let a = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish() as u128;
+    let b = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish() as u128;
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     (a << 64 | b) ^ t
 }
 
@@ -305,7 +392,10 @@ async fn download(c: &mut Clients, id: &str, to: &Path) -> anyhow::Result<serde_
         let archive2 = archive.clone();
         files = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
             let mut ar = tar::Archive::new(std::fs::File::open(&archive2)?);
-            let count = ar.entries()?.filter(|e| e.as_ref().is_ok_and(|e| e.header().entry_type().is_file())).count();
+            let count = ar
+                .entries()?
+                .filter(|e| e.as_ref().is_ok_and(|e| e.header().entry_type().is_file()))
+                .count();
             let mut ar = tar::Archive::new(std::fs::File::open(&archive2)?);
             ar.unpack(&dest)?;
             Ok(count)
@@ -318,17 +408,27 @@ async fn download(c: &mut Clients, id: &str, to: &Path) -> anyhow::Result<serde_
     for a in &run.attempts {
         let mut stream = c
             .runs
-            .stream_logs(v1::StreamLogsRequest { id: id.to_string(), attempt: Some(a.number), follow: false })
+            .stream_logs(v1::StreamLogsRequest {
+                id: id.to_string(),
+                attempt: Some(a.number),
+                follow: false,
+            })
             .await
             .map_err(status)?
             .into_inner();
-        let mut f = std::fs::File::create(logs_dir.join(format!("attempt-{}.std_log.txt", a.number)))?;
+        let mut f =
+            std::fs::File::create(logs_dir.join(format!("attempt-{}.std_log.txt", a.number)))?;
         while let Some(chunk) = stream.next().await {
             f.write_all(&chunk.map_err(status)?.data)?;
         }
     }
     if outputs.is_none() {
-        eprintln!("run {id} has no outputs (nothing was written to outputs/); its logs are in {}", logs_dir.display());
+        eprintln!(
+            "run {id} has no outputs (nothing was written to outputs/); its logs are in {}",
+            logs_dir.display()
+        );
     }
-    Ok(json!({"id": id, "to": to.display().to_string(), "output_files": files, "attempts": run.attempts.len()}))
+    Ok(
+        json!({"id": id, "to": to.display().to_string(), "output_files": files, "attempts": run.attempts.len()}),
+    )
 }

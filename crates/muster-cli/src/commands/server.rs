@@ -12,13 +12,19 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let mut config = ServerConfig::new(&args.data_dir);
     config.node_grace = Duration::from_secs(args.node_grace_secs);
     config.create_local_compute = args.local_compute;
-    eprintln!("muster server listening on http://{} (data in {})", listener.local_addr()?, args.data_dir.display());
+    eprintln!(
+        "muster server listening on http://{} (data in {})",
+        listener.local_addr()?,
+        args.data_dir.display()
+    );
     muster_server::run(listener, config, super::shutdown_signal()).await
 }
 
 /// Binds a listener, with an error that says what to do.
 pub async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        anyhow::anyhow!("cannot listen on {addr}: {e}; pick another address with --listen (e.g. 127.0.0.1:7071)")
+        anyhow::anyhow!(
+            "cannot listen on {addr}: {e}; pick another address with --listen (e.g. 127.0.0.1:7071)"
+        )
     })
 }

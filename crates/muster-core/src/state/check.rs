@@ -81,10 +81,10 @@ impl State {
             }
         }
         for key in &self.queue {
-            if !self
+            if self
                 .runs
                 .get(&key.run_id)
-                .is_some_and(|r| r.state == RunState::Queued)
+                .is_none_or(|r| r.state != RunState::Queued)
             {
                 return Err(format!(
                     "queue holds {} which is not a queued run",

@@ -72,7 +72,7 @@ pub enum Command {
         /// New id, chosen by the proposer.
         run_id: String,
         /// What to run.
-        spec: RunSpec,
+        spec: Box<RunSpec>,
         /// A retry with the same key returns the first run instead of a new one.
         idempotency_key: Option<String>,
         /// When.

@@ -53,7 +53,7 @@ fn submit(id: &str, compute: &str, cpus: u64, gpus: u32, instances: u32) -> Comm
     spec.instance_count = instances;
     Command::SubmitRun {
         run_id: id.into(),
-        spec,
+        spec: Box::new(spec),
         idempotency_key: None,
         at: 3,
     }

@@ -16,8 +16,8 @@ use muster_core::names::validate_node_name;
 use muster_core::resources::Capacity;
 use muster_core::state::AttemptEnd;
 use muster_core::{Applied, ApplyError, AttemptReport, Command};
-use muster_proto::v1::{self, agent_message, agent_service_server::AgentService, server_message};
 use muster_proto::placement_to_wire;
+use muster_proto::v1::{self, agent_message, agent_service_server::AgentService, server_message};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -33,11 +33,17 @@ type SessionStream = Pin<Box<dyn Stream<Item = Result<v1::ServerMessage, Status>
 
 #[tonic::async_trait]
 impl AgentService for Agents {
-    async fn register(&self, req: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        req: Request<v1::RegisterRequest>,
+    ) -> Result<Response<v1::RegisterResponse>, Status> {
         let req = req.into_inner();
-        validate_node_name(&req.name).map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
+        validate_node_name(&req.name)
+            .map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
         if req.node_id.is_empty() || req.node_id.len() > 64 {
-            return Err(Status::invalid_argument("node_id: give the node's stable id (1 to 64 characters)"));
+            return Err(Status::invalid_argument(
+                "node_id: give the node's stable id (1 to 64 characters)",
+            ));
         }
         let tier = if req.tier.is_empty() {
             Tier::Dedicated
@@ -69,10 +75,15 @@ impl AgentService for Agents {
         }))
     }
 
-    async fn heartbeat(&self, req: Request<v1::HeartbeatRequest>) -> Result<Response<v1::HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatResponse>, Status> {
         let node_id = req.into_inner().node_id;
         if !self.0.read(|s| s.nodes.contains_key(&node_id)) {
-            return Err(Status::not_found(format!("node {node_id} is not registered: register first")));
+            return Err(Status::not_found(format!(
+                "node {node_id} is not registered: register first"
+            )));
         }
         self.0.heartbeat(&node_id);
         Ok(Response::new(v1::HeartbeatResponse {}))
@@ -80,12 +91,21 @@ impl AgentService for Agents {
 
     type SessionStream = SessionStream;
 
-    async fn session(&self, req: Request<Streaming<v1::AgentMessage>>) -> Result<Response<SessionStream>, Status> {
+    async fn session(
+        &self,
+        req: Request<Streaming<v1::AgentMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
         let mut inbound = req.into_inner();
         let hello = match inbound.next().await {
-            Some(Ok(v1::AgentMessage { msg: Some(agent_message::Msg::Hello(h)) })) => h,
+            Some(Ok(v1::AgentMessage {
+                msg: Some(agent_message::Msg::Hello(h)),
+            })) => h,
             Some(Err(e)) => return Err(e),
-            _ => return Err(Status::invalid_argument("the first message of a session must be Hello")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a session must be Hello",
+                ));
+            }
         };
         if !self.0.read(|s| s.nodes.contains_key(&hello.node_id)) {
             return Err(Status::failed_precondition(format!(
@@ -98,7 +118,11 @@ impl AgentService for Agents {
             coordinator: self.0.clone(),
             node_id: hello.node_id.clone(),
             tx,
-            running: hello.running.iter().map(|r| (r.run_id.clone(), r.attempt)).collect(),
+            running: hello
+                .running
+                .iter()
+                .map(|r| (r.run_id.clone(), r.attempt))
+                .collect(),
             assigned: HashSet::new(),
             stopped: HashSet::new(),
         };
@@ -177,8 +201,15 @@ impl Session {
 
     fn rank(&self, run_id: &str, attempt: u32) -> Option<u32> {
         self.coordinator.read(|s| {
-            let a = s.runs.get(run_id)?.attempts.get(attempt.checked_sub(1)? as usize)?;
-            a.placements.iter().position(|p| p.node_id == self.node_id).map(|r| r as u32)
+            let a = s
+                .runs
+                .get(run_id)?
+                .attempts
+                .get(attempt.checked_sub(1)? as usize)?;
+            a.placements
+                .iter()
+                .position(|p| p.node_id == self.node_id)
+                .map(|r| r as u32)
         })
     }
 
@@ -193,7 +224,9 @@ impl Session {
             };
             for (run_id, attempt) in &node.attempts {
                 let key = (run_id.clone(), *attempt);
-                let Some(run) = s.runs.get(run_id) else { continue };
+                let Some(run) = s.runs.get(run_id) else {
+                    continue;
+                };
                 if run.cancel_requested {
                     if !self.stopped.contains(&key) {
                         stop.push((key, "canceled"));
@@ -203,14 +236,24 @@ impl Session {
                 if self.assigned.contains(&key) || self.running.contains(&key) {
                     continue;
                 }
-                let Some(a) = run.attempts.last() else { continue };
-                let rank = a.placements.iter().position(|p| p.node_id == self.node_id).unwrap_or(0);
+                let Some(a) = run.attempts.last() else {
+                    continue;
+                };
+                let rank = a
+                    .placements
+                    .iter()
+                    .position(|p| p.node_id == self.node_id)
+                    .unwrap_or(0);
                 assign.push(v1::Assignment {
                     run_id: run_id.clone(),
                     attempt: *attempt,
                     rank: rank as u32,
                     spec: Some(run.spec.clone().into()),
-                    placements: a.placements.iter().map(|p| placement_to_wire(s, p)).collect(),
+                    placements: a
+                        .placements
+                        .iter()
+                        .map(|p| placement_to_wire(s, p))
+                        .collect(),
                 });
             }
             // Attempts the agent runs that are not (or no longer) placed here: fence them.
@@ -243,13 +286,23 @@ impl Session {
         self.coordinator.heartbeat(&self.node_id);
         match msg.msg {
             Some(agent_message::Msg::Heartbeat(h)) => {
-                self.running = h.running.into_iter().map(|r| (r.run_id, r.attempt)).collect();
+                self.running = h
+                    .running
+                    .into_iter()
+                    .map(|r| (r.run_id, r.attempt))
+                    .collect();
             }
             Some(agent_message::Msg::Log(log)) => {
                 let Some(rank) = self.rank(&log.run_id, log.attempt) else {
                     return Ok(());
                 };
-                match self.coordinator.logs.append(&log.run_id, log.attempt, rank, log.offset, &log.data) {
+                match self.coordinator.logs.append(
+                    &log.run_id,
+                    log.attempt,
+                    rank,
+                    log.offset,
+                    &log.data,
+                ) {
                     Ok(Append::Stored(_)) => {}
                     Ok(Append::Gap(_)) => self.send_resume(&log.run_id, log.attempt).await,
                     Err(e) => return Err(Status::internal(format!("storing logs: {e}"))),
@@ -294,7 +347,11 @@ impl Session {
                     outputs: u.outputs.clone(),
                 }
             }
-            other => return Err(Status::invalid_argument(format!("update.state: unknown state {other:?}"))),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "update.state: unknown state {other:?}"
+                )));
+            }
         };
         let ended = matches!(report, AttemptReport::Ended { .. });
         let cmd = Command::ReportAttempt {

@@ -19,7 +19,9 @@ const CHUNK: usize = 1 << 20;
 pub(crate) fn blob_status(e: BlobError) -> Status {
     let msg = e.to_string();
     match e {
-        BlobError::BadAddress(_) | BlobError::DigestMismatch { .. } => Status::invalid_argument(msg),
+        BlobError::BadAddress(_) | BlobError::DigestMismatch { .. } => {
+            Status::invalid_argument(msg)
+        }
         BlobError::TooLarge { .. } | BlobError::DiskFull(_) => Status::resource_exhausted(msg),
         BlobError::NotFound(_) => Status::not_found(msg),
         BlobError::Io { .. } => Status::internal(msg),
@@ -30,7 +32,10 @@ type BlobStream = Pin<Box<dyn Stream<Item = Result<v1::BlobChunk, Status>> + Sen
 
 #[tonic::async_trait]
 impl BlobService for Blobs {
-    async fn missing_blobs(&self, req: Request<v1::MissingBlobsRequest>) -> Result<Response<v1::MissingBlobsResponse>, Status> {
+    async fn missing_blobs(
+        &self,
+        req: Request<v1::MissingBlobsRequest>,
+    ) -> Result<Response<v1::MissingBlobsResponse>, Status> {
         let mut sha256 = Vec::new();
         for h in req.into_inner().sha256 {
             self.0.blobs.path(&h).map_err(blob_status)?;
@@ -41,12 +46,14 @@ impl BlobService for Blobs {
         Ok(Response::new(v1::MissingBlobsResponse { sha256 }))
     }
 
-    async fn put_blob(&self, req: Request<Streaming<v1::BlobChunk>>) -> Result<Response<v1::PutBlobResponse>, Status> {
+    async fn put_blob(
+        &self,
+        req: Request<Streaming<v1::BlobChunk>>,
+    ) -> Result<Response<v1::PutBlobResponse>, Status> {
         let mut stream = req.into_inner();
-        let first = stream
-            .next()
-            .await
-            .ok_or_else(|| Status::invalid_argument("empty upload: the first chunk must name the blob's sha256"))??;
+        let first = stream.next().await.ok_or_else(|| {
+            Status::invalid_argument("empty upload: the first chunk must name the blob's sha256")
+        })??;
         let sha = first.sha256.clone();
         let store = self.0.blobs.clone();
         let limit = self.0.config.max_blob_bytes;
@@ -89,7 +96,10 @@ impl BlobService for Blobs {
 
     type GetBlobStream = BlobStream;
 
-    async fn get_blob(&self, req: Request<v1::GetBlobRequest>) -> Result<Response<BlobStream>, Status> {
+    async fn get_blob(
+        &self,
+        req: Request<v1::GetBlobRequest>,
+    ) -> Result<Response<BlobStream>, Status> {
         let sha = req.into_inner().sha256;
         let path = self.0.blobs.path(&sha).map_err(blob_status)?;
         let file = tokio::fs::File::open(&path)
@@ -104,13 +114,18 @@ impl BlobService for Blobs {
                 match file.read(&mut buf).await {
                     Ok(0) => break,
                     Ok(n) => {
-                        let chunk = v1::BlobChunk { sha256: String::new(), data: buf[..n].to_vec() };
+                        let chunk = v1::BlobChunk {
+                            sha256: String::new(),
+                            data: buf[..n].to_vec(),
+                        };
                         if tx.send(Ok(chunk)).await.is_err() {
                             break;
                         }
                     }
                     Err(e) => {
-                        let _ = tx.send(Err(Status::internal(format!("reading blob {sha}: {e}")))).await;
+                        let _ = tx
+                            .send(Err(Status::internal(format!("reading blob {sha}: {e}"))))
+                            .await;
                         break;
                     }
                 }

@@ -14,13 +14,17 @@ pub(crate) struct Computes(pub Arc<Coordinator>);
 
 #[tonic::async_trait]
 impl ComputeService for Computes {
-    async fn create_compute(&self, req: Request<v1::CreateComputeRequest>) -> Result<Response<v1::ComputeTarget>, Status> {
+    async fn create_compute(
+        &self,
+        req: Request<v1::CreateComputeRequest>,
+    ) -> Result<Response<v1::ComputeTarget>, Status> {
         let wire = req
             .into_inner()
             .compute
             .ok_or_else(|| Status::invalid_argument("compute: missing"))?;
         let spec = compute_spec_from_wire(&wire).map_err(Status::invalid_argument)?;
-        spec.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
+        spec.validate()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let name = spec.name.clone();
         self.0
             .propose(Command::CreateCompute { spec, at: now_ms() })
@@ -29,16 +33,27 @@ impl ComputeService for Computes {
         self.get(&name)
     }
 
-    async fn list_computes(&self, _req: Request<v1::ListComputesRequest>) -> Result<Response<v1::ListComputesResponse>, Status> {
-        let computes = self.0.read(|s| s.computes.values().map(|c| compute_to_wire(s, c)).collect());
+    async fn list_computes(
+        &self,
+        _req: Request<v1::ListComputesRequest>,
+    ) -> Result<Response<v1::ListComputesResponse>, Status> {
+        let computes = self
+            .0
+            .read(|s| s.computes.values().map(|c| compute_to_wire(s, c)).collect());
         Ok(Response::new(v1::ListComputesResponse { computes }))
     }
 
-    async fn get_compute(&self, req: Request<v1::GetComputeRequest>) -> Result<Response<v1::ComputeTarget>, Status> {
+    async fn get_compute(
+        &self,
+        req: Request<v1::GetComputeRequest>,
+    ) -> Result<Response<v1::ComputeTarget>, Status> {
         self.get(&req.into_inner().name)
     }
 
-    async fn delete_compute(&self, req: Request<v1::DeleteComputeRequest>) -> Result<Response<v1::DeleteComputeResponse>, Status> {
+    async fn delete_compute(
+        &self,
+        req: Request<v1::DeleteComputeRequest>,
+    ) -> Result<Response<v1::DeleteComputeResponse>, Status> {
         let name = req.into_inner().name;
         self.0
             .propose(Command::DeleteCompute { name, at: now_ms() })
@@ -47,7 +62,10 @@ impl ComputeService for Computes {
         Ok(Response::new(v1::DeleteComputeResponse {}))
     }
 
-    async fn list_nodes(&self, req: Request<v1::ListNodesRequest>) -> Result<Response<v1::ListNodesResponse>, Status> {
+    async fn list_nodes(
+        &self,
+        req: Request<v1::ListNodesRequest>,
+    ) -> Result<Response<v1::ListNodesResponse>, Status> {
         let compute = req.into_inner().compute;
         let nodes = self.0.read(|s| {
             s.nodes

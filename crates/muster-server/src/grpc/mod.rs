@@ -28,15 +28,19 @@ pub fn router(coordinator: Arc<Coordinator>) -> axum::Router {
         .build_v1alpha()
         .expect("reflection v1alpha builds");
     tokio::spawn(async move {
-        health_reporter.set_serving::<v1::run_service_server::RunServiceServer<runs::Runs>>().await;
+        health_reporter
+            .set_serving::<v1::run_service_server::RunServiceServer<runs::Runs>>()
+            .await;
     });
     tonic::service::Routes::new(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(v1::compute_service_server::ComputeServiceServer::new(compute::Computes(
+        .add_service(v1::compute_service_server::ComputeServiceServer::new(
+            compute::Computes(coordinator.clone()),
+        ))
+        .add_service(v1::run_service_server::RunServiceServer::new(runs::Runs(
             coordinator.clone(),
         )))
-        .add_service(v1::run_service_server::RunServiceServer::new(runs::Runs(coordinator.clone())))
         .add_service(
             v1::blob_service_server::BlobServiceServer::new(blobs::Blobs(coordinator.clone()))
                 .max_decoding_message_size(8 << 20),
@@ -54,10 +58,14 @@ pub(crate) fn status(err: ProposalError) -> Status {
         ProposalError::Rejected(e) => rejected(e),
         ProposalError::Raft(ProposeError::NotLeader { leader }) => Status::unavailable(format!(
             "this server is not the leader{}; retry against the leader",
-            leader.map(|l| format!(" (the leader is server {l})")).unwrap_or_default()
+            leader
+                .map(|l| format!(" (the leader is server {l})"))
+                .unwrap_or_default()
         )),
         ProposalError::Raft(e @ ProposeError::Dropped) => Status::unavailable(e.to_string()),
-        ProposalError::Raft(e @ ProposeError::Shutdown) => Status::unavailable(e.to_string()),
+        ProposalError::Raft(e @ (ProposeError::Shutdown | ProposeError::Rejected(_))) => {
+            Status::unavailable(e.to_string())
+        }
         ProposalError::Raft(e) => Status::internal(e.to_string()),
     }
 }
@@ -72,8 +80,8 @@ pub(crate) fn rejected(e: ApplyError) -> Status {
             Status::already_exists(msg)
         }
         ApplyError::InvalidSpec(_) => Status::invalid_argument(msg),
-        ApplyError::ComputeInUse { .. } | ApplyError::RunFinished { .. } | ApplyError::InvalidPlacement(_) => {
-            Status::failed_precondition(msg)
-        }
+        ApplyError::ComputeInUse { .. }
+        | ApplyError::RunFinished { .. }
+        | ApplyError::InvalidPlacement(_) => Status::failed_precondition(msg),
     }
 }

@@ -21,7 +21,9 @@ pub(crate) struct Runs(pub Arc<Coordinator>);
 const LOG_CHUNK: usize = 64 * 1024;
 
 fn not_found(id: &str) -> Status {
-    Status::not_found(format!("run {id:?} does not exist: list runs with `muster run list`"))
+    Status::not_found(format!(
+        "run {id:?} does not exist: list runs with `muster run list`"
+    ))
 }
 
 impl Runs {
@@ -36,11 +38,18 @@ type LogStream = Pin<Box<dyn Stream<Item = Result<v1::LogChunk, Status>> + Send>
 
 #[tonic::async_trait]
 impl RunService for Runs {
-    async fn submit_run(&self, req: Request<v1::SubmitRunRequest>) -> Result<Response<v1::Run>, Status> {
+    async fn submit_run(
+        &self,
+        req: Request<v1::SubmitRunRequest>,
+    ) -> Result<Response<v1::Run>, Status> {
         let req = req.into_inner();
-        let spec = spec_from_wire(req.spec.ok_or_else(|| Status::invalid_argument("spec: missing"))?)
-            .map_err(Status::invalid_argument)?;
-        spec.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let spec = spec_from_wire(
+            req.spec
+                .ok_or_else(|| Status::invalid_argument("spec: missing"))?,
+        )
+        .map_err(Status::invalid_argument)?;
+        spec.validate()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if let Some(code) = &spec.code
             && !self.0.blobs.has(&code.manifest)
         {
@@ -52,13 +61,15 @@ impl RunService for Runs {
         if let Some(key) = &req.idempotency_key
             && (key.is_empty() || key.len() > 128)
         {
-            return Err(Status::invalid_argument("idempotency_key: use 1 to 128 characters"));
+            return Err(Status::invalid_argument(
+                "idempotency_key: use 1 to 128 characters",
+            ));
         }
         // A fresh id collides with an existing one with negligible odds; retry if it does.
         for _ in 0..5 {
             let cmd = Command::SubmitRun {
                 run_id: new_run_id(),
-                spec: spec.clone(),
+                spec: Box::new(spec.clone()),
                 idempotency_key: req.idempotency_key.clone(),
                 at: now_ms(),
             };
@@ -67,7 +78,11 @@ impl RunService for Runs {
                     self.0.metrics.runs_submitted.inc();
                     return self.get(&run_id).map(Response::new);
                 }
-                Ok(other) => return Err(Status::internal(format!("unexpected apply result {other:?}"))),
+                Ok(other) => {
+                    return Err(Status::internal(format!(
+                        "unexpected apply result {other:?}"
+                    )));
+                }
                 Err(ProposalError::Rejected(ApplyError::RunExists(_))) => continue,
                 Err(e) => return Err(status(e)),
             }
@@ -79,17 +94,26 @@ impl RunService for Runs {
         self.get(&req.into_inner().id).map(Response::new)
     }
 
-    async fn list_runs(&self, req: Request<v1::ListRunsRequest>) -> Result<Response<v1::ListRunsResponse>, Status> {
+    async fn list_runs(
+        &self,
+        req: Request<v1::ListRunsRequest>,
+    ) -> Result<Response<v1::ListRunsResponse>, Status> {
         let req = req.into_inner();
         let state = match &req.state {
-            Some(s) => Some(RunState::parse(s).map_err(|e| Status::invalid_argument(format!("state: {e}")))?),
+            Some(s) => Some(
+                RunState::parse(s).map_err(|e| Status::invalid_argument(format!("state: {e}")))?,
+            ),
             None => None,
         };
         let runs = self.0.read(|s| {
             let mut runs: Vec<_> = s
                 .runs
                 .values()
-                .filter(|r| req.experiment.as_ref().is_none_or(|e| &r.spec.experiment == e))
+                .filter(|r| {
+                    req.experiment
+                        .as_ref()
+                        .is_none_or(|e| &r.spec.experiment == e)
+                })
                 .filter(|r| req.compute.as_ref().is_none_or(|c| &r.spec.compute == c))
                 .filter(|r| state.is_none_or(|st| r.state == st))
                 .collect();
@@ -102,7 +126,10 @@ impl RunService for Runs {
         Ok(Response::new(v1::ListRunsResponse { runs }))
     }
 
-    async fn cancel_run(&self, req: Request<v1::CancelRunRequest>) -> Result<Response<v1::Run>, Status> {
+    async fn cancel_run(
+        &self,
+        req: Request<v1::CancelRunRequest>,
+    ) -> Result<Response<v1::Run>, Status> {
         let req = req.into_inner();
         self.0
             .propose(Command::CancelRun {
@@ -120,7 +147,10 @@ impl RunService for Runs {
 
     type StreamLogsStream = LogStream;
 
-    async fn stream_logs(&self, req: Request<v1::StreamLogsRequest>) -> Result<Response<LogStream>, Status> {
+    async fn stream_logs(
+        &self,
+        req: Request<v1::StreamLogsRequest>,
+    ) -> Result<Response<LogStream>, Status> {
         let req = req.into_inner();
         self.get(&req.id)?;
         let (tx, rx) = mpsc::channel(16);
@@ -133,7 +163,10 @@ impl RunService for Runs {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn wait_run(&self, req: Request<v1::WaitRunRequest>) -> Result<Response<v1::Run>, Status> {
+    async fn wait_run(
+        &self,
+        req: Request<v1::WaitRunRequest>,
+    ) -> Result<Response<v1::Run>, Status> {
         let req = req.into_inner();
         let deadline = (req.timeout_ms > 0)
             .then(|| tokio::time::Instant::now() + Duration::from_millis(req.timeout_ms));
@@ -146,7 +179,10 @@ impl RunService for Runs {
             }
             let wait = async {
                 match deadline {
-                    Some(d) => tokio::time::timeout_at(d, changes.changed()).await.map(|r| r.is_ok()).unwrap_or(true),
+                    Some(d) => tokio::time::timeout_at(d, changes.changed())
+                        .await
+                        .map(|r| r.is_ok())
+                        .unwrap_or(true),
                     None => changes.changed().await.is_ok(),
                 }
             };
@@ -188,7 +224,11 @@ async fn follow_logs(
                 .map_err(|e| Status::internal(format!("reading the log: {e}")))?;
             if !data.is_empty() {
                 let n = data.len() as u64;
-                let chunk = v1::LogChunk { attempt, offset, data };
+                let chunk = v1::LogChunk {
+                    attempt,
+                    offset,
+                    data,
+                };
                 if tx.send(Ok(chunk)).await.is_err() {
                     return Ok(());
                 }

@@ -29,7 +29,9 @@ pub(crate) async fn run(coordinator: Arc<Coordinator>) {
         let now = now_ms();
         let started = std::time::Instant::now();
         let decisions = coordinator.read(|s| schedule(s, now));
-        coordinator.metrics.observe_schedule(started.elapsed(), decisions.len());
+        coordinator
+            .metrics
+            .observe_schedule(started.elapsed(), decisions.len());
         if decisions.is_empty() {
             continue;
         }
