@@ -155,10 +155,12 @@ async fn main() -> anyhow::Result<()> {
         many.per_sec / base.per_sec
     );
     let total = all_runs(&dev).await?;
+    let acknowledged = 500 + single_n + (args.runs / args.clients) * args.clients;
     anyhow::ensure!(
-        total == 500 + single_n + args.runs,
-        "expected every acknowledged run to exist, found {total}"
+        total == acknowledged,
+        "expected all {acknowledged} acknowledged runs to exist, found {total}"
     );
+    println!("all {acknowledged} acknowledged runs exist, each once");
     Ok(())
 }
 

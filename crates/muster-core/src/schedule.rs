@@ -108,19 +108,19 @@ pub fn schedule(state: &State, now: Millis) -> Vec<Decision> {
     let mut decisions = Vec::new();
     let mut full: BTreeSet<&str> = BTreeSet::new();
     for key in &state.queue {
-        let Some(run) = state.runs.get(&key.run_id) else {
-            continue;
-        };
-        if run.not_before.is_some_and(|t| t > now) {
-            continue;
-        }
-        let compute = run.spec.compute.as_str();
+        let compute = key.compute.as_str();
         if full.contains(compute) {
             continue;
         }
         let Some(nodes) = free.get_mut(compute) else {
             continue;
         };
+        let Some(run) = state.runs.get(&key.run_id) else {
+            continue;
+        };
+        if run.not_before.is_some_and(|t| t > now) {
+            continue;
+        }
         let want = run.spec.resources;
         let count = run.spec.instance_count as usize;
         let fitting: Vec<usize> = nodes

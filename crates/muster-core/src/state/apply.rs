@@ -541,6 +541,7 @@ pub(crate) fn queue_key(run: &Run) -> QueueKey {
         neg_priority: -(run.spec.priority as i64),
         seq: run.seq,
         run_id: run.id.clone(),
+        compute: run.spec.compute.clone(),
     }
 }
 

@@ -299,6 +299,9 @@ pub struct QueueKey {
     pub seq: u64,
     /// The run.
     pub run_id: String,
+    /// Its compute target (never decides the order: `run_id` is unique), so the scheduler
+    /// can skip runs of targets with no free node without looking them up.
+    pub compute: String,
 }
 
 /// The whole replicated state.
