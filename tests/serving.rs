@@ -1,0 +1,351 @@
+//! The server as operators and other tools meet it: HTTP and gRPC on one port, health and
+//! reflection, separate `muster server` and `muster agent` processes, live logs, Ctrl-C.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use muster_proto::v1;
+use muster_testkit::{DevCluster, muster, muster_bin};
+use muster_tests::{ChildGuard, http_get, wait_for_state, write};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_health_metrics_ui_and_grpc_reflection_share_the_port() {
+    let dev = DevCluster::start().await.unwrap();
+    let project = tempfile::tempdir().unwrap();
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "--stream", "--", "echo", "<b>hi</b>"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let id = muster_tests::all_runs(&dev.url()).await[0].id.clone();
+    let addr = dev.addr;
+    let (health, metrics, index, page, missing) = tokio::task::spawn_blocking(move || {
+        (
+            http_get(addr, "/healthz"),
+            http_get(addr, "/metrics"),
+            http_get(addr, "/"),
+            http_get(addr, &format!("/runs/{id}")),
+            http_get(addr, "/runs/run-nope"),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(health.0, 200);
+    assert!(health.1.contains("role: Leader"), "{health:?}");
+    assert_eq!(metrics.0, 200);
+    assert!(
+        metrics.1.contains("muster_runs{state=\"completed\"} 1"),
+        "{}",
+        metrics.1
+    );
+    assert!(
+        metrics.1.contains("muster_raft_applied_index"),
+        "{}",
+        metrics.1
+    );
+    assert_eq!(index.0, 200);
+    assert!(
+        index.1.contains("muster studio") && index.1.contains("completed"),
+        "{}",
+        index.1
+    );
+    assert_eq!(page.0, 200);
+    assert!(
+        page.1.contains("&lt;b&gt;hi&lt;/b&gt;"),
+        "logs are shown, escaped: {}",
+        page.1
+    );
+    assert_eq!(missing.0, 404);
+
+    // gRPC health and reflection (v1 and v1alpha) on the same port.
+    let channel = tonic::transport::Endpoint::from_shared(dev.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let served = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "muster.v1.RunService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        served.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    use tonic_reflection::pb::v1 as refl;
+    let mut reflection =
+        refl::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let req = refl::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            refl::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = responses.next().await.unwrap().unwrap();
+    let Some(refl::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        listed.message_response
+    else {
+        panic!("unexpected reflection answer {listed:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for svc in [
+        "muster.v1.RunService",
+        "muster.v1.ComputeService",
+        "muster.v1.BlobService",
+        "muster.v1.AgentService",
+    ] {
+        assert!(names.contains(&svc.to_string()), "{names:?}");
+    }
+    use tonic_reflection::pb::v1alpha as alpha;
+    let mut old = alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let req = alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    assert!(
+        old.server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner()
+            .next()
+            .await
+            .unwrap()
+            .is_ok()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_stream_live_while_the_run_is_still_running() {
+    let dev = DevCluster::start().await.unwrap();
+    let project = tempfile::tempdir().unwrap();
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &[
+            "run",
+            "submit",
+            "--",
+            "sh",
+            "-c",
+            "echo first; sleep 30; echo never",
+        ],
+    )
+    .await;
+    let id = out.stdout.trim().to_string();
+    let mut c = dev.clients().await.unwrap();
+    let mut stream = c
+        .runs
+        .stream_logs(v1::StreamLogsRequest {
+            id: id.clone(),
+            attempt: None,
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let t0 = Instant::now();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("a chunk within 10 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.data, b"first\n");
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert_eq!(
+        wait_for_state(&dev.url(), &id, "running").await.state,
+        "running",
+        "the log arrived while the run was running"
+    );
+    c.runs
+        .cancel_run(v1::CancelRunRequest {
+            id: id.clone(),
+            reason: None,
+        })
+        .await
+        .unwrap();
+    // The follow ends when the run does.
+    let rest: Vec<_> = tokio::time::timeout(Duration::from_secs(15), stream.collect::<Vec<_>>())
+        .await
+        .expect("the stream ends");
+    assert!(rest.iter().all(|c| c.is_ok()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separate_server_and_agent_processes_run_an_azure_ml_job_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut server = ChildGuard(
+        Command::new(muster_bin())
+            .args([
+                "server",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(dir.path().join("server"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let project = tempfile::tempdir().unwrap();
+    // Bounded wait for the server.
+    let mut up = false;
+    for _ in 0..200 {
+        if muster(&url, project.path(), &["compute", "list"])
+            .await
+            .code
+            == 0
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(up, "muster server did not come up");
+    write(
+        project.path(),
+        "cluster.yml",
+        include_str!("../../shared/formats/v2_compute_cluster_low_priority.yml"),
+    );
+    let created = muster(
+        &url,
+        project.path(),
+        &[
+            "compute",
+            "create",
+            "lab-pool",
+            "-f",
+            "cluster.yml",
+            "--type",
+            "attached",
+        ],
+    )
+    .await;
+    assert_eq!(created.code, 0, "{created:?}");
+    assert!(created.stdout.contains("low_priority"), "{created:?}");
+    let mut agent = ChildGuard(
+        Command::new(muster_bin())
+            .args([
+                "--server",
+                &url,
+                "agent",
+                "--compute",
+                "lab-pool",
+                "--name",
+                "lab-01",
+                "--cpus",
+                "1",
+                "--memory",
+                "1g",
+                "--labels",
+                "rack=a",
+                "--data-dir",
+            ])
+            .arg(dir.path().join("agent"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut node_json = serde_json::Value::Null;
+    for _ in 0..200 {
+        let nodes = muster(&url, project.path(), &["node", "list", "-o", "json"]).await;
+        node_json = serde_json::from_str(&nodes.stdout).unwrap_or_default();
+        if node_json.as_array().is_some_and(|a| !a.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let node = &node_json[0];
+    assert_eq!(node["name"], "lab-01");
+    assert_eq!(node["capacity"]["cpu_millis"], 1000);
+    assert_eq!(node["capacity"]["memory_bytes"], 1u64 << 30);
+    assert_eq!(node["labels"]["rack"], "a");
+
+    write(
+        project.path(),
+        "src/train.sh",
+        "echo \"epochs=$1 lr=$2 seed=$SEED rank=$MUSTER_NODE_RANK\"\n",
+    );
+    write(
+        project.path(),
+        "job.yml",
+        "$schema: https://azuremlschemas.azureedge.net/latest/commandJob.schema.json\ncode: src\ncommand: sh train.sh ${{inputs.epochs}} ${{inputs.lr}}\ninputs:\n  epochs: 3\n  lr: 0.1\nenvironment_variables:\n  SEED: 7\ncompute: azureml:lab-pool\nexperiment_name: yaml-job\ndisplay_name: from-yaml\nresources:\n  cpu: 1\n  memory: 512m\nlimits:\n  timeout: 60\n",
+    );
+    let run = muster(
+        &url,
+        project.path(),
+        &["run", "submit", "-f", "job.yml", "--stream"],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.stdout, "epochs=3 lr=0.1 seed=7 rank=0\n");
+    let list = muster(
+        &url,
+        project.path(),
+        &["run", "list", "--experiment", "yaml-job", "-o", "json"],
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    assert_eq!(v[0]["display_name"], "from-yaml");
+    assert_eq!(v[0]["nodes"][0], "lab-01");
+
+    // A second agent with the same name is refused with a clear error.
+    let clash = Command::new(muster_bin())
+        .args([
+            "--server",
+            &url,
+            "agent",
+            "--compute",
+            "lab-pool",
+            "--name",
+            "lab-01",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("agent2"))
+        .output()
+        .unwrap();
+    assert_eq!(clash.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&clash.stderr).contains("node name \"lab-01\" is already used"),
+        "{clash:?}"
+    );
+
+    // Ctrl-C stops both cleanly.
+    for ChildGuard(child) in [&mut agent, &mut server] {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "did not stop on Ctrl-C"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "{status:?}");
+    }
+}
