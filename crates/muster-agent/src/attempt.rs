@@ -100,6 +100,7 @@ impl AttemptTask {
             env,
             log_path: self.log_path.clone(),
             timeout: spec.timeout_s.map(std::time::Duration::from_secs),
+            container: None,
         })
     }
 

@@ -12,7 +12,7 @@
 //! outputs archive, `backon` for reconnect backoff.
 
 mod attempt;
-mod executor;
+pub mod executor;
 mod identity;
 mod outputs;
 pub mod resources;

@@ -1,9 +1,14 @@
-//! Executors start an attempt's process and report how it ended. The process executor
-//! runs in the node's own userland (the `local` target, Azure ML's user-managed
-//! environment).
+//! Executors start an attempt's process and report how it ended.
+//!
+//! - `process`: `sh -c` in the node's own userland (the `local` target; Azure ML's
+//!   user-managed environment).
+//! - `docker`: a container per attempt through the Docker engine (bollard), labelled so a
+//!   restarted agent re-adopts it.
 
-pub(crate) mod process;
+pub mod docker;
+pub mod process;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -11,22 +16,46 @@ use muster_core::AttemptEnd;
 
 /// What to start.
 #[derive(Debug, Clone)]
-pub(crate) struct Launch {
+pub struct Launch {
     /// Run with `sh -c`.
     pub command: String,
-    /// The working directory (the code snapshot, with `outputs/` and `logs/`).
+    /// Host path of the working directory: the code snapshot, with `outputs/` and `logs/` in it.
     pub workdir: PathBuf,
     /// Variables added to the environment.
     pub env: Vec<(String, String)>,
-    /// Combined stdout and stderr are appended here.
+    /// Combined stdout and stderr are appended here (also image-pull progress).
     pub log_path: PathBuf,
     /// `limits.timeout`.
     pub timeout: Option<Duration>,
+    /// Run in a container (the Docker executor); `None` for the process executor.
+    pub container: Option<ContainerSpec>,
+}
+
+/// The container-specific part of a launch.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerSpec {
+    /// The image reference.
+    pub image: String,
+    /// The container name (`muster-<run>-<attempt>-<rank>`).
+    pub name: String,
+    /// Labels: `muster.run_id`, `muster.attempt`, `muster.rank`, `muster.node_id`, and
+    /// `muster.timeout_s` when the run has a timeout (so an adopted container keeps it).
+    pub labels: BTreeMap<String, String>,
+    /// CPU limit in millicores (0: none).
+    pub cpu_millis: u64,
+    /// Memory limit in bytes (0: none).
+    pub memory_bytes: u64,
+    /// /dev/shm size in bytes.
+    pub shm_size: u64,
+    /// GPUs by UUID (also given as `NVIDIA_VISIBLE_DEVICES` in `Launch::env`).
+    pub gpus: Vec<String>,
+    /// Ask the engine for the GPUs with an NVIDIA device request (false for fake GPUs).
+    pub gpu_device_requests: bool,
 }
 
 /// Why an attempt is being stopped from outside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StopReason {
+pub enum StopReason {
     /// A user canceled the run.
     Canceled,
     /// The server no longer wants this attempt (fenced) or the agent is shutting down.
@@ -35,15 +64,32 @@ pub(crate) enum StopReason {
 
 /// A stop order: why, and how long between SIGTERM and SIGKILL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Stop {
+pub struct Stop {
+    /// Why.
     pub reason: StopReason,
+    /// Time between SIGTERM and SIGKILL.
     pub grace: Duration,
 }
 
 /// How the process ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Outcome {
+pub struct Outcome {
+    /// How.
     pub end: AttemptEnd,
+    /// The exit code, when there was a process.
     pub exit_code: Option<i32>,
+    /// Why, in words.
     pub message: Option<String>,
+}
+
+/// The outcome of a stop order, shared by the executors.
+pub(crate) fn stopped(reason: StopReason, code: Option<i32>) -> Outcome {
+    Outcome {
+        end: AttemptEnd::Canceled,
+        exit_code: code,
+        message: Some(match reason {
+            StopReason::Canceled => "canceled".into(),
+            StopReason::Stale => "stopped: the attempt is no longer current".into(),
+        }),
+    }
 }

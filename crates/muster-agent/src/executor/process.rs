@@ -11,10 +11,10 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Launch, Outcome, Stop, StopReason};
+use super::{Launch, Outcome, Stop, StopReason, stopped};
 
 /// Runs `launch` until it exits, is stopped, or times out. `started` fires once the process runs.
-pub(crate) async fn run(
+pub async fn run(
     launch: Launch,
     mut stop: watch::Receiver<Option<Stop>>,
     started: oneshot::Sender<()>,
@@ -118,16 +118,7 @@ pub(crate) async fn run(
         };
     }
     match stopped_by {
-        Some(StopReason::Canceled) => Outcome {
-            end: AttemptEnd::Canceled,
-            exit_code: Some(code),
-            message: Some("canceled".into()),
-        },
-        Some(StopReason::Stale) => Outcome {
-            end: AttemptEnd::Canceled,
-            exit_code: Some(code),
-            message: Some("stopped: the attempt is no longer current".into()),
-        },
+        Some(reason) => stopped(reason, Some(code)),
         None if code == 0 => Outcome {
             end: AttemptEnd::Completed,
             exit_code: Some(0),
@@ -145,7 +136,7 @@ fn failed(code: Option<i32>, message: String) -> Outcome {
     }
 }
 
-async fn wait_stop(stop: &mut watch::Receiver<Option<Stop>>) -> Stop {
+pub(crate) async fn wait_stop(stop: &mut watch::Receiver<Option<Stop>>) -> Stop {
     loop {
         if let Some(order) = *stop.borrow_and_update() {
             return order;
@@ -226,6 +217,7 @@ mod tests {
             env: vec![("GREETING".into(), "hi".into())],
             log_path: dir.join("out.log"),
             timeout,
+            container: None,
         }
     }
 
