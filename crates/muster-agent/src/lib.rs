@@ -54,6 +54,14 @@ pub struct AgentConfig {
     pub unlimited: bool,
     /// Where GPUs come from (NVML, or a fake in tests).
     pub gpu_probe: Arc<dyn GpuProbe>,
+    /// How often GPUs are probed again (a recovered GPU becomes schedulable, a failed one
+    /// is withdrawn), without restarting the agent.
+    pub gpu_refresh: std::time::Duration,
+    /// Ask the Docker engine for assigned GPUs with an NVIDIA device request (off for fake GPUs).
+    pub gpu_device_requests: bool,
+    /// Run a job that names an image as a process when no Docker engine is reachable
+    /// (`muster dev`), instead of failing it.
+    pub process_fallback: bool,
 }
 
 impl AgentConfig {
@@ -75,6 +83,9 @@ impl AgentConfig {
             memory_bytes: None,
             unlimited: false,
             gpu_probe: Arc::new(NvmlProbe),
+            gpu_refresh: std::time::Duration::from_secs(30),
+            gpu_device_requests: true,
+            process_fallback: false,
         }
     }
 }

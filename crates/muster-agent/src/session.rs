@@ -21,7 +21,8 @@ use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::AgentConfig;
-use crate::attempt::{AttemptTask, Event, Key};
+use crate::attempt::{AttemptTask, Event, Executors, Key};
+use crate::executor::docker::DockerExecutor;
 use crate::executor::{Outcome, Stop, StopReason};
 use crate::resources::host_capacity;
 
@@ -38,6 +39,8 @@ struct Entry {
     end_sent: bool,
     stop: watch::Sender<Option<Stop>>,
     task: Option<JoinHandle<()>>,
+    /// Runs in a container: left running when the agent stops, re-adopted when it returns.
+    in_container: bool,
 }
 
 pub(crate) struct Agent {
@@ -47,6 +50,7 @@ pub(crate) struct Agent {
     attempts: HashMap<Key, Entry>,
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
+    executors: Executors,
 }
 
 /// A failure that retrying will not fix (bad name, unknown compute target, ...).
@@ -66,7 +70,16 @@ impl Agent {
                 .with_context(|| format!("cannot create {}", config.data_dir.join(d).display()))?;
         }
         let (events_tx, events_rx) = mpsc::channel(1024);
+        let executors = Executors {
+            docker: None,
+            docker_error: None,
+            process_fallback: config.process_fallback,
+            gpu_device_requests: config.gpu_device_requests,
+            unlimited: config.unlimited,
+            node_id: node_id.clone(),
+        };
         Ok(Agent {
+            executors,
             config,
             node_id,
             _lock: lock,
@@ -80,17 +93,35 @@ impl Agent {
         mut self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
-        let report = self.config.gpu_probe.probe();
+        let mut report = self.probe_gpus().await;
         if let Some(note) = &report.note {
             tracing::info!("{note}");
         }
         tracing::info!(node = %self.config.name, id = %self.node_id, compute = %self.config.compute, gpus = report.gpus.len(), "agent starting");
+        match DockerExecutor::connect().await {
+            Ok(docker) => {
+                tracing::info!(
+                    "Docker engine reachable: runs that name an image run in containers, others as processes"
+                );
+                self.executors.docker = Some(std::sync::Arc::new(docker));
+                self.adopt_containers().await;
+            }
+            Err(e) => {
+                let then = if self.config.process_fallback {
+                    "run as processes"
+                } else {
+                    "fail"
+                };
+                tracing::info!("{e}; runs run as processes (runs that name an image {then})");
+                self.executors.docker_error = Some(e);
+            }
+        }
         tokio::pin!(shutdown);
         let mut backoff = Duration::from_millis(100);
         let result = loop {
             let attempt = tokio::select! {
                 _ = &mut shutdown => break Ok(()),
-                r = self.serve(&report) => r,
+                r = self.serve(&mut report) => r,
             };
             match attempt {
                 Err(e) if e.downcast_ref::<Fatal>().is_some() => break Err(e),
@@ -112,8 +143,80 @@ impl Agent {
         result
     }
 
-    /// Stops every attempt (agent shutdown); the server restarts them elsewhere.
+    /// Re-adopts the containers this node started before the agent restarted: their logs
+    /// keep flowing and their ends are reported as if the agent had never gone.
+    async fn adopt_containers(&mut self) {
+        let Some(docker) = self.executors.docker.clone() else {
+            return;
+        };
+        let managed = match docker.managed(&self.node_id).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(cause = %e, "cannot list this node's containers; none re-adopted");
+                return;
+            }
+        };
+        for m in managed {
+            let key = (m.run_id.clone(), m.attempt);
+            if self.attempts.contains_key(&key) {
+                continue;
+            }
+            tracing::info!(run_id = %m.run_id, attempt = m.attempt, running = m.running, "re-adopting container");
+            let workdir = self.workdir(&key);
+            let log_path = workdir.join("output.log");
+            let shipped = 0;
+            let (stop, stop_rx) = watch::channel(None);
+            let task = AttemptTask {
+                key: key.clone(),
+                workdir: workdir.clone(),
+                log_path: log_path.clone(),
+                cache_dir: self.config.data_dir.join("cache/blobs"),
+                blobs: self.lazy_blobs(),
+                events: self.events_tx.clone(),
+                stop: stop_rx,
+                executors: self.executors.clone(),
+            };
+            let handle = tokio::spawn(task.adopt(docker.clone(), m));
+            self.attempts.insert(
+                key,
+                Entry {
+                    log_path,
+                    workdir,
+                    shipped,
+                    state: "running",
+                    end: None,
+                    end_sent: false,
+                    stop,
+                    task: Some(handle),
+                    in_container: true,
+                },
+            );
+        }
+    }
+
+    /// A blob client that connects on first use (adopted attempts start before the session).
+    fn lazy_blobs(&self) -> BlobServiceClient<Channel> {
+        let channel = Endpoint::from_shared(self.config.servers[0].clone())
+            .expect("server URLs are checked at connect")
+            .connect_lazy();
+        BlobServiceClient::new(channel).max_decoding_message_size(8 << 20)
+    }
+
+    fn workdir(&self, key: &Key) -> PathBuf {
+        self.config
+            .data_dir
+            .join("work")
+            .join(format!("{}.{}", key.0, key.1))
+    }
+
+    /// Agent shutdown: containers keep running (the agent re-adopts them when it returns);
+    /// processes, which cannot be re-adopted, are stopped (the server restarts them).
     async fn stop_all(&mut self) {
+        for entry in self.attempts.values_mut().filter(|e| e.in_container) {
+            if let Some(t) = entry.task.take() {
+                t.abort();
+            }
+        }
         for entry in self.attempts.values() {
             entry.stop.send_replace(Some(Stop {
                 reason: StopReason::Stale,
@@ -143,11 +246,18 @@ impl Agent {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("no servers")))
     }
 
-    async fn serve(&mut self, gpus: &crate::GpuReport) -> anyhow::Result<()> {
-        let channel = self.connect().await?;
-        let mut client =
-            AgentServiceClient::new(channel.clone()).max_decoding_message_size(8 << 20);
-        let blobs = BlobServiceClient::new(channel).max_decoding_message_size(8 << 20);
+    async fn probe_gpus(&self) -> crate::GpuReport {
+        let probe = self.config.gpu_probe.clone();
+        tokio::task::spawn_blocking(move || probe.probe())
+            .await
+            .unwrap_or_default()
+    }
+
+    async fn register(
+        &self,
+        client: &mut AgentServiceClient<Channel>,
+        gpus: &crate::GpuReport,
+    ) -> anyhow::Result<v1::RegisterResponse> {
         let (cpu, mem) = host_capacity();
         let (cpu, mem) = if self.config.unlimited {
             (0, 0)
@@ -157,7 +267,7 @@ impl Agent {
                 self.config.memory_bytes.unwrap_or(mem).min(mem),
             )
         };
-        let registered = client
+        Ok(client
             .register(v1::RegisterRequest {
                 node_id: self.node_id.clone(),
                 name: self.config.name.clone(),
@@ -180,7 +290,15 @@ impl Agent {
                 ),
                 _ => anyhow::anyhow!("register: {}", s.message()),
             })?
-            .into_inner();
+            .into_inner())
+    }
+
+    async fn serve(&mut self, gpus: &mut crate::GpuReport) -> anyhow::Result<()> {
+        let channel = self.connect().await?;
+        let mut client =
+            AgentServiceClient::new(channel.clone()).max_decoding_message_size(8 << 20);
+        let blobs = BlobServiceClient::new(channel).max_decoding_message_size(8 << 20);
+        let registered = self.register(&mut client, gpus).await?;
         let heartbeat_every = Duration::from_millis(registered.heartbeat_interval_ms.max(100));
 
         let (out, out_rx) = mpsc::channel::<v1::AgentMessage>(1024);
@@ -205,8 +323,18 @@ impl Agent {
         }
         let mut ship = tokio::time::interval(Duration::from_millis(100));
         let mut heartbeat = tokio::time::interval(heartbeat_every);
+        let mut gpu_refresh = tokio::time::interval(self.config.gpu_refresh);
+        gpu_refresh.tick().await;
         loop {
             tokio::select! {
+                _ = gpu_refresh.tick() => {
+                    let now = self.probe_gpus().await;
+                    if now.gpus != gpus.gpus {
+                        tracing::info!(before = gpus.gpus.len(), after = now.gpus.len(), note = ?now.note, "GPUs changed; registering the new set");
+                        *gpus = now;
+                        self.register(&mut client, gpus).await?;
+                    }
+                }
                 m = inbound.message() => match m {
                     Ok(Some(m)) => self.on_server_message(m, &blobs, &out).await?,
                     Ok(None) => return Ok(()),
@@ -291,23 +419,24 @@ impl Agent {
         if self.attempts.contains_key(&key) {
             return;
         }
-        let workdir = self
-            .config
-            .data_dir
-            .join("work")
-            .join(format!("{}.{}", a.run_id, a.attempt));
+        let workdir = self.workdir(&key);
         let log_path = workdir.join("output.log");
         let (stop, stop_rx) = watch::channel(None);
         if workdir.exists() {
-            // This agent started the attempt before a restart and lost its process: report
-            // the node lost for this attempt, so the run restarts as a new attempt.
+            // This agent started the attempt before a restart and its process is gone (a
+            // container would have been re-adopted): report it lost, so the run restarts
+            // as a new attempt.
             tracing::warn!(run_id = %a.run_id, attempt = a.attempt, "the attempt's process was lost in an agent restart");
             let log_bytes = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
-            let mut end = ended(&key, &Outcome {
-                end: AttemptEnd::NodeLost,
-                exit_code: None,
-                message: Some("the agent restarted and lost the process (processes cannot be re-adopted; containers can)".into()),
-            }, None);
+            let mut end = ended(
+                &key,
+                &Outcome {
+                    end: AttemptEnd::NodeLost,
+                    exit_code: None,
+                    message: Some("the agent restarted and lost the process (processes cannot be re-adopted; containers can)".into()),
+                },
+                None,
+            );
             end.log_bytes = log_bytes;
             self.attempts.insert(
                 key,
@@ -320,24 +449,28 @@ impl Agent {
                     end_sent: false,
                     stop,
                     task: None,
+                    in_container: false,
                 },
             );
             return;
         }
-        tracing::info!(run_id = %a.run_id, attempt = a.attempt, rank = a.rank, "starting attempt");
+        let in_container =
+            a.spec.as_ref().is_some_and(|s| s.image.is_some()) && self.executors.docker.is_some();
+        tracing::info!(run_id = %a.run_id, attempt = a.attempt, rank = a.rank, in_container, "starting attempt");
+        if let Err(e) = std::fs::create_dir_all(&workdir) {
+            tracing::error!(cause = %e, "cannot create the attempt's working directory");
+        }
         let task = AttemptTask {
-            assignment: a,
+            key: key.clone(),
             workdir: workdir.clone(),
             log_path: log_path.clone(),
             cache_dir: self.config.data_dir.join("cache/blobs"),
             blobs: blobs.clone(),
             events: self.events_tx.clone(),
             stop: stop_rx,
+            executors: self.executors.clone(),
         };
-        if let Err(e) = std::fs::create_dir_all(&workdir) {
-            tracing::error!(cause = %e, "cannot create the attempt's working directory");
-        }
-        let handle = tokio::spawn(task.run());
+        let handle = tokio::spawn(task.run(a));
         self.attempts.insert(
             key,
             Entry {
@@ -349,6 +482,7 @@ impl Agent {
                 end_sent: false,
                 stop,
                 task: Some(handle),
+                in_container,
             },
         );
     }

@@ -166,6 +166,21 @@ pub enum NodeCommand {
         /// Name or id.
         node: String,
     },
+    /// Take no new runs on a node; running ones finish.
+    Drain {
+        /// Name or id.
+        node: String,
+    },
+    /// Evict a node: its runs restart elsewhere as new attempts (a reclaimed machine).
+    Evict {
+        /// Name or id.
+        node: String,
+    },
+    /// Let a drained or evicted node take runs again.
+    Resume {
+        /// Name or id.
+        node: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -249,6 +264,18 @@ pub struct SubmitArgs {
     /// A display name.
     #[arg(long)]
     pub name: Option<String>,
+    /// CPUs per instance (`2`, `0.5`, `500m`).
+    #[arg(long)]
+    pub cpu: Option<String>,
+    /// Memory per instance (`8g`, `512m`); in a container it is the hard limit.
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// GPUs per instance.
+    #[arg(long)]
+    pub gpus: Option<u32>,
+    /// Nodes the run spans (all start together or none does).
+    #[arg(long)]
+    pub instance_count: Option<u32>,
     /// Seconds before the run is stopped as timed out.
     #[arg(long)]
     pub timeout: Option<u64>,

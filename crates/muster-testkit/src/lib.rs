@@ -9,6 +9,9 @@
 //!
 //! Test-only: nothing outside tests and benches depends on this crate.
 
+pub mod agents;
+pub mod images;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -190,20 +193,23 @@ pub fn muster_bin() -> PathBuf {
     BIN.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
-        let out = Command::new(cargo)
-            .args([
-                "build",
-                "-p",
-                "muster-cli",
-                "--bin",
-                "muster",
-                "--message-format=json",
-                "--manifest-path",
-            ])
-            .arg(&manifest)
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("cargo runs");
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "-p",
+            "muster-cli",
+            "--bin",
+            "muster",
+            "--message-format=json",
+            "--manifest-path",
+        ])
+        .arg(&manifest)
+        .stderr(Stdio::inherit());
+        // Benchmarks (release builds) measure a release binary.
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let out = cmd.output().expect("cargo runs");
         assert!(out.status.success(), "building the muster binary failed");
         String::from_utf8_lossy(&out.stdout)
             .lines()

@@ -1,1 +1,923 @@
-//! The Docker executor (being written).
+//! The Docker executor: one container per attempt through the Docker engine (bollard).
+//!
+//! The container runs `sh -c COMMAND` with the code snapshot mounted read-only at
+//! `/workspace` and its `outputs/` and `logs/` mounted writable over it. Its stdout and
+//! stderr are followed into the attempt's log file. A stop order becomes `docker stop`
+//! (SIGTERM, then SIGKILL after the grace); the container runs under the engine's init with
+//! `TINI_KILL_PROCESS_GROUP=1`, so the SIGTERM reaches the command's whole process group, as
+//! the process executor does. Containers carry labels (`muster.node_id`, `muster.run_id`, …)
+//! so a restarted agent finds them again ([`DockerExecutor::managed`]) and re-adopts them
+//! ([`DockerExecutor::adopt`]) without losing or duplicating log lines.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use bollard::Docker;
+use bollard::errors::Error as EngineError;
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum,
+    ContainerSummaryStateEnum, DeviceRequest, HostConfig, Mount, MountType,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, KillContainerOptionsBuilder,
+    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    StopContainerOptionsBuilder, WaitContainerOptionsBuilder,
+};
+use futures::StreamExt;
+use muster_core::AttemptEnd;
+use tokio::fs::File;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{oneshot, watch};
+
+use super::process::wait_stop;
+use super::{ContainerSpec, Launch, Outcome, Stop, StopReason, stopped};
+
+/// The longest an image pull may take before the attempt fails.
+const PULL_LIMIT: Duration = Duration::from_secs(10 * 60);
+/// How long to wait for the engine to answer when connecting.
+const CONNECT_LIMIT: Duration = Duration::from_secs(10);
+/// The grace between SIGTERM and SIGKILL when `limits.timeout` ends an attempt.
+const TIMEOUT_GRACE: Duration = Duration::from_secs(10);
+/// How long the log stream may take to drain once the container has exited.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+/// The request timeout of the client used for long requests (wait, follow logs, stop):
+/// bollard applies its timeout to every request, and these legitimately last for hours.
+const LONG_REQUEST_LIMIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Where the agent's working directory appears inside the container.
+const WORKSPACE: &str = "/workspace";
+
+/// Label: the node that started the container.
+const LABEL_NODE: &str = "muster.node_id";
+/// Label: the run.
+const LABEL_RUN: &str = "muster.run_id";
+/// Label: the attempt number.
+const LABEL_ATTEMPT: &str = "muster.attempt";
+/// Label: the node rank.
+const LABEL_RANK: &str = "muster.rank";
+/// Label: `limits.timeout` in seconds, when the run has one.
+const LABEL_TIMEOUT: &str = "muster.timeout_s";
+/// Label (added by this executor): the length of the log file when the container was
+/// created, i.e. where the container's own output starts in it (image-pull progress comes
+/// before). [`DockerExecutor::adopt`] uses it to skip what the file already holds.
+const LABEL_LOG_OFFSET: &str = "muster.log_offset";
+
+/// Runs attempts as containers of one Docker engine.
+#[derive(Debug, Clone)]
+pub struct DockerExecutor {
+    /// For short requests (bollard's default two-minute timeout).
+    docker: Docker,
+    /// The same connection without a practical timeout, for wait, follow and stop.
+    long: Docker,
+}
+
+/// A container of this node found on the engine (see [`DockerExecutor::managed`]).
+#[derive(Debug, Clone)]
+pub struct Managed {
+    /// The container id.
+    pub id: String,
+    /// Its `muster.run_id` label.
+    pub run_id: String,
+    /// Its `muster.attempt` label (0 if missing or malformed).
+    pub attempt: u32,
+    /// Its `muster.rank` label (0 if missing or malformed).
+    pub rank: u32,
+    /// Whether it is still running (false: exited, or created and never started).
+    pub running: bool,
+}
+
+/// How the wait for a container ended.
+enum Ended {
+    /// It exited by itself; the exit code reported by the wait, if any.
+    Exited(Result<Option<i64>, String>),
+    /// A stop order stopped it.
+    Stopped(StopReason),
+    /// `limits.timeout` stopped it.
+    TimedOut,
+}
+
+impl DockerExecutor {
+    /// Connects to the engine (`DOCKER_HOST` honoured, else the local socket), negotiates
+    /// the API version down to the engine's, and pings it.
+    ///
+    /// The error is a sentence for a person, e.g. "no Docker engine at
+    /// unix:///var/run/docker.sock: <cause>; start dockerd or set DOCKER_HOST".
+    pub async fn connect() -> Result<DockerExecutor, String> {
+        let host = std::env::var("DOCKER_HOST")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
+        let no_engine = |cause: String| {
+            format!("no Docker engine at {host}: {cause}; start dockerd or set DOCKER_HOST")
+        };
+        let docker = Docker::connect_with_defaults().map_err(|e| no_engine(engine_message(&e)))?;
+        let docker = tokio::time::timeout(CONNECT_LIMIT, async {
+            let docker = docker.negotiate_version().await?;
+            docker.ping().await?;
+            Ok::<_, EngineError>(docker)
+        })
+        .await
+        .map_err(|_| no_engine(format!("no answer within {} s", CONNECT_LIMIT.as_secs())))?
+        .map_err(|e| no_engine(engine_message(&e)))?;
+        let long = docker.clone().with_timeout(LONG_REQUEST_LIMIT);
+        Ok(DockerExecutor { docker, long })
+    }
+
+    /// Runs one attempt in a container until it exits, is stopped, or times out; `started`
+    /// fires once the container runs. The container is removed before this returns.
+    ///
+    /// Steps: use the image if present, else pull it (progress goes to the log file); create
+    /// the container (`sh -c COMMAND` in `/workspace`, limits, labels, GPUs) after removing
+    /// any leftover of the same name; start it and follow its output into the log file;
+    /// wait for it, racing the stop order and `limits.timeout`; inspect it for the outcome
+    /// (OOM kill, exit code); drain the log stream; remove it.
+    pub async fn run(
+        &self,
+        launch: Launch,
+        mut stop: watch::Receiver<Option<Stop>>,
+        started: oneshot::Sender<()>,
+    ) -> Outcome {
+        let Some(spec) = launch.container.as_ref() else {
+            return failed(
+                None,
+                "the Docker executor was given no container spec (image, name, labels)".into(),
+            );
+        };
+        let mut log = match open_log(&launch.log_path).await {
+            Ok(f) => f,
+            Err(message) => return failed(None, message),
+        };
+
+        // 1. The image: local, else pulled (a stop order interrupts the pull).
+        let image = tokio::select! {
+            r = self.ensure_image(&spec.image, &mut log) => r,
+            order = wait_stop(&mut stop) => return stopped(order.reason, None),
+        };
+        if let Err(reason) = image {
+            let message = format!(
+                "image {} not found locally and could not be pulled: {reason}",
+                spec.image
+            );
+            let _ = log
+                .write_all(format!("muster: {message}\n").as_bytes())
+                .await;
+            let _ = log.flush().await;
+            return failed(None, message);
+        }
+
+        // 2. The container.
+        let workdir = match std::path::absolute(&launch.workdir) {
+            Ok(p) => p,
+            Err(e) => {
+                return failed(
+                    None,
+                    format!("bad working directory {}: {e}", launch.workdir.display()),
+                );
+            }
+        };
+        for sub in ["outputs", "logs"] {
+            if let Err(e) = tokio::fs::create_dir_all(workdir.join(sub)).await {
+                return failed(
+                    None,
+                    format!("cannot create {}: {e}", workdir.join(sub).display()),
+                );
+            }
+        }
+        let log_offset = match log.metadata().await {
+            Ok(m) => m.len(),
+            Err(e) => {
+                return failed(
+                    None,
+                    format!(
+                        "cannot read the log file {}: {e}",
+                        launch.log_path.display()
+                    ),
+                );
+            }
+        };
+        if let Err(e) = self.remove(&spec.name).await {
+            return failed(
+                None,
+                format!("could not remove the leftover container {}: {e}", spec.name),
+            );
+        }
+        let body = container_body(&launch, spec, &workdir, log_offset);
+        let options = CreateContainerOptionsBuilder::default()
+            .name(&spec.name)
+            .build();
+        let id = match self.docker.create_container(Some(options), body).await {
+            Ok(r) => r.id,
+            Err(e) => {
+                return failed(
+                    None,
+                    format!(
+                        "could not create the container {}: {}",
+                        spec.name,
+                        engine_message(&e)
+                    ),
+                );
+            }
+        };
+
+        // 3. Start it.
+        if let Err(e) = self.docker.start_container(&id, None).await {
+            let _ = self.remove(&id).await;
+            return failed(
+                None,
+                format!(
+                    "could not start the container {}: {}",
+                    spec.name,
+                    engine_message(&e)
+                ),
+            );
+        }
+        let _ = started.send(());
+
+        // 4.–6. Follow, wait, inspect, remove.
+        let timeout = launch.timeout.map(|t| (t, t.as_secs()));
+        self.supervise(&id, log, 0, timeout, &mut stop).await
+    }
+
+    /// The containers of this node (label `muster.node_id == node_id`), running or exited,
+    /// not yet removed.
+    pub async fn managed(&self, node_id: &str) -> Result<Vec<Managed>, String> {
+        let filters = HashMap::from([("label", vec![format!("{LABEL_NODE}={node_id}")])]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let list = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| {
+                format!(
+                    "could not list the containers of node {node_id}: {}",
+                    engine_message(&e)
+                )
+            })?;
+        Ok(list
+            .into_iter()
+            .filter_map(|c| {
+                let id = c.id?;
+                let labels = c.labels.unwrap_or_default();
+                let number = |key: &str| {
+                    labels
+                        .get(key)
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or_default()
+                };
+                Some(Managed {
+                    run_id: labels.get(LABEL_RUN).cloned().unwrap_or_default(),
+                    attempt: number(LABEL_ATTEMPT),
+                    rank: number(LABEL_RANK),
+                    running: matches!(
+                        c.state,
+                        Some(
+                            ContainerSummaryStateEnum::RUNNING
+                                | ContainerSummaryStateEnum::PAUSED
+                                | ContainerSummaryStateEnum::RESTARTING
+                        )
+                    ),
+                    id,
+                })
+            })
+            .collect())
+    }
+
+    /// Re-adopts a container after an agent restart: keeps appending its output to
+    /// `log_path` without repeating what the file already holds, waits for it with what is
+    /// left of its timeout (label `muster.timeout_s`, counted from its start) and the stop
+    /// order, then decides the outcome and removes it as [`run`](Self::run) does. Works for
+    /// a container that exited while the agent was down.
+    ///
+    /// The engine replays a container's output as the same byte sequence, so the first
+    /// `file length − muster.log_offset` bytes of it are already in the file and skipped.
+    pub async fn adopt(
+        &self,
+        managed: &Managed,
+        log_path: &Path,
+        mut stop: watch::Receiver<Option<Stop>>,
+    ) -> Outcome {
+        let id = managed.id.as_str();
+        let info = match self.docker.inspect_container(id, None).await {
+            Ok(i) => i,
+            Err(e) => {
+                return failed(
+                    None,
+                    format!("could not re-adopt container {id}: {}", engine_message(&e)),
+                );
+            }
+        };
+        let state = info.state.clone().unwrap_or_default();
+        if state.status == Some(ContainerStateStatusEnum::CREATED) {
+            let _ = self.remove(id).await;
+            return failed(
+                None,
+                "the container was created but never started (the agent stopped in between)".into(),
+            );
+        }
+        let log = match open_log(log_path).await {
+            Ok(f) => f,
+            Err(message) => {
+                let _ = self.remove(id).await;
+                return failed(None, message);
+            }
+        };
+        let file_len = match log.metadata().await {
+            Ok(m) => m.len(),
+            Err(e) => {
+                let _ = self.remove(id).await;
+                return failed(
+                    None,
+                    format!("cannot read the log file {}: {e}", log_path.display()),
+                );
+            }
+        };
+        let labels = info
+            .config
+            .as_ref()
+            .and_then(|c| c.labels.clone())
+            .unwrap_or_default();
+        let offset = labels
+            .get(LABEL_LOG_OFFSET)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        let skip = file_len.saturating_sub(offset);
+        let timeout = labels
+            .get(LABEL_TIMEOUT)
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|secs| {
+                let left = remaining(secs, state.started_at.as_deref(), SystemTime::now());
+                (left, secs)
+            });
+        self.supervise(id, log, skip, timeout, &mut stop).await
+    }
+
+    /// Removes a container by id or name (forcibly: a running one is killed); a container
+    /// that does not exist is not an error.
+    pub async fn remove(&self, id: &str) -> Result<(), String> {
+        let options = RemoveContainerOptionsBuilder::default().force(true).build();
+        match self.long.remove_container(id, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) if status_of(&e) == Some(404) => Ok(()),
+            Err(e) => Err(engine_message(&e)),
+        }
+    }
+
+    /// Whether the engine has `image` locally.
+    pub async fn has_image(&self, image: &str) -> bool {
+        self.docker.inspect_image(image).await.is_ok()
+    }
+
+    /// Uses the image if present, else pulls it (bounded by [`PULL_LIMIT`]), writing progress
+    /// lines to the log. The error is the reason in words.
+    async fn ensure_image(&self, image: &str, log: &mut File) -> Result<(), String> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => return Ok(()),
+            Err(e) if status_of(&e) == Some(404) => {}
+            Err(e) => return Err(engine_message(&e)),
+        }
+        let _ = log
+            .write_all(format!("muster: pulling image {image}: not found locally\n").as_bytes())
+            .await;
+        let (name, tag) = split_reference(image);
+        let options = CreateImageOptionsBuilder::default()
+            .from_image(name)
+            .tag(tag)
+            .build();
+        let mut progress = self.long.create_image(Some(options), None, None);
+        let mut last: HashMap<String, String> = HashMap::new();
+        let pull = async {
+            while let Some(item) = progress.next().await {
+                let info = item.map_err(|e| engine_message(&e))?;
+                let Some(status) = info.status else { continue };
+                // The engine retries layer downloads on network errors; a registry that
+                // cannot be reached at all will not become reachable by retrying.
+                let lower = status.to_lowercase();
+                if lower.contains("no such host") || lower.contains("connection refused") {
+                    return Err(status);
+                }
+                let layer = info.id.unwrap_or_default();
+                // One line per change of a layer's status, not per byte of progress.
+                if last.get(&layer) == Some(&status) {
+                    continue;
+                }
+                let line = if layer.is_empty() {
+                    format!("muster: pulling image {image}: {status}\n")
+                } else {
+                    format!("muster: pulling image {image}: {layer}: {status}\n")
+                };
+                last.insert(layer, status);
+                let _ = log.write_all(line.as_bytes()).await;
+            }
+            Ok::<_, String>(())
+        };
+        let result = match tokio::time::timeout(PULL_LIMIT, pull).await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "the pull took longer than {} min",
+                PULL_LIMIT.as_secs() / 60
+            )),
+        };
+        let _ = log.flush().await;
+        result?;
+        if self.has_image(image).await {
+            Ok(())
+        } else {
+            Err("the pull ended but the engine does not have the image".into())
+        }
+    }
+
+    /// Steps 3 to 6 for a started container: follows its output into `log` (skipping the
+    /// first `skip` bytes), waits for it racing `stop` and `timeout` (what is left of it,
+    /// and the configured seconds for the message), decides the outcome, removes it.
+    async fn supervise(
+        &self,
+        id: &str,
+        log: File,
+        skip: u64,
+        timeout: Option<(Duration, u64)>,
+        stop: &mut watch::Receiver<Option<Stop>>,
+    ) -> Outcome {
+        // Everything runs in this future (nothing spawned): if the caller drops it (an agent
+        // going away), the log stream stops with it, and a later adopt() carries on.
+        let mut pump = std::pin::pin!(follow_logs(self.long.clone(), id.to_string(), log, skip));
+        let mut pump_done = false;
+        let ended = {
+            let mut watcher = std::pin::pin!(self.watch(id, timeout.map(|t| t.0), stop));
+            loop {
+                tokio::select! {
+                    ended = &mut watcher => break ended,
+                    () = &mut pump, if !pump_done => pump_done = true,
+                }
+            }
+        };
+        let info = self.docker.inspect_container(id, None).await;
+        // The engine ends the log stream once the container has stopped; bounded anyway.
+        if !pump_done && tokio::time::timeout(DRAIN_LIMIT, &mut pump).await.is_err() {
+            tracing::warn!(
+                container = id,
+                "the log stream did not end after the container stopped"
+            );
+        }
+        if let Err(e) = self.remove(id).await {
+            tracing::warn!(container = id, "could not remove the container: {e}");
+        }
+        outcome(ended, info, timeout.map(|t| t.1))
+    }
+
+    /// Waits until the container stops by itself, or stops it on a stop order or at the
+    /// timeout. An exit wins over the other two when they are ready at once.
+    async fn watch(
+        &self,
+        id: &str,
+        timeout: Option<Duration>,
+        stop: &mut watch::Receiver<Option<Stop>>,
+    ) -> Ended {
+        let options = WaitContainerOptionsBuilder::default()
+            .condition("not-running")
+            .build();
+        let mut wait = self.long.wait_container(id, Some(options));
+        let exited = async {
+            match wait.next().await {
+                Some(Ok(r)) => Ok(Some(r.status_code)),
+                Some(Err(EngineError::DockerContainerWaitError { code, .. })) => Ok(Some(code)),
+                Some(Err(e)) => Err(engine_message(&e)),
+                None => Ok(None),
+            }
+        };
+        let limit = async {
+            match timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            r = exited => Ended::Exited(r),
+            order = wait_stop(stop) => {
+                self.stop_container(id, order.grace).await;
+                Ended::Stopped(order.reason)
+            }
+            () = limit => {
+                self.stop_container(id, TIMEOUT_GRACE).await;
+                Ended::TimedOut
+            }
+        }
+    }
+
+    /// `docker stop -t GRACE`: SIGTERM, then SIGKILL after the grace (rounded up to whole
+    /// seconds, the engine's unit). Falls back to SIGKILL if the engine refuses.
+    async fn stop_container(&self, id: &str, grace: Duration) {
+        let secs = grace.as_secs() + u64::from(grace.subsec_nanos() > 0);
+        let options = StopContainerOptionsBuilder::default()
+            .t(i32::try_from(secs).unwrap_or(i32::MAX))
+            .build();
+        match self.long.stop_container(id, Some(options)).await {
+            Ok(()) => {}
+            Err(e) if status_of(&e) == Some(404) => {}
+            Err(e) => {
+                tracing::warn!(
+                    container = id,
+                    "docker stop failed, killing: {}",
+                    engine_message(&e)
+                );
+                let kill = KillContainerOptionsBuilder::default()
+                    .signal("SIGKILL")
+                    .build();
+                let _ = self.docker.kill_container(id, Some(kill)).await;
+            }
+        }
+    }
+}
+
+/// Follows a container's stdout and stderr (in arrival order) into `log`, skipping the
+/// first `skip` bytes. Ends when the engine ends the stream (the container stopped).
+async fn follow_logs(docker: Docker, id: String, mut log: File, mut skip: u64) {
+    let options = LogsOptionsBuilder::default()
+        .follow(true)
+        .stdout(true)
+        .stderr(true)
+        .build();
+    let mut stream = docker.logs(&id, Some(options));
+    while let Some(item) = stream.next().await {
+        let chunk = match item {
+            Ok(output) => output.into_bytes(),
+            Err(e) => {
+                tracing::warn!(
+                    container = id,
+                    "the log stream broke: {}",
+                    engine_message(&e)
+                );
+                break;
+            }
+        };
+        let chunk = if skip > 0 {
+            let n = usize::try_from(skip).unwrap_or(usize::MAX).min(chunk.len());
+            skip -= n as u64;
+            chunk.slice(n..)
+        } else {
+            chunk
+        };
+        if chunk.is_empty() {
+            continue;
+        }
+        if log.write_all(&chunk).await.is_err() {
+            break;
+        }
+        let _ = log.flush().await;
+    }
+    let _ = log.sync_all().await;
+}
+
+/// The outcome from how the wait ended and the container's final state.
+fn outcome(
+    ended: Ended,
+    info: Result<ContainerInspectResponse, EngineError>,
+    timeout_secs: Option<u64>,
+) -> Outcome {
+    let state = info
+        .as_ref()
+        .ok()
+        .and_then(|i| i.state.clone())
+        .unwrap_or_default();
+    let code = state.exit_code.and_then(|c| i32::try_from(c).ok());
+    match ended {
+        Ended::TimedOut => Outcome {
+            end: AttemptEnd::TimedOut,
+            exit_code: code,
+            message: Some(format!(
+                "stopped after limits.timeout ({} s)",
+                timeout_secs.unwrap_or_default()
+            )),
+        },
+        Ended::Stopped(reason) => stopped(reason, code),
+        Ended::Exited(Err(message)) => failed(
+            code,
+            format!("lost track of the container (is the Docker engine still running?): {message}"),
+        ),
+        Ended::Exited(Ok(waited)) => {
+            let waited = waited.and_then(|c| i32::try_from(c).ok());
+            let info = match info {
+                Ok(i) => i,
+                Err(e) => {
+                    return failed(
+                        waited,
+                        format!(
+                            "could not inspect the exited container: {}",
+                            engine_message(&e)
+                        ),
+                    );
+                }
+            };
+            if state.running == Some(true) {
+                return failed(
+                    None,
+                    "lost track of the container: the engine stopped reporting on it while it ran"
+                        .into(),
+                );
+            }
+            let code = code.or(waited);
+            if state.oom_killed == Some(true) {
+                let limit = info
+                    .host_config
+                    .as_ref()
+                    .and_then(|h| h.memory)
+                    .filter(|m| *m > 0);
+                let message = match limit {
+                    Some(bytes) => format!(
+                        "OOM-killed: the container exceeded its memory limit of {}",
+                        human_size(u64::try_from(bytes).unwrap_or_default())
+                    ),
+                    None => {
+                        "OOM-killed: the node ran out of memory (the container has no memory limit)"
+                            .into()
+                    }
+                };
+                return failed(code, message);
+            }
+            match code {
+                Some(0) => Outcome {
+                    end: AttemptEnd::Completed,
+                    exit_code: Some(0),
+                    message: None,
+                },
+                Some(c) => failed(Some(c), describe_exit(c)),
+                None => failed(None, "the container ended without an exit code".into()),
+            }
+        }
+    }
+}
+
+/// The create request: `sh -c COMMAND` in `/workspace` (the working directory read-only,
+/// its `outputs/` and `logs/` writable), the engine's init forwarding signals to the
+/// command's process group, limits, GPUs, and the labels plus [`LABEL_LOG_OFFSET`].
+fn container_body(
+    launch: &Launch,
+    spec: &ContainerSpec,
+    workdir: &Path,
+    log_offset: u64,
+) -> ContainerCreateBody {
+    let mut labels: HashMap<String, String> = spec
+        .labels
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    labels.insert(LABEL_LOG_OFFSET.into(), log_offset.to_string());
+    let mount = |source: &Path, target: &str, read_only: bool| Mount {
+        source: Some(source.to_string_lossy().into_owned()),
+        target: Some(target.into()),
+        typ: Some(MountType::BIND),
+        read_only: Some(read_only),
+        ..Default::default()
+    };
+    let mut env: Vec<String> = launch.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    // The engine's init (tini) sends SIGTERM to the command's whole process group, as the
+    // process executor does, rather than to `sh` alone.
+    env.push("TINI_KILL_PROCESS_GROUP=1".into());
+    let positive = |v: u64| (v > 0).then(|| to_i64(v));
+    let host_config = HostConfig {
+        mounts: Some(vec![
+            mount(workdir, WORKSPACE, true),
+            mount(&workdir.join("outputs"), "/workspace/outputs", false),
+            mount(&workdir.join("logs"), "/workspace/logs", false),
+        ]),
+        init: Some(true),
+        nano_cpus: positive(spec.cpu_millis.saturating_mul(1_000_000)),
+        memory: positive(spec.memory_bytes),
+        // Swap equal to the limit: no swap, so the limit is real.
+        memory_swap: positive(spec.memory_bytes),
+        shm_size: positive(spec.shm_size),
+        device_requests: (spec.gpu_device_requests && !spec.gpus.is_empty()).then(|| {
+            vec![DeviceRequest {
+                driver: Some("nvidia".into()),
+                device_ids: Some(spec.gpus.clone()),
+                capabilities: Some(vec![vec!["gpu".into()]]),
+                ..Default::default()
+            }]
+        }),
+        ..Default::default()
+    };
+    ContainerCreateBody {
+        image: Some(spec.image.clone()),
+        cmd: Some(vec!["sh".into(), "-c".into(), launch.command.clone()]),
+        env: Some(env),
+        working_dir: Some(WORKSPACE.into()),
+        labels: Some(labels),
+        host_config: Some(host_config),
+        ..Default::default()
+    }
+}
+
+/// What is left of a `timeout_secs` timeout for a container that started at `started_at`
+/// (the engine's RFC 3339 time); the whole timeout if that time cannot be read.
+fn remaining(timeout_secs: u64, started_at: Option<&str>, now: SystemTime) -> Duration {
+    let elapsed = started_at
+        .and_then(|t| humantime::parse_rfc3339(t).ok())
+        .and_then(|t| now.duration_since(t).ok())
+        .unwrap_or_default();
+    Duration::from_secs(timeout_secs).saturating_sub(elapsed)
+}
+
+fn failed(code: Option<i32>, message: String) -> Outcome {
+    Outcome {
+        end: AttemptEnd::Failed,
+        exit_code: code,
+        message: Some(message),
+    }
+}
+
+/// "exited with code N", naming the signal for the shell's 128 + N convention.
+fn describe_exit(code: i32) -> String {
+    let signal = (129..=159)
+        .contains(&code)
+        .then(|| nix::sys::signal::Signal::try_from(code - 128).ok())
+        .flatten();
+    match signal {
+        Some(s) => format!("exited with code {code} ({})", s.as_str()),
+        None => format!("exited with code {code}"),
+    }
+}
+
+async fn open_log(path: &Path) -> Result<File, String> {
+    tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .await
+        .map_err(|e| format!("cannot open the log file {}: {e}", path.display()))
+}
+
+/// Splits an image reference into the name and the tag (or digest) for a pull; no tag
+/// means `latest` (without one, the engine would pull every tag).
+fn split_reference(image: &str) -> (&str, &str) {
+    if let Some((name, digest)) = image.split_once('@') {
+        return (name, digest);
+    }
+    let last_slash = image.rfind('/').map_or(0, |i| i + 1);
+    match image[last_slash..].rfind(':') {
+        Some(i) => (&image[..last_slash + i], &image[last_slash + i + 1..]),
+        None => (image, "latest"),
+    }
+}
+
+/// The HTTP status of an engine error, if it was one.
+fn status_of(e: &EngineError) -> Option<u16> {
+    match e {
+        EngineError::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+/// What the engine said, without bollard's wrapping where the engine said something.
+fn engine_message(e: &EngineError) -> String {
+    match e {
+        EngineError::DockerResponseServerError { message, .. } if !message.is_empty() => {
+            message.trim().to_string()
+        }
+        EngineError::DockerStreamError { error } => error.trim().to_string(),
+        EngineError::RequestTimeoutError => "the Docker engine did not answer in time".into(),
+        other => other.to_string(),
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Bytes in binary units: "32 MiB", "1.5 GiB".
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value.fract() == 0.0 {
+        format!("{value:.0} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_split_into_name_and_tag() {
+        assert_eq!(split_reference("busybox"), ("busybox", "latest"));
+        assert_eq!(split_reference("busybox:1.36"), ("busybox", "1.36"));
+        assert_eq!(
+            split_reference("localhost:5000/team/img"),
+            ("localhost:5000/team/img", "latest")
+        );
+        assert_eq!(
+            split_reference("localhost:5000/team/img:v2"),
+            ("localhost:5000/team/img", "v2")
+        );
+        assert_eq!(
+            split_reference("ghcr.io/x/y@sha256:abcd"),
+            ("ghcr.io/x/y", "sha256:abcd")
+        );
+    }
+
+    #[test]
+    fn sizes_read_like_a_person_writes_them() {
+        assert_eq!(human_size(32 * 1024 * 1024), "32 MiB");
+        assert_eq!(human_size(3 * 512 * 1024 * 1024), "1.5 GiB");
+        assert_eq!(human_size(100), "100 B");
+    }
+
+    #[test]
+    fn the_create_request_mounts_limits_and_labels() {
+        let launch = Launch {
+            command: "python train.py".into(),
+            workdir: "/w".into(),
+            env: vec![("A".into(), "1".into())],
+            log_path: "/w/log".into(),
+            timeout: None,
+            container: None,
+        };
+        let spec = ContainerSpec {
+            image: "img:1".into(),
+            name: "muster-r-1-0".into(),
+            labels: [("muster.run_id".to_string(), "r".to_string())].into(),
+            cpu_millis: 1500,
+            memory_bytes: 1 << 30,
+            shm_size: 0,
+            gpus: vec!["GPU-a".into(), "GPU-b".into()],
+            gpu_device_requests: true,
+        };
+        let body = container_body(&launch, &spec, Path::new("/w"), 42);
+        assert_eq!(
+            body.cmd,
+            Some(vec!["sh".into(), "-c".into(), "python train.py".into()])
+        );
+        assert_eq!(body.working_dir.as_deref(), Some("/workspace"));
+        assert!(body.env.unwrap().contains(&"A=1".to_string()));
+        let labels = body.labels.unwrap();
+        assert_eq!(labels["muster.run_id"], "r");
+        assert_eq!(labels[LABEL_LOG_OFFSET], "42");
+        let host = body.host_config.unwrap();
+        assert_eq!(host.nano_cpus, Some(1_500_000_000));
+        assert_eq!(host.memory, Some(1 << 30));
+        assert_eq!(host.memory_swap, Some(1 << 30));
+        assert_eq!(host.shm_size, None);
+        let mounts: Vec<_> = host
+            .mounts
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.source.unwrap(), m.target.unwrap(), m.read_only.unwrap()))
+            .collect();
+        assert_eq!(
+            mounts,
+            [
+                ("/w".into(), "/workspace".into(), true),
+                ("/w/outputs".into(), "/workspace/outputs".into(), false),
+                ("/w/logs".into(), "/workspace/logs".into(), false),
+            ]
+        );
+        let gpus = host.device_requests.unwrap();
+        assert_eq!(gpus.len(), 1);
+        assert_eq!(gpus[0].driver.as_deref(), Some("nvidia"));
+        assert_eq!(
+            gpus[0].device_ids,
+            Some(vec!["GPU-a".to_string(), "GPU-b".to_string()])
+        );
+        assert_eq!(gpus[0].capabilities, Some(vec![vec!["gpu".to_string()]]));
+
+        // Fake GPUs: no device request (they are only named in the environment).
+        let fake = ContainerSpec {
+            gpu_device_requests: false,
+            ..spec
+        };
+        let body = container_body(&launch, &fake, Path::new("/w"), 0);
+        assert_eq!(body.host_config.unwrap().device_requests, None);
+    }
+
+    #[test]
+    fn an_adopted_timeout_counts_from_the_container_start() {
+        let start = humantime::parse_rfc3339("2025-01-02T03:04:05.123456789Z").unwrap();
+        let now = start + Duration::from_secs(20);
+        assert_eq!(
+            remaining(60, Some("2025-01-02T03:04:05.123456789Z"), now),
+            Duration::from_secs(40)
+        );
+        assert_eq!(
+            remaining(10, Some("2025-01-02T03:04:05.123456789Z"), now),
+            Duration::ZERO
+        );
+        // Never started (the engine's zero time is in the past too) or unreadable.
+        assert_eq!(remaining(60, Some("garbage"), now), Duration::from_secs(60));
+        assert_eq!(remaining(60, None, now), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn exit_codes_name_their_signal() {
+        assert_eq!(describe_exit(3), "exited with code 3");
+        assert_eq!(describe_exit(137), "exited with code 137 (SIGKILL)");
+    }
+}

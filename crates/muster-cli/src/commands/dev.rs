@@ -19,6 +19,8 @@ pub struct DevConfig {
     pub server: ServerConfig,
     /// GPUs of the local agent.
     pub gpu_probe: Arc<dyn GpuProbe>,
+    /// Ask Docker for the local agent's GPUs with NVIDIA device requests (off for fake GPUs).
+    pub gpu_device_requests: bool,
 }
 
 impl DevConfig {
@@ -31,6 +33,7 @@ impl DevConfig {
             data_dir,
             server,
             gpu_probe: Arc::new(NvmlProbe),
+            gpu_device_requests: true,
         }
     }
 }
@@ -54,7 +57,9 @@ pub async fn serve(
         "local",
     );
     agent_config.unlimited = true;
+    agent_config.process_fallback = true;
     agent_config.gpu_probe = config.gpu_probe.clone();
+    agent_config.gpu_device_requests = config.gpu_device_requests;
     let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(muster_agent::run(agent_config, async move {
         let _ = agent_stopped.await;

@@ -13,6 +13,36 @@ pub async fn run(server: &str, output: OutputFormat, cmd: NodeCommand) -> anyhow
     let (compute, only) = match &cmd {
         NodeCommand::List { compute } => (compute.clone(), None),
         NodeCommand::Show { node } => (None, Some(node.clone())),
+        NodeCommand::Drain { node }
+        | NodeCommand::Evict { node }
+        | NodeCommand::Resume { node } => {
+            let action = match &cmd {
+                NodeCommand::Drain { .. } => "drain",
+                NodeCommand::Evict { .. } => "evict",
+                _ => "resume",
+            };
+            let n = c
+                .compute
+                .set_node_state(v1::SetNodeStateRequest {
+                    node: node.clone(),
+                    action: action.into(),
+                    reason: None,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if output == OutputFormat::Json {
+                print_json(&node_json(&n));
+            } else {
+                let what = match action {
+                    "drain" => "takes no new runs; running ones finish",
+                    "evict" => "is evicted; its runs restart elsewhere",
+                    _ => "takes runs again",
+                };
+                println!("Node {} {what}.", n.name);
+            }
+            return Ok(());
+        }
     };
     let nodes = c
         .compute

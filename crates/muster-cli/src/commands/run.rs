@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use futures::StreamExt;
 use muster_core::names::validate_experiment_name;
-use muster_core::spec::{EnvironmentFile, JobFile, LimitsFile, Scalar, parse_job_yaml};
+use muster_core::spec::{
+    EnvironmentFile, JobFile, LimitsFile, ResourcesFile, Scalar, parse_job_yaml,
+};
 use muster_proto::v1;
 use serde_json::json;
 use tonic::Code;
@@ -270,6 +272,21 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
         job.environment_variables
             .get_or_insert_with(Default::default)
             .insert(k.to_string(), Scalar::Text(v.to_string()));
+    }
+    {
+        let r = job.resources.get_or_insert_with(ResourcesFile::default);
+        if let Some(c) = args.cpu {
+            r.cpu = Some(Scalar::Text(c));
+        }
+        if let Some(m) = args.memory {
+            r.memory = Some(Scalar::Text(m));
+        }
+        if let Some(g) = args.gpus {
+            r.gpus = Some(g);
+        }
+        if let Some(n) = args.instance_count {
+            r.instance_count = Some(n);
+        }
     }
     if let Some(t) = args.timeout {
         job.limits.get_or_insert_with(LimitsFile::default).timeout = Some(t);

@@ -60,15 +60,16 @@ impl State {
                 }
                 match self.nodes.get_mut(node_id) {
                     Some(node) => {
-                        // A returning node: new capacity and address; a lost or evicted node is
-                        // ready again (its stale attempts were already requeued).
+                        // A returning node: new capacity and address. A lost node is ready
+                        // again (its stale attempts were already requeued); a drained or
+                        // evicted one stays so until an admin resumes it.
                         node.name = name.clone();
                         node.compute = compute.clone();
                         node.capacity = capacity.clone();
                         node.labels = labels.clone();
                         node.tier = *tier;
                         node.address = address.clone();
-                        if matches!(node.state, NodeState::Lost | NodeState::Evicted) {
+                        if node.state == NodeState::Lost {
                             node.state = NodeState::Ready;
                             node.state_reason = None;
                         }

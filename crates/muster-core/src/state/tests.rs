@@ -509,3 +509,48 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn drained_nodes_take_no_runs_and_evicted_ones_stay_evicted_until_resumed() {
+    let mut s = State::default();
+    apply_all(
+        &mut s,
+        &[
+            compute("cpu-pool"),
+            node("n1", "cpu-pool", 2, 0),
+            submit("r1", "cpu-pool", 1, 0, 1),
+        ],
+    );
+    place_all(&mut s, 5);
+    let set = |state: NodeState| Command::SetNodeState {
+        node_id: "n1".into(),
+        state,
+        reason: None,
+        at: 6,
+    };
+    apply_all(
+        &mut s,
+        &[set(NodeState::Draining), submit("r2", "cpu-pool", 1, 0, 1)],
+    );
+    assert_eq!(place_all(&mut s, 7), 0, "a draining node takes no new runs");
+    assert_eq!(
+        s.runs["r1"].state,
+        RunState::Scheduled,
+        "running ones carry on"
+    );
+    apply_all(&mut s, &[set(NodeState::Evicted)]);
+    assert_eq!(
+        s.runs["r1"].state,
+        RunState::Queued,
+        "evicted: restarted as a new attempt"
+    );
+    apply_all(&mut s, &[node("n1", "cpu-pool", 2, 0)]);
+    assert_eq!(
+        s.nodes["n1"].state,
+        NodeState::Evicted,
+        "re-registering does not undo an eviction"
+    );
+    apply_all(&mut s, &[set(NodeState::Ready)]);
+    assert_eq!(place_all(&mut s, 100_000), 2);
+    assert_eq!(s.runs["r1"].attempt_number(), 2);
+}

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use muster_core::Command;
+use muster_core::{Command, NodeState};
 use muster_proto::v1::{self, compute_service_server::ComputeService};
 use muster_proto::{compute_spec_from_wire, compute_to_wire, node_to_wire};
 use tonic::{Request, Response, Status};
@@ -75,6 +75,58 @@ impl ComputeService for Computes {
                 .collect()
         });
         Ok(Response::new(v1::ListNodesResponse { nodes }))
+    }
+
+    async fn set_node_state(
+        &self,
+        req: Request<v1::SetNodeStateRequest>,
+    ) -> Result<Response<v1::Node>, Status> {
+        let req = req.into_inner();
+        let (state, verb) = match req.action.as_str() {
+            "drain" => (NodeState::Draining, "drained"),
+            "evict" => (NodeState::Evicted, "evicted"),
+            "resume" => (NodeState::Ready, "resumed"),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "action: unknown action {other:?}: use drain, evict or resume"
+                )));
+            }
+        };
+        let node_id = self
+            .0
+            .read(|s| {
+                s.nodes
+                    .values()
+                    .find(|n| n.name == req.node || n.id == req.node)
+                    .map(|n| n.id.clone())
+            })
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "node {:?} is not registered: list nodes with `muster node list`",
+                    req.node
+                ))
+            })?;
+        let reason = req
+            .reason
+            .or_else(|| (state != NodeState::Ready).then(|| format!("{verb} by an admin")));
+        self.0
+            .propose(Command::SetNodeState {
+                node_id: node_id.clone(),
+                state,
+                reason,
+                at: now_ms(),
+            })
+            .await
+            .map_err(status)?;
+        let node = self
+            .0
+            .read(|s| {
+                s.nodes
+                    .get(&node_id)
+                    .map(|n| node_to_wire(n, self.0.last_heartbeat(&n.id)))
+            })
+            .ok_or_else(|| Status::not_found("the node was removed meanwhile"))?;
+        Ok(Response::new(node))
     }
 }
 

@@ -1,0 +1,161 @@
+//! Extra agents for a test: in this process (any GPU probe), or as real `muster agent`
+//! child processes that a test can `kill -9` and start again.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use muster_agent::AgentConfig;
+use muster_proto::v1;
+use tokio::task::JoinHandle;
+
+use crate::muster_bin;
+
+/// An agent running in this process.
+#[derive(Debug)]
+pub struct AgentHandle {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl AgentHandle {
+    /// Starts an agent with `config` and waits (bounded) until the server lists it.
+    pub async fn start(server: &str, config: AgentConfig) -> anyhow::Result<AgentHandle> {
+        let name = config.name.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(muster_agent::run(config, async move {
+            let _ = stopped.await;
+        }));
+        let handle = AgentHandle {
+            stop: Some(stop),
+            task: Some(task),
+        };
+        wait_for_node(server, &name).await?;
+        Ok(handle)
+    }
+
+    /// Stops it cleanly (its attempts are stopped, not reported).
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), t).await???;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AgentHandle {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Waits (bounded: 10 s) until a node named `name` is registered and ready.
+pub async fn wait_for_node(server: &str, name: &str) -> anyhow::Result<v1::Node> {
+    for _ in 0..400 {
+        if let Ok(mut c) = muster_cli::client::connect(server).await
+            && let Ok(nodes) = c
+                .compute
+                .list_nodes(v1::ListNodesRequest { compute: None })
+                .await
+            && let Some(n) = nodes
+                .into_inner()
+                .nodes
+                .into_iter()
+                .find(|n| n.name == name && n.state == "ready")
+        {
+            return Ok(n);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    anyhow::bail!("node {name} did not register within 10 s")
+}
+
+/// `muster agent` as a child process.
+#[derive(Debug)]
+pub struct AgentProcess {
+    /// The node name.
+    pub name: String,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    server: String,
+    compute: String,
+    child: Option<Child>,
+}
+
+impl AgentProcess {
+    /// Starts `muster agent --compute COMPUTE --name NAME` against `server` and waits until it is ready.
+    pub async fn start(
+        server: &str,
+        compute: &str,
+        name: &str,
+        data_dir: &Path,
+    ) -> anyhow::Result<AgentProcess> {
+        let mut p = AgentProcess {
+            name: name.into(),
+            data_dir: data_dir.into(),
+            server: server.into(),
+            compute: compute.into(),
+            child: None,
+        };
+        p.spawn().await?;
+        Ok(p)
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.with_extension("log"))?;
+        std::fs::create_dir_all(&self.data_dir)?;
+        self.child = Some(
+            Command::new(muster_bin())
+                .args([
+                    "--server",
+                    &self.server,
+                    "agent",
+                    "--compute",
+                    &self.compute,
+                    "--name",
+                    &self.name,
+                    "--data-dir",
+                ])
+                .arg(&self.data_dir)
+                .env("MUSTER_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()?,
+        );
+        wait_for_node(&self.server, &self.name).await?;
+        Ok(())
+    }
+
+    /// SIGKILL: the agent dies at once; containers it started keep running.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same data directory (same node id).
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn().await
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,466 @@
+//! Node agents on real machines: runs in containers through the Docker engine, GPUs by
+//! UUID, agents that restart or die (issue 4's scenarios).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use muster_agent::AgentConfig;
+use muster_proto::v1;
+use muster_testkit::agents::{AgentHandle, AgentProcess};
+use muster_testkit::images::{busybox_image, docker_or_skip};
+use muster_testkit::{DevCluster, FakeGpuProbe, muster};
+use muster_tests::{all_runs, wait_for_state, write};
+
+/// `muster dev` with a short node grace, so a dead agent is noticed in seconds.
+async fn cluster() -> DevCluster {
+    DevCluster::start_with(|c| {
+        c.server.heartbeat_interval = Duration::from_millis(300);
+        c.server.node_grace = Duration::from_secs(3);
+    })
+    .await
+    .unwrap()
+}
+
+async fn create_pool(url: &str, name: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = muster(
+        url,
+        dir.path(),
+        &["compute", "create", name, "--type", "attached"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_run_streams_logs_keeps_outputs_and_is_isolated() {
+    let Some(docker) = docker_or_skip().await else {
+        return;
+    };
+    let image = busybox_image(&docker).await.unwrap();
+    let dev = cluster().await;
+    let project = tempfile::tempdir().unwrap();
+    write(
+        project.path(),
+        "train.sh",
+        "echo \"in $(hostname) rank $MUSTER_NODE_RANK\"; ls /.dockerenv; echo 42 > outputs/result.txt; touch read-only 2>/dev/null || echo 'code is read-only'; exit 3\n",
+    );
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &[
+            "run", "submit", "--image", &image, "--stream", "--", "sh", "train.sh",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 3, "{out:?}");
+    let host = muster_agent::hostname();
+    assert!(
+        out.stdout.contains("rank 0") && !out.stdout.contains(&format!("in {host} ")),
+        "own hostname: {out:?}"
+    );
+    assert!(
+        out.stdout.contains("/.dockerenv") && out.stdout.contains("code is read-only"),
+        "{out:?}"
+    );
+    let run = &all_runs(&dev.url()).await[0];
+    assert_eq!((run.state.as_str(), run.exit_code), ("failed", Some(3)));
+    let to = project.path().join("dl");
+    let dl = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "download", &run.id, "--to", to.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(dl.code, 0, "{dl:?}");
+    assert_eq!(
+        std::fs::read_to_string(to.join("outputs/result.txt")).unwrap(),
+        "42\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oom_timeout_cancel_and_missing_images_end_runs_clearly() {
+    let Some(docker) = docker_or_skip().await else {
+        return;
+    };
+    let image = busybox_image(&docker).await.unwrap();
+    let dev = cluster().await;
+    let p = tempfile::tempdir().unwrap();
+    let url = dev.url();
+
+    let oom = muster(
+        &url,
+        p.path(),
+        &[
+            "run",
+            "submit",
+            "--image",
+            &image,
+            "--memory",
+            "32m",
+            "--stream",
+            "--",
+            "sh",
+            "-c",
+            "x=a; while true; do x=\"$x$x\"; done",
+        ],
+    )
+    .await;
+    assert_ne!(oom.code, 0, "{oom:?}");
+    assert!(oom.stderr.contains("OOM-killed"), "{oom:?}");
+
+    let t0 = Instant::now();
+    let timeout = muster(
+        &url,
+        p.path(),
+        &[
+            "run",
+            "submit",
+            "--image",
+            &image,
+            "--timeout",
+            "1",
+            "--stream",
+            "--",
+            "sleep",
+            "60",
+        ],
+    )
+    .await;
+    assert_eq!(timeout.code, 124, "{timeout:?}");
+    assert!(t0.elapsed() < Duration::from_secs(20));
+
+    let t0 = Instant::now();
+    let missing = muster(
+        &url,
+        p.path(),
+        &[
+            "run",
+            "submit",
+            "--image",
+            "muster-test-missing:nope",
+            "--stream",
+            "--",
+            "true",
+        ],
+    )
+    .await;
+    assert_ne!(missing.code, 0);
+    assert!(
+        missing
+            .stderr
+            .contains("image muster-test-missing:nope not found locally and could not be pulled"),
+        "{missing:?}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "fails within seconds, took {:?}",
+        t0.elapsed()
+    );
+
+    let sub = muster(
+        &url,
+        p.path(),
+        &[
+            "run",
+            "submit",
+            "--image",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; while true; do sleep 1; done",
+        ],
+    )
+    .await;
+    let id = sub.stdout.trim().to_string();
+    wait_for_state(&url, &id, "running").await;
+    let name = format!("muster-{id}-1-0");
+    assert!(
+        docker.inspect_container(&name, None).await.is_ok(),
+        "the container runs"
+    );
+    let cancel = muster(&url, p.path(), &["run", "cancel", &id]).await;
+    assert_eq!(cancel.code, 0, "{cancel:?}");
+    assert_eq!(
+        muster(&url, p.path(), &["run", "wait", &id]).await.code,
+        130
+    );
+    let mut gone = false;
+    for _ in 0..100 {
+        if docker.inspect_container(&name, None).await.is_err() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the canceled run's container is removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agent_re_adopts_its_container_and_the_run_completes_as_attempt_1() {
+    let Some(docker) = docker_or_skip().await else {
+        return;
+    };
+    let image = busybox_image(&docker).await.unwrap();
+    let dev = cluster().await;
+    let url = dev.url();
+    create_pool(&url, "box-pool").await;
+    let data = tempfile::tempdir().unwrap();
+    let mut agent = AgentProcess::start(&url, "box-pool", "box-1", &data.path().join("a1"))
+        .await
+        .unwrap();
+    let p = tempfile::tempdir().unwrap();
+    let sub = muster(
+        &url,
+        p.path(),
+        &[
+            "run",
+            "submit",
+            "--compute",
+            "box-pool",
+            "--image",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "for i in $(seq 1 8); do echo line $i; sleep 0.5; done",
+        ],
+    )
+    .await;
+    let id = sub.stdout.trim().to_string();
+    wait_for_state(&url, &id, "running").await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    agent.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    agent.restart().await.unwrap();
+    let mut c = muster_cli::client::connect(&url).await.unwrap();
+    let run = c
+        .runs
+        .wait_run(v1::WaitRunRequest {
+            id: id.clone(),
+            timeout_ms: 60_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (run.state.as_str(), run.attempt),
+        ("completed", 1),
+        "{run:?}"
+    );
+    let logs = muster(&url, p.path(), &["run", "logs", &id]).await;
+    let expected: String = (1..=8).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(
+        logs.stdout, expected,
+        "complete logs, nothing lost or repeated"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_agents_run_restarts_as_attempt_2_on_another_node() {
+    let Some(docker) = docker_or_skip().await else {
+        return;
+    };
+    let image = busybox_image(&docker).await.unwrap();
+    let dev = cluster().await;
+    let url = dev.url();
+    create_pool(&url, "two-pool").await;
+    let data = tempfile::tempdir().unwrap();
+    let mut first = AgentProcess::start(&url, "two-pool", "node-a", &data.path().join("a"))
+        .await
+        .unwrap();
+    let p = tempfile::tempdir().unwrap();
+    let sub = muster(
+        &url,
+        p.path(),
+        &[
+            "run",
+            "submit",
+            "--compute",
+            "two-pool",
+            "--image",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "echo attempt $MUSTER_ATTEMPT restarted=${MUSTER_RESTARTED:-0}; sleep 2",
+        ],
+    )
+    .await;
+    let id = sub.stdout.trim().to_string();
+    wait_for_state(&url, &id, "running").await;
+    let _second = AgentProcess::start(&url, "two-pool", "node-b", &data.path().join("b"))
+        .await
+        .unwrap();
+    first.kill();
+    let mut c = muster_cli::client::connect(&url).await.unwrap();
+    let run = c
+        .runs
+        .wait_run(v1::WaitRunRequest {
+            id: id.clone(),
+            timeout_ms: 60_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (run.state.as_str(), run.attempt),
+        ("completed", 2),
+        "{run:?}"
+    );
+    assert_eq!(run.attempts[0].end.as_deref(), Some("node_lost"));
+    assert_eq!(run.attempts[1].placements[0].node_name, "node-b");
+    let logs = muster(&url, p.path(), &["run", "logs", "--attempt", "2", &id]).await;
+    assert_eq!(logs.stdout, "attempt 2 restarted=1\n");
+    let nodes = muster(&url, p.path(), &["node", "show", "node-a", "-o", "json"]).await;
+    let v: serde_json::Value = serde_json::from_str(&nodes.stdout).unwrap();
+    assert_eq!(v["state"], "lost");
+    // The orphaned container of attempt 1 is cleaned up by the test.
+    let _ = docker
+        .remove_container(
+            &format!("muster-{id}-1-0"),
+            Some(bollard::query_parameters::RemoveContainerOptions {
+                force: true,
+                ..Default::default()
+            }),
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_four_gpu_node_runs_two_two_gpu_runs_on_disjoint_gpus() {
+    let dev = cluster().await;
+    let url = dev.url();
+    create_pool(&url, "gpu-pool").await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = AgentConfig::new(url.clone(), data.path(), "gpu-pool");
+    config.name = "gpu-box".into();
+    config.gpu_probe = Arc::new(FakeGpuProbe::with("box", 4));
+    config.gpu_device_requests = false;
+    let _agent = AgentHandle::start(&url, config).await.unwrap();
+    let shown = muster(
+        &url,
+        data.path(),
+        &["node", "show", "gpu-box", "-o", "json"],
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&shown.stdout).unwrap();
+    assert_eq!(v["gpus"].as_array().unwrap().len(), 4, "{v}");
+    let p = tempfile::tempdir().unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let out = muster(
+            &url,
+            p.path(),
+            &[
+                "run",
+                "submit",
+                "--compute",
+                "gpu-pool",
+                "--gpus",
+                "2",
+                "--",
+                "sh",
+                "-c",
+                "echo $NVIDIA_VISIBLE_DEVICES; sleep 1",
+            ],
+        )
+        .await;
+        ids.push(out.stdout.trim().to_string());
+    }
+    let mut seen = Vec::new();
+    for id in &ids {
+        let mut c = muster_cli::client::connect(&url).await.unwrap();
+        let run = c
+            .runs
+            .wait_run(v1::WaitRunRequest {
+                id: id.clone(),
+                timeout_ms: 30_000,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(run.state, "completed", "{run:?}");
+        let logs = muster(&url, p.path(), &["run", "logs", id]).await;
+        let gpus: Vec<String> = logs.stdout.trim().split(',').map(String::from).collect();
+        assert_eq!(gpus.len(), 2, "{logs:?}");
+        assert_eq!(gpus, run.attempts[0].placements[0].gpus);
+        seen.extend(gpus);
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 4, "the two runs got disjoint GPUs: {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_and_evict_move_runs_as_admins_expect() {
+    let dev = cluster().await;
+    let url = dev.url();
+    create_pool(&url, "admin-pool").await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = AgentConfig::new(url.clone(), data.path(), "admin-pool");
+    config.name = "lab-7".into();
+    config.gpu_probe = Arc::new(muster_agent::NoGpus);
+    let _agent = AgentHandle::start(&url, config).await.unwrap();
+    let p = tempfile::tempdir().unwrap();
+    let first = muster(
+        &url,
+        p.path(),
+        &[
+            "run",
+            "submit",
+            "--compute",
+            "admin-pool",
+            "--",
+            "sleep",
+            "30",
+        ],
+    )
+    .await
+    .stdout
+    .trim()
+    .to_string();
+    wait_for_state(&url, &first, "running").await;
+    let drained = muster(&url, p.path(), &["node", "drain", "lab-7"]).await;
+    assert!(drained.stdout.contains("takes no new runs"), "{drained:?}");
+    let second = muster(
+        &url,
+        p.path(),
+        &["run", "submit", "--compute", "admin-pool", "--", "true"],
+    )
+    .await
+    .stdout
+    .trim()
+    .to_string();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        wait_for_state(&url, &second, "queued").await.state,
+        "queued",
+        "a drained node takes no new runs"
+    );
+    assert_eq!(
+        wait_for_state(&url, &first, "running").await.attempt,
+        1,
+        "running ones carry on"
+    );
+    let evicted = muster(&url, p.path(), &["node", "evict", "lab-7"]).await;
+    assert_eq!(evicted.code, 0, "{evicted:?}");
+    let requeued = wait_for_state(&url, &first, "queued").await;
+    assert_eq!(requeued.attempts[0].end.as_deref(), Some("node_lost"));
+    assert_eq!(
+        muster(&url, p.path(), &["node", "resume", "lab-7"])
+            .await
+            .code,
+        0
+    );
+    wait_for_state(&url, &second, "completed").await;
+    let again = wait_for_state(&url, &first, "running").await;
+    assert_eq!(again.attempt, 2);
+    let bad = muster(&url, p.path(), &["node", "drain", "nope"]).await;
+    assert!(
+        bad.stderr.contains("node \"nope\" is not registered"),
+        "{bad:?}"
+    );
+}
