@@ -317,16 +317,33 @@ async fn a_dead_agents_run_restarts_as_attempt_2_on_another_node() {
     let nodes = muster(&url, p.path(), &["node", "show", "node-a", "-o", "json"]).await;
     let v: serde_json::Value = serde_json::from_str(&nodes.stdout).unwrap();
     assert_eq!(v["state"], "lost");
-    // The orphaned container of attempt 1 is cleaned up by the test.
-    let _ = docker
-        .remove_container(
-            &format!("muster-{id}-1-0"),
-            Some(bollard::query_parameters::RemoveContainerOptions {
-                force: true,
-                ..Default::default()
-            }),
-        )
-        .await;
+    // node-a comes back: its stale container of attempt 1 is stopped (fenced) and removed.
+    let stale = format!("muster-{id}-1-0");
+    assert!(
+        docker.inspect_container(&stale, None).await.is_ok(),
+        "the dead agent's container outlived it"
+    );
+    first.restart().await.unwrap();
+    let mut gone = false;
+    for _ in 0..150 {
+        if docker.inspect_container(&stale, None).await.is_err() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the returning agent stopped its stale container");
+    let after = c
+        .runs
+        .get_run(v1::GetRunRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (after.state.as_str(), after.attempt),
+        ("completed", 2),
+        "fencing changed nothing else"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -463,4 +480,77 @@ async fn drain_and_evict_move_runs_as_admins_expect() {
         bad.stderr.contains("node \"nope\" is not registered"),
         "{bad:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_that_fails_is_withdrawn_and_schedulable_again_when_it_recovers() {
+    let dev = cluster().await;
+    let url = dev.url();
+    create_pool(&url, "flaky-pool").await;
+    let data = tempfile::tempdir().unwrap();
+    let probe = FakeGpuProbe::with("flaky", 2);
+    let healthy = probe.gpus();
+    let mut config = AgentConfig::new(url.clone(), data.path(), "flaky-pool");
+    config.name = "flaky-box".into();
+    config.gpu_probe = Arc::new(probe.clone());
+    config.gpu_device_requests = false;
+    config.gpu_refresh = Duration::from_millis(200);
+    let _agent = AgentHandle::start(&url, config).await.unwrap();
+    let p = tempfile::tempdir().unwrap();
+    let shown = muster(&url, p.path(), &["node", "show", "flaky-box"]).await;
+    assert!(
+        shown.stdout.contains("nvidia.com/driver-version=555.42.06")
+            && shown.stdout.contains("nvidia.com/cuda-version=12.5"),
+        "{shown:?}"
+    );
+
+    // One GPU fails (as after an XID error): the node offers one.
+    probe.set(healthy[..1].to_vec());
+    let mut offered = 2;
+    for _ in 0..100 {
+        let v: serde_json::Value = serde_json::from_str(
+            &muster(&url, p.path(), &["node", "show", "flaky-box", "-o", "json"])
+                .await
+                .stdout,
+        )
+        .unwrap();
+        offered = v["gpus"].as_array().unwrap().len();
+        if offered == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        offered, 1,
+        "the failed GPU is withdrawn without restarting the agent"
+    );
+    let id = muster(
+        &url,
+        p.path(),
+        &[
+            "run",
+            "submit",
+            "--compute",
+            "flaky-pool",
+            "--gpus",
+            "2",
+            "--",
+            "true",
+        ],
+    )
+    .await
+    .stdout
+    .trim()
+    .to_string();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        wait_for_state(&url, &id, "queued").await.state,
+        "queued",
+        "a 2-GPU run waits"
+    );
+
+    // It recovers: the waiting run is placed on both.
+    probe.set(healthy.clone());
+    let done = wait_for_state(&url, &id, "completed").await;
+    assert_eq!(done.attempts[0].placements[0].gpus.len(), 2);
 }

@@ -82,7 +82,7 @@ impl AgentConfig {
             cpu_millis: None,
             memory_bytes: None,
             unlimited: false,
-            gpu_probe: Arc::new(NvmlProbe),
+            gpu_probe: Arc::new(NvmlProbe::new()),
             gpu_refresh: std::time::Duration::from_secs(30),
             gpu_device_requests: true,
             process_fallback: false,

@@ -32,14 +32,115 @@ impl GpuProbe for NoGpus {
     }
 }
 
+/// XIDs caused by applications, not by the GPU (the Kubernetes device plugin's list):
+/// they do not make a GPU unhealthy.
+const APPLICATION_XIDS: [u64; 6] = [13, 31, 43, 45, 68, 109];
+
+/// How long a GPU that reported a critical XID error stays withdrawn; with no new error in
+/// that time it is offered again, without restarting the agent.
+pub const XID_QUARANTINE: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// GPUs through NVML (libnvidia-ml, loaded at run time). Without a driver: zero GPUs and
-/// a note saying so; never a crash.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NvmlProbe;
+/// a note saying so; never a crash. Health: devices NVML cannot query are left out, and a
+/// device that reports a critical XID error is withdrawn for [`XID_QUARANTINE`].
+#[derive(Debug, Default)]
+pub struct NvmlProbe {
+    state: std::sync::Mutex<NvmlState>,
+}
+
+#[derive(Default)]
+struct NvmlState {
+    /// NVML, initialized once and kept for the process (its event set borrows it).
+    nvml: Option<&'static Nvml>,
+    events: Option<nvml_wrapper::EventSet<'static>>,
+    xid_note: Option<String>,
+    /// UUID → (last critical XID, when).
+    unhealthy: std::collections::HashMap<String, (u64, std::time::Instant)>,
+}
+
+impl std::fmt::Debug for NvmlState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NvmlState")
+            .field("initialized", &self.nvml.is_some())
+            .field("xid_events", &self.events.is_some())
+            .field("unhealthy", &self.unhealthy)
+            .finish()
+    }
+}
+
+impl NvmlProbe {
+    /// A probe; NVML is loaded on first use.
+    pub fn new() -> NvmlProbe {
+        NvmlProbe::default()
+    }
+}
+
+impl NvmlState {
+    fn nvml(&mut self) -> Result<&'static Nvml, String> {
+        if let Some(n) = self.nvml {
+            return Ok(n);
+        }
+        let nvml: &'static Nvml = Box::leak(Box::new(Nvml::init().map_err(|e| e.to_string())?));
+        self.nvml = Some(nvml);
+        match nvml.create_event_set() {
+            Ok(mut set) => {
+                let count = nvml.device_count().unwrap_or(0);
+                for i in 0..count {
+                    let Ok(device) = nvml.device_by_index(i) else {
+                        continue;
+                    };
+                    match device.register_events(
+                        nvml_wrapper::bitmasks::event::EventTypes::CRITICAL_XID_ERROR,
+                        set,
+                    ) {
+                        Ok(s) => set = s,
+                        Err(e) => {
+                            self.xid_note = Some(format!(
+                                "XID error events unavailable ({}); health is judged by device queries only",
+                                e.error
+                            ));
+                            return Ok(nvml);
+                        }
+                    }
+                }
+                self.events = Some(set);
+            }
+            Err(e) => {
+                self.xid_note = Some(format!(
+                    "XID error events unavailable ({e}); health is judged by device queries only"
+                ))
+            }
+        }
+        Ok(nvml)
+    }
+
+    /// Takes the XID events that arrived since the last probe (bounded).
+    fn drain_xids(&mut self) {
+        let Some(events) = &self.events else { return };
+        for _ in 0..1024 {
+            let Ok(data) = events.wait(0) else { break };
+            let xid = match data.event_data {
+                Some(nvml_wrapper::enums::event::XidError::Value(v)) => v,
+                _ => 0,
+            };
+            if APPLICATION_XIDS.contains(&xid) {
+                continue;
+            }
+            if let Ok(uuid) = data.device.uuid() {
+                tracing::warn!(gpu = %uuid, xid, "GPU reported a critical XID error; withdrawing it");
+                self.unhealthy
+                    .insert(uuid, (xid, std::time::Instant::now()));
+            }
+        }
+        self.unhealthy
+            .retain(|_, (_, at)| at.elapsed() < XID_QUARANTINE);
+    }
+}
 
 impl GpuProbe for NvmlProbe {
     fn probe(&self) -> GpuReport {
-        let nvml = match Nvml::init() {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let nvml = match state.nvml() {
             Ok(n) => n,
             Err(e) => {
                 return GpuReport {
@@ -48,6 +149,7 @@ impl GpuProbe for NvmlProbe {
                 };
             }
         };
+        state.drain_xids();
         let mut report = GpuReport {
             driver_version: nvml.sys_driver_version().ok(),
             cuda_version: nvml
@@ -67,11 +169,20 @@ impl GpuProbe for NvmlProbe {
                 }
             };
             match (device.uuid(), device.name(), device.memory_info()) {
-                (Ok(uuid), Ok(model), Ok(mem)) => report.gpus.push(Gpu {
-                    uuid,
-                    model,
-                    memory_bytes: mem.total,
-                }),
+                (Ok(uuid), Ok(model), Ok(mem)) => {
+                    if let Some((xid, _)) = state.unhealthy.get(&uuid) {
+                        skipped.push(format!(
+                            "{uuid}: critical XID {xid} within the last {} s",
+                            XID_QUARANTINE.as_secs()
+                        ));
+                        continue;
+                    }
+                    report.gpus.push(Gpu {
+                        uuid,
+                        model,
+                        memory_bytes: mem.total,
+                    })
+                }
                 (uuid, _, _) => skipped.push(format!(
                     "GPU {i} ({}) is unavailable",
                     uuid.unwrap_or_else(|_| "unknown uuid".into())
@@ -79,9 +190,14 @@ impl GpuProbe for NvmlProbe {
             }
         }
         report.gpus.sort();
+        let mut notes = Vec::new();
         if !skipped.is_empty() {
-            report.note = Some(format!("left out: {}", skipped.join("; ")));
+            notes.push(format!("left out: {}", skipped.join("; ")));
         }
+        if let Some(n) = &state.xid_note {
+            notes.push(n.clone());
+        }
+        report.note = (!notes.is_empty()).then(|| notes.join("; "));
         report
     }
 }
@@ -110,7 +226,7 @@ mod tests {
 
     #[test]
     fn nvml_without_a_driver_reports_zero_gpus_and_says_why() {
-        let report = NvmlProbe.probe();
+        let report = NvmlProbe::new().probe();
         if report.gpus.is_empty() {
             assert!(report.note.is_some() || report.driver_version.is_some());
         }

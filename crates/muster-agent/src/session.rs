@@ -278,7 +278,17 @@ impl Agent {
                     gpus: gpus.gpus.len() as u32,
                 }),
                 gpus: gpus.gpus.iter().cloned().map(Into::into).collect(),
-                labels: self.config.labels.clone().into_iter().collect(),
+                labels: {
+                    // GPU software versions travel as labels, as GPU feature discovery does.
+                    let mut labels = self.config.labels.clone();
+                    if let Some(v) = &gpus.driver_version {
+                        labels.insert("nvidia.com/driver-version".into(), v.clone());
+                    }
+                    if let Some(v) = &gpus.cuda_version {
+                        labels.insert("nvidia.com/cuda-version".into(), v.clone());
+                    }
+                    labels.into_iter().collect()
+                },
                 tier: self.config.tier.as_str().into(),
                 address: self.config.advertise_addr.clone(),
                 version: env!("CARGO_PKG_VERSION").into(),

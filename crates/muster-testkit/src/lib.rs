@@ -37,34 +37,45 @@ pub fn init_tracing() {
     });
 }
 
-/// A GPU probe that reports a fixed set of GPUs.
+/// A GPU probe whose GPUs a test sets (and changes: a GPU can fail and recover).
 #[derive(Debug, Clone, Default)]
 pub struct FakeGpuProbe {
-    /// The GPUs reported.
-    pub gpus: Vec<Gpu>,
+    gpus: Arc<std::sync::Mutex<Vec<Gpu>>>,
 }
 
 impl FakeGpuProbe {
     /// `n` fake GPUs named `GPU-fake-<prefix>-<i>`, 16 GiB each.
     pub fn with(prefix: &str, n: usize) -> FakeGpuProbe {
-        FakeGpuProbe {
-            gpus: (0..n)
+        let probe = FakeGpuProbe::default();
+        probe.set(
+            (0..n)
                 .map(|i| Gpu {
                     uuid: format!("GPU-fake-{prefix}-{i}"),
                     model: "Fake Tensor Core GPU".into(),
                     memory_bytes: 16 << 30,
                 })
                 .collect(),
-        }
+        );
+        probe
+    }
+
+    /// Replaces the GPUs the probe reports from now on.
+    pub fn set(&self, gpus: Vec<Gpu>) {
+        *self.gpus.lock().expect("fake GPU lock") = gpus;
+    }
+
+    /// The GPUs reported now.
+    pub fn gpus(&self) -> Vec<Gpu> {
+        self.gpus.lock().expect("fake GPU lock").clone()
     }
 }
 
 impl GpuProbe for FakeGpuProbe {
     fn probe(&self) -> GpuReport {
         GpuReport {
-            gpus: self.gpus.clone(),
-            driver_version: Some("fake".into()),
-            cuda_version: None,
+            gpus: self.gpus(),
+            driver_version: Some("555.42.06".into()),
+            cuda_version: Some("12.5".into()),
             note: None,
         }
     }

@@ -43,7 +43,7 @@ pub async fn run(server: &str, args: AgentArgs) -> anyhow::Result<()> {
         .map(parse_memory)
         .transpose()
         .map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
-    config.gpu_probe = Arc::new(NvmlProbe);
+    config.gpu_probe = Arc::new(NvmlProbe::new());
     eprintln!(
         "muster agent {} joining compute {} via {}",
         config.name,

@@ -32,7 +32,7 @@ impl DevConfig {
         DevConfig {
             data_dir,
             server,
-            gpu_probe: Arc::new(NvmlProbe),
+            gpu_probe: Arc::new(NvmlProbe::new()),
             gpu_device_requests: true,
         }
     }

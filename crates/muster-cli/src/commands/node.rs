@@ -102,6 +102,12 @@ pub async fn run(server: &str, output: OutputFormat, cmd: NodeCommand) -> anyhow
                     human_bytes(g.memory_bytes)
                 );
             }
+            let labels: Vec<String> = node
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            println!("labels      {}", labels.join(", "));
             println!("runs        {}", node.runs.join(", "));
             println!(
                 "heartbeat   {}",
