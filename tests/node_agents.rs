@@ -5,11 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use muster_agent::AgentConfig;
-use muster_proto::v1;
 use muster_testkit::agents::{AgentHandle, AgentProcess};
 use muster_testkit::images::{busybox_image, docker_or_skip};
 use muster_testkit::{DevCluster, FakeGpuProbe, muster};
-use muster_tests::{all_runs, wait_for_state, write};
+use muster_tests::{all_runs, wait_done, wait_for_state, write};
 
 /// `muster dev` with a short node grace, so a dead agent is noticed in seconds.
 async fn cluster() -> DevCluster {
@@ -235,16 +234,7 @@ async fn a_killed_agent_re_adopts_its_container_and_the_run_completes_as_attempt
     agent.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
     agent.restart().await.unwrap();
-    let mut c = muster_cli::client::connect(&url).await.unwrap();
-    let run = c
-        .runs
-        .wait_run(v1::WaitRunRequest {
-            id: id.clone(),
-            timeout_ms: 60_000,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let run = wait_done(&url, &id).await;
     assert_eq!(
         (run.state.as_str(), run.attempt),
         ("completed", 1),
@@ -295,16 +285,7 @@ async fn a_dead_agents_run_restarts_as_attempt_2_on_another_node() {
         .await
         .unwrap();
     first.kill();
-    let mut c = muster_cli::client::connect(&url).await.unwrap();
-    let run = c
-        .runs
-        .wait_run(v1::WaitRunRequest {
-            id: id.clone(),
-            timeout_ms: 60_000,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let run = wait_done(&url, &id).await;
     assert_eq!(
         (run.state.as_str(), run.attempt),
         ("completed", 2),
@@ -333,12 +314,7 @@ async fn a_dead_agents_run_restarts_as_attempt_2_on_another_node() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(gone, "the returning agent stopped its stale container");
-    let after = c
-        .runs
-        .get_run(v1::GetRunRequest { id: id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let after = wait_done(&url, &id).await;
     assert_eq!(
         (after.state.as_str(), after.attempt),
         ("completed", 2),
@@ -389,16 +365,7 @@ async fn a_four_gpu_node_runs_two_two_gpu_runs_on_disjoint_gpus() {
     }
     let mut seen = Vec::new();
     for id in &ids {
-        let mut c = muster_cli::client::connect(&url).await.unwrap();
-        let run = c
-            .runs
-            .wait_run(v1::WaitRunRequest {
-                id: id.clone(),
-                timeout_ms: 30_000,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let run = wait_done(&url, &id).await;
         assert_eq!(run.state, "completed", "{run:?}");
         let logs = muster(&url, p.path(), &["run", "logs", id]).await;
         let gpus: Vec<String> = logs.stdout.trim().split(',').map(String::from).collect();

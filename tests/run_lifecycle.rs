@@ -3,9 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use muster_proto::v1;
 use muster_testkit::{DevCluster, DevProcess, muster};
-use muster_tests::{all_runs, wait_for_state, write};
+use muster_tests::{all_runs, wait_done, wait_for_state, write};
 
 const SCRIPT: &str = r#"echo "hello from $MUSTER_RUN_ID attempt $MUSTER_ATTEMPT"
 mkdir -p outputs && echo 42 > outputs/result.txt
@@ -303,15 +302,6 @@ async fn a_killed_server_comes_back_with_every_run_and_its_logs() {
         assert_eq!(logs.stdout, format!("run {i}\n"));
     }
     // The run that was in flight finishes (as a new attempt if its process died with the server).
-    let mut c = muster_cli::client::connect(&dev.url()).await.unwrap();
-    let done = c
-        .runs
-        .wait_run(v1::WaitRunRequest {
-            id: ids[0].clone(),
-            timeout_ms: 30_000,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let done = wait_done(&dev.url(), &ids[0]).await;
     assert_eq!(done.state, "completed", "{done:?}");
 }

@@ -30,6 +30,19 @@ pub async fn wait_for_state(server: &str, id: &str, state: &str) -> v1::Run {
     panic!("run {id} did not reach {state} within 30 s");
 }
 
+/// Waits (bounded: 60 s) for a run to end and returns it.
+pub async fn wait_done(server: &str, id: &str) -> v1::Run {
+    let mut c = muster_cli::client::connect(server).await.expect("connect");
+    c.runs
+        .wait_run(v1::WaitRunRequest {
+            id: id.into(),
+            timeout_ms: 60_000,
+        })
+        .await
+        .expect("wait")
+        .into_inner()
+}
+
 /// Lists every run.
 pub async fn all_runs(server: &str) -> Vec<v1::Run> {
     let mut c = muster_cli::client::connect(server).await.expect("connect");

@@ -48,55 +48,37 @@ pub fn validate_compute_name(name: &str) -> Result<(), NameError> {
 /// Validates an experiment name: 1–255 characters, letters, digits, `-`, `_` and `.`,
 /// starting with a letter or digit (Azure ML's experiment rule).
 pub fn validate_experiment_name(name: &str) -> Result<(), NameError> {
-    let err = |rule: &str| NameError {
-        what: "experiment",
-        name: name.to_string(),
-        rule: rule.to_string(),
-    };
-    if name.is_empty() || name.len() > 255 {
-        return Err(err("use 1 to 255 characters"));
-    }
-    if !name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric())
-    {
-        return Err(err("start with a letter or digit"));
-    }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
-    {
-        return Err(err(&format!(
-            "use only letters, digits, '-', '_' and '.' (found {bad:?})"
-        )));
-    }
-    Ok(())
+    validate_label("experiment", name, 255)
 }
 
 /// Validates a node name (a hostname-like label): 1–63 characters, letters, digits, `-`,
 /// `_` and `.`, starting with a letter or digit.
 pub fn validate_node_name(name: &str) -> Result<(), NameError> {
-    let err = |rule: &str| NameError {
-        what: "node",
+    validate_label("node", name, 63)
+}
+
+/// 1 to `max` letters, digits, `-`, `_` and `.`, starting with a letter or digit.
+fn validate_label(what: &'static str, name: &str, max: usize) -> Result<(), NameError> {
+    let err = |rule: String| NameError {
+        what,
         name: name.to_string(),
-        rule: rule.to_string(),
+        rule,
     };
-    if name.is_empty() || name.len() > 63 {
-        return Err(err("use 1 to 63 characters"));
+    if name.is_empty() || name.len() > max {
+        return Err(err(format!("use 1 to {max} characters")));
     }
     if !name
         .chars()
         .next()
         .is_some_and(|c| c.is_ascii_alphanumeric())
     {
-        return Err(err("start with a letter or digit"));
+        return Err(err("start with a letter or digit".into()));
     }
     if let Some(bad) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
     {
-        return Err(err(&format!(
+        return Err(err(format!(
             "use only letters, digits, '-', '_' and '.' (found {bad:?})"
         )));
     }
