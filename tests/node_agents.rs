@@ -365,7 +365,7 @@ async fn a_four_gpu_node_runs_two_two_gpu_runs_on_disjoint_gpus() {
     }
     let mut seen = Vec::new();
     for id in &ids {
-        let run = wait_done(&url, &id).await;
+        let run = wait_done(&url, id).await;
         assert_eq!(run.state, "completed", "{run:?}");
         let logs = muster(&url, p.path(), &["run", "logs", id]).await;
         let gpus: Vec<String> = logs.stdout.trim().split(',').map(String::from).collect();
