@@ -18,7 +18,10 @@ pub async fn wait_for_state(server: &str, id: &str, state: &str) -> v1::Run {
     for _ in 0..600 {
         let r = c
             .runs
-            .get_run(v1::GetRunRequest { id: id.into() })
+            .get_run(v1::GetRunRequest {
+                id: id.into(),
+                stale: false,
+            })
             .await
             .expect("get")
             .into_inner();

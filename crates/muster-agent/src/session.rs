@@ -51,6 +51,8 @@ pub(crate) struct Agent {
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
     executors: Executors,
+    /// The leader's address, as a follower named it.
+    leader_hint: Option<String>,
 }
 
 /// A failure that retrying will not fix (bad name, unknown compute target, ...).
@@ -79,6 +81,7 @@ impl Agent {
             node_id: node_id.clone(),
         };
         Ok(Agent {
+            leader_hint: None,
             executors,
             config,
             node_id,
@@ -230,9 +233,18 @@ impl Agent {
         }
     }
 
+    /// Connects to the leader if a follower named it, else to the first server that answers.
     async fn connect(&self) -> anyhow::Result<Channel> {
         let mut last = None;
-        for url in &self.config.servers {
+        let hinted = self.leader_hint.iter().map(|a| {
+            if a.contains("://") {
+                a.clone()
+            } else {
+                format!("http://{a}")
+            }
+        });
+        let candidates: Vec<String> = hinted.chain(self.config.servers.iter().cloned()).collect();
+        for url in &candidates {
             let endpoint = Endpoint::from_shared(url.clone())
                 .map_err(|e| Fatal(format!("server address {url:?} is not a URL: {e}")))?
                 .connect_timeout(Duration::from_secs(3))
@@ -320,7 +332,17 @@ impl Agent {
         let mut inbound = client
             .session(ReceiverStream::new(out_rx))
             .await
-            .map_err(|s| anyhow::anyhow!("session: {}", s.message()))?
+            .map_err(|s| {
+                // A follower names the leader: go there next.
+                if let Some(leader) = s
+                    .metadata()
+                    .get("muster-leader")
+                    .and_then(|v| v.to_str().ok())
+                {
+                    self.leader_hint = Some(leader.to_string());
+                }
+                anyhow::anyhow!("session: {}", s.message())
+            })?
             .into_inner();
         tracing::info!(node = %self.config.name, "connected");
         for entry in self.attempts.values_mut() {

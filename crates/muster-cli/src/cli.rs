@@ -49,6 +49,36 @@ pub enum Command {
     /// Runs: submit, follow, inspect, cancel, download.
     #[command(subcommand)]
     Run(RunCommand),
+    /// The coordinator cluster: status and membership.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Members, leader, term, and each member's commit and applied index (and lag).
+    Status,
+    /// Add a server: it joins as a learner, catches up by snapshot, then votes.
+    AddServer {
+        /// Its id (unique, never reused).
+        #[arg(long)]
+        id: u64,
+        /// host:port the other servers reach it at.
+        #[arg(long)]
+        address: String,
+    },
+    /// Remove a server from the cluster.
+    RemoveServer {
+        /// Its id.
+        #[arg(long)]
+        id: u64,
+    },
+    /// Hand leadership to another server.
+    TransferLeader {
+        /// The server to lead.
+        #[arg(long)]
+        to: u64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -75,6 +105,18 @@ pub struct ServerArgs {
     /// Create the `local` compute target if missing.
     #[arg(long)]
     pub local_compute: bool,
+    /// This server's id in the cluster (1, 2, 3, ...).
+    #[arg(long, default_value_t = 1)]
+    pub id: u64,
+    /// The initial members, `ID=HOST:PORT` comma-separated, this server included
+    /// (e.g. `1=10.0.0.1:7070,2=10.0.0.2:7070,3=10.0.0.3:7070`). Ignored when the data
+    /// directory already holds cluster state. Omit it on a server that joins an existing
+    /// cluster with `muster cluster add-server`.
+    #[arg(long)]
+    pub peers: Option<String>,
+    /// Join an existing cluster (wait to be added with `muster cluster add-server`).
+    #[arg(long)]
+    pub join: bool,
 }
 
 #[derive(Debug, Args)]
@@ -201,11 +243,17 @@ pub enum RunCommand {
         /// Only the newest N.
         #[arg(long, default_value_t = 0)]
         limit: u32,
+        /// Answer from this server's replica, without confirming with the leader.
+        #[arg(long)]
+        stale: bool,
     },
     /// Show one run.
     Show {
         /// The run id.
         id: String,
+        /// Answer from this server's replica, without confirming with the leader.
+        #[arg(long)]
+        stale: bool,
     },
     /// Print a run's logs (each attempt in turn).
     Logs {

@@ -9,11 +9,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use muster_core::compute::{ComputeKind, ComputeSpec};
 use muster_core::{Applied, ApplyError, Command, State};
-use muster_raft::{ProposeError, RaftHandle, RaftNode, Transport};
+use muster_proto::v1;
+use muster_raft::{ProposeError, RaftHandle, RaftNode, Role};
 use tokio::sync::watch;
 
 use crate::ServerConfig;
 use crate::blobs::BlobStore;
+use crate::cluster::{GrpcTransport, Peers};
 use crate::logs::LogStore;
 use crate::machine::{ApplyResult, Machine};
 
@@ -26,19 +28,14 @@ pub enum ProposalError {
     /// Raft could not commit it.
     #[error(transparent)]
     Raft(#[from] ProposeError),
-}
-
-/// A single-server transport: there are no peers to send to.
-#[derive(Debug)]
-struct NoPeers;
-
-impl Transport for NoPeers {
-    fn send(&self, to: u64, _message: Vec<u8>) {
-        tracing::warn!(
-            to,
-            "raft tried to message a peer, but this server has no peers configured"
-        );
-    }
+    /// This server is a follower and could not reach the leader to forward the command.
+    #[error("the leader (server {leader}) could not be reached: {cause}; retry")]
+    Forward {
+        /// The leader's id.
+        leader: u64,
+        /// What failed.
+        cause: String,
+    },
 }
 
 /// Everything one server holds.
@@ -53,6 +50,7 @@ pub struct Coordinator {
     heartbeats: Mutex<HashMap<String, u64>>,
     shutdown: watch::Sender<bool>,
     pub(crate) metrics: crate::web::Metrics,
+    pub(crate) peers: Peers,
     _lock: File,
 }
 
@@ -75,18 +73,25 @@ impl Coordinator {
         let state = Arc::new(RwLock::new(State::default()));
         let (applied_tx, applied) = watch::channel(0);
         let machine = Machine::new(state.clone(), applied_tx);
-        let raft = RaftNode::start(
-            config.raft.clone(),
-            &dir.join("raft"),
-            machine,
-            Arc::new(NoPeers),
-        )
-        .with_context(|| {
-            format!(
-                "cannot open the replicated log in {}",
-                dir.join("raft").display()
-            )
-        })?;
+        let raft_config = config.raft.clone();
+        if !config.peers.is_empty() && dir.join("raft/raft.redb").exists() {
+            tracing::info!(
+                "the data directory already holds cluster state: --peers is ignored (membership comes from the log)"
+            );
+        }
+        let peers = Peers::new(config.peers.clone());
+        let transport = Arc::new(GrpcTransport::new(
+            raft_config.id,
+            peers.clone(),
+            config.network.clone(),
+        ));
+        let raft = RaftNode::start(raft_config, &dir.join("raft"), machine, transport)
+            .with_context(|| {
+                format!(
+                    "cannot open the replicated log in {}",
+                    dir.join("raft").display()
+                )
+            })?;
         let blobs = BlobStore::open(dir.join("blobs"))
             .with_context(|| format!("cannot open the blob store in {}", dir.display()))?;
         let logs = LogStore::open(dir.join("logs"))
@@ -101,6 +106,7 @@ impl Coordinator {
             heartbeats: Mutex::new(HashMap::new()),
             shutdown: watch::channel(false).0,
             metrics: crate::web::Metrics::default(),
+            peers,
             _lock: lock,
         });
         if config.create_local_compute {
@@ -134,12 +140,85 @@ impl Coordinator {
         )
     }
 
-    /// Proposes a command and waits until it is applied here.
+    /// Proposes a command and waits until it is applied here. On a follower the command is
+    /// forwarded to the leader, and the answer waits until this replica has applied it too
+    /// (so a client reading from this server next sees its write).
     pub async fn propose(&self, command: Command) -> Result<Applied, ProposalError> {
-        let bytes = self.raft.propose(command.encode()).await?;
+        let encoded = command.encode();
+        let bytes = match self.raft.propose(encoded.clone()).await {
+            Ok(b) => b,
+            Err(ProposeError::NotLeader {
+                leader: Some(leader),
+            }) if leader != self.raft.id() => self.forward(leader, encoded).await?,
+            Err(e) => return Err(e.into()),
+        };
         self.metrics.proposals.inc();
         let result: ApplyResult = serde_json::from_slice(&bytes).expect("apply results decode");
         Ok(result?)
+    }
+
+    async fn forward(&self, leader: u64, command: Vec<u8>) -> Result<Vec<u8>, ProposalError> {
+        let fail = |cause: String| ProposalError::Forward { leader, cause };
+        let mut client = self
+            .peers
+            .client(leader)
+            .ok_or_else(|| fail("its address is unknown to this server".into()))?;
+        let answer = client
+            .forward(v1::ForwardRequest { command })
+            .await
+            .map_err(|s| fail(s.message().to_string()))?
+            .into_inner();
+        self.wait_applied(answer.index).await;
+        Ok(answer.result)
+    }
+
+    /// Waits (bounded: 5 s) until this replica has applied `index`.
+    pub(crate) async fn wait_applied(&self, index: u64) {
+        let mut status = self.raft.watch_status();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async move {
+            status.wait_for(|s| s.applied_index >= index).await.is_ok()
+        })
+        .await;
+    }
+
+    /// Makes the next read linearizable: on the leader a ReadIndex round; on a follower the
+    /// leader's read index, then waiting until this replica has applied it. `stale` skips it.
+    pub async fn linearize(&self, stale: bool) -> Result<(), ProposalError> {
+        if stale {
+            return Ok(());
+        }
+        match self.raft.read_index().await {
+            Ok(index) => {
+                self.wait_applied(index).await;
+                Ok(())
+            }
+            Err(ProposeError::NotLeader {
+                leader: Some(leader),
+            }) if leader != self.raft.id() => {
+                let fail = |cause: String| ProposalError::Forward { leader, cause };
+                let mut client = self
+                    .peers
+                    .client(leader)
+                    .ok_or_else(|| fail("its address is unknown".into()))?;
+                let index = client
+                    .read_index(v1::ReadIndexRequest {})
+                    .await
+                    .map_err(|s| fail(s.message().to_string()))?
+                    .into_inner()
+                    .index;
+                self.wait_applied(index).await;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The leader's address, when known.
+    pub fn leader_address(&self) -> Option<String> {
+        self.raft
+            .status()
+            .leader
+            .and_then(|l| self.peers.address(l))
     }
 
     /// Reads the state under its lock (keep `f` short).
@@ -154,7 +233,7 @@ impl Coordinator {
 
     /// Whether this server leads the Raft group.
     pub fn is_leader(&self) -> bool {
-        self.raft.status().role == muster_raft::Role::Leader
+        self.raft.status().role == Role::Leader
     }
 
     /// The Raft handle.

@@ -14,6 +14,7 @@
 //! `prometheus-client` renders `/metrics`; `sha2` addresses blobs.
 
 mod blobs;
+pub mod cluster;
 mod coordinator;
 mod grpc;
 mod leader;
@@ -48,6 +49,12 @@ pub struct ServerConfig {
     pub max_blob_bytes: u64,
     /// Create the `local` compute target on first start (`muster dev`).
     pub create_local_compute: bool,
+    /// Where the servers of a multi-server cluster are, id → `host:port`, this server
+    /// included (`--peers`); empty for a single server. The initial voters themselves are
+    /// `raft.initial_voters` (the CLI sets them to these ids).
+    pub peers: std::collections::BTreeMap<u64, String>,
+    /// Test hook: drops messages between servers (testkit `cut`/`isolate`).
+    pub network: Option<std::sync::Arc<dyn cluster::NetworkFilter>>,
 }
 
 impl ServerConfig {
@@ -62,12 +69,19 @@ impl ServerConfig {
             stop_grace: Duration::from_secs(10),
             max_blob_bytes: 4 << 30,
             create_local_compute: false,
+            peers: Default::default(),
+            network: None,
         }
     }
 
     /// Checks the settings; the error names the setting.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.raft.validate()?;
+        anyhow::ensure!(
+            self.peers.is_empty() || self.peers.contains_key(&self.raft.id),
+            "--peers must include this server's own id ({}) and address",
+            self.raft.id
+        );
         anyhow::ensure!(
             self.node_grace > self.heartbeat_interval * 2,
             "node grace ({:?}) must exceed two heartbeat intervals ({:?})",

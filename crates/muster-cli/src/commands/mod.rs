@@ -1,6 +1,7 @@
 //! One module per noun.
 
 pub mod agent;
+pub mod cluster;
 pub mod compute;
 pub mod dev;
 pub mod node;

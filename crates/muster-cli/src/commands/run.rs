@@ -28,6 +28,7 @@ pub async fn run(server: &str, output: OutputFormat, cmd: RunCommand) -> anyhow:
             state,
             compute,
             limit,
+            stale,
         } => {
             let mut c = connect(server).await?;
             let runs = c
@@ -37,6 +38,7 @@ pub async fn run(server: &str, output: OutputFormat, cmd: RunCommand) -> anyhow:
                     state,
                     compute,
                     limit,
+                    stale,
                 })
                 .await
                 .map_err(status)?
@@ -51,9 +53,14 @@ pub async fn run(server: &str, output: OutputFormat, cmd: RunCommand) -> anyhow:
             }
             Ok(0)
         }
-        RunCommand::Show { id } => {
+        RunCommand::Show { id, stale } => {
             let mut c = connect(server).await?;
-            let run = get(&mut c, &id).await?;
+            let run = c
+                .runs
+                .get_run(v1::GetRunRequest { id, stale })
+                .await
+                .map_err(status)?
+                .into_inner();
             print_run(output, &run);
             Ok(0)
         }
@@ -140,7 +147,10 @@ pub fn exit_code(run: &v1::Run) -> i32 {
 
 async fn get(c: &mut Clients, id: &str) -> anyhow::Result<v1::Run> {
     Ok(c.runs
-        .get_run(v1::GetRunRequest { id: id.to_string() })
+        .get_run(v1::GetRunRequest {
+            id: id.to_string(),
+            stale: false,
+        })
         .await
         .map_err(status)?
         .into_inner())

@@ -12,6 +12,19 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let mut config = ServerConfig::new(&args.data_dir);
     config.node_grace = Duration::from_secs(args.node_grace_secs);
     config.create_local_compute = args.local_compute;
+    config.raft.id = args.id;
+    if let Some(peers) = &args.peers {
+        anyhow::ensure!(
+            !args.join,
+            "--peers and --join exclude each other: a joining server learns the members from the leader"
+        );
+        config.peers = muster_server::cluster::parse_peers(peers).map_err(anyhow::Error::msg)?;
+        config.raft.initial_voters = config.peers.keys().copied().collect();
+    } else if args.join {
+        config.raft.initial_voters = Vec::new();
+    } else {
+        config.raft.initial_voters = vec![args.id];
+    }
     eprintln!(
         "muster server listening on http://{} (data in {})",
         listener.local_addr()?,

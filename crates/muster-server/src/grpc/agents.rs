@@ -95,6 +95,24 @@ impl AgentService for Agents {
         &self,
         req: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
+        // Sessions live on the leader (it schedules and watches heartbeats); a follower
+        // points the agent at it.
+        if !self.0.is_leader() {
+            return Err(match self.0.leader_address() {
+                Some(addr) => {
+                    let mut s = Status::unavailable(format!(
+                        "this server is not the leader; the leader is at {addr}"
+                    ));
+                    if let Ok(v) = addr.parse() {
+                        s.metadata_mut().insert("muster-leader", v);
+                    }
+                    s
+                }
+                None => {
+                    Status::unavailable("the cluster has no leader right now; retry in a second")
+                }
+            });
+        }
         let mut inbound = req.into_inner();
         let hello = match inbound.next().await {
             Some(Ok(v1::AgentMessage {
@@ -153,6 +171,7 @@ impl Session {
         }
         let mut changes = self.coordinator.subscribe();
         let mut tick = tokio::time::interval(Duration::from_secs(2));
+        let mut leadership = self.coordinator.raft().watch_status();
         let result: Result<(), Status> = async {
             loop {
                 self.dispatch().await?;
@@ -166,6 +185,9 @@ impl Session {
                     _ = tick.tick() => {}
                     _ = self.coordinator.shutting_down() => {
                         return Err(Status::unavailable("the server is shutting down; reconnect"));
+                    }
+                    _ = async { leadership.wait_for(|s| s.role != muster_raft::Role::Leader).await.is_ok() } => {
+                        return Err(Status::unavailable("this server lost leadership; reconnect to the new leader"));
                     }
                 }
             }

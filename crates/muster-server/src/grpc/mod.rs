@@ -2,6 +2,7 @@
 
 mod agents;
 mod blobs;
+mod cluster;
 mod compute;
 mod runs;
 
@@ -46,8 +47,13 @@ pub fn router(coordinator: Arc<Coordinator>) -> axum::Router {
                 .max_decoding_message_size(8 << 20),
         )
         .add_service(
-            v1::agent_service_server::AgentServiceServer::new(agents::Agents(coordinator))
+            v1::agent_service_server::AgentServiceServer::new(agents::Agents(coordinator.clone()))
                 .max_decoding_message_size(8 << 20),
+        )
+        .add_service(
+            v1::cluster_service_server::ClusterServiceServer::new(cluster::Cluster(coordinator))
+                .max_decoding_message_size(512 << 20)
+                .max_encoding_message_size(512 << 20),
         )
         .into_axum_router()
 }
@@ -66,6 +72,7 @@ pub(crate) fn status(err: ProposalError) -> Status {
         ProposalError::Raft(e @ (ProposeError::Shutdown | ProposeError::Rejected(_))) => {
             Status::unavailable(e.to_string())
         }
+        e @ ProposalError::Forward { .. } => Status::unavailable(e.to_string()),
         ProposalError::Raft(e) => Status::internal(e.to_string()),
     }
 }

@@ -91,7 +91,9 @@ impl RunService for Runs {
     }
 
     async fn get_run(&self, req: Request<v1::GetRunRequest>) -> Result<Response<v1::Run>, Status> {
-        self.get(&req.into_inner().id).map(Response::new)
+        let req = req.into_inner();
+        self.0.linearize(req.stale).await.map_err(status)?;
+        self.get(&req.id).map(Response::new)
     }
 
     async fn list_runs(
@@ -99,6 +101,7 @@ impl RunService for Runs {
         req: Request<v1::ListRunsRequest>,
     ) -> Result<Response<v1::ListRunsResponse>, Status> {
         let req = req.into_inner();
+        self.0.linearize(req.stale).await.map_err(status)?;
         let state = match &req.state {
             Some(s) => Some(
                 RunState::parse(s).map_err(|e| Status::invalid_argument(format!("state: {e}")))?,

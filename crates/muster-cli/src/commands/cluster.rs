@@ -1,0 +1,185 @@
+//! `muster cluster ...`: the coordinator cluster's status and membership.
+
+use std::time::Duration;
+
+use muster_proto::v1::{self, cluster_service_client::ClusterServiceClient};
+use serde_json::json;
+use tonic::transport::Endpoint;
+
+use crate::cli::{ClusterCommand, OutputFormat};
+use crate::client::status;
+use crate::output::{print_json, table};
+
+async fn client(address: &str) -> anyhow::Result<ClusterServiceClient<tonic::transport::Channel>> {
+    let url = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    let channel = Endpoint::from_shared(url.clone())?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(90))
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the muster server at {url} ({e}): start one, or point --server at a running one"))?;
+    Ok(ClusterServiceClient::new(channel))
+}
+
+/// The first server of `--server` that answers.
+async fn any(servers: &str) -> anyhow::Result<ClusterServiceClient<tonic::transport::Channel>> {
+    let mut last = None;
+    for s in servers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match client(s).await {
+            Ok(c) => return Ok(c),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("give --server")))
+}
+
+/// The leader, found through any server (membership changes go there).
+async fn leader(servers: &str) -> anyhow::Result<ClusterServiceClient<tonic::transport::Channel>> {
+    let mut c = any(servers).await?;
+    let s = c
+        .status(v1::ClusterStatusRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    if s.role == "leader" {
+        return Ok(c);
+    }
+    let addr = s
+        .leader_address
+        .ok_or_else(|| anyhow::anyhow!("the cluster has no leader right now; retry in a second"))?;
+    client(&addr).await
+}
+
+pub async fn run(servers: &str, output: OutputFormat, cmd: ClusterCommand) -> anyhow::Result<()> {
+    let result = match cmd {
+        ClusterCommand::Status => return status_all(servers, output).await,
+        ClusterCommand::AddServer { id, address } => {
+            eprintln!(
+                "Adding server {id} at {address}: as a learner until it has caught up, then as a voter…"
+            );
+            leader(servers)
+                .await?
+                .add_server(v1::AddServerRequest { id, address })
+                .await
+        }
+        ClusterCommand::RemoveServer { id } => {
+            leader(servers)
+                .await?
+                .remove_server(v1::RemoveServerRequest { id })
+                .await
+        }
+        ClusterCommand::TransferLeader { to } => {
+            leader(servers)
+                .await?
+                .transfer_leader(v1::TransferLeaderRequest { to })
+                .await
+        }
+    };
+    let s = result.map_err(status)?.into_inner();
+    if output == OutputFormat::Json {
+        print_json(&status_json(&s, &[]));
+    } else {
+        println!(
+            "Done. Leader: {}; voters: {}.",
+            s.leader
+                .map(|l| l.to_string())
+                .unwrap_or_else(|| "none".into()),
+            s.members
+                .iter()
+                .filter(|m| m.voter)
+                .map(|m| m.id.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn status_json(
+    s: &v1::ClusterStatus,
+    each: &[(u64, Option<v1::ClusterStatus>)],
+) -> serde_json::Value {
+    json!({
+        "leader": s.leader, "term": s.term, "commit_index": s.commit_index,
+        "members": s.members.iter().map(|m| {
+            let own = each.iter().find(|(id, _)| *id == m.id).and_then(|(_, st)| st.as_ref());
+            json!({
+                "id": m.id, "address": m.address, "voter": m.voter,
+                "role": own.map(|o| o.role.clone()), "term": own.map(|o| o.term),
+                "commit_index": own.map(|o| o.commit_index), "applied_index": own.map(|o| o.applied_index),
+                "lag": own.map(|o| s.commit_index.saturating_sub(o.applied_index)),
+                "reachable": own.is_some(),
+            })
+        }).collect::<Vec<_>>(),
+    })
+}
+
+/// Asks every member for its own view, so the table shows each one's term and indexes.
+async fn status_all(servers: &str, output: OutputFormat) -> anyhow::Result<()> {
+    let mut c = leader(servers).await.or(any(servers).await)?;
+    let s = c
+        .status(v1::ClusterStatusRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut each = Vec::new();
+    for m in &s.members {
+        let own = match client(&m.address).await {
+            Ok(mut mc) => tokio::time::timeout(
+                Duration::from_secs(2),
+                mc.status(v1::ClusterStatusRequest {}),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|r| r.into_inner()),
+            Err(_) => None,
+        };
+        each.push((m.id, own));
+    }
+    if output == OutputFormat::Json {
+        print_json(&status_json(&s, &each));
+        return Ok(());
+    }
+    println!(
+        "leader {}  term {}  commit {}",
+        s.leader
+            .map(|l| l.to_string())
+            .unwrap_or_else(|| "none".into()),
+        s.term,
+        s.commit_index
+    );
+    let mut t = table(&[
+        "ID", "ADDRESS", "ROLE", "VOTER", "TERM", "COMMIT", "APPLIED", "LAG",
+    ]);
+    for (m, (_, own)) in s.members.iter().zip(&each) {
+        match own {
+            Some(o) => t.add_row(vec![
+                m.id.to_string(),
+                m.address.clone(),
+                o.role.clone(),
+                m.voter.to_string(),
+                o.term.to_string(),
+                o.commit_index.to_string(),
+                o.applied_index.to_string(),
+                s.commit_index.saturating_sub(o.applied_index).to_string(),
+            ]),
+            None => t.add_row(vec![
+                m.id.to_string(),
+                m.address.clone(),
+                "unreachable".into(),
+                m.voter.to_string(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ]),
+        };
+    }
+    println!("{t}");
+    Ok(())
+}

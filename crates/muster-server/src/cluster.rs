@@ -1,0 +1,195 @@
+//! The server-to-server side of a coordinator cluster: where the other servers are, how
+//! Raft messages reach them (over gRPC, batched per peer), and a hook tests use to cut links.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use muster_proto::v1::{self, cluster_service_client::ClusterServiceClient};
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+
+/// Decides whether a message from one server to another gets through. Production clusters
+/// have none; the testkit uses it to `cut`, `isolate` and `heal` links over real gRPC.
+pub trait NetworkFilter: Send + Sync + std::fmt::Debug {
+    /// True if `from` may reach `to` now.
+    fn allows(&self, from: u64, to: u64) -> bool;
+}
+
+/// Server id → `host:port`, shared by the transport and the services.
+#[derive(Debug, Clone, Default)]
+pub struct Peers {
+    inner: Arc<RwLock<BTreeMap<u64, String>>>,
+    clients: Arc<Mutex<HashMap<String, ClusterServiceClient<Channel>>>>,
+}
+
+impl Peers {
+    /// An address book.
+    pub fn new(peers: BTreeMap<u64, String>) -> Peers {
+        Peers {
+            inner: Arc::new(RwLock::new(peers)),
+            clients: Arc::default(),
+        }
+    }
+
+    /// The address of server `id`.
+    pub fn address(&self, id: u64) -> Option<String> {
+        self.inner.read().expect("peers lock").get(&id).cloned()
+    }
+
+    /// Every known server.
+    pub fn all(&self) -> BTreeMap<u64, String> {
+        self.inner.read().expect("peers lock").clone()
+    }
+
+    /// Learns the addresses of servers it does not know yet.
+    pub fn learn(&self, book: impl IntoIterator<Item = (u64, String)>) {
+        let mut inner = self.inner.write().expect("peers lock");
+        for (id, address) in book {
+            inner.entry(id).or_insert(address);
+        }
+    }
+
+    /// Records (or changes) a server's address.
+    pub fn set(&self, id: u64, address: String) {
+        self.inner.write().expect("peers lock").insert(id, address);
+    }
+
+    /// A cluster client of server `id` (connections are made lazily and reused).
+    pub fn client(&self, id: u64) -> Option<ClusterServiceClient<Channel>> {
+        let address = self.address(id)?;
+        let mut clients = self.clients.lock().expect("clients lock");
+        if let Some(c) = clients.get(&address) {
+            return Some(c.clone());
+        }
+        let url = if address.contains("://") {
+            address.clone()
+        } else {
+            format!("http://{address}")
+        };
+        let channel = Endpoint::from_shared(url)
+            .ok()?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(10))
+            .connect_lazy();
+        let client = ClusterServiceClient::new(channel)
+            .max_decoding_message_size(512 << 20)
+            .max_encoding_message_size(512 << 20);
+        clients.insert(address, client.clone());
+        Some(client)
+    }
+}
+
+/// Sends Raft messages to peers: one queue and one sending task per peer, messages batched
+/// into one `ClusterService.Raft` call. Never blocks the Raft thread; when a peer's queue is
+/// full or the peer is unreachable, messages are dropped (Raft retransmits).
+#[derive(Debug)]
+pub struct GrpcTransport {
+    me: u64,
+    peers: Peers,
+    filter: Option<Arc<dyn NetworkFilter>>,
+    queues: Mutex<HashMap<u64, mpsc::Sender<Vec<u8>>>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl GrpcTransport {
+    /// A transport for server `me` (call on the runtime that should carry the traffic).
+    pub fn new(me: u64, peers: Peers, filter: Option<Arc<dyn NetworkFilter>>) -> GrpcTransport {
+        GrpcTransport {
+            me,
+            peers,
+            filter,
+            queues: Mutex::new(HashMap::new()),
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl muster_raft::Transport for GrpcTransport {
+    fn send(&self, to: u64, message: Vec<u8>) {
+        if self.filter.as_ref().is_some_and(|f| !f.allows(self.me, to)) {
+            return;
+        }
+        let mut queues = self.queues.lock().expect("queues lock");
+        let queue = queues.entry(to).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(4096);
+            self.runtime
+                .spawn(deliver(self.me, to, self.peers.clone(), rx));
+            tx
+        });
+        if queue.try_send(message).is_err() {
+            tracing::debug!(to, "raft queue full; dropping a message");
+        }
+    }
+}
+
+async fn deliver(me: u64, to: u64, peers: Peers, mut rx: mpsc::Receiver<Vec<u8>>) {
+    while let Some(first) = rx.recv().await {
+        let mut messages = vec![first];
+        while messages.len() < 512 {
+            match rx.try_recv() {
+                Ok(m) => messages.push(m),
+                Err(_) => break,
+            }
+        }
+        let Some(mut client) = peers.client(to) else {
+            tracing::debug!(to, "no address for raft peer; dropping messages");
+            continue;
+        };
+        let book = peers.all().into_iter().collect();
+        if let Err(e) = client
+            .raft(v1::RaftBatch {
+                from: me,
+                messages,
+                peers: book,
+            })
+            .await
+        {
+            tracing::debug!(to, cause = %e.message(), "raft peer unreachable; messages dropped");
+        }
+    }
+}
+
+/// Parses `1=host:port,2=host:port` (the `--peers` flag).
+pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>, String> {
+    let mut peers = BTreeMap::new();
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (id, addr) = item
+            .split_once('=')
+            .ok_or_else(|| format!("--peers: {item:?} is not ID=HOST:PORT"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("--peers: {id:?} is not a server id (a positive integer)"))?;
+        if id == 0 {
+            return Err("--peers: server ids start at 1".into());
+        }
+        if peers.insert(id, addr.trim().to_string()).is_some() {
+            return Err(format!("--peers: server {id} is listed twice"));
+        }
+    }
+    Ok(peers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_with_clear_errors() {
+        let p = parse_peers("1=10.0.0.1:7070, 2=10.0.0.2:7070,3=h3:7070").unwrap();
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[&3], "h3:7070");
+        assert!(
+            parse_peers("1=a:1,1=b:2")
+                .unwrap_err()
+                .contains("listed twice")
+        );
+        assert!(
+            parse_peers("x=a:1")
+                .unwrap_err()
+                .contains("not a server id")
+        );
+        assert!(parse_peers("1:a").unwrap_err().contains("ID=HOST:PORT"));
+    }
+}

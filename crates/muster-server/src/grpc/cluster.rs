@@ -1,0 +1,202 @@
+//! ClusterService: status and membership for admins; Raft transport, command forwarding and
+//! read index between servers.
+
+use std::sync::Arc;
+
+use muster_proto::v1::{self, cluster_service_server::ClusterService};
+use muster_raft::{MembershipChange, ProposeError, ReplicationState, Role};
+use tonic::{Request, Response, Status};
+
+use crate::coordinator::{Coordinator, ProposalError};
+use crate::grpc::status;
+
+pub(crate) struct Cluster(pub Arc<Coordinator>);
+
+impl Cluster {
+    fn snapshot(&self) -> v1::ClusterStatus {
+        let s = self.0.raft().status();
+        let progress: std::collections::HashMap<u64, _> =
+            s.progress.iter().map(|p| (p.id, p)).collect();
+        let mut ids: Vec<(u64, bool)> = s.voters.iter().map(|v| (*v, true)).collect();
+        ids.extend(s.learners.iter().map(|l| (*l, false)));
+        ids.sort();
+        v1::ClusterStatus {
+            id: s.id,
+            role: match s.role {
+                Role::Leader => "leader",
+                Role::Follower => "follower",
+                Role::Candidate => "candidate",
+                Role::PreCandidate => "pre_candidate",
+            }
+            .into(),
+            leader: s.leader,
+            term: s.term,
+            commit_index: s.commit_index,
+            applied_index: s.applied_index,
+            first_index: s.first_index,
+            last_index: s.last_index,
+            snapshot_index: s.snapshot_index,
+            leader_address: s.leader.and_then(|l| self.0.peers.address(l)),
+            members: ids
+                .into_iter()
+                .map(|(id, voter)| {
+                    let p = progress.get(&id);
+                    v1::ClusterMember {
+                        id,
+                        address: self.0.peers.address(id).unwrap_or_default(),
+                        voter,
+                        matched_index: p.map(|p| p.matched).unwrap_or_default(),
+                        replication: p
+                            .map(|p| match p.state {
+                                ReplicationState::Probe => "probe",
+                                ReplicationState::Replicate => "replicate",
+                                ReplicationState::Snapshot => "snapshot",
+                            })
+                            .unwrap_or_default()
+                            .into(),
+                        recently_active: p.is_some_and(|p| p.recent_active),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    fn not_leader(&self) -> Status {
+        match self.0.leader_address() {
+            Some(addr) => Status::failed_precondition(format!(
+                "membership changes go to the leader: run this against {addr}"
+            )),
+            None => Status::unavailable("the cluster has no leader right now; retry in a second"),
+        }
+    }
+
+    async fn change(&self, changes: Vec<MembershipChange>) -> Result<(), Status> {
+        match self.0.raft().change_membership(changes).await {
+            Ok(_) => Ok(()),
+            Err(ProposeError::NotLeader { .. }) => Err(self.not_leader()),
+            Err(ProposeError::Rejected(why)) => Err(Status::failed_precondition(why)),
+            Err(e) => Err(status(ProposalError::Raft(e))),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterService for Cluster {
+    async fn status(
+        &self,
+        _req: Request<v1::ClusterStatusRequest>,
+    ) -> Result<Response<v1::ClusterStatus>, Status> {
+        Ok(Response::new(self.snapshot()))
+    }
+
+    async fn add_server(
+        &self,
+        req: Request<v1::AddServerRequest>,
+    ) -> Result<Response<v1::ClusterStatus>, Status> {
+        let req = req.into_inner();
+        if req.id == 0 || req.address.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "id and address: give the new server's id (> 0) and host:port",
+            ));
+        }
+        if self.0.raft().status().voters.contains(&req.id) {
+            return Err(Status::already_exists(format!(
+                "server {} is already a voter",
+                req.id
+            )));
+        }
+        self.0.peers.set(req.id, req.address.clone());
+        // Learner first: it catches up (by snapshot) without affecting quorum.
+        self.change(vec![MembershipChange::AddLearner(req.id)])
+            .await?;
+        let mut status = self.0.raft().watch_status();
+        let learner = req.id;
+        let caught_up = tokio::time::timeout(std::time::Duration::from_secs(60), async move {
+            status
+                .wait_for(|s| {
+                    s.progress.iter().any(|p| {
+                        p.id == learner && p.matched > 0 && p.matched + 100 >= s.commit_index
+                    })
+                })
+                .await
+                .is_ok()
+        })
+        .await;
+        if caught_up.is_err() {
+            return Err(Status::deadline_exceeded(format!(
+                "server {} joined as a learner but did not catch up within 60 s: is it running and reachable at {}?",
+                req.id, req.address
+            )));
+        }
+        self.change(vec![MembershipChange::AddVoter(req.id)])
+            .await?;
+        Ok(Response::new(self.snapshot()))
+    }
+
+    async fn remove_server(
+        &self,
+        req: Request<v1::RemoveServerRequest>,
+    ) -> Result<Response<v1::ClusterStatus>, Status> {
+        let id = req.into_inner().id;
+        let s = self.0.raft().status();
+        if !s.voters.contains(&id) && !s.learners.contains(&id) {
+            return Err(Status::not_found(format!("server {id} is not a member")));
+        }
+        self.change(vec![MembershipChange::Remove(id)]).await?;
+        Ok(Response::new(self.snapshot()))
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<v1::TransferLeaderRequest>,
+    ) -> Result<Response<v1::ClusterStatus>, Status> {
+        let to = req.into_inner().to;
+        match self.0.raft().transfer_leader(to).await {
+            Ok(()) => {}
+            Err(ProposeError::NotLeader { .. }) => return Err(self.not_leader()),
+            Err(ProposeError::Rejected(why)) => return Err(Status::failed_precondition(why)),
+            Err(e) => return Err(status(ProposalError::Raft(e))),
+        }
+        let mut watch = self.0.raft().watch_status();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async move {
+            watch.wait_for(|s| s.leader == Some(to)).await.is_ok()
+        })
+        .await;
+        Ok(Response::new(self.snapshot()))
+    }
+
+    async fn raft(&self, req: Request<v1::RaftBatch>) -> Result<Response<v1::RaftAck>, Status> {
+        let batch = req.into_inner();
+        self.0.peers.learn(batch.peers);
+        for m in batch.messages {
+            if let Err(e) = self.0.raft().step(m) {
+                tracing::debug!(from = batch.from, cause = %e, "raft message refused");
+            }
+        }
+        Ok(Response::new(v1::RaftAck {}))
+    }
+
+    async fn forward(
+        &self,
+        req: Request<v1::ForwardRequest>,
+    ) -> Result<Response<v1::ForwardResponse>, Status> {
+        let command = req.into_inner().command;
+        match self.0.raft().propose(command).await {
+            Ok(result) => Ok(Response::new(v1::ForwardResponse {
+                result,
+                index: self.0.raft().status().applied_index,
+            })),
+            Err(e) => Err(status(ProposalError::Raft(e))),
+        }
+    }
+
+    async fn read_index(
+        &self,
+        _req: Request<v1::ReadIndexRequest>,
+    ) -> Result<Response<v1::ReadIndexResponse>, Status> {
+        match self.0.raft().read_index().await {
+            Ok(index) => Ok(Response::new(v1::ReadIndexResponse { index })),
+            Err(e) => Err(status(ProposalError::Raft(e))),
+        }
+    }
+}
