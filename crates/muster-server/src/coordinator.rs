@@ -157,8 +157,19 @@ impl Coordinator {
         Ok(result?)
     }
 
+    /// Whether the test network (if any) lets this server reach `to`.
+    fn reaches(&self, to: u64) -> bool {
+        self.config
+            .network
+            .as_ref()
+            .is_none_or(|n| n.allows(self.raft.id(), to))
+    }
+
     async fn forward(&self, leader: u64, command: Vec<u8>) -> Result<Vec<u8>, ProposalError> {
         let fail = |cause: String| ProposalError::Forward { leader, cause };
+        if !self.reaches(leader) {
+            return Err(fail("the network to it is cut".into()));
+        }
         let mut client = self
             .peers
             .client(leader)

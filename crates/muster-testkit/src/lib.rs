@@ -10,6 +10,7 @@
 //! Test-only: nothing outside tests and benches depends on this crate.
 
 pub mod agents;
+pub mod cluster;
 pub mod images;
 
 use std::net::SocketAddr;

@@ -1,0 +1,246 @@
+//! A cluster of `muster server`s in this process, on 127.0.0.1 ports, talking real gRPC,
+//! with the verbs of raft-rs's test network: `cut(a, b)`, `isolate(n)`, `heal()`, plus
+//! `kill(n)` and `restart(n)` on the same data directory.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use muster_proto::v1::{self, cluster_service_client::ClusterServiceClient};
+use muster_server::ServerConfig;
+use muster_server::cluster::NetworkFilter;
+use tokio::task::JoinHandle;
+
+/// Which links between servers are cut (both directions).
+#[derive(Debug, Default)]
+pub struct Partition {
+    cut: Mutex<BTreeSet<(u64, u64)>>,
+}
+
+impl NetworkFilter for Partition {
+    fn allows(&self, from: u64, to: u64) -> bool {
+        !self
+            .cut
+            .lock()
+            .expect("partition lock")
+            .contains(&(from.min(to), from.max(to)))
+    }
+}
+
+#[derive(Debug)]
+struct Slot {
+    addr: SocketAddr,
+    data_dir: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// N servers of one Raft group.
+#[derive(Debug)]
+pub struct TestCluster {
+    slots: BTreeMap<u64, Slot>,
+    net: Arc<Partition>,
+    tweak: fn(&mut ServerConfig),
+    _dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    /// Starts `n` servers (ids 1..=n) and waits until they have a leader.
+    pub async fn start(n: u64) -> anyhow::Result<TestCluster> {
+        Self::start_with(n, |_| {}).await
+    }
+
+    /// Starts `n` servers with settings changed by `tweak`.
+    pub async fn start_with(n: u64, tweak: fn(&mut ServerConfig)) -> anyhow::Result<TestCluster> {
+        crate::init_tracing();
+        let dir = tempfile::tempdir()?;
+        let mut listeners = BTreeMap::new();
+        for id in 1..=n {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            listeners.insert(id, l);
+        }
+        let mut slots = BTreeMap::new();
+        for (id, l) in &listeners {
+            slots.insert(
+                *id,
+                Slot {
+                    addr: l.local_addr()?,
+                    data_dir: dir.path().join(format!("s{id}")),
+                    stop: None,
+                    task: None,
+                },
+            );
+        }
+        let mut cluster = TestCluster {
+            slots,
+            net: Arc::new(Partition::default()),
+            tweak,
+            _dir: dir,
+        };
+        for (id, l) in listeners {
+            cluster.launch(id, l);
+        }
+        cluster.leader().await?;
+        Ok(cluster)
+    }
+
+    fn peers(&self) -> BTreeMap<u64, String> {
+        self.slots
+            .iter()
+            .map(|(id, s)| (*id, s.addr.to_string()))
+            .collect()
+    }
+
+    fn launch(&mut self, id: u64, listener: tokio::net::TcpListener) {
+        let peers = self.peers();
+        let slot = self.slots.get_mut(&id).expect("a slot per id");
+        let mut config = ServerConfig::new(&slot.data_dir);
+        config.raft.id = id;
+        config.raft.initial_voters = peers.keys().copied().collect();
+        config.peers = peers;
+        config.network = Some(self.net.clone() as Arc<dyn NetworkFilter>);
+        config.stop_grace = Duration::from_secs(2);
+        (self.tweak)(&mut config);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        slot.stop = Some(stop);
+        slot.task = Some(tokio::spawn(muster_server::run(
+            listener,
+            config,
+            async move {
+                let _ = stopped.await;
+            },
+        )));
+    }
+
+    /// The ids of the servers.
+    pub fn ids(&self) -> Vec<u64> {
+        self.slots.keys().copied().collect()
+    }
+
+    /// The URL of server `id`.
+    pub fn url(&self, id: u64) -> String {
+        format!("http://{}", self.slots[&id].addr)
+    }
+
+    /// Every server's URL, comma-separated (what `--server` takes).
+    pub fn urls(&self) -> String {
+        self.ids()
+            .into_iter()
+            .map(|id| self.url(id))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Server `id`'s own view of the cluster, if it answers within a second.
+    pub async fn status(&self, id: u64) -> Option<v1::ClusterStatus> {
+        let fut = async {
+            let mut c = ClusterServiceClient::connect(self.url(id)).await.ok()?;
+            c.status(v1::ClusterStatusRequest {})
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        };
+        tokio::time::timeout(Duration::from_secs(1), fut)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Waits (bounded: 15 s) until a majority of the running servers agree on one leader
+    /// that says it leads; returns its id.
+    pub async fn leader(&self) -> anyhow::Result<u64> {
+        self.leader_among(&self.ids()).await
+    }
+
+    /// Like [`TestCluster::leader`], asking only `ids`.
+    pub async fn leader_among(&self, ids: &[u64]) -> anyhow::Result<u64> {
+        for _ in 0..150 {
+            let mut votes: BTreeMap<u64, usize> = BTreeMap::new();
+            let mut leaders = BTreeSet::new();
+            for id in ids {
+                if let Some(s) = self.status(*id).await {
+                    if let Some(l) = s.leader {
+                        *votes.entry(l).or_default() += 1;
+                    }
+                    if s.role == "leader" {
+                        leaders.insert(s.id);
+                    }
+                }
+            }
+            if let Some((l, n)) = votes.into_iter().max_by_key(|(_, n)| *n)
+                && n * 2 > self.slots.len()
+                && leaders.contains(&l)
+                && ids.contains(&l)
+            {
+                return Ok(l);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::bail!("no leader among {ids:?} within 15 s")
+    }
+
+    /// Cuts the link between `a` and `b` (both ways).
+    pub fn cut(&self, a: u64, b: u64) {
+        self.net
+            .cut
+            .lock()
+            .expect("partition lock")
+            .insert((a.min(b), a.max(b)));
+    }
+
+    /// Cuts `n` off from every other server.
+    pub fn isolate(&self, n: u64) {
+        for other in self.ids() {
+            if other != n {
+                self.cut(n, other);
+            }
+        }
+    }
+
+    /// Restores every link.
+    pub fn heal(&self) {
+        self.net.cut.lock().expect("partition lock").clear();
+    }
+
+    /// Stops server `id` at once (its listener closes, its log stays on disk).
+    pub async fn kill(&mut self, id: u64) -> anyhow::Result<()> {
+        let slot = self.slots.get_mut(&id).expect("known server");
+        if let Some(stop) = slot.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = slot.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task).await???;
+        }
+        Ok(())
+    }
+
+    /// Starts server `id` again on its data directory and address.
+    pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
+        let addr = self.slots[&id].addr;
+        let mut listener = None;
+        for _ in 0..50 {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => {
+                    listener = Some(l);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let listener = listener.ok_or_else(|| anyhow::anyhow!("cannot bind {addr} again"))?;
+        self.launch(id, listener);
+        Ok(())
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for slot in self.slots.values_mut() {
+            if let Some(stop) = slot.stop.take() {
+                let _ = stop.send(());
+            }
+        }
+    }
+}

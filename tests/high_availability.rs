@@ -1,0 +1,229 @@
+//! High availability: a 3-server cluster that loses its leader, or has it cut off, loses and
+//! duplicates nothing it acknowledged (DESIGN.md invariant 1).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use muster_core::RunSpec;
+use muster_proto::v1;
+use muster_testkit::cluster::TestCluster;
+use tonic::Code;
+
+async fn create_pool(cluster: &TestCluster) {
+    let mut c = muster_cli::client::connect(&cluster.urls()).await.unwrap();
+    c.compute
+        .create_compute(v1::CreateComputeRequest {
+            compute: Some(v1::ComputeTarget {
+                name: "ha-pool".into(),
+                r#type: "attached".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+}
+
+fn spec(i: usize) -> v1::RunSpec {
+    let mut s = RunSpec::new(format!("python train.py --trial {i}"));
+    s.compute = "ha-pool".into();
+    s.experiment = "ha".into();
+    s.into()
+}
+
+/// Submits with an idempotency key, retrying (bounded) on UNAVAILABLE against the next
+/// server, as every muster client does. Returns the acknowledged run id.
+async fn submit_with_retries(
+    urls: &[String],
+    first: usize,
+    key: String,
+    spec: v1::RunSpec,
+) -> Option<String> {
+    for attempt in 0..60 {
+        let url = &urls[(first + attempt) % urls.len()];
+        let Ok(mut c) = muster_cli::client::connect(url).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        match c
+            .runs
+            .submit_run(v1::SubmitRunRequest {
+                spec: Some(spec.clone()),
+                idempotency_key: Some(key.clone()),
+            })
+            .await
+        {
+            Ok(r) => return Some(r.into_inner().id),
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::Unavailable | Code::Cancelled | Code::Unknown | Code::Internal
+                ) =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(s) => panic!("submission {key} refused: {s:?}"),
+        }
+    }
+    None
+}
+
+async fn runs_on(url: &str, stale: bool) -> Vec<v1::Run> {
+    let mut c = muster_cli::client::connect(url).await.unwrap();
+    c.runs
+        .list_runs(v1::ListRunsRequest {
+            stale,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .runs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_under_load_loses_and_duplicates_nothing() {
+    let mut cluster = TestCluster::start(3).await.unwrap();
+    create_pool(&cluster).await;
+    let urls: Arc<Vec<String>> = Arc::new(
+        cluster
+            .ids()
+            .into_iter()
+            .map(|id| cluster.url(id))
+            .collect(),
+    );
+    let acked = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for client in 0..16usize {
+        let urls = urls.clone();
+        let acked = acked.clone();
+        clients.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            for n in 0..63usize {
+                let i = client * 63 + n;
+                let key = format!("ha-{i}");
+                if let Some(id) = submit_with_retries(&urls, client, key.clone(), spec(i)).await {
+                    acked.fetch_add(1, Ordering::Relaxed);
+                    mine.push((key, id));
+                }
+            }
+            mine
+        }));
+    }
+    // Kill the leader while submissions are in flight.
+    for _ in 0..200 {
+        if acked.load(Ordering::Relaxed) >= 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let leader = cluster.leader().await.unwrap();
+    cluster.kill(leader).await.unwrap();
+    let mut acknowledged: BTreeMap<String, String> = BTreeMap::new();
+    for c in clients {
+        acknowledged.extend(c.await.unwrap());
+    }
+    assert_eq!(
+        acknowledged.len(),
+        1008,
+        "every submission was eventually acknowledged"
+    );
+    let survivors: Vec<u64> = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != leader)
+        .collect();
+    let new_leader = cluster.leader_among(&survivors).await.unwrap();
+    assert_ne!(new_leader, leader);
+    let runs = runs_on(&cluster.url(new_leader), false).await;
+    let ids: BTreeSet<&str> = runs.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids.len(), runs.len());
+    assert_eq!(
+        runs.len(),
+        1008,
+        "exactly one run per acknowledged submission"
+    );
+    for (key, id) in &acknowledged {
+        let run = runs
+            .iter()
+            .find(|r| &r.id == id)
+            .unwrap_or_else(|| panic!("acknowledged run {id} ({key}) was lost"));
+        let i: usize = key.trim_start_matches("ha-").parse().unwrap();
+        assert_eq!(
+            run.spec.as_ref().unwrap().command,
+            format!("python train.py --trial {i}"),
+            "not half-applied"
+        );
+    }
+    // The killed server comes back and converges on the same runs.
+    cluster.restart(leader).await.unwrap();
+    let mut converged = false;
+    for _ in 0..100 {
+        if runs_on(&cluster.url(leader), true).await.len() == 1008 {
+            converged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(converged, "the restarted server caught up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_leader_steps_down_and_the_majority_carries_on() {
+    let cluster = TestCluster::start(3).await.unwrap();
+    create_pool(&cluster).await;
+    let old = cluster.leader().await.unwrap();
+    cluster.isolate(old);
+    let majority: Vec<u64> = cluster.ids().into_iter().filter(|id| *id != old).collect();
+    let new = cluster.leader_among(&majority).await.unwrap();
+    assert_ne!(new, old);
+    // The old leader steps down (check-quorum) and refuses writes.
+    let mut stepped_down = false;
+    for _ in 0..60 {
+        if cluster
+            .status(old)
+            .await
+            .is_some_and(|s| s.role != "leader")
+        {
+            stepped_down = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(stepped_down, "the isolated leader stepped down");
+    let mut c = muster_cli::client::connect(&cluster.url(old))
+        .await
+        .unwrap();
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.runs.submit_run(v1::SubmitRunRequest {
+            spec: Some(spec(0)),
+            idempotency_key: Some("iso-0".into()),
+        }),
+    )
+    .await
+    .expect("answers within 10 s");
+    assert_eq!(refused.unwrap_err().code(), Code::Unavailable);
+    // The majority takes writes.
+    for i in 1..=20 {
+        assert!(
+            submit_with_retries(&[cluster.url(new)], 0, format!("iso-{i}"), spec(i))
+                .await
+                .is_some()
+        );
+    }
+    // Heal: the old leader catches up; nobody lost anything, "iso-0" never happened.
+    cluster.heal();
+    let mut same = false;
+    for _ in 0..100 {
+        let a = runs_on(&cluster.url(old), true).await;
+        let b = runs_on(&cluster.url(new), false).await;
+        if a.len() == 20 && a == b {
+            same = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(same, "healing converges on the majority's 20 runs");
+}
