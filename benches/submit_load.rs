@@ -25,6 +25,10 @@ struct Args {
     /// Concurrent clients in the concurrent measurement.
     #[arg(long, default_value_t = 64)]
     clients: usize,
+    /// Also measure a cluster of this many servers on loopback (clients spread over all of
+    /// them; followers forward to the leader), compared with the single server.
+    #[arg(long, default_value_t = 3)]
+    servers: u64,
 }
 
 struct Figures {
@@ -46,14 +50,19 @@ fn figures(mut lat: Vec<Duration>, wall: Duration) -> Figures {
 }
 
 async fn submit_load(url: &str, runs: usize, clients: usize) -> anyhow::Result<Figures> {
+    submit_spread(&[url.to_string()], runs, clients).await
+}
+
+/// Client `i` talks to `urls[i % urls.len()]`.
+async fn submit_spread(urls: &[String], runs: usize, clients: usize) -> anyhow::Result<Figures> {
     let mut spec = RunSpec::new("python train.py --lr 0.01");
     spec.compute = "bench-pool".into();
     spec.experiment = "bench".into();
     let wire: v1::RunSpec = spec.into();
     let per_client = runs / clients;
     let mut conns = Vec::new();
-    for _ in 0..clients {
-        conns.push(muster_cli::client::connect(url).await?);
+    for i in 0..clients {
+        conns.push(muster_cli::client::connect(&urls[i % urls.len()]).await?);
     }
     let wire = Arc::new(wire);
     let start = Instant::now();
@@ -155,6 +164,48 @@ async fn main() -> anyhow::Result<()> {
         many.per_sec / base.per_sec
     );
     let total = all_runs(&dev).await?;
+    if args.servers > 1 {
+        let cluster = muster_testkit::cluster::TestCluster::start(args.servers).await?;
+        let urls: Vec<String> = cluster
+            .ids()
+            .into_iter()
+            .map(|id| cluster.url(id))
+            .collect();
+        let mut c = muster_cli::client::connect(&cluster.urls()).await?;
+        c.compute
+            .create_compute(v1::CreateComputeRequest {
+                compute: Some(v1::ComputeTarget {
+                    name: "bench-pool".into(),
+                    r#type: "attached".into(),
+                    ..Default::default()
+                }),
+            })
+            .await?;
+        submit_spread(&urls, 500, 10).await?;
+        let spread = submit_spread(&urls, args.runs, args.clients).await?;
+        let leader = cluster.leader().await?;
+        let to_leader = submit_spread(&[cluster.url(leader)], args.runs, args.clients).await?;
+        row(
+            &format!(
+                "{} servers, {} clients spread over all",
+                args.servers, args.clients
+            ),
+            &spread,
+        );
+        row(
+            &format!(
+                "{} servers, {} clients on the leader",
+                args.servers, args.clients
+            ),
+            &to_leader,
+        );
+        println!(
+            "cluster vs single server ({} clients): {:.2}x slower (spread), {:.2}x (leader only)",
+            args.clients,
+            many.per_sec / spread.per_sec,
+            many.per_sec / to_leader.per_sec
+        );
+    }
     let acknowledged = 500 + single_n + (args.runs / args.clients) * args.clients;
     anyhow::ensure!(
         total == acknowledged,

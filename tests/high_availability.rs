@@ -227,3 +227,74 @@ async fn an_isolated_leader_steps_down_and_the_majority_carries_on() {
     }
     assert!(same, "healing converges on the majority's 20 runs");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_uploaded_to_one_server_survives_its_loss() {
+    let mut cluster = TestCluster::start(3).await.unwrap();
+    create_pool(&cluster).await;
+    let leader = cluster.leader().await.unwrap();
+    let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
+    let project = tempfile::tempdir().unwrap();
+    muster_tests::write(project.path(), "train.py", "print('replicated')\n");
+    muster_tests::write(project.path(), "data/config.json", "{\"lr\": 0.1}\n");
+    let out = muster_testkit::muster(
+        &cluster.url(follower),
+        project.path(),
+        &[
+            "run",
+            "submit",
+            "--compute",
+            "ha-pool",
+            "-o",
+            "json",
+            "--",
+            "python",
+            "train.py",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let run: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let manifest = run["code"]["manifest"].as_str().unwrap().to_string();
+    // The server that took the upload dies; the others can still serve every blob.
+    cluster.kill(follower).await.unwrap();
+    for id in cluster.ids().into_iter().filter(|id| *id != follower) {
+        let mut c = muster_cli::client::connect(&cluster.url(id)).await.unwrap();
+        let bytes = muster_agent::transfer::download_bytes(&mut c.blobs, &manifest)
+            .await
+            .unwrap();
+        let m: muster_core::snapshot::Manifest = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(m.files.len(), 2);
+        for f in &m.files {
+            muster_agent::transfer::download_bytes(&mut c.blobs, &f.sha256)
+                .await
+                .unwrap_or_else(|e| panic!("server {id} lacks {}: {e}", f.path));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_missing_a_blob_repairs_it_from_a_peer() {
+    let cluster = TestCluster::start(3).await.unwrap();
+    let mut a = muster_cli::client::connect(&cluster.url(1)).await.unwrap();
+    let sha = muster_agent::transfer::upload_bytes(&mut a.blobs, b"weights v1".to_vec())
+        .await
+        .unwrap();
+    let mut b = muster_cli::client::connect(&cluster.url(2)).await.unwrap();
+    let got = muster_agent::transfer::download_bytes(&mut b.blobs, &sha)
+        .await
+        .unwrap();
+    assert_eq!(got, b"weights v1");
+    let missing = b
+        .blobs
+        .missing_blobs(v1::MissingBlobsRequest {
+            sha256: vec![sha.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        missing.sha256.is_empty(),
+        "server 2 keeps the repaired copy"
+    );
+}

@@ -158,7 +158,7 @@ impl Coordinator {
     }
 
     /// Whether the test network (if any) lets this server reach `to`.
-    fn reaches(&self, to: u64) -> bool {
+    pub(crate) fn reaches(&self, to: u64) -> bool {
         self.config
             .network
             .as_ref()

@@ -20,6 +20,7 @@ mod grpc;
 mod leader;
 mod logs;
 mod machine;
+mod replication;
 mod web;
 
 use std::future::Future;

@@ -362,6 +362,12 @@ impl Session {
                         .seal(&u.run_id, u.attempt, rank)
                         .map_err(|e| Status::internal(format!("sealing logs: {e}")))?;
                 }
+                if let Some(outputs) = &u.outputs {
+                    // Outputs are on a majority before the attempt's end records them.
+                    self.coordinator
+                        .ensure_replicated(vec![outputs.clone()])
+                        .await?;
+                }
                 AttemptReport::Ended {
                     end,
                     exit_code: u.exit_code,

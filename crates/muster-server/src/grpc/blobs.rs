@@ -100,8 +100,13 @@ impl BlobService for Blobs {
         &self,
         req: Request<v1::GetBlobRequest>,
     ) -> Result<Response<BlobStream>, Status> {
+        let from_peer = crate::replication::is_replica(&req);
         let sha = req.into_inner().sha256;
         let path = self.0.blobs.path(&sha).map_err(blob_status)?;
+        if !from_peer && !self.0.blobs.has(&sha) {
+            // Repair: another server may hold it (it was uploaded there).
+            self.0.fetch_from_peers(&sha).await.map_err(blob_status)?;
+        }
         let file = tokio::fs::File::open(&path)
             .await
             .map_err(|_| blob_status(BlobError::NotFound(sha.clone())))?;

@@ -50,13 +50,31 @@ impl RunService for Runs {
         .map_err(Status::invalid_argument)?;
         spec.validate()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if let Some(code) = &spec.code
-            && !self.0.blobs.has(&code.manifest)
-        {
-            return Err(Status::failed_precondition(format!(
-                "code: snapshot manifest {} is not in the blob store: upload the snapshot before submitting",
-                code.manifest
-            )));
+        if let Some(code) = &spec.code {
+            // The snapshot must be on a majority of servers before the run is accepted.
+            let manifest = self.0.blobs.get(&code.manifest).map_err(|_| {
+                Status::failed_precondition(format!(
+                    "code: snapshot manifest {} is not in the blob store: upload the snapshot before submitting",
+                    code.manifest
+                ))
+            })?;
+            let manifest: muster_core::snapshot::Manifest = serde_json::from_slice(&manifest)
+                .map_err(|e| {
+                    Status::invalid_argument(format!(
+                        "code: the snapshot manifest is not valid: {e}"
+                    ))
+                })?;
+            manifest
+                .validate()
+                .map_err(|e| Status::invalid_argument(format!("code: {e}")))?;
+            let mut hashes: Vec<String> = manifest.files.iter().map(|f| f.sha256.clone()).collect();
+            if let Some(missing) = hashes.iter().find(|h| !self.0.blobs.has(h)) {
+                return Err(Status::failed_precondition(format!(
+                    "code: file blob {missing} of the snapshot was not uploaded: upload the snapshot before submitting"
+                )));
+            }
+            hashes.push(code.manifest.clone());
+            self.0.ensure_replicated(hashes).await?;
         }
         if let Some(key) = &req.idempotency_key
             && (key.is_empty() || key.len() > 128)
