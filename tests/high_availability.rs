@@ -298,3 +298,116 @@ async fn a_server_missing_a_blob_repairs_it_from_a_peer() {
         "server 2 keeps the repaired copy"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_missed_ten_thousand_entries_catches_up_by_snapshot() {
+    let mut cluster = TestCluster::start_with(3, |c| {
+        c.raft.snapshot_interval = 2_000;
+        c.raft.log_retained_after_snapshot = 100;
+    })
+    .await
+    .unwrap();
+    create_pool(&cluster).await;
+    let leader = cluster.leader().await.unwrap();
+    let behind = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
+    cluster.kill(behind).await.unwrap();
+    // 10,000 entries it misses, from 32 clients.
+    let url = cluster.url(leader);
+    let mut tasks = Vec::new();
+    for client in 0..32usize {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = muster_cli::client::connect(&url).await.unwrap();
+            for n in 0..313usize {
+                let i = client * 313 + n;
+                c.runs
+                    .submit_run(v1::SubmitRunRequest {
+                        spec: Some(spec(i)),
+                        idempotency_key: None,
+                    })
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let status = cluster.status(leader).await.unwrap();
+    assert!(
+        status.first_index > 1_000,
+        "the leader compacted its log: {status:?}"
+    );
+    cluster.restart(behind).await.unwrap();
+    let mut caught_up = false;
+    for _ in 0..150 {
+        if let Some(s) = cluster.status(behind).await
+            && s.applied_index >= status.commit_index
+        {
+            caught_up = true;
+            assert!(
+                s.snapshot_index >= status.first_index - 1,
+                "it installed a snapshot: {s:?}"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(caught_up, "the follower caught up");
+    assert_eq!(runs_on(&cluster.url(behind), true).await.len(), 32 * 313);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_are_added_and_removed_under_load() {
+    let mut cluster = TestCluster::start(3).await.unwrap();
+    create_pool(&cluster).await;
+    let urls: Arc<Vec<String>> = Arc::new(
+        cluster
+            .ids()
+            .into_iter()
+            .map(|id| cluster.url(id))
+            .collect(),
+    );
+    let load = {
+        let urls = urls.clone();
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..400usize {
+                if let Some(id) = submit_with_retries(&urls, i, format!("load-{i}"), spec(i)).await
+                {
+                    acked.push(id);
+                }
+            }
+            acked
+        })
+    };
+    cluster.join(4).await.unwrap();
+    let status = cluster.status(4).await.unwrap();
+    assert!(
+        status.members.iter().any(|m| m.id == 4 && m.voter),
+        "server 4 votes: {status:?}"
+    );
+    let leader = cluster.leader().await.unwrap();
+    let victim = cluster
+        .ids()
+        .into_iter()
+        .find(|id| *id != leader && *id != 4)
+        .unwrap();
+    cluster.remove(victim).await.unwrap();
+    let acked = load.await.unwrap();
+    assert_eq!(acked.len(), 400);
+    let leader = cluster.leader().await.unwrap();
+    let s = cluster.status(leader).await.unwrap();
+    let voters: Vec<u64> = s.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
+    assert_eq!(voters.len(), 3, "{s:?}");
+    assert!(voters.contains(&4) && !voters.contains(&victim));
+    let mut converged = false;
+    for _ in 0..100 {
+        if runs_on(&cluster.url(4), true).await.len() == 400 {
+            converged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(converged, "the new server holds every run");
+}

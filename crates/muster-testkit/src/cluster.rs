@@ -41,6 +41,7 @@ struct Slot {
 #[derive(Debug)]
 pub struct TestCluster {
     slots: BTreeMap<u64, Slot>,
+    founders: Vec<u64>,
     net: Arc<Partition>,
     tweak: fn(&mut ServerConfig),
     _dir: tempfile::TempDir,
@@ -73,8 +74,10 @@ impl TestCluster {
                 },
             );
         }
+        let founders = slots.keys().copied().collect();
         let mut cluster = TestCluster {
             slots,
+            founders,
             net: Arc::new(Partition::default()),
             tweak,
             _dir: dir,
@@ -95,10 +98,16 @@ impl TestCluster {
 
     fn launch(&mut self, id: u64, listener: tokio::net::TcpListener) {
         let peers = self.peers();
+        let founders: Vec<u64> = self.founders.clone();
         let slot = self.slots.get_mut(&id).expect("a slot per id");
         let mut config = ServerConfig::new(&slot.data_dir);
         config.raft.id = id;
-        config.raft.initial_voters = peers.keys().copied().collect();
+        // A server added later starts with no voters: it waits to be added by the leader.
+        config.raft.initial_voters = if founders.contains(&id) {
+            founders
+        } else {
+            Vec::new()
+        };
         config.peers = peers;
         config.network = Some(self.net.clone() as Arc<dyn NetworkFilter>);
         config.stop_grace = Duration::from_secs(2);
@@ -202,6 +211,43 @@ impl TestCluster {
     /// Restores every link.
     pub fn heal(&self) {
         self.net.cut.lock().expect("partition lock").clear();
+    }
+
+    /// Starts a new, empty server `id` that waits to join (`muster server --join`), and
+    /// asks the leader to add it (learner first, then voter). Returns once it votes.
+    pub async fn join(&mut self, id: u64) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.slots.contains_key(&id), "server {id} exists");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let data_dir = self._dir.path().join(format!("s{id}"));
+        self.slots.insert(
+            id,
+            Slot {
+                addr,
+                data_dir,
+                stop: None,
+                task: None,
+            },
+        );
+        self.launch(id, listener);
+        let leader = self.leader().await?;
+        let mut c = ClusterServiceClient::connect(self.url(leader)).await?;
+        c.add_server(v1::AddServerRequest {
+            id,
+            address: addr.to_string(),
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Asks the leader to remove server `id`, then stops it.
+    pub async fn remove(&mut self, id: u64) -> anyhow::Result<()> {
+        let leader = self.leader().await?;
+        let mut c = ClusterServiceClient::connect(self.url(leader)).await?;
+        c.remove_server(v1::RemoveServerRequest { id }).await?;
+        self.kill(id).await?;
+        self.slots.remove(&id);
+        Ok(())
     }
 
     /// Stops server `id` at once (its listener closes, its log stays on disk).
