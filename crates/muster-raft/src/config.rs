@@ -19,8 +19,12 @@ pub struct RaftConfig {
     /// How often the raft clock ticks. Default 100 ms.
     pub tick_interval: Duration,
     /// Ticks without hearing from a leader before a follower campaigns (randomized in
-    /// `[election_tick, 2 * election_tick)`). Default 10 (about 1 s).
+    /// `[election_tick, max_election_tick)`). Default 8 (0.8 s).
     pub election_tick: usize,
+    /// The upper bound (exclusive) of the randomized election timeout, in ticks; 0 means
+    /// `2 * election_tick`. Default 12: timeouts between 0.8 and 1.2 s, so a killed leader
+    /// is replaced in about a second while split votes stay rare.
+    pub max_election_tick: usize,
     /// Ticks between leader heartbeats. Default 1 (100 ms).
     pub heartbeat_tick: usize,
     /// Pre-vote (raft thesis 9.6): a partitioned server rejoining does not disrupt the leader.
@@ -52,7 +56,8 @@ impl Default for RaftConfig {
             id: 1,
             initial_voters: vec![1],
             tick_interval: Duration::from_millis(100),
-            election_tick: 10,
+            election_tick: 8,
+            max_election_tick: 12,
             heartbeat_tick: 1,
             pre_vote: true,
             check_quorum: true,
@@ -124,6 +129,7 @@ impl RaftConfig {
         raft::Config {
             id: self.id,
             election_tick: self.election_tick,
+            max_election_tick: self.max_election_tick,
             heartbeat_tick: self.heartbeat_tick,
             applied,
             max_size_per_msg: self.max_size_per_msg,
