@@ -411,3 +411,148 @@ async fn servers_are_added_and_removed_under_load() {
     }
     assert!(converged, "the new server holds every run");
 }
+
+/// Kill, restart, isolate, cut and heal at random points while clients submit and cancel,
+/// with an agent running the runs; after every step check DESIGN.md invariants 1
+/// (acknowledged runs exist exactly once), 4 (at most one active attempt per run) and 5
+/// (a run reaches exactly one terminal state). `MUSTER_FAULT_SEED` replays a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_faults_keep_the_invariants() {
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = std::env::var("MUSTER_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_261_124);
+    eprintln!("randomized fault test: seed {seed} (rerun with MUSTER_FAULT_SEED={seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut cluster = TestCluster::start(3).await.unwrap();
+    create_pool(&cluster).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut agent_config = muster_agent::AgentConfig::new(cluster.url(1), data.path(), "ha-pool");
+    agent_config.servers = cluster
+        .ids()
+        .into_iter()
+        .map(|id| cluster.url(id))
+        .collect();
+    agent_config.name = "fault-node".into();
+    agent_config.gpu_probe = Arc::new(muster_agent::NoGpus);
+    let _agent = muster_testkit::agents::AgentHandle::start(&cluster.urls(), agent_config)
+        .await
+        .unwrap();
+    let mut down: BTreeSet<u64> = BTreeSet::new();
+    let mut acknowledged: BTreeMap<String, String> = BTreeMap::new();
+    let mut terminal: BTreeMap<String, String> = BTreeMap::new();
+    let mut next = 0usize;
+    for step in 0..24 {
+        let ids = cluster.ids();
+        let action = rng.random_range(0..6);
+        let target = ids[rng.random_range(0..ids.len())];
+        match action {
+            0 if down.is_empty() => {
+                cluster.kill(target).await.unwrap();
+                down.insert(target);
+            }
+            1 => {
+                if let Some(id) = down.pop_first() {
+                    cluster.restart(id).await.unwrap();
+                }
+            }
+            2 => cluster.isolate(target),
+            3 => {
+                let other = ids[rng.random_range(0..ids.len())];
+                if other != target {
+                    cluster.cut(target, other);
+                }
+            }
+            _ => cluster.heal(),
+        }
+        let alive: Vec<String> = ids
+            .iter()
+            .filter(|id| !down.contains(id))
+            .map(|id| cluster.url(*id))
+            .collect();
+        // Clients submit (with retries, as muster clients do) and cancel.
+        for _ in 0..5 {
+            let key = format!("fault-{next}");
+            let mut s = spec(next);
+            s.command = if next % 3 == 0 {
+                "sleep 0.3".into()
+            } else {
+                "true".into()
+            };
+            if let Some(id) = submit_with_retries(&alive, next, key.clone(), s).await {
+                acknowledged.insert(key, id);
+            }
+            next += 1;
+        }
+        if let Some((_, victim)) = acknowledged
+            .iter()
+            .nth(rng.random_range(0..acknowledged.len().max(1)))
+        {
+            for url in &alive {
+                if let Ok(mut c) = muster_cli::client::connect(url).await
+                    && tokio::time::timeout(
+                        Duration::from_secs(3),
+                        c.runs.cancel_run(v1::CancelRunRequest {
+                            id: victim.clone(),
+                            reason: None,
+                        }),
+                    )
+                    .await
+                    .is_ok()
+                {
+                    break;
+                }
+            }
+        }
+        // Check the invariants on the majority's view (heal first so one exists).
+        cluster.heal();
+        let leader = cluster
+            .leader_among(
+                &ids.iter()
+                    .copied()
+                    .filter(|id| !down.contains(id))
+                    .collect::<Vec<_>>(),
+            )
+            .await;
+        let leader = leader.unwrap_or_else(|e| panic!("seed {seed}, step {step}: {e}"));
+        let runs = runs_on(&cluster.url(leader), false).await;
+        let by_id: BTreeMap<&str, &v1::Run> = runs.iter().map(|r| (r.id.as_str(), r)).collect();
+        assert_eq!(
+            by_id.len(),
+            runs.len(),
+            "seed {seed}, step {step}: a run id appears twice"
+        );
+        for (key, id) in &acknowledged {
+            assert!(
+                by_id.contains_key(id.as_str()),
+                "seed {seed}, step {step}: acknowledged {key} ({id}) was lost"
+            );
+        }
+        for run in &runs {
+            let active = run.attempts.iter().filter(|a| a.state != "ended").count();
+            assert!(
+                active <= 1,
+                "seed {seed}, step {step}: {} has {active} active attempts",
+                run.id
+            );
+            if let Some(before) = terminal.get(&run.id) {
+                assert_eq!(
+                    before, &run.state,
+                    "seed {seed}, step {step}: {} changed its terminal state",
+                    run.id
+                );
+            } else if matches!(
+                run.state.as_str(),
+                "completed" | "failed" | "canceled" | "timed_out"
+            ) {
+                terminal.insert(run.id.clone(), run.state.clone());
+            }
+        }
+    }
+    assert!(
+        acknowledged.len() >= 100,
+        "seed {seed}: only {} submissions were acknowledged",
+        acknowledged.len()
+    );
+}
