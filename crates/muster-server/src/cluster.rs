@@ -70,7 +70,11 @@ impl Peers {
         let channel = Endpoint::from_shared(url)
             .ok()?
             .connect_timeout(Duration::from_secs(1))
-            .timeout(Duration::from_secs(10))
+            // A forwarded write normally takes milliseconds; a leader cut off by a partition
+            // must not hold a client for long (it retries elsewhere).
+            .timeout(Duration::from_secs(3))
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(2))
             .connect_lazy();
         let client = ClusterServiceClient::new(channel)
             .max_decoding_message_size(512 << 20)

@@ -42,6 +42,30 @@ impl Coordinator {
         Some(BlobServiceClient::new(channel).max_decoding_message_size(8 << 20))
     }
 
+    /// A RunService client of a peer (a follower relays log streams from the leader).
+    pub(crate) fn run_client(
+        &self,
+        peer: u64,
+    ) -> Option<v1::run_service_client::RunServiceClient<Channel>> {
+        if !self.reaches(peer) {
+            return None;
+        }
+        let address = self.peers.address(peer)?;
+        let url = if address.contains("://") {
+            address
+        } else {
+            format!("http://{address}")
+        };
+        let channel = Endpoint::from_shared(url)
+            .ok()?
+            .connect_timeout(Duration::from_secs(1))
+            .connect_lazy();
+        Some(
+            v1::run_service_client::RunServiceClient::new(channel)
+                .max_decoding_message_size(16 << 20),
+        )
+    }
+
     fn other_voters(&self) -> (Vec<u64>, usize) {
         let status = self.raft().status();
         let me = status.id;

@@ -146,7 +146,7 @@ impl TestCluster {
     pub async fn status(&self, id: u64) -> Option<v1::ClusterStatus> {
         let fut = async {
             let mut c = ClusterServiceClient::connect(self.url(id)).await.ok()?;
-            c.status(v1::ClusterStatusRequest {})
+            c.status(v1::ClusterStatusRequest { members: false })
                 .await
                 .ok()
                 .map(|r| r.into_inner())

@@ -41,7 +41,7 @@ async fn any(servers: &str) -> anyhow::Result<ClusterServiceClient<tonic::transp
 async fn leader(servers: &str) -> anyhow::Result<ClusterServiceClient<tonic::transport::Channel>> {
     let mut c = any(servers).await?;
     let s = c
-        .status(v1::ClusterStatusRequest {})
+        .status(v1::ClusterStatusRequest { members: false })
         .await
         .map_err(status)?
         .into_inner();
@@ -118,29 +118,21 @@ fn status_json(
     })
 }
 
-/// Asks every member for its own view, so the table shows each one's term and indexes.
+/// Every member's own view, so the table shows each one's role, term and indexes.
 async fn status_all(servers: &str, output: OutputFormat) -> anyhow::Result<()> {
     let mut c = leader(servers).await.or(any(servers).await)?;
+    // The server asks the members: it reaches them by the addresses they use among
+    // themselves, which this client (outside their network, say) may not.
     let s = c
-        .status(v1::ClusterStatusRequest {})
+        .status(v1::ClusterStatusRequest { members: true })
         .await
         .map_err(status)?
         .into_inner();
-    let mut each = Vec::new();
-    for m in &s.members {
-        let own = match client(&m.address).await {
-            Ok(mut mc) => tokio::time::timeout(
-                Duration::from_secs(2),
-                mc.status(v1::ClusterStatusRequest {}),
-            )
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .map(|r| r.into_inner()),
-            Err(_) => None,
-        };
-        each.push((m.id, own));
-    }
+    let each: Vec<(u64, Option<v1::ClusterStatus>)> = s
+        .members
+        .iter()
+        .map(|m| (m.id, s.views.iter().find(|v| v.id == m.id).cloned()))
+        .collect();
     if output == OutputFormat::Json {
         print_json(&status_json(&s, &each));
         return Ok(());

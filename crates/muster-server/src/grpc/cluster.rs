@@ -37,6 +37,7 @@ impl Cluster {
             last_index: s.last_index,
             snapshot_index: s.snapshot_index,
             leader_address: s.leader.and_then(|l| self.0.peers.address(l)),
+            views: Vec::new(),
             members: ids
                 .into_iter()
                 .map(|(id, voter)| {
@@ -84,9 +85,33 @@ impl Cluster {
 impl ClusterService for Cluster {
     async fn status(
         &self,
-        _req: Request<v1::ClusterStatusRequest>,
+        req: Request<v1::ClusterStatusRequest>,
     ) -> Result<Response<v1::ClusterStatus>, Status> {
-        Ok(Response::new(self.snapshot()))
+        let mut status = self.snapshot();
+        if req.into_inner().members {
+            let me = status.id;
+            let asks = status.members.iter().filter(|m| m.id != me).map(|m| {
+                let client = self.0.peers.client(m.id);
+                async move {
+                    let mut client = client?;
+                    let answer = tokio::time::timeout(
+                        std::time::Duration::from_secs(1),
+                        client.status(v1::ClusterStatusRequest { members: false }),
+                    )
+                    .await;
+                    answer.ok()?.ok().map(|r| r.into_inner())
+                }
+            });
+            let mut views: Vec<v1::ClusterStatus> = futures::future::join_all(asks)
+                .await
+                .into_iter()
+                .flatten()
+                .collect();
+            views.push(self.snapshot());
+            views.sort_by_key(|v| v.id);
+            status.views = views;
+        }
+        Ok(Response::new(status))
     }
 
     async fn add_server(

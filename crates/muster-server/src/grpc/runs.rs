@@ -173,6 +173,14 @@ impl RunService for Runs {
         req: Request<v1::StreamLogsRequest>,
     ) -> Result<Response<LogStream>, Status> {
         let req = req.into_inner();
+        // Logs are shipped to the leader: a follower relays the leader's stream.
+        if !self.0.is_leader()
+            && let Some(leader) = self.0.raft().status().leader
+            && let Some(mut client) = self.0.run_client(leader)
+        {
+            let stream = client.stream_logs(req).await?.into_inner();
+            return Ok(Response::new(Box::pin(stream)));
+        }
         self.get(&req.id)?;
         let (tx, rx) = mpsc::channel(16);
         let coordinator = self.0.clone();
