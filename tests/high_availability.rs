@@ -475,7 +475,7 @@ async fn randomized_faults_keep_the_invariants() {
         for _ in 0..5 {
             let key = format!("fault-{next}");
             let mut s = spec(next);
-            s.command = if next % 3 == 0 {
+            s.command = if next.is_multiple_of(3) {
                 "sleep 0.3".into()
             } else {
                 "true".into()

@@ -521,3 +521,120 @@ async fn a_gpu_that_fails_is_withdrawn_and_schedulable_again_when_it_recovers() 
     let done = wait_for_state(&url, &id, "completed").await;
     assert_eq!(done.attempts[0].placements[0].gpus.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_priority_run_preempts_and_the_low_one_restarts_as_attempt_2() {
+    let dev = cluster().await;
+    let url = dev.url();
+    create_pool(&url, "prio-pool").await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = AgentConfig::new(url.clone(), data.path(), "prio-pool");
+    config.name = "one-cpu".into();
+    config.cpu_millis = Some(1000);
+    config.gpu_probe = Arc::new(muster_agent::NoGpus);
+    let _agent = AgentHandle::start(&url, config).await.unwrap();
+    let p = tempfile::tempdir().unwrap();
+    let low = muster(
+        &url,
+        p.path(),
+        &[
+            "run",
+            "submit",
+            "--compute",
+            "prio-pool",
+            "--priority",
+            "low",
+            "--cpu",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            "echo attempt $MUSTER_ATTEMPT restarted=${MUSTER_RESTARTED:-0}; sleep 30",
+        ],
+    )
+    .await;
+    let low = low.stdout.trim().to_string();
+    wait_for_state(&url, &low, "running").await;
+    let high = muster(
+        &url,
+        p.path(),
+        &[
+            "run",
+            "submit",
+            "--compute",
+            "prio-pool",
+            "--priority",
+            "high",
+            "--cpu",
+            "1",
+            "--",
+            "echo",
+            "urgent",
+        ],
+    )
+    .await;
+    let high = high.stdout.trim().to_string();
+    assert_eq!(wait_done(&url, &high).await.state, "completed");
+    let first = wait_done_attempt(&url, &low, 2).await;
+    assert_eq!(
+        first.attempts[0].end.as_deref(),
+        Some("preempted"),
+        "{first:?}"
+    );
+    // Its first line is shipped within a moment of starting.
+    let mut log = String::new();
+    for _ in 0..50 {
+        log = muster(&url, p.path(), &["run", "logs", "--attempt", "2", &low])
+            .await
+            .stdout;
+        if !log.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(log, "attempt 2 restarted=1\n");
+    // A run that cannot fit says why it waits.
+    let gpu = muster(
+        &url,
+        p.path(),
+        &[
+            "run",
+            "submit",
+            "--compute",
+            "prio-pool",
+            "--gpus",
+            "1",
+            "--",
+            "true",
+        ],
+    )
+    .await
+    .stdout
+    .trim()
+    .to_string();
+    let mut shown = String::new();
+    for _ in 0..50 {
+        shown = muster(&url, p.path(), &["run", "show", &gpu]).await.stdout;
+        if shown.contains("waiting:") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        shown.contains("waiting:") && shown.contains("GPU"),
+        "{shown}"
+    );
+    muster(&url, p.path(), &["run", "cancel", &low]).await;
+}
+
+/// Waits (bounded: 30 s) until `id` runs attempt `n`.
+async fn wait_done_attempt(url: &str, id: &str, n: u32) -> muster_proto::v1::Run {
+    for _ in 0..300 {
+        let r = wait_for_state(url, id, "running").await;
+        if r.attempt >= n {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{id} never ran attempt {n}");
+}

@@ -404,10 +404,10 @@ impl Agent {
             Some(server_message::Msg::Assign(a)) => self.on_assign(a, blobs),
             Some(server_message::Msg::Stop(s)) => {
                 let key = (s.run_id.clone(), s.attempt);
-                let reason = if s.reason == "canceled" {
-                    StopReason::Canceled
-                } else {
-                    StopReason::Stale
+                let reason = match s.reason.as_str() {
+                    "canceled" => StopReason::Canceled,
+                    "preempted" => StopReason::Preempted,
+                    _ => StopReason::Stale,
                 };
                 let grace = Duration::from_millis(s.grace_ms);
                 match self.attempts.get(&key) {

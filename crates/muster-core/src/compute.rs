@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::names::validate_compute_name;
-use crate::spec::{SpecError, parse_yaml};
+use crate::resources::parse_cpu;
+use crate::spec::{Scalar, SpecError, parse_yaml};
 
 /// The kind of a compute target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -99,6 +100,174 @@ pub struct ComputeSpec {
     pub tier: Tier,
     /// Free text.
     pub description: Option<String>,
+    /// Limits on what the target's active runs may hold together (none by default). Absent
+    /// in logs and snapshots written before quotas existed, which decode as unlimited.
+    #[serde(default, skip_serializing_if = "Quota::is_unlimited")]
+    pub quota: Quota,
+}
+
+/// Limits on what the active runs of one compute target hold together. The scheduler never
+/// places a run that would exceed them, and `PlaceRun` rejects such a placement.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Quota {
+    /// Most GPUs held at once (summed over every instance of every active run).
+    #[serde(default)]
+    pub max_gpus: Option<u32>,
+    /// Most CPU millicores reserved at once.
+    #[serde(default)]
+    pub max_cpu_millis: Option<u64>,
+    /// Most runs active (scheduled, preparing or running) at once; a gang counts once.
+    #[serde(default)]
+    pub max_concurrent_runs: Option<u32>,
+}
+
+/// What active runs hold against a [`Quota`] (or what one run would add).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct QuotaUsage {
+    /// GPUs.
+    pub gpus: u64,
+    /// CPU millicores.
+    pub cpu_millis: u64,
+    /// Runs.
+    pub runs: u64,
+}
+
+impl QuotaUsage {
+    /// What one run with `instances` instances of `per_instance` holds.
+    pub fn of_run(per_instance: &crate::Resources, instances: u32) -> QuotaUsage {
+        QuotaUsage {
+            gpus: per_instance.gpus as u64 * instances as u64,
+            cpu_millis: per_instance.cpu_millis.saturating_mul(instances as u64),
+            runs: 1,
+        }
+    }
+
+    /// Adds `other` (saturating).
+    pub fn add(&mut self, other: &QuotaUsage) {
+        self.gpus = self.gpus.saturating_add(other.gpus);
+        self.cpu_millis = self.cpu_millis.saturating_add(other.cpu_millis);
+        self.runs = self.runs.saturating_add(other.runs);
+    }
+
+    /// Subtracts `other` (saturating at zero).
+    pub fn sub(&mut self, other: &QuotaUsage) {
+        self.gpus = self.gpus.saturating_sub(other.gpus);
+        self.cpu_millis = self.cpu_millis.saturating_sub(other.cpu_millis);
+        self.runs = self.runs.saturating_sub(other.runs);
+    }
+
+    /// `self - other` per field, clamped at zero.
+    pub fn minus(mut self, other: &QuotaUsage) -> QuotaUsage {
+        self.sub(other);
+        self
+    }
+}
+
+impl Quota {
+    /// True when no limit is set.
+    pub fn is_unlimited(&self) -> bool {
+        *self == Quota::default()
+    }
+
+    /// Whether `used + need` stays within every limit (what [`Quota::admits`] checks,
+    /// without the words).
+    pub fn allows(&self, used: &QuotaUsage, need: &QuotaUsage) -> bool {
+        let within = |max: Option<u64>, used: u64, need: u64| {
+            max.is_none_or(|max| need == 0 || used.saturating_add(need) <= max)
+        };
+        within(self.max_gpus.map(u64::from), used.gpus, need.gpus)
+            && within(self.max_cpu_millis, used.cpu_millis, need.cpu_millis)
+            && within(
+                self.max_concurrent_runs.map(u64::from),
+                used.runs,
+                need.runs,
+            )
+    }
+
+    /// Checks that `used + need` stays within every limit; the error is the reason a person
+    /// reads on a waiting run, e.g. `quota: 8/8 GPUs in use, needs 2`.
+    pub fn admits(&self, used: &QuotaUsage, need: &QuotaUsage) -> Result<(), String> {
+        if self.allows(used, need) {
+            return Ok(());
+        }
+        if let Some(max) = self.max_gpus
+            && need.gpus > 0
+            && used.gpus.saturating_add(need.gpus) > max as u64
+        {
+            return Err(format!(
+                "quota: {}/{max} GPUs in use, needs {}",
+                used.gpus, need.gpus
+            ));
+        }
+        if let Some(max) = self.max_cpu_millis
+            && need.cpu_millis > 0
+            && used.cpu_millis.saturating_add(need.cpu_millis) > max
+        {
+            return Err(format!(
+                "quota: {}/{} CPUs in use, needs {}",
+                cores(used.cpu_millis),
+                cores(max),
+                cores(need.cpu_millis)
+            ));
+        }
+        if let Some(max) = self.max_concurrent_runs
+            && need.runs > 0
+            && used.runs.saturating_add(need.runs) > max as u64
+        {
+            return Err(format!("quota: {}/{max} runs active", used.runs));
+        }
+        Ok(())
+    }
+
+    /// Why a run needing `need` can never start under this quota, if so.
+    pub fn never_admits(&self, need: &QuotaUsage) -> Option<String> {
+        self.admits(&QuotaUsage::default(), need).err().map(|_| {
+            let mut parts = Vec::new();
+            if let Some(max) = self.max_gpus
+                && need.gpus > max as u64
+            {
+                parts.push(format!("{} GPUs but the quota allows {max}", need.gpus));
+            }
+            if let Some(max) = self.max_cpu_millis
+                && need.cpu_millis > max
+            {
+                parts.push(format!(
+                    "{} CPUs but the quota allows {}",
+                    cores(need.cpu_millis),
+                    cores(max)
+                ));
+            }
+            if self.max_concurrent_runs == Some(0) {
+                parts.push("a run slot but the quota allows none".to_string());
+            }
+            format!("quota: needs {}", parts.join(" and "))
+        })
+    }
+
+    fn validate(&self) -> Result<(), SpecError> {
+        if self.max_cpu_millis == Some(0) {
+            return Err(SpecError::field(
+                "quota.max_cpu",
+                "must be more than 0 (leave it out for no limit)",
+            ));
+        }
+        if self.max_concurrent_runs == Some(0) {
+            return Err(SpecError::field(
+                "quota.max_concurrent_runs",
+                "must be at least 1 (leave it out for no limit)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Millicores as cores, e.g. `2`, `0.5`.
+pub(crate) fn cores(millis: u64) -> String {
+    if millis.is_multiple_of(1000) {
+        format!("{}", millis / 1000)
+    } else {
+        format!("{}", millis as f64 / 1000.0)
+    }
 }
 
 impl ComputeSpec {
@@ -113,12 +282,14 @@ impl ComputeSpec {
             idle_time_before_scale_down_s: DEFAULT_IDLE_TIME_BEFORE_SCALE_DOWN_S,
             tier: Tier::Dedicated,
             description: None,
+            quota: Quota::default(),
         }
     }
 
-    /// Checks the name and the scaling bounds; the error names the field.
+    /// Checks the name, the scaling bounds and the quota; the error names the field.
     pub fn validate(&self) -> Result<(), SpecError> {
         validate_compute_name(&self.name).map_err(|e| SpecError::field("name", e.to_string()))?;
+        self.quota.validate()?;
         if self.kind == ComputeKind::Cluster && self.min_instances > self.max_instances {
             return Err(SpecError::field(
                 "min_instances",
@@ -153,6 +324,18 @@ struct ComputeFile {
     network_settings: Option<yaml_serde::Value>,
     identity: Option<yaml_serde::Value>,
     tags: Option<yaml_serde::Value>,
+    /// muster: limits on what the target's active runs hold together.
+    quota: Option<QuotaFile>,
+}
+
+/// `quota:` as written (a muster addition to Azure ML's compute YAML).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuotaFile {
+    max_gpus: Option<u32>,
+    /// CPUs: `64`, `0.5` or `500m`.
+    max_cpu: Option<Scalar>,
+    max_concurrent_runs: Option<u32>,
 }
 
 /// Parses Azure ML compute YAML. `name_override` (the CLI's positional NAME) wins over the
@@ -194,6 +377,17 @@ pub fn parse_compute_yaml(
         spec.tier = Tier::parse(t).map_err(|e| SpecError::field("tier", e))?;
     }
     spec.description = file.description;
+    if let Some(q) = file.quota {
+        spec.quota = Quota {
+            max_gpus: q.max_gpus,
+            max_cpu_millis: q
+                .max_cpu
+                .map(|c| parse_cpu(&c.to_string()))
+                .transpose()
+                .map_err(|e| SpecError::field("quota.max_cpu", e))?,
+            max_concurrent_runs: q.max_concurrent_runs,
+        };
+    }
     spec.validate()?;
     Ok(spec)
 }
@@ -226,5 +420,69 @@ mod tests {
         let e = parse_compute_yaml("name: gpus\nmin_instances: 3\nmax_instances: 1\n", None)
             .unwrap_err();
         assert_eq!(e.path, "min_instances");
+        let e =
+            parse_compute_yaml("name: gpus\nquota:\n  max_concurrent_runs: 0\n", None).unwrap_err();
+        assert_eq!(e.path, "quota.max_concurrent_runs");
+        let e = parse_compute_yaml("name: gpus\nquota:\n  max_gpu: 3\n", None).unwrap_err();
+        assert_eq!(e.path, "quota.max_gpu");
+    }
+
+    #[test]
+    fn quotas_parse_and_old_specs_decode_unlimited() {
+        let spec = parse_compute_yaml(
+            "name: gpus\nquota:\n  max_gpus: 8\n  max_cpu: 64\n  max_concurrent_runs: 4\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            spec.quota,
+            Quota {
+                max_gpus: Some(8),
+                max_cpu_millis: Some(64_000),
+                max_concurrent_runs: Some(4)
+            }
+        );
+        let old = r#"{"name":"gpus","kind":"cluster","size":null,"min_instances":0,"max_instances":1,"idle_time_before_scale_down_s":120,"tier":"dedicated","description":null}"#;
+        let spec: ComputeSpec = serde_json::from_str(old).unwrap();
+        assert!(spec.quota.is_unlimited());
+        assert!(!serde_json::to_string(&spec).unwrap().contains("quota"));
+    }
+
+    #[test]
+    fn quota_reasons_read_well() {
+        let q = Quota {
+            max_gpus: Some(8),
+            max_cpu_millis: Some(16_000),
+            max_concurrent_runs: Some(2),
+        };
+        let used = QuotaUsage {
+            gpus: 8,
+            cpu_millis: 4_000,
+            runs: 1,
+        };
+        let need = QuotaUsage {
+            gpus: 2,
+            cpu_millis: 1_500,
+            runs: 1,
+        };
+        assert_eq!(
+            q.admits(&used, &need).unwrap_err(),
+            "quota: 8/8 GPUs in use, needs 2"
+        );
+        let need = need.minus(&QuotaUsage {
+            gpus: 2,
+            ..Default::default()
+        });
+        assert_eq!(q.admits(&used, &need), Ok(()));
+        let big = QuotaUsage {
+            gpus: 16,
+            cpu_millis: 0,
+            runs: 1,
+        };
+        assert_eq!(
+            q.never_admits(&big).unwrap(),
+            "quota: needs 16 GPUs but the quota allows 8"
+        );
+        assert_eq!(q.never_admits(&need), None);
     }
 }

@@ -10,7 +10,8 @@
 //! - [`spec`]: the run spec and Azure ML v2 command-job YAML parsing and validation.
 //! - [`snapshot`]: the manifest of a content-addressed code snapshot.
 //! - [`state`]: the replicated state machine: [`Command`], [`State::apply`], [`State::sanity_check`].
-//! - [`schedule`]: the scheduler: `schedule(&State, now) -> Vec<Decision>`.
+//! - [`schedule`](mod@schedule): the scheduler: `schedule(&State, now) -> Schedule` (placements, preemptions,
+//!   and why each waiting run waits).
 //!
 //! Crate choices: `serde` + `serde_json` for the versioned command encoding (readable in a
 //! log dump, tagged enums so an old log replays on a newer server), `yaml_serde` for YAML
@@ -25,9 +26,9 @@ pub mod snapshot;
 pub mod spec;
 pub mod state;
 
-pub use compute::{ComputeKind, ComputeSpec, Tier};
+pub use compute::{ComputeKind, ComputeSpec, Quota, QuotaUsage, Tier};
 pub use resources::{Capacity, Gpu, Resources};
-pub use schedule::{Decision, Placement, schedule};
+pub use schedule::{Decision, Placement, Schedule, Waiting, schedule};
 pub use spec::RunSpec;
 pub use state::{
     Applied, ApplyError, Attempt, AttemptEnd, AttemptReport, AttemptState, Command, Node,

@@ -189,6 +189,10 @@ pub struct RunSpec {
     pub max_attempts: u32,
     /// The code snapshot, if any.
     pub code: Option<CodeRef>,
+    /// Node labels every instance's node must carry (`key: value`, all must match).
+    /// Absent in logs written before it existed, which decode as "any node".
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
 }
 
 impl RunSpec {
@@ -212,6 +216,7 @@ impl RunSpec {
             priority: 0,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             code: None,
+            node_selector: BTreeMap::new(),
         }
     }
 
@@ -295,6 +300,14 @@ impl RunSpec {
                 ));
             }
             _ => {}
+        }
+        for key in self.node_selector.keys() {
+            if key.is_empty() || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(SpecError::field(
+                    format!("node_selector.{key}"),
+                    "not a label name: use a non-empty name without spaces",
+                ));
+            }
         }
         if let Some(code) = &self.code
             && !is_sha256_hex(&code.manifest)

@@ -1,6 +1,6 @@
 //! Conversions between wire types and muster-core types.
 
-use muster_core::compute::{ComputeKind, ComputeSpec, Tier};
+use muster_core::compute::{ComputeKind, ComputeSpec, Quota, Tier};
 use muster_core::snapshot::GitInfo as CoreGit;
 use muster_core::spec::{CodeRef as CoreCode, Distribution as CoreDist, Environment};
 use muster_core::state::{
@@ -155,6 +155,8 @@ pub fn spec_from_wire(s: v1::RunSpec) -> Result<CoreSpec, String> {
         timeout_s: s.timeout_s,
         priority: s.priority,
         max_attempts: s.max_attempts,
+        // Not on the wire yet: a run submitted over gRPC may use any node of its target.
+        node_selector: Default::default(),
         code: s.code.map(|c| CoreCode {
             manifest: c.manifest,
             files: c.files,
@@ -270,6 +272,11 @@ pub fn compute_spec_to_wire(s: &ComputeSpec) -> v1::ComputeTarget {
         idle_time_before_scale_down_s: s.idle_time_before_scale_down_s,
         tier: s.tier.as_str().to_string(),
         description: s.description.clone(),
+        quota: (!s.quota.is_unlimited()).then_some(v1::Quota {
+            max_gpus: s.quota.max_gpus,
+            max_cpu_millis: s.quota.max_cpu_millis,
+            max_concurrent_runs: s.quota.max_concurrent_runs,
+        }),
         ..Default::default()
     }
 }
@@ -291,6 +298,14 @@ pub fn compute_spec_from_wire(c: &v1::ComputeTarget) -> Result<ComputeSpec, Stri
         idle_time_before_scale_down_s: c.idle_time_before_scale_down_s,
         tier,
         description: c.description.clone(),
+        quota: c
+            .quota
+            .map(|q| Quota {
+                max_gpus: q.max_gpus,
+                max_cpu_millis: q.max_cpu_millis,
+                max_concurrent_runs: q.max_concurrent_runs,
+            })
+            .unwrap_or_default(),
     })
 }
 

@@ -51,6 +51,8 @@ pub struct Coordinator {
     shutdown: watch::Sender<bool>,
     pub(crate) metrics: crate::web::Metrics,
     pub(crate) peers: Peers,
+    /// Why each queued run waits, from the leader's last scheduling pass.
+    pub(crate) waiting: Mutex<Option<muster_core::schedule::Waiting>>,
     _lock: File,
 }
 
@@ -107,6 +109,7 @@ impl Coordinator {
             shutdown: watch::channel(false).0,
             metrics: crate::web::Metrics::default(),
             peers,
+            waiting: Mutex::new(None),
             _lock: lock,
         });
         if config.create_local_compute {
@@ -179,17 +182,38 @@ impl Coordinator {
             .await
             .map_err(|s| fail(s.message().to_string()))?
             .into_inner();
-        self.wait_applied(answer.index).await;
+        if !self.wait_applied(answer.index).await {
+            // Applied on the leader, but not (yet) here: a server being removed, or far
+            // behind. The client retries elsewhere; its idempotency key finds the result.
+            return Err(fail(format!(
+                "the write was applied by the leader, but this server has not caught up to it (index {}); retry against another server",
+                answer.index
+            )));
+        }
         Ok(answer.result)
     }
 
-    /// Waits (bounded: 5 s) until this replica has applied `index`.
-    pub(crate) async fn wait_applied(&self, index: u64) {
+    /// A linearizable read may proceed once this replica has applied `index`.
+    async fn caught_up(&self, index: u64, leader: u64) -> Result<(), ProposalError> {
+        if self.wait_applied(index).await {
+            return Ok(());
+        }
+        Err(ProposalError::Forward {
+            leader,
+            cause: format!(
+                "this server has not caught up to index {index}; retry, or read with --stale"
+            ),
+        })
+    }
+
+    /// Waits (bounded: 5 s) until this replica has applied `index`; false if it did not.
+    pub(crate) async fn wait_applied(&self, index: u64) -> bool {
         let mut status = self.raft.watch_status();
-        let _ = tokio::time::timeout(Duration::from_secs(5), async move {
+        tokio::time::timeout(Duration::from_secs(5), async move {
             status.wait_for(|s| s.applied_index >= index).await.is_ok()
         })
-        .await;
+        .await
+        .unwrap_or(false)
     }
 
     /// Makes the next read linearizable: on the leader a ReadIndex round; on a follower the
@@ -199,10 +223,7 @@ impl Coordinator {
             return Ok(());
         }
         match self.raft.read_index().await {
-            Ok(index) => {
-                self.wait_applied(index).await;
-                Ok(())
-            }
+            Ok(index) => self.caught_up(index, self.raft.id()).await,
             Err(ProposeError::NotLeader {
                 leader: Some(leader),
             }) if leader != self.raft.id() => {
@@ -217,11 +238,19 @@ impl Coordinator {
                     .map_err(|s| fail(s.message().to_string()))?
                     .into_inner()
                     .index;
-                self.wait_applied(index).await;
-                Ok(())
+                self.caught_up(index, leader).await
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Why a queued run waits, as the last scheduling pass on this server (the leader) saw it.
+    pub fn waiting_reason(&self, run: &muster_core::Run) -> Option<String> {
+        let waiting = self.waiting.lock().expect("waiting lock");
+        waiting
+            .as_ref()
+            .and_then(|w| w.reason(run))
+            .map(str::to_string)
     }
 
     /// The leader's address, when known.

@@ -58,6 +58,8 @@ pub struct ContainerSpec {
 pub enum StopReason {
     /// A user canceled the run.
     Canceled,
+    /// A higher-priority run needs the resources; the run restarts later as a new attempt.
+    Preempted,
     /// The server no longer wants this attempt (fenced) or the agent is shutting down.
     Stale,
 }
@@ -84,12 +86,20 @@ pub struct Outcome {
 
 /// The outcome of a stop order, shared by the executors.
 pub(crate) fn stopped(reason: StopReason, code: Option<i32>) -> Outcome {
+    let (end, message) = match reason {
+        StopReason::Canceled => (AttemptEnd::Canceled, "canceled"),
+        StopReason::Preempted => (
+            AttemptEnd::Preempted,
+            "preempted by a higher-priority run; it restarts from scratch",
+        ),
+        StopReason::Stale => (
+            AttemptEnd::Canceled,
+            "stopped: the attempt is no longer current",
+        ),
+    };
     Outcome {
-        end: AttemptEnd::Canceled,
+        end,
         exit_code: code,
-        message: Some(match reason {
-            StopReason::Canceled => "canceled".into(),
-            StopReason::Stale => "stopped: the attempt is no longer current".into(),
-        }),
+        message: Some(message.into()),
     }
 }

@@ -1,15 +1,15 @@
 //! `State::apply`: the only code that mutates the replicated state.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::Millis;
-use crate::compute::ComputeKind;
+use crate::compute::{ComputeKind, QuotaUsage};
 use crate::names::validate_node_name;
 use crate::schedule::Placement;
 use crate::spec::RunSpec;
 use crate::state::{
     Applied, ApplyError, Attempt, AttemptEnd, AttemptReport, AttemptState, Command, ComputeTarget,
-    Node, NodeState, QueueKey, RankEnd, Run, RunState, State,
+    Derived, Node, NodeState, QueueKey, Queued, RankEnd, Run, RunState, State, attempt_usage,
 };
 
 /// Base delay before a preempted or node-lost run may be placed again; doubles per attempt.
@@ -143,6 +143,12 @@ impl State {
                 placements,
                 at,
             } => self.place(run_id, *attempt, placements, *at),
+            Command::PreemptAttempt {
+                run_id,
+                attempt,
+                for_run,
+                at: _,
+            } => self.preempt(run_id, *attempt, for_run),
             Command::ReportAttempt {
                 run_id,
                 attempt,
@@ -170,7 +176,7 @@ impl State {
                     run.finished_at = Some(*at);
                     run.message = Some(why);
                     run.not_before = None;
-                    self.queue.remove(&key);
+                    dequeue(&mut self.queue, &mut self.queued, &key);
                 } else {
                     run.cancel_requested = true;
                     run.message = Some(format!("{why}; stopping"));
@@ -249,11 +255,12 @@ impl State {
             exit_code: None,
             message: None,
             cancel_requested: false,
+            preempt_requested: None,
             not_before: None,
             attempts: Vec::new(),
             idempotency_key: idempotency_key.map(str::to_string),
         };
-        self.queue.insert(queue_key(&run));
+        enqueue(&mut self.queue, &mut self.queued, &run);
         self.runs.insert(run_id.to_string(), run);
         if let Some(key) = idempotency_key {
             self.idempotency.insert(key.to_string(), run_id.to_string());
@@ -275,7 +282,11 @@ impl State {
             .runs
             .get(run_id)
             .ok_or_else(|| ApplyError::UnknownRun(run_id.to_string()))?;
-        let bad = |m: String| Err(ApplyError::InvalidPlacement(format!("run {run_id}: {m}")));
+        let bad = |m: String| {
+            Err(ApplyError::InvalidPlacement(format!(
+                "placement of run {run_id}: {m}"
+            )))
+        };
         if run.state != RunState::Queued {
             return bad(format!("it is {}, not queued", run.state.as_str()));
         }
@@ -309,6 +320,14 @@ impl State {
                     node.name, run.spec.compute
                 ));
             }
+            if let Some((k, v)) = run
+                .spec
+                .node_selector
+                .iter()
+                .find(|(k, v)| node.labels.get(*k) != Some(*v))
+            {
+                return bad(format!("node {} lacks label {k}={v}", node.name));
+            }
             if p.resources != run.spec.resources.with_gpus(p.gpus.len() as u32)
                 || p.gpus.len() as u32 != run.spec.resources.gpus
             {
@@ -334,10 +353,19 @@ impl State {
                 }
             }
         }
+        let need = QuotaUsage::of_run(&run.spec.resources, run.spec.instance_count);
+        if let Some(target) = self.computes.get(&run.spec.compute)
+            && let Err(why) = target
+                .spec
+                .quota
+                .admits(&self.quota_usage(&run.spec.compute), &need)
+        {
+            return bad(why);
+        }
         // Validated: now mutate.
         let run = self.runs.get_mut(run_id).expect("checked above");
         let key = queue_key(run);
-        self.queue.remove(&key);
+        dequeue(&mut self.queue, &mut self.queued, &key);
         run.state = RunState::Scheduled;
         run.not_before = None;
         run.message = None;
@@ -352,13 +380,84 @@ impl State {
             message: None,
             rank_ends: Default::default(),
             outputs: None,
+            preempted_for: None,
         });
+        let run = &self.runs[run_id];
+        self.active
+            .0
+            .entry(run.spec.compute.clone())
+            .or_default()
+            .add(run);
         for p in placements {
             let node = self.nodes.get_mut(&p.node_id).expect("checked above");
             node.allocated.add(&p.resources);
             node.allocated_gpus.extend(p.gpus.iter().cloned());
             node.attempts.insert((run_id.to_string(), attempt));
         }
+        Ok(Applied::Done)
+    }
+
+    fn preempt(
+        &mut self,
+        run_id: &str,
+        attempt: u32,
+        for_run: &str,
+    ) -> Result<Applied, ApplyError> {
+        let bad = |m: String| {
+            Err(ApplyError::InvalidPlacement(format!(
+                "preemption of run {run_id}: {m}"
+            )))
+        };
+        let preemptor = self
+            .runs
+            .get(for_run)
+            .ok_or_else(|| ApplyError::UnknownRun(for_run.to_string()))?;
+        let run = self
+            .runs
+            .get(run_id)
+            .ok_or_else(|| ApplyError::UnknownRun(run_id.to_string()))?;
+        let current = run.current_attempt();
+        if !run.state.is_active()
+            || current
+                .is_none_or(|a| a.number != attempt || matches!(a.state, AttemptState::Ended(_)))
+        {
+            return bad(format!("attempt {attempt} is not its active attempt"));
+        }
+        if run.cancel_requested {
+            return bad("it is being canceled already".to_string());
+        }
+        if let Some(other) = &run.preempt_requested {
+            return bad(format!("it is being preempted for run {other} already"));
+        }
+        if preemptor.state != RunState::Queued {
+            return bad(format!(
+                "run {for_run} is {}, not queued",
+                preemptor.state.as_str()
+            ));
+        }
+        if preemptor.spec.priority <= run.spec.priority {
+            return bad(format!(
+                "run {for_run} has priority {}, not higher than {}",
+                preemptor.spec.priority, run.spec.priority
+            ));
+        }
+        if preemptor.spec.compute != run.spec.compute {
+            return bad(format!(
+                "run {for_run} targets compute {}, not {}",
+                preemptor.spec.compute, run.spec.compute
+            ));
+        }
+        // Validated: now mutate.
+        let run = self.runs.get_mut(run_id).expect("checked above");
+        if let Some(summary) = self.active.0.get_mut(&run.spec.compute) {
+            summary.preempting += 1;
+        }
+        run.preempt_requested = Some(for_run.to_string());
+        run.message = Some(format!(
+            "preempted for higher-priority run {for_run}; stopping"
+        ));
+        let current = run.attempts.last_mut().expect("checked above");
+        current.preempted_for = Some(for_run.to_string());
         Ok(Applied::Done)
     }
 
@@ -388,6 +487,11 @@ impl State {
             return Ok(stale);
         };
         let rank = rank as u32;
+        // An attempt being preempted ends as Preempted however it stops (a process that
+        // exits 0 on SIGTERM has not finished its work); a user's cancel still wins.
+        let preempted = (!run.cancel_requested)
+            .then(|| run.preempt_requested.clone())
+            .flatten();
         match report {
             AttemptReport::Preparing => {
                 if current.state == AttemptState::Scheduled {
@@ -414,6 +518,13 @@ impl State {
                 message,
                 outputs,
             } => {
+                let (end, message) = match &preempted {
+                    Some(for_run) => (
+                        &AttemptEnd::Preempted,
+                        Some(format!("preempted for higher-priority run {for_run}")),
+                    ),
+                    None => (end, message.clone()),
+                };
                 if current.rank_ends.contains_key(&rank) {
                     return Ok(stale);
                 }
@@ -473,6 +584,16 @@ impl State {
         if current.number != attempt || matches!(current.state, AttemptState::Ended(_)) {
             return;
         }
+        if let Some(summary) = self.active.0.get_mut(&run.spec.compute)
+            && summary.remove(
+                run.spec.priority,
+                run.preempt_requested.is_some(),
+                &attempt_usage(current),
+            )
+        {
+            self.active.0.remove(&run.spec.compute);
+        }
+        run.preempt_requested = None;
         current.state = AttemptState::Ended(end);
         current.finished_at = Some(at);
         current.exit_code = exit_code;
@@ -529,11 +650,41 @@ impl State {
                         "attempt {attempt} ended: {why}; restarting from scratch as attempt {}",
                         attempt + 1
                     ));
-                    self.queue.insert(queue_key(run));
+                    enqueue(&mut self.queue, &mut self.queued, run);
                 }
             }
         }
     }
+}
+
+/// Puts a queued run in the queue, with its summary for the scheduler beside it.
+fn enqueue(
+    queue: &mut BTreeSet<QueueKey>,
+    queued: &mut Derived<BTreeMap<String, BTreeMap<QueueKey, Queued>>>,
+    run: &Run,
+) {
+    let key = queue_key(run);
+    queued
+        .0
+        .entry(key.compute.clone())
+        .or_default()
+        .insert(key.clone(), Queued::of(run));
+    queue.insert(key);
+}
+
+/// Takes a run out of the queue.
+fn dequeue(
+    queue: &mut BTreeSet<QueueKey>,
+    queued: &mut Derived<BTreeMap<String, BTreeMap<QueueKey, Queued>>>,
+    key: &QueueKey,
+) {
+    if let Some(q) = queued.0.get_mut(&key.compute) {
+        q.remove(key);
+        if q.is_empty() {
+            queued.0.remove(&key.compute);
+        }
+    }
+    queue.remove(key);
 }
 
 /// The queue position of a run.

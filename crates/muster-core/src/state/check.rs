@@ -79,6 +79,59 @@ impl State {
             if run.attempt_number() > run.spec.max_attempts {
                 return Err(format!("run {id} has more attempts than max_attempts"));
             }
+            // Preemption: requested only of an active attempt, which records it, for a run
+            // of strictly higher priority on the same compute target.
+            if let Some(for_run) = &run.preempt_requested {
+                let current = run.current_attempt();
+                if !run.state.is_active()
+                    || current.is_none_or(|a| a.preempted_for.as_ref() != Some(for_run))
+                {
+                    return Err(format!(
+                        "run {id} is {:?} with preemption requested for {for_run}, but its current attempt does not record it",
+                        run.state
+                    ));
+                }
+                let Some(preemptor) = self.runs.get(for_run) else {
+                    return Err(format!("run {id} is preempted for unknown run {for_run}"));
+                };
+                if preemptor.spec.priority <= run.spec.priority
+                    || preemptor.spec.compute != run.spec.compute
+                {
+                    return Err(format!(
+                        "run {id} (priority {}) is preempted for {for_run} (priority {}, compute {})",
+                        run.spec.priority, preemptor.spec.priority, preemptor.spec.compute
+                    ));
+                }
+            } else if run.state.is_active()
+                && run
+                    .current_attempt()
+                    .is_some_and(|a| a.preempted_for.is_some())
+            {
+                return Err(format!(
+                    "run {id}: its active attempt records a preemption the run does not"
+                ));
+            }
+        }
+        if self.summarize_queue() != *self.queued() {
+            return Err("the scheduler's summary of the queue differs from the queue".into());
+        }
+        // Quotas: the cached summary matches a recount, and no quota is exceeded.
+        let active = self.summarize_active();
+        if active != self.active.0 {
+            return Err(format!(
+                "cached summary of active runs {:?} != recount {active:?}",
+                self.active.0
+            ));
+        }
+        for (compute, summary) in &active {
+            if let Some(target) = self.computes.get(compute)
+                && let Err(why) = target
+                    .spec
+                    .quota
+                    .admits(&crate::compute::QuotaUsage::default(), &summary.usage)
+            {
+                return Err(format!("compute {compute} exceeds its quota: {why}"));
+            }
         }
         for key in &self.queue {
             if self
@@ -124,9 +177,9 @@ impl State {
                 ));
             }
             let gpus: BTreeSet<String> = gpu_owner
-                .keys()
-                .filter(|(n, _)| *n == id.as_str())
-                .map(|(_, g)| g.to_string())
+                .range((id.as_str(), "")..)
+                .take_while(|((n, _), _)| *n == id.as_str())
+                .map(|((_, g), _)| g.to_string())
                 .collect();
             if node.allocated_gpus != gpus {
                 return Err(format!(

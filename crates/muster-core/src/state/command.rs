@@ -104,6 +104,20 @@ pub enum Command {
         /// When.
         at: Millis,
     },
+    /// Stop the active attempt `attempt` of `run_id` to make room for the higher-priority
+    /// queued run `for_run` (a scheduler decision). The attempt keeps its resources until
+    /// its agents report its end, which is then recorded as Preempted and the run requeued.
+    #[serde(rename = "preempt_attempt.v1")]
+    PreemptAttempt {
+        /// The run to preempt (the victim).
+        run_id: String,
+        /// Its active attempt.
+        attempt: u32,
+        /// The queued run it makes room for: same compute, strictly higher priority.
+        for_run: String,
+        /// When.
+        at: Millis,
+    },
     /// A user's cancel.
     #[serde(rename = "cancel_run.v1")]
     CancelRun {
@@ -217,7 +231,8 @@ pub enum ApplyError {
         "node name {0:?} is already used by another node: give this agent another --name, or remove the other node"
     )]
     NodeNameTaken(String),
-    /// A placement that does not fit the state (stale scheduler decision).
-    #[error("placement rejected: {0}")]
+    /// A scheduler decision (a placement or a preemption) that does not fit the state,
+    /// e.g. a stale one.
+    #[error("scheduler decision rejected: {0}")]
     InvalidPlacement(String),
 }

@@ -4,6 +4,22 @@
 //! [`State::apply`] on every server in log order. `apply` is deterministic: it reads no
 //! clock (times travel inside commands), uses no randomness and iterates only ordered
 //! maps. A rejected command changes nothing.
+//!
+//! ## Preemption, as the server carries it out
+//!
+//! The scheduler decides that a running attempt must make room for a higher-priority run
+//! ([`crate::Decision::Preempt`]); the leader proposes it as [`Command::PreemptAttempt`].
+//! Applying it sets [`Run::preempt_requested`] (and [`Attempt::preempted_for`]). The
+//! attempt keeps its nodes, GPUs and quota until its agents report its end:
+//!
+//! - an agent session must stop every attempt placed on its node whose run has
+//!   `preempt_requested.is_some()`, exactly as it does for `cancel_requested` (SIGTERM, the
+//!   grace period, SIGKILL), with reason `preempted`;
+//! - whatever end the agent then reports (even exit 0 after SIGTERM), `apply` records it as
+//!   [`AttemptEnd::Preempted`], releases the resources and requeues the run as a new
+//!   attempt (with backoff, within `max_attempts`); `preempt_requested` goes back to `None`.
+//!
+//! A cancel that arrives meanwhile wins: the run ends Canceled.
 
 mod apply;
 mod check;
@@ -16,7 +32,7 @@ use serde::{Deserialize, Serialize};
 pub use command::{Applied, ApplyError, AttemptReport, Command};
 
 use crate::Millis;
-use crate::compute::{ComputeSpec, Tier};
+use crate::compute::{ComputeSpec, QuotaUsage, Tier};
 use crate::resources::{Capacity, Resources};
 use crate::schedule::Placement;
 use crate::spec::RunSpec;
@@ -245,6 +261,10 @@ pub struct Attempt {
     pub rank_ends: BTreeMap<u32, RankEnd>,
     /// SHA-256 of the outputs archive (rank 0's), when uploaded.
     pub outputs: Option<String>,
+    /// The higher-priority run this attempt was preempted for, once a `PreemptAttempt`
+    /// was applied to it (kept after the attempt ends, as history).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preempted_for: Option<String>,
 }
 
 /// One submission of a job.
@@ -270,6 +290,11 @@ pub struct Run {
     pub message: Option<String>,
     /// A user asked to cancel it; its agents are stopping it.
     pub cancel_requested: bool,
+    /// Its current attempt is being preempted for this higher-priority run: its agents must
+    /// stop it (as for `cancel_requested`); its end, however reported, is recorded as
+    /// [`AttemptEnd::Preempted`] and the run is requeued. `None` again once it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preempt_requested: Option<String>,
     /// Earliest time a requeued run may be placed again (backoff).
     pub not_before: Option<Millis>,
     /// The attempts, oldest first.
@@ -319,12 +344,151 @@ pub struct State {
     pub idempotency: BTreeMap<String, String>,
     /// The next submission's sequence number.
     pub next_seq: u64,
+    /// A summary of the active runs of each compute target: what they hold against its
+    /// quota, their priorities, how many are being preempted. Derived from `runs`: kept up
+    /// to date by `apply`, rebuilt by [`State::from_snapshot`], never serialized, and
+    /// ignored by `==` (`sanity_check` compares it with a recount).
+    #[serde(skip)]
+    active: Derived<BTreeMap<String, ActiveSummary>>,
+    /// The queue again, per compute target, with what the scheduler needs of each run
+    /// beside its key, so that a pass reads it in order without looking every run up.
+    /// Derived like `active`.
+    #[serde(skip)]
+    queued: Derived<BTreeMap<String, BTreeMap<QueueKey, Queued>>>,
 }
+
+/// What the active runs of one compute target hold and are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ActiveSummary {
+    /// What they hold against the quota.
+    pub usage: QuotaUsage,
+    /// How many have each priority.
+    pub priorities: BTreeMap<i32, u32>,
+    /// How many are being preempted.
+    pub preempting: u32,
+}
+
+impl ActiveSummary {
+    /// Counts in the active run `run` (its current attempt).
+    pub(crate) fn add(&mut self, run: &Run) {
+        if let Some(a) = run.current_attempt() {
+            self.usage.add(&attempt_usage(a));
+        }
+        *self.priorities.entry(run.spec.priority).or_default() += 1;
+        if run.preempt_requested.is_some() {
+            self.preempting += 1;
+        }
+    }
+
+    /// Counts out a run of `priority` whose attempt held `usage`; true when none is left.
+    pub(crate) fn remove(&mut self, priority: i32, preempting: bool, usage: &QuotaUsage) -> bool {
+        self.usage.sub(usage);
+        if let Some(n) = self.priorities.get_mut(&priority) {
+            *n -= 1;
+            if *n == 0 {
+                self.priorities.remove(&priority);
+            }
+        }
+        if preempting {
+            self.preempting -= 1;
+        }
+        self.priorities.is_empty()
+    }
+}
+
+/// What the scheduler needs of a queued run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Queued {
+    /// One instance's request.
+    pub resources: Resources,
+    /// Instances (nodes).
+    pub instance_count: u32,
+    /// Its priority.
+    pub priority: i32,
+    /// Backoff.
+    pub not_before: Option<Millis>,
+    /// The attempt a placement starts.
+    pub next_attempt: u32,
+    /// It has a node selector (read from the run).
+    pub selective: bool,
+}
+
+impl Queued {
+    pub(crate) fn of(run: &Run) -> Queued {
+        Queued {
+            resources: run.spec.resources,
+            instance_count: run.spec.instance_count,
+            priority: run.spec.priority,
+            not_before: run.not_before,
+            next_attempt: run.attempt_number() + 1,
+            selective: !run.spec.node_selector.is_empty(),
+        }
+    }
+}
+
+/// A cache derived from the rest of the state: equal to any other, so it never makes two
+/// states with the same contents differ.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Derived<T>(pub(crate) T);
+
+impl<T> PartialEq for Derived<T> {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl<T> Eq for Derived<T> {}
 
 impl State {
     /// Decodes a snapshot produced by [`State::to_snapshot`].
     pub fn from_snapshot(bytes: &[u8]) -> Result<State, String> {
-        serde_json::from_slice(bytes).map_err(|e| format!("state snapshot is corrupt: {e}"))
+        let mut state: State =
+            serde_json::from_slice(bytes).map_err(|e| format!("state snapshot is corrupt: {e}"))?;
+        state.active.0 = state.summarize_active();
+        state.queued.0 = state.summarize_queue();
+        Ok(state)
+    }
+
+    /// The queue of each compute target in placement order, with each run's summary.
+    pub(crate) fn queued(&self) -> &BTreeMap<String, BTreeMap<QueueKey, Queued>> {
+        &self.queued.0
+    }
+
+    /// Rebuilds the summaries of the queued runs (what `queued` must equal).
+    pub(crate) fn summarize_queue(&self) -> BTreeMap<String, BTreeMap<QueueKey, Queued>> {
+        let mut queued: BTreeMap<String, BTreeMap<QueueKey, Queued>> = BTreeMap::new();
+        for k in &self.queue {
+            if let Some(r) = self.runs.get(&k.run_id) {
+                queued
+                    .entry(k.compute.clone())
+                    .or_default()
+                    .insert(k.clone(), Queued::of(r));
+            }
+        }
+        queued
+    }
+
+    /// What the active runs of `compute` hold against its quota.
+    pub fn quota_usage(&self, compute: &str) -> QuotaUsage {
+        self.active
+            .0
+            .get(compute)
+            .map(|a| a.usage)
+            .unwrap_or_default()
+    }
+
+    /// The summary of the active runs of `compute`, if it has some.
+    pub(crate) fn active_summary(&self, compute: &str) -> Option<&ActiveSummary> {
+        self.active.0.get(compute)
+    }
+
+    /// Recounts the summaries of the active runs (what `active` must equal).
+    pub(crate) fn summarize_active(&self) -> BTreeMap<String, ActiveSummary> {
+        let mut active: BTreeMap<String, ActiveSummary> = BTreeMap::new();
+        for run in self.runs.values().filter(|r| r.state.is_active()) {
+            active.entry(run.spec.compute.clone()).or_default().add(run);
+        }
+        active
     }
 
     /// Encodes the whole state for a Raft snapshot.
@@ -344,6 +508,19 @@ impl State {
             .filter_map(|k| self.runs.get(&k.run_id))
             .filter(move |r| r.spec.compute == compute)
     }
+}
+
+/// What one attempt holds against its compute target's quota.
+pub(crate) fn attempt_usage(a: &Attempt) -> QuotaUsage {
+    let mut u = QuotaUsage {
+        runs: 1,
+        ..QuotaUsage::default()
+    };
+    for p in &a.placements {
+        u.gpus += p.gpus.len() as u64;
+        u.cpu_millis = u.cpu_millis.saturating_add(p.resources.cpu_millis);
+    }
+    u
 }
 
 #[cfg(test)]

@@ -67,7 +67,7 @@ fn apply_all(state: &mut State, cmds: &[Command]) {
 }
 
 fn place_all(state: &mut State, now: u64) -> usize {
-    let decisions = schedule(state, now);
+    let decisions = schedule(state, now).decisions;
     let n = decisions.len();
     for d in decisions {
         state.apply(&d.into_command(now)).unwrap();
@@ -424,7 +424,12 @@ fn run_ops(ops: &[Op]) -> (State, Vec<Command>) {
                 }
                 cmds.push(c);
             }
-            Op::Schedule => cmds.extend(schedule(&s, now).into_iter().map(|d| d.into_command(now))),
+            Op::Schedule => cmds.extend(
+                schedule(&s, now)
+                    .decisions
+                    .into_iter()
+                    .map(|d| d.into_command(now)),
+            ),
             Op::Report { pick, outcome } => {
                 let active: Vec<_> = s.runs.values().filter(|r| r.state.is_active()).collect();
                 if let Some(run) = active.get(*pick as usize % active.len().max(1)) {
@@ -500,10 +505,10 @@ proptest! {
         }
         prop_assert_eq!(&replay, &state);
         prop_assert_eq!(State::from_snapshot(&state.to_snapshot()).unwrap(), state.clone());
-        // The scheduler never proposes an invalid placement.
+        // The scheduler never proposes an invalid decision.
         let mut s = state.clone();
-        for d in schedule(&state, u64::MAX / 2) {
-            let Decision::Place { .. } = &d;
+        for d in schedule(&state, u64::MAX / 2).decisions {
+            prop_assert!(matches!(d, Decision::Place { .. } | Decision::Preempt { .. }), "{:?}", d);
             prop_assert!(s.apply(&d.into_command(u64::MAX / 2)).is_ok());
             prop_assert!(s.sanity_check().is_ok());
         }

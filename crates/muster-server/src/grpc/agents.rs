@@ -249,9 +249,16 @@ impl Session {
                 let Some(run) = s.runs.get(run_id) else {
                     continue;
                 };
-                if run.cancel_requested {
+                let stopping = if run.cancel_requested {
+                    Some("canceled")
+                } else if run.preempt_requested.is_some() {
+                    Some("preempted")
+                } else {
+                    None
+                };
+                if let Some(reason) = stopping {
                     if !self.stopped.contains(&key) {
-                        stop.push((key, "canceled"));
+                        stop.push((key, reason));
                     }
                     continue;
                 }

@@ -29,7 +29,21 @@ fn not_found(id: &str) -> Status {
 impl Runs {
     fn get(&self, id: &str) -> Result<v1::Run, Status> {
         self.0
-            .read(|s| s.runs.get(id).map(|r| run_to_wire(s, r)))
+            .read(|s| {
+                s.runs.get(id).map(|r| {
+                    let mut wire = run_to_wire(s, r);
+                    // A queued run says why it waits ("needs 2 nodes with 4 free GPUs; 1 available").
+                    if r.state == RunState::Queued
+                        && let Some(reason) = self.0.waiting_reason(r)
+                    {
+                        wire.message = Some(match &wire.message {
+                            Some(m) => format!("{m}; waiting: {reason}"),
+                            None => format!("waiting: {reason}"),
+                        });
+                    }
+                    wire
+                })
+            })
             .ok_or_else(|| not_found(id))
     }
 }

@@ -1,13 +1,13 @@
 //! The scheduling loop: on every state change (at most once per `scheduler_min_interval`),
 //! and at least once a second (so a requeued run whose backoff has passed is placed without
-//! waiting for an unrelated event), ask muster-core's `schedule()` for decisions and propose
-//! each through Raft.
+//! waiting for an unrelated event), ask muster-core's `schedule()` for decisions (placements
+//! and preemptions) and propose each through Raft.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
-use muster_core::schedule;
+use muster_core::{Decision, schedule};
 use tokio::time::Instant;
 
 use crate::coordinator::{Coordinator, now_ms};
@@ -28,21 +28,35 @@ pub(crate) async fn run(coordinator: Arc<Coordinator>) {
         }
         let now = now_ms();
         let started = std::time::Instant::now();
-        let decisions = coordinator.read(|s| schedule(s, now));
+        let pass = coordinator.read(|s| schedule(s, now));
+        let placed = pass
+            .decisions
+            .iter()
+            .filter(|d| matches!(d, Decision::Place { .. }))
+            .count();
         coordinator
             .metrics
-            .observe_schedule(started.elapsed(), decisions.len());
+            .observe_schedule(started.elapsed(), placed);
+        tracing::debug!(
+            decisions = pass.decisions.len(),
+            placed,
+            waiting = pass.waiting.len(),
+            "scheduling pass"
+        );
+        // Why each queued run waits: kept in the leader's memory for `run show` (recomputed
+        // every pass, never in the log).
+        *coordinator.waiting.lock().expect("waiting lock") = Some(pass.waiting);
+        let decisions = pass.decisions;
         if decisions.is_empty() {
             continue;
         }
-        tracing::debug!(decisions = decisions.len(), "scheduling pass");
         let proposals = decisions
             .into_iter()
             .map(|d| coordinator.propose(d.into_command(now)));
         for result in join_all(proposals).await {
-            // A rejected placement means the state moved on; the next pass decides again.
+            // A rejected decision means the state moved on; the next pass decides again.
             if let Err(e) = result {
-                tracing::debug!(cause = %e, "placement not applied");
+                tracing::debug!(cause = %e, "decision not applied");
             }
         }
     }
