@@ -4,6 +4,11 @@
 //! ([`Decision::into_command`]), so every replica sees the same placements and preemptions.
 //! The function is pure: the same state and `now` give the same [`Schedule`].
 //!
+//! Departure from DESIGN.md (which says `-> Vec<Decision>`): the result also carries
+//! [`Waiting`], why each queued run that was not placed waits, because computing the reason
+//! costs nothing extra inside the pass and users of Slurm and Kueue expect to see it. The
+//! decisions themselves are exactly the `Vec<Decision>` the design describes.
+//!
 //! # One pass
 //!
 //! Each compute target is scheduled on its own (targets share no node and no quota), its
