@@ -428,14 +428,18 @@ async fn randomized_faults_keep_the_invariants() {
     let mut cluster = TestCluster::start(3).await.unwrap();
     create_pool(&cluster).await;
     let data = tempfile::tempdir().unwrap();
-    let mut agent_config = muster_agent::AgentConfig::new(cluster.url(1), data.path(), "ha-pool");
+    let mut agent_config = muster_testkit::agents::agent_config(
+        &cluster.url(1),
+        data.path(),
+        "ha-pool",
+        "fault-node",
+        Arc::new(muster_agent::NoGpus),
+    );
     agent_config.servers = cluster
         .ids()
         .into_iter()
         .map(|id| cluster.url(id))
         .collect();
-    agent_config.name = "fault-node".into();
-    agent_config.gpu_probe = Arc::new(muster_agent::NoGpus);
     let _agent = muster_testkit::agents::AgentHandle::start(&cluster.urls(), agent_config)
         .await
         .unwrap();

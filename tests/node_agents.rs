@@ -4,8 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use muster_agent::AgentConfig;
-use muster_testkit::agents::{AgentHandle, AgentProcess};
+use muster_testkit::agents::{AgentHandle, AgentProcess, agent_config};
 use muster_testkit::images::{busybox_image, docker_or_skip};
 use muster_testkit::{DevCluster, FakeGpuProbe, muster};
 use muster_tests::{all_runs, wait_done, wait_for_state, write};
@@ -328,10 +327,13 @@ async fn a_four_gpu_node_runs_two_two_gpu_runs_on_disjoint_gpus() {
     let url = dev.url();
     create_pool(&url, "gpu-pool").await;
     let data = tempfile::tempdir().unwrap();
-    let mut config = AgentConfig::new(url.clone(), data.path(), "gpu-pool");
-    config.name = "gpu-box".into();
-    config.gpu_probe = Arc::new(FakeGpuProbe::with("box", 4));
-    config.gpu_device_requests = false;
+    let config = agent_config(
+        &url,
+        data.path(),
+        "gpu-pool",
+        "gpu-box",
+        Arc::new(FakeGpuProbe::with("box", 4)),
+    );
     let _agent = AgentHandle::start(&url, config).await.unwrap();
     let shown = muster(
         &url,
@@ -384,9 +386,13 @@ async fn drain_and_evict_move_runs_as_admins_expect() {
     let url = dev.url();
     create_pool(&url, "admin-pool").await;
     let data = tempfile::tempdir().unwrap();
-    let mut config = AgentConfig::new(url.clone(), data.path(), "admin-pool");
-    config.name = "lab-7".into();
-    config.gpu_probe = Arc::new(muster_agent::NoGpus);
+    let config = agent_config(
+        &url,
+        data.path(),
+        "admin-pool",
+        "lab-7",
+        Arc::new(muster_agent::NoGpus),
+    );
     let _agent = AgentHandle::start(&url, config).await.unwrap();
     let p = tempfile::tempdir().unwrap();
     let first = muster(
@@ -457,10 +463,13 @@ async fn a_gpu_that_fails_is_withdrawn_and_schedulable_again_when_it_recovers() 
     let data = tempfile::tempdir().unwrap();
     let probe = FakeGpuProbe::with("flaky", 2);
     let healthy = probe.gpus();
-    let mut config = AgentConfig::new(url.clone(), data.path(), "flaky-pool");
-    config.name = "flaky-box".into();
-    config.gpu_probe = Arc::new(probe.clone());
-    config.gpu_device_requests = false;
+    let mut config = agent_config(
+        &url,
+        data.path(),
+        "flaky-pool",
+        "flaky-box",
+        Arc::new(probe.clone()),
+    );
     config.gpu_refresh = Duration::from_millis(200);
     let _agent = AgentHandle::start(&url, config).await.unwrap();
     let p = tempfile::tempdir().unwrap();
@@ -528,10 +537,14 @@ async fn a_high_priority_run_preempts_and_the_low_one_restarts_as_attempt_2() {
     let url = dev.url();
     create_pool(&url, "prio-pool").await;
     let data = tempfile::tempdir().unwrap();
-    let mut config = AgentConfig::new(url.clone(), data.path(), "prio-pool");
-    config.name = "one-cpu".into();
+    let mut config = agent_config(
+        &url,
+        data.path(),
+        "prio-pool",
+        "one-cpu",
+        Arc::new(muster_agent::NoGpus),
+    );
     config.cpu_millis = Some(1000);
-    config.gpu_probe = Arc::new(muster_agent::NoGpus);
     let _agent = AgentHandle::start(&url, config).await.unwrap();
     let p = tempfile::tempdir().unwrap();
     let low = muster(

@@ -11,6 +11,22 @@ use tokio::task::JoinHandle;
 
 use crate::muster_bin;
 
+/// An agent's settings for a test: joins `compute` at `server` as `name`, with the GPUs of
+/// `probe` and no NVIDIA device requests (test GPUs are fake).
+pub fn agent_config(
+    server: &str,
+    data_dir: &Path,
+    compute: &str,
+    name: &str,
+    probe: std::sync::Arc<dyn muster_agent::GpuProbe>,
+) -> AgentConfig {
+    let mut config = AgentConfig::new(server, data_dir, compute);
+    config.name = name.into();
+    config.gpu_probe = probe;
+    config.gpu_device_requests = false;
+    config
+}
+
 /// An agent running in this process.
 #[derive(Debug)]
 pub struct AgentHandle {
