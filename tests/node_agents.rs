@@ -30,13 +30,23 @@ async fn create_pool(url: &str, name: &str) {
     assert_eq!(out.code, 0, "{out:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_container_run_streams_logs_keeps_outputs_and_is_isolated() {
-    let Some(docker) = docker_or_skip().await else {
-        return;
-    };
+/// The Docker engine, the test image, and `muster dev` with compute target `pool` (none
+/// when there is no engine and `MUSTER_REQUIRE_DOCKER` is unset).
+async fn docker_cluster(pool: Option<&str>) -> Option<(bollard::Docker, String, DevCluster)> {
+    let docker = docker_or_skip().await?;
     let image = busybox_image(&docker).await.unwrap();
     let dev = cluster().await;
+    if let Some(pool) = pool {
+        create_pool(&dev.url(), pool).await;
+    }
+    Some((docker, image, dev))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_run_streams_logs_keeps_outputs_and_is_isolated() {
+    let Some((_docker, image, dev)) = docker_cluster(None).await else {
+        return;
+    };
     let project = tempfile::tempdir().unwrap();
     write(
         project.path(),
@@ -79,11 +89,9 @@ async fn a_container_run_streams_logs_keeps_outputs_and_is_isolated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oom_timeout_cancel_and_missing_images_end_runs_clearly() {
-    let Some(docker) = docker_or_skip().await else {
+    let Some((docker, image, dev)) = docker_cluster(None).await else {
         return;
     };
-    let image = busybox_image(&docker).await.unwrap();
-    let dev = cluster().await;
     let p = tempfile::tempdir().unwrap();
     let url = dev.url();
 
@@ -198,13 +206,10 @@ async fn oom_timeout_cancel_and_missing_images_end_runs_clearly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_agent_re_adopts_its_container_and_the_run_completes_as_attempt_1() {
-    let Some(docker) = docker_or_skip().await else {
+    let Some((_docker, image, dev)) = docker_cluster(Some("box-pool")).await else {
         return;
     };
-    let image = busybox_image(&docker).await.unwrap();
-    let dev = cluster().await;
     let url = dev.url();
-    create_pool(&url, "box-pool").await;
     let data = tempfile::tempdir().unwrap();
     let mut agent = AgentProcess::start(&url, "box-pool", "box-1", &data.path().join("a1"))
         .await
@@ -249,13 +254,10 @@ async fn a_killed_agent_re_adopts_its_container_and_the_run_completes_as_attempt
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_agents_run_restarts_as_attempt_2_on_another_node() {
-    let Some(docker) = docker_or_skip().await else {
+    let Some((docker, image, dev)) = docker_cluster(Some("two-pool")).await else {
         return;
     };
-    let image = busybox_image(&docker).await.unwrap();
-    let dev = cluster().await;
     let url = dev.url();
-    create_pool(&url, "two-pool").await;
     let data = tempfile::tempdir().unwrap();
     let mut first = AgentProcess::start(&url, "two-pool", "node-a", &data.path().join("a"))
         .await
