@@ -382,9 +382,22 @@ async fn servers_are_added_and_removed_under_load() {
         })
     };
     cluster.join(4).await.unwrap();
-    let status = cluster.status(4).await.unwrap();
+    // The leader has applied the promotion; server 4 learns it with the next entries.
+    let mut status = None;
+    for _ in 0..50 {
+        status = cluster.status(4).await;
+        if status
+            .as_ref()
+            .is_some_and(|s| s.members.iter().any(|m| m.id == 4 && m.voter))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
-        status.members.iter().any(|m| m.id == 4 && m.voter),
+        status
+            .as_ref()
+            .is_some_and(|s| s.members.iter().any(|m| m.id == 4 && m.voter)),
         "server 4 votes: {status:?}"
     );
     let leader = cluster.leader().await.unwrap();
