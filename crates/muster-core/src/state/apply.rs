@@ -5,12 +5,35 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::Millis;
 use crate::compute::{ComputeKind, QuotaUsage};
 use crate::names::validate_node_name;
+use crate::snapshot::is_sha256_hex;
 use crate::schedule::Placement;
 use crate::spec::RunSpec;
 use crate::state::{
     Applied, ApplyError, Attempt, AttemptEnd, AttemptReport, AttemptState, Command, ComputeTarget,
-    Derived, Node, NodeState, QueueKey, Queued, RankEnd, Run, RunState, State, attempt_usage,
+    Derived, Node, NodeState, QueueKey, Queued, RankEnd, Run, RunState, SealedLog, State,
+    attempt_usage,
 };
+
+/// The longest server address accepted.
+pub const MAX_SERVER_ADDRESS_LEN: usize = 256;
+
+/// Checks a coordinator's id and address (`set_server_address.v1`, `add-server`).
+pub fn validate_server_address(id: u64, address: &str) -> Result<(), ApplyError> {
+    if id == 0 {
+        return Err(ApplyError::InvalidSpec(
+            "server id: server ids start at 1".to_string(),
+        ));
+    }
+    if address.is_empty()
+        || address.len() > MAX_SERVER_ADDRESS_LEN
+        || address.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(ApplyError::InvalidSpec(format!(
+            "server address {address:?}: give host:port (1 to {MAX_SERVER_ADDRESS_LEN} characters, no spaces)"
+        )));
+    }
+    Ok(())
+}
 
 /// Base delay before a preempted or node-lost run may be placed again; doubles per attempt.
 pub const REQUEUE_BACKOFF_MS: u64 = 1_000;
@@ -156,6 +179,21 @@ impl State {
                 report,
                 at,
             } => self.report(run_id, *attempt, node_id, report, *at),
+            Command::SealLog {
+                run_id,
+                attempt,
+                rank,
+                log,
+            } => self.seal_log(run_id, *attempt, *rank, log),
+            Command::SetServerAddress { id, address } => {
+                validate_server_address(*id, address)?;
+                self.servers.insert(*id, address.clone());
+                Ok(Applied::Done)
+            }
+            Command::RemoveServerAddress { id } => {
+                self.servers.remove(id);
+                Ok(Applied::Done)
+            }
             Command::CancelRun { run_id, reason, at } => {
                 let run = self
                     .runs
@@ -184,6 +222,41 @@ impl State {
                 Ok(Applied::Done)
             }
         }
+    }
+
+    fn seal_log(
+        &mut self,
+        run_id: &str,
+        attempt: u32,
+        rank: u32,
+        log: &SealedLog,
+    ) -> Result<Applied, ApplyError> {
+        if !is_sha256_hex(&log.sha256) {
+            return Err(ApplyError::InvalidSpec(format!(
+                "log of run {run_id}: sha256 {:?} is not 64 lowercase hex digits",
+                log.sha256
+            )));
+        }
+        let run = self
+            .runs
+            .get_mut(run_id)
+            .ok_or_else(|| ApplyError::UnknownRun(run_id.to_string()))?;
+        let Some(a) = attempt
+            .checked_sub(1)
+            .and_then(|i| run.attempts.get_mut(i as usize))
+        else {
+            return Err(ApplyError::InvalidSpec(format!(
+                "log of run {run_id}: it has no attempt {attempt}"
+            )));
+        };
+        if rank as usize >= a.placements.len() {
+            return Err(ApplyError::InvalidSpec(format!(
+                "log of run {run_id}: attempt {attempt} has {} rank(s), not rank {rank}",
+                a.placements.len()
+            )));
+        }
+        a.logs.entry(rank).or_insert_with(|| log.clone());
+        Ok(Applied::Done)
     }
 
     fn delete_compute(&mut self, name: &str) -> Result<Applied, ApplyError> {
@@ -381,6 +454,7 @@ impl State {
             rank_ends: Default::default(),
             outputs: None,
             preempted_for: None,
+            logs: BTreeMap::new(),
         });
         let run = &self.runs[run_id];
         self.active

@@ -48,6 +48,13 @@ impl State {
                         run.state, a.state
                     ));
                 }
+                if let Some((rank, _)) = a.logs.range(a.placements.len() as u32..).next() {
+                    return Err(format!(
+                        "run {id}: attempt {} has a sealed log of rank {rank} but {} rank(s)",
+                        a.number,
+                        a.placements.len()
+                    ));
+                }
                 if !active {
                     continue;
                 }
@@ -195,6 +202,9 @@ impl State {
                     node.state
                 ));
             }
+        }
+        if self.servers.contains_key(&0) {
+            return Err("a server address is recorded for server id 0".to_string());
         }
         if let Some((node, _)) = allocated.into_iter().next() {
             return Err(format!(

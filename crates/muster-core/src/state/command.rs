@@ -10,7 +10,7 @@ use crate::compute::{ComputeSpec, Tier};
 use crate::resources::Capacity;
 use crate::schedule::Placement;
 use crate::spec::RunSpec;
-use crate::state::{AttemptEnd, NodeState};
+use crate::state::{AttemptEnd, NodeState, SealedLog};
 
 /// A change to the replicated state. Each variant carries an explicit, versioned tag so a
 /// newer server can replay an older log; a changed variant gets a new tag (`.v2`) and the
@@ -117,6 +117,36 @@ pub enum Command {
         for_run: String,
         /// When.
         at: Millis,
+    },
+    /// Record that the log of one rank of an attempt is sealed in the blob store (and on a
+    /// majority of servers). The leader proposes it before it proposes that rank's end, so
+    /// an ended rank's log is readable from any server. Idempotent: the first record of a
+    /// rank stays.
+    #[serde(rename = "seal_log.v1")]
+    SealLog {
+        /// The run.
+        run_id: String,
+        /// The attempt (any of the run's attempts, current or not).
+        attempt: u32,
+        /// The rank (0-based, below the attempt's instance count).
+        rank: u32,
+        /// Where the log is and how long it is.
+        log: SealedLog,
+    },
+    /// Record (or change) the address at which the other servers reach coordinator `id`.
+    #[serde(rename = "set_server_address.v1")]
+    SetServerAddress {
+        /// The server's Raft id (> 0).
+        id: u64,
+        /// `host:port` (or a URL).
+        address: String,
+    },
+    /// Forget the address of coordinator `id` (it left the cluster). Forgetting an unknown
+    /// server changes nothing.
+    #[serde(rename = "remove_server_address.v1")]
+    RemoveServerAddress {
+        /// The server's Raft id.
+        id: u64,
     },
     /// A user's cancel.
     #[serde(rename = "cancel_run.v1")]

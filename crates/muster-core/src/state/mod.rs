@@ -29,6 +29,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+pub use apply::{MAX_SERVER_ADDRESS_LEN, validate_server_address};
 pub use command::{Applied, ApplyError, AttemptReport, Command};
 
 use crate::Millis;
@@ -265,6 +266,21 @@ pub struct Attempt {
     /// was applied to it (kept after the attempt ends, as history).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preempted_for: Option<String>,
+    /// The sealed log of each rank that ended, by rank: its combined stdout/stderr, in the
+    /// blob store (on a majority of servers), so any server can serve it once the server
+    /// that took it from the agent is gone. Recorded by [`Command::SealLog`] before the
+    /// rank's end is proposed; absent in states written before logs were sealed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub logs: BTreeMap<u32, SealedLog>,
+}
+
+/// A rank's complete log, sealed into the content-addressed blob store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedLog {
+    /// SHA-256 of the log's bytes (its blob address).
+    pub sha256: String,
+    /// Its length in bytes.
+    pub bytes: u64,
 }
 
 /// One submission of a job.
@@ -344,6 +360,11 @@ pub struct State {
     pub idempotency: BTreeMap<String, String>,
     /// The next submission's sequence number.
     pub next_seq: u64,
+    /// Where each coordinator server is reached by the others: server id → `host:port`
+    /// ([`Command::SetServerAddress`], [`Command::RemoveServerAddress`]). Servers read their
+    /// peers' addresses from here; absent in states written before addresses were replicated.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub servers: BTreeMap<u64, String>,
     /// A summary of the active runs of each compute target: what they hold against its
     /// quota, their priorities, how many are being preempted. Derived from `runs`: kept up
     /// to date by `apply`, rebuilt by [`State::from_snapshot`], never serialized, and

@@ -9,7 +9,7 @@ use crate::resources::{Capacity, Gpu, Resources};
 use crate::schedule::{Decision, schedule};
 use crate::spec::RunSpec;
 use crate::state::{
-    Applied, ApplyError, AttemptEnd, AttemptReport, Command, NodeState, RunState, State,
+    Applied, ApplyError, AttemptEnd, AttemptReport, Command, NodeState, RunState, SealedLog, State,
 };
 
 fn compute(name: &str) -> Command {
@@ -558,4 +558,159 @@ fn drained_nodes_take_no_runs_and_evicted_ones_stay_evicted_until_resumed() {
     apply_all(&mut s, &[set(NodeState::Ready)]);
     assert_eq!(place_all(&mut s, 100_000), 2);
     assert_eq!(s.runs["r1"].attempt_number(), 2);
+}
+
+fn seal(run: &str, attempt: u32, rank: u32, fill: char, bytes: u64) -> Command {
+    Command::SealLog {
+        run_id: run.into(),
+        attempt,
+        rank,
+        log: SealedLog {
+            sha256: fill.to_string().repeat(64),
+            bytes,
+        },
+    }
+}
+
+#[test]
+fn sealed_logs_are_recorded_once_per_rank_and_survive_snapshots() {
+    let mut s = State::default();
+    apply_all(
+        &mut s,
+        &[
+            compute("cpu-pool"),
+            node("n1", "cpu-pool", 4, 0),
+            submit("r1", "cpu-pool", 1, 0, 1),
+        ],
+    );
+    // A state without sealed logs encodes as before (no "logs" key), so old snapshots and
+    // new ones without logs look the same and decode alike.
+    place_all(&mut s, 5);
+    let old = s.to_snapshot();
+    assert!(!String::from_utf8_lossy(&old).contains("\"logs\""));
+    assert_eq!(State::from_snapshot(&old).unwrap(), s);
+
+    let before = s.clone();
+    let bad_sha = Command::SealLog {
+        run_id: "r1".into(),
+        attempt: 1,
+        rank: 0,
+        log: SealedLog {
+            sha256: "not-a-hash".into(),
+            bytes: 3,
+        },
+    };
+    for (cmd, why) in [
+        (bad_sha, "sha256"),
+        (seal("r1", 2, 0, 'a', 3), "no attempt 2"),
+        (seal("r1", 0, 0, 'a', 3), "no attempt 0"),
+        (seal("r1", 1, 1, 'a', 3), "not rank 1"),
+    ] {
+        match s.apply(&cmd) {
+            Err(ApplyError::InvalidSpec(m)) => assert!(m.contains(why), "{m}"),
+            other => panic!("{cmd:?} gave {other:?}"),
+        }
+        assert_eq!(s, before, "a rejected seal changes nothing");
+    }
+    assert_eq!(
+        s.apply(&seal("nope", 1, 0, 'a', 3)),
+        Err(ApplyError::UnknownRun("nope".into()))
+    );
+
+    // The leader seals the log, then proposes the end: both are on the attempt.
+    apply_all(
+        &mut s,
+        &[
+            seal("r1", 1, 0, 'a', 12),
+            end("r1", 1, "n1", AttemptEnd::Completed, Some(0)),
+        ],
+    );
+    let attempt = &s.runs["r1"].attempts[0];
+    assert_eq!(s.runs["r1"].state, RunState::Completed);
+    assert_eq!(
+        attempt.logs.get(&0),
+        Some(&SealedLog {
+            sha256: "a".repeat(64),
+            bytes: 12
+        })
+    );
+    // A retransmitted seal (a new leader, the same rank) keeps the first record.
+    assert_eq!(s.apply(&seal("r1", 1, 0, 'b', 99)), Ok(Applied::Done));
+    assert_eq!(s.runs["r1"].attempts[0].logs[&0].sha256, "a".repeat(64));
+    s.sanity_check().unwrap();
+
+    let snap = s.to_snapshot();
+    assert!(String::from_utf8_lossy(&snap).contains("\"logs\""));
+    assert_eq!(State::from_snapshot(&snap).unwrap(), s);
+    let cmd = seal("r1", 1, 0, 'c', 1);
+    assert!(
+        String::from_utf8(cmd.encode())
+            .unwrap()
+            .contains("\"cmd\":\"seal_log.v1\"")
+    );
+    assert_eq!(Command::decode(&cmd.encode()).unwrap(), cmd);
+}
+
+#[test]
+fn server_addresses_are_replicated_changed_and_removed() {
+    let mut s = State::default();
+    let set = |id: u64, address: &str| Command::SetServerAddress {
+        id,
+        address: address.into(),
+    };
+    apply_all(
+        &mut s,
+        &[
+            set(1, "10.0.0.1:7070"),
+            set(2, "10.0.0.2:7070"),
+            set(3, "h3:7070"),
+            set(2, "10.0.0.20:7070"),
+        ],
+    );
+    assert_eq!(
+        s.servers,
+        BTreeMap::from([
+            (1, "10.0.0.1:7070".to_string()),
+            (2, "10.0.0.20:7070".to_string()),
+            (3, "h3:7070".to_string()),
+        ])
+    );
+    let before = s.clone();
+    for (cmd, why) in [
+        (set(0, "h:1"), "server ids start at 1"),
+        (set(4, ""), "host:port"),
+        (set(4, "h 4:7070"), "no spaces"),
+        (set(4, &"h".repeat(300)), "host:port"),
+    ] {
+        match s.apply(&cmd) {
+            Err(ApplyError::InvalidSpec(m)) => assert!(m.contains(why), "{m}"),
+            other => panic!("{cmd:?} gave {other:?}"),
+        }
+        assert_eq!(s, before, "a rejected address changes nothing");
+    }
+    apply_all(
+        &mut s,
+        &[
+            Command::RemoveServerAddress { id: 3 },
+            Command::RemoveServerAddress { id: 9 },
+        ],
+    );
+    assert_eq!(s.servers.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(State::from_snapshot(&s.to_snapshot()).unwrap(), s);
+    // A snapshot written before addresses were replicated decodes with none.
+    let old = br#"{"computes":{},"nodes":{},"runs":{},"queue":[],"idempotency":{},"next_seq":0}"#;
+    assert!(State::from_snapshot(old).unwrap().servers.is_empty());
+    for cmd in [set(5, "h5:7070"), Command::RemoveServerAddress { id: 5 }] {
+        assert_eq!(Command::decode(&cmd.encode()).unwrap(), cmd);
+    }
+    assert!(
+        String::from_utf8(set(5, "h5:7070").encode())
+            .unwrap()
+            .contains("\"cmd\":\"set_server_address.v1\"")
+    );
+    assert!(
+        String::from_utf8(Command::RemoveServerAddress { id: 5 }.encode())
+            .unwrap()
+            .contains("\"cmd\":\"remove_server_address.v1\"")
+    );
 }
