@@ -115,6 +115,66 @@ impl BlobStore {
         Ok(sha)
     }
 
+    /// Stores the content of the file at `src` (a sealed log), hashing it as it is copied.
+    /// A missing file stores the empty blob. Returns the blob's address and size.
+    pub fn put_file(&self, src: &Path) -> Result<(String, u64), BlobError> {
+        let mut input = match std::fs::File::open(src) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return self.put(b"").map(|sha| (sha, 0));
+            }
+            Err(e) => return Err(io_err(src, e)),
+        };
+        let tmp = self
+            .root
+            .join("tmp")
+            .join(format!("file.{}", rand::random::<u64>()));
+        let result = (|| {
+            let mut out = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+            let mut hasher = Sha256::new();
+            let mut size = 0u64;
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = io::Read::read(&mut input, &mut buf).map_err(|e| io_err(src, e))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n]).map_err(|e| io_err(&tmp, e))?;
+                size += n as u64;
+            }
+            out.sync_all().map_err(|e| io_err(&tmp, e))?;
+            let sha = hex::encode(hasher.finalize());
+            let dest = self.path(&sha)?;
+            if !dest.exists() {
+                if let Some(dir) = dest.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+                }
+                std::fs::rename(&tmp, &dest).map_err(|e| io_err(&dest, e))?;
+            }
+            Ok((sha, size))
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        result
+    }
+
+    /// Reads up to `max` bytes of a blob from `offset` (empty past its end).
+    pub fn read_range(&self, sha256: &str, offset: u64, max: usize) -> Result<Vec<u8>, BlobError> {
+        let p = self.path(sha256)?;
+        let mut file = std::fs::File::open(&p).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                BlobError::NotFound(sha256.to_string())
+            } else {
+                io_err(&p, e)
+            }
+        })?;
+        io::Seek::seek(&mut file, io::SeekFrom::Start(offset)).map_err(|e| io_err(&p, e))?;
+        let mut buf = Vec::with_capacity(max.min(1 << 16));
+        io::Read::read_to_end(&mut io::Read::take(file, max as u64), &mut buf)
+            .map_err(|e| io_err(&p, e))?;
+        Ok(buf)
+    }
+
     /// Reads a whole blob (manifests; small blobs).
     pub fn get(&self, sha256: &str) -> Result<Vec<u8>, BlobError> {
         let p = self.path(sha256)?;
@@ -211,6 +271,18 @@ mod tests {
         ));
         assert!(matches!(store.get("../etc"), Err(BlobError::BadAddress(_))));
         drop(w);
+        // A file is stored under its digest; a missing one is the empty blob.
+        let src = dir.path().join("a.log");
+        std::fs::write(&src, b"line 1\nline 2\n").unwrap();
+        let (sha, size) = store.put_file(&src).unwrap();
+        assert_eq!(size, 14);
+        assert_eq!(sha, hex::encode(Sha256::digest(b"line 1\nline 2\n")));
+        assert_eq!(store.read_range(&sha, 7, 100).unwrap(), b"line 2\n");
+        assert_eq!(store.read_range(&sha, 0, 4).unwrap(), b"line");
+        assert_eq!(store.read_range(&sha, 14, 4).unwrap(), b"");
+        assert_eq!(store.put_file(&src).unwrap(), (sha, 14));
+        let (empty, size) = store.put_file(&dir.path().join("none.log")).unwrap();
+        assert_eq!((store.get(&empty).unwrap(), size), (Vec::new(), 0));
         assert_eq!(
             std::fs::read_dir(dir.path().join("blobs/tmp"))
                 .unwrap()

@@ -2,9 +2,16 @@
 //! ship it, under `<data>/logs/<run>/<attempt>.<rank>.log`.
 //!
 //! Appends carry the offset the agent believes the log has; a retransmission after a
-//! reconnect overlaps and is trimmed, a gap is refused with the offset to resume from. An
-//! attempt's log is fsynced before its end is proposed, so a run's logs up to its end
-//! survive a crash (DESIGN.md invariant 5).
+//! reconnect overlaps and is trimmed, a gap is refused with the offset to resume from.
+//!
+//! A live log exists only on the leader that takes it from the agent. When the agent reports
+//! a rank's end, the leader seals that rank's log ([`Coordinator::seal_log`]): it fsyncs the
+//! file, copies it into the content-addressed blob store, replicates the blob to a majority
+//! of servers, proposes `SealLog` (the blob's SHA-256 and length land on the attempt in the
+//! replicated state), and only then proposes the end. So a run's logs up to its end survive
+//! a crash and the loss of any one server (DESIGN.md invariant 5), and any server serves an
+//! ended rank's log from the blob ([`Coordinator::read_log`]), fetching it from a peer if it
+//! missed it. Once the end is applied the file is removed; the blob is the log.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -12,7 +19,12 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use muster_core::Command;
+use muster_core::state::SealedLog;
 use tokio::sync::watch;
+use tonic::Status;
+
+use crate::coordinator::Coordinator;
 
 type Key = (String, u32, u32);
 
@@ -44,7 +56,8 @@ impl LogStore {
         })
     }
 
-    fn path(&self, run: &str, attempt: u32, rank: u32) -> PathBuf {
+    /// Where a rank's log file is.
+    pub fn path(&self, run: &str, attempt: u32, rank: u32) -> PathBuf {
         self.root.join(run).join(format!("{attempt}.{rank}.log"))
     }
 
@@ -119,6 +132,18 @@ impl LogStore {
         Ok(())
     }
 
+    /// Removes a rank's log file (its sealed blob replaces it).
+    pub fn remove(&self, run: &str, attempt: u32, rank: u32) -> io::Result<()> {
+        self.open
+            .lock()
+            .expect("log lock")
+            .remove(&(run.to_string(), attempt, rank));
+        match std::fs::remove_file(self.path(run, attempt, rank)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Reads up to `max` bytes from `offset`; empty at the end (or if there is no log).
     pub fn read(
         &self,
@@ -142,6 +167,94 @@ fn read_at(path: &Path, offset: u64, max: usize) -> io::Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(max.min(1 << 16));
     file.take(max as u64).read_to_end(&mut buf)?;
     Ok(buf)
+}
+
+impl Coordinator {
+    /// The sealed log of `rank` of an attempt, if the replicated state records one.
+    pub(crate) fn sealed_log(&self, run: &str, attempt: u32, rank: u32) -> Option<SealedLog> {
+        self.read(|s| {
+            s.runs
+                .get(run)?
+                .attempts
+                .get(attempt.checked_sub(1)? as usize)?
+                .logs
+                .get(&rank)
+                .cloned()
+        })
+    }
+
+    /// Seals a rank's complete log (the agent reported its end and every byte is stored):
+    /// into the blob store, onto a majority of servers, and into the replicated state. The
+    /// caller proposes the rank's end only after this succeeded.
+    pub(crate) async fn seal_log(
+        &self,
+        run: &str,
+        attempt: u32,
+        rank: u32,
+    ) -> Result<SealedLog, Status> {
+        self.logs
+            .seal(run, attempt, rank)
+            .map_err(|e| Status::internal(format!("sealing logs: {e}")))?;
+        let path = self.logs.path(run, attempt, rank);
+        let blobs = self.blobs.clone();
+        let (sha256, bytes) = tokio::task::spawn_blocking(move || blobs.put_file(&path))
+            .await
+            .map_err(|e| Status::internal(format!("sealing logs: {e}")))?
+            .map_err(|e| Status::internal(format!("sealing logs: {e}")))?;
+        self.ensure_replicated(vec![sha256.clone()]).await?;
+        let log = SealedLog { sha256, bytes };
+        self.propose(Command::SealLog {
+            run_id: run.to_string(),
+            attempt,
+            rank,
+            log: log.clone(),
+        })
+        .await
+        .map_err(crate::grpc::status)?;
+        tracing::debug!(run_id = %run, attempt, rank, sha256 = %log.sha256, bytes = log.bytes, "log sealed");
+        Ok(log)
+    }
+
+    /// Reads up to `max` bytes of a sealed log from `offset`, repairing the blob from a
+    /// peer first if this server lacks it.
+    pub(crate) async fn read_sealed(
+        &self,
+        log: &SealedLog,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<u8>, Status> {
+        if !self.blobs.has(&log.sha256) {
+            self.fetch_from_peers(&log.sha256).await.map_err(|e| {
+                Status::unavailable(format!(
+                    "the sealed log {} is not on this server and no other server could provide it ({e}); retry when more servers are up",
+                    log.sha256
+                ))
+            })?;
+        }
+        let end = log.bytes.saturating_sub(offset).min(max as u64) as usize;
+        self.blobs
+            .read_range(&log.sha256, offset, end)
+            .map_err(|e| Status::internal(format!("reading the sealed log: {e}")))
+    }
+
+    /// Reads a rank's log: from its sealed blob once it ended (on any server), else from
+    /// the file this server holds (the live log, on the leader).
+    pub(crate) async fn read_log(
+        &self,
+        run: &str,
+        attempt: u32,
+        rank: u32,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<u8>, Status> {
+        match self.sealed_log(run, attempt, rank) {
+            Some(log) => self.read_sealed(&log, offset, max).await,
+            None => self
+                .logs
+                .read(run, attempt, rank, offset, max)
+                .map_err(|e| Status::internal(format!("reading the log: {e}"))),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ pub(crate) const REPLICA_HEADER: &str = "muster-replica";
 
 const CHUNK: usize = 1 << 20;
 
-fn replica_request<T>(message: T) -> tonic::Request<T> {
+pub(crate) fn replica_request<T>(message: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(message);
     req.metadata_mut()
         .insert(REPLICA_HEADER, "1".parse().expect("ascii"));

@@ -216,7 +216,12 @@ async fn run_page(State(c): State<Arc<Coordinator>>, Path(id): Path<String>) -> 
         st = run.state.as_str(),
     );
     for attempt in 1..=attempts {
-        let log = c.logs.read(&id, attempt, 0, 0, 1 << 20).unwrap_or_default();
+        // An ended rank's log comes from its sealed blob (on any server); a live one from
+        // this server's file (the leader's).
+        let log = c
+            .read_log(&id, attempt, 0, 0, 1 << 20)
+            .await
+            .unwrap_or_default();
         let _ = write!(
             html,
             "<h2>Attempt {attempt}</h2><pre>{}</pre>",

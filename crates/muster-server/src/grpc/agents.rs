@@ -357,17 +357,23 @@ impl Session {
                     Some("node_lost") => AttemptEnd::NodeLost,
                     _ => AttemptEnd::Failed,
                 };
-                if let Some(rank) = self.rank(&u.run_id, u.attempt) {
+                if let Some(rank) = self.rank(&u.run_id, u.attempt)
+                    && self
+                        .coordinator
+                        .sealed_log(&u.run_id, u.attempt, rank)
+                        .is_none()
+                {
                     let stored = self.coordinator.logs.len(&u.run_id, u.attempt, rank);
                     if stored < u.log_bytes {
                         // Logs are still missing: ask for them; the agent re-sends the end after.
                         self.send_resume(&u.run_id, u.attempt).await;
                         return Ok(());
                     }
+                    // The whole log is here: into the blob store, onto a majority of servers
+                    // and into the state, before the end is proposed (invariant 5).
                     self.coordinator
-                        .logs
-                        .seal(&u.run_id, u.attempt, rank)
-                        .map_err(|e| Status::internal(format!("sealing logs: {e}")))?;
+                        .seal_log(&u.run_id, u.attempt, rank)
+                        .await?;
                 }
                 if let Some(outputs) = &u.outputs {
                     // Outputs are on a majority before the attempt's end records them.
@@ -407,6 +413,16 @@ impl Session {
             Err(e) => return Err(status(e)),
         };
         if ended {
+            // The sealed blob is the log now; the file it was copied from can go.
+            if let Some(rank) = self.rank(&u.run_id, u.attempt)
+                && self
+                    .coordinator
+                    .sealed_log(&u.run_id, u.attempt, rank)
+                    .is_some()
+                && let Err(e) = self.coordinator.logs.remove(&u.run_id, u.attempt, rank)
+            {
+                tracing::warn!(run_id = %u.run_id, attempt = u.attempt, cause = %e, "could not remove a sealed log file");
+            }
             self.running.remove(&key);
             self.send(server_message::Msg::Ack(v1::UpdateAck {
                 run_id: u.run_id,

@@ -5,12 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use muster_core::state::AttemptState;
+use muster_core::state::{AttemptState, SealedLog};
 use muster_core::{Applied, ApplyError, Command, RunState};
 use muster_proto::v1::{self, run_service_server::RunService};
 use muster_proto::{run_to_wire, spec_from_wire};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::{Coordinator, ProposalError, new_run_id, now_ms};
@@ -27,6 +28,11 @@ fn not_found(id: &str) -> Status {
 }
 
 impl Runs {
+    /// A RunService client of the leader, when this server is a follower that knows it.
+    fn leader_runs(&self) -> Option<v1::run_service_client::RunServiceClient<Channel>> {
+        leader_runs(&self.0)
+    }
+
     fn get(&self, id: &str) -> Result<v1::Run, Status> {
         self.0
             .read(|s| {
@@ -186,20 +192,23 @@ impl RunService for Runs {
         &self,
         req: Request<v1::StreamLogsRequest>,
     ) -> Result<Response<LogStream>, Status> {
+        let relayed = crate::replication::is_replica(&req);
         let req = req.into_inner();
-        // Logs are shipped to the leader: a follower relays the leader's stream.
-        if !self.0.is_leader()
-            && let Some(leader) = self.0.raft().status().leader
-            && let Some(mut client) = self.0.run_client(leader)
-        {
-            let stream = client.stream_logs(req).await?.into_inner();
-            return Ok(Response::new(Box::pin(stream)));
+        if self.get(&req.id).is_err() {
+            // A follower that has not applied the submission yet: the leader knows the run.
+            if !relayed && let Some(mut client) = self.leader_runs() {
+                let stream = client
+                    .stream_logs(crate::replication::replica_request(req))
+                    .await?
+                    .into_inner();
+                return Ok(Response::new(Box::pin(stream)));
+            }
+            return Err(not_found(&req.id));
         }
-        self.get(&req.id)?;
         let (tx, rx) = mpsc::channel(16);
         let coordinator = self.0.clone();
         tokio::spawn(async move {
-            if let Err(e) = follow_logs(&coordinator, &req, &tx).await {
+            if let Err(e) = follow_logs(&coordinator, &req, relayed, &tx).await {
                 let _ = tx.send(Err(e)).await;
             }
         });
@@ -237,17 +246,94 @@ impl RunService for Runs {
     }
 }
 
+fn leader_runs(
+    coordinator: &Coordinator,
+) -> Option<v1::run_service_client::RunServiceClient<Channel>> {
+    if coordinator.is_leader() {
+        return None;
+    }
+    let leader = coordinator.raft().status().leader?;
+    coordinator.run_client(leader)
+}
+
+/// Where the next bytes of an attempt's log (rank 0) come from.
+enum Source {
+    /// The rank ended: its sealed blob, which every server can read.
+    Sealed(SealedLog),
+    /// The live log file on this server (the leader takes logs from the agents).
+    Local,
+    /// The live log on the leader, relayed by this follower.
+    Leader(v1::run_service_client::RunServiceClient<Channel>),
+}
+
+fn source(coordinator: &Coordinator, run: &str, attempt: u32, relayed: bool) -> Source {
+    if let Some(log) = coordinator.sealed_log(run, attempt, 0) {
+        return Source::Sealed(log);
+    }
+    if relayed {
+        return Source::Local;
+    }
+    match leader_runs(coordinator) {
+        Some(client) => Source::Leader(client),
+        None => Source::Local,
+    }
+}
+
+/// Relays attempt `attempt`'s live log from the leader, from `offset` on (the leader's
+/// stream starts at 0; what was sent already is trimmed). Ends when the leader's stream
+/// does: at the end of what it stores, or (with `follow`) when the attempt's log is complete.
+async fn relay(
+    mut client: v1::run_service_client::RunServiceClient<Channel>,
+    req: &v1::StreamLogsRequest,
+    attempt: u32,
+    offset: &mut u64,
+    tx: &mpsc::Sender<Result<v1::LogChunk, Status>>,
+) -> Result<(), Status> {
+    let mut stream = client
+        .stream_logs(crate::replication::replica_request(v1::StreamLogsRequest {
+            id: req.id.clone(),
+            attempt: Some(attempt),
+            follow: req.follow,
+        }))
+        .await?
+        .into_inner();
+    while let Some(chunk) = stream.message().await? {
+        let end = chunk.offset + chunk.data.len() as u64;
+        if chunk.attempt != attempt || end <= *offset || chunk.offset > *offset {
+            continue;
+        }
+        let data = chunk.data[(*offset - chunk.offset) as usize..].to_vec();
+        let sent = v1::LogChunk {
+            attempt,
+            offset: *offset,
+            data,
+        };
+        *offset = end;
+        if tx.send(Ok(sent)).await.is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
 /// Streams a run's logs: each attempt in turn (or only the one asked for), from rank 0,
-/// until the run ends (with `follow`) or until what is stored now has been sent.
+/// until the run ends (with `follow`) or until what is stored now has been sent. An ended
+/// rank's log comes from its sealed blob on this server (repaired from a peer if missing);
+/// a live one from this server's file on the leader, or relayed from the leader on a
+/// follower (never relayed twice: `relayed` requests are answered from what is here).
 async fn follow_logs(
     coordinator: &Coordinator,
     req: &v1::StreamLogsRequest,
+    relayed: bool,
     tx: &mpsc::Sender<Result<v1::LogChunk, Status>>,
 ) -> Result<(), Status> {
     let mut attempt = req.attempt.unwrap_or(1).max(1);
     let mut offset = 0u64;
     let mut state_changes = coordinator.subscribe();
     let mut log_changes = coordinator.logs.subscribe();
+    // The attempt whose live log the leader finished relaying (wait for this replica to
+    // apply its end rather than relay it again).
+    let mut relayed_to_end: Option<u32> = None;
     loop {
         let (attempts, attempt_ended, run_terminal) = coordinator
             .read(|s| {
@@ -261,26 +347,77 @@ async fn follow_logs(
             })
             .ok_or_else(|| not_found(&req.id))?;
         if attempt <= attempts {
-            let data = coordinator
-                .logs
-                .read(&req.id, attempt, 0, offset, LOG_CHUNK)
-                .map_err(|e| Status::internal(format!("reading the log: {e}")))?;
-            if !data.is_empty() {
-                let n = data.len() as u64;
-                let chunk = v1::LogChunk {
-                    attempt,
-                    offset,
-                    data,
-                };
-                if tx.send(Ok(chunk)).await.is_err() {
-                    return Ok(());
+            // Whether everything of this attempt's log has been sent.
+            let complete = match source(coordinator, &req.id, attempt, relayed) {
+                Source::Sealed(log) => {
+                    if offset < log.bytes {
+                        let data = coordinator.read_sealed(&log, offset, LOG_CHUNK).await?;
+                        if data.is_empty() {
+                            return Err(Status::internal(format!(
+                                "the sealed log {} is shorter than the {} bytes recorded",
+                                log.sha256, log.bytes
+                            )));
+                        }
+                        let n = data.len() as u64;
+                        let chunk = v1::LogChunk {
+                            attempt,
+                            offset,
+                            data,
+                        };
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            return Ok(());
+                        }
+                        offset += n;
+                        continue;
+                    }
+                    true
                 }
-                offset += n;
-                continue;
-            }
-            // At the end of what is stored. An ended attempt's log is complete (it is sealed
-            // before the end is applied).
-            if attempt_ended == Some(true) {
+                Source::Local => {
+                    let data = coordinator
+                        .logs
+                        .read(&req.id, attempt, 0, offset, LOG_CHUNK)
+                        .map_err(|e| Status::internal(format!("reading the log: {e}")))?;
+                    if !data.is_empty() {
+                        let n = data.len() as u64;
+                        let chunk = v1::LogChunk {
+                            attempt,
+                            offset,
+                            data,
+                        };
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            return Ok(());
+                        }
+                        offset += n;
+                        continue;
+                    }
+                    // At the end of what is stored. An ended attempt's log is complete (it
+                    // is sealed before the end is applied).
+                    attempt_ended == Some(true)
+                }
+                Source::Leader(_) if relayed_to_end == Some(attempt) => {
+                    attempt_ended == Some(true)
+                }
+                Source::Leader(client) => {
+                    match relay(client, req, attempt, &mut offset, tx).await {
+                        Ok(()) if tx.is_closed() => return Ok(()),
+                        Ok(()) if req.follow => {
+                            relayed_to_end = Some(attempt);
+                            continue;
+                        }
+                        Ok(()) => attempt_ended == Some(true),
+                        // With `follow`, a failover ends the leader's stream: look again
+                        // (the log may be sealed by now, or a new leader known).
+                        Err(_) if req.follow => false,
+                        Err(e) => {
+                            return Err(Status::unavailable(format!(
+                                "the live log of attempt {attempt} is on the leader, which did not answer ({}); retry",
+                                e.message()
+                            )));
+                        }
+                    }
+                }
+            };
+            if complete {
                 if req.attempt.is_some() {
                     return Ok(());
                 }
