@@ -573,3 +573,108 @@ async fn randomized_faults_keep_the_invariants() {
         acknowledged.len()
     );
 }
+
+/// Every blob file under `dir/blobs` whose content is `content`.
+fn blobs_holding(dir: &std::path::Path, content: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let Ok(shards) = std::fs::read_dir(dir.join("blobs")) else {
+        return found;
+    };
+    for shard in shards.flatten() {
+        if shard.file_name() == "tmp" {
+            continue;
+        }
+        for blob in std::fs::read_dir(shard.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if std::fs::read(blob.path()).is_ok_and(|b| b == content) {
+                found.push(blob.path());
+            }
+        }
+    }
+    found
+}
+
+/// A run's log, taken by the leader from the agent, is sealed into a blob on a majority
+/// before the run's end is applied: with that leader gone, any survivor serves every line,
+/// once, even one that lost its copy of the blob (it repairs it from a peer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_runs_log_survives_the_loss_of_the_leader_that_took_it() {
+    let mut cluster = TestCluster::start(3).await.unwrap();
+    create_pool(&cluster).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut agent_config = muster_testkit::agents::agent_config(
+        &cluster.url(1),
+        data.path(),
+        "ha-pool",
+        "log-node",
+        Arc::new(muster_agent::NoGpus),
+    );
+    agent_config.servers = cluster
+        .ids()
+        .into_iter()
+        .map(|id| cluster.url(id))
+        .collect();
+    let agent = muster_testkit::agents::AgentHandle::start(&cluster.urls(), agent_config)
+        .await
+        .unwrap();
+    let mut s =
+        RunSpec::new("i=1; while [ $i -le 300 ]; do echo \"log line $i\"; i=$((i+1)); done");
+    s.compute = "ha-pool".into();
+    let run = submit_with_retries(
+        &cluster
+            .ids()
+            .iter()
+            .map(|id| cluster.url(*id))
+            .collect::<Vec<_>>(),
+        0,
+        "logs-1".into(),
+        s.into(),
+    )
+    .await
+    .expect("submitted");
+    let leader = cluster.leader().await.unwrap();
+    let done = muster_tests::wait_done(&cluster.url(leader), &run).await;
+    assert_eq!(done.state, "completed", "{done:?}");
+    let expected: String = (1..=300).map(|i| format!("log line {i}\n")).collect();
+    // The leader that took the log from the agent dies (the agent stops too: nothing can
+    // ship the log again).
+    agent.stop().await.unwrap();
+    let leader = cluster.leader().await.unwrap();
+    cluster.kill(leader).await.unwrap();
+    let survivors: Vec<u64> = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != leader)
+        .collect();
+    // Both survivors hold the sealed log (replicated before the end was applied).
+    for id in &survivors {
+        assert_eq!(
+            blobs_holding(&cluster.data_dir(*id), expected.as_bytes()).len(),
+            1,
+            "server {id} holds the sealed log"
+        );
+    }
+    // One survivor loses its copy: it repairs it from the other when asked.
+    let (damaged, intact) = (survivors[0], survivors[1]);
+    for p in blobs_holding(&cluster.data_dir(damaged), expected.as_bytes()) {
+        std::fs::remove_file(p).unwrap();
+    }
+    cluster.leader_among(&survivors).await.unwrap();
+    for id in [damaged, intact] {
+        let out =
+            muster_testkit::muster(&cluster.url(id), data.path(), &["run", "logs", &run]).await;
+        assert_eq!(out.code, 0, "server {id}: {out:?}");
+        assert_eq!(
+            out.stdout, expected,
+            "server {id} serves every line exactly once"
+        );
+    }
+    assert_eq!(
+        blobs_holding(&cluster.data_dir(damaged), expected.as_bytes()).len(),
+        1,
+        "the damaged server repaired its copy"
+    );
+}

@@ -98,6 +98,15 @@ impl TestCluster {
 
     fn launch(&mut self, id: u64, listener: tokio::net::TcpListener) {
         let peers = self.peers();
+        self.launch_with(id, listener, peers);
+    }
+
+    fn launch_with(
+        &mut self,
+        id: u64,
+        listener: tokio::net::TcpListener,
+        peers: BTreeMap<u64, String>,
+    ) {
         let founders: Vec<u64> = self.founders.clone();
         let slot = self.slots.get_mut(&id).expect("a slot per id");
         let mut config = ServerConfig::new(&slot.data_dir);
@@ -140,6 +149,11 @@ impl TestCluster {
             .map(|id| self.url(id))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// Server `id`'s data directory.
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.slots[&id].data_dir.clone()
     }
 
     /// Server `id`'s own view of the cluster, if it answers within a second.
@@ -264,6 +278,20 @@ impl TestCluster {
 
     /// Starts server `id` again on its data directory and address.
     pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
+        let listener = self.rebind(id).await?;
+        self.launch(id, listener);
+        Ok(())
+    }
+
+    /// Starts server `id` again on its data directory and address, knowing nothing of its
+    /// peers but what its data directory holds (no `--peers`).
+    pub async fn restart_from_data_dir(&mut self, id: u64) -> anyhow::Result<()> {
+        let listener = self.rebind(id).await?;
+        self.launch_with(id, listener, BTreeMap::new());
+        Ok(())
+    }
+
+    async fn rebind(&self, id: u64) -> anyhow::Result<tokio::net::TcpListener> {
         let addr = self.slots[&id].addr;
         let mut listener = None;
         for _ in 0..50 {
@@ -275,9 +303,7 @@ impl TestCluster {
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
-        let listener = listener.ok_or_else(|| anyhow::anyhow!("cannot bind {addr} again"))?;
-        self.launch(id, listener);
-        Ok(())
+        listener.ok_or_else(|| anyhow::anyhow!("cannot bind {addr} again"))
     }
 }
 

@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::Millis;
 use crate::compute::{ComputeKind, QuotaUsage};
 use crate::names::validate_node_name;
-use crate::snapshot::is_sha256_hex;
 use crate::schedule::Placement;
+use crate::snapshot::is_sha256_hex;
 use crate::spec::RunSpec;
 use crate::state::{
     Applied, ApplyError, Attempt, AttemptEnd, AttemptReport, AttemptState, Command, ComputeTarget,

@@ -394,9 +394,7 @@ async fn follow_logs(
                     // is sealed before the end is applied).
                     attempt_ended == Some(true)
                 }
-                Source::Leader(_) if relayed_to_end == Some(attempt) => {
-                    attempt_ended == Some(true)
-                }
+                Source::Leader(_) if relayed_to_end == Some(attempt) => attempt_ended == Some(true),
                 Source::Leader(client) => {
                     match relay(client, req, attempt, &mut offset, tx).await {
                         Ok(()) if tx.is_closed() => return Ok(()),
