@@ -678,3 +678,79 @@ async fn an_ended_runs_log_survives_the_loss_of_the_leader_that_took_it() {
         "the damaged server repaired its copy"
     );
 }
+
+/// Whether `s` lists `n` members, each with the address it listens on, taken from the
+/// replicated state.
+fn addresses_replicated(cluster: &TestCluster, s: &v1::ClusterStatus, n: usize) -> bool {
+    s.members.len() == n
+        && s.addresses.len() == n
+        && s.members
+            .iter()
+            .all(|m| m.address_replicated && cluster.url(m.id) == format!("http://{}", m.address))
+}
+
+/// Server addresses are replicated state: after a fourth server joins with `add-server`,
+/// every server restarted on its data directory alone (no `--peers`) still reaches the
+/// others: they elect a leader, forward writes to it, and all apply them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_servers_find_each_other_from_replicated_addresses() {
+    let mut cluster = TestCluster::start(3).await.unwrap();
+    create_pool(&cluster).await;
+    cluster.join(4).await.unwrap();
+    let ids = cluster.ids();
+    for id in &ids {
+        let mut recorded = false;
+        for _ in 0..100 {
+            if cluster
+                .status(*id)
+                .await
+                .is_some_and(|s| addresses_replicated(&cluster, &s, 4))
+            {
+                recorded = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            recorded,
+            "server {id} holds every member's address: {:?}",
+            cluster.status(*id).await
+        );
+    }
+    for id in &ids {
+        cluster.kill(*id).await.unwrap();
+    }
+    for id in &ids {
+        cluster.restart_from_data_dir(*id).await.unwrap();
+    }
+    let leader = cluster.leader().await.unwrap();
+    let follower = ids.iter().copied().find(|id| *id != leader).unwrap();
+    submit_with_retries(&[cluster.url(follower)], 0, "after-restart".into(), spec(0))
+        .await
+        .expect("a write through a follower reaches the leader");
+    for id in &ids {
+        let mut applied = false;
+        for _ in 0..100 {
+            if runs_on(&cluster.url(*id), true).await.len() == 1 {
+                applied = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(applied, "server {id} applied the write");
+        let s = cluster.status(*id).await.unwrap();
+        assert!(addresses_replicated(&cluster, &s, 4), "{s:?}");
+    }
+    // A removed server's address leaves the replicated state.
+    let victim = ids.iter().copied().find(|id| *id != leader).unwrap();
+    cluster.remove(victim).await.unwrap();
+    let leader = cluster.leader().await.unwrap();
+    let s = cluster.status(leader).await.unwrap();
+    assert!(addresses_replicated(&cluster, &s, 3), "{s:?}");
+    assert!(s.members.iter().all(|m| m.id != victim));
+    let mut expected: Vec<u64> = ids.iter().copied().filter(|id| *id != victim).collect();
+    expected.sort();
+    let mut recorded: Vec<u64> = s.addresses.keys().copied().collect();
+    recorded.sort();
+    assert_eq!(recorded, expected, "{s:?}");
+}

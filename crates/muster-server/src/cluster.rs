@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use muster_core::State;
 use muster_proto::v1::{self, cluster_service_client::ClusterServiceClient};
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
@@ -16,43 +17,71 @@ pub trait NetworkFilter: Send + Sync + std::fmt::Debug {
     fn allows(&self, from: u64, to: u64) -> bool;
 }
 
-/// Server id → `host:port`, shared by the transport and the services.
-#[derive(Debug, Clone, Default)]
+/// Where the other servers are: server id → `host:port`, shared by the transport and the
+/// services.
+///
+/// The addresses are replicated state ([`State::servers`], set by `set_server_address.v1`):
+/// every server reads the same table, and a server restarted on its data directory alone
+/// finds its peers there. Beside it, a fallback book holds what `--peers` gave and what
+/// peers gossip in their Raft batches; it is consulted only for a server the state has no
+/// address for, which is needed in two places: before the first leader has recorded the
+/// initial members' addresses (it proposes them from its `--peers`), and on a new server
+/// (a learner) that has not yet applied the entries that name its peers.
+#[derive(Debug, Clone)]
 pub struct Peers {
-    inner: Arc<RwLock<BTreeMap<u64, String>>>,
+    state: Arc<RwLock<State>>,
+    fallback: Arc<RwLock<BTreeMap<u64, String>>>,
     clients: Arc<Mutex<HashMap<String, ClusterServiceClient<Channel>>>>,
 }
 
 impl Peers {
-    /// An address book.
-    pub fn new(peers: BTreeMap<u64, String>) -> Peers {
+    /// Peers read from `state`, with `bootstrap` (`--peers`) for servers it lacks.
+    pub fn new(state: Arc<RwLock<State>>, bootstrap: BTreeMap<u64, String>) -> Peers {
         Peers {
-            inner: Arc::new(RwLock::new(peers)),
+            state,
+            fallback: Arc::new(RwLock::new(bootstrap)),
             clients: Arc::default(),
         }
     }
 
-    /// The address of server `id`.
+    /// The address of server `id`: the replicated one, else the fallback book's.
     pub fn address(&self, id: u64) -> Option<String> {
-        self.inner.read().expect("peers lock").get(&id).cloned()
+        self.replicated(id).or_else(|| self.unreplicated(id))
     }
 
-    /// Every known server.
+    /// The address of server `id` as the replicated state records it.
+    pub fn replicated(&self, id: u64) -> Option<String> {
+        self.state
+            .read()
+            .expect("state lock")
+            .servers
+            .get(&id)
+            .cloned()
+    }
+
+    /// The address of server `id` from `--peers` or gossip (not from the state).
+    pub fn unreplicated(&self, id: u64) -> Option<String> {
+        self.fallback.read().expect("peers lock").get(&id).cloned()
+    }
+
+    /// Every known server: the replicated addresses over the fallback book.
     pub fn all(&self) -> BTreeMap<u64, String> {
-        self.inner.read().expect("peers lock").clone()
+        let mut all = self.fallback.read().expect("peers lock").clone();
+        all.extend(self.state.read().expect("state lock").servers.clone());
+        all
     }
 
-    /// Learns the addresses of servers it does not know yet.
+    /// Learns (gossip) the addresses of servers the fallback book does not know yet.
     pub fn learn(&self, book: impl IntoIterator<Item = (u64, String)>) {
-        let mut inner = self.inner.write().expect("peers lock");
+        let mut fallback = self.fallback.write().expect("peers lock");
         for (id, address) in book {
-            inner.entry(id).or_insert(address);
+            fallback.entry(id).or_insert(address);
         }
     }
 
-    /// Records (or changes) a server's address.
-    pub fn set(&self, id: u64, address: String) {
-        self.inner.write().expect("peers lock").insert(id, address);
+    /// Forgets a removed server's fallback address (its replicated one is removed by a command).
+    pub fn forget(&self, id: u64) {
+        self.fallback.write().expect("peers lock").remove(&id);
     }
 
     /// A cluster client of server `id` (connections are made lazily and reused).

@@ -78,10 +78,10 @@ impl Coordinator {
         let raft_config = config.raft.clone();
         if !config.peers.is_empty() && dir.join("raft/raft.redb").exists() {
             tracing::info!(
-                "the data directory already holds cluster state: --peers is ignored (membership comes from the log)"
+                "the data directory already holds cluster state: --peers is ignored for membership (it comes from the log) and only fills in addresses the replicated state lacks"
             );
         }
-        let peers = Peers::new(config.peers.clone());
+        let peers = Peers::new(state.clone(), config.peers.clone());
         let transport = Arc::new(GrpcTransport::new(
             raft_config.id,
             peers.clone(),
@@ -115,6 +115,7 @@ impl Coordinator {
         if config.create_local_compute {
             coordinator.ensure_local_compute().await?;
         }
+        tokio::spawn(coordinator.clone().record_addresses_when_leading());
         Ok(coordinator)
     }
 
@@ -141,6 +142,76 @@ impl Coordinator {
         anyhow::bail!(
             "the server did not become leader within 5 s; cannot create the local compute target"
         )
+    }
+
+    /// While this server leads: each time it becomes leader, records in the replicated
+    /// state the address of every member the state lacks, from what `--peers` (or gossip)
+    /// told this server. Ends at shutdown.
+    async fn record_addresses_when_leading(self: Arc<Self>) {
+        let mut status = self.raft.watch_status();
+        loop {
+            let leading = tokio::select! {
+                r = status.wait_for(|s| s.role == Role::Leader) => r.map(|s| s.term).ok(),
+                _ = self.shutting_down() => None,
+            };
+            let Some(term) = leading else { return };
+            self.record_missing_addresses(term).await;
+            let stepped_down = tokio::select! {
+                r = status.wait_for(|s| s.role != Role::Leader || s.term != term) => r.is_ok(),
+                _ = self.shutting_down() => false,
+            };
+            if !stepped_down {
+                return;
+            }
+        }
+    }
+
+    async fn record_missing_addresses(&self, term: u64) {
+        // Apply everything committed before this leadership first, so the membership and
+        // the recorded addresses read below are current.
+        let mut index = None;
+        for _ in 0..50 {
+            let s = self.raft.status();
+            if s.role != Role::Leader || s.term != term {
+                return;
+            }
+            match self.raft.read_index().await {
+                Ok(i) => {
+                    index = Some(i);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let Some(index) = index else { return };
+        if !self.wait_applied(index).await {
+            return;
+        }
+        let s = self.raft.status();
+        let missing: Vec<(u64, String)> = s
+            .voters
+            .iter()
+            .chain(s.learners.iter())
+            .filter(|id| self.peers.replicated(**id).is_none())
+            .filter_map(|id| self.peers.unreplicated(*id).map(|a| (*id, a)))
+            .collect();
+        for (id, address) in missing {
+            match self
+                .propose(Command::SetServerAddress {
+                    id,
+                    address: address.clone(),
+                })
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(server = id, %address, "recorded a server's address in the replicated state")
+                }
+                Err(e) => {
+                    tracing::warn!(server = id, cause = %e, "could not record a server's address; the next leader will");
+                    return;
+                }
+            }
+        }
     }
 
     /// Proposes a command and waits until it is applied here. On a follower the command is

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use muster_core::Command;
+use muster_core::state::validate_server_address;
 use muster_proto::v1::{self, cluster_service_server::ClusterService};
 use muster_raft::{MembershipChange, ProposeError, ReplicationState, Role};
 use tonic::{Request, Response, Status};
@@ -38,6 +40,7 @@ impl Cluster {
             snapshot_index: s.snapshot_index,
             leader_address: s.leader.and_then(|l| self.0.peers.address(l)),
             views: Vec::new(),
+            addresses: self.0.read(|st| st.servers.clone()).into_iter().collect(),
             members: ids
                 .into_iter()
                 .map(|(id, voter)| {
@@ -45,6 +48,7 @@ impl Cluster {
                     v1::ClusterMember {
                         id,
                         address: self.0.peers.address(id).unwrap_or_default(),
+                        address_replicated: self.0.peers.replicated(id).is_some(),
                         voter,
                         matched_index: p.map(|p| p.matched).unwrap_or_default(),
                         replication: p
@@ -124,13 +128,26 @@ impl ClusterService for Cluster {
                 "id and address: give the new server's id (> 0) and host:port",
             ));
         }
+        validate_server_address(req.id, &req.address)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if self.0.raft().status().voters.contains(&req.id) {
             return Err(Status::already_exists(format!(
                 "server {} is already a voter",
                 req.id
             )));
         }
-        self.0.peers.set(req.id, req.address.clone());
+        if !self.0.is_leader() {
+            return Err(self.not_leader());
+        }
+        // Its address is replicated state before it becomes a member, so every server
+        // (and every server restarted later) can reach it.
+        self.0
+            .propose(Command::SetServerAddress {
+                id: req.id,
+                address: req.address.clone(),
+            })
+            .await
+            .map_err(status)?;
         // Learner first: it catches up (by snapshot) without affecting quorum.
         self.change(vec![MembershipChange::AddLearner(req.id)])
             .await?;
@@ -164,10 +181,27 @@ impl ClusterService for Cluster {
     ) -> Result<Response<v1::ClusterStatus>, Status> {
         let id = req.into_inner().id;
         let s = self.0.raft().status();
-        if !s.voters.contains(&id) && !s.learners.contains(&id) {
+        let member = s.voters.contains(&id) || s.learners.contains(&id);
+        let recorded = self.0.peers.replicated(id).is_some();
+        if !member && !recorded {
             return Err(Status::not_found(format!("server {id} is not a member")));
         }
-        self.change(vec![MembershipChange::Remove(id)]).await?;
+        if member {
+            self.change(vec![MembershipChange::Remove(id)]).await?;
+        }
+        // Then its address leaves the replicated state (run again if this step failed: the
+        // server is no member any more, only its address is left to remove).
+        if recorded {
+            self.0
+                .propose(Command::RemoveServerAddress { id })
+                .await
+                .map_err(|e| {
+                    Status::unavailable(format!(
+                        "server {id} was removed, but its address could not be removed from the replicated state ({e}); run remove-server --id {id} again"
+                    ))
+                })?;
+        }
+        self.0.peers.forget(id);
         Ok(Response::new(self.snapshot()))
     }
 
