@@ -209,6 +209,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn replicated_addresses_win_over_peers_flags_and_gossip() {
+        let state = Arc::new(RwLock::new(State::default()));
+        let peers = Peers::new(
+            state.clone(),
+            BTreeMap::from([
+                (1, "flag-1:7070".to_string()),
+                (2, "flag-2:7070".to_string()),
+            ]),
+        );
+        assert_eq!(peers.address(1).as_deref(), Some("flag-1:7070"));
+        assert_eq!(peers.replicated(1), None);
+        state
+            .write()
+            .unwrap()
+            .apply(&muster_core::Command::SetServerAddress {
+                id: 1,
+                address: "state-1:7070".into(),
+            })
+            .unwrap();
+        assert_eq!(peers.address(1).as_deref(), Some("state-1:7070"));
+        assert_eq!(peers.replicated(1).as_deref(), Some("state-1:7070"));
+        // Gossip fills in only what nobody knows yet.
+        peers.learn([
+            (2, "gossip-2:7070".to_string()),
+            (3, "gossip-3:7070".to_string()),
+        ]);
+        assert_eq!(peers.address(2).as_deref(), Some("flag-2:7070"));
+        assert_eq!(peers.address(3).as_deref(), Some("gossip-3:7070"));
+        assert_eq!(peers.all().len(), 3);
+        assert_eq!(peers.all()[&1], "state-1:7070");
+        peers.forget(3);
+        assert_eq!(peers.address(3), None);
+    }
+
+    #[test]
     fn peers_parse_with_clear_errors() {
         let p = parse_peers("1=10.0.0.1:7070, 2=10.0.0.2:7070,3=h3:7070").unwrap();
         assert_eq!(p.len(), 3);
