@@ -754,3 +754,69 @@ async fn restarted_servers_find_each_other_from_replicated_addresses() {
     recorded.sort();
     assert_eq!(recorded, expected, "{s:?}");
 }
+
+/// `run logs --follow` against a follower relays the live log from the leader while the
+/// run prints, then serves the rest from the sealed blob: every line arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_follows_a_live_log_through_its_end_without_repeating_a_line() {
+    let cluster = TestCluster::start(3).await.unwrap();
+    create_pool(&cluster).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut agent_config = muster_testkit::agents::agent_config(
+        &cluster.url(1),
+        data.path(),
+        "ha-pool",
+        "follow-node",
+        Arc::new(muster_agent::NoGpus),
+    );
+    agent_config.servers = cluster
+        .ids()
+        .into_iter()
+        .map(|id| cluster.url(id))
+        .collect();
+    let _agent = muster_testkit::agents::AgentHandle::start(&cluster.urls(), agent_config)
+        .await
+        .unwrap();
+    let leader = cluster.leader().await.unwrap();
+    let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
+    let mut s = RunSpec::new(
+        "i=1; while [ $i -le 40 ]; do echo \"live line $i\"; sleep 0.05; i=$((i+1)); done",
+    );
+    s.compute = "ha-pool".into();
+    let run = submit_with_retries(&[cluster.url(follower)], 0, "follow-1".into(), s.into())
+        .await
+        .expect("submitted");
+    // Follow from the moment it is queued: the follower relays the leader's live log.
+    let mut c = muster_cli::client::connect(&cluster.url(follower))
+        .await
+        .unwrap();
+    let mut stream = c
+        .runs
+        .stream_logs(v1::StreamLogsRequest {
+            id: run.clone(),
+            attempt: None,
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    let followed = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(chunk) = stream.message().await.unwrap() {
+            assert_eq!(chunk.attempt, 1);
+            assert_eq!(chunk.offset, got.len() as u64, "chunks follow each other");
+            got.extend_from_slice(&chunk.data);
+        }
+    })
+    .await;
+    assert!(followed.is_ok(), "the follow ended with the run");
+    let expected: String = (1..=40).map(|i| format!("live line {i}\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&got), expected);
+    let done = muster_tests::wait_done(&cluster.url(follower), &run).await;
+    assert_eq!(done.state, "completed", "{done:?}");
+    // Once ended, the CLI reads it from the sealed blob on the follower.
+    let out =
+        muster_testkit::muster(&cluster.url(follower), data.path(), &["run", "logs", &run]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout, expected);
+}

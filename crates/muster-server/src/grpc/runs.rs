@@ -289,6 +289,7 @@ async fn relay(
     offset: &mut u64,
     tx: &mpsc::Sender<Result<v1::LogChunk, Status>>,
 ) -> Result<(), Status> {
+    tracing::debug!(run_id = %req.id, attempt, offset = *offset, "relaying a live log from the leader");
     let mut stream = client
         .stream_logs(crate::replication::replica_request(v1::StreamLogsRequest {
             id: req.id.clone(),
