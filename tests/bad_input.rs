@@ -139,6 +139,40 @@ async fn bad_input_is_refused_with_a_clear_message_and_changes_nothing() {
     expect_err(&out, &["run \"run-nope\" does not exist"]);
     let out = muster(&url, p, &["run", "list", "--state", "sleeping"]).await;
     expect_err(&out, &["state: unknown run state \"sleeping\""]);
+    let out = muster(
+        &url,
+        p,
+        &["run", "submit", "--distribution", "horovod", "--", "true"],
+    )
+    .await;
+    expect_err(
+        &out,
+        &[
+            "distribution.type: unknown distribution \"horovod\"",
+            "pytorch, mpi or tensorflow",
+        ],
+    );
+    let out = muster(
+        &url,
+        p,
+        &["run", "submit", "--distribution", "mpi", "--", "true"],
+    )
+    .await;
+    expect_err(&out, &["distribution.process_count_per_instance: missing"]);
+    let out = muster(
+        &url,
+        p,
+        &[
+            "run",
+            "submit",
+            "--process-count-per-instance",
+            "2",
+            "--",
+            "true",
+        ],
+    )
+    .await;
+    expect_err(&out, &["--process-count-per-instance needs a distribution"]);
     assert!(all_runs(&url).await.is_empty(), "nothing was stored");
 }
 

@@ -653,3 +653,91 @@ async fn wait_done_attempt(url: &str, id: &str, n: u32) -> muster_proto::v1::Run
     }
     panic!("{id} never ran attempt {n}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_selector_places_a_run_only_on_nodes_with_those_labels() {
+    let dev = cluster().await;
+    let url = dev.url();
+    create_pool(&url, "zoned").await;
+    let data = tempfile::tempdir().unwrap();
+    let mut agents = Vec::new();
+    for zone in ["a", "b"] {
+        let mut config = agent_config(
+            &url,
+            &data.path().join(zone),
+            "zoned",
+            &format!("zone-{zone}"),
+            Arc::new(FakeGpuProbe::with(zone, 0)),
+        );
+        config.labels.insert("zone".into(), zone.into());
+        agents.push(AgentHandle::start(&url, config).await.unwrap());
+    }
+    let p = tempfile::tempdir().unwrap();
+    let submit = |selector: &'static str| {
+        let url = url.clone();
+        let dir = p.path().to_path_buf();
+        async move {
+            let out = muster(
+                &url,
+                &dir,
+                &[
+                    "run",
+                    "submit",
+                    "--compute",
+                    "zoned",
+                    "--node-selector",
+                    selector,
+                    "--",
+                    "echo",
+                    "placed",
+                ],
+            )
+            .await;
+            assert_eq!(out.code, 0, "{out:?}");
+            out.stdout.trim().to_string()
+        }
+    };
+    for _ in 0..3 {
+        let id = submit("zone=b").await;
+        let run = wait_done(&url, &id).await;
+        assert_eq!(run.state, "completed", "{run:?}");
+        assert_eq!(run.attempts[0].placements[0].node_name, "zone-b", "{run:?}");
+    }
+    // No node carries zone=c: the run waits, and says why.
+    let id = submit("zone=c").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let shown = loop {
+        let out = muster(&url, p.path(), &["run", "show", &id, "-o", "json"]).await;
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        if v["message"].as_str().is_some_and(|r| r.contains("zone=c")) || Instant::now() > deadline
+        {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(shown["state"], "queued", "{shown}");
+    assert!(
+        shown["message"].as_str().unwrap_or("").contains("waiting:")
+            && shown["message"].as_str().unwrap_or("").contains("zone=c"),
+        "{shown}"
+    );
+    // A selector that is not KEY=VALUE is refused before anything is submitted.
+    let out = muster(
+        &url,
+        p.path(),
+        &[
+            "run",
+            "submit",
+            "--compute",
+            "zoned",
+            "--node-selector",
+            "zone",
+            "--",
+            "true",
+        ],
+    )
+    .await;
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("--node-selector"), "{out:?}");
+    assert_eq!(all_runs(&url).await.len(), 4);
+}

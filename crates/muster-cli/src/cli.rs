@@ -324,6 +324,15 @@ pub struct SubmitArgs {
     /// Nodes the run spans (all start together or none does).
     #[arg(long)]
     pub instance_count: Option<u32>,
+    /// How the instances are wired together: pytorch, mpi or tensorflow.
+    #[arg(long)]
+    pub distribution: Option<String>,
+    /// pytorch / mpi: processes per instance (mpi: the hostfile's slots).
+    #[arg(long)]
+    pub process_count_per_instance: Option<u32>,
+    /// Only nodes with this label take the run, `KEY=VALUE` (repeatable).
+    #[arg(long)]
+    pub node_selector: Vec<String>,
     /// Seconds before the run is stopped as timed out.
     #[arg(long)]
     pub timeout: Option<u64>,

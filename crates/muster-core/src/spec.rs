@@ -532,6 +532,8 @@ pub struct JobFile {
     pub priority: Option<Scalar>,
     /// muster: attempts before the run fails for good.
     pub max_attempts: Option<u32>,
+    /// muster: only nodes carrying all these labels take the run (`gpu_model: A100`).
+    pub node_selector: Option<BTreeMap<String, Scalar>>,
 }
 
 /// Parses an Azure ML v2 command job. Unknown keys are errors naming their path.
@@ -741,6 +743,12 @@ impl JobFile {
         if let Some(m) = self.max_attempts {
             spec.max_attempts = m;
         }
+        if let Some(selector) = self.node_selector {
+            spec.node_selector = selector
+                .into_iter()
+                .map(|(k, v)| (k, v.to_string()))
+                .collect();
+        }
         spec.validate()?;
         Ok(spec)
     }
@@ -823,7 +831,7 @@ mod tests {
     #[test]
     fn muster_additions_parse() {
         let spec = parse_job_yaml(
-            "command: python t.py --out ${{outputs.model}}\npriority: high\nmax_attempts: 5\nresources:\n  cpu: 2\n  memory: 4g\n  gpus: 1\n  shm_size: 2g\noutputs:\n  model:\n    type: uri_folder\nlimits:\n  timeout: 60\nenvironment:\n  image: busybox:latest\nenvironment_variables:\n  SEED: 7\n",
+            "command: python t.py --out ${{outputs.model}}\npriority: high\nmax_attempts: 5\nresources:\n  cpu: 2\n  memory: 4g\n  gpus: 1\n  shm_size: 2g\noutputs:\n  model:\n    type: uri_folder\nlimits:\n  timeout: 60\nenvironment:\n  image: busybox:latest\nenvironment_variables:\n  SEED: 7\nnode_selector:\n  gpu_model: A100\n  zone: 2\n",
         )
         .unwrap()
         .into_run_spec("exp")
@@ -844,5 +852,21 @@ mod tests {
         assert_eq!(spec.environment.image.as_deref(), Some("busybox:latest"));
         assert_eq!(spec.environment_variables["SEED"], "7");
         assert_eq!(spec.experiment, "exp");
+        assert_eq!(
+            spec.node_selector,
+            BTreeMap::from([
+                ("gpu_model".to_string(), "A100".to_string()),
+                ("zone".to_string(), "2".to_string())
+            ])
+        );
+    }
+
+    #[test]
+    fn a_node_selector_label_with_a_space_names_its_path() {
+        let e = parse_job_yaml("command: echo\nnode_selector:\n  \"gpu model\": A100\n")
+            .unwrap()
+            .into_run_spec("exp")
+            .unwrap_err();
+        assert_eq!(e.path, "node_selector.gpu model");
     }
 }

@@ -97,6 +97,7 @@ impl From<CoreSpec> for v1::RunSpec {
             timeout_s: s.timeout_s,
             priority: s.priority,
             max_attempts: s.max_attempts,
+            node_selector: s.node_selector.into_iter().collect(),
             code: s.code.map(|c| v1::CodeRef {
                 manifest: c.manifest,
                 files: c.files,
@@ -155,8 +156,7 @@ pub fn spec_from_wire(s: v1::RunSpec) -> Result<CoreSpec, String> {
         timeout_s: s.timeout_s,
         priority: s.priority,
         max_attempts: s.max_attempts,
-        // Not on the wire yet: a run submitted over gRPC may use any node of its target.
-        node_selector: Default::default(),
+        node_selector: s.node_selector.into_iter().collect(),
         code: s.code.map(|c| CoreCode {
             manifest: c.manifest,
             files: c.files,

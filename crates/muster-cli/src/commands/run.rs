@@ -8,7 +8,7 @@ use anyhow::Context;
 use futures::StreamExt;
 use muster_core::names::validate_experiment_name;
 use muster_core::spec::{
-    EnvironmentFile, JobFile, LimitsFile, ResourcesFile, Scalar, parse_job_yaml,
+    DistributionFile, EnvironmentFile, JobFile, LimitsFile, ResourcesFile, Scalar, parse_job_yaml,
 };
 use muster_proto::v1;
 use serde_json::json;
@@ -297,6 +297,30 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
         if let Some(n) = args.instance_count {
             r.instance_count = Some(n);
         }
+    }
+    if args.distribution.is_some() || args.process_count_per_instance.is_some() {
+        let d = job
+            .distribution
+            .get_or_insert_with(DistributionFile::default);
+        if let Some(kind) = args.distribution {
+            d.kind = kind;
+        }
+        if d.kind.is_empty() {
+            anyhow::bail!(
+                "--process-count-per-instance needs a distribution: add --distribution pytorch, mpi or tensorflow"
+            );
+        }
+        if let Some(n) = args.process_count_per_instance {
+            d.process_count_per_instance = Some(n);
+        }
+    }
+    for kv in &args.node_selector {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--node-selector: {kv:?} is not KEY=VALUE"))?;
+        job.node_selector
+            .get_or_insert_with(Default::default)
+            .insert(k.to_string(), Scalar::Text(v.to_string()));
     }
     if let Some(t) = args.timeout {
         job.limits.get_or_insert_with(LimitsFile::default).timeout = Some(t);
