@@ -28,11 +28,6 @@ fn not_found(id: &str) -> Status {
 }
 
 impl Runs {
-    /// A RunService client of the leader, when this server is a follower that knows it.
-    fn leader_runs(&self) -> Option<v1::run_service_client::RunServiceClient<Channel>> {
-        leader_runs(&self.0)
-    }
-
     fn get(&self, id: &str) -> Result<v1::Run, Status> {
         self.0
             .read(|s| {
@@ -196,7 +191,7 @@ impl RunService for Runs {
         let req = req.into_inner();
         if self.get(&req.id).is_err() {
             // A follower that has not applied the submission yet: the leader knows the run.
-            if !relayed && let Some(mut client) = self.leader_runs() {
+            if !relayed && let Some(mut client) = leader_runs(&self.0) {
                 let stream = client
                     .stream_logs(crate::replication::replica_request(req))
                     .await?
@@ -246,6 +241,7 @@ impl RunService for Runs {
     }
 }
 
+/// A RunService client of the leader, when this server is a follower that knows it.
 fn leader_runs(
     coordinator: &Coordinator,
 ) -> Option<v1::run_service_client::RunServiceClient<Channel>> {
