@@ -29,6 +29,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(test)]
 pub(crate) use apply::live_node_count;
 pub use command::{Applied, ApplyError, AttemptReport, Command, ProvisionOutcome};
 

@@ -1,0 +1,427 @@
+//! Autoscaling compute clusters (issue 5, item 6): a cluster grows for waiting runs and
+//! shrinks after its idle time, through the `docker` provisioner (agent containers from
+//! the `muster:local` image) and the `command` provisioner (an admin's scripts).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use muster_proto::v1;
+use muster_testkit::images::{docker_or_skip, remove_containers_labelled};
+use muster_testkit::{DevCluster, muster, muster_bin};
+
+/// `muster dev` with a short node grace, so a stopped agent is noticed in seconds.
+async fn cluster() -> DevCluster {
+    DevCluster::start_with(|c| {
+        c.server.heartbeat_interval = Duration::from_millis(300);
+        c.server.node_grace = Duration::from_secs(3);
+    })
+    .await
+    .unwrap()
+}
+
+/// A compute name unique to this test process.
+fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", std::process::id())
+}
+
+async fn status(url: &str, name: &str) -> v1::ComputeStatus {
+    let mut c = muster_cli::client::connect(url).await.expect("connect");
+    c.compute
+        .get_compute_status(v1::GetComputeRequest { name: name.into() })
+        .await
+        .expect("status")
+        .into_inner()
+}
+
+/// Polls (bounded by `limit`) until `check` holds on the compute target's status.
+async fn wait_status(
+    url: &str,
+    name: &str,
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut(&v1::ComputeStatus) -> bool,
+) -> v1::ComputeStatus {
+    let t0 = Instant::now();
+    loop {
+        let s = status(url, name).await;
+        if check(&s) {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "{what} did not happen within {limit:?}; last status: {s:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn submit(url: &str, dir: &Path, compute: &str, cpu: &str, secs: u32) -> String {
+    let sleep = format!("sleep {secs}");
+    let out = muster(
+        url,
+        dir,
+        &[
+            "run",
+            "submit",
+            "--compute",
+            compute,
+            "--cpu",
+            cpu,
+            "--",
+            "sh",
+            "-c",
+            &sleep,
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    out.stdout.trim().to_string()
+}
+
+async fn get_run(url: &str, id: &str) -> v1::Run {
+    let mut c = muster_cli::client::connect(url).await.expect("connect");
+    c.runs
+        .get_run(v1::GetRunRequest {
+            id: id.into(),
+            stale: false,
+        })
+        .await
+        .expect("get")
+        .into_inner()
+}
+
+/// Waits (bounded) for every run to complete; returns the node each ran on.
+async fn wait_completed(url: &str, ids: &[String], limit: Duration) -> Vec<String> {
+    let t0 = Instant::now();
+    let mut nodes = Vec::new();
+    for id in ids {
+        loop {
+            let r = get_run(url, id).await;
+            if r.state == "completed" {
+                let a = r.attempts.last().expect("an attempt");
+                nodes.push(a.placements[0].node_name.clone());
+                break;
+            }
+            assert!(
+                !matches!(r.state.as_str(), "failed" | "canceled" | "timed_out"),
+                "run {id} ended {}: {:?}",
+                r.state,
+                r.message
+            );
+            assert!(
+                t0.elapsed() < limit,
+                "run {id} did not complete within {limit:?}: {r:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    nodes
+}
+
+fn actions(s: &v1::ComputeStatus) -> Vec<(String, Vec<String>)> {
+    s.history
+        .iter()
+        .map(|e| (e.action.clone(), e.nodes.clone()))
+        .collect()
+}
+
+/// Removes the test's agent containers, whatever happened.
+struct Containers {
+    compute: String,
+}
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        let compute = self.compute.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok(d) = bollard::Docker::connect_with_defaults() {
+                    let _ = remove_containers_labelled(&d, "muster.compute", &compute).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Builds `muster:local` from the test's muster binary with deploy/build-image.sh.
+async fn build_agent_image() {
+    let bin = muster_bin();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/build-image.sh");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("bash")
+            .arg(script)
+            .arg(bin)
+            .output()
+            .expect("build-image.sh runs")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "deploy/build-image.sh failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_docker_cluster_grows_to_two_nodes_for_two_runs_and_shrinks_to_zero() {
+    let Some(docker) = docker_or_skip().await else {
+        return;
+    };
+    build_agent_image().await;
+    let dev = cluster().await;
+    let url = dev.url();
+    let name = unique("dock");
+    let _cleanup = Containers {
+        compute: name.clone(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = muster(
+        &url,
+        dir.path(),
+        &[
+            "compute",
+            "create",
+            &name,
+            "--type",
+            "cluster",
+            "--min-instances",
+            "0",
+            "--max-instances",
+            "2",
+            "--idle-time-before-scale-down",
+            "5",
+            "--provisioner",
+            "docker",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stdout
+            .contains("provisioner  docker (image muster:local, network host"),
+        "{out:?}"
+    );
+    assert_eq!(status(&url, &name).await.compute.unwrap().nodes, 0);
+
+    // Each run asks for every CPU of a node (the agents in the containers offer the
+    // machine's), so only one fits per node: two waiting runs need two nodes.
+    let cpus = std::thread::available_parallelism()
+        .unwrap()
+        .get()
+        .to_string();
+    let a = submit(&url, dir.path(), &name, &cpus, 4).await;
+    let b = submit(&url, dir.path(), &name, &cpus, 4).await;
+    let grown = wait_status(
+        &url,
+        &name,
+        "growing to 2 nodes",
+        Duration::from_secs(120),
+        |s| s.nodes.len() == 2 && s.nodes.iter().all(|n| n.state == "ready"),
+    )
+    .await;
+    let names: BTreeSet<String> = grown.nodes.iter().map(|n| n.name.clone()).collect();
+    let expected: BTreeSet<String> =
+        [format!("muster-{name}-0"), format!("muster-{name}-1")].into();
+    assert_eq!(names, expected);
+    // They are containers of the image, labelled for the compute target, on the host network.
+    for node in &expected {
+        let c = docker.inspect_container(node, None).await.unwrap();
+        let labels = c.config.as_ref().unwrap().labels.clone().unwrap();
+        assert_eq!(labels.get("muster.compute"), Some(&name));
+        assert_eq!(c.config.unwrap().image.as_deref(), Some("muster:local"));
+        assert_eq!(c.host_config.unwrap().network_mode.as_deref(), Some("host"));
+    }
+    let ran_on: BTreeSet<String> = wait_completed(&url, &[a, b], Duration::from_secs(120))
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(ran_on, expected, "one run per node");
+
+    // Idle for 5 s: both drained, stopped, removed from the state and the engine.
+    let shrunk = wait_status(
+        &url,
+        &name,
+        "shrinking to 0",
+        Duration::from_secs(90),
+        |s| s.nodes.is_empty() && s.provisioned.is_empty(),
+    )
+    .await;
+    for node in &expected {
+        assert!(
+            docker.inspect_container(node, None).await.is_err(),
+            "container {node} is still there"
+        );
+    }
+    let acts = actions(&shrunk);
+    let did = |action: &str| -> BTreeSet<String> {
+        acts.iter()
+            .filter(|(a, _)| a == action)
+            .flat_map(|(_, n)| n.clone())
+            .collect()
+    };
+    for action in ["scale_up", "launched", "scale_down", "released"] {
+        assert_eq!(did(action), expected, "{action}: {acts:?}");
+    }
+    assert!(!acts.iter().any(|(a, _)| a == "failed"), "{acts:?}");
+    // What a person reads.
+    let shown = muster(&url, dir.path(), &["compute", "show", &name]).await;
+    assert_eq!(shown.code, 0, "{shown:?}");
+    assert!(shown.stdout.contains("last actions"), "{shown:?}");
+    assert!(shown.stdout.contains("released"), "{shown:?}");
+    assert!(shown.stdout.contains("nodes        0"), "{shown:?}");
+    // Nothing left: the compute target can be deleted.
+    let out = muster(&url, dir.path(), &["compute", "delete", &name]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+}
+
+/// Kills the agents the scale-up script started, whatever happened.
+struct Agents {
+    dir: PathBuf,
+}
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if e.path().extension().is_some_and(|x| x == "pid")
+                && let Ok(pid) = std::fs::read_to_string(e.path())
+                && let Ok(pid) = pid.trim().parse::<i32>()
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_provisioner_runs_the_scripts_with_compute_size_and_node_names() {
+    let dev = cluster().await;
+    let url = dev.url();
+    let name = unique("cmd");
+    let scripts = tempfile::tempdir().unwrap();
+    let dir = scripts.path().to_path_buf();
+    let _agents = Agents { dir: dir.clone() };
+    let bin = muster_bin();
+    let up = dir.join("scale-up.sh");
+    let down = dir.join("scale-down.sh");
+    std::fs::write(
+        &up,
+        format!(
+            r#"#!/bin/sh
+set -e
+echo "up $*" >> '{dir}/calls.log'
+echo "env $MUSTER_COMPUTE|$MUSTER_SIZE|$MUSTER_NODES|$MUSTER_SERVER" >> '{dir}/calls.log'
+shift 2
+for node in "$@"; do
+  '{bin}' agent --compute "$MUSTER_COMPUTE" --name "$node" --data-dir '{dir}'/"$node" --cpus 1 > '{dir}'/"$node.log" 2>&1 &
+  echo $! > '{dir}'/"$node.pid"
+done
+"#,
+            dir = dir.display(),
+            bin = bin.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &down,
+        format!(
+            r#"#!/bin/sh
+echo "down $*" >> '{dir}/calls.log'
+shift 2
+for node in "$@"; do
+  if [ -f '{dir}'/"$node.pid" ]; then kill "$(cat '{dir}'/"$node.pid")"; rm -f '{dir}'/"$node.pid"; fi
+done
+"#,
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    for s in [&up, &down] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(s, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let work = tempfile::tempdir().unwrap();
+    let out = muster(
+        &url,
+        work.path(),
+        &[
+            "compute",
+            "create",
+            &name,
+            "--type",
+            "cluster",
+            "--size",
+            "small",
+            "--max-instances",
+            "2",
+            "--idle-time-before-scale-down",
+            "3",
+            "--provisioner",
+            "command",
+            "--scale-up",
+            up.to_str().unwrap(),
+            "--scale-down",
+            down.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+
+    // The agents offer 1 CPU each; each run needs 1: two runs, two nodes.
+    let a = submit(&url, work.path(), &name, "1", 3).await;
+    let b = submit(&url, work.path(), &name, "1", 3).await;
+    let ran_on: BTreeSet<String> = wait_completed(&url, &[a, b], Duration::from_secs(90))
+        .await
+        .into_iter()
+        .collect();
+    let expected: BTreeSet<String> =
+        [format!("muster-{name}-0"), format!("muster-{name}-1")].into();
+    assert_eq!(ran_on, expected);
+    wait_status(
+        &url,
+        &name,
+        "shrinking to 0",
+        Duration::from_secs(60),
+        |s| s.nodes.is_empty() && s.provisioned.is_empty(),
+    )
+    .await;
+
+    // The scripts were called with the compute, its size and the node names.
+    let calls = std::fs::read_to_string(dir.join("calls.log")).unwrap();
+    let nodes_of = |verb: &str| -> BTreeSet<String> {
+        calls
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("{verb} {name} small ")))
+            .flat_map(|rest| rest.split(' ').map(str::to_string))
+            .collect()
+    };
+    assert_eq!(nodes_of("up"), expected, "{calls}");
+    assert_eq!(nodes_of("down"), expected, "{calls}");
+    let server = dev.addr.to_string();
+    assert!(
+        calls.lines().filter(|l| l.starts_with("env ")).all(|l| l
+            .starts_with(&format!("env {name}|small|muster-{name}-"))
+            && l.ends_with(&format!("|{server}"))),
+        "{calls}"
+    );
+    // Every agent it started was stopped by scale-down.
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+        .collect();
+    assert!(left.is_empty(), "agents left: {left:?}");
+}
