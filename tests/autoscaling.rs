@@ -282,6 +282,119 @@ async fn a_docker_cluster_grows_to_two_nodes_for_two_runs_and_shrinks_to_zero() 
     assert_eq!(out.code, 0, "{out:?}");
 }
 
+/// The agent containers of `compute` the engine has, by name.
+async fn containers_of(docker: &bollard::Docker, compute: &str) -> BTreeSet<String> {
+    use bollard::query_parameters::ListContainersOptionsBuilder;
+    let filters =
+        std::collections::HashMap::from([("label", vec![format!("muster.compute={compute}")])]);
+    let options = ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    docker
+        .list_containers(Some(options))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|c| {
+            c.names?
+                .first()
+                .map(|n| n.trim_start_matches('/').to_string())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_adopts_the_agent_containers_and_still_scales_down() {
+    let Some(docker) = docker_or_skip().await else {
+        return;
+    };
+    build_agent_image().await;
+    let mut dev = cluster().await;
+    let url = dev.url();
+    let name = unique("adopt");
+    let _cleanup = Containers {
+        compute: name.clone(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // min 1: one node from the start, kept for ever; the busy node goes after 3 s idle.
+    let yaml = format!(
+        "name: {name}\ntype: amlcompute\nmin_instances: 1\nmax_instances: 2\nidle_time_before_scale_down: 3\nprovisioner:\n  type: docker\n"
+    );
+    std::fs::write(dir.path().join("compute.yml"), yaml).unwrap();
+    let out = muster(
+        &url,
+        dir.path(),
+        &["compute", "create", "-f", "compute.yml"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let first = format!("muster-{name}-0");
+    wait_status(
+        &url,
+        &name,
+        "reaching min_instances",
+        Duration::from_secs(120),
+        |s| s.nodes.len() == 1 && s.nodes[0].state == "ready",
+    )
+    .await;
+    let cpus = std::thread::available_parallelism()
+        .unwrap()
+        .get()
+        .to_string();
+    let a = submit(&url, dir.path(), &name, &cpus, 8).await;
+    let b = submit(&url, dir.path(), &name, &cpus, 8).await;
+    wait_status(
+        &url,
+        &name,
+        "growing to 2 nodes",
+        Duration::from_secs(120),
+        |s| s.nodes.len() == 2 && s.nodes.iter().all(|n| n.state == "ready"),
+    )
+    .await;
+    let both: BTreeSet<String> = [first.clone(), format!("muster-{name}-1")].into();
+    assert_eq!(containers_of(&docker, &name).await, both);
+    // Both running (their code fetched), so the restart interrupts nothing but the leader.
+    for id in [&a, &b] {
+        let t0 = Instant::now();
+        while get_run(&url, id).await.state != "running" {
+            assert!(t0.elapsed() < Duration::from_secs(60), "run {id} never ran");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // A new leader (the server restarts on its data) starts with an empty memory: it reads
+    // the requested nodes from the state, finds their containers, and starts nothing more.
+    dev.restart().await.unwrap();
+    let ran_on: BTreeSet<String> = wait_completed(&url, &[a, b], Duration::from_secs(120))
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(ran_on, both);
+    let shrunk = wait_status(
+        &url,
+        &name,
+        "shrinking to 1",
+        Duration::from_secs(90),
+        |s| s.nodes.len() == 1 && s.provisioned.len() == 1,
+    )
+    .await;
+    let kept = shrunk.nodes[0].name.clone();
+    assert_eq!(containers_of(&docker, &name).await, [kept].into());
+    let ups: Vec<String> = shrunk
+        .history
+        .iter()
+        .filter(|e| e.action == "scale_up")
+        .flat_map(|e| e.nodes.clone())
+        .collect();
+    assert_eq!(
+        ups.len(),
+        2,
+        "no node requested twice: {:?}",
+        shrunk.history
+    );
+}
+
 /// Kills the agents the scale-up script started, whatever happened.
 struct Agents {
     dir: PathBuf,

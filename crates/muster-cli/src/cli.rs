@@ -150,7 +150,7 @@ pub struct AgentArgs {
 #[derive(Debug, Subcommand)]
 pub enum ComputeCommand {
     /// Create a compute target from flags or an Azure ML compute YAML.
-    Create(ComputeCreateArgs),
+    Create(Box<ComputeCreateArgs>),
     /// List compute targets.
     List,
     /// Show one compute target.
