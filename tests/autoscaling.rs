@@ -538,3 +538,52 @@ done
         .collect();
     assert!(left.is_empty(), "agents left: {left:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_provisioner_settings_are_refused_with_the_field_and_change_nothing() {
+    let dev = cluster().await;
+    let url = dev.url();
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--type", "cluster", "--scale-up", "/bin/true"],
+            "--scale-up: only for --provisioner command",
+        ),
+        (
+            &[
+                "--type",
+                "cluster",
+                "--provisioner",
+                "command",
+                "--scale-up",
+                "/bin/true",
+            ],
+            "--scale-down: missing",
+        ),
+        (
+            &["--type", "attached", "--provisioner", "docker"],
+            "provisioner: attached targets never provision",
+        ),
+        (
+            &["--type", "cluster", "--provisioner", "cloud"],
+            "--provisioner: unknown provisioner",
+        ),
+    ];
+    for (flags, error) in cases {
+        let mut args = vec!["compute", "create", "badprov"];
+        args.extend_from_slice(flags);
+        let out = muster(&url, dir.path(), &args).await;
+        assert_ne!(out.code, 0, "{args:?}: {out:?}");
+        assert!(out.stderr.contains(error), "{args:?}: {out:?}");
+    }
+    std::fs::write(
+        dir.path().join("c.yml"),
+        "name: badprov\nprovisioner:\n  type: docker\n  imag: muster:local\n",
+    )
+    .unwrap();
+    let out = muster(&url, dir.path(), &["compute", "create", "-f", "c.yml"]).await;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("provisioner.imag"), "{out:?}");
+    let list = muster(&url, dir.path(), &["compute", "list"]).await;
+    assert!(!list.stdout.contains("badprov"), "{list:?}");
+}

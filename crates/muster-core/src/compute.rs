@@ -194,7 +194,7 @@ impl Provisioner {
             return Err(SpecError::field(
                 "provisioner",
                 format!(
-                    "a {} target never provisions nodes (its machines join with `muster agent --compute NAME`): use provisioner static, or type cluster or instance",
+                    "{} targets never provision nodes (their machines join with `muster agent --compute NAME`): use provisioner static, or type cluster or instance",
                     kind.as_str()
                 ),
             ));
