@@ -149,6 +149,12 @@ impl Drop for Containers {
     }
 }
 
+/// The CPUs an agent container offers: the engine's (its containers have no CPU limit).
+async fn engine_cpus(docker: &bollard::Docker) -> String {
+    let n = docker.info().await.unwrap().ncpu.unwrap_or(1).max(1);
+    n.to_string()
+}
+
 /// Builds `muster:local` from the test's muster binary with deploy/build-image.sh.
 async fn build_agent_image() {
     let bin = muster_bin();
@@ -212,11 +218,8 @@ async fn a_docker_cluster_grows_to_two_nodes_for_two_runs_and_shrinks_to_zero() 
     assert_eq!(status(&url, &name).await.compute.unwrap().nodes, 0);
 
     // Each run asks for every CPU of a node (the agents in the containers offer the
-    // machine's), so only one fits per node: two waiting runs need two nodes.
-    let cpus = std::thread::available_parallelism()
-        .unwrap()
-        .get()
-        .to_string();
+    // engine's), so only one fits per node: two waiting runs need two nodes.
+    let cpus = engine_cpus(&docker).await;
     let a = submit(&url, dir.path(), &name, &cpus, 4).await;
     let b = submit(&url, dir.path(), &name, &cpus, 4).await;
     let grown = wait_status(
@@ -338,10 +341,7 @@ async fn a_new_leader_adopts_the_agent_containers_and_still_scales_down() {
         |s| s.nodes.len() == 1 && s.nodes[0].state == "ready",
     )
     .await;
-    let cpus = std::thread::available_parallelism()
-        .unwrap()
-        .get()
-        .to_string();
+    let cpus = engine_cpus(&docker).await;
     let a = submit(&url, dir.path(), &name, &cpus, 8).await;
     let b = submit(&url, dir.path(), &name, &cpus, 8).await;
     wait_status(
