@@ -587,3 +587,161 @@ async fn bad_provisioner_settings_are_refused_with_the_field_and_change_nothing(
     let list = muster(&url, dir.path(), &["compute", "list"]).await;
     assert!(!list.stdout.contains("badprov"), "{list:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_scale_up_is_shown_with_its_output_and_retried() {
+    let dev = cluster().await;
+    let url = dev.url();
+    let name = unique("retry");
+    let scripts = tempfile::tempdir().unwrap();
+    let dir = scripts.path().to_path_buf();
+    let _agents = Agents { dir: dir.clone() };
+    let bin = muster_bin();
+    let up = dir.join("up.sh");
+    let down = dir.join("down.sh");
+    // Fails until the admin "fixes the rack" (creates the file), then starts the agents.
+    std::fs::write(
+        &up,
+        format!(
+            r#"#!/bin/sh
+if [ ! -f '{dir}/fixed' ]; then echo "rack 7 has no power" >&2; exit 3; fi
+shift 2
+for node in "$@"; do
+  '{bin}' agent --compute "$MUSTER_COMPUTE" --name "$node" --data-dir '{dir}'/"$node" --cpus 1 > '{dir}'/"$node.log" 2>&1 &
+  echo $! > '{dir}'/"$node.pid"
+done
+"#,
+            dir = dir.display(),
+            bin = bin.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &down,
+        format!(
+            r#"#!/bin/sh
+shift 2
+for node in "$@"; do
+  if [ -f '{dir}'/"$node.pid" ]; then kill "$(cat '{dir}'/"$node.pid")"; rm -f '{dir}'/"$node.pid"; fi
+done
+"#,
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    for s in [&up, &down] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(s, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let work = tempfile::tempdir().unwrap();
+    let out = muster(
+        &url,
+        work.path(),
+        &[
+            "compute",
+            "create",
+            &name,
+            "--type",
+            "instance",
+            "--provisioner",
+            "command",
+            "--scale-up",
+            up.to_str().unwrap(),
+            "--scale-down",
+            down.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    // An instance is one node, started at once; the script fails and says why.
+    let node = format!("muster-{name}-0");
+    let failed = wait_status(
+        &url,
+        &name,
+        "a failed scale-up",
+        Duration::from_secs(30),
+        |s| s.history.iter().any(|e| e.action == "failed"),
+    )
+    .await;
+    let e = failed
+        .history
+        .iter()
+        .find(|e| e.action == "failed")
+        .unwrap();
+    assert_eq!(e.nodes, vec![node.clone()]);
+    assert!(
+        e.message.contains("rack 7 has no power") && e.message.contains("exit status: 3"),
+        "{e:?}"
+    );
+    let shown = muster(&url, work.path(), &["compute", "show", &name]).await;
+    assert!(shown.stdout.contains("rack 7 has no power"), "{shown:?}");
+    assert!(
+        shown
+            .stdout
+            .contains(&format!("provisioning {node} (requested)")),
+        "{shown:?}"
+    );
+    // Fixed: the next try starts it, and a run goes through.
+    std::fs::write(dir.join("fixed"), "").unwrap();
+    let id = submit(&url, work.path(), &name, "1", 0).await;
+    assert_eq!(
+        wait_completed(&url, &[id], Duration::from_secs(60)).await,
+        vec![node.clone()]
+    );
+    let s = status(&url, &name).await;
+    assert_eq!(s.nodes.len(), 1);
+    // The same failure is recorded once, not on every retry.
+    let failures = s.history.iter().filter(|e| e.action == "failed").count();
+    assert_eq!(failures, 1, "{:?}", s.history);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_agent_image_is_reported_and_nothing_starts() {
+    let Some(docker) = docker_or_skip().await else {
+        return;
+    };
+    let dev = cluster().await;
+    let url = dev.url();
+    let name = unique("noimg");
+    let _cleanup = Containers {
+        compute: name.clone(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = muster(
+        &url,
+        dir.path(),
+        &[
+            "compute",
+            "create",
+            &name,
+            "--type",
+            "cluster",
+            "--min-instances",
+            "1",
+            "--max-instances",
+            "1",
+            "--provisioner",
+            "docker",
+            "--docker-image",
+            "muster-test-no-such-image:never",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let s = wait_status(
+        &url,
+        &name,
+        "a failed start",
+        Duration::from_secs(30),
+        |s| s.history.iter().any(|e| e.action == "failed"),
+    )
+    .await;
+    let e = s.history.iter().find(|e| e.action == "failed").unwrap();
+    assert!(
+        e.message
+            .contains("image muster-test-no-such-image:never is not on the Docker host"),
+        "{e:?}"
+    );
+    assert!(containers_of(&docker, &name).await.is_empty());
+    assert!(s.nodes.is_empty());
+}

@@ -171,7 +171,7 @@ async fn ensure_running(
     match docker.create_container(Some(options), body).await {
         Ok(_) => {}
         Err(e) if status_of(&e) == Some(409) => {} // exists: start it below if stopped
-        Err(e) if status_of(&e) == Some(404) => {
+        Err(e) if status_of(&e) == Some(404) && engine_message(&e).contains("image") => {
             return Err(format!(
                 "image {} is not on the Docker host: build it (deploy/build-image.sh builds muster:local) or set the provisioner's image",
                 settings.image
