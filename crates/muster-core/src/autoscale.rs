@@ -105,6 +105,9 @@ pub fn autoscale_compute(state: &State, compute: &str, now: Millis) -> Option<Sc
     let (min, max) = target.spec.scale_bounds()?;
     let empty = Scaling::default();
     let scaling = state.scaling.get(compute).unwrap_or(&empty);
+    if scaling.deleting {
+        return None;
+    }
     let idle_ms = target
         .spec
         .idle_time_before_scale_down_s
@@ -651,6 +654,55 @@ mod tests {
             .unwrap();
             assert_eq!(autoscale(&s, 10), vec![]);
         }
+    }
+
+    #[test]
+    fn deleting_a_target_releases_its_nodes_first_then_removes_it() {
+        let mut sim = Sim::new(ComputeKind::Cluster, 2, 2, 5);
+        sim.scale().unwrap();
+        sim.provision();
+        let r = sim.submit(1, 1);
+        sim.place();
+        let delete = Command::DeleteCompute {
+            name: C.into(),
+            at: sim.now,
+        };
+        // A run still targets it: refused, nothing changed.
+        let before = sim.state.clone();
+        assert!(
+            sim.state
+                .apply(&delete)
+                .unwrap_err()
+                .to_string()
+                .contains("unfinished run")
+        );
+        assert_eq!(sim.state, before);
+        sim.finish(&r);
+        sim.apply(delete.clone());
+        assert!(sim.state.computes.contains_key(C));
+        assert!(
+            sim.state
+                .nodes
+                .values()
+                .all(|n| n.state == NodeState::Draining)
+        );
+        assert_eq!(autoscale_compute(&sim.state, C, sim.now + 1_000_000), None);
+        assert!(sim.state.apply(&delete).is_err());
+        let mut run = RunSpec::new("x");
+        run.compute = C.into();
+        let e = sim
+            .state
+            .apply(&Command::SubmitRun {
+                run_id: "late".into(),
+                spec: Box::new(run),
+                idempotency_key: None,
+                at: sim.now,
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("being deleted"), "{e}");
+        sim.provision();
+        assert!(sim.state.computes.is_empty() && sim.state.nodes.is_empty());
+        assert!(sim.state.scaling.is_empty());
     }
 
     #[derive(Debug, Clone)]

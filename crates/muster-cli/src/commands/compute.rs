@@ -83,8 +83,19 @@ pub async fn run(server: &str, output: OutputFormat, cmd: ComputeCommand) -> any
                 .delete_compute(v1::DeleteComputeRequest { name: name.clone() })
                 .await
                 .map_err(status)?;
+            // An autoscaled target goes once its provisioner has stopped its nodes.
+            let stopping = c
+                .compute
+                .get_compute_status(v1::GetComputeRequest { name: name.clone() })
+                .await
+                .ok()
+                .map(|s| s.into_inner().provisioned.len());
             if output == OutputFormat::Json {
-                print_json(&json!({"deleted": name}));
+                print_json(&json!({"deleted": name, "stopping_nodes": stopping.unwrap_or(0)}));
+            } else if let Some(n) = stopping {
+                println!(
+                    "Deleting compute target {name}: its provisioner is stopping {n} node(s); it goes with the last."
+                );
             } else {
                 println!("Deleted compute target {name}.");
             }

@@ -68,7 +68,7 @@ impl State {
                 );
                 Ok(Applied::Done)
             }
-            Command::DeleteCompute { name, .. } => self.delete_compute(name),
+            Command::DeleteCompute { name, at } => self.delete_compute(name, *at),
             Command::RegisterNode {
                 node_id,
                 name,
@@ -233,7 +233,7 @@ impl State {
         }
     }
 
-    fn delete_compute(&mut self, name: &str) -> Result<Applied, ApplyError> {
+    fn delete_compute(&mut self, name: &str, at: Millis) -> Result<Applied, ApplyError> {
         let target = self
             .computes
             .get(name)
@@ -244,16 +244,22 @@ impl State {
                 detail: "the built-in local target cannot be deleted".to_string(),
             });
         }
-        let nodes = self.nodes.values().filter(|n| n.compute == name).count();
-        let requested = self.scaling.get(name).map_or(0, |s| s.nodes.len());
-        if nodes == 0 && requested > 0 {
+        let scaling = self.scaling.get(name).cloned().unwrap_or_default();
+        if scaling.deleting {
             return Err(ApplyError::ComputeInUse {
                 name: name.to_string(),
                 detail: format!(
-                    "its provisioner is still starting or stopping {requested} node(s); try again when they are gone"
+                    "it is already being deleted; its provisioner is stopping {} node(s)",
+                    scaling.nodes.len()
                 ),
             });
         }
+        // Nodes the autoscaler did not start (agents joined by hand) must be stopped first.
+        let nodes = self
+            .nodes
+            .values()
+            .filter(|n| n.compute == name && !scaling.nodes.contains_key(&n.name))
+            .count();
         if nodes > 0 {
             return Err(ApplyError::ComputeInUse {
                 name: name.to_string(),
@@ -270,6 +276,37 @@ impl State {
                 name: name.to_string(),
                 detail: format!("{unfinished} unfinished run(s) target it; cancel them first"),
             });
+        }
+        if !scaling.nodes.is_empty() {
+            // Its provisioner stops the nodes it started (no run is left to hold them); the
+            // target goes when the last is reported released.
+            let scaling = self.scaling.get_mut(name).expect("not empty");
+            scaling.deleting = true;
+            let mut going = Vec::new();
+            for (node, p) in scaling.nodes.iter_mut() {
+                if p.phase != ProvisionPhase::Releasing {
+                    p.phase = ProvisionPhase::Releasing;
+                    p.releasing_since = Some(at);
+                    going.push(node.clone());
+                }
+            }
+            if !going.is_empty() {
+                push_event(
+                    scaling,
+                    at,
+                    "scale_down",
+                    &going,
+                    "the compute target is being deleted",
+                );
+            }
+            for n in self.nodes.values_mut().filter(|n| n.compute == name) {
+                if n.state == NodeState::Ready {
+                    n.state = NodeState::Draining;
+                    n.state_reason = Some("the compute target is being deleted".into());
+                    n.updated_at = at;
+                }
+            }
+            return Ok(Applied::Done);
         }
         self.computes.remove(name);
         self.scaling.remove(name);
@@ -296,6 +333,9 @@ impl State {
             return stale("a scale decision with nothing to add or remove".into());
         }
         let scaling = self.scaling.get(compute).cloned().unwrap_or_default();
+        if scaling.deleting {
+            return stale(format!("compute target {compute:?} is being deleted"));
+        }
         let mut seen = BTreeSet::new();
         for name in add {
             validate_node_name(name).map_err(|e| ApplyError::InvalidSpec(e.to_string()))?;
@@ -456,6 +496,14 @@ impl State {
                 }
                 self.nodes.remove(&id);
             }
+            if self
+                .scaling
+                .get(compute)
+                .is_some_and(|s| s.deleting && s.nodes.is_empty())
+            {
+                self.scaling.remove(compute);
+                self.computes.remove(compute);
+            }
         }
         Ok(Applied::Done)
     }
@@ -479,6 +527,12 @@ impl State {
             .map_err(|e| ApplyError::InvalidSpec(e.to_string()))?;
         if !self.computes.contains_key(&spec.compute) {
             return Err(ApplyError::UnknownCompute(spec.compute.clone()));
+        }
+        if self.scaling.get(&spec.compute).is_some_and(|s| s.deleting) {
+            return Err(ApplyError::ComputeInUse {
+                name: spec.compute.clone(),
+                detail: "it is being deleted; submit to another compute target".into(),
+            });
         }
         if self.runs.contains_key(run_id) {
             return Err(ApplyError::RunExists(run_id.to_string()));

@@ -26,7 +26,9 @@ pub enum Command {
         /// When.
         at: Millis,
     },
-    /// Delete a compute target that has no nodes and no unfinished runs.
+    /// Delete a compute target that has no nodes and no unfinished runs. Nodes its
+    /// autoscaler started do not block it: they are released first (drained, stopped by
+    /// the provisioner), and the target goes with the last one.
     #[serde(rename = "delete_compute.v1")]
     DeleteCompute {
         /// Its name.

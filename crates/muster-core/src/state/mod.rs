@@ -137,6 +137,10 @@ pub struct Scaling {
     /// The last scale decisions and provisioner outcomes, oldest first (at most
     /// [`SCALE_HISTORY`]).
     pub history: Vec<ScaleEvent>,
+    /// The target was deleted while the autoscaler had nodes: they are being released,
+    /// it takes no runs and no scale decisions, and it is removed with its last node.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleting: bool,
 }
 
 /// A node the autoscaler requested.
