@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use muster_proto::v1;
+use muster_testkit::cluster::TestCluster;
 use muster_testkit::images::{docker_or_skip, remove_containers_labelled};
 use muster_testkit::{DevCluster, muster, muster_bin};
 
@@ -25,13 +26,16 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}{}", std::process::id())
 }
 
-async fn status(url: &str, name: &str) -> v1::ComputeStatus {
-    let mut c = muster_cli::client::connect(url).await.expect("connect");
-    c.compute
+async fn try_status(url: &str, name: &str) -> anyhow::Result<v1::ComputeStatus> {
+    let mut c = muster_cli::client::connect(url).await?;
+    Ok(c.compute
         .get_compute_status(v1::GetComputeRequest { name: name.into() })
-        .await
-        .expect("status")
-        .into_inner()
+        .await?
+        .into_inner())
+}
+
+async fn status(url: &str, name: &str) -> v1::ComputeStatus {
+    try_status(url, name).await.expect("compute status")
 }
 
 /// Polls (bounded by `limit`) until `check` holds on the compute target's status.
@@ -42,11 +46,14 @@ async fn wait_status(
     limit: Duration,
     mut check: impl FnMut(&v1::ComputeStatus) -> bool,
 ) -> v1::ComputeStatus {
+    // Errors (a server going away, an election) are retried until the deadline.
     let t0 = Instant::now();
     loop {
-        let s = status(url, name).await;
-        if check(&s) {
-            return s;
+        let s = try_status(url, name).await;
+        if let Ok(s) = &s
+            && check(s)
+        {
+            return s.clone();
         }
         assert!(
             t0.elapsed() < limit,
@@ -79,16 +86,19 @@ async fn submit(url: &str, dir: &Path, compute: &str, cpu: &str, secs: u32) -> S
     out.stdout.trim().to_string()
 }
 
-async fn get_run(url: &str, id: &str) -> v1::Run {
-    let mut c = muster_cli::client::connect(url).await.expect("connect");
-    c.runs
+async fn try_get_run(url: &str, id: &str) -> anyhow::Result<v1::Run> {
+    let mut c = muster_cli::client::connect(url).await?;
+    Ok(c.runs
         .get_run(v1::GetRunRequest {
             id: id.into(),
-            stale: false,
+            stale: true,
         })
-        .await
-        .expect("get")
-        .into_inner()
+        .await?
+        .into_inner())
+}
+
+async fn get_run(url: &str, id: &str) -> v1::Run {
+    try_get_run(url, id).await.expect("get run")
 }
 
 /// Waits (bounded) for every run to complete; returns the node each ran on.
@@ -97,7 +107,14 @@ async fn wait_completed(url: &str, ids: &[String], limit: Duration) -> Vec<Strin
     let mut nodes = Vec::new();
     for id in ids {
         loop {
-            let r = get_run(url, id).await;
+            let Ok(r) = try_get_run(url, id).await else {
+                assert!(
+                    t0.elapsed() < limit,
+                    "run {id} could not be read within {limit:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
             if r.state == "completed" {
                 let a = r.attempts.last().expect("an attempt");
                 nodes.push(a.placements[0].node_name.clone());
@@ -744,4 +761,155 @@ async fn a_missing_agent_image_is_reported_and_nothing_starts() {
     );
     assert!(containers_of(&docker, &name).await.is_empty());
     assert!(s.nodes.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_failover_mid_scale_up_neither_starts_a_node_twice_nor_forgets_one() {
+    let mut cluster = TestCluster::start_with(3, |c| {
+        c.heartbeat_interval = Duration::from_millis(300);
+        c.node_grace = Duration::from_secs(3);
+    })
+    .await
+    .unwrap();
+    let urls = cluster.urls();
+    let name = unique("fail");
+    let scripts = tempfile::tempdir().unwrap();
+    let dir = scripts.path().to_path_buf();
+    let _agents = Agents { dir: dir.clone() };
+    let bin = muster_bin();
+    let up = dir.join("up.sh");
+    let down = dir.join("down.sh");
+    // Slow to act (the leader can die meanwhile: its script is killed with it), and
+    // idempotent per node, as DESIGN.md asks of a command provisioner's scripts.
+    std::fs::write(
+        &up,
+        format!(
+            r#"#!/bin/sh
+echo "up $*" >> '{dir}/calls.log'
+sleep 3
+shift 2
+for node in "$@"; do
+  if [ -f '{dir}'/"$node.pid" ] && kill -0 "$(cat '{dir}'/"$node.pid")" 2>/dev/null; then continue; fi
+  '{bin}' agent --compute "$MUSTER_COMPUTE" --name "$node" --data-dir '{dir}'/"$node" --cpus 1 > '{dir}'/"$node.log" 2>&1 &
+  echo $! > '{dir}'/"$node.pid"
+  echo "start $node" >> '{dir}/calls.log'
+done
+"#,
+            dir = dir.display(),
+            bin = bin.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &down,
+        format!(
+            r#"#!/bin/sh
+echo "down $*" >> '{dir}/calls.log'
+shift 2
+for node in "$@"; do
+  if [ -f '{dir}'/"$node.pid" ]; then kill "$(cat '{dir}'/"$node.pid")"; rm -f '{dir}'/"$node.pid"; fi
+done
+"#,
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    for s in [&up, &down] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(s, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let work = tempfile::tempdir().unwrap();
+    let out = muster(
+        &urls,
+        work.path(),
+        &[
+            "compute",
+            "create",
+            &name,
+            "--type",
+            "cluster",
+            "--max-instances",
+            "2",
+            "--idle-time-before-scale-down",
+            "3",
+            "--provisioner",
+            "command",
+            "--scale-up",
+            up.to_str().unwrap(),
+            "--scale-down",
+            down.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let a = submit(&urls, work.path(), &name, "1", 3).await;
+    let b = submit(&urls, work.path(), &name, "1", 3).await;
+    // The decision is in the log; the leader is running the script: stop the leader now.
+    wait_status(
+        &urls,
+        &name,
+        "a scale-up decision",
+        Duration::from_secs(30),
+        |s| s.provisioned.len() == 2,
+    )
+    .await;
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(dir.join("calls.log")).is_ok_and(|c| c.contains("up ")) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "scale-up never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let leader = cluster.leader().await.unwrap();
+    cluster.kill(leader).await.unwrap();
+    let urls: String = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != leader)
+        .map(|id| cluster.url(id))
+        .collect::<Vec<_>>()
+        .join(",");
+
+    // The new leader finishes the scale-up, the runs go through, the nodes go after idling.
+    let ran_on: BTreeSet<String> = wait_completed(&urls, &[a, b], Duration::from_secs(120))
+        .await
+        .into_iter()
+        .collect();
+    let expected: BTreeSet<String> =
+        [format!("muster-{name}-0"), format!("muster-{name}-1")].into();
+    assert_eq!(ran_on, expected);
+    let s = wait_status(
+        &urls,
+        &name,
+        "shrinking to 0",
+        Duration::from_secs(60),
+        |s| s.nodes.is_empty() && s.provisioned.is_empty(),
+    )
+    .await;
+    let requested: Vec<String> = s
+        .history
+        .iter()
+        .filter(|e| e.action == "scale_up")
+        .flat_map(|e| e.nodes.clone())
+        .collect();
+    assert_eq!(
+        requested.iter().cloned().collect::<BTreeSet<_>>(),
+        expected,
+        "{:?}",
+        s.history
+    );
+    assert_eq!(
+        requested.len(),
+        2,
+        "a node requested twice: {:?}",
+        s.history
+    );
+    let calls = std::fs::read_to_string(dir.join("calls.log")).unwrap();
+    for node in &expected {
+        let starts = calls
+            .lines()
+            .filter(|l| *l == format!("start {node}"))
+            .count();
+        assert_eq!(starts, 1, "{node} started {starts} times:\n{calls}");
+    }
+    assert!(calls.contains("down "), "{calls}");
+    eprintln!("scripts called:\n{calls}");
 }
