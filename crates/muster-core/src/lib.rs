@@ -10,6 +10,8 @@
 //! - [`spec`]: the run spec and Azure ML v2 command-job YAML parsing and validation.
 //! - [`snapshot`]: the manifest of a content-addressed code snapshot.
 //! - [`state`]: the replicated state machine: [`Command`], [`State::apply`], [`State::sanity_check`].
+//! - [`autoscale`](mod@autoscale): the autoscaler: `autoscale(&State, now)` decides which
+//!   nodes each autoscaled compute target gains or loses.
 //! - [`schedule`](mod@schedule): the scheduler: `schedule(&State, now) -> Schedule` (placements, preemptions,
 //!   and why each waiting run waits).
 //!
@@ -18,6 +20,7 @@
 //! (serde_yaml is deprecated, serde_yml unsound) and `serde_path_to_error` to name the full
 //! path of a bad or unknown key.
 
+pub mod autoscale;
 pub mod compute;
 pub mod names;
 pub mod resources;
@@ -26,7 +29,8 @@ pub mod snapshot;
 pub mod spec;
 pub mod state;
 
-pub use compute::{ComputeKind, ComputeSpec, Quota, QuotaUsage, Tier};
+pub use autoscale::{ScaleDecision, autoscale};
+pub use compute::{ComputeKind, ComputeSpec, Provisioner, Quota, QuotaUsage, Tier};
 pub use resources::{Capacity, Gpu, Resources};
 pub use schedule::{Decision, Placement, Schedule, Waiting, schedule};
 pub use spec::RunSpec;
