@@ -217,6 +217,15 @@ pub struct ComputeCreateArgs {
     /// command: the script that stops nodes (run as SCRIPT COMPUTE SIZE NODE...).
     #[arg(long)]
     pub scale_down: Option<String>,
+    /// Quota: most GPUs the target's active runs hold at once.
+    #[arg(long)]
+    pub max_gpus: Option<u32>,
+    /// Quota: most CPUs the target's active runs reserve at once (`64`, `0.5`, `500m`).
+    #[arg(long)]
+    pub max_cpus: Option<String>,
+    /// Quota: most runs active at once (a gang counts once).
+    #[arg(long)]
+    pub max_concurrent_runs: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -148,6 +148,17 @@ fn spec_from_args(a: &ComputeCreateArgs) -> anyhow::Result<ComputeSpec> {
     if let Some(d) = &a.description {
         spec.description = Some(d.clone());
     }
+    if let Some(v) = a.max_gpus {
+        spec.quota.max_gpus = Some(v);
+    }
+    if let Some(v) = &a.max_cpus {
+        spec.quota.max_cpu_millis = Some(
+            muster_core::resources::parse_cpu(v).map_err(|e| anyhow::anyhow!("--max-cpus: {e}"))?,
+        );
+    }
+    if let Some(v) = a.max_concurrent_runs {
+        spec.quota.max_concurrent_runs = Some(v);
+    }
     spec.provisioner = provisioner_from_args(a, spec.provisioner.clone())?;
     spec.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(spec)
@@ -300,6 +311,10 @@ fn compute_json(c: &v1::ComputeTarget) -> serde_json::Value {
         "capacity": {"cpu_millis": cap.cpu_millis, "memory_bytes": cap.memory_bytes, "gpus": cap.gpus},
         "allocated": {"cpu_millis": alloc.cpu_millis, "memory_bytes": alloc.memory_bytes, "gpus": alloc.gpus},
         "provisioner": provisioner_json(&c.provisioner.clone().unwrap_or_default()),
+        "quota": c.quota.map(|q| json!({
+            "max_gpus": q.max_gpus, "max_cpu_millis": q.max_cpu_millis,
+            "max_concurrent_runs": q.max_concurrent_runs,
+        })),
     })
 }
 
@@ -364,6 +379,19 @@ fn show(output: OutputFormat, s: &v1::ComputeStatus) {
         cap.gpus.saturating_sub(alloc.gpus),
         cap.gpus
     );
+    if let Some(q) = c.quota {
+        let mut limits = Vec::new();
+        if let Some(g) = q.max_gpus {
+            limits.push(format!("{g} GPUs"));
+        }
+        if let Some(m) = q.max_cpu_millis {
+            limits.push(format!("{} CPUs", m as f64 / 1000.0));
+        }
+        if let Some(r) = q.max_concurrent_runs {
+            limits.push(format!("{r} active runs"));
+        }
+        println!("quota        at most {}", limits.join(", "));
+    }
     if !s.nodes.is_empty() {
         let mut t = table(&["NODE", "STATE", "CPU USED/TOTAL", "GPUS USED/TOTAL", "RUNS"]);
         for n in &s.nodes {
