@@ -207,7 +207,9 @@ fn parse_stdout_fields(line: &str, rest: &str) -> Result<MetricPoint, MetricLine
     let (mut name, mut value, mut step) = (None, None, None);
     for field in rest.split_whitespace() {
         let (key, val) = field.split_once('=').ok_or_else(|| {
-            MetricLineError::new(format!("{field:?} is not key=value; write {STDOUT_PREFIX} name=loss value=0.25 step=3"))
+            MetricLineError::new(format!(
+                "{field:?} is not key=value; write {STDOUT_PREFIX} name=loss value=0.25 step=3"
+            ))
         })?;
         let slot_taken = match key {
             "name" => name.replace(val).is_some(),
@@ -347,10 +349,7 @@ impl Series {
             prev = step;
         }
         if !bytes.is_empty() {
-            return Err(SeriesDecodeError(format!(
-                "{} trailing bytes",
-                bytes.len()
-            )));
+            return Err(SeriesDecodeError(format!("{} trailing bytes", bytes.len())));
         }
         Ok(Series { points })
     }
@@ -495,7 +494,10 @@ mod tests {
         let p = parse_stdout_line("  ##muster[metric]\tstep=7 value=-1e-3 name=val/acc")
             .unwrap()
             .unwrap();
-        assert_eq!((p.name.as_str(), p.value, p.step), ("val/acc", -1e-3, Some(7)));
+        assert_eq!(
+            (p.name.as_str(), p.value, p.step),
+            ("val/acc", -1e-3, Some(7))
+        );
         assert_eq!(parse_stdout_line("epoch 3 loss=0.25"), None);
         assert_eq!(parse_stdout_line(""), None);
     }

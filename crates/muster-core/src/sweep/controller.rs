@@ -143,7 +143,12 @@ pub fn step(
     trials: &[TrialView<'_>],
     now: Millis,
 ) -> Vec<SweepDecision> {
-    debug_assert!(trials.iter().enumerate().all(|(i, t)| t.index as usize == i));
+    debug_assert!(
+        trials
+            .iter()
+            .enumerate()
+            .all(|(i, t)| t.index as usize == i)
+    );
     let goal = spec.objective.goal;
     let mut out = Vec::new();
     let active: Vec<&TrialView<'_>> = trials
@@ -234,7 +239,7 @@ pub fn step(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sweep::{parse_sweep_yaml, ParamValue, Sampling};
+    use crate::sweep::{ParamValue, Sampling, parse_sweep_yaml};
 
     /// A simulated trial: its params, status, stopping flag and metric.
     #[derive(Debug, Clone)]
@@ -325,7 +330,10 @@ mod tests {
                 decisions.truncate(decisions.len() / 2);
             }
             // Starts within one step never exceed the concurrency limit.
-            let active = sims.iter().filter(|s| s.status == TrialStatus::Active).count();
+            let active = sims
+                .iter()
+                .filter(|s| s.status == TrialStatus::Active)
+                .count();
             let starts = decisions
                 .iter()
                 .filter(|d| matches!(d, SweepDecision::StartTrial { .. }))
@@ -408,7 +416,11 @@ mod tests {
         for (i, t) in sims.iter().enumerate() {
             let x = t.params["x"].as_f64().unwrap();
             if x < best_x / 1.2 * 0.999 {
-                assert_eq!(t.status, TrialStatus::Cancelled, "trial {i} x={x} best {best_x}");
+                assert_eq!(
+                    t.status,
+                    TrialStatus::Cancelled,
+                    "trial {i} x={x} best {best_x}"
+                );
                 assert!(t.metric.len() < 5, "stopped early");
                 match &t.cancelled_by {
                     Some(StopReason::EarlyTermination(r)) => assert_eq!(r.policy, "bandit"),
@@ -428,8 +440,20 @@ mod tests {
         let params = Params::from([("x".to_string(), ParamValue::Float(0.5))]);
         let metric = Series::from_values([0.1]);
         let sims = [
-            TrialView { index: 0, params: &params, status: TrialStatus::Completed, stopping: false, metric: &metric },
-            TrialView { index: 1, params: &params, status: TrialStatus::Active, stopping: false, metric: &Series::new() },
+            TrialView {
+                index: 0,
+                params: &params,
+                status: TrialStatus::Completed,
+                stopping: false,
+                metric: &metric,
+            },
+            TrialView {
+                index: 1,
+                params: &params,
+                status: TrialStatus::Active,
+                stopping: false,
+                metric: &Series::new(),
+            },
         ];
         let d = step(&s, 1, 0, &sims, 1_000_000);
         assert_eq!(
@@ -440,16 +464,34 @@ mod tests {
             }]
         );
         // Already stopping: nothing more until it ends.
-        let stopping = [sims[0], TrialView { stopping: true, ..sims[1] }];
+        let stopping = [
+            sims[0],
+            TrialView {
+                stopping: true,
+                ..sims[1]
+            },
+        ];
         assert!(step(&s, 1, 0, &stopping, 1_000_000).is_empty());
-        let ended = [sims[0], TrialView { status: TrialStatus::Cancelled, ..sims[1] }];
+        let ended = [
+            sims[0],
+            TrialView {
+                status: TrialStatus::Cancelled,
+                ..sims[1]
+            },
+        ];
         assert_eq!(
             step(&s, 1, 0, &ended, 1_000_000),
-            vec![SweepDecision::Finish { end: SweepEnd::TimedOut, best_trial: Some(0) }]
+            vec![SweepDecision::Finish {
+                end: SweepEnd::TimedOut,
+                best_trial: Some(0)
+            }]
         );
         // Before the deadline, the next trials start.
         let d = step(&s, 1, 0, &sims, 999_999);
-        assert!(matches!(d.as_slice(), [SweepDecision::StartTrial { index: 2, .. }]), "{d:?}");
+        assert!(
+            matches!(d.as_slice(), [SweepDecision::StartTrial { index: 2, .. }]),
+            "{d:?}"
+        );
     }
 
     #[test]
@@ -469,10 +511,26 @@ mod tests {
     #[test]
     fn ranking_puts_trials_without_the_metric_last() {
         let params = Params::new();
-        let (a, b, c) = (Series::from_values([0.2, 0.5]), Series::new(), Series::from_values([0.4]));
-        let v = |index, metric| TrialView { index, params: &params, status: TrialStatus::Completed, stopping: false, metric };
+        let (a, b, c) = (
+            Series::from_values([0.2, 0.5]),
+            Series::new(),
+            Series::from_values([0.4]),
+        );
+        let v = |index, metric| TrialView {
+            index,
+            params: &params,
+            status: TrialStatus::Completed,
+            stopping: false,
+            metric,
+        };
         let trials = [v(0, &a), v(1, &b), v(2, &c)];
-        assert_eq!(rank_trials(Goal::Maximize, &trials), vec![(0, Some(0.5)), (2, Some(0.4)), (1, None)]);
-        assert_eq!(rank_trials(Goal::Minimize, &trials), vec![(0, Some(0.2)), (2, Some(0.4)), (1, None)]);
+        assert_eq!(
+            rank_trials(Goal::Maximize, &trials),
+            vec![(0, Some(0.5)), (2, Some(0.4)), (1, None)]
+        );
+        assert_eq!(
+            rank_trials(Goal::Minimize, &trials),
+            vec![(0, Some(0.2)), (2, Some(0.4)), (1, None)]
+        );
     }
 }

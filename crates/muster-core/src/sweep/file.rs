@@ -13,7 +13,9 @@ use super::{
     DEFAULT_MAX_TOTAL_TRIALS, DEFAULT_SWEEP_TIMEOUT_S, Goal, Objective, Sampling, SweepLimits,
     SweepSpec, prefix_error, search_space_refs,
 };
-use crate::spec::{InputFile, JobFile, OutputFile, RunSpec, Scalar, SpecError, parse_yaml, substitute};
+use crate::spec::{
+    InputFile, JobFile, OutputFile, RunSpec, Scalar, SpecError, parse_yaml, substitute,
+};
 
 /// Deserializes a sub-document, naming `prefix.<path>` in errors.
 pub(crate) fn from_value<T: DeserializeOwned>(
@@ -314,9 +316,7 @@ fn sampling_v2(value: Option<yaml_serde::Value>) -> Result<Sampling, SpecError> 
     Ok(sampling)
 }
 
-fn early_termination_v2(
-    e: EarlyTerminationFile,
-) -> Result<Option<EarlyTermination>, SpecError> {
+fn early_termination_v2(e: EarlyTerminationFile) -> Result<Option<EarlyTermination>, SpecError> {
     const PATH: &str = "early_termination";
     let kind = e.kind.clone().ok_or_else(|| {
         missing(
@@ -351,7 +351,9 @@ fn early_termination_v2(
         other => {
             return Err(SpecError::field(
                 format!("{PATH}.type"),
-                format!("unknown policy {other:?}: use bandit, median_stopping or truncation_selection"),
+                format!(
+                    "unknown policy {other:?}: use bandit, median_stopping or truncation_selection"
+                ),
             ));
         }
     };
@@ -412,9 +414,9 @@ pub fn parse_sweep_yaml(text: &str, default_experiment: &str) -> Result<SweepSpe
         .objective
         .ok_or_else(|| missing("objective", "give primary_metric and goal"))?;
     let objective = Objective {
-        primary_metric: objective.primary_metric.ok_or_else(|| {
-            missing("objective.primary_metric", "name the metric the trials log")
-        })?,
+        primary_metric: objective
+            .primary_metric
+            .ok_or_else(|| missing("objective.primary_metric", "name the metric the trials log"))?,
         goal: parse_goal("objective.goal", objective.goal.as_deref())?,
     };
     let early_termination = match file.early_termination {
@@ -460,7 +462,9 @@ pub fn parse_sweep_yaml(text: &str, default_experiment: &str) -> Result<SweepSpe
         job.inputs.get_or_insert_with(BTreeMap::new).extend(inputs);
     }
     if let Some(outputs) = file.outputs {
-        job.outputs.get_or_insert_with(BTreeMap::new).extend(outputs);
+        job.outputs
+            .get_or_insert_with(BTreeMap::new)
+            .extend(outputs);
     }
     if job.experiment_name.is_none() {
         job.experiment_name = Some(experiment.clone());
@@ -514,7 +518,12 @@ fn trial_template(
         "search_space" => Some("0".to_string()),
         _ => keep(scope, name),
     })?;
-    let outputs: Vec<String> = job.outputs.clone().unwrap_or_default().into_keys().collect();
+    let outputs: Vec<String> = job
+        .outputs
+        .clone()
+        .unwrap_or_default()
+        .into_keys()
+        .collect();
     let mut probe_job = job;
     probe_job.command = Some(probe);
     let base = probe_job
@@ -606,35 +615,63 @@ fn distribution_v1(path: &str, p: &HdParameter) -> Result<Distribution, SpecErro
         },
         "uniform" => {
             let v = nums(2, "min, max")?;
-            Distribution::Uniform { min: v[0], max: v[1] }
+            Distribution::Uniform {
+                min: v[0],
+                max: v[1],
+            }
         }
         "loguniform" => {
             let v = nums(2, "min, max")?;
-            Distribution::Loguniform { min: v[0], max: v[1] }
+            Distribution::Loguniform {
+                min: v[0],
+                max: v[1],
+            }
         }
         "quniform" => {
             let v = nums(3, "min, max, q")?;
-            Distribution::Quniform { min: v[0], max: v[1], q: v[2] }
+            Distribution::Quniform {
+                min: v[0],
+                max: v[1],
+                q: v[2],
+            }
         }
         "qloguniform" => {
             let v = nums(3, "min, max, q")?;
-            Distribution::Qloguniform { min: v[0], max: v[1], q: v[2] }
+            Distribution::Qloguniform {
+                min: v[0],
+                max: v[1],
+                q: v[2],
+            }
         }
         "normal" => {
             let v = nums(2, "mu, sigma")?;
-            Distribution::Normal { mu: v[0], sigma: v[1] }
+            Distribution::Normal {
+                mu: v[0],
+                sigma: v[1],
+            }
         }
         "lognormal" => {
             let v = nums(2, "mu, sigma")?;
-            Distribution::Lognormal { mu: v[0], sigma: v[1] }
+            Distribution::Lognormal {
+                mu: v[0],
+                sigma: v[1],
+            }
         }
         "qnormal" => {
             let v = nums(3, "mu, sigma, q")?;
-            Distribution::Qnormal { mu: v[0], sigma: v[1], q: v[2] }
+            Distribution::Qnormal {
+                mu: v[0],
+                sigma: v[1],
+                q: v[2],
+            }
         }
         "qlognormal" => {
             let v = nums(3, "mu, sigma, q")?;
-            Distribution::Qlognormal { mu: v[0], sigma: v[1], q: v[2] }
+            Distribution::Qlognormal {
+                mu: v[0],
+                sigma: v[1],
+                q: v[2],
+            }
         }
         other => {
             return Err(SpecError::field(
@@ -672,7 +709,8 @@ pub fn parse_hyperdrive_config(text: &str, trial: RunSpec) -> Result<SweepSpec, 
     let mut command = trial.command.clone();
     for (i, p) in file.sampling.parameter_space.iter().enumerate() {
         let path = format!("sampling.parameter_space[{i}]");
-        if p.name.trim().is_empty() || p.name.contains(char::is_whitespace) || p.name.contains('}') {
+        if p.name.trim().is_empty() || p.name.contains(char::is_whitespace) || p.name.contains('}')
+        {
             return Err(SpecError::field(
                 format!("{path}.name"),
                 "a parameter name is a script argument such as --learning_rate, without spaces",
@@ -746,7 +784,10 @@ pub fn parse_hyperdrive_config(text: &str, trial: RunSpec) -> Result<SweepSpec, 
         }
     };
     let max_total = file.max_total_runs.ok_or_else(|| {
-        missing("max_total_runs", "give the number of runs the sweep may start")
+        missing(
+            "max_total_runs",
+            "give the number of runs the sweep may start",
+        )
     })?;
     let limits = SweepLimits {
         max_total_trials: max_total,
@@ -836,14 +877,20 @@ mod tests {
             spec.trial.command,
             "python hello-sweep.py --A 0.5 --B ${{search_space.B}} --C ${{search_space.C}}"
         );
-        assert_eq!(spec.trial.environment.name.as_deref(), Some("AzureML-sklearn-1.5@latest"));
+        assert_eq!(
+            spec.trial.environment.name.as_deref(),
+            Some("AzureML-sklearn-1.5@latest")
+        );
         let params: Params = [
             ("B".to_string(), ParamValue::Text("world".into())),
             ("C".to_string(), ParamValue::Float(0.25)),
         ]
         .into();
         let run = spec.trial_run(&params).unwrap();
-        assert_eq!(run.command, "python hello-sweep.py --A 0.5 --B world --C 0.25");
+        assert_eq!(
+            run.command,
+            "python hello-sweep.py --A 0.5 --B world --C 0.25"
+        );
         assert_eq!(run.experiment, "hello-sweep-example");
     }
 
@@ -968,11 +1015,26 @@ mod tests {
     #[test]
     fn bad_hyperdrive_configs_name_the_field() {
         for (text, path) in [
-            (V1.replace("max_total_runs: 8", "max_total_runz: 8"), "max_total_runz"),
-            (V1.replace("expression: choice", "expression: pick"), "sampling.parameter_space[0].expression"),
-            (V1.replace("type: BanditPolicy", "type: Nope"), "policy.type"),
-            (V1.replace("slack_factor: 0.2", "slack_factor: -1"), "policy.slack_factor"),
-            (V1.replace("max_total_runs: 8", "max_total_runs: 0"), "max_total_runs"),
+            (
+                V1.replace("max_total_runs: 8", "max_total_runz: 8"),
+                "max_total_runz",
+            ),
+            (
+                V1.replace("expression: choice", "expression: pick"),
+                "sampling.parameter_space[0].expression",
+            ),
+            (
+                V1.replace("type: BanditPolicy", "type: Nope"),
+                "policy.type",
+            ),
+            (
+                V1.replace("slack_factor: 0.2", "slack_factor: -1"),
+                "policy.slack_factor",
+            ),
+            (
+                V1.replace("max_total_runs: 8", "max_total_runs: 0"),
+                "max_total_runs",
+            ),
         ] {
             let e = parse_hyperdrive_config(&text, RunSpec::new("python t.py")).unwrap_err();
             assert_eq!(e.path, path, "{e}");

@@ -192,7 +192,10 @@ impl SweepSpec {
             ));
         }
         if l.timeout_s == 0 {
-            return Err(SpecError::field("limits.timeout", "must be at least 1 second"));
+            return Err(SpecError::field(
+                "limits.timeout",
+                "must be at least 1 second",
+            ));
         }
         if l.trial_timeout_s == Some(0) {
             return Err(SpecError::field(

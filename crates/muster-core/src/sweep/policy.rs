@@ -205,11 +205,13 @@ pub fn evaluate(
                         (y > bound, format!("{b} + {a} = {bound:.6}"))
                     }
                 };
-                let side = if goal == Goal::Maximize { "below" } else { "above" };
+                let side = if goal == Goal::Maximize {
+                    "below"
+                } else {
+                    "above"
+                };
                 cancel.then(|| {
-                    format!(
-                        "its best {y} is {side} {bound}, from trial {b_index}'s best {b}"
-                    )
+                    format!("its best {y} is {side} {bound}, from trial {b_index}'s best {b}")
                 })
             }
             PolicyKind::MedianStopping => {
@@ -424,12 +426,20 @@ mod tests {
             5,
         );
         let vals: Vec<[f64; 5]> = (0..5).map(|i| [f64::from(i) / 10.0; 5]).collect();
-        let trials: Vec<_> = vals.iter().enumerate().map(|(i, v)| trial(i as u32, v)).collect();
+        let trials: Vec<_> = vals
+            .iter()
+            .enumerate()
+            .map(|(i, v)| trial(i as u32, v))
+            .collect();
         // 20% of 5 is 1: the lowest, trial 0.
         assert_eq!(cancelled(&p, Goal::Maximize, &trials), vec![0]);
         assert_eq!(cancelled(&p, Goal::Minimize, &trials), vec![4]);
         // Before delay_evaluation (interval 5), nothing.
-        let short: Vec<_> = vals.iter().enumerate().map(|(i, v)| trial(i as u32, &v[..4])).collect();
+        let short: Vec<_> = vals
+            .iter()
+            .enumerate()
+            .map(|(i, v)| trial(i as u32, &v[..4]))
+            .collect();
         assert!(cancelled(&p, Goal::Maximize, &short).is_empty());
         // 40% of 5 is 2.
         let p40 = policy(

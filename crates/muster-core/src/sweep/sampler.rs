@@ -175,7 +175,7 @@ pub fn sample_tpe(
             let points = |group: &[(f64, &Params)]| -> Vec<f64> {
                 group
                     .iter()
-                    .filter_map(|(_, p)| p.get(name).and_then(|v| d.to_internal(v)))
+                    .filter_map(|(_, p)| p.get(name).and_then(|v| d.internal_of(v)))
                     .collect()
             };
             let internal = d.internal();
@@ -204,7 +204,7 @@ pub fn sample_tpe(
     models
         .iter()
         .zip(xs)
-        .map(|(m, x)| (m.0.clone(), m.1.from_internal(x)))
+        .map(|(m, x)| (m.0.clone(), m.1.value_at(x)))
         .collect()
 }
 
@@ -234,7 +234,13 @@ impl Model {
             }
             Internal::Bounded { low, high } => {
                 let span = high - low;
-                Model::mixture(points, (low + high) / 2.0, span, prior_weight, Some((low, high)))
+                Model::mixture(
+                    points,
+                    (low + high) / 2.0,
+                    span,
+                    prior_weight,
+                    Some((low, high)),
+                )
             }
             Internal::Gaussian { mu, sigma } => {
                 Model::mixture(points, mu, sigma, prior_weight, None)
@@ -263,14 +269,22 @@ impl Model {
                 components.push((prior_weight, prior_mu, prior_sigma));
                 continue;
             }
-            let left = if i > 0 { mu - sorted[i - 1].0 } else { f64::NAN };
+            let left = if i > 0 {
+                mu - sorted[i - 1].0
+            } else {
+                f64::NAN
+            };
             let right = if i + 1 < sorted.len() {
                 sorted[i + 1].0 - mu
             } else {
                 f64::NAN
             };
             let width = left.max(right); // max ignores a NaN side
-            let width = if width.is_finite() { width } else { prior_sigma };
+            let width = if width.is_finite() {
+                width
+            } else {
+                prior_sigma
+            };
             components.push((1.0, mu, width.clamp(min_sigma, prior_sigma)));
         }
         Model::Mixture { components, bounds }
@@ -353,7 +367,8 @@ fn normal_cdf(z: f64) -> f64 {
     let t = 1.0 / (1.0 + 0.327_591_1 * x);
     let poly = t
         * (0.254_829_592
-            + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+            + t * (-0.284_496_736
+                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
     let erf = 1.0 - poly * (-x * x).exp();
     if z >= 0.0 {
         0.5 * (1.0 + erf)
@@ -397,7 +412,14 @@ mod tests {
 
     #[test]
     fn uniform_is_uniform_on_its_bounds() {
-        let xs = draws(Distribution::Uniform { min: -2.0, max: 3.0 }, 4000, 1);
+        let xs = draws(
+            Distribution::Uniform {
+                min: -2.0,
+                max: 3.0,
+            },
+            4000,
+            1,
+        );
         assert!(xs.iter().all(|x| (-2.0..3.0).contains(x)));
         let d = ks_uniform(xs, -2.0, 3.0);
         assert!(d < ks_critical(4000), "KS {d}");
@@ -406,7 +428,14 @@ mod tests {
     #[test]
     fn loguniforms_log_is_uniform() {
         // Azure ML: loguniform(min, max) = exp(uniform(min, max)).
-        let xs = draws(Distribution::Loguniform { min: -6.0, max: 0.0 }, 4000, 2);
+        let xs = draws(
+            Distribution::Loguniform {
+                min: -6.0,
+                max: 0.0,
+            },
+            4000,
+            2,
+        );
         assert!(xs.iter().all(|&x| x > (-6.0f64).exp() && x < 1.0));
         let logs: Vec<f64> = xs.iter().map(|x| x.ln()).collect();
         let d = ks_uniform(logs, -6.0, 0.0);
@@ -419,22 +448,59 @@ mod tests {
     #[test]
     fn q_variants_round_to_q() {
         for (d, q) in [
-            (Distribution::Quniform { min: 0.0, max: 10.0, q: 0.5 }, 0.5),
-            (Distribution::Qloguniform { min: 0.0, max: 4.0, q: 2.0 }, 2.0),
-            (Distribution::Qnormal { mu: 0.0, sigma: 10.0, q: 3.0 }, 3.0),
-            (Distribution::Qlognormal { mu: 1.0, sigma: 1.0, q: 0.25 }, 0.25),
+            (
+                Distribution::Quniform {
+                    min: 0.0,
+                    max: 10.0,
+                    q: 0.5,
+                },
+                0.5,
+            ),
+            (
+                Distribution::Qloguniform {
+                    min: 0.0,
+                    max: 4.0,
+                    q: 2.0,
+                },
+                2.0,
+            ),
+            (
+                Distribution::Qnormal {
+                    mu: 0.0,
+                    sigma: 10.0,
+                    q: 3.0,
+                },
+                3.0,
+            ),
+            (
+                Distribution::Qlognormal {
+                    mu: 1.0,
+                    sigma: 1.0,
+                    q: 0.25,
+                },
+                0.25,
+            ),
         ] {
             let xs = draws(d.clone(), 500, 3);
             for x in &xs {
                 let k = x / q;
                 assert!((k - k.round()).abs() < 1e-9, "{d:?}: {x}");
             }
-            let distinct: std::collections::BTreeSet<u64> = xs.iter().map(|x| x.to_bits()).collect();
+            let distinct: std::collections::BTreeSet<u64> =
+                xs.iter().map(|x| x.to_bits()).collect();
             assert!(distinct.len() > 3, "{d:?} collapsed");
         }
         // quniform(0, 10, 0.5) covers 0, 0.5, ..., 10: 21 values, each about equally often
         // except the two ends (half-width buckets).
-        let xs = draws(Distribution::Quniform { min: 0.0, max: 10.0, q: 0.5 }, 4200, 4);
+        let xs = draws(
+            Distribution::Quniform {
+                min: 0.0,
+                max: 10.0,
+                q: 0.5,
+            },
+            4200,
+            4,
+        );
         let mut counts = BTreeMap::<i64, u32>::new();
         for x in xs {
             *counts.entry((x * 2.0).round() as i64).or_default() += 1;
@@ -448,15 +514,29 @@ mod tests {
 
     #[test]
     fn normal_and_lognormal_have_the_right_moments() {
-        let xs = draws(Distribution::Normal { mu: 3.0, sigma: 2.0 }, 8000, 5);
+        let xs = draws(
+            Distribution::Normal {
+                mu: 3.0,
+                sigma: 2.0,
+            },
+            8000,
+            5,
+        );
         let mean = xs.iter().sum::<f64>() / xs.len() as f64;
         let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
         assert!((mean - 3.0).abs() < 0.1, "{mean}");
         assert!((var.sqrt() - 2.0).abs() < 0.1, "{var}");
-        let logs: Vec<f64> = draws(Distribution::Lognormal { mu: -1.0, sigma: 0.5 }, 8000, 6)
-            .into_iter()
-            .map(f64::ln)
-            .collect();
+        let logs: Vec<f64> = draws(
+            Distribution::Lognormal {
+                mu: -1.0,
+                sigma: 0.5,
+            },
+            8000,
+            6,
+        )
+        .into_iter()
+        .map(f64::ln)
+        .collect();
         let mean = logs.iter().sum::<f64>() / logs.len() as f64;
         assert!((mean + 1.0).abs() < 0.05, "{mean}");
     }
@@ -471,7 +551,10 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        assert!(counts.iter().all(|&c| (800..1200).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
         let s = space(Distribution::Choice {
             values: vec![ParamValue::Text("a".into()), ParamValue::Text("b".into())],
         });
@@ -484,8 +567,17 @@ mod tests {
     #[test]
     fn random_sampling_is_deterministic_per_seed_and_index() {
         let s: BTreeMap<String, Distribution> = [
-            ("a".to_string(), Distribution::Uniform { min: 0.0, max: 1.0 }),
-            ("b".to_string(), Distribution::Normal { mu: 0.0, sigma: 1.0 }),
+            (
+                "a".to_string(),
+                Distribution::Uniform { min: 0.0, max: 1.0 },
+            ),
+            (
+                "b".to_string(),
+                Distribution::Normal {
+                    mu: 0.0,
+                    sigma: 1.0,
+                },
+            ),
         ]
         .into();
         assert_eq!(sample_random(&s, 42, 3), sample_random(&s, 42, 3));
@@ -540,12 +632,18 @@ mod tests {
 
     /// Runs `trials` sequential trials of `sampling` on the quadratic; returns the best loss.
     fn optimize(sampling: &Sampling, seed: u64, trials: u32) -> f64 {
-        let s = space(Distribution::Uniform { min: -10.0, max: 10.0 });
+        let s = space(Distribution::Uniform {
+            min: -10.0,
+            max: 10.0,
+        });
         let mut history: Vec<(Params, f64)> = Vec::new();
         for i in 0..trials {
             let obs: Vec<Observation<'_>> = history
                 .iter()
-                .map(|(p, v)| Observation { params: p, value: *v })
+                .map(|(p, v)| Observation {
+                    params: p,
+                    value: *v,
+                })
                 .collect();
             let p = sample(sampling, &s, Goal::Minimize, &obs, seed, i).unwrap();
             let v = quadratic(p["x"].as_f64().unwrap());
@@ -597,13 +695,20 @@ mod tests {
             .collect();
         let obs: Vec<Observation<'_>> = history
             .iter()
-            .map(|(p, v)| Observation { params: p, value: *v })
+            .map(|(p, v)| Observation {
+                params: p,
+                value: *v,
+            })
             .collect();
         let a = sample_tpe(&s, Goal::Maximize, &obs, 9, 12, &cfg);
         assert_eq!(a, sample_tpe(&s, Goal::Maximize, &obs, 9, 12, &cfg));
         // Maximizing x on [0, 1], the model proposes near the best seen.
         let good: Vec<f64> = (20..40)
-            .map(|i| sample_tpe(&s, Goal::Maximize, &obs, 9, i, &cfg)["x"].as_f64().unwrap())
+            .map(|i| {
+                sample_tpe(&s, Goal::Maximize, &obs, 9, i, &cfg)["x"]
+                    .as_f64()
+                    .unwrap()
+            })
             .collect();
         let mean = good.iter().sum::<f64>() / good.len() as f64;
         assert!(mean > 0.6, "{mean}");
@@ -612,12 +717,44 @@ mod tests {
     #[test]
     fn tpe_handles_every_distribution() {
         let s: BTreeMap<String, Distribution> = [
-            ("c".to_string(), Distribution::Choice { values: vec![ParamValue::Int(1), ParamValue::Int(2)] }),
+            (
+                "c".to_string(),
+                Distribution::Choice {
+                    values: vec![ParamValue::Int(1), ParamValue::Int(2)],
+                },
+            ),
             ("r".to_string(), Distribution::Randint { upper: 4 }),
-            ("u".to_string(), Distribution::Quniform { min: 0.0, max: 1.0, q: 0.1 }),
-            ("l".to_string(), Distribution::Qloguniform { min: 0.0, max: 2.0, q: 1.0 }),
-            ("n".to_string(), Distribution::Qnormal { mu: 0.0, sigma: 1.0, q: 0.5 }),
-            ("g".to_string(), Distribution::Lognormal { mu: 0.0, sigma: 1.0 }),
+            (
+                "u".to_string(),
+                Distribution::Quniform {
+                    min: 0.0,
+                    max: 1.0,
+                    q: 0.1,
+                },
+            ),
+            (
+                "l".to_string(),
+                Distribution::Qloguniform {
+                    min: 0.0,
+                    max: 2.0,
+                    q: 1.0,
+                },
+            ),
+            (
+                "n".to_string(),
+                Distribution::Qnormal {
+                    mu: 0.0,
+                    sigma: 1.0,
+                    q: 0.5,
+                },
+            ),
+            (
+                "g".to_string(),
+                Distribution::Lognormal {
+                    mu: 0.0,
+                    sigma: 1.0,
+                },
+            ),
         ]
         .into();
         let history: Vec<(Params, f64)> = (0..15)
@@ -625,7 +762,10 @@ mod tests {
             .collect();
         let obs: Vec<Observation<'_>> = history
             .iter()
-            .map(|(p, v)| Observation { params: p, value: *v })
+            .map(|(p, v)| Observation {
+                params: p,
+                value: *v,
+            })
             .collect();
         for i in 15..30 {
             let p = sample_tpe(&s, Goal::Minimize, &obs, 2, i, &TpeConfig::default());

@@ -180,8 +180,10 @@ impl Distribution {
                         "min_value ({min}) must be less than max_value ({max})"
                     ));
                 }
-                if matches!(self, Distribution::Loguniform { .. } | Distribution::Qloguniform { .. })
-                    && *max > 700.0
+                if matches!(
+                    self,
+                    Distribution::Loguniform { .. } | Distribution::Qloguniform { .. }
+                ) && *max > 700.0
                 {
                     return Err(format!(
                         "max_value {max} is the logarithm of the upper bound (values are exp(uniform(min, max))); exp({max}) overflows: did you mean ln({max})?"
@@ -256,7 +258,7 @@ impl Distribution {
     }
 
     /// Maps a point of the underlying space to the value a trial gets.
-    pub(crate) fn from_internal(&self, x: f64) -> ParamValue {
+    pub(crate) fn value_at(&self, x: f64) -> ParamValue {
         match self {
             Distribution::Choice { values } => {
                 let i = (x.max(0.0) as usize).min(values.len() - 1);
@@ -274,7 +276,7 @@ impl Distribution {
 
     /// Maps a trial's value back to the underlying space (`None`: not a value of this
     /// distribution, e.g. after a resubmission with another space).
-    pub(crate) fn to_internal(&self, value: &ParamValue) -> Option<f64> {
+    pub(crate) fn internal_of(&self, value: &ParamValue) -> Option<f64> {
         match self {
             Distribution::Choice { values } => {
                 values.iter().position(|v| v == value).map(|i| i as f64)
@@ -299,7 +301,7 @@ impl Distribution {
             Internal::Bounded { low, high } => low + rng.unit() * (high - low),
             Internal::Gaussian { mu, sigma } => mu + sigma * rng.standard_normal(),
         };
-        self.from_internal(x)
+        self.value_at(x)
     }
 }
 
