@@ -48,7 +48,7 @@ pub enum StepInput {
 }
 
 /// One step: a run and its wiring.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepSpec {
     /// The run, inputs and outputs substituted in its command.
     pub run: RunSpec,
@@ -74,7 +74,7 @@ impl StepSpec {
 }
 
 /// A pipeline as the server stores it: a validated DAG.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PipelineSpec {
     /// The display name.
     pub display_name: Option<String>,

@@ -201,6 +201,8 @@ impl State {
                 "an active attempt is placed on unknown node {node}"
             ));
         }
+        self.check_sweeps()?;
+        self.check_pipelines()?;
         Ok(())
     }
 }

@@ -24,12 +24,16 @@
 mod apply;
 mod check;
 mod command;
+mod pipeline;
+mod sweep;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
 pub use command::{Applied, ApplyError, AttemptReport, Command};
+pub use pipeline::{Pipeline, PipelineFinish, StepRecord};
+pub use sweep::{Sweep, SweepFinish, Trial};
 
 use crate::Millis;
 use crate::compute::{ComputeSpec, QuotaUsage, Tier};
@@ -344,6 +348,12 @@ pub struct State {
     pub idempotency: BTreeMap<String, String>,
     /// The next submission's sequence number.
     pub next_seq: u64,
+    /// Sweeps by id (absent from snapshots taken before sweeps existed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sweeps: BTreeMap<String, Sweep>,
+    /// Pipelines by id (absent from snapshots taken before pipelines existed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pipelines: BTreeMap<String, Pipeline>,
     /// A summary of the active runs of each compute target: what they hold against its
     /// quota, their priorities, how many are being preempted. Derived from `runs`: kept up
     /// to date by `apply`, rebuilt by [`State::from_snapshot`], never serialized, and
@@ -523,5 +533,7 @@ pub(crate) fn attempt_usage(a: &Attempt) -> QuotaUsage {
     u
 }
 
+#[cfg(test)]
+mod flow_tests;
 #[cfg(test)]
 mod tests;

@@ -30,7 +30,9 @@ pub mod policy;
 pub mod sampler;
 pub mod space;
 
-pub use controller::{SweepDecision, SweepEnd, TrialStatus, TrialView, step};
+pub use controller::{
+    StopReason, SweepDecision, SweepEnd, TrialStatus, TrialView, rank_trials, step,
+};
 pub use file::{parse_hyperdrive_config, parse_sweep_yaml};
 pub use policy::{CancelReason, EarlyTermination, PolicyKind, Slack};
 pub use space::{Distribution, ParamValue, SweepRng};
