@@ -794,6 +794,87 @@ jobs:
         }
     }
 
+    /// The shape of azureml-examples' `cli/jobs/pipelines/nyc-taxi/pipeline.yml`.
+    const NYC_TAXI: &str = r#"
+$schema: https://azuremlschemas.azureedge.net/latest/pipelineJob.schema.json
+type: pipeline
+display_name: nyc_taxi_data_regression
+description: Train regression model based on nyc taxi dataset
+outputs:
+  pipeline_job_trained_model:
+    mode: upload
+  pipeline_job_test_data:
+    mode: upload
+settings:
+  default_compute: azureml:cpu-cluster
+jobs:
+  prep_job:
+    type: command
+    inputs:
+      raw_data:
+          type: uri_folder
+          path: ./data
+    outputs:
+      prep_data:
+        mode: upload
+    code: src/prep
+    environment: azureml://registries/azureml/environments/sklearn-1.5/labels/latest
+    command: >-
+      python prep.py
+      --raw_data ${{inputs.raw_data}}
+      --prep_data ${{outputs.prep_data}}
+  transform_job:
+    type: command
+    inputs:
+      clean_data: ${{parent.jobs.prep_job.outputs.prep_data}}
+    outputs:
+      transformed_data:
+        mode: upload
+    code: src/transform
+    environment: azureml://registries/azureml/environments/sklearn-1.5/labels/latest
+    command: >-
+      python transform.py
+      --clean_data ${{inputs.clean_data}}
+      --transformed_data ${{outputs.transformed_data}}
+  train_job:
+    type: command
+    inputs:
+      training_data: ${{parent.jobs.transform_job.outputs.transformed_data}}
+    outputs:
+      model_output: ${{parent.outputs.pipeline_job_trained_model}}
+      test_data: ${{parent.outputs.pipeline_job_test_data}}
+    code: src/train
+    environment: azureml://registries/azureml/environments/sklearn-1.5/labels/latest
+    command: >-
+      python train.py
+      --training_data ${{inputs.training_data}}
+      --test_data ${{outputs.test_data}}
+      --model_output ${{outputs.model_output}}
+"#;
+
+    #[test]
+    fn parses_the_azure_ml_nyc_taxi_pipeline() {
+        let p = parse_pipeline_yaml(NYC_TAXI, "fallback").unwrap();
+        assert_eq!(p.order, vec!["prep_job", "transform_job", "train_job"]);
+        assert_eq!(p.experiment, "fallback");
+        let train = &p.steps["train_job"];
+        assert_eq!(train.run.compute, "cpu-cluster");
+        assert_eq!(
+            train.run.command,
+            "python train.py --training_data inputs/training_data --test_data outputs/test_data --model_output outputs/model_output"
+        );
+        assert_eq!(
+            p.outputs["pipeline_job_trained_model"],
+            ("train_job".to_string(), "model_output".to_string())
+        );
+        assert_eq!(
+            p.steps["prep_job"].inputs["raw_data"],
+            StepInput::Value {
+                value: "./data".into()
+            }
+        );
+    }
+
     #[test]
     fn the_diamond_parses_into_a_dag() {
         let p = diamond();

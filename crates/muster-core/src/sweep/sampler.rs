@@ -68,6 +68,9 @@ pub fn sample_random(space: &BTreeMap<String, Distribution>, seed: u64, index: u
         .collect()
 }
 
+/// The most values one `randint` parameter may contribute to a grid.
+pub const MAX_GRID_AXIS: i64 = 100_000;
+
 /// The grid's axes: each parameter's values. Errors name a parameter that is not discrete.
 pub fn grid_axes(
     space: &BTreeMap<String, Distribution>,
@@ -76,9 +79,15 @@ pub fn grid_axes(
         .iter()
         .map(|(name, d)| match d {
             Distribution::Choice { values } => Ok((name.clone(), values.clone())),
-            Distribution::Randint { upper } if *upper <= 100_000 => {
+            Distribution::Randint { upper } if *upper <= MAX_GRID_AXIS => {
                 Ok((name.clone(), (0..*upper).map(ParamValue::Int).collect()))
             }
+            Distribution::Randint { upper } => Err(SpecError::field(
+                format!("search_space.{name}"),
+                format!(
+                    "randint({upper}) has more than {MAX_GRID_AXIS} values to enumerate: use choice with the values to try, or random sampling"
+                ),
+            )),
             other => Err(SpecError::field(
                 format!("search_space.{name}"),
                 format!(
