@@ -1244,4 +1244,106 @@ jobs:
         let e = parse_pipeline_yaml("type: sweep\njobs: {}\n", "e").unwrap_err();
         assert_eq!(e.path, "type");
     }
+
+    /// A pipeline of `n` steps `s0..`, where step j reads step i's output when
+    /// `edges[i][j]` (i < j, so acyclic).
+    fn random_pipeline(n: usize, edges: &[Vec<bool>], keep_going: bool) -> PipelineSpec {
+        let mut text =
+            format!("type: pipeline\nsettings:\n  continue_on_step_failure: {keep_going}\njobs:\n");
+        for j in 0..n {
+            let deps: Vec<usize> = (0..j).filter(|&i| edges[i][j]).collect();
+            let args: String = deps
+                .iter()
+                .map(|i| format!(" ${{{{inputs.i{i}}}}}"))
+                .collect();
+            text.push_str(&format!(
+                "  s{j}:\n    command: step{j}{args}\n    outputs:\n      o:\n"
+            ));
+            if !deps.is_empty() {
+                text.push_str("    inputs:\n");
+                for i in deps {
+                    text.push_str(&format!(
+                        "      i{i}: ${{{{parent.jobs.s{i}.outputs.o}}}}\n"
+                    ));
+                }
+            }
+        }
+        parse_pipeline_yaml(&text, "e").unwrap()
+    }
+
+    proptest::proptest! {
+        /// On any DAG with any failures, a step starts only once all its inputs are
+        /// complete, each step is decided once, a step fails exactly when it failed itself
+        /// or an upstream step did, and the pipeline finishes once, with all steps over.
+        #[test]
+        fn the_planner_is_sound_on_any_dag(
+            n in 1usize..8,
+            edges in proptest::collection::vec(proptest::collection::vec(proptest::bool::ANY, 8), 8),
+            failing in proptest::collection::vec(proptest::bool::weighted(0.2), 8),
+            keep_going in proptest::bool::ANY,
+        ) {
+            let edges: Vec<Vec<bool>> = (0..8)
+                .map(|i| (0..8).map(|j| i < j && edges[i][j]).collect())
+                .collect();
+            let p = random_pipeline(n, &edges, keep_going);
+            let mut states: BTreeMap<String, StepState> = BTreeMap::new();
+            let mut finished = None;
+            for _ in 0..50 {
+                let decisions = plan(&p, &states, &no_reuse);
+                let mut started = Vec::new();
+                for d in decisions {
+                    match d {
+                        PipelineDecision::StartStep { step, .. } => {
+                            for dep in p.steps[&step].depends_on() {
+                                let done = matches!(states.get(dep), Some(StepState::Completed { .. }));
+                                proptest::prop_assert!(done);
+                            }
+                            proptest::prop_assert!(!states.contains_key(&step));
+                            states.insert(step.clone(), StepState::Running);
+                            started.push(step);
+                        }
+                        PipelineDecision::FailStep { step, reason } => {
+                            proptest::prop_assert!(!states.contains_key(&step));
+                            states.insert(step, StepState::Failed { reason });
+                        }
+                        PipelineDecision::ReuseStep { .. } => proptest::prop_assert!(false, "nothing to reuse"),
+                        PipelineDecision::Finish { succeeded, failed } => {
+                            proptest::prop_assert!(finished.is_none());
+                            finished = Some((succeeded, failed));
+                        }
+                    }
+                }
+                if finished.is_some() {
+                    break;
+                }
+                // Steps started in an earlier round end now.
+                for (name, state) in states.iter_mut() {
+                    if *state == StepState::Running && !started.contains(name) {
+                        let j: usize = name[1..].parse().unwrap();
+                        *state = if failing[j] {
+                            StepState::Failed { reason: "exit 1".into() }
+                        } else {
+                            completed(&[("o", name)])
+                        };
+                    }
+                }
+            }
+            let (succeeded, failed) = finished.expect("the pipeline finishes");
+            proptest::prop_assert_eq!(states.len(), n);
+            let any_failed = (0..n).any(|j| failing[j] && !matches!(states[&format!("s{j}")], StepState::Failed { ref reason } if reason.starts_with("upstream") || reason.starts_with("not started")));
+            proptest::prop_assert_eq!(succeeded, failed.is_empty());
+            proptest::prop_assert_eq!(succeeded, !any_failed);
+            for j in 0..n {
+                let name = format!("s{j}");
+                let upstream_failed = p.steps[&name].depends_on().iter().any(|d| matches!(states[*d], StepState::Failed { .. }));
+                let is_failed = matches!(states[&name], StepState::Failed { .. });
+                if upstream_failed {
+                    proptest::prop_assert!(is_failed, "{name} runs after a failed input");
+                }
+                if keep_going && !upstream_failed {
+                    proptest::prop_assert_eq!(is_failed, failing[j], "{}", name);
+                }
+            }
+        }
+    }
 }

@@ -533,4 +533,115 @@ mod tests {
             vec![(0, Some(0.2)), (2, Some(0.4)), (1, None)]
         );
     }
+
+    fn any_spec(sampling: usize, policy: usize, total: u32, concurrent: u32) -> SweepSpec {
+        let (sampling, space) = match sampling {
+            0 => (
+                "random",
+                "  x:\n    type: uniform\n    min_value: 0\n    max_value: 1\n",
+            ),
+            1 => (
+                "bayesian",
+                "  x:\n    type: uniform\n    min_value: 0\n    max_value: 1\n",
+            ),
+            _ => (
+                "grid",
+                "  x:\n    type: choice\n    values: [0.1, 0.3, 0.5, 0.7, 0.9]\n",
+            ),
+        };
+        let policy = [
+            "",
+            "early_termination:\n  type: bandit\n  slack_amount: 0.1\n",
+            "early_termination:\n  type: median_stopping\n  delay_evaluation: 1\n",
+            "early_termination:\n  type: truncation_selection\n  truncation_percentage: 30\n  evaluation_interval: 2\n",
+        ][policy];
+        parse_sweep_yaml(
+            &format!(
+                "type: sweep\ntrial:\n  command: t ${{{{search_space.x}}}}\nsampling_algorithm: {sampling}\nsearch_space:\n{space}objective:\n  primary_metric: m\n  goal: maximize\nlimits:\n  max_total_trials: {total}\n  max_concurrent_trials: {concurrent}\n{policy}"
+            ),
+            "e",
+        )
+        .unwrap()
+    }
+
+    proptest::proptest! {
+        /// Whatever the trials do, the controller starts trials in order, within the
+        /// limits, cancels only running trials, is deterministic, and ends exactly once
+        /// with every trial over.
+        #[test]
+        fn the_controller_keeps_its_limits_whatever_the_trials_do(
+            seed in proptest::prelude::any::<u64>(),
+            sampling in 0usize..3,
+            policy in 0usize..4,
+            total in 1u32..14,
+            concurrent in 1u32..5,
+            outcomes in proptest::collection::vec(0u8..4, 14),
+        ) {
+            let spec = any_spec(sampling, policy, total, concurrent);
+            let mut sims: Vec<Sim> = Vec::new();
+            let mut finished = None;
+            for round in 0..400u64 {
+                let v = views(&sims);
+                let decisions = step(&spec, seed, 0, &v, round);
+                proptest::prop_assert_eq!(&decisions, &step(&spec, seed, 0, &v, round));
+                let active = sims.iter().filter(|s| s.status == TrialStatus::Active).count();
+                let mut next = sims.len() as u32;
+                for d in &decisions {
+                    match d {
+                        SweepDecision::StartTrial { index, .. } => {
+                            proptest::prop_assert_eq!(*index, next);
+                            next += 1;
+                        }
+                        SweepDecision::CancelTrial { index, .. } => {
+                            let t = &sims[*index as usize];
+                            proptest::prop_assert!(t.status == TrialStatus::Active && !t.stopping);
+                        }
+                        SweepDecision::Finish { .. } => {
+                            proptest::prop_assert!(sims.iter().all(|s| s.status != TrialStatus::Active));
+                        }
+                    }
+                }
+                proptest::prop_assert!(active + (next as usize - sims.len()) <= concurrent as usize);
+                proptest::prop_assert!(next <= total);
+                if let Some(f) = apply(&mut sims, &decisions) {
+                    finished = Some(f);
+                    break;
+                }
+                // Trials: 0 completes after 3 values, 1 fails after 1, 2 fails at once, 3 logs 6.
+                for (i, s) in sims.iter_mut().enumerate() {
+                    if s.status != TrialStatus::Active {
+                        continue;
+                    }
+                    if s.stopping {
+                        s.status = TrialStatus::Cancelled;
+                        continue;
+                    }
+                    let x = s.params["x"].as_f64().unwrap();
+                    let (fail_at, done_at) = match outcomes[i] {
+                        0 => (None, 3),
+                        1 => (Some(1), 9),
+                        2 => (Some(0), 9),
+                        _ => (None, 6),
+                    };
+                    if fail_at == Some(s.metric.len()) {
+                        s.status = TrialStatus::Failed;
+                        continue;
+                    }
+                    s.metric.push(None, x * (s.metric.len() + 1) as f64);
+                    if s.metric.len() == done_at {
+                        s.status = TrialStatus::Completed;
+                    }
+                }
+            }
+            let (end, best) = finished.expect("the sweep ends");
+            proptest::prop_assert_eq!(end, SweepEnd::Completed);
+            let expected = if sampling == 2 { total.min(5) } else { total };
+            proptest::prop_assert_eq!(sims.len() as u32, expected);
+            if let Some(b) = best {
+                proptest::prop_assert!(!sims[b as usize].metric.is_empty());
+            } else {
+                proptest::prop_assert!(sims.iter().all(|s| s.metric.is_empty()));
+            }
+        }
+    }
 }
