@@ -68,6 +68,7 @@ struct SamplingFile {
     kind: Option<String>,
     seed: Option<u64>,
     rule: Option<String>,
+    logbase: Option<Scalar>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -288,6 +289,19 @@ fn sampling_v2(value: Option<yaml_serde::Value>) -> Result<Sampling, SpecError> 
                     ));
                 }
             }
+            match &file.logbase {
+                None => {}
+                Some(Scalar::Text(e)) if e == "e" => {}
+                Some(Scalar::Float(b)) if (b - std::f64::consts::E).abs() < 1e-9 => {}
+                Some(other) => {
+                    return Err(SpecError::field(
+                        format!("{PATH}.logbase"),
+                        format!(
+                            "muster samples log distributions in base e, not {other}: use logbase: e or leave it out"
+                        ),
+                    ));
+                }
+            }
             Sampling::Random { seed: file.seed }
         }
         "grid" => Sampling::Grid,
@@ -310,6 +324,12 @@ fn sampling_v2(value: Option<yaml_serde::Value>) -> Result<Sampling, SpecError> 
             return Err(SpecError::field(
                 format!("{PATH}.rule"),
                 format!("only random sampling takes a rule, not {kind}"),
+            ));
+        }
+        if file.logbase.is_some() {
+            return Err(SpecError::field(
+                format!("{PATH}.logbase"),
+                format!("only random sampling takes a logbase, not {kind}"),
             ));
         }
     }
@@ -1005,11 +1025,33 @@ mod tests {
     fn the_long_sampling_form_takes_a_seed() {
         let text = with("").replace(
             "sampling_algorithm: random",
-            "sampling_algorithm:\n  type: random\n  seed: 42\n  rule: random",
+            "sampling_algorithm:\n  type: random\n  seed: 42\n  rule: random\n  logbase: e",
         );
         let spec = parse_sweep_yaml(&text, "e").unwrap();
         assert_eq!(spec.sampling, Sampling::Random { seed: Some(42) });
         assert_eq!(spec.seed_or(7), 42);
+    }
+
+    #[test]
+    fn sobol_and_other_log_bases_are_refused_by_name() {
+        for (long, path) in [
+            ("  type: random\n  rule: sobol", "sampling_algorithm.rule"),
+            (
+                "  type: random\n  logbase: 10",
+                "sampling_algorithm.logbase",
+            ),
+            (
+                "  type: bayesian\n  logbase: e",
+                "sampling_algorithm.logbase",
+            ),
+        ] {
+            let text = with("").replace(
+                "sampling_algorithm: random",
+                &format!("sampling_algorithm:\n{long}"),
+            );
+            let e = parse_sweep_yaml(&text, "e").unwrap_err();
+            assert_eq!(e.path, path, "{e}");
+        }
     }
 
     #[test]

@@ -312,6 +312,34 @@ mod tests {
         assert!(out[0].1.to_string().contains("0.666667"), "{}", out[0].1);
     }
 
+    /// Azure ML's second example: slack_amount 0.2 with the best at 0.8 cancels the runs
+    /// below 0.6; with evaluation_interval 100 and delay_evaluation 200 the first
+    /// evaluation is at interval 200.
+    #[test]
+    fn bandit_slack_amount_and_delay_match_azure_mls_example() {
+        let p = policy(
+            PolicyKind::Bandit {
+                slack: Slack::Amount(0.2),
+            },
+            100,
+            200,
+        );
+        assert_eq!(p.evaluation_point(199), None);
+        assert_eq!(p.evaluation_point(200), Some(200));
+        assert_eq!(p.evaluation_point(299), Some(200));
+        assert_eq!(p.evaluation_point(300), Some(300));
+        let best = vec![0.8; 200];
+        let kept = vec![0.61; 200];
+        let cut = vec![0.59; 200];
+        let trials = [trial(0, &best), trial(1, &kept), trial(2, &cut)];
+        assert_eq!(cancelled(&p, Goal::Maximize, &trials), vec![2]);
+        let early: Vec<_> = trials
+            .iter()
+            .map(|t| trial(t.index, &t.values[..199]))
+            .collect();
+        assert!(cancelled(&p, Goal::Maximize, &early).is_empty());
+    }
+
     #[test]
     fn bandit_minimizing_and_slack_amount() {
         let p = policy(
