@@ -195,6 +195,11 @@ impl State {
                 run_id,
                 at,
             } => self.apply_sweep_decision(sweep_id, decision, run_id.as_deref(), *at),
+            Command::CancelSweep {
+                sweep_id,
+                reason,
+                at,
+            } => self.cancel_sweep(sweep_id, reason.as_deref(), *at),
             Command::SubmitPipeline {
                 pipeline_id,
                 spec,

@@ -154,6 +154,17 @@ pub enum Command {
         /// When.
         at: Millis,
     },
+    /// A user's cancel of a sweep: its active trials are canceled, no trial starts, and it
+    /// finishes as canceled once they are over.
+    #[serde(rename = "cancel_sweep.v1")]
+    CancelSweep {
+        /// The sweep.
+        sweep_id: String,
+        /// Why.
+        reason: Option<String>,
+        /// When.
+        at: Millis,
+    },
     /// Accept a pipeline (see `state/pipeline.rs`).
     #[serde(rename = "submit_pipeline.v1")]
     SubmitPipeline {

@@ -124,6 +124,7 @@ fn drive_sweep(crash_rounds: u64) -> State {
             .collect();
         let views = s.sweep_trial_views(sweep, &series);
         let decisions = step(&sweep.spec, sweep.seed, sweep.created_at, &views, now);
+        assert_eq!(decisions, s.sweep_step("sw", &series, now));
         let mut proposed = decisions.clone();
         if round < crash_rounds {
             // The old leader got only its first decision in; the new one resends all.
@@ -263,6 +264,93 @@ fn sweep_commands_that_do_not_fit_are_refused() {
     };
     assert!(s.apply(&finish).is_err(), "trials are active");
     assert_ne!(s, before);
+}
+
+#[test]
+fn a_canceled_sweep_stops_its_trials_and_finishes_canceled() {
+    let spec = parse_sweep_yaml(SWEEP, "e").unwrap();
+    let mut s = cluster();
+    apply(
+        &mut s,
+        &Command::SubmitSweep {
+            sweep_id: "sw".into(),
+            spec: Box::new(spec),
+            seed: 3,
+            at: 0,
+        },
+    );
+    for d in s.sweep_step("sw", &[], 0) {
+        let run_id = match &d {
+            SweepDecision::StartTrial { index, .. } => Some(format!("sw-{index}")),
+            _ => None,
+        };
+        apply(
+            &mut s,
+            &Command::SweepDecision {
+                sweep_id: "sw".into(),
+                decision: d,
+                run_id,
+                at: 0,
+            },
+        );
+    }
+    assert_eq!(s.sweeps["sw"].trials.len(), 2);
+    // Trial 0 runs; trial 1 is still queued.
+    let _ = schedule(&s, 1)
+        .decisions
+        .into_iter()
+        .take(1)
+        .map(|d| s.apply(&d.into_command(1)).unwrap())
+        .count();
+    let cancel = Command::CancelSweep {
+        sweep_id: "sw".into(),
+        reason: Some("enough".into()),
+        at: 2,
+    };
+    apply(&mut s, &cancel);
+    assert!(s.apply(&cancel).is_err(), "already being canceled");
+    // No trial starts any more, though a slot is free (trial 1 was queued: canceled at once).
+    assert_eq!(s.runs["sw-1"].state, RunState::Canceled);
+    let late = Command::SweepDecision {
+        sweep_id: "sw".into(),
+        decision: SweepDecision::StartTrial {
+            index: 2,
+            params: [("x".to_string(), crate::sweep::ParamValue::Float(0.5))].into(),
+        },
+        run_id: Some("late".into()),
+        at: 3,
+    };
+    let e = s.apply(&late).unwrap_err();
+    assert!(e.to_string().contains("being canceled"), "{e}");
+    assert!(
+        s.sweep_step("sw", &[], 3).is_empty(),
+        "trial 0 is still stopping"
+    );
+    assert!(s.runs["sw-0"].cancel_requested || s.runs["sw-1"].cancel_requested);
+    for r in ["sw-0", "sw-1"] {
+        if !s.runs[r].state.is_terminal() {
+            end(&mut s, r, AttemptEnd::Canceled, None);
+        }
+    }
+    let series = [Series::from_values([0.2]), Series::new()];
+    let d = s.sweep_step("sw", &series, 4);
+    assert_eq!(
+        d,
+        vec![SweepDecision::Finish {
+            end: SweepEnd::Canceled,
+            best_trial: Some(0)
+        }]
+    );
+    apply(
+        &mut s,
+        &Command::SweepDecision {
+            sweep_id: "sw".into(),
+            decision: d[0].clone(),
+            run_id: None,
+            at: 4,
+        },
+    );
+    assert!(s.sweep_step("sw", &series, 5).is_empty());
 }
 
 const PIPELINE: &str = "type: pipeline

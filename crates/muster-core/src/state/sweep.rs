@@ -16,7 +16,8 @@ use crate::Millis;
 use crate::metrics::Series;
 use crate::state::{Applied, ApplyError, Command, RunState, State};
 use crate::sweep::{
-    Params, StopReason, SweepDecision, SweepEnd, SweepSpec, TrialStatus, TrialView,
+    Params, StopReason, SweepDecision, SweepEnd, SweepSpec, TrialStatus, TrialView, step,
+    step_canceled,
 };
 
 /// One trial of a sweep.
@@ -58,6 +59,9 @@ pub struct Sweep {
     pub trials: Vec<Trial>,
     /// Set once it ended.
     pub finished: Option<SweepFinish>,
+    /// A person canceled it, with this reason: no trial starts, it finishes as canceled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_requested: Option<String>,
 }
 
 // The spec's numbers are validated finite at submission, so equality is total.
@@ -112,6 +116,58 @@ impl State {
             .collect()
     }
 
+    /// The controller's decisions for sweep `sweep_id` now ([`crate::sweep::step`], or
+    /// [`crate::sweep::step_canceled`] once canceled; nothing once finished). `series` as
+    /// for [`State::sweep_trial_views`].
+    pub fn sweep_step(&self, sweep_id: &str, series: &[Series], now: Millis) -> Vec<SweepDecision> {
+        let Some(sweep) = self.sweeps.get(sweep_id) else {
+            return Vec::new();
+        };
+        if sweep.is_finished() {
+            return Vec::new();
+        }
+        let views = self.sweep_trial_views(sweep, series);
+        if sweep.cancel_requested.is_some() {
+            return step_canceled(sweep.spec.objective.goal, &views);
+        }
+        step(&sweep.spec, sweep.seed, sweep.created_at, &views, now)
+    }
+
+    pub(crate) fn cancel_sweep(
+        &mut self,
+        sweep_id: &str,
+        reason: Option<&str>,
+        at: Millis,
+    ) -> Result<Applied, ApplyError> {
+        let sweep = self
+            .sweeps
+            .get(sweep_id)
+            .ok_or_else(|| rejected(sweep_id, "no such sweep"))?;
+        if sweep.is_finished() || sweep.cancel_requested.is_some() {
+            return Err(rejected(
+                sweep_id,
+                "it already finished or is being canceled",
+            ));
+        }
+        let why = reason.unwrap_or("canceled by user").to_string();
+        let active: Vec<String> = sweep
+            .trials
+            .iter()
+            .map(|t| t.run_id.clone())
+            .filter(|r| self.runs.get(r).is_some_and(|r| !r.state.is_terminal()))
+            .collect();
+        for run_id in active {
+            self.apply(&Command::CancelRun {
+                run_id,
+                reason: Some(format!("sweep {sweep_id}: {why}")),
+                at,
+            })?;
+        }
+        let sweep = self.sweeps.get_mut(sweep_id).expect("checked above");
+        sweep.cancel_requested = Some(why);
+        Ok(Applied::Done)
+    }
+
     pub(crate) fn submit_sweep(
         &mut self,
         sweep_id: &str,
@@ -136,6 +192,7 @@ impl State {
                 created_at: at,
                 trials: Vec::new(),
                 finished: None,
+                cancel_requested: None,
             },
         );
         Ok(Applied::Done)
@@ -157,6 +214,9 @@ impl State {
         }
         match decision {
             SweepDecision::StartTrial { index, params } => {
+                if sweep.cancel_requested.is_some() {
+                    return Err(rejected(sweep_id, "it is being canceled"));
+                }
                 let run_id =
                     run_id.ok_or_else(|| rejected(sweep_id, "a new trial needs a run id"))?;
                 if *index as usize != sweep.trials.len() {

@@ -79,6 +79,8 @@ pub enum SweepEnd {
     Completed,
     /// `limits.timeout` passed.
     TimedOut,
+    /// A person canceled it.
+    Canceled,
 }
 
 /// What the controller decides.
@@ -132,6 +134,19 @@ fn best_trial(goal: Goal, trials: &[TrialView<'_>]) -> Option<u32> {
     rank_trials(goal, trials)
         .first()
         .and_then(|(i, v)| v.map(|_| *i))
+}
+
+/// The step of a sweep a person canceled: its trials' runs were canceled when the cancel
+/// was applied; once none is active the sweep finishes as [`SweepEnd::Canceled`] with the
+/// best trial so far. No trial starts.
+pub fn step_canceled(goal: Goal, trials: &[TrialView<'_>]) -> Vec<SweepDecision> {
+    if trials.iter().any(|t| t.status == TrialStatus::Active) {
+        return Vec::new();
+    }
+    vec![SweepDecision::Finish {
+        end: SweepEnd::Canceled,
+        best_trial: best_trial(goal, trials),
+    }]
 }
 
 /// One controller step: see the module docs. `seed` is the sweep's effective seed

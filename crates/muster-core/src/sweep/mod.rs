@@ -31,7 +31,7 @@ pub mod sampler;
 pub mod space;
 
 pub use controller::{
-    StopReason, SweepDecision, SweepEnd, TrialStatus, TrialView, rank_trials, step,
+    StopReason, SweepDecision, SweepEnd, TrialStatus, TrialView, rank_trials, step, step_canceled,
 };
 pub use file::{parse_hyperdrive_config, parse_sweep_yaml};
 pub use policy::{CancelReason, EarlyTermination, PolicyKind, Slack};
