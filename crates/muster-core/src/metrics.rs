@@ -115,6 +115,11 @@ impl fmt::Display for MetricLineError {
 
 impl std::error::Error for MetricLineError {}
 
+/// Checks a metric name: 1 to [`MAX_NAME_BYTES`] bytes, no whitespace, control character or `=`.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    check_name(name).map_err(|e| e.message)
+}
+
 fn check_name(name: &str) -> Result<(), MetricLineError> {
     if name.is_empty() {
         return Err(MetricLineError::new("the metric name is empty"));

@@ -397,6 +397,7 @@ fn drive_pipeline(s: &mut State, id: &str) -> Vec<String> {
         let states = s.pipeline_step_states(p);
         let lookup = s.pipeline_reuse_lookup();
         let decisions = plan(&p.spec, &states, &|k: &str| lookup.get(k).cloned());
+        assert_eq!(decisions, s.pipeline_plan(id));
         for d in decisions {
             let run_id = match &d {
                 PipelineDecision::StartStep { step, .. } => {

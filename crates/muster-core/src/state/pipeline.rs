@@ -129,6 +129,20 @@ impl State {
         out
     }
 
+    /// The planner's decisions for pipeline `id` now (nothing once it finished), with
+    /// every earlier completed step available for reuse.
+    pub fn pipeline_plan(&self, id: &str) -> Vec<PipelineDecision> {
+        let Some(p) = self.pipelines.get(id) else {
+            return Vec::new();
+        };
+        if p.finished.is_some() {
+            return Vec::new();
+        }
+        let states = self.pipeline_step_states(p);
+        let lookup = self.pipeline_reuse_lookup();
+        crate::pipeline::plan(&p.spec, &states, &|k: &str| lookup.get(k).cloned())
+    }
+
     pub(crate) fn submit_pipeline(
         &mut self,
         id: &str,

@@ -984,6 +984,10 @@ mod tests {
             ),
             (with("limits:\n  max_total_trials: 0\n"), "limits.max_total_trials"),
             (
+                with("").replace("primary_metric: loss", "primary_metric: val loss"),
+                "objective.primary_metric",
+            ),
+            (
                 "type: sweep\ntrial:\n  command: t ${{search_space.y}}\nsampling_algorithm: random\nsearch_space:\n  x:\n    type: choice\n    values: [1]\nobjective:\n  primary_metric: loss\n  goal: minimize\n".into(),
                 "trial.command",
             ),

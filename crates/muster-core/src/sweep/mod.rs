@@ -171,12 +171,12 @@ impl SweepSpec {
         if self.sampling == Sampling::Grid {
             sampler::grid_axes(&self.search_space)?;
         }
-        if self.objective.primary_metric.trim().is_empty() {
-            return Err(SpecError::field(
+        crate::metrics::validate_name(&self.objective.primary_metric).map_err(|m| {
+            SpecError::field(
                 "objective.primary_metric",
-                "missing: name the metric the trials log",
-            ));
-        }
+                format!("{m}: name the metric exactly as the trials log it"),
+            )
+        })?;
         if let Some(p) = &self.early_termination {
             p.validate()?;
         }
