@@ -1,6 +1,6 @@
 //! Hyperparameter sweeps (Azure ML's `type: sweep` job and v1 HyperDrive config).
 //!
-//! - [`file`]: the YAML forms, parsed and normalized into one [`SweepSpec`]:
+//! - [`file`](mod@file): the YAML forms, parsed and normalized into one [`SweepSpec`]:
 //!   [`parse_sweep_yaml`] (v2 `type: sweep`) and [`parse_hyperdrive_config`] (v1 `hdconfig.yml`).
 //! - [`space`]: parameter [`Distribution`]s with Azure ML's definitions (`loguniform(min, max)`
 //!   is `exp(uniform(min, max))`, `randint(upper)` is `0..upper`, q-variants are
