@@ -984,6 +984,13 @@ mod tests {
             ),
             (with("limits:\n  max_total_trials: 0\n"), "limits.max_total_trials"),
             (
+                with("").replace(
+                    "type: uniform\n    min_value: 0\n    max_value: 1",
+                    "type: choice\n    values: [1, .nan]",
+                ),
+                "search_space.x",
+            ),
+            (
                 with("").replace("primary_metric: loss", "primary_metric: val loss"),
                 "objective.primary_metric",
             ),

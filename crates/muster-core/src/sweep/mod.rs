@@ -133,7 +133,8 @@ impl SweepSpec {
     }
 
     /// The runnable spec of a trial with `params`: `${{search_space.x}}` substituted,
-    /// validated. Errors name `trial.<field>`.
+    /// validated. Errors name `trial.<field>`. Values are substituted as written, not
+    /// shell-quoted, as Azure ML does (a choice value with spaces becomes several words).
     pub fn trial_run(&self, params: &Params) -> Result<RunSpec, SpecError> {
         let command = substitute("trial.command", &self.trial.command, |scope, name| {
             (scope == "search_space")

@@ -166,7 +166,15 @@ impl Distribution {
             Distribution::Choice { values } if values.is_empty() => {
                 Err("choice needs at least one value".into())
             }
-            Distribution::Choice { .. } => Ok(()),
+            Distribution::Choice { values } => {
+                match values
+                    .iter()
+                    .find(|v| matches!(v, ParamValue::Float(f) if !f.is_finite()))
+                {
+                    Some(v) => Err(format!("choice value {v} is not a finite number")),
+                    None => Ok(()),
+                }
+            }
             Distribution::Randint { upper } if *upper < 1 => Err(format!(
                 "randint's upper must be at least 1 (values are 0..upper), not {upper}"
             )),
