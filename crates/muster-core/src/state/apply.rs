@@ -267,6 +267,39 @@ impl State {
                 }
                 Ok(Applied::Done)
             }
+            Command::SubmitSweep {
+                sweep_id,
+                spec,
+                seed,
+                at,
+            } => self.submit_sweep(sweep_id, spec, *seed, *at),
+            Command::SweepDecision {
+                sweep_id,
+                decision,
+                run_id,
+                at,
+            } => self.apply_sweep_decision(sweep_id, decision, run_id.as_deref(), *at),
+            Command::CancelSweep {
+                sweep_id,
+                reason,
+                at,
+            } => self.cancel_sweep(sweep_id, reason.as_deref(), *at),
+            Command::SubmitPipeline {
+                pipeline_id,
+                spec,
+                at,
+            } => self.submit_pipeline(pipeline_id, spec, *at),
+            Command::PipelineDecision {
+                pipeline_id,
+                decision,
+                run_id,
+                at,
+            } => self.apply_pipeline_decision(pipeline_id, decision, run_id.as_deref(), *at),
+            Command::CancelPipeline {
+                pipeline_id,
+                reason,
+                at,
+            } => self.cancel_pipeline(pipeline_id, reason.as_deref(), *at),
         }
     }
 

@@ -24,6 +24,8 @@
 mod apply;
 mod check;
 mod command;
+mod pipeline;
+mod sweep;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -33,6 +35,8 @@ use serde::{Deserialize, Serialize};
 pub(crate) use apply::live_node_count;
 pub use apply::{MAX_SERVER_ADDRESS_LEN, validate_server_address};
 pub use command::{Applied, ApplyError, AttemptReport, Command, ProvisionOutcome};
+pub use pipeline::{Pipeline, PipelineFinish, StepRecord};
+pub use sweep::{Sweep, SweepFinish, Trial};
 
 use crate::Millis;
 use crate::compute::{ComputeSpec, QuotaUsage, Tier};
@@ -454,6 +458,12 @@ pub struct State {
     /// Absent in states written before autoscaling existed.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub scaling: BTreeMap<String, Scaling>,
+    /// Sweeps by id (absent from snapshots taken before sweeps existed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sweeps: BTreeMap<String, Sweep>,
+    /// Pipelines by id (absent from snapshots taken before pipelines existed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pipelines: BTreeMap<String, Pipeline>,
     /// A summary of the active runs of each compute target: what they hold against its
     /// quota, their priorities, how many are being preempted. Derived from `runs`: kept up
     /// to date by `apply`, rebuilt by [`State::from_snapshot`], never serialized, and
@@ -633,5 +643,7 @@ pub(crate) fn attempt_usage(a: &Attempt) -> QuotaUsage {
     u
 }
 
+#[cfg(test)]
+mod flow_tests;
 #[cfg(test)]
 mod tests;
