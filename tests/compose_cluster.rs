@@ -224,7 +224,10 @@ async fn compose_cluster_survives_a_disconnected_leader() {
         .disconnect(&service, MusterCompose::NETWORK)
         .await
         .unwrap();
-    let others: Vec<String> = (1..=3).filter(|&id| id != old).map(|id| compose.url(id)).collect();
+    let others: Vec<String> = (1..=3)
+        .filter(|&id| id != old)
+        .map(|id| compose.url(id))
+        .collect();
 
     // The other two elect a new leader among themselves (bounded).
     let deadline = Instant::now() + Duration::from_secs(30);

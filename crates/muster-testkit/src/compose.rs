@@ -232,7 +232,10 @@ impl ComposeProject {
         let ids: Vec<&str> = ran.stdout.split_whitespace().collect();
         match ids.as_slice() {
             [id] => Ok(id.to_string()),
-            [] => bail!("no container for service {service} in project {}", self.name),
+            [] => bail!(
+                "no container for service {service} in project {}",
+                self.name
+            ),
             more => bail!("{} containers for service {service}", more.len()),
         }
     }
