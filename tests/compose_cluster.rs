@@ -5,8 +5,10 @@
 //! leader is connected back `muster cluster status` shows all three in sync. Every
 //! acknowledged run exists exactly once (issue 3, "Containers").
 //!
-//! The runs are plain commands: the agents run them as processes inside their containers
-//! (busybox `sh`), so no image beyond muster's own is needed.
+//! Most runs are plain commands: the agents run them as processes inside their containers
+//! (busybox `sh`). A few name the busybox test image: the agents start those through the
+//! host's engine (its socket is mounted into them), which checks that their work
+//! directories exist at the same path on the host (`MUSTER_AGENT_ROOT`).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -15,7 +17,9 @@ use muster_core::RunSpec;
 use muster_proto::v1;
 use muster_proto::v1::cluster_service_client::ClusterServiceClient;
 use muster_testkit::compose::{MusterCompose, compose_or_skip};
-use muster_testkit::images::docker_or_skip;
+use muster_testkit::images::{
+    BUSYBOX_IMAGE, busybox_image, docker_or_skip, remove_containers_labelled,
+};
 use muster_testkit::{muster, muster_bin};
 use serde_json::Value;
 use tonic::Code;
@@ -29,11 +33,52 @@ fn command(key: &str) -> String {
     format!("echo compose-run {key}")
 }
 
+/// Run `key`'s spec; keys starting with `image-` run in the busybox test image.
 fn spec(key: &str) -> v1::RunSpec {
     let mut s = RunSpec::new(command(key));
     s.compute = "pool".into();
     s.experiment = "compose".into();
+    if key.starts_with("image-") {
+        s.environment.image = Some(BUSYBOX_IMAGE.into());
+    }
     s.into()
+}
+
+/// Removes the containers the agents started for `runs` through the host's engine (they are
+/// not part of the Compose project), also when the test panics.
+struct RunContainers {
+    docker: bollard::Docker,
+    runs: Vec<String>,
+}
+
+impl Drop for RunContainers {
+    fn drop(&mut self) {
+        let docker = self.docker.clone();
+        let runs = std::mem::take(&mut self.runs);
+        // Drop may run on an async worker: clean up on a thread of its own with its runtime.
+        let cleaned = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for cleanup");
+            rt.block_on(async {
+                for run in runs {
+                    let removed = tokio::time::timeout(
+                        Duration::from_secs(30),
+                        remove_containers_labelled(&docker, "muster.run_id", &run),
+                    )
+                    .await;
+                    if !matches!(removed, Ok(Ok(()))) {
+                        eprintln!("could not remove the containers of {run}: {removed:?}");
+                    }
+                }
+            })
+        })
+        .join();
+        if cleaned.is_err() {
+            eprintln!("cleaning up the run containers panicked");
+        }
+    }
 }
 
 /// One server's own view of the cluster, or `None` if it does not answer within [`CALL`].
@@ -176,10 +221,19 @@ async fn wait_completed(urls: &[String], ids: &[String], limit: Duration) -> Vec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compose_cluster_survives_a_disconnected_leader() {
-    if docker_or_skip().await.is_none() || !compose_or_skip() {
+    let Some(docker) = docker_or_skip().await else {
+        return;
+    };
+    if !compose_or_skip() {
         return;
     }
     let started = Instant::now();
+    busybox_image(&docker).await.unwrap();
+    // Declared before the project, so dropped after it: the agents are gone by then.
+    let mut run_containers = RunContainers {
+        docker,
+        runs: Vec::new(),
+    };
     let compose = MusterCompose::up(&muster_bin()).await.unwrap();
     let all: Vec<String> = (1..=3).map(|id| compose.url(id)).collect();
 
@@ -208,6 +262,12 @@ async fn compose_cluster_survives_a_disconnected_leader() {
     for i in 0..6 {
         let key = format!("before-{i}");
         let id = submit(&all, i, &key).await.expect("acknowledged");
+        acked.insert(key, id);
+    }
+    for i in 0..2 {
+        let key = format!("image-{i}");
+        let id = submit(&all, i, &key).await.expect("acknowledged");
+        run_containers.runs.push(id.clone());
         acked.insert(key, id);
     }
     let ids: Vec<String> = acked.values().cloned().collect();
