@@ -11,6 +11,7 @@
 
 pub mod agents;
 pub mod cluster;
+pub mod compose;
 pub mod images;
 
 use std::net::SocketAddr;
