@@ -142,7 +142,8 @@ impl State {
                 attempt,
                 placements,
                 at,
-            } => self.place(run_id, *attempt, placements, *at),
+                secret,
+            } => self.place(run_id, *attempt, placements, secret.as_deref(), *at),
             Command::PreemptAttempt {
                 run_id,
                 attempt,
@@ -276,6 +277,7 @@ impl State {
         run_id: &str,
         attempt: u32,
         placements: &[Placement],
+        secret: Option<&str>,
         at: Millis,
     ) -> Result<Applied, ApplyError> {
         let run = self
@@ -362,6 +364,8 @@ impl State {
         {
             return bad(why);
         }
+        let master_port = (run.spec.instance_count > 1 || run.spec.distribution.is_some())
+            .then(|| self.master_port_for(placements));
         // Validated: now mutate.
         let run = self.runs.get_mut(run_id).expect("checked above");
         let key = queue_key(run);
@@ -381,6 +385,8 @@ impl State {
             rank_ends: Default::default(),
             outputs: None,
             preempted_for: None,
+            master_port,
+            secret: secret.map(str::to_string),
         });
         let run = &self.runs[run_id];
         self.active
@@ -395,6 +401,21 @@ impl State {
             node.attempts.insert((run_id.to_string(), attempt));
         }
         Ok(Applied::Done)
+    }
+
+    /// The lowest free port for a new attempt on these nodes (distributed.rs).
+    fn master_port_for(&self, placements: &[Placement]) -> u16 {
+        let used = placements
+            .iter()
+            .filter_map(|p| self.nodes.get(&p.node_id))
+            .flat_map(|n| n.attempts.iter())
+            .filter_map(|(run_id, number)| {
+                let run = self.runs.get(run_id)?;
+                run.attempts
+                    .get(number.checked_sub(1)? as usize)?
+                    .master_port
+            });
+        crate::distributed::choose_master_port(used)
     }
 
     fn preempt(
