@@ -283,6 +283,8 @@ impl Session {
                         .iter()
                         .map(|p| placement_to_wire(s, p))
                         .collect(),
+                    master_port: a.master_port.map_or(0, u32::from),
+                    secret: a.secret.clone().unwrap_or_default(),
                 });
             }
             // Attempts the agent runs that are not (or no longer) placed here: fence them.
