@@ -1,0 +1,262 @@
+//! Distributed runs with real containers (issue 5, item 4): two in-process agents, each a
+//! node of compute `pool`, ranks in containers on the nodes' network.
+//!
+//! - `pytorch`: the two ranks meet at `MASTER_ADDR:MASTER_PORT` using only muster's env;
+//! - `mpi`: `mpirun` on rank 0 starts a process in both nodes' containers through muster's
+//!   rsh helper (an Open MPI image built locally from the host's `openmpi-bin`);
+//! - a rank that exits 1 fails the attempt, names the rank, and its sleeping peer is
+//!   stopped.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bollard::query_parameters::ListContainersOptionsBuilder;
+use muster_agent::NoGpus;
+use muster_testkit::agents::{AgentHandle, agent_config, rsh_helper_bin};
+use muster_testkit::images::{busybox_image, docker_or_skip, remove_containers_labelled};
+use muster_testkit::{DevCluster, muster};
+use muster_tests::{all_runs, wait_done, write};
+
+/// Distributed containers share the host's network, and each test's cluster picks ports
+/// from 29500 on its own: the tests of this file run one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// `muster dev` plus two agents (`node-a`, `node-b`) of compute `pool`.
+struct Pool {
+    _turn: tokio::sync::MutexGuard<'static, ()>,
+    docker: bollard::Docker,
+    dev: DevCluster,
+    agents: Vec<AgentHandle>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl Pool {
+    /// None when there is no Docker engine (and `MUSTER_REQUIRE_DOCKER` is unset).
+    async fn start(with_rsh: bool) -> Option<Pool> {
+        let docker = docker_or_skip().await?;
+        let turn = ONE_AT_A_TIME.lock().await;
+        let dev = DevCluster::start().await.unwrap();
+        let url = dev.url();
+        let scratch = tempfile::tempdir().unwrap();
+        let out = muster(
+            &url,
+            scratch.path(),
+            &["compute", "create", "pool", "--type", "attached"],
+        )
+        .await;
+        assert_eq!(out.code, 0, "{out:?}");
+        let mut agents = Vec::new();
+        let mut dirs = vec![scratch];
+        for name in ["node-a", "node-b"] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut config = agent_config(&url, dir.path(), "pool", name, Arc::new(NoGpus));
+            if with_rsh {
+                config.rsh_helper = Some(rsh_helper_bin());
+            }
+            agents.push(AgentHandle::start(&url, config).await.unwrap());
+            dirs.push(dir);
+        }
+        Some(Pool {
+            _turn: turn,
+            docker,
+            dev,
+            agents,
+            _dirs: dirs,
+        })
+    }
+
+    /// Submits a 2-instance run of `job.yml` in `project` with `image`; returns its id.
+    async fn submit(&self, project: &Path, image: &str) -> String {
+        let out = muster(
+            &self.dev.url(),
+            project,
+            &[
+                "run",
+                "submit",
+                "-f",
+                "job.yml",
+                "--image",
+                image,
+                "--compute",
+                "pool",
+                "--timeout",
+                "300",
+            ],
+        )
+        .await;
+        assert_eq!(out.code, 0, "{out:?}");
+        let runs = all_runs(&self.dev.url()).await;
+        assert_eq!(runs.len(), 1, "{runs:?}");
+        runs[0].id.clone()
+    }
+
+    /// Rank 0's log of attempt 1, as `muster run logs` prints it.
+    async fn logs(&self, project: &Path, id: &str) -> String {
+        let out = muster(&self.dev.url(), project, &["run", "logs", id]).await;
+        assert_eq!(out.code, 0, "{out:?}");
+        out.stdout
+    }
+
+    /// Another rank's log of attempt 1, as the server keeps it (`muster run logs` streams
+    /// rank 0's).
+    fn rank_log(&self, id: &str, rank: u32) -> String {
+        let path = self
+            .dev
+            .data_dir
+            .join("server/logs")
+            .join(id)
+            .join(format!("1.{rank}.log"));
+        std::fs::read_to_string(&path).unwrap_or_default()
+    }
+
+    /// The containers of run `id` still on the engine.
+    async fn containers_of(&self, id: &str) -> usize {
+        let filters = HashMap::from([("label", vec![format!("muster.run_id={id}")])]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        self.docker
+            .list_containers(Some(options))
+            .await
+            .unwrap()
+            .len()
+    }
+
+    async fn cleanup(self, id: &str) {
+        for a in self.agents {
+            let _ = a.stop().await;
+        }
+        remove_containers_labelled(&self.docker, "muster.run_id", id)
+            .await
+            .unwrap();
+    }
+}
+
+fn job(distribution: Option<&str>, command: &str) -> String {
+    let mut yaml = format!("command: {command}\nresources:\n  instance_count: 2\n");
+    if let Some(d) = distribution {
+        yaml.push_str(&format!("distribution:\n  type: {d}\n"));
+        if d == "mpi" {
+            yaml.push_str("  process_count_per_instance: 1\n");
+        }
+    }
+    yaml
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pytorch_ranks_meet_at_the_master_using_only_muster_env() {
+    let Some(pool) = Pool::start(false).await else {
+        return;
+    };
+    let image = busybox_image(&pool.docker).await.unwrap();
+    let project = tempfile::tempdir().unwrap();
+    write(
+        project.path(),
+        "job.yml",
+        &job(Some("pytorch"), "sh rendezvous.sh"),
+    );
+    // Rank 0 listens on MASTER_PORT; rank 1 connects to MASTER_ADDR:MASTER_PORT (retrying,
+    // bounded, until rank 0 listens); each sends a line and prints what it got.
+    write(
+        project.path(),
+        "rendezvous.sh",
+        r#"echo "rank $RANK of $WORLD_SIZE: node rank $NODE_RANK, local rank $LOCAL_RANK, master $MASTER_ADDR:$MASTER_PORT"
+if [ "$RANK" = 0 ]; then
+  got=$(echo "hello from rank 0" | nc -l -p "$MASTER_PORT")
+else
+  got=""
+  i=0
+  while [ -z "$got" ] && [ $i -lt 300 ]; do
+    got=$(echo "hello from rank $RANK" | nc -w 2 "$MASTER_ADDR" "$MASTER_PORT" 2>/dev/null)
+    [ -n "$got" ] || sleep 0.2
+    i=$((i + 1))
+  done
+fi
+echo "rank $RANK got: $got"
+[ -n "$got" ]
+"#,
+    );
+    let id = pool.submit(project.path(), &image).await;
+    let run = wait_done(&pool.dev.url(), &id).await;
+    let logs = pool.logs(project.path(), &id).await;
+    let rank1 = pool.rank_log(&id, 1);
+    assert_eq!(
+        (run.state.as_str(), run.exit_code),
+        ("completed", Some(0)),
+        "{run:?}\n{logs}\n{rank1}"
+    );
+    assert!(logs.contains("rank 0 got: hello from rank 1"), "{logs}");
+    assert!(rank1.contains("rank 1 got: hello from rank 0"), "{rank1}");
+    assert!(
+        rank1.contains("rank 1 of 2: node rank 1, local rank 0"),
+        "{rank1}"
+    );
+    // Both ranks were told the same master, with the port muster chose.
+    assert!(logs.contains("master 127.0.0.1:29500"), "{logs}");
+    assert!(rank1.contains("master 127.0.0.1:29500"), "{rank1}");
+    pool.cleanup(&id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_rank_fails_the_attempt_and_its_peer_is_stopped() {
+    let Some(pool) = Pool::start(false).await else {
+        return;
+    };
+    let image = busybox_image(&pool.docker).await.unwrap();
+    let project = tempfile::tempdir().unwrap();
+    write(project.path(), "job.yml", &job(None, "sh rank.sh"));
+    // Rank 0 signals it is up (on AZ_BATCH_MASTER_NODE's port) and sleeps; rank 1 waits for
+    // that signal (bounded), then fails.
+    write(
+        project.path(),
+        "rank.sh",
+        r#"port=${AZ_BATCH_MASTER_NODE##*:}
+host=${AZ_BATCH_MASTER_NODE%:*}
+if [ "$MUSTER_NODE_RANK" = 0 ]; then
+  echo "rank 0 up, sleeping"
+  echo up | nc -l -p "$port"
+  sleep 600
+else
+  i=0
+  until [ "$(nc -w 2 "$host" "$port" </dev/null 2>/dev/null)" = up ] || [ $i -ge 300 ]; do
+    sleep 0.2
+    i=$((i + 1))
+  done
+  echo "rank 1 saw rank 0; failing"
+  exit 1
+fi
+"#,
+    );
+    let id = pool.submit(project.path(), &image).await;
+    let run = wait_done(&pool.dev.url(), &id).await;
+    assert_eq!(run.state, "failed", "{run:?}");
+    assert_eq!(run.exit_code, Some(1), "{run:?}");
+    let message = run.message.clone().unwrap_or_default();
+    assert!(message.contains("rank 1"), "{message}");
+    // Rank 0 (sleeping 600 s) is stopped and its container removed (bounded wait).
+    let mut left = usize::MAX;
+    for _ in 0..300 {
+        left = pool.containers_of(&id).await;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(left, 0, "rank 0's container was not stopped");
+    // Both ranks' logs are kept (rank 0's is complete once its stopped end is recorded).
+    let mut logs = String::new();
+    for _ in 0..100 {
+        logs = pool.logs(project.path(), &id).await;
+        if logs.contains("rank 0 up") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(logs.contains("rank 0 up, sleeping"), "{logs}");
+    let rank1 = pool.rank_log(&id, 1);
+    assert!(rank1.contains("rank 1 saw rank 0; failing"), "{rank1}");
+    pool.cleanup(&id).await;
+}
