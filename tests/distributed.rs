@@ -260,3 +260,36 @@ fi
     assert!(rank1.contains("rank 1 saw rank 0; failing"), "{rank1}");
     pool.cleanup(&id).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mpirun_on_rank_0_starts_a_process_in_both_nodes_containers() {
+    let Some(pool) = Pool::start(true).await else {
+        return;
+    };
+    let image = muster_testkit::mpi_image::mpi_image(&pool.docker)
+        .await
+        .unwrap();
+    let project = tempfile::tempdir().unwrap();
+    // One process per node; each prints the node rank of the container it runs in.
+    write(
+        project.path(),
+        "job.yml",
+        &job(
+            Some("mpi"),
+            "mpirun -np 2 sh -c 'echo \"mpi process on node rank $MUSTER_NODE_RANK\"'",
+        ),
+    );
+    let id = pool.submit(project.path(), &image).await;
+    let run = wait_done(&pool.dev.url(), &id).await;
+    let logs = pool.logs(project.path(), &id).await;
+    let rank1 = pool.rank_log(&id, 1);
+    assert_eq!(
+        (run.state.as_str(), run.exit_code),
+        ("completed", Some(0)),
+        "{run:?}\n{logs}\n{rank1}"
+    );
+    assert!(logs.contains("mpi process on node rank 0"), "{logs}");
+    assert!(logs.contains("mpi process on node rank 1"), "{logs}");
+    assert!(rank1.contains("MPI worker (rank 1)"), "{rank1}");
+    pool.cleanup(&id).await;
+}
