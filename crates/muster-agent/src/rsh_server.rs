@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use futures::StreamExt;
-use muster_rsh::{ERROR, EXIT, MAGIC, MAX_LEN, Op, Request, STDERR, STDIN, STDIN_EOF, STDOUT};
+use muster_rsh::{ERROR, EXIT, MAGIC, MAX_LEN, Op, Request, STDERR, STDIN, STDOUT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -43,6 +43,9 @@ struct Target {
     running: bool,
     stop: Arc<watch::Sender<Option<Stop>>>,
 }
+
+/// What a checked request may use: the container, whether it runs, its stop channel.
+type Checked = (String, bool, Arc<watch::Sender<Option<Stop>>>);
 
 /// The attempts of this node that accept exec requests, by (run id, attempt).
 #[derive(Debug, Clone, Default)]
@@ -81,10 +84,7 @@ impl Registry {
     }
 
     /// Checks a request against the registry: the container name if it may proceed.
-    fn check(
-        &self,
-        r: &Request,
-    ) -> Result<(String, bool, Arc<watch::Sender<Option<Stop>>>), String> {
+    fn check(&self, r: &Request) -> Result<Checked, String> {
         let map = self.0.lock().expect("registry lock");
         let t = map.get(&(r.run_id.clone(), r.attempt)).ok_or_else(|| {
             format!(
@@ -271,10 +271,7 @@ async fn exec(
     let (mut reader, mut writer) = conn.into_split();
     // Client → the command's stdin.
     let stdin = tokio::spawn(async move {
-        loop {
-            let Ok(kind) = reader.read_u8().await else {
-                break;
-            };
+        while let Ok(kind) = reader.read_u8().await {
             let Ok(len) = reader.read_u32().await else {
                 break;
             };
@@ -282,19 +279,14 @@ async fn exec(
                 break;
             }
             let mut data = vec![0u8; len as usize];
-            if reader.read_exact(&mut data).await.is_err() {
+            if reader.read_exact(&mut data).await.is_err() || kind != STDIN {
+                // `STDIN_EOF`, a broken connection or anything unexpected ends the input.
                 break;
             }
-            match kind {
-                STDIN => {
-                    if input.write_all(&data).await.is_err() {
-                        break;
-                    }
-                    let _ = input.flush().await;
-                }
-                STDIN_EOF => break,
-                _ => break,
+            if input.write_all(&data).await.is_err() {
+                break;
             }
+            let _ = input.flush().await;
         }
         let _ = input.shutdown().await;
     });
@@ -445,5 +437,88 @@ pub(crate) async fn release(workers: &[Worker], run_id: &str, attempt: u32, secr
         if !done {
             tracing::warn!(run_id, attempt, rank = w.rank, cause = %last, "could not release an MPI worker");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn requests_are_checked_against_the_attempt_and_its_secret() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap().to_string();
+        let registry = Registry::default();
+        let (stop, mut stopped) = watch::channel(None);
+        let key: Key = ("run-1".into(), 2);
+        registry.add(
+            key.clone(),
+            "s3cret".into(),
+            "muster-run-1-2-1".into(),
+            Arc::new(stop),
+        );
+        let server = tokio::spawn(serve(listener, registry.clone(), None));
+        let request = |op, attempt, secret: &str| Request {
+            op,
+            run_id: "run-1".into(),
+            attempt,
+            secret: secret.into(),
+            command: "true".into(),
+        };
+
+        let e = call(&target, &request(Op::Ready, 2, "guess"))
+            .await
+            .unwrap_err();
+        assert!(e.contains("wrong secret"), "{e}");
+        let e = call(&target, &request(Op::Ready, 3, "s3cret"))
+            .await
+            .unwrap_err();
+        assert!(e.contains("has no container on this node"), "{e}");
+        let e = call(&target, &request(Op::Ready, 2, "s3cret"))
+            .await
+            .unwrap_err();
+        assert!(e.contains("not running yet"), "{e}");
+        registry.set_running(&key);
+        call(&target, &request(Op::Ready, 2, "s3cret"))
+            .await
+            .unwrap();
+        let e = call(&target, &request(Op::Exec, 2, "s3cret"))
+            .await
+            .unwrap_err();
+        assert!(e.contains("no Docker engine"), "{e}");
+
+        let worker = Worker {
+            rank: 1,
+            name: "node-b".into(),
+            target: target.clone(),
+        };
+        wait_ready(
+            std::slice::from_ref(&worker),
+            "run-1",
+            2,
+            "s3cret",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        release(&[worker], "run-1", 2, "s3cret").await;
+        stopped.changed().await.unwrap();
+        assert_eq!(
+            stopped.borrow().map(|s| s.reason),
+            Some(StopReason::Released)
+        );
+
+        // A worker that never comes up fails the wait with its name, bounded.
+        registry.remove(&key);
+        let missing = Worker {
+            rank: 1,
+            name: "node-b".into(),
+            target,
+        };
+        let e = wait_ready(&[missing], "run-1", 2, "s3cret", Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(e.contains("rank 1 (node node-b"), "{e}");
+        server.abort();
     }
 }

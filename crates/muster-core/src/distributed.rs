@@ -6,7 +6,8 @@
 //! else, so every rank computes the same view of the job.
 //!
 //! - every distributed attempt: `AZ_BATCH_MASTER_NODE` (`addr:port` of rank 0, as Azure ML
-//!   sets it);
+//!   sets it); with a single instance the master is `127.0.0.1` (its processes meet inside
+//!   its own container);
 //! - `pytorch`: `MASTER_ADDR`, `MASTER_PORT`, `WORLD_SIZE`, `NODE_RANK`, `RANK`,
 //!   `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, and torchrun's `PET_*` variables. muster starts the
 //!   command **once per instance** (as Azure ML does when the command is a launcher): with
@@ -87,11 +88,11 @@ pub fn rank_setup(layout: &Layout<'_>) -> RankSetup {
         return setup;
     }
     let port = layout.master_port;
-    let master = layout
-        .peers
-        .first()
-        .map(|p| p.address.clone())
-        .unwrap_or_else(|| "127.0.0.1".into());
+    // One instance: its processes meet inside its own container (or node), on loopback.
+    let master = match layout.peers {
+        [first, _, ..] => first.address.clone(),
+        _ => "127.0.0.1".to_string(),
+    };
     let mut set = |k: &str, v: String| setup.env.push((k.to_string(), v));
     set("AZ_BATCH_MASTER_NODE", format!("{master}:{port}"));
     match layout.distribution {
@@ -123,6 +124,7 @@ pub fn rank_setup(layout: &Layout<'_>) -> RankSetup {
                 let a = layout
                     .peers
                     .get(r as usize)
+                    .filter(|_| n > 1)
                     .map_or(master.as_str(), |p| p.address.as_str());
                 format!("{a}:{port}")
             };
@@ -255,6 +257,11 @@ mod tests {
         let one = Distribution::Pytorch {
             process_count_per_instance: 1,
         };
+        // A single instance (torchrun spawning K processes) meets on loopback.
+        let single = peers(1);
+        let s = rank_setup(&layout(Some(&d), &single, 0));
+        assert_eq!(get(&s, "MASTER_ADDR"), Some("127.0.0.1"));
+        assert_eq!(get(&s, "WORLD_SIZE"), Some("4"));
         let s0 = rank_setup(&layout(Some(&one), &p, 0));
         let s1 = rank_setup(&layout(Some(&one), &p, 1));
         assert_eq!(get(&s0, "WORLD_SIZE"), Some("3"));
@@ -353,7 +360,7 @@ mod tests {
         use crate::{Placement, RunSpec};
 
         let mut s = State::default();
-        let mut apply = |s: &mut State, c: Command| {
+        let apply = |s: &mut State, c: Command| {
             s.apply(&c).unwrap_or_else(|e| panic!("{c:?}: {e}"));
             s.sanity_check().unwrap();
         };
