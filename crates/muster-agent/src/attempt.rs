@@ -57,11 +57,25 @@ pub(crate) struct Executors {
 }
 
 /// What rank 0 of a multi-node MPI run does around its launcher.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Gate {
     workers: Vec<Worker>,
     secret: String,
 }
+
+/// What a distributed rank keeps in its working directory (`exec.json`) so that a
+/// restarted agent re-adopting its container still takes exec requests for it, releases
+/// the workers (rank 0) or watches the launcher (a worker).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct ExecState {
+    secret: String,
+    /// Rank 0 of a multi-node MPI run.
+    gate: Option<Gate>,
+    /// An MPI worker: rank 0's agent.
+    launcher: Option<Worker>,
+}
+
+const EXEC_STATE: &str = "exec.json";
 
 /// Everything an attempt needs.
 pub(crate) struct AttemptTask {
@@ -80,6 +94,8 @@ struct Prepared {
     launch: Launch,
     /// Rank 0 of a multi-node MPI run: wait for these workers first, release them after.
     gate: Option<Gate>,
+    /// An MPI worker: the launcher to watch, and the way to end this rank when it is gone.
+    watch: Option<(Worker, String, Arc<watch::Sender<Option<Stop>>>)>,
 }
 
 impl AttemptTask {
@@ -102,7 +118,7 @@ impl AttemptTask {
     }
 
     /// Follows a container this node started before the agent restarted.
-    pub(crate) async fn adopt(self, docker: Arc<DockerExecutor>, managed: Managed) {
+    pub(crate) async fn adopt(mut self, docker: Arc<DockerExecutor>, managed: Managed) {
         let state = if managed.running {
             "running"
         } else {
@@ -112,10 +128,77 @@ impl AttemptTask {
             .events
             .send(Event::State(self.key.clone(), state))
             .await;
+        // A distributed rank: take exec requests again, and keep the launcher's promises.
+        let exec: Option<ExecState> = tokio::fs::read(self.workdir.join(EXEC_STATE))
+            .await
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let mut watcher = None;
+        if let Some(state) = &exec {
+            let stop = self.accept_exec(state.secret.clone(), managed.id.clone());
+            if managed.running {
+                self.executors.registry.set_running(&self.key);
+            }
+            watcher = state
+                .launcher
+                .clone()
+                .map(|l| self.watch_launcher(l, &state.secret, stop));
+        }
         let outcome = docker
             .adopt(&managed, &self.log_path, self.stop.clone())
             .await;
+        if let Some(w) = watcher {
+            w.abort();
+        }
+        if let Some(gate) = exec.and_then(|e| e.gate)
+            && outcome.end == AttemptEnd::Completed
+        {
+            rsh_server::release(&gate.workers, &self.key.0, self.key.1, &gate.secret).await;
+        }
+        self.executors.registry.remove(&self.key);
         self.finish(outcome).await;
+    }
+
+    /// Takes exec requests for this attempt's `container` with `secret`; returns the sender
+    /// through which a release (or the launcher's end) stops it.
+    fn accept_exec(
+        &mut self,
+        secret: String,
+        container: String,
+    ) -> Arc<watch::Sender<Option<Stop>>> {
+        let (tx, rx) = watch::channel(*self.stop.borrow());
+        let tx = Arc::new(tx);
+        let forward = tx.clone();
+        let mut outer = self.stop.clone();
+        tokio::spawn(async move {
+            while outer.changed().await.is_ok() {
+                let order = *outer.borrow();
+                if order.is_some() {
+                    forward.send_replace(order);
+                }
+            }
+        });
+        self.stop = rx;
+        self.executors
+            .registry
+            .add(self.key.clone(), secret, container, tx.clone());
+        tx
+    }
+
+    fn watch_launcher(
+        &self,
+        launcher: Worker,
+        secret: &str,
+        stop: Arc<watch::Sender<Option<Stop>>>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(rsh_server::watch_launcher(
+            launcher,
+            self.key.0.clone(),
+            self.key.1,
+            secret.to_string(),
+            self.executors.peer_wait + std::time::Duration::from_secs(30),
+            stop,
+        ))
     }
 
     async fn prepare(&mut self, a: &v1::Assignment) -> Result<Prepared, String> {
@@ -247,7 +330,13 @@ impl AttemptTask {
         let mpi_ranks = distributed && is_mpi && rsh_helper.is_some();
         let mut command = spec.command.clone();
         let mut gate = None;
+        let mut launcher = None;
         if mpi_ranks && a.rank > 0 {
+            launcher = peers.first().map(|p| Worker {
+                rank: 0,
+                name: p.name.clone(),
+                target: format!("{}:{}", p.address, p.exec_port.unwrap_or_default()),
+            });
             command = format!("exec {RSH_TARGET} --idle");
             let note = format!(
                 "muster: MPI worker (rank {}): waiting for the launcher on rank 0 to start processes here\n",
@@ -300,25 +389,23 @@ impl AttemptTask {
         });
         // Peers may exec into this rank's container (MPI) with the attempt's secret; a
         // release from rank 0 ends it as completed.
+        let mut watch = None;
         if let Some(c) = &container
             && distributed
             && !a.secret.is_empty()
         {
-            let (tx, rx) = watch::channel(*self.stop.borrow());
-            let tx = Arc::new(tx);
-            let forward = tx.clone();
-            let mut outer = self.stop.clone();
-            tokio::spawn(async move {
-                while outer.changed().await.is_ok() {
-                    let order = *outer.borrow();
-                    if order.is_some() {
-                        forward.send_replace(order);
-                    }
-                }
-            });
-            self.stop = rx;
-            ex.registry
-                .add(self.key.clone(), a.secret.clone(), c.name.clone(), tx);
+            let state = ExecState {
+                secret: a.secret.clone(),
+                gate: gate.clone(),
+                launcher: launcher.clone(),
+            };
+            let path = self.workdir.join(EXEC_STATE);
+            write_private(&path, &serde_json::to_vec(&state).expect("serializes"))
+                .await
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            let name = c.name.clone();
+            let stop = self.accept_exec(a.secret.clone(), name);
+            watch = launcher.map(|l| (l, a.secret.clone(), stop));
         }
         Ok(Prepared {
             launch: Launch {
@@ -330,11 +417,16 @@ impl AttemptTask {
                 container,
             },
             gate,
+            watch,
         })
     }
 
     async fn execute(&mut self, prepared: Prepared) -> Outcome {
-        let Prepared { launch, gate } = prepared;
+        let Prepared {
+            launch,
+            gate,
+            watch,
+        } = prepared;
         if let Some(gate) = &gate {
             let _ = append_log(
                 &self.log_path,
@@ -365,6 +457,7 @@ impl AttemptTask {
         let events = self.events.clone();
         let key = self.key.clone();
         let registry = self.executors.registry.clone();
+        let watcher = watch.map(|(l, secret, stop)| self.watch_launcher(l, &secret, stop));
         let announce = tokio::spawn(async move {
             if started_rx.await.is_ok() {
                 registry.set_running(&key);
@@ -382,6 +475,9 @@ impl AttemptTask {
             _ => executor::process::run(launch, self.stop.clone(), started_tx).await,
         };
         let _ = announce.await;
+        if let Some(w) = watcher {
+            w.abort();
+        }
         if let Some(gate) = gate
             && outcome.end == AttemptEnd::Completed
         {
@@ -425,4 +521,18 @@ async fn append_log(path: &std::path::Path, line: &str) -> Result<(), String> {
     f.write_all(line.as_bytes())
         .await
         .map_err(|e| format!("cannot write the log file {}: {e}", path.display()))
+}
+
+/// Writes a file only the agent's user can read (the attempt's secret).
+async fn write_private(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut f = tokio::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .await?;
+    f.write_all(data).await?;
+    f.flush().await
 }

@@ -34,6 +34,12 @@ use crate::executor::{Stop, StopReason};
 const REQUEST_LIMIT: Duration = Duration::from_secs(10);
 /// How long one `ready` or `release` request may take.
 const CALL_LIMIT: Duration = Duration::from_secs(5);
+/// What an agent answers for an attempt it has no container of.
+const NO_CONTAINER: &str = "has no container on this node";
+/// What an agent answers for an attempt whose container is not running yet.
+const NOT_RUNNING: &str = "is not running yet";
+/// How often an idle MPI worker checks that its launcher is still there.
+const LAUNCHER_POLL: Duration = Duration::from_secs(3);
 
 /// A container of this node that peers may exec into.
 #[derive(Debug)]
@@ -88,7 +94,7 @@ impl Registry {
         let map = self.0.lock().expect("registry lock");
         let t = map.get(&(r.run_id.clone(), r.attempt)).ok_or_else(|| {
             format!(
-                "attempt {} of run {} has no container on this node (not started yet, or over)",
+                "attempt {} of run {} {NO_CONTAINER} (not started yet, or over)",
                 r.attempt, r.run_id
             )
         })?;
@@ -190,7 +196,7 @@ async fn handle(
             frame(
                 &mut conn,
                 ERROR,
-                format!("container {container} is not running yet").as_bytes(),
+                format!("container {container} {NOT_RUNNING}").as_bytes(),
             )
             .await
         }
@@ -208,7 +214,7 @@ async fn handle(
                     return exec(docker, &container, &request.command, conn).await;
                 }
                 (None, _) => "this node has no Docker engine".to_string(),
-                (_, false) => format!("container {container} is not running yet"),
+                (_, false) => format!("container {container} {NOT_RUNNING}"),
             };
             let _ = frame(&mut conn, ERROR, refused.as_bytes()).await;
             return Err(refused);
@@ -357,8 +363,8 @@ async fn call(target: &str, request: &Request) -> Result<(), String> {
         .map_err(|_| format!("no answer within {} s", CALL_LIMIT.as_secs()))?
 }
 
-/// A worker rank as rank 0's agent reaches it.
-#[derive(Debug, Clone)]
+/// A rank as another rank's agent reaches it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Worker {
     pub rank: u32,
     pub name: String,
@@ -436,6 +442,52 @@ pub(crate) async fn release(workers: &[Worker], run_id: &str, attempt: u32, secr
         }
         if !done {
             tracing::warn!(run_id, attempt, rank = w.rank, cause = %last, "could not release an MPI worker");
+        }
+    }
+}
+
+/// An idle MPI worker's safety net: should rank 0's release never arrive (its agent
+/// restarted, the network dropped it), the worker ends as completed once rank 0's agent
+/// says the attempt's launcher is gone, having seen it before (or after `patience`, by
+/// which time the launcher has given up waiting). A failed launcher fails the attempt
+/// anyway, and the server then stops this worker.
+pub(crate) async fn watch_launcher(
+    launcher: Worker,
+    run_id: String,
+    attempt: u32,
+    secret: String,
+    patience: Duration,
+    stop: Arc<watch::Sender<Option<Stop>>>,
+) {
+    let request = Request {
+        op: Op::Ready,
+        run_id,
+        attempt,
+        secret,
+        command: String::new(),
+    };
+    let started = Instant::now();
+    let mut seen = false;
+    let mut gone = 0;
+    loop {
+        tokio::time::sleep(LAUNCHER_POLL).await;
+        match call(&launcher.target, &request).await {
+            Ok(()) => (seen, gone) = (true, 0),
+            Err(e) if e.contains(NOT_RUNNING) => (seen, gone) = (true, 0),
+            Err(e) if e.contains(NO_CONTAINER) && (seen || started.elapsed() > patience) => {
+                gone += 1;
+                if gone >= 2 {
+                    tracing::info!(run_id = %request.run_id, attempt, "the MPI launcher on rank 0 is gone: releasing this worker");
+                    stop.send_replace(Some(Stop {
+                        reason: StopReason::Released,
+                        grace: Duration::from_secs(10),
+                    }));
+                    return;
+                }
+            }
+            // Not reachable, or not registered yet: keep waiting (a lost node ends the
+            // attempt, and the server stops this worker).
+            Err(_) => {}
         }
     }
 }
@@ -519,6 +571,52 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.contains("rank 1 (node node-b"), "{e}");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn an_idle_worker_ends_once_its_launcher_is_gone() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap().to_string();
+        let registry = Registry::default();
+        let key: Key = ("run-1".into(), 1);
+        let (launcher_stop, _) = watch::channel(None);
+        registry.add(
+            key.clone(),
+            "k".into(),
+            "muster-run-1-1-0".into(),
+            Arc::new(launcher_stop),
+        );
+        registry.set_running(&key);
+        let server = tokio::spawn(serve(listener, registry.clone(), None));
+        let (stop, mut stopped) = watch::channel(None);
+        let launcher = Worker {
+            rank: 0,
+            name: "node-a".into(),
+            target,
+        };
+        let watcher = tokio::spawn(watch_launcher(
+            launcher,
+            "run-1".into(),
+            1,
+            "k".into(),
+            Duration::from_secs(600),
+            Arc::new(stop),
+        ));
+        // While the launcher runs, the worker stays.
+        tokio::time::sleep(LAUNCHER_POLL * 2).await;
+        assert_eq!(*stopped.borrow(), None);
+        // The launcher's attempt is over on its node: the worker is released.
+        registry.remove(&key);
+        tokio::time::timeout(LAUNCHER_POLL * 5, stopped.changed())
+            .await
+            .expect("released in time")
+            .unwrap();
+        assert_eq!(
+            stopped.borrow().map(|s| s.reason),
+            Some(StopReason::Released)
+        );
+        watcher.await.unwrap();
         server.abort();
     }
 }
