@@ -436,8 +436,8 @@ mod tests {
         );
         // Rank 0 elsewhere, but shares node b: its port must differ too.
         assert_eq!(place(&mut s, "r2", &["c", "b"], None).0, Some(29501));
-        // A single instance without distribution needs no port.
-        assert_eq!(place(&mut s, "r3", &["a"], None), (None, None));
+        // A single instance without distribution needs no port, and keeps no secret.
+        assert_eq!(place(&mut s, "r3", &["a"], Some("k3")), (None, None));
         // r1 fails on rank 1: the attempt ends, its port is free again.
         apply(
             &mut s,

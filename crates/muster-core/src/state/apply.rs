@@ -366,6 +366,8 @@ impl State {
         }
         let master_port = (run.spec.instance_count > 1 || run.spec.distribution.is_some())
             .then(|| self.master_port_for(placements));
+        // Only ranks on several nodes talk to each other's agents.
+        let secret = secret.filter(|_| run.spec.instance_count > 1);
         // Validated: now mutate.
         let run = self.runs.get_mut(run_id).expect("checked above");
         let key = queue_key(run);

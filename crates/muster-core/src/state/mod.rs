@@ -271,7 +271,8 @@ pub struct Attempt {
     /// Set for distributed attempts (more than one instance, or a `distribution`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub master_port: Option<u16>,
-    /// The secret the ranks present to each other's agents (from `PlaceRun`).
+    /// The secret the ranks of a multi-node attempt present to each other's agents (from
+    /// `PlaceRun`; kept only when the run has more than one instance).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
 }
