@@ -95,8 +95,12 @@ struct Prepared {
     /// Rank 0 of a multi-node MPI run: wait for these workers first, release them after.
     gate: Option<Gate>,
     /// An MPI worker: the launcher to watch, and the way to end this rank when it is gone.
-    watch: Option<(Worker, String, Arc<watch::Sender<Option<Stop>>>)>,
+    watch: Option<LauncherWatch>,
 }
+
+/// An MPI worker's launcher (rank 0's agent), the attempt's secret, and the sender that
+/// ends the worker when the launcher is gone.
+type LauncherWatch = (Worker, String, Arc<watch::Sender<Option<Stop>>>);
 
 impl AttemptTask {
     /// Runs a new assignment from the start.
