@@ -4,6 +4,7 @@
 //! - `pytorch`: the two ranks meet at `MASTER_ADDR:MASTER_PORT` using only muster's env;
 //! - `mpi`: `mpirun` on rank 0 starts a process in both nodes' containers through muster's
 //!   rsh helper (an Open MPI image built locally from the host's `openmpi-bin`);
+//! - `tensorflow`: every rank gets the same cluster in `TF_CONFIG`, and its own task;
 //! - a rank that exits 1 fails the attempt, names the rank, and its sleeping peer is
 //!   stopped.
 
@@ -291,5 +292,44 @@ async fn mpirun_on_rank_0_starts_a_process_in_both_nodes_containers() {
     assert!(logs.contains("mpi process on node rank 0"), "{logs}");
     assert!(logs.contains("mpi process on node rank 1"), "{logs}");
     assert!(rank1.contains("MPI worker (rank 1)"), "{rank1}");
+    pool.cleanup(&id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tensorflow_ranks_get_one_tf_config_naming_each_task() {
+    let Some(pool) = Pool::start(false).await else {
+        return;
+    };
+    let image = busybox_image(&pool.docker).await.unwrap();
+    let project = tempfile::tempdir().unwrap();
+    write(
+        project.path(),
+        "job.yml",
+        &job(Some("tensorflow"), "echo \"TF_CONFIG=$TF_CONFIG\""),
+    );
+    let id = pool.submit(project.path(), &image).await;
+    let run = wait_done(&pool.dev.url(), &id).await;
+    assert_eq!(run.state, "completed", "{run:?}");
+    let rank0 = pool.logs(project.path(), &id).await;
+    let rank1 = pool.rank_log(&id, 1);
+    let config = |log: &str| -> serde_json::Value {
+        let line = log
+            .lines()
+            .find_map(|l| l.strip_prefix("TF_CONFIG="))
+            .unwrap_or_else(|| panic!("no TF_CONFIG in {log:?}"));
+        serde_json::from_str(line).unwrap()
+    };
+    let (c0, c1) = (config(&rank0), config(&rank1));
+    let workers = serde_json::json!(["127.0.0.1:29500", "127.0.0.1:29500"]);
+    assert_eq!(c0["cluster"]["worker"], workers);
+    assert_eq!(c0["cluster"], c1["cluster"]);
+    assert_eq!(
+        c0["task"],
+        serde_json::json!({"type": "worker", "index": 0})
+    );
+    assert_eq!(
+        c1["task"],
+        serde_json::json!({"type": "worker", "index": 1})
+    );
     pool.cleanup(&id).await;
 }
