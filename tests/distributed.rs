@@ -93,15 +93,15 @@ impl Pool {
         runs[0].id.clone()
     }
 
-    /// Rank 0's log of attempt 1, as `muster run logs` prints it.
+    /// The run's log as `muster run logs` prints it: the ranks' lines, each prefixed with
+    /// `[rank N] `.
     async fn logs(&self, project: &Path, id: &str) -> String {
         let out = muster(&self.dev.url(), project, &["run", "logs", id]).await;
         assert_eq!(out.code, 0, "{out:?}");
         out.stdout
     }
 
-    /// Another rank's log of attempt 1, as the server keeps it (`muster run logs` streams
-    /// rank 0's).
+    /// One rank's log of attempt 1, as the server keeps it.
     fn rank_log(&self, id: &str, rank: u32) -> String {
         let path = self
             .dev
@@ -189,15 +189,21 @@ echo "rank $RANK got: $got"
         ("completed", Some(0)),
         "{run:?}\n{logs}\n{rank1}"
     );
-    assert!(logs.contains("rank 0 got: hello from rank 1"), "{logs}");
-    assert!(rank1.contains("rank 1 got: hello from rank 0"), "{rank1}");
     assert!(
-        rank1.contains("rank 1 of 2: node rank 1, local rank 0"),
-        "{rank1}"
+        logs.contains("[rank 0] rank 0 got: hello from rank 1"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("[rank 1] rank 1 got: hello from rank 0"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("[rank 1] rank 1 of 2: node rank 1, local rank 0"),
+        "{logs}"
     );
     // Both ranks were told the same master, with the port muster chose.
-    assert!(logs.contains("master 127.0.0.1:29500"), "{logs}");
-    assert!(rank1.contains("master 127.0.0.1:29500"), "{rank1}");
+    assert_eq!(logs.matches("master 127.0.0.1:29500").count(), 2, "{logs}");
+    assert!(rank1.contains("rank 1 got: hello from rank 0"), "{rank1}");
     pool.cleanup(&id).await;
 }
 
@@ -256,9 +262,11 @@ fi
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(logs.contains("rank 0 up, sleeping"), "{logs}");
-    let rank1 = pool.rank_log(&id, 1);
-    assert!(rank1.contains("rank 1 saw rank 0; failing"), "{rank1}");
+    assert!(logs.contains("[rank 0] rank 0 up, sleeping"), "{logs}");
+    assert!(
+        logs.contains("[rank 1] rank 1 saw rank 0; failing"),
+        "{logs}"
+    );
     pool.cleanup(&id).await;
 }
 
@@ -291,6 +299,10 @@ async fn mpirun_on_rank_0_starts_a_process_in_both_nodes_containers() {
     );
     assert!(logs.contains("mpi process on node rank 0"), "{logs}");
     assert!(logs.contains("mpi process on node rank 1"), "{logs}");
+    assert!(
+        logs.contains("[rank 1] muster: MPI worker (rank 1)"),
+        "{logs}"
+    );
     assert!(rank1.contains("MPI worker (rank 1)"), "{rank1}");
     pool.cleanup(&id).await;
 }
@@ -310,12 +322,14 @@ async fn tensorflow_ranks_get_one_tf_config_naming_each_task() {
     let id = pool.submit(project.path(), &image).await;
     let run = wait_done(&pool.dev.url(), &id).await;
     assert_eq!(run.state, "completed", "{run:?}");
-    let rank0 = pool.logs(project.path(), &id).await;
+    let rank0 = pool.rank_log(&id, 0);
     let rank1 = pool.rank_log(&id, 1);
+    let combined = pool.logs(project.path(), &id).await;
+    assert!(combined.contains("[rank 1] TF_CONFIG="), "{combined}");
     let config = |log: &str| -> serde_json::Value {
         let line = log
             .lines()
-            .find_map(|l| l.strip_prefix("TF_CONFIG="))
+            .find_map(|l| l.split_once("TF_CONFIG=").map(|(_, c)| c))
             .unwrap_or_else(|| panic!("no TF_CONFIG in {log:?}"));
         serde_json::from_str(line).unwrap()
     };

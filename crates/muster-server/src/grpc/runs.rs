@@ -237,8 +237,13 @@ impl RunService for Runs {
     }
 }
 
-/// Streams a run's logs: each attempt in turn (or only the one asked for), from rank 0,
-/// until the run ends (with `follow`) or until what is stored now has been sent.
+/// Streams a run's logs: each attempt in turn (or only the one asked for), until the run
+/// ends (with `follow`) or until what is stored now has been sent. A single-instance
+/// attempt's log is passed through as stored; the ranks of a distributed attempt are
+/// combined line by line, each line prefixed with `[rank N] `.
+///
+/// A distributed attempt is over when one rank fails; its stopped peers' last lines may
+/// reach the server just after, so a live stream can miss them — a later `run logs` has them.
 async fn follow_logs(
     coordinator: &Coordinator,
     req: &v1::StreamLogsRequest,
@@ -246,25 +251,31 @@ async fn follow_logs(
 ) -> Result<(), Status> {
     let mut attempt = req.attempt.unwrap_or(1).max(1);
     let mut offset = 0u64;
+    let mut ranks = RankLines::default();
     let mut state_changes = coordinator.subscribe();
     let mut log_changes = coordinator.logs.subscribe();
     loop {
-        let (attempts, attempt_ended, run_terminal) = coordinator
+        let (attempts, attempt_ended, run_terminal, rank_count) = coordinator
             .read(|s| {
                 s.runs.get(&req.id).map(|r| {
-                    let ended = r
-                        .attempts
-                        .get(attempt as usize - 1)
-                        .map(|a| matches!(a.state, AttemptState::Ended(_)));
-                    (r.attempt_number(), ended, r.state.is_terminal())
+                    let a = r.attempts.get(attempt as usize - 1);
+                    let ended = a.map(|a| matches!(a.state, AttemptState::Ended(_)));
+                    let count = a.map_or(1, |a| a.placements.len().max(1));
+                    (r.attempt_number(), ended, r.state.is_terminal(), count)
                 })
             })
             .ok_or_else(|| not_found(&req.id))?;
         if attempt <= attempts {
-            let data = coordinator
-                .logs
-                .read(&req.id, attempt, 0, offset, LOG_CHUNK)
-                .map_err(|e| Status::internal(format!("reading the log: {e}")))?;
+            let data = if rank_count > 1 {
+                ranks
+                    .read(coordinator, &req.id, attempt, rank_count)
+                    .map_err(|e| Status::internal(format!("reading the log: {e}")))?
+            } else {
+                coordinator
+                    .logs
+                    .read(&req.id, attempt, 0, offset, LOG_CHUNK)
+                    .map_err(|e| Status::internal(format!("reading the log: {e}")))?
+            };
             if !data.is_empty() {
                 let n = data.len() as u64;
                 let chunk = v1::LogChunk {
@@ -281,12 +292,24 @@ async fn follow_logs(
             // At the end of what is stored. An ended attempt's log is complete (it is sealed
             // before the end is applied).
             if attempt_ended == Some(true) {
+                let rest = ranks.flush();
+                if !rest.is_empty() {
+                    let chunk = v1::LogChunk {
+                        attempt,
+                        offset,
+                        data: rest,
+                    };
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        return Ok(());
+                    }
+                }
                 if req.attempt.is_some() {
                     return Ok(());
                 }
                 if attempt < attempts {
                     attempt += 1;
                     offset = 0;
+                    ranks = RankLines::default();
                     continue;
                 }
                 if run_terminal {
@@ -306,5 +329,79 @@ async fn follow_logs(
             _ = coordinator.shutting_down() => return Err(Status::unavailable("the server is shutting down; follow the logs again")),
             _ = tx.closed() => return Ok(()),
         }
+    }
+}
+
+/// The combined log of a distributed attempt: every rank's log read on, whole lines
+/// prefixed with `[rank N] `; a rank's unfinished last line waits for its newline (or the
+/// attempt's end, [`RankLines::flush`]).
+#[derive(Debug, Default)]
+struct RankLines {
+    /// Per rank: bytes read so far, and the unfinished line.
+    ranks: Vec<(u64, Vec<u8>)>,
+}
+
+impl RankLines {
+    /// New whole lines of every rank (empty when none arrived).
+    fn read(
+        &mut self,
+        coordinator: &Coordinator,
+        run: &str,
+        attempt: u32,
+        count: usize,
+    ) -> std::io::Result<Vec<u8>> {
+        self.ranks.resize_with(count, Default::default);
+        let mut out = Vec::new();
+        for (rank, (read, partial)) in self.ranks.iter_mut().enumerate() {
+            let data = coordinator
+                .logs
+                .read(run, attempt, rank as u32, *read, LOG_CHUNK)?;
+            *read += data.len() as u64;
+            partial.extend_from_slice(&data);
+            if let Some(end) = partial.iter().rposition(|b| *b == b'\n') {
+                let lines: Vec<u8> = partial.drain(..=end).collect();
+                prefix_lines(rank, &lines, &mut out);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The unfinished last lines, each ended with a newline.
+    fn flush(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (rank, (_, partial)) in self.ranks.iter_mut().enumerate() {
+            if !partial.is_empty() {
+                partial.push(b'\n');
+                prefix_lines(rank, partial, &mut out);
+                partial.clear();
+            }
+        }
+        out
+    }
+}
+
+/// Appends `lines` (ending with a newline) to `out`, each prefixed with `[rank N] `.
+fn prefix_lines(rank: usize, lines: &[u8], out: &mut Vec<u8>) {
+    let prefix = format!("[rank {rank}] ");
+    for line in lines.split_inclusive(|b| *b == b'\n') {
+        out.extend_from_slice(prefix.as_bytes());
+        out.extend_from_slice(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_lines_are_prefixed_and_unfinished_lines_flushed() {
+        let mut out = Vec::new();
+        prefix_lines(1, b"a\nb\n", &mut out);
+        assert_eq!(out, b"[rank 1] a\n[rank 1] b\n");
+        let mut lines = RankLines {
+            ranks: vec![(3, b"tail".to_vec()), (0, Vec::new())],
+        };
+        assert_eq!(lines.flush(), b"[rank 0] tail\n");
+        assert!(lines.flush().is_empty());
     }
 }
