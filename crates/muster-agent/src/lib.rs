@@ -7,6 +7,12 @@
 //! logs live, upload `outputs/` (`outputs.rs`), report the end — and resend what the server
 //! has not acknowledged after a reconnect. It decides no placement.
 //!
+//! Distributed runs (DESIGN.md section 9): each rank gets the environment muster-core
+//! computes from the whole placement (`muster_core::distributed`), its container shares
+//! the node's network, and `rsh_server.rs` is the exec listener through which `muster-rsh`
+//! (mounted into the containers) lets `mpirun` on rank 0 start processes in the other
+//! ranks' containers; rank 0 starts its launcher only once every worker is up.
+//!
 //! Crate choices: `sysinfo` and `nvml-wrapper` (loads libnvidia-ml at run time, so the
 //! agent builds and runs without a driver), `nix` for process-group signals, `tar` for the
 //! outputs archive, `backon` for reconnect backoff.

@@ -112,13 +112,20 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The most connections served at once (an MPI launcher opens one per node, plus polls).
+const MAX_CONNECTIONS: usize = 512;
+
 /// Serves exec requests until the task is dropped.
 pub(crate) async fn serve(
     listener: TcpListener,
     registry: Registry,
     docker: Option<Arc<DockerExecutor>>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (conn, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
@@ -133,6 +140,7 @@ pub(crate) async fn serve(
             if let Err(e) = handle(conn, &registry, docker.as_deref()).await {
                 tracing::debug!(%peer, cause = %e, "exec request ended with an error");
             }
+            drop(slot);
         });
     }
 }
