@@ -332,6 +332,19 @@ impl AttemptTask {
         // container is up; the workers idle until the launcher's daemons are exec'd into
         // them, and end when it is done.
         let mpi_ranks = distributed && is_mpi && rsh_helper.is_some();
+        if mpi_ranks {
+            if a.secret.is_empty() {
+                return Err(
+                    "this MPI run spans nodes, but the server sent no attempt secret for its ranks' agents: upgrade the servers".into(),
+                );
+            }
+            if let Some(p) = peers.iter().find(|p| p.exec_port.is_none()) {
+                return Err(format!(
+                    "this MPI run spans nodes, but node {} advertises no exec port (its agent predates distributed runs): upgrade its agent",
+                    p.name
+                ));
+            }
+        }
         let mut command = spec.command.clone();
         let mut gate = None;
         let mut launcher = None;
