@@ -30,7 +30,33 @@ struct Pool {
     docker: bollard::Docker,
     dev: DevCluster,
     agents: Vec<AgentHandle>,
+    /// Runs submitted: their containers are removed when the pool is dropped, even if the
+    /// test failed before [`Pool::cleanup`].
+    runs: std::sync::Mutex<Vec<String>>,
     _dirs: Vec<tempfile::TempDir>,
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let runs = std::mem::take(&mut *self.runs.lock().unwrap());
+        if runs.is_empty() {
+            return;
+        }
+        let docker = self.docker.clone();
+        // Drop cannot await: remove them on a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            rt.block_on(async {
+                for id in runs {
+                    let _ = remove_containers_labelled(&docker, "muster.run_id", &id).await;
+                }
+            });
+        })
+        .join();
+    }
 }
 
 impl Pool {
@@ -64,6 +90,7 @@ impl Pool {
             docker,
             dev,
             agents,
+            runs: Default::default(),
             _dirs: dirs,
         })
     }
@@ -90,6 +117,7 @@ impl Pool {
         assert_eq!(out.code, 0, "{out:?}");
         let runs = all_runs(&self.dev.url()).await;
         assert_eq!(runs.len(), 1, "{runs:?}");
+        self.runs.lock().unwrap().push(runs[0].id.clone());
         runs[0].id.clone()
     }
 
@@ -126,13 +154,11 @@ impl Pool {
             .len()
     }
 
-    async fn cleanup(self, id: &str) {
-        for a in self.agents {
+    /// Stops the agents; the run's containers go when the pool is dropped.
+    async fn cleanup(mut self) {
+        for a in std::mem::take(&mut self.agents) {
             let _ = a.stop().await;
         }
-        remove_containers_labelled(&self.docker, "muster.run_id", id)
-            .await
-            .unwrap();
     }
 }
 
@@ -165,19 +191,20 @@ async fn pytorch_ranks_meet_at_the_master_using_only_muster_env() {
         project.path(),
         "rendezvous.sh",
         r#"echo "rank $RANK of $WORLD_SIZE: node rank $NODE_RANK, local rank $LOCAL_RANK, master $MASTER_ADDR:$MASTER_PORT"
+# Each side's handler runs on the connection: rank 0 greets and reads the reply, rank 1
+# reads the greeting and replies; each writes what it got to outputs/got.
 if [ "$RANK" = 0 ]; then
-  got=$(echo "hello from rank 0" | nc -l -p "$MASTER_PORT")
+  nc -l -p "$MASTER_PORT" -e sh -c 'echo "hello from rank 0"; read line; echo "rank 0 got: $line" > outputs/got'
 else
-  got=""
   i=0
-  while [ -z "$got" ] && [ $i -lt 300 ]; do
-    got=$(echo "hello from rank $RANK" | nc -w 2 "$MASTER_ADDR" "$MASTER_PORT" 2>/dev/null)
-    [ -n "$got" ] || sleep 0.2
+  while [ ! -s outputs/got ] && [ $i -lt 300 ]; do
+    nc -w 2 "$MASTER_ADDR" "$MASTER_PORT" -e sh -c 'read line; echo "rank $RANK got: $line" > outputs/got; echo "hello from rank $RANK"' 2>/dev/null
+    [ -s outputs/got ] || sleep 0.2
     i=$((i + 1))
   done
 fi
-echo "rank $RANK got: $got"
-[ -n "$got" ]
+cat outputs/got
+[ -s outputs/got ]
 "#,
     );
     let id = pool.submit(project.path(), &image).await;
@@ -204,7 +231,7 @@ echo "rank $RANK got: $got"
     // Both ranks were told the same master, with the port muster chose.
     assert_eq!(logs.matches("master 127.0.0.1:29500").count(), 2, "{logs}");
     assert!(rank1.contains("rank 1 got: hello from rank 0"), "{rank1}");
-    pool.cleanup(&id).await;
+    pool.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,12 +251,13 @@ async fn a_failing_rank_fails_the_attempt_and_its_peer_is_stopped() {
 host=${AZ_BATCH_MASTER_NODE%:*}
 if [ "$MUSTER_NODE_RANK" = 0 ]; then
   echo "rank 0 up, sleeping"
-  echo up | nc -l -p "$port"
+  nc -l -p "$port" -e sh -c 'echo up'
   sleep 600
 else
   i=0
-  until [ "$(nc -w 2 "$host" "$port" </dev/null 2>/dev/null)" = up ] || [ $i -ge 300 ]; do
-    sleep 0.2
+  until [ -s outputs/up ] || [ $i -ge 300 ]; do
+    nc -w 2 "$host" "$port" -e sh -c 'read x; [ "$x" = up ] && echo "$x" > outputs/up' 2>/dev/null
+    [ -s outputs/up ] || sleep 0.2
     i=$((i + 1))
   done
   echo "rank 1 saw rank 0; failing"
@@ -267,7 +295,7 @@ fi
         logs.contains("[rank 1] rank 1 saw rank 0; failing"),
         "{logs}"
     );
-    pool.cleanup(&id).await;
+    pool.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,7 +332,7 @@ async fn mpirun_on_rank_0_starts_a_process_in_both_nodes_containers() {
         "{logs}"
     );
     assert!(rank1.contains("MPI worker (rank 1)"), "{rank1}");
-    pool.cleanup(&id).await;
+    pool.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,5 +373,5 @@ async fn tensorflow_ranks_get_one_tf_config_naming_each_task() {
         c1["task"],
         serde_json::json!({"type": "worker", "index": 1})
     );
-    pool.cleanup(&id).await;
+    pool.cleanup().await;
 }
