@@ -167,7 +167,7 @@ fn job(distribution: Option<&str>, command: &str) -> String {
     if let Some(d) = distribution {
         yaml.push_str(&format!("distribution:\n  type: {d}\n"));
         if d == "mpi" {
-            yaml.push_str("  process_count_per_instance: 1\n");
+            yaml.push_str("  process_count_per_instance: 2\n");
         }
     }
     yaml
@@ -307,13 +307,14 @@ async fn mpirun_on_rank_0_starts_a_process_in_both_nodes_containers() {
         .await
         .unwrap();
     let project = tempfile::tempdir().unwrap();
-    // One process per node; each prints the node rank of the container it runs in.
+    // Two slots per node (process_count_per_instance: 2), four processes: each prints the
+    // node rank of the container it runs in.
     write(
         project.path(),
         "job.yml",
         &job(
             Some("mpi"),
-            "mpirun -np 2 sh -c 'echo \"mpi process on node rank $MUSTER_NODE_RANK\"'",
+            "mpirun -np 4 sh -c 'echo \"mpi process on node rank $MUSTER_NODE_RANK\"'",
         ),
     );
     let id = pool.submit(project.path(), &image).await;
@@ -325,8 +326,16 @@ async fn mpirun_on_rank_0_starts_a_process_in_both_nodes_containers() {
         ("completed", Some(0)),
         "{run:?}\n{logs}\n{rank1}"
     );
-    assert!(logs.contains("mpi process on node rank 0"), "{logs}");
-    assert!(logs.contains("mpi process on node rank 1"), "{logs}");
+    assert_eq!(
+        logs.matches("mpi process on node rank 0").count(),
+        2,
+        "{logs}"
+    );
+    assert_eq!(
+        logs.matches("mpi process on node rank 1").count(),
+        2,
+        "{logs}"
+    );
     assert!(
         logs.contains("[rank 1] muster: MPI worker (rank 1)"),
         "{logs}"
