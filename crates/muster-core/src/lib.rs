@@ -6,6 +6,7 @@
 //!
 //! - [`names`]: the naming rules for compute targets and experiments.
 //! - [`resources`]: CPU, memory and GPUs a node offers and a run asks for.
+//! - [`distributed`]: the environment and MPI hostfile of each rank of a distributed run.
 //! - [`compute`]: compute targets (`local`, `cluster`, `instance`, `attached`) and Azure ML compute YAML.
 //! - [`spec`]: the run spec and Azure ML v2 command-job YAML parsing and validation.
 //! - [`snapshot`]: the manifest of a content-addressed code snapshot.
@@ -29,6 +30,7 @@
 
 pub mod autoscale;
 pub mod compute;
+pub mod distributed;
 pub mod metrics;
 pub mod names;
 pub mod pipeline;

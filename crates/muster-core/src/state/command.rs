@@ -93,6 +93,11 @@ pub enum Command {
         placements: Vec<Placement>,
         /// When.
         at: Millis,
+        /// A random secret, chosen by the proposer, that the ranks of a distributed attempt
+        /// present to each other's agents (the MPI rsh helper); stored as
+        /// [`crate::Attempt::secret`]. `None` in older logs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secret: Option<String>,
     },
     /// An agent's report on one rank of an attempt.
     #[serde(rename = "report_attempt.v1")]
@@ -265,6 +270,27 @@ pub enum Command {
 }
 
 impl Command {
+    /// Gives a `PlaceRun` the attempt's secret (random, chosen by the proposer: core has no
+    /// randomness); other commands are returned unchanged.
+    pub fn with_secret(self, secret: String) -> Command {
+        match self {
+            Command::PlaceRun {
+                run_id,
+                attempt,
+                placements,
+                at,
+                ..
+            } => Command::PlaceRun {
+                run_id,
+                attempt,
+                placements,
+                at,
+                secret: Some(secret),
+            },
+            other => other,
+        }
+    }
+
     /// Encodes the command for the Raft log.
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("commands serialize")

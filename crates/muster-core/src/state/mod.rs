@@ -355,6 +355,16 @@ pub struct Attempt {
     /// was applied to it (kept after the attempt ends, as history).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preempted_for: Option<String>,
+    /// The port rank 0 listens on for its peers (`MASTER_PORT`; every rank's port for
+    /// TensorFlow), chosen when the attempt is placed so that no two active attempts that
+    /// share a node use the same one (see [`crate::distributed::choose_master_port`]).
+    /// Set for distributed attempts (more than one instance, or a `distribution`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master_port: Option<u16>,
+    /// The secret the ranks of a multi-node attempt present to each other's agents (from
+    /// `PlaceRun`; kept only when the run has more than one instance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
     /// The sealed log of each rank that ended, by rank: its combined stdout/stderr, in the
     /// blob store (on a majority of servers), so any server can serve it once the server
     /// that took it from the agent is gone. Recorded by [`Command::SealLog`] before the
