@@ -584,7 +584,8 @@ impl SeriesStore {
                 return Ok(Feed::Gap(have));
             }
             let skip = (have - offset) as usize;
-            if skip >= data.len() && !(flush && !pos.partial.is_empty()) {
+            let flushing = flush && !pos.partial.is_empty();
+            if skip >= data.len() && !flushing {
                 return Ok(Feed::Stored(have));
             }
             let new = data.get(skip..).unwrap_or(&[]);
