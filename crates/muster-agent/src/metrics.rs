@@ -93,13 +93,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = host_path(dir.path());
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, b"{\"name\":\"a\",\"value\":1}\n").unwrap();
+        let line = b"{\"name\":\"a\",\"value\":1}\n";
+        std::fs::write(&path, line).unwrap();
+        let n = line.len();
         let (tx, mut rx) = mpsc::channel(16);
         let mut s = Shipping::default();
-        assert_eq!(s.ship("r", 1, &path, 1 << 20, &tx).await.unwrap(), 24);
+        assert_eq!(s.ship("r", 1, &path, 1 << 20, &tx).await.unwrap(), n);
         assert_eq!(s.ship("r", 1, &path, 1 << 20, &tx).await.unwrap(), 0);
         s.resume(10);
-        assert_eq!(s.ship("r", 1, &path, 1 << 20, &tx).await.unwrap(), 14);
+        assert_eq!(s.ship("r", 1, &path, 1 << 20, &tx).await.unwrap(), n - 10);
         let offsets: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok())
             .map(|m| match m.msg {
                 Some(agent_message::Msg::Metrics(d)) => d.offset,
@@ -107,7 +109,7 @@ mod tests {
             })
             .collect();
         assert_eq!(offsets, [0, 10]);
-        assert_eq!(file_len(&path).await, 24);
+        assert_eq!(file_len(&path).await, n as u64);
         assert_eq!(env_value("/workspace"), "/workspace/logs/metrics.jsonl");
     }
 }
