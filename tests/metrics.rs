@@ -215,6 +215,47 @@ echo '{{"name":"loss","value":3,"step":3}}' >> "$MUSTER_METRICS_FILE"
     assert_eq!(wait_done(&dev.url(), &id).await.state, "completed");
 }
 
+/// In a container, `$MUSTER_METRICS_FILE` is under `/workspace/logs`, mounted from the
+/// attempt's folder on the host, so the agent ships what the run writes there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_run_logs_metrics_to_the_mapped_file() {
+    let Some(docker) = muster_testkit::images::docker_or_skip().await else {
+        return;
+    };
+    let image = muster_testkit::images::busybox_image(&docker)
+        .await
+        .unwrap();
+    let dev = DevCluster::start().await.unwrap();
+    let project = tempfile::tempdir().unwrap();
+    write(project.path(), "train.sh", SCRIPT);
+    write(
+        project.path(),
+        "where.sh",
+        "echo \"file at $MUSTER_METRICS_FILE\"; sh train.sh\n",
+    );
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &[
+            "run", "submit", "--image", &image, "--stream", "--", "sh", "where.sh",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stdout.contains("file at /workspace/logs/metrics.jsonl"),
+        "{out:?}"
+    );
+    let id = muster_tests::all_runs(&dev.url()).await[0].id.clone();
+    let json = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "metrics", &id, "-o", "json"],
+    )
+    .await;
+    check_metrics(&serde_json::from_str(&json.stdout).unwrap());
+}
+
 /// A run's metrics are sealed into a replicated blob when it ends: with the leader that
 /// took them from the agent gone (and the agent stopped), both survivors serve them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
