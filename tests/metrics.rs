@@ -333,3 +333,97 @@ async fn an_ended_runs_metrics_are_served_by_a_survivor_of_the_leader() {
         assert!(show.stdout.contains("loss = 40.5 (step 40)"), "{show:?}");
     }
 }
+
+/// While a run runs, its points are on the leader; a follower relays them from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_relays_a_running_runs_metrics_from_the_leader() {
+    let cluster = TestCluster::start(3).await.unwrap();
+    let urls: Vec<String> = cluster.ids().iter().map(|id| cluster.url(*id)).collect();
+    let mut c = muster_cli::client::connect(&cluster.urls()).await.unwrap();
+    c.compute
+        .create_compute(v1::CreateComputeRequest {
+            compute: Some(v1::ComputeTarget {
+                name: "m-pool".into(),
+                r#type: "attached".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut agent_config = muster_testkit::agents::agent_config(
+        &cluster.url(1),
+        data.path(),
+        "m-pool",
+        "relay-node",
+        Arc::new(muster_agent::NoGpus),
+    );
+    agent_config.servers = urls.clone();
+    let agent = muster_testkit::agents::AgentHandle::start(&cluster.urls(), agent_config)
+        .await
+        .unwrap();
+    let gate = data.path().join("go");
+    let mut s = RunSpec::new(format!(
+        r#"echo '{{"name":"loss","value":1,"step":1}}' >> "$MUSTER_METRICS_FILE"
+n=0; while [ ! -e '{gate}' ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n + 1)); done
+echo '{{"name":"loss","value":2,"step":2}}' >> "$MUSTER_METRICS_FILE""#,
+        gate = gate.display()
+    ));
+    s.compute = "m-pool".into();
+    let leader = cluster.leader().await.unwrap();
+    let id = muster_cli::client::connect(&cluster.url(leader))
+        .await
+        .unwrap()
+        .runs
+        .submit_run(v1::SubmitRunRequest {
+            spec: Some(s.into()),
+            idempotency_key: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let follower = cluster.ids().into_iter().find(|i| *i != leader).unwrap();
+    let mut f = muster_cli::client::connect(&cluster.url(follower))
+        .await
+        .unwrap();
+    let mut seen = None;
+    for _ in 0..600 {
+        let m = f
+            .metrics
+            .get_run_metrics(v1::GetRunMetricsRequest {
+                run_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if m.series.iter().any(|s| !s.steps.is_empty()) {
+            seen = Some(m);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = seen.expect("the follower relays the first point within 30 s");
+    assert!(!m.ended, "{m:?}");
+    assert_eq!(m.series[0].name, "loss");
+    assert_eq!(
+        (m.series[0].steps.clone(), m.series[0].values.clone()),
+        (vec![1], vec![1.0])
+    );
+    std::fs::write(&gate, "").unwrap();
+    assert_eq!(
+        wait_done(&cluster.url(leader), &id).await.state,
+        "completed"
+    );
+    let out = muster(
+        &cluster.url(follower),
+        data.path(),
+        &["run", "metrics", &id, "-o", "json"],
+    )
+    .await;
+    let v: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(points(&v, "loss"), [(1, 1.0), (2, 2.0)], "{v}");
+    assert_eq!(v["ended"], true, "{v}");
+    agent.stop().await.unwrap();
+}
