@@ -427,3 +427,103 @@ echo '{{"name":"loss","value":2,"step":2}}' >> "$MUSTER_METRICS_FILE""#,
     assert_eq!(v["ended"], true, "{v}");
     agent.stop().await.unwrap();
 }
+
+/// The leader that takes a running run's points dies: the agent reconnects to the new
+/// leader, which asks for the metrics file (and log) from its own, empty, copy; the agent
+/// resends, and every point is there exactly once when the run ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_gets_a_running_runs_points_again_exactly_once() {
+    let mut cluster = TestCluster::start(3).await.unwrap();
+    let urls: Vec<String> = cluster.ids().iter().map(|id| cluster.url(*id)).collect();
+    let mut c = muster_cli::client::connect(&cluster.urls()).await.unwrap();
+    c.compute
+        .create_compute(v1::CreateComputeRequest {
+            compute: Some(v1::ComputeTarget {
+                name: "m-pool".into(),
+                r#type: "attached".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut agent_config = muster_testkit::agents::agent_config(
+        &cluster.url(1),
+        data.path(),
+        "m-pool",
+        "failover-node",
+        Arc::new(muster_agent::NoGpus),
+    );
+    agent_config.servers = urls.clone();
+    let agent = muster_testkit::agents::AgentHandle::start(&cluster.urls(), agent_config)
+        .await
+        .unwrap();
+    let gate = data.path().join("go");
+    let mut s = RunSpec::new(format!(
+        r###"i=1; while [ $i -le 20 ]; do echo "{{\"name\":\"loss\",\"value\":$i,\"step\":$i}}" >> "$MUSTER_METRICS_FILE"; echo "##muster[metric] name=acc value=$i step=$i"; i=$((i + 1)); done
+n=0; while [ ! -e '{gate}' ] && [ $n -lt 900 ]; do sleep 0.1; n=$((n + 1)); done
+i=21; while [ $i -le 40 ]; do echo "{{\"name\":\"loss\",\"value\":$i,\"step\":$i}}" >> "$MUSTER_METRICS_FILE"; echo "##muster[metric] name=acc value=$i step=$i"; i=$((i + 1)); done"###,
+        gate = gate.display()
+    ));
+    s.compute = "m-pool".into();
+    let leader = cluster.leader().await.unwrap();
+    let id = muster_cli::client::connect(&cluster.url(leader))
+        .await
+        .unwrap()
+        .runs
+        .submit_run(v1::SubmitRunRequest {
+            spec: Some(s.into()),
+            idempotency_key: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    // The first 20 points of each metric reached the leader.
+    let mut l = muster_cli::client::connect(&cluster.url(leader))
+        .await
+        .unwrap();
+    let mut reached = false;
+    for _ in 0..600 {
+        let m = l
+            .metrics
+            .get_run_metrics(v1::GetRunMetricsRequest {
+                run_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if m.series.len() == 2 && m.series.iter().all(|s| s.steps.len() == 20) {
+            reached = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reached, "the leader got the first points within 30 s");
+    cluster.kill(leader).await.unwrap();
+    let survivors: Vec<u64> = cluster.ids().into_iter().filter(|i| *i != leader).collect();
+    let new_leader = cluster.leader_among(&survivors).await.unwrap();
+    std::fs::write(&gate, "").unwrap();
+    let done = wait_done(&cluster.url(new_leader), &id).await;
+    assert_eq!(done.state, "completed", "{done:?}");
+    assert_eq!(
+        done.attempt, 1,
+        "the run kept running through the failover: {done:?}"
+    );
+    let expected: Vec<(u64, f64)> = (1..=40).map(|i| (i, i as f64)).collect();
+    for sid in survivors {
+        let out = muster(
+            &cluster.url(sid),
+            data.path(),
+            &["run", "metrics", &id, "-o", "json"],
+        )
+        .await;
+        assert_eq!(out.code, 0, "server {sid}: {out:?}");
+        let v: Value = serde_json::from_str(&out.stdout).unwrap();
+        assert_eq!(points(&v, "loss"), expected, "server {sid}: {v}");
+        assert_eq!(points(&v, "acc"), expected, "server {sid}: {v}");
+        assert_eq!(v["malformed"], 0, "{v}");
+    }
+    agent.stop().await.unwrap();
+}
