@@ -57,6 +57,10 @@ struct Args {
     /// Fake nodes the runs of scenario 2 spread over (one session each).
     #[arg(long, default_value_t = 10)]
     nodes: usize,
+    /// Repeat scenario 2 this many times with new runs (memory: with more points than the
+    /// store keeps in memory, RSS levels off).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Which form the runs log their metrics in.
     #[arg(long, value_enum, default_value_t = Form::File)]
     form: Form,
@@ -409,22 +413,22 @@ async fn main() -> anyhow::Result<()> {
         &one,
         baseline(args.form, 1, args.single),
     );
-    let many = scenario(
-        "bench-many",
-        &dev,
-        args.runs,
-        args.points,
-        args.nodes,
-        &args,
-    )
-    .await?;
-    report(
-        &format!(
-            "{} runs x {} points, concurrently over {} nodes",
-            args.runs, args.points, args.nodes
-        ),
-        &many,
-        baseline(args.form, args.runs, args.points),
-    );
+    for round in 1..=args.rounds {
+        // Compute target names end in a letter.
+        let compute: &'static str = Box::leak(
+            format!("bench-many-{}", (b'a' + (round % 26) as u8) as char)
+                .repeat(1 + round / 26)
+                .into_boxed_str(),
+        );
+        let many = scenario(compute, &dev, args.runs, args.points, args.nodes, &args).await?;
+        report(
+            &format!(
+                "{} runs x {} points, concurrently over {} nodes (round {round})",
+                args.runs, args.points, args.nodes
+            ),
+            &many,
+            baseline(args.form, args.runs, args.points),
+        );
+    }
     Ok(())
 }
