@@ -39,8 +39,12 @@ use tonic::Status;
 use crate::blobs::BlobStore;
 use crate::coordinator::Coordinator;
 
-/// At most this many runs' metrics are held in memory.
+/// At most this many runs' series are held in memory.
 pub const MAX_RUNS: usize = 256;
+/// At most this many runs are known in memory at all: beyond [`MAX_RUNS`] a run keeps only
+/// what taking more points needs (stream positions, names, last steps: a few hundred bytes),
+/// so many runs logging at once append to their files without reloading their series.
+pub const MAX_ENTRIES: usize = 16_384;
 /// At most about this many points are held in memory (16 bytes each), the most recently
 /// used run always included.
 pub const MAX_POINTS: usize = 4_000_000;
@@ -114,7 +118,13 @@ struct RunEntry {
     streams: BTreeMap<Stream, Position>,
     /// Points plus malformed lines.
     lines: u64,
+    /// Points held in `log` (none when hollow).
     points: usize,
+    /// The series were dropped from memory (the file has them): taking points goes on,
+    /// reading reloads.
+    hollow: bool,
+    /// The last step of each metric (a point without a step gets the next one).
+    last_step: HashMap<String, u64>,
     file: Option<File>,
     used: u64,
 }
@@ -214,6 +224,7 @@ fn decode(bytes: &[u8]) -> Result<(RunEntry, usize), String> {
                         .entry(name.clone())
                         .or_default()
                         .push(Some(step), v);
+                    e.last_step.insert(name.clone(), step);
                     e.points += 1;
                 }
                 OP_SERIES => {
@@ -225,6 +236,9 @@ fn decode(bytes: &[u8]) -> Result<(RunEntry, usize), String> {
                     e.points += s.len();
                     for &(step, v) in s.points() {
                         into.push(Some(step), v);
+                    }
+                    if let Some((step, _)) = s.last() {
+                        e.last_step.insert(name.clone(), step);
                     }
                 }
                 OP_MALFORMED => {
@@ -308,11 +322,22 @@ impl RunEntry {
         match parsed {
             Ok(Some(p)) => {
                 let id = self.id(&p.name, frame);
-                let series = self.log.series.entry(p.name).or_default();
-                series.push(p.step, p.value);
-                let (step, value) = series.last().expect("just pushed");
-                frame.point(id, step, value);
-                self.points += 1;
+                // As `Series::push` numbers a point without a step.
+                let step = p.step.unwrap_or_else(|| {
+                    self.last_step
+                        .get(&p.name)
+                        .map_or(0, |s| s.saturating_add(1))
+                });
+                frame.point(id, step, p.value);
+                if !self.hollow {
+                    self.log
+                        .series
+                        .entry(p.name.clone())
+                        .or_default()
+                        .push(Some(step), p.value);
+                    self.points += 1;
+                }
+                self.last_step.insert(p.name, step);
                 self.lines += 1;
             }
             Ok(None) => {}
@@ -460,21 +485,37 @@ impl SeriesStore {
     /// Runs `f` on a run's entry, loading it first (from its file, or from its sealed
     /// blob when that is local and holds more), and drops the least recently used runs
     /// beyond the memory bounds.
-    fn with_entry<R>(&self, run: &str, f: impl FnOnce(&mut RunEntry, &Path) -> R) -> io::Result<R> {
+    /// With `full`, the run's series are loaded too (a hollow run is reloaded).
+    fn with_entry<R>(
+        &self,
+        run: &str,
+        full: bool,
+        f: impl FnOnce(&mut RunEntry, &Path) -> R,
+    ) -> io::Result<R> {
         let sealed = self.sealed(run);
         let mut inner = self.inner.lock().expect("series lock");
         inner.clock += 1;
         let clock = inner.clock;
         let stale = match (inner.runs.get(run), &sealed) {
+            (Some(e), _) if full && e.hollow => true,
             (Some(e), Some(s)) => e.lines < s.lines && self.blobs.has(&s.sha256),
             (Some(_), None) => false,
             (None, _) => true,
         };
         if stale {
-            if let Some(old) = inner.runs.remove(run) {
+            let old = inner.runs.remove(run);
+            let mut entry = self.load(run, sealed.as_ref())?;
+            if let Some(old) = old {
                 inner.points -= old.points;
+                // Waiting partial lines are not in the file: keep them.
+                for (s, p) in old.streams {
+                    if let Some(q) = entry.streams.get_mut(&s)
+                        && q.consumed == p.consumed
+                    {
+                        *q = p;
+                    }
+                }
             }
-            let entry = self.load(run, sealed.as_ref())?;
             inner.points += entry.points;
             inner.runs.insert(run.to_string(), entry);
         }
@@ -532,7 +573,29 @@ impl SeriesStore {
     }
 
     fn evict(&self, inner: &mut Inner, keep: &str) {
-        while inner.runs.len() > MAX_RUNS || (inner.points > MAX_POINTS && inner.runs.len() > 1) {
+        // Least recently used runs first give up their series (they stay on disk)...
+        loop {
+            let full = inner.runs.values().filter(|e| !e.hollow).count();
+            if full <= MAX_RUNS && (inner.points <= MAX_POINTS || full <= 1) {
+                break;
+            }
+            let Some(victim) = inner
+                .runs
+                .iter_mut()
+                .filter(|(k, e)| !e.hollow && k.as_str() != keep)
+                .min_by_key(|(_, e)| e.used)
+                .map(|(_, e)| e)
+            else {
+                break;
+            };
+            let freed = victim.points;
+            victim.log.series = BTreeMap::new();
+            victim.points = 0;
+            victim.hollow = true;
+            inner.points -= freed;
+        }
+        // ...then, beyond MAX_ENTRIES, are forgotten (a waiting partial line is resent).
+        while inner.runs.len() > MAX_ENTRIES {
             let Some(victim) = inner
                 .runs
                 .iter()
@@ -551,7 +614,7 @@ impl SeriesStore {
     /// Where a stream's bytes end on this server (complete lines and a waiting partial
     /// line): the offset to resume it from.
     pub fn stream_len(&self, run: &str, stream: Stream) -> io::Result<u64> {
-        self.with_entry(run, |e, _| {
+        self.with_entry(run, false, |e, _| {
             e.streams
                 .get(&stream)
                 .map_or(0, |p| p.consumed + p.partial.len() as u64)
@@ -577,7 +640,7 @@ impl SeriesStore {
         data: &[u8],
         flush: bool,
     ) -> io::Result<Feed> {
-        let r = self.with_entry(run, |e, path| -> io::Result<Feed> {
+        let r = self.with_entry(run, false, |e, path| -> io::Result<Feed> {
             let pos = e.streams.get(&stream).cloned().unwrap_or_default();
             let have = pos.consumed + pos.partial.len() as u64;
             if offset > have {
@@ -602,14 +665,14 @@ impl SeriesStore {
 
     /// One metric's series of a run (`None`: the run logged no such metric here).
     pub fn series(&self, run_id: &str, name: &str) -> Option<Series> {
-        self.with_entry(run_id, |e, _| e.log.series.get(name).cloned())
+        self.with_entry(run_id, true, |e, _| e.log.series.get(name).cloned())
             .ok()
             .flatten()
     }
 
     /// The last value of each metric of a run.
     pub fn last_values(&self, run_id: &str) -> BTreeMap<String, f64> {
-        self.with_entry(run_id, |e, _| {
+        self.with_entry(run_id, true, |e, _| {
             e.log
                 .last_values()
                 .into_iter()
@@ -621,21 +684,24 @@ impl SeriesStore {
 
     /// Runs `f` on a run's whole metrics log (keep it short: the store is locked).
     pub fn with_log<R>(&self, run_id: &str, f: impl FnOnce(&MetricsLog) -> R) -> io::Result<R> {
-        self.with_entry(run_id, |e, _| f(&e.log))
+        self.with_entry(run_id, true, |e, _| f(&e.log))
     }
 
     /// The run's metrics in the sealed form, with the lines it accounts for; `None` when
     /// the run logged nothing (no line at all).
     pub fn compact(&self, run_id: &str) -> io::Result<Option<(Vec<u8>, u64)>> {
-        self.with_entry(run_id, |e, _| {
+        self.with_entry(run_id, true, |e, _| {
             (e.lines > 0 || !e.streams.is_empty()).then(|| (e.compact(), e.lines))
         })
     }
 
-    /// Runs and points held in memory now.
+    /// Runs whose series are held in memory now, and their points.
     pub fn resident(&self) -> (usize, usize) {
         let inner = self.inner.lock().expect("series lock");
-        (inner.runs.len(), inner.points)
+        (
+            inner.runs.values().filter(|e| !e.hollow).count(),
+            inner.points,
+        )
     }
 }
 
@@ -865,8 +931,27 @@ mod tests {
             .unwrap();
         }
         assert!(s.resident().0 <= MAX_RUNS);
-        // Dropped runs come back from disk.
-        assert_eq!(s.series("run0", "a").unwrap().len(), 1);
+        // A run whose series were dropped still takes points (a step-less one numbered
+        // after the last) and keeps a waiting partial line; reading reloads it from disk.
+        let line = b"{\"name\":\"a\",\"value\":1}\n";
+        let n = line.len() as u64;
+        assert_eq!(s.stream_len("run0", FILE).unwrap(), n);
+        let partial = b"{\"name\":\"a\",";
+        let k = partial.len() as u64;
+        s.feed("run0", FILE, n, b"{\"name\":\"a\",\"value\":2}\n")
+            .unwrap();
+        s.feed("run0", FILE, 2 * n, partial).unwrap();
+        assert_eq!(s.stream_len("run0", FILE).unwrap(), 2 * n + k);
+        assert!(s.resident().0 <= MAX_RUNS);
+        assert_eq!(
+            s.series("run0", "a").unwrap().points(),
+            &[(0, 1.0), (1, 2.0)]
+        );
+        s.feed("run0", FILE, 2 * n + k, b"\"value\":3}\n").unwrap();
+        assert_eq!(
+            s.series("run0", "a").unwrap().points(),
+            &[(0, 1.0), (1, 2.0), (2, 3.0)]
+        );
         assert_eq!(s.series("r", "a").unwrap().len(), 1);
     }
 }
