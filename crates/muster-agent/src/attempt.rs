@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 use crate::executor::docker::{DockerExecutor, Managed, RSH_TARGET};
 use crate::executor::{self, ContainerSpec, Launch, Outcome, Stop};
 use crate::rsh_server::{self, Registry, Worker};
-use crate::{outputs, snapshot};
+use crate::{inputs, outputs, snapshot};
 
 /// (run id, attempt number).
 pub(crate) type Key = (String, u32);
@@ -224,6 +224,15 @@ impl AttemptTask {
                 .await
                 .map_err(|e| format!("cannot create {d}/: {e}"))?;
         }
+        // A pipeline step: its declared outputs' folders, and its upstream outputs at inputs/.
+        for o in &a.outputs {
+            tokio::fs::create_dir_all(code_dir.join("outputs").join(o))
+                .await
+                .map_err(|e| format!("cannot create outputs/{o}/: {e}"))?;
+        }
+        let inputs = a.inputs.clone().into_iter().collect();
+        let scratch = self.workdir.join(".inputs");
+        inputs::place(&mut self.blobs, &inputs, &self.cache_dir, &scratch, &code_dir).await?;
         let ex = &self.executors;
         let container = match (&spec.image, &ex.docker) {
             (Some(image), Some(_)) => Some(image.clone()),

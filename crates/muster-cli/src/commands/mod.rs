@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod compute;
 pub mod dev;
 pub mod node;
+pub mod pipeline;
 pub mod run;
 pub mod server;
 

@@ -273,6 +273,8 @@ impl Session {
                     .iter()
                     .position(|p| p.node_id == self.node_id)
                     .unwrap_or(0);
+                // A pipeline step: the upstream outputs to place, its declared outputs.
+                let (step_inputs, step_outputs) = s.pipeline_step_io(run);
                 assign.push(v1::Assignment {
                     run_id: run_id.clone(),
                     attempt: *attempt,
@@ -285,6 +287,8 @@ impl Session {
                         .collect(),
                     master_port: a.master_port.map_or(0, u32::from),
                     secret: a.secret.clone().unwrap_or_default(),
+                    inputs: step_inputs.into_iter().collect(),
+                    outputs: step_outputs,
                 });
             }
             // Attempts the agent runs that are not (or no longer) placed here: fence them.
