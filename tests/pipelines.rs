@@ -386,3 +386,158 @@ jobs:
     assert_ne!(out.code, 0, "{out:?}");
     assert!(out.stderr.contains("muster pipeline list"), "{out:?}");
 }
+
+const HA_PIPELINE: &str = r#"type: pipeline
+experiment_name: ha-pipeline
+settings:
+  default_compute: ha-pool
+jobs:
+  a:
+    command: echo from-a > ${{outputs.data}}/a.txt
+    outputs:
+      data:
+        type: uri_folder
+  b:
+    command: sleep 2 && sed 's/^/b saw /' ${{inputs.data}}/a.txt > ${{outputs.out}}/b.txt
+    inputs:
+      data: ${{parent.jobs.a.outputs.data}}
+    outputs:
+      out:
+        type: uri_folder
+  c:
+    command: sleep 2 && sed 's/^/c saw /' ${{inputs.data}}/a.txt > ${{outputs.out}}/c.txt
+    inputs:
+      data: ${{parent.jobs.a.outputs.data}}
+    outputs:
+      out:
+        type: uri_folder
+  d:
+    command: cat ${{inputs.l}}/b.txt ${{inputs.r}}/c.txt
+    inputs:
+      l: ${{parent.jobs.b.outputs.out}}
+      r: ${{parent.jobs.c.outputs.out}}
+"#;
+
+/// The pipeline as the first of `urls` that answers sees it.
+async fn get_any(urls: &[String], id: &str) -> Option<v1::Pipeline> {
+    for url in urls {
+        if let Ok(mut c) = muster_cli::client::connect(url).await
+            && let Ok(Ok(p)) = tokio::time::timeout(
+                Duration::from_secs(3),
+                c.pipelines
+                    .get_pipeline(v1::GetPipelineRequest { id: id.into() }),
+            )
+            .await
+        {
+            return Some(p.into_inner());
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_mid_pipeline_neither_loses_nor_duplicates_a_step() {
+    use muster_testkit::cluster::TestCluster;
+    let mut cluster = TestCluster::start(3).await.unwrap();
+    let mut c = muster_cli::client::connect(&cluster.urls()).await.unwrap();
+    c.compute
+        .create_compute(v1::CreateComputeRequest {
+            compute: Some(v1::ComputeTarget {
+                name: "ha-pool".into(),
+                r#type: "attached".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = agent_config(
+        &cluster.url(1),
+        data.path(),
+        "ha-pool",
+        "ha-node",
+        Arc::new(NoGpus),
+    );
+    config.servers = cluster.ids().into_iter().map(|id| cluster.url(id)).collect();
+    let _agent = AgentHandle::start(&cluster.urls(), config).await.unwrap();
+
+    let leader = cluster.leader().await.unwrap();
+    let mut lc = muster_cli::client::connect(&cluster.url(leader))
+        .await
+        .unwrap();
+    let id = lc
+        .pipelines
+        .submit_pipeline(v1::SubmitPipelineRequest {
+            yaml: HA_PIPELINE.into(),
+            idempotency_key: Some("ha-pipeline-1".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    // Kill the leader while B runs (bounded: 60 s).
+    let all: Vec<String> = cluster.ids().into_iter().map(|i| cluster.url(i)).collect();
+    let mut b_running = false;
+    for _ in 0..600 {
+        let p = get_any(&all, &id).await.expect("a server answers");
+        if p.steps.iter().any(|s| s.name == "b" && s.state == "running") {
+            b_running = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(b_running, "step b never ran");
+    cluster.kill(leader).await.unwrap();
+    let alive: Vec<String> = cluster
+        .ids()
+        .into_iter()
+        .filter(|i| *i != leader)
+        .map(|i| cluster.url(i))
+        .collect();
+    // The new leader carries the pipeline to its end (bounded: 120 s).
+    let mut done = None;
+    for _ in 0..1200 {
+        if let Some(p) = get_any(&alive, &id).await
+            && matches!(p.state.as_str(), "completed" | "failed" | "canceled")
+        {
+            done = Some(p);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let p = done.expect("the pipeline ended after the failover");
+    assert_eq!(p.state, "completed", "{p:?}");
+    // Exactly one run per step: nothing lost, nothing duplicated.
+    let mut c = muster_cli::client::connect(&alive.join(",")).await.unwrap();
+    let runs = c
+        .runs
+        .list_runs(v1::ListRunsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    assert_eq!(runs.len(), 4, "{runs:?}");
+    let mut steps: Vec<String> = runs
+        .iter()
+        .map(|r| r.spec.as_ref().unwrap().tags["muster.step"].clone())
+        .collect();
+    steps.sort();
+    assert_eq!(steps, vec!["a", "b", "c", "d"]);
+    for s in &p.steps {
+        let run = s.run_id.as_ref().expect("every step ran");
+        assert!(runs.iter().any(|r| &r.id == run && r.state == "completed"));
+    }
+    // A retry of the submission with the same key is the same pipeline.
+    let again = c
+        .pipelines
+        .submit_pipeline(v1::SubmitPipelineRequest {
+            yaml: HA_PIPELINE.into(),
+            idempotency_key: Some("ha-pipeline-1".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.id, id);
+}
