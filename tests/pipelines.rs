@@ -213,8 +213,16 @@ async fn a_diamond_pipeline_passes_data_runs_in_parallel_and_is_reused() {
             && c.started_at_ms.unwrap() < b.finished_at_ms.unwrap(),
         "b {b:?} and c {c:?} did not overlap"
     );
-    assert!(logs(&url, project.path(), &run_of["b"]).await.contains("b met c"));
-    assert!(logs(&url, project.path(), &run_of["c"]).await.contains("c met b"));
+    assert!(
+        logs(&url, project.path(), &run_of["b"])
+            .await
+            .contains("b met c")
+    );
+    assert!(
+        logs(&url, project.path(), &run_of["c"])
+            .await
+            .contains("c met b")
+    );
     // D read B's and C's outputs (both from A's), and B's empty declared output folder.
     let d_log = logs(&url, project.path(), &run_of["d"]).await;
     assert!(d_log.contains("b saw from-a"), "{d_log}");
@@ -229,7 +237,11 @@ async fn a_diamond_pipeline_passes_data_runs_in_parallel_and_is_reused() {
     assert_ne!(second, first);
     let p = wait_pipeline(&url, &second).await;
     assert_eq!(p.state, "completed", "{p:?}");
-    assert_eq!(all_runs(&url).await.len(), 4, "a reused pipeline runs nothing");
+    assert_eq!(
+        all_runs(&url).await.len(),
+        4,
+        "a reused pipeline runs nothing"
+    );
     let shown = show_json(&url, project.path(), &second).await;
     for name in ["a", "b", "c", "d"] {
         let s = step(&shown, name);
@@ -262,7 +274,10 @@ async fn a_diamond_pipeline_passes_data_runs_in_parallel_and_is_reused() {
     let d3 = step(&shown, "d")["run_id"].as_str().unwrap().to_string();
     assert_ne!(d3, run_of["d"]);
     let d_log = logs(&url, project.path(), &d3).await;
-    assert!(d_log.contains("c-v2") && d_log.contains("b saw from-a"), "{d_log}");
+    assert!(
+        d_log.contains("c-v2") && d_log.contains("b saw from-a"),
+        "{d_log}"
+    );
 
     // The list shows all three.
     let list = muster(&url, project.path(), &["pipeline", "list", "-o", "json"]).await;
@@ -313,7 +328,12 @@ async fn bad_pipelines_are_refused_naming_the_problem_and_store_nothing() {
         "typo.yml",
         "type: pipeline\njobs:\n  a:\n    comand: echo hi\n",
     );
-    let out = muster(&url, project.path(), &["pipeline", "submit", "-f", "typo.yml"]).await;
+    let out = muster(
+        &url,
+        project.path(),
+        &["pipeline", "submit", "-f", "typo.yml"],
+    )
+    .await;
     assert_ne!(out.code, 0, "{out:?}");
     assert!(out.stderr.contains("jobs.a.comand"), "{out:?}");
 
@@ -335,7 +355,12 @@ jobs:
         type: uri_folder
 ";
     write(project.path(), "cycle.yml", cycle);
-    let out = muster(&url, project.path(), &["pipeline", "submit", "-f", "cycle.yml"]).await;
+    let out = muster(
+        &url,
+        project.path(),
+        &["pipeline", "submit", "-f", "cycle.yml"],
+    )
+    .await;
     assert_ne!(out.code, 0, "{out:?}");
     assert!(
         out.stderr.contains("a → b → a") && out.stderr.contains("cycle"),
@@ -458,7 +483,11 @@ async fn killing_the_leader_mid_pipeline_neither_loses_nor_duplicates_a_step() {
         "ha-node",
         Arc::new(NoGpus),
     );
-    config.servers = cluster.ids().into_iter().map(|id| cluster.url(id)).collect();
+    config.servers = cluster
+        .ids()
+        .into_iter()
+        .map(|id| cluster.url(id))
+        .collect();
     let _agent = AgentHandle::start(&cluster.urls(), config).await.unwrap();
 
     let leader = cluster.leader().await.unwrap();
@@ -481,7 +510,10 @@ async fn killing_the_leader_mid_pipeline_neither_loses_nor_duplicates_a_step() {
     let mut b_running = false;
     for _ in 0..600 {
         let p = get_any(&all, &id).await.expect("a server answers");
-        if p.steps.iter().any(|s| s.name == "b" && s.state == "running") {
+        if p.steps
+            .iter()
+            .any(|s| s.name == "b" && s.state == "running")
+        {
             b_running = true;
             break;
         }
@@ -540,4 +572,55 @@ async fn killing_the_leader_mid_pipeline_neither_loses_nor_duplicates_a_step() {
         .unwrap()
         .into_inner();
     assert_eq!(again.id, id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canceling_a_pipeline_cancels_its_running_step_and_fails_the_rest() {
+    let dev = DevCluster::start().await.unwrap();
+    let url = dev.url();
+    let project = tempfile::tempdir().unwrap();
+    write(
+        project.path(),
+        "slow.yml",
+        "type: pipeline
+jobs:
+  first:
+    command: sleep 60
+    outputs:
+      o:
+        type: uri_folder
+  second:
+    command: ls ${{inputs.i}}
+    inputs:
+      i: ${{parent.jobs.first.outputs.o}}
+",
+    );
+    let id = submit(&url, project.path(), "slow.yml").await;
+    let mut running = false;
+    let mut c = dev.clients().await.unwrap();
+    for _ in 0..300 {
+        let p = c
+            .pipelines
+            .get_pipeline(v1::GetPipelineRequest { id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if p.steps[0].state == "running" {
+            running = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(running, "the first step never ran");
+    let out = muster(&url, project.path(), &["pipeline", "cancel", &id]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let p = wait_pipeline(&url, &id).await;
+    assert_eq!(p.state, "canceled", "{p:?}");
+    assert_eq!(p.steps[0].state, "canceled", "{p:?}");
+    assert_eq!(p.steps[1].state, "failed", "{p:?}");
+    assert!(
+        p.steps[1].reason.as_deref().unwrap().contains("canceled"),
+        "{p:?}"
+    );
+    assert_eq!(all_runs(&url).await.len(), 1);
 }

@@ -235,8 +235,14 @@ impl AttemptTask {
         }
         let inputs = a.inputs.clone().into_iter().collect();
         let scratch = self.workdir.join(".inputs");
-        let mut placed =
-            inputs::place(&mut self.blobs, &inputs, &self.cache_dir, &scratch, &code_dir).await;
+        let mut placed = inputs::place(
+            &mut self.blobs,
+            &inputs,
+            &self.cache_dir,
+            &scratch,
+            &code_dir,
+        )
+        .await;
         if placed.is_err() {
             for mut other in self.other_blob_clients().await {
                 placed =

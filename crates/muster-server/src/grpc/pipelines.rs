@@ -55,8 +55,8 @@ impl Pipelines {
                 code.manifest
             ))
         })?;
-        let manifest: muster_core::snapshot::Manifest = serde_json::from_slice(&manifest)
-            .map_err(|e| {
+        let manifest: muster_core::snapshot::Manifest =
+            serde_json::from_slice(&manifest).map_err(|e| {
                 Status::invalid_argument(format!(
                     "code.{step}: the snapshot manifest is not valid: {e}"
                 ))
