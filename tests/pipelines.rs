@@ -397,6 +397,24 @@ jobs:
         .unwrap_err();
     assert!(e.message().contains("code.zz"), "{e:?}");
 
+    // A step on a compute target that does not exist is named.
+    write(
+        project.path(),
+        "nowhere.yml",
+        "type: pipeline\njobs:\n  a:\n    command: echo\n    compute: nowhere\n",
+    );
+    let out = muster(
+        &url,
+        project.path(),
+        &["pipeline", "submit", "-f", "nowhere.yml"],
+    )
+    .await;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("jobs.a.compute") && out.stderr.contains("nowhere"),
+        "{out:?}"
+    );
+
     // A pipeline YAML given to `run submit` points at `pipeline submit`.
     let out = muster(&url, project.path(), &["run", "submit", "-f", "cycle.yml"]).await;
     assert_ne!(out.code, 0, "{out:?}");

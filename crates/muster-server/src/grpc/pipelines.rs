@@ -103,6 +103,17 @@ impl PipelineService for Pipelines {
                 .validate()
                 .map_err(|e| Status::invalid_argument(format!("jobs.{step}.{e}")))?;
         }
+        let unknown = self.0.read(|s| {
+            spec.steps
+                .iter()
+                .find(|(_, step)| !s.computes.contains_key(&step.run.compute))
+                .map(|(name, step)| (name.clone(), step.run.compute.clone()))
+        });
+        if let Some((step, compute)) = unknown {
+            return Err(Status::not_found(format!(
+                "jobs.{step}.compute: compute target {compute:?} does not exist: create it with `muster compute create {compute}` or pick one from `muster compute list`"
+            )));
+        }
         let keyed = match &req.idempotency_key {
             Some(key) if key.is_empty() || key.len() > 128 => {
                 return Err(Status::invalid_argument(
