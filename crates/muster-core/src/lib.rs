@@ -8,6 +8,7 @@
 //! - [`resources`]: CPU, memory and GPUs a node offers and a run asks for.
 //! - [`compute`]: compute targets (`local`, `cluster`, `instance`, `attached`) and Azure ML compute YAML.
 //! - [`spec`]: the run spec and Azure ML v2 command-job YAML parsing and validation.
+//! - [`loglines`]: the combined, rank-prefixed log of a multi-instance attempt.
 //! - [`snapshot`]: the manifest of a content-addressed code snapshot.
 //! - [`state`]: the replicated state machine: [`Command`], [`State::apply`], [`State::sanity_check`].
 //! - [`schedule`](mod@schedule): the scheduler: `schedule(&State, now) -> Schedule` (placements, preemptions,
@@ -19,6 +20,7 @@
 //! path of a bad or unknown key.
 
 pub mod compute;
+pub mod loglines;
 pub mod names;
 pub mod resources;
 pub mod schedule;
