@@ -254,12 +254,7 @@ impl Coordinator {
         sealed
     }
 
-    async fn try_seal_log(
-        &self,
-        run: &str,
-        attempt: u32,
-        rank: u32,
-    ) -> Result<SealedLog, Status> {
+    async fn try_seal_log(&self, run: &str, attempt: u32, rank: u32) -> Result<SealedLog, Status> {
         self.logs
             .seal(run, attempt, rank)
             .map_err(|e| Status::internal(format!("sealing logs: {e}")))?;

@@ -345,11 +345,7 @@ fn wanted_ranks(req: &v1::StreamLogsRequest, count: u32) -> Vec<u32> {
     }
 }
 
-fn source(
-    coordinator: &Coordinator,
-    sealed: Option<&SealedLog>,
-    relayed: bool,
-) -> Source {
+fn source(coordinator: &Coordinator, sealed: Option<&SealedLog>, relayed: bool) -> Source {
     if let Some(log) = sealed {
         return Source::Sealed(log.clone());
     }
