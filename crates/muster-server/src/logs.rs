@@ -192,10 +192,16 @@ impl LogStore {
         let mut open = self.open.lock().expect("log lock");
         open.remove(&key);
         self.sealed.lock().expect("log lock").remove(&key);
-        match std::fs::remove_file(self.path(run, attempt, rank)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        let path = self.path(run, attempt, rank);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
         }
+        // The run's directory goes with its last live log (it fails while others remain).
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+        Ok(())
     }
 
     /// Reads up to `max` bytes from `offset`; empty at the end (or if there is no log).
@@ -403,5 +409,43 @@ mod tests {
         assert_eq!(logs.read("r", 1, 0, 6, 3).unwrap(), b"wor");
         assert_eq!(logs.len("r", 1, 0), 11);
         assert_eq!(logs.read("r", 2, 0, 0, 100).unwrap(), b"");
+    }
+
+    #[test]
+    fn a_sealed_log_takes_no_more_bytes_until_unsealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = LogStore::open(dir.path().to_path_buf()).unwrap();
+        logs.append("r", 1, 1, 0, b"a\n").unwrap();
+        logs.append("q", 2, 0, 0, b"b\n").unwrap();
+        assert_eq!(
+            logs.live().unwrap(),
+            vec![("q".to_string(), 2, 0), ("r".to_string(), 1, 1)]
+        );
+        logs.seal("r", 1, 1).unwrap();
+        assert_eq!(
+            logs.append("r", 1, 1, 2, b"late\n").unwrap(),
+            Append::Sealed
+        );
+        assert_eq!(
+            logs.append("r", 1, 1, 0, b"a\nlate\n").unwrap(),
+            Append::Sealed
+        );
+        assert_eq!(logs.read("r", 1, 1, 0, 100).unwrap(), b"a\n");
+        // A seal that did not complete: the log grows again.
+        logs.unseal("r", 1, 1);
+        assert_eq!(
+            logs.append("r", 1, 1, 2, b"c\n").unwrap(),
+            Append::Stored(4)
+        );
+        // Sealed and replaced by its blob: the file goes, and with it the fence (the
+        // session fences by the replicated state from then on).
+        logs.seal("r", 1, 1).unwrap();
+        logs.remove("r", 1, 1).unwrap();
+        assert_eq!(logs.live().unwrap(), vec![("q".to_string(), 2, 0)]);
+        assert_eq!(logs.len("r", 1, 1), 0);
+        assert!(
+            !dir.path().join("r").exists(),
+            "no empty run directory is left"
+        );
     }
 }
