@@ -741,3 +741,96 @@ async fn a_node_selector_places_a_run_only_on_nodes_with_those_labels() {
     assert!(out.stderr.contains("--node-selector"), "{out:?}");
     assert_eq!(all_runs(&url).await.len(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_holds_runs_back_with_the_reason_and_lets_them_through_in_turn() {
+    let dev = cluster().await;
+    let url = dev.url();
+    let p = tempfile::tempdir().unwrap();
+    let out = muster(
+        &url,
+        p.path(),
+        &[
+            "compute",
+            "create",
+            "capped",
+            "--type",
+            "attached",
+            "--max-concurrent-runs",
+            "1",
+            "--max-cpus",
+            "x",
+        ],
+    )
+    .await;
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("--max-cpus"), "{out:?}");
+    let out = muster(
+        &url,
+        p.path(),
+        &[
+            "compute",
+            "create",
+            "capped",
+            "--type",
+            "attached",
+            "--max-concurrent-runs",
+            "1",
+            "--max-gpus",
+            "8",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let shown = muster(&url, p.path(), &["compute", "show", "capped"]).await;
+    assert!(
+        shown
+            .stdout
+            .contains("quota        at most 8 GPUs, 1 active runs"),
+        "{shown:?}"
+    );
+    let config = agent_config(
+        &url,
+        &p.path().join("agent"),
+        "capped",
+        "capped-node",
+        Arc::new(FakeGpuProbe::with("cap", 0)),
+    );
+    let _agent = AgentHandle::start(&url, config).await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let out = muster(
+            &url,
+            p.path(),
+            &["run", "submit", "--compute", "capped", "--", "sleep", "2"],
+        )
+        .await;
+        assert_eq!(out.code, 0, "{out:?}");
+        ids.push(out.stdout.trim().to_string());
+    }
+    wait_for_state(&url, &ids[0], "running").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let waiting = loop {
+        let out = muster(&url, p.path(), &["run", "show", &ids[1], "-o", "json"]).await;
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        let m = v["message"].as_str().unwrap_or("").to_string();
+        if m.contains("quota") || Instant::now() > deadline {
+            break (v["state"].clone(), m);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(waiting.0, "queued");
+    assert!(
+        waiting.1.contains("waiting: quota: 1/1 runs active"),
+        "{waiting:?}"
+    );
+    for id in &ids {
+        assert_eq!(wait_done(&url, id).await.state, "completed");
+    }
+    let first = wait_done(&url, &ids[0]).await;
+    let second = wait_done(&url, &ids[1]).await;
+    assert!(
+        second.attempts[0].placed_at_ms >= first.finished_at_ms.unwrap(),
+        "the second run started only after the first ended"
+    );
+}

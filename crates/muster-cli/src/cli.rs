@@ -150,7 +150,7 @@ pub struct AgentArgs {
 #[derive(Debug, Subcommand)]
 pub enum ComputeCommand {
     /// Create a compute target from flags or an Azure ML compute YAML.
-    Create(ComputeCreateArgs),
+    Create(Box<ComputeCreateArgs>),
     /// List compute targets.
     List,
     /// Show one compute target.
@@ -193,6 +193,39 @@ pub struct ComputeCreateArgs {
     /// Free text.
     #[arg(long)]
     pub description: Option<String>,
+    /// How nodes come and go: static (agents join by hand), docker (agent containers on
+    /// the leader's Docker host) or command (your scale-up/scale-down scripts).
+    #[arg(long)]
+    pub provisioner: Option<String>,
+    /// docker: the agent image (default muster:local; its `muster` must be on PATH).
+    #[arg(long)]
+    pub docker_image: Option<String>,
+    /// docker: the agent containers' network mode (default host).
+    #[arg(long)]
+    pub docker_network: Option<String>,
+    /// docker: the servers the agents connect to, HOST:PORT comma-separated (default: the
+    /// leader's known addresses).
+    #[arg(long, value_delimiter = ',')]
+    pub agent_servers: Vec<String>,
+    /// docker: labels for the provisioned nodes (and their containers), key=value
+    /// comma-separated or repeated.
+    #[arg(long, value_delimiter = ',')]
+    pub node_labels: Vec<String>,
+    /// command: the script that starts nodes (run as SCRIPT COMPUTE SIZE NODE...).
+    #[arg(long)]
+    pub scale_up: Option<String>,
+    /// command: the script that stops nodes (run as SCRIPT COMPUTE SIZE NODE...).
+    #[arg(long)]
+    pub scale_down: Option<String>,
+    /// Quota: most GPUs the target's active runs hold at once.
+    #[arg(long)]
+    pub max_gpus: Option<u32>,
+    /// Quota: most CPUs the target's active runs reserve at once (`64`, `0.5`, `500m`).
+    #[arg(long)]
+    pub max_cpus: Option<String>,
+    /// Quota: most runs active at once (a gang counts once).
+    #[arg(long)]
+    pub max_concurrent_runs: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,5 +1,7 @@
 //! Compute targets: where runs execute (DESIGN.md section 7), and Azure ML compute YAML.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::names::validate_compute_name;
@@ -104,6 +106,145 @@ pub struct ComputeSpec {
     /// in logs and snapshots written before quotas existed, which decode as unlimited.
     #[serde(default, skip_serializing_if = "Quota::is_unlimited")]
     pub quota: Quota,
+    /// What turns the autoscaler's "scale to N" into machines. Absent in logs and
+    /// snapshots written before provisioners existed, which decode as `static`.
+    #[serde(default, skip_serializing_if = "Provisioner::is_static")]
+    pub provisioner: Provisioner,
+}
+
+/// The image a `docker` provisioner starts agents from when none is given.
+pub const DEFAULT_AGENT_IMAGE: &str = "muster:local";
+/// The network mode of a `docker` provisioner's agent containers when none is given.
+pub const DEFAULT_AGENT_NETWORK: &str = "host";
+
+/// What turns the autoscaler's decisions into machines (DESIGN.md section 7).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Provisioner {
+    /// Nothing to provision: nodes join by running `muster agent --compute NAME`.
+    #[default]
+    Static,
+    /// Starts and stops agent containers on the leader's Docker host.
+    Docker(DockerProvisioner),
+    /// Runs an admin's scripts, e.g. to power machines on and off or call a cloud CLI.
+    Command(CommandProvisioner),
+}
+
+/// Settings of the `docker` provisioner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DockerProvisioner {
+    /// The image holding the `muster` binary (entrypoint `muster`), default `muster:local`.
+    pub image: String,
+    /// The containers' network mode, default `host` (an agent then reaches a server on
+    /// 127.0.0.1).
+    pub network: String,
+    /// Servers the agents connect to (`host:port`); empty: the leader's known addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<String>,
+    /// Labels the agents give their nodes (`--labels`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Default for DockerProvisioner {
+    fn default() -> DockerProvisioner {
+        DockerProvisioner {
+            image: DEFAULT_AGENT_IMAGE.to_string(),
+            network: DEFAULT_AGENT_NETWORK.to_string(),
+            servers: Vec::new(),
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+/// Settings of the `command` provisioner: two executables on the leader's machine, each
+/// run as `SCRIPT COMPUTE SIZE NODE...` with `MUSTER_COMPUTE`, `MUSTER_SIZE`,
+/// `MUSTER_NODES` (space-separated) and `MUSTER_SERVERS` (comma-separated) in the env.
+/// `scale_up` must start `muster agent --compute COMPUTE --name NODE` for each node;
+/// `scale_down` must stop them. Both must be idempotent per node name (a new leader may
+/// repeat an action whose outcome it did not see).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandProvisioner {
+    /// Starts nodes.
+    pub scale_up: String,
+    /// Stops nodes.
+    pub scale_down: String,
+}
+
+impl Provisioner {
+    /// True for `static`.
+    pub fn is_static(&self) -> bool {
+        matches!(self, Provisioner::Static)
+    }
+
+    /// The lowercase name used in flags, YAML and output.
+    pub fn kind_str(&self) -> &'static str {
+        match self {
+            Provisioner::Static => "static",
+            Provisioner::Docker(_) => "docker",
+            Provisioner::Command(_) => "command",
+        }
+    }
+
+    fn validate(&self, kind: ComputeKind) -> Result<(), SpecError> {
+        if self.is_static() {
+            return Ok(());
+        }
+        if !matches!(kind, ComputeKind::Cluster | ComputeKind::Instance) {
+            return Err(SpecError::field(
+                "provisioner",
+                format!(
+                    "{} targets never provision nodes (their machines join with `muster agent --compute NAME`): use provisioner static, or type cluster or instance",
+                    kind.as_str()
+                ),
+            ));
+        }
+        match self {
+            Provisioner::Static => Ok(()),
+            Provisioner::Docker(d) => {
+                if d.image.trim().is_empty() {
+                    return Err(SpecError::field(
+                        "provisioner.image",
+                        format!("is empty: give the agent image (default {DEFAULT_AGENT_IMAGE})"),
+                    ));
+                }
+                if d.network.trim().is_empty() {
+                    return Err(SpecError::field(
+                        "provisioner.network",
+                        "is empty: give a Docker network mode such as host or bridge",
+                    ));
+                }
+                if let Some(bad) = d.servers.iter().find(|s| {
+                    s.trim().is_empty() || s.contains(char::is_whitespace) || s.contains(',')
+                }) {
+                    return Err(SpecError::field(
+                        "provisioner.servers",
+                        format!("{bad:?} is not a server address: use HOST:PORT"),
+                    ));
+                }
+                for (k, v) in &d.labels {
+                    if k.trim().is_empty() || k.contains(['=', ',']) || v.contains(',') {
+                        return Err(SpecError::field(
+                            format!("provisioner.labels.{k}"),
+                            "a label is key=value with no ',' and no '=' in the key",
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            Provisioner::Command(c) => {
+                for (field, path) in [("scale_up", &c.scale_up), ("scale_down", &c.scale_down)] {
+                    if path.trim().is_empty() {
+                        return Err(SpecError::field(
+                            format!("provisioner.{field}"),
+                            "missing: give the path of the script to run on the leader",
+                        ));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Limits on what the active runs of one compute target hold together. The scheduler never
@@ -283,6 +424,22 @@ impl ComputeSpec {
             tier: Tier::Dedicated,
             description: None,
             quota: Quota::default(),
+            provisioner: Provisioner::Static,
+        }
+    }
+
+    /// The fewest and most nodes the autoscaler keeps, or `None` for a target it never
+    /// scales: a cluster scales between `min_instances` and `max_instances`; an instance
+    /// is exactly one node; attached and local targets never provision. A `static`
+    /// provisioner has nothing to scale with either.
+    pub fn scale_bounds(&self) -> Option<(u32, u32)> {
+        if self.provisioner.is_static() {
+            return None;
+        }
+        match self.kind {
+            ComputeKind::Cluster => Some((self.min_instances, self.max_instances)),
+            ComputeKind::Instance => Some((1, 1)),
+            ComputeKind::Local | ComputeKind::Attached => None,
         }
     }
 
@@ -290,6 +447,7 @@ impl ComputeSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
         validate_compute_name(&self.name).map_err(|e| SpecError::field("name", e.to_string()))?;
         self.quota.validate()?;
+        self.provisioner.validate(self.kind)?;
         if self.kind == ComputeKind::Cluster && self.min_instances > self.max_instances {
             return Err(SpecError::field(
                 "min_instances",
@@ -326,6 +484,87 @@ struct ComputeFile {
     tags: Option<yaml_serde::Value>,
     /// muster: limits on what the target's active runs hold together.
     quota: Option<QuotaFile>,
+    /// muster: what turns "scale to N" into machines.
+    provisioner: Option<ProvisionerFile>,
+}
+
+/// `provisioner:` as written (a muster addition to Azure ML's compute YAML).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProvisionerFile {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    image: Option<String>,
+    network: Option<String>,
+    servers: Option<Vec<String>>,
+    labels: Option<BTreeMap<String, String>>,
+    scale_up: Option<String>,
+    scale_down: Option<String>,
+}
+
+impl ProvisionerFile {
+    fn into_provisioner(self) -> Result<Provisioner, SpecError> {
+        let kind = self.kind.as_deref().unwrap_or("static");
+        let only = |given: bool, key: &str, for_kind: &str| {
+            if given {
+                Err(SpecError::field(
+                    format!("provisioner.{key}"),
+                    format!(
+                        "only a {for_kind} provisioner takes {key}: remove it, or set provisioner.type: {for_kind}"
+                    ),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        match kind.to_ascii_lowercase().as_str() {
+            "static" => {
+                for (given, key) in [
+                    (self.image.is_some(), "image"),
+                    (self.network.is_some(), "network"),
+                    (self.servers.is_some(), "servers"),
+                    (self.labels.is_some(), "labels"),
+                ] {
+                    only(given, key, "docker")?;
+                }
+                only(self.scale_up.is_some(), "scale_up", "command")?;
+                only(self.scale_down.is_some(), "scale_down", "command")?;
+                Ok(Provisioner::Static)
+            }
+            "docker" => {
+                only(self.scale_up.is_some(), "scale_up", "command")?;
+                only(self.scale_down.is_some(), "scale_down", "command")?;
+                let mut d = DockerProvisioner::default();
+                if let Some(v) = self.image {
+                    d.image = v;
+                }
+                if let Some(v) = self.network {
+                    d.network = v;
+                }
+                d.servers = self.servers.unwrap_or_default();
+                d.labels = self.labels.unwrap_or_default();
+                Ok(Provisioner::Docker(d))
+            }
+            "command" => {
+                for (given, key) in [
+                    (self.image.is_some(), "image"),
+                    (self.network.is_some(), "network"),
+                    (self.servers.is_some(), "servers"),
+                    (self.labels.is_some(), "labels"),
+                ] {
+                    only(given, key, "docker")?;
+                }
+                Ok(Provisioner::Command(CommandProvisioner {
+                    scale_up: self.scale_up.unwrap_or_default(),
+                    scale_down: self.scale_down.unwrap_or_default(),
+                }))
+            }
+            other => Err(SpecError::field(
+                "provisioner.type",
+                format!("unknown provisioner {other:?}: use static, docker or command"),
+            )),
+        }
+    }
 }
 
 /// `quota:` as written (a muster addition to Azure ML's compute YAML).
@@ -387,6 +626,9 @@ pub fn parse_compute_yaml(
                 .map_err(|e| SpecError::field("quota.max_cpu", e))?,
             max_concurrent_runs: q.max_concurrent_runs,
         };
+    }
+    if let Some(p) = file.provisioner {
+        spec.provisioner = p.into_provisioner()?;
     }
     spec.validate()?;
     Ok(spec)
@@ -484,5 +726,89 @@ mod tests {
             "quota: needs 16 GPUs but the quota allows 8"
         );
         assert_eq!(q.never_admits(&need), None);
+    }
+
+    #[test]
+    fn provisioners_parse_beside_azure_ml_keys() {
+        let base = include_str!("../../../../shared/formats/v2_compute_cluster_low_priority.yml");
+        let text = format!(
+            "{base}\nprovisioner:\n  type: docker\n  servers: [127.0.0.1:7070]\n  labels:\n    zone: a\n"
+        );
+        let spec = parse_compute_yaml(&text, None).unwrap();
+        let Provisioner::Docker(d) = &spec.provisioner else {
+            panic!("{:?}", spec.provisioner)
+        };
+        assert_eq!(d.image, DEFAULT_AGENT_IMAGE);
+        assert_eq!(d.network, DEFAULT_AGENT_NETWORK);
+        assert_eq!(d.servers, vec!["127.0.0.1:7070".to_string()]);
+        assert_eq!(d.labels.get("zone").map(String::as_str), Some("a"));
+        assert_eq!(spec.scale_bounds(), Some((0, 2)));
+
+        let spec = parse_compute_yaml(
+            "name: gpus\nprovisioner:\n  type: command\n  scale_up: /opt/up.sh\n  scale_down: /opt/down.sh\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            spec.provisioner,
+            Provisioner::Command(CommandProvisioner {
+                scale_up: "/opt/up.sh".into(),
+                scale_down: "/opt/down.sh".into()
+            })
+        );
+        // Static by default, and old specs decode static and serialize without the key.
+        let spec = parse_compute_yaml("name: gpus\n", None).unwrap();
+        assert!(spec.provisioner.is_static());
+        assert_eq!(spec.scale_bounds(), None);
+        assert!(
+            !serde_json::to_string(&spec)
+                .unwrap()
+                .contains("provisioner")
+        );
+        let mut inst = ComputeSpec::new("box-a", ComputeKind::Instance);
+        inst.provisioner = Provisioner::Docker(DockerProvisioner::default());
+        assert_eq!(inst.scale_bounds(), Some((1, 1)));
+        let round: ComputeSpec =
+            serde_json::from_str(&serde_json::to_string(&inst).unwrap()).unwrap();
+        assert_eq!(round, inst);
+    }
+
+    #[test]
+    fn bad_provisioners_name_the_field() {
+        let cases = [
+            (
+                "provisioner:\n  type: docker\n  imagee: x\n",
+                "provisioner.imagee",
+            ),
+            ("provisioner:\n  type: cloud\n", "provisioner.type"),
+            (
+                "provisioner:\n  type: command\n  scale_up: /a\n",
+                "provisioner.scale_down",
+            ),
+            (
+                "provisioner:\n  type: docker\n  scale_up: /a\n",
+                "provisioner.scale_up",
+            ),
+            (
+                "provisioner:\n  type: command\n  scale_up: /a\n  scale_down: /b\n  image: x\n",
+                "provisioner.image",
+            ),
+            (
+                "provisioner:\n  type: docker\n  image: ''\n",
+                "provisioner.image",
+            ),
+            (
+                "provisioner:\n  type: docker\n  servers: ['a b']\n",
+                "provisioner.servers",
+            ),
+            (
+                "type: attached\nprovisioner:\n  type: docker\n",
+                "provisioner",
+            ),
+        ];
+        for (yaml, path) in cases {
+            let e = parse_compute_yaml(&format!("name: gpus\n{yaml}"), None).unwrap_err();
+            assert_eq!(e.path, path, "{yaml}: {e}");
+        }
     }
 }

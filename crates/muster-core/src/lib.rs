@@ -11,6 +11,8 @@
 //! - [`loglines`]: the combined, rank-prefixed log of a multi-instance attempt.
 //! - [`snapshot`]: the manifest of a content-addressed code snapshot.
 //! - [`state`]: the replicated state machine: [`Command`], [`State::apply`], [`State::sanity_check`].
+//! - [`autoscale`](mod@autoscale): the autoscaler: `autoscale(&State, now)` decides which
+//!   nodes each autoscaled compute target gains or loses.
 //! - [`schedule`](mod@schedule): the scheduler: `schedule(&State, now) -> Schedule` (placements, preemptions,
 //!   and why each waiting run waits).
 //!
@@ -19,6 +21,7 @@
 //! (serde_yaml is deprecated, serde_yml unsound) and `serde_path_to_error` to name the full
 //! path of a bad or unknown key.
 
+pub mod autoscale;
 pub mod compute;
 pub mod loglines;
 pub mod names;
@@ -28,7 +31,8 @@ pub mod snapshot;
 pub mod spec;
 pub mod state;
 
-pub use compute::{ComputeKind, ComputeSpec, Quota, QuotaUsage, Tier};
+pub use autoscale::{ScaleDecision, autoscale};
+pub use compute::{ComputeKind, ComputeSpec, Provisioner, Quota, QuotaUsage, Tier};
 pub use resources::{Capacity, Gpu, Resources};
 pub use schedule::{Decision, Placement, Schedule, Waiting, schedule};
 pub use spec::RunSpec;

@@ -1,6 +1,8 @@
 //! Conversions between wire types and muster-core types.
 
-use muster_core::compute::{ComputeKind, ComputeSpec, Quota, Tier};
+use muster_core::compute::{
+    CommandProvisioner, ComputeKind, ComputeSpec, DockerProvisioner, Provisioner, Quota, Tier,
+};
 use muster_core::snapshot::GitInfo as CoreGit;
 use muster_core::spec::{CodeRef as CoreCode, Distribution as CoreDist, Environment};
 use muster_core::state::{
@@ -277,6 +279,7 @@ pub fn compute_spec_to_wire(s: &ComputeSpec) -> v1::ComputeTarget {
             max_cpu_millis: s.quota.max_cpu_millis,
             max_concurrent_runs: s.quota.max_concurrent_runs,
         }),
+        provisioner: (!s.provisioner.is_static()).then(|| provisioner_to_wire(&s.provisioner)),
         ..Default::default()
     }
 }
@@ -306,7 +309,136 @@ pub fn compute_spec_from_wire(c: &v1::ComputeTarget) -> Result<ComputeSpec, Stri
                 max_concurrent_runs: q.max_concurrent_runs,
             })
             .unwrap_or_default(),
+        provisioner: c
+            .provisioner
+            .as_ref()
+            .map(provisioner_from_wire)
+            .transpose()?
+            .unwrap_or_default(),
     })
+}
+
+/// A provisioner's settings on the wire.
+pub fn provisioner_to_wire(p: &Provisioner) -> v1::Provisioner {
+    let mut w = v1::Provisioner {
+        r#type: p.kind_str().to_string(),
+        ..Default::default()
+    };
+    match p {
+        Provisioner::Static => {}
+        Provisioner::Docker(d) => {
+            w.image = d.image.clone();
+            w.network = d.network.clone();
+            w.servers = d.servers.clone();
+            w.labels = d.labels.clone().into_iter().collect();
+        }
+        Provisioner::Command(c) => {
+            w.scale_up = c.scale_up.clone();
+            w.scale_down = c.scale_down.clone();
+        }
+    }
+    w
+}
+
+/// Reads a provisioner from the wire (empty fields take the defaults); the error names
+/// the field. Validation against the compute kind is [`ComputeSpec::validate`]'s.
+pub fn provisioner_from_wire(w: &v1::Provisioner) -> Result<Provisioner, String> {
+    let docker_fields = !w.image.is_empty()
+        || !w.network.is_empty()
+        || !w.servers.is_empty()
+        || !w.labels.is_empty();
+    let command_fields = !w.scale_up.is_empty() || !w.scale_down.is_empty();
+    match w.r#type.to_ascii_lowercase().as_str() {
+        "" | "static" => {
+            if docker_fields || command_fields {
+                return Err(
+                    "provisioner: settings given for a static provisioner: set provisioner.type to docker or command"
+                        .into(),
+                );
+            }
+            Ok(Provisioner::Static)
+        }
+        "docker" => {
+            if command_fields {
+                return Err(
+                    "provisioner.scale_up/scale_down: only a command provisioner takes scripts"
+                        .into(),
+                );
+            }
+            let mut d = DockerProvisioner::default();
+            if !w.image.is_empty() {
+                d.image = w.image.clone();
+            }
+            if !w.network.is_empty() {
+                d.network = w.network.clone();
+            }
+            d.servers = w.servers.clone();
+            d.labels = w.labels.clone().into_iter().collect();
+            Ok(Provisioner::Docker(d))
+        }
+        "command" => {
+            if docker_fields {
+                return Err("provisioner.image/network/servers/labels: only a docker provisioner takes them".into());
+            }
+            Ok(Provisioner::Command(CommandProvisioner {
+                scale_up: w.scale_up.clone(),
+                scale_down: w.scale_down.clone(),
+            }))
+        }
+        other => Err(format!(
+            "provisioner.type: unknown provisioner {other:?}: use static, docker or command"
+        )),
+    }
+}
+
+/// A compute target with its provisioner, nodes, runs and autoscaling history.
+pub fn compute_status_to_wire(
+    state: &State,
+    c: &CoreCompute,
+    last_heartbeat: impl Fn(&str) -> Option<u64>,
+) -> v1::ComputeStatus {
+    let name = &c.spec.name;
+    let running = state
+        .runs
+        .values()
+        .filter(|r| &r.spec.compute == name && r.state == muster_core::RunState::Running)
+        .count() as u32;
+    let scaling = state.scaling.get(name);
+    v1::ComputeStatus {
+        compute: Some(compute_to_wire(state, c)),
+        nodes: state
+            .nodes
+            .values()
+            .filter(|n| &n.compute == name)
+            .map(|n| node_to_wire(n, last_heartbeat(&n.id)))
+            .collect(),
+        running_runs: running,
+        provisioned: scaling
+            .map(|s| {
+                s.nodes
+                    .iter()
+                    .map(|(n, p)| v1::ProvisionedNode {
+                        name: n.clone(),
+                        phase: p.phase.as_str().to_string(),
+                        requested_at_ms: p.requested_at,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        history: scaling
+            .map(|s| {
+                s.history
+                    .iter()
+                    .map(|e| v1::ScaleEvent {
+                        at_ms: e.at,
+                        action: e.action.clone(),
+                        nodes: e.nodes.clone(),
+                        message: e.message.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
 }
 
 /// A node as the API shows it.
@@ -358,5 +490,41 @@ mod tests {
         });
         let wire: v1::RunSpec = spec.clone().into();
         assert_eq!(spec_from_wire(wire).unwrap(), spec);
+    }
+
+    #[test]
+    fn provisioners_round_trip_and_bad_ones_name_the_field() {
+        let docker = Provisioner::Docker(DockerProvisioner {
+            image: "muster:local".into(),
+            network: "host".into(),
+            servers: vec!["127.0.0.1:7070".into()],
+            labels: [("zone".to_string(), "a".to_string())].into(),
+        });
+        let command = Provisioner::Command(CommandProvisioner {
+            scale_up: "/up".into(),
+            scale_down: "/down".into(),
+        });
+        for p in [Provisioner::Static, docker, command] {
+            assert_eq!(provisioner_from_wire(&provisioner_to_wire(&p)).unwrap(), p);
+        }
+        let d = provisioner_from_wire(&v1::Provisioner {
+            r#type: "docker".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(d, Provisioner::Docker(DockerProvisioner::default()));
+        let e = provisioner_from_wire(&v1::Provisioner {
+            r#type: "cloud".into(),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.starts_with("provisioner.type"), "{e}");
+        let e = provisioner_from_wire(&v1::Provisioner {
+            r#type: "docker".into(),
+            scale_up: "/x".into(),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.starts_with("provisioner.scale_up"), "{e}");
     }
 }

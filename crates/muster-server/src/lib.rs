@@ -10,8 +10,13 @@
 //! the assignment, receives logs into `logs.rs` and the end report, proposed as
 //! `ReportAttempt`) → `grpc/runs.rs` again (WaitRun, StreamLogs).
 //!
+//! Autoscaling: `leader/autoscale.rs` asks muster-core's `autoscale()` for scale decisions,
+//! proposes them (`ScaleCompute`), and has the compute target's provisioner
+//! (`provision/`) act on the applied state, reporting back with `Provisioned`.
+//!
 //! Crate choices: `axum` serves gRPC (tonic routes) and HTTP on one listener;
-//! `prometheus-client` renders `/metrics`; `sha2` addresses blobs.
+//! `prometheus-client` renders `/metrics`; `sha2` addresses blobs; `bollard` drives the
+//! Docker engine for the `docker` provisioner (as the agent does for containers).
 
 mod blobs;
 pub mod cluster;
@@ -20,6 +25,7 @@ mod grpc;
 mod leader;
 mod logs;
 mod machine;
+mod provision;
 mod replication;
 mod web;
 
@@ -54,6 +60,14 @@ pub struct ServerConfig {
     /// included (`--peers`); empty for a single server. The initial voters themselves are
     /// `raft.initial_voters` (the CLI sets them to these ids).
     pub peers: std::collections::BTreeMap<u64, String>,
+    /// The autoscaler runs at most this often (on events, and at least once a second so
+    /// idle times are noticed).
+    pub autoscale_min_interval: Duration,
+    /// The server addresses (`host:port`) agents started by a provisioner connect to,
+    /// unless the compute target's provisioner names its own. Empty: the addresses of
+    /// `peers`, or for a single server the address it listens on (`0.0.0.0` read as
+    /// `127.0.0.1`, which agent containers on the host network reach).
+    pub agent_servers: Vec<String>,
     /// Test hook: drops messages between servers (testkit `cut`/`isolate`).
     pub network: Option<std::sync::Arc<dyn cluster::NetworkFilter>>,
 }
@@ -71,6 +85,8 @@ impl ServerConfig {
             max_blob_bytes: 4 << 30,
             create_local_compute: false,
             peers: Default::default(),
+            autoscale_min_interval: Duration::from_secs(1),
+            agent_servers: Vec::new(),
             network: None,
         }
     }
@@ -101,6 +117,18 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
+    let mut config = config;
+    if config.agent_servers.is_empty() {
+        config.agent_servers = if config.peers.is_empty() {
+            let mut addr = listener.local_addr()?;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            vec![addr.to_string()]
+        } else {
+            config.peers.values().cloned().collect()
+        };
+    }
     let coordinator = Coordinator::open(&config).await?;
     let result = serve(listener, coordinator.clone(), shutdown).await;
     coordinator.stop().await;

@@ -1,6 +1,9 @@
 //! `muster compute ...`.
 
-use muster_core::compute::{ComputeKind, ComputeSpec, Tier, parse_compute_yaml};
+use muster_core::compute::{
+    CommandProvisioner, ComputeKind, ComputeSpec, DockerProvisioner, Provisioner, Tier,
+    parse_compute_yaml,
+};
 use muster_proto::v1;
 use serde_json::json;
 
@@ -26,7 +29,15 @@ pub async fn run(server: &str, output: OutputFormat, cmd: ComputeCommand) -> any
                 .await
                 .map_err(status)?
                 .into_inner();
-            show(output, &created);
+            let got = c
+                .compute
+                .get_compute_status(v1::GetComputeRequest {
+                    name: created.name.clone(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            show(output, &got);
         }
         ComputeCommand::List => {
             let list = c
@@ -61,7 +72,7 @@ pub async fn run(server: &str, output: OutputFormat, cmd: ComputeCommand) -> any
         ComputeCommand::Show { name } => {
             let got = c
                 .compute
-                .get_compute(v1::GetComputeRequest { name })
+                .get_compute_status(v1::GetComputeRequest { name })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -72,8 +83,19 @@ pub async fn run(server: &str, output: OutputFormat, cmd: ComputeCommand) -> any
                 .delete_compute(v1::DeleteComputeRequest { name: name.clone() })
                 .await
                 .map_err(status)?;
+            // An autoscaled target goes once its provisioner has stopped its nodes.
+            let stopping = c
+                .compute
+                .get_compute_status(v1::GetComputeRequest { name: name.clone() })
+                .await
+                .ok()
+                .map(|s| s.into_inner().provisioned.len());
             if output == OutputFormat::Json {
-                print_json(&json!({"deleted": name}));
+                print_json(&json!({"deleted": name, "stopping_nodes": stopping.unwrap_or(0)}));
+            } else if let Some(n) = stopping {
+                println!(
+                    "Deleting compute target {name}: its provisioner is stopping {n} node(s); it goes with the last."
+                );
             } else {
                 println!("Deleted compute target {name}.");
             }
@@ -126,8 +148,155 @@ fn spec_from_args(a: &ComputeCreateArgs) -> anyhow::Result<ComputeSpec> {
     if let Some(d) = &a.description {
         spec.description = Some(d.clone());
     }
+    if let Some(v) = a.max_gpus {
+        spec.quota.max_gpus = Some(v);
+    }
+    if let Some(v) = &a.max_cpus {
+        spec.quota.max_cpu_millis = Some(
+            muster_core::resources::parse_cpu(v).map_err(|e| anyhow::anyhow!("--max-cpus: {e}"))?,
+        );
+    }
+    if let Some(v) = a.max_concurrent_runs {
+        spec.quota.max_concurrent_runs = Some(v);
+    }
+    spec.provisioner = provisioner_from_args(a, spec.provisioner.clone())?;
     spec.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(spec)
+}
+
+/// The provisioner from the flags, over the YAML's (if any).
+fn provisioner_from_args(
+    a: &ComputeCreateArgs,
+    from_file: Provisioner,
+) -> anyhow::Result<Provisioner> {
+    let kind = match &a.provisioner {
+        Some(k) => k.to_ascii_lowercase(),
+        None => from_file.kind_str().to_string(),
+    };
+    let docker_flags = [
+        ("--docker-image", a.docker_image.is_some()),
+        ("--docker-network", a.docker_network.is_some()),
+        ("--agent-servers", !a.agent_servers.is_empty()),
+        ("--node-labels", !a.node_labels.is_empty()),
+    ];
+    let command_flags = [
+        ("--scale-up", a.scale_up.is_some()),
+        ("--scale-down", a.scale_down.is_some()),
+    ];
+    let refuse = |flags: &[(&str, bool)], needs: &str| -> anyhow::Result<()> {
+        match flags.iter().find(|(_, given)| *given) {
+            Some((flag, _)) => anyhow::bail!("{flag}: only for --provisioner {needs}"),
+            None => Ok(()),
+        }
+    };
+    match kind.as_str() {
+        "static" => {
+            refuse(&docker_flags, "docker")?;
+            refuse(&command_flags, "command")?;
+            Ok(Provisioner::Static)
+        }
+        "docker" => {
+            refuse(&command_flags, "command")?;
+            let mut d = match from_file {
+                Provisioner::Docker(d) => d,
+                _ => DockerProvisioner::default(),
+            };
+            if let Some(v) = &a.docker_image {
+                d.image = v.clone();
+            }
+            if let Some(v) = &a.docker_network {
+                d.network = v.clone();
+            }
+            if !a.agent_servers.is_empty() {
+                d.servers = a
+                    .agent_servers
+                    .iter()
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect();
+            }
+            if !a.node_labels.is_empty() {
+                d.labels = super::agent::parse_labels(&a.node_labels)
+                    .map_err(|e| anyhow::anyhow!("--node-labels: {e}"))?;
+            }
+            Ok(Provisioner::Docker(d))
+        }
+        "command" => {
+            refuse(&docker_flags, "docker")?;
+            let mut c = match from_file {
+                Provisioner::Command(c) => c,
+                _ => CommandProvisioner::default(),
+            };
+            if let Some(v) = &a.scale_up {
+                c.scale_up = v.clone();
+            }
+            if let Some(v) = &a.scale_down {
+                c.scale_down = v.clone();
+            }
+            if c.scale_up.trim().is_empty() {
+                anyhow::bail!("--scale-up: missing: give the script that starts nodes");
+            }
+            if c.scale_down.trim().is_empty() {
+                anyhow::bail!("--scale-down: missing: give the script that stops nodes");
+            }
+            Ok(Provisioner::Command(c))
+        }
+        other => anyhow::bail!(
+            "--provisioner: unknown provisioner {other:?}: use static, docker or command"
+        ),
+    }
+}
+
+fn provisioner_json(p: &v1::Provisioner) -> serde_json::Value {
+    match p.r#type.as_str() {
+        "docker" => json!({
+            "type": p.r#type, "image": p.image, "network": p.network,
+            "servers": p.servers, "labels": p.labels,
+        }),
+        "command" => json!({"type": p.r#type, "scale_up": p.scale_up, "scale_down": p.scale_down}),
+        _ => json!({"type": "static"}),
+    }
+}
+
+fn status_json(s: &v1::ComputeStatus) -> serde_json::Value {
+    let c = s.compute.clone().unwrap_or_default();
+    let mut v = compute_json(&c);
+    let cap = c.capacity.unwrap_or_default();
+    let alloc = c.allocated.unwrap_or_default();
+    v["running_runs"] = json!(s.running_runs);
+    v["free"] = json!({
+        "cpu_millis": cap.cpu_millis.saturating_sub(alloc.cpu_millis),
+        "memory_bytes": cap.memory_bytes.saturating_sub(alloc.memory_bytes),
+        "gpus": cap.gpus.saturating_sub(alloc.gpus),
+    });
+    v["node_list"] = json!(
+        s.nodes
+            .iter()
+            .map(|n| {
+                let cap = n.capacity.unwrap_or_default();
+                let alloc = n.allocated.unwrap_or_default();
+                json!({
+                    "name": n.name, "state": n.state, "state_reason": n.state_reason,
+                    "runs": n.runs,
+                    "capacity": {"cpu_millis": cap.cpu_millis, "memory_bytes": cap.memory_bytes, "gpus": cap.gpus},
+                    "allocated": {"cpu_millis": alloc.cpu_millis, "memory_bytes": alloc.memory_bytes, "gpus": alloc.gpus},
+                })
+            })
+            .collect::<Vec<_>>()
+    );
+    v["provisioned"] = json!(
+        s.provisioned
+            .iter()
+            .map(|p| json!({"name": p.name, "phase": p.phase, "requested_at": time(p.requested_at_ms)}))
+            .collect::<Vec<_>>()
+    );
+    v["history"] = json!(
+        s.history
+            .iter()
+            .map(|e| json!({"at": time(e.at_ms), "action": e.action, "nodes": e.nodes, "message": e.message}))
+            .collect::<Vec<_>>()
+    );
+    v
 }
 
 fn compute_json(c: &v1::ComputeTarget) -> serde_json::Value {
@@ -141,42 +310,126 @@ fn compute_json(c: &v1::ComputeTarget) -> serde_json::Value {
         "nodes": c.nodes, "queued_runs": c.queued_runs, "active_runs": c.active_runs,
         "capacity": {"cpu_millis": cap.cpu_millis, "memory_bytes": cap.memory_bytes, "gpus": cap.gpus},
         "allocated": {"cpu_millis": alloc.cpu_millis, "memory_bytes": alloc.memory_bytes, "gpus": alloc.gpus},
+        "provisioner": provisioner_json(&c.provisioner.clone().unwrap_or_default()),
+        "quota": c.quota.map(|q| json!({
+            "max_gpus": q.max_gpus, "max_cpu_millis": q.max_cpu_millis,
+            "max_concurrent_runs": q.max_concurrent_runs,
+        })),
     })
 }
 
-fn show(output: OutputFormat, c: &v1::ComputeTarget) {
+fn show(output: OutputFormat, s: &v1::ComputeStatus) {
     if output == OutputFormat::Json {
-        print_json(&compute_json(c));
+        print_json(&status_json(s));
         return;
     }
+    let c = s.compute.clone().unwrap_or_default();
     let cap = c.capacity.unwrap_or_default();
     let alloc = c.allocated.unwrap_or_default();
-    println!("name        {}", c.name);
-    println!("type        {}", c.r#type);
-    println!("tier        {}", c.tier);
-    if let Some(s) = &c.size {
-        println!("size        {s}");
+    let p = c.provisioner.clone().unwrap_or_default();
+    println!("name         {}", c.name);
+    println!("type         {}", c.r#type);
+    println!("tier         {}", c.tier);
+    if let Some(size) = &c.size {
+        println!("size         {size}");
     }
     if c.r#type == "cluster" {
         println!(
-            "instances   {} to {} (idle {} s before scale-down)",
+            "instances    {} to {} (idle {} s before scale-down)",
             c.min_instances, c.max_instances, c.idle_time_before_scale_down_s
         );
     }
-    println!("nodes       {}", c.nodes);
+    match p.r#type.as_str() {
+        "docker" => println!(
+            "provisioner  docker (image {}, network {}{})",
+            p.image,
+            p.network,
+            if p.servers.is_empty() {
+                String::new()
+            } else {
+                format!(", servers {}", p.servers.join(","))
+            }
+        ),
+        "command" => println!(
+            "provisioner  command (scale-up {}, scale-down {})",
+            p.scale_up, p.scale_down
+        ),
+        _ => println!("provisioner  static"),
+    }
+    println!("nodes        {}", c.nodes);
     println!(
-        "runs        {} queued, {} active",
-        c.queued_runs, c.active_runs
+        "runs         {} queued, {} running, {} active",
+        c.queued_runs, s.running_runs, c.active_runs
     );
     println!(
-        "cpu         {:.1} of {:.1} allocated",
+        "cpu          {:.1} used, {:.1} free of {:.1}",
         alloc.cpu_millis as f64 / 1000.0,
+        cap.cpu_millis.saturating_sub(alloc.cpu_millis) as f64 / 1000.0,
         cap.cpu_millis as f64 / 1000.0
     );
     println!(
-        "memory      {} of {} allocated",
+        "memory       {} used, {} free of {}",
         crate::snapshot::human_bytes(alloc.memory_bytes),
+        crate::snapshot::human_bytes(cap.memory_bytes.saturating_sub(alloc.memory_bytes)),
         crate::snapshot::human_bytes(cap.memory_bytes)
     );
-    println!("gpus        {} of {} allocated", alloc.gpus, cap.gpus);
+    println!(
+        "gpus         {} used, {} free of {}",
+        alloc.gpus,
+        cap.gpus.saturating_sub(alloc.gpus),
+        cap.gpus
+    );
+    if let Some(q) = c.quota {
+        let mut limits = Vec::new();
+        if let Some(g) = q.max_gpus {
+            limits.push(format!("{g} GPUs"));
+        }
+        if let Some(m) = q.max_cpu_millis {
+            limits.push(format!("{} CPUs", m as f64 / 1000.0));
+        }
+        if let Some(r) = q.max_concurrent_runs {
+            limits.push(format!("{r} active runs"));
+        }
+        println!("quota        at most {}", limits.join(", "));
+    }
+    if !s.nodes.is_empty() {
+        let mut t = table(&["NODE", "STATE", "CPU USED/TOTAL", "GPUS USED/TOTAL", "RUNS"]);
+        for n in &s.nodes {
+            let cap = n.capacity.unwrap_or_default();
+            let alloc = n.allocated.unwrap_or_default();
+            t.add_row(vec![
+                n.name.clone(),
+                n.state.clone(),
+                format!(
+                    "{:.1}/{:.1}",
+                    alloc.cpu_millis as f64 / 1000.0,
+                    cap.cpu_millis as f64 / 1000.0
+                ),
+                format!("{}/{}", alloc.gpus, cap.gpus),
+                n.runs.len().to_string(),
+            ]);
+        }
+        println!("{t}");
+    }
+    let pending: Vec<String> = s
+        .provisioned
+        .iter()
+        .filter(|p| p.phase != "launched" || !s.nodes.iter().any(|n| n.name == p.name))
+        .map(|p| format!("{} ({})", p.name, p.phase))
+        .collect();
+    if !pending.is_empty() {
+        println!("provisioning {}", pending.join(", "));
+    }
+    if !s.history.is_empty() {
+        println!("last actions");
+        for e in s.history.iter().rev().take(10) {
+            println!(
+                "  {}  {:<10} {}: {}",
+                time(e.at_ms),
+                e.action,
+                e.nodes.join(","),
+                e.message
+            );
+        }
+    }
 }

@@ -10,8 +10,8 @@ use crate::snapshot::is_sha256_hex;
 use crate::spec::RunSpec;
 use crate::state::{
     Applied, ApplyError, Attempt, AttemptEnd, AttemptReport, AttemptState, Command, ComputeTarget,
-    Derived, Node, NodeState, QueueKey, Queued, RankEnd, Run, RunState, SealedLog, State,
-    attempt_usage,
+    Derived, Node, NodeState, ProvisionOutcome, ProvisionPhase, ProvisionedNode, QueueKey, Queued,
+    RankEnd, Run, RunState, SCALE_HISTORY, ScaleEvent, Scaling, SealedLog, State, attempt_usage,
 };
 
 /// The longest server address accepted.
@@ -33,6 +33,37 @@ pub fn validate_server_address(id: u64, address: &str) -> Result<(), ApplyError>
         )));
     }
     Ok(())
+}
+
+/// The nodes of `compute` that count against its `max_instances`: the autoscaler's
+/// requested nodes not being released, and the other registered nodes that are ready or
+/// draining.
+pub(crate) fn live_node_count(state: &State, compute: &str, scaling: &Scaling) -> u64 {
+    let owned = scaling
+        .nodes
+        .values()
+        .filter(|p| p.phase != ProvisionPhase::Releasing)
+        .count() as u64;
+    let others = state
+        .nodes
+        .values()
+        .filter(|n| n.compute == compute && !scaling.nodes.contains_key(&n.name))
+        .filter(|n| matches!(n.state, NodeState::Ready | NodeState::Draining))
+        .count() as u64;
+    owned + others
+}
+
+fn push_event(scaling: &mut Scaling, at: Millis, action: &str, nodes: &[String], message: &str) {
+    scaling.history.push(ScaleEvent {
+        at,
+        action: action.to_string(),
+        nodes: nodes.to_vec(),
+        message: message.to_string(),
+    });
+    if scaling.history.len() > SCALE_HISTORY {
+        let extra = scaling.history.len() - SCALE_HISTORY;
+        scaling.history.drain(..extra);
+    }
 }
 
 /// Base delay before a preempted or node-lost run may be placed again; doubles per attempt.
@@ -59,7 +90,7 @@ impl State {
                 );
                 Ok(Applied::Done)
             }
-            Command::DeleteCompute { name, .. } => self.delete_compute(name),
+            Command::DeleteCompute { name, at } => self.delete_compute(name, *at),
             Command::RegisterNode {
                 node_id,
                 name,
@@ -116,6 +147,7 @@ impl State {
                                 allocated: Default::default(),
                                 allocated_gpus: BTreeSet::new(),
                                 attempts: BTreeSet::new(),
+                                idle_since: Some(*at),
                             },
                         );
                     }
@@ -194,6 +226,20 @@ impl State {
                 self.servers.remove(id);
                 Ok(Applied::Done)
             }
+            Command::ScaleCompute {
+                compute,
+                add,
+                remove,
+                reason,
+                at,
+            } => self.scale_compute(compute, add, remove, reason, *at),
+            Command::Provisioned {
+                compute,
+                nodes,
+                outcome,
+                message,
+                at,
+            } => self.provisioned(compute, nodes, *outcome, message.as_deref(), *at),
             Command::CancelRun { run_id, reason, at } => {
                 let run = self
                     .runs
@@ -259,7 +305,7 @@ impl State {
         Ok(Applied::Done)
     }
 
-    fn delete_compute(&mut self, name: &str) -> Result<Applied, ApplyError> {
+    fn delete_compute(&mut self, name: &str, at: Millis) -> Result<Applied, ApplyError> {
         let target = self
             .computes
             .get(name)
@@ -270,7 +316,22 @@ impl State {
                 detail: "the built-in local target cannot be deleted".to_string(),
             });
         }
-        let nodes = self.nodes.values().filter(|n| n.compute == name).count();
+        let scaling = self.scaling.get(name).cloned().unwrap_or_default();
+        if scaling.deleting {
+            return Err(ApplyError::ComputeInUse {
+                name: name.to_string(),
+                detail: format!(
+                    "it is already being deleted; its provisioner is stopping {} node(s)",
+                    scaling.nodes.len()
+                ),
+            });
+        }
+        // Nodes the autoscaler did not start (agents joined by hand) must be stopped first.
+        let nodes = self
+            .nodes
+            .values()
+            .filter(|n| n.compute == name && !scaling.nodes.contains_key(&n.name))
+            .count();
         if nodes > 0 {
             return Err(ApplyError::ComputeInUse {
                 name: name.to_string(),
@@ -288,7 +349,234 @@ impl State {
                 detail: format!("{unfinished} unfinished run(s) target it; cancel them first"),
             });
         }
+        if !scaling.nodes.is_empty() {
+            // Its provisioner stops the nodes it started (no run is left to hold them); the
+            // target goes when the last is reported released.
+            let scaling = self.scaling.get_mut(name).expect("not empty");
+            scaling.deleting = true;
+            let mut going = Vec::new();
+            for (node, p) in scaling.nodes.iter_mut() {
+                if p.phase != ProvisionPhase::Releasing {
+                    p.phase = ProvisionPhase::Releasing;
+                    p.releasing_since = Some(at);
+                    going.push(node.clone());
+                }
+            }
+            if !going.is_empty() {
+                push_event(
+                    scaling,
+                    at,
+                    "scale_down",
+                    &going,
+                    "the compute target is being deleted",
+                );
+            }
+            for n in self.nodes.values_mut().filter(|n| n.compute == name) {
+                if n.state == NodeState::Ready {
+                    n.state = NodeState::Draining;
+                    n.state_reason = Some("the compute target is being deleted".into());
+                    n.updated_at = at;
+                }
+            }
+            return Ok(Applied::Done);
+        }
         self.computes.remove(name);
+        self.scaling.remove(name);
+        Ok(Applied::Done)
+    }
+
+    fn scale_compute(
+        &mut self,
+        compute: &str,
+        add: &[String],
+        remove: &[String],
+        reason: &str,
+        at: Millis,
+    ) -> Result<Applied, ApplyError> {
+        let target = self
+            .computes
+            .get(compute)
+            .ok_or_else(|| ApplyError::UnknownCompute(compute.to_string()))?;
+        let stale = |why: String| Err(ApplyError::InvalidPlacement(why));
+        let Some((_, max)) = target.spec.scale_bounds() else {
+            return stale(format!("compute target {compute:?} does not autoscale"));
+        };
+        if add.is_empty() && remove.is_empty() {
+            return stale("a scale decision with nothing to add or remove".into());
+        }
+        let scaling = self.scaling.get(compute).cloned().unwrap_or_default();
+        if scaling.deleting {
+            return stale(format!("compute target {compute:?} is being deleted"));
+        }
+        let mut seen = BTreeSet::new();
+        for name in add {
+            validate_node_name(name).map_err(|e| ApplyError::InvalidSpec(e.to_string()))?;
+            if !seen.insert(name.as_str())
+                || scaling.nodes.contains_key(name)
+                || self.nodes.values().any(|n| &n.name == name)
+            {
+                return stale(format!("node name {name:?} is already in use"));
+            }
+        }
+        for name in remove {
+            match scaling.nodes.get(name) {
+                None => {
+                    return stale(format!(
+                        "node {name:?} was not provisioned by the autoscaler of {compute:?}"
+                    ));
+                }
+                Some(p) if p.phase == ProvisionPhase::Releasing => {
+                    return stale(format!("node {name:?} is already being released"));
+                }
+                Some(_) => {}
+            }
+            if !seen.insert(name.as_str()) {
+                return stale(format!("node {name:?} is both added and removed"));
+            }
+            if let Some(n) = self
+                .nodes
+                .values()
+                .find(|n| &n.name == name && n.compute == compute)
+                && !n.attempts.is_empty()
+            {
+                return stale(format!("node {name:?} is running attempts"));
+            }
+        }
+        let live = live_node_count(self, compute, &scaling);
+        let live = live.saturating_sub(remove.len() as u64);
+        if !add.is_empty() && live + add.len() as u64 > max as u64 {
+            return stale(format!(
+                "{live} node(s) plus {} would exceed max_instances ({max})",
+                add.len()
+            ));
+        }
+        let scaling = self.scaling.entry(compute.to_string()).or_default();
+        for name in add {
+            scaling.nodes.insert(
+                name.clone(),
+                ProvisionedNode {
+                    phase: ProvisionPhase::Requested,
+                    requested_at: at,
+                    releasing_since: None,
+                },
+            );
+        }
+        scaling.next_index += add.len() as u64;
+        for name in remove {
+            let p = scaling.nodes.get_mut(name).expect("checked above");
+            p.phase = ProvisionPhase::Releasing;
+            p.releasing_since = Some(at);
+        }
+        for (action, nodes) in [("scale_up", add), ("scale_down", remove)] {
+            if !nodes.is_empty() {
+                push_event(scaling, at, action, nodes, reason);
+            }
+        }
+        for name in remove {
+            if let Some(n) = self
+                .nodes
+                .values_mut()
+                .find(|n| &n.name == name && n.compute == compute)
+                && n.state == NodeState::Ready
+            {
+                n.state = NodeState::Draining;
+                n.state_reason = Some(format!("scaling down: {reason}"));
+                n.updated_at = at;
+            }
+        }
+        Ok(Applied::Done)
+    }
+
+    fn provisioned(
+        &mut self,
+        compute: &str,
+        nodes: &[String],
+        outcome: ProvisionOutcome,
+        message: Option<&str>,
+        at: Millis,
+    ) -> Result<Applied, ApplyError> {
+        if !self.computes.contains_key(compute) {
+            return Err(ApplyError::UnknownCompute(compute.to_string()));
+        }
+        let Some(scaling) = self.scaling.get_mut(compute) else {
+            return Err(ApplyError::InvalidPlacement(format!(
+                "compute target {compute:?} has no provisioned nodes"
+            )));
+        };
+        // Only the nodes still in the phase the outcome moves them from count; a report
+        // repeated by a new leader changes nothing.
+        let from = match outcome {
+            ProvisionOutcome::Launched => Some(ProvisionPhase::Requested),
+            ProvisionOutcome::Released => Some(ProvisionPhase::Releasing),
+            ProvisionOutcome::Failed => None,
+        };
+        let affected: Vec<String> = nodes
+            .iter()
+            .filter(|n| {
+                scaling
+                    .nodes
+                    .get(*n)
+                    .is_some_and(|p| from.is_none_or(|f| p.phase == f))
+            })
+            .cloned()
+            .collect();
+        if affected.is_empty() {
+            return Err(ApplyError::InvalidPlacement(format!(
+                "none of {nodes:?} is waiting for a {} report",
+                outcome.as_str()
+            )));
+        }
+        for name in &affected {
+            match outcome {
+                ProvisionOutcome::Launched => {
+                    scaling.nodes.get_mut(name).expect("filtered").phase = ProvisionPhase::Launched;
+                }
+                ProvisionOutcome::Released => {
+                    scaling.nodes.remove(name);
+                }
+                ProvisionOutcome::Failed => {}
+            }
+        }
+        let text = message.unwrap_or(match outcome {
+            ProvisionOutcome::Launched => "started",
+            ProvisionOutcome::Released => "stopped and removed",
+            ProvisionOutcome::Failed => "failed",
+        });
+        push_event(scaling, at, outcome.as_str(), &affected, text);
+        if outcome == ProvisionOutcome::Released {
+            let gone: Vec<String> = self
+                .nodes
+                .values()
+                .filter(|n| n.compute == compute && affected.contains(&n.name))
+                .map(|n| n.id.clone())
+                .collect();
+            for id in gone {
+                // Drained before its release was decided, so normally idle; anything still
+                // placed there restarts elsewhere.
+                let victims: Vec<(String, u32)> =
+                    self.nodes[&id].attempts.iter().cloned().collect();
+                for (run_id, attempt) in victims {
+                    self.end_attempt(
+                        &run_id,
+                        attempt,
+                        AttemptEnd::NodeLost,
+                        None,
+                        Some("its node was released by the autoscaler".into()),
+                        None,
+                        at,
+                    );
+                }
+                self.nodes.remove(&id);
+            }
+            if self
+                .scaling
+                .get(compute)
+                .is_some_and(|s| s.deleting && s.nodes.is_empty())
+            {
+                self.scaling.remove(compute);
+                self.computes.remove(compute);
+            }
+        }
         Ok(Applied::Done)
     }
 
@@ -311,6 +599,12 @@ impl State {
             .map_err(|e| ApplyError::InvalidSpec(e.to_string()))?;
         if !self.computes.contains_key(&spec.compute) {
             return Err(ApplyError::UnknownCompute(spec.compute.clone()));
+        }
+        if self.scaling.get(&spec.compute).is_some_and(|s| s.deleting) {
+            return Err(ApplyError::ComputeInUse {
+                name: spec.compute.clone(),
+                detail: "it is being deleted; submit to another compute target".into(),
+            });
         }
         if self.runs.contains_key(run_id) {
             return Err(ApplyError::RunExists(run_id.to_string()));
@@ -467,6 +761,7 @@ impl State {
             node.allocated.add(&p.resources);
             node.allocated_gpus.extend(p.gpus.iter().cloned());
             node.attempts.insert((run_id.to_string(), attempt));
+            node.idle_since = None;
         }
         Ok(Applied::Done)
     }
@@ -682,6 +977,9 @@ impl State {
                     node.allocated_gpus.remove(g);
                 }
                 node.attempts.remove(&(run_id.to_string(), attempt));
+                if node.attempts.is_empty() {
+                    node.idle_since = Some(at);
+                }
             }
         }
         run.exit_code = exit_code;

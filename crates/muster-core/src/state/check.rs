@@ -211,6 +211,25 @@ impl State {
                 "an active attempt is placed on unknown node {node}"
             ));
         }
+        self.check_scaling()
+    }
+
+    /// Autoscaling: a busy node is not idle, and the autoscaler's records belong to
+    /// existing autoscaled targets and stay bounded.
+    fn check_scaling(&self) -> Result<(), String> {
+        for (id, node) in &self.nodes {
+            if !node.attempts.is_empty() && node.idle_since.is_some() {
+                return Err(format!("node {id} holds attempts but is marked idle"));
+            }
+        }
+        for (compute, scaling) in &self.scaling {
+            if !self.computes.contains_key(compute) {
+                return Err(format!("scaling records for missing compute {compute}"));
+            }
+            if scaling.history.len() > super::SCALE_HISTORY {
+                return Err(format!("compute {compute}: scaling history too long"));
+            }
+        }
         Ok(())
     }
 }

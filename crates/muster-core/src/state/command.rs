@@ -26,7 +26,9 @@ pub enum Command {
         /// When.
         at: Millis,
     },
-    /// Delete a compute target that has no nodes and no unfinished runs.
+    /// Delete a compute target that has no nodes and no unfinished runs. Nodes its
+    /// autoscaler started do not block it: they are released first (drained, stopped by
+    /// the provisioner), and the target goes with the last one.
     #[serde(rename = "delete_compute.v1")]
     DeleteCompute {
         /// Its name.
@@ -148,6 +150,39 @@ pub enum Command {
         /// The server's Raft id.
         id: u64,
     },
+    /// An autoscaler decision for one compute target: request new nodes and/or release
+    /// idle ones it requested earlier. Releasing drains a registered node; the provisioner
+    /// acts on the applied state and reports with [`Command::Provisioned`]. Rejected (a
+    /// stale decision) if it would go above `max_instances`, reuse a name, or release a
+    /// node that is not the autoscaler's, is already going, or has active attempts.
+    #[serde(rename = "scale_compute.v1")]
+    ScaleCompute {
+        /// The compute target.
+        compute: String,
+        /// Names of the nodes to provision (new, unused).
+        add: Vec<String>,
+        /// Names of the nodes to release.
+        remove: Vec<String>,
+        /// Why, in words (shown in `muster compute show`).
+        reason: String,
+        /// When.
+        at: Millis,
+    },
+    /// What a provisioner did about some of a compute target's requested nodes. `Released`
+    /// forgets them and removes their nodes from the state.
+    #[serde(rename = "provisioned.v1")]
+    Provisioned {
+        /// The compute target.
+        compute: String,
+        /// The nodes concerned.
+        nodes: Vec<String>,
+        /// What happened.
+        outcome: ProvisionOutcome,
+        /// Details (an error's text).
+        message: Option<String>,
+        /// When.
+        at: Millis,
+    },
     /// A user's cancel.
     #[serde(rename = "cancel_run.v1")]
     CancelRun {
@@ -169,6 +204,29 @@ impl Command {
     /// Decodes a command from the Raft log.
     pub fn decode(bytes: &[u8]) -> Result<Command, String> {
         serde_json::from_slice(bytes).map_err(|e| format!("undecodable command: {e}"))
+    }
+}
+
+/// What a provisioner reports with [`Command::Provisioned`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProvisionOutcome {
+    /// It started the nodes (their agents will register).
+    Launched,
+    /// It stopped the nodes: they are forgotten and removed from the state.
+    Released,
+    /// It tried and failed; it will try again (recorded in the history only).
+    Failed,
+}
+
+impl ProvisionOutcome {
+    /// The lowercase name used in output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProvisionOutcome::Launched => "launched",
+            ProvisionOutcome::Released => "released",
+            ProvisionOutcome::Failed => "failed",
+        }
     }
 }
 

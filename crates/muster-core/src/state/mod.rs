@@ -29,8 +29,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(test)]
+pub(crate) use apply::live_node_count;
 pub use apply::{MAX_SERVER_ADDRESS_LEN, validate_server_address};
-pub use command::{Applied, ApplyError, AttemptReport, Command};
+pub use command::{Applied, ApplyError, AttemptReport, Command, ProvisionOutcome};
 
 use crate::Millis;
 use crate::compute::{ComputeSpec, QuotaUsage, Tier};
@@ -104,6 +106,89 @@ pub struct Node {
     pub allocated_gpus: BTreeSet<String>,
     /// Active attempts placed here: (run id, attempt number).
     pub attempts: BTreeSet<(String, u32)>,
+    /// Since when it has had no active attempt (set at registration and whenever its last
+    /// attempt ends, cleared by a placement); what the autoscaler's idle time counts from.
+    /// `None` in states written before autoscaling existed: then `updated_at` counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_since: Option<Millis>,
+}
+
+impl Node {
+    /// Since when the node has been idle (nothing active placed on it), if it is.
+    pub fn idle_since(&self) -> Option<Millis> {
+        if !self.attempts.is_empty() {
+            return None;
+        }
+        Some(self.idle_since.unwrap_or(self.updated_at))
+    }
+}
+
+/// How many entries [`Scaling::history`] keeps (the oldest go first).
+pub const SCALE_HISTORY: usize = 20;
+
+/// What the autoscaler asked of one compute target's provisioner, and what it did: the
+/// nodes it owns and the last actions. Replicated, so a new leader neither provisions a
+/// node twice nor forgets one (its provisioner reconciles against this).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scaling {
+    /// The nodes the autoscaler requested and has not yet seen released, by node name.
+    pub nodes: BTreeMap<String, ProvisionedNode>,
+    /// The number in the next requested node's name (`muster-<compute>-<n>`).
+    pub next_index: u64,
+    /// The last scale decisions and provisioner outcomes, oldest first (at most
+    /// [`SCALE_HISTORY`]).
+    pub history: Vec<ScaleEvent>,
+    /// The target was deleted while the autoscaler had nodes: they are being released,
+    /// it takes no runs and no scale decisions, and it is removed with its last node.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleting: bool,
+}
+
+/// A node the autoscaler requested.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProvisionedNode {
+    /// Where the provisioner is with it.
+    pub phase: ProvisionPhase,
+    /// When it was requested.
+    pub requested_at: Millis,
+    /// When its release was decided.
+    pub releasing_since: Option<Millis>,
+}
+
+/// Where a provisioner is with one requested node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProvisionPhase {
+    /// Decided; the provisioner has not reported starting it.
+    Requested,
+    /// The provisioner started it; its agent registers as a node of the same name.
+    Launched,
+    /// Decided to go: drained, to be stopped by the provisioner and then removed.
+    Releasing,
+}
+
+impl ProvisionPhase {
+    /// The lowercase name used in output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProvisionPhase::Requested => "requested",
+            ProvisionPhase::Launched => "launched",
+            ProvisionPhase::Releasing => "releasing",
+        }
+    }
+}
+
+/// One entry of [`Scaling::history`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScaleEvent {
+    /// When.
+    pub at: Millis,
+    /// `scale_up`, `scale_down`, `launched`, `released` or `failed`.
+    pub action: String,
+    /// The nodes concerned.
+    pub nodes: Vec<String>,
+    /// Why, or what went wrong.
+    pub message: String,
 }
 
 /// The state of a run (DESIGN.md section 6).
@@ -365,6 +450,10 @@ pub struct State {
     /// peers' addresses from here; absent in states written before addresses were replicated.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub servers: BTreeMap<u64, String>,
+    /// What the autoscaler asked of each autoscaled compute target, by compute name.
+    /// Absent in states written before autoscaling existed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub scaling: BTreeMap<String, Scaling>,
     /// A summary of the active runs of each compute target: what they hold against its
     /// quota, their priorities, how many are being preempted. Derived from `runs`: kept up
     /// to date by `apply`, rebuilt by [`State::from_snapshot`], never serialized, and

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use muster_core::{Command, NodeState};
 use muster_proto::v1::{self, compute_service_server::ComputeService};
-use muster_proto::{compute_spec_from_wire, compute_to_wire, node_to_wire};
+use muster_proto::{compute_spec_from_wire, compute_status_to_wire, compute_to_wire, node_to_wire};
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::{Coordinator, now_ms};
@@ -60,6 +60,25 @@ impl ComputeService for Computes {
             .await
             .map_err(status)?;
         Ok(Response::new(v1::DeleteComputeResponse {}))
+    }
+
+    async fn get_compute_status(
+        &self,
+        req: Request<v1::GetComputeRequest>,
+    ) -> Result<Response<v1::ComputeStatus>, Status> {
+        let name = req.into_inner().name;
+        self.0
+            .read(|s| {
+                s.computes
+                    .get(&name)
+                    .map(|c| compute_status_to_wire(s, c, |id| self.0.last_heartbeat(id)))
+            })
+            .map(Response::new)
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "compute target {name:?} does not exist: list them with `muster compute list`"
+                ))
+            })
     }
 
     async fn list_nodes(

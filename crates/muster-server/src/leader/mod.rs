@@ -1,5 +1,6 @@
 //! Loops that run on every server but act only while it leads the Raft group.
 
+mod autoscale;
 mod heartbeats;
 mod scheduling;
 
@@ -13,6 +14,7 @@ use crate::coordinator::Coordinator;
 pub(crate) fn spawn(coordinator: Arc<Coordinator>) -> Vec<JoinHandle<()>> {
     vec![
         tokio::spawn(scheduling::run(coordinator.clone())),
-        tokio::spawn(heartbeats::run(coordinator)),
+        tokio::spawn(heartbeats::run(coordinator.clone())),
+        tokio::spawn(autoscale::run(coordinator)),
     ]
 }

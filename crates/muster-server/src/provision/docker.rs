@@ -1,0 +1,234 @@
+//! The `docker` provisioner: one agent container per node on the leader's Docker host.
+//!
+//! A container is named after its node (`muster-<compute>-<n>`, unique per compute
+//! target) and labelled with the compute, the node and the servers its agent connects
+//! to, so a new leader finds what exists by listing them: starting a node whose container
+//! exists only makes sure it runs, and a labelled container no decision keeps (e.g. left
+//! by a leader that died between stopping a node and recording it) is removed.
+
+use std::collections::HashMap;
+
+use bollard::Docker;
+use bollard::errors::Error as EngineError;
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    StopContainerOptionsBuilder,
+};
+use muster_core::compute::DockerProvisioner;
+use muster_core::state::ProvisionOutcome;
+
+use super::{Step, Work, agent_args};
+
+/// Marks a container as a provisioned agent.
+pub(crate) const LABEL_PROVISIONER: &str = "muster.provisioner";
+/// The compute target of a provisioned agent container.
+pub(crate) const LABEL_COMPUTE: &str = "muster.compute";
+/// The node name of a provisioned agent container.
+pub(crate) const LABEL_NODE: &str = "muster.provisioned-node";
+/// The servers a provisioned agent connects to (comma-separated): which cluster owns it.
+pub(crate) const LABEL_SERVERS: &str = "muster.servers";
+
+/// Where a provisioned agent keeps its state inside its container.
+const AGENT_DATA_DIR: &str = "/tmp/muster-agent";
+/// Seconds an agent gets to stop before it is killed.
+const STOP_GRACE_S: i32 = 5;
+
+/// What a pass did.
+pub(crate) struct Outcome {
+    /// The containers were listed (and strays removed).
+    pub listed: bool,
+    /// The outcomes to record.
+    pub steps: Vec<Step>,
+}
+
+/// Starts the nodes to launch, removes the nodes being released, and (with `resync`)
+/// removes labelled containers of this compute target that no decision keeps.
+pub(crate) async fn reconcile(
+    docker: &Docker,
+    settings: &DockerProvisioner,
+    servers: &[String],
+    work: &Work,
+    resync: bool,
+) -> Outcome {
+    let servers_label = servers.join(",");
+    let mut steps = Vec::new();
+    let mut listed = false;
+    if resync {
+        match list(docker, &work.compute).await {
+            Ok(containers) => {
+                listed = true;
+                for (name, labels) in containers {
+                    let node = labels.get(LABEL_NODE).cloned().unwrap_or_default();
+                    let ours = labels.get(LABEL_SERVERS) == Some(&servers_label);
+                    if ours && !work.keep.contains(&node) && !work.release.contains(&node) {
+                        tracing::warn!(container = %name, "removing a stray agent container");
+                        if let Err(e) = remove(docker, &name).await {
+                            steps.push(Step::Failed(vec![], e));
+                        }
+                    }
+                }
+            }
+            Err(e) => steps.push(Step::Failed(work.keep.clone(), e)),
+        }
+    }
+    let mut started = Vec::new();
+    for node in &work.launch {
+        match ensure_running(docker, settings, servers, &servers_label, work, node).await {
+            Ok(()) => started.push(node.clone()),
+            Err(e) => {
+                steps.push(Step::Failed(vec![node.clone()], e));
+                break;
+            }
+        }
+    }
+    if !started.is_empty() {
+        steps.insert(0, Step::Done(ProvisionOutcome::Launched, started));
+    }
+    let mut stopped = Vec::new();
+    for node in &work.release {
+        match remove(docker, node).await {
+            Ok(()) => stopped.push(node.clone()),
+            Err(e) => steps.push(Step::Failed(vec![node.clone()], e)),
+        }
+    }
+    if !stopped.is_empty() {
+        steps.push(Step::Done(ProvisionOutcome::Released, stopped));
+    }
+    Outcome { listed, steps }
+}
+
+/// The provisioned agent containers of `compute` (name, labels), running or not.
+async fn list(
+    docker: &Docker,
+    compute: &str,
+) -> Result<Vec<(String, HashMap<String, String>)>, String> {
+    let filters = HashMap::from([(
+        "label",
+        vec![
+            format!("{LABEL_PROVISIONER}=docker"),
+            format!("{LABEL_COMPUTE}={compute}"),
+        ],
+    )]);
+    let options = ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    let list = docker.list_containers(Some(options)).await.map_err(|e| {
+        format!(
+            "could not list the agent containers: {}",
+            engine_message(&e)
+        )
+    })?;
+    Ok(list
+        .into_iter()
+        .filter_map(|c| {
+            let name = c.names?.first()?.trim_start_matches('/').to_string();
+            Some((name, c.labels.unwrap_or_default()))
+        })
+        .collect())
+}
+
+/// Creates (if missing) and starts (if stopped) the agent container of `node`.
+async fn ensure_running(
+    docker: &Docker,
+    settings: &DockerProvisioner,
+    servers: &[String],
+    servers_label: &str,
+    work: &Work,
+    node: &str,
+) -> Result<(), String> {
+    let mut labels: HashMap<String, String> = settings
+        .labels
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    labels.insert(LABEL_PROVISIONER.into(), "docker".into());
+    labels.insert(LABEL_COMPUTE.into(), work.compute.clone());
+    labels.insert(LABEL_NODE.into(), node.into());
+    labels.insert(LABEL_SERVERS.into(), servers_label.into());
+    let mut cmd = vec!["--server".to_string(), servers.join(",")];
+    cmd.extend(agent_args(
+        &work.compute,
+        node,
+        work.tier,
+        &settings.labels,
+        AGENT_DATA_DIR,
+    ));
+    let body = ContainerCreateBody {
+        image: Some(settings.image.clone()),
+        entrypoint: Some(vec!["muster".into()]),
+        cmd: Some(cmd),
+        labels: Some(labels),
+        host_config: Some(HostConfig {
+            network_mode: Some(settings.network.clone()),
+            init: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let options = CreateContainerOptionsBuilder::default().name(node).build();
+    match docker.create_container(Some(options), body).await {
+        Ok(_) => {}
+        Err(e) if status_of(&e) == Some(409) => {} // exists: start it below if stopped
+        Err(e) if status_of(&e) == Some(404) && engine_message(&e).contains("image") => {
+            return Err(format!(
+                "image {} is not on the Docker host: build it (deploy/build-image.sh builds muster:local) or set the provisioner's image",
+                settings.image
+            ));
+        }
+        Err(e) => {
+            return Err(format!(
+                "could not create the agent container {node}: {}",
+                engine_message(&e)
+            ));
+        }
+    }
+    match docker.start_container(node, None).await {
+        Ok(()) => Ok(()),
+        Err(e) if status_of(&e) == Some(304) => Ok(()), // already running
+        Err(e) => Err(format!(
+            "could not start the agent container {node}: {}",
+            engine_message(&e)
+        )),
+    }
+}
+
+/// Stops (SIGTERM, then SIGKILL after the grace) and removes a container; one that does
+/// not exist is not an error.
+async fn remove(docker: &Docker, name: &str) -> Result<(), String> {
+    let stop = StopContainerOptionsBuilder::default()
+        .t(STOP_GRACE_S)
+        .build();
+    match docker.stop_container(name, Some(stop)).await {
+        Ok(()) => {}
+        Err(e) if matches!(status_of(&e), Some(304 | 404)) => {}
+        Err(e) => tracing::debug!(container = name, "docker stop: {}", engine_message(&e)),
+    }
+    let options = RemoveContainerOptionsBuilder::default().force(true).build();
+    match docker.remove_container(name, Some(options)).await {
+        Ok(()) => Ok(()),
+        Err(e) if status_of(&e) == Some(404) => Ok(()),
+        Err(e) => Err(format!(
+            "could not remove the agent container {name}: {}",
+            engine_message(&e)
+        )),
+    }
+}
+
+fn status_of(e: &EngineError) -> Option<u16> {
+    match e {
+        EngineError::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+fn engine_message(e: &EngineError) -> String {
+    match e {
+        EngineError::DockerResponseServerError { message, .. } if !message.is_empty() => {
+            message.trim().to_string()
+        }
+        EngineError::RequestTimeoutError => "the Docker engine did not answer in time".into(),
+        other => other.to_string(),
+    }
+}

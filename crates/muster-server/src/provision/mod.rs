@@ -1,0 +1,249 @@
+//! Provisioners: turn the applied scale decisions into machines (DESIGN.md section 7).
+//!
+//! The leader reads, for every compute target with a `docker` or `command` provisioner,
+//! which requested nodes still wait to be started and which are being released
+//! ([`muster_core::state::Scaling`]), has the provisioner act, and reports each outcome
+//! through Raft ([`Command::Provisioned`]). Acting only on the applied state, and
+//! idempotently, is what makes a failover safe: a new leader repeats what it did not see
+//! reported (a docker container of the same name is found, not started twice; a command
+//! script must accept a repeat), and never starts a node no decision asked for.
+
+mod command;
+mod docker;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use muster_core::compute::Provisioner;
+use muster_core::state::{ProvisionOutcome, ProvisionPhase};
+use muster_core::{Command, State, Tier};
+
+use crate::coordinator::{Coordinator, now_ms};
+
+/// After a failed action, the provisioner waits this long before trying again.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// A docker provisioner lists its containers (and removes strays) at least this often.
+const RESYNC_EVERY: Duration = Duration::from_secs(30);
+
+/// What a provisioner has to do for one compute target now.
+#[derive(Debug, Clone)]
+pub(crate) struct Work {
+    pub compute: String,
+    pub size: Option<String>,
+    pub tier: Tier,
+    pub provisioner: Provisioner,
+    /// Requested nodes not yet reported started.
+    pub launch: Vec<String>,
+    /// Nodes being released.
+    pub release: Vec<String>,
+    /// Every node the autoscaler keeps (requested or launched).
+    pub keep: Vec<String>,
+}
+
+/// What each compute target's provisioner has to do, from the applied state.
+pub(crate) fn plan(state: &State) -> Vec<Work> {
+    state
+        .computes
+        .values()
+        .filter(|c| !c.spec.provisioner.is_static())
+        .map(|c| {
+            let scaling = state.scaling.get(&c.spec.name);
+            let names = |phase: Option<ProvisionPhase>| -> Vec<String> {
+                scaling
+                    .map(|s| {
+                        s.nodes
+                            .iter()
+                            .filter(|(_, p)| match phase {
+                                Some(ph) => p.phase == ph,
+                                None => p.phase != ProvisionPhase::Releasing,
+                            })
+                            .map(|(n, _)| n.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            Work {
+                compute: c.spec.name.clone(),
+                size: c.spec.size.clone(),
+                tier: c.spec.tier,
+                provisioner: c.spec.provisioner.clone(),
+                launch: names(Some(ProvisionPhase::Requested)),
+                release: names(Some(ProvisionPhase::Releasing)),
+                keep: names(None),
+            }
+        })
+        .collect()
+}
+
+/// The leader's provisioners and what they remember between passes (only to pace
+/// retries; everything that matters is in the replicated state).
+#[derive(Default)]
+pub(crate) struct Provisioners {
+    docker: Option<bollard::Docker>,
+    /// compute → when it may act again after a failure, and the last failure's text.
+    failed: HashMap<String, (Instant, String)>,
+    /// compute → when its docker containers were last listed.
+    synced: HashMap<String, Instant>,
+}
+
+impl Provisioners {
+    /// Forgets pacing state (on losing leadership: a later term starts with a full resync).
+    pub(crate) fn forget(&mut self) {
+        self.failed.clear();
+        self.synced.clear();
+    }
+
+    /// Acts for one compute target and reports the outcomes through Raft.
+    pub(crate) async fn reconcile(&mut self, coordinator: &Coordinator, work: Work) {
+        if let Some((until, _)) = self.failed.get(&work.compute)
+            && Instant::now() < *until
+        {
+            return;
+        }
+        let servers = match &work.provisioner {
+            Provisioner::Docker(d) if !d.servers.is_empty() => d.servers.clone(),
+            _ => coordinator.config.agent_servers.clone(),
+        };
+        let result = match &work.provisioner {
+            Provisioner::Static => return,
+            Provisioner::Docker(settings) => {
+                let resync = self
+                    .synced
+                    .get(&work.compute)
+                    .is_none_or(|t| t.elapsed() >= RESYNC_EVERY);
+                if work.launch.is_empty() && work.release.is_empty() && !resync {
+                    return;
+                }
+                let docker = match self.docker() {
+                    Ok(d) => d,
+                    Err(e) => {
+                        self.report_failure(coordinator, &work, &work.launch, e)
+                            .await;
+                        return;
+                    }
+                };
+                let out = docker::reconcile(&docker, settings, &servers, &work, resync).await;
+                if out.listed {
+                    self.synced.insert(work.compute.clone(), Instant::now());
+                }
+                out.steps
+            }
+            Provisioner::Command(settings) => {
+                let log_dir = coordinator.config.data_dir.join("provision");
+                command::reconcile(settings, &servers, &work, &log_dir).await
+            }
+        };
+        for step in result {
+            match step {
+                Step::Done(outcome, nodes) => {
+                    tracing::info!(compute = %work.compute, ?nodes, outcome = outcome.as_str(), "provisioner");
+                    self.failed.remove(&work.compute);
+                    let cmd = Command::Provisioned {
+                        compute: work.compute.clone(),
+                        nodes,
+                        outcome,
+                        message: None,
+                        at: now_ms(),
+                    };
+                    if let Err(e) = coordinator.propose(cmd).await {
+                        tracing::debug!(cause = %e, "provisioner outcome not recorded");
+                    }
+                }
+                Step::Failed(nodes, message) => {
+                    self.report_failure(coordinator, &work, &nodes, message)
+                        .await;
+                }
+            }
+        }
+    }
+
+    fn docker(&mut self) -> Result<bollard::Docker, String> {
+        if let Some(d) = &self.docker {
+            return Ok(d.clone());
+        }
+        let d = bollard::Docker::connect_with_defaults().map_err(|e| {
+            format!("cannot reach the Docker engine on the leader (DOCKER_HOST or /var/run/docker.sock): {e}")
+        })?;
+        self.docker = Some(d.clone());
+        Ok(d)
+    }
+
+    /// Waits [`RETRY_AFTER`] before the next try, and records the failure in the state's
+    /// history unless it repeats the last one (a failing provisioner does not fill the log).
+    async fn report_failure(
+        &mut self,
+        coordinator: &Coordinator,
+        work: &Work,
+        nodes: &[String],
+        message: String,
+    ) {
+        tracing::warn!(compute = %work.compute, ?nodes, "provisioner failed: {message}");
+        let repeat = self
+            .failed
+            .get(&work.compute)
+            .is_some_and(|(_, last)| *last == message);
+        self.failed.insert(
+            work.compute.clone(),
+            (Instant::now() + RETRY_AFTER, message.clone()),
+        );
+        let nodes: Vec<String> = nodes
+            .iter()
+            .filter(|n| work.keep.contains(n) || work.release.contains(n))
+            .cloned()
+            .collect();
+        if repeat || nodes.is_empty() {
+            return;
+        }
+        let cmd = Command::Provisioned {
+            compute: work.compute.clone(),
+            nodes,
+            outcome: ProvisionOutcome::Failed,
+            message: Some(message),
+            at: now_ms(),
+        };
+        if let Err(e) = coordinator.propose(cmd).await {
+            tracing::debug!(cause = %e, "provisioner failure not recorded");
+        }
+    }
+}
+
+/// One outcome of a provisioner's pass.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// These nodes were started or stopped.
+    Done(ProvisionOutcome, Vec<String>),
+    /// These nodes could not be; why.
+    Failed(Vec<String>, String),
+}
+
+/// The arguments of `muster agent` for a provisioned node (after the global `--server`).
+pub(crate) fn agent_args(
+    compute: &str,
+    node: &str,
+    tier: Tier,
+    labels: &BTreeMap<String, String>,
+    data_dir: &str,
+) -> Vec<String> {
+    let mut args = vec![
+        "agent".to_string(),
+        "--compute".into(),
+        compute.into(),
+        "--name".into(),
+        node.into(),
+        "--tier".into(),
+        tier.as_str().into(),
+        "--data-dir".into(),
+        data_dir.into(),
+    ];
+    if !labels.is_empty() {
+        args.push("--labels".into());
+        args.push(
+            labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+    }
+    args
+}

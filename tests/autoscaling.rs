@@ -1,0 +1,915 @@
+//! Autoscaling compute clusters (issue 5, item 6): a cluster grows for waiting runs and
+//! shrinks after its idle time, through the `docker` provisioner (agent containers from
+//! the `muster:local` image) and the `command` provisioner (an admin's scripts).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use muster_proto::v1;
+use muster_testkit::cluster::TestCluster;
+use muster_testkit::images::{docker_or_skip, remove_containers_labelled};
+use muster_testkit::{DevCluster, muster, muster_bin};
+
+/// `muster dev` with a short node grace, so a stopped agent is noticed in seconds.
+async fn cluster() -> DevCluster {
+    DevCluster::start_with(|c| {
+        c.server.heartbeat_interval = Duration::from_millis(300);
+        c.server.node_grace = Duration::from_secs(3);
+    })
+    .await
+    .unwrap()
+}
+
+/// A compute name unique to this test process.
+fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", std::process::id())
+}
+
+async fn try_status(url: &str, name: &str) -> anyhow::Result<v1::ComputeStatus> {
+    let mut c = muster_cli::client::connect(url).await?;
+    Ok(c.compute
+        .get_compute_status(v1::GetComputeRequest { name: name.into() })
+        .await?
+        .into_inner())
+}
+
+async fn status(url: &str, name: &str) -> v1::ComputeStatus {
+    try_status(url, name).await.expect("compute status")
+}
+
+/// Polls (bounded by `limit`) until `check` holds on the compute target's status.
+async fn wait_status(
+    url: &str,
+    name: &str,
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut(&v1::ComputeStatus) -> bool,
+) -> v1::ComputeStatus {
+    // Errors (a server going away, an election) are retried until the deadline.
+    let t0 = Instant::now();
+    loop {
+        let s = try_status(url, name).await;
+        if let Ok(s) = &s
+            && check(s)
+        {
+            return s.clone();
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "{what} did not happen within {limit:?}; last status: {s:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn submit(url: &str, dir: &Path, compute: &str, cpu: &str, secs: u32) -> String {
+    let sleep = format!("sleep {secs}");
+    let out = muster(
+        url,
+        dir,
+        &[
+            "run",
+            "submit",
+            "--compute",
+            compute,
+            "--cpu",
+            cpu,
+            "--",
+            "sh",
+            "-c",
+            &sleep,
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    out.stdout.trim().to_string()
+}
+
+async fn try_get_run(url: &str, id: &str) -> anyhow::Result<v1::Run> {
+    let mut c = muster_cli::client::connect(url).await?;
+    Ok(c.runs
+        .get_run(v1::GetRunRequest {
+            id: id.into(),
+            stale: true,
+        })
+        .await?
+        .into_inner())
+}
+
+async fn get_run(url: &str, id: &str) -> v1::Run {
+    try_get_run(url, id).await.expect("get run")
+}
+
+/// Waits (bounded) for every run to complete; returns the node each ran on.
+async fn wait_completed(url: &str, ids: &[String], limit: Duration) -> Vec<String> {
+    let t0 = Instant::now();
+    let mut nodes = Vec::new();
+    for id in ids {
+        loop {
+            let Ok(r) = try_get_run(url, id).await else {
+                assert!(
+                    t0.elapsed() < limit,
+                    "run {id} could not be read within {limit:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            if r.state == "completed" {
+                let a = r.attempts.last().expect("an attempt");
+                nodes.push(a.placements[0].node_name.clone());
+                break;
+            }
+            assert!(
+                !matches!(r.state.as_str(), "failed" | "canceled" | "timed_out"),
+                "run {id} ended {}: {:?}",
+                r.state,
+                r.message
+            );
+            assert!(
+                t0.elapsed() < limit,
+                "run {id} did not complete within {limit:?}: {r:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    nodes
+}
+
+fn actions(s: &v1::ComputeStatus) -> Vec<(String, Vec<String>)> {
+    s.history
+        .iter()
+        .map(|e| (e.action.clone(), e.nodes.clone()))
+        .collect()
+}
+
+/// Removes the test's agent containers, whatever happened.
+struct Containers {
+    compute: String,
+}
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        let compute = self.compute.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok(d) = bollard::Docker::connect_with_defaults() {
+                    let _ = remove_containers_labelled(&d, "muster.compute", &compute).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The CPUs an agent container offers: the engine's (its containers have no CPU limit).
+async fn engine_cpus(docker: &bollard::Docker) -> String {
+    let n = docker.info().await.unwrap().ncpu.unwrap_or(1).max(1);
+    n.to_string()
+}
+
+/// Builds `muster:local` from the test's muster binary with deploy/build-image.sh.
+async fn build_agent_image() {
+    let bin = muster_bin();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/build-image.sh");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("bash")
+            .arg(script)
+            .arg(bin)
+            .output()
+            .expect("build-image.sh runs")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "deploy/build-image.sh failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_docker_cluster_grows_to_two_nodes_for_two_runs_and_shrinks_to_zero() {
+    let Some(docker) = docker_or_skip().await else {
+        return;
+    };
+    build_agent_image().await;
+    let dev = cluster().await;
+    let url = dev.url();
+    let name = unique("dock");
+    let _cleanup = Containers {
+        compute: name.clone(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = muster(
+        &url,
+        dir.path(),
+        &[
+            "compute",
+            "create",
+            &name,
+            "--type",
+            "cluster",
+            "--min-instances",
+            "0",
+            "--max-instances",
+            "2",
+            "--idle-time-before-scale-down",
+            "5",
+            "--provisioner",
+            "docker",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stdout
+            .contains("provisioner  docker (image muster:local, network host"),
+        "{out:?}"
+    );
+    assert_eq!(status(&url, &name).await.compute.unwrap().nodes, 0);
+
+    // Each run asks for every CPU of a node (the agents in the containers offer the
+    // engine's), so only one fits per node: two waiting runs need two nodes.
+    let cpus = engine_cpus(&docker).await;
+    let a = submit(&url, dir.path(), &name, &cpus, 4).await;
+    let b = submit(&url, dir.path(), &name, &cpus, 4).await;
+    let grown = wait_status(
+        &url,
+        &name,
+        "growing to 2 nodes",
+        Duration::from_secs(120),
+        |s| s.nodes.len() == 2 && s.nodes.iter().all(|n| n.state == "ready"),
+    )
+    .await;
+    let names: BTreeSet<String> = grown.nodes.iter().map(|n| n.name.clone()).collect();
+    let expected: BTreeSet<String> =
+        [format!("muster-{name}-0"), format!("muster-{name}-1")].into();
+    assert_eq!(names, expected);
+    // They are containers of the image, labelled for the compute target, on the host network.
+    for node in &expected {
+        let c = docker.inspect_container(node, None).await.unwrap();
+        let labels = c.config.as_ref().unwrap().labels.clone().unwrap();
+        assert_eq!(labels.get("muster.compute"), Some(&name));
+        assert_eq!(c.config.unwrap().image.as_deref(), Some("muster:local"));
+        assert_eq!(c.host_config.unwrap().network_mode.as_deref(), Some("host"));
+    }
+    let ran_on: BTreeSet<String> = wait_completed(&url, &[a, b], Duration::from_secs(120))
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(ran_on, expected, "one run per node");
+
+    // Idle for 5 s: both drained, stopped, removed from the state and the engine.
+    let shrunk = wait_status(
+        &url,
+        &name,
+        "shrinking to 0",
+        Duration::from_secs(90),
+        |s| s.nodes.is_empty() && s.provisioned.is_empty(),
+    )
+    .await;
+    for node in &expected {
+        assert!(
+            docker.inspect_container(node, None).await.is_err(),
+            "container {node} is still there"
+        );
+    }
+    let acts = actions(&shrunk);
+    let did = |action: &str| -> BTreeSet<String> {
+        acts.iter()
+            .filter(|(a, _)| a == action)
+            .flat_map(|(_, n)| n.clone())
+            .collect()
+    };
+    for action in ["scale_up", "launched", "scale_down", "released"] {
+        assert_eq!(did(action), expected, "{action}: {acts:?}");
+    }
+    assert!(!acts.iter().any(|(a, _)| a == "failed"), "{acts:?}");
+    // What a person reads.
+    let shown = muster(&url, dir.path(), &["compute", "show", &name]).await;
+    assert_eq!(shown.code, 0, "{shown:?}");
+    assert!(shown.stdout.contains("last actions"), "{shown:?}");
+    assert!(shown.stdout.contains("released"), "{shown:?}");
+    assert!(shown.stdout.contains("nodes        0"), "{shown:?}");
+    // Nothing left: the compute target can be deleted.
+    let out = muster(&url, dir.path(), &["compute", "delete", &name]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+}
+
+/// The agent containers of `compute` the engine has, by name.
+async fn containers_of(docker: &bollard::Docker, compute: &str) -> BTreeSet<String> {
+    use bollard::query_parameters::ListContainersOptionsBuilder;
+    let filters =
+        std::collections::HashMap::from([("label", vec![format!("muster.compute={compute}")])]);
+    let options = ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    docker
+        .list_containers(Some(options))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|c| {
+            c.names?
+                .first()
+                .map(|n| n.trim_start_matches('/').to_string())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_adopts_the_agent_containers_and_still_scales_down() {
+    let Some(docker) = docker_or_skip().await else {
+        return;
+    };
+    build_agent_image().await;
+    let mut dev = cluster().await;
+    let url = dev.url();
+    let name = unique("adopt");
+    let _cleanup = Containers {
+        compute: name.clone(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // min 1: one node from the start, kept for ever; the busy node goes after 3 s idle.
+    let yaml = format!(
+        "name: {name}\ntype: amlcompute\nmin_instances: 1\nmax_instances: 2\nidle_time_before_scale_down: 3\nprovisioner:\n  type: docker\n"
+    );
+    std::fs::write(dir.path().join("compute.yml"), yaml).unwrap();
+    let out = muster(
+        &url,
+        dir.path(),
+        &["compute", "create", "-f", "compute.yml"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let first = format!("muster-{name}-0");
+    wait_status(
+        &url,
+        &name,
+        "reaching min_instances",
+        Duration::from_secs(120),
+        |s| s.nodes.len() == 1 && s.nodes[0].state == "ready",
+    )
+    .await;
+    let cpus = engine_cpus(&docker).await;
+    let a = submit(&url, dir.path(), &name, &cpus, 8).await;
+    let b = submit(&url, dir.path(), &name, &cpus, 8).await;
+    wait_status(
+        &url,
+        &name,
+        "growing to 2 nodes",
+        Duration::from_secs(120),
+        |s| s.nodes.len() == 2 && s.nodes.iter().all(|n| n.state == "ready"),
+    )
+    .await;
+    let both: BTreeSet<String> = [first.clone(), format!("muster-{name}-1")].into();
+    assert_eq!(containers_of(&docker, &name).await, both);
+    // Both running (their code fetched), so the restart interrupts nothing but the leader.
+    for id in [&a, &b] {
+        let t0 = Instant::now();
+        while get_run(&url, id).await.state != "running" {
+            assert!(t0.elapsed() < Duration::from_secs(60), "run {id} never ran");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // A new leader (the server restarts on its data) starts with an empty memory: it reads
+    // the requested nodes from the state, finds their containers, and starts nothing more.
+    dev.restart().await.unwrap();
+    let ran_on: BTreeSet<String> = wait_completed(&url, &[a, b], Duration::from_secs(120))
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(ran_on, both);
+    let shrunk = wait_status(
+        &url,
+        &name,
+        "shrinking to 1",
+        Duration::from_secs(90),
+        |s| s.nodes.len() == 1 && s.provisioned.len() == 1,
+    )
+    .await;
+    let kept = shrunk.nodes[0].name.clone();
+    assert_eq!(containers_of(&docker, &name).await, [kept].into());
+    let ups: Vec<String> = shrunk
+        .history
+        .iter()
+        .filter(|e| e.action == "scale_up")
+        .flat_map(|e| e.nodes.clone())
+        .collect();
+    assert_eq!(
+        ups.len(),
+        2,
+        "no node requested twice: {:?}",
+        shrunk.history
+    );
+}
+
+/// Kills the agents the scale-up script started, whatever happened.
+struct Agents {
+    dir: PathBuf,
+}
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if e.path().extension().is_some_and(|x| x == "pid")
+                && let Ok(pid) = std::fs::read_to_string(e.path())
+                && let Ok(pid) = pid.trim().parse::<i32>()
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_provisioner_runs_the_scripts_with_compute_size_and_node_names() {
+    let dev = cluster().await;
+    let url = dev.url();
+    let name = unique("cmd");
+    let scripts = tempfile::tempdir().unwrap();
+    let dir = scripts.path().to_path_buf();
+    let _agents = Agents { dir: dir.clone() };
+    let bin = muster_bin();
+    let up = dir.join("scale-up.sh");
+    let down = dir.join("scale-down.sh");
+    std::fs::write(
+        &up,
+        format!(
+            r#"#!/bin/sh
+set -e
+echo "up $*" >> '{dir}/calls.log'
+echo "env $MUSTER_COMPUTE|$MUSTER_SIZE|$MUSTER_NODES|$MUSTER_SERVER" >> '{dir}/calls.log'
+shift 2
+for node in "$@"; do
+  '{bin}' agent --compute "$MUSTER_COMPUTE" --name "$node" --data-dir '{dir}'/"$node" --cpus 1 > '{dir}'/"$node.log" 2>&1 &
+  echo $! > '{dir}'/"$node.pid"
+done
+"#,
+            dir = dir.display(),
+            bin = bin.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &down,
+        format!(
+            r#"#!/bin/sh
+echo "down $*" >> '{dir}/calls.log'
+shift 2
+for node in "$@"; do
+  if [ -f '{dir}'/"$node.pid" ]; then kill "$(cat '{dir}'/"$node.pid")"; rm -f '{dir}'/"$node.pid"; fi
+done
+"#,
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    for s in [&up, &down] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(s, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let work = tempfile::tempdir().unwrap();
+    let out = muster(
+        &url,
+        work.path(),
+        &[
+            "compute",
+            "create",
+            &name,
+            "--type",
+            "cluster",
+            "--size",
+            "small",
+            "--max-instances",
+            "2",
+            "--idle-time-before-scale-down",
+            "3",
+            "--provisioner",
+            "command",
+            "--scale-up",
+            up.to_str().unwrap(),
+            "--scale-down",
+            down.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+
+    // The agents offer 1 CPU each; each run needs 1: two runs, two nodes.
+    let a = submit(&url, work.path(), &name, "1", 3).await;
+    let b = submit(&url, work.path(), &name, "1", 3).await;
+    let ran_on: BTreeSet<String> = wait_completed(&url, &[a, b], Duration::from_secs(90))
+        .await
+        .into_iter()
+        .collect();
+    let expected: BTreeSet<String> =
+        [format!("muster-{name}-0"), format!("muster-{name}-1")].into();
+    assert_eq!(ran_on, expected);
+    wait_status(
+        &url,
+        &name,
+        "shrinking to 0",
+        Duration::from_secs(60),
+        |s| s.nodes.is_empty() && s.provisioned.is_empty(),
+    )
+    .await;
+
+    // The scripts were called with the compute, its size and the node names.
+    let calls = std::fs::read_to_string(dir.join("calls.log")).unwrap();
+    let nodes_of = |verb: &str| -> BTreeSet<String> {
+        calls
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("{verb} {name} small ")))
+            .flat_map(|rest| rest.split(' ').map(str::to_string))
+            .collect()
+    };
+    assert_eq!(nodes_of("up"), expected, "{calls}");
+    assert_eq!(nodes_of("down"), expected, "{calls}");
+    let server = dev.addr.to_string();
+    assert!(
+        calls.lines().filter(|l| l.starts_with("env ")).all(|l| l
+            .starts_with(&format!("env {name}|small|muster-{name}-"))
+            && l.ends_with(&format!("|{server}"))),
+        "{calls}"
+    );
+    // Every agent it started was stopped by scale-down.
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+        .collect();
+    assert!(left.is_empty(), "agents left: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_provisioner_settings_are_refused_with_the_field_and_change_nothing() {
+    let dev = cluster().await;
+    let url = dev.url();
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--type", "cluster", "--scale-up", "/bin/true"],
+            "--scale-up: only for --provisioner command",
+        ),
+        (
+            &[
+                "--type",
+                "cluster",
+                "--provisioner",
+                "command",
+                "--scale-up",
+                "/bin/true",
+            ],
+            "--scale-down: missing",
+        ),
+        (
+            &["--type", "attached", "--provisioner", "docker"],
+            "provisioner: attached targets never provision",
+        ),
+        (
+            &["--type", "cluster", "--provisioner", "cloud"],
+            "--provisioner: unknown provisioner",
+        ),
+    ];
+    for (flags, error) in cases {
+        let mut args = vec!["compute", "create", "badprov"];
+        args.extend_from_slice(flags);
+        let out = muster(&url, dir.path(), &args).await;
+        assert_ne!(out.code, 0, "{args:?}: {out:?}");
+        assert!(out.stderr.contains(error), "{args:?}: {out:?}");
+    }
+    std::fs::write(
+        dir.path().join("c.yml"),
+        "name: badprov\nprovisioner:\n  type: docker\n  imag: muster:local\n",
+    )
+    .unwrap();
+    let out = muster(&url, dir.path(), &["compute", "create", "-f", "c.yml"]).await;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("provisioner.imag"), "{out:?}");
+    let list = muster(&url, dir.path(), &["compute", "list"]).await;
+    assert!(!list.stdout.contains("badprov"), "{list:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_scale_up_is_shown_with_its_output_and_retried() {
+    let dev = cluster().await;
+    let url = dev.url();
+    let name = unique("retry");
+    let scripts = tempfile::tempdir().unwrap();
+    let dir = scripts.path().to_path_buf();
+    let _agents = Agents { dir: dir.clone() };
+    let bin = muster_bin();
+    let up = dir.join("up.sh");
+    let down = dir.join("down.sh");
+    // Fails until the admin "fixes the rack" (creates the file), then starts the agents.
+    std::fs::write(
+        &up,
+        format!(
+            r#"#!/bin/sh
+if [ ! -f '{dir}/fixed' ]; then echo "rack 7 has no power" >&2; exit 3; fi
+shift 2
+for node in "$@"; do
+  '{bin}' agent --compute "$MUSTER_COMPUTE" --name "$node" --data-dir '{dir}'/"$node" --cpus 1 > '{dir}'/"$node.log" 2>&1 &
+  echo $! > '{dir}'/"$node.pid"
+done
+"#,
+            dir = dir.display(),
+            bin = bin.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &down,
+        format!(
+            r#"#!/bin/sh
+shift 2
+for node in "$@"; do
+  if [ -f '{dir}'/"$node.pid" ]; then kill "$(cat '{dir}'/"$node.pid")"; rm -f '{dir}'/"$node.pid"; fi
+done
+"#,
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    for s in [&up, &down] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(s, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let work = tempfile::tempdir().unwrap();
+    let out = muster(
+        &url,
+        work.path(),
+        &[
+            "compute",
+            "create",
+            &name,
+            "--type",
+            "instance",
+            "--provisioner",
+            "command",
+            "--scale-up",
+            up.to_str().unwrap(),
+            "--scale-down",
+            down.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    // An instance is one node, started at once; the script fails and says why.
+    let node = format!("muster-{name}-0");
+    let failed = wait_status(
+        &url,
+        &name,
+        "a failed scale-up",
+        Duration::from_secs(30),
+        |s| s.history.iter().any(|e| e.action == "failed"),
+    )
+    .await;
+    let e = failed
+        .history
+        .iter()
+        .find(|e| e.action == "failed")
+        .unwrap();
+    assert_eq!(e.nodes, vec![node.clone()]);
+    assert!(
+        e.message.contains("rack 7 has no power") && e.message.contains("exit status: 3"),
+        "{e:?}"
+    );
+    let shown = muster(&url, work.path(), &["compute", "show", &name]).await;
+    assert!(shown.stdout.contains("rack 7 has no power"), "{shown:?}");
+    assert!(
+        shown
+            .stdout
+            .contains(&format!("provisioning {node} (requested)")),
+        "{shown:?}"
+    );
+    // Fixed: the next try starts it, and a run goes through.
+    std::fs::write(dir.join("fixed"), "").unwrap();
+    let id = submit(&url, work.path(), &name, "1", 0).await;
+    assert_eq!(
+        wait_completed(&url, &[id], Duration::from_secs(60)).await,
+        vec![node.clone()]
+    );
+    let s = status(&url, &name).await;
+    assert_eq!(s.nodes.len(), 1);
+    // The same failure is recorded once, not on every retry.
+    let failures = s.history.iter().filter(|e| e.action == "failed").count();
+    assert_eq!(failures, 1, "{:?}", s.history);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_agent_image_is_reported_and_nothing_starts() {
+    let Some(docker) = docker_or_skip().await else {
+        return;
+    };
+    let dev = cluster().await;
+    let url = dev.url();
+    let name = unique("noimg");
+    let _cleanup = Containers {
+        compute: name.clone(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = muster(
+        &url,
+        dir.path(),
+        &[
+            "compute",
+            "create",
+            &name,
+            "--type",
+            "cluster",
+            "--min-instances",
+            "1",
+            "--max-instances",
+            "1",
+            "--provisioner",
+            "docker",
+            "--docker-image",
+            "muster-test-no-such-image:never",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let s = wait_status(
+        &url,
+        &name,
+        "a failed start",
+        Duration::from_secs(30),
+        |s| s.history.iter().any(|e| e.action == "failed"),
+    )
+    .await;
+    let e = s.history.iter().find(|e| e.action == "failed").unwrap();
+    assert!(
+        e.message
+            .contains("image muster-test-no-such-image:never is not on the Docker host"),
+        "{e:?}"
+    );
+    assert!(containers_of(&docker, &name).await.is_empty());
+    assert!(s.nodes.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_failover_mid_scale_up_neither_starts_a_node_twice_nor_forgets_one() {
+    let mut cluster = TestCluster::start_with(3, |c| {
+        c.heartbeat_interval = Duration::from_millis(300);
+        c.node_grace = Duration::from_secs(3);
+    })
+    .await
+    .unwrap();
+    let urls = cluster.urls();
+    let name = unique("fail");
+    let scripts = tempfile::tempdir().unwrap();
+    let dir = scripts.path().to_path_buf();
+    let _agents = Agents { dir: dir.clone() };
+    let bin = muster_bin();
+    let up = dir.join("up.sh");
+    let down = dir.join("down.sh");
+    // Slow to act (the leader can die meanwhile: its script is killed with it), and
+    // idempotent per node, as DESIGN.md asks of a command provisioner's scripts.
+    std::fs::write(
+        &up,
+        format!(
+            r#"#!/bin/sh
+echo "up $*" >> '{dir}/calls.log'
+sleep 3
+shift 2
+for node in "$@"; do
+  if [ -f '{dir}'/"$node.pid" ] && kill -0 "$(cat '{dir}'/"$node.pid")" 2>/dev/null; then continue; fi
+  '{bin}' agent --compute "$MUSTER_COMPUTE" --name "$node" --data-dir '{dir}'/"$node" --cpus 1 > '{dir}'/"$node.log" 2>&1 &
+  echo $! > '{dir}'/"$node.pid"
+  echo "start $node" >> '{dir}/calls.log'
+done
+"#,
+            dir = dir.display(),
+            bin = bin.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &down,
+        format!(
+            r#"#!/bin/sh
+echo "down $*" >> '{dir}/calls.log'
+shift 2
+for node in "$@"; do
+  if [ -f '{dir}'/"$node.pid" ]; then kill "$(cat '{dir}'/"$node.pid")"; rm -f '{dir}'/"$node.pid"; fi
+done
+"#,
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    for s in [&up, &down] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(s, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let work = tempfile::tempdir().unwrap();
+    let out = muster(
+        &urls,
+        work.path(),
+        &[
+            "compute",
+            "create",
+            &name,
+            "--type",
+            "cluster",
+            "--max-instances",
+            "2",
+            "--idle-time-before-scale-down",
+            "3",
+            "--provisioner",
+            "command",
+            "--scale-up",
+            up.to_str().unwrap(),
+            "--scale-down",
+            down.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let a = submit(&urls, work.path(), &name, "1", 3).await;
+    let b = submit(&urls, work.path(), &name, "1", 3).await;
+    // The decision is in the log; the leader is running the script: stop the leader now.
+    wait_status(
+        &urls,
+        &name,
+        "a scale-up decision",
+        Duration::from_secs(30),
+        |s| s.provisioned.len() == 2,
+    )
+    .await;
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(dir.join("calls.log")).is_ok_and(|c| c.contains("up ")) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "scale-up never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let leader = cluster.leader().await.unwrap();
+    cluster.kill(leader).await.unwrap();
+    let urls: String = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != leader)
+        .map(|id| cluster.url(id))
+        .collect::<Vec<_>>()
+        .join(",");
+
+    // The new leader finishes the scale-up, the runs go through, the nodes go after idling.
+    let ran_on: BTreeSet<String> = wait_completed(&urls, &[a, b], Duration::from_secs(120))
+        .await
+        .into_iter()
+        .collect();
+    let expected: BTreeSet<String> =
+        [format!("muster-{name}-0"), format!("muster-{name}-1")].into();
+    assert_eq!(ran_on, expected);
+    let s = wait_status(
+        &urls,
+        &name,
+        "shrinking to 0",
+        Duration::from_secs(60),
+        |s| s.nodes.is_empty() && s.provisioned.is_empty(),
+    )
+    .await;
+    let requested: Vec<String> = s
+        .history
+        .iter()
+        .filter(|e| e.action == "scale_up")
+        .flat_map(|e| e.nodes.clone())
+        .collect();
+    assert_eq!(
+        requested.iter().cloned().collect::<BTreeSet<_>>(),
+        expected,
+        "{:?}",
+        s.history
+    );
+    assert_eq!(
+        requested.len(),
+        2,
+        "a node requested twice: {:?}",
+        s.history
+    );
+    let calls = std::fs::read_to_string(dir.join("calls.log")).unwrap();
+    for node in &expected {
+        let starts = calls
+            .lines()
+            .filter(|l| *l == format!("start {node}"))
+            .count();
+        assert_eq!(starts, 1, "{node} started {starts} times:\n{calls}");
+    }
+    assert!(calls.contains("down "), "{calls}");
+    eprintln!("scripts called:\n{calls}");
+}
