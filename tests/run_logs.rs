@@ -216,6 +216,63 @@ async fn a_two_instance_runs_ranks_are_combined_and_prefixed_on_every_server() {
     assert_eq!(String::from_utf8(old).unwrap(), rank_log(0));
 }
 
+/// One rank fails: the attempt fails and the other rank, still running, is stopped; the
+/// followed combined log has both ranks' lines (the stopped rank's log is sealed when its
+/// agent reports the stop), and each rank's log is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_ranks_and_its_stopped_peers_logs_are_both_kept() {
+    let cluster = TestCluster::start(3).await.unwrap();
+    create_pool(&cluster, "fail-pool").await;
+    let data = tempfile::tempdir().unwrap();
+    let _a = start_agent(&cluster, data.path(), "fail-pool", "fail-a").await;
+    let _b = start_agent(&cluster, data.path(), "fail-pool", "fail-b").await;
+    let work = tempfile::tempdir().unwrap();
+    // Rank 1 fails once rank 0 is up (both run on this machine: a file says so).
+    let mark = work.path().join("rank-0-is-up");
+    let script = "if [ \"$MUSTER_NODE_RANK\" = 0 ]; then echo \"rank 0 is up\"; touch \"$MARK\"; sleep 60; echo \"rank 0 was not stopped\"; else i=0; while [ ! -e \"$MARK\" ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; echo \"rank 1 fails\"; exit 3; fi";
+    let streamed = muster(
+        &cluster.urls(),
+        work.path(),
+        &[
+            "run",
+            "submit",
+            "--stream",
+            "--compute",
+            "fail-pool",
+            "--instance-count",
+            "2",
+            "--env",
+            &format!("MARK={}", mark.display()),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    )
+    .await;
+    assert_eq!(streamed.code, 3, "{streamed:?}");
+    let mut lines: Vec<&str> = streamed.stdout.lines().collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        ["[rank 0] rank 0 is up", "[rank 1] rank 1 fails"],
+        "{streamed:?}"
+    );
+    let run = muster_tests::all_runs(&cluster.urls()).await.pop().unwrap();
+    assert_eq!(run.state, "failed", "{run:?}");
+    for server in cluster.ids() {
+        let url = cluster.url(server);
+        for (rank, text) in [("0", "rank 0 is up\n"), ("1", "rank 1 fails\n")] {
+            let out = muster(&url, work.path(), &["run", "logs", &run.id, "--rank", rank]).await;
+            assert_eq!(
+                (out.code, out.stdout.as_str()),
+                (0, text),
+                "server {server}: {out:?}"
+            );
+        }
+    }
+}
+
 fn ghost_hello(node_id: &str, running: &[(String, u32)]) -> v1::AgentMessage {
     v1::AgentMessage {
         msg: Some(agent_message::Msg::Hello(v1::Hello {
