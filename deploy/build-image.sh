@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Builds the image muster:local from a muster binary and the shared libraries it links,
 # plus Debian's static busybox for a shell (health checks, the process executor). No
-# registry is needed: the image starts FROM scratch.
+# registry is needed: the image starts FROM scratch, nothing is pulled.
 #
-#   deploy/build-image.sh                     # builds the release binary first
-#   deploy/build-image.sh path/to/muster      # uses that binary
+#   deploy/build-image.sh                          # builds the release binary first
+#   deploy/build-image.sh path/to/muster           # uses that binary
+#   deploy/build-image.sh path/to/muster my:tag    # and tags the image my:tag
+# MUSTER_BIN and MUSTER_IMAGE (the tag; default muster:local) do the same as the arguments.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-if [ $# -ge 1 ]; then
-  bin="$1"
-else
+bin="${1:-${MUSTER_BIN:-}}"
+tag="${2:-${MUSTER_IMAGE:-muster:local}}"
+if [ -z "$bin" ]; then
   (cd "$here/.." && cargo build --release --bin muster)
   bin="${CARGO_TARGET_DIR:-$here/../target}/release/muster"
 fi
@@ -34,5 +36,5 @@ RUN ["/bin/busybox", "--install", "-s", "/bin"]
 ENV PATH=/usr/local/bin:/bin
 ENTRYPOINT ["/usr/local/bin/muster"]
 DOCKERFILE
-docker build -q -t muster:local "$ctx"
-echo "built muster:local from $bin"
+docker build -q -t "$tag" "$ctx"
+echo "built $tag from $bin"

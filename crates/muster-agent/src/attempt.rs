@@ -7,12 +7,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use muster_core::AttemptEnd;
+use muster_core::distributed::{FIRST_MASTER_PORT, Layout, Peer, rank_setup};
+use muster_core::spec::Distribution;
 use muster_proto::v1::{self, blob_service_client::BlobServiceClient};
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::Channel;
 
-use crate::executor::docker::{DockerExecutor, Managed};
+use crate::executor::docker::{DockerExecutor, Managed, RSH_TARGET};
 use crate::executor::{self, ContainerSpec, Launch, Outcome, Stop};
+use crate::rsh_server::{self, Registry, Worker};
 use crate::{outputs, snapshot};
 
 /// (run id, attempt number).
@@ -45,7 +48,34 @@ pub(crate) struct Executors {
     pub unlimited: bool,
     /// This node's id (a container label, for re-adoption).
     pub node_id: String,
+    /// The rsh helper (`muster-rsh`) to mount into the containers of distributed runs.
+    pub rsh_helper: Option<PathBuf>,
+    /// The containers peers may exec into (this node's exec listener).
+    pub registry: Registry,
+    /// How long an MPI launcher waits for its workers to be up and reachable.
+    pub peer_wait: std::time::Duration,
 }
+
+/// What rank 0 of a multi-node MPI run does around its launcher.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Gate {
+    workers: Vec<Worker>,
+    secret: String,
+}
+
+/// What a distributed rank keeps in its working directory (`exec.json`) so that a
+/// restarted agent re-adopting its container still takes exec requests for it, releases
+/// the workers (rank 0) or watches the launcher (a worker).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct ExecState {
+    secret: String,
+    /// Rank 0 of a multi-node MPI run.
+    gate: Option<Gate>,
+    /// An MPI worker: rank 0's agent.
+    launcher: Option<Worker>,
+}
+
+const EXEC_STATE: &str = "exec.json";
 
 /// Everything an attempt needs.
 pub(crate) struct AttemptTask {
@@ -58,6 +88,19 @@ pub(crate) struct AttemptTask {
     pub stop: watch::Receiver<Option<Stop>>,
     pub executors: Executors,
 }
+
+/// How the prepared attempt starts.
+struct Prepared {
+    launch: Launch,
+    /// Rank 0 of a multi-node MPI run: wait for these workers first, release them after.
+    gate: Option<Gate>,
+    /// An MPI worker: the launcher to watch, and the way to end this rank when it is gone.
+    watch: Option<LauncherWatch>,
+}
+
+/// An MPI worker's launcher (rank 0's agent), the attempt's secret, and the sender that
+/// ends the worker when the launcher is gone.
+type LauncherWatch = (Worker, String, Arc<watch::Sender<Option<Stop>>>);
 
 impl AttemptTask {
     /// Runs a new assignment from the start.
@@ -72,13 +115,14 @@ impl AttemptTask {
                 exit_code: None,
                 message: Some(message),
             },
-            Ok(launch) => self.execute(launch).await,
+            Ok(prepared) => self.execute(prepared).await,
         };
+        self.executors.registry.remove(&self.key);
         self.finish(outcome).await;
     }
 
     /// Follows a container this node started before the agent restarted.
-    pub(crate) async fn adopt(self, docker: Arc<DockerExecutor>, managed: Managed) {
+    pub(crate) async fn adopt(mut self, docker: Arc<DockerExecutor>, managed: Managed) {
         let state = if managed.running {
             "running"
         } else {
@@ -88,13 +132,80 @@ impl AttemptTask {
             .events
             .send(Event::State(self.key.clone(), state))
             .await;
+        // A distributed rank: take exec requests again, and keep the launcher's promises.
+        let exec: Option<ExecState> = tokio::fs::read(self.workdir.join(EXEC_STATE))
+            .await
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let mut watcher = None;
+        if let Some(state) = &exec {
+            let stop = self.accept_exec(state.secret.clone(), managed.id.clone());
+            if managed.running {
+                self.executors.registry.set_running(&self.key);
+            }
+            watcher = state
+                .launcher
+                .clone()
+                .map(|l| self.watch_launcher(l, &state.secret, stop));
+        }
         let outcome = docker
             .adopt(&managed, &self.log_path, self.stop.clone())
             .await;
+        if let Some(w) = watcher {
+            w.abort();
+        }
+        if let Some(gate) = exec.and_then(|e| e.gate)
+            && outcome.end == AttemptEnd::Completed
+        {
+            rsh_server::release(&gate.workers, &self.key.0, self.key.1, &gate.secret).await;
+        }
+        self.executors.registry.remove(&self.key);
         self.finish(outcome).await;
     }
 
-    async fn prepare(&mut self, a: &v1::Assignment) -> Result<Launch, String> {
+    /// Takes exec requests for this attempt's `container` with `secret`; returns the sender
+    /// through which a release (or the launcher's end) stops it.
+    fn accept_exec(
+        &mut self,
+        secret: String,
+        container: String,
+    ) -> Arc<watch::Sender<Option<Stop>>> {
+        let (tx, rx) = watch::channel(*self.stop.borrow());
+        let tx = Arc::new(tx);
+        let forward = tx.clone();
+        let mut outer = self.stop.clone();
+        tokio::spawn(async move {
+            while outer.changed().await.is_ok() {
+                let order = *outer.borrow();
+                if order.is_some() {
+                    forward.send_replace(order);
+                }
+            }
+        });
+        self.stop = rx;
+        self.executors
+            .registry
+            .add(self.key.clone(), secret, container, tx.clone());
+        tx
+    }
+
+    fn watch_launcher(
+        &self,
+        launcher: Worker,
+        secret: &str,
+        stop: Arc<watch::Sender<Option<Stop>>>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(rsh_server::watch_launcher(
+            launcher,
+            self.key.0.clone(),
+            self.key.1,
+            secret.to_string(),
+            self.executors.peer_wait + std::time::Duration::from_secs(30),
+            stop,
+        ))
+    }
+
+    async fn prepare(&mut self, a: &v1::Assignment) -> Result<Prepared, String> {
         let spec = a.spec.clone().unwrap_or_default();
         let code_dir = self.workdir.join("code");
         tokio::fs::create_dir_all(&code_dir).await.map_err(|e| {
@@ -170,6 +281,100 @@ impl AttemptTask {
                 env.push(("CUDA_VISIBLE_DEVICES".into(), visible));
             }
         }
+        // Distributed runs: what every rank is told of the others (muster-core computes it).
+        let distributed = a.placements.len() > 1;
+        let distribution = muster_proto::spec_from_wire(spec.clone())
+            .map_err(|e| format!("the run's spec: {e}"))?
+            .distribution;
+        let is_mpi = matches!(distribution, Some(Distribution::Mpi { .. }));
+        let rsh_helper = ex
+            .rsh_helper
+            .clone()
+            .filter(|_| distributed && in_container);
+        if distributed && is_mpi && in_container && rsh_helper.is_none() {
+            return Err(
+                "this MPI run spans nodes, but this agent has no rsh helper (muster-rsh): install it next to the muster binary or pass --rsh-helper".into(),
+            );
+        }
+        let peers: Vec<Peer> = a
+            .placements
+            .iter()
+            .map(|p| Peer {
+                name: p.node_name.clone(),
+                address: p.address.clone(),
+                exec_port: u16::try_from(p.exec_port).ok().filter(|p| *p > 0),
+            })
+            .collect();
+        let hostfile_path = format!("{workspace}/.muster/hostfile");
+        let setup = rank_setup(&Layout {
+            distribution: distribution.as_ref(),
+            peers: &peers,
+            rank: a.rank,
+            master_port: u16::try_from(a.master_port)
+                .ok()
+                .filter(|p| *p > 0)
+                .unwrap_or(FIRST_MASTER_PORT),
+            hostfile_path: &hostfile_path,
+            rsh_path: rsh_helper.as_ref().map(|_| RSH_TARGET),
+            secret: Some(a.secret.as_str()).filter(|s| !s.is_empty()),
+        });
+        env.extend(setup.env);
+        if let Some(hostfile) = &setup.hostfile {
+            let dir = code_dir.join(".muster");
+            tokio::fs::create_dir_all(&dir)
+                .await
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            tokio::fs::write(dir.join("hostfile"), hostfile)
+                .await
+                .map_err(|e| format!("cannot write the MPI hostfile: {e}"))?;
+        }
+        // Multi-node MPI in containers: rank 0 runs the launcher once every worker's
+        // container is up; the workers idle until the launcher's daemons are exec'd into
+        // them, and end when it is done.
+        let mpi_ranks = distributed && is_mpi && rsh_helper.is_some();
+        if mpi_ranks {
+            if a.secret.is_empty() {
+                return Err(
+                    "this MPI run spans nodes, but the server sent no attempt secret for its ranks' agents: upgrade the servers".into(),
+                );
+            }
+            if let Some(p) = peers.iter().find(|p| p.exec_port.is_none()) {
+                return Err(format!(
+                    "this MPI run spans nodes, but node {} advertises no exec port (its agent predates distributed runs): upgrade its agent",
+                    p.name
+                ));
+            }
+        }
+        let mut command = spec.command.clone();
+        let mut gate = None;
+        let mut launcher = None;
+        if mpi_ranks && a.rank > 0 {
+            launcher = peers.first().map(|p| Worker {
+                rank: 0,
+                name: p.name.clone(),
+                target: format!("{}:{}", p.address, p.exec_port.unwrap_or_default()),
+            });
+            command = format!("exec {RSH_TARGET} --idle");
+            let note = format!(
+                "muster: MPI worker (rank {}): waiting for the launcher on rank 0 to start processes here\n",
+                a.rank
+            );
+            append_log(&self.log_path, &note).await?;
+        } else if mpi_ranks {
+            gate = Some(Gate {
+                workers: peers
+                    .iter()
+                    .enumerate()
+                    .skip(1)
+                    .map(|(rank, p)| Worker {
+                        rank: rank as u32,
+                        name: p.name.clone(),
+                        target: format!("{}:{}", p.address, p.exec_port.unwrap_or_default()),
+                    })
+                    .collect(),
+                secret: a.secret.clone(),
+            });
+        }
         env.extend(spec.environment_variables.clone());
         let resources = spec.resources.unwrap_or_default();
         let timeout = spec.timeout_s.map(std::time::Duration::from_secs);
@@ -192,24 +397,87 @@ impl AttemptTask {
                 shm_size: spec.shm_size.unwrap_or(DEFAULT_SHM),
                 gpus,
                 gpu_device_requests: ex.gpu_device_requests,
+                host_network: distributed,
+                read_only_mounts: rsh_helper
+                    .iter()
+                    .map(|h| (h.clone(), RSH_TARGET.to_string()))
+                    .collect(),
             }
         });
-        Ok(Launch {
-            command: spec.command.clone(),
-            workdir: code_dir,
-            env,
-            log_path: self.log_path.clone(),
-            timeout,
-            container,
+        // Peers may exec into this rank's container (MPI) with the attempt's secret; a
+        // release from rank 0 ends it as completed.
+        let mut watch = None;
+        if let Some(c) = &container
+            && distributed
+            && !a.secret.is_empty()
+        {
+            let state = ExecState {
+                secret: a.secret.clone(),
+                gate: gate.clone(),
+                launcher: launcher.clone(),
+            };
+            let path = self.workdir.join(EXEC_STATE);
+            write_private(&path, &serde_json::to_vec(&state).expect("serializes"))
+                .await
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            let name = c.name.clone();
+            let stop = self.accept_exec(a.secret.clone(), name);
+            watch = launcher.map(|l| (l, a.secret.clone(), stop));
+        }
+        Ok(Prepared {
+            launch: Launch {
+                command,
+                workdir: code_dir,
+                env,
+                log_path: self.log_path.clone(),
+                timeout,
+                container,
+            },
+            gate,
+            watch,
         })
     }
 
-    async fn execute(&mut self, launch: Launch) -> Outcome {
+    async fn execute(&mut self, prepared: Prepared) -> Outcome {
+        let Prepared {
+            launch,
+            gate,
+            watch,
+        } = prepared;
+        if let Some(gate) = &gate {
+            let _ = append_log(
+                &self.log_path,
+                &format!(
+                    "muster: MPI launcher: waiting for {} worker(s) to be up and reachable\n",
+                    gate.workers.len()
+                ),
+            )
+            .await;
+            let ready = rsh_server::wait_ready(
+                &gate.workers,
+                &self.key.0,
+                self.key.1,
+                &gate.secret,
+                self.executors.peer_wait,
+            );
+            tokio::select! {
+                r = ready => if let Err(message) = r {
+                    let _ = append_log(&self.log_path, &format!("muster: {message}\n")).await;
+                    return Outcome { end: AttemptEnd::Failed, exit_code: None, message: Some(message) };
+                },
+                order = executor::process::wait_stop(&mut self.stop) => {
+                    return executor::stopped(order.reason, None);
+                }
+            }
+        }
         let (started_tx, started_rx) = oneshot::channel();
         let events = self.events.clone();
         let key = self.key.clone();
+        let registry = self.executors.registry.clone();
+        let watcher = watch.map(|(l, secret, stop)| self.watch_launcher(l, &secret, stop));
         let announce = tokio::spawn(async move {
             if started_rx.await.is_ok() {
+                registry.set_running(&key);
                 let _ = events.send(Event::State(key, "running")).await;
             }
         });
@@ -224,6 +492,14 @@ impl AttemptTask {
             _ => executor::process::run(launch, self.stop.clone(), started_tx).await,
         };
         let _ = announce.await;
+        if let Some(w) = watcher {
+            w.abort();
+        }
+        if let Some(gate) = gate
+            && outcome.end == AttemptEnd::Completed
+        {
+            rsh_server::release(&gate.workers, &self.key.0, self.key.1, &gate.secret).await;
+        }
         outcome
     }
 
@@ -248,4 +524,32 @@ impl AttemptTask {
             .send(Event::Ended(self.key, outcome, outputs))
             .await;
     }
+}
+
+/// Appends a line of muster's own to the attempt's log.
+async fn append_log(path: &std::path::Path, line: &str) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    let mut f = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .await
+        .map_err(|e| format!("cannot open the log file {}: {e}", path.display()))?;
+    f.write_all(line.as_bytes())
+        .await
+        .map_err(|e| format!("cannot write the log file {}: {e}", path.display()))
+}
+
+/// Writes a file only the agent's user can read (the attempt's secret).
+async fn write_private(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut f = tokio::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .await?;
+    f.write_all(data).await?;
+    f.flush().await
 }

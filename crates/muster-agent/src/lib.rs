@@ -7,6 +7,12 @@
 //! logs live, upload `outputs/` (`outputs.rs`), report the end — and resend what the server
 //! has not acknowledged after a reconnect. It decides no placement.
 //!
+//! Distributed runs (DESIGN.md section 9): each rank gets the environment muster-core
+//! computes from the whole placement (`muster_core::distributed`), its container shares
+//! the node's network, and `rsh_server.rs` is the exec listener through which `muster-rsh`
+//! (mounted into the containers) lets `mpirun` on rank 0 start processes in the other
+//! ranks' containers; rank 0 starts its launcher only once every worker is up.
+//!
 //! Crate choices: `sysinfo` and `nvml-wrapper` (loads libnvidia-ml at run time, so the
 //! agent builds and runs without a driver), `nix` for process-group signals, `tar` for the
 //! outputs archive, `backon` for reconnect backoff.
@@ -16,6 +22,7 @@ pub mod executor;
 mod identity;
 mod outputs;
 pub mod resources;
+mod rsh_server;
 mod session;
 mod snapshot;
 pub mod transfer;
@@ -62,6 +69,16 @@ pub struct AgentConfig {
     /// Run a job that names an image as a process when no Docker engine is reachable
     /// (`muster dev`), instead of failing it.
     pub process_fallback: bool,
+    /// Where the exec listener binds (`addr:port`; port 0 picks a free one). Peers of a
+    /// distributed MPI run reach it at the advertised address and the bound port, which
+    /// the agent advertises in the node label `muster.exec-port`.
+    pub exec_listen: String,
+    /// The rsh helper (`muster-rsh`, statically linked) mounted into the containers of
+    /// distributed runs; `None`: `muster-rsh` next to the running executable, if present.
+    pub rsh_helper: Option<PathBuf>,
+    /// How long the launcher of a multi-node MPI run waits for its workers' containers to
+    /// be up and reachable before the attempt fails.
+    pub peer_wait: std::time::Duration,
 }
 
 impl AgentConfig {
@@ -86,7 +103,23 @@ impl AgentConfig {
             gpu_refresh: std::time::Duration::from_secs(30),
             gpu_device_requests: true,
             process_fallback: false,
+            exec_listen: "0.0.0.0:0".into(),
+            rsh_helper: None,
+            peer_wait: std::time::Duration::from_secs(300),
         }
+    }
+}
+
+/// The rsh helper an agent mounts: `configured`, else `muster-rsh` next to the running
+/// executable if it is there.
+pub fn find_rsh_helper(configured: Option<&std::path::Path>) -> Option<PathBuf> {
+    match configured {
+        Some(p) => Some(p.to_path_buf()),
+        None => std::env::current_exe()
+            .ok()?
+            .parent()
+            .map(|d| d.join("muster-rsh"))
+            .filter(|p| p.is_file()),
     }
 }
 

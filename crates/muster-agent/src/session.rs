@@ -53,6 +53,12 @@ pub(crate) struct Agent {
     executors: Executors,
     /// The leader's address, as a follower named it.
     leader_hint: Option<String>,
+    /// The exec listener (bound at open, served once the Docker engine is known).
+    exec_listener: Option<std::net::TcpListener>,
+    /// Its port, advertised in the node label `muster.exec-port`.
+    exec_port: u16,
+    /// The task serving it.
+    exec_task: Option<JoinHandle<()>>,
 }
 
 /// A failure that retrying will not fix (bad name, unknown compute target, ...).
@@ -72,6 +78,14 @@ impl Agent {
                 .with_context(|| format!("cannot create {}", config.data_dir.join(d).display()))?;
         }
         let (events_tx, events_rx) = mpsc::channel(1024);
+        let exec_listener = std::net::TcpListener::bind(&config.exec_listen).with_context(|| {
+            format!(
+                "cannot listen for exec requests of distributed runs on {}: pick another --exec-listen address",
+                config.exec_listen
+            )
+        })?;
+        exec_listener.set_nonblocking(true)?;
+        let exec_port = exec_listener.local_addr()?.port();
         let executors = Executors {
             docker: None,
             docker_error: None,
@@ -79,9 +93,15 @@ impl Agent {
             gpu_device_requests: config.gpu_device_requests,
             unlimited: config.unlimited,
             node_id: node_id.clone(),
+            rsh_helper: crate::find_rsh_helper(config.rsh_helper.as_deref()),
+            registry: Default::default(),
+            peer_wait: config.peer_wait,
         };
         Ok(Agent {
             leader_hint: None,
+            exec_listener: Some(exec_listener),
+            exec_port,
+            exec_task: None,
             executors,
             config,
             node_id,
@@ -119,6 +139,14 @@ impl Agent {
                 self.executors.docker_error = Some(e);
             }
         }
+        if let Some(listener) = self.exec_listener.take() {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            self.exec_task = Some(tokio::spawn(crate::rsh_server::serve(
+                listener,
+                self.executors.registry.clone(),
+                self.executors.docker.clone(),
+            )));
+        }
         tokio::pin!(shutdown);
         let mut backoff = Duration::from_millis(100);
         let result = loop {
@@ -143,6 +171,9 @@ impl Agent {
             backoff = (backoff * 2).min(Duration::from_secs(5));
         };
         self.stop_all().await;
+        if let Some(t) = self.exec_task.take() {
+            t.abort();
+        }
         result
     }
 
@@ -293,6 +324,10 @@ impl Agent {
                 labels: {
                     // GPU software versions travel as labels, as GPU feature discovery does.
                     let mut labels = self.config.labels.clone();
+                    labels.insert(
+                        muster_proto::EXEC_PORT_LABEL.into(),
+                        self.exec_port.to_string(),
+                    );
                     if let Some(v) = &gpus.driver_version {
                         labels.insert("nvidia.com/driver-version".into(), v.clone());
                     }

@@ -145,6 +145,17 @@ pub struct AgentArgs {
     /// Offer at most this much memory (e.g. 48g).
     #[arg(long)]
     pub memory: Option<String>,
+    /// Where peers of a distributed MPI run reach this agent's exec listener (`addr:port`;
+    /// port 0 picks a free port). Fix the port if a firewall sits between nodes.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    pub exec_listen: String,
+    /// The statically linked rsh helper mounted into distributed runs' containers
+    /// (default: `muster-rsh` next to the muster binary).
+    #[arg(long)]
+    pub rsh_helper: Option<PathBuf>,
+    /// Seconds an MPI launcher waits for its workers to be up and reachable.
+    #[arg(long, default_value_t = 300)]
+    pub peer_wait_secs: u64,
 }
 
 #[derive(Debug, Subcommand)]

@@ -6,6 +6,7 @@
 //!
 //! - [`names`]: the naming rules for compute targets and experiments.
 //! - [`resources`]: CPU, memory and GPUs a node offers and a run asks for.
+//! - [`distributed`]: the environment and MPI hostfile of each rank of a distributed run.
 //! - [`compute`]: compute targets (`local`, `cluster`, `instance`, `attached`) and Azure ML compute YAML.
 //! - [`spec`]: the run spec and Azure ML v2 command-job YAML parsing and validation.
 //! - [`loglines`]: the combined, rank-prefixed log of a multi-instance attempt.
@@ -15,21 +16,32 @@
 //!   nodes each autoscaled compute target gains or loses.
 //! - [`schedule`](mod@schedule): the scheduler: `schedule(&State, now) -> Schedule` (placements, preemptions,
 //!   and why each waiting run waits).
+//! - [`metrics`]: metric lines (`MUSTER_METRICS_FILE` JSON lines and `##muster[metric]` stdout
+//!   lines) and per-metric series.
+//! - [`sweep`]: hyperparameter sweeps: sweep YAML, samplers (random, grid, TPE),
+//!   early-termination policies and the controller step.
+//! - [`pipeline`]: pipeline jobs: YAML into a validated DAG, reuse keys and the planner.
 //!
 //! Crate choices: `serde` + `serde_json` for the versioned command encoding (readable in a
 //! log dump, tagged enums so an old log replays on a newer server), `yaml_serde` for YAML
 //! (serde_yaml is deprecated, serde_yml unsound) and `serde_path_to_error` to name the full
-//! path of a bad or unknown key.
+//! path of a bad or unknown key. `rand` + `rand_chacha` (ChaCha8, whose stream for a seed
+//! is fixed across versions and platforms) for the sweep samplers, seeded by the caller;
+//! `sha2` for pipeline reuse keys.
 
 pub mod autoscale;
 pub mod compute;
+pub mod distributed;
 pub mod loglines;
+pub mod metrics;
 pub mod names;
+pub mod pipeline;
 pub mod resources;
 pub mod schedule;
 pub mod snapshot;
 pub mod spec;
 pub mod state;
+pub mod sweep;
 
 pub use autoscale::{ScaleDecision, autoscale};
 pub use compute::{ComputeKind, ComputeSpec, Provisioner, Quota, QuotaUsage, Tier};

@@ -181,8 +181,26 @@ pub fn placement_to_wire(state: &State, p: &CorePlacement) -> v1::Placement {
         address: node.map(|n| n.address.clone()).unwrap_or_default(),
         gpus: p.gpus.clone(),
         resources: Some(p.resources.into()),
+        exec_port: 0,
     }
 }
+
+/// A placement as an `Assignment` carries it: with the node's current exec port (from its
+/// label [`EXEC_PORT_LABEL`]), which run views leave out (it is the node's, not history).
+pub fn placement_to_assignment(state: &State, p: &CorePlacement) -> v1::Placement {
+    let mut wire = placement_to_wire(state, p);
+    wire.exec_port = state
+        .nodes
+        .get(&p.node_id)
+        .and_then(|n| n.labels.get(EXEC_PORT_LABEL))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    wire
+}
+
+/// The node label in which an agent advertises the port of its exec listener (the way in
+/// for the MPI rsh helper of distributed runs); copied into `Placement.exec_port`.
+pub const EXEC_PORT_LABEL: &str = "muster.exec-port";
 
 /// A run as the API shows it.
 pub fn run_to_wire(state: &State, r: &CoreRun) -> v1::Run {

@@ -219,12 +219,22 @@ impl Coordinator {
     /// (so a client reading from this server next sees its write).
     pub async fn propose(&self, command: Command) -> Result<Applied, ProposalError> {
         let encoded = command.encode();
-        let bytes = match self.raft.propose(encoded.clone()).await {
-            Ok(b) => b,
-            Err(ProposeError::NotLeader {
-                leader: Some(leader),
-            }) if leader != self.raft.id() => self.forward(leader, encoded).await?,
-            Err(e) => return Err(e.into()),
+        // A follower that knows its leader forwards at once: asking its own Raft thread first
+        // would queue behind that thread's current Ready (an fsync, under load) only to hear
+        // "not the leader". The status is at most one Ready old; if it is stale, the old
+        // leader answers "not the leader" and the client retries, as it would anyway.
+        let status = self.raft.status();
+        let bytes = match status.leader {
+            Some(leader) if status.role != Role::Leader && leader != self.raft.id() => {
+                self.forward(leader, encoded).await?
+            }
+            _ => match self.raft.propose(encoded.clone()).await {
+                Ok(b) => b,
+                Err(ProposeError::NotLeader {
+                    leader: Some(leader),
+                }) if leader != self.raft.id() => self.forward(leader, encoded).await?,
+                Err(e) => return Err(e.into()),
+            },
         };
         self.metrics.proposals.inc();
         let result: ApplyResult = serde_json::from_slice(&bytes).expect("apply results decode");

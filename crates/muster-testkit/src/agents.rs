@@ -24,7 +24,58 @@ pub fn agent_config(
     config.name = name.into();
     config.gpu_probe = probe;
     config.gpu_device_requests = false;
+    // Peers of a distributed test run are on this machine: loopback is enough.
+    config.exec_listen = "127.0.0.1:0".into();
     config
+}
+
+/// Builds the rsh helper (`muster-rsh`) statically linked, as DESIGN.md section 9 asks
+/// (`-C target-feature=+crt-static`, for the host target so build scripts are unaffected),
+/// and returns its path; once per process. Give it to an agent as `rsh_helper`.
+pub fn rsh_helper_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+        let version = Command::new(&rustc)
+            .arg("-vV")
+            .output()
+            .expect("rustc runs");
+        let host = String::from_utf8_lossy(&version.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
+            .expect("rustc -vV names the host target");
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "-p",
+            "muster-rsh",
+            "--bin",
+            "muster-rsh",
+            "--target",
+            &host,
+            "--message-format=json",
+            "--manifest-path",
+        ])
+        .arg(&manifest)
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .stderr(Stdio::inherit());
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let out = cmd.output().expect("cargo runs");
+        assert!(out.status.success(), "building muster-rsh failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .rev()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "muster-rsh")
+            .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+            .expect("cargo reports the muster-rsh executable")
+    })
+    .clone()
 }
 
 /// An agent running in this process.

@@ -5,13 +5,16 @@
 //! - [`DevProcess`]: the real `muster` binary as a child process, for tests that must
 //!   `kill -9` it (a crash, not a clean shutdown).
 //! - [`FakeGpuProbe`]: gives a node any GPUs a test wants.
+//! - [`mpi_image::mpi_image`]: an Open MPI image built from the host's `openmpi-bin`.
 //! - [`muster`]: runs a CLI command against a server and captures what it printed.
 //!
 //! Test-only: nothing outside tests and benches depends on this crate.
 
 pub mod agents;
 pub mod cluster;
+pub mod compose;
 pub mod images;
+pub mod mpi_image;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

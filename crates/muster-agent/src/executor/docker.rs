@@ -46,6 +46,8 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 const LONG_REQUEST_LIMIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Where the agent's working directory appears inside the container.
 const WORKSPACE: &str = "/workspace";
+/// Where the rsh helper of distributed runs is mounted (read-only) in their containers.
+pub const RSH_TARGET: &str = "/opt/muster/bin/muster-rsh";
 
 /// Label: the node that started the container.
 const LABEL_NODE: &str = "muster.node_id";
@@ -352,6 +354,12 @@ impl DockerExecutor {
                 (left, secs)
             });
         self.supervise(id, log, skip, timeout, &mut stop).await
+    }
+
+    /// The engine client without a practical request timeout (for `docker exec` streams
+    /// that last as long as an MPI job).
+    pub(crate) fn engine(&self) -> &Docker {
+        &self.long
     }
 
     /// Removes a container by id or name (forcibly: a running one is killed); a container
@@ -677,12 +685,19 @@ fn container_body(
     // process executor does, rather than to `sh` alone.
     env.push("TINI_KILL_PROCESS_GROUP=1".into());
     let positive = |v: u64| (v > 0).then(|| to_i64(v));
+    let mut mounts = vec![
+        mount(workdir, WORKSPACE, true),
+        mount(&workdir.join("outputs"), "/workspace/outputs", false),
+        mount(&workdir.join("logs"), "/workspace/logs", false),
+    ];
+    mounts.extend(
+        spec.read_only_mounts
+            .iter()
+            .map(|(source, target)| mount(source, target, true)),
+    );
     let host_config = HostConfig {
-        mounts: Some(vec![
-            mount(workdir, WORKSPACE, true),
-            mount(&workdir.join("outputs"), "/workspace/outputs", false),
-            mount(&workdir.join("logs"), "/workspace/logs", false),
-        ]),
+        mounts: Some(mounts),
+        network_mode: spec.host_network.then(|| "host".to_string()),
         init: Some(true),
         nano_cpus: positive(spec.cpu_millis.saturating_mul(1_000_000)),
         memory: positive(spec.memory_bytes),
@@ -850,6 +865,7 @@ mod tests {
             shm_size: 0,
             gpus: vec!["GPU-a".into(), "GPU-b".into()],
             gpu_device_requests: true,
+            ..Default::default()
         };
         let body = container_body(&launch, &spec, Path::new("/w"), 42);
         assert_eq!(
@@ -890,12 +906,33 @@ mod tests {
         assert_eq!(gpus[0].capabilities, Some(vec![vec!["gpu".to_string()]]));
 
         // Fake GPUs: no device request (they are only named in the environment).
+        assert_eq!(host.network_mode, None);
         let fake = ContainerSpec {
             gpu_device_requests: false,
-            ..spec
+            ..spec.clone()
         };
         let body = container_body(&launch, &fake, Path::new("/w"), 0);
         assert_eq!(body.host_config.unwrap().device_requests, None);
+
+        // A distributed rank: the node's network and the rsh helper, read-only.
+        let distributed = ContainerSpec {
+            host_network: true,
+            read_only_mounts: vec![("/usr/bin/muster-rsh".into(), RSH_TARGET.into())],
+            ..spec
+        };
+        let host = container_body(&launch, &distributed, Path::new("/w"), 0)
+            .host_config
+            .unwrap();
+        assert_eq!(host.network_mode.as_deref(), Some("host"));
+        let last = host.mounts.unwrap().pop().unwrap();
+        assert_eq!(
+            (last.source.unwrap(), last.target.unwrap(), last.read_only),
+            (
+                "/usr/bin/muster-rsh".to_string(),
+                RSH_TARGET.to_string(),
+                Some(true)
+            )
+        );
     }
 
     #[test]

@@ -51,6 +51,11 @@ pub struct ContainerSpec {
     pub gpus: Vec<String>,
     /// Ask the engine for the GPUs with an NVIDIA device request (false for fake GPUs).
     pub gpu_device_requests: bool,
+    /// Share the node's network (distributed runs: ranks reach each other at their nodes'
+    /// addresses, as with Azure ML's distributed jobs).
+    pub host_network: bool,
+    /// Extra read-only bind mounts: (host path, path in the container), e.g. the rsh helper.
+    pub read_only_mounts: Vec<(PathBuf, String)>,
 }
 
 /// Why an attempt is being stopped from outside.
@@ -62,6 +67,9 @@ pub enum StopReason {
     Preempted,
     /// The server no longer wants this attempt (fenced) or the agent is shutting down.
     Stale,
+    /// An MPI worker's idle container is no longer needed: the launcher on rank 0 finished.
+    /// The rank ends as completed.
+    Released,
 }
 
 /// A stop order: why, and how long between SIGTERM and SIGKILL.
@@ -96,6 +104,13 @@ pub(crate) fn stopped(reason: StopReason, code: Option<i32>) -> Outcome {
             AttemptEnd::Canceled,
             "stopped: the attempt is no longer current",
         ),
+        StopReason::Released => {
+            return Outcome {
+                end: AttemptEnd::Completed,
+                exit_code: Some(0),
+                message: Some("released: the MPI launcher on rank 0 finished".into()),
+            };
+        }
     };
     Outcome {
         end,

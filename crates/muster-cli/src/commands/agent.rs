@@ -43,6 +43,16 @@ pub async fn run(server: &str, args: AgentArgs) -> anyhow::Result<()> {
         .map(parse_memory)
         .transpose()
         .map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
+    config.exec_listen = args.exec_listen;
+    if let Some(helper) = args.rsh_helper {
+        anyhow::ensure!(
+            helper.is_file(),
+            "--rsh-helper: {} is not a file: build muster-rsh (see docs/USAGE.md, Distributed runs) or drop the flag",
+            helper.display()
+        );
+        config.rsh_helper = Some(helper);
+    }
+    config.peer_wait = std::time::Duration::from_secs(args.peer_wait_secs);
     config.gpu_probe = Arc::new(NvmlProbe::new());
     eprintln!(
         "muster agent {} joining compute {} via {}",

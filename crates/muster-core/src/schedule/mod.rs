@@ -131,6 +131,7 @@ impl Decision {
                 attempt,
                 placements,
                 at,
+                secret: None,
             },
             Decision::Preempt {
                 run_id,

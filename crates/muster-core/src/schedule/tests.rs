@@ -591,6 +591,7 @@ fn quotas_are_never_exceeded_and_say_so() {
             resources: r3.spec.resources,
         }],
         at: 11,
+        secret: None,
     };
     let e = s.apply(&bad).unwrap_err();
     assert!(e.to_string().contains("quota: 8/8 GPUs in use"), "{e}");

@@ -197,7 +197,8 @@ impl State {
                 attempt,
                 placements,
                 at,
-            } => self.place(run_id, *attempt, placements, *at),
+                secret,
+            } => self.place(run_id, *attempt, placements, secret.as_deref(), *at),
             Command::PreemptAttempt {
                 run_id,
                 attempt,
@@ -267,6 +268,39 @@ impl State {
                 }
                 Ok(Applied::Done)
             }
+            Command::SubmitSweep {
+                sweep_id,
+                spec,
+                seed,
+                at,
+            } => self.submit_sweep(sweep_id, spec, *seed, *at),
+            Command::SweepDecision {
+                sweep_id,
+                decision,
+                run_id,
+                at,
+            } => self.apply_sweep_decision(sweep_id, decision, run_id.as_deref(), *at),
+            Command::CancelSweep {
+                sweep_id,
+                reason,
+                at,
+            } => self.cancel_sweep(sweep_id, reason.as_deref(), *at),
+            Command::SubmitPipeline {
+                pipeline_id,
+                spec,
+                at,
+            } => self.submit_pipeline(pipeline_id, spec, *at),
+            Command::PipelineDecision {
+                pipeline_id,
+                decision,
+                run_id,
+                at,
+            } => self.apply_pipeline_decision(pipeline_id, decision, run_id.as_deref(), *at),
+            Command::CancelPipeline {
+                pipeline_id,
+                reason,
+                at,
+            } => self.cancel_pipeline(pipeline_id, reason.as_deref(), *at),
         }
     }
 
@@ -643,6 +677,7 @@ impl State {
         run_id: &str,
         attempt: u32,
         placements: &[Placement],
+        secret: Option<&str>,
         at: Millis,
     ) -> Result<Applied, ApplyError> {
         let run = self
@@ -729,6 +764,10 @@ impl State {
         {
             return bad(why);
         }
+        let master_port = (run.spec.instance_count > 1 || run.spec.distribution.is_some())
+            .then(|| self.master_port_for(placements));
+        // Only ranks on several nodes talk to each other's agents.
+        let secret = secret.filter(|_| run.spec.instance_count > 1);
         // Validated: now mutate.
         let run = self.runs.get_mut(run_id).expect("checked above");
         let key = queue_key(run);
@@ -749,6 +788,8 @@ impl State {
             outputs: None,
             preempted_for: None,
             logs: BTreeMap::new(),
+            master_port,
+            secret: secret.map(str::to_string),
         });
         let run = &self.runs[run_id];
         self.active
@@ -764,6 +805,21 @@ impl State {
             node.idle_since = None;
         }
         Ok(Applied::Done)
+    }
+
+    /// The lowest free port for a new attempt on these nodes (distributed.rs).
+    fn master_port_for(&self, placements: &[Placement]) -> u16 {
+        let used = placements
+            .iter()
+            .filter_map(|p| self.nodes.get(&p.node_id))
+            .flat_map(|n| n.attempts.iter())
+            .filter_map(|(run_id, number)| {
+                let run = self.runs.get(run_id)?;
+                run.attempts
+                    .get(number.checked_sub(1)? as usize)?
+                    .master_port
+            });
+        crate::distributed::choose_master_port(used)
     }
 
     fn preempt(

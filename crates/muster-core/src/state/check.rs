@@ -211,7 +211,10 @@ impl State {
                 "an active attempt is placed on unknown node {node}"
             ));
         }
-        self.check_scaling()
+        self.check_scaling()?;
+        self.check_sweeps()?;
+        self.check_pipelines()?;
+        Ok(())
     }
 
     /// Autoscaling: a busy node is not idle, and the autoscaler's records belong to

@@ -7,10 +7,12 @@ use thiserror::Error;
 
 use crate::Millis;
 use crate::compute::{ComputeSpec, Tier};
+use crate::pipeline::PipelineSpec;
 use crate::resources::Capacity;
 use crate::schedule::Placement;
 use crate::spec::RunSpec;
 use crate::state::{AttemptEnd, NodeState, SealedLog};
+use crate::sweep::SweepSpec;
 
 /// A change to the replicated state. Each variant carries an explicit, versioned tag so a
 /// newer server can replay an older log; a changed variant gets a new tag (`.v2`) and the
@@ -91,6 +93,11 @@ pub enum Command {
         placements: Vec<Placement>,
         /// When.
         at: Millis,
+        /// A random secret, chosen by the proposer, that the ranks of a distributed attempt
+        /// present to each other's agents (the MPI rsh helper); stored as
+        /// [`crate::Attempt::secret`]. `None` in older logs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secret: Option<String>,
     },
     /// An agent's report on one rank of an attempt.
     #[serde(rename = "report_attempt.v1")]
@@ -193,9 +200,97 @@ pub enum Command {
         /// When.
         at: Millis,
     },
+    /// Accept a sweep (see `state/sweep.rs`).
+    #[serde(rename = "submit_sweep.v1")]
+    SubmitSweep {
+        /// New id, chosen by the proposer.
+        sweep_id: String,
+        /// What it searches.
+        spec: Box<SweepSpec>,
+        /// The sampler's seed (the file's, or drawn by the proposer).
+        seed: u64,
+        /// When.
+        at: Millis,
+    },
+    /// A sweep controller decision (start, cancel a trial; finish).
+    #[serde(rename = "sweep_decision.v1")]
+    SweepDecision {
+        /// The sweep.
+        sweep_id: String,
+        /// The decision.
+        decision: crate::sweep::SweepDecision,
+        /// The new trial's run id (for a start), chosen by the proposer.
+        run_id: Option<String>,
+        /// When.
+        at: Millis,
+    },
+    /// A user's cancel of a sweep: its active trials are canceled, no trial starts, and it
+    /// finishes as canceled once they are over.
+    #[serde(rename = "cancel_sweep.v1")]
+    CancelSweep {
+        /// The sweep.
+        sweep_id: String,
+        /// Why.
+        reason: Option<String>,
+        /// When.
+        at: Millis,
+    },
+    /// Accept a pipeline (see `state/pipeline.rs`).
+    #[serde(rename = "submit_pipeline.v1")]
+    SubmitPipeline {
+        /// New id, chosen by the proposer.
+        pipeline_id: String,
+        /// The DAG.
+        spec: Box<PipelineSpec>,
+        /// When.
+        at: Millis,
+    },
+    /// A pipeline planner decision (start, reuse, fail a step; finish).
+    #[serde(rename = "pipeline_decision.v1")]
+    PipelineDecision {
+        /// The pipeline.
+        pipeline_id: String,
+        /// The decision.
+        decision: crate::pipeline::PipelineDecision,
+        /// The step's run id (for a start), chosen by the proposer.
+        run_id: Option<String>,
+        /// When.
+        at: Millis,
+    },
+    /// A user's cancel of a pipeline: its running steps are canceled, pending ones fail.
+    #[serde(rename = "cancel_pipeline.v1")]
+    CancelPipeline {
+        /// The pipeline.
+        pipeline_id: String,
+        /// Why.
+        reason: Option<String>,
+        /// When.
+        at: Millis,
+    },
 }
 
 impl Command {
+    /// Gives a `PlaceRun` the attempt's secret (random, chosen by the proposer: core has no
+    /// randomness); other commands are returned unchanged.
+    pub fn with_secret(self, secret: String) -> Command {
+        match self {
+            Command::PlaceRun {
+                run_id,
+                attempt,
+                placements,
+                at,
+                ..
+            } => Command::PlaceRun {
+                run_id,
+                attempt,
+                placements,
+                at,
+                secret: Some(secret),
+            },
+            other => other,
+        }
+    }
+
     /// Encodes the command for the Raft log.
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("commands serialize")

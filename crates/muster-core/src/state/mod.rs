@@ -24,6 +24,8 @@
 mod apply;
 mod check;
 mod command;
+mod pipeline;
+mod sweep;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -33,6 +35,8 @@ use serde::{Deserialize, Serialize};
 pub(crate) use apply::live_node_count;
 pub use apply::{MAX_SERVER_ADDRESS_LEN, validate_server_address};
 pub use command::{Applied, ApplyError, AttemptReport, Command, ProvisionOutcome};
+pub use pipeline::{Pipeline, PipelineFinish, StepRecord};
+pub use sweep::{Sweep, SweepFinish, Trial};
 
 use crate::Millis;
 use crate::compute::{ComputeSpec, QuotaUsage, Tier};
@@ -351,6 +355,16 @@ pub struct Attempt {
     /// was applied to it (kept after the attempt ends, as history).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preempted_for: Option<String>,
+    /// The port rank 0 listens on for its peers (`MASTER_PORT`; every rank's port for
+    /// TensorFlow), chosen when the attempt is placed so that no two active attempts that
+    /// share a node use the same one (see [`crate::distributed::choose_master_port`]).
+    /// Set for distributed attempts (more than one instance, or a `distribution`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master_port: Option<u16>,
+    /// The secret the ranks of a multi-node attempt present to each other's agents (from
+    /// `PlaceRun`; kept only when the run has more than one instance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
     /// The sealed log of each rank that ended, by rank: its combined stdout/stderr, in the
     /// blob store (on a majority of servers), so any server can serve it once the server
     /// that took it from the agent is gone. Recorded by [`Command::SealLog`] before the
@@ -454,6 +468,12 @@ pub struct State {
     /// Absent in states written before autoscaling existed.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub scaling: BTreeMap<String, Scaling>,
+    /// Sweeps by id (absent from snapshots taken before sweeps existed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sweeps: BTreeMap<String, Sweep>,
+    /// Pipelines by id (absent from snapshots taken before pipelines existed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pipelines: BTreeMap<String, Pipeline>,
     /// A summary of the active runs of each compute target: what they hold against its
     /// quota, their priorities, how many are being preempted. Derived from `runs`: kept up
     /// to date by `apply`, rebuilt by [`State::from_snapshot`], never serialized, and
@@ -633,5 +653,7 @@ pub(crate) fn attempt_usage(a: &Attempt) -> QuotaUsage {
     u
 }
 
+#[cfg(test)]
+mod flow_tests;
 #[cfg(test)]
 mod tests;

@@ -16,7 +16,7 @@ use muster_core::names::validate_node_name;
 use muster_core::resources::Capacity;
 use muster_core::state::AttemptEnd;
 use muster_core::{Applied, ApplyError, AttemptReport, Command};
-use muster_proto::placement_to_wire;
+use muster_proto::placement_to_assignment;
 use muster_proto::v1::{self, agent_message, agent_service_server::AgentService, server_message};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -285,8 +285,10 @@ impl Session {
                     placements: a
                         .placements
                         .iter()
-                        .map(|p| placement_to_wire(s, p))
+                        .map(|p| placement_to_assignment(s, p))
                         .collect(),
+                    master_port: a.master_port.map_or(0, u32::from),
+                    secret: a.secret.clone().unwrap_or_default(),
                 });
             }
             // Attempts the agent runs that are not (or no longer) placed here: fence them.

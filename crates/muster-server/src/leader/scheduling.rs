@@ -52,7 +52,7 @@ pub(crate) async fn run(coordinator: Arc<Coordinator>) {
         }
         let proposals = decisions
             .into_iter()
-            .map(|d| coordinator.propose(d.into_command(now)));
+            .map(|d| coordinator.propose(d.into_command(now).with_secret(attempt_secret())));
         for result in join_all(proposals).await {
             // A rejected decision means the state moved on; the next pass decides again.
             if let Err(e) = result {
@@ -60,4 +60,11 @@ pub(crate) async fn run(coordinator: Arc<Coordinator>) {
             }
         }
     }
+}
+
+/// A fresh secret for a placed attempt (128 random bits, hex): the ranks of a distributed
+/// attempt present it to each other's agents. Chosen here, by the proposer, because core
+/// has no randomness.
+fn attempt_secret() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
 }
