@@ -340,7 +340,8 @@ pub enum RunCommand {
         #[arg(long)]
         stale: bool,
     },
-    /// Print a run's logs (each attempt in turn).
+    /// Print a run's logs (each attempt in turn). A multi-instance run's ranks are combined,
+    /// each line prefixed `[rank N] `; `--rank N` prints one rank's log as it is.
     Logs {
         /// The run id.
         id: String,
@@ -350,6 +351,9 @@ pub enum RunCommand {
         /// Only this attempt.
         #[arg(long)]
         attempt: Option<u32>,
+        /// Only this rank (0-based), unprefixed.
+        #[arg(long)]
+        rank: Option<u32>,
     },
     /// Cancel a run (SIGTERM, then SIGKILL after the grace period).
     Cancel {

@@ -211,7 +211,11 @@ impl Session {
 
     async fn send_resume(&self, run_id: &str, attempt: u32) {
         let rank = self.rank(run_id, attempt).unwrap_or(0);
-        let offset = self.coordinator.logs.len(run_id, attempt, rank);
+        // A sealed log takes nothing more: the agent need not re-send what it holds.
+        let offset = match self.coordinator.sealed_log(run_id, attempt, rank) {
+            Some(log) => log.bytes,
+            None => self.coordinator.logs.len(run_id, attempt, rank),
+        };
         let _ = self
             .send(server_message::Msg::Resume(v1::LogResume {
                 run_id: run_id.to_string(),
@@ -331,6 +335,16 @@ impl Session {
                 let Some(rank) = self.rank(&log.run_id, log.attempt) else {
                     return Ok(());
                 };
+                if self
+                    .coordinator
+                    .sealed_log(&log.run_id, log.attempt, rank)
+                    .is_some()
+                {
+                    // Fenced: the rank's log was sealed (its end was reported, or its node
+                    // was declared lost); a late agent's bytes are not part of it.
+                    tracing::debug!(node = %self.node_id, run_id = %log.run_id, attempt = log.attempt, rank, "dropping log bytes of a sealed log");
+                    return Ok(());
+                }
                 match self.coordinator.logs.append(
                     &log.run_id,
                     log.attempt,
@@ -338,7 +352,7 @@ impl Session {
                     log.offset,
                     &log.data,
                 ) {
-                    Ok(Append::Stored(_)) => {}
+                    Ok(Append::Stored(_) | Append::Sealed) => {}
                     Ok(Append::Gap(_)) => self.send_resume(&log.run_id, log.attempt).await,
                     Err(e) => return Err(Status::internal(format!("storing logs: {e}"))),
                 }
