@@ -642,3 +642,44 @@ jobs:
     );
     assert_eq!(all_runs(&url).await.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_in_containers_read_their_inputs_read_only() {
+    use muster_testkit::images::{busybox_image, docker_or_skip};
+    let Some(docker) = docker_or_skip().await else {
+        return;
+    };
+    let image = busybox_image(&docker).await.unwrap();
+    let dev = DevCluster::start().await.unwrap();
+    let url = dev.url();
+    let project = tempfile::tempdir().unwrap();
+    write(
+        project.path(),
+        "boxed.yml",
+        &format!(
+            "type: pipeline
+jobs:
+  make:
+    command: ls /.dockerenv && echo made-in-a-box > ${{{{outputs.data}}}}/x.txt
+    environment:
+      image: {image}
+    outputs:
+      data:
+        type: uri_folder
+  use:
+    command: cat ${{{{inputs.data}}}}/x.txt && (touch ${{{{inputs.data}}}}/y 2>/dev/null && echo inputs-writable || echo inputs-read-only)
+    environment:
+      image: {image}
+    inputs:
+      data: ${{{{parent.jobs.make.outputs.data}}}}
+"
+        ),
+    );
+    let id = submit(&url, project.path(), "boxed.yml").await;
+    let p = wait_pipeline(&url, &id).await;
+    assert_eq!(p.state, "completed", "{p:?}");
+    let used = p.steps[1].run_id.clone().unwrap();
+    let log = logs(&url, project.path(), &used).await;
+    assert!(log.contains("made-in-a-box"), "{log}");
+    assert!(log.contains("inputs-read-only"), "{log}");
+}
