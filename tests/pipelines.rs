@@ -34,6 +34,9 @@ display_name: diamond
 experiment_name: pipelines-e2e
 settings:
   default_compute: local
+outputs:
+  final:
+    type: uri_folder
 jobs:
   a:
     code: src
@@ -67,7 +70,9 @@ jobs:
       out:
         type: uri_folder
   d:
-    command: cat ${{{{inputs.left}}}}/b.txt ${{{{inputs.right}}}}/c.txt && test -d ${{{{inputs.notes}}}} && echo notes-folder-present
+    command: cat ${{{{inputs.left}}}}/b.txt ${{{{inputs.right}}}}/c.txt && test -d ${{{{inputs.notes}}}} && echo notes-folder-present && echo done > ${{{{outputs.report}}}}/r.txt
+    outputs:
+      report: ${{{{parent.outputs.final}}}}
     inputs:
       left: ${{{{parent.jobs.b.outputs.out}}}}
       right: ${{{{parent.jobs.c.outputs.out}}}}
@@ -231,6 +236,17 @@ async fn a_diamond_pipeline_passes_data_runs_in_parallel_and_is_reused() {
     let d_inputs = step(&shown, "d")["inputs"].as_object().unwrap().clone();
     assert_eq!(d_inputs.len(), 3, "{shown}");
     assert!(d_inputs["left"].as_str().unwrap().ends_with("/out"));
+    // The pipeline's output is D's report.
+    let final_out = &shown["outputs"][0];
+    assert_eq!(
+        (&final_out["name"], &final_out["step"]),
+        (&Value::from("final"), &Value::from("d")),
+        "{shown}"
+    );
+    assert!(
+        final_out["identity"].as_str().unwrap().ends_with("/report"),
+        "{shown}"
+    );
 
     // 2. Unchanged: every step is reused, no run executes, and show names the sources.
     let second = submit(&url, project.path(), "pipeline.yml").await;

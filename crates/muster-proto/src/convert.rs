@@ -336,6 +336,20 @@ pub fn pipeline_to_wire(state: &State, p: &muster_core::state::Pipeline) -> v1::
         finished_at_ms: p.finished.as_ref().map(|f| f.at),
         steps,
         cancel_reason: p.cancel_requested.clone(),
+        outputs: p
+            .spec
+            .outputs
+            .iter()
+            .map(|(name, (step, output))| v1::PipelineOutput {
+                name: name.clone(),
+                step: step.clone(),
+                output: output.clone(),
+                identity: match states.get(step) {
+                    Some(StepState::Completed { outputs, .. }) => outputs.get(output).cloned(),
+                    _ => None,
+                },
+            })
+            .collect(),
     }
 }
 

@@ -210,6 +210,9 @@ pub fn pipeline_json(p: &v1::Pipeline) -> Value {
         "created_at": time(p.created_at_ms),
         "finished_at": p.finished_at_ms.map(time),
         "cancel_reason": p.cancel_reason,
+        "outputs": p.outputs.iter().map(|o| json!({
+            "name": o.name, "step": o.step, "output": o.output, "identity": o.identity,
+        })).collect::<Vec<_>>(),
         "steps": p.steps.iter().map(|s| json!({
             "name": s.name,
             "state": s.state,
@@ -239,6 +242,21 @@ pub fn pipeline_details(p: &v1::Pipeline) -> String {
     line("created", time(p.created_at_ms));
     line("finished", p.finished_at_ms.map(time).unwrap_or_default());
     line("canceled", p.cancel_reason.clone().unwrap_or_default());
+    for o in &p.outputs {
+        line(
+            "output",
+            format!(
+                "{} = {}.{}{}",
+                o.name,
+                o.step,
+                o.output,
+                o.identity
+                    .as_ref()
+                    .map(|i| format!(" ({i})"))
+                    .unwrap_or_default()
+            ),
+        );
+    }
     let mut t = table(&[
         "STEP",
         "STATE",
