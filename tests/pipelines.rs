@@ -14,13 +14,13 @@ use muster_testkit::{DevCluster, muster};
 use muster_tests::{all_runs, write};
 use serde_json::Value;
 
-/// Touches `$MEET_DIR/$1`, then waits (bounded: 30 s) for `$MEET_DIR/$2`: two steps that
+/// Touches `$MEET_DIR/$1`, then waits (bounded: 60 s) for `$MEET_DIR/$2`: two steps that
 /// both pass it were running at the same time.
 const MEET: &str = r#"touch "$MEET_DIR/$1"
 i=0
 while [ ! -e "$MEET_DIR/$2" ]; do
   i=$((i+1))
-  if [ $i -gt 600 ]; then echo "gave up waiting for $2"; exit 9; fi
+  if [ $i -gt 1200 ]; then echo "gave up waiting for $2"; exit 9; fi
   sleep 0.05
 done
 echo "$1 met $2"
@@ -457,14 +457,14 @@ jobs:
       data:
         type: uri_folder
   b:
-    command: sleep 2 && sed 's/^/b saw /' ${{inputs.data}}/a.txt > ${{outputs.out}}/b.txt
+    command: sleep 4 && sed 's/^/b saw /' ${{inputs.data}}/a.txt > ${{outputs.out}}/b.txt
     inputs:
       data: ${{parent.jobs.a.outputs.data}}
     outputs:
       out:
         type: uri_folder
   c:
-    command: sleep 2 && sed 's/^/c saw /' ${{inputs.data}}/a.txt > ${{outputs.out}}/c.txt
+    command: sleep 4 && sed 's/^/c saw /' ${{inputs.data}}/a.txt > ${{outputs.out}}/c.txt
     inputs:
       data: ${{parent.jobs.a.outputs.data}}
     outputs:
