@@ -7,6 +7,7 @@
 #   deploy/build-image.sh path/to/muster           # uses that binary
 #   deploy/build-image.sh path/to/muster my:tag    # and tags the image my:tag
 # MUSTER_BIN and MUSTER_IMAGE (the tag; default muster:local) do the same as the arguments.
+# A muster-rsh beside the binary (or MUSTER_RSH) is installed too, for MPI runs.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 bin="${1:-${MUSTER_BIN:-}}"
@@ -22,6 +23,12 @@ trap 'rm -rf "$ctx"' EXIT
 mkdir -p "$ctx/rootfs/usr/local/bin" "$ctx/rootfs/bin" "$ctx/rootfs/tmp" "$ctx/rootfs/etc"
 cp "$bin" "$ctx/rootfs/usr/local/bin/muster"
 cp /bin/busybox "$ctx/rootfs/bin/busybox"
+# MPI runs' rsh helper (statically linked), when built beside the binary (MUSTER_RSH names
+# another): the agent finds it next to itself.
+rsh="${MUSTER_RSH:-$(dirname "$bin")/muster-rsh}"
+if [ -x "$rsh" ]; then
+  cp "$rsh" "$ctx/rootfs/usr/local/bin/muster-rsh"
+fi
 # The binary's shared libraries and the dynamic loader, at the same paths.
 for lib in $(ldd "$bin" | grep -o '/[^ )]*'); do
   mkdir -p "$ctx/rootfs$(dirname "$lib")"

@@ -129,15 +129,25 @@ impl Pool {
         out.stdout
     }
 
-    /// One rank's log of attempt 1, as the server keeps it.
-    fn rank_log(&self, id: &str, rank: u32) -> String {
-        let path = self
-            .dev
-            .data_dir
-            .join("server/logs")
-            .join(id)
-            .join(format!("1.{rank}.log"));
-        std::fs::read_to_string(&path).unwrap_or_default()
+    /// One rank's log of attempt 1, as the server keeps it (`muster run logs --rank N`:
+    /// the ended rank's sealed log, unprefixed).
+    async fn rank_log(&self, project: &Path, id: &str, rank: u32) -> String {
+        let out = muster(
+            &self.dev.url(),
+            project,
+            &[
+                "run",
+                "logs",
+                id,
+                "--attempt",
+                "1",
+                "--rank",
+                &rank.to_string(),
+            ],
+        )
+        .await;
+        assert_eq!(out.code, 0, "{out:?}");
+        out.stdout
     }
 
     /// The containers of run `id` still on the engine.
@@ -210,7 +220,7 @@ cat outputs/got
     let id = pool.submit(project.path(), &image).await;
     let run = wait_done(&pool.dev.url(), &id).await;
     let logs = pool.logs(project.path(), &id).await;
-    let rank1 = pool.rank_log(&id, 1);
+    let rank1 = pool.rank_log(project.path(), &id, 1).await;
     assert_eq!(
         (run.state.as_str(), run.exit_code),
         ("completed", Some(0)),
@@ -320,7 +330,7 @@ async fn mpirun_on_rank_0_starts_a_process_in_both_nodes_containers() {
     let id = pool.submit(project.path(), &image).await;
     let run = wait_done(&pool.dev.url(), &id).await;
     let logs = pool.logs(project.path(), &id).await;
-    let rank1 = pool.rank_log(&id, 1);
+    let rank1 = pool.rank_log(project.path(), &id, 1).await;
     assert_eq!(
         (run.state.as_str(), run.exit_code),
         ("completed", Some(0)),
@@ -359,8 +369,8 @@ async fn tensorflow_ranks_get_one_tf_config_naming_each_task() {
     let id = pool.submit(project.path(), &image).await;
     let run = wait_done(&pool.dev.url(), &id).await;
     assert_eq!(run.state, "completed", "{run:?}");
-    let rank0 = pool.rank_log(&id, 0);
-    let rank1 = pool.rank_log(&id, 1);
+    let rank0 = pool.rank_log(project.path(), &id, 0).await;
+    let rank1 = pool.rank_log(project.path(), &id, 1).await;
     let combined = pool.logs(project.path(), &id).await;
     assert!(combined.contains("[rank 1] TF_CONFIG="), "{combined}");
     let config = |log: &str| -> serde_json::Value {

@@ -796,6 +796,7 @@ async fn a_follower_follows_a_live_log_through_its_end_without_repeating_a_line(
             id: run.clone(),
             attempt: None,
             follow: true,
+            ..Default::default()
         })
         .await
         .unwrap()

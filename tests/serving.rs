@@ -152,6 +152,7 @@ async fn logs_stream_live_while_the_run_is_still_running() {
             id: id.clone(),
             attempt: None,
             follow: true,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -8,7 +8,14 @@ use prost::Message;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
     let files = [
-        "types", "compute", "runs", "blobs", "agent", "cluster", "metrics",
+        "types",
+        "compute",
+        "runs",
+        "blobs",
+        "agent",
+        "cluster",
+        "pipelines",
+        "metrics",
     ]
     .map(|f| root.join(format!("muster/v1/{f}.proto")));
     for f in &files {

@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 use crate::executor::docker::{DockerExecutor, Managed, RSH_TARGET};
 use crate::executor::{self, ContainerSpec, Launch, Outcome, Stop};
 use crate::rsh_server::{self, Registry, Worker};
-use crate::{outputs, snapshot};
+use crate::{inputs, outputs, snapshot};
 
 /// (run id, attempt number).
 pub(crate) type Key = (String, u32);
@@ -84,6 +84,9 @@ pub(crate) struct AttemptTask {
     pub log_path: PathBuf,
     pub cache_dir: PathBuf,
     pub blobs: BlobServiceClient<Channel>,
+    /// Every server the agent knows: blob transfers fall back to them when the server
+    /// `blobs` talks to is gone (a failover).
+    pub servers: Vec<String>,
     pub events: mpsc::Sender<Event>,
     pub stop: watch::Receiver<Option<Stop>>,
     pub executors: Executors,
@@ -224,6 +227,32 @@ impl AttemptTask {
                 .await
                 .map_err(|e| format!("cannot create {d}/: {e}"))?;
         }
+        // A pipeline step: its declared outputs' folders, and its upstream outputs at inputs/.
+        for o in &a.outputs {
+            tokio::fs::create_dir_all(code_dir.join("outputs").join(o))
+                .await
+                .map_err(|e| format!("cannot create outputs/{o}/: {e}"))?;
+        }
+        let inputs = a.inputs.clone().into_iter().collect();
+        let scratch = self.workdir.join(".inputs");
+        let mut placed = inputs::place(
+            &mut self.blobs,
+            &inputs,
+            &self.cache_dir,
+            &scratch,
+            &code_dir,
+        )
+        .await;
+        if placed.is_err() {
+            for mut other in self.other_blob_clients().await {
+                placed =
+                    inputs::place(&mut other, &inputs, &self.cache_dir, &scratch, &code_dir).await;
+                if placed.is_ok() {
+                    break;
+                }
+            }
+        }
+        placed?;
         let ex = &self.executors;
         let container = match (&spec.image, &ex.docker) {
             (Some(image), Some(_)) => Some(image.clone()),
@@ -511,7 +540,16 @@ impl AttemptTask {
     async fn finish(mut self, mut outcome: Outcome) {
         let outputs_dir = self.workdir.join("code/outputs");
         let archive = self.workdir.join("outputs.tar");
-        let outputs = match outputs::upload(&mut self.blobs, &outputs_dir, archive).await {
+        let mut uploaded = outputs::upload(&mut self.blobs, &outputs_dir, archive.clone()).await;
+        if uploaded.is_err() {
+            for mut other in self.other_blob_clients().await {
+                uploaded = outputs::upload(&mut other, &outputs_dir, archive.clone()).await;
+                if uploaded.is_ok() {
+                    break;
+                }
+            }
+        }
+        let outputs = match uploaded {
             Ok(o) => o,
             Err(e) => {
                 if outcome.end == AttemptEnd::Completed {
@@ -527,6 +565,27 @@ impl AttemptTask {
             .events
             .send(Event::Ended(self.key, outcome, outputs))
             .await;
+    }
+}
+
+impl AttemptTask {
+    /// Blob clients of every server that answers, to retry a transfer that failed against
+    /// the one `blobs` talks to (it may be a leader that just died).
+    async fn other_blob_clients(&self) -> Vec<BlobServiceClient<Channel>> {
+        let mut out = Vec::new();
+        for url in &self.servers {
+            let Ok(endpoint) = tonic::transport::Endpoint::from_shared(url.clone()) else {
+                continue;
+            };
+            if let Ok(channel) = endpoint
+                .connect_timeout(std::time::Duration::from_secs(3))
+                .connect()
+                .await
+            {
+                out.push(BlobServiceClient::new(channel).max_decoding_message_size(8 << 20));
+            }
+        }
+        out
     }
 }
 

@@ -7,7 +7,8 @@ use tonic::transport::Channel;
 
 use crate::transfer;
 
-/// Archives `outputs` (if it has any file) to `archive` and uploads it; returns its address.
+/// Archives `outputs` (if it has any file or folder: a pipeline step's declared outputs are
+/// folders, empty or not) to `archive` and uploads it; returns its address.
 pub(crate) async fn upload(
     client: &mut BlobServiceClient<Channel>,
     outputs: &Path,
@@ -16,7 +17,7 @@ pub(crate) async fn upload(
     let dir = outputs.to_path_buf();
     let tar_path = archive.clone();
     let has_files = tokio::task::spawn_blocking(move || -> anyhow::Result<bool> {
-        let any = walk_has_file(&dir);
+        let any = has_entry(&dir);
         if !any {
             return Ok(false);
         }
@@ -46,12 +47,6 @@ pub(crate) async fn upload(
     Ok(Some(sha))
 }
 
-fn walk_has_file(dir: &Path) -> bool {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return false;
-    };
-    entries.flatten().any(|e| {
-        let p = e.path();
-        if p.is_dir() { walk_has_file(&p) } else { true }
-    })
+fn has_entry(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut e| e.next().is_some())
 }

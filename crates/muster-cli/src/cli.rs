@@ -52,6 +52,47 @@ pub enum Command {
     /// The coordinator cluster: status and membership.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Pipelines: DAGs of steps, each a run on its own compute target.
+    #[command(subcommand)]
+    Pipeline(PipelineCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PipelineCommand {
+    /// Submit a `type: pipeline` YAML: snapshot each step's code, upload, queue.
+    Submit(PipelineSubmitArgs),
+    /// Show a pipeline and its steps (state, run, reused from, compute, reason).
+    Show {
+        /// The pipeline id.
+        id: String,
+    },
+    /// List pipelines, oldest first.
+    List {
+        /// Only the newest N.
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// Cancel a pipeline: its running steps are canceled, steps not started fail.
+    Cancel {
+        /// The pipeline id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PipelineSubmitArgs {
+    /// An Azure ML v2 pipeline job YAML (`type: pipeline`).
+    #[arg(long, short = 'f')]
+    pub file: PathBuf,
+    /// Retrying with the same key never creates a second pipeline.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Snapshot limit in bytes (each step's code).
+    #[arg(long, default_value_t = 300_000_000)]
+    pub max_snapshot_bytes: u64,
+    /// Snapshot limit in files (each step's code).
+    #[arg(long, default_value_t = 2_000)]
+    pub max_snapshot_files: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -299,7 +340,8 @@ pub enum RunCommand {
         #[arg(long)]
         stale: bool,
     },
-    /// Print a run's logs (each attempt in turn).
+    /// Print a run's logs (each attempt in turn). A multi-instance run's ranks are combined,
+    /// each line prefixed `[rank N] `; `--rank N` prints one rank's log as it is.
     Logs {
         /// The run id.
         id: String,
@@ -309,6 +351,9 @@ pub enum RunCommand {
         /// Only this attempt.
         #[arg(long)]
         attempt: Option<u32>,
+        /// Only this rank (0-based), unprefixed.
+        #[arg(long)]
+        rank: Option<u32>,
     },
     /// Print a run's metrics (metric, step, value), as logged to $MUSTER_METRICS_FILE or
     /// as `##muster[metric]` lines on stdout.

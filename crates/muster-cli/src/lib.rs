@@ -35,5 +35,6 @@ pub async fn execute(cli: Cli) -> anyhow::Result<i32> {
         Command::Cluster(cmd) => commands::cluster::run(&cli.server, cli.output, cmd)
             .await
             .map(|_| 0),
+        Command::Pipeline(cmd) => commands::pipeline::run(&cli.server, cli.output, cmd).await,
     }
 }

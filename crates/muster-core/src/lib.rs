@@ -9,6 +9,7 @@
 //! - [`distributed`]: the environment and MPI hostfile of each rank of a distributed run.
 //! - [`compute`]: compute targets (`local`, `cluster`, `instance`, `attached`) and Azure ML compute YAML.
 //! - [`spec`]: the run spec and Azure ML v2 command-job YAML parsing and validation.
+//! - [`loglines`]: the combined, rank-prefixed log of a multi-instance attempt.
 //! - [`snapshot`]: the manifest of a content-addressed code snapshot.
 //! - [`state`]: the replicated state machine: [`Command`], [`State::apply`], [`State::sanity_check`].
 //! - [`autoscale`](mod@autoscale): the autoscaler: `autoscale(&State, now)` decides which
@@ -31,6 +32,7 @@
 pub mod autoscale;
 pub mod compute;
 pub mod distributed;
+pub mod loglines;
 pub mod metrics;
 pub mod names;
 pub mod pipeline;

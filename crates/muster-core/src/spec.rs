@@ -538,6 +538,18 @@ pub struct JobFile {
 
 /// Parses an Azure ML v2 command job. Unknown keys are errors naming their path.
 pub fn parse_job_yaml(text: &str) -> Result<JobFile, SpecError> {
+    // A sweep or pipeline has keys a command job lacks (`jobs:`, `trial:`): say which
+    // command takes it before complaining about them.
+    if let Ok(yaml_serde::Value::Mapping(m)) = yaml_serde::from_str::<yaml_serde::Value>(text)
+        && let Some(other @ ("sweep" | "pipeline")) = m.get("type").and_then(|t| t.as_str())
+    {
+        return Err(SpecError::field(
+            "type",
+            format!(
+                "a {other} job is submitted with `muster {other} submit`, not `muster run submit`"
+            ),
+        ));
+    }
     let job: JobFile = parse_yaml(text)?;
     match job.kind.as_deref() {
         None | Some("command") => Ok(job),
@@ -826,6 +838,10 @@ mod tests {
         assert_eq!(e.path, "distribution.process_count_per_instance");
         let e = parse_job_yaml("type: sweep\n").unwrap_err();
         assert_eq!(e.path, "type");
+        // A whole pipeline (with its `jobs:`) points at `muster pipeline submit`.
+        let e = parse_job_yaml("type: pipeline\njobs:\n  a:\n    command: echo\n").unwrap_err();
+        assert_eq!(e.path, "type");
+        assert!(e.to_string().contains("muster pipeline submit"), "{e}");
     }
 
     #[test]

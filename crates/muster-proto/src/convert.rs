@@ -248,6 +248,111 @@ pub fn run_to_wire(state: &State, r: &CoreRun) -> v1::Run {
     }
 }
 
+/// A code snapshot reference on the wire.
+pub fn code_to_wire(c: CoreCode) -> v1::CodeRef {
+    v1::CodeRef {
+        manifest: c.manifest,
+        files: c.files,
+        bytes: c.bytes,
+        git: c.git.map(|g| v1::GitInfo {
+            commit: g.commit,
+            branch: g.branch,
+            dirty: g.dirty,
+        }),
+    }
+}
+
+/// A code snapshot reference from the wire (validated with the run spec it joins).
+pub fn code_from_wire(c: v1::CodeRef) -> CoreCode {
+    CoreCode {
+        manifest: c.manifest,
+        files: c.files,
+        bytes: c.bytes,
+        git: c.git.map(|g| CoreGit {
+            commit: g.commit,
+            branch: g.branch,
+            dirty: g.dirty,
+        }),
+    }
+}
+
+/// A pipeline as the API shows it: its state and each step's (run, reuse, failure).
+pub fn pipeline_to_wire(state: &State, p: &muster_core::state::Pipeline) -> v1::Pipeline {
+    use muster_core::pipeline::StepState;
+    let states = state.pipeline_step_states(p);
+    let steps = p
+        .spec
+        .order
+        .iter()
+        .map(|name| {
+            let spec = &p.spec.steps[name];
+            let rec = p.steps.get(name);
+            let run = rec
+                .and_then(|r| r.run_id.as_ref())
+                .and_then(|id| state.runs.get(id));
+            let (step_state, reason) = match (rec, run) {
+                (None, _) => ("pending".to_string(), None),
+                (Some(r), _) if r.failed.is_some() => ("failed".to_string(), r.failed.clone()),
+                (Some(r), _) if r.reused.is_some() => ("reused".to_string(), None),
+                (Some(_), Some(run)) => (run.state.as_str().to_string(), run.message.clone()),
+                (Some(_), None) => ("failed".to_string(), Some("its run is missing".into())),
+            };
+            let outputs = match states.get(name) {
+                Some(StepState::Completed { outputs, .. }) => outputs.clone().into_iter().collect(),
+                _ => Default::default(),
+            };
+            v1::PipelineStep {
+                name: name.clone(),
+                state: step_state,
+                run_id: rec.and_then(|r| r.run_id.clone()),
+                reused_from: rec
+                    .filter(|r| r.reused.is_some())
+                    .and_then(|r| r.reuse_key.as_deref())
+                    .and_then(|k| state.pipeline_reused_from(k))
+                    .map(str::to_string),
+                compute: spec.run.compute.clone(),
+                reason,
+                depends_on: spec.depends_on().into_iter().map(str::to_string).collect(),
+                inputs: rec
+                    .map(|r| r.mounts.clone().into_iter().collect())
+                    .unwrap_or_default(),
+                outputs,
+            }
+        })
+        .collect();
+    let pipeline_state = match (&p.finished, &p.cancel_requested) {
+        (Some(f), _) if f.succeeded => "completed",
+        (Some(_), Some(_)) => "canceled",
+        (Some(_), None) => "failed",
+        (None, Some(_)) => "canceling",
+        (None, None) => "running",
+    };
+    v1::Pipeline {
+        id: p.id.clone(),
+        display_name: p.spec.display_name.clone(),
+        experiment: p.spec.experiment.clone(),
+        state: pipeline_state.to_string(),
+        created_at_ms: p.created_at,
+        finished_at_ms: p.finished.as_ref().map(|f| f.at),
+        steps,
+        cancel_reason: p.cancel_requested.clone(),
+        outputs: p
+            .spec
+            .outputs
+            .iter()
+            .map(|(name, (step, output))| v1::PipelineOutput {
+                name: name.clone(),
+                step: step.clone(),
+                output: output.clone(),
+                identity: match states.get(step) {
+                    Some(StepState::Completed { outputs, .. }) => outputs.get(output).cloned(),
+                    _ => None,
+                },
+            })
+            .collect(),
+    }
+}
+
 /// A compute target as the API shows it, with a summary of its nodes and runs.
 pub fn compute_to_wire(state: &State, c: &CoreCompute) -> v1::ComputeTarget {
     let name = &c.spec.name;

@@ -12,8 +12,14 @@
 //! a crash and the loss of any one server (DESIGN.md invariant 5), and any server serves an
 //! ended rank's log from the blob ([`Coordinator::read_log`]), fetching it from a peer if it
 //! missed it. Once the end is applied the file is removed; the blob is the log.
+//!
+//! A node that goes silent never reports its ranks' ends: before the leader proposes the
+//! node lost, it seals what it holds of each rank placed there
+//! ([`Coordinator::seal_lost_node_logs`]). A sealed log is closed for good: bytes that a
+//! late-returning agent ships for it are dropped (the store refuses them from the moment
+//! the seal starts; the session drops them once the seal is in the state).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -33,6 +39,8 @@ type Key = (String, u32, u32);
 pub struct LogStore {
     root: PathBuf,
     open: Mutex<HashMap<Key, (File, u64)>>,
+    /// Logs being sealed (or sealed, until their file is removed): appends are refused.
+    sealed: Mutex<HashSet<Key>>,
     changed: watch::Sender<u64>,
 }
 
@@ -43,6 +51,8 @@ pub enum Append {
     Stored(u64),
     /// The data starts past the end of the log: resend from this offset.
     Gap(u64),
+    /// The log is sealed (or being sealed): nothing more is taken.
+    Sealed,
 }
 
 impl LogStore {
@@ -52,6 +62,7 @@ impl LogStore {
         Ok(LogStore {
             root,
             open: Mutex::new(HashMap::new()),
+            sealed: Mutex::new(HashSet::new()),
             changed: watch::channel(0).0,
         })
     }
@@ -77,6 +88,9 @@ impl LogStore {
     ) -> io::Result<Append> {
         let key = (run.to_string(), attempt, rank);
         let mut open = self.open.lock().expect("log lock");
+        if self.sealed.lock().expect("log lock").contains(&key) {
+            return Ok(Append::Sealed);
+        }
         if !open.contains_key(&key) {
             let path = self.path(run, attempt, rank);
             if let Some(dir) = path.parent() {
@@ -118,13 +132,16 @@ impl LogStore {
             .unwrap_or(0)
     }
 
-    /// Makes a log durable and closes it (called before an attempt's end is proposed).
+    /// Makes a log durable and closes it for good (called before an attempt's end is
+    /// proposed): later appends are refused, until [`LogStore::unseal`] (the seal failed)
+    /// or [`LogStore::remove`] (the sealed blob replaced it).
     pub fn seal(&self, run: &str, attempt: u32, rank: u32) -> io::Result<()> {
-        let entry = self
-            .open
-            .lock()
-            .expect("log lock")
-            .remove(&(run.to_string(), attempt, rank));
+        let key = (run.to_string(), attempt, rank);
+        let entry = {
+            let mut open = self.open.lock().expect("log lock");
+            self.sealed.lock().expect("log lock").insert(key.clone());
+            open.remove(&key)
+        };
         if let Some((file, _)) = entry {
             file.sync_all()?;
         }
@@ -132,16 +149,59 @@ impl LogStore {
         Ok(())
     }
 
-    /// Removes a rank's log file (its sealed blob replaces it).
-    pub fn remove(&self, run: &str, attempt: u32, rank: u32) -> io::Result<()> {
-        self.open
+    /// Takes appends to a log again (its seal did not complete).
+    pub fn unseal(&self, run: &str, attempt: u32, rank: u32) {
+        self.sealed
             .lock()
             .expect("log lock")
             .remove(&(run.to_string(), attempt, rank));
-        match std::fs::remove_file(self.path(run, attempt, rank)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+    }
+
+    /// The logs with a file on this server (not yet replaced by a sealed blob), as
+    /// `(run, attempt, rank)`.
+    pub fn live(&self) -> io::Result<Vec<(String, u32, u32)>> {
+        let mut found = Vec::new();
+        for run in std::fs::read_dir(&self.root)? {
+            let run = run?;
+            if !run.file_type()?.is_dir() {
+                continue;
+            }
+            let Some(run_id) = run.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            for file in std::fs::read_dir(run.path())? {
+                let name = file?.file_name();
+                let parsed = name
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".log"))
+                    .and_then(|n| n.split_once('.'))
+                    .and_then(|(a, r)| Some((a.parse().ok()?, r.parse().ok()?)));
+                if let Some((attempt, rank)) = parsed {
+                    found.push((run_id.clone(), attempt, rank));
+                }
+            }
         }
+        found.sort();
+        Ok(found)
+    }
+
+    /// Removes a rank's log file (its sealed blob replaces it).
+    pub fn remove(&self, run: &str, attempt: u32, rank: u32) -> io::Result<()> {
+        let key = (run.to_string(), attempt, rank);
+        // Under the lock, so no append recreates the file in between.
+        let mut open = self.open.lock().expect("log lock");
+        open.remove(&key);
+        self.sealed.lock().expect("log lock").remove(&key);
+        let path = self.path(run, attempt, rank);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        // The run's directory goes with its last live log (it fails while others remain).
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+        Ok(())
     }
 
     /// Reads up to `max` bytes from `offset`; empty at the end (or if there is no log).
@@ -192,6 +252,15 @@ impl Coordinator {
         attempt: u32,
         rank: u32,
     ) -> Result<SealedLog, Status> {
+        let sealed = self.try_seal_log(run, attempt, rank).await;
+        if sealed.is_err() {
+            // Not sealed: the log takes the agent's bytes again (a later seal retries).
+            self.logs.unseal(run, attempt, rank);
+        }
+        sealed
+    }
+
+    async fn try_seal_log(&self, run: &str, attempt: u32, rank: u32) -> Result<SealedLog, Status> {
         self.logs
             .seal(run, attempt, rank)
             .map_err(|e| Status::internal(format!("sealing logs: {e}")))?;
@@ -213,6 +282,67 @@ impl Coordinator {
         .map_err(crate::grpc::status)?;
         tracing::debug!(run_id = %run, attempt, rank, sha256 = %log.sha256, bytes = log.bytes, "log sealed");
         Ok(log)
+    }
+
+    /// Seals what this server (the leader) holds of every rank placed on `node_id` whose
+    /// log is not sealed yet: the ranks of the attempts the node runs, and ranks of ended
+    /// attempts whose agent never reported their end (a live log file is here). Called
+    /// before the node is proposed lost, so the ranks' logs up to the loss outlive this
+    /// server like any ended rank's (invariant 5); from then on the agent's further bytes
+    /// for them are dropped. Returns how many logs it sealed.
+    pub(crate) async fn seal_lost_node_logs(&self, node_id: &str) -> Result<usize, Status> {
+        let placed_here = |s: &muster_core::State, run: &str, attempt: u32, rank: u32| {
+            s.runs
+                .get(run)
+                .and_then(|r| r.attempts.get(attempt.checked_sub(1)? as usize))
+                .and_then(|a| a.placements.get(rank as usize))
+                .is_some_and(|p| p.node_id == node_id)
+        };
+        let live = self
+            .logs
+            .live()
+            .map_err(|e| Status::internal(format!("listing live logs: {e}")))?;
+        let ranks: Vec<(String, u32, u32)> = self.read(|s| {
+            let mut ranks: Vec<(String, u32, u32)> = s
+                .nodes
+                .get(node_id)
+                .map(|n| {
+                    n.attempts
+                        .iter()
+                        .filter_map(|(run, attempt)| {
+                            let a = s
+                                .runs
+                                .get(run)?
+                                .attempts
+                                .get(attempt.checked_sub(1)? as usize)?;
+                            let rank = a.placements.iter().position(|p| p.node_id == node_id)?;
+                            Some((run.clone(), *attempt, rank as u32))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            ranks.extend(
+                live.into_iter()
+                    .filter(|(run, attempt, rank)| placed_here(s, run, *attempt, *rank)),
+            );
+            ranks.sort();
+            ranks.dedup();
+            ranks.retain(|(run, attempt, rank)| {
+                s.runs
+                    .get(run)
+                    .and_then(|r| r.attempts.get(attempt.checked_sub(1)? as usize))
+                    .is_some_and(|a| !a.logs.contains_key(rank))
+            });
+            ranks
+        });
+        for (run, attempt, rank) in &ranks {
+            let log = self.seal_log(run, *attempt, *rank).await?;
+            tracing::info!(run_id = %run, attempt, rank, bytes = log.bytes, node = %node_id, "sealed the log of a rank on a lost node");
+            if let Err(e) = self.logs.remove(run, *attempt, *rank) {
+                tracing::warn!(run_id = %run, attempt, rank, cause = %e, "could not remove a sealed log file");
+            }
+        }
+        Ok(ranks.len())
     }
 
     /// Reads up to `max` bytes of a sealed log from `offset`, repairing the blob from a
@@ -279,5 +409,43 @@ mod tests {
         assert_eq!(logs.read("r", 1, 0, 6, 3).unwrap(), b"wor");
         assert_eq!(logs.len("r", 1, 0), 11);
         assert_eq!(logs.read("r", 2, 0, 0, 100).unwrap(), b"");
+    }
+
+    #[test]
+    fn a_sealed_log_takes_no_more_bytes_until_unsealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = LogStore::open(dir.path().to_path_buf()).unwrap();
+        logs.append("r", 1, 1, 0, b"a\n").unwrap();
+        logs.append("q", 2, 0, 0, b"b\n").unwrap();
+        assert_eq!(
+            logs.live().unwrap(),
+            vec![("q".to_string(), 2, 0), ("r".to_string(), 1, 1)]
+        );
+        logs.seal("r", 1, 1).unwrap();
+        assert_eq!(
+            logs.append("r", 1, 1, 2, b"late\n").unwrap(),
+            Append::Sealed
+        );
+        assert_eq!(
+            logs.append("r", 1, 1, 0, b"a\nlate\n").unwrap(),
+            Append::Sealed
+        );
+        assert_eq!(logs.read("r", 1, 1, 0, 100).unwrap(), b"a\n");
+        // A seal that did not complete: the log grows again.
+        logs.unseal("r", 1, 1);
+        assert_eq!(
+            logs.append("r", 1, 1, 2, b"c\n").unwrap(),
+            Append::Stored(4)
+        );
+        // Sealed and replaced by its blob: the file goes, and with it the fence (the
+        // session fences by the replicated state from then on).
+        logs.seal("r", 1, 1).unwrap();
+        logs.remove("r", 1, 1).unwrap();
+        assert_eq!(logs.live().unwrap(), vec![("q".to_string(), 2, 0)]);
+        assert_eq!(logs.len("r", 1, 1), 0);
+        assert!(
+            !dir.path().join("r").exists(),
+            "no empty run directory is left"
+        );
     }
 }

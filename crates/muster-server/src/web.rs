@@ -10,6 +10,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use muster_core::RunState;
+use muster_core::loglines::RankLines;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -137,6 +138,45 @@ async fn metrics(State(c): State<Arc<Coordinator>>) -> Response {
         .into_response()
 }
 
+/// Most of an attempt's log a run page shows.
+const PAGE_LOG_BYTES: usize = 1 << 20;
+
+/// An attempt's log for its page: rank 0's as it is, or for a multi-instance attempt every
+/// rank's, line by line, each line prefixed `[rank N] ` (the ranks read in turns, a chunk
+/// at a time, as `muster run logs` shows them). An ended rank's log comes from its sealed
+/// blob (on any server); a live one from this server's file (the leader's).
+async fn attempt_log(c: &Coordinator, run: &muster_core::Run, attempt: u32) -> Vec<u8> {
+    let ranks = run
+        .attempts
+        .get(attempt as usize - 1)
+        .map_or(1, |a| a.placements.len() as u32);
+    if ranks <= 1 {
+        return c
+            .read_log(&run.id, attempt, 0, 0, PAGE_LOG_BYTES)
+            .await
+            .unwrap_or_default();
+    }
+    let mut lines = RankLines::new();
+    let mut out = Vec::new();
+    let mut offsets: Vec<(u32, u64)> = (0..ranks).map(|r| (r, 0)).collect();
+    while !offsets.is_empty() && out.len() < PAGE_LOG_BYTES {
+        let mut still = Vec::new();
+        for (rank, offset) in offsets {
+            let data = c
+                .read_log(&run.id, attempt, rank, offset, 64 * 1024)
+                .await
+                .unwrap_or_default();
+            if !data.is_empty() {
+                out.extend(lines.push(rank, &data));
+                still.push((rank, offset + data.len() as u64));
+            }
+        }
+        offsets = still;
+    }
+    out.extend(lines.finish());
+    out
+}
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -216,12 +256,7 @@ async fn run_page(State(c): State<Arc<Coordinator>>, Path(id): Path<String>) -> 
         st = run.state.as_str(),
     );
     for attempt in 1..=attempts {
-        // An ended rank's log comes from its sealed blob (on any server); a live one from
-        // this server's file (the leader's).
-        let log = c
-            .read_log(&id, attempt, 0, 0, 1 << 20)
-            .await
-            .unwrap_or_default();
+        let log = attempt_log(&c, &run, attempt).await;
         let _ = write!(
             html,
             "<h2>Attempt {attempt}</h2><pre>{}</pre>",

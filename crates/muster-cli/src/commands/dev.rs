@@ -58,6 +58,8 @@ pub async fn serve(
     );
     agent_config.unlimited = true;
     agent_config.process_fallback = true;
+    // One machine: the MPI exec listener need not be reachable from elsewhere.
+    agent_config.exec_listen = "127.0.0.1:0".into();
     agent_config.gpu_probe = config.gpu_probe.clone();
     agent_config.gpu_device_requests = config.gpu_device_requests;
     let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();

@@ -6,6 +6,7 @@ pub mod compute;
 pub mod dev;
 pub mod metrics;
 pub mod node;
+pub mod pipeline;
 pub mod run;
 pub mod server;
 

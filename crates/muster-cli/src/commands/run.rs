@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures::StreamExt;
+use muster_core::loglines::RankLines;
 use muster_core::names::validate_experiment_name;
 use muster_core::spec::{
     DistributionFile, EnvironmentFile, JobFile, LimitsFile, ResourcesFile, Scalar, parse_job_yaml,
@@ -72,9 +73,10 @@ pub async fn run(server: &str, output: OutputFormat, cmd: RunCommand) -> anyhow:
             id,
             follow,
             attempt,
+            rank,
         } => {
             let mut c = connect(server).await?;
-            stream_logs(&mut c, &id, follow, attempt).await?;
+            stream_logs(&mut c, &id, follow, attempt, rank).await?;
             Ok(0)
         }
         RunCommand::Cancel { id } => {
@@ -184,11 +186,16 @@ async fn wait(c: &mut Clients, id: &str, timeout: Option<Duration>) -> anyhow::R
     }
 }
 
+/// Prints a run's logs: one rank's as they are (`rank`), or every rank's of each attempt,
+/// combined: a single-instance attempt's log as it is, a multi-instance one's line by line,
+/// each line prefixed `[rank N] ` (a rank's unfinished line waits for its newline, so no
+/// other rank's output splits it).
 async fn stream_logs(
     c: &mut Clients,
     id: &str,
     follow: bool,
     attempt: Option<u32>,
+    rank: Option<u32>,
 ) -> anyhow::Result<()> {
     let mut stream = c
         .runs
@@ -196,24 +203,34 @@ async fn stream_logs(
             id: id.to_string(),
             attempt,
             follow,
+            rank,
+            all_ranks: rank.is_none(),
         })
         .await
         .map_err(status)?
         .into_inner();
     let mut current = 0;
+    let mut lines = RankLines::new();
     let mut stdout = std::io::stdout();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(status)?;
         if chunk.attempt != current {
+            stdout.write_all(&lines.finish())?;
             if current != 0 || chunk.attempt > 1 {
                 let _ = stdout.flush();
                 eprintln!("── attempt {} ──", chunk.attempt);
             }
             current = chunk.attempt;
         }
-        stdout.write_all(&chunk.data)?;
+        if rank.is_none() && chunk.ranks > 1 {
+            stdout.write_all(&lines.push(chunk.rank, &chunk.data))?;
+        } else {
+            stdout.write_all(&chunk.data)?;
+        }
         stdout.flush()?;
     }
+    stdout.write_all(&lines.finish())?;
+    stdout.flush()?;
     Ok(())
 }
 
@@ -403,7 +420,7 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
             return Ok(0);
         }
     }
-    stream_logs(&mut c, &run.id, true, None).await?;
+    stream_logs(&mut c, &run.id, true, None, None).await?;
     let done = wait(&mut c, &run.id, None).await?;
     if output == OutputFormat::Json {
         print_json(&run_json(&done));
@@ -434,7 +451,8 @@ fn rand_u128() -> u128 {
 }
 
 /// Downloads the outputs of the run's latest attempt that has any (into `to/outputs/`)
-/// and the logs of every attempt (into `to/logs/`).
+/// and the logs of every attempt (into `to/logs/`: `attempt-N.std_log.txt`, or for a
+/// multi-instance run one file per rank, `attempt-N.rank-R.std_log.txt`).
 async fn download(c: &mut Clients, id: &str, to: &Path) -> anyhow::Result<serde_json::Value> {
     let run = get(c, id).await?;
     std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
@@ -461,20 +479,29 @@ async fn download(c: &mut Clients, id: &str, to: &Path) -> anyhow::Result<serde_
     let logs_dir = to.join("logs");
     std::fs::create_dir_all(&logs_dir)?;
     for a in &run.attempts {
-        let mut stream = c
-            .runs
-            .stream_logs(v1::StreamLogsRequest {
-                id: id.to_string(),
-                attempt: Some(a.number),
-                follow: false,
-            })
-            .await
-            .map_err(status)?
-            .into_inner();
-        let mut f =
-            std::fs::File::create(logs_dir.join(format!("attempt-{}.std_log.txt", a.number)))?;
-        while let Some(chunk) = stream.next().await {
-            f.write_all(&chunk.map_err(status)?.data)?;
+        let ranks = a.placements.len().max(1) as u32;
+        for rank in 0..ranks {
+            let mut stream = c
+                .runs
+                .stream_logs(v1::StreamLogsRequest {
+                    id: id.to_string(),
+                    attempt: Some(a.number),
+                    follow: false,
+                    rank: Some(rank),
+                    all_ranks: false,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let name = if ranks > 1 {
+                format!("attempt-{}.rank-{rank}.std_log.txt", a.number)
+            } else {
+                format!("attempt-{}.std_log.txt", a.number)
+            };
+            let mut f = std::fs::File::create(logs_dir.join(name))?;
+            while let Some(chunk) = stream.next().await {
+                f.write_all(&chunk.map_err(status)?.data)?;
+            }
         }
     }
     if outputs.is_none() {

@@ -5,11 +5,22 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::compute::QuotaUsage;
 use crate::schedule::pool::{Amount, Plan, Pool, Standing};
 
-/// One node where a blocked run could go, and the victims that takes.
+/// One node where a blocked run could go, and the victims that takes (`len` indexes of
+/// `active` from `start` in the plan's shared victim buffer: one allocation per plan, not
+/// one per node looked at).
 struct Site {
-    victims: Vec<usize>,
+    start: usize,
+    len: usize,
     top: i32,
     slot: u32,
+}
+
+/// Buffers reused for every node a plan looks at.
+#[derive(Default)]
+struct Scratch {
+    candidates: Vec<usize>,
+    left: Vec<usize>,
+    chosen: Vec<usize>,
 }
 
 /// What a blocked run asks for.
@@ -39,18 +50,26 @@ impl Pool<'_> {
     /// `candidates` (indexes into `active`), greedily by coverage of what is lacking, then
     /// lowest priority; unneeded ones are dropped again. `None` if even all of them do not
     /// make room.
-    fn victims_on_slot(&self, s: u32, want: &Amount, candidates: &[usize]) -> Option<Vec<usize>> {
+    ///
+    /// The victims are left in `scratch.chosen` (its `candidates` are the input).
+    fn victims_on_slot(&self, s: u32, want: &Amount, scratch: &mut Scratch) -> bool {
         let active = self.active.as_ref().expect("built before planning");
+        let Scratch {
+            candidates,
+            left,
+            chosen,
+        } = scratch;
         let mut all = Amount::default();
-        for &v in candidates {
+        for &v in candidates.iter() {
             all.add(&active[v].on_slot(s));
         }
         if !self.after_release(s, &all).fits(want) {
-            return None;
+            return false;
         }
         let mut released = Amount::default();
-        let mut chosen: Vec<usize> = Vec::new();
-        let mut left: Vec<usize> = candidates.to_vec();
+        chosen.clear();
+        left.clear();
+        left.extend_from_slice(candidates);
         while !self.after_release(s, &released).fits(want) {
             let deficit = self.after_release(s, &released).deficit(want);
             let (pos, _) = left
@@ -85,7 +104,7 @@ impl Pool<'_> {
                 i += 1;
             }
         }
-        Some(chosen)
+        true
     }
 
     /// Plans room for `ask` by preempting attempts of lower priority than it (never equal
@@ -94,11 +113,12 @@ impl Pool<'_> {
     /// with all it holds) and keep the quota. `None` if even all of them would not do.
     pub fn plan_preemption(&self, ask: &Ask<'_>) -> Option<Plan> {
         let active = self.active.as_ref().expect("built before planning");
-        let mut candidates: Vec<usize> = Vec::new();
+        let mut scratch = Scratch::default();
         // The lowest priority any victim can have: a single run that finds a node needing
         // just one such victim cannot do better, and stops looking.
         let floor = self.candidate_priorities.keys().next().copied();
         let mut options: Vec<Site> = Vec::new();
+        let mut flat: Vec<usize> = Vec::new();
         for s in 0..self.slots.len() as u32 {
             let slot = &self.slots[s as usize];
             if !slot.hfree.fits(&ask.want) || !self.matches(s, ask.selector) {
@@ -106,32 +126,38 @@ impl Pool<'_> {
             }
             let option = if slot.free.fits(&ask.want) {
                 Site {
-                    victims: Vec::new(),
+                    start: flat.len(),
+                    len: 0,
                     top: i32::MIN,
                     slot: s,
                 }
             } else {
-                candidates.clear();
-                candidates.extend(self.on_slot[s as usize].iter().copied().filter(|v| {
-                    active[*v].standing == Standing::Candidate
-                        && active[*v].priority() < ask.priority
-                }));
-                let Some(victims) = self.victims_on_slot(s, &ask.want, &candidates) else {
+                scratch.candidates.clear();
+                scratch
+                    .candidates
+                    .extend(self.on_slot[s as usize].iter().copied().filter(|v| {
+                        active[*v].standing == Standing::Candidate
+                            && active[*v].priority() < ask.priority
+                    }));
+                if !self.victims_on_slot(s, &ask.want, &mut scratch) {
                     continue;
-                };
-                let top = victims
+                }
+                let top = scratch
+                    .chosen
                     .iter()
                     .map(|i| active[*i].priority())
                     .max()
                     .unwrap_or(i32::MIN);
+                let start = flat.len();
+                flat.extend_from_slice(&scratch.chosen);
                 Site {
-                    victims,
+                    start,
+                    len: scratch.chosen.len(),
                     top,
                     slot: s,
                 }
             };
-            let best_possible = option.victims.is_empty()
-                || (option.victims.len() == 1 && Some(option.top) == floor);
+            let best_possible = option.len == 0 || (option.len == 1 && Some(option.top) == floor);
             options.push(option);
             if ask.count == 1 && best_possible {
                 break;
@@ -140,15 +166,21 @@ impl Pool<'_> {
         if options.len() < ask.count {
             return None;
         }
+        let victims_of = |o: &Site| &flat[o.start..o.start + o.len];
         // Choose `count` nodes, fewest new victims first; among equals, the node whose
         // victims also stand on other candidate nodes (a gang victim frees several at
         // once), then the lowest-priority victims, then node order.
+        // Only a victim on several nodes (a gang) can stand on several options; counting
+        // just those keeps this linear in the options.
         let mut shared: BTreeMap<usize, usize> = BTreeMap::new();
         for o in &options {
-            for v in &o.victims {
-                *shared.entry(*v).or_default() += 1;
+            for v in victims_of(o) {
+                if active[*v].on.len() > 1 {
+                    *shared.entry(*v).or_default() += 1;
+                }
             }
         }
+        let spread_of = |v: &usize| shared.get(v).map_or(0, |n| n - 1);
         let mut victims: Vec<usize> = Vec::new();
         let mut seen = BTreeSet::new();
         let mut slots: Vec<u32> = Vec::with_capacity(ask.count);
@@ -159,14 +191,14 @@ impl Pool<'_> {
                 .enumerate()
                 .min_by_key(|(_, o)| {
                     let o = &options[**o];
-                    let new = o.victims.iter().filter(|v| !seen.contains(*v)).count();
-                    let spread: usize = o.victims.iter().map(|v| shared[v] - 1).sum();
+                    let new = victims_of(o).iter().filter(|v| !seen.contains(*v)).count();
+                    let spread: usize = victims_of(o).iter().map(spread_of).sum();
                     (new, std::cmp::Reverse(spread), o.top, o.slot)
                 })
                 .expect("at least count options");
             let o = &options[left.swap_remove(pos)];
             slots.push(o.slot);
-            for v in &o.victims {
+            for v in victims_of(o) {
                 if seen.insert(*v) {
                     victims.push(*v);
                 }

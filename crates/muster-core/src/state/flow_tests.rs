@@ -512,3 +512,64 @@ fn a_state_without_sweeps_or_pipelines_snapshots_as_before() {
     );
     assert_eq!(State::from_snapshot(json.as_bytes()).unwrap(), s);
 }
+
+#[test]
+fn a_stale_pipeline_decision_after_a_failover_is_refused_and_changes_nothing() {
+    let mut s = cluster();
+    let spec = parse_pipeline_yaml(PIPELINE, "e").unwrap();
+    apply(
+        &mut s,
+        &Command::SubmitPipeline {
+            pipeline_id: "p".into(),
+            spec: Box::new(spec),
+            at: 0,
+        },
+    );
+    // The old leader planned and proposed A's start; it applied.
+    let decisions = s.pipeline_plan("p");
+    let start_a = Command::PipelineDecision {
+        pipeline_id: "p".into(),
+        decision: decisions[0].clone(),
+        run_id: Some("run-old".into()),
+        at: 1,
+    };
+    apply(&mut s, &start_a);
+    // A new leader that planned from a state before it proposes the same start with its
+    // own run id: refused, no second run.
+    let before = s.clone();
+    let again = Command::PipelineDecision {
+        pipeline_id: "p".into(),
+        decision: decisions[0].clone(),
+        run_id: Some("run-new".into()),
+        at: 2,
+    };
+    let e = s.apply(&again).unwrap_err();
+    assert!(e.to_string().contains("already decided"), "{e}");
+    assert_eq!(s, before);
+    assert!(!s.runs.contains_key("run-new"));
+    // Planning from the applied state starts nothing new while A runs (nothing is lost).
+    assert!(s.pipeline_plan("p").is_empty());
+    // The step's agent is told its outputs (and, for A, no inputs).
+    let (inputs, outputs) = s.pipeline_step_io(&s.runs["run-old"]);
+    assert!(inputs.is_empty());
+    assert_eq!(outputs, vec!["o".to_string()]);
+}
+
+#[test]
+fn a_reused_step_names_the_run_it_was_reused_from() {
+    let mut s = cluster();
+    drive_pipeline(&mut s, "p1");
+    drive_pipeline(&mut s, "p2");
+    let p2 = &s.pipelines["p2"];
+    for (step, rec) in &p2.steps {
+        let key = rec.reuse_key.as_deref().unwrap();
+        assert_eq!(
+            s.pipeline_reused_from(key),
+            Some(format!("p1-{step}").as_str())
+        );
+    }
+    // D ran with B's and C's outputs placed at inputs/b and inputs/c.
+    let (inputs, outputs) = s.pipeline_step_io(&s.runs["p1-D"]);
+    assert_eq!(inputs.keys().collect::<Vec<_>>(), vec!["b", "c"]);
+    assert!(outputs.is_empty());
+}

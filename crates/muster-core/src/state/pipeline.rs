@@ -143,6 +143,48 @@ impl State {
         crate::pipeline::plan(&p.spec, &states, &|k: &str| lookup.get(k).cloned())
     }
 
+    /// What the agent of a pipeline step's run needs besides its spec: the inputs to place
+    /// at `inputs/<name>` (each `<outputs archive sha256>/<folder>`) and the step's declared
+    /// outputs. Empty for a run that is not a pipeline step.
+    pub fn pipeline_step_io(
+        &self,
+        run: &crate::state::Run,
+    ) -> (BTreeMap<String, String>, Vec<String>) {
+        let step = run
+            .spec
+            .tags
+            .get("muster.pipeline")
+            .and_then(|p| self.pipelines.get(p))
+            .and_then(|p| {
+                let name = run.spec.tags.get("muster.step")?;
+                let rec = p.steps.get(name)?;
+                (rec.run_id.as_deref() == Some(run.id.as_str()))
+                    .then(|| (rec.mounts.clone(), p.spec.steps.get(name)))
+            });
+        match step {
+            Some((mounts, spec)) => (
+                mounts,
+                spec.map(|s| s.outputs.iter().cloned().collect())
+                    .unwrap_or_default(),
+            ),
+            None => (BTreeMap::new(), Vec::new()),
+        }
+    }
+
+    /// The run whose outputs a step with reuse key `key` took: the earliest pipeline step
+    /// that ran with that key and completed.
+    pub fn pipeline_reused_from(&self, key: &str) -> Option<&str> {
+        self.pipelines
+            .values()
+            .flat_map(|p| p.steps.values())
+            .filter(|r| r.reuse_key.as_deref() == Some(key))
+            .filter_map(|r| r.run_id.as_deref())
+            .filter_map(|id| self.runs.get(id))
+            .filter(|r| r.state == RunState::Completed)
+            .min_by_key(|r| r.seq)
+            .map(|r| r.id.as_str())
+    }
+
     pub(crate) fn submit_pipeline(
         &mut self,
         id: &str,

@@ -214,7 +214,11 @@ impl Session {
 
     async fn send_resume(&self, run_id: &str, attempt: u32) {
         let rank = self.rank(run_id, attempt).unwrap_or(0);
-        let offset = self.coordinator.logs.len(run_id, attempt, rank);
+        // A sealed log takes nothing more: the agent need not re-send what it holds.
+        let offset = match self.coordinator.sealed_log(run_id, attempt, rank) {
+            Some(log) => log.bytes,
+            None => self.coordinator.logs.len(run_id, attempt, rank),
+        };
         let _ = self
             .send(server_message::Msg::Resume(v1::LogResume {
                 run_id: run_id.to_string(),
@@ -295,6 +299,8 @@ impl Session {
                     .iter()
                     .position(|p| p.node_id == self.node_id)
                     .unwrap_or(0);
+                // A pipeline step: the upstream outputs to place, its declared outputs.
+                let (step_inputs, step_outputs) = s.pipeline_step_io(run);
                 assign.push(v1::Assignment {
                     run_id: run_id.clone(),
                     attempt: *attempt,
@@ -307,6 +313,8 @@ impl Session {
                         .collect(),
                     master_port: a.master_port.map_or(0, u32::from),
                     secret: a.secret.clone().unwrap_or_default(),
+                    inputs: step_inputs.into_iter().collect(),
+                    outputs: step_outputs,
                 });
             }
             // Attempts the agent runs that are not (or no longer) placed here: fence them.
@@ -349,6 +357,16 @@ impl Session {
                 let Some(rank) = self.rank(&log.run_id, log.attempt) else {
                     return Ok(());
                 };
+                if self
+                    .coordinator
+                    .sealed_log(&log.run_id, log.attempt, rank)
+                    .is_some()
+                {
+                    // Fenced: the rank's log was sealed (its end was reported, or its node
+                    // was declared lost); a late agent's bytes are not part of it.
+                    tracing::debug!(node = %self.node_id, run_id = %log.run_id, attempt = log.attempt, rank, "dropping log bytes of a sealed log");
+                    return Ok(());
+                }
                 match self.coordinator.logs.append(
                     &log.run_id,
                     log.attempt,
@@ -368,6 +386,7 @@ impl Session {
                             tracing::warn!(run_id = %log.run_id, cause = %e, "cannot store metrics from the log");
                         }
                     }
+                    Ok(Append::Sealed) => {}
                     Ok(Append::Gap(_)) => self.send_resume(&log.run_id, log.attempt).await,
                     Err(e) => return Err(Status::internal(format!("storing logs: {e}"))),
                 }

@@ -5,6 +5,7 @@ mod blobs;
 mod cluster;
 mod compute;
 mod metrics;
+mod pipelines;
 mod runs;
 
 use std::sync::Arc;
@@ -57,6 +58,9 @@ pub fn router(coordinator: Arc<Coordinator>) -> axum::Router {
             v1::agent_service_server::AgentServiceServer::new(agents::Agents(coordinator.clone()))
                 .max_decoding_message_size(8 << 20),
         )
+        .add_service(v1::pipeline_service_server::PipelineServiceServer::new(
+            pipelines::Pipelines(coordinator.clone()),
+        ))
         .add_service(
             v1::cluster_service_server::ClusterServiceServer::new(cluster::Cluster(coordinator))
                 .max_decoding_message_size(512 << 20)

@@ -1,12 +1,13 @@
 //! RunService: submit, get, list, cancel, wait, and follow logs.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
 use muster_core::state::{AttemptState, SealedLog};
-use muster_core::{Applied, ApplyError, Command, RunState};
+use muster_core::{Applied, ApplyError, Command, NodeState, RunState};
 use muster_proto::v1::{self, run_service_server::RunService};
 use muster_proto::{run_to_wire, spec_from_wire};
 use tokio::sync::mpsc;
@@ -200,6 +201,23 @@ impl RunService for Runs {
             }
             return Err(not_found(&req.id));
         }
+        if let Some(rank) = req.rank {
+            if req.all_ranks {
+                return Err(Status::invalid_argument(
+                    "rank: give one rank or all_ranks, not both",
+                ));
+            }
+            let count = self
+                .0
+                .read(|s| s.runs.get(&req.id).map(|r| r.spec.instance_count))
+                .unwrap_or(1);
+            if rank >= count {
+                return Err(Status::invalid_argument(format!(
+                    "rank: run {} has {count} rank(s), numbered from 0; there is no rank {rank}",
+                    req.id
+                )));
+            }
+        }
         let (tx, rx) = mpsc::channel(16);
         let coordinator = self.0.clone();
         tokio::spawn(async move {
@@ -252,7 +270,7 @@ fn leader_runs(
     coordinator.run_client(leader)
 }
 
-/// Where the next bytes of an attempt's log (rank 0) come from.
+/// Where the next bytes of a rank's log come from.
 enum Source {
     /// The rank ended: its sealed blob, which every server can read.
     Sealed(SealedLog),
@@ -262,9 +280,74 @@ enum Source {
     Leader(v1::run_service_client::RunServiceClient<Channel>),
 }
 
-fn source(coordinator: &Coordinator, run: &str, attempt: u32, relayed: bool) -> Source {
-    if let Some(log) = coordinator.sealed_log(run, attempt, 0) {
-        return Source::Sealed(log);
+/// What this server knows of one attempt's logs.
+struct AttemptLogs {
+    /// How many ranks the attempt has.
+    ranks: u32,
+    /// Whether the attempt ended.
+    ended: bool,
+    /// The sealed log of each rank, by rank.
+    sealed: Vec<Option<SealedLog>>,
+    /// Whether each rank's log will grow no more though it is not sealed: the attempt
+    /// ended and the rank reported its end before logs were sealed, or its node is lost
+    /// (what the leader had of it was sealed), or the rank's end is overdue (it was never
+    /// started, or its agent vanished after the attempt ended).
+    settled: Vec<bool>,
+}
+
+impl AttemptLogs {
+    fn of(
+        s: &muster_core::State,
+        config: &crate::ServerConfig,
+        run: &muster_core::Run,
+        attempt: u32,
+    ) -> Option<AttemptLogs> {
+        let a = run.attempts.get(attempt.checked_sub(1)? as usize)?;
+        let ended = matches!(a.state, AttemptState::Ended(_));
+        let overdue = a.finished_at.is_some_and(|at| {
+            let wait = config.stop_grace + config.node_grace;
+            now_ms() > at + wait.as_millis() as u64 + RANK_END_SLACK_MS
+        });
+        let (sealed, settled) = a
+            .placements
+            .iter()
+            .enumerate()
+            .map(|(rank, p)| {
+                let rank = rank as u32;
+                let node_lost = s
+                    .nodes
+                    .get(&p.node_id)
+                    .is_none_or(|n| n.state == NodeState::Lost);
+                let settled = ended && (a.rank_ends.contains_key(&rank) || node_lost || overdue);
+                (a.logs.get(&rank).cloned(), settled)
+            })
+            .unzip();
+        Some(AttemptLogs {
+            ranks: a.placements.len() as u32,
+            ended,
+            sealed,
+            settled,
+        })
+    }
+}
+
+/// How long past an attempt's end (plus the stop grace and the node grace) a follower of
+/// its log waits for a rank that never reported its end.
+const RANK_END_SLACK_MS: u64 = 5_000;
+
+/// The ranks of an attempt with `count` ranks that a request asks for: one, all, or rank 0
+/// (requests that predate ranks).
+fn wanted_ranks(req: &v1::StreamLogsRequest, count: u32) -> Vec<u32> {
+    match (req.rank, req.all_ranks) {
+        (Some(r), _) => (r < count).then_some(r).into_iter().collect(),
+        (None, true) => (0..count).collect(),
+        (None, false) => (0..count.min(1)).collect(),
+    }
+}
+
+fn source(coordinator: &Coordinator, sealed: Option<&SealedLog>, relayed: bool) -> Source {
+    if let Some(log) = sealed {
+        return Source::Sealed(log.clone());
     }
     if relayed {
         return Source::Local;
@@ -275,26 +358,32 @@ fn source(coordinator: &Coordinator, run: &str, attempt: u32, relayed: bool) -> 
     }
 }
 
-/// Relays attempt `attempt`'s live log from the leader, from `offset` on (the leader's
-/// stream starts at 0; what was sent already is trimmed). Ends when the leader's stream
-/// does: at the end of what it stores, or (with `follow`) when the attempt's log is complete.
+/// Relays attempt `attempt`'s live logs (the ranks the request asks for) from the leader,
+/// each rank from its offset in `offsets` on (the leader's stream starts each at 0; what was
+/// sent already is trimmed). Ends when the leader's stream does: at the end of what it
+/// stores, or (with `follow`) when the attempt's logs are complete.
 async fn relay(
     mut client: v1::run_service_client::RunServiceClient<Channel>,
     req: &v1::StreamLogsRequest,
     attempt: u32,
-    offset: &mut u64,
+    offsets: &mut BTreeMap<u32, u64>,
     tx: &mpsc::Sender<Result<v1::LogChunk, Status>>,
 ) -> Result<(), Status> {
-    tracing::debug!(run_id = %req.id, attempt, offset = *offset, "relaying a live log from the leader");
+    tracing::debug!(run_id = %req.id, attempt, ?offsets, "relaying a live log from the leader");
     let mut stream = client
         .stream_logs(crate::replication::replica_request(v1::StreamLogsRequest {
             id: req.id.clone(),
             attempt: Some(attempt),
             follow: req.follow,
+            rank: req.rank,
+            all_ranks: req.all_ranks,
         }))
         .await?
         .into_inner();
     while let Some(chunk) = stream.message().await? {
+        let Some(offset) = offsets.get_mut(&chunk.rank) else {
+            continue;
+        };
         let end = chunk.offset + chunk.data.len() as u64;
         if chunk.attempt != attempt || end <= *offset || chunk.offset > *offset {
             continue;
@@ -304,6 +393,8 @@ async fn relay(
             attempt,
             offset: *offset,
             data,
+            rank: chunk.rank,
+            ranks: chunk.ranks,
         };
         *offset = end;
         if tx.send(Ok(sent)).await.is_err() {
@@ -313,11 +404,13 @@ async fn relay(
     Ok(())
 }
 
-/// Streams a run's logs: each attempt in turn (or only the one asked for), from rank 0,
-/// until the run ends (with `follow`) or until what is stored now has been sent. An ended
-/// rank's log comes from its sealed blob on this server (repaired from a peer if missing);
-/// a live one from this server's file on the leader, or relayed from the leader on a
-/// follower (never relayed twice: `relayed` requests are answered from what is here).
+/// Streams a run's logs: each attempt in turn (or only the one asked for), the ranks the
+/// request asks for (rank 0 by default), until the run ends (with `follow`) or until what is
+/// stored now has been sent. The ranks of an attempt are read in turns, a chunk at a time,
+/// each chunk tagged with its rank and its offset in that rank's log. An ended rank's log
+/// comes from its sealed blob on this server (repaired from a peer if missing); a live one
+/// from this server's file on the leader, or relayed from the leader on a follower (never
+/// relayed twice: `relayed` requests are answered from what is here).
 async fn follow_logs(
     coordinator: &Coordinator,
     req: &v1::StreamLogsRequest,
@@ -325,100 +418,128 @@ async fn follow_logs(
     tx: &mpsc::Sender<Result<v1::LogChunk, Status>>,
 ) -> Result<(), Status> {
     let mut attempt = req.attempt.unwrap_or(1).max(1);
-    let mut offset = 0u64;
+    // This attempt's ranks still to send, with the offset reached in each.
+    let mut offsets: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut done: BTreeSet<u32> = BTreeSet::new();
     let mut state_changes = coordinator.subscribe();
     let mut log_changes = coordinator.logs.subscribe();
-    // The attempt whose live log the leader finished relaying (wait for this replica to
-    // apply its end rather than relay it again).
+    // The attempt whose live logs the leader finished relaying (wait for this replica to
+    // apply their seals rather than relay them again).
     let mut relayed_to_end: Option<u32> = None;
     loop {
-        let (attempts, attempt_ended, run_terminal) = coordinator
+        let (attempts, run_terminal, logs) = coordinator
             .read(|s| {
                 s.runs.get(&req.id).map(|r| {
-                    let ended = r
-                        .attempts
-                        .get(attempt as usize - 1)
-                        .map(|a| matches!(a.state, AttemptState::Ended(_)));
-                    (r.attempt_number(), ended, r.state.is_terminal())
+                    (
+                        r.attempt_number(),
+                        r.state.is_terminal(),
+                        AttemptLogs::of(s, &coordinator.config, r, attempt),
+                    )
                 })
             })
             .ok_or_else(|| not_found(&req.id))?;
-        if attempt <= attempts {
-            // Whether everything of this attempt's log has been sent.
-            let complete = match source(coordinator, &req.id, attempt, relayed) {
-                Source::Sealed(log) => {
-                    if offset < log.bytes {
-                        let data = coordinator.read_sealed(&log, offset, LOG_CHUNK).await?;
+        if let Some(logs) = logs {
+            let wanted = wanted_ranks(req, logs.ranks);
+            for rank in &wanted {
+                offsets.entry(*rank).or_insert(0);
+            }
+            let mut sent = false;
+            let mut on_leader = None;
+            for &rank in &wanted {
+                if done.contains(&rank) {
+                    continue;
+                }
+                let offset = offsets.get_mut(&rank).expect("entered above");
+                let sealed = logs.sealed[rank as usize].as_ref();
+                let data = match source(coordinator, sealed, relayed) {
+                    Source::Sealed(log) => {
+                        if *offset >= log.bytes {
+                            done.insert(rank);
+                            continue;
+                        }
+                        let data = coordinator.read_sealed(&log, *offset, LOG_CHUNK).await?;
                         if data.is_empty() {
                             return Err(Status::internal(format!(
                                 "the sealed log {} is shorter than the {} bytes recorded",
                                 log.sha256, log.bytes
                             )));
                         }
-                        let n = data.len() as u64;
-                        let chunk = v1::LogChunk {
-                            attempt,
-                            offset,
-                            data,
-                        };
-                        if tx.send(Ok(chunk)).await.is_err() {
-                            return Ok(());
-                        }
-                        offset += n;
-                        continue;
+                        data
                     }
-                    true
-                }
-                Source::Local => {
-                    let data = coordinator
-                        .logs
-                        .read(&req.id, attempt, 0, offset, LOG_CHUNK)
-                        .map_err(|e| Status::internal(format!("reading the log: {e}")))?;
-                    if !data.is_empty() {
-                        let n = data.len() as u64;
-                        let chunk = v1::LogChunk {
-                            attempt,
-                            offset,
-                            data,
-                        };
-                        if tx.send(Ok(chunk)).await.is_err() {
-                            return Ok(());
-                        }
-                        offset += n;
-                        continue;
-                    }
-                    // At the end of what is stored. An ended attempt's log is complete (it
-                    // is sealed before the end is applied).
-                    attempt_ended == Some(true)
-                }
-                Source::Leader(_) if relayed_to_end == Some(attempt) => attempt_ended == Some(true),
-                Source::Leader(client) => {
-                    match relay(client, req, attempt, &mut offset, tx).await {
-                        Ok(()) if tx.is_closed() => return Ok(()),
-                        Ok(()) if req.follow => {
-                            relayed_to_end = Some(attempt);
+                    Source::Local => {
+                        let data = coordinator
+                            .logs
+                            .read(&req.id, attempt, rank, *offset, LOG_CHUNK)
+                            .map_err(|e| Status::internal(format!("reading the log: {e}")))?;
+                        if data.is_empty() {
+                            // At the end of what is stored: without `follow` that is all;
+                            // with it, the rank is complete once its log will not grow.
+                            if !req.follow || logs.settled[rank as usize] {
+                                done.insert(rank);
+                            }
                             continue;
                         }
-                        Ok(()) => attempt_ended == Some(true),
-                        // With `follow`, a failover ends the leader's stream: look again
-                        // (the log may be sealed by now, or a new leader known).
-                        Err(_) if req.follow => false,
-                        Err(e) => {
-                            return Err(Status::unavailable(format!(
-                                "the live log of attempt {attempt} is on the leader, which did not answer ({}); retry",
-                                e.message()
-                            )));
+                        data
+                    }
+                    Source::Leader(client) => {
+                        if relayed_to_end == Some(attempt) {
+                            // Relayed through its end: wait for the seal to be applied here.
+                            if logs.settled[rank as usize] {
+                                done.insert(rank);
+                            }
+                        } else {
+                            on_leader = Some(client);
                         }
+                        continue;
+                    }
+                };
+                let n = data.len() as u64;
+                let chunk = v1::LogChunk {
+                    attempt,
+                    offset: *offset,
+                    data,
+                    rank,
+                    ranks: logs.ranks,
+                };
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return Ok(());
+                }
+                *offset += n;
+                sent = true;
+            }
+            if sent {
+                continue;
+            }
+            if let Some(client) = on_leader {
+                match relay(client, req, attempt, &mut offsets, tx).await {
+                    Ok(()) if tx.is_closed() => return Ok(()),
+                    Ok(()) if req.follow => {
+                        relayed_to_end = Some(attempt);
+                        continue;
+                    }
+                    // What the leader stores now was sent.
+                    Ok(()) => done.extend(wanted.iter().copied()),
+                    // With `follow`, a failover ends the leader's stream: look again
+                    // (the logs may be sealed by now, or a new leader known).
+                    Err(_) if req.follow => {}
+                    Err(e) => {
+                        return Err(Status::unavailable(format!(
+                            "the live log of attempt {attempt} is on the leader, which did not answer ({}); retry",
+                            e.message()
+                        )));
                     }
                 }
-            };
-            if complete {
+            }
+            let complete = wanted.iter().all(|r| done.contains(r));
+            // Without `follow`, only an ended attempt leads on to the next.
+            if complete && (req.follow || logs.ended) {
                 if req.attempt.is_some() {
                     return Ok(());
                 }
                 if attempt < attempts {
                     attempt += 1;
-                    offset = 0;
+                    offsets.clear();
+                    done.clear();
                     continue;
                 }
                 if run_terminal {

@@ -1,6 +1,11 @@
 //! Node liveness: heartbeats live in the leader's memory (never in the log); a node silent
 //! past the grace period is marked lost through Raft, which requeues its attempts. A new
 //! leader gives every node a fresh grace period.
+//!
+//! A lost node's ranks never report their ends, so before proposing the loss the leader
+//! seals what it holds of their logs (as an agent's end report would have it do): the
+//! attempt ends as `node_lost` with its logs up to the loss kept on a majority. If the seal
+//! fails (no majority for the blob, say) the node is tried again on the next tick.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +40,10 @@ pub(crate) async fn run(coordinator: Arc<Coordinator>) {
         });
         for (node_id, name) in silent {
             tracing::warn!(node = %name, "no heartbeat within the grace period; marking the node lost");
+            if let Err(e) = coordinator.seal_lost_node_logs(&node_id).await {
+                tracing::warn!(node = %name, cause = %e.message(), "could not seal the logs of a lost node's ranks; retrying");
+                continue;
+            }
             let cmd = Command::SetNodeState {
                 node_id,
                 state: NodeState::Lost,

@@ -2,6 +2,7 @@
 
 mod autoscale;
 mod heartbeats;
+mod pipelines;
 mod scheduling;
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ pub(crate) fn spawn(coordinator: Arc<Coordinator>) -> Vec<JoinHandle<()>> {
     vec![
         tokio::spawn(scheduling::run(coordinator.clone())),
         tokio::spawn(heartbeats::run(coordinator.clone())),
+        tokio::spawn(pipelines::run(coordinator.clone())),
         tokio::spawn(autoscale::run(coordinator)),
     ]
 }

@@ -1,0 +1,282 @@
+//! `muster pipeline ...`: submit a `type: pipeline` job (each step's code snapshotted and
+//! uploaded as `run submit` does), show its steps, list, cancel.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use muster_core::names::validate_experiment_name;
+use muster_core::pipeline::parse_pipeline_yaml;
+use muster_proto::v1;
+use serde_json::{Value, json};
+use tonic::Code;
+
+use crate::cli::{OutputFormat, PipelineCommand, PipelineSubmitArgs};
+use crate::client::{connect, status};
+use crate::output::{print_json, table, time};
+use crate::snapshot::{self, SnapshotLimits, human_bytes};
+
+/// Runs a `muster pipeline` command; returns the process exit code.
+pub async fn run(server: &str, output: OutputFormat, cmd: PipelineCommand) -> anyhow::Result<i32> {
+    match cmd {
+        PipelineCommand::Submit(args) => submit(server, output, args).await,
+        PipelineCommand::Show { id } => {
+            let mut c = connect(server).await?;
+            let p = c
+                .pipelines
+                .get_pipeline(v1::GetPipelineRequest { id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if output == OutputFormat::Json {
+                print_json(&pipeline_json(&p));
+            } else {
+                print!("{}", pipeline_details(&p));
+            }
+            Ok(0)
+        }
+        PipelineCommand::List { limit } => {
+            let mut c = connect(server).await?;
+            let ps = c
+                .pipelines
+                .list_pipelines(v1::ListPipelinesRequest { limit })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .pipelines;
+            if output == OutputFormat::Json {
+                print_json(&json!(ps.iter().map(pipeline_json).collect::<Vec<_>>()));
+            } else if ps.is_empty() {
+                println!("No pipelines. Submit one with `muster pipeline submit -f pipeline.yml`.");
+            } else {
+                let mut t = table(&["ID", "EXPERIMENT", "STATE", "STEPS", "CREATED", "NAME"]);
+                for p in &ps {
+                    let done = p
+                        .steps
+                        .iter()
+                        .filter(|s| matches!(s.state.as_str(), "completed" | "reused"))
+                        .count();
+                    t.add_row(vec![
+                        p.id.clone(),
+                        p.experiment.clone(),
+                        p.state.clone(),
+                        format!("{done}/{} done", p.steps.len()),
+                        time(p.created_at_ms),
+                        p.display_name.clone().unwrap_or_default(),
+                    ]);
+                }
+                println!("{t}");
+            }
+            Ok(0)
+        }
+        PipelineCommand::Cancel { id } => {
+            let mut c = connect(server).await?;
+            let p = c
+                .pipelines
+                .cancel_pipeline(v1::CancelPipelineRequest {
+                    id: id.clone(),
+                    reason: None,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if output == OutputFormat::Json {
+                print_json(&pipeline_json(&p));
+            } else {
+                println!(
+                    "Canceling pipeline {id}: its running steps are canceled, steps not started fail."
+                );
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn default_experiment(dir: &Path) -> String {
+    std::fs::canonicalize(dir)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
+        .filter(|n| validate_experiment_name(n).is_ok())
+        .unwrap_or_else(|| "default".to_string())
+}
+
+/// Each step's `code:` directory, relative to the YAML file (the parsed spec keeps the
+/// snapshot, not the path).
+fn code_dirs(text: &str, base: &Path) -> BTreeMap<String, PathBuf> {
+    let Ok(doc) = yaml_serde::from_str::<yaml_serde::Value>(text) else {
+        return BTreeMap::new();
+    };
+    let Some(jobs) = doc.get("jobs").and_then(|j| j.as_mapping()) else {
+        return BTreeMap::new();
+    };
+    jobs.iter()
+        .filter_map(|(name, job)| {
+            let name = name.as_str()?;
+            let code = job.get("code")?.as_str()?;
+            Some((name.to_string(), base.join(code)))
+        })
+        .collect()
+}
+
+async fn submit(
+    server: &str,
+    output: OutputFormat,
+    args: PipelineSubmitArgs,
+) -> anyhow::Result<i32> {
+    // Everything is checked before the network is touched: a bad file stores nothing.
+    let path = &args.file;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base = if base.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        base
+    };
+    let experiment = default_experiment(&base);
+    let spec = parse_pipeline_yaml(&text, &experiment)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let dirs = code_dirs(&text, &base);
+    let limits = SnapshotLimits {
+        max_bytes: args.max_snapshot_bytes,
+        max_files: args.max_snapshot_files,
+    };
+    let mut snaps = Vec::new();
+    for (step, dir) in &dirs {
+        let snap = snapshot::build(dir, limits).with_context(|| format!("jobs.{step}.code"))?;
+        snaps.push((step.clone(), dir.clone(), snap));
+    }
+
+    let mut c = connect(server).await?;
+    let mut code = std::collections::HashMap::new();
+    for (step, dir, snap) in &snaps {
+        let (r, stats) = snapshot::upload(&mut c.blobs, snap).await?;
+        if output == OutputFormat::Table {
+            eprintln!(
+                "Snapshot of {} (step {step}): {} files, {} ({} uploaded, {})",
+                dir.display(),
+                r.files,
+                human_bytes(r.bytes),
+                stats.uploaded_files,
+                human_bytes(stats.uploaded_bytes)
+            );
+        }
+        code.insert(step.clone(), muster_proto::code_to_wire(r));
+    }
+    // The same key on every retry: a retry after a timeout never makes a second pipeline.
+    let key = args
+        .idempotency_key
+        .unwrap_or_else(|| format!("cli-{:032x}", rand::random::<u128>()));
+    let req = v1::SubmitPipelineRequest {
+        yaml: text,
+        default_experiment: experiment,
+        code,
+        idempotency_key: Some(key),
+    };
+    let mut tries = 0;
+    let p = loop {
+        tries += 1;
+        match c.pipelines.submit_pipeline(req.clone()).await {
+            Ok(r) => break r.into_inner(),
+            Err(s) if s.code() == Code::Unavailable && tries < 5 => {
+                tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+            }
+            Err(s) => return Err(status(s)),
+        }
+    };
+    if output == OutputFormat::Json {
+        print_json(&pipeline_json(&p));
+    } else {
+        println!("{}", p.id);
+        eprintln!(
+            "Submitted pipeline {} ({} steps, experiment {}). Follow it: muster pipeline show {}",
+            p.id,
+            spec.steps.len(),
+            p.experiment,
+            p.id
+        );
+    }
+    Ok(0)
+}
+
+/// A pipeline as JSON: id, state, experiment, times, and each step.
+pub fn pipeline_json(p: &v1::Pipeline) -> Value {
+    json!({
+        "id": p.id,
+        "display_name": p.display_name,
+        "experiment": p.experiment,
+        "state": p.state,
+        "created_at": time(p.created_at_ms),
+        "finished_at": p.finished_at_ms.map(time),
+        "cancel_reason": p.cancel_reason,
+        "outputs": p.outputs.iter().map(|o| json!({
+            "name": o.name, "step": o.step, "output": o.output, "identity": o.identity,
+        })).collect::<Vec<_>>(),
+        "steps": p.steps.iter().map(|s| json!({
+            "name": s.name,
+            "state": s.state,
+            "run_id": s.run_id,
+            "reused_from": s.reused_from,
+            "compute": s.compute,
+            "reason": s.reason,
+            "depends_on": s.depends_on,
+            "inputs": s.inputs,
+            "outputs": s.outputs,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// A pipeline for people: its summary, then a table of its steps.
+pub fn pipeline_details(p: &v1::Pipeline) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| {
+        if !v.is_empty() {
+            out.push_str(&format!("{k:<11} {v}\n"));
+        }
+    };
+    line("id", p.id.clone());
+    line("name", p.display_name.clone().unwrap_or_default());
+    line("state", p.state.clone());
+    line("experiment", p.experiment.clone());
+    line("created", time(p.created_at_ms));
+    line("finished", p.finished_at_ms.map(time).unwrap_or_default());
+    line("canceled", p.cancel_reason.clone().unwrap_or_default());
+    for o in &p.outputs {
+        line(
+            "output",
+            format!(
+                "{} = {}.{}{}",
+                o.name,
+                o.step,
+                o.output,
+                o.identity
+                    .as_ref()
+                    .map(|i| format!(" ({i})"))
+                    .unwrap_or_default()
+            ),
+        );
+    }
+    let mut t = table(&[
+        "STEP",
+        "STATE",
+        "RUN",
+        "REUSED FROM",
+        "COMPUTE",
+        "AFTER",
+        "REASON",
+    ]);
+    for s in &p.steps {
+        t.add_row(vec![
+            s.name.clone(),
+            s.state.clone(),
+            s.run_id.clone().unwrap_or_default(),
+            s.reused_from.clone().unwrap_or_default(),
+            s.compute.clone(),
+            s.depends_on.join(","),
+            s.reason.clone().unwrap_or_default(),
+        ]);
+    }
+    out.push_str(&format!("{t}\n"));
+    out
+}

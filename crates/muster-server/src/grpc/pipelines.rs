@@ -1,0 +1,206 @@
+//! PipelineService: submit (the YAML, validated by muster-core, with each step's uploaded
+//! code snapshot), get, list, cancel. The leader's pipeline loop (`leader/pipelines.rs`)
+//! starts the steps.
+
+use std::sync::Arc;
+
+use muster_core::pipeline::parse_pipeline_yaml;
+use muster_core::spec::CodeRef;
+use muster_core::{ApplyError, Command};
+use muster_proto::pipeline_to_wire;
+use muster_proto::v1::{self, pipeline_service_server::PipelineService};
+use sha2::{Digest, Sha256};
+use tonic::{Request, Response, Status};
+
+use crate::coordinator::{Coordinator, ProposalError, now_ms};
+use crate::grpc::status;
+
+pub(crate) struct Pipelines(pub Arc<Coordinator>);
+
+fn not_found(id: &str) -> Status {
+    Status::not_found(format!(
+        "pipeline {id:?} does not exist: list pipelines with `muster pipeline list`"
+    ))
+}
+
+/// A new pipeline id: `pl-` and 10 random lowercase letters and digits.
+fn new_pipeline_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut id = String::from("pl-");
+    for _ in 0..10 {
+        id.push(ALPHABET[rand::random_range(0..ALPHABET.len())] as char);
+    }
+    id
+}
+
+/// The id a submission with idempotency key `key` gets: the same on every retry, so a
+/// retry finds the first pipeline instead of creating a second one.
+fn keyed_pipeline_id(key: &str) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    format!("pl-{}", &hex::encode(digest)[..16])
+}
+
+impl Pipelines {
+    fn get(&self, id: &str) -> Result<v1::Pipeline, Status> {
+        self.0
+            .read(|s| s.pipelines.get(id).map(|p| pipeline_to_wire(s, p)))
+            .ok_or_else(|| not_found(id))
+    }
+
+    /// Checks that a step's snapshot is in the blob store and on a majority of servers.
+    async fn check_code(&self, step: &str, code: &CodeRef) -> Result<(), Status> {
+        let manifest = self.0.blobs.get(&code.manifest).map_err(|_| {
+            Status::failed_precondition(format!(
+                "code.{step}: snapshot manifest {} is not in the blob store: upload the snapshot before submitting",
+                code.manifest
+            ))
+        })?;
+        let manifest: muster_core::snapshot::Manifest =
+            serde_json::from_slice(&manifest).map_err(|e| {
+                Status::invalid_argument(format!(
+                    "code.{step}: the snapshot manifest is not valid: {e}"
+                ))
+            })?;
+        manifest
+            .validate()
+            .map_err(|e| Status::invalid_argument(format!("code.{step}: {e}")))?;
+        let mut hashes: Vec<String> = manifest.files.iter().map(|f| f.sha256.clone()).collect();
+        if let Some(missing) = hashes.iter().find(|h| !self.0.blobs.has(h)) {
+            return Err(Status::failed_precondition(format!(
+                "code.{step}: file blob {missing} of the snapshot was not uploaded: upload the snapshot before submitting"
+            )));
+        }
+        hashes.push(code.manifest.clone());
+        self.0.ensure_replicated(hashes).await?;
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl PipelineService for Pipelines {
+    async fn submit_pipeline(
+        &self,
+        req: Request<v1::SubmitPipelineRequest>,
+    ) -> Result<Response<v1::Pipeline>, Status> {
+        let req = req.into_inner();
+        let experiment = if req.default_experiment.is_empty() {
+            "default"
+        } else {
+            req.default_experiment.as_str()
+        };
+        let mut spec = parse_pipeline_yaml(&req.yaml, experiment)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        for (step, code) in req.code {
+            let Some(s) = spec.steps.get_mut(&step) else {
+                return Err(Status::invalid_argument(format!(
+                    "code.{step}: the pipeline has no step {step:?} (its steps are under jobs:)"
+                )));
+            };
+            let code: CodeRef = muster_proto::code_from_wire(code);
+            self.check_code(&step, &code).await?;
+            s.run.code = Some(code);
+            s.run
+                .validate()
+                .map_err(|e| Status::invalid_argument(format!("jobs.{step}.{e}")))?;
+        }
+        let unknown = self.0.read(|s| {
+            spec.steps
+                .iter()
+                .find(|(_, step)| !s.computes.contains_key(&step.run.compute))
+                .map(|(name, step)| (name.clone(), step.run.compute.clone()))
+        });
+        if let Some((step, compute)) = unknown {
+            return Err(Status::not_found(format!(
+                "jobs.{step}.compute: compute target {compute:?} does not exist: create it with `muster compute create {compute}` or pick one from `muster compute list`"
+            )));
+        }
+        let keyed = match &req.idempotency_key {
+            Some(key) if key.is_empty() || key.len() > 128 => {
+                return Err(Status::invalid_argument(
+                    "idempotency_key: use 1 to 128 characters",
+                ));
+            }
+            Some(key) => Some(keyed_pipeline_id(key)),
+            None => None,
+        };
+        if let Some(id) = &keyed
+            && let Ok(existing) = self.get(id)
+        {
+            return Ok(Response::new(existing));
+        }
+        // A fresh id collides with an existing one with negligible odds; retry if it does.
+        for _ in 0..5 {
+            let id = keyed.clone().unwrap_or_else(new_pipeline_id);
+            let cmd = Command::SubmitPipeline {
+                pipeline_id: id.clone(),
+                spec: Box::new(spec.clone()),
+                at: now_ms(),
+            };
+            match self.0.propose(cmd).await {
+                Ok(_) => return self.get(&id).map(Response::new),
+                // The same key applied meanwhile (a retry racing the first try): that one.
+                Err(ProposalError::Rejected(ApplyError::InvalidPlacement(_)))
+                    if self.0.read(|s| s.pipelines.contains_key(&id)) =>
+                {
+                    if keyed.is_some() {
+                        return self.get(&id).map(Response::new);
+                    }
+                    continue;
+                }
+                Err(e) => return Err(status(e)),
+            }
+        }
+        Err(Status::internal("could not allocate a pipeline id"))
+    }
+
+    async fn get_pipeline(
+        &self,
+        req: Request<v1::GetPipelineRequest>,
+    ) -> Result<Response<v1::Pipeline>, Status> {
+        let req = req.into_inner();
+        self.0.linearize(false).await.map_err(status)?;
+        self.get(&req.id).map(Response::new)
+    }
+
+    async fn list_pipelines(
+        &self,
+        req: Request<v1::ListPipelinesRequest>,
+    ) -> Result<Response<v1::ListPipelinesResponse>, Status> {
+        let req = req.into_inner();
+        self.0.linearize(false).await.map_err(status)?;
+        let pipelines = self.0.read(|s| {
+            let mut ps: Vec<_> = s.pipelines.values().collect();
+            ps.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+            if req.limit > 0 && ps.len() > req.limit as usize {
+                ps.drain(..ps.len() - req.limit as usize);
+            }
+            ps.into_iter().map(|p| pipeline_to_wire(s, p)).collect()
+        });
+        Ok(Response::new(v1::ListPipelinesResponse { pipelines }))
+    }
+
+    async fn cancel_pipeline(
+        &self,
+        req: Request<v1::CancelPipelineRequest>,
+    ) -> Result<Response<v1::Pipeline>, Status> {
+        let req = req.into_inner();
+        let current = self.get(&req.id)?;
+        if matches!(current.state.as_str(), "completed" | "failed" | "canceled") {
+            return Err(Status::failed_precondition(format!(
+                "pipeline {} already ended ({}): there is nothing to cancel",
+                req.id, current.state
+            )));
+        }
+        if current.state != "canceling" {
+            self.0
+                .propose(Command::CancelPipeline {
+                    pipeline_id: req.id.clone(),
+                    reason: req.reason,
+                    at: now_ms(),
+                })
+                .await
+                .map_err(status)?;
+        }
+        self.get(&req.id).map(Response::new)
+    }
+}
