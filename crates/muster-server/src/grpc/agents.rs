@@ -169,8 +169,17 @@ impl Session {
         let resumes: Vec<(String, u32)> = self.running.iter().cloned().collect();
         for (run_id, attempt) in resumes {
             self.send_resume(&run_id, attempt).await;
-            let offset = self.metric_len(&run_id, attempt);
-            self.send_metric_resume(&run_id, attempt, offset).await;
+            // Metrics of a rank still live: ship from this server's copy (a new leader's
+            // may be shorter than the last one's).
+            let rank = self.rank(&run_id, attempt).unwrap_or(0);
+            if self
+                .coordinator
+                .sealed_log(&run_id, attempt, rank)
+                .is_none()
+            {
+                let offset = self.metric_len(&run_id, attempt);
+                self.send_metric_resume(&run_id, attempt, offset).await;
+            }
         }
         let mut changes = self.coordinator.subscribe();
         let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -395,6 +404,15 @@ impl Session {
                 let Some(rank) = self.rank(&m.run_id, m.attempt) else {
                     return Ok(());
                 };
+                if self
+                    .coordinator
+                    .sealed_log(&m.run_id, m.attempt, rank)
+                    .is_some()
+                {
+                    // Fenced with the log: the rank ended (or its node was declared lost)
+                    // and its metrics are complete; a late agent's bytes are not part of them.
+                    return Ok(());
+                }
                 let stream = MetricStream::File {
                     attempt: m.attempt,
                     rank,
