@@ -3,6 +3,7 @@
 mod autoscale;
 mod heartbeats;
 mod scheduling;
+pub(crate) mod sweeps;
 
 use std::sync::Arc;
 
@@ -15,6 +16,7 @@ pub(crate) fn spawn(coordinator: Arc<Coordinator>) -> Vec<JoinHandle<()>> {
     vec![
         tokio::spawn(scheduling::run(coordinator.clone())),
         tokio::spawn(heartbeats::run(coordinator.clone())),
+        tokio::spawn(sweeps::run(coordinator.clone())),
         tokio::spawn(autoscale::run(coordinator)),
     ]
 }
