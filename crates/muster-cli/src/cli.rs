@@ -52,6 +52,9 @@ pub enum Command {
     /// The coordinator cluster: status and membership.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Hyperparameter sweeps: submit, show (trials ranked by the primary metric), cancel.
+    #[command(subcommand)]
+    Sweep(crate::commands::sweep::SweepCommand),
 }
 
 #[derive(Debug, Subcommand)]

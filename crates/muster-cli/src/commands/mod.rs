@@ -7,6 +7,7 @@ pub mod dev;
 pub mod node;
 pub mod run;
 pub mod server;
+pub mod sweep;
 
 use std::path::PathBuf;
 
