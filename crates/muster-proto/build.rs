@@ -7,8 +7,10 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["types", "compute", "runs", "blobs", "agent", "cluster", "sweeps"]
-        .map(|f| root.join(format!("muster/v1/{f}.proto")));
+    let files = [
+        "types", "compute", "runs", "blobs", "agent", "cluster", "metrics", "sweeps",
+    ]
+    .map(|f| root.join(format!("muster/v1/{f}.proto")));
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

@@ -257,6 +257,10 @@ impl AttemptTask {
             ("MUSTER_OUTPUTS_DIR".into(), format!("{workspace}/outputs")),
             ("AZUREML_RUN_ID".into(), a.run_id.clone()),
         ];
+        env.push((
+            "MUSTER_METRICS_FILE".into(),
+            crate::metrics::env_value(&workspace),
+        ));
         if a.attempt > 1 {
             env.push(("MUSTER_RESTARTED".into(), "1".into()));
         }

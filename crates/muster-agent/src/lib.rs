@@ -20,6 +20,7 @@
 mod attempt;
 pub mod executor;
 mod identity;
+mod metrics;
 mod outputs;
 pub mod resources;
 mod rsh_server;

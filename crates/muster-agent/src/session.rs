@@ -26,7 +26,7 @@ use crate::executor::docker::DockerExecutor;
 use crate::executor::{Outcome, Stop, StopReason};
 use crate::resources::host_capacity;
 
-const SHIP_CHUNK: usize = 256 * 1024;
+pub(crate) const SHIP_CHUNK: usize = 256 * 1024;
 const SHIP_PER_TICK: usize = 8 << 20;
 
 /// An attempt this agent knows of, until the server acknowledges its end.
@@ -34,6 +34,8 @@ struct Entry {
     log_path: PathBuf,
     workdir: PathBuf,
     shipped: u64,
+    /// The attempt's `MUSTER_METRICS_FILE` on the host, and how far it is shipped.
+    metrics: crate::metrics::Shipping,
     state: &'static str,
     end: Option<v1::AttemptUpdate>,
     end_sent: bool,
@@ -215,6 +217,7 @@ impl Agent {
                 key,
                 Entry {
                     log_path,
+                    metrics: Default::default(),
                     workdir,
                     shipped,
                     state: "running",
@@ -476,6 +479,12 @@ impl Agent {
                     entry.end_sent = false;
                 }
             }
+            Some(server_message::Msg::MetricResume(r)) => {
+                if let Some(entry) = self.attempts.get_mut(&(r.run_id, r.attempt)) {
+                    entry.metrics.resume(r.offset);
+                    entry.end_sent = false;
+                }
+            }
             None => {}
         }
         Ok(())
@@ -505,10 +514,14 @@ impl Agent {
                 None,
             );
             end.log_bytes = log_bytes;
+            end.metric_bytes = std::fs::metadata(crate::metrics::host_path(&workdir))
+                .map(|m| m.len())
+                .unwrap_or(0);
             self.attempts.insert(
                 key,
                 Entry {
                     log_path,
+                    metrics: Default::default(),
                     workdir,
                     shipped: 0,
                     state: "running",
@@ -542,6 +555,7 @@ impl Agent {
             key,
             Entry {
                 log_path,
+                metrics: Default::default(),
                 workdir,
                 shipped: 0,
                 state: "scheduled",
@@ -574,6 +588,8 @@ impl Agent {
                         .await
                         .map(|m| m.len())
                         .unwrap_or(0);
+                    end.metric_bytes =
+                        crate::metrics::file_len(&crate::metrics::host_path(&entry.workdir)).await;
                     entry.end = Some(end);
                     entry.task = None;
                 }
@@ -603,9 +619,15 @@ impl Agent {
                 entry.shipped += n as u64;
                 budget -= n;
             }
+            let metrics_path = crate::metrics::host_path(&entry.workdir);
+            entry
+                .metrics
+                .ship(run_id, *attempt, &metrics_path, SHIP_PER_TICK, out)
+                .await?;
             if let Some(end) = &entry.end
                 && !entry.end_sent
                 && entry.shipped >= end.log_bytes
+                && entry.metrics.shipped >= end.metric_bytes
             {
                 out.send(msg(agent_message::Msg::Update(end.clone())))
                     .await?;
@@ -616,7 +638,7 @@ impl Agent {
     }
 }
 
-async fn read_from(path: &std::path::Path, offset: u64, max: usize) -> Vec<u8> {
+pub(crate) async fn read_from(path: &std::path::Path, offset: u64, max: usize) -> Vec<u8> {
     let Ok(mut file) = tokio::fs::File::open(path).await else {
         return Vec::new();
     };
@@ -651,5 +673,6 @@ fn ended(key: &Key, o: &Outcome, outputs: Option<String>) -> v1::AttemptUpdate {
         message: o.message.clone(),
         outputs,
         log_bytes: 0,
+        metric_bytes: 0,
     }
 }

@@ -46,6 +46,8 @@ pub struct Coordinator {
     applied: watch::Receiver<u64>,
     pub(crate) blobs: BlobStore,
     pub(crate) logs: LogStore,
+    /// Each run's metric series (`series.series(run_id, name)`, `series.last_values(run_id)`).
+    pub series: crate::series::SeriesStore,
     pub(crate) config: ServerConfig,
     heartbeats: Mutex<HashMap<String, u64>>,
     shutdown: watch::Sender<bool>,
@@ -98,7 +100,11 @@ impl Coordinator {
             .with_context(|| format!("cannot open the blob store in {}", dir.display()))?;
         let logs = LogStore::open(dir.join("logs"))
             .with_context(|| format!("cannot open the log store in {}", dir.display()))?;
+        let series =
+            crate::series::SeriesStore::open(dir.join("metrics"), state.clone(), blobs.clone())
+                .with_context(|| format!("cannot open the metrics store in {}", dir.display()))?;
         let coordinator = Arc::new(Coordinator {
+            series,
             raft,
             state,
             applied,

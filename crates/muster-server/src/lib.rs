@@ -27,6 +27,7 @@ mod logs;
 mod machine;
 mod provision;
 mod replication;
+pub mod series;
 mod web;
 
 use std::future::Future;

@@ -11,7 +11,8 @@ use crate::spec::RunSpec;
 use crate::state::{
     Applied, ApplyError, Attempt, AttemptEnd, AttemptReport, AttemptState, Command, ComputeTarget,
     Derived, Node, NodeState, ProvisionOutcome, ProvisionPhase, ProvisionedNode, QueueKey, Queued,
-    RankEnd, Run, RunState, SCALE_HISTORY, ScaleEvent, Scaling, SealedLog, State, attempt_usage,
+    RankEnd, Run, RunState, SCALE_HISTORY, ScaleEvent, Scaling, SealedLog, SealedMetrics, State,
+    attempt_usage,
 };
 
 /// The longest server address accepted.
@@ -218,6 +219,11 @@ impl State {
                 rank,
                 log,
             } => self.seal_log(run_id, *attempt, *rank, log),
+            Command::SealMetrics {
+                run_id,
+                attempt,
+                metrics,
+            } => self.seal_metrics(run_id, *attempt, metrics),
             Command::SetServerAddress { id, address } => {
                 validate_server_address(*id, address)?;
                 self.servers.insert(*id, address.clone());
@@ -336,6 +342,36 @@ impl State {
             )));
         }
         a.logs.entry(rank).or_insert_with(|| log.clone());
+        Ok(Applied::Done)
+    }
+
+    fn seal_metrics(
+        &mut self,
+        run_id: &str,
+        attempt: u32,
+        metrics: &SealedMetrics,
+    ) -> Result<Applied, ApplyError> {
+        if !is_sha256_hex(&metrics.sha256) {
+            return Err(ApplyError::InvalidSpec(format!(
+                "metrics of run {run_id}: sha256 {:?} is not 64 lowercase hex digits",
+                metrics.sha256
+            )));
+        }
+        let run = self
+            .runs
+            .get_mut(run_id)
+            .ok_or_else(|| ApplyError::UnknownRun(run_id.to_string()))?;
+        let Some(a) = attempt
+            .checked_sub(1)
+            .and_then(|i| run.attempts.get_mut(i as usize))
+        else {
+            return Err(ApplyError::InvalidSpec(format!(
+                "metrics of run {run_id}: it has no attempt {attempt}"
+            )));
+        };
+        if a.metrics.as_ref().is_none_or(|m| m.lines < metrics.lines) {
+            a.metrics = Some(metrics.clone());
+        }
         Ok(Applied::Done)
     }
 
@@ -788,6 +824,7 @@ impl State {
             outputs: None,
             preempted_for: None,
             logs: BTreeMap::new(),
+            metrics: None,
             master_port,
             secret: secret.map(str::to_string),
         });

@@ -11,7 +11,7 @@ use crate::pipeline::PipelineSpec;
 use crate::resources::Capacity;
 use crate::schedule::Placement;
 use crate::spec::RunSpec;
-use crate::state::{AttemptEnd, NodeState, SealedLog};
+use crate::state::{AttemptEnd, NodeState, SealedLog, SealedMetrics};
 use crate::sweep::SweepSpec;
 
 /// A change to the replicated state. Each variant carries an explicit, versioned tag so a
@@ -266,6 +266,20 @@ pub enum Command {
         reason: Option<String>,
         /// When.
         at: Millis,
+    },
+    /// Record that a run's metrics, as they stood when a rank of `attempt` ended, are
+    /// sealed in the blob store (and on a majority of servers), so any server can serve an
+    /// ended run's metrics once the leader that took them from the agents is gone. The
+    /// blob holds the run's whole metrics log (every attempt so far); a record with more
+    /// lines replaces one with fewer, so concurrent seals of two ranks keep the fuller one.
+    #[serde(rename = "seal_metrics.v1")]
+    SealMetrics {
+        /// The run.
+        run_id: String,
+        /// The attempt (any of the run's attempts, current or not).
+        attempt: u32,
+        /// Where the metrics are and how many lines they hold.
+        metrics: SealedMetrics,
     },
 }
 

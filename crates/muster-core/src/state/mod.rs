@@ -371,6 +371,22 @@ pub struct Attempt {
     /// rank's end is proposed; absent in states written before logs were sealed.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub logs: BTreeMap<u32, SealedLog>,
+    /// The run's metrics as they stood when this attempt ended, sealed in the blob store
+    /// (recorded by [`Command::SealMetrics`] before the rank's end is proposed); absent
+    /// when none were logged or in states written before metrics were sealed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SealedMetrics>,
+}
+
+/// A run's metrics log, sealed into the content-addressed blob store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedMetrics {
+    /// SHA-256 of the encoded metrics (its blob address).
+    pub sha256: String,
+    /// Its length in bytes.
+    pub bytes: u64,
+    /// Lines it accounts for: points plus malformed lines.
+    pub lines: u64,
 }
 
 /// A rank's complete log, sealed into the content-addressed blob store.

@@ -9,7 +9,8 @@ use crate::resources::{Capacity, Gpu, Resources};
 use crate::schedule::{Decision, schedule};
 use crate::spec::RunSpec;
 use crate::state::{
-    Applied, ApplyError, AttemptEnd, AttemptReport, Command, NodeState, RunState, SealedLog, State,
+    Applied, ApplyError, AttemptEnd, AttemptReport, Command, NodeState, RunState, SealedLog,
+    SealedMetrics, State,
 };
 
 fn compute(name: &str) -> Command {
@@ -647,6 +648,78 @@ fn sealed_logs_are_recorded_once_per_rank_and_survive_snapshots() {
         String::from_utf8(cmd.encode())
             .unwrap()
             .contains("\"cmd\":\"seal_log.v1\"")
+    );
+    assert_eq!(Command::decode(&cmd.encode()).unwrap(), cmd);
+}
+
+fn seal_metrics(run: &str, attempt: u32, fill: char, lines: u64) -> Command {
+    Command::SealMetrics {
+        run_id: run.into(),
+        attempt,
+        metrics: SealedMetrics {
+            sha256: fill.to_string().repeat(64),
+            bytes: lines * 10,
+            lines,
+        },
+    }
+}
+
+#[test]
+fn sealed_metrics_keep_the_fullest_record_and_survive_snapshots() {
+    let mut s = State::default();
+    apply_all(
+        &mut s,
+        &[
+            compute("cpu-pool"),
+            node("n1", "cpu-pool", 4, 0),
+            submit("r1", "cpu-pool", 1, 0, 1),
+        ],
+    );
+    place_all(&mut s, 5);
+    let old = s.to_snapshot();
+    assert!(!String::from_utf8_lossy(&old).contains("\"metrics\""));
+    let before = s.clone();
+    let bad_sha = Command::SealMetrics {
+        run_id: "r1".into(),
+        attempt: 1,
+        metrics: SealedMetrics {
+            sha256: "nope".into(),
+            bytes: 1,
+            lines: 1,
+        },
+    };
+    for (cmd, why) in [
+        (bad_sha, "sha256"),
+        (seal_metrics("r1", 2, 'a', 3), "no attempt 2"),
+        (seal_metrics("r1", 0, 'a', 3), "no attempt 0"),
+    ] {
+        match s.apply(&cmd) {
+            Err(ApplyError::InvalidSpec(m)) => assert!(m.contains(why), "{m}"),
+            other => panic!("{cmd:?} gave {other:?}"),
+        }
+        assert_eq!(s, before, "a rejected seal changes nothing");
+    }
+    assert_eq!(
+        s.apply(&seal_metrics("nope", 1, 'a', 3)),
+        Err(ApplyError::UnknownRun("nope".into()))
+    );
+    apply_all(&mut s, &[seal_metrics("r1", 1, 'a', 10)]);
+    // A seal with fewer lines (a rank's older view) does not replace a fuller one.
+    apply_all(&mut s, &[seal_metrics("r1", 1, 'b', 4)]);
+    assert_eq!(
+        s.runs["r1"].attempts[0].metrics.as_ref().unwrap().sha256,
+        "a".repeat(64)
+    );
+    apply_all(&mut s, &[seal_metrics("r1", 1, 'c', 11)]);
+    assert_eq!(s.runs["r1"].attempts[0].metrics.as_ref().unwrap().lines, 11);
+    s.sanity_check().unwrap();
+    let snap = s.to_snapshot();
+    assert_eq!(State::from_snapshot(&snap).unwrap(), s);
+    let cmd = seal_metrics("r1", 1, 'd', 1);
+    assert!(
+        String::from_utf8(cmd.encode())
+            .unwrap()
+            .contains("\"cmd\":\"seal_metrics.v1\"")
     );
     assert_eq!(Command::decode(&cmd.encode()).unwrap(), cmd);
 }

@@ -25,6 +25,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::coordinator::{Coordinator, ProposalError, now_ms};
 use crate::grpc::{rejected, status};
 use crate::logs::Append;
+use crate::series::{Feed, Stream as MetricStream};
 
 pub(crate) struct Agents(pub Arc<Coordinator>);
 
@@ -168,6 +169,8 @@ impl Session {
         let resumes: Vec<(String, u32)> = self.running.iter().cloned().collect();
         for (run_id, attempt) in resumes {
             self.send_resume(&run_id, attempt).await;
+            let offset = self.metric_len(&run_id, attempt);
+            self.send_metric_resume(&run_id, attempt, offset).await;
         }
         let mut changes = self.coordinator.subscribe();
         let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -219,6 +222,25 @@ impl Session {
                 offset,
             }))
             .await;
+    }
+
+    async fn send_metric_resume(&self, run_id: &str, attempt: u32, offset: u64) {
+        let _ = self
+            .send(server_message::Msg::MetricResume(v1::MetricResume {
+                run_id: run_id.to_string(),
+                attempt,
+                offset,
+            }))
+            .await;
+    }
+
+    /// Where this server's copy of an attempt's metrics file ends.
+    fn metric_len(&self, run_id: &str, attempt: u32) -> u64 {
+        let rank = self.rank(run_id, attempt).unwrap_or(0);
+        self.coordinator
+            .series
+            .stream_len(run_id, MetricStream::File { attempt, rank })
+            .unwrap_or(0)
     }
 
     fn rank(&self, run_id: &str, attempt: u32) -> Option<u32> {
@@ -334,9 +356,40 @@ impl Session {
                     log.offset,
                     &log.data,
                 ) {
-                    Ok(Append::Stored(_)) => {}
+                    Ok(Append::Stored(_)) => {
+                        // Stdout metric lines come from the log bytes themselves.
+                        if let Err(e) = self.coordinator.feed_log_metrics(
+                            &log.run_id,
+                            log.attempt,
+                            rank,
+                            log.offset,
+                            &log.data,
+                        ) {
+                            tracing::warn!(run_id = %log.run_id, cause = %e, "cannot store metrics from the log");
+                        }
+                    }
                     Ok(Append::Gap(_)) => self.send_resume(&log.run_id, log.attempt).await,
                     Err(e) => return Err(Status::internal(format!("storing logs: {e}"))),
+                }
+            }
+            Some(agent_message::Msg::Metrics(m)) => {
+                let Some(rank) = self.rank(&m.run_id, m.attempt) else {
+                    return Ok(());
+                };
+                let stream = MetricStream::File {
+                    attempt: m.attempt,
+                    rank,
+                };
+                match self
+                    .coordinator
+                    .series
+                    .feed(&m.run_id, stream, m.offset, &m.data)
+                {
+                    Ok(Feed::Stored(_)) => {}
+                    Ok(Feed::Gap(offset)) => {
+                        self.send_metric_resume(&m.run_id, m.attempt, offset).await
+                    }
+                    Err(e) => return Err(Status::internal(format!("storing metrics: {e}"))),
                 }
             }
             Some(agent_message::Msg::Update(u)) => self.on_update(u).await?,
@@ -371,10 +424,20 @@ impl Session {
                         self.send_resume(&u.run_id, u.attempt).await;
                         return Ok(());
                     }
+                    let metrics = self.metric_len(&u.run_id, u.attempt);
+                    if metrics < u.metric_bytes {
+                        // Metrics are still missing: ask for them; the end comes again after.
+                        self.send_metric_resume(&u.run_id, u.attempt, metrics).await;
+                        return Ok(());
+                    }
                     // The whole log is here: into the blob store, onto a majority of servers
                     // and into the state, before the end is proposed (invariant 5).
                     self.coordinator
                         .seal_log(&u.run_id, u.attempt, rank)
+                        .await?;
+                    // The metrics likewise (after the log: its last stdout lines count).
+                    self.coordinator
+                        .seal_metrics(&u.run_id, u.attempt, rank)
                         .await?;
                 }
                 if let Some(outputs) = &u.outputs {

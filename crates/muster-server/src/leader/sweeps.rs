@@ -1,5 +1,5 @@
-//! The sweep controller loop: on every state change (at most once per 200 ms) and at least
-//! once a second (metrics arrive and timeouts pass without state changes), for every sweep
+//! The sweep controller loop: on every state change and every metric the store takes (at
+//! most once per 200 ms), and at least once a second (timeouts pass without events), for every sweep
 //! not yet finished, ask muster-core's `State::sweep_step` for decisions (start a trial,
 //! cancel a trial, finish) given each trial's primary-metric series from the metric
 //! store, and propose each through Raft.
@@ -26,10 +26,12 @@ const MIN_INTERVAL: Duration = Duration::from_millis(200);
 
 pub(crate) async fn run(coordinator: Arc<Coordinator>) {
     let mut changes = coordinator.subscribe();
+    let mut metrics = coordinator.series.subscribe();
     let mut last = Instant::now() - MIN_INTERVAL;
     loop {
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
+            changed = metrics.changed() => if changed.is_err() { return },
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         tokio::time::sleep_until(last + MIN_INTERVAL).await;
@@ -48,15 +50,10 @@ pub(crate) fn trial_series(coordinator: &Coordinator, sweep: &Sweep) -> Vec<Seri
     sweep
         .trials
         .iter()
-        .map(|t| primary_series(coordinator, &t.run_id, metric).unwrap_or_default())
+        .map(|t| coordinator.series.series(&t.run_id, metric).unwrap_or_default())
         .collect()
 }
 
-// TEMPORARY until branch `metrics` lands its store (`coordinator.series.series(run, name)`):
-// no series are known, so trials rank as having logged nothing.
-fn primary_series(_coordinator: &Coordinator, _run_id: &str, _metric: &str) -> Option<Series> {
-    None
-}
 
 /// One controller pass over every sweep not yet finished.
 async fn pass(coordinator: &Coordinator) {
