@@ -538,6 +538,16 @@ pub struct JobFile {
 
 /// Parses an Azure ML v2 command job. Unknown keys are errors naming their path.
 pub fn parse_job_yaml(text: &str) -> Result<JobFile, SpecError> {
+    // A sweep or pipeline file has keys a command job lacks (`trial`, `jobs`): say which
+    // command takes it before those keys are reported as unknown.
+    if let Ok(value) = yaml_serde::from_str::<yaml_serde::Value>(text)
+        && let Some(kind @ ("sweep" | "pipeline")) = value.get("type").and_then(|t| t.as_str())
+    {
+        return Err(SpecError::field(
+            "type",
+            format!("a {kind} job is submitted with `muster {kind} submit`, not `muster run submit`"),
+        ));
+    }
     let job: JobFile = parse_yaml(text)?;
     match job.kind.as_deref() {
         None | Some("command") => Ok(job),
@@ -826,6 +836,11 @@ mod tests {
         assert_eq!(e.path, "distribution.process_count_per_instance");
         let e = parse_job_yaml("type: sweep\n").unwrap_err();
         assert_eq!(e.path, "type");
+        // Even with the keys only a sweep or pipeline has.
+        let e = parse_job_yaml("type: sweep\ntrial:\n  command: echo\n").unwrap_err();
+        assert!(e.message.contains("muster sweep submit"), "{e}");
+        let e = parse_job_yaml("type: pipeline\njobs: {}\n").unwrap_err();
+        assert!(e.message.contains("muster pipeline submit"), "{e}");
     }
 
     #[test]

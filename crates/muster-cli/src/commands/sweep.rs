@@ -410,7 +410,7 @@ fn trial_note(t: &v1::SweepTrial) -> String {
 /// `sweep show` for people: the sweep, then its trials ranked best first.
 pub fn sweep_details(s: &v1::Sweep) -> String {
     let mut out = String::new();
-    let line = |out: &mut String, k: &str, v: String| out.push_str(&format!("{k:<18}{v}\n"));
+    let line = |out: &mut String, k: &str, v: String| out.push_str(&format!("{k:<20}{v}\n"));
     line(&mut out, "Sweep:", s.id.clone());
     if let Some(n) = &s.display_name {
         line(&mut out, "Name:", n.clone());
