@@ -113,7 +113,12 @@ async fn a_grid_sweep_runs_eight_trials_two_at_a_time_and_ranks_the_best_first()
     write(project.path(), "sweep.yml", SWEEP);
 
     // `run submit` points at `sweep submit`.
-    let out = muster(&dev.url(), project.path(), &["run", "submit", "-f", "sweep.yml"]).await;
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "-f", "sweep.yml"],
+    )
+    .await;
     assert_ne!(out.code, 0, "{out:?}");
     assert!(out.stderr.contains("muster sweep submit"), "{out:?}");
 
@@ -141,7 +146,14 @@ async fn a_grid_sweep_runs_eight_trials_two_at_a_time_and_ranks_the_best_first()
     let again = muster(
         &dev.url(),
         project.path(),
-        &["sweep", "submit", "-f", "sweep.yml", "--idempotency-key", "lr-1"],
+        &[
+            "sweep",
+            "submit",
+            "-f",
+            "sweep.yml",
+            "--idempotency-key",
+            "lr-1",
+        ],
     )
     .await;
     assert_eq!(again.code, 0, "{again:?}");
@@ -233,7 +245,12 @@ async fn a_bandit_policy_stops_the_clearly_bad_trials_early() {
     let project = tempfile::tempdir().unwrap();
     write(project.path(), "mixed.sh", MIXED_TRIAL);
     write(project.path(), "sweep.yml", BANDIT_SWEEP);
-    let out = muster(&dev.url(), project.path(), &["sweep", "submit", "-f", "sweep.yml"]).await;
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["sweep", "submit", "-f", "sweep.yml"],
+    )
+    .await;
     assert_eq!(out.code, 0, "{out:?}");
     let id = out.stdout.trim().to_string();
     // Unstopped, the bad trials would take a minute each.
@@ -243,7 +260,11 @@ async fn a_bandit_policy_stops_the_clearly_bad_trials_early() {
     for t in &sweep.trials {
         let bad = t.params["q"].parse::<f64>().unwrap() < 0.5;
         if bad {
-            assert!(t.early_terminated, "trial {} stopped early: {t:#?}", t.index);
+            assert!(
+                t.early_terminated,
+                "trial {} stopped early: {t:#?}",
+                t.index
+            );
             assert_eq!(t.state, "canceled", "{t:#?}");
             assert!(t.points < 120, "{t:#?}");
         } else {
@@ -254,7 +275,9 @@ async fn a_bandit_policy_stops_the_clearly_bad_trials_early() {
     let show = muster(&dev.url(), project.path(), &["sweep", "show", &id]).await;
     assert_eq!(show.code, 0, "{show:?}");
     assert_eq!(
-        show.stdout.matches("stopped early: by the bandit policy").count(),
+        show.stdout
+            .matches("stopped early: by the bandit policy")
+            .count(),
         2,
         "{}",
         show.stdout
@@ -276,7 +299,12 @@ async fn a_canceled_sweep_cancels_its_trials_and_starts_no_more() {
             .replace("[0.9, 0.05, 0.88, 0.04]", "[0.01, 0.02, 0.03, 0.04]")
             .replace("early_termination:\n  type: bandit\n  slack_factor: 0.2\n  evaluation_interval: 1\n  delay_evaluation: 1\n", ""),
     );
-    let out = muster(&dev.url(), project.path(), &["sweep", "submit", "-f", "sweep.yml"]).await;
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["sweep", "submit", "-f", "sweep.yml"],
+    )
+    .await;
     assert_eq!(out.code, 0, "{out:?}");
     let id = out.stdout.trim().to_string();
     let mut c = client(&dev.url()).await;
@@ -299,7 +327,10 @@ async fn a_canceled_sweep_cancels_its_trials_and_starts_no_more() {
     let sweep = wait_sweep_done(&[dev.url()], &id, Duration::from_secs(60)).await;
     assert_eq!(sweep.state, "canceled", "{sweep:#?}");
     assert_eq!(sweep.trials.len(), 2, "no trial starts after the cancel");
-    assert!(sweep.trials.iter().all(|t| t.state == "canceled"), "{sweep:#?}");
+    assert!(
+        sweep.trials.iter().all(|t| t.state == "canceled"),
+        "{sweep:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,7 +362,12 @@ async fn bad_sweep_input_names_the_field_and_stores_nothing() {
     for (i, (yaml, path)) in cases.iter().enumerate() {
         let file = format!("bad{i}.yml");
         write(project.path(), &file, yaml);
-        let out = muster(&dev.url(), project.path(), &["sweep", "submit", "-f", &file]).await;
+        let out = muster(
+            &dev.url(),
+            project.path(),
+            &["sweep", "submit", "-f", &file],
+        )
+        .await;
         assert_ne!(out.code, 0, "{out:?}");
         assert!(
             out.stderr.contains(path) && out.stderr.contains(&file),
@@ -339,7 +375,12 @@ async fn bad_sweep_input_names_the_field_and_stores_nothing() {
         );
     }
     // A grid over a uniform says why.
-    let out = muster(&dev.url(), project.path(), &["sweep", "submit", "-f", "bad2.yml"]).await;
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["sweep", "submit", "-f", "bad2.yml"],
+    )
+    .await;
     assert!(out.stderr.contains("grid"), "{out:?}");
     // v1: an unknown key in the HyperDrive config names its path; a trial is required.
     write(
@@ -350,7 +391,15 @@ async fn bad_sweep_input_names_the_field_and_stores_nothing() {
     let out = muster(
         &dev.url(),
         project.path(),
-        &["sweep", "submit", "--hyperdrive-config", "hdconfig.yml", "--", "sh", "trial.sh"],
+        &[
+            "sweep",
+            "submit",
+            "--hyperdrive-config",
+            "hdconfig.yml",
+            "--",
+            "sh",
+            "trial.sh",
+        ],
     )
     .await;
     assert_ne!(out.code, 0, "{out:?}");
@@ -392,7 +441,15 @@ async fn a_v1_hyperdrive_config_appends_the_parameters_to_the_trial_command() {
     let out = muster(
         &dev.url(),
         project.path(),
-        &["sweep", "submit", "--hyperdrive-config", "hdconfig.yml", "--", "sh", "train.sh"],
+        &[
+            "sweep",
+            "submit",
+            "--hyperdrive-config",
+            "hdconfig.yml",
+            "--",
+            "sh",
+            "train.sh",
+        ],
     )
     .await;
     assert_eq!(out.code, 0, "{out:?}");
@@ -451,7 +508,10 @@ async fn killing_the_leader_mid_sweep_finishes_with_exactly_eight_trials() {
         "sweep.yml",
         &SWEEP
             .replace("compute: local", "compute: sweep-pool")
-            .replace("sh trial.sh ${{search_space.lr}}", "sh trial.sh ${{search_space.lr}}"),
+            .replace(
+                "sh trial.sh ${{search_space.lr}}",
+                "sh trial.sh ${{search_space.lr}}",
+            ),
     );
     let out = muster(
         &cluster.urls(),
@@ -499,7 +559,11 @@ async fn killing_the_leader_mid_sweep_finishes_with_exactly_eight_trials() {
     // Exactly one run per trial: none lost, none duplicated by the new leader.
     let runs = trial_runs(&all_runs(&survivors[0]).await, &id);
     assert_eq!(runs.len(), 8, "{runs:#?}");
-    let mut lrs: Vec<String> = sweep.trials.iter().map(|t| t.params["lr"].clone()).collect();
+    let mut lrs: Vec<String> = sweep
+        .trials
+        .iter()
+        .map(|t| t.params["lr"].clone())
+        .collect();
     lrs.sort();
     assert_eq!(
         lrs,

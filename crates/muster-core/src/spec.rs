@@ -545,7 +545,9 @@ pub fn parse_job_yaml(text: &str) -> Result<JobFile, SpecError> {
     {
         return Err(SpecError::field(
             "type",
-            format!("a {kind} job is submitted with `muster {kind} submit`, not `muster run submit`"),
+            format!(
+                "a {kind} job is submitted with `muster {kind} submit`, not `muster run submit`"
+            ),
         ));
     }
     let job: JobFile = parse_yaml(text)?;

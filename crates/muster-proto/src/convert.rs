@@ -482,71 +482,6 @@ pub fn node_to_wire(n: &CoreNode, last_heartbeat_ms: Option<u64>) -> v1::Node {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn run_spec_round_trips_through_the_wire() {
-        let mut spec = CoreSpec::new("python train.py");
-        spec.distribution = Some(CoreDist::Tensorflow {
-            worker_count: 2,
-            parameter_server_count: 1,
-        });
-        spec.environment.image = Some("busybox".into());
-        spec.environment_variables.insert("A".into(), "1".into());
-        spec.timeout_s = Some(5);
-        spec.code = Some(CoreCode {
-            manifest: "a".repeat(64),
-            files: 2,
-            bytes: 10,
-            git: Some(CoreGit {
-                commit: "abc".into(),
-                branch: Some("main".into()),
-                dirty: true,
-            }),
-        });
-        let wire: v1::RunSpec = spec.clone().into();
-        assert_eq!(spec_from_wire(wire).unwrap(), spec);
-    }
-
-    #[test]
-    fn provisioners_round_trip_and_bad_ones_name_the_field() {
-        let docker = Provisioner::Docker(DockerProvisioner {
-            image: "muster:local".into(),
-            network: "host".into(),
-            servers: vec!["127.0.0.1:7070".into()],
-            labels: [("zone".to_string(), "a".to_string())].into(),
-        });
-        let command = Provisioner::Command(CommandProvisioner {
-            scale_up: "/up".into(),
-            scale_down: "/down".into(),
-        });
-        for p in [Provisioner::Static, docker, command] {
-            assert_eq!(provisioner_from_wire(&provisioner_to_wire(&p)).unwrap(), p);
-        }
-        let d = provisioner_from_wire(&v1::Provisioner {
-            r#type: "docker".into(),
-            ..Default::default()
-        })
-        .unwrap();
-        assert_eq!(d, Provisioner::Docker(DockerProvisioner::default()));
-        let e = provisioner_from_wire(&v1::Provisioner {
-            r#type: "cloud".into(),
-            ..Default::default()
-        })
-        .unwrap_err();
-        assert!(e.starts_with("provisioner.type"), "{e}");
-        let e = provisioner_from_wire(&v1::Provisioner {
-            r#type: "docker".into(),
-            scale_up: "/x".into(),
-            ..Default::default()
-        })
-        .unwrap_err();
-        assert!(e.starts_with("provisioner.scale_up"), "{e}");
-    }
-}
-
 /// A sweep spec on the wire: the trial as a [`v1::RunSpec`], the rest as muster-core's
 /// JSON (the encoding the replicated log stores).
 pub fn sweep_spec_to_wire(s: &muster_core::sweep::SweepSpec) -> v1::SweepSpec {
@@ -688,5 +623,70 @@ pub fn sweep_to_wire(
         message: s.cancel_requested.clone(),
         seed: s.seed,
         spec: Some(sweep_spec_to_wire(&s.spec)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_spec_round_trips_through_the_wire() {
+        let mut spec = CoreSpec::new("python train.py");
+        spec.distribution = Some(CoreDist::Tensorflow {
+            worker_count: 2,
+            parameter_server_count: 1,
+        });
+        spec.environment.image = Some("busybox".into());
+        spec.environment_variables.insert("A".into(), "1".into());
+        spec.timeout_s = Some(5);
+        spec.code = Some(CoreCode {
+            manifest: "a".repeat(64),
+            files: 2,
+            bytes: 10,
+            git: Some(CoreGit {
+                commit: "abc".into(),
+                branch: Some("main".into()),
+                dirty: true,
+            }),
+        });
+        let wire: v1::RunSpec = spec.clone().into();
+        assert_eq!(spec_from_wire(wire).unwrap(), spec);
+    }
+
+    #[test]
+    fn provisioners_round_trip_and_bad_ones_name_the_field() {
+        let docker = Provisioner::Docker(DockerProvisioner {
+            image: "muster:local".into(),
+            network: "host".into(),
+            servers: vec!["127.0.0.1:7070".into()],
+            labels: [("zone".to_string(), "a".to_string())].into(),
+        });
+        let command = Provisioner::Command(CommandProvisioner {
+            scale_up: "/up".into(),
+            scale_down: "/down".into(),
+        });
+        for p in [Provisioner::Static, docker, command] {
+            assert_eq!(provisioner_from_wire(&provisioner_to_wire(&p)).unwrap(), p);
+        }
+        let d = provisioner_from_wire(&v1::Provisioner {
+            r#type: "docker".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(d, Provisioner::Docker(DockerProvisioner::default()));
+        let e = provisioner_from_wire(&v1::Provisioner {
+            r#type: "cloud".into(),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.starts_with("provisioner.type"), "{e}");
+        let e = provisioner_from_wire(&v1::Provisioner {
+            r#type: "docker".into(),
+            scale_up: "/x".into(),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.starts_with("provisioner.scale_up"), "{e}");
     }
 }

@@ -421,7 +421,11 @@ pub fn sweep_details(s: &v1::Sweep) -> String {
     }
     line(&mut out, "Experiment:", s.experiment.clone());
     line(&mut out, "Compute:", s.compute.clone());
-    line(&mut out, "Objective:", format!("{} {}", s.goal, s.primary_metric));
+    line(
+        &mut out,
+        "Objective:",
+        format!("{} {}", s.goal, s.primary_metric),
+    );
     line(&mut out, "Sampling:", s.sampling.clone());
     line(
         &mut out,

@@ -51,7 +51,9 @@ pub fn router(coordinator: Arc<Coordinator>) -> axum::Router {
             v1::agent_service_server::AgentServiceServer::new(agents::Agents(coordinator.clone()))
                 .max_decoding_message_size(8 << 20),
         )
-        .add_service(v1::sweep_service_server::SweepServiceServer::new(sweeps::Sweeps(coordinator.clone())))
+        .add_service(v1::sweep_service_server::SweepServiceServer::new(
+            sweeps::Sweeps(coordinator.clone()),
+        ))
         .add_service(
             v1::cluster_service_server::ClusterServiceServer::new(cluster::Cluster(coordinator))
                 .max_decoding_message_size(512 << 20)

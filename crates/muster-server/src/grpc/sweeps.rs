@@ -71,8 +71,8 @@ impl Sweeps {
                 code.manifest
             ))
         })?;
-        let manifest: muster_core::snapshot::Manifest = serde_json::from_slice(&manifest)
-            .map_err(|e| {
+        let manifest: muster_core::snapshot::Manifest =
+            serde_json::from_slice(&manifest).map_err(|e| {
                 Status::invalid_argument(format!(
                     "trial.code: the snapshot manifest is not valid: {e}"
                 ))

@@ -50,10 +50,14 @@ pub(crate) fn trial_series(coordinator: &Coordinator, sweep: &Sweep) -> Vec<Seri
     sweep
         .trials
         .iter()
-        .map(|t| coordinator.series.series(&t.run_id, metric).unwrap_or_default())
+        .map(|t| {
+            coordinator
+                .series
+                .series(&t.run_id, metric)
+                .unwrap_or_default()
+        })
         .collect()
 }
-
 
 /// One controller pass over every sweep not yet finished.
 async fn pass(coordinator: &Coordinator) {
