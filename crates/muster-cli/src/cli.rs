@@ -313,6 +313,18 @@ pub enum RunCommand {
         #[arg(long)]
         attempt: Option<u32>,
     },
+    /// Print a run's metrics (metric, step, value), as logged to $MUSTER_METRICS_FILE or
+    /// as `##muster[metric]` lines on stdout.
+    Metrics {
+        /// The run id.
+        id: String,
+        /// Keep printing points as they arrive until the run ends.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only this metric.
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Cancel a run (SIGTERM, then SIGKILL after the grace period).
     Cancel {
         /// The run id.

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use muster_proto::v1::{
     blob_service_client::BlobServiceClient, compute_service_client::ComputeServiceClient,
-    run_service_client::RunServiceClient,
+    metrics_service_client::MetricsServiceClient, run_service_client::RunServiceClient,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -17,6 +17,8 @@ pub struct Clients {
     pub compute: ComputeServiceClient<Channel>,
     /// Blobs.
     pub blobs: BlobServiceClient<Channel>,
+    /// Run metrics.
+    pub metrics: MetricsServiceClient<Channel>,
 }
 
 /// Connects to the first server of `servers` (comma-separated URLs) that answers.
@@ -41,6 +43,8 @@ pub async fn connect(servers: &str) -> anyhow::Result<Clients> {
                     runs: RunServiceClient::new(channel.clone())
                         .max_decoding_message_size(16 << 20),
                     compute: ComputeServiceClient::new(channel.clone()),
+                    metrics: MetricsServiceClient::new(channel.clone())
+                        .max_decoding_message_size(64 << 20),
                     blobs: BlobServiceClient::new(channel).max_decoding_message_size(16 << 20),
                 });
             }

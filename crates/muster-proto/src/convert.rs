@@ -626,6 +626,43 @@ pub fn sweep_to_wire(
     }
 }
 
+/// A run's metrics on the wire: each metric's points past the first `skip[name]` (only the
+/// last point with `last_only`), only `name`'s when given.
+pub fn metrics_to_wire(
+    run_id: &str,
+    log: &muster_core::metrics::MetricsLog,
+    name: Option<&str>,
+    skip: &std::collections::HashMap<String, u64>,
+    last_only: bool,
+) -> v1::RunMetrics {
+    let series = log
+        .series
+        .iter()
+        .filter(|(n, _)| name.is_none_or(|want| want == n.as_str()))
+        .map(|(n, s)| {
+            let points = s.points();
+            let from = if last_only {
+                points.len().saturating_sub(1)
+            } else {
+                (skip.get(n).copied().unwrap_or(0) as usize).min(points.len())
+            };
+            v1::MetricSeries {
+                name: n.clone(),
+                steps: points[from..].iter().map(|p| p.0).collect(),
+                values: points[from..].iter().map(|p| p.1).collect(),
+                points_before: from as u64,
+            }
+        })
+        .collect();
+    v1::RunMetrics {
+        run_id: run_id.to_string(),
+        series,
+        malformed: log.malformed,
+        last_error: log.last_error.clone(),
+        ended: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -688,5 +725,27 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.starts_with("provisioner.scale_up"), "{e}");
+    }
+
+    #[test]
+    fn metrics_skip_seen_points_and_filter_by_name() {
+        let mut log = muster_core::metrics::MetricsLog::new();
+        for v in [1.0, 2.0, 3.0] {
+            log.feed_json_line(&format!(r#"{{"name":"loss","value":{v}}}"#));
+        }
+        log.feed_json_line(r#"{"name":"acc","value":0.5,"step":7}"#);
+        log.feed_json_line("nope");
+        let skip = [("loss".to_string(), 2)].into();
+        let w = metrics_to_wire("r", &log, None, &skip, false);
+        assert_eq!(w.malformed, 1);
+        assert_eq!(w.series.len(), 2);
+        let loss = w.series.iter().find(|s| s.name == "loss").unwrap();
+        assert_eq!(
+            (loss.points_before, loss.steps.clone(), loss.values.clone()),
+            (2, vec![2], vec![3.0])
+        );
+        let w = metrics_to_wire("r", &log, Some("acc"), &Default::default(), true);
+        assert_eq!(w.series.len(), 1);
+        assert_eq!(w.series[0].steps, [7]);
     }
 }

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod cluster;
 pub mod compute;
 pub mod dev;
+pub mod metrics;
 pub mod node;
 pub mod run;
 pub mod server;

@@ -61,8 +61,12 @@ pub async fn run(server: &str, output: OutputFormat, cmd: RunCommand) -> anyhow:
                 .await
                 .map_err(status)?
                 .into_inner();
-            print_run(output, &run);
+            let metrics = super::metrics::last_values(&mut c, &run.id).await;
+            super::metrics::print_run_with_metrics(output, &run, metrics.as_ref());
             Ok(0)
+        }
+        RunCommand::Metrics { id, follow, name } => {
+            super::metrics::run_metrics(server, output, &id, follow, name).await
         }
         RunCommand::Logs {
             id,

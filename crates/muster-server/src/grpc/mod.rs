@@ -4,6 +4,7 @@ mod agents;
 mod blobs;
 mod cluster;
 mod compute;
+mod metrics;
 mod runs;
 mod sweeps;
 
@@ -43,6 +44,12 @@ pub fn router(coordinator: Arc<Coordinator>) -> axum::Router {
         .add_service(v1::run_service_server::RunServiceServer::new(runs::Runs(
             coordinator.clone(),
         )))
+        .add_service(
+            v1::metrics_service_server::MetricsServiceServer::new(metrics::Metrics(
+                coordinator.clone(),
+            ))
+            .max_encoding_message_size(64 << 20),
+        )
         .add_service(
             v1::blob_service_server::BlobServiceServer::new(blobs::Blobs(coordinator.clone()))
                 .max_decoding_message_size(8 << 20),

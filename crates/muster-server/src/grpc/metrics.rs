@@ -1,0 +1,194 @@
+//! MetricsService: a run's metric series. An ended run's metrics come from its sealed blob
+//! (any server, fetched from a peer if this one missed it); a live run's from the leader's
+//! series store, relayed by a follower.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use muster_core::metrics::validate_name;
+use muster_proto::metrics_to_wire;
+use muster_proto::v1::{self, metrics_service_server::MetricsService};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::coordinator::Coordinator;
+use crate::replication::{is_replica, replica_request};
+
+pub(crate) struct Metrics(pub Arc<Coordinator>);
+
+type MetricStream = Pin<Box<dyn Stream<Item = Result<v1::RunMetrics, Status>> + Send>>;
+
+fn check_name(name: Option<&str>) -> Result<(), Status> {
+    if let Some(n) = name {
+        validate_name(n).map_err(|e| {
+            Status::invalid_argument(format!("name: {e}; give a metric name the run logs"))
+        })?;
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl MetricsService for Metrics {
+    async fn get_run_metrics(
+        &self,
+        req: Request<v1::GetRunMetricsRequest>,
+    ) -> Result<Response<v1::RunMetrics>, Status> {
+        let relayed = is_replica(&req);
+        let req = req.into_inner();
+        check_name(req.name.as_deref())?;
+        run_metrics(&self.0, &req, relayed).await.map(Response::new)
+    }
+
+    type StreamRunMetricsStream = MetricStream;
+
+    async fn stream_run_metrics(
+        &self,
+        req: Request<v1::StreamRunMetricsRequest>,
+    ) -> Result<Response<MetricStream>, Status> {
+        let relayed = is_replica(&req);
+        let req = req.into_inner();
+        check_name(req.name.as_deref())?;
+        let mut get = v1::GetRunMetricsRequest {
+            run_id: req.run_id.clone(),
+            name: req.name.clone(),
+            skip: HashMap::new(),
+            last_only: false,
+        };
+        // The first answer (or its error) before the stream starts: a bad id fails the call.
+        let first = run_metrics(&self.0, &get, relayed).await?;
+        let (tx, rx) = mpsc::channel(16);
+        let coordinator = self.0.clone();
+        tokio::spawn(async move {
+            let mut changes = coordinator.series.subscribe();
+            let mut applied = coordinator.subscribe();
+            let mut next = Ok(first);
+            let mut malformed = None;
+            loop {
+                let m = match next {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                };
+                for s in &m.series {
+                    get.skip
+                        .insert(s.name.clone(), s.points_before + s.steps.len() as u64);
+                }
+                let ended = m.ended;
+                let news = m.series.iter().any(|s| !s.steps.is_empty())
+                    || malformed != Some(m.malformed)
+                    || ended;
+                malformed = Some(m.malformed);
+                if news && tx.send(Ok(m)).await.is_err() {
+                    return;
+                }
+                if !req.follow || ended {
+                    return;
+                }
+                // New points, a state change (the run ended), or a relay's poll interval.
+                tokio::select! {
+                    _ = changes.changed() => {}
+                    _ = applied.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = tx.closed() => return,
+                    _ = coordinator.shutting_down() => {
+                        let _ = tx.send(Err(Status::unavailable("the server is shutting down; retry"))).await;
+                        return;
+                    }
+                }
+                // Batch bursts of points.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                next = run_metrics(&coordinator, &get, relayed).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// A MetricsService client of the leader, when this server is a follower that knows it.
+fn leader_metrics(
+    coordinator: &Coordinator,
+) -> Option<v1::metrics_service_client::MetricsServiceClient<Channel>> {
+    if coordinator.is_leader() {
+        return None;
+    }
+    let leader = coordinator.raft().status().leader?;
+    if !coordinator.reaches(leader) {
+        return None;
+    }
+    let address = coordinator.peers.address(leader)?;
+    let url = if address.contains("://") {
+        address
+    } else {
+        format!("http://{address}")
+    };
+    let channel = Endpoint::from_shared(url)
+        .ok()?
+        .connect_timeout(Duration::from_secs(1))
+        .connect_lazy();
+    Some(
+        v1::metrics_service_client::MetricsServiceClient::new(channel)
+            .max_decoding_message_size(64 << 20),
+    )
+}
+
+/// A run's metrics as this server can best answer: sealed once the run ended, else live
+/// from this server's store on the leader (or for a relayed request), else from the leader.
+pub(crate) async fn run_metrics(
+    coordinator: &Coordinator,
+    req: &v1::GetRunMetricsRequest,
+    relayed: bool,
+) -> Result<v1::RunMetrics, Status> {
+    let terminal = coordinator.read(|s| s.runs.get(&req.run_id).map(|r| r.state.is_terminal()));
+    let ended = match terminal {
+        Some(t) => t,
+        None => {
+            // A follower that has not applied the submission yet: the leader knows the run.
+            if !relayed && let Some(mut client) = leader_metrics(coordinator) {
+                return Ok(client
+                    .get_run_metrics(replica_request(req.clone()))
+                    .await?
+                    .into_inner());
+            }
+            return Err(Status::not_found(format!(
+                "run {:?} does not exist: list runs with `muster run list`",
+                req.run_id
+            )));
+        }
+    };
+    if ended {
+        coordinator.ensure_sealed_metrics_local(&req.run_id).await?;
+    } else if !relayed && let Some(mut client) = leader_metrics(coordinator) {
+        return Ok(client
+            .get_run_metrics(replica_request(req.clone()))
+            .await
+            .map_err(|s| {
+                Status::unavailable(format!(
+                    "the live metrics of run {} are on the leader, which did not answer ({}); retry",
+                    req.run_id,
+                    s.message()
+                ))
+            })?
+            .into_inner());
+    }
+    let mut answer = coordinator
+        .series
+        .with_log(&req.run_id, |log| {
+            metrics_to_wire(
+                &req.run_id,
+                log,
+                req.name.as_deref(),
+                &req.skip,
+                req.last_only,
+            )
+        })
+        .map_err(|e| Status::internal(format!("reading metrics: {e}")))?;
+    answer.ended = ended;
+    Ok(answer)
+}
