@@ -502,16 +502,11 @@ async fn killing_the_leader_mid_sweep_finishes_with_exactly_eight_trials() {
         .await
         .unwrap();
     let project = tempfile::tempdir().unwrap();
-    write(project.path(), "trial.sh", "sleep 1\n");
+    write(project.path(), "trial.sh", TRIAL);
     write(
         project.path(),
         "sweep.yml",
-        &SWEEP
-            .replace("compute: local", "compute: sweep-pool")
-            .replace(
-                "sh trial.sh ${{search_space.lr}}",
-                "sh trial.sh ${{search_space.lr}}",
-            ),
+        &SWEEP.replace("compute: local", "compute: sweep-pool"),
     );
     let out = muster(
         &cluster.urls(),
@@ -571,4 +566,8 @@ async fn killing_the_leader_mid_sweep_finishes_with_exactly_eight_trials() {
         "the grid, each point once"
     );
     assert!(max_overlap(&runs) <= 2);
+    // The metrics of trials that ended under the old leader survived it: the ranking holds.
+    let best = sweep.best_trial.expect("a best trial");
+    assert_eq!(sweep.trials[0].index, best, "{sweep:#?}");
+    assert_eq!(sweep.trials[0].params["lr"], "0.3", "{sweep:#?}");
 }
