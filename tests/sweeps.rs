@@ -571,3 +571,90 @@ async fn killing_the_leader_mid_sweep_finishes_with_exactly_eight_trials() {
     assert_eq!(sweep.trials[0].index, best, "{sweep:#?}");
     assert_eq!(sweep.trials[0].params["lr"], "0.3", "{sweep:#?}");
 }
+
+/// The server is the enforcer: a sweep sent past the CLI's checks is refused with the field
+/// named, and a reused idempotency key for another sweep is refused; nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_refuses_a_bad_sweep_sent_past_the_cli() {
+    let dev = DevCluster::start().await.unwrap();
+    let spec = muster_core::sweep::parse_sweep_yaml(
+        &SWEEP
+            .replace("sampling_algorithm: grid", "sampling_algorithm: random")
+            .replace(
+                "    type: choice\n    values: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]",
+                "    type: uniform\n    min_value: 0\n    max_value: 1",
+            ),
+        "e",
+    )
+    .unwrap();
+    let good = muster_proto::sweep_spec_to_wire(&spec);
+    let mut grid = good.clone();
+    let mut def: Value = serde_json::from_str(&grid.definition_json).unwrap();
+    def["sampling"] = serde_json::json!({"type": "grid"});
+    grid.definition_json = def.to_string();
+    let mut no_metric = good.clone();
+    let mut def: Value = serde_json::from_str(&no_metric.definition_json).unwrap();
+    def["objective"]["primary_metric"] = "".into();
+    no_metric.definition_json = def.to_string();
+    let mut c = client(&dev.url()).await;
+    for (spec, field) in [
+        (grid, "search_space.lr"),
+        (no_metric, "objective.primary_metric"),
+    ] {
+        let err = c
+            .submit_sweep(v1::SubmitSweepRequest {
+                spec: Some(spec),
+                idempotency_key: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(field), "{err:?}");
+    }
+    assert!(
+        c.list_sweeps(v1::ListSweepsRequest { stale: false })
+            .await
+            .unwrap()
+            .into_inner()
+            .sweeps
+            .is_empty()
+    );
+    // A key names one sweep: its retry returns it, another sweep under it is refused.
+    let first = c
+        .submit_sweep(v1::SubmitSweepRequest {
+            spec: Some(good.clone()),
+            idempotency_key: Some("k".into()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let retry = c
+        .submit_sweep(v1::SubmitSweepRequest {
+            spec: Some(good.clone()),
+            idempotency_key: Some("k".into()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.id, retry.id);
+    let mut other = good.clone();
+    let mut def: Value = serde_json::from_str(&other.definition_json).unwrap();
+    def["limits"]["max_total_trials"] = 2.into();
+    other.definition_json = def.to_string();
+    let err = c
+        .submit_sweep(v1::SubmitSweepRequest {
+            spec: Some(other),
+            idempotency_key: Some("k".into()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+    assert!(err.message().contains("idempotency_key"), "{err:?}");
+    let sweeps = c
+        .list_sweeps(v1::ListSweepsRequest { stale: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .sweeps;
+    assert_eq!(sweeps.len(), 1);
+}

@@ -748,4 +748,25 @@ mod tests {
         assert_eq!(w.series.len(), 1);
         assert_eq!(w.series[0].steps, [7]);
     }
+
+    #[test]
+    fn sweep_spec_round_trips_through_the_wire() {
+        let spec = muster_core::sweep::parse_sweep_yaml(
+            "type: sweep\ntrial:\n  command: python t.py --lr ${{search_space.lr}}\n  environment:\n    image: busybox\nsampling_algorithm:\n  type: random\n  seed: 3\nsearch_space:\n  lr:\n    type: loguniform\n    min_value: -5\n    max_value: -1\n  b:\n    type: choice\n    values: [1, two]\nobjective:\n  primary_metric: acc\n  goal: maximize\nearly_termination:\n  type: truncation_selection\n  truncation_percentage: 20\nlimits:\n  max_total_trials: 5\n  trial_timeout: 60\n",
+            "e",
+        )
+        .unwrap();
+        let wire = sweep_spec_to_wire(&spec);
+        assert!(!wire.definition_json.contains("\"trial\""));
+        assert_eq!(sweep_spec_from_wire(wire).unwrap(), spec);
+        let bad = v1::SweepSpec {
+            trial: Some(spec.trial.clone().into()),
+            definition_json: "[1]".into(),
+        };
+        assert!(
+            sweep_spec_from_wire(bad)
+                .unwrap_err()
+                .contains("definition_json")
+        );
+    }
 }
