@@ -566,6 +566,15 @@ async fn killing_the_leader_mid_sweep_finishes_with_exactly_eight_trials() {
         "the grid, each point once"
     );
     assert!(max_overlap(&runs) <= 2);
+    let unfinished: Vec<(&str, &str, Option<&String>)> = runs
+        .iter()
+        .filter(|r| r.state != "completed")
+        .map(|r| (r.id.as_str(), r.state.as_str(), r.message.as_ref()))
+        .collect();
+    assert!(
+        unfinished.is_empty(),
+        "every trial completed: {unfinished:?}"
+    );
     // The metrics of trials that ended under the old leader survived it: the ranking holds.
     let best = sweep.best_trial.expect("a best trial");
     assert_eq!(sweep.trials[0].index, best, "{sweep:#?}");

@@ -84,6 +84,9 @@ pub(crate) struct AttemptTask {
     pub log_path: PathBuf,
     pub cache_dir: PathBuf,
     pub blobs: BlobServiceClient<Channel>,
+    /// Every server the agent knows: a snapshot the leader could not serve (it was lost
+    /// mid-download) is fetched from another (blobs are on a majority).
+    pub servers: Vec<String>,
     pub events: mpsc::Sender<Event>,
     pub stop: watch::Receiver<Option<Stop>>,
     pub executors: Executors,
@@ -215,9 +218,26 @@ impl AttemptTask {
             )
         })?;
         if let Some(code) = &spec.code {
-            snapshot::materialize(&mut self.blobs, &code.manifest, &self.cache_dir, &code_dir)
-                .await
-                .map_err(|e| format!("could not fetch the code snapshot: {e:#}"))?;
+            let mut fetched =
+                snapshot::materialize(&mut self.blobs, &code.manifest, &self.cache_dir, &code_dir)
+                    .await;
+            for url in &self.servers {
+                if fetched.is_ok() {
+                    break;
+                }
+                let Ok(endpoint) = tonic::transport::Endpoint::from_shared(url.clone()) else {
+                    continue;
+                };
+                if let Err(e) = &fetched {
+                    tracing::warn!(cause = %format!("{e:#}"), server = %url, "could not fetch the code snapshot; trying another server");
+                }
+                let mut other = BlobServiceClient::new(endpoint.connect_lazy())
+                    .max_decoding_message_size(8 << 20);
+                fetched =
+                    snapshot::materialize(&mut other, &code.manifest, &self.cache_dir, &code_dir)
+                        .await;
+            }
+            fetched.map_err(|e| format!("could not fetch the code snapshot: {e:#}"))?;
         }
         for d in ["outputs", "logs"] {
             tokio::fs::create_dir_all(code_dir.join(d))
