@@ -472,6 +472,42 @@ async fn a_v1_hyperdrive_config_appends_the_parameters_to_the_trial_command() {
         ]
     );
     assert_eq!(sweep.trials[0].params["--lr"], "1.5", "{sweep:#?}");
+
+    // The trial as a command job file instead of `-- COMMAND`.
+    write(
+        project.path(),
+        "job.yml",
+        "command: sh train.sh --seed 1\ncode: .\nexperiment_name: v1-job\n",
+    );
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &[
+            "sweep",
+            "submit",
+            "--hyperdrive-config",
+            "hdconfig.yml",
+            "-f",
+            "job.yml",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let v: Value = serde_json::from_str(&out.stdout).unwrap();
+    let id = v["id"].as_str().unwrap().to_string();
+    assert_eq!(v["experiment"], "v1-job");
+    let sweep = wait_sweep_done(&[dev.url()], &id, Duration::from_secs(60)).await;
+    assert_eq!(sweep.state, "completed", "{sweep:#?}");
+    let best = &sweep.trials[0];
+    assert_eq!(best.params["--lr"], "1.5", "{sweep:#?}");
+    let runs = trial_runs(&all_runs(&dev.url()).await, &id);
+    let run = runs.iter().find(|r| r.id == best.run_id).unwrap();
+    assert_eq!(
+        run.spec.as_ref().unwrap().command,
+        "sh train.sh --seed 1 --lr 1.5"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
