@@ -141,7 +141,7 @@ async fn fake_agent(
                     Some(server_message::Msg::Ack(_)) => {
                         completed.fetch_add(1, Ordering::Relaxed);
                     }
-                    Some(server_message::Msg::Resume(_)) | None => {}
+                    Some(server_message::Msg::Resume(_) | server_message::Msg::MetricResume(_)) | None => {}
                 }
             }
             _ = heartbeat.tick() => {
