@@ -703,3 +703,52 @@ async fn the_server_refuses_a_bad_sweep_sent_past_the_cli() {
         .sweeps;
     assert_eq!(sweeps.len(), 1);
 }
+
+/// `limits.timeout` cancels the active trials, says why on each, and ends the sweep as
+/// timed out; a bayesian (TPE) sweep's trials are real runs like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_past_its_timeout_cancels_its_trials_and_ends_timed_out() {
+    let dev = DevCluster::start().await.unwrap();
+    let project = tempfile::tempdir().unwrap();
+    write(
+        project.path(),
+        "slow.sh",
+        "echo \"##muster[metric] name=accuracy value=$1\"\nsleep 60\n",
+    );
+    write(
+        project.path(),
+        "sweep.yml",
+        "type: sweep\ntrial:\n  command: sh slow.sh ${{search_space.lr}}\nsampling_algorithm: bayesian\nsearch_space:\n  lr:\n    type: uniform\n    min_value: 0\n    max_value: 1\nobjective:\n  primary_metric: accuracy\n  goal: maximize\nlimits:\n  max_total_trials: 10\n  max_concurrent_trials: 2\n  timeout: 3\n",
+    );
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["sweep", "submit", "-f", "sweep.yml"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let id = out.stdout.trim().to_string();
+    let sweep = wait_sweep_done(&[dev.url()], &id, Duration::from_secs(60)).await;
+    assert_eq!(sweep.state, "timed_out", "{sweep:#?}");
+    assert_eq!(sweep.sampling, "bayesian");
+    assert_eq!(
+        sweep.trials.len(),
+        2,
+        "the first two never end by themselves"
+    );
+    for t in &sweep.trials {
+        assert_eq!(t.state, "canceled", "{t:#?}");
+        assert!(!t.early_terminated, "{t:#?}");
+        assert!(
+            t.stopped
+                .as_deref()
+                .is_some_and(|s| s.contains("timeout of 3 s")),
+            "{t:#?}"
+        );
+    }
+    let show = muster(&dev.url(), project.path(), &["sweep", "show", &id]).await;
+    assert!(
+        show.stdout.contains("timed_out") && show.stdout.contains("stopped: the sweep's timeout"),
+        "{show:?}"
+    );
+}
