@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "cluster",
         "pipelines",
         "metrics",
+        "sweeps",
     ]
     .map(|f| root.join(format!("muster/v1/{f}.proto")));
     for f in &files {

@@ -218,9 +218,26 @@ impl AttemptTask {
             )
         })?;
         if let Some(code) = &spec.code {
-            snapshot::materialize(&mut self.blobs, &code.manifest, &self.cache_dir, &code_dir)
-                .await
-                .map_err(|e| format!("could not fetch the code snapshot: {e:#}"))?;
+            let mut fetched =
+                snapshot::materialize(&mut self.blobs, &code.manifest, &self.cache_dir, &code_dir)
+                    .await;
+            if let Err(e) = &fetched {
+                // The leader may have been lost mid-download: blobs are on a majority.
+                tracing::warn!(cause = %format!("{e:#}"), "could not fetch the code snapshot; trying the other servers");
+                for mut other in self.other_blob_clients().await {
+                    fetched = snapshot::materialize(
+                        &mut other,
+                        &code.manifest,
+                        &self.cache_dir,
+                        &code_dir,
+                    )
+                    .await;
+                    if fetched.is_ok() {
+                        break;
+                    }
+                }
+            }
+            fetched.map_err(|e| format!("could not fetch the code snapshot: {e:#}"))?;
         }
         for d in ["outputs", "logs"] {
             tokio::fs::create_dir_all(code_dir.join(d))

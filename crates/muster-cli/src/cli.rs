@@ -55,6 +55,9 @@ pub enum Command {
     /// Pipelines: DAGs of steps, each a run on its own compute target.
     #[command(subcommand)]
     Pipeline(PipelineCommand),
+    /// Hyperparameter sweeps: submit, show (trials ranked by the primary metric), cancel.
+    #[command(subcommand)]
+    Sweep(crate::commands::sweep::SweepCommand),
 }
 
 #[derive(Debug, Subcommand)]

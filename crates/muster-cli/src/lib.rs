@@ -32,6 +32,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<i32> {
             .await
             .map(|_| 0),
         Command::Run(cmd) => commands::run::run(&cli.server, cli.output, cmd).await,
+        Command::Sweep(cmd) => commands::sweep::run(&cli.server, cli.output, cmd).await,
         Command::Cluster(cmd) => commands::cluster::run(&cli.server, cli.output, cmd)
             .await
             .map(|_| 0),

@@ -842,6 +842,11 @@ mod tests {
         let e = parse_job_yaml("type: pipeline\njobs:\n  a:\n    command: echo\n").unwrap_err();
         assert_eq!(e.path, "type");
         assert!(e.to_string().contains("muster pipeline submit"), "{e}");
+        // Even with the keys only a sweep or pipeline has.
+        let e = parse_job_yaml("type: sweep\ntrial:\n  command: echo\n").unwrap_err();
+        assert!(e.message.contains("muster sweep submit"), "{e}");
+        let e = parse_job_yaml("type: pipeline\njobs: {}\n").unwrap_err();
+        assert!(e.message.contains("muster pipeline submit"), "{e}");
     }
 
     #[test]

@@ -587,6 +587,150 @@ pub fn node_to_wire(n: &CoreNode, last_heartbeat_ms: Option<u64>) -> v1::Node {
     }
 }
 
+/// A sweep spec on the wire: the trial as a [`v1::RunSpec`], the rest as muster-core's
+/// JSON (the encoding the replicated log stores).
+pub fn sweep_spec_to_wire(s: &muster_core::sweep::SweepSpec) -> v1::SweepSpec {
+    let mut definition = serde_json::to_value(s).expect("a sweep spec serializes");
+    if let Some(map) = definition.as_object_mut() {
+        map.remove("trial");
+    }
+    v1::SweepSpec {
+        trial: Some(s.trial.clone().into()),
+        definition_json: definition.to_string(),
+    }
+}
+
+/// Converts a wire sweep spec to core; the server validates the result with
+/// [`muster_core::sweep::SweepSpec::validate`].
+pub fn sweep_spec_from_wire(s: v1::SweepSpec) -> Result<muster_core::sweep::SweepSpec, String> {
+    let trial = spec_from_wire(s.trial.ok_or("spec.trial: missing")?)
+        .map_err(|e| format!("spec.trial.{e}"))?;
+    let mut definition: serde_json::Value = serde_json::from_str(&s.definition_json)
+        .map_err(|e| format!("spec.definition_json: not JSON: {e}"))?;
+    let map = definition
+        .as_object_mut()
+        .ok_or("spec.definition_json: must be a JSON object")?;
+    map.insert(
+        "trial".into(),
+        serde_json::to_value(&trial).map_err(|e| format!("spec.trial: {e}"))?,
+    );
+    serde_json::from_value(definition).map_err(|e| format!("spec.definition_json: {e}"))
+}
+
+/// The state word of a sweep: running, canceling, completed, timed_out or canceled.
+pub fn sweep_state(s: &muster_core::state::Sweep) -> &'static str {
+    use muster_core::sweep::SweepEnd;
+    match (&s.finished, &s.cancel_requested) {
+        (Some(f), _) => match f.end {
+            SweepEnd::Completed => "completed",
+            SweepEnd::TimedOut => "timed_out",
+            SweepEnd::Canceled => "canceled",
+        },
+        (None, Some(_)) => "canceling",
+        (None, None) => "running",
+    }
+}
+
+fn policy_to_text(p: &muster_core::sweep::EarlyTermination) -> String {
+    use muster_core::sweep::{PolicyKind, Slack};
+    let kind = match &p.kind {
+        PolicyKind::Bandit {
+            slack: Slack::Factor(f),
+        } => format!("bandit (slack_factor {f})"),
+        PolicyKind::Bandit {
+            slack: Slack::Amount(a),
+        } => format!("bandit (slack_amount {a})"),
+        PolicyKind::MedianStopping => "median_stopping".to_string(),
+        PolicyKind::TruncationSelection {
+            truncation_percentage,
+            exclude_finished,
+        } => format!(
+            "truncation_selection ({truncation_percentage}%{})",
+            if *exclude_finished {
+                ", finished trials excluded"
+            } else {
+                ""
+            }
+        ),
+    };
+    format!(
+        "{kind}, evaluation_interval {}, delay_evaluation {}",
+        p.evaluation_interval, p.delay_evaluation
+    )
+}
+
+/// A sweep with its trials ranked by the primary metric (best first). `series[i]` is trial
+/// `i`'s primary-metric series from the metric store (empty when it logged none).
+pub fn sweep_to_wire(
+    state: &State,
+    s: &muster_core::state::Sweep,
+    series: &[muster_core::metrics::Series],
+) -> v1::Sweep {
+    use muster_core::sweep::{Sampling, StopReason, rank_trials};
+    let goal = s.spec.objective.goal;
+    let views = state.sweep_trial_views(s, series);
+    let ranked = rank_trials(goal, &views);
+    let trials = ranked
+        .iter()
+        .filter_map(|(index, best)| {
+            let t = s.trials.get(*index as usize)?;
+            let metric = series.get(*index as usize);
+            Some(v1::SweepTrial {
+                index: t.index,
+                run_id: t.run_id.clone(),
+                params: t
+                    .params
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.to_string()))
+                    .collect(),
+                state: state
+                    .runs
+                    .get(&t.run_id)
+                    .map_or("unknown".to_string(), |r| r.state.as_str().to_string()),
+                best: *best,
+                last: metric.and_then(|m| m.last()).map(|(_, v)| v),
+                points: metric.map_or(0, |m| m.len() as u64),
+                stopped: t.stopped.as_ref().map(ToString::to_string),
+                early_terminated: matches!(t.stopped, Some(StopReason::EarlyTermination(_))),
+            })
+        })
+        .collect();
+    let best_trial = match &s.finished {
+        Some(f) => f.best_trial,
+        None => ranked.first().and_then(|(i, v)| v.map(|_| *i)),
+    };
+    v1::Sweep {
+        id: s.id.clone(),
+        display_name: s.spec.display_name.clone(),
+        experiment: s.spec.experiment.clone(),
+        compute: s.spec.trial.compute.clone(),
+        state: sweep_state(s).to_string(),
+        primary_metric: s.spec.objective.primary_metric.clone(),
+        goal: match goal {
+            muster_core::sweep::Goal::Maximize => "maximize",
+            muster_core::sweep::Goal::Minimize => "minimize",
+        }
+        .to_string(),
+        sampling: match s.spec.sampling {
+            Sampling::Random { .. } => "random",
+            Sampling::Grid => "grid",
+            Sampling::Bayesian => "bayesian",
+        }
+        .to_string(),
+        early_termination: s.spec.early_termination.as_ref().map(policy_to_text),
+        max_total_trials: s.spec.limits.max_total_trials,
+        max_concurrent_trials: s.spec.limits.max_concurrent_trials,
+        timeout_s: s.spec.limits.timeout_s,
+        trials,
+        best_trial,
+        created_at_ms: s.created_at,
+        finished_at_ms: s.finished.as_ref().map(|f| f.at),
+        message: s.cancel_requested.clone(),
+        seed: s.seed,
+        spec: Some(sweep_spec_to_wire(&s.spec)),
+    }
+}
+
 /// A run's metrics on the wire: each metric's points past the first `skip[name]` (only the
 /// last point with `last_only`), only `name`'s when given.
 pub fn metrics_to_wire(
@@ -708,5 +852,26 @@ mod tests {
         let w = metrics_to_wire("r", &log, Some("acc"), &Default::default(), true);
         assert_eq!(w.series.len(), 1);
         assert_eq!(w.series[0].steps, [7]);
+    }
+
+    #[test]
+    fn sweep_spec_round_trips_through_the_wire() {
+        let spec = muster_core::sweep::parse_sweep_yaml(
+            "type: sweep\ntrial:\n  command: python t.py --lr ${{search_space.lr}}\n  environment:\n    image: busybox\nsampling_algorithm:\n  type: random\n  seed: 3\nsearch_space:\n  lr:\n    type: loguniform\n    min_value: -5\n    max_value: -1\n  b:\n    type: choice\n    values: [1, two]\nobjective:\n  primary_metric: acc\n  goal: maximize\nearly_termination:\n  type: truncation_selection\n  truncation_percentage: 20\nlimits:\n  max_total_trials: 5\n  trial_timeout: 60\n",
+            "e",
+        )
+        .unwrap();
+        let wire = sweep_spec_to_wire(&spec);
+        assert!(!wire.definition_json.contains("\"trial\""));
+        assert_eq!(sweep_spec_from_wire(wire).unwrap(), spec);
+        let bad = v1::SweepSpec {
+            trial: Some(spec.trial.clone().into()),
+            definition_json: "[1]".into(),
+        };
+        assert!(
+            sweep_spec_from_wire(bad)
+                .unwrap_err()
+                .contains("definition_json")
+        );
     }
 }

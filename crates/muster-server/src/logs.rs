@@ -337,7 +337,9 @@ impl Coordinator {
         });
         for (run, attempt, rank) in &ranks {
             let log = self.seal_log(run, *attempt, *rank).await?;
-            tracing::info!(run_id = %run, attempt, rank, bytes = log.bytes, node = %node_id, "sealed the log of a rank on a lost node");
+            // Its metrics likewise, so they too outlive this leader.
+            self.seal_metrics(run, *attempt, *rank).await?;
+            tracing::info!(run_id = %run, attempt, rank, bytes = log.bytes, node = %node_id, "sealed the log and metrics of a rank on a lost node");
             if let Err(e) = self.logs.remove(run, *attempt, *rank) {
                 tracing::warn!(run_id = %run, attempt, rank, cause = %e, "could not remove a sealed log file");
             }

@@ -9,6 +9,7 @@ pub mod node;
 pub mod pipeline;
 pub mod run;
 pub mod server;
+pub mod sweep;
 
 use std::path::PathBuf;
 

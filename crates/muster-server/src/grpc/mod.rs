@@ -7,6 +7,7 @@ mod compute;
 mod metrics;
 mod pipelines;
 mod runs;
+mod sweeps;
 
 use std::sync::Arc;
 
@@ -60,6 +61,9 @@ pub fn router(coordinator: Arc<Coordinator>) -> axum::Router {
         )
         .add_service(v1::pipeline_service_server::PipelineServiceServer::new(
             pipelines::Pipelines(coordinator.clone()),
+        ))
+        .add_service(v1::sweep_service_server::SweepServiceServer::new(
+            sweeps::Sweeps(coordinator.clone()),
         ))
         .add_service(
             v1::cluster_service_server::ClusterServiceServer::new(cluster::Cluster(coordinator))

@@ -4,6 +4,7 @@ mod autoscale;
 mod heartbeats;
 mod pipelines;
 mod scheduling;
+pub(crate) mod sweeps;
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ pub(crate) fn spawn(coordinator: Arc<Coordinator>) -> Vec<JoinHandle<()>> {
         tokio::spawn(scheduling::run(coordinator.clone())),
         tokio::spawn(heartbeats::run(coordinator.clone())),
         tokio::spawn(pipelines::run(coordinator.clone())),
+        tokio::spawn(sweeps::run(coordinator.clone())),
         tokio::spawn(autoscale::run(coordinator)),
     ]
 }

@@ -1,0 +1,508 @@
+//! `muster sweep ...`: hyperparameter sweeps (Azure ML `type: sweep` jobs and v1
+//! HyperDrive configs). Each trial is a run (in `muster run list`); the leader's sweep
+//! controller starts them, and stops the ones the early-termination policy gives up on.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use muster_core::names::validate_experiment_name;
+use muster_core::spec::{JobFile, parse_job_yaml};
+use muster_core::sweep::{SweepSpec, parse_hyperdrive_config, parse_sweep_yaml};
+use muster_proto::v1::{self, sweep_service_client::SweepServiceClient};
+use serde_json::{Value, json};
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::cli::OutputFormat;
+use crate::client::{connect, status};
+use crate::output::{print_json, table, time};
+use crate::snapshot::{self, SnapshotLimits, human_bytes};
+
+/// `muster sweep` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SweepCommand {
+    /// Submit a sweep: `-f sweep.yml` (an Azure ML `type: sweep` job), or
+    /// `--hyperdrive-config hdconfig.yml` with the trial as `-f job.yml` or `-- COMMAND`.
+    Submit(Box<SweepSubmitArgs>),
+    /// Show a sweep: its trials ranked by the primary metric, and which were stopped early.
+    Show {
+        /// The sweep id.
+        id: String,
+        /// Answer from this server's replica, without confirming with the leader.
+        #[arg(long)]
+        stale: bool,
+    },
+    /// List sweeps, oldest first.
+    List {
+        /// Answer from this server's replica, without confirming with the leader.
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Cancel a sweep: its active trials are canceled and no trial starts.
+    Cancel {
+        /// The sweep id.
+        id: String,
+    },
+}
+
+/// `muster sweep submit` flags.
+#[derive(Debug, Args)]
+pub struct SweepSubmitArgs {
+    /// An Azure ML v2 sweep job YAML (`type: sweep`); with --hyperdrive-config, the command
+    /// job YAML each trial runs.
+    #[arg(long, short = 'f')]
+    pub file: Option<PathBuf>,
+    /// An Azure ML v1 HyperDrive config (`hdconfig.yml`); the trial is `-f JOB.yml` or
+    /// `-- COMMAND` (each parameter is appended to it as `NAME VALUE`).
+    #[arg(long)]
+    pub hyperdrive_config: Option<PathBuf>,
+    /// The compute target of the trials (default: the file's, else `local`).
+    #[arg(long)]
+    pub compute: Option<String>,
+    /// The experiment (default: the file's, else the code directory's name).
+    #[arg(long)]
+    pub experiment: Option<String>,
+    /// The directory to snapshot (default: the trial's `code`, else `.`).
+    #[arg(long)]
+    pub code: Option<PathBuf>,
+    /// Retrying with the same key never creates a second sweep.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Snapshot limit in bytes.
+    #[arg(long, default_value_t = 300_000_000)]
+    pub max_snapshot_bytes: u64,
+    /// Snapshot limit in files.
+    #[arg(long, default_value_t = 2_000)]
+    pub max_snapshot_files: usize,
+    /// The trial's command (after `--`), with --hyperdrive-config.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+/// Runs a `muster sweep` command; returns the process exit code.
+pub async fn run(server: &str, output: OutputFormat, cmd: SweepCommand) -> anyhow::Result<i32> {
+    match cmd {
+        SweepCommand::Submit(args) => submit(server, output, *args).await,
+        SweepCommand::Show { id, stale } => {
+            let mut client = sweep_client(server).await?;
+            let sweep = client
+                .get_sweep(v1::GetSweepRequest { id, stale })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if output == OutputFormat::Json {
+                print_json(&sweep_json(&sweep));
+            } else {
+                print!("{}", sweep_details(&sweep));
+            }
+            Ok(0)
+        }
+        SweepCommand::List { stale } => {
+            let mut client = sweep_client(server).await?;
+            let sweeps = client
+                .list_sweeps(v1::ListSweepsRequest { stale })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .sweeps;
+            if output == OutputFormat::Json {
+                print_json(&json!(sweeps.iter().map(sweep_json).collect::<Vec<_>>()));
+            } else if sweeps.is_empty() {
+                println!("No sweeps. Submit one with `muster sweep submit -f sweep.yml`.");
+            } else {
+                let mut t = table(&[
+                    "ID",
+                    "NAME",
+                    "STATE",
+                    "TRIALS",
+                    "OBJECTIVE",
+                    "BEST",
+                    "CREATED",
+                ]);
+                for s in &sweeps {
+                    t.add_row(vec![
+                        s.id.clone(),
+                        s.display_name.clone().unwrap_or_default(),
+                        s.state.clone(),
+                        format!("{}/{}", s.trials.len(), s.max_total_trials),
+                        format!("{} {}", s.goal, s.primary_metric),
+                        best_text(s),
+                        time(s.created_at_ms),
+                    ]);
+                }
+                println!("{t}");
+            }
+            Ok(0)
+        }
+        SweepCommand::Cancel { id } => {
+            let mut client = sweep_client(server).await?;
+            let sweep = client
+                .cancel_sweep(v1::CancelSweepRequest {
+                    id: id.clone(),
+                    reason: None,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if output == OutputFormat::Json {
+                print_json(&sweep_json(&sweep));
+            } else if sweep.state == "canceled" {
+                println!("Canceled sweep {id}.");
+            } else {
+                println!(
+                    "Canceling sweep {id}: its active trials are canceled and no trial starts."
+                );
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// Connects to the first server of `servers` that answers (as [`connect`] does).
+async fn sweep_client(servers: &str) -> anyhow::Result<SweepServiceClient<Channel>> {
+    let mut failures = Vec::new();
+    for url in servers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let url = if url.contains("://") {
+            url.to_string()
+        } else {
+            format!("http://{url}")
+        };
+        let endpoint = match Endpoint::from_shared(url.clone()) {
+            Ok(e) => e.connect_timeout(Duration::from_secs(3)),
+            Err(e) => {
+                failures.push(format!("{url}: not a valid address ({e})"));
+                continue;
+            }
+        };
+        match endpoint.connect().await {
+            Ok(channel) => {
+                return Ok(SweepServiceClient::new(channel).max_decoding_message_size(16 << 20));
+            }
+            Err(e) => {
+                let cause = std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| e.to_string());
+                failures.push(format!("{url} ({cause})"));
+            }
+        }
+    }
+    anyhow::bail!(
+        "cannot reach a muster server at {}: start one with `muster dev`, or point --server (or MUSTER_SERVER) at a running server",
+        failures.join(", ")
+    )
+}
+
+/// Quotes one argument for `sh -c` only when it needs it (as `run submit` does).
+fn shell_quote(arg: &str) -> String {
+    let safe = !arg.is_empty()
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if safe {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', "'\\''"))
+    }
+}
+
+fn default_experiment(code: &Path) -> String {
+    std::fs::canonicalize(code)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
+        .filter(|n| validate_experiment_name(n).is_ok())
+        .unwrap_or_else(|| "default".to_string())
+}
+
+fn read(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+fn base_dir(path: &Path) -> PathBuf {
+    path.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// The `trial.code` of a v2 sweep file, if it names one (the file is parsed for real
+/// afterwards; this only finds the directory to snapshot).
+fn v2_trial_code(text: &str) -> Option<String> {
+    let value: yaml_serde::Value = yaml_serde::from_str(text).ok()?;
+    value
+        .get("trial")?
+        .get("code")?
+        .as_str()
+        .map(str::to_string)
+}
+
+/// Reads and validates the sweep the flags describe; returns it with the directory to
+/// snapshot. Nothing touches the network.
+fn sweep_from_args(args: &SweepSubmitArgs) -> anyhow::Result<(SweepSpec, PathBuf)> {
+    let (mut spec, code_dir) = match &args.hyperdrive_config {
+        None => {
+            let path = args.file.as_ref().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "give the sweep: -f sweep.yml (a `type: sweep` job), or --hyperdrive-config hdconfig.yml with -f job.yml or -- COMMAND"
+                )
+            })?;
+            if !args.command.is_empty() {
+                anyhow::bail!(
+                    "a `type: sweep` file holds its trial's command: remove the command after `--` (it is for --hyperdrive-config)"
+                );
+            }
+            let text = read(path)?;
+            let code_dir = match (&args.code, v2_trial_code(&text)) {
+                (Some(c), _) => c.clone(),
+                (None, Some(c)) => base_dir(path).join(c),
+                (None, None) => PathBuf::from("."),
+            };
+            let spec = parse_sweep_yaml(&text, &default_experiment(&code_dir))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            (spec, code_dir)
+        }
+        Some(hd_path) => {
+            let (mut job, base) = match &args.file {
+                Some(path) => {
+                    let job = parse_job_yaml(&read(path)?)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                    (job, base_dir(path))
+                }
+                None => (JobFile::default(), PathBuf::new()),
+            };
+            if !args.command.is_empty() {
+                job.command = Some(
+                    args.command
+                        .iter()
+                        .map(|a| shell_quote(a))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                );
+            }
+            if job.command.is_none() {
+                anyhow::bail!(
+                    "--hyperdrive-config needs the trial: -f job.yml (a command job) or -- COMMAND"
+                );
+            }
+            let code_dir = match (&args.code, &job.code) {
+                (Some(c), _) => c.clone(),
+                (None, Some(c)) => base.join(c),
+                (None, None) => PathBuf::from("."),
+            };
+            let label = args
+                .file
+                .as_ref()
+                .map(|p| format!("{}: ", p.display()))
+                .unwrap_or_default();
+            let trial = job
+                .into_run_spec(&default_experiment(&code_dir))
+                .map_err(|e| anyhow::anyhow!("{label}{e}"))?;
+            let spec = parse_hyperdrive_config(&read(hd_path)?, trial)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", hd_path.display()))?;
+            (spec, code_dir)
+        }
+    };
+    if let Some(c) = &args.compute {
+        spec.trial.compute = c.clone();
+    }
+    if let Some(e) = &args.experiment {
+        spec.experiment = e.clone();
+        spec.trial.experiment = e.clone();
+    }
+    if args.compute.is_some() || args.experiment.is_some() {
+        spec.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    Ok((spec, code_dir))
+}
+
+async fn submit(server: &str, output: OutputFormat, args: SweepSubmitArgs) -> anyhow::Result<i32> {
+    // Everything the user gave is checked before the network is touched.
+    let (mut spec, code_dir) = sweep_from_args(&args)?;
+    let limits = SnapshotLimits {
+        max_bytes: args.max_snapshot_bytes,
+        max_files: args.max_snapshot_files,
+    };
+    let snap = snapshot::build(&code_dir, limits)?;
+    let mut c = connect(server).await?;
+    let (code, stats) = snapshot::upload(&mut c.blobs, &snap).await?;
+    if output == OutputFormat::Table {
+        eprintln!(
+            "Snapshot of {}: {} files, {} ({} uploaded, {})",
+            code_dir.display(),
+            code.files,
+            human_bytes(code.bytes),
+            stats.uploaded_files,
+            human_bytes(stats.uploaded_bytes)
+        );
+    }
+    spec.trial.code = Some(code);
+    let mut client = sweep_client(server).await?;
+    // The same key on every retry: a retry after a timeout never makes a second sweep.
+    let key = args
+        .idempotency_key
+        .unwrap_or_else(|| format!("cli-{:032x}", rand::random::<u128>()));
+    let wire = muster_proto::sweep_spec_to_wire(&spec);
+    let mut tries = 0;
+    let sweep = loop {
+        tries += 1;
+        match client
+            .submit_sweep(v1::SubmitSweepRequest {
+                spec: Some(wire.clone()),
+                idempotency_key: Some(key.clone()),
+            })
+            .await
+        {
+            Ok(r) => break r.into_inner(),
+            Err(s) if s.code() == Code::Unavailable && tries < 5 => {
+                tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+            }
+            Err(s) => return Err(status(s)),
+        }
+    };
+    if output == OutputFormat::Json {
+        print_json(&sweep_json(&sweep));
+    } else {
+        println!("{}", sweep.id);
+        eprintln!(
+            "Submitted sweep {} ({} trials at most, {} at once, {} {}, compute {}). Follow it: muster sweep show {}",
+            sweep.id,
+            sweep.max_total_trials,
+            sweep.max_concurrent_trials,
+            sweep.goal,
+            sweep.primary_metric,
+            sweep.compute,
+            sweep.id
+        );
+    }
+    Ok(0)
+}
+
+fn number(v: Option<f64>) -> String {
+    v.map(|v| format!("{v}")).unwrap_or_else(|| "-".to_string())
+}
+
+fn params_text(t: &v1::SweepTrial) -> String {
+    let mut params: Vec<(&String, &String)> = t.params.iter().collect();
+    params.sort();
+    params
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn best_text(s: &v1::Sweep) -> String {
+    s.best_trial
+        .and_then(|b| s.trials.iter().find(|t| t.index == b))
+        .map(|t| format!("trial {} ({})", t.index, number(t.best)))
+        .unwrap_or_else(|| "-".to_string())
+}
+
+fn trial_note(t: &v1::SweepTrial) -> String {
+    match (&t.stopped, t.early_terminated) {
+        (Some(reason), true) => {
+            let reason = reason.strip_prefix("stopped early ").unwrap_or(reason);
+            format!("stopped early: {reason}")
+        }
+        (Some(reason), false) => format!("stopped: {reason}"),
+        (None, _) => String::new(),
+    }
+}
+
+/// `sweep show` for people: the sweep, then its trials ranked best first.
+pub fn sweep_details(s: &v1::Sweep) -> String {
+    let mut out = String::new();
+    let line = |out: &mut String, k: &str, v: String| out.push_str(&format!("{k:<20}{v}\n"));
+    line(&mut out, "Sweep:", s.id.clone());
+    if let Some(n) = &s.display_name {
+        line(&mut out, "Name:", n.clone());
+    }
+    line(&mut out, "State:", s.state.clone());
+    if let Some(m) = &s.message {
+        line(&mut out, "Canceled:", m.clone());
+    }
+    line(&mut out, "Experiment:", s.experiment.clone());
+    line(&mut out, "Compute:", s.compute.clone());
+    line(
+        &mut out,
+        "Objective:",
+        format!("{} {}", s.goal, s.primary_metric),
+    );
+    line(&mut out, "Sampling:", s.sampling.clone());
+    line(
+        &mut out,
+        "Early termination:",
+        s.early_termination
+            .clone()
+            .unwrap_or_else(|| "none".to_string()),
+    );
+    line(
+        &mut out,
+        "Trials:",
+        format!(
+            "{} of at most {} ({} at once)",
+            s.trials.len(),
+            s.max_total_trials,
+            s.max_concurrent_trials
+        ),
+    );
+    line(&mut out, "Created:", time(s.created_at_ms));
+    if let Some(f) = s.finished_at_ms {
+        line(&mut out, "Finished:", time(f));
+    }
+    line(&mut out, "Best trial:", best_text(s));
+    if s.trials.is_empty() {
+        out.push_str("No trials yet.\n");
+        return out;
+    }
+    let mut t = table(&[
+        "RANK", "TRIAL", "RUN", "PARAMS", "BEST", "LAST", "STATE", "NOTE",
+    ]);
+    for (rank, trial) in s.trials.iter().enumerate() {
+        t.add_row(vec![
+            (rank + 1).to_string(),
+            trial.index.to_string(),
+            trial.run_id.clone(),
+            params_text(trial),
+            number(trial.best),
+            number(trial.last),
+            trial.state.clone(),
+            trial_note(trial),
+        ]);
+    }
+    out.push_str(&format!("{t}\n"));
+    out
+}
+
+/// A sweep as JSON: its settings, state, best trial, and the trials ranked best first.
+pub fn sweep_json(s: &v1::Sweep) -> Value {
+    json!({
+        "id": s.id,
+        "display_name": s.display_name,
+        "experiment": s.experiment,
+        "compute": s.compute,
+        "state": s.state,
+        "message": s.message,
+        "primary_metric": s.primary_metric,
+        "goal": s.goal,
+        "sampling": s.sampling,
+        "seed": s.seed,
+        "early_termination": s.early_termination,
+        "max_total_trials": s.max_total_trials,
+        "max_concurrent_trials": s.max_concurrent_trials,
+        "timeout_s": s.timeout_s,
+        "best_trial": s.best_trial,
+        "created_at": time(s.created_at_ms),
+        "finished_at": s.finished_at_ms.map(time),
+        "trials": s.trials.iter().enumerate().map(|(rank, t)| json!({
+            "rank": rank + 1,
+            "index": t.index,
+            "run_id": t.run_id,
+            "params": t.params.iter().collect::<std::collections::BTreeMap<_, _>>(),
+            "state": t.state,
+            "best": t.best,
+            "last": t.last,
+            "points": t.points,
+            "stopped": t.stopped,
+            "stopped_early": t.early_terminated,
+        })).collect::<Vec<_>>(),
+    })
+}

@@ -1,0 +1,202 @@
+//! SweepService: submit, get, list and cancel sweeps. The sweep controller itself is the
+//! leader loop in `leader/sweeps.rs`.
+
+use std::sync::Arc;
+
+use muster_core::state::Sweep;
+use muster_core::sweep::SweepSpec;
+use muster_core::{ApplyError, Command};
+use muster_proto::v1::{self, sweep_service_server::SweepService};
+use muster_proto::{sweep_spec_from_wire, sweep_to_wire};
+use sha2::{Digest, Sha256};
+use tonic::{Request, Response, Status};
+
+use crate::coordinator::{Coordinator, ProposalError, now_ms};
+use crate::grpc::status;
+use crate::leader::sweeps::trial_series;
+
+pub(crate) struct Sweeps(pub Arc<Coordinator>);
+
+fn not_found(id: &str) -> Status {
+    Status::not_found(format!(
+        "sweep {id:?} does not exist: list sweeps with `muster sweep list`"
+    ))
+}
+
+/// A new sweep id: `sweep-` and 10 lowercase letters and digits; derived from the
+/// idempotency key when there is one (so a retry proposes the same id and finds the first
+/// sweep), random otherwise.
+fn sweep_id(key: Option<&str>) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut id = String::from("sweep-");
+    match key {
+        Some(key) => {
+            let digest = Sha256::digest(format!("muster-sweep-key:{key}").as_bytes());
+            for b in digest.iter().take(10) {
+                id.push(ALPHABET[*b as usize % ALPHABET.len()] as char);
+            }
+        }
+        None => {
+            for _ in 0..10 {
+                id.push(ALPHABET[rand::random_range(0..ALPHABET.len())] as char);
+            }
+        }
+    }
+    id
+}
+
+impl Sweeps {
+    fn wire(&self, sweep: &Sweep) -> v1::Sweep {
+        let series = trial_series(&self.0, sweep);
+        self.0.read(|s| sweep_to_wire(s, sweep, &series))
+    }
+
+    fn get(&self, id: &str) -> Result<v1::Sweep, Status> {
+        let sweep = self
+            .0
+            .read(|s| s.sweeps.get(id).cloned())
+            .ok_or_else(|| not_found(id))?;
+        Ok(self.wire(&sweep))
+    }
+
+    /// The trial's code snapshot must be in the blob store and on a majority of servers
+    /// before the sweep is accepted (as for a run).
+    async fn check_code(&self, spec: &SweepSpec) -> Result<(), Status> {
+        let Some(code) = &spec.trial.code else {
+            return Ok(());
+        };
+        let manifest = self.0.blobs.get(&code.manifest).map_err(|_| {
+            Status::failed_precondition(format!(
+                "trial.code: snapshot manifest {} is not in the blob store: upload the snapshot before submitting",
+                code.manifest
+            ))
+        })?;
+        let manifest: muster_core::snapshot::Manifest =
+            serde_json::from_slice(&manifest).map_err(|e| {
+                Status::invalid_argument(format!(
+                    "trial.code: the snapshot manifest is not valid: {e}"
+                ))
+            })?;
+        manifest
+            .validate()
+            .map_err(|e| Status::invalid_argument(format!("trial.code: {e}")))?;
+        let mut hashes: Vec<String> = manifest.files.iter().map(|f| f.sha256.clone()).collect();
+        if let Some(missing) = hashes.iter().find(|h| !self.0.blobs.has(h)) {
+            return Err(Status::failed_precondition(format!(
+                "trial.code: file blob {missing} of the snapshot was not uploaded: upload the snapshot before submitting"
+            )));
+        }
+        hashes.push(code.manifest.clone());
+        self.0.ensure_replicated(hashes).await
+    }
+}
+
+#[tonic::async_trait]
+impl SweepService for Sweeps {
+    async fn submit_sweep(
+        &self,
+        req: Request<v1::SubmitSweepRequest>,
+    ) -> Result<Response<v1::Sweep>, Status> {
+        let req = req.into_inner();
+        let spec = sweep_spec_from_wire(
+            req.spec
+                .ok_or_else(|| Status::invalid_argument("spec: missing"))?,
+        )
+        .map_err(Status::invalid_argument)?;
+        spec.validate()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Some(key) = &req.idempotency_key
+            && (key.is_empty() || key.len() > 128)
+        {
+            return Err(Status::invalid_argument(
+                "idempotency_key: use 1 to 128 characters",
+            ));
+        }
+        self.check_code(&spec).await?;
+        let keyed = req.idempotency_key.is_some();
+        // A fresh random id collides with an existing one with negligible odds; retry if
+        // it does. A keyed id that exists is the first submission of this key.
+        for _ in 0..5 {
+            let id = sweep_id(req.idempotency_key.as_deref());
+            let seed = spec.seed_or(rand::random());
+            let cmd = Command::SubmitSweep {
+                sweep_id: id.clone(),
+                spec: Box::new(spec.clone()),
+                seed,
+                at: now_ms(),
+            };
+            let result = self.0.propose(cmd).await;
+            let existing = self.0.read(|s| s.sweeps.get(&id).cloned());
+            match (result, existing) {
+                (Ok(_), _) => return self.get(&id).map(Response::new),
+                (Err(ProposalError::Rejected(ApplyError::InvalidPlacement(_))), Some(first))
+                    if keyed =>
+                {
+                    if first.spec != spec {
+                        return Err(Status::already_exists(format!(
+                            "idempotency_key: it was used for another sweep ({id}): use a new key"
+                        )));
+                    }
+                    return Ok(Response::new(self.wire(&first)));
+                }
+                (Err(ProposalError::Rejected(ApplyError::InvalidPlacement(_))), Some(_)) => {
+                    continue;
+                }
+                (Err(e), _) => return Err(status(e)),
+            }
+        }
+        Err(Status::internal("could not allocate a sweep id"))
+    }
+
+    async fn get_sweep(
+        &self,
+        req: Request<v1::GetSweepRequest>,
+    ) -> Result<Response<v1::Sweep>, Status> {
+        let req = req.into_inner();
+        self.0.linearize(req.stale).await.map_err(status)?;
+        self.get(&req.id).map(Response::new)
+    }
+
+    async fn list_sweeps(
+        &self,
+        req: Request<v1::ListSweepsRequest>,
+    ) -> Result<Response<v1::ListSweepsResponse>, Status> {
+        let req = req.into_inner();
+        self.0.linearize(req.stale).await.map_err(status)?;
+        let mut sweeps: Vec<Sweep> = self.0.read(|s| s.sweeps.values().cloned().collect());
+        sweeps.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        let sweeps = sweeps.iter().map(|s| self.wire(s)).collect();
+        Ok(Response::new(v1::ListSweepsResponse { sweeps }))
+    }
+
+    async fn cancel_sweep(
+        &self,
+        req: Request<v1::CancelSweepRequest>,
+    ) -> Result<Response<v1::Sweep>, Status> {
+        let req = req.into_inner();
+        let sweep = self
+            .0
+            .read(|s| s.sweeps.get(&req.id).cloned())
+            .ok_or_else(|| not_found(&req.id))?;
+        if sweep.finished.is_some() {
+            return Err(Status::failed_precondition(format!(
+                "sweep {} already ended ({}): nothing to cancel",
+                req.id,
+                muster_proto::sweep_state(&sweep)
+            )));
+        }
+        if sweep.cancel_requested.is_some() {
+            // Canceling twice is not an error: the first cancel is under way.
+            return self.get(&req.id).map(Response::new);
+        }
+        self.0
+            .propose(Command::CancelSweep {
+                sweep_id: req.id.clone(),
+                reason: req.reason,
+                at: now_ms(),
+            })
+            .await
+            .map_err(status)?;
+        self.get(&req.id).map(Response::new)
+    }
+}
