@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use muster_core::names::validate_experiment_name;
 use muster_core::pipeline::parse_pipeline_yaml;
 use muster_proto::v1;
 use serde_json::{Value, json};
@@ -14,6 +13,7 @@ use tonic::Code;
 
 use crate::cli::{OutputFormat, PipelineCommand, PipelineSubmitArgs};
 use crate::client::{connect, status};
+use crate::commands::run::default_experiment;
 use crate::output::{print_json, table, time};
 use crate::snapshot::{self, SnapshotLimits, human_bytes};
 
@@ -91,14 +91,6 @@ pub async fn run(server: &str, output: OutputFormat, cmd: PipelineCommand) -> an
             Ok(0)
         }
     }
-}
-
-fn default_experiment(dir: &Path) -> String {
-    std::fs::canonicalize(dir)
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
-        .filter(|n| validate_experiment_name(n).is_ok())
-        .unwrap_or_else(|| "default".to_string())
 }
 
 /// Each step's `code:` directory, relative to the YAML file (the parsed spec keeps the

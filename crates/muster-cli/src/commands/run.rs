@@ -235,7 +235,7 @@ async fn stream_logs(
 }
 
 /// Quotes one argument for `sh -c` only when it needs it.
-fn shell_quote(arg: &str) -> String {
+pub(crate) fn shell_quote(arg: &str) -> String {
     let safe = !arg.is_empty()
         && arg
             .chars()
@@ -247,7 +247,8 @@ fn shell_quote(arg: &str) -> String {
     }
 }
 
-fn default_experiment(code: &Path) -> String {
+/// The experiment a run of `code` gets by default: the directory's name, when valid.
+pub(crate) fn default_experiment(code: &Path) -> String {
     std::fs::canonicalize(code)
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use muster_core::names::validate_experiment_name;
 use muster_core::spec::{JobFile, parse_job_yaml};
 use muster_core::sweep::{SweepSpec, parse_hyperdrive_config, parse_sweep_yaml};
 use muster_proto::v1::{self, sweep_service_client::SweepServiceClient};
@@ -17,6 +16,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::cli::OutputFormat;
 use crate::client::{connect, status};
+use crate::commands::run::{default_experiment, shell_quote};
 use crate::output::{print_json, table, time};
 use crate::snapshot::{self, SnapshotLimits, human_bytes};
 
@@ -192,27 +192,6 @@ async fn sweep_client(servers: &str) -> anyhow::Result<SweepServiceClient<Channe
         "cannot reach a muster server at {}: start one with `muster dev`, or point --server (or MUSTER_SERVER) at a running server",
         failures.join(", ")
     )
-}
-
-/// Quotes one argument for `sh -c` only when it needs it (as `run submit` does).
-fn shell_quote(arg: &str) -> String {
-    let safe = !arg.is_empty()
-        && arg
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
-    if safe {
-        arg.to_string()
-    } else {
-        format!("'{}'", arg.replace('\'', "'\\''"))
-    }
-}
-
-fn default_experiment(code: &Path) -> String {
-    std::fs::canonicalize(code)
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
-        .filter(|n| validate_experiment_name(n).is_ok())
-        .unwrap_or_else(|| "default".to_string())
 }
 
 fn read(path: &Path) -> anyhow::Result<String> {
