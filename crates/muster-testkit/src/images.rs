@@ -82,11 +82,22 @@ async fn build_busybox(docker: &Docker) -> anyhow::Result<()> {
     })?;
     let context = build_context(&busybox).context("making the build context")?;
 
+    build_and_tag(docker, context, BUSYBOX_IMAGE).await
+}
+
+/// Builds the image of a tar `context` (with a `Dockerfile`) under a unique tag, then tags
+/// it `image`: concurrent builders never see a half-tagged image.
+pub(crate) async fn build_and_tag(
+    docker: &Docker,
+    context: Vec<u8>,
+    image: &str,
+) -> anyhow::Result<()> {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or_default();
-    let unique = format!("muster-test-busybox-build:{}-{nanos}", std::process::id());
+    let (repo, tag) = image.split_once(':').expect("an image with a tag");
+    let unique = format!("{repo}-build:{}-{nanos}", std::process::id());
     let options = BuildImageOptionsBuilder::default()
         .dockerfile("Dockerfile")
         .t(&unique)
@@ -102,10 +113,9 @@ async fn build_busybox(docker: &Docker) -> anyhow::Result<()> {
                     transcript.push_str(&s);
                 }
             }
-            Err(e) => bail!("building {BUSYBOX_IMAGE} failed: {e}\n{transcript}"),
+            Err(e) => bail!("building {image} failed: {e}\n{transcript}"),
         }
     }
-    let (repo, tag) = BUSYBOX_IMAGE.split_once(':').expect("a tag");
     let tagging = TagImageOptionsBuilder::default()
         .repo(repo)
         .tag(tag)
@@ -113,7 +123,7 @@ async fn build_busybox(docker: &Docker) -> anyhow::Result<()> {
     let tagged = docker.tag_image(&unique, Some(tagging)).await;
     let remove = RemoveImageOptionsBuilder::default().noprune(true).build();
     let _ = docker.remove_image(&unique, Some(remove), None).await;
-    tagged.with_context(|| format!("tagging the built image as {BUSYBOX_IMAGE}"))?;
+    tagged.with_context(|| format!("tagging the built image as {image}"))?;
     Ok(())
 }
 

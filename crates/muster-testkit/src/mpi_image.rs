@@ -12,10 +12,6 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 use bollard::Docker;
-use bollard::query_parameters::{
-    BuildImageOptionsBuilder, RemoveImageOptionsBuilder, TagImageOptionsBuilder,
-};
-use futures::StreamExt;
 use tokio::sync::OnceCell;
 
 /// The image [`mpi_image`] builds.
@@ -41,46 +37,10 @@ pub async fn mpi_image(docker: &Docker) -> anyhow::Result<String> {
             let context = tokio::task::spawn_blocking(build_context)
                 .await
                 .context("assembling the Open MPI rootfs")??;
-            build(docker, context).await
+            crate::images::build_and_tag(docker, context, MPI_IMAGE).await
         })
         .await?;
     Ok(MPI_IMAGE.to_string())
-}
-
-async fn build(docker: &Docker, context: Vec<u8>) -> anyhow::Result<()> {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or_default();
-    let unique = format!("muster-test-openmpi-build:{}-{nanos}", std::process::id());
-    let options = BuildImageOptionsBuilder::default()
-        .dockerfile("Dockerfile")
-        .t(&unique)
-        .rm(true)
-        .forcerm(true)
-        .build();
-    let mut output = docker.build_image(options, None, Some(bollard::body_full(context.into())));
-    let mut transcript = String::new();
-    while let Some(item) = output.next().await {
-        match item {
-            Ok(info) => {
-                if let Some(s) = info.stream {
-                    transcript.push_str(&s);
-                }
-            }
-            Err(e) => bail!("building {MPI_IMAGE} failed: {e}\n{transcript}"),
-        }
-    }
-    let (repo, tag) = MPI_IMAGE.split_once(':').expect("a tag");
-    let tagging = TagImageOptionsBuilder::default()
-        .repo(repo)
-        .tag(tag)
-        .build();
-    let tagged = docker.tag_image(&unique, Some(tagging)).await;
-    let remove = RemoveImageOptionsBuilder::default().noprune(true).build();
-    let _ = docker.remove_image(&unique, Some(remove), None).await;
-    tagged.with_context(|| format!("tagging the built image as {MPI_IMAGE}"))?;
-    Ok(())
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
