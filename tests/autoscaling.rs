@@ -875,7 +875,12 @@ done
         .collect();
     let expected: BTreeSet<String> =
         [format!("muster-{name}-0"), format!("muster-{name}-1")].into();
-    assert_eq!(ran_on, expected);
+    // Usually one run per node; but when the new leader re-runs the (slow) scale-up, the
+    // first node may finish run a before the second node is up, and then take run b too.
+    assert!(
+        !ran_on.is_empty() && ran_on.is_subset(&expected),
+        "ran on {ran_on:?}, expected nodes among {expected:?}"
+    );
     let s = wait_status(
         &urls,
         &name,
