@@ -85,8 +85,23 @@ impl TestCluster {
         for (id, l) in listeners {
             cluster.launch(id, l);
         }
-        cluster.leader().await?;
-        Ok(cluster)
+        // Every server knows the leader before a test starts: a follower that does not yet
+        // would answer a first request "not the leader" instead of forwarding it.
+        let leader = cluster.leader().await?;
+        for _ in 0..50 {
+            let mut all = true;
+            for id in cluster.ids() {
+                all &= cluster
+                    .status(id)
+                    .await
+                    .is_some_and(|s| s.leader == Some(leader));
+            }
+            if all {
+                return Ok(cluster);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::bail!("not every server learned of leader {leader} within 5 s")
     }
 
     fn peers(&self) -> BTreeMap<u64, String> {

@@ -282,7 +282,6 @@ pub fn schedule(state: &State, now: Millis) -> Schedule {
                 selector,
             };
             if let Some(why) = consider(
-                state,
                 &mut pools,
                 pool,
                 job,
@@ -314,7 +313,6 @@ pub(super) struct Job<'a> {
 /// Decides for one queued run; returns why it waits (an index into `waiting`'s texts), or
 /// `None` when it was placed.
 fn consider<'a>(
-    state: &'a State,
     pools: &mut Pools<'a>,
     index: usize,
     job: Job<'a>,
@@ -378,7 +376,7 @@ fn consider<'a>(
                 .next()
                 .is_some_and(|p| *p < job.priority)
     });
-    if may_preempt && let Some(why) = preempt(state, pools, index, &job, &ask, quota_h, decisions) {
+    if may_preempt && let Some(why) = preempt(pools, index, &job, &ask, quota_h, decisions) {
         return Some(waiting.say(why));
     }
     let pool = &mut pools.list[index];
@@ -414,7 +412,6 @@ fn consider<'a>(
 /// For a blocked run: waits for the victims it already has, or picks new ones. Returns the
 /// reason it waits if it does either.
 fn preempt<'a>(
-    state: &'a State,
     pools: &mut Pools<'a>,
     index: usize,
     job: &Job<'a>,
@@ -422,7 +419,7 @@ fn preempt<'a>(
     quota_h: bool,
     decisions: &mut Vec<Decision>,
 ) -> Option<String> {
-    Pool::build_active(state, pools);
+    Pool::build_active(pools);
     let pool = &mut pools.list[index];
     if let Some(pending) = pool.pending.get(job.id).cloned() {
         if let Some(plan) = pool.plan_with_pending(ask, &pending) {
@@ -434,7 +431,10 @@ fn preempt<'a>(
             pool.head = Some(*job);
         }
         let active = pool.active.as_ref().expect("built above");
-        let ids: Vec<&str> = pending.iter().map(|v| active[*v].run.id.as_str()).collect();
+        let ids: Vec<&str> = pending
+            .iter()
+            .map(|v| active[*v].of.run_id.as_str())
+            .collect();
         return Some(format!(
             "waiting for {} {} to stop: {}",
             ids.len(),
@@ -460,10 +460,10 @@ fn preempt<'a>(
                 let mut ids = Vec::with_capacity(plan.victims.len());
                 for v in &plan.victims {
                     let victim = &active[*v];
-                    ids.push(victim.run.id.as_str());
+                    ids.push(victim.of.run_id.as_str());
                     decisions.push(Decision::Preempt {
-                        run_id: victim.run.id.clone(),
-                        attempt: victim.attempt,
+                        run_id: victim.of.run_id.clone(),
+                        attempt: victim.of.attempt,
                         for_run: job.id.to_string(),
                     });
                 }

@@ -2,12 +2,12 @@
 //! free once the attempts running now end, and an index to find fitting nodes without
 //! scanning them all.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::compute::{Quota, QuotaUsage};
 use crate::resources::Resources;
 use crate::schedule::{Job, Placement, Waiting, Why};
-use crate::state::{ActiveSummary, AttemptState, Node, NodeState, Run, State};
+use crate::state::{ActiveAttempt, ActiveSummary, Node, NodeState, State};
 
 /// Resources in one comparable shape. A node that offers 0 CPU or 0 memory does not limit
 /// that resource: its capacity is `u64::MAX`.
@@ -92,18 +92,16 @@ pub(super) enum Standing {
 
 /// An active attempt of a run of this pool.
 pub(super) struct Active<'a> {
-    pub run: &'a Run,
-    pub attempt: u32,
+    /// The attempt, as the state summarizes it.
+    pub of: &'a ActiveAttempt,
     /// What it holds on each ready slot of the pool.
     pub on: Vec<(u32, Amount)>,
-    /// What it holds against the quota.
-    pub usage: QuotaUsage,
     pub standing: Standing,
 }
 
 impl Active<'_> {
     pub fn priority(&self) -> i32 {
-        self.run.spec.priority
+        self.of.priority
     }
 
     /// What it holds on slot `s`.
@@ -137,8 +135,6 @@ pub(super) struct Pools<'a> {
     pub list: Vec<Pool<'a>>,
     /// Compute target name -> index in `list`.
     pub by_name: BTreeMap<&'a str, usize>,
-    /// The slot of each node of the state (in id order) in its pool, if it is ready.
-    slot_by_node: Vec<Option<u32>>,
 }
 
 /// One compute target in one pass.
@@ -188,7 +184,6 @@ impl<'a> Pool<'a> {
         let mut pools = Pools {
             list: Vec::new(),
             by_name: BTreeMap::new(),
-            slot_by_node: Vec::with_capacity(state.nodes.len()),
         };
         for node in state.nodes.values() {
             let i = *pools
@@ -223,10 +218,8 @@ impl<'a> Pool<'a> {
             let pool = &mut pools.list[i];
             pool.nodes.push(node);
             if node.state != NodeState::Ready {
-                pools.slot_by_node.push(None);
                 continue;
             }
-            pools.slot_by_node.push(Some(pool.slots.len() as u32));
             let cap = Amount {
                 gpus: node.capacity.gpus.len() as u64,
                 cpu: limit(node.capacity.cpu_millis),
@@ -272,14 +265,6 @@ impl<'a> Pool<'a> {
         let t = waiting.say(text());
         self.reasons.insert(why, t);
         t
-    }
-
-    /// The slot of a node, if it is a ready node of this pool.
-    pub fn slot_of(&self, node_id: &str) -> Option<u32> {
-        self.slots
-            .binary_search_by(|s| s.node.id.as_str().cmp(node_id))
-            .ok()
-            .map(|i| i as u32)
     }
 
     /// What is free on slot `s` once attempts holding `released` there have ended.
@@ -441,92 +426,67 @@ impl<'a> Pool<'a> {
 
     /// Builds, once per pass and for every pool, the list of active attempts: victim
     /// candidates, and victims still stopping for their preemptors. A run belongs to the
-    /// pool of its compute target, wherever its nodes are now.
-    pub fn build_active(state: &'a State, pools: &mut Pools<'a>) {
-        if pools.list.iter().all(|p| p.active.is_some()) {
-            return;
-        }
+    /// pool of its compute target, wherever its nodes are now. Read from the state's
+    /// summary of each target's active attempts: no run is looked up.
+    pub fn build_active(pools: &mut Pools<'a>) {
         for pool in &mut pools.list {
+            if pool.active.is_some() {
+                continue;
+            }
             pool.active = Some(Vec::new());
             pool.on_slot = vec![Vec::new(); pool.slots.len()];
-        }
-        for (k, node) in state.nodes.values().enumerate() {
-            let here = pools.slot_by_node[k].map(|s| (node.id.as_str(), s));
-            for (run_id, number) in &node.attempts {
-                let Some(run) = state.runs.get(run_id) else {
-                    continue;
-                };
-                let Some(a) = run.current_attempt() else {
-                    continue;
-                };
-                // A gang is counted once: on the node of its rank 0.
-                if a.number != *number
-                    || matches!(a.state, AttemptState::Ended(_))
-                    || a.placements.first().is_none_or(|p| p.node_id != node.id)
-                {
-                    continue;
-                }
-                let Some(&i) = pools.by_name.get(run.spec.compute.as_str()) else {
-                    continue;
-                };
-                let here = here.filter(|_| node.compute == run.spec.compute);
-                pools.list[i].add_active(run, a, here);
+            let Some(summary) = pool.summary else {
+                continue;
+            };
+            let slot_of: HashMap<&str, u32> = pool
+                .slots
+                .iter()
+                .enumerate()
+                .map(|(s, slot)| (slot.node.id.as_str(), s as u32))
+                .collect();
+            for a in summary.attempts.values() {
+                pool.add_active(a, &slot_of);
             }
         }
     }
 
-    /// Adds an active run; `here` is a node of this pool it is on, and its slot (most runs
-    /// are on one node: no need to look it up).
-    fn add_active(
-        &mut self,
-        run: &'a Run,
-        a: &'a crate::state::Attempt,
-        here: Option<(&str, u32)>,
-    ) {
+    /// Adds an active attempt; `slot_of` gives the slot of a ready node of this pool.
+    fn add_active(&mut self, a: &'a ActiveAttempt, slot_of: &HashMap<&str, u32>) {
         let on: Vec<(u32, Amount)> = a
             .placements
             .iter()
-            .filter_map(|p| {
-                let slot = match here {
-                    Some((id, s)) if id == p.node_id => Some(s),
-                    _ => self.slot_of(&p.node_id),
-                };
-                slot.map(|s| {
+            .filter_map(|(node_id, gpus, resources)| {
+                slot_of.get(node_id.as_str()).map(|s| {
                     (
-                        s,
+                        *s,
                         Amount {
-                            gpus: p.gpus.len() as u64,
-                            cpu: p.resources.cpu_millis,
-                            mem: p.resources.memory_bytes,
+                            gpus: *gpus,
+                            cpu: resources.cpu_millis,
+                            mem: resources.memory_bytes,
                         },
                     )
                 })
             })
             .collect();
-        let standing = if run.cancel_requested || run.preempt_requested.is_some() {
+        let standing = if a.stopping {
             Standing::Stopping
         } else {
-            *self
-                .candidate_priorities
-                .entry(run.spec.priority)
-                .or_default() += 1;
+            *self.candidate_priorities.entry(a.priority).or_default() += 1;
             Standing::Candidate
         };
         let active = self.active.as_mut().expect("set by build_active");
         for (s, _) in &on {
             self.on_slot[*s as usize].push(active.len());
         }
-        if let Some(for_run) = &run.preempt_requested {
+        if let Some(for_run) = &a.preempted_for {
             self.pending
                 .entry(for_run.as_str())
                 .or_default()
                 .push(active.len());
         }
         active.push(Active {
-            run,
-            attempt: a.number,
+            of: a,
             on,
-            usage: crate::state::attempt_usage(a),
             standing,
         });
     }
@@ -545,7 +505,7 @@ impl<'a> Pool<'a> {
         for &v in victims {
             let a = &mut active[v];
             if a.standing == Standing::Candidate {
-                let p = a.run.spec.priority;
+                let p = a.of.priority;
                 if let Some(c) = self.candidate_priorities.get_mut(&p) {
                     *c -= 1;
                     if *c == 0 {

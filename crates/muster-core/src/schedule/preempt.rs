@@ -208,7 +208,7 @@ impl Pool<'_> {
         let freed = |victims: &[usize]| {
             let mut u = QuotaUsage::default();
             for v in victims {
-                u.add(&active[*v].usage);
+                u.add(&active[*v].of.usage);
             }
             u
         };
@@ -227,7 +227,7 @@ impl Pool<'_> {
                 .collect();
             // Largest first (fewest victims), then lowest priority.
             extra.sort_by_key(|i| {
-                let u = &active[*i].usage;
+                let u = &active[*i].of.usage;
                 (
                     std::cmp::Reverse((u.gpus, u.cpu_millis)),
                     active[*i].priority(),
@@ -295,7 +295,7 @@ impl Pool<'_> {
         let slots: Vec<u32> = options[..ask.count].iter().map(|(_, s)| *s).collect();
         let mut freed = QuotaUsage::default();
         for v in pending {
-            freed.add(&active[*v].usage);
+            freed.add(&active[*v].of.usage);
         }
         self.quota
             .admits(&self.used_now.minus(&freed), &ask.need)
@@ -327,7 +327,7 @@ impl Pool<'_> {
         let active = self.active.as_ref().expect("built before planning");
         let mut freed = QuotaUsage::default();
         for v in &plan.victims {
-            freed.add(&active[*v].usage);
+            freed.add(&active[*v].of.usage);
         }
         self.used_now.add(&ask.need.minus(&freed));
         self.used_h.add(&ask.need);

@@ -12,7 +12,6 @@ use crate::state::{
     Applied, ApplyError, Attempt, AttemptEnd, AttemptReport, AttemptState, Command, ComputeTarget,
     Derived, Node, NodeState, ProvisionOutcome, ProvisionPhase, ProvisionedNode, QueueKey, Queued,
     RankEnd, Run, RunState, SCALE_HISTORY, ScaleEvent, Scaling, SealedLog, SealedMetrics, State,
-    attempt_usage,
 };
 
 /// The longest server address accepted.
@@ -271,6 +270,9 @@ impl State {
                 } else {
                     run.cancel_requested = true;
                     run.message = Some(format!("{why}; stopping"));
+                    if let Some(summary) = self.active.0.get_mut(&run.spec.compute) {
+                        summary.stopping(run.seq, None);
+                    }
                 }
                 Ok(Applied::Done)
             }
@@ -912,7 +914,7 @@ impl State {
         // Validated: now mutate.
         let run = self.runs.get_mut(run_id).expect("checked above");
         if let Some(summary) = self.active.0.get_mut(&run.spec.compute) {
-            summary.preempting += 1;
+            summary.stopping(run.seq, Some(for_run));
         }
         run.preempt_requested = Some(for_run.to_string());
         run.message = Some(format!(
@@ -1047,11 +1049,7 @@ impl State {
             return;
         }
         if let Some(summary) = self.active.0.get_mut(&run.spec.compute)
-            && summary.remove(
-                run.spec.priority,
-                run.preempt_requested.is_some(),
-                &attempt_usage(current),
-            )
+            && summary.remove(run.seq)
         {
             self.active.0.remove(&run.spec.compute);
         }

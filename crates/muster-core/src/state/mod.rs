@@ -512,33 +512,89 @@ pub(crate) struct ActiveSummary {
     pub priorities: BTreeMap<i32, u32>,
     /// How many are being preempted.
     pub preempting: u32,
+    /// Their current attempts, by run submission number: what preemption planning reads,
+    /// without looking up each run by id (thousands of lookups in a map of every run ever
+    /// submitted cost more than the rest of a scheduling pass).
+    pub attempts: BTreeMap<u64, ActiveAttempt>,
+}
+
+/// An active run's current attempt, as the scheduler needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ActiveAttempt {
+    /// The run.
+    pub run_id: String,
+    /// The attempt's number.
+    pub attempt: u32,
+    /// The run's priority.
+    pub priority: i32,
+    /// Per instance: the node, the GPUs it holds, what it holds in all.
+    pub placements: Vec<(String, u64, Resources)>,
+    /// What it holds against the quota.
+    pub usage: QuotaUsage,
+    /// The run is being canceled or preempted: its attempt is stopping.
+    pub stopping: bool,
+    /// The run it is being preempted for.
+    pub preempted_for: Option<String>,
 }
 
 impl ActiveSummary {
     /// Counts in the active run `run` (its current attempt).
     pub(crate) fn add(&mut self, run: &Run) {
-        if let Some(a) = run.current_attempt() {
-            self.usage.add(&attempt_usage(a));
-        }
+        let Some(a) = run.current_attempt() else {
+            return;
+        };
+        let usage = attempt_usage(a);
+        self.usage.add(&usage);
         *self.priorities.entry(run.spec.priority).or_default() += 1;
         if run.preempt_requested.is_some() {
             self.preempting += 1;
         }
+        self.attempts.insert(
+            run.seq,
+            ActiveAttempt {
+                run_id: run.id.clone(),
+                attempt: a.number,
+                priority: run.spec.priority,
+                placements: a
+                    .placements
+                    .iter()
+                    .map(|p| (p.node_id.clone(), p.gpus.len() as u64, p.resources))
+                    .collect(),
+                usage,
+                stopping: run.cancel_requested || run.preempt_requested.is_some(),
+                preempted_for: run.preempt_requested.clone(),
+            },
+        );
     }
 
-    /// Counts out a run of `priority` whose attempt held `usage`; true when none is left.
-    pub(crate) fn remove(&mut self, priority: i32, preempting: bool, usage: &QuotaUsage) -> bool {
-        self.usage.sub(usage);
-        if let Some(n) = self.priorities.get_mut(&priority) {
-            *n -= 1;
-            if *n == 0 {
-                self.priorities.remove(&priority);
+    /// Counts out the run with submission number `seq`; true when none is left.
+    pub(crate) fn remove(&mut self, seq: u64) -> bool {
+        if let Some(a) = self.attempts.remove(&seq) {
+            self.usage.sub(&a.usage);
+            if let Some(n) = self.priorities.get_mut(&a.priority) {
+                *n -= 1;
+                if *n == 0 {
+                    self.priorities.remove(&a.priority);
+                }
+            }
+            if a.preempted_for.is_some() {
+                self.preempting -= 1;
             }
         }
-        if preempting {
-            self.preempting -= 1;
+        self.attempts.is_empty()
+    }
+
+    /// Marks the attempt of run `seq` as stopping, for `preempted_for` if it is preempted.
+    pub(crate) fn stopping(&mut self, seq: u64, preempted_for: Option<&str>) {
+        if let Some(a) = self.attempts.get_mut(&seq) {
+            a.stopping = true;
+            if let Some(p) = preempted_for
+                && a.preempted_for.is_none()
+            {
+                a.preempted_for = Some(p.to_string());
+                self.preempting += 1;
+            }
         }
-        self.priorities.is_empty()
     }
 }
 
