@@ -81,7 +81,7 @@ use crate::compute::QuotaUsage;
 use crate::resources::Resources;
 use crate::state::{Command, State};
 
-use pool::{Amount, Pool, Pools};
+use pool::{Amount, Pool};
 use preempt::Ask;
 
 /// One instance of an attempt on one node.
@@ -282,8 +282,7 @@ pub fn schedule(state: &State, now: Millis) -> Schedule {
                 selector,
             };
             if let Some(why) = consider(
-                &mut pools,
-                pool,
+                &mut pools.list[pool],
                 job,
                 q.next_attempt,
                 &mut decisions,
@@ -313,15 +312,13 @@ pub(super) struct Job<'a> {
 /// Decides for one queued run; returns why it waits (an index into `waiting`'s texts), or
 /// `None` when it was placed.
 fn consider<'a>(
-    pools: &mut Pools<'a>,
-    index: usize,
+    pool: &mut Pool<'a>,
     job: Job<'a>,
     next_attempt: u32,
     decisions: &mut Vec<Decision>,
     waiting: &mut Waiting,
 ) -> Option<u32> {
     let compute = job.compute;
-    let pool = &mut pools.list[index];
     let ask = Ask {
         want: Amount::of(&job.resources),
         count: job.count as usize,
@@ -376,10 +373,9 @@ fn consider<'a>(
                 .next()
                 .is_some_and(|p| *p < job.priority)
     });
-    if may_preempt && let Some(why) = preempt(pools, index, &job, &ask, quota_h, decisions) {
+    if may_preempt && let Some(why) = preempt(pool, &job, &ask, quota_h, decisions) {
         return Some(waiting.say(why));
     }
-    let pool = &mut pools.list[index];
     let is_head =
         pool.head.is_none() && quota_h && pool.reserve(&ask.want, ask.count, ask.selector);
     if is_head {
@@ -412,15 +408,13 @@ fn consider<'a>(
 /// For a blocked run: waits for the victims it already has, or picks new ones. Returns the
 /// reason it waits if it does either.
 fn preempt<'a>(
-    pools: &mut Pools<'a>,
-    index: usize,
+    pool: &mut Pool<'a>,
     job: &Job<'a>,
     ask: &Ask<'a>,
     quota_h: bool,
     decisions: &mut Vec<Decision>,
 ) -> Option<String> {
-    Pool::build_active(pools);
-    let pool = &mut pools.list[index];
+    pool.build_active();
     if let Some(pending) = pool.pending.get(job.id).cloned() {
         if let Some(plan) = pool.plan_with_pending(ask, &pending) {
             pool.claim_plan(ask, &plan);

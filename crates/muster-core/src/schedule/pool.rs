@@ -424,29 +424,28 @@ impl<'a> Pool<'a> {
         true
     }
 
-    /// Builds, once per pass and for every pool, the list of active attempts: victim
-    /// candidates, and victims still stopping for their preemptors. A run belongs to the
-    /// pool of its compute target, wherever its nodes are now. Read from the state's
-    /// summary of each target's active attempts: no run is looked up.
-    pub fn build_active(pools: &mut Pools<'a>) {
-        for pool in &mut pools.list {
-            if pool.active.is_some() {
-                continue;
-            }
-            pool.active = Some(Vec::new());
-            pool.on_slot = vec![Vec::new(); pool.slots.len()];
-            let Some(summary) = pool.summary else {
-                continue;
-            };
-            let slot_of: HashMap<&str, u32> = pool
-                .slots
-                .iter()
-                .enumerate()
-                .map(|(s, slot)| (slot.node.id.as_str(), s as u32))
-                .collect();
-            for a in summary.attempts.values() {
-                pool.add_active(a, &slot_of);
-            }
+    /// Builds, once per pass and only for a pool where some run may preempt, the list of
+    /// its active attempts: victim candidates, and victims still stopping for their
+    /// preemptors. A run belongs to the pool of its compute target, wherever its nodes are
+    /// now. Read from the state's summary of the target's active attempts: no run is
+    /// looked up.
+    pub fn build_active(&mut self) {
+        if self.active.is_some() {
+            return;
+        }
+        self.active = Some(Vec::new());
+        self.on_slot = vec![Vec::new(); self.slots.len()];
+        let Some(summary) = self.summary else {
+            return;
+        };
+        let slot_of: HashMap<&str, u32> = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(s, slot)| (slot.node.id.as_str(), s as u32))
+            .collect();
+        for a in summary.attempts.values() {
+            self.add_active(a, &slot_of);
         }
     }
 
