@@ -11,7 +11,7 @@ use muster_agent::NoGpus;
 use muster_proto::v1;
 use muster_testkit::agents::{AgentHandle, agent_config};
 use muster_testkit::{DevCluster, muster};
-use muster_tests::{all_runs, write};
+use muster_tests::{all_runs, rows, web_page, write};
 use serde_json::Value;
 
 /// Touches `$MEET_DIR/$1`, then waits (bounded: 60 s) for `$MEET_DIR/$2`: two steps that
@@ -299,6 +299,51 @@ async fn a_diamond_pipeline_passes_data_runs_in_parallel_and_is_reused() {
     let list = muster(&url, project.path(), &["pipeline", "list", "-o", "json"]).await;
     let list: Value = serde_json::from_str(&list.stdout).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 3, "{list}");
+
+    // The studio: the third pipeline's page shows which steps were reused (and from which
+    // run), which ran, and where each input comes from.
+    let addr = farm.dev.addr;
+    let (code, page) = web_page(addr, &format!("/pipelines/{third}")).await;
+    assert_eq!(code, 200, "{page}");
+    let steps = rows(&page, "step");
+    assert_eq!(steps.len(), 4, "{page}");
+    let row = |name: &str| {
+        *steps
+            .iter()
+            .find(|r| r.starts_with(&format!("<td>{name}</td>")))
+            .unwrap_or_else(|| panic!("no step {name}: {page}"))
+    };
+    for name in ["a", "b"] {
+        assert!(
+            row(name).contains("class=reused>reused")
+                && row(name).contains(&format!("reused from <a href=\"/runs/{}\"", run_of[name])),
+            "{}",
+            row(name)
+        );
+    }
+    assert!(
+        row("c").contains("class=completed>completed")
+            && row("c").contains("<td>cpu-pool</td>")
+            && row("c").contains("data ← a.data"),
+        "{}",
+        row("c")
+    );
+    let d = row("d");
+    assert!(
+        d.contains(&format!("href=\"/runs/{d3}\""))
+            && d.contains("left ← b.out")
+            && d.contains("right ← c.out")
+            && d.contains("notes ← b.notes"),
+        "{d}"
+    );
+    // The first pipeline's C ran on the pool's node: its run page says so.
+    let (code, c_page) = web_page(addr, &format!("/runs/{}", run_of["c"])).await;
+    assert_eq!(code, 200);
+    assert!(
+        c_page.contains("<th>nodes</th><td>pool-node</td>")
+            && c_page.contains(&format!("href=\"/pipelines/{first}\"")),
+        "{c_page}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,6 +373,39 @@ async fn a_failed_step_fails_its_dependents_with_the_reason_and_the_rest_complet
     assert!(reason.contains("upstream step b failed"), "{reason}");
     assert!(reason.contains('3'), "the reason carries B's: {reason}");
     assert_eq!(all_runs(&url).await.len(), 3, "D never ran");
+    // The studio lists the pipeline and shows each failure with its reason.
+    let addr = farm.dev.addr;
+    let (code, index) = web_page(addr, "/").await;
+    assert_eq!(code, 200);
+    let listed = rows(&index, "pipeline");
+    assert_eq!(listed.len(), 1, "{index}");
+    assert!(
+        listed[0].contains(&format!("href=\"/pipelines/{id}\""))
+            && listed[0].contains("class=failed>failed")
+            && listed[0].contains("<td>4/4</td>"),
+        "{}",
+        listed[0]
+    );
+    let (code, page) = web_page(addr, &format!("/pipelines/{id}")).await;
+    assert_eq!(code, 200, "{page}");
+    let steps = rows(&page, "step");
+    let b_run = step(&shown, "b")["run_id"].as_str().unwrap();
+    let b_row = steps.iter().find(|r| r.starts_with("<td>b</td>")).unwrap();
+    assert!(
+        b_row.contains("class=failed>failed") && b_row.contains(&format!("href=\"/runs/{b_run}\"")),
+        "{b_row}"
+    );
+    let d_row = steps.iter().find(|r| r.starts_with("<td>d</td>")).unwrap();
+    assert!(
+        d_row.contains("class=failed>failed") && d_row.contains("upstream step b failed"),
+        "{d_row}"
+    );
+    let (code, missing) = web_page(addr, "/pipelines/pl-nope").await;
+    assert_eq!(code, 404);
+    assert!(
+        missing.contains("pipeline pl-nope does not exist"),
+        "{missing}"
+    );
     // A finished pipeline cannot be canceled.
     let out = muster(&url, project.path(), &["pipeline", "cancel", &id]).await;
     assert_ne!(out.code, 0, "{out:?}");

@@ -58,6 +58,19 @@ async fn http_health_metrics_ui_and_grpc_reflection_share_the_port() {
         "logs are shown, escaped: {}",
         page.1
     );
+    assert!(
+        page.1.contains("<th>nodes</th><td>")
+            && page
+                .1
+                .contains("<th>end</th><td class=completed>completed (exit 0)"),
+        "each attempt shows its nodes and how it ended: {}",
+        page.1
+    );
+    assert!(
+        index.1.contains("No sweeps yet") && index.1.contains("No pipelines yet"),
+        "{}",
+        index.1
+    );
     assert_eq!(missing.0, 404);
 
     // gRPC health and reflection (v1 and v1alpha) on the same port.

@@ -96,3 +96,20 @@ impl Drop for ChildGuard {
         }
     }
 }
+
+/// [`http_get`] off the async runtime: a studio page's status code and body.
+pub async fn web_page(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let path = path.to_string();
+    tokio::task::spawn_blocking(move || http_get(addr, &path))
+        .await
+        .expect("the GET task")
+}
+
+/// The rows of a studio table whose `<tr>` has class `class`, in page order.
+pub fn rows<'a>(html: &'a str, class: &str) -> Vec<&'a str> {
+    let open = format!("<tr class={class}>");
+    html.split(open.as_str())
+        .skip(1)
+        .map(|r| r.split("</tr>").next().unwrap_or(r))
+        .collect()
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 use muster_proto::v1::{self, sweep_service_client::SweepServiceClient};
 use muster_testkit::cluster::TestCluster;
 use muster_testkit::{DevCluster, muster};
-use muster_tests::{all_runs, write};
+use muster_tests::{all_runs, rows, web_page, write};
 use serde_json::Value;
 
 /// A trial whose accuracy is `1 - (lr - 0.3)^2`, logged at 3 steps.
@@ -203,6 +203,73 @@ async fn a_grid_sweep_runs_eight_trials_two_at_a_time_and_ranks_the_best_first()
     let list: Value = serde_json::from_str(&list.stdout).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["id"], id.as_str());
+
+    // The studio: the sweep on the front page with its best trial, ...
+    let best_run = trials[0]["run_id"].as_str().unwrap();
+    let (code, index) = web_page(dev.addr, "/").await;
+    assert_eq!(code, 200);
+    let row = rows(&index, "sweep")
+        .into_iter()
+        .find(|r| r.contains(&format!("href=\"/sweeps/{id}\"")))
+        .unwrap_or_else(|| panic!("no row of sweep {id}: {index}"));
+    assert!(
+        row.contains("class=completed>completed")
+            && row.contains("maximize accuracy")
+            && row.contains("<td>8/8</td>")
+            && row.contains(&format!("trial {} (", v["best_trial"]))
+            && row.contains(&format!("href=\"/runs/{best_run}\""))
+            && row.contains(") 1</td>"),
+        "{row}"
+    );
+    // ... its page: the settings, and the trials ranked as `sweep show` ranks them, ...
+    let (code, page) = web_page(dev.addr, &format!("/sweeps/{id}")).await;
+    assert_eq!(code, 200, "{page}");
+    assert!(
+        page.contains("<th>sampling</th><td>grid")
+            && page.contains("8 trials at most, 2 at once")
+            && page.contains("<th>early termination</th><td>none"),
+        "{page}"
+    );
+    let ranked: Vec<&str> = rows(&page, "trial");
+    assert_eq!(ranked.len(), 8, "{page}");
+    for (row, trial) in ranked.iter().zip(trials) {
+        let lr = trial["params"]["lr"].as_str().unwrap();
+        let run = trial["run_id"].as_str().unwrap();
+        assert!(
+            row.contains(&format!("lr={lr}<"))
+                && row.contains(&format!("href=\"/runs/{run}\""))
+                && row.contains(&format!("<td>{}</td>", trial["best"].as_f64().unwrap()))
+                && row.contains("class=completed>completed"),
+            "rank of lr={lr}: {row}"
+        );
+    }
+    assert!(ranked[0].starts_with("<td>1</td>") && ranked[0].contains("lr=0.3<"));
+    // ... an unknown sweep is a 404 that says so, ...
+    let (code, missing) = web_page(dev.addr, "/sweeps/sweep-nope").await;
+    assert_eq!(code, 404);
+    assert!(
+        missing.contains("sweep sweep-nope does not exist"),
+        "{missing}"
+    );
+    // ... and a trial's run page its metrics' last values, its attempt and its sweep.
+    let lr01 = trials.iter().find(|t| t["params"]["lr"] == "0.1").unwrap();
+    let (code, run_page) = web_page(
+        dev.addr,
+        &format!("/runs/{}", lr01["run_id"].as_str().unwrap()),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        rows(&run_page, "metric"),
+        ["<td>accuracy</td><td>0.96</td><td>3</td>"],
+        "{run_page}"
+    );
+    assert!(
+        run_page.contains(&format!("href=\"/sweeps/{id}\""))
+            && run_page.contains("<h2>Attempt 1</h2>")
+            && run_page.contains("<th>end</th><td class=completed>completed (exit 0)"),
+        "{run_page}"
+    );
 }
 
 /// Good trials log 0.9 a few times and finish; bad ones log 0.05 every half second for a
@@ -285,6 +352,24 @@ async fn a_bandit_policy_stops_the_clearly_bad_trials_early() {
     let best = sweep.best_trial.unwrap();
     assert_eq!(sweep.trials[0].index, best);
     assert_eq!(sweep.trials[0].params["q"], "0.9");
+    // The studio's sweep page shows the policy and which trials it stopped, and why.
+    let (code, page) = web_page(dev.addr, &format!("/sweeps/{id}")).await;
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("bandit (slack_factor 0.2)"), "{page}");
+    let trials = rows(&page, "trial");
+    assert_eq!(trials.len(), 4, "{page}");
+    assert!(trials[0].contains("q=0.9<"), "best first: {page}");
+    let stopped: Vec<&&str> = trials
+        .iter()
+        .filter(|r| r.contains("stopped early: by the bandit policy"))
+        .collect();
+    assert_eq!(stopped.len(), 2, "{page}");
+    assert!(
+        stopped
+            .iter()
+            .all(|r| r.contains("q=0.05<") || r.contains("q=0.04<")),
+        "{page}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -731,6 +731,19 @@ pub fn sweep_to_wire(
     }
 }
 
+/// Why the controller stopped a trial, for people (`muster sweep show`, the web UI):
+/// "stopped early: <the policy's reason>" or "stopped: <why>"; empty when it was not.
+pub fn sweep_trial_note(t: &v1::SweepTrial) -> String {
+    match (&t.stopped, t.early_terminated) {
+        (Some(reason), true) => {
+            let reason = reason.strip_prefix("stopped early ").unwrap_or(reason);
+            format!("stopped early: {reason}")
+        }
+        (Some(reason), false) => format!("stopped: {reason}"),
+        (None, _) => String::new(),
+    }
+}
+
 /// A run's metrics on the wire: each metric's points past the first `skip[name]` (only the
 /// last point with `last_only`), only `name`'s when given.
 pub fn metrics_to_wire(

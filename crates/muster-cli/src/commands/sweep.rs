@@ -375,17 +375,6 @@ fn best_text(s: &v1::Sweep) -> String {
         .unwrap_or_else(|| "-".to_string())
 }
 
-fn trial_note(t: &v1::SweepTrial) -> String {
-    match (&t.stopped, t.early_terminated) {
-        (Some(reason), true) => {
-            let reason = reason.strip_prefix("stopped early ").unwrap_or(reason);
-            format!("stopped early: {reason}")
-        }
-        (Some(reason), false) => format!("stopped: {reason}"),
-        (None, _) => String::new(),
-    }
-}
-
 /// `sweep show` for people: the sweep, then its trials ranked best first.
 pub fn sweep_details(s: &v1::Sweep) -> String {
     let mut out = String::new();
@@ -444,7 +433,7 @@ pub fn sweep_details(s: &v1::Sweep) -> String {
             number(trial.best),
             number(trial.last),
             trial.state.clone(),
-            trial_note(trial),
+            muster_proto::sweep_trial_note(trial),
         ]);
     }
     out.push_str(&format!("{t}\n"));

@@ -9,6 +9,9 @@ mod pipelines;
 mod runs;
 mod sweeps;
 
+pub(crate) use metrics::run_metrics;
+pub(crate) use sweeps::sweep_view;
+
 use std::sync::Arc;
 
 use muster_core::ApplyError;

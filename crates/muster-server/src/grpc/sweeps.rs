@@ -45,10 +45,17 @@ fn sweep_id(key: Option<&str>) -> String {
     id
 }
 
+/// A sweep as the API (and the web UI) shows it: its trials ranked by the primary metric
+/// (muster-core's `rank_trials`, through `sweep_to_wire`), each trial's series read from
+/// this server's metric store.
+pub(crate) fn sweep_view(coordinator: &Coordinator, sweep: &Sweep) -> v1::Sweep {
+    let series = trial_series(coordinator, sweep);
+    coordinator.read(|s| sweep_to_wire(s, sweep, &series))
+}
+
 impl Sweeps {
     fn wire(&self, sweep: &Sweep) -> v1::Sweep {
-        let series = trial_series(&self.0, sweep);
-        self.0.read(|s| sweep_to_wire(s, sweep, &series))
+        sweep_view(&self.0, sweep)
     }
 
     fn get(&self, id: &str) -> Result<v1::Sweep, Status> {
