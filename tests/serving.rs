@@ -46,6 +46,18 @@ async fn http_health_metrics_ui_and_grpc_reflection_share_the_port() {
         "{}",
         metrics.1
     );
+    // The run was placed by this server's scheduler: its passes are timed.
+    let last_pass = metrics
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix("muster_schedule_last_pass_microseconds "))
+        .and_then(|v| v.trim().parse::<i64>().ok());
+    assert!(last_pass.is_some_and(|us| us >= 0), "{}", metrics.1);
+    assert!(
+        metrics.1.contains("muster_placements_total 1"),
+        "{}",
+        metrics.1
+    );
     assert_eq!(index.0, 200);
     assert!(
         index.1.contains("muster studio") && index.1.contains("completed"),

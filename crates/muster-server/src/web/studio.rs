@@ -1,148 +1,22 @@
-//! HTTP on the gRPC port: `/healthz`, `/metrics` (Prometheus text format) and the web UI.
+//! muster studio: server-rendered pages of compute targets, runs (with their logs, metrics
+//! and nodes), sweeps (trials ranked by the primary metric) and pipelines (steps and their
+//! inputs). Read from this server's replica; live pages reload themselves.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
 use muster_core::RunState;
 use muster_core::loglines::RankLines;
 use muster_core::pipeline::StepInput;
 use muster_proto::v1;
 use muster_proto::{pipeline_to_wire, run_to_wire, sweep_trial_note};
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
 
 use crate::coordinator::Coordinator;
 use crate::grpc::{run_metrics, sweep_view};
-
-/// Counters the server keeps; gauges of the state are computed at scrape time.
-#[derive(Debug)]
-pub struct Metrics {
-    pub(crate) proposals: Counter,
-    pub(crate) runs_submitted: Counter,
-    schedule_seconds: Histogram,
-    placements: Counter,
-    last_pass_micros: AtomicU64,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Metrics {
-            proposals: Counter::default(),
-            runs_submitted: Counter::default(),
-            schedule_seconds: Histogram::new(exponential_buckets(0.000_01, 4.0, 10)),
-            placements: Counter::default(),
-            last_pass_micros: AtomicU64::new(0),
-        }
-    }
-}
-
-impl Metrics {
-    pub(crate) fn observe_schedule(&self, took: Duration, placed: usize) {
-        self.schedule_seconds.observe(took.as_secs_f64());
-        self.placements.inc_by(placed as u64);
-        self.last_pass_micros
-            .store(took.as_micros() as u64, Ordering::Relaxed);
-    }
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StateLabel {
-    state: String,
-}
-
-pub(crate) fn router(coordinator: Arc<Coordinator>) -> axum::Router {
-    axum::Router::new()
-        .route("/", get(index))
-        .route("/runs/{id}", get(run_page))
-        .route("/sweeps/{id}", get(sweep_page))
-        .route("/pipelines/{id}", get(pipeline_page))
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
-        .with_state(coordinator)
-}
-
-async fn healthz(State(c): State<Arc<Coordinator>>) -> Response {
-    let status = c.raft().status();
-    let body = format!(
-        "ok\nrole: {:?}\nleader: {}\napplied: {}\n",
-        status.role,
-        status
-            .leader
-            .map(|l| l.to_string())
-            .unwrap_or_else(|| "none".into()),
-        status.applied_index
-    );
-    (StatusCode::OK, body).into_response()
-}
-
-async fn metrics(State(c): State<Arc<Coordinator>>) -> Response {
-    let mut registry = Registry::with_prefix("muster");
-    let m = &c.metrics;
-    registry.register(
-        "raft_proposals",
-        "Commands applied through Raft by this server",
-        m.proposals.clone(),
-    );
-    registry.register(
-        "runs_submitted",
-        "Runs accepted by this server",
-        m.runs_submitted.clone(),
-    );
-    registry.register(
-        "placements",
-        "Placements decided by this server's scheduler",
-        m.placements.clone(),
-    );
-    registry.register(
-        "schedule_pass_seconds",
-        "Duration of one scheduling pass",
-        m.schedule_seconds.clone(),
-    );
-    let runs = Family::<StateLabel, Gauge>::default();
-    let (nodes, applied) = c.read(|s| {
-        for r in s.runs.values() {
-            runs.get_or_create(&StateLabel {
-                state: r.state.as_str().to_string(),
-            })
-            .inc();
-        }
-        (s.nodes.len() as i64, c.raft().status().applied_index as i64)
-    });
-    registry.register("runs", "Runs by state", runs);
-    let g = Gauge::<i64>::default();
-    g.set(nodes);
-    registry.register("nodes", "Registered nodes", g);
-    let a = Gauge::<i64>::default();
-    a.set(applied);
-    registry.register(
-        "raft_applied_index",
-        "Highest log index applied on this server",
-        a,
-    );
-    let mut body = String::new();
-    if encode(&mut body, &registry).is_err() {
-        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-    }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        body,
-    )
-        .into_response()
-}
 
 /// Most of an attempt's log a run page shows.
 const PAGE_LOG_BYTES: usize = 1 << 20;
@@ -253,7 +127,7 @@ fn not_found(what: &str, id: &str, list: &str) -> Response {
         .into_response()
 }
 
-async fn index(State(c): State<Arc<Coordinator>>) -> Html<String> {
+pub(super) async fn index(State(c): State<Arc<Coordinator>>) -> Html<String> {
     let mut html = format!(
         "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=5><title>muster studio</title><style>{STYLE}</style></head><body><h1>muster studio</h1>"
     );
@@ -356,7 +230,10 @@ async fn index(State(c): State<Arc<Coordinator>>) -> Html<String> {
 
 /// A sweep: its settings, then its trials ranked by the primary metric (best first), as
 /// the SweepService ranks them.
-async fn sweep_page(State(c): State<Arc<Coordinator>>, Path(id): Path<String>) -> Response {
+pub(super) async fn sweep_page(
+    State(c): State<Arc<Coordinator>>,
+    Path(id): Path<String>,
+) -> Response {
     let Some(sweep) = c.read(|s| s.sweeps.get(&id).cloned()) else {
         return not_found("sweep", &id, "sweeps");
     };
@@ -461,7 +338,10 @@ async fn sweep_page(State(c): State<Arc<Coordinator>>, Path(id): Path<String>) -
 
 /// A pipeline: its steps in a topological order, each with its run (or the earlier run it
 /// reused), where its inputs come from, and why it failed.
-async fn pipeline_page(State(c): State<Arc<Coordinator>>, Path(id): Path<String>) -> Response {
+pub(super) async fn pipeline_page(
+    State(c): State<Arc<Coordinator>>,
+    Path(id): Path<String>,
+) -> Response {
     let Some((p, spec)) = c.read(|s| {
         s.pipelines
             .get(&id)
@@ -540,7 +420,10 @@ async fn pipeline_page(State(c): State<Arc<Coordinator>>, Path(id): Path<String>
     Html(html).into_response()
 }
 
-async fn run_page(State(c): State<Arc<Coordinator>>, Path(id): Path<String>) -> Response {
+pub(super) async fn run_page(
+    State(c): State<Arc<Coordinator>>,
+    Path(id): Path<String>,
+) -> Response {
     let Some((run, wire)) = c.read(|s| s.runs.get(&id).map(|r| (r.clone(), run_to_wire(s, r))))
     else {
         return (StatusCode::NOT_FOUND, format!("run {id} does not exist")).into_response();

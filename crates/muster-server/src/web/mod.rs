@@ -1,0 +1,42 @@
+//! HTTP on the gRPC port: `/healthz`, `/metrics` (Prometheus text format, `prometheus.rs`)
+//! and the web UI, muster studio (`studio.rs`).
+
+mod prometheus;
+mod studio;
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::coordinator::Coordinator;
+
+pub(crate) use prometheus::Metrics;
+
+/// The HTTP routes beside gRPC.
+pub(crate) fn router(coordinator: Arc<Coordinator>) -> axum::Router {
+    axum::Router::new()
+        .route("/", get(studio::index))
+        .route("/runs/{id}", get(studio::run_page))
+        .route("/sweeps/{id}", get(studio::sweep_page))
+        .route("/pipelines/{id}", get(studio::pipeline_page))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(prometheus::metrics))
+        .with_state(coordinator)
+}
+
+async fn healthz(State(c): State<Arc<Coordinator>>) -> Response {
+    let status = c.raft().status();
+    let body = format!(
+        "ok\nrole: {:?}\nleader: {}\napplied: {}\n",
+        status.role,
+        status
+            .leader
+            .map(|l| l.to_string())
+            .unwrap_or_else(|| "none".into()),
+        status.applied_index
+    );
+    (StatusCode::OK, body).into_response()
+}

@@ -1,0 +1,120 @@
+//! `/metrics`: the server's counters and the state's gauges in the Prometheus text format
+//! (`prometheus-client`, the Prometheus project's own Rust client).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::coordinator::Coordinator;
+
+/// Counters the server keeps; gauges of the state are computed at scrape time.
+#[derive(Debug)]
+pub struct Metrics {
+    pub(crate) proposals: Counter,
+    pub(crate) runs_submitted: Counter,
+    schedule_seconds: Histogram,
+    placements: Counter,
+    last_pass_micros: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            proposals: Counter::default(),
+            runs_submitted: Counter::default(),
+            schedule_seconds: Histogram::new(exponential_buckets(0.000_01, 4.0, 10)),
+            placements: Counter::default(),
+            last_pass_micros: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    pub(crate) fn observe_schedule(&self, took: Duration, placed: usize) {
+        self.schedule_seconds.observe(took.as_secs_f64());
+        self.placements.inc_by(placed as u64);
+        self.last_pass_micros
+            .store(took.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
+pub(super) async fn metrics(State(c): State<Arc<Coordinator>>) -> Response {
+    let mut registry = Registry::with_prefix("muster");
+    let m = &c.metrics;
+    registry.register(
+        "raft_proposals",
+        "Commands applied through Raft by this server",
+        m.proposals.clone(),
+    );
+    registry.register(
+        "runs_submitted",
+        "Runs accepted by this server",
+        m.runs_submitted.clone(),
+    );
+    registry.register(
+        "placements",
+        "Placements decided by this server's scheduler",
+        m.placements.clone(),
+    );
+    registry.register(
+        "schedule_pass_seconds",
+        "Duration of one scheduling pass",
+        m.schedule_seconds.clone(),
+    );
+    let runs = Family::<StateLabel, Gauge>::default();
+    let (nodes, applied) = c.read(|s| {
+        for r in s.runs.values() {
+            runs.get_or_create(&StateLabel {
+                state: r.state.as_str().to_string(),
+            })
+            .inc();
+        }
+        (s.nodes.len() as i64, c.raft().status().applied_index as i64)
+    });
+    registry.register("runs", "Runs by state", runs);
+    let g = Gauge::<i64>::default();
+    g.set(nodes);
+    registry.register("nodes", "Registered nodes", g);
+    let last = Gauge::<i64>::default();
+    last.set(m.last_pass_micros.load(Ordering::Relaxed) as i64);
+    registry.register(
+        "schedule_last_pass_microseconds",
+        "Duration of the last scheduling pass on this server",
+        last,
+    );
+    let a = Gauge::<i64>::default();
+    a.set(applied);
+    registry.register(
+        "raft_applied_index",
+        "Highest log index applied on this server",
+        a,
+    );
+    let mut body = String::new();
+    if encode(&mut body, &registry).is_err() {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
