@@ -412,6 +412,121 @@ async fn a_new_leader_adopts_the_agent_containers_and_still_scales_down() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reclaimed_agent_container_evicts_its_node_and_its_run_restarts_on_a_replacement() {
+    let Some(docker) = docker_or_skip().await else {
+        return;
+    };
+    build_agent_image().await;
+    // A heartbeat grace longer than the test: only the provisioner can notice the reclaim.
+    let dev = DevCluster::start_with(|c| {
+        c.server.heartbeat_interval = Duration::from_millis(300);
+        c.server.node_grace = Duration::from_secs(600);
+    })
+    .await
+    .unwrap();
+    let url = dev.url();
+    let name = unique("reclaim");
+    let _cleanup = Containers {
+        compute: name.clone(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = muster(
+        &url,
+        dir.path(),
+        &[
+            "compute",
+            "create",
+            &name,
+            "--type",
+            "cluster",
+            "--min-instances",
+            "0",
+            "--max-instances",
+            "1",
+            "--idle-time-before-scale-down",
+            "5",
+            "--tier",
+            "low_priority",
+            "--provisioner",
+            "docker",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    // The first attempt runs until its machine is taken; the restarted one says so and ends.
+    let out = muster(
+        &url,
+        dir.path(),
+        &[
+            "run",
+            "submit",
+            "--compute",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "[ \"$MUSTER_ATTEMPT\" = 1 ] && sleep 600; echo attempt $MUSTER_ATTEMPT restarted=${MUSTER_RESTARTED:-0}",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let id = out.stdout.trim().to_string();
+    let first = format!("muster-{name}-0");
+    let t0 = Instant::now();
+    while get_run(&url, &id).await.state != "running" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "run {id} never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The machine is reclaimed: its agent container, and the run inside it, are gone.
+    use bollard::query_parameters::RemoveContainerOptionsBuilder;
+    docker
+        .remove_container(
+            &first,
+            Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+        )
+        .await
+        .unwrap();
+    let second = format!("muster-{name}-1");
+    let ran_on = wait_completed(&url, std::slice::from_ref(&id), Duration::from_secs(120)).await;
+    assert_eq!(
+        ran_on,
+        vec![second.clone()],
+        "restarted on a replacement node"
+    );
+    let run = get_run(&url, &id).await;
+    assert_eq!(run.attempts.len(), 2, "{run:#?}");
+    let gone = &run.attempts[0];
+    assert_eq!(gone.end.as_deref(), Some("node_lost"), "{gone:?}");
+    assert!(
+        gone.message.as_deref().is_some_and(|m| m.contains(&format!(
+            "node {first} was reclaimed: its agent container {first} was removed from the Docker host"
+        ))),
+        "{gone:?}"
+    );
+    let logs = muster(&url, dir.path(), &["run", "logs", &id]).await;
+    assert_eq!(logs.stdout, "attempt 2 restarted=1\n", "{logs:?}");
+    // The evicted node was released, and the replacement asked for in the same decision.
+    let s = status(&url, &name).await;
+    let evicted = s
+        .history
+        .iter()
+        .find(|e| e.action == "scale_down" && e.nodes == [first.clone()])
+        .unwrap_or_else(|| panic!("no scale-down of {first}: {:?}", s.history));
+    assert!(evicted.message.contains("evicted"), "{evicted:?}");
+    assert!(
+        s.history
+            .iter()
+            .any(|e| e.action == "scale_up" && e.nodes == [second.clone()]),
+        "{:?}",
+        s.history
+    );
+}
+
 /// Kills the agents the scale-up script started, whatever happened.
 struct Agents {
     dir: PathBuf,

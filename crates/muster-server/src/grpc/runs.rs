@@ -21,6 +21,9 @@ use crate::grpc::status;
 pub(crate) struct Runs(pub Arc<Coordinator>);
 
 const LOG_CHUNK: usize = 64 * 1024;
+/// How long `StreamLogs` waits to catch up with the leader before it serves what the
+/// local replica holds.
+const LINEARIZE_LOGS_WITHIN: Duration = Duration::from_secs(2);
 
 fn not_found(id: &str) -> Status {
     Status::not_found(format!(
@@ -190,6 +193,18 @@ impl RunService for Runs {
     ) -> Result<Response<LogStream>, Status> {
         let relayed = crate::replication::is_replica(&req);
         let req = req.into_inner();
+        // A follower that lags would list fewer attempts than the leader has: catch up to
+        // the leader's commit first. Without a leader (no quorum) the local replica still
+        // serves what it holds, so logs stay readable through an outage.
+        if !relayed {
+            match tokio::time::timeout(LINEARIZE_LOGS_WITHIN, self.0.linearize(false)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(cause = %e, "logs served from the local replica"),
+                Err(_) => {
+                    tracing::debug!("logs served from the local replica: no read index in time")
+                }
+            }
+        }
         if self.get(&req.id).is_err() {
             // A follower that has not applied the submission yet: the leader knows the run.
             if !relayed && let Some(mut client) = leader_runs(&self.0) {

@@ -40,22 +40,36 @@ pub(crate) async fn run(coordinator: Arc<Coordinator>) {
         });
         for (node_id, name) in silent {
             tracing::warn!(node = %name, "no heartbeat within the grace period; marking the node lost");
-            if let Err(e) = coordinator.seal_lost_node_logs(&node_id).await {
-                tracing::warn!(node = %name, cause = %e.message(), "could not seal the logs of a lost node's ranks; retrying");
-                continue;
-            }
-            let cmd = Command::SetNodeState {
-                node_id,
-                state: NodeState::Lost,
-                reason: Some(format!(
-                    "node {name} sent no heartbeat for {} s",
-                    coordinator.config.node_grace.as_secs()
-                )),
-                at: now,
-            };
-            if let Err(e) = coordinator.propose(cmd).await {
-                tracing::debug!(cause = %e, "could not mark the node lost");
-            }
+            let reason = format!(
+                "node {name} sent no heartbeat for {} s",
+                coordinator.config.node_grace.as_secs()
+            );
+            take_down(&coordinator, &node_id, NodeState::Lost, reason, now).await;
         }
+    }
+}
+
+/// Marks a node that is gone (`Lost`, or `Evicted` by a provisioner that saw its machine
+/// reclaimed) through Raft, which ends its attempts so their runs restart as new attempts.
+/// Its ranks' logs are sealed first; if that fails the caller's next pass tries again.
+pub(crate) async fn take_down(
+    coordinator: &Coordinator,
+    node_id: &str,
+    state: NodeState,
+    reason: String,
+    at: u64,
+) {
+    if let Err(e) = coordinator.seal_lost_node_logs(node_id).await {
+        tracing::warn!(node = node_id, cause = %e.message(), "could not seal the logs of a gone node's ranks; retrying");
+        return;
+    }
+    let cmd = Command::SetNodeState {
+        node_id: node_id.to_string(),
+        state,
+        reason: Some(reason),
+        at,
+    };
+    if let Err(e) = coordinator.propose(cmd).await {
+        tracing::debug!(cause = %e, "could not mark the node {}", state.as_str());
     }
 }

@@ -1,7 +1,7 @@
 //! Loops that run on every server but act only while it leads the Raft group.
 
 mod autoscale;
-mod heartbeats;
+pub(crate) mod heartbeats;
 mod pipelines;
 mod scheduling;
 pub(crate) mod sweeps;

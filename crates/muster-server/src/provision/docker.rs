@@ -5,6 +5,9 @@
 //! to, so a new leader finds what exists by listing them: starting a node whose container
 //! exists only makes sure it runs, and a labelled container no decision keeps (e.g. left
 //! by a leader that died between stopping a node and recording it) is removed.
+//!
+//! The same listing finds reclaimed nodes: an up node whose container was removed, or
+//! has exited, lost its machine without a decision (see the module above).
 
 use std::collections::HashMap;
 
@@ -43,7 +46,8 @@ pub(crate) struct Outcome {
 }
 
 /// Starts the nodes to launch, removes the nodes being released, and (with `resync`)
-/// removes labelled containers of this compute target that no decision keeps.
+/// removes labelled containers of this compute target that no decision keeps and reports
+/// the up nodes whose containers are gone or exited.
 pub(crate) async fn reconcile(
     docker: &Docker,
     settings: &DockerProvisioner,
@@ -58,7 +62,8 @@ pub(crate) async fn reconcile(
         match list(docker, &work.compute).await {
             Ok(containers) => {
                 listed = true;
-                for (name, labels) in containers {
+                steps.extend(reclaimed(&containers, &servers_label, work));
+                for Container { name, labels, .. } in containers {
                     let node = labels.get(LABEL_NODE).cloned().unwrap_or_default();
                     let ours = labels.get(LABEL_SERVERS) == Some(&servers_label);
                     if ours && !work.keep.contains(&node) && !work.release.contains(&node) {
@@ -98,11 +103,45 @@ pub(crate) async fn reconcile(
     Outcome { listed, steps }
 }
 
-/// The provisioned agent containers of `compute` (name, labels), running or not.
-async fn list(
-    docker: &Docker,
-    compute: &str,
-) -> Result<Vec<(String, HashMap<String, String>)>, String> {
+/// One provisioned agent container, as listed.
+struct Container {
+    name: String,
+    labels: HashMap<String, String>,
+    /// The engine's word for it: created, running, paused, restarting, exited, dead...
+    state: String,
+    /// How the engine describes it, e.g. "Exited (137) 2 seconds ago".
+    status: String,
+}
+
+/// The up nodes of `work` whose agent container this cluster's listing no longer shows
+/// running: removed, exited or dead. A container being created or restarted is not gone.
+fn reclaimed(containers: &[Container], servers_label: &str, work: &Work) -> Vec<Step> {
+    work.up
+        .iter()
+        .filter_map(|(name, node_id)| {
+            let container = containers.iter().find(|c| {
+                c.labels.get(LABEL_NODE) == Some(name)
+                    && c.labels.get(LABEL_SERVERS).map(String::as_str) == Some(servers_label)
+            });
+            let why = match container {
+                None => format!("its agent container {name} was removed from the Docker host"),
+                Some(c) if matches!(c.state.as_str(), "exited" | "dead") => format!(
+                    "its agent container {name} stopped on the Docker host ({})",
+                    c.status
+                ),
+                Some(_) => return None,
+            };
+            Some(Step::Reclaimed {
+                node_id: node_id.clone(),
+                name: name.clone(),
+                why,
+            })
+        })
+        .collect()
+}
+
+/// The provisioned agent containers of `compute`, running or not.
+async fn list(docker: &Docker, compute: &str) -> Result<Vec<Container>, String> {
     let filters = HashMap::from([(
         "label",
         vec![
@@ -124,7 +163,12 @@ async fn list(
         .into_iter()
         .filter_map(|c| {
             let name = c.names?.first()?.trim_start_matches('/').to_string();
-            Some((name, c.labels.unwrap_or_default()))
+            Some(Container {
+                name,
+                labels: c.labels.unwrap_or_default(),
+                state: c.state.map(|s| s.to_string()).unwrap_or_default(),
+                status: c.status.unwrap_or_default(),
+            })
         })
         .collect())
 }

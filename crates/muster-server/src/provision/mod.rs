@@ -7,23 +7,33 @@
 //! idempotently, is what makes a failover safe: a new leader repeats what it did not see
 //! reported (a docker container of the same name is found, not started twice; a command
 //! script must accept a repeat), and never starts a node no decision asked for.
+//!
+//! A machine can also go away without a decision: a low-priority VM reclaimed, an agent
+//! container removed or killed on its host. The `docker` provisioner looks for that every
+//! [`RECLAIM_CHECK_EVERY`] while it has nodes up, and evicts such a node through Raft at
+//! once (its runs restart as new attempts, and the autoscaler releases and replaces it)
+//! rather than waiting out the heartbeat grace period. For the `command` provisioner, whose
+//! machines muster cannot see, the heartbeat grace period is the detector.
 
 mod command;
 mod docker;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use muster_core::compute::Provisioner;
 use muster_core::state::{ProvisionOutcome, ProvisionPhase};
-use muster_core::{Command, State, Tier};
+use muster_core::{Command, Node, NodeState, State, Tier};
 
 use crate::coordinator::{Coordinator, now_ms};
+use crate::leader::heartbeats::take_down;
 
 /// After a failed action, the provisioner waits this long before trying again.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// A docker provisioner lists its containers (and removes strays) at least this often.
 const RESYNC_EVERY: Duration = Duration::from_secs(30);
+/// While a docker provisioner has nodes up, it checks their containers this often.
+const RECLAIM_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// What a provisioner has to do for one compute target now.
 #[derive(Debug, Clone)]
@@ -38,10 +48,31 @@ pub(crate) struct Work {
     pub release: Vec<String>,
     /// Every node the autoscaler keeps (requested or launched).
     pub keep: Vec<String>,
+    /// Launched nodes whose agents joined and are up: (name, node id). One whose machine
+    /// the provisioner finds gone was reclaimed.
+    pub up: Vec<(String, String)>,
 }
 
 /// What each compute target's provisioner has to do, from the applied state.
 pub(crate) fn plan(state: &State) -> Vec<Work> {
+    // The registered nodes of launched names, found in one pass over the nodes.
+    let launched: HashSet<&str> = state
+        .scaling
+        .values()
+        .flat_map(|s| s.nodes.iter())
+        .filter(|(_, p)| p.phase == ProvisionPhase::Launched)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    let registered: HashMap<&str, &Node> = if launched.is_empty() {
+        HashMap::new()
+    } else {
+        state
+            .nodes
+            .values()
+            .filter(|n| launched.contains(n.name.as_str()))
+            .map(|n| (n.name.as_str(), n))
+            .collect()
+    };
     state
         .computes
         .values()
@@ -69,6 +100,14 @@ pub(crate) fn plan(state: &State) -> Vec<Work> {
                 provisioner: c.spec.provisioner.clone(),
                 launch: names(Some(ProvisionPhase::Requested)),
                 release: names(Some(ProvisionPhase::Releasing)),
+                up: names(Some(ProvisionPhase::Launched))
+                    .into_iter()
+                    .filter_map(|name| {
+                        let node = registered.get(name.as_str())?;
+                        matches!(node.state, NodeState::Ready | NodeState::Draining)
+                            .then(|| (name, node.id.clone()))
+                    })
+                    .collect(),
                 keep: names(None),
             }
         })
@@ -107,10 +146,15 @@ impl Provisioners {
         let result = match &work.provisioner {
             Provisioner::Static => return,
             Provisioner::Docker(settings) => {
+                let every = if work.up.is_empty() {
+                    RESYNC_EVERY
+                } else {
+                    RECLAIM_CHECK_EVERY
+                };
                 let resync = self
                     .synced
                     .get(&work.compute)
-                    .is_none_or(|t| t.elapsed() >= RESYNC_EVERY);
+                    .is_none_or(|t| t.elapsed() >= every);
                 if work.launch.is_empty() && work.release.is_empty() && !resync {
                     return;
                 }
@@ -152,6 +196,11 @@ impl Provisioners {
                 Step::Failed(nodes, message) => {
                     self.report_failure(coordinator, &work, &nodes, message)
                         .await;
+                }
+                Step::Reclaimed { node_id, name, why } => {
+                    tracing::warn!(compute = %work.compute, node = %name, "{why}; evicting the node");
+                    let reason = format!("node {name} was reclaimed: {why}");
+                    take_down(coordinator, &node_id, NodeState::Evicted, reason, now_ms()).await;
                 }
             }
         }
@@ -214,6 +263,12 @@ pub(crate) enum Step {
     Done(ProvisionOutcome, Vec<String>),
     /// These nodes could not be; why.
     Failed(Vec<String>, String),
+    /// An up node's machine is gone though no decision released it.
+    Reclaimed {
+        node_id: String,
+        name: String,
+        why: String,
+    },
 }
 
 /// The arguments of `muster agent` for a provisioned node (after the global `--server`).
