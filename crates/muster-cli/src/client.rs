@@ -5,7 +5,7 @@ use std::time::Duration;
 use muster_proto::v1::{
     blob_service_client::BlobServiceClient, compute_service_client::ComputeServiceClient,
     metrics_service_client::MetricsServiceClient, pipeline_service_client::PipelineServiceClient,
-    run_service_client::RunServiceClient,
+    run_service_client::RunServiceClient, sweep_service_client::SweepServiceClient,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -22,6 +22,8 @@ pub struct Clients {
     pub pipelines: PipelineServiceClient<Channel>,
     /// Run metrics.
     pub metrics: MetricsServiceClient<Channel>,
+    /// Sweeps.
+    pub sweeps: SweepServiceClient<Channel>,
 }
 
 /// Connects to the first server of `servers` (comma-separated URLs) that answers.
@@ -47,6 +49,8 @@ pub async fn connect(servers: &str) -> anyhow::Result<Clients> {
                         .max_decoding_message_size(16 << 20),
                     compute: ComputeServiceClient::new(channel.clone()),
                     pipelines: PipelineServiceClient::new(channel.clone()),
+                    sweeps: SweepServiceClient::new(channel.clone())
+                        .max_decoding_message_size(16 << 20),
                     metrics: MetricsServiceClient::new(channel.clone())
                         .max_decoding_message_size(64 << 20),
                     blobs: BlobServiceClient::new(channel).max_decoding_message_size(16 << 20),

@@ -564,6 +564,25 @@ pub fn reuse_key(run: &RunSpec, input_identities: &BTreeMap<String, String>) -> 
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Fails a step within a plan: in the plan's view of the steps and as a decision.
+fn fail<'a>(
+    now: &mut BTreeMap<&'a str, StepState>,
+    out: &mut Vec<PipelineDecision>,
+    step: &'a str,
+    reason: String,
+) {
+    now.insert(
+        step,
+        StepState::Failed {
+            reason: reason.clone(),
+        },
+    );
+    out.push(PipelineDecision::FailStep {
+        step: step.to_string(),
+        reason,
+    });
+}
+
 /// Decides what happens next (see the module docs). `states` lacks steps not started
 /// (they are pending); `reuse` finds an earlier completed step's outputs by reuse key.
 /// Decisions that complete or fail a step are taken into account within the same call, so
@@ -612,16 +631,7 @@ pub fn plan(
             None
         };
         if let Some(reason) = reason {
-            now.insert(
-                name,
-                StepState::Failed {
-                    reason: reason.clone(),
-                },
-            );
-            out.push(PipelineDecision::FailStep {
-                step: name.clone(),
-                reason,
-            });
+            fail(&mut now, &mut out, name, reason);
             continue;
         }
         if !deps
@@ -653,16 +663,7 @@ pub fn plan(
             }
         }
         if let Some(reason) = missing {
-            now.insert(
-                name,
-                StepState::Failed {
-                    reason: reason.clone(),
-                },
-            );
-            out.push(PipelineDecision::FailStep {
-                step: name.clone(),
-                reason,
-            });
+            fail(&mut now, &mut out, name, reason);
             continue;
         }
         let key = reuse_key(&step.run, &identities);

@@ -28,25 +28,9 @@ pub(crate) fn replica_request<T>(message: T) -> tonic::Request<T> {
 }
 
 impl Coordinator {
-    fn blob_client(&self, peer: u64) -> Option<BlobServiceClient<Channel>> {
-        let address = self.peers.address(peer)?;
-        let url = if address.contains("://") {
-            address
-        } else {
-            format!("http://{address}")
-        };
-        let channel = Endpoint::from_shared(url)
-            .ok()?
-            .connect_timeout(Duration::from_secs(1))
-            .connect_lazy();
-        Some(BlobServiceClient::new(channel).max_decoding_message_size(8 << 20))
-    }
-
-    /// A RunService client of a peer (a follower relays log streams from the leader).
-    pub(crate) fn run_client(
-        &self,
-        peer: u64,
-    ) -> Option<v1::run_service_client::RunServiceClient<Channel>> {
+    /// A lazily connected channel to a peer this server reaches (a partition test may cut
+    /// it off), by its replicated address.
+    pub(crate) fn peer_channel(&self, peer: u64) -> Option<Channel> {
         if !self.reaches(peer) {
             return None;
         }
@@ -56,14 +40,26 @@ impl Coordinator {
         } else {
             format!("http://{address}")
         };
-        let channel = Endpoint::from_shared(url)
-            .ok()?
-            .connect_timeout(Duration::from_secs(1))
-            .connect_lazy();
         Some(
-            v1::run_service_client::RunServiceClient::new(channel)
-                .max_decoding_message_size(16 << 20),
+            Endpoint::from_shared(url)
+                .ok()?
+                .connect_timeout(Duration::from_secs(1))
+                .connect_lazy(),
         )
+    }
+
+    /// A channel to the leader, when this server is a follower that knows and reaches it
+    /// (a follower relays log and metric streams the leader holds).
+    pub(crate) fn leader_channel(&self) -> Option<Channel> {
+        if self.is_leader() {
+            return None;
+        }
+        self.peer_channel(self.raft().status().leader?)
+    }
+
+    fn blob_client(&self, peer: u64) -> Option<BlobServiceClient<Channel>> {
+        let channel = self.peer_channel(peer)?;
+        Some(BlobServiceClient::new(channel).max_decoding_message_size(8 << 20))
     }
 
     fn other_voters(&self) -> (Vec<u64>, usize) {

@@ -9,10 +9,9 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use muster_core::spec::{JobFile, parse_job_yaml};
 use muster_core::sweep::{SweepSpec, parse_hyperdrive_config, parse_sweep_yaml};
-use muster_proto::v1::{self, sweep_service_client::SweepServiceClient};
+use muster_proto::v1;
 use serde_json::{Value, json};
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::cli::OutputFormat;
 use crate::client::{connect, status};
@@ -86,7 +85,7 @@ pub async fn run(server: &str, output: OutputFormat, cmd: SweepCommand) -> anyho
     match cmd {
         SweepCommand::Submit(args) => submit(server, output, *args).await,
         SweepCommand::Show { id, stale } => {
-            let mut client = sweep_client(server).await?;
+            let mut client = connect(server).await?.sweeps;
             let sweep = client
                 .get_sweep(v1::GetSweepRequest { id, stale })
                 .await
@@ -100,7 +99,7 @@ pub async fn run(server: &str, output: OutputFormat, cmd: SweepCommand) -> anyho
             Ok(0)
         }
         SweepCommand::List { stale } => {
-            let mut client = sweep_client(server).await?;
+            let mut client = connect(server).await?.sweeps;
             let sweeps = client
                 .list_sweeps(v1::ListSweepsRequest { stale })
                 .await
@@ -137,7 +136,7 @@ pub async fn run(server: &str, output: OutputFormat, cmd: SweepCommand) -> anyho
             Ok(0)
         }
         SweepCommand::Cancel { id } => {
-            let mut client = sweep_client(server).await?;
+            let mut client = connect(server).await?.sweeps;
             let sweep = client
                 .cancel_sweep(v1::CancelSweepRequest {
                     id: id.clone(),
@@ -158,40 +157,6 @@ pub async fn run(server: &str, output: OutputFormat, cmd: SweepCommand) -> anyho
             Ok(0)
         }
     }
-}
-
-/// Connects to the first server of `servers` that answers (as [`connect`] does).
-async fn sweep_client(servers: &str) -> anyhow::Result<SweepServiceClient<Channel>> {
-    let mut failures = Vec::new();
-    for url in servers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let url = if url.contains("://") {
-            url.to_string()
-        } else {
-            format!("http://{url}")
-        };
-        let endpoint = match Endpoint::from_shared(url.clone()) {
-            Ok(e) => e.connect_timeout(Duration::from_secs(3)),
-            Err(e) => {
-                failures.push(format!("{url}: not a valid address ({e})"));
-                continue;
-            }
-        };
-        match endpoint.connect().await {
-            Ok(channel) => {
-                return Ok(SweepServiceClient::new(channel).max_decoding_message_size(16 << 20));
-            }
-            Err(e) => {
-                let cause = std::error::Error::source(&e)
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| e.to_string());
-                failures.push(format!("{url} ({cause})"));
-            }
-        }
-    }
-    anyhow::bail!(
-        "cannot reach a muster server at {}: start one with `muster dev`, or point --server (or MUSTER_SERVER) at a running server",
-        failures.join(", ")
-    )
 }
 
 fn read(path: &Path) -> anyhow::Result<String> {
@@ -313,7 +278,7 @@ async fn submit(server: &str, output: OutputFormat, args: SweepSubmitArgs) -> an
         );
     }
     spec.trial.code = Some(code);
-    let mut client = sweep_client(server).await?;
+    let mut client = connect(server).await?.sweeps;
     // The same key on every retry: a retry after a timeout never makes a second sweep.
     let key = args
         .idempotency_key

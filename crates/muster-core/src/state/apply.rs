@@ -312,6 +312,34 @@ impl State {
         }
     }
 
+    /// The attempt a sealed blob (`what`: log or metrics) belongs to, once its hash is
+    /// well formed and the attempt exists.
+    fn sealed_attempt(
+        &mut self,
+        what: &str,
+        run_id: &str,
+        attempt: u32,
+        sha256: &str,
+    ) -> Result<&mut Attempt, ApplyError> {
+        if !is_sha256_hex(sha256) {
+            return Err(ApplyError::InvalidSpec(format!(
+                "{what} of run {run_id}: sha256 {sha256:?} is not 64 lowercase hex digits"
+            )));
+        }
+        let run = self
+            .runs
+            .get_mut(run_id)
+            .ok_or_else(|| ApplyError::UnknownRun(run_id.to_string()))?;
+        attempt
+            .checked_sub(1)
+            .and_then(|i| run.attempts.get_mut(i as usize))
+            .ok_or_else(|| {
+                ApplyError::InvalidSpec(format!(
+                    "{what} of run {run_id}: it has no attempt {attempt}"
+                ))
+            })
+    }
+
     fn seal_log(
         &mut self,
         run_id: &str,
@@ -319,24 +347,7 @@ impl State {
         rank: u32,
         log: &SealedLog,
     ) -> Result<Applied, ApplyError> {
-        if !is_sha256_hex(&log.sha256) {
-            return Err(ApplyError::InvalidSpec(format!(
-                "log of run {run_id}: sha256 {:?} is not 64 lowercase hex digits",
-                log.sha256
-            )));
-        }
-        let run = self
-            .runs
-            .get_mut(run_id)
-            .ok_or_else(|| ApplyError::UnknownRun(run_id.to_string()))?;
-        let Some(a) = attempt
-            .checked_sub(1)
-            .and_then(|i| run.attempts.get_mut(i as usize))
-        else {
-            return Err(ApplyError::InvalidSpec(format!(
-                "log of run {run_id}: it has no attempt {attempt}"
-            )));
-        };
+        let a = self.sealed_attempt("log", run_id, attempt, &log.sha256)?;
         if rank as usize >= a.placements.len() {
             return Err(ApplyError::InvalidSpec(format!(
                 "log of run {run_id}: attempt {attempt} has {} rank(s), not rank {rank}",
@@ -353,24 +364,7 @@ impl State {
         attempt: u32,
         metrics: &SealedMetrics,
     ) -> Result<Applied, ApplyError> {
-        if !is_sha256_hex(&metrics.sha256) {
-            return Err(ApplyError::InvalidSpec(format!(
-                "metrics of run {run_id}: sha256 {:?} is not 64 lowercase hex digits",
-                metrics.sha256
-            )));
-        }
-        let run = self
-            .runs
-            .get_mut(run_id)
-            .ok_or_else(|| ApplyError::UnknownRun(run_id.to_string()))?;
-        let Some(a) = attempt
-            .checked_sub(1)
-            .and_then(|i| run.attempts.get_mut(i as usize))
-        else {
-            return Err(ApplyError::InvalidSpec(format!(
-                "metrics of run {run_id}: it has no attempt {attempt}"
-            )));
-        };
+        let a = self.sealed_attempt("metrics", run_id, attempt, &metrics.sha256)?;
         if a.metrics.as_ref().is_none_or(|m| m.lines < metrics.lines) {
             a.metrics = Some(metrics.clone());
         }

@@ -13,7 +13,7 @@ use muster_proto::metrics_to_wire;
 use muster_proto::v1::{self, metrics_service_server::MetricsService};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::Coordinator;
@@ -115,23 +115,7 @@ impl MetricsService for Metrics {
 fn leader_metrics(
     coordinator: &Coordinator,
 ) -> Option<v1::metrics_service_client::MetricsServiceClient<Channel>> {
-    if coordinator.is_leader() {
-        return None;
-    }
-    let leader = coordinator.raft().status().leader?;
-    if !coordinator.reaches(leader) {
-        return None;
-    }
-    let address = coordinator.peers.address(leader)?;
-    let url = if address.contains("://") {
-        address
-    } else {
-        format!("http://{address}")
-    };
-    let channel = Endpoint::from_shared(url)
-        .ok()?
-        .connect_timeout(Duration::from_secs(1))
-        .connect_lazy();
+    let channel = coordinator.leader_channel()?;
     Some(
         v1::metrics_service_client::MetricsServiceClient::new(channel)
             .max_decoding_message_size(64 << 20),

@@ -278,11 +278,8 @@ impl RunService for Runs {
 fn leader_runs(
     coordinator: &Coordinator,
 ) -> Option<v1::run_service_client::RunServiceClient<Channel>> {
-    if coordinator.is_leader() {
-        return None;
-    }
-    let leader = coordinator.raft().status().leader?;
-    coordinator.run_client(leader)
+    let channel = coordinator.leader_channel()?;
+    Some(v1::run_service_client::RunServiceClient::new(channel).max_decoding_message_size(16 << 20))
 }
 
 /// Where the next bytes of a rank's log come from.
