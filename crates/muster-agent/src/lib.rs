@@ -15,7 +15,8 @@
 //!
 //! Crate choices: `sysinfo` and `nvml-wrapper` (loads libnvidia-ml at run time, so the
 //! agent builds and runs without a driver), `nix` for process-group signals, `tar` for the
-//! outputs archive, `backon` for reconnect backoff.
+//! outputs archive. The reconnect backoff (100 ms doubling to 5 s, reset by a session that
+//! came up, raced against shutdown) is a few lines in `session.rs`.
 
 mod attempt;
 pub mod executor;

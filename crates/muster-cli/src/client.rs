@@ -1,7 +1,10 @@
-//! Connecting to a server, with an error that says what to do when none answers.
+//! Connecting to a server, with an error that says what to do when none answers, and
+//! retrying a submission while the cluster elects a leader (`backon` paces the retries).
 
+use std::future::Future;
 use std::time::Duration;
 
+use backon::{ExponentialBuilder, Retryable};
 use muster_proto::v1::{
     blob_service_client::BlobServiceClient, compute_service_client::ComputeServiceClient,
     metrics_service_client::MetricsServiceClient, pipeline_service_client::PipelineServiceClient,
@@ -73,4 +76,75 @@ pub async fn connect(servers: &str) -> anyhow::Result<Clients> {
 /// A gRPC status as the message a person needs.
 pub fn status(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())
+}
+
+/// Sends a submission again while the servers answer UNAVAILABLE (no leader yet, or the
+/// leader just changed): 4 more tries, 200 ms apart and doubling. A submission carries an
+/// idempotency key, so a retry of one that did land returns it instead of making another.
+pub async fn submit_retrying<T, F, Fut>(send: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    send.retry(
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_times(4),
+    )
+    .when(|s: &tonic::Status| s.code() == tonic::Code::Unavailable)
+    .await
+    .map(tonic::Response::into_inner)
+    .map_err(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_submission_is_sent_again_only_while_no_leader_takes_it() {
+        // Two UNAVAILABLE answers (an election), then the leader's.
+        let calls = AtomicU32::new(0);
+        let got = submit_retrying(|| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n < 2 {
+                    Err(tonic::Status::unavailable("no leader yet; retry"))
+                } else {
+                    Ok(tonic::Response::new(n))
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!((got, calls.load(Ordering::SeqCst)), (2, 3));
+
+        // A refusal is final: sent once, its message is the error.
+        let calls = AtomicU32::new(0);
+        let err = submit_retrying(|| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err::<tonic::Response<()>, _>(tonic::Status::invalid_argument("name: bad")) }
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(
+            (err.to_string(), calls.load(Ordering::SeqCst)),
+            ("name: bad".into(), 1)
+        );
+
+        // An outage longer than the retries ends with the last answer, after 5 tries.
+        let calls = AtomicU32::new(0);
+        let err = submit_retrying(|| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err::<tonic::Response<()>, _>(tonic::Status::unavailable("no leader")) }
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(
+            (err.to_string(), calls.load(Ordering::SeqCst)),
+            ("no leader".into(), 5)
+        );
+    }
 }

@@ -3,16 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::Context;
 use muster_core::pipeline::parse_pipeline_yaml;
 use muster_proto::v1;
 use serde_json::{Value, json};
-use tonic::Code;
 
 use crate::cli::{OutputFormat, PipelineCommand, PipelineSubmitArgs};
-use crate::client::{connect, status};
+use crate::client::{connect, status, submit_retrying};
 use crate::commands::run::default_experiment;
 use crate::output::{print_json, table, time};
 use crate::snapshot::{self, SnapshotLimits, human_bytes};
@@ -166,17 +164,12 @@ async fn submit(
         code,
         idempotency_key: Some(key),
     };
-    let mut tries = 0;
-    let p = loop {
-        tries += 1;
-        match c.pipelines.submit_pipeline(req.clone()).await {
-            Ok(r) => break r.into_inner(),
-            Err(s) if s.code() == Code::Unavailable && tries < 5 => {
-                tokio::time::sleep(Duration::from_millis(200 * tries)).await;
-            }
-            Err(s) => return Err(status(s)),
-        }
-    };
+    let p = submit_retrying(|| {
+        let mut pipelines = c.pipelines.clone();
+        let req = req.clone();
+        async move { pipelines.submit_pipeline(req).await }
+    })
+    .await?;
     if output == OutputFormat::Json {
         print_json(&pipeline_json(&p));
     } else {

@@ -13,10 +13,9 @@ use muster_core::spec::{
 };
 use muster_proto::v1;
 use serde_json::json;
-use tonic::Code;
 
 use crate::cli::{OutputFormat, RunCommand, SubmitArgs};
-use crate::client::{Clients, connect, status};
+use crate::client::{Clients, connect, status, submit_retrying};
 use crate::output::{print_json, run_details, run_json, runs_table};
 use crate::snapshot::{self, SnapshotLimits, human_bytes};
 
@@ -384,24 +383,16 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
     let key = args
         .idempotency_key
         .unwrap_or_else(|| format!("cli-{:032x}", rand_u128()));
-    let mut tries = 0;
-    let run = loop {
-        tries += 1;
-        match c
-            .runs
-            .submit_run(v1::SubmitRunRequest {
-                spec: Some(spec.clone().into()),
-                idempotency_key: Some(key.clone()),
-            })
-            .await
-        {
-            Ok(r) => break r.into_inner(),
-            Err(s) if s.code() == Code::Unavailable && tries < 5 => {
-                tokio::time::sleep(Duration::from_millis(200 * tries)).await;
-            }
-            Err(s) => return Err(status(s)),
-        }
+    let req = v1::SubmitRunRequest {
+        spec: Some(spec.clone().into()),
+        idempotency_key: Some(key),
     };
+    let run = submit_retrying(|| {
+        let mut runs = c.runs.clone();
+        let req = req.clone();
+        async move { runs.submit_run(req).await }
+    })
+    .await?;
     if output == OutputFormat::Json && !args.stream {
         print_json(&run_json(&run));
         return Ok(0);

@@ -3,7 +3,6 @@
 //! controller starts them, and stops the ones the early-termination policy gives up on.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -11,10 +10,9 @@ use muster_core::spec::{JobFile, parse_job_yaml};
 use muster_core::sweep::{SweepSpec, parse_hyperdrive_config, parse_sweep_yaml};
 use muster_proto::v1;
 use serde_json::{Value, json};
-use tonic::Code;
 
 use crate::cli::OutputFormat;
-use crate::client::{connect, status};
+use crate::client::{connect, status, submit_retrying};
 use crate::commands::run::{default_experiment, shell_quote};
 use crate::output::{print_json, table, time};
 use crate::snapshot::{self, SnapshotLimits, human_bytes};
@@ -278,29 +276,21 @@ async fn submit(server: &str, output: OutputFormat, args: SweepSubmitArgs) -> an
         );
     }
     spec.trial.code = Some(code);
-    let mut client = connect(server).await?.sweeps;
+    let client = connect(server).await?.sweeps;
     // The same key on every retry: a retry after a timeout never makes a second sweep.
     let key = args
         .idempotency_key
         .unwrap_or_else(|| format!("cli-{:032x}", rand::random::<u128>()));
-    let wire = muster_proto::sweep_spec_to_wire(&spec);
-    let mut tries = 0;
-    let sweep = loop {
-        tries += 1;
-        match client
-            .submit_sweep(v1::SubmitSweepRequest {
-                spec: Some(wire.clone()),
-                idempotency_key: Some(key.clone()),
-            })
-            .await
-        {
-            Ok(r) => break r.into_inner(),
-            Err(s) if s.code() == Code::Unavailable && tries < 5 => {
-                tokio::time::sleep(Duration::from_millis(200 * tries)).await;
-            }
-            Err(s) => return Err(status(s)),
-        }
+    let req = v1::SubmitSweepRequest {
+        spec: Some(muster_proto::sweep_spec_to_wire(&spec)),
+        idempotency_key: Some(key),
     };
+    let sweep = submit_retrying(|| {
+        let mut sweeps = client.clone();
+        let req = req.clone();
+        async move { sweeps.submit_sweep(req).await }
+    })
+    .await?;
     if output == OutputFormat::Json {
         print_json(&sweep_json(&sweep));
     } else {
