@@ -130,7 +130,9 @@ impl State {
     }
 
     /// The planner's decisions for pipeline `id` now (nothing once it finished), with
-    /// every earlier completed step available for reuse.
+    /// every earlier completed step available for reuse. The reuse lookup (a walk over
+    /// every pipeline) is built only when a step that allows reuse is ready to start, so
+    /// a pass over many waiting pipelines does not walk them all once each.
     pub fn pipeline_plan(&self, id: &str) -> Vec<PipelineDecision> {
         let Some(p) = self.pipelines.get(id) else {
             return Vec::new();
@@ -139,8 +141,13 @@ impl State {
             return Vec::new();
         }
         let states = self.pipeline_step_states(p);
-        let lookup = self.pipeline_reuse_lookup();
-        crate::pipeline::plan(&p.spec, &states, &|k: &str| lookup.get(k).cloned())
+        let lookup = std::cell::OnceCell::new();
+        crate::pipeline::plan(&p.spec, &states, &|k: &str| {
+            lookup
+                .get_or_init(|| self.pipeline_reuse_lookup())
+                .get(k)
+                .cloned()
+        })
     }
 
     /// What the agent of a pipeline step's run needs besides its spec: the inputs to place
