@@ -821,3 +821,146 @@ async fn a_follower_follows_a_live_log_through_its_end_without_repeating_a_line(
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(out.stdout, expected);
 }
+
+/// A free port on 127.0.0.1 (bound, then released for a server process to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `muster server ARGS` with its data in `dir/NAME`.
+fn server_process(dir: &std::path::Path, name: &str, args: &[&str]) -> muster_tests::ChildGuard {
+    muster_tests::ChildGuard(
+        std::process::Command::new(muster_testkit::muster_bin())
+            .arg("server")
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.join(name))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Waits (bounded) until `muster cluster status` answers with a leader on `url`.
+async fn wait_leader(url: &str, cwd: &std::path::Path) {
+    for _ in 0..200 {
+        let out = muster_testkit::muster(url, cwd, &["cluster", "status"]).await;
+        if out.code == 0 && !out.stdout.contains("leader none") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no leader at {url} within 10 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_started_alone_grows_into_a_cluster_whose_members_reach_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p1, p2) = (free_port(), free_port());
+    let (url1, url2) = (
+        format!("http://127.0.0.1:{p1}"),
+        format!("http://127.0.0.1:{p2}"),
+    );
+    // No --peers: the address it listens on is the one it advertises.
+    let _one = server_process(
+        dir.path(),
+        "s1",
+        &["--id", "1", "--listen", &format!("127.0.0.1:{p1}")],
+    );
+    wait_leader(&url1, dir.path()).await;
+    let _two = server_process(
+        dir.path(),
+        "s2",
+        &[
+            "--id",
+            "2",
+            "--listen",
+            &format!("127.0.0.1:{p2}"),
+            "--join",
+        ],
+    );
+    let added = muster_testkit::muster(
+        &url1,
+        dir.path(),
+        &[
+            "cluster",
+            "add-server",
+            "--id",
+            "2",
+            "--address",
+            &format!("127.0.0.1:{p2}"),
+        ],
+    )
+    .await;
+    assert_eq!(added.code, 0, "{added:?}");
+    // A write sent to the new member is forwarded to server 1, which it reaches by the
+    // address server 1 recorded for itself.
+    let created = muster_testkit::muster(
+        &url2,
+        dir.path(),
+        &["compute", "create", "grown", "--type", "attached"],
+    )
+    .await;
+    assert_eq!(created.code, 0, "{created:?}");
+    let status =
+        muster_testkit::muster(&url2, dir.path(), &["-o", "json", "cluster", "status"]).await;
+    assert_eq!(status.code, 0, "{status:?}");
+    let s: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    let members: BTreeMap<u64, (String, bool)> = s["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_u64().unwrap(),
+                (
+                    m["address"].as_str().unwrap().to_string(),
+                    m["reachable"].as_bool().unwrap(),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(
+        members,
+        BTreeMap::from([
+            (1, (format!("127.0.0.1:{p1}"), true)),
+            (2, (format!("127.0.0.1:{p2}"), true)),
+        ]),
+        "{s}"
+    );
+
+    // Listening on every interface with nothing to advertise, a lone server cannot be
+    // grown: add-server says what to do and changes nothing.
+    let p3 = free_port();
+    let url3 = format!("http://127.0.0.1:{p3}");
+    let _three = server_process(dir.path(), "s3", &["--listen", &format!("0.0.0.0:{p3}")]);
+    wait_leader(&url3, dir.path()).await;
+    let refused = muster_testkit::muster(
+        &url3,
+        dir.path(),
+        &[
+            "cluster",
+            "add-server",
+            "--id",
+            "2",
+            "--address",
+            "127.0.0.1:9",
+        ],
+    )
+    .await;
+    assert_ne!(refused.code, 0, "{refused:?}");
+    assert!(
+        refused.stderr.contains(
+            "server 1 has no address other servers can reach: restart it with --advertise HOST:PORT"
+        ),
+        "{refused:?}"
+    );
+    let status =
+        muster_testkit::muster(&url3, dir.path(), &["-o", "json", "cluster", "status"]).await;
+    let s: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(s["members"].as_array().unwrap().len(), 1, "{s}");
+}

@@ -161,6 +161,11 @@ pub struct ServerArgs {
     /// Join an existing cluster (wait to be added with `muster cluster add-server`).
     #[arg(long)]
     pub join: bool,
+    /// The `HOST:PORT` other servers and agents reach this server at. Default: `--listen`
+    /// when it names a specific address (not `0.0.0.0`), or this server's `--peers` entry.
+    /// A server started alone needs one before `muster cluster add-server` can grow it.
+    #[arg(long)]
+    pub advertise: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -83,7 +83,11 @@ impl Coordinator {
                 "the data directory already holds cluster state: --peers is ignored for membership (it comes from the log) and only fills in addresses the replicated state lacks"
             );
         }
-        let peers = Peers::new(state.clone(), config.peers.clone());
+        let mut book = config.peers.clone();
+        if let Some(own) = &config.advertise {
+            book.entry(raft_config.id).or_insert_with(|| own.clone());
+        }
+        let peers = Peers::new(state.clone(), book);
         let transport = Arc::new(GrpcTransport::new(
             raft_config.id,
             peers.clone(),

@@ -61,13 +61,18 @@ pub struct ServerConfig {
     /// included (`--peers`); empty for a single server. The initial voters themselves are
     /// `raft.initial_voters` (the CLI sets them to these ids).
     pub peers: std::collections::BTreeMap<u64, String>,
+    /// The `host:port` other servers and agents reach this server at (`--advertise`; the
+    /// CLI takes `--listen` when it names a specific address). It fills in this server's
+    /// entry when `peers` lacks it (a server started alone, to be grown with
+    /// `add-server`), and the first leader records it in the replicated state.
+    pub advertise: Option<String>,
     /// The autoscaler runs at most this often (on events, and at least once a second so
     /// idle times are noticed).
     pub autoscale_min_interval: Duration,
     /// The server addresses (`host:port`) agents started by a provisioner connect to,
     /// unless the compute target's provisioner names its own. Empty: the addresses of
-    /// `peers`, or for a single server the address it listens on (`0.0.0.0` read as
-    /// `127.0.0.1`, which agent containers on the host network reach).
+    /// `peers`, or for a single server `advertise`, else the address it listens on
+    /// (`0.0.0.0` read as `127.0.0.1`, which agent containers on the host network reach).
     pub agent_servers: Vec<String>,
     /// Test hook: drops messages between servers (testkit `cut`/`isolate`).
     pub network: Option<std::sync::Arc<dyn cluster::NetworkFilter>>,
@@ -86,6 +91,7 @@ impl ServerConfig {
             max_blob_bytes: 4 << 30,
             create_local_compute: false,
             peers: Default::default(),
+            advertise: None,
             autoscale_min_interval: Duration::from_secs(1),
             agent_servers: Vec::new(),
             network: None,
@@ -100,6 +106,16 @@ impl ServerConfig {
             "--peers must include this server's own id ({}) and address",
             self.raft.id
         );
+        if let Some(advertise) = &self.advertise {
+            muster_core::state::validate_server_address(self.raft.id, advertise)
+                .map_err(|e| anyhow::anyhow!("--advertise: {e}"))?;
+            if let Some(listed) = self.peers.get(&self.raft.id) {
+                anyhow::ensure!(
+                    listed == advertise,
+                    "--advertise {advertise} differs from this server's --peers entry {listed}: give one address"
+                );
+            }
+        }
         anyhow::ensure!(
             self.node_grace > self.heartbeat_interval * 2,
             "node grace ({:?}) must exceed two heartbeat intervals ({:?})",
@@ -120,14 +136,16 @@ pub async fn run(
     config.validate()?;
     let mut config = config;
     if config.agent_servers.is_empty() {
-        config.agent_servers = if config.peers.is_empty() {
+        config.agent_servers = if !config.peers.is_empty() {
+            config.peers.values().cloned().collect()
+        } else if let Some(own) = &config.advertise {
+            vec![own.clone()]
+        } else {
             let mut addr = listener.local_addr()?;
             if addr.ip().is_unspecified() {
                 addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
             }
             vec![addr.to_string()]
-        } else {
-            config.peers.values().cloned().collect()
         };
     }
     let coordinator = Coordinator::open(&config).await?;

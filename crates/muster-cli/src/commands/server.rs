@@ -25,6 +25,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     } else {
         config.raft.initial_voters = vec![args.id];
     }
+    config.advertise = args.advertise.clone().or_else(|| {
+        let addr = listener.local_addr().ok()?;
+        (!addr.ip().is_unspecified() && !config.peers.contains_key(&args.id))
+            .then(|| addr.to_string())
+    });
     eprintln!(
         "muster server listening on http://{} (data in {})",
         listener.local_addr()?,

@@ -139,6 +139,21 @@ impl ClusterService for Cluster {
         if !self.0.is_leader() {
             return Err(self.not_leader());
         }
+        // The new server must be able to reach every member (to forward writes, relay
+        // logs, repair blobs): a server started alone with `--listen 0.0.0.0:...` and no
+        // `--advertise` has no address anyone else can use.
+        let members = self.0.raft().status();
+        if let Some(unknown) = members
+            .voters
+            .iter()
+            .chain(members.learners.iter())
+            .find(|id| self.0.peers.address(**id).is_none())
+        {
+            return Err(Status::failed_precondition(format!(
+                "server {unknown} has no address other servers can reach: restart it with --advertise HOST:PORT (or --listen on a specific address), then add server {} again",
+                req.id
+            )));
+        }
         // Its address is replicated state before it becomes a member, so every server
         // (and every server restarted later) can reach it.
         self.0
