@@ -21,6 +21,7 @@
 mod blobs;
 pub mod cluster;
 mod coordinator;
+mod forward;
 mod grpc;
 mod leader;
 mod logs;
