@@ -10,6 +10,7 @@ use muster_proto::v1;
 use muster_testkit::cluster::TestCluster;
 use muster_testkit::images::{docker_or_skip, remove_containers_labelled};
 use muster_testkit::{DevCluster, muster, muster_bin};
+use muster_tests::submit_id;
 
 /// `muster dev` with a short node grace, so a stopped agent is noticed in seconds.
 async fn cluster() -> DevCluster {
@@ -65,7 +66,7 @@ async fn wait_status(
 
 async fn submit(url: &str, dir: &Path, compute: &str, cpu: &str, secs: u32) -> String {
     let sleep = format!("sleep {secs}");
-    let out = muster(
+    submit_id(
         url,
         dir,
         &[
@@ -81,9 +82,7 @@ async fn submit(url: &str, dir: &Path, compute: &str, cpu: &str, secs: u32) -> S
             &sleep,
         ],
     )
-    .await;
-    assert_eq!(out.code, 0, "{out:?}");
-    out.stdout.trim().to_string()
+    .await
 }
 
 async fn try_get_run(url: &str, id: &str) -> anyhow::Result<v1::Run> {
@@ -455,7 +454,7 @@ async fn a_reclaimed_agent_container_evicts_its_node_and_its_run_restarts_on_a_r
     .await;
     assert_eq!(out.code, 0, "{out:?}");
     // The first attempt runs until its machine is taken; the restarted one says so and ends.
-    let out = muster(
+    let id = submit_id(
         &url,
         dir.path(),
         &[
@@ -468,10 +467,8 @@ async fn a_reclaimed_agent_container_evicts_its_node_and_its_run_restarts_on_a_r
             "-c",
             "[ \"$MUSTER_ATTEMPT\" = 1 ] && sleep 600; echo attempt $MUSTER_ATTEMPT restarted=${MUSTER_RESTARTED:-0}",
         ],
-    )
-    .await;
-    assert_eq!(out.code, 0, "{out:?}");
-    let id = out.stdout.trim().to_string();
+)
+.await;
     let first = format!("muster-{name}-0");
     let t0 = Instant::now();
     while get_run(&url, &id).await.state != "running" {

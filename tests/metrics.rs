@@ -11,7 +11,7 @@ use muster_core::RunSpec;
 use muster_proto::v1;
 use muster_testkit::cluster::TestCluster;
 use muster_testkit::{DevCluster, muster, muster_bin};
-use muster_tests::{wait_done, wait_for_state, write};
+use muster_tests::{submit_id, wait_done, wait_for_state, write};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -60,14 +60,12 @@ async fn metrics_from_the_file_and_stdout_arrive_once_and_show_on_run_show() {
     let dev = DevCluster::start().await.unwrap();
     let project = tempfile::tempdir().unwrap();
     write(project.path(), "train.sh", SCRIPT);
-    let out = muster(
+    let id = submit_id(
         &dev.url(),
         project.path(),
         &["run", "submit", "--", "sh", "train.sh"],
     )
     .await;
-    assert_eq!(out.code, 0, "{out:?}");
-    let id = out.stdout.trim().to_string();
     let done = wait_done(&dev.url(), &id).await;
     assert_eq!(
         done.state, "completed",
@@ -160,13 +158,12 @@ echo '{{"name":"loss","value":3,"step":3}}' >> "$MUSTER_METRICS_FILE"
             gate = gate.display()
         ),
     );
-    let out = muster(
+    let id = submit_id(
         &dev.url(),
         project.path(),
         &["run", "submit", "--", "sh", "train.sh"],
     )
     .await;
-    let id = out.stdout.trim().to_string();
     let mut child = tokio::process::Command::new(muster_bin())
         .args(["--server", &dev.url(), "run", "metrics", &id, "--follow"])
         .env_remove("MUSTER_SERVER")

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use muster_testkit::agents::{AgentHandle, AgentProcess, agent_config};
 use muster_testkit::images::{busybox_image, docker_or_skip};
 use muster_testkit::{DevCluster, FakeGpuProbe, muster};
-use muster_tests::{all_runs, wait_done, wait_for_state, write};
+use muster_tests::{all_runs, submit_id, wait_done, wait_for_state, write};
 
 /// `muster dev` with a short node grace, so a dead agent is noticed in seconds.
 async fn cluster() -> DevCluster {
@@ -165,7 +165,7 @@ async fn oom_timeout_cancel_and_missing_images_end_runs_clearly() {
         t0.elapsed()
     );
 
-    let sub = muster(
+    let id = submit_id(
         &url,
         p.path(),
         &[
@@ -180,7 +180,6 @@ async fn oom_timeout_cancel_and_missing_images_end_runs_clearly() {
         ],
     )
     .await;
-    let id = sub.stdout.trim().to_string();
     wait_for_state(&url, &id, "running").await;
     let name = format!("muster-{id}-1-0");
     assert!(
@@ -215,7 +214,7 @@ async fn a_killed_agent_re_adopts_its_container_and_the_run_completes_as_attempt
         .await
         .unwrap();
     let p = tempfile::tempdir().unwrap();
-    let sub = muster(
+    let id = submit_id(
         &url,
         p.path(),
         &[
@@ -232,7 +231,6 @@ async fn a_killed_agent_re_adopts_its_container_and_the_run_completes_as_attempt
         ],
     )
     .await;
-    let id = sub.stdout.trim().to_string();
     wait_for_state(&url, &id, "running").await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     agent.kill();
@@ -263,7 +261,7 @@ async fn a_dead_agents_run_restarts_as_attempt_2_on_another_node() {
         .await
         .unwrap();
     let p = tempfile::tempdir().unwrap();
-    let sub = muster(
+    let id = submit_id(
         &url,
         p.path(),
         &[
@@ -280,7 +278,6 @@ async fn a_dead_agents_run_restarts_as_attempt_2_on_another_node() {
         ],
     )
     .await;
-    let id = sub.stdout.trim().to_string();
     wait_for_state(&url, &id, "running").await;
     let _second = AgentProcess::start(&url, "two-pool", "node-b", &data.path().join("b"))
         .await
@@ -348,24 +345,25 @@ async fn a_four_gpu_node_runs_two_two_gpu_runs_on_disjoint_gpus() {
     let p = tempfile::tempdir().unwrap();
     let mut ids = Vec::new();
     for _ in 0..2 {
-        let out = muster(
-            &url,
-            p.path(),
-            &[
-                "run",
-                "submit",
-                "--compute",
-                "gpu-pool",
-                "--gpus",
-                "2",
-                "--",
-                "sh",
-                "-c",
-                "echo $NVIDIA_VISIBLE_DEVICES; sleep 1",
-            ],
-        )
-        .await;
-        ids.push(out.stdout.trim().to_string());
+        ids.push(
+            submit_id(
+                &url,
+                p.path(),
+                &[
+                    "run",
+                    "submit",
+                    "--compute",
+                    "gpu-pool",
+                    "--gpus",
+                    "2",
+                    "--",
+                    "sh",
+                    "-c",
+                    "echo $NVIDIA_VISIBLE_DEVICES; sleep 1",
+                ],
+            )
+            .await,
+        );
     }
     let mut seen = Vec::new();
     for id in &ids {
@@ -549,7 +547,7 @@ async fn a_high_priority_run_preempts_and_the_low_one_restarts_as_attempt_2() {
     config.cpu_millis = Some(1000);
     let _agent = AgentHandle::start(&url, config).await.unwrap();
     let p = tempfile::tempdir().unwrap();
-    let low = muster(
+    let low = submit_id(
         &url,
         p.path(),
         &[
@@ -568,9 +566,8 @@ async fn a_high_priority_run_preempts_and_the_low_one_restarts_as_attempt_2() {
         ],
     )
     .await;
-    let low = low.stdout.trim().to_string();
     wait_for_state(&url, &low, "running").await;
-    let high = muster(
+    let high = submit_id(
         &url,
         p.path(),
         &[
@@ -588,7 +585,6 @@ async fn a_high_priority_run_preempts_and_the_low_one_restarts_as_attempt_2() {
         ],
     )
     .await;
-    let high = high.stdout.trim().to_string();
     assert_eq!(wait_done(&url, &high).await.state, "completed");
     let first = wait_done_attempt(&url, &low, 2).await;
     assert_eq!(
@@ -677,7 +673,7 @@ async fn a_node_selector_places_a_run_only_on_nodes_with_those_labels() {
         let url = url.clone();
         let dir = p.path().to_path_buf();
         async move {
-            let out = muster(
+            submit_id(
                 &url,
                 &dir,
                 &[
@@ -692,9 +688,7 @@ async fn a_node_selector_places_a_run_only_on_nodes_with_those_labels() {
                     "placed",
                 ],
             )
-            .await;
-            assert_eq!(out.code, 0, "{out:?}");
-            out.stdout.trim().to_string()
+            .await
         }
     };
     for _ in 0..3 {
@@ -799,14 +793,14 @@ async fn a_quota_holds_runs_back_with_the_reason_and_lets_them_through_in_turn()
     let _agent = AgentHandle::start(&url, config).await.unwrap();
     let mut ids = Vec::new();
     for _ in 0..2 {
-        let out = muster(
-            &url,
-            p.path(),
-            &["run", "submit", "--compute", "capped", "--", "sleep", "2"],
-        )
-        .await;
-        assert_eq!(out.code, 0, "{out:?}");
-        ids.push(out.stdout.trim().to_string());
+        ids.push(
+            submit_id(
+                &url,
+                p.path(),
+                &["run", "submit", "--compute", "capped", "--", "sleep", "2"],
+            )
+            .await,
+        );
     }
     wait_for_state(&url, &ids[0], "running").await;
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -12,6 +12,7 @@ use muster_proto::v1::{self, agent_message, server_message};
 use muster_testkit::agents::{AgentHandle, AgentProcess, agent_config};
 use muster_testkit::cluster::TestCluster;
 use muster_testkit::{DevCluster, muster};
+use muster_tests::submit_id;
 use tokio_stream::StreamExt;
 
 async fn create_pool(cluster: &TestCluster, name: &str) {
@@ -373,7 +374,7 @@ async fn a_lost_nodes_log_is_sealed_and_a_late_agents_bytes_are_dropped() {
     assert_eq!(out.code, 0, "{out:?}");
     let mut agents = register_ghost(&url).await;
     let work = tempfile::tempdir().unwrap();
-    let sub = muster(
+    let id = submit_id(
         &url,
         work.path(),
         &[
@@ -388,8 +389,6 @@ async fn a_lost_nodes_log_is_sealed_and_a_late_agents_bytes_are_dropped() {
         ],
     )
     .await;
-    assert_eq!(sub.code, 0, "{sub:?}");
-    let id = sub.stdout.trim().to_string();
     // The ghost's first life: it takes the assignment, starts, ships two lines, goes silent.
     let (out_tx, out_rx) = tokio::sync::mpsc::channel(16);
     out_tx
@@ -521,7 +520,7 @@ async fn a_killed_agents_partial_log_outlives_the_leader_that_took_it() {
     .await
     .unwrap();
     let work = tempfile::tempdir().unwrap();
-    let sub = muster(
+    let id = submit_id(
         &cluster.urls(),
         work.path(),
         &[
@@ -534,10 +533,8 @@ async fn a_killed_agents_partial_log_outlives_the_leader_that_took_it() {
             "-c",
             "if [ \"$MUSTER_ATTEMPT\" = 1 ]; then i=1; while [ $i -le 60 ]; do echo \"first $i\"; sleep 0.1; i=$((i+1)); done; else echo \"attempt $MUSTER_ATTEMPT\"; fi",
         ],
-    )
-    .await;
-    assert_eq!(sub.code, 0, "{sub:?}");
-    let id = sub.stdout.trim().to_string();
+)
+.await;
     // Kill the agent once the leader holds a few lines.
     let mut seen = String::new();
     for _ in 0..300 {

@@ -113,3 +113,10 @@ pub fn rows<'a>(html: &'a str, class: &str) -> Vec<&'a str> {
         .map(|r| r.split("</tr>").next().unwrap_or(r))
         .collect()
 }
+
+/// Runs `muster ARGS` (a `… submit`), asserts it succeeded and returns the id it printed.
+pub async fn submit_id(server: &str, cwd: &Path, args: &[&str]) -> String {
+    let out = muster_testkit::muster(server, cwd, args).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    out.stdout.trim().to_string()
+}

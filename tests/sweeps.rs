@@ -8,7 +8,7 @@ use std::time::Duration;
 use muster_proto::v1::{self, sweep_service_client::SweepServiceClient};
 use muster_testkit::cluster::TestCluster;
 use muster_testkit::{DevCluster, muster};
-use muster_tests::{all_runs, rows, web_page, write};
+use muster_tests::{all_runs, rows, submit_id, web_page, write};
 use serde_json::Value;
 
 /// A trial whose accuracy is `1 - (lr - 0.3)^2`, logged at 3 steps.
@@ -312,14 +312,12 @@ async fn a_bandit_policy_stops_the_clearly_bad_trials_early() {
     let project = tempfile::tempdir().unwrap();
     write(project.path(), "mixed.sh", MIXED_TRIAL);
     write(project.path(), "sweep.yml", BANDIT_SWEEP);
-    let out = muster(
+    let id = submit_id(
         &dev.url(),
         project.path(),
         &["sweep", "submit", "-f", "sweep.yml"],
     )
     .await;
-    assert_eq!(out.code, 0, "{out:?}");
-    let id = out.stdout.trim().to_string();
     // Unstopped, the bad trials would take a minute each.
     let sweep = wait_sweep_done(&[dev.url()], &id, Duration::from_secs(100)).await;
     assert_eq!(sweep.state, "completed", "{sweep:#?}");
@@ -384,14 +382,12 @@ async fn a_canceled_sweep_cancels_its_trials_and_starts_no_more() {
             .replace("[0.9, 0.05, 0.88, 0.04]", "[0.01, 0.02, 0.03, 0.04]")
             .replace("early_termination:\n  type: bandit\n  slack_factor: 0.2\n  evaluation_interval: 1\n  delay_evaluation: 1\n", ""),
     );
-    let out = muster(
+    let id = submit_id(
         &dev.url(),
         project.path(),
         &["sweep", "submit", "-f", "sweep.yml"],
     )
     .await;
-    assert_eq!(out.code, 0, "{out:?}");
-    let id = out.stdout.trim().to_string();
     let mut c = client(&dev.url()).await;
     for _ in 0..300 {
         let s = c
@@ -523,7 +519,7 @@ async fn a_v1_hyperdrive_config_appends_the_parameters_to_the_trial_command() {
         "hdconfig.yml",
         "sampling:\n  type: grid\n  parameter_space:\n  - name: --lr\n    expression: choice\n    values: [0.5, 1, 1.5]\npolicy:\n  type: BanditPolicy\n  evaluation_interval: 1\n  slack_factor: 0.2\nprimary_metric_name: Accuracy\nprimary_metric_goal: Maximize\nmax_total_runs: 3\nmax_concurrent_runs: 1\nmax_duration_minutes: 10\n",
     );
-    let out = muster(
+    let id = submit_id(
         &dev.url(),
         project.path(),
         &[
@@ -537,8 +533,6 @@ async fn a_v1_hyperdrive_config_appends_the_parameters_to_the_trial_command() {
         ],
     )
     .await;
-    assert_eq!(out.code, 0, "{out:?}");
-    let id = out.stdout.trim().to_string();
     let sweep = wait_sweep_done(&[dev.url()], &id, Duration::from_secs(60)).await;
     assert_eq!(sweep.state, "completed", "{sweep:#?}");
     assert_eq!(sweep.trials.len(), 3);
@@ -629,14 +623,12 @@ async fn killing_the_leader_mid_sweep_finishes_with_exactly_eight_trials() {
         "sweep.yml",
         &SWEEP.replace("compute: local", "compute: sweep-pool"),
     );
-    let out = muster(
+    let id = submit_id(
         &cluster.urls(),
         project.path(),
         &["sweep", "submit", "-f", "sweep.yml"],
     )
     .await;
-    assert_eq!(out.code, 0, "{out:?}");
-    let id = out.stdout.trim().to_string();
 
     // Mid-sweep (some trials decided, not all), the leader dies.
     let leader = cluster.leader().await.unwrap();
@@ -805,14 +797,12 @@ async fn a_sweep_past_its_timeout_cancels_its_trials_and_ends_timed_out() {
         "sweep.yml",
         "type: sweep\ntrial:\n  command: sh slow.sh ${{search_space.lr}}\nsampling_algorithm: bayesian\nsearch_space:\n  lr:\n    type: uniform\n    min_value: 0\n    max_value: 1\nobjective:\n  primary_metric: accuracy\n  goal: maximize\nlimits:\n  max_total_trials: 10\n  max_concurrent_trials: 2\n  timeout: 3\n",
     );
-    let out = muster(
+    let id = submit_id(
         &dev.url(),
         project.path(),
         &["sweep", "submit", "-f", "sweep.yml"],
     )
     .await;
-    assert_eq!(out.code, 0, "{out:?}");
-    let id = out.stdout.trim().to_string();
     let sweep = wait_sweep_done(&[dev.url()], &id, Duration::from_secs(60)).await;
     assert_eq!(sweep.state, "timed_out", "{sweep:#?}");
     assert_eq!(sweep.sampling, "bayesian");
