@@ -4,14 +4,13 @@
 //! runs, and an ended run's metrics survive the loss of the leader that took them.
 
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
 use muster_core::RunSpec;
 use muster_proto::v1;
 use muster_testkit::cluster::TestCluster;
 use muster_testkit::{DevCluster, muster, muster_bin};
-use muster_tests::{submit_id, wait_done, wait_for_state, write};
+use muster_tests::{cluster_agent, create_attached, submit_id, wait_done, wait_for_state, write};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -259,29 +258,9 @@ async fn a_container_run_logs_metrics_to_the_mapped_file() {
 async fn an_ended_runs_metrics_are_served_by_a_survivor_of_the_leader() {
     let mut cluster = TestCluster::start(3).await.unwrap();
     let urls: Vec<String> = cluster.ids().iter().map(|id| cluster.url(*id)).collect();
-    let mut c = muster_cli::client::connect(&cluster.urls()).await.unwrap();
-    c.compute
-        .create_compute(v1::CreateComputeRequest {
-            compute: Some(v1::ComputeTarget {
-                name: "m-pool".into(),
-                r#type: "attached".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    create_attached(&cluster.urls(), "m-pool").await;
     let data = tempfile::tempdir().unwrap();
-    let mut agent_config = muster_testkit::agents::agent_config(
-        &cluster.url(1),
-        data.path(),
-        "m-pool",
-        "metrics-node",
-        Arc::new(muster_agent::NoGpus),
-    );
-    agent_config.servers = urls.clone();
-    let agent = muster_testkit::agents::AgentHandle::start(&cluster.urls(), agent_config)
-        .await
-        .unwrap();
+    let agent = cluster_agent(&cluster, data.path(), "m-pool", "metrics-node").await;
     let mut s = RunSpec::new(SCRIPT);
     s.compute = "m-pool".into();
     let mut id = None;
@@ -335,30 +314,9 @@ async fn an_ended_runs_metrics_are_served_by_a_survivor_of_the_leader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_relays_a_running_runs_metrics_from_the_leader() {
     let cluster = TestCluster::start(3).await.unwrap();
-    let urls: Vec<String> = cluster.ids().iter().map(|id| cluster.url(*id)).collect();
-    let mut c = muster_cli::client::connect(&cluster.urls()).await.unwrap();
-    c.compute
-        .create_compute(v1::CreateComputeRequest {
-            compute: Some(v1::ComputeTarget {
-                name: "m-pool".into(),
-                r#type: "attached".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    create_attached(&cluster.urls(), "m-pool").await;
     let data = tempfile::tempdir().unwrap();
-    let mut agent_config = muster_testkit::agents::agent_config(
-        &cluster.url(1),
-        data.path(),
-        "m-pool",
-        "relay-node",
-        Arc::new(muster_agent::NoGpus),
-    );
-    agent_config.servers = urls.clone();
-    let agent = muster_testkit::agents::AgentHandle::start(&cluster.urls(), agent_config)
-        .await
-        .unwrap();
+    let agent = cluster_agent(&cluster, data.path(), "m-pool", "relay-node").await;
     let gate = data.path().join("go");
     let mut s = RunSpec::new(format!(
         r#"echo '{{"name":"loss","value":1,"step":1}}' >> "$MUSTER_METRICS_FILE"
@@ -431,30 +389,9 @@ echo '{{"name":"loss","value":2,"step":2}}' >> "$MUSTER_METRICS_FILE""#,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_leader_gets_a_running_runs_points_again_exactly_once() {
     let mut cluster = TestCluster::start(3).await.unwrap();
-    let urls: Vec<String> = cluster.ids().iter().map(|id| cluster.url(*id)).collect();
-    let mut c = muster_cli::client::connect(&cluster.urls()).await.unwrap();
-    c.compute
-        .create_compute(v1::CreateComputeRequest {
-            compute: Some(v1::ComputeTarget {
-                name: "m-pool".into(),
-                r#type: "attached".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    create_attached(&cluster.urls(), "m-pool").await;
     let data = tempfile::tempdir().unwrap();
-    let mut agent_config = muster_testkit::agents::agent_config(
-        &cluster.url(1),
-        data.path(),
-        "m-pool",
-        "failover-node",
-        Arc::new(muster_agent::NoGpus),
-    );
-    agent_config.servers = urls.clone();
-    let agent = muster_testkit::agents::AgentHandle::start(&cluster.urls(), agent_config)
-        .await
-        .unwrap();
+    let agent = cluster_agent(&cluster, data.path(), "m-pool", "failover-node").await;
     let gate = data.path().join("go");
     let mut s = RunSpec::new(format!(
         r###"i=1; while [ $i -le 20 ]; do echo "{{\"name\":\"loss\",\"value\":$i,\"step\":$i}}" >> "$MUSTER_METRICS_FILE"; echo "##muster[metric] name=acc value=$i step=$i"; i=$((i + 1)); done

@@ -11,7 +11,7 @@ use muster_agent::NoGpus;
 use muster_proto::v1;
 use muster_testkit::agents::{AgentHandle, agent_config};
 use muster_testkit::{DevCluster, muster};
-use muster_tests::{all_runs, rows, web_page, write};
+use muster_tests::{all_runs, cluster_agent, create_attached, rows, web_page, write};
 use serde_json::Value;
 
 /// Touches `$MEET_DIR/$1`, then waits (bounded: 60 s) for `$MEET_DIR/$2`: two steps that
@@ -576,31 +576,9 @@ async fn get_any(urls: &[String], id: &str) -> Option<v1::Pipeline> {
 async fn killing_the_leader_mid_pipeline_neither_loses_nor_duplicates_a_step() {
     use muster_testkit::cluster::TestCluster;
     let mut cluster = TestCluster::start(3).await.unwrap();
-    let mut c = muster_cli::client::connect(&cluster.urls()).await.unwrap();
-    c.compute
-        .create_compute(v1::CreateComputeRequest {
-            compute: Some(v1::ComputeTarget {
-                name: "ha-pool".into(),
-                r#type: "attached".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    create_attached(&cluster.urls(), "ha-pool").await;
     let data = tempfile::tempdir().unwrap();
-    let mut config = agent_config(
-        &cluster.url(1),
-        data.path(),
-        "ha-pool",
-        "ha-node",
-        Arc::new(NoGpus),
-    );
-    config.servers = cluster
-        .ids()
-        .into_iter()
-        .map(|id| cluster.url(id))
-        .collect();
-    let _agent = AgentHandle::start(&cluster.urls(), config).await.unwrap();
+    let _agent = cluster_agent(&cluster, data.path(), "ha-pool", "ha-node").await;
 
     let leader = cluster.leader().await.unwrap();
     let mut lc = muster_cli::client::connect(&cluster.url(leader))

@@ -4,6 +4,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use muster_proto::v1;
+use muster_testkit::agents::{AgentHandle, agent_config};
+use muster_testkit::cluster::TestCluster;
 
 /// Writes `content` to `dir/rel`, creating directories.
 pub fn write(dir: &Path, rel: &str, content: &str) {
@@ -119,4 +121,41 @@ pub async fn submit_id(server: &str, cwd: &Path, args: &[&str]) -> String {
     let out = muster_testkit::muster(server, cwd, args).await;
     assert_eq!(out.code, 0, "{out:?}");
     out.stdout.trim().to_string()
+}
+
+/// Creates the attached compute target `name` through `server` (gRPC).
+pub async fn create_attached(server: &str, name: &str) {
+    let mut c = muster_cli::client::connect(server).await.unwrap();
+    c.compute
+        .create_compute(v1::CreateComputeRequest {
+            compute: Some(v1::ComputeTarget {
+                name: name.into(),
+                r#type: "attached".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+}
+
+/// Starts an in-process agent (process executor, no GPUs) in `pool` that knows every server.
+pub async fn cluster_agent(
+    cluster: &TestCluster,
+    data: &Path,
+    pool: &str,
+    node: &str,
+) -> AgentHandle {
+    let mut config = agent_config(
+        &cluster.url(1),
+        data,
+        pool,
+        node,
+        std::sync::Arc::new(muster_agent::NoGpus),
+    );
+    config.servers = cluster
+        .ids()
+        .into_iter()
+        .map(|id| cluster.url(id))
+        .collect();
+    AgentHandle::start(&cluster.urls(), config).await.unwrap()
 }

@@ -2,13 +2,12 @@
 //! max_concurrent_trials at once), ranks them by the metric they log, stops the clearly bad
 //! ones early, and survives the loss of the leader without losing or duplicating a trial.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use muster_proto::v1::{self, sweep_service_client::SweepServiceClient};
 use muster_testkit::cluster::TestCluster;
 use muster_testkit::{DevCluster, muster};
-use muster_tests::{all_runs, rows, submit_id, web_page, write};
+use muster_tests::{all_runs, cluster_agent, create_attached, rows, submit_id, web_page, write};
 use serde_json::Value;
 
 /// A trial whose accuracy is `1 - (lr - 0.3)^2`, logged at 3 steps.
@@ -592,30 +591,9 @@ async fn a_v1_hyperdrive_config_appends_the_parameters_to_the_trial_command() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_mid_sweep_finishes_with_exactly_eight_trials() {
     let mut cluster = TestCluster::start(3).await.unwrap();
-    let urls: Vec<String> = cluster.ids().iter().map(|id| cluster.url(*id)).collect();
-    let mut c = muster_cli::client::connect(&cluster.urls()).await.unwrap();
-    c.compute
-        .create_compute(v1::CreateComputeRequest {
-            compute: Some(v1::ComputeTarget {
-                name: "sweep-pool".into(),
-                r#type: "attached".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    create_attached(&cluster.urls(), "sweep-pool").await;
     let data = tempfile::tempdir().unwrap();
-    let mut agent_config = muster_testkit::agents::agent_config(
-        &cluster.url(1),
-        data.path(),
-        "sweep-pool",
-        "sweep-node",
-        Arc::new(muster_agent::NoGpus),
-    );
-    agent_config.servers = urls.clone();
-    let _agent = muster_testkit::agents::AgentHandle::start(&cluster.urls(), agent_config)
-        .await
-        .unwrap();
+    let _agent = cluster_agent(&cluster, data.path(), "sweep-pool", "sweep-node").await;
     let project = tempfile::tempdir().unwrap();
     write(project.path(), "trial.sh", TRIAL);
     write(
