@@ -10,17 +10,7 @@ use muster_proto::v1;
 use muster_testkit::cluster::TestCluster;
 use muster_testkit::images::{docker_or_skip, remove_containers_labelled};
 use muster_testkit::{DevCluster, muster, muster_bin};
-use muster_tests::submit_id;
-
-/// `muster dev` with a short node grace, so a stopped agent is noticed in seconds.
-async fn cluster() -> DevCluster {
-    DevCluster::start_with(|c| {
-        c.server.heartbeat_interval = Duration::from_millis(300);
-        c.server.node_grace = Duration::from_secs(3);
-    })
-    .await
-    .unwrap()
-}
+use muster_tests::{short_grace_dev, submit_sh};
 
 /// A compute name unique to this test process.
 fn unique(prefix: &str) -> String {
@@ -66,23 +56,7 @@ async fn wait_status(
 
 async fn submit(url: &str, dir: &Path, compute: &str, cpu: &str, secs: u32) -> String {
     let sleep = format!("sleep {secs}");
-    submit_id(
-        url,
-        dir,
-        &[
-            "run",
-            "submit",
-            "--compute",
-            compute,
-            "--cpu",
-            cpu,
-            "--",
-            "sh",
-            "-c",
-            &sleep,
-        ],
-    )
-    .await
+    submit_sh(url, dir, &["--compute", compute, "--cpu", cpu], &sleep).await
 }
 
 async fn try_get_run(url: &str, id: &str) -> anyhow::Result<v1::Run> {
@@ -207,7 +181,7 @@ async fn a_docker_cluster_grows_to_two_nodes_for_two_runs_and_shrinks_to_zero() 
         return;
     };
     build_agent_image().await;
-    let dev = cluster().await;
+    let dev = short_grace_dev().await;
     let url = dev.url();
     let name = unique("dock");
     let _cleanup = Containers {
@@ -338,7 +312,7 @@ async fn a_new_leader_adopts_the_agent_containers_and_still_scales_down() {
         return;
     };
     build_agent_image().await;
-    let mut dev = cluster().await;
+    let mut dev = short_grace_dev().await;
     let url = dev.url();
     let name = unique("adopt");
     let _cleanup = Containers {
@@ -459,21 +433,13 @@ async fn a_reclaimed_agent_container_evicts_its_node_and_its_run_restarts_on_a_r
     .await;
     assert_eq!(out.code, 0, "{out:?}");
     // The first attempt runs until its machine is taken; the restarted one says so and ends.
-    let id = submit_id(
+    let id = submit_sh(
         &url,
         dir.path(),
-        &[
-            "run",
-            "submit",
-            "--compute",
-            &name,
-            "--",
-            "sh",
-            "-c",
-            "[ \"$MUSTER_ATTEMPT\" = 1 ] && sleep 600; echo attempt $MUSTER_ATTEMPT restarted=${MUSTER_RESTARTED:-0}",
-        ],
-)
-.await;
+        &["--compute", &name],
+        "[ \"$MUSTER_ATTEMPT\" = 1 ] && sleep 600; echo attempt $MUSTER_ATTEMPT restarted=${MUSTER_RESTARTED:-0}",
+    )
+    .await;
     let first = format!("muster-{name}-0");
     wait_running(&url, &id, Duration::from_secs(120)).await;
 
@@ -612,7 +578,7 @@ async fn create_command_compute(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_provisioner_runs_the_scripts_with_compute_size_and_node_names() {
-    let dev = cluster().await;
+    let dev = short_grace_dev().await;
     let url = dev.url();
     let name = unique("cmd");
     let scripts = tempfile::tempdir().unwrap();
@@ -700,7 +666,7 @@ async fn a_command_provisioner_runs_the_scripts_with_compute_size_and_node_names
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_provisioner_settings_are_refused_with_the_field_and_change_nothing() {
-    let dev = cluster().await;
+    let dev = short_grace_dev().await;
     let url = dev.url();
     let dir = tempfile::tempdir().unwrap();
     let cases: [(&[&str], &str); 4] = [
@@ -749,7 +715,7 @@ async fn bad_provisioner_settings_are_refused_with_the_field_and_change_nothing(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_scale_up_is_shown_with_its_output_and_retried() {
-    let dev = cluster().await;
+    let dev = short_grace_dev().await;
     let url = dev.url();
     let name = unique("retry");
     let scripts = tempfile::tempdir().unwrap();
@@ -827,7 +793,7 @@ async fn a_missing_agent_image_is_reported_and_nothing_starts() {
     let Some(docker) = docker_or_skip().await else {
         return;
     };
-    let dev = cluster().await;
+    let dev = short_grace_dev().await;
     let url = dev.url();
     let name = unique("noimg");
     let _cleanup = Containers {

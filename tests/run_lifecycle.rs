@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use muster_testkit::{DevCluster, DevProcess, muster};
-use muster_tests::{all_runs, submit_id, wait_done, wait_for_state, write};
+use muster_tests::{all_runs, submit_id, submit_sh, wait_done, wait_for_state, write};
 
 const SCRIPT: &str = r#"echo "hello from $MUSTER_RUN_ID attempt $MUSTER_ATTEMPT"
 mkdir -p outputs && echo 42 > outputs/result.txt
@@ -166,17 +166,11 @@ async fn cancel_stops_a_sleeping_run_within_the_grace_period() {
     let dev = DevCluster::start().await.unwrap();
     let project = tempfile::tempdir().unwrap();
     // The shell ignores SIGTERM: only the SIGKILL after the grace (2 s in tests) ends it.
-    let id = submit_id(
+    let id = submit_sh(
         &dev.url(),
         project.path(),
-        &[
-            "run",
-            "submit",
-            "--",
-            "sh",
-            "-c",
-            "trap '' TERM; sleep 300 & wait; sleep 300",
-        ],
+        &[],
+        "trap '' TERM; sleep 300 & wait; sleep 300",
     )
     .await;
     wait_for_state(&dev.url(), &id, "running").await;

@@ -10,7 +10,7 @@ use muster_proto::v1::{self, agent_message, server_message};
 use muster_testkit::agents::AgentProcess;
 use muster_testkit::cluster::TestCluster;
 use muster_testkit::{DevCluster, muster};
-use muster_tests::{cluster_agent, create_attached, submit_id};
+use muster_tests::{cluster_agent, create_attached, submit_id, submit_sh};
 use tokio_stream::StreamExt;
 
 fn addr(url: &str) -> SocketAddr {
@@ -487,21 +487,13 @@ async fn a_killed_agents_partial_log_outlives_the_leader_that_took_it() {
     .await
     .unwrap();
     let work = tempfile::tempdir().unwrap();
-    let id = submit_id(
+    let id = submit_sh(
         &cluster.urls(),
         work.path(),
-        &[
-            "run",
-            "submit",
-            "--compute",
-            "lost-pool",
-            "--",
-            "sh",
-            "-c",
-            "if [ \"$MUSTER_ATTEMPT\" = 1 ]; then i=1; while [ $i -le 60 ]; do echo \"first $i\"; sleep 0.1; i=$((i+1)); done; else echo \"attempt $MUSTER_ATTEMPT\"; fi",
-        ],
-)
-.await;
+        &["--compute", "lost-pool"],
+        "if [ \"$MUSTER_ATTEMPT\" = 1 ]; then i=1; while [ $i -le 60 ]; do echo \"first $i\"; sleep 0.1; i=$((i+1)); done; else echo \"attempt $MUSTER_ATTEMPT\"; fi",
+    )
+    .await;
     // Kill the agent once the leader holds a few lines.
     let mut seen = String::new();
     for _ in 0..300 {

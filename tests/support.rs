@@ -159,3 +159,21 @@ pub async fn cluster_agent(
         .collect();
     AgentHandle::start(&cluster.urls(), config).await.unwrap()
 }
+
+/// `muster dev` with a short node grace (3 s), so a stopped or dead agent is noticed in seconds.
+pub async fn short_grace_dev() -> muster_testkit::DevCluster {
+    muster_testkit::DevCluster::start_with(|c| {
+        c.server.heartbeat_interval = Duration::from_millis(300);
+        c.server.node_grace = Duration::from_secs(3);
+    })
+    .await
+    .unwrap()
+}
+
+/// Submits `sh -c SCRIPT` with `run submit FLAGS`, asserts it succeeded; the new run's id.
+pub async fn submit_sh(server: &str, cwd: &Path, flags: &[&str], script: &str) -> String {
+    let mut args = vec!["run", "submit"];
+    args.extend_from_slice(flags);
+    args.extend(["--", "sh", "-c", script]);
+    submit_id(server, cwd, &args).await
+}
