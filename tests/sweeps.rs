@@ -46,6 +46,32 @@ async fn client(url: &str) -> SweepServiceClient<tonic::transport::Channel> {
         .expect("connect")
 }
 
+/// Polls (bounded: `tries` × 100 ms) the sweep on `url` until `check` holds; the last one read.
+async fn poll_sweep(
+    url: &str,
+    id: &str,
+    tries: u32,
+    check: impl Fn(&v1::Sweep) -> bool,
+) -> v1::Sweep {
+    let mut c = client(url).await;
+    let mut last = v1::Sweep::default();
+    for _ in 0..tries {
+        last = c
+            .get_sweep(v1::GetSweepRequest {
+                id: id.into(),
+                stale: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if check(&last) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last
+}
+
 /// Polls (bounded: `limit`) until the sweep has ended, asking each of `urls` in turn
 /// (a server that is down or has no leader is skipped).
 async fn wait_sweep_done(urls: &[String], id: &str, limit: Duration) -> v1::Sweep {
@@ -387,21 +413,10 @@ async fn a_canceled_sweep_cancels_its_trials_and_starts_no_more() {
         &["sweep", "submit", "-f", "sweep.yml"],
     )
     .await;
-    let mut c = client(&dev.url()).await;
-    for _ in 0..300 {
-        let s = c
-            .get_sweep(v1::GetSweepRequest {
-                id: id.clone(),
-                stale: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if s.trials.iter().any(|t| t.state == "running") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll_sweep(&dev.url(), &id, 300, |s| {
+        s.trials.iter().any(|t| t.state == "running")
+    })
+    .await;
     let out = muster(&dev.url(), project.path(), &["sweep", "cancel", &id]).await;
     assert_eq!(out.code, 0, "{out:?}");
     let sweep = wait_sweep_done(&[dev.url()], &id, Duration::from_secs(60)).await;
@@ -610,23 +625,10 @@ async fn killing_the_leader_mid_sweep_finishes_with_exactly_eight_trials() {
 
     // Mid-sweep (some trials decided, not all), the leader dies.
     let leader = cluster.leader().await.unwrap();
-    let mut sweeps = client(&cluster.url(leader)).await;
-    let mut decided = 0;
-    for _ in 0..600 {
-        let s = sweeps
-            .get_sweep(v1::GetSweepRequest {
-                id: id.clone(),
-                stale: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        decided = s.trials.len();
-        if decided >= 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let decided = poll_sweep(&cluster.url(leader), &id, 600, |s| s.trials.len() >= 3)
+        .await
+        .trials
+        .len();
     assert!((3..8).contains(&decided), "mid-sweep: {decided} trials");
     cluster.kill(leader).await.unwrap();
     let survivors: Vec<String> = cluster
