@@ -11,7 +11,7 @@ use muster_agent::NoGpus;
 use muster_proto::v1;
 use muster_testkit::agents::{AgentHandle, agent_config};
 use muster_testkit::{DevCluster, muster};
-use muster_tests::{all_runs, cluster_agent, create_attached, rows, web_page, write};
+use muster_tests::{all_runs, cluster_agent, create_attached, rows, submit_id, web_page, write};
 use serde_json::Value;
 
 /// Touches `$MEET_DIR/$1`, then waits (bounded: 60 s) for `$MEET_DIR/$2`: two steps that
@@ -123,29 +123,41 @@ impl Farm {
 
 /// `muster pipeline submit -f FILE`: the new pipeline's id.
 async fn submit(url: &str, project: &Path, file: &str) -> String {
-    let out = muster(url, project, &["pipeline", "submit", "-f", file]).await;
-    assert_eq!(out.code, 0, "{out:?}");
-    let id = out.stdout.trim().to_string();
-    assert!(id.starts_with("pl-"), "{out:?}");
+    let id = submit_id(url, project, &["pipeline", "submit", "-f", file]).await;
+    assert!(id.starts_with("pl-"), "{id}");
     id
 }
 
-/// Polls (bounded: 120 s) until the pipeline ends.
-async fn wait_pipeline(url: &str, id: &str) -> v1::Pipeline {
+/// Polls (bounded: `tries` × 100 ms) until `check` holds on the pipeline; none if it never did.
+async fn poll_pipeline(
+    url: &str,
+    id: &str,
+    tries: u32,
+    check: impl Fn(&v1::Pipeline) -> bool,
+) -> Option<v1::Pipeline> {
     let mut c = muster_cli::client::connect(url).await.unwrap();
-    for _ in 0..1200 {
+    for _ in 0..tries {
         let p = c
             .pipelines
             .get_pipeline(v1::GetPipelineRequest { id: id.into() })
             .await
             .unwrap()
             .into_inner();
-        if matches!(p.state.as_str(), "completed" | "failed" | "canceled") {
-            return p;
+        if check(&p) {
+            return Some(p);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("pipeline {id} did not end within 120 s");
+    None
+}
+
+/// Polls (bounded: 120 s) until the pipeline ends.
+async fn wait_pipeline(url: &str, id: &str) -> v1::Pipeline {
+    poll_pipeline(url, id, 1200, |p| {
+        matches!(p.state.as_str(), "completed" | "failed" | "canceled")
+    })
+    .await
+    .unwrap_or_else(|| panic!("pipeline {id} did not end within 120 s"))
 }
 
 async fn show_json(url: &str, project: &Path, id: &str) -> Value {
@@ -686,22 +698,8 @@ jobs:
 ",
     );
     let id = submit(&url, project.path(), "slow.yml").await;
-    let mut running = false;
-    let mut c = dev.clients().await.unwrap();
-    for _ in 0..300 {
-        let p = c
-            .pipelines
-            .get_pipeline(v1::GetPipelineRequest { id: id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
-        if p.steps[0].state == "running" {
-            running = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(running, "the first step never ran");
+    let running = poll_pipeline(&url, &id, 300, |p| p.steps[0].state == "running").await;
+    assert!(running.is_some(), "the first step never ran");
     let out = muster(&url, project.path(), &["pipeline", "cancel", &id]).await;
     assert_eq!(out.code, 0, "{out:?}");
     let p = wait_pipeline(&url, &id).await;
