@@ -54,6 +54,47 @@ fn check_metrics(v: &Value) {
     assert!(v["last_error"].is_string(), "{v}");
 }
 
+/// Submits `spec` through `url` (gRPC); the new run's id.
+async fn submit_spec(url: &str, spec: RunSpec) -> String {
+    muster_cli::client::connect(url)
+        .await
+        .unwrap()
+        .runs
+        .submit_run(v1::SubmitRunRequest {
+            spec: Some(spec.into()),
+            idempotency_key: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id
+}
+
+/// Polls (bounded: 30 s) `url` for the run's metrics until `check` holds; none if it never did.
+async fn poll_metrics(
+    url: &str,
+    id: &str,
+    check: impl Fn(&v1::RunMetrics) -> bool,
+) -> Option<v1::RunMetrics> {
+    let mut c = muster_cli::client::connect(url).await.unwrap();
+    for _ in 0..600 {
+        let m = c
+            .metrics
+            .get_run_metrics(v1::GetRunMetricsRequest {
+                run_id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if check(&m) {
+            return Some(m);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_from_the_file_and_stdout_arrive_once_and_show_on_run_show() {
     let dev = DevCluster::start().await.unwrap();
@@ -326,39 +367,12 @@ echo '{{"name":"loss","value":2,"step":2}}' >> "$MUSTER_METRICS_FILE""#,
     ));
     s.compute = "m-pool".into();
     let leader = cluster.leader().await.unwrap();
-    let id = muster_cli::client::connect(&cluster.url(leader))
-        .await
-        .unwrap()
-        .runs
-        .submit_run(v1::SubmitRunRequest {
-            spec: Some(s.into()),
-            idempotency_key: None,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
+    let id = submit_spec(&cluster.url(leader), s).await;
     let follower = cluster.ids().into_iter().find(|i| *i != leader).unwrap();
-    let mut f = muster_cli::client::connect(&cluster.url(follower))
-        .await
-        .unwrap();
-    let mut seen = None;
-    for _ in 0..600 {
-        let m = f
-            .metrics
-            .get_run_metrics(v1::GetRunMetricsRequest {
-                run_id: id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if m.series.iter().any(|s| !s.steps.is_empty()) {
-            seen = Some(m);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let seen = poll_metrics(&cluster.url(follower), &id, |m| {
+        m.series.iter().any(|s| !s.steps.is_empty())
+    })
+    .await;
     let m = seen.expect("the follower relays the first point within 30 s");
     assert!(!m.ended, "{m:?}");
     assert_eq!(m.series[0].name, "loss");
@@ -401,40 +415,16 @@ i=21; while [ $i -le 40 ]; do echo "{{\"name\":\"loss\",\"value\":$i,\"step\":$i
     ));
     s.compute = "m-pool".into();
     let leader = cluster.leader().await.unwrap();
-    let id = muster_cli::client::connect(&cluster.url(leader))
-        .await
-        .unwrap()
-        .runs
-        .submit_run(v1::SubmitRunRequest {
-            spec: Some(s.into()),
-            idempotency_key: None,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
+    let id = submit_spec(&cluster.url(leader), s).await;
     // The first 20 points of each metric reached the leader.
-    let mut l = muster_cli::client::connect(&cluster.url(leader))
-        .await
-        .unwrap();
-    let mut reached = false;
-    for _ in 0..600 {
-        let m = l
-            .metrics
-            .get_run_metrics(v1::GetRunMetricsRequest {
-                run_id: id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if m.series.len() == 2 && m.series.iter().all(|s| s.steps.len() == 20) {
-            reached = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(reached, "the leader got the first points within 30 s");
+    let reached = poll_metrics(&cluster.url(leader), &id, |m| {
+        m.series.len() == 2 && m.series.iter().all(|s| s.steps.len() == 20)
+    })
+    .await;
+    assert!(
+        reached.is_some(),
+        "the leader got the first points within 30 s"
+    );
     cluster.kill(leader).await.unwrap();
     let survivors: Vec<u64> = cluster.ids().into_iter().filter(|i| *i != leader).collect();
     let new_leader = cluster.leader_among(&survivors).await.unwrap();
