@@ -10,7 +10,7 @@ use muster_proto::v1;
 use muster_testkit::cluster::TestCluster;
 use muster_testkit::images::{docker_or_skip, remove_containers_labelled};
 use muster_testkit::{DevCluster, muster, muster_bin};
-use muster_tests::{short_grace_dev, submit_sh};
+use muster_tests::{short_grace_dev, submit_sh, urls_but};
 
 /// A compute name unique to this test process.
 fn unique(prefix: &str) -> String {
@@ -903,13 +903,7 @@ async fn a_leader_failover_mid_scale_up_neither_starts_a_node_twice_nor_forgets_
     }
     let leader = cluster.leader().await.unwrap();
     cluster.kill(leader).await.unwrap();
-    let urls: String = cluster
-        .ids()
-        .into_iter()
-        .filter(|id| *id != leader)
-        .map(|id| cluster.url(id))
-        .collect::<Vec<_>>()
-        .join(",");
+    let urls = urls_but(&cluster, leader).join(",");
 
     // The new leader finishes the scale-up, the runs go through, the nodes go after idling.
     let ran_on: BTreeSet<String> = wait_completed(&urls, &[a, b], Duration::from_secs(120))

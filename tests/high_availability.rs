@@ -9,7 +9,7 @@ use std::time::Duration;
 use muster_core::RunSpec;
 use muster_proto::v1;
 use muster_testkit::cluster::TestCluster;
-use muster_tests::{cluster_agent, create_attached};
+use muster_tests::{all_urls, cluster_agent, create_attached};
 use tonic::Code;
 
 fn spec(i: usize) -> v1::RunSpec {
@@ -73,13 +73,7 @@ async fn runs_on(url: &str, stale: bool) -> Vec<v1::Run> {
 async fn killing_the_leader_under_load_loses_and_duplicates_nothing() {
     let mut cluster = TestCluster::start(3).await.unwrap();
     create_attached(&cluster.urls(), "ha-pool").await;
-    let urls: Arc<Vec<String>> = Arc::new(
-        cluster
-            .ids()
-            .into_iter()
-            .map(|id| cluster.url(id))
-            .collect(),
-    );
+    let urls: Arc<Vec<String>> = Arc::new(all_urls(&cluster));
     let acked = Arc::new(AtomicUsize::new(0));
     let mut clients = Vec::new();
     for client in 0..16usize {
@@ -348,13 +342,7 @@ async fn a_follower_that_missed_ten_thousand_entries_catches_up_by_snapshot() {
 async fn servers_are_added_and_removed_under_load() {
     let mut cluster = TestCluster::start(3).await.unwrap();
     create_attached(&cluster.urls(), "ha-pool").await;
-    let urls: Arc<Vec<String>> = Arc::new(
-        cluster
-            .ids()
-            .into_iter()
-            .map(|id| cluster.url(id))
-            .collect(),
-    );
+    let urls: Arc<Vec<String>> = Arc::new(all_urls(&cluster));
     let load = {
         let urls = urls.clone();
         tokio::spawn(async move {
@@ -582,18 +570,9 @@ async fn an_ended_runs_log_survives_the_loss_of_the_leader_that_took_it() {
     let mut s =
         RunSpec::new("i=1; while [ $i -le 300 ]; do echo \"log line $i\"; i=$((i+1)); done");
     s.compute = "ha-pool".into();
-    let run = submit_with_retries(
-        &cluster
-            .ids()
-            .iter()
-            .map(|id| cluster.url(*id))
-            .collect::<Vec<_>>(),
-        0,
-        "logs-1".into(),
-        s.into(),
-    )
-    .await
-    .expect("submitted");
+    let run = submit_with_retries(&all_urls(&cluster), 0, "logs-1".into(), s.into())
+        .await
+        .expect("submitted");
     let leader = cluster.leader().await.unwrap();
     let done = muster_tests::wait_done(&cluster.url(leader), &run).await;
     assert_eq!(done.state, "completed", "{done:?}");

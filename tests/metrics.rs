@@ -10,7 +10,9 @@ use muster_core::RunSpec;
 use muster_proto::v1;
 use muster_testkit::cluster::TestCluster;
 use muster_testkit::{DevCluster, muster, muster_bin};
-use muster_tests::{cluster_agent, create_attached, submit_id, wait_done, wait_for_state, write};
+use muster_tests::{
+    all_urls, cluster_agent, create_attached, submit_id, wait_done, wait_for_state, write,
+};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -298,7 +300,7 @@ async fn a_container_run_logs_metrics_to_the_mapped_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ended_runs_metrics_are_served_by_a_survivor_of_the_leader() {
     let mut cluster = TestCluster::start(3).await.unwrap();
-    let urls: Vec<String> = cluster.ids().iter().map(|id| cluster.url(*id)).collect();
+    let urls = all_urls(&cluster);
     create_attached(&cluster.urls(), "m-pool").await;
     let data = tempfile::tempdir().unwrap();
     let agent = cluster_agent(&cluster, data.path(), "m-pool", "metrics-node").await;

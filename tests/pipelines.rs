@@ -11,7 +11,9 @@ use muster_agent::NoGpus;
 use muster_proto::v1;
 use muster_testkit::agents::{AgentHandle, agent_config};
 use muster_testkit::{DevCluster, muster};
-use muster_tests::{all_runs, cluster_agent, create_attached, rows, submit_id, web_page, write};
+use muster_tests::{
+    all_runs, all_urls, cluster_agent, create_attached, rows, submit_id, urls_but, web_page, write,
+};
 use serde_json::Value;
 
 /// Touches `$MEET_DIR/$1`, then waits (bounded: 60 s) for `$MEET_DIR/$2`: two steps that
@@ -608,7 +610,7 @@ async fn killing_the_leader_mid_pipeline_neither_loses_nor_duplicates_a_step() {
         .into_inner()
         .id;
     // Kill the leader while B runs (bounded: 60 s).
-    let all: Vec<String> = cluster.ids().into_iter().map(|i| cluster.url(i)).collect();
+    let all = all_urls(&cluster);
     let mut b_running = false;
     for _ in 0..600 {
         let p = get_any(&all, &id).await.expect("a server answers");
@@ -623,12 +625,7 @@ async fn killing_the_leader_mid_pipeline_neither_loses_nor_duplicates_a_step() {
     }
     assert!(b_running, "step b never ran");
     cluster.kill(leader).await.unwrap();
-    let alive: Vec<String> = cluster
-        .ids()
-        .into_iter()
-        .filter(|i| *i != leader)
-        .map(|i| cluster.url(i))
-        .collect();
+    let alive = urls_but(&cluster, leader);
     // The new leader carries the pipeline to its end (bounded: 120 s).
     let mut done = None;
     for _ in 0..1200 {

@@ -152,11 +152,7 @@ pub async fn cluster_agent(
         node,
         std::sync::Arc::new(muster_agent::NoGpus),
     );
-    config.servers = cluster
-        .ids()
-        .into_iter()
-        .map(|id| cluster.url(id))
-        .collect();
+    config.servers = all_urls(cluster);
     AgentHandle::start(&cluster.urls(), config).await.unwrap()
 }
 
@@ -176,4 +172,23 @@ pub async fn submit_sh(server: &str, cwd: &Path, flags: &[&str], script: &str) -
     args.extend_from_slice(flags);
     args.extend(["--", "sh", "-c", script]);
     submit_id(server, cwd, &args).await
+}
+
+/// The URL of every server of `cluster`, one each.
+pub fn all_urls(cluster: &TestCluster) -> Vec<String> {
+    cluster
+        .ids()
+        .into_iter()
+        .map(|id| cluster.url(id))
+        .collect()
+}
+
+/// The URL of every server of `cluster` but `but` (e.g. the survivors of a killed leader).
+pub fn urls_but(cluster: &TestCluster, but: u64) -> Vec<String> {
+    cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != but)
+        .map(|id| cluster.url(id))
+        .collect()
 }

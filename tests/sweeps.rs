@@ -7,7 +7,9 @@ use std::time::Duration;
 use muster_proto::v1::{self, sweep_service_client::SweepServiceClient};
 use muster_testkit::cluster::TestCluster;
 use muster_testkit::{DevCluster, muster};
-use muster_tests::{all_runs, cluster_agent, create_attached, rows, submit_id, web_page, write};
+use muster_tests::{
+    all_runs, cluster_agent, create_attached, rows, submit_id, urls_but, web_page, write,
+};
 use serde_json::Value;
 
 /// A trial whose accuracy is `1 - (lr - 0.3)^2`, logged at 3 steps.
@@ -631,12 +633,7 @@ async fn killing_the_leader_mid_sweep_finishes_with_exactly_eight_trials() {
         .len();
     assert!((3..8).contains(&decided), "mid-sweep: {decided} trials");
     cluster.kill(leader).await.unwrap();
-    let survivors: Vec<String> = cluster
-        .ids()
-        .into_iter()
-        .filter(|id| *id != leader)
-        .map(|id| cluster.url(id))
-        .collect();
+    let survivors = urls_but(&cluster, leader);
 
     let sweep = wait_sweep_done(&survivors, &id, Duration::from_secs(180)).await;
     assert_eq!(sweep.state, "completed", "{sweep:#?}");
