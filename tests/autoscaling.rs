@@ -10,16 +10,7 @@ use muster_proto::v1;
 use muster_testkit::cluster::TestCluster;
 use muster_testkit::images::{docker_or_skip, remove_containers_labelled};
 use muster_testkit::{DevCluster, muster, muster_bin};
-
-/// `muster dev` with a short node grace, so a stopped agent is noticed in seconds.
-async fn cluster() -> DevCluster {
-    DevCluster::start_with(|c| {
-        c.server.heartbeat_interval = Duration::from_millis(300);
-        c.server.node_grace = Duration::from_secs(3);
-    })
-    .await
-    .unwrap()
-}
+use muster_tests::{short_grace_dev, submit_sh, urls_but};
 
 /// A compute name unique to this test process.
 fn unique(prefix: &str) -> String {
@@ -65,25 +56,7 @@ async fn wait_status(
 
 async fn submit(url: &str, dir: &Path, compute: &str, cpu: &str, secs: u32) -> String {
     let sleep = format!("sleep {secs}");
-    let out = muster(
-        url,
-        dir,
-        &[
-            "run",
-            "submit",
-            "--compute",
-            compute,
-            "--cpu",
-            cpu,
-            "--",
-            "sh",
-            "-c",
-            &sleep,
-        ],
-    )
-    .await;
-    assert_eq!(out.code, 0, "{out:?}");
-    out.stdout.trim().to_string()
+    submit_sh(url, dir, &["--compute", compute, "--cpu", cpu], &sleep).await
 }
 
 async fn try_get_run(url: &str, id: &str) -> anyhow::Result<v1::Run> {
@@ -99,6 +72,15 @@ async fn try_get_run(url: &str, id: &str) -> anyhow::Result<v1::Run> {
 
 async fn get_run(url: &str, id: &str) -> v1::Run {
     try_get_run(url, id).await.expect("get run")
+}
+
+/// Polls (bounded by `limit`) until run `id` is running.
+async fn wait_running(url: &str, id: &str, limit: Duration) {
+    let t0 = Instant::now();
+    while get_run(url, id).await.state != "running" {
+        assert!(t0.elapsed() < limit, "run {id} never ran");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Waits (bounded) for every run to complete; returns the node each ran on.
@@ -199,7 +181,7 @@ async fn a_docker_cluster_grows_to_two_nodes_for_two_runs_and_shrinks_to_zero() 
         return;
     };
     build_agent_image().await;
-    let dev = cluster().await;
+    let dev = short_grace_dev().await;
     let url = dev.url();
     let name = unique("dock");
     let _cleanup = Containers {
@@ -330,7 +312,7 @@ async fn a_new_leader_adopts_the_agent_containers_and_still_scales_down() {
         return;
     };
     build_agent_image().await;
-    let mut dev = cluster().await;
+    let mut dev = short_grace_dev().await;
     let url = dev.url();
     let name = unique("adopt");
     let _cleanup = Containers {
@@ -373,11 +355,7 @@ async fn a_new_leader_adopts_the_agent_containers_and_still_scales_down() {
     assert_eq!(containers_of(&docker, &name).await, both);
     // Both running (their code fetched), so the restart interrupts nothing but the leader.
     for id in [&a, &b] {
-        let t0 = Instant::now();
-        while get_run(&url, id).await.state != "running" {
-            assert!(t0.elapsed() < Duration::from_secs(60), "run {id} never ran");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_running(&url, id, Duration::from_secs(60)).await;
     }
 
     // A new leader (the server restarts on its data) starts with an empty memory: it reads
@@ -455,32 +433,15 @@ async fn a_reclaimed_agent_container_evicts_its_node_and_its_run_restarts_on_a_r
     .await;
     assert_eq!(out.code, 0, "{out:?}");
     // The first attempt runs until its machine is taken; the restarted one says so and ends.
-    let out = muster(
+    let id = submit_sh(
         &url,
         dir.path(),
-        &[
-            "run",
-            "submit",
-            "--compute",
-            &name,
-            "--",
-            "sh",
-            "-c",
-            "[ \"$MUSTER_ATTEMPT\" = 1 ] && sleep 600; echo attempt $MUSTER_ATTEMPT restarted=${MUSTER_RESTARTED:-0}",
-        ],
+        &["--compute", &name],
+        "[ \"$MUSTER_ATTEMPT\" = 1 ] && sleep 600; echo attempt $MUSTER_ATTEMPT restarted=${MUSTER_RESTARTED:-0}",
     )
     .await;
-    assert_eq!(out.code, 0, "{out:?}");
-    let id = out.stdout.trim().to_string();
     let first = format!("muster-{name}-0");
-    let t0 = Instant::now();
-    while get_run(&url, &id).await.state != "running" {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "run {id} never ran"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_running(&url, &id, Duration::from_secs(120)).await;
 
     // The machine is reclaimed: its agent container, and the run inside it, are gone.
     use bollard::query_parameters::RemoveContainerOptionsBuilder;
@@ -551,61 +512,98 @@ impl Drop for Agents {
     }
 }
 
+/// Writes the executable shell script `dir/name` with `body` after the `#!/bin/sh` line.
+fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// A scale-up script body: `prelude`, then for each node named: `guard`, start its agent
+/// (its pid in `dir/NODE.pid`), `after`.
+fn scale_up(dir: &Path, prelude: &str, guard: &str, after: &str) -> String {
+    format!(
+        r#"{prelude}shift 2
+for node in "$@"; do
+{guard}  '{bin}' agent --compute "$MUSTER_COMPUTE" --name "$node" --data-dir '{dir}'/"$node" --cpus 1 > '{dir}'/"$node.log" 2>&1 &
+  echo $! > '{dir}'/"$node.pid"
+{after}done
+"#,
+        dir = dir.display(),
+        bin = muster_bin().display()
+    )
+}
+
+/// A scale-down script body that kills each named node's agent (logging the call if `log`).
+fn scale_down(dir: &Path, log: bool) -> String {
+    let log = if log {
+        format!("echo \"down $*\" >> '{}/calls.log'\n", dir.display())
+    } else {
+        String::new()
+    };
+    format!(
+        r#"{log}shift 2
+for node in "$@"; do
+  if [ -f '{dir}'/"$node.pid" ]; then kill "$(cat '{dir}'/"$node.pid")"; rm -f '{dir}'/"$node.pid"; fi
+done
+"#,
+        dir = dir.display()
+    )
+}
+
+/// `muster compute create NAME FLAGS` with the `command` provisioner's two scripts; it must succeed.
+async fn create_command_compute(
+    url: &str,
+    cwd: &Path,
+    name: &str,
+    flags: &[&str],
+    up: &Path,
+    down: &Path,
+) {
+    let mut args = vec!["compute", "create", name];
+    args.extend_from_slice(flags);
+    args.extend([
+        "--provisioner",
+        "command",
+        "--scale-up",
+        up.to_str().unwrap(),
+        "--scale-down",
+        down.to_str().unwrap(),
+    ]);
+    let out = muster(url, cwd, &args).await;
+    assert_eq!(out.code, 0, "{out:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_provisioner_runs_the_scripts_with_compute_size_and_node_names() {
-    let dev = cluster().await;
+    let dev = short_grace_dev().await;
     let url = dev.url();
     let name = unique("cmd");
     let scripts = tempfile::tempdir().unwrap();
     let dir = scripts.path().to_path_buf();
     let _agents = Agents { dir: dir.clone() };
-    let bin = muster_bin();
-    let up = dir.join("scale-up.sh");
-    let down = dir.join("scale-down.sh");
-    std::fs::write(
-        &up,
-        format!(
-            r#"#!/bin/sh
-set -e
-echo "up $*" >> '{dir}/calls.log'
-echo "env $MUSTER_COMPUTE|$MUSTER_SIZE|$MUSTER_NODES|$MUSTER_SERVER" >> '{dir}/calls.log'
-shift 2
-for node in "$@"; do
-  '{bin}' agent --compute "$MUSTER_COMPUTE" --name "$node" --data-dir '{dir}'/"$node" --cpus 1 > '{dir}'/"$node.log" 2>&1 &
-  echo $! > '{dir}'/"$node.pid"
-done
-"#,
-            dir = dir.display(),
-            bin = bin.display()
+    let d = dir.display();
+    let up = script(
+        &dir,
+        "scale-up.sh",
+        &scale_up(
+            &dir,
+            &format!(
+                "set -e\necho \"up $*\" >> '{d}/calls.log'\necho \"env $MUSTER_COMPUTE|$MUSTER_SIZE|$MUSTER_NODES|$MUSTER_SERVER\" >> '{d}/calls.log'\n"
+            ),
+            "",
+            "",
         ),
-    )
-    .unwrap();
-    std::fs::write(
-        &down,
-        format!(
-            r#"#!/bin/sh
-echo "down $*" >> '{dir}/calls.log'
-shift 2
-for node in "$@"; do
-  if [ -f '{dir}'/"$node.pid" ]; then kill "$(cat '{dir}'/"$node.pid")"; rm -f '{dir}'/"$node.pid"; fi
-done
-"#,
-            dir = dir.display()
-        ),
-    )
-    .unwrap();
-    for s in [&up, &down] {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(s, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
+    );
+    let down = script(&dir, "scale-down.sh", &scale_down(&dir, true));
     let work = tempfile::tempdir().unwrap();
-    let out = muster(
+    create_command_compute(
         &url,
         work.path(),
+        &name,
         &[
-            "compute",
-            "create",
-            &name,
             "--type",
             "cluster",
             "--size",
@@ -614,16 +612,11 @@ done
             "2",
             "--idle-time-before-scale-down",
             "3",
-            "--provisioner",
-            "command",
-            "--scale-up",
-            up.to_str().unwrap(),
-            "--scale-down",
-            down.to_str().unwrap(),
         ],
+        &up,
+        &down,
     )
     .await;
-    assert_eq!(out.code, 0, "{out:?}");
 
     // The agents offer 1 CPU each; each run needs 1: two runs, two nodes.
     let a = submit(&url, work.path(), &name, "1", 3).await;
@@ -673,7 +666,7 @@ done
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_provisioner_settings_are_refused_with_the_field_and_change_nothing() {
-    let dev = cluster().await;
+    let dev = short_grace_dev().await;
     let url = dev.url();
     let dir = tempfile::tempdir().unwrap();
     let cases: [(&[&str], &str); 4] = [
@@ -722,69 +715,37 @@ async fn bad_provisioner_settings_are_refused_with_the_field_and_change_nothing(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_scale_up_is_shown_with_its_output_and_retried() {
-    let dev = cluster().await;
+    let dev = short_grace_dev().await;
     let url = dev.url();
     let name = unique("retry");
     let scripts = tempfile::tempdir().unwrap();
     let dir = scripts.path().to_path_buf();
     let _agents = Agents { dir: dir.clone() };
-    let bin = muster_bin();
-    let up = dir.join("up.sh");
-    let down = dir.join("down.sh");
+    let d = dir.display();
     // Fails until the admin "fixes the rack" (creates the file), then starts the agents.
-    std::fs::write(
-        &up,
-        format!(
-            r#"#!/bin/sh
-if [ ! -f '{dir}/fixed' ]; then echo "rack 7 has no power" >&2; exit 3; fi
-shift 2
-for node in "$@"; do
-  '{bin}' agent --compute "$MUSTER_COMPUTE" --name "$node" --data-dir '{dir}'/"$node" --cpus 1 > '{dir}'/"$node.log" 2>&1 &
-  echo $! > '{dir}'/"$node.pid"
-done
-"#,
-            dir = dir.display(),
-            bin = bin.display()
+    let up = script(
+        &dir,
+        "up.sh",
+        &scale_up(
+            &dir,
+            &format!(
+                "if [ ! -f '{d}/fixed' ]; then echo \"rack 7 has no power\" >&2; exit 3; fi\n"
+            ),
+            "",
+            "",
         ),
-    )
-    .unwrap();
-    std::fs::write(
-        &down,
-        format!(
-            r#"#!/bin/sh
-shift 2
-for node in "$@"; do
-  if [ -f '{dir}'/"$node.pid" ]; then kill "$(cat '{dir}'/"$node.pid")"; rm -f '{dir}'/"$node.pid"; fi
-done
-"#,
-            dir = dir.display()
-        ),
-    )
-    .unwrap();
-    for s in [&up, &down] {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(s, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
+    );
+    let down = script(&dir, "down.sh", &scale_down(&dir, false));
     let work = tempfile::tempdir().unwrap();
-    let out = muster(
+    create_command_compute(
         &url,
         work.path(),
-        &[
-            "compute",
-            "create",
-            &name,
-            "--type",
-            "instance",
-            "--provisioner",
-            "command",
-            "--scale-up",
-            up.to_str().unwrap(),
-            "--scale-down",
-            down.to_str().unwrap(),
-        ],
+        &name,
+        &["--type", "instance"],
+        &up,
+        &down,
     )
     .await;
-    assert_eq!(out.code, 0, "{out:?}");
     // An instance is one node, started at once; the script fails and says why.
     let node = format!("muster-{name}-0");
     let failed = wait_status(
@@ -832,7 +793,7 @@ async fn a_missing_agent_image_is_reported_and_nothing_starts() {
     let Some(docker) = docker_or_skip().await else {
         return;
     };
-    let dev = cluster().await;
+    let dev = short_grace_dev().await;
     let url = dev.url();
     let name = unique("noimg");
     let _cleanup = Containers {
@@ -891,72 +852,39 @@ async fn a_leader_failover_mid_scale_up_neither_starts_a_node_twice_nor_forgets_
     let scripts = tempfile::tempdir().unwrap();
     let dir = scripts.path().to_path_buf();
     let _agents = Agents { dir: dir.clone() };
-    let bin = muster_bin();
-    let up = dir.join("up.sh");
-    let down = dir.join("down.sh");
+    let d = dir.display();
     // Slow to act (the leader can die meanwhile: its script is killed with it), and
     // idempotent per node, as DESIGN.md asks of a command provisioner's scripts.
-    std::fs::write(
-        &up,
-        format!(
-            r#"#!/bin/sh
-echo "up $*" >> '{dir}/calls.log'
-sleep 3
-shift 2
-for node in "$@"; do
-  if [ -f '{dir}'/"$node.pid" ] && kill -0 "$(cat '{dir}'/"$node.pid")" 2>/dev/null; then continue; fi
-  '{bin}' agent --compute "$MUSTER_COMPUTE" --name "$node" --data-dir '{dir}'/"$node" --cpus 1 > '{dir}'/"$node.log" 2>&1 &
-  echo $! > '{dir}'/"$node.pid"
-  echo "start $node" >> '{dir}/calls.log'
-done
-"#,
-            dir = dir.display(),
-            bin = bin.display()
+    let up = script(
+        &dir,
+        "up.sh",
+        &scale_up(
+            &dir,
+            &format!("echo \"up $*\" >> '{d}/calls.log'\nsleep 3\n"),
+            &format!(
+                "  if [ -f '{d}'/\"$node.pid\" ] && kill -0 \"$(cat '{d}'/\"$node.pid\")\" 2>/dev/null; then continue; fi\n"
+            ),
+            &format!("  echo \"start $node\" >> '{d}/calls.log'\n"),
         ),
-    )
-    .unwrap();
-    std::fs::write(
-        &down,
-        format!(
-            r#"#!/bin/sh
-echo "down $*" >> '{dir}/calls.log'
-shift 2
-for node in "$@"; do
-  if [ -f '{dir}'/"$node.pid" ]; then kill "$(cat '{dir}'/"$node.pid")"; rm -f '{dir}'/"$node.pid"; fi
-done
-"#,
-            dir = dir.display()
-        ),
-    )
-    .unwrap();
-    for s in [&up, &down] {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(s, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
+    );
+    let down = script(&dir, "down.sh", &scale_down(&dir, true));
     let work = tempfile::tempdir().unwrap();
-    let out = muster(
+    create_command_compute(
         &urls,
         work.path(),
+        &name,
         &[
-            "compute",
-            "create",
-            &name,
             "--type",
             "cluster",
             "--max-instances",
             "2",
             "--idle-time-before-scale-down",
             "3",
-            "--provisioner",
-            "command",
-            "--scale-up",
-            up.to_str().unwrap(),
-            "--scale-down",
-            down.to_str().unwrap(),
         ],
+        &up,
+        &down,
     )
     .await;
-    assert_eq!(out.code, 0, "{out:?}");
     let a = submit(&urls, work.path(), &name, "1", 3).await;
     let b = submit(&urls, work.path(), &name, "1", 3).await;
     // The decision is in the log; the leader is running the script: stop the leader now.
@@ -975,13 +903,7 @@ done
     }
     let leader = cluster.leader().await.unwrap();
     cluster.kill(leader).await.unwrap();
-    let urls: String = cluster
-        .ids()
-        .into_iter()
-        .filter(|id| *id != leader)
-        .map(|id| cluster.url(id))
-        .collect::<Vec<_>>()
-        .join(",");
+    let urls = urls_but(&cluster, leader).join(",");
 
     // The new leader finishes the scale-up, the runs go through, the nodes go after idling.
     let ran_on: BTreeSet<String> = wait_completed(&urls, &[a, b], Duration::from_secs(120))

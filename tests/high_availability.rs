@@ -9,21 +9,8 @@ use std::time::Duration;
 use muster_core::RunSpec;
 use muster_proto::v1;
 use muster_testkit::cluster::TestCluster;
+use muster_tests::{all_urls, cluster_agent, create_attached};
 use tonic::Code;
-
-async fn create_pool(cluster: &TestCluster) {
-    let mut c = muster_cli::client::connect(&cluster.urls()).await.unwrap();
-    c.compute
-        .create_compute(v1::CreateComputeRequest {
-            compute: Some(v1::ComputeTarget {
-                name: "ha-pool".into(),
-                r#type: "attached".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
-}
 
 fn spec(i: usize) -> v1::RunSpec {
     let mut s = RunSpec::new(format!("python train.py --trial {i}"));
@@ -85,14 +72,8 @@ async fn runs_on(url: &str, stale: bool) -> Vec<v1::Run> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_under_load_loses_and_duplicates_nothing() {
     let mut cluster = TestCluster::start(3).await.unwrap();
-    create_pool(&cluster).await;
-    let urls: Arc<Vec<String>> = Arc::new(
-        cluster
-            .ids()
-            .into_iter()
-            .map(|id| cluster.url(id))
-            .collect(),
-    );
+    create_attached(&cluster.urls(), "ha-pool").await;
+    let urls: Arc<Vec<String>> = Arc::new(all_urls(&cluster));
     let acked = Arc::new(AtomicUsize::new(0));
     let mut clients = Vec::new();
     for client in 0..16usize {
@@ -172,7 +153,7 @@ async fn killing_the_leader_under_load_loses_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_isolated_leader_steps_down_and_the_majority_carries_on() {
     let cluster = TestCluster::start(3).await.unwrap();
-    create_pool(&cluster).await;
+    create_attached(&cluster.urls(), "ha-pool").await;
     let old = cluster.leader().await.unwrap();
     cluster.isolate(old);
     let majority: Vec<u64> = cluster.ids().into_iter().filter(|id| *id != old).collect();
@@ -231,7 +212,7 @@ async fn an_isolated_leader_steps_down_and_the_majority_carries_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_uploaded_to_one_server_survives_its_loss() {
     let mut cluster = TestCluster::start(3).await.unwrap();
-    create_pool(&cluster).await;
+    create_attached(&cluster.urls(), "ha-pool").await;
     let leader = cluster.leader().await.unwrap();
     let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
     let project = tempfile::tempdir().unwrap();
@@ -307,7 +288,7 @@ async fn a_follower_that_missed_ten_thousand_entries_catches_up_by_snapshot() {
     })
     .await
     .unwrap();
-    create_pool(&cluster).await;
+    create_attached(&cluster.urls(), "ha-pool").await;
     let leader = cluster.leader().await.unwrap();
     let behind = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
     cluster.kill(behind).await.unwrap();
@@ -360,14 +341,8 @@ async fn a_follower_that_missed_ten_thousand_entries_catches_up_by_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_are_added_and_removed_under_load() {
     let mut cluster = TestCluster::start(3).await.unwrap();
-    create_pool(&cluster).await;
-    let urls: Arc<Vec<String>> = Arc::new(
-        cluster
-            .ids()
-            .into_iter()
-            .map(|id| cluster.url(id))
-            .collect(),
-    );
+    create_attached(&cluster.urls(), "ha-pool").await;
+    let urls: Arc<Vec<String>> = Arc::new(all_urls(&cluster));
     let load = {
         let urls = urls.clone();
         tokio::spawn(async move {
@@ -439,23 +414,9 @@ async fn randomized_faults_keep_the_invariants() {
     eprintln!("randomized fault test: seed {seed} (rerun with MUSTER_FAULT_SEED={seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut cluster = TestCluster::start(3).await.unwrap();
-    create_pool(&cluster).await;
+    create_attached(&cluster.urls(), "ha-pool").await;
     let data = tempfile::tempdir().unwrap();
-    let mut agent_config = muster_testkit::agents::agent_config(
-        &cluster.url(1),
-        data.path(),
-        "ha-pool",
-        "fault-node",
-        Arc::new(muster_agent::NoGpus),
-    );
-    agent_config.servers = cluster
-        .ids()
-        .into_iter()
-        .map(|id| cluster.url(id))
-        .collect();
-    let _agent = muster_testkit::agents::AgentHandle::start(&cluster.urls(), agent_config)
-        .await
-        .unwrap();
+    let _agent = cluster_agent(&cluster, data.path(), "ha-pool", "fault-node").await;
     let mut down: BTreeSet<u64> = BTreeSet::new();
     let mut acknowledged: BTreeMap<String, String> = BTreeMap::new();
     let mut terminal: BTreeMap<String, String> = BTreeMap::new();
@@ -603,38 +564,15 @@ fn blobs_holding(dir: &std::path::Path, content: &[u8]) -> Vec<std::path::PathBu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ended_runs_log_survives_the_loss_of_the_leader_that_took_it() {
     let mut cluster = TestCluster::start(3).await.unwrap();
-    create_pool(&cluster).await;
+    create_attached(&cluster.urls(), "ha-pool").await;
     let data = tempfile::tempdir().unwrap();
-    let mut agent_config = muster_testkit::agents::agent_config(
-        &cluster.url(1),
-        data.path(),
-        "ha-pool",
-        "log-node",
-        Arc::new(muster_agent::NoGpus),
-    );
-    agent_config.servers = cluster
-        .ids()
-        .into_iter()
-        .map(|id| cluster.url(id))
-        .collect();
-    let agent = muster_testkit::agents::AgentHandle::start(&cluster.urls(), agent_config)
-        .await
-        .unwrap();
+    let agent = cluster_agent(&cluster, data.path(), "ha-pool", "log-node").await;
     let mut s =
         RunSpec::new("i=1; while [ $i -le 300 ]; do echo \"log line $i\"; i=$((i+1)); done");
     s.compute = "ha-pool".into();
-    let run = submit_with_retries(
-        &cluster
-            .ids()
-            .iter()
-            .map(|id| cluster.url(*id))
-            .collect::<Vec<_>>(),
-        0,
-        "logs-1".into(),
-        s.into(),
-    )
-    .await
-    .expect("submitted");
+    let run = submit_with_retries(&all_urls(&cluster), 0, "logs-1".into(), s.into())
+        .await
+        .expect("submitted");
     let leader = cluster.leader().await.unwrap();
     let done = muster_tests::wait_done(&cluster.url(leader), &run).await;
     assert_eq!(done.state, "completed", "{done:?}");
@@ -695,7 +633,7 @@ fn addresses_replicated(cluster: &TestCluster, s: &v1::ClusterStatus, n: usize) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_servers_find_each_other_from_replicated_addresses() {
     let mut cluster = TestCluster::start(3).await.unwrap();
-    create_pool(&cluster).await;
+    create_attached(&cluster.urls(), "ha-pool").await;
     cluster.join(4).await.unwrap();
     let ids = cluster.ids();
     for id in &ids {
@@ -760,23 +698,9 @@ async fn restarted_servers_find_each_other_from_replicated_addresses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_follows_a_live_log_through_its_end_without_repeating_a_line() {
     let cluster = TestCluster::start(3).await.unwrap();
-    create_pool(&cluster).await;
+    create_attached(&cluster.urls(), "ha-pool").await;
     let data = tempfile::tempdir().unwrap();
-    let mut agent_config = muster_testkit::agents::agent_config(
-        &cluster.url(1),
-        data.path(),
-        "ha-pool",
-        "follow-node",
-        Arc::new(muster_agent::NoGpus),
-    );
-    agent_config.servers = cluster
-        .ids()
-        .into_iter()
-        .map(|id| cluster.url(id))
-        .collect();
-    let _agent = muster_testkit::agents::AgentHandle::start(&cluster.urls(), agent_config)
-        .await
-        .unwrap();
+    let _agent = cluster_agent(&cluster, data.path(), "ha-pool", "follow-node").await;
     let leader = cluster.leader().await.unwrap();
     let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
     let mut s = RunSpec::new(

@@ -4,14 +4,15 @@
 //! runs, and an ended run's metrics survive the loss of the leader that took them.
 
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
 use muster_core::RunSpec;
 use muster_proto::v1;
 use muster_testkit::cluster::TestCluster;
 use muster_testkit::{DevCluster, muster, muster_bin};
-use muster_tests::{wait_done, wait_for_state, write};
+use muster_tests::{
+    all_urls, cluster_agent, create_attached, submit_id, wait_done, wait_for_state, write,
+};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -55,19 +56,58 @@ fn check_metrics(v: &Value) {
     assert!(v["last_error"].is_string(), "{v}");
 }
 
+/// Submits `spec` through `url` (gRPC); the new run's id.
+async fn submit_spec(url: &str, spec: RunSpec) -> String {
+    muster_cli::client::connect(url)
+        .await
+        .unwrap()
+        .runs
+        .submit_run(v1::SubmitRunRequest {
+            spec: Some(spec.into()),
+            idempotency_key: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id
+}
+
+/// Polls (bounded: 30 s) `url` for the run's metrics until `check` holds; none if it never did.
+async fn poll_metrics(
+    url: &str,
+    id: &str,
+    check: impl Fn(&v1::RunMetrics) -> bool,
+) -> Option<v1::RunMetrics> {
+    let mut c = muster_cli::client::connect(url).await.unwrap();
+    for _ in 0..600 {
+        let m = c
+            .metrics
+            .get_run_metrics(v1::GetRunMetricsRequest {
+                run_id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if check(&m) {
+            return Some(m);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_from_the_file_and_stdout_arrive_once_and_show_on_run_show() {
     let dev = DevCluster::start().await.unwrap();
     let project = tempfile::tempdir().unwrap();
     write(project.path(), "train.sh", SCRIPT);
-    let out = muster(
+    let id = submit_id(
         &dev.url(),
         project.path(),
         &["run", "submit", "--", "sh", "train.sh"],
     )
     .await;
-    assert_eq!(out.code, 0, "{out:?}");
-    let id = out.stdout.trim().to_string();
     let done = wait_done(&dev.url(), &id).await;
     assert_eq!(
         done.state, "completed",
@@ -160,13 +200,12 @@ echo '{{"name":"loss","value":3,"step":3}}' >> "$MUSTER_METRICS_FILE"
             gate = gate.display()
         ),
     );
-    let out = muster(
+    let id = submit_id(
         &dev.url(),
         project.path(),
         &["run", "submit", "--", "sh", "train.sh"],
     )
     .await;
-    let id = out.stdout.trim().to_string();
     let mut child = tokio::process::Command::new(muster_bin())
         .args(["--server", &dev.url(), "run", "metrics", &id, "--follow"])
         .env_remove("MUSTER_SERVER")
@@ -261,30 +300,10 @@ async fn a_container_run_logs_metrics_to_the_mapped_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ended_runs_metrics_are_served_by_a_survivor_of_the_leader() {
     let mut cluster = TestCluster::start(3).await.unwrap();
-    let urls: Vec<String> = cluster.ids().iter().map(|id| cluster.url(*id)).collect();
-    let mut c = muster_cli::client::connect(&cluster.urls()).await.unwrap();
-    c.compute
-        .create_compute(v1::CreateComputeRequest {
-            compute: Some(v1::ComputeTarget {
-                name: "m-pool".into(),
-                r#type: "attached".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    let urls = all_urls(&cluster);
+    create_attached(&cluster.urls(), "m-pool").await;
     let data = tempfile::tempdir().unwrap();
-    let mut agent_config = muster_testkit::agents::agent_config(
-        &cluster.url(1),
-        data.path(),
-        "m-pool",
-        "metrics-node",
-        Arc::new(muster_agent::NoGpus),
-    );
-    agent_config.servers = urls.clone();
-    let agent = muster_testkit::agents::AgentHandle::start(&cluster.urls(), agent_config)
-        .await
-        .unwrap();
+    let agent = cluster_agent(&cluster, data.path(), "m-pool", "metrics-node").await;
     let mut s = RunSpec::new(SCRIPT);
     s.compute = "m-pool".into();
     let mut id = None;
@@ -338,30 +357,9 @@ async fn an_ended_runs_metrics_are_served_by_a_survivor_of_the_leader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_relays_a_running_runs_metrics_from_the_leader() {
     let cluster = TestCluster::start(3).await.unwrap();
-    let urls: Vec<String> = cluster.ids().iter().map(|id| cluster.url(*id)).collect();
-    let mut c = muster_cli::client::connect(&cluster.urls()).await.unwrap();
-    c.compute
-        .create_compute(v1::CreateComputeRequest {
-            compute: Some(v1::ComputeTarget {
-                name: "m-pool".into(),
-                r#type: "attached".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    create_attached(&cluster.urls(), "m-pool").await;
     let data = tempfile::tempdir().unwrap();
-    let mut agent_config = muster_testkit::agents::agent_config(
-        &cluster.url(1),
-        data.path(),
-        "m-pool",
-        "relay-node",
-        Arc::new(muster_agent::NoGpus),
-    );
-    agent_config.servers = urls.clone();
-    let agent = muster_testkit::agents::AgentHandle::start(&cluster.urls(), agent_config)
-        .await
-        .unwrap();
+    let agent = cluster_agent(&cluster, data.path(), "m-pool", "relay-node").await;
     let gate = data.path().join("go");
     let mut s = RunSpec::new(format!(
         r#"echo '{{"name":"loss","value":1,"step":1}}' >> "$MUSTER_METRICS_FILE"
@@ -371,39 +369,12 @@ echo '{{"name":"loss","value":2,"step":2}}' >> "$MUSTER_METRICS_FILE""#,
     ));
     s.compute = "m-pool".into();
     let leader = cluster.leader().await.unwrap();
-    let id = muster_cli::client::connect(&cluster.url(leader))
-        .await
-        .unwrap()
-        .runs
-        .submit_run(v1::SubmitRunRequest {
-            spec: Some(s.into()),
-            idempotency_key: None,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
+    let id = submit_spec(&cluster.url(leader), s).await;
     let follower = cluster.ids().into_iter().find(|i| *i != leader).unwrap();
-    let mut f = muster_cli::client::connect(&cluster.url(follower))
-        .await
-        .unwrap();
-    let mut seen = None;
-    for _ in 0..600 {
-        let m = f
-            .metrics
-            .get_run_metrics(v1::GetRunMetricsRequest {
-                run_id: id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if m.series.iter().any(|s| !s.steps.is_empty()) {
-            seen = Some(m);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let seen = poll_metrics(&cluster.url(follower), &id, |m| {
+        m.series.iter().any(|s| !s.steps.is_empty())
+    })
+    .await;
     let m = seen.expect("the follower relays the first point within 30 s");
     assert!(!m.ended, "{m:?}");
     assert_eq!(m.series[0].name, "loss");
@@ -434,30 +405,9 @@ echo '{{"name":"loss","value":2,"step":2}}' >> "$MUSTER_METRICS_FILE""#,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_leader_gets_a_running_runs_points_again_exactly_once() {
     let mut cluster = TestCluster::start(3).await.unwrap();
-    let urls: Vec<String> = cluster.ids().iter().map(|id| cluster.url(*id)).collect();
-    let mut c = muster_cli::client::connect(&cluster.urls()).await.unwrap();
-    c.compute
-        .create_compute(v1::CreateComputeRequest {
-            compute: Some(v1::ComputeTarget {
-                name: "m-pool".into(),
-                r#type: "attached".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    create_attached(&cluster.urls(), "m-pool").await;
     let data = tempfile::tempdir().unwrap();
-    let mut agent_config = muster_testkit::agents::agent_config(
-        &cluster.url(1),
-        data.path(),
-        "m-pool",
-        "failover-node",
-        Arc::new(muster_agent::NoGpus),
-    );
-    agent_config.servers = urls.clone();
-    let agent = muster_testkit::agents::AgentHandle::start(&cluster.urls(), agent_config)
-        .await
-        .unwrap();
+    let agent = cluster_agent(&cluster, data.path(), "m-pool", "failover-node").await;
     let gate = data.path().join("go");
     let mut s = RunSpec::new(format!(
         r###"i=1; while [ $i -le 20 ]; do echo "{{\"name\":\"loss\",\"value\":$i,\"step\":$i}}" >> "$MUSTER_METRICS_FILE"; echo "##muster[metric] name=acc value=$i step=$i"; i=$((i + 1)); done
@@ -467,40 +417,16 @@ i=21; while [ $i -le 40 ]; do echo "{{\"name\":\"loss\",\"value\":$i,\"step\":$i
     ));
     s.compute = "m-pool".into();
     let leader = cluster.leader().await.unwrap();
-    let id = muster_cli::client::connect(&cluster.url(leader))
-        .await
-        .unwrap()
-        .runs
-        .submit_run(v1::SubmitRunRequest {
-            spec: Some(s.into()),
-            idempotency_key: None,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
+    let id = submit_spec(&cluster.url(leader), s).await;
     // The first 20 points of each metric reached the leader.
-    let mut l = muster_cli::client::connect(&cluster.url(leader))
-        .await
-        .unwrap();
-    let mut reached = false;
-    for _ in 0..600 {
-        let m = l
-            .metrics
-            .get_run_metrics(v1::GetRunMetricsRequest {
-                run_id: id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if m.series.len() == 2 && m.series.iter().all(|s| s.steps.len() == 20) {
-            reached = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(reached, "the leader got the first points within 30 s");
+    let reached = poll_metrics(&cluster.url(leader), &id, |m| {
+        m.series.len() == 2 && m.series.iter().all(|s| s.steps.len() == 20)
+    })
+    .await;
+    assert!(
+        reached.is_some(),
+        "the leader got the first points within 30 s"
+    );
     cluster.kill(leader).await.unwrap();
     let survivors: Vec<u64> = cluster.ids().into_iter().filter(|i| *i != leader).collect();
     let new_leader = cluster.leader_among(&survivors).await.unwrap();

@@ -7,17 +7,9 @@ use std::time::{Duration, Instant};
 use muster_testkit::agents::{AgentHandle, AgentProcess, agent_config};
 use muster_testkit::images::{busybox_image, docker_or_skip};
 use muster_testkit::{DevCluster, FakeGpuProbe, muster};
-use muster_tests::{all_runs, wait_done, wait_for_state, write};
-
-/// `muster dev` with a short node grace, so a dead agent is noticed in seconds.
-async fn cluster() -> DevCluster {
-    DevCluster::start_with(|c| {
-        c.server.heartbeat_interval = Duration::from_millis(300);
-        c.server.node_grace = Duration::from_secs(3);
-    })
-    .await
-    .unwrap()
-}
+use muster_tests::{
+    all_runs, short_grace_dev, submit_id, submit_sh, wait_done, wait_for_state, write,
+};
 
 async fn create_pool(url: &str, name: &str) {
     let dir = tempfile::tempdir().unwrap();
@@ -35,11 +27,40 @@ async fn create_pool(url: &str, name: &str) {
 async fn docker_cluster(pool: Option<&str>) -> Option<(bollard::Docker, String, DevCluster)> {
     let docker = docker_or_skip().await?;
     let image = busybox_image(&docker).await.unwrap();
-    let dev = cluster().await;
+    let dev = short_grace_dev().await;
     if let Some(pool) = pool {
         create_pool(&dev.url(), pool).await;
     }
     Some((docker, image, dev))
+}
+
+/// Polls (bounded: `tries` × 100 ms) until the engine no longer has container `name`.
+async fn container_gone(docker: &bollard::Docker, name: &str, tries: u32) -> bool {
+    for _ in 0..tries {
+        if docker.inspect_container(name, None).await.is_err() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// `run show ID -o json`, polled (bounded: 10 s) until its message contains `needle`; the last one.
+async fn shown_once_message_has(
+    url: &str,
+    cwd: &std::path::Path,
+    id: &str,
+    needle: &str,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = muster(url, cwd, &["run", "show", id, "-o", "json"]).await;
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        if v["message"].as_str().is_some_and(|m| m.contains(needle)) || Instant::now() > deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,22 +186,13 @@ async fn oom_timeout_cancel_and_missing_images_end_runs_clearly() {
         t0.elapsed()
     );
 
-    let sub = muster(
+    let id = submit_sh(
         &url,
         p.path(),
-        &[
-            "run",
-            "submit",
-            "--image",
-            &image,
-            "--",
-            "sh",
-            "-c",
-            "trap '' TERM; while true; do sleep 1; done",
-        ],
+        &["--image", &image],
+        "trap '' TERM; while true; do sleep 1; done",
     )
     .await;
-    let id = sub.stdout.trim().to_string();
     wait_for_state(&url, &id, "running").await;
     let name = format!("muster-{id}-1-0");
     assert!(
@@ -193,15 +205,10 @@ async fn oom_timeout_cancel_and_missing_images_end_runs_clearly() {
         muster(&url, p.path(), &["run", "wait", &id]).await.code,
         130
     );
-    let mut gone = false;
-    for _ in 0..100 {
-        if docker.inspect_container(&name, None).await.is_err() {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(gone, "the canceled run's container is removed");
+    assert!(
+        container_gone(&docker, &name, 100).await,
+        "the canceled run's container is removed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,24 +222,13 @@ async fn a_killed_agent_re_adopts_its_container_and_the_run_completes_as_attempt
         .await
         .unwrap();
     let p = tempfile::tempdir().unwrap();
-    let sub = muster(
+    let id = submit_sh(
         &url,
         p.path(),
-        &[
-            "run",
-            "submit",
-            "--compute",
-            "box-pool",
-            "--image",
-            &image,
-            "--",
-            "sh",
-            "-c",
-            "for i in $(seq 1 8); do echo line $i; sleep 0.5; done",
-        ],
+        &["--compute", "box-pool", "--image", &image],
+        "for i in $(seq 1 8); do echo line $i; sleep 0.5; done",
     )
     .await;
-    let id = sub.stdout.trim().to_string();
     wait_for_state(&url, &id, "running").await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     agent.kill();
@@ -263,24 +259,13 @@ async fn a_dead_agents_run_restarts_as_attempt_2_on_another_node() {
         .await
         .unwrap();
     let p = tempfile::tempdir().unwrap();
-    let sub = muster(
+    let id = submit_sh(
         &url,
         p.path(),
-        &[
-            "run",
-            "submit",
-            "--compute",
-            "two-pool",
-            "--image",
-            &image,
-            "--",
-            "sh",
-            "-c",
-            "echo attempt $MUSTER_ATTEMPT restarted=${MUSTER_RESTARTED:-0}; sleep 2",
-        ],
+        &["--compute", "two-pool", "--image", &image],
+        "echo attempt $MUSTER_ATTEMPT restarted=${MUSTER_RESTARTED:-0}; sleep 2",
     )
     .await;
-    let id = sub.stdout.trim().to_string();
     wait_for_state(&url, &id, "running").await;
     let _second = AgentProcess::start(&url, "two-pool", "node-b", &data.path().join("b"))
         .await
@@ -306,15 +291,10 @@ async fn a_dead_agents_run_restarts_as_attempt_2_on_another_node() {
         "the dead agent's container outlived it"
     );
     first.restart().await.unwrap();
-    let mut gone = false;
-    for _ in 0..150 {
-        if docker.inspect_container(&stale, None).await.is_err() {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(gone, "the returning agent stopped its stale container");
+    assert!(
+        container_gone(&docker, &stale, 150).await,
+        "the returning agent stopped its stale container"
+    );
     let after = wait_done(&url, &id).await;
     assert_eq!(
         (after.state.as_str(), after.attempt),
@@ -325,7 +305,7 @@ async fn a_dead_agents_run_restarts_as_attempt_2_on_another_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_four_gpu_node_runs_two_two_gpu_runs_on_disjoint_gpus() {
-    let dev = cluster().await;
+    let dev = short_grace_dev().await;
     let url = dev.url();
     create_pool(&url, "gpu-pool").await;
     let data = tempfile::tempdir().unwrap();
@@ -348,24 +328,15 @@ async fn a_four_gpu_node_runs_two_two_gpu_runs_on_disjoint_gpus() {
     let p = tempfile::tempdir().unwrap();
     let mut ids = Vec::new();
     for _ in 0..2 {
-        let out = muster(
-            &url,
-            p.path(),
-            &[
-                "run",
-                "submit",
-                "--compute",
-                "gpu-pool",
-                "--gpus",
-                "2",
-                "--",
-                "sh",
-                "-c",
+        ids.push(
+            submit_sh(
+                &url,
+                p.path(),
+                &["--compute", "gpu-pool", "--gpus", "2"],
                 "echo $NVIDIA_VISIBLE_DEVICES; sleep 1",
-            ],
-        )
-        .await;
-        ids.push(out.stdout.trim().to_string());
+            )
+            .await,
+        );
     }
     let mut seen = Vec::new();
     for id in &ids {
@@ -384,7 +355,7 @@ async fn a_four_gpu_node_runs_two_two_gpu_runs_on_disjoint_gpus() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_and_evict_move_runs_as_admins_expect() {
-    let dev = cluster().await;
+    let dev = short_grace_dev().await;
     let url = dev.url();
     create_pool(&url, "admin-pool").await;
     let data = tempfile::tempdir().unwrap();
@@ -397,7 +368,7 @@ async fn drain_and_evict_move_runs_as_admins_expect() {
     );
     let _agent = AgentHandle::start(&url, config).await.unwrap();
     let p = tempfile::tempdir().unwrap();
-    let first = muster(
+    let first = submit_id(
         &url,
         p.path(),
         &[
@@ -410,22 +381,16 @@ async fn drain_and_evict_move_runs_as_admins_expect() {
             "30",
         ],
     )
-    .await
-    .stdout
-    .trim()
-    .to_string();
+    .await;
     wait_for_state(&url, &first, "running").await;
     let drained = muster(&url, p.path(), &["node", "drain", "lab-7"]).await;
     assert!(drained.stdout.contains("takes no new runs"), "{drained:?}");
-    let second = muster(
+    let second = submit_id(
         &url,
         p.path(),
         &["run", "submit", "--compute", "admin-pool", "--", "true"],
     )
-    .await
-    .stdout
-    .trim()
-    .to_string();
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         wait_for_state(&url, &second, "queued").await.state,
@@ -459,7 +424,7 @@ async fn drain_and_evict_move_runs_as_admins_expect() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gpu_that_fails_is_withdrawn_and_schedulable_again_when_it_recovers() {
-    let dev = cluster().await;
+    let dev = short_grace_dev().await;
     let url = dev.url();
     create_pool(&url, "flaky-pool").await;
     let data = tempfile::tempdir().unwrap();
@@ -502,7 +467,7 @@ async fn a_gpu_that_fails_is_withdrawn_and_schedulable_again_when_it_recovers() 
         offered, 1,
         "the failed GPU is withdrawn without restarting the agent"
     );
-    let id = muster(
+    let id = submit_id(
         &url,
         p.path(),
         &[
@@ -516,10 +481,7 @@ async fn a_gpu_that_fails_is_withdrawn_and_schedulable_again_when_it_recovers() 
             "true",
         ],
     )
-    .await
-    .stdout
-    .trim()
-    .to_string();
+    .await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(
         wait_for_state(&url, &id, "queued").await.state,
@@ -535,7 +497,7 @@ async fn a_gpu_that_fails_is_withdrawn_and_schedulable_again_when_it_recovers() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_high_priority_run_preempts_and_the_low_one_restarts_as_attempt_2() {
-    let dev = cluster().await;
+    let dev = short_grace_dev().await;
     let url = dev.url();
     create_pool(&url, "prio-pool").await;
     let data = tempfile::tempdir().unwrap();
@@ -549,28 +511,15 @@ async fn a_high_priority_run_preempts_and_the_low_one_restarts_as_attempt_2() {
     config.cpu_millis = Some(1000);
     let _agent = AgentHandle::start(&url, config).await.unwrap();
     let p = tempfile::tempdir().unwrap();
-    let low = muster(
+    let low = submit_sh(
         &url,
         p.path(),
-        &[
-            "run",
-            "submit",
-            "--compute",
-            "prio-pool",
-            "--priority",
-            "low",
-            "--cpu",
-            "1",
-            "--",
-            "sh",
-            "-c",
-            "echo attempt $MUSTER_ATTEMPT restarted=${MUSTER_RESTARTED:-0}; sleep 30",
-        ],
+        &["--compute", "prio-pool", "--priority", "low", "--cpu", "1"],
+        "echo attempt $MUSTER_ATTEMPT restarted=${MUSTER_RESTARTED:-0}; sleep 30",
     )
     .await;
-    let low = low.stdout.trim().to_string();
     wait_for_state(&url, &low, "running").await;
-    let high = muster(
+    let high = submit_id(
         &url,
         p.path(),
         &[
@@ -588,7 +537,6 @@ async fn a_high_priority_run_preempts_and_the_low_one_restarts_as_attempt_2() {
         ],
     )
     .await;
-    let high = high.stdout.trim().to_string();
     assert_eq!(wait_done(&url, &high).await.state, "completed");
     let first = wait_done_attempt(&url, &low, 2).await;
     assert_eq!(
@@ -609,7 +557,7 @@ async fn a_high_priority_run_preempts_and_the_low_one_restarts_as_attempt_2() {
     }
     assert_eq!(log, "attempt 2 restarted=1\n");
     // A run that cannot fit says why it waits.
-    let gpu = muster(
+    let gpu = submit_id(
         &url,
         p.path(),
         &[
@@ -623,10 +571,7 @@ async fn a_high_priority_run_preempts_and_the_low_one_restarts_as_attempt_2() {
             "true",
         ],
     )
-    .await
-    .stdout
-    .trim()
-    .to_string();
+    .await;
     let mut shown = String::new();
     for _ in 0..50 {
         shown = muster(&url, p.path(), &["run", "show", &gpu]).await.stdout;
@@ -656,7 +601,7 @@ async fn wait_done_attempt(url: &str, id: &str, n: u32) -> muster_proto::v1::Run
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_selector_places_a_run_only_on_nodes_with_those_labels() {
-    let dev = cluster().await;
+    let dev = short_grace_dev().await;
     let url = dev.url();
     create_pool(&url, "zoned").await;
     let data = tempfile::tempdir().unwrap();
@@ -677,7 +622,7 @@ async fn a_node_selector_places_a_run_only_on_nodes_with_those_labels() {
         let url = url.clone();
         let dir = p.path().to_path_buf();
         async move {
-            let out = muster(
+            submit_id(
                 &url,
                 &dir,
                 &[
@@ -692,9 +637,7 @@ async fn a_node_selector_places_a_run_only_on_nodes_with_those_labels() {
                     "placed",
                 ],
             )
-            .await;
-            assert_eq!(out.code, 0, "{out:?}");
-            out.stdout.trim().to_string()
+            .await
         }
     };
     for _ in 0..3 {
@@ -705,16 +648,7 @@ async fn a_node_selector_places_a_run_only_on_nodes_with_those_labels() {
     }
     // No node carries zone=c: the run waits, and says why.
     let id = submit("zone=c").await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let shown = loop {
-        let out = muster(&url, p.path(), &["run", "show", &id, "-o", "json"]).await;
-        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-        if v["message"].as_str().is_some_and(|r| r.contains("zone=c")) || Instant::now() > deadline
-        {
-            break v;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let shown = shown_once_message_has(&url, p.path(), &id, "zone=c").await;
     assert_eq!(shown["state"], "queued", "{shown}");
     assert!(
         shown["message"].as_str().unwrap_or("").contains("waiting:")
@@ -744,7 +678,7 @@ async fn a_node_selector_places_a_run_only_on_nodes_with_those_labels() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quota_holds_runs_back_with_the_reason_and_lets_them_through_in_turn() {
-    let dev = cluster().await;
+    let dev = short_grace_dev().await;
     let url = dev.url();
     let p = tempfile::tempdir().unwrap();
     let out = muster(
@@ -799,30 +733,24 @@ async fn a_quota_holds_runs_back_with_the_reason_and_lets_them_through_in_turn()
     let _agent = AgentHandle::start(&url, config).await.unwrap();
     let mut ids = Vec::new();
     for _ in 0..2 {
-        let out = muster(
-            &url,
-            p.path(),
-            &["run", "submit", "--compute", "capped", "--", "sleep", "2"],
-        )
-        .await;
-        assert_eq!(out.code, 0, "{out:?}");
-        ids.push(out.stdout.trim().to_string());
+        ids.push(
+            submit_id(
+                &url,
+                p.path(),
+                &["run", "submit", "--compute", "capped", "--", "sleep", "2"],
+            )
+            .await,
+        );
     }
     wait_for_state(&url, &ids[0], "running").await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let waiting = loop {
-        let out = muster(&url, p.path(), &["run", "show", &ids[1], "-o", "json"]).await;
-        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-        let m = v["message"].as_str().unwrap_or("").to_string();
-        if m.contains("quota") || Instant::now() > deadline {
-            break (v["state"].clone(), m);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert_eq!(waiting.0, "queued");
+    let waiting = shown_once_message_has(&url, p.path(), &ids[1], "quota").await;
+    assert_eq!(waiting["state"], "queued");
     assert!(
-        waiting.1.contains("waiting: quota: 1/1 runs active"),
-        "{waiting:?}"
+        waiting["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("waiting: quota: 1/1 runs active"),
+        "{waiting}"
     );
     for id in &ids {
         assert_eq!(wait_done(&url, id).await.state, "completed");

@@ -11,7 +11,9 @@ use muster_agent::NoGpus;
 use muster_proto::v1;
 use muster_testkit::agents::{AgentHandle, agent_config};
 use muster_testkit::{DevCluster, muster};
-use muster_tests::{all_runs, rows, web_page, write};
+use muster_tests::{
+    all_runs, all_urls, cluster_agent, create_attached, rows, submit_id, urls_but, web_page, write,
+};
 use serde_json::Value;
 
 /// Touches `$MEET_DIR/$1`, then waits (bounded: 60 s) for `$MEET_DIR/$2`: two steps that
@@ -123,29 +125,41 @@ impl Farm {
 
 /// `muster pipeline submit -f FILE`: the new pipeline's id.
 async fn submit(url: &str, project: &Path, file: &str) -> String {
-    let out = muster(url, project, &["pipeline", "submit", "-f", file]).await;
-    assert_eq!(out.code, 0, "{out:?}");
-    let id = out.stdout.trim().to_string();
-    assert!(id.starts_with("pl-"), "{out:?}");
+    let id = submit_id(url, project, &["pipeline", "submit", "-f", file]).await;
+    assert!(id.starts_with("pl-"), "{id}");
     id
 }
 
-/// Polls (bounded: 120 s) until the pipeline ends.
-async fn wait_pipeline(url: &str, id: &str) -> v1::Pipeline {
+/// Polls (bounded: `tries` × 100 ms) until `check` holds on the pipeline; none if it never did.
+async fn poll_pipeline(
+    url: &str,
+    id: &str,
+    tries: u32,
+    check: impl Fn(&v1::Pipeline) -> bool,
+) -> Option<v1::Pipeline> {
     let mut c = muster_cli::client::connect(url).await.unwrap();
-    for _ in 0..1200 {
+    for _ in 0..tries {
         let p = c
             .pipelines
             .get_pipeline(v1::GetPipelineRequest { id: id.into() })
             .await
             .unwrap()
             .into_inner();
-        if matches!(p.state.as_str(), "completed" | "failed" | "canceled") {
-            return p;
+        if check(&p) {
+            return Some(p);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("pipeline {id} did not end within 120 s");
+    None
+}
+
+/// Polls (bounded: 120 s) until the pipeline ends.
+async fn wait_pipeline(url: &str, id: &str) -> v1::Pipeline {
+    poll_pipeline(url, id, 1200, |p| {
+        matches!(p.state.as_str(), "completed" | "failed" | "canceled")
+    })
+    .await
+    .unwrap_or_else(|| panic!("pipeline {id} did not end within 120 s"))
 }
 
 async fn show_json(url: &str, project: &Path, id: &str) -> Value {
@@ -576,31 +590,9 @@ async fn get_any(urls: &[String], id: &str) -> Option<v1::Pipeline> {
 async fn killing_the_leader_mid_pipeline_neither_loses_nor_duplicates_a_step() {
     use muster_testkit::cluster::TestCluster;
     let mut cluster = TestCluster::start(3).await.unwrap();
-    let mut c = muster_cli::client::connect(&cluster.urls()).await.unwrap();
-    c.compute
-        .create_compute(v1::CreateComputeRequest {
-            compute: Some(v1::ComputeTarget {
-                name: "ha-pool".into(),
-                r#type: "attached".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    create_attached(&cluster.urls(), "ha-pool").await;
     let data = tempfile::tempdir().unwrap();
-    let mut config = agent_config(
-        &cluster.url(1),
-        data.path(),
-        "ha-pool",
-        "ha-node",
-        Arc::new(NoGpus),
-    );
-    config.servers = cluster
-        .ids()
-        .into_iter()
-        .map(|id| cluster.url(id))
-        .collect();
-    let _agent = AgentHandle::start(&cluster.urls(), config).await.unwrap();
+    let _agent = cluster_agent(&cluster, data.path(), "ha-pool", "ha-node").await;
 
     let leader = cluster.leader().await.unwrap();
     let mut lc = muster_cli::client::connect(&cluster.url(leader))
@@ -618,7 +610,7 @@ async fn killing_the_leader_mid_pipeline_neither_loses_nor_duplicates_a_step() {
         .into_inner()
         .id;
     // Kill the leader while B runs (bounded: 60 s).
-    let all: Vec<String> = cluster.ids().into_iter().map(|i| cluster.url(i)).collect();
+    let all = all_urls(&cluster);
     let mut b_running = false;
     for _ in 0..600 {
         let p = get_any(&all, &id).await.expect("a server answers");
@@ -633,12 +625,7 @@ async fn killing_the_leader_mid_pipeline_neither_loses_nor_duplicates_a_step() {
     }
     assert!(b_running, "step b never ran");
     cluster.kill(leader).await.unwrap();
-    let alive: Vec<String> = cluster
-        .ids()
-        .into_iter()
-        .filter(|i| *i != leader)
-        .map(|i| cluster.url(i))
-        .collect();
+    let alive = urls_but(&cluster, leader);
     // The new leader carries the pipeline to its end (bounded: 120 s).
     let mut done = None;
     for _ in 0..1200 {
@@ -708,22 +695,8 @@ jobs:
 ",
     );
     let id = submit(&url, project.path(), "slow.yml").await;
-    let mut running = false;
-    let mut c = dev.clients().await.unwrap();
-    for _ in 0..300 {
-        let p = c
-            .pipelines
-            .get_pipeline(v1::GetPipelineRequest { id: id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
-        if p.steps[0].state == "running" {
-            running = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(running, "the first step never ran");
+    let running = poll_pipeline(&url, &id, 300, |p| p.steps[0].state == "running").await;
+    assert!(running.is_some(), "the first step never ran");
     let out = muster(&url, project.path(), &["pipeline", "cancel", &id]).await;
     assert_eq!(out.code, 0, "{out:?}");
     let p = wait_pipeline(&url, &id).await;

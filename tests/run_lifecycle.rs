@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use muster_testkit::{DevCluster, DevProcess, muster};
-use muster_tests::{all_runs, wait_done, wait_for_state, write};
+use muster_tests::{all_runs, submit_id, submit_sh, wait_done, wait_for_state, write};
 
 const SCRIPT: &str = r#"echo "hello from $MUSTER_RUN_ID attempt $MUSTER_ATTEMPT"
 mkdir -p outputs && echo 42 > outputs/result.txt
@@ -166,20 +166,13 @@ async fn cancel_stops_a_sleeping_run_within_the_grace_period() {
     let dev = DevCluster::start().await.unwrap();
     let project = tempfile::tempdir().unwrap();
     // The shell ignores SIGTERM: only the SIGKILL after the grace (2 s in tests) ends it.
-    let out = muster(
+    let id = submit_sh(
         &dev.url(),
         project.path(),
-        &[
-            "run",
-            "submit",
-            "--",
-            "sh",
-            "-c",
-            "trap '' TERM; sleep 300 & wait; sleep 300",
-        ],
+        &[],
+        "trap '' TERM; sleep 300 & wait; sleep 300",
     )
     .await;
-    let id = out.stdout.trim().to_string();
     wait_for_state(&dev.url(), &id, "running").await;
     let t0 = Instant::now();
     let cancel = muster(&dev.url(), project.path(), &["run", "cancel", &id]).await;
@@ -277,13 +270,14 @@ async fn a_killed_server_comes_back_with_every_run_and_its_logs() {
         assert_eq!(out.code, 0, "{out:?}");
     }
     // Acknowledged but not yet finished: must survive too.
-    let queued = muster(
-        &dev.url(),
-        project.path(),
-        &["run", "submit", "--", "sleep", "1"],
-    )
-    .await;
-    ids.push(queued.stdout.trim().to_string());
+    ids.push(
+        submit_id(
+            &dev.url(),
+            project.path(),
+            &["run", "submit", "--", "sleep", "1"],
+        )
+        .await,
+    );
     let before = all_runs(&dev.url()).await;
     assert_eq!(before.len(), 6);
     dev.kill();

@@ -4,46 +4,14 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use muster_proto::v1::{self, agent_message, server_message};
-use muster_testkit::agents::{AgentHandle, AgentProcess, agent_config};
+use muster_testkit::agents::AgentProcess;
 use muster_testkit::cluster::TestCluster;
 use muster_testkit::{DevCluster, muster};
+use muster_tests::{cluster_agent, create_attached, submit_id, submit_sh};
 use tokio_stream::StreamExt;
-
-async fn create_pool(cluster: &TestCluster, name: &str) {
-    let mut c = muster_cli::client::connect(&cluster.urls()).await.unwrap();
-    c.compute
-        .create_compute(v1::CreateComputeRequest {
-            compute: Some(v1::ComputeTarget {
-                name: name.into(),
-                r#type: "attached".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
-}
-
-/// An in-process agent (process executor) that knows every server.
-async fn start_agent(cluster: &TestCluster, dir: &Path, pool: &str, name: &str) -> AgentHandle {
-    let mut config = agent_config(
-        &cluster.url(1),
-        &dir.join(name),
-        pool,
-        name,
-        Arc::new(muster_agent::NoGpus),
-    );
-    config.servers = cluster
-        .ids()
-        .into_iter()
-        .map(|id| cluster.url(id))
-        .collect();
-    AgentHandle::start(&cluster.urls(), config).await.unwrap()
-}
 
 fn addr(url: &str) -> SocketAddr {
     url.trim_start_matches("http://").parse().unwrap()
@@ -92,10 +60,10 @@ fn assert_combined(combined: &str, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_two_instance_runs_ranks_are_combined_and_prefixed_on_every_server() {
     let cluster = TestCluster::start(3).await.unwrap();
-    create_pool(&cluster, "gang-pool").await;
+    create_attached(&cluster.urls(), "gang-pool").await;
     let data = tempfile::tempdir().unwrap();
-    let _a = start_agent(&cluster, data.path(), "gang-pool", "gang-a").await;
-    let _b = start_agent(&cluster, data.path(), "gang-pool", "gang-b").await;
+    let _a = cluster_agent(&cluster, &data.path().join("gang-a"), "gang-pool", "gang-a").await;
+    let _b = cluster_agent(&cluster, &data.path().join("gang-b"), "gang-pool", "gang-b").await;
     let work = tempfile::tempdir().unwrap();
     let leader = cluster.leader().await.unwrap();
     let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
@@ -222,10 +190,10 @@ async fn a_two_instance_runs_ranks_are_combined_and_prefixed_on_every_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_ranks_and_its_stopped_peers_logs_are_both_kept() {
     let cluster = TestCluster::start(3).await.unwrap();
-    create_pool(&cluster, "fail-pool").await;
+    create_attached(&cluster.urls(), "fail-pool").await;
     let data = tempfile::tempdir().unwrap();
-    let _a = start_agent(&cluster, data.path(), "fail-pool", "fail-a").await;
-    let _b = start_agent(&cluster, data.path(), "fail-pool", "fail-b").await;
+    let _a = cluster_agent(&cluster, &data.path().join("fail-a"), "fail-pool", "fail-a").await;
+    let _b = cluster_agent(&cluster, &data.path().join("fail-b"), "fail-pool", "fail-b").await;
     let work = tempfile::tempdir().unwrap();
     // Rank 1 fails once rank 0 is up (both run on this machine: a file says so).
     let mark = work.path().join("rank-0-is-up");
@@ -373,7 +341,7 @@ async fn a_lost_nodes_log_is_sealed_and_a_late_agents_bytes_are_dropped() {
     assert_eq!(out.code, 0, "{out:?}");
     let mut agents = register_ghost(&url).await;
     let work = tempfile::tempdir().unwrap();
-    let sub = muster(
+    let id = submit_id(
         &url,
         work.path(),
         &[
@@ -388,8 +356,6 @@ async fn a_lost_nodes_log_is_sealed_and_a_late_agents_bytes_are_dropped() {
         ],
     )
     .await;
-    assert_eq!(sub.code, 0, "{sub:?}");
-    let id = sub.stdout.trim().to_string();
     // The ghost's first life: it takes the assignment, starts, ships two lines, goes silent.
     let (out_tx, out_rx) = tokio::sync::mpsc::channel(16);
     out_tx
@@ -510,7 +476,7 @@ async fn a_killed_agents_partial_log_outlives_the_leader_that_took_it() {
     })
     .await
     .unwrap();
-    create_pool(&cluster, "lost-pool").await;
+    create_attached(&cluster.urls(), "lost-pool").await;
     let data = tempfile::tempdir().unwrap();
     let mut first = AgentProcess::start(
         &cluster.urls(),
@@ -521,23 +487,13 @@ async fn a_killed_agents_partial_log_outlives_the_leader_that_took_it() {
     .await
     .unwrap();
     let work = tempfile::tempdir().unwrap();
-    let sub = muster(
+    let id = submit_sh(
         &cluster.urls(),
         work.path(),
-        &[
-            "run",
-            "submit",
-            "--compute",
-            "lost-pool",
-            "--",
-            "sh",
-            "-c",
-            "if [ \"$MUSTER_ATTEMPT\" = 1 ]; then i=1; while [ $i -le 60 ]; do echo \"first $i\"; sleep 0.1; i=$((i+1)); done; else echo \"attempt $MUSTER_ATTEMPT\"; fi",
-        ],
+        &["--compute", "lost-pool"],
+        "if [ \"$MUSTER_ATTEMPT\" = 1 ]; then i=1; while [ $i -le 60 ]; do echo \"first $i\"; sleep 0.1; i=$((i+1)); done; else echo \"attempt $MUSTER_ATTEMPT\"; fi",
     )
     .await;
-    assert_eq!(sub.code, 0, "{sub:?}");
-    let id = sub.stdout.trim().to_string();
     // Kill the agent once the leader holds a few lines.
     let mut seen = String::new();
     for _ in 0..300 {
@@ -551,7 +507,13 @@ async fn a_killed_agents_partial_log_outlives_the_leader_that_took_it() {
     }
     assert!(seen.contains("first 5\n"), "{seen:?}");
     first.kill();
-    let _second = start_agent(&cluster, data.path(), "lost-pool", "survivor").await;
+    let _second = cluster_agent(
+        &cluster,
+        &data.path().join("survivor"),
+        "lost-pool",
+        "survivor",
+    )
+    .await;
     let run = muster_tests::wait_done(&cluster.urls(), &id).await;
     assert_eq!(
         (run.state.as_str(), run.attempt),

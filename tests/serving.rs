@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use muster_proto::v1;
 use muster_testkit::{DevCluster, muster, muster_bin};
-use muster_tests::{ChildGuard, http_get, wait_for_state, write};
+use muster_tests::{ChildGuard, http_get, submit_sh, wait_for_state, write};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_health_metrics_ui_and_grpc_reflection_share_the_port() {
@@ -156,20 +156,13 @@ async fn http_health_metrics_ui_and_grpc_reflection_share_the_port() {
 async fn logs_stream_live_while_the_run_is_still_running() {
     let dev = DevCluster::start().await.unwrap();
     let project = tempfile::tempdir().unwrap();
-    let out = muster(
+    let id = submit_sh(
         &dev.url(),
         project.path(),
-        &[
-            "run",
-            "submit",
-            "--",
-            "sh",
-            "-c",
-            "echo first; sleep 30; echo never",
-        ],
+        &[],
+        "echo first; sleep 30; echo never",
     )
     .await;
-    let id = out.stdout.trim().to_string();
     let mut c = dev.clients().await.unwrap();
     let mut stream = c
         .runs

@@ -4,6 +4,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use muster_proto::v1;
+use muster_testkit::agents::{AgentHandle, agent_config};
+use muster_testkit::cluster::TestCluster;
 
 /// Writes `content` to `dir/rel`, creating directories.
 pub fn write(dir: &Path, rel: &str, content: &str) {
@@ -111,5 +113,82 @@ pub fn rows<'a>(html: &'a str, class: &str) -> Vec<&'a str> {
     html.split(open.as_str())
         .skip(1)
         .map(|r| r.split("</tr>").next().unwrap_or(r))
+        .collect()
+}
+
+/// Runs `muster ARGS` (a `… submit`), asserts it succeeded and returns the id it printed.
+pub async fn submit_id(server: &str, cwd: &Path, args: &[&str]) -> String {
+    let out = muster_testkit::muster(server, cwd, args).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    out.stdout.trim().to_string()
+}
+
+/// Creates the attached compute target `name` through `server` (gRPC).
+pub async fn create_attached(server: &str, name: &str) {
+    let mut c = muster_cli::client::connect(server).await.unwrap();
+    c.compute
+        .create_compute(v1::CreateComputeRequest {
+            compute: Some(v1::ComputeTarget {
+                name: name.into(),
+                r#type: "attached".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+}
+
+/// Starts an in-process agent (process executor, no GPUs) in `pool` that knows every server.
+pub async fn cluster_agent(
+    cluster: &TestCluster,
+    data: &Path,
+    pool: &str,
+    node: &str,
+) -> AgentHandle {
+    let mut config = agent_config(
+        &cluster.url(1),
+        data,
+        pool,
+        node,
+        std::sync::Arc::new(muster_agent::NoGpus),
+    );
+    config.servers = all_urls(cluster);
+    AgentHandle::start(&cluster.urls(), config).await.unwrap()
+}
+
+/// `muster dev` with a short node grace (3 s), so a stopped or dead agent is noticed in seconds.
+pub async fn short_grace_dev() -> muster_testkit::DevCluster {
+    muster_testkit::DevCluster::start_with(|c| {
+        c.server.heartbeat_interval = Duration::from_millis(300);
+        c.server.node_grace = Duration::from_secs(3);
+    })
+    .await
+    .unwrap()
+}
+
+/// Submits `sh -c SCRIPT` with `run submit FLAGS`, asserts it succeeded; the new run's id.
+pub async fn submit_sh(server: &str, cwd: &Path, flags: &[&str], script: &str) -> String {
+    let mut args = vec!["run", "submit"];
+    args.extend_from_slice(flags);
+    args.extend(["--", "sh", "-c", script]);
+    submit_id(server, cwd, &args).await
+}
+
+/// The URL of every server of `cluster`, one each.
+pub fn all_urls(cluster: &TestCluster) -> Vec<String> {
+    cluster
+        .ids()
+        .into_iter()
+        .map(|id| cluster.url(id))
+        .collect()
+}
+
+/// The URL of every server of `cluster` but `but` (e.g. the survivors of a killed leader).
+pub fn urls_but(cluster: &TestCluster, but: u64) -> Vec<String> {
+    cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != but)
+        .map(|id| cluster.url(id))
         .collect()
 }

@@ -2,13 +2,14 @@
 //! max_concurrent_trials at once), ranks them by the metric they log, stops the clearly bad
 //! ones early, and survives the loss of the leader without losing or duplicating a trial.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use muster_proto::v1::{self, sweep_service_client::SweepServiceClient};
 use muster_testkit::cluster::TestCluster;
 use muster_testkit::{DevCluster, muster};
-use muster_tests::{all_runs, rows, web_page, write};
+use muster_tests::{
+    all_runs, cluster_agent, create_attached, rows, submit_id, urls_but, web_page, write,
+};
 use serde_json::Value;
 
 /// A trial whose accuracy is `1 - (lr - 0.3)^2`, logged at 3 steps.
@@ -45,6 +46,32 @@ async fn client(url: &str) -> SweepServiceClient<tonic::transport::Channel> {
     SweepServiceClient::connect(url.to_string())
         .await
         .expect("connect")
+}
+
+/// Polls (bounded: `tries` × 100 ms) the sweep on `url` until `check` holds; the last one read.
+async fn poll_sweep(
+    url: &str,
+    id: &str,
+    tries: u32,
+    check: impl Fn(&v1::Sweep) -> bool,
+) -> v1::Sweep {
+    let mut c = client(url).await;
+    let mut last = v1::Sweep::default();
+    for _ in 0..tries {
+        last = c
+            .get_sweep(v1::GetSweepRequest {
+                id: id.into(),
+                stale: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if check(&last) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last
 }
 
 /// Polls (bounded: `limit`) until the sweep has ended, asking each of `urls` in turn
@@ -312,14 +339,12 @@ async fn a_bandit_policy_stops_the_clearly_bad_trials_early() {
     let project = tempfile::tempdir().unwrap();
     write(project.path(), "mixed.sh", MIXED_TRIAL);
     write(project.path(), "sweep.yml", BANDIT_SWEEP);
-    let out = muster(
+    let id = submit_id(
         &dev.url(),
         project.path(),
         &["sweep", "submit", "-f", "sweep.yml"],
     )
     .await;
-    assert_eq!(out.code, 0, "{out:?}");
-    let id = out.stdout.trim().to_string();
     // Unstopped, the bad trials would take a minute each.
     let sweep = wait_sweep_done(&[dev.url()], &id, Duration::from_secs(100)).await;
     assert_eq!(sweep.state, "completed", "{sweep:#?}");
@@ -384,29 +409,16 @@ async fn a_canceled_sweep_cancels_its_trials_and_starts_no_more() {
             .replace("[0.9, 0.05, 0.88, 0.04]", "[0.01, 0.02, 0.03, 0.04]")
             .replace("early_termination:\n  type: bandit\n  slack_factor: 0.2\n  evaluation_interval: 1\n  delay_evaluation: 1\n", ""),
     );
-    let out = muster(
+    let id = submit_id(
         &dev.url(),
         project.path(),
         &["sweep", "submit", "-f", "sweep.yml"],
     )
     .await;
-    assert_eq!(out.code, 0, "{out:?}");
-    let id = out.stdout.trim().to_string();
-    let mut c = client(&dev.url()).await;
-    for _ in 0..300 {
-        let s = c
-            .get_sweep(v1::GetSweepRequest {
-                id: id.clone(),
-                stale: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if s.trials.iter().any(|t| t.state == "running") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll_sweep(&dev.url(), &id, 300, |s| {
+        s.trials.iter().any(|t| t.state == "running")
+    })
+    .await;
     let out = muster(&dev.url(), project.path(), &["sweep", "cancel", &id]).await;
     assert_eq!(out.code, 0, "{out:?}");
     let sweep = wait_sweep_done(&[dev.url()], &id, Duration::from_secs(60)).await;
@@ -523,7 +535,7 @@ async fn a_v1_hyperdrive_config_appends_the_parameters_to_the_trial_command() {
         "hdconfig.yml",
         "sampling:\n  type: grid\n  parameter_space:\n  - name: --lr\n    expression: choice\n    values: [0.5, 1, 1.5]\npolicy:\n  type: BanditPolicy\n  evaluation_interval: 1\n  slack_factor: 0.2\nprimary_metric_name: Accuracy\nprimary_metric_goal: Maximize\nmax_total_runs: 3\nmax_concurrent_runs: 1\nmax_duration_minutes: 10\n",
     );
-    let out = muster(
+    let id = submit_id(
         &dev.url(),
         project.path(),
         &[
@@ -537,8 +549,6 @@ async fn a_v1_hyperdrive_config_appends_the_parameters_to_the_trial_command() {
         ],
     )
     .await;
-    assert_eq!(out.code, 0, "{out:?}");
-    let id = out.stdout.trim().to_string();
     let sweep = wait_sweep_done(&[dev.url()], &id, Duration::from_secs(60)).await;
     assert_eq!(sweep.state, "completed", "{sweep:#?}");
     assert_eq!(sweep.trials.len(), 3);
@@ -598,30 +608,9 @@ async fn a_v1_hyperdrive_config_appends_the_parameters_to_the_trial_command() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_mid_sweep_finishes_with_exactly_eight_trials() {
     let mut cluster = TestCluster::start(3).await.unwrap();
-    let urls: Vec<String> = cluster.ids().iter().map(|id| cluster.url(*id)).collect();
-    let mut c = muster_cli::client::connect(&cluster.urls()).await.unwrap();
-    c.compute
-        .create_compute(v1::CreateComputeRequest {
-            compute: Some(v1::ComputeTarget {
-                name: "sweep-pool".into(),
-                r#type: "attached".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    create_attached(&cluster.urls(), "sweep-pool").await;
     let data = tempfile::tempdir().unwrap();
-    let mut agent_config = muster_testkit::agents::agent_config(
-        &cluster.url(1),
-        data.path(),
-        "sweep-pool",
-        "sweep-node",
-        Arc::new(muster_agent::NoGpus),
-    );
-    agent_config.servers = urls.clone();
-    let _agent = muster_testkit::agents::AgentHandle::start(&cluster.urls(), agent_config)
-        .await
-        .unwrap();
+    let _agent = cluster_agent(&cluster, data.path(), "sweep-pool", "sweep-node").await;
     let project = tempfile::tempdir().unwrap();
     write(project.path(), "trial.sh", TRIAL);
     write(
@@ -629,42 +618,22 @@ async fn killing_the_leader_mid_sweep_finishes_with_exactly_eight_trials() {
         "sweep.yml",
         &SWEEP.replace("compute: local", "compute: sweep-pool"),
     );
-    let out = muster(
+    let id = submit_id(
         &cluster.urls(),
         project.path(),
         &["sweep", "submit", "-f", "sweep.yml"],
     )
     .await;
-    assert_eq!(out.code, 0, "{out:?}");
-    let id = out.stdout.trim().to_string();
 
     // Mid-sweep (some trials decided, not all), the leader dies.
     let leader = cluster.leader().await.unwrap();
-    let mut sweeps = client(&cluster.url(leader)).await;
-    let mut decided = 0;
-    for _ in 0..600 {
-        let s = sweeps
-            .get_sweep(v1::GetSweepRequest {
-                id: id.clone(),
-                stale: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        decided = s.trials.len();
-        if decided >= 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let decided = poll_sweep(&cluster.url(leader), &id, 600, |s| s.trials.len() >= 3)
+        .await
+        .trials
+        .len();
     assert!((3..8).contains(&decided), "mid-sweep: {decided} trials");
     cluster.kill(leader).await.unwrap();
-    let survivors: Vec<String> = cluster
-        .ids()
-        .into_iter()
-        .filter(|id| *id != leader)
-        .map(|id| cluster.url(id))
-        .collect();
+    let survivors = urls_but(&cluster, leader);
 
     let sweep = wait_sweep_done(&survivors, &id, Duration::from_secs(180)).await;
     assert_eq!(sweep.state, "completed", "{sweep:#?}");
@@ -805,14 +774,12 @@ async fn a_sweep_past_its_timeout_cancels_its_trials_and_ends_timed_out() {
         "sweep.yml",
         "type: sweep\ntrial:\n  command: sh slow.sh ${{search_space.lr}}\nsampling_algorithm: bayesian\nsearch_space:\n  lr:\n    type: uniform\n    min_value: 0\n    max_value: 1\nobjective:\n  primary_metric: accuracy\n  goal: maximize\nlimits:\n  max_total_trials: 10\n  max_concurrent_trials: 2\n  timeout: 3\n",
     );
-    let out = muster(
+    let id = submit_id(
         &dev.url(),
         project.path(),
         &["sweep", "submit", "-f", "sweep.yml"],
     )
     .await;
-    assert_eq!(out.code, 0, "{out:?}");
-    let id = out.stdout.trim().to_string();
     let sweep = wait_sweep_done(&[dev.url()], &id, Duration::from_secs(60)).await;
     assert_eq!(sweep.state, "timed_out", "{sweep:#?}");
     assert_eq!(sweep.sampling, "bayesian");

@@ -77,6 +77,13 @@ fn apply_all(state: &mut State, cmds: &[Command]) {
     }
 }
 
+/// A fresh state with `cmds` applied, each checked.
+fn state_with(cmds: &[Command]) -> State {
+    let mut state = State::default();
+    apply_all(&mut state, cmds);
+    state
+}
+
 /// A pass, with its reasons by run id.
 struct Out {
     decisions: Vec<Decision>,
@@ -145,6 +152,21 @@ fn end(state: &mut State, run: &str, end: AttemptEnd, code: Option<i32>, at: u64
     }
 }
 
+/// `low` (priority -100) runs on the 4-GPU node `a`; `high` (100) has just asked to
+/// preempt it.
+fn low_preempted_by_high() -> State {
+    let mut s = state_with(&[
+        compute("gpu-pool", Quota::default()),
+        node("a", "gpu-pool", 4, &[]),
+        submit("low", "gpu-pool", 4, 1, -100),
+    ]);
+    pass(&mut s, 10);
+    apply_all(&mut s, &[submit("high", "gpu-pool", 4, 1, 100)]);
+    let out = pass(&mut s, 20);
+    assert_eq!(preempted(&out), [("low", "high")]);
+    s
+}
+
 fn nodes_of(state: &State, run: &str) -> Vec<String> {
     state.runs[run]
         .current_attempt()
@@ -157,18 +179,14 @@ fn nodes_of(state: &State, run: &str) -> Vec<String> {
 
 #[test]
 fn higher_priority_first_then_submission_order() {
-    let mut s = State::default();
-    apply_all(
-        &mut s,
-        &[
-            compute("gpu-pool", Quota::default()),
-            node("n1", "gpu-pool", 4, &[]),
-            submit("low", "gpu-pool", 2, 1, -100),
-            submit("first", "gpu-pool", 2, 1, 0),
-            submit("high", "gpu-pool", 2, 1, 100),
-            submit("second", "gpu-pool", 2, 1, 0),
-        ],
-    );
+    let mut s = state_with(&[
+        compute("gpu-pool", Quota::default()),
+        node("n1", "gpu-pool", 4, &[]),
+        submit("low", "gpu-pool", 2, 1, -100),
+        submit("first", "gpu-pool", 2, 1, 0),
+        submit("high", "gpu-pool", 2, 1, 100),
+        submit("second", "gpu-pool", 2, 1, 0),
+    ]);
     let out = pass(&mut s, 10);
     assert_eq!(placed(&out), ["high", "first"]);
     assert_eq!(
@@ -184,17 +202,13 @@ fn higher_priority_first_then_submission_order() {
 
 #[test]
 fn a_gang_starts_on_all_its_nodes_or_none() {
-    let mut s = State::default();
-    apply_all(
-        &mut s,
-        &[
-            compute("gpu-pool", Quota::default()),
-            node("n1", "gpu-pool", 4, &[]),
-            node("n2", "gpu-pool", 4, &[]),
-            node("n3", "gpu-pool", 4, &[]),
-            submit("busy", "gpu-pool", 2, 2, 0),
-        ],
-    );
+    let mut s = state_with(&[
+        compute("gpu-pool", Quota::default()),
+        node("n1", "gpu-pool", 4, &[]),
+        node("n2", "gpu-pool", 4, &[]),
+        node("n3", "gpu-pool", 4, &[]),
+        submit("busy", "gpu-pool", 2, 2, 0),
+    ]);
     pass(&mut s, 10);
     apply_all(&mut s, &[submit("gang", "gpu-pool", 4, 3, 0)]);
     let out = pass(&mut s, 20);
@@ -214,18 +228,14 @@ fn a_gang_starts_on_all_its_nodes_or_none() {
 
 #[test]
 fn backfill_never_takes_what_the_head_is_reserved() {
-    let mut s = State::default();
-    apply_all(
-        &mut s,
-        &[
-            compute("gpu-pool", Quota::default()),
-            node("a", "gpu-pool", 8, &[]),
-            node("b", "gpu-pool", 8, &[]),
-            node("c", "gpu-pool", 8, &[]),
-            submit("ra", "gpu-pool", 4, 1, 20),
-            submit("rb", "gpu-pool", 4, 1, 20),
-        ],
-    );
+    let mut s = state_with(&[
+        compute("gpu-pool", Quota::default()),
+        node("a", "gpu-pool", 8, &[]),
+        node("b", "gpu-pool", 8, &[]),
+        node("c", "gpu-pool", 8, &[]),
+        submit("ra", "gpu-pool", 4, 1, 20),
+        submit("rb", "gpu-pool", 4, 1, 20),
+    ]);
     pass(&mut s, 10);
     assert_eq!(nodes_of(&s, "ra"), ["a"]);
     assert_eq!(nodes_of(&s, "rb"), ["a"], "smallest fit first");
@@ -264,21 +274,17 @@ fn backfill_never_takes_what_the_head_is_reserved() {
 
 #[test]
 fn backfill_starts_a_small_run_beside_a_waiting_gang() {
-    let mut s = State::default();
-    apply_all(
-        &mut s,
-        &[
-            compute("gpu-pool", Quota::default()),
-            node("a", "gpu-pool", 8, &[]),
-            node("b", "gpu-pool", 8, &[]),
-            node("c", "gpu-pool", 8, &[]),
-            submit_spec("ra", {
-                let mut sp = spec("gpu-pool", 4, 1, 0);
-                sp.node_selector = BTreeMap::from([("x".into(), "y".into())]);
-                sp
-            }),
-        ],
-    );
+    let mut s = state_with(&[
+        compute("gpu-pool", Quota::default()),
+        node("a", "gpu-pool", 8, &[]),
+        node("b", "gpu-pool", 8, &[]),
+        node("c", "gpu-pool", 8, &[]),
+        submit_spec("ra", {
+            let mut sp = spec("gpu-pool", 4, 1, 0);
+            sp.node_selector = BTreeMap::from([("x".into(), "y".into())]);
+            sp
+        }),
+    ]);
     // ra cannot run anywhere (no node is labelled x=y): it never blocks the queue.
     apply_all(
         &mut s,
@@ -328,23 +334,19 @@ fn backfill_starts_a_small_run_beside_a_waiting_gang() {
 
 #[test]
 fn preemption_picks_the_fewest_lower_priority_victims() {
-    let mut s = State::default();
-    apply_all(
-        &mut s,
-        &[
-            compute("gpu-pool", Quota::default()),
-            node("a", "gpu-pool", 8, &[]),
-            node("b", "gpu-pool", 8, &[]),
-            node("c", "gpu-pool", 8, &[]),
-            // a: four 2-GPU low runs; b: one 8-GPU low run; c: one 8-GPU high run.
-            submit("b-big", "gpu-pool", 8, 1, -100),
-            submit("c-high", "gpu-pool", 8, 1, 100),
-            submit("a1", "gpu-pool", 2, 1, -100),
-            submit("a2", "gpu-pool", 2, 1, -100),
-            submit("a3", "gpu-pool", 2, 1, -100),
-            submit("a4", "gpu-pool", 2, 1, -100),
-        ],
-    );
+    let mut s = state_with(&[
+        compute("gpu-pool", Quota::default()),
+        node("a", "gpu-pool", 8, &[]),
+        node("b", "gpu-pool", 8, &[]),
+        node("c", "gpu-pool", 8, &[]),
+        // a: four 2-GPU low runs; b: one 8-GPU low run; c: one 8-GPU high run.
+        submit("b-big", "gpu-pool", 8, 1, -100),
+        submit("c-high", "gpu-pool", 8, 1, 100),
+        submit("a1", "gpu-pool", 2, 1, -100),
+        submit("a2", "gpu-pool", 2, 1, -100),
+        submit("a3", "gpu-pool", 2, 1, -100),
+        submit("a4", "gpu-pool", 2, 1, -100),
+    ]);
     pass(&mut s, 10);
     assert_eq!(nodes_of(&s, "c-high"), ["a"]);
     assert_eq!(nodes_of(&s, "b-big"), ["b"]);
@@ -387,16 +389,12 @@ fn preemption_picks_the_fewest_lower_priority_victims() {
 
 #[test]
 fn a_gang_victim_counts_once() {
-    let mut s = State::default();
-    apply_all(
-        &mut s,
-        &[
-            compute("gpu-pool", Quota::default()),
-            node("a", "gpu-pool", 4, &[]),
-            node("b", "gpu-pool", 4, &[]),
-            submit("low-gang", "gpu-pool", 4, 2, 0),
-        ],
-    );
+    let mut s = state_with(&[
+        compute("gpu-pool", Quota::default()),
+        node("a", "gpu-pool", 4, &[]),
+        node("b", "gpu-pool", 4, &[]),
+        submit("low-gang", "gpu-pool", 4, 2, 0),
+    ]);
     pass(&mut s, 10);
     apply_all(&mut s, &[submit("high-gang", "gpu-pool", 4, 2, 100)]);
     let out = pass(&mut s, 20);
@@ -405,19 +403,7 @@ fn a_gang_victim_counts_once() {
 
 #[test]
 fn a_preempted_run_comes_back_as_a_new_attempt_without_a_preemption_loop() {
-    let mut s = State::default();
-    apply_all(
-        &mut s,
-        &[
-            compute("gpu-pool", Quota::default()),
-            node("a", "gpu-pool", 4, &[]),
-            submit("low", "gpu-pool", 4, 1, -100),
-        ],
-    );
-    pass(&mut s, 10);
-    apply_all(&mut s, &[submit("high", "gpu-pool", 4, 1, 100)]);
-    let out = pass(&mut s, 20);
-    assert_eq!(preempted(&out), [("low", "high")]);
+    let mut s = low_preempted_by_high();
     // While the victim stops, the preemptor picks no new victims, pass after pass.
     for now in [30, 40, 50] {
         let out = pass(&mut s, now);
@@ -470,18 +456,7 @@ fn a_preempted_run_comes_back_as_a_new_attempt_without_a_preemption_loop() {
 
 #[test]
 fn a_cancel_during_preemption_wins() {
-    let mut s = State::default();
-    apply_all(
-        &mut s,
-        &[
-            compute("gpu-pool", Quota::default()),
-            node("a", "gpu-pool", 4, &[]),
-            submit("low", "gpu-pool", 4, 1, -100),
-        ],
-    );
-    pass(&mut s, 10);
-    apply_all(&mut s, &[submit("high", "gpu-pool", 4, 1, 100)]);
-    pass(&mut s, 20);
+    let mut s = low_preempted_by_high();
     apply_all(
         &mut s,
         &[Command::CancelRun {
@@ -497,17 +472,13 @@ fn a_cancel_during_preemption_wins() {
 
 #[test]
 fn stale_or_wrong_preemptions_are_rejected() {
-    let mut s = State::default();
-    apply_all(
-        &mut s,
-        &[
-            compute("gpu-pool", Quota::default()),
-            node("a", "gpu-pool", 4, &[]),
-            submit("low", "gpu-pool", 4, 1, 0),
-            submit("same", "gpu-pool", 4, 1, 0),
-            submit("high", "gpu-pool", 4, 1, 100),
-        ],
-    );
+    let mut s = state_with(&[
+        compute("gpu-pool", Quota::default()),
+        node("a", "gpu-pool", 4, &[]),
+        submit("low", "gpu-pool", 4, 1, 0),
+        submit("same", "gpu-pool", 4, 1, 0),
+        submit("high", "gpu-pool", 4, 1, 100),
+    ]);
     pass(&mut s, 10);
     let before = s.clone();
     let preempt = |run: &str, attempt: u32, for_run: &str| Command::PreemptAttempt {
@@ -549,21 +520,17 @@ fn quotas_are_never_exceeded_and_say_so() {
         max_cpu_millis: None,
         max_concurrent_runs: Some(3),
     };
-    let mut s = State::default();
-    apply_all(
-        &mut s,
-        &[
-            compute("gpu-pool", quota),
-            node("a", "gpu-pool", 8, &[]),
-            node("b", "gpu-pool", 8, &[]),
-            submit("r1", "gpu-pool", 4, 1, 0),
-            submit("r2", "gpu-pool", 4, 1, 0),
-            submit("r3", "gpu-pool", 2, 1, 0),
-            submit("huge", "gpu-pool", 8, 2, 0),
-            submit("cpu1", "gpu-pool", 0, 1, 0),
-            submit("cpu2", "gpu-pool", 0, 1, 0),
-        ],
-    );
+    let mut s = state_with(&[
+        compute("gpu-pool", quota),
+        node("a", "gpu-pool", 8, &[]),
+        node("b", "gpu-pool", 8, &[]),
+        submit("r1", "gpu-pool", 4, 1, 0),
+        submit("r2", "gpu-pool", 4, 1, 0),
+        submit("r3", "gpu-pool", 2, 1, 0),
+        submit("huge", "gpu-pool", 8, 2, 0),
+        submit("cpu1", "gpu-pool", 0, 1, 0),
+        submit("cpu2", "gpu-pool", 0, 1, 0),
+    ]);
     let out = pass(&mut s, 10);
     assert_eq!(placed(&out), ["r1", "r2", "cpu1"]);
     assert_eq!(out.waiting["r3"], "quota: 8/8 GPUs in use, needs 2");
@@ -603,15 +570,11 @@ fn a_higher_priority_run_preempts_to_get_under_the_quota() {
         max_gpus: Some(4),
         ..Quota::default()
     };
-    let mut s = State::default();
-    apply_all(
-        &mut s,
-        &[
-            compute("gpu-pool", quota),
-            node("a", "gpu-pool", 8, &[]),
-            submit("low", "gpu-pool", 4, 1, 0),
-        ],
-    );
+    let mut s = state_with(&[
+        compute("gpu-pool", quota),
+        node("a", "gpu-pool", 8, &[]),
+        submit("low", "gpu-pool", 4, 1, 0),
+    ]);
     pass(&mut s, 10);
     apply_all(
         &mut s,
@@ -630,37 +593,33 @@ fn a_higher_priority_run_preempts_to_get_under_the_quota() {
 
 #[test]
 fn reasons_name_what_is_missing() {
-    let mut s = State::default();
-    apply_all(
-        &mut s,
-        &[
-            compute("gpu-pool", Quota::default()),
-            compute("empty-pool", Quota::default()),
-            compute("drained", Quota::default()),
-            node("a", "gpu-pool", 8, &[("zone", "a")]),
-            node("d", "drained", 8, &[]),
-            Command::SetNodeState {
-                node_id: "d".into(),
-                state: NodeState::Draining,
-                reason: None,
-                at: 3,
-            },
-            submit("nowhere", "empty-pool", 1, 1, 0),
-            submit("draining", "drained", 1, 1, 0),
-            submit("too-big", "gpu-pool", 16, 1, 0),
-            submit("too-wide", "gpu-pool", 1, 2, 0),
-            submit_spec("zone-b", {
-                let mut sp = spec("gpu-pool", 1, 1, 0);
-                sp.node_selector = BTreeMap::from([("zone".into(), "b".into())]);
-                sp
-            }),
-            submit_spec("zone-a", {
-                let mut sp = spec("gpu-pool", 1, 1, 0);
-                sp.node_selector = BTreeMap::from([("zone".into(), "a".into())]);
-                sp
-            }),
-        ],
-    );
+    let mut s = state_with(&[
+        compute("gpu-pool", Quota::default()),
+        compute("empty-pool", Quota::default()),
+        compute("drained", Quota::default()),
+        node("a", "gpu-pool", 8, &[("zone", "a")]),
+        node("d", "drained", 8, &[]),
+        Command::SetNodeState {
+            node_id: "d".into(),
+            state: NodeState::Draining,
+            reason: None,
+            at: 3,
+        },
+        submit("nowhere", "empty-pool", 1, 1, 0),
+        submit("draining", "drained", 1, 1, 0),
+        submit("too-big", "gpu-pool", 16, 1, 0),
+        submit("too-wide", "gpu-pool", 1, 2, 0),
+        submit_spec("zone-b", {
+            let mut sp = spec("gpu-pool", 1, 1, 0);
+            sp.node_selector = BTreeMap::from([("zone".into(), "b".into())]);
+            sp
+        }),
+        submit_spec("zone-a", {
+            let mut sp = spec("gpu-pool", 1, 1, 0);
+            sp.node_selector = BTreeMap::from([("zone".into(), "a".into())]);
+            sp
+        }),
+    ]);
     let out = pass(&mut s, 10);
     assert_eq!(placed(&out), ["zone-a"]);
     assert_eq!(
@@ -688,15 +647,11 @@ fn reasons_name_what_is_missing() {
 #[test]
 fn old_logs_and_snapshots_still_decode() {
     // A run and an attempt as written before preemption, quotas and selectors existed.
-    let mut s = State::default();
-    apply_all(
-        &mut s,
-        &[
-            compute("gpu-pool", Quota::default()),
-            node("a", "gpu-pool", 4, &[]),
-            submit("r1", "gpu-pool", 1, 1, 0),
-        ],
-    );
+    let mut s = state_with(&[
+        compute("gpu-pool", Quota::default()),
+        node("a", "gpu-pool", 4, &[]),
+        submit("r1", "gpu-pool", 1, 1, 0),
+    ]);
     pass(&mut s, 10);
     let text = String::from_utf8(s.to_snapshot()).unwrap();
     for new_key in [
@@ -1184,8 +1139,7 @@ proptest! {
 fn a_full_queue_drains_without_preemption_loops() {
     // Many priorities and gangs on a small cluster; runs end as they are placed. The queue
     // drains, and every preemption is of strictly lower priority (checked by apply).
-    let mut s = State::default();
-    apply_all(&mut s, &[compute("gpu-pool", Quota::default())]);
+    let mut s = state_with(&[compute("gpu-pool", Quota::default())]);
     for n in 0..6 {
         apply_all(&mut s, &[node(&format!("n{n}"), "gpu-pool", 4, &[])]);
     }

@@ -67,6 +67,46 @@ fn apply_all(state: &mut State, cmds: &[Command]) {
     }
 }
 
+/// A fresh state with `cmds` applied, each checked.
+fn state_with(cmds: &[Command]) -> State {
+    let mut state = State::default();
+    apply_all(&mut state, cmds);
+    state
+}
+
+/// Run `r1` (1 CPU) queued in `cpu-pool`, which has the 4-CPU node `n1`.
+fn one_queued_run() -> State {
+    state_with(&[
+        compute("cpu-pool"),
+        node("n1", "cpu-pool", 4, 0),
+        submit("r1", "cpu-pool", 1, 0, 1),
+    ])
+}
+
+/// Each command is refused as an invalid spec whose message names its reason, and
+/// changes nothing.
+fn assert_invalid<const N: usize>(s: &mut State, what: &str, cases: [(Command, &str); N]) {
+    let before = s.clone();
+    for (cmd, why) in cases {
+        match s.apply(&cmd) {
+            Err(ApplyError::InvalidSpec(m)) => assert!(m.contains(why), "{m}"),
+            other => panic!("{cmd:?} gave {other:?}"),
+        }
+        assert_eq!(*s, before, "a rejected {what} changes nothing");
+    }
+}
+
+/// `cmd` encodes under the tag `tag` and decodes back to itself.
+fn assert_encodes_as(cmd: &Command, tag: &str) {
+    let encoded = cmd.encode();
+    assert!(
+        String::from_utf8(encoded.clone())
+            .unwrap()
+            .contains(&format!("\"cmd\":\"{tag}\""))
+    );
+    assert_eq!(&Command::decode(&encoded).unwrap(), cmd);
+}
+
 fn place_all(state: &mut State, now: u64) -> usize {
     let decisions = schedule(state, now).decisions;
     let n = decisions.len();
@@ -94,15 +134,7 @@ fn end(run: &str, attempt: u32, node: &str, end: AttemptEnd, code: Option<i32>) 
 
 #[test]
 fn a_run_goes_from_queued_to_failed_with_its_exit_code() {
-    let mut s = State::default();
-    apply_all(
-        &mut s,
-        &[
-            compute("cpu-pool"),
-            node("n1", "cpu-pool", 4, 0),
-            submit("r1", "cpu-pool", 1, 0, 1),
-        ],
-    );
+    let mut s = one_queued_run();
     assert_eq!(s.runs["r1"].state, RunState::Queued);
     assert_eq!(place_all(&mut s, 5), 1);
     assert_eq!(s.runs["r1"].state, RunState::Scheduled);
@@ -127,15 +159,7 @@ fn a_run_goes_from_queued_to_failed_with_its_exit_code() {
 
 #[test]
 fn stale_reports_are_fenced_and_change_nothing() {
-    let mut s = State::default();
-    apply_all(
-        &mut s,
-        &[
-            compute("cpu-pool"),
-            node("n1", "cpu-pool", 4, 0),
-            submit("r1", "cpu-pool", 1, 0, 1),
-        ],
-    );
+    let mut s = one_queued_run();
     place_all(&mut s, 5);
     let before = s.clone();
     assert_eq!(
@@ -159,8 +183,7 @@ fn stale_reports_are_fenced_and_change_nothing() {
 
 #[test]
 fn rejected_commands_change_nothing() {
-    let mut s = State::default();
-    apply_all(&mut s, &[compute("cpu-pool"), node("n1", "cpu-pool", 4, 0)]);
+    let mut s = state_with(&[compute("cpu-pool"), node("n1", "cpu-pool", 4, 0)]);
     let before = s.clone();
     assert_eq!(
         s.apply(&compute("cpu-pool")),
@@ -188,8 +211,7 @@ fn rejected_commands_change_nothing() {
 
 #[test]
 fn idempotency_keys_never_duplicate_a_run() {
-    let mut s = State::default();
-    apply_all(&mut s, &[compute("cpu-pool")]);
+    let mut s = state_with(&[compute("cpu-pool")]);
     let with_key = |id: &str| {
         let mut c = submit(id, "cpu-pool", 1, 0, 1);
         if let Command::SubmitRun {
@@ -220,16 +242,12 @@ fn idempotency_keys_never_duplicate_a_run() {
 
 #[test]
 fn cancel_of_a_queued_run_is_immediate_and_of_a_running_one_waits_for_the_agent() {
-    let mut s = State::default();
-    apply_all(
-        &mut s,
-        &[
-            compute("cpu-pool"),
-            node("n1", "cpu-pool", 1, 0),
-            submit("r1", "cpu-pool", 1, 0, 1),
-            submit("r2", "cpu-pool", 1, 0, 1),
-        ],
-    );
+    let mut s = state_with(&[
+        compute("cpu-pool"),
+        node("n1", "cpu-pool", 1, 0),
+        submit("r1", "cpu-pool", 1, 0, 1),
+        submit("r2", "cpu-pool", 1, 0, 1),
+    ]);
     place_all(&mut s, 5);
     let cancel = |id: &str| Command::CancelRun {
         run_id: id.into(),
@@ -254,16 +272,12 @@ fn cancel_of_a_queued_run_is_immediate_and_of_a_running_one_waits_for_the_agent(
 
 #[test]
 fn a_lost_node_requeues_its_runs_as_new_attempts_until_max_attempts() {
-    let mut s = State::default();
-    apply_all(
-        &mut s,
-        &[
-            compute("cpu-pool"),
-            node("n1", "cpu-pool", 2, 0),
-            node("n2", "cpu-pool", 2, 0),
-            submit("r1", "cpu-pool", 1, 0, 1),
-        ],
-    );
+    let mut s = state_with(&[
+        compute("cpu-pool"),
+        node("n1", "cpu-pool", 2, 0),
+        node("n2", "cpu-pool", 2, 0),
+        submit("r1", "cpu-pool", 1, 0, 1),
+    ]);
     for attempt in 1..=3u32 {
         let now = 100_000 * attempt as u64;
         assert_eq!(place_all(&mut s, now), 1, "attempt {attempt}");
@@ -296,17 +310,13 @@ fn a_lost_node_requeues_its_runs_as_new_attempts_until_max_attempts() {
 
 #[test]
 fn gangs_start_on_all_nodes_or_none_and_gpus_are_disjoint() {
-    let mut s = State::default();
-    apply_all(
-        &mut s,
-        &[
-            compute("gpu-pool"),
-            node("n1", "gpu-pool", 8, 4),
-            submit("big", "gpu-pool", 1, 2, 2),
-            submit("a", "gpu-pool", 1, 2, 1),
-            submit("b", "gpu-pool", 1, 2, 1),
-        ],
-    );
+    let mut s = state_with(&[
+        compute("gpu-pool"),
+        node("n1", "gpu-pool", 8, 4),
+        submit("big", "gpu-pool", 1, 2, 2),
+        submit("a", "gpu-pool", 1, 2, 1),
+        submit("b", "gpu-pool", 1, 2, 1),
+    ]);
     place_all(&mut s, 5);
     assert_eq!(
         s.runs["big"].state,
@@ -322,23 +332,18 @@ fn gangs_start_on_all_nodes_or_none_and_gpus_are_disjoint() {
 
 #[test]
 fn snapshots_round_trip_and_commands_decode() {
-    let mut s = State::default();
     let cmds = [
         compute("cpu-pool"),
         node("n1", "cpu-pool", 2, 1),
         submit("r1", "cpu-pool", 1, 1, 1),
     ];
-    apply_all(&mut s, &cmds);
+    let mut s = state_with(&cmds);
     place_all(&mut s, 4);
     assert_eq!(State::from_snapshot(&s.to_snapshot()).unwrap(), s);
     for c in &cmds {
         assert_eq!(&Command::decode(&c.encode()).unwrap(), c);
     }
-    assert!(
-        String::from_utf8(cmds[2].encode())
-            .unwrap()
-            .contains("\"cmd\":\"submit_run.v1\"")
-    );
+    assert_encodes_as(&cmds[2], "submit_run.v1");
     assert!(State::from_snapshot(b"{not json").is_err());
 }
 
@@ -518,15 +523,11 @@ proptest! {
 
 #[test]
 fn drained_nodes_take_no_runs_and_evicted_ones_stay_evicted_until_resumed() {
-    let mut s = State::default();
-    apply_all(
-        &mut s,
-        &[
-            compute("cpu-pool"),
-            node("n1", "cpu-pool", 2, 0),
-            submit("r1", "cpu-pool", 1, 0, 1),
-        ],
-    );
+    let mut s = state_with(&[
+        compute("cpu-pool"),
+        node("n1", "cpu-pool", 2, 0),
+        submit("r1", "cpu-pool", 1, 0, 1),
+    ]);
     place_all(&mut s, 5);
     let set = |state: NodeState| Command::SetNodeState {
         node_id: "n1".into(),
@@ -575,15 +576,7 @@ fn seal(run: &str, attempt: u32, rank: u32, fill: char, bytes: u64) -> Command {
 
 #[test]
 fn sealed_logs_are_recorded_once_per_rank_and_survive_snapshots() {
-    let mut s = State::default();
-    apply_all(
-        &mut s,
-        &[
-            compute("cpu-pool"),
-            node("n1", "cpu-pool", 4, 0),
-            submit("r1", "cpu-pool", 1, 0, 1),
-        ],
-    );
+    let mut s = one_queued_run();
     // A state without sealed logs encodes as before (no "logs" key), so old snapshots and
     // new ones without logs look the same and decode alike.
     place_all(&mut s, 5);
@@ -591,7 +584,6 @@ fn sealed_logs_are_recorded_once_per_rank_and_survive_snapshots() {
     assert!(!String::from_utf8_lossy(&old).contains("\"logs\""));
     assert_eq!(State::from_snapshot(&old).unwrap(), s);
 
-    let before = s.clone();
     let bad_sha = Command::SealLog {
         run_id: "r1".into(),
         attempt: 1,
@@ -601,18 +593,16 @@ fn sealed_logs_are_recorded_once_per_rank_and_survive_snapshots() {
             bytes: 3,
         },
     };
-    for (cmd, why) in [
-        (bad_sha, "sha256"),
-        (seal("r1", 2, 0, 'a', 3), "no attempt 2"),
-        (seal("r1", 0, 0, 'a', 3), "no attempt 0"),
-        (seal("r1", 1, 1, 'a', 3), "not rank 1"),
-    ] {
-        match s.apply(&cmd) {
-            Err(ApplyError::InvalidSpec(m)) => assert!(m.contains(why), "{m}"),
-            other => panic!("{cmd:?} gave {other:?}"),
-        }
-        assert_eq!(s, before, "a rejected seal changes nothing");
-    }
+    assert_invalid(
+        &mut s,
+        "seal",
+        [
+            (bad_sha, "sha256"),
+            (seal("r1", 2, 0, 'a', 3), "no attempt 2"),
+            (seal("r1", 0, 0, 'a', 3), "no attempt 0"),
+            (seal("r1", 1, 1, 'a', 3), "not rank 1"),
+        ],
+    );
     assert_eq!(
         s.apply(&seal("nope", 1, 0, 'a', 3)),
         Err(ApplyError::UnknownRun("nope".into()))
@@ -643,13 +633,7 @@ fn sealed_logs_are_recorded_once_per_rank_and_survive_snapshots() {
     let snap = s.to_snapshot();
     assert!(String::from_utf8_lossy(&snap).contains("\"logs\""));
     assert_eq!(State::from_snapshot(&snap).unwrap(), s);
-    let cmd = seal("r1", 1, 0, 'c', 1);
-    assert!(
-        String::from_utf8(cmd.encode())
-            .unwrap()
-            .contains("\"cmd\":\"seal_log.v1\"")
-    );
-    assert_eq!(Command::decode(&cmd.encode()).unwrap(), cmd);
+    assert_encodes_as(&seal("r1", 1, 0, 'c', 1), "seal_log.v1");
 }
 
 fn seal_metrics(run: &str, attempt: u32, fill: char, lines: u64) -> Command {
@@ -666,19 +650,10 @@ fn seal_metrics(run: &str, attempt: u32, fill: char, lines: u64) -> Command {
 
 #[test]
 fn sealed_metrics_keep_the_fullest_record_and_survive_snapshots() {
-    let mut s = State::default();
-    apply_all(
-        &mut s,
-        &[
-            compute("cpu-pool"),
-            node("n1", "cpu-pool", 4, 0),
-            submit("r1", "cpu-pool", 1, 0, 1),
-        ],
-    );
+    let mut s = one_queued_run();
     place_all(&mut s, 5);
     let old = s.to_snapshot();
     assert!(!String::from_utf8_lossy(&old).contains("\"metrics\""));
-    let before = s.clone();
     let bad_sha = Command::SealMetrics {
         run_id: "r1".into(),
         attempt: 1,
@@ -688,17 +663,15 @@ fn sealed_metrics_keep_the_fullest_record_and_survive_snapshots() {
             lines: 1,
         },
     };
-    for (cmd, why) in [
-        (bad_sha, "sha256"),
-        (seal_metrics("r1", 2, 'a', 3), "no attempt 2"),
-        (seal_metrics("r1", 0, 'a', 3), "no attempt 0"),
-    ] {
-        match s.apply(&cmd) {
-            Err(ApplyError::InvalidSpec(m)) => assert!(m.contains(why), "{m}"),
-            other => panic!("{cmd:?} gave {other:?}"),
-        }
-        assert_eq!(s, before, "a rejected seal changes nothing");
-    }
+    assert_invalid(
+        &mut s,
+        "seal",
+        [
+            (bad_sha, "sha256"),
+            (seal_metrics("r1", 2, 'a', 3), "no attempt 2"),
+            (seal_metrics("r1", 0, 'a', 3), "no attempt 0"),
+        ],
+    );
     assert_eq!(
         s.apply(&seal_metrics("nope", 1, 'a', 3)),
         Err(ApplyError::UnknownRun("nope".into()))
@@ -715,31 +688,21 @@ fn sealed_metrics_keep_the_fullest_record_and_survive_snapshots() {
     s.sanity_check().unwrap();
     let snap = s.to_snapshot();
     assert_eq!(State::from_snapshot(&snap).unwrap(), s);
-    let cmd = seal_metrics("r1", 1, 'd', 1);
-    assert!(
-        String::from_utf8(cmd.encode())
-            .unwrap()
-            .contains("\"cmd\":\"seal_metrics.v1\"")
-    );
-    assert_eq!(Command::decode(&cmd.encode()).unwrap(), cmd);
+    assert_encodes_as(&seal_metrics("r1", 1, 'd', 1), "seal_metrics.v1");
 }
 
 #[test]
 fn server_addresses_are_replicated_changed_and_removed() {
-    let mut s = State::default();
     let set = |id: u64, address: &str| Command::SetServerAddress {
         id,
         address: address.into(),
     };
-    apply_all(
-        &mut s,
-        &[
-            set(1, "10.0.0.1:7070"),
-            set(2, "10.0.0.2:7070"),
-            set(3, "h3:7070"),
-            set(2, "10.0.0.20:7070"),
-        ],
-    );
+    let mut s = state_with(&[
+        set(1, "10.0.0.1:7070"),
+        set(2, "10.0.0.2:7070"),
+        set(3, "h3:7070"),
+        set(2, "10.0.0.20:7070"),
+    ]);
     assert_eq!(
         s.servers,
         BTreeMap::from([
@@ -748,19 +711,16 @@ fn server_addresses_are_replicated_changed_and_removed() {
             (3, "h3:7070".to_string()),
         ])
     );
-    let before = s.clone();
-    for (cmd, why) in [
-        (set(0, "h:1"), "server ids start at 1"),
-        (set(4, ""), "host:port"),
-        (set(4, "h 4:7070"), "no spaces"),
-        (set(4, &"h".repeat(300)), "host:port"),
-    ] {
-        match s.apply(&cmd) {
-            Err(ApplyError::InvalidSpec(m)) => assert!(m.contains(why), "{m}"),
-            other => panic!("{cmd:?} gave {other:?}"),
-        }
-        assert_eq!(s, before, "a rejected address changes nothing");
-    }
+    assert_invalid(
+        &mut s,
+        "address",
+        [
+            (set(0, "h:1"), "server ids start at 1"),
+            (set(4, ""), "host:port"),
+            (set(4, "h 4:7070"), "no spaces"),
+            (set(4, &"h".repeat(300)), "host:port"),
+        ],
+    );
     apply_all(
         &mut s,
         &[
@@ -773,17 +733,9 @@ fn server_addresses_are_replicated_changed_and_removed() {
     // A snapshot written before addresses were replicated decodes with none.
     let old = br#"{"computes":{},"nodes":{},"runs":{},"queue":[],"idempotency":{},"next_seq":0}"#;
     assert!(State::from_snapshot(old).unwrap().servers.is_empty());
-    for cmd in [set(5, "h5:7070"), Command::RemoveServerAddress { id: 5 }] {
-        assert_eq!(Command::decode(&cmd.encode()).unwrap(), cmd);
-    }
-    assert!(
-        String::from_utf8(set(5, "h5:7070").encode())
-            .unwrap()
-            .contains("\"cmd\":\"set_server_address.v1\"")
-    );
-    assert!(
-        String::from_utf8(Command::RemoveServerAddress { id: 5 }.encode())
-            .unwrap()
-            .contains("\"cmd\":\"remove_server_address.v1\"")
+    assert_encodes_as(&set(5, "h5:7070"), "set_server_address.v1");
+    assert_encodes_as(
+        &Command::RemoveServerAddress { id: 5 },
+        "remove_server_address.v1",
     );
 }
