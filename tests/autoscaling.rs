@@ -175,6 +175,36 @@ async fn build_agent_image() {
     );
 }
 
+/// Creates `name`, a `docker`-provisioned cluster of 0 to `max` nodes idle 5 s at most,
+/// with any `extra` flags; asserts it was created.
+async fn create_docker_cluster(
+    url: &str,
+    dir: &Path,
+    name: &str,
+    max: &str,
+    extra: &[&str],
+) -> muster_testkit::CliOutput {
+    let mut args = vec![
+        "compute",
+        "create",
+        name,
+        "--type",
+        "cluster",
+        "--min-instances",
+        "0",
+        "--max-instances",
+        max,
+        "--idle-time-before-scale-down",
+        "5",
+        "--provisioner",
+        "docker",
+    ];
+    args.extend_from_slice(extra);
+    let out = muster(url, dir, &args).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_docker_cluster_grows_to_two_nodes_for_two_runs_and_shrinks_to_zero() {
     let Some(docker) = docker_or_skip().await else {
@@ -188,27 +218,7 @@ async fn a_docker_cluster_grows_to_two_nodes_for_two_runs_and_shrinks_to_zero() 
         compute: name.clone(),
     };
     let dir = tempfile::tempdir().unwrap();
-    let out = muster(
-        &url,
-        dir.path(),
-        &[
-            "compute",
-            "create",
-            &name,
-            "--type",
-            "cluster",
-            "--min-instances",
-            "0",
-            "--max-instances",
-            "2",
-            "--idle-time-before-scale-down",
-            "5",
-            "--provisioner",
-            "docker",
-        ],
-    )
-    .await;
-    assert_eq!(out.code, 0, "{out:?}");
+    let out = create_docker_cluster(&url, dir.path(), &name, "2", &[]).await;
     assert!(
         out.stdout
             .contains("provisioner  docker (image muster:local, network host"),
@@ -409,29 +419,7 @@ async fn a_reclaimed_agent_container_evicts_its_node_and_its_run_restarts_on_a_r
         compute: name.clone(),
     };
     let dir = tempfile::tempdir().unwrap();
-    let out = muster(
-        &url,
-        dir.path(),
-        &[
-            "compute",
-            "create",
-            &name,
-            "--type",
-            "cluster",
-            "--min-instances",
-            "0",
-            "--max-instances",
-            "1",
-            "--idle-time-before-scale-down",
-            "5",
-            "--tier",
-            "low_priority",
-            "--provisioner",
-            "docker",
-        ],
-    )
-    .await;
-    assert_eq!(out.code, 0, "{out:?}");
+    create_docker_cluster(&url, dir.path(), &name, "1", &["--tier", "low_priority"]).await;
     // The first attempt runs until its machine is taken; the restarted one says so and ends.
     let id = submit_sh(
         &url,

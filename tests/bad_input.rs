@@ -179,11 +179,7 @@ async fn bad_input_is_refused_with_a_clear_message_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_server_says_where_and_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = muster_tests::free_port();
     let out = muster(
         &format!("http://127.0.0.1:{port}"),
         dir.path(),

@@ -746,15 +746,6 @@ async fn a_follower_follows_a_live_log_through_its_end_without_repeating_a_line(
     assert_eq!(out.stdout, expected);
 }
 
-/// A free port on 127.0.0.1 (bound, then released for a server process to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Starts `muster server ARGS` with its data in `dir/NAME`.
 fn server_process(dir: &std::path::Path, name: &str, args: &[&str]) -> muster_tests::ChildGuard {
     muster_tests::ChildGuard(
@@ -781,10 +772,16 @@ async fn wait_leader(url: &str, cwd: &std::path::Path) {
     panic!("no leader at {url} within 10 s");
 }
 
+/// `muster cluster add-server --id 2 --address ADDRESS` against `url`.
+async fn add_server(url: &str, cwd: &std::path::Path, address: &str) -> muster_testkit::CliOutput {
+    let args = ["cluster", "add-server", "--id", "2", "--address", address];
+    muster_testkit::muster(url, cwd, &args).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_started_alone_grows_into_a_cluster_whose_members_reach_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (p1, p2) = (free_port(), free_port());
+    let (p1, p2) = (muster_tests::free_port(), muster_tests::free_port());
     let (url1, url2) = (
         format!("http://127.0.0.1:{p1}"),
         format!("http://127.0.0.1:{p2}"),
@@ -807,19 +804,7 @@ async fn a_server_started_alone_grows_into_a_cluster_whose_members_reach_it() {
             "--join",
         ],
     );
-    let added = muster_testkit::muster(
-        &url1,
-        dir.path(),
-        &[
-            "cluster",
-            "add-server",
-            "--id",
-            "2",
-            "--address",
-            &format!("127.0.0.1:{p2}"),
-        ],
-    )
-    .await;
+    let added = add_server(&url1, dir.path(), &format!("127.0.0.1:{p2}")).await;
     assert_eq!(added.code, 0, "{added:?}");
     // A write sent to the new member is forwarded to server 1, which it reaches by the
     // address server 1 recorded for itself.
@@ -859,23 +844,11 @@ async fn a_server_started_alone_grows_into_a_cluster_whose_members_reach_it() {
 
     // Listening on every interface with nothing to advertise, a lone server cannot be
     // grown: add-server says what to do and changes nothing.
-    let p3 = free_port();
+    let p3 = muster_tests::free_port();
     let url3 = format!("http://127.0.0.1:{p3}");
     let _three = server_process(dir.path(), "s3", &["--listen", &format!("0.0.0.0:{p3}")]);
     wait_leader(&url3, dir.path()).await;
-    let refused = muster_testkit::muster(
-        &url3,
-        dir.path(),
-        &[
-            "cluster",
-            "add-server",
-            "--id",
-            "2",
-            "--address",
-            "127.0.0.1:9",
-        ],
-    )
-    .await;
+    let refused = add_server(&url3, dir.path(), "127.0.0.1:9").await;
     assert_ne!(refused.code, 0, "{refused:?}");
     assert!(
         refused.stderr.contains(

@@ -205,11 +205,7 @@ async fn logs_stream_live_while_the_run_is_still_running() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn separate_server_and_agent_processes_run_an_azure_ml_job_file() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = muster_tests::free_port();
     let url = format!("http://127.0.0.1:{port}");
     let mut server = ChildGuard(
         Command::new(muster_bin())

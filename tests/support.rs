@@ -192,3 +192,12 @@ pub fn urls_but(cluster: &TestCluster, but: u64) -> Vec<String> {
         .map(|id| cluster.url(id))
         .collect()
 }
+
+/// A free port on 127.0.0.1 (bound, then released for a server process to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
