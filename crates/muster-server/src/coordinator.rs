@@ -16,7 +16,6 @@ use tokio::sync::watch;
 use crate::ServerConfig;
 use crate::blobs::BlobStore;
 use crate::cluster::{GrpcTransport, Peers};
-use crate::forward::Forwarder;
 use crate::logs::LogStore;
 use crate::machine::{ApplyResult, Machine};
 
@@ -54,8 +53,6 @@ pub struct Coordinator {
     shutdown: watch::Sender<bool>,
     pub(crate) metrics: crate::web::Metrics,
     pub(crate) peers: Peers,
-    /// Writes on their way to the leader (on a follower).
-    forwarder: Forwarder,
     /// Why each queued run waits, from the leader's last scheduling pass.
     pub(crate) waiting: Mutex<Option<muster_core::schedule::Waiting>>,
     _lock: File,
@@ -121,7 +118,6 @@ impl Coordinator {
             heartbeats: Mutex::new(HashMap::new()),
             shutdown: watch::channel(false).0,
             metrics: crate::web::Metrics::default(),
-            forwarder: Forwarder::start(peers.clone()),
             peers,
             waiting: Mutex::new(None),
             _lock: lock,
@@ -268,19 +264,24 @@ impl Coordinator {
         if !self.reaches(leader) {
             return Err(fail("the network to it is cut".into()));
         }
-        let (result, index) = self
-            .forwarder
-            .forward(leader, command)
+        let mut client = self
+            .peers
+            .client(leader)
+            .ok_or_else(|| fail("its address is unknown to this server".into()))?;
+        let answer = client
+            .forward(v1::ForwardRequest { command })
             .await
-            .map_err(fail)?;
-        if !self.wait_applied(index).await {
+            .map_err(|s| fail(s.message().to_string()))?
+            .into_inner();
+        if !self.wait_applied(answer.index).await {
             // Applied on the leader, but not (yet) here: a server being removed, or far
             // behind. The client retries elsewhere; its idempotency key finds the result.
             return Err(fail(format!(
-                "the write was applied by the leader, but this server has not caught up to it (index {index}); retry against another server"
+                "the write was applied by the leader, but this server has not caught up to it (index {}); retry against another server",
+                answer.index
             )));
         }
-        Ok(result)
+        Ok(answer.result)
     }
 
     /// A linearizable read may proceed once this replica has applied `index`.

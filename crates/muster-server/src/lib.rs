@@ -21,7 +21,6 @@
 mod blobs;
 pub mod cluster;
 mod coordinator;
-mod forward;
 mod grpc;
 mod leader;
 mod logs;

@@ -254,32 +254,14 @@ impl ClusterService for Cluster {
         &self,
         req: Request<v1::ForwardRequest>,
     ) -> Result<Response<v1::ForwardResponse>, Status> {
-        // Proposed together, so they share Raft rounds (concurrent writes have no order
-        // among them; one client waits for each answer); each is answered alone.
-        let raft = self.0.raft();
-        let proposals = req
-            .into_inner()
-            .commands
-            .into_iter()
-            .map(|command| raft.propose(command));
-        let outcomes = futures::future::join_all(proposals)
-            .await
-            .into_iter()
-            .map(|r| match r {
-                Ok(result) => v1::ForwardOutcome {
-                    result,
-                    error: None,
-                },
-                Err(e) => v1::ForwardOutcome {
-                    result: Vec::new(),
-                    error: Some(status(ProposalError::Raft(e)).message().to_string()),
-                },
-            })
-            .collect();
-        Ok(Response::new(v1::ForwardResponse {
-            outcomes,
-            index: raft.status().applied_index,
-        }))
+        let command = req.into_inner().command;
+        match self.0.raft().propose(command).await {
+            Ok(result) => Ok(Response::new(v1::ForwardResponse {
+                result,
+                index: self.0.raft().status().applied_index,
+            })),
+            Err(e) => Err(status(ProposalError::Raft(e))),
+        }
     }
 
     async fn read_index(
