@@ -20,7 +20,22 @@ async fn http_health_metrics_ui_and_grpc_reflection_share_the_port() {
     )
     .await;
     assert_eq!(out.code, 0, "{out:?}");
-    let id = muster_tests::all_runs(&dev.url()).await[0].id.clone();
+    let run = muster_tests::all_runs(&dev.url()).await.remove(0);
+    let id = run.id.clone();
+    // The dev agent runs whatever it is given: no CPU or memory figure to show.
+    let node = run.attempts[0].placements[0].node_name.clone();
+    for (what, args) in [
+        ("cpu          ", ["compute", "show", "local"]),
+        ("memory      ", ["node", "show", &node]),
+    ] {
+        let shown = muster(&dev.url(), project.path(), &args).await;
+        assert!(
+            shown
+                .stdout
+                .contains(&format!("{what}no limit (runs here are not packed)")),
+            "{shown:?}"
+        );
+    }
     let addr = dev.addr;
     let (health, metrics, index, page, missing) = tokio::task::spawn_blocking(move || {
         (

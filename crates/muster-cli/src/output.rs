@@ -10,6 +10,15 @@ pub fn time(ms: u64) -> String {
         .to_string()
 }
 
+/// What `local` nodes (`muster dev`'s agent) offer instead of a CPU or memory figure: they
+/// run everything they are given, so their capacity is recorded as zero.
+pub const NO_LIMIT: &str = "no limit (runs here are not packed)";
+
+/// Millicores as CPUs, e.g. `1.5`.
+pub fn cpus(millis: u64) -> String {
+    format!("{:.1}", millis as f64 / 1000.0)
+}
+
 fn opt_time(ms: Option<u64>) -> Value {
     ms.map(|t| Value::String(time(t))).unwrap_or(Value::Null)
 }

@@ -9,7 +9,8 @@ use serde_json::json;
 
 use crate::cli::{ComputeCommand, ComputeCreateArgs, OutputFormat};
 use crate::client::{connect, status};
-use crate::output::{print_json, table, time};
+use crate::output::{NO_LIMIT, cpus, print_json, table, time};
+use crate::snapshot::human_bytes;
 
 pub async fn run(server: &str, output: OutputFormat, cmd: ComputeCommand) -> anyhow::Result<()> {
     // Validate input before touching the network.
@@ -361,17 +362,26 @@ fn show(output: OutputFormat, s: &v1::ComputeStatus) {
         "runs         {} queued, {} running, {} active",
         c.queued_runs, s.running_runs, c.active_runs
     );
+    // A target of `local` nodes has no CPU or memory figure (see `NO_LIMIT`).
+    let used_free_of = |used: u64, cap: u64, show: fn(u64) -> String| {
+        if cap == 0 {
+            NO_LIMIT.to_string()
+        } else {
+            format!(
+                "{} used, {} free of {}",
+                show(used),
+                show(cap.saturating_sub(used)),
+                show(cap)
+            )
+        }
+    };
     println!(
-        "cpu          {:.1} used, {:.1} free of {:.1}",
-        alloc.cpu_millis as f64 / 1000.0,
-        cap.cpu_millis.saturating_sub(alloc.cpu_millis) as f64 / 1000.0,
-        cap.cpu_millis as f64 / 1000.0
+        "cpu          {}",
+        used_free_of(alloc.cpu_millis, cap.cpu_millis, cpus)
     );
     println!(
-        "memory       {} used, {} free of {}",
-        crate::snapshot::human_bytes(alloc.memory_bytes),
-        crate::snapshot::human_bytes(cap.memory_bytes.saturating_sub(alloc.memory_bytes)),
-        crate::snapshot::human_bytes(cap.memory_bytes)
+        "memory       {}",
+        used_free_of(alloc.memory_bytes, cap.memory_bytes, human_bytes)
     );
     println!(
         "gpus         {} used, {} free of {}",
@@ -400,11 +410,11 @@ fn show(output: OutputFormat, s: &v1::ComputeStatus) {
             t.add_row(vec![
                 n.name.clone(),
                 n.state.clone(),
-                format!(
-                    "{:.1}/{:.1}",
-                    alloc.cpu_millis as f64 / 1000.0,
-                    cap.cpu_millis as f64 / 1000.0
-                ),
+                if cap.cpu_millis == 0 {
+                    "-".into()
+                } else {
+                    format!("{}/{}", cpus(alloc.cpu_millis), cpus(cap.cpu_millis))
+                },
                 format!("{}/{}", alloc.gpus, cap.gpus),
                 n.runs.len().to_string(),
             ]);

@@ -5,7 +5,7 @@ use serde_json::json;
 
 use crate::cli::{NodeCommand, OutputFormat};
 use crate::client::{connect, status};
-use crate::output::{print_json, table, time};
+use crate::output::{NO_LIMIT, cpus, print_json, table, time};
 use crate::snapshot::human_bytes;
 
 pub async fn run(server: &str, output: OutputFormat, cmd: NodeCommand) -> anyhow::Result<()> {
@@ -78,15 +78,21 @@ pub async fn run(server: &str, output: OutputFormat, cmd: NodeCommand) -> anyhow
                 node.tier,
                 node.address
             );
+            // `local` nodes have no CPU or memory figure (see `NO_LIMIT`).
+            let allocated = |used: u64, cap: u64, show: fn(u64) -> String| {
+                if cap == 0 {
+                    NO_LIMIT.to_string()
+                } else {
+                    format!("{} of {} allocated", show(used), show(cap))
+                }
+            };
             println!(
-                "cpu         {:.1} of {:.1} allocated",
-                alloc.cpu_millis as f64 / 1000.0,
-                cap.cpu_millis as f64 / 1000.0
+                "cpu         {}",
+                allocated(alloc.cpu_millis, cap.cpu_millis, cpus)
             );
             println!(
-                "memory      {} of {} allocated",
-                human_bytes(alloc.memory_bytes),
-                human_bytes(cap.memory_bytes)
+                "memory      {}",
+                allocated(alloc.memory_bytes, cap.memory_bytes, human_bytes)
             );
             println!("gpus        {} of {} allocated", alloc.gpus, cap.gpus);
             for g in &node.gpus {
@@ -131,7 +137,7 @@ pub async fn run(server: &str, output: OutputFormat, cmd: NodeCommand) -> anyhow
                 if cap.cpu_millis == 0 {
                     "-".into()
                 } else {
-                    format!("{:.1}", cap.cpu_millis as f64 / 1000.0)
+                    cpus(cap.cpu_millis)
                 },
                 if cap.memory_bytes == 0 {
                     "-".into()
