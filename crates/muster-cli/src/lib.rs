@@ -2,9 +2,9 @@
 //!
 //! `muster server`, `muster agent` and `muster dev` run the daemons (library calls into
 //! muster-server and muster-agent); the noun commands (`compute`, `node`, `run`, `sweep`,
-//! `pipeline`, `cluster`) are gRPC clients. Input is validated here first for fast, clear errors, and again by the server,
-//! which is the enforcer. The snapshot builder (`snapshot.rs`) lives here because it reads
-//! the user's directory.
+//! `pipeline`, `cluster`) are gRPC clients. Input is validated here first for fast, clear
+//! errors, and again by the server, which is the enforcer. The snapshot builder
+//! (`snapshot.rs`) lives here because it reads the user's directory.
 //!
 //! Crate choices: `clap` (derive) for flags, `comfy-table` for tables, `humantime` for
 //! times, `ignore` for `.amlignore`/`.gitignore` semantics, `tar` for outputs, `backon`
