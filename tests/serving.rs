@@ -99,6 +99,12 @@ async fn http_health_metrics_ui_and_grpc_reflection_share_the_port() {
         index.1
     );
     assert_eq!(missing.0, 404);
+    assert!(
+        missing
+            .1
+            .contains("run run-nope does not exist: the studio's front page (/) lists the runs"),
+        "{missing:?}"
+    );
 
     // gRPC health and reflection (v1 and v1alpha) on the same port.
     let channel = tonic::transport::Endpoint::from_shared(dev.url())

@@ -54,16 +54,12 @@ pub(crate) fn sweep_view(coordinator: &Coordinator, sweep: &Sweep) -> v1::Sweep 
 }
 
 impl Sweeps {
-    fn wire(&self, sweep: &Sweep) -> v1::Sweep {
-        sweep_view(&self.0, sweep)
-    }
-
     fn get(&self, id: &str) -> Result<v1::Sweep, Status> {
         let sweep = self
             .0
             .read(|s| s.sweeps.get(id).cloned())
             .ok_or_else(|| not_found(id))?;
-        Ok(self.wire(&sweep))
+        Ok(sweep_view(&self.0, &sweep))
     }
 
     /// The trial's code snapshot must be in the blob store and on a majority of servers
@@ -144,7 +140,7 @@ impl SweepService for Sweeps {
                             "idempotency_key: it was used for another sweep ({id}): use a new key"
                         )));
                     }
-                    return Ok(Response::new(self.wire(&first)));
+                    return Ok(Response::new(sweep_view(&self.0, &first)));
                 }
                 (Err(ProposalError::Rejected(ApplyError::InvalidPlacement(_))), Some(_)) => {
                     continue;
@@ -172,7 +168,7 @@ impl SweepService for Sweeps {
         self.0.linearize(req.stale).await.map_err(status)?;
         let mut sweeps: Vec<Sweep> = self.0.read(|s| s.sweeps.values().cloned().collect());
         sweeps.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
-        let sweeps = sweeps.iter().map(|s| self.wire(s)).collect();
+        let sweeps = sweeps.iter().map(|s| sweep_view(&self.0, s)).collect();
         Ok(Response::new(v1::ListSweepsResponse { sweeps }))
     }
 

@@ -426,7 +426,7 @@ pub(super) async fn run_page(
 ) -> Response {
     let Some((run, wire)) = c.read(|s| s.runs.get(&id).map(|r| (r.clone(), run_to_wire(s, r))))
     else {
-        return (StatusCode::NOT_FOUND, format!("run {id} does not exist")).into_response();
+        return not_found("run", &id, "runs");
     };
     let mut html = page_head(&run.id, !run.state.is_terminal(), "runs");
     let _ = write!(
