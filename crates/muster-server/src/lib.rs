@@ -4,39 +4,46 @@
 //! Raft group (muster-raft), and — while it leads — the loops that schedule runs and watch
 //! node heartbeats. It carries out what muster-core decides; it decides nothing itself.
 //!
-//! Follow a run through this crate: `grpc/runs.rs` (SubmitRun proposes a `SubmitRun`
-//! command) → `machine.rs` (applied to the state) → `leader/scheduling.rs` (`schedule()`
-//! gives a placement, proposed as `PlaceRun`) → `grpc/agents.rs` (the node's session sends
-//! the assignment, receives logs into `logs.rs` and the end report, proposed as
-//! `ReportAttempt`) → `grpc/runs.rs` again (WaitRun, StreamLogs).
+//! ## Layers (each a folder with its own module doc; imports go downward only)
 //!
-//! Autoscaling: `leader/autoscale.rs` asks muster-core's `autoscale()` for scale decisions,
-//! proposes them (`ScaleCompute`), and has the compute target's provisioner
-//! (`provision/`) act on the applied state, reporting back with `Provisioned`.
+//! ```text
+//! grpc/  web/          transport: decode, authorize, call, encode; errors → Status here
+//! leader/              loops that ask muster-core for decisions and propose them
+//! effects              what must be stored before it is recorded (seal logs, take nodes down)
+//! views/               read models for the API and the studio
+//! coordinator/  store/ the Raft handle + applied State; blobs, logs, series, replication
+//! metrics              counters (a leaf)
+//! ```
+//!
+//! `server.rs` is the composition root that holds one handle per layer. `store/` has its
+//! own error type and no `tonic`; `tests/layers.rs` checks every `use crate::…` against
+//! this table. docs/ARCHITECTURE.md follows one run through these files.
 //!
 //! Crate choices: `axum` serves gRPC (tonic routes) and HTTP on one listener;
 //! `prometheus-client` renders `/metrics`; `sha2` addresses blobs; `bollard` drives the
 //! Docker engine for the `docker` provisioner (as the agent does for containers).
 
-mod blobs;
-pub mod cluster;
 mod coordinator;
+mod effects;
 mod grpc;
 mod leader;
-mod logs;
-mod machine;
-mod provision;
-mod replication;
-pub mod series;
+mod metrics;
+mod server;
+pub mod store;
+mod views;
 mod web;
+
+/// Server-to-server addressing (`--peers` parsing, the test network filter).
+pub mod cluster {
+    pub use crate::coordinator::peers::{NetworkFilter, parse_peers};
+}
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use blobs::{BlobError, BlobStore};
-pub use coordinator::Coordinator;
 pub use muster_raft::RaftConfig;
+pub use store::{BlobError, BlobStore};
 
 /// How a server runs. Build it over [`ServerConfig::new`] and check it with [`ServerConfig::validate`].
 #[derive(Debug, Clone)]
@@ -148,20 +155,20 @@ pub async fn run(
             vec![addr.to_string()]
         };
     }
-    let coordinator = Coordinator::open(&config).await?;
-    let result = serve(listener, coordinator.clone(), shutdown).await;
-    coordinator.stop().await;
+    let server = server::Server::open(&config).await?;
+    let result = serve(listener, server.clone(), shutdown).await;
+    server.stop().await;
     result
 }
 
 async fn serve(
     listener: tokio::net::TcpListener,
-    coordinator: std::sync::Arc<Coordinator>,
+    server: std::sync::Arc<server::Server>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let leader_tasks = leader::spawn(coordinator.clone());
-    let router = grpc::router(coordinator.clone()).merge(web::router(coordinator.clone()));
-    let stop = coordinator.clone();
+    let leader_tasks = leader::spawn(server.clone());
+    let router = grpc::router(server.clone()).merge(web::router(server.clone()));
+    let stop = server.coordinator.clone();
     let result = axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             shutdown.await;

@@ -314,6 +314,47 @@ impl Command {
     pub fn decode(bytes: &[u8]) -> Result<Command, String> {
         serde_json::from_slice(bytes).map_err(|e| format!("undecodable command: {e}"))
     }
+
+    /// The command's name as the log spells it (without its version), for tracing.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::CreateCompute { .. } => "create_compute",
+            Command::DeleteCompute { .. } => "delete_compute",
+            Command::RegisterNode { .. } => "register_node",
+            Command::SetNodeState { .. } => "set_node_state",
+            Command::SubmitRun { .. } => "submit_run",
+            Command::PlaceRun { .. } => "place_run",
+            Command::ReportAttempt { .. } => "report_attempt",
+            Command::PreemptAttempt { .. } => "preempt_attempt",
+            Command::SealLog { .. } => "seal_log",
+            Command::SetServerAddress { .. } => "set_server_address",
+            Command::RemoveServerAddress { .. } => "remove_server_address",
+            Command::ScaleCompute { .. } => "scale_compute",
+            Command::Provisioned { .. } => "provisioned",
+            Command::CancelRun { .. } => "cancel_run",
+            Command::SubmitSweep { .. } => "submit_sweep",
+            Command::SweepDecision { .. } => "sweep_decision",
+            Command::CancelSweep { .. } => "cancel_sweep",
+            Command::SubmitPipeline { .. } => "submit_pipeline",
+            Command::PipelineDecision { .. } => "pipeline_decision",
+            Command::CancelPipeline { .. } => "cancel_pipeline",
+            Command::SealMetrics { .. } => "seal_metrics",
+        }
+    }
+
+    /// The run a command is about, if it is about one (for tracing a run through the log).
+    pub fn run_id(&self) -> Option<&str> {
+        match self {
+            Command::SubmitRun { run_id, .. }
+            | Command::PlaceRun { run_id, .. }
+            | Command::ReportAttempt { run_id, .. }
+            | Command::PreemptAttempt { run_id, .. }
+            | Command::SealLog { run_id, .. }
+            | Command::CancelRun { run_id, .. }
+            | Command::SealMetrics { run_id, .. } => Some(run_id),
+            _ => None,
+        }
+    }
 }
 
 /// What a provisioner reports with [`Command::Provisioned`].

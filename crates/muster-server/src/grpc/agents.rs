@@ -22,12 +22,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::coordinator::{Coordinator, ProposalError, now_ms};
+use crate::coordinator::{ProposalError, now_ms};
 use crate::grpc::{rejected, status};
-use crate::logs::Append;
-use crate::series::{Feed, Stream as MetricStream};
+use crate::server::Server;
+use crate::store::{Append, Feed, Stream as MetricStream};
 
-pub(crate) struct Agents(pub Arc<Coordinator>);
+pub(crate) struct Agents(pub Arc<Server>);
 
 type Outbound = mpsc::Sender<Result<v1::ServerMessage, Status>>;
 type SessionStream = Pin<Box<dyn Stream<Item = Result<v1::ServerMessage, Status>> + Send>>;
@@ -68,8 +68,8 @@ impl AgentService for Agents {
             address: req.address,
             at: now_ms(),
         };
-        self.0.propose(cmd).await.map_err(status)?;
-        self.0.heartbeat(&req.node_id);
+        self.0.coordinator.propose(cmd).await.map_err(status)?;
+        self.0.heartbeats.beat(&req.node_id);
         Ok(Response::new(v1::RegisterResponse {
             node_id: req.node_id,
             heartbeat_interval_ms: self.0.config.heartbeat_interval.as_millis() as u64,
@@ -81,12 +81,12 @@ impl AgentService for Agents {
         req: Request<v1::HeartbeatRequest>,
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
         let node_id = req.into_inner().node_id;
-        if !self.0.read(|s| s.nodes.contains_key(&node_id)) {
+        if !self.0.coordinator.read(|s| s.nodes.contains_key(&node_id)) {
             return Err(Status::not_found(format!(
                 "node {node_id} is not registered: register first"
             )));
         }
-        self.0.heartbeat(&node_id);
+        self.0.heartbeats.beat(&node_id);
         Ok(Response::new(v1::HeartbeatResponse {}))
     }
 
@@ -98,8 +98,8 @@ impl AgentService for Agents {
     ) -> Result<Response<SessionStream>, Status> {
         // Sessions live on the leader (it schedules and watches heartbeats); a follower
         // points the agent at it.
-        if !self.0.is_leader() {
-            return Err(match self.0.leader_address() {
+        if !self.0.coordinator.is_leader() {
+            return Err(match self.0.coordinator.leader_address() {
                 Some(addr) => {
                     let mut s = Status::unavailable(format!(
                         "this server is not the leader; the leader is at {addr}"
@@ -126,7 +126,11 @@ impl AgentService for Agents {
                 ));
             }
         };
-        if !self.0.read(|s| s.nodes.contains_key(&hello.node_id)) {
+        if !self
+            .0
+            .coordinator
+            .read(|s| s.nodes.contains_key(&hello.node_id))
+        {
             return Err(Status::failed_precondition(format!(
                 "node {} is not registered: call Register first",
                 hello.node_id
@@ -134,7 +138,7 @@ impl AgentService for Agents {
         }
         let (tx, rx) = mpsc::channel(256);
         let session = Session {
-            coordinator: self.0.clone(),
+            server: self.0.clone(),
             node_id: hello.node_id.clone(),
             tx,
             running: hello
@@ -151,7 +155,7 @@ impl AgentService for Agents {
 }
 
 struct Session {
-    coordinator: Arc<Coordinator>,
+    server: Arc<Server>,
     node_id: String,
     tx: Outbound,
     /// What the agent says it runs.
@@ -165,25 +169,21 @@ struct Session {
 impl Session {
     async fn run(mut self, mut inbound: Streaming<v1::AgentMessage>) {
         tracing::info!(node = %self.node_id, "agent session opened");
-        self.coordinator.heartbeat(&self.node_id);
+        self.server.heartbeats.beat(&self.node_id);
         let resumes: Vec<(String, u32)> = self.running.iter().cloned().collect();
         for (run_id, attempt) in resumes {
             self.send_resume(&run_id, attempt).await;
             // Metrics of a rank still live: ship from this server's copy (a new leader's
             // may be shorter than the last one's).
             let rank = self.rank(&run_id, attempt).unwrap_or(0);
-            if self
-                .coordinator
-                .sealed_log(&run_id, attempt, rank)
-                .is_none()
-            {
+            if self.server.sealed_log(&run_id, attempt, rank).is_none() {
                 let offset = self.metric_len(&run_id, attempt);
                 self.send_metric_resume(&run_id, attempt, offset).await;
             }
         }
-        let mut changes = self.coordinator.subscribe();
+        let mut changes = self.server.coordinator.subscribe();
         let mut tick = tokio::time::interval(Duration::from_secs(2));
-        let mut leadership = self.coordinator.raft().watch_status();
+        let mut leadership = self.server.coordinator.raft().watch_status();
         let result: Result<(), Status> = async {
             loop {
                 self.dispatch().await?;
@@ -195,7 +195,7 @@ impl Session {
                     },
                     _ = changes.changed() => {}
                     _ = tick.tick() => {}
-                    _ = self.coordinator.shutting_down() => {
+                    _ = self.server.coordinator.shutting_down() => {
                         return Err(Status::unavailable("the server is shutting down; reconnect"));
                     }
                     _ = async { leadership.wait_for(|s| s.role != muster_raft::Role::Leader).await.is_ok() } => {
@@ -224,9 +224,9 @@ impl Session {
     async fn send_resume(&self, run_id: &str, attempt: u32) {
         let rank = self.rank(run_id, attempt).unwrap_or(0);
         // A sealed log takes nothing more: the agent need not re-send what it holds.
-        let offset = match self.coordinator.sealed_log(run_id, attempt, rank) {
+        let offset = match self.server.sealed_log(run_id, attempt, rank) {
             Some(log) => log.bytes,
-            None => self.coordinator.logs.len(run_id, attempt, rank),
+            None => self.server.store.logs.len(run_id, attempt, rank),
         };
         let _ = self
             .send(server_message::Msg::Resume(v1::LogResume {
@@ -250,14 +250,15 @@ impl Session {
     /// Where this server's copy of an attempt's metrics file ends.
     fn metric_len(&self, run_id: &str, attempt: u32) -> u64 {
         let rank = self.rank(run_id, attempt).unwrap_or(0);
-        self.coordinator
+        self.server
+            .store
             .series
             .stream_len(run_id, MetricStream::File { attempt, rank })
             .unwrap_or(0)
     }
 
     fn rank(&self, run_id: &str, attempt: u32) -> Option<u32> {
-        self.coordinator.read(|s| {
+        self.server.coordinator.read(|s| {
             let a = s
                 .runs
                 .get(run_id)?
@@ -272,8 +273,8 @@ impl Session {
 
     /// Sends what the state asks of this node and the agent has not been told yet.
     async fn dispatch(&mut self) -> Result<(), Status> {
-        let grace_ms = self.coordinator.config.stop_grace.as_millis() as u64;
-        let (assign, stop) = self.coordinator.read(|s| {
+        let grace_ms = self.server.config.stop_grace.as_millis() as u64;
+        let (assign, stop) = self.server.coordinator.read(|s| {
             let mut assign = Vec::new();
             let mut stop = Vec::new();
             let Some(node) = s.nodes.get(&self.node_id) else {
@@ -353,7 +354,7 @@ impl Session {
     }
 
     async fn on_message(&mut self, msg: v1::AgentMessage) -> Result<(), Status> {
-        self.coordinator.heartbeat(&self.node_id);
+        self.server.heartbeats.beat(&self.node_id);
         match msg.msg {
             Some(agent_message::Msg::Heartbeat(h)) => {
                 self.running = h
@@ -367,7 +368,7 @@ impl Session {
                     return Ok(());
                 };
                 if self
-                    .coordinator
+                    .server
                     .sealed_log(&log.run_id, log.attempt, rank)
                     .is_some()
                 {
@@ -376,7 +377,7 @@ impl Session {
                     tracing::debug!(node = %self.node_id, run_id = %log.run_id, attempt = log.attempt, rank, "dropping log bytes of a sealed log");
                     return Ok(());
                 }
-                match self.coordinator.logs.append(
+                match self.server.store.logs.append(
                     &log.run_id,
                     log.attempt,
                     rank,
@@ -385,7 +386,7 @@ impl Session {
                 ) {
                     Ok(Append::Stored(_)) => {
                         // Stdout metric lines come from the log bytes themselves.
-                        if let Err(e) = self.coordinator.feed_log_metrics(
+                        if let Err(e) = self.server.store.feed_log_metrics(
                             &log.run_id,
                             log.attempt,
                             rank,
@@ -404,11 +405,7 @@ impl Session {
                 let Some(rank) = self.rank(&m.run_id, m.attempt) else {
                     return Ok(());
                 };
-                if self
-                    .coordinator
-                    .sealed_log(&m.run_id, m.attempt, rank)
-                    .is_some()
-                {
+                if self.server.sealed_log(&m.run_id, m.attempt, rank).is_some() {
                     // Fenced with the log: the rank ended (or its node was declared lost)
                     // and its metrics are complete; a late agent's bytes are not part of them.
                     return Ok(());
@@ -418,7 +415,8 @@ impl Session {
                     rank,
                 };
                 match self
-                    .coordinator
+                    .server
+                    .store
                     .series
                     .feed(&m.run_id, stream, m.offset, &m.data)
                 {
@@ -435,6 +433,7 @@ impl Session {
         Ok(())
     }
 
+    #[tracing::instrument(name = "report", skip_all, fields(node = %self.node_id, run_id = %u.run_id, attempt = u.attempt, state = ?u.state))]
     async fn on_update(&mut self, u: v1::AttemptUpdate) -> Result<(), Status> {
         let key = (u.run_id.clone(), u.attempt);
         let report = match u.state.as_str() {
@@ -450,12 +449,9 @@ impl Session {
                     _ => AttemptEnd::Failed,
                 };
                 if let Some(rank) = self.rank(&u.run_id, u.attempt)
-                    && self
-                        .coordinator
-                        .sealed_log(&u.run_id, u.attempt, rank)
-                        .is_none()
+                    && self.server.sealed_log(&u.run_id, u.attempt, rank).is_none()
                 {
-                    let stored = self.coordinator.logs.len(&u.run_id, u.attempt, rank);
+                    let stored = self.server.store.logs.len(&u.run_id, u.attempt, rank);
                     if stored < u.log_bytes {
                         // Logs are still missing: ask for them; the agent re-sends the end after.
                         self.send_resume(&u.run_id, u.attempt).await;
@@ -469,17 +465,15 @@ impl Session {
                     }
                     // The whole log is here: into the blob store, onto a majority of servers
                     // and into the state, before the end is proposed (invariant 5).
-                    self.coordinator
-                        .seal_log(&u.run_id, u.attempt, rank)
-                        .await?;
+                    self.server.seal_log(&u.run_id, u.attempt, rank).await?;
                     // The metrics likewise (after the log: its last stdout lines count).
-                    self.coordinator
-                        .seal_metrics(&u.run_id, u.attempt, rank)
-                        .await?;
+                    self.server.seal_metrics(&u.run_id, u.attempt, rank).await?;
                 }
                 if let Some(outputs) = &u.outputs {
                     // Outputs are on a majority before the attempt's end records them.
-                    self.coordinator
+                    self.server
+                        .store
+                        .replicas
                         .ensure_replicated(vec![outputs.clone()])
                         .await?;
                 }
@@ -504,7 +498,7 @@ impl Session {
             report,
             at: now_ms(),
         };
-        let applied = match self.coordinator.propose(cmd).await {
+        let applied = match self.server.coordinator.propose(cmd).await {
             Ok(a) => a,
             // A report for a run that no longer exists is as stale as can be.
             Err(ProposalError::Rejected(ApplyError::UnknownRun(_))) => Applied::Stale {
@@ -517,11 +511,8 @@ impl Session {
         if ended {
             // The sealed blob is the log now; the file it was copied from can go.
             if let Some(rank) = self.rank(&u.run_id, u.attempt)
-                && self
-                    .coordinator
-                    .sealed_log(&u.run_id, u.attempt, rank)
-                    .is_some()
-                && let Err(e) = self.coordinator.logs.remove(&u.run_id, u.attempt, rank)
+                && self.server.sealed_log(&u.run_id, u.attempt, rank).is_some()
+                && let Err(e) = self.server.store.logs.remove(&u.run_id, u.attempt, rank)
             {
                 tracing::warn!(run_id = %u.run_id, attempt = u.attempt, cause = %e, "could not remove a sealed log file");
             }
@@ -540,7 +531,7 @@ impl Session {
                     run_id: key.0,
                     attempt: key.1,
                     reason: "stale".into(),
-                    grace_ms: self.coordinator.config.stop_grace.as_millis() as u64,
+                    grace_ms: self.server.config.stop_grace.as_millis() as u64,
                 }))
                 .await?;
             }

@@ -9,24 +9,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::blobs::BlobError;
-use crate::coordinator::Coordinator;
+use crate::server::Server;
+use crate::store::BlobError;
 
-pub(crate) struct Blobs(pub Arc<Coordinator>);
+pub(crate) struct Blobs(pub Arc<Server>);
 
 const CHUNK: usize = 1 << 20;
-
-pub(crate) fn blob_status(e: BlobError) -> Status {
-    let msg = e.to_string();
-    match e {
-        BlobError::BadAddress(_) | BlobError::DigestMismatch { .. } => {
-            Status::invalid_argument(msg)
-        }
-        BlobError::TooLarge { .. } | BlobError::DiskFull(_) => Status::resource_exhausted(msg),
-        BlobError::NotFound(_) => Status::not_found(msg),
-        BlobError::Io { .. } => Status::internal(msg),
-    }
-}
 
 type BlobStream = Pin<Box<dyn Stream<Item = Result<v1::BlobChunk, Status>> + Send>>;
 
@@ -38,8 +26,8 @@ impl BlobService for Blobs {
     ) -> Result<Response<v1::MissingBlobsResponse>, Status> {
         let mut sha256 = Vec::new();
         for h in req.into_inner().sha256 {
-            self.0.blobs.path(&h).map_err(blob_status)?;
-            if !self.0.blobs.has(&h) {
+            self.0.store.blobs.path(&h).map_err(Status::from)?;
+            if !self.0.store.blobs.has(&h) {
                 sha256.push(h);
             }
         }
@@ -55,9 +43,9 @@ impl BlobService for Blobs {
             Status::invalid_argument("empty upload: the first chunk must name the blob's sha256")
         })??;
         let sha = first.sha256.clone();
-        let store = self.0.blobs.clone();
+        let store = self.0.store.blobs.clone();
         let limit = self.0.config.max_blob_bytes;
-        let mut writer = store.writer(&sha, limit).map_err(blob_status)?;
+        let mut writer = store.writer(&sha, limit).map_err(Status::from)?;
         // File I/O off the async threads, chunk by chunk.
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
         let sink = tokio::task::spawn_blocking(move || -> Result<u64, BlobError> {
@@ -90,7 +78,7 @@ impl BlobService for Blobs {
         let size = sink
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(blob_status)?;
+            .map_err(Status::from)?;
         Ok(Response::new(v1::PutBlobResponse { sha256: sha, size }))
     }
 
@@ -100,16 +88,21 @@ impl BlobService for Blobs {
         &self,
         req: Request<v1::GetBlobRequest>,
     ) -> Result<Response<BlobStream>, Status> {
-        let from_peer = crate::replication::is_replica(&req);
+        let from_peer = crate::coordinator::peers::is_replica(&req);
         let sha = req.into_inner().sha256;
-        let path = self.0.blobs.path(&sha).map_err(blob_status)?;
-        if !from_peer && !self.0.blobs.has(&sha) {
+        let path = self.0.store.blobs.path(&sha).map_err(Status::from)?;
+        if !from_peer && !self.0.store.blobs.has(&sha) {
             // Repair: another server may hold it (it was uploaded there).
-            self.0.fetch_from_peers(&sha).await.map_err(blob_status)?;
+            self.0
+                .store
+                .replicas
+                .fetch_from_peers(&sha)
+                .await
+                .map_err(Status::from)?;
         }
         let file = tokio::fs::File::open(&path)
             .await
-            .map_err(|_| blob_status(BlobError::NotFound(sha.clone())))?;
+            .map_err(|_| Status::from(BlobError::NotFound(sha.clone())))?;
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             use tokio::io::AsyncReadExt;

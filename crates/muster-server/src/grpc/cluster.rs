@@ -9,14 +9,15 @@ use muster_proto::v1::{self, cluster_service_server::ClusterService};
 use muster_raft::{MembershipChange, ProposeError, ReplicationState, Role};
 use tonic::{Request, Response, Status};
 
-use crate::coordinator::{Coordinator, ProposalError};
+use crate::coordinator::ProposalError;
 use crate::grpc::status;
+use crate::server::Server;
 
-pub(crate) struct Cluster(pub Arc<Coordinator>);
+pub(crate) struct Cluster(pub Arc<Server>);
 
 impl Cluster {
     fn snapshot(&self) -> v1::ClusterStatus {
-        let s = self.0.raft().status();
+        let s = self.0.coordinator.raft().status();
         let progress: std::collections::HashMap<u64, _> =
             s.progress.iter().map(|p| (p.id, p)).collect();
         let mut ids: Vec<(u64, bool)> = s.voters.iter().map(|v| (*v, true)).collect();
@@ -38,17 +39,22 @@ impl Cluster {
             first_index: s.first_index,
             last_index: s.last_index,
             snapshot_index: s.snapshot_index,
-            leader_address: s.leader.and_then(|l| self.0.peers.address(l)),
+            leader_address: s.leader.and_then(|l| self.0.coordinator.peers().address(l)),
             views: Vec::new(),
-            addresses: self.0.read(|st| st.servers.clone()).into_iter().collect(),
+            addresses: self
+                .0
+                .coordinator
+                .read(|st| st.servers.clone())
+                .into_iter()
+                .collect(),
             members: ids
                 .into_iter()
                 .map(|(id, voter)| {
                     let p = progress.get(&id);
                     v1::ClusterMember {
                         id,
-                        address: self.0.peers.address(id).unwrap_or_default(),
-                        address_replicated: self.0.peers.replicated(id).is_some(),
+                        address: self.0.coordinator.peers().address(id).unwrap_or_default(),
+                        address_replicated: self.0.coordinator.peers().replicated(id).is_some(),
                         voter,
                         matched_index: p.map(|p| p.matched).unwrap_or_default(),
                         replication: p
@@ -67,7 +73,7 @@ impl Cluster {
     }
 
     fn not_leader(&self) -> Status {
-        match self.0.leader_address() {
+        match self.0.coordinator.leader_address() {
             Some(addr) => Status::failed_precondition(format!(
                 "membership changes go to the leader: run this against {addr}"
             )),
@@ -76,7 +82,7 @@ impl Cluster {
     }
 
     async fn change(&self, changes: Vec<MembershipChange>) -> Result<(), Status> {
-        match self.0.raft().change_membership(changes).await {
+        match self.0.coordinator.raft().change_membership(changes).await {
             Ok(_) => Ok(()),
             Err(ProposeError::NotLeader { .. }) => Err(self.not_leader()),
             Err(ProposeError::Rejected(why)) => Err(Status::failed_precondition(why)),
@@ -95,7 +101,7 @@ impl ClusterService for Cluster {
         if req.into_inner().members {
             let me = status.id;
             let asks = status.members.iter().filter(|m| m.id != me).map(|m| {
-                let client = self.0.peers.client(m.id);
+                let client = self.0.coordinator.peers().client(m.id);
                 async move {
                     let mut client = client?;
                     let answer = tokio::time::timeout(
@@ -130,24 +136,24 @@ impl ClusterService for Cluster {
         }
         validate_server_address(req.id, &req.address)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if self.0.raft().status().voters.contains(&req.id) {
+        if self.0.coordinator.raft().status().voters.contains(&req.id) {
             return Err(Status::already_exists(format!(
                 "server {} is already a voter",
                 req.id
             )));
         }
-        if !self.0.is_leader() {
+        if !self.0.coordinator.is_leader() {
             return Err(self.not_leader());
         }
         // The new server must be able to reach every member (to forward writes, relay
         // logs, repair blobs): a server started alone with `--listen 0.0.0.0:...` and no
         // `--advertise` has no address anyone else can use.
-        let members = self.0.raft().status();
+        let members = self.0.coordinator.raft().status();
         if let Some(unknown) = members
             .voters
             .iter()
             .chain(members.learners.iter())
-            .find(|id| self.0.peers.address(**id).is_none())
+            .find(|id| self.0.coordinator.peers().address(**id).is_none())
         {
             return Err(Status::failed_precondition(format!(
                 "server {unknown} has no address other servers can reach: restart it with --advertise HOST:PORT (or --listen on a specific address), then add server {} again",
@@ -157,6 +163,7 @@ impl ClusterService for Cluster {
         // Its address is replicated state before it becomes a member, so every server
         // (and every server restarted later) can reach it.
         self.0
+            .coordinator
             .propose(Command::SetServerAddress {
                 id: req.id,
                 address: req.address.clone(),
@@ -166,7 +173,7 @@ impl ClusterService for Cluster {
         // Learner first: it catches up (by snapshot) without affecting quorum.
         self.change(vec![MembershipChange::AddLearner(req.id)])
             .await?;
-        let mut status = self.0.raft().watch_status();
+        let mut status = self.0.coordinator.raft().watch_status();
         let learner = req.id;
         let caught_up = tokio::time::timeout(std::time::Duration::from_secs(60), async move {
             status
@@ -195,9 +202,9 @@ impl ClusterService for Cluster {
         req: Request<v1::RemoveServerRequest>,
     ) -> Result<Response<v1::ClusterStatus>, Status> {
         let id = req.into_inner().id;
-        let s = self.0.raft().status();
+        let s = self.0.coordinator.raft().status();
         let member = s.voters.contains(&id) || s.learners.contains(&id);
-        let recorded = self.0.peers.replicated(id).is_some();
+        let recorded = self.0.coordinator.peers().replicated(id).is_some();
         if !member && !recorded {
             return Err(Status::not_found(format!("server {id} is not a member")));
         }
@@ -208,7 +215,7 @@ impl ClusterService for Cluster {
         // server is no member any more, only its address is left to remove).
         if recorded {
             self.0
-                .propose(Command::RemoveServerAddress { id })
+                .coordinator.propose(Command::RemoveServerAddress { id })
                 .await
                 .map_err(|e| {
                     Status::unavailable(format!(
@@ -216,7 +223,7 @@ impl ClusterService for Cluster {
                     ))
                 })?;
         }
-        self.0.peers.forget(id);
+        self.0.coordinator.peers().forget(id);
         Ok(Response::new(self.snapshot()))
     }
 
@@ -225,13 +232,13 @@ impl ClusterService for Cluster {
         req: Request<v1::TransferLeaderRequest>,
     ) -> Result<Response<v1::ClusterStatus>, Status> {
         let to = req.into_inner().to;
-        match self.0.raft().transfer_leader(to).await {
+        match self.0.coordinator.raft().transfer_leader(to).await {
             Ok(()) => {}
             Err(ProposeError::NotLeader { .. }) => return Err(self.not_leader()),
             Err(ProposeError::Rejected(why)) => return Err(Status::failed_precondition(why)),
             Err(e) => return Err(status(ProposalError::Raft(e))),
         }
-        let mut watch = self.0.raft().watch_status();
+        let mut watch = self.0.coordinator.raft().watch_status();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async move {
             watch.wait_for(|s| s.leader == Some(to)).await.is_ok()
         })
@@ -241,9 +248,9 @@ impl ClusterService for Cluster {
 
     async fn raft(&self, req: Request<v1::RaftBatch>) -> Result<Response<v1::RaftAck>, Status> {
         let batch = req.into_inner();
-        self.0.peers.learn(batch.peers);
+        self.0.coordinator.peers().learn(batch.peers);
         for m in batch.messages {
-            if let Err(e) = self.0.raft().step(m) {
+            if let Err(e) = self.0.coordinator.raft().step(m) {
                 tracing::debug!(from = batch.from, cause = %e, "raft message refused");
             }
         }
@@ -255,10 +262,10 @@ impl ClusterService for Cluster {
         req: Request<v1::ForwardRequest>,
     ) -> Result<Response<v1::ForwardResponse>, Status> {
         let command = req.into_inner().command;
-        match self.0.raft().propose(command).await {
+        match self.0.coordinator.raft().propose(command).await {
             Ok(result) => Ok(Response::new(v1::ForwardResponse {
                 result,
-                index: self.0.raft().status().applied_index,
+                index: self.0.coordinator.raft().status().applied_index,
             })),
             Err(e) => Err(status(ProposalError::Raft(e))),
         }
@@ -268,7 +275,7 @@ impl ClusterService for Cluster {
         &self,
         _req: Request<v1::ReadIndexRequest>,
     ) -> Result<Response<v1::ReadIndexResponse>, Status> {
-        match self.0.raft().read_index().await {
+        match self.0.coordinator.raft().read_index().await {
             Ok(index) => Ok(Response::new(v1::ReadIndexResponse { index })),
             Err(e) => Err(status(ProposalError::Raft(e))),
         }

@@ -7,10 +7,11 @@ use muster_proto::v1::{self, compute_service_server::ComputeService};
 use muster_proto::{compute_spec_from_wire, compute_status_to_wire, compute_to_wire, node_to_wire};
 use tonic::{Request, Response, Status};
 
-use crate::coordinator::{Coordinator, now_ms};
+use crate::coordinator::now_ms;
 use crate::grpc::status;
+use crate::server::Server;
 
-pub(crate) struct Computes(pub Arc<Coordinator>);
+pub(crate) struct Computes(pub Arc<Server>);
 
 #[tonic::async_trait]
 impl ComputeService for Computes {
@@ -27,6 +28,7 @@ impl ComputeService for Computes {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let name = spec.name.clone();
         self.0
+            .coordinator
             .propose(Command::CreateCompute { spec, at: now_ms() })
             .await
             .map_err(status)?;
@@ -39,6 +41,7 @@ impl ComputeService for Computes {
     ) -> Result<Response<v1::ListComputesResponse>, Status> {
         let computes = self
             .0
+            .coordinator
             .read(|s| s.computes.values().map(|c| compute_to_wire(s, c)).collect());
         Ok(Response::new(v1::ListComputesResponse { computes }))
     }
@@ -56,6 +59,7 @@ impl ComputeService for Computes {
     ) -> Result<Response<v1::DeleteComputeResponse>, Status> {
         let name = req.into_inner().name;
         self.0
+            .coordinator
             .propose(Command::DeleteCompute { name, at: now_ms() })
             .await
             .map_err(status)?;
@@ -68,10 +72,11 @@ impl ComputeService for Computes {
     ) -> Result<Response<v1::ComputeStatus>, Status> {
         let name = req.into_inner().name;
         self.0
+            .coordinator
             .read(|s| {
                 s.computes
                     .get(&name)
-                    .map(|c| compute_status_to_wire(s, c, |id| self.0.last_heartbeat(id)))
+                    .map(|c| compute_status_to_wire(s, c, |id| self.0.heartbeats.last(id)))
             })
             .map(Response::new)
             .ok_or_else(|| {
@@ -86,11 +91,11 @@ impl ComputeService for Computes {
         req: Request<v1::ListNodesRequest>,
     ) -> Result<Response<v1::ListNodesResponse>, Status> {
         let compute = req.into_inner().compute;
-        let nodes = self.0.read(|s| {
+        let nodes = self.0.coordinator.read(|s| {
             s.nodes
                 .values()
                 .filter(|n| compute.as_ref().is_none_or(|c| &n.compute == c))
-                .map(|n| node_to_wire(n, self.0.last_heartbeat(&n.id)))
+                .map(|n| node_to_wire(n, self.0.heartbeats.last(&n.id)))
                 .collect()
         });
         Ok(Response::new(v1::ListNodesResponse { nodes }))
@@ -113,6 +118,7 @@ impl ComputeService for Computes {
         };
         let node_id = self
             .0
+            .coordinator
             .read(|s| {
                 s.nodes
                     .values()
@@ -129,6 +135,7 @@ impl ComputeService for Computes {
             .reason
             .or_else(|| (state != NodeState::Ready).then(|| format!("{verb} by an admin")));
         self.0
+            .coordinator
             .propose(Command::SetNodeState {
                 node_id: node_id.clone(),
                 state,
@@ -139,10 +146,11 @@ impl ComputeService for Computes {
             .map_err(status)?;
         let node = self
             .0
+            .coordinator
             .read(|s| {
                 s.nodes
                     .get(&node_id)
-                    .map(|n| node_to_wire(n, self.0.last_heartbeat(&n.id)))
+                    .map(|n| node_to_wire(n, self.0.heartbeats.last(&n.id)))
             })
             .ok_or_else(|| Status::not_found("the node was removed meanwhile"))?;
         Ok(Response::new(node))
@@ -152,6 +160,7 @@ impl ComputeService for Computes {
 impl Computes {
     fn get(&self, name: &str) -> Result<Response<v1::ComputeTarget>, Status> {
         self.0
+            .coordinator
             .read(|s| s.computes.get(name).map(|c| compute_to_wire(s, c)))
             .map(Response::new)
             .ok_or_else(|| {

@@ -9,17 +9,16 @@ use std::time::Duration;
 
 use futures::Stream;
 use muster_core::metrics::validate_name;
-use muster_proto::metrics_to_wire;
 use muster_proto::v1::{self, metrics_service_server::MetricsService};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::coordinator::Coordinator;
-use crate::replication::{is_replica, replica_request};
+use crate::coordinator::peers::is_replica;
+use crate::server::Server;
+use crate::views::metrics::run_metrics;
 
-pub(crate) struct Metrics(pub Arc<Coordinator>);
+pub(crate) struct Metrics(pub Arc<Server>);
 
 type MetricStream = Pin<Box<dyn Stream<Item = Result<v1::RunMetrics, Status>> + Send>>;
 
@@ -62,10 +61,10 @@ impl MetricsService for Metrics {
         // The first answer (or its error) before the stream starts: a bad id fails the call.
         let first = run_metrics(&self.0, &get, relayed).await?;
         let (tx, rx) = mpsc::channel(16);
-        let coordinator = self.0.clone();
+        let server = self.0.clone();
         tokio::spawn(async move {
-            let mut changes = coordinator.series.subscribe();
-            let mut applied = coordinator.subscribe();
+            let mut changes = server.store.series.subscribe();
+            let mut applied = server.coordinator.subscribe();
             let mut next = Ok(first);
             let mut malformed = None;
             loop {
@@ -97,82 +96,16 @@ impl MetricsService for Metrics {
                     _ = applied.changed() => {}
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                     _ = tx.closed() => return,
-                    _ = coordinator.shutting_down() => {
+                    _ = server.coordinator.shutting_down() => {
                         let _ = tx.send(Err(Status::unavailable("the server is shutting down; retry"))).await;
                         return;
                     }
                 }
                 // Batch bursts of points.
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                next = run_metrics(&coordinator, &get, relayed).await;
+                next = run_metrics(&server, &get, relayed).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
-}
-
-/// A MetricsService client of the leader, when this server is a follower that knows it.
-fn leader_metrics(
-    coordinator: &Coordinator,
-) -> Option<v1::metrics_service_client::MetricsServiceClient<Channel>> {
-    let channel = coordinator.leader_channel()?;
-    Some(
-        v1::metrics_service_client::MetricsServiceClient::new(channel)
-            .max_decoding_message_size(64 << 20),
-    )
-}
-
-/// A run's metrics as this server can best answer: sealed once the run ended, else live
-/// from this server's store on the leader (or for a relayed request), else from the leader.
-pub(crate) async fn run_metrics(
-    coordinator: &Coordinator,
-    req: &v1::GetRunMetricsRequest,
-    relayed: bool,
-) -> Result<v1::RunMetrics, Status> {
-    let terminal = coordinator.read(|s| s.runs.get(&req.run_id).map(|r| r.state.is_terminal()));
-    let ended = match terminal {
-        Some(t) => t,
-        None => {
-            // A follower that has not applied the submission yet: the leader knows the run.
-            if !relayed && let Some(mut client) = leader_metrics(coordinator) {
-                return Ok(client
-                    .get_run_metrics(replica_request(req.clone()))
-                    .await?
-                    .into_inner());
-            }
-            return Err(Status::not_found(format!(
-                "run {:?} does not exist: list runs with `muster run list`",
-                req.run_id
-            )));
-        }
-    };
-    if ended {
-        coordinator.ensure_sealed_metrics_local(&req.run_id).await?;
-    } else if !relayed && let Some(mut client) = leader_metrics(coordinator) {
-        return Ok(client
-            .get_run_metrics(replica_request(req.clone()))
-            .await
-            .map_err(|s| {
-                Status::unavailable(format!(
-                    "the live metrics of run {} are on the leader, which did not answer ({}); retry",
-                    req.run_id,
-                    s.message()
-                ))
-            })?
-            .into_inner());
-    }
-    let mut answer = coordinator
-        .series
-        .with_log(&req.run_id, |log| {
-            metrics_to_wire(
-                &req.run_id,
-                log,
-                req.name.as_deref(),
-                &req.skip,
-                req.last_only,
-            )
-        })
-        .map_err(|e| Status::internal(format!("reading metrics: {e}")))?;
-    answer.ended = ended;
-    Ok(answer)
 }

@@ -1,4 +1,13 @@
-//! The gRPC services. Domain errors become `tonic::Status` here and nowhere else.
+//! # grpc: the API as transport
+//!
+//! Each service decodes a request, authorizes it (the hook the access issue fills), calls
+//! the layer that does the work — `coordinator` to propose and read, `store` for bytes,
+//! `views` for read models, `effects` for what must be stored before it is recorded — and
+//! encodes the answer. Errors of every layer become `tonic::Status` here and nowhere else,
+//! one `From` impl per error type (below).
+//!
+//! May import: every layer below (`effects`, `views`, `coordinator`, `store`), muster-core
+//! and muster-proto. Never `web/` or the leader loops.
 
 mod agents;
 mod blobs;
@@ -6,23 +15,25 @@ mod cluster;
 mod compute;
 mod metrics;
 mod pipelines;
+pub(crate) mod replicas;
 mod runs;
 mod sweeps;
-
-pub(crate) use metrics::run_metrics;
-pub(crate) use sweeps::sweep_view;
 
 use std::sync::Arc;
 
 use muster_core::ApplyError;
+use muster_core::spec::CodeRef;
 use muster_proto::v1;
 use muster_raft::ProposeError;
 use tonic::Status;
 
-use crate::coordinator::{Coordinator, ProposalError};
+use crate::coordinator::ProposalError;
+use crate::effects::EffectError;
+use crate::server::Server;
+use crate::store::{BlobError, SnapshotError, StoreError};
 
 /// All gRPC services (plus health and reflection) as an axum router.
-pub fn router(coordinator: Arc<Coordinator>) -> axum::Router {
+pub fn router(server: Arc<Server>) -> axum::Router {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(muster_proto::FILE_DESCRIPTOR_SET)
@@ -43,33 +54,31 @@ pub fn router(coordinator: Arc<Coordinator>) -> axum::Router {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(v1::compute_service_server::ComputeServiceServer::new(
-            compute::Computes(coordinator.clone()),
+            compute::Computes(server.clone()),
         ))
         .add_service(v1::run_service_server::RunServiceServer::new(runs::Runs(
-            coordinator.clone(),
+            server.clone(),
         )))
         .add_service(
-            v1::metrics_service_server::MetricsServiceServer::new(metrics::Metrics(
-                coordinator.clone(),
-            ))
-            .max_encoding_message_size(64 << 20),
+            v1::metrics_service_server::MetricsServiceServer::new(metrics::Metrics(server.clone()))
+                .max_encoding_message_size(64 << 20),
         )
         .add_service(
-            v1::blob_service_server::BlobServiceServer::new(blobs::Blobs(coordinator.clone()))
+            v1::blob_service_server::BlobServiceServer::new(blobs::Blobs(server.clone()))
                 .max_decoding_message_size(8 << 20),
         )
         .add_service(
-            v1::agent_service_server::AgentServiceServer::new(agents::Agents(coordinator.clone()))
+            v1::agent_service_server::AgentServiceServer::new(agents::Agents(server.clone()))
                 .max_decoding_message_size(8 << 20),
         )
         .add_service(v1::pipeline_service_server::PipelineServiceServer::new(
-            pipelines::Pipelines(coordinator.clone()),
+            pipelines::Pipelines(server.clone()),
         ))
         .add_service(v1::sweep_service_server::SweepServiceServer::new(
-            sweeps::Sweeps(coordinator.clone()),
+            sweeps::Sweeps(server.clone()),
         ))
         .add_service(
-            v1::cluster_service_server::ClusterServiceServer::new(cluster::Cluster(coordinator))
+            v1::cluster_service_server::ClusterServiceServer::new(cluster::Cluster(server))
                 .max_decoding_message_size(512 << 20)
                 .max_encoding_message_size(512 << 20),
         )
@@ -109,4 +118,69 @@ pub(crate) fn rejected(e: ApplyError) -> Status {
         | ApplyError::RunFinished { .. }
         | ApplyError::InvalidPlacement(_) => Status::failed_precondition(msg),
     }
+}
+
+impl From<ProposalError> for Status {
+    fn from(e: ProposalError) -> Status {
+        status(e)
+    }
+}
+
+impl From<BlobError> for Status {
+    fn from(e: BlobError) -> Status {
+        let msg = e.to_string();
+        match e {
+            BlobError::BadAddress(_) | BlobError::DigestMismatch { .. } => {
+                Status::invalid_argument(msg)
+            }
+            BlobError::TooLarge { .. } | BlobError::DiskFull(_) => Status::resource_exhausted(msg),
+            BlobError::NotFound(_) => Status::not_found(msg),
+            BlobError::Io { .. } => Status::internal(msg),
+        }
+    }
+}
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Status {
+        match e {
+            StoreError::Blob(e) => e.into(),
+            e @ (StoreError::NoMajority { .. } | StoreError::Unavailable { .. }) => {
+                Status::unavailable(e.to_string())
+            }
+            e @ (StoreError::Io { .. } | StoreError::Truncated { .. }) => {
+                Status::internal(e.to_string())
+            }
+        }
+    }
+}
+
+impl From<EffectError> for Status {
+    fn from(e: EffectError) -> Status {
+        match e {
+            EffectError::Store(e) => e.into(),
+            EffectError::Proposal(e) => e.into(),
+        }
+    }
+}
+
+/// Checks that the snapshot `code` names (the request's field `field`) is whole in this
+/// server's store, and puts it on a majority of servers before the submission is accepted.
+pub(crate) async fn check_code(
+    server: &crate::server::Server,
+    field: &str,
+    code: &CodeRef,
+) -> Result<(), Status> {
+    let hashes = server.store.snapshot_blobs(code).map_err(|e| {
+        let msg = format!("{field}: {e}");
+        match e {
+            SnapshotError::ManifestMissing(_) | SnapshotError::FileMissing(_) => {
+                Status::failed_precondition(msg)
+            }
+            SnapshotError::ManifestUnreadable(_) | SnapshotError::ManifestInvalid(_) => {
+                Status::invalid_argument(msg)
+            }
+        }
+    })?;
+    server.store.replicas.ensure_replicated(hashes).await?;
+    Ok(())
 }

@@ -12,10 +12,11 @@ use muster_proto::v1::{self, pipeline_service_server::PipelineService};
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
-use crate::coordinator::{Coordinator, ProposalError, now_ms};
-use crate::grpc::status;
+use crate::coordinator::{ProposalError, now_ms};
+use crate::grpc::{check_code, status};
+use crate::server::Server;
 
-pub(crate) struct Pipelines(pub Arc<Coordinator>);
+pub(crate) struct Pipelines(pub Arc<Server>);
 
 fn not_found(id: &str) -> Status {
     Status::not_found(format!(
@@ -43,36 +44,9 @@ fn keyed_pipeline_id(key: &str) -> String {
 impl Pipelines {
     fn get(&self, id: &str) -> Result<v1::Pipeline, Status> {
         self.0
+            .coordinator
             .read(|s| s.pipelines.get(id).map(|p| pipeline_to_wire(s, p)))
             .ok_or_else(|| not_found(id))
-    }
-
-    /// Checks that a step's snapshot is in the blob store and on a majority of servers.
-    async fn check_code(&self, step: &str, code: &CodeRef) -> Result<(), Status> {
-        let manifest = self.0.blobs.get(&code.manifest).map_err(|_| {
-            Status::failed_precondition(format!(
-                "code.{step}: snapshot manifest {} is not in the blob store: upload the snapshot before submitting",
-                code.manifest
-            ))
-        })?;
-        let manifest: muster_core::snapshot::Manifest =
-            serde_json::from_slice(&manifest).map_err(|e| {
-                Status::invalid_argument(format!(
-                    "code.{step}: the snapshot manifest is not valid: {e}"
-                ))
-            })?;
-        manifest
-            .validate()
-            .map_err(|e| Status::invalid_argument(format!("code.{step}: {e}")))?;
-        let mut hashes: Vec<String> = manifest.files.iter().map(|f| f.sha256.clone()).collect();
-        if let Some(missing) = hashes.iter().find(|h| !self.0.blobs.has(h)) {
-            return Err(Status::failed_precondition(format!(
-                "code.{step}: file blob {missing} of the snapshot was not uploaded: upload the snapshot before submitting"
-            )));
-        }
-        hashes.push(code.manifest.clone());
-        self.0.ensure_replicated(hashes).await?;
-        Ok(())
     }
 }
 
@@ -97,13 +71,13 @@ impl PipelineService for Pipelines {
                 )));
             };
             let code: CodeRef = muster_proto::code_from_wire(code);
-            self.check_code(&step, &code).await?;
+            check_code(&self.0, &format!("code.{step}"), &code).await?;
             s.run.code = Some(code);
             s.run
                 .validate()
                 .map_err(|e| Status::invalid_argument(format!("jobs.{step}.{e}")))?;
         }
-        let unknown = self.0.read(|s| {
+        let unknown = self.0.coordinator.read(|s| {
             spec.steps
                 .iter()
                 .find(|(_, step)| !s.computes.contains_key(&step.run.compute))
@@ -136,11 +110,11 @@ impl PipelineService for Pipelines {
                 spec: Box::new(spec.clone()),
                 at: now_ms(),
             };
-            match self.0.propose(cmd).await {
+            match self.0.coordinator.propose(cmd).await {
                 Ok(_) => return self.get(&id).map(Response::new),
                 // The same key applied meanwhile (a retry racing the first try): that one.
                 Err(ProposalError::Rejected(ApplyError::InvalidPlacement(_)))
-                    if self.0.read(|s| s.pipelines.contains_key(&id)) =>
+                    if self.0.coordinator.read(|s| s.pipelines.contains_key(&id)) =>
                 {
                     if keyed.is_some() {
                         return self.get(&id).map(Response::new);
@@ -158,7 +132,7 @@ impl PipelineService for Pipelines {
         req: Request<v1::GetPipelineRequest>,
     ) -> Result<Response<v1::Pipeline>, Status> {
         let req = req.into_inner();
-        self.0.linearize(false).await.map_err(status)?;
+        self.0.coordinator.linearize(false).await.map_err(status)?;
         self.get(&req.id).map(Response::new)
     }
 
@@ -167,8 +141,8 @@ impl PipelineService for Pipelines {
         req: Request<v1::ListPipelinesRequest>,
     ) -> Result<Response<v1::ListPipelinesResponse>, Status> {
         let req = req.into_inner();
-        self.0.linearize(false).await.map_err(status)?;
-        let pipelines = self.0.read(|s| {
+        self.0.coordinator.linearize(false).await.map_err(status)?;
+        let pipelines = self.0.coordinator.read(|s| {
             let mut ps: Vec<_> = s.pipelines.values().collect();
             ps.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
             if req.limit > 0 && ps.len() > req.limit as usize {
@@ -193,6 +167,7 @@ impl PipelineService for Pipelines {
         }
         if current.state != "canceling" {
             self.0
+                .coordinator
                 .propose(Command::CancelPipeline {
                     pipeline_id: req.id.clone(),
                     reason: req.reason,

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use muster_core::state::{AttemptState, SealedLog};
-use muster_core::{Applied, ApplyError, Command, NodeState, RunState};
+use muster_core::state::SealedLog;
+use muster_core::{Applied, ApplyError, Command, RunState};
 use muster_proto::v1::{self, run_service_server::RunService};
 use muster_proto::{run_to_wire, spec_from_wire};
 use tokio::sync::mpsc;
@@ -15,10 +15,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::coordinator::{Coordinator, ProposalError, new_run_id, now_ms};
-use crate::grpc::status;
+use crate::coordinator::{ProposalError, new_run_id, now_ms};
+use crate::grpc::{check_code, status};
+use crate::server::Server;
+use crate::views;
+use crate::views::logs::AttemptLogs;
 
-pub(crate) struct Runs(pub Arc<Coordinator>);
+pub(crate) struct Runs(pub Arc<Server>);
 
 const LOG_CHUNK: usize = 64 * 1024;
 /// How long `StreamLogs` waits to catch up with the leader before it serves what the
@@ -33,23 +36,7 @@ fn not_found(id: &str) -> Status {
 
 impl Runs {
     fn get(&self, id: &str) -> Result<v1::Run, Status> {
-        self.0
-            .read(|s| {
-                s.runs.get(id).map(|r| {
-                    let mut wire = run_to_wire(s, r);
-                    // A queued run says why it waits ("needs 2 nodes with 4 free GPUs; 1 available").
-                    if r.state == RunState::Queued
-                        && let Some(reason) = self.0.waiting_reason(r)
-                    {
-                        wire.message = Some(match &wire.message {
-                            Some(m) => format!("{m}; waiting: {reason}"),
-                            None => format!("waiting: {reason}"),
-                        });
-                    }
-                    wire
-                })
-            })
-            .ok_or_else(|| not_found(id))
+        views::runs::run(&self.0, id).ok_or_else(|| not_found(id))
     }
 }
 
@@ -57,6 +44,7 @@ type LogStream = Pin<Box<dyn Stream<Item = Result<v1::LogChunk, Status>> + Send>
 
 #[tonic::async_trait]
 impl RunService for Runs {
+    #[tracing::instrument(name = "submit", skip_all, fields(run_id = tracing::field::Empty))]
     async fn submit_run(
         &self,
         req: Request<v1::SubmitRunRequest>,
@@ -71,29 +59,7 @@ impl RunService for Runs {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if let Some(code) = &spec.code {
             // The snapshot must be on a majority of servers before the run is accepted.
-            let manifest = self.0.blobs.get(&code.manifest).map_err(|_| {
-                Status::failed_precondition(format!(
-                    "code: snapshot manifest {} is not in the blob store: upload the snapshot before submitting",
-                    code.manifest
-                ))
-            })?;
-            let manifest: muster_core::snapshot::Manifest = serde_json::from_slice(&manifest)
-                .map_err(|e| {
-                    Status::invalid_argument(format!(
-                        "code: the snapshot manifest is not valid: {e}"
-                    ))
-                })?;
-            manifest
-                .validate()
-                .map_err(|e| Status::invalid_argument(format!("code: {e}")))?;
-            let mut hashes: Vec<String> = manifest.files.iter().map(|f| f.sha256.clone()).collect();
-            if let Some(missing) = hashes.iter().find(|h| !self.0.blobs.has(h)) {
-                return Err(Status::failed_precondition(format!(
-                    "code: file blob {missing} of the snapshot was not uploaded: upload the snapshot before submitting"
-                )));
-            }
-            hashes.push(code.manifest.clone());
-            self.0.ensure_replicated(hashes).await?;
+            check_code(&self.0, "code", code).await?;
         }
         if let Some(key) = &req.idempotency_key
             && (key.is_empty() || key.len() > 128)
@@ -110,8 +76,10 @@ impl RunService for Runs {
                 idempotency_key: req.idempotency_key.clone(),
                 at: now_ms(),
             };
-            match self.0.propose(cmd).await {
+            match self.0.coordinator.propose(cmd).await {
                 Ok(Applied::Submitted { run_id, .. }) => {
+                    tracing::Span::current().record("run_id", run_id.as_str());
+                    tracing::debug!("run accepted");
                     self.0.metrics.runs_submitted.inc();
                     return self.get(&run_id).map(Response::new);
                 }
@@ -129,7 +97,11 @@ impl RunService for Runs {
 
     async fn get_run(&self, req: Request<v1::GetRunRequest>) -> Result<Response<v1::Run>, Status> {
         let req = req.into_inner();
-        self.0.linearize(req.stale).await.map_err(status)?;
+        self.0
+            .coordinator
+            .linearize(req.stale)
+            .await
+            .map_err(status)?;
         self.get(&req.id).map(Response::new)
     }
 
@@ -138,14 +110,18 @@ impl RunService for Runs {
         req: Request<v1::ListRunsRequest>,
     ) -> Result<Response<v1::ListRunsResponse>, Status> {
         let req = req.into_inner();
-        self.0.linearize(req.stale).await.map_err(status)?;
+        self.0
+            .coordinator
+            .linearize(req.stale)
+            .await
+            .map_err(status)?;
         let state = match &req.state {
             Some(s) => Some(
                 RunState::parse(s).map_err(|e| Status::invalid_argument(format!("state: {e}")))?,
             ),
             None => None,
         };
-        let runs = self.0.read(|s| {
+        let runs = self.0.coordinator.read(|s| {
             let mut runs: Vec<_> = s
                 .runs
                 .values()
@@ -172,6 +148,7 @@ impl RunService for Runs {
     ) -> Result<Response<v1::Run>, Status> {
         let req = req.into_inner();
         self.0
+            .coordinator
             .propose(Command::CancelRun {
                 run_id: req.id.clone(),
                 reason: req.reason,
@@ -191,13 +168,15 @@ impl RunService for Runs {
         &self,
         req: Request<v1::StreamLogsRequest>,
     ) -> Result<Response<LogStream>, Status> {
-        let relayed = crate::replication::is_replica(&req);
+        let relayed = crate::coordinator::peers::is_replica(&req);
         let req = req.into_inner();
         // A follower that lags would list fewer attempts than the leader has: catch up to
         // the leader's commit first. Without a leader (no quorum) the local replica still
         // serves what it holds, so logs stay readable through an outage.
         if !relayed {
-            match tokio::time::timeout(LINEARIZE_LOGS_WITHIN, self.0.linearize(false)).await {
+            match tokio::time::timeout(LINEARIZE_LOGS_WITHIN, self.0.coordinator.linearize(false))
+                .await
+            {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(cause = %e, "logs served from the local replica"),
                 Err(_) => {
@@ -209,7 +188,7 @@ impl RunService for Runs {
             // A follower that has not applied the submission yet: the leader knows the run.
             if !relayed && let Some(mut client) = leader_runs(&self.0) {
                 let stream = client
-                    .stream_logs(crate::replication::replica_request(req))
+                    .stream_logs(crate::coordinator::peers::replica_request(req))
                     .await?
                     .into_inner();
                 return Ok(Response::new(Box::pin(stream)));
@@ -224,6 +203,7 @@ impl RunService for Runs {
             }
             let count = self
                 .0
+                .coordinator
                 .read(|s| s.runs.get(&req.id).map(|r| r.spec.instance_count))
                 .unwrap_or(1);
             if rank >= count {
@@ -234,9 +214,9 @@ impl RunService for Runs {
             }
         }
         let (tx, rx) = mpsc::channel(16);
-        let coordinator = self.0.clone();
+        let server = self.0.clone();
         tokio::spawn(async move {
-            if let Err(e) = follow_logs(&coordinator, &req, relayed, &tx).await {
+            if let Err(e) = follow_logs(&server, &req, relayed, &tx).await {
                 let _ = tx.send(Err(e)).await;
             }
         });
@@ -250,7 +230,7 @@ impl RunService for Runs {
         let req = req.into_inner();
         let deadline = (req.timeout_ms > 0)
             .then(|| tokio::time::Instant::now() + Duration::from_millis(req.timeout_ms));
-        let mut changes = self.0.subscribe();
+        let mut changes = self.0.coordinator.subscribe();
         loop {
             let run = self.get(&req.id)?;
             let terminal = RunState::parse(&run.state).is_ok_and(RunState::is_terminal);
@@ -268,17 +248,15 @@ impl RunService for Runs {
             };
             tokio::select! {
                 alive = wait => if !alive { return Err(Status::unavailable("the server is shutting down")) },
-                _ = self.0.shutting_down() => return Err(Status::unavailable("the server is shutting down; retry")),
+                _ = self.0.coordinator.shutting_down() => return Err(Status::unavailable("the server is shutting down; retry")),
             }
         }
     }
 }
 
 /// A RunService client of the leader, when this server is a follower that knows it.
-fn leader_runs(
-    coordinator: &Coordinator,
-) -> Option<v1::run_service_client::RunServiceClient<Channel>> {
-    let channel = coordinator.leader_channel()?;
+fn leader_runs(server: &Server) -> Option<v1::run_service_client::RunServiceClient<Channel>> {
+    let channel = server.coordinator.leader_channel()?;
     Some(v1::run_service_client::RunServiceClient::new(channel).max_decoding_message_size(16 << 20))
 }
 
@@ -292,61 +270,6 @@ enum Source {
     Leader(v1::run_service_client::RunServiceClient<Channel>),
 }
 
-/// What this server knows of one attempt's logs.
-struct AttemptLogs {
-    /// How many ranks the attempt has.
-    ranks: u32,
-    /// Whether the attempt ended.
-    ended: bool,
-    /// The sealed log of each rank, by rank.
-    sealed: Vec<Option<SealedLog>>,
-    /// Whether each rank's log will grow no more though it is not sealed: the attempt
-    /// ended and the rank reported its end before logs were sealed, or its node is lost
-    /// (what the leader had of it was sealed), or the rank's end is overdue (it was never
-    /// started, or its agent vanished after the attempt ended).
-    settled: Vec<bool>,
-}
-
-impl AttemptLogs {
-    fn of(
-        s: &muster_core::State,
-        config: &crate::ServerConfig,
-        run: &muster_core::Run,
-        attempt: u32,
-    ) -> Option<AttemptLogs> {
-        let a = run.attempts.get(attempt.checked_sub(1)? as usize)?;
-        let ended = matches!(a.state, AttemptState::Ended(_));
-        let overdue = a.finished_at.is_some_and(|at| {
-            let wait = config.stop_grace + config.node_grace;
-            now_ms() > at + wait.as_millis() as u64 + RANK_END_SLACK_MS
-        });
-        let (sealed, settled) = a
-            .placements
-            .iter()
-            .enumerate()
-            .map(|(rank, p)| {
-                let rank = rank as u32;
-                let node_lost = s
-                    .nodes
-                    .get(&p.node_id)
-                    .is_none_or(|n| n.state == NodeState::Lost);
-                let settled = ended && (a.rank_ends.contains_key(&rank) || node_lost || overdue);
-                (a.logs.get(&rank).cloned(), settled)
-            })
-            .unzip();
-        Some(AttemptLogs {
-            ranks: a.placements.len() as u32,
-            ended,
-            sealed,
-            settled,
-        })
-    }
-}
-
-/// How long past an attempt's end (plus the stop grace and the node grace) a follower of
-/// its log waits for a rank that never reported its end.
-const RANK_END_SLACK_MS: u64 = 5_000;
-
 /// The ranks of an attempt with `count` ranks that a request asks for: one, all, or rank 0
 /// (requests that predate ranks).
 fn wanted_ranks(req: &v1::StreamLogsRequest, count: u32) -> Vec<u32> {
@@ -357,14 +280,14 @@ fn wanted_ranks(req: &v1::StreamLogsRequest, count: u32) -> Vec<u32> {
     }
 }
 
-fn source(coordinator: &Coordinator, sealed: Option<&SealedLog>, relayed: bool) -> Source {
+fn source(server: &Server, sealed: Option<&SealedLog>, relayed: bool) -> Source {
     if let Some(log) = sealed {
         return Source::Sealed(log.clone());
     }
     if relayed {
         return Source::Local;
     }
-    match leader_runs(coordinator) {
+    match leader_runs(server) {
         Some(client) => Source::Leader(client),
         None => Source::Local,
     }
@@ -383,13 +306,15 @@ async fn relay(
 ) -> Result<(), Status> {
     tracing::debug!(run_id = %req.id, attempt, ?offsets, "relaying a live log from the leader");
     let mut stream = client
-        .stream_logs(crate::replication::replica_request(v1::StreamLogsRequest {
-            id: req.id.clone(),
-            attempt: Some(attempt),
-            follow: req.follow,
-            rank: req.rank,
-            all_ranks: req.all_ranks,
-        }))
+        .stream_logs(crate::coordinator::peers::replica_request(
+            v1::StreamLogsRequest {
+                id: req.id.clone(),
+                attempt: Some(attempt),
+                follow: req.follow,
+                rank: req.rank,
+                all_ranks: req.all_ranks,
+            },
+        ))
         .await?
         .into_inner();
     while let Some(chunk) = stream.message().await? {
@@ -424,7 +349,7 @@ async fn relay(
 /// from this server's file on the leader, or relayed from the leader on a follower (never
 /// relayed twice: `relayed` requests are answered from what is here).
 async fn follow_logs(
-    coordinator: &Coordinator,
+    server: &Server,
     req: &v1::StreamLogsRequest,
     relayed: bool,
     tx: &mpsc::Sender<Result<v1::LogChunk, Status>>,
@@ -433,19 +358,20 @@ async fn follow_logs(
     // This attempt's ranks still to send, with the offset reached in each.
     let mut offsets: BTreeMap<u32, u64> = BTreeMap::new();
     let mut done: BTreeSet<u32> = BTreeSet::new();
-    let mut state_changes = coordinator.subscribe();
-    let mut log_changes = coordinator.logs.subscribe();
+    let mut state_changes = server.coordinator.subscribe();
+    let mut log_changes = server.store.logs.subscribe();
     // The attempt whose live logs the leader finished relaying (wait for this replica to
     // apply their seals rather than relay them again).
     let mut relayed_to_end: Option<u32> = None;
     loop {
-        let (attempts, run_terminal, logs) = coordinator
+        let (attempts, run_terminal, logs) = server
+            .coordinator
             .read(|s| {
                 s.runs.get(&req.id).map(|r| {
                     (
                         r.attempt_number(),
                         r.state.is_terminal(),
-                        AttemptLogs::of(s, &coordinator.config, r, attempt),
+                        AttemptLogs::of(s, &server.config, r, attempt),
                     )
                 })
             })
@@ -463,13 +389,13 @@ async fn follow_logs(
                 }
                 let offset = offsets.get_mut(&rank).expect("entered above");
                 let sealed = logs.sealed[rank as usize].as_ref();
-                let data = match source(coordinator, sealed, relayed) {
+                let data = match source(server, sealed, relayed) {
                     Source::Sealed(log) => {
                         if *offset >= log.bytes {
                             done.insert(rank);
                             continue;
                         }
-                        let data = coordinator.read_sealed(&log, *offset, LOG_CHUNK).await?;
+                        let data = server.store.read_sealed(&log, *offset, LOG_CHUNK).await?;
                         if data.is_empty() {
                             return Err(Status::internal(format!(
                                 "the sealed log {} is shorter than the {} bytes recorded",
@@ -479,7 +405,8 @@ async fn follow_logs(
                         data
                     }
                     Source::Local => {
-                        let data = coordinator
+                        let data = server
+                            .store
                             .logs
                             .read(&req.id, attempt, rank, *offset, LOG_CHUNK)
                             .map_err(|e| Status::internal(format!("reading the log: {e}")))?;
@@ -568,7 +495,7 @@ async fn follow_logs(
             _ = state_changes.changed() => {}
             _ = log_changes.changed() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = coordinator.shutting_down() => return Err(Status::unavailable("the server is shutting down; follow the logs again")),
+            _ = server.coordinator.shutting_down() => return Err(Status::unavailable("the server is shutting down; follow the logs again")),
             _ = tx.closed() => return Ok(()),
         }
     }

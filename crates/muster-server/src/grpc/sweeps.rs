@@ -4,18 +4,18 @@
 use std::sync::Arc;
 
 use muster_core::state::Sweep;
-use muster_core::sweep::SweepSpec;
 use muster_core::{ApplyError, Command};
+use muster_proto::sweep_spec_from_wire;
 use muster_proto::v1::{self, sweep_service_server::SweepService};
-use muster_proto::{sweep_spec_from_wire, sweep_to_wire};
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
-use crate::coordinator::{Coordinator, ProposalError, now_ms};
-use crate::grpc::status;
-use crate::leader::sweeps::trial_series;
+use crate::coordinator::{ProposalError, now_ms};
+use crate::grpc::{check_code, status};
+use crate::server::Server;
+use crate::views::sweeps::sweep_view;
 
-pub(crate) struct Sweeps(pub Arc<Coordinator>);
+pub(crate) struct Sweeps(pub Arc<Server>);
 
 fn not_found(id: &str) -> Status {
     Status::not_found(format!(
@@ -45,52 +45,14 @@ fn sweep_id(key: Option<&str>) -> String {
     id
 }
 
-/// A sweep as the API (and the web UI) shows it: its trials ranked by the primary metric
-/// (muster-core's `rank_trials`, through `sweep_to_wire`), each trial's series read from
-/// this server's metric store.
-pub(crate) fn sweep_view(coordinator: &Coordinator, sweep: &Sweep) -> v1::Sweep {
-    let series = trial_series(coordinator, sweep);
-    coordinator.read(|s| sweep_to_wire(s, sweep, &series))
-}
-
 impl Sweeps {
     fn get(&self, id: &str) -> Result<v1::Sweep, Status> {
         let sweep = self
             .0
+            .coordinator
             .read(|s| s.sweeps.get(id).cloned())
             .ok_or_else(|| not_found(id))?;
         Ok(sweep_view(&self.0, &sweep))
-    }
-
-    /// The trial's code snapshot must be in the blob store and on a majority of servers
-    /// before the sweep is accepted (as for a run).
-    async fn check_code(&self, spec: &SweepSpec) -> Result<(), Status> {
-        let Some(code) = &spec.trial.code else {
-            return Ok(());
-        };
-        let manifest = self.0.blobs.get(&code.manifest).map_err(|_| {
-            Status::failed_precondition(format!(
-                "trial.code: snapshot manifest {} is not in the blob store: upload the snapshot before submitting",
-                code.manifest
-            ))
-        })?;
-        let manifest: muster_core::snapshot::Manifest =
-            serde_json::from_slice(&manifest).map_err(|e| {
-                Status::invalid_argument(format!(
-                    "trial.code: the snapshot manifest is not valid: {e}"
-                ))
-            })?;
-        manifest
-            .validate()
-            .map_err(|e| Status::invalid_argument(format!("trial.code: {e}")))?;
-        let mut hashes: Vec<String> = manifest.files.iter().map(|f| f.sha256.clone()).collect();
-        if let Some(missing) = hashes.iter().find(|h| !self.0.blobs.has(h)) {
-            return Err(Status::failed_precondition(format!(
-                "trial.code: file blob {missing} of the snapshot was not uploaded: upload the snapshot before submitting"
-            )));
-        }
-        hashes.push(code.manifest.clone());
-        self.0.ensure_replicated(hashes).await
     }
 }
 
@@ -115,7 +77,11 @@ impl SweepService for Sweeps {
                 "idempotency_key: use 1 to 128 characters",
             ));
         }
-        self.check_code(&spec).await?;
+        if let Some(code) = &spec.trial.code {
+            // The trial's snapshot must be on a majority of servers before the sweep is
+            // accepted (as for a run).
+            check_code(&self.0, "trial.code", code).await?;
+        }
         let keyed = req.idempotency_key.is_some();
         // A fresh random id collides with an existing one with negligible odds; retry if
         // it does. A keyed id that exists is the first submission of this key.
@@ -128,8 +94,8 @@ impl SweepService for Sweeps {
                 seed,
                 at: now_ms(),
             };
-            let result = self.0.propose(cmd).await;
-            let existing = self.0.read(|s| s.sweeps.get(&id).cloned());
+            let result = self.0.coordinator.propose(cmd).await;
+            let existing = self.0.coordinator.read(|s| s.sweeps.get(&id).cloned());
             match (result, existing) {
                 (Ok(_), _) => return self.get(&id).map(Response::new),
                 (Err(ProposalError::Rejected(ApplyError::InvalidPlacement(_))), Some(first))
@@ -156,7 +122,11 @@ impl SweepService for Sweeps {
         req: Request<v1::GetSweepRequest>,
     ) -> Result<Response<v1::Sweep>, Status> {
         let req = req.into_inner();
-        self.0.linearize(req.stale).await.map_err(status)?;
+        self.0
+            .coordinator
+            .linearize(req.stale)
+            .await
+            .map_err(status)?;
         self.get(&req.id).map(Response::new)
     }
 
@@ -165,8 +135,15 @@ impl SweepService for Sweeps {
         req: Request<v1::ListSweepsRequest>,
     ) -> Result<Response<v1::ListSweepsResponse>, Status> {
         let req = req.into_inner();
-        self.0.linearize(req.stale).await.map_err(status)?;
-        let mut sweeps: Vec<Sweep> = self.0.read(|s| s.sweeps.values().cloned().collect());
+        self.0
+            .coordinator
+            .linearize(req.stale)
+            .await
+            .map_err(status)?;
+        let mut sweeps: Vec<Sweep> = self
+            .0
+            .coordinator
+            .read(|s| s.sweeps.values().cloned().collect());
         sweeps.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         let sweeps = sweeps.iter().map(|s| sweep_view(&self.0, s)).collect();
         Ok(Response::new(v1::ListSweepsResponse { sweeps }))
@@ -179,6 +156,7 @@ impl SweepService for Sweeps {
         let req = req.into_inner();
         let sweep = self
             .0
+            .coordinator
             .read(|s| s.sweeps.get(&req.id).cloned())
             .ok_or_else(|| not_found(&req.id))?;
         if sweep.finished.is_some() {
@@ -193,6 +171,7 @@ impl SweepService for Sweeps {
             return self.get(&req.id).map(Response::new);
         }
         self.0
+            .coordinator
             .propose(Command::CancelSweep {
                 sweep_id: req.id.clone(),
                 reason: req.reason,

@@ -14,12 +14,13 @@ use std::time::Duration;
 use muster_core::autoscale;
 use tokio::time::Instant;
 
-use crate::coordinator::{Coordinator, now_ms};
-use crate::provision::{Provisioners, plan};
+use crate::coordinator::now_ms;
+use crate::leader::provision::{Provisioners, plan};
+use crate::server::Server;
 
-pub(crate) async fn run(coordinator: Arc<Coordinator>) {
-    let mut changes = coordinator.subscribe();
-    let min_interval = coordinator.config.autoscale_min_interval;
+pub(crate) async fn run(server: Arc<Server>) {
+    let mut changes = server.coordinator.subscribe();
+    let min_interval = server.config.autoscale_min_interval;
     let mut last = Instant::now() - min_interval;
     let mut provisioners = Provisioners::default();
     let mut leading = false;
@@ -30,7 +31,7 @@ pub(crate) async fn run(coordinator: Arc<Coordinator>) {
         }
         tokio::time::sleep_until(last + min_interval).await;
         last = Instant::now();
-        if !coordinator.is_leader() {
+        if !server.coordinator.is_leader() {
             if leading {
                 provisioners.forget();
                 leading = false;
@@ -39,7 +40,7 @@ pub(crate) async fn run(coordinator: Arc<Coordinator>) {
         }
         leading = true;
         let now = now_ms();
-        let decisions = coordinator.read(|s| autoscale(s, now));
+        let decisions = server.coordinator.read(|s| autoscale(s, now));
         for d in decisions {
             tracing::info!(
                 compute = %d.compute,
@@ -49,16 +50,16 @@ pub(crate) async fn run(coordinator: Arc<Coordinator>) {
                 "autoscaler"
             );
             // A rejected decision means the state moved on; the next pass decides again.
-            if let Err(e) = coordinator.propose(d.into_command(now)).await {
+            if let Err(e) = server.coordinator.propose(d.into_command(now)).await {
                 tracing::debug!(cause = %e, "scale decision not applied");
             }
         }
-        let work = coordinator.read(plan);
+        let work = server.coordinator.read(plan);
         for w in work {
-            if !coordinator.is_leader() {
+            if !server.coordinator.is_leader() {
                 break;
             }
-            provisioners.reconcile(&coordinator, w).await;
+            provisioners.reconcile(&server, w).await;
         }
     }
 }

@@ -10,24 +10,25 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use muster_core::{Command, NodeState};
+use muster_core::NodeState;
 
-use crate::coordinator::{Coordinator, now_ms};
+use crate::coordinator::now_ms;
+use crate::server::Server;
 
-pub(crate) async fn run(coordinator: Arc<Coordinator>) {
-    let grace = coordinator.config.node_grace.as_millis() as u64;
+pub(crate) async fn run(server: Arc<Server>) {
+    let grace = server.config.node_grace.as_millis() as u64;
     let mut leader_since: Option<u64> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tick.tick().await;
-        if !coordinator.is_leader() {
+        if !server.coordinator.is_leader() {
             leader_since = None;
             continue;
         }
         let now = now_ms();
         let since = *leader_since.get_or_insert(now);
-        let beats = coordinator.heartbeats_snapshot();
-        let silent: Vec<(String, String)> = coordinator.read(|s| {
+        let beats = server.heartbeats.snapshot();
+        let silent: Vec<(String, String)> = server.coordinator.read(|s| {
             s.nodes
                 .values()
                 .filter(|n| matches!(n.state, NodeState::Ready | NodeState::Draining))
@@ -42,34 +43,11 @@ pub(crate) async fn run(coordinator: Arc<Coordinator>) {
             tracing::warn!(node = %name, "no heartbeat within the grace period; marking the node lost");
             let reason = format!(
                 "node {name} sent no heartbeat for {} s",
-                coordinator.config.node_grace.as_secs()
+                server.config.node_grace.as_secs()
             );
-            take_down(&coordinator, &node_id, NodeState::Lost, reason, now).await;
+            server
+                .take_down(&node_id, NodeState::Lost, reason, now)
+                .await;
         }
-    }
-}
-
-/// Marks a node that is gone (`Lost`, or `Evicted` by a provisioner that saw its machine
-/// reclaimed) through Raft, which ends its attempts so their runs restart as new attempts.
-/// Its ranks' logs are sealed first; if that fails the caller's next pass tries again.
-pub(crate) async fn take_down(
-    coordinator: &Coordinator,
-    node_id: &str,
-    state: NodeState,
-    reason: String,
-    at: u64,
-) {
-    if let Err(e) = coordinator.seal_lost_node_logs(node_id).await {
-        tracing::warn!(node = node_id, cause = %e.message(), "could not seal the logs of a gone node's ranks; retrying");
-        return;
-    }
-    let cmd = Command::SetNodeState {
-        node_id: node_id.to_string(),
-        state,
-        reason: Some(reason),
-        at,
-    };
-    if let Err(e) = coordinator.propose(cmd).await {
-        tracing::debug!(cause = %e, "could not mark the node {}", state.as_str());
     }
 }

@@ -14,11 +14,12 @@ use muster_core::Command;
 use muster_core::pipeline::PipelineDecision;
 use tokio::time::Instant;
 
-use crate::coordinator::{Coordinator, new_run_id, now_ms};
+use crate::coordinator::{new_run_id, now_ms};
+use crate::server::Server;
 
-pub(crate) async fn run(coordinator: Arc<Coordinator>) {
-    let mut changes = coordinator.subscribe();
-    let min_interval = coordinator.config.scheduler_min_interval;
+pub(crate) async fn run(server: Arc<Server>) {
+    let mut changes = server.coordinator.subscribe();
+    let min_interval = server.config.scheduler_min_interval;
     let mut last = Instant::now() - min_interval;
     loop {
         tokio::select! {
@@ -27,16 +28,16 @@ pub(crate) async fn run(coordinator: Arc<Coordinator>) {
         }
         tokio::time::sleep_until(last + min_interval).await;
         last = Instant::now();
-        if !coordinator.is_leader() {
+        if !server.coordinator.is_leader() {
             continue;
         }
-        pass(&coordinator).await;
+        pass(&server).await;
     }
 }
 
 /// One planning pass over every unfinished pipeline.
-async fn pass(coordinator: &Coordinator) {
-    let plans: Vec<(String, Vec<PipelineDecision>)> = coordinator.read(|s| {
+async fn pass(server: &Server) {
+    let plans: Vec<(String, Vec<PipelineDecision>)> = server.coordinator.read(|s| {
         s.pipelines
             .values()
             .filter(|p| p.finished.is_none())
@@ -48,7 +49,7 @@ async fn pass(coordinator: &Coordinator) {
         // In order: a plan's later decisions may rest on earlier ones (a reuse that
         // completes a step its dependent then starts from).
         for decision in decisions {
-            if !coordinator.is_leader() {
+            if !server.coordinator.is_leader() {
                 return;
             }
             let run_id = matches!(decision, PipelineDecision::StartStep { .. }).then(new_run_id);
@@ -60,7 +61,7 @@ async fn pass(coordinator: &Coordinator) {
                 at: now_ms(),
             };
             // A rejected decision means the state moved on; the next pass plans again.
-            if let Err(e) = coordinator.propose(cmd).await {
+            if let Err(e) = server.coordinator.propose(cmd).await {
                 tracing::debug!(pipeline = %pipeline_id, cause = %e, "pipeline decision not applied");
                 break;
             }

@@ -16,15 +16,17 @@ use std::time::Duration;
 use futures::future::join_all;
 use muster_core::{Decision, schedule};
 use tokio::time::Instant;
+use tracing::Instrument;
 
-use crate::coordinator::{Coordinator, now_ms};
+use crate::coordinator::now_ms;
+use crate::server::Server;
 
 /// The next pass waits at least this many times the last pass's duration.
 const PASS_COST_FACTOR: u32 = 4;
 
-pub(crate) async fn run(coordinator: Arc<Coordinator>) {
-    let mut changes = coordinator.subscribe();
-    let min_interval = coordinator.config.scheduler_min_interval;
+pub(crate) async fn run(server: Arc<Server>) {
+    let mut changes = server.coordinator.subscribe();
+    let min_interval = server.config.scheduler_min_interval;
     let mut last = Instant::now() - min_interval;
     let mut gap = min_interval;
     loop {
@@ -34,12 +36,12 @@ pub(crate) async fn run(coordinator: Arc<Coordinator>) {
         }
         tokio::time::sleep_until(last + gap).await;
         last = Instant::now();
-        if !coordinator.is_leader() {
+        if !server.coordinator.is_leader() {
             continue;
         }
         let now = now_ms();
         let started = std::time::Instant::now();
-        let pass = coordinator.read(|s| schedule(s, now));
+        let pass = server.coordinator.read(|s| schedule(s, now));
         let placed = pass
             .decisions
             .iter()
@@ -47,7 +49,7 @@ pub(crate) async fn run(coordinator: Arc<Coordinator>) {
             .count();
         let took = started.elapsed();
         gap = min_interval.max(took * PASS_COST_FACTOR);
-        coordinator.metrics.observe_schedule(took, placed);
+        server.metrics.observe_schedule(took, placed);
         tracing::debug!(
             decisions = pass.decisions.len(),
             placed,
@@ -56,14 +58,29 @@ pub(crate) async fn run(coordinator: Arc<Coordinator>) {
         );
         // Why each queued run waits: kept in the leader's memory for `run show` (recomputed
         // every pass, never in the log).
-        *coordinator.waiting.lock().expect("waiting lock") = Some(pass.waiting);
+        server.waiting.set(pass.waiting);
         let decisions = pass.decisions;
         if decisions.is_empty() {
             continue;
         }
-        let proposals = decisions
-            .into_iter()
-            .map(|d| coordinator.propose(d.into_command(now).with_secret(attempt_secret())));
+        let proposals = decisions.into_iter().map(|d| {
+            let span = match &d {
+                Decision::Place {
+                    run_id,
+                    attempt,
+                    placements,
+                } => tracing::debug_span!("place", %run_id, attempt, nodes = placements.len()),
+                Decision::Preempt {
+                    run_id,
+                    attempt,
+                    for_run,
+                } => tracing::debug_span!("preempt", %run_id, attempt, %for_run),
+            };
+            server
+                .coordinator
+                .propose(d.into_command(now).with_secret(attempt_secret()))
+                .instrument(span)
+        });
         for result in join_all(proposals).await {
             // A rejected decision means the state moved on; the next pass decides again.
             if let Err(e) = result {

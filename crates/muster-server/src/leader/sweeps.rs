@@ -15,18 +15,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use muster_core::Command;
-use muster_core::metrics::Series;
 use muster_core::state::Sweep;
 use muster_core::sweep::SweepDecision;
 use tokio::time::Instant;
 
-use crate::coordinator::{Coordinator, new_run_id, now_ms};
+use crate::coordinator::{new_run_id, now_ms};
+use crate::server::Server;
+use crate::views::sweeps::trial_series;
 
 const MIN_INTERVAL: Duration = Duration::from_millis(200);
 
-pub(crate) async fn run(coordinator: Arc<Coordinator>) {
-    let mut changes = coordinator.subscribe();
-    let mut metrics = coordinator.series.subscribe();
+pub(crate) async fn run(server: Arc<Server>) {
+    let mut changes = server.coordinator.subscribe();
+    let mut metrics = server.store.series.subscribe();
     let mut last = Instant::now() - MIN_INTERVAL;
     loop {
         tokio::select! {
@@ -36,32 +37,16 @@ pub(crate) async fn run(coordinator: Arc<Coordinator>) {
         }
         tokio::time::sleep_until(last + MIN_INTERVAL).await;
         last = Instant::now();
-        if !coordinator.is_leader() {
+        if !server.coordinator.is_leader() {
             continue;
         }
-        pass(&coordinator).await;
+        pass(&server).await;
     }
 }
 
-/// Each trial's primary-metric series from the metric store, in trial order (empty for
-/// a trial that logged none yet).
-pub(crate) fn trial_series(coordinator: &Coordinator, sweep: &Sweep) -> Vec<Series> {
-    let metric = &sweep.spec.objective.primary_metric;
-    sweep
-        .trials
-        .iter()
-        .map(|t| {
-            coordinator
-                .series
-                .series(&t.run_id, metric)
-                .unwrap_or_default()
-        })
-        .collect()
-}
-
 /// One controller pass over every sweep not yet finished.
-async fn pass(coordinator: &Coordinator) {
-    let sweeps: Vec<Sweep> = coordinator.read(|s| {
+async fn pass(server: &Server) {
+    let sweeps: Vec<Sweep> = server.coordinator.read(|s| {
         s.sweeps
             .values()
             .filter(|s| !s.is_finished())
@@ -71,15 +56,17 @@ async fn pass(coordinator: &Coordinator) {
     for sweep in sweeps {
         // The series are read outside the state lock; trials decided meanwhile are treated
         // as having logged nothing (the next pass sees them).
-        let series = trial_series(coordinator, &sweep);
+        let series = trial_series(server, &sweep);
         let now = now_ms();
-        let decisions = coordinator.read(|s| s.sweep_step(&sweep.id, &series, now));
+        let decisions = server
+            .coordinator
+            .read(|s| s.sweep_step(&sweep.id, &series, now));
         for decision in decisions {
-            if !coordinator.is_leader() {
+            if !server.coordinator.is_leader() {
                 return;
             }
             let cmd = decision_command(&sweep.id, decision, now);
-            match coordinator.propose(cmd.clone()).await {
+            match server.coordinator.propose(cmd.clone()).await {
                 Ok(_) => log_applied(&cmd),
                 Err(e) => {
                     // The state moved on (or leadership did); the next pass decides again.

@@ -11,12 +11,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use crate::coordinator::Coordinator;
-
-pub(crate) use prometheus::Metrics;
+use crate::server::Server;
 
 /// The HTTP routes beside gRPC.
-pub(crate) fn router(coordinator: Arc<Coordinator>) -> axum::Router {
+pub(crate) fn router(server: Arc<Server>) -> axum::Router {
     axum::Router::new()
         .route("/", get(studio::index))
         .route("/runs/{id}", get(studio::run_page))
@@ -24,11 +22,11 @@ pub(crate) fn router(coordinator: Arc<Coordinator>) -> axum::Router {
         .route("/pipelines/{id}", get(studio::pipeline_page))
         .route("/healthz", get(healthz))
         .route("/metrics", get(prometheus::metrics))
-        .with_state(coordinator)
+        .with_state(server)
 }
 
-async fn healthz(State(c): State<Arc<Coordinator>>) -> Response {
-    let status = c.raft().status();
+async fn healthz(State(c): State<Arc<Server>>) -> Response {
+    let status = c.coordinator.raft().status();
     let body = format!(
         "ok\nrole: {:?}\nleader: {}\napplied: {}\n",
         status.role,

@@ -2,59 +2,25 @@
 //! (`prometheus-client`, the Prometheus project's own Rust client).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::coordinator::Coordinator;
-
-/// Counters the server keeps; gauges of the state are computed at scrape time.
-#[derive(Debug)]
-pub struct Metrics {
-    pub(crate) proposals: Counter,
-    pub(crate) runs_submitted: Counter,
-    schedule_seconds: Histogram,
-    placements: Counter,
-    last_pass_micros: AtomicU64,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Metrics {
-            proposals: Counter::default(),
-            runs_submitted: Counter::default(),
-            schedule_seconds: Histogram::new(exponential_buckets(0.000_01, 4.0, 10)),
-            placements: Counter::default(),
-            last_pass_micros: AtomicU64::new(0),
-        }
-    }
-}
-
-impl Metrics {
-    pub(crate) fn observe_schedule(&self, took: Duration, placed: usize) {
-        self.schedule_seconds.observe(took.as_secs_f64());
-        self.placements.inc_by(placed as u64);
-        self.last_pass_micros
-            .store(took.as_micros() as u64, Ordering::Relaxed);
-    }
-}
+use crate::server::Server;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: String,
 }
 
-pub(super) async fn metrics(State(c): State<Arc<Coordinator>>) -> Response {
+pub(super) async fn metrics(State(c): State<Arc<Server>>) -> Response {
     let mut registry = Registry::with_prefix("muster");
     let m = &c.metrics;
     registry.register(
@@ -78,14 +44,17 @@ pub(super) async fn metrics(State(c): State<Arc<Coordinator>>) -> Response {
         m.schedule_seconds.clone(),
     );
     let runs = Family::<StateLabel, Gauge>::default();
-    let (nodes, applied) = c.read(|s| {
+    let (nodes, applied) = c.coordinator.read(|s| {
         for r in s.runs.values() {
             runs.get_or_create(&StateLabel {
                 state: r.state.as_str().to_string(),
             })
             .inc();
         }
-        (s.nodes.len() as i64, c.raft().status().applied_index as i64)
+        (
+            s.nodes.len() as i64,
+            c.coordinator.raft().status().applied_index as i64,
+        )
     });
     registry.register("runs", "Runs by state", runs);
     let g = Gauge::<i64>::default();

@@ -10,52 +10,14 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use muster_core::RunState;
-use muster_core::loglines::RankLines;
 use muster_core::pipeline::StepInput;
 use muster_proto::v1;
 use muster_proto::{pipeline_to_wire, run_to_wire, sweep_trial_note};
 
-use crate::coordinator::Coordinator;
-use crate::grpc::{run_metrics, sweep_view};
-
-/// Most of an attempt's log a run page shows.
-const PAGE_LOG_BYTES: usize = 1 << 20;
-
-/// An attempt's log for its page: rank 0's as it is, or for a multi-instance attempt every
-/// rank's, line by line, each line prefixed `[rank N] ` (the ranks read in turns, a chunk
-/// at a time, as `muster run logs` shows them). An ended rank's log comes from its sealed
-/// blob (on any server); a live one from this server's file (the leader's).
-async fn attempt_log(c: &Coordinator, run: &muster_core::Run, attempt: u32) -> Vec<u8> {
-    let ranks = run
-        .attempts
-        .get(attempt as usize - 1)
-        .map_or(1, |a| a.placements.len() as u32);
-    if ranks <= 1 {
-        return c
-            .read_log(&run.id, attempt, 0, 0, PAGE_LOG_BYTES)
-            .await
-            .unwrap_or_default();
-    }
-    let mut lines = RankLines::new();
-    let mut out = Vec::new();
-    let mut offsets: Vec<(u32, u64)> = (0..ranks).map(|r| (r, 0)).collect();
-    while !offsets.is_empty() && out.len() < PAGE_LOG_BYTES {
-        let mut still = Vec::new();
-        for (rank, offset) in offsets {
-            let data = c
-                .read_log(&run.id, attempt, rank, offset, 64 * 1024)
-                .await
-                .unwrap_or_default();
-            if !data.is_empty() {
-                out.extend(lines.push(rank, &data));
-                still.push((rank, offset + data.len() as u64));
-            }
-        }
-        offsets = still;
-    }
-    out.extend(lines.finish());
-    out
-}
+use crate::server::Server;
+use crate::views::logs::combined_log;
+use crate::views::metrics::run_metrics;
+use crate::views::sweeps::sweep_view;
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -127,11 +89,11 @@ fn not_found(what: &str, id: &str, list: &str) -> Response {
         .into_response()
 }
 
-pub(super) async fn index(State(c): State<Arc<Coordinator>>) -> Html<String> {
+pub(super) async fn index(State(c): State<Arc<Server>>) -> Html<String> {
     let mut html = format!(
         "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=5><title>muster studio</title><style>{STYLE}</style></head><body><h1>muster studio</h1>"
     );
-    let (mut sweeps, pipelines) = c.read(|s| {
+    let (mut sweeps, pipelines) = c.coordinator.read(|s| {
         let _ = write!(
             html,
             "<h2>Compute targets</h2><table><tr><th>name</th><th>type</th><th>nodes</th></tr>"
@@ -205,7 +167,7 @@ pub(super) async fn index(State(c): State<Arc<Coordinator>>) -> Html<String> {
         }
         html.push_str("</table>");
     }
-    c.read(|s| {
+    c.coordinator.read(|s| {
         let _ = write!(html, "<h2>Runs</h2><table><tr><th>id</th><th>experiment</th><th>compute</th><th>state</th><th>attempt</th><th>exit</th><th>created</th></tr>");
         let mut runs: Vec<_> = s.runs.values().collect();
         runs.sort_by_key(|r| std::cmp::Reverse(r.seq));
@@ -230,11 +192,8 @@ pub(super) async fn index(State(c): State<Arc<Coordinator>>) -> Html<String> {
 
 /// A sweep: its settings, then its trials ranked by the primary metric (best first), as
 /// the SweepService ranks them.
-pub(super) async fn sweep_page(
-    State(c): State<Arc<Coordinator>>,
-    Path(id): Path<String>,
-) -> Response {
-    let Some(sweep) = c.read(|s| s.sweeps.get(&id).cloned()) else {
+pub(super) async fn sweep_page(State(c): State<Arc<Server>>, Path(id): Path<String>) -> Response {
+    let Some(sweep) = c.coordinator.read(|s| s.sweeps.get(&id).cloned()) else {
         return not_found("sweep", &id, "sweeps");
     };
     let v = sweep_view(&c, &sweep);
@@ -339,10 +298,10 @@ pub(super) async fn sweep_page(
 /// A pipeline: its steps in a topological order, each with its run (or the earlier run it
 /// reused), where its inputs come from, and why it failed.
 pub(super) async fn pipeline_page(
-    State(c): State<Arc<Coordinator>>,
+    State(c): State<Arc<Server>>,
     Path(id): Path<String>,
 ) -> Response {
-    let Some((p, spec)) = c.read(|s| {
+    let Some((p, spec)) = c.coordinator.read(|s| {
         s.pipelines
             .get(&id)
             .map(|p| (pipeline_to_wire(s, p), p.spec.clone()))
@@ -420,11 +379,10 @@ pub(super) async fn pipeline_page(
     Html(html).into_response()
 }
 
-pub(super) async fn run_page(
-    State(c): State<Arc<Coordinator>>,
-    Path(id): Path<String>,
-) -> Response {
-    let Some((run, wire)) = c.read(|s| s.runs.get(&id).map(|r| (r.clone(), run_to_wire(s, r))))
+pub(super) async fn run_page(State(c): State<Arc<Server>>, Path(id): Path<String>) -> Response {
+    let Some((run, wire)) = c
+        .coordinator
+        .read(|s| s.runs.get(&id).map(|r| (r.clone(), run_to_wire(s, r))))
     else {
         return not_found("run", &id, "runs");
     };
@@ -455,7 +413,7 @@ pub(super) async fn run_page(
     html.push_str("</table>");
     html.push_str(&metrics_section(&c, &run.id).await);
     for attempt in &wire.attempts {
-        let log = attempt_log(&c, &run, attempt.number).await;
+        let log = combined_log(&c, &run, attempt.number).await;
         let _ = write!(
             html,
             "<h2>Attempt {}</h2>{}<pre>{}</pre>",
@@ -473,7 +431,7 @@ pub(super) async fn run_page(
 
 /// The last value of each metric a run logged (as `muster run show` prints them), read as
 /// the MetricsService reads them: sealed once the run ended, else live (from the leader).
-async fn metrics_section(c: &Coordinator, run_id: &str) -> String {
+async fn metrics_section(c: &Server, run_id: &str) -> String {
     let req = v1::GetRunMetricsRequest {
         run_id: run_id.to_string(),
         last_only: true,

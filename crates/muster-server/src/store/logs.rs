@@ -5,19 +5,17 @@
 //! reconnect overlaps and is trimmed, a gap is refused with the offset to resume from.
 //!
 //! A live log exists only on the leader that takes it from the agent. When the agent reports
-//! a rank's end, the leader seals that rank's log ([`Coordinator::seal_log`]): it fsyncs the
-//! file, copies it into the content-addressed blob store, replicates the blob to a majority
-//! of servers, proposes `SealLog` (the blob's SHA-256 and length land on the attempt in the
-//! replicated state), and only then proposes the end. So a run's logs up to its end survive
-//! a crash and the loss of any one server (DESIGN.md invariant 5), and any server serves an
-//! ended rank's log from the blob ([`Coordinator::read_log`]), fetching it from a peer if it
-//! missed it. Once the end is applied the file is removed; the blob is the log.
+//! a rank's end, the leader seals that rank's log (`crate::effects::seal_log`): this store
+//! fsyncs the file and closes it ([`LogStore::seal`]), the blob store takes a copy, the blob
+//! goes onto a majority of servers ([`super::Store::seal_log`]), `SealLog` records its SHA-256
+//! and length in the replicated state, and only then is the end proposed. So a run's logs up
+//! to its end survive a crash and the loss of any one server (DESIGN.md invariant 5), and any
+//! server serves an ended rank's log from the blob. Once the end is applied the file is
+//! removed; the blob is the log.
 //!
-//! A node that goes silent never reports its ranks' ends: before the leader proposes the
-//! node lost, it seals what it holds of each rank placed there
-//! ([`Coordinator::seal_lost_node_logs`]). A sealed log is closed for good: bytes that a
-//! late-returning agent ships for it are dropped (the store refuses them from the moment
-//! the seal starts; the session drops them once the seal is in the state).
+//! A sealed log is closed for good: bytes that a late-returning agent ships for it are
+//! dropped (the store refuses them from the moment the seal starts; the session drops them
+//! once the seal is in the state).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -25,12 +23,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use muster_core::Command;
-use muster_core::state::SealedLog;
 use tokio::sync::watch;
-use tonic::Status;
-
-use crate::coordinator::Coordinator;
 
 type Key = (String, u32, u32);
 
@@ -227,166 +220,6 @@ fn read_at(path: &Path, offset: u64, max: usize) -> io::Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(max.min(1 << 16));
     file.take(max as u64).read_to_end(&mut buf)?;
     Ok(buf)
-}
-
-impl Coordinator {
-    /// The sealed log of `rank` of an attempt, if the replicated state records one.
-    pub(crate) fn sealed_log(&self, run: &str, attempt: u32, rank: u32) -> Option<SealedLog> {
-        self.read(|s| {
-            s.runs
-                .get(run)?
-                .attempts
-                .get(attempt.checked_sub(1)? as usize)?
-                .logs
-                .get(&rank)
-                .cloned()
-        })
-    }
-
-    /// Seals a rank's complete log (the agent reported its end and every byte is stored):
-    /// into the blob store, onto a majority of servers, and into the replicated state. The
-    /// caller proposes the rank's end only after this succeeded.
-    pub(crate) async fn seal_log(
-        &self,
-        run: &str,
-        attempt: u32,
-        rank: u32,
-    ) -> Result<SealedLog, Status> {
-        let sealed = self.try_seal_log(run, attempt, rank).await;
-        if sealed.is_err() {
-            // Not sealed: the log takes the agent's bytes again (a later seal retries).
-            self.logs.unseal(run, attempt, rank);
-        }
-        sealed
-    }
-
-    async fn try_seal_log(&self, run: &str, attempt: u32, rank: u32) -> Result<SealedLog, Status> {
-        self.logs
-            .seal(run, attempt, rank)
-            .map_err(|e| Status::internal(format!("sealing logs: {e}")))?;
-        let path = self.logs.path(run, attempt, rank);
-        let blobs = self.blobs.clone();
-        let (sha256, bytes) = tokio::task::spawn_blocking(move || blobs.put_file(&path))
-            .await
-            .map_err(|e| Status::internal(format!("sealing logs: {e}")))?
-            .map_err(|e| Status::internal(format!("sealing logs: {e}")))?;
-        self.ensure_replicated(vec![sha256.clone()]).await?;
-        let log = SealedLog { sha256, bytes };
-        self.propose(Command::SealLog {
-            run_id: run.to_string(),
-            attempt,
-            rank,
-            log: log.clone(),
-        })
-        .await
-        .map_err(crate::grpc::status)?;
-        tracing::debug!(run_id = %run, attempt, rank, sha256 = %log.sha256, bytes = log.bytes, "log sealed");
-        Ok(log)
-    }
-
-    /// Seals what this server (the leader) holds of every rank placed on `node_id` whose
-    /// log is not sealed yet: the ranks of the attempts the node runs, and ranks of ended
-    /// attempts whose agent never reported their end (a live log file is here). Called
-    /// before the node is proposed lost, so the ranks' logs up to the loss outlive this
-    /// server like any ended rank's (invariant 5); from then on the agent's further bytes
-    /// for them are dropped. Returns how many logs it sealed.
-    pub(crate) async fn seal_lost_node_logs(&self, node_id: &str) -> Result<usize, Status> {
-        let placed_here = |s: &muster_core::State, run: &str, attempt: u32, rank: u32| {
-            s.runs
-                .get(run)
-                .and_then(|r| r.attempts.get(attempt.checked_sub(1)? as usize))
-                .and_then(|a| a.placements.get(rank as usize))
-                .is_some_and(|p| p.node_id == node_id)
-        };
-        let live = self
-            .logs
-            .live()
-            .map_err(|e| Status::internal(format!("listing live logs: {e}")))?;
-        let ranks: Vec<(String, u32, u32)> = self.read(|s| {
-            let mut ranks: Vec<(String, u32, u32)> = s
-                .nodes
-                .get(node_id)
-                .map(|n| {
-                    n.attempts
-                        .iter()
-                        .filter_map(|(run, attempt)| {
-                            let a = s
-                                .runs
-                                .get(run)?
-                                .attempts
-                                .get(attempt.checked_sub(1)? as usize)?;
-                            let rank = a.placements.iter().position(|p| p.node_id == node_id)?;
-                            Some((run.clone(), *attempt, rank as u32))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            ranks.extend(
-                live.into_iter()
-                    .filter(|(run, attempt, rank)| placed_here(s, run, *attempt, *rank)),
-            );
-            ranks.sort();
-            ranks.dedup();
-            ranks.retain(|(run, attempt, rank)| {
-                s.runs
-                    .get(run)
-                    .and_then(|r| r.attempts.get(attempt.checked_sub(1)? as usize))
-                    .is_some_and(|a| !a.logs.contains_key(rank))
-            });
-            ranks
-        });
-        for (run, attempt, rank) in &ranks {
-            let log = self.seal_log(run, *attempt, *rank).await?;
-            // Its metrics likewise, so they too outlive this leader.
-            self.seal_metrics(run, *attempt, *rank).await?;
-            tracing::info!(run_id = %run, attempt, rank, bytes = log.bytes, node = %node_id, "sealed the log and metrics of a rank on a lost node");
-            if let Err(e) = self.logs.remove(run, *attempt, *rank) {
-                tracing::warn!(run_id = %run, attempt, rank, cause = %e, "could not remove a sealed log file");
-            }
-        }
-        Ok(ranks.len())
-    }
-
-    /// Reads up to `max` bytes of a sealed log from `offset`, repairing the blob from a
-    /// peer first if this server lacks it.
-    pub(crate) async fn read_sealed(
-        &self,
-        log: &SealedLog,
-        offset: u64,
-        max: usize,
-    ) -> Result<Vec<u8>, Status> {
-        if !self.blobs.has(&log.sha256) {
-            self.fetch_from_peers(&log.sha256).await.map_err(|e| {
-                Status::unavailable(format!(
-                    "the sealed log {} is not on this server and no other server could provide it ({e}); retry when more servers are up",
-                    log.sha256
-                ))
-            })?;
-        }
-        let end = log.bytes.saturating_sub(offset).min(max as u64) as usize;
-        self.blobs
-            .read_range(&log.sha256, offset, end)
-            .map_err(|e| Status::internal(format!("reading the sealed log: {e}")))
-    }
-
-    /// Reads a rank's log: from its sealed blob once it ended (on any server), else from
-    /// the file this server holds (the live log, on the leader).
-    pub(crate) async fn read_log(
-        &self,
-        run: &str,
-        attempt: u32,
-        rank: u32,
-        offset: u64,
-        max: usize,
-    ) -> Result<Vec<u8>, Status> {
-        match self.sealed_log(run, attempt, rank) {
-            Some(log) => self.read_sealed(&log, offset, max).await,
-            None => self
-                .logs
-                .read(run, attempt, rank, offset, max)
-                .map_err(|e| Status::internal(format!("reading the log: {e}"))),
-        }
-    }
 }
 
 #[cfg(test)]

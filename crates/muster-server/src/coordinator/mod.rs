@@ -1,23 +1,37 @@
-//! The coordinator: the shared state, the Raft handle, the stores, and the few operations
-//! every service needs (propose a command, read the state, wait for a change).
+//! # coordinator: the Raft handle and the applied state
+//!
+//! One server's member of the Raft group: it proposes commands (forwarding them to the
+//! leader from a follower), reads the applied [`State`], and makes reads linearizable
+//! (ReadIndex). Nothing else: stores live in `crate::store`, read models in `crate::views`,
+//! what the leader decides in `crate::leader`.
+//!
+//! May import: muster-core, muster-raft, muster-proto (the cluster client it forwards
+//! with) and its own files. Never the stores, views, transport or leader loops.
+//!
+//! - `machine.rs`: the state machine muster-raft applies entries to.
+//! - `peers.rs`: where the other servers are, and the Raft transport to them.
+//! - `liveness.rs`: what the leader knows in memory and never replicates (heartbeats, why
+//!   runs wait).
 
-use std::collections::HashMap;
-use std::fs::File;
-use std::sync::{Arc, Mutex, RwLock};
+pub mod liveness;
+pub mod machine;
+pub mod peers;
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use muster_core::compute::{ComputeKind, ComputeSpec};
 use muster_core::{Applied, ApplyError, Command, State};
 use muster_proto::v1;
-use muster_raft::{ProposeError, RaftHandle, RaftNode, Role};
+use muster_raft::{ProposeError, RaftConfig, RaftHandle, RaftNode, Role};
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
 
-use crate::ServerConfig;
-use crate::blobs::BlobStore;
-use crate::cluster::{GrpcTransport, Peers};
-use crate::logs::LogStore;
-use crate::machine::{ApplyResult, Machine};
+use machine::{ApplyResult, Machine};
+use peers::{GrpcTransport, NetworkFilter, Peers};
 
 /// Why a command did not take effect.
 #[derive(Debug, thiserror::Error)]
@@ -38,98 +52,71 @@ pub enum ProposalError {
     },
 }
 
-/// Everything one server holds.
+/// One server's Raft member and the state it applies.
 #[derive(Debug)]
 pub struct Coordinator {
     raft: RaftHandle,
     state: Arc<RwLock<State>>,
     applied: watch::Receiver<u64>,
-    pub(crate) blobs: BlobStore,
-    pub(crate) logs: LogStore,
-    /// Each run's metric series (`series.series(run_id, name)`, `series.last_values(run_id)`).
-    pub series: crate::series::SeriesStore,
-    pub(crate) config: ServerConfig,
-    heartbeats: Mutex<HashMap<String, u64>>,
+    peers: Peers,
+    network: Option<Arc<dyn NetworkFilter>>,
     shutdown: watch::Sender<bool>,
-    pub(crate) metrics: crate::web::Metrics,
-    pub(crate) peers: Peers,
-    /// Why each queued run waits, from the leader's last scheduling pass.
-    pub(crate) waiting: Mutex<Option<muster_core::schedule::Waiting>>,
-    _lock: File,
+    proposals: Counter,
+}
+
+/// What starting a coordinator takes (from `ServerConfig`).
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// The Raft node's settings.
+    pub raft: RaftConfig,
+    /// id → `host:port` of the servers `--peers` named (and `--advertise` for this one).
+    pub book: std::collections::BTreeMap<u64, String>,
+    /// Test hook: drops messages between servers.
+    pub network: Option<Arc<dyn NetworkFilter>>,
 }
 
 impl Coordinator {
-    /// Opens the data directory and starts Raft. Fails if the directory is held by another
-    /// process or corrupt; never starts empty over existing state.
-    pub async fn open(config: &ServerConfig) -> anyhow::Result<Arc<Coordinator>> {
-        let dir = &config.data_dir;
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
-        let lock_path = dir.join("LOCK");
-        let lock = File::create(&lock_path)
-            .with_context(|| format!("cannot open {}", lock_path.display()))?;
-        if lock.try_lock().is_err() {
-            anyhow::bail!(
-                "the data directory {} is in use by another muster process: stop it, or pass another --data-dir",
-                dir.display()
-            );
-        }
-        let state = Arc::new(RwLock::new(State::default()));
+    /// Starts Raft over the log in `raft_dir`, applying to `state`. Fails if the log is
+    /// corrupt; never starts empty over an existing one. `proposals` counts what this
+    /// server proposed.
+    pub async fn start(
+        config: CoordinatorConfig,
+        raft_dir: &Path,
+        state: Arc<RwLock<State>>,
+        proposals: Counter,
+    ) -> anyhow::Result<Arc<Coordinator>> {
         let (applied_tx, applied) = watch::channel(0);
         let machine = Machine::new(state.clone(), applied_tx);
         let raft_config = config.raft.clone();
-        if !config.peers.is_empty() && dir.join("raft/raft.redb").exists() {
+        if config.book.keys().any(|id| *id != config.raft.id) && raft_dir.join("raft.redb").exists()
+        {
             tracing::info!(
                 "the data directory already holds cluster state: --peers is ignored for membership (it comes from the log) and only fills in addresses the replicated state lacks"
             );
         }
-        let mut book = config.peers.clone();
-        if let Some(own) = &config.advertise {
-            book.entry(raft_config.id).or_insert_with(|| own.clone());
-        }
-        let peers = Peers::new(state.clone(), book);
+        let peers = Peers::new(state.clone(), config.book.clone());
         let transport = Arc::new(GrpcTransport::new(
             raft_config.id,
             peers.clone(),
             config.network.clone(),
         ));
-        let raft = RaftNode::start(raft_config, &dir.join("raft"), machine, transport)
-            .with_context(|| {
-                format!(
-                    "cannot open the replicated log in {}",
-                    dir.join("raft").display()
-                )
-            })?;
-        let blobs = BlobStore::open(dir.join("blobs"))
-            .with_context(|| format!("cannot open the blob store in {}", dir.display()))?;
-        let logs = LogStore::open(dir.join("logs"))
-            .with_context(|| format!("cannot open the log store in {}", dir.display()))?;
-        let series =
-            crate::series::SeriesStore::open(dir.join("metrics"), state.clone(), blobs.clone())
-                .with_context(|| format!("cannot open the metrics store in {}", dir.display()))?;
+        let raft = RaftNode::start(raft_config, raft_dir, machine, transport)
+            .with_context(|| format!("cannot open the replicated log in {}", raft_dir.display()))?;
         let coordinator = Arc::new(Coordinator {
-            series,
             raft,
             state,
             applied,
-            blobs,
-            logs,
-            config: config.clone(),
-            heartbeats: Mutex::new(HashMap::new()),
-            shutdown: watch::channel(false).0,
-            metrics: crate::web::Metrics::default(),
             peers,
-            waiting: Mutex::new(None),
-            _lock: lock,
+            network: config.network,
+            shutdown: watch::channel(false).0,
+            proposals,
         });
-        if config.create_local_compute {
-            coordinator.ensure_local_compute().await?;
-        }
         tokio::spawn(coordinator.clone().record_addresses_when_leading());
         Ok(coordinator)
     }
 
-    async fn ensure_local_compute(&self) -> anyhow::Result<()> {
+    /// Creates the `local` compute target unless it exists (`muster dev`'s first start).
+    pub async fn ensure_local_compute(&self) -> anyhow::Result<()> {
         // The single voter needs a moment to elect itself after start.
         for _ in 0..100 {
             if self.read(|s| s.computes.contains_key("local")) {
@@ -227,6 +214,7 @@ impl Coordinator {
     /// Proposes a command and waits until it is applied here. On a follower the command is
     /// forwarded to the leader, and the answer waits until this replica has applied it too
     /// (so a client reading from this server next sees its write).
+    #[tracing::instrument(level = "debug", name = "propose", skip_all, fields(command = command.kind(), run_id = command.run_id()))]
     pub async fn propose(&self, command: Command) -> Result<Applied, ProposalError> {
         let encoded = command.encode();
         // A follower that knows its leader forwards at once: asking its own Raft thread first
@@ -246,15 +234,14 @@ impl Coordinator {
                 Err(e) => return Err(e.into()),
             },
         };
-        self.metrics.proposals.inc();
+        self.proposals.inc();
         let result: ApplyResult = serde_json::from_slice(&bytes).expect("apply results decode");
         Ok(result?)
     }
 
     /// Whether the test network (if any) lets this server reach `to`.
-    pub(crate) fn reaches(&self, to: u64) -> bool {
-        self.config
-            .network
+    pub fn reaches(&self, to: u64) -> bool {
+        self.network
             .as_ref()
             .is_none_or(|n| n.allows(self.raft.id(), to))
     }
@@ -298,7 +285,7 @@ impl Coordinator {
     }
 
     /// Waits (bounded: 5 s) until this replica has applied `index`; false if it did not.
-    pub(crate) async fn wait_applied(&self, index: u64) -> bool {
+    pub async fn wait_applied(&self, index: u64) -> bool {
         let mut status = self.raft.watch_status();
         tokio::time::timeout(Duration::from_secs(5), async move {
             status.wait_for(|s| s.applied_index >= index).await.is_ok()
@@ -335,15 +322,6 @@ impl Coordinator {
         }
     }
 
-    /// Why a queued run waits, as the last scheduling pass on this server (the leader) saw it.
-    pub fn waiting_reason(&self, run: &muster_core::Run) -> Option<String> {
-        let waiting = self.waiting.lock().expect("waiting lock");
-        waiting
-            .as_ref()
-            .and_then(|w| w.reason(run))
-            .map(str::to_string)
-    }
-
     /// The leader's address, when known.
     pub fn leader_address(&self) -> Option<String> {
         self.raft
@@ -372,26 +350,38 @@ impl Coordinator {
         &self.raft
     }
 
-    /// Records a heartbeat from a node.
-    pub fn heartbeat(&self, node_id: &str) {
-        self.heartbeats
-            .lock()
-            .expect("heartbeat lock")
-            .insert(node_id.to_string(), now_ms());
+    /// Where the other servers are.
+    pub fn peers(&self) -> &Peers {
+        &self.peers
     }
 
-    /// The last heartbeat of a node, in Unix ms, as seen by this server.
-    pub fn last_heartbeat(&self, node_id: &str) -> Option<u64> {
-        self.heartbeats
-            .lock()
-            .expect("heartbeat lock")
-            .get(node_id)
-            .copied()
+    /// A lazily connected channel to a peer this server reaches (a partition test may cut
+    /// it off), by its replicated address.
+    pub fn peer_channel(&self, peer: u64) -> Option<Channel> {
+        if !self.reaches(peer) {
+            return None;
+        }
+        let address = self.peers.address(peer)?;
+        let url = if address.contains("://") {
+            address
+        } else {
+            format!("http://{address}")
+        };
+        Some(
+            Endpoint::from_shared(url)
+                .ok()?
+                .connect_timeout(Duration::from_secs(1))
+                .connect_lazy(),
+        )
     }
 
-    /// Forgets all heartbeats (a new leader gives every node a fresh grace period).
-    pub(crate) fn heartbeats_snapshot(&self) -> HashMap<String, u64> {
-        self.heartbeats.lock().expect("heartbeat lock").clone()
+    /// A channel to the leader, when this server is a follower that knows and reaches it
+    /// (a follower relays log and metric streams the leader holds).
+    pub fn leader_channel(&self) -> Option<Channel> {
+        if self.is_leader() {
+            return None;
+        }
+        self.peer_channel(self.raft.status().leader?)
     }
 
     /// Resolves when the server begins shutting down.

@@ -183,6 +183,23 @@ async fn deliver(me: u64, to: u64, peers: Peers, mut rx: mpsc::Receiver<Vec<u8>>
     }
 }
 
+/// Requests between servers carry this header, so a copy is not copied on again and a
+/// relayed read is not relayed twice.
+pub const REPLICA_HEADER: &str = "muster-replica";
+
+/// A request to another server, marked as coming from a server.
+pub fn replica_request<T>(message: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.metadata_mut()
+        .insert(REPLICA_HEADER, "1".parse().expect("ascii"));
+    req
+}
+
+/// Whether a request came from another server (a replica copy or a relayed read).
+pub fn is_replica<T>(req: &tonic::Request<T>) -> bool {
+    req.metadata().contains_key(REPLICA_HEADER)
+}
+
 /// Parses `1=host:port,2=host:port` (the `--peers` flag).
 pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>, String> {
     let mut peers = BTreeMap::new();

@@ -2,7 +2,7 @@
 //! (muster-core's [`Series`]), with the run's count of malformed lines and the last error.
 //! Not the Raft log: points go to an append-only file per run under `<data>/metrics/`, and
 //! a run's whole metrics log is sealed into a replicated blob when a rank of it ends
-//! ([`Coordinator::seal_metrics`]), as logs are.
+//! (`crate::effects::seal_metrics`), as logs are.
 //!
 //! Two byte streams feed a run's metrics, each per attempt and rank and each with the
 //! resumable offsets of the log protocol: the run's `MUSTER_METRICS_FILE` (JSON lines the
@@ -34,10 +34,8 @@ use muster_core::metrics::{
 };
 use muster_core::state::SealedMetrics;
 use tokio::sync::watch;
-use tonic::Status;
 
-use crate::blobs::BlobStore;
-use crate::coordinator::Coordinator;
+use super::blobs::BlobStore;
 
 /// At most this many runs' series are held in memory.
 pub const MAX_RUNS: usize = 256;
@@ -471,7 +469,7 @@ impl SeriesStore {
     }
 
     /// The run's sealed metrics with the most lines, if any attempt has some.
-    fn sealed(&self, run: &str) -> Option<SealedMetrics> {
+    pub fn sealed(&self, run: &str) -> Option<SealedMetrics> {
         let state = self.state.read().expect("state lock");
         state
             .runs
@@ -702,102 +700,6 @@ impl SeriesStore {
             inner.runs.values().filter(|e| !e.hollow).count(),
             inner.points,
         )
-    }
-}
-
-impl Coordinator {
-    /// Seals a run's metrics after a rank of `attempt` ended (its streams are complete):
-    /// into the blob store, onto a majority of servers, and into the replicated state, so
-    /// any server serves them once this one is gone. Nothing when the run logged none.
-    pub(crate) async fn seal_metrics(
-        &self,
-        run: &str,
-        attempt: u32,
-        rank: u32,
-    ) -> Result<(), Status> {
-        let internal = |e: io::Error| Status::internal(format!("sealing metrics: {e}"));
-        self.series
-            .finish(run, Stream::File { attempt, rank })
-            .map_err(internal)?;
-        self.series
-            .finish(run, Stream::Stdout { attempt, rank })
-            .map_err(internal)?;
-        let Some((bytes, lines)) = self.series.compact(run).map_err(internal)? else {
-            return Ok(());
-        };
-        if lines == 0 {
-            return Ok(());
-        }
-        let len = bytes.len() as u64;
-        let blobs = self.blobs.clone();
-        let sha256 = tokio::task::spawn_blocking(move || blobs.put(&bytes))
-            .await
-            .map_err(|e| Status::internal(format!("sealing metrics: {e}")))?
-            .map_err(|e| Status::internal(format!("sealing metrics: {e}")))?;
-        self.ensure_replicated(vec![sha256.clone()]).await?;
-        let metrics = SealedMetrics {
-            sha256,
-            bytes: len,
-            lines,
-        };
-        self.propose(muster_core::Command::SealMetrics {
-            run_id: run.to_string(),
-            attempt,
-            metrics,
-        })
-        .await
-        .map_err(crate::grpc::status)?;
-        Ok(())
-    }
-
-    /// Feeds new log bytes of a rank (stored in the log store from `offset`) to the series
-    /// store's stdout stream, first reading from the log file any bytes the stream lacks
-    /// (after a restart, or once its run was dropped from memory).
-    pub(crate) fn feed_log_metrics(
-        &self,
-        run: &str,
-        attempt: u32,
-        rank: u32,
-        offset: u64,
-        data: &[u8],
-    ) -> io::Result<()> {
-        let stream = Stream::Stdout { attempt, rank };
-        let mut have = self.series.stream_len(run, stream)?;
-        while have < offset {
-            let missing = self.logs.read(
-                run,
-                attempt,
-                rank,
-                have,
-                ((offset - have) as usize).min(1 << 20),
-            )?;
-            if missing.is_empty() {
-                break;
-            }
-            match self.series.feed(run, stream, have, &missing)? {
-                Feed::Stored(n) if n > have => have = n,
-                _ => break,
-            }
-        }
-        self.series.feed(run, stream, offset, data)?;
-        Ok(())
-    }
-
-    /// The run's sealed metrics, when the blob is (or can be made) local: fetched from a
-    /// peer if this server missed it.
-    pub(crate) async fn ensure_sealed_metrics_local(&self, run: &str) -> Result<bool, Status> {
-        let Some(sealed) = self.series.sealed(run) else {
-            return Ok(false);
-        };
-        if !self.blobs.has(&sealed.sha256) {
-            self.fetch_from_peers(&sealed.sha256).await.map_err(|e| {
-                Status::unavailable(format!(
-                    "the sealed metrics {} are not on this server and no other server could provide them ({e}); retry when more servers are up",
-                    sealed.sha256
-                ))
-            })?;
-        }
-        Ok(true)
     }
 }
 

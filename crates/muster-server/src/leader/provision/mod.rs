@@ -25,8 +25,8 @@ use muster_core::compute::Provisioner;
 use muster_core::state::{ProvisionOutcome, ProvisionPhase};
 use muster_core::{Command, Node, NodeState, State, Tier};
 
-use crate::coordinator::{Coordinator, now_ms};
-use crate::leader::heartbeats::take_down;
+use crate::coordinator::now_ms;
+use crate::server::Server;
 
 /// After a failed action, the provisioner waits this long before trying again.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -133,7 +133,7 @@ impl Provisioners {
     }
 
     /// Acts for one compute target and reports the outcomes through Raft.
-    pub(crate) async fn reconcile(&mut self, coordinator: &Coordinator, work: Work) {
+    pub(crate) async fn reconcile(&mut self, server: &Server, work: Work) {
         if let Some((until, _)) = self.failed.get(&work.compute)
             && Instant::now() < *until
         {
@@ -141,7 +141,7 @@ impl Provisioners {
         }
         let servers = match &work.provisioner {
             Provisioner::Docker(d) if !d.servers.is_empty() => d.servers.clone(),
-            _ => coordinator.config.agent_servers.clone(),
+            _ => server.config.agent_servers.clone(),
         };
         let result = match &work.provisioner {
             Provisioner::Static => return,
@@ -161,8 +161,7 @@ impl Provisioners {
                 let docker = match self.docker() {
                     Ok(d) => d,
                     Err(e) => {
-                        self.report_failure(coordinator, &work, &work.launch, e)
-                            .await;
+                        self.report_failure(server, &work, &work.launch, e).await;
                         return;
                     }
                 };
@@ -173,7 +172,7 @@ impl Provisioners {
                 out.steps
             }
             Provisioner::Command(settings) => {
-                let log_dir = coordinator.config.data_dir.join("provision");
+                let log_dir = server.config.data_dir.join("provision");
                 command::reconcile(settings, &servers, &work, &log_dir).await
             }
         };
@@ -189,18 +188,19 @@ impl Provisioners {
                         message: None,
                         at: now_ms(),
                     };
-                    if let Err(e) = coordinator.propose(cmd).await {
+                    if let Err(e) = server.coordinator.propose(cmd).await {
                         tracing::debug!(cause = %e, "provisioner outcome not recorded");
                     }
                 }
                 Step::Failed(nodes, message) => {
-                    self.report_failure(coordinator, &work, &nodes, message)
-                        .await;
+                    self.report_failure(server, &work, &nodes, message).await;
                 }
                 Step::Reclaimed { node_id, name, why } => {
                     tracing::warn!(compute = %work.compute, node = %name, "{why}; evicting the node");
                     let reason = format!("node {name} was reclaimed: {why}");
-                    take_down(coordinator, &node_id, NodeState::Evicted, reason, now_ms()).await;
+                    server
+                        .take_down(&node_id, NodeState::Evicted, reason, now_ms())
+                        .await;
                 }
             }
         }
@@ -221,7 +221,7 @@ impl Provisioners {
     /// history unless it repeats the last one (a failing provisioner does not fill the log).
     async fn report_failure(
         &mut self,
-        coordinator: &Coordinator,
+        server: &Server,
         work: &Work,
         nodes: &[String],
         message: String,
@@ -250,7 +250,7 @@ impl Provisioners {
             message: Some(message),
             at: now_ms(),
         };
-        if let Err(e) = coordinator.propose(cmd).await {
+        if let Err(e) = server.coordinator.propose(cmd).await {
             tracing::debug!(cause = %e, "provisioner failure not recorded");
         }
     }

@@ -26,7 +26,17 @@ impl Machine {
 impl muster_raft::StateMachine for Machine {
     fn apply(&mut self, index: u64, data: &[u8]) -> Vec<u8> {
         let result: ApplyResult = match Command::decode(data) {
-            Ok(cmd) => self.state.write().expect("state lock").apply(&cmd),
+            Ok(cmd) => {
+                let result = self.state.write().expect("state lock").apply(&cmd);
+                tracing::debug!(
+                    index,
+                    command = cmd.kind(),
+                    run_id = cmd.run_id(),
+                    applied = result.is_ok(),
+                    "apply"
+                );
+                result
+            }
             Err(e) => {
                 tracing::error!(index, cause = %e, "skipping an undecodable log entry");
                 Err(ApplyError::InvalidSpec(e))

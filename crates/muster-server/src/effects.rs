@@ -1,0 +1,170 @@
+//! # effects: carrying out what happens to attempts and nodes
+//!
+//! The few operations that need both a store and the coordinator, each in a fixed order
+//! that keeps an invariant: a rank's log and metrics are sealed into the blob store and
+//! onto a majority of servers *before* the replicated state records them, and a gone node's
+//! ranks are sealed *before* the node is proposed lost (DESIGN.md invariant 5). Callers are
+//! the agent session (`grpc/agents.rs`), the heartbeat loop and the provisioners.
+//!
+//! May import: `coordinator`, `store`, `views` and muster-core. Never the transport or
+//! the leader loops.
+
+use muster_core::state::SealedLog;
+use muster_core::{Command, NodeState, State};
+
+use crate::coordinator::ProposalError;
+use crate::server::Server;
+use crate::store::StoreError;
+use crate::views::logs::sealed_log;
+
+/// Why an effect was not carried out (nothing is recorded that is not stored).
+#[derive(Debug, thiserror::Error)]
+pub enum EffectError {
+    /// Storing failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Recording it through Raft failed.
+    #[error(transparent)]
+    Proposal(#[from] ProposalError),
+}
+
+impl Server {
+    /// The sealed log of `rank` of an attempt, if the replicated state records one.
+    pub(crate) fn sealed_log(&self, run: &str, attempt: u32, rank: u32) -> Option<SealedLog> {
+        self.coordinator.read(|s| sealed_log(s, run, attempt, rank))
+    }
+
+    /// Seals a rank's complete log (the agent reported its end and every byte is stored):
+    /// into the blob store, onto a majority of servers, and into the replicated state. The
+    /// caller proposes the rank's end only after this succeeded.
+    pub(crate) async fn seal_log(
+        &self,
+        run: &str,
+        attempt: u32,
+        rank: u32,
+    ) -> Result<SealedLog, EffectError> {
+        let log = self.store.seal_log(run, attempt, rank).await?;
+        let recorded = self
+            .coordinator
+            .propose(Command::SealLog {
+                run_id: run.to_string(),
+                attempt,
+                rank,
+                log: log.clone(),
+            })
+            .await;
+        if let Err(e) = recorded {
+            // Not sealed: the log takes the agent's bytes again (a later seal retries).
+            self.store.logs.unseal(run, attempt, rank);
+            return Err(e.into());
+        }
+        tracing::debug!(run_id = %run, attempt, rank, sha256 = %log.sha256, bytes = log.bytes, "log sealed");
+        Ok(log)
+    }
+
+    /// Seals a run's metrics after a rank of `attempt` ended (its streams are complete):
+    /// into the blob store, onto a majority of servers, and into the replicated state, so
+    /// any server serves them once this one is gone. Nothing when the run logged none.
+    pub(crate) async fn seal_metrics(
+        &self,
+        run: &str,
+        attempt: u32,
+        rank: u32,
+    ) -> Result<(), EffectError> {
+        let Some(metrics) = self.store.seal_metrics(run, attempt, rank).await? else {
+            return Ok(());
+        };
+        self.coordinator
+            .propose(Command::SealMetrics {
+                run_id: run.to_string(),
+                attempt,
+                metrics,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Seals what this server (the leader) holds of every rank placed on `node_id` whose
+    /// log is not sealed yet: the ranks of the attempts the node runs, and ranks of ended
+    /// attempts whose agent never reported their end (a live log file is here). Called
+    /// before the node is proposed lost, so the ranks' logs up to the loss outlive this
+    /// server like any ended rank's (invariant 5); from then on the agent's further bytes
+    /// for them are dropped. Returns how many logs it sealed.
+    pub(crate) async fn seal_lost_node_logs(&self, node_id: &str) -> Result<usize, EffectError> {
+        let live = self.store.logs.live().map_err(|source| StoreError::Io {
+            what: "listing live logs",
+            source,
+        })?;
+        let ranks = self
+            .coordinator
+            .read(|s| unsealed_ranks_on(s, node_id, live));
+        for (run, attempt, rank) in &ranks {
+            let log = self.seal_log(run, *attempt, *rank).await?;
+            // Its metrics likewise, so they too outlive this leader.
+            self.seal_metrics(run, *attempt, *rank).await?;
+            tracing::info!(run_id = %run, attempt, rank, bytes = log.bytes, node = %node_id, "sealed the log and metrics of a rank on a lost node");
+            if let Err(e) = self.store.logs.remove(run, *attempt, *rank) {
+                tracing::warn!(run_id = %run, attempt, rank, cause = %e, "could not remove a sealed log file");
+            }
+        }
+        Ok(ranks.len())
+    }
+
+    /// Marks a node that is gone (`Lost`, or `Evicted` by a provisioner that saw its machine
+    /// reclaimed) through Raft, which ends its attempts so their runs restart as new attempts.
+    /// Its ranks' logs are sealed first; if that fails the caller's next pass tries again.
+    pub(crate) async fn take_down(&self, node_id: &str, state: NodeState, reason: String, at: u64) {
+        if let Err(e) = self.seal_lost_node_logs(node_id).await {
+            tracing::warn!(node = node_id, cause = %e, "could not seal the logs of a gone node's ranks; retrying");
+            return;
+        }
+        let cmd = Command::SetNodeState {
+            node_id: node_id.to_string(),
+            state,
+            reason: Some(reason),
+            at,
+        };
+        if let Err(e) = self.coordinator.propose(cmd).await {
+            tracing::debug!(cause = %e, "could not mark the node {}", state.as_str());
+        }
+    }
+}
+
+/// The ranks placed on `node_id` whose logs are not sealed: those of the attempts the node
+/// runs, and those with a `live` log file here.
+fn unsealed_ranks_on(
+    s: &State,
+    node_id: &str,
+    live: Vec<(String, u32, u32)>,
+) -> Vec<(String, u32, u32)> {
+    let attempt_of = |run: &str, attempt: u32| {
+        s.runs
+            .get(run)
+            .and_then(|r| r.attempts.get(attempt.checked_sub(1)? as usize))
+    };
+    let mut ranks: Vec<(String, u32, u32)> = s
+        .nodes
+        .get(node_id)
+        .map(|n| {
+            n.attempts
+                .iter()
+                .filter_map(|(run, attempt)| {
+                    let a = attempt_of(run, *attempt)?;
+                    let rank = a.placements.iter().position(|p| p.node_id == node_id)?;
+                    Some((run.clone(), *attempt, rank as u32))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ranks.extend(live.into_iter().filter(|(run, attempt, rank)| {
+        attempt_of(run, *attempt)
+            .and_then(|a| a.placements.get(*rank as usize))
+            .is_some_and(|p| p.node_id == node_id)
+    }));
+    ranks.sort();
+    ranks.dedup();
+    ranks.retain(|(run, attempt, rank)| {
+        attempt_of(run, *attempt).is_some_and(|a| !a.logs.contains_key(rank))
+    });
+    ranks
+}

@@ -1,0 +1,92 @@
+//! The composition root: one server's parts, each layer's handle in its own field. The
+//! transport (`grpc/`, `web/`) and the leader loops hold an `Arc<Server>` and reach each
+//! layer through its field — `server.coordinator` to propose and read, `server.store` for
+//! bytes — so what a handler touches is spelled out where it touches it.
+
+use std::fs::File;
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context;
+use muster_core::State;
+
+use crate::ServerConfig;
+use crate::coordinator::liveness::{Heartbeats, WaitReasons};
+use crate::coordinator::{Coordinator, CoordinatorConfig};
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Everything one server holds.
+#[derive(Debug)]
+pub(crate) struct Server {
+    /// The Raft member and the applied state.
+    pub coordinator: Arc<Coordinator>,
+    /// Blobs, logs, metric series and their replication.
+    pub store: Store,
+    /// How this server runs.
+    pub config: ServerConfig,
+    /// Counters for `/metrics`.
+    pub metrics: Metrics,
+    /// Nodes' last heartbeats (leader memory).
+    pub heartbeats: Heartbeats,
+    /// Why queued runs wait (leader memory).
+    pub waiting: WaitReasons,
+    _lock: File,
+}
+
+impl Server {
+    /// Opens the data directory, starts Raft and opens the stores. Fails if the directory
+    /// is held by another process or corrupt; never starts empty over existing state.
+    pub async fn open(config: &ServerConfig) -> anyhow::Result<Arc<Server>> {
+        let dir = &config.data_dir;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+        let lock_path = dir.join("LOCK");
+        let lock = File::create(&lock_path)
+            .with_context(|| format!("cannot open {}", lock_path.display()))?;
+        if lock.try_lock().is_err() {
+            anyhow::bail!(
+                "the data directory {} is in use by another muster process: stop it, or pass another --data-dir",
+                dir.display()
+            );
+        }
+        let state = Arc::new(RwLock::new(State::default()));
+        let mut book = config.peers.clone();
+        if let Some(own) = &config.advertise {
+            book.entry(config.raft.id).or_insert_with(|| own.clone());
+        }
+        let metrics = Metrics::default();
+        let coordinator = Coordinator::start(
+            CoordinatorConfig {
+                raft: config.raft.clone(),
+                book,
+                network: config.network.clone(),
+            },
+            &dir.join("raft"),
+            state.clone(),
+            metrics.proposals.clone(),
+        )
+        .await?;
+        let peers = Arc::new(crate::grpc::replicas::GrpcBlobPeers::new(
+            coordinator.clone(),
+        ));
+        let store = Store::open(dir, state, peers, config.max_blob_bytes)
+            .with_context(|| format!("cannot open the stores in {}", dir.display()))?;
+        if config.create_local_compute {
+            coordinator.ensure_local_compute().await?;
+        }
+        Ok(Arc::new(Server {
+            coordinator,
+            store,
+            config: config.clone(),
+            metrics,
+            heartbeats: Heartbeats::default(),
+            waiting: WaitReasons::default(),
+            _lock: lock,
+        }))
+    }
+
+    /// Stops Raft and releases the data directory.
+    pub async fn stop(&self) {
+        self.coordinator.stop().await;
+    }
+}

@@ -1,0 +1,15 @@
+//! # views: read models, built once
+//!
+//! What a client reads — a run with why it waits, a sweep with its trials ranked, a run's
+//! metrics, an attempt's logs — assembled here from the replicated state, the stores and
+//! the leader's memory, for the gRPC services and the studio's pages alike (muster-proto
+//! converts core types to wire messages; this layer decides what goes in).
+//!
+//! May import: `coordinator`, `store`, muster-core
+//! and muster-proto. A view whose data lives only on the leader (a live run's metrics)
+//! relays the read to the leader's API; it never imports the transport layers.
+
+pub(crate) mod logs;
+pub(crate) mod metrics;
+pub(crate) mod runs;
+pub(crate) mod sweeps;
