@@ -35,6 +35,7 @@ pub mod distributed;
 pub mod loglines;
 pub mod metrics;
 pub mod names;
+pub mod node;
 pub mod pipeline;
 pub mod resources;
 pub mod schedule;

@@ -5,7 +5,7 @@
 //! the node should run with what it has told the node, so a reconnect or a failover needs
 //! no special path (the node re-reports what it runs; stale attempts are stopped).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +13,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use muster_core::compute::Tier;
 use muster_core::names::validate_node_name;
+use muster_core::node::{self, After, AttemptKey, Effect, Order, StopReason};
 use muster_core::resources::Capacity;
 use muster_core::state::AttemptEnd;
 use muster_core::{Applied, ApplyError, AttemptReport, Command};
@@ -141,13 +142,14 @@ impl AgentService for Agents {
             server: self.0.clone(),
             node_id: hello.node_id.clone(),
             tx,
-            running: hello
-                .running
-                .iter()
-                .map(|r| (r.run_id.clone(), r.attempt))
-                .collect(),
-            assigned: HashSet::new(),
-            stopped: HashSet::new(),
+            told: node::Session {
+                running: hello
+                    .running
+                    .iter()
+                    .map(|r| (r.run_id.clone(), r.attempt))
+                    .collect(),
+                ..node::Session::default()
+            },
         };
         tokio::spawn(session.run(inbound));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -158,19 +160,15 @@ struct Session {
     server: Arc<Server>,
     node_id: String,
     tx: Outbound,
-    /// What the agent says it runs.
-    running: HashSet<(String, u32)>,
-    /// Assignments sent on this session.
-    assigned: HashSet<(String, u32)>,
-    /// Stop orders sent on this session.
-    stopped: HashSet<(String, u32)>,
+    /// What this session told the node, and what the node runs (muster-core's protocol).
+    told: node::Session,
 }
 
 impl Session {
     async fn run(mut self, mut inbound: Streaming<v1::AgentMessage>) {
         tracing::info!(node = %self.node_id, "agent session opened");
         self.server.heartbeats.beat(&self.node_id);
-        let resumes: Vec<(String, u32)> = self.running.iter().cloned().collect();
+        let resumes: Vec<(String, u32)> = self.told.running.iter().cloned().collect();
         for (run_id, attempt) in resumes {
             self.send_resume(&run_id, attempt).await;
             // Metrics of a rank still live: ship from this server's copy (a new leader's
@@ -258,97 +256,32 @@ impl Session {
     }
 
     fn rank(&self, run_id: &str, attempt: u32) -> Option<u32> {
-        self.server.coordinator.read(|s| {
-            let a = s
-                .runs
-                .get(run_id)?
-                .attempts
-                .get(attempt.checked_sub(1)? as usize)?;
-            a.placements
-                .iter()
-                .position(|p| p.node_id == self.node_id)
-                .map(|r| r as u32)
-        })
+        self.server
+            .coordinator
+            .read(|s| node::rank_of(s, &self.node_id, (run_id, attempt)))
     }
 
-    /// Sends what the state asks of this node and the agent has not been told yet.
+    /// Sends what the state asks of this node and the agent has not been told yet
+    /// (muster-core's `node::orders`), each assignment built into its wire form.
     async fn dispatch(&mut self) -> Result<(), Status> {
         let grace_ms = self.server.config.stop_grace.as_millis() as u64;
-        let (assign, stop) = self.server.coordinator.read(|s| {
-            let mut assign = Vec::new();
-            let mut stop = Vec::new();
-            let Some(node) = s.nodes.get(&self.node_id) else {
-                return (assign, stop);
-            };
-            for (run_id, attempt) in &node.attempts {
-                let key = (run_id.clone(), *attempt);
-                let Some(run) = s.runs.get(run_id) else {
-                    continue;
-                };
-                let stopping = if run.cancel_requested {
-                    Some("canceled")
-                } else if run.preempt_requested.is_some() {
-                    Some("preempted")
-                } else {
-                    None
-                };
-                if let Some(reason) = stopping {
-                    if !self.stopped.contains(&key) {
-                        stop.push((key, reason));
+        let node_id = self.node_id.clone();
+        let messages: Vec<server_message::Msg> = self.server.coordinator.read(|s| {
+            node::orders(s, &node_id, &mut self.told)
+                .into_iter()
+                .filter_map(|order| match order {
+                    Order::Assign { attempt, rank } => assignment(s, &attempt, rank),
+                    Order::Stop { attempt, reason } => {
+                        Some(stop_message(attempt, reason, grace_ms))
                     }
-                    continue;
-                }
-                if self.assigned.contains(&key) || self.running.contains(&key) {
-                    continue;
-                }
-                let Some(a) = run.attempts.last() else {
-                    continue;
-                };
-                let rank = a
-                    .placements
-                    .iter()
-                    .position(|p| p.node_id == self.node_id)
-                    .unwrap_or(0);
-                // A pipeline step: the upstream outputs to place, its declared outputs.
-                let (step_inputs, step_outputs) = s.pipeline_step_io(run);
-                assign.push(v1::Assignment {
-                    run_id: run_id.clone(),
-                    attempt: *attempt,
-                    rank: rank as u32,
-                    spec: Some(run.spec.clone().into()),
-                    placements: a
-                        .placements
-                        .iter()
-                        .map(|p| placement_to_assignment(s, p))
-                        .collect(),
-                    master_port: a.master_port.map_or(0, u32::from),
-                    secret: a.secret.clone().unwrap_or_default(),
-                    inputs: step_inputs.into_iter().collect(),
-                    outputs: step_outputs,
-                });
-            }
-            // Attempts the agent runs that are not (or no longer) placed here: fence them.
-            for key in &self.running {
-                if !node.attempts.contains(key) && !self.stopped.contains(key) {
-                    stop.push((key.clone(), "stale"));
-                }
-            }
-            (assign, stop)
+                })
+                .collect()
         });
-        for a in assign {
-            self.assigned.insert((a.run_id.clone(), a.attempt));
-            tracing::debug!(node = %self.node_id, run_id = %a.run_id, attempt = a.attempt, "assigning");
-            self.send(server_message::Msg::Assign(a)).await?;
-        }
-        for ((run_id, attempt), reason) in stop {
-            self.stopped.insert((run_id.clone(), attempt));
-            self.send(server_message::Msg::Stop(v1::StopAttempt {
-                run_id,
-                attempt,
-                reason: reason.to_string(),
-                grace_ms,
-            }))
-            .await?;
+        for msg in messages {
+            if let server_message::Msg::Assign(a) = &msg {
+                tracing::debug!(node = %self.node_id, run_id = %a.run_id, attempt = a.attempt, "assigning");
+            }
+            self.send(msg).await?;
         }
         Ok(())
     }
@@ -357,7 +290,7 @@ impl Session {
         self.server.heartbeats.beat(&self.node_id);
         match msg.msg {
             Some(agent_message::Msg::Heartbeat(h)) => {
-                self.running = h
+                self.told.running = h
                     .running
                     .into_iter()
                     .map(|r| (r.run_id, r.attempt))
@@ -435,107 +368,159 @@ impl Session {
 
     #[tracing::instrument(name = "report", skip_all, fields(node = %self.node_id, run_id = %u.run_id, attempt = u.attempt, state = ?u.state))]
     async fn on_update(&mut self, u: v1::AttemptUpdate) -> Result<(), Status> {
-        let key = (u.run_id.clone(), u.attempt);
-        let report = match u.state.as_str() {
-            "preparing" => AttemptReport::Preparing,
-            "running" => AttemptReport::Running,
-            "ended" => {
-                let end = match u.end.as_deref() {
-                    Some("completed") => AttemptEnd::Completed,
-                    Some("canceled") => AttemptEnd::Canceled,
-                    Some("timed_out") => AttemptEnd::TimedOut,
-                    Some("preempted") => AttemptEnd::Preempted,
-                    Some("node_lost") => AttemptEnd::NodeLost,
-                    _ => AttemptEnd::Failed,
-                };
-                if let Some(rank) = self.rank(&u.run_id, u.attempt)
-                    && self.server.sealed_log(&u.run_id, u.attempt, rank).is_none()
-                {
-                    let stored = self.server.store.logs.len(&u.run_id, u.attempt, rank);
-                    if stored < u.log_bytes {
-                        // Logs are still missing: ask for them; the agent re-sends the end after.
-                        self.send_resume(&u.run_id, u.attempt).await;
-                        return Ok(());
-                    }
-                    let metrics = self.metric_len(&u.run_id, u.attempt);
-                    if metrics < u.metric_bytes {
-                        // Metrics are still missing: ask for them; the end comes again after.
-                        self.send_metric_resume(&u.run_id, u.attempt, metrics).await;
-                        return Ok(());
-                    }
-                    // The whole log is here: into the blob store, onto a majority of servers
-                    // and into the state, before the end is proposed (invariant 5).
-                    self.server.seal_log(&u.run_id, u.attempt, rank).await?;
-                    // The metrics likewise (after the log: its last stdout lines count).
-                    self.server.seal_metrics(&u.run_id, u.attempt, rank).await?;
+        let report = node::Report {
+            attempt: (u.run_id.clone(), u.attempt),
+            report: attempt_report(&u)?,
+            log_bytes: u.log_bytes,
+            metric_bytes: u.metric_bytes,
+        };
+        let node_id = self.node_id.clone();
+        let rank = self.rank(&u.run_id, u.attempt).unwrap_or(0);
+        let held = node::Held {
+            log_bytes: self.server.store.logs.len(&u.run_id, u.attempt, rank),
+            metric_bytes: self.metric_len(&u.run_id, u.attempt),
+        };
+        let effects = self
+            .server
+            .coordinator
+            .read(|s| node::on_report(s, &node_id, &report, held, now_ms()));
+        let mut applied = None;
+        for effect in effects {
+            match effect {
+                Effect::ResumeLog { attempt, .. } => {
+                    // Logs are still missing: ask for them; the agent re-sends the end after.
+                    self.send_resume(&attempt.0, attempt.1).await;
                 }
-                if let Some(outputs) = &u.outputs {
-                    // Outputs are on a majority before the attempt's end records them.
+                Effect::ResumeMetrics { attempt, offset } => {
+                    self.send_metric_resume(&attempt.0, attempt.1, offset).await;
+                }
+                Effect::SealLog { attempt, rank } => {
+                    self.server.seal_log(&attempt.0, attempt.1, rank).await?;
+                }
+                Effect::SealMetrics { attempt, rank } => {
+                    self.server
+                        .seal_metrics(&attempt.0, attempt.1, rank)
+                        .await?;
+                }
+                Effect::ReplicateOutputs { sha256 } => {
                     self.server
                         .store
                         .replicas
-                        .ensure_replicated(vec![outputs.clone()])
+                        .ensure_replicated(vec![sha256])
                         .await?;
                 }
-                AttemptReport::Ended {
-                    end,
-                    exit_code: u.exit_code,
-                    message: u.message.clone(),
-                    outputs: u.outputs.clone(),
+                Effect::Propose(cmd) => {
+                    applied = Some(match self.server.coordinator.propose(cmd).await {
+                        Ok(a) => a,
+                        // A report for a run that no longer exists is as stale as can be.
+                        Err(ProposalError::Rejected(ApplyError::UnknownRun(_))) => Applied::Stale {
+                            run_id: u.run_id.clone(),
+                            attempt: u.attempt,
+                        },
+                        Err(ProposalError::Rejected(e)) => return Err(rejected(e)),
+                        Err(e) => return Err(status(e)),
+                    });
                 }
             }
-            other => {
-                return Err(Status::invalid_argument(format!(
-                    "update.state: unknown state {other:?}"
-                )));
-            }
+        }
+        let Some(applied) = applied else {
+            return Ok(());
         };
-        let ended = matches!(report, AttemptReport::Ended { .. });
-        let cmd = Command::ReportAttempt {
-            run_id: u.run_id.clone(),
-            attempt: u.attempt,
-            node_id: self.node_id.clone(),
-            report,
-            at: now_ms(),
-        };
-        let applied = match self.server.coordinator.propose(cmd).await {
-            Ok(a) => a,
-            // A report for a run that no longer exists is as stale as can be.
-            Err(ProposalError::Rejected(ApplyError::UnknownRun(_))) => Applied::Stale {
-                run_id: u.run_id.clone(),
-                attempt: u.attempt,
-            },
-            Err(ProposalError::Rejected(e)) => return Err(rejected(e)),
-            Err(e) => return Err(status(e)),
-        };
-        if ended {
-            // The sealed blob is the log now; the file it was copied from can go.
-            if let Some(rank) = self.rank(&u.run_id, u.attempt)
-                && self.server.sealed_log(&u.run_id, u.attempt, rank).is_some()
-                && let Err(e) = self.server.store.logs.remove(&u.run_id, u.attempt, rank)
-            {
-                tracing::warn!(run_id = %u.run_id, attempt = u.attempt, cause = %e, "could not remove a sealed log file");
-            }
-            self.running.remove(&key);
-            self.send(server_message::Msg::Ack(v1::UpdateAck {
-                run_id: u.run_id,
-                attempt: u.attempt,
-                state: u.state,
-            }))
-            .await?;
-        } else {
-            self.running.insert(key.clone());
-            if matches!(applied, Applied::Stale { .. }) && !self.stopped.contains(&key) {
-                self.stopped.insert(key.clone());
-                self.send(server_message::Msg::Stop(v1::StopAttempt {
-                    run_id: key.0,
-                    attempt: key.1,
-                    reason: "stale".into(),
-                    grace_ms: self.server.config.stop_grace.as_millis() as u64,
-                }))
-                .await?;
+        let grace_ms = self.server.config.stop_grace.as_millis() as u64;
+        let after = self
+            .server
+            .coordinator
+            .read(|s| node::on_applied(s, &node_id, &mut self.told, &report, &applied));
+        for step in after {
+            match step {
+                After::RemoveLiveLog { attempt, rank } => {
+                    // The sealed blob is the log now; the file it was copied from can go.
+                    if let Err(e) = self.server.store.logs.remove(&attempt.0, attempt.1, rank) {
+                        tracing::warn!(cause = %e, "could not remove a sealed log file");
+                    }
+                }
+                After::Ack { attempt } => {
+                    self.send(server_message::Msg::Ack(v1::UpdateAck {
+                        run_id: attempt.0,
+                        attempt: attempt.1,
+                        state: u.state.clone(),
+                    }))
+                    .await?;
+                }
+                After::Stop { attempt, reason } => {
+                    self.send(stop_message(attempt, reason, grace_ms)).await?;
+                }
             }
         }
         Ok(())
     }
+}
+
+/// The report an agent's update carries, in core's terms; an unknown state is an error.
+fn attempt_report(u: &v1::AttemptUpdate) -> Result<AttemptReport, Status> {
+    Ok(match u.state.as_str() {
+        "preparing" => AttemptReport::Preparing,
+        "running" => AttemptReport::Running,
+        "ended" => {
+            let end = match u.end.as_deref() {
+                Some("completed") => AttemptEnd::Completed,
+                Some("canceled") => AttemptEnd::Canceled,
+                Some("timed_out") => AttemptEnd::TimedOut,
+                Some("preempted") => AttemptEnd::Preempted,
+                Some("node_lost") => AttemptEnd::NodeLost,
+                _ => AttemptEnd::Failed,
+            };
+            AttemptReport::Ended {
+                end,
+                exit_code: u.exit_code,
+                message: u.message.clone(),
+                outputs: u.outputs.clone(),
+            }
+        }
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "update.state: unknown state {other:?}"
+            )));
+        }
+    })
+}
+
+/// The wire assignment of rank `rank` of an attempt placed on this node.
+fn assignment(
+    s: &muster_core::State,
+    (run_id, attempt): &AttemptKey,
+    rank: u32,
+) -> Option<server_message::Msg> {
+    let run = s.runs.get(run_id)?;
+    let a = run.attempts.last()?;
+    // A pipeline step: the upstream outputs to place, its declared outputs.
+    let (step_inputs, step_outputs) = s.pipeline_step_io(run);
+    Some(server_message::Msg::Assign(v1::Assignment {
+        run_id: run_id.clone(),
+        attempt: *attempt,
+        rank,
+        spec: Some(run.spec.clone().into()),
+        placements: a
+            .placements
+            .iter()
+            .map(|p| placement_to_assignment(s, p))
+            .collect(),
+        master_port: a.master_port.map_or(0, u32::from),
+        secret: a.secret.clone().unwrap_or_default(),
+        inputs: step_inputs.into_iter().collect(),
+        outputs: step_outputs,
+    }))
+}
+
+fn stop_message(
+    (run_id, attempt): AttemptKey,
+    reason: StopReason,
+    grace_ms: u64,
+) -> server_message::Msg {
+    server_message::Msg::Stop(v1::StopAttempt {
+        run_id,
+        attempt,
+        reason: reason.as_str().to_string(),
+        grace_ms,
+    })
 }
