@@ -29,7 +29,7 @@ impl muster_raft::StateMachine for Machine {
             Ok(cmd) => self.state.write().expect("state lock").apply(&cmd),
             Err(e) => {
                 tracing::error!(index, cause = %e, "skipping an undecodable log entry");
-                Err(ApplyError::InvalidSpec(e))
+                Err(ApplyError::UndecodableCommand(e))
             }
         };
         self.applied.send_replace(index);

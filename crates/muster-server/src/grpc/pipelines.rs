@@ -139,7 +139,7 @@ impl PipelineService for Pipelines {
             match self.0.propose(cmd).await {
                 Ok(_) => return self.get(&id).map(Response::new),
                 // The same key applied meanwhile (a retry racing the first try): that one.
-                Err(ProposalError::Rejected(ApplyError::InvalidPlacement(_)))
+                Err(ProposalError::Rejected(ApplyError::PipelineExists(_)))
                     if self.0.read(|s| s.pipelines.contains_key(&id)) =>
                 {
                     if keyed.is_some() {

@@ -132,7 +132,7 @@ impl SweepService for Sweeps {
             let existing = self.0.read(|s| s.sweeps.get(&id).cloned());
             match (result, existing) {
                 (Ok(_), _) => return self.get(&id).map(Response::new),
-                (Err(ProposalError::Rejected(ApplyError::InvalidPlacement(_))), Some(first))
+                (Err(ProposalError::Rejected(ApplyError::SweepExists(_))), Some(first))
                     if keyed =>
                 {
                     if first.spec != spec {
@@ -142,7 +142,7 @@ impl SweepService for Sweeps {
                     }
                     return Ok(Response::new(sweep_view(&self.0, &first)));
                 }
-                (Err(ProposalError::Rejected(ApplyError::InvalidPlacement(_))), Some(_)) => {
+                (Err(ProposalError::Rejected(ApplyError::SweepExists(_))), Some(_)) => {
                     continue;
                 }
                 (Err(e), _) => return Err(status(e)),
