@@ -381,4 +381,3 @@ pub enum Applied {
         attempt: u32,
     },
 }
-

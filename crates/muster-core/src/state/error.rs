@@ -248,7 +248,6 @@ impl From<SpecError> for ApplyError {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -246,10 +246,7 @@ impl State {
         run_id: Option<&str>,
         at: Millis,
     ) -> Result<Applied, ApplyError> {
-        let p = self
-            .pipelines
-            .get(id)
-            .ok_or_else(|| unknown(id))?;
+        let p = self.pipelines.get(id).ok_or_else(|| unknown(id))?;
         if p.finished.is_some() {
             return Err(rejected(id, PipelineRule::Finished));
         }
@@ -355,10 +352,7 @@ impl State {
         reason: Option<&str>,
         at: Millis,
     ) -> Result<Applied, ApplyError> {
-        let p = self
-            .pipelines
-            .get(id)
-            .ok_or_else(|| unknown(id))?;
+        let p = self.pipelines.get(id).ok_or_else(|| unknown(id))?;
         if p.finished.is_some() || p.cancel_requested.is_some() {
             return Err(rejected(id, PipelineRule::FinishedOrCanceling));
         }

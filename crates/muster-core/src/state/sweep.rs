@@ -146,10 +146,7 @@ impl State {
         reason: Option<&str>,
         at: Millis,
     ) -> Result<Applied, ApplyError> {
-        let sweep = self
-            .sweeps
-            .get(sweep_id)
-            .ok_or_else(|| unknown(sweep_id))?;
+        let sweep = self.sweeps.get(sweep_id).ok_or_else(|| unknown(sweep_id))?;
         if sweep.is_finished() || sweep.cancel_requested.is_some() {
             return Err(rejected(sweep_id, SweepRule::FinishedOrCanceling));
         }
@@ -208,10 +205,7 @@ impl State {
         run_id: Option<&str>,
         at: Millis,
     ) -> Result<Applied, ApplyError> {
-        let sweep = self
-            .sweeps
-            .get(sweep_id)
-            .ok_or_else(|| unknown(sweep_id))?;
+        let sweep = self.sweeps.get(sweep_id).ok_or_else(|| unknown(sweep_id))?;
         if sweep.is_finished() {
             return Err(rejected(sweep_id, SweepRule::Finished));
         }

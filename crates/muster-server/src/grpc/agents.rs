@@ -16,8 +16,8 @@ use muster_core::names::validate_node_name;
 use muster_core::resources::Capacity;
 use muster_core::state::AttemptEnd;
 use muster_core::{Applied, ApplyError, AttemptReport, Command};
-use muster_proto::placement_to_assignment;
 use muster_proto::v1::{self, agent_message, agent_service_server::AgentService, server_message};
+use muster_proto::{Word, decode_enum, placement_to_assignment};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -285,9 +285,9 @@ impl Session {
                     continue;
                 };
                 let stopping = if run.cancel_requested {
-                    Some("canceled")
+                    Some(v1::StopReason::Canceled)
                 } else if run.preempt_requested.is_some() {
-                    Some("preempted")
+                    Some(v1::StopReason::Preempted)
                 } else {
                     None
                 };
@@ -329,7 +329,7 @@ impl Session {
             // Attempts the agent runs that are not (or no longer) placed here: fence them.
             for key in &self.running {
                 if !node.attempts.contains(key) && !self.stopped.contains(key) {
-                    stop.push((key.clone(), "stale"));
+                    stop.push((key.clone(), v1::StopReason::Stale));
                 }
             }
             (assign, stop)
@@ -344,7 +344,7 @@ impl Session {
             self.send(server_message::Msg::Stop(v1::StopAttempt {
                 run_id,
                 attempt,
-                reason: reason.to_string(),
+                reason: reason.into(),
                 grace_ms,
             }))
             .await?;
@@ -437,18 +437,14 @@ impl Session {
 
     async fn on_update(&mut self, u: v1::AttemptUpdate) -> Result<(), Status> {
         let key = (u.run_id.clone(), u.attempt);
-        let report = match u.state.as_str() {
-            "preparing" => AttemptReport::Preparing,
-            "running" => AttemptReport::Running,
-            "ended" => {
-                let end = match u.end.as_deref() {
-                    Some("completed") => AttemptEnd::Completed,
-                    Some("canceled") => AttemptEnd::Canceled,
-                    Some("timed_out") => AttemptEnd::TimedOut,
-                    Some("preempted") => AttemptEnd::Preempted,
-                    Some("node_lost") => AttemptEnd::NodeLost,
-                    _ => AttemptEnd::Failed,
-                };
+        let state = v1::AttemptState::from_wire(u.state)
+            .map_err(|e| Status::invalid_argument(format!("update.state: {e}")))?;
+        let report = match state {
+            v1::AttemptState::Preparing => AttemptReport::Preparing,
+            v1::AttemptState::Running => AttemptReport::Running,
+            v1::AttemptState::Ended => {
+                let end: AttemptEnd = decode_enum::<v1::AttemptEnd, _>(u.end)
+                    .map_err(|e| Status::invalid_argument(format!("update.end: {e}")))?;
                 if let Some(rank) = self.rank(&u.run_id, u.attempt)
                     && self
                         .coordinator
@@ -492,7 +488,8 @@ impl Session {
             }
             other => {
                 return Err(Status::invalid_argument(format!(
-                    "update.state: unknown state {other:?}"
+                    "update.state: an agent reports preparing, running or ended, not {}",
+                    other.word()
                 )));
             }
         };
@@ -539,7 +536,7 @@ impl Session {
                 self.send(server_message::Msg::Stop(v1::StopAttempt {
                     run_id: key.0,
                     attempt: key.1,
-                    reason: "stale".into(),
+                    reason: v1::StopReason::Stale.into(),
                     grace_ms: self.coordinator.config.stop_grace.as_millis() as u64,
                 }))
                 .await?;

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use muster_core::pipeline::parse_pipeline_yaml;
 use muster_core::spec::CodeRef;
 use muster_core::{ApplyError, Command};
-use muster_proto::pipeline_to_wire;
 use muster_proto::v1::{self, pipeline_service_server::PipelineService};
+use muster_proto::{Word, pipeline_to_wire};
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
@@ -185,13 +185,17 @@ impl PipelineService for Pipelines {
     ) -> Result<Response<v1::Pipeline>, Status> {
         let req = req.into_inner();
         let current = self.get(&req.id)?;
-        if matches!(current.state.as_str(), "completed" | "failed" | "canceled") {
+        if matches!(
+            current.state(),
+            v1::PipelineState::Completed | v1::PipelineState::Failed | v1::PipelineState::Canceled
+        ) {
             return Err(Status::failed_precondition(format!(
                 "pipeline {} already ended ({}): there is nothing to cancel",
-                req.id, current.state
+                req.id,
+                current.state().word()
             )));
         }
-        if current.state != "canceling" {
+        if current.state() != v1::PipelineState::Canceling {
             self.0
                 .propose(Command::CancelPipeline {
                     pipeline_id: req.id.clone(),
