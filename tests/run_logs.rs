@@ -321,6 +321,79 @@ async fn next_message(inbound: &mut tonic::Streaming<v1::ServerMessage>) -> serv
         .expect("a message body")
 }
 
+/// An agent that reports an end this server does not know (a newer agent) is refused with
+/// a message naming the field and the value: the run is not marked failed on a guess.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_attempt_end_is_refused_not_taken_as_failed() {
+    let dev = DevCluster::start().await.unwrap();
+    let url = dev.url();
+    let pool = tempfile::tempdir().unwrap();
+    let out = muster(
+        &url,
+        pool.path(),
+        &["compute", "create", "ghost-pool", "--type", "attached"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let mut agents = register_ghost(&url).await;
+    let work = tempfile::tempdir().unwrap();
+    let id = submit_id(
+        &url,
+        work.path(),
+        &["run", "submit", "--compute", "ghost-pool", "--", "train"],
+    )
+    .await;
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel(16);
+    out_tx
+        .send(ghost_hello("ghost-node-id", &[]))
+        .await
+        .unwrap();
+    let mut inbound = agents
+        .session(tokio_stream::wrappers::ReceiverStream::new(out_rx))
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        if let server_message::Msg::Assign(a) = next_message(&mut inbound).await {
+            assert_eq!((a.run_id.as_str(), a.attempt), (id.as_str(), 1));
+            break;
+        }
+    }
+    out_tx
+        .send(ghost_update(&id, v1::AttemptState::Running, 0))
+        .await
+        .unwrap();
+    muster_tests::wait_for_state(&url, &id, "running").await;
+    let mut end = ghost_update(&id, v1::AttemptState::Ended, 0);
+    if let Some(agent_message::Msg::Update(u)) = &mut end.msg {
+        u.end = 99;
+    }
+    out_tx.send(end).await.unwrap();
+    let refused = loop {
+        match tokio::time::timeout(Duration::from_secs(30), inbound.message())
+            .await
+            .expect("the server answers within 30 s")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the session ended without an error"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().starts_with(
+            "update.end: unknown attempt end 99: the sender may run a different muster version"
+        ),
+        "{refused:?}"
+    );
+    let run = muster_tests::wait_for_state(&url, &id, "running").await;
+    assert_eq!(
+        run.attempts[0].end(),
+        v1::AttemptEnd::Unspecified,
+        "{run:?}"
+    );
+}
+
 /// A node that goes silent mid-run is declared lost: the leader seals what it took of the
 /// rank's log (it ends as node_lost, its log readable). When that agent
 /// returns and ships more bytes of the stale attempt, from where it stopped or all over
