@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use muster_proto::Word;
 use muster_proto::v1;
 use muster_testkit::DevCluster;
 use muster_testkit::agents::AgentProcess;
@@ -100,10 +101,10 @@ async fn main() -> anyhow::Result<()> {
             .into_inner();
         to_exit.push(t.elapsed());
         anyhow::ensure!(
-            done.state == "completed",
+            done.state().word() == "completed",
             "run {} ended {}: {:?}",
             done.id,
-            done.state,
+            muster_proto::v1::RunState::word_of(done.state),
             done.message
         );
         let started = done.attempts[0].started_at_ms.unwrap_or(done.created_at_ms);

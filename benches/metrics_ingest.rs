@@ -144,7 +144,7 @@ async fn fake_agent(
     }))
     .await?;
     let mut inbound = agents.session(ReceiverStream::new(rx)).await?.into_inner();
-    let update = |run_id: &str, attempt: u32, state: &str| v1::AttemptUpdate {
+    let update = |run_id: &str, attempt: u32, state: v1::AttemptState| v1::AttemptUpdate {
         run_id: run_id.to_string(),
         attempt,
         state: state.into(),
@@ -156,7 +156,7 @@ async fn fake_agent(
             anyhow::bail!("session ended before every assignment")
         };
         if let Some(server_message::Msg::Assign(a)) = m.msg {
-            for state in ["preparing", "running"] {
+            for state in [v1::AttemptState::Preparing, v1::AttemptState::Running] {
                 send(agent_message::Msg::Update(update(
                     &a.run_id, a.attempt, state,
                 )))
@@ -198,8 +198,8 @@ async fn fake_agent(
         }
     }
     for (i, (run_id, attempt)) in assigned.iter().enumerate() {
-        let mut end = update(run_id, *attempt, "ended");
-        end.end = Some("completed".into());
+        let mut end = update(run_id, *attempt, v1::AttemptState::Ended);
+        end.end = v1::AttemptEnd::Completed.into();
         end.exit_code = Some(0);
         match form {
             Form::File => end.metric_bytes = data[i].len() as u64,

@@ -23,6 +23,7 @@ use clap::Parser;
 use muster_core::compute::{ComputeKind, ComputeSpec, Tier};
 use muster_core::state::{AttemptReport, RunState};
 use muster_core::{AttemptEnd, Capacity, Command, Decision, Resources, RunSpec, State, schedule};
+use muster_proto::Word;
 use muster_proto::v1::{
     self, agent_message, agent_service_client::AgentServiceClient, server_message,
 };
@@ -114,16 +115,17 @@ async fn fake_agent(
     )
     .await;
     let mut inbound = agents.session(ReceiverStream::new(rx)).await?.into_inner();
-    let update = |run_id: &str, attempt: u32, state: &str, end: Option<&str>| {
-        agent_message::Msg::Update(v1::AttemptUpdate {
-            run_id: run_id.to_string(),
-            attempt,
-            state: state.into(),
-            end: end.map(str::to_string),
-            exit_code: end.map(|_| 0),
-            ..Default::default()
-        })
-    };
+    let update =
+        |run_id: &str, attempt: u32, state: v1::AttemptState, end: Option<v1::AttemptEnd>| {
+            agent_message::Msg::Update(v1::AttemptUpdate {
+                run_id: run_id.to_string(),
+                attempt,
+                state: state.into(),
+                end: end.unwrap_or(v1::AttemptEnd::Unspecified).into(),
+                exit_code: end.map(|_| 0),
+                ..Default::default()
+            })
+        };
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -131,12 +133,16 @@ async fn fake_agent(
                 let Some(msg) = msg? else { return Ok(()) };
                 match msg.msg {
                     Some(server_message::Msg::Assign(a)) => {
-                        for (state, end) in [("preparing", None), ("running", None), ("ended", Some("completed"))] {
+                        for (state, end) in [
+                            (v1::AttemptState::Preparing, None),
+                            (v1::AttemptState::Running, None),
+                            (v1::AttemptState::Ended, Some(v1::AttemptEnd::Completed)),
+                        ] {
                             send(&tx, update(&a.run_id, a.attempt, state, end)).await;
                         }
                     }
                     Some(server_message::Msg::Stop(s)) => {
-                        send(&tx, update(&s.run_id, s.attempt, "ended", Some("canceled"))).await;
+                        send(&tx, update(&s.run_id, s.attempt, v1::AttemptState::Ended, Some(v1::AttemptEnd::Canceled))).await;
                     }
                     Some(server_message::Msg::Ack(_)) => {
                         completed.fetch_add(1, Ordering::Relaxed);
@@ -257,7 +263,10 @@ async fn end_to_end(args: &Args) -> anyhow::Result<Measured> {
         .await?
         .into_inner()
         .runs;
-    let done = runs.iter().filter(|r| r.state == "completed").count();
+    let done = runs
+        .iter()
+        .filter(|r| r.state().word() == "completed")
+        .count();
     anyhow::ensure!(
         runs.len() == args.runs && done == args.runs,
         "expected {} completed runs, found {} runs of which {done} completed",

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use muster_proto::Word;
 use muster_proto::v1;
 use muster_testkit::cluster::TestCluster;
 use muster_testkit::images::{docker_or_skip, remove_containers_labelled};
@@ -77,7 +78,7 @@ async fn get_run(url: &str, id: &str) -> v1::Run {
 /// Polls (bounded by `limit`) until run `id` is running.
 async fn wait_running(url: &str, id: &str, limit: Duration) {
     let t0 = Instant::now();
-    while get_run(url, id).await.state != "running" {
+    while get_run(url, id).await.state().word() != "running" {
         assert!(t0.elapsed() < limit, "run {id} never ran");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -97,15 +98,15 @@ async fn wait_completed(url: &str, ids: &[String], limit: Duration) -> Vec<Strin
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             };
-            if r.state == "completed" {
+            if r.state().word() == "completed" {
                 let a = r.attempts.last().expect("an attempt");
                 nodes.push(a.placements[0].node_name.clone());
                 break;
             }
             assert!(
-                !matches!(r.state.as_str(), "failed" | "canceled" | "timed_out"),
+                !matches!(r.state().word(), "failed" | "canceled" | "timed_out"),
                 "run {id} ended {}: {:?}",
-                r.state,
+                r.state().word(),
                 r.message
             );
             assert!(
@@ -236,7 +237,7 @@ async fn a_docker_cluster_grows_to_two_nodes_for_two_runs_and_shrinks_to_zero() 
         &name,
         "growing to 2 nodes",
         Duration::from_secs(120),
-        |s| s.nodes.len() == 2 && s.nodes.iter().all(|n| n.state == "ready"),
+        |s| s.nodes.len() == 2 && s.nodes.iter().all(|n| n.state().word() == "ready"),
     )
     .await;
     let names: BTreeSet<String> = grown.nodes.iter().map(|n| n.name.clone()).collect();
@@ -347,7 +348,7 @@ async fn a_new_leader_adopts_the_agent_containers_and_still_scales_down() {
         &name,
         "reaching min_instances",
         Duration::from_secs(120),
-        |s| s.nodes.len() == 1 && s.nodes[0].state == "ready",
+        |s| s.nodes.len() == 1 && s.nodes[0].state().word() == "ready",
     )
     .await;
     let cpus = engine_cpus(&docker).await;
@@ -358,7 +359,7 @@ async fn a_new_leader_adopts_the_agent_containers_and_still_scales_down() {
         &name,
         "growing to 2 nodes",
         Duration::from_secs(120),
-        |s| s.nodes.len() == 2 && s.nodes.iter().all(|n| n.state == "ready"),
+        |s| s.nodes.len() == 2 && s.nodes.iter().all(|n| n.state().word() == "ready"),
     )
     .await;
     let both: BTreeSet<String> = [first.clone(), format!("muster-{name}-1")].into();
@@ -450,7 +451,7 @@ async fn a_reclaimed_agent_container_evicts_its_node_and_its_run_restarts_on_a_r
     let run = get_run(&url, &id).await;
     assert_eq!(run.attempts.len(), 2, "{run:#?}");
     let gone = &run.attempts[0];
-    assert_eq!(gone.end.as_deref(), Some("node_lost"), "{gone:?}");
+    assert_eq!(gone.end().word(), "node_lost", "{gone:?}");
     assert!(
         gone.message.as_deref().is_some_and(|m| m.contains(&format!(
             "node {first} was reclaimed: its agent container {first} was removed from the Docker host"

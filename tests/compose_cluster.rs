@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use muster_core::RunSpec;
+use muster_proto::Word;
 use muster_proto::v1;
 use muster_proto::v1::cluster_service_client::ClusterServiceClient;
 use muster_testkit::compose::{MusterCompose, compose_or_skip};
@@ -202,8 +203,9 @@ async fn wait_completed(urls: &[String], ids: &[String], limit: Duration) -> Vec
         i += 1;
         if let Some(runs) = runs_via(&urls[i % urls.len()], false).await {
             let done = ids.iter().all(|id| {
-                runs.iter()
-                    .any(|r| &r.id == id && r.state == "completed" && r.exit_code == Some(0))
+                runs.iter().any(|r| {
+                    &r.id == id && r.state().word() == "completed" && r.exit_code == Some(0)
+                })
             });
             if done {
                 return runs;
@@ -214,7 +216,7 @@ async fn wait_completed(urls: &[String], ids: &[String], limit: Duration) -> Vec
     }
     let states: Vec<_> = last
         .iter()
-        .map(|r| (r.id.as_str(), r.state.as_str()))
+        .map(|r| (r.id.as_str(), r.state().word()))
         .collect();
     panic!("runs did not all complete within {limit:?}: {states:?}");
 }
@@ -385,7 +387,7 @@ async fn compose_cluster_survives_a_disconnected_leader() {
                 .collect();
             assert_eq!(same.len(), 1, "{key} via {url} (stale {stale}): {same:?}");
             assert_eq!(&same[0].id, id, "{key} via {url}");
-            assert_eq!(same[0].state, "completed", "{key} via {url}");
+            assert_eq!(same[0].state().word(), "completed", "{key} via {url}");
         }
         assert_eq!(runs.len(), acked.len(), "via {url}: {runs:?}");
     }

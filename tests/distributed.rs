@@ -8,6 +8,7 @@
 //! - a rank that exits 1 fails the attempt, names the rank, and its sleeping peer is
 //!   stopped.
 
+use muster_proto::Word;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -222,7 +223,7 @@ cat outputs/got
     let logs = pool.logs(project.path(), &id).await;
     let rank1 = pool.rank_log(project.path(), &id, 1).await;
     assert_eq!(
-        (run.state.as_str(), run.exit_code),
+        (run.state().word(), run.exit_code),
         ("completed", Some(0)),
         "{run:?}\n{logs}\n{rank1}"
     );
@@ -277,7 +278,7 @@ fi
     );
     let id = pool.submit(project.path(), &image).await;
     let run = wait_done(&pool.dev.url(), &id).await;
-    assert_eq!(run.state, "failed", "{run:?}");
+    assert_eq!(run.state().word(), "failed", "{run:?}");
     assert_eq!(run.exit_code, Some(1), "{run:?}");
     let message = run.message.clone().unwrap_or_default();
     assert!(message.contains("rank 1"), "{message}");
@@ -332,7 +333,7 @@ async fn mpirun_on_rank_0_starts_a_process_in_both_nodes_containers() {
     let logs = pool.logs(project.path(), &id).await;
     let rank1 = pool.rank_log(project.path(), &id, 1).await;
     assert_eq!(
-        (run.state.as_str(), run.exit_code),
+        (run.state().word(), run.exit_code),
         ("completed", Some(0)),
         "{run:?}\n{logs}\n{rank1}"
     );
@@ -368,7 +369,7 @@ async fn tensorflow_ranks_get_one_tf_config_naming_each_task() {
     );
     let id = pool.submit(project.path(), &image).await;
     let run = wait_done(&pool.dev.url(), &id).await;
-    assert_eq!(run.state, "completed", "{run:?}");
+    assert_eq!(run.state().word(), "completed", "{run:?}");
     let rank0 = pool.rank_log(project.path(), &id, 0).await;
     let rank1 = pool.rank_log(project.path(), &id, 1).await;
     let combined = pool.logs(project.path(), &id).await;

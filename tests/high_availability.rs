@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use muster_core::RunSpec;
+use muster_proto::Word;
 use muster_proto::v1;
 use muster_testkit::cluster::TestCluster;
 use muster_tests::{all_urls, cluster_agent, create_attached};
@@ -419,7 +420,7 @@ async fn randomized_faults_keep_the_invariants() {
     let _agent = cluster_agent(&cluster, data.path(), "ha-pool", "fault-node").await;
     let mut down: BTreeSet<u64> = BTreeSet::new();
     let mut acknowledged: BTreeMap<String, String> = BTreeMap::new();
-    let mut terminal: BTreeMap<String, String> = BTreeMap::new();
+    let mut terminal: BTreeMap<String, &str> = BTreeMap::new();
     let mut next = 0usize;
     for step in 0..24 {
         let ids = cluster.ids();
@@ -508,7 +509,11 @@ async fn randomized_faults_keep_the_invariants() {
             );
         }
         for run in &runs {
-            let active = run.attempts.iter().filter(|a| a.state != "ended").count();
+            let active = run
+                .attempts
+                .iter()
+                .filter(|a| a.state().word() != "ended")
+                .count();
             assert!(
                 active <= 1,
                 "seed {seed}, step {step}: {} has {active} active attempts",
@@ -516,15 +521,16 @@ async fn randomized_faults_keep_the_invariants() {
             );
             if let Some(before) = terminal.get(&run.id) {
                 assert_eq!(
-                    before, &run.state,
+                    *before,
+                    run.state().word(),
                     "seed {seed}, step {step}: {} changed its terminal state",
                     run.id
                 );
             } else if matches!(
-                run.state.as_str(),
+                run.state().word(),
                 "completed" | "failed" | "canceled" | "timed_out"
             ) {
-                terminal.insert(run.id.clone(), run.state.clone());
+                terminal.insert(run.id.clone(), run.state().word());
             }
         }
     }
@@ -575,7 +581,7 @@ async fn an_ended_runs_log_survives_the_loss_of_the_leader_that_took_it() {
         .expect("submitted");
     let leader = cluster.leader().await.unwrap();
     let done = muster_tests::wait_done(&cluster.url(leader), &run).await;
-    assert_eq!(done.state, "completed", "{done:?}");
+    assert_eq!(done.state().word(), "completed", "{done:?}");
     let expected: String = (1..=300).map(|i| format!("log line {i}\n")).collect();
     // The leader that took the log from the agent dies (the agent stops too: nothing can
     // ship the log again).
@@ -738,7 +744,7 @@ async fn a_follower_follows_a_live_log_through_its_end_without_repeating_a_line(
     let expected: String = (1..=40).map(|i| format!("live line {i}\n")).collect();
     assert_eq!(String::from_utf8_lossy(&got), expected);
     let done = muster_tests::wait_done(&cluster.url(follower), &run).await;
-    assert_eq!(done.state, "completed", "{done:?}");
+    assert_eq!(done.state().word(), "completed", "{done:?}");
     // Once ended, the CLI reads it from the sealed blob on the follower.
     let out =
         muster_testkit::muster(&cluster.url(follower), data.path(), &["run", "logs", &run]).await;

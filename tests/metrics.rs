@@ -7,6 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use muster_core::RunSpec;
+use muster_proto::Word;
 use muster_proto::v1;
 use muster_testkit::cluster::TestCluster;
 use muster_testkit::{DevCluster, muster, muster_bin};
@@ -110,7 +111,8 @@ async fn metrics_from_the_file_and_stdout_arrive_once_and_show_on_run_show() {
     .await;
     let done = wait_done(&dev.url(), &id).await;
     assert_eq!(
-        done.state, "completed",
+        done.state().word(),
+        "completed",
         "malformed lines are never fatal: {done:?}"
     );
 
@@ -230,7 +232,7 @@ echo '{{"name":"loss","value":3,"step":3}}' >> "$MUSTER_METRICS_FILE"
     .expect("the first point within 60 s");
     assert!(first, "{seen:?}");
     let run = wait_for_state(&dev.url(), &id, "running").await;
-    assert_eq!(run.state, "running");
+    assert_eq!(run.state().word(), "running");
     std::fs::write(&gate, "").unwrap();
     let status = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(l) = lines.next_line().await.unwrap() {
@@ -251,7 +253,7 @@ echo '{{"name":"loss","value":3,"step":3}}' >> "$MUSTER_METRICS_FILE"
         [["loss", "1", "1"], ["loss", "2", "2"], ["loss", "3", "3"]],
         "every point once, in order: {seen:?}"
     );
-    assert_eq!(wait_done(&dev.url(), &id).await.state, "completed");
+    assert_eq!(wait_done(&dev.url(), &id).await.state().word(), "completed");
 }
 
 /// In a container, `$MUSTER_METRICS_FILE` is under `/workspace/logs`, mounted from the
@@ -329,7 +331,7 @@ async fn an_ended_runs_metrics_are_served_by_a_survivor_of_the_leader() {
     let id = id.expect("submitted");
     let leader = cluster.leader().await.unwrap();
     let done = wait_done(&cluster.url(leader), &id).await;
-    assert_eq!(done.state, "completed", "{done:?}");
+    assert_eq!(done.state().word(), "completed", "{done:?}");
     agent.stop().await.unwrap();
     let leader = cluster.leader().await.unwrap();
     cluster.kill(leader).await.unwrap();
@@ -384,7 +386,7 @@ echo '{{"name":"loss","value":2,"step":2}}' >> "$MUSTER_METRICS_FILE""#,
     );
     std::fs::write(&gate, "").unwrap();
     assert_eq!(
-        wait_done(&cluster.url(leader), &id).await.state,
+        wait_done(&cluster.url(leader), &id).await.state().word(),
         "completed"
     );
     let out = muster(
@@ -432,7 +434,7 @@ i=21; while [ $i -le 40 ]; do echo "{{\"name\":\"loss\",\"value\":$i,\"step\":$i
     let new_leader = cluster.leader_among(&survivors).await.unwrap();
     std::fs::write(&gate, "").unwrap();
     let done = wait_done(&cluster.url(new_leader), &id).await;
-    assert_eq!(done.state, "completed", "{done:?}");
+    assert_eq!(done.state().word(), "completed", "{done:?}");
     assert_eq!(
         done.attempt, 1,
         "the run kept running through the failover: {done:?}"

@@ -1,6 +1,7 @@
 //! Node agents on real machines: runs in containers through the Docker engine, GPUs by
 //! UUID, agents that restart or die (issue 4's scenarios).
 
+use muster_proto::Word;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -93,7 +94,7 @@ async fn a_container_run_streams_logs_keeps_outputs_and_is_isolated() {
         "{out:?}"
     );
     let run = &all_runs(&dev.url()).await[0];
-    assert_eq!((run.state.as_str(), run.exit_code), ("failed", Some(3)));
+    assert_eq!((run.state().word(), run.exit_code), ("failed", Some(3)));
     let to = project.path().join("dl");
     let dl = muster(
         &dev.url(),
@@ -236,7 +237,7 @@ async fn a_killed_agent_re_adopts_its_container_and_the_run_completes_as_attempt
     agent.restart().await.unwrap();
     let run = wait_done(&url, &id).await;
     assert_eq!(
-        (run.state.as_str(), run.attempt),
+        (run.state().word(), run.attempt),
         ("completed", 1),
         "{run:?}"
     );
@@ -273,11 +274,11 @@ async fn a_dead_agents_run_restarts_as_attempt_2_on_another_node() {
     first.kill();
     let run = wait_done(&url, &id).await;
     assert_eq!(
-        (run.state.as_str(), run.attempt),
+        (run.state().word(), run.attempt),
         ("completed", 2),
         "{run:?}"
     );
-    assert_eq!(run.attempts[0].end.as_deref(), Some("node_lost"));
+    assert_eq!(run.attempts[0].end().word(), "node_lost");
     assert_eq!(run.attempts[1].placements[0].node_name, "node-b");
     let logs = muster(&url, p.path(), &["run", "logs", "--attempt", "2", &id]).await;
     assert_eq!(logs.stdout, "attempt 2 restarted=1\n");
@@ -297,7 +298,7 @@ async fn a_dead_agents_run_restarts_as_attempt_2_on_another_node() {
     );
     let after = wait_done(&url, &id).await;
     assert_eq!(
-        (after.state.as_str(), after.attempt),
+        (after.state().word(), after.attempt),
         ("completed", 2),
         "fencing changed nothing else"
     );
@@ -341,7 +342,7 @@ async fn a_four_gpu_node_runs_two_two_gpu_runs_on_disjoint_gpus() {
     let mut seen = Vec::new();
     for id in &ids {
         let run = wait_done(&url, id).await;
-        assert_eq!(run.state, "completed", "{run:?}");
+        assert_eq!(run.state().word(), "completed", "{run:?}");
         let logs = muster(&url, p.path(), &["run", "logs", id]).await;
         let gpus: Vec<String> = logs.stdout.trim().split(',').map(String::from).collect();
         assert_eq!(gpus.len(), 2, "{logs:?}");
@@ -393,7 +394,7 @@ async fn drain_and_evict_move_runs_as_admins_expect() {
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        wait_for_state(&url, &second, "queued").await.state,
+        wait_for_state(&url, &second, "queued").await.state().word(),
         "queued",
         "a drained node takes no new runs"
     );
@@ -405,7 +406,7 @@ async fn drain_and_evict_move_runs_as_admins_expect() {
     let evicted = muster(&url, p.path(), &["node", "evict", "lab-7"]).await;
     assert_eq!(evicted.code, 0, "{evicted:?}");
     let requeued = wait_for_state(&url, &first, "queued").await;
-    assert_eq!(requeued.attempts[0].end.as_deref(), Some("node_lost"));
+    assert_eq!(requeued.attempts[0].end().word(), "node_lost");
     assert_eq!(
         muster(&url, p.path(), &["node", "resume", "lab-7"])
             .await
@@ -484,7 +485,7 @@ async fn a_gpu_that_fails_is_withdrawn_and_schedulable_again_when_it_recovers() 
     .await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(
-        wait_for_state(&url, &id, "queued").await.state,
+        wait_for_state(&url, &id, "queued").await.state().word(),
         "queued",
         "a 2-GPU run waits"
     );
@@ -537,13 +538,9 @@ async fn a_high_priority_run_preempts_and_the_low_one_restarts_as_attempt_2() {
         ],
     )
     .await;
-    assert_eq!(wait_done(&url, &high).await.state, "completed");
+    assert_eq!(wait_done(&url, &high).await.state().word(), "completed");
     let first = wait_done_attempt(&url, &low, 2).await;
-    assert_eq!(
-        first.attempts[0].end.as_deref(),
-        Some("preempted"),
-        "{first:?}"
-    );
+    assert_eq!(first.attempts[0].end().word(), "preempted", "{first:?}");
     // Its first line is shipped within a moment of starting.
     let mut log = String::new();
     for _ in 0..50 {
@@ -643,7 +640,7 @@ async fn a_node_selector_places_a_run_only_on_nodes_with_those_labels() {
     for _ in 0..3 {
         let id = submit("zone=b").await;
         let run = wait_done(&url, &id).await;
-        assert_eq!(run.state, "completed", "{run:?}");
+        assert_eq!(run.state().word(), "completed", "{run:?}");
         assert_eq!(run.attempts[0].placements[0].node_name, "zone-b", "{run:?}");
     }
     // No node carries zone=c: the run waits, and says why.
@@ -753,7 +750,7 @@ async fn a_quota_holds_runs_back_with_the_reason_and_lets_them_through_in_turn()
         "{waiting}"
     );
     for id in &ids {
-        assert_eq!(wait_done(&url, id).await.state, "completed");
+        assert_eq!(wait_done(&url, id).await.state().word(), "completed");
     }
     let first = wait_done(&url, &ids[0]).await;
     let second = wait_done(&url, &ids[1]).await;

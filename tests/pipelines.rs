@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use muster_agent::NoGpus;
+use muster_proto::Word;
 use muster_proto::v1;
 use muster_testkit::agents::{AgentHandle, agent_config};
 use muster_testkit::{DevCluster, muster};
@@ -156,7 +157,7 @@ async fn poll_pipeline(
 /// Polls (bounded: 120 s) until the pipeline ends.
 async fn wait_pipeline(url: &str, id: &str) -> v1::Pipeline {
     poll_pipeline(url, id, 1200, |p| {
-        matches!(p.state.as_str(), "completed" | "failed" | "canceled")
+        matches!(p.state().word(), "completed" | "failed" | "canceled")
     })
     .await
     .unwrap_or_else(|| panic!("pipeline {id} did not end within 120 s"))
@@ -203,7 +204,7 @@ async fn a_diamond_pipeline_passes_data_runs_in_parallel_and_is_reused() {
     // 1. The first run: every step runs.
     let first = submit(&url, project.path(), "pipeline.yml").await;
     let p = wait_pipeline(&url, &first).await;
-    assert_eq!(p.state, "completed", "{p:?}");
+    assert_eq!(p.state().word(), "completed", "{p:?}");
     let shown = show_json(&url, project.path(), &first).await;
     assert_eq!(shown["state"], "completed");
     let mut run_of = std::collections::BTreeMap::new();
@@ -266,7 +267,7 @@ async fn a_diamond_pipeline_passes_data_runs_in_parallel_and_is_reused() {
     let second = submit(&url, project.path(), "pipeline.yml").await;
     assert_ne!(second, first);
     let p = wait_pipeline(&url, &second).await;
-    assert_eq!(p.state, "completed", "{p:?}");
+    assert_eq!(p.state().word(), "completed", "{p:?}");
     assert_eq!(
         all_runs(&url).await.len(),
         4,
@@ -294,7 +295,7 @@ async fn a_diamond_pipeline_passes_data_runs_in_parallel_and_is_reused() {
     );
     let third = submit(&url, project.path(), "pipeline.yml").await;
     let p = wait_pipeline(&url, &third).await;
-    assert_eq!(p.state, "completed", "{p:?}");
+    assert_eq!(p.state().word(), "completed", "{p:?}");
     let shown = show_json(&url, project.path(), &third).await;
     assert_eq!(step(&shown, "a")["state"], "reused", "{shown}");
     assert_eq!(step(&shown, "b")["state"], "reused", "{shown}");
@@ -375,7 +376,7 @@ async fn a_failed_step_fails_its_dependents_with_the_reason_and_the_rest_complet
     );
     let id = submit(&url, project.path(), "pipeline.yml").await;
     let p = wait_pipeline(&url, &id).await;
-    assert_eq!(p.state, "failed", "{p:?}");
+    assert_eq!(p.state().word(), "failed", "{p:?}");
     let shown = show_json(&url, project.path(), &id).await;
     assert_eq!(step(&shown, "a")["state"], "completed", "{shown}");
     assert_eq!(step(&shown, "b")["state"], "failed", "{shown}");
@@ -616,7 +617,7 @@ async fn killing_the_leader_mid_pipeline_neither_loses_nor_duplicates_a_step() {
         let p = get_any(&all, &id).await.expect("a server answers");
         if p.steps
             .iter()
-            .any(|s| s.name == "b" && s.state == "running")
+            .any(|s| s.name == "b" && s.state().word() == "running")
         {
             b_running = true;
             break;
@@ -630,7 +631,7 @@ async fn killing_the_leader_mid_pipeline_neither_loses_nor_duplicates_a_step() {
     let mut done = None;
     for _ in 0..1200 {
         if let Some(p) = get_any(&alive, &id).await
-            && matches!(p.state.as_str(), "completed" | "failed" | "canceled")
+            && matches!(p.state().word(), "completed" | "failed" | "canceled")
         {
             done = Some(p);
             break;
@@ -638,7 +639,7 @@ async fn killing_the_leader_mid_pipeline_neither_loses_nor_duplicates_a_step() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let p = done.expect("the pipeline ended after the failover");
-    assert_eq!(p.state, "completed", "{p:?}");
+    assert_eq!(p.state().word(), "completed", "{p:?}");
     // Exactly one run per step: nothing lost, nothing duplicated.
     let mut c = muster_cli::client::connect(&alive.join(",")).await.unwrap();
     let runs = c
@@ -657,7 +658,10 @@ async fn killing_the_leader_mid_pipeline_neither_loses_nor_duplicates_a_step() {
     assert_eq!(steps, vec!["a", "b", "c", "d"]);
     for s in &p.steps {
         let run = s.run_id.as_ref().expect("every step ran");
-        assert!(runs.iter().any(|r| &r.id == run && r.state == "completed"));
+        assert!(
+            runs.iter()
+                .any(|r| &r.id == run && r.state().word() == "completed")
+        );
     }
     // A retry of the submission with the same key is the same pipeline.
     let again = c
@@ -695,14 +699,14 @@ jobs:
 ",
     );
     let id = submit(&url, project.path(), "slow.yml").await;
-    let running = poll_pipeline(&url, &id, 300, |p| p.steps[0].state == "running").await;
+    let running = poll_pipeline(&url, &id, 300, |p| p.steps[0].state().word() == "running").await;
     assert!(running.is_some(), "the first step never ran");
     let out = muster(&url, project.path(), &["pipeline", "cancel", &id]).await;
     assert_eq!(out.code, 0, "{out:?}");
     let p = wait_pipeline(&url, &id).await;
-    assert_eq!(p.state, "canceled", "{p:?}");
-    assert_eq!(p.steps[0].state, "canceled", "{p:?}");
-    assert_eq!(p.steps[1].state, "failed", "{p:?}");
+    assert_eq!(p.state().word(), "canceled", "{p:?}");
+    assert_eq!(p.steps[0].state().word(), "canceled", "{p:?}");
+    assert_eq!(p.steps[1].state().word(), "failed", "{p:?}");
     assert!(
         p.steps[1].reason.as_deref().unwrap().contains("canceled"),
         "{p:?}"
@@ -744,7 +748,7 @@ jobs:
     );
     let id = submit(&url, project.path(), "boxed.yml").await;
     let p = wait_pipeline(&url, &id).await;
-    assert_eq!(p.state, "completed", "{p:?}");
+    assert_eq!(p.state().word(), "completed", "{p:?}");
     let used = p.steps[1].run_id.clone().unwrap();
     let log = logs(&url, project.path(), &used).await;
     assert!(log.contains("made-in-a-box"), "{log}");

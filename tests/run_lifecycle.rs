@@ -1,6 +1,7 @@
 //! One run end to end, as a user walks it: submit, stream, list, logs, download, cancel,
 //! and finding everything again after the server restarts or is killed.
 
+use muster_proto::Word;
 use std::time::{Duration, Instant};
 
 use muster_testkit::{DevCluster, DevProcess, muster};
@@ -39,7 +40,7 @@ async fn failed_run_streams_its_logs_exit_code_and_outputs() {
     assert_eq!(runs.len(), 1);
     let run = &runs[0];
     assert_eq!(
-        (run.state.as_str(), run.exit_code, run.attempt),
+        (run.state().word(), run.exit_code, run.attempt),
         ("failed", Some(3), 1)
     );
 
@@ -182,7 +183,7 @@ async fn cancel_stops_a_sleeping_run_within_the_grace_period() {
     let took = t0.elapsed();
     assert!(took < Duration::from_secs(8), "canceled in {took:?}");
     let run = wait_for_state(&dev.url(), &id, "canceled").await;
-    assert_eq!(run.attempts[0].end.as_deref(), Some("canceled"));
+    assert_eq!(run.attempts[0].end().word(), "canceled");
 
     // A queued run is canceled at once; a finished one says so.
     let again = muster(&dev.url(), project.path(), &["run", "cancel", &id]).await;
@@ -214,7 +215,7 @@ async fn timeout_ends_a_run_as_timed_out() {
     .await;
     assert_eq!(out.code, 124, "{out:?}");
     let runs = all_runs(&dev.url()).await;
-    assert_eq!(runs[0].state, "timed_out");
+    assert_eq!(runs[0].state().word(), "timed_out");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,7 +288,7 @@ async fn a_killed_server_comes_back_with_every_run_and_its_logs() {
     for (b, a) in before.iter().zip(&after) {
         assert_eq!(b.id, a.id);
         assert_eq!(b.spec, a.spec);
-        if b.state == "completed" {
+        if b.state().word() == "completed" {
             assert_eq!(b, a);
         }
     }
@@ -297,5 +298,5 @@ async fn a_killed_server_comes_back_with_every_run_and_its_logs() {
     }
     // The run that was in flight finishes (as a new attempt if its process died with the server).
     let done = wait_done(&dev.url(), &ids[0]).await;
-    assert_eq!(done.state, "completed", "{done:?}");
+    assert_eq!(done.state().word(), "completed", "{done:?}");
 }

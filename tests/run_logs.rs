@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use muster_proto::Word;
 use muster_proto::v1::{self, agent_message, server_message};
 use muster_testkit::agents::AgentProcess;
 use muster_testkit::cluster::TestCluster;
@@ -91,7 +92,7 @@ async fn a_two_instance_runs_ranks_are_combined_and_prefixed_on_every_server() {
     let runs = muster_tests::all_runs(&cluster.url(leader)).await;
     let run = runs.last().unwrap();
     assert_eq!(
-        (run.state.as_str(), run.attempt),
+        (run.state().word(), run.attempt),
         ("completed", 1),
         "{run:?}"
     );
@@ -227,7 +228,7 @@ async fn a_failing_ranks_and_its_stopped_peers_logs_are_both_kept() {
         "{streamed:?}"
     );
     let run = muster_tests::all_runs(&cluster.urls()).await.pop().unwrap();
-    assert_eq!(run.state, "failed", "{run:?}");
+    assert_eq!(run.state().word(), "failed", "{run:?}");
     for server in cluster.ids() {
         let url = cluster.url(server);
         for (rank, text) in [("0", "rank 0 is up\n"), ("1", "rank 1 fails\n")] {
@@ -267,14 +268,19 @@ fn ghost_log(run_id: &str, offset: u64, data: &str) -> v1::AgentMessage {
     }
 }
 
-fn ghost_update(run_id: &str, state: &str, log_bytes: u64) -> v1::AgentMessage {
+fn ghost_update(run_id: &str, state: v1::AttemptState, log_bytes: u64) -> v1::AgentMessage {
+    let ended = state == v1::AttemptState::Ended;
     v1::AgentMessage {
         msg: Some(agent_message::Msg::Update(v1::AttemptUpdate {
             run_id: run_id.into(),
             attempt: 1,
             state: state.into(),
-            end: (state == "ended").then(|| "completed".to_string()),
-            exit_code: (state == "ended").then_some(0),
+            end: if ended {
+                v1::AttemptEnd::Completed.into()
+            } else {
+                v1::AttemptEnd::Unspecified.into()
+            },
+            exit_code: ended.then_some(0),
             log_bytes,
             ..Default::default()
         })),
@@ -313,6 +319,79 @@ async fn next_message(inbound: &mut tonic::Streaming<v1::ServerMessage>) -> serv
         .expect("a message")
         .msg
         .expect("a message body")
+}
+
+/// An agent that reports an end this server does not know (a newer agent) is refused with
+/// a message naming the field and the value: the run is not marked failed on a guess.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_attempt_end_is_refused_not_taken_as_failed() {
+    let dev = DevCluster::start().await.unwrap();
+    let url = dev.url();
+    let pool = tempfile::tempdir().unwrap();
+    let out = muster(
+        &url,
+        pool.path(),
+        &["compute", "create", "ghost-pool", "--type", "attached"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let mut agents = register_ghost(&url).await;
+    let work = tempfile::tempdir().unwrap();
+    let id = submit_id(
+        &url,
+        work.path(),
+        &["run", "submit", "--compute", "ghost-pool", "--", "train"],
+    )
+    .await;
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel(16);
+    out_tx
+        .send(ghost_hello("ghost-node-id", &[]))
+        .await
+        .unwrap();
+    let mut inbound = agents
+        .session(tokio_stream::wrappers::ReceiverStream::new(out_rx))
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        if let server_message::Msg::Assign(a) = next_message(&mut inbound).await {
+            assert_eq!((a.run_id.as_str(), a.attempt), (id.as_str(), 1));
+            break;
+        }
+    }
+    out_tx
+        .send(ghost_update(&id, v1::AttemptState::Running, 0))
+        .await
+        .unwrap();
+    muster_tests::wait_for_state(&url, &id, "running").await;
+    let mut end = ghost_update(&id, v1::AttemptState::Ended, 0);
+    if let Some(agent_message::Msg::Update(u)) = &mut end.msg {
+        u.end = 99;
+    }
+    out_tx.send(end).await.unwrap();
+    let refused = loop {
+        match tokio::time::timeout(Duration::from_secs(30), inbound.message())
+            .await
+            .expect("the server answers within 30 s")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the session ended without an error"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().starts_with(
+            "update.end: unknown attempt end 99: the sender may run a different muster version"
+        ),
+        "{refused:?}"
+    );
+    let run = muster_tests::wait_for_state(&url, &id, "running").await;
+    assert_eq!(
+        run.attempts[0].end(),
+        v1::AttemptEnd::Unspecified,
+        "{run:?}"
+    );
 }
 
 /// A node that goes silent mid-run is declared lost: the leader seals what it took of the
@@ -374,7 +453,10 @@ async fn a_lost_nodes_log_is_sealed_and_a_late_agents_bytes_are_dropped() {
         }
     }
     let shipped = "line 1\nline 2\n";
-    out_tx.send(ghost_update(&id, "running", 0)).await.unwrap();
+    out_tx
+        .send(ghost_update(&id, v1::AttemptState::Running, 0))
+        .await
+        .unwrap();
     out_tx.send(ghost_log(&id, 0, shipped)).await.unwrap();
     muster_tests::wait_for_state(&url, &id, "running").await;
     // What the leader took is readable while the node lives (from the leader's file).
@@ -392,8 +474,8 @@ async fn a_lost_nodes_log_is_sealed_and_a_late_agents_bytes_are_dropped() {
     drop(out_tx);
     drop(inbound);
     let run = muster_tests::wait_done(&url, &id).await;
-    assert_eq!(run.state, "failed", "{run:?}");
-    assert_eq!(run.attempts[0].end.as_deref(), Some("node_lost"), "{run:?}");
+    assert_eq!(run.state().word(), "failed", "{run:?}");
+    assert_eq!(run.attempts[0].end().word(), "node_lost", "{run:?}");
     let out = muster(&url, work.path(), &["run", "logs", &id]).await;
     assert_eq!((out.code, out.stdout.as_str()), (0, shipped), "{out:?}");
     // The ghost returns, still holding attempt 1, with more of its log.
@@ -414,7 +496,7 @@ async fn a_lost_nodes_log_is_sealed_and_a_late_agents_bytes_are_dropped() {
         match next_message(&mut inbound).await {
             server_message::Msg::Resume(r) if r.run_id == id => resumed_at = Some(r.offset),
             server_message::Msg::Stop(s) if s.run_id == id => {
-                assert_eq!((s.attempt, s.reason.as_str()), (1, "stale"));
+                assert_eq!((s.attempt, s.reason()), (1, v1::StopReason::Stale));
                 stopped = true;
             }
             other => panic!("unexpected {other:?}"),
@@ -433,7 +515,11 @@ async fn a_lost_nodes_log_is_sealed_and_a_late_agents_bytes_are_dropped() {
     let whole = format!("{shipped}{late}");
     out_tx.send(ghost_log(&id, 0, &whole)).await.unwrap();
     out_tx
-        .send(ghost_update(&id, "ended", whole.len() as u64))
+        .send(ghost_update(
+            &id,
+            v1::AttemptState::Ended,
+            whole.len() as u64,
+        ))
         .await
         .unwrap();
     // Its end is acknowledged (stale, changing nothing) once everything before it was handled.
@@ -451,7 +537,7 @@ async fn a_lost_nodes_log_is_sealed_and_a_late_agents_bytes_are_dropped() {
     );
     let after = muster_tests::wait_done(&url, &id).await;
     assert_eq!(
-        (after.state.as_str(), after.attempt),
+        (after.state().word(), after.attempt),
         ("failed", 1),
         "{after:?}"
     );
@@ -516,11 +602,11 @@ async fn a_killed_agents_partial_log_outlives_the_leader_that_took_it() {
     .await;
     let run = muster_tests::wait_done(&cluster.urls(), &id).await;
     assert_eq!(
-        (run.state.as_str(), run.attempt),
+        (run.state().word(), run.attempt),
         ("completed", 2),
         "{run:?}"
     );
-    assert_eq!(run.attempts[0].end.as_deref(), Some("node_lost"), "{run:?}");
+    assert_eq!(run.attempts[0].end().word(), "node_lost", "{run:?}");
     assert_eq!(run.attempts[1].placements[0].node_name, "survivor");
     let full: String = (1..=60).map(|i| format!("first {i}\n")).collect();
     let mut partial = None;

@@ -5,6 +5,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use muster_proto::Word;
 use muster_proto::v1;
 use muster_testkit::{DevCluster, muster, muster_bin};
 use muster_tests::{ChildGuard, http_get, submit_sh, wait_for_state, write};
@@ -205,7 +206,10 @@ async fn logs_stream_live_while_the_run_is_still_running() {
     assert_eq!(first.data, b"first\n");
     assert!(t0.elapsed() < Duration::from_secs(10));
     assert_eq!(
-        wait_for_state(&dev.url(), &id, "running").await.state,
+        wait_for_state(&dev.url(), &id, "running")
+            .await
+            .state()
+            .word(),
         "running",
         "the log arrived while the run was running"
     );

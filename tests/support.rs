@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use muster_proto::Word;
 use muster_proto::v1;
 use muster_testkit::agents::{AgentHandle, agent_config};
 use muster_testkit::cluster::TestCluster;
@@ -27,7 +28,7 @@ pub async fn wait_for_state(server: &str, id: &str, state: &str) -> v1::Run {
             .await
             .expect("get")
             .into_inner();
-        if r.state == state {
+        if r.state().word() == state {
             return r;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

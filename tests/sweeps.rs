@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use muster_proto::Word;
 use muster_proto::v1::{self, sweep_service_client::SweepServiceClient};
 use muster_testkit::cluster::TestCluster;
 use muster_testkit::{DevCluster, muster};
@@ -92,7 +93,7 @@ async fn wait_sweep_done(urls: &[String], id: &str, limit: Duration) -> v1::Swee
                 .await
         {
             let s = s.into_inner();
-            if matches!(s.state.as_str(), "completed" | "timed_out" | "canceled") {
+            if matches!(s.state().word(), "completed" | "timed_out" | "canceled") {
                 return s;
             }
             last = Some(s);
@@ -187,14 +188,17 @@ async fn a_grid_sweep_runs_eight_trials_two_at_a_time_and_ranks_the_best_first()
     assert_eq!(again.stdout.trim(), id);
 
     let sweep = wait_sweep_done(&[dev.url()], &id, Duration::from_secs(120)).await;
-    assert_eq!(sweep.state, "completed", "{sweep:#?}");
+    assert_eq!(sweep.state().word(), "completed", "{sweep:#?}");
     assert_eq!(sweep.trials.len(), 8);
 
     // Each trial is a normal run; never more than two ran at once.
     let runs = trial_runs(&all_runs(&dev.url()).await, &id);
     assert_eq!(runs.len(), 8, "one run per trial");
     assert_eq!(all_runs(&dev.url()).await.len(), 8, "and no other run");
-    assert!(runs.iter().all(|r| r.state == "completed"), "{runs:#?}");
+    assert!(
+        runs.iter().all(|r| r.state().word() == "completed"),
+        "{runs:#?}"
+    );
     let overlap = max_overlap(&runs);
     assert!(
         (1..=2).contains(&overlap),
@@ -347,7 +351,7 @@ async fn a_bandit_policy_stops_the_clearly_bad_trials_early() {
     .await;
     // Unstopped, the bad trials would take a minute each.
     let sweep = wait_sweep_done(&[dev.url()], &id, Duration::from_secs(100)).await;
-    assert_eq!(sweep.state, "completed", "{sweep:#?}");
+    assert_eq!(sweep.state().word(), "completed", "{sweep:#?}");
     assert_eq!(sweep.trials.len(), 4);
     for t in &sweep.trials {
         let bad = t.params["q"].parse::<f64>().unwrap() < 0.5;
@@ -357,11 +361,11 @@ async fn a_bandit_policy_stops_the_clearly_bad_trials_early() {
                 "trial {} stopped early: {t:#?}",
                 t.index
             );
-            assert_eq!(t.state, "canceled", "{t:#?}");
+            assert_eq!(t.state().word(), "canceled", "{t:#?}");
             assert!(t.points < 120, "{t:#?}");
         } else {
             assert!(!t.early_terminated, "{t:#?}");
-            assert_eq!(t.state, "completed", "{t:#?}");
+            assert_eq!(t.state().word(), "completed", "{t:#?}");
         }
     }
     let show = muster(&dev.url(), project.path(), &["sweep", "show", &id]).await;
@@ -416,16 +420,16 @@ async fn a_canceled_sweep_cancels_its_trials_and_starts_no_more() {
     )
     .await;
     poll_sweep(&dev.url(), &id, 300, |s| {
-        s.trials.iter().any(|t| t.state == "running")
+        s.trials.iter().any(|t| t.state().word() == "running")
     })
     .await;
     let out = muster(&dev.url(), project.path(), &["sweep", "cancel", &id]).await;
     assert_eq!(out.code, 0, "{out:?}");
     let sweep = wait_sweep_done(&[dev.url()], &id, Duration::from_secs(60)).await;
-    assert_eq!(sweep.state, "canceled", "{sweep:#?}");
+    assert_eq!(sweep.state().word(), "canceled", "{sweep:#?}");
     assert_eq!(sweep.trials.len(), 2, "no trial starts after the cancel");
     assert!(
-        sweep.trials.iter().all(|t| t.state == "canceled"),
+        sweep.trials.iter().all(|t| t.state().word() == "canceled"),
         "{sweep:#?}"
     );
 }
@@ -550,7 +554,7 @@ async fn a_v1_hyperdrive_config_appends_the_parameters_to_the_trial_command() {
     )
     .await;
     let sweep = wait_sweep_done(&[dev.url()], &id, Duration::from_secs(60)).await;
-    assert_eq!(sweep.state, "completed", "{sweep:#?}");
+    assert_eq!(sweep.state().word(), "completed", "{sweep:#?}");
     assert_eq!(sweep.trials.len(), 3);
     let runs = trial_runs(&all_runs(&dev.url()).await, &id);
     let mut commands: Vec<String> = runs
@@ -594,7 +598,7 @@ async fn a_v1_hyperdrive_config_appends_the_parameters_to_the_trial_command() {
     let id = v["id"].as_str().unwrap().to_string();
     assert_eq!(v["experiment"], "v1-job");
     let sweep = wait_sweep_done(&[dev.url()], &id, Duration::from_secs(60)).await;
-    assert_eq!(sweep.state, "completed", "{sweep:#?}");
+    assert_eq!(sweep.state().word(), "completed", "{sweep:#?}");
     let best = &sweep.trials[0];
     assert_eq!(best.params["--lr"], "1.5", "{sweep:#?}");
     let runs = trial_runs(&all_runs(&dev.url()).await, &id);
@@ -636,7 +640,7 @@ async fn killing_the_leader_mid_sweep_finishes_with_exactly_eight_trials() {
     let survivors = urls_but(&cluster, leader);
 
     let sweep = wait_sweep_done(&survivors, &id, Duration::from_secs(180)).await;
-    assert_eq!(sweep.state, "completed", "{sweep:#?}");
+    assert_eq!(sweep.state().word(), "completed", "{sweep:#?}");
     assert_eq!(sweep.trials.len(), 8, "{sweep:#?}");
     let mut indexes: Vec<u32> = sweep.trials.iter().map(|t| t.index).collect();
     indexes.sort();
@@ -658,8 +662,8 @@ async fn killing_the_leader_mid_sweep_finishes_with_exactly_eight_trials() {
     assert!(max_overlap(&runs) <= 2);
     let unfinished: Vec<(&str, &str, Option<&String>)> = runs
         .iter()
-        .filter(|r| r.state != "completed")
-        .map(|r| (r.id.as_str(), r.state.as_str(), r.message.as_ref()))
+        .filter(|r| r.state().word() != "completed")
+        .map(|r| (r.id.as_str(), r.state().word(), r.message.as_ref()))
         .collect();
     assert!(
         unfinished.is_empty(),
@@ -781,7 +785,7 @@ async fn a_sweep_past_its_timeout_cancels_its_trials_and_ends_timed_out() {
     )
     .await;
     let sweep = wait_sweep_done(&[dev.url()], &id, Duration::from_secs(60)).await;
-    assert_eq!(sweep.state, "timed_out", "{sweep:#?}");
+    assert_eq!(sweep.state().word(), "timed_out", "{sweep:#?}");
     assert_eq!(sweep.sampling, "bayesian");
     assert_eq!(
         sweep.trials.len(),
@@ -789,7 +793,7 @@ async fn a_sweep_past_its_timeout_cancels_its_trials_and_ends_timed_out() {
         "the first two never end by themselves"
     );
     for t in &sweep.trials {
-        assert_eq!(t.state, "canceled", "{t:#?}");
+        assert_eq!(t.state().word(), "canceled", "{t:#?}");
         assert!(!t.early_terminated, "{t:#?}");
         assert!(
             t.stopped

@@ -27,8 +27,8 @@ const DEFAULT_SHM: u64 = 2 << 30;
 /// What an attempt tells the session loop.
 #[derive(Debug)]
 pub(crate) enum Event {
-    /// Entered "preparing" or "running".
-    State(Key, &'static str),
+    /// Entered preparing or running.
+    State(Key, v1::AttemptState),
     /// Over: how, and the outputs archive if one was uploaded.
     Ended(Key, Outcome, Option<String>),
 }
@@ -110,7 +110,7 @@ impl AttemptTask {
     pub(crate) async fn run(mut self, assignment: v1::Assignment) {
         let _ = self
             .events
-            .send(Event::State(self.key.clone(), "preparing"))
+            .send(Event::State(self.key.clone(), v1::AttemptState::Preparing))
             .await;
         let outcome = match self.prepare(&assignment).await {
             Err(message) => Outcome {
@@ -127,9 +127,9 @@ impl AttemptTask {
     /// Follows a container this node started before the agent restarted.
     pub(crate) async fn adopt(mut self, docker: Arc<DockerExecutor>, managed: Managed) {
         let state = if managed.running {
-            "running"
+            v1::AttemptState::Running
         } else {
-            "preparing"
+            v1::AttemptState::Preparing
         };
         let _ = self
             .events
@@ -528,7 +528,9 @@ impl AttemptTask {
         let announce = tokio::spawn(async move {
             if started_rx.await.is_ok() {
                 registry.set_running(&key);
-                let _ = events.send(Event::State(key, "running")).await;
+                let _ = events
+                    .send(Event::State(key, v1::AttemptState::Running))
+                    .await;
             }
         });
         let executor = if launch.container.is_some() {

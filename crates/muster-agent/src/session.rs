@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use muster_core::AttemptEnd;
+use muster_proto::Word;
 use muster_proto::v1::{
     self, agent_message, agent_service_client::AgentServiceClient,
     blob_service_client::BlobServiceClient, server_message,
@@ -36,7 +37,7 @@ struct Entry {
     shipped: u64,
     /// The attempt's `MUSTER_METRICS_FILE` on the host, and how far it is shipped.
     metrics: crate::metrics::Shipping,
-    state: &'static str,
+    state: v1::AttemptState,
     end: Option<v1::AttemptUpdate>,
     end_sent: bool,
     stop: watch::Sender<Option<Stop>>,
@@ -221,7 +222,7 @@ impl Agent {
                     metrics: Default::default(),
                     workdir,
                     shipped,
-                    state: "running",
+                    state: v1::AttemptState::Running,
                     end: None,
                     end_sent: false,
                     stop,
@@ -445,22 +446,28 @@ impl Agent {
             Some(server_message::Msg::Assign(a)) => self.on_assign(a, blobs),
             Some(server_message::Msg::Stop(s)) => {
                 let key = (s.run_id.clone(), s.attempt);
-                let reason = match s.reason.as_str() {
-                    "canceled" => StopReason::Canceled,
-                    "preempted" => StopReason::Preempted,
-                    _ => StopReason::Stale,
+                let reason = match v1::StopReason::from_wire(s.reason) {
+                    Ok(v1::StopReason::Canceled) => StopReason::Canceled,
+                    Ok(v1::StopReason::Preempted) => StopReason::Preempted,
+                    Ok(v1::StopReason::Stale) => StopReason::Stale,
+                    Ok(v1::StopReason::Unspecified) | Err(_) => {
+                        // The server wants it stopped, for a reason this version does not
+                        // know: stop it as fencing does (its report is ignored anyway).
+                        tracing::error!(run_id = %s.run_id, attempt = s.attempt, reason = s.reason, "a stop order with an unknown reason (the server may run another muster version); stopping the attempt as stale");
+                        StopReason::Stale
+                    }
                 };
                 let grace = Duration::from_millis(s.grace_ms);
                 match self.attempts.get(&key) {
                     Some(entry) => {
-                        tracing::info!(run_id = %s.run_id, attempt = s.attempt, reason = %s.reason, "stopping attempt");
+                        tracing::info!(run_id = %s.run_id, attempt = s.attempt, reason = %v1::StopReason::word_of(s.reason), "stopping attempt");
                         entry.stop.send_replace(Some(Stop { reason, grace }));
                     }
                     // Never started here: it is over as far as this node is concerned.
                     None => {
-                        let mut u = update(&s.run_id, s.attempt, "ended");
+                        let mut u = update(&s.run_id, s.attempt, v1::AttemptState::Ended);
                         if let Some(agent_message::Msg::Update(u)) = &mut u.msg {
-                            u.end = Some("canceled".into());
+                            u.end = v1::AttemptEnd::Canceled.into();
                             u.message = Some("stopped before it started".into());
                         }
                         out.send(u).await?;
@@ -527,7 +534,7 @@ impl Agent {
                     metrics: Default::default(),
                     workdir,
                     shipped: 0,
-                    state: "running",
+                    state: v1::AttemptState::Running,
                     end: Some(end),
                     end_sent: false,
                     stop,
@@ -562,7 +569,7 @@ impl Agent {
                 metrics: Default::default(),
                 workdir,
                 shipped: 0,
-                state: "scheduled",
+                state: v1::AttemptState::Scheduled,
                 end: None,
                 end_sent: false,
                 stop,
@@ -658,11 +665,11 @@ fn msg(m: agent_message::Msg) -> v1::AgentMessage {
     v1::AgentMessage { msg: Some(m) }
 }
 
-fn update(run_id: &str, attempt: u32, state: &str) -> v1::AgentMessage {
+fn update(run_id: &str, attempt: u32, state: v1::AttemptState) -> v1::AgentMessage {
     msg(agent_message::Msg::Update(v1::AttemptUpdate {
         run_id: run_id.to_string(),
         attempt,
-        state: state.to_string(),
+        state: state.into(),
         ..Default::default()
     }))
 }
@@ -671,8 +678,8 @@ fn ended(key: &Key, o: &Outcome, outputs: Option<String>) -> v1::AttemptUpdate {
     v1::AttemptUpdate {
         run_id: key.0.clone(),
         attempt: key.1,
-        state: "ended".into(),
-        end: Some(o.end.as_str().into()),
+        state: v1::AttemptState::Ended.into(),
+        end: v1::AttemptEnd::from(o.end).into(),
         exit_code: o.exit_code,
         message: o.message.clone(),
         outputs,

@@ -1,7 +1,7 @@
 //! How results are printed: tables for people (comfy-table), JSON for scripts.
 
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
-use muster_proto::v1;
+use muster_proto::{Word, v1};
 use serde_json::{Value, json};
 
 /// RFC 3339 time of Unix milliseconds.
@@ -47,7 +47,7 @@ pub fn run_json(r: &v1::Run) -> Value {
         "id": r.id,
         "experiment": spec.experiment,
         "compute": spec.compute,
-        "state": r.state,
+        "state": v1::RunState::word_of(r.state),
         "attempt": r.attempt,
         "exit_code": r.exit_code,
         "created_at": time(r.created_at_ms),
@@ -66,8 +66,8 @@ pub fn run_json(r: &v1::Run) -> Value {
         })),
         "attempts": r.attempts.iter().map(|a| json!({
             "number": a.number,
-            "state": a.state,
-            "end": a.end,
+            "state": v1::AttemptState::word_of(a.state),
+            "end": attempt_end(a),
             "exit_code": a.exit_code,
             "message": a.message,
             "placed_at": time(a.placed_at_ms),
@@ -77,6 +77,11 @@ pub fn run_json(r: &v1::Run) -> Value {
             "outputs": a.outputs,
         })).collect::<Vec<_>>(),
     })
+}
+
+/// How an attempt ended, once it did.
+fn attempt_end(a: &v1::Attempt) -> Option<std::borrow::Cow<'static, str>> {
+    (a.end != i32::from(v1::AttemptEnd::Unspecified)).then(|| v1::AttemptEnd::word_of(a.end))
 }
 
 /// A new table with muster's look.
@@ -104,7 +109,7 @@ pub fn runs_table(runs: &[v1::Run]) -> Table {
             r.id.clone(),
             spec.experiment,
             spec.compute,
-            r.state.clone(),
+            v1::RunState::word_of(r.state).into_owned(),
             r.attempt.to_string(),
             r.exit_code.map(|c| c.to_string()).unwrap_or_default(),
             time(r.created_at_ms),
@@ -119,7 +124,7 @@ pub fn run_details(r: &v1::Run) -> String {
     let spec = r.spec.clone().unwrap_or_default();
     let mut lines = vec![
         ("id", r.id.clone()),
-        ("state", r.state.clone()),
+        ("state", v1::RunState::word_of(r.state).into_owned()),
         ("experiment", spec.experiment.clone()),
         ("compute", spec.compute.clone()),
         ("command", spec.command.clone()),
@@ -168,7 +173,7 @@ pub fn run_details(r: &v1::Run) -> String {
             format!(
                 "#{} {}{} on {}{}",
                 a.number,
-                a.end.clone().unwrap_or_else(|| a.state.clone()),
+                attempt_end(a).unwrap_or_else(|| v1::AttemptState::word_of(a.state)),
                 a.exit_code
                     .map(|c| format!(" (exit {c})"))
                     .unwrap_or_default(),

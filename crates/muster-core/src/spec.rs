@@ -24,7 +24,10 @@ pub const DEFAULT_COMPUTE: &str = "local";
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 
 /// A bad job or compute spec: which field, what is wrong and what to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// It travels in apply results between servers; it also decodes from the plain message
+/// older servers sent (as a document-level error with that message).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SpecError {
     /// The dotted path of the field (`resources.instance_count`), or empty for the document.
     pub path: String,
@@ -59,6 +62,47 @@ impl fmt::Display for SpecError {
 }
 
 impl std::error::Error for SpecError {}
+
+impl<'de> Deserialize<'de> for SpecError {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SpecError, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Wire {
+            Message(String),
+            Fields {
+                path: String,
+                message: String,
+                #[serde(default)]
+                location: Option<(usize, usize)>,
+            },
+        }
+        Ok(match Wire::deserialize(d)? {
+            Wire::Message(message) => SpecError::field("", message),
+            Wire::Fields {
+                path,
+                message,
+                location,
+            } => SpecError {
+                path,
+                message,
+                location,
+            },
+        })
+    }
+}
+
+impl SpecError {
+    /// The same error about a field nested under `prefix` (`jobs.train` + `command` gives
+    /// `jobs.train.command`).
+    pub fn under(self, prefix: &str) -> SpecError {
+        let path = if self.path.is_empty() {
+            prefix.to_string()
+        } else {
+            format!("{prefix}.{}", self.path)
+        };
+        SpecError { path, ..self }
+    }
+}
 
 /// Parses YAML into `T`, naming the full path of a bad or unknown key and its position.
 pub(crate) fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, SpecError> {

@@ -12,6 +12,7 @@ use muster_core::{
     Placement as CorePlacement, Resources as CoreResources, RunSpec as CoreSpec, State,
 };
 
+use crate::enums::Word;
 use crate::v1;
 
 impl From<CoreResources> for v1::Resources {
@@ -207,7 +208,7 @@ pub fn run_to_wire(state: &State, r: &CoreRun) -> v1::Run {
     v1::Run {
         id: r.id.clone(),
         spec: Some(r.spec.clone().into()),
-        state: r.state.as_str().to_string(),
+        state: v1::RunState::from(r.state).into(),
         attempt: r.attempt_number(),
         exit_code: r.exit_code,
         created_at_ms: r.created_at,
@@ -226,17 +227,12 @@ pub fn run_to_wire(state: &State, r: &CoreRun) -> v1::Run {
                     .iter()
                     .map(|p| placement_to_wire(state, p))
                     .collect(),
-                state: match a.state {
-                    AttemptState::Scheduled => "scheduled",
-                    AttemptState::Preparing => "preparing",
-                    AttemptState::Running => "running",
-                    AttemptState::Ended(_) => "ended",
-                }
-                .to_string(),
+                state: v1::AttemptState::from(a.state).into(),
                 end: match a.state {
-                    AttemptState::Ended(e) => Some(e.as_str().to_string()),
-                    _ => None,
-                },
+                    AttemptState::Ended(e) => v1::AttemptEnd::from(e),
+                    _ => v1::AttemptEnd::Unspecified,
+                }
+                .into(),
                 placed_at_ms: a.placed_at,
                 started_at_ms: a.started_at,
                 finished_at_ms: a.finished_at,
@@ -291,11 +287,11 @@ pub fn pipeline_to_wire(state: &State, p: &muster_core::state::Pipeline) -> v1::
                 .and_then(|r| r.run_id.as_ref())
                 .and_then(|id| state.runs.get(id));
             let (step_state, reason) = match (rec, run) {
-                (None, _) => ("pending".to_string(), None),
-                (Some(r), _) if r.failed.is_some() => ("failed".to_string(), r.failed.clone()),
-                (Some(r), _) if r.reused.is_some() => ("reused".to_string(), None),
-                (Some(_), Some(run)) => (run.state.as_str().to_string(), run.message.clone()),
-                (Some(_), None) => ("failed".to_string(), Some("its run is missing".into())),
+                (None, _) => (v1::StepState::Pending, None),
+                (Some(r), _) if r.failed.is_some() => (v1::StepState::Failed, r.failed.clone()),
+                (Some(r), _) if r.reused.is_some() => (v1::StepState::Reused, None),
+                (Some(_), Some(run)) => (run.state.into(), run.message.clone()),
+                (Some(_), None) => (v1::StepState::Failed, Some("its run is missing".into())),
             };
             let outputs = match states.get(name) {
                 Some(StepState::Completed { outputs, .. }) => outputs.clone().into_iter().collect(),
@@ -303,7 +299,7 @@ pub fn pipeline_to_wire(state: &State, p: &muster_core::state::Pipeline) -> v1::
             };
             v1::PipelineStep {
                 name: name.clone(),
-                state: step_state,
+                state: step_state.into(),
                 run_id: rec.and_then(|r| r.run_id.clone()),
                 reused_from: rec
                     .filter(|r| r.reused.is_some())
@@ -321,17 +317,17 @@ pub fn pipeline_to_wire(state: &State, p: &muster_core::state::Pipeline) -> v1::
         })
         .collect();
     let pipeline_state = match (&p.finished, &p.cancel_requested) {
-        (Some(f), _) if f.succeeded => "completed",
-        (Some(_), Some(_)) => "canceled",
-        (Some(_), None) => "failed",
-        (None, Some(_)) => "canceling",
-        (None, None) => "running",
+        (Some(f), _) if f.succeeded => v1::PipelineState::Completed,
+        (Some(_), Some(_)) => v1::PipelineState::Canceled,
+        (Some(_), None) => v1::PipelineState::Failed,
+        (None, Some(_)) => v1::PipelineState::Canceling,
+        (None, None) => v1::PipelineState::Running,
     };
     v1::Pipeline {
         id: p.id.clone(),
         display_name: p.spec.display_name.clone(),
         experiment: p.spec.experiment.clone(),
-        state: pipeline_state.to_string(),
+        state: pipeline_state.into(),
         created_at_ms: p.created_at,
         finished_at_ms: p.finished.as_ref().map(|f| f.at),
         steps,
@@ -542,7 +538,7 @@ pub fn compute_status_to_wire(
                     .iter()
                     .map(|(n, p)| v1::ProvisionedNode {
                         name: n.clone(),
-                        phase: p.phase.as_str().to_string(),
+                        phase: v1::ProvisionPhase::from(p.phase).into(),
                         requested_at_ms: p.requested_at,
                     })
                     .collect()
@@ -577,7 +573,7 @@ pub fn node_to_wire(n: &CoreNode, last_heartbeat_ms: Option<u64>) -> v1::Node {
         labels: n.labels.clone().into_iter().collect(),
         tier: n.tier.as_str().to_string(),
         address: n.address.clone(),
-        state: n.state.as_str().to_string(),
+        state: v1::NodeState::from(n.state).into(),
         state_reason: n.state_reason.clone(),
         registered_at_ms: n.registered_at,
         allocated: Some(allocated),
@@ -617,18 +613,23 @@ pub fn sweep_spec_from_wire(s: v1::SweepSpec) -> Result<muster_core::sweep::Swee
     serde_json::from_value(definition).map_err(|e| format!("spec.definition_json: {e}"))
 }
 
-/// The state word of a sweep: running, canceling, completed, timed_out or canceled.
-pub fn sweep_state(s: &muster_core::state::Sweep) -> &'static str {
+/// The state of a sweep: running, canceling, completed, timed_out or canceled.
+pub fn sweep_state_to_wire(s: &muster_core::state::Sweep) -> v1::SweepState {
     use muster_core::sweep::SweepEnd;
     match (&s.finished, &s.cancel_requested) {
         (Some(f), _) => match f.end {
-            SweepEnd::Completed => "completed",
-            SweepEnd::TimedOut => "timed_out",
-            SweepEnd::Canceled => "canceled",
+            SweepEnd::Completed => v1::SweepState::Completed,
+            SweepEnd::TimedOut => v1::SweepState::TimedOut,
+            SweepEnd::Canceled => v1::SweepState::Canceled,
         },
-        (None, Some(_)) => "canceling",
-        (None, None) => "running",
+        (None, Some(_)) => v1::SweepState::Canceling,
+        (None, None) => v1::SweepState::Running,
     }
+}
+
+/// The state word of a sweep ([`sweep_state_to_wire`]'s word), for messages.
+pub fn sweep_state(s: &muster_core::state::Sweep) -> &'static str {
+    sweep_state_to_wire(s).word()
 }
 
 fn policy_to_text(p: &muster_core::sweep::EarlyTermination) -> String {
@@ -686,7 +687,8 @@ pub fn sweep_to_wire(
                 state: state
                     .runs
                     .get(&t.run_id)
-                    .map_or("unknown".to_string(), |r| r.state.as_str().to_string()),
+                    .map_or(v1::RunState::Unspecified, |r| r.state.into())
+                    .into(),
                 best: *best,
                 last: metric.and_then(|m| m.last()).map(|(_, v)| v),
                 points: metric.map_or(0, |m| m.len() as u64),
@@ -704,7 +706,7 @@ pub fn sweep_to_wire(
         display_name: s.spec.display_name.clone(),
         experiment: s.spec.experiment.clone(),
         compute: s.spec.trial.compute.clone(),
-        state: sweep_state(s).to_string(),
+        state: sweep_state_to_wire(s).into(),
         primary_metric: s.spec.objective.primary_metric.clone(),
         goal: match goal {
             muster_core::sweep::Goal::Maximize => "maximize",

@@ -7,6 +7,7 @@
 #![allow(missing_docs, missing_debug_implementations)]
 
 mod convert;
+mod enums;
 
 /// The generated code of package `muster.v1`.
 pub mod v1 {
@@ -15,6 +16,7 @@ pub mod v1 {
 }
 
 pub use convert::*;
+pub use enums::{EnumError, Word, decode_enum};
 pub use v1::*;
 
 /// The encoded file descriptor set of the API, for gRPC reflection.

@@ -133,7 +133,7 @@ pub async fn wait_for_node(server: &str, name: &str) -> anyhow::Result<v1::Node>
                 .into_inner()
                 .nodes
                 .into_iter()
-                .find(|n| n.name == name && n.state == "ready")
+                .find(|n| n.name == name && n.state() == v1::NodeState::Ready)
         {
             return Ok(n);
         }

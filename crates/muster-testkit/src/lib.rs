@@ -162,7 +162,11 @@ impl DevCluster {
                     .compute
                     .list_nodes(muster_proto::v1::ListNodesRequest { compute: None })
                     .await
-                && nodes.get_ref().nodes.iter().any(|n| n.state == "ready")
+                && nodes
+                    .get_ref()
+                    .nodes
+                    .iter()
+                    .any(|n| n.state() == muster_proto::v1::NodeState::Ready)
             {
                 return Ok(());
             }
@@ -317,7 +321,11 @@ impl DevProcess {
                     .compute
                     .list_nodes(muster_proto::v1::ListNodesRequest { compute: None })
                     .await
-                && nodes.get_ref().nodes.iter().any(|n| n.state == "ready")
+                && nodes
+                    .get_ref()
+                    .nodes
+                    .iter()
+                    .any(|n| n.state() == muster_proto::v1::NodeState::Ready)
             {
                 return Ok(p);
             }

@@ -4,7 +4,7 @@ use muster_core::compute::{
     CommandProvisioner, ComputeKind, ComputeSpec, DockerProvisioner, Provisioner, Tier,
     parse_compute_yaml,
 };
-use muster_proto::v1;
+use muster_proto::{Word, v1};
 use serde_json::json;
 
 use crate::cli::{ComputeCommand, ComputeCreateArgs, OutputFormat};
@@ -277,7 +277,7 @@ fn status_json(s: &v1::ComputeStatus) -> serde_json::Value {
                 let cap = n.capacity.unwrap_or_default();
                 let alloc = n.allocated.unwrap_or_default();
                 json!({
-                    "name": n.name, "state": n.state, "state_reason": n.state_reason,
+                    "name": n.name, "state": v1::NodeState::word_of(n.state), "state_reason": n.state_reason,
                     "runs": n.runs,
                     "capacity": {"cpu_millis": cap.cpu_millis, "memory_bytes": cap.memory_bytes, "gpus": cap.gpus},
                     "allocated": {"cpu_millis": alloc.cpu_millis, "memory_bytes": alloc.memory_bytes, "gpus": alloc.gpus},
@@ -288,7 +288,7 @@ fn status_json(s: &v1::ComputeStatus) -> serde_json::Value {
     v["provisioned"] = json!(
         s.provisioned
             .iter()
-            .map(|p| json!({"name": p.name, "phase": p.phase, "requested_at": time(p.requested_at_ms)}))
+            .map(|p| json!({"name": p.name, "phase": v1::ProvisionPhase::word_of(p.phase), "requested_at": time(p.requested_at_ms)}))
             .collect::<Vec<_>>()
     );
     v["history"] = json!(
@@ -409,7 +409,7 @@ fn show(output: OutputFormat, s: &v1::ComputeStatus) {
             let alloc = n.allocated.unwrap_or_default();
             t.add_row(vec![
                 n.name.clone(),
-                n.state.clone(),
+                v1::NodeState::word_of(n.state).into_owned(),
                 if cap.cpu_millis == 0 {
                     "-".into()
                 } else {
@@ -424,8 +424,10 @@ fn show(output: OutputFormat, s: &v1::ComputeStatus) {
     let pending: Vec<String> = s
         .provisioned
         .iter()
-        .filter(|p| p.phase != "launched" || !s.nodes.iter().any(|n| n.name == p.name))
-        .map(|p| format!("{} ({})", p.name, p.phase))
+        .filter(|p| {
+            p.phase() != v1::ProvisionPhase::Launched || !s.nodes.iter().any(|n| n.name == p.name)
+        })
+        .map(|p| format!("{} ({})", p.name, v1::ProvisionPhase::word_of(p.phase)))
         .collect();
     if !pending.is_empty() {
         println!("provisioning {}", pending.join(", "));

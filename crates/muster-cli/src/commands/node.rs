@@ -1,6 +1,6 @@
 //! `muster node ...`.
 
-use muster_proto::v1;
+use muster_proto::{Word, v1};
 use serde_json::json;
 
 use crate::cli::{NodeCommand, OutputFormat};
@@ -70,7 +70,7 @@ pub async fn run(server: &str, output: OutputFormat, cmd: NodeCommand) -> anyhow
                 node.name,
                 node.id,
                 node.compute,
-                node.state,
+                v1::NodeState::word_of(node.state),
                 node.state_reason
                     .as_ref()
                     .map(|r| format!(" ({r})"))
@@ -133,7 +133,7 @@ pub async fn run(server: &str, output: OutputFormat, cmd: NodeCommand) -> anyhow
             t.add_row(vec![
                 n.name.clone(),
                 n.compute.clone(),
-                n.state.clone(),
+                v1::NodeState::word_of(n.state).into_owned(),
                 if cap.cpu_millis == 0 {
                     "-".into()
                 } else {
@@ -157,7 +157,7 @@ fn node_json(n: &v1::Node) -> serde_json::Value {
     let cap = n.capacity.unwrap_or_default();
     let alloc = n.allocated.unwrap_or_default();
     json!({
-        "id": n.id, "name": n.name, "compute": n.compute, "state": n.state, "state_reason": n.state_reason,
+        "id": n.id, "name": n.name, "compute": n.compute, "state": v1::NodeState::word_of(n.state), "state_reason": n.state_reason,
         "tier": n.tier, "address": n.address, "labels": n.labels,
         "capacity": {"cpu_millis": cap.cpu_millis, "memory_bytes": cap.memory_bytes, "gpus": cap.gpus},
         "allocated": {"cpu_millis": alloc.cpu_millis, "memory_bytes": alloc.memory_bytes, "gpus": alloc.gpus},

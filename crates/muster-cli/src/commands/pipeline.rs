@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use muster_core::pipeline::parse_pipeline_yaml;
-use muster_proto::v1;
+use muster_proto::{Word, v1};
 use serde_json::{Value, json};
 
 use crate::cli::{OutputFormat, PipelineCommand, PipelineSubmitArgs};
@@ -53,12 +53,14 @@ pub async fn run(server: &str, output: OutputFormat, cmd: PipelineCommand) -> an
                     let done = p
                         .steps
                         .iter()
-                        .filter(|s| matches!(s.state.as_str(), "completed" | "reused"))
+                        .filter(|s| {
+                            matches!(s.state(), v1::StepState::Completed | v1::StepState::Reused)
+                        })
                         .count();
                     t.add_row(vec![
                         p.id.clone(),
                         p.experiment.clone(),
-                        p.state.clone(),
+                        v1::PipelineState::word_of(p.state).into_owned(),
                         format!("{done}/{} done", p.steps.len()),
                         time(p.created_at_ms),
                         p.display_name.clone().unwrap_or_default(),
@@ -191,7 +193,7 @@ pub fn pipeline_json(p: &v1::Pipeline) -> Value {
         "id": p.id,
         "display_name": p.display_name,
         "experiment": p.experiment,
-        "state": p.state,
+        "state": v1::PipelineState::word_of(p.state),
         "created_at": time(p.created_at_ms),
         "finished_at": p.finished_at_ms.map(time),
         "cancel_reason": p.cancel_reason,
@@ -200,7 +202,7 @@ pub fn pipeline_json(p: &v1::Pipeline) -> Value {
         })).collect::<Vec<_>>(),
         "steps": p.steps.iter().map(|s| json!({
             "name": s.name,
-            "state": s.state,
+            "state": v1::StepState::word_of(s.state),
             "run_id": s.run_id,
             "reused_from": s.reused_from,
             "compute": s.compute,
@@ -222,7 +224,7 @@ pub fn pipeline_details(p: &v1::Pipeline) -> String {
     };
     line("id", p.id.clone());
     line("name", p.display_name.clone().unwrap_or_default());
-    line("state", p.state.clone());
+    line("state", v1::PipelineState::word_of(p.state).into_owned());
     line("experiment", p.experiment.clone());
     line("created", time(p.created_at_ms));
     line("finished", p.finished_at_ms.map(time).unwrap_or_default());
@@ -254,7 +256,7 @@ pub fn pipeline_details(p: &v1::Pipeline) -> String {
     for s in &p.steps {
         t.add_row(vec![
             s.name.clone(),
-            s.state.clone(),
+            v1::StepState::word_of(s.state).into_owned(),
             s.run_id.clone().unwrap_or_default(),
             s.reused_from.clone().unwrap_or_default(),
             s.compute.clone(),

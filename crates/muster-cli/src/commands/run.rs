@@ -11,7 +11,7 @@ use muster_core::names::validate_experiment_name;
 use muster_core::spec::{
     DistributionFile, EnvironmentFile, JobFile, LimitsFile, ResourcesFile, Scalar, parse_job_yaml,
 };
-use muster_proto::v1;
+use muster_proto::{Word, v1};
 use serde_json::json;
 
 use crate::cli::{OutputFormat, RunCommand, SubmitArgs};
@@ -30,6 +30,10 @@ pub async fn run(server: &str, output: OutputFormat, cmd: RunCommand) -> anyhow:
             limit,
             stale,
         } => {
+            let state = state
+                .map(|s| muster_core::RunState::parse(&s).map(|s| v1::RunState::from(s).into()))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("state: {e}"))?;
             let mut c = connect(server).await?;
             let runs = c
                 .runs
@@ -91,7 +95,7 @@ pub async fn run(server: &str, output: OutputFormat, cmd: RunCommand) -> anyhow:
                 .into_inner();
             if output == OutputFormat::Json {
                 print_json(&run_json(&run));
-            } else if run.state == "canceled" {
+            } else if run.state() == v1::RunState::Canceled {
                 println!("Canceled run {id}.");
             } else {
                 println!(
@@ -104,8 +108,11 @@ pub async fn run(server: &str, output: OutputFormat, cmd: RunCommand) -> anyhow:
             let mut c = connect(server).await?;
             let run = wait(&mut c, &id, timeout.map(Duration::from_secs)).await?;
             print_run(output, &run);
-            if !is_terminal(&run.state) {
-                eprintln!("run {id} is still {} after the timeout", run.state);
+            if !run.state().is_terminal() {
+                eprintln!(
+                    "run {id} is still {} after the timeout",
+                    v1::RunState::word_of(run.state)
+                );
                 return Ok(124);
             }
             Ok(exit_code(&run))
@@ -132,17 +139,13 @@ fn print_run(output: OutputFormat, run: &v1::Run) {
     }
 }
 
-fn is_terminal(state: &str) -> bool {
-    matches!(state, "completed" | "failed" | "canceled" | "timed_out")
-}
-
 /// The process exit code that stands for a finished run: its own for completed and failed
 /// runs, 130 for canceled (as for Ctrl-C), 124 for timed out (as `timeout` does).
 pub fn exit_code(run: &v1::Run) -> i32 {
-    match run.state.as_str() {
-        "completed" => 0,
-        "canceled" => 130,
-        "timed_out" => 124,
+    match run.state() {
+        v1::RunState::Completed => 0,
+        v1::RunState::Canceled => 130,
+        v1::RunState::TimedOut => 124,
         _ => match run.exit_code {
             Some(c) if (1..=255).contains(&c) => c,
             _ => 1,
@@ -179,7 +182,7 @@ async fn wait(c: &mut Clients, id: &str, timeout: Option<Duration>) -> anyhow::R
             .await
             .map_err(status)?
             .into_inner();
-        if is_terminal(&run.state) || left.is_some_and(|l| l <= slice) {
+        if run.state().is_terminal() || left.is_some_and(|l| l <= slice) {
             return Ok(run);
         }
     }
@@ -422,7 +425,11 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
             .clone()
             .map(|m| format!(": {m}"))
             .unwrap_or_default();
-        eprintln!("Run {} {}{detail}", done.id, done.state);
+        eprintln!(
+            "Run {} {}{detail}",
+            done.id,
+            v1::RunState::word_of(done.state)
+        );
     }
     Ok(exit_code(&done))
 }

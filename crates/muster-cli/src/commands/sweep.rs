@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use muster_core::spec::{JobFile, parse_job_yaml};
 use muster_core::sweep::{SweepSpec, parse_hyperdrive_config, parse_sweep_yaml};
-use muster_proto::v1;
+use muster_proto::{Word, v1};
 use serde_json::{Value, json};
 
 use crate::cli::OutputFormat;
@@ -122,7 +122,7 @@ pub async fn run(server: &str, output: OutputFormat, cmd: SweepCommand) -> anyho
                     t.add_row(vec![
                         s.id.clone(),
                         s.display_name.clone().unwrap_or_default(),
-                        s.state.clone(),
+                        v1::SweepState::word_of(s.state).into_owned(),
                         format!("{}/{}", s.trials.len(), s.max_total_trials),
                         format!("{} {}", s.goal, s.primary_metric),
                         best_text(s),
@@ -145,7 +145,7 @@ pub async fn run(server: &str, output: OutputFormat, cmd: SweepCommand) -> anyho
                 .into_inner();
             if output == OutputFormat::Json {
                 print_json(&sweep_json(&sweep));
-            } else if sweep.state == "canceled" {
+            } else if sweep.state() == v1::SweepState::Canceled {
                 println!("Canceled sweep {id}.");
             } else {
                 println!(
@@ -338,7 +338,11 @@ pub fn sweep_details(s: &v1::Sweep) -> String {
     if let Some(n) = &s.display_name {
         line(&mut out, "Name:", n.clone());
     }
-    line(&mut out, "State:", s.state.clone());
+    line(
+        &mut out,
+        "State:",
+        v1::SweepState::word_of(s.state).into_owned(),
+    );
     if let Some(m) = &s.message {
         line(&mut out, "Canceled:", m.clone());
     }
@@ -387,7 +391,7 @@ pub fn sweep_details(s: &v1::Sweep) -> String {
             params_text(trial),
             number(trial.best),
             number(trial.last),
-            trial.state.clone(),
+            v1::RunState::word_of(trial.state).into_owned(),
             muster_proto::sweep_trial_note(trial),
         ]);
     }
@@ -402,7 +406,7 @@ pub fn sweep_json(s: &v1::Sweep) -> Value {
         "display_name": s.display_name,
         "experiment": s.experiment,
         "compute": s.compute,
-        "state": s.state,
+        "state": v1::SweepState::word_of(s.state),
         "message": s.message,
         "primary_metric": s.primary_metric,
         "goal": s.goal,
@@ -420,7 +424,7 @@ pub fn sweep_json(s: &v1::Sweep) -> Value {
             "index": t.index,
             "run_id": t.run_id,
             "params": t.params.iter().collect::<std::collections::BTreeMap<_, _>>(),
-            "state": t.state,
+            "state": v1::RunState::word_of(t.state),
             "best": t.best,
             "last": t.last,
             "points": t.points,

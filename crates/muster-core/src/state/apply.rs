@@ -11,8 +11,17 @@ use crate::spec::RunSpec;
 use crate::state::{
     Applied, ApplyError, Attempt, AttemptEnd, AttemptReport, AttemptState, Command, ComputeTarget,
     Derived, Node, NodeState, ProvisionOutcome, ProvisionPhase, ProvisionedNode, QueueKey, Queued,
-    RankEnd, Run, RunState, SCALE_HISTORY, ScaleEvent, Scaling, SealedLog, SealedMetrics, State,
+    RankEnd, Run, RunState, SCALE_HISTORY, ScaleEvent, Scaling, SealedBlob, SealedLog,
+    SealedMetrics, State,
 };
+
+/// A node name that breaks the naming rule, as a rejection.
+fn node_name_error(e: crate::names::NameError) -> ApplyError {
+    ApplyError::InvalidNodeName {
+        name: e.name,
+        rule: e.rule,
+    }
+}
 
 /// The longest server address accepted.
 pub const MAX_SERVER_ADDRESS_LEN: usize = 256;
@@ -20,17 +29,13 @@ pub const MAX_SERVER_ADDRESS_LEN: usize = 256;
 /// Checks a coordinator's id and address (`set_server_address.v1`, `add-server`).
 pub fn validate_server_address(id: u64, address: &str) -> Result<(), ApplyError> {
     if id == 0 {
-        return Err(ApplyError::InvalidSpec(
-            "server id: server ids start at 1".to_string(),
-        ));
+        return Err(ApplyError::InvalidServerId(id));
     }
     if address.is_empty()
         || address.len() > MAX_SERVER_ADDRESS_LEN
         || address.chars().any(|c| c.is_whitespace() || c.is_control())
     {
-        return Err(ApplyError::InvalidSpec(format!(
-            "server address {address:?}: give host:port (1 to {MAX_SERVER_ADDRESS_LEN} characters, no spaces)"
-        )));
+        return Err(ApplyError::InvalidServerAddress(address.to_string()));
     }
     Ok(())
 }
@@ -76,8 +81,7 @@ impl State {
     pub fn apply(&mut self, command: &Command) -> Result<Applied, ApplyError> {
         match command {
             Command::CreateCompute { spec, at } => {
-                spec.validate()
-                    .map_err(|e| ApplyError::InvalidSpec(e.to_string()))?;
+                spec.validate()?;
                 if self.computes.contains_key(&spec.name) {
                     return Err(ApplyError::ComputeExists(spec.name.clone()));
                 }
@@ -101,7 +105,7 @@ impl State {
                 address,
                 at,
             } => {
-                validate_node_name(name).map_err(|e| ApplyError::InvalidSpec(e.to_string()))?;
+                validate_node_name(name).map_err(node_name_error)?;
                 if !self.computes.contains_key(compute) {
                     return Err(ApplyError::UnknownCompute(compute.clone()));
                 }
@@ -316,15 +320,17 @@ impl State {
     /// well formed and the attempt exists.
     fn sealed_attempt(
         &mut self,
-        what: &str,
+        blob: SealedBlob,
         run_id: &str,
         attempt: u32,
         sha256: &str,
     ) -> Result<&mut Attempt, ApplyError> {
         if !is_sha256_hex(sha256) {
-            return Err(ApplyError::InvalidSpec(format!(
-                "{what} of run {run_id}: sha256 {sha256:?} is not 64 lowercase hex digits"
-            )));
+            return Err(ApplyError::InvalidBlobHash {
+                blob,
+                run_id: run_id.to_string(),
+                sha256: sha256.to_string(),
+            });
         }
         let run = self
             .runs
@@ -333,10 +339,10 @@ impl State {
         attempt
             .checked_sub(1)
             .and_then(|i| run.attempts.get_mut(i as usize))
-            .ok_or_else(|| {
-                ApplyError::InvalidSpec(format!(
-                    "{what} of run {run_id}: it has no attempt {attempt}"
-                ))
+            .ok_or_else(|| ApplyError::UnknownAttempt {
+                blob,
+                run_id: run_id.to_string(),
+                attempt,
             })
     }
 
@@ -347,12 +353,14 @@ impl State {
         rank: u32,
         log: &SealedLog,
     ) -> Result<Applied, ApplyError> {
-        let a = self.sealed_attempt("log", run_id, attempt, &log.sha256)?;
+        let a = self.sealed_attempt(SealedBlob::Log, run_id, attempt, &log.sha256)?;
         if rank as usize >= a.placements.len() {
-            return Err(ApplyError::InvalidSpec(format!(
-                "log of run {run_id}: attempt {attempt} has {} rank(s), not rank {rank}",
-                a.placements.len()
-            )));
+            return Err(ApplyError::UnknownRank {
+                run_id: run_id.to_string(),
+                attempt,
+                ranks: a.placements.len() as u32,
+                rank,
+            });
         }
         a.logs.entry(rank).or_insert_with(|| log.clone());
         Ok(Applied::Done)
@@ -364,7 +372,7 @@ impl State {
         attempt: u32,
         metrics: &SealedMetrics,
     ) -> Result<Applied, ApplyError> {
-        let a = self.sealed_attempt("metrics", run_id, attempt, &metrics.sha256)?;
+        let a = self.sealed_attempt(SealedBlob::Metrics, run_id, attempt, &metrics.sha256)?;
         if a.metrics.as_ref().is_none_or(|m| m.lines < metrics.lines) {
             a.metrics = Some(metrics.clone());
         }
@@ -476,7 +484,7 @@ impl State {
         }
         let mut seen = BTreeSet::new();
         for name in add {
-            validate_node_name(name).map_err(|e| ApplyError::InvalidSpec(e.to_string()))?;
+            validate_node_name(name).map_err(node_name_error)?;
             if !seen.insert(name.as_str())
                 || scaling.nodes.contains_key(name)
                 || self.nodes.values().any(|n| &n.name == name)
@@ -661,8 +669,7 @@ impl State {
                 existing: true,
             });
         }
-        spec.validate()
-            .map_err(|e| ApplyError::InvalidSpec(e.to_string()))?;
+        spec.validate()?;
         if !self.computes.contains_key(&spec.compute) {
             return Err(ApplyError::UnknownCompute(spec.compute.clone()));
         }

@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use thiserror::Error;
 
 use crate::Millis;
 use crate::compute::{ComputeSpec, Tier};
@@ -422,55 +421,4 @@ pub enum Applied {
         /// The attempt reported on.
         attempt: u32,
     },
-}
-
-/// Why a command was rejected. Nothing was changed.
-#[derive(Debug, Clone, PartialEq, Eq, Error, Serialize, Deserialize)]
-#[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
-pub enum ApplyError {
-    /// The name is taken.
-    #[error("compute target {0:?} already exists: pick another name, or delete it first")]
-    ComputeExists(String),
-    /// No such compute target.
-    #[error(
-        "compute target {0:?} does not exist: create it with `muster compute create`, or list them with `muster compute list`"
-    )]
-    UnknownCompute(String),
-    /// The compute target is still used.
-    #[error("compute target {name:?} is in use: {detail}")]
-    ComputeInUse {
-        /// Its name.
-        name: String,
-        /// By what.
-        detail: String,
-    },
-    /// A spec failed validation.
-    #[error("{0}")]
-    InvalidSpec(String),
-    /// No such run.
-    #[error("run {0:?} does not exist")]
-    UnknownRun(String),
-    /// The id is taken (the proposer picks another).
-    #[error("run id {0:?} is already taken")]
-    RunExists(String),
-    /// The run is over.
-    #[error("run {run_id:?} already finished ({state})")]
-    RunFinished {
-        /// The run.
-        run_id: String,
-        /// Its terminal state.
-        state: String,
-    },
-    /// No such node.
-    #[error("node {0:?} is not registered")]
-    UnknownNode(String),
-    /// Another node has this name.
-    #[error(
-        "node name {0:?} is already used by another node: give this agent another --name, or remove the other node"
-    )]
-    NodeNameTaken(String),
-    /// A scheduler decision (a placement or a preemption) that does not fit the state,
-    /// e.g. a stale one.
-    #[error("scheduler decision rejected: {0}")]
-    InvalidPlacement(String),
 }

@@ -9,7 +9,9 @@ use crate::metrics::Series;
 use crate::pipeline::{PipelineDecision, parse_pipeline_yaml, plan};
 use crate::resources::Capacity;
 use crate::schedule::schedule;
-use crate::state::{AttemptEnd, AttemptReport, Command, RunState, State};
+use crate::state::{
+    ApplyError, AttemptEnd, AttemptReport, Command, PipelineRule, RunState, State, SweepRule,
+};
 use crate::sweep::{SweepDecision, SweepEnd, parse_sweep_yaml, step};
 
 fn cluster() -> State {
@@ -237,7 +239,17 @@ fn sweep_commands_that_do_not_fit_are_refused() {
         at: 0,
     };
     apply(&mut s, &submit);
-    assert!(s.apply(&submit).is_err(), "the id is taken");
+    assert_eq!(
+        s.apply(&submit),
+        Err(ApplyError::SweepExists("sw".into())),
+        "the id is taken"
+    );
+    let refused = |rule: SweepRule| {
+        Err(ApplyError::SweepRejected {
+            sweep_id: "sw".into(),
+            rule,
+        })
+    };
     let start = |index: u32| Command::SweepDecision {
         sweep_id: "sw".into(),
         decision: SweepDecision::StartTrial {
@@ -248,11 +260,28 @@ fn sweep_commands_that_do_not_fit_are_refused() {
         at: 1,
     };
     let before = s.clone();
-    assert!(s.apply(&start(1)).is_err(), "not the next index");
+    assert_eq!(
+        s.apply(&start(1)),
+        refused(SweepRule::NotNextTrial { index: 1, next: 0 }),
+        "not the next index"
+    );
     apply(&mut s, &start(0));
-    assert!(s.apply(&start(0)).is_err(), "already decided");
+    let already = s.apply(&start(0));
+    assert_eq!(
+        already,
+        refused(SweepRule::NotNextTrial { index: 0, next: 1 }),
+        "already decided"
+    );
+    assert_eq!(
+        already.unwrap_err().to_string(),
+        "sweep sw: trial 0 is not the next trial (1): already decided"
+    );
     apply(&mut s, &start(1));
-    assert!(s.apply(&start(2)).is_err(), "max_concurrent_trials is 2");
+    assert_eq!(
+        s.apply(&start(2)),
+        refused(SweepRule::MaxConcurrentTrials),
+        "max_concurrent_trials is 2"
+    );
     let finish = Command::SweepDecision {
         sweep_id: "sw".into(),
         decision: SweepDecision::Finish {
@@ -262,7 +291,20 @@ fn sweep_commands_that_do_not_fit_are_refused() {
         run_id: None,
         at: 2,
     };
-    assert!(s.apply(&finish).is_err(), "trials are active");
+    assert_eq!(
+        s.apply(&finish),
+        refused(SweepRule::TrialActive(0)),
+        "trials are active"
+    );
+    let unknown = Command::CancelSweep {
+        sweep_id: "nope".into(),
+        reason: None,
+        at: 2,
+    };
+    assert_eq!(
+        s.apply(&unknown),
+        Err(ApplyError::UnknownSweep("nope".into()))
+    );
     assert_ne!(s, before);
 }
 
@@ -308,7 +350,14 @@ fn a_canceled_sweep_stops_its_trials_and_finishes_canceled() {
         at: 2,
     };
     apply(&mut s, &cancel);
-    assert!(s.apply(&cancel).is_err(), "already being canceled");
+    assert_eq!(
+        s.apply(&cancel),
+        Err(ApplyError::SweepRejected {
+            sweep_id: "sw".into(),
+            rule: SweepRule::FinishedOrCanceling,
+        }),
+        "already being canceled"
+    );
     // No trial starts any more, though a slot is free (trial 1 was queued: canceled at once).
     assert_eq!(s.runs["sw-1"].state, RunState::Canceled);
     let late = Command::SweepDecision {
@@ -321,7 +370,14 @@ fn a_canceled_sweep_stops_its_trials_and_finishes_canceled() {
         at: 3,
     };
     let e = s.apply(&late).unwrap_err();
-    assert!(e.to_string().contains("being canceled"), "{e}");
+    assert_eq!(
+        e,
+        ApplyError::SweepRejected {
+            sweep_id: "sw".into(),
+            rule: SweepRule::Canceling,
+        }
+    );
+    assert_eq!(e.to_string(), "sweep sw: it is being canceled");
     assert!(
         s.sweep_step("sw", &[], 3).is_empty(),
         "trial 0 is still stopping"
@@ -487,7 +543,14 @@ fn canceling_a_pipeline_stops_its_steps_and_fails_the_rest() {
         at: 2,
     };
     apply(&mut s, &cancel);
-    assert!(s.apply(&cancel).is_err(), "already being canceled");
+    assert_eq!(
+        s.apply(&cancel),
+        Err(ApplyError::PipelineRejected {
+            pipeline_id: "p".into(),
+            rule: PipelineRule::FinishedOrCanceling,
+        }),
+        "already being canceled"
+    );
     // A was queued: canceled at once. The others failed without running.
     assert_eq!(s.runs["p-A"].state, RunState::Canceled);
     let p = &s.pipelines["p"];
@@ -544,7 +607,14 @@ fn a_stale_pipeline_decision_after_a_failover_is_refused_and_changes_nothing() {
         at: 2,
     };
     let e = s.apply(&again).unwrap_err();
-    assert!(e.to_string().contains("already decided"), "{e}");
+    assert_eq!(
+        e,
+        ApplyError::PipelineRejected {
+            pipeline_id: "p".into(),
+            rule: PipelineRule::StepDecided("A".into()),
+        }
+    );
+    assert_eq!(e.to_string(), "pipeline p: step A was already decided");
     assert_eq!(s, before);
     assert!(!s.runs.contains_key("run-new"));
     // Planning from the applied state starts nothing new while A runs (nothing is lost).

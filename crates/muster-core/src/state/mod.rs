@@ -24,6 +24,7 @@
 mod apply;
 mod check;
 mod command;
+mod error;
 mod pipeline;
 mod sweep;
 
@@ -34,7 +35,8 @@ use serde::{Deserialize, Serialize};
 #[cfg(test)]
 pub(crate) use apply::live_node_count;
 pub use apply::{MAX_SERVER_ADDRESS_LEN, validate_server_address};
-pub use command::{Applied, ApplyError, AttemptReport, Command, ProvisionOutcome};
+pub use command::{Applied, AttemptReport, Command, ProvisionOutcome};
+pub use error::{ApplyError, PipelineRule, SealedBlob, SweepRule};
 pub use pipeline::{Pipeline, PipelineFinish, StepRecord};
 pub use sweep::{Sweep, SweepFinish, Trial};
 

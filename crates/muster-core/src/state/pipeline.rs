@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::Millis;
 use crate::pipeline::{PipelineDecision, PipelineSpec, StepState};
-use crate::state::{Applied, ApplyError, Command, RunState, State};
+use crate::spec::SpecError;
+use crate::state::{Applied, ApplyError, Command, PipelineRule, RunState, State};
 
 /// What happened to one step.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,8 +60,15 @@ pub struct Pipeline {
     pub finished: Option<PipelineFinish>,
 }
 
-fn rejected(id: &str, why: impl std::fmt::Display) -> ApplyError {
-    ApplyError::InvalidPlacement(format!("pipeline {id}: {why}"))
+fn rejected(id: &str, rule: PipelineRule) -> ApplyError {
+    ApplyError::PipelineRejected {
+        pipeline_id: id.to_string(),
+        rule,
+    }
+}
+
+fn unknown(id: &str) -> ApplyError {
+    ApplyError::UnknownPipeline(id.to_string())
 }
 
 impl State {
@@ -199,19 +207,20 @@ impl State {
         at: Millis,
     ) -> Result<Applied, ApplyError> {
         if self.pipelines.contains_key(id) {
-            return Err(rejected(id, "the id is already taken"));
+            return Err(ApplyError::PipelineExists(id.to_string()));
         }
-        let order = crate::pipeline::topological_order(&spec.steps)
-            .map_err(|e| ApplyError::InvalidSpec(e.to_string()))?;
+        let order = crate::pipeline::topological_order(&spec.steps)?;
         if order != spec.order {
-            return Err(ApplyError::InvalidSpec(
-                "jobs: the step order is not the steps' topological order".into(),
-            ));
+            return Err(SpecError::field(
+                "jobs",
+                "the step order is not the steps' topological order",
+            )
+            .into());
         }
         for (name, step) in &spec.steps {
             step.run
                 .validate()
-                .map_err(|e| ApplyError::InvalidSpec(format!("jobs.{name}.{e}")))?;
+                .map_err(|e| e.under(&format!("jobs.{name}")))?;
             if !self.computes.contains_key(&step.run.compute) {
                 return Err(ApplyError::UnknownCompute(step.run.compute.clone()));
             }
@@ -237,19 +246,16 @@ impl State {
         run_id: Option<&str>,
         at: Millis,
     ) -> Result<Applied, ApplyError> {
-        let p = self
-            .pipelines
-            .get(id)
-            .ok_or_else(|| rejected(id, "no such pipeline"))?;
+        let p = self.pipelines.get(id).ok_or_else(|| unknown(id))?;
         if p.finished.is_some() {
-            return Err(rejected(id, "it already finished"));
+            return Err(rejected(id, PipelineRule::Finished));
         }
         let fresh_step = |step: &str| -> Result<(), ApplyError> {
             if !p.spec.steps.contains_key(step) {
-                return Err(rejected(id, format!("no step {step}")));
+                return Err(rejected(id, PipelineRule::UnknownStep(step.to_string())));
             }
             if p.steps.contains_key(step) {
-                return Err(rejected(id, format!("step {step} was already decided")));
+                return Err(rejected(id, PipelineRule::StepDecided(step.to_string())));
             }
             Ok(())
         };
@@ -262,15 +268,12 @@ impl State {
             } => {
                 fresh_step(step)?;
                 if p.cancel_requested.is_some() {
-                    return Err(rejected(id, "it is being canceled"));
+                    return Err(rejected(id, PipelineRule::Canceling));
                 }
                 if **run != p.spec.steps[step].run {
-                    return Err(rejected(
-                        id,
-                        format!("step {step}'s run is not the one in its spec"),
-                    ));
+                    return Err(rejected(id, PipelineRule::RunNotInSpec(step.clone())));
                 }
-                let run_id = run_id.ok_or_else(|| rejected(id, "a started step needs a run id"))?;
+                let run_id = run_id.ok_or_else(|| rejected(id, PipelineRule::MissingRunId))?;
                 let mut spec = (**run).clone();
                 spec.tags.insert("muster.pipeline".into(), id.to_string());
                 spec.tags.insert("muster.step".into(), step.clone());
@@ -327,7 +330,7 @@ impl State {
                         Some(StepState::Completed { .. } | StepState::Failed { .. })
                     )
                 }) {
-                    return Err(rejected(id, format!("step {step} is not over")));
+                    return Err(rejected(id, PipelineRule::StepNotOver(step.clone())));
                 }
                 let p = self.pipelines.get_mut(id).expect("checked above");
                 p.finished = Some(PipelineFinish {
@@ -349,12 +352,9 @@ impl State {
         reason: Option<&str>,
         at: Millis,
     ) -> Result<Applied, ApplyError> {
-        let p = self
-            .pipelines
-            .get(id)
-            .ok_or_else(|| rejected(id, "no such pipeline"))?;
+        let p = self.pipelines.get(id).ok_or_else(|| unknown(id))?;
         if p.finished.is_some() || p.cancel_requested.is_some() {
-            return Err(rejected(id, "it already finished or is being canceled"));
+            return Err(rejected(id, PipelineRule::FinishedOrCanceling));
         }
         let why = reason.unwrap_or("canceled by user").to_string();
         let active: Vec<String> = p

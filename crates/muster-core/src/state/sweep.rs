@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Millis;
 use crate::metrics::Series;
-use crate::state::{Applied, ApplyError, Command, RunState, State};
+use crate::state::{Applied, ApplyError, Command, RunState, State, SweepRule};
 use crate::sweep::{
     Params, StopReason, SweepDecision, SweepEnd, SweepSpec, TrialStatus, TrialView, step,
     step_canceled,
@@ -83,8 +83,15 @@ fn trial_status(state: RunState) -> TrialStatus {
     }
 }
 
-fn rejected(sweep_id: &str, why: impl std::fmt::Display) -> ApplyError {
-    ApplyError::InvalidPlacement(format!("sweep {sweep_id}: {why}"))
+fn rejected(sweep_id: &str, rule: SweepRule) -> ApplyError {
+    ApplyError::SweepRejected {
+        sweep_id: sweep_id.to_string(),
+        rule,
+    }
+}
+
+fn unknown(sweep_id: &str) -> ApplyError {
+    ApplyError::UnknownSweep(sweep_id.to_string())
 }
 
 impl State {
@@ -139,15 +146,9 @@ impl State {
         reason: Option<&str>,
         at: Millis,
     ) -> Result<Applied, ApplyError> {
-        let sweep = self
-            .sweeps
-            .get(sweep_id)
-            .ok_or_else(|| rejected(sweep_id, "no such sweep"))?;
+        let sweep = self.sweeps.get(sweep_id).ok_or_else(|| unknown(sweep_id))?;
         if sweep.is_finished() || sweep.cancel_requested.is_some() {
-            return Err(rejected(
-                sweep_id,
-                "it already finished or is being canceled",
-            ));
+            return Err(rejected(sweep_id, SweepRule::FinishedOrCanceling));
         }
         let why = reason.unwrap_or("canceled by user").to_string();
         let active: Vec<String> = sweep
@@ -175,13 +176,12 @@ impl State {
         seed: u64,
         at: Millis,
     ) -> Result<Applied, ApplyError> {
-        spec.validate()
-            .map_err(|e| ApplyError::InvalidSpec(e.to_string()))?;
+        spec.validate()?;
         if !self.computes.contains_key(&spec.trial.compute) {
             return Err(ApplyError::UnknownCompute(spec.trial.compute.clone()));
         }
         if self.sweeps.contains_key(sweep_id) {
-            return Err(rejected(sweep_id, "the id is already taken"));
+            return Err(ApplyError::SweepExists(sweep_id.to_string()));
         }
         self.sweeps.insert(
             sweep_id.to_string(),
@@ -205,31 +205,27 @@ impl State {
         run_id: Option<&str>,
         at: Millis,
     ) -> Result<Applied, ApplyError> {
-        let sweep = self
-            .sweeps
-            .get(sweep_id)
-            .ok_or_else(|| rejected(sweep_id, "no such sweep"))?;
+        let sweep = self.sweeps.get(sweep_id).ok_or_else(|| unknown(sweep_id))?;
         if sweep.is_finished() {
-            return Err(rejected(sweep_id, "it already finished"));
+            return Err(rejected(sweep_id, SweepRule::Finished));
         }
         match decision {
             SweepDecision::StartTrial { index, params } => {
                 if sweep.cancel_requested.is_some() {
-                    return Err(rejected(sweep_id, "it is being canceled"));
+                    return Err(rejected(sweep_id, SweepRule::Canceling));
                 }
-                let run_id =
-                    run_id.ok_or_else(|| rejected(sweep_id, "a new trial needs a run id"))?;
+                let run_id = run_id.ok_or_else(|| rejected(sweep_id, SweepRule::MissingRunId))?;
                 if *index as usize != sweep.trials.len() {
                     return Err(rejected(
                         sweep_id,
-                        format!(
-                            "trial {index} is not the next trial ({}): already decided",
-                            sweep.trials.len()
-                        ),
+                        SweepRule::NotNextTrial {
+                            index: *index,
+                            next: sweep.trials.len() as u32,
+                        },
                     ));
                 }
                 if *index >= sweep.spec.limits.max_total_trials {
-                    return Err(rejected(sweep_id, "max_total_trials reached"));
+                    return Err(rejected(sweep_id, SweepRule::MaxTotalTrials));
                 }
                 let active = sweep
                     .trials
@@ -241,12 +237,9 @@ impl State {
                     })
                     .count();
                 if active >= sweep.spec.limits.max_concurrent_trials as usize {
-                    return Err(rejected(sweep_id, "max_concurrent_trials reached"));
+                    return Err(rejected(sweep_id, SweepRule::MaxConcurrentTrials));
                 }
-                let mut spec = sweep
-                    .spec
-                    .trial_run(params)
-                    .map_err(|e| ApplyError::InvalidSpec(e.to_string()))?;
+                let mut spec = sweep.spec.trial_run(params)?;
                 spec.tags
                     .insert("muster.sweep".into(), sweep_id.to_string());
                 spec.tags.insert("muster.trial".into(), index.to_string());
@@ -273,12 +266,9 @@ impl State {
                 let trial = sweep
                     .trials
                     .get(*index as usize)
-                    .ok_or_else(|| rejected(sweep_id, format!("no trial {index}")))?;
+                    .ok_or_else(|| rejected(sweep_id, SweepRule::UnknownTrial(*index)))?;
                 if trial.stopped.is_some() {
-                    return Err(rejected(
-                        sweep_id,
-                        format!("trial {index} is already stopping"),
-                    ));
+                    return Err(rejected(sweep_id, SweepRule::TrialStopping(*index)));
                 }
                 let run_id = trial.run_id.clone();
                 self.apply(&Command::CancelRun {
@@ -296,13 +286,10 @@ impl State {
                         .get(&t.run_id)
                         .is_some_and(|r| !r.state.is_terminal())
                 }) {
-                    return Err(rejected(
-                        sweep_id,
-                        format!("trial {} is still active", t.index),
-                    ));
+                    return Err(rejected(sweep_id, SweepRule::TrialActive(t.index)));
                 }
                 if best_trial.is_some_and(|b| b as usize >= sweep.trials.len()) {
-                    return Err(rejected(sweep_id, "the best trial does not exist"));
+                    return Err(rejected(sweep_id, SweepRule::UnknownBestTrial));
                 }
                 let sweep = self.sweeps.get_mut(sweep_id).expect("checked above");
                 sweep.finished = Some(SweepFinish {

@@ -9,8 +9,8 @@ use crate::resources::{Capacity, Gpu, Resources};
 use crate::schedule::{Decision, schedule};
 use crate::spec::RunSpec;
 use crate::state::{
-    Applied, ApplyError, AttemptEnd, AttemptReport, Command, NodeState, RunState, SealedLog,
-    SealedMetrics, State,
+    Applied, ApplyError, AttemptEnd, AttemptReport, Command, NodeState, RunState, SealedBlob,
+    SealedLog, SealedMetrics, State,
 };
 
 fn compute(name: &str) -> Command {
@@ -83,15 +83,18 @@ fn one_queued_run() -> State {
     ])
 }
 
-/// Each command is refused as an invalid spec whose message names its reason, and
+/// Each command is refused with the expected error, whose message names its reason, and
 /// changes nothing.
-fn assert_invalid<const N: usize>(s: &mut State, what: &str, cases: [(Command, &str); N]) {
+fn assert_invalid<const N: usize>(
+    s: &mut State,
+    what: &str,
+    cases: [(Command, ApplyError, &str); N],
+) {
     let before = s.clone();
-    for (cmd, why) in cases {
-        match s.apply(&cmd) {
-            Err(ApplyError::InvalidSpec(m)) => assert!(m.contains(why), "{m}"),
-            other => panic!("{cmd:?} gave {other:?}"),
-        }
+    for (cmd, expected, why) in cases {
+        let err = s.apply(&cmd).expect_err(&format!("{cmd:?} is refused"));
+        assert_eq!(err, expected, "{cmd:?}");
+        assert!(err.to_string().contains(why), "{err}");
         assert_eq!(*s, before, "a rejected {what} changes nothing");
     }
 }
@@ -197,7 +200,7 @@ fn rejected_commands_change_nothing() {
     if let Command::SubmitRun { spec, .. } = &mut bad {
         spec.command = " ".into();
     }
-    assert!(matches!(s.apply(&bad), Err(ApplyError::InvalidSpec(m)) if m.starts_with("command")));
+    assert!(matches!(s.apply(&bad), Err(ApplyError::InvalidSpec(e)) if e.path == "command"));
     let mut clash = node("n2", "cpu-pool", 4, 0);
     if let Command::RegisterNode { name, .. } = &mut clash {
         *name = "host-n1".into();
@@ -562,6 +565,15 @@ fn drained_nodes_take_no_runs_and_evicted_ones_stay_evicted_until_resumed() {
     assert_eq!(s.runs["r1"].attempt_number(), 2);
 }
 
+/// A seal of run `r1`'s missing attempt `attempt`, as refused.
+fn no_attempt(blob: SealedBlob, attempt: u32) -> ApplyError {
+    ApplyError::UnknownAttempt {
+        blob,
+        run_id: "r1".into(),
+        attempt,
+    }
+}
+
 fn seal(run: &str, attempt: u32, rank: u32, fill: char, bytes: u64) -> Command {
     Command::SealLog {
         run_id: run.into(),
@@ -597,10 +609,35 @@ fn sealed_logs_are_recorded_once_per_rank_and_survive_snapshots() {
         &mut s,
         "seal",
         [
-            (bad_sha, "sha256"),
-            (seal("r1", 2, 0, 'a', 3), "no attempt 2"),
-            (seal("r1", 0, 0, 'a', 3), "no attempt 0"),
-            (seal("r1", 1, 1, 'a', 3), "not rank 1"),
+            (
+                bad_sha,
+                ApplyError::InvalidBlobHash {
+                    blob: SealedBlob::Log,
+                    run_id: "r1".into(),
+                    sha256: "not-a-hash".into(),
+                },
+                "64 lowercase hex digits",
+            ),
+            (
+                seal("r1", 2, 0, 'a', 3),
+                no_attempt(SealedBlob::Log, 2),
+                "no attempt 2",
+            ),
+            (
+                seal("r1", 0, 0, 'a', 3),
+                no_attempt(SealedBlob::Log, 0),
+                "no attempt 0",
+            ),
+            (
+                seal("r1", 1, 1, 'a', 3),
+                ApplyError::UnknownRank {
+                    run_id: "r1".into(),
+                    attempt: 1,
+                    ranks: 1,
+                    rank: 1,
+                },
+                "has 1 rank(s), not rank 1",
+            ),
         ],
     );
     assert_eq!(
@@ -667,9 +704,25 @@ fn sealed_metrics_keep_the_fullest_record_and_survive_snapshots() {
         &mut s,
         "seal",
         [
-            (bad_sha, "sha256"),
-            (seal_metrics("r1", 2, 'a', 3), "no attempt 2"),
-            (seal_metrics("r1", 0, 'a', 3), "no attempt 0"),
+            (
+                bad_sha,
+                ApplyError::InvalidBlobHash {
+                    blob: SealedBlob::Metrics,
+                    run_id: "r1".into(),
+                    sha256: "nope".into(),
+                },
+                "sha256",
+            ),
+            (
+                seal_metrics("r1", 2, 'a', 3),
+                no_attempt(SealedBlob::Metrics, 2),
+                "metrics of run r1: it has no attempt 2",
+            ),
+            (
+                seal_metrics("r1", 0, 'a', 3),
+                no_attempt(SealedBlob::Metrics, 0),
+                "no attempt 0",
+            ),
         ],
     );
     assert_eq!(
@@ -715,10 +768,26 @@ fn server_addresses_are_replicated_changed_and_removed() {
         &mut s,
         "address",
         [
-            (set(0, "h:1"), "server ids start at 1"),
-            (set(4, ""), "host:port"),
-            (set(4, "h 4:7070"), "no spaces"),
-            (set(4, &"h".repeat(300)), "host:port"),
+            (
+                set(0, "h:1"),
+                ApplyError::InvalidServerId(0),
+                "server ids start at 1",
+            ),
+            (
+                set(4, ""),
+                ApplyError::InvalidServerAddress(String::new()),
+                "host:port",
+            ),
+            (
+                set(4, "h 4:7070"),
+                ApplyError::InvalidServerAddress("h 4:7070".into()),
+                "no spaces",
+            ),
+            (
+                set(4, &"h".repeat(300)),
+                ApplyError::InvalidServerAddress("h".repeat(300)),
+                "host:port (1 to 256 characters",
+            ),
         ],
     );
     apply_all(

@@ -39,7 +39,7 @@ impl muster_raft::StateMachine for Machine {
             }
             Err(e) => {
                 tracing::error!(index, cause = %e, "skipping an undecodable log entry");
-                Err(ApplyError::InvalidSpec(e))
+                Err(ApplyError::UndecodableCommand(e))
             }
         };
         self.applied.send_replace(index);

@@ -50,6 +50,12 @@ pub enum ProposalError {
         /// What failed.
         cause: String,
     },
+    /// The apply result (from this server's Raft or the leader it forwarded to) did not
+    /// decode: the servers may run different muster versions.
+    #[error(
+        "the answer to a proposal could not be decoded ({0}): the servers may run different muster versions; run the same version on every server"
+    )]
+    Undecodable(String),
 }
 
 /// One server's Raft member and the state it applies.
@@ -235,7 +241,8 @@ impl Coordinator {
             },
         };
         self.proposals.inc();
-        let result: ApplyResult = serde_json::from_slice(&bytes).expect("apply results decode");
+        let result: ApplyResult = serde_json::from_slice(&bytes)
+            .map_err(|e| ProposalError::Undecodable(e.to_string()))?;
         Ok(result?)
     }
 

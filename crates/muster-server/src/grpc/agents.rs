@@ -17,8 +17,8 @@ use muster_core::node::{self, After, AttemptKey, Effect, Order, StopReason};
 use muster_core::resources::Capacity;
 use muster_core::state::AttemptEnd;
 use muster_core::{Applied, ApplyError, AttemptReport, Command};
-use muster_proto::placement_to_assignment;
 use muster_proto::v1::{self, agent_message, agent_service_server::AgentService, server_message};
+use muster_proto::{Word, decode_enum, placement_to_assignment};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -443,7 +443,7 @@ impl Session {
                     self.send(server_message::Msg::Ack(v1::UpdateAck {
                         run_id: attempt.0,
                         attempt: attempt.1,
-                        state: u.state.clone(),
+                        state: u.state,
                     }))
                     .await?;
                 }
@@ -456,30 +456,25 @@ impl Session {
     }
 }
 
-/// The report an agent's update carries, in core's terms; an unknown state is an error.
+/// The report an agent's update carries, in core's terms; an unknown state or end is an
+/// error naming the field, never a default.
 fn attempt_report(u: &v1::AttemptUpdate) -> Result<AttemptReport, Status> {
-    Ok(match u.state.as_str() {
-        "preparing" => AttemptReport::Preparing,
-        "running" => AttemptReport::Running,
-        "ended" => {
-            let end = match u.end.as_deref() {
-                Some("completed") => AttemptEnd::Completed,
-                Some("canceled") => AttemptEnd::Canceled,
-                Some("timed_out") => AttemptEnd::TimedOut,
-                Some("preempted") => AttemptEnd::Preempted,
-                Some("node_lost") => AttemptEnd::NodeLost,
-                _ => AttemptEnd::Failed,
-            };
-            AttemptReport::Ended {
-                end,
-                exit_code: u.exit_code,
-                message: u.message.clone(),
-                outputs: u.outputs.clone(),
-            }
-        }
+    let state = v1::AttemptState::from_wire(u.state)
+        .map_err(|e| Status::invalid_argument(format!("update.state: {e}")))?;
+    Ok(match state {
+        v1::AttemptState::Preparing => AttemptReport::Preparing,
+        v1::AttemptState::Running => AttemptReport::Running,
+        v1::AttemptState::Ended => AttemptReport::Ended {
+            end: decode_enum::<v1::AttemptEnd, AttemptEnd>(u.end)
+                .map_err(|e| Status::invalid_argument(format!("update.end: {e}")))?,
+            exit_code: u.exit_code,
+            message: u.message.clone(),
+            outputs: u.outputs.clone(),
+        },
         other => {
             return Err(Status::invalid_argument(format!(
-                "update.state: unknown state {other:?}"
+                "update.state: an agent reports preparing, running or ended, not {}",
+                other.word()
             )));
         }
     })
@@ -520,7 +515,12 @@ fn stop_message(
     server_message::Msg::Stop(v1::StopAttempt {
         run_id,
         attempt,
-        reason: reason.as_str().to_string(),
+        reason: match reason {
+            StopReason::Canceled => v1::StopReason::Canceled,
+            StopReason::Preempted => v1::StopReason::Preempted,
+            StopReason::Stale => v1::StopReason::Stale,
+        }
+        .into(),
         grace_ms,
     })
 }

@@ -100,6 +100,7 @@ pub(crate) fn status(err: ProposalError) -> Status {
             Status::unavailable(e.to_string())
         }
         e @ ProposalError::Forward { .. } => Status::unavailable(e.to_string()),
+        e @ ProposalError::Undecodable(_) => Status::internal(e.to_string()),
         ProposalError::Raft(e) => Status::internal(e.to_string()),
     }
 }
@@ -107,16 +108,29 @@ pub(crate) fn status(err: ProposalError) -> Status {
 pub(crate) fn rejected(e: ApplyError) -> Status {
     let msg = e.to_string();
     match e {
-        ApplyError::UnknownCompute(_) | ApplyError::UnknownRun(_) | ApplyError::UnknownNode(_) => {
-            Status::not_found(msg)
-        }
-        ApplyError::ComputeExists(_) | ApplyError::NodeNameTaken(_) | ApplyError::RunExists(_) => {
-            Status::already_exists(msg)
-        }
-        ApplyError::InvalidSpec(_) => Status::invalid_argument(msg),
+        ApplyError::UnknownCompute(_)
+        | ApplyError::UnknownRun(_)
+        | ApplyError::UnknownNode(_)
+        | ApplyError::UnknownSweep(_)
+        | ApplyError::UnknownPipeline(_) => Status::not_found(msg),
+        ApplyError::ComputeExists(_)
+        | ApplyError::NodeNameTaken(_)
+        | ApplyError::RunExists(_)
+        | ApplyError::SweepExists(_)
+        | ApplyError::PipelineExists(_) => Status::already_exists(msg),
+        ApplyError::InvalidSpec(_)
+        | ApplyError::InvalidNodeName { .. }
+        | ApplyError::InvalidServerId(_)
+        | ApplyError::InvalidServerAddress(_)
+        | ApplyError::InvalidBlobHash { .. }
+        | ApplyError::UnknownAttempt { .. }
+        | ApplyError::UnknownRank { .. } => Status::invalid_argument(msg),
         ApplyError::ComputeInUse { .. }
         | ApplyError::RunFinished { .. }
-        | ApplyError::InvalidPlacement(_) => Status::failed_precondition(msg),
+        | ApplyError::InvalidPlacement(_)
+        | ApplyError::SweepRejected { .. }
+        | ApplyError::PipelineRejected { .. } => Status::failed_precondition(msg),
+        ApplyError::UndecodableCommand(_) => Status::internal(msg),
     }
 }
 

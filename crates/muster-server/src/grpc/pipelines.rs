@@ -7,8 +7,8 @@ use std::sync::Arc;
 use muster_core::pipeline::parse_pipeline_yaml;
 use muster_core::spec::CodeRef;
 use muster_core::{ApplyError, Command};
-use muster_proto::pipeline_to_wire;
 use muster_proto::v1::{self, pipeline_service_server::PipelineService};
+use muster_proto::{Word, pipeline_to_wire};
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
@@ -113,7 +113,7 @@ impl PipelineService for Pipelines {
             match self.0.coordinator.propose(cmd).await {
                 Ok(_) => return self.get(&id).map(Response::new),
                 // The same key applied meanwhile (a retry racing the first try): that one.
-                Err(ProposalError::Rejected(ApplyError::InvalidPlacement(_)))
+                Err(ProposalError::Rejected(ApplyError::PipelineExists(_)))
                     if self.0.coordinator.read(|s| s.pipelines.contains_key(&id)) =>
                 {
                     if keyed.is_some() {
@@ -159,13 +159,17 @@ impl PipelineService for Pipelines {
     ) -> Result<Response<v1::Pipeline>, Status> {
         let req = req.into_inner();
         let current = self.get(&req.id)?;
-        if matches!(current.state.as_str(), "completed" | "failed" | "canceled") {
+        if matches!(
+            current.state(),
+            v1::PipelineState::Completed | v1::PipelineState::Failed | v1::PipelineState::Canceled
+        ) {
             return Err(Status::failed_precondition(format!(
                 "pipeline {} already ended ({}): there is nothing to cancel",
-                req.id, current.state
+                req.id,
+                current.state().word()
             )));
         }
-        if current.state != "canceling" {
+        if current.state() != v1::PipelineState::Canceling {
             self.0
                 .coordinator
                 .propose(Command::CancelPipeline {

@@ -115,9 +115,10 @@ impl RunService for Runs {
             .linearize(req.stale)
             .await
             .map_err(status)?;
-        let state = match &req.state {
+        let state = match req.state {
             Some(s) => Some(
-                RunState::parse(s).map_err(|e| Status::invalid_argument(format!("state: {e}")))?,
+                muster_proto::decode_enum::<v1::RunState, RunState>(s)
+                    .map_err(|e| Status::invalid_argument(format!("state: {e}")))?,
             ),
             None => None,
         };
@@ -233,7 +234,7 @@ impl RunService for Runs {
         let mut changes = self.0.coordinator.subscribe();
         loop {
             let run = self.get(&req.id)?;
-            let terminal = RunState::parse(&run.state).is_ok_and(RunState::is_terminal);
+            let terminal = run.state().is_terminal();
             if terminal || deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
                 return Ok(Response::new(run));
             }

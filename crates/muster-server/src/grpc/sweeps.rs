@@ -98,7 +98,7 @@ impl SweepService for Sweeps {
             let existing = self.0.coordinator.read(|s| s.sweeps.get(&id).cloned());
             match (result, existing) {
                 (Ok(_), _) => return self.get(&id).map(Response::new),
-                (Err(ProposalError::Rejected(ApplyError::InvalidPlacement(_))), Some(first))
+                (Err(ProposalError::Rejected(ApplyError::SweepExists(_))), Some(first))
                     if keyed =>
                 {
                     if first.spec != spec {
@@ -108,7 +108,7 @@ impl SweepService for Sweeps {
                     }
                     return Ok(Response::new(sweep_view(&self.0, &first)));
                 }
-                (Err(ProposalError::Rejected(ApplyError::InvalidPlacement(_))), Some(_)) => {
+                (Err(ProposalError::Rejected(ApplyError::SweepExists(_))), Some(_)) => {
                     continue;
                 }
                 (Err(e), _) => return Err(status(e)),

@@ -12,7 +12,7 @@ use axum::response::{Html, IntoResponse, Response};
 use muster_core::RunState;
 use muster_core::pipeline::StepInput;
 use muster_proto::v1;
-use muster_proto::{pipeline_to_wire, run_to_wire, sweep_trial_note};
+use muster_proto::{Word, pipeline_to_wire, run_to_wire, sweep_trial_note};
 
 use crate::server::Server;
 use crate::views::logs::combined_log;
@@ -132,7 +132,11 @@ pub(super) async fn index(State(c): State<Arc<Server>>) -> Html<String> {
         html.push_str("<table><tr><th>id</th><th>name</th><th>state</th><th>objective</th><th>trials done</th><th>best trial</th><th>created</th></tr>");
         for sweep in sweeps.drain(..) {
             let v = sweep_view(&c, &sweep);
-            let done = v.trials.iter().filter(|t| ended(&t.state)).count();
+            let done = v
+                .trials
+                .iter()
+                .filter(|t| ended(&v1::RunState::word_of(t.state)))
+                .count();
             let _ = write!(
                 html,
                 "<tr class=sweep><td><a href=\"/sweeps/{id}\">{id}</a></td><td>{}</td><td class={st}>{st}</td><td>{} {}</td><td>{done}/{}</td><td>{}</td><td>{}</td></tr>",
@@ -143,7 +147,7 @@ pub(super) async fn index(State(c): State<Arc<Server>>) -> Html<String> {
                 best_text(&v),
                 ms(Some(v.created_at_ms)),
                 id = esc(&v.id),
-                st = esc(&v.state),
+                st = esc(&v1::SweepState::word_of(v.state)),
             );
         }
         html.push_str("</table>");
@@ -154,7 +158,11 @@ pub(super) async fn index(State(c): State<Arc<Server>>) -> Html<String> {
     } else {
         html.push_str("<table><tr><th>id</th><th>name</th><th>state</th><th>steps done</th><th>created</th></tr>");
         for p in &pipelines {
-            let done = p.steps.iter().filter(|s| ended(&s.state)).count();
+            let done = p
+                .steps
+                .iter()
+                .filter(|s| ended(&v1::StepState::word_of(s.state)))
+                .count();
             let _ = write!(
                 html,
                 "<tr class=pipeline><td><a href=\"/pipelines/{id}\">{id}</a></td><td>{}</td><td class={st}>{st}</td><td>{done}/{}</td><td>{}</td></tr>",
@@ -162,7 +170,7 @@ pub(super) async fn index(State(c): State<Arc<Server>>) -> Html<String> {
                 p.steps.len(),
                 ms(Some(p.created_at_ms)),
                 id = esc(&p.id),
-                st = esc(&p.state),
+                st = esc(&v1::PipelineState::word_of(p.state)),
             );
         }
         html.push_str("</table>");
@@ -197,7 +205,10 @@ pub(super) async fn sweep_page(State(c): State<Arc<Server>>, Path(id): Path<Stri
         return not_found("sweep", &id, "sweeps");
     };
     let v = sweep_view(&c, &sweep);
-    let live = matches!(v.state.as_str(), "running" | "canceling");
+    let live = matches!(
+        v.state(),
+        v1::SweepState::Running | v1::SweepState::Canceling
+    );
     let mut html = page_head(&v.id, live, "studio");
     let row = |html: &mut String, k: &str, v: String| {
         let _ = write!(html, "<tr><th>{k}</th><td>{v}</td></tr>");
@@ -209,7 +220,10 @@ pub(super) async fn sweep_page(State(c): State<Arc<Server>>, Path(id): Path<Stri
     row(
         &mut html,
         "state",
-        format!("<span class={st}>{st}</span>", st = esc(&v.state)),
+        format!(
+            "<span class={st}>{st}</span>",
+            st = esc(&v1::SweepState::word_of(v.state))
+        ),
     );
     if let Some(m) = &v.message {
         row(&mut html, "canceled", esc(m));
@@ -253,7 +267,10 @@ pub(super) async fn sweep_page(State(c): State<Arc<Server>>, Path(id): Path<Stri
         format!(
             "{} started, {} done",
             v.trials.len(),
-            v.trials.iter().filter(|t| ended(&t.state)).count()
+            v.trials
+                .iter()
+                .filter(|t| ended(&v1::RunState::word_of(t.state)))
+                .count()
         ),
     );
     row(&mut html, "best trial", best_text(&v));
@@ -286,7 +303,7 @@ pub(super) async fn sweep_page(State(c): State<Arc<Server>>, Path(id): Path<Stri
                 esc(&number(t.last)),
                 t.points,
                 esc(&sweep_trial_note(t)),
-                st = esc(&t.state),
+                st = esc(&v1::RunState::word_of(t.state)),
             );
         }
         html.push_str("</table>");
@@ -308,18 +325,24 @@ pub(super) async fn pipeline_page(
     }) else {
         return not_found("pipeline", &id, "pipelines");
     };
-    let live = matches!(p.state.as_str(), "running" | "canceling");
+    let live = matches!(
+        p.state(),
+        v1::PipelineState::Running | v1::PipelineState::Canceling
+    );
     let mut html = page_head(&p.id, live, "studio");
     let _ = write!(
         html,
         "<table><tr><th>name</th><td>{}</td></tr><tr><th>state</th><td class={st}>{st}</td></tr><tr><th>experiment</th><td>{}</td></tr><tr><th>steps done</th><td>{}/{}</td></tr><tr><th>created</th><td>{}</td></tr><tr><th>finished</th><td>{}</td></tr>",
         esc(p.display_name.as_deref().unwrap_or("")),
         esc(&p.experiment),
-        p.steps.iter().filter(|s| ended(&s.state)).count(),
+        p.steps
+            .iter()
+            .filter(|s| ended(&v1::StepState::word_of(s.state)))
+            .count(),
         p.steps.len(),
         ms(Some(p.created_at_ms)),
         ms(p.finished_at_ms),
-        st = esc(&p.state),
+        st = esc(&v1::PipelineState::word_of(p.state)),
     );
     if let Some(r) = &p.cancel_reason {
         let _ = write!(html, "<tr><th>canceled</th><td>{}</td></tr>", esc(r));
@@ -372,7 +395,7 @@ pub(super) async fn pipeline_page(
             esc(&step.compute),
             inputs.join("<br>"),
             esc(step.reason.as_deref().unwrap_or("")),
-            st = esc(&step.state),
+            st = esc(&v1::StepState::word_of(step.state)),
         );
     }
     html.push_str("</table></body></html>");
@@ -502,11 +525,16 @@ fn attempt_summary(a: &v1::Attempt) -> String {
             format!("{rank}{}{}", esc(name), esc(&gpus))
         })
         .collect();
-    let state = a.end.as_deref().unwrap_or(&a.state);
+    let over = a.end != i32::from(v1::AttemptEnd::Unspecified);
+    let state = if over {
+        v1::AttemptEnd::word_of(a.end)
+    } else {
+        v1::AttemptState::word_of(a.state)
+    };
     format!(
         "<table class=attempt><tr><th>nodes</th><td>{}</td></tr><tr><th>{}</th><td class={st}>{st}{}</td></tr>{}<tr><th>placed</th><td>{}</td></tr><tr><th>started</th><td>{}</td></tr><tr><th>finished</th><td>{}</td></tr></table>",
         nodes.join("; "),
-        if a.end.is_some() { "end" } else { "state" },
+        if over { "end" } else { "state" },
         a.exit_code
             .map(|c| format!(" (exit {c})"))
             .unwrap_or_default(),
@@ -517,6 +545,6 @@ fn attempt_summary(a: &v1::Attempt) -> String {
         ms(Some(a.placed_at_ms)),
         ms(a.started_at_ms),
         ms(a.finished_at_ms),
-        st = esc(state),
+        st = esc(&state),
     )
 }
