@@ -417,12 +417,20 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// A new run id: `run-` and 10 random lowercase letters and digits.
-pub fn new_run_id() -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut id = String::from("run-");
+/// The letters of generated ids.
+pub const ID_ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+
+/// A new id: `prefix` and 10 random lowercase letters and digits (ids are chosen by the
+/// proposer: core has no randomness).
+pub fn new_id(prefix: &str) -> String {
+    let mut id = String::from(prefix);
     for _ in 0..10 {
-        id.push(ALPHABET[rand::random_range(0..ALPHABET.len())] as char);
+        id.push(ID_ALPHABET[rand::random_range(0..ID_ALPHABET.len())] as char);
     }
     id
+}
+
+/// A new run id: `run-` and 10 random lowercase letters and digits.
+pub fn new_run_id() -> String {
+    new_id("run-")
 }

@@ -69,7 +69,7 @@ impl AgentService for Agents {
             address: req.address,
             at: now_ms(),
         };
-        self.0.coordinator.propose(cmd).await.map_err(status)?;
+        self.0.coordinator.propose(cmd).await?;
         self.0.heartbeats.beat(&req.node_id);
         Ok(Response::new(v1::RegisterResponse {
             node_id: req.node_id,

@@ -168,8 +168,7 @@ impl ClusterService for Cluster {
                 id: req.id,
                 address: req.address.clone(),
             })
-            .await
-            .map_err(status)?;
+            .await?;
         // Learner first: it catches up (by snapshot) without affecting quorum.
         self.change(vec![MembershipChange::AddLearner(req.id)])
             .await?;

@@ -8,7 +8,6 @@ use muster_proto::{compute_spec_from_wire, compute_status_to_wire, compute_to_wi
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::now_ms;
-use crate::grpc::status;
 use crate::server::Server;
 
 pub(crate) struct Computes(pub Arc<Server>);
@@ -30,8 +29,7 @@ impl ComputeService for Computes {
         self.0
             .coordinator
             .propose(Command::CreateCompute { spec, at: now_ms() })
-            .await
-            .map_err(status)?;
+            .await?;
         self.get(&name)
     }
 
@@ -61,8 +59,7 @@ impl ComputeService for Computes {
         self.0
             .coordinator
             .propose(Command::DeleteCompute { name, at: now_ms() })
-            .await
-            .map_err(status)?;
+            .await?;
         Ok(Response::new(v1::DeleteComputeResponse {}))
     }
 
@@ -142,8 +139,7 @@ impl ComputeService for Computes {
                 reason,
                 at: now_ms(),
             })
-            .await
-            .map_err(status)?;
+            .await?;
         let node = self
             .0
             .coordinator

@@ -21,8 +21,8 @@ mod sweeps;
 
 use std::sync::Arc;
 
-use muster_core::ApplyError;
 use muster_core::spec::CodeRef;
+use muster_core::{Applied, ApplyError};
 use muster_proto::v1;
 use muster_raft::ProposeError;
 use tonic::Status;
@@ -197,4 +197,41 @@ pub(crate) async fn check_code(
     })?;
     server.store.replicas.ensure_replicated(hashes).await?;
     Ok(())
+}
+
+/// What [`propose_fresh`] got.
+#[derive(Debug)]
+pub(crate) enum Fresh {
+    /// The submission was applied under this id.
+    Applied(String, Applied),
+    /// A keyed id (derived from the idempotency key) is taken: the first submission of
+    /// the key.
+    Exists(String),
+}
+
+/// Proposes a submission under a new id: `command(id)` for ids from `next_id`, at most five
+/// (a random id collides with an existing one with negligible odds). `exists` tells the
+/// rejection of an id in use; with `keyed` (the id is derived from an idempotency key, the
+/// same on every try) that is [`Fresh::Exists`], else the next id is tried.
+pub(crate) async fn propose_fresh(
+    server: &crate::server::Server,
+    what: &str,
+    keyed: bool,
+    mut next_id: impl FnMut() -> String,
+    command: impl Fn(&str) -> muster_core::Command,
+    exists: impl Fn(&ApplyError) -> bool,
+) -> Result<Fresh, Status> {
+    for _ in 0..5 {
+        let id = next_id();
+        match server.coordinator.propose(command(&id)).await {
+            Ok(applied) => return Ok(Fresh::Applied(id, applied)),
+            Err(ProposalError::Rejected(e)) if exists(&e) => {
+                if keyed {
+                    return Ok(Fresh::Exists(id));
+                }
+            }
+            Err(e) => return Err(status(e)),
+        }
+    }
+    Err(Status::internal(format!("could not allocate a {what} id")))
 }

@@ -12,8 +12,8 @@ use muster_proto::{Word, pipeline_to_wire};
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
-use crate::coordinator::{ProposalError, now_ms};
-use crate::grpc::{check_code, status};
+use crate::coordinator::{new_id, now_ms};
+use crate::grpc::{Fresh, check_code, propose_fresh};
 use crate::server::Server;
 
 pub(crate) struct Pipelines(pub Arc<Server>);
@@ -22,16 +22,6 @@ fn not_found(id: &str) -> Status {
     Status::not_found(format!(
         "pipeline {id:?} does not exist: list pipelines with `muster pipeline list`"
     ))
-}
-
-/// A new pipeline id: `pl-` and 10 random lowercase letters and digits.
-fn new_pipeline_id() -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut id = String::from("pl-");
-    for _ in 0..10 {
-        id.push(ALPHABET[rand::random_range(0..ALPHABET.len())] as char);
-    }
-    id
 }
 
 /// The id a submission with idempotency key `key` gets: the same on every retry, so a
@@ -102,29 +92,23 @@ impl PipelineService for Pipelines {
         {
             return Ok(Response::new(existing));
         }
-        // A fresh id collides with an existing one with negligible odds; retry if it does.
-        for _ in 0..5 {
-            let id = keyed.clone().unwrap_or_else(new_pipeline_id);
-            let cmd = Command::SubmitPipeline {
-                pipeline_id: id.clone(),
+        let fresh = propose_fresh(
+            &self.0,
+            "pipeline",
+            keyed.is_some(),
+            || keyed.clone().unwrap_or_else(|| new_id("pl-")),
+            |id| Command::SubmitPipeline {
+                pipeline_id: id.to_string(),
                 spec: Box::new(spec.clone()),
                 at: now_ms(),
-            };
-            match self.0.coordinator.propose(cmd).await {
-                Ok(_) => return self.get(&id).map(Response::new),
-                // The same key applied meanwhile (a retry racing the first try): that one.
-                Err(ProposalError::Rejected(ApplyError::PipelineExists(_)))
-                    if self.0.coordinator.read(|s| s.pipelines.contains_key(&id)) =>
-                {
-                    if keyed.is_some() {
-                        return self.get(&id).map(Response::new);
-                    }
-                    continue;
-                }
-                Err(e) => return Err(status(e)),
-            }
-        }
-        Err(Status::internal("could not allocate a pipeline id"))
+            },
+            |e| matches!(e, ApplyError::PipelineExists(_)),
+        )
+        .await?;
+        // A keyed id that exists: the same key applied meanwhile (a retry racing the first
+        // try): that one.
+        let (Fresh::Applied(id, _) | Fresh::Exists(id)) = fresh;
+        self.get(&id).map(Response::new)
     }
 
     async fn get_pipeline(
@@ -132,7 +116,7 @@ impl PipelineService for Pipelines {
         req: Request<v1::GetPipelineRequest>,
     ) -> Result<Response<v1::Pipeline>, Status> {
         let req = req.into_inner();
-        self.0.coordinator.linearize(false).await.map_err(status)?;
+        self.0.coordinator.linearize(false).await?;
         self.get(&req.id).map(Response::new)
     }
 
@@ -141,7 +125,7 @@ impl PipelineService for Pipelines {
         req: Request<v1::ListPipelinesRequest>,
     ) -> Result<Response<v1::ListPipelinesResponse>, Status> {
         let req = req.into_inner();
-        self.0.coordinator.linearize(false).await.map_err(status)?;
+        self.0.coordinator.linearize(false).await?;
         let pipelines = self.0.coordinator.read(|s| {
             let mut ps: Vec<_> = s.pipelines.values().collect();
             ps.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
@@ -177,8 +161,7 @@ impl PipelineService for Pipelines {
                     reason: req.reason,
                     at: now_ms(),
                 })
-                .await
-                .map_err(status)?;
+                .await?;
         }
         self.get(&req.id).map(Response::new)
     }

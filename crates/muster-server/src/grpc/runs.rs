@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::{ProposalError, new_run_id, now_ms};
-use crate::grpc::{check_code, status};
+use crate::grpc::{Fresh, check_code, propose_fresh, status};
 use crate::server::Server;
 use crate::views;
 use crate::views::logs::AttemptLogs;
@@ -68,40 +68,38 @@ impl RunService for Runs {
                 "idempotency_key: use 1 to 128 characters",
             ));
         }
-        // A fresh id collides with an existing one with negligible odds; retry if it does.
-        for _ in 0..5 {
-            let cmd = Command::SubmitRun {
-                run_id: new_run_id(),
+        // The idempotency key is the state machine's to match (it answers with the run
+        // the key named first), so the id is random on every try.
+        let fresh = propose_fresh(
+            &self.0,
+            "run",
+            false,
+            new_run_id,
+            |id| Command::SubmitRun {
+                run_id: id.to_string(),
                 spec: Box::new(spec.clone()),
                 idempotency_key: req.idempotency_key.clone(),
                 at: now_ms(),
-            };
-            match self.0.coordinator.propose(cmd).await {
-                Ok(Applied::Submitted { run_id, .. }) => {
-                    tracing::Span::current().record("run_id", run_id.as_str());
-                    tracing::debug!("run accepted");
-                    self.0.metrics.runs_submitted.inc();
-                    return self.get(&run_id).map(Response::new);
-                }
-                Ok(other) => {
-                    return Err(Status::internal(format!(
-                        "unexpected apply result {other:?}"
-                    )));
-                }
-                Err(ProposalError::Rejected(ApplyError::RunExists(_))) => continue,
-                Err(e) => return Err(status(e)),
+            },
+            |e| matches!(e, ApplyError::RunExists(_)),
+        )
+        .await?;
+        match fresh {
+            Fresh::Applied(_, Applied::Submitted { run_id, .. }) => {
+                tracing::Span::current().record("run_id", run_id.as_str());
+                tracing::debug!("run accepted");
+                self.0.metrics.runs_submitted.inc();
+                self.get(&run_id).map(Response::new)
             }
+            other => Err(Status::internal(format!(
+                "unexpected apply result {other:?}"
+            ))),
         }
-        Err(Status::internal("could not allocate a run id"))
     }
 
     async fn get_run(&self, req: Request<v1::GetRunRequest>) -> Result<Response<v1::Run>, Status> {
         let req = req.into_inner();
-        self.0
-            .coordinator
-            .linearize(req.stale)
-            .await
-            .map_err(status)?;
+        self.0.coordinator.linearize(req.stale).await?;
         self.get(&req.id).map(Response::new)
     }
 
@@ -110,11 +108,7 @@ impl RunService for Runs {
         req: Request<v1::ListRunsRequest>,
     ) -> Result<Response<v1::ListRunsResponse>, Status> {
         let req = req.into_inner();
-        self.0
-            .coordinator
-            .linearize(req.stale)
-            .await
-            .map_err(status)?;
+        self.0.coordinator.linearize(req.stale).await?;
         let state = match req.state {
             Some(s) => Some(
                 muster_proto::decode_enum::<v1::RunState, RunState>(s)

@@ -10,8 +10,8 @@ use muster_proto::v1::{self, sweep_service_server::SweepService};
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
-use crate::coordinator::{ProposalError, now_ms};
-use crate::grpc::{check_code, status};
+use crate::coordinator::{ID_ALPHABET, new_id, now_ms};
+use crate::grpc::{Fresh, check_code, propose_fresh};
 use crate::server::Server;
 use crate::views::sweeps::sweep_view;
 
@@ -27,20 +27,13 @@ fn not_found(id: &str) -> Status {
 /// idempotency key when there is one (so a retry proposes the same id and finds the first
 /// sweep), random otherwise.
 fn sweep_id(key: Option<&str>) -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let Some(key) = key else {
+        return new_id("sweep-");
+    };
+    let digest = Sha256::digest(format!("muster-sweep-key:{key}").as_bytes());
     let mut id = String::from("sweep-");
-    match key {
-        Some(key) => {
-            let digest = Sha256::digest(format!("muster-sweep-key:{key}").as_bytes());
-            for b in digest.iter().take(10) {
-                id.push(ALPHABET[*b as usize % ALPHABET.len()] as char);
-            }
-        }
-        None => {
-            for _ in 0..10 {
-                id.push(ALPHABET[rand::random_range(0..ALPHABET.len())] as char);
-            }
-        }
+    for b in digest.iter().take(10) {
+        id.push(ID_ALPHABET[*b as usize % ID_ALPHABET.len()] as char);
     }
     id
 }
@@ -85,36 +78,37 @@ impl SweepService for Sweeps {
         let keyed = req.idempotency_key.is_some();
         // A fresh random id collides with an existing one with negligible odds; retry if
         // it does. A keyed id that exists is the first submission of this key.
-        for _ in 0..5 {
-            let id = sweep_id(req.idempotency_key.as_deref());
-            let seed = spec.seed_or(rand::random());
-            let cmd = Command::SubmitSweep {
-                sweep_id: id.clone(),
+        let fresh = propose_fresh(
+            &self.0,
+            "sweep",
+            keyed,
+            || sweep_id(req.idempotency_key.as_deref()),
+            |id| Command::SubmitSweep {
+                sweep_id: id.to_string(),
                 spec: Box::new(spec.clone()),
-                seed,
+                seed: spec.seed_or(rand::random()),
                 at: now_ms(),
-            };
-            let result = self.0.coordinator.propose(cmd).await;
-            let existing = self.0.coordinator.read(|s| s.sweeps.get(&id).cloned());
-            match (result, existing) {
-                (Ok(_), _) => return self.get(&id).map(Response::new),
-                (Err(ProposalError::Rejected(ApplyError::SweepExists(_))), Some(first))
-                    if keyed =>
-                {
-                    if first.spec != spec {
-                        return Err(Status::already_exists(format!(
-                            "idempotency_key: it was used for another sweep ({id}): use a new key"
-                        )));
-                    }
-                    return Ok(Response::new(sweep_view(&self.0, &first)));
+            },
+            |e| matches!(e, ApplyError::SweepExists(_)),
+        )
+        .await?;
+        match fresh {
+            Fresh::Applied(id, _) => self.get(&id).map(Response::new),
+            // The first submission of this key.
+            Fresh::Exists(id) => {
+                let first = self
+                    .0
+                    .coordinator
+                    .read(|s| s.sweeps.get(&id).cloned())
+                    .ok_or_else(|| not_found(&id))?;
+                if first.spec != spec {
+                    return Err(Status::already_exists(format!(
+                        "idempotency_key: it was used for another sweep ({id}): use a new key"
+                    )));
                 }
-                (Err(ProposalError::Rejected(ApplyError::SweepExists(_))), Some(_)) => {
-                    continue;
-                }
-                (Err(e), _) => return Err(status(e)),
+                Ok(Response::new(sweep_view(&self.0, &first)))
             }
         }
-        Err(Status::internal("could not allocate a sweep id"))
     }
 
     async fn get_sweep(
@@ -122,11 +116,7 @@ impl SweepService for Sweeps {
         req: Request<v1::GetSweepRequest>,
     ) -> Result<Response<v1::Sweep>, Status> {
         let req = req.into_inner();
-        self.0
-            .coordinator
-            .linearize(req.stale)
-            .await
-            .map_err(status)?;
+        self.0.coordinator.linearize(req.stale).await?;
         self.get(&req.id).map(Response::new)
     }
 
@@ -135,11 +125,7 @@ impl SweepService for Sweeps {
         req: Request<v1::ListSweepsRequest>,
     ) -> Result<Response<v1::ListSweepsResponse>, Status> {
         let req = req.into_inner();
-        self.0
-            .coordinator
-            .linearize(req.stale)
-            .await
-            .map_err(status)?;
+        self.0.coordinator.linearize(req.stale).await?;
         let mut sweeps: Vec<Sweep> = self
             .0
             .coordinator
@@ -177,8 +163,7 @@ impl SweepService for Sweeps {
                 reason: req.reason,
                 at: now_ms(),
             })
-            .await
-            .map_err(status)?;
+            .await?;
         self.get(&req.id).map(Response::new)
     }
 }
