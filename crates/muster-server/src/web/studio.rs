@@ -107,6 +107,7 @@ impl BestTrial {
     }
 }
 
+/// The 404 of a missing `what` (`id`): plain text naming where the `list` is.
 fn not_found(what: &str, id: &str, list: &str) -> Response {
     (
         StatusCode::NOT_FOUND,
@@ -172,6 +173,7 @@ struct RunRow {
 }
 
 impl RunRow {
+    /// The row of `r`.
     fn of(r: &Run) -> Self {
         Self {
             id: r.id.clone(),
@@ -185,6 +187,7 @@ impl RunRow {
     }
 }
 
+/// `GET /`.
 pub(super) async fn index(State(c): State<Arc<Server>>) -> Response {
     let (computes, sweeps, pipelines) = c.coordinator.read(|s| {
         let computes: Vec<ComputeRow> = s
@@ -303,6 +306,7 @@ struct TrialRow {
     note: String,
 }
 
+/// `GET /sweeps/{id}`.
 pub(super) async fn sweep_page(State(c): State<Arc<Server>>, Path(id): Path<String>) -> Response {
     let Some(sweep) = c.coordinator.read(|s| s.sweeps.get(&id).cloned()) else {
         return not_found("sweep", &id, "sweeps");
@@ -417,6 +421,7 @@ enum InputSource {
     Value { value: String },
 }
 
+/// `GET /pipelines/{id}`.
 pub(super) async fn pipeline_page(
     State(c): State<Arc<Server>>,
     Path(id): Path<String>,
@@ -562,6 +567,7 @@ struct AttemptSection {
     log: String,
 }
 
+/// `GET /runs/{id}`.
 pub(super) async fn run_page(State(c): State<Arc<Server>>, Path(id): Path<String>) -> Response {
     let Some((run, wire)) = c
         .coordinator
