@@ -21,7 +21,9 @@
 //!
 //! Crate choices: `axum` serves gRPC (tonic routes) and HTTP on one listener;
 //! `prometheus-client` renders `/metrics`; `sha2` addresses blobs; `bollard` drives the
-//! Docker engine for the `docker` provisioner (as the agent does for containers).
+//! Docker engine for the `docker` provisioner (as the agent does for containers); `askama`
+//! renders the studio's pages from HTML templates (`templates/studio/`), checked at compile
+//! time and HTML-escaped, rather than maud, whose markup is Rust macros instead of HTML files.
 
 mod coordinator;
 mod effects;

@@ -1,16 +1,23 @@
 //! muster studio: server-rendered pages of compute targets, runs (with their logs, metrics
 //! and nodes), sweeps (trials ranked by the primary metric) and pipelines (steps and their
 //! inputs). Read from this server's replica; live pages reload themselves.
+//!
+//! The handlers gather what a page shows (reading the state, `views::…`) into plain structs;
+//! the markup is in askama templates, `crates/muster-server/templates/studio/*.html`
+//! (`base.html` is every page's frame, `macros.html` the pieces pages share). askama
+//! rather than maud: the markup stays HTML files a reader opens beside the page, they are
+//! checked when the crate compiles (a field a template names must exist), and every
+//! `{{ … }}` is HTML-escaped unless a template says otherwise (none does).
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
+use askama::Template;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
-use muster_core::RunState;
 use muster_core::pipeline::StepInput;
+use muster_core::{Run, RunState};
 use muster_proto::v1;
 use muster_proto::{Word, pipeline_to_wire, run_to_wire, sweep_trial_note};
 
@@ -19,29 +26,22 @@ use crate::views::logs::combined_log;
 use crate::views::metrics::run_metrics;
 use crate::views::sweeps::sweep_view;
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
+/// Most sweeps, pipelines and runs the index lists (the newest).
+const INDEX_ROWS: usize = 200;
 
+/// Seconds between reloads of the front page.
+const INDEX_REFRESH_S: u32 = 5;
+
+/// Seconds between reloads of a live run, sweep or pipeline page.
+const LIVE_REFRESH_S: u32 = 2;
+
+/// A time (ms since the epoch) as RFC 3339 to the second; empty when there is none.
 fn ms(t: Option<u64>) -> String {
     t.map(|t| {
         humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(t))
             .to_string()
     })
     .unwrap_or_default()
-}
-
-const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}.completed{color:#176f2c}.failed,.timed_out{color:#b00020}.running{color:#0b57d0}.canceled,.canceling{color:#777}.reused{color:#176f2c}.pending,.queued{color:#555}pre{background:#f6f8fa;padding:1em;overflow:auto}";
-
-/// Most sweeps, pipelines and runs the index lists (the newest).
-const INDEX_ROWS: usize = 200;
-
-/// A link to a run's page.
-fn run_link(id: &str) -> String {
-    format!("<a href=\"/runs/{id}\">{id}</a>", id = esc(id))
 }
 
 /// Whether a run, sweep trial or pipeline step (by its state word) is over.
@@ -54,33 +54,60 @@ fn number(v: Option<f64>) -> String {
     v.map(|v| v.to_string()).unwrap_or_else(|| "-".to_string())
 }
 
-/// A sweep's best trial and its value, as `muster sweep show` names it.
-fn best_text(s: &v1::Sweep) -> String {
-    s.best_trial
-        .and_then(|b| s.trials.iter().find(|t| t.index == b))
-        .map(|t| {
-            format!(
-                "trial {} ({}) {}",
-                t.index,
-                run_link(&t.run_id),
-                esc(&number(t.best))
-            )
-        })
-        .unwrap_or_else(|| "-".to_string())
+/// The frame of a page (`base.html`): its title, how often it reloads itself (live pages
+/// only), and what the link back to the front page says (none on the front page).
+#[derive(Debug)]
+struct Head {
+    title: String,
+    refresh_s: Option<u32>,
+    back: Option<&'static str>,
 }
 
-fn page_head(title: &str, live: bool, back: &str) -> String {
-    format!(
-        "<!doctype html><html><head><meta charset=utf-8>{}<title>{t}</title><style>{STYLE}</style></head><body><p><a href=\"/\">← {back}</a></p><h1>{t}</h1>",
-        if live {
-            "<meta http-equiv=refresh content=2>"
-        } else {
-            ""
-        },
-        t = esc(title),
-    )
+impl Head {
+    /// The head of a run, sweep or pipeline page, reloading while `live`.
+    fn page(title: &str, live: bool, back: &'static str) -> Self {
+        Self {
+            title: title.to_string(),
+            refresh_s: live.then_some(LIVE_REFRESH_S),
+            back: Some(back),
+        }
+    }
 }
 
+/// Renders a page; a template only fails when a value's `Display` does, which ours do not.
+fn render(page: &impl Template) -> Response {
+    match page.render() {
+        Ok(html) => Html(html).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the page could not be rendered: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// A sweep's best trial, as `muster sweep show` names it (`macros.html`).
+#[derive(Debug)]
+struct BestTrial {
+    index: u32,
+    run_id: String,
+    value: String,
+}
+
+impl BestTrial {
+    /// The best trial of `s`, once one logged the primary metric.
+    fn of(s: &v1::Sweep) -> Option<Self> {
+        s.best_trial
+            .and_then(|b| s.trials.iter().find(|t| t.index == b))
+            .map(|t| Self {
+                index: t.index,
+                run_id: t.run_id.clone(),
+                value: number(t.best),
+            })
+    }
+}
+
+/// The 404 of a missing `what` (`id`): plain text naming where the `list` is.
 fn not_found(what: &str, id: &str, list: &str) -> Response {
     (
         StatusCode::NOT_FOUND,
@@ -89,117 +116,205 @@ fn not_found(what: &str, id: &str, list: &str) -> Response {
         .into_response()
 }
 
-pub(super) async fn index(State(c): State<Arc<Server>>) -> Html<String> {
-    let mut html = format!(
-        "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=5><title>muster studio</title><style>{STYLE}</style></head><body><h1>muster studio</h1>"
-    );
-    let (mut sweeps, pipelines) = c.coordinator.read(|s| {
-        let _ = write!(
-            html,
-            "<h2>Compute targets</h2><table><tr><th>name</th><th>type</th><th>nodes</th></tr>"
-        );
-        for t in s.computes.values() {
-            let nodes = s
-                .nodes
-                .values()
-                .filter(|n| n.compute == t.spec.name)
-                .count();
-            let _ = write!(
-                html,
-                "<tr><td>{}</td><td>{}</td><td>{nodes}</td></tr>",
-                esc(&t.spec.name),
-                t.spec.kind.as_str()
-            );
+/// The front page: compute targets, then the newest sweeps, pipelines and runs.
+#[derive(Debug, Template)]
+#[template(path = "studio/index.html", whitespace = "minimize")]
+struct IndexPage {
+    head: Head,
+    computes: Vec<ComputeRow>,
+    sweeps: Vec<SweepRow>,
+    pipelines: Vec<PipelineRow>,
+    runs: Vec<RunRow>,
+}
+
+/// A compute target and how many nodes it has.
+#[derive(Debug)]
+struct ComputeRow {
+    name: String,
+    kind: &'static str,
+    nodes: usize,
+}
+
+/// A sweep on the front page.
+#[derive(Debug)]
+struct SweepRow {
+    id: String,
+    name: String,
+    state: String,
+    goal: String,
+    metric: String,
+    done: usize,
+    max_trials: u32,
+    best: Option<BestTrial>,
+    created: String,
+}
+
+/// A pipeline on the front page.
+#[derive(Debug)]
+struct PipelineRow {
+    id: String,
+    name: String,
+    state: String,
+    done: usize,
+    steps: usize,
+    created: String,
+}
+
+/// A run on the front page.
+#[derive(Debug)]
+struct RunRow {
+    id: String,
+    experiment: String,
+    compute: String,
+    state: &'static str,
+    attempt: u32,
+    exit: String,
+    created: String,
+}
+
+impl RunRow {
+    /// The row of `r`.
+    fn of(r: &Run) -> Self {
+        Self {
+            id: r.id.clone(),
+            experiment: r.spec.experiment.clone(),
+            compute: r.spec.compute.clone(),
+            state: r.state.as_str(),
+            attempt: r.attempt_number(),
+            exit: r.exit_code.map(|c| c.to_string()).unwrap_or_default(),
+            created: ms(Some(r.created_at)),
         }
-        html.push_str("</table>");
+    }
+}
+
+/// `GET /`.
+pub(super) async fn index(State(c): State<Arc<Server>>) -> Response {
+    let (computes, sweeps, pipelines) = c.coordinator.read(|s| {
+        let computes: Vec<ComputeRow> = s
+            .computes
+            .values()
+            .map(|t| ComputeRow {
+                name: t.spec.name.clone(),
+                kind: t.spec.kind.as_str(),
+                nodes: s
+                    .nodes
+                    .values()
+                    .filter(|n| n.compute == t.spec.name)
+                    .count(),
+            })
+            .collect();
         let mut sweeps: Vec<_> = s.sweeps.values().collect();
         sweeps.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
         let sweeps: Vec<_> = sweeps.into_iter().take(INDEX_ROWS).cloned().collect();
         let mut pipelines: Vec<_> = s.pipelines.values().collect();
         pipelines.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
-        let pipelines: Vec<v1::Pipeline> = pipelines
+        let pipelines: Vec<PipelineRow> = pipelines
             .into_iter()
             .take(INDEX_ROWS)
-            .map(|p| pipeline_to_wire(s, p))
+            .map(|p| {
+                let p = pipeline_to_wire(s, p);
+                PipelineRow {
+                    done: p
+                        .steps
+                        .iter()
+                        .filter(|s| ended(&v1::StepState::word_of(s.state)))
+                        .count(),
+                    steps: p.steps.len(),
+                    created: ms(Some(p.created_at_ms)),
+                    name: p.display_name.unwrap_or_default(),
+                    id: p.id,
+                    state: v1::PipelineState::word_of(p.state).into_owned(),
+                }
+            })
             .collect();
-        (sweeps, pipelines)
+        (computes, sweeps, pipelines)
     });
     // A sweep's view reads the metric store and then the state: outside the lock above.
-    html.push_str("<h2>Sweeps</h2>");
-    if sweeps.is_empty() {
-        html.push_str("<p>No sweeps yet (<code>muster sweep submit</code>).</p>");
-    } else {
-        html.push_str("<table><tr><th>id</th><th>name</th><th>state</th><th>objective</th><th>trials done</th><th>best trial</th><th>created</th></tr>");
-        for sweep in sweeps.drain(..) {
-            let v = sweep_view(&c, &sweep);
-            let done = v
-                .trials
-                .iter()
-                .filter(|t| ended(&v1::RunState::word_of(t.state)))
-                .count();
-            let _ = write!(
-                html,
-                "<tr class=sweep><td><a href=\"/sweeps/{id}\">{id}</a></td><td>{}</td><td class={st}>{st}</td><td>{} {}</td><td>{done}/{}</td><td>{}</td><td>{}</td></tr>",
-                esc(v.display_name.as_deref().unwrap_or("")),
-                esc(&v.goal),
-                esc(&v.primary_metric),
-                v.max_total_trials,
-                best_text(&v),
-                ms(Some(v.created_at_ms)),
-                id = esc(&v.id),
-                st = esc(&v1::SweepState::word_of(v.state)),
-            );
-        }
-        html.push_str("</table>");
-    }
-    html.push_str("<h2>Pipelines</h2>");
-    if pipelines.is_empty() {
-        html.push_str("<p>No pipelines yet (<code>muster pipeline submit</code>).</p>");
-    } else {
-        html.push_str("<table><tr><th>id</th><th>name</th><th>state</th><th>steps done</th><th>created</th></tr>");
-        for p in &pipelines {
-            let done = p
-                .steps
-                .iter()
-                .filter(|s| ended(&v1::StepState::word_of(s.state)))
-                .count();
-            let _ = write!(
-                html,
-                "<tr class=pipeline><td><a href=\"/pipelines/{id}\">{id}</a></td><td>{}</td><td class={st}>{st}</td><td>{done}/{}</td><td>{}</td></tr>",
-                esc(p.display_name.as_deref().unwrap_or("")),
-                p.steps.len(),
-                ms(Some(p.created_at_ms)),
-                id = esc(&p.id),
-                st = esc(&v1::PipelineState::word_of(p.state)),
-            );
-        }
-        html.push_str("</table>");
-    }
-    c.coordinator.read(|s| {
-        let _ = write!(html, "<h2>Runs</h2><table><tr><th>id</th><th>experiment</th><th>compute</th><th>state</th><th>attempt</th><th>exit</th><th>created</th></tr>");
+    let sweeps = sweeps
+        .iter()
+        .map(|sweep| {
+            let v = sweep_view(&c, sweep);
+            SweepRow {
+                done: v
+                    .trials
+                    .iter()
+                    .filter(|t| ended(&v1::RunState::word_of(t.state)))
+                    .count(),
+                max_trials: v.max_total_trials,
+                best: BestTrial::of(&v),
+                created: ms(Some(v.created_at_ms)),
+                name: v.display_name.unwrap_or_default(),
+                id: v.id,
+                state: v1::SweepState::word_of(v.state).into_owned(),
+                goal: v.goal,
+                metric: v.primary_metric,
+            }
+        })
+        .collect();
+    let runs = c.coordinator.read(|s| {
         let mut runs: Vec<_> = s.runs.values().collect();
         runs.sort_by_key(|r| std::cmp::Reverse(r.seq));
-        for r in runs.into_iter().take(INDEX_ROWS) {
-            let _ = write!(
-                html,
-                "<tr><td><a href=\"/runs/{id}\">{id}</a></td><td>{}</td><td>{}</td><td class={st}>{st}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                esc(&r.spec.experiment),
-                esc(&r.spec.compute),
-                r.attempt_number(),
-                r.exit_code.map(|c| c.to_string()).unwrap_or_default(),
-                ms(Some(r.created_at)),
-                id = esc(&r.id),
-                st = r.state.as_str(),
-            );
-        }
-        html.push_str("</table>");
+        runs.into_iter().take(INDEX_ROWS).map(RunRow::of).collect()
     });
-    html.push_str("</body></html>");
-    Html(html)
+    render(&IndexPage {
+        head: Head {
+            title: "muster studio".to_string(),
+            refresh_s: Some(INDEX_REFRESH_S),
+            back: None,
+        },
+        computes,
+        sweeps,
+        pipelines,
+        runs,
+    })
 }
 
 /// A sweep: its settings, then its trials ranked by the primary metric (best first), as
 /// the SweepService ranks them.
+#[derive(Debug, Template)]
+#[template(path = "studio/sweep.html", whitespace = "minimize")]
+struct SweepPage {
+    head: Head,
+    name: Option<String>,
+    state: String,
+    /// Why it was canceled.
+    canceled: Option<String>,
+    experiment: String,
+    compute: String,
+    goal: String,
+    metric: String,
+    sampling: String,
+    seed: u64,
+    early_termination: String,
+    max_trials: u32,
+    max_concurrent: u32,
+    timeout_s: u64,
+    trial_timeout_s: Option<u64>,
+    /// How many trials are over.
+    done: usize,
+    best: Option<BestTrial>,
+    created: String,
+    finished: String,
+    /// Best first.
+    trials: Vec<TrialRow>,
+}
+
+/// A sweep's trial, with its rank (1 is the best).
+#[derive(Debug)]
+struct TrialRow {
+    rank: usize,
+    index: u32,
+    run_id: String,
+    /// `name=value`, by name, space-separated.
+    params: String,
+    state: String,
+    best: String,
+    last: String,
+    points: u64,
+    note: String,
+}
+
+/// `GET /sweeps/{id}`.
 pub(super) async fn sweep_page(State(c): State<Arc<Server>>, Path(id): Path<String>) -> Response {
     let Some(sweep) = c.coordinator.read(|s| s.sweeps.get(&id).cloned()) else {
         return not_found("sweep", &id, "sweeps");
@@ -209,111 +324,119 @@ pub(super) async fn sweep_page(State(c): State<Arc<Server>>, Path(id): Path<Stri
         v.state(),
         v1::SweepState::Running | v1::SweepState::Canceling
     );
-    let mut html = page_head(&v.id, live, "studio");
-    let row = |html: &mut String, k: &str, v: String| {
-        let _ = write!(html, "<tr><th>{k}</th><td>{v}</td></tr>");
-    };
-    html.push_str("<table>");
-    if let Some(n) = &v.display_name {
-        row(&mut html, "name", esc(n));
-    }
-    row(
-        &mut html,
-        "state",
-        format!(
-            "<span class={st}>{st}</span>",
-            st = esc(&v1::SweepState::word_of(v.state))
-        ),
-    );
-    if let Some(m) = &v.message {
-        row(&mut html, "canceled", esc(m));
-    }
-    row(&mut html, "experiment", esc(&v.experiment));
-    row(&mut html, "compute", esc(&v.compute));
-    row(
-        &mut html,
-        "objective",
-        format!("{} {}", esc(&v.goal), esc(&v.primary_metric)),
-    );
-    row(
-        &mut html,
-        "sampling",
-        format!("{} (seed {})", esc(&v.sampling), v.seed),
-    );
-    row(
-        &mut html,
-        "early termination",
-        esc(v.early_termination.as_deref().unwrap_or("none")),
-    );
-    row(
-        &mut html,
-        "limits",
-        format!(
-            "{} trials at most, {} at once; the sweep times out after {} s{}",
-            v.max_total_trials,
-            v.max_concurrent_trials,
-            v.timeout_s,
-            sweep
-                .spec
-                .limits
-                .trial_timeout_s
-                .map(|t| format!(", each trial after {t} s"))
-                .unwrap_or_default()
-        ),
-    );
-    row(
-        &mut html,
-        "trials",
-        format!(
-            "{} started, {} done",
-            v.trials.len(),
-            v.trials
-                .iter()
-                .filter(|t| ended(&v1::RunState::word_of(t.state)))
-                .count()
-        ),
-    );
-    row(&mut html, "best trial", best_text(&v));
-    row(&mut html, "created", ms(Some(v.created_at_ms)));
-    row(&mut html, "finished", ms(v.finished_at_ms));
-    html.push_str("</table><h2>Trials</h2>");
-    if v.trials.is_empty() {
-        html.push_str("<p>No trials yet.</p>");
-    } else {
-        let _ = write!(
-            html,
-            "<table><tr><th>rank</th><th>trial</th><th>run</th><th>parameters</th><th>state</th><th>best {m}</th><th>last {m}</th><th>points</th><th>note</th></tr>",
-            m = esc(&v.primary_metric)
-        );
-        for (rank, t) in v.trials.iter().enumerate() {
+    let trials = v
+        .trials
+        .iter()
+        .enumerate()
+        .map(|(rank, t)| {
             let mut params: Vec<_> = t.params.iter().collect();
             params.sort();
-            let params: Vec<String> = params
-                .iter()
-                .map(|(k, v)| format!("{}={}", esc(k), esc(v)))
-                .collect();
-            let _ = write!(
-                html,
-                "<tr class=trial><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class={st}>{st}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                rank + 1,
-                t.index,
-                run_link(&t.run_id),
-                params.join(" "),
-                esc(&number(t.best)),
-                esc(&number(t.last)),
-                t.points,
-                esc(&sweep_trial_note(t)),
-                st = esc(&v1::RunState::word_of(t.state)),
-            );
-        }
-        html.push_str("</table>");
-    }
-    html.push_str("</body></html>");
-    Html(html).into_response()
+            let params: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            TrialRow {
+                rank: rank + 1,
+                index: t.index,
+                run_id: t.run_id.clone(),
+                params: params.join(" "),
+                state: v1::RunState::word_of(t.state).into_owned(),
+                best: number(t.best),
+                last: number(t.last),
+                points: t.points,
+                note: sweep_trial_note(t),
+            }
+        })
+        .collect();
+    render(&SweepPage {
+        head: Head::page(&v.id, live, "studio"),
+        done: v
+            .trials
+            .iter()
+            .filter(|t| ended(&v1::RunState::word_of(t.state)))
+            .count(),
+        best: BestTrial::of(&v),
+        created: ms(Some(v.created_at_ms)),
+        finished: ms(v.finished_at_ms),
+        trial_timeout_s: sweep.spec.limits.trial_timeout_s,
+        early_termination: v.early_termination.unwrap_or_else(|| "none".to_string()),
+        name: v.display_name,
+        state: v1::SweepState::word_of(v.state).into_owned(),
+        canceled: v.message,
+        experiment: v.experiment,
+        compute: v.compute,
+        goal: v.goal,
+        metric: v.primary_metric,
+        sampling: v.sampling,
+        seed: v.seed,
+        max_trials: v.max_total_trials,
+        max_concurrent: v.max_concurrent_trials,
+        timeout_s: v.timeout_s,
+        trials,
+    })
 }
 
 /// A pipeline: its steps in a topological order, each with its run (or the earlier run it
 /// reused), where its inputs come from, and why it failed.
+#[derive(Debug, Template)]
+#[template(path = "studio/pipeline.html", whitespace = "minimize")]
+struct PipelinePage {
+    head: Head,
+    name: String,
+    state: String,
+    experiment: String,
+    /// How many steps are over.
+    done: usize,
+    created: String,
+    finished: String,
+    /// Why it was canceled.
+    canceled: Option<String>,
+    outputs: Vec<OutputRow>,
+    steps: Vec<StepRow>,
+}
+
+/// A pipeline's output: the step output it is, and its identity once that step completed.
+#[derive(Debug)]
+struct OutputRow {
+    name: String,
+    step: String,
+    output: String,
+    /// `<archive sha256>/<folder>`, or empty.
+    identity: String,
+}
+
+/// A pipeline's step.
+#[derive(Debug)]
+struct StepRow {
+    name: String,
+    state: String,
+    compute: String,
+    run_id: Option<String>,
+    /// The earlier run whose outputs it reused (when it has no run of its own).
+    reused_from: Option<String>,
+    /// In the spec's order (by name).
+    inputs: Vec<InputRow>,
+    reason: String,
+}
+
+/// A step's input and where it comes from.
+#[derive(Debug)]
+struct InputRow {
+    name: String,
+    source: InputSource,
+}
+
+/// Where a step's input comes from.
+#[derive(Debug)]
+enum InputSource {
+    /// An upstream step's output, and what was mounted (archive/folder) once known.
+    Output {
+        step: String,
+        output: String,
+        mounted: Option<String>,
+    },
+    /// A literal value.
+    Value { value: String },
+}
+
+/// `GET /pipelines/{id}`.
 pub(super) async fn pipeline_page(
     State(c): State<Arc<Server>>,
     Path(id): Path<String>,
@@ -329,79 +452,144 @@ pub(super) async fn pipeline_page(
         p.state(),
         v1::PipelineState::Running | v1::PipelineState::Canceling
     );
-    let mut html = page_head(&p.id, live, "studio");
-    let _ = write!(
-        html,
-        "<table><tr><th>name</th><td>{}</td></tr><tr><th>state</th><td class={st}>{st}</td></tr><tr><th>experiment</th><td>{}</td></tr><tr><th>steps done</th><td>{}/{}</td></tr><tr><th>created</th><td>{}</td></tr><tr><th>finished</th><td>{}</td></tr>",
-        esc(p.display_name.as_deref().unwrap_or("")),
-        esc(&p.experiment),
-        p.steps
+    let steps = p
+        .steps
+        .iter()
+        .map(|step| {
+            let inputs = spec
+                .steps
+                .get(&step.name)
+                .map(|s| {
+                    s.inputs
+                        .iter()
+                        .map(|(name, input)| InputRow {
+                            name: name.clone(),
+                            source: match input {
+                                StepInput::StepOutput { step: from, output } => {
+                                    InputSource::Output {
+                                        step: from.clone(),
+                                        output: output.clone(),
+                                        mounted: step.inputs.get(name).cloned(),
+                                    }
+                                }
+                                StepInput::Value { value } => InputSource::Value {
+                                    value: value.clone(),
+                                },
+                            },
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            StepRow {
+                name: step.name.clone(),
+                state: v1::StepState::word_of(step.state).into_owned(),
+                compute: step.compute.clone(),
+                run_id: step.run_id.clone(),
+                reused_from: step.reused_from.clone(),
+                inputs,
+                reason: step.reason.clone().unwrap_or_default(),
+            }
+        })
+        .collect();
+    render(&PipelinePage {
+        head: Head::page(&p.id, live, "studio"),
+        done: p
+            .steps
             .iter()
             .filter(|s| ended(&v1::StepState::word_of(s.state)))
             .count(),
-        p.steps.len(),
-        ms(Some(p.created_at_ms)),
-        ms(p.finished_at_ms),
-        st = esc(&v1::PipelineState::word_of(p.state)),
-    );
-    if let Some(r) = &p.cancel_reason {
-        let _ = write!(html, "<tr><th>canceled</th><td>{}</td></tr>", esc(r));
-    }
-    for o in &p.outputs {
-        let _ = write!(
-            html,
-            "<tr><th>output {}</th><td>{}.{} {}</td></tr>",
-            esc(&o.name),
-            esc(&o.step),
-            esc(&o.output),
-            esc(o.identity.as_deref().unwrap_or("")),
-        );
-    }
-    html.push_str("</table><h2>Steps</h2><table><tr><th>step</th><th>state</th><th>compute</th><th>run</th><th>inputs</th><th>reason</th></tr>");
-    for step in &p.steps {
-        let run = match (&step.run_id, &step.reused_from) {
-            (Some(r), _) => run_link(r),
-            (None, Some(from)) => format!("reused from {}", run_link(from)),
-            (None, None) => String::new(),
-        };
-        let inputs: Vec<String> = spec
-            .steps
-            .get(&step.name)
-            .map(|s| {
-                s.inputs
-                    .iter()
-                    .map(|(name, input)| {
-                        let mounted = step
-                            .inputs
-                            .get(name)
-                            .map(|i| format!(" <small>({})</small>", esc(i)))
-                            .unwrap_or_default();
-                        match input {
-                            StepInput::StepOutput { step, output } => {
-                                format!("{} ← {}.{}{mounted}", esc(name), esc(step), esc(output))
-                            }
-                            StepInput::Value { value } => {
-                                format!("{} = {}", esc(name), esc(value))
-                            }
-                        }
-                    })
-                    .collect()
+        created: ms(Some(p.created_at_ms)),
+        finished: ms(p.finished_at_ms),
+        name: p.display_name.unwrap_or_default(),
+        state: v1::PipelineState::word_of(p.state).into_owned(),
+        experiment: p.experiment,
+        canceled: p.cancel_reason,
+        outputs: p
+            .outputs
+            .into_iter()
+            .map(|o| OutputRow {
+                name: o.name,
+                step: o.step,
+                output: o.output,
+                identity: o.identity.unwrap_or_default(),
             })
-            .unwrap_or_default();
-        let _ = write!(
-            html,
-            "<tr class=step><td>{}</td><td class={st}>{st}</td><td>{}</td><td>{run}</td><td>{}</td><td>{}</td></tr>",
-            esc(&step.name),
-            esc(&step.compute),
-            inputs.join("<br>"),
-            esc(step.reason.as_deref().unwrap_or("")),
-            st = esc(&v1::StepState::word_of(step.state)),
-        );
-    }
-    html.push_str("</table></body></html>");
-    Html(html).into_response()
+            .collect(),
+        steps,
+    })
 }
 
+/// A run: its spec and state, the sweep or pipeline it belongs to, its metrics, and each
+/// attempt with its nodes and log.
+#[derive(Debug, Template)]
+#[template(path = "studio/run.html", whitespace = "minimize")]
+struct RunPage {
+    head: Head,
+    state: &'static str,
+    experiment: String,
+    compute: String,
+    command: String,
+    exit_code: String,
+    message: String,
+    created: String,
+    started: String,
+    finished: String,
+    /// The sweep and the pipeline it is part of.
+    owners: Vec<Owner>,
+    /// None when the run logged no metrics.
+    metrics: Option<MetricsSection>,
+    attempts: Vec<AttemptSection>,
+    /// Still waiting to be placed.
+    queued: bool,
+}
+
+/// A sweep or pipeline a run is part of.
+#[derive(Debug)]
+struct Owner {
+    /// `sweep` or `pipeline`.
+    kind: &'static str,
+    /// Where its pages are: `sweeps` or `pipelines`.
+    page: &'static str,
+    id: String,
+}
+
+/// The last value of each metric a run logged (as `muster run show` prints them).
+#[derive(Debug)]
+struct MetricsSection {
+    /// Why the metrics cannot be read now (then there is nothing else).
+    error: Option<String>,
+    last: Vec<LastValue>,
+    /// How many lines were skipped as malformed, and why the last one was.
+    malformed: u64,
+    last_error: String,
+}
+
+/// A metric's last value, at its step.
+#[derive(Debug)]
+struct LastValue {
+    name: String,
+    step: u64,
+    value: f64,
+}
+
+/// An attempt's nodes (one per rank), how it ended, and its log.
+#[derive(Debug)]
+struct AttemptSection {
+    number: u32,
+    /// Each node (with its rank in a gang, and its GPUs), `; `-separated.
+    nodes: String,
+    /// `end` once it ended, else `state`.
+    state_label: &'static str,
+    state: String,
+    exit_code: Option<i32>,
+    reason: Option<String>,
+    placed: String,
+    started: String,
+    finished: String,
+    /// Its ranks' output, combined.
+    log: String,
+}
+
+/// `GET /runs/{id}`.
 pub(super) async fn run_page(State(c): State<Arc<Server>>, Path(id): Path<String>) -> Response {
     let Some((run, wire)) = c
         .coordinator
@@ -409,52 +597,50 @@ pub(super) async fn run_page(State(c): State<Arc<Server>>, Path(id): Path<String
     else {
         return not_found("run", &id, "runs");
     };
-    let mut html = page_head(&run.id, !run.state.is_terminal(), "runs");
-    let _ = write!(
-        html,
-        "<table><tr><th>state</th><td class={st}>{st}</td></tr><tr><th>experiment</th><td>{}</td></tr><tr><th>compute</th><td>{}</td></tr><tr><th>command</th><td><code>{}</code></td></tr><tr><th>exit code</th><td>{}</td></tr><tr><th>message</th><td>{}</td></tr><tr><th>created</th><td>{}</td></tr><tr><th>started</th><td>{}</td></tr><tr><th>finished</th><td>{}</td></tr>",
-        esc(&run.spec.experiment),
-        esc(&run.spec.compute),
-        esc(&run.spec.command),
-        run.exit_code.map(|c| c.to_string()).unwrap_or_default(),
-        esc(run.message.as_deref().unwrap_or("")),
-        ms(Some(run.created_at)),
-        ms(run.started_at),
-        ms(run.finished_at),
-        st = run.state.as_str(),
-    );
-    for (tag, page) in [("muster.sweep", "sweeps"), ("muster.pipeline", "pipelines")] {
-        if let Some(owner) = run.spec.tags.get(tag) {
-            let _ = write!(
-                html,
-                "<tr><th>{}</th><td><a href=\"/{page}/{id}\">{id}</a></td></tr>",
-                &page[..page.len() - 1],
-                id = esc(owner)
-            );
-        }
+    let owners = [("muster.sweep", "sweep"), ("muster.pipeline", "pipeline")]
+        .into_iter()
+        .filter_map(|(tag, kind)| {
+            Some(Owner {
+                kind,
+                page: if kind == "sweep" {
+                    "sweeps"
+                } else {
+                    "pipelines"
+                },
+                id: run.spec.tags.get(tag)?.clone(),
+            })
+        })
+        .collect();
+    let metrics = metrics_section(&c, &run.id).await;
+    let mut attempts = Vec::with_capacity(wire.attempts.len());
+    for a in &wire.attempts {
+        let log = combined_log(&c, &run, a.number).await;
+        attempts.push(attempt_section(
+            a,
+            String::from_utf8_lossy(&log).into_owned(),
+        ));
     }
-    html.push_str("</table>");
-    html.push_str(&metrics_section(&c, &run.id).await);
-    for attempt in &wire.attempts {
-        let log = combined_log(&c, &run, attempt.number).await;
-        let _ = write!(
-            html,
-            "<h2>Attempt {}</h2>{}<pre>{}</pre>",
-            attempt.number,
-            attempt_summary(attempt),
-            esc(&String::from_utf8_lossy(&log))
-        );
-    }
-    if run.state == RunState::Queued {
-        html.push_str("<p>Waiting for placement.</p>");
-    }
-    html.push_str("</body></html>");
-    Html(html).into_response()
+    render(&RunPage {
+        head: Head::page(&run.id, !run.state.is_terminal(), "runs"),
+        state: run.state.as_str(),
+        experiment: run.spec.experiment.clone(),
+        compute: run.spec.compute.clone(),
+        command: run.spec.command.clone(),
+        exit_code: run.exit_code.map(|c| c.to_string()).unwrap_or_default(),
+        message: run.message.clone().unwrap_or_default(),
+        created: ms(Some(run.created_at)),
+        started: ms(run.started_at),
+        finished: ms(run.finished_at),
+        owners,
+        metrics,
+        attempts,
+        queued: run.state == RunState::Queued,
+    })
 }
 
-/// The last value of each metric a run logged (as `muster run show` prints them), read as
-/// the MetricsService reads them: sealed once the run ended, else live (from the leader).
-async fn metrics_section(c: &Server, run_id: &str) -> String {
+/// A run's metrics, read as the MetricsService reads them: sealed once the run ended, else
+/// live (from the leader). None when it logged none (and no malformed line).
+async fn metrics_section(c: &Server, run_id: &str) -> Option<MetricsSection> {
     let req = v1::GetRunMetricsRequest {
         run_id: run_id.to_string(),
         last_only: true,
@@ -463,45 +649,38 @@ async fn metrics_section(c: &Server, run_id: &str) -> String {
     let m = match run_metrics(c, &req, false).await {
         Ok(m) => m,
         Err(e) => {
-            return format!(
-                "<h2>Metrics</h2><p>The metrics cannot be read now: {}</p>",
-                esc(e.message())
-            );
+            return Some(MetricsSection {
+                error: Some(e.message().to_string()),
+                last: Vec::new(),
+                malformed: 0,
+                last_error: String::new(),
+            });
         }
     };
-    let last: Vec<(&str, u64, f64)> = m
+    let last: Vec<LastValue> = m
         .series
         .iter()
-        .filter_map(|s| Some((s.name.as_str(), *s.steps.last()?, *s.values.last()?)))
+        .filter_map(|s| {
+            Some(LastValue {
+                name: s.name.clone(),
+                step: *s.steps.last()?,
+                value: *s.values.last()?,
+            })
+        })
         .collect();
     if last.is_empty() && m.malformed == 0 {
-        return String::new();
+        return None;
     }
-    let mut html = String::from("<h2>Metrics</h2>");
-    if !last.is_empty() {
-        html.push_str("<table><tr><th>metric</th><th>last value</th><th>step</th></tr>");
-        for (name, step, value) in last {
-            let _ = write!(
-                html,
-                "<tr class=metric><td>{}</td><td>{value}</td><td>{step}</td></tr>",
-                esc(name)
-            );
-        }
-        html.push_str("</table>");
-    }
-    if m.malformed > 0 {
-        let _ = write!(
-            html,
-            "<p>{} malformed metric line(s) were skipped; the last: {}</p>",
-            m.malformed,
-            esc(m.last_error.as_deref().unwrap_or(""))
-        );
-    }
-    html
+    Some(MetricsSection {
+        error: None,
+        last,
+        malformed: m.malformed,
+        last_error: m.last_error.unwrap_or_default(),
+    })
 }
 
-/// An attempt's nodes (one per rank) and how it ended, as `muster run show` lists it.
-fn attempt_summary(a: &v1::Attempt) -> String {
+/// An attempt as `muster run show` lists it, with its `log`.
+fn attempt_section(a: &v1::Attempt, log: String) -> AttemptSection {
     let nodes: Vec<String> = a
         .placements
         .iter()
@@ -522,29 +701,329 @@ fn attempt_summary(a: &v1::Attempt) -> String {
             } else {
                 String::new()
             };
-            format!("{rank}{}{}", esc(name), esc(&gpus))
+            format!("{rank}{name}{gpus}")
         })
         .collect();
     let over = a.end != i32::from(v1::AttemptEnd::Unspecified);
-    let state = if over {
-        v1::AttemptEnd::word_of(a.end)
-    } else {
-        v1::AttemptState::word_of(a.state)
-    };
-    format!(
-        "<table class=attempt><tr><th>nodes</th><td>{}</td></tr><tr><th>{}</th><td class={st}>{st}{}</td></tr>{}<tr><th>placed</th><td>{}</td></tr><tr><th>started</th><td>{}</td></tr><tr><th>finished</th><td>{}</td></tr></table>",
-        nodes.join("; "),
-        if over { "end" } else { "state" },
-        a.exit_code
-            .map(|c| format!(" (exit {c})"))
-            .unwrap_or_default(),
-        a.message
-            .as_ref()
-            .map(|m| format!("<tr><th>reason</th><td>{}</td></tr>", esc(m)))
-            .unwrap_or_default(),
-        ms(Some(a.placed_at_ms)),
-        ms(a.started_at_ms),
-        ms(a.finished_at_ms),
-        st = esc(&state),
-    )
+    AttemptSection {
+        number: a.number,
+        nodes: nodes.join("; "),
+        state_label: if over { "end" } else { "state" },
+        state: if over {
+            v1::AttemptEnd::word_of(a.end).into_owned()
+        } else {
+            v1::AttemptState::word_of(a.state).into_owned()
+        },
+        exit_code: a.exit_code,
+        reason: a.message.clone(),
+        placed: ms(Some(a.placed_at_ms)),
+        started: ms(a.started_at_ms),
+        finished: ms(a.finished_at_ms),
+        log,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A finished run page whose spec, message, metric and log carry `text`.
+    fn run_page_with(text: &str) -> RunPage {
+        RunPage {
+            head: Head::page("run-1", false, "runs"),
+            state: "completed",
+            experiment: text.to_string(),
+            compute: "local".to_string(),
+            command: format!("echo '{text}'"),
+            exit_code: "0".to_string(),
+            message: text.to_string(),
+            created: ms(Some(0)),
+            started: ms(Some(1_000)),
+            finished: ms(Some(2_000)),
+            owners: vec![Owner {
+                kind: "sweep",
+                page: "sweeps",
+                id: "sweep-1".to_string(),
+            }],
+            metrics: Some(MetricsSection {
+                error: None,
+                last: vec![LastValue {
+                    name: text.to_string(),
+                    step: 3,
+                    value: 0.96,
+                }],
+                malformed: 0,
+                last_error: String::new(),
+            }),
+            attempts: vec![AttemptSection {
+                number: 1,
+                nodes: "node-a (GPUs 0, 1)".to_string(),
+                state_label: "end",
+                state: "completed".to_string(),
+                exit_code: Some(0),
+                reason: None,
+                placed: ms(Some(500)),
+                started: ms(Some(1_000)),
+                finished: ms(Some(2_000)),
+                log: format!("{text}\n"),
+            }],
+            queued: false,
+        }
+    }
+
+    #[test]
+    fn run_text_with_a_script_is_rendered_escaped() {
+        let html = run_page_with("<script>alert(\"hi\") & 'bye'</script>")
+            .render()
+            .unwrap();
+        assert!(!html.contains("<script>"), "{html}");
+        let escaped = "&#60;script&#62;alert(&#34;hi&#34;) &#38; &#39;bye&#39;&#60;/script&#62;";
+        for shown in [
+            format!("<th>experiment</th><td>{escaped}</td>"),
+            format!("<th>message</th><td>{escaped}</td>"),
+            format!("<code>echo &#39;{escaped}&#39;</code>"),
+            format!("<tr class=metric><td>{escaped}</td><td>0.96</td><td>3</td></tr>"),
+            format!("<pre>{escaped}\n</pre>"),
+        ] {
+            assert!(html.contains(&shown), "{shown} in {html}");
+        }
+    }
+
+    #[test]
+    fn run_page_shows_its_owner_and_attempts() {
+        let html = run_page_with("exp").render().unwrap();
+        assert!(
+            html.starts_with(
+                "<!doctype html><html><head><meta charset=utf-8><title>run-1</title><style>"
+            ),
+            "a finished run does not reload: {html}"
+        );
+        assert!(
+            html.contains("<body><p><a href=\"/\">← runs</a></p><h1>run-1</h1>"),
+            "{html}"
+        );
+        assert!(
+            html.contains(
+                "<tr><th>sweep</th><td><a href=\"/sweeps/sweep-1\">sweep-1</a></td></tr>"
+            ),
+            "{html}"
+        );
+        assert!(
+            html.contains("<h2>Metrics</h2><table><tr><th>metric</th>"),
+            "{html}"
+        );
+        assert!(html.contains("<h2>Attempt 1</h2><table class=attempt><tr><th>nodes</th><td>node-a (GPUs 0, 1)</td></tr>"), "{html}");
+        assert!(
+            html.contains("<tr><th>end</th><td class=completed>completed (exit 0)</td></tr>"),
+            "{html}"
+        );
+        assert!(
+            !html.contains("reason") && !html.contains("Waiting for placement"),
+            "{html}"
+        );
+        assert!(html.ends_with("</body></html>"), "{html}");
+    }
+
+    #[test]
+    fn index_lists_sweeps_pipelines_and_runs() {
+        let empty = IndexPage {
+            head: Head {
+                title: "muster studio".to_string(),
+                refresh_s: Some(INDEX_REFRESH_S),
+                back: None,
+            },
+            computes: Vec::new(),
+            sweeps: Vec::new(),
+            pipelines: Vec::new(),
+            runs: Vec::new(),
+        };
+        let html = empty.render().unwrap();
+        assert!(html.starts_with("<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=5><title>muster studio</title>"), "{html}");
+        assert!(
+            html.contains("<body><h1>muster studio</h1>"),
+            "no way back from the front page: {html}"
+        );
+        assert!(
+            html.contains("No sweeps yet") && html.contains("No pipelines yet"),
+            "{html}"
+        );
+        let full = IndexPage {
+            computes: vec![ComputeRow {
+                name: "local".to_string(),
+                kind: "local",
+                nodes: 1,
+            }],
+            sweeps: vec![SweepRow {
+                id: "sweep-1".to_string(),
+                name: "<b>lr</b>".to_string(),
+                state: "completed".to_string(),
+                goal: "maximize".to_string(),
+                metric: "accuracy".to_string(),
+                done: 8,
+                max_trials: 8,
+                best: Some(BestTrial {
+                    index: 2,
+                    run_id: "run-2".to_string(),
+                    value: "0.96".to_string(),
+                }),
+                created: ms(Some(0)),
+            }],
+            pipelines: vec![PipelineRow {
+                id: "pl-1".to_string(),
+                name: String::new(),
+                state: "failed".to_string(),
+                done: 4,
+                steps: 4,
+                created: ms(Some(0)),
+            }],
+            ..empty
+        };
+        let html = full.render().unwrap();
+        assert!(
+            html.contains("<tr><td>local</td><td>local</td><td>1</td></tr>"),
+            "{html}"
+        );
+        assert!(html.contains("<tr class=sweep><td><a href=\"/sweeps/sweep-1\">sweep-1</a></td><td>&#60;b&#62;lr&#60;/b&#62;</td><td class=completed>completed</td><td>maximize accuracy</td><td>8/8</td><td>trial 2 (<a href=\"/runs/run-2\">run-2</a>) 0.96</td><td>1970-01-01T00:00:00Z</td></tr>"), "{html}");
+        assert!(html.contains("<tr class=pipeline><td><a href=\"/pipelines/pl-1\">pl-1</a></td><td></td><td class=failed>failed</td><td>4/4</td>"), "{html}");
+        assert!(
+            !html.contains("No sweeps yet") && !html.contains("No pipelines yet"),
+            "{html}"
+        );
+    }
+
+    #[test]
+    fn sweep_page_ranks_trials() {
+        let page = SweepPage {
+            head: Head::page("sweep-1", true, "studio"),
+            name: None,
+            state: "running".to_string(),
+            canceled: None,
+            experiment: "exp".to_string(),
+            compute: "local".to_string(),
+            goal: "maximize".to_string(),
+            metric: "accuracy".to_string(),
+            sampling: "grid".to_string(),
+            seed: 7,
+            early_termination: "none".to_string(),
+            max_trials: 8,
+            max_concurrent: 2,
+            timeout_s: 600,
+            trial_timeout_s: Some(60),
+            done: 1,
+            best: None,
+            created: ms(Some(0)),
+            finished: String::new(),
+            trials: vec![TrialRow {
+                rank: 1,
+                index: 3,
+                run_id: "run-3".to_string(),
+                params: "lr=0.3 q=0.9".to_string(),
+                state: "completed".to_string(),
+                best: "0.9".to_string(),
+                last: "0.8".to_string(),
+                points: 3,
+                note: String::new(),
+            }],
+        };
+        let html = page.render().unwrap();
+        assert!(
+            html.contains(
+                "<meta charset=utf-8><meta http-equiv=refresh content=2><title>sweep-1</title>"
+            ),
+            "a running sweep reloads: {html}"
+        );
+        assert!(
+            !html.contains("<th>name</th>") && !html.contains("<th>canceled</th>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<tr><th>sampling</th><td>grid (seed 7)</td></tr>"),
+            "{html}"
+        );
+        assert!(html.contains("<tr><th>limits</th><td>8 trials at most, 2 at once; the sweep times out after 600 s, each trial after 60 s</td></tr>"), "{html}");
+        assert!(
+            html.contains("<tr><th>trials</th><td>1 started, 1 done</td></tr>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<tr><th>best trial</th><td>-</td></tr>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<th>best accuracy</th><th>last accuracy</th>"),
+            "{html}"
+        );
+        assert!(html.contains("<tr class=trial><td>1</td><td>3</td><td><a href=\"/runs/run-3\">run-3</a></td><td>lr=0.3 q=0.9</td><td class=completed>completed</td><td>0.9</td><td>0.8</td><td>3</td><td></td></tr>"), "{html}");
+    }
+
+    #[test]
+    fn pipeline_page_shows_steps_and_inputs() {
+        let page = PipelinePage {
+            head: Head::page("pl-1", false, "studio"),
+            name: "train".to_string(),
+            state: "completed".to_string(),
+            experiment: "exp".to_string(),
+            done: 2,
+            created: ms(Some(0)),
+            finished: ms(Some(1_000)),
+            canceled: None,
+            outputs: vec![OutputRow {
+                name: "model".to_string(),
+                step: "b".to_string(),
+                output: "out".to_string(),
+                identity: "abc/out".to_string(),
+            }],
+            steps: vec![
+                StepRow {
+                    name: "a".to_string(),
+                    state: "reused".to_string(),
+                    compute: "cpu-pool".to_string(),
+                    run_id: None,
+                    reused_from: Some("run-0".to_string()),
+                    inputs: vec![InputRow {
+                        name: "n".to_string(),
+                        source: InputSource::Value {
+                            value: "3".to_string(),
+                        },
+                    }],
+                    reason: String::new(),
+                },
+                StepRow {
+                    name: "b".to_string(),
+                    state: "completed".to_string(),
+                    compute: "cpu-pool".to_string(),
+                    run_id: Some("run-2".to_string()),
+                    reused_from: None,
+                    inputs: vec![
+                        InputRow {
+                            name: "data".to_string(),
+                            source: InputSource::Output {
+                                step: "a".to_string(),
+                                output: "out".to_string(),
+                                mounted: Some("def/out".to_string()),
+                            },
+                        },
+                        InputRow {
+                            name: "seed".to_string(),
+                            source: InputSource::Value {
+                                value: "1".to_string(),
+                            },
+                        },
+                    ],
+                    reason: String::new(),
+                },
+            ],
+        };
+        let html = page.render().unwrap();
+        assert!(
+            html.contains("<tr><th>steps done</th><td>2/2</td></tr>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<tr><th>output model</th><td>b.out abc/out</td></tr>"),
+            "{html}"
+        );
+        assert!(html.contains("<tr class=step><td>a</td><td class=reused>reused</td><td>cpu-pool</td><td>reused from <a href=\"/runs/run-0\">run-0</a></td><td>n = 3</td><td></td></tr>"), "{html}");
+        assert!(html.contains("<tr class=step><td>b</td><td class=completed>completed</td><td>cpu-pool</td><td><a href=\"/runs/run-2\">run-2</a></td><td>data ← a.out <small>(def/out)</small><br>seed = 1</td><td></td></tr>"), "{html}");
+    }
 }
