@@ -7,7 +7,7 @@ use serde_json::json;
 use tonic::transport::Endpoint;
 
 use crate::cli::{ClusterCommand, OutputFormat};
-use crate::client::status;
+use muster_client::status;
 use crate::output::{print_json, table};
 
 async fn client(address: &str) -> anyhow::Result<ClusterServiceClient<tonic::transport::Channel>> {

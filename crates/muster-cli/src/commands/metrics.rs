@@ -5,7 +5,7 @@ use muster_proto::v1;
 use serde_json::{Value, json};
 
 use crate::cli::OutputFormat;
-use crate::client::{Clients, connect, status};
+use muster_client::{Clients, connect, status};
 use crate::output::{print_json, run_details, run_json, table};
 
 /// `muster run metrics`: every point of the run's metrics (or one metric's); with

@@ -4,7 +4,7 @@ use muster_proto::v1;
 use serde_json::json;
 
 use crate::cli::{NodeCommand, OutputFormat};
-use crate::client::{connect, status};
+use muster_client::{connect, status};
 use crate::output::{NO_LIMIT, cpus, print_json, table, time};
 use crate::snapshot::human_bytes;
 

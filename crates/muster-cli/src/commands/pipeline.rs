@@ -10,7 +10,7 @@ use muster_proto::v1;
 use serde_json::{Value, json};
 
 use crate::cli::{OutputFormat, PipelineCommand, PipelineSubmitArgs};
-use crate::client::{connect, status, submit_retrying};
+use muster_client::{connect, status, submit_retrying};
 use crate::commands::run::default_experiment;
 use crate::output::{print_json, table, time};
 use crate::snapshot::{self, SnapshotLimits, human_bytes};

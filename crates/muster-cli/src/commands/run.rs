@@ -15,7 +15,7 @@ use muster_proto::v1;
 use serde_json::json;
 
 use crate::cli::{OutputFormat, RunCommand, SubmitArgs};
-use crate::client::{Clients, connect, status, submit_retrying};
+use muster_client::{Clients, connect, status, submit_retrying};
 use crate::output::{print_json, run_details, run_json, runs_table};
 use crate::snapshot::{self, SnapshotLimits, human_bytes};
 
@@ -452,7 +452,7 @@ async fn download(c: &mut Clients, id: &str, to: &Path) -> anyhow::Result<serde_
     let mut files = 0usize;
     if let Some(sha) = &outputs {
         let archive = to.join(".outputs.tar");
-        muster_agent::transfer::download(&mut c.blobs, sha, &archive).await?;
+        c.blobs.download(sha, &archive).await?;
         let dest = to.join("outputs");
         let archive2 = archive.clone();
         files = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
