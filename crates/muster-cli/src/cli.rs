@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// muster: run ML training on your own GPU machines.
 #[derive(Debug, Parser)]
-#[command(name = "muster", version, about, propagate_version = true)]
+#[command(name = "muster", version, propagate_version = true)]
 pub struct Cli {
     /// The server to talk to (several, comma-separated, are tried in turn).
     #[arg(
