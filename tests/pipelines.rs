@@ -595,9 +595,7 @@ async fn killing_the_leader_mid_pipeline_neither_loses_nor_duplicates_a_step() {
     let _agent = cluster_agent(&cluster, data.path(), "ha-pool", "ha-node").await;
 
     let leader = cluster.leader().await.unwrap();
-    let mut lc = muster_client::connect(&cluster.url(leader))
-        .await
-        .unwrap();
+    let mut lc = muster_client::connect(&cluster.url(leader)).await.unwrap();
     let id = lc
         .pipelines
         .submit_pipeline(v1::SubmitPipelineRequest {

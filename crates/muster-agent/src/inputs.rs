@@ -10,7 +10,6 @@ use muster_client::Blobs;
 use muster_proto::v1::blob_service_client::BlobServiceClient;
 use tonic::transport::Channel;
 
-
 /// A plain file name: no separators, not `.` or `..`, not empty.
 fn plain(name: &str) -> bool {
     !name.is_empty()

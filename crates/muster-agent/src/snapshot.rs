@@ -8,7 +8,6 @@ use muster_core::snapshot::Manifest;
 use muster_proto::v1::blob_service_client::BlobServiceClient;
 use tonic::transport::Channel;
 
-
 /// Fetches manifest `manifest_sha` and its files into `dest`, using `cache` for blobs.
 pub(crate) async fn materialize(
     client: &mut BlobServiceClient<Channel>,

@@ -22,17 +22,17 @@ use cli::{ClientCommand, OutputFormat};
 
 /// Runs a client command against `server` (comma-separated URLs); returns the process
 /// exit code.
-pub async fn execute(server: &str, output: OutputFormat, cmd: ClientCommand) -> anyhow::Result<i32> {
+pub async fn execute(
+    server: &str,
+    output: OutputFormat,
+    cmd: ClientCommand,
+) -> anyhow::Result<i32> {
     match cmd {
-        ClientCommand::Compute(cmd) => commands::compute::run(server, output, cmd)
-            .await
-            .map(|_| 0),
+        ClientCommand::Compute(cmd) => commands::compute::run(server, output, cmd).await.map(|_| 0),
         ClientCommand::Node(cmd) => commands::node::run(server, output, cmd).await.map(|_| 0),
         ClientCommand::Run(cmd) => commands::run::run(server, output, cmd).await,
         ClientCommand::Sweep(cmd) => commands::sweep::run(server, output, cmd).await,
-        ClientCommand::Cluster(cmd) => commands::cluster::run(server, output, cmd)
-            .await
-            .map(|_| 0),
+        ClientCommand::Cluster(cmd) => commands::cluster::run(server, output, cmd).await.map(|_| 0),
         ClientCommand::Pipeline(cmd) => commands::pipeline::run(server, output, cmd).await,
     }
 }

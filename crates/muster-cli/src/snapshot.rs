@@ -6,9 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use muster_client::Blobs;
 use muster_core::snapshot::{GitInfo, Manifest, ManifestEntry};
 use muster_core::spec::CodeRef;
-use muster_client::Blobs;
 
 /// Azure ML's default limits.
 #[derive(Debug, Clone, Copy)]
@@ -169,11 +169,7 @@ pub async fn upload(
         .map(|f| f.sha256.clone())
         .collect();
     let missing: std::collections::HashSet<String> =
-        client
-            .missing(hashes)
-            .await?
-            .into_iter()
-            .collect();
+        client.missing(hashes).await?.into_iter().collect();
     let mut stats = UploadStats {
         uploaded_files: 0,
         uploaded_bytes: 0,

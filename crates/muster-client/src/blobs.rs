@@ -84,8 +84,10 @@ impl Blobs {
     fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(message);
         if self.replica {
-            req.metadata_mut()
-                .insert(REPLICA_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+            req.metadata_mut().insert(
+                REPLICA_HEADER,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
         }
         req
     }
@@ -152,16 +154,14 @@ impl Blobs {
                 path: path.to_path_buf(),
                 error,
             })?;
-        self.upload_stream(sha256, file)
-            .await
-            .map_err(|e| match e {
-                ClientError::ReadSource { error, .. } => ClientError::Io {
-                    action: "read",
-                    path: path.to_path_buf(),
-                    error,
-                },
-                other => other,
-            })
+        self.upload_stream(sha256, file).await.map_err(|e| match e {
+            ClientError::ReadSource { error, .. } => ClientError::Io {
+                action: "read",
+                path: path.to_path_buf(),
+                error,
+            },
+            other => other,
+        })
     }
 
     /// Uploads bytes as a blob unless the server has it; returns its address.
@@ -362,7 +362,9 @@ mod tests {
                 data.extend_from_slice(&chunk.data);
             }
             if hash_bytes(&data) != sha {
-                return Err(Status::invalid_argument("the data does not hash to its sha256"));
+                return Err(Status::invalid_argument(
+                    "the data does not hash to its sha256",
+                ));
             }
             let size = data.len() as u64;
             self.blobs.lock().unwrap().insert(sha.clone(), data);
@@ -424,13 +426,19 @@ mod tests {
         let src = tmp.path().join("weights.bin");
         std::fs::write(&src, &data).unwrap();
         let sha = hash_file(&src).unwrap();
-        assert_eq!(blobs.missing(vec![sha.clone()]).await.unwrap(), [sha.as_str()]);
+        assert_eq!(
+            blobs.missing(vec![sha.clone()]).await.unwrap(),
+            [sha.as_str()]
+        );
         blobs.upload_file(&sha, &src).await.unwrap();
         assert_eq!(*memory.chunks_received.lock().unwrap(), [CHUNK, CHUNK, 7]);
         assert!(blobs.missing(vec![sha.clone()]).await.unwrap().is_empty());
 
         let dest = tmp.path().join("cache/ab/copy");
-        assert_eq!(blobs.download(&sha, &dest).await.unwrap(), data.len() as u64);
+        assert_eq!(
+            blobs.download(&sha, &dest).await.unwrap(),
+            data.len() as u64
+        );
         assert_eq!(std::fs::read(&dest).unwrap(), data);
         assert_eq!(blobs.download_bytes(&sha).await.unwrap(), data);
         assert!(!memory.replica_marks.lock().unwrap().iter().any(|m| *m));
@@ -464,7 +472,10 @@ mod tests {
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
 
         let err = blobs.download_bytes(&"0".repeat(64)).await.unwrap_err();
-        assert_eq!(err.to_string(), format!("blob {}: no blob {}", "0".repeat(64), "0".repeat(64)));
+        assert_eq!(
+            err.to_string(),
+            format!("blob {}: no blob {}", "0".repeat(64), "0".repeat(64))
+        );
         assert!(!err.is_retryable());
     }
 
@@ -475,7 +486,10 @@ mod tests {
         let mut blobs = Blobs::replica(BlobServiceClient::new(channel));
         let data = vec![7u8; CHUNK + 1];
         let sha = hash_bytes(&data);
-        assert_eq!(blobs.missing(vec![sha.clone()]).await.unwrap(), [sha.as_str()]);
+        assert_eq!(
+            blobs.missing(vec![sha.clone()]).await.unwrap(),
+            [sha.as_str()]
+        );
         blobs
             .upload_stream(&sha, std::io::Cursor::new(data.clone()))
             .await

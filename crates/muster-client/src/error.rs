@@ -24,9 +24,7 @@ pub enum ClientError {
         tried: String,
     },
     /// The server list names no server at all. Fatal.
-    #[error(
-        "no muster server to talk to: point --server (or MUSTER_SERVER) at a running server"
-    )]
+    #[error("no muster server to talk to: point --server (or MUSTER_SERVER) at a running server")]
     NoServers,
     /// A server answered with an error status: a refusal (fatal) or UNAVAILABLE (no leader
     /// yet, shutting down, not the leader: retryable).

@@ -69,8 +69,7 @@ impl Clients {
             compute: ComputeServiceClient::new(channel.clone()),
             pipelines: PipelineServiceClient::new(channel.clone()),
             sweeps: SweepServiceClient::new(channel.clone()).max_decoding_message_size(16 << 20),
-            metrics: MetricsServiceClient::new(channel.clone())
-                .max_decoding_message_size(64 << 20),
+            metrics: MetricsServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20),
             blobs: Blobs::connect(channel),
         }
     }

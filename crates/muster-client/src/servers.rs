@@ -161,7 +161,11 @@ impl Servers {
     /// with a retryable error, paced by `policy`: a server that does not answer is skipped
     /// for the next one, and a leader a follower names is tried first (at once, without the
     /// backoff's wait). A fatal error is returned after one try.
-    pub async fn call<T, F, Fut>(&mut self, policy: &RetryPolicy, mut op: F) -> Result<T, ClientError>
+    pub async fn call<T, F, Fut>(
+        &mut self,
+        policy: &RetryPolicy,
+        mut op: F,
+    ) -> Result<T, ClientError>
     where
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<T, ClientError>>,
@@ -318,7 +322,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(&format!(", {b} (")), "{text}");
-        assert!(text.contains("http://not a url: not a valid address"), "{text}");
+        assert!(
+            text.contains("http://not a url: not a valid address"),
+            "{text}"
+        );
         assert!(
             text.ends_with(
                 "start one with `muster dev`, or point --server (or MUSTER_SERVER) at a running server"

@@ -22,8 +22,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use muster_agent::{GpuProbe, GpuReport, NoGpus};
 use muster::DevConfig;
+use muster_agent::{GpuProbe, GpuReport, NoGpus};
 use muster_client::Clients;
 use muster_core::Gpu;
 use tokio::task::JoinHandle;

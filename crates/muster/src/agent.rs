@@ -3,9 +3,9 @@
 use std::sync::Arc;
 
 use muster_agent::{AgentConfig, NvmlProbe};
+use muster_cli::cli::{AgentArgs, parse_labels};
 use muster_core::compute::Tier;
 use muster_core::resources::{parse_cpu, parse_memory};
-use muster_cli::cli::{AgentArgs, parse_labels};
 
 /// Runs an agent until Ctrl-C.
 pub async fn run(server: &str, args: AgentArgs) -> anyhow::Result<()> {

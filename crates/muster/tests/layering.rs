@@ -10,7 +10,14 @@ use std::process::Command;
 fn dependencies() -> BTreeMap<String, Vec<String>> {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
     let out = Command::new(env!("CARGO"))
-        .args(["metadata", "--format-version", "1", "--no-deps", "--offline", "--manifest-path"])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+            "--manifest-path",
+        ])
         .arg(&manifest)
         .output()
         .expect("cargo metadata runs");
@@ -43,7 +50,13 @@ fn the_client_side_links_no_daemon_and_the_daemons_not_each_other() {
         ("muster-cli", &["muster-agent", "muster-server", "muster"]),
         (
             "muster-client",
-            &["muster-agent", "muster-server", "muster-cli", "muster-core", "muster"],
+            &[
+                "muster-agent",
+                "muster-server",
+                "muster-cli",
+                "muster-core",
+                "muster",
+            ],
         ),
         ("muster-agent", &["muster-server", "muster-cli", "muster"]),
         ("muster-server", &["muster-agent", "muster-cli", "muster"]),

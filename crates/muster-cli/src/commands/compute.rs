@@ -8,9 +8,9 @@ use muster_proto::v1;
 use serde_json::json;
 
 use crate::cli::{ComputeCommand, ComputeCreateArgs, OutputFormat};
-use muster_client::{connect, status};
 use crate::output::{NO_LIMIT, cpus, print_json, table, time};
 use crate::snapshot::human_bytes;
+use muster_client::{connect, status};
 
 pub async fn run(server: &str, output: OutputFormat, cmd: ComputeCommand) -> anyhow::Result<()> {
     // Validate input before touching the network.

@@ -15,9 +15,9 @@ use muster_proto::v1;
 use serde_json::json;
 
 use crate::cli::{OutputFormat, RunCommand, SubmitArgs};
-use muster_client::{Clients, connect, status, submit_retrying};
 use crate::output::{print_json, run_details, run_json, runs_table};
 use crate::snapshot::{self, SnapshotLimits, human_bytes};
+use muster_client::{Clients, connect, status, submit_retrying};
 
 /// Runs a `muster run` command; returns the process exit code.
 pub async fn run(server: &str, output: OutputFormat, cmd: RunCommand) -> anyhow::Result<i32> {
