@@ -4,7 +4,7 @@ use muster_testkit::{DevCluster, muster};
 use muster_tests::{all_runs, write};
 
 async fn computes(url: &str) -> usize {
-    let mut c = muster_cli::client::connect(url).await.unwrap();
+    let mut c = muster_client::connect(url).await.unwrap();
     c.compute
         .list_computes(muster_proto::v1::ListComputesRequest {})
         .await

@@ -59,7 +59,7 @@ fn check_metrics(v: &Value) {
 
 /// Submits `spec` through `url` (gRPC); the new run's id.
 async fn submit_spec(url: &str, spec: RunSpec) -> String {
-    muster_cli::client::connect(url)
+    muster_client::connect(url)
         .await
         .unwrap()
         .runs
@@ -79,7 +79,7 @@ async fn poll_metrics(
     id: &str,
     check: impl Fn(&v1::RunMetrics) -> bool,
 ) -> Option<v1::RunMetrics> {
-    let mut c = muster_cli::client::connect(url).await.unwrap();
+    let mut c = muster_client::connect(url).await.unwrap();
     for _ in 0..600 {
         let m = c
             .metrics
@@ -310,7 +310,7 @@ async fn an_ended_runs_metrics_are_served_by_a_survivor_of_the_leader() {
     s.compute = "m-pool".into();
     let mut id = None;
     for i in 0..60 {
-        let Ok(mut c) = muster_cli::client::connect(&urls[i % urls.len()]).await else {
+        let Ok(mut c) = muster_client::connect(&urls[i % urls.len()]).await else {
             continue;
         };
         match c

@@ -164,7 +164,7 @@ async fn a_two_instance_runs_ranks_are_combined_and_prefixed_on_every_server() {
         assert_eq!(saved, rank_log(rank));
     }
     // A client that predates ranks (neither rank nor all_ranks) gets rank 0, unprefixed.
-    let mut c = muster_cli::client::connect(&cluster.url(follower))
+    let mut c = muster_client::connect(&cluster.url(follower))
         .await
         .unwrap();
     let mut stream = c

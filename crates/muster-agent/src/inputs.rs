@@ -6,10 +6,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use muster_client::Blobs;
 use muster_proto::v1::blob_service_client::BlobServiceClient;
 use tonic::transport::Channel;
-
-use crate::transfer;
 
 /// A plain file name: no separators, not `.` or `..`, not empty.
 fn plain(name: &str) -> bool {
@@ -58,10 +57,12 @@ pub(crate) async fn place(
         wanted.push((name.clone(), sha, folder));
     }
     let archives: BTreeSet<String> = wanted.iter().map(|(_, sha, _)| sha.clone()).collect();
+    let mut client = Blobs::new(client.clone());
     for sha in &archives {
         let cached = cache.join(&sha[..2]).join(sha);
         if !cached.exists() {
-            transfer::download(client, sha, &cached)
+            client
+                .download(sha, &cached)
                 .await
                 .map_err(|e| format!("could not fetch the outputs archive {sha}: {e:#}"))?;
         }
@@ -159,7 +160,7 @@ mod tests {
         let mut b = tar::Builder::new(std::fs::File::create(&tar_path).unwrap());
         b.append_dir_all(".", &outputs).unwrap();
         b.into_inner().unwrap();
-        let sha = transfer::hash_file(&tar_path).unwrap();
+        let sha = muster_client::hash_file(&tar_path).unwrap();
         let cache = tmp.path().join("cache");
         std::fs::create_dir_all(cache.join(&sha[..2])).unwrap();
         std::fs::rename(&tar_path, cache.join(&sha[..2]).join(&sha)).unwrap();

@@ -28,7 +28,6 @@ pub mod resources;
 mod rsh_server;
 mod session;
 mod snapshot;
-pub mod transfer;
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -2,10 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
+use muster_client::Blobs;
 use muster_proto::v1::blob_service_client::BlobServiceClient;
 use tonic::transport::Channel;
-
-use crate::transfer;
 
 /// Archives `outputs` (if it has any file or folder: a pipeline step's declared outputs are
 /// folders, empty or not) to `archive` and uploads it; returns its address.
@@ -36,12 +35,10 @@ pub(crate) async fn upload(
     if !has_files {
         return Ok(None);
     }
-    let sha = transfer::hash_file(&archive)?;
-    if !transfer::missing(client, vec![sha.clone()])
-        .await?
-        .is_empty()
-    {
-        transfer::upload_file(client, &sha, &archive).await?;
+    let sha = muster_client::hash_file(&archive)?;
+    let mut client = Blobs::new(client.clone());
+    if !client.missing(vec![sha.clone()]).await?.is_empty() {
+        client.upload_file(&sha, &archive).await?;
     }
     let _ = tokio::fs::remove_file(&archive).await;
     Ok(Some(sha))

@@ -3,11 +3,10 @@
 
 use std::path::Path;
 
+use muster_client::Blobs;
 use muster_core::snapshot::Manifest;
 use muster_proto::v1::blob_service_client::BlobServiceClient;
 use tonic::transport::Channel;
-
-use crate::transfer;
 
 /// Fetches manifest `manifest_sha` and its files into `dest`, using `cache` for blobs.
 pub(crate) async fn materialize(
@@ -16,14 +15,15 @@ pub(crate) async fn materialize(
     cache: &Path,
     dest: &Path,
 ) -> anyhow::Result<usize> {
-    let bytes = transfer::download_bytes(client, manifest_sha).await?;
+    let mut client = Blobs::new(client.clone());
+    let bytes = client.download_bytes(manifest_sha).await?;
     let manifest: Manifest = serde_json::from_slice(&bytes)
         .map_err(|e| anyhow::anyhow!("the snapshot manifest {manifest_sha} is not valid: {e}"))?;
     manifest.validate().map_err(|e| anyhow::anyhow!(e))?;
     for file in &manifest.files {
         let cached = cache.join(&file.sha256[..2]).join(&file.sha256);
         if !cached.exists() {
-            transfer::download(client, &file.sha256, &cached).await?;
+            client.download(&file.sha256, &cached).await?;
         }
         let target = dest.join(&file.path);
         if let Some(dir) = target.parent() {

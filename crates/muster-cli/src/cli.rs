@@ -1,12 +1,13 @@
 //! The command line, as clap structs. Flags are parsed here; the work is in `commands/`.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// muster: run ML training on your own GPU machines.
 #[derive(Debug, Parser)]
-#[command(name = "muster", version, about, propagate_version = true)]
+#[command(name = "muster", version, propagate_version = true)]
 pub struct Cli {
     /// The server to talk to (several, comma-separated, are tried in turn).
     #[arg(
@@ -32,14 +33,32 @@ pub enum OutputFormat {
     Json,
 }
 
+/// Every subcommand: the daemons first, then the client commands (one list in `--help`).
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The daemons, run by the `muster` crate.
+    #[command(flatten)]
+    Daemon(DaemonCommand),
+    /// The client commands, run by [`crate::execute`].
+    #[command(flatten)]
+    Client(ClientCommand),
+}
+
+/// The daemon subcommands: their flags are defined here, and the `muster` crate runs them
+/// (it links muster-server and muster-agent; this crate does not).
+#[derive(Debug, Subcommand)]
+pub enum DaemonCommand {
     /// One process with a server, a local agent and the web UI (for a laptop or a single box).
     Dev(DevArgs),
     /// A coordinator replica.
     Server(ServerArgs),
     /// The node daemon: runs the runs placed on this machine.
     Agent(AgentArgs),
+}
+
+/// The client subcommands: gRPC clients of the servers of `--server`.
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
     /// Compute targets: where runs execute.
     #[command(subcommand)]
     Compute(ComputeCommand),
@@ -466,4 +485,18 @@ pub struct SubmitArgs {
     /// The command (after `--`); replaces the job's.
     #[arg(last = true)]
     pub command: Vec<String>,
+}
+
+/// Parses `key=value` labels.
+pub fn parse_labels(items: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    items
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| anyhow::anyhow!("--labels: {s:?} is not key=value"))
+        })
+        .collect()
 }

@@ -1,42 +1,38 @@
-//! # muster-cli: the `muster` binary
+//! # muster-cli: the client commands of `muster`
 //!
-//! `muster server`, `muster agent` and `muster dev` run the daemons (library calls into
-//! muster-server and muster-agent); the noun commands (`compute`, `node`, `run`, `sweep`,
-//! `pipeline`, `cluster`) are gRPC clients. Input is validated here first for fast, clear
-//! errors, and again by the server, which is the enforcer. The snapshot builder
-//! (`snapshot.rs`) lives here because it reads the user's directory.
+//! The flags of every subcommand (`cli.rs`, clap derive), and the noun commands
+//! (`compute`, `node`, `run`, `sweep`, `pipeline`, `cluster`): gRPC clients through
+//! muster-client, which connects (trying each `--server` in turn), retries and streams
+//! blobs. Input is validated here first for fast, clear errors, and again by the server,
+//! which is the enforcer. The snapshot builder (`snapshot.rs`) lives here because it reads
+//! the user's directory. The `muster` crate holds the binary and runs the daemon
+//! subcommands (`server`, `agent`, `dev`) whose flags are defined here; this crate depends
+//! on neither muster-server nor muster-agent.
 //!
 //! Crate choices: `clap` (derive) for flags, `comfy-table` for tables, `humantime` for
-//! times, `ignore` for `.amlignore`/`.gitignore` semantics, `tar` for outputs, `backon`
-//! to pace a submission's retries through an election.
+//! times, `ignore` for `.amlignore`/`.gitignore` semantics, `tar` for outputs;
+//! muster-client (`backon`) paces a submission's retries through an election.
 
 pub mod cli;
-pub mod client;
 pub mod commands;
 pub mod output;
 pub mod snapshot;
 
-pub use commands::dev::{DevConfig, serve as serve_dev};
+use cli::{ClientCommand, OutputFormat};
 
-use cli::{Cli, Command};
-
-/// Runs a parsed command line; returns the process exit code.
-pub async fn execute(cli: Cli) -> anyhow::Result<i32> {
-    match cli.command {
-        Command::Dev(args) => commands::dev::run(args).await.map(|_| 0),
-        Command::Server(args) => commands::server::run(args).await.map(|_| 0),
-        Command::Agent(args) => commands::agent::run(&cli.server, args).await.map(|_| 0),
-        Command::Compute(cmd) => commands::compute::run(&cli.server, cli.output, cmd)
-            .await
-            .map(|_| 0),
-        Command::Node(cmd) => commands::node::run(&cli.server, cli.output, cmd)
-            .await
-            .map(|_| 0),
-        Command::Run(cmd) => commands::run::run(&cli.server, cli.output, cmd).await,
-        Command::Sweep(cmd) => commands::sweep::run(&cli.server, cli.output, cmd).await,
-        Command::Cluster(cmd) => commands::cluster::run(&cli.server, cli.output, cmd)
-            .await
-            .map(|_| 0),
-        Command::Pipeline(cmd) => commands::pipeline::run(&cli.server, cli.output, cmd).await,
+/// Runs a client command against `server` (comma-separated URLs); returns the process
+/// exit code.
+pub async fn execute(
+    server: &str,
+    output: OutputFormat,
+    cmd: ClientCommand,
+) -> anyhow::Result<i32> {
+    match cmd {
+        ClientCommand::Compute(cmd) => commands::compute::run(server, output, cmd).await.map(|_| 0),
+        ClientCommand::Node(cmd) => commands::node::run(server, output, cmd).await.map(|_| 0),
+        ClientCommand::Run(cmd) => commands::run::run(server, output, cmd).await,
+        ClientCommand::Sweep(cmd) => commands::sweep::run(server, output, cmd).await,
+        ClientCommand::Cluster(cmd) => commands::cluster::run(server, output, cmd).await.map(|_| 0),
+        ClientCommand::Pipeline(cmd) => commands::pipeline::run(server, output, cmd).await,
     }
 }

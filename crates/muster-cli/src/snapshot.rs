@@ -6,10 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use muster_client::Blobs;
 use muster_core::snapshot::{GitInfo, Manifest, ManifestEntry};
 use muster_core::spec::CodeRef;
-use muster_proto::v1::blob_service_client::BlobServiceClient;
-use tonic::transport::Channel;
 
 /// Azure ML's default limits.
 #[derive(Debug, Clone, Copy)]
@@ -141,7 +140,7 @@ pub fn build(dir: &Path, limits: SnapshotLimits) -> anyhow::Result<Snapshot> {
     let mut files = Vec::with_capacity(entries.len());
     let mut sources = Vec::with_capacity(entries.len());
     for (rel, path, size, executable) in entries {
-        let sha256 = muster_agent::transfer::hash_file(&path)
+        let sha256 = muster_client::hash_file(&path)
             .with_context(|| format!("code: cannot read {}", path.display()))?;
         files.push(ManifestEntry {
             path: rel,
@@ -160,7 +159,7 @@ pub fn build(dir: &Path, limits: SnapshotLimits) -> anyhow::Result<Snapshot> {
 
 /// Uploads what the server lacks (files, then the manifest); returns the run's code reference.
 pub async fn upload(
-    client: &mut BlobServiceClient<Channel>,
+    client: &mut Blobs,
     snapshot: &Snapshot,
 ) -> anyhow::Result<(CodeRef, UploadStats)> {
     let hashes: Vec<String> = snapshot
@@ -170,10 +169,7 @@ pub async fn upload(
         .map(|f| f.sha256.clone())
         .collect();
     let missing: std::collections::HashSet<String> =
-        muster_agent::transfer::missing(client, hashes)
-            .await?
-            .into_iter()
-            .collect();
+        client.missing(hashes).await?.into_iter().collect();
     let mut stats = UploadStats {
         uploaded_files: 0,
         uploaded_bytes: 0,
@@ -181,7 +177,8 @@ pub async fn upload(
     let mut done = std::collections::HashSet::new();
     for (entry, source) in snapshot.manifest.files.iter().zip(&snapshot.sources) {
         if missing.contains(&entry.sha256) && done.insert(entry.sha256.clone()) {
-            muster_agent::transfer::upload_file(client, &entry.sha256, source)
+            client
+                .upload_file(&entry.sha256, source)
                 .await
                 .with_context(|| format!("uploading {}", entry.path))?;
             stats.uploaded_files += 1;
@@ -189,7 +186,7 @@ pub async fn upload(
         }
     }
     let manifest = serde_json::to_vec(&snapshot.manifest)?;
-    let sha = muster_agent::transfer::upload_bytes(client, manifest).await?;
+    let sha = client.upload_bytes(manifest).await?;
     Ok((
         CodeRef {
             manifest: sha,

@@ -124,7 +124,7 @@ impl Drop for AgentHandle {
 /// Waits (bounded: 10 s) until a node named `name` is registered and ready.
 pub async fn wait_for_node(server: &str, name: &str) -> anyhow::Result<v1::Node> {
     for _ in 0..400 {
-        if let Ok(mut c) = muster_cli::client::connect(server).await
+        if let Ok(mut c) = muster_client::connect(server).await
             && let Ok(nodes) = c
                 .compute
                 .list_nodes(v1::ListNodesRequest { compute: None })

@@ -22,9 +22,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use muster::DevConfig;
 use muster_agent::{GpuProbe, GpuReport, NoGpus};
-use muster_cli::DevConfig;
-use muster_cli::client::Clients;
+use muster_client::Clients;
 use muster_core::Gpu;
 use tokio::task::JoinHandle;
 
@@ -129,7 +129,7 @@ impl DevCluster {
         test_defaults(&mut config);
         tweak(&mut config);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(muster_cli::serve_dev(listener, config, async move {
+        let task = tokio::spawn(muster::serve_dev(listener, config, async move {
             let _ = stopped.await;
         }));
         let cluster = DevCluster {
@@ -151,7 +151,7 @@ impl DevCluster {
 
     /// gRPC clients connected to it.
     pub async fn clients(&self) -> anyhow::Result<Clients> {
-        muster_cli::client::connect(&self.url()).await
+        Ok(muster_client::connect(&self.url()).await?)
     }
 
     /// Waits (bounded) until the local compute target exists and its agent is registered.
@@ -206,7 +206,7 @@ impl Drop for DevCluster {
 }
 
 /// The `muster` binary of this workspace, built on first use (so a test needs no prior
-/// `cargo build`). Runs `cargo build -p muster-cli --bin muster` with the same profile.
+/// `cargo build`). Runs `cargo build -p muster --bin muster` with the same profile.
 pub fn muster_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -216,7 +216,7 @@ pub fn muster_bin() -> PathBuf {
         cmd.args([
             "build",
             "-p",
-            "muster-cli",
+            "muster",
             "--bin",
             "muster",
             "--message-format=json",
@@ -316,7 +316,7 @@ impl DevProcess {
             child: Some(child),
         };
         for _ in 0..200 {
-            if let Ok(mut c) = muster_cli::client::connect(&p.url()).await
+            if let Ok(mut c) = muster_client::connect(&p.url()).await
                 && let Ok(nodes) = c
                     .compute
                     .list_nodes(muster_proto::v1::ListNodesRequest { compute: None })

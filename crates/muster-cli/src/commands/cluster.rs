@@ -7,8 +7,8 @@ use serde_json::json;
 use tonic::transport::Endpoint;
 
 use crate::cli::{ClusterCommand, OutputFormat};
-use crate::client::status;
 use crate::output::{print_json, table};
+use muster_client::status;
 
 async fn client(address: &str) -> anyhow::Result<ClusterServiceClient<tonic::transport::Channel>> {
     let url = if address.contains("://") {

@@ -8,9 +8,9 @@ use muster_proto::{Word, v1};
 use serde_json::json;
 
 use crate::cli::{ComputeCommand, ComputeCreateArgs, OutputFormat};
-use crate::client::{connect, status};
 use crate::output::{NO_LIMIT, cpus, print_json, table, time};
 use crate::snapshot::human_bytes;
+use muster_client::{connect, status};
 
 pub async fn run(server: &str, output: OutputFormat, cmd: ComputeCommand) -> anyhow::Result<()> {
     // Validate input before touching the network.
@@ -217,7 +217,7 @@ fn provisioner_from_args(
                     .collect();
             }
             if !a.node_labels.is_empty() {
-                d.labels = super::agent::parse_labels(&a.node_labels)
+                d.labels = crate::cli::parse_labels(&a.node_labels)
                     .map_err(|e| anyhow::anyhow!("--node-labels: {e}"))?;
             }
             Ok(Provisioner::Docker(d))

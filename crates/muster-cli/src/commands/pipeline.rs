@@ -10,10 +10,10 @@ use muster_proto::{Word, v1};
 use serde_json::{Value, json};
 
 use crate::cli::{OutputFormat, PipelineCommand, PipelineSubmitArgs};
-use crate::client::{connect, status, submit_retrying};
 use crate::commands::run::default_experiment;
 use crate::output::{print_json, table, time};
 use crate::snapshot::{self, SnapshotLimits, human_bytes};
+use muster_client::{connect, status, submit_retrying};
 
 /// Runs a `muster pipeline` command; returns the process exit code.
 pub async fn run(server: &str, output: OutputFormat, cmd: PipelineCommand) -> anyhow::Result<i32> {

@@ -15,9 +15,9 @@ use muster_proto::{Word, v1};
 use serde_json::json;
 
 use crate::cli::{OutputFormat, RunCommand, SubmitArgs};
-use crate::client::{Clients, connect, status, submit_retrying};
 use crate::output::{print_json, run_details, run_json, runs_table};
 use crate::snapshot::{self, SnapshotLimits, human_bytes};
+use muster_client::{Clients, connect, status, submit_retrying};
 
 /// Runs a `muster run` command; returns the process exit code.
 pub async fn run(server: &str, output: OutputFormat, cmd: RunCommand) -> anyhow::Result<i32> {
@@ -459,7 +459,7 @@ async fn download(c: &mut Clients, id: &str, to: &Path) -> anyhow::Result<serde_
     let mut files = 0usize;
     if let Some(sha) = &outputs {
         let archive = to.join(".outputs.tar");
-        muster_agent::transfer::download(&mut c.blobs, sha, &archive).await?;
+        c.blobs.download(sha, &archive).await?;
         let dest = to.join("outputs");
         let archive2 = archive.clone();
         files = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {

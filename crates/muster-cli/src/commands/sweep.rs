@@ -12,10 +12,10 @@ use muster_proto::{Word, v1};
 use serde_json::{Value, json};
 
 use crate::cli::OutputFormat;
-use crate::client::{connect, status, submit_retrying};
 use crate::commands::run::{default_experiment, shell_quote};
 use crate::output::{print_json, table, time};
 use crate::snapshot::{self, SnapshotLimits, human_bytes};
+use muster_client::{connect, status, submit_retrying};
 
 /// `muster sweep` subcommands.
 #[derive(Debug, Subcommand)]

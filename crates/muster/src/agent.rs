@@ -1,30 +1,23 @@
 //! `muster agent`.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use muster_agent::{AgentConfig, NvmlProbe};
+use muster_cli::cli::{AgentArgs, parse_labels};
 use muster_core::compute::Tier;
 use muster_core::resources::{parse_cpu, parse_memory};
-
-use crate::cli::AgentArgs;
 
 /// Runs an agent until Ctrl-C.
 pub async fn run(server: &str, args: AgentArgs) -> anyhow::Result<()> {
     let data_dir = args
         .data_dir
-        .unwrap_or_else(|| super::default_data_dir("agent"));
+        .unwrap_or_else(|| crate::default_data_dir("agent"));
     let mut config = AgentConfig::new(String::new(), data_dir, args.compute);
-    config.servers = server
-        .split(',')
-        .map(|s| {
-            if s.contains("://") {
-                s.trim().to_string()
-            } else {
-                format!("http://{}", s.trim())
-            }
-        })
-        .collect();
+    config.servers = muster_client::Servers::parse(server).urls().to_vec();
+    anyhow::ensure!(
+        !config.servers.is_empty(),
+        "--server names no server: point it (or MUSTER_SERVER) at one or more servers, comma-separated"
+    );
     if let Some(name) = args.name {
         config.name = name;
     }
@@ -60,19 +53,5 @@ pub async fn run(server: &str, args: AgentArgs) -> anyhow::Result<()> {
         config.compute,
         config.servers.join(", ")
     );
-    muster_agent::run(config, super::shutdown_signal()).await
-}
-
-/// Parses `key=value` labels.
-pub fn parse_labels(items: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
-    items
-        .iter()
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.split_once('=')
-                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-                .filter(|(k, _)| !k.is_empty())
-                .ok_or_else(|| anyhow::anyhow!("--labels: {s:?} is not key=value"))
-        })
-        .collect()
+    muster_agent::run(config, crate::shutdown_signal()).await
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use muster_server::ServerConfig;
 
-use crate::cli::ServerArgs;
+use muster_cli::cli::ServerArgs;
 
 /// Runs a server until Ctrl-C.
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
@@ -35,7 +35,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         listener.local_addr()?,
         args.data_dir.display()
     );
-    muster_server::run(listener, config, super::shutdown_signal()).await
+    muster_server::run(listener, config, crate::shutdown_signal()).await
 }
 
 /// Binds a listener, with an error that says what to do.

@@ -6,10 +6,7 @@ use muster_cli::cli::{Cli, Command};
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    let daemon = matches!(
-        cli.command,
-        Command::Dev(_) | Command::Server(_) | Command::Agent(_)
-    );
+    let daemon = matches!(cli.command, Command::Daemon(_));
     let default_level = if daemon { "info,raft=warn" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -18,7 +15,7 @@ async fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    match muster_cli::execute(cli).await {
+    match muster::execute(cli).await {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("error: {e:#}");

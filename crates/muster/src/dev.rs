@@ -8,7 +8,7 @@ use muster_agent::{AgentConfig, GpuProbe, NvmlProbe};
 use muster_server::ServerConfig;
 use tokio::net::TcpListener;
 
-use crate::cli::DevArgs;
+use muster_cli::cli::DevArgs;
 
 /// How `muster dev` runs (the testkit builds one directly).
 #[derive(Debug, Clone)]
@@ -88,11 +88,11 @@ pub async fn serve(
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let data_dir = args
         .data_dir
-        .unwrap_or_else(|| super::default_data_dir("dev"));
-    let listener = super::server::bind(&args.listen).await?;
+        .unwrap_or_else(|| crate::default_data_dir("dev"));
+    let listener = crate::server::bind(&args.listen).await?;
     let addr = listener.local_addr()?;
     eprintln!("muster dev: server, local agent and web UI on http://{addr}");
     eprintln!("  data in {}", data_dir.display());
     eprintln!("  try: muster run submit --stream -- echo hello      (Ctrl-C stops muster dev)");
-    serve(listener, DevConfig::new(data_dir), super::shutdown_signal()).await
+    serve(listener, DevConfig::new(data_dir), crate::shutdown_signal()).await
 }

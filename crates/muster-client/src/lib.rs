@@ -1,0 +1,83 @@
+//! # muster-client: the one gRPC client of muster
+//!
+//! Everything that talks to a muster server goes through this crate: the CLI, the agent
+//! (its blob transfers) and, for server-to-server blob copies, the server itself
+//! (DESIGN.md section 14: one client crate for failover, retries and blob streaming).
+//! It owns:
+//!
+//! - `servers.rs`: the `--server a,b,c` list, connecting to the first server that answers,
+//!   and [`Servers::call`], which fails over to the next server and follows the leader a
+//!   follower names in the [`LEADER_HEADER`] of its UNAVAILABLE answer;
+//! - `retry.rs`: [`RetryPolicy`], [`retry`] and [`submit_retrying`]: a bounded backoff
+//!   for retryable errors only;
+//! - `blobs.rs`: [`Blobs`], blob upload and download streamed in 1 MiB chunks, digests
+//!   checked, and [`Blobs::replica`] for copies between servers;
+//! - `error.rs`: [`ClientError`], split like openraft's `APIError` and `Fatal`:
+//!   [`ClientError::is_retryable`] is true for UNAVAILABLE answers, servers that do not
+//!   answer and corrupted transfers; a refusal (INVALID_ARGUMENT, NOT_FOUND,
+//!   PERMISSION_DENIED, …) or a local I/O error is final.
+//!
+//! It knows nothing of what a run is beyond the generated API, and depends on neither the
+//! server nor the agent.
+//!
+//! Crate choices: `backon` paces retries (exponential backoff, bounded, with a predicate),
+//! `thiserror` for the error enum, `sha2`/`hex` for blob addresses, `tonic` for transport.
+
+mod blobs;
+mod error;
+mod retry;
+mod servers;
+
+pub use blobs::{Blobs, CHUNK, REPLICA_HEADER, hash_bytes, hash_file};
+pub use error::{ClientError, LEADER_HEADER, is_retryable_code, leader_hint, status};
+pub use retry::{RetryPolicy, retry, submit_retrying};
+pub use servers::{Servers, normalize_url};
+
+use muster_proto::v1::{
+    compute_service_client::ComputeServiceClient, metrics_service_client::MetricsServiceClient,
+    pipeline_service_client::PipelineServiceClient, run_service_client::RunServiceClient,
+    sweep_service_client::SweepServiceClient,
+};
+use tonic::transport::Channel;
+
+/// Clients of every user-facing service over one connection.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    /// The URL of the server connected to.
+    pub url: String,
+    /// Runs.
+    pub runs: RunServiceClient<Channel>,
+    /// Compute targets and nodes.
+    pub compute: ComputeServiceClient<Channel>,
+    /// Blobs.
+    pub blobs: Blobs,
+    /// Pipelines.
+    pub pipelines: PipelineServiceClient<Channel>,
+    /// Run metrics.
+    pub metrics: MetricsServiceClient<Channel>,
+    /// Sweeps.
+    pub sweeps: SweepServiceClient<Channel>,
+}
+
+impl Clients {
+    /// Clients over `channel` to the server at `url`, with room for large answers (run
+    /// lists, metric series, blob chunks).
+    pub fn new(url: String, channel: Channel) -> Clients {
+        Clients {
+            url,
+            runs: RunServiceClient::new(channel.clone()).max_decoding_message_size(16 << 20),
+            compute: ComputeServiceClient::new(channel.clone()),
+            pipelines: PipelineServiceClient::new(channel.clone()),
+            sweeps: SweepServiceClient::new(channel.clone()).max_decoding_message_size(16 << 20),
+            metrics: MetricsServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20),
+            blobs: Blobs::connect(channel),
+        }
+    }
+}
+
+/// Connects to the first server of `servers` (comma-separated URLs or `host:port`) that
+/// answers. When none does, the error names each with its cause and says what to do.
+pub async fn connect(servers: &str) -> Result<Clients, ClientError> {
+    let (url, channel) = Servers::parse(servers).connect().await?;
+    Ok(Clients::new(url, channel))
+}
