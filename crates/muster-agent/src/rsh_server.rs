@@ -372,7 +372,7 @@ async fn call(target: &str, request: &Request) -> Result<(), String> {
 }
 
 /// A rank as another rank's agent reaches it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Worker {
     pub rank: u32,
     pub name: String,

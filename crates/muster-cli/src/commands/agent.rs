@@ -60,7 +60,7 @@ pub async fn run(server: &str, args: AgentArgs) -> anyhow::Result<()> {
         config.compute,
         config.servers.join(", ")
     );
-    muster_agent::run(config, super::shutdown_signal()).await
+    Ok(muster_agent::run(config, super::shutdown_signal()).await?)
 }
 
 /// Parses `key=value` labels.
