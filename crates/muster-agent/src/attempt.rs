@@ -251,7 +251,7 @@ impl AttemptTask {
             create_dir(&code_dir.join("outputs").join(o)).await?;
         }
         if !plan.inputs.is_empty() {
-            let scratch = self.workdir.join(".inputs");
+            let scratch = plan.workdir.join(".inputs");
             let (inputs, cache, scratch, dest) = (&plan.inputs, &self.cache_dir, &scratch, &code_dir);
             self.blobs
                 .with_failover("placing the inputs", |mut c| async move {
@@ -286,7 +286,7 @@ impl AttemptTask {
                 gate: plan.gate.clone(),
                 launcher: plan.launcher.clone(),
             };
-            let path = self.workdir.join(EXEC_STATE);
+            let path = plan.workdir.join(EXEC_STATE);
             let bytes = serde_json::to_vec(&state).unwrap_or_default();
             write_private(&path, &bytes)
                 .await
@@ -324,7 +324,8 @@ impl AttemptTask {
                 self.executors.peer_wait,
             );
             tokio::select! {
-                r = ready => if let Err(message) = r {
+                r = ready => if let Err(e) = r {
+                    let message = e.to_string();
                     let _ = append_log(&self.log_path, &format!("muster: {message}\n")).await;
                     return Outcome { end: AttemptEnd::Failed, exit_code: None, message: Some(message) };
                 },

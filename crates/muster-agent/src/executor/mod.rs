@@ -161,8 +161,8 @@ pub struct Outcome {
     pub message: Option<String>,
 }
 
-/// The outcome of a stop order, shared by the executors.
-pub(crate) fn stopped(reason: StopReason, code: Option<i32>) -> Outcome {
+/// The outcome of a stop order, shared by the executors (and muster-testkit's fake).
+pub fn stopped(reason: StopReason, code: Option<i32>) -> Outcome {
     let (end, message) = match reason {
         StopReason::Canceled => (AttemptEnd::Canceled, "canceled"),
         StopReason::Preempted => (
