@@ -789,8 +789,17 @@ async fn an_agent_runs_a_run_through_the_fake_executor() {
         &url,
         cwd.path(),
         &[
-            "run", "submit", "--compute", "fake-pool", "--gpus", "1", "--image", "img:1", "--",
-            "sh", "train.sh",
+            "run",
+            "submit",
+            "--compute",
+            "fake-pool",
+            "--gpus",
+            "1",
+            "--image",
+            "img:1",
+            "--",
+            "sh",
+            "train.sh",
         ],
     )
     .await;

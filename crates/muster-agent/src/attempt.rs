@@ -252,7 +252,8 @@ impl AttemptTask {
         }
         if !plan.inputs.is_empty() {
             let scratch = plan.workdir.join(".inputs");
-            let (inputs, cache, scratch, dest) = (&plan.inputs, &self.cache_dir, &scratch, &code_dir);
+            let (inputs, cache, scratch, dest) =
+                (&plan.inputs, &self.cache_dir, &scratch, &code_dir);
             self.blobs
                 .with_failover("placing the inputs", |mut c| async move {
                     inputs::place(&mut c, inputs, cache, scratch, dest).await

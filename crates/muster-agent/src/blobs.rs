@@ -42,12 +42,11 @@ impl Blobs {
     /// Before any session: the first of `servers`, connected on first use.
     pub(crate) fn lazy(servers: Vec<String>) -> Result<Blobs, crate::ConfigError> {
         let first = servers.first().ok_or(crate::ConfigError::NoServers)?;
-        let endpoint = Endpoint::from_shared(first.clone()).map_err(|e| {
-            crate::ConfigError::ServerUrl {
+        let endpoint =
+            Endpoint::from_shared(first.clone()).map_err(|e| crate::ConfigError::ServerUrl {
                 url: first.clone(),
                 cause: e.to_string(),
-            }
-        })?;
+            })?;
         Ok(Blobs::new(client(endpoint.connect_lazy()), servers))
     }
 

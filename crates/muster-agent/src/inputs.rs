@@ -279,7 +279,7 @@ mod tests {
         let missing = vec![("z".to_string(), sha.clone(), "nothing".to_string())];
         let e = unpack_and_copy(&missing, &BTreeSet::from([sha]), &cache, &scratch, &target)
             .unwrap_err()
-        .to_string();
+            .to_string();
         assert!(e.contains("no folder nothing/"), "{e}");
     }
 }

@@ -163,8 +163,8 @@ fn check_server_url(url: &str) -> Result<(), ConfigError> {
         url: url.to_string(),
         cause: cause.to_string(),
     };
-    let endpoint =
-        tonic::transport::Endpoint::from_shared(url.to_string()).map_err(|e| bad(&e.to_string()))?;
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| bad(&e.to_string()))?;
     let uri = endpoint.uri();
     if !matches!(uri.scheme_str(), Some("http" | "https")) {
         return Err(bad("it must start with http:// or https://"));
@@ -278,7 +278,13 @@ mod tests {
     fn a_bad_server_url_is_an_error_naming_the_flag() {
         let ok = AgentConfig::new("http://10.0.0.1:7070", "/tmp/x", "gpu");
         assert_eq!(ok.validate(), Ok(()));
-        for bad in ["http://bad host:1", "10.0.0.1:7070", "ftp://h:1", "http://", ""] {
+        for bad in [
+            "http://bad host:1",
+            "10.0.0.1:7070",
+            "ftp://h:1",
+            "http://",
+            "",
+        ] {
             let mut c = ok.clone();
             c.servers = vec!["http://ok:1".into(), bad.into()];
             let e = c.validate().unwrap_err();
@@ -295,10 +301,7 @@ mod tests {
         let ok = AgentConfig::new("https://s:443", "/tmp/x", "gpu");
         let mut c = ok.clone();
         c.exec_listen = "0.0.0.0".into();
-        assert_eq!(
-            c.validate(),
-            Err(ConfigError::ExecListen("0.0.0.0".into()))
-        );
+        assert_eq!(c.validate(), Err(ConfigError::ExecListen("0.0.0.0".into())));
         let mut c = ok.clone();
         c.compute = " ".into();
         assert_eq!(c.validate(), Err(ConfigError::NoCompute));

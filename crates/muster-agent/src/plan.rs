@@ -110,7 +110,9 @@ pub(crate) struct AttemptPlan {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum PlanError {
     /// The assignment has no run spec.
-    #[error("the assignment of attempt {attempt} of run {run_id} carries no run spec: upgrade the servers")]
+    #[error(
+        "the assignment of attempt {attempt} of run {run_id} carries no run spec: upgrade the servers"
+    )]
     NoSpec {
         /// The run.
         run_id: String,
@@ -176,22 +178,8 @@ impl AttemptPlan {
         let workdir = workdir(&node.work_root, &key);
         let code_dir = workdir.join("code");
 
-        // The executor: a container when the run names an image and the node can.
-        let image = spec.environment.image.clone();
-        let (container_image, image_as_process) = match image {
-            Some(image) if node.containers => (Some(image), None),
-            Some(image) if node.process_fallback => (None, Some(image)),
-            Some(image) => {
-                return Err(PlanError::NoContainers {
-                    image,
-                    reason: node
-                        .no_containers
-                        .clone()
-                        .unwrap_or_else(|| "unreachable".into()),
-                });
-            }
-            None => (None, None),
-        };
+        let (container_image, image_as_process) =
+            choose_executor(spec.environment.image.clone(), node)?;
         let in_container = container_image.is_some();
         let workspace = if in_container {
             "/workspace".to_string()
@@ -228,39 +216,18 @@ impl AttemptPlan {
         });
         env.extend(setup.env);
 
-        // Multi-node MPI in containers: rank 0 runs the launcher once every worker's
-        // container is up; the workers idle until the launcher's daemons are exec'd into
-        // them, and end when it is done.
-        let mpi_ranks = distributed && is_mpi && rsh_helper.is_some();
-        let (mut gate, mut launcher) = (None, None);
-        let mut command = spec.command.clone();
-        if mpi_ranks {
-            let secret = secret.clone().ok_or(PlanError::NoSecret)?;
-            if let Some(p) = peers.iter().find(|p| p.exec_port.is_none()) {
-                return Err(PlanError::NoExecPort {
-                    node: p.name.clone(),
-                });
+        let mpi = if distributed && is_mpi && rsh_helper.is_some() {
+            mpi_roles(&peers, a.rank, secret.as_deref())?
+        } else {
+            MpiRole::None
+        };
+        let (command, gate, launcher) = match mpi {
+            MpiRole::None => (spec.command.clone(), None, None),
+            MpiRole::Launcher(gate) => (spec.command.clone(), Some(gate), None),
+            MpiRole::Worker(launcher) => {
+                (format!("exec {RSH_TARGET} --idle"), None, Some(launcher))
             }
-            let worker = |rank: usize, p: &Peer| Worker {
-                rank: rank as u32,
-                name: p.name.clone(),
-                target: format!("{}:{}", p.address, p.exec_port.unwrap_or_default()),
-            };
-            if a.rank > 0 {
-                launcher = peers.first().map(|p| worker(0, p));
-                command = format!("exec {RSH_TARGET} --idle");
-            } else {
-                gate = Some(Gate {
-                    workers: peers
-                        .iter()
-                        .enumerate()
-                        .skip(1)
-                        .map(|(rank, p)| worker(rank, p))
-                        .collect(),
-                    secret,
-                });
-            }
-        }
+        };
         env.extend(spec.environment_variables.clone());
 
         let container = container_image.map(|image| ContainerSpec {
@@ -302,6 +269,68 @@ impl AttemptPlan {
             workdir,
         })
     }
+}
+
+/// The executor: a container (its image) when the run names an image and the node can run
+/// containers; else a process, saying which image it ignores (fallback on), or an error.
+fn choose_executor(
+    image: Option<String>,
+    node: &Node,
+) -> Result<(Option<String>, Option<String>), PlanError> {
+    match image {
+        Some(image) if node.containers => Ok((Some(image), None)),
+        Some(image) if node.process_fallback => Ok((None, Some(image))),
+        Some(image) => Err(PlanError::NoContainers {
+            image,
+            reason: node
+                .no_containers
+                .clone()
+                .unwrap_or_else(|| "unreachable".into()),
+        }),
+        None => Ok((None, None)),
+    }
+}
+
+/// A rank's part in a multi-node MPI run in containers.
+enum MpiRole {
+    /// Not one.
+    None,
+    /// Rank 0: runs the launcher once every worker's container is up.
+    Launcher(Gate),
+    /// Ranks 1..: idle until the launcher's daemons are exec'd into them; watch rank 0.
+    Worker(Worker),
+}
+
+/// Rank `rank`'s MPI role, given every rank's node; the ranks' agents reach each other's
+/// exec listeners with the attempt's `secret`.
+fn mpi_roles(peers: &[Peer], rank: u32, secret: Option<&str>) -> Result<MpiRole, PlanError> {
+    let secret = secret.ok_or(PlanError::NoSecret)?;
+    if let Some(p) = peers.iter().find(|p| p.exec_port.is_none()) {
+        return Err(PlanError::NoExecPort {
+            node: p.name.clone(),
+        });
+    }
+    let worker = |rank: usize, p: &Peer| Worker {
+        rank: rank as u32,
+        name: p.name.clone(),
+        target: format!("{}:{}", p.address, p.exec_port.unwrap_or_default()),
+    };
+    Ok(if rank > 0 {
+        match peers.first() {
+            Some(p) => MpiRole::Worker(worker(0, p)),
+            None => MpiRole::None,
+        }
+    } else {
+        MpiRole::Launcher(Gate {
+            workers: peers
+                .iter()
+                .enumerate()
+                .skip(1)
+                .map(|(rank, p)| worker(rank, p))
+                .collect(),
+            secret: secret.to_string(),
+        })
+    })
 }
 
 /// `MUSTER_*` and Azure ML's names: who the run is, where its outputs and metrics go.
@@ -422,12 +451,21 @@ mod tests {
         let mut a = assignment(None);
         a.placements = vec![placement("a", &["GPU-1111", "GPU-2222"], 0)];
         let plan = AttemptPlan::from(&a, &node()).unwrap();
-        assert_eq!(env(&plan, "CUDA_VISIBLE_DEVICES"), Some("GPU-1111,GPU-2222"));
-        assert_eq!(env(&plan, "NVIDIA_VISIBLE_DEVICES"), Some("GPU-1111,GPU-2222"));
+        assert_eq!(
+            env(&plan, "CUDA_VISIBLE_DEVICES"),
+            Some("GPU-1111,GPU-2222")
+        );
+        assert_eq!(
+            env(&plan, "NVIDIA_VISIBLE_DEVICES"),
+            Some("GPU-1111,GPU-2222")
+        );
         assert!(plan.launch.container.is_none());
         assert_eq!(plan.workdir, Path::new("/data/work/r1.1"));
         assert_eq!(plan.launch.workdir, Path::new("/data/work/r1.1/code"));
-        assert_eq!(plan.launch.log_path, Path::new("/data/work/r1.1/output.log"));
+        assert_eq!(
+            plan.launch.log_path,
+            Path::new("/data/work/r1.1/output.log")
+        );
         assert_eq!(
             env(&plan, "MUSTER_OUTPUTS_DIR"),
             Some("/data/work/r1.1/code/outputs")

@@ -62,7 +62,10 @@ pub(crate) enum RshError {
     #[error("no request within {} s", REQUEST_LIMIT.as_secs())]
     NoRequest,
     /// The attempt has no container here.
-    #[error("attempt {attempt} of run {run_id} {} (not started yet, or over)", NO_CONTAINER)]
+    #[error(
+        "attempt {attempt} of run {run_id} {} (not started yet, or over)",
+        NO_CONTAINER
+    )]
     NoContainer {
         /// The run.
         run_id: String,
@@ -127,7 +130,9 @@ pub(crate) enum RshError {
     #[error("no answer within {} s", CALL_LIMIT.as_secs())]
     Timeout,
     /// Workers were not up in time (each named, with why).
-    #[error("the MPI launcher did not start: workers not up and reachable after {secs} s: {pending}")]
+    #[error(
+        "the MPI launcher did not start: workers not up and reachable after {secs} s: {pending}"
+    )]
     NotReady {
         /// The limit.
         secs: u64,

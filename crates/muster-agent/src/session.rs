@@ -139,7 +139,8 @@ impl Agent {
         let (lock, node_id) = crate::identity::open(&config.data_dir)?;
         for d in ["work", "cache/blobs"] {
             let path = config.data_dir.join(d);
-            std::fs::create_dir_all(&path).map_err(|source| AgentError::DataDir { path, source })?;
+            std::fs::create_dir_all(&path)
+                .map_err(|source| AgentError::DataDir { path, source })?;
         }
         let (events_tx, events_rx) = mpsc::channel(1024);
         let listen_error = |source| AgentError::ExecListen {
@@ -618,9 +619,7 @@ impl Agent {
         }
         // The one conversion from the wire: everything else works on the plan.
         let plan = AttemptPlan::from(&a, &self.executors.node);
-        let in_container = plan
-            .as_ref()
-            .is_ok_and(|p| p.launch.container.is_some());
+        let in_container = plan.as_ref().is_ok_and(|p| p.launch.container.is_some());
         tracing::info!(run_id = %a.run_id, attempt = a.attempt, rank = a.rank, in_container, "starting attempt");
         if let Err(e) = std::fs::create_dir_all(&workdir) {
             tracing::error!(cause = %e, "cannot create the attempt's working directory");

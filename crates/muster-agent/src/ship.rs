@@ -177,6 +177,9 @@ mod tests {
         assert_eq!(chunks, [(2, 0, CHUNK), (2, CHUNK as u64, 10)]);
         drop(rx);
         std::fs::write(s.path(), vec![b'y'; CHUNK + 20]).unwrap();
-        assert!(s.ship("r", 2, CHUNK, &tx).await.is_err(), "a closed stream is an error");
+        assert!(
+            s.ship("r", 2, CHUNK, &tx).await.is_err(),
+            "a closed stream is an error"
+        );
     }
 }

@@ -68,9 +68,11 @@ impl FakeExecutor {
 
     /// Waits (bounded by `limit`) until launch `index` has ended; returns how.
     pub async fn wait_for_end(&self, index: usize, limit: Duration) -> anyhow::Result<Outcome> {
-        self.wait_until(limit, |slots| slots.get(index).and_then(|s| s.outcome.clone()))
-            .await
-            .map_err(|_| anyhow::anyhow!("launch {index} did not end within {limit:?}"))
+        self.wait_until(limit, |slots| {
+            slots.get(index).and_then(|s| s.outcome.clone())
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("launch {index} did not end within {limit:?}"))
     }
 
     async fn wait_until<T>(
@@ -94,7 +96,12 @@ impl FakeExecutor {
         self.inner.launches.lock().expect("fake executor lock")
     }
 
-    async fn run_one(&self, launch: Launch, mut stop: StopOrders, started: oneshot::Sender<()>) -> Outcome {
+    async fn run_one(
+        &self,
+        launch: Launch,
+        mut stop: StopOrders,
+        started: oneshot::Sender<()>,
+    ) -> Outcome {
         let (finish, finished) = oneshot::channel();
         let index = {
             let mut slots = self.lock();
@@ -151,7 +158,10 @@ impl Executor for FakeExecutor {
         Box::pin(self.run_one(launch, stop, started))
     }
 
-    fn managed<'a>(&'a self, _node_id: &'a str) -> BoxFuture<'a, Result<Vec<Managed>, ExecutorError>> {
+    fn managed<'a>(
+        &'a self,
+        _node_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<Managed>, ExecutorError>> {
         // Nothing survives an agent restart: the fake's "processes" live in this test.
         Box::pin(async { Ok(Vec::new()) })
     }
@@ -199,13 +209,22 @@ mod tests {
             async move { fake.run(launch(), stop, started).await }
         });
         started_rx.await.unwrap();
-        let seen = fake.wait_for_launch(0, Duration::from_secs(5)).await.unwrap();
+        let seen = fake
+            .wait_for_launch(0, Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(seen.command, "train");
         fake.finish(0, 3).unwrap();
         let out = run.await.unwrap();
         assert_eq!((out.end, out.exit_code), (AttemptEnd::Failed, Some(3)));
-        assert_eq!(fake.wait_for_end(0, Duration::from_secs(5)).await.unwrap(), out);
-        assert!(fake.finish(0, 0).is_err(), "an ended launch cannot end again");
+        assert_eq!(
+            fake.wait_for_end(0, Duration::from_secs(5)).await.unwrap(),
+            out
+        );
+        assert!(
+            fake.finish(0, 0).is_err(),
+            "an ended launch cannot end again"
+        );
     }
 
     #[tokio::test]
@@ -217,7 +236,9 @@ mod tests {
             let fake = fake.clone();
             async move { fake.run(launch(), stop, started).await }
         });
-        fake.wait_for_launch(0, Duration::from_secs(5)).await.unwrap();
+        fake.wait_for_launch(0, Duration::from_secs(5))
+            .await
+            .unwrap();
         stop_tx.send_replace(Some(Stop {
             reason: StopReason::Canceled,
             grace: Duration::from_secs(1),

@@ -30,8 +30,8 @@ use tokio::fs::File;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{oneshot, watch};
 
-use super::process::wait_stop;
 pub use super::Managed;
+use super::process::wait_stop;
 use super::{ContainerSpec, Launch, Outcome, Stop, StopReason, stopped};
 
 /// The longest an image pull may take before the attempt fails.

@@ -47,8 +47,10 @@ pub trait Executor: Send + Sync + std::fmt::Debug {
 
     /// What this executor started for node `node_id` before the agent restarted and still
     /// holds (running or exited, not yet cleaned up).
-    fn managed<'a>(&'a self, node_id: &'a str)
-    -> BoxFuture<'a, Result<Vec<Managed>, ExecutorError>>;
+    fn managed<'a>(
+        &'a self,
+        node_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<Managed>, ExecutorError>>;
 
     /// Follows one of [`managed`](Self::managed)'s results to its end as `run` does,
     /// appending its output to `log_path` without repeating what the file holds.

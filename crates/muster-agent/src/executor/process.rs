@@ -11,7 +11,9 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Executor, ExecutorError, Launch, Managed, Outcome, Stop, StopOrders, StopReason, stopped};
+use super::{
+    Executor, ExecutorError, Launch, Managed, Outcome, Stop, StopOrders, StopReason, stopped,
+};
 
 /// The process executor as an [`Executor`]. Processes die with their agent, so there is
 /// nothing to re-adopt.
