@@ -402,45 +402,15 @@ impl Agent {
         client: &mut AgentServiceClient<Channel>,
         gpus: &crate::GpuReport,
     ) -> Result<v1::RegisterResponse, SessionError> {
-        let (cpu, mem) = host_capacity();
-        let (cpu, mem) = if self.config.unlimited {
-            (0, 0)
-        } else {
-            (
-                self.config.cpu_millis.unwrap_or(cpu).min(cpu),
-                self.config.memory_bytes.unwrap_or(mem).min(mem),
-            )
-        };
+        let request = registration(
+            &self.config,
+            &self.node_id,
+            self.exec_port,
+            gpus,
+            host_capacity(),
+        );
         Ok(client
-            .register(v1::RegisterRequest {
-                node_id: self.node_id.clone(),
-                name: self.config.name.clone(),
-                compute: self.config.compute.clone(),
-                capacity: Some(v1::Resources {
-                    cpu_millis: cpu,
-                    memory_bytes: mem,
-                    gpus: gpus.gpus.len() as u32,
-                }),
-                gpus: gpus.gpus.iter().cloned().map(Into::into).collect(),
-                labels: {
-                    // GPU software versions travel as labels, as GPU feature discovery does.
-                    let mut labels = self.config.labels.clone();
-                    labels.insert(
-                        muster_proto::EXEC_PORT_LABEL.into(),
-                        self.exec_port.to_string(),
-                    );
-                    if let Some(v) = &gpus.driver_version {
-                        labels.insert("nvidia.com/driver-version".into(), v.clone());
-                    }
-                    if let Some(v) = &gpus.cuda_version {
-                        labels.insert("nvidia.com/cuda-version".into(), v.clone());
-                    }
-                    labels.into_iter().collect()
-                },
-                tier: self.config.tier.as_str().into(),
-                address: self.config.advertise_addr.clone(),
-                version: env!("CARGO_PKG_VERSION").into(),
-            })
+            .register(request)
             .await
             .map_err(|s| match s.code() {
                 Code::InvalidArgument | Code::NotFound | Code::AlreadyExists => {
@@ -540,11 +510,7 @@ impl Agent {
             Some(server_message::Msg::Assign(a)) => self.on_assign(a, blobs),
             Some(server_message::Msg::Stop(s)) => {
                 let key = (s.run_id.clone(), s.attempt);
-                let reason = match s.reason.as_str() {
-                    "canceled" => StopReason::Canceled,
-                    "preempted" => StopReason::Preempted,
-                    _ => StopReason::Stale,
-                };
+                let reason = stop_reason(&s.reason);
                 let grace = Duration::from_millis(s.grace_ms);
                 match self.attempts.get(&key) {
                     Some(entry) => {
@@ -683,6 +649,60 @@ impl Agent {
     }
 }
 
+/// What the agent registers: the node, what it offers (`host` = the machine's millicores
+/// and bytes, capped by `--cpus`/`--memory`, none at all for an unlimited node), its GPUs,
+/// and its labels plus the exec port and the GPU software versions (as labels, as GPU
+/// feature discovery does).
+fn registration(
+    config: &AgentConfig,
+    node_id: &str,
+    exec_port: u16,
+    gpus: &crate::GpuReport,
+    host: (u64, u64),
+) -> v1::RegisterRequest {
+    let (cpu, mem) = host;
+    let (cpu, mem) = if config.unlimited {
+        (0, 0)
+    } else {
+        (
+            config.cpu_millis.unwrap_or(cpu).min(cpu),
+            config.memory_bytes.unwrap_or(mem).min(mem),
+        )
+    };
+    let mut labels = config.labels.clone();
+    labels.insert(muster_proto::EXEC_PORT_LABEL.into(), exec_port.to_string());
+    if let Some(v) = &gpus.driver_version {
+        labels.insert("nvidia.com/driver-version".into(), v.clone());
+    }
+    if let Some(v) = &gpus.cuda_version {
+        labels.insert("nvidia.com/cuda-version".into(), v.clone());
+    }
+    v1::RegisterRequest {
+        node_id: node_id.to_string(),
+        name: config.name.clone(),
+        compute: config.compute.clone(),
+        capacity: Some(v1::Resources {
+            cpu_millis: cpu,
+            memory_bytes: mem,
+            gpus: gpus.gpus.len() as u32,
+        }),
+        gpus: gpus.gpus.iter().cloned().map(Into::into).collect(),
+        labels: labels.into_iter().collect(),
+        tier: config.tier.as_str().into(),
+        address: config.advertise_addr.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
+/// A stop order's reason off the wire (anything else is a stale attempt).
+fn stop_reason(reason: &str) -> StopReason {
+    match reason {
+        "canceled" => StopReason::Canceled,
+        "preempted" => StopReason::Preempted,
+        _ => StopReason::Stale,
+    }
+}
+
 fn msg(m: agent_message::Msg) -> v1::AgentMessage {
     v1::AgentMessage { msg: Some(m) }
 }
@@ -707,5 +727,56 @@ fn ended(key: &Key, o: &Outcome, outputs: Option<String>) -> v1::AttemptUpdate {
         outputs,
         log_bytes: 0,
         metric_bytes: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registration_caps_the_offer_and_labels_the_node() {
+        let mut config = AgentConfig::new("http://s:1", "/tmp/x", "gpu");
+        config.name = "n".into();
+        config.cpu_millis = Some(2_000);
+        config.labels = [("zone".to_string(), "a".to_string())].into();
+        let gpus = crate::GpuReport {
+            gpus: vec![muster_core::Gpu {
+                uuid: "GPU-1".into(),
+                model: "m".into(),
+                memory_bytes: 1,
+            }],
+            driver_version: Some("555".into()),
+            cuda_version: None,
+            note: None,
+        };
+        let r = registration(&config, "node-1", 7001, &gpus, (8_000, 1 << 30));
+        let capacity = r.capacity.unwrap();
+        assert_eq!(
+            (capacity.cpu_millis, capacity.memory_bytes, capacity.gpus),
+            (2_000, 1 << 30, 1)
+        );
+        assert_eq!(r.labels["zone"], "a");
+        assert_eq!(r.labels[muster_proto::EXEC_PORT_LABEL], "7001");
+        assert_eq!(r.labels["nvidia.com/driver-version"], "555");
+        assert!(!r.labels.contains_key("nvidia.com/cuda-version"));
+        // More than the machine has is capped at the machine; unlimited offers nothing.
+        config.memory_bytes = Some(1 << 40);
+        let capacity = registration(&config, "node-1", 7001, &gpus, (8_000, 1 << 30))
+            .capacity
+            .unwrap();
+        assert_eq!(capacity.memory_bytes, 1 << 30);
+        config.unlimited = true;
+        let capacity = registration(&config, "node-1", 7001, &gpus, (8_000, 1 << 30))
+            .capacity
+            .unwrap();
+        assert_eq!((capacity.cpu_millis, capacity.memory_bytes), (0, 0));
+    }
+
+    #[test]
+    fn stop_reasons_come_off_the_wire() {
+        assert_eq!(stop_reason("canceled"), StopReason::Canceled);
+        assert_eq!(stop_reason("preempted"), StopReason::Preempted);
+        assert_eq!(stop_reason("stale"), StopReason::Stale);
     }
 }
