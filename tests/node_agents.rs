@@ -759,3 +759,90 @@ async fn a_quota_holds_runs_back_with_the_reason_and_lets_them_through_in_turn()
         "the second run started only after the first ended"
     );
 }
+
+/// An agent whose executor is muster-testkit's fake: a run goes from `muster run submit`
+/// through the server, the agent's plan (snapshot fetched, GPU by UUID, container spec)
+/// and the executor, and ends as the fake says, without Docker or a process.
+#[tokio::test]
+async fn an_agent_runs_a_run_through_the_fake_executor() {
+    muster_testkit::init_tracing();
+    let dev = short_grace_dev().await;
+    let url = dev.url();
+    create_pool(&url, "fake-pool").await;
+    let data = tempfile::tempdir().unwrap();
+    let fake = muster_testkit::fake_executor::FakeExecutor::new();
+    let mut config = agent_config(
+        &url,
+        data.path(),
+        "fake-pool",
+        "fake-node",
+        Arc::new(FakeGpuProbe::with("f", 1)),
+    );
+    config.executor = Some(Arc::new(fake.clone()));
+    let _agent = AgentHandle::start(&url, config).await.unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    write(cwd.path(), "train.sh", "echo hi\n");
+    let id = submit_id(
+        &url,
+        cwd.path(),
+        &[
+            "run",
+            "submit",
+            "--compute",
+            "fake-pool",
+            "--gpus",
+            "1",
+            "--image",
+            "img:1",
+            "--",
+            "sh",
+            "train.sh",
+        ],
+    )
+    .await;
+    let launch = fake
+        .wait_for_launch(0, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let env = |name: &str| {
+        launch
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(env("MUSTER_RUN_ID"), Some(id.clone()));
+    assert_eq!(
+        env("NVIDIA_VISIBLE_DEVICES").as_deref(),
+        Some("GPU-fake-f-0")
+    );
+    let container = launch.container.as_ref().expect("the run names an image");
+    assert_eq!(container.image, "img:1");
+    assert_eq!(container.gpus, ["GPU-fake-f-0"]);
+    assert!(
+        launch.workdir.join("train.sh").is_file(),
+        "the code snapshot is in place before the launch"
+    );
+    wait_for_state(&url, &id, "running").await;
+    fake.finish(0, 0).unwrap();
+    let run = wait_done(&url, &id).await;
+    assert_eq!(run.state().word(), "completed", "{run:?}");
+
+    // A non-zero exit fails the run with that code.
+    let failing = submit_id(
+        &url,
+        cwd.path(),
+        &["run", "submit", "--compute", "fake-pool", "--", "false"],
+    )
+    .await;
+    let launch = fake
+        .wait_for_launch(1, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(launch.container.is_none(), "no image: a process launch");
+    wait_for_state(&url, &failing, "running").await;
+    fake.finish(1, 3).unwrap();
+    let run = wait_done(&url, &failing).await;
+    assert_eq!((run.state().word(), run.exit_code), ("failed", Some(3)));
+}

@@ -10,6 +10,79 @@ use muster_client::Blobs;
 use muster_proto::v1::blob_service_client::BlobServiceClient;
 use tonic::transport::Channel;
 
+/// Why a pipeline step's inputs could not be placed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum InputError {
+    /// An input's name is not a plain folder name.
+    #[error("input {0:?} is not a plain folder name")]
+    NotPlain(String),
+    /// Not `ARCHIVE_SHA256/FOLDER`.
+    #[error("input {input}: {identity:?} is not an output identity (ARCHIVE_SHA256/FOLDER)")]
+    NotIdentity {
+        /// The input.
+        input: String,
+        /// What it was given.
+        identity: String,
+    },
+    /// The archive part is not a SHA-256.
+    #[error("input {input}: {sha:?} is not the SHA-256 of an outputs archive")]
+    NotDigest {
+        /// The input.
+        input: String,
+        /// What it was given.
+        sha: String,
+    },
+    /// The folder part is not a folder name.
+    #[error("input {input}: {folder:?} is not a folder name")]
+    NotFolder {
+        /// The input.
+        input: String,
+        /// What it was given.
+        folder: String,
+    },
+    /// The archive could not be downloaded.
+    #[error("could not fetch the outputs archive {sha}: {cause}")]
+    Fetch {
+        /// The archive.
+        sha: String,
+        /// Why.
+        cause: muster_client::ClientError,
+    },
+    /// The archive could not be read.
+    #[error("cannot {doing} the outputs archive {sha}: {source}")]
+    Archive {
+        /// "open" or "unpack".
+        doing: &'static str,
+        /// The archive.
+        sha: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The upstream step did not write the folder.
+    #[error(
+        "input {input}: the upstream outputs archive {sha} has no folder {folder}/ (the step did not write outputs/{folder})"
+    )]
+    MissingFolder {
+        /// The input.
+        input: String,
+        /// The archive.
+        sha: String,
+        /// The folder.
+        folder: String,
+    },
+    /// A directory or copy failed.
+    #[error("input {input}: cannot place it: {source}")]
+    Place {
+        /// The input (or the folder created for all of them).
+        input: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The blocking task that unpacks died.
+    #[error("placing the inputs: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// A plain file name: no separators, not `.` or `..`, not empty.
 fn plain(name: &str) -> bool {
     !name.is_empty()
@@ -21,17 +94,24 @@ fn plain(name: &str) -> bool {
 }
 
 /// Splits an output identity into (archive digest, folder).
-fn parse_identity(input: &str, identity: &str) -> Result<(String, String), String> {
-    let (sha, folder) = identity.split_once('/').ok_or_else(|| {
-        format!("input {input}: {identity:?} is not an output identity (ARCHIVE_SHA256/FOLDER)")
-    })?;
+fn parse_identity(input: &str, identity: &str) -> Result<(String, String), InputError> {
+    let (sha, folder) = identity
+        .split_once('/')
+        .ok_or_else(|| InputError::NotIdentity {
+            input: input.to_string(),
+            identity: identity.to_string(),
+        })?;
     if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!(
-            "input {input}: {sha:?} is not the SHA-256 of an outputs archive"
-        ));
+        return Err(InputError::NotDigest {
+            input: input.to_string(),
+            sha: sha.to_string(),
+        });
     }
     if !plain(folder) {
-        return Err(format!("input {input}: {folder:?} is not a folder name"));
+        return Err(InputError::NotFolder {
+            input: input.to_string(),
+            folder: folder.to_string(),
+        });
     }
     Ok((sha.to_ascii_lowercase(), folder.to_string()))
 }
@@ -44,14 +124,14 @@ pub(crate) async fn place(
     cache: &Path,
     scratch: &Path,
     code_dir: &Path,
-) -> Result<usize, String> {
+) -> Result<usize, InputError> {
     if inputs.is_empty() {
         return Ok(0);
     }
     let mut wanted = Vec::new();
     for (name, identity) in inputs {
         if !plain(name) {
-            return Err(format!("input {name:?} is not a plain folder name"));
+            return Err(InputError::NotPlain(name.clone()));
         }
         let (sha, folder) = parse_identity(name, identity)?;
         wanted.push((name.clone(), sha, folder));
@@ -64,19 +144,21 @@ pub(crate) async fn place(
             client
                 .download(sha, &cached)
                 .await
-                .map_err(|e| format!("could not fetch the outputs archive {sha}: {e:#}"))?;
+                .map_err(|cause| InputError::Fetch {
+                    sha: sha.clone(),
+                    cause,
+                })?;
         }
     }
     let cache = cache.to_path_buf();
     let scratch = scratch.to_path_buf();
     let target = code_dir.join("inputs");
-    let placed = tokio::task::spawn_blocking(move || -> Result<usize, String> {
+    let placed = tokio::task::spawn_blocking(move || -> Result<usize, InputError> {
         let result = unpack_and_copy(&wanted, &archives, &cache, &scratch, &target);
         let _ = std::fs::remove_dir_all(&scratch);
         result
     })
-    .await
-    .map_err(|e| format!("placing the inputs: {e}"))??;
+    .await??;
     Ok(placed)
 }
 
@@ -86,30 +168,36 @@ fn unpack_and_copy(
     cache: &Path,
     scratch: &Path,
     target: &Path,
-) -> Result<usize, String> {
+) -> Result<usize, InputError> {
     let _ = std::fs::remove_dir_all(scratch);
+    let archive_error = |doing, sha: &str| {
+        let sha = sha.to_string();
+        move |source| InputError::Archive { doing, sha, source }
+    };
     for sha in archives {
         let dir = scratch.join(sha);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(archive_error("unpack", sha))?;
         let file = std::fs::File::open(cache.join(&sha[..2]).join(sha))
-            .map_err(|e| format!("cannot open the outputs archive {sha}: {e}"))?;
+            .map_err(archive_error("open", sha))?;
         tar::Archive::new(file)
             .unpack(&dir)
-            .map_err(|e| format!("cannot unpack the outputs archive {sha}: {e}"))?;
+            .map_err(archive_error("unpack", sha))?;
     }
-    std::fs::create_dir_all(target)
-        .map_err(|e| format!("cannot create {}: {e}", target.display()))?;
     for (name, sha, folder) in wanted {
         let from = scratch.join(sha).join(folder);
         if !from.is_dir() {
-            return Err(format!(
-                "input {name}: the upstream outputs archive {sha} has no folder {folder}/ (the step did not write outputs/{folder})"
-            ));
+            return Err(InputError::MissingFolder {
+                input: name.clone(),
+                sha: sha.clone(),
+                folder: folder.clone(),
+            });
         }
         let to = target.join(name);
         let _ = std::fs::remove_dir_all(&to);
-        copy_dir(&from, &to).map_err(|e| format!("input {name}: cannot place it: {e}"))?;
+        copy_dir(&from, &to).map_err(|source| InputError::Place {
+            input: name.clone(),
+            source,
+        })?;
     }
     Ok(wanted.len())
 }
@@ -143,7 +231,12 @@ mod tests {
             parse_identity("x", &format!("{sha}/model")).unwrap(),
             (sha.clone(), "model".to_string())
         );
-        assert!(parse_identity("x", "nope").unwrap_err().contains("input x"));
+        assert!(
+            parse_identity("x", "nope")
+                .unwrap_err()
+                .to_string()
+                .contains("input x")
+        );
         assert!(parse_identity("x", "abc/model").is_err());
         assert!(parse_identity("x", &format!("{sha}/..")).is_err());
         assert!(parse_identity("x", &format!("{sha}/a/b")).is_err());
@@ -186,7 +279,8 @@ mod tests {
         assert!(target.join("e").is_dir());
         let missing = vec![("z".to_string(), sha.clone(), "nothing".to_string())];
         let e = unpack_and_copy(&missing, &BTreeSet::from([sha]), &cache, &scratch, &target)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no folder nothing/"), "{e}");
     }
 }

@@ -2,10 +2,14 @@
 //!
 //! `muster agent` runs on every machine of a compute target. It finds what the machine
 //! offers (`resources.rs`: sysinfo for CPU and memory, NVML for GPUs), registers with a
-//! server, keeps one session stream open (`session.rs`), and runs each assignment
-//! (`attempt.rs`): fetch the code snapshot (`snapshot.rs`), execute (`executor/`), ship
-//! logs live, upload `outputs/` (`outputs.rs`), report the end — and resend what the server
-//! has not acknowledged after a reconnect. It decides no placement.
+//! server, keeps one session stream open (`session.rs`), and runs each assignment: a pure
+//! planner turns it into an `AttemptPlan` (`plan.rs`: environment, GPU visibility, limits,
+//! the container, the MPI gate), and `attempt.rs` carries the plan out: fetch the code
+//! snapshot (`snapshot.rs`, through `blobs.rs`, which fails over to the other servers),
+//! execute (`executor/`: one [`executor::Executor`] trait, Docker or process), ship the log
+//! and metrics live (`ship.rs`, one shipper for both), upload `outputs/` (`outputs.rs`),
+//! report the end — and resend what the server has not acknowledged after a reconnect. It
+//! decides no placement.
 //!
 //! Distributed runs (DESIGN.md section 9): each rank gets the environment muster-core
 //! computes from the whole placement (`muster_core::distributed`), its container shares
@@ -15,18 +19,22 @@
 //!
 //! Crate choices: `sysinfo` and `nvml-wrapper` (loads libnvidia-ml at run time, so the
 //! agent builds and runs without a driver), `nix` for process-group signals, `tar` for the
-//! outputs archive. The reconnect backoff (100 ms doubling to 5 s, reset by a session that
-//! came up, raced against shutdown) is a few lines in `session.rs`.
+//! outputs archive, `backon` for the reconnect backoff (100 ms doubling to 5 s, reset by a
+//! session that came up, raced against shutdown). Errors are one thiserror enum per module;
+//! [`AgentError`] is what [`run`] returns.
 
 mod attempt;
+mod blobs;
 pub mod executor;
 mod identity;
 mod inputs;
 mod metrics;
 mod outputs;
+mod plan;
 pub mod resources;
 mod rsh_server;
 mod session;
+mod ship;
 mod snapshot;
 
 use std::collections::BTreeMap;
@@ -36,6 +44,7 @@ use std::sync::Arc;
 
 use muster_core::compute::Tier;
 
+pub use identity::IdentityError;
 pub use resources::{GpuProbe, GpuReport, NoGpus, NvmlProbe};
 
 /// How an agent runs.
@@ -81,6 +90,121 @@ pub struct AgentConfig {
     /// How long the launcher of a multi-node MPI run waits for its workers' containers to
     /// be up and reachable before the attempt fails.
     pub peer_wait: std::time::Duration,
+    /// Run every attempt with this executor instead of the Docker engine or processes
+    /// (tests: muster-testkit's fake executor). `None`: Docker if reachable, else processes.
+    pub executor: Option<Arc<dyn executor::Executor>>,
+}
+
+/// A setting of [`AgentConfig`] that cannot work; each names the flag to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// No server to talk to.
+    #[error("give at least one server address (--server)")]
+    NoServers,
+    /// A server address that is not a URL.
+    #[error("--server: {url:?} is not a server address ({cause}): write it as http://HOST:PORT")]
+    ServerUrl {
+        /// What was given.
+        url: String,
+        /// What is wrong with it.
+        cause: String,
+    },
+    /// The node name is empty.
+    #[error("--name: the node name is empty: pass a name or leave the flag out for the hostname")]
+    NoName,
+    /// No compute target.
+    #[error("--compute: name the compute target this node joins")]
+    NoCompute,
+    /// No address for peers.
+    #[error("--advertise-addr: give the address other nodes reach this one at")]
+    NoAdvertiseAddr,
+    /// The exec listener's address has no port.
+    #[error("--exec-listen: {0:?} is not ADDRESS:PORT (port 0 picks a free one)")]
+    ExecListen(String),
+    /// GPUs would be probed in a busy loop.
+    #[error("the GPU refresh interval must be longer than zero")]
+    GpuRefresh,
+}
+
+impl AgentConfig {
+    /// Checks the settings before anything starts: a bad `--server` is an error here, never
+    /// a panic later.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.servers.is_empty() {
+            return Err(ConfigError::NoServers);
+        }
+        for url in &self.servers {
+            check_server_url(url)?;
+        }
+        if self.name.trim().is_empty() {
+            return Err(ConfigError::NoName);
+        }
+        if self.compute.trim().is_empty() {
+            return Err(ConfigError::NoCompute);
+        }
+        if self.advertise_addr.trim().is_empty() {
+            return Err(ConfigError::NoAdvertiseAddr);
+        }
+        let port = self.exec_listen.rsplit_once(':').map(|(_, p)| p);
+        if port.is_none_or(|p| p.parse::<u16>().is_err()) {
+            return Err(ConfigError::ExecListen(self.exec_listen.clone()));
+        }
+        if self.gpu_refresh.is_zero() {
+            return Err(ConfigError::GpuRefresh);
+        }
+        Ok(())
+    }
+}
+
+/// A server URL the agent can connect to: `http://` or `https://`, with a host.
+fn check_server_url(url: &str) -> Result<(), ConfigError> {
+    let bad = |cause: &str| ConfigError::ServerUrl {
+        url: url.to_string(),
+        cause: cause.to_string(),
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| bad(&e.to_string()))?;
+    let uri = endpoint.uri();
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(bad("it must start with http:// or https://"));
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(bad("it names no host"));
+    }
+    Ok(())
+}
+
+/// Why the agent stopped (it retries everything else: a server that is down, a session
+/// that broke).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A setting cannot work.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The data directory cannot be used.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// A directory of the data directory.
+    #[error("cannot create {}: {source}", path.display())]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The exec listener cannot bind.
+    #[error(
+        "cannot listen for exec requests of distributed runs on {addr}: {source}: pick another --exec-listen address"
+    )]
+    ExecListen {
+        /// `--exec-listen`.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The server refused this agent (a bad name, an unknown compute target, ...).
+    #[error("the server refused this agent: {0}")]
+    Refused(String),
 }
 
 impl AgentConfig {
@@ -108,6 +232,7 @@ impl AgentConfig {
             exec_listen: "0.0.0.0:0".into(),
             rsh_helper: None,
             peer_wait: std::time::Duration::from_secs(300),
+            executor: None,
         }
     }
 }
@@ -134,10 +259,56 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "node".to_string())
 }
 
-/// Runs an agent until `shutdown` resolves. Running attempts are stopped at shutdown.
+/// Runs an agent until `shutdown` resolves. Running processes are stopped at shutdown
+/// (containers keep running and are re-adopted). The config is validated first.
 pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send,
-) -> anyhow::Result<()> {
+) -> Result<(), AgentError> {
+    config.validate()?;
     session::Agent::open(config)?.run(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_server_url_is_an_error_naming_the_flag() {
+        let ok = AgentConfig::new("http://10.0.0.1:7070", "/tmp/x", "gpu");
+        assert_eq!(ok.validate(), Ok(()));
+        for bad in [
+            "http://bad host:1",
+            "10.0.0.1:7070",
+            "ftp://h:1",
+            "http://",
+            "",
+        ] {
+            let mut c = ok.clone();
+            c.servers = vec!["http://ok:1".into(), bad.into()];
+            let e = c.validate().unwrap_err();
+            assert!(matches!(e, ConfigError::ServerUrl { .. }), "{bad}: {e}");
+            assert!(e.to_string().starts_with("--server: "), "{e}");
+        }
+        let mut c = ok.clone();
+        c.servers.clear();
+        assert_eq!(c.validate(), Err(ConfigError::NoServers));
+    }
+
+    #[test]
+    fn other_settings_are_checked_too() {
+        let ok = AgentConfig::new("https://s:443", "/tmp/x", "gpu");
+        let mut c = ok.clone();
+        c.exec_listen = "0.0.0.0".into();
+        assert_eq!(c.validate(), Err(ConfigError::ExecListen("0.0.0.0".into())));
+        let mut c = ok.clone();
+        c.compute = " ".into();
+        assert_eq!(c.validate(), Err(ConfigError::NoCompute));
+        let mut c = ok.clone();
+        c.name.clear();
+        assert_eq!(c.validate(), Err(ConfigError::NoName));
+        let mut c = ok;
+        c.gpu_refresh = std::time::Duration::ZERO;
+        assert_eq!(c.validate(), Err(ConfigError::GpuRefresh));
+    }
 }

@@ -76,11 +76,12 @@ impl NvmlProbe {
 }
 
 impl NvmlState {
-    fn nvml(&mut self) -> Result<&'static Nvml, String> {
+    /// NVML, loaded on first use; the error is why the library cannot be used (no driver).
+    fn nvml(&mut self) -> Result<&'static Nvml, nvml_wrapper::error::NvmlError> {
         if let Some(n) = self.nvml {
             return Ok(n);
         }
-        let nvml: &'static Nvml = Box::leak(Box::new(Nvml::init().map_err(|e| e.to_string())?));
+        let nvml: &'static Nvml = Box::leak(Box::new(Nvml::init()?));
         self.nvml = Some(nvml);
         match nvml.create_event_set() {
             Ok(mut set) => {

@@ -41,6 +41,106 @@ const NOT_RUNNING: &str = "is not running yet";
 /// How often an idle MPI worker checks that its launcher is still there.
 const LAUNCHER_POLL: Duration = Duration::from_secs(3);
 
+/// What went wrong with an exec request, on either side. The serving side sends its
+/// message to the client as the `ERROR` frame; the client side gets the peer's message
+/// back as [`RshError::Refused`].
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RshError {
+    /// The request could not be read.
+    #[error("reading the request: {0}")]
+    Read(std::io::Error),
+    /// Someone else's protocol.
+    #[error("not a muster-rsh request")]
+    NotRsh,
+    /// Over [`MAX_LEN`].
+    #[error("request of {0} bytes is too large")]
+    TooLarge(u32),
+    /// The request did not decode (muster-rsh's reason).
+    #[error("{0}")]
+    Decode(String),
+    /// The client sent nothing in time.
+    #[error("no request within {} s", REQUEST_LIMIT.as_secs())]
+    NoRequest,
+    /// The attempt has no container here.
+    #[error(
+        "attempt {attempt} of run {run_id} {} (not started yet, or over)",
+        NO_CONTAINER
+    )]
+    NoContainer {
+        /// The run.
+        run_id: String,
+        /// The attempt.
+        attempt: u32,
+    },
+    /// The secret is not the attempt's.
+    #[error("wrong secret for attempt {attempt} of run {run_id}")]
+    WrongSecret {
+        /// The run.
+        run_id: String,
+        /// The attempt.
+        attempt: u32,
+    },
+    /// The container is not running yet.
+    #[error("container {0} {not_running}", not_running = NOT_RUNNING)]
+    NotRunning(String),
+    /// Exec needs the Docker engine.
+    #[error("this node has no Docker engine")]
+    NoEngine,
+    /// The engine refused the exec.
+    #[error("docker exec in {container} failed{doing}: {cause}")]
+    Exec {
+        /// The container.
+        container: String,
+        /// "" or " to start".
+        doing: &'static str,
+        /// What the engine said.
+        cause: bollard::errors::Error,
+    },
+    /// The exec started detached.
+    #[error("docker exec did not attach")]
+    NotAttached,
+    /// The exec's exit code could not be read.
+    #[error("could not read the exit code: {0}")]
+    ExitCode(bollard::errors::Error),
+    /// The client hung up while the command ran.
+    #[error("the client went away")]
+    ClientGone,
+    /// Writing to the connection failed.
+    #[error("{0}")]
+    Write(std::io::Error),
+    /// The peer's agent cannot be reached.
+    #[error("cannot connect: {0}")]
+    Connect(std::io::Error),
+    /// The request could not be sent.
+    #[error("sending: {0}")]
+    Send(std::io::Error),
+    /// The peer's agent did not answer.
+    #[error("no answer: {0}")]
+    NoAnswer(std::io::Error),
+    /// The answer is not the protocol's.
+    #[error("malformed answer")]
+    Malformed,
+    /// Neither success nor an error.
+    #[error("unexpected answer")]
+    Unexpected,
+    /// The peer's agent refused, saying this.
+    #[error("{0}")]
+    Refused(String),
+    /// The peer's agent took longer than [`CALL_LIMIT`].
+    #[error("no answer within {} s", CALL_LIMIT.as_secs())]
+    Timeout,
+    /// Workers were not up in time (each named, with why).
+    #[error(
+        "the MPI launcher did not start: workers not up and reachable after {secs} s: {pending}"
+    )]
+    NotReady {
+        /// The limit.
+        secs: u64,
+        /// `rank N (node X at ADDR): why`, joined by `; `.
+        pending: String,
+    },
+}
+
 /// A container of this node that peers may exec into.
 #[derive(Debug)]
 struct Target {
@@ -90,19 +190,19 @@ impl Registry {
     }
 
     /// Checks a request against the registry: the container name if it may proceed.
-    fn check(&self, r: &Request) -> Result<Checked, String> {
+    fn check(&self, r: &Request) -> Result<Checked, RshError> {
         let map = self.0.lock().expect("registry lock");
-        let t = map.get(&(r.run_id.clone(), r.attempt)).ok_or_else(|| {
-            format!(
-                "attempt {} of run {} {NO_CONTAINER} (not started yet, or over)",
-                r.attempt, r.run_id
-            )
-        })?;
+        let t = map
+            .get(&(r.run_id.clone(), r.attempt))
+            .ok_or_else(|| RshError::NoContainer {
+                run_id: r.run_id.clone(),
+                attempt: r.attempt,
+            })?;
         if !constant_time_eq(t.secret.as_bytes(), r.secret.as_bytes()) {
-            return Err(format!(
-                "wrong secret for attempt {} of run {}",
-                r.attempt, r.run_id
-            ));
+            return Err(RshError::WrongSecret {
+                run_id: r.run_id.clone(),
+                attempt: r.attempt,
+            });
         }
         Ok((t.container.clone(), t.running, t.stop.clone()))
     }
@@ -145,26 +245,19 @@ pub(crate) async fn serve(
     }
 }
 
-async fn read_request(conn: &mut TcpStream) -> Result<Request, String> {
+async fn read_request(conn: &mut TcpStream) -> Result<Request, RshError> {
     let mut magic = [0u8; MAGIC.len()];
-    conn.read_exact(&mut magic)
-        .await
-        .map_err(|e| format!("reading the request: {e}"))?;
+    conn.read_exact(&mut magic).await.map_err(RshError::Read)?;
     if &magic != MAGIC {
-        return Err("not a muster-rsh request".into());
+        return Err(RshError::NotRsh);
     }
-    let len = conn
-        .read_u32()
-        .await
-        .map_err(|e| format!("reading the request: {e}"))?;
+    let len = conn.read_u32().await.map_err(RshError::Read)?;
     if len > MAX_LEN {
-        return Err(format!("request of {len} bytes is too large"));
+        return Err(RshError::TooLarge(len));
     }
     let mut body = vec![0u8; len as usize];
-    conn.read_exact(&mut body)
-        .await
-        .map_err(|e| format!("reading the request: {e}"))?;
-    Request::decode(&body)
+    conn.read_exact(&mut body).await.map_err(RshError::Read)?;
+    Request::decode(&body).map_err(RshError::Decode)
 }
 
 async fn frame(
@@ -184,29 +277,22 @@ async fn handle(
     mut conn: TcpStream,
     registry: &Registry,
     docker: Option<&DockerExecutor>,
-) -> Result<(), String> {
+) -> Result<(), RshError> {
     let _ = conn.set_nodelay(true);
     let request = match tokio::time::timeout(REQUEST_LIMIT, read_request(&mut conn)).await {
         Ok(r) => r,
-        Err(_) => Err("no request within 10 s".into()),
+        Err(_) => Err(RshError::NoRequest),
     };
     let checked = request.and_then(|r| registry.check(&r).map(|c| (r, c)));
     let (request, (container, running, stop)) = match checked {
         Ok(x) => x,
-        Err(message) => {
-            let _ = frame(&mut conn, ERROR, message.as_bytes()).await;
-            return Err(message);
-        }
+        Err(e) => return Err(refuse(&mut conn, e).await),
     };
     match request.op {
         Op::Ready if running => frame(&mut conn, EXIT, &0i32.to_be_bytes()).await,
         Op::Ready => {
-            frame(
-                &mut conn,
-                ERROR,
-                format!("container {container} {NOT_RUNNING}").as_bytes(),
-            )
-            .await
+            let not_running = RshError::NotRunning(container).to_string();
+            frame(&mut conn, ERROR, not_running.as_bytes()).await
         }
         Op::Release => {
             tracing::info!(run_id = %request.run_id, attempt = request.attempt, "the launcher finished: releasing this worker");
@@ -221,14 +307,19 @@ async fn handle(
                 (Some(docker), true) => {
                     return exec(docker, &container, &request.command, conn).await;
                 }
-                (None, _) => "this node has no Docker engine".to_string(),
-                (_, false) => format!("container {container} {NOT_RUNNING}"),
+                (None, _) => RshError::NoEngine,
+                (_, false) => RshError::NotRunning(container),
             };
-            let _ = frame(&mut conn, ERROR, refused.as_bytes()).await;
-            return Err(refused);
+            return Err(refuse(&mut conn, refused).await);
         }
     }
-    .map_err(|e| e.to_string())
+    .map_err(RshError::Write)
+}
+
+/// Sends `e` to the client as the `ERROR` frame (best effort) and returns it.
+async fn refuse(w: &mut (impl AsyncWriteExt + Unpin), e: RshError) -> RshError {
+    let _ = frame(w, ERROR, e.to_string().as_bytes()).await;
+    e
 }
 
 /// `docker exec -i CONTAINER sh -c COMMAND`, streamed over `conn`.
@@ -237,7 +328,7 @@ async fn exec(
     container: &str,
     command: &str,
     mut conn: TcpStream,
-) -> Result<(), String> {
+) -> Result<(), RshError> {
     let engine = docker.engine();
     let created = engine
         .create_exec(
@@ -253,10 +344,13 @@ async fn exec(
         .await;
     let id = match created {
         Ok(c) => c.id,
-        Err(e) => {
-            let m = format!("docker exec in {container} failed: {e}");
-            let _ = frame(&mut conn, ERROR, m.as_bytes()).await;
-            return Err(m);
+        Err(cause) => {
+            let e = RshError::Exec {
+                container: container.to_string(),
+                doing: "",
+                cause,
+            };
+            return Err(refuse(&mut conn, e).await);
         }
     };
     let started = engine
@@ -272,14 +366,15 @@ async fn exec(
     let (mut output, mut input) = match started {
         Ok(StartExecResults::Attached { output, input }) => (output, input),
         Ok(StartExecResults::Detached) => {
-            let m = "docker exec did not attach".to_string();
-            let _ = frame(&mut conn, ERROR, m.as_bytes()).await;
-            return Err(m);
+            return Err(refuse(&mut conn, RshError::NotAttached).await);
         }
-        Err(e) => {
-            let m = format!("docker exec in {container} failed to start: {e}");
-            let _ = frame(&mut conn, ERROR, m.as_bytes()).await;
-            return Err(m);
+        Err(cause) => {
+            let e = RshError::Exec {
+                container: container.to_string(),
+                doing: " to start",
+                cause,
+            };
+            return Err(refuse(&mut conn, e).await);
         }
     };
     let (mut reader, mut writer) = conn.into_split();
@@ -318,61 +413,53 @@ async fn exec(
         };
         if frame(&mut writer, kind, &bytes).await.is_err() {
             stdin.abort();
-            return Err("the client went away".into());
+            return Err(RshError::ClientGone);
         }
     }
     stdin.abort();
     let code = match engine.inspect_exec(&id).await {
         Ok(info) => info.exit_code.unwrap_or(-1),
-        Err(e) => {
-            let m = format!("could not read the exit code: {e}");
-            let _ = frame(&mut writer, ERROR, m.as_bytes()).await;
-            return Err(m);
-        }
+        Err(e) => return Err(refuse(&mut writer, RshError::ExitCode(e)).await),
     };
     let code = i32::try_from(code).unwrap_or(-1);
     frame(&mut writer, EXIT, &code.to_be_bytes())
         .await
-        .map_err(|e| e.to_string())
+        .map_err(RshError::Write)
 }
 
 /// One `ready` or `release` call to the agent at `target`.
-async fn call(target: &str, request: &Request) -> Result<(), String> {
+async fn call(target: &str, request: &Request) -> Result<(), RshError> {
     let attempt = async {
         let mut conn = TcpStream::connect(target)
             .await
-            .map_err(|e| format!("cannot connect: {e}"))?;
+            .map_err(RshError::Connect)?;
         conn.write_all(&request.encode())
             .await
-            .map_err(|e| format!("sending: {e}"))?;
-        let kind = conn
-            .read_u8()
-            .await
-            .map_err(|e| format!("no answer: {e}"))?;
-        let len = conn
-            .read_u32()
-            .await
-            .map_err(|e| format!("no answer: {e}"))?;
+            .map_err(RshError::Send)?;
+        let kind = conn.read_u8().await.map_err(RshError::NoAnswer)?;
+        let len = conn.read_u32().await.map_err(RshError::NoAnswer)?;
         if len > MAX_LEN {
-            return Err("malformed answer".to_string());
+            return Err(RshError::Malformed);
         }
         let mut data = vec![0u8; len as usize];
         conn.read_exact(&mut data)
             .await
-            .map_err(|e| format!("no answer: {e}"))?;
+            .map_err(RshError::NoAnswer)?;
         match kind {
             EXIT if data == 0i32.to_be_bytes() => Ok(()),
-            ERROR => Err(String::from_utf8_lossy(&data).into_owned()),
-            _ => Err("unexpected answer".to_string()),
+            ERROR => Err(RshError::Refused(
+                String::from_utf8_lossy(&data).into_owned(),
+            )),
+            _ => Err(RshError::Unexpected),
         }
     };
     tokio::time::timeout(CALL_LIMIT, attempt)
         .await
-        .map_err(|_| format!("no answer within {} s", CALL_LIMIT.as_secs()))?
+        .map_err(|_| RshError::Timeout)?
 }
 
 /// A rank as another rank's agent reaches it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Worker {
     pub rank: u32,
     pub name: String,
@@ -388,7 +475,7 @@ pub(crate) async fn wait_ready(
     attempt: u32,
     secret: &str,
     limit: Duration,
-) -> Result<(), String> {
+) -> Result<(), RshError> {
     let deadline = Instant::now() + limit;
     let request = Request {
         op: Op::Ready,
@@ -397,13 +484,13 @@ pub(crate) async fn wait_ready(
         secret: secret.into(),
         command: String::new(),
     };
-    let mut pending: Vec<(Worker, String)> =
-        workers.iter().map(|w| (w.clone(), String::new())).collect();
+    let mut pending: Vec<(Worker, Option<RshError>)> =
+        workers.iter().map(|w| (w.clone(), None)).collect();
     loop {
         let mut still = Vec::new();
         for (w, _) in pending {
             if let Err(why) = call(&w.target, &request).await {
-                still.push((w, why));
+                still.push((w, Some(why)));
             }
         }
         pending = still;
@@ -413,13 +500,15 @@ pub(crate) async fn wait_ready(
         if Instant::now() >= deadline {
             let list: Vec<String> = pending
                 .iter()
-                .map(|(w, why)| format!("rank {} (node {} at {}): {why}", w.rank, w.name, w.target))
+                .map(|(w, why)| {
+                    let why = why.as_ref().map(ToString::to_string).unwrap_or_default();
+                    format!("rank {} (node {} at {}): {why}", w.rank, w.name, w.target)
+                })
                 .collect();
-            return Err(format!(
-                "the MPI launcher did not start: workers not up and reachable after {} s: {}",
-                limit.as_secs(),
-                list.join("; ")
-            ));
+            return Err(RshError::NotReady {
+                secs: limit.as_secs(),
+                pending: list.join("; "),
+            });
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -436,7 +525,7 @@ pub(crate) async fn release(workers: &[Worker], run_id: &str, attempt: u32, secr
         command: String::new(),
     };
     for w in workers {
-        let mut last = String::new();
+        let mut last = None;
         let mut done = false;
         for _ in 0..5 {
             match call(&w.target, &request).await {
@@ -444,11 +533,11 @@ pub(crate) async fn release(workers: &[Worker], run_id: &str, attempt: u32, secr
                     done = true;
                     break;
                 }
-                Err(e) => last = e,
+                Err(e) => last = Some(e),
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        if !done {
+        if let (false, Some(last)) = (done, last) {
             tracing::warn!(run_id, attempt, rank = w.rank, cause = %last, "could not release an MPI worker");
         }
     }
@@ -481,8 +570,10 @@ pub(crate) async fn watch_launcher(
         tokio::time::sleep(LAUNCHER_POLL).await;
         match call(&launcher.target, &request).await {
             Ok(()) => (seen, gone) = (true, 0),
-            Err(e) if e.contains(NOT_RUNNING) => (seen, gone) = (true, 0),
-            Err(e) if e.contains(NO_CONTAINER) && (seen || started.elapsed() > patience) => {
+            Err(RshError::Refused(e)) if e.contains(NOT_RUNNING) => (seen, gone) = (true, 0),
+            Err(RshError::Refused(e))
+                if e.contains(NO_CONTAINER) && (seen || started.elapsed() > patience) =>
+            {
                 gone += 1;
                 if gone >= 2 {
                     tracing::info!(run_id = %request.run_id, attempt, "the MPI launcher on rank 0 is gone: releasing this worker");
@@ -528,15 +619,18 @@ mod tests {
 
         let e = call(&target, &request(Op::Ready, 2, "guess"))
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("wrong secret"), "{e}");
         let e = call(&target, &request(Op::Ready, 3, "s3cret"))
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("has no container on this node"), "{e}");
         let e = call(&target, &request(Op::Ready, 2, "s3cret"))
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not running yet"), "{e}");
         registry.set_running(&key);
         call(&target, &request(Op::Ready, 2, "s3cret"))
@@ -544,7 +638,8 @@ mod tests {
             .unwrap();
         let e = call(&target, &request(Op::Exec, 2, "s3cret"))
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no Docker engine"), "{e}");
 
         let worker = Worker {
@@ -577,7 +672,8 @@ mod tests {
         };
         let e = wait_ready(&[missing], "run-1", 2, "s3cret", Duration::from_millis(300))
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("rank 1 (node node-b"), "{e}");
         server.abort();
     }

@@ -1,42 +1,91 @@
 //! The agent's main loop: register, hold the session stream, start and stop attempts,
-//! ship their logs, and report their ends until the server acknowledges them. Attempts
-//! outlive a broken session; on reconnect everything unacknowledged is sent again.
+//! ship their logs and metrics, and report their ends until the server acknowledges them.
+//! Attempts outlive a broken session; on reconnect everything unacknowledged is sent
+//! again. The loop reconnects with `backon`'s exponential backoff and tries the leader a
+//! follower named first, then every configured server.
+//!
+//! Assignments are planned here, at the edge (`plan.rs`), and the plan is handed to an
+//! attempt task (`attempt.rs`) that carries it out.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use backon::BackoffBuilder;
 use muster_core::AttemptEnd;
 use muster_proto::Word;
 use muster_proto::v1::{
     self, agent_message, agent_service_client::AgentServiceClient,
     blob_service_client::BlobServiceClient, server_message,
 };
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::AgentConfig;
 use crate::attempt::{AttemptTask, Event, Executors, Key};
+use crate::blobs::Blobs;
 use crate::executor::docker::DockerExecutor;
-use crate::executor::{Outcome, Stop, StopReason};
+use crate::executor::process::ProcessExecutor;
+use crate::executor::{Executor, Outcome, Stop, StopReason};
+use crate::plan::{self, AttemptPlan, Node};
 use crate::resources::host_capacity;
+use crate::ship::{Shipper, Stream};
+use crate::{AgentConfig, AgentError};
 
-pub(crate) const SHIP_CHUNK: usize = 256 * 1024;
 const SHIP_PER_TICK: usize = 8 << 20;
+
+/// The reconnect backoff: 100 ms doubling to 5 s, without end.
+fn reconnect_backoff() -> backon::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_factor(2.0)
+        .with_max_delay(Duration::from_secs(5))
+        .without_max_times()
+        .build()
+}
+
+/// Why a session ended; all but [`SessionError::Refused`] are retried.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    /// No server answered (the last one tried, and why).
+    #[error("{url}: {cause}")]
+    Connect {
+        /// The server.
+        url: String,
+        /// Why.
+        cause: tonic::transport::Error,
+    },
+    /// The server refused this agent: retrying will not help.
+    #[error("the server refused this agent: {0}")]
+    Refused(String),
+    /// Registration failed.
+    #[error("register: {}", .0.message())]
+    Register(tonic::Status),
+    /// The session stream failed.
+    #[error("session: {}", .0.message())]
+    Session(tonic::Status),
+    /// The outgoing stream closed.
+    #[error(transparent)]
+    Closed(#[from] crate::ship::Closed),
+}
+
+impl From<mpsc::error::SendError<v1::AgentMessage>> for SessionError {
+    fn from(_: mpsc::error::SendError<v1::AgentMessage>) -> SessionError {
+        SessionError::Closed(crate::ship::Closed)
+    }
+}
 
 /// An attempt this agent knows of, until the server acknowledges its end.
 struct Entry {
-    log_path: PathBuf,
     workdir: PathBuf,
-    shipped: u64,
+    /// The attempt's log, and how far it is shipped.
+    log: Shipper,
     /// The attempt's `MUSTER_METRICS_FILE` on the host, and how far it is shipped.
-    metrics: crate::metrics::Shipping,
+    metrics: Shipper,
     state: v1::AttemptState,
     end: Option<v1::AttemptUpdate>,
     end_sent: bool,
@@ -64,39 +113,61 @@ pub(crate) struct Agent {
     exec_task: Option<JoinHandle<()>>,
 }
 
-/// A failure that retrying will not fix (bad name, unknown compute target, ...).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct Fatal(String);
+/// An attempt's entry, shipping its log and metrics from the start.
+fn entry(
+    workdir: PathBuf,
+    state: v1::AttemptState,
+    stop: watch::Sender<Option<Stop>>,
+    task: Option<JoinHandle<()>>,
+    in_container: bool,
+) -> Entry {
+    Entry {
+        log: Shipper::new(Stream::Log, plan::log_path(&workdir)),
+        metrics: Shipper::new(Stream::Metrics, crate::metrics::host_path(&workdir)),
+        workdir,
+        state,
+        end: None,
+        end_sent: false,
+        stop,
+        task,
+        in_container,
+    }
+}
 
 impl Agent {
-    pub(crate) fn open(config: AgentConfig) -> anyhow::Result<Agent> {
-        anyhow::ensure!(
-            !config.servers.is_empty(),
-            "give at least one server address (--server)"
-        );
+    /// Takes the data directory and binds the exec listener; `config` is validated.
+    pub(crate) fn open(config: AgentConfig) -> Result<Agent, AgentError> {
         let (lock, node_id) = crate::identity::open(&config.data_dir)?;
         for d in ["work", "cache/blobs"] {
-            std::fs::create_dir_all(config.data_dir.join(d))
-                .with_context(|| format!("cannot create {}", config.data_dir.join(d).display()))?;
+            let path = config.data_dir.join(d);
+            std::fs::create_dir_all(&path)
+                .map_err(|source| AgentError::DataDir { path, source })?;
         }
         let (events_tx, events_rx) = mpsc::channel(1024);
-        let exec_listener = std::net::TcpListener::bind(&config.exec_listen).with_context(|| {
-            format!(
-                "cannot listen for exec requests of distributed runs on {}: pick another --exec-listen address",
-                config.exec_listen
-            )
-        })?;
-        exec_listener.set_nonblocking(true)?;
-        let exec_port = exec_listener.local_addr()?.port();
+        let listen_error = |source| AgentError::ExecListen {
+            addr: config.exec_listen.clone(),
+            source,
+        };
+        let exec_listener =
+            std::net::TcpListener::bind(&config.exec_listen).map_err(listen_error)?;
+        exec_listener.set_nonblocking(true).map_err(listen_error)?;
+        let exec_port = exec_listener.local_addr().map_err(listen_error)?.port();
         let executors = Executors {
-            docker: None,
-            docker_error: None,
-            process_fallback: config.process_fallback,
-            gpu_device_requests: config.gpu_device_requests,
-            unlimited: config.unlimited,
-            node_id: node_id.clone(),
-            rsh_helper: crate::find_rsh_helper(config.rsh_helper.as_deref()),
+            container: None,
+            process: config
+                .executor
+                .clone()
+                .unwrap_or_else(|| Arc::new(ProcessExecutor)),
+            node: Node {
+                id: node_id.clone(),
+                work_root: config.data_dir.join("work"),
+                containers: false,
+                no_containers: None,
+                process_fallback: config.process_fallback,
+                gpu_device_requests: config.gpu_device_requests,
+                unlimited: config.unlimited,
+                rsh_helper: crate::find_rsh_helper(config.rsh_helper.as_deref()),
+            },
             registry: Default::default(),
             peer_wait: config.peer_wait,
         };
@@ -115,63 +186,81 @@ impl Agent {
         })
     }
 
+    /// Finds the executors, re-adopts what survived a restart, serves exec requests, and
+    /// holds a session (reconnecting with backoff) until `shutdown`.
     pub(crate) async fn run(
         mut self,
         shutdown: impl Future<Output = ()> + Send,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), AgentError> {
         let mut report = self.probe_gpus().await;
         if let Some(note) = &report.note {
             tracing::info!("{note}");
         }
         tracing::info!(node = %self.config.name, id = %self.node_id, compute = %self.config.compute, gpus = report.gpus.len(), "agent starting");
-        match DockerExecutor::connect().await {
-            Ok(docker) => {
-                tracing::info!(
-                    "Docker engine reachable: runs that name an image run in containers, others as processes"
-                );
-                self.executors.docker = Some(std::sync::Arc::new(docker));
-                self.adopt_containers().await;
-            }
-            Err(e) => {
-                let then = if self.config.process_fallback {
-                    "run as processes"
-                } else {
-                    "fail"
-                };
-                tracing::info!("{e}; runs run as processes (runs that name an image {then})");
-                self.executors.docker_error = Some(e);
+        let mut docker = None;
+        if let Some(executor) = self.config.executor.clone() {
+            tracing::info!(
+                executor = executor.kind(),
+                "runs use the configured executor"
+            );
+            self.set_container_executor(executor).await;
+        } else {
+            match DockerExecutor::connect().await {
+                Ok(engine) => {
+                    tracing::info!(
+                        "Docker engine reachable: runs that name an image run in containers, others as processes"
+                    );
+                    let engine = Arc::new(engine);
+                    docker = Some(engine.clone());
+                    self.set_container_executor(engine).await;
+                }
+                Err(e) => {
+                    let then = if self.config.process_fallback {
+                        "run as processes"
+                    } else {
+                        "fail"
+                    };
+                    tracing::info!("{e}; runs run as processes (runs that name an image {then})");
+                    self.executors.node.no_containers = Some(e.to_string());
+                }
             }
         }
         if let Some(listener) = self.exec_listener.take() {
-            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let listen_error = |source| AgentError::ExecListen {
+                addr: self.config.exec_listen.clone(),
+                source,
+            };
+            let listener = tokio::net::TcpListener::from_std(listener).map_err(listen_error)?;
             self.exec_task = Some(tokio::spawn(crate::rsh_server::serve(
                 listener,
                 self.executors.registry.clone(),
-                self.executors.docker.clone(),
+                docker,
             )));
         }
         tokio::pin!(shutdown);
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = reconnect_backoff();
         let result = loop {
             let attempt = tokio::select! {
                 _ = &mut shutdown => break Ok(()),
                 r = self.serve(&mut report) => r,
             };
-            match attempt {
-                Err(e) if e.downcast_ref::<Fatal>().is_some() => break Err(e),
+            let delay = match attempt {
+                Err(SessionError::Refused(why)) => break Err(AgentError::Refused(why)),
                 Err(e) => {
-                    tracing::warn!(cause = %format!("{e:#}"), retry_in = ?backoff, "no session with a server")
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(cause = %e, retry_in = ?delay, "no session with a server");
+                    delay
                 }
                 Ok(()) => {
                     tracing::info!("session ended; reconnecting");
-                    backoff = Duration::from_millis(100);
+                    backoff = reconnect_backoff();
+                    backoff.next().unwrap_or_default()
                 }
-            }
+            };
             tokio::select! {
                 _ = &mut shutdown => break Ok(()),
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(delay) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         };
         self.stop_all().await;
         if let Some(t) = self.exec_task.take() {
@@ -180,16 +269,31 @@ impl Agent {
         result
     }
 
+    /// Runs containers with `executor` from now on, and re-adopts what it still holds.
+    async fn set_container_executor(&mut self, executor: Arc<dyn Executor>) {
+        self.executors.container = Some(executor.clone());
+        self.executors.node.containers = true;
+        self.adopt(executor).await;
+    }
+
     /// Re-adopts the containers this node started before the agent restarted: their logs
     /// keep flowing and their ends are reported as if the agent had never gone.
-    async fn adopt_containers(&mut self) {
-        let Some(docker) = self.executors.docker.clone() else {
-            return;
-        };
-        let managed = match docker.managed(&self.node_id).await {
+    async fn adopt(&mut self, executor: Arc<dyn Executor>) {
+        let managed = match executor.managed(&self.node_id).await {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(cause = %e, "cannot list this node's containers; none re-adopted");
+                return;
+            }
+        };
+        if managed.is_empty() {
+            return;
+        }
+        // Adopted attempts start before any session: their transfers connect on first use.
+        let blobs = match Blobs::lazy(self.config.servers.clone()) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(cause = %e, "no server to transfer through; no container re-adopted");
                 return;
             }
         };
@@ -200,52 +304,33 @@ impl Agent {
             }
             tracing::info!(run_id = %m.run_id, attempt = m.attempt, running = m.running, "re-adopting container");
             let workdir = self.workdir(&key);
-            let log_path = workdir.join("output.log");
-            let shipped = 0;
             let (stop, stop_rx) = watch::channel(None);
-            let task = AttemptTask {
-                key: key.clone(),
-                workdir: workdir.clone(),
-                log_path: log_path.clone(),
-                cache_dir: self.config.data_dir.join("cache/blobs"),
-                blobs: self.lazy_blobs(),
-                servers: self.config.servers.clone(),
-                events: self.events_tx.clone(),
-                stop: stop_rx,
-                executors: self.executors.clone(),
-            };
-            let handle = tokio::spawn(task.adopt(docker.clone(), m));
+            let task = self.task(key.clone(), blobs.clone(), stop_rx);
+            let handle = tokio::spawn(task.adopt(executor.clone(), m));
             self.attempts.insert(
                 key,
-                Entry {
-                    log_path,
-                    metrics: Default::default(),
-                    workdir,
-                    shipped,
-                    state: v1::AttemptState::Running,
-                    end: None,
-                    end_sent: false,
-                    stop,
-                    task: Some(handle),
-                    in_container: true,
-                },
+                entry(workdir, v1::AttemptState::Running, stop, Some(handle), true),
             );
         }
     }
 
-    /// A blob client that connects on first use (adopted attempts start before the session).
-    fn lazy_blobs(&self) -> BlobServiceClient<Channel> {
-        let channel = Endpoint::from_shared(self.config.servers[0].clone())
-            .expect("server URLs are checked at connect")
-            .connect_lazy();
-        BlobServiceClient::new(channel).max_decoding_message_size(8 << 20)
+    /// The task of attempt `key`, transferring through `blobs`, stopped through `stop`.
+    fn task(&self, key: Key, blobs: Blobs, stop: watch::Receiver<Option<Stop>>) -> AttemptTask {
+        let workdir = self.workdir(&key);
+        AttemptTask {
+            key,
+            log_path: plan::log_path(&workdir),
+            workdir,
+            cache_dir: self.config.data_dir.join("cache/blobs"),
+            blobs,
+            events: self.events_tx.clone(),
+            stop,
+            executors: self.executors.clone(),
+        }
     }
 
     fn workdir(&self, key: &Key) -> PathBuf {
-        self.config
-            .data_dir
-            .join("work")
-            .join(format!("{}.{}", key.0, key.1))
+        plan::workdir(&self.executors.node.work_root, key)
     }
 
     /// Agent shutdown: containers keep running (the agent re-adopts them when it returns);
@@ -270,7 +355,7 @@ impl Agent {
     }
 
     /// Connects to the leader if a follower named it, else to the first server that answers.
-    async fn connect(&self) -> anyhow::Result<Channel> {
+    async fn connect(&self) -> Result<Channel, SessionError> {
         let mut last = None;
         let hinted = self.leader_hint.iter().map(|a| {
             if a.contains("://") {
@@ -281,8 +366,15 @@ impl Agent {
         });
         let candidates: Vec<String> = hinted.chain(self.config.servers.iter().cloned()).collect();
         for url in &candidates {
-            let endpoint = Endpoint::from_shared(url.clone())
-                .map_err(|e| Fatal(format!("server address {url:?} is not a URL: {e}")))?
+            // The configured URLs are validated; a leader hint that is not one is skipped.
+            let endpoint = match Endpoint::from_shared(url.clone()) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(url = %url, cause = %e, "not a server address; skipped");
+                    continue;
+                }
+            };
+            let endpoint = endpoint
                 .connect_timeout(Duration::from_secs(3))
                 // A leader cut off by the network (no reset) is noticed within ~3 s, so the
                 // agent moves to the new leader about when the cluster elects it.
@@ -290,10 +382,15 @@ impl Agent {
                 .keep_alive_timeout(Duration::from_secs(2));
             match endpoint.connect().await {
                 Ok(c) => return Ok(c),
-                Err(e) => last = Some(anyhow::anyhow!("{url}: {e}")),
+                Err(cause) => {
+                    last = Some(SessionError::Connect {
+                        url: url.clone(),
+                        cause,
+                    })
+                }
             }
         }
-        Err(last.unwrap_or_else(|| anyhow::anyhow!("no servers")))
+        Err(last.unwrap_or_else(|| SessionError::Refused("no server address to connect to".into())))
     }
 
     async fn probe_gpus(&self) -> crate::GpuReport {
@@ -307,61 +404,31 @@ impl Agent {
         &self,
         client: &mut AgentServiceClient<Channel>,
         gpus: &crate::GpuReport,
-    ) -> anyhow::Result<v1::RegisterResponse> {
-        let (cpu, mem) = host_capacity();
-        let (cpu, mem) = if self.config.unlimited {
-            (0, 0)
-        } else {
-            (
-                self.config.cpu_millis.unwrap_or(cpu).min(cpu),
-                self.config.memory_bytes.unwrap_or(mem).min(mem),
-            )
-        };
+    ) -> Result<v1::RegisterResponse, SessionError> {
+        let request = registration(
+            &self.config,
+            &self.node_id,
+            self.exec_port,
+            gpus,
+            host_capacity(),
+        );
         Ok(client
-            .register(v1::RegisterRequest {
-                node_id: self.node_id.clone(),
-                name: self.config.name.clone(),
-                compute: self.config.compute.clone(),
-                capacity: Some(v1::Resources {
-                    cpu_millis: cpu,
-                    memory_bytes: mem,
-                    gpus: gpus.gpus.len() as u32,
-                }),
-                gpus: gpus.gpus.iter().cloned().map(Into::into).collect(),
-                labels: {
-                    // GPU software versions travel as labels, as GPU feature discovery does.
-                    let mut labels = self.config.labels.clone();
-                    labels.insert(
-                        muster_proto::EXEC_PORT_LABEL.into(),
-                        self.exec_port.to_string(),
-                    );
-                    if let Some(v) = &gpus.driver_version {
-                        labels.insert("nvidia.com/driver-version".into(), v.clone());
-                    }
-                    if let Some(v) = &gpus.cuda_version {
-                        labels.insert("nvidia.com/cuda-version".into(), v.clone());
-                    }
-                    labels.into_iter().collect()
-                },
-                tier: self.config.tier.as_str().into(),
-                address: self.config.advertise_addr.clone(),
-                version: env!("CARGO_PKG_VERSION").into(),
-            })
+            .register(request)
             .await
             .map_err(|s| match s.code() {
-                Code::InvalidArgument | Code::NotFound | Code::AlreadyExists => anyhow::Error::new(
-                    Fatal(format!("the server refused this agent: {}", s.message())),
-                ),
-                _ => anyhow::anyhow!("register: {}", s.message()),
+                Code::InvalidArgument | Code::NotFound | Code::AlreadyExists => {
+                    SessionError::Refused(s.message().to_string())
+                }
+                _ => SessionError::Register(s),
             })?
             .into_inner())
     }
 
-    async fn serve(&mut self, gpus: &mut crate::GpuReport) -> anyhow::Result<()> {
+    async fn serve(&mut self, gpus: &mut crate::GpuReport) -> Result<(), SessionError> {
         let channel = self.connect().await?;
         let mut client =
             AgentServiceClient::new(channel.clone()).max_decoding_message_size(8 << 20);
-        let blobs = BlobServiceClient::new(channel).max_decoding_message_size(8 << 20);
+        let blobs = crate::blobs::client(channel);
         let registered = self.register(&mut client, gpus).await?;
         let heartbeat_every = Duration::from_millis(registered.heartbeat_interval_ms.max(100));
 
@@ -383,7 +450,7 @@ impl Agent {
                 {
                     self.leader_hint = Some(leader.to_string());
                 }
-                anyhow::anyhow!("session: {}", s.message())
+                SessionError::Session(s)
             })?
             .into_inner();
         tracing::info!(node = %self.config.name, "connected");
@@ -412,7 +479,7 @@ impl Agent {
                 m = inbound.message() => match m {
                     Ok(Some(m)) => self.on_server_message(m, &blobs, &out).await?,
                     Ok(None) => return Ok(()),
-                    Err(s) => anyhow::bail!("session: {}", s.message()),
+                    Err(s) => return Err(SessionError::Session(s)),
                 },
                 Some(ev) = self.events_rx.recv() => self.on_event(ev, &out).await?,
                 _ = ship.tick() => self.ship(&out).await?,
@@ -441,22 +508,12 @@ impl Agent {
         m: v1::ServerMessage,
         blobs: &BlobServiceClient<Channel>,
         out: &mpsc::Sender<v1::AgentMessage>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), SessionError> {
         match m.msg {
             Some(server_message::Msg::Assign(a)) => self.on_assign(a, blobs),
             Some(server_message::Msg::Stop(s)) => {
                 let key = (s.run_id.clone(), s.attempt);
-                let reason = match v1::StopReason::from_wire(s.reason) {
-                    Ok(v1::StopReason::Canceled) => StopReason::Canceled,
-                    Ok(v1::StopReason::Preempted) => StopReason::Preempted,
-                    Ok(v1::StopReason::Stale) => StopReason::Stale,
-                    Ok(v1::StopReason::Unspecified) | Err(_) => {
-                        // The server wants it stopped, for a reason this version does not
-                        // know: stop it as fencing does (its report is ignored anyway).
-                        tracing::error!(run_id = %s.run_id, attempt = s.attempt, reason = s.reason, "a stop order with an unknown reason (the server may run another muster version); stopping the attempt as stale");
-                        StopReason::Stale
-                    }
-                };
+                let reason = stop_reason(s.reason);
                 let grace = Duration::from_millis(s.grace_ms);
                 match self.attempts.get(&key) {
                     Some(entry) => {
@@ -485,7 +542,7 @@ impl Agent {
             }
             Some(server_message::Msg::Resume(r)) => {
                 if let Some(entry) = self.attempts.get_mut(&(r.run_id, r.attempt)) {
-                    entry.shipped = r.offset;
+                    entry.log.resume(r.offset);
                     entry.end_sent = false;
                 }
             }
@@ -506,14 +563,13 @@ impl Agent {
             return;
         }
         let workdir = self.workdir(&key);
-        let log_path = workdir.join("output.log");
         let (stop, stop_rx) = watch::channel(None);
         if workdir.exists() {
             // This agent started the attempt before a restart and its process is gone (a
             // container would have been re-adopted): report it lost, so the run restarts
             // as a new attempt.
             tracing::warn!(run_id = %a.run_id, attempt = a.attempt, "the attempt's process was lost in an agent restart");
-            let log_bytes = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
+            let mut entry = entry(workdir, v1::AttemptState::Running, stop, None, false);
             let mut end = ended(
                 &key,
                 &Outcome {
@@ -523,59 +579,32 @@ impl Agent {
                 },
                 None,
             );
-            end.log_bytes = log_bytes;
-            end.metric_bytes = std::fs::metadata(crate::metrics::host_path(&workdir))
-                .map(|m| m.len())
-                .unwrap_or(0);
-            self.attempts.insert(
-                key,
-                Entry {
-                    log_path,
-                    metrics: Default::default(),
-                    workdir,
-                    shipped: 0,
-                    state: v1::AttemptState::Running,
-                    end: Some(end),
-                    end_sent: false,
-                    stop,
-                    task: None,
-                    in_container: false,
-                },
-            );
+            let len = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+            end.log_bytes = len(entry.log.path());
+            end.metric_bytes = len(entry.metrics.path());
+            entry.end = Some(end);
+            self.attempts.insert(key, entry);
             return;
         }
-        let in_container =
-            a.spec.as_ref().is_some_and(|s| s.image.is_some()) && self.executors.docker.is_some();
+        // The one conversion from the wire: everything else works on the plan.
+        let plan = AttemptPlan::from(&a, &self.executors.node);
+        let in_container = plan.as_ref().is_ok_and(|p| p.launch.container.is_some());
         tracing::info!(run_id = %a.run_id, attempt = a.attempt, rank = a.rank, in_container, "starting attempt");
         if let Err(e) = std::fs::create_dir_all(&workdir) {
             tracing::error!(cause = %e, "cannot create the attempt's working directory");
         }
-        let task = AttemptTask {
-            key: key.clone(),
-            workdir: workdir.clone(),
-            log_path: log_path.clone(),
-            cache_dir: self.config.data_dir.join("cache/blobs"),
-            blobs: blobs.clone(),
-            servers: self.config.servers.clone(),
-            events: self.events_tx.clone(),
-            stop: stop_rx,
-            executors: self.executors.clone(),
-        };
-        let handle = tokio::spawn(task.run(a));
+        let blobs = Blobs::new(blobs.clone(), self.config.servers.clone());
+        let task = self.task(key.clone(), blobs, stop_rx);
+        let handle = tokio::spawn(task.run(plan));
         self.attempts.insert(
             key,
-            Entry {
-                log_path,
-                metrics: Default::default(),
+            entry(
                 workdir,
-                shipped: 0,
-                state: v1::AttemptState::Scheduled,
-                end: None,
-                end_sent: false,
+                v1::AttemptState::Scheduled,
                 stop,
-                task: Some(handle),
+                Some(handle),
                 in_container,
-            },
+            ),
         );
     }
 
@@ -583,7 +612,7 @@ impl Agent {
         &mut self,
         ev: Event,
         out: &mpsc::Sender<v1::AgentMessage>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), SessionError> {
         match ev {
             Event::State(key, state) => {
                 if let Some(entry) = self.attempts.get_mut(&key) {
@@ -595,12 +624,8 @@ impl Agent {
                 if let Some(entry) = self.attempts.get_mut(&key) {
                     tracing::info!(run_id = %key.0, attempt = key.1, end = outcome.end.as_str(), exit_code = ?outcome.exit_code, "attempt ended");
                     let mut end = ended(&key, &outcome, outputs);
-                    end.log_bytes = tokio::fs::metadata(&entry.log_path)
-                        .await
-                        .map(|m| m.len())
-                        .unwrap_or(0);
-                    end.metric_bytes =
-                        crate::metrics::file_len(&crate::metrics::host_path(&entry.workdir)).await;
+                    end.log_bytes = crate::ship::file_len(entry.log.path()).await;
+                    end.metric_bytes = crate::ship::file_len(entry.metrics.path()).await;
                     entry.end = Some(end);
                     entry.task = None;
                 }
@@ -610,35 +635,19 @@ impl Agent {
         Ok(())
     }
 
-    /// Sends new log bytes of every attempt, then the ends whose logs are all shipped.
-    async fn ship(&mut self, out: &mpsc::Sender<v1::AgentMessage>) -> anyhow::Result<()> {
+    /// Sends new log and metric bytes of every attempt, then the ends whose log and
+    /// metrics are all shipped.
+    async fn ship(&mut self, out: &mpsc::Sender<v1::AgentMessage>) -> Result<(), SessionError> {
         for ((run_id, attempt), entry) in self.attempts.iter_mut() {
-            let mut budget = SHIP_PER_TICK;
-            while budget > 0 {
-                let data = read_from(&entry.log_path, entry.shipped, SHIP_CHUNK.min(budget)).await;
-                if data.is_empty() {
-                    break;
-                }
-                let n = data.len();
-                out.send(msg(agent_message::Msg::Log(v1::LogData {
-                    run_id: run_id.clone(),
-                    attempt: *attempt,
-                    offset: entry.shipped,
-                    data,
-                })))
-                .await?;
-                entry.shipped += n as u64;
-                budget -= n;
-            }
-            let metrics_path = crate::metrics::host_path(&entry.workdir);
+            entry.log.ship(run_id, *attempt, SHIP_PER_TICK, out).await?;
             entry
                 .metrics
-                .ship(run_id, *attempt, &metrics_path, SHIP_PER_TICK, out)
+                .ship(run_id, *attempt, SHIP_PER_TICK, out)
                 .await?;
             if let Some(end) = &entry.end
                 && !entry.end_sent
-                && entry.shipped >= end.log_bytes
-                && entry.metrics.shipped >= end.metric_bytes
+                && entry.log.shipped() >= end.log_bytes
+                && entry.metrics.shipped() >= end.metric_bytes
             {
                 out.send(msg(agent_message::Msg::Update(end.clone())))
                     .await?;
@@ -649,16 +658,67 @@ impl Agent {
     }
 }
 
-pub(crate) async fn read_from(path: &std::path::Path, offset: u64, max: usize) -> Vec<u8> {
-    let Ok(mut file) = tokio::fs::File::open(path).await else {
-        return Vec::new();
+/// What the agent registers: the node, what it offers (`host` = the machine's millicores
+/// and bytes, capped by `--cpus`/`--memory`, none at all for an unlimited node), its GPUs,
+/// and its labels plus the exec port and the GPU software versions (as labels, as GPU
+/// feature discovery does).
+fn registration(
+    config: &AgentConfig,
+    node_id: &str,
+    exec_port: u16,
+    gpus: &crate::GpuReport,
+    host: (u64, u64),
+) -> v1::RegisterRequest {
+    let (cpu, mem) = host;
+    let (cpu, mem) = if config.unlimited {
+        (0, 0)
+    } else {
+        (
+            config.cpu_millis.unwrap_or(cpu).min(cpu),
+            config.memory_bytes.unwrap_or(mem).min(mem),
+        )
     };
-    if file.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
-        return Vec::new();
+    let mut labels = config.labels.clone();
+    labels.insert(muster_proto::EXEC_PORT_LABEL.into(), exec_port.to_string());
+    if let Some(v) = &gpus.driver_version {
+        labels.insert("nvidia.com/driver-version".into(), v.clone());
     }
-    let mut buf = Vec::with_capacity(max.min(SHIP_CHUNK));
-    let _ = (&mut file).take(max as u64).read_to_end(&mut buf).await;
-    buf
+    if let Some(v) = &gpus.cuda_version {
+        labels.insert("nvidia.com/cuda-version".into(), v.clone());
+    }
+    v1::RegisterRequest {
+        node_id: node_id.to_string(),
+        name: config.name.clone(),
+        compute: config.compute.clone(),
+        capacity: Some(v1::Resources {
+            cpu_millis: cpu,
+            memory_bytes: mem,
+            gpus: gpus.gpus.len() as u32,
+        }),
+        gpus: gpus.gpus.iter().cloned().map(Into::into).collect(),
+        labels: labels.into_iter().collect(),
+        tier: config.tier.as_str().into(),
+        address: config.advertise_addr.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
+/// A stop order's reason off the wire. A reason this version does not know still stops
+/// the attempt — the server wants it stopped — as fencing does (its report is ignored
+/// anyway), and says so.
+fn stop_reason(raw: i32) -> StopReason {
+    match v1::StopReason::from_wire(raw) {
+        Ok(v1::StopReason::Canceled) => StopReason::Canceled,
+        Ok(v1::StopReason::Preempted) => StopReason::Preempted,
+        Ok(v1::StopReason::Stale) => StopReason::Stale,
+        Ok(v1::StopReason::Unspecified) | Err(_) => {
+            tracing::error!(
+                reason = raw,
+                "a stop order with an unknown reason (the server may run another muster version); stopping the attempt as stale"
+            );
+            StopReason::Stale
+        }
+    }
 }
 
 fn msg(m: agent_message::Msg) -> v1::AgentMessage {
@@ -685,5 +745,62 @@ fn ended(key: &Key, o: &Outcome, outputs: Option<String>) -> v1::AttemptUpdate {
         outputs,
         log_bytes: 0,
         metric_bytes: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registration_caps_the_offer_and_labels_the_node() {
+        let mut config = AgentConfig::new("http://s:1", "/tmp/x", "gpu");
+        config.name = "n".into();
+        config.cpu_millis = Some(2_000);
+        config.labels = [("zone".to_string(), "a".to_string())].into();
+        let gpus = crate::GpuReport {
+            gpus: vec![muster_core::Gpu {
+                uuid: "GPU-1".into(),
+                model: "m".into(),
+                memory_bytes: 1,
+            }],
+            driver_version: Some("555".into()),
+            cuda_version: None,
+            note: None,
+        };
+        let r = registration(&config, "node-1", 7001, &gpus, (8_000, 1 << 30));
+        let capacity = r.capacity.unwrap();
+        assert_eq!(
+            (capacity.cpu_millis, capacity.memory_bytes, capacity.gpus),
+            (2_000, 1 << 30, 1)
+        );
+        assert_eq!(r.labels["zone"], "a");
+        assert_eq!(r.labels[muster_proto::EXEC_PORT_LABEL], "7001");
+        assert_eq!(r.labels["nvidia.com/driver-version"], "555");
+        assert!(!r.labels.contains_key("nvidia.com/cuda-version"));
+        // More than the machine has is capped at the machine; unlimited offers nothing.
+        config.memory_bytes = Some(1 << 40);
+        let capacity = registration(&config, "node-1", 7001, &gpus, (8_000, 1 << 30))
+            .capacity
+            .unwrap();
+        assert_eq!(capacity.memory_bytes, 1 << 30);
+        config.unlimited = true;
+        let capacity = registration(&config, "node-1", 7001, &gpus, (8_000, 1 << 30))
+            .capacity
+            .unwrap();
+        assert_eq!((capacity.cpu_millis, capacity.memory_bytes), (0, 0));
+    }
+
+    #[test]
+    fn stop_reasons_come_off_the_wire() {
+        assert_eq!(
+            stop_reason(v1::StopReason::Canceled.into()),
+            StopReason::Canceled
+        );
+        assert_eq!(
+            stop_reason(v1::StopReason::Preempted.into()),
+            StopReason::Preempted
+        );
+        assert_eq!(stop_reason(v1::StopReason::Stale.into()), StopReason::Stale);
     }
 }

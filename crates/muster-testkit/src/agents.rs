@@ -82,7 +82,7 @@ pub fn rsh_helper_bin() -> PathBuf {
 #[derive(Debug)]
 pub struct AgentHandle {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
+    task: Option<JoinHandle<Result<(), muster_agent::AgentError>>>,
 }
 
 impl AgentHandle {

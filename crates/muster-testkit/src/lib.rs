@@ -5,6 +5,8 @@
 //! - [`DevProcess`]: the real `muster` binary as a child process, for tests that must
 //!   `kill -9` it (a crash, not a clean shutdown).
 //! - [`FakeGpuProbe`]: gives a node any GPUs a test wants.
+//! - [`fake_executor::FakeExecutor`]: an agent executor that records launches and lets a
+//!   test end them with an exit code.
 //! - [`mpi_image::mpi_image`]: an Open MPI image built from the host's `openmpi-bin`.
 //! - [`muster`]: runs a CLI command against a server and captures what it printed.
 //!
@@ -13,6 +15,7 @@
 pub mod agents;
 pub mod cluster;
 pub mod compose;
+pub mod fake_executor;
 pub mod images;
 pub mod mpi_image;
 

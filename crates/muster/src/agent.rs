@@ -53,5 +53,5 @@ pub async fn run(server: &str, args: AgentArgs) -> anyhow::Result<()> {
         config.compute,
         config.servers.join(", ")
     );
-    muster_agent::run(config, crate::shutdown_signal()).await
+    Ok(muster_agent::run(config, crate::shutdown_signal()).await?)
 }

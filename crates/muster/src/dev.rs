@@ -81,7 +81,7 @@ pub async fn serve(
     let agent_result = agent.await?;
     let _ = stop_server.send(());
     server.await??;
-    agent_result
+    Ok(agent_result?)
 }
 
 /// `muster dev` from the command line.

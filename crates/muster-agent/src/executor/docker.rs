@@ -30,6 +30,7 @@ use tokio::fs::File;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{oneshot, watch};
 
+pub use super::Managed;
 use super::process::wait_stop;
 use super::{ContainerSpec, Launch, Outcome, Stop, StopReason, stopped};
 
@@ -73,25 +74,92 @@ pub struct DockerExecutor {
     long: Docker,
 }
 
-/// A container of this node found on the engine (see [`DockerExecutor::managed`]).
-#[derive(Debug, Clone)]
-pub struct Managed {
-    /// The container id.
-    pub id: String,
-    /// Its `muster.run_id` label.
-    pub run_id: String,
-    /// Its `muster.attempt` label (0 if missing or malformed).
-    pub attempt: u32,
-    /// Its `muster.rank` label (0 if missing or malformed).
-    pub rank: u32,
-    /// Whether it is still running (false: exited, or created and never started).
-    pub running: bool,
+/// What went wrong talking to the Docker engine. Each reads as a sentence's end for a
+/// person ("could not create the container x: <this>").
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    /// No engine answers.
+    #[error("no Docker engine at {host}: {cause}; start dockerd or set DOCKER_HOST")]
+    NoEngine {
+        /// `DOCKER_HOST`, or the default socket.
+        host: String,
+        /// What failed.
+        cause: String,
+    },
+    /// The engine refused a request; what it said.
+    #[error("{0}")]
+    Engine(String),
+    /// Listing a node's containers failed.
+    #[error("could not list the containers of node {node}: {cause}")]
+    List {
+        /// The node id.
+        node: String,
+        /// What the engine said.
+        cause: String,
+    },
+    /// A registry that cannot be reached (a pull status line saying so).
+    #[error("{0}")]
+    Unreachable(String),
+    /// The pull took longer than [`PULL_LIMIT`].
+    #[error("the pull took longer than {minutes} min")]
+    PullTimeout {
+        /// The limit.
+        minutes: u64,
+    },
+    /// The pull ended without the image.
+    #[error("the pull ended but the engine does not have the image")]
+    PullIncomplete,
+    /// The attempt's log file.
+    #[error("cannot open the log file {}: {source}", path.display())]
+    Log {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl From<&EngineError> for DockerError {
+    fn from(e: &EngineError) -> DockerError {
+        DockerError::Engine(engine_message(e))
+    }
+}
+
+impl super::Executor for DockerExecutor {
+    fn kind(&self) -> &'static str {
+        "docker"
+    }
+
+    fn run(
+        &self,
+        launch: Launch,
+        stop: super::StopOrders,
+        started: oneshot::Sender<()>,
+    ) -> futures::future::BoxFuture<'_, Outcome> {
+        Box::pin(DockerExecutor::run(self, launch, stop, started))
+    }
+
+    fn managed<'a>(
+        &'a self,
+        node_id: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Vec<Managed>, super::ExecutorError>> {
+        Box::pin(async move { Ok(DockerExecutor::managed(self, node_id).await?) })
+    }
+
+    fn adopt<'a>(
+        &'a self,
+        managed: &'a Managed,
+        log_path: &'a Path,
+        stop: super::StopOrders,
+    ) -> futures::future::BoxFuture<'a, Outcome> {
+        Box::pin(DockerExecutor::adopt(self, managed, log_path, stop))
+    }
 }
 
 /// How the wait for a container ended.
 enum Ended {
     /// It exited by itself; the exit code reported by the wait, if any.
-    Exited(Result<Option<i64>, String>),
+    Exited(Result<Option<i64>, DockerError>),
     /// A stop order stopped it.
     Stopped(StopReason),
     /// `limits.timeout` stopped it.
@@ -104,13 +172,14 @@ impl DockerExecutor {
     ///
     /// The error is a sentence for a person, e.g. "no Docker engine at
     /// unix:///var/run/docker.sock: <cause>; start dockerd or set DOCKER_HOST".
-    pub async fn connect() -> Result<DockerExecutor, String> {
+    pub async fn connect() -> Result<DockerExecutor, DockerError> {
         let host = std::env::var("DOCKER_HOST")
             .ok()
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
-        let no_engine = |cause: String| {
-            format!("no Docker engine at {host}: {cause}; start dockerd or set DOCKER_HOST")
+        let no_engine = |cause: String| DockerError::NoEngine {
+            host: host.clone(),
+            cause,
         };
         let docker = Docker::connect_with_defaults().map_err(|e| no_engine(engine_message(&e)))?;
         let docker = tokio::time::timeout(CONNECT_LIMIT, async {
@@ -147,7 +216,7 @@ impl DockerExecutor {
         };
         let mut log = match open_log(&launch.log_path).await {
             Ok(f) => f,
-            Err(message) => return failed(None, message),
+            Err(e) => return failed(None, e.to_string()),
         };
 
         // 1. The image: local, else pulled (a stop order interrupts the pull).
@@ -242,7 +311,7 @@ impl DockerExecutor {
 
     /// The containers of this node (label `muster.node_id == node_id`), running or exited,
     /// not yet removed.
-    pub async fn managed(&self, node_id: &str) -> Result<Vec<Managed>, String> {
+    pub async fn managed(&self, node_id: &str) -> Result<Vec<Managed>, DockerError> {
         let filters = HashMap::from([("label", vec![format!("{LABEL_NODE}={node_id}")])]);
         let options = ListContainersOptionsBuilder::default()
             .all(true)
@@ -252,11 +321,9 @@ impl DockerExecutor {
             .docker
             .list_containers(Some(options))
             .await
-            .map_err(|e| {
-                format!(
-                    "could not list the containers of node {node_id}: {}",
-                    engine_message(&e)
-                )
+            .map_err(|e| DockerError::List {
+                node: node_id.to_string(),
+                cause: engine_message(&e),
             })?;
         Ok(list
             .into_iter()
@@ -321,9 +388,9 @@ impl DockerExecutor {
         }
         let log = match open_log(log_path).await {
             Ok(f) => f,
-            Err(message) => {
+            Err(e) => {
                 let _ = self.remove(id).await;
-                return failed(None, message);
+                return failed(None, e.to_string());
             }
         };
         let file_len = match log.metadata().await {
@@ -364,12 +431,12 @@ impl DockerExecutor {
 
     /// Removes a container by id or name (forcibly: a running one is killed); a container
     /// that does not exist is not an error.
-    pub async fn remove(&self, id: &str) -> Result<(), String> {
+    pub async fn remove(&self, id: &str) -> Result<(), DockerError> {
         let options = RemoveContainerOptionsBuilder::default().force(true).build();
         match self.long.remove_container(id, Some(options)).await {
             Ok(()) => Ok(()),
             Err(e) if status_of(&e) == Some(404) => Ok(()),
-            Err(e) => Err(engine_message(&e)),
+            Err(e) => Err((&e).into()),
         }
     }
 
@@ -380,11 +447,11 @@ impl DockerExecutor {
 
     /// Uses the image if present, else pulls it (bounded by [`PULL_LIMIT`]), writing progress
     /// lines to the log. The error is the reason in words.
-    async fn ensure_image(&self, image: &str, log: &mut File) -> Result<(), String> {
+    async fn ensure_image(&self, image: &str, log: &mut File) -> Result<(), DockerError> {
         match self.docker.inspect_image(image).await {
             Ok(_) => return Ok(()),
             Err(e) if status_of(&e) == Some(404) => {}
-            Err(e) => return Err(engine_message(&e)),
+            Err(e) => return Err((&e).into()),
         }
         let _ = log
             .write_all(format!("muster: pulling image {image}: not found locally\n").as_bytes())
@@ -398,13 +465,13 @@ impl DockerExecutor {
         let mut last: HashMap<String, String> = HashMap::new();
         let pull = async {
             while let Some(item) = progress.next().await {
-                let info = item.map_err(|e| engine_message(&e))?;
+                let info = item.map_err(|e| DockerError::from(&e))?;
                 let Some(status) = info.status else { continue };
                 // The engine retries layer downloads on network errors; a registry that
                 // cannot be reached at all will not become reachable by retrying.
                 let lower = status.to_lowercase();
                 if lower.contains("no such host") || lower.contains("connection refused") {
-                    return Err(status);
+                    return Err(DockerError::Unreachable(status));
                 }
                 let layer = info.id.unwrap_or_default();
                 // One line per change of a layer's status, not per byte of progress.
@@ -419,21 +486,20 @@ impl DockerExecutor {
                 last.insert(layer, status);
                 let _ = log.write_all(line.as_bytes()).await;
             }
-            Ok::<_, String>(())
+            Ok::<_, DockerError>(())
         };
         let result = match tokio::time::timeout(PULL_LIMIT, pull).await {
             Ok(r) => r,
-            Err(_) => Err(format!(
-                "the pull took longer than {} min",
-                PULL_LIMIT.as_secs() / 60
-            )),
+            Err(_) => Err(DockerError::PullTimeout {
+                minutes: PULL_LIMIT.as_secs() / 60,
+            }),
         };
         let _ = log.flush().await;
         result?;
         if self.has_image(image).await {
             Ok(())
         } else {
-            Err("the pull ended but the engine does not have the image".into())
+            Err(DockerError::PullIncomplete)
         }
     }
 
@@ -491,7 +557,7 @@ impl DockerExecutor {
             match wait.next().await {
                 Some(Ok(r)) => Ok(Some(r.status_code)),
                 Some(Err(EngineError::DockerContainerWaitError { code, .. })) => Ok(Some(code)),
-                Some(Err(e)) => Err(engine_message(&e)),
+                Some(Err(e)) => Err(DockerError::from(&e)),
                 None => Ok(None),
             }
         };
@@ -755,13 +821,16 @@ fn describe_exit(code: i32) -> String {
     }
 }
 
-async fn open_log(path: &Path) -> Result<File, String> {
+async fn open_log(path: &Path) -> Result<File, DockerError> {
     tokio::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .await
-        .map_err(|e| format!("cannot open the log file {}: {e}", path.display()))
+        .map_err(|source| DockerError::Log {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// Splits an image reference into the name and the tag (or digest) for a pull; no tag

@@ -1,18 +1,89 @@
-//! Executors start an attempt's process and report how it ended.
+//! Executors start an attempt's process and report how it ended, behind one trait,
+//! [`Executor`]: `run` a [`Launch`] (what `plan.rs` decided) until it ends, list what
+//! survived an agent restart (`managed`) and `adopt` it. Stop orders reach a running
+//! attempt through its [`StopOrders`] channel (the session, a cancel, a preemption, or an
+//! MPI release all send on it), so every executor stops the same way.
 //!
 //! - `process`: `sh -c` in the node's own userland (the `local` target; Azure ML's
-//!   user-managed environment).
+//!   user-managed environment). Nothing to re-adopt: a process dies with its agent.
 //! - `docker`: a container per attempt through the Docker engine (bollard), labelled so a
 //!   restarted agent re-adopts it.
+//!
+//! muster-testkit has a fake that records launches and lets a test end them.
 
 pub mod docker;
 pub mod process;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use muster_core::AttemptEnd;
+use tokio::sync::{oneshot, watch};
+
+pub use docker::DockerError;
+
+/// The stop orders of one attempt: `None` until someone orders it to stop.
+pub type StopOrders = watch::Receiver<Option<Stop>>;
+
+/// Runs attempts on this node.
+///
+/// Object-safe (the agent holds `Arc<dyn Executor>`, tests give it a fake), so the async
+/// methods return boxed futures.
+pub trait Executor: Send + Sync + std::fmt::Debug {
+    /// What it runs in, for logs: `docker`, `process`, `fake`.
+    fn kind(&self) -> &'static str;
+
+    /// Runs `launch` until it exits, an order on `stop` stops it, or `launch.timeout`
+    /// passes; `started` fires once the command runs. Never fails: a failure to start is
+    /// an [`Outcome`] with [`AttemptEnd::Failed`] and the reason.
+    fn run(
+        &self,
+        launch: Launch,
+        stop: StopOrders,
+        started: oneshot::Sender<()>,
+    ) -> BoxFuture<'_, Outcome>;
+
+    /// What this executor started for node `node_id` before the agent restarted and still
+    /// holds (running or exited, not yet cleaned up).
+    fn managed<'a>(
+        &'a self,
+        node_id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<Managed>, ExecutorError>>;
+
+    /// Follows one of [`managed`](Self::managed)'s results to its end as `run` does,
+    /// appending its output to `log_path` without repeating what the file holds.
+    fn adopt<'a>(
+        &'a self,
+        managed: &'a Managed,
+        log_path: &'a Path,
+        stop: StopOrders,
+    ) -> BoxFuture<'a, Outcome>;
+}
+
+/// Why an executor could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorError {
+    /// The Docker engine refused or is gone.
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+}
+
+/// Something an executor started before the agent restarted (see [`Executor::managed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Managed {
+    /// The executor's id for it (the container id).
+    pub id: String,
+    /// Its run (label `muster.run_id`).
+    pub run_id: String,
+    /// Its attempt number (label `muster.attempt`; 0 if missing or malformed).
+    pub attempt: u32,
+    /// Its node rank (label `muster.rank`; 0 if missing or malformed).
+    pub rank: u32,
+    /// Whether it is still running (false: exited, or created and never started).
+    pub running: bool,
+}
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -92,8 +163,8 @@ pub struct Outcome {
     pub message: Option<String>,
 }
 
-/// The outcome of a stop order, shared by the executors.
-pub(crate) fn stopped(reason: StopReason, code: Option<i32>) -> Outcome {
+/// The outcome of a stop order, shared by the executors (and muster-testkit's fake).
+pub fn stopped(reason: StopReason, code: Option<i32>) -> Outcome {
     let (end, message) = match reason {
         StopReason::Canceled => (AttemptEnd::Canceled, "canceled"),
         StopReason::Preempted => (

@@ -11,7 +11,49 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Launch, Outcome, Stop, StopReason, stopped};
+use super::{
+    Executor, ExecutorError, Launch, Managed, Outcome, Stop, StopOrders, StopReason, stopped,
+};
+
+/// The process executor as an [`Executor`]. Processes die with their agent, so there is
+/// nothing to re-adopt.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessExecutor;
+
+impl Executor for ProcessExecutor {
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
+    fn run(
+        &self,
+        launch: Launch,
+        stop: StopOrders,
+        started: oneshot::Sender<()>,
+    ) -> futures::future::BoxFuture<'_, Outcome> {
+        Box::pin(run(launch, stop, started))
+    }
+
+    fn managed<'a>(
+        &'a self,
+        _node_id: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Vec<Managed>, ExecutorError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    fn adopt<'a>(
+        &'a self,
+        managed: &'a Managed,
+        _log_path: &'a std::path::Path,
+        _stop: StopOrders,
+    ) -> futures::future::BoxFuture<'a, Outcome> {
+        let message = format!(
+            "the process of attempt {} of run {} cannot be re-adopted (processes end with their agent)",
+            managed.attempt, managed.run_id
+        );
+        Box::pin(async move { failed(None, message) })
+    }
+}
 
 /// Runs `launch` until it exits, is stopped, or times out. `started` fires once the process runs.
 pub async fn run(
@@ -136,7 +178,8 @@ fn failed(code: Option<i32>, message: String) -> Outcome {
     }
 }
 
-pub(crate) async fn wait_stop(stop: &mut watch::Receiver<Option<Stop>>) -> Stop {
+/// Waits for a stop order; a dropped sender (the agent let the attempt go) is a stale stop.
+pub async fn wait_stop(stop: &mut StopOrders) -> Stop {
     loop {
         if let Some(order) = *stop.borrow_and_update() {
             return order;
