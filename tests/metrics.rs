@@ -189,7 +189,9 @@ async fn follow_prints_points_while_the_run_is_running() {
     let dev = DevCluster::start().await.unwrap();
     let project = tempfile::tempdir().unwrap();
     let gate = project.path().join("go");
-    // One point, then wait (bounded) for the test to open the gate, then two more.
+    // One point, then wait (bounded) for the test to open the gate, then two more. The
+    // two come through different streams (the log, the metrics file), shipped on their
+    // own ticks: a second apart, their order of arrival is their order of writing.
     write(
         project.path(),
         "train.sh",
@@ -197,6 +199,7 @@ async fn follow_prints_points_while_the_run_is_running() {
             r#"echo '{{"name":"loss","value":1,"step":1}}' >> "$MUSTER_METRICS_FILE"
 n=0; while [ ! -e '{gate}' ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n + 1)); done
 echo '##muster[metric] name=loss value=2 step=2'
+sleep 1
 echo '{{"name":"loss","value":3,"step":3}}' >> "$MUSTER_METRICS_FILE"
 "#,
             gate = gate.display()
