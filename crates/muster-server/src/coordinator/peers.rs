@@ -183,9 +183,9 @@ async fn deliver(me: u64, to: u64, peers: Peers, mut rx: mpsc::Receiver<Vec<u8>>
     }
 }
 
-/// Requests between servers carry this header, so a copy is not copied on again and a
-/// relayed read is not relayed twice.
-pub const REPLICA_HEADER: &str = "muster-replica";
+/// Requests between servers carry this header (muster-client's, which its `Blobs::replica`
+/// sets too), so a copy is not copied on again and a relayed read is not relayed twice.
+pub use muster_client::REPLICA_HEADER;
 
 /// A request to another server, marked as coming from a server.
 pub fn replica_request<T>(message: T) -> tonic::Request<T> {

@@ -1,22 +1,19 @@
 //! The gRPC side of blob replication: [`GrpcBlobPeers`] implements the store's
-//! [`BlobPeers`] over the peers' BlobService (each request marked as a replica copy, so the
-//! receiving server does not copy it on again).
+//! [`BlobPeers`] with muster-client's blob streaming to the peers' BlobService, each
+//! request marked as a replica copy (`Blobs::replica`), so the receiving server does not
+//! copy it on again.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
-use muster_proto::v1::{self, blob_service_client::BlobServiceClient};
-use tokio::io::AsyncReadExt;
-use tonic::transport::Channel;
+use muster_client::{Blobs, ClientError};
+use muster_proto::v1::blob_service_client::BlobServiceClient;
 
 use crate::coordinator::Coordinator;
-use crate::coordinator::peers::replica_request;
 use crate::store::replication::Chunks;
 use crate::store::{BlobPeers, PeerError};
-
-const CHUNK: usize = 1 << 20;
 
 /// The other servers' BlobService, reached through the coordinator's peer book.
 #[derive(Debug)]
@@ -29,17 +26,19 @@ impl GrpcBlobPeers {
         GrpcBlobPeers { coordinator }
     }
 
-    fn client(&self, peer: u64) -> Result<BlobServiceClient<Channel>, PeerError> {
+    fn blobs(&self, peer: u64) -> Result<Blobs, PeerError> {
         let channel = self
             .coordinator
             .peer_channel(peer)
             .ok_or_else(|| PeerError("its address is unknown".into()))?;
-        Ok(BlobServiceClient::new(channel).max_decoding_message_size(8 << 20))
+        Ok(Blobs::replica(
+            BlobServiceClient::new(channel).max_decoding_message_size(8 << 20),
+        ))
     }
 }
 
-fn peer_error(s: tonic::Status) -> PeerError {
-    PeerError(s.message().to_string())
+fn peer_error(e: ClientError) -> PeerError {
+    PeerError(e.to_string())
 }
 
 impl BlobPeers for GrpcBlobPeers {
@@ -61,16 +60,7 @@ impl BlobPeers for GrpcBlobPeers {
         peer: u64,
         hashes: Vec<String>,
     ) -> BoxFuture<'_, Result<Vec<String>, PeerError>> {
-        async move {
-            let mut client = self.client(peer)?;
-            Ok(client
-                .missing_blobs(replica_request(v1::MissingBlobsRequest { sha256: hashes }))
-                .await
-                .map_err(peer_error)?
-                .into_inner()
-                .sha256)
-        }
-        .boxed()
+        async move { self.blobs(peer)?.missing(hashes).await.map_err(peer_error) }.boxed()
     }
 
     fn send(
@@ -80,56 +70,22 @@ impl BlobPeers for GrpcBlobPeers {
         path: PathBuf,
     ) -> BoxFuture<'_, Result<(), PeerError>> {
         async move {
-            let mut client = self.client(peer)?;
-            let mut file = tokio::fs::File::open(&path)
+            self.blobs(peer)?
+                .upload_file(&sha256, &path)
                 .await
-                .map_err(|e| PeerError(format!("{}: {e}", path.display())))?;
-            let (tx, rx) = tokio::sync::mpsc::channel(4);
-            let reader = tokio::spawn(async move {
-                let mut first = true;
-                loop {
-                    let mut buf = vec![0u8; CHUNK];
-                    let n = file.read(&mut buf).await?;
-                    if n == 0 && !first {
-                        return Ok::<(), std::io::Error>(());
-                    }
-                    buf.truncate(n);
-                    let chunk = v1::BlobChunk {
-                        sha256: if first { sha256.clone() } else { String::new() },
-                        data: buf,
-                    };
-                    first = false;
-                    if tx.send(chunk).await.is_err() || n == 0 {
-                        return Ok(());
-                    }
-                }
-            });
-            let sent = client
-                .put_blob(replica_request(
-                    tokio_stream::wrappers::ReceiverStream::new(rx),
-                ))
-                .await
-                .map_err(peer_error);
-            reader
-                .await
-                .map_err(|e| PeerError(e.to_string()))?
-                .map_err(|e| PeerError(e.to_string()))?;
-            sent.map(|_| ())
+                .map_err(peer_error)
         }
         .boxed()
     }
 
     fn fetch(&self, peer: u64, sha256: String) -> BoxFuture<'_, Result<Chunks, PeerError>> {
         async move {
-            let mut client = self.client(peer)?;
-            let stream = client
-                .get_blob(replica_request(v1::GetBlobRequest { sha256 }))
+            let stream = self
+                .blobs(peer)?
+                .download_stream(&sha256)
                 .await
-                .map_err(peer_error)?
-                .into_inner();
-            Ok(stream
-                .map(|chunk| chunk.map(|c| c.data).map_err(peer_error))
-                .boxed())
+                .map_err(peer_error)?;
+            Ok(stream.map(|chunk| chunk.map_err(peer_error)).boxed())
         }
         .boxed()
     }
