@@ -127,6 +127,7 @@ fn failed(message: String) -> Outcome {
 impl AttemptTask {
     /// Runs a new assignment from the start, as planned (a plan that failed fails the
     /// attempt with its reason).
+    #[tracing::instrument(name = "attempt", skip_all, fields(run_id = %self.key.0, attempt = self.key.1))]
     pub(crate) async fn run(mut self, plan: Result<AttemptPlan, PlanError>) {
         let _ = self
             .events
@@ -144,6 +145,7 @@ impl AttemptTask {
     }
 
     /// Follows a container this node started before the agent restarted.
+    #[tracing::instrument(name = "adopt", skip_all, fields(run_id = %self.key.0, attempt = self.key.1))]
     pub(crate) async fn adopt(mut self, executor: Arc<dyn Executor>, managed: Managed) {
         let state = if managed.running {
             v1::AttemptState::Running

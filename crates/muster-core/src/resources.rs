@@ -100,6 +100,22 @@ pub fn parse_cpu(text: &str) -> Result<u64, String> {
     Ok((cores * 1000.0).round() as u64)
 }
 
+/// Bytes in binary units, as people read memory sizes: `100 B`, `32 MiB`, `1.5 GiB`.
+pub fn format_bytes(b: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = b as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value.fract() == 0.0 {
+        format!("{value} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

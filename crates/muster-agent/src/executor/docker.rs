@@ -26,6 +26,7 @@ use bollard::query_parameters::{
 };
 use futures::StreamExt;
 use muster_core::AttemptEnd;
+use muster_core::resources::format_bytes;
 use tokio::fs::File;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{oneshot, watch};
@@ -702,7 +703,7 @@ fn outcome(
                 let message = match limit {
                     Some(bytes) => format!(
                         "OOM-killed: the container exceeded its memory limit of {}",
-                        human_size(u64::try_from(bytes).unwrap_or_default())
+                        format_bytes(u64::try_from(bytes).unwrap_or_default())
                     ),
                     None => {
                         "OOM-killed: the node ran out of memory (the container has no memory limit)"
@@ -870,22 +871,6 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// Bytes in binary units: "32 MiB", "1.5 GiB".
-fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if value.fract() == 0.0 {
-        format!("{value:.0} {}", UNITS[unit])
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -910,9 +895,9 @@ mod tests {
 
     #[test]
     fn sizes_read_like_a_person_writes_them() {
-        assert_eq!(human_size(32 * 1024 * 1024), "32 MiB");
-        assert_eq!(human_size(3 * 512 * 1024 * 1024), "1.5 GiB");
-        assert_eq!(human_size(100), "100 B");
+        assert_eq!(format_bytes(32 * 1024 * 1024), "32 MiB");
+        assert_eq!(format_bytes(3 * 512 * 1024 * 1024), "1.5 GiB");
+        assert_eq!(format_bytes(100), "100 B");
     }
 
     #[test]

@@ -385,7 +385,7 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
     // The same key on every retry: a retry after a timeout never makes a second run.
     let key = args
         .idempotency_key
-        .unwrap_or_else(|| format!("cli-{:032x}", rand_u128()));
+        .unwrap_or_else(|| format!("cli-{:032x}", rand::random::<u128>()));
     let req = v1::SubmitRunRequest {
         spec: Some(spec.clone().into()),
         idempotency_key: Some(key),
@@ -432,21 +432,6 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
         );
     }
     Ok(exit_code(&done))
-}
-
-fn rand_u128() -> u128 {
-    use std::hash::{BuildHasher, Hasher};
-    let a = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish() as u128;
-    let b = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish() as u128;
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    (a << 64 | b) ^ t
 }
 
 /// Downloads the outputs of the run's latest attempt that has any (into `to/outputs/`)

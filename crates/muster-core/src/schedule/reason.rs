@@ -5,28 +5,12 @@ use std::fmt::Write;
 
 use crate::Millis;
 use crate::compute::cores;
-use crate::resources::Resources;
+use crate::resources::{Resources, format_bytes};
 use crate::schedule::Job;
 use crate::state::NodeState;
 
 fn plural(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
-}
-
-/// Bytes as `512 MiB`, `64 GiB`, `1.5 TiB`.
-pub(super) fn bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = b as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if value.fract() == 0.0 {
-        format!("{value} {}", UNITS[unit])
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }
 
 /// `2 nodes with 4 free GPUs, 8 free CPUs and 64 GiB free memory, labelled zone=a`.
@@ -43,7 +27,7 @@ pub(super) fn nodes_with(count: u32, r: &Resources, selector: &BTreeMap<String, 
         parts.push(format!("{} free CPUs", cores(r.cpu_millis)));
     }
     if r.memory_bytes > 0 {
-        parts.push(format!("{} free memory", bytes(r.memory_bytes)));
+        parts.push(format!("{} free memory", format_bytes(r.memory_bytes)));
     }
     let mut out = plural(count as usize, "node", "nodes");
     let any = !parts.is_empty();
@@ -167,9 +151,9 @@ mod tests {
         assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00 UTC");
         assert_eq!(utc(1_748_779_205_000), "2025-06-01 12:00:05 UTC");
-        assert_eq!(bytes(64 << 30), "64 GiB");
-        assert_eq!(bytes(3 << 29), "1.5 GiB");
-        assert_eq!(bytes(512 << 20), "512 MiB");
+        assert_eq!(format_bytes(64 << 30), "64 GiB");
+        assert_eq!(format_bytes(3 << 29), "1.5 GiB");
+        assert_eq!(format_bytes(512 << 20), "512 MiB");
         assert_eq!(list(&["a", "b"]), "a, b");
         assert_eq!(list(&["a", "b", "c", "d", "e"]), "a, b, c and 2 more");
     }
