@@ -9,7 +9,7 @@ use muster_testkit::agents::{AgentHandle, AgentProcess, agent_config};
 use muster_testkit::images::{busybox_image, docker_or_skip};
 use muster_testkit::{DevCluster, FakeGpuProbe, muster};
 use muster_tests::{
-    all_runs, short_grace_dev, submit_id, submit_sh, wait_done, wait_for_state, write,
+    all_runs, http_get, short_grace_dev, submit_id, submit_sh, wait_done, wait_for_state, write,
 };
 
 async fn create_pool(url: &str, name: &str) {
@@ -580,6 +580,17 @@ async fn a_high_priority_run_preempts_and_the_low_one_restarts_as_attempt_2() {
     assert!(
         shown.contains("waiting:") && shown.contains("GPU"),
         "{shown}"
+    );
+    // The studio's run page gives the same reason.
+    let addr = dev.addr;
+    let path = format!("/runs/{gpu}");
+    let (code, page) = tokio::task::spawn_blocking(move || http_get(addr, &path))
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{page}");
+    assert!(
+        page.contains("<p>Waiting for placement: ") && page.contains("GPU"),
+        "{page}"
     );
     muster(&url, p.path(), &["run", "cancel", &low]).await;
 }

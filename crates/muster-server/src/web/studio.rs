@@ -540,6 +540,8 @@ struct RunPage {
     attempts: Vec<AttemptSection>,
     /// Still waiting to be placed.
     queued: bool,
+    /// Why it waits, when the last scheduling pass said (empty otherwise).
+    waiting: String,
 }
 
 /// A sweep or pipeline a run is part of.
@@ -635,6 +637,8 @@ pub(super) async fn run_page(State(c): State<Arc<Server>>, Path(id): Path<String
         metrics,
         attempts,
         queued: run.state == RunState::Queued,
+        // The scheduler's own reason (the leader's last pass), as `run show` gives it.
+        waiting: c.waiting.reason(&run).unwrap_or_default(),
     })
 }
 
@@ -768,6 +772,7 @@ mod tests {
                 log: format!("{text}\n"),
             }],
             queued: false,
+            waiting: String::new(),
         }
     }
 
