@@ -4,11 +4,12 @@ use std::sync::Arc;
 
 use muster_core::{Command, NodeState};
 use muster_proto::v1::{self, compute_service_server::ComputeService};
-use muster_proto::{compute_spec_from_wire, compute_status_to_wire, compute_to_wire, node_to_wire};
+use muster_proto::{compute_spec_from_wire, compute_to_wire};
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::now_ms;
 use crate::server::Server;
+use crate::views;
 
 pub(crate) struct Computes(pub Arc<Server>);
 
@@ -68,13 +69,7 @@ impl ComputeService for Computes {
         req: Request<v1::GetComputeRequest>,
     ) -> Result<Response<v1::ComputeStatus>, Status> {
         let name = req.into_inner().name;
-        self.0
-            .coordinator
-            .read(|s| {
-                s.computes
-                    .get(&name)
-                    .map(|c| compute_status_to_wire(s, c, |id| self.0.heartbeats.last(id)))
-            })
+        views::compute::compute_status(&self.0, &name)
             .map(Response::new)
             .ok_or_else(|| {
                 Status::not_found(format!(
@@ -88,13 +83,7 @@ impl ComputeService for Computes {
         req: Request<v1::ListNodesRequest>,
     ) -> Result<Response<v1::ListNodesResponse>, Status> {
         let compute = req.into_inner().compute;
-        let nodes = self.0.coordinator.read(|s| {
-            s.nodes
-                .values()
-                .filter(|n| compute.as_ref().is_none_or(|c| &n.compute == c))
-                .map(|n| node_to_wire(n, self.0.heartbeats.last(&n.id)))
-                .collect()
-        });
+        let nodes = views::compute::nodes(&self.0, compute.as_deref());
         Ok(Response::new(v1::ListNodesResponse { nodes }))
     }
 
@@ -140,14 +129,7 @@ impl ComputeService for Computes {
                 at: now_ms(),
             })
             .await?;
-        let node = self
-            .0
-            .coordinator
-            .read(|s| {
-                s.nodes
-                    .get(&node_id)
-                    .map(|n| node_to_wire(n, self.0.heartbeats.last(&n.id)))
-            })
+        let node = views::compute::node(&self.0, &node_id)
             .ok_or_else(|| Status::not_found("the node was removed meanwhile"))?;
         Ok(Response::new(node))
     }

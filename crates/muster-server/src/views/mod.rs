@@ -1,6 +1,6 @@
 //! # views: read models, built once
 //!
-//! What a client reads — a run with why it waits, a sweep with its trials ranked, a run's
+//! What a client reads — a compute target with its nodes' heartbeats, a run with why it waits, a sweep with its trials ranked, a run's
 //! metrics, an attempt's logs — assembled here from the replicated state, the stores and
 //! the leader's memory, for the gRPC services and the studio's pages alike (muster-proto
 //! converts core types to wire messages; this layer decides what goes in).
@@ -9,6 +9,7 @@
 //! and muster-proto. A view whose data lives only on the leader (a live run's metrics)
 //! relays the read to the leader's API; it never imports the transport layers.
 
+pub(crate) mod compute;
 pub(crate) mod logs;
 pub(crate) mod metrics;
 pub(crate) mod runs;
