@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "pipelines",
         "metrics",
         "sweeps",
+        "access",
     ]
     .map(|f| root.join(format!("muster/v1/{f}.proto")));
     for f in &files {

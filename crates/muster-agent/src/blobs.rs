@@ -11,7 +11,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use muster_proto::v1::blob_service_client::BlobServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use muster_client::{Channel, Credentials};
+use tonic::transport::Endpoint;
 
 /// The largest blob message accepted (chunks are 1 MiB).
 const MAX_MESSAGE: usize = 8 << 20;
@@ -31,23 +32,37 @@ pub(crate) struct Blobs {
     primary: BlobServiceClient<Channel>,
     /// Every server the agent knows, to fall back to.
     servers: Vec<String>,
+    /// The agent's credential, for the other servers.
+    credentials: Credentials,
 }
 
 impl Blobs {
     /// Transfers through `primary` first, then through the other `servers`.
-    pub(crate) fn new(primary: BlobServiceClient<Channel>, servers: Vec<String>) -> Blobs {
-        Blobs { primary, servers }
+    pub(crate) fn new(
+        primary: BlobServiceClient<Channel>,
+        servers: Vec<String>,
+        credentials: Credentials,
+    ) -> Blobs {
+        Blobs {
+            primary,
+            servers,
+            credentials,
+        }
     }
 
     /// Before any session: the first of `servers`, connected on first use.
-    pub(crate) fn lazy(servers: Vec<String>) -> Result<Blobs, crate::ConfigError> {
+    pub(crate) fn lazy(
+        servers: Vec<String>,
+        credentials: Credentials,
+    ) -> Result<Blobs, crate::ConfigError> {
         let first = servers.first().ok_or(crate::ConfigError::NoServers)?;
         let endpoint =
             Endpoint::from_shared(first.clone()).map_err(|e| crate::ConfigError::ServerUrl {
                 url: first.clone(),
                 cause: e.to_string(),
             })?;
-        Ok(Blobs::new(client(endpoint.connect_lazy()), servers))
+        let primary = client(credentials.attach(endpoint.connect_lazy()));
+        Ok(Blobs::new(primary, servers, credentials))
     }
 
     /// Runs `transfer` against the primary server, then against each other server that
@@ -70,7 +85,7 @@ impl Blobs {
         // The leader may have been lost mid-transfer: blobs are on a majority.
         tracing::warn!(cause = %last, "{what} failed; trying the other servers");
         for url in &self.servers {
-            let Some(other) = connect(url).await else {
+            let Some(other) = connect(url, &self.credentials).await else {
                 continue;
             };
             match transfer(other).await {
@@ -83,12 +98,12 @@ impl Blobs {
 }
 
 /// A client of the server at `url`, if it answers.
-async fn connect(url: &str) -> Option<BlobServiceClient<Channel>> {
+async fn connect(url: &str, credentials: &Credentials) -> Option<BlobServiceClient<Channel>> {
     let endpoint = Endpoint::from_shared(url.to_string()).ok()?;
     let channel = endpoint
         .connect_timeout(CONNECT_LIMIT)
         .connect()
         .await
         .ok()?;
-    Some(client(channel))
+    Some(client(credentials.attach(channel)))
 }

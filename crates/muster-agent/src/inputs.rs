@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use muster_client::Blobs;
 use muster_proto::v1::blob_service_client::BlobServiceClient;
-use tonic::transport::Channel;
+use muster_client::Channel;
 
 /// Why a pipeline step's inputs could not be placed.
 #[derive(Debug, thiserror::Error)]

@@ -25,6 +25,7 @@
 
 mod attempt;
 mod blobs;
+mod credential;
 pub mod executor;
 mod identity;
 mod inputs;
@@ -93,6 +94,10 @@ pub struct AgentConfig {
     /// Run every attempt with this executor instead of the Docker engine or processes
     /// (tests: muster-testkit's fake executor). `None`: Docker if reachable, else processes.
     pub executor: Option<Arc<dyn executor::Executor>>,
+    /// A single-use join token (`--join`, from `muster token create --join`), traded on
+    /// first start for the node's credential, which is kept in `<data_dir>/credential`
+    /// (0600) and used from then on; not needed once that file exists.
+    pub join_token: Option<String>,
 }
 
 /// A setting of [`AgentConfig`] that cannot work; each names the flag to fix.
@@ -233,6 +238,7 @@ impl AgentConfig {
             rsh_helper: None,
             peer_wait: std::time::Duration::from_secs(300),
             executor: None,
+            join_token: None,
         }
     }
 }

@@ -24,7 +24,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use muster_client::{Channel, Credentials};
+use tonic::transport::Endpoint;
 
 use crate::attempt::{AttemptTask, Event, Executors, Key};
 use crate::blobs::Blobs;
@@ -111,6 +112,8 @@ pub(crate) struct Agent {
     exec_port: u16,
     /// The task serving it.
     exec_task: Option<JoinHandle<()>>,
+    /// What every call presents: the node's credential (`credential.rs`).
+    credentials: Credentials,
 }
 
 /// An attempt's entry, shipping its log and metrics from the start.
@@ -176,6 +179,7 @@ impl Agent {
             exec_listener: Some(exec_listener),
             exec_port,
             exec_task: None,
+            credentials: Credentials::none(),
             executors,
             config,
             node_id,
@@ -192,6 +196,11 @@ impl Agent {
         mut self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), AgentError> {
+        tokio::pin!(shutdown);
+        self.credentials = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            c = crate::credential::obtain(&self.config) => c?,
+        };
         let mut report = self.probe_gpus().await;
         if let Some(note) = &report.note {
             tracing::info!("{note}");
@@ -237,7 +246,6 @@ impl Agent {
                 docker,
             )));
         }
-        tokio::pin!(shutdown);
         let mut backoff = reconnect_backoff();
         let result = loop {
             let attempt = tokio::select! {
@@ -290,7 +298,7 @@ impl Agent {
             return;
         }
         // Adopted attempts start before any session: their transfers connect on first use.
-        let blobs = match Blobs::lazy(self.config.servers.clone()) {
+        let blobs = match Blobs::lazy(self.config.servers.clone(), self.credentials.clone()) {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(cause = %e, "no server to transfer through; no container re-adopted");
@@ -381,7 +389,7 @@ impl Agent {
                 .http2_keep_alive_interval(Duration::from_secs(1))
                 .keep_alive_timeout(Duration::from_secs(2));
             match endpoint.connect().await {
-                Ok(c) => return Ok(c),
+                Ok(c) => return Ok(self.credentials.attach(c)),
                 Err(cause) => {
                     last = Some(SessionError::Connect {
                         url: url.clone(),
@@ -416,9 +424,15 @@ impl Agent {
             .register(request)
             .await
             .map_err(|s| match s.code() {
-                Code::InvalidArgument | Code::NotFound | Code::AlreadyExists => {
-                    SessionError::Refused(s.message().to_string())
-                }
+                Code::InvalidArgument
+                | Code::NotFound
+                | Code::AlreadyExists
+                | Code::PermissionDenied => SessionError::Refused(s.message().to_string()),
+                Code::Unauthenticated => SessionError::Refused(format!(
+                    "{}: this node's credential ({}) no longer works; remove it and start the agent with a new --join token",
+                    s.message(),
+                    self.config.data_dir.join("credential").display()
+                )),
                 _ => SessionError::Register(s),
             })?
             .into_inner())
@@ -593,7 +607,11 @@ impl Agent {
         if let Err(e) = std::fs::create_dir_all(&workdir) {
             tracing::error!(cause = %e, "cannot create the attempt's working directory");
         }
-        let blobs = Blobs::new(blobs.clone(), self.config.servers.clone());
+        let blobs = Blobs::new(
+            blobs.clone(),
+            self.config.servers.clone(),
+            self.credentials.clone(),
+        );
         let task = self.task(key.clone(), blobs, stop_rx);
         let handle = tokio::spawn(task.run(plan));
         self.attempts.insert(

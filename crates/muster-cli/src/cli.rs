@@ -17,6 +17,11 @@ pub struct Cli {
         default_value = "http://127.0.0.1:7070"
     )]
     pub server: String,
+    /// The workspace to work in: new runs, sweeps, pipelines and compute targets go there,
+    /// lists show only it (default: new objects in `default`, lists show every workspace
+    /// you may read).
+    #[arg(long, global = true, env = "MUSTER_WORKSPACE")]
+    pub workspace: Option<String>,
     /// How results are printed.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
@@ -77,6 +82,108 @@ pub enum ClientCommand {
     /// Hyperparameter sweeps: submit, show (trials ranked by the primary metric), cancel.
     #[command(subcommand)]
     Sweep(crate::commands::sweep::SweepCommand),
+    /// Log in: check an API token and keep it for `--server` (0600, in the config dir).
+    Login(LoginArgs),
+    /// Forget the token kept for `--server`.
+    Logout,
+    /// Who the kept token (or MUSTER_TOKEN) says you are, and your roles.
+    Whoami,
+    /// API tokens and agents' join tokens: create (shown once), list, revoke.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Workspaces: a tenant's compute targets, runs, experiments, sweeps and pipelines.
+    #[command(subcommand)]
+    Workspace(WorkspaceCommand),
+    /// Roles: reader < user < operator < admin, per workspace or cluster-wide.
+    #[command(subcommand)]
+    Role(RoleCommand),
+    /// The audit log: tokens, joins, grants, revocations and refused requests.
+    Audit {
+        /// The newest N events.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// Read the token from this file (default: from standard input, so it stays out of
+    /// your shell history and the process list).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a token; it is printed once and never again.
+    Create {
+        /// Whose token (default: yours; another user's needs cluster admin).
+        #[arg(long)]
+        user: Option<String>,
+        /// What it is for (shown in `token list`).
+        #[arg(long, default_value = "")]
+        name: String,
+        /// How long it works (`30d`, `12h`; default 90 days, 1 hour for --join), or
+        /// `never` (cluster admins only, not for --join).
+        #[arg(long)]
+        expires: Option<String>,
+        /// A single-use join token for `muster agent --join`, for --compute.
+        #[arg(long, requires = "compute")]
+        join: bool,
+        /// The compute target a join token adds a node to.
+        #[arg(long)]
+        compute: Option<String>,
+    },
+    /// Your tokens (--all: everyone's, and join tokens; cluster admins).
+    List {
+        /// Every user's tokens and the join tokens.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Revoke a token by its id (the `<id>` of `mst_<id>_…`): it stops working at once.
+    Revoke {
+        /// The token's id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkspaceCommand {
+    /// Make a workspace (cluster admins).
+    Create {
+        /// Its name.
+        name: String,
+    },
+    /// The workspaces you have a role in.
+    List,
+    /// Delete an empty workspace and its grants (cluster admins).
+    Delete {
+        /// Its name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RoleCommand {
+    /// Give a user a role in --workspace, or cluster-wide without it.
+    Grant {
+        /// The user.
+        user: String,
+        /// reader, user, operator or admin.
+        role: String,
+    },
+    /// Take a role back (in --workspace, or the cluster-wide one).
+    Revoke {
+        /// The user.
+        user: String,
+        /// reader, user, operator or admin.
+        role: String,
+    },
+    /// Roles: yours, a user's, or (cluster admins) everyone's.
+    List {
+        /// Only this user's.
+        user: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -121,6 +228,8 @@ pub struct PipelineSubmitArgs {
 pub enum ClusterCommand {
     /// Members, leader, term, and each member's commit and applied index (and lag).
     Status,
+    /// Print a new random cluster key for `muster server --cluster-key-file`.
+    Key,
     /// Add a server: it joins as a learner, catches up by snapshot, then votes.
     AddServer {
         /// Its id (unique, never reused).
@@ -185,6 +294,19 @@ pub struct ServerArgs {
     /// A server started alone needs one before `muster cluster add-server` can grow it.
     #[arg(long)]
     pub advertise: Option<String>,
+    /// A file holding the cluster key (`muster cluster key > cluster.key`): servers of one
+    /// cluster present it to each other; required with --peers or --join.
+    #[arg(long, env = "MUSTER_CLUSTER_KEY_FILE")]
+    pub cluster_key_file: Option<PathBuf>,
+    /// Where the founding server writes the first admin's token (default:
+    /// DATA_DIR/admin-token, 0600).
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
+    /// Allow a --listen address other hosts can reach although this server does not
+    /// speak TLS: tokens and the cluster key then cross the network in plaintext, so do
+    /// this only on a trusted network or behind a TLS-terminating proxy.
+    #[arg(long)]
+    pub insecure_no_tls: bool,
 }
 
 #[derive(Debug, Args)]
@@ -192,6 +314,10 @@ pub struct AgentArgs {
     /// The compute target this node joins.
     #[arg(long)]
     pub compute: String,
+    /// A single-use join token (`muster token create --join --compute C`), needed on the
+    /// first start only: the agent trades it for its credential, kept in its data dir.
+    #[arg(long, env = "MUSTER_JOIN_TOKEN")]
+    pub join: Option<String>,
     /// The node's unique name (default: the hostname).
     #[arg(long)]
     pub name: Option<String>,

@@ -15,18 +15,40 @@
 
 pub mod cli;
 pub mod commands;
+pub mod credentials;
 pub mod output;
 pub mod snapshot;
 
+use std::sync::OnceLock;
+
 use cli::{ClientCommand, OutputFormat};
+use muster_client::{ClientError, Clients};
+
+/// The workspace of this invocation (`--workspace` / `MUSTER_WORKSPACE`), set once by
+/// [`execute`]; `None`: the default workspace for new objects, every readable one in lists.
+static WORKSPACE: OnceLock<Option<String>> = OnceLock::new();
+
+/// The workspace `--workspace` named, if any.
+pub fn workspace() -> Option<&'static str> {
+    WORKSPACE.get().and_then(|w| w.as_deref())
+}
+
+/// Connects to the first of `servers` that answers, presenting the token the user logged
+/// in with (see `credentials.rs`).
+pub async fn connect(servers: &str) -> Result<Clients, ClientError> {
+    let credentials = credentials::credentials_for(servers).map_err(|e| ClientError::Credentials(format!("{e:#}")))?;
+    muster_client::connect(servers, credentials).await
+}
 
 /// Runs a client command against `server` (comma-separated URLs); returns the process
 /// exit code.
 pub async fn execute(
     server: &str,
+    workspace: Option<String>,
     output: OutputFormat,
     cmd: ClientCommand,
 ) -> anyhow::Result<i32> {
+    let _ = WORKSPACE.set(workspace.filter(|w| !w.trim().is_empty()));
     match cmd {
         ClientCommand::Compute(cmd) => commands::compute::run(server, output, cmd).await.map(|_| 0),
         ClientCommand::Node(cmd) => commands::node::run(server, output, cmd).await.map(|_| 0),
@@ -34,5 +56,14 @@ pub async fn execute(
         ClientCommand::Sweep(cmd) => commands::sweep::run(server, output, cmd).await,
         ClientCommand::Cluster(cmd) => commands::cluster::run(server, output, cmd).await.map(|_| 0),
         ClientCommand::Pipeline(cmd) => commands::pipeline::run(server, output, cmd).await,
+        ClientCommand::Login(args) => commands::access::login(server, args).await.map(|_| 0),
+        ClientCommand::Logout => commands::access::logout(server).map(|_| 0),
+        ClientCommand::Whoami => commands::access::whoami(server, output).await.map(|_| 0),
+        ClientCommand::Token(cmd) => commands::access::token(server, output, cmd).await.map(|_| 0),
+        ClientCommand::Workspace(cmd) => {
+            commands::access::workspace_cmd(server, output, cmd).await.map(|_| 0)
+        }
+        ClientCommand::Role(cmd) => commands::access::role(server, output, cmd).await.map(|_| 0),
+        ClientCommand::Audit { limit } => commands::access::audit(server, output, limit).await.map(|_| 0),
     }
 }

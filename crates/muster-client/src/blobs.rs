@@ -12,9 +12,7 @@ use muster_proto::v1::blob_service_client::BlobServiceClient;
 use muster_proto::v1::{BlobChunk, GetBlobRequest, MissingBlobsRequest};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tonic::transport::Channel;
-
-use crate::ClientError;
+use crate::{Channel, ClientError};
 
 /// The size of one chunk of an upload.
 pub const CHUNK: usize = 1 << 20;

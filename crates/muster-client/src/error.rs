@@ -68,6 +68,9 @@ pub enum ClientError {
         /// The cause.
         error: std::io::Error,
     },
+    /// The stored credentials could not be read or used. Fatal.
+    #[error("{0}")]
+    Credentials(String),
 }
 
 impl ClientError {
@@ -87,7 +90,10 @@ impl ClientError {
             ClientError::Status { status } | ClientError::Blob { status, .. } => {
                 is_retryable_code(status.code())
             }
-            ClientError::NoServers | ClientError::ReadSource { .. } | ClientError::Io { .. } => {
+            ClientError::NoServers
+            | ClientError::ReadSource { .. }
+            | ClientError::Io { .. }
+            | ClientError::Credentials(_) => {
                 false
             }
         }

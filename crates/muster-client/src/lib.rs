@@ -10,6 +10,8 @@
 //!   follower names in the [`LEADER_HEADER`] of its UNAVAILABLE answer;
 //! - `retry.rs`: [`RetryPolicy`], [`retry`] and [`submit_retrying`]: a bounded backoff
 //!   for retryable errors only;
+//! - `credentials.rs`: [`Credentials`] (a bearer token, or a server's cluster key) and
+//!   [`Channel`], tonic's channel with them attached to every request;
 //! - `blobs.rs`: [`Blobs`], blob upload and download streamed in 1 MiB chunks, digests
 //!   checked, and [`Blobs::replica`] for copies between servers;
 //! - `error.rs`: [`ClientError`], split like openraft's `APIError` and `Fatal`:
@@ -24,21 +26,22 @@
 //! `thiserror` for the error enum, `sha2`/`hex` for blob addresses, `tonic` for transport.
 
 mod blobs;
+mod credentials;
 mod error;
 mod retry;
 mod servers;
 
 pub use blobs::{Blobs, CHUNK, REPLICA_HEADER, hash_bytes, hash_file};
+pub use credentials::{BadToken, CLUSTER_KEY_HEADER, Channel, Credentials, SERVER_ID_HEADER};
 pub use error::{ClientError, LEADER_HEADER, is_retryable_code, leader_hint, status};
 pub use retry::{RetryPolicy, retry, submit_retrying};
 pub use servers::{Servers, normalize_url};
 
 use muster_proto::v1::{
-    compute_service_client::ComputeServiceClient, metrics_service_client::MetricsServiceClient,
+    access_service_client::AccessServiceClient, compute_service_client::ComputeServiceClient, metrics_service_client::MetricsServiceClient,
     pipeline_service_client::PipelineServiceClient, run_service_client::RunServiceClient,
     sweep_service_client::SweepServiceClient,
 };
-use tonic::transport::Channel;
 
 /// Clients of every user-facing service over one connection.
 #[derive(Debug, Clone)]
@@ -57,6 +60,8 @@ pub struct Clients {
     pub metrics: MetricsServiceClient<Channel>,
     /// Sweeps.
     pub sweeps: SweepServiceClient<Channel>,
+    /// Tokens, workspaces, roles, the audit log.
+    pub access: AccessServiceClient<Channel>,
 }
 
 impl Clients {
@@ -70,14 +75,19 @@ impl Clients {
             pipelines: PipelineServiceClient::new(channel.clone()),
             sweeps: SweepServiceClient::new(channel.clone()).max_decoding_message_size(16 << 20),
             metrics: MetricsServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20),
+            access: AccessServiceClient::new(channel.clone()).max_decoding_message_size(16 << 20),
             blobs: Blobs::connect(channel),
         }
     }
 }
 
 /// Connects to the first server of `servers` (comma-separated URLs or `host:port`) that
-/// answers. When none does, the error names each with its cause and says what to do.
-pub async fn connect(servers: &str) -> Result<Clients, ClientError> {
-    let (url, channel) = Servers::parse(servers).connect().await?;
+/// answers, presenting `credentials` on every call. When none answers, the error names
+/// each with its cause and says what to do.
+pub async fn connect(servers: &str, credentials: Credentials) -> Result<Clients, ClientError> {
+    let (url, channel) = Servers::parse(servers)
+        .with_credentials(credentials)
+        .connect()
+        .await?;
     Ok(Clients::new(url, channel))
 }

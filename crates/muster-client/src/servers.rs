@@ -7,9 +7,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use backon::BackoffBuilder;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
-use crate::{ClientError, RetryPolicy};
+use crate::{Channel, ClientError, Credentials, RetryPolicy};
 
 /// `host:port` as a URL (`http://host:port`); a URL is kept as it is.
 pub fn normalize_url(address: &str) -> String {
@@ -28,6 +28,7 @@ pub struct Servers {
     leader: Option<String>,
     connect_timeout: Duration,
     keep_alive: Option<(Duration, Duration)>,
+    credentials: Credentials,
 }
 
 impl Servers {
@@ -47,7 +48,19 @@ impl Servers {
             leader: None,
             connect_timeout: Duration::from_secs(3),
             keep_alive: None,
+            credentials: Credentials::none(),
         }
+    }
+
+    /// What every call through these servers presents (a token, or a server's key).
+    pub fn with_credentials(mut self, credentials: Credentials) -> Servers {
+        self.credentials = credentials;
+        self
+    }
+
+    /// The credentials calls present.
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
     }
 
     /// How long a connection attempt to one server may take before the next is tried.
@@ -149,12 +162,13 @@ impl Servers {
         let endpoint = self
             .endpoint(url)
             .map_err(|e| format!("{url}: not a valid address ({e})"))?;
-        endpoint.connect().await.map_err(|e| {
+        let channel = endpoint.connect().await.map_err(|e| {
             let cause = std::error::Error::source(&e)
                 .map(|s| s.to_string())
                 .unwrap_or_else(|| e.to_string());
             format!("{url} ({cause})")
-        })
+        })?;
+        Ok(self.credentials.attach(channel))
     }
 
     /// Runs `op` on a channel to the first server that answers, and again while it fails

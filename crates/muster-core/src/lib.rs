@@ -29,6 +29,7 @@
 //! is fixed across versions and platforms) for the sweep samplers, seeded by the caller;
 //! `sha2` for pipeline reuse keys.
 
+pub mod access;
 pub mod autoscale;
 pub mod compute;
 pub mod distributed;

@@ -237,6 +237,13 @@ pub struct RunSpec {
     /// Absent in logs written before it existed, which decode as "any node".
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
+    /// The workspace the run belongs to (the one the submitter named; its compute target
+    /// must be in it). Absent in logs written before workspaces existed (the default).
+    #[serde(
+        default = "crate::compute::default_workspace",
+        skip_serializing_if = "crate::compute::is_default_workspace"
+    )]
+    pub workspace: String,
 }
 
 impl RunSpec {
@@ -261,6 +268,7 @@ impl RunSpec {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             code: None,
             node_selector: BTreeMap::new(),
+            workspace: crate::compute::default_workspace(),
         }
     }
 

@@ -101,6 +101,7 @@ impl From<CoreSpec> for v1::RunSpec {
             priority: s.priority,
             max_attempts: s.max_attempts,
             node_selector: s.node_selector.into_iter().collect(),
+            workspace: s.workspace,
             code: s.code.map(|c| v1::CodeRef {
                 manifest: c.manifest,
                 files: c.files,
@@ -160,6 +161,11 @@ pub fn spec_from_wire(s: v1::RunSpec) -> Result<CoreSpec, String> {
         priority: s.priority,
         max_attempts: s.max_attempts,
         node_selector: s.node_selector.into_iter().collect(),
+        workspace: if s.workspace.is_empty() {
+            muster_core::access::DEFAULT_WORKSPACE.to_string()
+        } else {
+            s.workspace
+        },
         code: s.code.map(|c| CoreCode {
             manifest: c.manifest,
             files: c.files,
@@ -399,6 +405,7 @@ pub fn compute_spec_to_wire(s: &ComputeSpec) -> v1::ComputeTarget {
             max_concurrent_runs: s.quota.max_concurrent_runs,
         }),
         provisioner: (!s.provisioner.is_static()).then(|| provisioner_to_wire(&s.provisioner)),
+        workspace: s.workspace.clone(),
         ..Default::default()
     }
 }
@@ -434,6 +441,11 @@ pub fn compute_spec_from_wire(c: &v1::ComputeTarget) -> Result<ComputeSpec, Stri
             .map(provisioner_from_wire)
             .transpose()?
             .unwrap_or_default(),
+        workspace: if c.workspace.is_empty() {
+            muster_core::access::DEFAULT_WORKSPACE.to_string()
+        } else {
+            c.workspace.clone()
+        },
     })
 }
 

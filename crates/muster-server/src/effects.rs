@@ -168,3 +168,92 @@ fn unsealed_ranks_on(
     });
     ranks
 }
+
+impl Server {
+    /// Whether this server founds its cluster (a single server, or the first of `--peers`),
+    /// and so makes the first admin's token.
+    pub(crate) fn founds_cluster(&self) -> bool {
+        self.config.raft.initial_voters.first() == Some(&self.config.raft.id)
+    }
+
+    /// Makes the first admin: the token is written to [`ServerConfig::admin_token_path`]
+    /// (0600) *before* its hash is proposed, so an admin token the cluster accepts is
+    /// never one nobody can read. Applying the bootstrap again is a no-op, so a restart
+    /// proposes it again harmlessly; a bootstrap token that was revoked stays revoked.
+    /// Retries until a leader takes it or the server stops.
+    ///
+    /// [`ServerConfig::admin_token_path`]: crate::ServerConfig::admin_token_path
+    pub(crate) async fn bootstrap_admin(&self) -> anyhow::Result<()> {
+        use muster_core::access::{AccessChange, Principal, TOKEN_PREFIX, Token, hash_secret, parse_token};
+
+        let path = self.config.admin_token_path();
+        let presented = match std::fs::read_to_string(&path) {
+            Ok(text) => text.trim().to_string(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let token = muster_core::access::format_token(
+                    TOKEN_PREFIX,
+                    &crate::coordinator::new_token_id(),
+                    &crate::coordinator::new_secret(),
+                );
+                write_private(&path, &token)?;
+                token
+            }
+            Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
+        };
+        let (id, secret) = parse_token(TOKEN_PREFIX, &presented).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} does not hold a muster token (mst_<id>_<secret>): delete it and restart to make a new one",
+                path.display()
+            )
+        })?;
+        let at = crate::coordinator::now_ms();
+        let command = Command::Access {
+            change: AccessChange::Bootstrap {
+                token: Token {
+                    id: id.to_string(),
+                    principal: Principal::User {
+                        name: "admin".into(),
+                    },
+                    name: "first admin".into(),
+                    hash: hash_secret(secret),
+                    created_at: at,
+                    expires_at: None,
+                    revoked_at: None,
+                    created_by: format!("server:{}", self.config.raft.id),
+                },
+            },
+            by: format!("server:{}", self.config.raft.id),
+            at,
+        };
+        for _ in 0..600 {
+            if self.coordinator.read(|s| s.access.tokens.contains_key(id)) {
+                return Ok(());
+            }
+            match self.coordinator.propose(command.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(ProposalError::Rejected(e)) => anyhow::bail!("{e}"),
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+            }
+        }
+        anyhow::bail!("no leader took the first admin token within two minutes")
+    }
+}
+
+/// Writes `text` to a file only its owner may read (0600), atomically.
+pub(crate) fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
+    file.write_all(format!("{text}\n").as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    Ok(())
+}

@@ -85,6 +85,14 @@ pub struct ServerConfig {
     pub agent_servers: Vec<String>,
     /// Test hook: drops messages between servers (testkit `cut`/`isolate`).
     pub network: Option<std::sync::Arc<dyn cluster::NetworkFilter>>,
+    /// The secret servers of one cluster present to each other without TLS
+    /// (`--cluster-key-file`): required with peers, since Raft and replication accept
+    /// only servers. Never logged.
+    pub cluster_key: Option<String>,
+    /// Where the founding server of a new cluster writes the first admin's token (0600);
+    /// `None`: `<data_dir>/admin-token`. A server that did not found the cluster (a
+    /// `--join`ed one, or not the first of `--peers`) writes none.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -104,7 +112,16 @@ impl ServerConfig {
             autoscale_min_interval: Duration::from_secs(1),
             agent_servers: Vec::new(),
             network: None,
+            cluster_key: None,
+            admin_token_file: None,
         }
+    }
+
+    /// Where the first admin's token is written (see [`ServerConfig::admin_token_file`]).
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.admin_token_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("admin-token"))
     }
 
     /// Checks the settings; the error names the setting.
@@ -124,6 +141,16 @@ impl ServerConfig {
                     "--advertise {advertise} differs from this server's --peers entry {listed}: give one address"
                 );
             }
+        }
+        anyhow::ensure!(
+            self.raft.initial_voters.len() == 1 || self.cluster_key.is_some(),
+            "a cluster of several servers needs a cluster key: give every server the same --cluster-key-file (make one with `muster cluster key > cluster.key`)"
+        );
+        if let Some(key) = &self.cluster_key {
+            anyhow::ensure!(
+                key.trim().len() >= 32 && key.trim().chars().all(|c| c.is_ascii_graphic()),
+                "--cluster-key-file: the key must be at least 32 printable characters without spaces (make one with `muster cluster key`)"
+            );
         }
         anyhow::ensure!(
             self.node_grace > self.heartbeat_interval * 2,
@@ -168,7 +195,16 @@ async fn serve(
     server: std::sync::Arc<server::Server>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let leader_tasks = leader::spawn(server.clone());
+    let mut leader_tasks = leader::spawn(server.clone());
+    leader_tasks.push(tokio::spawn(grpc::auth::record_denials(server.clone())));
+    if server.founds_cluster() {
+        let founder = server.clone();
+        leader_tasks.push(tokio::spawn(async move {
+            if let Err(e) = founder.bootstrap_admin().await {
+                tracing::error!("cannot create the first admin token: {e:#}");
+            }
+        }));
+    }
     let router = grpc::router(server.clone()).merge(web::router(server.clone()));
     let stop = server.coordinator.clone();
     let result = axum::serve(listener, router)

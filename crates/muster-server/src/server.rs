@@ -30,6 +30,8 @@ pub(crate) struct Server {
     pub heartbeats: Heartbeats,
     /// Why queued runs wait (leader memory).
     pub waiting: WaitReasons,
+    /// Refused requests not yet in the audit log.
+    pub denials: crate::grpc::auth::Denials,
     _lock: File,
 }
 
@@ -60,6 +62,11 @@ impl Server {
                 raft: config.raft.clone(),
                 book,
                 network: config.network.clone(),
+                credentials: match &config.cluster_key {
+                    Some(key) => muster_client::Credentials::server(config.raft.id, key)
+                        .map_err(|_| anyhow::anyhow!("--cluster-key-file: the key must be printable ASCII"))?,
+                    None => muster_client::Credentials::none(),
+                },
             },
             &dir.join("raft"),
             state.clone(),
@@ -81,6 +88,7 @@ impl Server {
             metrics,
             heartbeats: Heartbeats::default(),
             waiting: WaitReasons::default(),
+            denials: Default::default(),
             _lock: lock,
         }))
     }

@@ -47,6 +47,7 @@ pub async fn run(server: &str, args: AgentArgs) -> anyhow::Result<()> {
     }
     config.peer_wait = std::time::Duration::from_secs(args.peer_wait_secs);
     config.gpu_probe = Arc::new(NvmlProbe::new());
+    config.join_token = args.join;
     eprintln!(
         "muster agent {} joining compute {} via {}",
         config.name,

@@ -25,7 +25,9 @@ pub async fn execute(cli: Cli) -> anyhow::Result<i32> {
         Command::Daemon(DaemonCommand::Agent(args)) => {
             agent::run(&cli.server, args).await.map(|_| 0)
         }
-        Command::Client(cmd) => muster_cli::execute(&cli.server, cli.output, cmd).await,
+        Command::Client(cmd) => {
+            muster_cli::execute(&cli.server, cli.workspace, cli.output, cmd).await
+        }
     }
 }
 

@@ -9,10 +9,22 @@ use muster_cli::cli::ServerArgs;
 /// Runs a server until Ctrl-C.
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let listener = bind(&args.listen).await?;
+    let local = listener.local_addr()?;
+    anyhow::ensure!(
+        local.ip().is_loopback() || args.insecure_no_tls,
+        "--listen {}: other hosts could reach this server, and it does not speak TLS, so API tokens and the cluster key would cross the network in plaintext: listen on 127.0.0.1, or pass --insecure-no-tls on a trusted network or behind a TLS-terminating proxy",
+        args.listen
+    );
     let mut config = ServerConfig::new(&args.data_dir);
     config.node_grace = Duration::from_secs(args.node_grace_secs);
     config.create_local_compute = args.local_compute;
     config.raft.id = args.id;
+    config.admin_token_file = args.admin_token_file.clone();
+    if let Some(path) = &args.cluster_key_file {
+        let key = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("--cluster-key-file {}: {e}", path.display()))?;
+        config.cluster_key = Some(key.trim().to_string());
+    }
     if let Some(peers) = &args.peers {
         anyhow::ensure!(
             !args.join,
@@ -35,6 +47,13 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         listener.local_addr()?,
         args.data_dir.display()
     );
+    if config.raft.initial_voters.first() == Some(&config.raft.id) {
+        eprintln!(
+            "  the first admin's token is in {} (log in with: muster login --token-file {})",
+            config.admin_token_path().display(),
+            config.admin_token_path().display()
+        );
+    }
     muster_server::run(listener, config, crate::shutdown_signal()).await
 }
 

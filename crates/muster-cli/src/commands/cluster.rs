@@ -8,9 +8,9 @@ use tonic::transport::Endpoint;
 
 use crate::cli::{ClusterCommand, OutputFormat};
 use crate::output::{print_json, table};
-use muster_client::status;
+use muster_client::{Channel, Credentials, status};
 
-async fn client(address: &str) -> anyhow::Result<ClusterServiceClient<tonic::transport::Channel>> {
+async fn client(address: &str, credentials: &Credentials) -> anyhow::Result<ClusterServiceClient<Channel>> {
     let url = if address.contains("://") {
         address.to_string()
     } else {
@@ -22,14 +22,15 @@ async fn client(address: &str) -> anyhow::Result<ClusterServiceClient<tonic::tra
         .connect()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the muster server at {url} ({e}): start one, or point --server at a running one"))?;
-    Ok(ClusterServiceClient::new(channel))
+    Ok(ClusterServiceClient::new(credentials.attach(channel)))
 }
 
 /// The first server of `--server` that answers.
-async fn any(servers: &str) -> anyhow::Result<ClusterServiceClient<tonic::transport::Channel>> {
+async fn any(servers: &str) -> anyhow::Result<ClusterServiceClient<Channel>> {
+    let credentials = crate::credentials::credentials_for(servers)?;
     let mut last = None;
     for s in servers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        match client(s).await {
+        match client(s, &credentials).await {
             Ok(c) => return Ok(c),
             Err(e) => last = Some(e),
         }
@@ -38,7 +39,7 @@ async fn any(servers: &str) -> anyhow::Result<ClusterServiceClient<tonic::transp
 }
 
 /// The leader, found through any server (membership changes go there).
-async fn leader(servers: &str) -> anyhow::Result<ClusterServiceClient<tonic::transport::Channel>> {
+async fn leader(servers: &str) -> anyhow::Result<ClusterServiceClient<Channel>> {
     let mut c = any(servers).await?;
     let s = c
         .status(v1::ClusterStatusRequest { members: false })
@@ -51,12 +52,22 @@ async fn leader(servers: &str) -> anyhow::Result<ClusterServiceClient<tonic::tra
     let addr = s
         .leader_address
         .ok_or_else(|| anyhow::anyhow!("the cluster has no leader right now; retry in a second"))?;
-    client(&addr).await
+    client(&addr, &crate::credentials::credentials_for(servers)?).await
 }
 
 pub async fn run(servers: &str, output: OutputFormat, cmd: ClusterCommand) -> anyhow::Result<()> {
     let result = match cmd {
         ClusterCommand::Status => return status_all(servers, output).await,
+        ClusterCommand::Key => {
+            // 48 random letters and digits (285 bits) from the thread's CSPRNG.
+            const ALPHABET: &[u8] =
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+            let key: String = (0..48)
+                .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+                .collect();
+            println!("{key}");
+            return Ok(());
+        }
         ClusterCommand::AddServer { id, address } => {
             eprintln!(
                 "Adding server {id} at {address}: as a learner until it has caught up, then as a voter…"

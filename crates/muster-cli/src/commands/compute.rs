@@ -10,12 +10,19 @@ use serde_json::json;
 use crate::cli::{ComputeCommand, ComputeCreateArgs, OutputFormat};
 use crate::output::{NO_LIMIT, cpus, print_json, table, time};
 use crate::snapshot::human_bytes;
-use muster_client::{connect, status};
+use crate::connect;
+use muster_client::status;
 
 pub async fn run(server: &str, output: OutputFormat, cmd: ComputeCommand) -> anyhow::Result<()> {
     // Validate input before touching the network.
     let create = match &cmd {
-        ComputeCommand::Create(args) => Some(spec_from_args(args)?),
+        ComputeCommand::Create(args) => {
+            let mut spec = spec_from_args(args)?;
+            if let Some(w) = crate::workspace() {
+                spec.workspace = w.to_string();
+            }
+            Some(spec)
+        }
         _ => None,
     };
     let mut c = connect(server).await?;
@@ -43,7 +50,9 @@ pub async fn run(server: &str, output: OutputFormat, cmd: ComputeCommand) -> any
         ComputeCommand::List => {
             let list = c
                 .compute
-                .list_computes(v1::ListComputesRequest {})
+                .list_computes(v1::ListComputesRequest {
+                    workspace: crate::workspace().map(Into::into),
+                })
                 .await
                 .map_err(status)?
                 .into_inner();

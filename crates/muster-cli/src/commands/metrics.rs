@@ -6,7 +6,8 @@ use serde_json::{Value, json};
 
 use crate::cli::OutputFormat;
 use crate::output::{print_json, run_details, run_json, table};
-use muster_client::{Clients, connect, status};
+use crate::connect;
+use muster_client::{Clients, status};
 
 /// `muster run metrics`: every point of the run's metrics (or one metric's); with
 /// `follow`, points as they arrive until the run ends.

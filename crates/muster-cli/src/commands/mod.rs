@@ -1,5 +1,6 @@
 //! One module per noun (the daemon subcommands are run by the `muster` crate).
 
+pub mod access;
 pub mod cluster;
 pub mod compute;
 pub mod metrics;

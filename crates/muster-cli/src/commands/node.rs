@@ -6,7 +6,8 @@ use serde_json::json;
 use crate::cli::{NodeCommand, OutputFormat};
 use crate::output::{NO_LIMIT, cpus, print_json, table, time};
 use crate::snapshot::human_bytes;
-use muster_client::{connect, status};
+use crate::connect;
+use muster_client::status;
 
 pub async fn run(server: &str, output: OutputFormat, cmd: NodeCommand) -> anyhow::Result<()> {
     let mut c = connect(server).await?;

@@ -13,7 +13,8 @@ use crate::cli::{OutputFormat, PipelineCommand, PipelineSubmitArgs};
 use crate::commands::run::default_experiment;
 use crate::output::{print_json, table, time};
 use crate::snapshot::{self, SnapshotLimits, human_bytes};
-use muster_client::{connect, status, submit_retrying};
+use crate::connect;
+use muster_client::{status, submit_retrying};
 
 /// Runs a `muster pipeline` command; returns the process exit code.
 pub async fn run(server: &str, output: OutputFormat, cmd: PipelineCommand) -> anyhow::Result<i32> {
@@ -38,7 +39,10 @@ pub async fn run(server: &str, output: OutputFormat, cmd: PipelineCommand) -> an
             let mut c = connect(server).await?;
             let ps = c
                 .pipelines
-                .list_pipelines(v1::ListPipelinesRequest { limit })
+                .list_pipelines(v1::ListPipelinesRequest {
+                    limit,
+                    workspace: crate::workspace().map(Into::into),
+                })
                 .await
                 .map_err(status)?
                 .into_inner()
@@ -165,6 +169,7 @@ async fn submit(
         default_experiment: experiment,
         code,
         idempotency_key: Some(key),
+        workspace: crate::workspace().unwrap_or_default().to_string(),
     };
     let p = submit_retrying(|| {
         let mut pipelines = c.pipelines.clone();

@@ -17,7 +17,8 @@ use serde_json::json;
 use crate::cli::{OutputFormat, RunCommand, SubmitArgs};
 use crate::output::{print_json, run_details, run_json, runs_table};
 use crate::snapshot::{self, SnapshotLimits, human_bytes};
-use muster_client::{Clients, connect, status, submit_retrying};
+use crate::connect;
+use muster_client::{Clients, status, submit_retrying};
 
 /// Runs a `muster run` command; returns the process exit code.
 pub async fn run(server: &str, output: OutputFormat, cmd: RunCommand) -> anyhow::Result<i32> {
@@ -43,6 +44,7 @@ pub async fn run(server: &str, output: OutputFormat, cmd: RunCommand) -> anyhow:
                     compute,
                     limit,
                     stale,
+                    workspace: crate::workspace().map(Into::into),
                 })
                 .await
                 .map_err(status)?
@@ -382,6 +384,9 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
         );
     }
     spec.code = Some(code);
+    if let Some(w) = crate::workspace() {
+        spec.workspace = w.to_string();
+    }
     // The same key on every retry: a retry after a timeout never makes a second run.
     let key = args
         .idempotency_key

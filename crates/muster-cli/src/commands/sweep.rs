@@ -15,7 +15,8 @@ use crate::cli::OutputFormat;
 use crate::commands::run::{default_experiment, shell_quote};
 use crate::output::{print_json, table, time};
 use crate::snapshot::{self, SnapshotLimits, human_bytes};
-use muster_client::{connect, status, submit_retrying};
+use crate::connect;
+use muster_client::{status, submit_retrying};
 
 /// `muster sweep` subcommands.
 #[derive(Debug, Subcommand)]
@@ -99,7 +100,10 @@ pub async fn run(server: &str, output: OutputFormat, cmd: SweepCommand) -> anyho
         SweepCommand::List { stale } => {
             let mut client = connect(server).await?.sweeps;
             let sweeps = client
-                .list_sweeps(v1::ListSweepsRequest { stale })
+                .list_sweeps(v1::ListSweepsRequest {
+                    stale,
+                    workspace: crate::workspace().map(Into::into),
+                })
                 .await
                 .map_err(status)?
                 .into_inner()
@@ -276,6 +280,9 @@ async fn submit(server: &str, output: OutputFormat, args: SweepSubmitArgs) -> an
         );
     }
     spec.trial.code = Some(code);
+    if let Some(w) = crate::workspace() {
+        spec.trial.workspace = w.to_string();
+    }
     let client = connect(server).await?.sweeps;
     // The same key on every retry: a retry after a timeout never makes a second sweep.
     let key = args

@@ -82,6 +82,12 @@ impl State {
         match command {
             Command::CreateCompute { spec, at } => {
                 spec.validate()?;
+                if !self.access.workspace_exists(&spec.workspace) {
+                    return Err(crate::access::AccessError::UnknownWorkspace(
+                        spec.workspace.clone(),
+                    )
+                    .into());
+                }
                 if self.computes.contains_key(&spec.name) {
                     return Err(ApplyError::ComputeExists(spec.name.clone()));
                 }
@@ -313,7 +319,42 @@ impl State {
                 reason,
                 at,
             } => self.cancel_pipeline(pipeline_id, reason.as_deref(), *at),
+            Command::Access { change, by, at } => {
+                let mut access = std::mem::take(&mut self.access);
+                let result = access.apply(
+                    change,
+                    by,
+                    *at,
+                    |w| self.workspace_contents(w),
+                    |c| self.computes.contains_key(c),
+                );
+                self.access = access;
+                result?;
+                Ok(Applied::Done)
+            }
         }
+    }
+
+    /// What a workspace still holds that keeps it from being deleted, in words; `None`
+    /// when it is empty (finished runs do not count: they stay, readable by cluster admins).
+    fn workspace_contents(&self, workspace: &str) -> Option<String> {
+        if let Some(c) = self.computes.values().find(|c| c.spec.workspace == workspace) {
+            return Some(format!(
+                "compute target {:?} is in it: delete it first (`muster compute delete`)",
+                c.spec.name
+            ));
+        }
+        if let Some(r) = self
+            .runs
+            .values()
+            .find(|r| r.spec.workspace == workspace && !r.state.is_terminal())
+        {
+            return Some(format!(
+                "run {} has not finished: cancel it first (`muster run cancel`)",
+                r.id
+            ));
+        }
+        None
     }
 
     /// The attempt a sealed blob (`what`: log or metrics) belongs to, once its hash is
@@ -670,7 +711,12 @@ impl State {
             });
         }
         spec.validate()?;
-        if !self.computes.contains_key(&spec.compute) {
+        // A compute target of another workspace is as unknown as one that does not exist.
+        if !self
+            .computes
+            .get(&spec.compute)
+            .is_some_and(|c| c.spec.workspace == spec.workspace)
+        {
             return Err(ApplyError::UnknownCompute(spec.compute.clone()));
         }
         if self.scaling.get(&spec.compute).is_some_and(|s| s.deleting) {

@@ -280,6 +280,16 @@ pub enum Command {
         /// Where the metrics are and how many lines they hold.
         metrics: SealedMetrics,
     },
+    /// A change to tokens, workspaces or roles (`access.rs`), audited.
+    #[serde(rename = "access.v1")]
+    Access {
+        /// The change.
+        change: crate::access::AccessChange,
+        /// Who asked for it (a principal label, or `server:N` for the servers' own).
+        by: String,
+        /// When.
+        at: Millis,
+    },
 }
 
 impl Command {
@@ -338,6 +348,7 @@ impl Command {
             Command::PipelineDecision { .. } => "pipeline_decision",
             Command::CancelPipeline { .. } => "cancel_pipeline",
             Command::SealMetrics { .. } => "seal_metrics",
+            Command::Access { .. } => "access",
         }
     }
 

@@ -147,6 +147,15 @@ pub enum ApplyError {
         "a replicated command could not be decoded ({0}): the servers may run different muster versions; run the same version on every server"
     )]
     UndecodableCommand(String),
+    /// A token, workspace or role change that breaks a rule of `access.rs`.
+    #[error("{0}")]
+    Access(crate::access::AccessError),
+}
+
+impl From<crate::access::AccessError> for ApplyError {
+    fn from(e: crate::access::AccessError) -> ApplyError {
+        ApplyError::Access(e)
+    }
 }
 
 /// What a sealed blob holds.

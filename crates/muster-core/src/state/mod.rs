@@ -492,6 +492,10 @@ pub struct State {
     /// Pipelines by id (absent from snapshots taken before pipelines existed).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pipelines: BTreeMap<String, Pipeline>,
+    /// Tokens, workspaces, grants and the audit log (absent from snapshots taken before
+    /// access control existed).
+    #[serde(default, skip_serializing_if = "crate::access::Access::is_empty")]
+    pub access: crate::access::Access,
     /// A summary of the active runs of each compute target: what they hold against its
     /// quota, their priorities, how many are being preempted. Derived from `runs`: kept up
     /// to date by `apply`, rebuilt by [`State::from_snapshot`], never serialized, and

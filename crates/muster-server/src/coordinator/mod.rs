@@ -28,7 +28,7 @@ use muster_proto::v1;
 use muster_raft::{ProposeError, RaftConfig, RaftHandle, RaftNode, Role};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use muster_client::Channel;
 
 use machine::{ApplyResult, Machine};
 use peers::{GrpcTransport, NetworkFilter, Peers};
@@ -79,6 +79,8 @@ pub struct CoordinatorConfig {
     pub book: std::collections::BTreeMap<u64, String>,
     /// Test hook: drops messages between servers.
     pub network: Option<Arc<dyn NetworkFilter>>,
+    /// What this server presents to its peers.
+    pub credentials: muster_client::Credentials,
 }
 
 impl Coordinator {
@@ -100,7 +102,7 @@ impl Coordinator {
                 "the data directory already holds cluster state: --peers is ignored for membership (it comes from the log) and only fills in addresses the replicated state lacks"
             );
         }
-        let peers = Peers::new(state.clone(), config.book.clone());
+        let peers = Peers::new(state.clone(), config.book.clone(), config.credentials.clone());
         let transport = Arc::new(GrpcTransport::new(
             raft_config.id,
             peers.clone(),
@@ -369,17 +371,8 @@ impl Coordinator {
             return None;
         }
         let address = self.peers.address(peer)?;
-        let url = if address.contains("://") {
-            address
-        } else {
-            format!("http://{address}")
-        };
-        Some(
-            Endpoint::from_shared(url)
-                .ok()?
-                .connect_timeout(Duration::from_secs(1))
-                .connect_lazy(),
-        )
+        self.peers
+            .channel(&address, |e| e.connect_timeout(Duration::from_secs(1)))
     }
 
     /// A channel to the leader, when this server is a follower that knows and reaches it
@@ -428,6 +421,20 @@ pub fn new_id(prefix: &str) -> String {
         id.push(ID_ALPHABET[rand::random_range(0..ID_ALPHABET.len())] as char);
     }
     id
+}
+
+/// A token's public id: 12 random lowercase letters and digits.
+pub fn new_token_id() -> String {
+    new_id("").chars().chain(new_id("").chars()).take(12).collect()
+}
+
+/// A token's secret: 32 random letters and digits (190 bits) from the thread's CSPRNG
+/// (`rand`'s ChaCha12, seeded by the operating system).
+pub fn new_secret() -> String {
+    const BASE62: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    (0..32)
+        .map(|_| BASE62[rand::random_range(0..BASE62.len())] as char)
+        .collect()
 }
 
 /// A new run id: `run-` and 10 random lowercase letters and digits.

@@ -8,7 +8,8 @@ use std::time::Duration;
 use muster_core::State;
 use muster_proto::v1::{self, cluster_service_client::ClusterServiceClient};
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use muster_client::{Channel, Credentials};
+use tonic::transport::Endpoint;
 
 /// Decides whether a message from one server to another gets through. Production clusters
 /// have none; the testkit uses it to `cut`, `isolate` and `heal` links over real gRPC.
@@ -32,16 +33,34 @@ pub struct Peers {
     state: Arc<RwLock<State>>,
     fallback: Arc<RwLock<BTreeMap<u64, String>>>,
     clients: Arc<Mutex<HashMap<String, ClusterServiceClient<Channel>>>>,
+    credentials: Credentials,
 }
 
 impl Peers {
-    /// Peers read from `state`, with `bootstrap` (`--peers`) for servers it lacks.
-    pub fn new(state: Arc<RwLock<State>>, bootstrap: BTreeMap<u64, String>) -> Peers {
+    /// Peers read from `state`, with `bootstrap` (`--peers`) for servers it lacks, called
+    /// with `credentials` (this server's identity).
+    pub fn new(
+        state: Arc<RwLock<State>>,
+        bootstrap: BTreeMap<u64, String>,
+        credentials: Credentials,
+    ) -> Peers {
         Peers {
             state,
             fallback: Arc::new(RwLock::new(bootstrap)),
             clients: Arc::default(),
+            credentials,
         }
+    }
+
+    /// A lazily connected channel to `address` (`host:port` or a URL) that presents this
+    /// server's identity, with `configure` applied to its endpoint.
+    pub fn channel(
+        &self,
+        address: &str,
+        configure: impl FnOnce(Endpoint) -> Endpoint,
+    ) -> Option<Channel> {
+        let endpoint = Endpoint::from_shared(muster_client::normalize_url(address)).ok()?;
+        Some(self.credentials.attach(configure(endpoint).connect_lazy()))
     }
 
     /// The address of server `id`: the replicated one, else the fallback book's.
@@ -91,20 +110,14 @@ impl Peers {
         if let Some(c) = clients.get(&address) {
             return Some(c.clone());
         }
-        let url = if address.contains("://") {
-            address.clone()
-        } else {
-            format!("http://{address}")
-        };
-        let channel = Endpoint::from_shared(url)
-            .ok()?
-            .connect_timeout(Duration::from_secs(1))
-            // A forwarded write normally takes milliseconds; a leader cut off by a partition
-            // must not hold a client for long (it retries elsewhere).
-            .timeout(Duration::from_secs(3))
-            .http2_keep_alive_interval(Duration::from_secs(1))
-            .keep_alive_timeout(Duration::from_secs(2))
-            .connect_lazy();
+        let channel = self.channel(&address, |e| {
+            e.connect_timeout(Duration::from_secs(1))
+                // A forwarded write normally takes milliseconds; a leader cut off by a
+                // partition must not hold a client for long (it retries elsewhere).
+                .timeout(Duration::from_secs(3))
+                .http2_keep_alive_interval(Duration::from_secs(1))
+                .keep_alive_timeout(Duration::from_secs(2))
+        })?;
         let client = ClusterServiceClient::new(channel)
             .max_decoding_message_size(512 << 20)
             .max_encoding_message_size(512 << 20);
@@ -195,6 +208,17 @@ pub fn replica_request<T>(message: T) -> tonic::Request<T> {
     req
 }
 
+/// A request relayed to another server for the caller of `original`: marked as from a
+/// server, and carrying the caller's own `authorization`, so the peer checks the caller's
+/// rights, not the relaying server's.
+pub fn relayed_request<T>(message: T, original: &tonic::metadata::MetadataMap) -> tonic::Request<T> {
+    let mut req = replica_request(message);
+    if let Some(auth) = original.get("authorization") {
+        req.metadata_mut().insert("authorization", auth.clone());
+    }
+    req
+}
+
 /// Whether a request came from another server (a replica copy or a relayed read).
 pub fn is_replica<T>(req: &tonic::Request<T>) -> bool {
     req.metadata().contains_key(REPLICA_HEADER)
@@ -234,6 +258,7 @@ mod tests {
                 (1, "flag-1:7070".to_string()),
                 (2, "flag-2:7070".to_string()),
             ]),
+            Credentials::none(),
         );
         assert_eq!(peers.address(1).as_deref(), Some("flag-1:7070"));
         assert_eq!(peers.replicated(1), None);

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use muster_core::access::{AccessChange, Principal, TOKEN_PREFIX, Token, format_token, hash_secret};
 use muster_core::compute::Tier;
 use muster_core::names::validate_node_name;
 use muster_core::node::{self, After, AttemptKey, Effect, Order, StopReason};
@@ -23,7 +24,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::coordinator::{ProposalError, now_ms};
+use crate::coordinator::{ProposalError, new_secret, new_token_id, now_ms};
+use crate::grpc::auth::Caller;
 use crate::grpc::{rejected, status};
 use crate::server::Server;
 use crate::store::{Append, Feed, Stream as MetricStream};
@@ -33,15 +35,99 @@ pub(crate) struct Agents(pub Arc<Server>);
 type Outbound = mpsc::Sender<Result<v1::ServerMessage, Status>>;
 type SessionStream = Pin<Box<dyn Stream<Item = Result<v1::ServerMessage, Status>> + Send>>;
 
+impl Agents {
+    /// Checks that the calling agent is node `node_id` (or, registering, will be): an
+    /// agent's credential names one node of one compute target, and it may speak only for
+    /// that node — never for another node's id.
+    fn own_node(&self, caller: &Caller, node_id: &str) -> Result<(), Status> {
+        let Caller::Agent { node, .. } = caller else {
+            return Err(Status::permission_denied(format!(
+                "{} is not an agent",
+                caller.label()
+            )));
+        };
+        match self
+            .0
+            .coordinator
+            .read(|s| s.nodes.get(node_id).map(|n| n.name.clone()))
+        {
+            Some(name) if name != *node => Err(Status::permission_denied(format!(
+                "node id {node_id} belongs to node {name}; this agent's credential is for node {node}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl AgentService for Agents {
+    async fn join(
+        &self,
+        req: Request<v1::JoinRequest>,
+    ) -> Result<Response<v1::JoinResponse>, Status> {
+        let req = req.into_inner();
+        validate_node_name(&req.node_name)
+            .map_err(|e| Status::invalid_argument(format!("node_name: {e}")))?;
+        let now = now_ms();
+        let (join_id, compute) = self
+            .0
+            .coordinator
+            .read(|s| {
+                s.access
+                    .check_join(&req.join_token, now)
+                    .map(|j| (j.id.clone(), j.compute.clone()))
+            })
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        let id = new_token_id();
+        let secret = new_secret();
+        let credential = Token {
+            id: id.clone(),
+            principal: Principal::Agent {
+                node: req.node_name.clone(),
+                compute: compute.clone(),
+            },
+            name: format!("agent of {}", req.node_name),
+            hash: hash_secret(&secret),
+            created_at: now,
+            expires_at: None,
+            revoked_at: None,
+            created_by: format!("join:{join_id}"),
+        };
+        self.0
+            .coordinator
+            .propose(Command::Access {
+                change: AccessChange::Join {
+                    join_id,
+                    node: req.node_name.clone(),
+                    credential,
+                },
+                by: format!("agent:{}", req.node_name),
+                at: now,
+            })
+            .await?;
+        Ok(Response::new(v1::JoinResponse {
+            credential: format_token(TOKEN_PREFIX, &id, &secret),
+            compute,
+        }))
+    }
+
     async fn register(
         &self,
         req: Request<v1::RegisterRequest>,
     ) -> Result<Response<v1::RegisterResponse>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
         validate_node_name(&req.name)
             .map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
+        if let Caller::Agent { node, compute, .. } = &caller
+            && (req.name != *node || req.compute != *compute)
+        {
+            return Err(Status::permission_denied(format!(
+                "this agent's credential is for node {node} of compute {compute}; it cannot register as {} of {}: join again with a new join token to change",
+                req.name, req.compute
+            )));
+        }
+        self.own_node(&caller, &req.node_id)?;
         if req.node_id.is_empty() || req.node_id.len() > 64 {
             return Err(Status::invalid_argument(
                 "node_id: give the node's stable id (1 to 64 characters)",
@@ -81,7 +167,9 @@ impl AgentService for Agents {
         &self,
         req: Request<v1::HeartbeatRequest>,
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        let caller = Caller::of(&req);
         let node_id = req.into_inner().node_id;
+        self.own_node(&caller, &node_id)?;
         if !self.0.coordinator.read(|s| s.nodes.contains_key(&node_id)) {
             return Err(Status::not_found(format!(
                 "node {node_id} is not registered: register first"
@@ -115,6 +203,7 @@ impl AgentService for Agents {
                 }
             });
         }
+        let caller = Caller::of(&req);
         let mut inbound = req.into_inner();
         let hello = match inbound.next().await {
             Some(Ok(v1::AgentMessage {
@@ -127,6 +216,7 @@ impl AgentService for Agents {
                 ));
             }
         };
+        self.own_node(&caller, &hello.node_id)?;
         if !self
             .0
             .coordinator

@@ -8,6 +8,8 @@ use muster_proto::{compute_spec_from_wire, compute_to_wire};
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::now_ms;
+use crate::grpc::auth::Caller;
+use muster_core::access::Role;
 use crate::server::Server;
 use crate::views;
 
@@ -19,11 +21,18 @@ impl ComputeService for Computes {
         &self,
         req: Request<v1::CreateComputeRequest>,
     ) -> Result<Response<v1::ComputeTarget>, Status> {
+        let caller = Caller::of(&req);
         let wire = req
             .into_inner()
             .compute
             .ok_or_else(|| Status::invalid_argument("compute: missing"))?;
         let spec = compute_spec_from_wire(&wire).map_err(Status::invalid_argument)?;
+        caller.require(
+            &self.0,
+            &spec.workspace,
+            Role::Operator,
+            &format!("workspace {:?}", spec.workspace),
+        )?;
         spec.validate()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let name = spec.name.clone();
@@ -36,12 +45,17 @@ impl ComputeService for Computes {
 
     async fn list_computes(
         &self,
-        _req: Request<v1::ListComputesRequest>,
+        req: Request<v1::ListComputesRequest>,
     ) -> Result<Response<v1::ListComputesResponse>, Status> {
-        let computes = self
-            .0
-            .coordinator
-            .read(|s| s.computes.values().map(|c| compute_to_wire(s, c)).collect());
+        let caller = Caller::of(&req);
+        let readable = caller.readable(&self.0, req.get_ref().workspace.as_deref())?;
+        let computes = self.0.coordinator.read(|s| {
+            s.computes
+                .values()
+                .filter(|c| readable.contains(&c.spec.workspace))
+                .map(|c| compute_to_wire(s, c))
+                .collect()
+        });
         Ok(Response::new(v1::ListComputesResponse { computes }))
     }
 
@@ -49,14 +63,19 @@ impl ComputeService for Computes {
         &self,
         req: Request<v1::GetComputeRequest>,
     ) -> Result<Response<v1::ComputeTarget>, Status> {
-        self.get(&req.into_inner().name)
+        let caller = Caller::of(&req);
+        let name = req.into_inner().name;
+        self.allow(&caller, &name, Role::Reader)?;
+        self.get(&name)
     }
 
     async fn delete_compute(
         &self,
         req: Request<v1::DeleteComputeRequest>,
     ) -> Result<Response<v1::DeleteComputeResponse>, Status> {
+        let caller = Caller::of(&req);
         let name = req.into_inner().name;
+        self.allow(&caller, &name, Role::Operator)?;
         self.0
             .coordinator
             .propose(Command::DeleteCompute { name, at: now_ms() })
@@ -68,7 +87,9 @@ impl ComputeService for Computes {
         &self,
         req: Request<v1::GetComputeRequest>,
     ) -> Result<Response<v1::ComputeStatus>, Status> {
+        let caller = Caller::of(&req);
         let name = req.into_inner().name;
+        self.allow(&caller, &name, Role::Reader)?;
         views::compute::compute_status(&self.0, &name)
             .map(Response::new)
             .ok_or_else(|| {
@@ -82,8 +103,23 @@ impl ComputeService for Computes {
         &self,
         req: Request<v1::ListNodesRequest>,
     ) -> Result<Response<v1::ListNodesResponse>, Status> {
+        let caller = Caller::of(&req);
         let compute = req.into_inner().compute;
-        let nodes = views::compute::nodes(&self.0, compute.as_deref());
+        if let Some(name) = &compute {
+            self.allow(&caller, name, Role::Reader)?;
+        }
+        let readable = caller.readable(&self.0, None)?;
+        let visible = self.0.coordinator.read(|s| {
+            s.computes
+                .values()
+                .filter(|c| readable.contains(&c.spec.workspace))
+                .map(|c| c.spec.name.clone())
+                .collect::<std::collections::BTreeSet<_>>()
+        });
+        let nodes = views::compute::nodes(&self.0, compute.as_deref())
+            .into_iter()
+            .filter(|n| visible.contains(&n.compute))
+            .collect();
         Ok(Response::new(v1::ListNodesResponse { nodes }))
     }
 
@@ -91,6 +127,7 @@ impl ComputeService for Computes {
         &self,
         req: Request<v1::SetNodeStateRequest>,
     ) -> Result<Response<v1::Node>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
         let (state, verb) = match req.action.as_str() {
             "drain" => (NodeState::Draining, "drained"),
@@ -102,14 +139,14 @@ impl ComputeService for Computes {
                 )));
             }
         };
-        let node_id = self
+        let (node_id, compute) = self
             .0
             .coordinator
             .read(|s| {
                 s.nodes
                     .values()
                     .find(|n| n.name == req.node || n.id == req.node)
-                    .map(|n| n.id.clone())
+                    .map(|n| (n.id.clone(), n.compute.clone()))
             })
             .ok_or_else(|| {
                 Status::not_found(format!(
@@ -117,6 +154,8 @@ impl ComputeService for Computes {
                     req.node
                 ))
             })?;
+        self.allow(&caller, &compute, Role::Operator)
+            .map_err(|_| Status::not_found(format!("node {:?} is not registered", req.node)))?;
         let reason = req
             .reason
             .or_else(|| (state != NodeState::Ready).then(|| format!("{verb} by an admin")));
@@ -136,6 +175,26 @@ impl ComputeService for Computes {
 }
 
 impl Computes {
+    /// Checks the caller has `role` in the compute target's workspace; one the caller
+    /// cannot see is NOT_FOUND. An unknown one passes (the handler says it is unknown).
+    fn allow(&self, caller: &Caller, name: &str, role: Role) -> Result<(), Status> {
+        let Some(workspace) = self
+            .0
+            .coordinator
+            .read(|s| s.computes.get(name).map(|c| c.spec.workspace.clone()))
+        else {
+            return Ok(());
+        };
+        caller
+            .require(&self.0, &workspace, role, "")
+            .map_err(|e| match e.code() {
+                tonic::Code::NotFound => Status::not_found(format!(
+                    "compute target {name:?} does not exist: list them with `muster compute list`"
+                )),
+                _ => e,
+            })
+    }
+
     fn get(&self, name: &str) -> Result<Response<v1::ComputeTarget>, Status> {
         self.0
             .coordinator

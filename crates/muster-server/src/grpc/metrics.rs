@@ -15,6 +15,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::peers::is_replica;
+use crate::grpc::auth::{Caller, allow_run};
+use muster_core::access::Role;
 use crate::server::Server;
 use crate::views::metrics::run_metrics;
 
@@ -38,7 +40,9 @@ impl MetricsService for Metrics {
         req: Request<v1::GetRunMetricsRequest>,
     ) -> Result<Response<v1::RunMetrics>, Status> {
         let relayed = is_replica(&req);
+        let caller = Caller::of(&req);
         let req = req.into_inner();
+        allow_run(&self.0, &caller, &req.run_id, Role::Reader)?;
         check_name(req.name.as_deref())?;
         run_metrics(&self.0, &req, relayed).await.map(Response::new)
     }
@@ -50,7 +54,9 @@ impl MetricsService for Metrics {
         req: Request<v1::StreamRunMetricsRequest>,
     ) -> Result<Response<MetricStream>, Status> {
         let relayed = is_replica(&req);
+        let caller = Caller::of(&req);
         let req = req.into_inner();
+        allow_run(&self.0, &caller, &req.run_id, Role::Reader)?;
         check_name(req.name.as_deref())?;
         let mut get = v1::GetRunMetricsRequest {
             run_id: req.run_id.clone(),

@@ -1,6 +1,7 @@
 //! # grpc: the API as transport
 //!
-//! Each service decodes a request, authorizes it (the hook the access issue fills), calls
+//! Each request first passes `auth.rs` (who is calling, and may they call this method);
+//! then its service decodes it, checks the object's workspace, calls
 //! the layer that does the work — `coordinator` to propose and read, `store` for bytes,
 //! `views` for read models, `effects` for what must be stored before it is recorded — and
 //! encodes the answer. Errors of every layer become `tonic::Status` here and nowhere else,
@@ -9,7 +10,9 @@
 //! May import: every layer below (`effects`, `views`, `coordinator`, `store`), muster-core
 //! and muster-proto. Never `web/` or the leader loops.
 
+mod access;
 mod agents;
+pub(crate) mod auth;
 mod blobs;
 mod cluster;
 mod compute;
@@ -77,12 +80,16 @@ pub fn router(server: Arc<Server>) -> axum::Router {
         .add_service(v1::sweep_service_server::SweepServiceServer::new(
             sweeps::Sweeps(server.clone()),
         ))
+        .add_service(v1::access_service_server::AccessServiceServer::new(
+            access::Accesses(server.clone()),
+        ))
         .add_service(
-            v1::cluster_service_server::ClusterServiceServer::new(cluster::Cluster(server))
+            v1::cluster_service_server::ClusterServiceServer::new(cluster::Cluster(server.clone()))
                 .max_decoding_message_size(512 << 20)
                 .max_encoding_message_size(512 << 20),
         )
         .into_axum_router()
+        .layer(axum::middleware::from_fn_with_state(server, auth::authorize))
 }
 
 /// Maps a failed proposal to the status a client can act on.
@@ -131,6 +138,7 @@ pub(crate) fn rejected(e: ApplyError) -> Status {
         | ApplyError::SweepRejected { .. }
         | ApplyError::PipelineRejected { .. } => Status::failed_precondition(msg),
         ApplyError::UndecodableCommand(_) => Status::internal(msg),
+        ApplyError::Access(e) => auth::access_status(e),
     }
 }
 

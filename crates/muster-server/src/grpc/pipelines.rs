@@ -14,7 +14,9 @@ use tonic::{Request, Response, Status};
 
 use crate::coordinator::{new_id, now_ms};
 use crate::grpc::{Fresh, check_code, propose_fresh};
+use crate::grpc::auth::{Caller, allow_in};
 use crate::server::Server;
+use muster_core::access::Role;
 
 pub(crate) struct Pipelines(pub Arc<Server>);
 
@@ -31,7 +33,26 @@ fn keyed_pipeline_id(key: &str) -> String {
     format!("pl-{}", &hex::encode(digest)[..16])
 }
 
+/// The workspace a pipeline's steps run in.
+fn pipeline_workspace(p: &muster_core::state::Pipeline) -> String {
+    p.spec
+        .steps
+        .values()
+        .next()
+        .map(|s| s.run.workspace.clone())
+        .unwrap_or_else(|| muster_core::access::DEFAULT_WORKSPACE.to_string())
+}
+
 impl Pipelines {
+    /// Checks the caller has `role` in the pipeline's workspace (else it is NOT_FOUND).
+    fn allow(&self, caller: &Caller, id: &str, role: Role) -> Result<(), Status> {
+        let workspace = self
+            .0
+            .coordinator
+            .read(|s| s.pipelines.get(id).map(pipeline_workspace));
+        allow_in(&self.0, caller, workspace, role, || not_found(id))
+    }
+
     fn get(&self, id: &str) -> Result<v1::Pipeline, Status> {
         self.0
             .coordinator
@@ -46,7 +67,10 @@ impl PipelineService for Pipelines {
         &self,
         req: Request<v1::SubmitPipelineRequest>,
     ) -> Result<Response<v1::Pipeline>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
+        let workspace = crate::grpc::access::workspace_or_default(&req.workspace);
+        caller.require(&self.0, &workspace, Role::User, &format!("workspace {workspace:?}"))?;
         let experiment = if req.default_experiment.is_empty() {
             "default"
         } else {
@@ -67,10 +91,17 @@ impl PipelineService for Pipelines {
                 .validate()
                 .map_err(|e| Status::invalid_argument(format!("jobs.{step}.{e}")))?;
         }
+        for step in spec.steps.values_mut() {
+            step.run.workspace = workspace.clone();
+        }
         let unknown = self.0.coordinator.read(|s| {
             spec.steps
                 .iter()
-                .find(|(_, step)| !s.computes.contains_key(&step.run.compute))
+                .find(|(_, step)| {
+                    !s.computes
+                        .get(&step.run.compute)
+                        .is_some_and(|c| c.spec.workspace == workspace)
+                })
                 .map(|(name, step)| (name.clone(), step.run.compute.clone()))
         });
         if let Some((step, compute)) = unknown {
@@ -84,7 +115,7 @@ impl PipelineService for Pipelines {
                     "idempotency_key: use 1 to 128 characters",
                 ));
             }
-            Some(key) => Some(keyed_pipeline_id(key)),
+            Some(key) => Some(keyed_pipeline_id(&format!("{workspace}/{key}"))),
             None => None,
         };
         if let Some(id) = &keyed
@@ -115,8 +146,10 @@ impl PipelineService for Pipelines {
         &self,
         req: Request<v1::GetPipelineRequest>,
     ) -> Result<Response<v1::Pipeline>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
         self.0.coordinator.linearize(false).await?;
+        self.allow(&caller, &req.id, Role::Reader)?;
         self.get(&req.id).map(Response::new)
     }
 
@@ -124,10 +157,16 @@ impl PipelineService for Pipelines {
         &self,
         req: Request<v1::ListPipelinesRequest>,
     ) -> Result<Response<v1::ListPipelinesResponse>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
+        let readable = caller.readable(&self.0, req.workspace.as_deref())?;
         self.0.coordinator.linearize(false).await?;
         let pipelines = self.0.coordinator.read(|s| {
-            let mut ps: Vec<_> = s.pipelines.values().collect();
+            let mut ps: Vec<_> = s
+                .pipelines
+                .values()
+                .filter(|p| readable.contains(&pipeline_workspace(p)))
+                .collect();
             ps.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
             if req.limit > 0 && ps.len() > req.limit as usize {
                 ps.drain(..ps.len() - req.limit as usize);
@@ -141,7 +180,9 @@ impl PipelineService for Pipelines {
         &self,
         req: Request<v1::CancelPipelineRequest>,
     ) -> Result<Response<v1::Pipeline>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
+        self.allow(&caller, &req.id, Role::User)?;
         let current = self.get(&req.id)?;
         if matches!(
             current.state(),

@@ -12,11 +12,13 @@ use muster_proto::v1::{self, run_service_server::RunService};
 use muster_proto::{run_to_wire, spec_from_wire};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
+use muster_client::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::{ProposalError, new_run_id, now_ms};
+use crate::grpc::auth::{Caller, allow_run};
 use crate::grpc::{Fresh, check_code, propose_fresh, status};
+use muster_core::access::Role;
 use crate::server::Server;
 use crate::views;
 use crate::views::logs::AttemptLogs;
@@ -38,6 +40,7 @@ impl Runs {
     fn get(&self, id: &str) -> Result<v1::Run, Status> {
         views::runs::run(&self.0, id).ok_or_else(|| not_found(id))
     }
+
 }
 
 type LogStream = Pin<Box<dyn Stream<Item = Result<v1::LogChunk, Status>> + Send>>;
@@ -49,12 +52,24 @@ impl RunService for Runs {
         &self,
         req: Request<v1::SubmitRunRequest>,
     ) -> Result<Response<v1::Run>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
         let spec = spec_from_wire(
             req.spec
                 .ok_or_else(|| Status::invalid_argument("spec: missing"))?,
         )
         .map_err(Status::invalid_argument)?;
+        caller.require(
+            &self.0,
+            &spec.workspace,
+            Role::User,
+            &format!("workspace {:?}", spec.workspace),
+        )?;
+        // Keys are per workspace: another tenant's key never names this tenant's run.
+        let idempotency_key = req
+            .idempotency_key
+            .as_ref()
+            .map(|k| format!("{}/{k}", spec.workspace));
         spec.validate()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if let Some(code) = &spec.code {
@@ -78,7 +93,7 @@ impl RunService for Runs {
             |id| Command::SubmitRun {
                 run_id: id.to_string(),
                 spec: Box::new(spec.clone()),
-                idempotency_key: req.idempotency_key.clone(),
+                idempotency_key: idempotency_key.clone(),
                 at: now_ms(),
             },
             |e| matches!(e, ApplyError::RunExists(_)),
@@ -98,8 +113,10 @@ impl RunService for Runs {
     }
 
     async fn get_run(&self, req: Request<v1::GetRunRequest>) -> Result<Response<v1::Run>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
         self.0.coordinator.linearize(req.stale).await?;
+        allow_run(&self.0, &caller, &req.id, Role::Reader)?;
         self.get(&req.id).map(Response::new)
     }
 
@@ -107,7 +124,9 @@ impl RunService for Runs {
         &self,
         req: Request<v1::ListRunsRequest>,
     ) -> Result<Response<v1::ListRunsResponse>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
+        let readable = caller.readable(&self.0, req.workspace.as_deref())?;
         self.0.coordinator.linearize(req.stale).await?;
         let state = match req.state {
             Some(s) => Some(
@@ -120,6 +139,7 @@ impl RunService for Runs {
             let mut runs: Vec<_> = s
                 .runs
                 .values()
+                .filter(|r| readable.contains(&r.spec.workspace))
                 .filter(|r| {
                     req.experiment
                         .as_ref()
@@ -141,7 +161,9 @@ impl RunService for Runs {
         &self,
         req: Request<v1::CancelRunRequest>,
     ) -> Result<Response<v1::Run>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
+        allow_run(&self.0, &caller, &req.id, Role::User)?;
         self.0
             .coordinator
             .propose(Command::CancelRun {
@@ -164,6 +186,8 @@ impl RunService for Runs {
         req: Request<v1::StreamLogsRequest>,
     ) -> Result<Response<LogStream>, Status> {
         let relayed = crate::coordinator::peers::is_replica(&req);
+        let caller = Caller::of(&req);
+        let metadata = req.metadata().clone();
         let req = req.into_inner();
         // A follower that lags would list fewer attempts than the leader has: catch up to
         // the leader's commit first. Without a leader (no quorum) the local replica still
@@ -179,11 +203,12 @@ impl RunService for Runs {
                 }
             }
         }
+        allow_run(&self.0, &caller, &req.id, Role::Reader)?;
         if self.get(&req.id).is_err() {
             // A follower that has not applied the submission yet: the leader knows the run.
             if !relayed && let Some(mut client) = leader_runs(&self.0) {
                 let stream = client
-                    .stream_logs(crate::coordinator::peers::replica_request(req))
+                    .stream_logs(crate::coordinator::peers::relayed_request(req, &metadata))
                     .await?
                     .into_inner();
                 return Ok(Response::new(Box::pin(stream)));
@@ -222,7 +247,9 @@ impl RunService for Runs {
         &self,
         req: Request<v1::WaitRunRequest>,
     ) -> Result<Response<v1::Run>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
+        allow_run(&self.0, &caller, &req.id, Role::Reader)?;
         let deadline = (req.timeout_ms > 0)
             .then(|| tokio::time::Instant::now() + Duration::from_millis(req.timeout_ms));
         let mut changes = self.0.coordinator.subscribe();

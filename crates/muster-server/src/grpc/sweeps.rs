@@ -11,7 +11,9 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::{ID_ALPHABET, new_id, now_ms};
+use crate::grpc::auth::{Caller, allow_in};
 use crate::grpc::{Fresh, check_code, propose_fresh};
+use muster_core::access::Role;
 use crate::server::Server;
 use crate::views::sweeps::sweep_view;
 
@@ -39,6 +41,15 @@ fn sweep_id(key: Option<&str>) -> String {
 }
 
 impl Sweeps {
+    /// Checks the caller has `role` in the sweep's workspace (else it is NOT_FOUND).
+    fn allow(&self, caller: &Caller, id: &str, role: Role) -> Result<(), Status> {
+        let workspace = self
+            .0
+            .coordinator
+            .read(|s| s.sweeps.get(id).map(|w| w.spec.trial.workspace.clone()));
+        allow_in(&self.0, caller, workspace, role, || not_found(id))
+    }
+
     fn get(&self, id: &str) -> Result<v1::Sweep, Status> {
         let sweep = self
             .0
@@ -55,6 +66,7 @@ impl SweepService for Sweeps {
         &self,
         req: Request<v1::SubmitSweepRequest>,
     ) -> Result<Response<v1::Sweep>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
         let spec = sweep_spec_from_wire(
             req.spec
@@ -63,6 +75,10 @@ impl SweepService for Sweeps {
         .map_err(Status::invalid_argument)?;
         spec.validate()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let workspace = spec.trial.workspace.clone();
+        caller.require(&self.0, &workspace, Role::User, &format!("workspace {workspace:?}"))?;
+        // Keys are per workspace: another tenant's key never names this tenant's sweep.
+        let key = req.idempotency_key.as_ref().map(|k| format!("{workspace}/{k}"));
         if let Some(key) = &req.idempotency_key
             && (key.is_empty() || key.len() > 128)
         {
@@ -82,7 +98,7 @@ impl SweepService for Sweeps {
             &self.0,
             "sweep",
             keyed,
-            || sweep_id(req.idempotency_key.as_deref()),
+            || sweep_id(key.as_deref()),
             |id| Command::SubmitSweep {
                 sweep_id: id.to_string(),
                 spec: Box::new(spec.clone()),
@@ -115,8 +131,10 @@ impl SweepService for Sweeps {
         &self,
         req: Request<v1::GetSweepRequest>,
     ) -> Result<Response<v1::Sweep>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
         self.0.coordinator.linearize(req.stale).await?;
+        self.allow(&caller, &req.id, Role::Reader)?;
         self.get(&req.id).map(Response::new)
     }
 
@@ -124,12 +142,17 @@ impl SweepService for Sweeps {
         &self,
         req: Request<v1::ListSweepsRequest>,
     ) -> Result<Response<v1::ListSweepsResponse>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
+        let readable = caller.readable(&self.0, req.workspace.as_deref())?;
         self.0.coordinator.linearize(req.stale).await?;
-        let mut sweeps: Vec<Sweep> = self
-            .0
-            .coordinator
-            .read(|s| s.sweeps.values().cloned().collect());
+        let mut sweeps: Vec<Sweep> = self.0.coordinator.read(|s| {
+            s.sweeps
+                .values()
+                .filter(|w| readable.contains(&w.spec.trial.workspace))
+                .cloned()
+                .collect()
+        });
         sweeps.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         let sweeps = sweeps.iter().map(|s| sweep_view(&self.0, s)).collect();
         Ok(Response::new(v1::ListSweepsResponse { sweeps }))
@@ -139,7 +162,9 @@ impl SweepService for Sweeps {
         &self,
         req: Request<v1::CancelSweepRequest>,
     ) -> Result<Response<v1::Sweep>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
+        self.allow(&caller, &req.id, Role::User)?;
         let sweep = self
             .0
             .coordinator

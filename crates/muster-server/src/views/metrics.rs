@@ -6,7 +6,7 @@
 use muster_proto::metrics_to_wire;
 use muster_proto::v1;
 use tonic::Status;
-use tonic::transport::Channel;
+use muster_client::Channel;
 
 use crate::coordinator::peers::replica_request;
 use crate::server::Server;

@@ -6,6 +6,7 @@
 //! to `<data dir>/provision/<compute>.log` (a file, not a pipe, so agents it starts in
 //! the background do not hold the leader up); the tail of it explains a failure.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -24,6 +25,7 @@ pub(crate) async fn reconcile(
     servers: &[String],
     work: &Work,
     log_dir: &Path,
+    joins: &BTreeMap<String, String>,
 ) -> Vec<Step> {
     let mut steps = Vec::new();
     for (script, nodes, outcome) in [
@@ -37,7 +39,7 @@ pub(crate) async fn reconcile(
         if nodes.is_empty() {
             continue;
         }
-        match run_script(script, servers, work, nodes, log_dir).await {
+        match run_script(script, servers, work, nodes, log_dir, joins).await {
             Ok(()) => steps.push(Step::Done(outcome, nodes.clone())),
             Err(e) => steps.push(Step::Failed(nodes.clone(), e)),
         }
@@ -51,6 +53,7 @@ async fn run_script(
     work: &Work,
     nodes: &[String],
     log_dir: &Path,
+    joins: &BTreeMap<String, String>,
 ) -> Result<(), String> {
     let log_path: PathBuf = log_dir.join(format!("{}.log", work.compute));
     std::fs::create_dir_all(log_dir)
@@ -76,6 +79,23 @@ async fn run_script(
         .env("MUSTER_TIER", work.tier.as_str())
         .env("MUSTER_SERVERS", &servers)
         .env("MUSTER_SERVER", &servers)
+        // One single-use join token per node to launch: `NODE=TOKEN` pairs, and for a
+        // single node MUSTER_JOIN_TOKEN itself (`muster agent --join` reads it).
+        .env(
+            "MUSTER_JOIN_TOKENS",
+            nodes
+                .iter()
+                .filter_map(|n| joins.get(n).map(|j| format!("{n}={j}")))
+                .collect::<Vec<_>>()
+                .join(" "),
+        )
+        .env(
+            "MUSTER_JOIN_TOKEN",
+            match nodes {
+                [one] => joins.get(one).cloned().unwrap_or_default(),
+                _ => String::new(),
+            },
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(err))

@@ -9,7 +9,7 @@
 //! The same listing finds reclaimed nodes: an up node whose container was removed, or
 //! has exited, lost its machine without a decision (see the module above).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use bollard::Docker;
 use bollard::errors::Error as EngineError;
@@ -54,6 +54,7 @@ pub(crate) async fn reconcile(
     servers: &[String],
     work: &Work,
     resync: bool,
+    joins: &BTreeMap<String, String>,
 ) -> Outcome {
     let servers_label = servers.join(",");
     let mut steps = Vec::new();
@@ -79,7 +80,8 @@ pub(crate) async fn reconcile(
     }
     let mut started = Vec::new();
     for node in &work.launch {
-        match ensure_running(docker, settings, servers, &servers_label, work, node).await {
+        let join = joins.get(node).map(String::as_str);
+        match ensure_running(docker, settings, servers, &servers_label, work, node, join).await {
             Ok(()) => started.push(node.clone()),
             Err(e) => {
                 steps.push(Step::Failed(vec![node.clone()], e));
@@ -181,6 +183,7 @@ async fn ensure_running(
     servers_label: &str,
     work: &Work,
     node: &str,
+    join: Option<&str>,
 ) -> Result<(), String> {
     let mut labels: HashMap<String, String> = settings
         .labels
@@ -203,6 +206,8 @@ async fn ensure_running(
         image: Some(settings.image.clone()),
         entrypoint: Some(vec!["muster".into()]),
         cmd: Some(cmd),
+        // The agent trades it for its credential on first start (kept in its data dir).
+        env: join.map(|j| vec![format!("MUSTER_JOIN_TOKEN={j}")]),
         labels: Some(labels),
         host_config: Some(HostConfig {
             network_mode: Some(settings.network.clone()),

@@ -165,7 +165,9 @@ impl Provisioners {
                         return;
                     }
                 };
-                let out = docker::reconcile(&docker, settings, &servers, &work, resync).await;
+                let joins = join_tokens(server, &work).await;
+                let out =
+                    docker::reconcile(&docker, settings, &servers, &work, resync, &joins).await;
                 if out.listed {
                     self.synced.insert(work.compute.clone(), Instant::now());
                 }
@@ -173,7 +175,8 @@ impl Provisioners {
             }
             Provisioner::Command(settings) => {
                 let log_dir = server.config.data_dir.join("provision");
-                command::reconcile(settings, &servers, &work, &log_dir).await
+                let joins = join_tokens(server, &work).await;
+                command::reconcile(settings, &servers, &work, &log_dir, &joins).await
             }
         };
         for step in result {
@@ -269,6 +272,41 @@ pub(crate) enum Step {
         name: String,
         why: String,
     },
+}
+
+/// A single-use join token for each node about to be launched (the leader makes them as
+/// the server it is; they expire in an hour). A node whose token could not be recorded
+/// gets none, and its agent says it needs one.
+async fn join_tokens(server: &Server, work: &Work) -> BTreeMap<String, String> {
+    use muster_core::access::{AccessChange, JOIN_PREFIX, JoinToken, format_token, hash_secret};
+    let mut out = BTreeMap::new();
+    let by = format!("server:{}", server.config.raft.id);
+    for node in &work.launch {
+        let id = crate::coordinator::new_token_id();
+        let secret = crate::coordinator::new_secret();
+        let at = now_ms();
+        let join = JoinToken {
+            id: id.clone(),
+            hash: hash_secret(&secret),
+            compute: work.compute.clone(),
+            created_at: at,
+            expires_at: at + 3_600_000,
+            used: None,
+            created_by: by.clone(),
+        };
+        let command = Command::Access {
+            change: AccessChange::CreateJoinToken { join },
+            by: by.clone(),
+            at,
+        };
+        match server.coordinator.propose(command).await {
+            Ok(_) => {
+                out.insert(node.clone(), format_token(JOIN_PREFIX, &id, &secret));
+            }
+            Err(e) => tracing::warn!(%node, cause = %e, "no join token for a provisioned node"),
+        }
+    }
+    out
 }
 
 /// The arguments of `muster agent` for a provisioned node (after the global `--server`).

@@ -1,0 +1,130 @@
+//! What a client presents on every call, and the channel that presents it.
+//!
+//! - A user's API token or an agent's credential (`mst_<id>_<secret>`) goes in
+//!   `authorization: Bearer …`.
+//! - A server calling a peer without TLS presents the cluster key in [`CLUSTER_KEY_HEADER`]
+//!   and its id in [`SERVER_ID_HEADER`] (with TLS, its certificate says who it is).
+//!
+//! [`Channel`] is tonic's channel with these attached by an interceptor, so every generated
+//! client built on it carries them and no call site can forget. `Debug` never prints a
+//! secret.
+
+use std::fmt;
+use std::sync::Arc;
+
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+
+/// The metadata key of the cluster key servers present to each other.
+pub const CLUSTER_KEY_HEADER: &str = "muster-cluster-key";
+
+/// The metadata key of a calling server's id.
+pub const SERVER_ID_HEADER: &str = "muster-server-id";
+
+/// A channel to one server that attaches [`Credentials`] to every request.
+pub type Channel = InterceptedService<tonic::transport::Channel, Credentials>;
+
+/// What a client says about itself on every call.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    bearer: Option<Arc<MetadataValue<Ascii>>>,
+    server: Option<(Arc<MetadataValue<Ascii>>, MetadataValue<Ascii>)>,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("bearer", &self.bearer.as_ref().map(|_| "<redacted>"))
+            .field("server", &self.server.as_ref().map(|(_, id)| id.clone()))
+            .finish()
+    }
+}
+
+/// A token that cannot be sent in a header.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the token has characters a header cannot carry: API tokens look like mst_<id>_<secret>; copy it again"
+)]
+pub struct BadToken;
+
+impl Credentials {
+    /// No credentials: only health checks and `Join` answer such a caller.
+    pub fn none() -> Credentials {
+        Credentials::default()
+    }
+
+    /// A bearer token (a user's API token, or an agent's credential).
+    pub fn bearer(token: &str) -> Result<Credentials, BadToken> {
+        let value = MetadataValue::try_from(format!("Bearer {}", token.trim()))
+            .map_err(|_| BadToken)?;
+        Ok(Credentials {
+            bearer: Some(Arc::new(value)),
+            server: None,
+        })
+    }
+
+    /// A server's identity for its peers: its id and the cluster key.
+    pub fn server(id: u64, cluster_key: &str) -> Result<Credentials, BadToken> {
+        let key = MetadataValue::try_from(cluster_key.trim()).map_err(|_| BadToken)?;
+        let id = MetadataValue::try_from(id.to_string()).map_err(|_| BadToken)?;
+        Ok(Credentials {
+            bearer: None,
+            server: Some((Arc::new(key), id)),
+        })
+    }
+
+    /// Whether any credential is set.
+    pub fn is_empty(&self) -> bool {
+        self.bearer.is_none() && self.server.is_none()
+    }
+
+    /// `channel` with these credentials on every request.
+    pub fn attach(&self, channel: tonic::transport::Channel) -> Channel {
+        InterceptedService::new(channel, self.clone())
+    }
+}
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let md = req.metadata_mut();
+        if let Some(bearer) = &self.bearer {
+            md.insert("authorization", (**bearer).clone());
+        }
+        if let Some((key, id)) = &self.server {
+            md.insert(CLUSTER_KEY_HEADER, (**key).clone());
+            md.insert(SERVER_ID_HEADER, id.clone());
+        }
+        Ok(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_a_secret() {
+        let c = Credentials::bearer("mst_abc_supersecret").unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("supersecret"), "{shown}");
+        let s = Credentials::server(2, "clusterkeysecret").unwrap();
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("clusterkeysecret") && shown.contains('2'), "{shown}");
+    }
+
+    #[test]
+    fn the_interceptor_sets_the_headers() {
+        let mut c = Credentials::bearer("mst_abc_def").unwrap();
+        let req = c.call(tonic::Request::new(())).unwrap();
+        assert_eq!(
+            req.metadata().get("authorization").unwrap(),
+            "Bearer mst_abc_def"
+        );
+        let mut s = Credentials::server(3, "k").unwrap();
+        let req = s.call(tonic::Request::new(())).unwrap();
+        assert_eq!(req.metadata().get(CLUSTER_KEY_HEADER).unwrap(), "k");
+        assert_eq!(req.metadata().get(SERVER_ID_HEADER).unwrap(), "3");
+        assert!(Credentials::bearer("bad\ntoken").is_err());
+    }
+}
