@@ -30,7 +30,7 @@ async fn submit_until_acknowledged(
     while start.elapsed() < deadline {
         let url = &urls[i % urls.len()];
         i += 1;
-        if let Ok(mut c) = muster_client::connect(url).await {
+        if let Ok(mut c) = muster_testkit::access::clients(url).await {
             let req = v1::SubmitRunRequest {
                 spec: Some(spec.clone()),
                 idempotency_key: Some(key.into()),
@@ -56,7 +56,7 @@ fn pct(mut v: Vec<Duration>) -> (Duration, Duration) {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut cluster = TestCluster::start(3).await?;
-    let mut c = muster_client::connect(&cluster.urls()).await?;
+    let mut c = muster_testkit::access::clients(&cluster.urls()).await?;
     c.compute
         .create_compute(v1::CreateComputeRequest {
             compute: Some(v1::ComputeTarget {

@@ -166,7 +166,7 @@ async fn submit_all(url: &str, runs: usize, clients: usize) -> anyhow::Result<()
     let mut tasks = Vec::new();
     for i in 0..clients {
         let n = runs / clients + usize::from(i < runs % clients);
-        let mut c = muster_client::connect(url).await?;
+        let mut c = muster_testkit::access::clients(url).await?;
         let wire = wire.clone();
         tasks.push(tokio::spawn(async move {
             for _ in 0..n {

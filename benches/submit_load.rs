@@ -62,7 +62,7 @@ async fn submit_spread(urls: &[String], runs: usize, clients: usize) -> anyhow::
     let per_client = runs / clients;
     let mut conns = Vec::new();
     for i in 0..clients {
-        conns.push(muster_client::connect(&urls[i % urls.len()]).await?);
+        conns.push(muster_testkit::access::clients(&urls[i % urls.len()]).await?);
     }
     let wire = Arc::new(wire);
     let start = Instant::now();
@@ -171,7 +171,7 @@ async fn main() -> anyhow::Result<()> {
             .into_iter()
             .map(|id| cluster.url(id))
             .collect();
-        let mut c = muster_client::connect(&cluster.urls()).await?;
+        let mut c = muster_testkit::access::clients(&cluster.urls()).await?;
         c.compute
             .create_compute(v1::CreateComputeRequest {
                 compute: Some(v1::ComputeTarget {

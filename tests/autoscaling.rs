@@ -19,7 +19,7 @@ fn unique(prefix: &str) -> String {
 }
 
 async fn try_status(url: &str, name: &str) -> anyhow::Result<v1::ComputeStatus> {
-    let mut c = muster_client::connect(url).await?;
+    let mut c = muster_testkit::access::clients(url).await?;
     Ok(c.compute
         .get_compute_status(v1::GetComputeRequest { name: name.into() })
         .await?
@@ -61,7 +61,7 @@ async fn submit(url: &str, dir: &Path, compute: &str, cpu: &str, secs: u32) -> S
 }
 
 async fn try_get_run(url: &str, id: &str) -> anyhow::Result<v1::Run> {
-    let mut c = muster_client::connect(url).await?;
+    let mut c = muster_testkit::access::clients(url).await?;
     Ok(c.runs
         .get_run(v1::GetRunRequest {
             id: id.into(),

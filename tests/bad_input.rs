@@ -4,9 +4,9 @@ use muster_testkit::{DevCluster, muster};
 use muster_tests::{all_runs, write};
 
 async fn computes(url: &str) -> usize {
-    let mut c = muster_client::connect(url).await.unwrap();
+    let mut c = muster_testkit::access::clients(url).await.unwrap();
     c.compute
-        .list_computes(muster_proto::v1::ListComputesRequest {})
+        .list_computes(muster_proto::v1::ListComputesRequest::default())
         .await
         .unwrap()
         .into_inner()

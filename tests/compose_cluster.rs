@@ -144,7 +144,7 @@ async fn submit(urls: &[String], first: usize, key: &str) -> Option<String> {
         let url = &urls[(first + attempt) % urls.len()];
         attempt += 1;
         let answer = tokio::time::timeout(CALL, async {
-            let mut c = muster_client::connect(url).await.ok()?;
+            let mut c = muster_testkit::access::clients(url).await.ok()?;
             Some(
                 c.runs
                     .submit_run(v1::SubmitRunRequest {
@@ -179,7 +179,7 @@ async fn submit(urls: &[String], first: usize, key: &str) -> Option<String> {
 /// Every run, read (linearizably) through `url`; `None` if that fails within [`CALL`].
 async fn runs_via(url: &str, stale: bool) -> Option<Vec<v1::Run>> {
     tokio::time::timeout(CALL, async {
-        let mut c = muster_client::connect(url).await.ok()?;
+        let mut c = muster_testkit::access::clients(url).await.ok()?;
         c.runs
             .list_runs(v1::ListRunsRequest {
                 stale,

@@ -30,7 +30,7 @@ async fn submit_with_retries(
 ) -> Option<String> {
     for attempt in 0..60 {
         let url = &urls[(first + attempt) % urls.len()];
-        let Ok(mut c) = muster_client::connect(url).await else {
+        let Ok(mut c) = muster_testkit::access::clients(url).await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
@@ -58,7 +58,7 @@ async fn submit_with_retries(
 }
 
 async fn runs_on(url: &str, stale: bool) -> Vec<v1::Run> {
-    let mut c = muster_client::connect(url).await.unwrap();
+    let mut c = muster_testkit::access::clients(url).await.unwrap();
     c.runs
         .list_runs(v1::ListRunsRequest {
             stale,
@@ -174,7 +174,7 @@ async fn an_isolated_leader_steps_down_and_the_majority_carries_on() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(stepped_down, "the isolated leader stepped down");
-    let mut c = muster_client::connect(&cluster.url(old)).await.unwrap();
+    let mut c = muster_testkit::access::clients(&cluster.url(old)).await.unwrap();
     let refused = tokio::time::timeout(
         Duration::from_secs(10),
         c.runs.submit_run(v1::SubmitRunRequest {
@@ -239,7 +239,7 @@ async fn a_snapshot_uploaded_to_one_server_survives_its_loss() {
     // The server that took the upload dies; the others can still serve every blob.
     cluster.kill(follower).await.unwrap();
     for id in cluster.ids().into_iter().filter(|id| *id != follower) {
-        let mut c = muster_client::connect(&cluster.url(id)).await.unwrap();
+        let mut c = muster_testkit::access::clients(&cluster.url(id)).await.unwrap();
         let bytes = c.blobs.download_bytes(&manifest).await.unwrap();
         let m: muster_core::snapshot::Manifest = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(m.files.len(), 2);
@@ -255,9 +255,9 @@ async fn a_snapshot_uploaded_to_one_server_survives_its_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_missing_a_blob_repairs_it_from_a_peer() {
     let cluster = TestCluster::start(3).await.unwrap();
-    let mut a = muster_client::connect(&cluster.url(1)).await.unwrap();
+    let mut a = muster_testkit::access::clients(&cluster.url(1)).await.unwrap();
     let sha = a.blobs.upload_bytes(b"weights v1".to_vec()).await.unwrap();
-    let mut b = muster_client::connect(&cluster.url(2)).await.unwrap();
+    let mut b = muster_testkit::access::clients(&cluster.url(2)).await.unwrap();
     let got = b.blobs.download_bytes(&sha).await.unwrap();
     assert_eq!(got, b"weights v1");
     let missing = b.blobs.missing(vec![sha.clone()]).await.unwrap();
@@ -282,7 +282,7 @@ async fn a_follower_that_missed_ten_thousand_entries_catches_up_by_snapshot() {
     for client in 0..32usize {
         let url = url.clone();
         tasks.push(tokio::spawn(async move {
-            let mut c = muster_client::connect(&url).await.unwrap();
+            let mut c = muster_testkit::access::clients(&url).await.unwrap();
             for n in 0..313usize {
                 let i = client * 313 + n;
                 c.runs
@@ -452,7 +452,7 @@ async fn randomized_faults_keep_the_invariants() {
             .nth(rng.random_range(0..acknowledged.len().max(1)))
         {
             for url in &alive {
-                if let Ok(mut c) = muster_client::connect(url).await
+                if let Ok(mut c) = muster_testkit::access::clients(url).await
                     && tokio::time::timeout(
                         Duration::from_secs(3),
                         c.runs.cancel_run(v1::CancelRunRequest {
@@ -700,7 +700,7 @@ async fn a_follower_follows_a_live_log_through_its_end_without_repeating_a_line(
         .await
         .expect("submitted");
     // Follow from the moment it is queued: the follower relays the leader's live log.
-    let mut c = muster_client::connect(&cluster.url(follower))
+    let mut c = muster_testkit::access::clients(&cluster.url(follower))
         .await
         .unwrap();
     let mut stream = c

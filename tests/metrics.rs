@@ -59,7 +59,7 @@ fn check_metrics(v: &Value) {
 
 /// Submits `spec` through `url` (gRPC); the new run's id.
 async fn submit_spec(url: &str, spec: RunSpec) -> String {
-    muster_client::connect(url)
+    muster_testkit::access::clients(url)
         .await
         .unwrap()
         .runs
@@ -79,7 +79,7 @@ async fn poll_metrics(
     id: &str,
     check: impl Fn(&v1::RunMetrics) -> bool,
 ) -> Option<v1::RunMetrics> {
-    let mut c = muster_client::connect(url).await.unwrap();
+    let mut c = muster_testkit::access::clients(url).await.unwrap();
     for _ in 0..600 {
         let m = c
             .metrics
@@ -313,7 +313,7 @@ async fn an_ended_runs_metrics_are_served_by_a_survivor_of_the_leader() {
     s.compute = "m-pool".into();
     let mut id = None;
     for i in 0..60 {
-        let Ok(mut c) = muster_client::connect(&urls[i % urls.len()]).await else {
+        let Ok(mut c) = muster_testkit::access::clients(&urls[i % urls.len()]).await else {
             continue;
         };
         match c

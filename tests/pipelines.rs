@@ -138,7 +138,7 @@ async fn poll_pipeline(
     tries: u32,
     check: impl Fn(&v1::Pipeline) -> bool,
 ) -> Option<v1::Pipeline> {
-    let mut c = muster_client::connect(url).await.unwrap();
+    let mut c = muster_testkit::access::clients(url).await.unwrap();
     for _ in 0..tries {
         let p = c
             .pipelines
@@ -573,7 +573,7 @@ jobs:
 /// The pipeline as the first of `urls` that answers sees it.
 async fn get_any(urls: &[String], id: &str) -> Option<v1::Pipeline> {
     for url in urls {
-        if let Ok(mut c) = muster_client::connect(url).await
+        if let Ok(mut c) = muster_testkit::access::clients(url).await
             && let Ok(Ok(p)) = tokio::time::timeout(
                 Duration::from_secs(3),
                 c.pipelines
@@ -596,7 +596,7 @@ async fn killing_the_leader_mid_pipeline_neither_loses_nor_duplicates_a_step() {
     let _agent = cluster_agent(&cluster, data.path(), "ha-pool", "ha-node").await;
 
     let leader = cluster.leader().await.unwrap();
-    let mut lc = muster_client::connect(&cluster.url(leader)).await.unwrap();
+    let mut lc = muster_testkit::access::clients(&cluster.url(leader)).await.unwrap();
     let id = lc
         .pipelines
         .submit_pipeline(v1::SubmitPipelineRequest {
@@ -639,7 +639,7 @@ async fn killing_the_leader_mid_pipeline_neither_loses_nor_duplicates_a_step() {
     let p = done.expect("the pipeline ended after the failover");
     assert_eq!(p.state().word(), "completed", "{p:?}");
     // Exactly one run per step: nothing lost, nothing duplicated.
-    let mut c = muster_client::connect(&alive.join(",")).await.unwrap();
+    let mut c = muster_testkit::access::clients(&alive.join(",")).await.unwrap();
     let runs = c
         .runs
         .list_runs(v1::ListRunsRequest::default())

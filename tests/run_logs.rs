@@ -164,7 +164,7 @@ async fn a_two_instance_runs_ranks_are_combined_and_prefixed_on_every_server() {
         assert_eq!(saved, rank_log(rank));
     }
     // A client that predates ranks (neither rank nor all_ranks) gets rank 0, unprefixed.
-    let mut c = muster_client::connect(&cluster.url(follower))
+    let mut c = muster_testkit::access::clients(&cluster.url(follower))
         .await
         .unwrap();
     let mut stream = c
@@ -287,12 +287,27 @@ fn ghost_update(run_id: &str, state: v1::AttemptState, log_bytes: u64) -> v1::Ag
     }
 }
 
-async fn register_ghost(
-    url: &str,
-) -> v1::agent_service_client::AgentServiceClient<tonic::transport::Channel> {
-    let mut agents = v1::agent_service_client::AgentServiceClient::connect(url.to_string())
+async fn register_ghost(url: &str) -> v1::agent_service_client::AgentServiceClient<muster_client::Channel> {
+    // A hand-made agent joins like a real one: a join token, traded for its credential.
+    let join = muster_testkit::access::join_token(url, "ghost-pool")
         .await
         .unwrap();
+    let (_, anonymous) = muster_client::Servers::new([url]).connect().await.unwrap();
+    let credential = v1::agent_service_client::AgentServiceClient::new(anonymous)
+        .join(v1::JoinRequest {
+            join_token: join,
+            node_name: "ghost".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .credential;
+    let (_, channel) = muster_client::Servers::new([url])
+        .with_credentials(muster_client::Credentials::bearer(&credential).unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let mut agents = v1::agent_service_client::AgentServiceClient::new(channel);
     agents
         .register(v1::RegisterRequest {
             node_id: "ghost-node-id".into(),

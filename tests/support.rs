@@ -17,7 +17,7 @@ pub fn write(dir: &Path, rel: &str, content: &str) {
 
 /// Polls (bounded: 30 s) until `run` reaches `state`.
 pub async fn wait_for_state(server: &str, id: &str, state: &str) -> v1::Run {
-    let mut c = muster_client::connect(server).await.expect("connect");
+    let mut c = muster_testkit::access::clients(server).await.expect("connect");
     for _ in 0..600 {
         let r = c
             .runs
@@ -38,7 +38,7 @@ pub async fn wait_for_state(server: &str, id: &str, state: &str) -> v1::Run {
 
 /// Waits (bounded: 60 s) for a run to end and returns it.
 pub async fn wait_done(server: &str, id: &str) -> v1::Run {
-    let mut c = muster_client::connect(server).await.expect("connect");
+    let mut c = muster_testkit::access::clients(server).await.expect("connect");
     c.runs
         .wait_run(v1::WaitRunRequest {
             id: id.into(),
@@ -51,7 +51,7 @@ pub async fn wait_done(server: &str, id: &str) -> v1::Run {
 
 /// Lists every run.
 pub async fn all_runs(server: &str) -> Vec<v1::Run> {
-    let mut c = muster_client::connect(server).await.expect("connect");
+    let mut c = muster_testkit::access::clients(server).await.expect("connect");
     c.runs
         .list_runs(v1::ListRunsRequest::default())
         .await
@@ -126,7 +126,7 @@ pub async fn submit_id(server: &str, cwd: &Path, args: &[&str]) -> String {
 
 /// Creates the attached compute target `name` through `server` (gRPC).
 pub async fn create_attached(server: &str, name: &str) {
-    let mut c = muster_client::connect(server).await.unwrap();
+    let mut c = muster_testkit::access::clients(server).await.unwrap();
     c.compute
         .create_compute(v1::CreateComputeRequest {
             compute: Some(v1::ComputeTarget {

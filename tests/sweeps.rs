@@ -43,10 +43,8 @@ limits:
   max_concurrent_trials: 2
 "###;
 
-async fn client(url: &str) -> SweepServiceClient<tonic::transport::Channel> {
-    SweepServiceClient::connect(url.to_string())
-        .await
-        .expect("connect")
+async fn client(url: &str) -> SweepServiceClient<muster_client::Channel> {
+    SweepServiceClient::new(muster_testkit::access::channel(url).await.expect("connect"))
 }
 
 /// Polls (bounded: `tries` × 100 ms) the sweep on `url` until `check` holds; the last one read.
@@ -84,7 +82,8 @@ async fn wait_sweep_done(urls: &[String], id: &str, limit: Duration) -> v1::Swee
     while tokio::time::Instant::now() < deadline {
         i += 1;
         let url = &urls[i % urls.len()];
-        if let Ok(mut c) = SweepServiceClient::connect(url.clone()).await
+        if let Ok(channel) = muster_testkit::access::channel(url).await
+            && let mut c = SweepServiceClient::new(channel)
             && let Ok(s) = c
                 .get_sweep(v1::GetSweepRequest {
                     id: id.into(),
@@ -715,7 +714,7 @@ async fn the_server_refuses_a_bad_sweep_sent_past_the_cli() {
         assert!(err.message().contains(field), "{err:?}");
     }
     assert!(
-        c.list_sweeps(v1::ListSweepsRequest { stale: false })
+        c.list_sweeps(v1::ListSweepsRequest::default())
             .await
             .unwrap()
             .into_inner()
@@ -754,7 +753,7 @@ async fn the_server_refuses_a_bad_sweep_sent_past_the_cli() {
     assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
     assert!(err.message().contains("idempotency_key"), "{err:?}");
     let sweeps = c
-        .list_sweeps(v1::ListSweepsRequest { stale: false })
+        .list_sweeps(v1::ListSweepsRequest::default())
         .await
         .unwrap()
         .into_inner()

@@ -408,11 +408,13 @@ mod tests {
                 .add_service(BlobServiceServer::new(memory))
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
+        crate::Credentials::none().attach(
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        )
     }
 
     #[tokio::test]

@@ -87,8 +87,12 @@ pub struct AgentHandle {
 
 impl AgentHandle {
     /// Starts an agent with `config` and waits (bounded) until the server lists it.
-    pub async fn start(server: &str, config: AgentConfig) -> anyhow::Result<AgentHandle> {
+    /// An agent without a credential or join token joins with one the admin makes.
+    pub async fn start(server: &str, mut config: AgentConfig) -> anyhow::Result<AgentHandle> {
         let name = config.name.clone();
+        if config.join_token.is_none() && !config.data_dir.join("credential").exists() {
+            config.join_token = Some(crate::access::join_token(server, &config.compute).await?);
+        }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(muster_agent::run(config, async move {
             let _ = stopped.await;
@@ -124,7 +128,7 @@ impl Drop for AgentHandle {
 /// Waits (bounded: 10 s) until a node named `name` is registered and ready.
 pub async fn wait_for_node(server: &str, name: &str) -> anyhow::Result<v1::Node> {
     for _ in 0..400 {
-        if let Ok(mut c) = muster_client::connect(server).await
+        if let Ok(mut c) = crate::access::clients(server).await
             && let Ok(nodes) = c
                 .compute
                 .list_nodes(v1::ListNodesRequest { compute: None })
@@ -179,8 +183,15 @@ impl AgentProcess {
             .append(true)
             .open(self.data_dir.with_extension("log"))?;
         std::fs::create_dir_all(&self.data_dir)?;
+        let mut cmd = Command::new(muster_bin());
+        if !self.data_dir.join("credential").exists() {
+            cmd.env(
+                "MUSTER_JOIN_TOKEN",
+                crate::access::join_token(&self.server, &self.compute).await?,
+            );
+        }
         self.child = Some(
-            Command::new(muster_bin())
+            cmd
                 .args([
                     "--server",
                     &self.server,

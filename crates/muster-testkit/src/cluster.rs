@@ -44,8 +44,13 @@ pub struct TestCluster {
     founders: Vec<u64>,
     net: Arc<Partition>,
     tweak: fn(&mut ServerConfig),
+    key: String,
     _dir: tempfile::TempDir,
 }
+
+/// The server id the test harness presents with the cluster key when it asks a server for
+/// its status (it is no member; status is all it asks that way).
+const HARNESS_ID: u64 = 1_000_000;
 
 impl TestCluster {
     /// Starts `n` servers (ids 1..=n) and waits until they have a leader.
@@ -80,11 +85,18 @@ impl TestCluster {
             founders,
             net: Arc::new(Partition::default()),
             tweak,
+            key: format!("test-cluster-key-{:032x}", rand::random::<u128>()),
             _dir: dir,
         };
         for (id, l) in listeners {
             cluster.launch(id, l);
         }
+        let founder = *cluster.founders.first().expect("at least one server");
+        crate::access::await_admin_token(
+            &cluster.data_dir(founder).join("admin-token"),
+            &cluster.urls(),
+        )
+        .await?;
         // Every server knows the leader before a test starts: a follower that does not yet
         // would answer a first request "not the leader" instead of forwarding it.
         let leader = cluster.leader().await?;
@@ -134,6 +146,7 @@ impl TestCluster {
         };
         config.peers = peers;
         config.network = Some(self.net.clone() as Arc<dyn NetworkFilter>);
+        config.cluster_key = Some(self.key.clone());
         config.stop_grace = Duration::from_secs(2);
         (self.tweak)(&mut config);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -157,6 +170,11 @@ impl TestCluster {
         format!("http://{}", self.slots[&id].addr)
     }
 
+    /// The cluster key its servers share.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     /// Every server's URL, comma-separated (what `--server` takes).
     pub fn urls(&self) -> String {
         self.ids()
@@ -174,7 +192,14 @@ impl TestCluster {
     /// Server `id`'s own view of the cluster, if it answers within a second.
     pub async fn status(&self, id: u64) -> Option<v1::ClusterStatus> {
         let fut = async {
-            let mut c = ClusterServiceClient::connect(self.url(id)).await.ok()?;
+            let harness = muster_client::Credentials::server(HARNESS_ID, &self.key).ok()?;
+            let channel = muster_client::Servers::new([self.url(id)])
+                .with_credentials(harness)
+                .connect()
+                .await
+                .ok()?
+                .1;
+            let mut c = ClusterServiceClient::new(channel);
             c.status(v1::ClusterStatusRequest { members: false })
                 .await
                 .ok()
@@ -260,7 +285,7 @@ impl TestCluster {
         );
         self.launch(id, listener);
         let leader = self.leader().await?;
-        let mut c = ClusterServiceClient::connect(self.url(leader)).await?;
+        let mut c = ClusterServiceClient::new(crate::access::channel(&self.url(leader)).await?);
         c.add_server(v1::AddServerRequest {
             id,
             address: addr.to_string(),
@@ -272,7 +297,7 @@ impl TestCluster {
     /// Asks the leader to remove server `id`, then stops it.
     pub async fn remove(&mut self, id: u64) -> anyhow::Result<()> {
         let leader = self.leader().await?;
-        let mut c = ClusterServiceClient::connect(self.url(leader)).await?;
+        let mut c = ClusterServiceClient::new(crate::access::channel(&self.url(leader)).await?);
         c.remove_server(v1::RemoveServerRequest { id }).await?;
         self.kill(id).await?;
         self.slots.remove(&id);

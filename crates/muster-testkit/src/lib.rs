@@ -9,9 +9,11 @@
 //!   test end them with an exit code.
 //! - [`mpi_image::mpi_image`]: an Open MPI image built from the host's `openmpi-bin`.
 //! - [`muster`]: runs a CLI command against a server and captures what it printed.
+//! - [`access`]: the admin token of each cluster started here, and clients that present it.
 //!
 //! Test-only: nothing outside tests and benches depends on this crate.
 
+pub mod access;
 pub mod agents;
 pub mod cluster;
 pub mod compose;
@@ -103,6 +105,7 @@ pub struct DevCluster {
 
 fn test_defaults(c: &mut DevConfig) {
     c.gpu_probe = Arc::new(NoGpus);
+    c.store_credentials = false;
     c.server.stop_grace = Duration::from_secs(2);
 }
 
@@ -131,6 +134,7 @@ impl DevCluster {
         let mut config = DevConfig::new(&data_dir);
         test_defaults(&mut config);
         tweak(&mut config);
+        let admin_path = config.admin_token_path();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(muster::serve_dev(listener, config, async move {
             let _ = stopped.await;
@@ -143,6 +147,7 @@ impl DevCluster {
             task: Some(task),
             tweak,
         };
+        access::await_admin_token(&admin_path, &cluster.url()).await?;
         cluster.wait_ready().await?;
         Ok(cluster)
     }
@@ -152,9 +157,14 @@ impl DevCluster {
         format!("http://{}", self.addr)
     }
 
-    /// gRPC clients connected to it.
+    /// gRPC clients connected to it, as its admin.
     pub async fn clients(&self) -> anyhow::Result<Clients> {
-        Ok(muster_client::connect(&self.url()).await?)
+        access::clients(&self.url()).await
+    }
+
+    /// Its admin's API token.
+    pub fn token(&self) -> String {
+        access::admin_token(&self.url()).expect("registered at start")
     }
 
     /// Waits (bounded) until the local compute target exists and its agent is registered.
@@ -265,15 +275,19 @@ impl From<Output> for CliOutput {
     }
 }
 
-/// Runs `muster --server URL ARGS...` in `cwd` and waits for it (off the async threads).
+/// Runs `muster --server URL ARGS...` in `cwd` as the cluster's admin (`MUSTER_TOKEN`)
+/// and waits for it (off the async threads).
 pub async fn muster(server: &str, cwd: &Path, args: &[&str]) -> CliOutput {
     let bin = muster_bin();
     let server = server.to_string();
     let cwd = cwd.to_path_buf();
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     tokio::task::spawn_blocking(move || {
-        Command::new(bin)
-            .arg("--server")
+        let mut cmd = Command::new(bin);
+        if let Some(token) = access::admin_token(&server) {
+            cmd.env("MUSTER_TOKEN", token);
+        }
+        cmd.arg("--server")
             .arg(server)
             .args(&args)
             .current_dir(cwd)
@@ -310,6 +324,8 @@ impl DevProcess {
         let child = Command::new(muster_bin())
             .args(["dev", "--listen", &addr.to_string(), "--data-dir"])
             .arg(data_dir)
+            // Its admin token goes to a config dir of its own, not the user's.
+            .env("MUSTER_CONFIG_DIR", data_dir.join("cli-config"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
@@ -318,8 +334,13 @@ impl DevProcess {
             data_dir: data_dir.to_path_buf(),
             child: Some(child),
         };
+        let admin_path = data_dir.join("server").join("admin-token");
+        if let Err(e) = access::await_admin_token(&admin_path, &p.url()).await {
+            p.kill();
+            return Err(e);
+        }
         for _ in 0..200 {
-            if let Ok(mut c) = muster_client::connect(&p.url()).await
+            if let Ok(mut c) = access::clients(&p.url()).await
                 && let Ok(nodes) = c
                     .compute
                     .list_nodes(muster_proto::v1::ListNodesRequest { compute: None })

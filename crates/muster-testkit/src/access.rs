@@ -1,0 +1,117 @@
+//! Credentials in a test: every cluster the testkit starts registers its admin token here,
+//! by URL, so a test reaches its servers the way a logged-in user does without passing
+//! tokens around: [`channel`] and [`clients`] present it, [`crate::muster`] gives the CLI
+//! `MUSTER_TOKEN`, and agents started by the testkit get a join token made with it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use muster_client::{Channel, Clients, Credentials, Servers};
+use muster_proto::v1;
+
+fn tokens() -> &'static Mutex<HashMap<String, String>> {
+    static TOKENS: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
+    TOKENS.get_or_init(Default::default)
+}
+
+/// Remembers `token` as the admin token of every server of `servers`.
+pub fn register(servers: &str, token: &str) {
+    let mut map = tokens().lock().expect("tokens lock");
+    for url in Servers::parse(servers).urls() {
+        map.insert(url.clone(), token.to_string());
+    }
+}
+
+/// The admin token of the cluster one of `servers` belongs to.
+pub fn admin_token(servers: &str) -> Option<String> {
+    let map = tokens().lock().expect("tokens lock");
+    Servers::parse(servers)
+        .urls()
+        .iter()
+        .find_map(|u| map.get(u).cloned())
+}
+
+/// The admin's credentials for `servers` (none for a server the testkit did not start).
+pub fn admin(servers: &str) -> Credentials {
+    admin_token(servers)
+        .and_then(|t| Credentials::bearer(&t).ok())
+        .unwrap_or_default()
+}
+
+/// A channel to the first of `servers` that answers, as the admin.
+pub async fn channel(servers: &str) -> anyhow::Result<Channel> {
+    let (_, channel) = Servers::parse(servers)
+        .with_credentials(admin(servers))
+        .connect()
+        .await?;
+    Ok(channel)
+}
+
+/// Clients of every service, as the admin.
+pub async fn clients(servers: &str) -> anyhow::Result<Clients> {
+    Ok(muster_client::connect(servers, admin(servers)).await?)
+}
+
+/// Reads the admin token a founding server wrote to `path`, once it works (bounded).
+pub async fn await_admin_token(path: &Path, servers: &str) -> anyhow::Result<String> {
+    for _ in 0..300 {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            let token = text.trim().to_string();
+            if let Ok(mut c) = muster_client::connect(servers, Credentials::bearer(&token)?).await
+                && c.access.who_am_i(v1::WhoAmIRequest {}).await.is_ok()
+            {
+                register(servers, &token);
+                return Ok(token);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("no working admin token in {} within 15 s", path.display())
+}
+
+/// A single-use join token for `compute`, made by the admin of `servers`.
+pub async fn join_token(servers: &str, compute: &str) -> anyhow::Result<String> {
+    let mut c = clients(servers).await?;
+    let made = c
+        .access
+        .create_token(v1::CreateTokenRequest {
+            join: true,
+            compute: compute.into(),
+            name: "test agent".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    Ok(made.token)
+}
+
+/// A new user `name` with `role` in `workspace` (`None`: cluster-wide), and their token.
+pub async fn user_token(
+    servers: &str,
+    name: &str,
+    role: &str,
+    workspace: Option<&str>,
+) -> anyhow::Result<String> {
+    let mut c = clients(servers).await?;
+    c.access
+        .grant_role(v1::RoleRequest {
+            grant: Some(v1::Grant {
+                user: name.into(),
+                workspace: workspace.unwrap_or_default().into(),
+                role: role.into(),
+            }),
+        })
+        .await?;
+    let made = c
+        .access
+        .create_token(v1::CreateTokenRequest {
+            user: name.into(),
+            name: "test".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    Ok(made.token)
+}
