@@ -185,6 +185,11 @@ pub struct ServerArgs {
     /// A server started alone needs one before `muster cluster add-server` can grow it.
     #[arg(long)]
     pub advertise: Option<String>,
+    /// A host name the web UI is reached at (`NAME`, any port, or `NAME:PORT`), beside
+    /// localhost, 127.0.0.1, [::1] and the host of `--advertise`; repeat for more. A
+    /// request for any other host name gets 421 (a guard against DNS rebinding).
+    #[arg(long = "web-host", value_name = "NAME")]
+    pub web_hosts: Vec<String>,
 }
 
 #[derive(Debug, Args)]
