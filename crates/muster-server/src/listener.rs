@@ -87,7 +87,12 @@ pub(crate) async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let conn = serve_connection(&builder, stream, ConnectionInfo { remote_addr }, app.clone());
+        let conn = serve_connection(
+            &builder,
+            stream,
+            ConnectionInfo { remote_addr },
+            app.clone(),
+        );
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {

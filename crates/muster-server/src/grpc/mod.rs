@@ -54,10 +54,8 @@ impl Services {
     /// `Routes::add_service`, keeping the service's name.
     fn add<S>(mut self, svc: S) -> Self
     where
-        S: tower::Service<
-                axum::http::Request<tonic::body::Body>,
-                Error = std::convert::Infallible,
-            > + tonic::server::NamedService
+        S: tower::Service<axum::http::Request<tonic::body::Body>, Error = std::convert::Infallible>
+            + tonic::server::NamedService
             + Clone
             + Send
             + Sync

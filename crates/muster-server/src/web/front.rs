@@ -69,7 +69,8 @@ pub(crate) const SECURITY_HEADERS: &[(&str, &str)] = &[
 ];
 
 /// What a refused gRPC request is told.
-const GRPC_ONLY: &str = "gRPC endpoints take application/grpc over HTTP/2; use the muster CLI or a gRPC client\n";
+const GRPC_ONLY: &str =
+    "gRPC endpoints take application/grpc over HTTP/2; use the muster CLI or a gRPC client\n";
 
 /// The host names the web UI is served under on any port: this machine's loopback.
 const LOOPBACK_HOSTS: &[&str] = &["localhost", "127.0.0.1", "[::1]"];
