@@ -6,8 +6,10 @@
 //! encodes the answer. Errors of every layer become `tonic::Status` here and nowhere else,
 //! one `From` impl per error type (below).
 //!
-//! May import: every layer below (`effects`, `views`, `coordinator`, `store`), muster-core
-//! and muster-proto. Never `web/` or the leader loops.
+//! May import: every layer below (`effects`, `views`, `coordinator`, `store`), `listener`
+//! (the per-connection facts in a request's extensions), muster-core and muster-proto.
+//! Never `web/` or the leader loops. Requests reach these services only through the HTTP
+//! front (`web/front.rs`), which lets through nothing but gRPC over HTTP/2.
 
 mod agents;
 mod blobs;
