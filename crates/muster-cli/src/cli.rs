@@ -307,6 +307,11 @@ pub struct ServerArgs {
     /// this only on a trusted network or behind a TLS-terminating proxy.
     #[arg(long)]
     pub insecure_no_tls: bool,
+    /// A host name the web UI is reached at (`NAME`, any port, or `NAME:PORT`), beside
+    /// localhost, 127.0.0.1, [::1] and the host of `--advertise`; repeat for more. A
+    /// request for any other host name gets 421 (a guard against DNS rebinding).
+    #[arg(long = "web-host", value_name = "NAME")]
+    pub web_hosts: Vec<String>,
 }
 
 #[derive(Debug, Args)]

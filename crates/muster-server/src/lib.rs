@@ -8,18 +8,21 @@
 //!
 //! ```text
 //! grpc/  web/          transport: decode, authorize, call, encode; errors → Status here
+//!                      (web/front.rs: every request's first stop, gRPC or web by path)
 //! leader/              loops that ask muster-core for decisions and propose them
 //! effects              what must be stored before it is recorded (seal logs, take nodes down)
 //! views/               read models for the API and the studio
 //! coordinator/  store/ the Raft handle + applied State; blobs, logs, series, replication
 //! metrics              counters (a leaf)
+//! listener             the accept loop, connection limits, per-connection info (a leaf)
 //! ```
 //!
 //! `server.rs` is the composition root that holds one handle per layer. `store/` has its
 //! own error type and no `tonic`; `tests/layers.rs` checks every `use crate::…` against
 //! this table. docs/ARCHITECTURE.md follows one run through these files.
 //!
-//! Crate choices: `axum` serves gRPC (tonic routes) and HTTP on one listener;
+//! Crate choices: `axum` routes gRPC (tonic routes) and HTTP on one listener, which
+//! `hyper-util`'s auto builder serves (HTTP/1.1 and HTTP/2, with limits; `listener.rs`);
 //! `prometheus-client` renders `/metrics`; `sha2` addresses blobs; `bollard` drives the
 //! Docker engine for the `docker` provisioner (as the agent does for containers); `askama`
 //! renders the studio's pages from HTML templates (`templates/studio/`), checked at compile
@@ -29,6 +32,7 @@ mod coordinator;
 mod effects;
 mod grpc;
 mod leader;
+mod listener;
 mod metrics;
 mod server;
 pub mod store;
@@ -83,6 +87,12 @@ pub struct ServerConfig {
     /// `peers`, or for a single server `advertise`, else the address it listens on
     /// (`0.0.0.0` read as `127.0.0.1`, which agent containers on the host network reach).
     pub agent_servers: Vec<String>,
+    /// Further host names (`Host` headers) the web UI answers to (`--web-host`), as `NAME`
+    /// (any port) or `NAME:PORT`. It always answers to `localhost`, `127.0.0.1` and `[::1]`
+    /// and to the host of `advertise` (or of this server's `peers` entry); any other name
+    /// gets 421, which keeps a DNS-rebinding page (its name resolved to this machine) out.
+    /// Empty by default.
+    pub web_hosts: Vec<String>,
     /// Test hook: drops messages between servers (testkit `cut`/`isolate`).
     pub network: Option<std::sync::Arc<dyn cluster::NetworkFilter>>,
     /// The secret servers of one cluster present to each other without TLS
@@ -111,6 +121,7 @@ impl ServerConfig {
             advertise: None,
             autoscale_min_interval: Duration::from_secs(1),
             agent_servers: Vec::new(),
+            web_hosts: Vec::new(),
             network: None,
             cluster_key: None,
             admin_token_file: None,
@@ -141,6 +152,9 @@ impl ServerConfig {
                     "--advertise {advertise} differs from this server's --peers entry {listed}: give one address"
                 );
             }
+        }
+        for name in &self.web_hosts {
+            web::front::validate_web_host(name).map_err(anyhow::Error::msg)?;
         }
         anyhow::ensure!(
             self.raft.initial_voters.len() == 1 || self.cluster_key.is_some(),
@@ -184,8 +198,9 @@ pub async fn run(
             vec![addr.to_string()]
         };
     }
+    let hosts = web::front::AllowedHosts::of(&config);
     let server = server::Server::open(&config).await?;
-    let result = serve(listener, server.clone(), shutdown).await;
+    let result = serve(listener, server.clone(), hosts, shutdown).await;
     server.stop().await;
     result
 }
@@ -193,6 +208,7 @@ pub async fn run(
 async fn serve(
     listener: tokio::net::TcpListener,
     server: std::sync::Arc<server::Server>,
+    hosts: web::front::AllowedHosts,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let mut leader_tasks = leader::spawn(server.clone());
@@ -205,17 +221,22 @@ async fn serve(
             }
         }));
     }
-    let router = grpc::router(server.clone()).merge(web::router(server.clone()));
+    let grpc = grpc::router(server.clone());
+    let app = web::front::app(
+        grpc.router,
+        &grpc.services,
+        web::router(server.clone()),
+        hosts,
+    );
     let stop = server.coordinator.clone();
-    let result = axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            // End long-lived streams (agent sessions, log follows) so shutdown completes.
-            stop.begin_shutdown();
-        })
-        .await;
+    listener::serve(listener, app, async move {
+        shutdown.await;
+        // End long-lived streams (agent sessions, log follows) so shutdown completes.
+        stop.begin_shutdown();
+    })
+    .await;
     for t in leader_tasks {
         t.abort();
     }
-    result.map_err(Into::into)
+    Ok(())
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 /// A layer (a folder, or a top-level file) and the layers it may import.
 const RULES: &[(&str, &[&str])] = &[
     ("metrics", &[]),
+    ("listener", &[]),
     ("store", &[]),
     ("coordinator", &[]),
     ("views", &["coordinator", "store"]),
@@ -18,11 +19,25 @@ const RULES: &[(&str, &[&str])] = &[
     ),
     (
         "grpc",
-        &["effects", "views", "coordinator", "store", "metrics"],
+        &[
+            "effects",
+            "views",
+            "coordinator",
+            "store",
+            "metrics",
+            "listener",
+        ],
     ),
     (
         "web",
-        &["effects", "views", "coordinator", "store", "metrics"],
+        &[
+            "effects",
+            "views",
+            "coordinator",
+            "store",
+            "metrics",
+            "listener",
+        ],
     ),
     // The composition root and the crate root may name every layer.
     ("server", &["*"]),
@@ -34,7 +49,7 @@ const RULES: &[(&str, &[&str])] = &[
 const ABOVE_BASE: &[&str] = &["server"];
 
 /// The bottom layers, which name no other layer (the config type is plain data).
-const BASE: &[&str] = &["metrics", "store", "coordinator"];
+const BASE: &[&str] = &["metrics", "store", "coordinator", "listener"];
 
 fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {

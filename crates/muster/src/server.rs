@@ -18,6 +18,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let mut config = ServerConfig::new(&args.data_dir);
     config.node_grace = Duration::from_secs(args.node_grace_secs);
     config.create_local_compute = args.local_compute;
+    config.web_hosts = args.web_hosts.clone();
     config.raft.id = args.id;
     config.admin_token_file = args.admin_token_file.clone();
     if let Some(path) = &args.cluster_key_file {

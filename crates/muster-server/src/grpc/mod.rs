@@ -7,8 +7,10 @@
 //! encodes the answer. Errors of every layer become `tonic::Status` here and nowhere else,
 //! one `From` impl per error type (below).
 //!
-//! May import: every layer below (`effects`, `views`, `coordinator`, `store`), muster-core
-//! and muster-proto. Never `web/` or the leader loops.
+//! May import: every layer below (`effects`, `views`, `coordinator`, `store`), `listener`
+//! (the per-connection facts in a request's extensions), muster-core and muster-proto.
+//! Never `web/` or the leader loops. Requests reach these services only through the HTTP
+//! front (`web/front.rs`), which lets through nothing but gRPC over HTTP/2.
 
 mod access;
 mod agents;
@@ -35,8 +37,45 @@ use crate::effects::EffectError;
 use crate::server::Server;
 use crate::store::{BlobError, SnapshotError, StoreError};
 
-/// All gRPC services (plus health and reflection) as an axum router.
-pub fn router(server: Arc<Server>) -> axum::Router {
+/// The gRPC routes and the services they serve.
+#[derive(Debug)]
+pub(crate) struct GrpcRoutes {
+    /// Every service's methods (`/package.Service/Method`) as axum routes; tonic answers
+    /// any other path with `grpc-status: 12` (unimplemented).
+    pub(crate) router: axum::Router,
+    /// The full name (`package.Service`) of each service in `router`, taken from the
+    /// generated servers themselves (`NamedService::NAME`), so the HTTP front's notion of
+    /// a gRPC path cannot drift from what is routed.
+    pub(crate) services: Vec<&'static str>,
+}
+
+/// tonic's `Routes` and the name of every service added to them.
+struct Services {
+    routes: tonic::service::Routes,
+    names: Vec<&'static str>,
+}
+
+impl Services {
+    /// `Routes::add_service`, keeping the service's name.
+    fn add<S>(mut self, svc: S) -> Self
+    where
+        S: tower::Service<axum::http::Request<tonic::body::Body>, Error = std::convert::Infallible>
+            + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME);
+        self.routes = self.routes.add_service(svc);
+        self
+    }
+}
+
+/// All gRPC services (plus health and reflection) as an axum router, with their names.
+pub(crate) fn router(server: Arc<Server>) -> GrpcRoutes {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(muster_proto::FILE_DESCRIPTOR_SET)
@@ -53,43 +92,52 @@ pub fn router(server: Arc<Server>) -> axum::Router {
             .set_serving::<v1::run_service_server::RunServiceServer<runs::Runs>>()
             .await;
     });
-    tonic::service::Routes::new(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(v1::compute_service_server::ComputeServiceServer::new(
-            compute::Computes(server.clone()),
-        ))
-        .add_service(v1::run_service_server::RunServiceServer::new(runs::Runs(
-            server.clone(),
-        )))
-        .add_service(
-            v1::metrics_service_server::MetricsServiceServer::new(metrics::Metrics(server.clone()))
-                .max_encoding_message_size(64 << 20),
-        )
-        .add_service(
-            v1::blob_service_server::BlobServiceServer::new(blobs::Blobs(server.clone()))
-                .max_decoding_message_size(8 << 20),
-        )
-        .add_service(
-            v1::agent_service_server::AgentServiceServer::new(agents::Agents(server.clone()))
-                .max_decoding_message_size(8 << 20),
-        )
-        .add_service(v1::pipeline_service_server::PipelineServiceServer::new(
-            pipelines::Pipelines(server.clone()),
-        ))
-        .add_service(v1::sweep_service_server::SweepServiceServer::new(
-            sweeps::Sweeps(server.clone()),
-        ))
-        .add_service(v1::access_service_server::AccessServiceServer::new(
-            access::Accesses(server.clone()),
-        ))
-        .add_service(
-            v1::cluster_service_server::ClusterServiceServer::new(cluster::Cluster(server.clone()))
-                .max_decoding_message_size(512 << 20)
-                .max_encoding_message_size(512 << 20),
-        )
-        .into_axum_router()
-        .layer(axum::middleware::from_fn_with_state(server, auth::authorize))
+    let services = Services {
+        routes: tonic::service::Routes::default(),
+        names: Vec::new(),
+    }
+    .add(health)
+    .add(reflection_v1)
+    .add(reflection_v1alpha)
+    .add(v1::compute_service_server::ComputeServiceServer::new(
+        compute::Computes(server.clone()),
+    ))
+    .add(v1::run_service_server::RunServiceServer::new(runs::Runs(
+        server.clone(),
+    )))
+    .add(
+        v1::metrics_service_server::MetricsServiceServer::new(metrics::Metrics(server.clone()))
+            .max_encoding_message_size(64 << 20),
+    )
+    .add(
+        v1::blob_service_server::BlobServiceServer::new(blobs::Blobs(server.clone()))
+            .max_decoding_message_size(8 << 20),
+    )
+    .add(
+        v1::agent_service_server::AgentServiceServer::new(agents::Agents(server.clone()))
+            .max_decoding_message_size(8 << 20),
+    )
+    .add(v1::pipeline_service_server::PipelineServiceServer::new(
+        pipelines::Pipelines(server.clone()),
+    ))
+    .add(v1::sweep_service_server::SweepServiceServer::new(
+        sweeps::Sweeps(server.clone()),
+    ))
+    .add(v1::access_service_server::AccessServiceServer::new(
+        access::Accesses(server.clone()),
+    ))
+    .add(
+        v1::cluster_service_server::ClusterServiceServer::new(cluster::Cluster(server.clone()))
+            .max_decoding_message_size(512 << 20)
+            .max_encoding_message_size(512 << 20),
+    );
+    GrpcRoutes {
+        router: services
+            .routes
+            .into_axum_router()
+            .layer(axum::middleware::from_fn_with_state(server, auth::authorize)),
+        services: services.names,
+    }
 }
 
 /// Maps a failed proposal to the status a client can act on.

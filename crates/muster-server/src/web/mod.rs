@@ -1,6 +1,10 @@
 //! HTTP on the gRPC port: `/healthz`, `/metrics` (Prometheus text format, `prometheus.rs`)
-//! and the web UI, muster studio (`studio.rs`).
+//! and the web UI, muster studio (`studio.rs`, its stylesheet at `/static/studio.css`),
+//! behind the HTTP front (`front.rs`), which every request on the port passes first: it
+//! keeps browsers out of gRPC, checks the host and origin of web requests and adds the
+//! security headers.
 
+pub(crate) mod front;
 mod prometheus;
 mod studio;
 
@@ -13,7 +17,7 @@ use axum::routing::get;
 
 use crate::server::Server;
 
-/// The HTTP routes beside gRPC.
+/// The HTTP routes beside gRPC; an unknown path gets the studio's 404 page.
 pub(crate) fn router(server: Arc<Server>) -> axum::Router {
     axum::Router::new()
         .route("/", get(studio::index))
@@ -22,6 +26,8 @@ pub(crate) fn router(server: Arc<Server>) -> axum::Router {
         .route("/pipelines/{id}", get(studio::pipeline_page))
         .route("/healthz", get(healthz))
         .route("/metrics", get(prometheus::metrics))
+        .route("/static/studio.css", get(studio::stylesheet))
+        .fallback(studio::unknown_page)
         .with_state(server)
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use askama::Template;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, Uri, header};
 use axum::response::{Html, IntoResponse, Response};
 use muster_core::pipeline::StepInput;
 use muster_core::{Run, RunState};
@@ -112,6 +112,44 @@ fn not_found(what: &str, id: &str, list: &str) -> Response {
     (
         StatusCode::NOT_FOUND,
         format!("{what} {id} does not exist: the studio's front page (/) lists the {list}\n"),
+    )
+        .into_response()
+}
+
+/// The page of a path the studio has no page at (`not_found.html`).
+#[derive(Debug, Template)]
+#[template(path = "studio/not_found.html", whitespace = "minimize")]
+struct NotFoundPage {
+    head: Head,
+    path: String,
+}
+
+/// The 404 page of an unknown path (the web router's fallback).
+pub(super) async fn unknown_page(uri: Uri) -> Response {
+    let page = NotFoundPage {
+        head: Head {
+            title: "Not found".into(),
+            refresh_s: None,
+            back: None,
+        },
+        path: uri.path().to_string(),
+    };
+    let mut response = render(&page);
+    if response.status() == StatusCode::OK {
+        *response.status_mut() = StatusCode::NOT_FOUND;
+    }
+    response
+}
+
+/// The studio's stylesheet, `static/studio.css` (pages carry no inline style, so the
+/// Content-Security-Policy needs no `'unsafe-inline'`).
+pub(super) async fn stylesheet() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "max-age=300"),
+        ],
+        include_str!("../../static/studio.css"),
     )
         .into_response()
 }
@@ -799,7 +837,8 @@ mod tests {
         let html = run_page_with("exp").render().unwrap();
         assert!(
             html.starts_with(
-                "<!doctype html><html><head><meta charset=utf-8><title>run-1</title><style>"
+                "<!doctype html><html><head><meta charset=utf-8><title>run-1</title>\
+                 <link rel=stylesheet href=/static/studio.css></head>"
             ),
             "a finished run does not reload: {html}"
         );

@@ -1,0 +1,494 @@
+//! The HTTP front of the shared gRPC + web port (crates/muster-server/src/web/front.rs),
+//! end to end against `muster dev`: gRPC paths take only gRPC over HTTP/2, web paths check
+//! the Host and, for writes, the Origin, every web answer carries the security headers,
+//! and a page on another origin, in a real browser, cannot submit or cancel a run.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use muster_core::RunSpec;
+use muster_proto::Word;
+use muster_proto::v1;
+use muster_testkit::DevCluster;
+use muster_tests::{all_runs, wait_for_state};
+use prost::Message;
+
+/// The security headers every web answer carries, with their values.
+const SECURITY_HEADERS: &[(&str, &str)] = &[
+    (
+        "content-security-policy",
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+         frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    ),
+    ("x-frame-options", "DENY"),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "no-referrer"),
+    ("cross-origin-opener-policy", "same-origin"),
+];
+
+/// What the server said to a raw HTTP/1.1 request.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    /// Lowercase names.
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Asserts every security header is there with its value.
+    fn assert_security_headers(&self) {
+        for (name, value) in SECURITY_HEADERS {
+            assert_eq!(self.header(name), Some(*value), "{name} in {self:?}");
+        }
+    }
+}
+
+/// One HTTP/1.1 request (`Connection: close`) to `addr`: `method path`, the `Host`
+/// header `host`, `headers`, and `body` (with its length). Blocking, bounded (10 s).
+fn http1(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Answer {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    let mut bytes = request.into_bytes();
+    bytes.extend_from_slice(body);
+    s.write_all(&bytes).expect("send");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read the answer");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("an HTTP answer: {text:?}"));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("a status line: {head:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Answer {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+/// [`http1`] off the async runtime.
+async fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Answer {
+    let (method, path, host) = (method.to_string(), path.to_string(), host.to_string());
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
+    let body = body.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        http1(addr, &method, &path, &host, &headers, &body)
+    })
+    .await
+    .expect("the request task")
+}
+
+/// `msg` as one gRPC message frame: uncompressed flag, 4-byte big-endian length, bytes.
+fn grpc_frame(msg: &impl Message) -> Vec<u8> {
+    let payload = msg.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&payload);
+    frame
+}
+
+/// A SubmitRunRequest whose run would create `marker`.
+fn submit_marker(marker: &Path) -> v1::SubmitRunRequest {
+    v1::SubmitRunRequest {
+        spec: Some(RunSpec::new(format!("touch {}", marker.display())).into()),
+        idempotency_key: None,
+    }
+}
+
+/// Submits a run that sleeps (through the gRPC client, HTTP/2) and waits until it runs.
+async fn running_sleeper(dev: &DevCluster) -> String {
+    let id = dev
+        .clients()
+        .await
+        .unwrap()
+        .runs
+        .submit_run(v1::SubmitRunRequest {
+            spec: Some(RunSpec::new("sleep 120").into()),
+            idempotency_key: None,
+        })
+        .await
+        .expect("gRPC over HTTP/2 submits")
+        .into_inner()
+        .id;
+    wait_for_state(&dev.url(), &id, "running").await;
+    id
+}
+
+/// Asserts the server holds only the run `id`, still running, and `marker` was not made;
+/// a failure names every one of these that does not hold.
+async fn assert_untouched(dev: &DevCluster, id: &str, marker: &Path) {
+    let runs = all_runs(&dev.url()).await;
+    let mut problems = Vec::new();
+    let others: Vec<&str> = runs
+        .iter()
+        .map(|r| r.id.as_str())
+        .filter(|r| *r != id)
+        .collect();
+    if !others.is_empty() {
+        problems.push(format!("runs were submitted: {others:?}"));
+    }
+    match runs.iter().find(|r| r.id == id) {
+        Some(r) if r.state().word() == "running" => {}
+        Some(r) => problems.push(format!(
+            "the test's own run {id} is {} ({:?}), not running",
+            r.state().word(),
+            r.message
+        )),
+        None => problems.push(format!("the test's own run {id} is gone")),
+    }
+    if marker.exists() {
+        problems.push(format!("{} was created", marker.display()));
+    }
+    assert!(problems.is_empty(), "{}", problems.join("; "));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_paths_take_only_grpc_over_http2() {
+    let dev = DevCluster::start().await.unwrap();
+    let own = running_sleeper(&dev).await;
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("marker");
+    let host = dev.addr.to_string();
+    let submit = grpc_frame(&submit_marker(&marker));
+    let cancel = grpc_frame(&v1::CancelRunRequest {
+        id: own.clone(),
+        reason: Some("cross-origin".into()),
+    });
+    for (path, body, content_type) in [
+        ("/muster.v1.RunService/SubmitRun", &submit, "text/plain"),
+        ("/muster.v1.RunService/CancelRun", &cancel, "text/plain"),
+        // The right type over the wrong protocol is refused as well.
+        (
+            "/muster.v1.RunService/SubmitRun",
+            &submit,
+            "application/grpc",
+        ),
+        (
+            "/muster.v1.RunService/CancelRun",
+            &cancel,
+            "application/grpc",
+        ),
+    ] {
+        let answer = send(
+            dev.addr,
+            "POST",
+            path,
+            &host,
+            &[("Content-Type", content_type)],
+            body,
+        )
+        .await;
+        assert_eq!(answer.status, 415, "{path} as {content_type}: {answer:?}");
+        assert_eq!(
+            answer.body,
+            "gRPC endpoints take application/grpc over HTTP/2; use the muster CLI or a gRPC client\n"
+        );
+        assert!(
+            answer
+                .header("content-type")
+                .is_some_and(|t| t.starts_with("text/plain")),
+            "{answer:?}"
+        );
+        assert!(answer.header("grpc-status").is_none(), "{answer:?}");
+    }
+    // Health and reflection are gRPC paths too.
+    let health = send(
+        dev.addr,
+        "POST",
+        "/grpc.health.v1.Health/Check",
+        &host,
+        &[("Content-Type", "text/plain")],
+        &grpc_frame(&tonic_health::pb::HealthCheckRequest::default()),
+    )
+    .await;
+    assert_eq!(health.status, 415, "{health:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The gRPC client (HTTP/2, application/grpc) still reads and writes.
+    assert_untouched(&dev, &own, &marker).await;
+    let mut c = dev.clients().await.unwrap();
+    c.runs
+        .cancel_run(v1::CancelRunRequest {
+            id: own.clone(),
+            reason: None,
+        })
+        .await
+        .expect("gRPC over HTTP/2 cancels");
+    wait_for_state(&dev.url(), &own, "canceled").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_paths_check_host_and_origin_and_carry_security_headers() {
+    let dev = DevCluster::start_with(|c| c.server.web_hosts = vec!["muster.example".into()])
+        .await
+        .unwrap();
+    let addr = dev.addr;
+    let port = addr.port();
+    let own = format!("127.0.0.1:{port}");
+
+    // A name that is not this server's (DNS rebinding) is refused, on every web path.
+    for path in ["/", "/healthz", "/metrics", "/static/studio.css", "/nope"] {
+        let rebound = send(addr, "GET", path, "evil.example", &[], b"").await;
+        assert_eq!(rebound.status, 421, "{path}: {rebound:?}");
+        assert!(
+            rebound.body.contains("--web-host evil.example"),
+            "the fix is named: {rebound:?}"
+        );
+        rebound.assert_security_headers();
+    }
+    let rebound = send(addr, "GET", "/", &format!("evil.example:{port}"), &[], b"").await;
+    assert_eq!(rebound.status, 421, "{rebound:?}");
+
+    // Loopback names and the configured name are served, with the headers.
+    for host in [
+        own.clone(),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+        format!("muster.example:{port}"),
+        "muster.example".to_string(),
+    ] {
+        let index = send(addr, "GET", "/", &host, &[], b"").await;
+        assert_eq!(index.status, 200, "{host}: {index:?}");
+        index.assert_security_headers();
+        assert!(
+            index
+                .body
+                .contains("<link rel=stylesheet href=/static/studio.css>"),
+            "{}",
+            index.body
+        );
+        for inline in ["<script", "<style", "style="] {
+            assert!(!index.body.contains(inline), "{inline} in {}", index.body);
+        }
+    }
+    let css = send(addr, "GET", "/static/studio.css", &own, &[], b"").await;
+    assert_eq!(css.status, 200, "{css:?}");
+    assert_eq!(css.header("content-type"), Some("text/css; charset=utf-8"));
+    assert!(css.body.contains("border-collapse"), "{css:?}");
+    css.assert_security_headers();
+    let health = send(addr, "GET", "/healthz", &own, &[], b"").await;
+    assert_eq!(health.status, 200, "{health:?}");
+    health.assert_security_headers();
+
+    // A write needs an Origin (or Referer) of the server's own host.
+    for (what, headers) in [
+        ("another origin", vec![("Origin", "http://evil.example")]),
+        ("another port", vec![("Origin", "http://127.0.0.1:1")]),
+        ("an opaque origin", vec![("Origin", "null")]),
+        (
+            "another page",
+            vec![("Referer", "http://evil.example/attack.html")],
+        ),
+        ("nothing", vec![]),
+    ] {
+        let write = send(addr, "POST", "/", &own, &headers, b"x").await;
+        assert_eq!(write.status, 403, "{what}: {write:?}");
+        assert!(
+            write
+                .body
+                .contains("must come from this server's own pages"),
+            "{what}: {write:?}"
+        );
+        write.assert_security_headers();
+    }
+    // The server's own pages pass the check (no web route takes a POST: 405 past it).
+    let own_origin = format!("http://{own}");
+    let own_referer = format!("http://{own}/runs/x");
+    for headers in [
+        [("Origin", own_origin.as_str())],
+        [("Referer", own_referer.as_str())],
+    ] {
+        let write = send(addr, "POST", "/", &own, &headers, b"x").await;
+        assert_eq!(write.status, 405, "{headers:?}: {write:?}");
+        write.assert_security_headers();
+    }
+
+    // An unknown path gets the studio's 404 page, not tonic's empty gRPC answer.
+    let missing = send(addr, "GET", "/no/such/page", &own, &[], b"").await;
+    assert_eq!(missing.status, 404, "{missing:?}");
+    assert_eq!(
+        missing.header("content-type"),
+        Some("text/html; charset=utf-8")
+    );
+    assert!(missing.header("grpc-status").is_none(), "{missing:?}");
+    assert!(
+        missing.body.starts_with("<!doctype html>")
+            && missing
+                .body
+                .contains("There is no page at <code>/no/such/page</code>"),
+        "{}",
+        missing.body
+    );
+    missing.assert_security_headers();
+}
+
+/// The headless browser: `chromium` (Debian), else `chromium-browser`. Its absence fails
+/// the test (CI installs it, .ci/run).
+fn chromium() -> String {
+    for name in ["chromium", "chromium-browser"] {
+        let found = std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {name}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if found {
+            return name.to_string();
+        }
+    }
+    panic!(
+        "this test needs Chromium on PATH (chromium or chromium-browser): \
+         apt-get install -y --no-install-recommends chromium (.ci/run installs it)"
+    );
+}
+
+/// Serves `page` as text/html to every request on a fresh 127.0.0.1 port; its address.
+async fn serve_page(page: String) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let page = page.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 << 10 {
+                    match tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                    page.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// `bytes` as a JavaScript array literal.
+fn js_bytes(bytes: &[u8]) -> String {
+    let items: Vec<String> = bytes.iter().map(u8::to_string).collect();
+    format!("[{}]", items.join(","))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_on_another_origin_cannot_submit_or_cancel_runs_in_a_browser() {
+    let browser = chromium();
+    let dev = DevCluster::start().await.unwrap();
+    let own = running_sleeper(&dev).await;
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("marker");
+    let submit = grpc_frame(&submit_marker(&marker));
+    let cancel = grpc_frame(&v1::CancelRunRequest {
+        id: own.clone(),
+        reason: Some("cross-origin".into()),
+    });
+    // The attack: "simple" cross-origin POSTs (no preflight), the gRPC frames as the body.
+    let page = format!(
+        r#"<!doctype html><html><body><p id=status>attack-pending</p><script>
+const target = "http://{server}";
+const calls = [
+  ["/muster.v1.RunService/SubmitRun", new Uint8Array({submit})],
+  ["/muster.v1.RunService/CancelRun", new Uint8Array({cancel})],
+];
+(async () => {{
+  const results = [];
+  for (const [path, body] of calls) {{
+    try {{
+      const r = await fetch(target + path, {{
+        method: "POST", mode: "no-cors", headers: {{"Content-Type": "text/plain"}}, body,
+      }});
+      results.push(r.type);
+    }} catch (e) {{
+      results.push("error " + e);
+    }}
+  }}
+  document.getElementById("status").textContent = "attack-sent " + results.join(",");
+}})();
+</script></body></html>"#,
+        server = dev.addr,
+        submit = js_bytes(&submit),
+        cancel = js_bytes(&cancel),
+    );
+    let attack = serve_page(page).await;
+    let profile = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new(&browser);
+    cmd.args([
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+    ])
+    .arg(format!("--user-data-dir={}", profile.path().display()))
+    .arg(format!("http://{attack}/"))
+    .stdin(std::process::Stdio::null())
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(90), cmd.output())
+        .await
+        .expect("chromium finished within 90 s")
+        .expect("chromium runs");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dom.contains("attack-sent opaque,opaque"),
+        "the page's script ran and both requests were sent: {dom}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Had a request got through, the run would exist by now and soon make its marker.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_untouched(&dev, &own, &marker).await;
+}
