@@ -174,7 +174,9 @@ async fn an_isolated_leader_steps_down_and_the_majority_carries_on() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(stepped_down, "the isolated leader stepped down");
-    let mut c = muster_testkit::access::clients(&cluster.url(old)).await.unwrap();
+    let mut c = muster_testkit::access::clients(&cluster.url(old))
+        .await
+        .unwrap();
     let refused = tokio::time::timeout(
         Duration::from_secs(10),
         c.runs.submit_run(v1::SubmitRunRequest {
@@ -239,7 +241,9 @@ async fn a_snapshot_uploaded_to_one_server_survives_its_loss() {
     // The server that took the upload dies; the others can still serve every blob.
     cluster.kill(follower).await.unwrap();
     for id in cluster.ids().into_iter().filter(|id| *id != follower) {
-        let mut c = muster_testkit::access::clients(&cluster.url(id)).await.unwrap();
+        let mut c = muster_testkit::access::clients(&cluster.url(id))
+            .await
+            .unwrap();
         let bytes = c.blobs.download_bytes(&manifest).await.unwrap();
         let m: muster_core::snapshot::Manifest = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(m.files.len(), 2);
@@ -255,9 +259,13 @@ async fn a_snapshot_uploaded_to_one_server_survives_its_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_missing_a_blob_repairs_it_from_a_peer() {
     let cluster = TestCluster::start(3).await.unwrap();
-    let mut a = muster_testkit::access::clients(&cluster.url(1)).await.unwrap();
+    let mut a = muster_testkit::access::clients(&cluster.url(1))
+        .await
+        .unwrap();
     let sha = a.blobs.upload_bytes(b"weights v1".to_vec()).await.unwrap();
-    let mut b = muster_testkit::access::clients(&cluster.url(2)).await.unwrap();
+    let mut b = muster_testkit::access::clients(&cluster.url(2))
+        .await
+        .unwrap();
     let got = b.blobs.download_bytes(&sha).await.unwrap();
     assert_eq!(got, b"weights v1");
     let missing = b.blobs.missing(vec![sha.clone()]).await.unwrap();

@@ -596,7 +596,9 @@ async fn killing_the_leader_mid_pipeline_neither_loses_nor_duplicates_a_step() {
     let _agent = cluster_agent(&cluster, data.path(), "ha-pool", "ha-node").await;
 
     let leader = cluster.leader().await.unwrap();
-    let mut lc = muster_testkit::access::clients(&cluster.url(leader)).await.unwrap();
+    let mut lc = muster_testkit::access::clients(&cluster.url(leader))
+        .await
+        .unwrap();
     let id = lc
         .pipelines
         .submit_pipeline(v1::SubmitPipelineRequest {
@@ -639,7 +641,9 @@ async fn killing_the_leader_mid_pipeline_neither_loses_nor_duplicates_a_step() {
     let p = done.expect("the pipeline ended after the failover");
     assert_eq!(p.state().word(), "completed", "{p:?}");
     // Exactly one run per step: nothing lost, nothing duplicated.
-    let mut c = muster_testkit::access::clients(&alive.join(",")).await.unwrap();
+    let mut c = muster_testkit::access::clients(&alive.join(","))
+        .await
+        .unwrap();
     let runs = c
         .runs
         .list_runs(v1::ListRunsRequest::default())

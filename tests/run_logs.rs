@@ -287,7 +287,9 @@ fn ghost_update(run_id: &str, state: v1::AttemptState, log_bytes: u64) -> v1::Ag
     }
 }
 
-async fn register_ghost(url: &str) -> v1::agent_service_client::AgentServiceClient<muster_client::Channel> {
+async fn register_ghost(
+    url: &str,
+) -> v1::agent_service_client::AgentServiceClient<muster_client::Channel> {
     // A hand-made agent joins like a real one: a join token, traded for its credential.
     let join = muster_testkit::access::join_token(url, "ghost-pool")
         .await

@@ -246,6 +246,10 @@ async fn separate_server_and_agent_processes_run_an_azure_ml_job_file() {
             .unwrap(),
     );
     let project = tempfile::tempdir().unwrap();
+    // The founding server writes the first admin's token; the CLI calls below present it.
+    muster_testkit::access::await_admin_token(&dir.path().join("server/admin-token"), &url)
+        .await
+        .expect("the server makes its first admin token");
     // Bounded wait for the server.
     let mut up = false;
     for _ in 0..200 {
@@ -281,12 +285,24 @@ async fn separate_server_and_agent_processes_run_an_azure_ml_job_file() {
     .await;
     assert_eq!(created.code, 0, "{created:?}");
     assert!(created.stdout.contains("low_priority"), "{created:?}");
+    // The agent joins with a single-use join token made by the CLI.
+    let join = muster(
+        &url,
+        project.path(),
+        &["token", "create", "--join", "--compute", "lab-pool"],
+    )
+    .await;
+    assert_eq!(join.code, 0, "{join:?}");
+    let join = join.stdout.trim().to_string();
+    assert!(join.starts_with("msj_"), "{join}");
     let mut agent = ChildGuard(
         Command::new(muster_bin())
             .args([
                 "--server",
                 &url,
                 "agent",
+                "--join",
+                &join,
                 "--compute",
                 "lab-pool",
                 "--name",

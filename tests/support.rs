@@ -17,7 +17,9 @@ pub fn write(dir: &Path, rel: &str, content: &str) {
 
 /// Polls (bounded: 30 s) until `run` reaches `state`.
 pub async fn wait_for_state(server: &str, id: &str, state: &str) -> v1::Run {
-    let mut c = muster_testkit::access::clients(server).await.expect("connect");
+    let mut c = muster_testkit::access::clients(server)
+        .await
+        .expect("connect");
     for _ in 0..600 {
         let r = c
             .runs
@@ -38,7 +40,9 @@ pub async fn wait_for_state(server: &str, id: &str, state: &str) -> v1::Run {
 
 /// Waits (bounded: 60 s) for a run to end and returns it.
 pub async fn wait_done(server: &str, id: &str) -> v1::Run {
-    let mut c = muster_testkit::access::clients(server).await.expect("connect");
+    let mut c = muster_testkit::access::clients(server)
+        .await
+        .expect("connect");
     c.runs
         .wait_run(v1::WaitRunRequest {
             id: id.into(),
@@ -51,7 +55,9 @@ pub async fn wait_done(server: &str, id: &str) -> v1::Run {
 
 /// Lists every run.
 pub async fn all_runs(server: &str) -> Vec<v1::Run> {
-    let mut c = muster_testkit::access::clients(server).await.expect("connect");
+    let mut c = muster_testkit::access::clients(server)
+        .await
+        .expect("connect");
     c.runs
         .list_runs(v1::ListRunsRequest::default())
         .await

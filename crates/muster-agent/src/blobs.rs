@@ -10,8 +10,8 @@
 use std::future::Future;
 use std::time::Duration;
 
-use muster_proto::v1::blob_service_client::BlobServiceClient;
 use muster_client::{Channel, Credentials};
+use muster_proto::v1::blob_service_client::BlobServiceClient;
 use tonic::transport::Endpoint;
 
 /// The largest blob message accepted (chunks are 1 MiB).

@@ -27,7 +27,8 @@ const JOIN_PATIENCE: Duration = Duration::from_secs(300);
 pub(crate) async fn obtain(config: &AgentConfig) -> Result<Credentials, AgentError> {
     let path = config.data_dir.join(CREDENTIAL_FILE);
     let bearer = |token: &str| {
-        Credentials::bearer(token).map_err(|e| AgentError::Refused(format!("{}: {e}", path.display())))
+        Credentials::bearer(token)
+            .map_err(|e| AgentError::Refused(format!("{}: {e}", path.display())))
     };
     match std::fs::read_to_string(&path) {
         Ok(token) => return bearer(token.trim()),
@@ -39,7 +40,12 @@ pub(crate) async fn obtain(config: &AgentConfig) -> Result<Credentials, AgentErr
             )));
         }
     }
-    let Some(join) = config.join_token.as_deref().map(str::trim).filter(|t| !t.is_empty()) else {
+    let Some(join) = config
+        .join_token
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    else {
         return Err(AgentError::Refused(format!(
             "this agent has no credential yet ({} does not exist): start it once with --join TOKEN (an admin or operator makes one with `muster token create --join --compute {}`)",
             path.display(),
@@ -62,7 +68,11 @@ async fn join_cluster(config: &AgentConfig, join: &str) -> Result<String, AgentE
             let Ok(endpoint) = Endpoint::from_shared(url.clone()) else {
                 continue;
             };
-            let channel = match endpoint.connect_timeout(Duration::from_secs(3)).connect().await {
+            let channel = match endpoint
+                .connect_timeout(Duration::from_secs(3))
+                .connect()
+                .await
+            {
                 Ok(c) => c,
                 Err(e) => {
                     last = format!("{url}: {e}");

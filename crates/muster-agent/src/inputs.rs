@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use muster_client::Blobs;
-use muster_proto::v1::blob_service_client::BlobServiceClient;
 use muster_client::Channel;
+use muster_proto::v1::blob_service_client::BlobServiceClient;
 
 /// Why a pipeline step's inputs could not be placed.
 #[derive(Debug, thiserror::Error)]

@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use muster_client::Blobs;
-use muster_proto::v1::blob_service_client::BlobServiceClient;
 use muster_client::Channel;
+use muster_proto::v1::blob_service_client::BlobServiceClient;
 
 /// Archives `outputs` (if it has any file or folder: a pipeline step's declared outputs are
 /// folders, empty or not) to `archive` and uploads it; returns its address.

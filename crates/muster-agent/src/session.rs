@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::BackoffBuilder;
+use muster_client::{Channel, Credentials};
 use muster_core::AttemptEnd;
 use muster_proto::Word;
 use muster_proto::v1::{
@@ -24,7 +25,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
-use muster_client::{Channel, Credentials};
 use tonic::transport::Endpoint;
 
 use crate::attempt::{AttemptTask, Event, Executors, Key};

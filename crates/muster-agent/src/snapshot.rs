@@ -4,9 +4,9 @@
 use std::path::Path;
 
 use muster_client::Blobs;
+use muster_client::Channel;
 use muster_core::snapshot::Manifest;
 use muster_proto::v1::blob_service_client::BlobServiceClient;
-use muster_client::Channel;
 
 /// Fetches manifest `manifest_sha` and its files into `dest`, using `cache` for blobs.
 pub(crate) async fn materialize(

@@ -298,6 +298,15 @@ pub struct ServerArgs {
     /// cluster present it to each other; required with --peers or --join.
     #[arg(long, env = "MUSTER_CLUSTER_KEY_FILE")]
     pub cluster_key_file: Option<PathBuf>,
+    /// The cluster key itself, from the environment (a container's settings); prefer
+    /// --cluster-key-file elsewhere: a flag's value shows in the process list.
+    #[arg(
+        long,
+        env = "MUSTER_CLUSTER_KEY",
+        hide_env_values = true,
+        conflicts_with = "cluster_key_file"
+    )]
+    pub cluster_key: Option<String>,
     /// Where the founding server writes the first admin's token (default:
     /// DATA_DIR/admin-token, 0600).
     #[arg(long)]

@@ -36,7 +36,8 @@ pub fn workspace() -> Option<&'static str> {
 /// Connects to the first of `servers` that answers, presenting the token the user logged
 /// in with (see `credentials.rs`).
 pub async fn connect(servers: &str) -> Result<Clients, ClientError> {
-    let credentials = credentials::credentials_for(servers).map_err(|e| ClientError::Credentials(format!("{e:#}")))?;
+    let credentials = credentials::credentials_for(servers)
+        .map_err(|e| ClientError::Credentials(format!("{e:#}")))?;
     muster_client::connect(servers, credentials).await
 }
 
@@ -59,11 +60,15 @@ pub async fn execute(
         ClientCommand::Login(args) => commands::access::login(server, args).await.map(|_| 0),
         ClientCommand::Logout => commands::access::logout(server).map(|_| 0),
         ClientCommand::Whoami => commands::access::whoami(server, output).await.map(|_| 0),
-        ClientCommand::Token(cmd) => commands::access::token(server, output, cmd).await.map(|_| 0),
-        ClientCommand::Workspace(cmd) => {
-            commands::access::workspace_cmd(server, output, cmd).await.map(|_| 0)
-        }
+        ClientCommand::Token(cmd) => commands::access::token(server, output, cmd)
+            .await
+            .map(|_| 0),
+        ClientCommand::Workspace(cmd) => commands::access::workspace_cmd(server, output, cmd)
+            .await
+            .map(|_| 0),
         ClientCommand::Role(cmd) => commands::access::role(server, output, cmd).await.map(|_| 0),
-        ClientCommand::Audit { limit } => commands::access::audit(server, output, limit).await.map(|_| 0),
+        ClientCommand::Audit { limit } => commands::access::audit(server, output, limit)
+            .await
+            .map(|_| 0),
     }
 }

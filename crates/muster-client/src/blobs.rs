@@ -6,13 +6,13 @@
 
 use std::path::Path;
 
+use crate::{Channel, ClientError};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use muster_proto::v1::blob_service_client::BlobServiceClient;
 use muster_proto::v1::{BlobChunk, GetBlobRequest, MissingBlobsRequest};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use crate::{Channel, ClientError};
 
 /// The size of one chunk of an upload.
 pub const CHUNK: usize = 1 << 20;

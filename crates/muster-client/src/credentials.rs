@@ -56,8 +56,8 @@ impl Credentials {
 
     /// A bearer token (a user's API token, or an agent's credential).
     pub fn bearer(token: &str) -> Result<Credentials, BadToken> {
-        let value = MetadataValue::try_from(format!("Bearer {}", token.trim()))
-            .map_err(|_| BadToken)?;
+        let value =
+            MetadataValue::try_from(format!("Bearer {}", token.trim())).map_err(|_| BadToken)?;
         Ok(Credentials {
             bearer: Some(Arc::new(value)),
             server: None,
@@ -110,7 +110,10 @@ mod tests {
         assert!(!shown.contains("supersecret"), "{shown}");
         let s = Credentials::server(2, "clusterkeysecret").unwrap();
         let shown = format!("{s:?}");
-        assert!(!shown.contains("clusterkeysecret") && shown.contains('2'), "{shown}");
+        assert!(
+            !shown.contains("clusterkeysecret") && shown.contains('2'),
+            "{shown}"
+        );
     }
 
     #[test]

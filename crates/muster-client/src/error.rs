@@ -93,9 +93,7 @@ impl ClientError {
             ClientError::NoServers
             | ClientError::ReadSource { .. }
             | ClientError::Io { .. }
-            | ClientError::Credentials(_) => {
-                false
-            }
+            | ClientError::Credentials(_) => false,
         }
     }
 

@@ -38,9 +38,9 @@ pub use retry::{RetryPolicy, retry, submit_retrying};
 pub use servers::{Servers, normalize_url};
 
 use muster_proto::v1::{
-    access_service_client::AccessServiceClient, compute_service_client::ComputeServiceClient, metrics_service_client::MetricsServiceClient,
-    pipeline_service_client::PipelineServiceClient, run_service_client::RunServiceClient,
-    sweep_service_client::SweepServiceClient,
+    access_service_client::AccessServiceClient, compute_service_client::ComputeServiceClient,
+    metrics_service_client::MetricsServiceClient, pipeline_service_client::PipelineServiceClient,
+    run_service_client::RunServiceClient, sweep_service_client::SweepServiceClient,
 };
 
 /// Clients of every user-facing service over one connection.

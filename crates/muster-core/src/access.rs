@@ -33,6 +33,17 @@ use crate::names::validate_node_name;
 /// The workspace objects belong to when nothing else is said.
 pub const DEFAULT_WORKSPACE: &str = "default";
 
+/// The default workspace, for `#[serde(default)]` on objects that belong to one.
+pub fn default_workspace() -> String {
+    DEFAULT_WORKSPACE.to_string()
+}
+
+/// Whether a workspace is the default one (left out of what is serialized, so logs and
+/// snapshots of objects in it read as before workspaces existed).
+pub fn is_default_workspace(w: &str) -> bool {
+    w == DEFAULT_WORKSPACE
+}
+
 /// The prefix of API tokens and agent credentials.
 pub const TOKEN_PREFIX: &str = "mst_";
 
@@ -304,7 +315,9 @@ pub enum AccessError {
     #[error("unknown role {0:?}: use reader, user, operator or admin")]
     UnknownRole(String),
     /// A user or workspace name breaks the naming rule.
-    #[error("invalid {what} name {name:?}: use 1 to 63 letters, digits, '-', '_' or '.', starting with a letter or digit")]
+    #[error(
+        "invalid {what} name {name:?}: use 1 to 63 letters, digits, '-', '_' or '.', starting with a letter or digit"
+    )]
     InvalidName {
         /// `user` or `workspace`.
         what: String,
@@ -360,7 +373,9 @@ pub enum AccessError {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum AuthError {
     /// Not `mst_<id>_<secret>`.
-    #[error("the token is malformed: API tokens look like mst_<id>_<secret>; create one with `muster token create`")]
+    #[error(
+        "the token is malformed: API tokens look like mst_<id>_<secret>; create one with `muster token create`"
+    )]
     Malformed,
     /// No token has this id, or the secret does not match.
     #[error("the token is not valid: log in again with `muster login` and a current token")]
@@ -411,13 +426,18 @@ pub fn format_token(prefix: &str, id: &str, secret: &str) -> String {
 pub fn parse_token<'a>(prefix: &str, presented: &'a str) -> Option<(&'a str, &'a str)> {
     let rest = presented.trim().strip_prefix(prefix)?;
     let (id, secret) = rest.split_once('_')?;
-    let ok = |s: &str| !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric());
+    let ok =
+        |s: &str| !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric());
     (ok(id) && ok(secret)).then_some((id, secret))
 }
 
 /// Compares two hashes in time independent of where they differ.
 fn same_hash(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 /// Checks a user or workspace name (the node-name rule: 1 to 63 of `[A-Za-z0-9._-]`).
@@ -460,16 +480,23 @@ impl Access {
     /// The join token `presented` (`msj_<id>_<secret>`) if it matches, is unused and live;
     /// otherwise a message that says what to do.
     pub fn check_join(&self, presented: &str, now: Millis) -> Result<&JoinToken, AccessError> {
-        let bad = |why: &str| AccessError::BadJoin(format!("{why}: create a new one with `muster token create --join --compute NAME` and start the agent with --join NEW_TOKEN"));
-        let (id, secret) = parse_token(JOIN_PREFIX, presented)
-            .ok_or_else(|| bad("the join token is malformed (join tokens look like msj_<id>_<secret>)"))?;
+        let bad = |why: &str| {
+            AccessError::BadJoin(format!(
+                "{why}: create a new one with `muster token create --join --compute NAME` and start the agent with --join NEW_TOKEN"
+            ))
+        };
+        let (id, secret) = parse_token(JOIN_PREFIX, presented).ok_or_else(|| {
+            bad("the join token is malformed (join tokens look like msj_<id>_<secret>)")
+        })?;
         let join = self
             .joins
             .get(id)
             .filter(|j| same_hash(&j.hash, &hash_secret(secret)))
             .ok_or_else(|| bad("the join token is not known to this cluster"))?;
         if let Some((node, _)) = &join.used {
-            return Err(bad(&format!("the join token was already used (by node {node})")));
+            return Err(bad(&format!(
+                "the join token was already used (by node {node})"
+            )));
         }
         if now >= join.expires_at {
             return Err(bad("the join token expired"));
@@ -610,10 +637,7 @@ impl Access {
                 validate_name("node", node)?;
                 self.check_new_token(credential)?;
                 let compute = join.compute.clone();
-                self.joins
-                    .get_mut(join_id)
-                    .expect("checked above")
-                    .used = Some((node.clone(), at));
+                self.joins.get_mut(join_id).expect("checked above").used = Some((node.clone(), at));
                 self.tokens
                     .insert(credential.id.clone(), credential.clone());
                 format!("node {node} joined compute {compute} with join token {join_id}")

@@ -112,7 +112,10 @@ pub struct ComputeSpec {
     pub provisioner: Provisioner,
     /// The workspace it belongs to: only runs of that workspace use it, only its members
     /// see it. Absent in logs written before workspaces existed (the default workspace).
-    #[serde(default = "default_workspace", skip_serializing_if = "is_default_workspace")]
+    #[serde(
+        default = "crate::access::default_workspace",
+        skip_serializing_if = "crate::access::is_default_workspace"
+    )]
     pub workspace: String,
 }
 
@@ -429,7 +432,7 @@ impl ComputeSpec {
             description: None,
             quota: Quota::default(),
             provisioner: Provisioner::Static,
-            workspace: default_workspace(),
+            workspace: crate::access::default_workspace(),
         }
     }
 
@@ -816,14 +819,4 @@ mod tests {
             assert_eq!(e.path, path, "{yaml}: {e}");
         }
     }
-}
-
-/// The default workspace, for `#[serde(default)]`.
-pub(crate) fn default_workspace() -> String {
-    crate::access::DEFAULT_WORKSPACE.to_string()
-}
-
-/// Whether a workspace is the default one (left out of what is serialized).
-pub(crate) fn is_default_workspace(w: &str) -> bool {
-    w == crate::access::DEFAULT_WORKSPACE
 }

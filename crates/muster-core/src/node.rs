@@ -200,7 +200,7 @@ pub enum Effect {
         sha256: String,
     },
     /// Propose this command (the report itself) and hand its result to [`on_applied`].
-    Propose(Command),
+    Propose(Box<Command>),
 }
 
 /// This node's rank in an attempt, if the attempt is placed on it.
@@ -262,13 +262,13 @@ pub fn on_report(s: &State, node_id: &str, report: &Report, held: Held, now: u64
             });
         }
     }
-    effects.push(Effect::Propose(Command::ReportAttempt {
+    effects.push(Effect::Propose(Box::new(Command::ReportAttempt {
         run_id: run.clone(),
         attempt,
         node_id: node_id.to_string(),
         report: report.report.clone(),
         at: now,
-    }));
+    })));
     effects
 }
 

@@ -240,8 +240,8 @@ pub struct RunSpec {
     /// The workspace the run belongs to (the one the submitter named; its compute target
     /// must be in it). Absent in logs written before workspaces existed (the default).
     #[serde(
-        default = "crate::compute::default_workspace",
-        skip_serializing_if = "crate::compute::is_default_workspace"
+        default = "crate::access::default_workspace",
+        skip_serializing_if = "crate::access::is_default_workspace"
     )]
     pub workspace: String,
 }
@@ -268,7 +268,7 @@ impl RunSpec {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             code: None,
             node_selector: BTreeMap::new(),
-            workspace: crate::compute::default_workspace(),
+            workspace: crate::access::default_workspace(),
         }
     }
 

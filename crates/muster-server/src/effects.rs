@@ -184,7 +184,9 @@ impl Server {
     ///
     /// [`ServerConfig::admin_token_path`]: crate::ServerConfig::admin_token_path
     pub(crate) async fn bootstrap_admin(&self) -> anyhow::Result<()> {
-        use muster_core::access::{AccessChange, Principal, TOKEN_PREFIX, Token, hash_secret, parse_token};
+        use muster_core::access::{
+            AccessChange, Principal, TOKEN_PREFIX, Token, hash_secret, parse_token,
+        };
 
         let path = self.config.admin_token_path();
         let presented = match std::fs::read_to_string(&path) {
@@ -208,7 +210,7 @@ impl Server {
         })?;
         let at = crate::coordinator::now_ms();
         let command = Command::Access {
-            change: AccessChange::Bootstrap {
+            change: Box::new(AccessChange::Bootstrap {
                 token: Token {
                     id: id.to_string(),
                     principal: Principal::User {
@@ -221,7 +223,7 @@ impl Server {
                     revoked_at: None,
                     created_by: format!("server:{}", self.config.raft.id),
                 },
-            },
+            }),
             by: format!("server:{}", self.config.raft.id),
             at,
         };

@@ -63,8 +63,11 @@ impl Server {
                 book,
                 network: config.network.clone(),
                 credentials: match &config.cluster_key {
-                    Some(key) => muster_client::Credentials::server(config.raft.id, key)
-                        .map_err(|_| anyhow::anyhow!("--cluster-key-file: the key must be printable ASCII"))?,
+                    Some(key) => {
+                        muster_client::Credentials::server(config.raft.id, key).map_err(|_| {
+                            anyhow::anyhow!("--cluster-key-file: the key must be printable ASCII")
+                        })?
+                    }
                     None => muster_client::Credentials::none(),
                 },
             },

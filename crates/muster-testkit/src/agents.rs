@@ -191,22 +191,21 @@ impl AgentProcess {
             );
         }
         self.child = Some(
-            cmd
-                .args([
-                    "--server",
-                    &self.server,
-                    "agent",
-                    "--compute",
-                    &self.compute,
-                    "--name",
-                    &self.name,
-                    "--data-dir",
-                ])
-                .arg(&self.data_dir)
-                .env("MUSTER_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()?,
+            cmd.args([
+                "--server",
+                &self.server,
+                "agent",
+                "--compute",
+                &self.compute,
+                "--name",
+                &self.name,
+                "--data-dir",
+            ])
+            .arg(&self.data_dir)
+            .env("MUSTER_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?,
         );
         wait_for_node(&self.server, &self.name).await?;
         Ok(())

@@ -362,6 +362,10 @@ impl MusterCompose {
                 "MUSTER_AGENT_ROOT".to_string(),
                 agent_root.path().display().to_string(),
             ),
+            (
+                "MUSTER_CLUSTER_KEY".to_string(),
+                format!("compose-test-key-{:032x}", rand::random::<u128>()),
+            ),
         ];
         let project = ComposeProject::up(
             &unique_name("muster-compose"),
@@ -369,12 +373,46 @@ impl MusterCompose {
             env,
         )
         .await?;
-        Ok(MusterCompose {
+        let compose = MusterCompose {
             project,
             ports,
             _image: image,
             _agent_root: agent_root,
-        })
+        };
+        compose.login().await?;
+        Ok(compose)
+    }
+
+    /// Reads the first admin's token from server 1's volume once it works, and registers
+    /// it for every server (bounded: 60 s).
+    async fn login(&self) -> anyhow::Result<()> {
+        for _ in 0..120 {
+            if let Ok(out) = self
+                .project
+                .exec(&Self::service(1), &["cat", "/data/admin-token"])
+                .await
+            {
+                let token = out.stdout.trim().to_string();
+                if let Ok(mut c) = muster_client::connect(
+                    &self.urls(),
+                    muster_client::Credentials::bearer(&token)?,
+                )
+                .await
+                    && c.access
+                        .who_am_i(muster_proto::v1::WhoAmIRequest {})
+                        .await
+                        .is_ok()
+                {
+                    crate::access::register(&self.urls(), &token);
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        anyhow::bail!(
+            "server 1 made no working admin token within 60 s:\n{}",
+            self.project.logs(50)
+        )
     }
 
     /// Server `id`'s (1, 2 or 3) URL on 127.0.0.1.

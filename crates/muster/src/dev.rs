@@ -127,7 +127,10 @@ pub async fn serve(
     if config.store_credentials {
         let names = format!("{url},http://localhost:{}", addr.port());
         let file = muster_cli::credentials::store_token(&names, &token)?;
-        eprintln!("  the admin token is kept in {} for the CLI", file.display());
+        eprintln!(
+            "  the admin token is kept in {} for the CLI",
+            file.display()
+        );
         eprintln!("  open the web UI: {url}/login?token={token}");
     }
     let join_token = local_join_token(&url, &token, &config.data_dir.join("agent")).await?;

@@ -25,6 +25,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         let key = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("--cluster-key-file {}: {e}", path.display()))?;
         config.cluster_key = Some(key.trim().to_string());
+    } else if let Some(key) = &args.cluster_key {
+        config.cluster_key = Some(key.trim().to_string());
     }
     if let Some(peers) = &args.peers {
         anyhow::ensure!(

@@ -15,10 +15,10 @@ use crate::output::{print_json, table};
 
 fn when(ms: Option<u64>) -> String {
     match ms {
-        Some(ms) => humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + Duration::from_millis(ms),
-        )
-        .to_string(),
+        Some(ms) => {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+                .to_string()
+        }
         None => "-".into(),
     }
 }
@@ -52,7 +52,12 @@ pub async fn login(server: &str, args: LoginArgs) -> anyhow::Result<()> {
         .map_err(status)?
         .into_inner();
     let path = store_token(server, &token)?;
-    println!("logged in to {} as {} (token kept in {})", c.url, me.principal, path.display());
+    println!(
+        "logged in to {} as {} (token kept in {})",
+        c.url,
+        me.principal,
+        path.display()
+    );
     Ok(())
 }
 
@@ -102,9 +107,16 @@ pub async fn whoami(server: &str, output: OutputFormat) -> anyhow::Result<()> {
             "grants": grants_json(&me.grants),
         })),
         OutputFormat::Table => {
-            println!("{} (token {}, expires {})", me.principal, me.token_id, when(me.token_expires_at_ms));
+            println!(
+                "{} (token {}, expires {})",
+                me.principal,
+                me.token_id,
+                when(me.token_expires_at_ms)
+            );
             if me.grants.is_empty() {
-                println!("no roles yet: ask an admin for one (`muster role grant USER user --workspace W`)");
+                println!(
+                    "no roles yet: ask an admin for one (`muster role grant USER user --workspace W`)"
+                );
             } else {
                 println!("{}", grants_table(&me.grants));
             }
@@ -151,7 +163,9 @@ fn parse_expires(expires: Option<&str>) -> anyhow::Result<(u64, bool)> {
         Some("never") => Ok((0, true)),
         Some(text) => {
             let d = humantime::parse_duration(text).map_err(|e| {
-                anyhow::anyhow!("--expires {text:?}: {e}; give a duration like 30d or 12h, or never")
+                anyhow::anyhow!(
+                    "--expires {text:?}: {e}; give a duration like 30d or 12h, or never"
+                )
             })?;
             anyhow::ensure!(d.as_secs() > 0, "--expires: give at least one second");
             Ok((d.as_secs(), false))
@@ -186,7 +200,9 @@ pub async fn token(server: &str, output: OutputFormat, cmd: TokenCommand) -> any
                 .into_inner();
             let info = made.info.unwrap_or_default();
             match output {
-                OutputFormat::Json => print_json(&json!({"token": made.token, "info": token_json(&info)})),
+                OutputFormat::Json => {
+                    print_json(&json!({"token": made.token, "info": token_json(&info)}))
+                }
                 OutputFormat::Table => {
                     println!("{}", made.token);
                     eprintln!(
@@ -196,7 +212,9 @@ pub async fn token(server: &str, output: OutputFormat, cmd: TokenCommand) -> any
                         when(info.expires_at_ms)
                     );
                     if join {
-                        eprintln!("start the agent with: muster agent --server {server} --join <the token above> --name NODE");
+                        eprintln!(
+                            "start the agent with: muster agent --server {server} --join <the token above> --name NODE"
+                        );
                     }
                 }
             }
@@ -210,7 +228,9 @@ pub async fn token(server: &str, output: OutputFormat, cmd: TokenCommand) -> any
                 .into_inner()
                 .tokens;
             match output {
-                OutputFormat::Json => print_json(&json!(tokens.iter().map(token_json).collect::<Vec<_>>())),
+                OutputFormat::Json => {
+                    print_json(&json!(tokens.iter().map(token_json).collect::<Vec<_>>()))
+                }
                 OutputFormat::Table => {
                     let mut t = table(&["ID", "FOR", "NAME", "CREATED", "EXPIRES", "STATE"]);
                     for tok in &tokens {
@@ -262,10 +282,12 @@ pub async fn workspace_cmd(
                 .into_inner()
                 .workspaces;
             match output {
-                OutputFormat::Json => print_json(&json!(list
+                OutputFormat::Json => {
+                    print_json(&json!(list
                     .iter()
                     .map(|w| json!({"name": w.name, "role": w.role, "created_by": w.created_by}))
-                    .collect::<Vec<_>>())),
+                    .collect::<Vec<_>>()))
+                }
                 OutputFormat::Table => {
                     let mut t = table(&["WORKSPACE", "YOUR ROLE", "CREATED BY"]);
                     for w in &list {
@@ -284,33 +306,44 @@ pub async fn role(server: &str, output: OutputFormat, cmd: RoleCommand) -> anyho
     let mut c = connect(server).await?;
     let workspace = crate::workspace().unwrap_or_default().to_string();
     let grants = match cmd {
-        RoleCommand::Grant { user, role } => c
-            .access
-            .grant_role(v1::RoleRequest {
-                grant: Some(v1::Grant { user, workspace, role }),
-            })
-            .await
-            .map_err(status)?
-            .into_inner()
-            .grants,
-        RoleCommand::Revoke { user, role } => c
-            .access
-            .revoke_role(v1::RoleRequest {
-                grant: Some(v1::Grant { user, workspace, role }),
-            })
-            .await
-            .map_err(status)?
-            .into_inner()
-            .grants,
-        RoleCommand::List { user } => c
-            .access
-            .list_grants(v1::ListGrantsRequest {
-                user: user.unwrap_or_default(),
-            })
-            .await
-            .map_err(status)?
-            .into_inner()
-            .grants,
+        RoleCommand::Grant { user, role } => {
+            c.access
+                .grant_role(v1::RoleRequest {
+                    grant: Some(v1::Grant {
+                        user,
+                        workspace,
+                        role,
+                    }),
+                })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .grants
+        }
+        RoleCommand::Revoke { user, role } => {
+            c.access
+                .revoke_role(v1::RoleRequest {
+                    grant: Some(v1::Grant {
+                        user,
+                        workspace,
+                        role,
+                    }),
+                })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .grants
+        }
+        RoleCommand::List { user } => {
+            c.access
+                .list_grants(v1::ListGrantsRequest {
+                    user: user.unwrap_or_default(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .grants
+        }
     };
     match output {
         OutputFormat::Json => print_json(&grants_json(&grants)),
@@ -338,7 +371,12 @@ pub async fn audit(server: &str, output: OutputFormat, limit: u32) -> anyhow::Re
         OutputFormat::Table => {
             let mut t = table(&["AT", "ACTOR", "ACTION", "DETAIL"]);
             for e in &log.events {
-                t.add_row(vec![when(Some(e.at_ms)), e.actor.clone(), e.action.clone(), e.detail.clone()]);
+                t.add_row(vec![
+                    when(Some(e.at_ms)),
+                    e.actor.clone(),
+                    e.action.clone(),
+                    e.detail.clone(),
+                ]);
             }
             println!("{t}");
             if log.dropped > 0 {

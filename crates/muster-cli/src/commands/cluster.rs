@@ -10,7 +10,10 @@ use crate::cli::{ClusterCommand, OutputFormat};
 use crate::output::{print_json, table};
 use muster_client::{Channel, Credentials, status};
 
-async fn client(address: &str, credentials: &Credentials) -> anyhow::Result<ClusterServiceClient<Channel>> {
+async fn client(
+    address: &str,
+    credentials: &Credentials,
+) -> anyhow::Result<ClusterServiceClient<Channel>> {
     let url = if address.contains("://") {
         address.to_string()
     } else {

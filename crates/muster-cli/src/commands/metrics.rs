@@ -5,8 +5,8 @@ use muster_proto::v1;
 use serde_json::{Value, json};
 
 use crate::cli::OutputFormat;
-use crate::output::{print_json, run_details, run_json, table};
 use crate::connect;
+use crate::output::{print_json, run_details, run_json, table};
 use muster_client::{Clients, status};
 
 /// `muster run metrics`: every point of the run's metrics (or one metric's); with

@@ -4,9 +4,9 @@ use muster_proto::{Word, v1};
 use serde_json::json;
 
 use crate::cli::{NodeCommand, OutputFormat};
+use crate::connect;
 use crate::output::{NO_LIMIT, cpus, print_json, table, time};
 use crate::snapshot::human_bytes;
-use crate::connect;
 use muster_client::status;
 
 pub async fn run(server: &str, output: OutputFormat, cmd: NodeCommand) -> anyhow::Result<()> {

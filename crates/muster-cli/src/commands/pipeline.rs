@@ -11,9 +11,9 @@ use serde_json::{Value, json};
 
 use crate::cli::{OutputFormat, PipelineCommand, PipelineSubmitArgs};
 use crate::commands::run::default_experiment;
+use crate::connect;
 use crate::output::{print_json, table, time};
 use crate::snapshot::{self, SnapshotLimits, human_bytes};
-use crate::connect;
 use muster_client::{status, submit_retrying};
 
 /// Runs a `muster pipeline` command; returns the process exit code.

@@ -15,9 +15,9 @@ use muster_proto::{Word, v1};
 use serde_json::json;
 
 use crate::cli::{OutputFormat, RunCommand, SubmitArgs};
+use crate::connect;
 use crate::output::{print_json, run_details, run_json, runs_table};
 use crate::snapshot::{self, SnapshotLimits, human_bytes};
-use crate::connect;
 use muster_client::{Clients, status, submit_retrying};
 
 /// Runs a `muster run` command; returns the process exit code.

@@ -13,9 +13,9 @@ use serde_json::{Value, json};
 
 use crate::cli::OutputFormat;
 use crate::commands::run::{default_experiment, shell_quote};
+use crate::connect;
 use crate::output::{print_json, table, time};
 use crate::snapshot::{self, SnapshotLimits, human_bytes};
-use crate::connect;
 use muster_client::{status, submit_retrying};
 
 /// `muster sweep` subcommands.

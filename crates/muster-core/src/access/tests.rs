@@ -43,9 +43,20 @@ fn a_token_authenticates_only_with_its_secret_while_live() {
         access.authenticate(&format_token(TOKEN_PREFIX, "nope", "s3cret"), 11),
         Err(AuthError::Unknown)
     );
-    assert_eq!(access.authenticate("Bearer x", 11), Err(AuthError::Malformed));
-    assert_eq!(access.authenticate("mst_a_b_c", 11), Err(AuthError::Malformed));
-    apply(&mut access, AccessChange::RevokeToken { id: "boot".into() }, 20).unwrap();
+    assert_eq!(
+        access.authenticate("Bearer x", 11),
+        Err(AuthError::Malformed)
+    );
+    assert_eq!(
+        access.authenticate("mst_a_b_c", 11),
+        Err(AuthError::Malformed)
+    );
+    apply(
+        &mut access,
+        AccessChange::RevokeToken { id: "boot".into() },
+        20,
+    )
+    .unwrap();
     assert_eq!(access.authenticate(&presented, 21), Err(AuthError::Revoked));
 }
 
@@ -62,7 +73,10 @@ fn an_expired_token_is_refused() {
     .unwrap();
     let presented = format_token(TOKEN_PREFIX, "t2", "abc");
     assert!(access.authenticate(&presented, 99).is_ok());
-    assert_eq!(access.authenticate(&presented, 100), Err(AuthError::Expired));
+    assert_eq!(
+        access.authenticate(&presented, 100),
+        Err(AuthError::Expired)
+    );
     assert_eq!(
         apply(
             &mut access,
@@ -78,7 +92,12 @@ fn an_expired_token_is_refused() {
 #[test]
 fn bootstrap_happens_once_and_a_revoked_bootstrap_token_stays_revoked() {
     let mut access = bootstrapped();
-    apply(&mut access, AccessChange::RevokeToken { id: "boot".into() }, 20).unwrap();
+    apply(
+        &mut access,
+        AccessChange::RevokeToken { id: "boot".into() },
+        20,
+    )
+    .unwrap();
     let before = access.clone();
     apply(
         &mut access,
@@ -95,21 +114,40 @@ fn bootstrap_happens_once_and_a_revoked_bootstrap_token_stays_revoked() {
 #[test]
 fn roles_are_per_workspace_and_cluster_grants_count_everywhere() {
     let mut access = bootstrapped();
-    apply(&mut access, AccessChange::CreateWorkspace { name: "vision".into() }, 11).unwrap();
+    apply(
+        &mut access,
+        AccessChange::CreateWorkspace {
+            name: "vision".into(),
+        },
+        11,
+    )
+    .unwrap();
     let grant = Grant {
         user: "alice".into(),
         workspace: Some("vision".into()),
         role: Role::User,
     };
-    apply(&mut access, AccessChange::GrantRole { grant: grant.clone() }, 12).unwrap();
+    apply(
+        &mut access,
+        AccessChange::GrantRole {
+            grant: grant.clone(),
+        },
+        12,
+    )
+    .unwrap();
     assert_eq!(access.role_in("alice", "vision"), Some(Role::User));
     assert_eq!(access.role_in("alice", DEFAULT_WORKSPACE), None);
     assert_eq!(access.role_in("admin", "vision"), Some(Role::Admin));
     assert_eq!(
-        access.workspaces_of("alice").into_iter().collect::<Vec<_>>(),
+        access
+            .workspaces_of("alice")
+            .into_iter()
+            .collect::<Vec<_>>(),
         vec![("vision".to_string(), Role::User)]
     );
-    assert!(Role::Admin > Role::Operator && Role::Operator > Role::User && Role::User > Role::Reader);
+    assert!(
+        Role::Admin > Role::Operator && Role::Operator > Role::User && Role::User > Role::Reader
+    );
     // A grant in a workspace that does not exist is refused.
     let err = apply(
         &mut access,
@@ -125,7 +163,14 @@ fn roles_are_per_workspace_and_cluster_grants_count_everywhere() {
     .unwrap_err();
     assert_eq!(err, AccessError::UnknownWorkspace("nlp".into()));
     // Deleting the workspace removes its grants.
-    apply(&mut access, AccessChange::DeleteWorkspace { name: "vision".into() }, 14).unwrap();
+    apply(
+        &mut access,
+        AccessChange::DeleteWorkspace {
+            name: "vision".into(),
+        },
+        14,
+    )
+    .unwrap();
     assert_eq!(access.role_in("alice", "vision"), None);
     assert!(!access.grants.contains(&grant));
 }
@@ -133,10 +178,19 @@ fn roles_are_per_workspace_and_cluster_grants_count_everywhere() {
 #[test]
 fn a_workspace_in_use_or_the_default_one_is_not_deleted() {
     let mut access = bootstrapped();
-    apply(&mut access, AccessChange::CreateWorkspace { name: "vision".into() }, 11).unwrap();
+    apply(
+        &mut access,
+        AccessChange::CreateWorkspace {
+            name: "vision".into(),
+        },
+        11,
+    )
+    .unwrap();
     let err = access
         .apply(
-            &AccessChange::DeleteWorkspace { name: "vision".into() },
+            &AccessChange::DeleteWorkspace {
+                name: "vision".into(),
+            },
             "user:admin",
             12,
             |_| Some("compute target gpu".into()),
@@ -165,7 +219,13 @@ fn the_last_cluster_admin_cannot_be_revoked() {
         role: Role::Admin,
     };
     assert_eq!(
-        apply(&mut access, AccessChange::RevokeRole { grant: admin.clone() }, 11),
+        apply(
+            &mut access,
+            AccessChange::RevokeRole {
+                grant: admin.clone()
+            },
+            11
+        ),
         Err(AccessError::LastAdmin("admin".into()))
     );
     let second = Grant {
@@ -189,10 +249,19 @@ fn a_join_token_works_once_and_not_after_it_expires() {
         used: None,
         created_by: "user:admin".into(),
     };
-    apply(&mut access, AccessChange::CreateJoinToken { join: join.clone() }, 10).unwrap();
+    apply(
+        &mut access,
+        AccessChange::CreateJoinToken { join: join.clone() },
+        10,
+    )
+    .unwrap();
     let presented = format_token(JOIN_PREFIX, "j1", "joinsecret");
     assert_eq!(access.check_join(&presented, 20).unwrap().compute, "gpu");
-    assert!(access.check_join(&format_token(JOIN_PREFIX, "j1", "x"), 20).is_err());
+    assert!(
+        access
+            .check_join(&format_token(JOIN_PREFIX, "j1", "x"), 20)
+            .is_err()
+    );
     let credential = Token {
         id: "n1".into(),
         principal: Principal::Agent {
@@ -217,7 +286,10 @@ fn a_join_token_works_once_and_not_after_it_expires() {
         .unwrap();
     assert_eq!(agent.principal, credential.principal);
     let err = access.check_join(&presented, 21).unwrap_err();
-    assert!(err.to_string().contains("already used (by node node-a)"), "{err}");
+    assert!(
+        err.to_string().contains("already used (by node node-a)"),
+        "{err}"
+    );
     let again = AccessChange::Join {
         join_id: "j1".into(),
         node: "node-b".into(),
@@ -232,7 +304,12 @@ fn a_join_token_works_once_and_not_after_it_expires() {
         id: "j2".into(),
         ..join
     };
-    apply(&mut access, AccessChange::CreateJoinToken { join: late }, 10).unwrap();
+    apply(
+        &mut access,
+        AccessChange::CreateJoinToken { join: late },
+        10,
+    )
+    .unwrap();
     let err = access
         .check_join(&format_token(JOIN_PREFIX, "j2", "joinsecret"), 1_000)
         .unwrap_err();
@@ -247,7 +324,14 @@ fn a_join_token_works_once_and_not_after_it_expires() {
         used: None,
         created_by: "user:admin".into(),
     };
-    assert!(apply(&mut access, AccessChange::CreateJoinToken { join: nowhere }, 10).is_err());
+    assert!(
+        apply(
+            &mut access,
+            AccessChange::CreateJoinToken { join: nowhere },
+            10
+        )
+        .is_err()
+    );
 }
 
 #[test]

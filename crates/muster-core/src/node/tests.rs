@@ -171,13 +171,13 @@ fn a_whole_end_is_sealed_and_replicated_before_it_is_proposed() {
             Effect::ReplicateOutputs {
                 sha256: "abc".into()
             },
-            Effect::Propose(Command::ReportAttempt {
+            Effect::Propose(Box::new(Command::ReportAttempt {
                 run_id: "r1".into(),
                 attempt: 1,
                 node_id: "n1".into(),
                 report: report.report.clone(),
                 at: 9,
-            }),
+            })),
         ]
     );
 }

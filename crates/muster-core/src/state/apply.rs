@@ -338,7 +338,11 @@ impl State {
     /// What a workspace still holds that keeps it from being deleted, in words; `None`
     /// when it is empty (finished runs do not count: they stay, readable by cluster admins).
     fn workspace_contents(&self, workspace: &str) -> Option<String> {
-        if let Some(c) = self.computes.values().find(|c| c.spec.workspace == workspace) {
+        if let Some(c) = self
+            .computes
+            .values()
+            .find(|c| c.spec.workspace == workspace)
+        {
             return Some(format!(
                 "compute target {:?} is in it: delete it first (`muster compute delete`)",
                 c.spec.name
@@ -712,10 +716,10 @@ impl State {
         }
         spec.validate()?;
         // A compute target of another workspace is as unknown as one that does not exist.
-        if !self
+        if self
             .computes
             .get(&spec.compute)
-            .is_some_and(|c| c.spec.workspace == spec.workspace)
+            .is_none_or(|c| c.spec.workspace != spec.workspace)
         {
             return Err(ApplyError::UnknownCompute(spec.compute.clone()));
         }

@@ -284,7 +284,7 @@ pub enum Command {
     #[serde(rename = "access.v1")]
     Access {
         /// The change.
-        change: crate::access::AccessChange,
+        change: Box<crate::access::AccessChange>,
         /// Who asked for it (a principal label, or `server:N` for the servers' own).
         by: String,
         /// When.

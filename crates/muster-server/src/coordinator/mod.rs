@@ -22,13 +22,13 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use muster_client::Channel;
 use muster_core::compute::{ComputeKind, ComputeSpec};
 use muster_core::{Applied, ApplyError, Command, State};
 use muster_proto::v1;
 use muster_raft::{ProposeError, RaftConfig, RaftHandle, RaftNode, Role};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
-use muster_client::Channel;
 
 use machine::{ApplyResult, Machine};
 use peers::{GrpcTransport, NetworkFilter, Peers};
@@ -102,7 +102,11 @@ impl Coordinator {
                 "the data directory already holds cluster state: --peers is ignored for membership (it comes from the log) and only fills in addresses the replicated state lacks"
             );
         }
-        let peers = Peers::new(state.clone(), config.book.clone(), config.credentials.clone());
+        let peers = Peers::new(
+            state.clone(),
+            config.book.clone(),
+            config.credentials.clone(),
+        );
         let transport = Arc::new(GrpcTransport::new(
             raft_config.id,
             peers.clone(),
@@ -425,7 +429,11 @@ pub fn new_id(prefix: &str) -> String {
 
 /// A token's public id: 12 random lowercase letters and digits.
 pub fn new_token_id() -> String {
-    new_id("").chars().chain(new_id("").chars()).take(12).collect()
+    new_id("")
+        .chars()
+        .chain(new_id("").chars())
+        .take(12)
+        .collect()
 }
 
 /// A token's secret: 32 random letters and digits (190 bits) from the thread's CSPRNG

@@ -5,10 +5,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use muster_client::{Channel, Credentials};
 use muster_core::State;
 use muster_proto::v1::{self, cluster_service_client::ClusterServiceClient};
 use tokio::sync::mpsc;
-use muster_client::{Channel, Credentials};
 use tonic::transport::Endpoint;
 
 /// Decides whether a message from one server to another gets through. Production clusters
@@ -211,7 +211,10 @@ pub fn replica_request<T>(message: T) -> tonic::Request<T> {
 /// A request relayed to another server for the caller of `original`: marked as from a
 /// server, and carrying the caller's own `authorization`, so the peer checks the caller's
 /// rights, not the relaying server's.
-pub fn relayed_request<T>(message: T, original: &tonic::metadata::MetadataMap) -> tonic::Request<T> {
+pub fn relayed_request<T>(
+    message: T,
+    original: &tonic::metadata::MetadataMap,
+) -> tonic::Request<T> {
     let mut req = replica_request(message);
     if let Some(auth) = original.get("authorization") {
         req.metadata_mut().insert("authorization", auth.clone());

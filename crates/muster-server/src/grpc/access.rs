@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use muster_core::Command;
 use muster_core::access::{
-    AccessChange, DEFAULT_WORKSPACE, Grant, JOIN_PREFIX, JoinToken, Principal, Role,
-    TOKEN_PREFIX, Token, format_token, hash_secret, validate_name,
+    AccessChange, DEFAULT_WORKSPACE, Grant, JOIN_PREFIX, JoinToken, Principal, Role, TOKEN_PREFIX,
+    Token, format_token, hash_secret, validate_name,
 };
 use muster_proto::v1::{self, access_service_server::AccessService};
 use tonic::{Request, Response, Status};
@@ -62,8 +62,10 @@ fn grant_view(g: &Grant) -> v1::Grant {
 
 fn grant_from_wire(g: Option<v1::Grant>) -> Result<Grant, Status> {
     let g = g.ok_or_else(|| Status::invalid_argument("grant: required"))?;
-    let role = Role::parse(&g.role).map_err(|e| Status::invalid_argument(format!("grant.role: {e}")))?;
-    validate_name("user", &g.user).map_err(|e| Status::invalid_argument(format!("grant.user: {e}")))?;
+    let role =
+        Role::parse(&g.role).map_err(|e| Status::invalid_argument(format!("grant.role: {e}")))?;
+    validate_name("user", &g.user)
+        .map_err(|e| Status::invalid_argument(format!("grant.user: {e}")))?;
     let workspace = (!g.workspace.trim().is_empty()).then(|| g.workspace.trim().to_string());
     Ok(Grant {
         user: g.user,
@@ -103,7 +105,7 @@ impl Accesses {
         self.0
             .coordinator
             .propose(Command::Access {
-                change,
+                change: Box::new(change),
                 by: caller.label(),
                 at: now_ms(),
             })
@@ -152,9 +154,10 @@ impl AccessService for Accesses {
         let caller = Caller::of(&req);
         let (token_id, grants, expires) = match &caller {
             Caller::User { name, token_id } => {
-                let expires = self.0.coordinator.read(|s| {
-                    s.access.tokens.get(token_id).and_then(|t| t.expires_at)
-                });
+                let expires = self
+                    .0
+                    .coordinator
+                    .read(|s| s.access.tokens.get(token_id).and_then(|t| t.expires_at));
                 (token_id.clone(), self.grants(Some(name)).grants, expires)
             }
             Caller::Agent { token_id, .. } => (token_id.clone(), Vec::new(), None),
@@ -193,8 +196,8 @@ impl AccessService for Accesses {
                 })?;
             let what = format!("compute target {compute:?}");
             caller.require(&self.0, &workspace, Role::Operator, &what)?;
-            let expires_at = expiry(&self.0, &caller, &req, DEFAULT_JOIN_TTL, now)?
-                .expect("join tokens expire");
+            let expires_at =
+                expiry(&self.0, &caller, &req, DEFAULT_JOIN_TTL, now)?.expect("join tokens expire");
             let join = JoinToken {
                 id: id.clone(),
                 hash: hash_secret(&secret),
@@ -290,7 +293,9 @@ impl AccessService for Accesses {
         };
         match owner {
             Some(Principal::User { name }) if name == me => {}
-            Some(_) => caller.require_cluster_admin(&self.0).map_err(|_| not_found())?,
+            Some(_) => caller
+                .require_cluster_admin(&self.0)
+                .map_err(|_| not_found())?,
             None => return Err(not_found()),
         }
         self.propose(&caller, AccessChange::RevokeToken { id: id.clone() })
@@ -308,8 +313,11 @@ impl AccessService for Accesses {
     ) -> Result<Response<v1::Workspace>, Status> {
         let caller = Caller::of(&req);
         let name = req.into_inner().name.trim().to_string();
-        self.propose(&caller, AccessChange::CreateWorkspace { name: name.clone() })
-            .await?;
+        self.propose(
+            &caller,
+            AccessChange::CreateWorkspace { name: name.clone() },
+        )
+        .await?;
         Ok(Response::new(v1::Workspace {
             name,
             created_at_ms: now_ms(),
@@ -366,7 +374,8 @@ impl AccessService for Accesses {
         let grant = grant_from_wire(req.into_inner().grant)?;
         self.may_change(&caller, &grant)?;
         let user = grant.user.clone();
-        self.propose(&caller, AccessChange::GrantRole { grant }).await?;
+        self.propose(&caller, AccessChange::GrantRole { grant })
+            .await?;
         Ok(Response::new(self.grants(Some(&user))))
     }
 
@@ -378,7 +387,8 @@ impl AccessService for Accesses {
         let grant = grant_from_wire(req.into_inner().grant)?;
         self.may_change(&caller, &grant)?;
         let user = grant.user.clone();
-        self.propose(&caller, AccessChange::RevokeRole { grant }).await?;
+        self.propose(&caller, AccessChange::RevokeRole { grant })
+            .await?;
         Ok(Response::new(self.grants(Some(&user))))
     }
 

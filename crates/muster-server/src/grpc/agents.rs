@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use muster_core::access::{AccessChange, Principal, TOKEN_PREFIX, Token, format_token, hash_secret};
+use muster_core::access::{
+    AccessChange, Principal, TOKEN_PREFIX, Token, format_token, hash_secret,
+};
 use muster_core::compute::Tier;
 use muster_core::names::validate_node_name;
 use muster_core::node::{self, After, AttemptKey, Effect, Order, StopReason};
@@ -96,11 +98,11 @@ impl AgentService for Agents {
         self.0
             .coordinator
             .propose(Command::Access {
-                change: AccessChange::Join {
+                change: Box::new(AccessChange::Join {
                     join_id,
                     node: req.node_name.clone(),
                     credential,
-                },
+                }),
                 by: format!("agent:{}", req.node_name),
                 at: now,
             })
@@ -500,7 +502,7 @@ impl Session {
                         .await?;
                 }
                 Effect::Propose(cmd) => {
-                    applied = Some(match self.server.coordinator.propose(cmd).await {
+                    applied = Some(match self.server.coordinator.propose(*cmd).await {
                         Ok(a) => a,
                         // A report for a run that no longer exists is as stale as can be.
                         Err(ProposalError::Rejected(ApplyError::UnknownRun(_))) => Applied::Stale {

@@ -28,8 +28,10 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use muster_client::{CLUSTER_KEY_HEADER, SERVER_ID_HEADER};
-use muster_core::access::{AccessChange, AccessError, Denial, MAX_DENIALS_PER_BATCH, Principal, Role};
 use muster_core::Command;
+use muster_core::access::{
+    AccessChange, AccessError, Denial, MAX_DENIALS_PER_BATCH, Principal, Role,
+};
 use tonic::Status;
 
 use crate::coordinator::now_ms;
@@ -96,11 +98,7 @@ impl Caller {
 
     /// The workspaces whose objects a list shows: `requested` (the request's
     /// `workspace`, which the caller must be able to read) or every one the caller can.
-    pub fn readable(
-        &self,
-        server: &Server,
-        requested: Option<&str>,
-    ) -> Result<Readable, Status> {
+    pub fn readable(&self, server: &Server, requested: Option<&str>) -> Result<Readable, Status> {
         if let Some(w) = requested.map(str::trim).filter(|w| !w.is_empty()) {
             self.require(server, w, Role::Reader, &format!("workspace {w:?}"))?;
             return Ok(Readable::Only(BTreeSet::from([w.to_string()])));
@@ -163,7 +161,12 @@ impl Caller {
 /// is NOT_FOUND, like one that does not exist. A run this server has not applied yet
 /// passes: the handler answers NOT_FOUND itself, or relays to the leader, which checks
 /// again (log relays carry the caller's own token; see `peers::relayed_request`).
-pub(crate) fn allow_run(server: &Server, caller: &Caller, id: &str, role: Role) -> Result<(), Status> {
+pub(crate) fn allow_run(
+    server: &Server,
+    caller: &Caller,
+    id: &str,
+    role: Role,
+) -> Result<(), Status> {
     let Some(workspace) = server
         .coordinator
         .read(|s| s.runs.get(id).map(|r| r.spec.workspace.clone()))
@@ -381,7 +384,9 @@ pub(crate) fn identify(server: &Server, headers: &axum::http::HeaderMap) -> Resu
             .and_then(|v| v.parse::<u64>().ok())
             .filter(|id| *id > 0)
             .ok_or_else(|| {
-                Status::unauthenticated(format!("{SERVER_ID_HEADER}: a server id (1 or more) is required"))
+                Status::unauthenticated(format!(
+                    "{SERVER_ID_HEADER}: a server id (1 or more) is required"
+                ))
             })?;
         // A server relaying a caller's request carries the caller's token too: the
         // caller's rights are what count.
@@ -471,10 +476,7 @@ pub(crate) fn check(server: &Server, rule: &Rule, caller: &Caller) -> Result<(),
         Caller::Anonymous => Status::unauthenticated(
             "no credentials: log in with `muster login` (muster dev writes your token for you), or pass MUSTER_TOKEN",
         ),
-        other => Status::permission_denied(format!(
-            "{} may not call this method",
-            other.label()
-        )),
+        other => Status::permission_denied(format!("{} may not call this method", other.label())),
     })
 }
 
@@ -519,10 +521,10 @@ pub(crate) async fn record_denials(server: Arc<Server>) {
             continue;
         };
         let command = Command::Access {
-            change: AccessChange::RecordDenials {
+            change: Box::new(AccessChange::RecordDenials {
                 denials: denials.clone(),
                 more,
-            },
+            }),
             by: format!("server:{}", server.config.raft.id),
             at: now_ms(),
         };
@@ -557,11 +559,15 @@ pub(crate) async fn authorize(
         let status = Status::permission_denied(format!(
             "{path} has no authorization rule, so nobody may call it"
         ));
-        server.denials.record(caller.label(), &path, status.message());
+        server
+            .denials
+            .record(caller.label(), &path, status.message());
         return status_response(status);
     };
     if let Err(status) = check(&server, &rule, &caller) {
-        server.denials.record(caller.label(), &path, status.message());
+        server
+            .denials
+            .record(caller.label(), &path, status.message());
         return status_response(status);
     }
     req.extensions_mut().insert(caller);

@@ -9,9 +9,9 @@ use tonic::{Request, Response, Status};
 
 use crate::coordinator::now_ms;
 use crate::grpc::auth::Caller;
-use muster_core::access::Role;
 use crate::server::Server;
 use crate::views;
+use muster_core::access::Role;
 
 pub(crate) struct Computes(pub Arc<Server>);
 

@@ -16,9 +16,9 @@ use tonic::{Request, Response, Status};
 
 use crate::coordinator::peers::is_replica;
 use crate::grpc::auth::{Caller, allow_run};
-use muster_core::access::Role;
 use crate::server::Server;
 use crate::views::metrics::run_metrics;
+use muster_core::access::Role;
 
 pub(crate) struct Metrics(pub Arc<Server>);
 

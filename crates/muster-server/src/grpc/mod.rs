@@ -135,7 +135,10 @@ pub(crate) fn router(server: Arc<Server>) -> GrpcRoutes {
         router: services
             .routes
             .into_axum_router()
-            .layer(axum::middleware::from_fn_with_state(server, auth::authorize)),
+            .layer(axum::middleware::from_fn_with_state(
+                server,
+                auth::authorize,
+            )),
         services: services.names,
     }
 }

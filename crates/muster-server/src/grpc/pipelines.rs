@@ -13,8 +13,8 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::{new_id, now_ms};
-use crate::grpc::{Fresh, check_code, propose_fresh};
 use crate::grpc::auth::{Caller, allow_in};
+use crate::grpc::{Fresh, check_code, propose_fresh};
 use crate::server::Server;
 use muster_core::access::Role;
 
@@ -70,7 +70,12 @@ impl PipelineService for Pipelines {
         let caller = Caller::of(&req);
         let req = req.into_inner();
         let workspace = crate::grpc::access::workspace_or_default(&req.workspace);
-        caller.require(&self.0, &workspace, Role::User, &format!("workspace {workspace:?}"))?;
+        caller.require(
+            &self.0,
+            &workspace,
+            Role::User,
+            &format!("workspace {workspace:?}"),
+        )?;
         let experiment = if req.default_experiment.is_empty() {
             "default"
         } else {
@@ -98,9 +103,9 @@ impl PipelineService for Pipelines {
             spec.steps
                 .iter()
                 .find(|(_, step)| {
-                    !s.computes
+                    s.computes
                         .get(&step.run.compute)
-                        .is_some_and(|c| c.spec.workspace == workspace)
+                        .is_none_or(|c| c.spec.workspace != workspace)
                 })
                 .map(|(name, step)| (name.clone(), step.run.compute.clone()))
         });

@@ -6,22 +6,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use muster_client::Channel;
 use muster_core::state::SealedLog;
 use muster_core::{Applied, ApplyError, Command, RunState};
 use muster_proto::v1::{self, run_service_server::RunService};
 use muster_proto::{run_to_wire, spec_from_wire};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use muster_client::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::{ProposalError, new_run_id, now_ms};
 use crate::grpc::auth::{Caller, allow_run};
 use crate::grpc::{Fresh, check_code, propose_fresh, status};
-use muster_core::access::Role;
 use crate::server::Server;
 use crate::views;
 use crate::views::logs::AttemptLogs;
+use muster_core::access::Role;
 
 pub(crate) struct Runs(pub Arc<Server>);
 
@@ -40,7 +40,6 @@ impl Runs {
     fn get(&self, id: &str) -> Result<v1::Run, Status> {
         views::runs::run(&self.0, id).ok_or_else(|| not_found(id))
     }
-
 }
 
 type LogStream = Pin<Box<dyn Stream<Item = Result<v1::LogChunk, Status>> + Send>>;

@@ -13,9 +13,9 @@ use tonic::{Request, Response, Status};
 use crate::coordinator::{ID_ALPHABET, new_id, now_ms};
 use crate::grpc::auth::{Caller, allow_in};
 use crate::grpc::{Fresh, check_code, propose_fresh};
-use muster_core::access::Role;
 use crate::server::Server;
 use crate::views::sweeps::sweep_view;
+use muster_core::access::Role;
 
 pub(crate) struct Sweeps(pub Arc<Server>);
 
@@ -76,9 +76,17 @@ impl SweepService for Sweeps {
         spec.validate()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let workspace = spec.trial.workspace.clone();
-        caller.require(&self.0, &workspace, Role::User, &format!("workspace {workspace:?}"))?;
+        caller.require(
+            &self.0,
+            &workspace,
+            Role::User,
+            &format!("workspace {workspace:?}"),
+        )?;
         // Keys are per workspace: another tenant's key never names this tenant's sweep.
-        let key = req.idempotency_key.as_ref().map(|k| format!("{workspace}/{k}"));
+        let key = req
+            .idempotency_key
+            .as_ref()
+            .map(|k| format!("{workspace}/{k}"));
         if let Some(key) = &req.idempotency_key
             && (key.is_empty() || key.len() > 128)
         {

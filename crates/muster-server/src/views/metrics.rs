@@ -3,10 +3,10 @@
 //! store on the leader, else relayed from the leader. Shared by MetricsService and the
 //! studio's run page.
 
+use muster_client::Channel;
 use muster_proto::metrics_to_wire;
 use muster_proto::v1;
 use tonic::Status;
-use muster_client::Channel;
 
 use crate::coordinator::peers::replica_request;
 use crate::server::Server;

@@ -295,7 +295,7 @@ async fn join_tokens(server: &Server, work: &Work) -> BTreeMap<String, String> {
             created_by: by.clone(),
         };
         let command = Command::Access {
-            change: AccessChange::CreateJoinToken { join },
+            change: Box::new(AccessChange::CreateJoinToken { join }),
             by: by.clone(),
             at,
         };
