@@ -92,7 +92,7 @@ async fn own_status(url: &str) -> Option<v1::ClusterStatus> {
             .connect()
             .await
             .ok()?;
-        ClusterServiceClient::new(channel)
+        ClusterServiceClient::new(muster_testkit::access::admin(url).attach(channel))
             .status(v1::ClusterStatusRequest { members: false })
             .await
             .ok()

@@ -743,12 +743,19 @@ async fn a_follower_follows_a_live_log_through_its_end_without_repeating_a_line(
     assert_eq!(out.stdout, expected);
 }
 
-/// Starts `muster server ARGS` with its data in `dir/NAME`.
+/// Starts `muster server ARGS` with its data in `dir/NAME` and the cluster key of
+/// `dir/cluster.key` (made on first use).
 fn server_process(dir: &std::path::Path, name: &str, args: &[&str]) -> muster_tests::ChildGuard {
+    let key = dir.join("cluster.key");
+    if !key.exists() {
+        std::fs::write(&key, format!("{:064x}\n", rand::random::<u128>())).unwrap();
+    }
     muster_tests::ChildGuard(
         std::process::Command::new(muster_testkit::muster_bin())
             .arg("server")
             .args(args)
+            .arg("--cluster-key-file")
+            .arg(&key)
             .arg("--data-dir")
             .arg(dir.join(name))
             .stderr(std::process::Stdio::null())
@@ -789,6 +796,11 @@ async fn a_server_started_alone_grows_into_a_cluster_whose_members_reach_it() {
         "s1",
         &["--id", "1", "--listen", &format!("127.0.0.1:{p1}")],
     );
+    let token =
+        muster_testkit::access::await_admin_token(&dir.path().join("s1/admin-token"), &url1)
+            .await
+            .unwrap();
+    muster_testkit::access::register(&url2, &token);
     wait_leader(&url1, dir.path()).await;
     let _two = server_process(
         dir.path(),
@@ -843,7 +855,14 @@ async fn a_server_started_alone_grows_into_a_cluster_whose_members_reach_it() {
     // grown: add-server says what to do and changes nothing.
     let p3 = muster_tests::free_port();
     let url3 = format!("http://127.0.0.1:{p3}");
-    let _three = server_process(dir.path(), "s3", &["--listen", &format!("0.0.0.0:{p3}")]);
+    let _three = server_process(
+        dir.path(),
+        "s3",
+        &["--listen", &format!("0.0.0.0:{p3}"), "--insecure-no-tls"],
+    );
+    muster_testkit::access::await_admin_token(&dir.path().join("s3/admin-token"), &url3)
+        .await
+        .unwrap();
     wait_leader(&url3, dir.path()).await;
     let refused = add_server(&url3, dir.path(), "127.0.0.1:9").await;
     assert_ne!(refused.code, 0, "{refused:?}");

@@ -291,7 +291,8 @@ async fn web_paths_check_host_and_origin_and_carry_security_headers() {
         format!("muster.example:{port}"),
         "muster.example".to_string(),
     ] {
-        let index = send(addr, "GET", "/", &host, &[], b"").await;
+        let cookie = format!("muster_session={}", dev.token());
+        let index = send(addr, "GET", "/", &host, &[("Cookie", &cookie)], b"").await;
         assert_eq!(index.status, 200, "{host}: {index:?}");
         index.assert_security_headers();
         assert!(
@@ -364,6 +365,172 @@ async fn web_paths_check_host_and_origin_and_carry_security_headers() {
         missing.body
     );
     missing.assert_security_headers();
+}
+
+/// The value of the hidden `csrf` field of a studio page.
+fn csrf_field(html: &str) -> String {
+    html.split("name=csrf value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("a csrf field in {html}"))
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn studio_pages_need_a_session_and_show_only_the_viewers_workspaces() {
+    let dev = DevCluster::start().await.unwrap();
+    let addr = dev.addr;
+    let own = addr.to_string();
+    let origin = format!("http://{own}");
+
+    // No session: every page sends the browser to the login form.
+    for path in ["/", "/runs/run-x", "/sweeps/sweep-x", "/pipelines/pl-x"] {
+        let page = send(addr, "GET", path, &own, &[], b"").await;
+        assert_eq!(page.status, 303, "{path}: {page:?}");
+        assert_eq!(page.header("location"), Some("/login"), "{path}");
+    }
+    let form = send(addr, "GET", "/login", &own, &[], b"").await;
+    assert_eq!(form.status, 200, "{form:?}");
+    assert!(
+        form.body.contains("<form method=post action=/login>"),
+        "{}",
+        form.body
+    );
+    form.assert_security_headers();
+    let bad = send(addr, "GET", "/login?token=mst_nope_nope", &own, &[], b"").await;
+    assert_eq!(bad.status, 401, "{bad:?}");
+    assert!(bad.body.contains("the token is not valid"), "{}", bad.body);
+    assert!(bad.header("set-cookie").is_none());
+
+    // The login link muster dev prints: a session cookie scripts and other sites cannot use.
+    let login = send(
+        addr,
+        "GET",
+        &format!("/login?token={}", dev.token()),
+        &own,
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(login.status, 303, "{login:?}");
+    let cookie = login
+        .header("set-cookie")
+        .expect("a session cookie")
+        .to_string();
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(cookie.contains(attr), "{attr} in {cookie}");
+    }
+    let session = cookie.split(';').next().unwrap().to_string();
+    // The form posts the token the same way (with the page's own Origin).
+    let body = format!("token={}", dev.token());
+    let posted = send(
+        addr,
+        "POST",
+        "/login",
+        &own,
+        &[
+            ("Origin", origin.as_str()),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(posted.status, 303, "{posted:?}");
+
+    // Another workspace's user sees none of the default workspace's runs.
+    let id = running_sleeper(&dev).await;
+    let mut admin = dev.clients().await.unwrap();
+    admin
+        .access
+        .create_workspace(v1::CreateWorkspaceRequest {
+            name: "vision".into(),
+        })
+        .await
+        .unwrap();
+    let vera = muster_testkit::access::user_token(&dev.url(), "vera", "user", Some("vision"))
+        .await
+        .unwrap();
+    let vera = format!("muster_session={vera}");
+    let index = send(addr, "GET", "/", &own, &[("Cookie", &vera)], b"").await;
+    assert_eq!(index.status, 200, "{index:?}");
+    assert!(index.body.contains("Logged in as vera"), "{}", index.body);
+    assert!(!index.body.contains(&id), "{}", index.body);
+    let theirs = send(
+        addr,
+        "GET",
+        &format!("/runs/{id}"),
+        &own,
+        &[("Cookie", &vera)],
+        b"",
+    )
+    .await;
+    assert_eq!(theirs.status, 404, "{theirs:?}");
+    let mine = send(
+        addr,
+        "GET",
+        &format!("/runs/{id}"),
+        &own,
+        &[("Cookie", &session)],
+        b"",
+    )
+    .await;
+    assert_eq!(mine.status, 200, "{mine:?}");
+    let admin_index = send(addr, "GET", "/", &own, &[("Cookie", &session)], b"").await;
+    assert!(admin_index.body.contains(&id), "{}", admin_index.body);
+
+    // Logging out is a state change: it needs the session's CSRF token.
+    let csrf = csrf_field(&admin_index.body);
+    let form = [
+        ("Origin", origin.as_str()),
+        ("Cookie", session.as_str()),
+        ("Content-Type", "application/x-www-form-urlencoded"),
+    ];
+    let forged = send(addr, "POST", "/logout", &own, &form, b"csrf=0000").await;
+    assert_eq!(forged.status, 403, "{forged:?}");
+    let out = send(
+        addr,
+        "POST",
+        "/logout",
+        &own,
+        &form,
+        format!("csrf={csrf}").as_bytes(),
+    )
+    .await;
+    assert_eq!(out.status, 303, "{out:?}");
+    assert!(
+        out.header("set-cookie")
+            .is_some_and(|c| c.contains("Max-Age=0")),
+        "{out:?}"
+    );
+    // A revoked token ends its session at the next page.
+    let who = admin
+        .access
+        .who_am_i(v1::WhoAmIRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let spare = admin
+        .access
+        .create_token(v1::CreateTokenRequest {
+            name: "studio".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let spare_cookie = format!("muster_session={}", spare.token);
+    let before = send(addr, "GET", "/", &own, &[("Cookie", &spare_cookie)], b"").await;
+    assert_eq!(before.status, 200, "{before:?}");
+    admin
+        .access
+        .revoke_token(v1::RevokeTokenRequest {
+            id: spare.info.unwrap().id,
+        })
+        .await
+        .unwrap();
+    let after = send(addr, "GET", "/", &own, &[("Cookie", &spare_cookie)], b"").await;
+    assert_eq!(after.status, 303, "{after:?}");
+    assert_eq!(who.principal, "user:admin");
 }
 
 /// The headless browser: `chromium` (Debian), else `chromium-browser`. Its absence fails

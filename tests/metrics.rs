@@ -214,6 +214,7 @@ echo '{{"name":"loss","value":3,"step":3}}' >> "$MUSTER_METRICS_FILE"
     let mut child = tokio::process::Command::new(muster_bin())
         .args(["--server", &dev.url(), "run", "metrics", &id, "--follow"])
         .env_remove("MUSTER_SERVER")
+        .env("MUSTER_TOKEN", dev.token())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)

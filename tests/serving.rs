@@ -363,12 +363,22 @@ async fn separate_server_and_agent_processes_run_an_azure_ml_job_file() {
     assert_eq!(v[0]["display_name"], "from-yaml");
     assert_eq!(v[0]["nodes"][0], "lab-01");
 
-    // A second agent with the same name is refused with a clear error.
+    // A second agent with the same name is refused with a clear error (and its join token
+    // is not spent).
+    let join = muster(
+        &url,
+        project.path(),
+        &["token", "create", "--join", "--compute", "lab-pool"],
+    )
+    .await
+    .stdout;
     let clash = Command::new(muster_bin())
         .args([
             "--server",
             &url,
             "agent",
+            "--join",
+            join.trim(),
             "--compute",
             "lab-pool",
             "--name",

@@ -66,16 +66,20 @@ pub async fn all_runs(server: &str) -> Vec<v1::Run> {
         .runs
 }
 
-/// A plain HTTP/1.1 GET on 127.0.0.1 (the server's HTTP side shares the gRPC port).
-/// Returns the status code and the body.
+/// A plain HTTP/1.1 GET on 127.0.0.1 (the server's HTTP side shares the gRPC port), logged
+/// in to the studio as the cluster's admin when the testkit knows its token. Returns the
+/// status code and the body.
 pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
+    let cookie = muster_testkit::access::admin_token(&format!("http://{addr}"))
+        .map(|t| format!("Cookie: muster_session={t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{cookie}Connection: close\r\n\r\n"
     )
     .expect("send");
     let mut raw = Vec::new();

@@ -284,6 +284,9 @@ impl TestCluster {
             },
         );
         self.launch(id, listener);
+        if let Some(token) = crate::access::admin_token(&self.url(self.founders[0])) {
+            crate::access::register(&self.url(id), &token);
+        }
         let leader = self.leader().await?;
         let mut c = ClusterServiceClient::new(crate::access::channel(&self.url(leader)).await?);
         c.add_server(v1::AddServerRequest {

@@ -47,7 +47,15 @@ pub async fn run(server: &str, args: AgentArgs) -> anyhow::Result<()> {
     }
     config.peer_wait = std::time::Duration::from_secs(args.peer_wait_secs);
     config.gpu_probe = Arc::new(NvmlProbe::new());
-    config.join_token = args.join;
+    // A command provisioner's script launches several nodes at once: each agent finds its
+    // own token in MUSTER_JOIN_TOKENS (`NODE=TOKEN` pairs) when --join is not given.
+    config.join_token = args.join.filter(|j| !j.trim().is_empty()).or_else(|| {
+        let pairs = std::env::var("MUSTER_JOIN_TOKENS").ok()?;
+        pairs.split_whitespace().find_map(|pair| {
+            let (node, token) = pair.split_once('=')?;
+            (node == config.name).then(|| token.to_string())
+        })
+    });
     eprintln!(
         "muster agent {} joining compute {} via {}",
         config.name,

@@ -70,6 +70,14 @@ impl AgentService for Agents {
         let req = req.into_inner();
         validate_node_name(&req.node_name)
             .map_err(|e| Status::invalid_argument(format!("node_name: {e}")))?;
+        // A name in use stays its node's: the join token is not spent on a clash.
+        if self
+            .0
+            .coordinator
+            .read(|s| s.nodes.values().any(|n| n.name == req.node_name))
+        {
+            return Err(rejected(ApplyError::NodeNameTaken(req.node_name)));
+        }
         let now = now_ms();
         let (join_id, compute) = self
             .0

@@ -36,6 +36,8 @@ use tonic::Status;
 
 use crate::coordinator::now_ms;
 use crate::server::Server;
+pub(crate) use crate::views::access::Readable;
+use crate::views::access::readable_by;
 
 /// Who is calling, as the handlers see it (in the request's extensions).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,13 +107,7 @@ impl Caller {
         }
         Ok(match self {
             Caller::Server { .. } => Readable::All,
-            Caller::User { name, .. } => server.coordinator.read(|s| {
-                if s.access.cluster_role(name).is_some() {
-                    Readable::All
-                } else {
-                    Readable::Only(s.access.workspaces_of(name).into_keys().collect())
-                }
-            }),
+            Caller::User { name, .. } => readable_by(server, name),
             Caller::Agent { .. } | Caller::Anonymous => Readable::Only(BTreeSet::new()),
         })
     }
@@ -202,25 +198,6 @@ pub(crate) fn allow_in(
             tonic::Code::NotFound => not_found(),
             _ => e,
         })
-}
-
-/// Which workspaces a caller may list objects of.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Readable {
-    /// Every workspace (servers, cluster-wide roles).
-    All,
-    /// These.
-    Only(BTreeSet<String>),
-}
-
-impl Readable {
-    /// Whether objects of `workspace` are shown.
-    pub fn contains(&self, workspace: &str) -> bool {
-        match self {
-            Readable::All => true,
-            Readable::Only(set) => set.contains(workspace),
-        }
-    }
 }
 
 /// Who may call a method.
@@ -574,7 +551,15 @@ pub(crate) async fn authorize(
     next.run(req).await
 }
 
-fn status_response(status: Status) -> Response {
+/// The metadata key every refusal of this layer carries (`muster-denied: authorization`),
+/// so a client — and the authorization matrix test — tells a refused call from a handler's
+/// answer.
+pub(crate) const DENIED_HEADER: &str = "muster-denied";
+
+fn status_response(mut status: Status) -> Response {
+    status
+        .metadata_mut()
+        .insert(DENIED_HEADER, "authorization".parse().expect("ascii"));
     status.into_http::<axum::body::Body>().into_response()
 }
 

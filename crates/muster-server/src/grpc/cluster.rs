@@ -246,7 +246,16 @@ impl ClusterService for Cluster {
     }
 
     async fn raft(&self, req: Request<v1::RaftBatch>) -> Result<Response<v1::RaftAck>, Status> {
+        // A server speaks only for itself: the batch's sender is the caller's own id.
+        let caller = crate::grpc::auth::Caller::of(&req);
         let batch = req.into_inner();
+        if caller != (crate::grpc::auth::Caller::Server { id: batch.from }) {
+            return Err(Status::permission_denied(format!(
+                "{} may not send Raft messages as server {}",
+                caller.label(),
+                batch.from
+            )));
+        }
         self.0.coordinator.peers().learn(batch.peers);
         for m in batch.messages {
             if let Err(e) = self.0.coordinator.raft().step(m) {

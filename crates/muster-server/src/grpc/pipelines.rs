@@ -16,6 +16,7 @@ use crate::coordinator::{new_id, now_ms};
 use crate::grpc::auth::{Caller, allow_in};
 use crate::grpc::{Fresh, check_code, propose_fresh};
 use crate::server::Server;
+use crate::views::access::pipeline_workspace;
 use muster_core::access::Role;
 
 pub(crate) struct Pipelines(pub Arc<Server>);
@@ -33,23 +34,14 @@ fn keyed_pipeline_id(key: &str) -> String {
     format!("pl-{}", &hex::encode(digest)[..16])
 }
 
-/// The workspace a pipeline's steps run in.
-fn pipeline_workspace(p: &muster_core::state::Pipeline) -> String {
-    p.spec
-        .steps
-        .values()
-        .next()
-        .map(|s| s.run.workspace.clone())
-        .unwrap_or_else(|| muster_core::access::DEFAULT_WORKSPACE.to_string())
-}
-
 impl Pipelines {
     /// Checks the caller has `role` in the pipeline's workspace (else it is NOT_FOUND).
     fn allow(&self, caller: &Caller, id: &str, role: Role) -> Result<(), Status> {
-        let workspace = self
-            .0
-            .coordinator
-            .read(|s| s.pipelines.get(id).map(pipeline_workspace));
+        let workspace = self.0.coordinator.read(|s| {
+            s.pipelines
+                .get(id)
+                .map(|p| pipeline_workspace(p).to_string())
+        });
         allow_in(&self.0, caller, workspace, role, || not_found(id))
     }
 
@@ -170,7 +162,7 @@ impl PipelineService for Pipelines {
             let mut ps: Vec<_> = s
                 .pipelines
                 .values()
-                .filter(|p| readable.contains(&pipeline_workspace(p)))
+                .filter(|p| readable.contains(pipeline_workspace(p)))
                 .collect();
             ps.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
             if req.limit > 0 && ps.len() > req.limit as usize {

@@ -14,6 +14,7 @@ use crate::coordinator::{ID_ALPHABET, new_id, now_ms};
 use crate::grpc::auth::{Caller, allow_in};
 use crate::grpc::{Fresh, check_code, propose_fresh};
 use crate::server::Server;
+use crate::views::access::sweep_workspace;
 use crate::views::sweeps::sweep_view;
 use muster_core::access::Role;
 
@@ -46,7 +47,7 @@ impl Sweeps {
         let workspace = self
             .0
             .coordinator
-            .read(|s| s.sweeps.get(id).map(|w| w.spec.trial.workspace.clone()));
+            .read(|s| s.sweeps.get(id).map(|w| sweep_workspace(w).to_string()));
         allow_in(&self.0, caller, workspace, role, || not_found(id))
     }
 
@@ -157,7 +158,7 @@ impl SweepService for Sweeps {
         let mut sweeps: Vec<Sweep> = self.0.coordinator.read(|s| {
             s.sweeps
                 .values()
-                .filter(|w| readable.contains(&w.spec.trial.workspace))
+                .filter(|w| readable.contains(sweep_workspace(w)))
                 .cloned()
                 .collect()
         });

@@ -9,6 +9,7 @@
 //! and muster-proto. A view whose data lives only on the leader (a live run's metrics)
 //! relays the read to the leader's API; it never imports the transport layers.
 
+pub(crate) mod access;
 pub(crate) mod compute;
 pub(crate) mod logs;
 pub(crate) mod metrics;

@@ -6,6 +6,7 @@
 
 pub(crate) mod front;
 mod prometheus;
+mod session;
 mod studio;
 
 use std::sync::Arc;
@@ -21,6 +22,8 @@ use crate::server::Server;
 pub(crate) fn router(server: Arc<Server>) -> axum::Router {
     axum::Router::new()
         .route("/", get(studio::index))
+        .route("/login", get(session::login).post(session::login_submit))
+        .route("/logout", axum::routing::post(session::logout))
         .route("/runs/{id}", get(studio::run_page))
         .route("/sweeps/{id}", get(studio::sweep_page))
         .route("/pipelines/{id}", get(studio::pipeline_page))

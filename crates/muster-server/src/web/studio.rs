@@ -14,14 +14,16 @@ use std::time::Duration;
 
 use askama::Template;
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, Uri, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{Html, IntoResponse, Response};
 use muster_core::pipeline::StepInput;
 use muster_core::{Run, RunState};
 use muster_proto::v1;
 use muster_proto::{Word, pipeline_to_wire, run_to_wire, sweep_trial_note};
 
+use super::session;
 use crate::server::Server;
+use crate::views::access::{pipeline_workspace, sweep_workspace};
 use crate::views::logs::combined_log;
 use crate::views::metrics::run_metrics;
 use crate::views::sweeps::sweep_view;
@@ -57,10 +59,10 @@ fn number(v: Option<f64>) -> String {
 /// The frame of a page (`base.html`): its title, how often it reloads itself (live pages
 /// only), and what the link back to the front page says (none on the front page).
 #[derive(Debug)]
-struct Head {
-    title: String,
-    refresh_s: Option<u32>,
-    back: Option<&'static str>,
+pub(super) struct Head {
+    pub title: String,
+    pub refresh_s: Option<u32>,
+    pub back: Option<&'static str>,
 }
 
 impl Head {
@@ -75,7 +77,7 @@ impl Head {
 }
 
 /// Renders a page; a template only fails when a value's `Display` does, which ours do not.
-fn render(page: &impl Template) -> Response {
+pub(super) fn render(page: &impl Template) -> Response {
     match page.render() {
         Ok(html) => Html(html).into_response(),
         Err(e) => (
@@ -159,6 +161,8 @@ pub(super) async fn stylesheet() -> Response {
 #[template(path = "studio/index.html", whitespace = "minimize")]
 struct IndexPage {
     head: Head,
+    user: String,
+    csrf: String,
     computes: Vec<ComputeRow>,
     sweeps: Vec<SweepRow>,
     pipelines: Vec<PipelineRow>,
@@ -226,11 +230,16 @@ impl RunRow {
 }
 
 /// `GET /`.
-pub(super) async fn index(State(c): State<Arc<Server>>) -> Response {
+pub(super) async fn index(State(c): State<Arc<Server>>, headers: HeaderMap) -> Response {
+    let Some(viewer) = session::viewer(&c, &headers) else {
+        return session::to_login();
+    };
+    let seen = &viewer.readable;
     let (computes, sweeps, pipelines) = c.coordinator.read(|s| {
         let computes: Vec<ComputeRow> = s
             .computes
             .values()
+            .filter(|t| seen.contains(&t.spec.workspace))
             .map(|t| ComputeRow {
                 name: t.spec.name.clone(),
                 kind: t.spec.kind.as_str(),
@@ -241,10 +250,18 @@ pub(super) async fn index(State(c): State<Arc<Server>>) -> Response {
                     .count(),
             })
             .collect();
-        let mut sweeps: Vec<_> = s.sweeps.values().collect();
+        let mut sweeps: Vec<_> = s
+            .sweeps
+            .values()
+            .filter(|w| seen.contains(sweep_workspace(w)))
+            .collect();
         sweeps.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
         let sweeps: Vec<_> = sweeps.into_iter().take(INDEX_ROWS).cloned().collect();
-        let mut pipelines: Vec<_> = s.pipelines.values().collect();
+        let mut pipelines: Vec<_> = s
+            .pipelines
+            .values()
+            .filter(|p| seen.contains(pipeline_workspace(p)))
+            .collect();
         pipelines.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
         let pipelines: Vec<PipelineRow> = pipelines
             .into_iter()
@@ -290,7 +307,11 @@ pub(super) async fn index(State(c): State<Arc<Server>>) -> Response {
         })
         .collect();
     let runs = c.coordinator.read(|s| {
-        let mut runs: Vec<_> = s.runs.values().collect();
+        let mut runs: Vec<_> = s
+            .runs
+            .values()
+            .filter(|r| seen.contains(&r.spec.workspace))
+            .collect();
         runs.sort_by_key(|r| std::cmp::Reverse(r.seq));
         runs.into_iter().take(INDEX_ROWS).map(RunRow::of).collect()
     });
@@ -300,6 +321,8 @@ pub(super) async fn index(State(c): State<Arc<Server>>) -> Response {
             refresh_s: Some(INDEX_REFRESH_S),
             back: None,
         },
+        user: viewer.user,
+        csrf: viewer.csrf,
         computes,
         sweeps,
         pipelines,
@@ -353,8 +376,19 @@ struct TrialRow {
 }
 
 /// `GET /sweeps/{id}`.
-pub(super) async fn sweep_page(State(c): State<Arc<Server>>, Path(id): Path<String>) -> Response {
-    let Some(sweep) = c.coordinator.read(|s| s.sweeps.get(&id).cloned()) else {
+pub(super) async fn sweep_page(
+    State(c): State<Arc<Server>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(viewer) = session::viewer(&c, &headers) else {
+        return session::to_login();
+    };
+    let Some(sweep) = c
+        .coordinator
+        .read(|s| s.sweeps.get(&id).cloned())
+        .filter(|w| viewer.readable.contains(sweep_workspace(w)))
+    else {
         return not_found("sweep", &id, "sweeps");
     };
     let v = sweep_view(&c, &sweep);
@@ -478,10 +512,15 @@ enum InputSource {
 pub(super) async fn pipeline_page(
     State(c): State<Arc<Server>>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Response {
+    let Some(viewer) = session::viewer(&c, &headers) else {
+        return session::to_login();
+    };
     let Some((p, spec)) = c.coordinator.read(|s| {
         s.pipelines
             .get(&id)
+            .filter(|p| viewer.readable.contains(pipeline_workspace(p)))
             .map(|p| (pipeline_to_wire(s, p), p.spec.clone()))
     }) else {
         return not_found("pipeline", &id, "pipelines");
@@ -630,11 +669,20 @@ struct AttemptSection {
 }
 
 /// `GET /runs/{id}`.
-pub(super) async fn run_page(State(c): State<Arc<Server>>, Path(id): Path<String>) -> Response {
-    let Some((run, wire)) = c
-        .coordinator
-        .read(|s| s.runs.get(&id).map(|r| (r.clone(), run_to_wire(s, r))))
-    else {
+pub(super) async fn run_page(
+    State(c): State<Arc<Server>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(viewer) = session::viewer(&c, &headers) else {
+        return session::to_login();
+    };
+    let Some((run, wire)) = c.coordinator.read(|s| {
+        s.runs
+            .get(&id)
+            .filter(|r| viewer.readable.contains(&r.spec.workspace))
+            .map(|r| (r.clone(), run_to_wire(s, r)))
+    }) else {
         return not_found("run", &id, "runs");
     };
     let owners = [("muster.sweep", "sweep"), ("muster.pipeline", "pipeline")]
@@ -876,6 +924,8 @@ mod tests {
                 refresh_s: Some(INDEX_REFRESH_S),
                 back: None,
             },
+            user: "admin".into(),
+            csrf: "c0ffee".into(),
             computes: Vec::new(),
             sweeps: Vec::new(),
             pipelines: Vec::new(),

@@ -1,0 +1,534 @@
+//! The authorization matrix (DESIGN.md section 14, issue 13): every method of every service
+//! the server registers — read from the descriptor sets, so a new RPC is in the matrix the
+//! moment it exists — called by every kind of caller, each answer checked against the
+//! policy written out below, independently of the server's table. A method without an
+//! expectation here fails the test; a method the server's table lacks is refused to
+//! everyone, which fails it too.
+//!
+//! Callers: nobody, a malformed token, a revoked token, an expired token, a user without
+//! any role, a reader, a user, an operator, the cluster admin, an agent (its credential
+//! from a real join), another server (the cluster key), and a server with a wrong key.
+//! Then the workspace rules: another workspace's run is NOT_FOUND and absent from lists,
+//! and refusals land in the replicated audit log.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes};
+use muster_client::{Credentials, Servers};
+use muster_proto::v1;
+use muster_testkit::access;
+use muster_testkit::cluster::TestCluster;
+use prost::Message;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::{Code, Status};
+
+/// Raw bytes in, raw bytes out: any method can be called with an empty message.
+#[derive(Debug, Clone, Default)]
+struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+/// Every method path of every service the server registers.
+fn every_method() -> Vec<String> {
+    let mut out = Vec::new();
+    for set in [
+        muster_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ] {
+        let fds = prost_types::FileDescriptorSet::decode(set).expect("descriptor set");
+        for file in fds.file {
+            for service in &file.service {
+                for method in &service.method {
+                    out.push(format!(
+                        "/{}.{}/{}",
+                        file.package(),
+                        service.name(),
+                        method.name()
+                    ));
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Who calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Who {
+    Nobody,
+    Malformed,
+    Revoked,
+    Expired,
+    NoRole,
+    Reader,
+    User,
+    Operator,
+    Admin,
+    Agent,
+    Server,
+    WrongKey,
+}
+
+use Who::*;
+
+const EVERYONE: &[Who] = &[
+    Nobody, Malformed, Revoked, Expired, NoRole, Reader, User, Operator, Admin, Agent, Server,
+    WrongKey,
+];
+
+/// The policy: who may call each method. Written out here on purpose, not read from the
+/// server, so the test checks the table instead of repeating it.
+fn allowed(method: &str) -> Option<&'static [Who]> {
+    const PUBLIC: &[Who] = &[Nobody, NoRole, Reader, User, Operator, Admin, Agent, Server];
+    const READERS: &[Who] = &[Reader, User, Operator, Admin];
+    const READERS_SERVERS: &[Who] = &[Reader, User, Operator, Admin, Server];
+    const USERS: &[Who] = &[User, Operator, Admin];
+    const OPERATORS: &[Who] = &[Operator, Admin];
+    const ADMINS: &[Who] = &[Admin];
+    const ANY_USER: &[Who] = &[NoRole, Reader, User, Operator, Admin];
+    const AGENTS: &[Who] = &[Agent];
+    const SERVERS: &[Who] = &[Server];
+    const BLOB_WRITERS: &[Who] = &[User, Operator, Admin, Agent, Server];
+    const BLOB_READERS: &[Who] = &[Reader, User, Operator, Admin, Agent, Server];
+    let (service, name) = method.strip_prefix('/')?.split_once('/')?;
+    Some(match (service, name) {
+        ("grpc.health.v1.Health", _) => PUBLIC,
+        ("grpc.reflection.v1.ServerReflection" | "grpc.reflection.v1alpha.ServerReflection", _) => {
+            PUBLIC
+        }
+        ("muster.v1.RunService", "SubmitRun" | "CancelRun") => USERS,
+        ("muster.v1.RunService", "GetRun" | "ListRuns" | "WaitRun") => READERS,
+        ("muster.v1.RunService", "StreamLogs") => READERS_SERVERS,
+        ("muster.v1.ComputeService", "CreateCompute" | "DeleteCompute" | "SetNodeState") => {
+            OPERATORS
+        }
+        (
+            "muster.v1.ComputeService",
+            "ListComputes" | "GetCompute" | "ListNodes" | "GetComputeStatus",
+        ) => READERS,
+        ("muster.v1.SweepService", "SubmitSweep" | "CancelSweep") => USERS,
+        ("muster.v1.SweepService", "GetSweep" | "ListSweeps") => READERS,
+        ("muster.v1.PipelineService", "SubmitPipeline" | "CancelPipeline") => USERS,
+        ("muster.v1.PipelineService", "GetPipeline" | "ListPipelines") => READERS,
+        ("muster.v1.MetricsService", _) => READERS_SERVERS,
+        ("muster.v1.BlobService", "MissingBlobs" | "PutBlob") => BLOB_WRITERS,
+        ("muster.v1.BlobService", "GetBlob") => BLOB_READERS,
+        ("muster.v1.AgentService", "Join") => PUBLIC,
+        ("muster.v1.AgentService", _) => AGENTS,
+        ("muster.v1.ClusterService", "Status") => READERS_SERVERS,
+        ("muster.v1.ClusterService", "AddServer" | "RemoveServer" | "TransferLeader") => ADMINS,
+        ("muster.v1.ClusterService", "Raft" | "Forward" | "ReadIndex") => SERVERS,
+        (
+            "muster.v1.AccessService",
+            "WhoAmI" | "CreateToken" | "ListTokens" | "RevokeToken" | "ListWorkspaces"
+            | "ListGrants",
+        ) => ANY_USER,
+        ("muster.v1.AccessService", "GrantRole" | "RevokeRole") => ADMINS,
+        ("muster.v1.AccessService", "CreateWorkspace" | "DeleteWorkspace" | "ListAudit") => ADMINS,
+        _ => return None,
+    })
+}
+
+/// Calls `method` with one empty message as `who`; `Err(code)` when the authorization
+/// layer refused it (the answer carries `muster-denied`), `Ok(())` when a handler answered
+/// (whatever it answered: an empty message is rarely valid, but it got past the door).
+async fn call(url: &str, credentials: &Credentials, method: &str) -> Result<(), Code> {
+    let (_, channel) = Servers::new([url])
+        .with_credentials(credentials.clone())
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let path = method.parse().expect("a path");
+    let request = tonic::Request::new(tokio_stream::iter([Bytes::new()]));
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        grpc.streaming(request, path, RawCodec),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{method} answered within 10 s"));
+    match answer {
+        Ok(_) => Ok(()),
+        Err(status) if status.metadata().contains_key("muster-denied") => Err(status.code()),
+        Err(status) => {
+            assert!(
+                !matches!(status.code(), Code::Unauthenticated),
+                "{method}: a handler answered UNAUTHENTICATED: {status:?}"
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn identities(cluster: &TestCluster) -> BTreeMap<Who, Credentials> {
+    let url = cluster.urls();
+    let mut admin = access::clients(&url).await.unwrap();
+    let mut ids = BTreeMap::new();
+    ids.insert(Nobody, Credentials::none());
+    ids.insert(Malformed, Credentials::bearer("mst_not-a-token").unwrap());
+    ids.insert(Admin, access::admin(&url));
+    for (who, name, role) in [
+        (Reader, "rita", Some("reader")),
+        (User, "ursula", Some("user")),
+        (Operator, "otto", Some("operator")),
+        (NoRole, "nora", None),
+    ] {
+        let token = match role {
+            Some(role) => access::user_token(&url, name, role, Some("default"))
+                .await
+                .unwrap(),
+            None => {
+                admin
+                    .access
+                    .create_token(v1::CreateTokenRequest {
+                        user: name.into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .token
+            }
+        };
+        ids.insert(who, Credentials::bearer(&token).unwrap());
+    }
+    // A revoked token, and one that has expired.
+    let revoked = admin
+        .access
+        .create_token(v1::CreateTokenRequest {
+            name: "to revoke".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    admin
+        .access
+        .revoke_token(v1::RevokeTokenRequest {
+            id: revoked.info.unwrap().id,
+        })
+        .await
+        .unwrap();
+    ids.insert(Revoked, Credentials::bearer(&revoked.token).unwrap());
+    let expiring = admin
+        .access
+        .create_token(v1::CreateTokenRequest {
+            name: "short-lived".into(),
+            expires_in_s: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    ids.insert(Expired, Credentials::bearer(&expiring.token).unwrap());
+    // An agent: a join token traded for a credential, as a real agent does.
+    admin
+        .compute
+        .create_compute(v1::CreateComputeRequest {
+            compute: Some(v1::ComputeTarget {
+                name: "matrix-pool".into(),
+                r#type: "attached".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let join = access::join_token(&url, "matrix-pool").await.unwrap();
+    let (_, anonymous) = Servers::new([cluster.url(1)]).connect().await.unwrap();
+    let credential = v1::agent_service_client::AgentServiceClient::new(anonymous)
+        .join(v1::JoinRequest {
+            join_token: join.clone(),
+            node_name: "matrix-node".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .credential;
+    ids.insert(Agent, Credentials::bearer(&credential).unwrap());
+    ids.insert(Server, Credentials::server(2, cluster.key()).unwrap());
+    ids.insert(
+        WrongKey,
+        Credentials::server(2, "not-the-cluster-key-but-long-enough-to-look-like-one").unwrap(),
+    );
+    // Let the short-lived token expire.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_method_admits_exactly_the_callers_its_rule_names() {
+    let cluster = TestCluster::start(1).await.unwrap();
+    let ids = identities(&cluster).await;
+    let url = cluster.url(1);
+    let methods = every_method();
+    assert!(
+        methods.len() > 40,
+        "the descriptor sets list the services: {methods:?}"
+    );
+    let mut wrong = Vec::new();
+    for method in &methods {
+        let Some(expected) = allowed(method) else {
+            wrong.push(format!(
+                "{method}: no expectation in this test; add its rule to grpc/auth.rs and here"
+            ));
+            continue;
+        };
+        for who in EVERYONE {
+            let got = call(&url, &ids[who], method).await;
+            let should = expected.contains(who);
+            match (&got, should) {
+                (Ok(()), true) => {}
+                (Err(code), false) => {
+                    // Nobody and bad credentials are unauthenticated; known callers without
+                    // the right are denied.
+                    let want = match who {
+                        Nobody | Malformed | Revoked | Expired | WrongKey => Code::Unauthenticated,
+                        _ => Code::PermissionDenied,
+                    };
+                    if *code != want {
+                        wrong.push(format!(
+                            "{method} as {who:?}: refused with {code:?}, expected {want:?}"
+                        ));
+                    }
+                }
+                (Ok(()), false) => {
+                    wrong.push(format!("{method} as {who:?}: let in, must be refused"))
+                }
+                (Err(code), true) => wrong.push(format!(
+                    "{method} as {who:?}: refused with {code:?}, must be let in"
+                )),
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} wrong answers:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_workspace_is_invisible_and_refusals_are_audited() {
+    let cluster = TestCluster::start(1).await.unwrap();
+    let url = cluster.urls();
+    let mut admin = access::clients(&url).await.unwrap();
+    for name in ["vision", "nlp"] {
+        admin
+            .access
+            .create_workspace(v1::CreateWorkspaceRequest { name: name.into() })
+            .await
+            .unwrap();
+        admin
+            .compute
+            .create_compute(v1::CreateComputeRequest {
+                compute: Some(v1::ComputeTarget {
+                    name: format!("{name}-pool"),
+                    r#type: "attached".into(),
+                    workspace: name.into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap();
+    }
+    let vera = access::user_token(&url, "vera", "user", Some("vision"))
+        .await
+        .unwrap();
+    let nils = access::user_token(&url, "nils", "user", Some("nlp"))
+        .await
+        .unwrap();
+    let mut vera = muster_client::connect(&url, Credentials::bearer(&vera).unwrap())
+        .await
+        .unwrap();
+    let mut nils = muster_client::connect(&url, Credentials::bearer(&nils).unwrap())
+        .await
+        .unwrap();
+    let spec = |compute: &str, workspace: &str| v1::RunSpec {
+        command: "true".into(),
+        compute: compute.into(),
+        experiment: "e".into(),
+        instance_count: 1,
+        max_attempts: 1,
+        workspace: workspace.into(),
+        ..Default::default()
+    };
+    let run = vera
+        .runs
+        .submit_run(v1::SubmitRunRequest {
+            spec: Some(spec("vision-pool", "vision")),
+            idempotency_key: Some("k1".into()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Nils sees nothing of it: not by id, not in lists, not its compute target; he cannot
+    // cancel it, nor submit into vision, nor use vision's compute from nlp.
+    let get = nils
+        .runs
+        .get_run(v1::GetRunRequest {
+            id: run.id.clone(),
+            stale: false,
+        })
+        .await;
+    assert_eq!(get.unwrap_err().code(), Code::NotFound);
+    let cancel = nils
+        .runs
+        .cancel_run(v1::CancelRunRequest {
+            id: run.id.clone(),
+            reason: None,
+        })
+        .await;
+    assert_eq!(cancel.unwrap_err().code(), Code::NotFound);
+    let listed = nils
+        .runs
+        .list_runs(v1::ListRunsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    assert!(listed.iter().all(|r| r.id != run.id), "{listed:?}");
+    let computes = nils
+        .compute
+        .list_computes(v1::ListComputesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .computes;
+    assert_eq!(
+        computes.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        vec!["nlp-pool"]
+    );
+    let into_vision = nils
+        .runs
+        .submit_run(v1::SubmitRunRequest {
+            spec: Some(spec("vision-pool", "vision")),
+            idempotency_key: None,
+        })
+        .await;
+    assert_eq!(into_vision.unwrap_err().code(), Code::NotFound);
+    let cross = nils
+        .runs
+        .submit_run(v1::SubmitRunRequest {
+            spec: Some(spec("vision-pool", "nlp")),
+            idempotency_key: None,
+        })
+        .await;
+    assert_eq!(
+        cross.unwrap_err().code(),
+        Code::NotFound,
+        "vision's compute is unknown in nlp"
+    );
+    // The same idempotency key in another workspace is another run.
+    let own = nils
+        .runs
+        .submit_run(v1::SubmitRunRequest {
+            spec: Some(spec("nlp-pool", "nlp")),
+            idempotency_key: Some("k1".into()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(own.id, run.id);
+    // Vera still has hers, and the cluster admin sees both.
+    assert_eq!(
+        vera.runs
+            .get_run(v1::GetRunRequest {
+                id: run.id.clone(),
+                stale: false
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .id,
+        run.id
+    );
+    let all = admin
+        .runs
+        .list_runs(v1::ListRunsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    assert_eq!(all.len(), 2);
+    // A reader of nlp may not submit there.
+    let reader = access::user_token(&url, "rolf", "reader", Some("nlp"))
+        .await
+        .unwrap();
+    let mut reader = muster_client::connect(&url, Credentials::bearer(&reader).unwrap())
+        .await
+        .unwrap();
+    let submit = reader
+        .runs
+        .submit_run(v1::SubmitRunRequest {
+            spec: Some(spec("nlp-pool", "nlp")),
+            idempotency_key: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(submit.code(), Code::PermissionDenied, "{submit:?}");
+    assert!(submit.message().contains("needs user"), "{submit:?}");
+    // Refusals are in the replicated audit log within a few seconds, without any secret.
+    let mut audited = false;
+    for _ in 0..50 {
+        let log = admin
+            .access
+            .list_audit(v1::ListAuditRequest { limit: 1000 })
+            .await
+            .unwrap()
+            .into_inner();
+        if log
+            .events
+            .iter()
+            .any(|e| e.action == "denied" && e.detail.contains("user:rolf"))
+        {
+            assert!(
+                log.events.iter().all(|e| !e.detail.contains("mst_")),
+                "{log:?}"
+            );
+            assert!(
+                log.events
+                    .iter()
+                    .any(|e| e.action == "role.grant" && e.detail.contains("vera"))
+            );
+            audited = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(audited, "the refusal was recorded");
+}
