@@ -532,3 +532,81 @@ async fn another_workspace_is_invisible_and_refusals_are_audited() {
     }
     assert!(audited, "the refusal was recorded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_may_have_only_so_many_uploads_open_at_once() {
+    let dev = muster_testkit::DevCluster::start_with(|c| c.server.max_uploads_per_caller = 2)
+        .await
+        .unwrap();
+    let url = dev.url();
+    let sha = muster_client::hash_bytes(b"hello");
+    // Two uploads that send their first chunk and then hold the stream open.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(v1::BlobChunk {
+            sha256: sha.clone(),
+            data: b"hel".to_vec(),
+        })
+        .await
+        .unwrap();
+        let mut blobs =
+            v1::blob_service_client::BlobServiceClient::new(access::channel(&url).await.unwrap());
+        let call = tokio::spawn(async move {
+            blobs
+                .put_blob(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        held.push((tx, call));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut blobs =
+        v1::blob_service_client::BlobServiceClient::new(access::channel(&url).await.unwrap());
+    let third = blobs
+        .put_blob(tokio_stream::iter([v1::BlobChunk {
+            sha256: sha.clone(),
+            data: b"hello".to_vec(),
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(third.code(), Code::ResourceExhausted, "{third:?}");
+    assert!(
+        third.message().contains("already has 2 uploads open"),
+        "{third:?}"
+    );
+    // Another caller (the local agent's credential would do; here a second user) is not
+    // affected, and once one upload ends the admin may start another.
+    let other = access::user_token(&url, "olga", "user", Some("default"))
+        .await
+        .unwrap();
+    let (_, channel) = Servers::new([url.as_str()])
+        .with_credentials(Credentials::bearer(&other).unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let stored = v1::blob_service_client::BlobServiceClient::new(channel)
+        .put_blob(tokio_stream::iter([v1::BlobChunk {
+            sha256: sha.clone(),
+            data: b"hello".to_vec(),
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stored.size, 5);
+    let (tx, call) = held.pop().unwrap();
+    tx.send(v1::BlobChunk {
+        sha256: String::new(),
+        data: b"lo".to_vec(),
+    })
+    .await
+    .unwrap();
+    drop(tx);
+    assert_eq!(call.await.unwrap().unwrap().into_inner().size, 5);
+    let again = blobs
+        .put_blob(tokio_stream::iter([v1::BlobChunk {
+            sha256: sha,
+            data: b"hello".to_vec(),
+        }]))
+        .await;
+    assert!(again.is_ok(), "{again:?}");
+}

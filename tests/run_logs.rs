@@ -290,20 +290,34 @@ fn ghost_update(run_id: &str, state: v1::AttemptState, log_bytes: u64) -> v1::Ag
 async fn register_ghost(
     url: &str,
 ) -> v1::agent_service_client::AgentServiceClient<muster_client::Channel> {
-    // A hand-made agent joins like a real one: a join token, traded for its credential.
-    let join = muster_testkit::access::join_token(url, "ghost-pool")
-        .await
-        .unwrap();
-    let (_, anonymous) = muster_client::Servers::new([url]).connect().await.unwrap();
-    let credential = v1::agent_service_client::AgentServiceClient::new(anonymous)
-        .join(v1::JoinRequest {
-            join_token: join,
-            node_name: "ghost".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .credential;
+    // A hand-made agent joins like a real one: a join token, traded for its credential,
+    // which it keeps (as an agent keeps it in its data directory) for when it returns.
+    static CREDENTIALS: std::sync::Mutex<BTreeMap<String, String>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    let kept = CREDENTIALS.lock().unwrap().get(url).cloned();
+    let credential = match kept {
+        Some(c) => c,
+        None => {
+            let join = muster_testkit::access::join_token(url, "ghost-pool")
+                .await
+                .unwrap();
+            let (_, anonymous) = muster_client::Servers::new([url]).connect().await.unwrap();
+            let credential = v1::agent_service_client::AgentServiceClient::new(anonymous)
+                .join(v1::JoinRequest {
+                    join_token: join,
+                    node_name: "ghost".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .credential;
+            CREDENTIALS
+                .lock()
+                .unwrap()
+                .insert(url.to_string(), credential.clone());
+            credential
+        }
+    };
     let (_, channel) = muster_client::Servers::new([url])
         .with_credentials(muster_client::Credentials::bearer(&credential).unwrap())
         .connect()

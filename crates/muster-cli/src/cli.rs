@@ -316,6 +316,12 @@ pub struct ServerArgs {
     /// this only on a trusted network or behind a TLS-terminating proxy.
     #[arg(long)]
     pub insecure_no_tls: bool,
+    /// Uploads (snapshots, outputs) one token may have open at once; one more is refused.
+    #[arg(long, default_value_t = 16)]
+    pub max_uploads_per_caller: u32,
+    /// MiB per second one token's uploads may add up to (faster ones are paced; 0: no limit).
+    #[arg(long, default_value_t = 512)]
+    pub upload_mib_per_sec: u64,
     /// A host name the web UI is reached at (`NAME`, any port, or `NAME:PORT`), beside
     /// localhost, 127.0.0.1, [::1] and the host of `--advertise`; repeat for more. A
     /// request for any other host name gets 421 (a guard against DNS rebinding).

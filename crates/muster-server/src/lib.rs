@@ -68,6 +68,12 @@ pub struct ServerConfig {
     pub stop_grace: Duration,
     /// The largest blob accepted (a code snapshot or an outputs archive).
     pub max_blob_bytes: u64,
+    /// Uploads one token (a user's or an agent's) may have open at once; one more is
+    /// refused (RESOURCE_EXHAUSTED). Servers copying blobs to peers are not limited.
+    pub max_uploads_per_caller: u32,
+    /// Bytes per second one token's uploads may add up to, past a burst of
+    /// `max_blob_bytes`; faster uploads are paced, not failed (0: no limit).
+    pub upload_bytes_per_sec: u64,
     /// Create the `local` compute target on first start (`muster dev`).
     pub create_local_compute: bool,
     /// Where the servers of a multi-server cluster are, id → `host:port`, this server
@@ -116,6 +122,8 @@ impl ServerConfig {
             scheduler_min_interval: Duration::from_millis(5),
             stop_grace: Duration::from_secs(10),
             max_blob_bytes: 4 << 30,
+            max_uploads_per_caller: 16,
+            upload_bytes_per_sec: 512 << 20,
             create_local_compute: false,
             peers: Default::default(),
             advertise: None,
@@ -166,6 +174,10 @@ impl ServerConfig {
                 "--cluster-key-file: the key must be at least 32 printable characters without spaces (make one with `muster cluster key`)"
             );
         }
+        anyhow::ensure!(
+            self.max_uploads_per_caller >= 1,
+            "--max-uploads-per-caller must be at least 1"
+        );
         anyhow::ensure!(
             self.node_grace > self.heartbeat_interval * 2,
             "node grace ({:?}) must exceed two heartbeat intervals ({:?})",

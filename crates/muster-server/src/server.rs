@@ -32,6 +32,8 @@ pub(crate) struct Server {
     pub waiting: WaitReasons,
     /// Refused requests not yet in the audit log.
     pub denials: crate::grpc::auth::Denials,
+    /// Every caller's open uploads and upload rate.
+    pub uploads: Arc<crate::grpc::limits::Uploads>,
     _lock: File,
 }
 
@@ -92,6 +94,11 @@ impl Server {
             heartbeats: Heartbeats::default(),
             waiting: WaitReasons::default(),
             denials: Default::default(),
+            uploads: crate::grpc::limits::Uploads::new(crate::grpc::limits::UploadLimits {
+                concurrent: config.max_uploads_per_caller,
+                bytes_per_sec: config.upload_bytes_per_sec,
+                burst_bytes: config.max_blob_bytes.max(config.upload_bytes_per_sec),
+            }),
             _lock: lock,
         }))
     }

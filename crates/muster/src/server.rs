@@ -21,6 +21,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     config.web_hosts = args.web_hosts.clone();
     config.raft.id = args.id;
     config.admin_token_file = args.admin_token_file.clone();
+    config.max_uploads_per_caller = args.max_uploads_per_caller;
+    config.upload_bytes_per_sec = args.upload_mib_per_sec << 20;
     if let Some(path) = &args.cluster_key_file {
         let key = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("--cluster-key-file {}: {e}", path.display()))?;

@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::grpc::auth::Caller;
 use crate::server::Server;
 use crate::store::BlobError;
 
@@ -38,6 +39,12 @@ impl BlobService for Blobs {
         &self,
         req: Request<Streaming<v1::BlobChunk>>,
     ) -> Result<Response<v1::PutBlobResponse>, Status> {
+        let caller = Caller::of(&req);
+        // Servers copying to a peer are not limited; users and agents are, per token.
+        let slot = match &caller {
+            Caller::Server { .. } => None,
+            other => Some(self.0.uploads.open(&other.label())?),
+        };
         let mut stream = req.into_inner();
         let first = stream.next().await.ok_or_else(|| {
             Status::invalid_argument("empty upload: the first chunk must name the blob's sha256")
@@ -59,6 +66,12 @@ impl BlobService for Blobs {
             while let Some(chunk) = stream.next().await {
                 match chunk {
                     Ok(c) => {
+                        if let Some(slot) = &slot {
+                            let wait = self.0.uploads.pace(slot, c.data.len() as u64);
+                            if !wait.is_zero() {
+                                tokio::time::sleep(wait).await;
+                            }
+                        }
                         if tx.send(c.data).await.is_err() {
                             break;
                         }

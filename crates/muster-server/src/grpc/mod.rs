@@ -18,6 +18,7 @@ pub(crate) mod auth;
 mod blobs;
 mod cluster;
 mod compute;
+pub(crate) mod limits;
 mod metrics;
 mod pipelines;
 pub(crate) mod replicas;
