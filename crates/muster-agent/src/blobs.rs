@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use muster_client::{Channel, Credentials};
 use muster_proto::v1::blob_service_client::BlobServiceClient;
-use tonic::transport::Endpoint;
 
 /// The largest blob message accepted (chunks are 1 MiB).
 const MAX_MESSAGE: usize = 8 << 20;
@@ -56,8 +55,9 @@ impl Blobs {
         credentials: Credentials,
     ) -> Result<Blobs, crate::ConfigError> {
         let first = servers.first().ok_or(crate::ConfigError::NoServers)?;
-        let endpoint =
-            Endpoint::from_shared(first.clone()).map_err(|e| crate::ConfigError::ServerUrl {
+        let endpoint = credentials
+            .endpoint(first)
+            .map_err(|e| crate::ConfigError::ServerUrl {
                 url: first.clone(),
                 cause: e.to_string(),
             })?;
@@ -99,7 +99,7 @@ impl Blobs {
 
 /// A client of the server at `url`, if it answers.
 async fn connect(url: &str, credentials: &Credentials) -> Option<BlobServiceClient<Channel>> {
-    let endpoint = Endpoint::from_shared(url.to_string()).ok()?;
+    let endpoint = credentials.endpoint(url).ok()?;
     let channel = endpoint
         .connect_timeout(CONNECT_LIMIT)
         .connect()

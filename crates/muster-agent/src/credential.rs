@@ -6,6 +6,10 @@
 //! using it, and from then on presents it as `authorization: Bearer mst_…`. A restarted
 //! agent reads the file and needs no join token. A refused join (used, expired, unknown
 //! token) stops the agent with the server's message, which says what to do.
+//!
+//! Over TLS (`--ca-file`) the same credential goes inside the TLS connection; with a
+//! certificate of the cluster CA (`--tls-dir`, `muster tls agent`) the certificate names
+//! the node and no token is needed.
 
 use std::path::Path;
 use std::time::Duration;
@@ -13,7 +17,6 @@ use std::time::Duration;
 use muster_client::Credentials;
 use muster_proto::v1::{self, agent_service_client::AgentServiceClient};
 use tonic::Code;
-use tonic::transport::Endpoint;
 
 use crate::{AgentConfig, AgentError};
 
@@ -25,9 +28,18 @@ const JOIN_PATIENCE: Duration = Duration::from_secs(300);
 
 /// The node's credential: read from the data directory, or obtained with the join token.
 pub(crate) async fn obtain(config: &AgentConfig) -> Result<Credentials, AgentError> {
+    // A certificate of the cluster CA names the node itself: nothing else to present.
+    if let Some(tls) = config.tls.as_ref().filter(|t| t.has_identity()) {
+        return Ok(Credentials::none().with_tls(tls.clone()));
+    }
     let path = config.data_dir.join(CREDENTIAL_FILE);
+    let with_tls = |c: Credentials| match &config.tls {
+        Some(tls) => c.with_tls(tls.clone()),
+        None => c,
+    };
     let bearer = |token: &str| {
         Credentials::bearer(token)
+            .map(with_tls)
             .map_err(|e| AgentError::Refused(format!("{}: {e}", path.display())))
     };
     match std::fs::read_to_string(&path) {
@@ -64,8 +76,12 @@ async fn join_cluster(config: &AgentConfig, join: &str) -> Result<String, AgentE
     let mut delay = Duration::from_millis(100);
     loop {
         let mut last = String::new();
+        let anonymous = match &config.tls {
+            Some(tls) => Credentials::none().with_tls(tls.clone()),
+            None => Credentials::none(),
+        };
         for url in &config.servers {
-            let Ok(endpoint) = Endpoint::from_shared(url.clone()) else {
+            let Ok(endpoint) = anonymous.endpoint(url) else {
                 continue;
             };
             let channel = match endpoint

@@ -98,6 +98,10 @@ pub struct AgentConfig {
     /// first start for the node's credential, which is kept in `<data_dir>/credential`
     /// (0600) and used from then on; not needed once that file exists.
     pub join_token: Option<String>,
+    /// Talk TLS: trust this CA, and, when it carries the agent's own certificate
+    /// (`muster tls agent`), present it: the certificate then says which node this is and
+    /// no join token or credential is needed.
+    pub tls: Option<muster_client::ClientTls>,
 }
 
 /// A setting of [`AgentConfig`] that cannot work; each names the flag to fix.
@@ -239,6 +243,7 @@ impl AgentConfig {
             peer_wait: std::time::Duration::from_secs(300),
             executor: None,
             join_token: None,
+            tls: None,
         }
     }
 }

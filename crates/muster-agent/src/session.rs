@@ -25,7 +25,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
-use tonic::transport::Endpoint;
 
 use crate::attempt::{AttemptTask, Event, Executors, Key};
 use crate::blobs::Blobs;
@@ -375,7 +374,7 @@ impl Agent {
         let candidates: Vec<String> = hinted.chain(self.config.servers.iter().cloned()).collect();
         for url in &candidates {
             // The configured URLs are validated; a leader hint that is not one is skipped.
-            let endpoint = match Endpoint::from_shared(url.clone()) {
+            let endpoint = match self.credentials.endpoint(url) {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::warn!(url = %url, cause = %e, "not a server address; skipped");

@@ -22,6 +22,10 @@ pub struct Cli {
     /// you may read).
     #[arg(long, global = true, env = "MUSTER_WORKSPACE")]
     pub workspace: Option<String>,
+    /// The cluster CA's certificate (`ca.pem` of `muster tls init`): talk TLS to the
+    /// servers and trust only certificates it signed.
+    #[arg(long, global = true, env = "MUSTER_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// How results are printed.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
@@ -97,11 +101,50 @@ pub enum ClientCommand {
     /// Roles: reader < user < operator < admin, per workspace or cluster-wide.
     #[command(subcommand)]
     Role(RoleCommand),
+    /// The cluster's TLS certificates: a CA, each server's and each agent's certificate.
+    #[command(subcommand)]
+    Tls(TlsCommand),
     /// The audit log: tokens, joins, grants, revocations and refused requests.
     Audit {
         /// The newest N events.
         #[arg(long, default_value_t = 100)]
         limit: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TlsCommand {
+    /// Make a cluster CA and a certificate for each server (`DIR/server-ID/`).
+    Init {
+        /// Where to write them (the CA key too: keep it safe).
+        #[arg(long)]
+        dir: PathBuf,
+        /// A server: `ID=HOST[,HOST...]`, the names and addresses it is reached at
+        /// (localhost and 127.0.0.1 are added); repeat for each server.
+        #[arg(long = "server", required = true)]
+        servers: Vec<String>,
+    },
+    /// Re-issue a server's certificate from the CA in DIR; the running server uses it for
+    /// new connections within a second.
+    Rotate {
+        /// The directory of `tls init`.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The server: `ID=HOST[,HOST...]`.
+        #[arg(long)]
+        server: String,
+    },
+    /// Make an agent's certificate (`DIR/agent-NODE/`) for `muster agent --tls-dir`.
+    Agent {
+        /// The directory of `tls init`.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The compute target the node joins.
+        #[arg(long)]
+        compute: String,
+        /// The node's name.
+        #[arg(long)]
+        name: String,
     },
 }
 
@@ -316,6 +359,11 @@ pub struct ServerArgs {
     /// this only on a trusted network or behind a TLS-terminating proxy.
     #[arg(long)]
     pub insecure_no_tls: bool,
+    /// Speak TLS 1.3 with the files `muster tls init` wrote for this server
+    /// (`DIR/{ca,cert,key}.pem`): clients must trust the CA; servers and agents are known
+    /// by their certificates.
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
     /// Uploads (snapshots, outputs) one token may have open at once; one more is refused.
     #[arg(long, default_value_t = 16)]
     pub max_uploads_per_caller: u32,
@@ -338,6 +386,11 @@ pub struct AgentArgs {
     /// first start only: the agent trades it for its credential, kept in its data dir.
     #[arg(long, env = "MUSTER_JOIN_TOKEN")]
     pub join: Option<String>,
+    /// Talk TLS with the files of `muster tls agent` (`DIR/{ca,cert,key}.pem`): the
+    /// certificate says which node this is (no join token needed). With only the global
+    /// --ca-file the agent talks TLS and joins with a token.
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
     /// The node's unique name (default: the hostname).
     #[arg(long)]
     pub name: Option<String>,

@@ -18,6 +18,7 @@ pub mod commands;
 pub mod credentials;
 pub mod output;
 pub mod snapshot;
+pub mod tls;
 
 use std::sync::OnceLock;
 
@@ -27,6 +28,33 @@ use muster_client::{ClientError, Clients};
 /// The workspace of this invocation (`--workspace` / `MUSTER_WORKSPACE`), set once by
 /// [`execute`]; `None`: the default workspace for new objects, every readable one in lists.
 static WORKSPACE: OnceLock<Option<String>> = OnceLock::new();
+
+/// The CA file of this invocation (`--ca-file` / `MUSTER_CA_FILE`), set once by [`execute`].
+static CA_FILE: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
+
+/// Sets the CA a client trusts (`--ca-file`); the first call wins.
+pub fn set_ca_file(ca: Option<std::path::PathBuf>) {
+    let _ = CA_FILE.set(ca);
+}
+
+/// The credentials calls to `servers` present: the stored token, and TLS when
+/// `--ca-file` is given.
+pub fn client_credentials(servers: &str) -> anyhow::Result<muster_client::Credentials> {
+    with_ca(credentials::credentials_for(servers)?)
+}
+
+/// `credentials` over TLS when `--ca-file` is given.
+pub fn with_ca(
+    credentials: muster_client::Credentials,
+) -> anyhow::Result<muster_client::Credentials> {
+    Ok(match CA_FILE.get().and_then(|c| c.as_deref()) {
+        Some(ca) => credentials.with_tls(
+            muster_client::ClientTls::from_ca_file(ca)
+                .map_err(|e| anyhow::anyhow!("--ca-file: {e}"))?,
+        ),
+        None => credentials,
+    })
+}
 
 /// The workspace `--workspace` named, if any.
 pub fn workspace() -> Option<&'static str> {
@@ -50,6 +78,7 @@ pub async fn execute(
     cmd: ClientCommand,
 ) -> anyhow::Result<i32> {
     let _ = WORKSPACE.set(workspace.filter(|w| !w.trim().is_empty()));
+    // (`--ca-file` is set by the binary before this is called.)
     match cmd {
         ClientCommand::Compute(cmd) => commands::compute::run(server, output, cmd).await.map(|_| 0),
         ClientCommand::Node(cmd) => commands::node::run(server, output, cmd).await.map(|_| 0),
@@ -67,6 +96,7 @@ pub async fn execute(
             .await
             .map(|_| 0),
         ClientCommand::Role(cmd) => commands::access::role(server, output, cmd).await.map(|_| 0),
+        ClientCommand::Tls(cmd) => commands::access::tls(cmd).map(|_| 0),
         ClientCommand::Audit { limit } => commands::access::audit(server, output, limit)
             .await
             .map(|_| 0),

@@ -5,12 +5,19 @@
 //! - A server calling a peer without TLS presents the cluster key in [`CLUSTER_KEY_HEADER`]
 //!   and its id in [`SERVER_ID_HEADER`] (with TLS, its certificate says who it is).
 //!
+//! - Over TLS ([`ClientTls`]): the cluster's CA certificate the server's certificate must
+//!   chain to, and, for a server or an agent, its own certificate and key (mutual TLS:
+//!   the certificate says who it is).
+//!
 //! [`Channel`] is tonic's channel with these attached by an interceptor, so every generated
-//! client built on it carries them and no call site can forget. `Debug` never prints a
-//! secret.
+//! client built on it carries them and no call site can forget; [`Credentials::endpoint`]
+//! makes every endpoint, so TLS is never forgotten either. `Debug` never prints a secret.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
@@ -30,6 +37,78 @@ pub type Channel = InterceptedService<tonic::transport::Channel, Credentials>;
 pub struct Credentials {
     bearer: Option<Arc<MetadataValue<Ascii>>>,
     server: Option<(Arc<MetadataValue<Ascii>>, MetadataValue<Ascii>)>,
+    tls: Option<Arc<ClientTls>>,
+}
+
+/// TLS for a client: the CA a server's certificate must chain to, and optionally this
+/// client's own certificate (a server's or an agent's, for mutual TLS).
+#[derive(Clone)]
+pub struct ClientTls {
+    ca: Certificate,
+    identity: Option<Identity>,
+}
+
+impl fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("identity", &self.identity.is_some())
+            .finish()
+    }
+}
+
+/// A TLS file that cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {}: {source}", path.display())]
+pub struct TlsFileError {
+    /// The file.
+    pub path: PathBuf,
+    /// Why.
+    pub source: std::io::Error,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsFileError> {
+    std::fs::read(path).map_err(|source| TlsFileError {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+impl ClientTls {
+    /// Trusts the CA certificate in `ca_pem` (PEM).
+    pub fn new(ca_pem: impl AsRef<[u8]>) -> ClientTls {
+        ClientTls {
+            ca: Certificate::from_pem(ca_pem),
+            identity: None,
+        }
+    }
+
+    /// Trusts the CA certificate in the PEM file `ca`.
+    pub fn from_ca_file(ca: &Path) -> Result<ClientTls, TlsFileError> {
+        Ok(ClientTls::new(read(ca)?))
+    }
+
+    /// Presents the certificate and key in these PEM files (mutual TLS).
+    pub fn with_identity_files(
+        mut self,
+        cert: &Path,
+        key: &Path,
+    ) -> Result<ClientTls, TlsFileError> {
+        self.identity = Some(Identity::from_pem(read(cert)?, read(key)?));
+        Ok(self)
+    }
+
+    /// Whether this presents a certificate of its own.
+    pub fn has_identity(&self) -> bool {
+        self.identity.is_some()
+    }
+
+    fn config(&self) -> ClientTlsConfig {
+        let config = ClientTlsConfig::new().ca_certificate(self.ca.clone());
+        match &self.identity {
+            Some(identity) => config.identity(identity.clone()),
+            None => config,
+        }
+    }
 }
 
 impl fmt::Debug for Credentials {
@@ -37,6 +116,7 @@ impl fmt::Debug for Credentials {
         f.debug_struct("Credentials")
             .field("bearer", &self.bearer.as_ref().map(|_| "<redacted>"))
             .field("server", &self.server.as_ref().map(|(_, id)| id.clone()))
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -61,6 +141,7 @@ impl Credentials {
         Ok(Credentials {
             bearer: Some(Arc::new(value)),
             server: None,
+            tls: None,
         })
     }
 
@@ -71,12 +152,40 @@ impl Credentials {
         Ok(Credentials {
             bearer: None,
             server: Some((Arc::new(key), id)),
+            tls: None,
         })
     }
 
     /// Whether any credential is set.
     pub fn is_empty(&self) -> bool {
         self.bearer.is_none() && self.server.is_none()
+    }
+
+    /// Speaks TLS with `tls` (every endpoint these credentials make is `https://`).
+    pub fn with_tls(mut self, tls: ClientTls) -> Credentials {
+        self.tls = Some(Arc::new(tls));
+        self
+    }
+
+    /// Whether calls go over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// The endpoint of `url` (`host:port` or a URL): `https://` with this TLS when set,
+    /// else `http://`.
+    pub fn endpoint(&self, url: &str) -> Result<Endpoint, tonic::transport::Error> {
+        let url = crate::normalize_url(url);
+        match &self.tls {
+            Some(tls) => {
+                let url = match url.strip_prefix("http://") {
+                    Some(rest) => format!("https://{rest}"),
+                    None => url,
+                };
+                Endpoint::from_shared(url)?.tls_config(tls.config())
+            }
+            None => Endpoint::from_shared(url),
+        }
     }
 
     /// `channel` with these credentials on every request.

@@ -118,8 +118,10 @@ impl Servers {
 
     /// The endpoint for one URL, with this list's timeouts.
     pub fn endpoint(&self, url: &str) -> Result<Endpoint, tonic::transport::Error> {
-        let mut endpoint =
-            Endpoint::from_shared(url.to_string())?.connect_timeout(self.connect_timeout);
+        let mut endpoint = self
+            .credentials
+            .endpoint(url)?
+            .connect_timeout(self.connect_timeout);
         if let Some((interval, timeout)) = self.keep_alive {
             endpoint = endpoint
                 .http2_keep_alive_interval(interval)

@@ -36,6 +36,7 @@ mod listener;
 mod metrics;
 mod server;
 pub mod store;
+mod tls;
 mod views;
 mod web;
 
@@ -50,6 +51,7 @@ use std::time::Duration;
 
 pub use muster_raft::RaftConfig;
 pub use store::{BlobError, BlobStore};
+pub use tls::TlsFiles;
 
 /// How a server runs. Build it over [`ServerConfig::new`] and check it with [`ServerConfig::validate`].
 #[derive(Debug, Clone)]
@@ -101,6 +103,10 @@ pub struct ServerConfig {
     pub web_hosts: Vec<String>,
     /// Test hook: drops messages between servers (testkit `cut`/`isolate`).
     pub network: Option<std::sync::Arc<dyn cluster::NetworkFilter>>,
+    /// Serve TLS 1.3 with these files (`--tls-dir`, made by `muster tls init`): clients
+    /// must trust the CA, and servers and agents present certificates the CA signed, which
+    /// say who they are. Peers are called over TLS with this certificate.
+    pub tls: Option<TlsFiles>,
     /// The secret servers of one cluster present to each other without TLS
     /// (`--cluster-key-file`): required with peers, since Raft and replication accept
     /// only servers. Never logged.
@@ -132,6 +138,7 @@ impl ServerConfig {
             web_hosts: Vec::new(),
             network: None,
             cluster_key: None,
+            tls: None,
             admin_token_file: None,
         }
     }
@@ -165,8 +172,8 @@ impl ServerConfig {
             web::front::validate_web_host(name).map_err(anyhow::Error::msg)?;
         }
         anyhow::ensure!(
-            self.raft.initial_voters.len() == 1 || self.cluster_key.is_some(),
-            "a cluster of several servers needs a cluster key: give every server the same --cluster-key-file (make one with `muster cluster key > cluster.key`)"
+            self.raft.initial_voters.len() == 1 || self.cluster_key.is_some() || self.tls.is_some(),
+            "a cluster of several servers needs its servers to know each other: give each one its --tls-dir (`muster tls init`), or, without TLS, the same --cluster-key-file (`muster cluster key > cluster.key`)"
         );
         if let Some(key) = &self.cluster_key {
             anyhow::ensure!(
@@ -241,7 +248,11 @@ async fn serve(
         hosts,
     );
     let stop = server.coordinator.clone();
-    listener::serve(listener, app, async move {
+    let tls = match &server.config.tls {
+        Some(files) => Some(tls::acceptor(files)?),
+        None => None,
+    };
+    listener::serve(listener, app, tls, async move {
         shutdown.await;
         // End long-lived streams (agent sessions, log follows) so shutdown completes.
         stop.begin_shutdown();

@@ -12,8 +12,10 @@
 //! The steps stay apart so a TLS handshake slots in between them: [`serve`] accepts,
 //! `serve_connection` serves one connection's byte stream with the service.
 //!
-//! May import: nothing of this crate (a leaf, like `metrics`); `grpc/` and `web/` read
-//! [`ConnectionInfo`] from it.
+//! With TLS (`tls.rs`), each connection's handshake runs in its own task before it is
+//! served, and the peer's certificate identity goes into its [`ConnectionInfo`].
+//!
+//! May import: `tls` (a leaf); `grpc/` and `web/` read [`ConnectionInfo`] from it.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -64,6 +66,9 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_secs(1);
 pub(crate) struct ConnectionInfo {
     /// The peer's address.
     pub(crate) remote_addr: SocketAddr,
+    /// Who the client's certificate says it is (TLS with a verified client certificate
+    /// naming a server or an agent), if anyone.
+    pub(crate) peer: Option<crate::tls::PeerIdentity>,
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then closes gracefully (see the
@@ -71,6 +76,7 @@ pub(crate) struct ConnectionInfo {
 pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let builder = builder();
@@ -87,14 +93,44 @@ pub(crate) async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let conn = serve_connection(
-            &builder,
-            stream,
-            ConnectionInfo { remote_addr },
-            app.clone(),
-        );
-        let conn = graceful.watch(conn);
+        let Some(acceptor) = tls.clone() else {
+            let info = ConnectionInfo {
+                remote_addr,
+                peer: None,
+            };
+            let conn = graceful.watch(serve_connection(&builder, stream, info, app.clone()));
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%remote_addr, "connection ended with an error: {e}");
+                }
+            });
+            continue;
+        };
+        // The handshake runs in the connection's task, so a slow client holds up nobody.
+        let (builder, app, watcher) = (builder.clone(), app.clone(), graceful.watcher());
         tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                    .await
+                {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%remote_addr, "TLS handshake refused: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%remote_addr, "TLS handshake timed out");
+                        return;
+                    }
+                };
+            let peer = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(|cert| crate::tls::PeerIdentity::of_certificate(cert));
+            let info = ConnectionInfo { remote_addr, peer };
+            let conn = watcher.watch(serve_connection(&builder, stream, info, app));
             if let Err(e) = conn.await {
                 tracing::debug!(%remote_addr, "connection ended with an error: {e}");
             }

@@ -37,6 +37,23 @@ pub(crate) struct Server {
     _lock: File,
 }
 
+/// What this server presents to its peers: over TLS its own certificate (it says which
+/// server it is); without TLS the cluster key and its id.
+fn peer_credentials(config: &ServerConfig) -> anyhow::Result<muster_client::Credentials> {
+    let mut credentials = match &config.cluster_key {
+        Some(key) => muster_client::Credentials::server(config.raft.id, key)
+            .map_err(|_| anyhow::anyhow!("--cluster-key-file: the key must be printable ASCII"))?,
+        None => muster_client::Credentials::none(),
+    };
+    if let Some(files) = &config.tls {
+        let tls = muster_client::ClientTls::from_ca_file(&files.ca)
+            .and_then(|t| t.with_identity_files(&files.cert, &files.key))
+            .map_err(|e| anyhow::anyhow!("--tls-dir: {e}"))?;
+        credentials = credentials.with_tls(tls);
+    }
+    Ok(credentials)
+}
+
 impl Server {
     /// Opens the data directory, starts Raft and opens the stores. Fails if the directory
     /// is held by another process or corrupt; never starts empty over existing state.
@@ -64,14 +81,7 @@ impl Server {
                 raft: config.raft.clone(),
                 book,
                 network: config.network.clone(),
-                credentials: match &config.cluster_key {
-                    Some(key) => {
-                        muster_client::Credentials::server(config.raft.id, key).map_err(|_| {
-                            anyhow::anyhow!("--cluster-key-file: the key must be printable ASCII")
-                        })?
-                    }
-                    None => muster_client::Credentials::none(),
-                },
+                credentials: peer_credentials(config)?,
             },
             &dir.join("raft"),
             state.clone(),

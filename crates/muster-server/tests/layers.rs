@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 /// A layer (a folder, or a top-level file) and the layers it may import.
 const RULES: &[(&str, &[&str])] = &[
     ("metrics", &[]),
-    ("listener", &[]),
+    ("tls", &[]),
+    ("listener", &["tls"]),
     ("store", &[]),
     ("coordinator", &[]),
     ("views", &["coordinator", "store"]),
@@ -26,6 +27,7 @@ const RULES: &[(&str, &[&str])] = &[
             "store",
             "metrics",
             "listener",
+            "tls",
         ],
     ),
     (
@@ -49,7 +51,7 @@ const RULES: &[(&str, &[&str])] = &[
 const ABOVE_BASE: &[&str] = &["server"];
 
 /// The bottom layers, which name no other layer (the config type is plain data).
-const BASE: &[&str] = &["metrics", "store", "coordinator", "listener"];
+const BASE: &[&str] = &["metrics", "store", "coordinator", "listener", "tls"];
 
 fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {

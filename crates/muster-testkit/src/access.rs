@@ -16,6 +16,36 @@ fn tokens() -> &'static Mutex<HashMap<String, String>> {
     TOKENS.get_or_init(Default::default)
 }
 
+fn cas() -> &'static Mutex<HashMap<String, std::path::PathBuf>> {
+    static CAS: OnceLock<Mutex<HashMap<String, std::path::PathBuf>>> = OnceLock::new();
+    CAS.get_or_init(Default::default)
+}
+
+/// Remembers that `servers` speak TLS with the CA certificate in `ca` (a PEM file).
+pub fn register_ca(servers: &str, ca: &Path) {
+    let mut map = cas().lock().expect("cas lock");
+    for url in Servers::parse(servers).urls() {
+        map.insert(url.clone(), ca.to_path_buf());
+    }
+}
+
+/// The CA file of the cluster one of `servers` belongs to, if it speaks TLS.
+pub fn ca_file(servers: &str) -> Option<std::path::PathBuf> {
+    let map = cas().lock().expect("cas lock");
+    Servers::parse(servers)
+        .urls()
+        .iter()
+        .find_map(|u| map.get(u).cloned())
+}
+
+/// `credentials` with the TLS of `servers`, when they speak it.
+pub fn with_tls(servers: &str, credentials: Credentials) -> Credentials {
+    match ca_file(servers).and_then(|ca| muster_client::ClientTls::from_ca_file(&ca).ok()) {
+        Some(tls) => credentials.with_tls(tls),
+        None => credentials,
+    }
+}
+
 /// Remembers `token` as the admin token of every server of `servers`.
 pub fn register(servers: &str, token: &str) {
     let mut map = tokens().lock().expect("tokens lock");
@@ -35,9 +65,10 @@ pub fn admin_token(servers: &str) -> Option<String> {
 
 /// The admin's credentials for `servers` (none for a server the testkit did not start).
 pub fn admin(servers: &str) -> Credentials {
-    admin_token(servers)
+    let credentials = admin_token(servers)
         .and_then(|t| Credentials::bearer(&t).ok())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    with_tls(servers, credentials)
 }
 
 /// A channel to the first of `servers` that answers, as the admin.
@@ -59,7 +90,8 @@ pub async fn await_admin_token(path: &Path, servers: &str) -> anyhow::Result<Str
     for _ in 0..300 {
         if let Ok(text) = std::fs::read_to_string(path) {
             let token = text.trim().to_string();
-            if let Ok(mut c) = muster_client::connect(servers, Credentials::bearer(&token)?).await
+            let credentials = with_tls(servers, Credentials::bearer(&token)?);
+            if let Ok(mut c) = muster_client::connect(servers, credentials).await
                 && c.access.who_am_i(v1::WhoAmIRequest {}).await.is_ok()
             {
                 register(servers, &token);

@@ -87,21 +87,30 @@ pub struct AgentHandle {
 
 impl AgentHandle {
     /// Starts an agent with `config` and waits (bounded) until the server lists it.
-    /// An agent without a credential or join token joins with one the admin makes.
+    /// An agent without a certificate, credential or join token joins with one the admin
+    /// makes.
     pub async fn start(server: &str, mut config: AgentConfig) -> anyhow::Result<AgentHandle> {
         let name = config.name.clone();
-        if config.join_token.is_none() && !config.data_dir.join("credential").exists() {
+        let certified = config.tls.as_ref().is_some_and(|t| t.has_identity());
+        if !certified && config.join_token.is_none() && !config.data_dir.join("credential").exists()
+        {
             config.join_token = Some(crate::access::join_token(server, &config.compute).await?);
         }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(muster_agent::run(config, async move {
             let _ = stopped.await;
         }));
-        let handle = AgentHandle {
+        let mut handle = AgentHandle {
             stop: Some(stop),
             task: Some(task),
         };
-        wait_for_node(server, &name).await?;
+        if let Err(e) = wait_for_node(server, &name).await {
+            // An agent that stopped says why.
+            if let Some(task) = handle.task.take_if(|t| t.is_finished()) {
+                anyhow::bail!("{e}: the agent stopped: {:?}", task.await?);
+            }
+            return Err(e);
+        }
         Ok(handle)
     }
 

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,6 +45,8 @@ pub struct TestCluster {
     net: Arc<Partition>,
     tweak: fn(&mut ServerConfig),
     key: String,
+    /// The `muster tls init` directory when the servers speak mutual TLS.
+    tls: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -60,8 +62,40 @@ impl TestCluster {
 
     /// Starts `n` servers with settings changed by `tweak`.
     pub async fn start_with(n: u64, tweak: fn(&mut ServerConfig)) -> anyhow::Result<TestCluster> {
+        Self::start_inner(n, tweak, false).await
+    }
+
+    /// Starts `n` servers speaking mutual TLS with certificates of a fresh cluster CA
+    /// (`muster tls init`, in [`TestCluster::tls_dir`]); no cluster key: the servers know
+    /// each other by their certificates.
+    pub async fn start_tls(n: u64) -> anyhow::Result<TestCluster> {
+        Self::start_inner(n, |_| {}, true).await
+    }
+
+    async fn start_inner(
+        n: u64,
+        tweak: fn(&mut ServerConfig),
+        tls: bool,
+    ) -> anyhow::Result<TestCluster> {
         crate::init_tracing();
         let dir = tempfile::tempdir()?;
+        let tls = if tls {
+            let tls_dir = dir.path().join("tls");
+            let servers: Vec<(u64, Vec<String>)> = (1..=n).map(|id| (id, Vec::new())).collect();
+            muster_cli::tls::init(&tls_dir, &servers)?;
+            // The harness asks servers for their status as a server would.
+            let ca = muster_cli::tls::Ca::load(&tls_dir)?;
+            muster_cli::tls::issue_server(
+                &tls_dir,
+                &ca,
+                HARNESS_ID,
+                &[],
+                muster_cli::tls::LEAF_VALIDITY,
+            )?;
+            Some(tls_dir)
+        } else {
+            None
+        };
         let mut listeners = BTreeMap::new();
         for id in 1..=n {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -86,8 +120,12 @@ impl TestCluster {
             net: Arc::new(Partition::default()),
             tweak,
             key: format!("test-cluster-key-{:032x}", rand::random::<u128>()),
+            tls,
             _dir: dir,
         };
+        if let Some(tls) = &cluster.tls {
+            crate::access::register_ca(&cluster.urls(), &tls.join("ca.pem"));
+        }
         for (id, l) in listeners {
             cluster.launch(id, l);
         }
@@ -146,7 +184,14 @@ impl TestCluster {
         };
         config.peers = peers;
         config.network = Some(self.net.clone() as Arc<dyn NetworkFilter>);
-        config.cluster_key = Some(self.key.clone());
+        match &self.tls {
+            Some(tls) => {
+                config.tls = Some(muster_server::TlsFiles::in_dir(
+                    &tls.join(format!("server-{id}")),
+                ))
+            }
+            None => config.cluster_key = Some(self.key.clone()),
+        }
         config.stop_grace = Duration::from_secs(2);
         (self.tweak)(&mut config);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -170,9 +215,29 @@ impl TestCluster {
         format!("http://{}", self.slots[&id].addr)
     }
 
-    /// The cluster key its servers share.
+    /// The cluster key its servers share (none is used with TLS).
     pub fn key(&self) -> &str {
         &self.key
+    }
+
+    /// The `muster tls init` directory, when the servers speak mutual TLS.
+    pub fn tls_dir(&self) -> Option<&Path> {
+        self.tls.as_deref()
+    }
+
+    /// What the harness presents to ask a server for its status: the cluster key, or with
+    /// TLS a server certificate of its own.
+    fn harness(&self) -> anyhow::Result<muster_client::Credentials> {
+        Ok(match &self.tls {
+            Some(tls) => {
+                let dir = tls.join(format!("server-{HARNESS_ID}"));
+                muster_client::Credentials::none().with_tls(
+                    muster_client::ClientTls::from_ca_file(&dir.join("ca.pem"))?
+                        .with_identity_files(&dir.join("cert.pem"), &dir.join("key.pem"))?,
+                )
+            }
+            None => muster_client::Credentials::server(HARNESS_ID, &self.key)?,
+        })
     }
 
     /// Every server's URL, comma-separated (what `--server` takes).
@@ -192,7 +257,7 @@ impl TestCluster {
     /// Server `id`'s own view of the cluster, if it answers within a second.
     pub async fn status(&self, id: u64) -> Option<v1::ClusterStatus> {
         let fut = async {
-            let harness = muster_client::Credentials::server(HARNESS_ID, &self.key).ok()?;
+            let harness = self.harness().ok()?;
             let channel = muster_client::Servers::new([self.url(id)])
                 .with_credentials(harness)
                 .connect()
@@ -274,6 +339,10 @@ impl TestCluster {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let data_dir = self._dir.path().join(format!("s{id}"));
+        if let Some(tls) = &self.tls {
+            let ca = muster_cli::tls::Ca::load(tls)?;
+            muster_cli::tls::issue_server(tls, &ca, id, &[], muster_cli::tls::LEAF_VALIDITY)?;
+        }
         self.slots.insert(
             id,
             Slot {
@@ -286,6 +355,9 @@ impl TestCluster {
         self.launch(id, listener);
         if let Some(token) = crate::access::admin_token(&self.url(self.founders[0])) {
             crate::access::register(&self.url(id), &token);
+        }
+        if let Some(tls) = &self.tls {
+            crate::access::register_ca(&self.url(id), &tls.join("ca.pem"));
         }
         let leader = self.leader().await?;
         let mut c = ClusterServiceClient::new(crate::access::channel(&self.url(leader)).await?);

@@ -287,6 +287,9 @@ pub async fn muster(server: &str, cwd: &Path, args: &[&str]) -> CliOutput {
         if let Some(token) = access::admin_token(&server) {
             cmd.env("MUSTER_TOKEN", token);
         }
+        if let Some(ca) = access::ca_file(&server) {
+            cmd.env("MUSTER_CA_FILE", ca);
+        }
         cmd.arg("--server")
             .arg(server)
             .args(&args)

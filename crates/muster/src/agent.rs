@@ -8,7 +8,11 @@ use muster_core::compute::Tier;
 use muster_core::resources::{parse_cpu, parse_memory};
 
 /// Runs an agent until Ctrl-C.
-pub async fn run(server: &str, args: AgentArgs) -> anyhow::Result<()> {
+pub async fn run(
+    server: &str,
+    ca_file: Option<&std::path::Path>,
+    args: AgentArgs,
+) -> anyhow::Result<()> {
     let data_dir = args
         .data_dir
         .unwrap_or_else(|| crate::default_data_dir("agent"));
@@ -47,6 +51,18 @@ pub async fn run(server: &str, args: AgentArgs) -> anyhow::Result<()> {
     }
     config.peer_wait = std::time::Duration::from_secs(args.peer_wait_secs);
     config.gpu_probe = Arc::new(NvmlProbe::new());
+    config.tls = match (&args.tls_dir, ca_file) {
+        (Some(dir), _) => Some(
+            muster_client::ClientTls::from_ca_file(&dir.join("ca.pem"))
+                .and_then(|t| t.with_identity_files(&dir.join("cert.pem"), &dir.join("key.pem")))
+                .map_err(|e| anyhow::anyhow!("--tls-dir: {e}"))?,
+        ),
+        (None, Some(ca)) => Some(
+            muster_client::ClientTls::from_ca_file(ca)
+                .map_err(|e| anyhow::anyhow!("--ca-file: {e}"))?,
+        ),
+        (None, None) => None,
+    };
     // A command provisioner's script launches several nodes at once: each agent finds its
     // own token in MUSTER_JOIN_TOKENS (`NODE=TOKEN` pairs) when --join is not given.
     config.join_token = args.join.filter(|j| !j.trim().is_empty()).or_else(|| {

@@ -19,11 +19,14 @@ pub use dev::{DevConfig, serve as serve_dev};
 
 /// Runs a parsed command line; returns the process exit code.
 pub async fn execute(cli: Cli) -> anyhow::Result<i32> {
+    muster_cli::set_ca_file(cli.ca_file.clone());
     match cli.command {
         Command::Daemon(DaemonCommand::Dev(args)) => dev::run(args).await.map(|_| 0),
         Command::Daemon(DaemonCommand::Server(args)) => server::run(args).await.map(|_| 0),
         Command::Daemon(DaemonCommand::Agent(args)) => {
-            agent::run(&cli.server, args).await.map(|_| 0)
+            agent::run(&cli.server, cli.ca_file.as_deref(), args)
+                .await
+                .map(|_| 0)
         }
         Command::Client(cmd) => {
             muster_cli::execute(&cli.server, cli.workspace, cli.output, cmd).await

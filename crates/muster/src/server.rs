@@ -11,8 +11,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let listener = bind(&args.listen).await?;
     let local = listener.local_addr()?;
     anyhow::ensure!(
-        local.ip().is_loopback() || args.insecure_no_tls,
-        "--listen {}: other hosts could reach this server, and it does not speak TLS, so API tokens and the cluster key would cross the network in plaintext: listen on 127.0.0.1, or pass --insecure-no-tls on a trusted network or behind a TLS-terminating proxy",
+        local.ip().is_loopback() || args.insecure_no_tls || args.tls_dir.is_some(),
+        "--listen {}: other hosts could reach this server, and without TLS API tokens and the cluster key would cross the network in plaintext: give --tls-dir (make the files with `muster tls init`), listen on 127.0.0.1, or pass --insecure-no-tls on a trusted network or behind a TLS-terminating proxy",
         args.listen
     );
     let mut config = ServerConfig::new(&args.data_dir);
@@ -21,6 +21,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     config.web_hosts = args.web_hosts.clone();
     config.raft.id = args.id;
     config.admin_token_file = args.admin_token_file.clone();
+    config.tls = args.tls_dir.as_deref().map(muster_server::TlsFiles::in_dir);
     config.max_uploads_per_caller = args.max_uploads_per_caller;
     config.upload_bytes_per_sec = args.upload_mib_per_sec << 20;
     if let Some(path) = &args.cluster_key_file {
@@ -48,7 +49,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             .then(|| addr.to_string())
     });
     eprintln!(
-        "muster server listening on http://{} (data in {})",
+        "muster server listening on {}://{} (data in {})",
+        if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        },
         listener.local_addr()?,
         args.data_dir.display()
     );

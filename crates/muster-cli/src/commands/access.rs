@@ -8,7 +8,9 @@ use muster_client::{Credentials, status};
 use muster_proto::v1;
 use serde_json::json;
 
-use crate::cli::{LoginArgs, OutputFormat, RoleCommand, TokenCommand, WorkspaceCommand};
+use crate::cli::{
+    LoginArgs, OutputFormat, RoleCommand, TlsCommand, TokenCommand, WorkspaceCommand,
+};
 use crate::connect;
 use crate::credentials::{remove_token, store_token};
 use crate::output::{print_json, table};
@@ -43,7 +45,7 @@ pub async fn login(server: &str, args: LoginArgs) -> anyhow::Result<()> {
         token.starts_with(muster_core::access::TOKEN_PREFIX),
         "that is not an API token: tokens look like mst_<id>_<secret> (`muster token create` makes one)"
     );
-    let credentials = Credentials::bearer(&token)?;
+    let credentials = crate::with_ca(Credentials::bearer(&token)?)?;
     let mut c = muster_client::connect(server, credentials).await?;
     let me = c
         .access
@@ -382,6 +384,38 @@ pub async fn audit(server: &str, output: OutputFormat, limit: u32) -> anyhow::Re
             if log.dropped > 0 {
                 println!("({} older events are no longer kept)", log.dropped);
             }
+        }
+    }
+    Ok(())
+}
+
+/// `muster tls …`.
+pub fn tls(cmd: TlsCommand) -> anyhow::Result<()> {
+    match cmd {
+        TlsCommand::Init { dir, servers } => {
+            let servers = servers
+                .iter()
+                .map(|s| crate::tls::parse_server(s))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            for holder in crate::tls::init(&dir, &servers)? {
+                println!("{}", holder.display());
+            }
+            eprintln!(
+                "CA in {}: copy each server-ID directory to its server (muster server --tls-dir DIR), give clients ca.pem (--ca-file), and keep ca.key off the servers",
+                dir.display()
+            );
+        }
+        TlsCommand::Rotate { dir, server } => {
+            let (id, names) = crate::tls::parse_server(&server)?;
+            let holder = crate::tls::rotate(&dir, id, &names)?;
+            println!("{}", holder.display());
+            eprintln!("server {id} uses the new certificate for new connections within a second");
+        }
+        TlsCommand::Agent { dir, compute, name } => {
+            println!(
+                "{}",
+                crate::tls::issue_agent(&dir, &compute, &name)?.display()
+            );
         }
     }
     Ok(())

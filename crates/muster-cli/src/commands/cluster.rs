@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use muster_proto::v1::{self, cluster_service_client::ClusterServiceClient};
 use serde_json::json;
-use tonic::transport::Endpoint;
 
 use crate::cli::{ClusterCommand, OutputFormat};
 use crate::output::{print_json, table};
@@ -14,12 +13,9 @@ async fn client(
     address: &str,
     credentials: &Credentials,
 ) -> anyhow::Result<ClusterServiceClient<Channel>> {
-    let url = if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
-    };
-    let channel = Endpoint::from_shared(url.clone())?
+    let url = muster_client::normalize_url(address);
+    let channel = credentials
+        .endpoint(&url)?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(90))
         .connect()
@@ -30,7 +26,7 @@ async fn client(
 
 /// The first server of `--server` that answers.
 async fn any(servers: &str) -> anyhow::Result<ClusterServiceClient<Channel>> {
-    let credentials = crate::credentials::credentials_for(servers)?;
+    let credentials = crate::client_credentials(servers)?;
     let mut last = None;
     for s in servers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         match client(s, &credentials).await {
@@ -55,7 +51,7 @@ async fn leader(servers: &str) -> anyhow::Result<ClusterServiceClient<Channel>> 
     let addr = s
         .leader_address
         .ok_or_else(|| anyhow::anyhow!("the cluster has no leader right now; retry in a second"))?;
-    client(&addr, &crate::credentials::credentials_for(servers)?).await
+    client(&addr, &crate::client_credentials(servers)?).await
 }
 
 pub async fn run(servers: &str, output: OutputFormat, cmd: ClusterCommand) -> anyhow::Result<()> {

@@ -59,7 +59,7 @@ impl Peers {
         address: &str,
         configure: impl FnOnce(Endpoint) -> Endpoint,
     ) -> Option<Channel> {
-        let endpoint = Endpoint::from_shared(muster_client::normalize_url(address)).ok()?;
+        let endpoint = self.credentials.endpoint(address).ok()?;
         Some(self.credentials.attach(configure(endpoint).connect_lazy()))
     }
 

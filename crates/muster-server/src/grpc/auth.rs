@@ -2,7 +2,8 @@
 //!
 //! Every gRPC request passes [`authorize`] before any handler runs:
 //!
-//! 1. **Who.** [`identify`] reads the caller from the request: a server presents the
+//! 1. **Who.** [`identify`] reads the caller from the request: over TLS, a server's or an
+//!    agent's verified certificate names it (`tls.rs`); without TLS a server presents the
 //!    cluster key and its id ([`muster_client::CLUSTER_KEY_HEADER`]); a user or an agent
 //!    presents its token in `authorization: Bearer mst_…`, checked against the hashes in
 //!    the replicated state ([`muster_core::access::Access::authenticate`]). No
@@ -35,7 +36,9 @@ use muster_core::access::{
 use tonic::Status;
 
 use crate::coordinator::now_ms;
+use crate::listener::ConnectionInfo;
 use crate::server::Server;
+use crate::tls::PeerIdentity;
 pub(crate) use crate::views::access::Readable;
 use crate::views::access::readable_by;
 
@@ -343,7 +346,25 @@ pub(crate) fn rule(path: &str) -> Option<Rule> {
 
 /// Reads who is calling. A credential that is present but wrong is an error (never
 /// anonymous): the caller meant to be someone and should hear why they are not.
-pub(crate) fn identify(server: &Server, headers: &axum::http::HeaderMap) -> Result<Caller, Status> {
+pub(crate) fn identify(
+    server: &Server,
+    peer: Option<&PeerIdentity>,
+    headers: &axum::http::HeaderMap,
+) -> Result<Caller, Status> {
+    // A verified client certificate names a server or an agent. A server relaying a
+    // caller's request carries the caller's token too: then the caller's rights count.
+    let bearer = headers.contains_key(axum::http::header::AUTHORIZATION);
+    match peer {
+        Some(PeerIdentity::Server(id)) if !bearer => return Ok(Caller::Server { id: *id }),
+        Some(PeerIdentity::Agent { compute, node }) if !bearer => {
+            return Ok(Caller::Agent {
+                node: node.clone(),
+                compute: compute.clone(),
+                token_id: String::new(),
+            });
+        }
+        _ => {}
+    }
     if let Some(key) = headers.get(CLUSTER_KEY_HEADER) {
         let Some(expected) = server.config.cluster_key.as_deref() else {
             return Err(Status::unauthenticated(
@@ -523,7 +544,11 @@ pub(crate) async fn authorize(
     next: Next,
 ) -> Response {
     let path = req.uri().path().to_string();
-    let caller = match identify(&server, req.headers()) {
+    let peer = req
+        .extensions()
+        .get::<ConnectionInfo>()
+        .and_then(|c| c.peer.clone());
+    let caller = match identify(&server, peer.as_ref(), req.headers()) {
         Ok(caller) => caller,
         Err(status) => {
             server

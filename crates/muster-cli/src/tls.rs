@@ -1,0 +1,267 @@
+//! `muster tls init|rotate|agent`: the cluster's certificates, made with rcgen.
+//!
+//! `init` makes a cluster CA (ECDSA P-256, 10 years) and one certificate per server (1
+//! year): `DIR/ca.pem` and `DIR/ca.key` (the CA key: keep it off the servers once the
+//! certificates are made), and for server N `DIR/server-N/{ca,cert,key}.pem`, which
+//! `muster server --tls-dir DIR/server-N` reads. A server certificate is valid for the
+//! names and addresses given (and `localhost`, `127.0.0.1`), and says which server it is
+//! in a URI SAN, `muster://server/N`: the other servers accept Raft and replication calls
+//! only from such a certificate. `agent` makes an agent's certificate
+//! (`muster://agent/COMPUTE/NODE`) for `muster agent --tls-dir`; `rotate` re-issues a
+//! server's certificate in place (atomically), which the running server picks up for new
+//! connections within a second.
+//!
+//! Keys are written 0600. Crate choice: rcgen (the rustls project's certificate
+//! generator), rather than shelling out to openssl.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+/// How long a server's or an agent's certificate is valid by default.
+pub const LEAF_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// How long the CA is valid.
+const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn validity(params: &mut CertificateParams, valid_for: Duration, start_offset: Duration) {
+    let now = time::OffsetDateTime::now_utc();
+    // A minute's slack for clocks a little apart.
+    params.not_before = now - time::Duration::minutes(1) - start_offset;
+    params.not_after = now + valid_for - start_offset;
+}
+
+/// A CA's certificate and key (PEM).
+#[derive(Debug, Clone)]
+pub struct Ca {
+    /// The certificate.
+    pub cert_pem: String,
+    /// Its private key.
+    pub key_pem: String,
+}
+
+impl Ca {
+    /// A new CA named `name`.
+    pub fn new(name: &str) -> anyhow::Result<Ca> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        params.distinguished_name = dn;
+        validity(&mut params, CA_VALIDITY, Duration::ZERO);
+        let cert = params.self_signed(&key)?;
+        Ok(Ca {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// The CA of `dir` (`ca.pem`, `ca.key`).
+    pub fn load(dir: &Path) -> anyhow::Result<Ca> {
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f)).with_context(|| {
+                format!(
+                    "cannot read {}: make the cluster's certificates with `muster tls init --dir {}`",
+                    dir.join(f).display(),
+                    dir.display()
+                )
+            })
+        };
+        Ok(Ca {
+            cert_pem: read("ca.pem")?,
+            key_pem: read("ca.key")?,
+        })
+    }
+
+    /// A certificate for `uri` (`muster://server/N`, `muster://agent/C/N`) valid for
+    /// `names` (DNS names or IP addresses), from `valid_from_ago` in the past for
+    /// `valid_for`: (certificate, key), PEM.
+    pub fn issue(
+        &self,
+        uri: &str,
+        names: &[String],
+        valid_for: Duration,
+        valid_from_ago: Duration,
+    ) -> anyhow::Result<(String, String)> {
+        let ca_key = KeyPair::from_pem(&self.key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, ca_key)?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, uri);
+        params.distinguished_name = dn;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.subject_alt_names.push(SanType::URI(uri.try_into()?));
+        for name in names {
+            let name = name.trim();
+            if name.is_empty() {
+                continue;
+            }
+            params.subject_alt_names.push(match name.parse() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    name.try_into()
+                        .with_context(|| format!("{name:?} is not a host name"))?,
+                ),
+            });
+        }
+        validity(&mut params, valid_for, valid_from_ago);
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// A server's names: what `--server N=NAMES` listed, plus loopback.
+fn server_names(names: &[String]) -> Vec<String> {
+    let mut all: Vec<String> = names.to_vec();
+    for local in ["localhost", "127.0.0.1"] {
+        if !all.iter().any(|n| n == local) {
+            all.push(local.to_string());
+        }
+    }
+    all
+}
+
+/// Writes one holder's files: `dir/ca.pem`, `dir/cert.pem`, `dir/key.pem` (0600).
+fn write_holder(dir: &Path, ca: &Ca, cert: &str, key: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    write_file(&dir.join("ca.pem"), &ca.cert_pem, 0o644)?;
+    write_file(&dir.join("key.pem"), key, 0o600)?;
+    write_file(&dir.join("cert.pem"), cert, 0o644)
+}
+
+/// `muster tls init`: a CA in `dir` and a certificate for each `(id, names)`; returns the
+/// directories written.
+pub fn init(dir: &Path, servers: &[(u64, Vec<String>)]) -> anyhow::Result<Vec<PathBuf>> {
+    anyhow::ensure!(
+        !dir.join("ca.key").exists(),
+        "{} already holds a CA: rotate server certificates with `muster tls rotate`, or pick another --dir",
+        dir.display()
+    );
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let ca = Ca::new("muster cluster CA")?;
+    write_file(&dir.join("ca.key"), &ca.key_pem, 0o600)?;
+    write_file(&dir.join("ca.pem"), &ca.cert_pem, 0o644)?;
+    let mut out = Vec::new();
+    for (id, names) in servers {
+        out.push(issue_server(dir, &ca, *id, names, LEAF_VALIDITY)?);
+    }
+    Ok(out)
+}
+
+/// Issues server `id`'s certificate into `dir/server-ID`.
+pub fn issue_server(
+    dir: &Path,
+    ca: &Ca,
+    id: u64,
+    names: &[String],
+    valid_for: Duration,
+) -> anyhow::Result<PathBuf> {
+    anyhow::ensure!(id > 0, "--server {id}=…: server ids start at 1");
+    let (cert, key) = ca.issue(
+        &format!("muster://server/{id}"),
+        &server_names(names),
+        valid_for,
+        Duration::ZERO,
+    )?;
+    let holder = dir.join(format!("server-{id}"));
+    write_holder(&holder, ca, &cert, &key)?;
+    Ok(holder)
+}
+
+/// `muster tls rotate`: a new certificate for server `id` from the CA in `dir`.
+pub fn rotate(dir: &Path, id: u64, names: &[String]) -> anyhow::Result<PathBuf> {
+    issue_server(dir, &Ca::load(dir)?, id, names, LEAF_VALIDITY)
+}
+
+/// `muster tls agent`: a certificate for node `node` of `compute` into `dir/agent-NODE`.
+pub fn issue_agent(dir: &Path, compute: &str, node: &str) -> anyhow::Result<PathBuf> {
+    let ca = Ca::load(dir)?;
+    let (cert, key) = ca.issue(
+        &format!("muster://agent/{compute}/{node}"),
+        &[],
+        LEAF_VALIDITY,
+        Duration::ZERO,
+    )?;
+    let holder = dir.join(format!("agent-{node}"));
+    write_holder(&holder, &ca, &cert, &key)?;
+    Ok(holder)
+}
+
+/// Parses `--server ID=NAME[,NAME...]`.
+pub fn parse_server(text: &str) -> anyhow::Result<(u64, Vec<String>)> {
+    let (id, names) = text.split_once('=').ok_or_else(|| {
+        anyhow::anyhow!("--server {text:?}: give ID=HOST[,HOST...], e.g. 1=10.0.0.1,muster-1")
+    })?;
+    let id: u64 = id.trim().parse().map_err(|_| {
+        anyhow::anyhow!("--server {text:?}: the id must be a number (1, 2, 3, ...)")
+    })?;
+    Ok((id, names.split(',').map(|n| n.trim().to_string()).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_writes_a_ca_and_a_certificate_per_server_and_refuses_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let made = init(
+            dir.path(),
+            &[(1, vec!["muster-1".into()]), (2, vec!["10.0.0.2".into()])],
+        )
+        .unwrap();
+        assert_eq!(made.len(), 2);
+        for holder in &made {
+            for f in ["ca.pem", "cert.pem", "key.pem"] {
+                assert!(holder.join(f).exists(), "{f} in {}", holder.display());
+            }
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(holder.join("key.pem"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let err = init(dir.path(), &[(1, vec![])]).unwrap_err();
+        assert!(err.to_string().contains("already holds a CA"), "{err}");
+        let before = std::fs::read_to_string(made[0].join("cert.pem")).unwrap();
+        rotate(dir.path(), 1, &["muster-1".into()]).unwrap();
+        assert_ne!(
+            std::fs::read_to_string(made[0].join("cert.pem")).unwrap(),
+            before
+        );
+        assert_eq!(
+            parse_server("3=a,b").unwrap(),
+            (3, vec!["a".into(), "b".into()])
+        );
+        assert!(parse_server("x=a").is_err() && parse_server("3").is_err());
+    }
+}
