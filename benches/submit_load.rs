@@ -7,6 +7,11 @@
 //! same run on the same disk: the same number of entries written one fsync each with redb
 //! (what a store that does not batch proposals gets).
 //!
+//! Then, in the same run, the cost of mutual TLS: a one-server cluster on plaintext and one
+//! on TLS 1.3 (`muster tls init` certificates; a token on every call in both) take the same
+//! load in turn for `--tls-rounds` rounds, and `--handshakes` fresh connections time what a
+//! new CLI invocation pays for the handshake.
+//!
 //! `cargo run --release -p muster-benches --bin submit-load -- --runs 10000 --clients 64`
 
 use std::sync::Arc;
@@ -29,6 +34,13 @@ struct Args {
     /// them; followers forward to the leader), compared with the single server.
     #[arg(long, default_value_t = 3)]
     servers: u64,
+    /// Rounds of the plaintext-vs-mutual-TLS comparison (one server each, taken in turn;
+    /// 0 skips it).
+    #[arg(long, default_value_t = 3)]
+    tls_rounds: usize,
+    /// Fresh connections (one call each) to time the TLS handshake a new CLI invocation pays.
+    #[arg(long, default_value_t = 200)]
+    handshakes: usize,
 }
 
 struct Figures {
@@ -206,12 +218,98 @@ async fn main() -> anyhow::Result<()> {
             many.per_sec / to_leader.per_sec
         );
     }
+    if args.tls_rounds > 0 {
+        tls_comparison(&args).await?;
+    }
     let acknowledged = 500 + single_n + (args.runs / args.clients) * args.clients;
     anyhow::ensure!(
         total == acknowledged,
         "expected all {acknowledged} acknowledged runs to exist, found {total}"
     );
     println!("all {acknowledged} acknowledged runs exist, each once");
+    Ok(())
+}
+
+/// A one-server cluster with the bench's compute target, on plaintext or mutual TLS.
+async fn bench_server(tls: bool) -> anyhow::Result<muster_testkit::cluster::TestCluster> {
+    use muster_testkit::cluster::TestCluster;
+    let cluster = if tls {
+        TestCluster::start_tls(1).await?
+    } else {
+        TestCluster::start(1).await?
+    };
+    let mut c = muster_testkit::access::clients(&cluster.urls()).await?;
+    c.compute
+        .create_compute(v1::CreateComputeRequest {
+            compute: Some(v1::ComputeTarget {
+                name: "bench-pool".into(),
+                r#type: "attached".into(),
+                ..Default::default()
+            }),
+        })
+        .await?;
+    submit_load(&cluster.url(1), 500, 10).await?;
+    Ok(cluster)
+}
+
+/// `n` fresh connections to `url`, each making one call (what a CLI invocation does);
+/// the median time per connection and call.
+async fn fresh_calls(url: &str, n: usize) -> anyhow::Result<Duration> {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let mut c = muster_testkit::access::clients(url).await?;
+        c.access.who_am_i(v1::WhoAmIRequest {}).await?;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    Ok(times[times.len() / 2])
+}
+
+/// The same load against a plaintext server and a mutual-TLS one (a token on every call
+/// in both), rounds taken in turn so drift hits both; then the handshake cost.
+async fn tls_comparison(args: &Args) -> anyhow::Result<()> {
+    let plain = bench_server(false).await?;
+    let tls = bench_server(true).await?;
+    let mut rates = (Vec::new(), Vec::new());
+    for round in 0..args.tls_rounds {
+        let p = submit_load(&plain.url(1), args.runs, args.clients).await?;
+        let t = submit_load(&tls.url(1), args.runs, args.clients).await?;
+        row(&format!("plaintext + token, {} clients, round {}", args.clients, round + 1), &p);
+        row(&format!("mutual TLS + token, {} clients, round {}", args.clients, round + 1), &t);
+        rates.0.push(p.per_sec);
+        rates.1.push(t.per_sec);
+    }
+    let range = |v: &[f64]| {
+        let lo = v.iter().cloned().fold(f64::MAX, f64::min);
+        let hi = v.iter().cloned().fold(0.0, f64::max);
+        (lo, hi)
+    };
+    let (plo, phi) = range(&rates.0);
+    let (tlo, thi) = range(&rates.1);
+    let slower: Vec<f64> = rates
+        .0
+        .iter()
+        .zip(&rates.1)
+        .map(|(p, t)| (1.0 - t / p) * 100.0)
+        .collect();
+    let (slo, shi) = (
+        slower.iter().cloned().fold(f64::MAX, f64::min),
+        slower.iter().cloned().fold(f64::MIN, f64::max),
+    );
+    println!(
+        "mutual TLS vs plaintext, {} clients: {tlo:.0}-{thi:.0}/s vs {plo:.0}-{phi:.0}/s, {slo:.1}% to {shi:.1}% slower per round (goal: at most 10%)",
+        args.clients
+    );
+    let p = fresh_calls(&plain.url(1), args.handshakes).await?;
+    let t = fresh_calls(&tls.url(1), args.handshakes).await?;
+    println!(
+        "a new connection and one call (a CLI invocation without process start), median of {}: plaintext {:.2} ms, TLS {:.2} ms: the handshake costs {:.2} ms",
+        args.handshakes,
+        p.as_secs_f64() * 1e3,
+        t.as_secs_f64() * 1e3,
+        (t.as_secs_f64() - p.as_secs_f64()) * 1e3
+    );
     Ok(())
 }
 
