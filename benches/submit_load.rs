@@ -275,8 +275,22 @@ async fn tls_comparison(args: &Args) -> anyhow::Result<()> {
     for round in 0..args.tls_rounds {
         let p = submit_load(&plain.url(1), args.runs, args.clients).await?;
         let t = submit_load(&tls.url(1), args.runs, args.clients).await?;
-        row(&format!("plaintext + token, {} clients, round {}", args.clients, round + 1), &p);
-        row(&format!("mutual TLS + token, {} clients, round {}", args.clients, round + 1), &t);
+        row(
+            &format!(
+                "plaintext + token, {} clients, round {}",
+                args.clients,
+                round + 1
+            ),
+            &p,
+        );
+        row(
+            &format!(
+                "mutual TLS + token, {} clients, round {}",
+                args.clients,
+                round + 1
+            ),
+            &t,
+        );
         rates.0.push(p.per_sec);
         rates.1.push(t.per_sec);
     }

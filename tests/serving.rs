@@ -415,3 +415,66 @@ async fn separate_server_and_agent_processes_run_an_azure_ml_job_file() {
         assert!(status.success(), "{status:?}");
     }
 }
+
+/// The README's first command for a newcomer, `muster dev`, then the CLI on the same account
+/// with nothing configured: the admin token `muster dev` kept for the CLI just works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newcomer_runs_muster_dev_and_submits_without_configuring_anything() {
+    let home = tempfile::tempdir().unwrap();
+    let project = tempfile::tempdir().unwrap();
+    let port = muster_tests::free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let newcomer = |cmd: &mut Command| {
+        cmd.env("HOME", home.path())
+            .env_remove("MUSTER_TOKEN")
+            .env_remove("MUSTER_CONFIG_DIR")
+            .env_remove("MUSTER_SERVER")
+            .env_remove("MUSTER_CA_FILE")
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("XDG_DATA_HOME");
+    };
+    let mut dev = Command::new(muster_bin());
+    dev.args(["dev", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    newcomer(&mut dev);
+    let _dev = ChildGuard(dev.spawn().unwrap());
+    let run = |args: Vec<String>| {
+        let mut cmd = Command::new(muster_bin());
+        cmd.args(&args).current_dir(project.path());
+        newcomer(&mut cmd);
+        cmd.output().unwrap()
+    };
+    let mut ready = false;
+    for _ in 0..200 {
+        let who = run(vec!["--server".into(), url.clone(), "whoami".into()]);
+        if who.status.success() {
+            assert!(
+                String::from_utf8_lossy(&who.stdout).contains("user:admin"),
+                "{who:?}"
+            );
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "muster dev served the newcomer within 20 s");
+    let out = run([
+        "--server", &url, "run", "submit", "--stream", "--", "echo", "hello",
+    ]
+    .map(String::from)
+    .to_vec());
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "hello",
+        "{out:?}"
+    );
+    let kept = home.path().join(".config/muster/credentials.json");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "the token is kept for the user only"
+    );
+}
