@@ -610,3 +610,58 @@ async fn a_token_may_have_only_so_many_uploads_open_at_once() {
         .await;
     assert!(again.is_ok(), "{again:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_with_a_used_or_expired_join_token_is_told_what_to_do() {
+    let dev = muster_testkit::DevCluster::start().await.unwrap();
+    let url = dev.url();
+    let join = access::join_token(&url, "local").await.unwrap();
+    let run_agent = |name: &str, join: &str| {
+        let data = tempfile::tempdir().unwrap();
+        let mut config = muster_testkit::agents::agent_config(
+            &url,
+            data.path(),
+            "local",
+            name,
+            std::sync::Arc::new(muster_agent::NoGpus),
+        );
+        config.join_token = Some(join.to_string());
+        async move {
+            let _keep = data;
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                muster_agent::run(config, std::future::pending::<()>()),
+            )
+            .await
+        }
+    };
+    // The first agent joins (and keeps running: the timeout ends it).
+    let first = tokio::spawn(run_agent("first", &join));
+    muster_testkit::agents::wait_for_node(&url, "first")
+        .await
+        .unwrap();
+    // A second agent with the same token is refused, and says to make a new one.
+    let second = run_agent("second", &join).await.expect("it stops at once");
+    let err = second.unwrap_err().to_string();
+    assert!(err.contains("already used (by node first)"), "{err}");
+    assert!(err.contains("muster token create --join"), "{err}");
+    // So is one whose token expired.
+    let mut admin = dev.clients().await.unwrap();
+    let short = admin
+        .access
+        .create_token(v1::CreateTokenRequest {
+            join: true,
+            compute: "local".into(),
+            expires_in_s: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let late = run_agent("late", &short).await.expect("it stops at once");
+    let err = late.unwrap_err().to_string();
+    assert!(err.contains("the join token expired"), "{err}");
+    first.abort();
+}
