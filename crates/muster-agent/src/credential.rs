@@ -11,7 +11,6 @@
 //! certificate of the cluster CA (`--tls-dir`, `muster tls agent`) the certificate names
 //! the node and no token is needed.
 
-use std::path::Path;
 use std::time::Duration;
 
 use muster_client::Credentials;
@@ -65,7 +64,7 @@ pub(crate) async fn obtain(config: &AgentConfig) -> Result<Credentials, AgentErr
         )));
     };
     let credential = join_cluster(config, join).await?;
-    write_private(&path, &credential)
+    muster_client::write_secret_file(&path, &format!("{credential}\n"), 0o600)
         .map_err(|e| AgentError::Refused(format!("cannot write {}: {e}", path.display())))?;
     tracing::info!(node = %config.name, "joined the cluster; credential kept in {}", path.display());
     bearer(&credential)
@@ -127,19 +126,4 @@ async fn join_cluster(config: &AgentConfig, join: &str) -> Result<String, AgentE
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
     }
-}
-
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(format!("{text}\n").as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
 }

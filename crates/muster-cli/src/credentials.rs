@@ -9,8 +9,7 @@
 //! Writers take `credentials.lock` so two `muster dev` starts do not lose each other's entry.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -77,17 +76,8 @@ fn update(change: impl FnOnce(&mut Store)) -> anyhow::Result<PathBuf> {
     let mut store = read_store()?;
     change(&mut store);
     let path = credentials_path();
-    let tmp = dir.join(format!("credentials.json.{}", std::process::id()));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    file.write_all(serde_json::to_string_pretty(&store)?.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    muster_client::write_secret_file(&path, &serde_json::to_string_pretty(&store)?, 0o600)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
 }
 

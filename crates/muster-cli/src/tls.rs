@@ -14,8 +14,6 @@
 //! Keys are written 0600. Crate choice: rcgen (the rustls project's certificate
 //! generator), rather than shelling out to openssl.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -32,17 +30,8 @@ pub const LEAF_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    muster_client::write_secret_file(path, text, mode)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn validity(params: &mut CertificateParams, valid_for: Duration, start_offset: Duration) {

@@ -208,6 +208,24 @@ impl Interceptor for Credentials {
     }
 }
 
+/// Writes `text` to `path` atomically (a temporary file, synced, then renamed) with
+/// permissions `mode` from its creation: a token, a key or a credentials file is never
+/// readable by others, not even for a moment, nor left half-written.
+pub fn write_secret_file(path: &Path, text: &str, mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

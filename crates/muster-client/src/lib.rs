@@ -34,6 +34,7 @@ mod servers;
 pub use blobs::{Blobs, CHUNK, REPLICA_HEADER, hash_bytes, hash_file};
 pub use credentials::{
     BadToken, CLUSTER_KEY_HEADER, Channel, ClientTls, Credentials, SERVER_ID_HEADER, TlsFileError,
+    write_secret_file,
 };
 pub use error::{ClientError, LEADER_HEADER, is_retryable_code, leader_hint, status};
 pub use retry::{RetryPolicy, retry, submit_retrying};

@@ -197,7 +197,8 @@ impl Server {
                     &crate::coordinator::new_token_id(),
                     &crate::coordinator::new_secret(),
                 );
-                write_private(&path, &token)?;
+                muster_client::write_secret_file(&path, &format!("{token}\n"), 0o600)
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
                 token
             }
             Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
@@ -239,23 +240,4 @@ impl Server {
         }
         anyhow::bail!("no leader took the first admin token within two minutes")
     }
-}
-
-/// Writes `text` to a file only its owner may read (0600), atomically.
-pub(crate) fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
-    file.write_all(format!("{text}\n").as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
-    Ok(())
 }
