@@ -8,13 +8,16 @@
 //!
 //! ```text
 //! grpc/  web/          transport: decode, authorize, call, encode; errors → Status here
-//!                      (web/front.rs: every request's first stop, gRPC or web by path)
+//!                      (web/front.rs: every request's first stop, gRPC or web by path;
+//!                      grpc/auth.rs: who is calling and the one authorization table;
+//!                      web/session.rs: the studio's login cookie and CSRF token)
 //! leader/              loops that ask muster-core for decisions and propose them
 //! effects              what must be stored before it is recorded (seal logs, take nodes down)
 //! views/               read models for the API and the studio
 //! coordinator/  store/ the Raft handle + applied State; blobs, logs, series, replication
 //! metrics              counters (a leaf)
-//! listener             the accept loop, connection limits, per-connection info (a leaf)
+//! listener             the accept loop, connection limits, per-connection info
+//! tls                  TLS 1.3 acceptor, client certificates → identities, reloading (a leaf)
 //! ```
 //!
 //! `server.rs` is the composition root that holds one handle per layer. `store/` has its
@@ -26,7 +29,9 @@
 //! `prometheus-client` renders `/metrics`; `sha2` addresses blobs; `bollard` drives the
 //! Docker engine for the `docker` provisioner (as the agent does for containers); `askama`
 //! renders the studio's pages from HTML templates (`templates/studio/`), checked at compile
-//! time and HTML-escaped, rather than maud, whose markup is Rust macros instead of HTML files.
+//! time and HTML-escaped, rather than maud, whose markup is Rust macros instead of HTML files;
+//! `rustls` (ring) through `tokio-rustls` for TLS, as tonic's client side uses it, and
+//! `x509-parser` to read a verified client certificate's identity.
 
 mod coordinator;
 mod effects;
