@@ -273,6 +273,7 @@ async fn identities(cluster: &TestCluster) -> BTreeMap<Who, Credentials> {
         .join(v1::JoinRequest {
             join_token: join.clone(),
             node_name: "matrix-node".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -306,6 +306,7 @@ async fn register_ghost(
                 .join(v1::JoinRequest {
                     join_token: join,
                     node_name: "ghost".into(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap()

@@ -238,7 +238,7 @@ async fn plaintext_foreign_and_expired_certificates_are_refused() {
 
     // A client that trusts another CA does not trust this server.
     let elsewhere = tempfile::tempdir().unwrap();
-    muster_cli::tls::init(elsewhere.path(), &[(1, vec![])]).unwrap();
+    muster_cli::tls::init(elsewhere.path(), &[(1, vec![])], false).unwrap();
     let foreign = tls_channel(&url, &elsewhere.path().join("ca.pem"), None).await;
     match foreign {
         Err(_) => {}
@@ -256,7 +256,7 @@ async fn plaintext_foreign_and_expired_certificates_are_refused() {
     }
 
     // An expired certificate of the right CA is refused too.
-    let real_ca = muster_cli::tls::Ca::load(&tls).unwrap();
+    let real_ca = muster_cli::tls::load_ca(&tls).unwrap();
     let (cert, key) = real_ca
         .issue(
             "muster://server/2",
@@ -316,4 +316,91 @@ async fn plaintext_foreign_and_expired_certificates_are_refused() {
         .unwrap()
         .into_inner();
     assert_eq!(me.principal, "user:admin");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_joins_with_a_token_and_the_ca_fingerprint_and_then_has_a_certificate() {
+    let cluster = TestCluster::start_tls(1).await.unwrap();
+    let tls = cluster.tls_dir().unwrap().to_path_buf();
+    let url = cluster.urls();
+    let mut admin = access::clients(&url).await.unwrap();
+    admin
+        .compute
+        .create_compute(v1::CreateComputeRequest {
+            compute: Some(v1::ComputeTarget {
+                name: "tls-pool".into(),
+                r#type: "attached".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let pin = muster_cli::tls::fingerprint(&tls).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let config = |join: Option<String>, pin: Option<String>| {
+        let mut c = agent_config(
+            &url,
+            data.path(),
+            "tls-pool",
+            "pinned",
+            Arc::new(muster_agent::NoGpus),
+        );
+        c.join_token = join;
+        c.ca_fingerprint = pin;
+        c
+    };
+
+    // A wrong fingerprint: the agent trusts nothing and says so.
+    let wrong = format!("SHA256:{}", "0".repeat(64));
+    let join = access::join_token(&url, "tls-pool").await.unwrap();
+    let refused = tokio::time::timeout(
+        Duration::from_secs(30),
+        muster_agent::run(
+            config(Some(join.clone()), Some(wrong)),
+            std::future::pending::<()>(),
+        ),
+    )
+    .await
+    .expect("it stops at once")
+    .unwrap_err()
+    .to_string();
+    assert!(
+        refused.contains("does not match --ca-fingerprint"),
+        "{refused}"
+    );
+    assert!(!data.path().join("tls/ca.pem").exists(), "nothing is kept");
+
+    // The right one: the CA is kept, the servers sign the node's certificate.
+    let agent = AgentHandle::start(&url, config(Some(join), Some(pin.clone())))
+        .await
+        .unwrap();
+    for f in ["tls/ca.pem", "tls/cert.pem", "tls/key.pem", "credential"] {
+        assert!(data.path().join(f).exists(), "{f}");
+    }
+    assert_eq!(
+        muster_client::pki::fingerprint(
+            &std::fs::read_to_string(data.path().join("tls/ca.pem")).unwrap()
+        )
+        .unwrap(),
+        pin
+    );
+    agent.stop().await.unwrap();
+    // Restarted with neither a join token nor a fingerprint, it is known by its certificate.
+    let again = AgentHandle::start(&url, config(None, None)).await.unwrap();
+    let run = {
+        let mut spec = RunSpec::new("echo pinned");
+        spec.compute = "tls-pool".into();
+        admin
+            .runs
+            .submit_run(v1::SubmitRunRequest {
+                spec: Some(spec.into()),
+                idempotency_key: None,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .id
+    };
+    completed(&url, &run).await;
+    again.stop().await.unwrap();
 }

@@ -102,6 +102,10 @@ pub struct AgentConfig {
     /// (`muster tls agent`), present it: the certificate then says which node this is and
     /// no join token or credential is needed.
     pub tls: Option<muster_client::ClientTls>,
+    /// With a join token and no `tls`: the cluster CA's fingerprint (`SHA256:<hex>`). The
+    /// agent fetches the CA the servers present, keeps it if the fingerprint matches, and
+    /// joins with a certificate request (`<data_dir>/tls/`).
+    pub ca_fingerprint: Option<String>,
 }
 
 /// A setting of [`AgentConfig`] that cannot work; each names the flag to fix.
@@ -244,6 +248,7 @@ impl AgentConfig {
             executor: None,
             join_token: None,
             tls: None,
+            ca_fingerprint: None,
         }
     }
 }

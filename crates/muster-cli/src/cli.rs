@@ -60,9 +60,9 @@ pub enum DaemonCommand {
     /// One process with a server, a local agent and the web UI (for a laptop or a single box).
     Dev(DevArgs),
     /// A coordinator replica.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// The node daemon: runs the runs placed on this machine.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
 }
 
 /// The client subcommands: gRPC clients of the servers of `--server`.
@@ -123,6 +123,17 @@ pub enum TlsCommand {
         /// (localhost and 127.0.0.1 are added); repeat for each server.
         #[arg(long = "server", required = true)]
         servers: Vec<String>,
+        /// Give each server the CA key too, so it signs the certificate requests of agents
+        /// that join with a join token and `--ca-fingerprint` (a server's compromise is then
+        /// the CA's).
+        #[arg(long)]
+        servers_sign_agents: bool,
+    },
+    /// Print the CA's fingerprint (`SHA256:…`) for `muster agent --ca-fingerprint`.
+    Fingerprint {
+        /// The directory of `tls init` (or any holder directory: its `ca.pem`).
+        #[arg(long)]
+        dir: PathBuf,
     },
     /// Re-issue a server's certificate from the CA in DIR; the running server uses it for
     /// new connections within a second.
@@ -391,6 +402,11 @@ pub struct AgentArgs {
     /// --ca-file the agent talks TLS and joins with a token.
     #[arg(long)]
     pub tls_dir: Option<PathBuf>,
+    /// With --join: the cluster CA's fingerprint (`muster tls fingerprint`), which the CA a
+    /// server presents must match. The agent keeps that CA, sends a certificate request
+    /// with its join, and from then on is known by the certificate the servers signed.
+    #[arg(long, value_name = "SHA256:HEX")]
+    pub ca_fingerprint: Option<String>,
     /// The node's unique name (default: the hostname).
     #[arg(long)]
     pub name: Option<String>,

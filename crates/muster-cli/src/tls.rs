@@ -11,120 +11,38 @@
 //! server's certificate in place (atomically), which the running server picks up for new
 //! connections within a second.
 //!
-//! Keys are written 0600. Crate choice: rcgen (the rustls project's certificate
-//! generator), rather than shelling out to openssl.
+//! `init --servers-sign-agents` also gives each server the CA key, so agents can join
+//! with a join token and the CA's fingerprint (`muster tls fingerprint`) alone and get their
+//! certificate by a signing request. Keys are written 0600. The certificates themselves
+//! are made by `muster_client::pki` (rcgen), rather than by shelling out to openssl.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
-};
 
-/// How long a server's or an agent's certificate is valid by default.
-pub const LEAF_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
-
-/// How long the CA is valid.
-const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+pub use muster_client::pki::{Ca, LEAF_VALIDITY};
 
 fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
     muster_client::write_secret_file(path, text, mode)
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn validity(params: &mut CertificateParams, valid_for: Duration, start_offset: Duration) {
-    let now = time::OffsetDateTime::now_utc();
-    // A minute's slack for clocks a little apart.
-    params.not_before = now - time::Duration::minutes(1) - start_offset;
-    params.not_after = now + valid_for - start_offset;
-}
-
-/// A CA's certificate and key (PEM).
-#[derive(Debug, Clone)]
-pub struct Ca {
-    /// The certificate.
-    pub cert_pem: String,
-    /// Its private key.
-    pub key_pem: String,
-}
-
-impl Ca {
-    /// A new CA named `name`.
-    pub fn new(name: &str) -> anyhow::Result<Ca> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::default();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, name);
-        params.distinguished_name = dn;
-        validity(&mut params, CA_VALIDITY, Duration::ZERO);
-        let cert = params.self_signed(&key)?;
-        Ok(Ca {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
+/// The CA of `dir` (`ca.pem`, `ca.key`).
+pub fn load_ca(dir: &Path) -> anyhow::Result<Ca> {
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f)).with_context(|| {
+            format!(
+                "cannot read {}: make the cluster's certificates with `muster tls init --dir {}`",
+                dir.join(f).display(),
+                dir.display()
+            )
         })
-    }
-
-    /// The CA of `dir` (`ca.pem`, `ca.key`).
-    pub fn load(dir: &Path) -> anyhow::Result<Ca> {
-        let read = |f: &str| {
-            std::fs::read_to_string(dir.join(f)).with_context(|| {
-                format!(
-                    "cannot read {}: make the cluster's certificates with `muster tls init --dir {}`",
-                    dir.join(f).display(),
-                    dir.display()
-                )
-            })
-        };
-        Ok(Ca {
-            cert_pem: read("ca.pem")?,
-            key_pem: read("ca.key")?,
-        })
-    }
-
-    /// A certificate for `uri` (`muster://server/N`, `muster://agent/C/N`) valid for
-    /// `names` (DNS names or IP addresses), from `valid_from_ago` in the past for
-    /// `valid_for`: (certificate, key), PEM.
-    pub fn issue(
-        &self,
-        uri: &str,
-        names: &[String],
-        valid_for: Duration,
-        valid_from_ago: Duration,
-    ) -> anyhow::Result<(String, String)> {
-        let ca_key = KeyPair::from_pem(&self.key_pem)?;
-        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, ca_key)?;
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, uri);
-        params.distinguished_name = dn;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.subject_alt_names.push(SanType::URI(uri.try_into()?));
-        for name in names {
-            let name = name.trim();
-            if name.is_empty() {
-                continue;
-            }
-            params.subject_alt_names.push(match name.parse() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(
-                    name.try_into()
-                        .with_context(|| format!("{name:?} is not a host name"))?,
-                ),
-            });
-        }
-        validity(&mut params, valid_for, valid_from_ago);
-        let cert = params.signed_by(&key, &issuer)?;
-        Ok((cert.pem(), key.serialize_pem()))
-    }
+    };
+    Ok(Ca {
+        cert_pem: read("ca.pem")?,
+        key_pem: read("ca.key")?,
+    })
 }
 
 /// A server's names: what `--server N=NAMES` listed, plus loopback.
@@ -138,17 +56,29 @@ fn server_names(names: &[String]) -> Vec<String> {
     all
 }
 
-/// Writes one holder's files: `dir/ca.pem`, `dir/cert.pem`, `dir/key.pem` (0600).
+/// Writes one holder's files: `dir/ca.pem`, `dir/cert.pem` (the certificate, then the CA's:
+/// the chain a joining agent checks its `--ca-fingerprint` against), `dir/key.pem` (0600).
 fn write_holder(dir: &Path, ca: &Ca, cert: &str, key: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     write_file(&dir.join("ca.pem"), &ca.cert_pem, 0o644)?;
     write_file(&dir.join("key.pem"), key, 0o600)?;
-    write_file(&dir.join("cert.pem"), cert, 0o644)
+    write_file(
+        &dir.join("cert.pem"),
+        &format!("{cert}{}", ca.cert_pem),
+        0o644,
+    )
 }
 
 /// `muster tls init`: a CA in `dir` and a certificate for each `(id, names)`; returns the
 /// directories written.
-pub fn init(dir: &Path, servers: &[(u64, Vec<String>)]) -> anyhow::Result<Vec<PathBuf>> {
+/// With `servers_sign_agents`, each server directory gets the CA key too (`ca.key`, 0600),
+/// so servers sign the certificate requests of agents that join with a join token and
+/// `--ca-fingerprint`; a server's compromise is then the CA's.
+pub fn init(
+    dir: &Path,
+    servers: &[(u64, Vec<String>)],
+    servers_sign_agents: bool,
+) -> anyhow::Result<Vec<PathBuf>> {
     anyhow::ensure!(
         !dir.join("ca.key").exists(),
         "{} already holds a CA: rotate server certificates with `muster tls rotate`, or pick another --dir",
@@ -160,7 +90,11 @@ pub fn init(dir: &Path, servers: &[(u64, Vec<String>)]) -> anyhow::Result<Vec<Pa
     write_file(&dir.join("ca.pem"), &ca.cert_pem, 0o644)?;
     let mut out = Vec::new();
     for (id, names) in servers {
-        out.push(issue_server(dir, &ca, *id, names, LEAF_VALIDITY)?);
+        let holder = issue_server(dir, &ca, *id, names, LEAF_VALIDITY)?;
+        if servers_sign_agents {
+            write_file(&holder.join("ca.key"), &ca.key_pem, 0o600)?;
+        }
+        out.push(holder);
     }
     Ok(out)
 }
@@ -185,16 +119,23 @@ pub fn issue_server(
     Ok(holder)
 }
 
+/// `muster tls fingerprint`: the CA's `SHA256:…`, for `muster agent --ca-fingerprint`.
+pub fn fingerprint(dir: &Path) -> anyhow::Result<String> {
+    let pem = std::fs::read_to_string(dir.join("ca.pem"))
+        .with_context(|| format!("cannot read {}", dir.join("ca.pem").display()))?;
+    Ok(muster_client::pki::fingerprint(&pem)?)
+}
+
 /// `muster tls rotate`: a new certificate for server `id` from the CA in `dir`.
 pub fn rotate(dir: &Path, id: u64, names: &[String]) -> anyhow::Result<PathBuf> {
-    issue_server(dir, &Ca::load(dir)?, id, names, LEAF_VALIDITY)
+    issue_server(dir, &load_ca(dir)?, id, names, LEAF_VALIDITY)
 }
 
 /// `muster tls agent`: a certificate for node `node` of `compute` into `dir/agent-NODE`.
 pub fn issue_agent(dir: &Path, compute: &str, node: &str) -> anyhow::Result<PathBuf> {
-    let ca = Ca::load(dir)?;
+    let ca = load_ca(dir)?;
     let (cert, key) = ca.issue(
-        &format!("muster://agent/{compute}/{node}"),
+        &muster_client::pki::agent_uri(compute, node),
         &[],
         LEAF_VALIDITY,
         Duration::ZERO,
@@ -225,8 +166,10 @@ mod tests {
         let made = init(
             dir.path(),
             &[(1, vec!["muster-1".into()]), (2, vec!["10.0.0.2".into()])],
+            true,
         )
         .unwrap();
+        assert!(made[0].join("ca.key").exists(), "servers sign agents");
         assert_eq!(made.len(), 2);
         for holder in &made {
             for f in ["ca.pem", "cert.pem", "key.pem"] {
@@ -239,7 +182,7 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
-        let err = init(dir.path(), &[(1, vec![])]).unwrap_err();
+        let err = init(dir.path(), &[(1, vec![])], false).unwrap_err();
         assert!(err.to_string().contains("already holds a CA"), "{err}");
         let before = std::fs::read_to_string(made[0].join("cert.pem")).unwrap();
         rotate(dir.path(), 1, &["muster-1".into()]).unwrap();

@@ -28,6 +28,7 @@
 mod blobs;
 mod credentials;
 mod error;
+pub mod pki;
 mod retry;
 mod servers;
 

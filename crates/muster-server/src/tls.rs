@@ -93,15 +93,21 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// Its private key (PEM).
     pub key: PathBuf,
+    /// The CA's key, when this server signs the certificate requests of joining agents
+    /// (`muster tls init --servers-sign-agents`).
+    pub ca_key: Option<PathBuf>,
 }
 
 impl TlsFiles {
-    /// The files `muster tls init` writes for one server: `DIR/{ca,cert,key}.pem`.
+    /// The files `muster tls init` writes for one server: `DIR/{ca,cert,key}.pem`, and
+    /// `DIR/ca.key` when it is there.
     pub fn in_dir(dir: &Path) -> TlsFiles {
+        let ca_key = dir.join("ca.key");
         TlsFiles {
             ca: dir.join("ca.pem"),
             cert: dir.join("cert.pem"),
             key: dir.join("key.pem"),
+            ca_key: ca_key.exists().then_some(ca_key),
         }
     }
 }

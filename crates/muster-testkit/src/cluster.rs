@@ -82,9 +82,9 @@ impl TestCluster {
         let tls = if tls {
             let tls_dir = dir.path().join("tls");
             let servers: Vec<(u64, Vec<String>)> = (1..=n).map(|id| (id, Vec::new())).collect();
-            muster_cli::tls::init(&tls_dir, &servers)?;
+            muster_cli::tls::init(&tls_dir, &servers, true)?;
             // The harness asks servers for their status as a server would.
-            let ca = muster_cli::tls::Ca::load(&tls_dir)?;
+            let ca = muster_cli::tls::load_ca(&tls_dir)?;
             muster_cli::tls::issue_server(
                 &tls_dir,
                 &ca,
@@ -340,7 +340,7 @@ impl TestCluster {
         let addr = listener.local_addr()?;
         let data_dir = self._dir.path().join(format!("s{id}"));
         if let Some(tls) = &self.tls {
-            let ca = muster_cli::tls::Ca::load(tls)?;
+            let ca = muster_cli::tls::load_ca(tls)?;
             muster_cli::tls::issue_server(tls, &ca, id, &[], muster_cli::tls::LEAF_VALIDITY)?;
         }
         self.slots.insert(

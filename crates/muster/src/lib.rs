@@ -22,9 +22,9 @@ pub async fn execute(cli: Cli) -> anyhow::Result<i32> {
     muster_cli::set_ca_file(cli.ca_file.clone());
     match cli.command {
         Command::Daemon(DaemonCommand::Dev(args)) => dev::run(args).await.map(|_| 0),
-        Command::Daemon(DaemonCommand::Server(args)) => server::run(args).await.map(|_| 0),
+        Command::Daemon(DaemonCommand::Server(args)) => server::run(*args).await.map(|_| 0),
         Command::Daemon(DaemonCommand::Agent(args)) => {
-            agent::run(&cli.server, cli.ca_file.as_deref(), args)
+            agent::run(&cli.server, cli.ca_file.as_deref(), *args)
                 .await
                 .map(|_| 0)
         }

@@ -392,14 +392,22 @@ pub async fn audit(server: &str, output: OutputFormat, limit: u32) -> anyhow::Re
 /// `muster tls …`.
 pub fn tls(cmd: TlsCommand) -> anyhow::Result<()> {
     match cmd {
-        TlsCommand::Init { dir, servers } => {
+        TlsCommand::Init {
+            dir,
+            servers,
+            servers_sign_agents,
+        } => {
             let servers = servers
                 .iter()
                 .map(|s| crate::tls::parse_server(s))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            for holder in crate::tls::init(&dir, &servers)? {
+            for holder in crate::tls::init(&dir, &servers, servers_sign_agents)? {
                 println!("{}", holder.display());
             }
+            eprintln!(
+                "CA fingerprint (for muster agent --ca-fingerprint): {}",
+                crate::tls::fingerprint(&dir)?
+            );
             eprintln!(
                 "CA in {}: copy each server-ID directory to its server (muster server --tls-dir DIR), give clients ca.pem (--ca-file), and keep ca.key off the servers",
                 dir.display()
@@ -411,6 +419,7 @@ pub fn tls(cmd: TlsCommand) -> anyhow::Result<()> {
             println!("{}", holder.display());
             eprintln!("server {id} uses the new certificate for new connections within a second");
         }
+        TlsCommand::Fingerprint { dir } => println!("{}", crate::tls::fingerprint(&dir)?),
         TlsCommand::Agent { dir, compute, name } => {
             println!(
                 "{}",

@@ -88,6 +88,26 @@ impl AgentService for Agents {
                     .map(|j| (j.id.clone(), j.compute.clone()))
             })
             .map_err(|e| Status::permission_denied(e.to_string()))?;
+        // A certificate for the node's own key, when this server signs agents' requests.
+        let (certificate_pem, ca_pem) = match (req.csr_pem.trim(), &self.0.config.tls) {
+            ("", _) => (String::new(), String::new()),
+            (csr, Some(files)) if files.ca_key.is_some() => {
+                let read = |p: &std::path::Path| {
+                    std::fs::read_to_string(p)
+                        .map_err(|e| Status::internal(format!("{}: {e}", p.display())))
+                };
+                let ca = muster_client::pki::Ca {
+                    cert_pem: read(&files.ca)?,
+                    key_pem: read(files.ca_key.as_deref().expect("checked"))?,
+                };
+                let cert = ca
+                    .sign_agent(csr, &compute, &req.node_name)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                (cert, ca.cert_pem)
+            }
+            // The servers do not sign: the node joins with its token alone.
+            _ => (String::new(), String::new()),
+        };
         let id = new_token_id();
         let secret = new_secret();
         let credential = Token {
@@ -118,6 +138,8 @@ impl AgentService for Agents {
         Ok(Response::new(v1::JoinResponse {
             credential: format_token(TOKEN_PREFIX, &id, &secret),
             compute,
+            certificate_pem,
+            ca_pem,
         }))
     }
 
