@@ -573,7 +573,55 @@ pub(crate) async fn authorize(
         return status_response(status);
     }
     req.extensions_mut().insert(caller);
-    next.run(req).await
+    if !bounded(&path) {
+        return next.run(req).await;
+    }
+    match tokio::time::timeout(UNARY_TIMEOUT, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => status_response(Status::deadline_exceeded(format!(
+            "{path} took longer than {} s, the most a call may: retry; if it keeps happening the server is overloaded",
+            UNARY_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// The longest a unary call may run on the server (streams are bounded by keep-alives and
+/// their own ends; `WaitRun` by its `timeout_ms`; adding a server waits for it to catch
+/// up).
+pub(crate) const UNARY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Whether `path` is a unary call bounded by [`UNARY_TIMEOUT`]: every method neither side
+/// of which streams, per the descriptor set, but those that wait on purpose.
+fn bounded(path: &str) -> bool {
+    static UNARY: std::sync::OnceLock<BTreeSet<String>> = std::sync::OnceLock::new();
+    let unary = UNARY.get_or_init(|| {
+        use prost::Message;
+        let mut out = BTreeSet::new();
+        let Ok(fds) = prost_types::FileDescriptorSet::decode(muster_proto::FILE_DESCRIPTOR_SET)
+        else {
+            return out;
+        };
+        for file in fds.file {
+            for service in &file.service {
+                for m in &service.method {
+                    if !m.client_streaming() && !m.server_streaming() {
+                        out.insert(format!(
+                            "/{}.{}/{}",
+                            file.package(),
+                            service.name(),
+                            m.name()
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    });
+    unary.contains(path)
+        && !matches!(
+            path,
+            "/muster.v1.RunService/WaitRun" | "/muster.v1.ClusterService/AddServer"
+        )
 }
 
 /// The metadata key every refusal of this layer carries (`muster-denied: authorization`),
@@ -603,5 +651,47 @@ pub(crate) fn access_status(e: AccessError) -> Status {
         | AccessError::NoSuchGrant { .. }
         | AccessError::LastAdmin(_) => Status::failed_precondition(msg),
         AccessError::BadJoin(_) => Status::permission_denied(msg),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unary_calls_are_bounded_and_streams_and_waits_are_not() {
+        for unary in [
+            "/muster.v1.RunService/GetRun",
+            "/muster.v1.RunService/SubmitRun",
+            "/muster.v1.AccessService/CreateToken",
+            "/muster.v1.ClusterService/Forward",
+        ] {
+            assert!(bounded(unary), "{unary}");
+        }
+        for open in [
+            "/muster.v1.RunService/StreamLogs",
+            "/muster.v1.RunService/WaitRun",
+            "/muster.v1.BlobService/PutBlob",
+            "/muster.v1.AgentService/Session",
+            "/muster.v1.ClusterService/AddServer",
+            "/grpc.health.v1.Health/Watch",
+        ] {
+            assert!(!bounded(open), "{open}");
+        }
+    }
+
+    #[test]
+    fn every_method_of_the_api_has_a_rule() {
+        use prost::Message;
+        let fds =
+            prost_types::FileDescriptorSet::decode(muster_proto::FILE_DESCRIPTOR_SET).unwrap();
+        for file in fds.file {
+            for service in &file.service {
+                for m in &service.method {
+                    let path = format!("/{}.{}/{}", file.package(), service.name(), m.name());
+                    assert!(rule(&path).is_some(), "{path} has no rule in the table");
+                }
+            }
+        }
     }
 }

@@ -113,10 +113,17 @@ fn login_page(status: StatusCode, error: Option<String>) -> Response {
 /// A session for `token`, or the login page saying why not.
 fn start(server: &Server, token: &str) -> Response {
     let token = token.trim();
+    // Over TLS the browser sends the cookie over TLS only.
+    let secure = if server.config.tls.is_some() {
+        "; Secure"
+    } else {
+        ""
+    };
     match user_of(server, token) {
         Ok(_) => {
-            let cookie =
-                format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age=43200");
+            let cookie = format!(
+                "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age=43200{secure}"
+            );
             let mut response = Redirect::to("/").into_response();
             if let Ok(v) = cookie.parse() {
                 response.headers_mut().insert(header::SET_COOKIE, v);
