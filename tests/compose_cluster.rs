@@ -24,7 +24,6 @@ use muster_testkit::images::{
 use muster_testkit::{muster, muster_bin};
 use serde_json::Value;
 use tonic::Code;
-use tonic::transport::Endpoint;
 
 /// One RPC or CLI call never waits longer than this.
 const CALL: Duration = Duration::from_secs(10);
@@ -85,14 +84,16 @@ impl Drop for RunContainers {
 /// One server's own view of the cluster, or `None` if it does not answer within [`CALL`].
 async fn own_status(url: &str) -> Option<v1::ClusterStatus> {
     let ask = async {
-        let channel = Endpoint::from_shared(url.to_string())
+        let credentials = muster_testkit::access::admin(url);
+        let channel = credentials
+            .endpoint(url)
             .ok()?
             .connect_timeout(Duration::from_secs(2))
             .timeout(CALL)
             .connect()
             .await
             .ok()?;
-        ClusterServiceClient::new(muster_testkit::access::admin(url).attach(channel))
+        ClusterServiceClient::new(credentials.attach(channel))
             .status(v1::ClusterStatusRequest { members: false })
             .await
             .ok()
@@ -311,17 +312,37 @@ async fn compose_cluster_survives_a_disconnected_leader() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    // The old leader, alone, steps down (check-quorum). Asked from inside its container:
-    // its published port went with its network.
+    // The old leader, alone, steps down (check-quorum): it knows no leader any more. Asked
+    // from inside its container (its published port went with its network), over TLS, as
+    // the admin.
     let deadline = Instant::now() + Duration::from_secs(30);
+    let token = format!(
+        "MUSTER_TOKEN={}",
+        muster_testkit::access::admin_token(&compose.urls()).expect("logged in")
+    );
     loop {
         let health = compose
             .project
-            .exec(&service, &["wget", "-qO-", "http://127.0.0.1:7070/healthz"])
+            .exec(
+                &service,
+                &[
+                    "env",
+                    &token,
+                    "muster",
+                    "--ca-file",
+                    "/tls/ca.pem",
+                    "--server",
+                    "https://127.0.0.1:7070",
+                    "-o",
+                    "json",
+                    "cluster",
+                    "status",
+                ],
+            )
             .await;
         if let Ok(h) = &health
-            && h.stdout.contains("role:")
-            && !h.stdout.contains("role: Leader")
+            && let Ok(v) = serde_json::from_str::<Value>(&h.stdout)
+            && v.get("leader").is_some_and(Value::is_null)
         {
             break;
         }

@@ -121,7 +121,7 @@ pub enum TlsCommand {
         dir: PathBuf,
         /// A server: `ID=HOST[,HOST...]`, the names and addresses it is reached at
         /// (localhost and 127.0.0.1 are added); repeat for each server.
-        #[arg(long = "server", required = true)]
+        #[arg(long = "member", value_name = "ID=HOSTS", required = true)]
         servers: Vec<String>,
         /// Give each server the CA key too, so it signs the certificate requests of agents
         /// that join with a join token and `--ca-fingerprint` (a server's compromise is then
@@ -142,7 +142,7 @@ pub enum TlsCommand {
         #[arg(long)]
         dir: PathBuf,
         /// The server: `ID=HOST[,HOST...]`.
-        #[arg(long)]
+        #[arg(long = "member", value_name = "ID=HOSTS")]
         server: String,
     },
     /// Make an agent's certificate (`DIR/agent-NODE/`) for `muster agent --tls-dir`.
@@ -714,4 +714,15 @@ pub fn parse_labels(items: &[String]) -> anyhow::Result<BTreeMap<String, String>
                 .ok_or_else(|| anyhow::anyhow!("--labels: {s:?} is not key=value"))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod consistency {
+    #[test]
+    fn the_command_line_is_consistent() {
+        // clap's own checks (no flag used twice, defaults that parse, ...), for every
+        // subcommand: a clash would otherwise panic only when that subcommand runs.
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -64,8 +64,8 @@ pub fn workspace() -> Option<&'static str> {
 /// Connects to the first of `servers` that answers, presenting the token the user logged
 /// in with (see `credentials.rs`).
 pub async fn connect(servers: &str) -> Result<Clients, ClientError> {
-    let credentials = credentials::credentials_for(servers)
-        .map_err(|e| ClientError::Credentials(format!("{e:#}")))?;
+    let credentials =
+        client_credentials(servers).map_err(|e| ClientError::Credentials(format!("{e:#}")))?;
     muster_client::connect(servers, credentials).await
 }
 

@@ -45,7 +45,7 @@ pub fn load_ca(dir: &Path) -> anyhow::Result<Ca> {
     })
 }
 
-/// A server's names: what `--server N=NAMES` listed, plus loopback.
+/// A server's names: what `--member N=NAMES` listed, plus loopback.
 fn server_names(names: &[String]) -> Vec<String> {
     let mut all: Vec<String> = names.to_vec();
     for local in ["localhost", "127.0.0.1"] {
@@ -107,7 +107,7 @@ pub fn issue_server(
     names: &[String],
     valid_for: Duration,
 ) -> anyhow::Result<PathBuf> {
-    anyhow::ensure!(id > 0, "--server {id}=…: server ids start at 1");
+    anyhow::ensure!(id > 0, "--member {id}=…: server ids start at 1");
     let (cert, key) = ca.issue(
         &format!("muster://server/{id}"),
         &server_names(names),
@@ -148,10 +148,10 @@ pub fn issue_agent(dir: &Path, compute: &str, node: &str) -> anyhow::Result<Path
 /// Parses `--server ID=NAME[,NAME...]`.
 pub fn parse_server(text: &str) -> anyhow::Result<(u64, Vec<String>)> {
     let (id, names) = text.split_once('=').ok_or_else(|| {
-        anyhow::anyhow!("--server {text:?}: give ID=HOST[,HOST...], e.g. 1=10.0.0.1,muster-1")
+        anyhow::anyhow!("--member {text:?}: give ID=HOST[,HOST...], e.g. 1=10.0.0.1,muster-1")
     })?;
     let id: u64 = id.trim().parse().map_err(|_| {
-        anyhow::anyhow!("--server {text:?}: the id must be a number (1, 2, 3, ...)")
+        anyhow::anyhow!("--member {text:?}: the id must be a number (1, 2, 3, ...)")
     })?;
     Ok((id, names.split(',').map(|n| n.trim().to_string()).collect()))
 }

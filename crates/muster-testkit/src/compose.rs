@@ -362,10 +362,6 @@ impl MusterCompose {
                 "MUSTER_AGENT_ROOT".to_string(),
                 agent_root.path().display().to_string(),
             ),
-            (
-                "MUSTER_CLUSTER_KEY".to_string(),
-                format!("compose-test-key-{:032x}", rand::random::<u128>()),
-            ),
         ];
         let project = ComposeProject::up(
             &unique_name("muster-compose"),
@@ -383,21 +379,33 @@ impl MusterCompose {
         Ok(compose)
     }
 
-    /// Reads the first admin's token from server 1's volume once it works, and registers
-    /// it for every server (bounded: 60 s).
+    /// Reads the cluster CA (the `certs` service made it) and the first admin's token from
+    /// server 1 once they work, and registers both for every server (bounded: 60 s).
     async fn login(&self) -> anyhow::Result<()> {
+        let ca = self._agent_root.path().join("ca.pem");
         for _ in 0..120 {
-            if let Ok(out) = self
-                .project
-                .exec(&Self::service(1), &["cat", "/data/admin-token"])
-                .await
+            if !ca.exists()
+                && let Ok(out) = self
+                    .project
+                    .exec(&Self::service(1), &["cat", "/tls/ca.pem"])
+                    .await
+                && out.stdout.contains("BEGIN CERTIFICATE")
+            {
+                std::fs::write(&ca, &out.stdout)?;
+                crate::access::register_ca(&self.urls(), &ca);
+            }
+            if ca.exists()
+                && let Ok(out) = self
+                    .project
+                    .exec(&Self::service(1), &["cat", "/data/admin-token"])
+                    .await
             {
                 let token = out.stdout.trim().to_string();
-                if let Ok(mut c) = muster_client::connect(
+                let credentials = crate::access::with_tls(
                     &self.urls(),
                     muster_client::Credentials::bearer(&token)?,
-                )
-                .await
+                );
+                if let Ok(mut c) = muster_client::connect(&self.urls(), credentials).await
                     && c.access
                         .who_am_i(muster_proto::v1::WhoAmIRequest {})
                         .await
@@ -424,6 +432,11 @@ impl MusterCompose {
     /// Every server's URL, comma-separated (what `--server` takes).
     pub fn urls(&self) -> String {
         (1..=3).map(|id| self.url(id)).collect::<Vec<_>>().join(",")
+    }
+
+    /// The cluster CA's certificate, as a file on this machine.
+    pub fn ca_file(&self) -> PathBuf {
+        self._agent_root.path().join("ca.pem")
     }
 
     /// The Compose service of server `id`.

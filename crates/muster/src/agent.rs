@@ -65,7 +65,7 @@ pub async fn run(
     };
     // A command provisioner's script launches several nodes at once: each agent finds its
     // own token in MUSTER_JOIN_TOKENS (`NODE=TOKEN` pairs) when --join is not given.
-    config.ca_fingerprint = args.ca_fingerprint.clone();
+    config.ca_fingerprint = args.ca_fingerprint.clone().filter(|f| !f.trim().is_empty());
     config.join_token = args.join.filter(|j| !j.trim().is_empty()).or_else(|| {
         let pairs = std::env::var("MUSTER_JOIN_TOKENS").ok()?;
         pairs.split_whitespace().find_map(|pair| {
