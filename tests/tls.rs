@@ -168,6 +168,9 @@ async fn a_tls_cluster_keeps_every_run_through_a_leader_kill_and_a_certificate_r
         }
         assert_eq!(seen, fresh, "server {id} presents its rotated certificate");
     }
+    // Let the servers remake their connections to each other with the new certificates
+    // (checked every 2 s), so what follows crosses them.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     ids.push(submit(&rest, "after-rotation").await);
     completed(&rest, &ids[2]).await;
 

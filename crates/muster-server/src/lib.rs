@@ -229,6 +229,31 @@ pub async fn run(
     result
 }
 
+/// Presents a rotated certificate to the other servers too: when the certificate or key
+/// file changes (checked every 2 s), the peers' connections are remade with it.
+async fn reload_peer_identity(server: std::sync::Arc<server::Server>, files: TlsFiles) {
+    let stamp =
+        || [&files.cert, &files.key].map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+    let mut seen = stamp();
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = stamp();
+        if now == seen {
+            continue;
+        }
+        match server::peer_credentials(&server.config) {
+            Ok(credentials) => {
+                server.coordinator.peers().set_credentials(credentials);
+                tracing::info!("presenting the rotated TLS certificate to the other servers");
+                seen = now;
+            }
+            Err(e) => {
+                tracing::warn!("keeping the current certificate for the other servers: {e:#}")
+            }
+        }
+    }
+}
+
 async fn serve(
     listener: tokio::net::TcpListener,
     server: std::sync::Arc<server::Server>,
@@ -254,7 +279,13 @@ async fn serve(
     );
     let stop = server.coordinator.clone();
     let tls = match &server.config.tls {
-        Some(files) => Some(tls::acceptor(files)?),
+        Some(files) => {
+            leader_tasks.push(tokio::spawn(reload_peer_identity(
+                server.clone(),
+                files.clone(),
+            )));
+            Some(tls::acceptor(files)?)
+        }
         None => None,
     };
     listener::serve(listener, app, tls, async move {

@@ -39,7 +39,9 @@ pub(crate) struct Server {
 
 /// What this server presents to its peers: over TLS its own certificate (it says which
 /// server it is); without TLS the cluster key and its id.
-fn peer_credentials(config: &ServerConfig) -> anyhow::Result<muster_client::Credentials> {
+pub(crate) fn peer_credentials(
+    config: &ServerConfig,
+) -> anyhow::Result<muster_client::Credentials> {
     let mut credentials = match &config.cluster_key {
         Some(key) => muster_client::Credentials::server(config.raft.id, key)
             .map_err(|_| anyhow::anyhow!("--cluster-key-file: the key must be printable ASCII"))?,

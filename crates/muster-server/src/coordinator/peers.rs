@@ -33,7 +33,7 @@ pub struct Peers {
     state: Arc<RwLock<State>>,
     fallback: Arc<RwLock<BTreeMap<u64, String>>>,
     clients: Arc<Mutex<HashMap<String, ClusterServiceClient<Channel>>>>,
-    credentials: Credentials,
+    credentials: Arc<RwLock<Credentials>>,
 }
 
 impl Peers {
@@ -48,8 +48,15 @@ impl Peers {
             state,
             fallback: Arc::new(RwLock::new(bootstrap)),
             clients: Arc::default(),
-            credentials,
+            credentials: Arc::new(RwLock::new(credentials)),
         }
+    }
+
+    /// Presents `credentials` from now on (a rotated certificate): connections made before
+    /// are dropped from the cache, so every new call uses the new identity.
+    pub fn set_credentials(&self, credentials: Credentials) {
+        *self.credentials.write().expect("credentials lock") = credentials;
+        self.clients.lock().expect("clients lock").clear();
     }
 
     /// A lazily connected channel to `address` (`host:port` or a URL) that presents this
@@ -59,8 +66,9 @@ impl Peers {
         address: &str,
         configure: impl FnOnce(Endpoint) -> Endpoint,
     ) -> Option<Channel> {
-        let endpoint = self.credentials.endpoint(address).ok()?;
-        Some(self.credentials.attach(configure(endpoint).connect_lazy()))
+        let credentials = self.credentials.read().expect("credentials lock").clone();
+        let endpoint = credentials.endpoint(address).ok()?;
+        Some(credentials.attach(configure(endpoint).connect_lazy()))
     }
 
     /// The address of server `id`: the replicated one, else the fallback book's.
@@ -251,6 +259,24 @@ pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_new_identity_empties_the_connection_cache() {
+        let state = Arc::new(RwLock::new(State::default()));
+        let peers = Peers::new(
+            state,
+            BTreeMap::from([(1, "127.0.0.1:1".to_string())]),
+            Credentials::none(),
+        );
+        assert!(peers.client(1).is_some());
+        assert_eq!(peers.clients.lock().unwrap().len(), 1);
+        peers.set_credentials(Credentials::server(1, "another-key").unwrap());
+        assert!(peers.clients.lock().unwrap().is_empty());
+        assert!(
+            peers.client(1).is_some(),
+            "made again with the new identity"
+        );
+    }
 
     #[test]
     fn replicated_addresses_win_over_peers_flags_and_gossip() {
