@@ -307,16 +307,17 @@ pub async fn workspace_cmd(
 pub async fn role(server: &str, output: OutputFormat, cmd: RoleCommand) -> anyhow::Result<()> {
     let mut c = connect(server).await?;
     let workspace = crate::workspace().unwrap_or_default().to_string();
+    let grant = |user, role| v1::RoleRequest {
+        grant: Some(v1::Grant {
+            user,
+            workspace: workspace.clone(),
+            role,
+        }),
+    };
     let grants = match cmd {
         RoleCommand::Grant { user, role } => {
             c.access
-                .grant_role(v1::RoleRequest {
-                    grant: Some(v1::Grant {
-                        user,
-                        workspace,
-                        role,
-                    }),
-                })
+                .grant_role(grant(user, role))
                 .await
                 .map_err(status)?
                 .into_inner()
@@ -324,13 +325,7 @@ pub async fn role(server: &str, output: OutputFormat, cmd: RoleCommand) -> anyho
         }
         RoleCommand::Revoke { user, role } => {
             c.access
-                .revoke_role(v1::RoleRequest {
-                    grant: Some(v1::Grant {
-                        user,
-                        workspace,
-                        role,
-                    }),
-                })
+                .revoke_role(grant(user, role))
                 .await
                 .map_err(status)?
                 .into_inner()

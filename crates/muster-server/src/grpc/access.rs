@@ -135,6 +135,21 @@ impl Accesses {
         v1::ListGrantsResponse { grants }
     }
 
+    /// Grants or revokes (`change`) the request's grant, if the caller may change it; the
+    /// user's grants after.
+    async fn change_grant(
+        &self,
+        req: Request<v1::RoleRequest>,
+        change: impl FnOnce(Grant) -> AccessChange,
+    ) -> Result<Response<v1::ListGrantsResponse>, Status> {
+        let caller = Caller::of(&req);
+        let grant = grant_from_wire(req.into_inner().grant)?;
+        self.may_change(&caller, &grant)?;
+        let user = grant.user.clone();
+        self.propose(&caller, change(grant)).await?;
+        Ok(Response::new(self.grants(Some(&user))))
+    }
+
     /// Checks the caller may change `grant`: a cluster admin anywhere, a workspace admin
     /// in that workspace.
     fn may_change(&self, caller: &Caller, grant: &Grant) -> Result<(), Status> {
@@ -370,26 +385,16 @@ impl AccessService for Accesses {
         &self,
         req: Request<v1::RoleRequest>,
     ) -> Result<Response<v1::ListGrantsResponse>, Status> {
-        let caller = Caller::of(&req);
-        let grant = grant_from_wire(req.into_inner().grant)?;
-        self.may_change(&caller, &grant)?;
-        let user = grant.user.clone();
-        self.propose(&caller, AccessChange::GrantRole { grant })
-            .await?;
-        Ok(Response::new(self.grants(Some(&user))))
+        self.change_grant(req, |grant| AccessChange::GrantRole { grant })
+            .await
     }
 
     async fn revoke_role(
         &self,
         req: Request<v1::RoleRequest>,
     ) -> Result<Response<v1::ListGrantsResponse>, Status> {
-        let caller = Caller::of(&req);
-        let grant = grant_from_wire(req.into_inner().grant)?;
-        self.may_change(&caller, &grant)?;
-        let user = grant.user.clone();
-        self.propose(&caller, AccessChange::RevokeRole { grant })
-            .await?;
-        Ok(Response::new(self.grants(Some(&user))))
+        self.change_grant(req, |grant| AccessChange::RevokeRole { grant })
+            .await
     }
 
     async fn list_grants(

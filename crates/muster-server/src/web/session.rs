@@ -87,6 +87,19 @@ pub(super) fn to_login() -> Response {
     Redirect::to("/login").into_response()
 }
 
+/// A studio page's viewer as an extractor: a request without a valid session is sent to
+/// `/login` before the handler runs.
+impl axum::extract::FromRequestParts<Arc<Server>> for Viewer {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        server: &Arc<Server>,
+    ) -> Result<Viewer, Response> {
+        viewer(server, &parts.headers).ok_or_else(to_login)
+    }
+}
+
 #[derive(Debug, Template)]
 #[template(path = "studio/login.html", whitespace = "minimize")]
 struct LoginPage {

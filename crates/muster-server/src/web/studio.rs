@@ -14,14 +14,14 @@ use std::time::Duration;
 
 use askama::Template;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::http::{StatusCode, Uri, header};
 use axum::response::{Html, IntoResponse, Response};
 use muster_core::pipeline::StepInput;
 use muster_core::{Run, RunState};
 use muster_proto::v1;
 use muster_proto::{Word, pipeline_to_wire, run_to_wire, sweep_trial_note};
 
-use super::session;
+use super::session::Viewer;
 use crate::server::Server;
 use crate::views::access::{pipeline_workspace, sweep_workspace};
 use crate::views::logs::combined_log;
@@ -230,10 +230,7 @@ impl RunRow {
 }
 
 /// `GET /`.
-pub(super) async fn index(State(c): State<Arc<Server>>, headers: HeaderMap) -> Response {
-    let Some(viewer) = session::viewer(&c, &headers) else {
-        return session::to_login();
-    };
+pub(super) async fn index(State(c): State<Arc<Server>>, viewer: Viewer) -> Response {
     let seen = &viewer.readable;
     let (computes, sweeps, pipelines) = c.coordinator.read(|s| {
         let computes: Vec<ComputeRow> = s
@@ -379,11 +376,8 @@ struct TrialRow {
 pub(super) async fn sweep_page(
     State(c): State<Arc<Server>>,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    viewer: Viewer,
 ) -> Response {
-    let Some(viewer) = session::viewer(&c, &headers) else {
-        return session::to_login();
-    };
     let Some(sweep) = c
         .coordinator
         .read(|s| s.sweeps.get(&id).cloned())
@@ -512,11 +506,8 @@ enum InputSource {
 pub(super) async fn pipeline_page(
     State(c): State<Arc<Server>>,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    viewer: Viewer,
 ) -> Response {
-    let Some(viewer) = session::viewer(&c, &headers) else {
-        return session::to_login();
-    };
     let Some((p, spec)) = c.coordinator.read(|s| {
         s.pipelines
             .get(&id)
@@ -672,11 +663,8 @@ struct AttemptSection {
 pub(super) async fn run_page(
     State(c): State<Arc<Server>>,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    viewer: Viewer,
 ) -> Response {
-    let Some(viewer) = session::viewer(&c, &headers) else {
-        return session::to_login();
-    };
     let Some((run, wire)) = c.coordinator.read(|s| {
         s.runs
             .get(&id)
