@@ -486,6 +486,42 @@ async fn another_workspace_is_invisible_and_refusals_are_audited() {
         .into_inner()
         .runs;
     assert_eq!(all.len(), 2);
+    // Blobs are addressed by content, but a user reads only those of runs they may see: a
+    // digest learnt elsewhere opens nothing.
+    let manifest = vera
+        .blobs
+        .upload_bytes(br#"{"files":[]}"#.to_vec())
+        .await
+        .unwrap();
+    let stray = vera
+        .blobs
+        .upload_bytes(b"no run refers to this".to_vec())
+        .await
+        .unwrap();
+    vera.runs
+        .submit_run(v1::SubmitRunRequest {
+            spec: Some(v1::RunSpec {
+                code: Some(v1::CodeRef {
+                    manifest: manifest.clone(),
+                    ..Default::default()
+                }),
+                ..spec("vision-pool", "vision")
+            }),
+            idempotency_key: Some("with-code".into()),
+        })
+        .await
+        .unwrap();
+    let got = vera.blobs.download_bytes(&manifest).await.unwrap();
+    assert_eq!(got, br#"{"files":[]}"#);
+    assert!(admin.blobs.download_bytes(&manifest).await.is_ok());
+    for (who, sha) in [(&mut nils, &manifest), (&mut vera, &stray)] {
+        match who.blobs.download_bytes(sha).await.unwrap_err() {
+            muster_client::ClientError::Blob { status, .. } => {
+                assert_eq!(status.code(), Code::NotFound, "{status:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
     // A reader of nlp may not submit there.
     let reader = access::user_token(&url, "rolf", "reader", Some("nlp"))
         .await

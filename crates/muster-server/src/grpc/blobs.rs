@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::grpc::auth::Caller;
 use crate::server::Server;
 use crate::store::BlobError;
+use crate::views::access::blob_readable;
 
 pub(crate) struct Blobs(pub Arc<Server>);
 
@@ -102,8 +103,17 @@ impl BlobService for Blobs {
         req: Request<v1::GetBlobRequest>,
     ) -> Result<Response<BlobStream>, Status> {
         let from_peer = crate::coordinator::peers::is_replica(&req);
+        let caller = Caller::of(&req);
         let sha = req.into_inner().sha256;
         let path = self.0.store.blobs.path(&sha).map_err(Status::from)?;
+        // A user reads only blobs of runs they may see; agents and servers move any blob
+        // (snapshots, inputs, replicas). An unreadable blob is as absent as a missing one.
+        if let Caller::User { .. } = caller {
+            let readable = caller.readable(&self.0, None)?;
+            if !blob_readable(&self.0, &readable, &sha) {
+                return Err(Status::from(BlobError::NotFound(sha)));
+            }
+        }
         if !from_peer && !self.0.store.blobs.has(&sha) {
             // Repair: another server may hold it (it was uploaded there).
             self.0

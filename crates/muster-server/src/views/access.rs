@@ -52,3 +52,15 @@ pub(crate) fn pipeline_workspace(p: &Pipeline) -> &str {
         .map(|s| s.run.workspace.as_str())
         .unwrap_or(DEFAULT_WORKSPACE)
 }
+
+/// Whether blob `sha256` belongs to a run of a workspace in `readable` (see
+/// [`muster_core::state::Run::references_blob`]): what a user may download. Blobs are
+/// addressed by content, so without this check anyone holding a digest could read
+/// another workspace's outputs and logs.
+pub(crate) fn blob_readable(server: &Server, readable: &Readable, sha256: &str) -> bool {
+    server.coordinator.read(|s| {
+        s.runs
+            .values()
+            .any(|r| readable.contains(&r.spec.workspace) && r.references_blob(sha256))
+    })
+}
