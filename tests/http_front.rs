@@ -421,6 +421,9 @@ async fn studio_pages_need_a_session_and_show_only_the_viewers_workspaces() {
         assert!(cookie.contains(attr), "{attr} in {cookie}");
     }
     let session = cookie.split(';').next().unwrap().to_string();
+    // The cookie holds a session token of its own, never the token that logged in.
+    assert!(session.starts_with("muster_session=mst_"), "{session}");
+    assert!(!cookie.contains(&dev.token()), "{cookie}");
     // The form posts the token the same way (with the page's own Origin).
     let body = format!("token={}", dev.token());
     let posted = send(
@@ -502,6 +505,23 @@ async fn studio_pages_need_a_session_and_show_only_the_viewers_workspaces() {
             .is_some_and(|c| c.contains("Max-Age=0")),
         "{out:?}"
     );
+    // Logging out revoked the session's token: the old cookie, replayed, opens nothing,
+    // while the token that logged in still works.
+    let replayed = send(addr, "GET", "/", &own, &[("Cookie", &session)], b"").await;
+    assert_eq!(replayed.status, 303, "{replayed:?}");
+    let sessions = admin
+        .access
+        .list_tokens(v1::ListTokensRequest { all: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    assert!(
+        sessions
+            .iter()
+            .any(|t| t.name == "studio session" && t.revoked_at_ms.is_some()),
+        "{sessions:?}"
+    );
     // A revoked token ends its session at the next page.
     let who = admin
         .access
@@ -549,6 +569,37 @@ fn chromium() -> String {
         "this test needs Chromium on PATH (chromium or chromium-browser): \
          apt-get install -y --no-install-recommends chromium (.ci/run installs it)"
     );
+}
+
+/// Loads `url` in headless Chromium with profile `profile` (cookies live there), gives its
+/// scripts `script_ms` of virtual time (none for a page that reloads itself, which would
+/// still be loading when the time is up), and returns the DOM as the page then stands (after any
+/// redirects). Chromium's stderr is in the panic if it fails.
+async fn headless_dom(browser: &str, profile: &Path, url: &str, script_ms: Option<u32>) -> String {
+    let mut cmd = tokio::process::Command::new(browser);
+    cmd.args([
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--dump-dom",
+    ])
+    .args(script_ms.map(|ms| format!("--virtual-time-budget={ms}")))
+    .arg(format!("--user-data-dir={}", profile.display()))
+    .arg(url)
+    .stdin(std::process::Stdio::null())
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(90), cmd.output())
+        .await
+        .expect("chromium finished within 90 s")
+        .expect("chromium runs");
+    assert!(
+        out.status.success(),
+        "chromium {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Serves `page` as text/html to every request on a fresh 127.0.0.1 port; its address.
@@ -631,31 +682,47 @@ const calls = [
     );
     let attack = serve_page(page).await;
     let profile = tempfile::tempdir().unwrap();
-    let mut cmd = tokio::process::Command::new(&browser);
-    cmd.args([
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--virtual-time-budget=5000",
-        "--dump-dom",
-    ])
-    .arg(format!("--user-data-dir={}", profile.path().display()))
-    .arg(format!("http://{attack}/"))
-    .stdin(std::process::Stdio::null())
-    .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(90), cmd.output())
-        .await
-        .expect("chromium finished within 90 s")
-        .expect("chromium runs");
-    let dom = String::from_utf8_lossy(&out.stdout);
+    let dom = headless_dom(
+        &browser,
+        profile.path(),
+        &format!("http://{attack}/"),
+        Some(5000),
+    )
+    .await;
     assert!(
         dom.contains("attack-sent opaque,opaque"),
-        "the page's script ran and both requests were sent: {dom}\nstderr: {}",
-        String::from_utf8_lossy(&out.stderr)
+        "the page's script ran and both requests were sent: {dom}"
     );
     // Had a request got through, the run would exist by now and soon make its marker.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_untouched(&dev, &own, &marker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_login_link_opens_the_studio_in_a_browser() {
+    let browser = chromium();
+    let mut dev = DevCluster::start().await.unwrap();
+    let id = running_sleeper(&dev).await;
+    let profile = tempfile::tempdir().unwrap();
+    // Without a session the studio is the login form, and it shows no run.
+    let bare = headless_dom(
+        &browser,
+        profile.path(),
+        &format!("http://{}/", dev.addr),
+        None,
+    )
+    .await;
+    assert!(bare.contains("action=\"/login\""), "{bare}");
+    assert!(!bare.contains(&id), "{bare}");
+    // The link `muster dev` prints: the browser keeps the session cookie through the
+    // redirect and lands on the run list, which shows the running run.
+    let link = format!("http://{}/login?token={}", dev.addr, dev.token());
+    let studio = headless_dom(&browser, profile.path(), &link, None).await;
+    assert!(studio.contains("Logged in as admin"), "{studio}");
+    assert!(studio.contains(&id), "{studio}");
+    assert!(
+        !studio.contains(&dev.token()),
+        "the page never shows the token: {studio}"
+    );
+    dev.stop().await.unwrap();
 }

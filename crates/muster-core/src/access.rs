@@ -54,6 +54,11 @@ pub const JOIN_PREFIX: &str = "msj_";
 /// [`Access::audit_dropped`] (part 2's audit log ships them out before that).
 pub const MAX_AUDIT_EVENTS: usize = 50_000;
 
+/// How long a token is kept after it expired or was revoked (shown by `muster token list`,
+/// refused with a precise reason); after that the next new token drops it, so tokens made
+/// for every studio session do not pile up. Its events stay in the audit log.
+pub const ENDED_TOKEN_KEPT: Millis = 7 * 24 * 3600 * 1000;
+
 /// The most denials one [`AccessChange::RecordDenials`] carries; the rest are counted.
 pub const MAX_DENIALS_PER_BATCH: usize = 100;
 
@@ -153,6 +158,15 @@ impl Token {
     /// Usable at `now`: neither revoked nor expired.
     pub fn is_live(&self, now: Millis) -> bool {
         self.revoked_at.is_none() && self.expires_at.is_none_or(|e| now < e)
+    }
+
+    /// When it stopped working (revoked or expired), if it has by `now`.
+    pub fn ended_at(&self, now: Millis) -> Option<Millis> {
+        let expired = self.expires_at.filter(|e| *e <= now);
+        match (self.revoked_at, expired) {
+            (Some(r), Some(e)) => Some(r.min(e)),
+            (r, e) => r.or(e),
+        }
     }
 }
 
@@ -572,6 +586,10 @@ impl Access {
                         .map(|e| format!(", expires at {e}"))
                         .unwrap_or_default()
                 );
+                self.tokens.retain(|_, t| {
+                    t.ended_at(at)
+                        .is_none_or(|end| at.saturating_sub(end) < ENDED_TOKEN_KEPT)
+                });
                 self.tokens.insert(token.id.clone(), token.clone());
                 detail
             }

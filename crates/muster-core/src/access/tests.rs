@@ -90,6 +90,43 @@ fn an_expired_token_is_refused() {
 }
 
 #[test]
+fn tokens_ended_a_week_ago_are_dropped_when_the_next_one_is_made() {
+    let mut access = bootstrapped();
+    let make = |access: &mut Access, id: &str, expires: Option<Millis>, at: Millis| {
+        let mut t = user_token(id, "alice", "abc", expires);
+        t.created_at = at;
+        apply(access, AccessChange::CreateToken { token: t }, at).unwrap();
+    };
+    make(&mut access, "short", Some(1_000), 10);
+    make(&mut access, "revoked", None, 10);
+    apply(
+        &mut access,
+        AccessChange::RevokeToken {
+            id: "revoked".into(),
+        },
+        2_000,
+    )
+    .unwrap();
+    // Within the week both are kept (and refused with their reason).
+    make(&mut access, "a", None, 1_000 + ENDED_TOKEN_KEPT - 1);
+    assert!(access.tokens.contains_key("short") && access.tokens.contains_key("revoked"));
+    assert_eq!(
+        access.authenticate(&format_token(TOKEN_PREFIX, "short", "abc"), 5_000),
+        Err(AuthError::Expired)
+    );
+    // A week after it expired the first goes; the revoked one a millisecond later.
+    make(&mut access, "b", None, 1_000 + ENDED_TOKEN_KEPT);
+    assert!(!access.tokens.contains_key("short"));
+    assert!(access.tokens.contains_key("revoked"));
+    make(&mut access, "c", None, 2_000 + ENDED_TOKEN_KEPT);
+    assert!(!access.tokens.contains_key("revoked"));
+    // Live tokens, the bootstrap one included, stay.
+    for id in ["boot", "a", "b", "c"] {
+        assert!(access.tokens.contains_key(id), "{id}");
+    }
+}
+
+#[test]
 fn bootstrap_happens_once_and_a_revoked_bootstrap_token_stays_revoked() {
     let mut access = bootstrapped();
     apply(

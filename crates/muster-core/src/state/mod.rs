@@ -441,7 +441,10 @@ impl Run {
     /// attempt's outputs archive, sealed log or sealed metrics. A user may download a blob
     /// only through a run of a workspace they may read (muster-server's BlobService).
     pub fn references_blob(&self, sha256: &str) -> bool {
-        self.spec.code.as_ref().is_some_and(|c| c.manifest == sha256)
+        self.spec
+            .code
+            .as_ref()
+            .is_some_and(|c| c.manifest == sha256)
             || self.attempts.iter().any(|a| {
                 a.outputs.as_deref() == Some(sha256)
                     || a.logs.values().any(|l| l.sha256 == sha256)

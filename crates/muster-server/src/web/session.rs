@@ -1,11 +1,15 @@
-//! Logging in to the studio: an API token becomes a session cookie.
+//! Logging in to the studio: an API token opens a session of its own.
 //!
 //! `GET /login?token=mst_…` (the URL `muster dev` prints) or the form on `/login` checks
-//! the token like the API does and answers with a cookie holding it: `HttpOnly` (no script
-//! reads it), `SameSite=Strict` (no other site's page sends it), `Path=/`, and `Secure`
-//! once the server speaks TLS. Every studio page then reads its viewer from the cookie and
-//! shows only the workspaces the viewer has a role in; without a valid cookie a page
-//! redirects to `/login`. A revoked or expired token ends the session at the next page.
+//! the token like the API does, then makes a **session token** for the same user: an
+//! ordinary `mst_` token named `studio session`, replicated like any other, that expires
+//! after 12 hours and is revoked when the user logs out. The cookie holds the session token,
+//! never the pasted one, so a browser keeps nothing that outlives its session. The cookie is
+//! `HttpOnly` (no script reads it), `SameSite=Strict` (no other site's page sends it),
+//! `Path=/`, and `Secure` once the server speaks TLS. Every studio page then reads its
+//! viewer from the cookie and shows only the workspaces the viewer has a role in; without a
+//! valid cookie a page redirects to `/login`. A revoked or expired token, or a session whose
+//! user lost their token, ends at the next page.
 //!
 //! Requests that change something carry a CSRF token (a hash of the session's token, so it
 //! needs no server memory and is the same on every server) in a hidden form field, checked
@@ -18,10 +22,13 @@ use axum::Form;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
-use muster_core::access::{Principal, hash_secret};
+use muster_core::access::{
+    AccessChange, Principal, TOKEN_PREFIX, Token, format_token, hash_secret, parse_token,
+};
+use muster_core::state::Command;
 use serde::Deserialize;
 
-use crate::coordinator::now_ms;
+use crate::coordinator::{new_secret, new_token_id, now_ms};
 use crate::server::Server;
 use crate::views::access::{Readable, readable_by};
 
@@ -38,6 +45,12 @@ pub(super) struct Viewer {
     /// The CSRF token of their session.
     pub csrf: String,
 }
+
+/// The name of the tokens sessions hold (`muster token list` shows them).
+pub(super) const SESSION_NAME: &str = "studio session";
+
+/// How long a session lasts, in seconds.
+const SESSION_S: u64 = 12 * 3600;
 
 /// The CSRF token of a session whose cookie holds `token`.
 fn csrf_of(token: &str) -> String {
@@ -123,28 +136,54 @@ fn login_page(status: StatusCode, error: Option<String>) -> Response {
     response
 }
 
-/// A session for `token`, or the login page saying why not.
-fn start(server: &Server, token: &str) -> Response {
-    let token = token.trim();
+/// A session for the user of `token`, or the login page saying why not.
+async fn start(server: &Server, token: &str) -> Response {
+    let user = match user_of(server, token.trim()) {
+        Ok(user) => user,
+        Err(why) => return login_page(StatusCode::UNAUTHORIZED, Some(why)),
+    };
+    let now = now_ms();
+    let (id, secret) = (new_token_id(), new_secret());
+    let by = format!("user:{user}");
+    let session = Token {
+        id: id.clone(),
+        principal: Principal::User { name: user },
+        name: SESSION_NAME.into(),
+        hash: hash_secret(&secret),
+        created_at: now,
+        expires_at: Some(now + SESSION_S * 1000),
+        revoked_at: None,
+        created_by: by.clone(),
+    };
+    let made = server
+        .coordinator
+        .propose(Command::Access {
+            change: Box::new(AccessChange::CreateToken { token: session }),
+            by,
+            at: now,
+        })
+        .await;
+    if let Err(e) = made {
+        return login_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(format!("the session could not be started ({e}): try again")),
+        );
+    }
     // Over TLS the browser sends the cookie over TLS only.
     let secure = if server.config.tls.is_some() {
         "; Secure"
     } else {
         ""
     };
-    match user_of(server, token) {
-        Ok(_) => {
-            let cookie = format!(
-                "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age=43200{secure}"
-            );
-            let mut response = Redirect::to("/").into_response();
-            if let Ok(v) = cookie.parse() {
-                response.headers_mut().insert(header::SET_COOKIE, v);
-            }
-            response
-        }
-        Err(why) => login_page(StatusCode::UNAUTHORIZED, Some(why)),
+    let cookie = format!(
+        "{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age={SESSION_S}{secure}",
+        format_token(TOKEN_PREFIX, &id, &secret)
+    );
+    let mut response = Redirect::to("/").into_response();
+    if let Ok(v) = cookie.parse() {
+        response.headers_mut().insert(header::SET_COOKIE, v);
     }
+    response
 }
 
 /// `?token=` of `/login`.
@@ -159,7 +198,7 @@ pub(super) async fn login(
     Query(q): Query<TokenQuery>,
 ) -> Response {
     match q.token {
-        Some(token) => start(&server, &token),
+        Some(token) => start(&server, &token).await,
         None => login_page(StatusCode::OK, None),
     }
 }
@@ -175,7 +214,7 @@ pub(super) async fn login_submit(
     State(server): State<Arc<Server>>,
     Form(form): Form<LoginForm>,
 ) -> Response {
-    start(&server, &form.token)
+    start(&server, &form.token).await
 }
 
 /// The logout form's fields.
@@ -184,8 +223,12 @@ pub(super) struct LogoutForm {
     csrf: String,
 }
 
-/// `POST /logout`: ends the session (the CSRF token must match it).
-pub(super) async fn logout(headers: HeaderMap, Form(form): Form<LogoutForm>) -> Response {
+/// `POST /logout`: ends the session (the CSRF token must match it) and revokes its token.
+pub(super) async fn logout(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Form(form): Form<LogoutForm>,
+) -> Response {
     let Some(token) = session_token(&headers) else {
         return to_login();
     };
@@ -196,10 +239,46 @@ pub(super) async fn logout(headers: HeaderMap, Form(form): Form<LogoutForm>) -> 
         )
             .into_response();
     }
+    if let Err(e) = end(&server, &token).await {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the session could not be ended ({e}): try again\n"),
+        )
+            .into_response();
+    }
     let mut response = Redirect::to("/login").into_response();
     let clear = format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
     if let Ok(v) = clear.parse() {
         response.headers_mut().insert(header::SET_COOKIE, v);
     }
     response
+}
+
+/// Revokes the session token `token` (a live one of a session; any other token, such as an
+/// API token in a cookie set by hand, is left alone).
+async fn end(server: &Server, token: &str) -> Result<(), String> {
+    let now = now_ms();
+    let Some((id, _)) = parse_token(TOKEN_PREFIX, token) else {
+        return Ok(());
+    };
+    let session = server.coordinator.read(|s| {
+        s.access
+            .authenticate(token, now)
+            .ok()
+            .filter(|t| t.name == SESSION_NAME)
+            .map(|t| t.principal.label())
+    });
+    let Some(by) = session else {
+        return Ok(());
+    };
+    server
+        .coordinator
+        .propose(Command::Access {
+            change: Box::new(AccessChange::RevokeToken { id: id.to_string() }),
+            by,
+            at: now,
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
