@@ -7,7 +7,9 @@
 //!
 //! Callers: nobody, a malformed token, a revoked token, an expired token, a user without
 //! any role, a reader, a user, an operator, the cluster admin, an agent (its credential
-//! from a real join), another server (the cluster key), and a server with a wrong key.
+//! from a real join), another server (the cluster key), and a server with a wrong key; and
+//! on a TLS port, an agent's and a server's certificates, a client with neither certificate
+//! nor token, and tokens over TLS.
 //! Then the workspace rules: another workspace's run is NOT_FOUND and absent from lists,
 //! and refusals land in the replicated audit log.
 
@@ -290,11 +292,13 @@ async fn identities(cluster: &TestCluster) -> BTreeMap<Who, Credentials> {
     ids
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_method_admits_exactly_the_callers_its_rule_names() {
-    let cluster = TestCluster::start(1).await.unwrap();
-    let ids = identities(&cluster).await;
-    let url = cluster.url(1);
+/// Calls every method as each of `callers` (credentials in `ids`) and returns each answer
+/// that differs from the policy.
+async fn wrong_answers(
+    url: &str,
+    ids: &BTreeMap<Who, Credentials>,
+    callers: &[Who],
+) -> Vec<String> {
     let methods = every_method();
     assert!(
         methods.len() > 40,
@@ -308,8 +312,8 @@ async fn every_method_admits_exactly_the_callers_its_rule_names() {
             ));
             continue;
         };
-        for who in EVERYONE {
-            let got = call(&url, &ids[who], method).await;
+        for who in callers {
+            let got = call(url, &ids[who], method).await;
             let should = expected.contains(who);
             match (&got, should) {
                 (Ok(()), true) => {}
@@ -335,6 +339,55 @@ async fn every_method_admits_exactly_the_callers_its_rule_names() {
             }
         }
     }
+    wrong
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_method_admits_exactly_the_callers_its_rule_names() {
+    let cluster = TestCluster::start(1).await.unwrap();
+    let ids = identities(&cluster).await;
+    let wrong = wrong_answers(&cluster.url(1), &ids, EVERYONE).await;
+    assert!(
+        wrong.is_empty(),
+        "{} wrong answers:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+}
+
+/// The same matrix on a TLS port, where agents and servers are known by their
+/// certificates: an agent certificate gets exactly an agent's methods, a server
+/// certificate a server's, a client without a certificate or token nothing, and tokens work
+/// as over plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_certificates_get_exactly_their_roles_methods() {
+    let cluster = TestCluster::start_tls(1).await.unwrap();
+    let url = cluster.url(1);
+    let tls = cluster.tls_dir().unwrap().to_path_buf();
+    let ca = tls.join("ca.pem");
+    let trust = || muster_client::ClientTls::from_ca_file(&ca).unwrap();
+    let holder = |dir: &std::path::Path| {
+        Credentials::none().with_tls(
+            trust()
+                .with_identity_files(&dir.join("cert.pem"), &dir.join("key.pem"))
+                .unwrap(),
+        )
+    };
+    let agent = muster_cli::tls::issue_agent(&tls, "local", "matrix-node").unwrap();
+    let reader = access::user_token(&url, "rita", "reader", Some("default"))
+        .await
+        .unwrap();
+    let ids = BTreeMap::from([
+        (Nobody, Credentials::none().with_tls(trust())),
+        (Admin, access::admin(&url)),
+        (
+            Reader,
+            access::with_tls(&url, Credentials::bearer(&reader).unwrap()),
+        ),
+        (Agent, holder(&agent)),
+        (Server, holder(&tls.join("server-1000000"))),
+    ]);
+    let wrong = wrong_answers(&url, &ids, &[Nobody, Reader, Admin, Agent, Server]).await;
     assert!(
         wrong.is_empty(),
         "{} wrong answers:\n{}",
