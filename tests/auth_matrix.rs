@@ -530,9 +530,15 @@ async fn another_workspace_is_invisible_and_refusals_are_audited() {
     assert_eq!(all.len(), 2);
     // Blobs are addressed by content, but a user reads only those of runs they may see: a
     // digest learnt elsewhere opens nothing.
+    let file = vera
+        .blobs
+        .upload_bytes(b"print('vision')\n".to_vec())
+        .await
+        .unwrap();
+    let listing = format!(r#"{{"files":[{{"path":"train.py","sha256":"{file}","size":16}}]}}"#);
     let manifest = vera
         .blobs
-        .upload_bytes(br#"{"files":[]}"#.to_vec())
+        .upload_bytes(listing.clone().into_bytes())
         .await
         .unwrap();
     let stray = vera
@@ -553,15 +559,22 @@ async fn another_workspace_is_invisible_and_refusals_are_audited() {
         })
         .await
         .unwrap();
+    // Vera reads her run's snapshot and its files; a cluster-wide admin reads any blob.
     let got = vera.blobs.download_bytes(&manifest).await.unwrap();
-    assert_eq!(got, br#"{"files":[]}"#);
-    assert!(admin.blobs.download_bytes(&manifest).await.is_ok());
-    for (who, sha) in [(&mut nils, &manifest), (&mut vera, &stray)] {
-        match who.blobs.download_bytes(sha).await.unwrap_err() {
+    assert_eq!(got, listing.as_bytes());
+    assert_eq!(
+        vera.blobs.download_bytes(&file).await.unwrap(),
+        b"print('vision')\n"
+    );
+    assert!(admin.blobs.download_bytes(&stray).await.is_ok());
+    // Nils reads none of them, and no user reads a blob no run of theirs refers to.
+    for (who, sha) in [("nils", &manifest), ("nils", &file), ("vera", &stray)] {
+        let client = if who == "nils" { &mut nils } else { &mut vera };
+        match client.blobs.download_bytes(sha).await.unwrap_err() {
             muster_client::ClientError::Blob { status, .. } => {
-                assert_eq!(status.code(), Code::NotFound, "{status:?}")
+                assert_eq!(status.code(), Code::NotFound, "{who}: {status:?}")
             }
-            other => panic!("{other:?}"),
+            other => panic!("{who}: {other:?}"),
         }
     }
     // A reader of nlp may not submit there.

@@ -877,3 +877,111 @@ async fn a_server_started_alone_grows_into_a_cluster_whose_members_reach_it() {
     let s: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(s["members"].as_array().unwrap().len(), 1, "{s}");
 }
+
+/// The id of the leader `muster cluster status` reports on `urls`.
+async fn leader_of(urls: &str, cwd: &std::path::Path) -> u64 {
+    let out = muster_testkit::muster(urls, cwd, &["-o", "json", "cluster", "status"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let s: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    s["leader"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("a leader in {s}"))
+}
+
+/// Sends `signal` to a server process.
+fn signal(server: &muster_tests::ChildGuard, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(server.0.id() as i32);
+    nix::sys::signal::kill(pid, signal).unwrap();
+}
+
+/// A frozen server (SIGSTOP: a paused VM, a stalled disk) still has its port open, so a
+/// peer's connection succeeds and then nothing answers. Submits with a snapshot (whose
+/// blobs go to a majority before the run is acknowledged) keep being acknowledged while one
+/// follower is frozen, through the leader or the other follower, and after it thaws.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_follower_does_not_hold_up_submits() {
+    use nix::sys::signal::Signal;
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| muster_tests::free_port()).collect();
+    let peers = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let url = |id: u64| format!("http://127.0.0.1:{}", ports[id as usize - 1]);
+    let servers: Vec<_> = (1..=3u64)
+        .map(|id| {
+            let listen = format!("127.0.0.1:{}", ports[id as usize - 1]);
+            let id_arg = id.to_string();
+            let args = ["--id", &id_arg, "--listen", &listen, "--peers", &peers];
+            server_process(dir.path(), &format!("s{id}"), &args)
+        })
+        .collect();
+    let all = (1..=3).map(url).collect::<Vec<_>>().join(",");
+    let token = muster_testkit::access::await_admin_token(&dir.path().join("s1/admin-token"), &all)
+        .await
+        .unwrap();
+    for id in 1..=3 {
+        muster_testkit::access::register(&url(id), &token);
+    }
+    wait_leader(&all, dir.path()).await;
+    let created = muster_testkit::muster(
+        &all,
+        dir.path(),
+        &["compute", "create", "parked", "--type", "attached"],
+    )
+    .await;
+    assert_eq!(created.code, 0, "{created:?}");
+    let code = dir.path().join("code");
+    let leader = leader_of(&all, dir.path()).await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let other = (1..=3).find(|id| *id != leader && *id != follower).unwrap();
+    signal(&servers[follower as usize - 1], Signal::SIGSTOP);
+    // Fresh content each time, so every submit has a blob to copy.
+    for (i, via) in [leader, other, leader].into_iter().enumerate() {
+        std::fs::create_dir_all(&code).unwrap();
+        std::fs::write(code.join("train.py"), format!("print({i})\n")).unwrap();
+        let started = std::time::Instant::now();
+        let out = muster_testkit::muster(
+            &url(via),
+            &code,
+            &[
+                "run",
+                "submit",
+                "--compute",
+                "parked",
+                "--",
+                "python3",
+                "train.py",
+            ],
+        )
+        .await;
+        assert_eq!(out.code, 0, "submit {i} via server {via}: {out:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "submit {i} via server {via} took {:?} with server {follower} frozen",
+            started.elapsed()
+        );
+    }
+    signal(&servers[follower as usize - 1], Signal::SIGCONT);
+    std::fs::write(code.join("train.py"), "print('thawed')\n").unwrap();
+    let out = muster_testkit::muster(
+        &all,
+        &code,
+        &[
+            "run",
+            "submit",
+            "--compute",
+            "parked",
+            "--",
+            "python3",
+            "train.py",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let listed = muster_testkit::muster(&all, dir.path(), &["-o", "json", "run", "list"]).await;
+    let runs: serde_json::Value = serde_json::from_str(&listed.stdout).unwrap();
+    assert_eq!(runs.as_array().map(Vec::len), Some(4), "{runs}");
+}

@@ -110,7 +110,12 @@ impl BlobService for Blobs {
         // (snapshots, inputs, replicas). An unreadable blob is as absent as a missing one.
         if let Caller::User { .. } = caller {
             let readable = caller.readable(&self.0, None)?;
-            if !blob_readable(&self.0, &readable, &sha) {
+            let (server, digest) = (self.0.clone(), sha.clone());
+            let allowed =
+                tokio::task::spawn_blocking(move || blob_readable(&server, &readable, &digest))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?;
+            if !allowed {
                 return Err(Status::from(BlobError::NotFound(sha)));
             }
         }

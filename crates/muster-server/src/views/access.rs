@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 
 use muster_core::access::DEFAULT_WORKSPACE;
+use muster_core::snapshot::Manifest;
 use muster_core::state::{Pipeline, Sweep};
 
 use crate::server::Server;
@@ -54,13 +55,42 @@ pub(crate) fn pipeline_workspace(p: &Pipeline) -> &str {
 }
 
 /// Whether blob `sha256` belongs to a run of a workspace in `readable` (see
-/// [`muster_core::state::Run::references_blob`]): what a user may download. Blobs are
-/// addressed by content, so without this check anyone holding a digest could read
-/// another workspace's outputs and logs.
+/// [`muster_core::state::Run::references_blob`]), or is a file of such a run's code
+/// snapshot: what a user may download. Blobs are addressed by content, so without this
+/// check anyone holding a digest could read another workspace's code, outputs and logs.
+/// Callers who read every workspace skip the check. The snapshot files are found by
+/// reading the manifests of the readable runs (each distinct one once), which is file I/O:
+/// call it off the async threads.
 pub(crate) fn blob_readable(server: &Server, readable: &Readable, sha256: &str) -> bool {
-    server.coordinator.read(|s| {
-        s.runs
+    let Readable::Only(_) = readable else {
+        return true;
+    };
+    let (direct, manifests) = server.coordinator.read(|s| {
+        let mut manifests = BTreeSet::new();
+        let mut direct = false;
+        for r in s
+            .runs
             .values()
-            .any(|r| readable.contains(&r.spec.workspace) && r.references_blob(sha256))
-    })
+            .filter(|r| readable.contains(&r.spec.workspace))
+        {
+            if r.references_blob(sha256) {
+                direct = true;
+                break;
+            }
+            if let Some(code) = &r.spec.code {
+                manifests.insert(code.manifest.clone());
+            }
+        }
+        (direct, manifests)
+    });
+    direct
+        || manifests.iter().any(|m| {
+            server
+                .store
+                .blobs
+                .get(m)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<Manifest>(&bytes).ok())
+                .is_some_and(|m| m.files.iter().any(|f| f.sha256 == sha256))
+        })
 }
