@@ -244,3 +244,81 @@ async fn a_held_or_corrupt_data_dir_is_refused() {
         "left untouched"
     );
 }
+
+/// `muster server --data-dir DIR` on a free loopback port: its exit status and stderr, or
+/// None if it was still running (serving) after 20 s.
+async fn server_on(data: &std::path::Path) -> Option<(std::process::ExitStatus, String)> {
+    let port = muster_tests::free_port();
+    let child = tokio::process::Command::new(muster_testkit::muster_bin())
+        .args(["server", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait_with_output())
+        .await
+        .ok()?
+        .unwrap();
+    Some((
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// A data directory that cannot be used is refused before `muster server` says it listens,
+/// and is left as it was: one whose stores hold data but whose Raft log was deleted
+/// (starting there would found an empty cluster beside them), a corrupt one, and one in
+/// use by another server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_data_directory_is_refused_before_the_server_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let orphaned = dir.path().join("orphaned");
+    write(&orphaned, "blobs/ab/old", "a snapshot");
+    let corrupt = dir.path().join("corrupt");
+    write(&corrupt, "raft/raft.redb", "this is not a database");
+    let dev = DevCluster::start().await.unwrap();
+    let busy = dev.data_dir.join("server");
+    for (data, says) in [
+        (&orphaned, &["has blobs but no Raft log", "--join"][..]),
+        (&corrupt, &["raft.redb"][..]),
+        (&busy, &["in use by another muster process"][..]),
+    ] {
+        let (status, stderr) = server_on(data).await.expect("refused, not serving");
+        assert!(!status.success(), "{stderr}");
+        for needle in says {
+            assert!(stderr.contains(needle), "{needle:?} in {stderr}");
+        }
+        assert!(!stderr.contains("listening"), "{stderr}");
+    }
+    assert!(!orphaned.join("raft").exists(), "nothing was started there");
+    assert_eq!(
+        std::fs::read(corrupt.join("raft/raft.redb")).unwrap(),
+        b"this is not a database"
+    );
+}
+
+/// A client command whose reader has gone (`muster … | head -c 1`) ends quietly: no panic,
+/// no backtrace, just the end a closed pipe brings.
+#[test]
+fn a_closed_pipe_ends_a_client_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(muster_testkit::muster_bin())
+        .args(["cluster", "key"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.is_empty(), "{stderr}");
+    assert_eq!(
+        out.status.signal(),
+        Some(13),
+        "ended by SIGPIPE: {:?}",
+        out.status
+    );
+}

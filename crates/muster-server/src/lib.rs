@@ -207,6 +207,47 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    open(listener, config).await?.serve(shutdown).await
+}
+
+/// A server whose data directory is open and whose Raft node runs, not yet serving:
+/// what [`open`] returns, so a caller can say it is listening only once that is true.
+pub struct Opened {
+    listener: tokio::net::TcpListener,
+    server: std::sync::Arc<server::Server>,
+    hosts: web::front::AllowedHosts,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("listener", &self.listener.local_addr().ok())
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Opened {
+    /// Serves until `shutdown` resolves, then stops the server.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let server = self.server.clone();
+        let result = serve(self.listener, self.server, self.hosts, self.tls, shutdown).await;
+        server.stop().await;
+        result
+    }
+}
+
+/// Checks the settings, opens the data directory (refusing one in use, corrupt, or holding
+/// stores without their Raft log) and starts Raft; the TLS files are read here too, so
+/// every start-up error comes before the server says it listens.
+pub async fn open(
+    listener: tokio::net::TcpListener,
+    config: ServerConfig,
+) -> anyhow::Result<Opened> {
     config.validate()?;
     let mut config = config;
     if config.agent_servers.is_empty() {
@@ -223,10 +264,14 @@ pub async fn run(
         };
     }
     let hosts = web::front::AllowedHosts::of(&config);
+    let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
     let server = server::Server::open(&config).await?;
-    let result = serve(listener, server.clone(), hosts, shutdown).await;
-    server.stop().await;
-    result
+    Ok(Opened {
+        listener,
+        server,
+        hosts,
+        tls,
+    })
 }
 
 /// Presents a rotated certificate to the other servers too: when the certificate or key
@@ -258,6 +303,7 @@ async fn serve(
     listener: tokio::net::TcpListener,
     server: std::sync::Arc<server::Server>,
     hosts: web::front::AllowedHosts,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let mut leader_tasks = leader::spawn(server.clone());
@@ -278,16 +324,12 @@ async fn serve(
         hosts,
     );
     let stop = server.coordinator.clone();
-    let tls = match &server.config.tls {
-        Some(files) => {
-            leader_tasks.push(tokio::spawn(reload_peer_identity(
-                server.clone(),
-                files.clone(),
-            )));
-            Some(tls::acceptor(files)?)
-        }
-        None => None,
-    };
+    if let Some(files) = &server.config.tls {
+        leader_tasks.push(tokio::spawn(reload_peer_identity(
+            server.clone(),
+            files.clone(),
+        )));
+    }
     listener::serve(listener, app, tls, async move {
         shutdown.await;
         // End long-lived streams (agent sessions, log follows) so shutdown completes.

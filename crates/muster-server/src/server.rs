@@ -72,6 +72,7 @@ impl Server {
                 dir.display()
             );
         }
+        refuse_orphaned_stores(dir)?;
         let state = Arc::new(RwLock::new(State::default()));
         let mut book = config.peers.clone();
         if let Some(own) = &config.advertise {
@@ -119,4 +120,29 @@ impl Server {
     pub async fn stop(&self) {
         self.coordinator.stop().await;
     }
+}
+
+/// Refuses a data directory whose stores hold data but whose Raft log is gone (`raft/`
+/// deleted or never copied back): started as it is, the server would found an empty
+/// cluster beside blobs and logs that an old state referred to, or, as a member, vote
+/// without the entries it had acknowledged. The error says how to recover.
+fn refuse_orphaned_stores(dir: &std::path::Path) -> anyhow::Result<()> {
+    let has_entries = |p: std::path::PathBuf| {
+        std::fs::read_dir(p).is_ok_and(|mut entries| entries.next().is_some())
+    };
+    if has_entries(dir.join("raft")) {
+        return Ok(());
+    }
+    let orphaned: Vec<&str> = ["blobs", "logs", "metrics"]
+        .into_iter()
+        .filter(|d| has_entries(dir.join(d)))
+        .collect();
+    anyhow::ensure!(
+        orphaned.is_empty(),
+        "the data directory {} has {} but no Raft log ({} is missing or empty): its replicated state is gone, and starting here would begin an empty cluster beside it. To bring this server back into its cluster, move the directory aside, start it with an empty --data-dir and --join, and add it with `muster cluster add-server`; to keep this data, put its raft/ folder back from a backup",
+        dir.display(),
+        orphaned.join(", "),
+        dir.join("raft").display()
+    );
+    Ok(())
 }

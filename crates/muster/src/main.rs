@@ -3,10 +3,29 @@
 use clap::Parser;
 use muster_cli::cli::{Cli, Command};
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let cli = Cli::parse();
     let daemon = matches!(cli.command, Command::Daemon(_));
+    if !daemon {
+        end_quietly_on_a_closed_pipe();
+    }
+    let runtime = tokio::runtime::Runtime::new().expect("a Tokio runtime");
+    runtime.block_on(run(cli, daemon));
+}
+
+/// A client command whose reader went away (`muster run show ID -o json | head -c 1`) ends
+/// quietly, as `cat` does, instead of panicking in `println!`: SIGPIPE goes back to its
+/// default action. The daemons keep Rust's setting (ignored), as they treat a closed socket
+/// as an error to handle.
+#[allow(unsafe_code)]
+fn end_quietly_on_a_closed_pipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: called before the runtime starts any thread; installing SIG_DFL runs no
+    // handler code, so nothing async-signal-unsafe can happen.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
+async fn run(cli: Cli, daemon: bool) {
     let default_level = if daemon { "info,raft=warn" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -48,6 +48,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         (!addr.ip().is_unspecified() && !config.peers.contains_key(&args.id))
             .then(|| addr.to_string())
     });
+    let data_dir = args.data_dir.display();
+    let opened = muster_server::open(listener, config.clone()).await?;
     eprintln!(
         "muster server listening on {}://{} (data in {})",
         if config.tls.is_some() {
@@ -55,8 +57,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         } else {
             "http"
         },
-        listener.local_addr()?,
-        args.data_dir.display()
+        local,
+        data_dir
     );
     if config.raft.initial_voters.first() == Some(&config.raft.id) {
         eprintln!(
@@ -65,7 +67,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             config.admin_token_path().display()
         );
     }
-    muster_server::run(listener, config, crate::shutdown_signal()).await
+    opened.serve(crate::shutdown_signal()).await
 }
 
 /// Binds a listener, with an error that says what to do.

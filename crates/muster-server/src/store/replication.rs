@@ -34,11 +34,6 @@ pub const PEER_CALL_DEADLINE: Duration = Duration::from_secs(5);
 /// [`PEER_CALL_DEADLINE`] plus `n` at this rate before it counts as failed.
 pub const PEER_MIN_BYTES_PER_SEC: u64 = 8 << 20;
 
-/// The deadline of a copy of `bytes` to a peer.
-fn transfer_deadline(bytes: u64) -> Duration {
-    PEER_CALL_DEADLINE + Duration::from_secs(bytes / PEER_MIN_BYTES_PER_SEC)
-}
-
 /// `call` unless it takes longer than `deadline`.
 async fn within<T>(
     deadline: Duration,
@@ -87,6 +82,8 @@ pub struct Replicator {
     blobs: BlobStore,
     peers: Arc<dyn BlobPeers>,
     max_blob_bytes: u64,
+    /// [`PEER_CALL_DEADLINE`], shorter in tests.
+    deadline: Duration,
 }
 
 impl Replicator {
@@ -96,7 +93,13 @@ impl Replicator {
             blobs,
             peers,
             max_blob_bytes,
+            deadline: PEER_CALL_DEADLINE,
         }
+    }
+
+    /// The deadline of a copy of `bytes` to a peer.
+    fn transfer_deadline(&self, bytes: u64) -> Duration {
+        self.deadline + Duration::from_secs(bytes / PEER_MIN_BYTES_PER_SEC)
     }
 
     /// Makes sure a majority of the voters hold every blob in `hashes` (this server must
@@ -144,7 +147,7 @@ impl Replicator {
 
     async fn push(&self, peer: u64, hashes: Vec<String>) -> Result<(), PeerError> {
         let missing = within(
-            PEER_CALL_DEADLINE,
+            self.deadline,
             "asking which blobs it lacks",
             self.peers.missing(peer, hashes),
         )
@@ -156,7 +159,7 @@ impl Replicator {
                 .map_err(|e| PeerError(e.to_string()))?;
             let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             within(
-                transfer_deadline(bytes),
+                self.transfer_deadline(bytes),
                 &format!("copying blob {sha} ({bytes} bytes)"),
                 self.peers.send(peer, sha.clone(), path),
             )
@@ -170,7 +173,7 @@ impl Replicator {
         let (others, _) = self.peers.voters();
         for peer in others {
             let opened = within(
-                PEER_CALL_DEADLINE,
+                self.deadline,
                 "opening a download",
                 self.peers.fetch(peer, sha.to_string()),
             );
@@ -182,7 +185,7 @@ impl Replicator {
             // A peer that stops sending is given up on after the deadline, and the next one
             // is asked.
             loop {
-                match tokio::time::timeout(PEER_CALL_DEADLINE, stream.next()).await {
+                match tokio::time::timeout(self.deadline, stream.next()).await {
                     Ok(None) => break,
                     Ok(Some(Ok(data))) => writer.write(&data)?,
                     Ok(Some(Err(_))) | Err(_) => {
@@ -257,6 +260,9 @@ mod tests {
         }
     }
 
+    /// The peer deadline in these tests (real time).
+    const DEADLINE: Duration = Duration::from_millis(1_000);
+
     fn replicator(
         peers: &[(u64, Peer)],
     ) -> (Replicator, Arc<FakePeers>, String, tempfile::TempDir) {
@@ -267,34 +273,31 @@ mod tests {
             peers: peers.iter().copied().collect(),
             received: Mutex::default(),
         });
-        (
-            Replicator::new(blobs, fake.clone(), 1 << 20),
-            fake,
-            sha,
-            dir,
-        )
+        let mut r = Replicator::new(blobs, fake.clone(), 1 << 20);
+        r.deadline = DEADLINE;
+        (r, fake, sha, dir)
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_paused_peer_does_not_hold_up_a_majority() {
         // Three voters, one paused: this server and the healthy one are a majority, at once.
         let (r, fake, sha, _dir) = replicator(&[(2, Peer::Healthy), (3, Peer::Paused)]);
-        let started = tokio::time::Instant::now();
+        let started = std::time::Instant::now();
         r.ensure_replicated(vec![sha.clone()]).await.unwrap();
-        assert!(started.elapsed() < Duration::from_millis(100));
+        assert!(started.elapsed() < DEADLINE, "{:?}", started.elapsed());
         assert_eq!(*fake.received.lock().unwrap(), vec![(2, sha)]);
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn without_a_majority_the_answer_comes_within_the_deadline_and_names_each_server() {
         let (r, _, sha, _dir) = replicator(&[(2, Peer::Down), (3, Peer::Paused)]);
-        let started = tokio::time::Instant::now();
+        let started = std::time::Instant::now();
         let err = r
             .ensure_replicated(vec![sha])
             .await
             .unwrap_err()
             .to_string();
-        assert!(started.elapsed() <= PEER_CALL_DEADLINE + Duration::from_millis(10));
+        assert!(started.elapsed() < DEADLINE * 3, "{:?}", started.elapsed());
         assert!(err.contains("server 2: connection refused"), "{err}");
         assert!(
             err.contains("server 3: asking which blobs it lacks: no answer"),
@@ -302,7 +305,7 @@ mod tests {
         );
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn the_copies_beyond_a_majority_finish_in_the_background() {
         // Five voters: two healthy peers make the majority; the third healthy one still
         // gets its copy after the call returned.
@@ -317,17 +320,17 @@ mod tests {
             if fake.received.lock().unwrap().len() == 3 {
                 return;
             }
-            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("copies: {:?}", fake.received.lock().unwrap());
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_repair_skips_a_peer_that_does_not_answer() {
         let (r, _, _, _dir) = replicator(&[(2, Peer::Paused)]);
-        let started = tokio::time::Instant::now();
+        let started = std::time::Instant::now();
         let missing = "0".repeat(64);
         assert!(r.fetch_from_peers(&missing).await.is_err());
-        assert!(started.elapsed() <= PEER_CALL_DEADLINE + Duration::from_millis(10));
+        assert!(started.elapsed() < DEADLINE * 3, "{:?}", started.elapsed());
     }
 }
