@@ -23,6 +23,13 @@ pub const DEFAULT_COMPUTE: &str = "local";
 /// The longest command accepted, in bytes.
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 
+/// The longest environment variable value: Linux refuses to start a process with a longer
+/// string (`MAX_ARG_STRLEN`, 128 KiB).
+pub const MAX_ENV_VALUE_BYTES: usize = 128 * 1024;
+
+/// The most bytes all of a run's environment variables may take together.
+pub const MAX_ENV_TOTAL_BYTES: usize = 1024 * 1024;
+
 /// A bad job or compute spec: which field, what is wrong and what to do.
 ///
 /// It travels in apply results between servers; it also decodes from the plain message
@@ -299,13 +306,44 @@ impl RunSpec {
             .map_err(|e| SpecError::field("compute", e.to_string()))?;
         validate_experiment_name(&self.experiment)
             .map_err(|e| SpecError::field("experiment_name", e.to_string()))?;
-        for key in self.environment_variables.keys() {
+        if self.command.contains('\0') {
+            return Err(SpecError::field(
+                "command",
+                "contains a NUL byte, which no process can be given: remove it",
+            ));
+        }
+        let mut env_bytes = 0;
+        for (key, value) in &self.environment_variables {
             if !is_env_name(key) {
                 return Err(SpecError::field(
                     format!("environment_variables.{key}"),
                     "not a valid variable name: use letters, digits and '_', not starting with a digit",
                 ));
             }
+            if value.contains('\0') {
+                return Err(SpecError::field(
+                    format!("environment_variables.{key}"),
+                    "the value contains a NUL byte, which no process can be given: remove it",
+                ));
+            }
+            if value.len() > MAX_ENV_VALUE_BYTES {
+                return Err(SpecError::field(
+                    format!("environment_variables.{key}"),
+                    format!(
+                        "the value is {} bytes, more than the {MAX_ENV_VALUE_BYTES} a process accepts: put it in a file in the code directory",
+                        value.len()
+                    ),
+                ));
+            }
+            env_bytes += key.len() + value.len() + 2;
+        }
+        if env_bytes > MAX_ENV_TOTAL_BYTES {
+            return Err(SpecError::field(
+                "environment_variables",
+                format!(
+                    "{env_bytes} bytes in all is more than the {MAX_ENV_TOTAL_BYTES}-byte limit: put large values in files in the code directory"
+                ),
+            ));
         }
         if self.instance_count == 0 {
             return Err(SpecError::field(
@@ -760,13 +798,25 @@ impl JobFile {
                         .map_err(|e| SpecError::field("resources.shm_size", e))?,
                 );
             }
+            let more_than_zero = |field: &str, v: u64| {
+                if v == 0 {
+                    Err(SpecError::field(
+                        field,
+                        "must be more than 0: leave it out to request none",
+                    ))
+                } else {
+                    Ok(v)
+                }
+            };
             if let Some(c) = r.cpu {
-                spec.resources.cpu_millis =
+                let millis =
                     parse_cpu(&c.to_string()).map_err(|e| SpecError::field("resources.cpu", e))?;
+                spec.resources.cpu_millis = more_than_zero("resources.cpu", millis)?;
             }
             if let Some(m) = r.memory {
-                spec.resources.memory_bytes = parse_memory(&m.to_string())
+                let bytes = parse_memory(&m.to_string())
                     .map_err(|e| SpecError::field("resources.memory", e))?;
+                spec.resources.memory_bytes = more_than_zero("resources.memory", bytes)?;
             }
             if let Some(g) = r.gpus {
                 spec.resources.gpus = g;
@@ -899,6 +949,41 @@ mod tests {
         assert!(e.message.contains("muster sweep submit"), "{e}");
         let e = parse_job_yaml("type: pipeline\njobs: {}\n").unwrap_err();
         assert!(e.message.contains("muster pipeline submit"), "{e}");
+    }
+
+    #[test]
+    fn values_no_process_can_take_are_refused_at_submit() {
+        let refused = |yaml: &str| {
+            parse_job_yaml(yaml)
+                .unwrap()
+                .into_run_spec("x")
+                .unwrap_err()
+        };
+        let e = refused("command: echo\nenvironment_variables:\n  A: \"x\\0y\"\n");
+        assert_eq!(e.path, "environment_variables.A");
+        assert!(e.message.contains("NUL"), "{e}");
+        let big = "v".repeat(MAX_ENV_VALUE_BYTES + 1);
+        let e = refused(&format!(
+            "command: echo\nenvironment_variables:\n  BIG: {big}\n"
+        ));
+        assert_eq!(e.path, "environment_variables.BIG");
+        assert!(e.message.contains("put it in a file"), "{e}");
+        let many: String = (0..10)
+            .map(|i| format!("  V{i}: {}\n", "v".repeat(MAX_ENV_VALUE_BYTES)))
+            .collect();
+        let e = refused(&format!("command: echo\nenvironment_variables:\n{many}"));
+        assert_eq!(e.path, "environment_variables");
+        let e = refused("command: \"echo \\0\"\n");
+        assert_eq!(e.path, "command");
+        for (yaml, path) in [
+            ("cpu: 0m", "resources.cpu"),
+            ("cpu: 0", "resources.cpu"),
+            ("memory: 0g", "resources.memory"),
+        ] {
+            let e = refused(&format!("command: echo\nresources:\n  {yaml}\n"));
+            assert_eq!(e.path, path, "{yaml}");
+            assert!(e.message.contains("more than 0"), "{e}");
+        }
     }
 
     #[test]

@@ -88,9 +88,25 @@ pub(crate) fn router(server: Arc<Server>) -> GrpcRoutes {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("reflection v1alpha builds");
+    // SERVING while the Raft node runs; NOT_SERVING (for the server as a whole, "", and
+    // RunService) once it stopped, as `/healthz` turns 503.
+    let mut raft = server.coordinator.raft().watch_status();
     tokio::spawn(async move {
+        type RunSvc = v1::run_service_server::RunServiceServer<runs::Runs>;
+        health_reporter.set_serving::<RunSvc>().await;
+        while raft.changed().await.is_ok() {
+            let stopped = raft.borrow_and_update().stopped;
+            if stopped {
+                break;
+            }
+        }
+        let fatal = raft.borrow().fatal_error.clone();
+        if let Some(why) = fatal {
+            tracing::error!("the raft node stopped ({why}): health is NOT_SERVING");
+        }
+        health_reporter.set_not_serving::<RunSvc>().await;
         health_reporter
-            .set_serving::<v1::run_service_server::RunServiceServer<runs::Runs>>()
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
     });
     let services = Services {

@@ -35,15 +35,53 @@ pub(crate) fn router(server: Arc<Server>) -> axum::Router {
 }
 
 async fn healthz(State(c): State<Arc<Server>>) -> Response {
-    let status = c.coordinator.raft().status();
+    let (code, body) = health(&c.coordinator.raft().status());
+    (code, body).into_response()
+}
+
+/// `/healthz`: 200 `ok` while the Raft node runs, 503 `unhealthy` with the reason once it
+/// stopped (a storage failure, say), so a load balancer or supervisor stops sending it
+/// requests it cannot serve; then the role, leader and applied index either way.
+fn health(status: &muster_raft::RaftStatus) -> (StatusCode, String) {
+    let (code, first) = match (&status.fatal_error, status.stopped) {
+        (Some(why), _) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: the raft node stopped: {why}"),
+        ),
+        (None, true) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unhealthy: the raft node is shutting down".to_string(),
+        ),
+        (None, false) => (StatusCode::OK, "ok".to_string()),
+    };
+    let leader = status
+        .leader
+        .map(|l| l.to_string())
+        .unwrap_or_else(|| "none".into());
     let body = format!(
-        "ok\nrole: {:?}\nleader: {}\napplied: {}\n",
-        status.role,
-        status
-            .leader
-            .map(|l| l.to_string())
-            .unwrap_or_else(|| "none".into()),
-        status.applied_index
+        "{first}\nrole: {:?}\nleader: {leader}\napplied: {}\n",
+        status.role, status.applied_index
     );
-    (StatusCode::OK, body).into_response()
+    (code, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_is_503_with_the_reason_once_raft_stopped() {
+        let mut status = muster_raft::RaftStatus::default();
+        let (code, body) = health(&status);
+        assert_eq!(code, StatusCode::OK);
+        assert!(body.starts_with("ok\n"), "{body}");
+        status.stopped = true;
+        status.fatal_error = Some("writing the log: No space left on device".into());
+        let (code, body) = health(&status);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body.starts_with("unhealthy: the raft node stopped: writing the log: No space left"),
+            "{body}"
+        );
+    }
 }
