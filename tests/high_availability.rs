@@ -894,6 +894,96 @@ fn signal(server: &muster_tests::ChildGuard, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(pid, signal).unwrap();
 }
 
+/// Three `muster server` processes on loopback (ids 1..=3), a leader, the admin token
+/// registered for each URL, and an `attached` target `parked` (no nodes: runs wait there).
+struct ThreeServers {
+    servers: Vec<muster_tests::ChildGuard>,
+    ports: Vec<u16>,
+}
+
+impl ThreeServers {
+    async fn start(dir: &std::path::Path) -> ThreeServers {
+        let ports: Vec<u16> = (0..3).map(|_| muster_tests::free_port()).collect();
+        let peers = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let servers = (1..=3u64)
+            .map(|id| {
+                let listen = format!("127.0.0.1:{}", ports[id as usize - 1]);
+                let id_arg = id.to_string();
+                let args = ["--id", &id_arg, "--listen", &listen, "--peers", &peers];
+                server_process(dir, &format!("s{id}"), &args)
+            })
+            .collect();
+        let three = ThreeServers { servers, ports };
+        let all = three.all();
+        let token = muster_testkit::access::await_admin_token(&dir.join("s1/admin-token"), &all)
+            .await
+            .unwrap();
+        for id in 1..=3 {
+            muster_testkit::access::register(&three.url(id), &token);
+        }
+        wait_leader(&all, dir).await;
+        let args = ["compute", "create", "parked", "--type", "attached"];
+        let created = muster_testkit::muster(&all, dir, &args).await;
+        assert_eq!(created.code, 0, "{created:?}");
+        three
+    }
+
+    fn url(&self, id: u64) -> String {
+        format!("http://127.0.0.1:{}", self.ports[id as usize - 1])
+    }
+
+    /// Every server, 1 first.
+    fn all(&self) -> String {
+        (1..=3).map(|id| self.url(id)).collect::<Vec<_>>().join(",")
+    }
+
+    fn server(&self, id: u64) -> &muster_tests::ChildGuard {
+        &self.servers[id as usize - 1]
+    }
+
+    /// `muster run submit` of `code` (a fresh snapshot each time) through `servers`.
+    async fn submit(
+        &self,
+        servers: &str,
+        code: &std::path::Path,
+        i: usize,
+    ) -> muster_testkit::CliOutput {
+        std::fs::create_dir_all(code).unwrap();
+        std::fs::write(code.join("train.py"), format!("print({i})\n")).unwrap();
+        let args = [
+            "run",
+            "submit",
+            "--compute",
+            "parked",
+            "--",
+            "python3",
+            "train.py",
+        ];
+        muster_testkit::muster(servers, code, &args).await
+    }
+
+    /// The number of runs the cluster holds (asked until it answers, within 15 s: right
+    /// after a leader is killed the list waits for the next one).
+    async fn runs(&self, cwd: &std::path::Path) -> usize {
+        let mut last = None;
+        for _ in 0..30 {
+            let listed =
+                muster_testkit::muster(&self.all(), cwd, &["-o", "json", "run", "list"]).await;
+            if let Ok(serde_json::Value::Array(runs)) = serde_json::from_str(&listed.stdout) {
+                return runs.len();
+            }
+            last = Some(listed);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        panic!("run list did not answer within 15 s: {last:?}");
+    }
+}
+
 /// A frozen server (SIGSTOP: a paused VM, a stalled disk) still has its port open, so a
 /// peer's connection succeeds and then nothing answers. Submits with a snapshot (whose
 /// blobs go to a majority before the run is acknowledged) keep being acknowledged while one
@@ -902,61 +992,16 @@ fn signal(server: &muster_tests::ChildGuard, signal: nix::sys::signal::Signal) {
 async fn a_frozen_follower_does_not_hold_up_submits() {
     use nix::sys::signal::Signal;
     let dir = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (0..3).map(|_| muster_tests::free_port()).collect();
-    let peers = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
-    let url = |id: u64| format!("http://127.0.0.1:{}", ports[id as usize - 1]);
-    let servers: Vec<_> = (1..=3u64)
-        .map(|id| {
-            let listen = format!("127.0.0.1:{}", ports[id as usize - 1]);
-            let id_arg = id.to_string();
-            let args = ["--id", &id_arg, "--listen", &listen, "--peers", &peers];
-            server_process(dir.path(), &format!("s{id}"), &args)
-        })
-        .collect();
-    let all = (1..=3).map(url).collect::<Vec<_>>().join(",");
-    let token = muster_testkit::access::await_admin_token(&dir.path().join("s1/admin-token"), &all)
-        .await
-        .unwrap();
-    for id in 1..=3 {
-        muster_testkit::access::register(&url(id), &token);
-    }
-    wait_leader(&all, dir.path()).await;
-    let created = muster_testkit::muster(
-        &all,
-        dir.path(),
-        &["compute", "create", "parked", "--type", "attached"],
-    )
-    .await;
-    assert_eq!(created.code, 0, "{created:?}");
+    let three = ThreeServers::start(dir.path()).await;
+    let all = three.all();
     let code = dir.path().join("code");
     let leader = leader_of(&all, dir.path()).await;
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     let other = (1..=3).find(|id| *id != leader && *id != follower).unwrap();
-    signal(&servers[follower as usize - 1], Signal::SIGSTOP);
-    // Fresh content each time, so every submit has a blob to copy.
+    signal(three.server(follower), Signal::SIGSTOP);
     for (i, via) in [leader, other, leader].into_iter().enumerate() {
-        std::fs::create_dir_all(&code).unwrap();
-        std::fs::write(code.join("train.py"), format!("print({i})\n")).unwrap();
         let started = std::time::Instant::now();
-        let out = muster_testkit::muster(
-            &url(via),
-            &code,
-            &[
-                "run",
-                "submit",
-                "--compute",
-                "parked",
-                "--",
-                "python3",
-                "train.py",
-            ],
-        )
-        .await;
+        let out = three.submit(&three.url(via), &code, i).await;
         assert_eq!(out.code, 0, "submit {i} via server {via}: {out:?}");
         assert!(
             started.elapsed() < Duration::from_secs(3),
@@ -964,24 +1009,47 @@ async fn a_frozen_follower_does_not_hold_up_submits() {
             started.elapsed()
         );
     }
-    signal(&servers[follower as usize - 1], Signal::SIGCONT);
-    std::fs::write(code.join("train.py"), "print('thawed')\n").unwrap();
-    let out = muster_testkit::muster(
-        &all,
-        &code,
-        &[
-            "run",
-            "submit",
-            "--compute",
-            "parked",
-            "--",
-            "python3",
-            "train.py",
-        ],
-    )
-    .await;
+    signal(three.server(follower), Signal::SIGCONT);
+    let out = three.submit(&all, &code, 3).await;
     assert_eq!(out.code, 0, "{out:?}");
-    let listed = muster_testkit::muster(&all, dir.path(), &["-o", "json", "run", "list"]).await;
-    let runs: serde_json::Value = serde_json::from_str(&listed.stdout).unwrap();
-    assert_eq!(runs.as_array().map(Vec::len), Some(4), "{runs}");
+    assert_eq!(three.runs(dir.path()).await, 4);
+}
+
+/// `kill -9` of the first server in `--server` while users submit (four loops of CLI
+/// processes, so some submits are in flight at the kill): every submit succeeds (the CLI
+/// goes on to the next server, uploading the snapshot again where needed, with the same
+/// idempotency key), and there are exactly as many runs as submits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_first_server_of_the_list_fails_no_submit_and_duplicates_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut three = ThreeServers::start(dir.path()).await;
+    let all = three.all();
+    let (loops, each) = (4, 6);
+    let three_ref = &three;
+    let submitted = futures::future::join_all((0..loops).map(|l| {
+        let (all, code) = (all.clone(), dir.path().join(format!("code-{l}")));
+        async move {
+            let mut failures = Vec::new();
+            for i in 0..each {
+                let out = three_ref.submit(&all, &code, l * 100 + i).await;
+                if out.code != 0 {
+                    failures.push(format!("loop {l} submit {i}: {out:?}"));
+                }
+            }
+            failures
+        }
+    }));
+    let kill = async {
+        tokio::time::sleep(Duration::from_millis(3_000)).await;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(three_ref.server(1).0.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    };
+    let (failures, ()) = tokio::join!(submitted, kill);
+    let failures: Vec<String> = failures.into_iter().flatten().collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(three.runs(dir.path()).await, loops * each);
+    three.servers[0].0.wait().unwrap();
 }

@@ -69,6 +69,50 @@ pub async fn connect(servers: &str) -> Result<Clients, ClientError> {
     muster_client::connect(servers, credentials).await
 }
 
+/// Sends a submission, failing over by itself: through the first of `servers` that
+/// answers, then, while the answer is retryable (the server went away, no leader yet),
+/// through the others in turn (a leader a follower names first), paced by
+/// [`muster_client::RetryPolicy::SUBMISSION`]. Before each try after the first it uploads
+/// what that server lacks of `snapshots`, since the server that took the upload may be the one
+/// that went away. `send` builds the request from the clients of that try's server; the
+/// request carries the submission's idempotency key, so a try that landed before its answer
+/// was lost returns the same object instead of making a second one.
+pub async fn submit_failing_over<T, F, Fut>(
+    servers: &str,
+    snapshots: &[&snapshot::Snapshot],
+    mut send: F,
+) -> Result<T, ClientError>
+where
+    F: FnMut(Clients) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let credentials =
+        client_credentials(servers).map_err(|e| ClientError::Credentials(format!("{e:#}")))?;
+    let mut list = muster_client::Servers::parse(servers).with_credentials(credentials);
+    let mut first = true;
+    list.call(&muster_client::RetryPolicy::SUBMISSION, |channel| {
+        let mut c = Clients::new(String::new(), channel);
+        let again = !std::mem::replace(&mut first, false);
+        let sent = send(c.clone());
+        async move {
+            for snapshot in snapshots.iter().filter(|_| again) {
+                snapshot::upload(&mut c.blobs, snapshot)
+                    .await
+                    .map_err(|e| match e.downcast::<ClientError>() {
+                        Ok(e) => e,
+                        Err(e) => muster_client::status(tonic::Status::internal(format!(
+                            "uploading the snapshot again: {e:#}"
+                        ))),
+                    })?;
+            }
+            sent.await
+                .map(tonic::Response::into_inner)
+                .map_err(ClientError::from)
+        }
+    })
+    .await
+}
+
 /// Runs a client command against `server` (comma-separated URLs); returns the process
 /// exit code.
 pub async fn execute(

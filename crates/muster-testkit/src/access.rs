@@ -85,9 +85,12 @@ pub async fn clients(servers: &str) -> anyhow::Result<Clients> {
     Ok(muster_client::connect(servers, admin(servers)).await?)
 }
 
-/// Reads the admin token a founding server wrote to `path`, once it works (bounded).
+/// Reads the admin token a founding server wrote to `path`, once it works (within 60 s: a
+/// server restarted after a kill may first repair its Raft database, which on a loaded
+/// machine takes a while).
 pub async fn await_admin_token(path: &Path, servers: &str) -> anyhow::Result<String> {
-    for _ in 0..300 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
         if let Ok(text) = std::fs::read_to_string(path) {
             let token = text.trim().to_string();
             let credentials = with_tls(servers, Credentials::bearer(&token)?);
@@ -100,7 +103,7 @@ pub async fn await_admin_token(path: &Path, servers: &str) -> anyhow::Result<Str
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    anyhow::bail!("no working admin token in {} within 15 s", path.display())
+    anyhow::bail!("no working admin token in {} within 60 s", path.display())
 }
 
 /// A single-use join token for `compute`, made by the admin of `servers`.

@@ -14,7 +14,7 @@ use crate::commands::run::default_experiment;
 use crate::connect;
 use crate::output::{print_json, table, time};
 use crate::snapshot::{self, SnapshotLimits, human_bytes};
-use muster_client::{status, submit_retrying};
+use muster_client::status;
 
 /// Runs a `muster pipeline` command; returns the process exit code.
 pub async fn run(server: &str, output: OutputFormat, cmd: PipelineCommand) -> anyhow::Result<i32> {
@@ -171,10 +171,10 @@ async fn submit(
         idempotency_key: Some(key),
         workspace: crate::workspace().unwrap_or_default().to_string(),
     };
-    let p = submit_retrying(|| {
-        let mut pipelines = c.pipelines.clone();
+    let all: Vec<&snapshot::Snapshot> = snaps.iter().map(|(_, _, s)| s).collect();
+    let p = crate::submit_failing_over(server, &all, |mut c| {
         let req = req.clone();
-        async move { pipelines.submit_pipeline(req).await }
+        async move { c.pipelines.submit_pipeline(req).await }
     })
     .await?;
     if output == OutputFormat::Json {

@@ -18,7 +18,7 @@ use crate::cli::{OutputFormat, RunCommand, SubmitArgs};
 use crate::connect;
 use crate::output::{print_json, run_details, run_json, runs_table};
 use crate::snapshot::{self, SnapshotLimits, human_bytes};
-use muster_client::{Clients, status, submit_retrying};
+use muster_client::{Clients, status};
 
 /// Runs a `muster run` command; returns the process exit code.
 pub async fn run(server: &str, output: OutputFormat, cmd: RunCommand) -> anyhow::Result<i32> {
@@ -395,10 +395,9 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
         spec: Some(spec.clone().into()),
         idempotency_key: Some(key),
     };
-    let run = submit_retrying(|| {
-        let mut runs = c.runs.clone();
+    let run = crate::submit_failing_over(server, &[&snap], |mut c| {
         let req = req.clone();
-        async move { runs.submit_run(req).await }
+        async move { c.runs.submit_run(req).await }
     })
     .await?;
     if output == OutputFormat::Json && !args.stream {

@@ -16,7 +16,7 @@ use crate::commands::run::{default_experiment, shell_quote};
 use crate::connect;
 use crate::output::{print_json, table, time};
 use crate::snapshot::{self, SnapshotLimits, human_bytes};
-use muster_client::{status, submit_retrying};
+use muster_client::status;
 
 /// `muster sweep` subcommands.
 #[derive(Debug, Subcommand)]
@@ -283,7 +283,6 @@ async fn submit(server: &str, output: OutputFormat, args: SweepSubmitArgs) -> an
     if let Some(w) = crate::workspace() {
         spec.trial.workspace = w.to_string();
     }
-    let client = connect(server).await?.sweeps;
     // The same key on every retry: a retry after a timeout never makes a second sweep.
     let key = args
         .idempotency_key
@@ -292,10 +291,9 @@ async fn submit(server: &str, output: OutputFormat, args: SweepSubmitArgs) -> an
         spec: Some(muster_proto::sweep_spec_to_wire(&spec)),
         idempotency_key: Some(key),
     };
-    let sweep = submit_retrying(|| {
-        let mut sweeps = client.clone();
+    let sweep = crate::submit_failing_over(server, &[&snap], |mut c| {
         let req = req.clone();
-        async move { sweeps.submit_sweep(req).await }
+        async move { c.sweeps.submit_sweep(req).await }
     })
     .await?;
     if output == OutputFormat::Json {
