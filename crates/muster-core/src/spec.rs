@@ -111,11 +111,87 @@ impl SpecError {
     }
 }
 
+/// The largest YAML document muster reads (job, sweep, pipeline, compute files).
+pub const MAX_YAML_BYTES: usize = 2 << 20;
+
+/// The deepest nesting a YAML document may have (block indentation levels plus flow `[`/`{`).
+pub const MAX_YAML_DEPTH: usize = 100;
+
+/// The most aliases (`*name`) a YAML document may use: each may expand a whole subtree.
+pub const MAX_YAML_ALIASES: usize = 100;
+
+/// Refuses, before any parser runs, a YAML document too large, too deeply nested or with too
+/// many aliases to be a real job file: such input makes a parser run for minutes (a
+/// 100,000-level nested mapping) or expand without bound (alias "billion laughs"). A cheap
+/// line scan: block depth is the stack of indentations, flow depth the open brackets
+/// outside quotes (quotes are taken to close on their line, which can only over-count).
+pub fn check_yaml_limits(text: &str) -> Result<(), SpecError> {
+    if text.len() > MAX_YAML_BYTES {
+        return Err(SpecError::field(
+            "",
+            format!(
+                "the file is {} bytes, more than the {MAX_YAML_BYTES} muster reads: split it, or keep data in files the job reads",
+                text.len()
+            ),
+        ));
+    }
+    let (mut indents, mut flow, mut aliases) = (Vec::<usize>::new(), 0usize, 0usize);
+    for (n, line) in text.lines().enumerate() {
+        let content = line.trim_start_matches(' ');
+        if content.is_empty() || content.starts_with('#') {
+            continue;
+        }
+        let indent = line.len() - content.len();
+        if flow == 0 {
+            while indents.last().is_some_and(|top| *top > indent) {
+                indents.pop();
+            }
+            if indents.last().is_none_or(|top| *top < indent) {
+                indents.push(indent);
+            }
+        }
+        let mut quote = None;
+        let mut prev = ' ';
+        for c in content.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q && prev != '\\' => quote = None,
+                (Some(_), _) => {}
+                (None, '#') if prev == ' ' => break,
+                (None, '\'' | '"') => quote = Some(c),
+                (None, '[' | '{') => flow += 1,
+                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                (None, '*') if prev == ' ' || prev == '[' || prev == ',' => aliases += 1,
+                _ => {}
+            }
+            if indents.len() + flow > MAX_YAML_DEPTH {
+                return Err(SpecError {
+                    path: String::new(),
+                    message: format!(
+                        "nested more than {MAX_YAML_DEPTH} levels deep: no job file needs that; flatten it"
+                    ),
+                    location: Some((n + 1, 1)),
+                });
+            }
+            prev = c;
+        }
+    }
+    if aliases > MAX_YAML_ALIASES {
+        return Err(SpecError::field(
+            "",
+            format!(
+                "{aliases} aliases (*name) is more than the {MAX_YAML_ALIASES} muster expands: write the values out"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Parses YAML into `T`, naming the full path of a bad or unknown key and its position.
 pub(crate) fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, SpecError> {
     if text.trim().is_empty() {
         return Err(SpecError::field("", "the file is empty"));
     }
+    check_yaml_limits(text)?;
     let de = yaml_serde::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|err| {
         let path = err.path().to_string();
@@ -628,6 +704,7 @@ pub struct JobFile {
 
 /// Parses an Azure ML v2 command job. Unknown keys are errors naming their path.
 pub fn parse_job_yaml(text: &str) -> Result<JobFile, SpecError> {
+    check_yaml_limits(text)?;
     // A sweep or pipeline has keys a command job lacks (`jobs:`, `trial:`): say which
     // command takes it before complaining about them.
     if let Ok(yaml_serde::Value::Mapping(m)) = yaml_serde::from_str::<yaml_serde::Value>(text)
@@ -949,6 +1026,57 @@ mod tests {
         assert!(e.message.contains("muster sweep submit"), "{e}");
         let e = parse_job_yaml("type: pipeline\njobs: {}\n").unwrap_err();
         assert!(e.message.contains("muster pipeline submit"), "{e}");
+    }
+
+    #[test]
+    fn yaml_too_deep_too_large_or_alias_heavy_is_refused_before_parsing() {
+        let started = std::time::Instant::now();
+        let flow = format!(
+            "command: echo\nx: {}1{}\n",
+            "{a: ".repeat(100_000),
+            "}".repeat(100_000)
+        );
+        let e = parse_job_yaml(&flow).unwrap_err();
+        assert!(e.message.contains("nested more than"), "{e}");
+        let block: String = (0..1_000)
+            .map(|d| format!("{}a{d}:\n", " ".repeat(d)))
+            .collect();
+        let e = parse_job_yaml(&format!("command: echo\nx:\n{block}")).unwrap_err();
+        assert!(e.message.contains("nested more than"), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        let e = parse_job_yaml(&format!(
+            "command: echo\n# {}\n",
+            "x".repeat(MAX_YAML_BYTES)
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("bytes, more than"), "{e}");
+        let laughs: String = (0..200).map(|i| format!("  - *a{}\n", i % 2)).collect();
+        let e = parse_job_yaml(&format!(
+            "command: echo\nv: &a0 [1]\nw: &a1 [2]\nlist:\n{laughs}"
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("aliases"), "{e}");
+        // Real files pass: brackets and quotes in commands, a multi-line script, comments.
+        parse_job_yaml(
+            "command: >-\n  python -c \"print({'a': [1, 2]})\" # [not a bracket\n  && echo don't\nenvironment_variables:\n  A: '[x'\n",
+        )
+        .unwrap();
+        let nested: String = (0..30)
+            .map(|d| format!("{}if x:\n", "  ".repeat(d + 1)))
+            .collect();
+        parse_job_yaml(&format!("command: |\n{nested}")).unwrap();
+        // And so does every real Azure ML file among the fixtures.
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/formats");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(fixtures).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yml" || e == "yaml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                check_yaml_limits(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                checked += 1;
+            }
+        }
+        assert!(checked >= 4, "{checked} fixtures in {fixtures}");
     }
 
     #[test]

@@ -100,6 +100,10 @@ pub async fn run(server: &str, output: OutputFormat, cmd: PipelineCommand) -> an
 /// Each step's `code:` directory, relative to the YAML file (the parsed spec keeps the
 /// snapshot, not the path).
 fn code_dirs(text: &str, base: &Path) -> BTreeMap<String, PathBuf> {
+    // The real parse (after this) reports a file over the limits.
+    if muster_core::spec::check_yaml_limits(text).is_err() {
+        return BTreeMap::new();
+    }
     let Ok(doc) = yaml_serde::from_str::<yaml_serde::Value>(text) else {
         return BTreeMap::new();
     };

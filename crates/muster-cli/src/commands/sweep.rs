@@ -172,6 +172,7 @@ fn base_dir(path: &Path) -> PathBuf {
 /// The `trial.code` of a v2 sweep file, if it names one (the file is parsed for real
 /// afterwards; this only finds the directory to snapshot).
 fn v2_trial_code(text: &str) -> Option<String> {
+    muster_core::spec::check_yaml_limits(text).ok()?;
     let value: yaml_serde::Value = yaml_serde::from_str(text).ok()?;
     value
         .get("trial")?
