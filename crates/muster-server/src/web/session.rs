@@ -46,8 +46,9 @@ pub(super) struct Viewer {
     pub csrf: String,
 }
 
-/// The name of the tokens sessions hold (`muster token list` shows them).
-pub(super) const SESSION_NAME: &str = "studio session";
+/// How the names of the tokens sessions hold begin (`muster token list` shows them); the
+/// id of the token that opened the session follows.
+pub(super) const SESSION_NAME: &str = "studio session of ";
 
 /// How long a session lasts, in seconds.
 const SESSION_S: u64 = 12 * 3600;
@@ -70,24 +71,48 @@ fn session_token(headers: &HeaderMap) -> Option<String> {
         })
 }
 
-/// The user a token belongs to, if it is a live user token.
-fn user_of(server: &Server, token: &str) -> Result<String, String> {
+/// A live user token: its user, id and expiry.
+struct LiveUser {
+    name: String,
+    token_id: String,
+    expires_at: Option<u64>,
+}
+
+/// The user a token belongs to, if it is a live user token; for a session's token, only
+/// while the token that opened the session is live too (revoking an API token ends the
+/// studio sessions it opened).
+fn user_of(server: &Server, token: &str) -> Result<LiveUser, String> {
     let now = now_ms();
-    server
-        .coordinator
-        .read(|s| match s.access.authenticate(token, now) {
-            Ok(t) => match &t.principal {
-                Principal::User { name } => Ok(name.clone()),
-                Principal::Agent { .. } => Err("an agent's credential cannot log in".to_string()),
-            },
-            Err(e) => Err(e.to_string()),
+    server.coordinator.read(|s| {
+        let t = s
+            .access
+            .authenticate(token, now)
+            .map_err(|e| e.to_string())?;
+        let Principal::User { name } = &t.principal else {
+            return Err("an agent's credential cannot log in".to_string());
+        };
+        if let Some(parent) = t.name.strip_prefix(SESSION_NAME) {
+            let live = s
+                .access
+                .tokens
+                .get(parent.trim())
+                .is_some_and(|p| p.is_live(now));
+            if !live {
+                return Err("the token that opened this session was revoked or expired".into());
+            }
+        }
+        Ok(LiveUser {
+            name: name.clone(),
+            token_id: t.id.clone(),
+            expires_at: t.expires_at,
         })
+    })
 }
 
 /// The viewer of a request, from its session cookie.
 pub(super) fn viewer(server: &Server, headers: &HeaderMap) -> Option<Viewer> {
     let token = session_token(headers)?;
-    let user = user_of(server, &token).ok()?;
+    let user = user_of(server, &token).ok()?.name;
     Some(Viewer {
         readable: readable_by(server, &user),
         csrf: csrf_of(&token),
@@ -138,20 +163,22 @@ fn login_page(status: StatusCode, error: Option<String>) -> Response {
 
 /// A session for the user of `token`, or the login page saying why not.
 async fn start(server: &Server, token: &str) -> Response {
-    let user = match user_of(server, token.trim()) {
+    let opener = match user_of(server, token.trim()) {
         Ok(user) => user,
         Err(why) => return login_page(StatusCode::UNAUTHORIZED, Some(why)),
     };
     let now = now_ms();
     let (id, secret) = (new_token_id(), new_secret());
-    let by = format!("user:{user}");
+    let by = format!("user:{}", opener.name);
+    // A session never outlives the token that opened it.
+    let ends = (now + SESSION_S * 1000).min(opener.expires_at.unwrap_or(u64::MAX));
     let session = Token {
         id: id.clone(),
-        principal: Principal::User { name: user },
-        name: SESSION_NAME.into(),
+        principal: Principal::User { name: opener.name },
+        name: format!("{SESSION_NAME}{}", opener.token_id),
         hash: hash_secret(&secret),
         created_at: now,
-        expires_at: Some(now + SESSION_S * 1000),
+        expires_at: Some(ends),
         revoked_at: None,
         created_by: by.clone(),
     };
@@ -265,7 +292,7 @@ async fn end(server: &Server, token: &str) -> Result<(), String> {
         s.access
             .authenticate(token, now)
             .ok()
-            .filter(|t| t.name == SESSION_NAME)
+            .filter(|t| t.name.starts_with(SESSION_NAME))
             .map(|t| t.principal.label())
     });
     let Some(by) = session else {
