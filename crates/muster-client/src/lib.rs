@@ -8,7 +8,7 @@
 //! - `servers.rs`: the `--server a,b,c` list, connecting to the first server that answers,
 //!   and [`Servers::call`], which fails over to the next server and follows the leader a
 //!   follower names in the [`LEADER_HEADER`] of its UNAVAILABLE answer;
-//! - `retry.rs`: [`RetryPolicy`], [`retry`] and [`submit_retrying`]: a bounded backoff
+//! - `retry.rs`: [`RetryPolicy`] and [`retry`]: a bounded backoff
 //!   for retryable errors only;
 //! - `credentials.rs`: [`Credentials`] (a bearer token, or a server's cluster key) and
 //!   [`Channel`], tonic's channel with them attached to every request;
@@ -38,7 +38,7 @@ pub use credentials::{
     write_secret_file,
 };
 pub use error::{ClientError, LEADER_HEADER, is_retryable_code, leader_hint, status};
-pub use retry::{RetryPolicy, retry, submit_retrying};
+pub use retry::{RetryPolicy, retry};
 pub use servers::{Servers, normalize_url};
 
 use muster_proto::v1::{

@@ -63,25 +63,6 @@ where
         .await
 }
 
-/// Sends a submission again while the servers answer UNAVAILABLE (no leader yet, or the
-/// leader just changed), as [`RetryPolicy::SUBMISSION`] paces it. A submission carries an
-/// idempotency key, so a retry of one that did land returns it instead of making another.
-pub async fn submit_retrying<T, F, Fut>(mut send: F) -> Result<T, ClientError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-{
-    retry(&RetryPolicy::SUBMISSION, || {
-        let sent = send();
-        async move {
-            sent.await
-                .map(tonic::Response::into_inner)
-                .map_err(ClientError::from)
-        }
-    })
-    .await
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -155,50 +136,5 @@ mod tests {
         })
         .await;
         assert_eq!(calls.load(Ordering::SeqCst), 1);
-    }
-
-    #[tokio::test]
-    async fn a_submission_is_sent_again_only_while_no_leader_takes_it() {
-        // Two UNAVAILABLE answers (an election), then the leader's.
-        let calls = AtomicU32::new(0);
-        let got = submit_retrying(|| {
-            let n = calls.fetch_add(1, Ordering::SeqCst);
-            async move {
-                if n < 2 {
-                    Err(tonic::Status::unavailable("no leader yet; retry"))
-                } else {
-                    Ok(tonic::Response::new(n))
-                }
-            }
-        })
-        .await
-        .unwrap();
-        assert_eq!((got, calls.load(Ordering::SeqCst)), (2, 3));
-
-        // A refusal is final: sent once, its message is the error.
-        let calls = AtomicU32::new(0);
-        let err = submit_retrying(|| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async { Err::<tonic::Response<()>, _>(tonic::Status::invalid_argument("name: bad")) }
-        })
-        .await
-        .unwrap_err();
-        assert_eq!(
-            (err.to_string(), calls.load(Ordering::SeqCst)),
-            ("name: bad".into(), 1)
-        );
-
-        // An outage longer than the retries ends with the last answer, after 5 tries.
-        let calls = AtomicU32::new(0);
-        let err = submit_retrying(|| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async { Err::<tonic::Response<()>, _>(tonic::Status::unavailable("no leader")) }
-        })
-        .await
-        .unwrap_err();
-        assert_eq!(
-            (err.to_string(), calls.load(Ordering::SeqCst)),
-            ("no leader".into(), 5)
-        );
     }
 }

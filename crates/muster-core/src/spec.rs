@@ -186,12 +186,18 @@ pub fn check_yaml_limits(text: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
-/// Parses YAML into `T`, naming the full path of a bad or unknown key and its position.
+/// Parses YAML into `T`, naming the full path of a bad or unknown key and its position;
+/// a document over [`check_yaml_limits`] is refused before it is parsed.
 pub(crate) fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, SpecError> {
+    check_yaml_limits(text)?;
+    parse_checked_yaml(text)
+}
+
+/// [`parse_yaml`] of a document that passed [`check_yaml_limits`].
+fn parse_checked_yaml<T: DeserializeOwned>(text: &str) -> Result<T, SpecError> {
     if text.trim().is_empty() {
         return Err(SpecError::field("", "the file is empty"));
     }
-    check_yaml_limits(text)?;
     let de = yaml_serde::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|err| {
         let path = err.path().to_string();
@@ -717,7 +723,7 @@ pub fn parse_job_yaml(text: &str) -> Result<JobFile, SpecError> {
             ),
         ));
     }
-    let job: JobFile = parse_yaml(text)?;
+    let job: JobFile = parse_checked_yaml(text)?;
     match job.kind.as_deref() {
         None | Some("command") => Ok(job),
         Some(other @ ("sweep" | "pipeline")) => Err(SpecError::field(
