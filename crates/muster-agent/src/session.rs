@@ -529,6 +529,11 @@ impl Agent {
                 let reason = stop_reason(s.reason);
                 let grace = Duration::from_millis(s.grace_ms);
                 match self.attempts.get(&key) {
+                    // Over already: its end is on its way (a fence of an attempt that
+                    // ended while the server looked).
+                    Some(entry) if entry.end.is_some() => {
+                        tracing::debug!(run_id = %s.run_id, attempt = s.attempt, "stop order for an attempt that already ended");
+                    }
                     Some(entry) => {
                         tracing::info!(run_id = %s.run_id, attempt = s.attempt, reason = %v1::StopReason::word_of(s.reason), "stopping attempt");
                         entry.stop.send_replace(Some(Stop { reason, grace }));
@@ -641,12 +646,14 @@ impl Agent {
                 if let Some(entry) = self.attempts.get_mut(&key) {
                     tracing::info!(run_id = %key.0, attempt = key.1, end = outcome.end.as_str(), exit_code = ?outcome.exit_code, "attempt ended");
                     let mut end = ended(&key, &outcome, outputs);
-                    end.log_bytes = crate::ship::file_len(entry.log.path()).await;
-                    end.metric_bytes = crate::ship::file_len(entry.metrics.path()).await;
+                    end.log_bytes = crate::ship::file_len_now(entry.log.path());
+                    end.metric_bytes = crate::ship::file_len_now(entry.metrics.path());
                     entry.end = Some(end);
                     entry.task = None;
+                    // Only this attempt: its end goes out now, not at the next tick (and
+                    // not after a pass over every other attempt of the node).
+                    ship_entry(&key, entry, out).await?;
                 }
-                self.ship(out).await?;
             }
         }
         Ok(())
@@ -655,24 +662,34 @@ impl Agent {
     /// Sends new log and metric bytes of every attempt, then the ends whose log and
     /// metrics are all shipped.
     async fn ship(&mut self, out: &mpsc::Sender<v1::AgentMessage>) -> Result<(), SessionError> {
-        for ((run_id, attempt), entry) in self.attempts.iter_mut() {
-            entry.log.ship(run_id, *attempt, SHIP_PER_TICK, out).await?;
-            entry
-                .metrics
-                .ship(run_id, *attempt, SHIP_PER_TICK, out)
-                .await?;
-            if let Some(end) = &entry.end
-                && !entry.end_sent
-                && entry.log.shipped() >= end.log_bytes
-                && entry.metrics.shipped() >= end.metric_bytes
-            {
-                out.send(msg(agent_message::Msg::Update(end.clone())))
-                    .await?;
-                entry.end_sent = true;
-            }
+        for (key, entry) in self.attempts.iter_mut() {
+            ship_entry(key, entry, out).await?;
         }
         Ok(())
     }
+}
+
+/// Sends an attempt's new log and metric bytes, then its end once they are all shipped.
+async fn ship_entry(
+    (run_id, attempt): &Key,
+    entry: &mut Entry,
+    out: &mpsc::Sender<v1::AgentMessage>,
+) -> Result<(), SessionError> {
+    entry.log.ship(run_id, *attempt, SHIP_PER_TICK, out).await?;
+    entry
+        .metrics
+        .ship(run_id, *attempt, SHIP_PER_TICK, out)
+        .await?;
+    if let Some(end) = &entry.end
+        && !entry.end_sent
+        && entry.log.shipped() >= end.log_bytes
+        && entry.metrics.shipped() >= end.metric_bytes
+    {
+        out.send(msg(agent_message::Msg::Update(end.clone())))
+            .await?;
+        entry.end_sent = true;
+    }
+    Ok(())
 }
 
 /// What the agent registers: the node, what it offers (`host` = the machine's millicores

@@ -16,7 +16,15 @@ pub(crate) async fn materialize(
     dest: &Path,
 ) -> anyhow::Result<usize> {
     let mut client = Blobs::new(client.clone());
-    let bytes = client.download_bytes(manifest_sha).await?;
+    // Content-addressed: a manifest this node fetched before (every run of an unchanged
+    // directory) is read from the cache instead of asked of a server again.
+    let cached_manifest = cache
+        .join(&manifest_sha[..2.min(manifest_sha.len())])
+        .join(manifest_sha);
+    if !cached_manifest.exists() {
+        client.download(manifest_sha, &cached_manifest).await?;
+    }
+    let bytes = tokio::fs::read(&cached_manifest).await?;
     let manifest: Manifest = serde_json::from_slice(&bytes)
         .map_err(|e| anyhow::anyhow!("the snapshot manifest {manifest_sha} is not valid: {e}"))?;
     manifest.validate().map_err(|e| anyhow::anyhow!(e))?;

@@ -5,11 +5,13 @@
 //! the node should run with what it has told the node, so a reconnect or a failover needs
 //! no special path (the node re-reports what it runs; stale attempts are stopped).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
 use muster_core::access::{
     AccessChange, Principal, TOKEN_PREFIX, Token, format_token, hash_secret,
@@ -261,9 +263,12 @@ impl AgentService for Agents {
         }
         let (tx, rx) = mpsc::channel(256);
         let session = Session {
-            server: self.0.clone(),
-            node_id: hello.node_id.clone(),
-            tx,
+            link: Link {
+                server: self.0.clone(),
+                node_id: hello.node_id.clone(),
+                tx,
+            },
+            reports: Reports::default(),
             told: node::Session {
                 running: hello
                     .running
@@ -278,32 +283,105 @@ impl AgentService for Agents {
     }
 }
 
-struct Session {
+/// What a session's tasks share: the server, the node, and the stream to the agent.
+#[derive(Clone)]
+struct Link {
     server: Arc<Server>,
     node_id: String,
     tx: Outbound,
+}
+
+/// An attempt's report carried out (its effects stored and its command applied), to be
+/// followed up on the session loop: `None` when there was nothing to apply.
+type Carried = (
+    AttemptKey,
+    Result<Option<(node::Report, Applied, i32)>, Status>,
+);
+
+/// The reports in flight on one session: one chain per attempt, so an attempt's reports
+/// are carried out in the order the agent sent them, while different attempts' proceed at
+/// once (their proposals share Raft's batches and fsyncs instead of queueing one by one
+/// behind each other: a node finishing many short runs is not held to one commit at a time).
+#[derive(Default)]
+struct Reports {
+    /// Attempts with a report in flight, and their reports waiting behind it.
+    waiting: HashMap<AttemptKey, VecDeque<v1::AttemptUpdate>>,
+    in_flight: FuturesUnordered<BoxFuture<'static, Carried>>,
+}
+
+impl Reports {
+    /// Takes `u`: returns it to start now, or queues it behind its attempt's report in
+    /// flight. A queued progress report that a later one of the same attempt supersedes
+    /// (preparing, then running) is dropped: applying the later one alone leaves the same
+    /// state.
+    fn queue(&mut self, u: v1::AttemptUpdate) -> Option<v1::AttemptUpdate> {
+        let key = (u.run_id.clone(), u.attempt);
+        let Some(queue) = self.waiting.get_mut(&key) else {
+            self.waiting.insert(key, VecDeque::new());
+            return Some(u);
+        };
+        if u.state == v1::AttemptState::Running as i32
+            && queue
+                .back()
+                .is_some_and(|q| q.state == v1::AttemptState::Preparing as i32)
+        {
+            queue.pop_back();
+        }
+        queue.push_back(u);
+        None
+    }
+
+    /// After `key`'s report finished: its next one to start, if any.
+    fn done(&mut self, key: &AttemptKey) -> Option<v1::AttemptUpdate> {
+        let next = self.waiting.get_mut(key).and_then(VecDeque::pop_front);
+        if next.is_none() {
+            self.waiting.remove(key);
+        }
+        next
+    }
+
+    /// Carries out `u` beside the session loop.
+    fn start(&mut self, link: &Link, u: v1::AttemptUpdate) {
+        let key = (u.run_id.clone(), u.attempt);
+        self.in_flight
+            .push(Box::pin(carry_out(link.clone(), key, u)));
+    }
+
+    /// The next finished report (pending forever while none is in flight).
+    async fn finished(&mut self) -> Carried {
+        match self.in_flight.next().await {
+            Some(done) => done,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+struct Session {
+    link: Link,
     /// What this session told the node, and what the node runs (muster-core's protocol).
     told: node::Session,
+    reports: Reports,
 }
 
 impl Session {
     async fn run(mut self, mut inbound: Streaming<v1::AgentMessage>) {
-        tracing::info!(node = %self.node_id, "agent session opened");
-        self.server.heartbeats.beat(&self.node_id);
+        let link = self.link.clone();
+        tracing::info!(node = %link.node_id, "agent session opened");
+        link.server.heartbeats.beat(&link.node_id);
         let resumes: Vec<(String, u32)> = self.told.running.iter().cloned().collect();
         for (run_id, attempt) in resumes {
-            self.send_resume(&run_id, attempt).await;
+            link.send_resume(&run_id, attempt).await;
             // Metrics of a rank still live: ship from this server's copy (a new leader's
             // may be shorter than the last one's).
-            let rank = self.rank(&run_id, attempt).unwrap_or(0);
-            if self.server.sealed_log(&run_id, attempt, rank).is_none() {
-                let offset = self.metric_len(&run_id, attempt);
-                self.send_metric_resume(&run_id, attempt, offset).await;
+            let rank = link.rank(&run_id, attempt).unwrap_or(0);
+            if link.server.sealed_log(&run_id, attempt, rank).is_none() {
+                let offset = link.metric_len(&run_id, attempt);
+                link.send_metric_resume(&run_id, attempt, offset).await;
             }
         }
-        let mut changes = self.server.coordinator.subscribe();
+        let mut changes = link.server.coordinator.subscribe();
         let mut tick = tokio::time::interval(Duration::from_secs(2));
-        let mut leadership = self.server.coordinator.raft().watch_status();
+        let mut leadership = link.server.coordinator.raft().watch_status();
         let result: Result<(), Status> = async {
             loop {
                 self.dispatch().await?;
@@ -313,9 +391,17 @@ impl Session {
                         Some(Err(e)) => return Err(e),
                         None => return Ok(()),
                     },
+                    (key, carried) = self.reports.finished() => {
+                        if let Some(next) = self.reports.done(&key) {
+                            self.reports.start(&link, next);
+                        }
+                        if let Some((report, applied, state)) = carried? {
+                            self.after(&report, &applied, state).await?;
+                        }
+                    }
                     _ = changes.changed() => {}
                     _ = tick.tick() => {}
-                    _ = self.server.coordinator.shutting_down() => {
+                    _ = link.server.coordinator.shutting_down() => {
                         return Err(Status::unavailable("the server is shutting down; reconnect"));
                     }
                     _ = async { leadership.wait_for(|s| s.role != muster_raft::Role::Leader).await.is_ok() } => {
@@ -326,14 +412,235 @@ impl Session {
         }
         .await;
         match result {
-            Ok(()) => tracing::info!(node = %self.node_id, "agent session closed"),
+            Ok(()) => tracing::info!(node = %link.node_id, "agent session closed"),
             Err(e) => {
-                tracing::info!(node = %self.node_id, cause = %e.message(), "agent session ended");
-                let _ = self.tx.send(Err(e)).await;
+                tracing::info!(node = %link.node_id, cause = %e.message(), "agent session ended");
+                let _ = link.tx.send(Err(e)).await;
             }
         }
     }
 
+    /// Sends what the state asks of this node and the agent has not been told yet
+    /// (muster-core's `node::orders`), each assignment built into its wire form.
+    async fn dispatch(&mut self) -> Result<(), Status> {
+        let grace_ms = self.link.server.config.stop_grace.as_millis() as u64;
+        let node_id = self.link.node_id.clone();
+        let messages: Vec<server_message::Msg> = self.link.server.coordinator.read(|s| {
+            node::orders(s, &node_id, &mut self.told)
+                .into_iter()
+                .filter_map(|order| match order {
+                    Order::Assign { attempt, rank } => assignment(s, &attempt, rank),
+                    Order::Stop { attempt, reason } => {
+                        Some(stop_message(attempt, reason, grace_ms))
+                    }
+                })
+                .collect()
+        });
+        for msg in messages {
+            if let server_message::Msg::Assign(a) = &msg {
+                tracing::debug!(node = %self.link.node_id, run_id = %a.run_id, attempt = a.attempt, "assigning");
+            }
+            self.link.send(msg).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_message(&mut self, msg: v1::AgentMessage) -> Result<(), Status> {
+        let link = &self.link;
+        link.server.heartbeats.beat(&link.node_id);
+        match msg.msg {
+            Some(agent_message::Msg::Heartbeat(h)) => {
+                self.told.running = h
+                    .running
+                    .into_iter()
+                    .map(|r| (r.run_id, r.attempt))
+                    .collect();
+            }
+            Some(agent_message::Msg::Log(log)) => {
+                let Some(rank) = link.rank(&log.run_id, log.attempt) else {
+                    return Ok(());
+                };
+                if link
+                    .server
+                    .sealed_log(&log.run_id, log.attempt, rank)
+                    .is_some()
+                {
+                    // Fenced: the rank's log was sealed (its end was reported, or its node
+                    // was declared lost); a late agent's bytes are not part of it.
+                    tracing::debug!(node = %link.node_id, run_id = %log.run_id, attempt = log.attempt, rank, "dropping log bytes of a sealed log");
+                    return Ok(());
+                }
+                match link.server.store.logs.append(
+                    &log.run_id,
+                    log.attempt,
+                    rank,
+                    log.offset,
+                    &log.data,
+                ) {
+                    Ok(Append::Stored(_)) => {
+                        // Stdout metric lines come from the log bytes themselves.
+                        if let Err(e) = link.server.store.feed_log_metrics(
+                            &log.run_id,
+                            log.attempt,
+                            rank,
+                            log.offset,
+                            &log.data,
+                        ) {
+                            tracing::warn!(run_id = %log.run_id, cause = %e, "cannot store metrics from the log");
+                        }
+                    }
+                    Ok(Append::Sealed) => {}
+                    Ok(Append::Gap(_)) => link.send_resume(&log.run_id, log.attempt).await,
+                    Err(e) => return Err(Status::internal(format!("storing logs: {e}"))),
+                }
+            }
+            Some(agent_message::Msg::Metrics(m)) => {
+                let Some(rank) = link.rank(&m.run_id, m.attempt) else {
+                    return Ok(());
+                };
+                if link.server.sealed_log(&m.run_id, m.attempt, rank).is_some() {
+                    // Fenced with the log: the rank ended (or its node was declared lost)
+                    // and its metrics are complete; a late agent's bytes are not part of them.
+                    return Ok(());
+                }
+                let stream = MetricStream::File {
+                    attempt: m.attempt,
+                    rank,
+                };
+                match link
+                    .server
+                    .store
+                    .series
+                    .feed(&m.run_id, stream, m.offset, &m.data)
+                {
+                    Ok(Feed::Stored(_)) => {}
+                    Ok(Feed::Gap(offset)) => {
+                        link.send_metric_resume(&m.run_id, m.attempt, offset).await
+                    }
+                    Err(e) => return Err(Status::internal(format!("storing metrics: {e}"))),
+                }
+            }
+            // Carried out beside the session loop (logs and heartbeats keep flowing).
+            Some(agent_message::Msg::Update(u)) => {
+                // An unknown state or end ends the session at once, naming the field.
+                attempt_report(&u)?;
+                if let Some(u) = self.reports.queue(u) {
+                    self.reports.start(&self.link, u);
+                }
+            }
+            Some(agent_message::Msg::Hello(_)) | None => {}
+        }
+        Ok(())
+    }
+
+    /// What follows an applied report (muster-core's `node::on_applied`): remove the live
+    /// log of a sealed rank, acknowledge an end, fence a stale start.
+    async fn after(
+        &mut self,
+        report: &node::Report,
+        applied: &Applied,
+        state: i32,
+    ) -> Result<(), Status> {
+        let link = &self.link;
+        let grace_ms = link.server.config.stop_grace.as_millis() as u64;
+        let after = link
+            .server
+            .coordinator
+            .read(|s| node::on_applied(s, &link.node_id, &mut self.told, report, applied));
+        for step in after {
+            match step {
+                After::RemoveLiveLog { attempt, rank } => {
+                    // The sealed blob is the log now; the file it was copied from can go.
+                    if let Err(e) = link.server.store.logs.remove(&attempt.0, attempt.1, rank) {
+                        tracing::warn!(cause = %e, "could not remove a sealed log file");
+                    }
+                }
+                After::Ack { attempt } => {
+                    link.send(server_message::Msg::Ack(v1::UpdateAck {
+                        run_id: attempt.0,
+                        attempt: attempt.1,
+                        state,
+                    }))
+                    .await?;
+                }
+                After::Stop { attempt, reason } => {
+                    link.send(stop_message(attempt, reason, grace_ms)).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Carries out one report of an attempt (muster-core's `node::on_report`): asks for
+/// missing log or metric bytes, seals the rank's log and metrics, replicates its outputs,
+/// and proposes the report.
+#[tracing::instrument(name = "report", skip_all, fields(node = %link.node_id, run_id = %u.run_id, attempt = u.attempt, state = ?u.state))]
+async fn carry_out(link: Link, key: AttemptKey, u: v1::AttemptUpdate) -> Carried {
+    let result = carry_out_report(&link, &u).await;
+    (key, result)
+}
+
+async fn carry_out_report(
+    link: &Link,
+    u: &v1::AttemptUpdate,
+) -> Result<Option<(node::Report, Applied, i32)>, Status> {
+    let report = node::Report {
+        attempt: (u.run_id.clone(), u.attempt),
+        report: attempt_report(u)?,
+        log_bytes: u.log_bytes,
+        metric_bytes: u.metric_bytes,
+    };
+    let server = &link.server;
+    let rank = link.rank(&u.run_id, u.attempt).unwrap_or(0);
+    let held = node::Held {
+        log_bytes: server.store.logs.len(&u.run_id, u.attempt, rank),
+        metric_bytes: link.metric_len(&u.run_id, u.attempt),
+    };
+    let effects = server
+        .coordinator
+        .read(|s| node::on_report(s, &link.node_id, &report, held, now_ms()));
+    let mut applied = None;
+    for effect in effects {
+        match effect {
+            Effect::ResumeLog { attempt, .. } => {
+                // Logs are still missing: ask for them; the agent re-sends the end after.
+                link.send_resume(&attempt.0, attempt.1).await;
+            }
+            Effect::ResumeMetrics { attempt, offset } => {
+                link.send_metric_resume(&attempt.0, attempt.1, offset).await;
+            }
+            Effect::SealLog { attempt, rank } => {
+                server.seal_log(&attempt.0, attempt.1, rank).await?;
+            }
+            Effect::SealMetrics { attempt, rank } => {
+                server.seal_metrics(&attempt.0, attempt.1, rank).await?;
+            }
+            Effect::ReplicateOutputs { sha256 } => {
+                server
+                    .store
+                    .replicas
+                    .ensure_replicated(vec![sha256])
+                    .await?;
+            }
+            Effect::Propose(cmd) => {
+                applied = Some(match server.coordinator.propose(*cmd).await {
+                    Ok(a) => a,
+                    // A report for a run that no longer exists is as stale as can be.
+                    Err(ProposalError::Rejected(ApplyError::UnknownRun(_))) => Applied::Stale {
+                        run_id: u.run_id.clone(),
+                        attempt: u.attempt,
+                    },
+                    Err(ProposalError::Rejected(e)) => return Err(rejected(e)),
+                    Err(e) => return Err(status(e)),
+                });
+            }
+        }
+    }
+    Ok(applied.map(|a| (report, a, u.state)))
+}
+
+impl Link {
     async fn send(&self, msg: server_message::Msg) -> Result<(), Status> {
         self.tx
             .send(Ok(v1::ServerMessage { msg: Some(msg) }))
@@ -381,200 +688,6 @@ impl Session {
         self.server
             .coordinator
             .read(|s| node::rank_of(s, &self.node_id, (run_id, attempt)))
-    }
-
-    /// Sends what the state asks of this node and the agent has not been told yet
-    /// (muster-core's `node::orders`), each assignment built into its wire form.
-    async fn dispatch(&mut self) -> Result<(), Status> {
-        let grace_ms = self.server.config.stop_grace.as_millis() as u64;
-        let node_id = self.node_id.clone();
-        let messages: Vec<server_message::Msg> = self.server.coordinator.read(|s| {
-            node::orders(s, &node_id, &mut self.told)
-                .into_iter()
-                .filter_map(|order| match order {
-                    Order::Assign { attempt, rank } => assignment(s, &attempt, rank),
-                    Order::Stop { attempt, reason } => {
-                        Some(stop_message(attempt, reason, grace_ms))
-                    }
-                })
-                .collect()
-        });
-        for msg in messages {
-            if let server_message::Msg::Assign(a) = &msg {
-                tracing::debug!(node = %self.node_id, run_id = %a.run_id, attempt = a.attempt, "assigning");
-            }
-            self.send(msg).await?;
-        }
-        Ok(())
-    }
-
-    async fn on_message(&mut self, msg: v1::AgentMessage) -> Result<(), Status> {
-        self.server.heartbeats.beat(&self.node_id);
-        match msg.msg {
-            Some(agent_message::Msg::Heartbeat(h)) => {
-                self.told.running = h
-                    .running
-                    .into_iter()
-                    .map(|r| (r.run_id, r.attempt))
-                    .collect();
-            }
-            Some(agent_message::Msg::Log(log)) => {
-                let Some(rank) = self.rank(&log.run_id, log.attempt) else {
-                    return Ok(());
-                };
-                if self
-                    .server
-                    .sealed_log(&log.run_id, log.attempt, rank)
-                    .is_some()
-                {
-                    // Fenced: the rank's log was sealed (its end was reported, or its node
-                    // was declared lost); a late agent's bytes are not part of it.
-                    tracing::debug!(node = %self.node_id, run_id = %log.run_id, attempt = log.attempt, rank, "dropping log bytes of a sealed log");
-                    return Ok(());
-                }
-                match self.server.store.logs.append(
-                    &log.run_id,
-                    log.attempt,
-                    rank,
-                    log.offset,
-                    &log.data,
-                ) {
-                    Ok(Append::Stored(_)) => {
-                        // Stdout metric lines come from the log bytes themselves.
-                        if let Err(e) = self.server.store.feed_log_metrics(
-                            &log.run_id,
-                            log.attempt,
-                            rank,
-                            log.offset,
-                            &log.data,
-                        ) {
-                            tracing::warn!(run_id = %log.run_id, cause = %e, "cannot store metrics from the log");
-                        }
-                    }
-                    Ok(Append::Sealed) => {}
-                    Ok(Append::Gap(_)) => self.send_resume(&log.run_id, log.attempt).await,
-                    Err(e) => return Err(Status::internal(format!("storing logs: {e}"))),
-                }
-            }
-            Some(agent_message::Msg::Metrics(m)) => {
-                let Some(rank) = self.rank(&m.run_id, m.attempt) else {
-                    return Ok(());
-                };
-                if self.server.sealed_log(&m.run_id, m.attempt, rank).is_some() {
-                    // Fenced with the log: the rank ended (or its node was declared lost)
-                    // and its metrics are complete; a late agent's bytes are not part of them.
-                    return Ok(());
-                }
-                let stream = MetricStream::File {
-                    attempt: m.attempt,
-                    rank,
-                };
-                match self
-                    .server
-                    .store
-                    .series
-                    .feed(&m.run_id, stream, m.offset, &m.data)
-                {
-                    Ok(Feed::Stored(_)) => {}
-                    Ok(Feed::Gap(offset)) => {
-                        self.send_metric_resume(&m.run_id, m.attempt, offset).await
-                    }
-                    Err(e) => return Err(Status::internal(format!("storing metrics: {e}"))),
-                }
-            }
-            Some(agent_message::Msg::Update(u)) => self.on_update(u).await?,
-            Some(agent_message::Msg::Hello(_)) | None => {}
-        }
-        Ok(())
-    }
-
-    #[tracing::instrument(name = "report", skip_all, fields(node = %self.node_id, run_id = %u.run_id, attempt = u.attempt, state = ?u.state))]
-    async fn on_update(&mut self, u: v1::AttemptUpdate) -> Result<(), Status> {
-        let report = node::Report {
-            attempt: (u.run_id.clone(), u.attempt),
-            report: attempt_report(&u)?,
-            log_bytes: u.log_bytes,
-            metric_bytes: u.metric_bytes,
-        };
-        let node_id = self.node_id.clone();
-        let rank = self.rank(&u.run_id, u.attempt).unwrap_or(0);
-        let held = node::Held {
-            log_bytes: self.server.store.logs.len(&u.run_id, u.attempt, rank),
-            metric_bytes: self.metric_len(&u.run_id, u.attempt),
-        };
-        let effects = self
-            .server
-            .coordinator
-            .read(|s| node::on_report(s, &node_id, &report, held, now_ms()));
-        let mut applied = None;
-        for effect in effects {
-            match effect {
-                Effect::ResumeLog { attempt, .. } => {
-                    // Logs are still missing: ask for them; the agent re-sends the end after.
-                    self.send_resume(&attempt.0, attempt.1).await;
-                }
-                Effect::ResumeMetrics { attempt, offset } => {
-                    self.send_metric_resume(&attempt.0, attempt.1, offset).await;
-                }
-                Effect::SealLog { attempt, rank } => {
-                    self.server.seal_log(&attempt.0, attempt.1, rank).await?;
-                }
-                Effect::SealMetrics { attempt, rank } => {
-                    self.server
-                        .seal_metrics(&attempt.0, attempt.1, rank)
-                        .await?;
-                }
-                Effect::ReplicateOutputs { sha256 } => {
-                    self.server
-                        .store
-                        .replicas
-                        .ensure_replicated(vec![sha256])
-                        .await?;
-                }
-                Effect::Propose(cmd) => {
-                    applied = Some(match self.server.coordinator.propose(*cmd).await {
-                        Ok(a) => a,
-                        // A report for a run that no longer exists is as stale as can be.
-                        Err(ProposalError::Rejected(ApplyError::UnknownRun(_))) => Applied::Stale {
-                            run_id: u.run_id.clone(),
-                            attempt: u.attempt,
-                        },
-                        Err(ProposalError::Rejected(e)) => return Err(rejected(e)),
-                        Err(e) => return Err(status(e)),
-                    });
-                }
-            }
-        }
-        let Some(applied) = applied else {
-            return Ok(());
-        };
-        let grace_ms = self.server.config.stop_grace.as_millis() as u64;
-        let after = self
-            .server
-            .coordinator
-            .read(|s| node::on_applied(s, &node_id, &mut self.told, &report, &applied));
-        for step in after {
-            match step {
-                After::RemoveLiveLog { attempt, rank } => {
-                    // The sealed blob is the log now; the file it was copied from can go.
-                    if let Err(e) = self.server.store.logs.remove(&attempt.0, attempt.1, rank) {
-                        tracing::warn!(cause = %e, "could not remove a sealed log file");
-                    }
-                }
-                After::Ack { attempt } => {
-                    self.send(server_message::Msg::Ack(v1::UpdateAck {
-                        run_id: attempt.0,
-                        attempt: attempt.1,
-                        state: u.state,
-                    }))
-                    .await?;
-                }
-                After::Stop { attempt, reason } => {
-                    self.send(stop_message(attempt, reason, grace_ms)).await?;
-                }
-            }
-        }
-        Ok(())
     }
 }
 
@@ -645,4 +758,65 @@ fn stop_message(
         .into(),
         grace_ms,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(run: &str, state: v1::AttemptState) -> v1::AttemptUpdate {
+        v1::AttemptUpdate {
+            run_id: run.into(),
+            attempt: 1,
+            state: state.into(),
+            ..Default::default()
+        }
+    }
+
+    fn states(r: &mut Reports, run: &str) -> Vec<v1::AttemptState> {
+        let key = (run.to_string(), 1);
+        std::iter::from_fn(|| r.done(&key))
+            .map(|u| v1::AttemptState::try_from(u.state).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn reports_of_one_attempt_go_in_order_and_others_at_once() {
+        use v1::AttemptState::{Ended, Preparing, Running};
+        let mut r = Reports::default();
+        assert!(
+            r.queue(update("a", Preparing)).is_some(),
+            "nothing in flight"
+        );
+        assert!(r.queue(update("b", Preparing)).is_some(), "another attempt");
+        assert!(
+            r.queue(update("a", Running)).is_none(),
+            "behind a's preparing"
+        );
+        assert!(r.queue(update("a", Ended)).is_none());
+        assert_eq!(states(&mut r, "a"), [Running, Ended]);
+        assert!(
+            !r.waiting.contains_key(&("a".to_string(), 1)),
+            "a is idle again"
+        );
+        assert!(
+            r.queue(update("a", Ended)).is_some(),
+            "a re-sent end starts at once"
+        );
+    }
+
+    #[test]
+    fn a_queued_preparing_is_superseded_by_running_but_never_an_end() {
+        use v1::AttemptState::{Ended, Preparing, Running};
+        let mut r = Reports::default();
+        assert!(r.queue(update("a", Preparing)).is_some());
+        r.queue(update("a", Preparing));
+        r.queue(update("a", Running));
+        assert_eq!(states(&mut r, "a"), [Running]);
+        assert!(r.queue(update("a", Preparing)).is_some(), "a was idle");
+        r.queue(update("a", Running));
+        r.queue(update("a", Running));
+        r.queue(update("a", Ended));
+        assert_eq!(states(&mut r, "a"), [Running, Running, Ended]);
+    }
 }
