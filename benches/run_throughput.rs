@@ -59,6 +59,7 @@ fn capacity(slots: u64) -> Capacity {
         cpu_millis: slots * 1_000,
         memory_bytes: slots * GIB,
         gpus: Vec::new(),
+        max_runs: 0,
     }
 }
 

@@ -116,6 +116,7 @@ fn build(args: &Args) -> (State, Duration) {
                             memory_bytes: 80 * GIB,
                         })
                         .collect(),
+                    max_runs: 0,
                 },
                 labels: BTreeMap::new(),
                 tier: Tier::Dedicated,

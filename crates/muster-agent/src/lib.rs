@@ -71,6 +71,8 @@ pub struct AgentConfig {
     pub memory_bytes: Option<u64>,
     /// Offer no resource limits at all (the `local` target: runs are not packed).
     pub unlimited: bool,
+    /// Run at most this many attempts at once (`None`: no cap beyond CPU, memory and GPUs).
+    pub max_runs: Option<u32>,
     /// Where GPUs come from (NVML, or a fake in tests).
     pub gpu_probe: Arc<dyn GpuProbe>,
     /// How often GPUs are probed again (a recovered GPU becomes schedulable, a failed one
@@ -238,6 +240,7 @@ impl AgentConfig {
             cpu_millis: None,
             memory_bytes: None,
             unlimited: false,
+            max_runs: None,
             gpu_probe: Arc::new(NvmlProbe::new()),
             gpu_refresh: std::time::Duration::from_secs(30),
             gpu_device_requests: true,

@@ -734,6 +734,7 @@ fn registration(
         tier: config.tier.as_str().into(),
         address: config.advertise_addr.clone(),
         version: env!("CARGO_PKG_VERSION").into(),
+        max_runs: config.max_runs.unwrap_or(0),
     }
 }
 
@@ -823,6 +824,10 @@ mod tests {
             .capacity
             .unwrap();
         assert_eq!((capacity.cpu_millis, capacity.memory_bytes), (0, 0));
+        // A cap on runs at once goes with any offer, unlimited or not.
+        assert_eq!(registration(&config, "n", 1, &gpus, (1, 1)).max_runs, 0);
+        config.max_runs = Some(8);
+        assert_eq!(registration(&config, "n", 1, &gpus, (1, 1)).max_runs, 8);
     }
 
     #[test]

@@ -315,6 +315,9 @@ pub struct DevArgs {
     /// Address for gRPC, the web UI and /metrics.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: String,
+    /// The local agent runs at most this many runs at once (default: 4 per CPU).
+    #[arg(long)]
+    pub max_runs: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -428,6 +431,10 @@ pub struct AgentArgs {
     /// Offer at most this much memory (e.g. 48g).
     #[arg(long)]
     pub memory: Option<String>,
+    /// Run at most this many runs at once on this node, whatever they ask for (default: no
+    /// cap beyond CPUs, memory and GPUs).
+    #[arg(long)]
+    pub max_runs: Option<u32>,
     /// Where peers of a distributed MPI run reach this agent's exec listener (`addr:port`;
     /// port 0 picks a free port). Fix the port if a firewall sits between nodes.
     #[arg(long, default_value = "0.0.0.0:0")]

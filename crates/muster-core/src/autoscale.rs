@@ -421,6 +421,7 @@ mod tests {
                             cpu_millis: self.cpus_per_node * 1000,
                             memory_bytes: 1 << 30,
                             gpus: vec![],
+                            max_runs: 0,
                         },
                         labels: BTreeMap::new(),
                         tier: Tier::Dedicated,

@@ -382,6 +382,7 @@ mod tests {
                         cpu_millis: 8000,
                         memory_bytes: 8 << 30,
                         gpus: vec![],
+                        max_runs: 0,
                     },
                     labels: Default::default(),
                     tier: Tier::Dedicated,

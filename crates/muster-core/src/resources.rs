@@ -22,6 +22,15 @@ pub struct Capacity {
     pub memory_bytes: u64,
     /// The GPUs, sorted by UUID.
     pub gpus: Vec<Gpu>,
+    /// At most this many attempts at once (0: no cap beyond CPU, memory and GPUs). An
+    /// agent sets it (`muster agent --max-runs`; `muster dev` defaults to 4 per CPU), so
+    /// a node with no resource limits still does not start a thousand runs at once.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_runs: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 /// What one instance of a run asks for.

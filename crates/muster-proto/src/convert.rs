@@ -592,6 +592,7 @@ pub fn node_to_wire(n: &CoreNode, last_heartbeat_ms: Option<u64>) -> v1::Node {
         allocated_gpus: n.allocated_gpus.iter().cloned().collect(),
         runs: n.attempts.iter().map(|(r, a)| format!("{r}/{a}")).collect(),
         last_heartbeat_ms,
+        max_runs: n.capacity.max_runs,
     }
 }
 

@@ -123,6 +123,8 @@ pub(crate) struct Driver<S: StateMachine> {
 
     /// Last index applied to the state machine.
     applied: u64,
+    /// Durable writes of the log and hard state since start (one fsync each).
+    log_writes: u64,
     /// Index of the latest snapshot taken or installed.
     last_snapshot_index: u64,
     /// Distinguishes this run's entry contexts from those of earlier runs of this node.
@@ -168,6 +170,7 @@ impl<S: StateMachine> Driver<S> {
             mailbox,
             status,
             applied,
+            log_writes: 0,
             last_snapshot_index: applied,
             context_nonce: random_u64(),
             next_context: 0,
@@ -216,6 +219,7 @@ impl<S: StateMachine> Driver<S> {
             term: raft.term,
             commit_index: raft.raft_log.committed,
             applied_index: self.applied,
+            log_writes: self.log_writes,
             first_index: store.first(),
             last_index: raft.raft_log.last_index(),
             snapshot_index: store.snapshot_index(),
@@ -453,6 +457,7 @@ impl<S: StateMachine> Driver<S> {
                 .mut_store()
                 .persist(batch)
                 .map_err(|e| Fatal(e.to_string()))?;
+            self.log_writes += 1;
         }
 
         // 6. Messages that must follow the write (votes, append responses).

@@ -81,6 +81,9 @@ pub struct RaftStatus {
     pub commit_index: u64,
     /// Highest log index applied to the state machine here.
     pub applied_index: u64,
+    /// Durable writes of the log since this node started, each one fsync (many entries
+    /// proposed at once share one).
+    pub log_writes: u64,
     /// First log index still held (entries before it are covered by the snapshot).
     pub first_index: u64,
     /// Last log index held.

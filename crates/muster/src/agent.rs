@@ -40,6 +40,12 @@ pub async fn run(
         .map(parse_memory)
         .transpose()
         .map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
+    if args.max_runs == Some(0) {
+        anyhow::bail!(
+            "--max-runs 0 would run nothing: give at least 1, or leave it out for no cap"
+        );
+    }
+    config.max_runs = args.max_runs;
     config.exec_listen = args.exec_listen;
     if let Some(helper) = args.rsh_helper {
         anyhow::ensure!(

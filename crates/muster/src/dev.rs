@@ -25,6 +25,15 @@ pub struct DevConfig {
     /// Keep the admin token in the CLI's credentials file for this server's URL, so the
     /// CLI on the same account just works (off in tests, which pass the token themselves).
     pub store_credentials: bool,
+    /// The local agent runs at most this many runs at once (it reserves no CPU or memory
+    /// per run, so this is what keeps a burst of submissions from starting all at once).
+    pub max_runs: u32,
+}
+
+/// `muster dev`'s default cap on runs at once: 4 per CPU (short runs mostly wait on I/O).
+pub fn default_max_runs() -> u32 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cpus * 4).min(u32::MAX as usize) as u32
 }
 
 impl DevConfig {
@@ -39,6 +48,7 @@ impl DevConfig {
             gpu_probe: Arc::new(NvmlProbe::new()),
             gpu_device_requests: true,
             store_credentials: true,
+            max_runs: default_max_runs(),
         }
     }
 
@@ -140,6 +150,7 @@ pub async fn serve(
         "local",
     );
     agent_config.unlimited = true;
+    agent_config.max_runs = Some(config.max_runs);
     agent_config.process_fallback = true;
     // One machine: the MPI exec listener need not be reachable from elsewhere.
     agent_config.exec_listen = "127.0.0.1:0".into();
@@ -181,6 +192,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     );
     eprintln!("muster dev: server, local agent and web UI on http://{addr} (this machine only)");
     eprintln!("  data in {}", data_dir.display());
+    let mut config = DevConfig::new(data_dir);
+    if let Some(n) = args.max_runs {
+        anyhow::ensure!(n > 0, "--max-runs 0 would run nothing: give at least 1");
+        config.max_runs = n;
+    }
+    eprintln!(
+        "  the local agent runs up to {} runs at once (--max-runs; 4 per CPU by default)",
+        config.max_runs
+    );
     eprintln!("  try: muster run submit --stream -- echo hello      (Ctrl-C stops muster dev)");
-    serve(listener, DevConfig::new(data_dir), crate::shutdown_signal()).await
+    serve(listener, config, crate::shutdown_signal()).await
 }

@@ -288,7 +288,7 @@ fn status_json(s: &v1::ComputeStatus) -> serde_json::Value {
                 json!({
                     "name": n.name, "state": v1::NodeState::word_of(n.state), "state_reason": n.state_reason,
                     "runs": n.runs,
-                    "capacity": {"cpu_millis": cap.cpu_millis, "memory_bytes": cap.memory_bytes, "gpus": cap.gpus},
+                    "capacity": {"cpu_millis": cap.cpu_millis, "memory_bytes": cap.memory_bytes, "gpus": cap.gpus, "max_runs": n.max_runs},
                     "allocated": {"cpu_millis": alloc.cpu_millis, "memory_bytes": alloc.memory_bytes, "gpus": alloc.gpus},
                 })
             })
@@ -425,7 +425,10 @@ fn show(output: OutputFormat, s: &v1::ComputeStatus) {
                     format!("{}/{}", cpus(alloc.cpu_millis), cpus(cap.cpu_millis))
                 },
                 format!("{}/{}", alloc.gpus, cap.gpus),
-                n.runs.len().to_string(),
+                match n.max_runs {
+                    0 => n.runs.len().to_string(),
+                    max => format!("{}/{max}", n.runs.len()),
+                },
             ]);
         }
         println!("{t}");

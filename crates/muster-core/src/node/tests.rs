@@ -30,6 +30,7 @@ fn placed() -> State {
                 cpu_millis: 8_000,
                 memory_bytes: 16 << 30,
                 gpus: vec![],
+                max_runs: 0,
             },
             labels: BTreeMap::new(),
             tier: Tier::Dedicated,

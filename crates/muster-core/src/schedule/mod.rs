@@ -397,8 +397,14 @@ fn consider<'a>(
         _ => {
             let available = found.chosen.len();
             let why = Why::Needs(shape, job.count, available);
+            // Worded once per shape: only then count the nodes held back by their run cap.
+            let capped = if pool.said(&why, ask.selector) {
+                0
+            } else {
+                pool.at_run_cap(&ask.want, ask.selector)
+            };
             pool.say(waiting, why, ask.selector, || {
-                reason::needs(&job, available)
+                reason::needs(&job, available, capped)
             })
         }
     }

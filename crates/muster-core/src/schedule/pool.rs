@@ -10,12 +10,14 @@ use crate::schedule::{Job, Placement, Waiting, Why};
 use crate::state::{ActiveAttempt, ActiveSummary, Node, NodeState, State};
 
 /// Resources in one comparable shape. A node that offers 0 CPU or 0 memory does not limit
-/// that resource: its capacity is `u64::MAX`.
+/// that resource: its capacity is `u64::MAX`. `runs` counts attempts: each instance takes
+/// one of a node's `max_runs` (unlimited when 0).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct Amount {
     pub gpus: u64,
     pub cpu: u64,
     pub mem: u64,
+    pub runs: u64,
 }
 
 impl Amount {
@@ -25,12 +27,16 @@ impl Amount {
             gpus: r.gpus as u64,
             cpu: r.cpu_millis,
             mem: r.memory_bytes,
+            runs: 1,
         }
     }
 
     /// Whether `want` fits in `self`.
     pub fn fits(&self, want: &Amount) -> bool {
-        self.gpus >= want.gpus && self.cpu >= want.cpu && self.mem >= want.mem
+        self.gpus >= want.gpus
+            && self.cpu >= want.cpu
+            && self.mem >= want.mem
+            && self.runs >= want.runs
     }
 
     /// `self >= other` in every dimension.
@@ -42,12 +48,14 @@ impl Amount {
         self.gpus = self.gpus.saturating_sub(o.gpus);
         self.cpu = self.cpu.saturating_sub(o.cpu);
         self.mem = self.mem.saturating_sub(o.mem);
+        self.runs = self.runs.saturating_sub(o.runs);
     }
 
     pub fn add(&mut self, o: &Amount) {
         self.gpus = self.gpus.saturating_add(o.gpus);
         self.cpu = self.cpu.saturating_add(o.cpu);
         self.mem = self.mem.saturating_add(o.mem);
+        self.runs = self.runs.saturating_add(o.runs);
     }
 
     /// What `self` lacks to hold `want`.
@@ -56,6 +64,7 @@ impl Amount {
             gpus: want.gpus.saturating_sub(self.gpus),
             cpu: want.cpu.saturating_sub(self.cpu),
             mem: want.mem.saturating_sub(self.mem),
+            runs: want.runs.saturating_sub(self.runs),
         }
     }
 }
@@ -224,11 +233,13 @@ impl<'a> Pool<'a> {
                 gpus: node.capacity.gpus.len() as u64,
                 cpu: limit(node.capacity.cpu_millis),
                 mem: limit(node.capacity.memory_bytes),
+                runs: limit(node.capacity.max_runs.into()),
             };
             let allocated = Amount {
                 gpus: node.allocated_gpus.len() as u64,
                 cpu: node.allocated.cpu_millis,
                 mem: node.allocated.memory_bytes,
+                runs: node.attempts.len() as u64,
             };
             let mut free = cap;
             free.sub(&allocated);
@@ -265,6 +276,24 @@ impl<'a> Pool<'a> {
         let t = waiting.say(text());
         self.reasons.insert(why, t);
         t
+    }
+
+    /// Whether the reason `why` was worded in this pass already (`say` reuses it).
+    pub fn said(&self, why: &Why, selector: &BTreeMap<String, String>) -> bool {
+        selector.is_empty() && self.reasons.contains_key(why)
+    }
+
+    /// How many ready nodes have the room `want` asks for but already hold as many
+    /// attempts as they may at once (their `max_runs`).
+    pub fn at_run_cap(&self, want: &Amount, selector: &BTreeMap<String, String>) -> usize {
+        (0..self.slots.len() as u32)
+            .filter(|&s| {
+                let mut free = self.slots[s as usize].free;
+                let capped = free.runs < want.runs;
+                free.runs = want.runs;
+                capped && free.fits(want) && self.matches(s, selector)
+            })
+            .count()
     }
 
     /// What is free on slot `s` once attempts holding `released` there have ended.
@@ -317,7 +346,10 @@ impl<'a> Pool<'a> {
                     continue 'seek;
                 }
                 let slot = &self.slots[s as usize];
-                if slot.free.mem < want.mem || !self.matches(s, selector) {
+                if slot.free.mem < want.mem
+                    || slot.free.runs < want.runs
+                    || !self.matches(s, selector)
+                {
                     continue;
                 }
                 if !slot.hfree.fits(want) {
@@ -377,6 +409,7 @@ impl<'a> Pool<'a> {
             gpus: want.gpus.saturating_sub(released.gpus),
             cpu: want.cpu.saturating_sub(released.cpu),
             mem: want.mem.saturating_sub(released.mem),
+            runs: want.runs.saturating_sub(released.runs),
         };
         self.reindex(s, |slot| {
             slot.free.sub(&from_free);
@@ -462,6 +495,7 @@ impl<'a> Pool<'a> {
                             gpus: *gpus,
                             cpu: resources.cpu_millis,
                             mem: resources.memory_bytes,
+                            runs: 1,
                         },
                     )
                 })

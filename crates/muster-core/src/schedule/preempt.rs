@@ -42,7 +42,10 @@ fn coverage(have: &Amount, deficit: &Amount) -> u64 {
             (h.min(d) as u128 * 1_000_000 / d as u128) as u64
         }
     };
-    part(have.gpus, deficit.gpus) + part(have.cpu, deficit.cpu) + part(have.mem, deficit.mem)
+    part(have.gpus, deficit.gpus)
+        + part(have.cpu, deficit.cpu)
+        + part(have.mem, deficit.mem)
+        + part(have.runs, deficit.runs)
 }
 
 impl Pool<'_> {

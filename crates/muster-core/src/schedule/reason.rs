@@ -48,8 +48,9 @@ pub(super) fn nodes_with(count: u32, r: &Resources, selector: &BTreeMap<String, 
     out
 }
 
-/// `needs 2 nodes with 4 free GPUs; 1 available`.
-pub(super) fn needs(job: &Job<'_>, available: usize) -> String {
+/// `needs 2 nodes with 4 free GPUs; 1 available`, and how many more would have the room
+/// but run as many attempts as they may (`capped`).
+pub(super) fn needs(job: &Job<'_>, available: usize, capped: usize) -> String {
     let mut out = String::with_capacity(64);
     out.push_str("needs ");
     out.push_str(&nodes_with(job.count, &job.resources, job.selector));
@@ -57,6 +58,16 @@ pub(super) fn needs(job: &Job<'_>, available: usize) -> String {
         0 => out.push_str("; none available"),
         n => {
             let _ = write!(out, "; {n} available");
+        }
+    }
+    match capped {
+        0 => {}
+        1 => out.push_str("; 1 node has room but is at its --max-runs limit"),
+        n => {
+            let _ = write!(
+                out,
+                "; {n} nodes have room but are at their --max-runs limit"
+            );
         }
     }
     out

@@ -33,6 +33,7 @@ fn node(id: &str, compute: &str, gpus: usize, labels: &[(&str, &str)]) -> Comman
                     memory_bytes: 16 * GIB,
                 })
                 .collect(),
+            max_runs: 0,
         },
         labels: labels
             .iter()
@@ -641,6 +642,47 @@ fn reasons_name_what_is_missing() {
     assert_eq!(
         out.waiting["zone-b"],
         "needs 1 node with 1 free GPU, 1 free CPUs and 1 GiB free memory, labelled zone=b; no ready node in compute gpu-pool is that large"
+    );
+}
+
+#[test]
+fn a_node_holds_at_most_its_max_runs_and_says_so() {
+    let mut capped = node("a", "pool", 0, &[]);
+    if let Command::RegisterNode { capacity, .. } = &mut capped {
+        // No resource limits at all (a `muster dev` node), but at most 2 runs at once.
+        capacity.cpu_millis = 0;
+        capacity.memory_bytes = 0;
+        capacity.max_runs = 2;
+    }
+    let free = |id: &str| {
+        let mut sp = RunSpec::new("true");
+        sp.compute = "pool".into();
+        submit_spec(id, sp)
+    };
+    let mut s = state_with(&[
+        compute("pool", Quota::default()),
+        capped,
+        free("r1"),
+        free("r2"),
+        free("r3"),
+        submit("r4", "pool", 0, 1, 0),
+    ]);
+    let out = pass(&mut s, 10);
+    assert_eq!(placed(&out), ["r1", "r2"]);
+    assert_eq!(
+        out.waiting["r3"],
+        "needs 1 node; none available; 1 node has room but is at its --max-runs limit"
+    );
+    assert_eq!(
+        out.waiting["r4"],
+        "needs 1 node with 1 free CPUs and 1 GiB free memory; none available; 1 node has room but is at its --max-runs limit"
+    );
+    assert!(pass(&mut s, 11).decisions.is_empty(), "still full");
+    end(&mut s, "r1", AttemptEnd::Completed, Some(0), 12);
+    assert_eq!(
+        placed(&pass(&mut s, 13)),
+        ["r3"],
+        "one ended, one more starts"
     );
 }
 

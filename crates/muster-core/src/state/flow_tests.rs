@@ -29,6 +29,7 @@ fn cluster() -> State {
                 cpu_millis: 64_000,
                 memory_bytes: 256 << 30,
                 gpus: vec![],
+                max_runs: 0,
             },
             labels: BTreeMap::new(),
             tier: Tier::Dedicated,

@@ -35,6 +35,7 @@ fn node(id: &str, compute: &str, cpus: u64, gpus: usize) -> Command {
                     memory_bytes: 16 << 30,
                 })
                 .collect(),
+            max_runs: 0,
         },
         labels: BTreeMap::new(),
         tier: Tier::Dedicated,

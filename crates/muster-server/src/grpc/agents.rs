@@ -183,6 +183,7 @@ impl AgentService for Agents {
                 cpu_millis: capacity.cpu_millis,
                 memory_bytes: capacity.memory_bytes,
                 gpus,
+                max_runs: req.max_runs,
             },
             labels: req.labels.into_iter().collect::<BTreeMap<_, _>>(),
             tier,

@@ -44,6 +44,7 @@ pub(super) async fn metrics(State(c): State<Arc<Server>>) -> Response {
         m.schedule_seconds.clone(),
     );
     let runs = Family::<StateLabel, Gauge>::default();
+    let raft = c.coordinator.raft().status();
     let (nodes, applied) = c.coordinator.read(|s| {
         for r in s.runs.values() {
             runs.get_or_create(&StateLabel {
@@ -51,10 +52,7 @@ pub(super) async fn metrics(State(c): State<Arc<Server>>) -> Response {
             })
             .inc();
         }
-        (
-            s.nodes.len() as i64,
-            c.coordinator.raft().status().applied_index as i64,
-        )
+        (s.nodes.len() as i64, raft.applied_index as i64)
     });
     registry.register("runs", "Runs by state", runs);
     let g = Gauge::<i64>::default();
@@ -73,6 +71,13 @@ pub(super) async fn metrics(State(c): State<Arc<Server>>) -> Response {
         "raft_applied_index",
         "Highest log index applied on this server",
         a,
+    );
+    let w = Gauge::<i64>::default();
+    w.set(raft.log_writes as i64);
+    registry.register(
+        "raft_log_writes",
+        "Durable writes of the Raft log on this server since it started (one fsync each)",
+        w,
     );
     let mut body = String::new();
     if encode(&mut body, &registry).is_err() {
