@@ -69,6 +69,44 @@ pub async fn connect(servers: &str) -> Result<Clients, ClientError> {
     muster_client::connect(servers, credentials).await
 }
 
+/// Uploads `snapshots` through the first of `servers` that answers, failing over as
+/// [`submit_failing_over`] does (a server that goes away mid-upload costs a retry, not the
+/// submission). Returns what each snapshot became and what was sent.
+pub async fn upload_failing_over(
+    servers: &str,
+    snapshots: &[&snapshot::Snapshot],
+) -> Result<Vec<(muster_core::spec::CodeRef, snapshot::UploadStats)>, ClientError> {
+    let credentials =
+        client_credentials(servers).map_err(|e| ClientError::Credentials(format!("{e:#}")))?;
+    let mut list = muster_client::Servers::parse(servers).with_credentials(credentials);
+    list.call(&muster_client::RetryPolicy::SUBMISSION, |channel| {
+        let mut c = Clients::new(String::new(), channel);
+        async move {
+            let mut done = Vec::with_capacity(snapshots.len());
+            for snapshot in snapshots {
+                done.push(upload_one(&mut c, snapshot).await?);
+            }
+            Ok(done)
+        }
+    })
+    .await
+}
+
+/// One snapshot's upload, its error as the client's (so a transport error is retryable).
+async fn upload_one(
+    c: &mut Clients,
+    snapshot: &snapshot::Snapshot,
+) -> Result<(muster_core::spec::CodeRef, snapshot::UploadStats), ClientError> {
+    snapshot::upload(&mut c.blobs, snapshot)
+        .await
+        .map_err(|e| match e.downcast::<ClientError>() {
+            Ok(e) => e,
+            Err(e) => muster_client::status(tonic::Status::internal(format!(
+                "uploading the snapshot: {e:#}"
+            ))),
+        })
+}
+
 /// Sends a submission, failing over by itself: through the first of `servers` that
 /// answers, then, while the answer is retryable (the server went away, no leader yet),
 /// through the others in turn (a leader a follower names first), paced by
@@ -96,14 +134,7 @@ where
         let sent = send(c.clone());
         async move {
             for snapshot in snapshots.iter().filter(|_| again) {
-                snapshot::upload(&mut c.blobs, snapshot)
-                    .await
-                    .map_err(|e| match e.downcast::<ClientError>() {
-                        Ok(e) => e,
-                        Err(e) => muster_client::status(tonic::Status::internal(format!(
-                            "uploading the snapshot again: {e:#}"
-                        ))),
-                    })?;
+                upload_one(&mut c, snapshot).await?;
             }
             sent.await
                 .map(tonic::Response::into_inner)

@@ -148,10 +148,10 @@ async fn submit(
         snaps.push((step.clone(), dir.clone(), snap));
     }
 
-    let mut c = connect(server).await?;
+    let all: Vec<&snapshot::Snapshot> = snaps.iter().map(|(_, _, s)| s).collect();
+    let uploaded = crate::upload_failing_over(server, &all).await?;
     let mut code = std::collections::HashMap::new();
-    for (step, dir, snap) in &snaps {
-        let (r, stats) = snapshot::upload(&mut c.blobs, snap).await?;
+    for ((step, dir, _), (r, stats)) in snaps.iter().zip(uploaded) {
         if output == OutputFormat::Table {
             eprintln!(
                 "Snapshot of {} (step {step}): {} files, {} ({} uploaded, {})",
@@ -175,7 +175,6 @@ async fn submit(
         idempotency_key: Some(key),
         workspace: crate::workspace().unwrap_or_default().to_string(),
     };
-    let all: Vec<&snapshot::Snapshot> = snaps.iter().map(|(_, _, s)| s).collect();
     let p = crate::submit_failing_over(server, &all, |mut c| {
         let req = req.clone();
         async move { c.pipelines.submit_pipeline(req).await }

@@ -371,8 +371,9 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
     };
     let snap = snapshot::build(&code_dir, limits)?;
 
-    let mut c = connect(server).await?;
-    let (code, stats) = snapshot::upload(&mut c.blobs, &snap).await?;
+    let (code, stats) = crate::upload_failing_over(server, &[&snap])
+        .await?
+        .remove(0);
     if output == OutputFormat::Table {
         eprintln!(
             "Snapshot of {}: {} files, {} ({} uploaded, {})",
@@ -419,6 +420,7 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
             return Ok(0);
         }
     }
+    let mut c = connect(server).await?;
     stream_logs(&mut c, &run.id, true, None, None).await?;
     let done = wait(&mut c, &run.id, None).await?;
     if output == OutputFormat::Json {

@@ -268,8 +268,9 @@ async fn submit(server: &str, output: OutputFormat, args: SweepSubmitArgs) -> an
         max_files: args.max_snapshot_files,
     };
     let snap = snapshot::build(&code_dir, limits)?;
-    let mut c = connect(server).await?;
-    let (code, stats) = snapshot::upload(&mut c.blobs, &snap).await?;
+    let (code, stats) = crate::upload_failing_over(server, &[&snap])
+        .await?
+        .remove(0);
     if output == OutputFormat::Table {
         eprintln!(
             "Snapshot of {}: {} files, {} ({} uploaded, {})",
