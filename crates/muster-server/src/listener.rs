@@ -93,6 +93,12 @@ pub(crate) async fn serve(
             },
             () = &mut shutdown => break,
         };
+        // Answers go out as several writes (headers, data, trailers): with Nagle's
+        // algorithm the later ones wait for the client's delayed ACK of the first, 40 ms
+        // on Linux, on every answer above a few KB (a page of runs).
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%remote_addr, "cannot set TCP_NODELAY: {e}");
+        }
         let Some(acceptor) = tls.clone() else {
             let info = ConnectionInfo {
                 remote_addr,
