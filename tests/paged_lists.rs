@@ -189,7 +189,10 @@ async fn list_runs_pages_newest_first_with_the_filters_applied_on_the_server() {
     let (runs, pages) = every_page(&mut rita, v1::ListRunsRequest::default(), 100).await;
     assert_eq!(pages, 3);
     assert_eq!(runs.len(), 250);
-    assert!(runs.iter().all(|r| r.spec.as_ref().unwrap().workspace == "default"));
+    assert!(
+        runs.iter()
+            .all(|r| r.spec.as_ref().unwrap().workspace == "default")
+    );
     assert_eq!(
         runs.iter().map(|r| &r.id).collect::<BTreeSet<_>>().len(),
         250,
@@ -289,7 +292,8 @@ async fn run_list_shows_the_newest_page_and_says_how_to_see_more() {
         submitted.push(submit(&mut c, PARKED, "default", experiment).await);
     }
     submitted.reverse();
-    let hint = "showing the newest 50 runs of more; --all for every run, --page-size N, or --since 2h";
+    let hint =
+        "showing the newest 50 runs of more; --all for every run, --page-size N, or --since 2h";
 
     // The newest 50, newest first, and the hint on stderr.
     let out = muster(&url, dir.path(), &["run", "list", "-o", "json"]).await;
@@ -342,14 +346,22 @@ async fn run_list_shows_the_newest_page_and_says_how_to_see_more() {
     let out = muster(
         &url,
         dir.path(),
-        &["run", "list", "--since", "2999-01-01T00:00:00Z", "-o", "json"],
+        &[
+            "run",
+            "list",
+            "--since",
+            "2999-01-01T00:00:00Z",
+            "-o",
+            "json",
+        ],
     )
     .await;
     assert_eq!(out.stdout.trim(), "[]", "{out:?}");
     let out = muster(&url, dir.path(), &["run", "list", "--since", "lately"]).await;
     assert_ne!(out.code, 0);
     assert!(
-        out.stderr.contains("\"lately\" is neither a duration ago (2h, 30m, 7d)"),
+        out.stderr
+            .contains("\"lately\" is neither a duration ago (2h, 30m, 7d)"),
         "{out:?}"
     );
 }
