@@ -274,6 +274,7 @@ async fn scenario(
         .compute
         .list_nodes(v1::ListNodesRequest {
             compute: Some(compute.into()),
+            ..Default::default()
         })
         .await?
         .into_inner()
@@ -296,6 +297,7 @@ async fn scenario(
         .compute
         .list_nodes(v1::ListNodesRequest {
             compute: Some(compute.into()),
+            ..Default::default()
         })
         .await?
         .into_inner()

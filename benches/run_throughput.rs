@@ -222,6 +222,7 @@ async fn end_to_end(args: &Args) -> anyhow::Result<Measured> {
             .compute
             .list_nodes(v1::ListNodesRequest {
                 compute: Some(COMPUTE.into()),
+                ..Default::default()
             })
             .await?
             .into_inner()

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::paging::PageArgs;
+
 /// muster: run ML training on your own GPU machines.
 #[derive(Debug, Parser)]
 #[command(name = "muster", version, propagate_version = true)]
@@ -249,11 +251,19 @@ pub enum PipelineCommand {
         /// The pipeline id.
         id: String,
     },
-    /// List pipelines, oldest first.
+    /// List pipelines, newest first: the newest 50 (stderr says when there are more).
     List {
-        /// Only the newest N.
-        #[arg(long, default_value_t = 0)]
-        limit: u32,
+        /// Only this experiment.
+        #[arg(long)]
+        experiment: Option<String>,
+        /// Only pipelines in this state (running, canceling, completed, failed, canceled).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only pipelines submitted since: a duration ago (2h, 30m, 7d) or an RFC 3339 time.
+        #[arg(long, value_name = "WHEN", value_parser = crate::paging::parse_since)]
+        since: Option<u64>,
+        #[command(flatten)]
+        page: PageArgs,
     },
     /// Cancel a pipeline: its running steps are canceled, steps not started fail.
     Cancel {
@@ -531,11 +541,13 @@ pub struct ComputeCreateArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
-    /// List nodes.
+    /// List nodes by name: the first 50 (stderr says when there are more).
     List {
         /// Only nodes of this compute target.
         #[arg(long)]
         compute: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
     },
     /// Show one node (by name or id).
     Show {
@@ -563,7 +575,7 @@ pub enum NodeCommand {
 pub enum RunCommand {
     /// Submit a run: snapshot the code, upload what the server lacks, queue it.
     Submit(Box<SubmitArgs>),
-    /// List runs, oldest first.
+    /// List runs, newest first: the newest 50 (stderr says when there are more).
     List {
         /// Only this experiment.
         #[arg(long)]
@@ -574,9 +586,11 @@ pub enum RunCommand {
         /// Only runs on this compute target.
         #[arg(long)]
         compute: Option<String>,
-        /// Only the newest N.
-        #[arg(long, default_value_t = 0)]
-        limit: u32,
+        /// Only runs submitted since: a duration ago (2h, 30m, 7d) or an RFC 3339 time.
+        #[arg(long, value_name = "WHEN", value_parser = crate::paging::parse_since)]
+        since: Option<u64>,
+        #[command(flatten)]
+        page: PageArgs,
         /// Answer from this server's replica, without confirming with the leader.
         #[arg(long)]
         stale: bool,

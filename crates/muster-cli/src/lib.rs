@@ -10,13 +10,14 @@
 //! on neither muster-server nor muster-agent.
 //!
 //! Crate choices: `clap` (derive) for flags, `comfy-table` for tables, `humantime` for
-//! times, `ignore` for `.amlignore`/`.gitignore` semantics, `tar` for outputs;
+//! times (shown, and `--since 2h` / `--since 2026-01-31T12:00:00Z` read: see `paging.rs`), `ignore` for `.amlignore`/`.gitignore` semantics, `tar` for outputs;
 //! muster-client (`backon`) paces a submission's retries through an election.
 
 pub mod cli;
 pub mod commands;
 pub mod credentials;
 pub mod output;
+pub mod paging;
 pub mod snapshot;
 pub mod tls;
 

@@ -21,6 +21,8 @@
 //! - [`sweep`]: hyperparameter sweeps: sweep YAML, samplers (random, grid, TPE),
 //!   early-termination policies and the controller step.
 //! - [`pipeline`]: pipeline jobs: YAML into a validated DAG, reuse keys and the planner.
+//! - [`paging`]: paged listings (runs newest first from an index by submission number,
+//!   sweeps, pipelines, nodes) and their page tokens.
 //!
 //! Crate choices: `serde` + `serde_json` for the versioned command encoding (readable in a
 //! log dump, tagged enums so an old log replays on a newer server), `yaml_serde` for YAML
@@ -37,6 +39,7 @@ pub mod loglines;
 pub mod metrics;
 pub mod names;
 pub mod node;
+pub mod paging;
 pub mod pipeline;
 pub mod resources;
 pub mod schedule;

@@ -278,6 +278,17 @@ pub fn code_from_wire(c: v1::CodeRef) -> CoreCode {
     }
 }
 
+/// The state of a pipeline: running, canceling, completed, failed or canceled.
+pub fn pipeline_state_to_wire(p: &muster_core::state::Pipeline) -> v1::PipelineState {
+    match (&p.finished, &p.cancel_requested) {
+        (Some(f), _) if f.succeeded => v1::PipelineState::Completed,
+        (Some(_), Some(_)) => v1::PipelineState::Canceled,
+        (Some(_), None) => v1::PipelineState::Failed,
+        (None, Some(_)) => v1::PipelineState::Canceling,
+        (None, None) => v1::PipelineState::Running,
+    }
+}
+
 /// A pipeline as the API shows it: its state and each step's (run, reuse, failure).
 pub fn pipeline_to_wire(state: &State, p: &muster_core::state::Pipeline) -> v1::Pipeline {
     use muster_core::pipeline::StepState;
@@ -322,13 +333,7 @@ pub fn pipeline_to_wire(state: &State, p: &muster_core::state::Pipeline) -> v1::
             }
         })
         .collect();
-    let pipeline_state = match (&p.finished, &p.cancel_requested) {
-        (Some(f), _) if f.succeeded => v1::PipelineState::Completed,
-        (Some(_), Some(_)) => v1::PipelineState::Canceled,
-        (Some(_), None) => v1::PipelineState::Failed,
-        (None, Some(_)) => v1::PipelineState::Canceling,
-        (None, None) => v1::PipelineState::Running,
-    };
+    let pipeline_state = pipeline_state_to_wire(p);
     v1::Pipeline {
         id: p.id.clone(),
         display_name: p.spec.display_name.clone(),

@@ -138,10 +138,7 @@ impl Drop for AgentHandle {
 pub async fn wait_for_node(server: &str, name: &str) -> anyhow::Result<v1::Node> {
     for _ in 0..400 {
         if let Ok(mut c) = crate::access::clients(server).await
-            && let Ok(nodes) = c
-                .compute
-                .list_nodes(v1::ListNodesRequest { compute: None })
-                .await
+            && let Ok(nodes) = c.compute.list_nodes(v1::ListNodesRequest::default()).await
             && let Some(n) = nodes
                 .into_inner()
                 .nodes

@@ -173,7 +173,7 @@ impl DevCluster {
             if let Ok(mut c) = self.clients().await
                 && let Ok(nodes) = c
                     .compute
-                    .list_nodes(muster_proto::v1::ListNodesRequest { compute: None })
+                    .list_nodes(muster_proto::v1::ListNodesRequest::default())
                     .await
                 && nodes
                     .get_ref()
@@ -346,7 +346,7 @@ impl DevProcess {
             if let Ok(mut c) = access::clients(&p.url()).await
                 && let Ok(nodes) = c
                     .compute
-                    .list_nodes(muster_proto::v1::ListNodesRequest { compute: None })
+                    .list_nodes(muster_proto::v1::ListNodesRequest::default())
                     .await
                 && nodes
                     .get_ref()

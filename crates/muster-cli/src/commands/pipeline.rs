@@ -13,6 +13,7 @@ use crate::cli::{OutputFormat, PipelineCommand, PipelineSubmitArgs};
 use crate::commands::run::default_experiment;
 use crate::connect;
 use crate::output::{print_json, table, time};
+use crate::paging;
 use crate::snapshot::{self, SnapshotLimits, human_bytes};
 use muster_client::status;
 
@@ -35,18 +36,39 @@ pub async fn run(server: &str, output: OutputFormat, cmd: PipelineCommand) -> an
             }
             Ok(0)
         }
-        PipelineCommand::List { limit } => {
-            let mut c = connect(server).await?;
-            let ps = c
-                .pipelines
-                .list_pipelines(v1::ListPipelinesRequest {
-                    limit,
-                    workspace: crate::workspace().map(Into::into),
-                })
-                .await
-                .map_err(status)?
-                .into_inner()
-                .pipelines;
+        PipelineCommand::List {
+            experiment,
+            state,
+            since,
+            page,
+        } => {
+            let state = state
+                .map(|s| v1::PipelineState::from_word(&s).map(i32::from))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("state: {e}"))?;
+            let client = connect(server).await?.pipelines;
+            let request = v1::ListPipelinesRequest {
+                workspace: crate::workspace().map(Into::into),
+                experiment,
+                state,
+                since_ms: since,
+                ..Default::default()
+            };
+            let fetched = paging::fetch(page.rows(), |page_size, page_token| {
+                let mut client = client.clone();
+                let request = v1::ListPipelinesRequest {
+                    page_size,
+                    page_token,
+                    ..request.clone()
+                };
+                async move {
+                    let answer = client.list_pipelines(request).await?.into_inner();
+                    Ok::<_, tonic::Status>((answer.pipelines, answer.next_page_token))
+                }
+            })
+            .await
+            .map_err(status)?;
+            let ps = fetched.rows;
             if output == OutputFormat::Json {
                 print_json(&json!(ps.iter().map(pipeline_json).collect::<Vec<_>>()));
             } else if ps.is_empty() {
@@ -71,6 +93,10 @@ pub async fn run(server: &str, output: OutputFormat, cmd: PipelineCommand) -> an
                     ]);
                 }
                 println!("{t}");
+            }
+            if fetched.more {
+                let shown = format!("the newest {} pipelines", ps.len());
+                eprintln!("{}", paging::more_hint(&shown, "pipeline", true));
             }
             Ok(0)
         }

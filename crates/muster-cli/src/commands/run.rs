@@ -17,6 +17,7 @@ use serde_json::json;
 use crate::cli::{OutputFormat, RunCommand, SubmitArgs};
 use crate::connect;
 use crate::output::{print_json, run_details, run_json, runs_table};
+use crate::paging;
 use crate::snapshot::{self, SnapshotLimits, human_bytes};
 use muster_client::{Clients, status};
 
@@ -28,34 +29,51 @@ pub async fn run(server: &str, output: OutputFormat, cmd: RunCommand) -> anyhow:
             experiment,
             state,
             compute,
-            limit,
+            since,
+            page,
             stale,
         } => {
             let state = state
                 .map(|s| muster_core::RunState::parse(&s).map(|s| v1::RunState::from(s).into()))
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("state: {e}"))?;
-            let mut c = connect(server).await?;
-            let runs = c
-                .runs
-                .list_runs(v1::ListRunsRequest {
-                    experiment,
-                    state,
-                    compute,
-                    limit,
-                    stale,
-                    workspace: crate::workspace().map(Into::into),
-                })
-                .await
-                .map_err(status)?
-                .into_inner()
-                .runs;
+            let c = connect(server).await?;
+            let request = v1::ListRunsRequest {
+                experiment,
+                state,
+                compute,
+                stale,
+                workspace: crate::workspace().map(Into::into),
+                since_ms: since,
+                ..Default::default()
+            };
+            let fetched = paging::fetch(page.rows(), |page_size, page_token| {
+                let mut runs = c.runs.clone();
+                let request = v1::ListRunsRequest {
+                    page_size,
+                    page_token,
+                    ..request.clone()
+                };
+                async move {
+                    let answer = runs.list_runs(request).await?.into_inner();
+                    Ok::<_, tonic::Status>((answer.runs, answer.next_page_token))
+                }
+            })
+            .await
+            .map_err(status)?;
+            let runs = fetched.rows;
             if output == OutputFormat::Json {
                 print_json(&json!(runs.iter().map(run_json).collect::<Vec<_>>()));
             } else if runs.is_empty() {
                 println!("No runs. Submit one with `muster run submit -- COMMAND`.");
             } else {
                 println!("{}", runs_table(&runs));
+            }
+            if fetched.more {
+                eprintln!(
+                    "{}",
+                    paging::more_hint(&format!("the newest {} runs", runs.len()), "run", true)
+                );
             }
             Ok(0)
         }

@@ -15,6 +15,7 @@ use crate::cli::OutputFormat;
 use crate::commands::run::{default_experiment, shell_quote};
 use crate::connect;
 use crate::output::{print_json, table, time};
+use crate::paging::{self, PageArgs};
 use crate::snapshot::{self, SnapshotLimits, human_bytes};
 use muster_client::status;
 
@@ -32,8 +33,19 @@ pub enum SweepCommand {
         #[arg(long)]
         stale: bool,
     },
-    /// List sweeps, oldest first.
+    /// List sweeps, newest first: the newest 50 (stderr says when there are more).
     List {
+        /// Only this experiment.
+        #[arg(long)]
+        experiment: Option<String>,
+        /// Only sweeps in this state (running, canceling, completed, timed_out, canceled).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only sweeps submitted since: a duration ago (2h, 30m, 7d) or an RFC 3339 time.
+        #[arg(long, value_name = "WHEN", value_parser = crate::paging::parse_since)]
+        since: Option<u64>,
+        #[command(flatten)]
+        page: PageArgs,
         /// Answer from this server's replica, without confirming with the leader.
         #[arg(long)]
         stale: bool,
@@ -97,17 +109,41 @@ pub async fn run(server: &str, output: OutputFormat, cmd: SweepCommand) -> anyho
             }
             Ok(0)
         }
-        SweepCommand::List { stale } => {
-            let mut client = connect(server).await?.sweeps;
-            let sweeps = client
-                .list_sweeps(v1::ListSweepsRequest {
-                    stale,
-                    workspace: crate::workspace().map(Into::into),
-                })
-                .await
-                .map_err(status)?
-                .into_inner()
-                .sweeps;
+        SweepCommand::List {
+            experiment,
+            state,
+            since,
+            page,
+            stale,
+        } => {
+            let state = state
+                .map(|s| v1::SweepState::from_word(&s).map(i32::from))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("state: {e}"))?;
+            let client = connect(server).await?.sweeps;
+            let request = v1::ListSweepsRequest {
+                stale,
+                workspace: crate::workspace().map(Into::into),
+                experiment,
+                state,
+                since_ms: since,
+                ..Default::default()
+            };
+            let fetched = paging::fetch(page.rows(), |page_size, page_token| {
+                let mut client = client.clone();
+                let request = v1::ListSweepsRequest {
+                    page_size,
+                    page_token,
+                    ..request.clone()
+                };
+                async move {
+                    let answer = client.list_sweeps(request).await?.into_inner();
+                    Ok::<_, tonic::Status>((answer.sweeps, answer.next_page_token))
+                }
+            })
+            .await
+            .map_err(status)?;
+            let sweeps = fetched.rows;
             if output == OutputFormat::Json {
                 print_json(&json!(sweeps.iter().map(sweep_json).collect::<Vec<_>>()));
             } else if sweeps.is_empty() {
@@ -134,6 +170,10 @@ pub async fn run(server: &str, output: OutputFormat, cmd: SweepCommand) -> anyho
                     ]);
                 }
                 println!("{t}");
+            }
+            if fetched.more {
+                let shown = format!("the newest {} sweeps", sweeps.len());
+                eprintln!("{}", paging::more_hint(&shown, "sweep", true));
             }
             Ok(0)
         }

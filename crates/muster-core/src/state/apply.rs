@@ -751,6 +751,7 @@ impl State {
             idempotency_key: idempotency_key.map(str::to_string),
         };
         enqueue(&mut self.queue, &mut self.queued, &run);
+        self.by_seq.0.insert(seq, run_id.to_string());
         self.runs.insert(run_id.to_string(), run);
         if let Some(key) = idempotency_key {
             self.idempotency.insert(key.to_string(), run_id.to_string());

@@ -119,6 +119,9 @@ impl State {
                 ));
             }
         }
+        if self.index_by_seq() != self.by_seq.0 {
+            return Err("the index of the runs by submission number differs from the runs".into());
+        }
         if self.summarize_queue() != *self.queued() {
             return Err("the scheduler's summary of the queue differs from the queue".into());
         }

@@ -29,6 +29,7 @@ mod pipeline;
 mod sweep;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 
 use serde::{Deserialize, Serialize};
 
@@ -522,6 +523,12 @@ pub struct State {
     /// Derived like `active`.
     #[serde(skip)]
     queued: Derived<BTreeMap<String, BTreeMap<QueueKey, Queued>>>,
+    /// Every run's id by its submission number ([`Run::seq`]): the order listings page in,
+    /// newest first ([`State::runs_newest_first`]), so that a page reads only the runs on
+    /// it instead of sorting every run. Derived like `active`: kept by `apply`, rebuilt by
+    /// [`State::from_snapshot`], never serialized (snapshots are as they were before it).
+    #[serde(skip)]
+    by_seq: Derived<BTreeMap<u64, String>>,
 }
 
 /// What the active runs of one compute target hold and are.
@@ -669,7 +676,39 @@ impl State {
             serde_json::from_slice(bytes).map_err(|e| format!("state snapshot is corrupt: {e}"))?;
         state.active.0 = state.summarize_active();
         state.queued.0 = state.summarize_queue();
+        state.by_seq.0 = state.index_by_seq();
         Ok(state)
+    }
+
+    /// Rebuilds the index of the runs by submission number (what `by_seq` must equal).
+    pub(crate) fn index_by_seq(&self) -> BTreeMap<u64, String> {
+        self.runs.values().map(|r| (r.seq, r.id.clone())).collect()
+    }
+
+    /// The runs submitted before submission number `before` (every run without it), newest
+    /// first (descending [`Run::seq`]). Read from the index by submission number: taking
+    /// the first N looks at N runs, whatever the state holds.
+    ///
+    /// A state whose `runs` were edited outside [`State::apply`] (tests do) may not match
+    /// its index; then the runs are sorted here instead, so the order is right either way.
+    pub fn runs_newest_first(&self, before: Option<u64>) -> Box<dyn Iterator<Item = &Run> + '_> {
+        let end = before.map_or(Bound::Unbounded, Bound::Excluded);
+        if self.by_seq.0.len() == self.runs.len() {
+            return Box::new(
+                self.by_seq
+                    .0
+                    .range((Bound::Unbounded, end))
+                    .rev()
+                    .filter_map(|(seq, id)| self.runs.get(id).filter(|r| r.seq == *seq)),
+            );
+        }
+        let mut runs: Vec<&Run> = self
+            .runs
+            .values()
+            .filter(|r| before.is_none_or(|b| r.seq < b))
+            .collect();
+        runs.sort_unstable_by_key(|r| std::cmp::Reverse(r.seq));
+        Box::new(runs.into_iter())
     }
 
     /// The queue of each compute target in placement order, with each run's summary.

@@ -27,6 +27,7 @@ mod sweeps;
 
 use std::sync::Arc;
 
+use muster_core::paging::{Listing, PageRequest, PageToken};
 use muster_core::spec::CodeRef;
 use muster_core::{Applied, ApplyError};
 use muster_proto::v1;
@@ -73,6 +74,30 @@ impl Services {
         self.routes = self.routes.add_service(svc);
         self
     }
+}
+
+/// Reads a list request's paging fields (`page_size`, `page_token` and the older `limit`;
+/// runs.proto's `ListRunsRequest` says how they combine): how the answer pages, and where
+/// its page starts. A token that is not one of `listing` is INVALID_ARGUMENT naming
+/// `page_token`, saying what to send instead.
+pub(crate) fn paging(
+    listing: Listing,
+    page_size: u32,
+    page_token: &str,
+    limit: u32,
+) -> Result<(PageRequest, Option<PageToken>), Status> {
+    let after = PageToken::parse_opt(listing, page_token).map_err(page_token_error)?;
+    Ok((PageRequest::of(page_size, page_token, limit), after))
+}
+
+/// A page token the state could not page from, as INVALID_ARGUMENT naming the field.
+pub(crate) fn page_token_error(why: String) -> Status {
+    Status::invalid_argument(format!("page_token: {why}"))
+}
+
+/// A page's next token as the wire carries it (empty on the last page).
+pub(crate) fn next_page_token(next: Option<PageToken>) -> String {
+    next.map(|t| t.to_string()).unwrap_or_default()
 }
 
 /// All gRPC services (plus health and reflection) as an axum router, with their names.

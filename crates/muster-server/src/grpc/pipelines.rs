@@ -4,17 +4,18 @@
 
 use std::sync::Arc;
 
+use muster_core::paging::Listing;
 use muster_core::pipeline::parse_pipeline_yaml;
 use muster_core::spec::CodeRef;
 use muster_core::{ApplyError, Command};
 use muster_proto::v1::{self, pipeline_service_server::PipelineService};
-use muster_proto::{Word, pipeline_to_wire};
+use muster_proto::{Word, pipeline_state_to_wire, pipeline_to_wire};
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::{new_id, now_ms};
 use crate::grpc::auth::{Caller, allow_in};
-use crate::grpc::{Fresh, check_code, propose_fresh};
+use crate::grpc::{Fresh, check_code, next_page_token, page_token_error, paging, propose_fresh};
 use crate::server::Server;
 use crate::views::access::pipeline_workspace;
 use muster_core::access::Role;
@@ -157,20 +158,44 @@ impl PipelineService for Pipelines {
         let caller = Caller::of(&req);
         let req = req.into_inner();
         let readable = caller.readable(&self.0, req.workspace.as_deref())?;
+        let state = req
+            .state
+            .map(v1::PipelineState::from_wire)
+            .transpose()
+            .map_err(|e| Status::invalid_argument(format!("state: {e}")))?;
+        let (paging, after) = paging(
+            Listing::Pipelines,
+            req.page_size,
+            &req.page_token,
+            req.limit,
+        )?;
         self.0.coordinator.linearize(false).await?;
-        let pipelines = self.0.coordinator.read(|s| {
-            let mut ps: Vec<_> = s
-                .pipelines
-                .values()
-                .filter(|p| readable.contains(pipeline_workspace(p)))
-                .collect();
-            ps.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-            if req.limit > 0 && ps.len() > req.limit as usize {
-                ps.drain(..ps.len() - req.limit as usize);
-            }
-            ps.into_iter().map(|p| pipeline_to_wire(s, p)).collect()
-        });
-        Ok(Response::new(v1::ListPipelinesResponse { pipelines }))
+        let (mut pipelines, next) = self
+            .0
+            .coordinator
+            .read(|s| {
+                let page = s.pipelines_page(after.as_ref(), paging.size(), |p| {
+                    readable.contains(pipeline_workspace(p))
+                        && req
+                            .experiment
+                            .as_ref()
+                            .is_none_or(|e| &p.spec.experiment == e)
+                        && state.is_none_or(|st| pipeline_state_to_wire(p) == st)
+                        && req.since_ms.is_none_or(|t| p.created_at >= t)
+                })?;
+                let pipelines: Vec<v1::Pipeline> =
+                    page.items.iter().map(|p| pipeline_to_wire(s, p)).collect();
+                Ok::<_, String>((pipelines, page.next))
+            })
+            .map_err(page_token_error)?;
+        if paging.oldest_first() {
+            pipelines.reverse();
+        }
+        let next_page_token = next_page_token(next);
+        Ok(Response::new(v1::ListPipelinesResponse {
+            pipelines,
+            next_page_token,
+        }))
     }
 
     async fn cancel_pipeline(

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use muster_client::Channel;
+use muster_core::paging::{Listing, RunFilter};
 use muster_core::state::SealedLog;
 use muster_core::{Applied, ApplyError, Command, RunState};
 use muster_proto::v1::{self, run_service_server::RunService};
@@ -17,7 +18,9 @@ use tonic::{Request, Response, Status};
 
 use crate::coordinator::{ProposalError, new_run_id, now_ms};
 use crate::grpc::auth::{Caller, allow_run};
-use crate::grpc::{Fresh, check_code, propose_fresh, status};
+use crate::grpc::{
+    Fresh, check_code, next_page_token, page_token_error, paging, propose_fresh, status,
+};
 use crate::server::Server;
 use crate::views;
 use crate::views::logs::AttemptLogs;
@@ -126,7 +129,6 @@ impl RunService for Runs {
         let caller = Caller::of(&req);
         let req = req.into_inner();
         let readable = caller.readable(&self.0, req.workspace.as_deref())?;
-        self.0.coordinator.linearize(req.stale).await?;
         let state = match req.state {
             Some(s) => Some(
                 muster_proto::decode_enum::<v1::RunState, RunState>(s)
@@ -134,26 +136,35 @@ impl RunService for Runs {
             ),
             None => None,
         };
-        let runs = self.0.coordinator.read(|s| {
-            let mut runs: Vec<_> = s
-                .runs
-                .values()
-                .filter(|r| readable.contains(&r.spec.workspace))
-                .filter(|r| {
-                    req.experiment
-                        .as_ref()
-                        .is_none_or(|e| &r.spec.experiment == e)
-                })
-                .filter(|r| req.compute.as_ref().is_none_or(|c| &r.spec.compute == c))
-                .filter(|r| state.is_none_or(|st| r.state == st))
-                .collect();
-            runs.sort_by_key(|r| r.seq);
-            if req.limit > 0 && runs.len() > req.limit as usize {
-                runs.drain(..runs.len() - req.limit as usize);
-            }
-            runs.into_iter().map(|r| run_to_wire(s, r)).collect()
-        });
-        Ok(Response::new(v1::ListRunsResponse { runs }))
+        let (paging, after) = paging(Listing::Runs, req.page_size, &req.page_token, req.limit)?;
+        self.0.coordinator.linearize(req.stale).await?;
+        let filter = RunFilter {
+            experiment: req.experiment,
+            state,
+            compute: req.compute,
+            since: req.since_ms,
+        };
+        // Only the runs on the page are converted: the state pages from its index by
+        // submission number, filtering as it walks.
+        let (mut runs, next) = self
+            .0
+            .coordinator
+            .read(|s| {
+                let page = s.runs_page(after.as_ref(), paging.size(), |r| {
+                    readable.contains(&r.spec.workspace) && filter.matches(r)
+                })?;
+                let runs: Vec<v1::Run> = page.items.iter().map(|r| run_to_wire(s, r)).collect();
+                Ok::<_, String>((runs, page.next))
+            })
+            .map_err(page_token_error)?;
+        if paging.oldest_first() {
+            runs.reverse();
+        }
+        let next_page_token = next_page_token(next);
+        Ok(Response::new(v1::ListRunsResponse {
+            runs,
+            next_page_token,
+        }))
     }
 
     async fn cancel_run(

@@ -3,16 +3,17 @@
 
 use std::sync::Arc;
 
+use muster_core::paging::Listing;
 use muster_core::state::Sweep;
 use muster_core::{ApplyError, Command};
-use muster_proto::sweep_spec_from_wire;
 use muster_proto::v1::{self, sweep_service_server::SweepService};
+use muster_proto::{Word, sweep_spec_from_wire, sweep_state_to_wire};
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::{ID_ALPHABET, new_id, now_ms};
 use crate::grpc::auth::{Caller, allow_in};
-use crate::grpc::{Fresh, check_code, propose_fresh};
+use crate::grpc::{Fresh, check_code, next_page_token, page_token_error, paging, propose_fresh};
 use crate::server::Server;
 use crate::views::access::sweep_workspace;
 use crate::views::sweeps::sweep_view;
@@ -154,17 +155,41 @@ impl SweepService for Sweeps {
         let caller = Caller::of(&req);
         let req = req.into_inner();
         let readable = caller.readable(&self.0, req.workspace.as_deref())?;
+        let state = req
+            .state
+            .map(v1::SweepState::from_wire)
+            .transpose()
+            .map_err(|e| Status::invalid_argument(format!("state: {e}")))?;
+        let (paging, after) = paging(Listing::Sweeps, req.page_size, &req.page_token, 0)?;
         self.0.coordinator.linearize(req.stale).await?;
-        let mut sweeps: Vec<Sweep> = self.0.coordinator.read(|s| {
-            s.sweeps
-                .values()
-                .filter(|w| readable.contains(sweep_workspace(w)))
-                .cloned()
-                .collect()
-        });
-        sweeps.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        // Only the sweeps on the page are cloned (their view reads the metric store, which
+        // is not done under the state's lock).
+        let (mut sweeps, next): (Vec<Sweep>, _) = self
+            .0
+            .coordinator
+            .read(|s| {
+                let page = s.sweeps_page(after.as_ref(), paging.size(), |w| {
+                    readable.contains(sweep_workspace(w))
+                        && req
+                            .experiment
+                            .as_ref()
+                            .is_none_or(|e| &w.spec.experiment == e)
+                        && state.is_none_or(|st| sweep_state_to_wire(w) == st)
+                        && req.since_ms.is_none_or(|t| w.created_at >= t)
+                })?;
+                let sweeps = page.items.into_iter().cloned().collect();
+                Ok::<_, String>((sweeps, page.next))
+            })
+            .map_err(page_token_error)?;
+        if paging.oldest_first() {
+            sweeps.reverse();
+        }
         let sweeps = sweeps.iter().map(|s| sweep_view(&self.0, s)).collect();
-        Ok(Response::new(v1::ListSweepsResponse { sweeps }))
+        let next_page_token = next_page_token(next);
+        Ok(Response::new(v1::ListSweepsResponse {
+            sweeps,
+            next_page_token,
+        }))
     }
 
     async fn cancel_sweep(

@@ -1,6 +1,7 @@
 //! Compute targets and nodes as the API shows them: the replicated state joined with the
 //! leader's memory of each node's last heartbeat.
 
+use muster_core::paging::PageToken;
 use muster_proto::v1;
 use muster_proto::{compute_status_to_wire, node_to_wire};
 
@@ -24,6 +25,29 @@ pub(crate) fn nodes(server: &Server, compute: Option<&str>) -> Vec<v1::Node> {
             .filter(|n| compute.is_none_or(|c| n.compute == c))
             .map(|n| node_to_wire(n, server.heartbeats.last(&n.id)))
             .collect()
+    })
+}
+
+/// A page of at most `size` nodes, by name, after `after`, of the compute targets `visible`
+/// accepts (and of `compute` only, when given), and the next page's token. Only the nodes
+/// on the page are converted.
+pub(crate) fn nodes_page(
+    server: &Server,
+    compute: Option<&str>,
+    visible: impl Fn(&str) -> bool,
+    after: Option<&PageToken>,
+    size: usize,
+) -> Result<(Vec<v1::Node>, Option<PageToken>), String> {
+    server.coordinator.read(|s| {
+        let page = s.nodes_page(after, size, |n| {
+            compute.is_none_or(|c| n.compute == c) && visible(&n.compute)
+        })?;
+        let nodes = page
+            .items
+            .iter()
+            .map(|n| node_to_wire(n, server.heartbeats.last(&n.id)))
+            .collect();
+        Ok((nodes, page.next))
     })
 }
 

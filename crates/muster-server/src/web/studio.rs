@@ -13,13 +13,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use askama::Template;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, Uri, header};
 use axum::response::{Html, IntoResponse, Response};
+use muster_core::paging::{Listing, PageToken, RunFilter};
 use muster_core::pipeline::StepInput;
 use muster_core::{Run, RunState};
 use muster_proto::v1;
 use muster_proto::{Word, pipeline_to_wire, run_to_wire, sweep_trial_note};
+use serde::{Deserialize, Serialize};
 
 use super::session::Viewer;
 use crate::server::Server;
@@ -167,6 +169,47 @@ struct IndexPage {
     sweeps: Vec<SweepRow>,
     pipelines: Vec<PipelineRow>,
     runs: Vec<RunRow>,
+    /// What the runs table is filtered on, in words (empty: nothing).
+    runs_filter: String,
+    /// The link to the next page of older runs, when there are more.
+    older_runs: Option<String>,
+    /// The table starts below the newest runs (a link back to them is shown).
+    not_newest: bool,
+}
+
+/// The front page's query: which page of runs its table shows, filtered how. The table
+/// pages on the server: `runs_page` is the page token of the previous page's "older runs"
+/// link (muster-core's `paging`), so no page builds more than its own rows.
+#[derive(Debug, Default, Deserialize, Serialize)]
+pub(super) struct IndexQuery {
+    /// Where the runs table starts (a page token; the newest runs without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    runs_page: Option<String>,
+    /// Only runs of this experiment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    experiment: Option<String>,
+    /// Only runs in this state (`running`, `failed`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    state: Option<String>,
+}
+
+impl IndexQuery {
+    /// The front page's address with this query (`/` without one).
+    fn href(&self) -> String {
+        match serde_urlencoded::to_string(self) {
+            Ok(q) if !q.is_empty() => format!("/?{q}"),
+            _ => "/".to_string(),
+        }
+    }
+}
+
+/// A 400 of the front page's query: plain text naming the parameter and what to send.
+fn bad_query(what: &str, why: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        format!("{what}: {why}; the studio's front page (/) shows the newest runs\n"),
+    )
+        .into_response()
 }
 
 /// A compute target and how many nodes it has.
@@ -229,9 +272,33 @@ impl RunRow {
     }
 }
 
-/// `GET /`.
-pub(super) async fn index(State(c): State<Arc<Server>>, viewer: Viewer) -> Response {
+/// `GET /` (with an [`IndexQuery`]: `/?runs_page=…&experiment=…&state=…`).
+pub(super) async fn index(
+    State(c): State<Arc<Server>>,
+    viewer: Viewer,
+    Query(query): Query<IndexQuery>,
+) -> Response {
     let seen = &viewer.readable;
+    let after = match PageToken::parse_opt(Listing::Runs, query.runs_page.as_deref().unwrap_or(""))
+    {
+        Ok(after) => after,
+        Err(why) => return bad_query("runs_page", &why),
+    };
+    let state = match query
+        .state
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .map(RunState::parse)
+    {
+        Some(Err(why)) => return bad_query("state", &why),
+        Some(Ok(s)) => Some(s),
+        None => None,
+    };
+    let filter = RunFilter {
+        experiment: query.experiment.clone().filter(|e| !e.is_empty()),
+        state,
+        ..RunFilter::default()
+    };
     let (computes, sweeps, pipelines) = c.coordinator.read(|s| {
         let computes: Vec<ComputeRow> = s
             .computes
@@ -247,22 +314,15 @@ pub(super) async fn index(State(c): State<Arc<Server>>, viewer: Viewer) -> Respo
                     .count(),
             })
             .collect();
-        let mut sweeps: Vec<_> = s
-            .sweeps
-            .values()
-            .filter(|w| seen.contains(sweep_workspace(w)))
-            .collect();
-        sweeps.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
-        let sweeps: Vec<_> = sweeps.into_iter().take(INDEX_ROWS).cloned().collect();
-        let mut pipelines: Vec<_> = s
-            .pipelines
-            .values()
-            .filter(|p| seen.contains(pipeline_workspace(p)))
-            .collect();
-        pipelines.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
-        let pipelines: Vec<PipelineRow> = pipelines
+        let sweeps: Vec<_> = s
+            .sweeps_page(None, INDEX_ROWS, |w| seen.contains(sweep_workspace(w)))
+            .map(|page| page.items.into_iter().cloned().collect())
+            .unwrap_or_default();
+        let pipelines: Vec<PipelineRow> = s
+            .pipelines_page(None, INDEX_ROWS, |p| seen.contains(pipeline_workspace(p)))
+            .map(|page| page.items)
+            .unwrap_or_default()
             .into_iter()
-            .take(INDEX_ROWS)
             .map(|p| {
                 let p = pipeline_to_wire(s, p);
                 PipelineRow {
@@ -303,15 +363,39 @@ pub(super) async fn index(State(c): State<Arc<Server>>, viewer: Viewer) -> Respo
             }
         })
         .collect();
-    let runs = c.coordinator.read(|s| {
-        let mut runs: Vec<_> = s
-            .runs
-            .values()
-            .filter(|r| seen.contains(&r.spec.workspace))
-            .collect();
-        runs.sort_by_key(|r| std::cmp::Reverse(r.seq));
-        runs.into_iter().take(INDEX_ROWS).map(RunRow::of).collect()
+    // One page of runs, newest first, filtered while the state pages: only its rows are built.
+    let page = c.coordinator.read(|s| {
+        s.runs_page(after.as_ref(), INDEX_ROWS, |r| {
+            seen.contains(&r.spec.workspace) && filter.matches(r)
+        })
+        .map(|page| {
+            let rows: Vec<RunRow> = page.items.into_iter().map(RunRow::of).collect();
+            (rows, page.next)
+        })
     });
+    let (runs, next) = match page {
+        Ok(page) => page,
+        Err(why) => return bad_query("runs_page", &why),
+    };
+    let older_runs = next.map(|t| {
+        IndexQuery {
+            runs_page: Some(t.to_string()),
+            experiment: filter.experiment.clone(),
+            state: filter.state.map(|s| s.as_str().to_string()),
+        }
+        .href()
+    });
+    let runs_filter = [
+        filter
+            .experiment
+            .as_ref()
+            .map(|e| format!("experiment {e}")),
+        filter.state.map(|s| format!("state {}", s.as_str())),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join(", ");
     render(&IndexPage {
         head: Head {
             title: "muster studio".to_string(),
@@ -324,6 +408,9 @@ pub(super) async fn index(State(c): State<Arc<Server>>, viewer: Viewer) -> Respo
         sweeps,
         pipelines,
         runs,
+        runs_filter,
+        older_runs,
+        not_newest: after.is_some(),
     })
 }
 
@@ -918,6 +1005,9 @@ mod tests {
             sweeps: Vec::new(),
             pipelines: Vec::new(),
             runs: Vec::new(),
+            runs_filter: String::new(),
+            older_runs: None,
+            not_newest: false,
         };
         let html = empty.render().unwrap();
         assert!(html.starts_with("<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=5><title>muster studio</title>"), "{html}");
@@ -969,6 +1059,70 @@ mod tests {
         assert!(html.contains("<tr class=pipeline><td><a href=\"/pipelines/pl-1\">pl-1</a></td><td></td><td class=failed>failed</td><td>4/4</td>"), "{html}");
         assert!(
             !html.contains("No sweeps yet") && !html.contains("No pipelines yet"),
+            "{html}"
+        );
+    }
+
+    #[test]
+    fn the_runs_table_links_to_older_runs_with_its_filter() {
+        let query = IndexQuery {
+            runs_page: Some("runs.200".into()),
+            experiment: Some("a b&c".into()),
+            state: Some("running".into()),
+        };
+        assert_eq!(
+            query.href(),
+            "/?runs_page=runs.200&experiment=a+b%26c&state=running"
+        );
+        assert_eq!(IndexQuery::default().href(), "/");
+        let page = IndexPage {
+            head: Head {
+                title: "muster studio".to_string(),
+                refresh_s: Some(INDEX_REFRESH_S),
+                back: None,
+            },
+            user: "admin".into(),
+            csrf: "c0ffee".into(),
+            computes: Vec::new(),
+            sweeps: Vec::new(),
+            pipelines: Vec::new(),
+            runs: vec![RunRow {
+                id: "run-1".into(),
+                experiment: "a b&c".into(),
+                compute: "local".into(),
+                state: "running",
+                attempt: 1,
+                exit: String::new(),
+                created: ms(Some(0)),
+            }],
+            runs_filter: "experiment a b&c, state running".into(),
+            older_runs: Some(query.href()),
+            not_newest: true,
+        };
+        let html = page.render().unwrap();
+        assert!(
+            html.contains("<p class=more><a href=\"/?runs_page=runs.200&#38;experiment=a+b%26c&#38;state=running\">older runs →</a></p>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<p class=filter>Only runs of experiment a b&#38;c, state running (<a href=\"/\">every run</a>).</p>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<p class=more><a href=\"/\">← the newest runs</a></p>"),
+            "{html}"
+        );
+        let newest = IndexPage {
+            older_runs: None,
+            not_newest: false,
+            runs_filter: String::new(),
+            ..page
+        };
+        let html = newest.render().unwrap();
+        assert!(
+            !html.contains("older runs")
+                && !html.contains("the newest runs")
+                && !html.contains("Only runs of"),
             "{html}"
         );
     }
