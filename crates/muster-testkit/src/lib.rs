@@ -237,6 +237,29 @@ pub fn muster_bin() -> PathBuf {
         ])
         .arg(&manifest)
         .stderr(Stdio::inherit());
+        // What cargo set for this test or bench's own crate (`cargo test`, `cargo run`) must
+        // not reach the nested build: some build scripts (ring's) rerun when these change,
+        // so the nested build and the next plain `cargo build` would each rebuild half the
+        // workspace for the other.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_CFG_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_MANIFEST_LINKS",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_BIN_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "OUT_DIR",
+                ]
+                .contains(&key.as_ref())
+            {
+                cmd.env_remove(key.as_ref());
+            }
+        }
         // Benchmarks (release builds) measure a release binary.
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
@@ -368,6 +391,11 @@ impl DevProcess {
     /// The server's URL.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Its process id while it runs (benchmarks read its CPU time from /proc).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGKILL: no clean shutdown at all.
