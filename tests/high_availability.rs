@@ -973,7 +973,8 @@ impl ThreeServers {
         let mut last = None;
         for _ in 0..30 {
             let listed =
-                muster_testkit::muster(&self.all(), cwd, &["-o", "json", "run", "list", "--all"]).await;
+                muster_testkit::muster(&self.all(), cwd, &["-o", "json", "run", "list", "--all"])
+                    .await;
             if let Ok(serde_json::Value::Array(runs)) = serde_json::from_str(&listed.stdout) {
                 return runs.len();
             }
