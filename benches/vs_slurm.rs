@@ -67,6 +67,10 @@ struct Args {
     /// Seconds all the jobs of the throughput measurement may take to finish.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// Runs a muster node holds at once (`muster dev --max-runs`); the default, 64, matches
+    /// the Slurm node's `OverSubscribe=FORCE:32` on this machine's 2 CPUs.
+    #[arg(long, default_value_t = 64)]
+    max_runs: u32,
     /// Measure muster alone even where Slurm is installed.
     #[arg(long)]
     no_slurm: bool,
@@ -402,11 +406,13 @@ struct Muster {
 impl Muster {
     /// Starts `muster dev` on a fresh temporary directory and a free port (the testkit's
     /// [`DevProcess`]: ready once its admin token works and its local node is ready).
-    async fn start() -> anyhow::Result<Muster> {
+    async fn start(max_runs: u32) -> anyhow::Result<Muster> {
         let dir = tempfile::Builder::new().prefix("vs-muster-").tempdir()?;
         let work = dir.path().join("work");
         std::fs::create_dir_all(&work)?;
-        let dev = DevProcess::start(&dir.path().join("data")).await?;
+        let max_runs = max_runs.to_string();
+        let dev =
+            DevProcess::start_args(&dir.path().join("data"), &["--max-runs", &max_runs]).await?;
         Ok(Muster {
             dev,
             work,
@@ -955,7 +961,8 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for round in 1..=args.rounds {
         eprintln!("round {round}: muster");
-        let (m, m_notes) = measure(System::Muster(Muster::start().await?), &args).await?;
+        let (m, m_notes) =
+            measure(System::Muster(Muster::start(args.max_runs).await?), &args).await?;
         let s = if slurm {
             eprintln!("round {round}: Slurm");
             Some(measure(System::Slurm(Slurm::start().await?), &args).await?)

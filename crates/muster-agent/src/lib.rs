@@ -108,6 +108,12 @@ pub struct AgentConfig {
     /// agent fetches the CA the servers present, keeps it if the fingerprint matches, and
     /// joins with a certificate request (`<data_dir>/tls/`).
     pub ca_fingerprint: Option<String>,
+    /// How often the agent pings an otherwise quiet server connection (HTTP/2 keep-alive;
+    /// a ping unanswered for 2 s drops the connection and the agent tries the next server).
+    /// 1 s by default, so a leader cut off without a reset is left within ~3 s. `muster dev`
+    /// sets 20 s: its agent and server share one process, which no partition splits, and
+    /// an idle `muster dev` then hardly wakes.
+    pub keep_alive: std::time::Duration,
 }
 
 /// A setting of [`AgentConfig`] that cannot work; each names the flag to fix.
@@ -252,6 +258,7 @@ impl AgentConfig {
             join_token: None,
             tls: None,
             ca_fingerprint: None,
+            keep_alive: std::time::Duration::from_secs(1),
         }
     }
 }

@@ -383,9 +383,10 @@ impl Agent {
             };
             let endpoint = endpoint
                 .connect_timeout(Duration::from_secs(3))
-                // A leader cut off by the network (no reset) is noticed within ~3 s, so the
-                // agent moves to the new leader about when the cluster elects it.
-                .http2_keep_alive_interval(Duration::from_secs(1))
+                // A leader cut off by the network (no reset) is noticed within ~3 s (with
+                // the default 1 s), so the agent moves to the new leader about when the
+                // cluster elects it.
+                .http2_keep_alive_interval(self.config.keep_alive)
                 .keep_alive_timeout(Duration::from_secs(2));
             match endpoint.connect().await {
                 Ok(c) => return Ok(self.credentials.attach(c)),
@@ -476,6 +477,9 @@ impl Agent {
             }
         }
         let mut ship = tokio::time::interval(Duration::from_millis(100));
+        // Ticks only while attempts are on the node (an idle agent does not wake for it);
+        // the first tick after a pause comes a full period later, not in a burst.
+        ship.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heartbeat = tokio::time::interval(heartbeat_every);
         let mut gpu_refresh = tokio::time::interval(self.config.gpu_refresh);
         gpu_refresh.tick().await;
@@ -495,7 +499,7 @@ impl Agent {
                     Err(s) => return Err(SessionError::Session(s)),
                 },
                 Some(ev) = self.events_rx.recv() => self.on_event(ev, &out).await?,
-                _ = ship.tick() => self.ship(&out).await?,
+                _ = ship.tick(), if !self.attempts.is_empty() => self.ship(&out).await?,
                 _ = heartbeat.tick() => {
                     out.send(msg(agent_message::Msg::Heartbeat(v1::HeartbeatRequest {
                         node_id: self.node_id.clone(),

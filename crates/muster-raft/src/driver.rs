@@ -26,6 +26,8 @@ use crate::{
 
 /// Most commands taken from the mailbox before the next `Ready` is handled.
 const MAX_COMMANDS_PER_READY: usize = 4096;
+/// Longest a lone leader waits for a command before looking again (it needs no ticks).
+const ALONE_WAIT: Duration = Duration::from_secs(60);
 
 type Reply<T> = oneshot::Sender<Result<T, ProposeError>>;
 
@@ -254,6 +256,11 @@ impl<S: StateMachine> Driver<S> {
 
             let timeout = if self.node.has_ready() {
                 Duration::ZERO
+            } else if self.leads_alone() {
+                // Nothing a tick drives (elections, heartbeats, quorum checks) has anyone to
+                // reach, so a lone leader sleeps until a command comes: an idle `muster dev`
+                // wakes for nothing. The bound only keeps the wait finite.
+                ALONE_WAIT
             } else {
                 next_tick.saturating_duration_since(Instant::now())
             };
@@ -740,6 +747,16 @@ impl<S: StateMachine> Driver<S> {
         context[..8].copy_from_slice(&self.context_nonce.to_be_bytes());
         context[8..].copy_from_slice(&self.next_context.to_be_bytes());
         context
+    }
+
+    /// Whether this node leads a group of one voter and no learners, with no leadership
+    /// transfer under way.
+    fn leads_alone(&self) -> bool {
+        let cs = self.node.store().conf_state();
+        self.is_leader()
+            && cs.learners.is_empty()
+            && cs.voters == [self.node.raft.id]
+            && self.transfers.is_empty()
     }
 
     fn is_leader(&self) -> bool {

@@ -336,20 +336,38 @@ pub struct DevProcess {
     child: Option<Child>,
 }
 
+/// 127.0.0.1 and a port that is free when asked.
+fn local_free_addr() -> anyhow::Result<SocketAddr> {
+    Ok(SocketAddr::from(([127, 0, 0, 1], compose::free_port()?)))
+}
+
 impl DevProcess {
     /// Starts `muster dev` on a free port over `data_dir` and waits until it serves.
     pub async fn start(data_dir: &Path) -> anyhow::Result<DevProcess> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        Self::start_on(data_dir, format!("127.0.0.1:{port}").parse()?).await
+        Self::start_with(data_dir, local_free_addr()?, &[]).await
+    }
+
+    /// Starts `muster dev` on a free port with `extra` flags after `dev`.
+    pub async fn start_args(data_dir: &Path, extra: &[&str]) -> anyhow::Result<DevProcess> {
+        Self::start_with(data_dir, local_free_addr()?, extra).await
     }
 
     /// Starts `muster dev` on `addr` over `data_dir`.
     pub async fn start_on(data_dir: &Path, addr: SocketAddr) -> anyhow::Result<DevProcess> {
+        Self::start_with(data_dir, addr, &[]).await
+    }
+
+    /// Starts `muster dev` on `addr` over `data_dir` with `extra` flags after `dev`
+    /// (e.g. `--max-runs 64`).
+    pub async fn start_with(
+        data_dir: &Path,
+        addr: SocketAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<DevProcess> {
         let child = Command::new(muster_bin())
             .args(["dev", "--listen", &addr.to_string(), "--data-dir"])
             .arg(data_dir)
+            .args(extra)
             // Its admin token goes to a config dir of its own, not the user's.
             .env("MUSTER_CONFIG_DIR", data_dir.join("cli-config"))
             .stdout(Stdio::null())

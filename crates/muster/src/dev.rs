@@ -157,6 +157,8 @@ pub async fn serve(
     agent_config.gpu_probe = config.gpu_probe.clone();
     agent_config.gpu_device_requests = config.gpu_device_requests;
     agent_config.join_token = join_token;
+    // The agent talks to the server in this same process: no partition can split them.
+    agent_config.keep_alive = std::time::Duration::from_secs(20);
     let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(muster_agent::run(agent_config, async move {
         let _ = agent_stopped.await;

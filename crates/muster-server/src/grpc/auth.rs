@@ -482,6 +482,8 @@ pub(crate) fn check(server: &Server, rule: &Rule, caller: &Caller) -> Result<(),
 #[derive(Debug, Default)]
 pub(crate) struct Denials {
     pending: Mutex<(Vec<Denial>, u64)>,
+    /// Wakes the recorder when the first denial of a batch arrives.
+    arrived: tokio::sync::Notify,
 }
 
 impl Denials {
@@ -498,6 +500,7 @@ impl Denials {
         } else {
             pending.1 += 1;
         }
+        self.arrived.notify_one();
     }
 
     fn take(&self) -> Option<(Vec<Denial>, u64)> {
@@ -512,9 +515,11 @@ impl Denials {
 /// Proposes the denials of each second, until the server stops. A batch that cannot be
 /// proposed (no leader yet) is kept for the next try, merged with what came since.
 pub(crate) async fn record_denials(server: Arc<Server>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        tick.tick().await;
+        // Asleep until a denial comes (an idle server does not wake), then a second to
+        // gather the rest of the batch.
+        server.denials.arrived.notified().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let Some((denials, more)) = server.denials.take() else {
             continue;
         };
@@ -532,6 +537,8 @@ pub(crate) async fn record_denials(server: Arc<Server>) {
             let (keep, over) = denials.split_at(room.min(denials.len()));
             pending.0.extend_from_slice(keep);
             pending.1 += more + over.len() as u64;
+            drop(pending);
+            server.denials.arrived.notify_one();
         }
     }
 }

@@ -18,7 +18,11 @@ use crate::server::Server;
 pub(crate) async fn run(server: Arc<Server>) {
     let grace = server.config.node_grace.as_millis() as u64;
     let mut leader_since: Option<u64> = None;
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // A tenth of the grace period (at most 2 s): a silent node is marked lost within 1.1×
+    // the grace, and an idle leader wakes rarely.
+    let every =
+        (server.config.node_grace / 10).clamp(Duration::from_millis(100), Duration::from_secs(2));
+    let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
         if !server.coordinator.is_leader() {
