@@ -412,7 +412,7 @@ impl Muster {
         std::fs::create_dir_all(&work)?;
         let max_runs = max_runs.to_string();
         let dev =
-            DevProcess::start_args(&dir.path().join("data"), &["--max-runs", &max_runs]).await?;
+            DevProcess::start_with(&dir.path().join("data"), &["--max-runs", &max_runs]).await?;
         Ok(Muster {
             dev,
             work,

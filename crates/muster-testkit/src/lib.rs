@@ -336,30 +336,25 @@ pub struct DevProcess {
     child: Option<Child>,
 }
 
-/// 127.0.0.1 and a port that is free when asked.
-fn local_free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(SocketAddr::from(([127, 0, 0, 1], compose::free_port()?)))
-}
-
 impl DevProcess {
     /// Starts `muster dev` on a free port over `data_dir` and waits until it serves.
     pub async fn start(data_dir: &Path) -> anyhow::Result<DevProcess> {
-        Self::start_with(data_dir, local_free_addr()?, &[]).await
+        Self::start_with(data_dir, &[]).await
     }
 
-    /// Starts `muster dev` on a free port with `extra` flags after `dev`.
-    pub async fn start_args(data_dir: &Path, extra: &[&str]) -> anyhow::Result<DevProcess> {
-        Self::start_with(data_dir, local_free_addr()?, extra).await
+    /// Starts `muster dev` on a free port with `extra` flags after `dev` (e.g.
+    /// `--max-runs 64`).
+    pub async fn start_with(data_dir: &Path, extra: &[&str]) -> anyhow::Result<DevProcess> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], compose::free_port()?));
+        Self::spawn(data_dir, addr, extra).await
     }
 
     /// Starts `muster dev` on `addr` over `data_dir`.
     pub async fn start_on(data_dir: &Path, addr: SocketAddr) -> anyhow::Result<DevProcess> {
-        Self::start_with(data_dir, addr, &[]).await
+        Self::spawn(data_dir, addr, &[]).await
     }
 
-    /// Starts `muster dev` on `addr` over `data_dir` with `extra` flags after `dev`
-    /// (e.g. `--max-runs 64`).
-    pub async fn start_with(
+    async fn spawn(
         data_dir: &Path,
         addr: SocketAddr,
         extra: &[&str],
