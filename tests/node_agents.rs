@@ -731,9 +731,11 @@ async fn a_quota_holds_runs_back_with_the_reason_and_lets_them_through_in_turn()
             .contains("quota        at most 8 GPUs, 1 active runs"),
         "{shown:?}"
     );
+    // The agent's cache lives outside the code directory the CLI snapshots.
+    let agent_dir = tempfile::tempdir().unwrap();
     let config = agent_config(
         &url,
-        &p.path().join("agent"),
+        agent_dir.path(),
         "capped",
         "capped-node",
         Arc::new(FakeGpuProbe::with("cap", 0)),

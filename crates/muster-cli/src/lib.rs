@@ -70,16 +70,21 @@ pub async fn connect(servers: &str) -> Result<Clients, ClientError> {
     muster_client::connect(servers, credentials).await
 }
 
-/// Uploads `snapshots` through the first of `servers` that answers, failing over as
+/// `servers` (comma-separated URLs) with this user's credentials: one list for a command's
+/// upload and submit, so both go over one connection ([`muster_client::Servers::call`]).
+pub fn server_list(servers: &str) -> Result<muster_client::Servers, ClientError> {
+    let credentials =
+        client_credentials(servers).map_err(|e| ClientError::Credentials(format!("{e:#}")))?;
+    Ok(muster_client::Servers::parse(servers).with_credentials(credentials))
+}
+
+/// Uploads `snapshots` through the first of `list` that answers, failing over as
 /// [`submit_failing_over`] does (a server that goes away mid-upload costs a retry, not the
 /// submission). Returns what each snapshot became and what was sent.
 pub async fn upload_failing_over(
-    servers: &str,
+    list: &mut muster_client::Servers,
     snapshots: &[&snapshot::Snapshot],
 ) -> Result<Vec<(muster_core::spec::CodeRef, snapshot::UploadStats)>, ClientError> {
-    let credentials =
-        client_credentials(servers).map_err(|e| ClientError::Credentials(format!("{e:#}")))?;
-    let mut list = muster_client::Servers::parse(servers).with_credentials(credentials);
     list.call(&muster_client::RetryPolicy::SUBMISSION, |channel| {
         let mut c = Clients::new(String::new(), channel);
         async move {
@@ -117,7 +122,7 @@ async fn upload_one(
 /// request carries the submission's idempotency key, so a try that landed before its answer
 /// was lost returns the same object instead of making a second one.
 pub async fn submit_failing_over<T, F, Fut>(
-    servers: &str,
+    list: &mut muster_client::Servers,
     snapshots: &[&snapshot::Snapshot],
     mut send: F,
 ) -> Result<T, ClientError>
@@ -125,9 +130,6 @@ where
     F: FnMut(Clients) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
-    let credentials =
-        client_credentials(servers).map_err(|e| ClientError::Credentials(format!("{e:#}")))?;
-    let mut list = muster_client::Servers::parse(servers).with_credentials(credentials);
     let mut first = true;
     list.call(&muster_client::RetryPolicy::SUBMISSION, |channel| {
         let mut c = Clients::new(String::new(), channel);

@@ -137,11 +137,33 @@ pub fn build(dir: &Path, limits: SnapshotLimits) -> anyhow::Result<Snapshot> {
             names.join(", ")
         );
     }
+    let (files, sources) = hash_listed(entries)?;
+    Ok(Snapshot {
+        manifest: Manifest { files },
+        sources,
+        git: git_info(dir),
+    })
+}
+
+/// Hashes the listed files (relative path, path, size, executable) into manifest entries and
+/// their sources. A file another process (a build, a cache) removed after the walk listed it is
+/// left out with a note on stderr, as `tar` does, rather than failing the submission.
+fn hash_listed(
+    entries: Vec<(String, PathBuf, u64, bool)>,
+) -> anyhow::Result<(Vec<ManifestEntry>, Vec<PathBuf>)> {
     let mut files = Vec::with_capacity(entries.len());
     let mut sources = Vec::with_capacity(entries.len());
     for (rel, path, size, executable) in entries {
-        let sha256 = muster_client::hash_file(&path)
-            .with_context(|| format!("code: cannot read {}", path.display()))?;
+        let sha256 = match muster_client::hash_file(&path) {
+            Ok(sha256) => sha256,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                eprintln!("code: {rel} was removed while the snapshot was taken; it is left out");
+                continue;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("code: cannot read {}", path.display()));
+            }
+        };
         files.push(ManifestEntry {
             path: rel,
             sha256,
@@ -150,11 +172,7 @@ pub fn build(dir: &Path, limits: SnapshotLimits) -> anyhow::Result<Snapshot> {
         });
         sources.push(path);
     }
-    Ok(Snapshot {
-        manifest: Manifest { files },
-        sources,
-        git: git_info(dir),
-    })
+    Ok((files, sources))
 }
 
 /// Uploads what the server lacks (files, then the manifest); returns the run's code reference.
@@ -198,25 +216,51 @@ pub async fn upload(
     ))
 }
 
-fn git(dir: &Path, args: &[&str]) -> Option<String> {
+/// The commit, branch and dirty flag of the work tree `dir` is in, if any: one
+/// `git status --porcelain=v2 --branch`, and no process at all when no `.git` is found
+/// above `dir` (and `GIT_DIR` is unset), as for most submissions from a scratch directory.
+pub fn git_info(dir: &Path) -> Option<GitInfo> {
+    if std::env::var_os("GIT_DIR").is_none() && !in_work_tree(dir) {
+        return None;
+    }
     let out = std::process::Command::new("git")
         .arg("-C")
         .arg(dir)
-        .args(args)
+        .args(["status", "--porcelain=v2", "--branch"])
+        .stderr(std::process::Stdio::null())
         .output()
         .ok()?;
     out.status
         .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .then(|| parse_status(&String::from_utf8_lossy(&out.stdout)))
+        .flatten()
 }
 
-/// The commit, branch and dirty flag of the work tree `dir` is in, if any.
-pub fn git_info(dir: &Path) -> Option<GitInfo> {
-    let commit = git(dir, &["rev-parse", "HEAD"]).filter(|c| !c.is_empty())?;
-    let branch = git(dir, &["symbolic-ref", "--short", "-q", "HEAD"]).filter(|b| !b.is_empty());
-    let dirty = git(dir, &["status", "--porcelain"]).is_some_and(|s| !s.is_empty());
+/// Whether `dir` or a directory above it holds `.git` (a directory, or a file for a worktree
+/// or submodule).
+fn in_work_tree(dir: &Path) -> bool {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    dir.ancestors().any(|d| d.join(".git").exists())
+}
+
+/// [`GitInfo`] from `git status --porcelain=v2 --branch`: `# branch.oid` is the commit
+/// (`(initial)` before the first: none), `# branch.head` the branch (`(detached)`: none), and
+/// any other line a change, tracked or not.
+fn parse_status(out: &str) -> Option<GitInfo> {
+    let mut commit = None;
+    let mut branch = None;
+    let mut dirty = false;
+    for line in out.lines() {
+        if let Some(oid) = line.strip_prefix("# branch.oid ") {
+            commit = (oid != "(initial)").then(|| oid.to_string());
+        } else if let Some(head) = line.strip_prefix("# branch.head ") {
+            branch = (head != "(detached)").then(|| head.to_string());
+        } else if !line.starts_with('#') && !line.is_empty() {
+            dirty = true;
+        }
+    }
     Some(GitInfo {
-        commit,
+        commit: commit?,
         branch,
         dirty,
     })
@@ -313,5 +357,73 @@ mod tests {
             e.contains("50 B, over the limit of 20 B") && e.contains("largest"),
             "{e}"
         );
+    }
+    #[test]
+    fn a_file_removed_after_the_walk_is_left_out_not_fatal() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "train.py", "print(1)");
+        let listed = vec![
+            (
+                "gone.part".to_string(),
+                d.path().join("gone.part"),
+                3,
+                false,
+            ),
+            ("train.py".to_string(), d.path().join("train.py"), 8, false),
+        ];
+        let (files, sources) = hash_listed(listed).unwrap();
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].path, "train.py");
+        assert_eq!(sources, vec![d.path().join("train.py")]);
+    }
+    #[test]
+    fn git_status_gives_commit_branch_and_dirty() {
+        let clean = "# branch.oid 1234abcd\n# branch.head main\n# branch.upstream origin/main\n";
+        let info = parse_status(clean).unwrap();
+        assert_eq!(info.commit, "1234abcd");
+        assert_eq!(info.branch.as_deref(), Some("main"));
+        assert!(!info.dirty);
+        let detached = "# branch.oid 1234abcd\n# branch.head (detached)\n? new.py\n";
+        let info = parse_status(detached).unwrap();
+        assert_eq!(info.branch, None);
+        assert!(info.dirty, "an untracked file makes the tree dirty");
+        assert!(parse_status("# branch.oid (initial)\n# branch.head main\n").is_none());
+    }
+
+    #[test]
+    fn a_real_repository_is_read_and_a_plain_directory_is_not() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(
+            !in_work_tree(d.path()),
+            "no .git above a fresh temporary directory"
+        );
+        let run = |args: &[&str]| {
+            let ok = std::process::Command::new("git")
+                .arg("-C")
+                .arg(d.path())
+                .args(args)
+                .output()
+                .is_ok_and(|o| o.status.success());
+            assert!(ok, "git {args:?}");
+        };
+        run(&["init", "-q", "-b", "trunk"]);
+        write(d.path(), "train.py", "print(1)");
+        run(&["add", "train.py"]);
+        run(&[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.com",
+            "commit",
+            "-q",
+            "-m",
+            "first",
+        ]);
+        let info = git_info(d.path()).expect("a work tree");
+        assert_eq!(info.commit.len(), 40);
+        assert_eq!(info.branch.as_deref(), Some("trunk"));
+        assert!(!info.dirty);
+        write(d.path(), "sub/more.py", "print(2)");
+        assert!(git_info(&d.path().join("sub")).unwrap().dirty);
     }
 }

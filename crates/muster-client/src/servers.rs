@@ -29,6 +29,9 @@ pub struct Servers {
     connect_timeout: Duration,
     keep_alive: Option<(Duration, Duration)>,
     credentials: Credentials,
+    /// The channel the last successful [`Servers::call`] used: the next call goes over the
+    /// same connection (one TCP and HTTP/2 handshake per CLI command, not one per call).
+    reuse: Option<Channel>,
 }
 
 impl Servers {
@@ -49,6 +52,7 @@ impl Servers {
             connect_timeout: Duration::from_secs(3),
             keep_alive: None,
             credentials: Credentials::none(),
+            reuse: None,
         }
     }
 
@@ -89,6 +93,7 @@ impl Servers {
 
     /// Tries `address` (`host:port` or a URL) first from now on.
     pub fn set_leader(&mut self, address: &str) {
+        self.reuse = None;
         self.leader = Some(normalize_url(address));
     }
 
@@ -176,7 +181,8 @@ impl Servers {
     /// Runs `op` on a channel to the first server that answers, and again while it fails
     /// with a retryable error, paced by `policy`: a server that does not answer is skipped
     /// for the next one, and a leader a follower names is tried first (at once, without the
-    /// backoff's wait). A fatal error is returned after one try.
+    /// backoff's wait). A fatal error is returned after one try. After a success the next
+    /// call starts on the same channel; any failure drops it and connects afresh.
     pub async fn call<T, F, Fut>(
         &mut self,
         policy: &RetryPolicy,
@@ -188,8 +194,14 @@ impl Servers {
     {
         let mut delays = policy.backoff().build();
         loop {
-            let result = match self.connect().await {
-                Ok((_, channel)) => op(channel).await,
+            let connected = match self.reuse.take() {
+                Some(channel) => Ok(channel),
+                None => self.connect().await.map(|(_, channel)| channel),
+            };
+            let result = match connected {
+                Ok(channel) => op(channel.clone()).await.inspect(|_| {
+                    self.reuse = Some(channel);
+                }),
                 Err(e) => Err(e),
             };
             let error = match result {

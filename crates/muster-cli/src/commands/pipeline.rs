@@ -175,7 +175,8 @@ async fn submit(
     }
 
     let all: Vec<&snapshot::Snapshot> = snaps.iter().map(|(_, _, s)| s).collect();
-    let uploaded = crate::upload_failing_over(server, &all).await?;
+    let mut list = crate::server_list(server)?;
+    let uploaded = crate::upload_failing_over(&mut list, &all).await?;
     let mut code = std::collections::HashMap::new();
     for ((step, dir, _), (r, stats)) in snaps.iter().zip(uploaded) {
         if output == OutputFormat::Table {
@@ -201,7 +202,7 @@ async fn submit(
         idempotency_key: Some(key),
         workspace: crate::workspace().unwrap_or_default().to_string(),
     };
-    let p = crate::submit_failing_over(server, &all, |mut c| {
+    let p = crate::submit_failing_over(&mut list, &all, |mut c| {
         let req = req.clone();
         async move { c.pipelines.submit_pipeline(req).await }
     })

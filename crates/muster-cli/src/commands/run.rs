@@ -389,7 +389,8 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
     };
     let snap = snapshot::build(&code_dir, limits)?;
 
-    let (code, stats) = crate::upload_failing_over(server, &[&snap])
+    let mut list = crate::server_list(server)?;
+    let (code, stats) = crate::upload_failing_over(&mut list, &[&snap])
         .await?
         .remove(0);
     if output == OutputFormat::Table {
@@ -414,7 +415,7 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
         spec: Some(spec.clone().into()),
         idempotency_key: Some(key),
     };
-    let run = crate::submit_failing_over(server, &[&snap], |mut c| {
+    let run = crate::submit_failing_over(&mut list, &[&snap], |mut c| {
         let req = req.clone();
         async move { c.runs.submit_run(req).await }
     })

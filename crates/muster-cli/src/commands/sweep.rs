@@ -308,7 +308,8 @@ async fn submit(server: &str, output: OutputFormat, args: SweepSubmitArgs) -> an
         max_files: args.max_snapshot_files,
     };
     let snap = snapshot::build(&code_dir, limits)?;
-    let (code, stats) = crate::upload_failing_over(server, &[&snap])
+    let mut list = crate::server_list(server)?;
+    let (code, stats) = crate::upload_failing_over(&mut list, &[&snap])
         .await?
         .remove(0);
     if output == OutputFormat::Table {
@@ -333,7 +334,7 @@ async fn submit(server: &str, output: OutputFormat, args: SweepSubmitArgs) -> an
         spec: Some(muster_proto::sweep_spec_to_wire(&spec)),
         idempotency_key: Some(key),
     };
-    let sweep = crate::submit_failing_over(server, &[&snap], |mut c| {
+    let sweep = crate::submit_failing_over(&mut list, &[&snap], |mut c| {
         let req = req.clone();
         async move { c.sweeps.submit_sweep(req).await }
     })
