@@ -328,6 +328,15 @@ pub struct DevArgs {
     /// The local agent runs at most this many runs at once (default: 4 per CPU).
     #[arg(long)]
     pub max_runs: Option<u32>,
+    /// Archive finished runs this long after they ended (`30d`, `12h`): they leave the
+    /// replicated state (which every server holds in memory) for archive blobs, and `run
+    /// show`, `run logs` and their outputs keep working; `run list` no longer lists them.
+    /// Runs of sweeps and pipelines stay. Default: keep every run in the state.
+    #[arg(long, value_name = "DURATION", value_parser = parse_retention)]
+    pub retention: Option<std::time::Duration>,
+    /// How often the leader looks for runs to archive (with --retention).
+    #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = parse_retention, hide = true)]
+    pub retention_check: std::time::Duration,
 }
 
 #[derive(Debug, Args)]
@@ -399,6 +408,15 @@ pub struct ServerArgs {
     /// request for any other host name gets 421 (a guard against DNS rebinding).
     #[arg(long = "web-host", value_name = "NAME")]
     pub web_hosts: Vec<String>,
+    /// Archive finished runs this long after they ended (`30d`, `12h`): they leave the
+    /// replicated state (which every server holds in memory) for archive blobs, and `run
+    /// show`, `run logs` and their outputs keep working; `run list` no longer lists them.
+    /// Runs of sweeps and pipelines stay. Default: keep every run in the state.
+    #[arg(long, value_name = "DURATION", value_parser = parse_retention)]
+    pub retention: Option<std::time::Duration>,
+    /// How often the leader looks for runs to archive (with --retention).
+    #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = parse_retention, hide = true)]
+    pub retention_check: std::time::Duration,
 }
 
 #[derive(Debug, Args)]
@@ -737,6 +755,16 @@ pub fn parse_labels(items: &[String]) -> anyhow::Result<BTreeMap<String, String>
         .collect()
 }
 
+/// A `--retention` duration (`30d`, `12h`, `90s`): humantime's syntax, more than zero.
+pub fn parse_retention(text: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration like 30d, 12h or 90s ({e})"))?;
+    if d.is_zero() {
+        return Err("give more than 0 (omit --retention to keep every run)".into());
+    }
+    Ok(d)
+}
+
 #[cfg(test)]
 mod consistency {
     #[test]
@@ -745,5 +773,19 @@ mod consistency {
         // subcommand: a clash would otherwise panic only when that subcommand runs.
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn retention_takes_a_duration_above_zero() {
+        use std::time::Duration;
+        assert_eq!(
+            super::parse_retention("30d"),
+            Ok(Duration::from_secs(30 * 86_400))
+        );
+        assert_eq!(super::parse_retention(" 90s "), Ok(Duration::from_secs(90)));
+        let e = super::parse_retention("0s").unwrap_err();
+        assert!(e.contains("omit --retention"), "{e}");
+        let e = super::parse_retention("soon").unwrap_err();
+        assert!(e.contains("30d, 12h or 90s"), "{e}");
     }
 }

@@ -54,6 +54,7 @@ pub fn run_json(r: &v1::Run) -> Value {
         "started_at": opt_time(r.started_at_ms),
         "finished_at": opt_time(r.finished_at_ms),
         "nodes": nodes,
+        "archive": (!r.archive.is_empty()).then_some(&r.archive),
         "display_name": spec.display_name,
         "command": spec.command,
         "image": spec.image,
@@ -142,6 +143,15 @@ pub fn run_details(r: &v1::Run) -> String {
     }
     if let Some(m) = &r.message {
         lines.push(("message", m.clone()));
+    }
+    if !r.archive.is_empty() {
+        lines.push((
+            "archived",
+            format!(
+                "out of the cluster state by retention (archive {}); run list no longer shows it",
+                &r.archive[..12.min(r.archive.len())]
+            ),
+        ));
     }
     if let Some(i) = &spec.image {
         lines.push(("image", i.clone()));

@@ -457,6 +457,10 @@ mod tests {
         );
         let r1 = &s.runs["r1"];
         assert_eq!(r1.message.as_deref(), Some("rank 1: exited with code 1"));
+        assert_eq!(
+            r1.attempts[0].secret, None,
+            "an ended attempt keeps no secret"
+        );
         assert_eq!(place(&mut s, "r4", &["a", "c"], None).0, Some(29500));
         // Old data without the fields still decodes.
         let mut old = serde_json::to_value(&s.runs["r4"]).unwrap();

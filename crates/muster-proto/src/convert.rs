@@ -223,6 +223,7 @@ pub fn run_to_wire(state: &State, r: &CoreRun) -> v1::Run {
         message: r.message.clone(),
         cancel_requested: r.cancel_requested,
         seq: r.seq,
+        archive: String::new(),
         attempts: r
             .attempts
             .iter()

@@ -29,6 +29,50 @@ pub enum EffectError {
 }
 
 impl Server {
+    /// Archives finished runs `run_ids` (retention, `leader/retention.rs`): writes them whole
+    /// into one archive blob, copies it onto a majority of servers, and only then proposes
+    /// their removal from the state with the archive's record. Returns how many left.
+    pub(crate) async fn archive_runs(
+        &self,
+        run_ids: &[String],
+        finished_before: u64,
+    ) -> Result<usize, EffectError> {
+        let blob = self.coordinator.read(|s| {
+            let runs: Vec<&muster_core::state::Run> =
+                run_ids.iter().filter_map(|id| s.runs.get(id)).collect();
+            (runs.len() == run_ids.len()).then(|| muster_core::state::encode_archive(&runs))
+        });
+        let Some(blob) = blob else {
+            return Ok(0);
+        };
+        let bytes = blob.len() as u64;
+        let blobs = self.store.blobs.clone();
+        let sha256 = tokio::task::spawn_blocking(move || blobs.put(&blob))
+            .await
+            .map_err(|e| StoreError::Io {
+                what: "writing a run archive",
+                source: std::io::Error::other(e),
+            })?
+            .map_err(StoreError::from)?;
+        self.store
+            .replicas
+            .ensure_replicated(vec![sha256.clone()])
+            .await?;
+        self.coordinator
+            .propose(Command::ArchiveRuns {
+                run_ids: run_ids.to_vec(),
+                archive: muster_core::state::RunArchive {
+                    sha256,
+                    runs: run_ids.len() as u64,
+                    bytes,
+                    finished_before,
+                    at: crate::coordinator::now_ms(),
+                },
+            })
+            .await?;
+        Ok(run_ids.len())
+    }
+
     /// The sealed log of `rank` of an attempt, if the replicated state records one.
     pub(crate) fn sealed_log(&self, run: &str, attempt: u32, rank: u32) -> Option<SealedLog> {
         self.coordinator.read(|s| sealed_log(s, run, attempt, rank))

@@ -120,6 +120,12 @@ pub struct ServerConfig {
     /// `None`: `<data_dir>/admin-token`. A server that did not found the cluster (a
     /// `--join`ed one, or not the first of `--peers`) writes none.
     pub admin_token_file: Option<PathBuf>,
+    /// Finished runs older than this leave the replicated state for archives in the blob
+    /// store (`--retention`; `run show`, logs and outputs keep working). `None`: kept in
+    /// the state for good, as Azure ML keeps runs.
+    pub retention: Option<Duration>,
+    /// How often the leader looks for runs to archive (with `retention`).
+    pub retention_check: Duration,
 }
 
 impl ServerConfig {
@@ -145,6 +151,8 @@ impl ServerConfig {
             cluster_key: None,
             tls: None,
             admin_token_file: None,
+            retention: None,
+            retention_check: Duration::from_secs(60),
         }
     }
 

@@ -34,6 +34,8 @@ pub(crate) struct Server {
     pub denials: crate::grpc::auth::Denials,
     /// Every caller's open uploads and upload rate.
     pub uploads: Arc<crate::grpc::limits::Uploads>,
+    /// Where the runs retention archived are (this server's index of the archive blobs).
+    pub archived: crate::views::archive::Archived,
     _lock: File,
 }
 
@@ -112,6 +114,7 @@ impl Server {
                 bytes_per_sec: config.upload_bytes_per_sec,
                 burst_bytes: config.max_blob_bytes.max(config.upload_bytes_per_sec),
             }),
+            archived: Default::default(),
             _lock: lock,
         }))
     }

@@ -203,6 +203,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         "  the local agent runs up to {} runs at once (--max-runs; 4 per CPU by default)",
         config.max_runs
     );
+    config.server.retention = args.retention;
+    config.server.retention_check = args.retention_check;
+    if let Some(r) = args.retention {
+        eprintln!(
+            "  finished runs are archived {} after they end (--retention)",
+            humantime::format_duration(r)
+        );
+    }
     eprintln!("  try: muster run submit --stream -- echo hello      (Ctrl-C stops muster dev)");
     serve(listener, config, crate::shutdown_signal()).await
 }

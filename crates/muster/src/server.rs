@@ -24,6 +24,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     config.tls = args.tls_dir.as_deref().map(muster_server::TlsFiles::in_dir);
     config.max_uploads_per_caller = args.max_uploads_per_caller;
     config.upload_bytes_per_sec = args.upload_mib_per_sec << 20;
+    config.retention = args.retention;
+    config.retention_check = args.retention_check;
     if let Some(path) = &args.cluster_key_file {
         let key = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("--cluster-key-file {}: {e}", path.display()))?;

@@ -233,6 +233,7 @@ impl State {
                 attempt,
                 metrics,
             } => self.seal_metrics(run_id, *attempt, metrics),
+            Command::ArchiveRuns { run_ids, archive } => self.archive_runs(run_ids, archive),
             Command::SetServerAddress { id, address } => {
                 validate_server_address(*id, address)?;
                 self.servers.insert(*id, address.clone());
@@ -1107,6 +1108,9 @@ impl State {
         }
         run.preempt_requested = None;
         current.state = AttemptState::Ended(end);
+        // The ranks' shared secret served only while they ran; an ended attempt (kept in
+        // the state, snapshots and archives for good) does not carry it.
+        current.secret = None;
         current.finished_at = Some(at);
         current.exit_code = exit_code;
         current.message = message.clone();

@@ -10,7 +10,7 @@ use crate::pipeline::PipelineSpec;
 use crate::resources::Capacity;
 use crate::schedule::Placement;
 use crate::spec::RunSpec;
-use crate::state::{AttemptEnd, NodeState, SealedLog, SealedMetrics};
+use crate::state::{AttemptEnd, NodeState, RunArchive, SealedLog, SealedMetrics};
 use crate::sweep::SweepSpec;
 
 /// A change to the replicated state. Each variant carries an explicit, versioned tag so a
@@ -280,6 +280,16 @@ pub enum Command {
         /// Where the metrics are and how many lines they hold.
         metrics: SealedMetrics,
     },
+    /// Retention: remove these finished runs (and their idempotency keys) from the state,
+    /// recording the archive blob that holds them whole (`state/archive.rs`). The blob is
+    /// on a majority of servers before this is proposed.
+    #[serde(rename = "archive_runs.v1")]
+    ArchiveRuns {
+        /// The runs, each finished before the archive's cut-off.
+        run_ids: Vec<String>,
+        /// The archive they are in.
+        archive: RunArchive,
+    },
     /// A change to tokens, workspaces or roles (`access.rs`), audited.
     #[serde(rename = "access.v1")]
     Access {
@@ -348,6 +358,7 @@ impl Command {
             Command::PipelineDecision { .. } => "pipeline_decision",
             Command::CancelPipeline { .. } => "cancel_pipeline",
             Command::SealMetrics { .. } => "seal_metrics",
+            Command::ArchiveRuns { .. } => "archive_runs",
             Command::Access { .. } => "access",
         }
     }

@@ -89,6 +89,9 @@ pub enum ApplyError {
     /// No such run.
     #[error("run {0:?} does not exist")]
     UnknownRun(String),
+    /// A retention archive that cannot be recorded ([`Command::ArchiveRuns`](crate::Command::ArchiveRuns)).
+    #[error("cannot archive these runs: {0}")]
+    InvalidArchive(String),
     /// The id is taken (the proposer picks another).
     #[error("run id {0:?} is already taken")]
     RunExists(String),

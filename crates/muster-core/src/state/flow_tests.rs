@@ -207,6 +207,25 @@ fn a_sweep_through_the_state_machine_runs_exactly_its_trials() {
     }
     // The state survives a snapshot.
     assert_eq!(State::from_snapshot(&s.to_snapshot()).unwrap(), s);
+    // Retention leaves a sweep's trials alone: its sweep still shows them.
+    assert!(s.archivable(u64::MAX, 100).is_empty());
+    let mut refused = s.clone();
+    let run = &s.runs["sw-3"];
+    let archive = crate::state::RunArchive {
+        sha256: "d".repeat(64),
+        runs: 1,
+        bytes: 1,
+        finished_before: u64::MAX,
+        at: 0,
+    };
+    let e = refused
+        .apply(&Command::ArchiveRuns {
+            run_ids: vec![run.id.clone()],
+            archive,
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("belongs to a sweep"), "{e}");
+    assert_eq!(refused, s);
 }
 
 #[test]

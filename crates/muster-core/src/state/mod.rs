@@ -22,6 +22,7 @@
 //! A cancel that arrives meanwhile wins: the run ends Canceled.
 
 mod apply;
+mod archive;
 mod check;
 mod command;
 mod error;
@@ -36,6 +37,7 @@ use serde::{Deserialize, Serialize};
 #[cfg(test)]
 pub(crate) use apply::live_node_count;
 pub use apply::{MAX_SERVER_ADDRESS_LEN, validate_server_address};
+pub use archive::{ARCHIVE_FORMAT, MAX_ARCHIVE_RUNS, RunArchive, decode_archive, encode_archive};
 pub use command::{Applied, AttemptReport, Command, ProvisionOutcome};
 pub use error::{ApplyError, PipelineRule, SealedBlob, SweepRule};
 pub use pipeline::{Pipeline, PipelineFinish, StepRecord};
@@ -512,6 +514,10 @@ pub struct State {
     /// access control existed).
     #[serde(default, skip_serializing_if = "crate::access::Access::is_empty")]
     pub access: crate::access::Access,
+    /// Where retention put the finished runs it removed, oldest first (`state/archive.rs`;
+    /// absent from snapshots taken before retention existed, or with nothing archived).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub archives: Vec<RunArchive>,
     /// A summary of the active runs of each compute target: what they hold against its
     /// quota, their priorities, how many are being preempted. Derived from `runs`: kept up
     /// to date by `apply`, rebuilt by [`State::from_snapshot`], never serialized, and

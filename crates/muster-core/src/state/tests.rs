@@ -809,3 +809,193 @@ fn server_addresses_are_replicated_changed_and_removed() {
         "remove_server_address.v1",
     );
 }
+
+/// Runs `r1` and `r2` (idempotency key `k2`) finished at 10, `r3` queued.
+fn two_finished_one_queued() -> State {
+    let mut s = one_queued_run();
+    let Command::SubmitRun { spec, .. } = submit("r0", "cpu-pool", 1, 0, 1) else {
+        unreachable!()
+    };
+    apply_all(
+        &mut s,
+        &[
+            Command::SubmitRun {
+                run_id: "r2".into(),
+                spec: spec.clone(),
+                idempotency_key: Some("k2".into()),
+                at: 3,
+            },
+            submit("r3", "cpu-pool", 64, 0, 1),
+        ],
+    );
+    assert_eq!(place_all(&mut s, 5), 2);
+    apply_all(
+        &mut s,
+        &[
+            end("r1", 1, "n1", AttemptEnd::Completed, Some(0)),
+            end("r2", 1, "n1", AttemptEnd::Failed, Some(1)),
+        ],
+    );
+    s
+}
+
+fn archive_of(s: &State, ids: &[&str], finished_before: u64) -> Command {
+    let runs: Vec<&crate::state::Run> = ids.iter().map(|id| &s.runs[*id]).collect();
+    let blob = crate::state::encode_archive(&runs);
+    Command::ArchiveRuns {
+        run_ids: ids.iter().map(|id| id.to_string()).collect(),
+        archive: crate::state::RunArchive {
+            sha256: "c".repeat(64),
+            runs: ids.len() as u64,
+            bytes: blob.len() as u64,
+            finished_before,
+            at: 100,
+        },
+    }
+}
+
+#[test]
+fn retention_archives_finished_runs_out_of_the_state_and_keeps_them_whole() {
+    let mut s = two_finished_one_queued();
+    assert_eq!(
+        s.archivable(10, 100),
+        Vec::<String>::new(),
+        "cut-off is exclusive"
+    );
+    assert_eq!(
+        s.archivable(11, 100),
+        vec!["r1", "r2"],
+        "oldest first, queued r3 stays"
+    );
+    assert_eq!(s.archivable(11, 1), vec!["r1"], "at most max");
+
+    let runs: Vec<&crate::state::Run> = vec![&s.runs["r1"], &s.runs["r2"]];
+    let blob = crate::state::encode_archive(&runs);
+    let back = crate::state::decode_archive(&blob).unwrap();
+    assert_eq!(back, vec![s.runs["r1"].clone(), s.runs["r2"].clone()]);
+    let other = String::from_utf8(blob)
+        .unwrap()
+        .replace(crate::state::ARCHIVE_FORMAT, "muster-run-archive/9");
+    let e = crate::state::decode_archive(other.as_bytes()).unwrap_err();
+    assert!(e.contains("upgrade"), "{e}");
+
+    let cmd = archive_of(&s, &["r1", "r2"], 11);
+    assert_encodes_as(&cmd, "archive_runs.v1");
+    let before_bytes = s.to_snapshot().len();
+    apply_all(&mut s, std::slice::from_ref(&cmd));
+    assert!(!s.runs.contains_key("r1") && !s.runs.contains_key("r2"));
+    assert!(s.runs.contains_key("r3"));
+    assert!(s.idempotency.is_empty(), "r2's key went with it");
+    assert_eq!(s.archives.len(), 1);
+    assert_eq!(s.archives[0].runs, 2);
+    let ids: Vec<&str> = s.runs_newest_first(None).map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, vec!["r3"]);
+    let after = s.to_snapshot();
+    assert!(after.len() < before_bytes, "the snapshot shrank");
+    assert_eq!(State::from_snapshot(&after).unwrap(), s);
+    // The key is free again: a new submission with it makes a new run.
+    let Command::SubmitRun { spec, .. } = submit("x", "cpu-pool", 1, 0, 1) else {
+        unreachable!()
+    };
+    let again = s
+        .apply(&Command::SubmitRun {
+            run_id: "r4".into(),
+            spec,
+            idempotency_key: Some("k2".into()),
+            at: 200,
+        })
+        .unwrap();
+    assert_eq!(
+        again,
+        Applied::Submitted {
+            run_id: "r4".into(),
+            existing: false
+        }
+    );
+}
+
+#[test]
+fn an_archive_that_names_a_live_late_unknown_or_repeated_run_changes_nothing() {
+    let mut s = two_finished_one_queued();
+    let bad = |cmd: Command, f: &dyn Fn(&mut crate::state::RunArchive)| {
+        let Command::ArchiveRuns {
+            run_ids,
+            mut archive,
+        } = cmd
+        else {
+            unreachable!()
+        };
+        f(&mut archive);
+        Command::ArchiveRuns { run_ids, archive }
+    };
+    let invalid = |why: &str| ApplyError::InvalidArchive(why.to_string());
+    let live = archive_of(&s, &["r1"], 11);
+    let Command::ArchiveRuns { archive, .. } = &live else {
+        unreachable!()
+    };
+    let names = |ids: &[&str], runs: u64| Command::ArchiveRuns {
+        run_ids: ids.iter().map(|i| i.to_string()).collect(),
+        archive: crate::state::RunArchive {
+            runs,
+            ..archive.clone()
+        },
+    };
+    let late = archive_of(&s, &["r1"], 10);
+    assert_invalid(
+        &mut s,
+        "archive",
+        [
+            (
+                names(&["r1", "r3"], 2),
+                invalid("run r3 is queued and did not finish before the cut-off"),
+                "did not finish",
+            ),
+            (
+                late,
+                invalid("run r1 is completed and did not finish before the cut-off"),
+                "cut-off",
+            ),
+            (
+                names(&["r1", "nope"], 2),
+                ApplyError::UnknownRun("nope".into()),
+                "does not exist",
+            ),
+            (
+                names(&["r1", "r1"], 2),
+                invalid("run r1 is named twice"),
+                "twice",
+            ),
+            (
+                names(&[], 0),
+                invalid("an archive holds 1 to 2000 runs, not 0"),
+                "1 to 2000",
+            ),
+            (
+                bad(live.clone(), &|a| a.sha256 = "XYZ".into()),
+                invalid("\"XYZ\" is not a SHA-256 in lowercase hex"),
+                "SHA-256",
+            ),
+            (
+                bad(live.clone(), &|a| a.runs = 5),
+                invalid("the archive says it holds 5 runs but 1 are named"),
+                "holds 5",
+            ),
+        ],
+    );
+    apply_all(&mut s, std::slice::from_ref(&live));
+    assert_eq!(
+        s.apply(&archive_of(&State::default(), &[], 11)),
+        Err(invalid("an archive holds 1 to 2000 runs, not 0"))
+    );
+    let mut again = names(&["r2"], 1);
+    if let Command::ArchiveRuns { archive, .. } = &mut again {
+        archive.sha256 = "c".repeat(64);
+    }
+    assert_eq!(
+        s.apply(&again),
+        Err(invalid(&format!(
+            "archive {} is already recorded",
+            "c".repeat(64)
+        )))
+    );
+}

@@ -110,6 +110,9 @@ impl BlobService for Blobs {
         // (snapshots, inputs, replicas). An unreadable blob is as absent as a missing one.
         if let Caller::User { .. } = caller {
             let readable = caller.readable(&self.0, None)?;
+            if let Err(e) = self.0.archived.refresh(&self.0).await {
+                tracing::warn!(cause = %e, "could not read the run archives; their blobs are unreadable until then");
+            }
             let (server, digest) = (self.0.clone(), sha.clone());
             let allowed =
                 tokio::task::spawn_blocking(move || blob_readable(&server, &readable, &digest))

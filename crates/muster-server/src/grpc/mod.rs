@@ -229,7 +229,8 @@ pub(crate) fn rejected(e: ApplyError) -> Status {
         | ApplyError::RunFinished { .. }
         | ApplyError::InvalidPlacement(_)
         | ApplyError::SweepRejected { .. }
-        | ApplyError::PipelineRejected { .. } => Status::failed_precondition(msg),
+        | ApplyError::PipelineRejected { .. }
+        | ApplyError::InvalidArchive(_) => Status::failed_precondition(msg),
         ApplyError::UndecodableCommand(_) => Status::internal(msg),
         ApplyError::Access(e) => auth::access_status(e),
     }

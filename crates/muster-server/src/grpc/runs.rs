@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::{ProposalError, new_run_id, now_ms};
-use crate::grpc::auth::{Caller, allow_run};
+use crate::grpc::auth::{Caller, allow_in, allow_run};
 use crate::grpc::{
     Fresh, check_code, next_page_token, page_token_error, paging, propose_fresh, status,
 };
@@ -42,6 +42,50 @@ fn not_found(id: &str) -> Status {
 impl Runs {
     fn get(&self, id: &str) -> Result<v1::Run, Status> {
         views::runs::run(&self.0, id).ok_or_else(|| not_found(id))
+    }
+
+    /// Run `id` from the state, or else from the retention archives (which the caller may
+    /// read only with `role` in the run's workspace, as before it was archived).
+    async fn get_or_archived(
+        &self,
+        caller: &Caller,
+        id: &str,
+        role: Role,
+    ) -> Result<v1::Run, Status> {
+        match self.get(id) {
+            Ok(run) => Ok(run),
+            Err(missing) => match self.archived(caller, id, role).await? {
+                Some(run) => Ok(views::runs::archived(&self.0, &run.0, run.1)),
+                None => Err(missing),
+            },
+        }
+    }
+
+    /// Run `id` if retention archived it and the caller has `role` in its workspace, with
+    /// the archive it is in; NOT_FOUND when the caller may not see it.
+    async fn archived(
+        &self,
+        caller: &Caller,
+        id: &str,
+        role: Role,
+    ) -> Result<Option<(muster_core::state::Run, String)>, Status> {
+        let Some(found) = self
+            .0
+            .archived
+            .find(&self.0, id)
+            .await
+            .map_err(|e| Status::unavailable(format!("reading the run archives: {e}")))?
+        else {
+            return Ok(None);
+        };
+        allow_in(
+            &self.0,
+            caller,
+            Some(found.0.spec.workspace.clone()),
+            role,
+            || not_found(id),
+        )?;
+        Ok(Some(found))
     }
 }
 
@@ -119,7 +163,9 @@ impl RunService for Runs {
         let req = req.into_inner();
         self.0.coordinator.linearize(req.stale).await?;
         allow_run(&self.0, &caller, &req.id, Role::Reader)?;
-        self.get(&req.id).map(Response::new)
+        self.get_or_archived(&caller, &req.id, Role::Reader)
+            .await
+            .map(Response::new)
     }
 
     async fn list_runs(
@@ -214,7 +260,11 @@ impl RunService for Runs {
             }
         }
         allow_run(&self.0, &caller, &req.id, Role::Reader)?;
+        let mut archived = None;
         if self.get(&req.id).is_err() {
+            archived = self.archived(&caller, &req.id, Role::Reader).await?;
+        }
+        if archived.is_none() && self.get(&req.id).is_err() {
             // A follower that has not applied the submission yet: the leader knows the run.
             if !relayed && let Some(mut client) = leader_runs(&self.0) {
                 let stream = client
@@ -235,6 +285,7 @@ impl RunService for Runs {
                 .0
                 .coordinator
                 .read(|s| s.runs.get(&req.id).map(|r| r.spec.instance_count))
+                .or(archived.as_ref().map(|(r, _)| r.spec.instance_count))
                 .unwrap_or(1);
             if rank >= count {
                 return Err(Status::invalid_argument(format!(
@@ -245,8 +296,9 @@ impl RunService for Runs {
         }
         let (tx, rx) = mpsc::channel(16);
         let server = self.0.clone();
+        let archived = archived.map(|(run, _)| run);
         tokio::spawn(async move {
-            if let Err(e) = follow_logs(&server, &req, relayed, &tx).await {
+            if let Err(e) = follow_logs(&server, &req, archived.as_ref(), relayed, &tx).await {
                 let _ = tx.send(Err(e)).await;
             }
         });
@@ -264,7 +316,7 @@ impl RunService for Runs {
             .then(|| tokio::time::Instant::now() + Duration::from_millis(req.timeout_ms));
         let mut changes = self.0.coordinator.subscribe();
         loop {
-            let run = self.get(&req.id)?;
+            let run = self.get_or_archived(&caller, &req.id, Role::Reader).await?;
             let terminal = run.state().is_terminal();
             if terminal || deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
                 return Ok(Response::new(run));
@@ -379,10 +431,12 @@ async fn relay(
 /// each chunk tagged with its rank and its offset in that rank's log. An ended rank's log
 /// comes from its sealed blob on this server (repaired from a peer if missing); a live one
 /// from this server's file on the leader, or relayed from the leader on a follower (never
-/// relayed twice: `relayed` requests are answered from what is here).
+/// relayed twice: `relayed` requests are answered from what is here). An `archived` run
+/// (not in the state) is read like an ended one, from the sealed logs it records.
 async fn follow_logs(
     server: &Server,
     req: &v1::StreamLogsRequest,
+    archived: Option<&muster_core::state::Run>,
     relayed: bool,
     tx: &mpsc::Sender<Result<v1::LogChunk, Status>>,
 ) -> Result<(), Status> {
@@ -399,7 +453,7 @@ async fn follow_logs(
         let (attempts, run_terminal, logs) = server
             .coordinator
             .read(|s| {
-                s.runs.get(&req.id).map(|r| {
+                s.runs.get(&req.id).or(archived).map(|r| {
                     (
                         r.attempt_number(),
                         r.state.is_terminal(),

@@ -2,7 +2,7 @@
 //!
 //! Loops that run on every server but act only while it leads the Raft group: each asks
 //! muster-core for decisions over the applied state (schedule, sweep and pipeline steps,
-//! autoscaling, node liveness) and proposes them; the provisioners (`provision/`) turn the
+//! autoscaling, node liveness, retention) and proposes them; the provisioners (`provision/`) turn the
 //! applied scale decisions into machines.
 //!
 //! May import: `effects`, `views`, `coordinator`, `store`, muster-core. Never the
@@ -12,6 +12,7 @@ mod autoscale;
 pub(crate) mod heartbeats;
 mod pipelines;
 pub(crate) mod provision;
+mod retention;
 mod scheduling;
 pub(crate) mod sweeps;
 
@@ -28,6 +29,7 @@ pub(crate) fn spawn(server: Arc<Server>) -> Vec<JoinHandle<()>> {
         tokio::spawn(heartbeats::run(server.clone())),
         tokio::spawn(pipelines::run(server.clone())),
         tokio::spawn(sweeps::run(server.clone())),
-        tokio::spawn(autoscale::run(server)),
+        tokio::spawn(autoscale::run(server.clone())),
+        tokio::spawn(retention::run(server)),
     ]
 }

@@ -60,7 +60,8 @@ pub(crate) fn pipeline_workspace(p: &Pipeline) -> &str {
 /// check anyone holding a digest could read another workspace's code, outputs and logs.
 /// Callers who read every workspace skip the check. The snapshot files are found by
 /// reading the manifests of the readable runs (each distinct one once), which is file I/O:
-/// call it off the async threads.
+/// call it off the async threads, after [`crate::views::archive::Archived::refresh`] (the
+/// runs retention archived count too).
 pub(crate) fn blob_readable(server: &Server, readable: &Readable, sha256: &str) -> bool {
     let Readable::Only(_) = readable else {
         return true;
@@ -83,7 +84,11 @@ pub(crate) fn blob_readable(server: &Server, readable: &Readable, sha256: &str) 
         }
         (direct, manifests)
     });
+    // Runs retention archived keep their blobs readable (the index is refreshed by the caller).
+    let (archived, archived_manifests) = server.archived.readable_refs(readable, sha256);
+    let manifests: BTreeSet<String> = manifests.into_iter().chain(archived_manifests).collect();
     direct
+        || archived
         || manifests.iter().any(|m| {
             server
                 .store

@@ -10,6 +10,7 @@
 //! relays the read to the leader's API; it never imports the transport layers.
 
 pub(crate) mod access;
+pub(crate) mod archive;
 pub(crate) mod compute;
 pub(crate) mod logs;
 pub(crate) mod metrics;

@@ -25,3 +25,10 @@ pub(crate) fn run(server: &Server, id: &str) -> Option<v1::Run> {
         })
     })
 }
+
+/// A run retention archived (read from archive blob `archive`), as the API shows it.
+pub(crate) fn archived(server: &Server, run: &muster_core::state::Run, archive: String) -> v1::Run {
+    let mut wire = server.coordinator.read(|s| run_to_wire(s, run));
+    wire.archive = archive;
+    wire
+}
