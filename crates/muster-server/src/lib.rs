@@ -134,7 +134,7 @@ impl ServerConfig {
         ServerConfig {
             data_dir: data_dir.into(),
             raft: RaftConfig::default(),
-            heartbeat_interval: Duration::from_secs(2),
+            heartbeat_interval: Duration::from_secs(5),
             node_grace: Duration::from_secs(30),
             scheduler_min_interval: Duration::from_millis(5),
             stop_grace: Duration::from_secs(10),

@@ -1,6 +1,6 @@
 //! The autoscaling loop: on every state change (at most once per
-//! `autoscale_min_interval`), and at least once a second (idle times pass without
-//! events), ask muster-core's `autoscale()` for scale decisions and propose each through
+//! `autoscale_min_interval`), and at least once a second while a target autoscales (idle
+//! times pass without events; [`crate::leader::tick`]), ask muster-core's `autoscale()` for scale decisions and propose each through
 //! Raft (`ScaleCompute`); then have each compute target's provisioner act on the applied
 //! state (`provision::plan`), which it reports back with `Provisioned`.
 //!
@@ -25,9 +25,12 @@ pub(crate) async fn run(server: Arc<Server>) {
     let mut provisioners = Provisioners::default();
     let mut leading = false;
     loop {
+        let busy = server.coordinator.read(|s| {
+            !s.scaling.is_empty() || s.computes.values().any(|c| c.spec.scale_bounds().is_some())
+        });
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(crate::leader::tick(busy)) => {}
         }
         tokio::time::sleep_until(last + min_interval).await;
         last = Instant::now();

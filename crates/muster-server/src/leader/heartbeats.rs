@@ -18,10 +18,10 @@ use crate::server::Server;
 pub(crate) async fn run(server: Arc<Server>) {
     let grace = server.config.node_grace.as_millis() as u64;
     let mut leader_since: Option<u64> = None;
-    // A tenth of the grace period (at most 2 s): a silent node is marked lost within 1.1×
+    // A tenth of the grace period (at most 5 s): a silent node is marked lost within 1.1×
     // the grace, and an idle leader wakes rarely.
     let every =
-        (server.config.node_grace / 10).clamp(Duration::from_millis(100), Duration::from_secs(2));
+        (server.config.node_grace / 10).clamp(Duration::from_millis(100), Duration::from_secs(5));
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;

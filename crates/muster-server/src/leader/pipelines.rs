@@ -1,5 +1,5 @@
 //! The pipeline loop: on every state change (at most once per `scheduler_min_interval`),
-//! and at least once a second, ask muster-core's planner (`State::pipeline_plan`) what
+//! and at least once a second while one is unfinished ([`crate::leader::tick`]), ask muster-core's planner (`State::pipeline_plan`) what
 //! each unfinished pipeline does next, and propose each decision through Raft. The leader
 //! chooses the run id of a started step; each step is then an ordinary run.
 //!
@@ -22,9 +22,12 @@ pub(crate) async fn run(server: Arc<Server>) {
     let min_interval = server.config.scheduler_min_interval;
     let mut last = Instant::now() - min_interval;
     loop {
+        let busy = server
+            .coordinator
+            .read(|s| s.pipelines.values().any(|p| p.finished.is_none()));
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(crate::leader::tick(busy)) => {}
         }
         tokio::time::sleep_until(last + min_interval).await;
         last = Instant::now();

@@ -1,6 +1,6 @@
 //! The scheduling loop: on every state change (at most once per `scheduler_min_interval`),
-//! and at least once a second (so a requeued run whose backoff has passed is placed without
-//! waiting for an unrelated event), ask muster-core's `schedule()` for decisions (placements
+//! and at least once a second while runs are queued (so a requeued run whose backoff has
+//! passed is placed without waiting for an unrelated event; [`crate::leader::tick`]), ask muster-core's `schedule()` for decisions (placements
 //! and preemptions) and propose each through Raft.
 //!
 //! The pace adapts to the pass's cost: the next pass waits at least
@@ -30,9 +30,10 @@ pub(crate) async fn run(server: Arc<Server>) {
     let mut last = Instant::now() - min_interval;
     let mut gap = min_interval;
     loop {
+        let busy = server.coordinator.read(|s| !s.queue.is_empty());
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(crate::leader::tick(busy)) => {}
         }
         tokio::time::sleep_until(last + gap).await;
         last = Instant::now();

@@ -1,5 +1,6 @@
 //! The sweep controller loop: on every state change and every metric the store takes (at
-//! most once per 200 ms), and at least once a second (timeouts pass without events), for every sweep
+//! most once per 200 ms), and at least once a second while one is unfinished (timeouts pass
+//! without events; [`crate::leader::tick`]), for every sweep
 //! not yet finished, ask muster-core's `State::sweep_step` for decisions (start a trial,
 //! cancel a trial, finish) given each trial's primary-metric series from the metric
 //! store, and propose each through Raft.
@@ -30,10 +31,13 @@ pub(crate) async fn run(server: Arc<Server>) {
     let mut metrics = server.store.series.subscribe();
     let mut last = Instant::now() - MIN_INTERVAL;
     loop {
+        let busy = server
+            .coordinator
+            .read(|s| s.sweeps.values().any(|x| x.finished.is_none()));
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
             changed = metrics.changed() => if changed.is_err() { return },
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(crate::leader::tick(busy)) => {}
         }
         tokio::time::sleep_until(last + MIN_INTERVAL).await;
         last = Instant::now();
