@@ -9,7 +9,6 @@
 //! reads the same requested nodes and finishes what the old one did not report.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use muster_core::autoscale;
 use tokio::time::Instant;

@@ -8,7 +8,6 @@
 //! from the same applied state) nor duplicates one (a stale proposal is refused).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use muster_core::Command;
 use muster_core::pipeline::PipelineDecision;

@@ -11,7 +11,6 @@
 //! what leaves the CPU to the submissions.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::future::join_all;
 use muster_core::{Decision, schedule};
