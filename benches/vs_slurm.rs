@@ -58,8 +58,8 @@ struct Args {
     /// Seconds the idle daemons are watched.
     #[arg(long, default_value_t = 20)]
     idle_secs: u64,
-    /// Sequential submits on an idle system.
-    #[arg(long, default_value_t = 30)]
+    /// Sequential submits on an idle system (after one that is not counted).
+    #[arg(long, default_value_t = 100)]
     idle_submits: usize,
     /// Samples of the waiting client and of submit → first command.
     #[arg(long, default_value_t = 20)]
@@ -74,6 +74,11 @@ struct Args {
     /// Measure muster alone even where Slurm is installed.
     #[arg(long)]
     no_slurm: bool,
+    /// Also take the throughput workload through muster with this many agents (the dev's
+    /// own plus `muster agent` processes joining `local` on 127.0.0.1, each with
+    /// `--max-runs`); 1 skips it.
+    #[arg(long, default_value_t = 4)]
+    agents: usize,
 }
 
 /// Longest any single CLI process may take before the benchmark gives up.
@@ -117,6 +122,10 @@ struct Figures {
     idle_cpu_pct: f64,
     /// The submit CLI alone (`--version`: process start, no request), p50 ms.
     cli_alone: f64,
+    /// The throughput workload again with `--agents` agents (muster only): jobs/s, and
+    /// CLI submits/s (the submitters' bound).
+    agents_jobs_per_s: f64,
+    agents_submits_per_s: f64,
 }
 
 /// One row of the tables: its label, how to read it from [`Figures`], decimals.
@@ -162,6 +171,16 @@ fn rows(args: &Args) -> Vec<Row> {
             &format!("idle daemons CPU % over {} s", args.idle_secs),
             |f| f.idle_cpu_pct,
             2,
+        ),
+        row(
+            &format!("{} agents: jobs/s (finished)", args.agents),
+            |f| f.agents_jobs_per_s,
+            1,
+        ),
+        row(
+            &format!("{} agents: CLI submits/s (the bound)", args.agents),
+            |f| f.agents_submits_per_s,
+            1,
         ),
     ]
 }
@@ -400,7 +419,19 @@ impl Drop for Slurm {
 struct Muster {
     dev: DevProcess,
     work: PathBuf,
+    /// Further `muster agent` processes on `local` (killed on drop).
+    agents: Vec<AgentChild>,
     _dir: tempfile::TempDir,
+}
+
+/// A `muster agent` process, killed when dropped.
+struct AgentChild(std::process::Child);
+
+impl Drop for AgentChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 impl Muster {
@@ -416,8 +447,65 @@ impl Muster {
         Ok(Muster {
             dev,
             work,
+            agents: Vec::new(),
             _dir: dir,
         })
+    }
+
+    /// Adds `n` `muster agent` processes to `local` (joined with single-use tokens, each
+    /// running up to `max_runs` runs) and waits until every node is ready.
+    async fn add_agents(&mut self, n: usize, max_runs: u32) -> anyhow::Result<()> {
+        let url = self.dev.url();
+        for i in 0..n {
+            let join = access::join_token(&url, "local").await?;
+            let dir = self._dir.path().join(format!("agent-{i}"));
+            let log = std::fs::File::create(self._dir.path().join(format!("agent-{i}.log")))?;
+            let child = Command::new(muster_testkit::muster_bin())
+                .args([
+                    "--server",
+                    &url,
+                    "agent",
+                    "--compute",
+                    "local",
+                    "--join",
+                    &join,
+                ])
+                .args([
+                    "--name",
+                    &format!("vs-agent-{i}"),
+                    "--max-runs",
+                    &max_runs.to_string(),
+                ])
+                .arg("--data-dir")
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()?;
+            self.agents.push(AgentChild(child));
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut c = access::clients(&url).await?;
+            let nodes = c
+                .compute
+                .list_nodes(v1::ListNodesRequest::default())
+                .await?
+                .into_inner()
+                .nodes;
+            let ready = nodes
+                .iter()
+                .filter(|n| n.state() == v1::NodeState::Ready)
+                .count();
+            if ready > n {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{ready} of {} nodes ready within 60 s",
+                n + 1
+            );
+            tokio::time::sleep(POLL).await;
+        }
     }
 
     /// `muster run submit --experiment TAG [--stream] -- COMMAND...` as the admin, through
@@ -750,6 +838,10 @@ async fn measure(sys: System, args: &Args) -> anyhow::Result<(Figures, String)> 
     f.idle_cpu_pct = idle_cpu(&sys.daemon_pids()?, args.idle_secs).await?;
 
     eprintln!("  {name}: {} idle submits", args.idle_submits);
+    // One submit first, not counted: the first process after the idle watch pays the
+    // machine's wake-up (on this VM `muster --version` alone then takes ~10 ms against
+    // ~2 ms), on either system.
+    sys.submit_true("idle").await?;
     let mut lat = Vec::new();
     for _ in 0..args.idle_submits {
         let t = Instant::now();
@@ -794,23 +886,48 @@ async fn measure(sys: System, args: &Args) -> anyhow::Result<(Figures, String)> 
     f.first_cmd = pct_ms(lat);
     sys.await_drained(DRAIN_TIMEOUT).await?;
 
+    let t = throughput(&sys, args).await?;
+    f.wall_s = t.wall_s;
+    f.jobs_per_s = t.jobs_per_s;
+    f.submits_per_s = t.submits_per_s;
+    f.ack_load = t.ack_load;
+    f.agents_jobs_per_s = f64::NAN;
+    f.agents_submits_per_s = f64::NAN;
+    Ok((f, t.notes))
+}
+
+/// What the throughput workload gave.
+struct Throughput {
+    wall_s: f64,
+    jobs_per_s: f64,
+    submits_per_s: f64,
+    ack_load: (f64, f64),
+    notes: String,
+}
+
+/// `--jobs` `true` jobs from `--submitters`, on a drained system, until all finished.
+async fn throughput(sys: &Arc<System>, args: &Args) -> anyhow::Result<Throughput> {
     eprintln!(
-        "  {name}: {} jobs from {} submitters",
-        args.jobs, args.submitters
+        "  {}: {} jobs from {} submitters",
+        sys.name(),
+        args.jobs,
+        args.submitters
     );
     let start = Instant::now();
-    let (lat, ids) = load(&sys, "load", args.jobs, args.submitters).await?;
+    let (lat, ids) = load(sys, "load", args.jobs, args.submitters).await?;
     let submitted = start.elapsed();
     let done = sys
         .await_drained(Duration::from_secs(args.timeout).saturating_sub(submitted))
         .await?;
     let wall = done - start;
-    let notes = check_batch(&sys, "load", &ids).await?;
-    f.wall_s = wall.as_secs_f64();
-    f.jobs_per_s = args.jobs as f64 / wall.as_secs_f64();
-    f.submits_per_s = args.jobs as f64 / submitted.as_secs_f64();
-    f.ack_load = pct_ms(lat);
-    Ok((f, notes))
+    let notes = check_batch(sys, "load", &ids).await?;
+    Ok(Throughput {
+        wall_s: wall.as_secs_f64(),
+        jobs_per_s: args.jobs as f64 / wall.as_secs_f64(),
+        submits_per_s: args.jobs as f64 / submitted.as_secs_f64(),
+        ack_load: pct_ms(lat),
+        notes,
+    })
 }
 
 /// `v` with `decimals` decimals; a dash when it was not measured.
@@ -961,8 +1078,17 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for round in 1..=args.rounds {
         eprintln!("round {round}: muster");
-        let (m, m_notes) =
+        let (mut m, mut m_notes) =
             measure(System::Muster(Muster::start(args.max_runs).await?), &args).await?;
+        if args.agents > 1 {
+            eprintln!("round {round}: muster with {} agents", args.agents);
+            let mut many = Muster::start(args.max_runs).await?;
+            many.add_agents(args.agents - 1, args.max_runs).await?;
+            let t = throughput(&Arc::new(System::Muster(many)), &args).await?;
+            m.agents_jobs_per_s = t.jobs_per_s;
+            m.agents_submits_per_s = t.submits_per_s;
+            m_notes.push_str(&format!("\n{} agents: {}", args.agents, t.notes));
+        }
         let s = if slurm {
             eprintln!("round {round}: Slurm");
             Some(measure(System::Slurm(Slurm::start().await?), &args).await?)

@@ -127,6 +127,8 @@ pub(crate) struct Driver<S: StateMachine> {
     applied: u64,
     /// Durable writes of the log and hard state since start (one fsync each).
     log_writes: u64,
+    /// Times the loop woke since start ([`RaftStatus::wakeups`]).
+    wakeups: u64,
     /// Index of the latest snapshot taken or installed.
     last_snapshot_index: u64,
     /// Distinguishes this run's entry contexts from those of earlier runs of this node.
@@ -173,6 +175,7 @@ impl<S: StateMachine> Driver<S> {
             status,
             applied,
             log_writes: 0,
+            wakeups: 0,
             last_snapshot_index: applied,
             context_nonce: random_u64(),
             next_context: 0,
@@ -222,6 +225,7 @@ impl<S: StateMachine> Driver<S> {
             commit_index: raft.raft_log.committed,
             applied_index: self.applied,
             log_writes: self.log_writes,
+            wakeups: self.wakeups,
             first_index: store.first(),
             last_index: raft.raft_log.last_index(),
             snapshot_index: store.snapshot_index(),
@@ -239,6 +243,7 @@ impl<S: StateMachine> Driver<S> {
         let mut next_tick = Instant::now() + tick;
         let mut fatal = None;
         loop {
+            self.wakeups += 1;
             self.issue_reads();
             if let Err(Fatal(msg)) = self.on_ready().and_then(|()| self.maybe_snapshot()) {
                 tracing::error!(error = %msg, "raft node stops after a fatal failure");

@@ -84,6 +84,10 @@ pub struct RaftStatus {
     /// Durable writes of the log since this node started, each one fsync (many entries
     /// proposed at once share one).
     pub log_writes: u64,
+    /// Times the node's loop woke (for a command, a message or a tick) since it started: a
+    /// lone leader with nothing to do does not wake (about one per minute).
+    #[serde(default)]
+    pub wakeups: u64,
     /// First log index still held (entries before it are covered by the snapshot).
     pub first_index: u64,
     /// Last log index held.

@@ -277,3 +277,37 @@ async fn garbage_from_a_peer_is_refused() {
     handle.shutdown().await;
     assert!(handle.status().stopped);
 }
+
+#[tokio::test]
+async fn a_lone_leader_sleeps_while_idle_and_answers_a_proposal_at_once() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = data_dir(root.path());
+    let sm = Counter::default();
+    let handle = RaftNode::start(RaftConfig::default(), &dir, sm, no_transport()).unwrap();
+    handle.propose(value(1)).await.unwrap();
+    // Let the election's and the first entry's follow-up work settle.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = handle.status();
+    // Two seconds idle: a ticking node would wake 20 times (100 ms ticks).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = handle.status();
+    assert!(
+        idle.wakeups - before.wakeups <= 1,
+        "woke {} times while idle",
+        idle.wakeups - before.wakeups
+    );
+    assert_eq!(
+        idle.log_writes, before.log_writes,
+        "nothing written while idle"
+    );
+    // A proposal wakes it at once: no tick to wait for.
+    let started = Instant::now();
+    assert_eq!(output(&handle.propose(value(2)).await.unwrap()), 2);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(500),
+        "the proposal took {took:?}"
+    );
+    assert_eq!(handle.status().role, Role::Leader);
+    handle.shutdown().await;
+}
