@@ -156,7 +156,28 @@ async fn an_isolated_leader_steps_down_and_the_majority_carries_on() {
     let cluster = TestCluster::start(3).await.unwrap();
     create_attached(&cluster.urls(), "ha-pool").await;
     let old = cluster.leader().await.unwrap();
+    let mut early = muster_testkit::access::clients(&cluster.url(old))
+        .await
+        .unwrap();
     cluster.isolate(old);
+    // A write sent while it still believes it leads fails once it steps down (check-quorum,
+    // about an election timeout), not after the client's timeout.
+    let sent = std::time::Instant::now();
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        early.runs.submit_run(v1::SubmitRunRequest {
+            spec: Some(spec(0)),
+            idempotency_key: Some("iso-early".into()),
+        }),
+    )
+    .await
+    .expect("answers within 10 s");
+    assert_eq!(refused.unwrap_err().code(), Code::Unavailable);
+    assert!(
+        sent.elapsed() < Duration::from_secs(4),
+        "refused after {:?}",
+        sent.elapsed()
+    );
     let majority: Vec<u64> = cluster.ids().into_iter().filter(|id| *id != old).collect();
     let new = cluster.leader_among(&majority).await.unwrap();
     assert_ne!(new, old);
@@ -177,6 +198,7 @@ async fn an_isolated_leader_steps_down_and_the_majority_carries_on() {
     let mut c = muster_testkit::access::clients(&cluster.url(old))
         .await
         .unwrap();
+    let sent = std::time::Instant::now();
     let refused = tokio::time::timeout(
         Duration::from_secs(10),
         c.runs.submit_run(v1::SubmitRunRequest {
@@ -185,8 +207,31 @@ async fn an_isolated_leader_steps_down_and_the_majority_carries_on() {
         }),
     )
     .await
-    .expect("answers within 10 s");
-    assert_eq!(refused.unwrap_err().code(), Code::Unavailable);
+    .expect("answers within 10 s")
+    .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable);
+    assert!(refused.message().contains("no leader"), "{refused:?}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(3),
+        "refused after {:?}",
+        sent.elapsed()
+    );
+    // The CLI, given only that server, says the same within its retry budget, before it
+    // uploads anything anywhere.
+    let project = tempfile::tempdir().unwrap();
+    muster_tests::write(project.path(), "train.py", "print('minority')\n");
+    let out = tokio::time::timeout(
+        Duration::from_secs(15),
+        muster_testkit::muster(
+            &cluster.url(old),
+            project.path(),
+            &["run", "submit", "--compute", "ha-pool", "--", "true"],
+        ),
+    )
+    .await
+    .expect("the CLI gives up within 15 s");
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("no leader"), "{out:?}");
     // The majority takes writes.
     for i in 1..=20 {
         assert!(

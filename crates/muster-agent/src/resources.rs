@@ -40,6 +40,10 @@ const APPLICATION_XIDS: [u64; 6] = [13, 31, 43, 45, 68, 109];
 /// that time it is offered again, without restarting the agent.
 pub const XID_QUARANTINE: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// How long a node whose NVML could not be loaded waits before it tries again (a driver
+/// installed meanwhile is found within this, without restarting the agent).
+pub const NVML_RETRY: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// GPUs through NVML (libnvidia-ml, loaded at run time). Without a driver: zero GPUs and
 /// a note saying so; never a crash. Health: devices NVML cannot query are left out, and a
 /// device that reports a critical XID error is withdrawn for [`XID_QUARANTINE`].
@@ -54,6 +58,10 @@ struct NvmlState {
     nvml: Option<&'static Nvml>,
     events: Option<nvml_wrapper::EventSet<'static>>,
     xid_note: Option<String>,
+    /// Why NVML could not be loaded, and when that was found: it is tried again only after
+    /// [`NVML_RETRY`], so a node without a driver does not search for the library on every
+    /// probe.
+    missing: Option<(String, std::time::Instant)>,
     /// UUID → (last critical XID, when).
     unhealthy: std::collections::HashMap<String, (u64, std::time::Instant)>,
 }
@@ -141,13 +149,24 @@ impl NvmlState {
 impl GpuProbe for NvmlProbe {
     fn probe(&self) -> GpuReport {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let unavailable = |why: &str| GpuReport {
+            note: Some(format!("NVML is not available ({why}); offering 0 GPUs")),
+            ..GpuReport::default()
+        };
+        if let Some((why, at)) = &state.missing
+            && at.elapsed() < NVML_RETRY
+        {
+            return unavailable(why);
+        }
         let nvml = match state.nvml() {
-            Ok(n) => n,
+            Ok(n) => {
+                state.missing = None;
+                n
+            }
             Err(e) => {
-                return GpuReport {
-                    note: Some(format!("NVML is not available ({e}); offering 0 GPUs")),
-                    ..GpuReport::default()
-                };
+                let why = e.to_string();
+                state.missing = Some((why.clone(), std::time::Instant::now()));
+                return unavailable(&why);
             }
         };
         state.drain_xids();
@@ -233,5 +252,25 @@ mod tests {
         }
         let (cpu, mem) = host_capacity();
         assert!(cpu >= 1000 && mem > 0);
+    }
+
+    #[test]
+    fn a_missing_nvml_is_remembered_until_the_retry_time() {
+        let probe = NvmlProbe::new();
+        let first = probe.probe();
+        let missing = probe.state.lock().unwrap().missing.clone();
+        let Some((why, found_at)) = missing else {
+            // This machine has a driver: nothing to remember.
+            assert!(
+                first.driver_version.is_some() || !first.gpus.is_empty() || first.note.is_some()
+            );
+            return;
+        };
+        // The next probe answers from memory with the same reason, without loading again.
+        let second = probe.probe();
+        assert_eq!(second.note, first.note);
+        assert!(second.note.unwrap().contains(&why));
+        let (_, at) = probe.state.lock().unwrap().missing.clone().unwrap();
+        assert_eq!(at, found_at, "not tried again before NVML_RETRY");
     }
 }

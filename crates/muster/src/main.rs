@@ -9,7 +9,14 @@ fn main() {
     if !daemon {
         end_quietly_on_a_closed_pipe();
     }
-    let runtime = tokio::runtime::Runtime::new().expect("a Tokio runtime");
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if daemon {
+        // The daemons' periodic blocking work (the GPU probe every 30 s) finds its thread
+        // still there instead of starting one each time (Tokio's default keeps 10 s).
+        runtime.thread_keep_alive(std::time::Duration::from_secs(120));
+    }
+    let runtime = runtime.build().expect("a Tokio runtime");
     runtime.block_on(run(cli, daemon));
 }
 

@@ -68,6 +68,8 @@ pub struct Coordinator {
     network: Option<Arc<dyn NetworkFilter>>,
     shutdown: watch::Sender<bool>,
     proposals: Counter,
+    /// The longest election timeout: how long a write waits for a leader to appear.
+    election_timeout: Duration,
 }
 
 /// What starting a coordinator takes (from `ServerConfig`).
@@ -96,6 +98,7 @@ impl Coordinator {
         let (applied_tx, applied) = watch::channel(0);
         let machine = Machine::new(state.clone(), applied_tx);
         let raft_config = config.raft.clone();
+        let election_timeout = raft_config.tick_interval * raft_config.max_election_tick as u32;
         if config.book.keys().any(|id| *id != config.raft.id) && raft_dir.join("raft.redb").exists()
         {
             tracing::info!(
@@ -122,6 +125,7 @@ impl Coordinator {
             network: config.network,
             shutdown: watch::channel(false).0,
             proposals,
+            election_timeout,
         });
         tokio::spawn(coordinator.clone().record_addresses_when_leading());
         Ok(coordinator)
@@ -229,6 +233,7 @@ impl Coordinator {
     #[tracing::instrument(level = "debug", name = "propose", skip_all, fields(command = command.kind(), run_id = command.run_id()))]
     pub async fn propose(&self, command: Command) -> Result<Applied, ProposalError> {
         let encoded = command.encode();
+        self.await_leader().await?;
         // A follower that knows its leader forwards at once: asking its own Raft thread first
         // would queue behind that thread's current Ready (an fsync, under load) only to hear
         // "not the leader". The status is at most one Ready old; if it is stale, the old
@@ -295,6 +300,28 @@ impl Coordinator {
                 "this server has not caught up to index {index}; retry, or read with --stale"
             ),
         })
+    }
+
+    /// Waits at most one election timeout until some server leads. Without a leader by
+    /// then, `NotLeader { leader: None }`: this server cannot reach a majority (it is on the
+    /// minority side of a partition) or elections keep failing. Every write checks this
+    /// first (before a submission replicates its snapshot), so a cut-off server answers
+    /// "no leader" within about a second instead of letting the client wait out its
+    /// timeout, and the client tries another server.
+    pub async fn await_leader(&self) -> Result<(), ProposalError> {
+        let mut status = self.raft.watch_status();
+        let found = tokio::time::timeout(self.election_timeout, async move {
+            status.wait_for(|s| s.leader.is_some()).await.is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        if found {
+            Ok(())
+        } else {
+            Err(ProposalError::Raft(ProposeError::NotLeader {
+                leader: None,
+            }))
+        }
     }
 
     /// Waits (bounded: 5 s) until this replica has applied `index`; false if it did not.

@@ -189,11 +189,13 @@ pub(crate) fn router(server: Arc<Server>) -> GrpcRoutes {
 pub(crate) fn status(err: ProposalError) -> Status {
     match err {
         ProposalError::Rejected(e) => rejected(e),
-        ProposalError::Raft(ProposeError::NotLeader { leader }) => Status::unavailable(format!(
-            "this server is not the leader{}; retry against the leader",
-            leader
-                .map(|l| format!(" (the leader is server {l})"))
-                .unwrap_or_default()
+        ProposalError::Raft(ProposeError::NotLeader { leader: None }) => Status::unavailable(
+            "no leader: this server reaches no majority of the servers (it is on the minority side of a partition, or an election is under way); retry against another server (`--server a,b,c` tries each)",
+        ),
+        ProposalError::Raft(ProposeError::NotLeader {
+            leader: Some(leader),
+        }) => Status::unavailable(format!(
+            "this server is not the leader (the leader is server {leader}); retry against the leader"
         )),
         ProposalError::Raft(e @ ProposeError::Dropped) => Status::unavailable(e.to_string()),
         ProposalError::Raft(e @ (ProposeError::Shutdown | ProposeError::Rejected(_))) => {
@@ -286,6 +288,8 @@ pub(crate) async fn check_code(
     field: &str,
     code: &CodeRef,
 ) -> Result<(), Status> {
+    // A server cut off from the majority says so now, not after the copies time out.
+    server.coordinator.await_leader().await.map_err(status)?;
     let hashes = server.store.snapshot_blobs(code).map_err(|e| {
         let msg = format!("{field}: {e}");
         match e {

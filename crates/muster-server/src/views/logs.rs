@@ -109,10 +109,20 @@ pub(crate) async fn combined_log(c: &Server, run: &muster_core::Run, attempt: u3
         .attempts
         .get(attempt as usize - 1)
         .map_or(1, |a| a.placements.len() as u32);
+    // The run's own seals first (an archived run is not in the state), else the state's
+    // (sealed since `run` was read) or the live file.
+    let read = |rank: u32, offset: u64, max: usize| async move {
+        let sealed = run
+            .attempts
+            .get(attempt as usize - 1)
+            .and_then(|a| a.logs.get(&rank));
+        match sealed {
+            Some(log) => c.store.read_sealed(log, offset, max).await,
+            None => read_log(c, &run.id, attempt, rank, offset, max).await,
+        }
+    };
     if ranks <= 1 {
-        return read_log(c, &run.id, attempt, 0, 0, PAGE_LOG_BYTES)
-            .await
-            .unwrap_or_default();
+        return read(0, 0, PAGE_LOG_BYTES).await.unwrap_or_default();
     }
     let mut lines = RankLines::new();
     let mut out = Vec::new();
@@ -120,9 +130,7 @@ pub(crate) async fn combined_log(c: &Server, run: &muster_core::Run, attempt: u3
     while !offsets.is_empty() && out.len() < PAGE_LOG_BYTES {
         let mut still = Vec::new();
         for (rank, offset) in offsets {
-            let data = read_log(c, &run.id, attempt, rank, offset, 64 * 1024)
-                .await
-                .unwrap_or_default();
+            let data = read(rank, offset, 64 * 1024).await.unwrap_or_default();
             if !data.is_empty() {
                 out.extend(lines.push(rank, &data));
                 still.push((rank, offset + data.len() as u64));

@@ -752,12 +752,22 @@ pub(super) async fn run_page(
     Path(id): Path<String>,
     viewer: Viewer,
 ) -> Response {
-    let Some((run, wire)) = c.coordinator.read(|s| {
-        s.runs
-            .get(&id)
-            .filter(|r| viewer.readable.contains(&r.spec.workspace))
-            .map(|r| (r.clone(), run_to_wire(s, r)))
-    }) else {
+    let live = c
+        .coordinator
+        .read(|s| s.runs.get(&id).map(|r| (r.clone(), run_to_wire(s, r))));
+    // A run retention archived is shown from its archive, to the same viewers.
+    let found = match live {
+        Some(found) => Some(found),
+        None => match c.archived.find(&c, &id).await {
+            Ok(Some((run, archive))) => {
+                let wire = crate::views::runs::archived(&c, &run, archive);
+                Some((run, wire))
+            }
+            _ => None,
+        },
+    };
+    let Some((run, wire)) = found.filter(|(r, _)| viewer.readable.contains(&r.spec.workspace))
+    else {
         return not_found("run", &id, "runs");
     };
     let owners = [("muster.sweep", "sweep"), ("muster.pipeline", "pipeline")]
