@@ -14,7 +14,8 @@
 //!   accepted, each found COMPLETED by `scontrol show job`), jobs/s, and CLI submits/s (N /
 //!   time until every submit process returned);
 //! - **submit acknowledgement**: each submit process's wall time, under that load and on an
-//!   idle system (`--idle-submits` sequential submits), p50/p99;
+//!   idle system (`--idle-submits` sequential submits, after one not counted: the first
+//!   process after the idle watch pays the machine's wake-up), p50/p99;
 //! - **a waiting client**: `--waits` sequential `muster run submit --stream -- true` against
 //!   `srun true` (submit, run, and return with the exit code), p50/p99;
 //! - **submit → first command**: a job that runs `date +%s.%N` into a file, against the
@@ -24,7 +25,10 @@
 //! - **the CLI alone**: `muster --version` against `sbatch --version` (process start only),
 //!   to tell process start from the request in the submit figures;
 //! - **idle CPU** of the daemons over `--idle-secs` (the `muster dev` process against
-//!   slurmctld + slurmd + munged; utime + stime from /proc/PID/stat).
+//!   slurmctld + slurmd + munged; utime + stime from /proc/PID/stat);
+//! - **`--agents` agents** (muster only): the throughput workload again through a fresh
+//!   `muster dev` with `--agents - 1` further `muster agent` processes joined to `local`,
+//!   beside the CLI submits/s of that batch (the submitters' bound).
 //!
 //! Slurm is used only when its commands (and munged) are on PATH; the benchmark installs
 //! nothing. Without them it prints muster's figures alone.
@@ -56,7 +60,7 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Seconds the idle daemons are watched.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 60)]
     idle_secs: u64,
     /// Sequential submits on an idle system (after one that is not counted).
     #[arg(long, default_value_t = 100)]

@@ -47,7 +47,28 @@ pub struct RaftConfig {
     /// Upper bound on the bytes of proposed but not yet committed entries; proposals beyond it
     /// are rejected (back-pressure when followers are slow). Default 256 MiB.
     pub max_uncommitted_size: u64,
+    /// Test hook: while this switch is on, every write of the log fails as on a full disk.
+    pub write_faults: Option<WriteFaults>,
 }
+
+/// A switch that makes a node's log writes fail while it is on ([`RaftConfig::write_faults`]).
+#[derive(Debug, Clone, Default)]
+pub struct WriteFaults(pub(crate) std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl WriteFaults {
+    /// Turns the faults on or off.
+    pub fn set(&self, on: bool) {
+        self.0.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl PartialEq for WriteFaults {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for WriteFaults {}
 
 impl Default for RaftConfig {
     /// A single-voter node with id 1 (`muster dev`), 100 ms ticks, 1 s election timeout.
@@ -66,6 +87,7 @@ impl Default for RaftConfig {
             max_inflight_msgs: 256,
             max_size_per_msg: 1024 * 1024,
             max_uncommitted_size: 256 * 1024 * 1024,
+            write_faults: None,
         }
     }
 }

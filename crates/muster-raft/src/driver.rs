@@ -16,18 +16,32 @@ use raft::eraftpb::{
     ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Message,
     MessageType,
 };
-use raft::{RawNode, ReadState, SnapshotStatus, StateRole};
+use raft::{RawNode, ReadState, Ready, SnapshotStatus, StateRole};
 use tokio::sync::{oneshot, watch};
 
 use crate::storage::{RaftStorage, WriteBatch};
 use crate::{
-    Membership, MembershipChange, PeerProgress, ProposeError, RaftStatus, StateMachine, Transport,
+    Membership, MembershipChange, PeerProgress, ProposeError, RaftError, RaftStatus, StateMachine,
+    Transport,
 };
 
 /// Most commands taken from the mailbox before the next `Ready` is handled.
 const MAX_COMMANDS_PER_READY: usize = 4096;
 /// Longest a lone leader waits for a command before looking again (it needs no ticks).
 const ALONE_WAIT: Duration = Duration::from_secs(60);
+/// How often a write of the log that failed (a full disk) is tried again.
+const STALL_RETRY: Duration = Duration::from_secs(1);
+
+/// A `Ready` whose write failed, kept until the write succeeds.
+struct Stalled {
+    ready: Ready,
+    batch: Box<WriteBatch>,
+    /// Why the last try failed.
+    error: String,
+    /// When the first try failed.
+    since: Instant,
+    retry_at: Instant,
+}
 
 type Reply<T> = oneshot::Sender<Result<T, ProposeError>>;
 
@@ -154,6 +168,8 @@ pub(crate) struct Driver<S: StateMachine> {
     /// Peers a snapshot was sent to in the current `Ready`.
     snapshot_recipients: Vec<u64>,
     stopping: bool,
+    /// The `Ready` whose write failed, while it does.
+    stalled: Option<Stalled>,
 }
 
 impl<S: StateMachine> Driver<S> {
@@ -190,6 +206,7 @@ impl<S: StateMachine> Driver<S> {
             campaign_when_ready: true,
             snapshot_recipients: Vec::new(),
             stopping: false,
+            stalled: None,
         }
     }
 
@@ -226,6 +243,7 @@ impl<S: StateMachine> Driver<S> {
             applied_index: self.applied,
             log_writes: self.log_writes,
             wakeups: self.wakeups,
+            storage_error: self.stalled.as_ref().map(|s| s.error.clone()),
             first_index: store.first(),
             last_index: raft.raft_log.last_index(),
             snapshot_index: store.snapshot_index(),
@@ -259,7 +277,9 @@ impl<S: StateMachine> Driver<S> {
                 break;
             }
 
-            let timeout = if self.node.has_ready() {
+            let timeout = if let Some(stalled) = &self.stalled {
+                stalled.retry_at.saturating_duration_since(Instant::now())
+            } else if self.node.has_ready() || self.reads_ready() {
                 Duration::ZERO
             } else if self.leads_alone() {
                 // Nothing a tick drives (elections, heartbeats, quorum checks) has anyone to
@@ -283,7 +303,7 @@ impl<S: StateMachine> Driver<S> {
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             let now = Instant::now();
-            if now >= next_tick {
+            if now >= next_tick && self.stalled.is_none() {
                 self.node.tick();
                 next_tick += tick;
                 if next_tick <= now {
@@ -295,6 +315,19 @@ impl<S: StateMachine> Driver<S> {
     }
 
     fn on_command(&mut self, command: Command) {
+        if let Some(refused) = self.stalled_error() {
+            // Raft must not move while a `Ready` is not durable: refuse what would move it,
+            // drop peers' messages (they are sent again), keep shutdown.
+            match command {
+                Command::Propose { reply, .. } => drop(reply.send(Err(refused))),
+                Command::ReadIndex { reply } => drop(reply.send(Err(refused))),
+                Command::ChangeMembership { reply, .. } => drop(reply.send(Err(refused))),
+                Command::TransferLeader { reply, .. } => drop(reply.send(Err(refused))),
+                Command::Step(_) => {}
+                Command::Shutdown => self.stopping = true,
+            }
+            return;
+        }
         match command {
             Command::Propose { data, reply } => self.on_propose(data, reply),
             Command::Step(message) => self.on_step(*message),
@@ -433,9 +466,54 @@ impl<S: StateMachine> Driver<S> {
 
     /// Handles one `Ready`, in the documented order.
     fn on_ready(&mut self) -> Result<(), Fatal> {
-        if !self.node.has_ready() {
-            return Ok(());
+        let (ready, batch, stalled_since) = match self.stalled.take() {
+            Some(stalled) if Instant::now() < stalled.retry_at => {
+                self.stalled = Some(stalled);
+                return Ok(());
+            }
+            // Retry the write that failed: redb wants a reopen after a failed commit.
+            Some(stalled) => match self.node.mut_store().reopen() {
+                Ok(()) => (stalled.ready, Some(*stalled.batch), Some(stalled.since)),
+                Err(e) => {
+                    self.stall(stalled.ready, stalled.batch, e.to_string(), stalled.since);
+                    return Ok(());
+                }
+            },
+            None => {
+                if !self.node.has_ready() {
+                    return Ok(());
+                }
+                let (ready, batch) = self.take_ready()?;
+                (ready, batch, None)
+            }
+        };
+        if let Some(batch) = batch {
+            match self.node.mut_store().persist_or_keep(batch) {
+                Ok(()) => {
+                    self.log_writes += 1;
+                    if let Some(since) = stalled_since {
+                        tracing::info!(stalled_for = ?since.elapsed(), "the raft log is writable again; resuming");
+                    }
+                }
+                Err((RaftError::WriteFailed { detail, .. }, batch)) => {
+                    let since = stalled_since.unwrap_or_else(Instant::now);
+                    if stalled_since.is_none() {
+                        tracing::error!(error = %detail, "cannot write the raft log; refusing writes and retrying every second");
+                    }
+                    self.stall(ready, batch, detail, since);
+                    return Ok(());
+                }
+                Err((e, _)) => return Err(Fatal(e.to_string())),
+            }
         }
+        self.finish_ready(ready);
+        Ok(())
+    }
+
+    /// Steps 1–5 of a `Ready`: messages the leader may send first, reads, a snapshot from
+    /// the leader, committed entries; returns the `Ready` and what it makes durable (none when
+    /// only the commit index moved).
+    fn take_ready(&mut self) -> Result<(Ready, Option<WriteBatch>), Fatal> {
         let mut ready = self.node.ready();
 
         // 1. Messages the leader may send before persisting.
@@ -464,15 +542,16 @@ impl<S: StateMachine> Driver<S> {
                 self.node.mut_store().set_commit(hs.commit);
             }
         }
-        if batch.snapshot.is_some() || !batch.entries.is_empty() || batch.hard_state.is_some() {
-            self.node
-                .mut_store()
-                .persist(batch)
-                .map_err(|e| Fatal(e.to_string()))?;
-            self.log_writes += 1;
-        }
+        let write =
+            batch.snapshot.is_some() || !batch.entries.is_empty() || batch.hard_state.is_some();
+        Ok((ready, write.then_some(batch)))
+    }
 
+    /// Steps 6–7, once the `Ready` is durable: messages that must follow the write, then
+    /// advance and the light ready.
+    fn finish_ready(&mut self, ready: Ready) {
         // 6. Messages that must follow the write (votes, append responses).
+        let mut ready = ready;
         self.send_messages(ready.take_persisted_messages());
 
         // 7. Advance, then the light ready: commit index, messages, committed entries.
@@ -489,7 +568,30 @@ impl<S: StateMachine> Driver<S> {
         for to in std::mem::take(&mut self.snapshot_recipients) {
             self.node.report_snapshot(to, SnapshotStatus::Finish);
         }
-        Ok(())
+    }
+
+    /// Holds a `Ready` whose write failed: until the write succeeds the node takes no
+    /// message, tick or proposal (so a leader stops heartbeating and the others elect a new
+    /// one), refuses writes and reads with the reason, and reports it in its status.
+    fn stall(&mut self, ready: Ready, batch: Box<WriteBatch>, error: String, since: Instant) {
+        self.stalled = Some(Stalled {
+            ready,
+            batch,
+            error,
+            since,
+            retry_at: Instant::now() + STALL_RETRY,
+        });
+    }
+
+    /// Why a request is refused while the log cannot be written.
+    fn stalled_error(&self) -> Option<ProposeError> {
+        self.stalled.as_ref().map(|s| {
+            ProposeError::Rejected(format!(
+                "this server cannot write its raft log ({}); it retries every {} s and resumes by itself once the disk takes writes again: free space on it, or use another server",
+                s.error,
+                STALL_RETRY.as_secs()
+            ))
+        })
     }
 
     /// Checks leadership, answers reads and transfers, campaigns if due.
@@ -690,6 +792,9 @@ impl<S: StateMachine> Driver<S> {
     /// Takes a snapshot and compacts the log every `snapshot_interval` applied entries, or when
     /// raft needs a newer snapshot to send to a follower.
     fn maybe_snapshot(&mut self) -> Result<(), Fatal> {
+        if self.stalled.is_some() {
+            return Ok(());
+        }
         let since_last = self.applied - self.last_snapshot_index;
         let wanted = self.node.store().take_snapshot_wanted();
         if since_last < self.config.snapshot_interval && !(wanted && since_last > 0) {
@@ -700,10 +805,16 @@ impl<S: StateMachine> Driver<S> {
         let bytes = data.len();
         let index = self.applied;
         let compact_to = index.saturating_sub(self.config.log_retained_after_snapshot);
-        self.node
-            .mut_store()
-            .save_snapshot(data, index, compact_to)
-            .map_err(|e| Fatal(e.to_string()))?;
+        match self.node.mut_store().save_snapshot(data, index, compact_to) {
+            Ok(()) => {}
+            Err(RaftError::WriteFailed { detail, .. }) => {
+                // The log stays as it is (longer); the next interval tries again.
+                tracing::warn!(error = %detail, index, "cannot write a snapshot of the raft log; trying again later");
+                self.last_snapshot_index = index;
+                return Ok(());
+            }
+            Err(e) => return Err(Fatal(e.to_string())),
+        }
         self.last_snapshot_index = index;
         tracing::debug!(
             index,
@@ -756,12 +867,23 @@ impl<S: StateMachine> Driver<S> {
 
     /// Whether this node leads a group of one voter and no learners, with no leadership
     /// transfer under way.
+    /// A lone leader with nothing in flight: no reads waiting (a read that came before the
+    /// leader's first commit of its term is issued on a later pass), no transfer.
     fn leads_alone(&self) -> bool {
         let cs = self.node.store().conf_state();
         self.is_leader()
             && cs.learners.is_empty()
             && cs.voters == [self.node.raft.id]
             && self.transfers.is_empty()
+            && self.new_reads.is_empty()
+            && self.sent_reads.is_empty()
+            && self.confirmed_reads.is_empty()
+    }
+
+    /// Reads are waiting and may be issued now (the pass at the top of the loop ran before
+    /// the commit that allows them).
+    fn reads_ready(&self) -> bool {
+        !self.new_reads.is_empty() && self.is_leader() && self.node.raft.commit_to_current_term()
     }
 
     fn is_leader(&self) -> bool {

@@ -72,6 +72,16 @@ pub enum RaftError {
         detail: String,
     },
 
+    /// Writing the database failed (a full disk, an I/O error): nothing of that write was
+    /// kept, and the node retries it (reopening the database) until it succeeds.
+    #[error("cannot write the raft log {path}: {detail}")]
+    WriteFailed {
+        /// The database file.
+        path: PathBuf,
+        /// The underlying failure.
+        detail: String,
+    },
+
     /// Reading or writing the database failed while running.
     #[error("raft storage failure on {path}: {detail}")]
     Storage {

@@ -57,7 +57,7 @@ mod node;
 mod status;
 mod storage;
 
-pub use config::RaftConfig;
+pub use config::{RaftConfig, WriteFaults};
 pub use error::{ProposeError, RaftError};
 pub use node::{RaftHandle, RaftNode, StateMachine, Transport};
 pub use status::{Membership, MembershipChange, PeerProgress, RaftStatus, ReplicationState, Role};

@@ -73,8 +73,9 @@ impl RaftNode {
             detail: format!("cannot create the data directory: {e}"),
         })?;
         let path = data_dir.join("raft.redb");
-        let storage =
+        let mut storage =
             RaftStorage::open(&path, config.id, &config.initial_voters, || sm.snapshot())?;
+        storage.set_fail_writes(config.write_faults.as_ref().map(|f| f.0.clone()));
 
         let snapshot_index = storage.snapshot_index();
         if snapshot_index > 0 {

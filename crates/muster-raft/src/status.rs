@@ -88,6 +88,10 @@ pub struct RaftStatus {
     /// lone leader with nothing to do does not wake (about one per minute).
     #[serde(default)]
     pub wakeups: u64,
+    /// Why the log cannot be written now (a full disk, an I/O error), while it cannot: the
+    /// node refuses writes and reads, retries every second, and resumes by itself.
+    #[serde(default)]
+    pub storage_error: Option<String>,
     /// First log index still held (entries before it are covered by the snapshot).
     pub first_index: u64,
     /// Last log index held.

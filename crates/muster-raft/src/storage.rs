@@ -41,7 +41,7 @@ const SNAPSHOT_KEY: &str = "snapshot";
 const CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 /// What one `Ready` makes durable, in one write transaction.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct WriteBatch {
     /// A snapshot received from the leader: replaces the whole log.
     pub snapshot: Option<Snapshot>,
@@ -53,8 +53,12 @@ pub(crate) struct WriteBatch {
 
 /// The raft-rs [`raft::Storage`] of one node: reads come from memory, writes go to redb first.
 pub(crate) struct RaftStorage {
-    db: Database,
+    /// The database; `None` only between closing and reopening it after a failed write.
+    db: Option<Database>,
     path: PathBuf,
+    /// Test hook ([`crate::RaftConfig::fail_writes`]): while set, every write fails as on a
+    /// full disk.
+    fail_writes: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     hard_state: HardState,
     /// The commit index moved in memory but was not written yet (written with the next batch).
     hard_state_dirty: bool,
@@ -106,8 +110,9 @@ impl RaftStorage {
         };
         let conf_state = loaded.snapshot.get_metadata().get_conf_state().clone();
         Ok(Self {
-            db,
+            db: Some(db),
             path: path.to_owned(),
+            fail_writes: None,
             hard_state: loaded.hard_state,
             hard_state_dirty: false,
             conf_state,
@@ -121,7 +126,17 @@ impl RaftStorage {
 
     /// Makes a `Ready`'s snapshot, entries and hard state durable (one transaction, fsynced),
     /// then updates the in-memory view.
+    #[cfg(test)]
     pub(crate) fn persist(&mut self, batch: WriteBatch) -> Result<(), RaftError> {
+        self.persist_or_keep(batch).map_err(|(e, _)| e)
+    }
+
+    /// [`RaftStorage::persist`], giving the batch back when the write failed
+    /// ([`RaftError::WriteFailed`]: nothing was kept) so the caller can retry it.
+    pub(crate) fn persist_or_keep(
+        &mut self,
+        batch: WriteBatch,
+    ) -> Result<(), (RaftError, Box<WriteBatch>)> {
         let mut hard_state = batch
             .hard_state
             .clone()
@@ -138,11 +153,12 @@ impl RaftStorage {
         if let Some(first) = batch.entries.first()
             && (first.index <= base_index || first.index > last + 1)
         {
-            return Err(self.storage_error(format!(
+            let e = self.storage_error(format!(
                 "raft asked to append entries from index {} to a log holding ({base_index}, \
                  {last}]",
                 first.index
-            )));
+            ));
+            return Err((e, Box::new(batch)));
         }
         let write_hard_state =
             batch.hard_state.is_some() || batch.snapshot.is_some() || self.hard_state_dirty;
@@ -158,11 +174,11 @@ impl RaftStorage {
             match (snapshot_bytes, entry_bytes, hard_state_bytes) {
                 (Ok(s), Ok(e), Ok(h)) => (s, e, h),
                 (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
-                    return Err(self.storage_error(e));
+                    return Err((self.storage_error(e), Box::new(batch)));
                 }
             };
 
-        let result = write(&self.db, |txn| {
+        let result = self.write(|txn| {
             let mut meta = txn.open_table(META)?;
             let mut table = txn.open_table(ENTRIES)?;
             {
@@ -185,7 +201,9 @@ impl RaftStorage {
             }
             Ok(())
         });
-        result.map_err(|e| self.storage_error(e))?;
+        if let Err(e) = result {
+            return Err((e, Box::new(batch)));
+        }
 
         if let Some(snapshot) = batch.snapshot {
             self.entries.clear();
@@ -247,7 +265,7 @@ impl RaftStorage {
             (Err(e), _) | (_, Err(e)) => return Err(self.storage_error(e)),
         };
         let old_base = self.base_index;
-        let result = write(&self.db, |txn| {
+        let result = self.write(|txn| {
             let mut meta = txn.open_table(META)?;
             let mut table = txn.open_table(ENTRIES)?;
             {
@@ -260,7 +278,7 @@ impl RaftStorage {
             }
             Ok(())
         });
-        result.map_err(|e| self.storage_error(e))?;
+        result?;
 
         self.entries.drain(..(base_index - old_base) as usize);
         (self.base_index, self.base_term) = (base_index, base_term);
@@ -316,6 +334,50 @@ impl RaftStorage {
             .get((index - self.base_index - 1) as usize)
             .map(|e| e.term)
             .ok_or(StorageError::Unavailable)
+    }
+
+    /// Runs `f` in one write transaction and commits it. Any failure is
+    /// [`RaftError::WriteFailed`]; nothing of the transaction is kept (redb commits are
+    /// atomic) and the in-memory view is updated by the caller only after success.
+    fn write(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
+    ) -> Result<(), RaftError> {
+        let failed = |detail: String| RaftError::WriteFailed {
+            path: self.path.clone(),
+            detail,
+        };
+        if self
+            .fail_writes
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+        {
+            return Err(failed(
+                "No space left on device (os error 28; injected)".into(),
+            ));
+        }
+        let db = self
+            .db
+            .as_ref()
+            .ok_or_else(|| failed("the database is closed after an earlier failure".into()))?;
+        write(db, f).map_err(|e| failed(e.to_string()))
+    }
+
+    /// Closes and reopens the database: after a failed commit redb refuses every further
+    /// transaction ("Previous I/O error occurred") until it is reopened. What is on disk is
+    /// the last committed write, which the in-memory view matches.
+    pub(crate) fn reopen(&mut self) -> Result<(), RaftError> {
+        self.db = None;
+        self.db = Some(open_database(&self.path)?);
+        Ok(())
+    }
+
+    /// Sets the test hook that fails every write while `flag` is set.
+    pub(crate) fn set_fail_writes(
+        &mut self,
+        flag: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    ) {
+        self.fail_writes = flag;
     }
 
     fn storage_error(&self, detail: impl ToString) -> RaftError {
@@ -709,7 +771,7 @@ mod tests {
     }
 
     fn stored_entry_keys(storage: &RaftStorage) -> Vec<u64> {
-        let txn = storage.db.begin_read().unwrap();
+        let txn = storage.db.as_ref().unwrap().begin_read().unwrap();
         let table = txn.open_table(ENTRIES).unwrap();
         table
             .iter()

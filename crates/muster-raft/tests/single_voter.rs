@@ -311,3 +311,82 @@ async fn a_lone_leader_sleeps_while_idle_and_answers_a_proposal_at_once() {
     assert_eq!(handle.status().role, Role::Leader);
     handle.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_log_that_cannot_be_written_refuses_writes_then_resumes_by_itself() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = data_dir(root.path());
+    let faults = muster_raft::WriteFaults::default();
+    let config = RaftConfig {
+        write_faults: Some(faults.clone()),
+        ..RaftConfig::default()
+    };
+    let sm = Counter::default();
+    let handle = RaftNode::start(config.clone(), &dir, sm.clone(), no_transport()).unwrap();
+    assert_eq!(output(&handle.propose(value(1)).await.unwrap()), 1);
+
+    // The disk fills: the next entry's write fails; its proposer waits, the node says why.
+    faults.set(true);
+    let waiting = {
+        let handle = handle.clone();
+        tokio::spawn(async move { handle.propose(value(2)).await })
+    };
+    let stalled = wait_status(&handle, "a storage error", |s| s.storage_error.is_some()).await;
+    assert!(
+        stalled
+            .storage_error
+            .as_deref()
+            .unwrap()
+            .contains("No space left"),
+        "{stalled:?}"
+    );
+    assert!(!stalled.stopped, "the node does not stop");
+    // Further writes and reads are refused at once, naming the cause and the way out.
+    match handle.propose(value(3)).await {
+        Err(ProposeError::Rejected(why)) => {
+            assert!(why.contains("cannot write its raft log"), "{why}");
+            assert!(why.contains("free space"), "{why}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(handle.read_index().await.is_err());
+    assert!(
+        !waiting.is_finished(),
+        "the stalled entry is neither lost nor acknowledged"
+    );
+
+    // Space comes back: the node writes the entry, answers its proposer, and goes on.
+    faults.set(false);
+    let answered = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("resumes within 5 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(output(&answered), 2);
+    let resumed = wait_status(&handle, "the storage error to clear", |s| {
+        s.storage_error.is_none()
+    })
+    .await;
+    assert_eq!(resumed.role, Role::Leader);
+    assert_eq!(output(&handle.propose(value(3)).await.unwrap()), 3);
+    handle.shutdown().await;
+
+    // All three are durable.
+    let sm = Counter::default();
+    let handle = RaftNode::start(RaftConfig::default(), &dir, sm.clone(), no_transport()).unwrap();
+    // A read right after the start (before the new term's first commit) is answered at
+    // once, not after the lone leader's long sleep.
+    let started = Instant::now();
+    handle.read_index().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the first read waited {:?}",
+        started.elapsed()
+    );
+    wait_status(&handle, "the applied index", |s| {
+        s.applied_index >= resumed.applied_index
+    })
+    .await;
+    assert_eq!(sm.state.lock().unwrap().count, 3);
+    handle.shutdown().await;
+}

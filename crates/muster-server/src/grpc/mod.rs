@@ -114,16 +114,38 @@ pub(crate) fn router(server: Arc<Server>) -> GrpcRoutes {
         .build_v1alpha()
         .expect("reflection v1alpha builds");
     // SERVING while the Raft node runs; NOT_SERVING (for the server as a whole, "", and
-    // RunService) once it stopped, as `/healthz` turns 503.
+    // RunService) while it cannot write its log and once it stopped, as `/healthz` is 503.
     let mut raft = server.coordinator.raft().watch_status();
     tokio::spawn(async move {
         type RunSvc = v1::run_service_server::RunServiceServer<runs::Runs>;
         health_reporter.set_serving::<RunSvc>().await;
+        let mut serving = true;
         while raft.changed().await.is_ok() {
-            let stopped = raft.borrow_and_update().stopped;
+            let (stopped, storage) = {
+                let s = raft.borrow_and_update();
+                (s.stopped, s.storage_error.clone())
+            };
             if stopped {
                 break;
             }
+            if serving == storage.is_none() {
+                continue;
+            }
+            serving = storage.is_none();
+            let status = if serving {
+                tracing::info!("the raft log is writable again: health is SERVING");
+                tonic_health::ServingStatus::Serving
+            } else {
+                tracing::error!(
+                    cause = storage.as_deref().unwrap_or_default(),
+                    "the raft log cannot be written: health is NOT_SERVING until it can"
+                );
+                tonic_health::ServingStatus::NotServing
+            };
+            health_reporter
+                .set_service_status(<RunSvc as tonic::server::NamedService>::NAME, status)
+                .await;
+            health_reporter.set_service_status("", status).await;
         }
         let fatal = raft.borrow().fatal_error.clone();
         if let Some(why) = fatal {

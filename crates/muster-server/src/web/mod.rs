@@ -39,11 +39,19 @@ async fn healthz(State(c): State<Arc<Server>>) -> Response {
     (code, body).into_response()
 }
 
-/// `/healthz`: 200 `ok` while the Raft node runs, 503 `unhealthy` with the reason once it
-/// stopped (a storage failure, say), so a load balancer or supervisor stops sending it
-/// requests it cannot serve; then the role, leader and applied index either way.
+/// `/healthz`: 200 `ok` while the Raft node runs, 503 `unhealthy` with the reason while it
+/// cannot write its log (a full disk: it recovers by itself once space is freed) or once it
+/// stopped, so a load balancer or supervisor stops sending it requests it cannot serve;
+/// then the role, leader and applied index either way.
 fn health(status: &muster_raft::RaftStatus) -> (StatusCode, String) {
     let (code, first) = match (&status.fatal_error, status.stopped) {
+        (None, false) if status.storage_error.is_some() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "unhealthy: cannot write the raft log: {}; retrying every second (free space on the data directory's disk)",
+                status.storage_error.as_deref().unwrap_or_default()
+            ),
+        ),
         (Some(why), _) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("unhealthy: the raft node stopped: {why}"),
@@ -75,6 +83,15 @@ mod tests {
         let (code, body) = health(&status);
         assert_eq!(code, StatusCode::OK);
         assert!(body.starts_with("ok\n"), "{body}");
+        status.storage_error = Some("No space left on device (os error 28)".into());
+        let (code, body) = health(&status);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body.starts_with("unhealthy: cannot write the raft log: No space left"),
+            "{body}"
+        );
+        status.storage_error = None;
+        assert_eq!(health(&status).0, StatusCode::OK, "healthy again");
         status.stopped = true;
         status.fatal_error = Some("writing the log: No space left on device".into());
         let (code, body) = health(&status);
