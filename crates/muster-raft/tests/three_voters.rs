@@ -243,3 +243,61 @@ async fn servers_are_added_and_removed_with_membership_changes() {
     assert_eq!(cluster.handle(leader).status().voters, voters);
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_leader_whose_disk_fills_is_replaced_and_rejoins_once_it_can_write() {
+    let cluster = Cluster::start(&[1, 2, 3], fast_config());
+    let stalled = cluster.leader().await;
+    for v in 1..=10 {
+        cluster.propose(v).await.unwrap();
+    }
+    // The leader's disk fills: its next write fails and it stops moving (no heartbeats).
+    cluster.faults[&stalled].set(true);
+    let waiting = {
+        let handle = cluster.handle(stalled).clone();
+        tokio::spawn(async move { handle.propose(value(11)).await })
+    };
+    wait_status(cluster.handle(stalled), "a storage error", |s| {
+        s.storage_error.is_some()
+    })
+    .await;
+    // The two others elect a new leader and take writes.
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|&id| id != stalled).collect();
+    let mut new_leader = None;
+    support::wait_until("a new leader among the others", || {
+        new_leader = others
+            .iter()
+            .copied()
+            .find(|&id| cluster.handle(id).status().role == Role::Leader);
+        new_leader.is_some()
+    })
+    .await;
+    let new_leader = new_leader.unwrap();
+    for v in 12..=20 {
+        let out = cluster.handle(new_leader).propose(value(v)).await.unwrap();
+        assert_eq!(support::output(&out), v);
+    }
+    // Space comes back: the old leader writes what it held, hears of the new term, follows.
+    cluster.faults[&stalled].set(false);
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+        .await
+        .expect("the stalled proposal is answered")
+        .unwrap();
+    wait_status(cluster.handle(stalled), "the node to follow", |s| {
+        s.storage_error.is_none() && s.role == Role::Follower && s.leader == Some(new_leader)
+    })
+    .await;
+    let state = cluster.nodes[&new_leader].state();
+    cluster.wait_converged(&state).await;
+    // Value 11 was either committed (the followers held it) and acknowledged, or reported
+    // as not known to be applied; never acknowledged and lost.
+    match outcome {
+        Ok(out) => {
+            assert_eq!(support::output(&out), 11);
+            assert_eq!(state.count, 20);
+        }
+        Err(ProposeError::Dropped) => assert!(state.count == 19 || state.count == 20),
+        Err(other) => panic!("unexpected answer {other:?}"),
+    }
+    cluster.shutdown().await;
+}

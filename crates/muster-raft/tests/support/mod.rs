@@ -157,6 +157,8 @@ impl TestNode {
 pub struct Cluster {
     pub network: Arc<Network>,
     pub nodes: BTreeMap<u64, TestNode>,
+    /// Each node's switch that makes its log writes fail (off unless a test turns it on).
+    pub faults: BTreeMap<u64, muster_raft::WriteFaults>,
     root: tempfile::TempDir,
     template: RaftConfig,
 }
@@ -167,6 +169,7 @@ impl Cluster {
         let mut cluster = Cluster {
             network: Arc::new(Network::default()),
             nodes: BTreeMap::new(),
+            faults: BTreeMap::new(),
             root: tempfile::tempdir().unwrap(),
             template,
         };
@@ -185,6 +188,7 @@ impl Cluster {
         let config = RaftConfig {
             id,
             initial_voters,
+            write_faults: Some(self.faults.entry(id).or_default().clone()),
             ..self.template.clone()
         };
         let sm = Counter::default();
