@@ -176,17 +176,28 @@ fn rows(args: &Args) -> Vec<Row> {
             |f| f.idle_cpu_pct,
             2,
         ),
-        row(
-            &format!("{} agents: jobs/s (finished)", args.agents),
-            |f| f.agents_jobs_per_s,
-            1,
-        ),
-        row(
-            &format!("{} agents: CLI submits/s (the bound)", args.agents),
-            |f| f.agents_submits_per_s,
-            1,
-        ),
     ]
+    .into_iter()
+    .chain(
+        (args.agents > 1)
+            .then(|| {
+                [
+                    row(
+                        &format!("{} agents: jobs/s (finished)", args.agents),
+                        |f| f.agents_jobs_per_s,
+                        1,
+                    ),
+                    row(
+                        &format!("{} agents: CLI submits/s (the bound)", args.agents),
+                        |f| f.agents_submits_per_s,
+                        1,
+                    ),
+                ]
+            })
+            .into_iter()
+            .flatten(),
+    )
+    .collect()
 }
 
 /// p50 and p99 (nearest rank) in ms.

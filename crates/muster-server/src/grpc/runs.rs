@@ -260,11 +260,13 @@ impl RunService for Runs {
             }
         }
         allow_run(&self.0, &caller, &req.id, Role::Reader)?;
-        let mut archived = None;
-        if self.get(&req.id).is_err() {
-            archived = self.archived(&caller, &req.id, Role::Reader).await?;
-        }
-        if archived.is_none() && self.get(&req.id).is_err() {
+        let in_state = self.get(&req.id).is_ok();
+        let archived = if in_state {
+            None
+        } else {
+            self.archived(&caller, &req.id, Role::Reader).await?
+        };
+        if !in_state && archived.is_none() {
             // A follower that has not applied the submission yet: the leader knows the run.
             if !relayed && let Some(mut client) = leader_runs(&self.0) {
                 let stream = client
