@@ -1061,6 +1061,35 @@ async fn a_frozen_follower_does_not_hold_up_submits() {
     assert_eq!(three.runs(dir.path()).await, 4);
 }
 
+/// A leader frozen with SIGSTOP (a paused VM): the two others elect a new leader, and
+/// submits through either of them (each CLI given that one server) are acknowledged within
+/// 3 s; a follower forwarding to the frozen leader gives up once it hears of the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_leader_does_not_hold_up_submits() {
+    use nix::sys::signal::Signal;
+    let dir = tempfile::tempdir().unwrap();
+    let three = ThreeServers::start(dir.path()).await;
+    let all = three.all();
+    let code = dir.path().join("code");
+    let leader = leader_of(&all, dir.path()).await;
+    let others: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    signal(three.server(leader), Signal::SIGSTOP);
+    for (i, via) in [others[0], others[1], others[0]].into_iter().enumerate() {
+        let started = std::time::Instant::now();
+        let out = three.submit(&three.url(via), &code, i).await;
+        assert_eq!(out.code, 0, "submit {i} via server {via}: {out:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "submit {i} via server {via} took {:?} with the leader {leader} frozen",
+            started.elapsed()
+        );
+    }
+    signal(three.server(leader), Signal::SIGCONT);
+    let out = three.submit(&all, &code, 3).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(three.runs(dir.path()).await, 4);
+}
+
 /// `kill -9` of the first server in `--server` while users submit (four loops of CLI
 /// processes, so some submits are in flight at the kill): every submit succeeds (the CLI
 /// goes on to the next server, uploading the snapshot again where needed, with the same

@@ -180,11 +180,16 @@ pub async fn upload(
     client: &mut Blobs,
     snapshot: &Snapshot,
 ) -> anyhow::Result<(CodeRef, UploadStats)> {
+    // One question for the files and the manifest together: an unchanged directory then
+    // costs one round trip before the submit.
+    let manifest = serde_json::to_vec(&snapshot.manifest)?;
+    let manifest_sha = muster_client::hash_bytes(&manifest);
     let hashes: Vec<String> = snapshot
         .manifest
         .files
         .iter()
         .map(|f| f.sha256.clone())
+        .chain([manifest_sha.clone()])
         .collect();
     let missing: std::collections::HashSet<String> =
         client.missing(hashes).await?.into_iter().collect();
@@ -203,8 +208,11 @@ pub async fn upload(
             stats.uploaded_bytes += entry.size;
         }
     }
-    let manifest = serde_json::to_vec(&snapshot.manifest)?;
-    let sha = client.upload_bytes(manifest).await?;
+    let sha = if missing.contains(&manifest_sha) {
+        client.put_bytes(manifest).await?
+    } else {
+        manifest_sha
+    };
     Ok((
         CodeRef {
             manifest: sha,

@@ -168,6 +168,13 @@ impl Blobs {
         if self.missing(vec![sha.clone()]).await?.is_empty() {
             return Ok(sha);
         }
+        self.put_bytes(data).await
+    }
+
+    /// Uploads `data` without asking first whether the server has it (the caller asked, in
+    /// one `missing` call with other blobs); returns its SHA-256.
+    pub async fn put_bytes(&mut self, data: Vec<u8>) -> Result<String, ClientError> {
+        let sha = hash_bytes(&data);
         let chunks: Vec<BlobChunk> = if data.is_empty() {
             vec![BlobChunk {
                 sha256: sha.clone(),

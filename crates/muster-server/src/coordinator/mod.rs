@@ -273,11 +273,19 @@ impl Coordinator {
             .peers
             .client(leader)
             .ok_or_else(|| fail("its address is unknown to this server".into()))?;
-        let answer = client
-            .forward(v1::ForwardRequest { command })
-            .await
-            .map_err(|s| fail(s.message().to_string()))?
-            .into_inner();
+        // A leader that froze (a stopped VM, a stalled disk) accepts the connection and never
+        // answers: give up as soon as this server hears of another leader (or of none), so
+        // the client retries at once instead of waiting out the call's deadline.
+        let mut status = self.raft.watch_status();
+        let moved = status.wait_for(|s| s.leader != Some(leader));
+        let answer = tokio::select! {
+            answer = client.forward(v1::ForwardRequest { command }) => answer
+                .map_err(|s| fail(s.message().to_string()))?
+                .into_inner(),
+            _ = moved => return Err(fail(
+                "the leader changed while the write was on its way; retry (a submission's idempotency key makes that safe)".into(),
+            )),
+        };
         if !self.wait_applied(answer.index).await {
             // Applied on the leader, but not (yet) here: a server being removed, or far
             // behind. The client retries elsewhere; its idempotency key finds the result.
