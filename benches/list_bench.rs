@@ -341,16 +341,7 @@ async fn main() -> anyhow::Result<()> {
     let rss_start = rss();
     let dev = DevCluster::start().await?;
     let url = dev.url();
-    let mut c = dev.clients().await?;
-    c.compute
-        .create_compute(v1::CreateComputeRequest {
-            compute: Some(v1::ComputeTarget {
-                name: "parked".into(),
-                r#type: "attached".into(),
-                ..Default::default()
-            }),
-        })
-        .await?;
+    muster_testkit::access::create_attached(&url, "parked").await?;
     // Build the CLI before timing it.
     muster_bin();
 

@@ -66,6 +66,17 @@ fn spec(i: usize) -> v1::RunSpec {
     }
 }
 
+/// Submits run `i` (idempotency key `disk-i`).
+async fn submit(c: &mut muster_client::Clients, i: usize) -> Result<v1::Run, tonic::Status> {
+    c.runs
+        .submit_run(v1::SubmitRunRequest {
+            spec: Some(spec(i)),
+            idempotency_key: Some(format!("disk-{i}")),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 async fn healthz(dev: &DevProcess) -> (u16, String) {
     web_page(dev.addr, "/healthz").await
 }
@@ -87,29 +98,11 @@ async fn a_full_disk_refuses_writes_with_the_reason_and_recovers_when_space_is_f
     };
     let mut dev = DevProcess::start(&mnt.join("dev")).await.unwrap();
     let url = dev.url();
+    access::create_attached(&url, "parked").await.unwrap();
     let mut c = access::clients(&url).await.unwrap();
-    c.compute
-        .create_compute(v1::CreateComputeRequest {
-            compute: Some(v1::ComputeTarget {
-                name: "parked".into(),
-                r#type: "attached".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
     let mut acknowledged = Vec::new();
     for i in 0..20 {
-        let run = c
-            .runs
-            .submit_run(v1::SubmitRunRequest {
-                spec: Some(spec(i)),
-                idempotency_key: Some(format!("disk-{i}")),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        acknowledged.push(run.id);
+        acknowledged.push(submit(&mut c, i).await.unwrap().id);
     }
     assert_eq!(healthz(&dev).await.0, 200);
 
@@ -121,17 +114,9 @@ async fn a_full_disk_refuses_writes_with_the_reason_and_recovers_when_space_is_f
     let mut refusal = None;
     for i in 20..2_000 {
         let mut client = c.clone();
-        let task = tokio::spawn(async move {
-            client
-                .runs
-                .submit_run(v1::SubmitRunRequest {
-                    spec: Some(spec(i)),
-                    idempotency_key: Some(format!("disk-{i}")),
-                })
-                .await
-        });
+        let task = tokio::spawn(async move { submit(&mut client, i).await });
         match tokio::time::timeout(Duration::from_millis(500), task).await {
-            Ok(Ok(Ok(run))) => acknowledged.push(run.into_inner().id),
+            Ok(Ok(Ok(run))) => acknowledged.push(run.id),
             Ok(Ok(Err(status))) => {
                 refusal = Some(status);
                 break;
@@ -155,14 +140,7 @@ async fn a_full_disk_refuses_writes_with_the_reason_and_recovers_when_space_is_f
         "{}",
         health.1
     );
-    let refused = c
-        .runs
-        .submit_run(v1::SubmitRunRequest {
-            spec: Some(spec(9_999)),
-            idempotency_key: Some("disk-refused".into()),
-        })
-        .await
-        .unwrap_err();
+    let refused = submit(&mut c, 9_999).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(
         refused.message().contains("cannot write its raft log"),
@@ -191,16 +169,7 @@ async fn a_full_disk_refuses_writes_with_the_reason_and_recovers_when_space_is_f
     assert_eq!(health.0, 200, "{health:?}");
     // The submits that waited, retried with their keys, each make one run; a new one works.
     for i in waiting.into_iter().chain([10_000]) {
-        let run = c
-            .runs
-            .submit_run(v1::SubmitRunRequest {
-                spec: Some(spec(i)),
-                idempotency_key: Some(format!("disk-{i}")),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        acknowledged.push(run.id);
+        acknowledged.push(submit(&mut c, i).await.unwrap().id);
     }
     let runs = c
         .runs

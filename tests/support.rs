@@ -136,15 +136,7 @@ pub async fn submit_id(server: &str, cwd: &Path, args: &[&str]) -> String {
 
 /// Creates the attached compute target `name` through `server` (gRPC).
 pub async fn create_attached(server: &str, name: &str) {
-    let mut c = muster_testkit::access::clients(server).await.unwrap();
-    c.compute
-        .create_compute(v1::CreateComputeRequest {
-            compute: Some(v1::ComputeTarget {
-                name: name.into(),
-                r#type: "attached".into(),
-                ..Default::default()
-            }),
-        })
+    muster_testkit::access::create_attached(server, name)
         .await
         .unwrap();
 }

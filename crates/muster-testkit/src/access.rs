@@ -106,6 +106,22 @@ pub async fn await_admin_token(path: &Path, servers: &str) -> anyhow::Result<Str
     anyhow::bail!("no working admin token in {} within 60 s", path.display())
 }
 
+/// Creates the attached compute target `name` (no nodes until an agent joins it: runs
+/// submitted to it stay queued) as the admin of `servers`.
+pub async fn create_attached(servers: &str, name: &str) -> anyhow::Result<()> {
+    let mut c = clients(servers).await?;
+    c.compute
+        .create_compute(v1::CreateComputeRequest {
+            compute: Some(v1::ComputeTarget {
+                name: name.into(),
+                r#type: "attached".into(),
+                ..Default::default()
+            }),
+        })
+        .await?;
+    Ok(())
+}
+
 /// A single-use join token for `compute`, made by the admin of `servers`.
 pub async fn join_token(servers: &str, compute: &str) -> anyhow::Result<String> {
     let mut c = clients(servers).await?;
