@@ -34,24 +34,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn proc_stat(pid: u32) -> anyhow::Result<(u64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
-    Ok((ticks, rss_kb))
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -166,16 +148,16 @@ async fn main() -> anyhow::Result<()> {
         .pid()
         .ok_or_else(|| anyhow::anyhow!("agent not running"))?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (t0, _) = proc_stat(pid)?;
+    use muster_testkit::procfs::{TICKS_PER_SEC, cpu_ticks, rss_bytes};
+    let t0 = cpu_ticks(pid)?;
     let start = Instant::now();
     let mut peak_rss = 0;
     while start.elapsed() < Duration::from_secs(args.idle_secs) {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        peak_rss = peak_rss.max(proc_stat(pid)?.1);
+        peak_rss = peak_rss.max(rss_bytes(pid)? / 1024);
     }
-    let (t1, rss) = proc_stat(pid)?;
-    let hz = 100.0; // USER_HZ on Linux
-    let cpu = (t1 - t0) as f64 / hz / start.elapsed().as_secs_f64() * 100.0;
+    let (t1, rss) = (cpu_ticks(pid)?, rss_bytes(pid)? / 1024);
+    let cpu = (t1 - t0) as f64 / TICKS_PER_SEC / start.elapsed().as_secs_f64() * 100.0;
     println!(
         "| idle `muster agent` over {} s        | CPU {:.2}% | RSS {:.1} MB (peak {:.1} MB) |",
         args.idle_secs,

@@ -62,15 +62,9 @@ fn pct(mut lat: Vec<Duration>) -> (f64, f64) {
     (at(0.5).as_secs_f64() * 1e3, at(0.99).as_secs_f64() * 1e3)
 }
 
-/// This process's resident memory, in bytes (Linux `/proc/self/statm`).
+/// This process's resident memory, in bytes.
 fn rss() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
-    pages * 4096
+    muster_testkit::procfs::rss_bytes(std::process::id()).unwrap_or(0)
 }
 
 /// Submits `n` parked runs from `clients` connections; every tenth in experiment `rare`.

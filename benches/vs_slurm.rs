@@ -233,29 +233,20 @@ fn unix_now() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    anyhow::ensure!(fields.len() > 12, "/proc/{pid}/stat is short");
-    Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
-}
-
 /// CPU the processes `pids` used together while idle for `secs`, in % of one core.
 async fn idle_cpu(pids: &[u32], secs: u64) -> anyhow::Result<f64> {
     // Let start-up work settle first.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let sum = || -> anyhow::Result<u64> { pids.iter().map(|p| cpu_ticks(*p)).sum() };
+    let sum = || -> anyhow::Result<u64> {
+        pids.iter()
+            .map(|p| muster_testkit::procfs::cpu_ticks(*p))
+            .sum()
+    };
     let before = sum()?;
     let start = Instant::now();
     tokio::time::sleep(Duration::from_secs(secs)).await;
     let after = sum()?;
-    let hz = 100.0; // USER_HZ on Linux
+    let hz = muster_testkit::procfs::TICKS_PER_SEC;
     Ok((after - before) as f64 / hz / start.elapsed().as_secs_f64() * 100.0)
 }
 

@@ -20,6 +20,7 @@ pub mod compose;
 pub mod fake_executor;
 pub mod images;
 pub mod mpi_image;
+pub mod procfs;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
