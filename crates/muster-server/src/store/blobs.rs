@@ -143,10 +143,11 @@ impl BlobStore {
                 out.write_all(&buf[..n]).map_err(|e| io_err(&tmp, e))?;
                 size += n as u64;
             }
-            out.sync_all().map_err(|e| io_err(&tmp, e))?;
             let sha = hex::encode(hasher.finalize());
             let dest = self.path(&sha)?;
+            // The same content is stored already (durably): the copy is dropped unsynced.
             if !dest.exists() {
+                out.sync_all().map_err(|e| io_err(&tmp, e))?;
                 if let Some(dir) = dest.parent() {
                     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
                 }

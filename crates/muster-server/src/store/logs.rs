@@ -125,18 +125,19 @@ impl LogStore {
             .unwrap_or(0)
     }
 
-    /// Makes a log durable and closes it for good (called before an attempt's end is
-    /// proposed): later appends are refused, until [`LogStore::unseal`] (the seal failed)
-    /// or [`LogStore::remove`] (the sealed blob replaced it).
+    /// Closes a log for good (called before an attempt's end is proposed): later appends
+    /// are refused, until [`LogStore::unseal`] (the seal failed) or [`LogStore::remove`]
+    /// (the sealed blob replaced it). The live file is not fsynced: what makes the log
+    /// durable is its blob copy (fsynced, and on a majority of servers) that the caller
+    /// makes next; until the attempt's end is recorded the agent keeps the bytes and sends
+    /// them again after a crash, so syncing the live file too bought nothing but an fsync
+    /// per rank.
     pub fn seal(&self, run: &str, attempt: u32, rank: u32) -> io::Result<()> {
         let key = (run.to_string(), attempt, rank);
-        let entry = {
+        {
             let mut open = self.open.lock().expect("log lock");
             self.sealed.lock().expect("log lock").insert(key.clone());
-            open.remove(&key)
-        };
-        if let Some((file, _)) = entry {
-            file.sync_all()?;
+            open.remove(&key);
         }
         self.changed.send_modify(|n| *n += 1);
         Ok(())
