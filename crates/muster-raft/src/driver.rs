@@ -586,7 +586,7 @@ impl<S: StateMachine> Driver<S> {
     /// Why a request is refused while the log cannot be written.
     fn stalled_error(&self) -> Option<ProposeError> {
         self.stalled.as_ref().map(|s| {
-            ProposeError::Rejected(format!(
+            ProposeError::Unwritable(format!(
                 "this server cannot write its raft log ({}); it retries every {} s and resumes by itself once the disk takes writes again: free space on it, or use another server",
                 s.error,
                 STALL_RETRY.as_secs()

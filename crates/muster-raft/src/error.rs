@@ -137,6 +137,12 @@ pub enum ProposeError {
     /// file), or the state machine could not load the leader's snapshot or panicked.
     #[error("the raft node stopped after a failure: {0}")]
     Storage(String),
+
+    /// The node cannot write its log now (a full disk, an I/O error) and refuses requests
+    /// until a retry of the write succeeds; nothing of this request was applied. The message
+    /// says why and what to do.
+    #[error("{0}")]
+    Unwritable(String),
 }
 
 fn leader_hint(leader: &Option<u64>) -> String {

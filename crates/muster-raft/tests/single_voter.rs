@@ -343,7 +343,7 @@ async fn a_log_that_cannot_be_written_refuses_writes_then_resumes_by_itself() {
     assert!(!stalled.stopped, "the node does not stop");
     // Further writes and reads are refused at once, naming the cause and the way out.
     match handle.propose(value(3)).await {
-        Err(ProposeError::Rejected(why)) => {
+        Err(ProposeError::Unwritable(why)) => {
             assert!(why.contains("cannot write its raft log"), "{why}");
             assert!(why.contains("free space"), "{why}");
         }

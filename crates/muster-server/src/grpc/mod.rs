@@ -220,9 +220,9 @@ pub(crate) fn status(err: ProposalError) -> Status {
             "this server is not the leader (the leader is server {leader}); retry against the leader"
         )),
         ProposalError::Raft(e @ ProposeError::Dropped) => Status::unavailable(e.to_string()),
-        ProposalError::Raft(e @ (ProposeError::Shutdown | ProposeError::Rejected(_))) => {
-            Status::unavailable(e.to_string())
-        }
+        ProposalError::Raft(
+            e @ (ProposeError::Shutdown | ProposeError::Rejected(_) | ProposeError::Unwritable(_)),
+        ) => Status::unavailable(e.to_string()),
         e @ ProposalError::Forward { .. } => Status::unavailable(e.to_string()),
         e @ ProposalError::Undecodable(_) => Status::internal(e.to_string()),
         ProposalError::Raft(e) => Status::internal(e.to_string()),
