@@ -158,8 +158,8 @@ pub fn run_details(r: &v1::Run) -> String {
     }
     if let Some(c) = &spec.code {
         let mut code = format!(
-            "{} files, {} (manifest {})",
-            c.files,
+            "{}, {} (manifest {})",
+            crate::snapshot::count(c.files, "file"),
             crate::snapshot::human_bytes(c.bytes),
             &c.manifest[..12.min(c.manifest.len())]
         );

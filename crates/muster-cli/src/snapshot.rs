@@ -274,6 +274,28 @@ fn parse_status(out: &str) -> Option<GitInfo> {
     })
 }
 
+/// `1 file`, `2 files`: a count with its noun, singular for one.
+pub fn count(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// The line a submit prints on stderr about its snapshot: `Snapshot of DIR: 3 files,
+/// 1.2 KB (1 uploaded, 200 B)`; `what` names a pipeline's step.
+pub fn describe(dir: &Path, what: &str, code: &CodeRef, stats: &UploadStats) -> String {
+    format!(
+        "Snapshot of {}{what}: {}, {} ({} uploaded, {})",
+        dir.display(),
+        count(code.files, "file"),
+        human_bytes(code.bytes),
+        stats.uploaded_files,
+        human_bytes(stats.uploaded_bytes)
+    )
+}
+
 /// `1.5 MB`-style sizes.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
@@ -384,6 +406,26 @@ mod tests {
         assert_eq!(files[0].path, "train.py");
         assert_eq!(sources, vec![d.path().join("train.py")]);
     }
+    #[test]
+    fn counts_and_the_snapshot_line_read_as_english() {
+        assert_eq!(count(1, "file"), "1 file");
+        assert_eq!(count(0, "file"), "0 files");
+        let code = CodeRef {
+            manifest: "m".into(),
+            files: 1,
+            bytes: 12,
+            git: None,
+        };
+        let stats = UploadStats {
+            uploaded_files: 1,
+            uploaded_bytes: 12,
+        };
+        assert_eq!(
+            describe(Path::new("proj"), " (step train)", &code, &stats),
+            "Snapshot of proj (step train): 1 file, 12 B (1 uploaded, 12 B)"
+        );
+    }
+
     #[test]
     fn git_status_gives_commit_branch_and_dirty() {
         let clean = "# branch.oid 1234abcd\n# branch.head main\n# branch.upstream origin/main\n";

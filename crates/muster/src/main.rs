@@ -34,7 +34,12 @@ fn end_quietly_on_a_closed_pipe() {
 
 async fn run(cli: Cli, daemon: bool) {
     let default_level = if daemon { "info,raft=warn" } else { "warn" };
+    // Colour only for a person at a terminal: a redirected log stays plain, and NO_COLOR
+    // (no-color.org) turns it off.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
+        .with_ansi(colour)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MUSTER_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),

@@ -14,7 +14,7 @@ use crate::commands::run::default_experiment;
 use crate::connect;
 use crate::output::{print_json, table, time};
 use crate::paging;
-use crate::snapshot::{self, SnapshotLimits, human_bytes};
+use crate::snapshot::{self, SnapshotLimits};
 use muster_client::status;
 
 /// Runs a `muster pipeline` command; returns the process exit code.
@@ -180,14 +180,8 @@ async fn submit(
     let mut code = std::collections::HashMap::new();
     for ((step, dir, _), (r, stats)) in snaps.iter().zip(uploaded) {
         if output == OutputFormat::Table {
-            eprintln!(
-                "Snapshot of {} (step {step}): {} files, {} ({} uploaded, {})",
-                dir.display(),
-                r.files,
-                human_bytes(r.bytes),
-                stats.uploaded_files,
-                human_bytes(stats.uploaded_bytes)
-            );
+            let step_name = format!(" (step {step})");
+            eprintln!("{}", snapshot::describe(dir, &step_name, &r, &stats));
         }
         code.insert(step.clone(), muster_proto::code_to_wire(r));
     }

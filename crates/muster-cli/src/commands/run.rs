@@ -18,7 +18,7 @@ use crate::cli::{OutputFormat, RunCommand, SubmitArgs};
 use crate::connect;
 use crate::output::{print_json, run_details, run_json, runs_table};
 use crate::paging;
-use crate::snapshot::{self, SnapshotLimits, human_bytes};
+use crate::snapshot::{self, SnapshotLimits};
 use muster_client::{Clients, status};
 
 /// Runs a `muster run` command; returns the process exit code.
@@ -394,14 +394,7 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
         .await?
         .remove(0);
     if output == OutputFormat::Table {
-        eprintln!(
-            "Snapshot of {}: {} files, {} ({} uploaded, {})",
-            code_dir.display(),
-            code.files,
-            human_bytes(code.bytes),
-            stats.uploaded_files,
-            human_bytes(stats.uploaded_bytes)
-        );
+        eprintln!("{}", snapshot::describe(&code_dir, "", &code, &stats));
     }
     spec.code = Some(code);
     if let Some(w) = crate::workspace() {

@@ -16,7 +16,7 @@ use crate::commands::run::{default_experiment, shell_quote};
 use crate::connect;
 use crate::output::{print_json, table, time};
 use crate::paging::{self, PageArgs};
-use crate::snapshot::{self, SnapshotLimits, human_bytes};
+use crate::snapshot::{self, SnapshotLimits};
 use muster_client::status;
 
 /// `muster sweep` subcommands.
@@ -313,14 +313,7 @@ async fn submit(server: &str, output: OutputFormat, args: SweepSubmitArgs) -> an
         .await?
         .remove(0);
     if output == OutputFormat::Table {
-        eprintln!(
-            "Snapshot of {}: {} files, {} ({} uploaded, {})",
-            code_dir.display(),
-            code.files,
-            human_bytes(code.bytes),
-            stats.uploaded_files,
-            human_bytes(stats.uploaded_bytes)
-        );
+        eprintln!("{}", snapshot::describe(&code_dir, "", &code, &stats));
     }
     spec.trial.code = Some(code);
     if let Some(w) = crate::workspace() {
