@@ -23,7 +23,7 @@
 //!
 //! `cargo run --release -p muster-benches --bin list-bench -- --runs 100000 --rounds 3`
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Parser;
 use muster_core::compute::{ComputeKind, ComputeSpec, Tier};
@@ -31,6 +31,7 @@ use muster_core::spec::CodeRef;
 use muster_core::state::{AttemptReport, MAX_ARCHIVE_RUNS, RunArchive, SealedLog, encode_archive};
 use muster_core::{AttemptEnd, Capacity, Command, Decision, Resources, RunSpec, State, schedule};
 use muster_proto::v1;
+use muster_testkit::stats::p50_p99_ms;
 use muster_testkit::{DevCluster, muster, muster_bin};
 
 #[derive(Debug, Parser)]
@@ -53,13 +54,6 @@ struct Args {
     /// Finished runs in the state-size measurement.
     #[arg(long, default_value_t = 10_000)]
     finished: usize,
-}
-
-/// p50 and p99 of `lat`, in ms.
-fn pct(mut lat: Vec<Duration>) -> (f64, f64) {
-    lat.sort();
-    let at = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];
-    (at(0.5).as_secs_f64() * 1e3, at(0.99).as_secs_f64() * 1e3)
 }
 
 /// This process's resident memory, in bytes.
@@ -146,8 +140,8 @@ async fn measure(url: &str, samples: usize) -> anyhow::Result<Round> {
             "the filter holds"
         );
     }
-    r.page = pct(page);
-    r.filtered = pct(filtered);
+    r.page = p50_p99_ms(page);
+    r.filtered = p50_p99_ms(filtered);
     let cwd = tempfile::tempdir()?;
     let mut cli = Vec::new();
     let mut alone = Vec::new();
@@ -164,8 +158,8 @@ async fn measure(url: &str, samples: usize) -> anyhow::Result<Round> {
         alone.push(t.elapsed());
         anyhow::ensure!(version.status.success(), "muster --version failed");
     }
-    r.cli = pct(cli);
-    r.cli_alone = pct(alone);
+    r.cli = p50_p99_ms(cli);
+    r.cli_alone = p50_p99_ms(alone);
     let t = Instant::now();
     let out = muster(url, cwd.path(), &["run", "list", "--all", "-o", "json"]).await;
     r.all_json_ms = t.elapsed().as_secs_f64() * 1e3;

@@ -200,21 +200,6 @@ fn rows(args: &Args) -> Vec<Row> {
     .collect()
 }
 
-/// p50 and p99 (nearest rank) in ms.
-fn pct_ms(mut v: Vec<Duration>) -> (f64, f64) {
-    if v.is_empty() {
-        return (f64::NAN, f64::NAN);
-    }
-    v.sort();
-    let at = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1];
-    (ms(at(0.5)), ms(at(0.99)))
-}
-
-/// `d` in milliseconds.
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
 /// A pause between 0 and 1 s, different each time (from the clock's nanoseconds).
 fn jitter() -> Duration {
     let nanos = SystemTime::now()
@@ -427,7 +412,7 @@ struct Muster {
     work: PathBuf,
     /// Further `muster agent` processes on `local` (killed on drop).
     agents: Vec<AgentChild>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 /// A `muster agent` process, killed when dropped.
@@ -454,7 +439,7 @@ impl Muster {
             dev,
             work,
             agents: Vec::new(),
-            _dir: dir,
+            dir,
         })
     }
 
@@ -464,8 +449,8 @@ impl Muster {
         let url = self.dev.url();
         for i in 0..n {
             let join = access::join_token(&url, "local").await?;
-            let dir = self._dir.path().join(format!("agent-{i}"));
-            let log = std::fs::File::create(self._dir.path().join(format!("agent-{i}.log")))?;
+            let dir = self.dir.path().join(format!("agent-{i}"));
+            let log = std::fs::File::create(self.dir.path().join(format!("agent-{i}.log")))?;
             let child = Command::new(muster_testkit::muster_bin())
                 .args([
                     "--server",
@@ -798,8 +783,8 @@ fn muster_breakdown(runs: &[v1::Run]) -> String {
             ))
         })
         .collect();
-    let (w50, w99) = pct_ms(waited);
-    let (r50, r99) = pct_ms(ran);
+    let (w50, w99) = muster_testkit::stats::p50_p99_ms(waited);
+    let (r50, r99) = muster_testkit::stats::p50_p99_ms(ran);
     let s = |ms: f64| ms / 1e3;
     format!(
         "muster (server clock): accepted over {:.2} s, last finished {:.2} s after the first \
@@ -854,7 +839,7 @@ async fn measure(sys: System, args: &Args) -> anyhow::Result<(Figures, String)> 
         sys.submit_true("idle").await?;
         lat.push(t.elapsed());
     }
-    f.ack_idle = pct_ms(lat);
+    f.ack_idle = muster_testkit::stats::p50_p99_ms(lat);
     sys.await_drained(DRAIN_TIMEOUT).await?;
     let mut lat = Vec::new();
     for _ in 0..args.idle_submits {
@@ -862,7 +847,7 @@ async fn measure(sys: System, args: &Args) -> anyhow::Result<(Figures, String)> 
         sys.cli_alone().await?;
         lat.push(t.elapsed());
     }
-    f.cli_alone = pct_ms(lat).0;
+    f.cli_alone = muster_testkit::stats::p50_p99_ms(lat).0;
 
     eprintln!("  {name}: {} waiting clients", args.waits);
     let mut lat = Vec::new();
@@ -871,7 +856,7 @@ async fn measure(sys: System, args: &Args) -> anyhow::Result<(Figures, String)> 
         sys.waiting_client().await?;
         lat.push(t.elapsed());
     }
-    f.waiting = pct_ms(lat);
+    f.waiting = muster_testkit::stats::p50_p99_ms(lat);
     sys.await_drained(DRAIN_TIMEOUT).await?;
 
     eprintln!("  {name}: {} submit → first command", args.waits);
@@ -889,7 +874,7 @@ async fn measure(sys: System, args: &Args) -> anyhow::Result<(Figures, String)> 
         let at = await_stamp(&stamp).await?;
         lat.push(Duration::from_secs_f64((at - before).max(0.0)));
     }
-    f.first_cmd = pct_ms(lat);
+    f.first_cmd = muster_testkit::stats::p50_p99_ms(lat);
     sys.await_drained(DRAIN_TIMEOUT).await?;
 
     let t = throughput(&sys, args).await?;
@@ -931,7 +916,7 @@ async fn throughput(sys: &Arc<System>, args: &Args) -> anyhow::Result<Throughput
         wall_s: wall.as_secs_f64(),
         jobs_per_s: args.jobs as f64 / wall.as_secs_f64(),
         submits_per_s: args.jobs as f64 / submitted.as_secs_f64(),
-        ack_load: pct_ms(lat),
+        ack_load: muster_testkit::stats::p50_p99_ms(lat),
         notes,
     })
 }

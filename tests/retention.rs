@@ -1,7 +1,8 @@
 //! Retention as a user meets it: with `--retention`, finished runs leave the replicated state
 //! (and `run list`), while `run show`, `run wait`, `run logs` and the run's blobs keep
 //! working, with the same access rules as before: a user of another workspace finds
-//! nothing. Runs still queued or running, and the trials of sweeps, stay.
+//! nothing. A running run stays (the trials of sweeps stay too: muster-core's
+//! `a_sweep_through_the_state_machine_runs_exactly_its_trials`).
 
 use std::time::Duration;
 
@@ -22,6 +23,26 @@ async fn listed(url: &str, cwd: &std::path::Path) -> Vec<String> {
         .iter()
         .map(|r| r["id"].as_str().unwrap().to_string())
         .collect()
+}
+
+/// Clients of a new user `name` with `role` in `workspace`.
+async fn as_user(url: &str, name: &str, role: &str, workspace: &str) -> muster_client::Clients {
+    let token = access::user_token(url, name, role, Some(workspace))
+        .await
+        .unwrap();
+    muster_client::connect(url, Credentials::bearer(&token).unwrap())
+        .await
+        .unwrap()
+}
+
+async fn get_run(c: &mut muster_client::Clients, id: &str) -> Result<v1::Run, tonic::Status> {
+    c.runs
+        .get_run(v1::GetRunRequest {
+            id: id.to_string(),
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,37 +117,12 @@ async fn finished_runs_leave_the_state_and_stay_readable() {
         .and_then(|s| s.code.as_ref())
         .map(|c| c.manifest.clone())
         .expect("a code snapshot");
-    let outsider = access::user_token(&url, "olga", "user", Some("other"))
-        .await
-        .unwrap();
-    let mut outsider = muster_client::connect(&url, Credentials::bearer(&outsider).unwrap())
-        .await
-        .unwrap();
-    let refused = outsider
-        .runs
-        .get_run(v1::GetRunRequest {
-            id: done.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let mut outsider = as_user(&url, "olga", "user", "other").await;
+    let refused = get_run(&mut outsider, &done).await.unwrap_err();
     assert_eq!(refused.code(), Code::NotFound, "{refused:?}");
     assert!(outsider.blobs.download_bytes(&manifest).await.is_err());
-    let reader = access::user_token(&url, "rita", "reader", Some("default"))
-        .await
-        .unwrap();
-    let mut reader = muster_client::connect(&url, Credentials::bearer(&reader).unwrap())
-        .await
-        .unwrap();
-    let seen = reader
-        .runs
-        .get_run(v1::GetRunRequest {
-            id: done.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut reader = as_user(&url, "rita", "reader", "default").await;
+    let seen = get_run(&mut reader, &done).await.unwrap();
     assert_eq!(seen.id, done);
     let bytes = reader.blobs.download_bytes(&manifest).await.unwrap();
     assert!(String::from_utf8_lossy(&bytes).contains("train.py"));

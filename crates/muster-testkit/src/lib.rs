@@ -21,6 +21,7 @@ pub mod fake_executor;
 pub mod images;
 pub mod mpi_image;
 pub mod procfs;
+pub mod stats;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

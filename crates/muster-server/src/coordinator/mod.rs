@@ -318,6 +318,9 @@ impl Coordinator {
     /// timeout, and the client tries another server.
     pub async fn await_leader(&self) -> Result<(), ProposalError> {
         let mut status = self.raft.watch_status();
+        if status.borrow().leader.is_some() {
+            return Ok(());
+        }
         let found = tokio::time::timeout(self.election_timeout, async move {
             status.wait_for(|s| s.leader.is_some()).await.is_ok()
         })
