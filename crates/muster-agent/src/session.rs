@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::BackoffBuilder;
-use muster_client::{Channel, Credentials};
+use muster_client::{Channel, Credentials, Servers};
 use muster_core::AttemptEnd;
 use muster_proto::Word;
 use muster_proto::v1::{
@@ -51,14 +51,9 @@ fn reconnect_backoff() -> backon::ExponentialBackoff {
 /// Why a session ended; all but [`SessionError::Refused`] are retried.
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
-    /// No server answered (the last one tried, and why).
-    #[error("{url}: {cause}")]
-    Connect {
-        /// The server.
-        url: String,
-        /// Why.
-        cause: tonic::transport::Error,
-    },
+    /// No server answered (each one tried, and why).
+    #[error(transparent)]
+    Connect(#[from] muster_client::ClientError),
     /// The server refused this agent: retrying will not help.
     #[error("the server refused this agent: {0}")]
     Refused(String),
@@ -103,8 +98,8 @@ pub(crate) struct Agent {
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
     executors: Executors,
-    /// The leader's address, as a follower named it.
-    leader_hint: Option<String>,
+    /// The configured servers, the leader first once a follower named it.
+    servers: Servers,
     /// The exec listener (bound at open, served once the Docker engine is known).
     exec_listener: Option<std::net::TcpListener>,
     /// Its port, advertised in the node label `muster.exec-port`.
@@ -113,6 +108,17 @@ pub(crate) struct Agent {
     exec_task: Option<JoinHandle<()>>,
     /// What every call presents: the node's credential (`credential.rs`).
     credentials: Credentials,
+}
+
+/// How the agent reaches `servers`: 3 s to connect to each, and HTTP/2 keep-alive pings
+/// every `keep_alive` (answered within 2 s), so a leader cut off by the network (no
+/// reset) is noticed within about 3 s with the default 1 s and the agent moves to the new
+/// leader about when the cluster elects it.
+fn session_servers(servers: &[String], credentials: Credentials, keep_alive: Duration) -> Servers {
+    Servers::new(servers)
+        .with_credentials(credentials)
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_keep_alive(keep_alive, Duration::from_secs(2))
 }
 
 /// An attempt's entry, shipping its log and metrics from the start.
@@ -174,7 +180,7 @@ impl Agent {
             peer_wait: config.peer_wait,
         };
         Ok(Agent {
-            leader_hint: None,
+            servers: Servers::new(Vec::<String>::new()),
             exec_listener: Some(exec_listener),
             exec_port,
             exec_task: None,
@@ -200,6 +206,11 @@ impl Agent {
             _ = &mut shutdown => return Ok(()),
             c = crate::credential::obtain(&self.config) => c?,
         };
+        self.servers = session_servers(
+            &self.config.servers,
+            self.credentials.clone(),
+            self.config.keep_alive,
+        );
         let mut report = self.probe_gpus().await;
         if let Some(note) = &report.note {
             tracing::info!("{note}");
@@ -363,42 +374,7 @@ impl Agent {
 
     /// Connects to the leader if a follower named it, else to the first server that answers.
     async fn connect(&self) -> Result<Channel, SessionError> {
-        let mut last = None;
-        let hinted = self.leader_hint.iter().map(|a| {
-            if a.contains("://") {
-                a.clone()
-            } else {
-                format!("http://{a}")
-            }
-        });
-        let candidates: Vec<String> = hinted.chain(self.config.servers.iter().cloned()).collect();
-        for url in &candidates {
-            // The configured URLs are validated; a leader hint that is not one is skipped.
-            let endpoint = match self.credentials.endpoint(url) {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::warn!(url = %url, cause = %e, "not a server address; skipped");
-                    continue;
-                }
-            };
-            let endpoint = endpoint
-                .connect_timeout(Duration::from_secs(3))
-                // A leader cut off by the network (no reset) is noticed within ~3 s (with
-                // the default 1 s), so the agent moves to the new leader about when the
-                // cluster elects it.
-                .http2_keep_alive_interval(self.config.keep_alive)
-                .keep_alive_timeout(Duration::from_secs(2));
-            match endpoint.connect().await {
-                Ok(c) => return Ok(self.credentials.attach(c)),
-                Err(cause) => {
-                    last = Some(SessionError::Connect {
-                        url: url.clone(),
-                        cause,
-                    })
-                }
-            }
-        }
-        Err(last.unwrap_or_else(|| SessionError::Refused("no server address to connect to".into())))
+        Ok(self.servers.connect().await?.1)
     }
 
     async fn probe_gpus(&self) -> crate::GpuReport {
@@ -457,12 +433,8 @@ impl Agent {
             .await
             .map_err(|s| {
                 // A follower names the leader: go there next.
-                if let Some(leader) = s
-                    .metadata()
-                    .get("muster-leader")
-                    .and_then(|v| v.to_str().ok())
-                {
-                    self.leader_hint = Some(leader.to_string());
+                if let Some(leader) = muster_client::leader_hint(&s) {
+                    self.servers.set_leader(leader);
                 }
                 SessionError::Session(s)
             })?

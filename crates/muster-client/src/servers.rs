@@ -28,6 +28,7 @@ pub struct Servers {
     leader: Option<String>,
     connect_timeout: Duration,
     keep_alive: Option<(Duration, Duration)>,
+    request_timeout: Option<Duration>,
     credentials: Credentials,
     /// The channel the last successful [`Servers::call`] used: the next call goes over the
     /// same connection (one TCP and HTTP/2 handshake per CLI command, not one per call).
@@ -51,6 +52,7 @@ impl Servers {
             leader: None,
             connect_timeout: Duration::from_secs(3),
             keep_alive: None,
+            request_timeout: None,
             credentials: Credentials::none(),
             reuse: None,
         }
@@ -78,6 +80,13 @@ impl Servers {
     /// (no reset) within `interval + timeout`.
     pub fn with_keep_alive(mut self, interval: Duration, timeout: Duration) -> Servers {
         self.keep_alive = Some((interval, timeout));
+        self
+    }
+
+    /// Every request over these servers' channels fails after `timeout` without an answer
+    /// (a membership change that waits for a new server to catch up, say, gets 90 s).
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Servers {
+        self.request_timeout = Some(timeout);
         self
     }
 
@@ -131,6 +140,9 @@ impl Servers {
             endpoint = endpoint
                 .http2_keep_alive_interval(interval)
                 .keep_alive_timeout(timeout);
+        }
+        if let Some(timeout) = self.request_timeout {
+            endpoint = endpoint.timeout(timeout);
         }
         Ok(endpoint)
     }

@@ -14,7 +14,6 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use bollard::Docker;
-use bollard::errors::Error as EngineError;
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum,
     ContainerSummaryStateEnum, DeviceRequest, HostConfig, Mount, MountType,
@@ -27,6 +26,7 @@ use bollard::query_parameters::{
 use futures::StreamExt;
 use muster_core::AttemptEnd;
 use muster_core::resources::format_bytes;
+use muster_docker::{EngineError, message as engine_message, status_of};
 use tokio::fs::File;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{oneshot, watch};
@@ -37,8 +37,6 @@ use super::{ContainerSpec, Launch, Outcome, Stop, StopReason, stopped};
 
 /// The longest an image pull may take before the attempt fails.
 const PULL_LIMIT: Duration = Duration::from_secs(10 * 60);
-/// How long to wait for the engine to answer when connecting.
-const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 /// The grace between SIGTERM and SIGKILL when `limits.timeout` ends an attempt.
 const TIMEOUT_GRACE: Duration = Duration::from_secs(10);
 /// How long the log stream may take to drain once the container has exited.
@@ -80,13 +78,8 @@ pub struct DockerExecutor {
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
     /// No engine answers.
-    #[error("no Docker engine at {host}: {cause}; start dockerd or set DOCKER_HOST")]
-    NoEngine {
-        /// `DOCKER_HOST`, or the default socket.
-        host: String,
-        /// What failed.
-        cause: String,
-    },
+    #[error(transparent)]
+    NoEngine(#[from] muster_docker::NoEngine),
     /// The engine refused a request; what it said.
     #[error("{0}")]
     Engine(String),
@@ -174,23 +167,7 @@ impl DockerExecutor {
     /// The error is a sentence for a person, e.g. "no Docker engine at
     /// unix:///var/run/docker.sock: <cause>; start dockerd or set DOCKER_HOST".
     pub async fn connect() -> Result<DockerExecutor, DockerError> {
-        let host = std::env::var("DOCKER_HOST")
-            .ok()
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
-        let no_engine = |cause: String| DockerError::NoEngine {
-            host: host.clone(),
-            cause,
-        };
-        let docker = Docker::connect_with_defaults().map_err(|e| no_engine(engine_message(&e)))?;
-        let docker = tokio::time::timeout(CONNECT_LIMIT, async {
-            let docker = docker.negotiate_version().await?;
-            docker.ping().await?;
-            Ok::<_, EngineError>(docker)
-        })
-        .await
-        .map_err(|_| no_engine(format!("no answer within {} s", CONNECT_LIMIT.as_secs())))?
-        .map_err(|e| no_engine(engine_message(&e)))?;
+        let docker = muster_docker::connect().await?;
         let long = docker.clone().with_timeout(LONG_REQUEST_LIMIT);
         Ok(DockerExecutor { docker, long })
     }
@@ -693,35 +670,67 @@ fn outcome(
                         .into(),
                 );
             }
-            let code = code.or(waited);
-            if state.oom_killed == Some(true) {
-                let limit = info
-                    .host_config
-                    .as_ref()
-                    .and_then(|h| h.memory)
-                    .filter(|m| *m > 0);
-                let message = match limit {
-                    Some(bytes) => format!(
-                        "OOM-killed: the container exceeded its memory limit of {}",
-                        format_bytes(u64::try_from(bytes).unwrap_or_default())
-                    ),
-                    None => {
-                        "OOM-killed: the node ran out of memory (the container has no memory limit)"
-                            .into()
-                    }
-                };
-                return failed(code, message);
-            }
-            match code {
-                Some(0) => Outcome {
-                    end: AttemptEnd::Completed,
-                    exit_code: Some(0),
-                    message: None,
-                },
-                Some(c) => failed(Some(c), describe_exit(c)),
-                None => failed(None, "the container ended without an exit code".into()),
-            }
+            let limit = info
+                .host_config
+                .as_ref()
+                .and_then(|h| h.memory)
+                .and_then(|m| u64::try_from(m).ok())
+                .filter(|m| *m > 0);
+            exited(code.or(waited), state.oom_killed == Some(true), limit)
         }
+    }
+}
+
+/// The outcome of a command that exited on its own, from its exit code, the engine's
+/// OOM flag and the container's memory limit.
+///
+/// The engine's flag is container-wide and depends on the engine and kernel: some set it
+/// when any process in the container was OOM-killed (a worker of a data loader, say) while
+/// the command went on and exited on its own, others only report the kill of the main
+/// process, or not at all on cgroup v2. An OOM kill is always SIGKILL, so the flag explains
+/// the end only for exit code 137 or no code; with another code it is a note beside the
+/// code, and a command that exited 0 completes with the note. A SIGKILL no one in muster
+/// sent, in a container with a memory limit, names the limit even without the flag: that
+/// is how the kernel enforces it.
+fn exited(code: Option<i32>, oom_flag: bool, limit: Option<u64>) -> Outcome {
+    let killed = matches!(code, None | Some(137));
+    let limit_text = limit.map(format_bytes);
+    let note = || match &limit_text {
+        Some(l) => format!("a process in the container was OOM-killed (memory limit {l})"),
+        None => "a process in the container was OOM-killed (the node ran out of memory)".into(),
+    };
+    match (code, oom_flag) {
+        (_, true) if killed => failed(
+            code,
+            match &limit_text {
+                Some(l) => format!("OOM-killed: the container exceeded its memory limit of {l}"),
+                None => {
+                    "OOM-killed: the node ran out of memory (the container has no memory limit)"
+                        .into()
+                }
+            },
+        ),
+        (Some(137), false) if limit_text.is_some() => failed(
+            Some(137),
+            format!(
+                "exited with code 137 (SIGKILL), most likely OOM-killed: the container has a \
+                 memory limit of {}; ask for more memory if the job needs it",
+                limit_text.unwrap_or_default()
+            ),
+        ),
+        (Some(0), true) => Outcome {
+            end: AttemptEnd::Completed,
+            exit_code: Some(0),
+            message: Some(format!("{}; the command still exited 0", note())),
+        },
+        (Some(0), false) => Outcome {
+            end: AttemptEnd::Completed,
+            exit_code: Some(0),
+            message: None,
+        },
+        (Some(c), true) => failed(Some(c), format!("{}; {}", describe_exit(c), note())),
+        (Some(c), false) => failed(Some(c), describe_exit(c)),
+        (None, _) => failed(None, "the container ended without an exit code".into()),
     }
 }
 
@@ -844,26 +853,6 @@ fn split_reference(image: &str) -> (&str, &str) {
     match image[last_slash..].rfind(':') {
         Some(i) => (&image[..last_slash + i], &image[last_slash + i + 1..]),
         None => (image, "latest"),
-    }
-}
-
-/// The HTTP status of an engine error, if it was one.
-fn status_of(e: &EngineError) -> Option<u16> {
-    match e {
-        EngineError::DockerResponseServerError { status_code, .. } => Some(*status_code),
-        _ => None,
-    }
-}
-
-/// What the engine said, without bollard's wrapping where the engine said something.
-fn engine_message(e: &EngineError) -> String {
-    match e {
-        EngineError::DockerResponseServerError { message, .. } if !message.is_empty() => {
-            message.trim().to_string()
-        }
-        EngineError::DockerStreamError { error } => error.trim().to_string(),
-        EngineError::RequestTimeoutError => "the Docker engine did not answer in time".into(),
-        other => other.to_string(),
     }
 }
 
@@ -1010,5 +999,55 @@ mod tests {
     fn exit_codes_name_their_signal() {
         assert_eq!(describe_exit(3), "exited with code 3");
         assert_eq!(describe_exit(137), "exited with code 137 (SIGKILL)");
+    }
+
+    #[test]
+    fn the_oom_flag_explains_only_a_sigkill() {
+        let mib = Some(32 * 1024 * 1024);
+        let end = |o: Outcome| (o.end, o.exit_code, o.message);
+        assert_eq!(
+            end(exited(Some(137), true, mib)),
+            (
+                AttemptEnd::Failed,
+                Some(137),
+                Some("OOM-killed: the container exceeded its memory limit of 32 MiB".into())
+            )
+        );
+        assert_eq!(
+            end(exited(None, true, None)).2.as_deref(),
+            Some("OOM-killed: the node ran out of memory (the container has no memory limit)")
+        );
+        // Engines that do not flag it: the SIGKILL still names the limit.
+        let (e, _, m) = end(exited(Some(137), false, mib));
+        assert_eq!(e, AttemptEnd::Failed);
+        assert!(m.unwrap().contains("most likely OOM-killed"));
+        // No limit and no flag: a plain SIGKILL.
+        assert_eq!(
+            end(exited(Some(137), false, None)).2.as_deref(),
+            Some("exited with code 137 (SIGKILL)")
+        );
+        // A worker was killed but the command went on and exited on its own.
+        assert_eq!(
+            end(exited(Some(0), true, mib)),
+            (
+                AttemptEnd::Completed,
+                Some(0),
+                Some(
+                    "a process in the container was OOM-killed (memory limit 32 MiB); \
+                     the command still exited 0"
+                        .into()
+                )
+            )
+        );
+        assert_eq!(
+            end(exited(Some(1), true, mib)).2.as_deref(),
+            Some(
+                "exited with code 1; a process in the container was OOM-killed (memory limit 32 MiB)"
+            )
+        );
+        assert_eq!(
+            end(exited(Some(0), false, mib)),
+            (AttemptEnd::Completed, Some(0), None)
+        );
     }
 }

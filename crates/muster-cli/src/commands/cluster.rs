@@ -7,39 +7,34 @@ use serde_json::json;
 
 use crate::cli::{ClusterCommand, OutputFormat};
 use crate::output::{print_json, table};
-use muster_client::{Channel, Credentials, status};
+use muster_client::{Channel, Servers, status};
 
-async fn client(
-    address: &str,
-    credentials: &Credentials,
-) -> anyhow::Result<ClusterServiceClient<Channel>> {
-    let url = muster_client::normalize_url(address);
-    let channel = credentials
-        .endpoint(&url)?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(90))
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the muster server at {url} ({e}): start one, or point --server at a running one"))?;
-    Ok(ClusterServiceClient::new(credentials.attach(channel)))
+/// `servers` as the cluster commands reach them: 2 s to connect to each, 90 s for an
+/// answer (adding a server waits for it to catch up).
+fn reach(servers: Servers) -> Servers {
+    servers
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_request_timeout(Duration::from_secs(90))
+}
+
+async fn connect(servers: &Servers) -> anyhow::Result<ClusterServiceClient<Channel>> {
+    let (_, channel) = servers.connect().await?;
+    Ok(ClusterServiceClient::new(channel))
 }
 
 /// The first server of `--server` that answers.
 async fn any(servers: &str) -> anyhow::Result<ClusterServiceClient<Channel>> {
-    let credentials = crate::client_credentials(servers)?;
-    let mut last = None;
-    for s in servers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        match client(s, &credentials).await {
-            Ok(c) => return Ok(c),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| anyhow::anyhow!("give --server")))
+    let list = Servers::parse(servers).with_credentials(crate::client_credentials(servers)?);
+    connect(&reach(list)).await
 }
 
 /// The leader, found through any server (membership changes go there).
 async fn leader(servers: &str) -> anyhow::Result<ClusterServiceClient<Channel>> {
-    let mut c = any(servers).await?;
+    let credentials = crate::client_credentials(servers)?;
+    let mut c = connect(&reach(
+        Servers::parse(servers).with_credentials(credentials.clone()),
+    ))
+    .await?;
     let s = c
         .status(v1::ClusterStatusRequest { members: false })
         .await
@@ -51,7 +46,7 @@ async fn leader(servers: &str) -> anyhow::Result<ClusterServiceClient<Channel>> 
     let addr = s
         .leader_address
         .ok_or_else(|| anyhow::anyhow!("the cluster has no leader right now; retry in a second"))?;
-    client(&addr, &crate::client_credentials(servers)?).await
+    connect(&reach(Servers::new([addr]).with_credentials(credentials))).await
 }
 
 pub async fn run(servers: &str, output: OutputFormat, cmd: ClusterCommand) -> anyhow::Result<()> {

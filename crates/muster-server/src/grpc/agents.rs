@@ -229,7 +229,7 @@ impl AgentService for Agents {
                         "this server is not the leader; the leader is at {addr}"
                     ));
                     if let Ok(v) = addr.parse() {
-                        s.metadata_mut().insert("muster-leader", v);
+                        s.metadata_mut().insert(muster_client::LEADER_HEADER, v);
                     }
                     s
                 }

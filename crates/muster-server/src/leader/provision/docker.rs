@@ -12,7 +12,6 @@
 use std::collections::{BTreeMap, HashMap};
 
 use bollard::Docker;
-use bollard::errors::Error as EngineError;
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
@@ -20,6 +19,7 @@ use bollard::query_parameters::{
 };
 use muster_core::compute::DockerProvisioner;
 use muster_core::state::ProvisionOutcome;
+use muster_docker::{message as engine_message, status_of};
 
 use super::{Step, Work, agent_args};
 
@@ -262,22 +262,5 @@ async fn remove(docker: &Docker, name: &str) -> Result<(), String> {
             "could not remove the agent container {name}: {}",
             engine_message(&e)
         )),
-    }
-}
-
-fn status_of(e: &EngineError) -> Option<u16> {
-    match e {
-        EngineError::DockerResponseServerError { status_code, .. } => Some(*status_code),
-        _ => None,
-    }
-}
-
-fn engine_message(e: &EngineError) -> String {
-    match e {
-        EngineError::DockerResponseServerError { message, .. } if !message.is_empty() => {
-            message.trim().to_string()
-        }
-        EngineError::RequestTimeoutError => "the Docker engine did not answer in time".into(),
-        other => other.to_string(),
     }
 }

@@ -158,7 +158,7 @@ impl Provisioners {
                 if work.launch.is_empty() && work.release.is_empty() && !resync {
                     return;
                 }
-                let docker = match self.docker() {
+                let docker = match self.docker().await {
                     Ok(d) => d,
                     Err(e) => {
                         self.report_failure(server, &work, &work.launch, e).await;
@@ -209,13 +209,14 @@ impl Provisioners {
         }
     }
 
-    fn docker(&mut self) -> Result<bollard::Docker, String> {
+    /// The leader's Docker engine, connected (and pinged) on first use and kept.
+    async fn docker(&mut self) -> Result<bollard::Docker, String> {
         if let Some(d) = &self.docker {
             return Ok(d.clone());
         }
-        let d = bollard::Docker::connect_with_defaults().map_err(|e| {
-            format!("cannot reach the Docker engine on the leader (DOCKER_HOST or /var/run/docker.sock): {e}")
-        })?;
+        let d = muster_docker::connect()
+            .await
+            .map_err(|e| format!("the docker provisioner runs on the leader: {e}"))?;
         self.docker = Some(d.clone());
         Ok(d)
     }
