@@ -46,7 +46,7 @@ fn dependencies() -> BTreeMap<String, Vec<String>> {
 #[test]
 fn the_client_side_links_no_daemon_and_the_daemons_not_each_other() {
     let deps = dependencies();
-    let forbidden: [(&str, &[&str]); 4] = [
+    let forbidden: [(&str, &[&str]); 5] = [
         ("muster-cli", &["muster-agent", "muster-server", "muster"]),
         (
             "muster-client",
@@ -55,6 +55,19 @@ fn the_client_side_links_no_daemon_and_the_daemons_not_each_other() {
                 "muster-server",
                 "muster-cli",
                 "muster-core",
+                "muster",
+            ],
+        ),
+        // The engine helpers know nothing of muster's own crates.
+        (
+            "muster-docker",
+            &[
+                "muster-agent",
+                "muster-server",
+                "muster-cli",
+                "muster-client",
+                "muster-core",
+                "muster-proto",
                 "muster",
             ],
         ),
@@ -73,11 +86,17 @@ fn the_client_side_links_no_daemon_and_the_daemons_not_each_other() {
     for needed in ["muster-cli", "muster-server", "muster-agent"] {
         assert!(muster.iter().any(|d| d == needed), "muster lacks {needed}");
     }
-    // The agent and the CLI share the one client crate.
-    for user in ["muster-cli", "muster-agent"] {
+    // The agent and the CLI share the one client crate, and both daemons the one set of
+    // Docker engine helpers.
+    for (user, shared) in [
+        ("muster-cli", "muster-client"),
+        ("muster-agent", "muster-client"),
+        ("muster-agent", "muster-docker"),
+        ("muster-server", "muster-docker"),
+    ] {
         assert!(
-            deps[user].iter().any(|d| d == "muster-client"),
-            "{user} does not use muster-client"
+            deps[user].iter().any(|d| d == shared),
+            "{user} does not use {shared}"
         );
     }
 }

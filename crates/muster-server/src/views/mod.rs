@@ -5,6 +5,12 @@
 //! the leader's memory, for the gRPC services and the studio's pages alike (muster-proto
 //! converts core types to wire messages; this layer decides what goes in).
 //!
+//! A pipeline and a compute target's own settings join nothing beyond the replicated
+//! state, so their read model is muster-proto's conversion (`pipeline_to_wire`,
+//! `compute_to_wire`), which the gRPC services and the studio call inside one read; what
+//! joins the stores or the leader's memory (a compute target's status and nodes, runs,
+//! sweeps, metrics, logs, archives) is built here.
+//!
 //! May import: `coordinator`, `store`, muster-core
 //! and muster-proto. A view whose data lives only on the leader (a live run's metrics)
 //! relays the read to the leader's API; it never imports the transport layers.
