@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use muster_core::distributed::{FIRST_MASTER_PORT, Layout, Peer, rank_setup};
-use muster_core::spec::{Distribution, RunSpec};
+use muster_core::spec::{Distribution, OutputKind, RunSpec};
 use muster_proto::v1;
 
 use crate::executor::docker::RSH_TARGET;
@@ -90,7 +90,8 @@ pub(crate) struct AttemptPlan {
     pub snapshot: Option<String>,
     /// Pipeline inputs (name → `<archive sha256>/<folder>`), placed at `inputs/<name>`.
     pub inputs: BTreeMap<String, String>,
-    /// Pipeline outputs: `outputs/<name>` folders to create before the command starts.
+    /// The declared folder outputs (the job's `outputs:` and a pipeline step's):
+    /// `outputs/<name>` folders to create before the command starts.
     pub output_folders: Vec<String>,
     /// The MPI hostfile's text, written to `code/.muster/hostfile`.
     pub hostfile: Option<String>,
@@ -252,7 +253,7 @@ impl AttemptPlan {
             rank: a.rank,
             snapshot: spec.code.as_ref().map(|c| c.manifest.clone()),
             inputs: a.inputs.clone().into_iter().collect(),
-            output_folders: a.outputs.clone(),
+            output_folders: output_folders(&spec, &a.outputs)?,
             hostfile: setup.hostfile,
             gate,
             launcher,
@@ -331,6 +332,29 @@ fn mpi_roles(peers: &[Peer], rank: u32, secret: Option<&str>) -> Result<MpiRole,
             secret: secret.to_string(),
         })
     })
+}
+
+/// The folders to make under `outputs/`: the job's declared outputs and a pipeline
+/// step's, except those declared `uri_file` (the command writes that file itself).
+fn output_folders(spec: &RunSpec, step_outputs: &[String]) -> Result<Vec<String>, PlanError> {
+    let mut folders: std::collections::BTreeSet<String> = spec
+        .outputs
+        .iter()
+        .filter(|(_, kind)| **kind == OutputKind::UriFolder)
+        .map(|(name, _)| name.clone())
+        .collect();
+    folders.extend(
+        step_outputs
+            .iter()
+            .filter(|o| !spec.outputs.contains_key(*o))
+            .cloned(),
+    );
+    // The server validated them; a name that would leave outputs/ is refused anyway.
+    for name in &folders {
+        muster_core::names::validate_output_name(name)
+            .map_err(|e| PlanError::Spec(format!("outputs.{name}: {e}")))?;
+    }
+    Ok(folders.into_iter().collect())
 }
 
 /// `MUSTER_*` and Azure ML's names: who the run is, where its outputs and metrics go.
@@ -473,6 +497,22 @@ mod tests {
         assert_eq!(env(&plan, "MUSTER_RUN_ID"), Some("r1"));
         assert_eq!(env(&plan, "MUSTER_NODE_COUNT"), Some("1"));
         assert_eq!(env(&plan, "MUSTER_RESTARTED"), None);
+    }
+
+    #[test]
+    fn declared_folder_outputs_and_a_step_s_get_folders_and_a_file_output_none() {
+        let mut a = assignment(None);
+        let spec = a.spec.as_mut().unwrap();
+        spec.outputs = [
+            ("model".to_string(), "uri_folder".to_string()),
+            ("report".to_string(), "uri_file".to_string()),
+        ]
+        .into();
+        a.outputs = vec!["prepped".into(), "report".into()];
+        let plan = AttemptPlan::from(&a, &node()).unwrap();
+        assert_eq!(plan.output_folders, ["model", "prepped"]);
+        a.outputs = vec!["../escape".into()];
+        assert!(AttemptPlan::from(&a, &node()).is_err());
     }
 
     #[test]

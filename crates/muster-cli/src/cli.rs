@@ -668,6 +668,10 @@ pub enum RunCommand {
         /// Where to (default: ./<run id>).
         #[arg(long)]
         to: Option<PathBuf>,
+        /// Only this declared output (`outputs/NAME`), and no logs (Azure ML's
+        /// `--output-name`).
+        #[arg(long, value_name = "NAME")]
+        output_name: Option<String>,
     },
 }
 

@@ -61,6 +61,9 @@ pub fn run_json(r: &v1::Run) -> Value {
         "priority": spec.priority,
         "instance_count": spec.instance_count,
         "message": r.message,
+        "requested_compute": spec.requested_compute,
+        "outputs": spec.outputs.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "warnings": spec.warnings,
         "code": spec.code.as_ref().map(|c| json!({
             "manifest": c.manifest, "files": c.files, "bytes": c.bytes,
             "git": c.git.as_ref().map(|g| json!({"commit": g.commit, "branch": g.branch, "dirty": g.dirty})),
@@ -127,7 +130,13 @@ pub fn run_details(r: &v1::Run) -> String {
         ("id", r.id.clone()),
         ("state", v1::RunState::word_of(r.state).into_owned()),
         ("experiment", spec.experiment.clone()),
-        ("compute", spec.compute.clone()),
+        (
+            "compute",
+            match &spec.requested_compute {
+                Some(asked) => format!("{} (for {asked})", spec.compute),
+                None => spec.compute.clone(),
+            },
+        ),
         ("command", spec.command.clone()),
         ("attempt", r.attempt.to_string()),
         (
@@ -155,6 +164,18 @@ pub fn run_details(r: &v1::Run) -> String {
     }
     if let Some(i) = &spec.image {
         lines.push(("image", i.clone()));
+    }
+    if !spec.outputs.is_empty() {
+        let mut outputs: Vec<String> = spec
+            .outputs
+            .iter()
+            .map(|(name, kind)| format!("{name} ({kind})"))
+            .collect();
+        outputs.sort();
+        lines.push(("outputs", outputs.join(", ")));
+    }
+    for w in &spec.warnings {
+        lines.push(("warning", w.clone()));
     }
     if let Some(c) = &spec.code {
         let mut code = format!(

@@ -451,6 +451,39 @@ impl ComputeSpec {
         }
     }
 
+    /// Why `run` can never start on this target, if it cannot: more instances than the
+    /// autoscaler may ever provide, or more GPUs or CPUs than the quota lets all its runs
+    /// hold together. The error names the run's field and both numbers. Targets whose
+    /// nodes join by themselves (attached, local, `static`) have no fixed size to check.
+    pub fn never_fits(&self, run: &crate::spec::RunSpec) -> Option<SpecError> {
+        let n = run.instance_count;
+        if let Some((_, max)) = self.scale_bounds()
+            && n > max
+        {
+            let what = match self.kind {
+                ComputeKind::Instance => "a compute instance is one node".to_string(),
+                _ => format!("it scales to at most {max} (max_instances)"),
+            };
+            return Some(SpecError::field(
+                "resources.instance_count",
+                format!(
+                    "the run spans {n} nodes, but compute target {:?} never has that many: {what}; lower instance_count or submit to a larger target",
+                    self.name
+                ),
+            ));
+        }
+        let need = QuotaUsage::of_run(&run.resources, n);
+        self.quota.never_admits(&need).map(|why| {
+            SpecError::field(
+                "resources",
+                format!(
+                    "the run can never start on compute target {:?}: {why} (all its runs together); ask for less, or have an admin raise the quota",
+                    self.name
+                ),
+            )
+        })
+    }
+
     /// Checks the name, the scaling bounds and the quota; the error names the field.
     pub fn validate(&self) -> Result<(), SpecError> {
         validate_compute_name(&self.name).map_err(|e| SpecError::field("name", e.to_string()))?;
@@ -818,5 +851,46 @@ mod tests {
             let e = parse_compute_yaml(&format!("name: gpus\n{yaml}"), None).unwrap_err();
             assert_eq!(e.path, path, "{yaml}: {e}");
         }
+    }
+
+    #[test]
+    fn a_run_that_can_never_fit_names_the_field_and_both_numbers() {
+        let mut cluster = ComputeSpec::new("gpu-pool", ComputeKind::Cluster);
+        cluster.max_instances = 2;
+        cluster.provisioner = Provisioner::Command(CommandProvisioner {
+            scale_up: "true".into(),
+            scale_down: "true".into(),
+        });
+        cluster.quota.max_gpus = Some(8);
+        let run = |gpus: u32, instances: u32| {
+            let mut r = crate::spec::RunSpec::new("train");
+            r.resources.gpus = gpus;
+            r.instance_count = instances;
+            r
+        };
+        let e = cluster.never_fits(&run(0, 1000)).unwrap();
+        assert_eq!(e.path, "resources.instance_count");
+        assert!(
+            e.message.contains("spans 1000 nodes")
+                && e.message.contains("at most 2 (max_instances)"),
+            "{e}"
+        );
+        let e = cluster.never_fits(&run(5, 2)).unwrap();
+        assert_eq!(e.path, "resources");
+        assert!(e.message.contains("10 GPUs but the quota allows 8"), "{e}");
+        assert_eq!(cluster.never_fits(&run(4, 2)), None);
+        // An instance is one node.
+        let mut instance = ComputeSpec::new("box", ComputeKind::Instance);
+        instance.provisioner = cluster.provisioner.clone();
+        assert!(
+            instance
+                .never_fits(&run(0, 2))
+                .unwrap()
+                .message
+                .contains("a compute instance is one node")
+        );
+        // Nodes that join by themselves have no size to check.
+        let attached = ComputeSpec::new("farm", ComputeKind::Attached);
+        assert_eq!(attached.never_fits(&run(0, 1000)), None);
     }
 }

@@ -57,6 +57,13 @@ pub fn validate_node_name(name: &str) -> Result<(), NameError> {
     validate_label("node", name, 63)
 }
 
+/// Validates a job output's name (it becomes the folder `outputs/<name>`): 1–255
+/// letters, digits, `-`, `_` and `.`, starting with a letter or digit, so it can never
+/// leave `outputs/`.
+pub fn validate_output_name(name: &str) -> Result<(), NameError> {
+    validate_label("output", name, 255)
+}
+
 /// 1 to `max` letters, digits, `-`, `_` and `.`, starting with a letter or digit.
 fn validate_label(what: &'static str, name: &str, max: usize) -> Result<(), NameError> {
     let err = |rule: String| NameError {

@@ -272,6 +272,40 @@ pub struct Environment {
     pub conda_file: Option<String>,
 }
 
+/// What a declared job output is: a folder (`uri_folder`, and Azure ML's model and
+/// table types, which are folders too) or one file (`uri_file`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputKind {
+    /// `outputs/<name>/` exists before the command starts.
+    UriFolder,
+    /// `outputs/<name>` is a file the command writes (`outputs/` exists).
+    UriFile,
+}
+
+impl OutputKind {
+    /// Azure ML's output `type`: `uri_file` is a file, every other type a folder.
+    pub fn parse(kind: Option<&str>) -> Result<OutputKind, String> {
+        match kind {
+            None | Some("uri_folder" | "mlflow_model" | "custom_model" | "mltable") => {
+                Ok(OutputKind::UriFolder)
+            }
+            Some("uri_file") => Ok(OutputKind::UriFile),
+            Some(other) => Err(format!(
+                "unknown output type {other:?}: use uri_folder, uri_file, mlflow_model, custom_model or mltable"
+            )),
+        }
+    }
+
+    /// The type as written: `uri_folder` or `uri_file`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputKind::UriFolder => "uri_folder",
+            OutputKind::UriFile => "uri_file",
+        }
+    }
+}
+
 /// Where a run's code comes from: a snapshot manifest in the blob store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CodeRef {
@@ -333,6 +367,18 @@ pub struct RunSpec {
         skip_serializing_if = "crate::access::is_default_workspace"
     )]
     pub workspace: String,
+    /// The declared outputs (`${{outputs.NAME}}` is `outputs/NAME`); a folder output's
+    /// folder is made before the command starts, and all of them are kept with the run.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub outputs: BTreeMap<String, OutputKind>,
+    /// What the job asked for that muster reads but does not act on, one sentence each
+    /// naming the key: printed at submit and shown with the run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+    /// The compute the job named when the server chose another for it (`serverless`,
+    /// resolved to the workspace's serverless compute target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_compute: Option<String>,
 }
 
 impl RunSpec {
@@ -358,6 +404,9 @@ impl RunSpec {
             code: None,
             node_selector: BTreeMap::new(),
             workspace: crate::access::default_workspace(),
+            outputs: BTreeMap::new(),
+            warnings: Vec::new(),
+            requested_compute: None,
         }
     }
 
@@ -480,6 +529,16 @@ impl RunSpec {
                     "not a label name: use a non-empty name without spaces",
                 ));
             }
+        }
+        for name in self.outputs.keys() {
+            crate::names::validate_output_name(name)
+                .map_err(|e| SpecError::field(format!("outputs.{name}"), e.to_string()))?;
+        }
+        if self.warnings.len() > 64 || self.warnings.iter().any(|w| w.len() > 1024) {
+            return Err(SpecError::field(
+                "warnings",
+                "at most 64 warnings of 1024 bytes each",
+            ));
         }
         if let Some(code) = &self.code
             && !is_sha256_hex(&code.manifest)
@@ -706,6 +765,10 @@ pub struct JobFile {
     pub max_attempts: Option<u32>,
     /// muster: only nodes carrying all these labels take the run (`gpu_model: A100`).
     pub node_selector: Option<BTreeMap<String, Scalar>>,
+    /// Azure ML job services (jupyter, tensorboard, ssh); a warning: muster starts none.
+    pub services: Option<yaml_serde::Value>,
+    /// Azure ML's identity for data access; a warning: the node's own is used.
+    pub identity: Option<yaml_serde::Value>,
 }
 
 /// Parses an Azure ML v2 command job. Unknown keys are errors naming their path.
@@ -782,6 +845,77 @@ pub fn substitute(
 }
 
 impl JobFile {
+    /// The declared outputs and their kinds. An output's `path` (a datastore to write
+    /// to) cannot be honoured: muster keeps outputs with the run.
+    fn declared_outputs(
+        &self,
+        warnings: &mut Vec<String>,
+    ) -> Result<BTreeMap<String, OutputKind>, SpecError> {
+        let mut out = BTreeMap::new();
+        for (name, output) in self.outputs.clone().unwrap_or_default() {
+            let field = format!("outputs.{name}");
+            crate::names::validate_output_name(&name)
+                .map_err(|e| SpecError::field(&field, e.to_string()))?;
+            let output = output.unwrap_or_default();
+            let kind = OutputKind::parse(output.kind.as_deref())
+                .map_err(|e| SpecError::field(format!("{field}.type"), e))?;
+            if let Some(path) = &output.path {
+                return Err(SpecError::field(
+                    format!("{field}.path"),
+                    format!(
+                        "muster keeps outputs with the run and cannot write them to {path}: remove path, and fetch the output with `muster run download RUN --output-name {name}`"
+                    ),
+                ));
+            }
+            match output.mode.as_deref() {
+                None | Some("rw_mount" | "upload") => {}
+                Some(other) => warnings.push(format!(
+                    "{field}.mode: {other} is not used; muster writes outputs to a local folder and keeps them with the run when it ends (as upload)"
+                )),
+            }
+            out.insert(name, kind);
+        }
+        Ok(out)
+    }
+
+    /// A warning for each key this job sets that muster reads but does not act on.
+    fn unused_keys(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.properties.is_some() {
+            w.push("properties: not kept; use tags for what should stay with the run".into());
+        }
+        if self.services.is_some() {
+            w.push("services: muster starts no job services (jupyter, tensorboard, ssh); follow the run with `muster run logs --follow`".into());
+        }
+        if self.identity.is_some() {
+            w.push("identity: not used; the run reaches what the node it runs on can reach".into());
+        }
+        if let Some(r) = &self.resources {
+            if let Some(t) = &r.instance_type {
+                w.push(format!("resources.instance_type: {t} sizes nothing; muster places runs by resources.cpu, memory and gpus (and node_selector)"));
+            }
+            if r.properties.is_some() {
+                w.push("resources.properties: not used".into());
+            }
+        }
+        match &self.environment {
+            Some(EnvironmentFile::Reference(r)) if r.starts_with("azureml:") => {
+                w.push(format!("environment: muster has no registered environments yet, so {r} is not used and the run uses the node's own interpreter; give an image (environment: IMAGE) to run in a container"));
+            }
+            Some(EnvironmentFile::Inline(e)) => {
+                if e.conda_file.is_some() {
+                    let with = match &e.image {
+                        Some(i) => format!("the image {i} as it is"),
+                        None => "the node's own interpreter".into(),
+                    };
+                    w.push(format!("environment.conda_file: muster does not build environments yet, so the run uses {with}; install the dependencies in the image"));
+                }
+            }
+            _ => {}
+        }
+        w
+    }
+
     /// Normalizes the job into a run spec: defaults, substitution, validation.
     /// `default_experiment` is used when the job names none (the CLI passes the code
     /// directory's name, as Azure ML does).
@@ -792,12 +926,31 @@ impl JobFile {
                 "missing: give the command to run (in the YAML, or after `--` on the command line)",
             )
         })?;
+        if let Some(EnvironmentFile::Inline(e)) = &self.environment
+            && let Some(os) = e
+                .os_type
+                .as_deref()
+                .filter(|o| !o.eq_ignore_ascii_case("linux"))
+        {
+            return Err(SpecError::field(
+                "environment.os_type",
+                format!(
+                    "muster runs Linux containers and processes only, not {os}: remove os_type or set linux"
+                ),
+            ));
+        }
+        let mut warnings = self.unused_keys();
         let mut inputs = BTreeMap::new();
         for (name, input) in self.inputs.clone().unwrap_or_default() {
             let value = match input {
                 InputFile::Literal(v) => v.to_string(),
                 InputFile::Data(d) => match (d.path, d.default) {
-                    (Some(p), _) => strip_azureml(&p).to_string(),
+                    (Some(p), _) => {
+                        warnings.push(format!(
+                            "inputs.{name}: muster does not fetch data inputs yet; ${{{{inputs.{name}}}}} is the path as written ({p}), so the command must reach it itself"
+                        ));
+                        strip_azureml(&p).to_string()
+                    }
                     (None, Some(v)) => v.to_string(),
                     (None, None) => {
                         return Err(SpecError::field(
@@ -809,17 +962,11 @@ impl JobFile {
             };
             inputs.insert(name, value);
         }
-        let outputs: Vec<String> = self
-            .outputs
-            .clone()
-            .unwrap_or_default()
-            .into_keys()
-            .collect();
+        let outputs = self.declared_outputs(&mut warnings)?;
         let command = substitute("command", &command, |scope, name| match scope {
             "inputs" => inputs.get(name).cloned(),
             "outputs" => outputs
-                .iter()
-                .any(|o| o == name)
+                .contains_key(name)
                 .then(|| format!("outputs/{name}")),
             _ => None,
         })?;
@@ -846,6 +993,8 @@ impl JobFile {
             .map(|(k, v)| (k, v.to_string()))
             .collect();
         spec.inputs = inputs;
+        spec.outputs = outputs;
+        spec.warnings = warnings;
         spec.environment = match self.environment {
             None => Environment::default(),
             Some(EnvironmentFile::Reference(r)) if r.starts_with("azureml:") => Environment {
@@ -1160,5 +1309,110 @@ mod tests {
             .into_run_spec("exp")
             .unwrap_err();
         assert_eq!(e.path, "node_selector.gpu model");
+    }
+
+    #[test]
+    fn declared_outputs_are_kept_with_their_kind() {
+        let spec = parse_job_yaml(
+            "command: python t.py --model ${{outputs.model}} --report ${{outputs.report}}\noutputs:\n  model:\n    type: mlflow_model\n    mode: rw_mount\n  report:\n    type: uri_file\n  untyped:\n",
+        )
+        .unwrap()
+        .into_run_spec("exp")
+        .unwrap();
+        assert_eq!(
+            spec.command,
+            "python t.py --model outputs/model --report outputs/report"
+        );
+        assert_eq!(
+            spec.outputs,
+            BTreeMap::from([
+                ("model".to_string(), OutputKind::UriFolder),
+                ("report".to_string(), OutputKind::UriFile),
+                ("untyped".to_string(), OutputKind::UriFolder),
+            ])
+        );
+        assert!(spec.warnings.is_empty(), "{:?}", spec.warnings);
+        spec.validate().unwrap();
+    }
+
+    #[test]
+    fn an_output_muster_cannot_honour_is_an_error_naming_it() {
+        let e = parse_job_yaml(
+            "command: echo\noutputs:\n  m:\n    type: uri_folder\n    path: azureml://datastores/blob/paths/m\n",
+        )
+        .unwrap()
+        .into_run_spec("exp")
+        .unwrap_err();
+        assert_eq!(e.path, "outputs.m.path");
+        assert!(
+            e.message
+                .contains("muster run download RUN --output-name m"),
+            "{e}"
+        );
+        let e = parse_job_yaml("command: echo\noutputs:\n  m:\n    type: triton_model\n")
+            .unwrap()
+            .into_run_spec("exp")
+            .unwrap_err();
+        assert_eq!(e.path, "outputs.m.type");
+        // A name that would leave outputs/.
+        let e = parse_job_yaml("command: echo\noutputs:\n  ../up:\n")
+            .unwrap()
+            .into_run_spec("exp")
+            .unwrap_err();
+        assert_eq!(e.path, "outputs.../up");
+        let e =
+            parse_job_yaml("command: echo\nenvironment:\n  image: busybox\n  os_type: windows\n")
+                .unwrap()
+                .into_run_spec("exp")
+                .unwrap_err();
+        assert_eq!(e.path, "environment.os_type");
+    }
+
+    #[test]
+    fn keys_muster_does_not_act_on_are_warnings_naming_them() {
+        let spec = parse_job_yaml(concat!(
+            "command: python train.py --data ${{inputs.data}}\n",
+            "inputs:\n  data:\n    type: uri_folder\n    path: azureml:iris@1\n",
+            "environment:\n  image: python:3.12\n  conda_file: conda.yml\n",
+            "resources:\n  instance_type: Standard_NC6\n",
+            "services:\n  my_jupyter:\n    type: jupyter_lab\n",
+            "identity:\n  type: user_identity\n",
+            "properties:\n  a: b\n",
+            "outputs:\n  o:\n    mode: direct\n",
+        ))
+        .unwrap()
+        .into_run_spec("exp")
+        .unwrap();
+        let keys: Vec<&str> = spec
+            .warnings
+            .iter()
+            .map(|w| w.split(':').next().unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "properties",
+                "services",
+                "identity",
+                "resources.instance_type",
+                "environment.conda_file",
+                "inputs.data",
+                "outputs.o.mode",
+            ]
+        );
+        assert!(
+            spec.warnings[4].contains("python:3.12 as it is"),
+            "{:?}",
+            spec.warnings
+        );
+        let named = parse_job_yaml("command: echo\nenvironment: azureml:sklearn-env@latest\n")
+            .unwrap()
+            .into_run_spec("exp")
+            .unwrap();
+        assert!(
+            named.warnings[0].contains("node's own interpreter"),
+            "{:?}",
+            named.warnings
+        );
     }
 }

@@ -4,7 +4,7 @@ use muster_core::compute::{
     CommandProvisioner, ComputeKind, ComputeSpec, DockerProvisioner, Provisioner, Quota, Tier,
 };
 use muster_core::snapshot::GitInfo as CoreGit;
-use muster_core::spec::{CodeRef as CoreCode, Distribution as CoreDist, Environment};
+use muster_core::spec::{CodeRef as CoreCode, Distribution as CoreDist, Environment, OutputKind};
 use muster_core::state::{
     AttemptState, ComputeTarget as CoreCompute, Node as CoreNode, Run as CoreRun,
 };
@@ -102,6 +102,13 @@ impl From<CoreSpec> for v1::RunSpec {
             max_attempts: s.max_attempts,
             node_selector: s.node_selector.into_iter().collect(),
             workspace: s.workspace,
+            outputs: s
+                .outputs
+                .into_iter()
+                .map(|(name, kind)| (name, kind.as_str().to_string()))
+                .collect(),
+            warnings: s.warnings,
+            requested_compute: s.requested_compute,
             code: s.code.map(|c| v1::CodeRef {
                 manifest: c.manifest,
                 files: c.files,
@@ -139,7 +146,19 @@ pub fn spec_from_wire(s: v1::RunSpec) -> Result<CoreSpec, String> {
             }
         }),
     };
+    let outputs = s
+        .outputs
+        .into_iter()
+        .map(|(name, kind)| {
+            OutputKind::parse(Some(&kind))
+                .map(|k| (name.clone(), k))
+                .map_err(|e| format!("outputs.{name}.type: {e}"))
+        })
+        .collect::<Result<_, String>>()?;
     Ok(CoreSpec {
+        outputs,
+        warnings: s.warnings,
+        requested_compute: s.requested_compute,
         command: s.command,
         compute: s.compute,
         experiment: s.experiment,

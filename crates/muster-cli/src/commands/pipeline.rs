@@ -163,6 +163,11 @@ async fn submit(
     let experiment = default_experiment(&base);
     let spec = parse_pipeline_yaml(&text, &experiment)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    for (step, s) in &spec.steps {
+        for w in &s.run.warnings {
+            eprintln!("warning: jobs.{step}: {w}");
+        }
+    }
     let dirs = code_dirs(&text, &base);
     let limits = SnapshotLimits {
         max_bytes: args.max_snapshot_bytes,

@@ -137,10 +137,14 @@ pub async fn run(server: &str, output: OutputFormat, cmd: RunCommand) -> anyhow:
             }
             Ok(exit_code(&run))
         }
-        RunCommand::Download { id, to } => {
+        RunCommand::Download {
+            id,
+            to,
+            output_name: only,
+        } => {
             let mut c = connect(server).await?;
             let to = to.unwrap_or_else(|| PathBuf::from(&id));
-            let summary = download(&mut c, &id, &to).await?;
+            let summary = download(&mut c, &id, &to, only.as_deref()).await?;
             if output == OutputFormat::Json {
                 print_json(&summary);
             } else {
@@ -293,10 +297,13 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
         }
         None => (JobFile::default(), PathBuf::new()),
     };
+    // A job file without `code:` uploads nothing, as in Azure ML; a command given on the
+    // command line alone runs in a snapshot of the current directory.
     let code_dir = match (&args.code, &job.code) {
-        (Some(c), _) => c.clone(),
-        (None, Some(c)) => base.join(c),
-        (None, None) => PathBuf::from("."),
+        (Some(c), _) => Some(c.clone()),
+        (None, Some(c)) => Some(base.join(c)),
+        (None, None) if args.file.is_some() => None,
+        (None, None) => Some(PathBuf::from(".")),
     };
     if !args.command.is_empty() {
         job.command = Some(
@@ -381,22 +388,33 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
         .map(|p| format!("{}: ", p.display()))
         .unwrap_or_default();
     let mut spec = job
-        .into_run_spec(&default_experiment(&code_dir))
+        .into_run_spec(&default_experiment(
+            code_dir.as_deref().unwrap_or(Path::new(".")),
+        ))
         .map_err(|e| anyhow::anyhow!("{label}{e}"))?;
+    for w in &spec.warnings {
+        eprintln!("warning: {label}{w}");
+    }
     let limits = SnapshotLimits {
         max_bytes: args.max_snapshot_bytes,
         max_files: args.max_snapshot_files,
     };
-    let snap = snapshot::build(&code_dir, limits)?;
+    let snap = match &code_dir {
+        Some(dir) => vec![snapshot::build(dir, limits)?],
+        None => Vec::new(),
+    };
+    let snaps: Vec<&snapshot::Snapshot> = snap.iter().collect();
 
     let mut list = crate::server_list(server)?;
-    let (code, stats) = crate::upload_failing_over(&mut list, &[&snap])
-        .await?
-        .remove(0);
-    if output == OutputFormat::Table {
-        eprintln!("{}", snapshot::describe(&code_dir, "", &code, &stats));
+    if let Some(dir) = &code_dir {
+        let (code, stats) = crate::upload_failing_over(&mut list, &snaps)
+            .await?
+            .remove(0);
+        if output == OutputFormat::Table {
+            eprintln!("{}", snapshot::describe(dir, "", &code, &stats));
+        }
+        spec.code = Some(code);
     }
-    spec.code = Some(code);
     if let Some(w) = crate::workspace() {
         spec.workspace = w.to_string();
     }
@@ -408,7 +426,7 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
         spec: Some(spec.clone().into()),
         idempotency_key: Some(key),
     };
-    let run = crate::submit_failing_over(&mut list, &[&snap], |mut c| {
+    let run = crate::submit_failing_over(&mut list, &snaps, |mut c| {
         let req = req.clone();
         async move { c.runs.submit_run(req).await }
     })
@@ -454,9 +472,33 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
 
 /// Downloads the outputs of the run's latest attempt that has any (into `to/outputs/`)
 /// and the logs of every attempt (into `to/logs/`: `attempt-N.std_log.txt`, or for a
-/// multi-instance run one file per rank, `attempt-N.rank-R.std_log.txt`).
-async fn download(c: &mut Clients, id: &str, to: &Path) -> anyhow::Result<serde_json::Value> {
+/// multi-instance run one file per rank, `attempt-N.rank-R.std_log.txt`). With `only`,
+/// just that declared output (`to/outputs/NAME`) and no logs.
+async fn download(
+    c: &mut Clients,
+    id: &str,
+    to: &Path,
+    only: Option<&str>,
+) -> anyhow::Result<serde_json::Value> {
     let run = get(c, id).await?;
+    let declared: std::collections::BTreeMap<String, String> = run
+        .spec
+        .as_ref()
+        .map(|s| s.outputs.clone().into_iter().collect())
+        .unwrap_or_default();
+    if let Some(name) = only
+        && !declared.contains_key(name)
+    {
+        let names: Vec<&str> = declared.keys().map(String::as_str).collect();
+        anyhow::bail!(
+            "--output-name: run {id} declares no output {name:?}; {}",
+            if names.is_empty() {
+                "it declares none (download all of outputs/ without --output-name)".to_string()
+            } else {
+                format!("its outputs are {}", names.join(", "))
+            }
+        );
+    }
     std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
     let outputs = run.attempts.iter().rev().find_map(|a| a.outputs.clone());
     let mut files = 0usize;
@@ -465,18 +507,20 @@ async fn download(c: &mut Clients, id: &str, to: &Path) -> anyhow::Result<serde_
         c.blobs.download(sha, &archive).await?;
         let dest = to.join("outputs");
         let archive2 = archive.clone();
-        files = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
-            let mut ar = tar::Archive::new(std::fs::File::open(&archive2)?);
-            let count = ar
-                .entries()?
-                .filter(|e| e.as_ref().is_ok_and(|e| e.header().entry_type().is_file()))
-                .count();
-            let mut ar = tar::Archive::new(std::fs::File::open(&archive2)?);
-            ar.unpack(&dest)?;
-            Ok(count)
-        })
-        .await??;
+        let only = only.map(str::to_string);
+        files = tokio::task::spawn_blocking(move || unpack(&archive2, &dest, only.as_deref()))
+            .await??;
         let _ = std::fs::remove_file(&archive);
+    }
+    if let Some(name) = only {
+        if files == 0 {
+            eprintln!(
+                "run {id}'s output {name} is empty (the run wrote nothing to outputs/{name})"
+            );
+        }
+        return Ok(
+            json!({"id": id, "to": to.display().to_string(), "output": name, "output_files": files}),
+        );
     }
     let logs_dir = to.join("logs");
     std::fs::create_dir_all(&logs_dir)?;
@@ -515,4 +559,30 @@ async fn download(c: &mut Clients, id: &str, to: &Path) -> anyhow::Result<serde_
     Ok(
         json!({"id": id, "to": to.display().to_string(), "output_files": files, "attempts": run.attempts.len()}),
     )
+}
+
+/// Unpacks an outputs archive into `dest` (all of it, or only `only`'s file or folder);
+/// returns how many files it held. The tar crate keeps every entry inside `dest`.
+fn unpack(archive: &Path, dest: &Path, only: Option<&str>) -> anyhow::Result<usize> {
+    let wanted = |path: &Path| {
+        only.is_none_or(|name| {
+            path.components()
+                .find(|c| !matches!(c, std::path::Component::CurDir))
+                .is_some_and(|first| first.as_os_str() == name)
+        })
+    };
+    let mut ar = tar::Archive::new(std::fs::File::open(archive)?);
+    let mut files = 0;
+    std::fs::create_dir_all(dest)?;
+    for entry in ar.entries()? {
+        let mut entry = entry?;
+        if !wanted(&entry.path()?) {
+            continue;
+        }
+        if entry.header().entry_type().is_file() {
+            files += 1;
+        }
+        entry.unpack_in(dest)?;
+    }
+    Ok(files)
 }

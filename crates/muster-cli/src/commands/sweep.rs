@@ -303,6 +303,9 @@ fn sweep_from_args(args: &SweepSubmitArgs) -> anyhow::Result<(SweepSpec, PathBuf
 async fn submit(server: &str, output: OutputFormat, args: SweepSubmitArgs) -> anyhow::Result<i32> {
     // Everything the user gave is checked before the network is touched.
     let (mut spec, code_dir) = sweep_from_args(&args)?;
+    for w in &spec.trial.warnings {
+        eprintln!("warning: trial: {w}");
+    }
     let limits = SnapshotLimits {
         max_bytes: args.max_snapshot_bytes,
         max_files: args.max_snapshot_files,

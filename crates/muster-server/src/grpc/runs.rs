@@ -118,6 +118,16 @@ impl RunService for Runs {
             .map(|k| format!("{}/{k}", spec.workspace));
         spec.validate()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // A run its target can never hold is refused here, not left queued for ever. (Not
+        // in `State::apply`: a rule there would change how logs written before it replay.)
+        if let Some(why) = self.0.coordinator.read(|s| {
+            s.computes
+                .get(&spec.compute)
+                .filter(|c| c.spec.workspace == spec.workspace)
+                .and_then(|c| c.spec.never_fits(&spec))
+        }) {
+            return Err(Status::invalid_argument(why.to_string()));
+        }
         if let Some(code) = &spec.code {
             // The snapshot must be on a majority of servers before the run is accepted.
             check_code(&self.0, "code", code).await?;

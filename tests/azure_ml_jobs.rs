@@ -1,0 +1,185 @@
+//! Azure ML job files as written (issue 17): declared outputs, a job without `code:`,
+//! keys muster reads but does not act on, and jobs that can never fit their target.
+
+use muster_proto::Word;
+use muster_testkit::{DevCluster, muster};
+use muster_tests::{submit_id, wait_done, write};
+
+/// A command job shaped like Azure ML's samples: a model folder, a report file and an
+/// untyped output, no `code:`, and an `instance_type` muster does not size by.
+const JOB: &str = r#"$schema: https://azuremlschemas.azureedge.net/latest/commandJob.schema.json
+type: command
+command: >-
+  test -d ${{outputs.model}} && test -d ${{outputs.extra}} && test ! -e ${{outputs.report}} &&
+  echo weights > ${{outputs.model}}/weights.txt &&
+  echo accuracy=0.9 > ${{outputs.report}} &&
+  ls -a
+outputs:
+  model:
+    type: uri_folder
+  report:
+    type: uri_file
+  extra:
+resources:
+  instance_type: Standard_NC6
+display_name: outputs-sample
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_outputs_exist_before_the_command_and_download_one_by_one() {
+    let dev = DevCluster::start().await.unwrap();
+    let project = tempfile::tempdir().unwrap();
+    write(project.path(), "job.yml", JOB);
+    // Files beside the job that a snapshot would carry: without `code:` none travel.
+    write(project.path(), "secret-notes.txt", "not for the run");
+
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "-f", "job.yml"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("warning: job.yml: resources.instance_type: Standard_NC6 sizes nothing"),
+        "{out:?}"
+    );
+    assert!(
+        !out.stderr.contains("Uploaded"),
+        "no code, no snapshot: {out:?}"
+    );
+    let id = out.stdout.trim().to_string();
+    let run = wait_done(&dev.url(), &id).await;
+    assert_eq!(run.state().word(), "completed", "{run:?}");
+    let spec = run.spec.clone().unwrap();
+    assert!(spec.code.is_none(), "{spec:?}");
+    assert_eq!(spec.warnings.len(), 1, "{spec:?}");
+
+    // The run's working directory held only what muster made: no snapshot of the project.
+    let logs = muster(&dev.url(), project.path(), &["run", "logs", &id]).await;
+    assert!(!logs.stdout.contains("secret-notes.txt"), "{logs:?}");
+    assert!(logs.stdout.contains("outputs"), "{logs:?}");
+
+    // `run show` names the outputs and the warning.
+    let show = muster(&dev.url(), project.path(), &["run", "show", &id]).await;
+    assert!(
+        show.stdout
+            .contains("outputs     extra (uri_folder), model (uri_folder), report (uri_file)"),
+        "{show:?}"
+    );
+    assert!(
+        show.stdout.contains("warning     resources.instance_type"),
+        "{show:?}"
+    );
+
+    // One output at a time, without the logs.
+    let to = project.path().join("model-only");
+    let dl = muster(
+        &dev.url(),
+        project.path(),
+        &[
+            "run",
+            "download",
+            &id,
+            "--output-name",
+            "model",
+            "--to",
+            to.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(dl.code, 0, "{dl:?}");
+    assert_eq!(
+        std::fs::read_to_string(to.join("outputs/model/weights.txt")).unwrap(),
+        "weights\n"
+    );
+    assert!(!to.join("outputs/report").exists());
+    assert!(!to.join("logs").exists());
+    let to = project.path().join("report-only");
+    let dl = muster(
+        &dev.url(),
+        project.path(),
+        &[
+            "run",
+            "download",
+            &id,
+            "--output-name",
+            "report",
+            "--to",
+            to.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(dl.code, 0, "{dl:?}");
+    assert_eq!(
+        std::fs::read_to_string(to.join("outputs/report")).unwrap(),
+        "accuracy=0.9\n"
+    );
+    let bad = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "download", &id, "--output-name", "weights"],
+    )
+    .await;
+    assert_ne!(bad.code, 0, "{bad:?}");
+    assert!(
+        bad.stderr
+            .contains("declares no output \"weights\"; its outputs are extra, model, report"),
+        "{bad:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_its_target_can_never_hold_is_refused_at_submit_and_nothing_queues() {
+    let dev = DevCluster::start().await.unwrap();
+    let project = tempfile::tempdir().unwrap();
+    write(
+        project.path(),
+        "cluster.yml",
+        "name: gpu-pool\ntype: amlcompute\nmin_instances: 0\nmax_instances: 2\nprovisioner:\n  type: command\n  scale_up: 'true'\n  scale_down: 'true'\n",
+    );
+    let created = muster(
+        &dev.url(),
+        project.path(),
+        &["compute", "create", "-f", "cluster.yml"],
+    )
+    .await;
+    assert_eq!(created.code, 0, "{created:?}");
+    write(
+        project.path(),
+        "job.yml",
+        "command: hostname\ncompute: azureml:gpu-pool\nresources:\n  instance_count: 1000\n",
+    );
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "-f", "job.yml"],
+    )
+    .await;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("resources.instance_count")
+            && out.stderr.contains("the run spans 1000 nodes")
+            && out.stderr.contains("at most 2 (max_instances)"),
+        "{out:?}"
+    );
+    assert!(muster_tests::all_runs(&dev.url()).await.is_empty());
+    // What fits is taken.
+    let id = submit_id(
+        &dev.url(),
+        project.path(),
+        &[
+            "run",
+            "submit",
+            "--compute",
+            "gpu-pool",
+            "--instance-count",
+            "2",
+            "--",
+            "true",
+        ],
+    )
+    .await;
+    assert!(id.starts_with("run-"), "{id}");
+}
