@@ -902,14 +902,12 @@ impl JobFile {
             Some(EnvironmentFile::Reference(r)) if r.starts_with("azureml:") => {
                 w.push(format!("environment: muster has no registered environments yet, so {r} is not used and the run uses the node's own interpreter; give an image (environment: IMAGE) to run in a container"));
             }
-            Some(EnvironmentFile::Inline(e)) => {
-                if e.conda_file.is_some() {
-                    let with = match &e.image {
-                        Some(i) => format!("the image {i} as it is"),
-                        None => "the node's own interpreter".into(),
-                    };
-                    w.push(format!("environment.conda_file: muster does not build environments yet, so the run uses {with}; install the dependencies in the image"));
-                }
+            Some(EnvironmentFile::Inline(e)) if e.conda_file.is_some() => {
+                let with = match &e.image {
+                    Some(i) => format!("the image {i} as it is"),
+                    None => "the node's own interpreter".into(),
+                };
+                w.push(format!("environment.conda_file: muster does not build environments yet, so the run uses {with}; install the dependencies in the image"));
             }
             _ => {}
         }
