@@ -159,6 +159,7 @@ fn allowed(method: &str) -> Option<&'static [Who]> {
             | "ListGrants",
         ) => ANY_USER,
         ("muster.v1.AccessService", "GrantRole" | "RevokeRole") => ADMINS,
+        ("muster.v1.AccessService", "SetServerlessCompute") => OPERATORS,
         ("muster.v1.AccessService", "CreateWorkspace" | "DeleteWorkspace" | "ListAudit") => ADMINS,
         _ => return None,
     })
@@ -496,6 +497,65 @@ async fn another_workspace_is_invisible_and_refusals_are_audited() {
         Code::NotFound,
         "vision's compute is unknown in nlp"
     );
+    // An operator of nlp chooses nlp's serverless compute, among nlp's own targets only,
+    // and cannot touch vision's; nlp's serverless jobs then land on nlp-pool.
+    let olga = access::user_token(&url, "olga", "operator", Some("nlp"))
+        .await
+        .unwrap();
+    let mut olga = muster_client::connect(&url, Credentials::bearer(&olga).unwrap())
+        .await
+        .unwrap();
+    let set = |workspace: &str, compute: &str| v1::SetServerlessComputeRequest {
+        workspace: workspace.into(),
+        compute: Some(compute.into()),
+    };
+    let theirs = olga
+        .access
+        .set_serverless_compute(set("vision", "vision-pool"))
+        .await;
+    assert!(
+        matches!(
+            theirs.unwrap_err().code(),
+            Code::NotFound | Code::PermissionDenied
+        ),
+        "another workspace's setting"
+    );
+    let borrowed = olga
+        .access
+        .set_serverless_compute(set("nlp", "vision-pool"))
+        .await;
+    assert_eq!(borrowed.unwrap_err().code(), Code::FailedPrecondition);
+    let denied = nils
+        .access
+        .set_serverless_compute(set("nlp", "nlp-pool"))
+        .await;
+    assert_eq!(
+        denied.unwrap_err().code(),
+        Code::PermissionDenied,
+        "a user is no operator"
+    );
+    olga.access
+        .set_serverless_compute(set("nlp", "nlp-pool"))
+        .await
+        .unwrap();
+    let serverless = nils
+        .runs
+        .submit_run(v1::SubmitRunRequest {
+            spec: Some(spec("serverless", "nlp")),
+            idempotency_key: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .spec
+        .unwrap();
+    assert_eq!(
+        (
+            serverless.compute.as_str(),
+            serverless.requested_compute.as_deref()
+        ),
+        ("nlp-pool", Some("serverless"))
+    );
     // The same idempotency key in another workspace is another run.
     let own = nils
         .runs
@@ -527,7 +587,7 @@ async fn another_workspace_is_invisible_and_refusals_are_audited() {
         .unwrap()
         .into_inner()
         .runs;
-    assert_eq!(all.len(), 2);
+    assert_eq!(all.len(), 3, "vera's, nils's serverless one and his own");
     // Blobs are addressed by content, but a user reads only those of runs they may see: a
     // digest learnt elsewhere opens nothing.
     let file = vera

@@ -183,3 +183,100 @@ async fn a_job_its_target_can_never_hold_is_refused_at_submit_and_nothing_queues
     .await;
     assert!(id.starts_with("run-"), "{id}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serverless_jobs_run_on_the_workspace_s_serverless_target() {
+    let dev = DevCluster::start().await.unwrap();
+    let project = tempfile::tempdir().unwrap();
+    write(
+        project.path(),
+        "job.yml",
+        "command: echo serverless-ran\ncompute: azureml:serverless\n",
+    );
+    // `muster dev` runs serverless jobs on `local`, and says so.
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "-f", "job.yml"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("compute local for serverless"),
+        "{out:?}"
+    );
+    let id = out.stdout.trim().to_string();
+    let run = wait_done(&dev.url(), &id).await;
+    assert_eq!(run.state().word(), "completed", "{run:?}");
+    let show = muster(&dev.url(), project.path(), &["run", "show", &id]).await;
+    assert!(
+        show.stdout.contains("compute     local (for serverless)"),
+        "{show:?}"
+    );
+    let list = muster(&dev.url(), project.path(), &["workspace", "list"]).await;
+    assert!(list.stdout.contains("local"), "{list:?}");
+
+    // Without a serverless target, such jobs are refused with what to do.
+    let off = muster(
+        &dev.url(),
+        project.path(),
+        &["workspace", "update", "default", "--no-serverless-compute"],
+    )
+    .await;
+    assert_eq!(off.code, 0, "{off:?}");
+    let refused = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "-f", "job.yml"],
+    )
+    .await;
+    assert_ne!(refused.code, 0, "{refused:?}");
+    assert!(
+        refused.stderr.contains(
+            "workspace \"default\" has no serverless compute target: an operator names one with `muster workspace update default --serverless-compute NAME`"
+        ),
+        "{refused:?}"
+    );
+    // Only a target of the workspace can be named, and none may be called serverless.
+    let bad = muster(
+        &dev.url(),
+        project.path(),
+        &[
+            "workspace",
+            "update",
+            "default",
+            "--serverless-compute",
+            "nope",
+        ],
+    )
+    .await;
+    assert_ne!(bad.code, 0, "{bad:?}");
+    assert!(bad.stderr.contains("is not in workspace"), "{bad:?}");
+    let named = muster(
+        &dev.url(),
+        project.path(),
+        &["compute", "create", "serverless", "--type", "attached"],
+    )
+    .await;
+    assert_ne!(named.code, 0, "{named:?}");
+    assert!(named.stderr.contains("pick another name"), "{named:?}");
+    let back = muster(
+        &dev.url(),
+        project.path(),
+        &[
+            "workspace",
+            "update",
+            "default",
+            "--serverless-compute",
+            "local",
+        ],
+    )
+    .await;
+    assert_eq!(back.code, 0, "{back:?}");
+    submit_id(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "-f", "job.yml"],
+    )
+    .await;
+}

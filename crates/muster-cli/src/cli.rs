@@ -217,6 +217,17 @@ pub enum WorkspaceCommand {
         /// Its name.
         name: String,
     },
+    /// Change a workspace's settings (its operators).
+    Update {
+        /// Its name (`default` for the default workspace).
+        name: String,
+        /// The compute target its `compute: serverless` jobs run on.
+        #[arg(long, value_name = "COMPUTE", conflicts_with = "no_serverless_compute")]
+        serverless_compute: Option<String>,
+        /// Refuse `compute: serverless` jobs from now on.
+        #[arg(long)]
+        no_serverless_compute: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -271,6 +271,14 @@ pub enum AccessChange {
         /// Its name.
         name: String,
     },
+    /// Name the compute target a workspace's `compute: serverless` jobs run on (`None`:
+    /// none; such jobs are refused with what to do).
+    SetServerlessCompute {
+        /// The workspace.
+        workspace: String,
+        /// A compute target of that workspace.
+        compute: Option<String>,
+    },
     /// Remove an empty workspace (the state checks it holds no compute target and no
     /// unfinished run) and every grant in it.
     DeleteWorkspace {
@@ -313,6 +321,7 @@ impl AccessChange {
             AccessChange::Join { .. } => "agent.join",
             AccessChange::CreateWorkspace { .. } => "workspace.create",
             AccessChange::DeleteWorkspace { .. } => "workspace.delete",
+            AccessChange::SetServerlessCompute { .. } => "workspace.serverless",
             AccessChange::GrantRole { .. } => "role.grant",
             AccessChange::RevokeRole { .. } => "role.revoke",
             AccessChange::Bootstrap { .. } => "bootstrap",
@@ -381,6 +390,16 @@ pub enum AccessError {
     /// The join token does not exist, was used, or expired.
     #[error("{0}")]
     BadJoin(String),
+    /// A workspace's serverless compute must be one of its own compute targets.
+    #[error(
+        "compute target {compute:?} is not in workspace {workspace:?}: name one of its compute targets (`muster compute list --workspace {workspace}`)"
+    )]
+    NotInWorkspace {
+        /// The compute target.
+        compute: String,
+        /// The workspace.
+        workspace: String,
+    },
 }
 
 /// Why a presented credential does not identify anyone.
@@ -417,6 +436,10 @@ pub struct Access {
     /// Every grant.
     #[serde(default)]
     pub grants: BTreeSet<Grant>,
+    /// Each workspace's serverless compute target: where its `compute: serverless` jobs
+    /// run (Azure ML's serverless compute, on machines the farm owns).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub serverless: BTreeMap<String, String>,
     /// The audit log, oldest first (at most [`MAX_AUDIT_EVENTS`]).
     #[serde(default)]
     pub audit: Vec<AuditEvent>,
@@ -563,7 +586,8 @@ impl Access {
     }
 
     /// Applies a change by `actor` at `at`; `in_use` says what a workspace still holds
-    /// (from the rest of the state), `compute_exists` whether a compute target exists.
+    /// (from the rest of the state), `compute_workspace` the workspace of a compute target
+    /// that exists.
     /// Nothing changes on an error.
     pub fn apply(
         &mut self,
@@ -571,7 +595,7 @@ impl Access {
         actor: &str,
         at: Millis,
         in_use: impl Fn(&str) -> Option<String>,
-        compute_exists: impl Fn(&str) -> bool,
+        compute_workspace: impl Fn(&str) -> Option<String>,
     ) -> Result<(), AccessError> {
         let detail = match change {
             AccessChange::CreateToken { token } => {
@@ -610,7 +634,7 @@ impl Access {
                 if join.expires_at <= at {
                     return Err(AccessError::ExpiresInPast);
                 }
-                if !compute_exists(&join.compute) {
+                if compute_workspace(&join.compute).is_none() {
                     return Err(AccessError::BadJoin(format!(
                         "compute target {:?} does not exist: create it first (`muster compute create`)",
                         join.compute
@@ -675,6 +699,27 @@ impl Access {
                 );
                 format!("workspace {name}")
             }
+            AccessChange::SetServerlessCompute { workspace, compute } => {
+                if !self.workspace_exists(workspace) {
+                    return Err(AccessError::UnknownWorkspace(workspace.clone()));
+                }
+                match compute {
+                    Some(c) => {
+                        if compute_workspace(c).as_deref() != Some(workspace.as_str()) {
+                            return Err(AccessError::NotInWorkspace {
+                                compute: c.clone(),
+                                workspace: workspace.clone(),
+                            });
+                        }
+                        self.serverless.insert(workspace.clone(), c.clone());
+                        format!("serverless compute of workspace {workspace}: {c}")
+                    }
+                    None => {
+                        self.serverless.remove(workspace);
+                        format!("no serverless compute in workspace {workspace}")
+                    }
+                }
+            }
             AccessChange::DeleteWorkspace { name } => {
                 if name == DEFAULT_WORKSPACE {
                     return Err(AccessError::WorkspaceInUse {
@@ -692,6 +737,7 @@ impl Access {
                     });
                 }
                 self.workspaces.remove(name);
+                self.serverless.remove(name);
                 self.grants
                     .retain(|g| g.workspace.as_deref() != Some(name.as_str()));
                 format!("workspace {name} and its grants")

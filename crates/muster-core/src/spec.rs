@@ -20,6 +20,9 @@ use crate::snapshot::{GitInfo, is_sha256_hex};
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 /// The default compute target.
 pub const DEFAULT_COMPUTE: &str = "local";
+/// The compute a job names to run on its workspace's serverless compute target (Azure
+/// ML's serverless compute; here a target of the farm an operator chose).
+pub const SERVERLESS: &str = "serverless";
 /// The longest command accepted, in bytes.
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 

@@ -275,6 +275,32 @@ pub async fn workspace_cmd(
                 .map_err(status)?;
             println!("deleted workspace {name}");
         }
+        WorkspaceCommand::Update {
+            name,
+            serverless_compute,
+            no_serverless_compute,
+        } => {
+            if serverless_compute.is_none() && !no_serverless_compute {
+                anyhow::bail!(
+                    "nothing to change: give --serverless-compute COMPUTE or --no-serverless-compute"
+                );
+            }
+            let w = c
+                .access
+                .set_serverless_compute(v1::SetServerlessComputeRequest {
+                    workspace: name.clone(),
+                    compute: serverless_compute,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            match w.serverless_compute {
+                Some(target) => println!(
+                    "workspace {name}: `compute: serverless` jobs run on compute target {target}"
+                ),
+                None => println!("workspace {name}: `compute: serverless` jobs are refused"),
+            }
+        }
         WorkspaceCommand::List => {
             let list = c
                 .access
@@ -287,13 +313,18 @@ pub async fn workspace_cmd(
                 OutputFormat::Json => {
                     print_json(&json!(list
                     .iter()
-                    .map(|w| json!({"name": w.name, "role": w.role, "created_by": w.created_by}))
+                    .map(|w| json!({"name": w.name, "role": w.role, "created_by": w.created_by, "serverless_compute": w.serverless_compute}))
                     .collect::<Vec<_>>()))
                 }
                 OutputFormat::Table => {
-                    let mut t = table(&["WORKSPACE", "YOUR ROLE", "CREATED BY"]);
+                    let mut t = table(&["WORKSPACE", "YOUR ROLE", "CREATED BY", "SERVERLESS"]);
                     for w in &list {
-                        t.add_row(vec![w.name.clone(), w.role.clone(), w.created_by.clone()]);
+                        t.add_row(vec![
+                            w.name.clone(),
+                            w.role.clone(),
+                            w.created_by.clone(),
+                            w.serverless_compute.clone().unwrap_or_default(),
+                        ]);
                     }
                     println!("{t}");
                 }

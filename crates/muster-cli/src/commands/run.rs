@@ -436,16 +436,22 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
         return Ok(0);
     }
     if output == OutputFormat::Table {
+        // The server's spec: `serverless` became the workspace's serverless target.
+        let accepted = run.spec.clone().unwrap_or_default();
+        let compute = match &accepted.requested_compute {
+            Some(asked) => format!("{} for {asked}", accepted.compute),
+            None => accepted.compute,
+        };
         if args.stream {
             eprintln!(
-                "Submitted run {} (experiment {}, compute {}); streaming its logs",
-                run.id, spec.experiment, spec.compute
+                "Submitted run {} (experiment {}, compute {compute}); streaming its logs",
+                run.id, spec.experiment
             );
         } else {
             println!("{}", run.id);
             eprintln!(
-                "Submitted run {} (experiment {}, compute {}). Follow it: muster run logs --follow {}",
-                run.id, spec.experiment, spec.compute, run.id
+                "Submitted run {} (experiment {}, compute {compute}). Follow it: muster run logs --follow {}",
+                run.id, spec.experiment, run.id
             );
             return Ok(0);
         }

@@ -14,7 +14,18 @@ fn user_token(id: &str, user: &str, secret: &str, expires_at: Option<Millis>) ->
 }
 
 fn apply(access: &mut Access, change: AccessChange, at: Millis) -> Result<(), AccessError> {
-    access.apply(&change, "user:admin", at, |_| None, |c| c == "gpu")
+    // Two compute targets: `gpu` in the default workspace, `vision-gpu` in `vision`.
+    access.apply(
+        &change,
+        "user:admin",
+        at,
+        |_| None,
+        |c| match c {
+            "gpu" => Some(DEFAULT_WORKSPACE.to_string()),
+            "vision-gpu" => Some("vision".to_string()),
+            _ => None,
+        },
+    )
 }
 
 fn bootstrapped() -> Access {
@@ -231,7 +242,7 @@ fn a_workspace_in_use_or_the_default_one_is_not_deleted() {
             "user:admin",
             12,
             |_| Some("compute target gpu".into()),
-            |_| true,
+            |_| Some("vision".into()),
         )
         .unwrap_err();
     assert!(matches!(err, AccessError::WorkspaceInUse { .. }), "{err}");
@@ -408,5 +419,49 @@ fn roles_parse_by_name() {
     assert_eq!(
         Role::parse("root").unwrap_err().to_string(),
         "unknown role \"root\": use reader, user, operator or admin"
+    );
+}
+
+#[test]
+fn a_workspace_s_serverless_compute_is_one_of_its_own_targets() {
+    let mut access = bootstrapped();
+    let set = |workspace: &str, compute: Option<&str>| AccessChange::SetServerlessCompute {
+        workspace: workspace.into(),
+        compute: compute.map(str::to_string),
+    };
+    apply(&mut access, set(DEFAULT_WORKSPACE, Some("gpu")), 10).unwrap();
+    assert_eq!(
+        access.serverless.get(DEFAULT_WORKSPACE).map(String::as_str),
+        Some("gpu")
+    );
+    // Another workspace's target, an unknown one, an unknown workspace: refused, unchanged.
+    let before = access.clone();
+    let err = apply(&mut access, set(DEFAULT_WORKSPACE, Some("vision-gpu")), 11).unwrap_err();
+    assert!(matches!(err, AccessError::NotInWorkspace { .. }), "{err}");
+    let err = apply(&mut access, set(DEFAULT_WORKSPACE, Some("nope")), 11).unwrap_err();
+    assert!(matches!(err, AccessError::NotInWorkspace { .. }), "{err}");
+    let err = apply(&mut access, set("vision", Some("vision-gpu")), 11).unwrap_err();
+    assert!(matches!(err, AccessError::UnknownWorkspace(_)), "{err}");
+    assert_eq!(access.serverless, before.serverless);
+    apply(
+        &mut access,
+        AccessChange::CreateWorkspace {
+            name: "vision".into(),
+        },
+        12,
+    )
+    .unwrap();
+    apply(&mut access, set("vision", Some("vision-gpu")), 13).unwrap();
+    apply(&mut access, set(DEFAULT_WORKSPACE, None), 14).unwrap();
+    assert_eq!(
+        access.serverless.keys().collect::<Vec<_>>(),
+        [&"vision".to_string()]
+    );
+    assert!(
+        access
+            .audit
+            .iter()
+            .any(|e| e.action == "workspace.serverless"),
+        "audited"
     );
 }

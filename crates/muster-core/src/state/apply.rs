@@ -327,7 +327,7 @@ impl State {
                     by,
                     *at,
                     |w| self.workspace_contents(w),
-                    |c| self.computes.contains_key(c),
+                    |c| self.computes.get(c).map(|c| c.spec.workspace.clone()),
                 );
                 self.access = access;
                 result?;

@@ -131,7 +131,9 @@ impl Coordinator {
         Ok(coordinator)
     }
 
-    /// Creates the `local` compute target unless it exists (`muster dev`'s first start).
+    /// Creates the `local` compute target unless it exists (`muster dev`'s first start),
+    /// and makes it the default workspace's serverless compute when it creates it, so
+    /// Azure ML files with `compute: serverless` run as written.
     pub async fn ensure_local_compute(&self) -> anyhow::Result<()> {
         // The single voter needs a moment to elect itself after start.
         for _ in 0..100 {
@@ -143,7 +145,21 @@ impl Coordinator {
                 at: now_ms(),
             };
             match self.propose(cmd).await {
-                Ok(_) | Err(ProposalError::Rejected(ApplyError::ComputeExists(_))) => return Ok(()),
+                Ok(_) => {
+                    let serverless = Command::Access {
+                        change: Box::new(muster_core::access::AccessChange::SetServerlessCompute {
+                            workspace: muster_core::access::DEFAULT_WORKSPACE.into(),
+                            compute: Some("local".into()),
+                        }),
+                        by: "muster dev".into(),
+                        at: now_ms(),
+                    };
+                    self.propose(serverless)
+                        .await
+                        .context("cannot make local the serverless compute target")?;
+                    return Ok(());
+                }
+                Err(ProposalError::Rejected(ApplyError::ComputeExists(_))) => return Ok(()),
                 Err(ProposalError::Raft(
                     ProposeError::NotLeader { .. } | ProposeError::Dropped,
                 )) => {

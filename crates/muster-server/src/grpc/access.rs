@@ -338,6 +338,58 @@ impl AccessService for Accesses {
             created_at_ms: now_ms(),
             created_by: caller.label(),
             role: Role::Admin.as_str().into(),
+            serverless_compute: None,
+        }))
+    }
+
+    async fn set_serverless_compute(
+        &self,
+        req: Request<v1::SetServerlessComputeRequest>,
+    ) -> Result<Response<v1::Workspace>, Status> {
+        let caller = Caller::of(&req);
+        let req = req.into_inner();
+        let workspace = match req.workspace.trim() {
+            "" => muster_core::access::DEFAULT_WORKSPACE.to_string(),
+            w => w.to_string(),
+        };
+        // Operators of the workspace choose where its serverless jobs run.
+        caller.require(
+            &self.0,
+            &workspace,
+            Role::Operator,
+            &format!("workspace {workspace:?}"),
+        )?;
+        let compute = req.compute.map(|c| c.trim().to_string());
+        self.propose(
+            &caller,
+            AccessChange::SetServerlessCompute {
+                workspace: workspace.clone(),
+                compute: compute.clone(),
+            },
+        )
+        .await?;
+        let (created_at_ms, created_by) = self.0.coordinator.read(|s| {
+            s.access
+                .workspaces
+                .get(&workspace)
+                .map(|w| (w.created_at, w.created_by.clone()))
+                .unwrap_or((0, String::new()))
+        });
+        let role = match &caller {
+            Caller::User { name, .. } => self
+                .0
+                .coordinator
+                .read(|s| s.access.role_in(name, &workspace))
+                .map(|r| r.as_str().to_string())
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        Ok(Response::new(v1::Workspace {
+            name: workspace,
+            created_at_ms,
+            created_by,
+            role,
+            serverless_compute: compute,
         }))
     }
 
@@ -359,6 +411,7 @@ impl AccessService for Accesses {
                         .map(|w| (w.created_at, w.created_by.clone()))
                         .unwrap_or((0, String::new()));
                     v1::Workspace {
+                        serverless_compute: s.access.serverless.get(&name).cloned(),
                         name,
                         created_at_ms,
                         created_by,

@@ -336,6 +336,8 @@ pub(crate) fn rule(path: &str) -> Option<Rule> {
         ) => any_user,
         // Workspace admins grant roles in their workspace; the handler checks the scope.
         ("muster.v1.AccessService", "GrantRole" | "RevokeRole") => users(Admin),
+        // Workspace operators choose its serverless compute; the handler checks the scope.
+        ("muster.v1.AccessService", "SetServerlessCompute") => users(Operator),
         ("muster.v1.AccessService", "CreateWorkspace" | "DeleteWorkspace" | "ListAudit") => {
             cluster(Admin)
         }
@@ -656,7 +658,8 @@ pub(crate) fn access_status(e: AccessError) -> Status {
         | AccessError::ExpiresInPast => Status::invalid_argument(msg),
         AccessError::WorkspaceInUse { .. }
         | AccessError::NoSuchGrant { .. }
-        | AccessError::LastAdmin(_) => Status::failed_precondition(msg),
+        | AccessError::LastAdmin(_)
+        | AccessError::NotInWorkspace { .. } => Status::failed_precondition(msg),
         AccessError::BadJoin(_) => Status::permission_denied(msg),
     }
 }

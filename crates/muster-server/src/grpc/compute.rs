@@ -37,6 +37,11 @@ impl ComputeService for Computes {
         )?;
         spec.validate()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if spec.name == muster_core::spec::SERVERLESS {
+            return Err(Status::invalid_argument(
+                "name: `serverless` is how jobs ask for their workspace's serverless compute target: pick another name, then `muster workspace update WORKSPACE --serverless-compute NAME`",
+            ));
+        }
         let name = spec.name.clone();
         self.0
             .coordinator

@@ -305,6 +305,43 @@ impl From<EffectError> for Status {
 
 /// Checks that the snapshot `code` names (the request's field `field`) is whole in this
 /// server's store, and puts it on a majority of servers before the submission is accepted.
+/// A job that names `compute: serverless` runs on its workspace's serverless compute
+/// target: the spec names that target and keeps what the job asked for
+/// (`requested_compute`). Without one, the job is refused with what to do. `field` is
+/// where the compute was given (`compute`, `trial.compute`, `jobs.STEP.compute`).
+pub(crate) fn resolve_serverless(
+    server: &Server,
+    spec: &mut muster_core::spec::RunSpec,
+    field: &str,
+) -> Result<(), Status> {
+    if spec.compute != muster_core::spec::SERVERLESS {
+        return Ok(());
+    }
+    let workspace = spec.workspace.clone();
+    let (target, exists) = server.coordinator.read(|s| {
+        let target = s.access.serverless.get(&workspace).cloned();
+        let exists = target.as_ref().is_some_and(|t| {
+            s.computes
+                .get(t)
+                .is_some_and(|c| c.spec.workspace == workspace)
+        });
+        (target, exists)
+    });
+    match target {
+        Some(t) if exists => {
+            spec.requested_compute = Some(muster_core::spec::SERVERLESS.to_string());
+            spec.compute = t;
+            Ok(())
+        }
+        Some(t) => Err(Status::failed_precondition(format!(
+            "{field}: serverless: workspace {workspace:?} runs serverless jobs on compute target {t:?}, which no longer exists: an operator names another with `muster workspace update {workspace} --serverless-compute NAME`"
+        ))),
+        None => Err(Status::failed_precondition(format!(
+            "{field}: serverless: workspace {workspace:?} has no serverless compute target: an operator names one with `muster workspace update {workspace} --serverless-compute NAME`, or submit to a compute target of `muster compute list`"
+        ))),
+    }
+}
+
 pub(crate) async fn check_code(
     server: &crate::server::Server,
     field: &str,

@@ -89,8 +89,13 @@ impl PipelineService for Pipelines {
                 .validate()
                 .map_err(|e| Status::invalid_argument(format!("jobs.{step}.{e}")))?;
         }
-        for step in spec.steps.values_mut() {
+        for (name, step) in spec.steps.iter_mut() {
             step.run.workspace = workspace.clone();
+            crate::grpc::resolve_serverless(
+                &self.0,
+                &mut step.run,
+                &format!("jobs.{name}.compute"),
+            )?;
         }
         let unknown = self.0.coordinator.read(|s| {
             spec.steps

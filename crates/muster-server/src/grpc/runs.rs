@@ -100,7 +100,7 @@ impl RunService for Runs {
     ) -> Result<Response<v1::Run>, Status> {
         let caller = Caller::of(&req);
         let req = req.into_inner();
-        let spec = spec_from_wire(
+        let mut spec = spec_from_wire(
             req.spec
                 .ok_or_else(|| Status::invalid_argument("spec: missing"))?,
         )
@@ -111,6 +111,7 @@ impl RunService for Runs {
             Role::User,
             &format!("workspace {:?}", spec.workspace),
         )?;
+        crate::grpc::resolve_serverless(&self.0, &mut spec, "compute")?;
         // Keys are per workspace: another tenant's key never names this tenant's run.
         let idempotency_key = req
             .idempotency_key

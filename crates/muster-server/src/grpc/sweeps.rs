@@ -70,7 +70,7 @@ impl SweepService for Sweeps {
     ) -> Result<Response<v1::Sweep>, Status> {
         let caller = Caller::of(&req);
         let req = req.into_inner();
-        let spec = sweep_spec_from_wire(
+        let mut spec = sweep_spec_from_wire(
             req.spec
                 .ok_or_else(|| Status::invalid_argument("spec: missing"))?,
         )
@@ -84,6 +84,7 @@ impl SweepService for Sweeps {
             Role::User,
             &format!("workspace {workspace:?}"),
         )?;
+        crate::grpc::resolve_serverless(&self.0, &mut spec.trial, "trial.compute")?;
         // Keys are per workspace: another tenant's key never names this tenant's sweep.
         let key = req
             .idempotency_key
