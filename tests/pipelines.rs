@@ -385,8 +385,17 @@ async fn a_failed_step_fails_its_dependents_with_the_reason_and_the_rest_complet
     assert_eq!(d["state"], "failed", "{shown}");
     assert!(d["run_id"].is_null(), "D never ran: {shown}");
     let reason = d["reason"].as_str().unwrap();
-    assert!(reason.contains("upstream step b failed"), "{reason}");
+    assert!(
+        reason.contains("not run: upstream step b failed"),
+        "{reason}"
+    );
     assert!(reason.contains('3'), "the reason carries B's: {reason}");
+    // The pipeline names the root cause once and what never ran.
+    let message = shown["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("step b failed: ") && message.ends_with("; not run: d"),
+        "{message}"
+    );
     assert_eq!(all_runs(&url).await.len(), 3, "D never ran");
     // The studio lists the pipeline and shows each failure with its reason.
     let addr = farm.dev.addr;

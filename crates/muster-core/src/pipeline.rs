@@ -583,6 +583,32 @@ fn fail<'a>(
     });
 }
 
+/// How the reason of a step that never ran begins (an upstream step failed, the pipeline
+/// stopped after a failure, or it was canceled): what follows names the cause once.
+pub const NOT_RUN: &str = "not run: ";
+
+/// A failed pipeline in one line: each step that failed by itself with its reason, then
+/// the steps that never ran because of it (`steps` in order, with their failure reasons).
+pub fn failure_summary<'a>(steps: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let mut failed = Vec::new();
+    let mut not_run = Vec::new();
+    for (name, reason) in steps {
+        if reason.starts_with(NOT_RUN) {
+            not_run.push(name);
+        } else {
+            failed.push(format!("step {name} failed: {reason}"));
+        }
+    }
+    let mut out = failed.join("; ");
+    if !not_run.is_empty() {
+        if !out.is_empty() {
+            out.push_str("; ");
+        }
+        out.push_str(&format!("not run: {}", not_run.join(", ")));
+    }
+    out
+}
+
 /// Decides what happens next (see the module docs). `states` lacks steps not started
 /// (they are pending); `reuse` finds an earlier completed step's outputs by reuse key.
 /// Decisions that complete or fail a step are taken into account within the same call, so
@@ -620,12 +646,17 @@ pub fn plan(
             _ => None,
         });
         let reason = if let Some((dep, why)) = failed_dep {
-            Some(format!("upstream step {dep} failed: {why}"))
+            // Name the step that failed by itself once, however far downstream.
+            Some(if why.starts_with(NOT_RUN) {
+                why
+            } else {
+                format!("{NOT_RUN}upstream step {dep} failed: {why}")
+            })
         } else if !spec.continue_on_step_failure
             && let Some(f) = first_failure(&now)
         {
             Some(format!(
-                "not started: step {f} failed and settings.continue_on_step_failure is false"
+                "{NOT_RUN}step {f} failed and settings.continue_on_step_failure is false"
             ))
         } else {
             None
@@ -937,6 +968,22 @@ jobs:
     }
 
     #[test]
+    fn a_failed_pipeline_names_its_root_cause_once_and_what_never_ran() {
+        assert_eq!(
+            failure_summary([
+                ("A", "exited with code 1"),
+                ("B", "not run: upstream step A failed: exited with code 1"),
+                ("C", "not run: upstream step A failed: exited with code 1"),
+            ]),
+            "step A failed: exited with code 1; not run: B, C"
+        );
+        assert_eq!(
+            failure_summary([("x", "not run: the pipeline was canceled (by alice)")]),
+            "not run: x"
+        );
+    }
+
+    #[test]
     fn a_failed_step_fails_its_dependents_with_the_reason() {
         let p = diamond();
         let states = BTreeMap::from([
@@ -954,7 +1001,7 @@ jobs:
             d,
             vec![PipelineDecision::FailStep {
                 step: "D".into(),
-                reason: "upstream step B failed: exit code 1".into()
+                reason: "not run: upstream step B failed: exit code 1".into()
             }]
         );
         // C still runs; once it ends, the pipeline ends failed.
@@ -963,7 +1010,7 @@ jobs:
         states.insert(
             "D".to_string(),
             StepState::Failed {
-                reason: "upstream step B failed: exit code 1".into(),
+                reason: "not run: upstream step B failed: exit code 1".into(),
             },
         );
         assert_eq!(
@@ -993,9 +1040,9 @@ jobs:
         assert_eq!(
             failed,
             vec![
-                ("B", "upstream step A failed: oom"),
-                ("C", "upstream step A failed: oom"),
-                ("D", "upstream step B failed: upstream step A failed: oom"),
+                ("B", "not run: upstream step A failed: oom"),
+                ("C", "not run: upstream step A failed: oom"),
+                ("D", "not run: upstream step A failed: oom"),
             ]
         );
         assert!(matches!(
@@ -1028,7 +1075,7 @@ jobs:
             d,
             vec![PipelineDecision::FailStep {
                 step: "c".into(),
-                reason: "not started: step a failed and settings.continue_on_step_failure is false"
+                reason: "not run: step a failed and settings.continue_on_step_failure is false"
                     .into()
             }]
         );
@@ -1332,7 +1379,7 @@ jobs:
             }
             let (succeeded, failed) = finished.expect("the pipeline finishes");
             proptest::prop_assert_eq!(states.len(), n);
-            let any_failed = (0..n).any(|j| failing[j] && !matches!(states[&format!("s{j}")], StepState::Failed { ref reason } if reason.starts_with("upstream") || reason.starts_with("not started")));
+            let any_failed = (0..n).any(|j| failing[j] && !matches!(states[&format!("s{j}")], StepState::Failed { ref reason } if reason.starts_with(NOT_RUN)));
             proptest::prop_assert_eq!(succeeded, failed.is_empty());
             proptest::prop_assert_eq!(succeeded, !any_failed);
             for (j, fails) in failing.iter().enumerate().take(n) {

@@ -313,7 +313,7 @@ pub fn pipeline_state_to_wire(p: &muster_core::state::Pipeline) -> v1::PipelineS
 pub fn pipeline_to_wire(state: &State, p: &muster_core::state::Pipeline) -> v1::Pipeline {
     use muster_core::pipeline::StepState;
     let states = state.pipeline_step_states(p);
-    let steps = p
+    let steps: Vec<v1::PipelineStep> = p
         .spec
         .order
         .iter()
@@ -354,7 +354,26 @@ pub fn pipeline_to_wire(state: &State, p: &muster_core::state::Pipeline) -> v1::
         })
         .collect();
     let pipeline_state = pipeline_state_to_wire(p);
+    let message = matches!(
+        pipeline_state,
+        v1::PipelineState::Failed | v1::PipelineState::Canceled
+    )
+    .then(|| {
+        muster_core::pipeline::failure_summary(
+            steps
+                .iter()
+                .filter(|s: &&v1::PipelineStep| {
+                    matches!(
+                        s.state(),
+                        v1::StepState::Failed | v1::StepState::Canceled | v1::StepState::TimedOut
+                    )
+                })
+                .map(|s| (s.name.as_str(), s.reason.as_deref().unwrap_or("failed"))),
+        )
+    })
+    .filter(|m| !m.is_empty());
     v1::Pipeline {
+        message,
         id: p.id.clone(),
         display_name: p.spec.display_name.clone(),
         experiment: p.spec.experiment.clone(),

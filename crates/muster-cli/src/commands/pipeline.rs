@@ -231,6 +231,7 @@ pub fn pipeline_json(p: &v1::Pipeline) -> Value {
         "created_at": time(p.created_at_ms),
         "finished_at": p.finished_at_ms.map(time),
         "cancel_reason": p.cancel_reason,
+        "message": p.message,
         "outputs": p.outputs.iter().map(|o| json!({
             "name": o.name, "step": o.step, "output": o.output, "identity": o.identity,
         })).collect::<Vec<_>>(),
@@ -263,6 +264,7 @@ pub fn pipeline_details(p: &v1::Pipeline) -> String {
     line("created", time(p.created_at_ms));
     line("finished", p.finished_at_ms.map(time).unwrap_or_default());
     line("canceled", p.cancel_reason.clone().unwrap_or_default());
+    line("message", p.message.clone().unwrap_or_default());
     for o in &p.outputs {
         line(
             "output",

@@ -382,7 +382,10 @@ impl State {
             p.steps.insert(
                 step,
                 StepRecord {
-                    failed: Some(format!("not started: the pipeline was canceled ({why})")),
+                    failed: Some(format!(
+                        "{}the pipeline was canceled ({why})",
+                        crate::pipeline::NOT_RUN
+                    )),
                     ..StepRecord::default()
                 },
             );
