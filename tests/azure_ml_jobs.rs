@@ -280,3 +280,82 @@ async fn serverless_jobs_run_on_the_workspace_s_serverless_target() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v1_run_configuration_runs_as_az_ml_run_submit_script_would() {
+    let dev = DevCluster::start().await.unwrap();
+    let project = tempfile::tempdir().unwrap();
+    write(
+        project.path(),
+        "train.sh",
+        "echo \"args: $*\"; echo \"var: $EXAMPLE_ENV_VAR\"; test -f .azureml/train.runconfig && echo snapshot-has-runconfig\n",
+    );
+    // The seed's shape, as `az ml folder attach` writes it, for a shell script.
+    write(
+        project.path(),
+        ".azureml/train.runconfig",
+        "script: train.sh\narguments: [--epochs, 3]\ntarget: local\nframework: Python\ncommunicator: None\nmaxRunDurationSeconds: 600\nnodeCount: 1\nenvironment:\n  name: project-env\n  environmentVariables:\n    EXAMPLE_ENV_VAR: EXAMPLE_VALUE\n  python:\n    userManagedDependencies: true\n    interpreterPath: sh\n  docker:\n    enabled: false\n    shmSize: 2g\n    arguments: []\nhistory:\n  outputCollection: true\n  snapshotProject: true\n  directoriesToWatch:\n  - logs\nspark:\n  configuration:\n    spark.app.name: Azure ML Experiment\nhdi:\n  yarnDeployMode: cluster\ntensorflow:\n  workerCount: 1\n  parameterServerCount: 1\nmpi:\n  processCountPerNode: 1\ndataReferences: {}\ndata: {}\namlcompute:\n  vmSize:\n  retainCluster: false\n",
+    );
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "-c", "train", "--stream"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("args: --epochs 3"), "{out:?}");
+    assert!(out.stdout.contains("var: EXAMPLE_VALUE"), "{out:?}");
+    assert!(out.stdout.contains("snapshot-has-runconfig"), "{out:?}");
+    assert!(!out.stderr.contains("warning"), "nothing unused: {out:?}");
+
+    // The seed file itself: its warnings name what muster does not do yet.
+    write(
+        project.path(),
+        ".azureml/seed.runconfig",
+        &include_str!("../../shared/formats/mlops_mnist.runconfig.yml")
+            .replace("target: cpu-cluster", "target: local")
+            .replace("nodeCount: 4", "nodeCount: 1")
+            .replace("script: train.py", "script: train.sh")
+            .replace("interpreterPath: python", "interpreterPath: sh"),
+    );
+    let seed = muster(
+        &dev.url(),
+        project.path(),
+        &[
+            "run",
+            "submit",
+            "--runconfig",
+            ".azureml/seed.runconfig",
+            "--stream",
+        ],
+    )
+    .await;
+    assert_eq!(seed.code, 0, "{seed:?}");
+    assert!(
+        seed.stdout
+            .contains("args: --data-folder DatasetConsumptionConfig:mnist"),
+        "{seed:?}"
+    );
+    for key in [
+        "arguments",
+        "environment.docker.baseImage",
+        "environment.python.userManagedDependencies",
+        "data.mnist",
+    ] {
+        assert!(
+            seed.stderr
+                .contains(&format!("warning: .azureml/seed.runconfig: {key}:")),
+            "{key}: {seed:?}"
+        );
+    }
+    // A typo is an error that names the key, and nothing is submitted.
+    write(
+        project.path(),
+        ".azureml/typo.runconfig",
+        "script: train.sh\nnodeCont: 2\n",
+    );
+    let typo = muster(&dev.url(), project.path(), &["run", "submit", "-c", "typo"]).await;
+    assert_ne!(typo.code, 0, "{typo:?}");
+    assert!(typo.stderr.contains("nodeCont"), "{typo:?}");
+    assert_eq!(muster_tests::all_runs(&dev.url()).await.len(), 2);
+}

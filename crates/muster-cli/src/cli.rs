@@ -689,8 +689,16 @@ pub enum RunCommand {
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
     /// An Azure ML v2 command job YAML.
-    #[arg(long, short = 'f')]
+    #[arg(long, short = 'f', conflicts_with_all = ["runconfig", "run_configuration_name"])]
     pub file: Option<PathBuf>,
+    /// An Azure ML v1 run configuration (`.azureml/NAME.runconfig`); the project is the
+    /// folder holding `.azureml/`.
+    #[arg(long, value_name = "FILE", conflicts_with = "run_configuration_name")]
+    pub runconfig: Option<PathBuf>,
+    /// The v1 run configuration `.azureml/NAME.runconfig` of the code directory (as
+    /// `az ml run submit-script -c NAME`).
+    #[arg(long, short = 'c', value_name = "NAME")]
+    pub run_configuration_name: Option<String>,
     /// The compute target (default: the job's, else `local`).
     #[arg(long)]
     pub compute: Option<String>,

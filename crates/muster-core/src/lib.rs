@@ -42,6 +42,7 @@ pub mod node;
 pub mod paging;
 pub mod pipeline;
 pub mod resources;
+pub mod runconfig;
 pub mod schedule;
 pub mod snapshot;
 pub mod spec;

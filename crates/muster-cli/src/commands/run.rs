@@ -282,28 +282,71 @@ pub(crate) fn default_experiment(code: &Path) -> String {
         .unwrap_or_else(|| "default".to_string())
 }
 
+/// What a submit snapshots when neither `--code` nor the job's `code:` says: nothing for
+/// a job file (as Azure ML), the current directory for a command given on the command line.
+fn job_code_default(args: &SubmitArgs) -> Option<PathBuf> {
+    args.file.is_none().then(|| PathBuf::from("."))
+}
+
 async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow::Result<i32> {
     // Everything the user gave is checked before the network is touched.
-    let (mut job, base) = match &args.file {
-        Some(path) => {
+    let runconfig = match (&args.runconfig, &args.run_configuration_name) {
+        (Some(path), _) => Some(path.clone()),
+        (None, Some(name)) => Some(
+            args.code
+                .clone()
+                .unwrap_or_default()
+                .join(".azureml")
+                .join(format!("{name}.runconfig")),
+        ),
+        (None, None) => None,
+    };
+    let mut v1_warnings = Vec::new();
+    let (mut job, base, snapshot) = match (&args.file, &runconfig) {
+        (Some(path), _) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
             let job =
                 parse_job_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            (
-                job,
-                path.parent().map(Path::to_path_buf).unwrap_or_default(),
-            )
+            let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            (job, base, job_code_default(&args))
         }
-        None => (JobFile::default(), PathBuf::new()),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).with_context(|| {
+                format!(
+                    "cannot read the run configuration {} (v1 run configurations live in the project's .azureml/ folder)",
+                    path.display()
+                )
+            })?;
+            let rc = muster_core::runconfig::parse_runconfig(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            v1_warnings = rc.warnings;
+            // The project is the folder that holds `.azureml/`.
+            let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            let project = if dir.file_name().is_some_and(|n| n == ".azureml") {
+                dir.parent().map(Path::to_path_buf).unwrap_or_default()
+            } else {
+                dir
+            };
+            let code = (rc.snapshot || args.code.is_some()).then(|| {
+                args.code.clone().unwrap_or_else(|| {
+                    if project.as_os_str().is_empty() {
+                        PathBuf::from(".")
+                    } else {
+                        project.clone()
+                    }
+                })
+            });
+            (rc.job, project, code)
+        }
+        (None, None) => (JobFile::default(), PathBuf::new(), job_code_default(&args)),
     };
     // A job file without `code:` uploads nothing, as in Azure ML; a command given on the
     // command line alone runs in a snapshot of the current directory.
     let code_dir = match (&args.code, &job.code) {
         (Some(c), _) => Some(c.clone()),
         (None, Some(c)) => Some(base.join(c)),
-        (None, None) if args.file.is_some() => None,
-        (None, None) => Some(PathBuf::from(".")),
+        (None, None) => snapshot,
     };
     if !args.command.is_empty() {
         job.command = Some(
@@ -385,6 +428,7 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
     let label = args
         .file
         .as_ref()
+        .or(runconfig.as_ref())
         .map(|p| format!("{}: ", p.display()))
         .unwrap_or_default();
     let mut spec = job
@@ -392,6 +436,7 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
             code_dir.as_deref().unwrap_or(Path::new(".")),
         ))
         .map_err(|e| anyhow::anyhow!("{label}{e}"))?;
+    spec.warnings.extend(v1_warnings);
     for w in &spec.warnings {
         eprintln!("warning: {label}{w}");
     }
