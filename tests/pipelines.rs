@@ -765,3 +765,132 @@ jobs:
     assert!(log.contains("made-in-a-box"), "{log}");
     assert!(log.contains("inputs-read-only"), "{log}");
 }
+
+/// An Azure ML sample's shape: a command component in its own file with its own code
+/// folder, used by two steps, the second consuming the first's output; an inline
+/// component with an optional input left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn component_steps_run_from_a_file_and_inline_and_pass_data() {
+    let dev = DevCluster::start().await.unwrap();
+    let url = dev.url();
+    let project = tempfile::tempdir().unwrap();
+    write(
+        project.path(),
+        "components/double/double.sh",
+        "mkdir -p \"$2\"; if [ -n \"$1\" ] && [ -f \"$1/n.txt\" ]; then n=$(cat \"$1/n.txt\"); else n=$3; fi; echo $((n * 2)) > \"$2/n.txt\"; echo doubled to $((n * 2))\n",
+    );
+    write(
+        project.path(),
+        "components/double.yml",
+        r#"$schema: https://azuremlschemas.azureedge.net/latest/commandComponent.schema.json
+name: double
+version: 1
+type: command
+display_name: Double a number
+inputs:
+  previous:
+    type: uri_folder
+    optional: true
+  start:
+    type: integer
+    default: 3
+outputs:
+  result:
+    type: uri_folder
+code: ./double
+command: sh double.sh "$[[${{inputs.previous}}]]" ${{outputs.result}} ${{inputs.start}}
+"#,
+    );
+    write(
+        project.path(),
+        "pipeline.yml",
+        r#"type: pipeline
+settings:
+  default_compute: local
+outputs:
+  final:
+    type: uri_folder
+jobs:
+  first:
+    type: command
+    component: ./components/double.yml
+    inputs:
+      start: 5
+  second:
+    type: command
+    component: ./components/double.yml
+    inputs:
+      previous: ${{parent.jobs.first.outputs.result}}
+    outputs:
+      result: ${{parent.outputs.final}}
+  report:
+    type: command
+    component:
+      type: command
+      inputs:
+        n: {type: uri_folder}
+        note: {type: string, optional: true}
+      command: cat ${{inputs.n}}/n.txt $[[&& echo ${{inputs.note}}]]
+    inputs:
+      n: ${{parent.jobs.second.outputs.result}}
+"#,
+    );
+    let id = submit(&url, project.path(), "pipeline.yml").await;
+    let p = wait_pipeline(&url, &id).await;
+    assert_eq!(p.state().word(), "completed", "{p:?}");
+    let shown = show_json(&url, project.path(), &id).await;
+    let run_of = |s: &str| step(&shown, s)["run_id"].as_str().unwrap().to_string();
+    assert!(
+        logs(&url, project.path(), &run_of("first"))
+            .await
+            .contains("doubled to 10")
+    );
+    assert!(
+        logs(&url, project.path(), &run_of("second"))
+            .await
+            .contains("doubled to 20")
+    );
+    assert_eq!(
+        logs(&url, project.path(), &run_of("report")).await.trim(),
+        "20"
+    );
+
+    // A registered component, and a step input the component lacks: refused, nothing stored.
+    write(
+        project.path(),
+        "registered.yml",
+        "type: pipeline\njobs:\n  a:\n    type: command\n    component: azureml:double:1\n",
+    );
+    let out = muster(
+        &url,
+        project.path(),
+        &["pipeline", "submit", "-f", "registered.yml"],
+    )
+    .await;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("jobs.a.component")
+            && out
+                .stderr
+                .contains("registered components are not supported yet"),
+        "{out:?}"
+    );
+    write(
+        project.path(),
+        "extra.yml",
+        "type: pipeline\njobs:\n  a:\n    type: command\n    component: ./components/double.yml\n    inputs:\n      begin: 1\n",
+    );
+    let out = muster(
+        &url,
+        project.path(),
+        &["pipeline", "submit", "-f", "extra.yml"],
+    )
+    .await;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("jobs.a.inputs.begin")
+            && out.stderr.contains("its inputs are previous, start"),
+        "{out:?}"
+    );
+    assert_eq!(all_runs(&url).await.len(), 3);
+}

@@ -33,6 +33,7 @@
 
 pub mod access;
 pub mod autoscale;
+mod component;
 pub mod compute;
 pub mod distributed;
 pub mod loglines;

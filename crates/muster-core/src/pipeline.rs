@@ -9,6 +9,9 @@
 //! `${{parent.inputs.p}}` takes the pipeline's input `p`; a step output bound to
 //! `${{parent.outputs.o}}` becomes the pipeline's output `o`.
 //!
+//! A step is an inline command job or a command component (`component:`, see
+//! `component.rs`), which becomes one.
+//!
 //! [`parse_pipeline_yaml`] validates: unknown keys and bad references are errors naming
 //! their path, and a cycle is an error naming its steps. [`plan`] is a pure function of the
 //! spec, the steps' states and a lookup of earlier completed steps by [`reuse_key`]:
@@ -226,12 +229,14 @@ pub fn parse_pipeline_yaml(
                 "a step name uses letters, digits, '_' and '-'",
             ));
         }
-        let yaml_serde::Value::Mapping(mut map) = value else {
+        let yaml_serde::Value::Mapping(map) = value else {
             return Err(SpecError::field(
                 &path,
-                "give the step as an inline command job (command, code, environment, compute, inputs, outputs)",
+                "give the step as an inline command job (command, code, environment, compute, inputs, outputs) or a command component (component: ./train.yml)",
             ));
         };
+        // A component step becomes the inline command step it stands for.
+        let mut map = crate::component::inline_component(&path, map)?;
         let allow_reuse = match map.remove("allow_reuse") {
             None => true,
             Some(yaml_serde::Value::Bool(b)) => b,
@@ -964,6 +969,55 @@ jobs:
                 succeeded: true,
                 failed: vec![]
             }]
+        );
+    }
+
+    #[test]
+    fn component_steps_wire_like_inline_ones() {
+        let p = parse_pipeline_yaml(
+            r#"type: pipeline
+inputs:
+  raw: {type: uri_folder, path: ./data}
+outputs:
+  trained: {type: uri_folder}
+jobs:
+  prep:
+    type: command
+    component:
+      type: command
+      inputs: {raw: {type: uri_folder}}
+      outputs: {clean: {type: uri_folder}}
+      command: python prep.py ${{inputs.raw}} ${{outputs.clean}}
+    inputs: {raw: "${{parent.inputs.raw}}"}
+  train:
+    type: command
+    component:
+      type: command
+      inputs:
+        data: {type: uri_folder}
+        epochs: {type: integer, default: 10}
+      outputs: {model: {type: uri_folder}}
+      command: python train.py ${{inputs.data}} ${{inputs.epochs}} ${{outputs.model}}
+    inputs: {data: "${{parent.jobs.prep.outputs.clean}}"}
+    outputs: {model: "${{parent.outputs.trained}}"}
+"#,
+            "exp",
+        )
+        .unwrap();
+        assert_eq!(p.order, ["prep", "train"]);
+        let train = &p.steps["train"];
+        assert_eq!(
+            train.run.command,
+            "python train.py inputs/data 10 outputs/model"
+        );
+        assert_eq!(train.depends_on(), BTreeSet::from(["prep"]));
+        assert_eq!(
+            p.outputs.get("trained"),
+            Some(&("train".to_string(), "model".to_string()))
+        );
+        assert_eq!(
+            p.steps["prep"].outputs,
+            BTreeSet::from(["clean".to_string()])
         );
     }
 

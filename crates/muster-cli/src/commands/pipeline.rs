@@ -139,10 +139,63 @@ fn code_dirs(text: &str, base: &Path) -> BTreeMap<String, PathBuf> {
     jobs.iter()
         .filter_map(|(name, job)| {
             let name = name.as_str()?;
-            let code = job.get("code")?.as_str()?;
+            // A component step's code is the component's (inlined by `inline_components`).
+            let code = job
+                .get("code")
+                .or_else(|| job.get("component").and_then(|c| c.get("code")))?
+                .as_str()?;
             Some((name.to_string(), base.join(code)))
         })
         .collect()
+}
+
+/// The pipeline with each step's component file (`component: ./train.yml`) read and put
+/// inline, its `code` made relative to the pipeline file, as the server takes it. The
+/// text is returned as it is when no step names a file (so errors keep their lines).
+fn inline_components(text: &str, base: &Path) -> anyhow::Result<String> {
+    if muster_core::spec::check_yaml_limits(text).is_err() {
+        return Ok(text.to_string());
+    }
+    let Ok(mut doc) = yaml_serde::from_str::<yaml_serde::Value>(text) else {
+        return Ok(text.to_string());
+    };
+    let Some(jobs) = doc.get_mut("jobs").and_then(|j| j.as_mapping_mut()) else {
+        return Ok(text.to_string());
+    };
+    let mut changed = false;
+    for (name, job) in jobs.iter_mut() {
+        let name = name.as_str().unwrap_or_default().to_string();
+        let Some(file) = job
+            .get("component")
+            .and_then(|c| c.as_str())
+            .filter(|c| !c.starts_with("azureml:"))
+            .map(str::to_string)
+        else {
+            continue;
+        };
+        let path = base.join(&file);
+        let component_text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "jobs.{name}.component: cannot read the component file {}",
+                path.display()
+            )
+        })?;
+        muster_core::spec::check_yaml_limits(&component_text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let mut component: yaml_serde::Value = yaml_serde::from_str(&component_text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let dir = Path::new(&file).parent().unwrap_or(Path::new(""));
+        if let Some(code) = component.get("code").and_then(|c| c.as_str()) {
+            let relative = dir.join(code).to_string_lossy().into_owned();
+            component["code"] = yaml_serde::Value::String(relative);
+        }
+        job["component"] = component;
+        changed = true;
+    }
+    if !changed {
+        return Ok(text.to_string());
+    }
+    Ok(yaml_serde::to_string(&doc)?)
 }
 
 async fn submit(
@@ -161,6 +214,7 @@ async fn submit(
         base
     };
     let experiment = default_experiment(&base);
+    let text = inline_components(&text, &base)?;
     let spec = parse_pipeline_yaml(&text, &experiment)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     for (step, s) in &spec.steps {
