@@ -359,3 +359,98 @@ async fn a_v1_run_configuration_runs_as_az_ml_run_submit_script_would() {
     assert!(typo.stderr.contains("nodeCont"), "{typo:?}");
     assert_eq!(muster_tests::all_runs(&dev.url()).await.len(), 2);
 }
+
+/// A bounded HTTP/1.1 file server on 127.0.0.1: `/iris.csv` with an ETag (304 when the
+/// client already has it), 404 for anything else. Counts the full bodies it sent.
+async fn file_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let bodies = std::sync::Arc::new(AtomicUsize::new(0));
+    let sent = bodies.clone();
+    tokio::spawn(async move {
+        for _ in 0..64 {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut n = 0;
+                while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") && n < buf.len() {
+                    match conn.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(m) => n += m,
+                    }
+                }
+                let request = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+                let body = "sepal,petal\n5.1,1.4\n4.9,1.4\n";
+                let answer = if !request.starts_with("get /iris.csv ") {
+                    "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        .to_string()
+                } else if request.contains("if-none-match: \"v1\"") {
+                    "HTTP/1.1 304 Not Modified\r\netag: \"v1\"\r\nconnection: close\r\n\r\n"
+                        .to_string()
+                } else {
+                    sent.fetch_add(1, Ordering::SeqCst);
+                    format!(
+                        "HTTP/1.1 200 OK\r\netag: \"v1\"\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                };
+                let _ = conn.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (url, bodies)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_style_url_input_is_fetched_once_per_node_and_a_missing_one_fails_clearly() {
+    use std::sync::atomic::Ordering;
+    let dev = DevCluster::start().await.unwrap();
+    let (server, bodies) = file_server().await;
+    let project = tempfile::tempdir().unwrap();
+    write(
+        project.path(),
+        "job.yml",
+        &format!(
+            "command: wc -l < ${{{{inputs.iris}}}} && cat ${{{{inputs.iris}}}}\ninputs:\n  iris:\n    type: uri_file\n    path: {server}/iris.csv\n"
+        ),
+    );
+    for round in 0..2 {
+        let out = muster(
+            &dev.url(),
+            project.path(),
+            &["run", "submit", "-f", "job.yml", "--stream"],
+        )
+        .await;
+        assert_eq!(out.code, 0, "round {round}: {out:?}");
+        assert!(out.stdout.contains("4.9,1.4"), "{out:?}");
+        assert!(!out.stderr.contains("warning"), "{out:?}");
+    }
+    assert_eq!(
+        bodies.load(Ordering::SeqCst),
+        1,
+        "the second run revalidated the node's copy"
+    );
+    write(
+        project.path(),
+        "missing.yml",
+        &format!(
+            "command: cat ${{{{inputs.x}}}}\ninputs:\n  x:\n    type: uri_file\n    path: {server}/nope.csv\n"
+        ),
+    );
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "-f", "missing.yml", "--stream"],
+    )
+    .await;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("input x:") && out.stderr.contains("404"),
+        "{out:?}"
+    );
+}

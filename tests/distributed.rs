@@ -174,7 +174,8 @@ impl Pool {
 }
 
 fn job(distribution: Option<&str>, command: &str) -> String {
-    let mut yaml = format!("command: {command}\nresources:\n  instance_count: 2\n");
+    // `code: .`: the scripts beside the job file travel with it (no `code:`, no snapshot).
+    let mut yaml = format!("code: .\ncommand: {command}\nresources:\n  instance_count: 2\n");
     if let Some(d) = distribution {
         yaml.push_str(&format!("distribution:\n  type: {d}\n"));
         if d == "mpi" {

@@ -63,6 +63,9 @@ pub(crate) enum AttemptError {
     /// The pipeline inputs.
     #[error(transparent)]
     Inputs(#[from] inputs::InputError),
+    /// The URL inputs.
+    #[error(transparent)]
+    Fetch(#[from] crate::fetch::FetchError),
     /// The outputs archive, to every server tried.
     #[error("{0:#}")]
     Upload(anyhow::Error),
@@ -263,6 +266,13 @@ impl AttemptTask {
                 })
                 .await?;
         }
+        // URL inputs, through the node's cache.
+        crate::fetch::place(
+            &plan.url_inputs,
+            &self.cache_dir.with_file_name("urls"),
+            &code_dir,
+        )
+        .await?;
         if let Some(image) = &plan.image_as_process {
             tracing::info!(run_id = %self.key.0, image = %image, "no Docker engine: running the command as a process");
         }

@@ -27,6 +27,7 @@ mod attempt;
 mod blobs;
 mod credential;
 pub mod executor;
+mod fetch;
 mod identity;
 mod inputs;
 mod metrics;

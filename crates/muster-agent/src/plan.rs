@@ -90,6 +90,8 @@ pub(crate) struct AttemptPlan {
     pub snapshot: Option<String>,
     /// Pipeline inputs (name → `<archive sha256>/<folder>`), placed at `inputs/<name>`.
     pub inputs: BTreeMap<String, String>,
+    /// `uri_file` inputs by URL (name → URL), fetched to `inputs/<name>/<file name>`.
+    pub url_inputs: BTreeMap<String, String>,
     /// The declared folder outputs (the job's `outputs:` and a pipeline step's):
     /// `outputs/<name>` folders to create before the command starts.
     pub output_folders: Vec<String>,
@@ -253,6 +255,7 @@ impl AttemptPlan {
             rank: a.rank,
             snapshot: spec.code.as_ref().map(|c| c.manifest.clone()),
             inputs: a.inputs.clone().into_iter().collect(),
+            url_inputs: spec.url_inputs.clone(),
             output_folders: output_folders(&spec, &a.outputs)?,
             hostfile: setup.hostfile,
             gate,

@@ -64,6 +64,12 @@ pub fn validate_output_name(name: &str) -> Result<(), NameError> {
     validate_label("output", name, 255)
 }
 
+/// Validates a job input's name (it becomes the folder `inputs/<name>`), with the rule of
+/// [`validate_output_name`].
+pub fn validate_input_name(name: &str) -> Result<(), NameError> {
+    validate_label("input", name, 255)
+}
+
 /// 1 to `max` letters, digits, `-`, `_` and `.`, starting with a letter or digit.
 fn validate_label(what: &'static str, name: &str, max: usize) -> Result<(), NameError> {
     let err = |rule: String| NameError {

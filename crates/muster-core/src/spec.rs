@@ -382,6 +382,77 @@ pub struct RunSpec {
     /// resolved to the workspace's serverless compute target).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_compute: Option<String>,
+    /// `uri_file` inputs given by an http(s) URL: name → URL. The agent fetches each
+    /// (through the node's cache) to `inputs/<name>/<file name>` before the command starts;
+    /// that path is what `${{inputs.<name>}}` became.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub url_inputs: BTreeMap<String, String>,
+}
+
+/// The longest URL an input may have.
+pub const MAX_INPUT_URL_BYTES: usize = 2048;
+
+/// Where a `uri_file` input fetched from `url` is placed, relative to the working
+/// directory: `inputs/<name>/<the URL's last path segment>` (`data` when it has none).
+pub fn url_input_path(name: &str, url: &str) -> String {
+    let path = url
+        .split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .split(['?', '#'])
+        .next()
+        .unwrap_or_default();
+    let file = path
+        .split_once('/')
+        .map(|(_, p)| p)
+        .unwrap_or_default()
+        .rsplit('/')
+        .next()
+        .filter(|f| {
+            !f.is_empty()
+                && *f != "."
+                && *f != ".."
+                && f.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
+        })
+        .unwrap_or("data");
+    format!("inputs/{name}/{file}")
+}
+
+/// What a data input's `path` is, by its scheme.
+enum DataPath<'a> {
+    /// `http://` or `https://`.
+    Url(&'a str),
+    /// A storage service muster cannot reach, and what to do instead.
+    Unreachable(String),
+    /// `azureml:NAME@VERSION` or `azureml:NAME:VERSION`: a data asset.
+    Asset,
+    /// Anything else: a path as written.
+    Local,
+}
+
+fn data_path(path: &str) -> DataPath<'_> {
+    let lower = path.to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        return DataPath::Url(path);
+    }
+    for scheme in [
+        "wasbs://", "wasb://", "abfss://", "abfs://", "adl://", "s3://", "gs://",
+    ] {
+        if lower.starts_with(scheme) {
+            return DataPath::Unreachable(format!(
+                "muster cannot read {scheme} storage: copy the data to a file system the nodes share and give its path, or give an https URL of the file"
+            ));
+        }
+    }
+    if lower.starts_with("azureml://") {
+        return DataPath::Unreachable(
+            "azureml:// datastores are not set up in muster yet: give a path the nodes share, or an https URL of the file".into(),
+        );
+    }
+    if lower.starts_with("azureml:") {
+        return DataPath::Asset;
+    }
+    DataPath::Local
 }
 
 impl RunSpec {
@@ -410,6 +481,7 @@ impl RunSpec {
             outputs: BTreeMap::new(),
             warnings: Vec::new(),
             requested_compute: None,
+            url_inputs: BTreeMap::new(),
         }
     }
 
@@ -536,6 +608,20 @@ impl RunSpec {
         for name in self.outputs.keys() {
             crate::names::validate_output_name(name)
                 .map_err(|e| SpecError::field(format!("outputs.{name}"), e.to_string()))?;
+        }
+        for (name, url) in &self.url_inputs {
+            crate::names::validate_input_name(name)
+                .map_err(|e| SpecError::field(format!("inputs.{name}"), e.to_string()))?;
+            let lower = url.to_ascii_lowercase();
+            if !(lower.starts_with("http://") || lower.starts_with("https://"))
+                || url.len() > MAX_INPUT_URL_BYTES
+                || url.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(SpecError::field(
+                    format!("inputs.{name}.path"),
+                    format!("not an http(s) URL of at most {MAX_INPUT_URL_BYTES} bytes"),
+                ));
+            }
         }
         if self.warnings.len() > 64 || self.warnings.iter().any(|w| w.len() > 1024) {
             return Err(SpecError::field(
@@ -941,17 +1027,45 @@ impl JobFile {
             ));
         }
         let mut warnings = self.unused_keys();
+        let mut url_inputs = BTreeMap::new();
         let mut inputs = BTreeMap::new();
         for (name, input) in self.inputs.clone().unwrap_or_default() {
             let value = match input {
                 InputFile::Literal(v) => v.to_string(),
                 InputFile::Data(d) => match (d.path, d.default) {
-                    (Some(p), _) => {
-                        warnings.push(format!(
-                            "inputs.{name}: muster does not fetch data inputs yet; ${{{{inputs.{name}}}}} is the path as written ({p}), so the command must reach it itself"
-                        ));
-                        strip_azureml(&p).to_string()
-                    }
+                    (Some(p), _) => match data_path(&p) {
+                        DataPath::Url(url) => {
+                            if d.kind.as_deref().is_some_and(|k| k != "uri_file") {
+                                return Err(SpecError::field(
+                                    format!("inputs.{name}.type"),
+                                    "an http(s) URL names one file: use type: uri_file",
+                                ));
+                            }
+                            if let Some(mode) = d.mode.as_deref().filter(|m| *m != "download") {
+                                warnings.push(format!(
+                                    "inputs.{name}.mode: {mode} is not used; muster downloads URL inputs"
+                                ));
+                            }
+                            url_inputs.insert(name.clone(), url.to_string());
+                            url_input_path(&name, url)
+                        }
+                        DataPath::Unreachable(why) => {
+                            return Err(SpecError::field(format!("inputs.{name}.path"), why));
+                        }
+                        DataPath::Asset => {
+                            warnings.push(format!(
+                                "inputs.{name}: muster has no data assets yet, so {p} is not fetched; ${{{{inputs.{name}}}}} is {} as written",
+                                strip_azureml(&p)
+                            ));
+                            strip_azureml(&p).to_string()
+                        }
+                        DataPath::Local => {
+                            warnings.push(format!(
+                                "inputs.{name}: a local path is not uploaded yet; ${{{{inputs.{name}}}}} is {p} as written, so the nodes must see it there (or put the data in the code folder)"
+                            ));
+                            p
+                        }
+                    },
                     (None, Some(v)) => v.to_string(),
                     (None, None) => {
                         return Err(SpecError::field(
@@ -996,6 +1110,7 @@ impl JobFile {
         spec.inputs = inputs;
         spec.outputs = outputs;
         spec.warnings = warnings;
+        spec.url_inputs = url_inputs;
         spec.environment = match self.environment {
             None => Environment::default(),
             Some(EnvironmentFile::Reference(r)) if r.starts_with("azureml:") => Environment {
@@ -1415,5 +1530,47 @@ mod tests {
             "{:?}",
             named.warnings
         );
+    }
+
+    #[test]
+    fn url_inputs_are_fetched_files_and_unreachable_storage_is_an_error() {
+        let spec = parse_job_yaml(concat!(
+            "command: wc -l ${{inputs.iris}} ${{inputs.bare}}\n",
+            "inputs:\n",
+            "  iris:\n    type: uri_file\n    path: https://example.org/datasets/iris.csv?sv=1\n",
+            "  bare:\n    path: http://127.0.0.1:8080/\n",
+        ))
+        .unwrap()
+        .into_run_spec("exp")
+        .unwrap();
+        assert_eq!(spec.command, "wc -l inputs/iris/iris.csv inputs/bare/data");
+        assert_eq!(
+            spec.url_inputs.get("iris").map(String::as_str),
+            Some("https://example.org/datasets/iris.csv?sv=1")
+        );
+        assert!(spec.warnings.is_empty(), "{:?}", spec.warnings);
+        spec.validate().unwrap();
+        for (path, kind, field) in [
+            ("https://example.org/d/", "uri_folder", "inputs.d.type"),
+            (
+                "wasbs://data@acct.blob.core.windows.net/iris.csv",
+                "uri_file",
+                "inputs.d.path",
+            ),
+            (
+                "azureml://datastores/workspaceblobstore/paths/iris.csv",
+                "uri_file",
+                "inputs.d.path",
+            ),
+        ] {
+            let e = parse_job_yaml(&format!(
+                "command: cat ${{{{inputs.d}}}}\ninputs:\n  d:\n    type: {kind}\n    path: {path}\n"
+            ))
+            .unwrap()
+            .into_run_spec("exp")
+            .unwrap_err();
+            assert_eq!(e.path, field, "{path}: {e}");
+        }
+        assert_eq!(url_input_path("x", "https://h/a/../..?q"), "inputs/x/data");
     }
 }

@@ -109,6 +109,7 @@ impl From<CoreSpec> for v1::RunSpec {
                 .collect(),
             warnings: s.warnings,
             requested_compute: s.requested_compute,
+            url_inputs: s.url_inputs.into_iter().collect(),
             code: s.code.map(|c| v1::CodeRef {
                 manifest: c.manifest,
                 files: c.files,
@@ -159,6 +160,7 @@ pub fn spec_from_wire(s: v1::RunSpec) -> Result<CoreSpec, String> {
         outputs,
         warnings: s.warnings,
         requested_compute: s.requested_compute,
+        url_inputs: s.url_inputs.into_iter().collect(),
         command: s.command,
         compute: s.compute,
         experiment: s.experiment,
