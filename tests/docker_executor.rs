@@ -253,7 +253,8 @@ async fn a_killed_worker_does_not_fail_a_command_that_goes_on() {
         "{out:?} log: {}",
         w.log()
     );
-    assert!(w.log().ends_with("survived\n"), "{}", w.log());
+    // stdout and the shell's "Killed" on stderr reach the log in either order.
+    assert!(w.log().lines().any(|l| l == "survived"), "{}", w.log());
     // An engine that flags the worker's kill gets a note beside the success.
     if let Some(message) = out.message {
         assert!(
