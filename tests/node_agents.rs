@@ -204,7 +204,8 @@ async fn oom_timeout_cancel_and_missing_images_end_runs_clearly() {
     assert_eq!(cancel.code, 0, "{cancel:?}");
     assert_eq!(
         muster(&url, p.path(), &["run", "wait", &id]).await.code,
-        130
+        143,
+        "a canceled run: 128 + SIGTERM"
     );
     assert!(
         container_gone(&docker, &name, 100).await,

@@ -179,7 +179,7 @@ async fn cancel_stops_a_sleeping_run_within_the_grace_period() {
     let cancel = muster(&dev.url(), project.path(), &["run", "cancel", &id]).await;
     assert_eq!(cancel.code, 0, "{cancel:?}");
     let waited = muster(&dev.url(), project.path(), &["run", "wait", &id]).await;
-    assert_eq!(waited.code, 130, "{waited:?}");
+    assert_eq!(waited.code, 143, "a canceled run: {waited:?}");
     let took = t0.elapsed();
     assert!(took < Duration::from_secs(8), "canceled in {took:?}");
     let run = wait_for_state(&dev.url(), &id, "canceled").await;
@@ -299,4 +299,72 @@ async fn a_killed_server_comes_back_with_every_run_and_its_logs() {
     // The run that was in flight finishes (as a new attempt if its process died with the server).
     let done = wait_done(&dev.url(), &ids[0]).await;
     assert_eq!(done.state().word(), "completed", "{done:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_while_streaming_leaves_the_run_running_and_says_how_to_stop_it() {
+    let dev = DevCluster::start().await.unwrap();
+    let project = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(muster_testkit::muster_bin());
+    if let Some(token) = muster_testkit::access::admin_token(&dev.url()) {
+        cmd.env("MUSTER_TOKEN", token);
+    }
+    let child = cmd
+        .args(["--server", &dev.url(), "run", "submit", "--stream", "--"])
+        .args(["sh", "-c", "echo started; sleep 120"])
+        .current_dir(project.path())
+        .env_remove("MUSTER_SERVER")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    let run = {
+        let mut found = None;
+        for _ in 0..200 {
+            if let Some(r) = all_runs(&dev.url()).await.into_iter().next()
+                && r.state().word() == "running"
+            {
+                found = Some(r);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        found.expect("the run starts within 10 s")
+    };
+    // Give the CLI a moment to be streaming, then press Ctrl-C.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "run {} keeps running: `muster run cancel {}` stops it",
+            run.id, run.id
+        )),
+        "{stderr}"
+    );
+    assert_eq!(
+        all_runs(&dev.url()).await[0].state().word(),
+        "running",
+        "Ctrl-C stops the CLI, not the run"
+    );
+    // A wait that gives up has its own code, not the timed-out run's.
+    let waited = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "wait", &run.id, "--timeout", "1"],
+    )
+    .await;
+    assert_eq!(waited.code, 75, "{waited:?}");
+    assert!(
+        waited.stderr.contains("still running after the timeout"),
+        "{waited:?}"
+    );
+    let cancel = muster(&dev.url(), project.path(), &["run", "cancel", &run.id]).await;
+    assert_eq!(cancel.code, 0, "{cancel:?}");
 }

@@ -668,7 +668,7 @@ pub enum RunCommand {
     Wait {
         /// The run id.
         id: String,
-        /// Give up after this many seconds (exit 124).
+        /// Give up after this many seconds (exit 75 while the run goes on).
         #[arg(long)]
         timeout: Option<u64>,
     },

@@ -126,14 +126,20 @@ pub async fn run(server: &str, output: OutputFormat, cmd: RunCommand) -> anyhow:
         }
         RunCommand::Wait { id, timeout } => {
             let mut c = connect(server).await?;
-            let run = wait(&mut c, &id, timeout.map(Duration::from_secs)).await?;
+            let run =
+                match until_interrupted(&id, wait(&mut c, &id, timeout.map(Duration::from_secs)))
+                    .await?
+                {
+                    Ok(run) => run,
+                    Err(code) => return Ok(code),
+                };
             print_run(output, &run);
             if !run.state().is_terminal() {
                 eprintln!(
-                    "run {id} is still {} after the timeout",
+                    "run {id} is still {} after the timeout; wait again with `muster run wait {id}`",
                     v1::RunState::word_of(run.state)
                 );
-                return Ok(124);
+                return Ok(EXIT_STILL_RUNNING);
             }
             Ok(exit_code(&run))
         }
@@ -163,13 +169,37 @@ fn print_run(output: OutputFormat, run: &v1::Run) {
     }
 }
 
-/// The process exit code that stands for a finished run: its own for completed and failed
-/// runs, 130 for canceled (as for Ctrl-C), 124 for timed out (as `timeout` does).
+/// Follows a run with `follow` until it is done or Ctrl-C; then says the run keeps running
+/// and how to stop it, and gives [`EXIT_INTERRUPTED`] instead.
+async fn until_interrupted<T>(
+    id: &str,
+    follow: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<Result<T, i32>> {
+    tokio::select! {
+        done = follow => done.map(Ok),
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("\nrun {id} keeps running: `muster run cancel {id}` stops it");
+            Ok(Err(EXIT_INTERRUPTED))
+        }
+    }
+}
+
+/// `run wait --timeout` gave up while the run goes on (EX_TEMPFAIL: try again later).
+pub const EXIT_STILL_RUNNING: i32 = 75;
+/// The run timed out (`limits.timeout`), as `timeout(1)` says it.
+pub const EXIT_TIMED_OUT: i32 = 124;
+/// Ctrl-C stopped `--stream` or `run wait`; the run goes on (128 + SIGINT).
+pub const EXIT_INTERRUPTED: i32 = 130;
+/// The run was canceled: muster stopped it with SIGTERM (128 + SIGTERM).
+pub const EXIT_CANCELED: i32 = 143;
+
+/// The process exit code that stands for a finished run: 0 when it completed, its own code
+/// when it failed (1 when it has none), [`EXIT_CANCELED`], [`EXIT_TIMED_OUT`].
 pub fn exit_code(run: &v1::Run) -> i32 {
     match run.state() {
         v1::RunState::Completed => 0,
-        v1::RunState::Canceled => 130,
-        v1::RunState::TimedOut => 124,
+        v1::RunState::Canceled => EXIT_CANCELED,
+        v1::RunState::TimedOut => EXIT_TIMED_OUT,
         _ => match run.exit_code {
             Some(c) if (1..=255).contains(&c) => c,
             _ => 1,
@@ -502,8 +532,15 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
         }
     }
     let mut c = connect(server).await?;
-    stream_logs(&mut c, &run.id, true, None, None).await?;
-    let done = wait(&mut c, &run.id, None).await?;
+    let followed = until_interrupted(&run.id, async {
+        stream_logs(&mut c, &run.id, true, None, None).await?;
+        wait(&mut c, &run.id, None).await
+    })
+    .await?;
+    let done = match followed {
+        Ok(done) => done,
+        Err(code) => return Ok(code),
+    };
     if output == OutputFormat::Json {
         print_json(&run_json(&done));
     } else {
