@@ -454,3 +454,53 @@ async fn an_https_style_url_input_is_fetched_once_per_node_and_a_missing_one_fai
         "{out:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_data_inputs_travel_with_the_submit() {
+    let dev = DevCluster::start().await.unwrap();
+    let project = tempfile::tempdir().unwrap();
+    write(project.path(), "data/train/a.csv", "1,2\n");
+    write(project.path(), "data/train/b.csv", "3,4\n");
+    write(project.path(), "data/labels.csv", "cat\ndog\n");
+    write(
+        project.path(),
+        "jobs/job.yml",
+        "command: cat ${{inputs.train}}/a.csv ${{inputs.train}}/b.csv ${{inputs.labels}}\ninputs:\n  train:\n    type: uri_folder\n    path: ../data/train\n  labels:\n    type: uri_file\n    path: ../data/labels.csv\n",
+    );
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "-f", "jobs/job.yml", "--stream"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout, "1,2\n3,4\ncat\ndog\n", "{out:?}");
+    assert!(out.stderr.contains("(input train)"), "{out:?}");
+    assert!(!out.stderr.contains("warning"), "{out:?}");
+    let run = &muster_tests::all_runs(&dev.url()).await[0];
+    let spec = run.spec.clone().unwrap();
+    assert_eq!(
+        spec.command,
+        "cat inputs/train/a.csv inputs/train/b.csv inputs/labels/labels.csv"
+    );
+    assert_eq!(spec.snapshot_inputs.len(), 2, "{spec:?}");
+
+    // A path that is not there is refused before anything is uploaded.
+    write(
+        project.path(),
+        "missing.yml",
+        "command: ls ${{inputs.x}}\ninputs:\n  x:\n    type: uri_folder\n    path: ./nope\n",
+    );
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "-f", "missing.yml"],
+    )
+    .await;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("inputs.x.path:") && out.stderr.contains("does not exist"),
+        "{out:?}"
+    );
+    assert_eq!(muster_tests::all_runs(&dev.url()).await.len(), 1);
+}

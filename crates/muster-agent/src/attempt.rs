@@ -66,6 +66,14 @@ pub(crate) enum AttemptError {
     /// The URL inputs.
     #[error(transparent)]
     Fetch(#[from] crate::fetch::FetchError),
+    /// A local input uploaded with the submit, from every server tried.
+    #[error("could not fetch the uploaded input {input}: {cause:#}")]
+    InputSnapshot {
+        /// The input.
+        input: String,
+        /// Why.
+        cause: anyhow::Error,
+    },
     /// The outputs archive, to every server tried.
     #[error("{0:#}")]
     Upload(anyhow::Error),
@@ -263,6 +271,22 @@ impl AttemptTask {
             self.blobs
                 .with_failover("placing the inputs", |mut c| async move {
                     inputs::place(&mut c, inputs, cache, scratch, dest).await
+                })
+                .await?;
+        }
+        // Local inputs uploaded with the submit: snapshots, like the code.
+        for (name, manifest) in &plan.snapshot_inputs {
+            let cache = &self.cache_dir;
+            let dest = code_dir.join("inputs").join(name);
+            let dest = &dest;
+            self.blobs
+                .with_failover("fetching an uploaded input", |mut c| async move {
+                    snapshot::materialize(&mut c, manifest, cache, dest)
+                        .await
+                        .map_err(|cause| AttemptError::InputSnapshot {
+                            input: name.clone(),
+                            cause,
+                        })
                 })
                 .await?;
         }

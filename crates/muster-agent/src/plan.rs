@@ -92,6 +92,9 @@ pub(crate) struct AttemptPlan {
     pub inputs: BTreeMap<String, String>,
     /// `uri_file` inputs by URL (name → URL), fetched to `inputs/<name>/<file name>`.
     pub url_inputs: BTreeMap<String, String>,
+    /// Local inputs uploaded with the submit (name → snapshot manifest), placed at
+    /// `inputs/<name>/`.
+    pub snapshot_inputs: BTreeMap<String, String>,
     /// The declared folder outputs (the job's `outputs:` and a pipeline step's):
     /// `outputs/<name>` folders to create before the command starts.
     pub output_folders: Vec<String>,
@@ -256,6 +259,7 @@ impl AttemptPlan {
             snapshot: spec.code.as_ref().map(|c| c.manifest.clone()),
             inputs: a.inputs.clone().into_iter().collect(),
             url_inputs: spec.url_inputs.clone(),
+            snapshot_inputs: spec.snapshot_inputs.clone(),
             output_folders: output_folders(&spec, &a.outputs)?,
             hostfile: setup.hostfile,
             gate,
@@ -352,10 +356,15 @@ fn output_folders(spec: &RunSpec, step_outputs: &[String]) -> Result<Vec<String>
             .filter(|o| !spec.outputs.contains_key(*o))
             .cloned(),
     );
-    // The server validated them; a name that would leave outputs/ is refused anyway.
+    // The server validated them; a name that would leave outputs/ (or inputs/) is
+    // refused anyway.
     for name in &folders {
         muster_core::names::validate_output_name(name)
             .map_err(|e| PlanError::Spec(format!("outputs.{name}: {e}")))?;
+    }
+    for name in spec.url_inputs.keys().chain(spec.snapshot_inputs.keys()) {
+        muster_core::names::validate_input_name(name)
+            .map_err(|e| PlanError::Spec(format!("inputs.{name}: {e}")))?;
     }
     Ok(folders.into_iter().collect())
 }

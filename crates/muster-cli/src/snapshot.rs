@@ -145,6 +145,53 @@ pub fn build(dir: &Path, limits: SnapshotLimits) -> anyhow::Result<Snapshot> {
     })
 }
 
+/// The limits of a data input uploaded with a submit (a local `path:`): larger than a code
+/// snapshot's, since data is what it is for.
+pub const DATA_LIMITS: SnapshotLimits = SnapshotLimits {
+    max_bytes: 16 << 30,
+    max_files: 100_000,
+};
+
+/// A snapshot of one file, under its file name (a local `uri_file` input).
+pub fn file_snapshot(path: &Path) -> anyhow::Result<Snapshot> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    anyhow::ensure!(meta.is_file(), "{} is not a file", path.display());
+    anyhow::ensure!(
+        meta.len() <= DATA_LIMITS.max_bytes,
+        "{} is {}, over the {} a data input may be: put it on a file system the nodes share",
+        path.display(),
+        human_bytes(meta.len()),
+        human_bytes(DATA_LIMITS.max_bytes)
+    );
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| muster_core::snapshot::is_safe_relative_path(n))
+        .with_context(|| format!("{} has no usable file name", path.display()))?
+        .to_string();
+    #[cfg(unix)]
+    let executable = {
+        use std::os::unix::fs::PermissionsExt;
+        meta.permissions().mode() & 0o111 != 0
+    };
+    #[cfg(not(unix))]
+    let executable = false;
+    let (files, sources) = hash_listed(vec![(name, path.to_path_buf(), meta.len(), executable)])?;
+    Ok(Snapshot {
+        manifest: Manifest { files },
+        sources,
+        git: None,
+    })
+}
+
+/// The digest `snapshot`'s manifest is stored under (what [`upload`] returns).
+pub fn manifest_sha(snapshot: &Snapshot) -> anyhow::Result<String> {
+    Ok(muster_client::hash_bytes(&serde_json::to_vec(
+        &snapshot.manifest,
+    )?))
+}
+
 /// Hashes the listed files (relative path, path, size, executable) into manifest entries and
 /// their sources. A file another process (a build, a cache) removed after the walk listed it is
 /// left out with a note on stderr, as `tar` does, rather than failing the submission.
@@ -183,7 +230,7 @@ pub async fn upload(
     // One question for the files and the manifest together: an unchanged directory then
     // costs one round trip before the submit.
     let manifest = serde_json::to_vec(&snapshot.manifest)?;
-    let manifest_sha = muster_client::hash_bytes(&manifest);
+    let manifest_sha = manifest_sha(snapshot)?;
     let hashes: Vec<String> = snapshot
         .manifest
         .files

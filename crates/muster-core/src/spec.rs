@@ -387,7 +387,15 @@ pub struct RunSpec {
     /// that path is what `${{inputs.<name>}}` became.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub url_inputs: BTreeMap<String, String>,
+    /// Local inputs uploaded with the submit: name → snapshot manifest, placed at
+    /// `inputs/<name>/` before the command starts (a `uri_file` is the one file in it).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub snapshot_inputs: BTreeMap<String, String>,
 }
+
+/// How the CLI names a local input it uploaded: `muster-blob://MANIFEST` for a folder,
+/// `muster-blob://MANIFEST/FILE` for one file (a `uri_file`).
+pub const BLOB_SCHEME: &str = "muster-blob://";
 
 /// The longest URL an input may have.
 pub const MAX_INPUT_URL_BYTES: usize = 2048;
@@ -426,11 +434,20 @@ enum DataPath<'a> {
     Unreachable(String),
     /// `azureml:NAME@VERSION` or `azureml:NAME:VERSION`: a data asset.
     Asset,
+    /// A local input the CLI uploaded: its manifest, and the file for a `uri_file`.
+    Blob(&'a str, Option<&'a str>),
     /// Anything else: a path as written.
     Local,
 }
 
 fn data_path(path: &str) -> DataPath<'_> {
+    if let Some(rest) = path.strip_prefix(BLOB_SCHEME) {
+        let (manifest, file) = match rest.split_once('/') {
+            Some((m, f)) => (m, Some(f)),
+            None => (rest, None),
+        };
+        return DataPath::Blob(manifest, file);
+    }
     let lower = path.to_ascii_lowercase();
     if lower.starts_with("http://") || lower.starts_with("https://") {
         return DataPath::Url(path);
@@ -482,6 +499,7 @@ impl RunSpec {
             warnings: Vec::new(),
             requested_compute: None,
             url_inputs: BTreeMap::new(),
+            snapshot_inputs: BTreeMap::new(),
         }
     }
 
@@ -620,6 +638,16 @@ impl RunSpec {
                 return Err(SpecError::field(
                     format!("inputs.{name}.path"),
                     format!("not an http(s) URL of at most {MAX_INPUT_URL_BYTES} bytes"),
+                ));
+            }
+        }
+        for (name, manifest) in &self.snapshot_inputs {
+            crate::names::validate_input_name(name)
+                .map_err(|e| SpecError::field(format!("inputs.{name}"), e.to_string()))?;
+            if !is_sha256_hex(manifest) {
+                return Err(SpecError::field(
+                    format!("inputs.{name}.path"),
+                    "the uploaded input's manifest is not a SHA-256 digest",
                 ));
             }
         }
@@ -1028,6 +1056,7 @@ impl JobFile {
         }
         let mut warnings = self.unused_keys();
         let mut url_inputs = BTreeMap::new();
+        let mut snapshot_inputs = BTreeMap::new();
         let mut inputs = BTreeMap::new();
         for (name, input) in self.inputs.clone().unwrap_or_default() {
             let value = match input {
@@ -1051,6 +1080,25 @@ impl JobFile {
                         }
                         DataPath::Unreachable(why) => {
                             return Err(SpecError::field(format!("inputs.{name}.path"), why));
+                        }
+                        DataPath::Blob(manifest, file) => {
+                            if !is_sha256_hex(manifest)
+                                || file.is_some_and(|f| {
+                                    f.contains('/') || !crate::snapshot::is_safe_relative_path(f)
+                                })
+                            {
+                                return Err(SpecError::field(
+                                    format!("inputs.{name}.path"),
+                                    format!(
+                                        "{p:?} is not {BLOB_SCHEME}SHA256 or {BLOB_SCHEME}SHA256/FILE"
+                                    ),
+                                ));
+                            }
+                            snapshot_inputs.insert(name.clone(), manifest.to_string());
+                            match file {
+                                Some(f) => format!("inputs/{name}/{f}"),
+                                None => format!("inputs/{name}"),
+                            }
                         }
                         DataPath::Asset => {
                             warnings.push(format!(
@@ -1111,6 +1159,7 @@ impl JobFile {
         spec.outputs = outputs;
         spec.warnings = warnings;
         spec.url_inputs = url_inputs;
+        spec.snapshot_inputs = snapshot_inputs;
         spec.environment = match self.environment {
             None => Environment::default(),
             Some(EnvironmentFile::Reference(r)) if r.starts_with("azureml:") => Environment {

@@ -110,6 +110,7 @@ impl From<CoreSpec> for v1::RunSpec {
             warnings: s.warnings,
             requested_compute: s.requested_compute,
             url_inputs: s.url_inputs.into_iter().collect(),
+            snapshot_inputs: s.snapshot_inputs.into_iter().collect(),
             code: s.code.map(|c| v1::CodeRef {
                 manifest: c.manifest,
                 files: c.files,
@@ -161,6 +162,7 @@ pub fn spec_from_wire(s: v1::RunSpec) -> Result<CoreSpec, String> {
         warnings: s.warnings,
         requested_compute: s.requested_compute,
         url_inputs: s.url_inputs.into_iter().collect(),
+        snapshot_inputs: s.snapshot_inputs.into_iter().collect(),
         command: s.command,
         compute: s.compute,
         experiment: s.experiment,

@@ -9,7 +9,8 @@ use futures::StreamExt;
 use muster_core::loglines::RankLines;
 use muster_core::names::validate_experiment_name;
 use muster_core::spec::{
-    DistributionFile, EnvironmentFile, JobFile, LimitsFile, ResourcesFile, Scalar, parse_job_yaml,
+    DistributionFile, EnvironmentFile, InputFile, JobFile, LimitsFile, ResourcesFile, Scalar,
+    parse_job_yaml,
 };
 use muster_proto::{Word, v1};
 use serde_json::json;
@@ -312,6 +313,54 @@ pub(crate) fn default_experiment(code: &Path) -> String {
         .unwrap_or_else(|| "default".to_string())
 }
 
+/// Snapshots each data input whose `path` is local (relative to the job file's folder
+/// `base`): a folder, or the one file of a `uri_file`. Each path is rewritten to
+/// `muster-blob://MANIFEST[/FILE]`, which core places at `inputs/NAME/`; the snapshots
+/// are returned to upload (name, path, snapshot).
+fn snapshot_local_inputs(
+    job: &mut JobFile,
+    base: &Path,
+) -> anyhow::Result<Vec<(String, PathBuf, snapshot::Snapshot)>> {
+    let mut out = Vec::new();
+    for (name, input) in job.inputs.iter_mut().flatten() {
+        let InputFile::Data(d) = input else { continue };
+        let Some(path) = d.path.clone() else { continue };
+        if path.contains("://") || path.starts_with("azureml:") || path.contains("${{") {
+            continue;
+        }
+        let local = base.join(&path);
+        let meta = std::fs::metadata(&local).with_context(|| {
+            format!(
+                "inputs.{name}.path: {} does not exist: give a file or folder relative to the job file, or an https URL",
+                local.display()
+            )
+        })?;
+        let wants_file = d.kind.as_deref() == Some("uri_file");
+        let snap = match (meta.is_dir(), wants_file) {
+            (true, false) => snapshot::build(&local, snapshot::DATA_LIMITS)
+                .with_context(|| format!("inputs.{name}"))?,
+            (false, true) => {
+                snapshot::file_snapshot(&local).with_context(|| format!("inputs.{name}"))?
+            }
+            (true, true) => anyhow::bail!(
+                "inputs.{name}: {} is a folder, but the input is a uri_file: name a file, or use type: uri_folder",
+                local.display()
+            ),
+            (false, false) => anyhow::bail!(
+                "inputs.{name}: {} is a file, but the input is a uri_folder: use type: uri_file",
+                local.display()
+            ),
+        };
+        let manifest = snapshot::manifest_sha(&snap)?;
+        d.path = Some(match snap.manifest.files.first().filter(|_| wants_file) {
+            Some(f) => format!("{}{manifest}/{}", muster_core::spec::BLOB_SCHEME, f.path),
+            None => format!("{}{manifest}", muster_core::spec::BLOB_SCHEME),
+        });
+        out.push((name.clone(), local, snap));
+    }
+    Ok(out)
+}
+
 /// What a submit snapshots when neither `--code` nor the job's `code:` says: nothing for
 /// a job file (as Azure ML), the current directory for a command given on the command line.
 fn job_code_default(args: &SubmitArgs) -> Option<PathBuf> {
@@ -461,6 +510,9 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
         .or(runconfig.as_ref())
         .map(|p| format!("{}: ", p.display()))
         .unwrap_or_default();
+    // Local data inputs travel with the submit, as snapshots of their own.
+    let local_inputs =
+        snapshot_local_inputs(&mut job, &base).map_err(|e| anyhow::anyhow!("{label}{e:#}"))?;
     let mut spec = job
         .into_run_spec(&default_experiment(
             code_dir.as_deref().unwrap_or(Path::new(".")),
@@ -478,17 +530,31 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
         Some(dir) => vec![snapshot::build(dir, limits)?],
         None => Vec::new(),
     };
-    let snaps: Vec<&snapshot::Snapshot> = snap.iter().collect();
+    let snaps: Vec<&snapshot::Snapshot> = snap
+        .iter()
+        .chain(local_inputs.iter().map(|(_, _, s)| s))
+        .collect();
 
     let mut list = crate::server_list(server)?;
-    if let Some(dir) = &code_dir {
-        let (code, stats) = crate::upload_failing_over(&mut list, &snaps)
+    if !snaps.is_empty() {
+        let mut uploaded = crate::upload_failing_over(&mut list, &snaps)
             .await?
-            .remove(0);
-        if output == OutputFormat::Table {
-            eprintln!("{}", snapshot::describe(dir, "", &code, &stats));
+            .into_iter();
+        if let Some(dir) = &code_dir {
+            let (code, stats) = uploaded.next().expect("one upload per snapshot");
+            if output == OutputFormat::Table {
+                eprintln!("{}", snapshot::describe(dir, "", &code, &stats));
+            }
+            spec.code = Some(code);
         }
-        spec.code = Some(code);
+        for ((name, path, _), (input, stats)) in local_inputs.iter().zip(uploaded) {
+            if output == OutputFormat::Table {
+                eprintln!(
+                    "{}",
+                    snapshot::describe(path, &format!(" (input {name})"), &input, &stats)
+                );
+            }
+        }
     }
     if let Some(w) = crate::workspace() {
         spec.workspace = w.to_string();

@@ -448,6 +448,7 @@ impl Run {
             .code
             .as_ref()
             .is_some_and(|c| c.manifest == sha256)
+            || self.spec.snapshot_inputs.values().any(|m| m == sha256)
             || self.attempts.iter().any(|a| {
                 a.outputs.as_deref() == Some(sha256)
                     || a.logs.values().any(|l| l.sha256 == sha256)

@@ -133,6 +133,16 @@ impl RunService for Runs {
             // The snapshot must be on a majority of servers before the run is accepted.
             check_code(&self.0, "code", code).await?;
         }
+        // So must every local input uploaded with it.
+        for (name, manifest) in &spec.snapshot_inputs {
+            let input = muster_core::spec::CodeRef {
+                manifest: manifest.clone(),
+                files: 0,
+                bytes: 0,
+                git: None,
+            };
+            check_code(&self.0, &format!("inputs.{name}"), &input).await?;
+        }
         if let Some(key) = &req.idempotency_key
             && (key.is_empty() || key.len() > 128)
         {

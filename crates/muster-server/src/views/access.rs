@@ -56,7 +56,7 @@ pub(crate) fn pipeline_workspace(p: &Pipeline) -> &str {
 
 /// Whether blob `sha256` belongs to a run of a workspace in `readable` (see
 /// [`muster_core::state::Run::references_blob`]), or is a file of such a run's code
-/// snapshot: what a user may download. Blobs are addressed by content, so without this
+/// snapshot or uploaded inputs: what a user may download. Blobs are addressed by content, so without this
 /// check anyone holding a digest could read another workspace's code, outputs and logs.
 /// Callers who read every workspace skip the check. The snapshot files are found by
 /// reading the manifests of the readable runs (each distinct one once), which is file I/O:
@@ -81,6 +81,8 @@ pub(crate) fn blob_readable(server: &Server, readable: &Readable, sha256: &str) 
             if let Some(code) = &r.spec.code {
                 manifests.insert(code.manifest.clone());
             }
+            // The files of the local inputs uploaded with it, too.
+            manifests.extend(r.spec.snapshot_inputs.values().cloned());
         }
         (direct, manifests)
     });
