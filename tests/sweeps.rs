@@ -317,6 +317,7 @@ done
 const BANDIT_SWEEP: &str = r###"type: sweep
 trial:
   command: sh mixed.sh ${{search_space.q}}
+  code: .
   compute: local
 sampling_algorithm: grid
 search_space:
@@ -775,7 +776,7 @@ async fn a_sweep_past_its_timeout_cancels_its_trials_and_ends_timed_out() {
     write(
         project.path(),
         "sweep.yml",
-        "type: sweep\ntrial:\n  command: sh slow.sh ${{search_space.lr}}\nsampling_algorithm: bayesian\nsearch_space:\n  lr:\n    type: uniform\n    min_value: 0\n    max_value: 1\nobjective:\n  primary_metric: accuracy\n  goal: maximize\nlimits:\n  max_total_trials: 10\n  max_concurrent_trials: 2\n  timeout: 3\n",
+        "type: sweep\ntrial:\n  command: sh slow.sh ${{search_space.lr}}\n  code: .\nsampling_algorithm: bayesian\nsearch_space:\n  lr:\n    type: uniform\n    min_value: 0\n    max_value: 1\nobjective:\n  primary_metric: accuracy\n  goal: maximize\nlimits:\n  max_total_trials: 10\n  max_concurrent_trials: 2\n  timeout: 3\n",
     );
     let id = submit_id(
         &dev.url(),

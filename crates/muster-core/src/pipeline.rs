@@ -93,15 +93,18 @@ pub struct PipelineSpec {
     pub continue_on_step_failure: bool,
     /// The pipeline's outputs: name → (step, output).
     pub outputs: BTreeMap<String, (String, String)>,
+    /// Pipeline-level keys muster read but does not act on, one sentence each (the steps'
+    /// own are on their runs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SettingsFile {
     default_compute: Option<String>,
-    /// Accepted; muster has one store.
-    #[serde(rename = "default_datastore")]
-    _default_datastore: Option<String>,
+    /// A warning: muster keeps outputs in its one blob store.
+    default_datastore: Option<String>,
     continue_on_step_failure: Option<bool>,
     force_rerun: Option<bool>,
 }
@@ -117,10 +120,8 @@ struct PipelineFile {
     display_name: Option<String>,
     experiment_name: Option<String>,
     description: Option<String>,
-    #[serde(rename = "tags")]
-    _tags: Option<BTreeMap<String, Scalar>>,
-    #[serde(rename = "properties")]
-    _properties: Option<yaml_serde::Value>,
+    tags: Option<BTreeMap<String, Scalar>>,
+    properties: Option<yaml_serde::Value>,
     compute: Option<String>,
     settings: Option<SettingsFile>,
     inputs: Option<BTreeMap<String, InputFile>>,
@@ -417,7 +418,21 @@ pub fn parse_pipeline_yaml(
         );
     }
     let order = topological_order(&steps)?;
+    let mut warnings = Vec::new();
+    if file.tags.is_some() {
+        warnings
+            .push("tags: not kept on the pipeline; tag its steps (jobs.STEP.tags) instead".into());
+    }
+    if file.properties.is_some() {
+        warnings.push("properties: not kept".into());
+    }
+    if let Some(d) = &settings.default_datastore {
+        warnings.push(format!(
+            "settings.default_datastore: {d} is not used; muster keeps outputs in its own store"
+        ));
+    }
     Ok(PipelineSpec {
+        warnings,
         display_name: file.display_name.or(file.name),
         experiment,
         description: file.description,
@@ -970,6 +985,21 @@ jobs:
                 failed: vec![]
             }]
         );
+    }
+
+    #[test]
+    fn pipeline_keys_muster_does_not_act_on_are_warnings() {
+        let p = parse_pipeline_yaml(
+            "type: pipeline\ntags: {team: cv}\nproperties: {a: b}\nsettings:\n  default_datastore: azureml:workspaceblobstore\njobs:\n  a:\n    command: echo\n",
+            "exp",
+        )
+        .unwrap();
+        let keys: Vec<&str> = p
+            .warnings
+            .iter()
+            .map(|w| w.split(':').next().unwrap())
+            .collect();
+        assert_eq!(keys, ["tags", "properties", "settings.default_datastore"]);
     }
 
     #[test]

@@ -217,6 +217,9 @@ async fn submit(
     let text = inline_components(&text, &base)?;
     let spec = parse_pipeline_yaml(&text, &experiment)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    for w in &spec.warnings {
+        eprintln!("warning: {}: {w}", path.display());
+    }
     for (step, s) in &spec.steps {
         for w in &s.run.warnings {
             eprintln!("warning: jobs.{step}: {w}");

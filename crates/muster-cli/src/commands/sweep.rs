@@ -223,7 +223,7 @@ fn v2_trial_code(text: &str) -> Option<String> {
 
 /// Reads and validates the sweep the flags describe; returns it with the directory to
 /// snapshot. Nothing touches the network.
-fn sweep_from_args(args: &SweepSubmitArgs) -> anyhow::Result<(SweepSpec, PathBuf)> {
+fn sweep_from_args(args: &SweepSubmitArgs) -> anyhow::Result<(SweepSpec, Option<PathBuf>)> {
     let (mut spec, code_dir) = match &args.hyperdrive_config {
         None => {
             let path = args.file.as_ref().ok_or_else(|| {
@@ -237,13 +237,17 @@ fn sweep_from_args(args: &SweepSubmitArgs) -> anyhow::Result<(SweepSpec, PathBuf
                 );
             }
             let text = read(path)?;
+            // A trial without `code:` uploads nothing, as in Azure ML.
             let code_dir = match (&args.code, v2_trial_code(&text)) {
-                (Some(c), _) => c.clone(),
-                (None, Some(c)) => base_dir(path).join(c),
-                (None, None) => PathBuf::from("."),
+                (Some(c), _) => Some(c.clone()),
+                (None, Some(c)) => Some(base_dir(path).join(c)),
+                (None, None) => None,
             };
-            let spec = parse_sweep_yaml(&text, &default_experiment(&code_dir))
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let spec = parse_sweep_yaml(
+                &text,
+                &default_experiment(code_dir.as_deref().unwrap_or(Path::new("."))),
+            )
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             (spec, code_dir)
         }
         Some(hd_path) => {
@@ -284,7 +288,8 @@ fn sweep_from_args(args: &SweepSubmitArgs) -> anyhow::Result<(SweepSpec, PathBuf
                 .map_err(|e| anyhow::anyhow!("{label}{e}"))?;
             let spec = parse_hyperdrive_config(&read(hd_path)?, trial)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", hd_path.display()))?;
-            (spec, code_dir)
+            // v1's submit-hyperdrive always snapshots the source directory.
+            (spec, Some(code_dir))
         }
     };
     if let Some(c) = &args.compute {
@@ -310,15 +315,21 @@ async fn submit(server: &str, output: OutputFormat, args: SweepSubmitArgs) -> an
         max_bytes: args.max_snapshot_bytes,
         max_files: args.max_snapshot_files,
     };
-    let snap = snapshot::build(&code_dir, limits)?;
+    let snap = match &code_dir {
+        Some(dir) => vec![snapshot::build(dir, limits)?],
+        None => Vec::new(),
+    };
+    let snaps: Vec<&snapshot::Snapshot> = snap.iter().collect();
     let mut list = crate::server_list(server)?;
-    let (code, stats) = crate::upload_failing_over(&mut list, &[&snap])
-        .await?
-        .remove(0);
-    if output == OutputFormat::Table {
-        eprintln!("{}", snapshot::describe(&code_dir, "", &code, &stats));
+    if let Some(dir) = &code_dir {
+        let (code, stats) = crate::upload_failing_over(&mut list, &snaps)
+            .await?
+            .remove(0);
+        if output == OutputFormat::Table {
+            eprintln!("{}", snapshot::describe(dir, "", &code, &stats));
+        }
+        spec.trial.code = Some(code);
     }
-    spec.trial.code = Some(code);
     if let Some(w) = crate::workspace() {
         spec.trial.workspace = w.to_string();
     }
@@ -330,7 +341,7 @@ async fn submit(server: &str, output: OutputFormat, args: SweepSubmitArgs) -> an
         spec: Some(muster_proto::sweep_spec_to_wire(&spec)),
         idempotency_key: Some(key),
     };
-    let sweep = crate::submit_failing_over(&mut list, &[&snap], |mut c| {
+    let sweep = crate::submit_failing_over(&mut list, &snaps, |mut c| {
         let req = req.clone();
         async move { c.sweeps.submit_sweep(req).await }
     })
