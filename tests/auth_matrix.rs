@@ -145,6 +145,8 @@ fn allowed(method: &str) -> Option<&'static [Who]> {
         ("muster.v1.SweepService", "GetSweep" | "ListSweeps") => READERS,
         ("muster.v1.PipelineService", "SubmitPipeline" | "CancelPipeline") => USERS,
         ("muster.v1.PipelineService", "GetPipeline" | "ListPipelines") => READERS,
+        ("muster.v1.DataService", "CreateData") => USERS,
+        ("muster.v1.DataService", "GetData" | "ListData") => READERS,
         ("muster.v1.MetricsService", _) => READERS_SERVERS,
         ("muster.v1.BlobService", "MissingBlobs" | "PutBlob") => BLOB_WRITERS,
         ("muster.v1.BlobService", "GetBlob") => BLOB_READERS,

@@ -504,3 +504,102 @@ async fn local_data_inputs_travel_with_the_submit() {
     );
     assert_eq!(muster_tests::all_runs(&dev.url()).await.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_assets_are_made_once_per_version_and_jobs_name_them() {
+    let dev = DevCluster::start().await.unwrap();
+    let project = tempfile::tempdir().unwrap();
+    write(project.path(), "raw/iris.csv", "5.1,setosa\n");
+    write(project.path(), "raw/train/part-0.csv", "a\n");
+    write(project.path(), "raw/train/part-1.csv", "b\n");
+    write(
+        project.path(),
+        "train-data.yml",
+        "$schema: https://azuremlschemas.azureedge.net/latest/data.schema.json\ntype: uri_folder\nname: train\nversion: 1\npath: raw/train\ndescription: two parts\n",
+    );
+    let made = muster(
+        &dev.url(),
+        project.path(),
+        &[
+            "data",
+            "create",
+            "--name",
+            "iris",
+            "--version",
+            "1",
+            "--path",
+            "raw/iris.csv",
+            "--type",
+            "uri_file",
+        ],
+    )
+    .await;
+    assert_eq!(made.code, 0, "{made:?}");
+    assert!(
+        made.stdout.contains("use it as `path: azureml:iris:1`"),
+        "{made:?}"
+    );
+    let from_file = muster(
+        &dev.url(),
+        project.path(),
+        &["data", "create", "-f", "train-data.yml"],
+    )
+    .await;
+    assert_eq!(from_file.code, 0, "{from_file:?}");
+    let again = muster(
+        &dev.url(),
+        project.path(),
+        &[
+            "data",
+            "create",
+            "--name",
+            "iris",
+            "--version",
+            "1",
+            "--path",
+            "raw/iris.csv",
+            "--type",
+            "uri_file",
+        ],
+    )
+    .await;
+    assert_ne!(again.code, 0, "{again:?}");
+    assert!(again.stderr.contains("iris:1 already exists"), "{again:?}");
+    let list = muster(&dev.url(), project.path(), &["data", "list"]).await;
+    assert!(
+        list.stdout.contains("iris") && list.stdout.contains("train"),
+        "{list:?}"
+    );
+    let show = muster(
+        &dev.url(),
+        project.path(),
+        &["data", "show", "train@latest", "-o", "json"],
+    )
+    .await;
+    let shown: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    assert_eq!(
+        (shown["type"].as_str(), shown["version"].as_str()),
+        (Some("uri_folder"), Some("1"))
+    );
+
+    write(
+        project.path(),
+        "job.yml",
+        "command: cat ${{inputs.iris}} ${{inputs.train}}/part-0.csv ${{inputs.train}}/part-1.csv\ninputs:\n  iris:\n    type: uri_file\n    path: azureml:iris:1\n  train:\n    path: azureml:train@latest\n",
+    );
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "-f", "job.yml", "--stream"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout, "5.1,setosa\na\nb\n", "{out:?}");
+    assert!(!out.stderr.contains("warning"), "{out:?}");
+    let missing = muster(&dev.url(), project.path(), &["data", "show", "iris:7"]).await;
+    assert_ne!(missing.code, 0, "{missing:?}");
+    assert!(
+        missing.stderr.contains("data asset iris:7 does not exist"),
+        "{missing:?}"
+    );
+}

@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "metrics",
         "sweeps",
         "access",
+        "data",
     ]
     .map(|f| root.join(format!("muster/v1/{f}.proto")));
     for f in &files {

@@ -88,6 +88,9 @@ pub enum ClientCommand {
     /// Hyperparameter sweeps: submit, show (trials ranked by the primary metric), cancel.
     #[command(subcommand)]
     Sweep(crate::commands::sweep::SweepCommand),
+    /// Data assets: named, versioned files and folders that job inputs name.
+    #[command(subcommand)]
+    Data(crate::commands::data::DataCommand),
     /// Log in: check an API token and keep it for `--server` (0600, in the config dir).
     Login(LoginArgs),
     /// Forget the token kept for `--server`.

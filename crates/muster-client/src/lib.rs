@@ -43,8 +43,9 @@ pub use servers::{Servers, normalize_url};
 
 use muster_proto::v1::{
     access_service_client::AccessServiceClient, compute_service_client::ComputeServiceClient,
-    metrics_service_client::MetricsServiceClient, pipeline_service_client::PipelineServiceClient,
-    run_service_client::RunServiceClient, sweep_service_client::SweepServiceClient,
+    data_service_client::DataServiceClient, metrics_service_client::MetricsServiceClient,
+    pipeline_service_client::PipelineServiceClient, run_service_client::RunServiceClient,
+    sweep_service_client::SweepServiceClient,
 };
 
 /// Clients of every user-facing service over one connection.
@@ -66,6 +67,8 @@ pub struct Clients {
     pub sweeps: SweepServiceClient<Channel>,
     /// Tokens, workspaces, roles, the audit log.
     pub access: AccessServiceClient<Channel>,
+    /// Data assets.
+    pub data: DataServiceClient<Channel>,
 }
 
 impl Clients {
@@ -80,6 +83,7 @@ impl Clients {
             sweeps: SweepServiceClient::new(channel.clone()).max_decoding_message_size(16 << 20),
             metrics: MetricsServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20),
             access: AccessServiceClient::new(channel.clone()).max_decoding_message_size(16 << 20),
+            data: DataServiceClient::new(channel.clone()).max_decoding_message_size(16 << 20),
             blobs: Blobs::connect(channel),
         }
     }

@@ -35,6 +35,7 @@ pub mod access;
 pub mod autoscale;
 mod component;
 pub mod compute;
+pub mod data;
 pub mod distributed;
 pub mod loglines;
 pub mod metrics;

@@ -844,6 +844,61 @@ pub fn metrics_to_wire(
     }
 }
 
+/// A data asset as the API shows it.
+pub fn data_asset_to_wire(a: &muster_core::data::DataAsset) -> v1::DataAsset {
+    use muster_core::data::DataSource;
+    let (manifest, file, url) = match &a.source {
+        DataSource::Snapshot { manifest, file } => (Some(manifest.clone()), file.clone(), None),
+        DataSource::Url { url } => (None, None, Some(url.clone())),
+    };
+    v1::DataAsset {
+        name: a.name.clone(),
+        version: a.version.clone(),
+        workspace: a.workspace.clone(),
+        r#type: a.kind.as_str().to_string(),
+        manifest,
+        file,
+        url,
+        description: a.description.clone(),
+        created_at_ms: a.created_at,
+        created_by: a.created_by.clone(),
+        input_path: a.input_path(),
+    }
+}
+
+/// A wire data asset to core (its maker and time are the server's to set); the error
+/// names the field.
+pub fn data_asset_from_wire(
+    a: &v1::DataAsset,
+    created_at: u64,
+    created_by: &str,
+) -> Result<muster_core::data::DataAsset, String> {
+    use muster_core::data::{DataAsset, DataSource};
+    let kind = OutputKind::parse(Some(a.r#type.as_str())).map_err(|e| format!("type: {e}"))?;
+    let source = match (&a.manifest, &a.url) {
+        (Some(m), None) => DataSource::Snapshot {
+            manifest: m.clone(),
+            file: a.file.clone(),
+        },
+        (None, Some(u)) => DataSource::Url { url: u.clone() },
+        _ => return Err("path: give the uploaded manifest or an http(s) URL, one of them".into()),
+    };
+    Ok(DataAsset {
+        name: a.name.clone(),
+        version: a.version.clone(),
+        workspace: if a.workspace.is_empty() {
+            muster_core::access::DEFAULT_WORKSPACE.to_string()
+        } else {
+            a.workspace.clone()
+        },
+        kind,
+        source,
+        description: a.description.clone(),
+        created_at,
+        created_by: created_by.to_string(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,7 @@
 pub mod access;
 pub mod cluster;
 pub mod compute;
+pub mod data;
 pub mod metrics;
 pub mod node;
 pub mod pipeline;

@@ -313,6 +313,40 @@ pub(crate) fn default_experiment(code: &Path) -> String {
         .unwrap_or_else(|| "default".to_string())
 }
 
+/// Rewrites each data input whose `path` names a data asset (`azureml:NAME:VERSION`,
+/// `azureml:NAME@latest`) to the asset's own path, asking the server only when one does.
+async fn resolve_data_assets(server: &str, job: &mut JobFile) -> anyhow::Result<()> {
+    let named = |d: &muster_core::spec::DataInput| {
+        d.path
+            .as_deref()
+            .is_some_and(|p| p.starts_with("azureml:") && !p.starts_with("azureml://"))
+    };
+    let any = job
+        .inputs
+        .iter()
+        .flatten()
+        .any(|(_, i)| matches!(i, InputFile::Data(d) if named(d)));
+    if !any {
+        return Ok(());
+    }
+    let mut c = crate::connect(server).await?;
+    for (name, input) in job.inputs.iter_mut().flatten() {
+        let InputFile::Data(d) = input else { continue };
+        if !named(d) {
+            continue;
+        }
+        let reference = d.path.clone().unwrap_or_default();
+        let asset = crate::commands::data::get(&mut c, &reference)
+            .await
+            .with_context(|| format!("inputs.{name}.path"))?;
+        if d.kind.is_none() {
+            d.kind = Some(asset.r#type.clone());
+        }
+        d.path = Some(asset.input_path);
+    }
+    Ok(())
+}
+
 /// Snapshots each data input whose `path` is local (relative to the job file's folder
 /// `base`): a folder, or the one file of a `uri_file`. Each path is rewritten to
 /// `muster-blob://MANIFEST[/FILE]`, which core places at `inputs/NAME/`; the snapshots
@@ -510,6 +544,10 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
         .or(runconfig.as_ref())
         .map(|p| format!("{}: ", p.display()))
         .unwrap_or_default();
+    // Inputs that name data assets become what the assets stand for.
+    resolve_data_assets(server, &mut job)
+        .await
+        .map_err(|e| anyhow::anyhow!("{label}{e:#}"))?;
     // Local data inputs travel with the submit, as snapshots of their own.
     let local_inputs =
         snapshot_local_inputs(&mut job, &base).map_err(|e| anyhow::anyhow!("{label}{e:#}"))?;

@@ -234,6 +234,27 @@ impl State {
                 metrics,
             } => self.seal_metrics(run_id, *attempt, metrics),
             Command::ArchiveRuns { run_ids, archive } => self.archive_runs(run_ids, archive),
+            Command::CreateDataAsset { asset } => {
+                asset.validate()?;
+                if !self.access.workspace_exists(&asset.workspace) {
+                    return Err(ApplyError::InvalidSpec(crate::spec::SpecError::field(
+                        "workspace",
+                        format!("workspace {:?} does not exist", asset.workspace),
+                    )));
+                }
+                let versions = self
+                    .data_assets
+                    .entry(format!("{}/{}", asset.workspace, asset.name))
+                    .or_default();
+                if versions.iter().any(|a| a.version == asset.version) {
+                    return Err(ApplyError::DataAssetExists {
+                        name: asset.name.clone(),
+                        version: asset.version.clone(),
+                    });
+                }
+                versions.push((**asset).clone());
+                Ok(Applied::Done)
+            }
             Command::SetServerAddress { id, address } => {
                 validate_server_address(*id, address)?;
                 self.servers.insert(*id, address.clone());

@@ -290,6 +290,12 @@ pub enum Command {
         /// The archive they are in.
         archive: RunArchive,
     },
+    /// Makes a version of a data asset (`data.rs`); its bytes are already on a majority.
+    #[serde(rename = "create_data_asset.v1")]
+    CreateDataAsset {
+        /// The asset.
+        asset: Box<crate::data::DataAsset>,
+    },
     /// A change to tokens, workspaces or roles (`access.rs`), audited.
     #[serde(rename = "access.v1")]
     Access {
@@ -359,6 +365,7 @@ impl Command {
             Command::CancelPipeline { .. } => "cancel_pipeline",
             Command::SealMetrics { .. } => "seal_metrics",
             Command::ArchiveRuns { .. } => "archive_runs",
+            Command::CreateDataAsset { .. } => "create_data_asset",
             Command::Access { .. } => "access",
         }
     }

@@ -95,6 +95,16 @@ pub enum ApplyError {
     /// The id is taken (the proposer picks another).
     #[error("run id {0:?} is already taken")]
     RunExists(String),
+    /// A data asset's versions are immutable.
+    #[error(
+        "data asset {name}:{version} already exists: versions never change; make {name} with another --version"
+    )]
+    DataAssetExists {
+        /// Its name.
+        name: String,
+        /// The version.
+        version: String,
+    },
     /// The run is over.
     #[error("run {run_id:?} already finished ({state})")]
     RunFinished {

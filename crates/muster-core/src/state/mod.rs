@@ -519,6 +519,10 @@ pub struct State {
     /// absent from snapshots taken before retention existed, or with nothing archived).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub archives: Vec<RunArchive>,
+    /// Data assets by `WORKSPACE/NAME`, each name's versions oldest first (`data.rs`;
+    /// absent from snapshots taken before data assets existed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub data_assets: BTreeMap<String, Vec<crate::data::DataAsset>>,
     /// A summary of the active runs of each compute target: what they hold against its
     /// quota, their priorities, how many are being preempted. Derived from `runs`: kept up
     /// to date by `apply`, rebuilt by [`State::from_snapshot`], never serialized, and
@@ -796,3 +800,19 @@ pub(crate) fn attempt_usage(a: &Attempt) -> QuotaUsage {
 mod flow_tests;
 #[cfg(test)]
 mod tests;
+
+impl State {
+    /// The data asset `name` of `workspace`: that version, or the latest made.
+    pub fn data_asset(
+        &self,
+        workspace: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> Option<&crate::data::DataAsset> {
+        let versions = self.data_assets.get(&format!("{workspace}/{name}"))?;
+        match version {
+            Some(v) => versions.iter().find(|a| a.version == v),
+            None => versions.last(),
+        }
+    }
+}

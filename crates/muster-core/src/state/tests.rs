@@ -999,3 +999,44 @@ fn an_archive_that_names_a_live_late_unknown_or_repeated_run_changes_nothing() {
         )))
     );
 }
+
+#[test]
+fn data_asset_versions_are_immutable_and_the_latest_is_the_last_made() {
+    use crate::data::{DataAsset, DataSource};
+    use crate::spec::OutputKind;
+    let asset = |version: &str, url: &str| Command::CreateDataAsset {
+        asset: Box::new(DataAsset {
+            name: "iris".into(),
+            version: version.into(),
+            workspace: "default".into(),
+            kind: OutputKind::UriFile,
+            source: DataSource::Url { url: url.into() },
+            description: None,
+            created_at: 5,
+            created_by: "user:ada".into(),
+        }),
+    };
+    let mut s = State::default();
+    s.apply(&asset("1", "https://example.org/v1.csv")).unwrap();
+    s.apply(&asset("2", "https://example.org/v2.csv")).unwrap();
+    let before = s.clone();
+    assert!(matches!(
+        s.apply(&asset("1", "https://example.org/other.csv")),
+        Err(ApplyError::DataAssetExists { .. })
+    ));
+    assert_eq!(s, before, "a refused version changes nothing");
+    let url = |v: Option<&str>| {
+        s.data_asset("default", "iris", v)
+            .map(|a| a.input_path())
+            .unwrap()
+    };
+    assert_eq!(url(Some("1")), "https://example.org/v1.csv");
+    assert_eq!(url(None), "https://example.org/v2.csv");
+    assert!(s.data_asset("other", "iris", None).is_none());
+    assert_encodes_as(
+        &asset("3", "https://example.org/v3.csv"),
+        "create_data_asset.v1",
+    );
+    let snap = State::from_snapshot(&s.to_snapshot()).unwrap();
+    assert_eq!(snap.data_assets, s.data_assets);
+}

@@ -298,6 +298,10 @@ pub(crate) fn rule(path: &str) -> Option<Rule> {
         ("muster.v1.SweepService", "GetSweep" | "ListSweeps") => users(Reader),
         ("muster.v1.PipelineService", "SubmitPipeline" | "CancelPipeline") => users(User),
         ("muster.v1.PipelineService", "GetPipeline" | "ListPipelines") => users(Reader),
+        // Users of a workspace make its data assets, its readers see them; the handlers
+        // check the workspace.
+        ("muster.v1.DataService", "CreateData") => users(User),
+        ("muster.v1.DataService", "GetData" | "ListData") => users(Reader),
 
         // Followers relay metric reads to the leader, which holds live series.
         ("muster.v1.MetricsService", "GetRunMetrics" | "StreamRunMetrics") => {

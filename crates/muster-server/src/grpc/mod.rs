@@ -18,6 +18,7 @@ pub(crate) mod auth;
 mod blobs;
 mod cluster;
 mod compute;
+mod data;
 pub(crate) mod limits;
 mod metrics;
 mod pipelines;
@@ -163,6 +164,9 @@ pub(crate) fn router(server: Arc<Server>) -> GrpcRoutes {
     .add(health)
     .add(reflection_v1)
     .add(reflection_v1alpha)
+    .add(v1::data_service_server::DataServiceServer::new(data::Data(
+        server.clone(),
+    )))
     .add(v1::compute_service_server::ComputeServiceServer::new(
         compute::Computes(server.clone()),
     ))
@@ -241,7 +245,8 @@ pub(crate) fn rejected(e: ApplyError) -> Status {
         | ApplyError::NodeNameTaken(_)
         | ApplyError::RunExists(_)
         | ApplyError::SweepExists(_)
-        | ApplyError::PipelineExists(_) => Status::already_exists(msg),
+        | ApplyError::PipelineExists(_)
+        | ApplyError::DataAssetExists { .. } => Status::already_exists(msg),
         ApplyError::InvalidSpec(_)
         | ApplyError::InvalidNodeName { .. }
         | ApplyError::InvalidServerId(_)
