@@ -74,44 +74,32 @@ async fn declared_outputs_exist_before_the_command_and_download_one_by_one() {
     );
 
     // One output at a time, without the logs.
-    let to = project.path().join("model-only");
-    let dl = muster(
-        &dev.url(),
-        project.path(),
-        &[
-            "run",
-            "download",
-            &id,
-            "--output-name",
-            "model",
-            "--to",
-            to.to_str().unwrap(),
-        ],
-    )
-    .await;
-    assert_eq!(dl.code, 0, "{dl:?}");
+    let download = |name: &'static str| {
+        let (url, cwd, id) = (dev.url(), project.path().to_path_buf(), id.clone());
+        async move {
+            let to = cwd.join(format!("{name}-only"));
+            let args = [
+                "run",
+                "download",
+                &id,
+                "--output-name",
+                name,
+                "--to",
+                to.to_str().unwrap(),
+            ];
+            let dl = muster(&url, &cwd, &args).await;
+            assert_eq!(dl.code, 0, "{dl:?}");
+            to
+        }
+    };
+    let to = download("model").await;
     assert_eq!(
         std::fs::read_to_string(to.join("outputs/model/weights.txt")).unwrap(),
         "weights\n"
     );
     assert!(!to.join("outputs/report").exists());
     assert!(!to.join("logs").exists());
-    let to = project.path().join("report-only");
-    let dl = muster(
-        &dev.url(),
-        project.path(),
-        &[
-            "run",
-            "download",
-            &id,
-            "--output-name",
-            "report",
-            "--to",
-            to.to_str().unwrap(),
-        ],
-    )
-    .await;
-    assert_eq!(dl.code, 0, "{dl:?}");
+    let to = download("report").await;
     assert_eq!(
         std::fs::read_to_string(to.join("outputs/report")).unwrap(),
         "accuracy=0.9\n"

@@ -105,17 +105,13 @@ impl DataAsset {
                 SpecError::field("path", "a uri_folder asset is a folder, not one file"),
             ),
             (DataSource::Url { url }, kind) => {
-                let lower = url.to_ascii_lowercase();
                 if kind != OutputKind::UriFile {
                     return Err(SpecError::field(
                         "type",
                         "an http(s) URL names one file: use type: uri_file",
                     ));
                 }
-                if !(lower.starts_with("http://") || lower.starts_with("https://"))
-                    || url.len() > MAX_INPUT_URL_BYTES
-                    || url.chars().any(|c| c.is_whitespace() || c.is_control())
-                {
+                if !crate::spec::is_input_url(url) {
                     return Err(SpecError::field(
                         "path",
                         format!("not an http(s) URL of at most {MAX_INPUT_URL_BYTES} bytes"),

@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use crate::spec::{
     DistributionFile, EnvironmentFile, JobFile, LimitsFile, ResourcesFile, Scalar, SpecError,
-    parse_yaml,
+    parse_yaml, shell_quote,
 };
 
 /// A v1 run configuration as muster takes it.
@@ -150,19 +150,6 @@ fn is_empty(v: &Option<yaml_serde::Value>) -> bool {
     }
 }
 
-/// `arg` quoted for `sh -c` when it needs it.
-fn shell_word(arg: &str) -> String {
-    let safe = !arg.is_empty()
-        && arg
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
-    if safe {
-        arg.to_string()
-    } else {
-        format!("'{}'", arg.replace('\'', "'\\''"))
-    }
-}
-
 /// Parses a v1 run configuration. Every error names the key (camelCase, as written).
 pub fn parse_runconfig(text: &str) -> Result<RunConfig, SpecError> {
     let file: File = parse_yaml(text)?;
@@ -207,12 +194,12 @@ pub fn parse_runconfig(text: &str) -> Result<RunConfig, SpecError> {
         (Some(Command::Line(line)), _) => line,
         (Some(Command::Words(words)), _) => words
             .iter()
-            .map(|w| shell_word(&w.to_string()))
+            .map(|w| shell_quote(&w.to_string()))
             .collect::<Vec<_>>()
             .join(" "),
-        (None, Some(script)) => std::iter::once(shell_word(&interpreter))
-            .chain(std::iter::once(shell_word(script)))
-            .chain(arguments.iter().map(|a| shell_word(a)))
+        (None, Some(script)) => std::iter::once(shell_quote(&interpreter))
+            .chain(std::iter::once(shell_quote(script)))
+            .chain(arguments.iter().map(|a| shell_quote(a)))
             .collect::<Vec<_>>()
             .join(" "),
         (None, None) => {
@@ -443,13 +430,8 @@ mod tests {
             Some("EXAMPLE_VALUE")
         );
         assert!(rc.snapshot);
-        let keys: Vec<&str> = rc
-            .warnings
-            .iter()
-            .map(|w| w.split(':').next().unwrap())
-            .collect();
         assert_eq!(
-            keys,
+            crate::spec::warned_keys(&rc.warnings),
             [
                 "arguments",
                 "environment.docker.baseImage",

@@ -397,6 +397,36 @@ pub struct RunSpec {
 /// `muster-blob://MANIFEST/FILE` for one file (a `uri_file`).
 pub const BLOB_SCHEME: &str = "muster-blob://";
 
+/// `arg` as one word for `sh -c`, quoted only when it needs it.
+pub fn shell_quote(arg: &str) -> String {
+    let safe = !arg.is_empty()
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if safe {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', "'\\''"))
+    }
+}
+
+/// Whether `url` is an http(s) URL an input (or a data asset) may name.
+pub fn is_input_url(url: &str) -> bool {
+    let lower = url.to_ascii_lowercase();
+    (lower.starts_with("http://") || lower.starts_with("https://"))
+        && url.len() <= MAX_INPUT_URL_BYTES
+        && !url.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// The keys the warnings name (the text before each first `:`), for tests.
+#[cfg(test)]
+pub(crate) fn warned_keys(warnings: &[String]) -> Vec<&str> {
+    warnings
+        .iter()
+        .map(|w| w.split(':').next().unwrap_or_default())
+        .collect()
+}
+
 /// The longest URL an input may have.
 pub const MAX_INPUT_URL_BYTES: usize = 2048;
 
@@ -630,11 +660,7 @@ impl RunSpec {
         for (name, url) in &self.url_inputs {
             crate::names::validate_input_name(name)
                 .map_err(|e| SpecError::field(format!("inputs.{name}"), e.to_string()))?;
-            let lower = url.to_ascii_lowercase();
-            if !(lower.starts_with("http://") || lower.starts_with("https://"))
-                || url.len() > MAX_INPUT_URL_BYTES
-                || url.chars().any(|c| c.is_whitespace() || c.is_control())
-            {
+            if !is_input_url(url) {
                 return Err(SpecError::field(
                     format!("inputs.{name}.path"),
                     format!("not an http(s) URL of at most {MAX_INPUT_URL_BYTES} bytes"),
@@ -1548,13 +1574,8 @@ mod tests {
         .unwrap()
         .into_run_spec("exp")
         .unwrap();
-        let keys: Vec<&str> = spec
-            .warnings
-            .iter()
-            .map(|w| w.split(':').next().unwrap())
-            .collect();
         assert_eq!(
-            keys,
+            warned_keys(&spec.warnings),
             [
                 "properties",
                 "services",

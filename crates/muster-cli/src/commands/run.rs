@@ -10,7 +10,7 @@ use muster_core::loglines::RankLines;
 use muster_core::names::validate_experiment_name;
 use muster_core::spec::{
     DistributionFile, EnvironmentFile, InputFile, JobFile, LimitsFile, ResourcesFile, Scalar,
-    parse_job_yaml,
+    parse_job_yaml, shell_quote,
 };
 use muster_proto::{Word, v1};
 use serde_json::json;
@@ -289,19 +289,6 @@ async fn stream_logs(
     stdout.write_all(&lines.finish())?;
     stdout.flush()?;
     Ok(())
-}
-
-/// Quotes one argument for `sh -c` only when it needs it.
-pub(crate) fn shell_quote(arg: &str) -> String {
-    let safe = !arg.is_empty()
-        && arg
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
-    if safe {
-        arg.to_string()
-    } else {
-        format!("'{}'", arg.replace('\'', "'\\''"))
-    }
 }
 
 /// The experiment a run of `code` gets by default: the directory's name, when valid.

@@ -12,12 +12,13 @@ use muster_proto::{Word, v1};
 use serde_json::{Value, json};
 
 use crate::cli::OutputFormat;
-use crate::commands::run::{default_experiment, shell_quote};
+use crate::commands::run::default_experiment;
 use crate::connect;
 use crate::output::{print_json, table, time};
 use crate::paging::{self, PageArgs};
 use crate::snapshot::{self, SnapshotLimits};
 use muster_client::status;
+use muster_core::spec::shell_quote;
 
 /// `muster sweep` subcommands.
 #[derive(Debug, Subcommand)]
