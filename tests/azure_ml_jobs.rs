@@ -591,3 +591,70 @@ async fn data_assets_are_made_once_per_version_and_jobs_name_them() {
         "{missing:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_datastore_input_reads_the_shared_folder_and_nobody_submits_host_paths() {
+    let dev = DevCluster::start().await.unwrap();
+    let project = tempfile::tempdir().unwrap();
+    let share = tempfile::tempdir().unwrap();
+    write(share.path(), "imagenet/train/n01.txt", "tench\n");
+    let share_path = share.path().to_str().unwrap().to_string();
+    let made = muster(
+        &dev.url(),
+        project.path(),
+        &["datastore", "create", "shared", "--path", &share_path],
+    )
+    .await;
+    assert_eq!(made.code, 0, "{made:?}");
+    let list = muster(&dev.url(), project.path(), &["datastore", "list"]).await;
+    assert!(
+        list.stdout.contains("shared") && list.stdout.contains(&share_path),
+        "{list:?}"
+    );
+    write(
+        project.path(),
+        "job.yml",
+        "command: cat ${{inputs.images}}/n01.txt\ninputs:\n  images:\n    type: uri_folder\n    path: azureml://datastores/shared/paths/imagenet/train\n",
+    );
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "-f", "job.yml", "--stream"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout, "tench\n", "{out:?}");
+    // An unknown datastore is refused with what to do.
+    write(
+        project.path(),
+        "other.yml",
+        "command: ls ${{inputs.x}}\ninputs:\n  x:\n    path: azureml://datastores/nope/paths/a\n",
+    );
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "-f", "other.yml"],
+    )
+    .await;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("has no datastore \"nope\""), "{out:?}");
+    // Host paths come only from datastores: a spec that brings its own is refused.
+    let mut c = muster_testkit::access::clients(&dev.url()).await.unwrap();
+    let forged = c
+        .runs
+        .submit_run(muster_proto::v1::SubmitRunRequest {
+            spec: Some(muster_proto::v1::RunSpec {
+                command: "cat inputs/x/shadow".into(),
+                compute: "local".into(),
+                experiment: "e".into(),
+                instance_count: 1,
+                max_attempts: 1,
+                host_inputs: [("x".to_string(), "/etc".to_string())].into(),
+                ..Default::default()
+            }),
+            idempotency_key: None,
+        })
+        .await;
+    assert_eq!(forged.unwrap_err().code(), tonic::Code::InvalidArgument);
+    assert_eq!(muster_tests::all_runs(&dev.url()).await.len(), 1);
+}

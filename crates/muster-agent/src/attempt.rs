@@ -66,6 +66,16 @@ pub(crate) enum AttemptError {
     /// The URL inputs.
     #[error(transparent)]
     Fetch(#[from] crate::fetch::FetchError),
+    /// A datastore input whose folder this node does not see.
+    #[error(
+        "input {input}: {path} is not on this node: mount the datastore's share here, or keep the run off this node (node_selector)"
+    )]
+    DatastoreMissing {
+        /// The input.
+        input: String,
+        /// Its host path.
+        path: String,
+    },
     /// A local input uploaded with the submit, from every server tried.
     #[error("could not fetch the uploaded input {input}: {cause:#}")]
     InputSnapshot {
@@ -289,6 +299,23 @@ impl AttemptTask {
                         })
                 })
                 .await?;
+        }
+        // Datastore inputs: a link for a process; a mount point for a container's mount.
+        for (name, host) in &plan.host_inputs {
+            if tokio::fs::metadata(host).await.is_err() {
+                return Err(AttemptError::DatastoreMissing {
+                    input: name.clone(),
+                    path: host.clone(),
+                });
+            }
+            let at = code_dir.join("inputs").join(name);
+            create_dir(&code_dir.join("inputs")).await?;
+            let placed = if plan.launch.container.is_some() {
+                tokio::fs::create_dir_all(&at).await
+            } else {
+                tokio::fs::symlink(host, &at).await
+            };
+            placed.map_err(|source| AttemptError::Write { path: at, source })?;
         }
         // URL inputs, through the node's cache.
         crate::fetch::place(

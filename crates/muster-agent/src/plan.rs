@@ -95,6 +95,9 @@ pub(crate) struct AttemptPlan {
     /// Local inputs uploaded with the submit (name → snapshot manifest), placed at
     /// `inputs/<name>/`.
     pub snapshot_inputs: BTreeMap<String, String>,
+    /// Datastore inputs (name → host path): a process gets the link `inputs/<name>` to
+    /// it; a container, a read-only bind mount there (in its container spec).
+    pub host_inputs: BTreeMap<String, String>,
     /// The declared folder outputs (the job's `outputs:` and a pipeline step's):
     /// `outputs/<name>` folders to create before the command starts.
     pub output_folders: Vec<String>,
@@ -236,21 +239,26 @@ impl AttemptPlan {
         };
         env.extend(spec.environment_variables.clone());
 
-        let container = container_image.map(|image| ContainerSpec {
-            name: format!("muster-{}-{}-{}", a.run_id, a.attempt, a.rank),
-            labels: labels(a, &node.id, spec.timeout_s),
-            image,
-            cpu_millis: spec.resources.cpu_millis,
-            memory_bytes: spec.resources.memory_bytes,
-            shm_size: spec.shm_size.unwrap_or(DEFAULT_SHM),
-            gpus,
-            gpu_device_requests: node.gpu_device_requests,
-            host_network: distributed,
-            read_only_mounts: rsh_helper
-                .iter()
-                .map(|h| (h.clone(), RSH_TARGET.to_string()))
-                .collect(),
-        });
+        let container =
+            container_image.map(|image| ContainerSpec {
+                name: format!("muster-{}-{}-{}", a.run_id, a.attempt, a.rank),
+                labels: labels(a, &node.id, spec.timeout_s),
+                image,
+                cpu_millis: spec.resources.cpu_millis,
+                memory_bytes: spec.resources.memory_bytes,
+                shm_size: spec.shm_size.unwrap_or(DEFAULT_SHM),
+                gpus,
+                gpu_device_requests: node.gpu_device_requests,
+                host_network: distributed,
+                read_only_mounts: rsh_helper
+                    .iter()
+                    .map(|h| (h.clone(), RSH_TARGET.to_string()))
+                    // Datastore inputs: the shared folder, read-only, at inputs/<name>.
+                    .chain(spec.host_inputs.iter().map(|(name, host)| {
+                        (PathBuf::from(host), format!("/workspace/inputs/{name}"))
+                    }))
+                    .collect(),
+            });
         // Peers may exec into this rank's container (MPI) with the attempt's secret; a
         // release from rank 0 ends it as completed.
         let exec_secret = secret.filter(|_| container.is_some() && distributed);
@@ -260,6 +268,7 @@ impl AttemptPlan {
             inputs: a.inputs.clone().into_iter().collect(),
             url_inputs: spec.url_inputs.clone(),
             snapshot_inputs: spec.snapshot_inputs.clone(),
+            host_inputs: spec.host_inputs.clone(),
             output_folders: output_folders(&spec, &a.outputs)?,
             hostfile: setup.hostfile,
             gate,
@@ -362,7 +371,12 @@ fn output_folders(spec: &RunSpec, step_outputs: &[String]) -> Result<Vec<String>
         muster_core::names::validate_output_name(name)
             .map_err(|e| PlanError::Spec(format!("outputs.{name}: {e}")))?;
     }
-    for name in spec.url_inputs.keys().chain(spec.snapshot_inputs.keys()) {
+    for name in spec
+        .url_inputs
+        .keys()
+        .chain(spec.snapshot_inputs.keys())
+        .chain(spec.host_inputs.keys())
+    {
         muster_core::names::validate_input_name(name)
             .map_err(|e| PlanError::Spec(format!("inputs.{name}: {e}")))?;
     }
@@ -525,6 +539,26 @@ mod tests {
         assert_eq!(plan.output_folders, ["model", "prepped"]);
         a.outputs = vec!["../escape".into()];
         assert!(AttemptPlan::from(&a, &node()).is_err());
+    }
+
+    #[test]
+    fn a_datastore_input_is_a_read_only_mount_in_a_container() {
+        let mut a = assignment(Some("img:1"));
+        a.spec.as_mut().unwrap().host_inputs =
+            [("images".to_string(), "/mnt/nfs/imagenet".to_string())].into();
+        let plan = AttemptPlan::from(&a, &node()).unwrap();
+        let c = plan.launch.container.as_ref().unwrap();
+        assert_eq!(
+            c.read_only_mounts,
+            [(
+                PathBuf::from("/mnt/nfs/imagenet"),
+                "/workspace/inputs/images".to_string()
+            )]
+        );
+        assert_eq!(
+            plan.host_inputs.get("images").map(String::as_str),
+            Some("/mnt/nfs/imagenet")
+        );
     }
 
     #[test]

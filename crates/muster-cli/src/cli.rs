@@ -91,6 +91,9 @@ pub enum ClientCommand {
     /// Data assets: named, versioned files and folders that job inputs name.
     #[command(subcommand)]
     Data(crate::commands::data::DataCommand),
+    /// Datastores: folders every node sees, that job inputs name by azureml:// URI.
+    #[command(subcommand)]
+    Datastore(crate::commands::data::DatastoreCommand),
     /// Log in: check an API token and keep it for `--server` (0600, in the config dir).
     Login(LoginArgs),
     /// Forget the token kept for `--server`.

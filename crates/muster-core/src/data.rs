@@ -5,6 +5,11 @@
 //! what the agent places at `inputs/<input>/`.
 //!
 //! Versions are immutable: making an existing NAME:VERSION again is refused.
+//!
+//! A **datastore** is Azure ML's name for storage; on a farm it is a folder every node of
+//! the workspace sees at the same path (an NFS or Lustre mount an operator set up). A job
+//! input `azureml://datastores/NAME/paths/REL` is that folder's `REL`, placed read-only at
+//! `inputs/<input>` (a bind mount in a container, a link for a process).
 
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +53,65 @@ pub struct DataAsset {
     pub created_at: Millis,
     /// Who made it.
     pub created_by: String,
+}
+
+/// A datastore: a folder the nodes share, by name, in one workspace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Datastore {
+    /// Its name (as an input name).
+    pub name: String,
+    /// The workspace it belongs to.
+    pub workspace: String,
+    /// The absolute path every node sees.
+    pub path: String,
+    /// When it was made.
+    pub created_at: Millis,
+    /// Who made it.
+    pub created_by: String,
+}
+
+impl Datastore {
+    /// Checks the name and that the path is absolute, normal and not the root.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        crate::names::validate_input_name(&self.name)
+            .map_err(|e| SpecError::field("name", e.to_string().replace("input", "datastore")))?;
+        let p = &self.path;
+        let normal = p.starts_with('/')
+            && p.len() > 1
+            && p.len() <= 4096
+            && !p.ends_with('/')
+            && p[1..]
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != "..")
+            && !p.chars().any(|c| c.is_control());
+        if !normal {
+            return Err(SpecError::field(
+                "path",
+                format!("{p:?}: give the absolute path (not /) of the folder the nodes share"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `azureml://datastores/NAME/paths/REL` split into the datastore and the relative path
+/// (`None` when it is not a datastore URI; an error when REL would leave the datastore).
+pub fn parse_datastore_uri(uri: &str) -> Option<Result<(&str, &str), String>> {
+    let rest = uri.strip_prefix("azureml://datastores/")?;
+    Some(match rest.split_once("/paths/") {
+        Some((name, rel))
+            if !name.is_empty()
+                && rel
+                    .trim_end_matches('/')
+                    .split('/')
+                    .all(|c| !c.is_empty() && c != "." && c != "..") =>
+        {
+            Ok((name, rel.trim_end_matches('/')))
+        }
+        _ => Err(format!(
+            "{uri:?}: use azureml://datastores/NAME/paths/PATH, PATH inside the datastore"
+        )),
+    })
 }
 
 /// `NAME:VERSION`, `NAME@latest` or `NAME` (latest) as a job input names an asset, with

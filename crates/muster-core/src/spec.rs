@@ -391,6 +391,13 @@ pub struct RunSpec {
     /// `inputs/<name>/` before the command starts (a `uri_file` is the one file in it).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub snapshot_inputs: BTreeMap<String, String>,
+    /// Inputs on a datastore: name → (datastore, path inside it), as the job named them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub datastore_inputs: BTreeMap<String, (String, String)>,
+    /// The same inputs as host paths, set by the server from its datastores (never by the
+    /// submitter): placed read-only at `inputs/<name>`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub host_inputs: BTreeMap<String, String>,
 }
 
 /// How the CLI names a local input it uploaded: `muster-blob://MANIFEST` for a folder,
@@ -466,6 +473,8 @@ enum DataPath<'a> {
     Asset,
     /// A local input the CLI uploaded: its manifest, and the file for a `uri_file`.
     Blob(&'a str, Option<&'a str>),
+    /// A folder or file on a datastore: its name and the path inside it.
+    Datastore(&'a str, &'a str),
     /// Anything else: a path as written.
     Local,
 }
@@ -491,9 +500,14 @@ fn data_path(path: &str) -> DataPath<'_> {
             ));
         }
     }
+    match crate::data::parse_datastore_uri(path) {
+        Some(Ok((store, rel))) => return DataPath::Datastore(store, rel),
+        Some(Err(why)) => return DataPath::Unreachable(why),
+        None => {}
+    }
     if lower.starts_with("azureml://") {
         return DataPath::Unreachable(
-            "azureml:// datastores are not set up in muster yet: give a path the nodes share, or an https URL of the file".into(),
+            "give a datastore as azureml://datastores/NAME/paths/PATH (muster datastore list), or an https URL of the file".into(),
         );
     }
     if lower.starts_with("azureml:") {
@@ -530,6 +544,8 @@ impl RunSpec {
             requested_compute: None,
             url_inputs: BTreeMap::new(),
             snapshot_inputs: BTreeMap::new(),
+            datastore_inputs: BTreeMap::new(),
+            host_inputs: BTreeMap::new(),
         }
     }
 
@@ -666,6 +682,10 @@ impl RunSpec {
                     format!("not an http(s) URL of at most {MAX_INPUT_URL_BYTES} bytes"),
                 ));
             }
+        }
+        for name in self.datastore_inputs.keys().chain(self.host_inputs.keys()) {
+            crate::names::validate_input_name(name)
+                .map_err(|e| SpecError::field(format!("inputs.{name}"), e.to_string()))?;
         }
         for (name, manifest) in &self.snapshot_inputs {
             crate::names::validate_input_name(name)
@@ -1083,6 +1103,7 @@ impl JobFile {
         let mut warnings = self.unused_keys();
         let mut url_inputs = BTreeMap::new();
         let mut snapshot_inputs = BTreeMap::new();
+        let mut datastore_inputs = BTreeMap::new();
         let mut inputs = BTreeMap::new();
         for (name, input) in self.inputs.clone().unwrap_or_default() {
             let value = match input {
@@ -1106,6 +1127,11 @@ impl JobFile {
                         }
                         DataPath::Unreachable(why) => {
                             return Err(SpecError::field(format!("inputs.{name}.path"), why));
+                        }
+                        DataPath::Datastore(store, rel) => {
+                            datastore_inputs
+                                .insert(name.clone(), (store.to_string(), rel.to_string()));
+                            format!("inputs/{name}")
                         }
                         DataPath::Blob(manifest, file) => {
                             if !is_sha256_hex(manifest)
@@ -1186,6 +1212,7 @@ impl JobFile {
         spec.warnings = warnings;
         spec.url_inputs = url_inputs;
         spec.snapshot_inputs = snapshot_inputs;
+        spec.datastore_inputs = datastore_inputs;
         spec.environment = match self.environment {
             None => Environment::default(),
             Some(EnvironmentFile::Reference(r)) if r.starts_with("azureml:") => Environment {
@@ -1628,7 +1655,12 @@ mod tests {
                 "inputs.d.path",
             ),
             (
-                "azureml://datastores/workspaceblobstore/paths/iris.csv",
+                "azureml://datastores/workspaceblobstore/paths/../etc",
+                "uri_file",
+                "inputs.d.path",
+            ),
+            (
+                "azureml://subscriptions/x/datastores/y/paths/z",
                 "uri_file",
                 "inputs.d.path",
             ),
@@ -1642,5 +1674,16 @@ mod tests {
             assert_eq!(e.path, field, "{path}: {e}");
         }
         assert_eq!(url_input_path("x", "https://h/a/../..?q"), "inputs/x/data");
+        let on_store = parse_job_yaml(
+            "command: ls ${{inputs.d}}\ninputs:\n  d:\n    type: uri_folder\n    path: azureml://datastores/shared/paths/imagenet/train/\n",
+        )
+        .unwrap()
+        .into_run_spec("exp")
+        .unwrap();
+        assert_eq!(on_store.command, "ls inputs/d");
+        assert_eq!(
+            on_store.datastore_inputs.get("d"),
+            Some(&("shared".to_string(), "imagenet/train".to_string()))
+        );
     }
 }

@@ -111,6 +111,12 @@ impl From<CoreSpec> for v1::RunSpec {
             requested_compute: s.requested_compute,
             url_inputs: s.url_inputs.into_iter().collect(),
             snapshot_inputs: s.snapshot_inputs.into_iter().collect(),
+            datastore_inputs: s
+                .datastore_inputs
+                .into_iter()
+                .map(|(name, (datastore, path))| (name, v1::DatastorePath { datastore, path }))
+                .collect(),
+            host_inputs: s.host_inputs.into_iter().collect(),
             code: s.code.map(|c| v1::CodeRef {
                 manifest: c.manifest,
                 files: c.files,
@@ -163,6 +169,12 @@ pub fn spec_from_wire(s: v1::RunSpec) -> Result<CoreSpec, String> {
         requested_compute: s.requested_compute,
         url_inputs: s.url_inputs.into_iter().collect(),
         snapshot_inputs: s.snapshot_inputs.into_iter().collect(),
+        datastore_inputs: s
+            .datastore_inputs
+            .into_iter()
+            .map(|(name, d)| (name, (d.datastore, d.path)))
+            .collect(),
+        host_inputs: s.host_inputs.into_iter().collect(),
         command: s.command,
         compute: s.compute,
         experiment: s.experiment,

@@ -30,6 +30,87 @@ pub enum DataCommand {
     },
 }
 
+/// `muster datastore`.
+#[derive(Debug, Subcommand)]
+pub enum DatastoreCommand {
+    /// Name a folder every node of the workspace sees at one path (operators).
+    Create {
+        /// The name jobs use: `azureml://datastores/NAME/paths/...`.
+        name: String,
+        /// The absolute path of the shared folder on every node.
+        #[arg(long)]
+        path: String,
+    },
+    /// The datastores of the workspaces you may read.
+    List,
+}
+
+/// Runs a `muster datastore` command.
+pub async fn datastore(
+    server: &str,
+    output: OutputFormat,
+    cmd: DatastoreCommand,
+) -> anyhow::Result<()> {
+    let mut c = crate::connect(server).await?;
+    let workspace = crate::workspace().unwrap_or_default().to_string();
+    let stores = match cmd {
+        DatastoreCommand::Create { name, path } => {
+            let d = c
+                .data
+                .create_datastore(v1::CreateDatastoreRequest {
+                    datastore: Some(v1::Datastore {
+                        name,
+                        workspace,
+                        path,
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if output == OutputFormat::Table {
+                println!(
+                    "Created datastore {} at {}; jobs read it as `path: azureml://datastores/{}/paths/...`",
+                    d.name, d.path, d.name
+                );
+                return Ok(());
+            }
+            vec![d]
+        }
+        DatastoreCommand::List => {
+            c.data
+                .list_datastores(v1::ListDatastoresRequest { workspace })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .datastores
+        }
+    };
+    if output == OutputFormat::Json {
+        print_json(&json!(
+            stores
+                .iter()
+                .map(
+                    |d| json!({"name": d.name, "workspace": d.workspace, "path": d.path,
+                "created_at": time(d.created_at_ms), "created_by": d.created_by})
+                )
+                .collect::<Vec<_>>()
+        ));
+    } else {
+        let mut t = table(&["NAME", "WORKSPACE", "PATH", "CREATED"]);
+        for d in &stores {
+            t.add_row(vec![
+                d.name.clone(),
+                d.workspace.clone(),
+                d.path.clone(),
+                time(d.created_at_ms),
+            ]);
+        }
+        println!("{t}");
+    }
+    Ok(())
+}
+
 /// `muster data create`.
 #[derive(Debug, Args)]
 pub struct DataCreateArgs {

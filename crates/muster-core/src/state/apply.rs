@@ -234,6 +234,21 @@ impl State {
                 metrics,
             } => self.seal_metrics(run_id, *attempt, metrics),
             Command::ArchiveRuns { run_ids, archive } => self.archive_runs(run_ids, archive),
+            Command::CreateDatastore { store } => {
+                store.validate()?;
+                if !self.access.workspace_exists(&store.workspace) {
+                    return Err(ApplyError::InvalidSpec(crate::spec::SpecError::field(
+                        "workspace",
+                        format!("workspace {:?} does not exist", store.workspace),
+                    )));
+                }
+                let key = format!("{}/{}", store.workspace, store.name);
+                if self.datastores.contains_key(&key) {
+                    return Err(ApplyError::DatastoreExists(store.name.clone()));
+                }
+                self.datastores.insert(key, store.clone());
+                Ok(Applied::Done)
+            }
             Command::CreateDataAsset { asset } => {
                 asset.validate()?;
                 if !self.access.workspace_exists(&asset.workspace) {

@@ -296,6 +296,12 @@ pub enum Command {
         /// The asset.
         asset: Box<crate::data::DataAsset>,
     },
+    /// Names a folder the nodes share as a datastore of a workspace (`data.rs`).
+    #[serde(rename = "create_datastore.v1")]
+    CreateDatastore {
+        /// The datastore.
+        store: crate::data::Datastore,
+    },
     /// A change to tokens, workspaces or roles (`access.rs`), audited.
     #[serde(rename = "access.v1")]
     Access {
@@ -366,6 +372,7 @@ impl Command {
             Command::SealMetrics { .. } => "seal_metrics",
             Command::ArchiveRuns { .. } => "archive_runs",
             Command::CreateDataAsset { .. } => "create_data_asset",
+            Command::CreateDatastore { .. } => "create_datastore",
             Command::Access { .. } => "access",
         }
     }

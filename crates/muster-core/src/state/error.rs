@@ -95,6 +95,9 @@ pub enum ApplyError {
     /// The id is taken (the proposer picks another).
     #[error("run id {0:?} is already taken")]
     RunExists(String),
+    /// The datastore name is taken in its workspace.
+    #[error("datastore {0:?} already exists in this workspace")]
+    DatastoreExists(String),
     /// A data asset's versions are immutable.
     #[error(
         "data asset {name}:{version} already exists: versions never change; make {name} with another --version"

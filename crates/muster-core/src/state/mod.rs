@@ -523,6 +523,9 @@ pub struct State {
     /// absent from snapshots taken before data assets existed).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub data_assets: BTreeMap<String, Vec<crate::data::DataAsset>>,
+    /// Datastores by `WORKSPACE/NAME` (`data.rs`; absent from older snapshots).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub datastores: BTreeMap<String, crate::data::Datastore>,
     /// A summary of the active runs of each compute target: what they hold against its
     /// quota, their priorities, how many are being preempted. Derived from `runs`: kept up
     /// to date by `apply`, rebuilt by [`State::from_snapshot`], never serialized, and

@@ -301,7 +301,9 @@ pub(crate) fn rule(path: &str) -> Option<Rule> {
         // Users of a workspace make its data assets, its readers see them; the handlers
         // check the workspace.
         ("muster.v1.DataService", "CreateData") => users(User),
-        ("muster.v1.DataService", "GetData" | "ListData") => users(Reader),
+        ("muster.v1.DataService", "GetData" | "ListData" | "ListDatastores") => users(Reader),
+        // A datastore mounts a host folder into runs: operators only.
+        ("muster.v1.DataService", "CreateDatastore") => users(Operator),
 
         // Followers relay metric reads to the leader, which holds live series.
         ("muster.v1.MetricsService", "GetRunMetrics" | "StreamRunMetrics") => {

@@ -110,4 +110,66 @@ impl DataService for Data {
         });
         Ok(Response::new(v1::ListDataResponse { assets }))
     }
+
+    async fn create_datastore(
+        &self,
+        req: Request<v1::CreateDatastoreRequest>,
+    ) -> Result<Response<v1::Datastore>, Status> {
+        let caller = Caller::of(&req);
+        let wire = req
+            .into_inner()
+            .datastore
+            .ok_or_else(|| Status::invalid_argument("datastore: missing"))?;
+        let store = muster_core::data::Datastore {
+            name: wire.name.trim().to_string(),
+            workspace: workspace_or_default(&wire.workspace),
+            path: wire.path.trim().to_string(),
+            created_at: now_ms(),
+            created_by: caller.label(),
+        };
+        // A datastore mounts a host folder into runs: the workspace's operators choose it.
+        caller.require(
+            &self.0,
+            &store.workspace,
+            Role::Operator,
+            &format!("workspace {:?}", store.workspace),
+        )?;
+        store
+            .validate()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let shown = datastore_to_wire(&store);
+        self.0
+            .coordinator
+            .propose(Command::CreateDatastore { store })
+            .await?;
+        Ok(Response::new(shown))
+    }
+
+    async fn list_datastores(
+        &self,
+        req: Request<v1::ListDatastoresRequest>,
+    ) -> Result<Response<v1::ListDatastoresResponse>, Status> {
+        let caller = Caller::of(&req);
+        let requested = req.into_inner().workspace;
+        let readable =
+            caller.readable(&self.0, Some(requested.as_str()).filter(|w| !w.is_empty()))?;
+        let datastores = self.0.coordinator.read(|s| {
+            s.datastores
+                .values()
+                .filter(|d| readable.contains(&d.workspace))
+                .map(datastore_to_wire)
+                .collect()
+        });
+        Ok(Response::new(v1::ListDatastoresResponse { datastores }))
+    }
+}
+
+fn datastore_to_wire(d: &muster_core::data::Datastore) -> v1::Datastore {
+    v1::Datastore {
+        name: d.name.clone(),
+        workspace: d.workspace.clone(),
+        path: d.path.clone(),
+        created_at_ms: d.created_at,
+        created_by: d.created_by.clone(),
+    }
 }

@@ -246,7 +246,8 @@ pub(crate) fn rejected(e: ApplyError) -> Status {
         | ApplyError::RunExists(_)
         | ApplyError::SweepExists(_)
         | ApplyError::PipelineExists(_)
-        | ApplyError::DataAssetExists { .. } => Status::already_exists(msg),
+        | ApplyError::DataAssetExists { .. }
+        | ApplyError::DatastoreExists(_) => Status::already_exists(msg),
         ApplyError::InvalidSpec(_)
         | ApplyError::InvalidNodeName { .. }
         | ApplyError::InvalidServerId(_)
@@ -345,6 +346,39 @@ pub(crate) fn resolve_serverless(
             "{field}: serverless: workspace {workspace:?} has no serverless compute target: an operator names one with `muster workspace update {workspace} --serverless-compute NAME`, or submit to a compute target of `muster compute list`"
         ))),
     }
+}
+
+/// Resolves a spec's datastore inputs to host paths from the workspace's datastores
+/// (`host_inputs`, which only the server sets: a submitted one is refused). `field` is
+/// where the inputs were given (`inputs`, `trial.inputs`, `jobs.STEP.inputs`).
+pub(crate) fn resolve_datastores(
+    server: &Server,
+    spec: &mut muster_core::spec::RunSpec,
+    field: &str,
+) -> Result<(), Status> {
+    if !spec.host_inputs.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "{field}: host paths are set by the server from its datastores; name a datastore (azureml://datastores/NAME/paths/PATH)"
+        )));
+    }
+    let workspace = spec.workspace.clone();
+    let resolved = server.coordinator.read(|s| {
+        spec.datastore_inputs
+            .iter()
+            .map(|(name, (store, rel))| {
+                s.datastores
+                    .get(&format!("{workspace}/{store}"))
+                    .map(|d| (name.clone(), format!("{}/{rel}", d.path)))
+                    .ok_or_else(|| {
+                        Status::failed_precondition(format!(
+                            "{field}.{name}.path: workspace {workspace:?} has no datastore {store:?}: see `muster datastore list`, or an operator makes it with `muster datastore create {store} --path /mnt/...`"
+                        ))
+                    })
+            })
+            .collect::<Result<std::collections::BTreeMap<_, _>, Status>>()
+    })?;
+    spec.host_inputs = resolved;
+    Ok(())
 }
 
 pub(crate) async fn check_code(

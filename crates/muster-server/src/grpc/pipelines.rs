@@ -96,6 +96,11 @@ impl PipelineService for Pipelines {
                 &mut step.run,
                 &format!("jobs.{name}.compute"),
             )?;
+            crate::grpc::resolve_datastores(
+                &self.0,
+                &mut step.run,
+                &format!("jobs.{name}.inputs"),
+            )?;
         }
         let unknown = self.0.coordinator.read(|s| {
             spec.steps

@@ -112,6 +112,7 @@ impl RunService for Runs {
             &format!("workspace {:?}", spec.workspace),
         )?;
         crate::grpc::resolve_serverless(&self.0, &mut spec, "compute")?;
+        crate::grpc::resolve_datastores(&self.0, &mut spec, "inputs")?;
         // Keys are per workspace: another tenant's key never names this tenant's run.
         let idempotency_key = req
             .idempotency_key

@@ -85,6 +85,7 @@ impl SweepService for Sweeps {
             &format!("workspace {workspace:?}"),
         )?;
         crate::grpc::resolve_serverless(&self.0, &mut spec.trial, "trial.compute")?;
+        crate::grpc::resolve_datastores(&self.0, &mut spec.trial, "trial.inputs")?;
         // Keys are per workspace: another tenant's key never names this tenant's sweep.
         let key = req
             .idempotency_key
