@@ -110,6 +110,45 @@ async fn a_container_run_streams_logs_keeps_outputs_and_is_isolated() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_reads_a_datastore_input_read_only() {
+    let Some((_docker, image, dev)) = docker_cluster(None).await else {
+        return;
+    };
+    let project = tempfile::tempdir().unwrap();
+    let share = tempfile::tempdir().unwrap();
+    write(share.path(), "sets/a/x.txt", "from the share\n");
+    let made = muster(
+        &dev.url(),
+        project.path(),
+        &[
+            "datastore",
+            "create",
+            "shared",
+            "--path",
+            share.path().to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(made.code, 0, "{made:?}");
+    write(
+        project.path(),
+        "job.yml",
+        &format!(
+            "command: cat ${{{{inputs.d}}}}/x.txt && (touch ${{{{inputs.d}}}}/new 2>/dev/null || echo read-only)\nenvironment: {image}\ninputs:\n  d:\n    type: uri_folder\n    path: azureml://datastores/shared/paths/sets/a\n"
+        ),
+    );
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "-f", "job.yml", "--stream"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout, "from the share\nread-only\n", "{out:?}");
+    assert!(!share.path().join("sets/a/new").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oom_timeout_cancel_and_missing_images_end_runs_clearly() {
     let Some((docker, image, dev)) = docker_cluster(None).await else {
         return;
