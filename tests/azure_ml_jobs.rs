@@ -658,3 +658,76 @@ async fn a_datastore_input_reads_the_shared_folder_and_nobody_submits_host_paths
     assert_eq!(forged.unwrap_err().code(), tonic::Code::InvalidArgument);
     assert_eq!(muster_tests::all_runs(&dev.url()).await.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_output_becomes_a_data_asset_a_later_job_reads() {
+    let dev = DevCluster::start().await.unwrap();
+    let project = tempfile::tempdir().unwrap();
+    write(
+        project.path(),
+        "train.yml",
+        "command: echo weights-$MUSTER_RUN_ID > ${{outputs.model}}/w.txt\noutputs:\n  model:\n    type: uri_folder\n    name: my-model\n",
+    );
+    let first = submit_id(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "-f", "train.yml"],
+    )
+    .await;
+    assert_eq!(
+        wait_done(&dev.url(), &first).await.state().word(),
+        "completed"
+    );
+    let second = submit_id(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "-f", "train.yml"],
+    )
+    .await;
+    assert_eq!(
+        wait_done(&dev.url(), &second).await.state().word(),
+        "completed"
+    );
+    let show = muster(
+        &dev.url(),
+        project.path(),
+        &["data", "show", "my-model@latest", "-o", "json"],
+    )
+    .await;
+    let shown: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    assert_eq!(shown["version"], "2", "{shown}");
+    assert_eq!(shown["created_by"], format!("run {second}"), "{shown}");
+
+    write(
+        project.path(),
+        "eval.yml",
+        "command: cat ${{inputs.model}}/w.txt\ninputs:\n  model:\n    type: uri_folder\n    path: azureml:my-model:1\n",
+    );
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "-f", "eval.yml", "--stream"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout, format!("weights-{first}\n"), "{out:?}");
+
+    // A version that exists is not overwritten; the run says so.
+    write(
+        project.path(),
+        "again.yml",
+        "command: echo x > ${{outputs.model}}/w.txt\noutputs:\n  model:\n    name: my-model\n    version: 1\n",
+    );
+    let again = submit_id(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "-f", "again.yml"],
+    )
+    .await;
+    let run = wait_done(&dev.url(), &again).await;
+    assert_eq!(run.state().word(), "completed");
+    assert_eq!(
+        run.message.as_deref(),
+        Some("output model was not registered: data asset my-model:1 already exists")
+    );
+}

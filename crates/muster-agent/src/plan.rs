@@ -265,7 +265,13 @@ impl AttemptPlan {
         Ok(AttemptPlan {
             rank: a.rank,
             snapshot: spec.code.as_ref().map(|c| c.manifest.clone()),
-            inputs: a.inputs.clone().into_iter().collect(),
+            // A pipeline step's upstream outputs, and registered outputs the job names.
+            inputs: a
+                .inputs
+                .clone()
+                .into_iter()
+                .chain(spec.output_inputs.clone())
+                .collect(),
             url_inputs: spec.url_inputs.clone(),
             snapshot_inputs: spec.snapshot_inputs.clone(),
             host_inputs: spec.host_inputs.clone(),

@@ -32,7 +32,17 @@ pub enum DataSource {
         /// The URL.
         url: String,
     },
+    /// A folder of a run's outputs archive (an output registered with `name:`).
+    Output {
+        /// SHA-256 of the outputs archive.
+        archive: String,
+        /// The output's folder in it.
+        folder: String,
+    },
 }
+
+/// How a job input names a registered output: `muster-output://ARCHIVE/FOLDER`.
+pub const OUTPUT_SCHEME: &str = "muster-output://";
 
 /// One version of a data asset.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,6 +175,18 @@ impl DataAsset {
             (DataSource::Snapshot { file: None, .. }, OutputKind::UriFile) => Err(
                 SpecError::field("path", "a uri_file asset names its one file"),
             ),
+            (DataSource::Output { archive, folder }, kind) => {
+                if !crate::snapshot::is_sha256_hex(archive)
+                    || crate::names::validate_output_name(folder).is_err()
+                    || kind != OutputKind::UriFolder
+                {
+                    return Err(SpecError::field(
+                        "path",
+                        "a registered output is a folder of an outputs archive",
+                    ));
+                }
+                Ok(())
+            }
             (DataSource::Snapshot { file: Some(_), .. }, OutputKind::UriFolder) => Err(
                 SpecError::field("path", "a uri_folder asset is a folder, not one file"),
             ),
@@ -200,6 +222,7 @@ impl DataAsset {
                 file: None,
             } => format!("{}{manifest}", crate::spec::BLOB_SCHEME),
             DataSource::Url { url } => url.clone(),
+            DataSource::Output { archive, folder } => format!("{OUTPUT_SCHEME}{archive}/{folder}"),
         }
     }
 }

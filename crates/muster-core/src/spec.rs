@@ -398,6 +398,14 @@ pub struct RunSpec {
     /// submitter): placed read-only at `inputs/<name>`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub host_inputs: BTreeMap<String, String>,
+    /// Inputs that are registered outputs of earlier runs: name → `ARCHIVE/FOLDER`,
+    /// placed at `inputs/<name>` like a pipeline step's upstream output.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub output_inputs: BTreeMap<String, String>,
+    /// Outputs to register as data assets when the run completes: output → (asset name,
+    /// version; `None`: the next number).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub output_assets: BTreeMap<String, (String, Option<String>)>,
 }
 
 /// How the CLI names a local input it uploaded: `muster-blob://MANIFEST` for a folder,
@@ -475,11 +483,16 @@ enum DataPath<'a> {
     Blob(&'a str, Option<&'a str>),
     /// A folder or file on a datastore: its name and the path inside it.
     Datastore(&'a str, &'a str),
+    /// A registered output: `ARCHIVE/FOLDER`.
+    Output(&'a str),
     /// Anything else: a path as written.
     Local,
 }
 
 fn data_path(path: &str) -> DataPath<'_> {
+    if let Some(identity) = path.strip_prefix(crate::data::OUTPUT_SCHEME) {
+        return DataPath::Output(identity);
+    }
     if let Some(rest) = path.strip_prefix(BLOB_SCHEME) {
         let (manifest, file) = match rest.split_once('/') {
             Some((m, f)) => (m, Some(f)),
@@ -546,6 +559,8 @@ impl RunSpec {
             snapshot_inputs: BTreeMap::new(),
             datastore_inputs: BTreeMap::new(),
             host_inputs: BTreeMap::new(),
+            output_inputs: BTreeMap::new(),
+            output_assets: BTreeMap::new(),
         }
     }
 
@@ -687,6 +702,28 @@ impl RunSpec {
             crate::names::validate_input_name(name)
                 .map_err(|e| SpecError::field(format!("inputs.{name}"), e.to_string()))?;
         }
+        for (output, (name, version)) in &self.output_assets {
+            if !self.outputs.contains_key(output) {
+                return Err(SpecError::field(
+                    format!("outputs.{output}"),
+                    "registers an output the job does not declare",
+                ));
+            }
+            crate::names::validate_input_name(name)
+                .map_err(|e| SpecError::field(format!("outputs.{output}.name"), e.to_string()))?;
+            if version.as_ref().is_some_and(|v| {
+                v.is_empty()
+                    || v.len() > 30
+                    || !v
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            }) {
+                return Err(SpecError::field(
+                    format!("outputs.{output}.version"),
+                    "use 1 to 30 letters, digits, '-', '_' or '.'",
+                ));
+            }
+        }
         for (name, manifest) in &self.snapshot_inputs {
             crate::names::validate_input_name(name)
                 .map_err(|e| SpecError::field(format!("inputs.{name}"), e.to_string()))?;
@@ -803,6 +840,10 @@ pub struct OutputFile {
     pub mode: Option<String>,
     /// Free text.
     pub description: Option<String>,
+    /// Register the output as this data asset when the run completes.
+    pub name: Option<String>,
+    /// The asset's version (default: one more than the latest numbered one).
+    pub version: Option<Scalar>,
 }
 
 /// `environment:` as a reference string or an inline definition.
@@ -1041,6 +1082,37 @@ impl JobFile {
         Ok(out)
     }
 
+    /// The outputs to register as data assets (`name:`, optional `version:`); only folder
+    /// outputs can be, and a version without a name is an error.
+    fn output_assets(&self) -> Result<BTreeMap<String, (String, Option<String>)>, SpecError> {
+        let mut out = BTreeMap::new();
+        for (output, file) in self.outputs.clone().unwrap_or_default() {
+            let Some(file) = file else { continue };
+            let field = format!("outputs.{output}");
+            match (file.name, file.version) {
+                (None, None) => {}
+                (None, Some(_)) => {
+                    return Err(SpecError::field(
+                        format!("{field}.version"),
+                        "a version needs the asset's name: add name",
+                    ));
+                }
+                (Some(name), version) => {
+                    crate::names::validate_input_name(&name)
+                        .map_err(|e| SpecError::field(format!("{field}.name"), e.to_string()))?;
+                    if OutputKind::parse(file.kind.as_deref()) == Ok(OutputKind::UriFile) {
+                        return Err(SpecError::field(
+                            format!("{field}.name"),
+                            "only folder outputs are registered as data assets: use type: uri_folder",
+                        ));
+                    }
+                    out.insert(output, (name, version.map(|v| v.to_string())));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// A warning for each key this job sets that muster reads but does not act on.
     fn unused_keys(&self) -> Vec<String> {
         let mut w = Vec::new();
@@ -1104,6 +1176,7 @@ impl JobFile {
         let mut url_inputs = BTreeMap::new();
         let mut snapshot_inputs = BTreeMap::new();
         let mut datastore_inputs = BTreeMap::new();
+        let mut output_inputs = BTreeMap::new();
         let mut inputs = BTreeMap::new();
         for (name, input) in self.inputs.clone().unwrap_or_default() {
             let value = match input {
@@ -1127,6 +1200,19 @@ impl JobFile {
                         }
                         DataPath::Unreachable(why) => {
                             return Err(SpecError::field(format!("inputs.{name}.path"), why));
+                        }
+                        DataPath::Output(identity) => {
+                            let ok = identity.split_once('/').is_some_and(|(a, f)| {
+                                is_sha256_hex(a) && crate::names::validate_output_name(f).is_ok()
+                            });
+                            if !ok {
+                                return Err(SpecError::field(
+                                    format!("inputs.{name}.path"),
+                                    format!("{p:?} is not a registered output"),
+                                ));
+                            }
+                            output_inputs.insert(name.clone(), identity.to_string());
+                            format!("inputs/{name}")
                         }
                         DataPath::Datastore(store, rel) => {
                             datastore_inputs
@@ -1178,6 +1264,7 @@ impl JobFile {
             inputs.insert(name, value);
         }
         let outputs = self.declared_outputs(&mut warnings)?;
+        let output_assets = self.output_assets()?;
         let command = substitute("command", &command, |scope, name| match scope {
             "inputs" => inputs.get(name).cloned(),
             "outputs" => outputs
@@ -1213,6 +1300,8 @@ impl JobFile {
         spec.url_inputs = url_inputs;
         spec.snapshot_inputs = snapshot_inputs;
         spec.datastore_inputs = datastore_inputs;
+        spec.output_inputs = output_inputs;
+        spec.output_assets = output_assets;
         spec.environment = match self.environment {
             None => Environment::default(),
             Some(EnvironmentFile::Reference(r)) if r.starts_with("azureml:") => Environment {

@@ -117,6 +117,12 @@ impl From<CoreSpec> for v1::RunSpec {
                 .map(|(name, (datastore, path))| (name, v1::DatastorePath { datastore, path }))
                 .collect(),
             host_inputs: s.host_inputs.into_iter().collect(),
+            output_inputs: s.output_inputs.into_iter().collect(),
+            output_assets: s
+                .output_assets
+                .into_iter()
+                .map(|(o, (name, version))| (o, v1::OutputAsset { name, version }))
+                .collect(),
             code: s.code.map(|c| v1::CodeRef {
                 manifest: c.manifest,
                 files: c.files,
@@ -175,6 +181,12 @@ pub fn spec_from_wire(s: v1::RunSpec) -> Result<CoreSpec, String> {
             .map(|(name, d)| (name, (d.datastore, d.path)))
             .collect(),
         host_inputs: s.host_inputs.into_iter().collect(),
+        output_inputs: s.output_inputs.into_iter().collect(),
+        output_assets: s
+            .output_assets
+            .into_iter()
+            .map(|(o, a)| (o, (a.name, a.version)))
+            .collect(),
         command: s.command,
         compute: s.compute,
         experiment: s.experiment,
@@ -859,9 +871,14 @@ pub fn metrics_to_wire(
 /// A data asset as the API shows it.
 pub fn data_asset_to_wire(a: &muster_core::data::DataAsset) -> v1::DataAsset {
     use muster_core::data::DataSource;
-    let (manifest, file, url) = match &a.source {
-        DataSource::Snapshot { manifest, file } => (Some(manifest.clone()), file.clone(), None),
-        DataSource::Url { url } => (None, None, Some(url.clone())),
+    let (manifest, file, url, output) = match &a.source {
+        DataSource::Snapshot { manifest, file } => {
+            (Some(manifest.clone()), file.clone(), None, None)
+        }
+        DataSource::Url { url } => (None, None, Some(url.clone()), None),
+        DataSource::Output { archive, folder } => {
+            (None, None, None, Some(format!("{archive}/{folder}")))
+        }
     };
     v1::DataAsset {
         name: a.name.clone(),
@@ -875,6 +892,7 @@ pub fn data_asset_to_wire(a: &muster_core::data::DataAsset) -> v1::DataAsset {
         created_at_ms: a.created_at,
         created_by: a.created_by.clone(),
         input_path: a.input_path(),
+        output,
     }
 }
 

@@ -229,6 +229,14 @@ pub(crate) async fn get(
 }
 
 fn source(a: &v1::DataAsset) -> String {
+    if let Some(o) = &a.output {
+        let (archive, folder) = o.split_once('/').unwrap_or((o, ""));
+        return format!(
+            "{} (run output {folder}, archive {})",
+            a.created_by,
+            &archive[..12.min(archive.len())]
+        );
+    }
     match (&a.url, &a.manifest) {
         (Some(u), _) => u.clone(),
         (None, Some(m)) => format!(
@@ -246,7 +254,7 @@ fn source(a: &v1::DataAsset) -> String {
 fn asset_json(a: &v1::DataAsset) -> serde_json::Value {
     json!({
         "name": a.name, "version": a.version, "type": a.r#type, "workspace": a.workspace,
-        "manifest": a.manifest, "file": a.file, "url": a.url, "description": a.description,
+        "manifest": a.manifest, "file": a.file, "url": a.url, "output": a.output, "description": a.description,
         "created_at": time(a.created_at_ms), "created_by": a.created_by,
     })
 }

@@ -1180,7 +1180,11 @@ impl State {
             return;
         }
         match end {
-            AttemptEnd::Completed => terminal(run, RunState::Completed, message),
+            AttemptEnd::Completed => {
+                let archive = run.attempts.last().and_then(|a| a.outputs.clone());
+                let note = register_outputs(&mut self.data_assets, run, archive.as_deref(), at);
+                terminal(run, RunState::Completed, message.or(note));
+            }
             AttemptEnd::Failed => terminal(run, RunState::Failed, message),
             AttemptEnd::Canceled => terminal(run, RunState::Canceled, message),
             AttemptEnd::TimedOut => terminal(run, RunState::TimedOut, message),
@@ -1210,6 +1214,59 @@ impl State {
             }
         }
     }
+}
+
+/// Registers a completed run's named outputs (`outputs.X.name`) as data assets of its
+/// workspace: each a folder of its outputs archive, at the version asked for, or one more
+/// than the latest numbered version. A version that exists already is left as it is; the
+/// returned note says so (it becomes the run's message).
+fn register_outputs(
+    assets: &mut BTreeMap<String, Vec<crate::data::DataAsset>>,
+    run: &Run,
+    archive: Option<&str>,
+    at: Millis,
+) -> Option<String> {
+    use crate::data::{DataAsset, DataSource};
+    let mut notes = Vec::new();
+    for (output, (name, version)) in &run.spec.output_assets {
+        let Some(archive) = archive else {
+            notes.push(format!(
+                "output {output} was not registered as {name}: the run kept no outputs"
+            ));
+            continue;
+        };
+        let versions = assets
+            .entry(format!("{}/{name}", run.spec.workspace))
+            .or_default();
+        let version = version.clone().unwrap_or_else(|| {
+            let latest = versions
+                .iter()
+                .filter_map(|a| a.version.parse::<u64>().ok())
+                .max()
+                .unwrap_or(0);
+            (latest + 1).to_string()
+        });
+        if versions.iter().any(|a| a.version == version) {
+            notes.push(format!(
+                "output {output} was not registered: data asset {name}:{version} already exists"
+            ));
+            continue;
+        }
+        versions.push(DataAsset {
+            name: name.clone(),
+            version,
+            workspace: run.spec.workspace.clone(),
+            kind: crate::spec::OutputKind::UriFolder,
+            source: DataSource::Output {
+                archive: archive.to_string(),
+                folder: output.clone(),
+            },
+            description: Some(format!("output {output} of run {}", run.id)),
+            created_at: at,
+            created_by: format!("run {}", run.id),
+        });
+    }
+    (!notes.is_empty()).then(|| notes.join("; "))
 }
 
 /// Puts a queued run in the queue, with its summary for the scheduler beside it.
