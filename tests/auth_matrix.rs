@@ -148,6 +148,8 @@ fn allowed(method: &str) -> Option<&'static [Who]> {
         ("muster.v1.DataService", "CreateData") => USERS,
         ("muster.v1.DataService", "GetData" | "ListData" | "ListDatastores") => READERS,
         ("muster.v1.DataService", "CreateDatastore") => OPERATORS,
+        ("muster.v1.ComponentService", "CreateComponent") => USERS,
+        ("muster.v1.ComponentService", "GetComponent" | "ListComponents") => READERS,
         ("muster.v1.MetricsService", _) => READERS_SERVERS,
         ("muster.v1.BlobService", "MissingBlobs" | "PutBlob") => BLOB_WRITERS,
         ("muster.v1.BlobService", "GetBlob") => BLOB_READERS,

@@ -855,7 +855,7 @@ jobs:
         "20"
     );
 
-    // A registered component, and a step input the component lacks: refused, nothing stored.
+    // An unregistered component, and a step input the component lacks: refused, nothing stored.
     write(
         project.path(),
         "registered.yml",
@@ -870,9 +870,7 @@ jobs:
     assert_ne!(out.code, 0, "{out:?}");
     assert!(
         out.stderr.contains("jobs.a.component")
-            && out
-                .stderr
-                .contains("registered components are not supported yet"),
+            && out.stderr.contains("component double:1 does not exist"),
         "{out:?}"
     );
     write(
@@ -893,4 +891,68 @@ jobs:
         "{out:?}"
     );
     assert_eq!(all_runs(&url).await.len(), 3);
+}
+
+/// A component registered once (with its code) runs in pipelines that name it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_component_runs_with_its_registered_code() {
+    let dev = DevCluster::start().await.unwrap();
+    let url = dev.url();
+    let project = tempfile::tempdir().unwrap();
+    write(
+        project.path(),
+        "components/greet/greet.sh",
+        "mkdir -p \"$2\"; echo \"hello $1\" | tee \"$2/said.txt\"\n",
+    );
+    write(
+        project.path(),
+        "components/greet.yml",
+        "name: greet\nversion: 1\ntype: command\ninputs:\n  who: {type: string, default: world}\noutputs:\n  said: {type: uri_folder}\ncode: ./greet\ncommand: sh greet.sh ${{inputs.who}} ${{outputs.said}}\n",
+    );
+    let made = muster(
+        &url,
+        project.path(),
+        &["component", "create", "-f", "components/greet.yml"],
+    )
+    .await;
+    assert_eq!(made.code, 0, "{made:?}");
+    assert!(
+        made.stdout.contains("component: azureml:greet:1"),
+        "{made:?}"
+    );
+    let again = muster(
+        &url,
+        project.path(),
+        &["component", "create", "-f", "components/greet.yml"],
+    )
+    .await;
+    assert_ne!(again.code, 0, "{again:?}");
+    assert!(again.stderr.contains("greet:1 already exists"), "{again:?}");
+    let shown = muster(&url, project.path(), &["component", "show", "greet@latest"]).await;
+    assert!(shown.stdout.contains("command: sh greet.sh"), "{shown:?}");
+    // The pipeline lives elsewhere: the component's code travels from the registry.
+    let elsewhere = tempfile::tempdir().unwrap();
+    write(
+        elsewhere.path(),
+        "pipeline.yml",
+        "type: pipeline\nsettings:\n  default_compute: local\njobs:\n  a:\n    type: command\n    component: azureml:greet:1\n    inputs:\n      who: muster\n  b:\n    type: command\n    component: azureml:greet@latest\n",
+    );
+    let id = submit(&url, elsewhere.path(), "pipeline.yml").await;
+    let p = wait_pipeline(&url, &id).await;
+    assert_eq!(p.state().word(), "completed", "{p:?}");
+    let shown = show_json(&url, elsewhere.path(), &id).await;
+    let run_of = |s: &str| step(&shown, s)["run_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        logs(&url, elsewhere.path(), &run_of("a")).await,
+        "hello muster\n"
+    );
+    assert_eq!(
+        logs(&url, elsewhere.path(), &run_of("b")).await,
+        "hello world\n"
+    );
+    let missing = muster(&url, elsewhere.path(), &["component", "show", "greet:9"]).await;
+    assert!(
+        missing.stderr.contains("component greet:9 does not exist"),
+        "{missing:?}"
+    );
 }

@@ -91,6 +91,9 @@ pub enum ClientCommand {
     /// Data assets: named, versioned files and folders that job inputs name.
     #[command(subcommand)]
     Data(crate::commands::data::DataCommand),
+    /// Registered command components that pipeline steps name.
+    #[command(subcommand)]
+    Component(crate::commands::component::ComponentCommand),
     /// Datastores: folders every node sees, that job inputs name by azureml:// URI.
     #[command(subcommand)]
     Datastore(crate::commands::data::DatastoreCommand),

@@ -163,6 +163,9 @@ pub async fn execute(
         ClientCommand::Run(cmd) => commands::run::run(server, output, cmd).await,
         ClientCommand::Sweep(cmd) => commands::sweep::run(server, output, cmd).await,
         ClientCommand::Data(cmd) => commands::data::run(server, output, cmd).await.map(|_| 0),
+        ClientCommand::Component(cmd) => commands::component::run(server, output, cmd)
+            .await
+            .map(|_| 0),
         ClientCommand::Datastore(cmd) => commands::data::datastore(server, output, cmd)
             .await
             .map(|_| 0),

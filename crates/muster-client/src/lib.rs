@@ -42,10 +42,10 @@ pub use retry::{RetryPolicy, retry};
 pub use servers::{Servers, normalize_url};
 
 use muster_proto::v1::{
-    access_service_client::AccessServiceClient, compute_service_client::ComputeServiceClient,
-    data_service_client::DataServiceClient, metrics_service_client::MetricsServiceClient,
-    pipeline_service_client::PipelineServiceClient, run_service_client::RunServiceClient,
-    sweep_service_client::SweepServiceClient,
+    access_service_client::AccessServiceClient, component_service_client::ComponentServiceClient,
+    compute_service_client::ComputeServiceClient, data_service_client::DataServiceClient,
+    metrics_service_client::MetricsServiceClient, pipeline_service_client::PipelineServiceClient,
+    run_service_client::RunServiceClient, sweep_service_client::SweepServiceClient,
 };
 
 /// Clients of every user-facing service over one connection.
@@ -67,8 +67,10 @@ pub struct Clients {
     pub sweeps: SweepServiceClient<Channel>,
     /// Tokens, workspaces, roles, the audit log.
     pub access: AccessServiceClient<Channel>,
-    /// Data assets.
+    /// Data assets and datastores.
     pub data: DataServiceClient<Channel>,
+    /// Registered components.
+    pub components: ComponentServiceClient<Channel>,
 }
 
 impl Clients {
@@ -84,6 +86,8 @@ impl Clients {
             metrics: MetricsServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20),
             access: AccessServiceClient::new(channel.clone()).max_decoding_message_size(16 << 20),
             data: DataServiceClient::new(channel.clone()).max_decoding_message_size(16 << 20),
+            components: ComponentServiceClient::new(channel.clone())
+                .max_decoding_message_size(16 << 20),
             blobs: Blobs::connect(channel),
         }
     }

@@ -7,9 +7,9 @@
 //!
 //! The component is given inline (`component: {type: command, ...}`); `muster pipeline
 //! submit` reads a component file (`component: ./train.yml`) and inlines it, with its
-//! `code` relative to the pipeline file. Registered components (`azureml:NAME:VERSION`)
-//! and other component types (parallel, spark, automl, pipeline) are errors naming the
-//! step. Optional inputs follow Azure ML: `$[[--flag ${{inputs.x}}]]` in the command is
+//! `code` relative to the pipeline file, and inlines a registered component
+//! (`azureml:NAME:VERSION`, `@latest`) from the server, with its registered code. Other
+//! component types (parallel, spark, automl, pipeline) are errors naming the step. Optional inputs follow Azure ML: `$[[--flag ${{inputs.x}}]]` in the command is
 //! kept only when `x` is given.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -94,7 +94,7 @@ pub(crate) fn inline_component(path: &str, mut step: Mapping) -> Result<Mapping,
             return Err(SpecError::field(
                 cpath,
                 format!(
-                    "{s}: registered components are not supported yet: give the component's file (component: ./train.yml)"
+                    "{s}: `muster pipeline submit` resolves registered components (muster component list); the server takes the component inline"
                 ),
             ));
         }

@@ -143,26 +143,29 @@ pub fn parse_reference(reference: &str) -> Result<(&str, Option<&str>), String> 
     Ok((name, version))
 }
 
+/// A version of an asset or a component: 1–30 letters, digits, `-`, `_` or `.`.
+fn validate_version(version: &str) -> Result<(), SpecError> {
+    let ok = !version.is_empty()
+        && version.len() <= 30
+        && version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::field(
+            "version",
+            format!("{version:?}: use 1 to 30 letters, digits, '-', '_' or '.'"),
+        ))
+    }
+}
+
 impl DataAsset {
     /// Checks the name, the version and the source; the error names the field.
     pub fn validate(&self) -> Result<(), SpecError> {
         crate::names::validate_input_name(&self.name)
             .map_err(|e| SpecError::field("name", e.to_string().replace("input", "data asset")))?;
-        if self.version.is_empty()
-            || self.version.len() > 30
-            || !self
-                .version
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
-            return Err(SpecError::field(
-                "version",
-                format!(
-                    "{:?}: use 1 to 30 letters, digits, '-', '_' or '.'",
-                    self.version
-                ),
-            ));
-        }
+        validate_version(&self.version)?;
         match (&self.source, self.kind) {
             (DataSource::Snapshot { manifest, .. }, _)
                 if !crate::snapshot::is_sha256_hex(manifest) =>
@@ -270,5 +273,51 @@ mod tests {
             }),
             "path"
         );
+    }
+}
+
+/// A registered command component (`muster component create`): its YAML as written
+/// (without `code`), its code snapshot, by name and immutable version, in a workspace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Component {
+    /// Its name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// The workspace it belongs to.
+    pub workspace: String,
+    /// The component's YAML (a `type: command` component), `code` left out.
+    pub yaml: String,
+    /// Its code snapshot's manifest, if it has code.
+    pub code: Option<String>,
+    /// When it was made.
+    pub created_at: Millis,
+    /// Who made it.
+    pub created_by: String,
+}
+
+impl Component {
+    /// Checks the name, the version, the code digest and that the YAML is a command
+    /// component a pipeline step can use.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        crate::names::validate_input_name(&self.name)
+            .map_err(|e| SpecError::field("name", e.to_string().replace("input", "component")))?;
+        validate_version(&self.version)?;
+        if self
+            .code
+            .as_ref()
+            .is_some_and(|c| !crate::snapshot::is_sha256_hex(c))
+        {
+            return Err(SpecError::field(
+                "code",
+                "the manifest is not a SHA-256 digest",
+            ));
+        }
+        crate::spec::check_yaml_limits(&self.yaml)?;
+        let component: yaml_serde::Value = yaml_serde::from_str(&self.yaml)
+            .map_err(|e| SpecError::field("", format!("the component is not YAML: {e}")))?;
+        let mut step = yaml_serde::Mapping::new();
+        step.insert("component".into(), component);
+        crate::component::inline_component("component", step).map(|_| ())
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod access;
 pub mod cluster;
+pub mod component;
 pub mod compute;
 pub mod data;
 pub mod metrics;

@@ -152,27 +152,59 @@ fn code_dirs(text: &str, base: &Path) -> BTreeMap<String, PathBuf> {
 /// The pipeline with each step's component file (`component: ./train.yml`) read and put
 /// inline, its `code` made relative to the pipeline file, as the server takes it. The
 /// text is returned as it is when no step names a file (so errors keep their lines).
-fn inline_components(text: &str, base: &Path) -> anyhow::Result<String> {
+async fn inline_components(
+    server: &str,
+    text: &str,
+    base: &Path,
+) -> anyhow::Result<(String, BTreeMap<String, String>)> {
+    let mut registered_code = BTreeMap::new();
     if muster_core::spec::check_yaml_limits(text).is_err() {
-        return Ok(text.to_string());
+        return Ok((text.to_string(), registered_code));
     }
     let Ok(mut doc) = yaml_serde::from_str::<yaml_serde::Value>(text) else {
-        return Ok(text.to_string());
+        return Ok((text.to_string(), registered_code));
     };
     let Some(jobs) = doc.get_mut("jobs").and_then(|j| j.as_mapping_mut()) else {
-        return Ok(text.to_string());
+        return Ok((text.to_string(), registered_code));
     };
     let mut changed = false;
+    let mut clients = None;
     for (name, job) in jobs.iter_mut() {
         let name = name.as_str().unwrap_or_default().to_string();
         let Some(file) = job
             .get("component")
             .and_then(|c| c.as_str())
-            .filter(|c| !c.starts_with("azureml:"))
             .map(str::to_string)
         else {
             continue;
         };
+        // A registered component: its YAML from the server, its code already stored.
+        if let Some(reference) = file.strip_prefix("azureml:") {
+            let (cname, version) = muster_core::data::parse_reference(reference)
+                .map_err(|e| anyhow::anyhow!("jobs.{name}.component: {e}"))?;
+            if clients.is_none() {
+                clients = Some(crate::connect(server).await?);
+            }
+            let c = clients.as_mut().expect("connected above");
+            let registered = c
+                .components
+                .get_component(v1::GetComponentRequest {
+                    workspace: crate::workspace().unwrap_or_default().to_string(),
+                    name: cname.to_string(),
+                    version: version.map(str::to_string),
+                })
+                .await
+                .map_err(status)
+                .with_context(|| format!("jobs.{name}.component"))?
+                .into_inner();
+            job["component"] = yaml_serde::from_str(&registered.yaml)
+                .with_context(|| format!("jobs.{name}.component: the registered YAML"))?;
+            if let Some(code) = registered.code {
+                registered_code.insert(name.clone(), code);
+            }
+            changed = true;
+            continue;
+        }
         let path = base.join(&file);
         let component_text = std::fs::read_to_string(&path).with_context(|| {
             format!(
@@ -193,9 +225,9 @@ fn inline_components(text: &str, base: &Path) -> anyhow::Result<String> {
         changed = true;
     }
     if !changed {
-        return Ok(text.to_string());
+        return Ok((text.to_string(), registered_code));
     }
-    Ok(yaml_serde::to_string(&doc)?)
+    Ok((yaml_serde::to_string(&doc)?, registered_code))
 }
 
 async fn submit(
@@ -214,7 +246,7 @@ async fn submit(
         base
     };
     let experiment = default_experiment(&base);
-    let text = inline_components(&text, &base)?;
+    let (text, registered_code) = inline_components(server, &text, &base).await?;
     let spec = parse_pipeline_yaml(&text, &experiment)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     for w in &spec.warnings {
@@ -246,6 +278,17 @@ async fn submit(
             eprintln!("{}", snapshot::describe(dir, &step_name, &r, &stats));
         }
         code.insert(step.clone(), muster_proto::code_to_wire(r));
+    }
+    // Steps of registered components run in the code registered with them.
+    for (step, manifest) in registered_code {
+        code.entry(step).or_insert_with(|| {
+            muster_proto::code_to_wire(muster_core::spec::CodeRef {
+                manifest,
+                files: 0,
+                bytes: 0,
+                git: None,
+            })
+        });
     }
     // The same key on every retry: a retry after a timeout never makes a second pipeline.
     let key = args

@@ -234,6 +234,21 @@ impl State {
                 metrics,
             } => self.seal_metrics(run_id, *attempt, metrics),
             Command::ArchiveRuns { run_ids, archive } => self.archive_runs(run_ids, archive),
+            Command::CreateComponent { component } => {
+                component.validate()?;
+                let versions = self
+                    .components
+                    .entry(format!("{}/{}", component.workspace, component.name))
+                    .or_default();
+                if versions.iter().any(|c| c.version == component.version) {
+                    return Err(ApplyError::ComponentExists {
+                        name: component.name.clone(),
+                        version: component.version.clone(),
+                    });
+                }
+                versions.push((**component).clone());
+                Ok(Applied::Done)
+            }
             Command::CreateDatastore { store } => {
                 store.validate()?;
                 if !self.access.workspace_exists(&store.workspace) {

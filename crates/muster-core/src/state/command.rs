@@ -302,6 +302,13 @@ pub enum Command {
         /// The datastore.
         store: crate::data::Datastore,
     },
+    /// Registers a version of a command component (`data.rs`); its code is already on a
+    /// majority.
+    #[serde(rename = "create_component.v1")]
+    CreateComponent {
+        /// The component.
+        component: Box<crate::data::Component>,
+    },
     /// A change to tokens, workspaces or roles (`access.rs`), audited.
     #[serde(rename = "access.v1")]
     Access {
@@ -373,6 +380,7 @@ impl Command {
             Command::ArchiveRuns { .. } => "archive_runs",
             Command::CreateDataAsset { .. } => "create_data_asset",
             Command::CreateDatastore { .. } => "create_datastore",
+            Command::CreateComponent { .. } => "create_component",
             Command::Access { .. } => "access",
         }
     }

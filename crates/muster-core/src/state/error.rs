@@ -95,6 +95,16 @@ pub enum ApplyError {
     /// The id is taken (the proposer picks another).
     #[error("run id {0:?} is already taken")]
     RunExists(String),
+    /// A component's versions are immutable.
+    #[error(
+        "component {name}:{version} already exists: versions never change; register it with another version"
+    )]
+    ComponentExists {
+        /// Its name.
+        name: String,
+        /// The version.
+        version: String,
+    },
     /// The datastore name is taken in its workspace.
     #[error("datastore {0:?} already exists in this workspace")]
     DatastoreExists(String),

@@ -526,6 +526,10 @@ pub struct State {
     /// Datastores by `WORKSPACE/NAME` (`data.rs`; absent from older snapshots).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub datastores: BTreeMap<String, crate::data::Datastore>,
+    /// Registered components by `WORKSPACE/NAME`, versions oldest first (absent from
+    /// older snapshots).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub components: BTreeMap<String, Vec<crate::data::Component>>,
     /// A summary of the active runs of each compute target: what they hold against its
     /// quota, their priorities, how many are being preempted. Derived from `runs`: kept up
     /// to date by `apply`, rebuilt by [`State::from_snapshot`], never serialized, and
@@ -805,6 +809,20 @@ mod flow_tests;
 mod tests;
 
 impl State {
+    /// The component `name` of `workspace`: that version, or the latest made.
+    pub fn component(
+        &self,
+        workspace: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> Option<&crate::data::Component> {
+        let versions = self.components.get(&format!("{workspace}/{name}"))?;
+        match version {
+            Some(v) => versions.iter().find(|c| c.version == v),
+            None => versions.last(),
+        }
+    }
+
     /// The data asset `name` of `workspace`: that version, or the latest made.
     pub fn data_asset(
         &self,

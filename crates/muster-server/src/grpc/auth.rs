@@ -302,6 +302,8 @@ pub(crate) fn rule(path: &str) -> Option<Rule> {
         // check the workspace.
         ("muster.v1.DataService", "CreateData") => users(User),
         ("muster.v1.DataService", "GetData" | "ListData" | "ListDatastores") => users(Reader),
+        ("muster.v1.ComponentService", "CreateComponent") => users(User),
+        ("muster.v1.ComponentService", "GetComponent" | "ListComponents") => users(Reader),
         // A datastore mounts a host folder into runs: operators only.
         ("muster.v1.DataService", "CreateDatastore") => users(Operator),
 

@@ -17,6 +17,7 @@ mod agents;
 pub(crate) mod auth;
 mod blobs;
 mod cluster;
+mod components;
 mod compute;
 mod data;
 pub(crate) mod limits;
@@ -167,6 +168,9 @@ pub(crate) fn router(server: Arc<Server>) -> GrpcRoutes {
     .add(v1::data_service_server::DataServiceServer::new(data::Data(
         server.clone(),
     )))
+    .add(v1::component_service_server::ComponentServiceServer::new(
+        components::Components(server.clone()),
+    ))
     .add(v1::compute_service_server::ComputeServiceServer::new(
         compute::Computes(server.clone()),
     ))
@@ -247,7 +251,8 @@ pub(crate) fn rejected(e: ApplyError) -> Status {
         | ApplyError::SweepExists(_)
         | ApplyError::PipelineExists(_)
         | ApplyError::DataAssetExists { .. }
-        | ApplyError::DatastoreExists(_) => Status::already_exists(msg),
+        | ApplyError::DatastoreExists(_)
+        | ApplyError::ComponentExists { .. } => Status::already_exists(msg),
         ApplyError::InvalidSpec(_)
         | ApplyError::InvalidNodeName { .. }
         | ApplyError::InvalidServerId(_)
