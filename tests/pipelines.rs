@@ -930,12 +930,30 @@ async fn a_registered_component_runs_with_its_registered_code() {
     assert!(again.stderr.contains("greet:1 already exists"), "{again:?}");
     let shown = muster(&url, project.path(), &["component", "show", "greet@latest"]).await;
     assert!(shown.stdout.contains("command: sh greet.sh"), "{shown:?}");
+    // A data asset the pipeline names as its input.
+    write(project.path(), "names/who.txt", "ada\n");
+    let asset = muster(
+        &url,
+        project.path(),
+        &[
+            "data",
+            "create",
+            "--name",
+            "names",
+            "--version",
+            "1",
+            "--path",
+            "names",
+        ],
+    )
+    .await;
+    assert_eq!(asset.code, 0, "{asset:?}");
     // The pipeline lives elsewhere: the component's code travels from the registry.
     let elsewhere = tempfile::tempdir().unwrap();
     write(
         elsewhere.path(),
         "pipeline.yml",
-        "type: pipeline\nsettings:\n  default_compute: local\njobs:\n  a:\n    type: command\n    component: azureml:greet:1\n    inputs:\n      who: muster\n  b:\n    type: command\n    component: azureml:greet@latest\n",
+        "type: pipeline\nsettings:\n  default_compute: local\ninputs:\n  names:\n    path: azureml:names:1\njobs:\n  a:\n    type: command\n    component: azureml:greet:1\n    inputs:\n      who: muster\n  b:\n    type: command\n    component: azureml:greet@latest\n  c:\n    command: cat ${{inputs.n}}/who.txt\n    inputs:\n      n: ${{parent.inputs.names}}\n",
     );
     let id = submit(&url, elsewhere.path(), "pipeline.yml").await;
     let p = wait_pipeline(&url, &id).await;

@@ -228,6 +228,71 @@ pub(crate) async fn get(
         .into_inner())
 }
 
+/// `text` (a YAML job) with every `path: azureml:NAME:VERSION` (or `@latest`) replaced by
+/// the asset's own path, and a missing sibling `type` set to the asset's. The text comes
+/// back as it was when it names no asset (so errors keep their lines).
+pub(crate) async fn resolve_asset_paths(server: &str, text: &str) -> anyhow::Result<String> {
+    fn refs(v: &yaml_serde::Value, out: &mut Vec<String>) {
+        match v {
+            yaml_serde::Value::Mapping(m) => {
+                if let Some(p) = m.get("path").and_then(|p| p.as_str())
+                    && p.starts_with("azureml:")
+                    && !p.starts_with("azureml://")
+                {
+                    out.push(p.to_string());
+                }
+                m.values().for_each(|v| refs(v, out));
+            }
+            yaml_serde::Value::Sequence(s) => s.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+    fn rewrite(
+        v: &mut yaml_serde::Value,
+        found: &std::collections::BTreeMap<String, v1::DataAsset>,
+    ) {
+        match v {
+            yaml_serde::Value::Mapping(m) => {
+                let asset = m
+                    .get("path")
+                    .and_then(|p| p.as_str())
+                    .and_then(|p| found.get(p))
+                    .cloned();
+                if let Some(a) = asset {
+                    m.insert("path".into(), a.input_path.clone().into());
+                    if !m.contains_key("type") {
+                        m.insert("type".into(), a.r#type.clone().into());
+                    }
+                }
+                m.values_mut().for_each(|v| rewrite(v, found));
+            }
+            yaml_serde::Value::Sequence(s) => s.iter_mut().for_each(|v| rewrite(v, found)),
+            _ => {}
+        }
+    }
+    if muster_core::spec::check_yaml_limits(text).is_err() {
+        return Ok(text.to_string());
+    }
+    let Ok(mut doc) = yaml_serde::from_str::<yaml_serde::Value>(text) else {
+        return Ok(text.to_string());
+    };
+    let mut wanted = Vec::new();
+    refs(&doc, &mut wanted);
+    if wanted.is_empty() {
+        return Ok(text.to_string());
+    }
+    let mut c = crate::connect(server).await?;
+    let mut found = std::collections::BTreeMap::new();
+    for reference in wanted {
+        let asset = get(&mut c, &reference)
+            .await
+            .with_context(|| format!("path: {reference}"))?;
+        found.insert(reference, asset);
+    }
+    rewrite(&mut doc, &found);
+    Ok(yaml_serde::to_string(&doc)?)
+}
+
 fn source(a: &v1::DataAsset) -> String {
     if let Some(o) = &a.output {
         let (archive, folder) = o.split_once('/').unwrap_or((o, ""));

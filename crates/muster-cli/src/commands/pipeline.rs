@@ -246,6 +246,10 @@ async fn submit(
         base
     };
     let experiment = default_experiment(&base);
+    // Data assets the pipeline names become what they stand for, as in `run submit`.
+    let text = crate::commands::data::resolve_asset_paths(server, &text)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
     let (text, registered_code) = inline_components(server, &text, &base).await?;
     let spec = parse_pipeline_yaml(&text, &experiment)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
