@@ -808,3 +808,47 @@ async fn a_sweep_past_its_timeout_cancels_its_trials_and_ends_timed_out() {
         "{show:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trials_read_a_data_asset_the_sweep_names() {
+    let dev = DevCluster::start().await.unwrap();
+    let project = tempfile::tempdir().unwrap();
+    write(project.path(), "base.txt", "base=40\n");
+    let made = muster(
+        &dev.url(),
+        project.path(),
+        &[
+            "data",
+            "create",
+            "--name",
+            "base",
+            "--version",
+            "1",
+            "--path",
+            "base.txt",
+            "--type",
+            "uri_file",
+        ],
+    )
+    .await;
+    assert_eq!(made.code, 0, "{made:?}");
+    write(
+        project.path(),
+        "sweep.yml",
+        "type: sweep\ntrial:\n  command: cat ${{inputs.base}} && echo lr=${{search_space.lr}}\n  inputs:\n    base:\n      type: uri_file\n      path: azureml:base@latest\nsampling_algorithm: grid\nsearch_space:\n  lr:\n    type: choice\n    values: [1, 2]\nobjective:\n  primary_metric: accuracy\n  goal: maximize\nlimits:\n  max_total_trials: 2\n",
+    );
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["sweep", "submit", "-f", "sweep.yml"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(!out.stderr.contains("warning"), "{out:?}");
+    let sweep = wait_sweep_done(&[dev.url()], out.stdout.trim(), Duration::from_secs(60)).await;
+    for t in &sweep.trials {
+        let logs = muster(&dev.url(), project.path(), &["run", "logs", &t.run_id]).await;
+        assert!(logs.stdout.starts_with("base=40\nlr="), "{logs:?}");
+    }
+    assert_eq!(sweep.trials.len(), 2);
+}

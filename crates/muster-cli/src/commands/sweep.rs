@@ -223,8 +223,11 @@ fn v2_trial_code(text: &str) -> Option<String> {
 }
 
 /// Reads and validates the sweep the flags describe; returns it with the directory to
-/// snapshot. Nothing touches the network.
-fn sweep_from_args(args: &SweepSubmitArgs) -> anyhow::Result<(SweepSpec, Option<PathBuf>)> {
+/// snapshot. The network is asked only for the data assets the files name.
+async fn sweep_from_args(
+    server: &str,
+    args: &SweepSubmitArgs,
+) -> anyhow::Result<(SweepSpec, Option<PathBuf>)> {
     let (mut spec, code_dir) = match &args.hyperdrive_config {
         None => {
             let path = args.file.as_ref().ok_or_else(|| {
@@ -237,7 +240,10 @@ fn sweep_from_args(args: &SweepSubmitArgs) -> anyhow::Result<(SweepSpec, Option<
                     "a `type: sweep` file holds its trial's command: remove the command after `--` (it is for --hyperdrive-config)"
                 );
             }
-            let text = read(path)?;
+            // Data assets the sweep names become what they stand for, as in `run submit`.
+            let text = crate::commands::data::resolve_asset_paths(server, &read(path)?)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
             // A trial without `code:` uploads nothing, as in Azure ML.
             let code_dir = match (&args.code, v2_trial_code(&text)) {
                 (Some(c), _) => Some(c.clone()),
@@ -254,7 +260,10 @@ fn sweep_from_args(args: &SweepSubmitArgs) -> anyhow::Result<(SweepSpec, Option<
         Some(hd_path) => {
             let (mut job, base) = match &args.file {
                 Some(path) => {
-                    let job = parse_job_yaml(&read(path)?)
+                    let text = crate::commands::data::resolve_asset_paths(server, &read(path)?)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
+                    let job = parse_job_yaml(&text)
                         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
                     (job, base_dir(path))
                 }
@@ -308,7 +317,7 @@ fn sweep_from_args(args: &SweepSubmitArgs) -> anyhow::Result<(SweepSpec, Option<
 
 async fn submit(server: &str, output: OutputFormat, args: SweepSubmitArgs) -> anyhow::Result<i32> {
     // Everything the user gave is checked before the network is touched.
-    let (mut spec, code_dir) = sweep_from_args(&args)?;
+    let (mut spec, code_dir) = sweep_from_args(server, &args).await?;
     for w in &spec.trial.warnings {
         eprintln!("warning: trial: {w}");
     }
