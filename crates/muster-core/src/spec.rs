@@ -1240,14 +1240,14 @@ impl JobFile {
                         }
                         DataPath::Asset => {
                             warnings.push(format!(
-                                "inputs.{name}: muster has no data assets yet, so {p} is not fetched; ${{{{inputs.{name}}}}} is {} as written",
+                                "inputs.{name}: the data asset {p} was not resolved (the muster CLI resolves assets when it submits), so ${{{{inputs.{name}}}}} is {} as written",
                                 strip_azureml(&p)
                             ));
                             strip_azureml(&p).to_string()
                         }
                         DataPath::Local => {
                             warnings.push(format!(
-                                "inputs.{name}: a local path is not uploaded yet; ${{{{inputs.{name}}}}} is {p} as written, so the nodes must see it there (or put the data in the code folder)"
+                                "inputs.{name}: a local path is uploaded by `muster run submit` only; here ${{{{inputs.{name}}}}} is {p} as written, so the nodes must see it there (or put the data in the code folder, or make it a data asset)"
                             ));
                             p
                         }
