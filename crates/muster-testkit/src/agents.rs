@@ -134,9 +134,12 @@ impl Drop for AgentHandle {
     }
 }
 
-/// Waits (bounded: 10 s) until a node named `name` is registered and ready.
+/// Waits (bounded: 30 s of wall-clock time) until a node named `name` is registered and
+/// ready. An agent process on a loaded 2-core CI machine (a dozen container tests at
+/// once) has been seen to take over 10 s to start, probe and register.
 pub async fn wait_for_node(server: &str, name: &str) -> anyhow::Result<v1::Node> {
-    for _ in 0..400 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
         if let Ok(mut c) = crate::access::clients(server).await
             && let Ok(nodes) = c.compute.list_nodes(v1::ListNodesRequest::default()).await
             && let Some(n) = nodes
@@ -149,7 +152,7 @@ pub async fn wait_for_node(server: &str, name: &str) -> anyhow::Result<v1::Node>
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    anyhow::bail!("node {name} did not register within 10 s")
+    anyhow::bail!("node {name} did not register within 30 s")
 }
 
 /// `muster agent` as a child process.
