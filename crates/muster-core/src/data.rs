@@ -65,6 +65,12 @@ pub struct DataAsset {
     pub created_by: String,
 }
 
+/// How the state keys what a workspace names: `WORKSPACE/NAME` (data assets, datastores,
+/// components).
+pub fn scoped(workspace: &str, name: &str) -> String {
+    format!("{workspace}/{name}")
+}
+
 /// A datastore: a folder the nodes share, by name, in one workspace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Datastore {

@@ -322,6 +322,19 @@ pub struct CodeRef {
     pub git: Option<GitInfo>,
 }
 
+impl CodeRef {
+    /// A reference to a snapshot known only by its manifest (an uploaded input, a data
+    /// asset's or a registered component's code): the counts are not known here.
+    pub fn stored(manifest: &str) -> CodeRef {
+        CodeRef {
+            manifest: manifest.to_string(),
+            files: 0,
+            bytes: 0,
+            git: None,
+        }
+    }
+}
+
 /// A run as the server stores it: normalized, substituted, validated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunSpec {

@@ -286,12 +286,7 @@ async fn submit(
     // Steps of registered components run in the code registered with them.
     for (step, manifest) in registered_code {
         code.entry(step).or_insert_with(|| {
-            muster_proto::code_to_wire(muster_core::spec::CodeRef {
-                manifest,
-                files: 0,
-                bytes: 0,
-                git: None,
-            })
+            muster_proto::code_to_wire(muster_core::spec::CodeRef::stored(&manifest))
         });
     }
     // The same key on every retry: a retry after a timeout never makes a second pipeline.

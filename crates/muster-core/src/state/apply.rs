@@ -238,7 +238,7 @@ impl State {
                 component.validate()?;
                 let versions = self
                     .components
-                    .entry(format!("{}/{}", component.workspace, component.name))
+                    .entry(crate::data::scoped(&component.workspace, &component.name))
                     .or_default();
                 if versions.iter().any(|c| c.version == component.version) {
                     return Err(ApplyError::ComponentExists {
@@ -257,7 +257,7 @@ impl State {
                         format!("workspace {:?} does not exist", store.workspace),
                     )));
                 }
-                let key = format!("{}/{}", store.workspace, store.name);
+                let key = crate::data::scoped(&store.workspace, &store.name);
                 if self.datastores.contains_key(&key) {
                     return Err(ApplyError::DatastoreExists(store.name.clone()));
                 }
@@ -274,7 +274,7 @@ impl State {
                 }
                 let versions = self
                     .data_assets
-                    .entry(format!("{}/{}", asset.workspace, asset.name))
+                    .entry(crate::data::scoped(&asset.workspace, &asset.name))
                     .or_default();
                 if versions.iter().any(|a| a.version == asset.version) {
                     return Err(ApplyError::DataAssetExists {
@@ -1251,7 +1251,7 @@ fn register_outputs(
             continue;
         };
         let versions = assets
-            .entry(format!("{}/{name}", run.spec.workspace))
+            .entry(crate::data::scoped(&run.spec.workspace, name))
             .or_default();
         let version = version.clone().unwrap_or_else(|| {
             let latest = versions

@@ -816,7 +816,7 @@ impl State {
         name: &str,
         version: Option<&str>,
     ) -> Option<&crate::data::Component> {
-        let versions = self.components.get(&format!("{workspace}/{name}"))?;
+        let versions = self.components.get(&crate::data::scoped(workspace, name))?;
         match version {
             Some(v) => versions.iter().find(|c| c.version == v),
             None => versions.last(),
@@ -830,7 +830,9 @@ impl State {
         name: &str,
         version: Option<&str>,
     ) -> Option<&crate::data::DataAsset> {
-        let versions = self.data_assets.get(&format!("{workspace}/{name}"))?;
+        let versions = self
+            .data_assets
+            .get(&crate::data::scoped(workspace, name))?;
         match version {
             Some(v) => versions.iter().find(|a| a.version == v),
             None => versions.last(),

@@ -66,12 +66,7 @@ impl ComponentService for Components {
             .validate()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if let Some(manifest) = &component.code {
-            let code = muster_core::spec::CodeRef {
-                manifest: manifest.clone(),
-                files: 0,
-                bytes: 0,
-                git: None,
-            };
+            let code = muster_core::spec::CodeRef::stored(manifest);
             check_code(&self.0, "code", &code).await?;
         }
         let shown = to_wire(&component);

@@ -48,12 +48,7 @@ impl DataService for Data {
             .validate()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if let muster_core::data::DataSource::Snapshot { manifest, .. } = &asset.source {
-            let stored = muster_core::spec::CodeRef {
-                manifest: manifest.clone(),
-                files: 0,
-                bytes: 0,
-                git: None,
-            };
+            let stored = muster_core::spec::CodeRef::stored(manifest);
             check_code(&self.0, "path", &stored).await?;
         }
         let shown = data_asset_to_wire(&asset);

@@ -372,7 +372,7 @@ pub(crate) fn resolve_datastores(
             .iter()
             .map(|(name, (store, rel))| {
                 s.datastores
-                    .get(&format!("{workspace}/{store}"))
+                    .get(&muster_core::data::scoped(&workspace, store))
                     .map(|d| (name.clone(), format!("{}/{rel}", d.path)))
                     .ok_or_else(|| {
                         Status::failed_precondition(format!(

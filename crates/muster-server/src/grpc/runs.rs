@@ -136,12 +136,7 @@ impl RunService for Runs {
         }
         // So must every local input uploaded with it.
         for (name, manifest) in &spec.snapshot_inputs {
-            let input = muster_core::spec::CodeRef {
-                manifest: manifest.clone(),
-                files: 0,
-                bytes: 0,
-                git: None,
-            };
+            let input = muster_core::spec::CodeRef::stored(manifest);
             check_code(&self.0, &format!("inputs.{name}"), &input).await?;
         }
         if let Some(key) = &req.idempotency_key
