@@ -170,6 +170,58 @@ async fn a_job_its_target_can_never_hold_is_refused_at_submit_and_nothing_queues
     )
     .await;
     assert!(id.starts_with("run-"), "{id}");
+
+    // Once a node of the provisioned target has joined, more GPUs than it has never fit.
+    let dir = tempfile::tempdir().unwrap();
+    let config = muster_testkit::agents::agent_config(
+        &dev.url(),
+        dir.path(),
+        "gpu-pool",
+        "pool-node",
+        std::sync::Arc::new(muster_agent::NoGpus),
+    );
+    let _agent = muster_testkit::agents::AgentHandle::start(&dev.url(), config)
+        .await
+        .unwrap();
+    muster_testkit::agents::wait_for_node(&dev.url(), "pool-node")
+        .await
+        .unwrap();
+    let gpus = [
+        "run",
+        "submit",
+        "--compute",
+        "gpu-pool",
+        "--gpus",
+        "2",
+        "--",
+        "true",
+    ];
+    let out = muster(&dev.url(), project.path(), &gpus).await;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("resources.gpus")
+            && out
+                .stderr
+                .contains("2 GPUs on one node, but its nodes have at most 0")
+            && out
+                .stderr
+                .contains("command provisioner, and 1 node joined"),
+        "{out:?}"
+    );
+    assert_eq!(muster_tests::all_runs(&dev.url()).await.len(), 1);
+    // `local` takes any node that joins: the run waits, with a warning that says why.
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "--gpus", "1", "--", "true"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("warning: resources.gpus: the run asks for 1 GPU on one node, but its nodes have at most 0")
+            && out.stderr.contains("it waits until a larger node joins"),
+        "{out:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -463,7 +515,7 @@ async fn local_data_inputs_travel_with_the_submit() {
     .await;
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(out.stdout, "1,2\n3,4\ncat\ndog\n", "{out:?}");
-    assert!(out.stderr.contains("(input train)"), "{out:?}");
+    assert!(out.stderr.contains("(inputs.train)"), "{out:?}");
     assert!(!out.stderr.contains("warning"), "{out:?}");
     let run = &muster_tests::all_runs(&dev.url()).await[0];
     let spec = run.spec.clone().unwrap();
@@ -472,6 +524,21 @@ async fn local_data_inputs_travel_with_the_submit() {
         "cat inputs/train/a.csv inputs/train/b.csv inputs/labels/labels.csv"
     );
     assert_eq!(spec.snapshot_inputs.len(), 2, "{spec:?}");
+
+    // A process's ro_mount input (the default) has read-only files; a download one not.
+    write(
+        project.path(),
+        "modes.yml",
+        "command: stat -c %A ${{inputs.ro}}/a.csv ${{inputs.rw}}/a.csv\ninputs:\n  ro:\n    type: uri_folder\n    path: data/train\n  rw:\n    type: uri_folder\n    path: data/train\n    mode: download\n",
+    );
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "-f", "modes.yml", "--stream"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout, "-r--r--r--\n-rw-r--r--\n", "{out:?}");
 
     // A path that is not there is refused before anything is uploaded.
     write(
@@ -490,7 +557,7 @@ async fn local_data_inputs_travel_with_the_submit() {
         out.stderr.contains("inputs.x.path:") && out.stderr.contains("does not exist"),
         "{out:?}"
     );
-    assert_eq!(muster_tests::all_runs(&dev.url()).await.len(), 1);
+    assert_eq!(muster_tests::all_runs(&dev.url()).await.len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

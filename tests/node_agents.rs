@@ -148,6 +148,39 @@ async fn a_container_reads_a_datastore_input_read_only() {
     assert!(!share.path().join("sets/a/new").exists());
 }
 
+/// Uploaded inputs in a container: `ro_mount` (the default) is read-only and linked from
+/// the node's cache (no copy), `download` a writable copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_gets_read_only_linked_inputs_and_writable_downloads() {
+    let Some((_docker, image, dev)) = docker_cluster(None).await else {
+        return;
+    };
+    let project = tempfile::tempdir().unwrap();
+    write(project.path(), "data/a.txt", "data\n");
+    write(
+        project.path(),
+        "job.yml",
+        &format!(
+            "command: >-\n  cat ${{{{inputs.ro}}}}/a.txt && stat -c 'links=%h' ${{{{inputs.ro}}}}/a.txt &&\n  (touch ${{{{inputs.ro}}}}/new 2>/dev/null && echo ro-writable || echo ro-read-only) &&\n  (echo more >> ${{{{inputs.rw}}}}/a.txt && cat ${{{{inputs.rw}}}}/a.txt)\nenvironment: {image}\ninputs:\n  ro:\n    type: uri_folder\n    path: data\n  rw:\n    type: uri_folder\n    path: data\n    mode: download\n"
+        ),
+    );
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "-f", "job.yml", "--stream"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines[0], "data", "{out:?}");
+    let links: u32 = lines[1].strip_prefix("links=").unwrap().parse().unwrap();
+    assert!(
+        links >= 2,
+        "a read-only input is a link to the cache: {out:?}"
+    );
+    assert_eq!(&lines[2..], ["ro-read-only", "data", "more"], "{out:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oom_timeout_cancel_and_missing_images_end_runs_clearly() {
     let Some((docker, image, dev)) = docker_cluster(None).await else {

@@ -974,3 +974,37 @@ async fn a_registered_component_runs_with_its_registered_code() {
         "{missing:?}"
     );
 }
+
+/// Local data inputs of a pipeline (the pipeline's own and a step's) travel with the
+/// submit as `run submit`'s do: no warning, the nodes need not see the submitter's files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_s_local_data_inputs_travel_with_the_submit() {
+    let dev = DevCluster::start().await.unwrap();
+    let url = dev.url();
+    let project = tempfile::tempdir().unwrap();
+    write(project.path(), "data/raw/a.csv", "1,2\n");
+    write(project.path(), "data/lr.txt", "0.1\n");
+    write(
+        project.path(),
+        "pipelines/p.yml",
+        "type: pipeline\nsettings:\n  default_compute: local\ninputs:\n  raw:\n    type: uri_folder\n    path: ../data/raw\njobs:\n  a:\n    command: cat ${{inputs.raw}}/a.csv ${{inputs.lr}}\n    inputs:\n      raw: ${{parent.inputs.raw}}\n      lr:\n        type: uri_file\n        path: ../data/lr.txt\n",
+    );
+    let out = muster(
+        &url,
+        project.path(),
+        &["pipeline", "submit", "-f", "pipelines/p.yml"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(!out.stderr.contains("warning"), "{out:?}");
+    assert!(out.stderr.contains("(inputs.raw)"), "{out:?}");
+    assert!(out.stderr.contains("(jobs.a.inputs.lr)"), "{out:?}");
+    let id = out.stdout.trim().to_string();
+    // The submitter's files go away: the step reads the uploaded copies.
+    std::fs::remove_dir_all(project.path().join("data")).unwrap();
+    let p = wait_pipeline(&url, &id).await;
+    assert_eq!(p.state().word(), "completed", "{p:?}");
+    let shown = show_json(&url, project.path(), &id).await;
+    let run = step(&shown, "a")["run_id"].as_str().unwrap().to_string();
+    assert_eq!(logs(&url, project.path(), &run).await, "1,2\n0.1\n");
+}

@@ -852,3 +852,32 @@ async fn trials_read_a_data_asset_the_sweep_names() {
     }
     assert_eq!(sweep.trials.len(), 2);
 }
+
+/// A sweep's local data input is uploaded with the submit and read by every trial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trials_read_a_local_data_input_uploaded_with_the_sweep() {
+    let dev = DevCluster::start().await.unwrap();
+    let project = tempfile::tempdir().unwrap();
+    write(project.path(), "data/base.txt", "base=40\n");
+    write(
+        project.path(),
+        "sweeps/sweep.yml",
+        "type: sweep\ninputs:\n  base:\n    type: uri_folder\n    path: ../data\ntrial:\n  command: cat ${{inputs.base}}/base.txt && echo lr=${{search_space.lr}}\nsampling_algorithm: grid\nsearch_space:\n  lr:\n    type: choice\n    values: [1, 2]\nobjective:\n  primary_metric: accuracy\n  goal: maximize\nlimits:\n  max_total_trials: 2\n",
+    );
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["sweep", "submit", "-f", "sweeps/sweep.yml"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(!out.stderr.contains("warning"), "{out:?}");
+    assert!(out.stderr.contains("(inputs.base)"), "{out:?}");
+    std::fs::remove_dir_all(project.path().join("data")).unwrap();
+    let sweep = wait_sweep_done(&[dev.url()], out.stdout.trim(), Duration::from_secs(60)).await;
+    assert_eq!(sweep.trials.len(), 2);
+    for t in &sweep.trials {
+        let logs = muster(&dev.url(), project.path(), &["run", "logs", &t.run_id]).await;
+        assert!(logs.stdout.starts_with("base=40\nlr="), "{logs:?}");
+    }
+}

@@ -261,7 +261,7 @@ impl AttemptTask {
             let dest = &code_dir;
             self.blobs
                 .with_failover("fetching the code snapshot", |mut c| async move {
-                    snapshot::materialize(&mut c, manifest, cache, dest)
+                    snapshot::materialize(&mut c, manifest, cache, dest, snapshot::Place::Copy)
                         .await
                         .map_err(AttemptError::Snapshot)
                 })
@@ -284,14 +284,22 @@ impl AttemptTask {
                 })
                 .await?;
         }
-        // Local inputs uploaded with the submit: snapshots, like the code.
+        // Local inputs uploaded with the submit: snapshots, like the code. A container
+        // sees the workspace read-only, so a read-only input there is linked from the
+        // cache, not copied.
+        let in_container = plan.launch.container.is_some();
         for (name, manifest) in &plan.snapshot_inputs {
             let cache = &self.cache_dir;
             let dest = code_dir.join("inputs").join(name);
             let dest = &dest;
+            let place = if in_container && !plan.download_inputs.contains(name) {
+                snapshot::Place::Link
+            } else {
+                snapshot::Place::Copy
+            };
             self.blobs
                 .with_failover("fetching an uploaded input", |mut c| async move {
-                    snapshot::materialize(&mut c, manifest, cache, dest)
+                    snapshot::materialize(&mut c, manifest, cache, dest, place)
                         .await
                         .map_err(|cause| AttemptError::InputSnapshot {
                             input: name.clone(),
@@ -324,6 +332,21 @@ impl AttemptTask {
             &code_dir,
         )
         .await?;
+        // A process cannot be given a read-only mount: its read-only inputs' files are
+        // made read-only instead (a `download` input stays a writable copy).
+        if in_container {
+            // A writable mount's source must exist, even for an empty input.
+            for name in &plan.download_inputs {
+                create_dir(&code_dir.join("inputs").join(name)).await?;
+            }
+        } else {
+            for name in plan.read_only_inputs() {
+                let at = code_dir.join("inputs").join(name);
+                make_read_only(at.clone())
+                    .await
+                    .map_err(|source| AttemptError::Write { path: at, source })?;
+            }
+        }
         if let Some(image) = &plan.image_as_process {
             tracing::info!(run_id = %self.key.0, image = %image, "no Docker engine: running the command as a process");
         }
@@ -477,6 +500,34 @@ async fn append_log(path: &Path, line: &str) -> Result<(), AttemptError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Takes write permission off every file under `root` (not through links; folders keep
+/// theirs, so the attempt's directory can still be removed). A process that is not root
+/// then cannot change a read-only input.
+async fn make_read_only(root: PathBuf) -> std::io::Result<()> {
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::PermissionsExt;
+        let mut pending = vec![root];
+        while let Some(path) = pending.pop() {
+            let meta = match std::fs::symlink_metadata(&path) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            if meta.is_dir() {
+                for entry in std::fs::read_dir(&path)? {
+                    pending.push(entry?.path());
+                }
+            } else if meta.is_file() {
+                let mode = meta.permissions().mode() & !0o222;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 async fn create_dir(path: &Path) -> Result<(), AttemptError> {

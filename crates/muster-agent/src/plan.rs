@@ -20,7 +20,7 @@
 //!
 //! `attempt.rs` carries the plan out.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -98,6 +98,9 @@ pub(crate) struct AttemptPlan {
     /// Datastore inputs (name → host path): a process gets the link `inputs/<name>` to
     /// it; a container, a read-only bind mount there (in its container spec).
     pub host_inputs: BTreeMap<String, String>,
+    /// Inputs in `mode: download`: writable copies (a container gets a writable mount of
+    /// each); the rest are read-only.
+    pub download_inputs: BTreeSet<String>,
     /// The declared folder outputs (the job's `outputs:` and a pipeline step's):
     /// `outputs/<name>` folders to create before the command starts.
     pub output_folders: Vec<String>,
@@ -162,6 +165,17 @@ pub(crate) enum PlanError {
 }
 
 impl AttemptPlan {
+    /// The inputs muster places as files of the run's own (uploaded, fetched, upstream
+    /// outputs) that are read-only: all but `download` ones. Datastore inputs are the
+    /// shared folder itself, never changed by muster.
+    pub(crate) fn read_only_inputs(&self) -> impl Iterator<Item = &String> {
+        self.inputs
+            .keys()
+            .chain(self.url_inputs.keys())
+            .chain(self.snapshot_inputs.keys())
+            .filter(|name| !self.download_inputs.contains(*name))
+    }
+
     /// Plans assignment `a` on `node`. Pure: the same inputs give the same plan.
     pub(crate) fn from(a: &v1::Assignment, node: &Node) -> Result<AttemptPlan, PlanError> {
         let key: Key = (a.run_id.clone(), a.attempt);
@@ -258,6 +272,17 @@ impl AttemptPlan {
                         (PathBuf::from(host), format!("/workspace/inputs/{name}"))
                     }))
                     .collect(),
+                // `download` inputs: writable copies in the otherwise read-only workspace.
+                writable_mounts: spec
+                    .download_inputs
+                    .iter()
+                    .map(|name| {
+                        (
+                            code_dir.join("inputs").join(name),
+                            format!("/workspace/inputs/{name}"),
+                        )
+                    })
+                    .collect(),
             });
         // Peers may exec into this rank's container (MPI) with the attempt's secret; a
         // release from rank 0 ends it as completed.
@@ -275,6 +300,7 @@ impl AttemptPlan {
             url_inputs: spec.url_inputs.clone(),
             snapshot_inputs: spec.snapshot_inputs.clone(),
             host_inputs: spec.host_inputs.clone(),
+            download_inputs: spec.download_inputs.clone(),
             output_folders: output_folders(&spec, &a.outputs)?,
             hostfile: setup.hostfile,
             gate,
@@ -382,6 +408,7 @@ fn output_folders(spec: &RunSpec, step_outputs: &[String]) -> Result<Vec<String>
         .keys()
         .chain(spec.snapshot_inputs.keys())
         .chain(spec.host_inputs.keys())
+        .chain(spec.download_inputs.iter())
     {
         muster_core::names::validate_input_name(name)
             .map_err(|e| PlanError::Spec(format!("inputs.{name}: {e}")))?;

@@ -8,12 +8,24 @@ use muster_client::Channel;
 use muster_core::snapshot::Manifest;
 use muster_proto::v1::blob_service_client::BlobServiceClient;
 
+/// How [`materialize`] places each file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Place {
+    /// A copy of its own, with the manifest's mode (0644, or 0755 when executable).
+    Copy,
+    /// A hard link to the cached blob, made read-only (0444, or 0555 when executable):
+    /// no copy at all, for a container whose workspace is mounted read-only. A copy
+    /// where the cache is on another file system.
+    Link,
+}
+
 /// Fetches manifest `manifest_sha` and its files into `dest`, using `cache` for blobs.
 pub(crate) async fn materialize(
     client: &mut BlobServiceClient<Channel>,
     manifest_sha: &str,
     cache: &Path,
     dest: &Path,
+    place: Place,
 ) -> anyhow::Result<usize> {
     let mut client = Blobs::new(client.clone());
     // Content-addressed: a manifest this node fetched before (every run of an unchanged
@@ -37,11 +49,22 @@ pub(crate) async fn materialize(
         if let Some(dir) = target.parent() {
             tokio::fs::create_dir_all(dir).await?;
         }
-        tokio::fs::copy(&cached, &target).await?;
+        // A retried preparation finds its earlier link or copy: replace it, never write
+        // through a link into the cache.
+        let _ = tokio::fs::remove_file(&target).await;
+        let linked = place == Place::Link && tokio::fs::hard_link(&cached, &target).await.is_ok();
+        if !linked {
+            tokio::fs::copy(&cached, &target).await?;
+        }
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = if file.executable { 0o755 } else { 0o644 };
+            let mode = match (linked, file.executable) {
+                (false, false) => 0o644,
+                (false, true) => 0o755,
+                (true, false) => 0o444,
+                (true, true) => 0o555,
+            };
             tokio::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode)).await?;
         }
     }

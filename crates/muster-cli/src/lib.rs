@@ -16,6 +16,7 @@
 pub mod cli;
 pub mod commands;
 pub mod credentials;
+pub mod local_inputs;
 pub mod output;
 pub mod paging;
 pub mod snapshot;

@@ -81,6 +81,44 @@ fn take_mapping(step: &mut Mapping, k: &str, path: &str) -> Result<Mapping, Spec
     }
 }
 
+/// Checks a component definition on its own (`muster component create`): as a step that
+/// gives each required input a stand-in value (the first of an `enum`), so a component
+/// whose inputs a pipeline binds later registers as in Azure ML. Errors name
+/// `component.…`.
+pub fn check_definition(component: Value) -> Result<(), SpecError> {
+    let mut inputs = Mapping::new();
+    for (name, decl) in component
+        .get("inputs")
+        .and_then(Value::as_mapping)
+        .into_iter()
+        .flatten()
+    {
+        let given = |k: &str| decl.get(k).is_some_and(|v| !v.is_null());
+        if given("default") || decl.get("optional").and_then(Value::as_bool) == Some(true) {
+            continue;
+        }
+        let stand_in = decl
+            .get("enum")
+            .and_then(Value::as_sequence)
+            .and_then(|s| s.first().cloned())
+            .unwrap_or_else(|| Value::String("stand-in".into()));
+        inputs.insert(name.clone(), stand_in);
+    }
+    let mut step = Mapping::new();
+    step.insert(key("component"), component);
+    step.insert(key("inputs"), Value::Mapping(inputs));
+    // The step's path is the component's own here: `component.command`, not
+    // `component.component.command`.
+    inline_component("component", step)
+        .map(|_| ())
+        .map_err(|mut e| {
+            if let Some(rest) = e.path.strip_prefix("component.") {
+                e.path = rest.to_string();
+            }
+            e
+        })
+}
+
 /// Turns a step with `component:` into an inline command step (`step` unchanged without
 /// one). `path` is the step's (`jobs.train`).
 pub(crate) fn inline_component(path: &str, mut step: Mapping) -> Result<Mapping, SpecError> {
@@ -454,5 +492,21 @@ compute: gpus
         .unwrap_err();
         assert_eq!(e.path, "jobs.train.outputs.weights", "{e}");
         assert!(e.message.contains("its outputs are model"), "{e}");
+    }
+
+    #[test]
+    fn a_component_registers_with_required_inputs_left_for_its_steps() {
+        let parse = |text: &str| yaml_serde::from_str::<Value>(text).unwrap();
+        check_definition(parse(
+            "type: command\ninputs:\n  data: {type: uri_folder}\n  kind: {type: string, enum: [a, b]}\n  n: {type: integer, default: 2}\ncommand: echo ${{inputs.data}} ${{inputs.kind}} ${{inputs.n}}\n",
+        ))
+        .unwrap();
+        let e = check_definition(parse(
+            "type: command\ninputs:\n  data: {type: uri_folder}\n",
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, "component.command", "{e}");
+        let e = check_definition(parse("type: spark\ncommand: x\n")).unwrap_err();
+        assert!(e.message.contains("not supported"), "{e}");
     }
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::names::validate_compute_name;
-use crate::resources::parse_cpu;
+use crate::resources::{Capacity, parse_cpu};
 use crate::spec::{Scalar, SpecError, parse_yaml};
 
 /// The kind of a compute target.
@@ -484,6 +484,88 @@ impl ComputeSpec {
         })
     }
 
+    /// Whether one instance of `run` fits a node of this target, given what its
+    /// registered nodes offer (`nodes`). A provisioned target's machines all come from one
+    /// recipe, so once one has joined, a request larger than every node is refused with
+    /// the numbers; on a target whose nodes join by themselves a larger node may still
+    /// come, so the run is accepted with a warning that it waits for one. With no node
+    /// yet, nothing is known (the waiting reason says so).
+    pub fn node_fit(&self, run: &crate::spec::RunSpec, nodes: &[&Capacity]) -> NodeFit {
+        if nodes.is_empty() {
+            return NodeFit::Fits;
+        }
+        let r = &run.resources;
+        let holds = |c: &&Capacity| {
+            r.gpus as usize <= c.gpus.len()
+                && r.cpu_millis <= c.cpu_millis
+                && r.memory_bytes <= c.memory_bytes
+        };
+        if nodes.iter().any(holds) {
+            return NodeFit::Fits;
+        }
+        let gpus = nodes.iter().map(|c| c.gpus.len()).max().unwrap_or(0);
+        let cpu = nodes.iter().map(|c| c.cpu_millis).max().unwrap_or(0);
+        let memory = nodes.iter().map(|c| c.memory_bytes).max().unwrap_or(0);
+        let (field, asked) = if r.gpus as usize > gpus {
+            (
+                "resources.gpus",
+                format!(
+                    "{} on one node, but its nodes have at most {gpus}",
+                    plural_gpus(r.gpus as usize)
+                ),
+            )
+        } else if r.cpu_millis > cpu {
+            (
+                "resources.cpu",
+                format!(
+                    "{} CPUs on one node, but its nodes have at most {}",
+                    cores(r.cpu_millis),
+                    cores(cpu)
+                ),
+            )
+        } else if r.memory_bytes > memory {
+            (
+                "resources.memory",
+                format!(
+                    "{} of memory on one node, but its nodes have at most {}",
+                    crate::resources::format_bytes(r.memory_bytes),
+                    crate::resources::format_bytes(memory)
+                ),
+            )
+        } else {
+            (
+                "resources",
+                format!(
+                    "{}, {} CPUs and {} together on one node, but none of its nodes has all three",
+                    plural_gpus(r.gpus as usize),
+                    cores(r.cpu_millis),
+                    crate::resources::format_bytes(r.memory_bytes)
+                ),
+            )
+        };
+        let n = nodes.len();
+        let counted = if n == 1 {
+            "1 node".to_string()
+        } else {
+            format!("{n} nodes")
+        };
+        if self.provisioner.is_static() {
+            NodeFit::WaitsForNode(format!(
+                "{field}: the run asks for {asked} ({counted} joined compute target {:?}); it waits until a larger node joins",
+                self.name
+            ))
+        } else {
+            NodeFit::Never(SpecError::field(
+                field,
+                format!(
+                    "the run asks for {asked} (compute target {:?} makes every node with its {} provisioner, and {counted} joined): ask for less, or submit to a target with larger nodes",
+                    self.name,
+                    self.provisioner.kind_str()
+                ),
+            ))
+        }
+    }
+
     /// Checks the name, the scaling bounds and the quota; the error names the field.
     pub fn validate(&self) -> Result<(), SpecError> {
         validate_compute_name(&self.name).map_err(|e| SpecError::field("name", e.to_string()))?;
@@ -499,6 +581,25 @@ impl ComputeSpec {
             ));
         }
         Ok(())
+    }
+}
+
+/// Whether a run fits the nodes of its target ([`ComputeSpec::node_fit`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeFit {
+    /// Some node holds one instance, or no node has joined yet.
+    Fits,
+    /// No node that has joined holds it, but a larger one may join: a warning.
+    WaitsForNode(String),
+    /// No node of this provisioned target ever will: the submit is refused.
+    Never(SpecError),
+}
+
+fn plural_gpus(n: usize) -> String {
+    if n == 1 {
+        "1 GPU".to_string()
+    } else {
+        format!("{n} GPUs")
     }
 }
 
@@ -892,5 +993,77 @@ mod tests {
         // Nodes that join by themselves have no size to check.
         let attached = ComputeSpec::new("farm", ComputeKind::Attached);
         assert_eq!(attached.never_fits(&run(0, 1000)), None);
+    }
+
+    #[test]
+    fn a_run_larger_than_every_node_is_refused_on_a_provisioned_target_and_warned_elsewhere() {
+        let node = |gpus: usize, cpu: u64, gib: u64| Capacity {
+            cpu_millis: cpu * 1000,
+            memory_bytes: gib << 30,
+            gpus: (0..gpus)
+                .map(|i| crate::resources::Gpu {
+                    uuid: format!("GPU-{i}"),
+                    model: "A100".into(),
+                    memory_bytes: 80 << 30,
+                })
+                .collect(),
+            max_runs: 0,
+        };
+        let (small, big) = (node(1, 8, 32), node(4, 4, 64));
+        let run = |gpus: u32, cpu: u64, gib: u64| {
+            let mut r = crate::spec::RunSpec::new("train");
+            r.resources.gpus = gpus;
+            r.resources.cpu_millis = cpu * 1000;
+            r.resources.memory_bytes = gib << 30;
+            r
+        };
+        let mut cluster = ComputeSpec::new("gpus", ComputeKind::Cluster);
+        cluster.provisioner = Provisioner::Docker(DockerProvisioner::default());
+        // Nothing is known before a node joins; a node that holds it is enough.
+        assert_eq!(cluster.node_fit(&run(8, 0, 0), &[]), NodeFit::Fits);
+        assert_eq!(
+            cluster.node_fit(&run(4, 2, 0), &[&small, &big]),
+            NodeFit::Fits
+        );
+        let NodeFit::Never(e) = cluster.node_fit(&run(8, 0, 0), &[&small, &big]) else {
+            panic!("8 GPUs never fit")
+        };
+        assert_eq!(e.path, "resources.gpus");
+        assert!(
+            e.message
+                .contains("8 GPUs on one node, but its nodes have at most 4")
+                && e.message.contains("docker provisioner, and 2 nodes joined"),
+            "{e}"
+        );
+        let NodeFit::Never(e) = cluster.node_fit(&run(0, 16, 0), &[&small]) else {
+            panic!("16 CPUs never fit")
+        };
+        assert_eq!(e.path, "resources.cpu");
+        assert!(
+            e.message
+                .contains("16 CPUs on one node, but its nodes have at most 8"),
+            "{e}"
+        );
+        let NodeFit::Never(e) = cluster.node_fit(&run(0, 0, 128), &[&small]) else {
+            panic!("128 GiB never fits")
+        };
+        assert_eq!(e.path, "resources.memory");
+        assert!(e.message.contains("128 GiB of memory"), "{e}");
+        // Each amount alone fits some node, all three together none.
+        let NodeFit::Never(e) = cluster.node_fit(&run(4, 8, 0), &[&small, &big]) else {
+            panic!("4 GPUs with 8 CPUs never fit")
+        };
+        assert_eq!(e.path, "resources");
+        assert!(e.message.contains("none of its nodes has all three"), "{e}");
+        // Nodes that join by themselves: a warning, and the run waits.
+        let attached = ComputeSpec::new("farm", ComputeKind::Attached);
+        let NodeFit::WaitsForNode(w) = attached.node_fit(&run(2, 0, 0), &[&small]) else {
+            panic!("a larger node may join")
+        };
+        assert!(
+            w.starts_with("resources.gpus: the run asks for 2 GPUs on one node, but its nodes have at most 1 (1 node joined compute target \"farm\")")
+                && w.ends_with("it waits until a larger node joins"),
+            "{w}"
+        );
     }
 }

@@ -132,16 +132,12 @@ pub fn parse_datastore_uri(uri: &str) -> Option<Result<(&str, &str), String>> {
 
 /// `NAME:VERSION`, `NAME@latest` or `NAME` (latest) as a job input names an asset, with
 /// the `azureml:` prefix removed: the name and the version (`None`: the latest).
+/// `NAME@VERSION`, the early CLI v2 samples' form (`azureml:iris@1`), names that version.
 pub fn parse_reference(reference: &str) -> Result<(&str, Option<&str>), String> {
     let (name, version) = if let Some((n, v)) = reference.split_once(':') {
         (n, Some(v))
     } else if let Some((n, v)) = reference.split_once('@') {
-        if v != "latest" {
-            return Err(format!(
-                "{reference:?}: use NAME@latest or NAME:VERSION (as Azure ML does)"
-            ));
-        }
-        (n, None)
+        (n, (v != "latest").then_some(v))
     } else {
         (reference, None)
     };
@@ -245,7 +241,7 @@ mod tests {
         assert_eq!(parse_reference("iris:1"), Ok(("iris", Some("1"))));
         assert_eq!(parse_reference("iris@latest"), Ok(("iris", None)));
         assert_eq!(parse_reference("iris"), Ok(("iris", None)));
-        assert!(parse_reference("iris@2").is_err());
+        assert_eq!(parse_reference("iris@2"), Ok(("iris", Some("2"))));
         assert!(parse_reference("../x:1").is_err());
     }
 
@@ -304,7 +300,7 @@ pub struct Component {
 
 impl Component {
     /// Checks the name, the version, the code digest and that the YAML is a command
-    /// component a pipeline step can use.
+    /// component a pipeline step can use (its required inputs bound by the step).
     pub fn validate(&self) -> Result<(), SpecError> {
         crate::names::validate_input_name(&self.name)
             .map_err(|e| SpecError::field("name", e.to_string().replace("input", "component")))?;
@@ -322,8 +318,6 @@ impl Component {
         crate::spec::check_yaml_limits(&self.yaml)?;
         let component: yaml_serde::Value = yaml_serde::from_str(&self.yaml)
             .map_err(|e| SpecError::field("", format!("the component is not YAML: {e}")))?;
-        let mut step = yaml_serde::Mapping::new();
-        step.insert("component".into(), component);
-        crate::component::inline_component("component", step).map(|_| ())
+        crate::component::check_definition(component)
     }
 }

@@ -6,7 +6,7 @@
 //! normalized [`RunSpec`] that the server stores. The server calls [`RunSpec::validate`]
 //! again on every submission: the CLI is a convenience, not the enforcer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::de::DeserializeOwned;
@@ -419,6 +419,12 @@ pub struct RunSpec {
     /// version; `None`: the next number).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub output_assets: BTreeMap<String, (String, Option<String>)>,
+    /// Inputs in `mode: download`: each gets a writable copy of its own (in a container
+    /// too). The others are in Azure ML's default `ro_mount`: read-only (a container's
+    /// workspace is mounted read-only, and its uploaded inputs are linked from the node's
+    /// cache instead of copied; a process's files are made read-only).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub download_inputs: BTreeSet<String>,
 }
 
 /// How the CLI names a local input it uploaded: `muster-blob://MANIFEST` for a folder,
@@ -482,6 +488,88 @@ pub fn url_input_path(name: &str, url: &str) -> String {
         })
         .unwrap_or("data");
     format!("inputs/{name}/{file}")
+}
+
+/// How a data input reaches the command (Azure ML's input `mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InputMode {
+    /// `ro_mount`, the default: read-only at `inputs/NAME`.
+    ReadOnly,
+    /// `download`: a writable copy of its own.
+    Download,
+    /// `direct`: the URI itself (an http(s) URL is then not fetched).
+    Direct,
+}
+
+/// Reads input `name`'s `mode:` for data from `source`. Modes for outputs and unknown
+/// modes are errors; what muster cannot do for this kind of data is a warning saying
+/// what it does instead.
+fn input_mode(
+    name: &str,
+    mode: Option<&str>,
+    source: &DataPath<'_>,
+    warnings: &mut Vec<String>,
+) -> Result<InputMode, SpecError> {
+    let field = format!("inputs.{name}.mode");
+    let given = mode.is_some();
+    let mode = match mode {
+        None | Some("ro_mount") => InputMode::ReadOnly,
+        Some("download") => InputMode::Download,
+        Some("direct") => InputMode::Direct,
+        Some(m @ ("eval_mount" | "eval_download")) => {
+            warnings.push(format!(
+                "{field}: {m} is for mltable inputs; muster reads it as {}",
+                &m[5..]
+            ));
+            if m == "eval_mount" {
+                InputMode::ReadOnly
+            } else {
+                InputMode::Download
+            }
+        }
+        Some(m @ ("rw_mount" | "upload")) => {
+            return Err(SpecError::field(
+                field,
+                format!(
+                    "{m} is a mode for outputs: an input is ro_mount (the default), download or direct"
+                ),
+            ));
+        }
+        Some(other) => {
+            return Err(SpecError::field(
+                field,
+                format!(
+                    "{other:?} is not an input mode: use ro_mount (the default), download or direct"
+                ),
+            ));
+        }
+    };
+    let instead = match (source, mode) {
+        (DataPath::Url(_), InputMode::ReadOnly) if given => Some(
+            "an http(s) input is downloaded, not mounted (read-only in a container, as the rest of the workspace)",
+        ),
+        (DataPath::Datastore(..), InputMode::Download) => Some(
+            "a datastore input is the shared folder, mounted read-only (a link for a process), not copied",
+        ),
+        (DataPath::Datastore(..) | DataPath::Blob(..) | DataPath::Output(_), InputMode::Direct) => {
+            Some(
+                "the data is placed at inputs/NAME as for ro_mount; only an http(s) input is passed as its URI",
+            )
+        }
+        _ => None,
+    };
+    if let Some(what) = instead {
+        let mode_word = match mode {
+            InputMode::ReadOnly => "ro_mount",
+            InputMode::Download => "download",
+            InputMode::Direct => "direct",
+        };
+        warnings.push(format!(
+            "{field}: {mode_word}: {}",
+            what.replace("NAME", name)
+        ));
+    }
+    Ok(mode)
 }
 
 /// What a data input's `path` is, by its scheme.
@@ -574,6 +662,7 @@ impl RunSpec {
             host_inputs: BTreeMap::new(),
             output_inputs: BTreeMap::new(),
             output_assets: BTreeMap::new(),
+            download_inputs: BTreeSet::new(),
         }
     }
 
@@ -746,6 +835,10 @@ impl RunSpec {
                     "the uploaded input's manifest is not a SHA-256 digest",
                 ));
             }
+        }
+        for name in &self.download_inputs {
+            crate::names::validate_input_name(name)
+                .map_err(|e| SpecError::field(format!("inputs.{name}"), e.to_string()))?;
         }
         if self.warnings.len() > 64 || self.warnings.iter().any(|w| w.len() > 1024) {
             return Err(SpecError::field(
@@ -1190,81 +1283,89 @@ impl JobFile {
         let mut snapshot_inputs = BTreeMap::new();
         let mut datastore_inputs = BTreeMap::new();
         let mut output_inputs = BTreeMap::new();
+        let mut download_inputs = BTreeSet::new();
         let mut inputs = BTreeMap::new();
         for (name, input) in self.inputs.clone().unwrap_or_default() {
             let value = match input {
                 InputFile::Literal(v) => v.to_string(),
                 InputFile::Data(d) => match (d.path, d.default) {
-                    (Some(p), _) => match data_path(&p) {
-                        DataPath::Url(url) => {
-                            if d.kind.as_deref().is_some_and(|k| k != "uri_file") {
-                                return Err(SpecError::field(
-                                    format!("inputs.{name}.type"),
-                                    "an http(s) URL names one file: use type: uri_file",
-                                ));
+                    (Some(p), _) => {
+                        let source = data_path(&p);
+                        let mode = input_mode(&name, d.mode.as_deref(), &source, &mut warnings)?;
+                        if mode == InputMode::Download
+                            && matches!(source, DataPath::Blob(..) | DataPath::Output(_))
+                        {
+                            download_inputs.insert(name.clone());
+                        }
+                        match source {
+                            DataPath::Url(url) if mode == InputMode::Direct => url.to_string(),
+                            DataPath::Url(url) => {
+                                if d.kind.as_deref().is_some_and(|k| k != "uri_file") {
+                                    return Err(SpecError::field(
+                                        format!("inputs.{name}.type"),
+                                        "an http(s) URL names one file: use type: uri_file",
+                                    ));
+                                }
+                                url_inputs.insert(name.clone(), url.to_string());
+                                url_input_path(&name, url)
                             }
-                            if let Some(mode) = d.mode.as_deref().filter(|m| *m != "download") {
+                            DataPath::Unreachable(why) => {
+                                return Err(SpecError::field(format!("inputs.{name}.path"), why));
+                            }
+                            DataPath::Output(identity) => {
+                                let ok = identity.split_once('/').is_some_and(|(a, f)| {
+                                    is_sha256_hex(a)
+                                        && crate::names::validate_output_name(f).is_ok()
+                                });
+                                if !ok {
+                                    return Err(SpecError::field(
+                                        format!("inputs.{name}.path"),
+                                        format!("{p:?} is not a registered output"),
+                                    ));
+                                }
+                                output_inputs.insert(name.clone(), identity.to_string());
+                                format!("inputs/{name}")
+                            }
+                            DataPath::Datastore(store, rel) => {
+                                datastore_inputs
+                                    .insert(name.clone(), (store.to_string(), rel.to_string()));
+                                format!("inputs/{name}")
+                            }
+                            DataPath::Blob(manifest, file) => {
+                                if !is_sha256_hex(manifest)
+                                    || file.is_some_and(|f| {
+                                        f.contains('/')
+                                            || !crate::snapshot::is_safe_relative_path(f)
+                                    })
+                                {
+                                    return Err(SpecError::field(
+                                        format!("inputs.{name}.path"),
+                                        format!(
+                                            "{p:?} is not {BLOB_SCHEME}SHA256 or {BLOB_SCHEME}SHA256/FILE"
+                                        ),
+                                    ));
+                                }
+                                snapshot_inputs.insert(name.clone(), manifest.to_string());
+                                match file {
+                                    Some(f) => format!("inputs/{name}/{f}"),
+                                    None => format!("inputs/{name}"),
+                                }
+                            }
+                            DataPath::Asset => {
                                 warnings.push(format!(
-                                    "inputs.{name}.mode: {mode} is not used; muster downloads URL inputs"
-                                ));
-                            }
-                            url_inputs.insert(name.clone(), url.to_string());
-                            url_input_path(&name, url)
-                        }
-                        DataPath::Unreachable(why) => {
-                            return Err(SpecError::field(format!("inputs.{name}.path"), why));
-                        }
-                        DataPath::Output(identity) => {
-                            let ok = identity.split_once('/').is_some_and(|(a, f)| {
-                                is_sha256_hex(a) && crate::names::validate_output_name(f).is_ok()
-                            });
-                            if !ok {
-                                return Err(SpecError::field(
-                                    format!("inputs.{name}.path"),
-                                    format!("{p:?} is not a registered output"),
-                                ));
-                            }
-                            output_inputs.insert(name.clone(), identity.to_string());
-                            format!("inputs/{name}")
-                        }
-                        DataPath::Datastore(store, rel) => {
-                            datastore_inputs
-                                .insert(name.clone(), (store.to_string(), rel.to_string()));
-                            format!("inputs/{name}")
-                        }
-                        DataPath::Blob(manifest, file) => {
-                            if !is_sha256_hex(manifest)
-                                || file.is_some_and(|f| {
-                                    f.contains('/') || !crate::snapshot::is_safe_relative_path(f)
-                                })
-                            {
-                                return Err(SpecError::field(
-                                    format!("inputs.{name}.path"),
-                                    format!(
-                                        "{p:?} is not {BLOB_SCHEME}SHA256 or {BLOB_SCHEME}SHA256/FILE"
-                                    ),
-                                ));
-                            }
-                            snapshot_inputs.insert(name.clone(), manifest.to_string());
-                            match file {
-                                Some(f) => format!("inputs/{name}/{f}"),
-                                None => format!("inputs/{name}"),
-                            }
-                        }
-                        DataPath::Asset => {
-                            warnings.push(format!(
                                 "inputs.{name}: the data asset {p} was not resolved (the muster CLI resolves assets when it submits), so ${{{{inputs.{name}}}}} is {} as written",
                                 strip_azureml(&p)
                             ));
-                            strip_azureml(&p).to_string()
-                        }
-                        DataPath::Local => {
-                            warnings.push(format!(
-                                "inputs.{name}: a local path is uploaded by `muster run submit` only; here ${{{{inputs.{name}}}}} is {p} as written, so the nodes must see it there (or put the data in the code folder, or make it a data asset)"
+                                strip_azureml(&p).to_string()
+                            }
+                            DataPath::Local => {
+                                warnings.push(format!(
+                                "inputs.{name}: a local path is uploaded by the muster CLI when it submits (run, sweep or pipeline); here ${{{{inputs.{name}}}}} is {p} as written, so the nodes must see it there (or put the data in the code folder, or make it a data asset)"
                             ));
-                            p
+                                p
+                            }
                         }
-                    },
+                    }
                     (None, Some(v)) => v.to_string(),
                     (None, None) => {
                         return Err(SpecError::field(
@@ -1314,6 +1415,7 @@ impl JobFile {
         spec.snapshot_inputs = snapshot_inputs;
         spec.datastore_inputs = datastore_inputs;
         spec.output_inputs = output_inputs;
+        spec.download_inputs = download_inputs;
         spec.output_assets = output_assets;
         spec.environment = match self.environment {
             None => Environment::default(),
@@ -1729,6 +1831,73 @@ mod tests {
             "{:?}",
             named.warnings
         );
+    }
+
+    #[test]
+    fn input_modes_are_read_only_by_default_and_named_when_muster_cannot_honour_them() {
+        let blob = format!("{BLOB_SCHEME}{}", "a".repeat(64));
+        let job = |mode: &str, path: &str| {
+            parse_job_yaml(&format!(
+                "command: cat ${{{{inputs.d}}}}\ninputs:\n  d:\n    type: uri_file\n    path: {path}\n{mode}"
+            ))
+            .unwrap()
+            .into_run_spec("exp")
+        };
+        // ro_mount, written or not: read-only, no warning.
+        for mode in ["", "    mode: ro_mount\n"] {
+            let spec = job(mode, &blob).unwrap();
+            assert!(
+                spec.download_inputs.is_empty() && spec.warnings.is_empty(),
+                "{spec:?}"
+            );
+        }
+        let spec = job("    mode: download\n", &blob).unwrap();
+        assert_eq!(spec.download_inputs, BTreeSet::from(["d".to_string()]));
+        spec.validate().unwrap();
+        // direct passes a URL as it is, fetching nothing.
+        let spec = job("    mode: direct\n", "https://example.org/iris.csv").unwrap();
+        assert_eq!(spec.command, "cat https://example.org/iris.csv");
+        assert!(
+            spec.url_inputs.is_empty() && spec.warnings.is_empty(),
+            "{spec:?}"
+        );
+        // What muster cannot do is a warning that says what it does.
+        let spec = job("    mode: ro_mount\n", "https://example.org/iris.csv").unwrap();
+        assert!(
+            spec.warnings[0].starts_with("inputs.d.mode: ro_mount: an http(s) input is downloaded"),
+            "{:?}",
+            spec.warnings
+        );
+        let spec = job(
+            "    mode: download\n",
+            "azureml://datastores/shared/paths/x",
+        )
+        .unwrap();
+        assert!(
+            spec.warnings[0].contains("mounted read-only"),
+            "{:?}",
+            spec.warnings
+        );
+        assert!(spec.download_inputs.is_empty());
+        let spec = job("    mode: direct\n", &blob).unwrap();
+        assert!(
+            spec.warnings[0].contains("placed at inputs/d as for ro_mount"),
+            "{:?}",
+            spec.warnings
+        );
+        let spec = job("    mode: eval_download\n", &blob).unwrap();
+        assert!(
+            spec.warnings[0].contains("reads it as download"),
+            "{:?}",
+            spec.warnings
+        );
+        assert_eq!(spec.download_inputs.len(), 1);
+        // Output modes and unknown words are errors.
+        let e = job("    mode: rw_mount\n", &blob).unwrap_err();
+        assert_eq!(e.path, "inputs.d.mode");
+        assert!(e.message.contains("a mode for outputs"), "{e}");
+        let e = job("    mode: mount\n", &blob).unwrap_err();
+        assert!(e.message.contains("\"mount\" is not an input mode"), "{e}");
     }
 
     #[test]

@@ -118,6 +118,7 @@ impl From<CoreSpec> for v1::RunSpec {
                 .collect(),
             host_inputs: s.host_inputs.into_iter().collect(),
             output_inputs: s.output_inputs.into_iter().collect(),
+            download_inputs: s.download_inputs.into_iter().collect(),
             output_assets: s
                 .output_assets
                 .into_iter()
@@ -182,6 +183,7 @@ pub fn spec_from_wire(s: v1::RunSpec) -> Result<CoreSpec, String> {
             .collect(),
         host_inputs: s.host_inputs.into_iter().collect(),
         output_inputs: s.output_inputs.into_iter().collect(),
+        download_inputs: s.download_inputs.into_iter().collect(),
         output_assets: s
             .output_assets
             .into_iter()

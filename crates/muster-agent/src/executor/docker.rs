@@ -769,7 +769,12 @@ fn container_body(
     mounts.extend(
         spec.read_only_mounts
             .iter()
-            .map(|(source, target)| mount(source, target, true)),
+            .map(|(source, target)| mount(source, target, true))
+            .chain(
+                spec.writable_mounts
+                    .iter()
+                    .map(|(source, target)| mount(source, target, false)),
+            ),
     );
     let host_config = HostConfig {
         mounts: Some(mounts),

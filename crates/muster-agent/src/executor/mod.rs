@@ -127,6 +127,9 @@ pub struct ContainerSpec {
     pub host_network: bool,
     /// Extra read-only bind mounts: (host path, path in the container), e.g. the rsh helper.
     pub read_only_mounts: Vec<(PathBuf, String)>,
+    /// Writable bind mounts inside the read-only workspace: (host path, path in the
+    /// container), e.g. an input in `mode: download`.
+    pub writable_mounts: Vec<(PathBuf, String)>,
 }
 
 /// Why an attempt is being stopped from outside.

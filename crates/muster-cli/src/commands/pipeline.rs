@@ -1,4 +1,4 @@
-//! `muster pipeline ...`: submit a `type: pipeline` job (each step's code snapshotted and
+//! `muster pipeline ...`: submit a `type: pipeline` job (each step's code and local data inputs snapshotted and
 //! uploaded as `run submit` does), show its steps, list, cancel.
 
 use std::collections::BTreeMap;
@@ -251,6 +251,9 @@ async fn submit(
         .await
         .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
     let (text, registered_code) = inline_components(server, &text, &base).await?;
+    // Local data inputs travel with the submit, as in `run submit`.
+    let (text, inputs) = crate::local_inputs::in_yaml(&text, &base)
+        .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
     let spec = parse_pipeline_yaml(&text, &experiment)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     for w in &spec.warnings {
@@ -272,16 +275,25 @@ async fn submit(
         snaps.push((step.clone(), dir.clone(), snap));
     }
 
-    let all: Vec<&snapshot::Snapshot> = snaps.iter().map(|(_, _, s)| s).collect();
+    let all: Vec<&snapshot::Snapshot> = snaps
+        .iter()
+        .map(|(_, _, s)| s)
+        .chain(inputs.iter().map(|i| &i.snapshot))
+        .collect();
     let mut list = crate::server_list(server)?;
-    let uploaded = crate::upload_failing_over(&mut list, &all).await?;
+    let mut uploaded = crate::upload_failing_over(&mut list, &all)
+        .await?
+        .into_iter();
     let mut code = std::collections::HashMap::new();
-    for ((step, dir, _), (r, stats)) in snaps.iter().zip(uploaded) {
+    for ((step, dir, _), (r, stats)) in snaps.iter().zip(uploaded.by_ref()) {
         if output == OutputFormat::Table {
             let step_name = format!(" (step {step})");
             eprintln!("{}", snapshot::describe(dir, &step_name, &r, &stats));
         }
         code.insert(step.clone(), muster_proto::code_to_wire(r));
+    }
+    if output == OutputFormat::Table {
+        crate::local_inputs::describe(&inputs, uploaded);
     }
     // Steps of registered components run in the code registered with them.
     for (step, manifest) in registered_code {

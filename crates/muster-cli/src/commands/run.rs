@@ -334,54 +334,6 @@ async fn resolve_data_assets(server: &str, job: &mut JobFile) -> anyhow::Result<
     Ok(())
 }
 
-/// Snapshots each data input whose `path` is local (relative to the job file's folder
-/// `base`): a folder, or the one file of a `uri_file`. Each path is rewritten to
-/// `muster-blob://MANIFEST[/FILE]`, which core places at `inputs/NAME/`; the snapshots
-/// are returned to upload (name, path, snapshot).
-fn snapshot_local_inputs(
-    job: &mut JobFile,
-    base: &Path,
-) -> anyhow::Result<Vec<(String, PathBuf, snapshot::Snapshot)>> {
-    let mut out = Vec::new();
-    for (name, input) in job.inputs.iter_mut().flatten() {
-        let InputFile::Data(d) = input else { continue };
-        let Some(path) = d.path.clone() else { continue };
-        if path.contains("://") || path.starts_with("azureml:") || path.contains("${{") {
-            continue;
-        }
-        let local = base.join(&path);
-        let meta = std::fs::metadata(&local).with_context(|| {
-            format!(
-                "inputs.{name}.path: {} does not exist: give a file or folder relative to the job file, or an https URL",
-                local.display()
-            )
-        })?;
-        let wants_file = d.kind.as_deref() == Some("uri_file");
-        let snap = match (meta.is_dir(), wants_file) {
-            (true, false) => snapshot::build(&local, snapshot::DATA_LIMITS)
-                .with_context(|| format!("inputs.{name}"))?,
-            (false, true) => {
-                snapshot::file_snapshot(&local).with_context(|| format!("inputs.{name}"))?
-            }
-            (true, true) => anyhow::bail!(
-                "inputs.{name}: {} is a folder, but the input is a uri_file: name a file, or use type: uri_folder",
-                local.display()
-            ),
-            (false, false) => anyhow::bail!(
-                "inputs.{name}: {} is a file, but the input is a uri_folder: use type: uri_file",
-                local.display()
-            ),
-        };
-        let manifest = snapshot::manifest_sha(&snap)?;
-        d.path = Some(match snap.manifest.files.first().filter(|_| wants_file) {
-            Some(f) => format!("{}{manifest}/{}", muster_core::spec::BLOB_SCHEME, f.path),
-            None => format!("{}{manifest}", muster_core::spec::BLOB_SCHEME),
-        });
-        out.push((name.clone(), local, snap));
-    }
-    Ok(out)
-}
-
 /// What a submit snapshots when neither `--code` nor the job's `code:` says: nothing for
 /// a job file (as Azure ML), the current directory for a command given on the command line.
 fn job_code_default(args: &SubmitArgs) -> Option<PathBuf> {
@@ -536,8 +488,8 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
         .await
         .map_err(|e| anyhow::anyhow!("{label}{e:#}"))?;
     // Local data inputs travel with the submit, as snapshots of their own.
-    let local_inputs =
-        snapshot_local_inputs(&mut job, &base).map_err(|e| anyhow::anyhow!("{label}{e:#}"))?;
+    let local_inputs = crate::local_inputs::in_job(&mut job, &base)
+        .map_err(|e| anyhow::anyhow!("{label}{e:#}"))?;
     let mut spec = job
         .into_run_spec(&default_experiment(
             code_dir.as_deref().unwrap_or(Path::new(".")),
@@ -557,7 +509,7 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
     };
     let snaps: Vec<&snapshot::Snapshot> = snap
         .iter()
-        .chain(local_inputs.iter().map(|(_, _, s)| s))
+        .chain(local_inputs.iter().map(|i| &i.snapshot))
         .collect();
 
     let mut list = crate::server_list(server)?;
@@ -572,13 +524,8 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
             }
             spec.code = Some(code);
         }
-        for ((name, path, _), (input, stats)) in local_inputs.iter().zip(uploaded) {
-            if output == OutputFormat::Table {
-                eprintln!(
-                    "{}",
-                    snapshot::describe(path, &format!(" (input {name})"), &input, &stats)
-                );
-            }
+        if output == OutputFormat::Table {
+            crate::local_inputs::describe(&local_inputs, uploaded);
         }
     }
     if let Some(w) = crate::workspace() {
@@ -604,6 +551,10 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
     if output == OutputFormat::Table {
         // The server's spec: `serverless` became the workspace's serverless target.
         let accepted = run.spec.clone().unwrap_or_default();
+        // Warnings the server added (e.g. no node of the target is large enough yet).
+        for w in accepted.warnings.iter().skip(spec.warnings.len()) {
+            eprintln!("warning: {w}");
+        }
         let compute = match &accepted.requested_compute {
             Some(asked) => format!("{} for {asked}", accepted.compute),
             None => accepted.compute,

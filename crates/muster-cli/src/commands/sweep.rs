@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use crate::cli::OutputFormat;
 use crate::commands::run::default_experiment;
 use crate::connect;
+use crate::local_inputs::LocalInput;
 use crate::output::{print_json, table, time};
 use crate::paging::{self, PageArgs};
 use crate::snapshot::{self, SnapshotLimits};
@@ -223,11 +224,12 @@ fn v2_trial_code(text: &str) -> Option<String> {
 }
 
 /// Reads and validates the sweep the flags describe; returns it with the directory to
-/// snapshot. The network is asked only for the data assets the files name.
+/// snapshot and the local data inputs to upload. The network is asked only for the data assets the files name.
 async fn sweep_from_args(
     server: &str,
     args: &SweepSubmitArgs,
-) -> anyhow::Result<(SweepSpec, Option<PathBuf>)> {
+) -> anyhow::Result<(SweepSpec, Option<PathBuf>, Vec<LocalInput>)> {
+    let mut inputs = Vec::new();
     let (mut spec, code_dir) = match &args.hyperdrive_config {
         None => {
             let path = args.file.as_ref().ok_or_else(|| {
@@ -244,6 +246,10 @@ async fn sweep_from_args(
             let text = crate::commands::data::resolve_asset_paths(server, &read(path)?)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
+            // Local data inputs travel with the submit, as in `run submit`.
+            let (text, found) = crate::local_inputs::in_yaml(&text, &base_dir(path))
+                .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
+            inputs = found;
             // A trial without `code:` uploads nothing, as in Azure ML.
             let code_dir = match (&args.code, v2_trial_code(&text)) {
                 (Some(c), _) => Some(c.clone()),
@@ -263,8 +269,10 @@ async fn sweep_from_args(
                     let text = crate::commands::data::resolve_asset_paths(server, &read(path)?)
                         .await
                         .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
-                    let job = parse_job_yaml(&text)
+                    let mut job = parse_job_yaml(&text)
                         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                    inputs = crate::local_inputs::in_job(&mut job, &base_dir(path))
+                        .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
                     (job, base_dir(path))
                 }
                 None => (JobFile::default(), PathBuf::new()),
@@ -312,12 +320,12 @@ async fn sweep_from_args(
     if args.compute.is_some() || args.experiment.is_some() {
         spec.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    Ok((spec, code_dir))
+    Ok((spec, code_dir, inputs))
 }
 
 async fn submit(server: &str, output: OutputFormat, args: SweepSubmitArgs) -> anyhow::Result<i32> {
     // Everything the user gave is checked before the network is touched.
-    let (mut spec, code_dir) = sweep_from_args(server, &args).await?;
+    let (mut spec, code_dir, inputs) = sweep_from_args(server, &args).await?;
     for w in &spec.trial.warnings {
         eprintln!("warning: trial: {w}");
     }
@@ -329,16 +337,25 @@ async fn submit(server: &str, output: OutputFormat, args: SweepSubmitArgs) -> an
         Some(dir) => vec![snapshot::build(dir, limits)?],
         None => Vec::new(),
     };
-    let snaps: Vec<&snapshot::Snapshot> = snap.iter().collect();
+    let snaps: Vec<&snapshot::Snapshot> = snap
+        .iter()
+        .chain(inputs.iter().map(|i| &i.snapshot))
+        .collect();
     let mut list = crate::server_list(server)?;
-    if let Some(dir) = &code_dir {
-        let (code, stats) = crate::upload_failing_over(&mut list, &snaps)
+    if !snaps.is_empty() {
+        let mut uploaded = crate::upload_failing_over(&mut list, &snaps)
             .await?
-            .remove(0);
-        if output == OutputFormat::Table {
-            eprintln!("{}", snapshot::describe(dir, "", &code, &stats));
+            .into_iter();
+        if let Some(dir) = &code_dir {
+            let (code, stats) = uploaded.next().expect("one upload per snapshot");
+            if output == OutputFormat::Table {
+                eprintln!("{}", snapshot::describe(dir, "", &code, &stats));
+            }
+            spec.trial.code = Some(code);
         }
-        spec.trial.code = Some(code);
+        if output == OutputFormat::Table {
+            crate::local_inputs::describe(&inputs, uploaded);
+        }
     }
     if let Some(w) = crate::workspace() {
         spec.trial.workspace = w.to_string();

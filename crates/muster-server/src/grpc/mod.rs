@@ -408,6 +408,20 @@ pub(crate) async fn check_code(
     Ok(())
 }
 
+/// Checks that each local input uploaded with `spec` (a run, a trial, a step) is on a
+/// majority of servers, as its code must be; `at` prefixes the field (`trial.`, `jobs.S.`).
+pub(crate) async fn check_uploaded_inputs(
+    server: &crate::server::Server,
+    at: &str,
+    spec: &muster_core::spec::RunSpec,
+) -> Result<(), Status> {
+    for (name, manifest) in &spec.snapshot_inputs {
+        let input = CodeRef::stored(manifest);
+        check_code(server, &format!("{at}inputs.{name}"), &input).await?;
+    }
+    Ok(())
+}
+
 /// What [`propose_fresh`] got.
 #[derive(Debug)]
 pub(crate) enum Fresh {

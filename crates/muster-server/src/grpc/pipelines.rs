@@ -89,6 +89,11 @@ impl PipelineService for Pipelines {
                 .validate()
                 .map_err(|e| Status::invalid_argument(format!("jobs.{step}.{e}")))?;
         }
+        // Each step's local inputs uploaded with the submit must be on a majority too.
+        for (name, step) in &spec.steps {
+            crate::grpc::check_uploaded_inputs(&self.0, &format!("jobs.{name}."), &step.run)
+                .await?;
+        }
         for (name, step) in spec.steps.iter_mut() {
             step.run.workspace = workspace.clone();
             crate::grpc::resolve_serverless(

@@ -25,6 +25,7 @@ use crate::server::Server;
 use crate::views;
 use crate::views::logs::AttemptLogs;
 use muster_core::access::Role;
+use muster_core::compute::NodeFit;
 
 pub(crate) struct Runs(pub Arc<Server>);
 
@@ -122,23 +123,33 @@ impl RunService for Runs {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         // A run its target can never hold is refused here, not left queued for ever. (Not
         // in `State::apply`: a rule there would change how logs written before it replay.)
-        if let Some(why) = self.0.coordinator.read(|s| {
-            s.computes
+        let fit = self.0.coordinator.read(|s| {
+            let c = s
+                .computes
                 .get(&spec.compute)
-                .filter(|c| c.spec.workspace == spec.workspace)
-                .and_then(|c| c.spec.never_fits(&spec))
-        }) {
-            return Err(Status::invalid_argument(why.to_string()));
+                .filter(|c| c.spec.workspace == spec.workspace)?;
+            if let Some(why) = c.spec.never_fits(&spec) {
+                return Some(NodeFit::Never(why));
+            }
+            let nodes: Vec<_> = s
+                .nodes
+                .values()
+                .filter(|n| n.compute == spec.compute)
+                .map(|n| &n.capacity)
+                .collect();
+            Some(c.spec.node_fit(&spec, &nodes))
+        });
+        match fit {
+            Some(NodeFit::Never(why)) => return Err(Status::invalid_argument(why.to_string())),
+            Some(NodeFit::WaitsForNode(warning)) => spec.warnings.push(warning),
+            Some(NodeFit::Fits) | None => {}
         }
         if let Some(code) = &spec.code {
             // The snapshot must be on a majority of servers before the run is accepted.
             check_code(&self.0, "code", code).await?;
         }
         // So must every local input uploaded with it.
-        for (name, manifest) in &spec.snapshot_inputs {
-            let input = muster_core::spec::CodeRef::stored(manifest);
-            check_code(&self.0, &format!("inputs.{name}"), &input).await?;
-        }
+        crate::grpc::check_uploaded_inputs(&self.0, "", &spec).await?;
         if let Some(key) = &req.idempotency_key
             && (key.is_empty() || key.len() > 128)
         {

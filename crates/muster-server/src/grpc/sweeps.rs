@@ -103,6 +103,8 @@ impl SweepService for Sweeps {
             // accepted (as for a run).
             check_code(&self.0, "trial.code", code).await?;
         }
+        // So must every local input uploaded with it.
+        crate::grpc::check_uploaded_inputs(&self.0, "trial.", &spec.trial).await?;
         let keyed = req.idempotency_key.is_some();
         // A fresh random id collides with an existing one with negligible odds; retry if
         // it does. A keyed id that exists is the first submission of this key.
