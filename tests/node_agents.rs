@@ -148,6 +148,37 @@ async fn a_container_reads_a_datastore_input_read_only() {
     assert!(!share.path().join("sets/a/new").exists());
 }
 
+/// A v1 run configuration with `docker.enabled` and a base image runs in that image, as
+/// `az ml run submit-script -c NAME` would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v1_run_configuration_with_a_docker_base_image_runs_in_it() {
+    let Some((_docker, image, dev)) = docker_cluster(None).await else {
+        return;
+    };
+    let project = tempfile::tempdir().unwrap();
+    write(
+        project.path(),
+        "hello.sh",
+        "test -e /.dockerenv && echo \"in a container, args: $*\"\n",
+    );
+    write(
+        project.path(),
+        ".azureml/boxed.runconfig",
+        &format!(
+            "script: hello.sh\narguments: [--epochs, 2]\ntarget: local\nframework: Python\ncommunicator: None\nnodeCount: 1\nenvironment:\n  python:\n    userManagedDependencies: true\n    interpreterPath: sh\n  docker:\n    enabled: true\n    baseImage: {image}\n    shmSize: 64m\n"
+        ),
+    );
+    let out = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "submit", "-c", "boxed", "--stream"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout, "in a container, args: --epochs 2\n", "{out:?}");
+    assert!(!out.stderr.contains("warning"), "{out:?}");
+}
+
 /// Uploaded inputs in a container: `ro_mount` (the default) is read-only and linked from
 /// the node's cache (no copy), `download` a writable copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
