@@ -94,7 +94,7 @@ async fn own_status(url: &str) -> Option<v1::ClusterStatus> {
             .await
             .ok()?;
         ClusterServiceClient::new(credentials.attach(channel))
-            .status(v1::ClusterStatusRequest { members: false })
+            .status(v1::ClusterStatusRequest::default())
             .await
             .ok()
             .map(|r| r.into_inner())

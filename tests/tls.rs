@@ -225,7 +225,7 @@ async fn plaintext_foreign_and_expired_certificates_are_refused() {
     let ca = tls.join("ca.pem");
     let status = |channel: muster_client::Channel| async move {
         v1::cluster_service_client::ClusterServiceClient::new(channel)
-            .status(v1::ClusterStatusRequest { members: false })
+            .status(v1::ClusterStatusRequest::default())
             .await
     };
 

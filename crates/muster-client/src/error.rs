@@ -88,7 +88,7 @@ impl ClientError {
         match self {
             ClientError::Unreachable { .. } | ClientError::Corrupted { .. } => true,
             ClientError::Status { status } | ClientError::Blob { status, .. } => {
-                is_retryable_code(status.code())
+                is_retryable_code(status.code()) || is_broken_connection(status)
             }
             ClientError::NoServers
             | ClientError::ReadSource { .. }
@@ -129,6 +129,15 @@ pub fn status(status: Status) -> ClientError {
     ClientError::Status { status }
 }
 
+/// Whether `status` is no server's answer but the connection breaking under the request
+/// (a server killed mid-call): tonic makes those itself, as UNKNOWN "transport error" with
+/// the transport's error as the source, which no server-sent status has. The request may
+/// or may not have been carried out, so it is retried as a lost answer is: muster's writes
+/// carry idempotency keys or are idempotent (a cancel, a drain), so sending again is safe.
+pub fn is_broken_connection(status: &Status) -> bool {
+    status.code() == Code::Unknown && std::error::Error::source(status).is_some()
+}
+
 /// Whether an answer with this code may be different if the request is sent again.
 pub fn is_retryable_code(code: Code) -> bool {
     code == Code::Unavailable
@@ -165,6 +174,10 @@ mod tests {
                 sha256: "ab".into(),
                 actual: "cd".into(),
             },
+            // The connection broke under the call (tonic's own status, with its cause).
+            ClientError::status(Status::from_error(Box::new(std::io::Error::other(
+                "connection reset",
+            )))),
         ];
         for e in &retryable {
             assert!(e.is_retryable(), "{e:?} should be retryable");
@@ -176,6 +189,8 @@ mod tests {
             ClientError::status(Status::already_exists("taken")),
             ClientError::status(Status::failed_precondition("has nodes")),
             ClientError::status(Status::deadline_exceeded("did not catch up")),
+            // A server's own UNKNOWN answer has no source.
+            ClientError::status(Status::unknown("the handler failed")),
             ClientError::Blob {
                 sha256: "ab".into(),
                 status: Status::not_found("no such blob"),

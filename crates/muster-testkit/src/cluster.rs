@@ -265,7 +265,7 @@ impl TestCluster {
                 .ok()?
                 .1;
             let mut c = ClusterServiceClient::new(channel);
-            c.status(v1::ClusterStatusRequest { members: false })
+            c.status(v1::ClusterStatusRequest::default())
                 .await
                 .ok()
                 .map(|r| r.into_inner())

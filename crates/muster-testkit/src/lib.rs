@@ -18,6 +18,7 @@ pub mod agents;
 pub mod cluster;
 pub mod compose;
 pub mod fake_executor;
+pub mod faults;
 pub mod images;
 pub mod mpi_image;
 pub mod procfs;

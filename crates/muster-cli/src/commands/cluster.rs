@@ -36,7 +36,7 @@ async fn leader(servers: &str) -> anyhow::Result<ClusterServiceClient<Channel>> 
     ))
     .await?;
     let s = c
-        .status(v1::ClusterStatusRequest { members: false })
+        .status(v1::ClusterStatusRequest::default())
         .await
         .map_err(status)?
         .into_inner();
@@ -129,7 +129,10 @@ async fn status_all(servers: &str, output: OutputFormat) -> anyhow::Result<()> {
     // The server asks the members: it reaches them by the addresses they use among
     // themselves, which this client (outside their network, say) may not.
     let s = c
-        .status(v1::ClusterStatusRequest { members: true })
+        .status(v1::ClusterStatusRequest {
+            members: true,
+            ..Default::default()
+        })
         .await
         .map_err(status)?
         .into_inner();

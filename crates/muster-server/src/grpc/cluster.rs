@@ -41,6 +41,8 @@ impl Cluster {
             snapshot_index: s.snapshot_index,
             leader_address: s.leader.and_then(|l| self.0.coordinator.peers().address(l)),
             views: Vec::new(),
+            state_digest: None,
+            digest_index: 0,
             addresses: self
                 .0
                 .coordinator
@@ -97,8 +99,18 @@ impl ClusterService for Cluster {
         &self,
         req: Request<v1::ClusterStatusRequest>,
     ) -> Result<Response<v1::ClusterStatus>, Status> {
+        let caller = crate::grpc::auth::Caller::of(&req);
+        let req = req.into_inner();
         let mut status = self.snapshot();
-        if req.into_inner().members {
+        if req.state_digest {
+            // One encoding of the whole state: for cluster admins (and servers) only.
+            caller.require_cluster_admin(&self.0)?;
+            use sha2::Digest;
+            status.digest_index = *self.0.coordinator.subscribe().borrow();
+            let bytes = self.0.coordinator.read(|s| s.to_snapshot());
+            status.state_digest = Some(hex::encode(sha2::Sha256::digest(&bytes)));
+        }
+        if req.members {
             let me = status.id;
             let asks = status.members.iter().filter(|m| m.id != me).map(|m| {
                 let client = self.0.coordinator.peers().client(m.id);
@@ -106,7 +118,7 @@ impl ClusterService for Cluster {
                     let mut client = client?;
                     let answer = tokio::time::timeout(
                         std::time::Duration::from_secs(1),
-                        client.status(v1::ClusterStatusRequest { members: false }),
+                        client.status(v1::ClusterStatusRequest::default()),
                     )
                     .await;
                     answer.ok()?.ok().map(|r| r.into_inner())

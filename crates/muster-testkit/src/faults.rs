@@ -1,0 +1,839 @@
+//! A seeded whole-system fault driver (issue 20, item 6): three real `muster server`
+//! processes and real `muster agent` processes on 127.0.0.1, a workload of submits,
+//! cancels and sweeps through the shared client (which fails over by itself, reusing each
+//! idempotency key), and faults drawn from a printed seed: `kill -9` of a server or an
+//! agent, and SIGSTOP/SIGCONT of either (a frozen VM, a stalled disk). One fault at a time,
+//! each healed before the next, so a majority of servers is up between faults.
+//!
+//! Every acknowledged operation is recorded, and once the faults stop and the cluster
+//! settles, [`check`] asserts what muster promises: no acknowledged run lost and none
+//! duplicated (one run per idempotency key), every run in exactly one terminal state, an
+//! acknowledged cancel ends the run canceled, at most one attempt of a run active at a time
+//! (each started after the previous one ended), every completed run's log whole (what its
+//! command printed, once), every acknowledged sweep ended, and all replicas equal (the same
+//! state digest at the same applied index).
+//!
+//! `cargo test` runs a few seeds for seconds each (`tests/faults.rs`); `benches/soak.rs`
+//! runs for as long as asked and reports operations and faults per minute. A violation
+//! names the seed that reproduces the schedule of faults (the interleaving with the
+//! workload is the machine's).
+//!
+//! Not injected here (covered by their own tests): network partitions (in-process
+//! clusters cut links, `tests/high_availability.rs`), a full disk (`tests/disk_full.rs`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use muster_client::{Clients, RetryPolicy, Servers};
+use muster_core::RunSpec;
+use muster_proto::v1;
+use muster_proto::v1::cluster_service_client::ClusterServiceClient;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::Mutex;
+
+use crate::agents::AgentProcess;
+use crate::muster_bin;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct FaultPlan {
+    /// Seeds the schedule of faults.
+    pub seed: u64,
+    /// How long the workload and the faults run.
+    pub duration: Duration,
+    /// Agent processes (nodes of compute `pool`).
+    pub agents: usize,
+    /// Concurrent submit loops.
+    pub submitters: usize,
+    /// Pause between two faults, drawn from this range.
+    pub between_faults: (Duration, Duration),
+    /// How long a killed process stays down or a stopped one frozen, drawn from this range.
+    pub fault_length: (Duration, Duration),
+}
+
+impl FaultPlan {
+    /// A brief plan for `cargo test`: a few seconds of faults.
+    pub fn brief(seed: u64) -> FaultPlan {
+        FaultPlan {
+            seed,
+            duration: Duration::from_secs(15),
+            agents: 2,
+            submitters: 3,
+            between_faults: (Duration::from_millis(300), Duration::from_millis(1200)),
+            fault_length: (Duration::from_millis(300), Duration::from_millis(1500)),
+        }
+    }
+}
+
+/// One injected fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// `kill -9` of server N (1-based), restarted after the fault's length.
+    KillServer(usize),
+    /// SIGSTOP of server N, SIGCONT after the fault's length.
+    FreezeServer(usize),
+    /// `kill -9` of agent N (0-based), restarted on its data directory.
+    KillAgent(usize),
+    /// SIGSTOP of agent N, SIGCONT after.
+    FreezeAgent(usize),
+}
+
+/// What a drive did and found.
+#[derive(Debug, Default)]
+pub struct FaultReport {
+    /// The seed.
+    pub seed: u64,
+    /// How long the workload ran.
+    pub ran_for: Duration,
+    /// Acknowledged submits.
+    pub submits: u64,
+    /// Acknowledged cancels.
+    pub cancels: u64,
+    /// Acknowledged sweeps.
+    pub sweeps: u64,
+    /// Calls that failed after the client's retries, with why (allowed during faults; never
+    /// a loss: the check finds at most one run for the key either way).
+    pub failed_calls: Vec<String>,
+    /// The faults, with when each began (from the workload's start).
+    pub faults: Vec<(Duration, Fault)>,
+    /// What broke a promise; empty when none did.
+    pub violations: Vec<String>,
+}
+
+impl FaultReport {
+    /// A summary: the seed, operations, faults, and each violation.
+    pub fn summary(&self) -> String {
+        let mut out = format!(
+            "seed {}: {:.0} s, {} submits, {} cancels, {} sweeps acknowledged, {} calls failed, {} faults",
+            self.seed,
+            self.ran_for.as_secs_f64(),
+            self.submits,
+            self.cancels,
+            self.sweeps,
+            self.failed_calls.len(),
+            self.faults.len()
+        );
+        let count = |f: fn(&Fault) -> bool| self.faults.iter().filter(|(_, x)| f(x)).count();
+        let _ = write!(
+            out,
+            " ({} server kills, {} server freezes, {} agent kills, {} agent freezes)",
+            count(|f| matches!(f, Fault::KillServer(_))),
+            count(|f| matches!(f, Fault::FreezeServer(_))),
+            count(|f| matches!(f, Fault::KillAgent(_))),
+            count(|f| matches!(f, Fault::FreezeAgent(_))),
+        );
+        for f in self.failed_calls.iter().take(5) {
+            let _ = write!(out, "\n  failed: {f}");
+        }
+        for v in &self.violations {
+            let _ = write!(out, "\n  VIOLATION: {v}");
+        }
+        out
+    }
+}
+
+/// A `muster server` child process that can be killed, frozen and started again.
+struct ServerProcess {
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl ServerProcess {
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        self.child = Some(
+            Command::new(muster_bin())
+                .arg("server")
+                .args(&self.args)
+                .env("MUSTER_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()?,
+        );
+        Ok(())
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn signal(&self, signal: Signal) {
+        if let Some(c) = &self.child {
+            let _ = kill(Pid::from_raw(c.id() as i32), signal);
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.signal(Signal::SIGCONT);
+        self.kill();
+    }
+}
+
+fn signal_agent(agent: &AgentProcess, signal: Signal) {
+    if let Some(pid) = agent.pid() {
+        let _ = kill(Pid::from_raw(pid as i32), signal);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on 127.0.0.1")
+}
+
+/// What the workload saw acknowledged.
+#[derive(Debug, Default)]
+struct Acked {
+    /// Idempotency key → the run id the submit answered.
+    runs: BTreeMap<String, String>,
+    /// Runs whose cancel was acknowledged.
+    canceled: BTreeSet<String>,
+    /// Sweep ids.
+    sweeps: BTreeSet<String>,
+}
+
+/// The farm: servers, agents, and a client that fails over among the servers.
+struct Farm {
+    servers: Vec<ServerProcess>,
+    agents: Vec<AgentProcess>,
+    urls: String,
+}
+
+impl Farm {
+    async fn start(dir: &Path, agents: usize) -> anyhow::Result<Farm> {
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let peers = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let key = dir.join("cluster.key");
+        std::fs::write(&key, format!("{:064x}\n", rand::random::<u128>()))?;
+        let mut servers = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let id = i + 1;
+            let args = [
+                "--id".to_string(),
+                id.to_string(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--peers".into(),
+                peers.clone(),
+                "--cluster-key-file".into(),
+                key.display().to_string(),
+                "--data-dir".into(),
+                dir.join(format!("s{id}")).display().to_string(),
+            ];
+            let mut s = ServerProcess {
+                args: args.to_vec(),
+                log: dir.join(format!("s{id}.log")),
+                child: None,
+            };
+            s.spawn()?;
+            servers.push(s);
+        }
+        let urls = ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        crate::access::await_admin_token(&dir.join("s1/admin-token"), &urls).await?;
+        crate::access::create_attached(&urls, "pool").await?;
+        let mut farm = Farm {
+            servers,
+            agents: Vec::new(),
+            urls,
+        };
+        for i in 0..agents {
+            let name = format!("node-{i}");
+            let data = dir.join(&name);
+            farm.agents
+                .push(AgentProcess::start(&farm.urls, "pool", &name, &data).await?);
+        }
+        Ok(farm)
+    }
+
+    fn client(&self) -> Servers {
+        Servers::parse(&self.urls)
+            .with_credentials(crate::access::admin(&self.urls))
+            .with_request_timeout(Duration::from_secs(10))
+    }
+}
+
+/// One call through the failing-over client, bounded as a whole; the last error.
+async fn try_call<T, F, Fut>(servers: &mut Servers, op: F) -> Result<T, String>
+where
+    F: FnMut(muster_client::Channel) -> Fut,
+    Fut: Future<Output = Result<T, muster_client::ClientError>>,
+{
+    let policy = RetryPolicy {
+        first_delay: Duration::from_millis(200),
+        max_delay: Duration::from_secs(2),
+        max_retries: 12,
+    };
+    match tokio::time::timeout(Duration::from_secs(60), servers.call(&policy, op)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer within 60 s".into()),
+    }
+}
+
+/// [`try_call`] when only success matters.
+async fn call<T, F, Fut>(servers: &mut Servers, op: F) -> Option<T>
+where
+    F: FnMut(muster_client::Channel) -> Fut,
+    Fut: Future<Output = Result<T, muster_client::ClientError>>,
+{
+    try_call(servers, op).await.ok()
+}
+
+fn run_spec(command: String) -> v1::RunSpec {
+    let mut s = RunSpec::new(command);
+    s.compute = "pool".into();
+    s.experiment = "faults".into();
+    s.into()
+}
+
+/// A submit loop: short runs that print their key, and every fifth a long one it cancels;
+/// every tenth iteration a two-trial sweep.
+async fn submitter(
+    farm_urls: Servers,
+    seed: u64,
+    worker: usize,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Acked>>,
+    failed: Arc<Mutex<Vec<String>>>,
+) {
+    let mut servers = farm_urls;
+    let mut i = 0u64;
+    // Bounded: the driver sets `stop` when its time is up.
+    while !stop.load(Ordering::Relaxed) && i < 100_000 {
+        i += 1;
+        let key = format!("fd-{seed}-{worker}-{i}");
+        let long = i.is_multiple_of(5);
+        let command = if long {
+            format!("echo {key}; sleep 60")
+        } else {
+            format!("echo {key}")
+        };
+        let spec = run_spec(command);
+        let k = key.clone();
+        let submitted = try_call(&mut servers, |channel| {
+            let req = v1::SubmitRunRequest {
+                spec: Some(spec.clone()),
+                idempotency_key: Some(k.clone()),
+            };
+            async move {
+                let mut c = Clients::new(String::new(), channel);
+                c.runs
+                    .submit_run(req)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(muster_client::status)
+            }
+        })
+        .await;
+        let run = match submitted {
+            Ok(run) => run,
+            Err(e) => {
+                failed.lock().await.push(format!("submit {key}: {e}"));
+                continue;
+            }
+        };
+        acked.lock().await.runs.insert(key.clone(), run.id.clone());
+        if long {
+            let id = run.id.clone();
+            let canceled = try_call(&mut servers, |channel| {
+                let req = v1::CancelRunRequest {
+                    id: id.clone(),
+                    reason: Some("fault driver".into()),
+                };
+                async move {
+                    let mut c = Clients::new(String::new(), channel);
+                    c.runs
+                        .cancel_run(req)
+                        .await
+                        .map(|r| r.into_inner())
+                        .map_err(muster_client::status)
+                }
+            })
+            .await;
+            match canceled {
+                Ok(_) => {
+                    acked.lock().await.canceled.insert(run.id);
+                }
+                Err(e) => failed.lock().await.push(format!("cancel {}: {e}", run.id)),
+            }
+        }
+        if i.is_multiple_of(10) {
+            let text = "type: sweep\ntrial:\n  command: echo \"##muster[metric] name=m value=${{search_space.x}}\"\ncompute: pool\nexperiment_name: faults\nsampling_algorithm: grid\nsearch_space:\n  x:\n    type: choice\n    values: [1, 2]\nobjective:\n  primary_metric: m\n  goal: maximize\nlimits:\n  max_total_trials: 2\n";
+            let spec = muster_core::sweep::parse_sweep_yaml(text, "faults")
+                .map(|s| muster_proto::sweep_spec_to_wire(&s))
+                .expect("the driver's sweep parses");
+            let k = format!("{key}-sweep");
+            let sweep = try_call(&mut servers, |channel| {
+                let req = v1::SubmitSweepRequest {
+                    spec: Some(spec.clone()),
+                    idempotency_key: Some(k.clone()),
+                };
+                async move {
+                    let mut c = Clients::new(String::new(), channel);
+                    c.sweeps
+                        .submit_sweep(req)
+                        .await
+                        .map(|r| r.into_inner())
+                        .map_err(muster_client::status)
+                }
+            })
+            .await;
+            match sweep {
+                Ok(s) => {
+                    acked.lock().await.sweeps.insert(s.id);
+                }
+                Err(e) => failed.lock().await.push(format!("sweep {k}: {e}")),
+            }
+        }
+    }
+}
+
+fn between(rng: &mut StdRng, (lo, hi): (Duration, Duration)) -> Duration {
+    if hi <= lo {
+        return lo;
+    }
+    Duration::from_millis(rng.random_range(lo.as_millis() as u64..hi.as_millis() as u64))
+}
+
+/// Runs `plan` in `dir` (one data directory per server and agent, and their logs) and
+/// checks the result. An error is the harness failing (a process that would not start),
+/// not a violation.
+pub async fn drive(dir: &Path, plan: &FaultPlan) -> anyhow::Result<FaultReport> {
+    let mut farm = Farm::start(dir, plan.agents).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    let failed = Arc::new(Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..plan.submitters)
+        .map(|w| {
+            tokio::spawn(submitter(
+                farm.client(),
+                plan.seed,
+                w,
+                stop.clone(),
+                acked.clone(),
+                failed.clone(),
+            ))
+        })
+        .collect();
+
+    let mut rng = StdRng::seed_from_u64(plan.seed);
+    let start = Instant::now();
+    let mut faults = Vec::new();
+    while start.elapsed() < plan.duration {
+        tokio::time::sleep(between(&mut rng, plan.between_faults)).await;
+        let length = between(&mut rng, plan.fault_length);
+        let fault = match rng.random_range(0..4) {
+            0 => Fault::KillServer(rng.random_range(1..=3)),
+            1 => Fault::FreezeServer(rng.random_range(1..=3)),
+            2 if !farm.agents.is_empty() => {
+                Fault::KillAgent(rng.random_range(0..farm.agents.len()))
+            }
+            _ if !farm.agents.is_empty() => {
+                Fault::FreezeAgent(rng.random_range(0..farm.agents.len()))
+            }
+            _ => Fault::FreezeServer(rng.random_range(1..=3)),
+        };
+        faults.push((start.elapsed(), fault));
+        match fault {
+            Fault::KillServer(n) => {
+                farm.servers[n - 1].kill();
+                tokio::time::sleep(length).await;
+                farm.servers[n - 1].spawn()?;
+            }
+            Fault::FreezeServer(n) => {
+                farm.servers[n - 1].signal(Signal::SIGSTOP);
+                tokio::time::sleep(length).await;
+                farm.servers[n - 1].signal(Signal::SIGCONT);
+            }
+            Fault::KillAgent(n) => {
+                farm.agents[n].kill();
+                tokio::time::sleep(length).await;
+                // A restart waits (bounded) for the node to be ready again.
+                farm.agents[n].restart().await?;
+            }
+            Fault::FreezeAgent(n) => {
+                signal_agent(&farm.agents[n], Signal::SIGSTOP);
+                tokio::time::sleep(length).await;
+                signal_agent(&farm.agents[n], Signal::SIGCONT);
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = tokio::time::timeout(Duration::from_secs(120), w).await;
+    }
+    let ran_for = start.elapsed();
+    let acked = std::mem::take(&mut *acked.lock().await);
+    let mut report = FaultReport {
+        seed: plan.seed,
+        ran_for,
+        submits: acked.runs.len() as u64,
+        cancels: acked.canceled.len() as u64,
+        sweeps: acked.sweeps.len() as u64,
+        failed_calls: std::mem::take(&mut *failed.lock().await),
+        faults,
+        violations: Vec::new(),
+    };
+    report.violations = check(&farm, &acked).await;
+    Ok(report)
+}
+
+fn is_terminal(state: v1::RunState) -> bool {
+    matches!(
+        state,
+        v1::RunState::Completed
+            | v1::RunState::Failed
+            | v1::RunState::Canceled
+            | v1::RunState::TimedOut
+    )
+}
+
+/// Every run the cluster holds, through the failing-over client (bounded).
+async fn all_runs(servers: &mut Servers) -> Option<Vec<v1::Run>> {
+    let mut runs = Vec::new();
+    let mut token = String::new();
+    for _ in 0..10_000 {
+        let t = token.clone();
+        let page = call(servers, |channel| {
+            let req = v1::ListRunsRequest {
+                page_size: 1000,
+                page_token: t.clone(),
+                ..Default::default()
+            };
+            async move {
+                let mut c = Clients::new(String::new(), channel);
+                c.runs
+                    .list_runs(req)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(muster_client::status)
+            }
+        })
+        .await?;
+        runs.extend(page.runs);
+        if page.next_page_token.is_empty() {
+            return Some(runs);
+        }
+        token = page.next_page_token;
+    }
+    None
+}
+
+/// The whole log of a run's last attempt (bounded).
+async fn log_of(servers: &mut Servers, id: &str) -> Option<String> {
+    call(servers, |channel| {
+        let req = v1::StreamLogsRequest {
+            id: id.to_string(),
+            ..Default::default()
+        };
+        async move {
+            use futures::StreamExt;
+            let mut c = Clients::new(String::new(), channel);
+            let mut stream = c
+                .runs
+                .stream_logs(req)
+                .await
+                .map_err(muster_client::status)?
+                .into_inner();
+            let mut by_attempt: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(muster_client::status)?;
+                by_attempt
+                    .entry(chunk.attempt)
+                    .or_default()
+                    .extend(chunk.data);
+            }
+            let last = by_attempt.into_values().next_back().unwrap_or_default();
+            Ok(String::from_utf8_lossy(&last).into_owned())
+        }
+    })
+    .await
+}
+
+/// The runs of the driver's keys (`echo KEY…` commands), by key.
+fn by_key(runs: &[v1::Run]) -> BTreeMap<String, Vec<&v1::Run>> {
+    let mut by_key: BTreeMap<String, Vec<&v1::Run>> = BTreeMap::new();
+    for run in runs {
+        let key = run
+            .spec
+            .as_ref()
+            .and_then(|s| s.command.strip_prefix("echo "))
+            .map(|rest| rest.split(';').next().unwrap_or(rest).to_string());
+        if let Some(key) = key.filter(|k| k.starts_with("fd-")) {
+            by_key.entry(key).or_default().push(run);
+        }
+    }
+    by_key
+}
+
+/// What the runs the cluster holds say about the acknowledged operations: lost,
+/// duplicated, unfinished, overlapping attempts, cancels not honoured.
+fn judge(runs: &[v1::Run], acked: &Acked) -> Vec<String> {
+    let mut violations = Vec::new();
+    let by_key = by_key(runs);
+    for (key, id) in &acked.runs {
+        match by_key.get(key).map(Vec::as_slice) {
+            None | Some([]) => violations.push(format!("acknowledged run {id} ({key}) is lost")),
+            Some([one]) if one.id != *id => violations.push(format!(
+                "{key} was acknowledged as {id} but the cluster holds {}",
+                one.id
+            )),
+            Some([_]) => {}
+            Some(many) => violations.push(format!(
+                "{key} is duplicated: {}",
+                many.iter()
+                    .map(|r| r.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+    for (key, found) in &by_key {
+        if !acked.runs.contains_key(key) && found.len() > 1 {
+            violations.push(format!("unacknowledged {key} made {} runs", found.len()));
+        }
+    }
+    for run in runs {
+        if !is_terminal(run.state()) {
+            violations.push(format!(
+                "run {} is still {:?} after the cluster settled",
+                run.id,
+                run.state()
+            ));
+        }
+        let mut previous_end: Option<u64> = None;
+        let mut active = 0;
+        for a in &run.attempts {
+            if a.state() != v1::AttemptState::Ended {
+                active += 1;
+            }
+            if let (Some(end), Some(started)) = (previous_end, a.started_at_ms)
+                && started < end
+            {
+                violations.push(format!(
+                    "run {} attempt {} started before attempt {} ended",
+                    run.id,
+                    a.number,
+                    a.number - 1
+                ));
+            }
+            previous_end = a.finished_at_ms.or(previous_end);
+        }
+        if active > 1 {
+            violations.push(format!("run {} has {active} active attempts", run.id));
+        }
+        if acked.canceled.contains(&run.id) && run.state() != v1::RunState::Canceled {
+            violations.push(format!(
+                "run {} was canceled (acknowledged) but ended {:?}",
+                run.id,
+                run.state()
+            ));
+        }
+    }
+    violations
+}
+
+/// Heals the farm, waits for it to settle, and checks every promise; the violations.
+async fn check(farm: &Farm, acked: &Acked) -> Vec<String> {
+    let mut violations = Vec::new();
+    let mut servers = farm.client();
+    // Every acknowledged run ends (the long ones were canceled; the rest are short).
+    let settle = Instant::now() + Duration::from_secs(180);
+    let mut runs = Vec::new();
+    while Instant::now() < settle {
+        if let Some(r) = all_runs(&mut servers).await {
+            let done = r.iter().all(|run| is_terminal(run.state()));
+            runs = r;
+            if done {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    violations.extend(judge(&runs, acked));
+    let by_key = by_key(&runs);
+    // Logs whole: a completed short run printed its key once.
+    for (key, id) in acked.runs.iter().filter(|(k, _)| by_key.contains_key(*k)) {
+        let Some(run) = runs.iter().find(|r| r.id == *id) else {
+            continue;
+        };
+        if run.state() != v1::RunState::Completed {
+            continue;
+        }
+        match log_of(&mut servers, id).await {
+            Some(log) if log == format!("{key}\n") => {}
+            Some(log) => violations.push(format!("run {id}'s log is {log:?}, not {key:?}")),
+            None => violations.push(format!("run {id}'s log cannot be read")),
+        }
+    }
+    // Every acknowledged sweep ended.
+    for id in &acked.sweeps {
+        let sweep = call(&mut servers, |channel| {
+            let req = v1::GetSweepRequest {
+                id: id.clone(),
+                stale: false,
+            };
+            async move {
+                let mut c = Clients::new(String::new(), channel);
+                c.sweeps
+                    .get_sweep(req)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(muster_client::status)
+            }
+        })
+        .await;
+        match sweep {
+            None => violations.push(format!("acknowledged sweep {id} cannot be read")),
+            Some(s)
+                if matches!(
+                    s.state(),
+                    v1::SweepState::Running | v1::SweepState::Canceling
+                ) =>
+            {
+                violations.push(format!("sweep {id} is still {:?}", s.state()));
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(v) = replicas_differ(farm).await {
+        violations.push(v);
+    }
+    violations
+}
+
+/// Asks each server for its state digest until all three agree at one applied index
+/// (bounded: 60 s); why not, if they never did.
+async fn replicas_differ(farm: &Farm) -> Option<String> {
+    let mut last = Vec::new();
+    for _ in 0..120 {
+        let mut views = Vec::new();
+        for url in farm.urls.split(',') {
+            let view = async {
+                let channel = crate::access::channel(url).await.ok()?;
+                let status = ClusterServiceClient::new(channel)
+                    .status(v1::ClusterStatusRequest {
+                        state_digest: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                Some((status.digest_index, status.state_digest.unwrap_or_default()))
+            };
+            views.push(
+                tokio::time::timeout(Duration::from_secs(5), view)
+                    .await
+                    .ok()
+                    .flatten(),
+            );
+        }
+        let agreed = views.iter().all(|v| v.is_some() && *v == views[0]);
+        if agreed {
+            return None;
+        }
+        last = views;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Some(format!(
+        "the replicas never agreed within 60 s: (applied index, state digest) per server {last:?}"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(id: &str, key: &str, state: v1::RunState, attempts: &[(u64, Option<u64>)]) -> v1::Run {
+        let mut r = v1::Run {
+            id: id.into(),
+            spec: Some(run_spec(format!("echo {key}"))),
+            ..Default::default()
+        };
+        r.set_state(state);
+        for (i, (started, finished)) in attempts.iter().enumerate() {
+            let mut a = v1::Attempt {
+                number: i as u32 + 1,
+                started_at_ms: Some(*started),
+                finished_at_ms: *finished,
+                ..Default::default()
+            };
+            a.set_state(if finished.is_some() {
+                v1::AttemptState::Ended
+            } else {
+                v1::AttemptState::Running
+            });
+            r.attempts.push(a);
+        }
+        r
+    }
+
+    #[test]
+    fn the_judge_names_every_broken_promise_and_passes_a_clean_history() {
+        use v1::RunState::*;
+        let mut acked = Acked::default();
+        for (k, id) in [
+            ("fd-1", "r1"),
+            ("fd-2", "r2"),
+            ("fd-3", "r3"),
+            ("fd-4", "r4"),
+        ] {
+            acked.runs.insert(k.into(), id.into());
+        }
+        acked.canceled.insert("r4".into());
+        let clean = [
+            run("r1", "fd-1", Completed, &[(10, Some(20)), (30, Some(40))]),
+            run("r2", "fd-2", Failed, &[(10, Some(20))]),
+            run("r3", "fd-3", Completed, &[(10, Some(20))]),
+            run("r4", "fd-4", Canceled, &[]),
+        ];
+        assert_eq!(judge(&clean, &acked), Vec::<String>::new());
+
+        let broken = [
+            // r1: its second attempt began before the first ended.
+            run("r1", "fd-1", Completed, &[(10, Some(50)), (30, Some(60))]),
+            // r2 is gone; fd-3 has two runs; r4 ignored its cancel and still runs.
+            run("r3", "fd-3", Completed, &[(10, Some(20))]),
+            run("r3b", "fd-3", Completed, &[(10, Some(20))]),
+            run("r4", "fd-4", Running, &[(10, None), (20, None)]),
+        ];
+        let v = judge(&broken, &acked).join("\n");
+        for expected in [
+            "r1 attempt 2 started before attempt 1 ended",
+            "acknowledged run r2 (fd-2) is lost",
+            "fd-3 is duplicated: r3, r3b",
+            "run r4 is still Running",
+            "run r4 has 2 active attempts",
+            "run r4 was canceled (acknowledged) but ended Running",
+        ] {
+            assert!(v.contains(expected), "{expected:?} not in:\n{v}");
+        }
+    }
+}
