@@ -141,6 +141,7 @@ impl FaultReport {
 }
 
 /// A `muster server` child process that can be killed, frozen and started again.
+#[derive(Debug)]
 struct ServerProcess {
     args: Vec<String>,
     log: PathBuf,
@@ -211,14 +212,19 @@ struct Acked {
 }
 
 /// The farm: servers, agents, and a client that fails over among the servers.
-struct Farm {
+/// Three `muster server` processes on 127.0.0.1 (ids 1 to 3), each on its own data
+/// directory, with the admin token registered: a cluster a test or benchmark can kill
+/// (`kill -9`), freeze (SIGSTOP) and start again.
+#[derive(Debug)]
+pub struct ServerProcesses {
     servers: Vec<ServerProcess>,
-    agents: Vec<AgentProcess>,
-    urls: String,
+    /// Every server's URL, 1 first, comma-separated (a `--server` list).
+    pub urls: String,
 }
 
-impl Farm {
-    async fn start(dir: &Path, agents: usize) -> anyhow::Result<Farm> {
+impl ServerProcesses {
+    /// Starts the three servers in `dir` and waits (bounded) until they answer as a cluster.
+    pub async fn start(dir: &Path) -> anyhow::Result<ServerProcesses> {
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let peers = ports
             .iter()
@@ -257,9 +263,77 @@ impl Farm {
             .collect::<Vec<_>>()
             .join(",");
         crate::access::await_admin_token(&dir.join("s1/admin-token"), &urls).await?;
+        Ok(ServerProcesses { servers, urls })
+    }
+
+    /// Server `id`'s URL.
+    pub fn url(&self, id: usize) -> &str {
+        self.urls.split(',').nth(id - 1).unwrap_or_default()
+    }
+
+    /// `kill -9` of server `id`.
+    pub fn kill(&mut self, id: usize) {
+        self.servers[id - 1].kill();
+    }
+
+    /// Starts server `id` again on its data directory.
+    pub fn restart(&mut self, id: usize) -> anyhow::Result<()> {
+        self.servers[id - 1].kill();
+        self.servers[id - 1].spawn()
+    }
+
+    /// Sends `signal` (SIGSTOP, SIGCONT) to server `id`.
+    pub fn signal(&self, id: usize, signal: Signal) {
+        self.servers[id - 1].signal(signal);
+    }
+
+    /// The leader that a majority of the running servers names (bounded: 10 s).
+    pub async fn leader(&self) -> Option<usize> {
+        for _ in 0..100 {
+            let mut named = BTreeMap::<u64, usize>::new();
+            for id in 1..=self.servers.len() {
+                let ask = async {
+                    let channel = crate::access::channel(self.url(id)).await.ok()?;
+                    ClusterServiceClient::new(channel)
+                        .status(v1::ClusterStatusRequest::default())
+                        .await
+                        .ok()
+                        .and_then(|s| s.into_inner().leader)
+                };
+                if let Ok(Some(l)) = tokio::time::timeout(Duration::from_secs(1), ask).await {
+                    *named.entry(l).or_default() += 1;
+                }
+            }
+            if let Some((l, _)) = named.into_iter().find(|(_, n)| *n >= 2) {
+                return Some(l as usize);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
+    /// A client that fails over among the servers, as the admin.
+    pub fn client(&self) -> Servers {
+        Servers::parse(&self.urls)
+            .with_credentials(crate::access::admin(&self.urls))
+            .with_request_timeout(Duration::from_secs(10))
+    }
+}
+
+/// The farm: servers, and agents in compute `pool`.
+struct Farm {
+    cluster: ServerProcesses,
+    agents: Vec<AgentProcess>,
+    urls: String,
+}
+
+impl Farm {
+    async fn start(dir: &Path, agents: usize) -> anyhow::Result<Farm> {
+        let cluster = ServerProcesses::start(dir).await?;
+        let urls = cluster.urls.clone();
         crate::access::create_attached(&urls, "pool").await?;
         let mut farm = Farm {
-            servers,
+            cluster,
             agents: Vec::new(),
             urls,
         };
@@ -273,9 +347,7 @@ impl Farm {
     }
 
     fn client(&self) -> Servers {
-        Servers::parse(&self.urls)
-            .with_credentials(crate::access::admin(&self.urls))
-            .with_request_timeout(Duration::from_secs(10))
+        self.cluster.client()
     }
 }
 
@@ -463,14 +535,14 @@ pub async fn drive(dir: &Path, plan: &FaultPlan) -> anyhow::Result<FaultReport> 
         faults.push((start.elapsed(), fault));
         match fault {
             Fault::KillServer(n) => {
-                farm.servers[n - 1].kill();
+                farm.cluster.kill(n);
                 tokio::time::sleep(length).await;
-                farm.servers[n - 1].spawn()?;
+                farm.cluster.restart(n)?;
             }
             Fault::FreezeServer(n) => {
-                farm.servers[n - 1].signal(Signal::SIGSTOP);
+                farm.cluster.signal(n, Signal::SIGSTOP);
                 tokio::time::sleep(length).await;
-                farm.servers[n - 1].signal(Signal::SIGCONT);
+                farm.cluster.signal(n, Signal::SIGCONT);
             }
             Fault::KillAgent(n) => {
                 farm.agents[n].kill();

@@ -85,6 +85,9 @@ pub struct CoordinatorConfig {
     pub credentials: muster_client::Credentials,
 }
 
+/// How [`Coordinator::forward`] says the leader's port refused the connection.
+const REFUSED: &str = "the leader refused the connection";
+
 impl Coordinator {
     /// Starts Raft over the log in `raft_dir`, applying to `state`. Fails if the log is
     /// corrupt; never starts empty over an existing one. `proposals` counts what this
@@ -254,18 +257,35 @@ impl Coordinator {
         // would queue behind that thread's current Ready (an fsync, under load) only to hear
         // "not the leader". The status is at most one Ready old; if it is stale, the old
         // leader answers "not the leader" and the client retries, as it would anyway.
-        let status = self.raft.status();
-        let bytes = match status.leader {
-            Some(leader) if status.role != Role::Leader && leader != self.raft.id() => {
-                self.forward(leader, encoded).await?
+        // A leader that is gone (its port refuses: killed, restarting) never saw the write:
+        // this server waits for the next leader and sends it there, so the client's answer
+        // comes with the new leader instead of after its own retries (bounded: twice).
+        let mut tries = 0;
+        let bytes = loop {
+            tries += 1;
+            let status = self.raft.status();
+            let sent = match status.leader {
+                Some(leader) if status.role != Role::Leader && leader != self.raft.id() => {
+                    self.forward(leader, encoded.clone()).await
+                }
+                _ => match self.raft.propose(encoded.clone()).await {
+                    Ok(b) => Ok(b),
+                    Err(ProposeError::NotLeader {
+                        leader: Some(leader),
+                    }) if leader != self.raft.id() => self.forward(leader, encoded.clone()).await,
+                    Err(e) => return Err(e.into()),
+                },
+            };
+            match sent {
+                Err(ProposalError::Forward { leader, cause })
+                    if tries < 3 && cause.contains(REFUSED) =>
+                {
+                    if !self.await_leader_other_than(leader).await {
+                        return Err(ProposalError::Forward { leader, cause });
+                    }
+                }
+                other => break other?,
             }
-            _ => match self.raft.propose(encoded.clone()).await {
-                Ok(b) => b,
-                Err(ProposeError::NotLeader {
-                    leader: Some(leader),
-                }) if leader != self.raft.id() => self.forward(leader, encoded).await?,
-                Err(e) => return Err(e.into()),
-            },
         };
         self.proposals.inc();
         let result: ApplyResult = serde_json::from_slice(&bytes)
@@ -296,7 +316,13 @@ impl Coordinator {
         let moved = status.wait_for(|s| s.leader != Some(leader));
         let answer = tokio::select! {
             answer = client.forward(v1::ForwardRequest { command }) => answer
-                .map_err(|s| fail(s.message().to_string()))?
+                .map_err(|s| {
+                    // The connection was refused: the write never reached the leader.
+                    let refused = s.code() == tonic::Code::Unavailable
+                        && s.message().contains("tcp connect");
+                    let cause = s.message().to_string();
+                    fail(if refused { format!("{REFUSED}: {cause}") } else { cause })
+                })?
                 .into_inner(),
             _ = moved => return Err(fail(
                 "the leader changed while the write was on its way; retry (a submission's idempotency key makes that safe)".into(),
@@ -324,6 +350,20 @@ impl Coordinator {
                 "this server has not caught up to index {index}; retry, or read with --stale"
             ),
         })
+    }
+
+    /// Waits (bounded: two election timeouts, time for this server to notice the loss and
+    /// for an election) until a server other than `gone` leads; false if none did.
+    async fn await_leader_other_than(&self, gone: u64) -> bool {
+        let mut status = self.raft.watch_status();
+        tokio::time::timeout(self.election_timeout * 2, async move {
+            status
+                .wait_for(|s| s.leader.is_some_and(|l| l != gone))
+                .await
+                .is_ok()
+        })
+        .await
+        .unwrap_or(false)
     }
 
     /// Waits at most one election timeout until some server leads. Without a leader by
