@@ -156,7 +156,10 @@ fn allowed(method: &str) -> Option<&'static [Who]> {
         ("muster.v1.AgentService", "Join") => PUBLIC,
         ("muster.v1.AgentService", _) => AGENTS,
         ("muster.v1.ClusterService", "Status") => READERS_SERVERS,
-        ("muster.v1.ClusterService", "AddServer" | "RemoveServer" | "TransferLeader") => ADMINS,
+        (
+            "muster.v1.ClusterService",
+            "AddServer" | "RemoveServer" | "TransferLeader" | "Backup",
+        ) => ADMINS,
         ("muster.v1.ClusterService", "Raft" | "Forward" | "ReadIndex") => SERVERS,
         (
             "muster.v1.AccessService",

@@ -335,6 +335,17 @@ pub enum ClusterCommand {
         #[arg(long)]
         to: u64,
     },
+    /// Save a consistent backup of the cluster (cluster admins): the replicated state and
+    /// every blob, as one tar file. `muster server --restore-from FILE` founds a cluster
+    /// from it.
+    Backup {
+        /// The file to write (written beside it first, then renamed).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Leave the blobs out (code, inputs, outputs, logs): the state alone.
+        #[arg(long)]
+        no_blobs: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -364,6 +375,12 @@ pub struct ServerArgs {
     /// Address for gRPC, the web UI and /metrics.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: String,
+    /// Found a one-server cluster from a backup (`muster cluster backup`) in an empty
+    /// --data-dir: its state (users, tokens, compute targets, runs) and blobs as they
+    /// were. Add the other servers with `muster cluster add-server`. Not with --peers or
+    /// --join.
+    #[arg(long)]
+    pub restore_from: Option<PathBuf>,
     /// Where the server keeps its log, snapshots and blobs.
     #[arg(long)]
     pub data_dir: PathBuf,

@@ -33,6 +33,7 @@
 //! `rustls` (ring) through `tokio-rustls` for TLS, as tonic's client side uses it, and
 //! `x509-parser` to read a verified client certificate's identity.
 
+pub mod backup;
 mod coordinator;
 mod effects;
 mod grpc;
@@ -126,6 +127,9 @@ pub struct ServerConfig {
     pub retention: Option<Duration>,
     /// How often the leader looks for runs to archive (with `retention`).
     pub retention_check: Duration,
+    /// Found a one-server cluster from this backup (`--restore-from`) in an empty data
+    /// directory ([`backup`]).
+    pub restore_from: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -153,6 +157,7 @@ impl ServerConfig {
             admin_token_file: None,
             retention: None,
             retention_check: Duration::from_secs(60),
+            restore_from: None,
         }
     }
 

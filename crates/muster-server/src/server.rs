@@ -74,8 +74,14 @@ impl Server {
                 dir.display()
             );
         }
-        refuse_orphaned_stores(dir)?;
-        let state = Arc::new(RwLock::new(State::default()));
+        let state = match &config.restore_from {
+            Some(from) => restore(config, from)?,
+            None => {
+                refuse_orphaned_stores(dir)?;
+                State::default()
+            }
+        };
+        let state = Arc::new(RwLock::new(state));
         let mut book = config.peers.clone();
         if let Some(own) = &config.advertise {
             book.entry(config.raft.id).or_insert_with(|| own.clone());
@@ -125,6 +131,34 @@ impl Server {
     }
 }
 
+/// `--restore-from`: unpacks the backup's blobs into an empty data directory and returns
+/// its state, which the new one-server cluster starts from (its first snapshot).
+fn restore(config: &ServerConfig, from: &std::path::Path) -> anyhow::Result<State> {
+    let dir = &config.data_dir;
+    let raft = dir.join("raft");
+    anyhow::ensure!(
+        !std::fs::read_dir(&raft).is_ok_and(|mut e| e.next().is_some()),
+        "--restore-from: the data directory {} already holds cluster state ({}): restore into an empty --data-dir, or start without --restore-from",
+        dir.display(),
+        raft.display()
+    );
+    anyhow::ensure!(
+        config.raft.initial_voters == [config.raft.id],
+        "--restore-from founds a one-server cluster: start it without --peers or --join, then add the other servers with `muster cluster add-server`"
+    );
+    let blobs = crate::store::blobs::BlobStore::open(dir.join("blobs"))
+        .with_context(|| format!("cannot open the blob store in {}", dir.display()))?;
+    let (state, info) = crate::backup::unpack(from, &blobs)?;
+    tracing::info!(
+        from = %from.display(),
+        applied_index = info.applied_index,
+        blobs = info.blobs,
+        runs = state.runs.len(),
+        "founding a cluster from a backup"
+    );
+    Ok(state)
+}
+
 /// Refuses a data directory whose stores hold data but whose Raft log is gone (`raft/`
 /// deleted or never copied back): started as it is, the server would found an empty
 /// cluster beside blobs and logs that an old state referred to, or, as a member, vote
@@ -142,7 +176,7 @@ fn refuse_orphaned_stores(dir: &std::path::Path) -> anyhow::Result<()> {
         .collect();
     anyhow::ensure!(
         orphaned.is_empty(),
-        "the data directory {} has {} but no Raft log ({} is missing or empty): its replicated state is gone, and starting here would begin an empty cluster beside it. To bring this server back into its cluster, move the directory aside, start it with an empty --data-dir and --join, and add it with `muster cluster add-server`; to keep this data, put its raft/ folder back from a backup",
+        "the data directory {} has {} but no Raft log ({} is missing or empty): its replicated state is gone, and starting here would begin an empty cluster beside it. To bring this server back into its cluster, move the directory aside, start it with an empty --data-dir and --join, and add it with `muster cluster add-server`; if the whole cluster is lost, found a new one from a backup: `muster server --data-dir EMPTY_DIR --restore-from BACKUP` (made with `muster cluster backup`)",
         dir.display(),
         orphaned.join(", "),
         dir.join("raft").display()

@@ -18,8 +18,12 @@
 //! names the seed that reproduces the schedule of faults (the interleaving with the
 //! workload is the machine's).
 //!
-//! Not injected here (covered by their own tests): network partitions (in-process
-//! clusters cut links, `tests/high_availability.rs`), a full disk (`tests/disk_full.rs`).
+//! Partitions: servers reach each other through a proxy in front of each (the addresses
+//! in `--peers`), while clients and agents use the servers' own ports; cutting a proxy
+//! drops every connection to that server from its peers. A full disk: when the driver
+//! runs as root, each server's data directory is a tmpfs of its own, filled to the last
+//! byte and then freed. Not injected: slow fsync (no portable way to slow one process's
+//! disk without a device mapper).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -84,6 +88,11 @@ pub enum Fault {
     KillAgent(usize),
     /// SIGSTOP of agent N, SIGCONT after.
     FreezeAgent(usize),
+    /// Server N's peers cannot reach it (its inbound server-to-server traffic is dropped
+    /// at a proxy: an asymmetric partition, since it still reaches them), healed after.
+    PartitionServer(usize),
+    /// Server N's disk is full (its data directory's tmpfs filled), freed after.
+    DiskFull(usize),
 }
 
 /// What a drive did and found.
@@ -124,11 +133,13 @@ impl FaultReport {
         let count = |f: fn(&Fault) -> bool| self.faults.iter().filter(|(_, x)| f(x)).count();
         let _ = write!(
             out,
-            " ({} server kills, {} server freezes, {} agent kills, {} agent freezes)",
+            " ({} server kills, {} server freezes, {} agent kills, {} agent freezes, {} partitions, {} full disks)",
             count(|f| matches!(f, Fault::KillServer(_))),
             count(|f| matches!(f, Fault::FreezeServer(_))),
             count(|f| matches!(f, Fault::KillAgent(_))),
             count(|f| matches!(f, Fault::FreezeAgent(_))),
+            count(|f| matches!(f, Fault::PartitionServer(_))),
+            count(|f| matches!(f, Fault::DiskFull(_))),
         );
         for f in self.failed_calls.iter().take(5) {
             let _ = write!(out, "\n  failed: {f}");
@@ -187,6 +198,114 @@ impl Drop for ServerProcess {
     }
 }
 
+/// A TCP proxy on 127.0.0.1 in front of one server's port, for its peers. Cut, it drops
+/// its connections and every new one.
+#[derive(Debug)]
+struct Proxy {
+    port: u16,
+    blocked: Arc<AtomicBool>,
+    live: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(target: u16) -> std::io::Result<Proxy> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let blocked = Arc::new(AtomicBool::new(false));
+        let live = Arc::new(std::sync::Mutex::new(Vec::<tokio::task::AbortHandle>::new()));
+        let (b, l) = (blocked.clone(), live.clone());
+        // Runs until the proxy is dropped (it aborts the task).
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                if b.load(Ordering::Relaxed) {
+                    drop(inbound);
+                    continue;
+                }
+                let relay = tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = out.set_nodelay(true);
+                        let _ = inbound.set_nodelay(true);
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+                let mut live = l.lock().expect("proxy lock");
+                live.retain(|h| !h.is_finished());
+                live.push(relay.abort_handle());
+            }
+        });
+        Ok(Proxy {
+            port,
+            blocked,
+            live,
+            task,
+        })
+    }
+
+    fn cut(&self) {
+        self.blocked.store(true, Ordering::Relaxed);
+        for h in self.live.lock().expect("proxy lock").drain(..) {
+            h.abort();
+        }
+    }
+
+    fn heal(&self) {
+        self.blocked.store(false, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut();
+    }
+}
+
+/// A tmpfs mounted on a data directory (the driver runs as root); unmounted when dropped.
+#[derive(Debug)]
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        // Only root may mount: elsewhere the mount fails and the disk is left as it is.
+        std::fs::create_dir_all(dir).ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+
+    /// Fills it (bounded: 2 GiB) with a file; returns its path.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        if let Ok(mut f) = std::fs::File::create(&path) {
+            let chunk = vec![0u8; 1 << 20];
+            for _ in 0..2048 {
+                if !matches!(f.write(&chunk), Ok(n) if n > 0) {
+                    break;
+                }
+            }
+            let _ = f.sync_all();
+        }
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 fn signal_agent(agent: &AgentProcess, signal: Signal) {
     if let Some(pid) = agent.pid() {
         let _ = kill(Pid::from_raw(pid as i32), signal);
@@ -218,6 +337,10 @@ struct Acked {
 #[derive(Debug)]
 pub struct ServerProcesses {
     servers: Vec<ServerProcess>,
+    /// Proxies in front of each server for its peers (with [`ServerProcesses::start_faulty`]).
+    proxies: Vec<Proxy>,
+    /// Each server's data directory on a tmpfs of its own (likewise, as root).
+    disks: Vec<Tmpfs>,
     /// Every server's URL, 1 first, comma-separated (a `--server` list).
     pub urls: String,
 }
@@ -225,11 +348,34 @@ pub struct ServerProcesses {
 impl ServerProcesses {
     /// Starts the three servers in `dir` and waits (bounded) until they answer as a cluster.
     pub async fn start(dir: &Path) -> anyhow::Result<ServerProcesses> {
+        Self::start_with(dir, false).await
+    }
+
+    /// [`ServerProcesses::start`], with the servers reaching each other through proxies
+    /// (so a partition can be made) and, as root, each on a tmpfs (so a disk can fill).
+    async fn start_faulty(dir: &Path) -> anyhow::Result<ServerProcesses> {
+        Self::start_with(dir, true).await
+    }
+
+    async fn start_with(dir: &Path, faulty: bool) -> anyhow::Result<ServerProcesses> {
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut proxies = Vec::new();
+        let mut disks = Vec::new();
+        if faulty {
+            for p in &ports {
+                proxies.push(Proxy::start(*p).await?);
+            }
+            for id in 1..=ports.len() {
+                disks.extend(Tmpfs::mount(&dir.join(format!("s{id}")), "1g"));
+            }
+        }
         let peers = ports
             .iter()
             .enumerate()
-            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .map(|(i, p)| {
+                let port = proxies.get(i).map_or(*p, |x| x.port);
+                format!("{}=127.0.0.1:{port}", i + 1)
+            })
             .collect::<Vec<_>>()
             .join(",");
         let key = dir.join("cluster.key");
@@ -263,7 +409,12 @@ impl ServerProcesses {
             .collect::<Vec<_>>()
             .join(",");
         crate::access::await_admin_token(&dir.join("s1/admin-token"), &urls).await?;
-        Ok(ServerProcesses { servers, urls })
+        Ok(ServerProcesses {
+            servers,
+            proxies,
+            disks,
+            urls,
+        })
     }
 
     /// Server `id`'s URL.
@@ -285,6 +436,23 @@ impl ServerProcesses {
     /// Sends `signal` (SIGSTOP, SIGCONT) to server `id`.
     pub fn signal(&self, id: usize, signal: Signal) {
         self.servers[id - 1].signal(signal);
+    }
+
+    /// Cuts server `id` off from its peers (see [`Fault::PartitionServer`]).
+    fn partition(&self, id: usize, cut: bool) {
+        if let Some(p) = self.proxies.get(id - 1) {
+            if cut { p.cut() } else { p.heal() }
+        }
+    }
+
+    /// Fills server `id`'s disk; the filler file to remove, if its disk is a tmpfs.
+    fn fill_disk(&self, id: usize) -> Option<PathBuf> {
+        let dir = self.servers[id - 1]
+            .args
+            .windows(2)
+            .find(|w| w[0] == "--data-dir")
+            .map(|w| PathBuf::from(&w[1]))?;
+        self.disks.iter().find(|d| d.0 == dir).map(Tmpfs::fill)
     }
 
     /// The leader that a majority of the running servers names (bounded: 10 s).
@@ -329,7 +497,7 @@ struct Farm {
 
 impl Farm {
     async fn start(dir: &Path, agents: usize) -> anyhow::Result<Farm> {
-        let cluster = ServerProcesses::start(dir).await?;
+        let cluster = ServerProcesses::start_faulty(dir).await?;
         let urls = cluster.urls.clone();
         crate::access::create_attached(&urls, "pool").await?;
         let mut farm = Farm {
@@ -349,6 +517,40 @@ impl Farm {
     fn client(&self) -> Servers {
         self.cluster.client()
     }
+}
+
+/// `rpc!(servers, SERVICE, METHOD, REQUEST)`: one unary call through the failing-over
+/// client ([`try_call`]), the request sent again on each try; the answer or the error.
+macro_rules! rpc {
+    ($servers:expr, $service:ident, $method:ident, $req:expr) => {{
+        let req = $req;
+        try_call($servers, |channel| {
+            let req = req.clone();
+            async move {
+                Clients::new(String::new(), channel)
+                    .$service
+                    .$method(req)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(muster_client::status)
+            }
+        })
+        .await
+    }};
+}
+
+/// Submits `spec` with idempotency key `key` through the failing-over client (retrying
+/// within 60 s); the run, or why not.
+pub async fn submit(
+    servers: &mut Servers,
+    spec: &v1::RunSpec,
+    key: &str,
+) -> Result<v1::Run, String> {
+    let req = v1::SubmitRunRequest {
+        spec: Some(spec.clone()),
+        idempotency_key: Some(key.to_string()),
+    };
+    rpc!(servers, runs, submit_run, req)
 }
 
 /// One call through the failing-over client, bounded as a whole; the last error.
@@ -408,23 +610,7 @@ async fn submitter(
             format!("echo {key}")
         };
         let spec = run_spec(command);
-        let k = key.clone();
-        let submitted = try_call(&mut servers, |channel| {
-            let req = v1::SubmitRunRequest {
-                spec: Some(spec.clone()),
-                idempotency_key: Some(k.clone()),
-            };
-            async move {
-                let mut c = Clients::new(String::new(), channel);
-                c.runs
-                    .submit_run(req)
-                    .await
-                    .map(|r| r.into_inner())
-                    .map_err(muster_client::status)
-            }
-        })
-        .await;
-        let run = match submitted {
+        let run = match submit(&mut servers, &spec, &key).await {
             Ok(run) => run,
             Err(e) => {
                 failed.lock().await.push(format!("submit {key}: {e}"));
@@ -433,22 +619,11 @@ async fn submitter(
         };
         acked.lock().await.runs.insert(key.clone(), run.id.clone());
         if long {
-            let id = run.id.clone();
-            let canceled = try_call(&mut servers, |channel| {
-                let req = v1::CancelRunRequest {
-                    id: id.clone(),
-                    reason: Some("fault driver".into()),
-                };
-                async move {
-                    let mut c = Clients::new(String::new(), channel);
-                    c.runs
-                        .cancel_run(req)
-                        .await
-                        .map(|r| r.into_inner())
-                        .map_err(muster_client::status)
-                }
-            })
-            .await;
+            let req = v1::CancelRunRequest {
+                id: run.id.clone(),
+                reason: Some("fault driver".into()),
+            };
+            let canceled = rpc!(&mut servers, runs, cancel_run, req);
             match canceled {
                 Ok(_) => {
                     acked.lock().await.canceled.insert(run.id);
@@ -462,21 +637,11 @@ async fn submitter(
                 .map(|s| muster_proto::sweep_spec_to_wire(&s))
                 .expect("the driver's sweep parses");
             let k = format!("{key}-sweep");
-            let sweep = try_call(&mut servers, |channel| {
-                let req = v1::SubmitSweepRequest {
-                    spec: Some(spec.clone()),
-                    idempotency_key: Some(k.clone()),
-                };
-                async move {
-                    let mut c = Clients::new(String::new(), channel);
-                    c.sweeps
-                        .submit_sweep(req)
-                        .await
-                        .map(|r| r.into_inner())
-                        .map_err(muster_client::status)
-                }
-            })
-            .await;
+            let req = v1::SubmitSweepRequest {
+                spec: Some(spec),
+                idempotency_key: Some(k.clone()),
+            };
+            let sweep = rpc!(&mut servers, sweeps, submit_sweep, req);
             match sweep {
                 Ok(s) => {
                     acked.lock().await.sweeps.insert(s.id);
@@ -521,16 +686,16 @@ pub async fn drive(dir: &Path, plan: &FaultPlan) -> anyhow::Result<FaultReport> 
     while start.elapsed() < plan.duration {
         tokio::time::sleep(between(&mut rng, plan.between_faults)).await;
         let length = between(&mut rng, plan.fault_length);
-        let fault = match rng.random_range(0..4) {
-            0 => Fault::KillServer(rng.random_range(1..=3)),
-            1 => Fault::FreezeServer(rng.random_range(1..=3)),
-            2 if !farm.agents.is_empty() => {
-                Fault::KillAgent(rng.random_range(0..farm.agents.len()))
-            }
-            _ if !farm.agents.is_empty() => {
-                Fault::FreezeAgent(rng.random_range(0..farm.agents.len()))
-            }
-            _ => Fault::FreezeServer(rng.random_range(1..=3)),
+        let server = rng.random_range(1..=3);
+        let agent = rng.random_range(0..farm.agents.len().max(1));
+        let fault = match rng.random_range(0..6) {
+            0 => Fault::KillServer(server),
+            1 => Fault::FreezeServer(server),
+            2 if !farm.agents.is_empty() => Fault::KillAgent(agent),
+            3 if !farm.agents.is_empty() => Fault::FreezeAgent(agent),
+            4 => Fault::PartitionServer(server),
+            5 if !farm.cluster.disks.is_empty() => Fault::DiskFull(server),
+            _ => Fault::FreezeServer(server),
         };
         faults.push((start.elapsed(), fault));
         match fault {
@@ -554,6 +719,18 @@ pub async fn drive(dir: &Path, plan: &FaultPlan) -> anyhow::Result<FaultReport> 
                 signal_agent(&farm.agents[n], Signal::SIGSTOP);
                 tokio::time::sleep(length).await;
                 signal_agent(&farm.agents[n], Signal::SIGCONT);
+            }
+            Fault::PartitionServer(n) => {
+                farm.cluster.partition(n, true);
+                tokio::time::sleep(length).await;
+                farm.cluster.partition(n, false);
+            }
+            Fault::DiskFull(n) => {
+                let filler = farm.cluster.fill_disk(n);
+                tokio::time::sleep(length).await;
+                if let Some(f) = filler {
+                    let _ = std::fs::remove_file(f);
+                }
             }
         }
     }
@@ -592,23 +769,12 @@ async fn all_runs(servers: &mut Servers) -> Option<Vec<v1::Run>> {
     let mut runs = Vec::new();
     let mut token = String::new();
     for _ in 0..10_000 {
-        let t = token.clone();
-        let page = call(servers, |channel| {
-            let req = v1::ListRunsRequest {
-                page_size: 1000,
-                page_token: t.clone(),
-                ..Default::default()
-            };
-            async move {
-                let mut c = Clients::new(String::new(), channel);
-                c.runs
-                    .list_runs(req)
-                    .await
-                    .map(|r| r.into_inner())
-                    .map_err(muster_client::status)
-            }
-        })
-        .await?;
+        let req = v1::ListRunsRequest {
+            page_size: 1000,
+            page_token: token.clone(),
+            ..Default::default()
+        };
+        let page = rpc!(servers, runs, list_runs, req).ok()?;
         runs.extend(page.runs);
         if page.next_page_token.is_empty() {
             return Some(runs);
@@ -767,21 +933,11 @@ async fn check(farm: &Farm, acked: &Acked) -> Vec<String> {
     }
     // Every acknowledged sweep ended.
     for id in &acked.sweeps {
-        let sweep = call(&mut servers, |channel| {
-            let req = v1::GetSweepRequest {
-                id: id.clone(),
-                stale: false,
-            };
-            async move {
-                let mut c = Clients::new(String::new(), channel);
-                c.sweeps
-                    .get_sweep(req)
-                    .await
-                    .map(|r| r.into_inner())
-                    .map_err(muster_client::status)
-            }
-        })
-        .await;
+        let req = v1::GetSweepRequest {
+            id: id.clone(),
+            stale: false,
+        };
+        let sweep = rpc!(&mut servers, sweeps, get_sweep, req).ok();
         match sweep {
             None => violations.push(format!("acknowledged sweep {id} cannot be read")),
             Some(s)

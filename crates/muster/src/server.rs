@@ -25,6 +25,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     config.max_uploads_per_caller = args.max_uploads_per_caller;
     config.upload_bytes_per_sec = args.upload_mib_per_sec << 20;
     config.retention = args.retention;
+    config.restore_from = args.restore_from.clone();
     config.retention_check = args.retention_check;
     if let Some(path) = &args.cluster_key_file {
         let key = std::fs::read_to_string(path)

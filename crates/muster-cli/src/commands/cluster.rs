@@ -77,6 +77,9 @@ pub async fn run(servers: &str, output: OutputFormat, cmd: ClusterCommand) -> an
                 .remove_server(v1::RemoveServerRequest { id })
                 .await
         }
+        ClusterCommand::Backup { out, no_blobs } => {
+            return backup(servers, output, &out, no_blobs).await;
+        }
         ClusterCommand::TransferLeader { to } => {
             leader(servers)
                 .await?
@@ -181,5 +184,73 @@ async fn status_all(servers: &str, output: OutputFormat) -> anyhow::Result<()> {
         };
     }
     println!("{t}");
+    Ok(())
+}
+
+/// `muster cluster backup --out FILE`: streams the backup to `FILE.partial`, renames it,
+/// and says what it holds.
+async fn backup(
+    servers: &str,
+    output: OutputFormat,
+    out: &std::path::Path,
+    no_blobs: bool,
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use std::io::Write;
+    // No deadline on the answer: a backup with its blobs takes as long as they do.
+    let list = Servers::parse(servers)
+        .with_credentials(crate::client_credentials(servers)?)
+        .with_connect_timeout(Duration::from_secs(2));
+    let mut client = connect(&list).await?;
+    let mut stream = client
+        .backup(v1::BackupRequest { no_blobs })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let partial = out.with_extension("partial");
+    let mut file = std::io::BufWriter::new(
+        std::fs::File::create(&partial)
+            .map_err(|e| anyhow::anyhow!("--out: cannot create {}: {e}", partial.display()))?,
+    );
+    let mut bytes = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(status)?;
+        bytes += chunk.data.len() as u64;
+        file.write_all(&chunk.data)?;
+    }
+    let file = file.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    drop(file);
+    // What the backup says of itself (its first entry).
+    let mut archive = tar::Archive::new(std::fs::File::open(&partial)?);
+    let info: serde_json::Value = archive
+        .entries()?
+        .next()
+        .and_then(|e| e.ok())
+        .and_then(|e| serde_json::from_reader(e).ok())
+        .ok_or_else(|| anyhow::anyhow!("the server's answer is not a muster backup"))?;
+    std::fs::rename(&partial, out)?;
+    if output == OutputFormat::Json {
+        print_json(&json!({"file": out, "bytes": bytes, "backup": info}));
+        return Ok(());
+    }
+    println!(
+        "Backed up the state at index {} and {} blobs ({}) from server {} to {}",
+        info["applied_index"],
+        info["blobs"],
+        crate::snapshot::human_bytes(bytes),
+        info["server_id"],
+        out.display()
+    );
+    if let Some(missing) = info["missing_blobs"].as_array().filter(|m| !m.is_empty()) {
+        eprintln!(
+            "warning: {} blobs the state refers to were on no server that answered, so they are not in the backup (the runs or assets that use them will not download)",
+            missing.len()
+        );
+    }
+    eprintln!(
+        "Restore it into an empty data directory: muster server --data-dir DIR --restore-from {}",
+        out.display()
+    );
     Ok(())
 }

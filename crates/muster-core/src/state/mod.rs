@@ -688,6 +688,44 @@ impl<T> PartialEq for Derived<T> {
 impl<T> Eq for Derived<T> {}
 
 impl State {
+    /// The blobs the state refers to, as (snapshot manifests, other blobs): runs' code
+    /// and uploaded inputs (manifests), their attempts' outputs, sealed logs and metrics,
+    /// data assets' snapshots (manifests) and registered outputs, components' code
+    /// (manifests), retention archives. A manifest's files are named inside it. What a
+    /// backup must hold (muster-server's `backup`).
+    pub fn referenced_blobs(&self) -> (BTreeSet<String>, BTreeSet<String>) {
+        let mut manifests = BTreeSet::new();
+        let mut blobs = BTreeSet::new();
+        for run in self.runs.values() {
+            manifests.extend(run.spec.code.iter().map(|c| c.manifest.clone()));
+            manifests.extend(run.spec.snapshot_inputs.values().cloned());
+            for a in &run.attempts {
+                blobs.extend(a.outputs.iter().cloned());
+                blobs.extend(a.logs.values().map(|l| l.sha256.clone()));
+                blobs.extend(a.metrics.iter().map(|m| m.sha256.clone()));
+            }
+        }
+        for asset in self.data_assets.values().flatten() {
+            match &asset.source {
+                crate::data::DataSource::Snapshot { manifest, .. } => {
+                    manifests.insert(manifest.clone());
+                }
+                crate::data::DataSource::Output { archive, .. } => {
+                    blobs.insert(archive.clone());
+                }
+                crate::data::DataSource::Url { .. } => {}
+            }
+        }
+        manifests.extend(
+            self.components
+                .values()
+                .flatten()
+                .filter_map(|c| c.code.clone()),
+        );
+        blobs.extend(self.archives.iter().map(|a| a.sha256.clone()));
+        (manifests, blobs)
+    }
+
     /// Decodes a snapshot produced by [`State::to_snapshot`].
     pub fn from_snapshot(bytes: &[u8]) -> Result<State, String> {
         let mut state: State =

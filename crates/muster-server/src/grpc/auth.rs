@@ -332,9 +332,10 @@ pub(crate) fn rule(path: &str) -> Option<Rule> {
         ("muster.v1.AgentService", "Register" | "Heartbeat" | "Session") => agents,
 
         ("muster.v1.ClusterService", "Status") => users_and_servers(Reader),
-        ("muster.v1.ClusterService", "AddServer" | "RemoveServer" | "TransferLeader") => {
-            cluster(Admin)
-        }
+        (
+            "muster.v1.ClusterService",
+            "AddServer" | "RemoveServer" | "TransferLeader" | "Backup",
+        ) => cluster(Admin),
         ("muster.v1.ClusterService", "Raft" | "Forward" | "ReadIndex") => servers,
 
         (

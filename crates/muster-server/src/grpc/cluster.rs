@@ -93,8 +93,84 @@ impl Cluster {
     }
 }
 
+/// A backup's bytes, as the blocking writer hands them over.
+type BackupStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<v1::BackupChunk, Status>> + Send>>;
+
+/// A `Write` that sends what it is given as chunks of about 1 MiB (blocking: it runs on
+/// a blocking thread, and waits while the client is slower than the disk).
+struct ChunkWriter {
+    tx: tokio::sync::mpsc::Sender<Result<v1::BackupChunk, Status>>,
+    buf: Vec<u8>,
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= 1 << 20 {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let data = std::mem::take(&mut self.buf);
+        self.tx
+            .blocking_send(Ok(v1::BackupChunk { data }))
+            .map_err(|_| std::io::Error::other("the client went away"))
+    }
+}
+
 #[tonic::async_trait]
 impl ClusterService for Cluster {
+    type BackupStream = BackupStream;
+
+    async fn backup(
+        &self,
+        req: Request<v1::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        let with_blobs = !req.into_inner().no_blobs;
+        // What a majority has committed, read here once this replica has applied it.
+        self.0.coordinator.linearize(false).await.map_err(status)?;
+        let applied_index = *self.0.coordinator.subscribe().borrow();
+        let (state, (manifests, blobs)) = self
+            .0
+            .coordinator
+            .read(|s| (s.to_snapshot(), s.referenced_blobs()));
+        let missing_blobs = if with_blobs {
+            self.0.store.gather(&manifests, &blobs).await
+        } else {
+            Vec::new()
+        };
+        let info = crate::backup::BackupInfo {
+            format: crate::backup::FORMAT.into(),
+            applied_index,
+            taken_at_ms: crate::coordinator::now_ms(),
+            server_id: self.0.config.raft.id,
+            blobs: 0,
+            missing_blobs,
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let store = self.0.store.blobs.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = ChunkWriter {
+                tx: tx.clone(),
+                buf: Vec::new(),
+            };
+            let written = crate::backup::write(info, &state, &store, with_blobs, &mut out)
+                .and_then(|()| std::io::Write::flush(&mut out));
+            if let Err(e) = written {
+                let _ = tx.blocking_send(Err(Status::internal(format!("the backup stopped: {e}"))));
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn status(
         &self,
         req: Request<v1::ClusterStatusRequest>,

@@ -71,6 +71,27 @@ impl BlobStore {
         Ok(BlobStore { root })
     }
 
+    /// Every blob stored (their SHA-256s), read from the folders.
+    pub fn list(&self) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        for dir in std::fs::read_dir(&self.root)? {
+            let dir = dir?;
+            let name = dir.file_name();
+            let name = name.to_string_lossy();
+            if name.len() != 2 || !dir.file_type()?.is_dir() {
+                continue;
+            }
+            for blob in std::fs::read_dir(dir.path())? {
+                let blob = blob?.file_name().to_string_lossy().into_owned();
+                if is_sha256_hex(&blob) && blob.starts_with(name.as_ref()) {
+                    out.push(blob);
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Where a blob lives.
     pub fn path(&self, sha256: &str) -> Result<PathBuf, BlobError> {
         if !is_sha256_hex(sha256) {

@@ -172,6 +172,39 @@ impl Store {
         Ok(hashes)
     }
 
+    /// Makes sure this server holds every blob of `manifests` (with the files each names)
+    /// and of `blobs`, fetching what it lacks from its peers; the ones no peer had.
+    pub async fn gather(
+        &self,
+        manifests: &std::collections::BTreeSet<String>,
+        blobs: &std::collections::BTreeSet<String>,
+    ) -> Vec<String> {
+        let mut missing = Vec::new();
+        let mut wanted: Vec<String> = blobs.iter().cloned().collect();
+        for m in manifests {
+            if self.ensure_local("a snapshot manifest", m).await.is_err() {
+                missing.push(m.clone());
+                continue;
+            }
+            let files = self
+                .blobs
+                .get(m)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Manifest>(&b).ok())
+                .map(|man| man.files.into_iter().map(|f| f.sha256).collect::<Vec<_>>())
+                .unwrap_or_default();
+            wanted.extend(files);
+        }
+        for sha in wanted {
+            if self.ensure_local("a blob", &sha).await.is_err() {
+                missing.push(sha);
+            }
+        }
+        missing.sort();
+        missing.dedup();
+        missing
+    }
+
     /// Makes sure this server holds blob `sha256` (a sealed log or metrics the state
     /// refers to), repairing it from a peer if it missed it.
     pub async fn ensure_local(&self, what: &'static str, sha256: &str) -> Result<(), StoreError> {
