@@ -68,6 +68,8 @@ pub fn build(dir: &Path, limits: SnapshotLimits) -> anyhow::Result<Snapshot> {
     } else {
         walk.git_ignore(true).require_git(false);
     }
+    let root = std::fs::canonicalize(dir)
+        .with_context(|| format!("code: cannot read the code directory {}", dir.display()))?;
     let mut entries: Vec<(String, PathBuf, u64, bool)> = Vec::new();
     let mut total = 0u64;
     for item in walk.build() {
@@ -82,7 +84,15 @@ pub fn build(dir: &Path, limits: SnapshotLimits) -> anyhow::Result<Snapshot> {
         {
             continue;
         }
-        // Follow a symlink to its content; skip links to directories or nowhere.
+        // A link to a file inside the directory is that file's content; any other link is
+        // left out, with a warning: never the bytes of a file outside (`leak ->
+        // /etc/passwd`), nor a folder it would walk into.
+        if item.path_is_symlink()
+            && let Some(why) = link_left_out(&root, path)
+        {
+            eprintln!("warning: code: {} is {why}: not uploaded", rel.display());
+            continue;
+        }
         let Ok(meta) = std::fs::metadata(path) else {
             continue;
         };
@@ -143,6 +153,25 @@ pub fn build(dir: &Path, limits: SnapshotLimits) -> anyhow::Result<Snapshot> {
         sources,
         git: git_info(dir),
     })
+}
+
+/// Why the symbolic link `path` in the snapshotted directory `root` (canonical) is left
+/// out, or `None` when it names a file inside `root` (whose content is taken).
+fn link_left_out(root: &Path, path: &Path) -> Option<String> {
+    let target = std::fs::read_link(path)
+        .map(|t| t.display().to_string())
+        .unwrap_or_default();
+    match std::fs::canonicalize(path) {
+        Err(_) => Some(format!("a link to {target}, which does not exist")),
+        Ok(t) if !t.starts_with(root) => Some(format!(
+            "a link to {target}, outside {} (copy the file in to upload it)",
+            root.display()
+        )),
+        Ok(t) if t.is_dir() => Some(format!(
+            "a link to the folder {target} (links to folders are not followed: put the folder in, or give it as a data input)"
+        )),
+        Ok(_) => None,
+    }
 }
 
 /// The limits of a data input uploaded with a submit (a local `path:`): larger than a code
@@ -389,6 +418,37 @@ mod tests {
             paths(&s),
             vec![".gitignore", "sub/.gitignore", "sub/keep.txt", "train.py"]
         );
+    }
+
+    #[test]
+    fn links_out_of_the_directory_or_to_folders_are_left_out() {
+        let outside = tempfile::tempdir().unwrap();
+        write(outside.path(), "passwd", "root:x:0:0");
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "train.py", "print(1)");
+        write(d.path(), "conf/base.yml", "lr: 1");
+        let link = |target: &Path, name: &str| {
+            std::os::unix::fs::symlink(target, d.path().join(name)).unwrap();
+        };
+        link(&outside.path().join("passwd"), "leak");
+        link(outside.path(), "outside-folder");
+        link(Path::new("conf"), "conf-link");
+        link(Path::new("conf/base.yml"), "base.yml");
+        link(Path::new("nowhere"), "dangling");
+        let s = build(d.path(), SnapshotLimits::default()).unwrap();
+        // Only the link to a file inside is taken (as that file's content).
+        assert_eq!(paths(&s), vec!["base.yml", "conf/base.yml", "train.py"]);
+        assert!(s.sources.iter().all(|p| !p.starts_with(outside.path())));
+        let link_reasons = [
+            (outside.path().join("passwd"), "outside"),
+            (PathBuf::from("conf"), "folders are not followed"),
+            (PathBuf::from("nowhere"), "does not exist"),
+        ];
+        let root = std::fs::canonicalize(d.path()).unwrap();
+        for (name, (_, why)) in ["leak", "conf-link", "dangling"].iter().zip(link_reasons) {
+            let said = link_left_out(&root, &d.path().join(name)).unwrap();
+            assert!(said.contains(why), "{name}: {said}");
+        }
     }
 
     #[test]

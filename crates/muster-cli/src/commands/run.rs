@@ -638,9 +638,18 @@ async fn download(
         let dest = to.join("outputs");
         let archive2 = archive.clone();
         let only = only.map(str::to_string);
-        files = tokio::task::spawn_blocking(move || unpack(&archive2, &dest, only.as_deref()))
-            .await??;
+        let (unpacked, skipped) =
+            tokio::task::spawn_blocking(move || unpack(&archive2, &dest, only.as_deref()))
+                .await??;
+        files = unpacked;
         let _ = std::fs::remove_file(&archive);
+        if !skipped.is_empty() {
+            eprintln!(
+                "warning: run {id}'s outputs hold {} entries that are not files or folders, not written (muster never recreates a run's links): {}",
+                skipped.len(),
+                skipped.join(", ")
+            );
+        }
     }
     if let Some(name) = only {
         if files == 0 {
@@ -692,8 +701,11 @@ async fn download(
 }
 
 /// Unpacks an outputs archive into `dest` (all of it, or only `only`'s file or folder);
-/// returns how many files it held. The tar crate keeps every entry inside `dest`.
-fn unpack(archive: &Path, dest: &Path, only: Option<&str>) -> anyhow::Result<usize> {
+/// returns how many files it held, and the entries it did not write. Only files and
+/// folders are written: a link a run left in `outputs/` (`evil -> /etc/shadow`), a device
+/// or a FIFO is never recreated, and no entry lands outside `dest` (an absolute path or a
+/// `..` is refused by the tar crate, and without links nothing inside can lead out).
+fn unpack(archive: &Path, dest: &Path, only: Option<&str>) -> anyhow::Result<(usize, Vec<String>)> {
     let wanted = |path: &Path| {
         only.is_none_or(|name| {
             path.components()
@@ -703,16 +715,85 @@ fn unpack(archive: &Path, dest: &Path, only: Option<&str>) -> anyhow::Result<usi
     };
     let mut ar = tar::Archive::new(std::fs::File::open(archive)?);
     let mut files = 0;
+    let mut skipped = Vec::new();
     std::fs::create_dir_all(dest)?;
     for entry in ar.entries()? {
         let mut entry = entry?;
-        if !wanted(&entry.path()?) {
+        let path = entry.path()?.into_owned();
+        if !wanted(&path) {
             continue;
         }
-        if entry.header().entry_type().is_file() {
+        let kind = entry.header().entry_type();
+        if !(kind.is_file() || kind.is_dir()) {
+            let target = entry
+                .link_name()
+                .ok()
+                .flatten()
+                .map(|t| format!(" -> {}", t.display()))
+                .unwrap_or_default();
+            skipped.push(format!("{}{target}", path.display()));
+            continue;
+        }
+        if !entry.unpack_in(dest)? {
+            skipped.push(format!("{} (outside the folder)", path.display()));
+            continue;
+        }
+        if kind.is_file() {
             files += 1;
         }
-        entry.unpack_in(dest)?;
     }
-    Ok(files)
+    Ok((files, skipped))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An outputs archive as a hostile run could leave it: a link out, a name that climbs
+    /// out, a file behind the link's name, and one honest file.
+    fn hostile_archive(path: &Path) {
+        let mut b = tar::Builder::new(std::fs::File::create(path).unwrap());
+        let mut link = tar::Header::new_gnu();
+        link.set_entry_type(tar::EntryType::Symlink);
+        link.set_link_name("/etc/shadow").unwrap();
+        link.set_size(0);
+        link.set_cksum();
+        b.append_data(&mut link, "evil", std::io::empty()).unwrap();
+        let mut climb = tar::Header::new_old();
+        climb.as_old_mut().name[..4].copy_from_slice(b"../x");
+        climb.set_size(3);
+        climb.set_mode(0o644);
+        climb.set_cksum();
+        b.append(&climb, &b"bad"[..]).unwrap();
+        for (name, data) in [
+            ("evil/passwd", &b"through the link"[..]),
+            ("model.txt", b"ok"),
+        ] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, data).unwrap();
+        }
+        b.finish().unwrap();
+    }
+
+    #[test]
+    fn a_download_writes_files_and_folders_only_and_nothing_outside() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("outputs.tar");
+        hostile_archive(&archive);
+        let dest = dir.path().join("run/outputs");
+        let (files, skipped) = unpack(&archive, &dest, None).unwrap();
+        assert_eq!(std::fs::read(dest.join("model.txt")).unwrap(), b"ok");
+        assert!(!dir.path().join("run/x").exists() && !dir.path().join("x").exists());
+        let evil = std::fs::symlink_metadata(dest.join("evil")).unwrap();
+        assert!(evil.is_dir(), "evil is a plain folder, never a link");
+        assert_eq!(files, 2, "model.txt and evil/passwd");
+        assert!(
+            skipped.iter().any(|s| s == "evil -> /etc/shadow"),
+            "{skipped:?}"
+        );
+        assert!(skipped.iter().any(|s| s.starts_with("../x")), "{skipped:?}");
+    }
 }
