@@ -222,6 +222,22 @@ async fn a_job_its_target_can_never_hold_is_refused_at_submit_and_nothing_queues
             && out.stderr.contains("it waits until a larger node joins"),
         "{out:?}"
     );
+    // Waiting for it says why it waits, and gives up with its own exit code.
+    let id = out.stdout.trim().to_string();
+    let waited = muster(
+        &dev.url(),
+        project.path(),
+        &["run", "wait", &id, "--timeout", "3"],
+    )
+    .await;
+    assert_eq!(waited.code, 75, "{waited:?}");
+    assert!(
+        waited
+            .stderr
+            .contains(&format!("run {id} is queued: waiting: "))
+            && waited.stderr.contains("GPU"),
+        "{waited:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

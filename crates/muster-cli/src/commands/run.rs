@@ -127,13 +127,16 @@ pub async fn run(server: &str, output: OutputFormat, cmd: RunCommand) -> anyhow:
         }
         RunCommand::Wait { id, timeout } => {
             let mut c = connect(server).await?;
-            let run =
-                match until_interrupted(&id, wait(&mut c, &id, timeout.map(Duration::from_secs)))
-                    .await?
-                {
-                    Ok(run) => run,
-                    Err(code) => return Ok(code),
-                };
+            let shown = c.clone();
+            let waited = saying_why_it_waits(
+                &shown,
+                &id,
+                wait(&mut c, &id, timeout.map(Duration::from_secs)),
+            );
+            let run = match until_interrupted(&id, waited).await? {
+                Ok(run) => run,
+                Err(code) => return Ok(code),
+            };
             print_run(output, &run);
             if !run.state().is_terminal() {
                 eprintln!(
@@ -182,6 +185,70 @@ async fn until_interrupted<T>(
             eprintln!("\nrun {id} keeps running: `muster run cancel {id}` stops it");
             Ok(Err(EXIT_INTERRUPTED))
         }
+    }
+}
+
+/// How a run that has not started yet reads on stderr while a client waits for it:
+/// `queued: waiting: needs 1 node with 4 free GPUs; …`, or `preparing on gpu-01`; `None`
+/// once it runs or has ended (its logs and its end speak then).
+fn waiting_line(run: &v1::Run) -> Option<String> {
+    let state = run.state();
+    let node = || {
+        run.attempts
+            .last()
+            .and_then(|a| a.placements.first())
+            .map(|p| format!(" on {}", p.node_name))
+            .unwrap_or_default()
+    };
+    match state {
+        v1::RunState::Queued => Some(match &run.message {
+            Some(m) if m.contains("waiting:") => format!("queued: {m}"),
+            _ => "queued".to_string(),
+        }),
+        v1::RunState::Scheduled | v1::RunState::Preparing => {
+            Some(format!("{}{}", v1::RunState::word_of(run.state), node()))
+        }
+        _ => None,
+    }
+}
+
+/// Runs `follow` while saying on stderr what the run waits for, each time it changes
+/// (looked up every second): the scheduler's reason while it is queued, then where it is
+/// being prepared. Quiet once the run has started.
+async fn saying_why_it_waits<T>(
+    c: &Clients,
+    id: &str,
+    follow: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    let mut c = c.clone();
+    let id = id.to_string();
+    let say = async move {
+        let mut said: Option<String> = None;
+        // Until the run starts (then this future is left pending) or `follow` ends.
+        loop {
+            if let Ok(run) = c
+                .runs
+                .get_run(v1::GetRunRequest {
+                    id: id.clone(),
+                    ..Default::default()
+                })
+                .await
+            {
+                let line = waiting_line(&run.into_inner());
+                let Some(line) = line else {
+                    return std::future::pending::<()>().await;
+                };
+                if said.as_ref() != Some(&line) {
+                    eprintln!("run {id} is {line}");
+                    said = Some(line);
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    tokio::select! {
+        done = follow => done,
+        () = say => unreachable!("saying why a run waits never ends by itself"),
     }
 }
 
@@ -574,10 +641,14 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
         }
     }
     let mut c = connect(server).await?;
-    let followed = until_interrupted(&run.id, async {
-        stream_logs(&mut c, &run.id, true, None, None).await?;
-        wait(&mut c, &run.id, None).await
-    })
+    let shown = c.clone();
+    let followed = until_interrupted(
+        &run.id,
+        saying_why_it_waits(&shown, &run.id, async {
+            stream_logs(&mut c, &run.id, true, None, None).await?;
+            wait(&mut c, &run.id, None).await
+        }),
+    )
     .await?;
     let done = match followed {
         Ok(done) => done,
