@@ -209,6 +209,14 @@ async fn a_job_its_target_can_never_hold_is_refused_at_submit_and_nothing_queues
         "{out:?}"
     );
     assert_eq!(muster_tests::all_runs(&dev.url()).await.len(), 1);
+    // With `-o json` the refusal is a JSON object: the server's code, the message, the field.
+    let json_args = [&["-o", "json"][..], &gpus[..]].concat();
+    let out = muster(&dev.url(), project.path(), &json_args).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    let error: serde_json::Value = serde_json::from_str(out.stderr.trim()).unwrap();
+    assert_eq!(error["error"]["code"], "invalid_argument", "{error}");
+    assert_eq!(error["error"]["field"], "resources.gpus", "{error}");
+    assert!(out.stdout.is_empty(), "{out:?}");
     // `local` takes any node that joins: the run waits, with a warning that says why.
     let out = muster(
         &dev.url(),

@@ -222,7 +222,88 @@ pub fn run_details(r: &v1::Run) -> String {
         .collect()
 }
 
+/// A failed command's error as `-o json` prints it (on stderr, one line):
+/// `{"error": {"code": "invalid_argument", "message": "...", "field": "inputs.x.path"}}`.
+/// `code` is the server's gRPC code when a server refused, `unavailable` when none
+/// answered, else `error`; `field` is the setting the message names first (after a file
+/// name), when it names one.
+pub fn error_json(e: &anyhow::Error) -> Value {
+    let code = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<muster_client::ClientError>())
+        .map(|c| match c.code() {
+            Some(code) => grpc_code_word(code),
+            None if c.is_retryable() => "unavailable".to_string(),
+            None => "error".to_string(),
+        })
+        .unwrap_or_else(|| "error".to_string());
+    let message = format!("{e:#}");
+    let field = message
+        .split(": ")
+        .find(|part| {
+            !(part.ends_with(".yml")
+                || part.ends_with(".yaml")
+                || part.ends_with(".runconfig")
+                || part.starts_with("error"))
+        })
+        .filter(|part| {
+            !part.is_empty()
+                && part.len() <= 200
+                && part.chars().all(|c| {
+                    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '[' | ']' | '$')
+                })
+                && part
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '$' || c == '-')
+        })
+        .map(str::to_string);
+    serde_json::json!({"error": {"code": code, "message": message, "field": field}})
+}
+
+/// `invalid_argument`, `not_found`, … as gRPC spells its codes.
+fn grpc_code_word(code: tonic::Code) -> String {
+    let debug = format!("{code:?}");
+    let mut word = String::new();
+    for (i, ch) in debug.chars().enumerate() {
+        if ch.is_ascii_uppercase() && i > 0 {
+            word.push('_');
+        }
+        word.push(ch.to_ascii_lowercase());
+    }
+    word
+}
+
 /// Prints JSON.
 pub fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).expect("JSON prints"));
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    #[test]
+    fn json_errors_carry_the_code_the_message_and_the_field() {
+        let refused = anyhow::Error::new(muster_client::status(tonic::Status::invalid_argument(
+            "resources.gpus: the run asks for 8 GPUs",
+        )));
+        let v = error_json(&refused);
+        assert_eq!(v["error"]["code"], "invalid_argument");
+        assert_eq!(v["error"]["field"], "resources.gpus");
+        let parse = anyhow::anyhow!("job.yml: inputs.x.path: ./nope does not exist");
+        let v = error_json(&parse);
+        assert_eq!(v["error"]["code"], "error");
+        assert_eq!(v["error"]["field"], "inputs.x.path");
+        assert_eq!(
+            v["error"]["message"],
+            "job.yml: inputs.x.path: ./nope does not exist"
+        );
+        let plain = anyhow::anyhow!("cannot read job.yml");
+        assert!(error_json(&plain)["error"]["field"].is_null());
+        assert_eq!(
+            grpc_code_word(tonic::Code::FailedPrecondition),
+            "failed_precondition"
+        );
+    }
 }

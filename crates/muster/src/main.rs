@@ -46,8 +46,13 @@ async fn run(cli: Cli, daemon: bool) {
         )
         .with_writer(std::io::stderr)
         .init();
+    let json = cli.output == muster_cli::cli::OutputFormat::Json && !daemon;
     match muster::execute(cli).await {
         Ok(code) => std::process::exit(code),
+        Err(e) if json => {
+            eprintln!("{}", muster_cli::output::error_json(&e));
+            std::process::exit(1);
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::exit(1);
