@@ -963,3 +963,56 @@ async fn an_agent_runs_a_run_through_the_fake_executor() {
     let run = wait_done(&url, &failing).await;
     assert_eq!((run.state().word(), run.exit_code), ("failed", Some(3)));
 }
+
+/// An attached target whose machine is gone can be cleaned up: `node remove` once its agent
+/// stopped (refused while it is ready), then `compute delete`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gone_node_is_removed_and_its_attached_target_deleted() {
+    let dev = short_grace_dev().await;
+    let url = dev.url();
+    let p = tempfile::tempdir().unwrap();
+    let made = muster(
+        &url,
+        p.path(),
+        &["compute", "create", "old-farm", "--type", "attached"],
+    )
+    .await;
+    assert_eq!(made.code, 0, "{made:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let config = agent_config(
+        &url,
+        dir.path(),
+        "old-farm",
+        "old-box",
+        Arc::new(muster_agent::NoGpus),
+    );
+    let agent = AgentHandle::start(&url, config).await.unwrap();
+    let refused = muster(&url, p.path(), &["node", "remove", "old-box"]).await;
+    assert_ne!(refused.code, 0, "{refused:?}");
+    assert!(
+        refused.stderr.contains("stop its agent first"),
+        "{refused:?}"
+    );
+    let busy = muster(&url, p.path(), &["compute", "delete", "old-farm"]).await;
+    assert_ne!(busy.code, 0, "{busy:?}");
+    agent.stop().await.unwrap();
+    // The node turns lost after the grace period (3 s here).
+    let mut removed = None;
+    for _ in 0..100 {
+        let out = muster(&url, p.path(), &["node", "remove", "old-box"]).await;
+        if out.code == 0 {
+            removed = Some(out);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let removed = removed.expect("the node is removed once it is lost (within 20 s)");
+    assert!(
+        removed.stdout.contains("Node old-box is removed"),
+        "{removed:?}"
+    );
+    let listed = muster(&url, p.path(), &["node", "list"]).await;
+    assert!(!listed.stdout.contains("old-box"), "{listed:?}");
+    let deleted = muster(&url, p.path(), &["compute", "delete", "old-farm"]).await;
+    assert_eq!(deleted.code, 0, "{deleted:?}");
+}

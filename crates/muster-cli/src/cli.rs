@@ -624,6 +624,12 @@ pub enum NodeCommand {
         /// Name or id.
         node: String,
     },
+    /// Remove a node whose agent is gone (lost, drained or evicted, no active run): its
+    /// agent's credential is revoked; `compute delete` of an attached target then works.
+    Remove {
+        /// Name or id.
+        node: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

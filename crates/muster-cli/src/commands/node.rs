@@ -20,10 +20,12 @@ pub async fn run(server: &str, output: OutputFormat, cmd: NodeCommand) -> anyhow
         NodeCommand::Show { node } => node.clone(),
         NodeCommand::Drain { node }
         | NodeCommand::Evict { node }
-        | NodeCommand::Resume { node } => {
+        | NodeCommand::Resume { node }
+        | NodeCommand::Remove { node } => {
             let action = match &cmd {
                 NodeCommand::Drain { .. } => "drain",
                 NodeCommand::Evict { .. } => "evict",
+                NodeCommand::Remove { .. } => "remove",
                 _ => "resume",
             };
             let n = c
@@ -42,6 +44,9 @@ pub async fn run(server: &str, output: OutputFormat, cmd: NodeCommand) -> anyhow
                 let what = match action {
                     "drain" => "takes no new runs; running ones finish",
                     "evict" => "is evicted; its runs restart elsewhere",
+                    "remove" => {
+                        "is removed; its agent's credential is revoked (a new join token brings the machine back)"
+                    }
                     _ => "takes runs again",
                 };
                 println!("Node {} {what}.", n.name);

@@ -164,6 +164,7 @@ impl State {
                 }
                 Ok(Applied::Done)
             }
+            Command::RemoveNode { node_id, at } => self.remove_node(node_id, *at),
             Command::SetNodeState {
                 node_id,
                 state,
@@ -748,6 +749,50 @@ impl State {
                 self.computes.remove(compute);
             }
         }
+        Ok(Applied::Done)
+    }
+
+    fn remove_node(&mut self, node_id: &str, at: Millis) -> Result<Applied, ApplyError> {
+        let node = self
+            .nodes
+            .get(node_id)
+            .ok_or_else(|| ApplyError::UnknownNode(node_id.to_string()))?;
+        let in_use = |why: String| ApplyError::NodeInUse {
+            node: node.name.clone(),
+            why,
+        };
+        if self
+            .scaling
+            .get(&node.compute)
+            .is_some_and(|s| s.nodes.contains_key(&node.name))
+        {
+            return Err(in_use(format!(
+                "compute target {} made it with its provisioner, which releases it when it is idle: lower the target's max_instances, or delete the target",
+                node.compute
+            )));
+        }
+        if !node.attempts.is_empty() {
+            return Err(in_use(format!(
+                "it holds {} active attempt(s): `muster node evict {}` restarts them elsewhere, or wait for them to end",
+                node.attempts.len(),
+                node.name
+            )));
+        }
+        if node.state == NodeState::Ready {
+            return Err(in_use(format!(
+                "it is ready: stop its agent first (the node turns lost after the heartbeat grace period), or `muster node drain {}` and then stop it",
+                node.name
+            )));
+        }
+        let name = node.name.clone();
+        for token in self.access.tokens.values_mut() {
+            if matches!(&token.principal, crate::access::Principal::Agent { node, .. } if *node == name)
+                && token.revoked_at.is_none()
+            {
+                token.revoked_at = Some(at);
+            }
+        }
+        self.nodes.remove(node_id);
         Ok(Applied::Done)
     }
 

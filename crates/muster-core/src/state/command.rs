@@ -69,6 +69,17 @@ pub enum Command {
         /// When.
         at: Millis,
     },
+    /// Remove a node whose agent is gone (`muster node remove`): it must not be ready nor
+    /// hold an active attempt, and must not belong to an autoscaled target (the autoscaler
+    /// releases those). Its agent's credentials are revoked, so the machine comes back only
+    /// with a new join token.
+    #[serde(rename = "remove_node.v1")]
+    RemoveNode {
+        /// The node.
+        node_id: String,
+        /// When.
+        at: Millis,
+    },
     /// Accept a submission.
     #[serde(rename = "submit_run.v1")]
     SubmitRun {
@@ -360,6 +371,7 @@ impl Command {
             Command::DeleteCompute { .. } => "delete_compute",
             Command::RegisterNode { .. } => "register_node",
             Command::SetNodeState { .. } => "set_node_state",
+            Command::RemoveNode { .. } => "remove_node",
             Command::SubmitRun { .. } => "submit_run",
             Command::PlaceRun { .. } => "place_run",
             Command::ReportAttempt { .. } => "report_attempt",

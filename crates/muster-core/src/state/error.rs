@@ -129,6 +129,14 @@ pub enum ApplyError {
     /// No such node.
     #[error("node {0:?} is not registered")]
     UnknownNode(String),
+    /// The node cannot be removed yet.
+    #[error("node {node:?} cannot be removed: {why}")]
+    NodeInUse {
+        /// Its name.
+        node: String,
+        /// Why, and what to do.
+        why: String,
+    },
     /// Another node has this name.
     #[error(
         "node name {0:?} is already used by another node: give this agent another --name, or remove the other node"

@@ -1040,3 +1040,60 @@ fn data_asset_versions_are_immutable_and_the_latest_is_the_last_made() {
     let snap = State::from_snapshot(&s.to_snapshot()).unwrap();
     assert_eq!(snap.data_assets, s.data_assets);
 }
+
+#[test]
+fn a_node_is_removed_only_once_its_agent_is_gone_and_its_credential_goes_with_it() {
+    let mut s = state_with(&[compute("farm"), node("n1", "farm", 2, 0)]);
+    s.access.tokens.insert(
+        "agt1".into(),
+        crate::access::Token {
+            id: "agt1".into(),
+            principal: crate::access::Principal::Agent {
+                node: "host-n1".into(),
+                compute: "farm".into(),
+            },
+            name: "agent credential".into(),
+            hash: "00".repeat(32),
+            created_at: 1,
+            expires_at: None,
+            revoked_at: None,
+            created_by: "server:1".into(),
+        },
+    );
+    let remove = Command::RemoveNode {
+        node_id: "n1".into(),
+        at: 50,
+    };
+    // A ready node's agent may still be running: refused, and nothing changes.
+    let before = s.clone();
+    match s.apply(&remove) {
+        Err(ApplyError::NodeInUse { node, why }) => {
+            assert_eq!(node, "host-n1");
+            assert!(why.contains("stop its agent first"), "{why}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s, before);
+    // Lost with a run on it: still refused until the run is gone.
+    apply_all(&mut s, &[submit("r1", "farm", 1, 0, 1)]);
+    assert_eq!(place_all(&mut s, 10), 1);
+    s.nodes.get_mut("n1").unwrap().state = NodeState::Draining;
+    assert!(
+        matches!(s.apply(&remove), Err(ApplyError::NodeInUse { why, .. }) if why.contains("active attempt"))
+    );
+    apply_all(
+        &mut s,
+        &[Command::SetNodeState {
+            node_id: "n1".into(),
+            state: NodeState::Lost,
+            reason: None,
+            at: 40,
+        }],
+    );
+    s.apply(&remove).unwrap();
+    assert!(!s.nodes.contains_key("n1"));
+    assert_eq!(s.access.tokens["agt1"].revoked_at, Some(50));
+    assert!(matches!(s.apply(&remove), Err(ApplyError::UnknownNode(_))));
+    // The target has no node left, so it may be deleted.
+    assert_encodes_as(&remove, "remove_node.v1");
+}

@@ -157,12 +157,13 @@ impl ComputeService for Computes {
         let caller = Caller::of(&req);
         let req = req.into_inner();
         let (state, verb) = match req.action.as_str() {
-            "drain" => (NodeState::Draining, "drained"),
-            "evict" => (NodeState::Evicted, "evicted"),
-            "resume" => (NodeState::Ready, "resumed"),
+            "drain" => (Some(NodeState::Draining), "drained"),
+            "evict" => (Some(NodeState::Evicted), "evicted"),
+            "resume" => (Some(NodeState::Ready), "resumed"),
+            "remove" => (None, "removed"),
             other => {
                 return Err(Status::invalid_argument(format!(
-                    "action: unknown action {other:?}: use drain, evict or resume"
+                    "action: unknown action {other:?}: use drain, evict, resume or remove"
                 )));
             }
         };
@@ -183,6 +184,19 @@ impl ComputeService for Computes {
             })?;
         self.allow(&caller, &compute, Role::Operator)
             .map_err(|_| Status::not_found(format!("node {:?} is not registered", req.node)))?;
+        let Some(state) = state else {
+            // Removed: answered with the node as it was.
+            let node = views::compute::node(&self.0, &node_id)
+                .ok_or_else(|| Status::not_found("the node was removed meanwhile"))?;
+            self.0
+                .coordinator
+                .propose(Command::RemoveNode {
+                    node_id,
+                    at: now_ms(),
+                })
+                .await?;
+            return Ok(Response::new(node));
+        };
         let reason = req
             .reason
             .or_else(|| (state != NodeState::Ready).then(|| format!("{verb} by an admin")));

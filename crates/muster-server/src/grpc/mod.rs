@@ -261,6 +261,7 @@ pub(crate) fn rejected(e: ApplyError) -> Status {
         | ApplyError::UnknownAttempt { .. }
         | ApplyError::UnknownRank { .. } => Status::invalid_argument(msg),
         ApplyError::ComputeInUse { .. }
+        | ApplyError::NodeInUse { .. }
         | ApplyError::RunFinished { .. }
         | ApplyError::InvalidPlacement(_)
         | ApplyError::SweepRejected { .. }
