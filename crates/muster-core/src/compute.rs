@@ -566,6 +566,24 @@ impl ComputeSpec {
         }
     }
 
+    /// What the spec says that does nothing, for the user to read at create time: a
+    /// cluster (or instance) under the `static` provisioner, whose min, max and idle time
+    /// scale nothing since nodes only join by themselves.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if matches!(self.kind, ComputeKind::Cluster) && self.provisioner.is_static() {
+            out.push(format!(
+                "provisioner: compute target {:?} has the static provisioner, so min_instances ({}), max_instances ({}) and idle_time_before_scale_down ({} s) start and stop nothing: nodes join with `muster agent --compute {}`; to grow and shrink it, create it with --provisioner docker (agent containers on the leader's Docker host) or --provisioner command (your scripts)",
+                self.name,
+                self.min_instances,
+                self.max_instances,
+                self.idle_time_before_scale_down_s,
+                self.name
+            ));
+        }
+        out
+    }
+
     /// Checks the name, the scaling bounds and the quota; the error names the field.
     pub fn validate(&self) -> Result<(), SpecError> {
         validate_compute_name(&self.name).map_err(|e| SpecError::field("name", e.to_string()))?;
@@ -993,6 +1011,25 @@ mod tests {
         // Nodes that join by themselves have no size to check.
         let attached = ComputeSpec::new("farm", ComputeKind::Attached);
         assert_eq!(attached.never_fits(&run(0, 1000)), None);
+    }
+
+    #[test]
+    fn a_static_cluster_is_warned_that_its_bounds_scale_nothing() {
+        let mut cluster = ComputeSpec::new("gpus", ComputeKind::Cluster);
+        cluster.max_instances = 4;
+        let w = cluster.warnings();
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].contains("max_instances (4)") && w[0].contains("--provisioner docker"),
+            "{w:?}"
+        );
+        cluster.provisioner = Provisioner::Docker(DockerProvisioner::default());
+        assert!(cluster.warnings().is_empty());
+        assert!(
+            ComputeSpec::new("farm", ComputeKind::Attached)
+                .warnings()
+                .is_empty()
+        );
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub async fn run(server: &str, output: OutputFormat, cmd: ComputeCommand) -> any
     match cmd {
         ComputeCommand::Create(_) => {
             let spec = create.expect("parsed above");
+            for w in spec.warnings() {
+                eprintln!("warning: {w}");
+            }
             let created = c
                 .compute
                 .create_compute(v1::CreateComputeRequest {
