@@ -134,9 +134,10 @@ fn allowed(method: &str) -> Option<&'static [Who]> {
         ("muster.v1.RunService", "SubmitRun" | "CancelRun") => USERS,
         ("muster.v1.RunService", "GetRun" | "ListRuns" | "WaitRun") => READERS,
         ("muster.v1.RunService", "StreamLogs") => READERS_SERVERS,
-        ("muster.v1.ComputeService", "CreateCompute" | "DeleteCompute" | "SetNodeState") => {
-            OPERATORS
-        }
+        (
+            "muster.v1.ComputeService",
+            "CreateCompute" | "UpdateCompute" | "DeleteCompute" | "SetNodeState",
+        ) => OPERATORS,
         (
             "muster.v1.ComputeService",
             "ListComputes" | "GetCompute" | "ListNodes" | "GetComputeStatus",

@@ -944,3 +944,75 @@ async fn a_leader_failover_mid_scale_up_neither_starts_a_node_twice_nor_forgets_
     assert!(calls.contains("down "), "{calls}");
     eprintln!("scripts called:\n{calls}");
 }
+
+/// `compute update` under load: a cluster held at one node grows to two as soon as its
+/// max is raised, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raising_max_instances_under_load_grows_the_cluster_at_once() {
+    let dev = short_grace_dev().await;
+    let url = dev.url();
+    let name = unique("upd");
+    let scripts = tempfile::tempdir().unwrap();
+    let dir = scripts.path().to_path_buf();
+    let _agents = Agents { dir: dir.clone() };
+    let up = script(&dir, "scale-up.sh", &scale_up(&dir, "set -e\n", "", ""));
+    let down = script(&dir, "scale-down.sh", &scale_down(&dir, false));
+    let work = tempfile::tempdir().unwrap();
+    create_command_compute(
+        &url,
+        work.path(),
+        &name,
+        &[
+            "--type",
+            "cluster",
+            "--max-instances",
+            "1",
+            "--idle-time-before-scale-down",
+            "3",
+        ],
+        &up,
+        &down,
+    )
+    .await;
+    // Each agent offers 1 CPU; each run needs 1 for 8 s: one node holds one at a time.
+    let a = submit(&url, work.path(), &name, "1", 8).await;
+    let b = submit(&url, work.path(), &name, "1", 8).await;
+    wait_running(&url, &a, Duration::from_secs(60)).await;
+    assert_eq!(status(&url, &name).await.nodes.len(), 1);
+    let updated = muster(
+        &url,
+        work.path(),
+        &[
+            "compute",
+            "update",
+            &name,
+            "--max-instances",
+            "2",
+            "--max-gpus",
+            "4",
+        ],
+    )
+    .await;
+    assert_eq!(updated.code, 0, "{updated:?}");
+    let shown = muster(&url, work.path(), &["compute", "show", &name, "-o", "json"]).await;
+    let v: serde_json::Value = serde_json::from_str(&shown.stdout).unwrap();
+    assert_eq!(v["max_instances"], 2, "{v}");
+    // The second run starts on a second node while the first still runs.
+    wait_running(&url, &b, Duration::from_secs(60)).await;
+    let first = get_run(&url, &a).await;
+    assert_eq!(first.state().word(), "running", "{first:?}");
+    let ran_on: BTreeSet<String> = wait_completed(&url, &[a, b], Duration::from_secs(90))
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(ran_on.len(), 2, "{ran_on:?}");
+    // What cannot change says so and changes nothing.
+    let bad = muster(
+        &url,
+        work.path(),
+        &["compute", "update", &name, "--min-instances", "5"],
+    )
+    .await;
+    assert_ne!(bad.code, 0, "{bad:?}");
+    assert!(bad.stderr.contains("min_instances"), "{bad:?}");
+}

@@ -524,6 +524,9 @@ pub enum ComputeCommand {
         /// Its name.
         name: String,
     },
+    /// Change a compute target's scaling bounds, idle time, tier, description or quota; the
+    /// autoscaler follows at once (its name, type and provisioner stay).
+    Update(ComputeUpdateArgs),
     /// Delete a compute target with no nodes and no unfinished runs.
     Delete {
         /// Its name.
@@ -594,6 +597,38 @@ pub struct ComputeCreateArgs {
     pub max_concurrent_runs: Option<u32>,
 }
 
+/// `muster compute update NAME`: the settings to change (the others stay as they are).
+#[derive(Debug, Args)]
+pub struct ComputeUpdateArgs {
+    /// The compute target.
+    pub name: String,
+    /// Fewest nodes the autoscaler keeps.
+    #[arg(long)]
+    pub min_instances: Option<u32>,
+    /// Most nodes the autoscaler starts.
+    #[arg(long)]
+    pub max_instances: Option<u32>,
+    /// Seconds a node stays idle before the autoscaler releases it.
+    #[arg(long)]
+    pub idle_time_before_scale_down: Option<u64>,
+    /// dedicated or low_priority.
+    #[arg(long)]
+    pub tier: Option<String>,
+    /// Free text.
+    #[arg(long)]
+    pub description: Option<String>,
+    /// Quota: GPUs all its runs may hold together.
+    #[arg(long)]
+    pub max_gpus: Option<u32>,
+    /// Quota: CPUs all its runs may hold together (`64`, `500m`).
+    #[arg(long)]
+    pub max_cpus: Option<String>,
+    /// Quota: runs at once.
+    #[arg(long)]
+    pub max_concurrent_runs: Option<u32>,
+}
+
+/// `muster node ...`.
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
     /// List nodes by name: the first 50 (stderr says when there are more).

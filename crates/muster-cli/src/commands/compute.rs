@@ -7,7 +7,7 @@ use muster_core::compute::{
 use muster_proto::{Word, v1};
 use serde_json::json;
 
-use crate::cli::{ComputeCommand, ComputeCreateArgs, OutputFormat};
+use crate::cli::{ComputeCommand, ComputeCreateArgs, ComputeUpdateArgs, OutputFormat};
 use crate::connect;
 use crate::output::{NO_LIMIT, cpus, print_json, table, time};
 use crate::snapshot::human_bytes;
@@ -86,6 +86,36 @@ pub async fn run(server: &str, output: OutputFormat, cmd: ComputeCommand) -> any
             let got = c
                 .compute
                 .get_compute_status(v1::GetComputeRequest { name })
+                .await
+                .map_err(status)?
+                .into_inner();
+            show(output, &got);
+        }
+        ComputeCommand::Update(args) => {
+            let current = c
+                .compute
+                .get_compute(v1::GetComputeRequest {
+                    name: args.name.clone(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let mut spec =
+                muster_proto::compute_spec_from_wire(&current).map_err(anyhow::Error::msg)?;
+            update_from_args(&mut spec, &args)?;
+            let updated = c
+                .compute
+                .update_compute(v1::UpdateComputeRequest {
+                    compute: Some(muster_proto::compute_spec_to_wire(&spec)),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let got = c
+                .compute
+                .get_compute_status(v1::GetComputeRequest {
+                    name: updated.name.clone(),
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -175,6 +205,37 @@ fn spec_from_args(a: &ComputeCreateArgs) -> anyhow::Result<ComputeSpec> {
     spec.provisioner = provisioner_from_args(a, spec.provisioner.clone())?;
     spec.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(spec)
+}
+
+/// `spec` with the settings `compute update` names changed; checked as a whole.
+fn update_from_args(spec: &mut ComputeSpec, a: &ComputeUpdateArgs) -> anyhow::Result<()> {
+    if let Some(v) = a.min_instances {
+        spec.min_instances = v;
+    }
+    if let Some(v) = a.max_instances {
+        spec.max_instances = v;
+    }
+    if let Some(v) = a.idle_time_before_scale_down {
+        spec.idle_time_before_scale_down_s = v;
+    }
+    if let Some(t) = &a.tier {
+        spec.tier = Tier::parse(t).map_err(|e| anyhow::anyhow!("--tier: {e}"))?;
+    }
+    if let Some(d) = &a.description {
+        spec.description = Some(d.clone());
+    }
+    if let Some(v) = a.max_gpus {
+        spec.quota.max_gpus = Some(v);
+    }
+    if let Some(v) = &a.max_cpus {
+        spec.quota.max_cpu_millis = Some(
+            muster_core::resources::parse_cpu(v).map_err(|e| anyhow::anyhow!("--max-cpus: {e}"))?,
+        );
+    }
+    if let Some(v) = a.max_concurrent_runs {
+        spec.quota.max_concurrent_runs = Some(v);
+    }
+    spec.validate().map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// The provisioner from the flags, over the YAML's (if any).

@@ -7,7 +7,7 @@ use crate::compute::{ComputeKind, QuotaUsage};
 use crate::names::validate_node_name;
 use crate::schedule::Placement;
 use crate::snapshot::is_sha256_hex;
-use crate::spec::RunSpec;
+use crate::spec::{RunSpec, SpecError};
 use crate::state::{
     Applied, ApplyError, Attempt, AttemptEnd, AttemptReport, AttemptState, Command, ComputeTarget,
     Derived, Node, NodeState, ProvisionOutcome, ProvisionPhase, ProvisionedNode, QueueKey, Queued,
@@ -98,6 +98,32 @@ impl State {
                         created_at: *at,
                     },
                 );
+                Ok(Applied::Done)
+            }
+            Command::UpdateCompute { spec, .. } => {
+                spec.validate()?;
+                let target = self
+                    .computes
+                    .get_mut(&spec.name)
+                    .ok_or_else(|| ApplyError::UnknownCompute(spec.name.clone()))?;
+                let fixed = |field: &str, what: &str| {
+                    ApplyError::InvalidSpec(SpecError::field(
+                        field,
+                        format!(
+                            "a compute target's {what} cannot change: create another target (and delete this one)"
+                        ),
+                    ))
+                };
+                if target.spec.kind != spec.kind {
+                    return Err(fixed("type", "type"));
+                }
+                if target.spec.workspace != spec.workspace {
+                    return Err(fixed("workspace", "workspace"));
+                }
+                if target.spec.provisioner != spec.provisioner {
+                    return Err(fixed("provisioner", "provisioner"));
+                }
+                target.spec = spec.clone();
                 Ok(Applied::Done)
             }
             Command::DeleteCompute { name, at } => self.delete_compute(name, *at),

@@ -27,6 +27,16 @@ pub enum Command {
         /// When.
         at: Millis,
     },
+    /// Replace a compute target's definition (`muster compute update`): its scaling bounds,
+    /// idle time, tier, description and quota. Its name, type, workspace and provisioner
+    /// cannot change.
+    #[serde(rename = "update_compute.v1")]
+    UpdateCompute {
+        /// The new definition.
+        spec: ComputeSpec,
+        /// When.
+        at: Millis,
+    },
     /// Delete a compute target that has no nodes and no unfinished runs. Nodes its
     /// autoscaler started do not block it: they are released first (drained, stopped by
     /// the provisioner), and the target goes with the last one.
@@ -372,6 +382,7 @@ impl Command {
             Command::RegisterNode { .. } => "register_node",
             Command::SetNodeState { .. } => "set_node_state",
             Command::RemoveNode { .. } => "remove_node",
+            Command::UpdateCompute { .. } => "update_compute",
             Command::SubmitRun { .. } => "submit_run",
             Command::PlaceRun { .. } => "place_run",
             Command::ReportAttempt { .. } => "report_attempt",

@@ -1097,3 +1097,38 @@ fn a_node_is_removed_only_once_its_agent_is_gone_and_its_credential_goes_with_it
     // The target has no node left, so it may be deleted.
     assert_encodes_as(&remove, "remove_node.v1");
 }
+
+#[test]
+fn a_compute_target_is_updated_but_keeps_its_type_workspace_and_provisioner() {
+    let mut s = state_with(&[compute("farm")]);
+    let mut spec = s.computes["farm"].spec.clone();
+    spec.quota.max_gpus = Some(8);
+    spec.description = Some("the lab".into());
+    s.apply(&Command::UpdateCompute {
+        spec: spec.clone(),
+        at: 5,
+    })
+    .unwrap();
+    assert_eq!(s.computes["farm"].spec, spec);
+    assert_eq!(s.computes["farm"].created_at, 1);
+    let before = s.clone();
+    let mut retyped = spec.clone();
+    retyped.kind = ComputeKind::Cluster;
+    match s.apply(&Command::UpdateCompute {
+        spec: retyped,
+        at: 6,
+    }) {
+        Err(ApplyError::InvalidSpec(e)) => assert_eq!(e.path, "type"),
+        other => panic!("{other:?}"),
+    }
+    let mut unknown = spec;
+    unknown.name = "nope".into();
+    assert!(matches!(
+        s.apply(&Command::UpdateCompute {
+            spec: unknown,
+            at: 7
+        }),
+        Err(ApplyError::UnknownCompute(_))
+    ));
+    assert_eq!(s, before);
+}

@@ -286,9 +286,10 @@ pub(crate) fn rule(path: &str) -> Option<Rule> {
         // A follower relays log streams it cannot serve to the leader.
         ("muster.v1.RunService", "StreamLogs") => users_and_servers(Reader),
 
-        ("muster.v1.ComputeService", "CreateCompute" | "DeleteCompute" | "SetNodeState") => {
-            users(Operator)
-        }
+        (
+            "muster.v1.ComputeService",
+            "CreateCompute" | "UpdateCompute" | "DeleteCompute" | "SetNodeState",
+        ) => users(Operator),
         (
             "muster.v1.ComputeService",
             "ListComputes" | "GetCompute" | "ListNodes" | "GetComputeStatus",

@@ -50,6 +50,46 @@ impl ComputeService for Computes {
         self.get(&name)
     }
 
+    async fn update_compute(
+        &self,
+        req: Request<v1::UpdateComputeRequest>,
+    ) -> Result<Response<v1::ComputeTarget>, Status> {
+        let caller = Caller::of(&req);
+        let wire = req
+            .into_inner()
+            .compute
+            .ok_or_else(|| Status::invalid_argument("compute: missing"))?;
+        let spec = compute_spec_from_wire(&wire).map_err(Status::invalid_argument)?;
+        // Operators of the target's own workspace; another workspace's target is unknown.
+        let known = self
+            .0
+            .coordinator
+            .read(|s| s.computes.get(&spec.name).map(|c| c.spec.workspace.clone()));
+        let workspace = known.ok_or_else(|| {
+            Status::not_found(format!(
+                "compute target {:?} does not exist: list them with `muster compute list`",
+                spec.name
+            ))
+        })?;
+        self.allow(&caller, &spec.name, Role::Operator)
+            .map_err(|_| {
+                Status::not_found(format!("compute target {:?} does not exist", spec.name))
+            })?;
+        if spec.workspace != workspace {
+            return Err(Status::invalid_argument(
+                "workspace: a compute target's workspace cannot change: create another target (and delete this one)",
+            ));
+        }
+        spec.validate()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let name = spec.name.clone();
+        self.0
+            .coordinator
+            .propose(Command::UpdateCompute { spec, at: now_ms() })
+            .await?;
+        self.get(&name)
+    }
+
     async fn list_computes(
         &self,
         req: Request<v1::ListComputesRequest>,
