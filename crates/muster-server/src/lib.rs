@@ -33,7 +33,6 @@
 //! `rustls` (ring) through `tokio-rustls` for TLS, as tonic's client side uses it, and
 //! `x509-parser` to read a verified client certificate's identity.
 
-pub mod backup;
 mod coordinator;
 mod effects;
 mod grpc;
@@ -128,7 +127,7 @@ pub struct ServerConfig {
     /// How often the leader looks for runs to archive (with `retention`).
     pub retention_check: Duration,
     /// Found a one-server cluster from this backup (`--restore-from`) in an empty data
-    /// directory ([`backup`]).
+    /// directory ([`store::backup`]).
     pub restore_from: Option<PathBuf>,
 }
 

@@ -148,7 +148,7 @@ fn restore(config: &ServerConfig, from: &std::path::Path) -> anyhow::Result<Stat
     );
     let blobs = crate::store::blobs::BlobStore::open(dir.join("blobs"))
         .with_context(|| format!("cannot open the blob store in {}", dir.display()))?;
-    let (state, info) = crate::backup::unpack(from, &blobs)?;
+    let (state, info) = crate::store::backup::unpack(from, &blobs)?;
     tracing::info!(
         from = %from.display(),
         applied_index = info.applied_index,

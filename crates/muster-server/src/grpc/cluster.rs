@@ -145,8 +145,8 @@ impl ClusterService for Cluster {
         } else {
             Vec::new()
         };
-        let info = crate::backup::BackupInfo {
-            format: crate::backup::FORMAT.into(),
+        let info = crate::store::backup::BackupInfo {
+            format: crate::store::backup::FORMAT.into(),
             applied_index,
             taken_at_ms: crate::coordinator::now_ms(),
             server_id: self.0.config.raft.id,
@@ -160,7 +160,7 @@ impl ClusterService for Cluster {
                 tx: tx.clone(),
                 buf: Vec::new(),
             };
-            let written = crate::backup::write(info, &state, &store, with_blobs, &mut out)
+            let written = crate::store::backup::write(info, &state, &store, with_blobs, &mut out)
                 .and_then(|()| std::io::Write::flush(&mut out));
             if let Err(e) = written {
                 let _ = tx.blocking_send(Err(Status::internal(format!("the backup stopped: {e}"))));

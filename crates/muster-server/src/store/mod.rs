@@ -11,6 +11,7 @@
 //! What is recorded in the replicated state about a stored thing (a `SealLog` command, say)
 //! is proposed by the layer above (`crate::effects`).
 
+pub mod backup;
 pub mod blobs;
 pub mod logs;
 pub mod replication;

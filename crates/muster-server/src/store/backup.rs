@@ -22,7 +22,7 @@ use anyhow::Context;
 use muster_core::State;
 use serde::{Deserialize, Serialize};
 
-use crate::store::blobs::BlobStore;
+use super::blobs::BlobStore;
 
 /// The format a backup says it is.
 pub const FORMAT: &str = "muster-backup/1";
