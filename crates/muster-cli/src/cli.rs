@@ -496,8 +496,9 @@ pub struct AgentArgs {
     /// Offer at most this much memory (e.g. 48g).
     #[arg(long)]
     pub memory: Option<String>,
-    /// Run at most this many runs at once on this node, whatever they ask for (default: no
-    /// cap beyond CPUs, memory and GPUs).
+    /// Run at most this many runs at once on this node, whatever they ask for (default: 4
+    /// per CPU it offers, as `muster dev`; runs that ask for no CPU would otherwise all be
+    /// placed at once).
     #[arg(long)]
     pub max_runs: Option<u32>,
     /// Where peers of a distributed MPI run reach this agent's exec listener (`addr:port`;

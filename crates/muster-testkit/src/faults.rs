@@ -580,6 +580,9 @@ where
     try_call(servers, op).await.ok()
 }
 
+/// Short runs a submitter keeps in flight before it waits for the oldest.
+const IN_FLIGHT: usize = 4;
+
 fn run_spec(command: String) -> v1::RunSpec {
     let mut s = RunSpec::new(command);
     s.compute = "pool".into();
@@ -599,6 +602,10 @@ async fn submitter(
 ) {
     let mut servers = farm_urls;
     let mut i = 0u64;
+    // As a user's loop does, a submitter keeps a few short runs in flight and waits for the
+    // oldest before it goes on: the backlog stays what the agents can run, so every run
+    // can end before the check (a loop that only submits outruns any farm).
+    let mut in_flight = std::collections::VecDeque::new();
     // Bounded: the driver sets `stop` when its time is up.
     while !stop.load(Ordering::Relaxed) && i < 100_000 {
         i += 1;
@@ -618,6 +625,19 @@ async fn submitter(
             }
         };
         acked.lock().await.runs.insert(key.clone(), run.id.clone());
+        if !long {
+            in_flight.push_back(run.id.clone());
+        }
+        if in_flight.len() > IN_FLIGHT
+            && let Some(oldest) = in_flight.pop_front()
+        {
+            let req = v1::WaitRunRequest {
+                id: oldest,
+                timeout_ms: 30_000,
+            };
+            // A wait that fails (a fault) just moves on: the check waits for every run.
+            let _ = rpc!(&mut servers, runs, wait_run, req);
+        }
         if long {
             let req = v1::CancelRunRequest {
                 id: run.id.clone(),

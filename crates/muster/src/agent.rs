@@ -41,11 +41,20 @@ pub async fn run(
         .transpose()
         .map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
     if args.max_runs == Some(0) {
-        anyhow::bail!(
-            "--max-runs 0 would run nothing: give at least 1, or leave it out for no cap"
-        );
+        anyhow::bail!("--max-runs 0 would run nothing: give at least 1");
     }
-    config.max_runs = args.max_runs;
+    // Runs that ask for no CPU or memory would otherwise all be placed here at once: a
+    // burst of submissions is capped at 4 per CPU, as `muster dev` caps its agent.
+    let max_runs = args.max_runs.unwrap_or_else(|| {
+        let cpus = config
+            .cpu_millis
+            .map(|m| m.div_ceil(1000) as usize)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let n = (cpus.max(1) * 4).min(u32::MAX as usize) as u32;
+        eprintln!("muster agent: runs up to {n} runs at once (--max-runs; 4 per CPU by default)");
+        n
+    });
+    config.max_runs = Some(max_runs);
     config.exec_listen = args.exec_listen;
     if let Some(helper) = args.rsh_helper {
         anyhow::ensure!(
