@@ -548,21 +548,6 @@ pub struct ComputeCreateArgs {
     /// A size name, informational (e.g. STANDARD_NC6).
     #[arg(long)]
     pub size: Option<String>,
-    /// Cluster: the fewest nodes.
-    #[arg(long)]
-    pub min_instances: Option<u32>,
-    /// Cluster: the most nodes.
-    #[arg(long)]
-    pub max_instances: Option<u32>,
-    /// Cluster: seconds a node may idle before it is released.
-    #[arg(long)]
-    pub idle_time_before_scale_down: Option<u64>,
-    /// dedicated or low_priority.
-    #[arg(long)]
-    pub tier: Option<String>,
-    /// Free text.
-    #[arg(long)]
-    pub description: Option<String>,
     /// How nodes come and go: static (agents join by hand), docker (agent containers on
     /// the leader's Docker host) or command (your scale-up/scale-down scripts).
     #[arg(long)]
@@ -587,15 +572,9 @@ pub struct ComputeCreateArgs {
     /// command: the script that stops nodes (run as SCRIPT COMPUTE SIZE NODE...).
     #[arg(long)]
     pub scale_down: Option<String>,
-    /// Quota: most GPUs the target's active runs hold at once.
-    #[arg(long)]
-    pub max_gpus: Option<u32>,
-    /// Quota: most CPUs the target's active runs reserve at once (`64`, `0.5`, `500m`).
-    #[arg(long)]
-    pub max_cpus: Option<String>,
-    /// Quota: most runs active at once (a gang counts once).
-    #[arg(long)]
-    pub max_concurrent_runs: Option<u32>,
+    /// Scaling, tier, description and quota (as `compute update` takes them).
+    #[command(flatten)]
+    pub settings: ComputeSettings,
 }
 
 /// `muster compute update NAME`: the settings to change (the others stay as they are).
@@ -603,13 +582,21 @@ pub struct ComputeCreateArgs {
 pub struct ComputeUpdateArgs {
     /// The compute target.
     pub name: String,
-    /// Fewest nodes the autoscaler keeps.
+    /// What to change.
+    #[command(flatten)]
+    pub settings: ComputeSettings,
+}
+
+/// A compute target's settings that `compute create` and `compute update` both take.
+#[derive(Debug, Args)]
+pub struct ComputeSettings {
+    /// Cluster: the fewest nodes.
     #[arg(long)]
     pub min_instances: Option<u32>,
-    /// Most nodes the autoscaler starts.
+    /// Cluster: the most nodes.
     #[arg(long)]
     pub max_instances: Option<u32>,
-    /// Seconds a node stays idle before the autoscaler releases it.
+    /// Cluster: seconds a node may idle before it is released.
     #[arg(long)]
     pub idle_time_before_scale_down: Option<u64>,
     /// dedicated or low_priority.
@@ -618,13 +605,13 @@ pub struct ComputeUpdateArgs {
     /// Free text.
     #[arg(long)]
     pub description: Option<String>,
-    /// Quota: GPUs all its runs may hold together.
+    /// Quota: most GPUs the target's active runs hold at once.
     #[arg(long)]
     pub max_gpus: Option<u32>,
-    /// Quota: CPUs all its runs may hold together (`64`, `500m`).
+    /// Quota: most CPUs the target's active runs reserve at once (`64`, `0.5`, `500m`).
     #[arg(long)]
     pub max_cpus: Option<String>,
-    /// Quota: runs at once.
+    /// Quota: most runs active at once (a gang counts once).
     #[arg(long)]
     pub max_concurrent_runs: Option<u32>,
 }

@@ -7,7 +7,7 @@ use muster_core::compute::{
 use muster_proto::{Word, v1};
 use serde_json::json;
 
-use crate::cli::{ComputeCommand, ComputeCreateArgs, ComputeUpdateArgs, OutputFormat};
+use crate::cli::{ComputeCommand, ComputeCreateArgs, ComputeSettings, OutputFormat};
 use crate::connect;
 use crate::output::{NO_LIMIT, cpus, print_json, table, time};
 use crate::snapshot::human_bytes;
@@ -102,7 +102,8 @@ pub async fn run(server: &str, output: OutputFormat, cmd: ComputeCommand) -> any
                 .into_inner();
             let mut spec =
                 muster_proto::compute_spec_from_wire(&current).map_err(anyhow::Error::msg)?;
-            update_from_args(&mut spec, &args)?;
+            apply_settings(&mut spec, &args.settings)?;
+            spec.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
             let updated = c
                 .compute
                 .update_compute(v1::UpdateComputeRequest {
@@ -176,39 +177,14 @@ fn spec_from_args(a: &ComputeCreateArgs) -> anyhow::Result<ComputeSpec> {
     if let Some(s) = &a.size {
         spec.size = Some(s.clone());
     }
-    if let Some(v) = a.min_instances {
-        spec.min_instances = v;
-    }
-    if let Some(v) = a.max_instances {
-        spec.max_instances = v;
-    }
-    if let Some(v) = a.idle_time_before_scale_down {
-        spec.idle_time_before_scale_down_s = v;
-    }
-    if let Some(t) = &a.tier {
-        spec.tier = Tier::parse(t).map_err(|e| anyhow::anyhow!("--tier: {e}"))?;
-    }
-    if let Some(d) = &a.description {
-        spec.description = Some(d.clone());
-    }
-    if let Some(v) = a.max_gpus {
-        spec.quota.max_gpus = Some(v);
-    }
-    if let Some(v) = &a.max_cpus {
-        spec.quota.max_cpu_millis = Some(
-            muster_core::resources::parse_cpu(v).map_err(|e| anyhow::anyhow!("--max-cpus: {e}"))?,
-        );
-    }
-    if let Some(v) = a.max_concurrent_runs {
-        spec.quota.max_concurrent_runs = Some(v);
-    }
+    apply_settings(&mut spec, &a.settings)?;
     spec.provisioner = provisioner_from_args(a, spec.provisioner.clone())?;
     spec.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(spec)
 }
 
-/// `spec` with the settings `compute update` names changed; checked as a whole.
-fn update_from_args(spec: &mut ComputeSpec, a: &ComputeUpdateArgs) -> anyhow::Result<()> {
+/// `spec` with the settings the flags name changed (the rest as they are).
+fn apply_settings(spec: &mut ComputeSpec, a: &ComputeSettings) -> anyhow::Result<()> {
     if let Some(v) = a.min_instances {
         spec.min_instances = v;
     }
@@ -235,7 +211,7 @@ fn update_from_args(spec: &mut ComputeSpec, a: &ComputeUpdateArgs) -> anyhow::Re
     if let Some(v) = a.max_concurrent_runs {
         spec.quota.max_concurrent_runs = Some(v);
     }
-    spec.validate().map_err(|e| anyhow::anyhow!("{e}"))
+    Ok(())
 }
 
 /// The provisioner from the flags, over the YAML's (if any).
