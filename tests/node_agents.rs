@@ -1094,7 +1094,7 @@ async fn a_preempted_run_resumes_from_its_checkpoint_as_attempt_2() {
     let first = muster(&url, p.path(), &["run", "logs", "--attempt", "1", &low])
         .await
         .stdout;
-    let stopped_at: u32 = first.lines().filter_map(|l| l.parse().ok()).last().unwrap();
+    let stopped_at: u32 = first.lines().rev().find_map(|l| l.parse().ok()).unwrap();
     let second = log_with_line(&url, p.path(), &low, 2, "100").await;
     let mut lines = second.lines();
     let start = lines.next().unwrap();
