@@ -1170,3 +1170,51 @@ async fn a_preempted_run_resumes_from_its_checkpoint_as_attempt_2() {
         .stdout;
     assert_eq!(log, "dir=set resumed=0\n");
 }
+
+/// `run show ID -o json`, polled (bounded: 30 s) until its `checkpoint.cause` is `cause`.
+async fn checkpoint_once(
+    url: &str,
+    cwd: &std::path::Path,
+    id: &str,
+    cause: &str,
+) -> serde_json::Value {
+    let mut v = serde_json::Value::Null;
+    for _ in 0..300 {
+        let out = muster(url, cwd, &["run", "show", id, "-o", "json"]).await;
+        v = serde_json::from_str(&out.stdout).unwrap();
+        if v["checkpoint"]["cause"] == cause {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("run {id} never recorded a {cause} checkpoint: {v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_interval_uploads_the_folder_while_the_run_runs() {
+    let dev = short_grace_dev().await;
+    let url = dev.url();
+    let p = tempfile::tempdir().unwrap();
+    let id = submit_sh(
+        &url,
+        p.path(),
+        &["--checkpoint-interval", "10s"],
+        "echo 5 > \"$MUSTER_CHECKPOINT_DIR/step\"; echo started; sleep 60",
+    )
+    .await;
+    let shown = checkpoint_once(&url, p.path(), &id, "periodic").await;
+    assert_eq!(shown["state"], "running", "{shown}");
+    assert_eq!(shown["checkpoint_interval_s"], 10, "{shown}");
+    let c = &shown["checkpoint"];
+    assert_eq!(
+        (&c["attempt"], &c["seq"], &c["files"], &c["bytes"]),
+        (&1.into(), &1.into(), &1.into(), &2.into()),
+        "{shown}"
+    );
+    // Its end takes the last one, which supersedes the periodic one.
+    let out = muster(&url, p.path(), &["run", "cancel", &id]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(wait_done(&url, &id).await.state().word(), "canceled");
+    let shown = checkpoint_once(&url, p.path(), &id, "ended").await;
+    assert_eq!(shown["checkpoint"]["seq"], 2, "{shown}");
+}

@@ -38,12 +38,17 @@ pub(crate) enum Event {
 }
 
 /// The checkpoints an attempt took: how many, and the last one's archive (an unchanged
-/// folder is not reported again). Held while one is packed, so two never overlap.
+/// folder is not reported again). Held while one is packed, so two never overlap. The
+/// count is kept in the attempt's directory ([`SEQ_FILE`]), so an agent that restarts and
+/// re-adopts the attempt numbers its next checkpoint after the ones the server recorded.
 #[derive(Debug, Default)]
 pub(crate) struct Taken {
-    seq: u64,
+    seq: Option<u64>,
     last: Option<String>,
 }
+
+/// The attempt's checkpoint count, in its working directory.
+const SEQ_FILE: &str = "checkpoint.seq";
 
 /// How this node executes runs (shared by all its attempts).
 #[derive(Debug, Clone)]
@@ -608,9 +613,25 @@ async fn take(
     if cause == CheckpointCause::Periodic && taken.last.as_deref() == Some(&packed.sha256) {
         return Ok(None);
     }
-    taken.seq += 1;
+    let seq_file = workdir.join(SEQ_FILE);
+    let before = match taken.seq {
+        Some(n) => n,
+        None => tokio::fs::read_to_string(&seq_file)
+            .await
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0),
+    };
+    let seq = before + 1;
+    tokio::fs::write(&seq_file, seq.to_string())
+        .await
+        .map_err(|source| AttemptError::Write {
+            path: seq_file,
+            source,
+        })?;
+    taken.seq = Some(seq);
     taken.last = Some(packed.sha256.clone());
-    Ok(Some(packed.to_wire(taken.seq, cause)))
+    Ok(Some(packed.to_wire(seq, cause)))
 }
 
 /// Appends a line of muster's own to the attempt's log.
