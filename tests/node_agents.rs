@@ -1145,6 +1145,16 @@ async fn a_preempted_run_resumes_from_its_checkpoint_as_attempt_2() {
         "{json}"
     );
     assert_eq!(json["attempts"][0]["resumed_from"], serde_json::Value::Null);
+    // The studio's run page says it too.
+    let (addr, path) = (dev.addr, format!("/runs/{low}"));
+    let (code, page) = tokio::task::spawn_blocking(move || http_get(addr, &path))
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{page}");
+    assert!(
+        page.contains("<tr><th>resumed</th><td>from the checkpoint of attempt 1 (1 file, "),
+        "{page}"
+    );
     // Attempt 2's end took the latest checkpoint: the count at 100.
     assert_eq!(json["checkpoint"]["attempt"], 2, "{json}");
     assert_eq!(json["checkpoint"]["cause"], "ended", "{json}");

@@ -150,6 +150,9 @@ pub(crate) struct AttemptTask {
     pub upload_checkpoint: bool,
     /// The checkpoints taken so far.
     pub taken: Arc<Mutex<Taken>>,
+    /// The command was handed to the executor (or re-adopted): only then can the folder
+    /// hold anything the attempt wrote, rather than what was restored into it.
+    pub launched: bool,
 }
 
 /// How the prepared attempt starts.
@@ -202,6 +205,7 @@ impl AttemptTask {
     #[tracing::instrument(name = "adopt", skip_all, fields(run_id = %self.key.0, attempt = self.key.1))]
     pub(crate) async fn adopt(mut self, executor: Arc<dyn Executor>, managed: Managed) {
         self.upload_checkpoint = managed.rank == 0;
+        self.launched = true;
         let state = if managed.running {
             v1::AttemptState::Running
         } else {
@@ -488,6 +492,7 @@ impl AttemptTask {
             _ => self.executors.process.clone(),
         };
         tracing::info!(run_id = %self.key.0, attempt = self.key.1, executor = executor.kind(), "executing");
+        self.launched = true;
         let periodic = checkpoint_every.map(|every| tokio::spawn(self.periodic(every)));
         let outcome = executor.run(launch, self.stop.clone(), started_tx).await;
         if let Some(p) = periodic {
@@ -562,7 +567,7 @@ impl AttemptTask {
         // The process is gone (after a stop: SIGTERM, then its exit or the grace's end):
         // what it left in its checkpoint folder is the run's checkpoint.
         let mut checkpoint = None;
-        if self.upload_checkpoint {
+        if self.upload_checkpoint && self.launched {
             let cause = if outcome.end == AttemptEnd::Preempted {
                 CheckpointCause::Preempted
             } else {

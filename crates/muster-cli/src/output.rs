@@ -102,11 +102,13 @@ fn checkpoint_json(c: &v1::Checkpoint) -> Value {
 
 /// `12 files, 3.4 KiB, taken when preempted`.
 fn checkpoint_summary(c: &v1::Checkpoint) -> String {
-    let taken = match v1::CheckpointCause::try_from(c.cause) {
-        Ok(v1::CheckpointCause::Periodic) => "taken periodically".into(),
-        Ok(v1::CheckpointCause::Preempted) => "taken when preempted".into(),
-        Ok(v1::CheckpointCause::Ended) => "taken when it ended".into(),
-        _ => format!("taken ({})", v1::CheckpointCause::word_of(c.cause)),
+    let taken = match muster_proto::decode_enum::<
+        v1::CheckpointCause,
+        muster_core::state::CheckpointCause,
+    >(c.cause)
+    {
+        Ok(cause) => cause.describe().to_string(),
+        Err(_) => format!("taken ({})", v1::CheckpointCause::word_of(c.cause)),
     };
     format!(
         "{}, {}, {taken}",

@@ -254,6 +254,7 @@ impl Agent {
             executors: self.executors.clone(),
             upload_checkpoint: false,
             taken: Default::default(),
+            launched: false,
         }
     }
 
