@@ -305,12 +305,17 @@ impl AttemptTask {
                 })
                 .await?;
         }
-        for d in ["outputs", "logs", crate::plan::CHECKPOINT_DIR] {
+        for d in ["outputs", "logs"] {
             create_dir(&code_dir.join(d)).await?;
         }
-        // The run's checkpoint, where the command finds it (MUSTER_RESUMED=1).
+        // The checkpoint folder holds only what the run wrote: a `checkpoint/` of the code
+        // snapshot is not one. Then the run's checkpoint, where the command finds it
+        // (MUSTER_RESUMED=1).
+        let checkpoint_dir = code_dir.join(crate::plan::CHECKPOINT_DIR);
+        let _ = tokio::fs::remove_dir_all(&checkpoint_dir).await;
+        create_dir(&checkpoint_dir).await?;
         if let Some(sha) = &plan.resume {
-            let (cache, dir) = (&self.cache_dir, &code_dir.join(crate::plan::CHECKPOINT_DIR));
+            let (cache, dir) = (&self.cache_dir, &checkpoint_dir);
             self.blobs
                 .with_failover("fetching the checkpoint", |mut c| async move {
                     checkpoint::restore(&mut c, sha, cache, dir)
