@@ -1228,3 +1228,29 @@ async fn a_checkpoint_interval_uploads_the_folder_while_the_run_runs() {
     let shown = checkpoint_once(&url, p.path(), &id, "ended").await;
     assert_eq!(shown["checkpoint"]["seq"], 2, "{shown}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_writes_its_checkpoint_under_workspace() {
+    let Some((_docker, image, dev)) = docker_cluster(None).await else {
+        return;
+    };
+    let url = dev.url();
+    let p = tempfile::tempdir().unwrap();
+    let id = submit_sh(
+        &url,
+        p.path(),
+        &["--image", &image],
+        "echo \"$MUSTER_CHECKPOINT_DIR resumed=$MUSTER_RESUMED\"; echo 7 > \"$MUSTER_CHECKPOINT_DIR/step\"",
+    )
+    .await;
+    assert_eq!(wait_done(&url, &id).await.state().word(), "completed");
+    let log = muster(&url, p.path(), &["run", "logs", &id]).await.stdout;
+    assert_eq!(log, "/workspace/checkpoint resumed=0\n");
+    let shown = checkpoint_once(&url, p.path(), &id, "ended").await;
+    let c = &shown["checkpoint"];
+    assert_eq!(
+        (&c["attempt"], &c["files"], &c["bytes"]),
+        (&1.into(), &1.into(), &2.into()),
+        "{shown}"
+    );
+}
