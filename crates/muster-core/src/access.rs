@@ -812,10 +812,18 @@ impl Access {
                 detail.join("; ")
             }
         };
+        self.record(actor, change.action(), detail, at);
+        Ok(())
+    }
+
+    /// Appends an audit event (other parts of the state audit their changes too, such as
+    /// `secret.set`), dropping the oldest beyond [`MAX_AUDIT_EVENTS`]. `detail` must hold no
+    /// secret.
+    pub fn record(&mut self, actor: &str, action: &str, detail: String, at: Millis) {
         self.audit.push(AuditEvent {
             at,
             actor: actor.to_string(),
-            action: change.action().to_string(),
+            action: action.to_string(),
             detail,
         });
         if self.audit.len() > MAX_AUDIT_EVENTS {
@@ -823,7 +831,6 @@ impl Access {
             self.audit.drain(..excess);
             self.audit_dropped += excess as u64;
         }
-        Ok(())
     }
 
     fn check_new_token(&self, token: &Token) -> Result<(), AccessError> {

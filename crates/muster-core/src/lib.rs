@@ -22,6 +22,8 @@
 //! - [`sweep`]: hyperparameter sweeps: sweep YAML, samplers (random, grid, TPE),
 //!   early-termination policies and the controller step.
 //! - [`pipeline`]: pipeline jobs: YAML into a validated DAG, reuse keys and the planner.
+//! - [`secrets`]: workspace secrets: the sealed form the state keeps (ChaCha20-Poly1305
+//!   from `ring`), the table of them, and the log [`secrets::Redactor`].
 //! - [`paging`]: paged listings (runs newest first from an index by submission number,
 //!   sweeps, pipelines, nodes) and their page tokens.
 //!
@@ -47,6 +49,7 @@ pub mod pipeline;
 pub mod resources;
 pub mod runconfig;
 pub mod schedule;
+pub mod secrets;
 pub mod sizes;
 pub mod snapshot;
 pub mod spec;

@@ -510,6 +510,12 @@ pub struct RunSpec {
     /// end. `None`: only at the end (preempted or otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_interval_s: Option<u64>,
+    /// The workspace secrets the run uses (`secrets:`, or an environment variable set to
+    /// `${{secrets.NAME}}`): names, and the variable that gets each value if any; never a
+    /// value. The server checks they exist when the run is submitted and hands the values
+    /// to the agents in the attempt's assignment only (`secrets.rs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<crate::secrets::SecretRef>,
 }
 
 /// The shortest periodic checkpoint interval a job may ask for, in seconds.
@@ -787,6 +793,7 @@ impl RunSpec {
             download_inputs: BTreeSet::new(),
             instance_type: None,
             checkpoint_interval_s: None,
+            secrets: Vec::new(),
         }
     }
 
@@ -882,6 +889,49 @@ impl RunSpec {
                 format!(
                     "{s} seconds is outside {MIN_CHECKPOINT_INTERVAL_S}s to 7d: checkpoint less often, or leave it out to checkpoint only when an attempt ends"
                 ),
+            ));
+        }
+        for r in &self.secrets {
+            let field = format!("secrets.{}", r.name);
+            crate::secrets::validate_name(&r.name)
+                .map_err(|e| SpecError::field(field.clone(), e.to_string()))?;
+            if let Some(env) = &r.env {
+                if !is_env_name(env) {
+                    return Err(SpecError::field(
+                        format!("{field}.env"),
+                        format!(
+                            "{env:?} is not a valid variable name: use letters, digits and '_', not starting with a digit"
+                        ),
+                    ));
+                }
+                if self.environment_variables.contains_key(env) {
+                    return Err(SpecError::field(
+                        format!("environment_variables.{env}"),
+                        format!("is also given the value of secret {}: set it once", r.name),
+                    ));
+                }
+                if self
+                    .secrets
+                    .iter()
+                    .filter(|o| o.env.as_deref() == Some(env.as_str()))
+                    .count()
+                    > 1
+                {
+                    return Err(SpecError::field(
+                        format!("{field}.env"),
+                        format!(
+                            "{env} is given the value of two secrets: give each its own variable"
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some((key, _)) = self.environment_variables.iter().find(|(_, v)| {
+            v.contains(crate::secrets::REFERENCE_PREFIX) || v.contains("${{ secrets.")
+        }) {
+            return Err(SpecError::field(
+                format!("environment_variables.{key}"),
+                "a ${{secrets.NAME}} reference must be the whole value (`X: ${{secrets.NAME}}`)",
             ));
         }
         if self.timeout_s == Some(0) {
@@ -1170,6 +1220,31 @@ pub struct CheckpointFile {
     pub interval: Option<Scalar>,
 }
 
+/// `secrets:` of a job file (muster's own key): a list of names, or a mapping of names to
+/// how each is delivered.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum SecretsFile {
+    /// `[NAME, ...]`: each a file (`/run/secrets/NAME`).
+    Names(Vec<String>),
+    /// `NAME: {env: VAR}` (or `NAME: {}`/`NAME:` for the file only).
+    Map(BTreeMap<String, Option<SecretUseFile>>),
+}
+
+/// How one secret of a `secrets:` mapping is delivered.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretUseFile {
+    /// Also as this environment variable.
+    pub env: Option<String>,
+}
+
+/// The secret an environment variable's value refers to, if it is `${{secrets.NAME}}`.
+fn secret_reference(value: &str) -> Option<&str> {
+    let inner = value.trim().strip_prefix("${{")?.strip_suffix("}}")?.trim();
+    inner.strip_prefix("secrets.").map(str::trim)
+}
+
 /// An Azure ML v2 command job, as written (plus muster's `priority` and `max_attempts`).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1221,6 +1296,8 @@ pub struct JobFile {
     /// muster: `{interval: 10m}`: upload `MUSTER_CHECKPOINT_DIR` this often as well as
     /// when an attempt ends.
     pub checkpoint: Option<CheckpointFile>,
+    /// muster: the workspace secrets the run reads (`[NAME, ...]` or `NAME: {env: VAR}`).
+    pub secrets: Option<SecretsFile>,
     /// Azure ML job services (jupyter, tensorboard, ssh); a warning: muster starts none.
     pub services: Option<yaml_serde::Value>,
     /// Azure ML's identity for data access; a warning: the node's own is used.
@@ -1547,12 +1624,42 @@ impl JobFile {
             .into_iter()
             .map(|(k, v)| (k, v.to_string()))
             .collect();
-        spec.environment_variables = self
-            .environment_variables
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, v.to_string()))
+        let mut secrets: Vec<crate::secrets::SecretRef> = match self.secrets {
+            None => Vec::new(),
+            Some(SecretsFile::Names(names)) => names
+                .into_iter()
+                .map(|name| crate::secrets::SecretRef { name, env: None })
+                .collect(),
+            Some(SecretsFile::Map(map)) => map
+                .into_iter()
+                .map(|(name, how)| crate::secrets::SecretRef {
+                    name,
+                    env: how.and_then(|h| h.env),
+                })
+                .collect(),
+        };
+        for (key, value) in self.environment_variables.unwrap_or_default() {
+            let value = value.to_string();
+            match secret_reference(&value) {
+                Some(name) => secrets.push(crate::secrets::SecretRef {
+                    name: name.to_string(),
+                    env: Some(key),
+                }),
+                None => {
+                    spec.environment_variables.insert(key, value);
+                }
+            }
+        }
+        // A secret named in `secrets:` and used by a variable is delivered once, as both.
+        let with_env: BTreeSet<String> = secrets
+            .iter()
+            .filter(|r| r.env.is_some())
+            .map(|r| r.name.clone())
             .collect();
+        secrets.retain(|r| r.env.is_some() || !with_env.contains(&r.name));
+        secrets.sort();
+        secrets.dedup();
+        spec.secrets = secrets;
         spec.inputs = inputs;
         spec.outputs = outputs;
         spec.warnings = warnings;
@@ -1843,6 +1950,60 @@ mod tests {
             let e = refused(&format!("command: echo\nresources:\n  {yaml}\n"));
             assert_eq!(e.path, path, "{yaml}");
             assert!(e.message.contains("more than 0"), "{e}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_names_and_variables_never_values() {
+        use crate::secrets::SecretRef;
+        let spec = |yaml: &str| {
+            parse_job_yaml(&format!("command: echo\n{yaml}")).and_then(|j| j.into_run_spec("exp"))
+        };
+        let r = |name: &str, env: Option<&str>| SecretRef {
+            name: name.into(),
+            env: env.map(str::to_string),
+        };
+        assert_eq!(
+            spec("secrets: [DB_PASS, API_KEY]\n").unwrap().secrets,
+            vec![r("API_KEY", None), r("DB_PASS", None)]
+        );
+        let s = spec(
+            "secrets:\n  DB_PASS: {env: PGPASSWORD}\n  CERT:\nenvironment_variables:\n  TOKEN: ${{secrets.API_KEY}}\n  PLAIN: x\n",
+        )
+        .unwrap();
+        assert_eq!(
+            s.secrets,
+            vec![
+                r("API_KEY", Some("TOKEN")),
+                r("CERT", None),
+                r("DB_PASS", Some("PGPASSWORD"))
+            ]
+        );
+        assert_eq!(
+            s.environment_variables.len(),
+            1,
+            "{:?}",
+            s.environment_variables
+        );
+        // Named in both places: delivered once, with its variable.
+        let s = spec("secrets: [A]\nenvironment_variables:\n  X: ${{ secrets.A }}\n").unwrap();
+        assert_eq!(s.secrets, vec![r("A", Some("X"))]);
+        for (yaml, path) in [
+            ("secrets: [bad-name]\n", "secrets.bad-name"),
+            ("secrets:\n  A: {env: 1X}\n", "secrets.A.env"),
+            ("secrets:\n  A: {file: x}\n", "secrets"),
+            (
+                "environment_variables:\n  X: pre-${{secrets.A}}\n",
+                "environment_variables.X",
+            ),
+            (
+                "secrets:\n  A: {env: X}\nenvironment_variables:\n  X: plain\n",
+                "environment_variables.X",
+            ),
+            ("secrets:\n  A: {env: X}\n  B: {env: X}\n", "secrets.A.env"),
+        ] {
+            let e = spec(yaml).unwrap_err();
+            assert!(e.path.starts_with(path), "{yaml}: {e:?}");
         }
     }
 

@@ -255,7 +255,10 @@ impl State {
                 spec,
                 idempotency_key,
                 at,
-            } => self.submit(run_id, spec, idempotency_key.as_deref(), *at),
+            } => {
+                self.secrets.check_refs(&spec.workspace, &spec.secrets)?;
+                self.submit(run_id, spec, idempotency_key.as_deref(), *at)
+            }
             Command::PlaceRun {
                 run_id,
                 attempt,
@@ -441,6 +444,35 @@ impl State {
                 );
                 self.access = access;
                 result?;
+                if let crate::access::AccessChange::DeleteWorkspace { name } = change.as_ref() {
+                    self.secrets.drop_workspace(name);
+                }
+                Ok(Applied::Done)
+            }
+            Command::SetSecret {
+                workspace,
+                name,
+                sealed,
+                by,
+                at,
+            } => {
+                if !self.access.workspace_exists(workspace) {
+                    return Err(
+                        crate::access::AccessError::UnknownWorkspace(workspace.clone()).into(),
+                    );
+                }
+                let detail = self.secrets.set(workspace, name, sealed, by, *at)?;
+                self.access.record(by, "secret.set", detail, *at);
+                Ok(Applied::Done)
+            }
+            Command::DeleteSecret {
+                workspace,
+                name,
+                by,
+                at,
+            } => {
+                let detail = self.secrets.delete(workspace, name)?;
+                self.access.record(by, "secret.delete", detail, *at);
                 Ok(Applied::Done)
             }
         }

@@ -365,6 +365,33 @@ pub enum Command {
         /// When.
         at: Millis,
     },
+    /// Store (or replace) a workspace's secret, sealed by the proposer (`secrets.rs`): the
+    /// log never holds its value. Audited as `secret.set`, by name only.
+    #[serde(rename = "set_secret.v1")]
+    SetSecret {
+        /// The workspace.
+        workspace: String,
+        /// The secret's name.
+        name: String,
+        /// The value, encrypted under the cluster's secret key.
+        sealed: crate::secrets::Sealed,
+        /// Who set it (a principal label).
+        by: String,
+        /// When.
+        at: Millis,
+    },
+    /// Remove a workspace's secret. Audited as `secret.delete`.
+    #[serde(rename = "delete_secret.v1")]
+    DeleteSecret {
+        /// The workspace.
+        workspace: String,
+        /// The secret's name.
+        name: String,
+        /// Who deleted it.
+        by: String,
+        /// When.
+        at: Millis,
+    },
 }
 
 impl Command {
@@ -432,6 +459,8 @@ impl Command {
             Command::CreateDatastore { .. } => "create_datastore",
             Command::CreateComponent { .. } => "create_component",
             Command::Access { .. } => "access",
+            Command::SetSecret { .. } => "set_secret",
+            Command::DeleteSecret { .. } => "delete_secret",
         }
     }
 

@@ -184,6 +184,15 @@ pub enum ApplyError {
     /// A token, workspace or role change that breaks a rule of `access.rs`.
     #[error("{0}")]
     Access(crate::access::AccessError),
+    /// A secret change that breaks a rule of `secrets.rs`.
+    #[error("{0}")]
+    Secret(crate::secrets::SecretError),
+}
+
+impl From<crate::secrets::SecretError> for ApplyError {
+    fn from(e: crate::secrets::SecretError) -> ApplyError {
+        ApplyError::Secret(e)
+    }
 }
 
 impl From<crate::access::AccessError> for ApplyError {

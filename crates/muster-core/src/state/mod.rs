@@ -528,6 +528,10 @@ pub struct State {
     /// access control existed).
     #[serde(default, skip_serializing_if = "crate::access::Access::is_empty")]
     pub access: crate::access::Access,
+    /// Each workspace's secrets, sealed (`secrets.rs`; absent from snapshots taken before
+    /// secrets existed, or with none set).
+    #[serde(default, skip_serializing_if = "crate::secrets::Secrets::is_empty")]
+    pub secrets: crate::secrets::Secrets,
     /// Where retention put the finished runs it removed, oldest first (`state/archive.rs`;
     /// absent from snapshots taken before retention existed, or with nothing archived).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
