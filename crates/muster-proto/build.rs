@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "sweeps",
         "access",
         "data",
+        "secrets",
     ]
     .map(|f| root.join(format!("muster/v1/{f}.proto")));
     for f in &files {

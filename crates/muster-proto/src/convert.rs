@@ -122,6 +122,14 @@ impl From<CoreSpec> for v1::RunSpec {
             download_inputs: s.download_inputs.into_iter().collect(),
             instance_type: s.instance_type,
             checkpoint_interval_s: s.checkpoint_interval_s,
+            secrets: s
+                .secrets
+                .into_iter()
+                .map(|r| v1::SecretRef {
+                    name: r.name,
+                    env: r.env,
+                })
+                .collect(),
             output_assets: s
                 .output_assets
                 .into_iter()
@@ -189,6 +197,14 @@ pub fn spec_from_wire(s: v1::RunSpec) -> Result<CoreSpec, String> {
         download_inputs: s.download_inputs.into_iter().collect(),
         instance_type: s.instance_type,
         checkpoint_interval_s: s.checkpoint_interval_s,
+        secrets: s
+            .secrets
+            .into_iter()
+            .map(|r| muster_core::secrets::SecretRef {
+                name: r.name,
+                env: r.env,
+            })
+            .collect(),
         output_assets: s
             .output_assets
             .into_iter()

@@ -36,6 +36,9 @@ pub(crate) struct Server {
     pub uploads: Arc<crate::grpc::limits::Uploads>,
     /// Where the runs retention archived are (this server's index of the archive blobs).
     pub archived: crate::views::archive::Archived,
+    /// The cluster's secret key (`store/secret_key.rs`); `None` on a server that was not
+    /// given a copy (it refuses to set or deliver secrets, saying so).
+    pub secret_key: Option<muster_core::secrets::SecretKey>,
     _lock: File,
 }
 
@@ -104,6 +107,13 @@ impl Server {
         ));
         let store = Store::open(dir, state, peers, config.max_blob_bytes)
             .with_context(|| format!("cannot open the stores in {}", dir.display()))?;
+        let founds = config.raft.initial_voters.first() == Some(&config.raft.id);
+        let secret_key = crate::store::secret_key::load(dir, founds).with_context(|| {
+            format!(
+                "cannot read the secret key {}",
+                crate::store::secret_key::path(dir).display()
+            )
+        })?;
         if config.create_local_compute {
             coordinator.ensure_local_compute().await?;
         }
@@ -121,6 +131,7 @@ impl Server {
                 burst_bytes: config.max_blob_bytes.max(config.upload_bytes_per_sec),
             }),
             archived: Default::default(),
+            secret_key,
             _lock: lock,
         }))
     }

@@ -446,7 +446,9 @@ impl Session {
             node::orders(s, &node_id, &mut self.told)
                 .into_iter()
                 .filter_map(|order| match order {
-                    Order::Assign { attempt, rank } => assignment(s, &attempt, rank),
+                    Order::Assign { attempt, rank } => {
+                        assignment(s, self.link.server.secret_key.as_ref(), &attempt, rank)
+                    }
                     Order::Stop { attempt, reason } => {
                         Some(stop_message(attempt, reason, grace_ms))
                     }
@@ -827,6 +829,7 @@ fn attempt_report(u: &v1::AttemptUpdate) -> Result<AttemptReport, Status> {
 /// The wire assignment of rank `rank` of an attempt placed on this node.
 fn assignment(
     s: &muster_core::State,
+    key: Option<&muster_core::secrets::SecretKey>,
     (run_id, attempt): &AttemptKey,
     rank: u32,
 ) -> Option<server_message::Msg> {
@@ -849,6 +852,7 @@ fn assignment(
         inputs: step_inputs.into_iter().collect(),
         outputs: step_outputs,
         resume: a.resumed_from.clone().map(checkpoint_to_wire),
+        secrets: crate::grpc::secrets::values_for(s, key, &run.spec),
     }))
 }
 

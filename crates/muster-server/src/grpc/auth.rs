@@ -352,6 +352,10 @@ pub(crate) fn rule(path: &str) -> Option<Rule> {
         ("muster.v1.AccessService", "CreateWorkspace" | "DeleteWorkspace" | "ListAudit") => {
             cluster(Admin)
         }
+        // Workspace operators set and delete its secrets, its readers list their names (no
+        // method returns a value); the handlers check the workspace.
+        ("muster.v1.SecretService", "SetSecret" | "DeleteSecret") => users(Operator),
+        ("muster.v1.SecretService", "ListSecrets") => users(Reader),
         _ => return None,
     };
     Some(rule)

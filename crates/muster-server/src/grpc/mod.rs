@@ -25,6 +25,7 @@ mod metrics;
 mod pipelines;
 pub(crate) mod replicas;
 mod runs;
+mod secrets;
 mod sweeps;
 
 use std::sync::Arc;
@@ -195,6 +196,9 @@ pub(crate) fn router(server: Arc<Server>) -> GrpcRoutes {
     .add(v1::sweep_service_server::SweepServiceServer::new(
         sweeps::Sweeps(server.clone()),
     ))
+    .add(v1::secret_service_server::SecretServiceServer::new(
+        secrets::Secrets(server.clone()),
+    ))
     .add(v1::access_service_server::AccessServiceServer::new(
         access::Accesses(server.clone()),
     ))
@@ -269,6 +273,17 @@ pub(crate) fn rejected(e: ApplyError) -> Status {
         | ApplyError::InvalidArchive(_) => Status::failed_precondition(msg),
         ApplyError::UndecodableCommand(_) => Status::internal(msg),
         ApplyError::Access(e) => auth::access_status(e),
+        ApplyError::Secret(e) => {
+            use muster_core::secrets::SecretError as E;
+            match e {
+                E::Unknown { .. } => Status::not_found(msg),
+                E::InvalidName(_) | E::Empty(_) | E::TooLarge { .. } => {
+                    Status::invalid_argument(msg)
+                }
+                E::TooMany(_) => Status::resource_exhausted(msg),
+                E::WrongKey { .. } | E::Tampered(_) => Status::failed_precondition(msg),
+            }
+        }
     }
 }
 

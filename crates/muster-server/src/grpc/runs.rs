@@ -121,6 +121,17 @@ impl RunService for Runs {
             .map(|k| format!("{}/{k}", spec.workspace));
         spec.validate()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Every secret the run names must be one of its workspace's (names only: a run of
+        // another workspace cannot name this one's).
+        self.0
+            .coordinator
+            .read(|s| s.secrets.check_refs(&spec.workspace, &spec.secrets))
+            .map_err(|e| match &e {
+                muster_core::secrets::SecretError::Unknown { name, .. } => {
+                    Status::invalid_argument(format!("secrets.{name}: {e}"))
+                }
+                _ => Status::invalid_argument(e.to_string()),
+            })?;
         // A run its target can never hold is refused here, not left queued for ever. (Not
         // in `State::apply`: a rule there would change how logs written before it replay.)
         let fit = self.0.coordinator.read(|s| {

@@ -15,6 +15,7 @@ pub mod backup;
 pub mod blobs;
 pub mod logs;
 pub mod replication;
+pub mod secret_key;
 pub mod series;
 
 use std::io;
