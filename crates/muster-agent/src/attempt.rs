@@ -164,6 +164,8 @@ struct Prepared {
     watch: Option<LauncherWatch>,
     /// Upload the checkpoint folder this often while the command runs.
     checkpoint_every: Option<std::time::Duration>,
+    /// The run's secret files, removed when this is dropped (the attempt is over).
+    secret_files: Option<crate::secrets::SecretFiles>,
 }
 
 /// An MPI worker's launcher (rank 0's agent), the attempt's secret, and the sender that
@@ -437,11 +439,37 @@ impl AttemptTask {
             let stop = self.accept_exec(secret.clone(), c.name.clone());
             watch = plan.launcher.clone().map(|l| (l, secret.clone(), stop));
         }
+        let mut launch = plan.launch;
+        let secret_files = if plan.secrets.is_empty() {
+            None
+        } else {
+            let tag = format!("{}-{}-{}", self.key.0, self.key.1, plan.rank);
+            let files =
+                plan.secrets
+                    .write(&tag, &plan.workdir)
+                    .map_err(|source| AttemptError::Write {
+                        path: plan.workdir.join("secrets"),
+                        source,
+                    })?;
+            let seen = match &mut launch.container {
+                Some(c) => {
+                    c.read_only_mounts.push((
+                        files.dir().to_path_buf(),
+                        crate::secrets::CONTAINER_DIR.to_string(),
+                    ));
+                    crate::secrets::CONTAINER_DIR.to_string()
+                }
+                None => files.dir().display().to_string(),
+            };
+            launch.env.push(("MUSTER_SECRETS_DIR".into(), seen));
+            Some(files)
+        };
         Ok(Prepared {
-            launch: plan.launch,
+            launch,
             gate: plan.gate,
             watch,
             checkpoint_every: plan.checkpoint_every,
+            secret_files,
         })
     }
 
@@ -451,6 +479,7 @@ impl AttemptTask {
             gate,
             watch,
             checkpoint_every,
+            secret_files,
         } = prepared;
         if let Some(gate) = &gate {
             let _ = append_log(
@@ -500,6 +529,8 @@ impl AttemptTask {
         self.launched = true;
         let periodic = checkpoint_every.map(|every| tokio::spawn(self.periodic(every)));
         let outcome = executor.run(launch, self.stop.clone(), started_tx).await;
+        // The command is over: its secrets go.
+        drop(secret_files);
         if let Some(p) = periodic {
             p.abort();
         }

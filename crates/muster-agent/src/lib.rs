@@ -36,6 +36,7 @@ mod outputs;
 mod plan;
 pub mod resources;
 mod rsh_server;
+mod secrets;
 mod session;
 mod ship;
 mod snapshot;

@@ -130,6 +130,8 @@ pub(crate) struct AttemptPlan {
     pub image_as_process: Option<String>,
     /// What the executor starts.
     pub launch: Launch,
+    /// The run's secret values (files written when the attempt is prepared).
+    pub secrets: crate::secrets::RunSecrets,
 }
 
 /// Why an assignment cannot be planned on this node. Each says what to do.
@@ -168,6 +170,9 @@ pub(crate) enum PlanError {
         "this MPI run spans nodes, but the server sent no attempt secret for its ranks' agents: upgrade the servers"
     )]
     NoSecret,
+    /// A secret the run names did not come with the assignment.
+    #[error("{0}")]
+    Secret(String),
     /// A peer's agent has no exec listener.
     #[error(
         "this MPI run spans nodes, but node {node} advertises no exec port (its agent predates distributed runs): upgrade its agent"
@@ -266,6 +271,9 @@ impl AttemptPlan {
             }
         };
         env.extend(spec.environment_variables.clone());
+        let secrets = crate::secrets::RunSecrets::from_assignment(&spec, &a.secrets)
+            .map_err(PlanError::Secret)?;
+        env.extend(secrets.env());
 
         let container =
             container_image.map(|image| ContainerSpec {
@@ -334,7 +342,9 @@ impl AttemptPlan {
                 log_path: log_path(&workdir),
                 timeout: spec.timeout_s.map(Duration::from_secs),
                 container,
+                redact: secrets.redactor(),
             },
+            secrets,
             workdir,
         })
     }

@@ -908,6 +908,7 @@ mod tests {
             log_path: "/w/log".into(),
             timeout: None,
             container: None,
+            redact: Default::default(),
         };
         let spec = ContainerSpec {
             image: "img:1".into(),

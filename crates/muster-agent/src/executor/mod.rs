@@ -100,6 +100,9 @@ pub struct Launch {
     pub timeout: Option<Duration>,
     /// Run in a container (the Docker executor); `None` for the process executor.
     pub container: Option<ContainerSpec>,
+    /// The values of the run's secrets, replaced with `***` in the log as it is written
+    /// (`crate::secrets`); empty for a run without secrets.
+    pub redact: muster_core::secrets::Redactor,
 }
 
 /// The container-specific part of a launch.

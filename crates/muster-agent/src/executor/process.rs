@@ -97,15 +97,20 @@ pub async fn run(
     let _ = started.send(());
 
     // One writer appends both streams to the log in arrival order.
+    // Secret values never reach the file: a value split across two reads is held back
+    // until the next says whether it is one.
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
+    let mut redact = launch.redact.clone();
     let writer = tokio::spawn(async move {
         let mut log = log;
         while let Some(chunk) = rx.recv().await {
+            let chunk = redact.push(&chunk);
             if log.write_all(&chunk).await.is_err() {
                 break;
             }
             let _ = log.flush().await;
         }
+        let _ = log.write_all(&redact.finish()).await;
         let _ = log.sync_all().await;
     });
     let readers = [
@@ -261,6 +266,7 @@ mod tests {
             log_path: dir.join("out.log"),
             timeout,
             container: None,
+            redact: Default::default(),
         }
     }
 
