@@ -97,6 +97,9 @@ pub enum ClientCommand {
     /// Datastores: folders every node sees, that job inputs name by azureml:// URI.
     #[command(subcommand)]
     Datastore(crate::commands::data::DatastoreCommand),
+    /// Workspace secrets: values runs read as files or variables; set, list (names only), delete.
+    #[command(subcommand)]
+    Secret(crate::commands::secret::SecretCommand),
     /// Log in: check an API token and keep it for `--server` (0600, in the config dir).
     Login(LoginArgs),
     /// Forget the token kept for `--server`.

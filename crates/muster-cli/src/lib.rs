@@ -212,6 +212,7 @@ pub async fn execute(
         ClientCommand::Datastore(cmd) => commands::data::datastore(server, output, cmd)
             .await
             .map(|_| 0),
+        ClientCommand::Secret(cmd) => commands::secret::run(server, output, cmd).await.map(|_| 0),
         ClientCommand::Cluster(cmd) => commands::cluster::run(server, output, cmd).await.map(|_| 0),
         ClientCommand::Pipeline(cmd) => commands::pipeline::run(server, output, cmd).await,
         ClientCommand::Login(args) => commands::access::login(server, args).await.map(|_| 0),

@@ -45,7 +45,8 @@ use muster_proto::v1::{
     access_service_client::AccessServiceClient, component_service_client::ComponentServiceClient,
     compute_service_client::ComputeServiceClient, data_service_client::DataServiceClient,
     metrics_service_client::MetricsServiceClient, pipeline_service_client::PipelineServiceClient,
-    run_service_client::RunServiceClient, sweep_service_client::SweepServiceClient,
+    run_service_client::RunServiceClient, secret_service_client::SecretServiceClient,
+    sweep_service_client::SweepServiceClient,
 };
 
 /// Clients of every user-facing service over one connection.
@@ -71,6 +72,8 @@ pub struct Clients {
     pub data: DataServiceClient<Channel>,
     /// Registered components.
     pub components: ComponentServiceClient<Channel>,
+    /// Workspace secrets (names in, values never out).
+    pub secrets: SecretServiceClient<Channel>,
 }
 
 impl Clients {
@@ -88,6 +91,7 @@ impl Clients {
             data: DataServiceClient::new(channel.clone()).max_decoding_message_size(16 << 20),
             components: ComponentServiceClient::new(channel.clone())
                 .max_decoding_message_size(16 << 20),
+            secrets: SecretServiceClient::new(channel.clone()),
             blobs: Blobs::connect(channel),
         }
     }

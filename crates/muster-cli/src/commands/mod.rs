@@ -9,4 +9,5 @@ pub mod metrics;
 pub mod node;
 pub mod pipeline;
 pub mod run;
+pub mod secret;
 pub mod sweep;
