@@ -171,6 +171,8 @@ fn allowed(method: &str) -> Option<&'static [Who]> {
         ("muster.v1.AccessService", "GrantRole" | "RevokeRole") => ADMINS,
         ("muster.v1.AccessService", "SetServerlessCompute") => OPERATORS,
         ("muster.v1.AccessService", "CreateWorkspace" | "DeleteWorkspace" | "ListAudit") => ADMINS,
+        ("muster.v1.SecretService", "SetSecret" | "DeleteSecret") => OPERATORS,
+        ("muster.v1.SecretService", "ListSecrets") => READERS,
         _ => return None,
     })
 }
@@ -548,6 +550,92 @@ async fn another_workspace_is_invisible_and_refusals_are_audited() {
         .set_serverless_compute(set("nlp", "nlp-pool"))
         .await
         .unwrap();
+    // Secrets: nlp's operator sets nlp's, not vision's; a user of nlp lists the names but
+    // sets none; vision sees none of nlp's, and a vision run cannot name one.
+    let secret = |workspace: &str| v1::SetSecretRequest {
+        workspace: workspace.into(),
+        name: "NLP_KEY".into(),
+        value: b"nlp-value".to_vec(),
+    };
+    olga.secrets.set_secret(secret("nlp")).await.unwrap();
+    assert_eq!(
+        olga.secrets
+            .set_secret(secret("vision"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound,
+        "another workspace's secrets"
+    );
+    assert_eq!(
+        nils.secrets
+            .set_secret(secret("nlp"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied,
+        "a user sets no secret"
+    );
+    let names = |r: v1::ListSecretsResponse| -> Vec<String> {
+        r.secrets.into_iter().map(|s| s.name).collect()
+    };
+    let listed = nils
+        .secrets
+        .list_secrets(v1::ListSecretsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!format!("{listed:?}").contains("nlp-value"));
+    assert_eq!(names(listed), vec!["NLP_KEY".to_string()]);
+    let vera_sees = vera
+        .secrets
+        .list_secrets(v1::ListSecretsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(names(vera_sees).is_empty(), "vision sees none of nlp's");
+    let asked = vera
+        .secrets
+        .list_secrets(v1::ListSecretsRequest {
+            workspace: "nlp".into(),
+        })
+        .await;
+    assert_eq!(asked.unwrap_err().code(), Code::NotFound);
+    let deleted = vera
+        .secrets
+        .delete_secret(v1::DeleteSecretRequest {
+            workspace: "nlp".into(),
+            name: "NLP_KEY".into(),
+        })
+        .await;
+    // vera is no operator anywhere: the door refuses her before the workspace matters.
+    assert!(matches!(
+        deleted.unwrap_err().code(),
+        Code::NotFound | Code::PermissionDenied
+    ));
+    let deleted = olga
+        .secrets
+        .delete_secret(v1::DeleteSecretRequest {
+            workspace: "vision".into(),
+            name: "NLP_KEY".into(),
+        })
+        .await;
+    assert_eq!(deleted.unwrap_err().code(), Code::NotFound, "not in vision");
+    let mut borrowing = spec("vision-pool", "vision");
+    borrowing.secrets = vec![v1::SecretRef {
+        name: "NLP_KEY".into(),
+        env: None,
+    }];
+    let refused = vera
+        .runs
+        .submit_run(v1::SubmitRunRequest {
+            spec: Some(borrowing),
+            idempotency_key: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("NLP_KEY"), "{refused:?}");
     let serverless = nils
         .runs
         .submit_run(v1::SubmitRunRequest {

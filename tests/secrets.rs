@@ -114,7 +114,10 @@ async fn a_canary_secret_reaches_its_run_and_nothing_else() {
         assert!(!out.stdout.contains(&canary), "{args:?}: {out:?}");
     }
     let show = muster(&url, project.path(), &["run", "show", &id, "-o", "json"]).await;
-    assert!(show.stdout.contains("CANARY_TOKEN"), "the name is shown: {show:?}");
+    assert!(
+        show.stdout.contains("CANARY_TOKEN"),
+        "the name is shown: {show:?}"
+    );
     let mut c = dev.clients().await.unwrap();
     let got = c
         .runs
@@ -156,7 +159,12 @@ async fn a_canary_secret_reaches_its_run_and_nothing_else() {
         "unknown.yml",
         "command: echo hi\nsecrets: [NO_SUCH_SECRET]\n",
     );
-    let refused = muster(&url, project.path(), &["run", "submit", "-f", "unknown.yml"]).await;
+    let refused = muster(
+        &url,
+        project.path(),
+        &["run", "submit", "-f", "unknown.yml"],
+    )
+    .await;
     assert_ne!(refused.code, 0, "{refused:?}");
     assert!(
         refused.stderr.contains("NO_SUCH_SECRET")
@@ -174,7 +182,10 @@ async fn a_canary_secret_reaches_its_run_and_nothing_else() {
     )
     .await;
     assert_eq!(other_list.code, 0, "{other_list:?}");
-    assert!(!other_list.stdout.contains("CANARY_TOKEN"), "{other_list:?}");
+    assert!(
+        !other_list.stdout.contains("CANARY_TOKEN"),
+        "{other_list:?}"
+    );
     let cross = muster(
         &url,
         project.path(),
@@ -211,7 +222,12 @@ async fn a_canary_secret_reaches_its_run_and_nothing_else() {
                 .unwrap()
                 .flatten()
                 .filter(|e| e.path().is_dir())
-                .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten().map(|e| e.path())),
+                .flat_map(|d| {
+                    std::fs::read_dir(d.path())
+                        .unwrap()
+                        .flatten()
+                        .map(|e| e.path())
+                }),
         )
         .find(|p| p.file_name().is_some_and(|n| n == "secret.key"))
         .expect("the server keeps its secret key in its data directory");
