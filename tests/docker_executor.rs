@@ -90,6 +90,7 @@ impl World {
                 labels,
                 ..Default::default()
             }),
+            redact: Default::default(),
         }
     }
 
