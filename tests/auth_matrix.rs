@@ -162,7 +162,7 @@ fn allowed(method: &str) -> Option<&'static [Who]> {
             "muster.v1.ClusterService",
             "AddServer" | "RemoveServer" | "TransferLeader" | "Backup",
         ) => ADMINS,
-        ("muster.v1.ClusterService", "Raft" | "Forward" | "ReadIndex") => SERVERS,
+        ("muster.v1.ClusterService", "Raft" | "Forward" | "ReadIndex" | "SecretKey") => SERVERS,
         (
             "muster.v1.AccessService",
             "WhoAmI" | "CreateToken" | "ListTokens" | "RevokeToken" | "ListWorkspaces"

@@ -8,6 +8,7 @@
 use std::path::Path;
 
 use muster_proto::v1;
+use muster_testkit::cluster::TestCluster;
 use muster_testkit::{DevCluster, muster};
 use muster_tests::{wait_done, write};
 
@@ -234,4 +235,52 @@ async fn a_canary_secret_reaches_its_run_and_nothing_else() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "{}", key.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_server_gets_the_founders_secret_key_and_seals_with_it() {
+    let cluster = TestCluster::start(3).await.unwrap();
+    let read_key = |id: u64| std::fs::read_to_string(cluster.data_dir(id).join("secret.key")).ok();
+    let founder = read_key(1).expect("the founding server made the key");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while [2, 3]
+        .iter()
+        .any(|id| read_key(*id).as_deref() != Some(founder.as_str()))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the other servers did not get the founder's key: {:?}",
+            [2, 3].map(read_key)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // Each server seals with the one key: a secret set through any of them opens for all
+    // (a follower seals locally, then forwards the proposal to the leader).
+    for id in cluster.ids() {
+        let mut c = muster_testkit::access::clients(&cluster.url(id))
+            .await
+            .unwrap();
+        let info = c
+            .secrets
+            .set_secret(v1::SetSecretRequest {
+                workspace: String::new(),
+                name: format!("VIA_SERVER_{id}"),
+                value: b"some-value".to_vec(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("server {id}: {e:?}"))
+            .into_inner();
+        assert_eq!(info.workspace, "default");
+    }
+    let mut c = muster_testkit::access::clients(&cluster.urls())
+        .await
+        .unwrap();
+    let listed = c
+        .secrets
+        .list_secrets(v1::ListSecretsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.secrets.len(), 3, "{listed:?}");
+    assert!(!format!("{listed:?}").contains("some-value"));
 }

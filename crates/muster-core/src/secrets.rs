@@ -7,8 +7,9 @@
 //!
 //! **Key management and threat model.** Every server of a cluster holds one 256-bit
 //! *secret key* in its data directory (`DATA_DIR/secret.key`, mode 0600), made from the OS's
-//! random source by the server that founds the cluster; a server that joins later is given
-//! a copy of that file by its operator (the same way it is given its TLS files). The Raft
+//! random source by the server that founds the cluster; every other server fetches it once
+//! from a peer over the authenticated server-to-server path (`ClusterService.SecretKey`,
+//! servers only; encrypted with TLS) and keeps it in its own data directory. The Raft
 //! log, the state snapshots and backups hold only [`Sealed`] values: ciphertext, a random
 //! 96-bit nonce per value and the key's id, never the key. So a copy of a server's Raft
 //! store, a snapshot, a backup or a GetRun reply gives away no secret value; a thief needs

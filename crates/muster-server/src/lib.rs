@@ -320,6 +320,10 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let mut leader_tasks = leader::spawn(server.clone());
     leader_tasks.push(tokio::spawn(grpc::auth::record_denials(server.clone())));
+    if server.secret_key.get().is_none() {
+        let joined = server.clone();
+        leader_tasks.push(tokio::spawn(async move { joined.fetch_secret_key().await }));
+    }
     if server.founds_cluster() {
         let founder = server.clone();
         leader_tasks.push(tokio::spawn(async move {

@@ -36,9 +36,10 @@ pub(crate) struct Server {
     pub uploads: Arc<crate::grpc::limits::Uploads>,
     /// Where the runs retention archived are (this server's index of the archive blobs).
     pub archived: crate::views::archive::Archived,
-    /// The cluster's secret key (`store/secret_key.rs`); `None` on a server that was not
-    /// given a copy (it refuses to set or deliver secrets, saying so).
-    pub secret_key: Option<muster_core::secrets::SecretKey>,
+    /// The cluster's secret key (`store/secret_key.rs`); unset on a server that joined
+    /// without one until [`Server::fetch_secret_key`] has it from a peer (meanwhile it
+    /// refuses to set or deliver secrets, saying so).
+    pub secret_key: std::sync::OnceLock<muster_core::secrets::SecretKey>,
     _lock: File,
 }
 
@@ -131,9 +132,64 @@ impl Server {
                 burst_bytes: config.max_blob_bytes.max(config.upload_bytes_per_sec),
             }),
             archived: Default::default(),
-            secret_key,
+            secret_key: secret_key
+                .map(std::sync::OnceLock::from)
+                .unwrap_or_default(),
             _lock: lock,
         }))
+    }
+
+    /// A server without the cluster's secret key (it joined a cluster another server
+    /// founded) asks its peers for it over the authenticated server path
+    /// (`ClusterService.SecretKey`, servers only), once a second until one answers, and
+    /// keeps it in its data directory (0600) like the founder's. Returns at once when it
+    /// has the key.
+    pub(crate) async fn fetch_secret_key(&self) {
+        let me = self.config.raft.id;
+        let mut waited = 0u32;
+        while self.secret_key.get().is_none() {
+            let peers = self.coordinator.peers();
+            for id in peers.all().into_keys().filter(|id| *id != me) {
+                let Some(mut client) = peers.client(id) else {
+                    continue;
+                };
+                let answer = match client
+                    .secret_key(muster_proto::v1::SecretKeyRequest {})
+                    .await
+                {
+                    Ok(a) => a.into_inner(),
+                    Err(e) => {
+                        tracing::debug!(peer = id, cause = %e.message(), "no secret key from this peer yet");
+                        continue;
+                    }
+                };
+                let Ok(bytes) = <[u8; muster_core::secrets::KEY_LEN]>::try_from(answer.key) else {
+                    tracing::warn!(peer = id, "a peer sent a secret key of the wrong length");
+                    continue;
+                };
+                let key = muster_core::secrets::SecretKey::from_bytes(bytes);
+                if key.id() != answer.key_id {
+                    tracing::warn!(
+                        peer = id,
+                        "a peer sent a secret key that does not match its id"
+                    );
+                    continue;
+                }
+                if let Err(e) = crate::store::secret_key::save(&self.config.data_dir, &key) {
+                    tracing::error!(cause = %e, "cannot keep the cluster's secret key in the data directory");
+                }
+                tracing::info!(peer = id, key_id = %key.id(), "got the cluster's secret key");
+                let _ = self.secret_key.set(key);
+                return;
+            }
+            waited += 1;
+            if waited == 30 {
+                tracing::warn!(
+                    "no peer has given this server the cluster's secret key yet: it cannot set or deliver secrets until one does"
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
     }
 
     /// Stops Raft and releases the data directory.

@@ -447,7 +447,7 @@ impl Session {
                 .into_iter()
                 .filter_map(|order| match order {
                     Order::Assign { attempt, rank } => {
-                        assignment(s, self.link.server.secret_key.as_ref(), &attempt, rank)
+                        assignment(s, self.link.server.secret_key.get(), &attempt, rank)
                     }
                     Order::Stop { attempt, reason } => {
                         Some(stop_message(attempt, reason, grace_ms))

@@ -338,7 +338,8 @@ pub(crate) fn rule(path: &str) -> Option<Rule> {
             "muster.v1.ClusterService",
             "AddServer" | "RemoveServer" | "TransferLeader" | "Backup",
         ) => cluster(Admin),
-        ("muster.v1.ClusterService", "Raft" | "Forward" | "ReadIndex") => servers,
+        // A server that joined without the cluster's secret key fetches it from a peer.
+        ("muster.v1.ClusterService", "Raft" | "Forward" | "ReadIndex" | "SecretKey") => servers,
 
         (
             "muster.v1.AccessService",

@@ -367,6 +367,21 @@ impl ClusterService for Cluster {
         }
     }
 
+    async fn secret_key(
+        &self,
+        _req: Request<v1::SecretKeyRequest>,
+    ) -> Result<Response<v1::SecretKeyResponse>, Status> {
+        let key = self
+            .0
+            .secret_key
+            .get()
+            .ok_or_else(|| crate::grpc::secrets::no_key(&self.0))?;
+        Ok(Response::new(v1::SecretKeyResponse {
+            key: key.as_bytes().to_vec(),
+            key_id: key.id(),
+        }))
+    }
+
     async fn read_index(
         &self,
         _req: Request<v1::ReadIndexRequest>,

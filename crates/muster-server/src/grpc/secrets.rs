@@ -70,26 +70,34 @@ impl SecretService for Secrets {
                 req.value.len()
             )));
         }
-        let key = self.0.secret_key.as_ref().ok_or_else(|| no_key(&self.0))?;
+        let key = self.0.secret_key.get().ok_or_else(|| no_key(&self.0))?;
         let nonce =
             crate::store::secret_key::nonce().map_err(|e| Status::unavailable(e.to_string()))?;
         let sealed = secrets::seal(key, nonce, &workspace, &req.name, &req.value);
         drop(req.value);
+        let (by, at) = (caller.label(), now_ms());
         self.0
             .coordinator
             .propose(Command::SetSecret {
                 workspace: workspace.clone(),
                 name: req.name.clone(),
                 sealed,
-                by: caller.label(),
-                at: now_ms(),
+                by: by.clone(),
+                at,
             })
             .await?;
+        // A follower may not have applied it yet: then what it knows (version unknown, 0).
         let shown = self
             .0
             .coordinator
             .read(|s| s.secrets.get(&workspace, &req.name).map(info))
-            .ok_or_else(|| Status::unavailable("the secret is set; list it again shortly"))?;
+            .unwrap_or(v1::SecretInfo {
+                workspace,
+                name: req.name,
+                set_by: by,
+                set_at_ms: at,
+                version: 0,
+            });
         Ok(Response::new(shown))
     }
 

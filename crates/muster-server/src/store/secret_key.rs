@@ -2,9 +2,10 @@
 //! 64 hex digits): what opens the sealed secret values of the replicated state
 //! (`muster_core::secrets` has the threat model). The server that founds a cluster makes it
 //! from the OS's random source (`ring::rand::SystemRandom`) on first start; every other
-//! server of the cluster is given a copy of the file by its operator, like its TLS files,
-//! and a server without one stores and delivers no secret (it says so). The key never goes
-//! into the Raft log, a snapshot, a backup or a log line.
+//! server fetches it from a peer once (`ClusterService.SecretKey`, servers only, over the
+//! authenticated — with TLS, encrypted — server path) and keeps it here too, or is given a
+//! copy of the file by its operator. A server without one stores and delivers no secret (it
+//! says so). The key never goes into the Raft log, a snapshot, a backup or a log line.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -46,6 +47,13 @@ pub fn load(data_dir: &Path, create: bool) -> io::Result<Option<SecretKey>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Keeps `key` in `data_dir` (0600), replacing what is there: the key a server without one
+/// got from a peer.
+pub fn save(data_dir: &Path, key: &SecretKey) -> io::Result<()> {
+    let hex: String = key.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    muster_client::write_secret_file(&path(data_dir), &format!("{hex}\n"), 0o600)
 }
 
 fn parse(hex: &str) -> Option<SecretKey> {
