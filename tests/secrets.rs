@@ -284,3 +284,73 @@ async fn every_server_gets_the_founders_secret_key_and_seals_with_it() {
     assert_eq!(listed.secrets.len(), 3, "{listed:?}");
     assert!(!format!("{listed:?}").contains("some-value"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemons_stderr_never_holds_a_secret() {
+    // The real `muster dev` process (server and agent), logging at debug to a file.
+    let data = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let stderr_path = elsewhere.path().join("stderr.log");
+    let addr = format!("127.0.0.1:{}", muster_tests::free_port());
+    let url = format!("http://{addr}");
+    let child = std::process::Command::new(muster_testkit::muster_bin())
+        .args(["dev", "--listen", &addr, "--data-dir"])
+        .arg(data.path())
+        .env("MUSTER_CONFIG_DIR", data.path().join("cli-config"))
+        .env("MUSTER_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let guard = muster_tests::ChildGuard(child);
+    muster_testkit::access::await_admin_token(&data.path().join("server/admin-token"), &url)
+        .await
+        .unwrap();
+    let mut ready = false;
+    for _ in 0..400 {
+        if let Ok(mut c) = muster_testkit::access::clients(&url).await
+            && let Ok(nodes) = c.compute.list_nodes(v1::ListNodesRequest::default()).await
+            && nodes
+                .get_ref()
+                .nodes
+                .iter()
+                .any(|n| n.state() == v1::NodeState::Ready)
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(ready, "muster dev did not become ready");
+
+    let canary = format!("stderr-canary-{}", std::process::id());
+    std::fs::write(elsewhere.path().join("value"), &canary).unwrap();
+    let value_file = elsewhere.path().join("value").display().to_string();
+    let project = tempfile::tempdir().unwrap();
+    let set = muster(
+        &url,
+        project.path(),
+        &["secret", "set", "CANARY_TOKEN", "--from-file", &value_file],
+    )
+    .await;
+    assert_eq!(set.code, 0, "{set:?}");
+    write(project.path(), "job.yml", JOB);
+    let submit = muster(&url, project.path(), &["run", "submit", "-f", "job.yml"]).await;
+    assert_eq!(submit.code, 0, "{submit:?}");
+    let id = submit.stdout.trim().to_string();
+    let run = wait_done(&url, &id).await;
+    assert_eq!(run.state(), v1::RunState::Completed, "{run:?}");
+    drop(guard);
+
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    assert!(
+        stderr.contains(&id),
+        "the debug log follows the run (so this checks something): {stderr}"
+    );
+    assert!(
+        !stderr.contains(&canary),
+        "the daemons' stderr holds the secret"
+    );
+    let hits = files_containing(data.path(), canary.as_bytes());
+    assert!(hits.is_empty(), "the canary is in {hits:?}");
+}
