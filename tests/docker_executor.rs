@@ -530,3 +530,34 @@ async fn an_adopted_container_keeps_its_timeout() {
     assert_eq!(w.log(), "begin\n");
     w.cleanup().await;
 }
+
+#[tokio::test]
+async fn secret_values_are_redacted_from_a_containers_log() {
+    let Some(docker) = docker_or_skip().await else {
+        return;
+    };
+    let w = World::new(docker).await;
+    // A secret file mounted read-only (as the agent mounts /run/secrets), echoed both
+    // whole and in two writes.
+    let secrets = tempfile::tempdir().expect("tempdir");
+    std::fs::write(secrets.path().join("TOKEN"), "docker-canary-42").expect("write");
+    let mut launch = w.launch(
+        "cat /run/secrets/TOKEN; echo; printf 'docker-can'; sleep 0.2; printf 'ary-42\\n'; echo \"env=$TOKEN\"",
+    );
+    launch.env.push(("TOKEN".into(), "docker-canary-42".into()));
+    launch.redact = muster_core::secrets::Redactor::new([b"docker-canary-42".as_slice()]);
+    if let Some(c) = launch.container.as_mut() {
+        c.read_only_mounts
+            .push((secrets.path().to_path_buf(), "/run/secrets".into()));
+    }
+    let out = w.run(launch).await;
+    assert_eq!(out.end, AttemptEnd::Completed, "{out:?}: {}", w.log());
+    let log = w.log();
+    assert!(!log.contains("docker-canary-42"), "log: {log}");
+    assert_eq!(
+        log.lines().collect::<Vec<_>>(),
+        ["***", "***", "env=***"],
+        "log: {log}"
+    );
+    w.cleanup().await;
+}

@@ -26,6 +26,7 @@ use bollard::query_parameters::{
 use futures::StreamExt;
 use muster_core::AttemptEnd;
 use muster_core::resources::format_bytes;
+use muster_core::secrets::Redactor;
 use muster_docker::{EngineError, message as engine_message, status_of};
 use tokio::fs::File;
 use tokio::io::AsyncWriteExt;
@@ -284,7 +285,9 @@ impl DockerExecutor {
 
         // 4.–6. Follow, wait, inspect, remove.
         let timeout = launch.timeout.map(|t| (t, t.as_secs()));
-        self.supervise(&id, log, 0, timeout, &mut stop).await
+        let redact = launch.redact.clone();
+        self.supervise(&id, log, 0, redact, timeout, &mut stop)
+            .await
     }
 
     /// The containers of this node (label `muster.node_id == node_id`), running or exited,
@@ -398,7 +401,9 @@ impl DockerExecutor {
                 let left = remaining(secs, state.started_at.as_deref(), SystemTime::now());
                 (left, secs)
             });
-        self.supervise(id, log, skip, timeout, &mut stop).await
+        // (A re-adopted attempt's secrets went with the agent that started it.)
+        self.supervise(id, log, skip, Redactor::default(), timeout, &mut stop)
+            .await
     }
 
     /// The engine client without a practical request timeout (for `docker exec` streams
@@ -489,12 +494,19 @@ impl DockerExecutor {
         id: &str,
         log: File,
         skip: u64,
+        redact: Redactor,
         timeout: Option<(Duration, u64)>,
         stop: &mut watch::Receiver<Option<Stop>>,
     ) -> Outcome {
         // Everything runs in this future (nothing spawned): if the caller drops it (an agent
         // going away), the log stream stops with it, and a later adopt() carries on.
-        let mut pump = std::pin::pin!(follow_logs(self.long.clone(), id.to_string(), log, skip));
+        let mut pump = std::pin::pin!(follow_logs(
+            self.long.clone(),
+            id.to_string(),
+            log,
+            skip,
+            redact
+        ));
         let mut pump_done = false;
         let ended = {
             let mut watcher = std::pin::pin!(self.watch(id, timeout.map(|t| t.0), stop));
@@ -586,7 +598,13 @@ impl DockerExecutor {
 
 /// Follows a container's stdout and stderr (in arrival order) into `log`, skipping the
 /// first `skip` bytes. Ends when the engine ends the stream (the container stopped).
-async fn follow_logs(docker: Docker, id: String, mut log: File, mut skip: u64) {
+async fn follow_logs(
+    docker: Docker,
+    id: String,
+    mut log: File,
+    mut skip: u64,
+    mut redact: Redactor,
+) {
     let options = LogsOptionsBuilder::default()
         .follow(true)
         .stdout(true)
@@ -612,6 +630,8 @@ async fn follow_logs(docker: Docker, id: String, mut log: File, mut skip: u64) {
         } else {
             chunk
         };
+        // Secret values never reach the file (held back across chunk boundaries).
+        let chunk = redact.push(&chunk);
         if chunk.is_empty() {
             continue;
         }
@@ -620,6 +640,7 @@ async fn follow_logs(docker: Docker, id: String, mut log: File, mut skip: u64) {
         }
         let _ = log.flush().await;
     }
+    let _ = log.write_all(&redact.finish()).await;
     let _ = log.sync_all().await;
 }
 
