@@ -354,3 +354,44 @@ async fn the_daemons_stderr_never_holds_a_secret() {
     let hits = files_containing(data.path(), canary.as_bytes());
     assert!(hits.is_empty(), "the canary is in {hits:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_run_reads_its_secret_at_run_secrets_and_logs_stars() {
+    let Some(docker) = muster_testkit::images::docker_or_skip().await else {
+        return;
+    };
+    let image = muster_testkit::images::busybox_image(&docker)
+        .await
+        .unwrap();
+    let dev = DevCluster::start().await.unwrap();
+    let url = dev.url();
+    let project = tempfile::tempdir().unwrap();
+    let private = tempfile::tempdir().unwrap();
+    let canary = format!("container-canary-{}", std::process::id());
+    std::fs::write(private.path().join("value"), &canary).unwrap();
+    let value_file = private.path().join("value").display().to_string();
+    let set = muster(
+        &url,
+        project.path(),
+        &["secret", "set", "CANARY_TOKEN", "--from-file", &value_file],
+    )
+    .await;
+    assert_eq!(set.code, 0, "{set:?}");
+    write(
+        project.path(),
+        "job.yml",
+        &format!("{JOB}environment:\n  image: {image}\n"),
+    );
+    let submit = muster(&url, project.path(), &["run", "submit", "-f", "job.yml"]).await;
+    assert_eq!(submit.code, 0, "{submit:?}");
+    let id = submit.stdout.trim().to_string();
+    let run = wait_done(&url, &id).await;
+    let logs = muster(&url, project.path(), &["run", "logs", &id]).await;
+    assert_eq!(run.state(), v1::RunState::Completed, "{run:?} {logs:?}");
+    for line in ["env=***", "file=***", "mode=400", "dir=/run/secrets"] {
+        assert!(logs.stdout.contains(line), "{line}: {logs:?}");
+    }
+    assert!(!logs.stdout.contains(&canary), "{logs:?}");
+    let hits = files_containing(&dev.data_dir, canary.as_bytes());
+    assert!(hits.is_empty(), "the canary is in {hits:?}");
+}
