@@ -442,7 +442,7 @@ impl Quota {
 }
 
 /// Millicores as cores, e.g. `2`, `0.5`.
-pub(crate) fn cores(millis: u64) -> String {
+pub fn cores(millis: u64) -> String {
     if millis.is_multiple_of(1000) {
         format!("{}", millis / 1000)
     } else {
