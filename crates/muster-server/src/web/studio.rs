@@ -734,6 +734,8 @@ struct AttemptSection {
     resumed: Option<String>,
     /// Its ranks' output, combined.
     log: String,
+    /// What of the log the page leaves out, and how to read it whole.
+    log_note: Option<String>,
 }
 
 /// `GET /runs/{id}`.
@@ -778,10 +780,22 @@ pub(super) async fn run_page(
     let mut attempts = Vec::with_capacity(wire.attempts.len());
     for a in &wire.attempts {
         let log = combined_log(&c, &run, a.number).await;
-        attempts.push(attempt_section(
-            a,
-            String::from_utf8_lossy(&log).into_owned(),
-        ));
+        let note = log.left_out.map(|n| {
+            let (what, ranks) = if a.placements.len() > 1 {
+                ("The log goes on", "after these lines")
+            } else {
+                ("The log starts", "before these lines")
+            };
+            format!(
+                "{what} with {} more {ranks}: `muster run logs {} --attempt {}` prints it whole.",
+                muster_core::state::human_bytes(n),
+                run.id,
+                a.number
+            )
+        });
+        let mut section = attempt_section(a, String::from_utf8_lossy(&log.bytes).into_owned());
+        section.log_note = note;
+        attempts.push(section);
     }
     render(&RunPage {
         head: Head::page(&run.id, !run.state.is_terminal(), "runs"),
@@ -899,6 +913,7 @@ fn attempt_section(a: &v1::Attempt, log: String) -> AttemptSection {
             )
         }),
         log,
+        log_note: None,
     }
 }
 
