@@ -963,6 +963,7 @@ mod tests {
                     "from the checkpoint of attempt 1 (1 file, 3 B, taken when preempted)".into(),
                 ),
                 log: format!("{text}\n"),
+                log_note: None,
             }],
             queued: false,
             waiting: String::new(),
