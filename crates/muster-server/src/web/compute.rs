@@ -14,7 +14,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use muster_core::Node;
 use muster_core::compute::{ComputeKind, cores};
-use muster_core::state::{ComputeTarget, State as CoreState};
+use muster_core::state::{ComputeTarget, State as CoreState, human_bytes};
 use serde::Deserialize;
 
 use super::session::Viewer;
@@ -289,7 +289,7 @@ fn gpu_cells(s: &CoreState, node: &Node) -> Vec<GpuCell> {
             run: held.get(&g.uuid).cloned(),
             uuid: g.uuid.clone(),
             model: g.model.clone(),
-            memory: gib(g.memory_bytes),
+            memory: human_bytes(g.memory_bytes),
         })
         .collect()
 }
@@ -321,8 +321,8 @@ pub(super) async fn compute_page(
                 ),
                 memory: format!(
                     "{} of {}",
-                    gib(n.allocated.memory_bytes),
-                    gib(n.capacity.memory_bytes)
+                    human_bytes(n.allocated.memory_bytes),
+                    human_bytes(n.capacity.memory_bytes)
                 ),
                 gpus: gpu_cells(s, n),
                 labels: n
@@ -491,7 +491,7 @@ fn asks(r: &muster_core::Run) -> String {
         parts.push(format!("{} CPUs", cores(res.cpu_millis)));
     }
     if res.memory_bytes > 0 {
-        parts.push(gib(res.memory_bytes));
+        parts.push(human_bytes(res.memory_bytes));
     }
     if res.gpus > 0 {
         parts.push(format!(
@@ -521,25 +521,12 @@ fn waited(ms: u64) -> String {
     }
 }
 
-/// Bytes as GiB with one decimal (`15.5 GiB`), or MiB below one GiB.
-fn gib(bytes: u64) -> String {
-    if bytes >= 1 << 30 {
-        format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
-    } else {
-        format!("{} MiB", bytes >> 20)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn sizes_and_waits_read_well() {
-        assert_eq!(cores(1500), "1.5");
-        assert_eq!(cores(4000), "4");
-        assert_eq!(gib(512 << 20), "512 MiB");
-        assert_eq!(gib(16 << 30), "16.0 GiB");
+    fn waits_read_well() {
         assert_eq!(waited(5_000), "5 s");
         assert_eq!(waited(600_000), "10 min");
         assert_eq!(waited(3 * 3_600_000), "3 h");
