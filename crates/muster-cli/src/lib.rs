@@ -20,6 +20,7 @@ pub mod local_inputs;
 pub mod output;
 pub mod paging;
 pub mod snapshot;
+pub mod ssh;
 pub mod tls;
 
 use std::sync::OnceLock;
@@ -56,6 +57,11 @@ pub fn with_ca(
         ),
         None => credentials,
     })
+}
+
+/// The CA file `--ca-file` named, if any.
+pub fn ca_file() -> Option<&'static std::path::Path> {
+    CA_FILE.get().and_then(|c| c.as_deref())
 }
 
 /// The workspace `--workspace` named, if any.

@@ -148,11 +148,12 @@ pub fn validate_user(user: &str) -> Result<(), AttachError> {
 /// A host: a DNS name (letters, digits, `-`, `.`, `_`), an IPv4 address or an IPv6
 /// address (hex digits, `:` and `.`); never starting with `-`.
 pub fn validate_host(host: &str) -> Result<(), AttachError> {
-    let ipv6 = host.contains(':')
-        && host.parse::<std::net::Ipv6Addr>().is_ok()
-        && host.len() <= 45;
+    let ipv6 = host.contains(':') && host.parse::<std::net::Ipv6Addr>().is_ok() && host.len() <= 45;
     let name = (1..=253).contains(&host.len())
-        && host.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && host
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
         && host
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
@@ -276,7 +277,10 @@ pub fn parse_vm_yaml(text: &str, name_override: Option<&str>) -> Result<AttachFi
         ));
     }
     let user = ssh.admin_username.ok_or_else(|| {
-        SpecError::field("ssh_settings.admin_username", "missing: give the login name")
+        SpecError::field(
+            "ssh_settings.admin_username",
+            "missing: give the login name",
+        )
     })?;
     let port = match ssh.ssh_port {
         None => DEFAULT_SSH_PORT,
@@ -429,7 +433,11 @@ impl RemoteLayout {
         }
         validate_compute_name(compute).map_err(|e| err(e.to_string()))?;
         Ok(RemoteLayout {
-            home: if home.is_empty() { "/".into() } else { home.into() },
+            home: if home.is_empty() {
+                "/".into()
+            } else {
+                home.into()
+            },
             compute: compute.to_string(),
         })
     }
@@ -505,7 +513,10 @@ impl RemoteLayout {
 
     /// Prints the remote binary's `--version` (nothing if it is missing or does not run).
     pub fn version_command(&self) -> String {
-        format!("{} --version 2>/dev/null || true", shell_quote(&self.binary()))
+        format!(
+            "{} --version 2>/dev/null || true",
+            shell_quote(&self.binary())
+        )
     }
 
     /// Writes standard input to the binary's place atomically (a temporary file, made
@@ -710,7 +721,10 @@ impl RemoteLayout {
 
     /// The last lines of the agent's log (for an error message).
     pub fn log_tail_command(&self) -> String {
-        format!("tail -n 20 {} 2>/dev/null || true", shell_quote(&self.log_file()))
+        format!(
+            "tail -n 20 {} 2>/dev/null || true",
+            shell_quote(&self.log_file())
+        )
     }
 }
 
@@ -731,7 +745,9 @@ pub fn node_name(given: Option<&str>, hostname: &str) -> Result<String, AttachEr
         err(if given.is_some() {
             format!("--node: {e}")
         } else {
-            format!("the machine's host name makes a bad node name ({e}): give one with --node NAME")
+            format!(
+                "the machine's host name makes a bad node name ({e}): give one with --node NAME"
+            )
         })
     })?;
     Ok(name.to_string())
@@ -794,7 +810,10 @@ mod tests {
         assert_eq!(shell_quote("plain"), "'plain'");
         assert_eq!(shell_quote(""), "''");
         assert_eq!(shell_quote("it's"), "'it'\\''s'");
-        assert_eq!(shell_quote("$(rm -rf /) `x` \"y\""), "'$(rm -rf /) `x` \"y\"'");
+        assert_eq!(
+            shell_quote("$(rm -rf /) `x` \"y\""),
+            "'$(rm -rf /) `x` \"y\"'"
+        );
     }
 
     const VM: &str = "$schema: https://azuremlschemas.azureedge.net/latest/vmCompute.schema.json
@@ -860,9 +879,15 @@ ssh_settings:
         assert_eq!(MusterVersion::parse(""), None);
         assert_eq!(MusterVersion::parse("muster 1.2"), None);
         assert_eq!(needs_upload("muster 0.1.0", None), Upload::Copy);
-        assert_eq!(needs_upload("muster 0.2.0", Some("muster 0.1.9")), Upload::Copy);
+        assert_eq!(
+            needs_upload("muster 0.2.0", Some("muster 0.1.9")),
+            Upload::Copy
+        );
         assert_eq!(needs_upload("muster 0.2.0", Some("garbage")), Upload::Copy);
-        assert_eq!(needs_upload("muster 0.2.0", Some("muster 0.2.0\n")), Upload::Keep);
+        assert_eq!(
+            needs_upload("muster 0.2.0", Some("muster 0.2.0\n")),
+            Upload::Keep
+        );
         assert_eq!(
             needs_upload("muster 0.2.0", Some("muster 0.3.0")),
             Upload::KeepNewer
@@ -889,8 +914,17 @@ ssh_settings:
         let l = layout();
         assert_eq!(l.binary(), "/home/azureuser/.local/bin/muster");
         assert_eq!(l.dir(), "/home/azureuser/.local/share/muster/attach/gpu-vm");
-        assert_eq!(l.unit_path(), "/etc/systemd/system/muster-agent-gpu-vm.service");
-        for bad in ["relative", "/home/a b", "/home/$(id)", "/home/x/../..", "/h'q"] {
+        assert_eq!(
+            l.unit_path(),
+            "/etc/systemd/system/muster-agent-gpu-vm.service"
+        );
+        for bad in [
+            "relative",
+            "/home/a b",
+            "/home/$(id)",
+            "/home/x/../..",
+            "/h'q",
+        ] {
             assert!(RemoteLayout::new(bad, "gpu-vm").is_err(), "{bad}");
         }
         assert!(RemoteLayout::new("/root", "bad name").is_err());
@@ -908,7 +942,11 @@ ssh_settings:
         assert!(!s.contains("--join"), "{s}");
         let mut plain = launch();
         plain.ca_fingerprint = None;
-        assert!(!layout().launcher_script(&plain).contains("--ca-fingerprint"));
+        assert!(
+            !layout()
+                .launcher_script(&plain)
+                .contains("--ca-fingerprint")
+        );
     }
 
     #[test]
@@ -963,7 +1001,12 @@ ssh_settings:
     fn node_names_come_from_the_flag_or_the_host_name() {
         assert_eq!(node_name(None, "box-1\n").unwrap(), "box-1");
         assert_eq!(node_name(Some("gpu-7"), "box-1").unwrap(), "gpu-7");
-        assert!(node_name(None, "bad name").unwrap_err().0.contains("--node"));
+        assert!(
+            node_name(None, "bad name")
+                .unwrap_err()
+                .0
+                .contains("--node")
+        );
         assert!(node_name(Some("-x"), "box").is_err());
     }
 }
