@@ -370,7 +370,7 @@ pub fn needs_upload(local: &str, remote: Option<&str>) -> Upload {
 pub enum ServiceKind {
     /// A systemd system unit (the remote user is root and systemd runs the machine).
     Systemd,
-    /// A shell supervisor loop started with `setsid nohup`, with a pid file.
+    /// A shell supervisor loop started with `setsid` (or `nohup`), with a pid file.
     Supervisor,
 }
 
@@ -604,7 +604,8 @@ impl RemoteLayout {
              pidfile={pid}\n\
              echo $$ > \"$pidfile\"\n\
              child=\n\
-             trap 'if [ -n \"$child\" ]; then kill -TERM \"$child\" 2>/dev/null; wait \"$child\"; fi; rm -f \"$pidfile\"; exit 0' TERM INT HUP\n\
+             trap '' HUP\n\
+             trap 'if [ -n \"$child\" ]; then kill -TERM \"$child\" 2>/dev/null; wait \"$child\"; fi; rm -f \"$pidfile\"; exit 0' TERM INT\n\
              while :; do\n\
              \x20 /bin/sh {run} &\n\
              \x20 child=$!\n\
@@ -653,11 +654,13 @@ impl RemoteLayout {
         )
     }
 
-    /// Starts the supervisor detached from the SSH session (its own session, no terminal,
-    /// output to the log), after stopping one that runs already.
+    /// Starts the supervisor detached from the SSH session (its own session with `setsid`, or
+    /// `nohup` where there is no setsid; no terminal; output to the log), after stopping
+    /// one that runs already.
     pub fn supervisor_start_command(&self) -> String {
         format!(
-            "{stop}; cd {dir} || exit 1; setsid nohup /bin/sh {sup} </dev/null >>{log} 2>&1 &",
+            "{stop}; cd {dir} || exit 1; \
+             (if command -v setsid >/dev/null 2>&1; then exec setsid /bin/sh {sup}; else exec nohup /bin/sh {sup}; fi) </dev/null >>{log} 2>&1 &",
             stop = self.supervisor_stop_command(),
             dir = shell_quote(&self.dir()),
             sup = shell_quote(&self.supervisor()),
@@ -960,7 +963,8 @@ ssh_settings:
         assert!(s.contains("while :; do"));
         assert!(s.contains("/bin/sh '/home/azureuser/.local/share/muster/attach/gpu-vm/run.sh' &"));
         let start = layout().supervisor_start_command();
-        assert!(start.contains("setsid nohup /bin/sh '/home/azureuser/.local/share/muster/attach/gpu-vm/supervise.sh' </dev/null >>'/home/azureuser/.local/share/muster/attach/gpu-vm/agent.log' 2>&1 &"), "{start}");
+        assert!(start.contains("exec setsid /bin/sh '/home/azureuser/.local/share/muster/attach/gpu-vm/supervise.sh'; else exec nohup /bin/sh '/home/azureuser/.local/share/muster/attach/gpu-vm/supervise.sh'; fi) </dev/null >>'/home/azureuser/.local/share/muster/attach/gpu-vm/agent.log' 2>&1 &"), "{start}");
+        assert!(s.contains("trap '' HUP\n"), "{s}");
     }
 
     #[test]
