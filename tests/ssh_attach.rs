@@ -27,7 +27,9 @@ use muster_testkit::{muster, muster_bin};
 async fn docker(args: &[&str]) -> anyhow::Result<String> {
     let mut cmd = Command::new("docker");
     cmd.args(args);
-    Ok(run_bounded_async(cmd, Duration::from_secs(120)).await?.stdout)
+    Ok(run_bounded_async(cmd, Duration::from_secs(120))
+        .await?
+        .stdout)
 }
 
 /// The machine (a container on its own network) and the server it joins. Dropped in field
@@ -51,10 +53,7 @@ impl Drop for Lab {
         let _ = self.server.kill();
         let _ = self.server.wait();
         let bounded = |args: &[&str]| {
-            let _ = run_bounded(
-                Command::new("docker").args(args),
-                Duration::from_secs(60),
-            );
+            let _ = run_bounded(Command::new("docker").args(args), Duration::from_secs(60));
         };
         bounded(&["rm", "-f", &self.container]);
         bounded(&["network", "rm", &self.network]);
@@ -230,8 +229,19 @@ async fn a_machine_attached_over_ssh_runs_work_and_detaches_cleanly() {
     let wrong_pin = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
     let out = lab
         .cli(&[
-            "compute", "attach", "sshc", "--ssh", &target, "--key", key, "--known-hosts",
-            known_hosts, "--host-key", wrong_pin, "--agent-server", &agent_server,
+            "compute",
+            "attach",
+            "sshc",
+            "--ssh",
+            &target,
+            "--key",
+            key,
+            "--known-hosts",
+            known_hosts,
+            "--host-key",
+            wrong_pin,
+            "--agent-server",
+            &agent_server,
         ])
         .await;
     assert_ne!(out.code, 0, "{out:?}");
@@ -242,13 +252,23 @@ async fn a_machine_attached_over_ssh_runs_work_and_detaches_cleanly() {
     // An unknown host without a pin (and no terminal): refused with its fingerprint.
     let out = lab
         .cli(&[
-            "compute", "attach", "sshc", "--ssh", &target, "--key", key, "--known-hosts",
-            known_hosts, "--agent-server", &agent_server,
+            "compute",
+            "attach",
+            "sshc",
+            "--ssh",
+            &target,
+            "--key",
+            key,
+            "--known-hosts",
+            known_hosts,
+            "--agent-server",
+            &agent_server,
         ])
         .await;
     assert_ne!(out.code, 0, "{out:?}");
     assert!(
-        out.stderr.contains(&format!("--host-key {}", lab.image.host_key_fingerprint)),
+        out.stderr
+            .contains(&format!("--host-key {}", lab.image.host_key_fingerprint)),
         "the refusal says how to trust it: {out:?}"
     );
     // known_hosts records another key for the host: refused even with the right pin.
@@ -260,9 +280,19 @@ async fn a_machine_attached_over_ssh_runs_work_and_detaches_cleanly() {
     std::fs::write(&mismatched, format!("{} {}\n", lab.ip, other_pub.join(" "))).unwrap();
     let out = lab
         .cli(&[
-            "compute", "attach", "sshc", "--ssh", &target, "--key", key, "--known-hosts",
-            as_str(&mismatched), "--host-key", &lab.image.host_key_fingerprint,
-            "--agent-server", &agent_server,
+            "compute",
+            "attach",
+            "sshc",
+            "--ssh",
+            &target,
+            "--key",
+            key,
+            "--known-hosts",
+            as_str(&mismatched),
+            "--host-key",
+            &lab.image.host_key_fingerprint,
+            "--agent-server",
+            &agent_server,
         ])
         .await;
     assert_ne!(out.code, 0, "{out:?}");
@@ -270,7 +300,10 @@ async fn a_machine_attached_over_ssh_runs_work_and_detaches_cleanly() {
         out.stderr.contains("differs from the one") && out.stderr.contains("line 1"),
         "{out:?}"
     );
-    assert!(!lab.compute_exists("sshc").await, "a refused attach made the target");
+    assert!(
+        !lab.compute_exists("sshc").await,
+        "a refused attach made the target"
+    );
     assert!(lab.nodes().await.is_empty());
     assert!(
         !lab.root_home().await.contains(".local"),
@@ -280,9 +313,21 @@ async fn a_machine_attached_over_ssh_runs_work_and_detaches_cleanly() {
     // The right pin: attached, the node is ready.
     let out = lab
         .cli(&[
-            "compute", "attach", "sshc", "--ssh", &target, "--key", key, "--known-hosts",
-            known_hosts, "--host-key", &lab.image.host_key_fingerprint,
-            "--agent-server", &agent_server, "--ready-timeout", "120",
+            "compute",
+            "attach",
+            "sshc",
+            "--ssh",
+            &target,
+            "--key",
+            key,
+            "--known-hosts",
+            known_hosts,
+            "--host-key",
+            &lab.image.host_key_fingerprint,
+            "--agent-server",
+            &agent_server,
+            "--ready-timeout",
+            "120",
         ])
         .await;
     assert_eq!(out.code, 0, "{out:?}\nserver log:\n{}", lab.server_log());
@@ -318,13 +363,26 @@ async fn a_machine_attached_over_ssh_runs_work_and_detaches_cleanly() {
     assert!(state.contains("binary"), "{state}");
     assert!(state.contains("credential"), "{state}");
     assert!(state.contains("supervisor"), "{state}");
-    assert!(!state.contains("token\n"), "the join token file is left: {state}");
-    assert!(!state.contains("msj_"), "a join token is on a command line: {state}");
+    assert!(
+        !state.contains("token\n"),
+        "the join token file is left: {state}"
+    );
+    assert!(
+        !state.contains("msj_"),
+        "a join token is on a command line: {state}"
+    );
 
     // A run on the target runs inside the machine.
     let out = lab
         .cli(&[
-            "run", "submit", "--compute", "sshc", "--stream", "--", "sh", "-c",
+            "run",
+            "submit",
+            "--compute",
+            "sshc",
+            "--stream",
+            "--",
+            "sh",
+            "-c",
             &format!("cat {MARKER_PATH}; echo; hostname"),
         ])
         .await;
@@ -335,9 +393,19 @@ async fn a_machine_attached_over_ssh_runs_work_and_detaches_cleanly() {
     // A second attach of the same machine is refused: the node exists.
     let out = lab
         .cli(&[
-            "compute", "attach", "sshc", "--ssh", &target, "--key", key, "--known-hosts",
-            known_hosts, "--host-key", &lab.image.host_key_fingerprint,
-            "--agent-server", &agent_server,
+            "compute",
+            "attach",
+            "sshc",
+            "--ssh",
+            &target,
+            "--key",
+            key,
+            "--known-hosts",
+            known_hosts,
+            "--host-key",
+            &lab.image.host_key_fingerprint,
+            "--agent-server",
+            &agent_server,
         ])
         .await;
     assert_ne!(out.code, 0, "{out:?}");
@@ -346,8 +414,17 @@ async fn a_machine_attached_over_ssh_runs_work_and_detaches_cleanly() {
     // Detach: the agent and supervisor stop, their files go, the node goes.
     let out = lab
         .cli(&[
-            "compute", "detach", "sshc", "--node", &node_name, "--key", key, "--known-hosts",
-            known_hosts, "--host-key", &lab.image.host_key_fingerprint,
+            "compute",
+            "detach",
+            "sshc",
+            "--node",
+            &node_name,
+            "--key",
+            key,
+            "--known-hosts",
+            known_hosts,
+            "--host-key",
+            &lab.image.host_key_fingerprint,
         ])
         .await;
     assert_eq!(out.code, 0, "{out:?}\nserver log:\n{}", lab.server_log());
@@ -361,8 +438,20 @@ async fn a_machine_attached_over_ssh_runs_work_and_detaches_cleanly() {
              test -e /root/.local/share/muster/attach && echo ATTACH-LEFT; \
              test -e /root/.local/bin/muster && echo BINARY-LEFT; true")
         .await;
-    assert!(!left.contains("supervise.sh"), "the supervisor still runs: {left}");
-    assert!(!left.contains("muster --server"), "the agent still runs: {left}");
-    assert!(!left.contains("ATTACH-LEFT\n"), "the attachment's files are left: {left}");
-    assert!(!left.contains("BINARY-LEFT\n"), "the binary is left: {left}");
+    assert!(
+        !left.contains("supervise.sh"),
+        "the supervisor still runs: {left}"
+    );
+    assert!(
+        !left.contains("muster --server"),
+        "the agent still runs: {left}"
+    );
+    assert!(
+        !left.contains("ATTACH-LEFT\n"),
+        "the attachment's files are left: {left}"
+    );
+    assert!(
+        !left.contains("BINARY-LEFT\n"),
+        "the binary is left: {left}"
+    );
 }

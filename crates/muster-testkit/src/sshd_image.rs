@@ -156,20 +156,72 @@ fn build_context(
     let mut files: BTreeSet<PathBuf> = programs.iter().cloned().collect();
     for p in programs.iter().map(PathBuf::as_path).chain([muster_bin]) {
         if is_elf(p) {
-            let libs = ldd(p).with_context(|| format!("{} needs a library this host lacks", p.display()))?;
+            let libs = ldd(p)
+                .with_context(|| format!("{} needs a library this host lacks", p.display()))?;
             files.extend(libs);
         }
     }
     // The muster binary itself is not in the image: attach copies it.
     files.remove(muster_bin);
 
-    let mut tar = tar::Builder::new(Vec::new());
-    let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
-    let mut add_dir = |tar: &mut tar::Builder<Vec<u8>>, dir: &Path, mode: u32| -> std::io::Result<()> {
+    let mut root = Rootfs::new();
+    for dir in ["/tmp", "/root", "/root/.ssh", "/run/sshd", "/var/empty"] {
+        let mode = match dir {
+            "/tmp" => 0o1777,
+            "/root" | "/root/.ssh" => 0o700,
+            _ => 0o755,
+        };
+        root.dir(Path::new(dir), mode)?;
+    }
+    for path in &files {
+        // Symbolic links are followed: the image gets the content at every listed path.
+        let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let mode = if is_elf(path) { 0o755 } else { 0o644 };
+        root.file(path, mode, &data)?;
+    }
+    let passwd: &[u8] = b"root:x:0:0:root:/root:/bin/sh\n\
+        sshd:x:100:65534::/run/sshd:/bin/false\n\
+        nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
+    let files: [(&str, u32, &[u8]); 8] = [
+        ("/bin/busybox", 0o755, &busybox),
+        ("/etc/passwd", 0o644, passwd),
+        ("/etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n"),
+        ("/etc/ssh/sshd_config", 0o644, SSHD_CONFIG.as_bytes()),
+        ("/etc/ssh/ssh_host_ed25519_key", 0o600, host_key),
+        (
+            "/etc/ssh/ssh_host_ed25519_key.pub",
+            0o644,
+            host_pub.as_bytes(),
+        ),
+        ("/root/.ssh/authorized_keys", 0o600, client_pub.as_bytes()),
+        (MARKER_PATH, 0o644, marker.as_bytes()),
+    ];
+    for (path, mode, data) in files {
+        root.file(Path::new(path), mode, data)?;
+    }
+    root.finish()
+}
+
+/// A build context being written: `rootfs/` (each folder once) and the Dockerfile.
+struct Rootfs {
+    tar: tar::Builder<Vec<u8>>,
+    dirs: BTreeSet<PathBuf>,
+}
+
+impl Rootfs {
+    fn new() -> Rootfs {
+        Rootfs {
+            tar: tar::Builder::new(Vec::new()),
+            dirs: BTreeSet::new(),
+        }
+    }
+
+    /// `dir` (mode `mode`) and the folders above it that are not there yet (0755).
+    fn dir(&mut self, dir: &Path, mode: u32) -> std::io::Result<()> {
         let mut missing = Vec::new();
         let mut d = Some(dir);
         while let Some(p) = d {
-            if p == Path::new("/") || dirs.contains(p) {
+            if p == Path::new("/") || self.dirs.contains(p) {
                 break;
             }
             missing.push(p.to_path_buf());
@@ -181,65 +233,35 @@ fn build_context(
             header.set_mode(if p == dir { mode } else { 0o755 });
             header.set_size(0);
             header.set_cksum();
-            tar.append_data(&mut header, format!("rootfs{}/", p.display()), std::io::empty())?;
-            dirs.insert(p);
+            self.tar.append_data(
+                &mut header,
+                format!("rootfs{}/", p.display()),
+                std::io::empty(),
+            )?;
+            self.dirs.insert(p);
         }
         Ok(())
-    };
-    let add_file = |tar: &mut tar::Builder<Vec<u8>>,
-                        add_dir: &mut dyn FnMut(&mut tar::Builder<Vec<u8>>, &Path, u32) -> std::io::Result<()>,
-                        path: &Path,
-                        mode: u32,
-                        data: &[u8]|
-     -> std::io::Result<()> {
+    }
+
+    /// The file `path` with `data`, owned by root.
+    fn file(&mut self, path: &Path, mode: u32, data: &[u8]) -> std::io::Result<()> {
         if let Some(parent) = path.parent() {
-            add_dir(tar, parent, 0o755)?;
+            self.dir(parent, 0o755)?;
         }
+        self.entry(&format!("rootfs{}", path.display()), mode, data)
+    }
+
+    fn entry(&mut self, name: &str, mode: u32, data: &[u8]) -> std::io::Result<()> {
         let mut header = tar::Header::new_gnu();
         header.set_size(data.len() as u64);
         header.set_mode(mode);
         header.set_cksum();
-        tar.append_data(&mut header, format!("rootfs{}", path.display()), data)
-    };
-    for dir in ["/tmp", "/root", "/root/.ssh", "/run/sshd", "/var/empty"] {
-        let mode = match dir {
-            "/tmp" => 0o1777,
-            "/root" | "/root/.ssh" => 0o700,
-            _ => 0o755,
-        };
-        add_dir(&mut tar, Path::new(dir), mode)?;
+        self.tar.append_data(&mut header, name, data)
     }
-    for path in &files {
-        // Symbolic links are followed: the image gets the content at every listed path.
-        let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let mode = if is_elf(path) { 0o755 } else { 0o644 };
-        add_file(&mut tar, &mut add_dir, path, mode, &data)?;
+
+    /// The Dockerfile, and the tar's bytes.
+    fn finish(mut self) -> anyhow::Result<Vec<u8>> {
+        self.entry("Dockerfile", 0o644, DOCKERFILE.as_bytes())?;
+        Ok(self.tar.into_inner()?)
     }
-    let text_files: [(&str, u32, &[u8]); 9] = [
-        ("/bin/busybox", 0o755, &busybox),
-        (
-            "/etc/passwd",
-            0o644,
-            b"root:x:0:0:root:/root:/bin/sh\nsshd:x:100:65534::/run/sshd:/bin/false\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
-        ),
-        ("/etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n"),
-        ("/etc/ssh/sshd_config", 0o644, SSHD_CONFIG.as_bytes()),
-        ("/etc/ssh/ssh_host_ed25519_key", 0o600, host_key),
-        ("/etc/ssh/ssh_host_ed25519_key.pub", 0o644, host_pub.as_bytes()),
-        ("/root/.ssh/authorized_keys", 0o600, client_pub.as_bytes()),
-        (MARKER_PATH, 0o644, marker.as_bytes()),
-        ("Dockerfile", 0o644, DOCKERFILE.as_bytes()),
-    ];
-    for (path, mode, data) in text_files {
-        if path == "Dockerfile" {
-            let mut header = tar::Header::new_gnu();
-            header.set_size(data.len() as u64);
-            header.set_mode(mode);
-            header.set_cksum();
-            tar.append_data(&mut header, path, data)?;
-        } else {
-            add_file(&mut tar, &mut add_dir, Path::new(path), mode, data)?;
-        }
-    }
-    Ok(tar.into_inner()?)
 }
