@@ -310,6 +310,27 @@ async fn a_machine_attached_over_ssh_runs_work_and_detaches_cleanly() {
         "a refused attach wrote on the machine"
     );
 
+    // A password in the YAML is refused before anything is tried.
+    let with_password = lab.path("vm-password.yml");
+    std::fs::write(
+        &with_password,
+        format!(
+            "name: sshc\ntype: virtualmachine\naddress: {}\nssh_settings:\n  admin_username: root\n  admin_password: hunter2\n",
+            lab.ip
+        ),
+    )
+    .unwrap();
+    let out = lab
+        .cli(&["compute", "attach", "-f", as_str(&with_password)])
+        .await;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("ssh_settings.admin_password")
+            && out.stderr.contains("--password-stdin"),
+        "{out:?}"
+    );
+    assert!(!out.stderr.contains("hunter2"), "{out:?}");
+
     // The right pin: attached, the node is ready.
     let out = lab
         .cli(&[
@@ -390,16 +411,36 @@ async fn a_machine_attached_over_ssh_runs_work_and_detaches_cleanly() {
     assert!(out.stdout.contains(&lab.image.marker), "{out:?}");
     assert!(out.stdout.contains(&node_name), "{out:?}");
 
-    // A second attach of the same machine is refused: the node exists.
+    // A second attach of the same machine, from Azure ML's virtualmachine YAML (the key
+    // path relative to the file), logs in and is refused: the node exists.
+    let key_name = lab
+        .image
+        .client_key
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    std::fs::copy(&lab.image.client_key, lab.path(&key_name)).unwrap();
+    let vm = lab.path("vm.yml");
+    std::fs::write(
+        &vm,
+        format!(
+            "$schema: https://azuremlschemas.azureedge.net/latest/vmCompute.schema.json\n\
+             name: sshc\n\
+             type: virtualmachine\n\
+             address: {}\n\
+             ssh_settings:\n  admin_username: root\n  ssh_port: 22\n  ssh_private_key_file: {key_name}\n",
+            lab.ip,
+        ),
+    )
+    .unwrap();
     let out = lab
         .cli(&[
             "compute",
             "attach",
-            "sshc",
-            "--ssh",
-            &target,
-            "--key",
-            key,
+            "-f",
+            as_str(&vm),
             "--known-hosts",
             known_hosts,
             "--host-key",
