@@ -573,7 +573,12 @@ pub async fn detach(
         args.login.host_key.clone(),
         args.login.password_stdin,
     )?;
-    let ssh = Session::connect(&target, &auth, policy).await?;
+    let ssh = Session::connect(&target, &auth, policy).await.map_err(|e| {
+        anyhow::anyhow!(
+            "{e:#}\n(if the machine is gone for good, remove the node instead: `muster node remove {}` once it is lost)",
+            node.name
+        )
+    })?;
     drop(auth);
     let result = detach_over(&ssh, &mut c, &compute, &node, args.timeout).await;
     ssh.close().await;
