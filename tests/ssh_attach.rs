@@ -175,6 +175,48 @@ impl Lab {
         muster(&self.url, self.dir.path(), args).await
     }
 
+    /// The CLI as the admin with `input` on its standard input (bounded: 240 s).
+    async fn cli_with_stdin(&self, args: &[&str], input: &str) -> muster_testkit::CliOutput {
+        use std::io::Write;
+        let mut cmd = Command::new(muster_bin());
+        cmd.env(
+            "MUSTER_TOKEN",
+            muster_testkit::access::admin_token(&self.url).expect("the admin's token"),
+        )
+        .env_remove("MUSTER_SERVER")
+        .arg("--server")
+        .arg(&self.url)
+        .args(args)
+        .current_dir(self.dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let input = input.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut child = cmd.spawn().expect("muster runs");
+            child
+                .stdin
+                .take()
+                .expect("piped stdin")
+                .write_all(input.as_bytes())
+                .expect("writing stdin");
+            let pid = child.id();
+            let watchdog = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(240));
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            });
+            let out: muster_testkit::CliOutput =
+                child.wait_with_output().expect("muster ends").into();
+            drop(watchdog);
+            out
+        })
+        .await
+        .expect("the CLI task completes")
+    }
+
     fn server_log(&self) -> String {
         std::fs::read_to_string(&self.server_log).unwrap_or_default()
     }
@@ -494,5 +536,93 @@ async fn a_machine_attached_over_ssh_runs_work_and_detaches_cleanly() {
     assert!(
         !left.contains("BINARY-LEFT\n"),
         "the binary is left: {left}"
+    );
+
+    // Again by password (from standard input), the host known from known_hosts (no pin).
+    let good_known_hosts = lab.path("known_hosts_good");
+    std::fs::write(
+        &good_known_hosts,
+        format!("{} {}\n", lab.ip, lab.image.host_public_key),
+    )
+    .unwrap();
+    let password = format!("{}\n", lab.image.password);
+    let out = lab
+        .cli_with_stdin(
+            &[
+                "compute",
+                "attach",
+                "sshc",
+                "--ssh",
+                &target,
+                "--password-stdin",
+                "--known-hosts",
+                as_str(&good_known_hosts),
+                "--agent-server",
+                &agent_server,
+                "--node",
+                "by-password",
+            ],
+            &password,
+        )
+        .await;
+    assert_eq!(out.code, 0, "{out:?}\nserver log:\n{}", lab.server_log());
+    assert!(
+        out.stdout
+            .contains("node by-password of compute sshc is ready"),
+        "{out:?}"
+    );
+    // The password is nowhere on the machine's disk (the shadow file holds its hash).
+    let on_disk = lab
+        .sh(&format!(
+            "grep -rlF '{}' /root /tmp /etc /run 2>/dev/null || true",
+            lab.image.password
+        ))
+        .await;
+    assert!(
+        on_disk.trim().is_empty(),
+        "the password was written on the machine: {on_disk}"
+    );
+    let out = lab
+        .cli_with_stdin(
+            &[
+                "compute",
+                "detach",
+                "sshc",
+                "--node",
+                "by-password",
+                "--password-stdin",
+                "--known-hosts",
+                as_str(&good_known_hosts),
+            ],
+            &password,
+        )
+        .await;
+    assert_eq!(out.code, 0, "{out:?}\nserver log:\n{}", lab.server_log());
+    assert!(
+        !lab.nodes().await.iter().any(|n| n.name == "by-password"),
+        "the node is still listed"
+    );
+    // A wrong password is refused and says so.
+    let out = lab
+        .cli_with_stdin(
+            &[
+                "compute",
+                "attach",
+                "sshc",
+                "--ssh",
+                &target,
+                "--password-stdin",
+                "--known-hosts",
+                as_str(&good_known_hosts),
+                "--agent-server",
+                &agent_server,
+            ],
+            "not-the-password\n",
+        )
+        .await;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("did not accept the password"),
+        "{out:?}"
     );
 }

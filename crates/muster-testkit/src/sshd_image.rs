@@ -2,7 +2,7 @@
 //! `FROM scratch` with the host's Debian `sshd` (`openssh-server`) and the shared libraries
 //! it loads (its `ldd` closure), the C libraries the muster binary needs (so the copy that
 //! attach uploads runs there), a static busybox as `/bin/sh` and every tool the install
-//! uses, a root user, host keys made with the host's `ssh-keygen` when the image is
+//! uses, a root user (with a password), host keys made with the host's `ssh-keygen` when the image is
 //! built, and a fresh client key authorized for root. Each build is its own image (its
 //! keys are its own), removed when the [`SshdImage`] is dropped.
 //!
@@ -28,9 +28,9 @@ CMD [\"/usr/sbin/sshd\", \"-D\", \"-e\"]\n";
 const SSHD_CONFIG: &str = "Port 22\n\
 ListenAddress 0.0.0.0\n\
 HostKey /etc/ssh/ssh_host_ed25519_key\n\
-PermitRootLogin prohibit-password\n\
+PermitRootLogin yes\n\
 PubkeyAuthentication yes\n\
-PasswordAuthentication no\n\
+PasswordAuthentication yes\n\
 KbdInteractiveAuthentication no\n\
 UsePAM no\n\
 StrictModes no\n\
@@ -54,6 +54,8 @@ pub struct SshdImage {
     pub client_key: PathBuf,
     /// What [`MARKER_PATH`] holds in this image.
     pub marker: String,
+    /// root's password (sshd takes passwords too).
+    pub password: String,
     _keys: tempfile::TempDir,
 }
 
@@ -101,13 +103,27 @@ impl SshdImage {
             .join(" ");
         let client_pub = std::fs::read_to_string(keys.path().join("id_ed25519.pub"))?;
         let marker = unique_name("inside-the-ssh-box");
+        let password = unique_name("pw");
+        // busybox's mkpasswd: a SHA-512 crypt hash for /etc/shadow.
+        let hash = run(Command::new("/bin/busybox").args(["mkpasswd", "-m", "sha512", &password]))
+            .context("busybox mkpasswd")?
+            .trim()
+            .to_string();
         let tag = format!("{}:latest", unique_name("muster-test-sshd"));
         let context = {
             let host_key = std::fs::read(&host_key)?;
             let muster_bin = muster_bin.to_path_buf();
             let marker = marker.clone();
+            let shadow = format!("root:{hash}:19000:0:99999:7:::\nsshd:*:19000:0:99999:7:::\n");
             tokio::task::spawn_blocking(move || {
-                build_context(&host_key, &host_pub, &client_pub, &muster_bin, &marker)
+                build_context(
+                    &host_key,
+                    &host_pub,
+                    &client_pub,
+                    &muster_bin,
+                    &marker,
+                    &shadow,
+                )
             })
             .await
             .context("assembling the sshd rootfs")??
@@ -119,6 +135,7 @@ impl SshdImage {
             host_public_key,
             client_key,
             marker,
+            password,
             _keys: keys,
         })
     }
@@ -140,6 +157,7 @@ fn build_context(
     client_pub: &str,
     muster_bin: &Path,
     marker: &str,
+    shadow: &str,
 ) -> anyhow::Result<Vec<u8>> {
     let busybox = std::fs::read("/bin/busybox").context(
         "cannot read /bin/busybox: install Debian's busybox-static (a statically linked busybox)",
@@ -182,7 +200,8 @@ fn build_context(
     let passwd: &[u8] = b"root:x:0:0:root:/root:/bin/sh\n\
         sshd:x:100:65534::/run/sshd:/bin/false\n\
         nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
-    let files: [(&str, u32, &[u8]); 8] = [
+    let files: [(&str, u32, &[u8]); 9] = [
+        ("/etc/shadow", 0o600, shadow.as_bytes()),
         ("/bin/busybox", 0o755, &busybox),
         ("/etc/passwd", 0o644, passwd),
         ("/etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n"),
