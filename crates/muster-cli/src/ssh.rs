@@ -286,6 +286,12 @@ impl std::fmt::Debug for Session {
     }
 }
 
+/// What one login presents: the key read from its file, or the password.
+enum Login<'a> {
+    Key(Arc<russh::keys::PrivateKey>),
+    Password(&'a str),
+}
+
 /// How long connecting and logging in may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -297,9 +303,9 @@ impl Session {
         policy: HostKeyPolicy,
     ) -> anyhow::Result<Session> {
         // Read the key first: a bad key file is the user's to fix before any connection.
-        let key = match auth {
-            SshAuth::Key(path) => Some(load_key(path)?),
-            SshAuth::Password(_) => None,
+        let login = match auth {
+            SshAuth::Key(path) => Login::Key(Arc::new(load_key(path)?)),
+            SshAuth::Password(pw) => Login::Password(pw),
         };
         let config = Arc::new(client::Config {
             keepalive_interval: Some(Duration::from_secs(15)),
@@ -335,18 +341,14 @@ impl Session {
         };
         let user = target.user.clone();
         let result = tokio::time::timeout(CONNECT_TIMEOUT, async {
-            match (auth, key) {
-                (SshAuth::Key(_), Some(key)) => {
+            match login {
+                Login::Key(key) => {
                     let hash = handle.best_supported_rsa_hash().await?.flatten();
                     handle
-                        .authenticate_publickey(
-                            user,
-                            PrivateKeyWithHashAlg::new(Arc::new(key), hash),
-                        )
+                        .authenticate_publickey(user, PrivateKeyWithHashAlg::new(key, hash))
                         .await
                 }
-                (SshAuth::Password(pw), _) => handle.authenticate_password(user, pw.as_str()).await,
-                (SshAuth::Key(_), None) => unreachable!("the key was loaded above"),
+                Login::Password(pw) => handle.authenticate_password(user, pw).await,
             }
         })
         .await
