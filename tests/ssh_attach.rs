@@ -11,7 +11,11 @@
 //!   there, starts its agent under the supervisor, and the node is ready;
 //! - a process run on `sshc` prints a file only the container has;
 //! - `muster compute detach sshc --node N` stops the supervisor and agent, removes their
-//!   files, and the node is gone.
+//!   files, and the node is gone;
+//! - the same again by `--password-stdin`, the host known from known_hosts; a wrong
+//!   password is refused;
+//! - over TLS, the agent gets the CA's fingerprint from the CLI's `--ca-file`, joins with a
+//!   certificate request, and runs work.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -62,7 +66,9 @@ impl Drop for Lab {
 }
 
 impl Lab {
-    async fn start(docker_client: &bollard::Docker) -> anyhow::Result<Lab> {
+    /// Builds the image, makes the network, starts the server (over TLS with `tls`, its
+    /// certificates by `muster tls init --servers-sign-agents`) and the container.
+    async fn start(docker_client: &bollard::Docker, tls: bool) -> anyhow::Result<Lab> {
         let bin = muster_bin();
         let image = SshdImage::build(docker_client, &bin).await?;
         let dir = tempfile::tempdir()?;
@@ -99,9 +105,26 @@ impl Lab {
         let port = free_port()?;
         let data = lab.dir.path().join("server");
         let log = std::fs::File::create(&lab.server_log)?;
-        lab.server = Command::new(&bin)
-            .args(["server", "--listen", &format!("{gateway}:{port}")])
-            .arg("--insecure-no-tls")
+        let mut server = Command::new(&bin);
+        server.args(["server", "--listen", &format!("{gateway}:{port}")]);
+        if tls {
+            let tls_dir = lab.dir.path().join("tls");
+            let init = muster_testkit::compose::run_bounded(
+                Command::new(&bin)
+                    .args(["tls", "init", "--servers-sign-agents", "--dir"])
+                    .arg(&tls_dir)
+                    .args(["--member", &format!("1={gateway}")]),
+                Duration::from_secs(60),
+            );
+            init?;
+            server.arg("--tls-dir").arg(tls_dir.join("server-1"));
+            lab.url = format!("https://{gateway}:{port}");
+            muster_testkit::access::register_ca(&lab.url, &tls_dir.join("ca.pem"));
+        } else {
+            server.arg("--insecure-no-tls");
+            lab.url = format!("http://{gateway}:{port}");
+        }
+        lab.server = server
             .arg("--data-dir")
             .arg(&data)
             .env_remove("MUSTER_SERVER")
@@ -109,7 +132,6 @@ impl Lab {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
-        lab.url = format!("http://{gateway}:{port}");
         muster_testkit::access::await_admin_token(&data.join("admin-token"), &lab.url).await?;
 
         docker(&[
@@ -184,6 +206,7 @@ impl Lab {
             muster_testkit::access::admin_token(&self.url).expect("the admin's token"),
         )
         .env_remove("MUSTER_SERVER")
+        .env_remove("MUSTER_CA_FILE")
         .arg("--server")
         .arg(&self.url)
         .args(args)
@@ -258,7 +281,9 @@ async fn a_machine_attached_over_ssh_runs_work_and_detaches_cleanly() {
     let Some(docker_client) = docker_or_skip().await else {
         return;
     };
-    let lab = Lab::start(&docker_client).await.expect("the lab starts");
+    let lab = Lab::start(&docker_client, false)
+        .await
+        .expect("the lab starts");
     let key = lab.image.client_key.clone();
     let key = as_str(&key);
     let target = format!("root@{}", lab.ip);
@@ -624,5 +649,87 @@ async fn a_machine_attached_over_ssh_runs_work_and_detaches_cleanly() {
     assert!(
         out.stderr.contains("did not accept the password"),
         "{out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn over_tls_the_attached_agent_joins_with_the_ca_fingerprint() {
+    let Some(docker_client) = docker_or_skip().await else {
+        return;
+    };
+    let lab = Lab::start(&docker_client, true)
+        .await
+        .expect("the lab starts");
+    assert!(lab.url.starts_with("https://"));
+    let key = lab.image.client_key.clone();
+    let target = format!("root@{}", lab.ip);
+    let known_hosts = lab.path("known_hosts");
+    std::fs::write(&known_hosts, "").unwrap();
+    // The CLI trusts the cluster CA (MUSTER_CA_FILE, set by the testkit), and hands the
+    // agent the CA's fingerprint.
+    let out = lab
+        .cli(&[
+            "compute",
+            "attach",
+            "tlsc",
+            "--ssh",
+            &target,
+            "--key",
+            as_str(&key),
+            "--known-hosts",
+            as_str(&known_hosts),
+            "--host-key",
+            &lab.image.host_key_fingerprint,
+            "--node",
+            "tls-node",
+            "-o",
+            "json",
+        ])
+        .await;
+    assert_eq!(out.code, 0, "{out:?}\nserver log:\n{}", lab.server_log());
+    let printed: serde_json::Value = serde_json::from_str(&out.stdout).expect("JSON");
+    assert_eq!(printed["node"], "tls-node", "{printed}");
+    assert_eq!(printed["service"], "supervisor", "{printed}");
+    let dir = "/root/.local/share/muster/attach/tlsc";
+    let state = lab
+        .sh(&format!(
+            "test -s {dir}/agent/tls/cert.pem && echo certified; grep -c -- --ca-fingerprint {dir}/run.sh"
+        ))
+        .await;
+    assert!(state.contains("certified"), "{state}");
+    // Runs go there over TLS too.
+    let out = lab
+        .cli(&[
+            "run",
+            "submit",
+            "--compute",
+            "tlsc",
+            "--stream",
+            "--",
+            "cat",
+            MARKER_PATH,
+        ])
+        .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains(&lab.image.marker), "{out:?}");
+    let out = lab
+        .cli(&[
+            "compute",
+            "detach",
+            "tlsc",
+            "--node",
+            "tls-node",
+            "--key",
+            as_str(&key),
+            "--known-hosts",
+            as_str(&known_hosts),
+            "--host-key",
+            &lab.image.host_key_fingerprint,
+        ])
+        .await;
+    assert_eq!(out.code, 0, "{out:?}\nserver log:\n{}", lab.server_log());
+    assert!(
+        !lab.nodes().await.iter().any(|n| n.name == "tls-node"),
+        "the node is still listed"
     );
 }
