@@ -647,7 +647,7 @@ impl RemoteLayout {
     /// Installs the written unit, enables and (re)starts it.
     pub fn systemd_start_command(&self) -> String {
         format!(
-            "set -e; cp {src} {unit}; chmod 644 {unit}; systemctl daemon-reload; systemctl enable {name} >/dev/null 2>&1; systemctl restart {name}",
+            "set -e; cp {src} {unit}; chmod 644 {unit}; systemctl daemon-reload; systemctl enable --quiet {name}; systemctl restart {name}",
             src = shell_quote(&format!("{}/unit", self.dir())),
             unit = shell_quote(&self.unit_path()),
             name = shell_quote(&self.unit_name()),
