@@ -136,7 +136,8 @@ fn allowed(method: &str) -> Option<&'static [Who]> {
         ("muster.v1.RunService", "StreamLogs") => READERS_SERVERS,
         (
             "muster.v1.ComputeService",
-            "CreateCompute" | "UpdateCompute" | "DeleteCompute" | "SetNodeState",
+            "CreateCompute" | "UpdateCompute" | "SetComputeStopped" | "DeleteCompute"
+            | "SetNodeState",
         ) => OPERATORS,
         (
             "muster.v1.ComputeService",

@@ -1016,3 +1016,129 @@ async fn raising_max_instances_under_load_grows_the_cluster_at_once() {
     assert_ne!(bad.code, 0, "{bad:?}");
     assert!(bad.stderr.contains("min_instances"), "{bad:?}");
 }
+
+/// A compute instance under the `docker` provisioner, sized `cpu=1,memory=256m`: its one
+/// node's container has those limits (and its agent offers them), runs image runs through
+/// the engine's socket, and the instance stops (its node, container and data volume go;
+/// runs wait, saying why) and starts again (a new node takes the waiting run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sized_docker_instance_runs_image_runs_and_stops_and_starts() {
+    let Some(docker) = docker_or_skip().await else {
+        return;
+    };
+    build_agent_image().await;
+    let image = muster_testkit::images::busybox_image(&docker)
+        .await
+        .unwrap();
+    let dev = short_grace_dev().await;
+    let url = dev.url();
+    let name = unique("box");
+    let _cleanup = Containers {
+        compute: name.clone(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "compute",
+        "create",
+        &name,
+        "--type",
+        "instance",
+        "--provisioner",
+        "docker",
+        "--vm-size",
+        "cpu=1,memory=256m",
+    ];
+    let out = muster(&url, dir.path(), &args).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let node = format!("muster-{name}-0");
+    let up = wait_status(&url, &name, "its node", Duration::from_secs(120), |s| {
+        s.nodes.len() == 1 && s.nodes[0].state().word() == "ready"
+    })
+    .await;
+    let n = &up.nodes[0];
+    assert_eq!(n.name, node);
+    let cap = n.capacity.unwrap();
+    assert_eq!(
+        (cap.cpu_millis, cap.memory_bytes),
+        (1000, 256 << 20),
+        "{n:?}"
+    );
+    assert_eq!(
+        n.labels.get("size").map(String::as_str),
+        Some("cpu=1,memory=256m")
+    );
+    let c = docker.inspect_container(&node, None).await.unwrap();
+    let host = c.host_config.unwrap();
+    assert_eq!(host.nano_cpus, Some(1_000_000_000));
+    assert_eq!(host.memory, Some(256 << 20));
+    let binds = host.binds.unwrap_or_default();
+    assert!(
+        binds
+            .iter()
+            .any(|b| b.starts_with(&format!("muster-{node}:"))),
+        "{binds:?}"
+    );
+
+    // An image run, started by the agent in the container through the host's engine.
+    let out = muster(
+        &url,
+        dir.path(),
+        &[
+            "run",
+            "submit",
+            "--compute",
+            &name,
+            "--image",
+            &image,
+            "--stream",
+            "--",
+            "sh",
+            "-c",
+            "echo in-image; test -d /workspace",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("in-image"), "{out:?}");
+
+    // Stopped: the node, its container and its volume go; a new run waits and says why.
+    let out = muster(&url, dir.path(), &["compute", "stop", &name]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    wait_status(&url, &name, "stopping", Duration::from_secs(60), |s| {
+        s.nodes.is_empty() && s.provisioned.is_empty()
+    })
+    .await;
+    assert!(docker.inspect_container(&node, None).await.is_err());
+    assert!(
+        docker
+            .inspect_volume(&format!("muster-{node}"))
+            .await
+            .is_err()
+    );
+    let shown = muster(&url, dir.path(), &["compute", "show", &name]).await;
+    assert!(shown.stdout.contains("state        stopped"), "{shown:?}");
+    let waiting = submit_sh(&url, dir.path(), &["--compute", &name], "echo after-start").await;
+    let t0 = Instant::now();
+    loop {
+        let show = muster(&url, dir.path(), &["run", "show", &waiting]).await;
+        if show
+            .stdout
+            .contains(&format!("compute instance {name} is stopped"))
+        {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "{show:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A cluster does not stop (it scales); started, the instance gets a new node.
+    let out = muster(&url, dir.path(), &["compute", "stop", "local"]).await;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("only a compute instance stops"),
+        "{out:?}"
+    );
+    let out = muster(&url, dir.path(), &["compute", "start", &name]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let ran_on = wait_completed(&url, &[waiting], Duration::from_secs(120)).await;
+    assert_eq!(ran_on, [format!("muster-{name}-1")]);
+}

@@ -6,7 +6,7 @@ use muster_testkit::{DevCluster, muster};
 use muster_tests::{submit_id, wait_done, write};
 
 /// A command job shaped like Azure ML's samples: a model folder, a report file and an
-/// untyped output, no `code:`, and an `instance_type` muster does not size by.
+/// untyped output, no `code:`, and an `instance_type` that sizes nothing on `local`.
 const JOB: &str = r#"$schema: https://azuremlschemas.azureedge.net/latest/commandJob.schema.json
 type: command
 command: >-
@@ -42,7 +42,7 @@ async fn declared_outputs_exist_before_the_command_and_download_one_by_one() {
     assert_eq!(out.code, 0, "{out:?}");
     assert!(
         out.stderr
-            .contains("warning: job.yml: resources.instance_type: Standard_NC6 sizes nothing"),
+            .contains("resources.instance_type: Standard_NC6 sizes nothing: compute target \"local\" has no size"),
         "{out:?}"
     );
     assert!(

@@ -528,6 +528,25 @@ pub enum ComputeCommand {
     /// Change a compute target's scaling bounds, idle time, tier, description or quota; the
     /// autoscaler follows at once (its name, type and provisioner stay).
     Update(ComputeUpdateArgs),
+    /// Stop a compute instance: its provisioner stops its node once no run holds it, and
+    /// its queued runs wait until `compute start`.
+    Stop {
+        /// The instance.
+        name: String,
+    },
+    /// Start a stopped compute instance: its provisioner starts its node again.
+    Start {
+        /// The instance.
+        name: String,
+    },
+    /// Stop a compute instance, wait until its node is gone, and start it again.
+    Restart {
+        /// The instance.
+        name: String,
+        /// Seconds to wait for the node to stop (its runs finish first).
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
     /// Delete a compute target with no nodes and no unfinished runs.
     Delete {
         /// Its name.
@@ -617,8 +636,9 @@ pub struct ComputeCreateArgs {
     /// local, cluster, instance or attached.
     #[arg(long = "type", short = 't')]
     pub kind: Option<String>,
-    /// A size name, informational (e.g. STANDARD_NC6).
-    #[arg(long)]
+    /// What one node is: an Azure VM size (STANDARD_NC6) or cpu=4,memory=16g,gpus=1. Nodes
+    /// carry it as their `size` label; a docker provisioner sizes their containers by it.
+    #[arg(long, visible_alias = "vm-size")]
     pub size: Option<String>,
     /// How nodes come and go: static (agents join by hand), docker (agent containers on
     /// the leader's Docker host) or command (your scale-up/scale-down scripts).
@@ -663,16 +683,16 @@ pub struct ComputeUpdateArgs {
 #[derive(Debug, Args)]
 pub struct ComputeSettings {
     /// Cluster: the fewest nodes.
-    #[arg(long)]
+    #[arg(long, visible_alias = "min-nodes")]
     pub min_instances: Option<u32>,
     /// Cluster: the most nodes.
-    #[arg(long)]
+    #[arg(long, visible_alias = "max-nodes")]
     pub max_instances: Option<u32>,
     /// Cluster: seconds a node may idle before it is released.
-    #[arg(long)]
+    #[arg(long, visible_alias = "idle-seconds-before-scaledown")]
     pub idle_time_before_scale_down: Option<u64>,
-    /// dedicated or low_priority.
-    #[arg(long)]
+    /// dedicated or low_priority (v1: --vm-priority lowpriority).
+    #[arg(long, visible_alias = "vm-priority")]
     pub tier: Option<String>,
     /// Free text.
     #[arg(long)]

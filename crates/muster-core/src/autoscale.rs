@@ -108,10 +108,15 @@ pub fn autoscale_compute(state: &State, compute: &str, now: Millis) -> Option<Sc
     if scaling.deleting {
         return None;
     }
-    let idle_ms = target
-        .spec
-        .idle_time_before_scale_down_s
-        .saturating_mul(1000);
+    // A stopped instance lets its node go as soon as no run holds it.
+    let idle_ms = if target.spec.stopped {
+        0
+    } else {
+        target
+            .spec
+            .idle_time_before_scale_down_s
+            .saturating_mul(1000)
+    };
     let nodes: Vec<&crate::Node> = state
         .nodes
         .values()
@@ -192,7 +197,9 @@ pub fn autoscale_compute(state: &State, compute: &str, now: Millis) -> Option<Sc
     let mut covered_runs = 0u32;
     let mut waiting = 0u32;
     let mut demand: Vec<(Resources, &BTreeMap<String, String>)> = Vec::new();
-    for run in state.queued_on(compute) {
+    // A stopped instance's waiting runs ask for nothing: they wait for a start.
+    let queued = state.queued_on(compute).filter(|_| !target.spec.stopped);
+    for run in queued {
         let want = run.spec.resources;
         let selector = &run.spec.node_selector;
         if target
@@ -284,10 +291,14 @@ pub fn autoscale_compute(state: &State, compute: &str, now: Millis) -> Option<Sc
         }
     }
     if !idle_released.is_empty() {
-        reasons.push(format!(
-            "idle for {} s or more",
-            target.spec.idle_time_before_scale_down_s
-        ));
+        reasons.push(if target.spec.stopped {
+            "the instance is stopped".to_string()
+        } else {
+            format!(
+                "idle for {} s or more",
+                target.spec.idle_time_before_scale_down_s
+            )
+        });
     }
     for (name, why) in release {
         reasons.push(why);

@@ -34,15 +34,23 @@ impl ComputeKind {
     }
 
     /// Parses a kind from a flag value or a YAML `type` (Azure ML's `amlcompute` is a
-    /// cluster, `computeinstance` an instance, `virtualmachine`/`kubernetes` attached).
+    /// cluster, `computeinstance` an instance). A `virtualmachine` is attached over SSH by
+    /// `muster compute attach`, and `kubernetes` is not supported: both are errors that say
+    /// what to do instead.
     pub fn parse(s: &str) -> Result<ComputeKind, String> {
         match s.to_ascii_lowercase().as_str() {
             "local" => Ok(ComputeKind::Local),
             "cluster" | "amlcompute" => Ok(ComputeKind::Cluster),
             "instance" | "computeinstance" => Ok(ComputeKind::Instance),
-            "attached" | "virtualmachine" | "kubernetes" => Ok(ComputeKind::Attached),
+            "attached" => Ok(ComputeKind::Attached),
+            "virtualmachine" => Err(
+                "a virtualmachine is attached over SSH: `muster compute attach -f FILE` (or `muster compute attach NAME --ssh USER@HOST`) installs and joins its agent".into(),
+            ),
+            "kubernetes" => Err(
+                "kubernetes compute is not supported: muster runs on machines that run `muster agent`; attach them with `muster compute attach NAME --ssh USER@HOST`, or run `muster agent --compute NAME` on each".into(),
+            ),
             other => Err(format!(
-                "unknown compute type {other:?}: use local, cluster (amlcompute), instance or attached"
+                "unknown compute type {other:?}: use local, cluster (amlcompute), instance (computeinstance) or attached"
             )),
         }
     }
@@ -90,7 +98,10 @@ pub struct ComputeSpec {
     pub name: String,
     /// The kind.
     pub kind: ComputeKind,
-    /// A size name (e.g. `STANDARD_NC6`), informational for provisioners.
+    /// What one node is: an Azure VM size (`STANDARD_NC6`) or `cpu=4,memory=16g,gpus=1`
+    /// ([`crate::sizes`]). Every node of the target carries it as its `size` label (which a
+    /// job's `resources.instance_type` selects); a `docker` provisioner gives each node's
+    /// container these limits and GPUs.
     pub size: Option<String>,
     /// Cluster: the fewest nodes kept.
     pub min_instances: u32,
@@ -117,6 +128,13 @@ pub struct ComputeSpec {
         skip_serializing_if = "crate::access::is_default_workspace"
     )]
     pub workspace: String,
+    /// Azure ML's `tags`: free key/value metadata, shown with the target.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// A compute instance stopped by `muster compute stop`: its provisioner releases its
+    /// node once idle and starts none until `muster compute start`; its runs wait.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped: bool,
 }
 
 /// The image a `docker` provisioner starts agents from when none is given.
@@ -433,6 +451,8 @@ impl ComputeSpec {
             quota: Quota::default(),
             provisioner: Provisioner::Static,
             workspace: crate::access::default_workspace(),
+            tags: BTreeMap::new(),
+            stopped: false,
         }
     }
 
@@ -446,6 +466,7 @@ impl ComputeSpec {
         }
         match self.kind {
             ComputeKind::Cluster => Some((self.min_instances, self.max_instances)),
+            ComputeKind::Instance if self.stopped => Some((0, 0)),
             ComputeKind::Instance => Some((1, 1)),
             ComputeKind::Local | ComputeKind::Attached => None,
         }
@@ -457,7 +478,12 @@ impl ComputeSpec {
     /// nodes join by themselves (attached, local, `static`) have no fixed size to check.
     pub fn never_fits(&self, run: &crate::spec::RunSpec) -> Option<SpecError> {
         let n = run.instance_count;
-        if let Some((_, max)) = self.scale_bounds()
+        // A stopped instance is still one node once started.
+        let max = match self.kind {
+            ComputeKind::Instance => self.scale_bounds().map(|_| 1),
+            _ => self.scale_bounds().map(|(_, max)| max),
+        };
+        if let Some(max) = max
             && n > max
         {
             let what = match self.kind {
@@ -566,6 +592,46 @@ impl ComputeSpec {
         }
     }
 
+    /// Acts on a run's `instance_type` for this target, whose nodes carry the labels
+    /// `node_labels`. Where nodes have sizes (the target's `size`, or a node's `size`
+    /// label), the run selects nodes labelled with it (spelled as the target spells its
+    /// size); a provisioned target of another size is an error. Elsewhere it sizes nothing:
+    /// the warning says so.
+    pub fn place_instance_type<'a>(
+        &self,
+        run: &mut crate::spec::RunSpec,
+        mut node_labels: impl Iterator<Item = &'a BTreeMap<String, String>>,
+    ) -> Result<Option<String>, SpecError> {
+        use crate::sizes::SIZE_LABEL;
+        let Some(asked) = run.instance_type.clone() else {
+            return Ok(None);
+        };
+        let label = match &self.size {
+            Some(size) if size.eq_ignore_ascii_case(&asked) => size.clone(),
+            Some(size) if !self.provisioner.is_static() => {
+                return Err(SpecError::field(
+                    "resources.instance_type",
+                    format!(
+                        "the run asks for {asked} nodes, but compute target {:?} makes nodes of size {size}: submit to a target of size {asked}, or remove instance_type",
+                        self.name
+                    ),
+                ));
+            }
+            Some(_) => asked,
+            None if node_labels.any(|l| l.contains_key(SIZE_LABEL)) => asked,
+            None => {
+                return Ok(Some(format!(
+                    "resources.instance_type: {asked} sizes nothing: compute target {:?} has no size, so the run is placed by resources.cpu, memory and gpus (give the target a size, or label its nodes {SIZE_LABEL}={asked})",
+                    self.name
+                )));
+            }
+        };
+        run.node_selector
+            .entry(SIZE_LABEL.to_string())
+            .or_insert(label);
+        Ok(None)
+    }
+
     /// What the spec says that does nothing, for the user to read at create time: a
     /// cluster (or instance) under the `static` provisioner, whose min, max and idle time
     /// scale nothing since nodes only join by themselves.
@@ -584,9 +650,21 @@ impl ComputeSpec {
         out
     }
 
-    /// Checks the name, the scaling bounds and the quota; the error names the field.
+    /// Checks the name, the size, the scaling bounds and the quota; the error names the
+    /// field.
     pub fn validate(&self) -> Result<(), SpecError> {
         validate_compute_name(&self.name).map_err(|e| SpecError::field("name", e.to_string()))?;
+        if let Some(size) = &self.size {
+            let known = crate::sizes::node_size(size).map_err(|e| SpecError::field("size", e))?;
+            if known.is_none() && matches!(self.provisioner, Provisioner::Docker(_)) {
+                return Err(SpecError::field(
+                    "size",
+                    format!(
+                        "muster does not know how many CPUs, how much memory and how many GPUs {size:?} has, and a docker provisioner sizes its nodes' containers by it: name an Azure VM size (e.g. STANDARD_DS3_v2, STANDARD_NC6s_v3) or write cpu=4,memory=16g,gpus=1"
+                    ),
+                ));
+            }
+        }
         self.quota.validate()?;
         self.provisioner.validate(self.kind)?;
         if self.kind == ComputeKind::Cluster && self.min_instances > self.max_instances {
@@ -630,10 +708,20 @@ struct ComputeFile {
     name: Option<String>,
     #[serde(rename = "type")]
     kind: Option<String>,
+    /// v1: `vm_size`.
+    #[serde(alias = "vm_size")]
     size: Option<String>,
+    /// v1: `min_nodes`.
+    #[serde(alias = "min_nodes")]
     min_instances: Option<u32>,
+    /// v1: `max_nodes`.
+    #[serde(alias = "max_nodes")]
     max_instances: Option<u32>,
+    /// v1: `idle_seconds_before_scaledown`.
+    #[serde(alias = "idle_seconds_before_scaledown")]
     idle_time_before_scale_down: Option<u64>,
+    /// v1: `vm_priority` (`dedicated`, `lowpriority`).
+    #[serde(alias = "vm_priority")]
     tier: Option<String>,
     description: Option<String>,
     location: Option<String>,
@@ -641,11 +729,47 @@ struct ComputeFile {
     ssh_settings: Option<yaml_serde::Value>,
     network_settings: Option<yaml_serde::Value>,
     identity: Option<yaml_serde::Value>,
-    tags: Option<yaml_serde::Value>,
+    tags: Option<BTreeMap<String, Scalar>>,
     /// muster: limits on what the target's active runs hold together.
     quota: Option<QuotaFile>,
     /// muster: what turns "scale to N" into machines.
     provisioner: Option<ProvisionerFile>,
+}
+
+/// The Azure-only keys of a compute file, each refused with what to use on-prem.
+fn refuse_azure_only(file: &ComputeFile) -> Result<(), SpecError> {
+    let refuse = |key: &str, why: &str| Err(SpecError::field(key, why.to_string()));
+    if file.location.is_some() {
+        return refuse(
+            "location",
+            "muster's nodes are your own machines, in no cloud region: remove location (to place runs on some nodes, label them with `muster agent --labels` and select them with a job's node_selector)",
+        );
+    }
+    if file.ssh_public_access_enabled == Some(true) {
+        return refuse(
+            "ssh_public_access_enabled",
+            "muster opens no SSH login on a target's nodes: remove it or set it to false; follow a run with `muster run logs --follow`, and attach a machine you reach over SSH with `muster compute attach NAME --ssh USER@HOST`",
+        );
+    }
+    if file.ssh_settings.is_some() {
+        return refuse(
+            "ssh_settings",
+            "muster opens no SSH login on a target's nodes: remove ssh_settings; to attach a machine over SSH, give its address and user to `muster compute attach -f FILE` (type: virtualmachine) or `muster compute attach NAME --ssh USER@HOST`",
+        );
+    }
+    if file.network_settings.is_some() {
+        return refuse(
+            "network_settings",
+            "muster places nodes in no virtual network: remove network_settings; a node is on whatever network its machine is, and reaches the servers it is given (`muster agent --server`)",
+        );
+    }
+    if file.identity.is_some() {
+        return refuse(
+            "identity",
+            "muster gives compute targets no managed identity: remove identity; a run reaches what its node can reach, and takes credentials as environment variables (`environment_variables:` in the job)",
+        );
+    }
+    Ok(())
 }
 
 /// `provisioner:` as written (a muster addition to Azure ML's compute YAML).
@@ -738,28 +862,42 @@ struct QuotaFile {
 }
 
 /// Parses Azure ML compute YAML. `name_override` (the CLI's positional NAME) wins over the
-/// file's `name`. Azure-only settings (`location`, `ssh_*`, `network_settings`, `identity`)
-/// are accepted and ignored, as they have no meaning on-prem.
+/// file's `name`; the file must say its `type`.
 pub fn parse_compute_yaml(
     text: &str,
     name_override: Option<&str>,
 ) -> Result<ComputeSpec, SpecError> {
+    parse_compute_yaml_as(text, name_override, None)
+}
+
+/// [`parse_compute_yaml`], with the CLI's `--type` (when given) over the file's.
+///
+/// Every Azure ML key is honoured or refused with what to use instead: v1 spellings
+/// (`min_nodes`, `max_nodes`, `vm_size`, `vm_priority`, `idle_seconds_before_scaledown`)
+/// are aliases; `tags` are kept and shown; `ssh_public_access_enabled: false` is what
+/// muster does anyway (it opens no SSH on nodes). `location`, `ssh_settings`, an enabled
+/// `ssh_public_access_enabled`, `network_settings` and `identity` have nothing on-prem to
+/// act on and are errors naming what to do instead.
+pub fn parse_compute_yaml_as(
+    text: &str,
+    name_override: Option<&str>,
+    kind_override: Option<ComputeKind>,
+) -> Result<ComputeSpec, SpecError> {
     let file: ComputeFile = parse_yaml(text)?;
-    let _ = (
-        &file.location,
-        &file.ssh_public_access_enabled,
-        &file.ssh_settings,
-        &file.network_settings,
-        &file.identity,
-        &file.tags,
-    );
+    refuse_azure_only(&file)?;
     let name = name_override
         .map(str::to_string)
         .or(file.name)
         .ok_or_else(|| SpecError::field("name", "missing: give the compute target a name"))?;
-    let kind = match &file.kind {
-        Some(k) => ComputeKind::parse(k).map_err(|e| SpecError::field("type", e))?,
-        None => ComputeKind::Cluster,
+    let kind = match (kind_override, &file.kind) {
+        (Some(k), _) => k,
+        (None, Some(k)) => ComputeKind::parse(k).map_err(|e| SpecError::field("type", e))?,
+        (None, None) => {
+            return Err(SpecError::field(
+                "type",
+                "missing: say what the target is: amlcompute (a cluster), computeinstance (an instance) or attached (machines that join by themselves); a virtual machine is attached with `muster compute attach`",
+            ));
+        }
     };
     let mut spec = ComputeSpec::new(name, kind);
     spec.size = file.size;
@@ -776,6 +914,12 @@ pub fn parse_compute_yaml(
         spec.tier = Tier::parse(t).map_err(|e| SpecError::field("tier", e))?;
     }
     spec.description = file.description;
+    spec.tags = file
+        .tags
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.to_string()))
+        .collect();
     if let Some(q) = file.quota {
         spec.quota = Quota {
             max_gpus: q.max_gpus,
@@ -812,27 +956,159 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_name_the_field() {
-        let e = parse_compute_yaml("name: gpu-a\nmax_instance: 3\n", None).unwrap_err();
+        let e = parse_compute_yaml("name: gpu-a\ntype: amlcompute\nmax_instance: 3\n", None)
+            .unwrap_err();
         assert_eq!(e.path, "max_instance");
         assert!(e.to_string().contains("unknown key"), "{e}");
-        let e = parse_compute_yaml("name: gpu-a\ntier: cheap\n", None).unwrap_err();
-        assert_eq!(e.path, "tier");
-        let e = parse_compute_yaml("name: g1\n", None).unwrap_err();
-        assert_eq!(e.path, "name");
-        let e = parse_compute_yaml("name: gpus\nmin_instances: 3\nmax_instances: 1\n", None)
-            .unwrap_err();
-        assert_eq!(e.path, "min_instances");
         let e =
-            parse_compute_yaml("name: gpus\nquota:\n  max_concurrent_runs: 0\n", None).unwrap_err();
+            parse_compute_yaml("name: gpu-a\ntype: amlcompute\ntier: cheap\n", None).unwrap_err();
+        assert_eq!(e.path, "tier");
+        let e = parse_compute_yaml("name: g1\ntype: amlcompute\n", None).unwrap_err();
+        assert_eq!(e.path, "name");
+        let e = parse_compute_yaml(
+            "name: gpus\ntype: amlcompute\nmin_instances: 3\nmax_instances: 1\n",
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "min_instances");
+        let e = parse_compute_yaml(
+            "name: gpus\ntype: amlcompute\nquota:\n  max_concurrent_runs: 0\n",
+            None,
+        )
+        .unwrap_err();
         assert_eq!(e.path, "quota.max_concurrent_runs");
-        let e = parse_compute_yaml("name: gpus\nquota:\n  max_gpu: 3\n", None).unwrap_err();
+        let e = parse_compute_yaml("name: gpus\ntype: amlcompute\nquota:\n  max_gpu: 3\n", None)
+            .unwrap_err();
         assert_eq!(e.path, "quota.max_gpu");
+    }
+
+    #[test]
+    fn v1_spellings_are_aliases_and_tags_are_kept() {
+        let spec = parse_compute_yaml(
+            "name: old-pool\ntype: amlcompute\nvm_size: STANDARD_NC6\nmin_nodes: 1\nmax_nodes: 3\nvm_priority: lowpriority\nidle_seconds_before_scaledown: 600\ntags:\n  team: vision\n  cost: 7\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(spec.size.as_deref(), Some("STANDARD_NC6"));
+        assert_eq!((spec.min_instances, spec.max_instances), (1, 3));
+        assert_eq!(spec.tier, Tier::LowPriority);
+        assert_eq!(spec.idle_time_before_scale_down_s, 600);
+        assert_eq!(spec.tags.get("cost").map(String::as_str), Some("7"));
+        // Both spellings at once is ambiguous.
+        let e = parse_compute_yaml(
+            "name: old-pool\ntype: amlcompute\nmin_nodes: 1\nmin_instances: 2\n",
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn azure_only_keys_and_kinds_are_refused_with_what_to_do() {
+        for (yaml, path, says) in [
+            (
+                "type: amlcompute\nlocation: westeurope\n",
+                "location",
+                "node_selector",
+            ),
+            (
+                "type: amlcompute\nssh_public_access_enabled: true\n",
+                "ssh_public_access_enabled",
+                "compute attach",
+            ),
+            (
+                "type: amlcompute\nssh_settings:\n  admin_username: azureuser\n",
+                "ssh_settings",
+                "compute attach",
+            ),
+            (
+                "type: amlcompute\nnetwork_settings:\n  vnet_name: v\n",
+                "network_settings",
+                "remove network_settings",
+            ),
+            (
+                "type: amlcompute\nidentity:\n  type: system_assigned\n",
+                "identity",
+                "environment_variables",
+            ),
+            ("type: kubernetes\n", "type", "not supported"),
+            ("type: virtualmachine\n", "type", "muster compute attach"),
+            ("min_instances: 1\n", "type", "missing"),
+        ] {
+            let e = parse_compute_yaml(&format!("name: gpus\n{yaml}"), None).unwrap_err();
+            assert_eq!(e.path, path, "{yaml}: {e}");
+            assert!(e.to_string().contains(says), "{yaml}: {e}");
+        }
+        // What muster does anyway is accepted; the CLI's --type stands in for the file's.
+        let spec = parse_compute_yaml(
+            "name: gpus\ntype: amlcompute\nssh_public_access_enabled: false\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(spec.kind, ComputeKind::Cluster);
+        let spec =
+            parse_compute_yaml_as("name: gpus\n", None, Some(ComputeKind::Attached)).unwrap();
+        assert_eq!(spec.kind, ComputeKind::Attached);
+    }
+
+    #[test]
+    fn instance_type_selects_sized_nodes_and_warns_elsewhere() {
+        let mut run = crate::spec::RunSpec::new("echo");
+        run.instance_type = Some("standard_nc6".into());
+        let none = BTreeMap::new();
+        // No size anywhere: a warning, nothing selected.
+        let plain = ComputeSpec::new("plain", ComputeKind::Attached);
+        let w = plain
+            .place_instance_type(&mut run.clone(), [&none].into_iter())
+            .unwrap()
+            .unwrap();
+        assert!(
+            w.starts_with("resources.instance_type: standard_nc6 sizes nothing"),
+            "{w}"
+        );
+        // A node labelled with a size: the run selects that label.
+        let labelled = BTreeMap::from([("size".to_string(), "big".to_string())]);
+        let mut r = run.clone();
+        assert_eq!(
+            plain.place_instance_type(&mut r, [&labelled].into_iter()),
+            Ok(None)
+        );
+        assert_eq!(r.node_selector["size"], "standard_nc6");
+        // The target's own size, spelled as the target spells it.
+        let mut sized = ComputeSpec::new("gpus", ComputeKind::Cluster);
+        sized.size = Some("STANDARD_NC6".into());
+        let mut r = run.clone();
+        assert_eq!(
+            sized.place_instance_type(&mut r, std::iter::empty()),
+            Ok(None)
+        );
+        assert_eq!(r.node_selector["size"], "STANDARD_NC6");
+        // A provisioned target of another size never makes such nodes.
+        sized.provisioner = Provisioner::Docker(DockerProvisioner::default());
+        sized.size = Some("STANDARD_DS3_v2".into());
+        let e = sized
+            .place_instance_type(&mut run.clone(), std::iter::empty())
+            .unwrap_err();
+        assert_eq!(e.path, "resources.instance_type");
+    }
+
+    #[test]
+    fn a_docker_provisioner_needs_a_size_it_can_read() {
+        let base = "name: gpus\ntype: amlcompute\nprovisioner:\n  type: docker\n";
+        let e = parse_compute_yaml(&format!("{base}size: my-box\n"), None).unwrap_err();
+        assert_eq!(e.path, "size");
+        assert!(e.to_string().contains("cpu=4,memory=16g,gpus=1"), "{e}");
+        assert!(parse_compute_yaml(&format!("{base}size: cpu=1,memory=512m\n"), None).is_ok());
+        // Elsewhere an unknown name is only a label.
+        assert!(parse_compute_yaml("name: gpus\ntype: attached\nsize: my-box\n", None).is_ok());
+        let e = parse_compute_yaml("name: gpus\ntype: attached\nsize: cpu=x\n", None).unwrap_err();
+        assert_eq!(e.path, "size");
     }
 
     #[test]
     fn quotas_parse_and_old_specs_decode_unlimited() {
         let spec = parse_compute_yaml(
-            "name: gpus\nquota:\n  max_gpus: 8\n  max_cpu: 64\n  max_concurrent_runs: 4\n",
+            "name: gpus\ntype: amlcompute\nquota:\n  max_gpus: 8\n  max_cpu: 64\n  max_concurrent_runs: 4\n",
             None,
         )
         .unwrap();
@@ -905,7 +1181,7 @@ mod tests {
         assert_eq!(spec.scale_bounds(), Some((0, 2)));
 
         let spec = parse_compute_yaml(
-            "name: gpus\nprovisioner:\n  type: command\n  scale_up: /opt/up.sh\n  scale_down: /opt/down.sh\n",
+            "name: gpus\ntype: amlcompute\nprovisioner:\n  type: command\n  scale_up: /opt/up.sh\n  scale_down: /opt/down.sh\n",
             None,
         )
         .unwrap();
@@ -917,7 +1193,7 @@ mod tests {
             })
         );
         // Static by default, and old specs decode static and serialize without the key.
-        let spec = parse_compute_yaml("name: gpus\n", None).unwrap();
+        let spec = parse_compute_yaml("name: gpus\ntype: amlcompute\n", None).unwrap();
         assert!(spec.provisioner.is_static());
         assert_eq!(spec.scale_bounds(), None);
         assert!(
@@ -967,7 +1243,12 @@ mod tests {
             ),
         ];
         for (yaml, path) in cases {
-            let e = parse_compute_yaml(&format!("name: gpus\n{yaml}"), None).unwrap_err();
+            let kind = if yaml.starts_with("type:") {
+                ""
+            } else {
+                "type: amlcompute\n"
+            };
+            let e = parse_compute_yaml(&format!("name: gpus\n{kind}{yaml}"), None).unwrap_err();
             assert_eq!(e.path, path, "{yaml}: {e}");
         }
     }

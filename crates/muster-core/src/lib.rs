@@ -8,6 +8,7 @@
 //! - [`resources`]: CPU, memory and GPUs a node offers and a run asks for.
 //! - [`distributed`]: the environment and MPI hostfile of each rank of a distributed run.
 //! - [`compute`]: compute targets (`local`, `cluster`, `instance`, `attached`) and Azure ML compute YAML.
+//! - [`sizes`]: what a target's `size` means (Azure VM sizes, `cpu=4,memory=16g,gpus=1`).
 //! - [`spec`]: the run spec and Azure ML v2 command-job YAML parsing and validation.
 //! - [`loglines`]: the combined, rank-prefixed log of a multi-instance attempt.
 //! - [`snapshot`]: the manifest of a content-addressed code snapshot.
@@ -47,6 +48,7 @@ pub mod pipeline;
 pub mod resources;
 pub mod runconfig;
 pub mod schedule;
+pub mod sizes;
 pub mod snapshot;
 pub mod spec;
 pub mod state;

@@ -17,32 +17,31 @@ pub struct NameError {
 /// Validates a compute target name with Azure ML's rule: 3–24 characters, letters, digits
 /// and `-`, starting with a letter, and every `-` followed later by at least one letter.
 pub fn validate_compute_name(name: &str) -> Result<(), NameError> {
-    let err = |rule: &str| NameError {
-        what: "compute target",
-        name: name.to_string(),
-        rule: rule.to_string(),
-    };
+    // Every rule it breaks, at once: one fix instead of one try per rule.
+    let mut broken = Vec::new();
     let len = name.chars().count();
     if !(3..=24).contains(&len) {
-        return Err(err(&format!("use 3 to 24 characters (this one has {len})")));
+        broken.push(format!("use 3 to 24 characters (this one has {len})"));
     }
     if !name.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) {
-        return Err(err("start with a letter"));
+        broken.push("start with a letter".to_string());
     }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
-    {
-        return Err(err(&format!(
-            "use only letters, digits and '-' (found {bad:?})"
-        )));
+    if let Some(found) = odd_chars(name, |c| c.is_ascii_alphanumeric() || c == '-') {
+        broken.push(format!("use only letters, digits and '-' (found {found})"));
     }
     if let Some(last_dash) = name.rfind('-')
         && !name[last_dash..].chars().any(|c| c.is_ascii_alphabetic())
     {
-        return Err(err("a '-' must be followed later by at least one letter"));
+        broken.push("a '-' must be followed later by at least one letter".to_string());
     }
-    Ok(())
+    if broken.is_empty() {
+        return Ok(());
+    }
+    Err(NameError {
+        what: "compute target",
+        name: name.to_string(),
+        rule: broken.join("; "),
+    })
 }
 
 /// Validates an experiment name: 1–255 characters, letters, digits, `-`, `_` and `.`,
@@ -72,30 +71,50 @@ pub fn validate_input_name(name: &str) -> Result<(), NameError> {
 
 /// 1 to `max` letters, digits, `-`, `_` and `.`, starting with a letter or digit.
 fn validate_label(what: &'static str, name: &str, max: usize) -> Result<(), NameError> {
-    let err = |rule: String| NameError {
+    let mut broken = Vec::new();
+    if name.is_empty() || name.len() > max {
+        broken.push(format!("use 1 to {max} characters"));
+    }
+    if !name.is_empty()
+        && !name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+    {
+        broken.push("start with a letter or digit".to_string());
+    }
+    if let Some(found) = odd_chars(name, |c| {
+        c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+    }) {
+        broken.push(format!(
+            "use only letters, digits, '-', '_' and '.' (found {found})"
+        ));
+    }
+    if broken.is_empty() {
+        return Ok(());
+    }
+    Err(NameError {
         what,
         name: name.to_string(),
-        rule,
-    };
-    if name.is_empty() || name.len() > max {
-        return Err(err(format!("use 1 to {max} characters")));
+        rule: broken.join("; "),
+    })
+}
+
+/// The characters of `name` that `allowed` refuses, each once in the order they come
+/// (`'_', ' '`), or `None` when there are none.
+fn odd_chars(name: &str, allowed: impl Fn(char) -> bool) -> Option<String> {
+    let mut odd: Vec<char> = Vec::new();
+    for c in name.chars().filter(|c| !allowed(*c)) {
+        if !odd.contains(&c) {
+            odd.push(c);
+        }
     }
-    if !name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric())
-    {
-        return Err(err("start with a letter or digit".into()));
-    }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
-    {
-        return Err(err(format!(
-            "use only letters, digits, '-', '_' and '.' (found {bad:?})"
-        )));
-    }
-    Ok(())
+    (!odd.is_empty()).then(|| {
+        odd.iter()
+            .map(|c| format!("{c:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
 }
 
 #[cfg(test)]
@@ -131,6 +150,11 @@ mod tests {
                 .unwrap_err()
                 .rule
                 .contains("followed later by at least one letter")
+        );
+        // Every broken rule is named at once.
+        assert_eq!(
+            validate_compute_name("1_gpu pool-2").unwrap_err().rule,
+            "start with a letter; use only letters, digits and '-' (found '_', ' '); a '-' must be followed later by at least one letter"
         );
     }
 

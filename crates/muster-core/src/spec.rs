@@ -233,12 +233,87 @@ fn parse_checked_yaml<T: DeserializeOwned>(text: &str) -> Result<T, SpecError> {
             };
             (path, message)
         };
+        // A quote left open makes the parser run to the end of the file and say so there;
+        // the line to fix is where the quote opened.
+        if message.contains("end of stream")
+            && let Some((line, column)) = unclosed_quote(text)
+        {
+            return SpecError {
+                path,
+                message: "this quote is never closed: close it on the line it opens (or where the value ends)".to_string(),
+                location: Some((line, column)),
+            };
+        }
         SpecError {
             path,
             message,
             location,
         }
     })
+}
+
+/// Where a quoted YAML value opens that is never closed: (line, column), 1-based. A quote
+/// opens a value when it is the value's first character (after `key: `, `- ` or the
+/// indentation); a quote inside a plain value (`echo it's`) is text. Double-quoted values
+/// take `\"` escapes and single-quoted ones `''`; both may span lines.
+fn unclosed_quote(text: &str) -> Option<(usize, usize)> {
+    let mut open: Option<(char, usize, usize)> = None;
+    for (n, line) in text.lines().enumerate() {
+        let chars: Vec<char> = line.chars().collect();
+        let mut i = 0;
+        // Outside a quote: find where this line's value starts.
+        if open.is_none() {
+            let indent = chars.iter().take_while(|c| c.is_whitespace()).count();
+            i = indent;
+            loop {
+                if chars.get(i) == Some(&'-') && chars.get(i + 1).is_none_or(|c| *c == ' ') {
+                    i += 1;
+                    while chars.get(i) == Some(&' ') {
+                        i += 1;
+                    }
+                    continue;
+                }
+                break;
+            }
+            if !matches!(chars.get(i), Some('"' | '\'')) {
+                // `key: value`: the value starts after the first `: ` outside quotes.
+                let Some(colon) = (i..chars.len())
+                    .find(|&k| chars[k] == ':' && chars.get(k + 1).is_none_or(|c| *c == ' '))
+                else {
+                    continue;
+                };
+                if chars[i..colon].contains(&'#') {
+                    continue;
+                }
+                i = colon + 1;
+                while chars.get(i) == Some(&' ') {
+                    i += 1;
+                }
+            }
+            match chars.get(i) {
+                Some(&q @ ('"' | '\'')) => {
+                    open = Some((q, n + 1, i + 1));
+                    i += 1;
+                }
+                _ => continue,
+            }
+        }
+        // Inside a quote: look for its end.
+        let (q, ..) = open.expect("set above");
+        while i < chars.len() {
+            match (q, chars[i]) {
+                ('"', '\\') => i += 1,
+                ('\'', '\'') if chars.get(i + 1) == Some(&'\'') => i += 1,
+                (q, c) if c == q => {
+                    open = None;
+                    break;
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+    }
+    open.map(|(_, line, column)| (line, column))
 }
 
 /// A distributed-training setup (DESIGN.md section 9).
@@ -425,6 +500,11 @@ pub struct RunSpec {
     /// cache instead of copied; a process's files are made read-only).
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub download_inputs: BTreeSet<String>,
+    /// Azure ML's `resources.instance_type`: the node size the run asks for. On a target
+    /// whose nodes have sizes the server turns it into a `size` node selector
+    /// ([`crate::compute::ComputeSpec::place_instance_type`]); elsewhere it is a warning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_type: Option<String>,
 }
 
 /// How the CLI names a local input it uploaded: `muster-blob://MANIFEST` for a folder,
@@ -663,6 +743,7 @@ impl RunSpec {
             output_inputs: BTreeMap::new(),
             output_assets: BTreeMap::new(),
             download_inputs: BTreeSet::new(),
+            instance_type: None,
         }
     }
 
@@ -1003,7 +1084,8 @@ pub struct DistributionFile {
 pub struct ResourcesFile {
     /// Nodes the run spans.
     pub instance_count: Option<u32>,
-    /// Azure ML VM size; informational.
+    /// Azure ML VM size: the run goes to nodes whose `size` label is this (the nodes of a
+    /// compute target with that `size`).
     pub instance_type: Option<String>,
     /// Container shared memory (`2g`).
     pub shm_size: Option<Scalar>,
@@ -1231,13 +1313,8 @@ impl JobFile {
         if self.identity.is_some() {
             w.push("identity: not used; the run reaches what the node it runs on can reach".into());
         }
-        if let Some(r) = &self.resources {
-            if let Some(t) = &r.instance_type {
-                w.push(format!("resources.instance_type: {t} sizes nothing; muster places runs by resources.cpu, memory and gpus (and node_selector)"));
-            }
-            if r.properties.is_some() {
-                w.push("resources.properties: not used".into());
-            }
+        if self.resources.as_ref().is_some_and(|r| r.properties.is_some()) {
+            w.push("resources.properties: not used".into());
         }
         match &self.environment {
             Some(EnvironmentFile::Reference(r)) if r.starts_with("azureml:") => {
@@ -1436,6 +1513,10 @@ impl JobFile {
                 }),
             },
         };
+        spec.instance_type = self
+            .resources
+            .as_ref()
+            .and_then(|r| r.instance_type.clone());
         if let Some(r) = self.resources {
             if let Some(n) = r.instance_count {
                 spec.instance_count = n;
@@ -1791,6 +1872,21 @@ mod tests {
     }
 
     #[test]
+    fn an_unclosed_quote_is_found_where_it_opens() {
+        let e = parse_job_yaml(
+            "command: echo it's fine\ndisplay_name: \"unterminated\nexperiment_name: x\nresources:\n  cpu: 1\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.location, Some((2, 15)), "{e}");
+        assert!(e.to_string().contains("never closed"), "{e}");
+        assert_eq!(
+            unclosed_quote("a: 'it''s'\nb: \"x\\\"y\"\nc:\n  - 'open\n"),
+            Some((4, 5))
+        );
+        assert_eq!(unclosed_quote("a: \"two\n  lines\"\nb: c\n"), None);
+    }
+
+    #[test]
     fn keys_muster_does_not_act_on_are_warnings_naming_them() {
         let spec = parse_job_yaml(concat!(
             "command: python train.py --data ${{inputs.data}}\n",
@@ -1811,14 +1907,15 @@ mod tests {
                 "properties",
                 "services",
                 "identity",
-                "resources.instance_type",
                 "environment.conda_file",
                 "inputs.data",
                 "outputs.o.mode",
             ]
         );
+        // instance_type is the server's to act on, by the target's sizes.
+        assert_eq!(spec.instance_type.as_deref(), Some("Standard_NC6"));
         assert!(
-            spec.warnings[4].contains("python:3.12 as it is"),
+            spec.warnings[3].contains("python:3.12 as it is"),
             "{:?}",
             spec.warnings
         );

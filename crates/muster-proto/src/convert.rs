@@ -119,6 +119,7 @@ impl From<CoreSpec> for v1::RunSpec {
             host_inputs: s.host_inputs.into_iter().collect(),
             output_inputs: s.output_inputs.into_iter().collect(),
             download_inputs: s.download_inputs.into_iter().collect(),
+            instance_type: s.instance_type,
             output_assets: s
                 .output_assets
                 .into_iter()
@@ -184,6 +185,7 @@ pub fn spec_from_wire(s: v1::RunSpec) -> Result<CoreSpec, String> {
         host_inputs: s.host_inputs.into_iter().collect(),
         output_inputs: s.output_inputs.into_iter().collect(),
         download_inputs: s.download_inputs.into_iter().collect(),
+        instance_type: s.instance_type,
         output_assets: s
             .output_assets
             .into_iter()
@@ -480,6 +482,8 @@ pub fn compute_spec_to_wire(s: &ComputeSpec) -> v1::ComputeTarget {
         }),
         provisioner: (!s.provisioner.is_static()).then(|| provisioner_to_wire(&s.provisioner)),
         workspace: s.workspace.clone(),
+        tags: s.tags.clone().into_iter().collect(),
+        stopped: s.stopped,
         ..Default::default()
     }
 }
@@ -520,6 +524,9 @@ pub fn compute_spec_from_wire(c: &v1::ComputeTarget) -> Result<ComputeSpec, Stri
         } else {
             c.workspace.clone()
         },
+        tags: c.tags.clone().into_iter().collect(),
+        // Read-only on the wire: only StopCompute and StartCompute change it.
+        stopped: false,
     })
 }
 

@@ -2,7 +2,7 @@
 
 use muster_core::compute::{
     CommandProvisioner, ComputeKind, ComputeSpec, DockerProvisioner, Provisioner, Tier,
-    parse_compute_yaml,
+    parse_compute_yaml_as,
 };
 use muster_proto::{Word, v1};
 use serde_json::json;
@@ -127,6 +127,52 @@ pub async fn run(server: &str, output: OutputFormat, cmd: ComputeCommand) -> any
                 .into_inner();
             show(output, &got);
         }
+        ComputeCommand::Stop { name } => {
+            let target = set_stopped(&mut c, &name, true).await?;
+            if output == OutputFormat::Json {
+                print_json(&compute_json(&target));
+            } else {
+                println!(
+                    "Stopping compute instance {name}: its node stops once no run holds it; queued runs wait for `muster compute start {name}`."
+                );
+            }
+        }
+        ComputeCommand::Start { name } => {
+            let target = set_stopped(&mut c, &name, false).await?;
+            if output == OutputFormat::Json {
+                print_json(&compute_json(&target));
+            } else {
+                println!("Starting compute instance {name}: its provisioner starts its node.");
+            }
+        }
+        ComputeCommand::Restart { name, timeout } => {
+            set_stopped(&mut c, &name, true).await?;
+            eprintln!("Stopping compute instance {name}…");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
+            loop {
+                let s = c
+                    .compute
+                    .get_compute_status(v1::GetComputeRequest { name: name.clone() })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                if s.nodes.is_empty() && s.provisioned.is_empty() {
+                    break;
+                }
+                if std::time::Instant::now() >= deadline {
+                    anyhow::bail!(
+                        "compute instance {name} is stopped but its node did not stop within {timeout} s (a run still holds it?): `muster compute show {name}` says what is left; `muster compute start {name}` starts it again"
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            let target = set_stopped(&mut c, &name, false).await?;
+            if output == OutputFormat::Json {
+                print_json(&compute_json(&target));
+            } else {
+                println!("Restarted compute instance {name}: its provisioner starts a new node.");
+            }
+        }
         ComputeCommand::Delete { name } => {
             c.compute
                 .delete_compute(v1::DeleteComputeRequest { name: name.clone() })
@@ -154,12 +200,34 @@ pub async fn run(server: &str, output: OutputFormat, cmd: ComputeCommand) -> any
     Ok(())
 }
 
+/// Stops or starts compute instance `name`; the target as it is now.
+async fn set_stopped(
+    c: &mut muster_client::Clients,
+    name: &str,
+    stopped: bool,
+) -> anyhow::Result<v1::ComputeTarget> {
+    Ok(c.compute
+        .set_compute_stopped(v1::SetComputeStoppedRequest {
+            name: name.to_string(),
+            stopped,
+        })
+        .await
+        .map_err(status)?
+        .into_inner())
+}
+
 fn spec_from_args(a: &ComputeCreateArgs) -> anyhow::Result<ComputeSpec> {
     let mut spec = match &a.file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-            parse_compute_yaml(&text, a.name.as_deref())
+            let kind = a
+                .kind
+                .as_deref()
+                .map(ComputeKind::parse)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--type: {e}"))?;
+            parse_compute_yaml_as(&text, a.name.as_deref(), kind)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
         }
         None => {
@@ -175,11 +243,6 @@ fn spec_from_args(a: &ComputeCreateArgs) -> anyhow::Result<ComputeSpec> {
             )
         }
     };
-    if let Some(k) = &a.kind
-        && a.file.is_some()
-    {
-        spec.kind = ComputeKind::parse(k).map_err(|e| anyhow::anyhow!("--type: {e}"))?;
-    }
     if let Some(s) = &a.size {
         spec.size = Some(s.clone());
     }
@@ -363,6 +426,7 @@ fn compute_json(c: &v1::ComputeTarget) -> serde_json::Value {
         "min_instances": c.min_instances, "max_instances": c.max_instances,
         "idle_time_before_scale_down": c.idle_time_before_scale_down_s,
         "description": c.description, "created_at": time(c.created_at_ms),
+        "tags": c.tags, "stopped": c.stopped,
         "nodes": c.nodes, "queued_runs": c.queued_runs, "active_runs": c.active_runs,
         "capacity": {"cpu_millis": cap.cpu_millis, "memory_bytes": cap.memory_bytes, "gpus": cap.gpus},
         "allocated": {"cpu_millis": alloc.cpu_millis, "memory_bytes": alloc.memory_bytes, "gpus": alloc.gpus},
@@ -388,6 +452,17 @@ fn show(output: OutputFormat, s: &v1::ComputeStatus) {
     println!("tier         {}", c.tier);
     if let Some(size) = &c.size {
         println!("size         {size}");
+    }
+    if c.stopped {
+        println!(
+            "state        stopped (`muster compute start {}` starts it)",
+            c.name
+        );
+    }
+    if !c.tags.is_empty() {
+        let mut tags: Vec<_> = c.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        tags.sort();
+        println!("tags         {}", tags.join(", "));
     }
     if c.r#type == "cluster" {
         println!(

@@ -244,6 +244,9 @@ pub fn schedule(state: &State, now: Millis) -> Schedule {
             None if !state.computes.contains_key(compute) => {
                 Some(waiting.say(format!("compute {compute} does not exist")))
             }
+            _ if state.computes[compute].spec.stopped => Some(waiting.say(format!(
+                "compute instance {compute} is stopped: `muster compute start {compute}` starts it"
+            ))),
             None => Some(waiting.say(reason::no_ready_node(compute, std::iter::empty()))),
             Some(p) if pools.list[p].slots.is_empty() => Some(waiting.say(reason::no_ready_node(
                 compute,

@@ -123,7 +123,34 @@ impl State {
                 if target.spec.provisioner != spec.provisioner {
                     return Err(fixed("provisioner", "provisioner"));
                 }
+                let stopped = target.spec.stopped;
                 target.spec = spec.clone();
+                target.spec.stopped = stopped;
+                Ok(Applied::Done)
+            }
+            Command::SetComputeStopped { name, stopped, .. } => {
+                let target = self
+                    .computes
+                    .get_mut(name)
+                    .ok_or_else(|| ApplyError::UnknownCompute(name.clone()))?;
+                if target.spec.kind != ComputeKind::Instance {
+                    return Err(ApplyError::InvalidSpec(SpecError::field(
+                        "type",
+                        format!(
+                            "compute target {name:?} is a {}: only a compute instance stops and starts (a cluster scales with `muster compute update {name} --min-instances 0`; a node is drained with `muster node drain`)",
+                            target.spec.kind.as_str()
+                        ),
+                    )));
+                }
+                if target.spec.provisioner.is_static() {
+                    return Err(ApplyError::InvalidSpec(SpecError::field(
+                        "provisioner",
+                        format!(
+                            "compute instance {name:?} has the static provisioner, so muster cannot stop or start its machine: stop its agent there, or take it out of service with `muster node drain`"
+                        ),
+                    )));
+                }
+                target.spec.stopped = *stopped;
                 Ok(Applied::Done)
             }
             Command::DeleteCompute { name, at } => self.delete_compute(name, *at),

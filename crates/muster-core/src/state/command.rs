@@ -37,6 +37,18 @@ pub enum Command {
         /// When.
         at: Millis,
     },
+    /// Stop or start a compute instance (`muster compute stop|start`): stopped, its
+    /// provisioner releases its node once no run holds it and starts none, and its runs
+    /// wait; started, it gets its one node again.
+    #[serde(rename = "set_compute_stopped.v1")]
+    SetComputeStopped {
+        /// The instance.
+        name: String,
+        /// Stopped (true) or started (false).
+        stopped: bool,
+        /// When.
+        at: Millis,
+    },
     /// Delete a compute target that has no nodes and no unfinished runs. Nodes its
     /// autoscaler started do not block it: they are released first (drained, stopped by
     /// the provisioner), and the target goes with the last one.
@@ -383,6 +395,7 @@ impl Command {
             Command::SetNodeState { .. } => "set_node_state",
             Command::RemoveNode { .. } => "remove_node",
             Command::UpdateCompute { .. } => "update_compute",
+            Command::SetComputeStopped { .. } => "set_compute_stopped",
             Command::SubmitRun { .. } => "submit_run",
             Command::PlaceRun { .. } => "place_run",
             Command::ReportAttempt { .. } => "report_attempt",

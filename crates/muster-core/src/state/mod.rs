@@ -819,6 +819,25 @@ impl State {
         self.nodes.values().find(|n| n.name == name)
     }
 
+    /// Why node `node_id` may not join compute instance `compute`: an instance is one
+    /// machine, and another node of it is up (ready or draining). `None` for other kinds
+    /// of target, and when the instance's node is this one or gone.
+    pub fn second_instance_node(&self, compute: &str, node_id: &str) -> Option<String> {
+        let target = self.computes.get(compute)?;
+        if target.spec.kind != crate::compute::ComputeKind::Instance {
+            return None;
+        }
+        let other = self.nodes.values().find(|n| {
+            n.compute == compute
+                && n.id != node_id
+                && matches!(n.state, NodeState::Ready | NodeState::Draining)
+        })?;
+        Some(format!(
+            "compute instance {compute:?} is one machine, and node {} is it already: stop that node's agent and remove it (`muster node remove {}`) first, or join a cluster or attached target, which take several machines",
+            other.name, other.name
+        ))
+    }
+
     /// Runs of one compute target that are queued.
     pub fn queued_on<'a>(&'a self, compute: &'a str) -> impl Iterator<Item = &'a Run> + 'a {
         self.queue

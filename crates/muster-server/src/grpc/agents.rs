@@ -20,6 +20,7 @@ use muster_core::compute::Tier;
 use muster_core::names::validate_node_name;
 use muster_core::node::{self, After, AttemptKey, Effect, Order, StopReason};
 use muster_core::resources::Capacity;
+use muster_core::sizes::SIZE_LABEL;
 use muster_core::state::AttemptEnd;
 use muster_core::{Applied, ApplyError, AttemptReport, Command};
 use muster_proto::v1::{self, agent_message, agent_service_server::AgentService, server_message};
@@ -172,6 +173,21 @@ impl AgentService for Agents {
         } else {
             Tier::parse(&req.tier).map_err(|e| Status::invalid_argument(format!("tier: {e}")))?
         };
+        let mut labels = req.labels.into_iter().collect::<BTreeMap<_, _>>();
+        let size = self.0.coordinator.read(|s| {
+            s.second_instance_node(&req.compute, &req.node_id)
+                .map(Err)
+                .unwrap_or_else(|| {
+                    Ok(s.computes
+                        .get(&req.compute)
+                        .and_then(|c| c.spec.size.clone()))
+                })
+        });
+        // Every node of a sized target carries the size as its label, for
+        // `resources.instance_type` to select (an agent's own `size` label stands).
+        if let Some(size) = size.map_err(Status::failed_precondition)? {
+            labels.entry(SIZE_LABEL.to_string()).or_insert(size);
+        }
         let capacity = req.capacity.unwrap_or_default();
         let mut gpus: Vec<muster_core::Gpu> = req.gpus.into_iter().map(Into::into).collect();
         gpus.sort();
@@ -185,7 +201,7 @@ impl AgentService for Agents {
                 gpus,
                 max_runs: req.max_runs,
             },
-            labels: req.labels.into_iter().collect::<BTreeMap<_, _>>(),
+            labels,
             tier,
             address: req.address,
             at: now_ms(),

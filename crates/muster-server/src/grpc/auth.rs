@@ -288,7 +288,8 @@ pub(crate) fn rule(path: &str) -> Option<Rule> {
 
         (
             "muster.v1.ComputeService",
-            "CreateCompute" | "UpdateCompute" | "DeleteCompute" | "SetNodeState",
+            "CreateCompute" | "UpdateCompute" | "SetComputeStopped" | "DeleteCompute"
+            | "SetNodeState",
         ) => users(Operator),
         (
             "muster.v1.ComputeService",

@@ -116,6 +116,24 @@ impl ComputeService for Computes {
         self.get(&name)
     }
 
+    async fn set_compute_stopped(
+        &self,
+        req: Request<v1::SetComputeStoppedRequest>,
+    ) -> Result<Response<v1::ComputeTarget>, Status> {
+        let caller = Caller::of(&req);
+        let v1::SetComputeStoppedRequest { name, stopped } = req.into_inner();
+        self.allow(&caller, &name, Role::Operator)?;
+        self.0
+            .coordinator
+            .propose(Command::SetComputeStopped {
+                name: name.clone(),
+                stopped,
+                at: now_ms(),
+            })
+            .await?;
+        self.get(&name)
+    }
+
     async fn delete_compute(
         &self,
         req: Request<v1::DeleteComputeRequest>,

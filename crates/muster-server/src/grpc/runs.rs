@@ -135,9 +135,17 @@ impl RunService for Runs {
                 .nodes
                 .values()
                 .filter(|n| n.compute == spec.compute)
-                .map(|n| &n.capacity)
                 .collect();
-            Some(c.spec.node_fit(&spec, &nodes))
+            match c
+                .spec
+                .place_instance_type(&mut spec, nodes.iter().map(|n| &n.labels))
+            {
+                Err(why) => return Some(NodeFit::Never(why)),
+                Ok(Some(warning)) => spec.warnings.push(warning),
+                Ok(None) => {}
+            }
+            let capacities: Vec<_> = nodes.iter().map(|n| &n.capacity).collect();
+            Some(c.spec.node_fit(&spec, &capacities))
         });
         match fit {
             Some(NodeFit::Never(why)) => return Err(Status::invalid_argument(why.to_string())),

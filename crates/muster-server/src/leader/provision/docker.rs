@@ -8,16 +8,24 @@
 //!
 //! The same listing finds reclaimed nodes: an up node whose container was removed, or
 //! has exited, lost its machine without a decision (see the module above).
+//!
+//! A node's container is what the target's `size` says ([`muster_core::sizes`]): that many
+//! CPUs and that much memory as the container's limits (and what its agent offers), and
+//! that many GPUs by a device request to the NVIDIA runtime. Its agent runs image runs
+//! too: it gets the engine's socket, and its data dir is a volume of its own
+//! (`muster-<node>`, removed with the node) mounted at the volume's path on the host, so
+//! the workspace paths the agent gives the engine for a run's mounts are the host's.
 
 use std::collections::{BTreeMap, HashMap};
 
 use bollard::Docker;
-use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig, VolumeCreateRequest};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
     StopContainerOptionsBuilder,
 };
 use muster_core::compute::DockerProvisioner;
+use muster_core::sizes::node_size;
 use muster_core::state::ProvisionOutcome;
 use muster_docker::{message as engine_message, status_of};
 
@@ -32,8 +40,8 @@ pub(crate) const LABEL_NODE: &str = "muster.provisioned-node";
 /// The servers a provisioned agent connects to (comma-separated): which cluster owns it.
 pub(crate) const LABEL_SERVERS: &str = "muster.servers";
 
-/// Where a provisioned agent keeps its state inside its container.
-const AGENT_DATA_DIR: &str = "/tmp/muster-agent";
+/// The engine's socket, given to agent containers so they can run image runs.
+const DOCKER_SOCKET: &str = "/var/run/docker.sock";
 /// Seconds an agent gets to stop before it is killed.
 const STOP_GRACE_S: i32 = 5;
 
@@ -194,14 +202,47 @@ async fn ensure_running(
     labels.insert(LABEL_COMPUTE.into(), work.compute.clone());
     labels.insert(LABEL_NODE.into(), node.into());
     labels.insert(LABEL_SERVERS.into(), servers_label.into());
+    let data_dir = data_volume(docker, node, &labels).await?;
     let mut cmd = vec!["--server".to_string(), servers.join(",")];
     cmd.extend(agent_args(
         &work.compute,
         node,
         work.tier,
         &settings.labels,
-        AGENT_DATA_DIR,
+        &data_dir,
     ));
+    let mut host = HostConfig {
+        network_mode: Some(settings.network.clone()),
+        init: Some(true),
+        binds: Some(vec![
+            format!("{}:{data_dir}", volume_name(node)),
+            format!("{DOCKER_SOCKET}:{DOCKER_SOCKET}"),
+        ]),
+        ..Default::default()
+    };
+    // A known size is the container's limits, what its agent offers, and its GPUs.
+    if let Some(size) = work
+        .size
+        .as_deref()
+        .and_then(|s| node_size(s).ok().flatten())
+    {
+        if size.cpu_millis > 0 {
+            host.nano_cpus = Some(size.cpu_millis as i64 * 1_000_000);
+            cmd.extend(["--cpus".into(), format!("{}m", size.cpu_millis)]);
+        }
+        if size.memory_bytes > 0 {
+            host.memory = Some(size.memory_bytes as i64);
+            cmd.extend(["--memory".into(), size.memory_bytes.to_string()]);
+        }
+        if size.gpus > 0 {
+            host.device_requests = Some(vec![DeviceRequest {
+                driver: Some("nvidia".into()),
+                count: Some(size.gpus.into()),
+                capabilities: Some(vec![vec!["gpu".into()]]),
+                ..Default::default()
+            }]);
+        }
+    }
     let body = ContainerCreateBody {
         image: Some(settings.image.clone()),
         entrypoint: Some(vec!["muster".into()]),
@@ -209,11 +250,7 @@ async fn ensure_running(
         // The agent trades it for its credential on first start (kept in its data dir).
         env: join.map(|j| vec![format!("MUSTER_JOIN_TOKEN={j}")]),
         labels: Some(labels),
-        host_config: Some(HostConfig {
-            network_mode: Some(settings.network.clone()),
-            init: Some(true),
-            ..Default::default()
-        }),
+        host_config: Some(host),
         ..Default::default()
     };
     let options = CreateContainerOptionsBuilder::default().name(node).build();
@@ -243,8 +280,40 @@ async fn ensure_running(
     }
 }
 
-/// Stops (SIGTERM, then SIGKILL after the grace) and removes a container; one that does
-/// not exist is not an error.
+/// The name of `node`'s data volume.
+fn volume_name(node: &str) -> String {
+    format!("muster-{node}")
+}
+
+/// Creates (if missing) `node`'s data volume; where it lies on the host, which is where
+/// the agent container mounts it.
+async fn data_volume(
+    docker: &Docker,
+    node: &str,
+    labels: &HashMap<String, String>,
+) -> Result<String, String> {
+    let options = VolumeCreateRequest {
+        name: Some(volume_name(node)),
+        labels: Some(labels.clone()),
+        ..Default::default()
+    };
+    let volume = docker.create_volume(options).await.map_err(|e| {
+        format!(
+            "could not create the data volume of node {node}: {}",
+            engine_message(&e)
+        )
+    })?;
+    if volume.mountpoint.is_empty() {
+        return Err(format!(
+            "the data volume of node {node} has no path on the Docker host (driver {}): the docker provisioner needs the local volume driver",
+            volume.driver
+        ));
+    }
+    Ok(volume.mountpoint)
+}
+
+/// Stops (SIGTERM, then SIGKILL after the grace) and removes a container and its data
+/// volume; one that does not exist is not an error.
 async fn remove(docker: &Docker, name: &str) -> Result<(), String> {
     let stop = StopContainerOptionsBuilder::default()
         .t(STOP_GRACE_S)
@@ -256,10 +325,26 @@ async fn remove(docker: &Docker, name: &str) -> Result<(), String> {
     }
     let options = RemoveContainerOptionsBuilder::default().force(true).build();
     match docker.remove_container(name, Some(options)).await {
+        Ok(()) => {}
+        Err(e) if status_of(&e) == Some(404) => {}
+        Err(e) => {
+            return Err(format!(
+                "could not remove the agent container {name}: {}",
+                engine_message(&e)
+            ));
+        }
+    }
+    match docker
+        .remove_volume(
+            &volume_name(name),
+            None::<bollard::query_parameters::RemoveVolumeOptions>,
+        )
+        .await
+    {
         Ok(()) => Ok(()),
         Err(e) if status_of(&e) == Some(404) => Ok(()),
         Err(e) => Err(format!(
-            "could not remove the agent container {name}: {}",
+            "could not remove the data volume of node {name}: {}",
             engine_message(&e)
         )),
     }
