@@ -322,3 +322,167 @@ fn a_closed_pipe_ends_a_client_command_quietly() {
         out.status
     );
 }
+
+/// Issue 16's CLI rules: a name's every broken rule at once, a YAML quote left open
+/// pointed at where it opens, Azure-only compute keys refused with what to do, v1 flags
+/// as aliases, a bad `--compute` found before any upload, and a second machine refused
+/// by a compute instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compute_and_job_files_are_checked_whole_and_before_any_upload() {
+    let dev = DevCluster::start().await.unwrap();
+    let url = dev.url();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let before = computes(&url).await;
+
+    let out = muster(
+        &url,
+        p,
+        &["compute", "create", "1_gpu pool-2", "--type", "cluster"],
+    )
+    .await;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("start with a letter; use only letters, digits and '-' (found '_', ' '); a '-' must be followed later by at least one letter"),
+        "{out:?}"
+    );
+
+    write(
+        p,
+        "job.yml",
+        "command: echo hi\ndisplay_name: \"unterminated\nexperiment_name: x\n",
+    );
+    let out = muster(&url, p, &["run", "submit", "-f", "job.yml"]).await;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("display_name: this quote is never closed")
+            && out.stderr.contains("(line 2, column 15)"),
+        "{out:?}"
+    );
+
+    for (yaml, says) in [
+        (
+            "location: westeurope\n",
+            "location: muster's nodes are your own machines",
+        ),
+        (
+            "identity:\n  type: system_assigned\n",
+            "identity: muster gives compute targets no managed identity",
+        ),
+        (
+            "ssh_settings:\n  admin_username: a\n",
+            "ssh_settings: muster opens no SSH login",
+        ),
+    ] {
+        write(
+            p,
+            "c.yml",
+            &format!("name: azpool\ntype: amlcompute\n{yaml}"),
+        );
+        let out = muster(&url, p, &["compute", "create", "-f", "c.yml"]).await;
+        assert_ne!(out.code, 0, "{out:?}");
+        assert!(out.stderr.contains(says), "{says}: {out:?}");
+    }
+    write(p, "c.yml", "name: azpool\nmax_nodes: 2\n");
+    let out = muster(&url, p, &["compute", "create", "-f", "c.yml"]).await;
+    assert!(out.stderr.contains("type: missing"), "{out:?}");
+    let out = muster(
+        &url,
+        p,
+        &["compute", "create", "-f", "c.yml", "--type", "kubernetes"],
+    )
+    .await;
+    assert!(
+        out.stderr.contains("kubernetes compute is not supported"),
+        "{out:?}"
+    );
+    assert_eq!(computes(&url).await, before, "nothing was made");
+
+    // v1 spellings; tags kept and shown.
+    write(
+        p,
+        "c.yml",
+        "name: oldpool\ntype: amlcompute\nvm_priority: lowpriority\ntags:\n  team: vision\n",
+    );
+    let out = muster(
+        &url,
+        p,
+        &[
+            "compute",
+            "create",
+            "-f",
+            "c.yml",
+            "--min-nodes",
+            "0",
+            "--max-nodes",
+            "3",
+            "--vm-size",
+            "STANDARD_NC6",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    for shown in [
+        "low_priority",
+        "size         STANDARD_NC6",
+        "instances    0 to 3",
+        "tags         team=vision",
+    ] {
+        assert!(out.stdout.contains(shown), "{shown}: {out:?}");
+    }
+
+    // A typo in --compute is found before the code is uploaded.
+    write(p, "train.py", "print('hi')\n");
+    let out = muster(
+        &url,
+        p,
+        &[
+            "run",
+            "submit",
+            "--compute",
+            "nosuch",
+            "--",
+            "python",
+            "train.py",
+        ],
+    )
+    .await;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("compute target \"nosuch\" does not exist"),
+        "{out:?}"
+    );
+    assert!(out.stderr.contains("nothing was uploaded"), "{out:?}");
+    assert!(!out.stderr.contains("Snapshot of"), "{out:?}");
+
+    // An instance is one machine: a second agent is refused while the first is up.
+    let out = muster(
+        &url,
+        p,
+        &["compute", "create", "onebox", "--type", "instance"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let agent = |name: &str| {
+        let data = p.join(name);
+        let config = muster_testkit::agents::agent_config(
+            &url,
+            &data,
+            "onebox",
+            name,
+            std::sync::Arc::new(muster_agent::NoGpus),
+        );
+        muster_testkit::agents::AgentHandle::start(&url, config)
+    };
+    let first = agent("box-a").await.unwrap();
+    let Err(err) = agent("box-b").await else {
+        panic!("a second machine joined the instance");
+    };
+    assert!(
+        format!("{err:#}").contains("is one machine, and node box-a is it already"),
+        "{err:#}"
+    );
+    first.stop().await.unwrap();
+}

@@ -674,6 +674,10 @@ pub struct ComputeCreateArgs {
 pub struct ComputeUpdateArgs {
     /// The compute target.
     pub name: String,
+    /// docker: the labels of nodes it provisions from now on (key=value, comma-separated or
+    /// repeated; replaces the old set). Nodes already up keep theirs.
+    #[arg(long, value_delimiter = ',')]
+    pub node_labels: Vec<String>,
     /// What to change.
     #[command(flatten)]
     pub settings: ComputeSettings,

@@ -19,6 +19,7 @@ pub mod credentials;
 pub mod local_inputs;
 pub mod output;
 pub mod paging;
+pub mod progress;
 pub mod snapshot;
 pub mod ssh;
 pub mod tls;
@@ -83,6 +84,47 @@ pub fn server_list(servers: &str) -> Result<muster_client::Servers, ClientError>
     let credentials =
         client_credentials(servers).map_err(|e| ClientError::Credentials(format!("{e:#}")))?;
     Ok(muster_client::Servers::parse(servers).with_credentials(credentials))
+}
+
+/// Checks, before anything is uploaded, that `spec`'s compute target exists in the
+/// caller's view and could ever hold the run (its instance count and quota), so a typo in
+/// `--compute` costs no upload. `serverless` is the server's to resolve.
+pub async fn check_compute_before_upload(
+    list: &mut muster_client::Servers,
+    spec: &muster_core::RunSpec,
+) -> anyhow::Result<()> {
+    if spec.compute == "serverless" {
+        return Ok(());
+    }
+    let name = spec.compute.clone();
+    let got = list
+        .call(&muster_client::RetryPolicy::SUBMISSION, |channel| {
+            let mut c = Clients::new(String::new(), channel);
+            let name = name.clone();
+            async move {
+                c.compute
+                    .get_compute(muster_proto::v1::GetComputeRequest { name })
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(muster_client::status)
+            }
+        })
+        .await;
+    let target = match got {
+        Ok(t) => t,
+        Err(ClientError::Status { status }) if status.code() == tonic::Code::NotFound => {
+            anyhow::bail!(
+                "compute: compute target {name:?} does not exist: list them with `muster compute list`, or create it with `muster compute create` (nothing was uploaded)"
+            );
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if let Ok(target) = muster_proto::compute_spec_from_wire(&target)
+        && let Some(why) = target.never_fits(spec)
+    {
+        anyhow::bail!("{why} (nothing was uploaded)");
+    }
+    Ok(())
 }
 
 /// Uploads `snapshots` through the first of `list` that answers, failing over as

@@ -273,17 +273,30 @@ pub async fn upload(
         uploaded_files: 0,
         uploaded_bytes: 0,
     };
-    let mut done = std::collections::HashSet::new();
-    for (entry, source) in snapshot.manifest.files.iter().zip(&snapshot.sources) {
-        if missing.contains(&entry.sha256) && done.insert(entry.sha256.clone()) {
-            client
-                .upload_file(&entry.sha256, source)
-                .await
-                .with_context(|| format!("uploading {}", entry.path))?;
-            stats.uploaded_files += 1;
-            stats.uploaded_bytes += entry.size;
-        }
+    let mut seen = std::collections::HashSet::new();
+    let to_send: Vec<_> = snapshot
+        .manifest
+        .files
+        .iter()
+        .zip(&snapshot.sources)
+        .filter(|(entry, _)| missing.contains(&entry.sha256) && seen.insert(&entry.sha256))
+        .collect();
+    let bar = crate::progress::bytes(to_send.iter().map(|(e, _)| e.size).sum(), "uploading");
+    for (entry, source) in to_send {
+        let file = tokio::fs::File::open(source)
+            .await
+            .with_context(|| format!("reading {}", source.display()))?;
+        client
+            .upload_stream(
+                &entry.sha256,
+                crate::progress::Counting::new(file, bar.clone()),
+            )
+            .await
+            .with_context(|| format!("uploading {}", entry.path))?;
+        stats.uploaded_files += 1;
+        stats.uploaded_bytes += entry.size;
     }
+    bar.finish_and_clear();
     let sha = if missing.contains(&manifest_sha) {
         client.put_bytes(manifest).await?
     } else {

@@ -222,6 +222,17 @@ impl Blobs {
     /// Downloads blob `sha256` into `dest` through a temporary file beside it, which
     /// becomes `dest` only once the digest checks; returns its size.
     pub async fn download(&mut self, sha256: &str, dest: &Path) -> Result<u64, ClientError> {
+        self.download_observed(sha256, dest, |_| {}).await
+    }
+
+    /// [`Blobs::download`], calling `received` with the size of each chunk as it arrives
+    /// (a progress bar's feed).
+    pub async fn download_observed(
+        &mut self,
+        sha256: &str,
+        dest: &Path,
+        mut received: impl FnMut(u64),
+    ) -> Result<u64, ClientError> {
         let mut stream = self.download_stream(sha256).await?;
         let io = |action, path: &Path| {
             let path = path.to_path_buf();
@@ -242,18 +253,19 @@ impl Blobs {
             .map_err(io("create", &tmp))?;
         let mut hasher = Sha256::new();
         let mut size = 0u64;
-        let received: Result<(), ClientError> = async {
+        let got: Result<(), ClientError> = async {
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk?;
                 hasher.update(&chunk);
                 size += chunk.len() as u64;
+                received(chunk.len() as u64);
                 file.write_all(&chunk).await.map_err(io("write", &tmp))?;
             }
             file.flush().await.map_err(io("write", &tmp))
         }
         .await;
         drop(file);
-        if let Err(e) = received {
+        if let Err(e) = got {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(e);
         }

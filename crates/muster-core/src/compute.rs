@@ -202,6 +202,20 @@ impl Provisioner {
         matches!(self, Provisioner::Static)
     }
 
+    /// Whether `other` is this provisioner with, at most, other node labels (what
+    /// `compute update --node-labels` may change).
+    pub fn same_but_labels(&self, other: &Provisioner) -> bool {
+        match (self, other) {
+            (Provisioner::Docker(a), Provisioner::Docker(b)) => {
+                DockerProvisioner {
+                    labels: b.labels.clone(),
+                    ..a.clone()
+                } == *b
+            }
+            (a, b) => a == b,
+        }
+    }
+
     /// The lowercase name used in flags, YAML and output.
     pub fn kind_str(&self) -> &'static str {
         match self {

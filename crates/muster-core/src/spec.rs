@@ -240,7 +240,7 @@ fn parse_checked_yaml<T: DeserializeOwned>(text: &str) -> Result<T, SpecError> {
         {
             return SpecError {
                 path,
-                message: "this quote is never closed: close it on the line it opens (or where the value ends)".to_string(),
+                message: "this quote is never closed: close it where its value ends".to_string(),
                 location: Some((line, column)),
             };
         }
@@ -1313,7 +1313,11 @@ impl JobFile {
         if self.identity.is_some() {
             w.push("identity: not used; the run reaches what the node it runs on can reach".into());
         }
-        if self.resources.as_ref().is_some_and(|r| r.properties.is_some()) {
+        if self
+            .resources
+            .as_ref()
+            .is_some_and(|r| r.properties.is_some())
+        {
             w.push("resources.properties: not used".into());
         }
         match &self.environment {

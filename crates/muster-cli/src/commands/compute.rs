@@ -108,6 +108,16 @@ pub async fn run(server: &str, output: OutputFormat, cmd: ComputeCommand) -> any
             let mut spec =
                 muster_proto::compute_spec_from_wire(&current).map_err(anyhow::Error::msg)?;
             apply_settings(&mut spec, &args.settings)?;
+            if !args.node_labels.is_empty() {
+                let Provisioner::Docker(d) = &mut spec.provisioner else {
+                    anyhow::bail!(
+                        "--node-labels: only a docker provisioner labels the nodes it starts; {} is {}: label a node with `muster agent --labels`",
+                        spec.name,
+                        spec.provisioner.kind_str()
+                    );
+                };
+                d.labels = crate::cli::parse_labels(&args.node_labels)?;
+            }
             spec.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
             let updated = c
                 .compute

@@ -581,6 +581,7 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
 
     let mut list = crate::server_list(server)?;
     if !snaps.is_empty() {
+        crate::check_compute_before_upload(&mut list, &spec).await?;
         let mut uploaded = crate::upload_failing_over(&mut list, &snaps)
             .await?
             .into_iter();
@@ -705,7 +706,11 @@ async fn download(
     let mut files = 0usize;
     if let Some(sha) = &outputs {
         let archive = to.join(".outputs.tar");
-        c.blobs.download(sha, &archive).await?;
+        let bar = crate::progress::bytes_unknown(&format!("downloading run {id}'s outputs"));
+        c.blobs
+            .download_observed(sha, &archive, |n| bar.inc(n))
+            .await?;
+        bar.finish_and_clear();
         let dest = to.join("outputs");
         let archive2 = archive.clone();
         let only = only.map(str::to_string);

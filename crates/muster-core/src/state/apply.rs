@@ -120,7 +120,7 @@ impl State {
                 if target.spec.workspace != spec.workspace {
                     return Err(fixed("workspace", "workspace"));
                 }
-                if target.spec.provisioner != spec.provisioner {
+                if !target.spec.provisioner.same_but_labels(&spec.provisioner) {
                     return Err(fixed("provisioner", "provisioner"));
                 }
                 let stopped = target.spec.stopped;

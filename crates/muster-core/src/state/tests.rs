@@ -1132,3 +1132,69 @@ fn a_compute_target_is_updated_but_keeps_its_type_workspace_and_provisioner() {
     ));
     assert_eq!(s, before);
 }
+
+#[test]
+fn a_docker_target_s_node_labels_change_but_not_its_image_and_an_instance_stops_and_starts() {
+    use crate::compute::{DockerProvisioner, Provisioner};
+    let mut docker = ComputeSpec::new("boxes", ComputeKind::Instance);
+    docker.provisioner = Provisioner::Docker(DockerProvisioner::default());
+    let mut s = state_with(&[compute("farm")]);
+    s.apply(&Command::CreateCompute {
+        spec: docker.clone(),
+        at: 2,
+    })
+    .unwrap();
+    let mut relabelled = docker.clone();
+    if let Provisioner::Docker(d) = &mut relabelled.provisioner {
+        d.labels.insert("zone".into(), "b".into());
+    }
+    s.apply(&Command::UpdateCompute {
+        spec: relabelled.clone(),
+        at: 3,
+    })
+    .unwrap();
+    assert_eq!(s.computes["boxes"].spec.provisioner, relabelled.provisioner);
+    let mut reimaged = relabelled.clone();
+    if let Provisioner::Docker(d) = &mut reimaged.provisioner {
+        d.image = "other:tag".into();
+    }
+    match s.apply(&Command::UpdateCompute {
+        spec: reimaged,
+        at: 4,
+    }) {
+        Err(ApplyError::InvalidSpec(e)) => assert_eq!(e.path, "provisioner"),
+        other => panic!("{other:?}"),
+    }
+
+    // Stop and start: only an instance with a provisioner; an update keeps the flag.
+    let stop = Command::SetComputeStopped {
+        name: "boxes".into(),
+        stopped: true,
+        at: 5,
+    };
+    s.apply(&stop).unwrap();
+    assert_encodes_as(&stop, "set_compute_stopped.v1");
+    assert!(s.computes["boxes"].spec.stopped);
+    assert_eq!(s.computes["boxes"].spec.scale_bounds(), Some((0, 0)));
+    s.apply(&Command::UpdateCompute {
+        spec: relabelled,
+        at: 6,
+    })
+    .unwrap();
+    assert!(s.computes["boxes"].spec.stopped, "an update does not start it");
+    s.apply(&Command::SetComputeStopped {
+        name: "boxes".into(),
+        stopped: false,
+        at: 7,
+    })
+    .unwrap();
+    assert_eq!(s.computes["boxes"].spec.scale_bounds(), Some((1, 1)));
+    match s.apply(&Command::SetComputeStopped {
+        name: "farm".into(),
+        stopped: true,
+        at: 8,
+    }) {
+        Err(ApplyError::InvalidSpec(e)) => assert_eq!(e.path, "type"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -185,7 +185,7 @@ impl AgentService for Agents {
         });
         // Every node of a sized target carries the size as its label, for
         // `resources.instance_type` to select (an agent's own `size` label stands).
-        if let Some(size) = size.map_err(Status::failed_precondition)? {
+        if let Some(size) = size.map_err(Status::already_exists)? {
             labels.entry(SIZE_LABEL.to_string()).or_insert(size);
         }
         let capacity = req.capacity.unwrap_or_default();
