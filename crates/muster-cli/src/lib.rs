@@ -11,7 +11,8 @@
 //!
 //! Crate choices: `clap` (derive) for flags, `comfy-table` for tables, `humantime` for
 //! times (shown, and `--since 2h` / `--since 2026-01-31T12:00:00Z` read: see `paging.rs`), `ignore` for `.amlignore`/`.gitignore` semantics, `tar` for outputs;
-//! muster-client (`backon`) paces a submission's retries through an election.
+//! muster-client (`backon`) paces a submission's retries through an election; `russh` (on
+//! ring, as rustls here) is the SSH client of `compute attach`/`detach` (`ssh.rs`).
 
 pub mod cli;
 pub mod commands;
