@@ -650,6 +650,43 @@ async fn a_machine_attached_over_ssh_runs_work_and_detaches_cleanly() {
         out.stderr.contains("did not accept the password"),
         "{out:?}"
     );
+
+    // An agent that cannot reach the servers: attach gives up at --ready-timeout, shows
+    // the agent's log, and leaves nothing running there and no join token that works.
+    let out = lab
+        .cli(&[
+            "compute",
+            "attach",
+            "sshc",
+            "--ssh",
+            &target,
+            "--key",
+            key,
+            "--known-hosts",
+            known_hosts,
+            "--host-key",
+            &lab.image.host_key_fingerprint,
+            "--agent-server",
+            "http://127.0.0.1:9",
+            "--ready-timeout",
+            "5",
+            "--node",
+            "unreachable",
+        ])
+        .await;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("was not ready within 5 s"), "{out:?}");
+    assert!(out.stderr.contains("attach stopped the agent"), "{out:?}");
+    assert!(out.stderr.contains("join token"), "{out:?}");
+    let left = lab
+        .sh("cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '; \
+             test -e /root/.local/share/muster/attach && echo ATTACH-LEFT; true")
+        .await;
+    assert!(
+        !left.contains("supervise.sh"),
+        "the supervisor still runs: {left}"
+    );
+    assert!(!left.contains("ATTACH-LEFT\n"), "files are left: {left}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -421,7 +421,7 @@ async fn attach_over(
         eprintln!("made the attached compute target {compute}");
     }
 
-    let token = c
+    let made = c
         .access
         .create_token(v1::CreateTokenRequest {
             user: String::new(),
@@ -433,17 +433,8 @@ async fn attach_over(
         })
         .await
         .map_err(status)?
-        .into_inner()
-        .token;
-    ssh.run_ok(
-        "writing the join token",
-        &layout.token_command(),
-        token.as_bytes(),
-        SHORT,
-    )
-    .await?;
-    drop(token);
-
+        .into_inner();
+    let token_id = made.info.map(|i| i.id).unwrap_or_default();
     let launch = AgentLaunch {
         server: agent_server.to_string(),
         compute: compute.clone(),
@@ -452,14 +443,82 @@ async fn attach_over(
         advertise_addr: target.host.clone(),
         ca_fingerprint,
     };
+    let installed = install_and_wait(
+        ssh,
+        c,
+        &layout,
+        &launch,
+        &made.token,
+        probe.service,
+        Duration::from_secs(args.ready_timeout),
+    )
+    .await;
+    drop(made.token);
+    if let Err(e) = installed {
+        // Leave nothing running there, and no join token that works.
+        let stopped = ssh
+            .exec(
+                &layout.uninstall_command(probe.service),
+                b"",
+                Duration::from_secs(90),
+            )
+            .await
+            .is_ok_and(|r| r.ok());
+        let revoked = !token_id.is_empty()
+            && c.access
+                .revoke_token(v1::RevokeTokenRequest { id: token_id })
+                .await
+                .is_ok();
+        bail!(
+            "{e:#}\n{}{}",
+            if stopped {
+                format!("attach stopped the agent on {target} and removed its files; ")
+            } else {
+                format!(
+                    "the agent on {target} may still run: `muster compute detach {compute} --node {node}` or remove {} there; ",
+                    layout.dir()
+                )
+            },
+            if revoked {
+                "its join token is revoked: fix the cause and attach again"
+            } else if stopped {
+                "its join token went with them, unused (it expires within the hour): fix the cause and attach again"
+            } else {
+                "fix the cause and attach again"
+            }
+        );
+    }
+    Ok((node, probe.service))
+}
+
+/// Writes the token, `run.sh` and the unit or supervisor, starts it, and waits (bounded)
+/// until the node is ready; then removes the spent token's file.
+async fn install_and_wait(
+    ssh: &Session,
+    c: &mut Clients,
+    layout: &RemoteLayout,
+    launch: &AgentLaunch,
+    token: &str,
+    service: ServiceKind,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let target = ssh.target();
+    let (compute, node, agent_server) = (&launch.compute, &launch.node, &launch.server);
     ssh.run_ok(
-        "writing run.sh",
-        &layout.write_file_command(&layout.launcher(), 0o700),
-        layout.launcher_script(&launch).as_bytes(),
+        "writing the join token",
+        &layout.token_command(),
+        token.as_bytes(),
         SHORT,
     )
     .await?;
-    match probe.service {
+    ssh.run_ok(
+        "writing run.sh",
+        &layout.write_file_command(&layout.launcher(), 0o700),
+        layout.launcher_script(launch).as_bytes(),
+        SHORT,
+    )
+    .await?;
+    match service {
         ServiceKind::Systemd => {
             let unit = format!("{}/unit", layout.dir());
             ssh.run_ok(
@@ -496,13 +555,12 @@ async fn attach_over(
     }
     eprintln!(
         "started the agent on {target} ({}); waiting for node {node} to be ready",
-        match probe.service {
+        match service {
             ServiceKind::Systemd => format!("systemd unit {}", layout.unit_name()),
             ServiceKind::Supervisor => format!("supervisor, pid file {}", layout.pid_file()),
         }
     );
 
-    let limit = Duration::from_secs(args.ready_timeout);
     let started = Instant::now();
     loop {
         if let Some(n) = find_node(c, &node).await?
@@ -528,7 +586,7 @@ async fn attach_over(
     }
     // Joined: the token is spent; its file goes too.
     ssh.exec(&layout.remove_token_command(), b"", SHORT).await?;
-    Ok((node, probe.service))
+    Ok(())
 }
 
 /// `muster compute detach`.

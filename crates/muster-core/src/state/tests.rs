@@ -1181,7 +1181,10 @@ fn a_docker_target_s_node_labels_change_but_not_its_image_and_an_instance_stops_
         at: 6,
     })
     .unwrap();
-    assert!(s.computes["boxes"].spec.stopped, "an update does not start it");
+    assert!(
+        s.computes["boxes"].spec.stopped,
+        "an update does not start it"
+    );
     s.apply(&Command::SetComputeStopped {
         name: "boxes".into(),
         stopped: false,
