@@ -563,7 +563,7 @@ async fn install_and_wait(
 
     let started = Instant::now();
     loop {
-        if let Some(n) = find_node(c, &node).await?
+        if let Some(n) = find_node(c, node).await?
             && n.compute == *compute
             && n.state() == v1::NodeState::Ready
         {
