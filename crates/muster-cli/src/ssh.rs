@@ -415,7 +415,7 @@ impl Session {
                 .await
                 .with_context(|| format!("opening an SSH channel to {target}"))?;
             channel
-                .exec(true, command)
+                .exec(true, posix_command(command))
                 .await
                 .with_context(|| format!("starting a command on {target}"))?;
             channel
@@ -474,6 +474,16 @@ impl Session {
             .disconnect(Disconnect::ByApplication, "", "en")
             .await;
     }
+}
+
+/// `command` for whatever login shell the remote user has (bash, zsh, fish, csh…): sshd
+/// hands it to that shell, so it is run as one quoted word by `/bin/sh`, whose syntax
+/// every command here is written in.
+fn posix_command(command: &str) -> String {
+    format!(
+        "exec /bin/sh -c {}",
+        muster_core::attach::shell_quote(command)
+    )
 }
 
 fn load_key(path: &Path) -> anyhow::Result<russh::keys::PrivateKey> {
@@ -541,6 +551,14 @@ mod tests {
         assert!(p.unwrap_err().to_string().contains("SHA256:"));
         let p = HostKeyPolicy::new(Some("/k".into()), Some(FP.into()), true).unwrap();
         assert!(!p.may_ask);
+    }
+
+    #[test]
+    fn remote_commands_run_under_sh_whatever_the_login_shell() {
+        assert_eq!(
+            posix_command("echo 'a' \"$HOME\""),
+            "exec /bin/sh -c 'echo '\\''a'\\'' \"$HOME\"'"
+        );
     }
 
     #[test]
