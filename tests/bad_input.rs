@@ -173,6 +173,36 @@ async fn bad_input_is_refused_with_a_clear_message_and_changes_nothing() {
     )
     .await;
     expect_err(&out, &["--process-count-per-instance needs a distribution"]);
+    let out = muster(
+        &url,
+        p,
+        &["run", "submit", "--checkpoint-interval", "2s", "--", "true"],
+    )
+    .await;
+    expect_err(
+        &out,
+        &["--checkpoint-interval: \"2s\" is outside 10s to 7d"],
+    );
+    let out = muster(
+        &url,
+        p,
+        &[
+            "run",
+            "submit",
+            "--checkpoint-interval",
+            "often",
+            "--",
+            "true",
+        ],
+    )
+    .await;
+    expect_err(
+        &out,
+        &[
+            "--checkpoint-interval: \"often\" is not a duration",
+            "`10m`",
+        ],
+    );
     assert!(all_runs(&url).await.is_empty(), "nothing was stored");
 }
 

@@ -1016,3 +1016,241 @@ async fn a_gone_node_is_removed_and_its_attached_target_deleted() {
     let deleted = muster(&url, p.path(), &["compute", "delete", "old-farm"]).await;
     assert_eq!(deleted.code, 0, "{deleted:?}");
 }
+
+/// Counts to 100, one step per ~50 ms, keeping its count in `$MUSTER_CHECKPOINT_DIR/count`
+/// (written atomically) and starting from it when `MUSTER_RESUMED=1`; the first line says
+/// where it starts.
+const COUNTER: &str = r#"f="$MUSTER_CHECKPOINT_DIR/count"; i=0
+if [ "$MUSTER_RESUMED" = 1 ]; then i=$(cat "$f"); fi
+echo "start $i resumed=$MUSTER_RESUMED"
+while [ "$i" -lt 100 ]; do i=$((i+1)); echo "$i"; echo "$i" > "$f.tmp"; mv "$f.tmp" "$f"; sleep 0.05; done"#;
+
+/// `run logs --attempt N ID`, polled (bounded: 30 s) until it has a line `needle`.
+async fn log_with_line(url: &str, cwd: &std::path::Path, id: &str, n: u32, needle: &str) -> String {
+    let mut log = String::new();
+    for _ in 0..300 {
+        log = muster(url, cwd, &["run", "logs", "--attempt", &n.to_string(), id])
+            .await
+            .stdout;
+        if log.lines().any(|l| l == needle) {
+            return log;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("attempt {n} of {id} never logged {needle:?}: {log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preempted_run_resumes_from_its_checkpoint_as_attempt_2() {
+    let dev = short_grace_dev().await;
+    let url = dev.url();
+    create_pool(&url, "ckpt-pool").await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = agent_config(
+        &url,
+        data.path(),
+        "ckpt-pool",
+        "one-slot",
+        Arc::new(muster_agent::NoGpus),
+    );
+    config.cpu_millis = Some(1000);
+    let _agent = AgentHandle::start(&url, config).await.unwrap();
+    let p = tempfile::tempdir().unwrap();
+    let low = submit_sh(
+        &url,
+        p.path(),
+        &["--compute", "ckpt-pool", "--priority", "low", "--cpu", "1"],
+        COUNTER,
+    )
+    .await;
+    let first = log_with_line(&url, p.path(), &low, 1, "40").await;
+    assert!(first.starts_with("start 0 resumed=0\n1\n"), "{first}");
+    let high = submit_id(
+        &url,
+        p.path(),
+        &[
+            "run",
+            "submit",
+            "--compute",
+            "ckpt-pool",
+            "--priority",
+            "high",
+            "--cpu",
+            "1",
+            "--",
+            "echo",
+            "urgent",
+        ],
+    )
+    .await;
+    assert_eq!(wait_done(&url, &high).await.state().word(), "completed");
+    wait_done_attempt(&url, &low, 2).await;
+    let done = wait_done(&url, &low).await;
+    assert_eq!(done.state().word(), "completed", "{done:?}");
+    assert_eq!(done.attempts.len(), 2, "{done:?}");
+    assert_eq!(done.attempts[0].end().word(), "preempted", "{done:?}");
+
+    // Attempt 1 stopped where its checkpoint says; attempt 2 started there, not from 0.
+    let first = muster(&url, p.path(), &["run", "logs", "--attempt", "1", &low])
+        .await
+        .stdout;
+    let stopped_at: u32 = first.lines().rev().find_map(|l| l.parse().ok()).unwrap();
+    let second = log_with_line(&url, p.path(), &low, 2, "100").await;
+    let mut lines = second.lines();
+    let start = lines.next().unwrap();
+    let resumed_at: u32 = start
+        .strip_prefix("start ")
+        .and_then(|s| s.strip_suffix(" resumed=1"))
+        .unwrap_or_else(|| panic!("attempt 2 did not resume: {second}"))
+        .parse()
+        .unwrap();
+    assert!(resumed_at >= 40, "{second}");
+    assert!(
+        resumed_at == stopped_at || resumed_at + 1 == stopped_at,
+        "resumed at {resumed_at}, attempt 1 stopped at {stopped_at}: {first}"
+    );
+    assert_eq!(
+        lines.next(),
+        Some((resumed_at + 1).to_string().as_str()),
+        "{second}"
+    );
+    assert_eq!(second.lines().last(), Some("100"));
+    assert!(!second.lines().any(|l| l == "1"), "{second}");
+
+    // The run says which checkpoint attempt 2 started from.
+    let c = done.attempts[1]
+        .resumed_from
+        .clone()
+        .expect("attempt 2 resumed");
+    assert_eq!(
+        (c.attempt, c.files, c.cause),
+        (1, 1, muster_proto::v1::CheckpointCause::Preempted as i32)
+    );
+    assert_eq!(done.attempts[0].resumed_from, None);
+    let shown = muster(&url, p.path(), &["run", "show", &low]).await.stdout;
+    assert!(
+        shown.contains("attempt 2: resumed from the checkpoint of attempt 1 (1 file, ")
+            && shown.contains(", taken when preempted)"),
+        "{shown}"
+    );
+    let json: serde_json::Value = serde_json::from_str(
+        &muster(&url, p.path(), &["run", "show", &low, "-o", "json"])
+            .await
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(json["attempts"][1]["resumed_from"]["attempt"], 1, "{json}");
+    assert_eq!(
+        json["attempts"][1]["resumed_from"]["cause"], "preempted",
+        "{json}"
+    );
+    assert_eq!(json["attempts"][0]["resumed_from"], serde_json::Value::Null);
+    // The studio's run page says it too.
+    let (addr, path) = (dev.addr, format!("/runs/{low}"));
+    let (code, page) = tokio::task::spawn_blocking(move || http_get(addr, &path))
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{page}");
+    assert!(
+        page.contains("<tr><th>resumed</th><td>from the checkpoint of attempt 1 (1 file, "),
+        "{page}"
+    );
+    // Attempt 2's end took the latest checkpoint: the count at 100.
+    assert_eq!(json["checkpoint"]["attempt"], 2, "{json}");
+    assert_eq!(json["checkpoint"]["cause"], "ended", "{json}");
+
+    // A run that writes no checkpoint is not resumed: its folder stays empty.
+    let plain = submit_sh(
+        &url,
+        p.path(),
+        &["--compute", "ckpt-pool", "--cpu", "1"],
+        "echo dir=${MUSTER_CHECKPOINT_DIR:+set} resumed=$MUSTER_RESUMED",
+    )
+    .await;
+    assert_eq!(wait_done(&url, &plain).await.state().word(), "completed");
+    let shown: serde_json::Value = serde_json::from_str(
+        &muster(&url, p.path(), &["run", "show", &plain, "-o", "json"])
+            .await
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(shown["checkpoint"], serde_json::Value::Null, "{shown}");
+    let log = muster(&url, p.path(), &["run", "logs", &plain])
+        .await
+        .stdout;
+    assert_eq!(log, "dir=set resumed=0\n");
+}
+
+/// `run show ID -o json`, polled (bounded: 30 s) until its `checkpoint.cause` is `cause`.
+async fn checkpoint_once(
+    url: &str,
+    cwd: &std::path::Path,
+    id: &str,
+    cause: &str,
+) -> serde_json::Value {
+    let mut v = serde_json::Value::Null;
+    for _ in 0..300 {
+        let out = muster(url, cwd, &["run", "show", id, "-o", "json"]).await;
+        v = serde_json::from_str(&out.stdout).unwrap();
+        if v["checkpoint"]["cause"] == cause {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("run {id} never recorded a {cause} checkpoint: {v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_interval_uploads_the_folder_while_the_run_runs() {
+    let dev = short_grace_dev().await;
+    let url = dev.url();
+    let p = tempfile::tempdir().unwrap();
+    let id = submit_sh(
+        &url,
+        p.path(),
+        &["--checkpoint-interval", "10s"],
+        "echo 5 > \"$MUSTER_CHECKPOINT_DIR/step\"; echo started; sleep 60",
+    )
+    .await;
+    let shown = checkpoint_once(&url, p.path(), &id, "periodic").await;
+    assert_eq!(shown["state"], "running", "{shown}");
+    assert_eq!(shown["checkpoint_interval_s"], 10, "{shown}");
+    let c = &shown["checkpoint"];
+    assert_eq!(
+        (&c["attempt"], &c["seq"], &c["files"], &c["bytes"]),
+        (&1.into(), &1.into(), &1.into(), &2.into()),
+        "{shown}"
+    );
+    // Its end takes the last one, which supersedes the periodic one.
+    let out = muster(&url, p.path(), &["run", "cancel", &id]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(wait_done(&url, &id).await.state().word(), "canceled");
+    let shown = checkpoint_once(&url, p.path(), &id, "ended").await;
+    assert_eq!(shown["checkpoint"]["seq"], 2, "{shown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_writes_its_checkpoint_under_workspace() {
+    let Some((_docker, image, dev)) = docker_cluster(None).await else {
+        return;
+    };
+    let url = dev.url();
+    let p = tempfile::tempdir().unwrap();
+    let id = submit_sh(
+        &url,
+        p.path(),
+        &["--image", &image],
+        "echo \"$MUSTER_CHECKPOINT_DIR resumed=$MUSTER_RESUMED\"; echo 7 > \"$MUSTER_CHECKPOINT_DIR/step\"",
+    )
+    .await;
+    assert_eq!(wait_done(&url, &id).await.state().word(), "completed");
+    let log = muster(&url, p.path(), &["run", "logs", &id]).await.stdout;
+    assert_eq!(log, "/workspace/checkpoint resumed=0\n");
+    let shown = checkpoint_once(&url, p.path(), &id, "ended").await;
+    let c = &shown["checkpoint"];
+    assert_eq!(
+        (&c["attempt"], &c["files"], &c["bytes"]),
+        (&1.into(), &1.into(), &2.into()),
+        "{shown}"
+    );
+}

@@ -1,8 +1,11 @@
 //! One attempt on this node, carrying out its [`AttemptPlan`]: prepare the working
-//! directory (code snapshot, inputs, output folders, the MPI hostfile and exec state),
-//! run the launch through the planned executor (waiting for the MPI workers first on
-//! rank 0), upload outputs, and tell the session loop how it went (the session loop ships
-//! logs and reports). A container found at start-up is re-adopted here too.
+//! directory (code snapshot, inputs, output folders, the checkpoint it resumes from, the
+//! MPI hostfile and exec state), run the launch through the planned executor (waiting for
+//! the MPI workers first on rank 0; uploading the checkpoint folder every
+//! `checkpoint.interval` on rank 0), upload outputs and the checkpoint folder once the
+//! process is gone (after a stop's SIGTERM and grace too), and tell the session loop how it
+//! went (the session loop ships logs and reports). A container found at start-up is
+//! re-adopted here too.
 //!
 //! What to do is decided in `plan.rs`; this file only does it, in order.
 
@@ -10,14 +13,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use muster_core::AttemptEnd;
+use muster_core::state::CheckpointCause;
 use muster_proto::v1;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
 
 use crate::blobs::Blobs;
 use crate::executor::{self, Executor, Managed, Outcome, Stop, StopOrders};
 use crate::plan::{AttemptPlan, Gate, Node, PlanError};
 use crate::rsh_server::{self, Registry, Worker};
-use crate::{inputs, outputs, snapshot};
+use crate::{checkpoint, inputs, outputs, snapshot};
 
 pub(crate) use crate::plan::Key;
 
@@ -26,9 +30,25 @@ pub(crate) use crate::plan::Key;
 pub(crate) enum Event {
     /// Entered preparing or running.
     State(Key, v1::AttemptState),
-    /// Over: how, and the outputs archive if one was uploaded.
-    Ended(Key, Outcome, Option<String>),
+    /// Over: how, the outputs archive if one was uploaded, and rank 0's checkpoint if
+    /// its folder held anything.
+    Ended(Key, Outcome, Option<String>, Option<v1::Checkpoint>),
+    /// Rank 0 uploaded a periodic checkpoint (`checkpoint.interval`).
+    Checkpoint(Key, v1::Checkpoint),
 }
+
+/// The checkpoints an attempt took: how many, and the last one's archive (an unchanged
+/// folder is not reported again). Held while one is packed, so two never overlap. The
+/// count is kept in the attempt's directory ([`SEQ_FILE`]), so an agent that restarts and
+/// re-adopts the attempt numbers its next checkpoint after the ones the server recorded.
+#[derive(Debug, Default)]
+pub(crate) struct Taken {
+    seq: Option<u64>,
+    last: Option<String>,
+}
+
+/// The attempt's checkpoint count, in its working directory.
+const SEQ_FILE: &str = "checkpoint.seq";
 
 /// How this node executes runs (shared by all its attempts).
 #[derive(Debug, Clone)]
@@ -76,6 +96,9 @@ pub(crate) enum AttemptError {
         /// Its host path.
         path: String,
     },
+    /// The checkpoint to resume from.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::RestoreError),
     /// A local input uploaded with the submit, from every server tried.
     #[error("could not fetch the uploaded input {input}: {cause:#}")]
     InputSnapshot {
@@ -122,6 +145,14 @@ pub(crate) struct AttemptTask {
     pub events: mpsc::Sender<Event>,
     pub stop: StopOrders,
     pub executors: Executors,
+    /// Rank 0: its checkpoint folder is uploaded (set from the plan, or from a re-adopted
+    /// container's rank).
+    pub upload_checkpoint: bool,
+    /// The checkpoints taken so far.
+    pub taken: Arc<Mutex<Taken>>,
+    /// The command was handed to the executor (or re-adopted): only then can the folder
+    /// hold anything the attempt wrote, rather than what was restored into it.
+    pub launched: bool,
 }
 
 /// How the prepared attempt starts.
@@ -131,6 +162,8 @@ struct Prepared {
     gate: Option<Gate>,
     /// An MPI worker: the launcher to watch, and the way to end this rank when it is gone.
     watch: Option<LauncherWatch>,
+    /// Upload the checkpoint folder this often while the command runs.
+    checkpoint_every: Option<std::time::Duration>,
 }
 
 /// An MPI worker's launcher (rank 0's agent), the attempt's secret, and the sender that
@@ -154,6 +187,9 @@ impl AttemptTask {
             .events
             .send(Event::State(self.key.clone(), v1::AttemptState::Preparing))
             .await;
+        if let Ok(plan) = &plan {
+            self.upload_checkpoint = plan.upload_checkpoint;
+        }
         let outcome = match plan {
             Err(e) => failed(e.to_string()),
             Ok(plan) => match self.prepare(plan).await {
@@ -168,6 +204,8 @@ impl AttemptTask {
     /// Follows a container this node started before the agent restarted.
     #[tracing::instrument(name = "adopt", skip_all, fields(run_id = %self.key.0, attempt = self.key.1))]
     pub(crate) async fn adopt(mut self, executor: Arc<dyn Executor>, managed: Managed) {
+        self.upload_checkpoint = managed.rank == 0;
+        self.launched = true;
         let state = if managed.running {
             v1::AttemptState::Running
         } else {
@@ -269,6 +307,23 @@ impl AttemptTask {
         }
         for d in ["outputs", "logs"] {
             create_dir(&code_dir.join(d)).await?;
+        }
+        // The checkpoint folder holds only what the run wrote: a `checkpoint/` of the code
+        // snapshot is not one. Then the run's checkpoint, where the command finds it
+        // (MUSTER_RESUMED=1).
+        let checkpoint_dir = code_dir.join(crate::plan::CHECKPOINT_DIR);
+        let _ = tokio::fs::remove_dir_all(&checkpoint_dir).await;
+        create_dir(&checkpoint_dir).await?;
+        if let Some(sha) = &plan.resume {
+            let (cache, dir) = (&self.cache_dir, &checkpoint_dir);
+            self.blobs
+                .with_failover("fetching the checkpoint", |mut c| async move {
+                    checkpoint::restore(&mut c, sha, cache, dir)
+                        .await
+                        .map_err(AttemptError::Checkpoint)
+                })
+                .await?;
+            tracing::info!(run_id = %self.key.0, attempt = self.key.1, checkpoint = %sha, "restored the run's checkpoint");
         }
         // A pipeline step: its declared outputs' folders, and its upstream outputs at inputs/.
         for o in &plan.output_folders {
@@ -386,6 +441,7 @@ impl AttemptTask {
             launch: plan.launch,
             gate: plan.gate,
             watch,
+            checkpoint_every: plan.checkpoint_every,
         })
     }
 
@@ -394,6 +450,7 @@ impl AttemptTask {
             launch,
             gate,
             watch,
+            checkpoint_every,
         } = prepared;
         if let Some(gate) = &gate {
             let _ = append_log(
@@ -440,7 +497,12 @@ impl AttemptTask {
             _ => self.executors.process.clone(),
         };
         tracing::info!(run_id = %self.key.0, attempt = self.key.1, executor = executor.kind(), "executing");
+        self.launched = true;
+        let periodic = checkpoint_every.map(|every| tokio::spawn(self.periodic(every)));
         let outcome = executor.run(launch, self.stop.clone(), started_tx).await;
+        if let Some(p) = periodic {
+            p.abort();
+        }
         let _ = announce.await;
         if let Some(w) = watcher {
             w.abort();
@@ -453,7 +515,36 @@ impl AttemptTask {
         outcome
     }
 
-    /// Uploads `outputs/` and reports the end.
+    /// Uploads the checkpoint folder every `every` while the command runs (the first after
+    /// one interval), reporting each that changed; a failed upload is logged and retried at
+    /// the next tick.
+    fn periodic(&self, every: std::time::Duration) -> impl Future<Output = ()> + use<> {
+        let (key, events, blobs, taken) = (
+            self.key.clone(),
+            self.events.clone(),
+            self.blobs.clone(),
+            self.taken.clone(),
+        );
+        let workdir = self.workdir.clone();
+        async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match take(&blobs, &workdir, &taken, CheckpointCause::Periodic).await {
+                    Ok(Some(c)) => {
+                        let _ = events.send(Event::Checkpoint(key.clone(), c)).await;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(run_id = %key.0, attempt = key.1, cause = %e, "periodic checkpoint not uploaded");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Uploads `outputs/` and (rank 0) the checkpoint folder, and reports the end.
     async fn finish(self, mut outcome: Outcome) {
         let outputs_dir = self.workdir.join("code/outputs");
         let archive = self.workdir.join("outputs.tar");
@@ -478,11 +569,79 @@ impl AttemptTask {
                 None
             }
         };
+        // The process is gone (after a stop: SIGTERM, then its exit or the grace's end):
+        // what it left in its checkpoint folder is the run's checkpoint.
+        let mut checkpoint = None;
+        if self.upload_checkpoint && self.launched {
+            let cause = if outcome.end == AttemptEnd::Preempted {
+                CheckpointCause::Preempted
+            } else {
+                CheckpointCause::Ended
+            };
+            match take(&self.blobs, &self.workdir, &self.taken, cause).await {
+                Ok(c) => checkpoint = c,
+                Err(e) => {
+                    tracing::warn!(run_id = %self.key.0, attempt = self.key.1, cause = %e, "checkpoint not uploaded");
+                    let _ = append_log(
+                        &self.log_path,
+                        &format!("muster: the checkpoint folder could not be uploaded: {e}\n"),
+                    )
+                    .await;
+                }
+            }
+        }
         let _ = self
             .events
-            .send(Event::Ended(self.key, outcome, outputs))
+            .send(Event::Ended(self.key, outcome, outputs, checkpoint))
             .await;
     }
+}
+
+/// Packs and uploads the attempt's checkpoint folder as checkpoint number `taken.seq + 1`;
+/// `None` when it is empty or, for a periodic one, unchanged since the last. An end's
+/// checkpoint is reported even unchanged, so it supersedes every periodic one.
+async fn take(
+    blobs: &Blobs,
+    workdir: &Path,
+    taken: &Mutex<Taken>,
+    cause: CheckpointCause,
+) -> Result<Option<v1::Checkpoint>, AttemptError> {
+    let mut taken = taken.lock().await;
+    let dir = workdir.join("code").join(crate::plan::CHECKPOINT_DIR);
+    let archive = workdir.join("checkpoint.tar");
+    let (dir, archive) = (&dir, &archive);
+    let packed = blobs
+        .with_failover("uploading the checkpoint folder", |mut c| async move {
+            checkpoint::upload(&mut c, dir, archive)
+                .await
+                .map_err(AttemptError::Upload)
+        })
+        .await?;
+    let Some(packed) = packed else {
+        return Ok(None);
+    };
+    if cause == CheckpointCause::Periodic && taken.last.as_deref() == Some(&packed.sha256) {
+        return Ok(None);
+    }
+    let seq_file = workdir.join(SEQ_FILE);
+    let before = match taken.seq {
+        Some(n) => n,
+        None => tokio::fs::read_to_string(&seq_file)
+            .await
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0),
+    };
+    let seq = before + 1;
+    tokio::fs::write(&seq_file, seq.to_string())
+        .await
+        .map_err(|source| AttemptError::Write {
+            path: seq_file,
+            source,
+        })?;
+    taken.seq = Some(seq);
+    taken.last = Some(packed.sha256.clone());
+    Ok(Some(packed.to_wire(seq, cause)))
 }
 
 /// Appends a line of muster's own to the attempt's log.

@@ -25,6 +25,7 @@
 
 mod attempt;
 mod blobs;
+mod checkpoint;
 mod credential;
 pub mod executor;
 mod fetch;

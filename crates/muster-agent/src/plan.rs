@@ -7,7 +7,10 @@
 //!
 //! - where the attempt lives on the host (working directory, `code/`, the log file) and
 //!   what to put there first (code snapshot, pipeline inputs, declared output folders,
-//!   the MPI hostfile);
+//!   the MPI hostfile, the checkpoint to resume from);
+//! - checkpoints: every rank gets `MUSTER_CHECKPOINT_DIR` (restored from the run's
+//!   checkpoint when the assignment carries one, with `MUSTER_RESUMED=1`); rank 0's folder
+//!   is what is uploaded, at the end and every `checkpoint.interval`;
 //! - which executor runs it: a container when the run names an image and the node has a
 //!   container executor, a process otherwise (or an error naming what to do);
 //! - the environment: `MUSTER_*`, GPU visibility by UUID (`NVIDIA_VISIBLE_DEVICES`, and
@@ -42,6 +45,9 @@ pub(crate) const DEFAULT_SHM: u64 = 2 << 30;
 pub(crate) fn workdir(work_root: &Path, key: &Key) -> PathBuf {
     work_root.join(format!("{}.{}", key.0, key.1))
 }
+
+/// The checkpoint folder, below the attempt's `code/` (the workspace).
+pub(crate) const CHECKPOINT_DIR: &str = "checkpoint";
 
 /// The attempt's log file in its working directory.
 pub(crate) fn log_path(workdir: &Path) -> PathBuf {
@@ -106,6 +112,14 @@ pub(crate) struct AttemptPlan {
     pub output_folders: Vec<String>,
     /// The MPI hostfile's text, written to `code/.muster/hostfile`.
     pub hostfile: Option<String>,
+    /// The checkpoint archive (its SHA-256) to restore into `code/checkpoint/` before the
+    /// command starts.
+    pub resume: Option<String>,
+    /// Rank 0: upload `code/checkpoint/` when the attempt ends (and every `checkpoint_every`
+    /// while it runs); other ranks' folders are not kept.
+    pub upload_checkpoint: bool,
+    /// Rank 0 of a job with `checkpoint.interval`: how often to upload while it runs.
+    pub checkpoint_every: Option<Duration>,
     /// Rank 0 of a multi-node MPI run: its workers, to wait for and release.
     pub gate: Option<Gate>,
     /// An MPI worker: rank 0's agent, whose launcher it watches.
@@ -303,6 +317,12 @@ impl AttemptPlan {
             download_inputs: spec.download_inputs.clone(),
             output_folders: output_folders(&spec, &a.outputs)?,
             hostfile: setup.hostfile,
+            resume: a.resume.as_ref().map(|c| c.sha256.clone()),
+            upload_checkpoint: a.rank == 0,
+            checkpoint_every: spec
+                .checkpoint_interval_s
+                .filter(|_| a.rank == 0)
+                .map(Duration::from_secs),
             gate,
             launcher,
             exec_secret,
@@ -430,6 +450,14 @@ fn muster_env(
         ("MUSTER_NODE_COUNT".into(), ranks.max(1).to_string()),
         ("MUSTER_EXPERIMENT".into(), spec.experiment.clone()),
         ("MUSTER_OUTPUTS_DIR".into(), format!("{workspace}/outputs")),
+        (
+            "MUSTER_CHECKPOINT_DIR".into(),
+            format!("{workspace}/{CHECKPOINT_DIR}"),
+        ),
+        (
+            "MUSTER_RESUMED".into(),
+            if a.resume.is_some() { "1" } else { "0" }.into(),
+        ),
         ("AZUREML_RUN_ID".into(), a.run_id.clone()),
         (
             "MUSTER_METRICS_FILE".into(),
@@ -556,6 +584,44 @@ mod tests {
         assert_eq!(env(&plan, "MUSTER_RUN_ID"), Some("r1"));
         assert_eq!(env(&plan, "MUSTER_NODE_COUNT"), Some("1"));
         assert_eq!(env(&plan, "MUSTER_RESTARTED"), None);
+        assert_eq!(
+            env(&plan, "MUSTER_CHECKPOINT_DIR"),
+            Some("/data/work/r1.1/code/checkpoint")
+        );
+        assert_eq!(env(&plan, "MUSTER_RESUMED"), Some("0"));
+        assert_eq!(plan.resume, None);
+        assert!(plan.upload_checkpoint);
+        assert_eq!(plan.checkpoint_every, None);
+    }
+
+    #[test]
+    fn an_attempt_with_a_checkpoint_resumes_from_it_and_only_rank_0_uploads() {
+        let mut a = assignment(Some("img:1"));
+        a.attempt = 2;
+        a.resume = Some(v1::Checkpoint {
+            sha256: "c".repeat(64),
+            attempt: 1,
+            ..Default::default()
+        });
+        a.spec.as_mut().unwrap().checkpoint_interval_s = Some(600);
+        let plan = AttemptPlan::from(&a, &node()).unwrap();
+        assert_eq!(env(&plan, "MUSTER_RESUMED"), Some("1"));
+        assert_eq!(
+            env(&plan, "MUSTER_CHECKPOINT_DIR"),
+            Some("/workspace/checkpoint")
+        );
+        assert_eq!(plan.resume, Some("c".repeat(64)));
+        assert_eq!(plan.checkpoint_every, Some(Duration::from_secs(600)));
+        a.rank = 1;
+        a.placements = vec![placement("a", &[], 0), placement("b", &[], 1)];
+        let plan = AttemptPlan::from(&a, &node()).unwrap();
+        assert_eq!(
+            env(&plan, "MUSTER_RESUMED"),
+            Some("1"),
+            "every rank reads it"
+        );
+        assert!(!plan.upload_checkpoint);
+        assert_eq!(plan.checkpoint_every, None);
     }
 
     #[test]

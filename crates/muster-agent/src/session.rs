@@ -359,10 +359,25 @@ impl Agent {
                     out.send(update(&key.0, key.1, state)).await?;
                 }
             }
-            Event::Ended(key, outcome, outputs) => {
+            Event::Checkpoint(key, checkpoint) => {
+                // Best effort: the next checkpoint (or the end's) supersedes a lost one.
+                if self.attempts.contains_key(&key) {
+                    tracing::info!(run_id = %key.0, attempt = key.1, seq = checkpoint.seq, "periodic checkpoint uploaded");
+                    out.send(v1::AgentMessage {
+                        msg: Some(agent_message::Msg::Checkpoint(v1::CheckpointTaken {
+                            run_id: key.0,
+                            attempt: key.1,
+                            checkpoint: Some(checkpoint),
+                        })),
+                    })
+                    .await?;
+                }
+            }
+            Event::Ended(key, outcome, outputs, checkpoint) => {
                 if let Some(entry) = self.attempts.get_mut(&key) {
                     tracing::info!(run_id = %key.0, attempt = key.1, end = outcome.end.as_str(), exit_code = ?outcome.exit_code, "attempt ended");
                     let mut end = ended(&key, &outcome, outputs);
+                    end.checkpoint = checkpoint;
                     end.log_bytes = crate::ship::file_len_now(entry.log.path());
                     end.metric_bytes = crate::ship::file_len_now(entry.metrics.path());
                     entry.end = Some(end);
@@ -497,6 +512,7 @@ fn ended(key: &Key, o: &Outcome, outputs: Option<String>) -> v1::AttemptUpdate {
         outputs,
         log_bytes: 0,
         metric_bytes: 0,
+        checkpoint: None,
     }
 }
 

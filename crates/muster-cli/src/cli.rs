@@ -898,6 +898,10 @@ pub struct SubmitArgs {
     /// Attempts before the run fails for good (restarts after preemption or node loss).
     #[arg(long)]
     pub max_attempts: Option<u32>,
+    /// Upload MUSTER_CHECKPOINT_DIR this often while an attempt runs (`10m`, `1h`), besides
+    /// when it ends (YAML `checkpoint.interval`).
+    #[arg(long, value_name = "DURATION")]
+    pub checkpoint_interval: Option<String>,
     /// Retrying with the same key never creates a second run.
     #[arg(long)]
     pub idempotency_key: Option<String>,

@@ -79,8 +79,42 @@ pub fn run_json(r: &v1::Run) -> Value {
             "finished_at": opt_time(a.finished_at_ms),
             "nodes": a.placements.iter().map(|p| p.node_name.clone()).collect::<Vec<_>>(),
             "outputs": a.outputs,
+            "resumed_from": a.resumed_from.as_ref().map(checkpoint_json),
         })).collect::<Vec<_>>(),
+        "checkpoint": r.checkpoint.as_ref().map(checkpoint_json),
+        "checkpoint_interval_s": spec.checkpoint_interval_s,
     })
+}
+
+/// A checkpoint as JSON: the attempt that took it, its number there, what is in it, when
+/// it was taken (`periodic`, `preempted`, `ended`), its archive and when it was recorded.
+fn checkpoint_json(c: &v1::Checkpoint) -> Value {
+    json!({
+        "attempt": c.attempt,
+        "seq": c.seq,
+        "files": c.files,
+        "bytes": c.bytes,
+        "cause": v1::CheckpointCause::word_of(c.cause),
+        "sha256": c.sha256,
+        "recorded_at": time(c.at_ms),
+    })
+}
+
+/// `12 files, 3.4 KiB, taken when preempted`.
+fn checkpoint_summary(c: &v1::Checkpoint) -> String {
+    let taken = match muster_proto::decode_enum::<
+        v1::CheckpointCause,
+        muster_core::state::CheckpointCause,
+    >(c.cause)
+    {
+        Ok(cause) => cause.describe().to_string(),
+        Err(_) => format!("taken ({})", v1::CheckpointCause::word_of(c.cause)),
+    };
+    format!(
+        "{}, {}, {taken}",
+        crate::snapshot::count(c.files, "file"),
+        muster_core::state::human_bytes(c.bytes)
+    )
 }
 
 /// How an attempt ended, once it did.
@@ -213,6 +247,35 @@ pub fn run_details(r: &v1::Run) -> String {
                     .as_ref()
                     .map(|m| format!(": {m}"))
                     .unwrap_or_default()
+            ),
+        ));
+        match &a.resumed_from {
+            Some(c) => lines.push((
+                "checkpoint",
+                format!(
+                    "attempt {}: resumed from the checkpoint of attempt {} ({})",
+                    a.number,
+                    c.attempt,
+                    checkpoint_summary(c)
+                ),
+            )),
+            None if a.number > 1 => lines.push((
+                "checkpoint",
+                format!(
+                    "attempt {}: started from scratch (the run had no checkpoint)",
+                    a.number
+                ),
+            )),
+            None => {}
+        }
+    }
+    if let Some(c) = &r.checkpoint {
+        lines.push((
+            "checkpoint",
+            format!(
+                "latest: attempt {}'s ({})",
+                c.attempt,
+                checkpoint_summary(c)
             ),
         ));
     }

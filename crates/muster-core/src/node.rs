@@ -17,10 +17,15 @@
 //! proposes the end (DESIGN.md invariant 5). [`on_applied`] acknowledges the end once it is
 //! in the state — also when the agent re-sent an end whose acknowledgement was lost (the
 //! state then calls the report stale, and the agent still needs its ack).
+//!
+//! A checkpoint (rank 0's `MUSTER_CHECKPOINT_DIR`, uploaded by its agent) comes with an
+//! end, or alone while the attempt runs ([`on_checkpoint`]): its blob goes on a majority of
+//! servers, then `RecordCheckpoint` is proposed — before the end, so the run is requeued
+//! with it.
 
 use std::collections::BTreeSet;
 
-use crate::state::{Applied, AttemptReport, Command, State};
+use crate::state::{Applied, AttemptReport, Checkpoint, CheckpointCause, Command, State};
 
 /// An attempt, by run id and attempt number.
 pub type AttemptKey = (String, u32);
@@ -151,6 +156,23 @@ pub struct Report {
     pub log_bytes: u64,
     /// How many metric-file bytes it wrote (with an end).
     pub metric_bytes: u64,
+    /// Rank 0's checkpoint, uploaded when the rank ended (with an end).
+    pub checkpoint: Option<TakenCheckpoint>,
+}
+
+/// A checkpoint an agent took and uploaded (its blob is on the server it reports to).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TakenCheckpoint {
+    /// SHA-256 of its archive.
+    pub sha256: String,
+    /// Its number among the attempt's checkpoints, from 1.
+    pub seq: u64,
+    /// Files in it.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// When it was taken.
+    pub cause: CheckpointCause,
 }
 
 /// How much of a rank's log and metrics this server holds.
@@ -199,6 +221,14 @@ pub enum Effect {
         /// Its SHA-256.
         sha256: String,
     },
+    /// Put a checkpoint's archive on a majority of servers before it is recorded.
+    ReplicateCheckpoint {
+        /// Its SHA-256.
+        sha256: String,
+    },
+    /// Propose this `RecordCheckpoint`; a stale or rejected record does not stop the
+    /// effects after it (the end is still recorded).
+    RecordCheckpoint(Box<Command>),
     /// Propose this command (the report itself) and hand its result to [`on_applied`].
     Propose(Box<Command>),
 }
@@ -261,6 +291,9 @@ pub fn on_report(s: &State, node_id: &str, report: &Report, held: Held, now: u64
                 sha256: sha256.clone(),
             });
         }
+        if let Some(taken) = &report.checkpoint {
+            effects.extend(on_checkpoint(s, node_id, (run, attempt), taken, now));
+        }
     }
     effects.push(Effect::Propose(Box::new(Command::ReportAttempt {
         run_id: run.clone(),
@@ -270,6 +303,49 @@ pub fn on_report(s: &State, node_id: &str, report: &Report, held: Held, now: u64
         at: now,
     })));
     effects
+}
+
+/// What to do about checkpoint `taken` of an attempt from node `node_id`: replicate it and
+/// propose its record, or nothing when the state would call it stale (the node is not the
+/// attempt's rank 0, the attempt is not the run's latest, or a checkpoint as new is
+/// recorded already: a re-sent end). `now` stamps the record.
+pub fn on_checkpoint(
+    s: &State,
+    node_id: &str,
+    (run, attempt): (&str, u32),
+    taken: &TakenCheckpoint,
+    now: u64,
+) -> Vec<Effect> {
+    let checkpoint = Checkpoint {
+        sha256: taken.sha256.clone(),
+        attempt,
+        seq: taken.seq,
+        files: taken.files,
+        bytes: taken.bytes,
+        cause: taken.cause,
+        at: now,
+    };
+    let Some(r) = s.runs.get(run) else {
+        return Vec::new();
+    };
+    let latest = r.attempt_number() == attempt;
+    let newer = r
+        .checkpoint
+        .as_ref()
+        .is_none_or(|c| checkpoint.is_newer_than(c));
+    if !latest || !newer || rank_of(s, node_id, (run, attempt)) != Some(0) {
+        return Vec::new();
+    }
+    vec![
+        Effect::ReplicateCheckpoint {
+            sha256: taken.sha256.clone(),
+        },
+        Effect::RecordCheckpoint(Box::new(Command::RecordCheckpoint {
+            run_id: run.to_string(),
+            node_id: node_id.to_string(),
+            checkpoint,
+        })),
+    ]
 }
 
 /// What the server does once a report's proposal was applied.

@@ -505,6 +505,48 @@ pub struct RunSpec {
     /// ([`crate::compute::ComputeSpec::place_instance_type`]); elsewhere it is a warning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_type: Option<String>,
+    /// Seconds between periodic checkpoints (`checkpoint: {interval: 10m}`): the agent
+    /// uploads `MUSTER_CHECKPOINT_DIR` this often while the attempt runs, besides at its
+    /// end. `None`: only at the end (preempted or otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_interval_s: Option<u64>,
+}
+
+/// The shortest periodic checkpoint interval a job may ask for, in seconds.
+pub const MIN_CHECKPOINT_INTERVAL_S: u64 = 10;
+/// The longest, in seconds (a week).
+pub const MAX_CHECKPOINT_INTERVAL_S: u64 = 7 * 24 * 3600;
+
+/// Parses a checkpoint interval: a whole number of seconds, or a number with a unit
+/// (`90s`, `10m`, `2h`, `1d`), between [`MIN_CHECKPOINT_INTERVAL_S`] and
+/// [`MAX_CHECKPOINT_INTERVAL_S`]. The error says what to write (the caller names the field).
+pub fn parse_checkpoint_interval(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let unit_s: u64 = match unit.trim() {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => 0,
+    };
+    let seconds = digits
+        .parse::<u64>()
+        .ok()
+        .filter(|_| unit_s > 0)
+        .and_then(|n| n.checked_mul(unit_s))
+        .ok_or_else(|| {
+            format!(
+                "{text:?} is not a duration: write seconds or a number with s, m, h or d (`10m`)"
+            )
+        })?;
+    if !(MIN_CHECKPOINT_INTERVAL_S..=MAX_CHECKPOINT_INTERVAL_S).contains(&seconds) {
+        return Err(format!(
+            "{text:?} is outside {MIN_CHECKPOINT_INTERVAL_S}s to 7d: checkpoint less often, or leave `interval` out to checkpoint only when an attempt ends"
+        ));
+    }
+    Ok(seconds)
 }
 
 /// How the CLI names a local input it uploaded: `muster-blob://MANIFEST` for a folder,
@@ -744,6 +786,7 @@ impl RunSpec {
             output_assets: BTreeMap::new(),
             download_inputs: BTreeSet::new(),
             instance_type: None,
+            checkpoint_interval_s: None,
         }
     }
 
@@ -830,6 +873,16 @@ impl RunSpec {
         }
         if self.max_attempts == 0 {
             return Err(SpecError::field("max_attempts", "must be at least 1"));
+        }
+        if let Some(s) = self.checkpoint_interval_s
+            && !(MIN_CHECKPOINT_INTERVAL_S..=MAX_CHECKPOINT_INTERVAL_S).contains(&s)
+        {
+            return Err(SpecError::field(
+                "checkpoint.interval",
+                format!(
+                    "{s} seconds is outside {MIN_CHECKPOINT_INTERVAL_S}s to 7d: checkpoint less often, or leave it out to checkpoint only when an attempt ends"
+                ),
+            ));
         }
         if self.timeout_s == Some(0) {
             return Err(SpecError::field(
@@ -1109,6 +1162,14 @@ pub struct LimitsFile {
     pub timeout: Option<u64>,
 }
 
+/// `checkpoint:` of a job file (muster's own key).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointFile {
+    /// How often to take a checkpoint while the attempt runs (`10m`, `600`).
+    pub interval: Option<Scalar>,
+}
+
 /// An Azure ML v2 command job, as written (plus muster's `priority` and `max_attempts`).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1157,6 +1218,9 @@ pub struct JobFile {
     pub max_attempts: Option<u32>,
     /// muster: only nodes carrying all these labels take the run (`gpu_model: A100`).
     pub node_selector: Option<BTreeMap<String, Scalar>>,
+    /// muster: `{interval: 10m}`: upload `MUSTER_CHECKPOINT_DIR` this often as well as
+    /// when an attempt ends.
+    pub checkpoint: Option<CheckpointFile>,
     /// Azure ML job services (jupyter, tensorboard, ssh); a warning: muster starts none.
     pub services: Option<yaml_serde::Value>,
     /// Azure ML's identity for data access; a warning: the node's own is used.
@@ -1596,6 +1660,12 @@ impl JobFile {
         if let Some(m) = self.max_attempts {
             spec.max_attempts = m;
         }
+        if let Some(interval) = self.checkpoint.and_then(|c| c.interval) {
+            spec.checkpoint_interval_s = Some(
+                parse_checkpoint_interval(&interval.to_string())
+                    .map_err(|e| SpecError::field("checkpoint.interval", e))?,
+            );
+        }
         if let Some(selector) = self.node_selector {
             spec.node_selector = selector
                 .into_iter()
@@ -1774,6 +1844,42 @@ mod tests {
             assert_eq!(e.path, path, "{yaml}");
             assert!(e.message.contains("more than 0"), "{e}");
         }
+    }
+
+    #[test]
+    fn checkpoint_interval_parses_and_bad_ones_name_the_field() {
+        let spec = |yaml: &str| {
+            parse_job_yaml(&format!("command: echo\n{yaml}")).and_then(|j| j.into_run_spec("exp"))
+        };
+        assert_eq!(spec("").unwrap().checkpoint_interval_s, None);
+        for (yaml, seconds) in [
+            ("checkpoint:\n  interval: 10m\n", 600),
+            ("checkpoint:\n  interval: 90\n", 90),
+            ("checkpoint:\n  interval: 2h\n", 7200),
+            ("checkpoint:\n  interval: 45s\n", 45),
+        ] {
+            assert_eq!(
+                spec(yaml).unwrap().checkpoint_interval_s,
+                Some(seconds),
+                "{yaml}"
+            );
+        }
+        // No interval: checkpoints only when an attempt ends.
+        assert_eq!(
+            spec("checkpoint: {}\n").unwrap().checkpoint_interval_s,
+            None
+        );
+        for bad in ["10 minutes", "ten", "5s", "-1m", "30d", "1.5h"] {
+            let e = spec(&format!("checkpoint:\n  interval: {bad}\n")).unwrap_err();
+            assert_eq!(e.path, "checkpoint.interval", "{bad}: {e}");
+            assert!(e.message.contains(bad), "{bad}: {e}");
+        }
+        let e = spec("checkpoint:\n  every: 10m\n").unwrap_err();
+        assert_eq!(e.path, "checkpoint.every", "{e}");
+        // A spec that did not come from a job file is checked the same way.
+        let mut s = RunSpec::new("echo");
+        s.checkpoint_interval_s = Some(1);
+        assert_eq!(s.validate().unwrap_err().path, "checkpoint.interval");
     }
 
     #[test]

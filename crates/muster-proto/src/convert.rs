@@ -6,7 +6,8 @@ use muster_core::compute::{
 use muster_core::snapshot::GitInfo as CoreGit;
 use muster_core::spec::{CodeRef as CoreCode, Distribution as CoreDist, Environment, OutputKind};
 use muster_core::state::{
-    AttemptState, ComputeTarget as CoreCompute, Node as CoreNode, Run as CoreRun,
+    AttemptState, Checkpoint as CoreCheckpoint, ComputeTarget as CoreCompute, Node as CoreNode,
+    Run as CoreRun,
 };
 use muster_core::{
     Placement as CorePlacement, Resources as CoreResources, RunSpec as CoreSpec, State,
@@ -120,6 +121,7 @@ impl From<CoreSpec> for v1::RunSpec {
             output_inputs: s.output_inputs.into_iter().collect(),
             download_inputs: s.download_inputs.into_iter().collect(),
             instance_type: s.instance_type,
+            checkpoint_interval_s: s.checkpoint_interval_s,
             output_assets: s
                 .output_assets
                 .into_iter()
@@ -186,6 +188,7 @@ pub fn spec_from_wire(s: v1::RunSpec) -> Result<CoreSpec, String> {
         output_inputs: s.output_inputs.into_iter().collect(),
         download_inputs: s.download_inputs.into_iter().collect(),
         instance_type: s.instance_type,
+        checkpoint_interval_s: s.checkpoint_interval_s,
         output_assets: s
             .output_assets
             .into_iter()
@@ -275,6 +278,7 @@ pub fn run_to_wire(state: &State, r: &CoreRun) -> v1::Run {
         cancel_requested: r.cancel_requested,
         seq: r.seq,
         archive: String::new(),
+        checkpoint: r.checkpoint.clone().map(checkpoint_to_wire),
         attempts: r
             .attempts
             .iter()
@@ -297,8 +301,22 @@ pub fn run_to_wire(state: &State, r: &CoreRun) -> v1::Run {
                 exit_code: a.exit_code,
                 message: a.message.clone(),
                 outputs: a.outputs.clone(),
+                resumed_from: a.resumed_from.clone().map(checkpoint_to_wire),
             })
             .collect(),
+    }
+}
+
+/// A checkpoint on the wire.
+pub fn checkpoint_to_wire(c: CoreCheckpoint) -> v1::Checkpoint {
+    v1::Checkpoint {
+        sha256: c.sha256,
+        attempt: c.attempt,
+        seq: c.seq,
+        files: c.files,
+        bytes: c.bytes,
+        cause: v1::CheckpointCause::from(c.cause).into(),
+        at_ms: c.at,
     }
 }
 

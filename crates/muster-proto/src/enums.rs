@@ -10,7 +10,8 @@
 use std::borrow::Cow;
 
 use muster_core::state::{
-    AttemptEnd as CoreAttemptEnd, AttemptState as CoreAttemptState, NodeState as CoreNodeState,
+    AttemptEnd as CoreAttemptEnd, AttemptState as CoreAttemptState,
+    CheckpointCause as CoreCheckpointCause, NodeState as CoreNodeState,
     ProvisionPhase as CorePhase, RunState as CoreRunState,
 };
 
@@ -166,6 +167,12 @@ words!(AttemptEnd, "attempt end", {
 core_pair!(AttemptEnd, CoreAttemptEnd, {
     Completed, Failed, Canceled, TimedOut, Preempted, NodeLost,
 });
+words!(CheckpointCause, "checkpoint cause", {
+    Periodic => "periodic",
+    Preempted => "preempted",
+    Ended => "ended",
+});
+core_pair!(CheckpointCause, CoreCheckpointCause, { Periodic, Preempted, Ended });
 words!(RunState, "run state", {
     Queued => "queued",
     Scheduled => "scheduled",

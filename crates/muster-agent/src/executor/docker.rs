@@ -224,7 +224,7 @@ impl DockerExecutor {
                 );
             }
         };
-        for sub in ["outputs", "logs"] {
+        for sub in ["outputs", "logs", crate::plan::CHECKPOINT_DIR] {
             if let Err(e) = tokio::fs::create_dir_all(workdir.join(sub)).await {
                 return failed(
                     None,
@@ -735,7 +735,7 @@ fn exited(code: Option<i32>, oom_flag: bool, limit: Option<u64>) -> Outcome {
 }
 
 /// The create request: `sh -c COMMAND` in `/workspace` (the working directory read-only,
-/// its `outputs/` and `logs/` writable), the engine's init forwarding signals to the
+/// its `outputs/`, `logs/` and `checkpoint/` writable), the engine's init forwarding signals to the
 /// command's process group, limits, GPUs, and the labels plus [`LABEL_LOG_OFFSET`].
 fn container_body(
     launch: &Launch,
@@ -765,6 +765,11 @@ fn container_body(
         mount(workdir, WORKSPACE, true),
         mount(&workdir.join("outputs"), "/workspace/outputs", false),
         mount(&workdir.join("logs"), "/workspace/logs", false),
+        mount(
+            &workdir.join(crate::plan::CHECKPOINT_DIR),
+            "/workspace/checkpoint",
+            false,
+        ),
     ];
     mounts.extend(
         spec.read_only_mounts
@@ -942,6 +947,11 @@ mod tests {
                 ("/w".into(), "/workspace".into(), true),
                 ("/w/outputs".into(), "/workspace/outputs".into(), false),
                 ("/w/logs".into(), "/workspace/logs".into(), false),
+                (
+                    "/w/checkpoint".into(),
+                    "/workspace/checkpoint".into(),
+                    false
+                ),
             ]
         );
         let gpus = host.device_requests.unwrap();

@@ -172,7 +172,7 @@ pub fn stopped(reason: StopReason, code: Option<i32>) -> Outcome {
         StopReason::Canceled => (AttemptEnd::Canceled, "canceled"),
         StopReason::Preempted => (
             AttemptEnd::Preempted,
-            "preempted by a higher-priority run; it restarts from scratch",
+            "preempted by a higher-priority run; it restarts as a new attempt",
         ),
         StopReason::Stale => (
             AttemptEnd::Canceled,

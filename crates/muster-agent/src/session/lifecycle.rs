@@ -252,6 +252,9 @@ impl Agent {
             events: self.events_tx.clone(),
             stop,
             executors: self.executors.clone(),
+            upload_checkpoint: false,
+            taken: Default::default(),
+            launched: false,
         }
     }
 

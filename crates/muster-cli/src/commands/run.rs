@@ -544,6 +544,13 @@ async fn submit(server: &str, output: OutputFormat, args: SubmitArgs) -> anyhow:
     if let Some(m) = args.max_attempts {
         job.max_attempts = Some(m);
     }
+    if let Some(i) = &args.checkpoint_interval {
+        muster_core::spec::parse_checkpoint_interval(i)
+            .map_err(|e| anyhow::anyhow!("--checkpoint-interval: {e}"))?;
+        job.checkpoint = Some(muster_core::spec::CheckpointFile {
+            interval: Some(Scalar::Text(i.clone())),
+        });
+    }
     let label = args
         .file
         .as_ref()

@@ -8,7 +8,7 @@ use crate::compute::{ComputeKind, ComputeSpec, Tier};
 use crate::resources::Capacity;
 use crate::schedule::schedule;
 use crate::spec::RunSpec;
-use crate::state::{AttemptEnd, SealedLog};
+use crate::state::{AttemptEnd, Checkpoint, CheckpointCause, SealedLog};
 
 fn key(run: &str) -> AttemptKey {
     (run.to_string(), 1)
@@ -65,6 +65,7 @@ fn ended(log_bytes: u64, metric_bytes: u64, outputs: Option<&str>) -> Report {
         },
         log_bytes,
         metric_bytes,
+        checkpoint: None,
     }
 }
 
@@ -244,6 +245,7 @@ fn a_stale_start_is_fenced_once() {
         report: AttemptReport::Running,
         log_bytes: 0,
         metric_bytes: 0,
+        checkpoint: None,
     };
     let stale = Applied::Stale {
         run_id: "old".into(),
@@ -261,4 +263,81 @@ fn a_stale_start_is_fenced_once() {
     // A report of attempt 0 (a confused agent) is no rank of anything, and no panic.
     assert_eq!(rank_of(&s, "n1", ("r1", 0)), None);
     assert!(!is_sealed(&s, ("r1", 0), 0));
+}
+
+fn taken(seq: u64, fill: char) -> TakenCheckpoint {
+    TakenCheckpoint {
+        sha256: fill.to_string().repeat(64),
+        seq,
+        files: 2,
+        bytes: 10,
+        cause: CheckpointCause::Preempted,
+    }
+}
+
+#[test]
+fn a_checkpoint_goes_on_a_majority_and_is_recorded_before_the_end() {
+    let mut s = placed();
+    let mut report = ended(0, 0, None);
+    report.checkpoint = Some(taken(3, 'c'));
+    let effects = on_report(&s, "n1", &report, Held::default(), 7);
+    let record = Command::RecordCheckpoint {
+        run_id: "r1".into(),
+        node_id: "n1".into(),
+        checkpoint: Checkpoint {
+            sha256: "c".repeat(64),
+            attempt: 1,
+            seq: 3,
+            files: 2,
+            bytes: 10,
+            cause: CheckpointCause::Preempted,
+            at: 7,
+        },
+    };
+    assert_eq!(
+        effects[2..],
+        [
+            Effect::ReplicateCheckpoint {
+                sha256: "c".repeat(64)
+            },
+            Effect::RecordCheckpoint(Box::new(record.clone())),
+            Effect::Propose(Box::new(Command::ReportAttempt {
+                run_id: "r1".into(),
+                attempt: 1,
+                node_id: "n1".into(),
+                report: report.report.clone(),
+                at: 7,
+            })),
+        ]
+    );
+    assert_eq!(s.apply(&record).unwrap(), Applied::Done);
+    // Recorded: the same one again (a re-sent end) or an older periodic one is not
+    // replicated nor proposed; neither is one from a node that is not rank 0's, or of
+    // an attempt that is not the run's latest.
+    assert_eq!(
+        on_checkpoint(&s, "n1", ("r1", 1), &taken(3, 'c'), 8),
+        vec![]
+    );
+    assert_eq!(
+        on_checkpoint(&s, "n1", ("r1", 1), &taken(2, 'd'), 8),
+        vec![]
+    );
+    assert_eq!(
+        on_checkpoint(&s, "n2", ("r1", 1), &taken(4, 'd'), 8),
+        vec![]
+    );
+    assert_eq!(
+        on_checkpoint(&s, "n1", ("r1", 2), &taken(4, 'd'), 8),
+        vec![]
+    );
+    assert_eq!(
+        on_checkpoint(&s, "n1", ("gone", 1), &taken(4, 'd'), 8),
+        vec![]
+    );
+    assert_eq!(
+        on_checkpoint(&s, "n1", ("r1", 1), &taken(4, 'd'), 8).len(),
+        2,
+        "a newer one of the same attempt is recorded"
+    );
+    s.sanity_check().unwrap();
 }

@@ -288,6 +288,11 @@ impl State {
                 metrics,
             } => self.seal_metrics(run_id, *attempt, metrics),
             Command::ArchiveRuns { run_ids, archive } => self.archive_runs(run_ids, archive),
+            Command::RecordCheckpoint {
+                run_id,
+                node_id,
+                checkpoint,
+            } => self.record_checkpoint(run_id, node_id, checkpoint),
             Command::CreateComponent { component } => {
                 component.validate()?;
                 let versions = self
@@ -899,6 +904,7 @@ impl State {
             not_before: None,
             attempts: Vec::new(),
             idempotency_key: idempotency_key.map(str::to_string),
+            checkpoint: None,
         };
         enqueue(&mut self.queue, &mut self.queued, &run);
         self.by_seq.0.insert(seq, run_id.to_string());
@@ -1031,6 +1037,7 @@ impl State {
             metrics: None,
             master_port,
             secret: secret.map(str::to_string),
+            resumed_from: run.checkpoint.clone(),
         });
         let run = &self.runs[run_id];
         self.active
@@ -1318,8 +1325,13 @@ impl State {
                         .min(MAX_REQUEUE_BACKOFF_MS);
                     run.state = RunState::Queued;
                     run.not_before = Some(at + backoff);
+                    let how = if run.checkpoint.is_some() {
+                        "resuming from its checkpoint"
+                    } else {
+                        "restarting from scratch"
+                    };
                     run.message = Some(format!(
-                        "attempt {attempt} ended: {why}; restarting from scratch as attempt {}",
+                        "attempt {attempt} ended: {why}; {how} as attempt {}",
                         attempt + 1
                     ));
                     enqueue(&mut self.queue, &mut self.queued, run);

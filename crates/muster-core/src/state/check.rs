@@ -30,6 +30,27 @@ impl State {
                     run.state, run.finished_at
                 ));
             }
+            // A checkpoint comes from one of the run's attempts, and an attempt resumes
+            // only from an earlier attempt's.
+            if let Some(c) = &run.checkpoint
+                && (c.attempt == 0 || c.attempt > run.attempt_number())
+            {
+                return Err(format!(
+                    "run {id}: its checkpoint is of attempt {}, but it has {} attempt(s)",
+                    c.attempt,
+                    run.attempt_number()
+                ));
+            }
+            if let Some(a) = run.attempts.iter().find(|a| {
+                a.resumed_from
+                    .as_ref()
+                    .is_some_and(|c| c.attempt >= a.number)
+            }) {
+                return Err(format!(
+                    "run {id}: attempt {} resumed from a checkpoint of its own or a later attempt",
+                    a.number
+                ));
+            }
             // Invariant 4: at most one active attempt, and it is the last one.
             for (i, a) in run.attempts.iter().enumerate() {
                 if a.number != i as u32 + 1 {

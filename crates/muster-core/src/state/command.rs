@@ -313,6 +313,19 @@ pub enum Command {
         /// Where the metrics are and how many lines they hold.
         metrics: SealedMetrics,
     },
+    /// Record a run's latest checkpoint (`state/checkpoint.rs`): the archive of what rank
+    /// 0 of `checkpoint.attempt` wrote to `MUSTER_CHECKPOINT_DIR`, already on a majority of
+    /// servers. Fenced: stale (ignored) unless that attempt is the run's latest, `node_id`
+    /// holds its rank 0, and it is newer than the recorded one.
+    #[serde(rename = "record_checkpoint.v1")]
+    RecordCheckpoint {
+        /// The run.
+        run_id: String,
+        /// The node that took it (rank 0's).
+        node_id: String,
+        /// The checkpoint.
+        checkpoint: crate::state::Checkpoint,
+    },
     /// Retention: remove these finished runs (and their idempotency keys) from the state,
     /// recording the archive blob that holds them whole (`state/archive.rs`). The blob is
     /// on a majority of servers before this is proposed.
@@ -414,6 +427,7 @@ impl Command {
             Command::CancelPipeline { .. } => "cancel_pipeline",
             Command::SealMetrics { .. } => "seal_metrics",
             Command::ArchiveRuns { .. } => "archive_runs",
+            Command::RecordCheckpoint { .. } => "record_checkpoint",
             Command::CreateDataAsset { .. } => "create_data_asset",
             Command::CreateDatastore { .. } => "create_datastore",
             Command::CreateComponent { .. } => "create_component",
@@ -430,7 +444,8 @@ impl Command {
             | Command::PreemptAttempt { run_id, .. }
             | Command::SealLog { run_id, .. }
             | Command::CancelRun { run_id, .. }
-            | Command::SealMetrics { run_id, .. } => Some(run_id),
+            | Command::SealMetrics { run_id, .. }
+            | Command::RecordCheckpoint { run_id, .. } => Some(run_id),
             _ => None,
         }
     }

@@ -200,6 +200,8 @@ pub enum SealedBlob {
     Log,
     /// An attempt's metrics file.
     Metrics,
+    /// A run's checkpoint archive.
+    Checkpoint,
 }
 
 impl fmt::Display for SealedBlob {
@@ -207,6 +209,7 @@ impl fmt::Display for SealedBlob {
         f.write_str(match self {
             SealedBlob::Log => "log",
             SealedBlob::Metrics => "metrics",
+            SealedBlob::Checkpoint => "checkpoint",
         })
     }
 }

@@ -24,6 +24,7 @@
 mod apply;
 mod archive;
 mod check;
+mod checkpoint;
 mod command;
 mod error;
 mod pipeline;
@@ -38,6 +39,7 @@ use serde::{Deserialize, Serialize};
 pub(crate) use apply::live_node_count;
 pub use apply::{MAX_SERVER_ADDRESS_LEN, validate_server_address};
 pub use archive::{ARCHIVE_FORMAT, MAX_ARCHIVE_RUNS, RunArchive, decode_archive, encode_archive};
+pub use checkpoint::{Checkpoint, CheckpointCause, human_bytes};
 pub use command::{Applied, AttemptReport, Command, ProvisionOutcome};
 pub use error::{ApplyError, PipelineRule, SealedBlob, SweepRule};
 pub use pipeline::{Pipeline, PipelineFinish, StepRecord};
@@ -381,6 +383,11 @@ pub struct Attempt {
     /// when none were logged or in states written before metrics were sealed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<SealedMetrics>,
+    /// The run's checkpoint when this attempt was placed, which its agent restores into
+    /// `MUSTER_CHECKPOINT_DIR` before the command starts (`MUSTER_RESUMED=1`); `None` on a
+    /// first attempt or when no checkpoint was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from: Option<Checkpoint>,
 }
 
 /// A run's metrics log, sealed into the content-addressed blob store.
@@ -437,6 +444,10 @@ pub struct Run {
     pub attempts: Vec<Attempt>,
     /// The client's idempotency key, if it gave one.
     pub idempotency_key: Option<String>,
+    /// Its latest checkpoint (`state/checkpoint.rs`), which its next attempt resumes from;
+    /// absent before one was recorded (and in states written before checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpoint>,
 }
 
 impl Run {
@@ -453,7 +464,9 @@ impl Run {
                 a.outputs.as_deref() == Some(sha256)
                     || a.logs.values().any(|l| l.sha256 == sha256)
                     || a.metrics.as_ref().is_some_and(|m| m.sha256 == sha256)
+                    || a.resumed_from.as_ref().is_some_and(|c| c.sha256 == sha256)
             })
+            || self.checkpoint.as_ref().is_some_and(|c| c.sha256 == sha256)
     }
 
     /// The latest attempt, if any.
@@ -703,7 +716,9 @@ impl State {
                 blobs.extend(a.outputs.iter().cloned());
                 blobs.extend(a.logs.values().map(|l| l.sha256.clone()));
                 blobs.extend(a.metrics.iter().map(|m| m.sha256.clone()));
+                blobs.extend(a.resumed_from.iter().map(|c| c.sha256.clone()));
             }
+            blobs.extend(run.checkpoint.iter().map(|c| c.sha256.clone()));
         }
         for asset in self.data_assets.values().flatten() {
             match &asset.source {

@@ -9,8 +9,8 @@ use crate::resources::{Capacity, Gpu, Resources};
 use crate::schedule::{Decision, schedule};
 use crate::spec::RunSpec;
 use crate::state::{
-    Applied, ApplyError, AttemptEnd, AttemptReport, Command, NodeState, RunState, SealedBlob,
-    SealedLog, SealedMetrics, State,
+    Applied, ApplyError, AttemptEnd, AttemptReport, Checkpoint, CheckpointCause, Command,
+    NodeState, RunState, SealedBlob, SealedLog, SealedMetrics, State,
 };
 
 fn compute(name: &str) -> Command {
@@ -1200,4 +1200,105 @@ fn a_docker_target_s_node_labels_change_but_not_its_image_and_an_instance_stops_
         Err(ApplyError::InvalidSpec(e)) => assert_eq!(e.path, "type"),
         other => panic!("{other:?}"),
     }
+}
+
+fn record(run: &str, node: &str, attempt: u32, seq: u64, fill: char) -> Command {
+    Command::RecordCheckpoint {
+        run_id: run.into(),
+        node_id: node.into(),
+        checkpoint: Checkpoint {
+            sha256: fill.to_string().repeat(64),
+            attempt,
+            seq,
+            files: 1,
+            bytes: 3,
+            cause: CheckpointCause::Periodic,
+            at: 50,
+        },
+    }
+}
+
+#[test]
+fn a_checkpoint_is_fenced_so_a_stale_attempt_cannot_overwrite_a_newer_ones() {
+    let mut s = state_with(&[
+        compute("cpu-pool"),
+        node("n1", "cpu-pool", 2, 0),
+        node("n2", "cpu-pool", 2, 0),
+        submit("r1", "cpu-pool", 1, 0, 1),
+    ]);
+    assert_eq!(place_all(&mut s, 100), 1);
+    let first = s.runs["r1"].attempts[0].placements[0].node_id.clone();
+    let other = if first == "n1" { "n2" } else { "n1" };
+    assert_encodes_as(&record("r1", &first, 1, 1, 'a'), "record_checkpoint.v1");
+    // A first attempt starts from nothing; its rank 0's node records.
+    assert_eq!(s.runs["r1"].attempts[0].resumed_from, None);
+    apply_all(&mut s, &[record("r1", &first, 1, 2, 'a')]);
+    let stale = Applied::Stale {
+        run_id: "r1".into(),
+        attempt: 1,
+    };
+    // Not newer (a re-sent or late periodic record), or from a node that is not rank 0's.
+    let before = s.clone();
+    for cmd in [
+        record("r1", &first, 1, 2, 'b'),
+        record("r1", &first, 1, 1, 'b'),
+        record("r1", other, 1, 3, 'b'),
+    ] {
+        assert_eq!(s.apply(&cmd).unwrap(), stale, "{cmd:?}");
+        assert_eq!(s, before, "{cmd:?} changes nothing");
+    }
+    // A bad hash, an unknown run: refused.
+    let mut bad = record("r1", &first, 1, 3, 'b');
+    if let Command::RecordCheckpoint { checkpoint, .. } = &mut bad {
+        checkpoint.sha256 = "nope".into();
+    }
+    assert!(matches!(
+        s.apply(&bad),
+        Err(ApplyError::InvalidBlobHash {
+            blob: SealedBlob::Checkpoint,
+            ..
+        })
+    ));
+    assert_eq!(
+        s.apply(&record("r9", &first, 1, 3, 'b')),
+        Err(ApplyError::UnknownRun("r9".into()))
+    );
+    // The node is lost: attempt 2 starts elsewhere from attempt 1's checkpoint.
+    apply_all(
+        &mut s,
+        &[Command::SetNodeState {
+            node_id: first.clone(),
+            state: NodeState::Lost,
+            reason: None,
+            at: 200,
+        }],
+    );
+    assert!(
+        s.runs["r1"]
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("resuming from its checkpoint as attempt 2"),
+        "{:?}",
+        s.runs["r1"].message
+    );
+    assert_eq!(place_all(&mut s, 1_000_000), 1);
+    let a2 = &s.runs["r1"].attempts[1];
+    assert_eq!(a2.placements[0].node_id, other);
+    let resumed = a2.resumed_from.clone().expect("attempt 2 resumes");
+    assert_eq!((resumed.attempt, resumed.seq), (1, 2));
+    // The lost node's attempt 1 still runs and uploads: fenced, whatever its number.
+    let before = s.clone();
+    assert_eq!(s.apply(&record("r1", &first, 1, 99, 'c')).unwrap(), stale);
+    assert_eq!(s, before);
+    // Attempt 2's own checkpoint replaces it, even with a lower number.
+    apply_all(&mut s, &[record("r1", other, 2, 1, 'd')]);
+    let c = s.runs["r1"].checkpoint.clone().unwrap();
+    assert_eq!((c.attempt, c.sha256.chars().next()), (2, Some('d')));
+    // Both the latest checkpoint and the one attempt 2 started from stay referenced.
+    let (_, blobs) = s.referenced_blobs();
+    assert!(blobs.contains(&"a".repeat(64)) && blobs.contains(&"d".repeat(64)));
+    assert!(s.runs["r1"].references_blob(&"a".repeat(64)));
+    let restored = State::from_snapshot(&s.to_snapshot()).unwrap();
+    assert_eq!(restored, s);
 }

@@ -21,10 +21,10 @@ use muster_core::names::validate_node_name;
 use muster_core::node::{self, After, AttemptKey, Effect, Order, StopReason};
 use muster_core::resources::Capacity;
 use muster_core::sizes::SIZE_LABEL;
-use muster_core::state::AttemptEnd;
+use muster_core::state::{AttemptEnd, CheckpointCause};
 use muster_core::{Applied, ApplyError, AttemptReport, Command};
 use muster_proto::v1::{self, agent_message, agent_service_server::AgentService, server_message};
-use muster_proto::{Word, decode_enum, placement_to_assignment};
+use muster_proto::{Word, checkpoint_to_wire, decode_enum, placement_to_assignment};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -537,10 +537,22 @@ impl Session {
                     Err(e) => return Err(Status::internal(format!("storing metrics: {e}"))),
                 }
             }
+            // A periodic checkpoint: replicated and recorded beside the session loop; the
+            // next one supersedes it, so nothing is answered.
+            Some(agent_message::Msg::Checkpoint(c)) => {
+                let taken = taken_checkpoint(c.checkpoint.as_ref(), "checkpoint.checkpoint")?
+                    .ok_or_else(|| Status::invalid_argument("checkpoint.checkpoint: missing"))?;
+                tokio::spawn(record_checkpoint(
+                    self.link.clone(),
+                    (c.run_id, c.attempt),
+                    taken,
+                ));
+            }
             // Carried out beside the session loop (logs and heartbeats keep flowing).
             Some(agent_message::Msg::Update(u)) => {
                 // An unknown state or end ends the session at once, naming the field.
                 attempt_report(&u)?;
+                taken_checkpoint(u.checkpoint.as_ref(), "update.checkpoint")?;
                 if let Some(u) = self.reports.queue(u) {
                     self.reports.start(&self.link, u);
                 }
@@ -607,6 +619,7 @@ async fn carry_out_report(
         report: attempt_report(u)?,
         log_bytes: u.log_bytes,
         metric_bytes: u.metric_bytes,
+        checkpoint: taken_checkpoint(u.checkpoint.as_ref(), "update.checkpoint")?,
     };
     let server = &link.server;
     let rank = link.rank(&u.run_id, u.attempt).unwrap_or(0);
@@ -620,6 +633,14 @@ async fn carry_out_report(
     let mut applied = None;
     for effect in effects {
         match effect {
+            Effect::ReplicateCheckpoint { sha256 } => {
+                server
+                    .store
+                    .replicas
+                    .ensure_replicated(vec![sha256])
+                    .await?;
+            }
+            Effect::RecordCheckpoint(cmd) => propose_checkpoint(server, *cmd).await?,
             Effect::ResumeLog { attempt, .. } => {
                 // Logs are still missing: ask for them; the agent re-sends the end after.
                 link.send_resume(&attempt.0, attempt.1).await;
@@ -655,6 +676,77 @@ async fn carry_out_report(
         }
     }
     Ok(applied.map(|a| (report, a, u.state)))
+}
+
+/// Proposes a `RecordCheckpoint`. A stale record is no error (a newer checkpoint is
+/// recorded), nor is a rejected one (the run is gone): neither is retried; a proposal that
+/// did not reach the log is, with the report that carries it.
+async fn propose_checkpoint(server: &Server, cmd: Command) -> Result<(), Status> {
+    match server.coordinator.propose(cmd).await {
+        Ok(Applied::Stale { run_id, attempt }) => {
+            tracing::debug!(run_id = %run_id, attempt, "stale checkpoint not recorded");
+            Ok(())
+        }
+        Ok(_) => Ok(()),
+        Err(ProposalError::Rejected(e)) => {
+            tracing::warn!(cause = %e, "checkpoint not recorded");
+            Ok(())
+        }
+        Err(e) => Err(status(e)),
+    }
+}
+
+/// Replicates and records a periodic checkpoint of `key` (muster-core's
+/// `node::on_checkpoint`); a failure is logged: the attempt's next checkpoint, or its end's,
+/// supersedes this one.
+#[tracing::instrument(name = "checkpoint", skip_all, fields(node = %link.node_id, run_id = %key.0, attempt = key.1))]
+async fn record_checkpoint(link: Link, key: AttemptKey, taken: node::TakenCheckpoint) {
+    let server = &link.server;
+    let effects = server
+        .coordinator
+        .read(|s| node::on_checkpoint(s, &link.node_id, (&key.0, key.1), &taken, now_ms()));
+    for effect in effects {
+        let done = match effect {
+            Effect::ReplicateCheckpoint { sha256 } => server
+                .store
+                .replicas
+                .ensure_replicated(vec![sha256])
+                .await
+                .map_err(Status::from),
+            Effect::RecordCheckpoint(cmd) => propose_checkpoint(server, *cmd).await,
+            _ => Ok(()),
+        };
+        if let Err(e) = done {
+            tracing::warn!(cause = %e.message(), "periodic checkpoint not recorded");
+            return;
+        }
+    }
+}
+
+/// A checkpoint an agent reports, in core's terms (`field` names it in errors); unset is
+/// none. A hash that is not a SHA-256 or an unknown cause is an error naming the field.
+fn taken_checkpoint(
+    c: Option<&v1::Checkpoint>,
+    field: &str,
+) -> Result<Option<node::TakenCheckpoint>, Status> {
+    let Some(c) = c else {
+        return Ok(None);
+    };
+    if !muster_core::snapshot::is_sha256_hex(&c.sha256) {
+        return Err(Status::invalid_argument(format!(
+            "{field}.sha256: {:?} is not 64 lowercase hex digits",
+            c.sha256
+        )));
+    }
+    let cause: CheckpointCause = decode_enum::<v1::CheckpointCause, CheckpointCause>(c.cause)
+        .map_err(|e| Status::invalid_argument(format!("{field}.cause: {e}")))?;
+    Ok(Some(node::TakenCheckpoint {
+        sha256: c.sha256.clone(),
+        seq: c.seq,
+        files: c.files,
+        bytes: c.bytes,
+        cause,
+    }))
 }
 
 impl Link {
@@ -756,6 +848,7 @@ fn assignment(
         secret: a.secret.clone().unwrap_or_default(),
         inputs: step_inputs.into_iter().collect(),
         outputs: step_outputs,
+        resume: a.resumed_from.clone().map(checkpoint_to_wire),
     }))
 }
 

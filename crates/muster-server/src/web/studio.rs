@@ -742,6 +742,8 @@ struct AttemptSection {
     placed: String,
     started: String,
     finished: String,
+    /// The checkpoint it started from, as `muster run show` says it.
+    resumed: Option<String>,
     /// Its ranks' output, combined.
     log: String,
 }
@@ -894,6 +896,20 @@ fn attempt_section(a: &v1::Attempt, log: String) -> AttemptSection {
         placed: ms(Some(a.placed_at_ms)),
         started: ms(a.started_at_ms),
         finished: ms(a.finished_at_ms),
+        resumed: a.resumed_from.as_ref().map(|c| {
+            let taken = muster_proto::decode_enum::<
+                v1::CheckpointCause,
+                muster_core::state::CheckpointCause,
+            >(c.cause)
+            .map_or("taken", |cause| cause.describe());
+            format!(
+                "from the checkpoint of attempt {} ({} file{}, {}, {taken})",
+                c.attempt,
+                c.files,
+                if c.files == 1 { "" } else { "s" },
+                muster_core::state::human_bytes(c.bytes)
+            )
+        }),
         log,
     }
 }
@@ -940,6 +956,9 @@ mod tests {
                 placed: ms(Some(500)),
                 started: ms(Some(1_000)),
                 finished: ms(Some(2_000)),
+                resumed: Some(
+                    "from the checkpoint of attempt 1 (1 file, 3 B, taken when preempted)".into(),
+                ),
                 log: format!("{text}\n"),
             }],
             queued: false,
@@ -992,6 +1011,10 @@ mod tests {
         assert!(html.contains("<h2>Attempt 1</h2><table class=attempt><tr><th>nodes</th><td>node-a (GPUs 0, 1)</td></tr>"), "{html}");
         assert!(
             html.contains("<tr><th>end</th><td class=completed>completed (exit 0)</td></tr>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<tr><th>resumed</th><td>from the checkpoint of attempt 1 (1 file, 3 B, taken when preempted)</td></tr>"),
             "{html}"
         );
         assert!(
