@@ -223,17 +223,35 @@ impl Lab {
                 .expect("piped stdin")
                 .write_all(input.as_bytes())
                 .expect("writing stdin");
-            let pid = child.id();
-            let watchdog = std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_secs(240));
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            });
-            let out: muster_testkit::CliOutput =
-                child.wait_with_output().expect("muster ends").into();
-            drop(watchdog);
+            // Bounded: a CLI still running after 240 s is killed (while it is our child,
+            // so the pid is still its own).
+            let stdout = child.stdout.take().expect("piped stdout");
+            let stderr = child.stderr.take().expect("piped stderr");
+            let read = |mut r: Box<dyn std::io::Read + Send>| {
+                std::thread::spawn(move || {
+                    let mut v = Vec::new();
+                    let _ = r.read_to_end(&mut v);
+                    v
+                })
+            };
+            let (out, err) = (read(Box::new(stdout)), read(Box::new(stderr)));
+            let deadline = Instant::now() + Duration::from_secs(240);
+            let status = loop {
+                if let Some(status) = child.try_wait().expect("waiting for muster") {
+                    break status;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    break child.wait().expect("waiting for muster");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            let out: muster_testkit::CliOutput = std::process::Output {
+                status,
+                stdout: out.join().unwrap_or_default(),
+                stderr: err.join().unwrap_or_default(),
+            }
+            .into();
             out
         })
         .await
