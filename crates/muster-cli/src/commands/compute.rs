@@ -14,6 +14,11 @@ use crate::snapshot::human_bytes;
 use muster_client::status;
 
 pub async fn run(server: &str, output: OutputFormat, cmd: ComputeCommand) -> anyhow::Result<()> {
+    let cmd = match cmd {
+        ComputeCommand::Attach(args) => return super::attach::attach(server, output, *args).await,
+        ComputeCommand::Detach(args) => return super::attach::detach(server, output, *args).await,
+        cmd => cmd,
+    };
     // Validate input before touching the network.
     let create = match &cmd {
         ComputeCommand::Create(args) => {
@@ -200,6 +205,7 @@ pub async fn run(server: &str, output: OutputFormat, cmd: ComputeCommand) -> any
                 println!("Deleted compute target {name}.");
             }
         }
+        ComputeCommand::Attach(_) | ComputeCommand::Detach(_) => unreachable!("handled above"),
     }
     Ok(())
 }
