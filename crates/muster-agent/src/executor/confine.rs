@@ -170,7 +170,6 @@ const NEVER_MOUNTED: &[&str] = &[
     "/dev",
     "/etc",
     "/boot",
-    "/root",
     "/run",
     "/var/run",
     "/var/lib/docker",
@@ -185,6 +184,13 @@ pub fn forbidden_mount(source: &Path) -> Option<String> {
         if real == never || (never != Path::new("/") && real.starts_with(never)) {
             return Some(format!(
                 "{} is {} or below it, which no run may see",
+                source.display(),
+                never.display()
+            ));
+        }
+        if never != Path::new("/") && never.starts_with(&real) {
+            return Some(format!(
+                "{} holds {}, which no run may see",
                 source.display(),
                 never.display()
             ));
@@ -228,6 +234,12 @@ mod tests {
         assert!(forbidden_mount(Path::new("/var/run/docker.sock")).is_some());
         assert!(forbidden_mount(Path::new("/etc/passwd")).is_some());
         assert!(forbidden_mount(Path::new("/proc/1")).is_some());
+        assert!(
+            forbidden_mount(Path::new("/var/lib"))
+                .unwrap()
+                .contains("holds")
+        );
+        assert_eq!(forbidden_mount(Path::new("/usr/bin/true")), None);
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(forbidden_mount(dir.path()), None);
         let sock = dir.path().join("s.sock");
