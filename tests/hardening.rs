@@ -329,3 +329,74 @@ async fn a_process_run_as_nobody_cannot_read_another_run_s_working_directory() {
     assert_eq!(std::fs::metadata(&secret).unwrap().uid(), 65534);
     let _ = muster(&url, dir.path(), &["run", "cancel", &a]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_cluster_admin_loosens_a_compute_target_s_runs() {
+    use muster_proto::v1;
+    let dev = short_grace_dev().await;
+    let url = dev.url();
+    let token = muster_testkit::access::user_token(&url, "olga", "operator", Some("default"))
+        .await
+        .unwrap();
+    let mut operator =
+        muster_client::connect(&url, muster_client::Credentials::bearer(&token).unwrap())
+            .await
+            .unwrap();
+    let target = |name: &str, policy: Option<v1::RunPolicy>| v1::ComputeTarget {
+        name: name.into(),
+        r#type: "attached".into(),
+        run_policy: policy,
+        ..Default::default()
+    };
+    let root = Some(v1::RunPolicy {
+        allow_root: true,
+        ..Default::default()
+    });
+    // An operator creates a hardened target, but not a loosened one.
+    let denied = operator
+        .compute
+        .create_compute(v1::CreateComputeRequest {
+            compute: Some(target("loose", root.clone())),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().starts_with("runs: "), "{denied:?}");
+    operator
+        .compute
+        .create_compute(v1::CreateComputeRequest {
+            compute: Some(target("tight", None)),
+        })
+        .await
+        .unwrap();
+    let denied = operator
+        .compute
+        .update_compute(v1::UpdateComputeRequest {
+            compute: Some(target("tight", root.clone())),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    // The cluster admin may; the target then says so, and an operator's other changes
+    // keep it.
+    let mut admin = dev.clients().await.unwrap();
+    admin
+        .compute
+        .update_compute(v1::UpdateComputeRequest {
+            compute: Some(target("tight", root.clone())),
+        })
+        .await
+        .unwrap();
+    let mut kept = target("tight", root.clone());
+    kept.description = Some("legacy images".into());
+    let updated = operator
+        .compute
+        .update_compute(v1::UpdateComputeRequest {
+            compute: Some(kept),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.run_policy, root);
+    assert_eq!(updated.description.as_deref(), Some("legacy images"));
+}
