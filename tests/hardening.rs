@@ -159,6 +159,13 @@ async fn a_compute_target_may_allow_root_and_add_a_capability_back() {
     )
     .await;
     assert_eq!(state, "completed", "{log}");
+    let shown = muster(&url, dir.path(), &["compute", "show", "rooted"]).await;
+    assert!(
+        shown.stdout.contains(
+            "run policy   containers may run as root, capabilities NET_BIND_SERVICE, at most 4096 processes"
+        ),
+        "{shown:?}"
+    );
     // CAP_NET_BIND_SERVICE is bit 10; nothing else.
     assert_eq!(field(&log, "CapEff"), Some("0000000000000400"), "{log}");
     assert_eq!(field(&log, "NoNewPrivs"), Some("1"), "{log}");
