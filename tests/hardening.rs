@@ -407,3 +407,32 @@ async fn only_a_cluster_admin_loosens_a_compute_target_s_runs() {
     assert_eq!(updated.run_policy, root);
     assert_eq!(updated.description.as_deref(), Some("legacy images"));
 }
+
+#[tokio::test]
+async fn an_agent_refuses_a_run_as_user_it_cannot_use() {
+    let dir = tempfile::tempdir().unwrap();
+    for (user, says) in [
+        (
+            "no-such-user-here",
+            "--run-as: no user \"no-such-user-here\"",
+        ),
+        ("root", "--run-as: \"root\" is root"),
+    ] {
+        let out = muster(
+            "http://127.0.0.1:9",
+            dir.path(),
+            &[
+                "agent",
+                "--compute",
+                "pool",
+                "--data-dir",
+                dir.path().join("agent").to_str().unwrap(),
+                "--run-as",
+                user,
+            ],
+        )
+        .await;
+        assert_ne!(out.code, 0, "{out:?}");
+        assert!(out.stderr.contains(says), "{out:?}");
+    }
+}

@@ -1097,6 +1097,39 @@ mod tests {
     }
 
     #[test]
+    fn capabilities_come_back_only_as_listed_and_the_last_value_of_a_variable_wins() {
+        let launch = Launch {
+            command: "true".into(),
+            workdir: "/w".into(),
+            env: vec![
+                ("HOME".into(), "/tmp".into()),
+                ("A".into(), "1".into()),
+                ("HOME".into(), "/home/me".into()),
+            ],
+            log_path: "/w/log".into(),
+            timeout: None,
+            container: None,
+            process_limits: Default::default(),
+        };
+        let spec = ContainerSpec {
+            image: "img:1".into(),
+            add_capabilities: vec!["NET_BIND_SERVICE".into()],
+            max_processes: 64,
+            ..Default::default()
+        };
+        let body = container_body(&launch, &spec, Path::new("/w"), 0, None);
+        let env = body.env.unwrap();
+        assert!(env.contains(&"HOME=/home/me".to_string()), "{env:?}");
+        assert!(!env.contains(&"HOME=/tmp".to_string()), "{env:?}");
+        assert!(env.contains(&"A=1".to_string()));
+        let host = body.host_config.unwrap();
+        assert_eq!(host.cap_drop, Some(vec!["ALL".to_string()]));
+        assert_eq!(host.cap_add, Some(vec!["NET_BIND_SERVICE".to_string()]));
+        assert_eq!(host.pids_limit, Some(64));
+        assert_eq!(host.privileged, Some(false));
+    }
+
+    #[test]
     fn an_adopted_timeout_counts_from_the_container_start() {
         let start = humantime::parse_rfc3339("2025-01-02T03:04:05.123456789Z").unwrap();
         let now = start + Duration::from_secs(20);
