@@ -90,6 +90,7 @@ impl World {
                 labels,
                 ..Default::default()
             }),
+            process_limits: Default::default(),
         }
     }
 

@@ -512,6 +512,11 @@ pub struct AgentArgs {
     /// Seconds an MPI launcher waits for its workers to be up and reachable.
     #[arg(long, default_value_t = 300)]
     pub peer_wait_secs: u64,
+    /// Run processes (runs without an image) as this unprivileged user (a name or uid),
+    /// each in a working directory private to its attempt, with rlimits. The agent must
+    /// run as root.
+    #[arg(long, value_name = "USER")]
+    pub run_as: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

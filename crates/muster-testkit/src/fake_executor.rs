@@ -196,6 +196,7 @@ mod tests {
             log_path: "/w/log".into(),
             timeout: None,
             container: None,
+            process_limits: Default::default(),
         }
     }
 

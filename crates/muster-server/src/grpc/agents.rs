@@ -849,6 +849,10 @@ fn assignment(
         inputs: step_inputs.into_iter().collect(),
         outputs: step_outputs,
         resume: a.resumed_from.clone().map(checkpoint_to_wire),
+        run_policy: s
+            .computes
+            .get(&run.spec.compute)
+            .and_then(|c| muster_proto::run_policy_to_wire(&c.spec.run_policy)),
     }))
 }
 
