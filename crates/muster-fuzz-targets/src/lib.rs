@@ -12,9 +12,12 @@
 use muster_core::spec::RunSpec;
 use muster_proto::v1;
 
+/// A target's body: arbitrary bytes in; panics on a property that does not hold.
+pub type Body = fn(&[u8]);
+
 /// Every target: its name (the file `fuzz/fuzz_targets/<name>.rs` and the corpus folder
 /// `fuzz/corpus/<name>/`) and its body.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Body)] = &[
     ("job_yaml", job_yaml),
     ("sweep_yaml", sweep_yaml),
     ("pipeline_yaml", pipeline_yaml),
@@ -207,7 +210,7 @@ fn round_trip<M: prost::Message + Default + PartialEq + std::fmt::Debug>(data: &
 macro_rules! messages {
     ($($name:ident)*) => {
         /// Every message of `proto/muster/v1`, by name.
-        pub const MESSAGES: &[(&str, fn(&[u8]))] = &[$((stringify!($name), round_trip::<v1::$name>)),*];
+        pub const MESSAGES: &[(&str, Body)] = &[$((stringify!($name), round_trip::<v1::$name>)),*];
     };
 }
 
