@@ -3,6 +3,11 @@
 //! footprint (CPU and RSS) of a real `muster agent` process.
 //!
 //! `cargo run --release -p muster-benches --bin container-latency -- --runs 20`
+//!
+//! With `--hardening-rounds N`: instead, N rounds of raw `docker run` without and with the
+//! flags muster's hardening sets (no capabilities, no-new-privileges, read-only root with a
+//! /tmp tmpfs, a pids limit, user 65534) and muster's (hardened) submit→exit, each round's
+//! p50s and the range of the hardened/unhardened ratio over the rounds.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -22,6 +27,127 @@ struct Args {
     /// Seconds the idle agent is watched.
     #[arg(long, default_value_t = 30)]
     idle_secs: u64,
+    /// Compare hardened and unhardened container starts over this many rounds (and skip
+    /// the rest).
+    #[arg(long, default_value_t = 0)]
+    hardening_rounds: usize,
+}
+
+/// The `docker run` flags of muster's hardening (executor/docker.rs, `container_body`).
+const HARDENING: &[&str] = &[
+    "--cap-drop",
+    "ALL",
+    "--security-opt",
+    "no-new-privileges:true",
+    "--read-only",
+    "--tmpfs",
+    "/tmp:rw,nosuid,nodev,mode=1777",
+    "--pids-limit",
+    "4096",
+    "--user",
+    "65534:65534",
+];
+
+/// `runs` times `docker run --rm FLAGS IMAGE true`, one at a time.
+fn raw_runs(image: &str, flags: &[&str], runs: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let ok = Command::new("docker")
+            .arg("run")
+            .arg("--rm")
+            .args(flags)
+            .args([image, "true"])
+            .output()?
+            .status
+            .success();
+        anyhow::ensure!(ok, "docker run {flags:?} failed");
+        times.push(t.elapsed());
+    }
+    Ok(times)
+}
+
+/// `runs` submits of `wire` through muster, one at a time: each one's submit → exit.
+async fn muster_runs(
+    c: &mut muster_client::Clients,
+    wire: &v1::RunSpec,
+    runs: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let run = c
+            .runs
+            .submit_run(v1::SubmitRunRequest {
+                spec: Some(wire.clone()),
+                idempotency_key: None,
+            })
+            .await?
+            .into_inner();
+        let done = c
+            .runs
+            .wait_run(v1::WaitRunRequest {
+                id: run.id.clone(),
+                timeout_ms: 60_000,
+            })
+            .await?
+            .into_inner();
+        times.push(t.elapsed());
+        anyhow::ensure!(
+            done.state().word() == "completed",
+            "run {} ended: {:?}",
+            done.id,
+            done.message
+        );
+    }
+    Ok(times)
+}
+
+/// `--hardening-rounds`: hardened against unhardened starts, round by round.
+async fn hardening(image: &str, rounds: usize, runs: usize) -> anyhow::Result<()> {
+    let dev = DevCluster::start().await?;
+    let mut c = dev.clients().await?;
+    let mut spec = muster_core::RunSpec::new("true");
+    spec.experiment = "bench".into();
+    spec.environment.image = Some(image.to_string());
+    let wire: v1::RunSpec = spec.into();
+    println!("container-latency --hardening-rounds {rounds}: {runs} runs per measurement");
+    println!(
+        "| round | raw p50 ms | raw hardened p50 ms | hardened/raw | muster submit→exit p50 ms | muster/raw |"
+    );
+    println!(
+        "|-------|------------|---------------------|--------------|---------------------------|------------|"
+    );
+    let (mut engine, mut whole) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let (plain, _) = pct(raw_runs(image, &[], runs)?);
+        let (hard, _) = pct(raw_runs(image, HARDENING, runs)?);
+        let (ours, _) = pct(muster_runs(&mut c, &wire, runs).await?);
+        let ratio = hard.as_secs_f64() / plain.as_secs_f64();
+        let ours_ratio = ours.as_secs_f64() / plain.as_secs_f64();
+        engine.push(ratio);
+        whole.push(ours_ratio);
+        println!(
+            "| {round} | {:.1} | {:.1} | {ratio:.2}x | {:.1} | {ours_ratio:.2}x |",
+            ms(plain),
+            ms(hard),
+            ms(ours)
+        );
+    }
+    let range = |v: &[f64]| {
+        let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().cloned().fold(0.0, f64::max);
+        format!("{lo:.2}–{hi:.2}x")
+    };
+    println!(
+        "hardened / unhardened docker run (p50): {} over {rounds} rounds (goal ≤ 1.10x)",
+        range(&engine)
+    );
+    println!(
+        "muster (hardened) submit→exit / unhardened docker run (p50): {}",
+        range(&whole)
+    );
+    Ok(())
 }
 
 fn pct(mut v: Vec<Duration>) -> (Duration, Duration) {
@@ -41,6 +167,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .ok_or_else(|| anyhow::anyhow!("this benchmark needs a Docker engine"))?;
     let image = busybox_image(&docker).await?;
+    if args.hardening_rounds > 0 {
+        return hardening(&image, args.hardening_rounds, args.runs).await;
+    }
 
     // Raw docker run, as a user types it.
     let mut raw = Vec::new();

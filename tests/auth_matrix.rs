@@ -913,5 +913,37 @@ async fn an_agent_with_a_used_or_expired_join_token_is_told_what_to_do() {
     let late = run_agent("late", &short).await.expect("it stops at once");
     let err = late.unwrap_err().to_string();
     assert!(err.contains("the join token expired"), "{err}");
+    // And one whose token was revoked (`muster token revoke ID`) before it was used; a
+    // used one cannot be revoked (its node's credential is what to remove).
+    let unused = admin
+        .access
+        .create_token(v1::CreateTokenRequest {
+            join: true,
+            compute: "local".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let id = unused.info.expect("its info").id;
+    admin
+        .access
+        .revoke_token(v1::RevokeTokenRequest { id: id.clone() })
+        .await
+        .expect("a join token is revoked");
+    let revoked = run_agent("revoked", &unused.token)
+        .await
+        .expect("it stops at once");
+    assert!(revoked.is_err(), "{revoked:?}");
+    let used_id = join.split('_').nth(1).unwrap().to_string();
+    let used = admin
+        .access
+        .revoke_token(v1::RevokeTokenRequest { id: used_id })
+        .await
+        .unwrap_err();
+    assert!(
+        used.message().contains("used already, by node first"),
+        "{used:?}"
+    );
     first.abort();
 }

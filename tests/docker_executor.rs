@@ -91,6 +91,7 @@ impl World {
                 ..Default::default()
             }),
             redact: Default::default(),
+            process_limits: Default::default(),
         }
     }
 

@@ -367,6 +367,11 @@ async fn web_paths_check_host_and_origin_and_carry_security_headers() {
     missing.assert_security_headers();
 }
 
+/// The Host a request to `addr` names.
+fn own_addr(addr: SocketAddr) -> String {
+    addr.to_string()
+}
+
 /// The value of the hidden `csrf` field of a studio page.
 fn csrf_field(html: &str) -> String {
     html.split("name=csrf value=\"")
@@ -384,7 +389,15 @@ async fn studio_pages_need_a_session_and_show_only_the_viewers_workspaces() {
     let origin = format!("http://{own}");
 
     // No session: every page sends the browser to the login form.
-    for path in ["/", "/runs/run-x", "/sweeps/sweep-x", "/pipelines/pl-x"] {
+    for path in [
+        "/",
+        "/runs/run-x",
+        "/sweeps/sweep-x",
+        "/pipelines/pl-x",
+        "/compute",
+        "/compute/local",
+        "/queue",
+    ] {
         let page = send(addr, "GET", path, &own, &[], b"").await;
         assert_eq!(page.status, 303, "{path}: {page:?}");
         assert_eq!(page.header("location"), Some("/login"), "{path}");
@@ -480,6 +493,61 @@ async fn studio_pages_need_a_session_and_show_only_the_viewers_workspaces() {
     assert_eq!(mine.status, 200, "{mine:?}");
     let admin_index = send(addr, "GET", "/", &own, &[("Cookie", &session)], b"").await;
     assert!(admin_index.body.contains(&id), "{}", admin_index.body);
+
+    // The compute pages and the queue: the viewer's workspaces only.
+    let project = tempfile::tempdir().unwrap();
+    let waiting =
+        muster_tests::submit_sh(&dev.url(), project.path(), &["--gpus", "4"], "true").await;
+    let page = |path: &'static str, cookie: String| async move {
+        send(
+            addr,
+            "GET",
+            path,
+            &own_addr(addr),
+            &[("Cookie", &cookie)],
+            b"",
+        )
+        .await
+    };
+    let tab = page("/compute?tab=attached", session.clone()).await;
+    assert_eq!(tab.status, 200, "{tab:?}");
+    assert!(
+        tab.body.contains("<a href=\"/compute/local\">local</a>"),
+        "{}",
+        tab.body
+    );
+    let local = page("/compute/local", session.clone()).await;
+    assert_eq!(local.status, 200, "{local:?}");
+    assert!(local.body.contains("<tr class=node>"), "{}", local.body);
+    assert!(
+        local.body.contains(&format!("href=\"/runs/{id}\"")),
+        "{}",
+        local.body
+    );
+    let queue = page("/queue", session.clone()).await;
+    let states: Vec<(String, String)> = all_runs(&dev.url())
+        .await
+        .iter()
+        .map(|r| (r.id.clone(), r.state().word().to_string()))
+        .collect();
+    assert!(queue.body.contains(&waiting), "{states:?} {}", queue.body);
+    assert!(queue.body.contains("4 GPUs"), "{}", queue.body);
+    assert!(
+        queue.body.contains("waiting for") || queue.body.contains("needs"),
+        "{}",
+        queue.body
+    );
+    let bad_tab = page("/compute?tab=kubernetes", session.clone()).await;
+    assert_eq!(bad_tab.status, 400, "{bad_tab:?}");
+    let their_tab = page("/compute?tab=attached", vera.clone()).await;
+    assert!(
+        !their_tab.body.contains("/compute/local"),
+        "{}",
+        their_tab.body
+    );
+    assert_eq!(page("/compute/local", vera.clone()).await.status, 404);
+    let their_queue = page("/queue", vera.clone()).await;
+    assert!(!their_queue.body.contains(&waiting), "{}", their_queue.body);
 
     // Logging out is a state change: it needs the session's CSRF token.
     let csrf = csrf_field(&admin_index.body);

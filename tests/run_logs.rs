@@ -683,3 +683,37 @@ async fn a_killed_agents_partial_log_outlives_the_leader_that_took_it() {
         );
     }
 }
+
+/// A chatty run's page shows the end of its log (where the error is), from the start of a
+/// line, and says how much comes before and how to read it whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_page_shows_the_end_of_a_long_log_and_says_what_it_left_out() {
+    let dev = muster_testkit::DevCluster::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // About 1.3 MB of numbered lines (more than a page shows), then the line that matters.
+    let id = muster_tests::submit_sh(
+        &dev.url(),
+        dir.path(),
+        &[],
+        "seq 1 200000; echo the-error-is-here",
+    )
+    .await;
+    let run = muster_tests::wait_done(&dev.url(), &id).await;
+    assert_eq!(run.state().word(), "completed", "{run:?}");
+    let (code, page) = muster_tests::web_page(dev.addr, &format!("/runs/{id}")).await;
+    assert_eq!(code, 200);
+    assert!(page.contains("the-error-is-here"), "the end is shown");
+    assert!(!page.contains("<pre>1\n2\n"), "not the start");
+    assert!(
+        page.contains(&format!(
+            "more before these lines: `muster run logs {id} --attempt 1` prints it whole."
+        )),
+        "{}",
+        &page[..page.len().min(4000)]
+    );
+    // From the start of a line: the first line shown is a whole number of the sequence.
+    let shown = page.split("<pre>").nth(1).unwrap();
+    let first = shown.lines().next().unwrap();
+    let n: u64 = first.parse().expect("a whole line");
+    assert!(n > 1 && n < 200000, "{first}");
+}

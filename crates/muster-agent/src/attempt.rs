@@ -63,6 +63,8 @@ pub(crate) struct Executors {
     pub registry: Registry,
     /// How long an MPI launcher waits for its workers to be up and reachable.
     pub peer_wait: std::time::Duration,
+    /// The user processes run as (`muster agent --run-as`), if not the agent's.
+    pub run_as: Option<executor::confine::RunUser>,
 }
 
 /// Why preparing an attempt or uploading its outputs failed (the attempt fails with this
@@ -451,6 +453,23 @@ impl AttemptTask {
                         path: plan.workdir.join("secrets"),
                         source,
                     })?;
+            // Readable by the run's user alone: a container's (non-root unless allowed),
+            // or `--run-as`'s user (with the attempt's group, as its process runs).
+            if executor::confine::agent_is_root() {
+                let dir = files.dir().to_path_buf();
+                let user = match &launch.container {
+                    Some(c) => executor::confine::container_user(c.allow_root),
+                    None => self.executors.run_as.map(|u| executor::confine::RunUser {
+                        uid: u.uid,
+                        gid: executor::confine::attempt_gid(&launch.workdir),
+                    }),
+                };
+                let given = user.map_or(Ok(()), |user| executor::confine::give_to(&dir, user));
+                given.map_err(|source| AttemptError::Write {
+                    path: dir.clone(),
+                    source,
+                })?;
+            }
             let seen = match &mut launch.container {
                 Some(c) => {
                     c.read_only_mounts.push((

@@ -117,6 +117,9 @@ pub struct AgentConfig {
     /// sets 20 s: its agent and server share one process, which no partition splits, and
     /// an idle `muster dev` then hardly wakes.
     pub keep_alive: std::time::Duration,
+    /// `--run-as`: run processes (not containers) as this unprivileged user, each in a
+    /// working directory private to its attempt, with rlimits. Needs the agent to be root.
+    pub run_as: Option<executor::confine::RunUser>,
 }
 
 /// A setting of [`AgentConfig`] that cannot work; each names the flag to fix.
@@ -148,6 +151,27 @@ pub enum ConfigError {
     /// GPUs would be probed in a busy loop.
     #[error("the GPU refresh interval must be longer than zero")]
     GpuRefresh,
+    /// `--run-as` needs the agent to switch users.
+    #[error(
+        "--run-as: the agent runs as uid {uid}, not root, so it cannot start runs as another user: start the agent as root (the shipped systemd unit does) or drop --run-as"
+    )]
+    RunAsNotRoot {
+        /// The agent's uid.
+        uid: u32,
+    },
+    /// The run user cannot reach the attempts' folders.
+    #[error(
+        "--run-as: the run user (uid {uid}) cannot reach {}: it is mode {mode:o}; let others search it (chmod o+x) or pick a --data-dir it can reach",
+        dir.display()
+    )]
+    RunAsUnreachable {
+        /// The run user.
+        uid: u32,
+        /// The folder it cannot search.
+        dir: PathBuf,
+        /// Its mode.
+        mode: u32,
+    },
 }
 
 impl AgentConfig {
@@ -175,6 +199,11 @@ impl AgentConfig {
         }
         if self.gpu_refresh.is_zero() {
             return Err(ConfigError::GpuRefresh);
+        }
+        if self.run_as.is_some() && !executor::confine::agent_is_root() {
+            return Err(ConfigError::RunAsNotRoot {
+                uid: nix::unistd::geteuid().as_raw(),
+            });
         }
         Ok(())
     }
@@ -262,6 +291,7 @@ impl AgentConfig {
             tls: None,
             ca_fingerprint: None,
             keep_alive: std::time::Duration::from_secs(1),
+            run_as: None,
         }
     }
 }

@@ -31,8 +31,9 @@ use muster_core::distributed::{FIRST_MASTER_PORT, Layout, Peer, rank_setup};
 use muster_core::spec::{Distribution, OutputKind, RunSpec};
 use muster_proto::v1;
 
+use crate::executor::confine::is_gpu_variable;
 use crate::executor::docker::RSH_TARGET;
-use crate::executor::{ContainerSpec, Launch};
+use crate::executor::{ContainerSpec, Launch, ProcessLimits};
 use crate::rsh_server::Worker;
 
 /// (run id, attempt number).
@@ -203,6 +204,8 @@ impl AttemptPlan {
             attempt: a.attempt,
         })?;
         let spec: RunSpec = muster_proto::spec_from_wire(wire).map_err(PlanError::Spec)?;
+        let policy = muster_proto::run_policy_from_wire(a.run_policy.as_ref())
+            .map_err(|e| PlanError::Spec(format!("the compute target's run policy: {e}")))?;
         let peers: Vec<Peer> = a
             .placements
             .iter()
@@ -270,7 +273,19 @@ impl AttemptPlan {
                 (format!("exec {RSH_TARGET} --idle"), None, Some(launcher))
             }
         };
-        env.extend(spec.environment_variables.clone());
+        // A container's user is not root (unless allowed), and its root filesystem is
+        // read-only: its home is the scratch tmpfs, unless the run says otherwise.
+        if in_container && !policy.allow_root {
+            env.push(("HOME".into(), "/tmp".into()));
+        }
+        // The run's own variables, except those that would show it GPUs it was not given
+        // (the local target hides none, so there they pass).
+        env.extend(
+            spec.environment_variables
+                .iter()
+                .filter(|(k, _)| node.unlimited || !is_gpu_variable(k))
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
         let secrets = crate::secrets::RunSecrets::from_assignment(&spec, &a.secrets)
             .map_err(PlanError::Secret)?;
         env.extend(secrets.env());
@@ -305,6 +320,9 @@ impl AttemptPlan {
                         )
                     })
                     .collect(),
+                allow_root: policy.allow_root,
+                add_capabilities: policy.add_capabilities.clone(),
+                max_processes: policy.max_processes(),
             });
         // Peers may exec into this rank's container (MPI) with the attempt's secret; a
         // release from rank 0 ends it as completed.
@@ -343,6 +361,10 @@ impl AttemptPlan {
                 timeout: spec.timeout_s.map(Duration::from_secs),
                 container,
                 redact: secrets.redactor(),
+                process_limits: ProcessLimits {
+                    memory_bytes: spec.resources.memory_bytes,
+                    max_processes: policy.max_processes(),
+                },
             },
             secrets,
             workdir,
@@ -683,6 +705,46 @@ mod tests {
         let plan = AttemptPlan::from(&assignment(None), &local).unwrap();
         assert_eq!(env(&plan, "NVIDIA_VISIBLE_DEVICES"), None);
         assert_eq!(env(&plan, "CUDA_VISIBLE_DEVICES"), None);
+    }
+
+    #[test]
+    fn a_run_s_own_gpu_variables_are_dropped_and_the_policy_reaches_the_container() {
+        let mut a = assignment(Some("img:1"));
+        a.spec.as_mut().unwrap().environment_variables = [
+            ("CUDA_VISIBLE_DEVICES".to_string(), "0,1".to_string()),
+            ("NVIDIA_VISIBLE_DEVICES".to_string(), "all".to_string()),
+            ("KEEP".to_string(), "me".to_string()),
+        ]
+        .into();
+        let plan = AttemptPlan::from(&a, &node()).unwrap();
+        assert_eq!(env(&plan, "NVIDIA_VISIBLE_DEVICES"), Some("void"));
+        assert_eq!(env(&plan, "CUDA_VISIBLE_DEVICES"), None);
+        assert_eq!(env(&plan, "KEEP"), Some("me"));
+        assert_eq!(env(&plan, "HOME"), Some("/tmp"));
+        let c = plan.launch.container.as_ref().unwrap();
+        assert!(!c.allow_root);
+        assert_eq!(c.max_processes, 4096);
+        // A process: CUDA's list is the agent's (empty), not the run's.
+        let mut p = a.clone();
+        p.spec.as_mut().unwrap().image = None;
+        let plan = AttemptPlan::from(&p, &node()).unwrap();
+        assert_eq!(env(&plan, "CUDA_VISIBLE_DEVICES"), Some(""));
+        assert_eq!(plan.launch.process_limits.max_processes, 4096);
+        // The compute target allows root and a capability.
+        a.run_policy = Some(v1::RunPolicy {
+            allow_root: true,
+            add_capabilities: vec!["net_bind_service".into()],
+            max_processes: 64,
+        });
+        let plan = AttemptPlan::from(&a, &node()).unwrap();
+        let c = plan.launch.container.as_ref().unwrap();
+        assert!(c.allow_root);
+        assert_eq!(c.add_capabilities, ["NET_BIND_SERVICE"]);
+        assert_eq!(c.max_processes, 64);
+        assert_eq!(env(&plan, "HOME"), None);
+        a.run_policy.as_mut().unwrap().add_capabilities = vec!["EVERYTHING".into()];
+        let e = AttemptPlan::from(&a, &node()).unwrap_err();
+        assert!(e.to_string().contains("runs.add_capabilities"), "{e}");
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub(crate) const CONTAINER_DIR: &str = "/run/secrets";
 /// The tmpfs under which secret directories go, when the node has it.
 const TMPFS_ROOT: &str = "/dev/shm";
 
+/// The folder of the attempts' secret folders on that tmpfs (a container may mount one
+/// attempt's folder below it, though `/dev` is otherwise never mounted).
+pub(crate) const SECRETS_ROOT: &str = "/dev/shm/muster-secrets";
+
 /// One attempt's secret values, by name.
 #[derive(Clone, Default)]
 pub(crate) struct RunSecrets {
@@ -88,7 +92,7 @@ impl RunSecrets {
     pub(crate) fn write(&self, tag: &str, fallback: &Path) -> std::io::Result<SecretFiles> {
         let tmpfs = Path::new(TMPFS_ROOT);
         let root = if tmpfs.is_dir() {
-            tmpfs.join("muster-secrets")
+            PathBuf::from(SECRETS_ROOT)
         } else {
             fallback.join(".secrets")
         };
@@ -96,10 +100,13 @@ impl RunSecrets {
     }
 
     fn write_under(&self, root: &Path, tag: &str) -> std::io::Result<SecretFiles> {
+        // Others may pass through the root (to the one directory given to them) but not
+        // list it.
         std::fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o700)
+            .mode(0o711)
             .create(root)?;
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))?;
         let dir = root.join(tag);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;

@@ -515,6 +515,11 @@ pub struct AgentArgs {
     /// Seconds an MPI launcher waits for its workers to be up and reachable.
     #[arg(long, default_value_t = 300)]
     pub peer_wait_secs: u64,
+    /// Run processes (runs without an image) as this unprivileged user (a name or uid),
+    /// each in a working directory private to its attempt, with rlimits. The agent must
+    /// run as root.
+    #[arg(long, value_name = "USER")]
+    pub run_as: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -555,6 +560,78 @@ pub enum ComputeCommand {
         /// Its name.
         name: String,
     },
+    /// Attach a machine over SSH: copy this muster there, start its agent as a service
+    /// joined to NAME (made an `attached` target if it does not exist), wait until ready.
+    Attach(Box<ComputeAttachArgs>),
+    /// Detach a node attached over SSH: stop and remove its agent and files there, then
+    /// remove the node.
+    Detach(Box<ComputeDetachArgs>),
+}
+
+/// How `compute attach` and `detach` log in over SSH and check the host key. Passwords
+/// and keys are used for the connection only and stored nowhere.
+#[derive(Debug, Args)]
+pub struct SshLoginArgs {
+    /// The private key to log in with (OpenSSH or PEM, without a passphrase).
+    #[arg(long, value_name = "FILE", conflicts_with = "password_stdin")]
+    pub key: Option<PathBuf>,
+    /// Read the login password from standard input (the first line).
+    #[arg(long)]
+    pub password_stdin: bool,
+    /// The known_hosts file the host key is checked against (default ~/.ssh/known_hosts).
+    #[arg(long, value_name = "FILE")]
+    pub known_hosts: Option<PathBuf>,
+    /// The host key's fingerprint, as `ssh-keygen -lf` prints it: a host known_hosts does
+    /// not know is trusted if its key has it (and refused if not).
+    #[arg(long, value_name = "SHA256:...")]
+    pub host_key: Option<String>,
+}
+
+/// `muster compute attach`.
+#[derive(Debug, Args)]
+pub struct ComputeAttachArgs {
+    /// The compute target (made an `attached` target if it does not exist).
+    pub name: Option<String>,
+    /// Azure ML's `type: virtualmachine` compute YAML (`name`, `address` (muster's key:
+    /// the host), `ssh_settings: {admin_username, ssh_port, ssh_private_key_file}`).
+    #[arg(long, short = 'f')]
+    pub file: Option<PathBuf>,
+    /// Where to log in.
+    #[arg(long, value_name = "USER@HOST[:PORT]")]
+    pub ssh: Option<String>,
+    /// Login and host key checking.
+    #[command(flatten)]
+    pub login: SshLoginArgs,
+    /// The node's name (default: the machine's host name).
+    #[arg(long)]
+    pub node: Option<String>,
+    /// The server(s) the agent dials, if the machine reaches them at another address than
+    /// --server (URL or HOST:PORT, comma-separated).
+    #[arg(long, value_name = "ADDR")]
+    pub agent_server: Option<String>,
+    /// Seconds to wait for the node to be ready.
+    #[arg(long, default_value_t = 120)]
+    pub ready_timeout: u64,
+}
+
+/// `muster compute detach`.
+#[derive(Debug, Args)]
+pub struct ComputeDetachArgs {
+    /// The compute target.
+    pub name: String,
+    /// The node to detach.
+    #[arg(long)]
+    pub node: String,
+    /// Where to log in (default: the address it was attached through, its `muster.ssh`
+    /// label).
+    #[arg(long, value_name = "USER@HOST[:PORT]")]
+    pub ssh: Option<String>,
+    /// Login and host key checking.
+    #[command(flatten)]
+    pub login: SshLoginArgs,
+    /// Seconds to wait for the agent to stop and the node to go.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
 }
 
 #[derive(Debug, Args)]

@@ -11,7 +11,8 @@
 //!
 //! Crate choices: `clap` (derive) for flags, `comfy-table` for tables, `humantime` for
 //! times (shown, and `--since 2h` / `--since 2026-01-31T12:00:00Z` read: see `paging.rs`), `ignore` for `.amlignore`/`.gitignore` semantics, `tar` for outputs;
-//! muster-client (`backon`) paces a submission's retries through an election.
+//! muster-client (`backon`) paces a submission's retries through an election; `russh` (on
+//! ring, as rustls here) is the SSH client of `compute attach`/`detach` (`ssh.rs`).
 
 pub mod cli;
 pub mod commands;
@@ -21,6 +22,7 @@ pub mod output;
 pub mod paging;
 pub mod progress;
 pub mod snapshot;
+pub mod ssh;
 pub mod tls;
 
 use std::sync::OnceLock;
@@ -57,6 +59,11 @@ pub fn with_ca(
         ),
         None => credentials,
     })
+}
+
+/// The CA file `--ca-file` named, if any.
+pub fn ca_file() -> Option<&'static std::path::Path> {
+    CA_FILE.get().and_then(|c| c.as_deref())
 }
 
 /// The workspace `--workspace` named, if any.

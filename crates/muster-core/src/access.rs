@@ -251,6 +251,11 @@ pub enum AccessChange {
         /// Its public id.
         id: String,
     },
+    /// Revoke a join token not yet used: no agent can join with it any more.
+    RevokeJoinToken {
+        /// Its public id.
+        id: String,
+    },
     /// Store a new join token.
     CreateJoinToken {
         /// The join token.
@@ -317,6 +322,7 @@ impl AccessChange {
         match self {
             AccessChange::CreateToken { .. } => "token.create",
             AccessChange::RevokeToken { .. } => "token.revoke",
+            AccessChange::RevokeJoinToken { .. } => "join_token.revoke",
             AccessChange::CreateJoinToken { .. } => "join_token.create",
             AccessChange::Join { .. } => "agent.join",
             AccessChange::CreateWorkspace { .. } => "workspace.create",
@@ -626,6 +632,20 @@ impl Access {
                     token.revoked_at = Some(at);
                 }
                 format!("token {id} of {}", token.principal.label())
+            }
+            AccessChange::RevokeJoinToken { id } => {
+                let join = self
+                    .joins
+                    .get(id)
+                    .ok_or_else(|| AccessError::UnknownToken(id.clone()))?;
+                if let Some((node, _)) = &join.used {
+                    return Err(AccessError::BadJoin(format!(
+                        "join token {id} was used already, by node {node}: revoke that node's credential with `muster node remove {node}` once its agent is stopped"
+                    )));
+                }
+                let compute = join.compute.clone();
+                self.joins.remove(id);
+                format!("join token {id} for compute {compute}")
             }
             AccessChange::CreateJoinToken { join } => {
                 if self.joins.contains_key(&join.id) || self.tokens.contains_key(&join.id) {

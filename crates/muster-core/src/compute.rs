@@ -135,6 +135,116 @@ pub struct ComputeSpec {
     /// node once idle and starts none until `muster compute start`; its runs wait.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stopped: bool,
+    /// What the target's runs may do beyond the hardened defaults (YAML `runs:`). Absent
+    /// in logs and snapshots written before it existed, which decode as the defaults.
+    #[serde(default, skip_serializing_if = "RunPolicy::is_default")]
+    pub run_policy: RunPolicy,
+}
+
+/// The processes a run starts at most in a container when its compute target says nothing.
+pub const DEFAULT_MAX_PROCESSES: u32 = 4096;
+
+/// What an admin lets a compute target's runs do beyond the hardened defaults (a
+/// container runs as a non-root user, with no capabilities, `no-new-privileges`, a
+/// read-only root filesystem and at most [`DEFAULT_MAX_PROCESSES`] processes).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunPolicy {
+    /// Run containers as the image's user (often root) instead of a non-root one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_root: bool,
+    /// Linux capabilities added back to the containers (names without `CAP_`, upper case,
+    /// e.g. `NET_BIND_SERVICE`); all others stay dropped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add_capabilities: Vec<String>,
+    /// The most processes a container may hold at once (`None`: [`DEFAULT_MAX_PROCESSES`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_processes: Option<u32>,
+}
+
+/// The Linux capabilities, without `CAP_` (capabilities(7)).
+pub const CAPABILITIES: &[&str] = &[
+    "AUDIT_CONTROL",
+    "AUDIT_READ",
+    "AUDIT_WRITE",
+    "BLOCK_SUSPEND",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "KILL",
+    "LEASE",
+    "LINUX_IMMUTABLE",
+    "MAC_ADMIN",
+    "MAC_OVERRIDE",
+    "MKNOD",
+    "NET_ADMIN",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_RAW",
+    "PERFMON",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYSLOG",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_CHROOT",
+    "SYS_MODULE",
+    "SYS_NICE",
+    "SYS_PACCT",
+    "SYS_PTRACE",
+    "SYS_RAWIO",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "WAKE_ALARM",
+];
+
+impl RunPolicy {
+    /// The hardened defaults, nothing allowed beyond them.
+    pub fn is_default(&self) -> bool {
+        *self == RunPolicy::default()
+    }
+
+    /// The process limit of a container.
+    pub fn max_processes(&self) -> u32 {
+        self.max_processes.unwrap_or(DEFAULT_MAX_PROCESSES)
+    }
+
+    /// Normalises the capability names (upper case, `CAP_` dropped, no repeats) and checks
+    /// them and the process limit; the error names the field.
+    pub fn normalized(mut self) -> Result<RunPolicy, SpecError> {
+        let mut caps = Vec::new();
+        for c in &self.add_capabilities {
+            let upper = c.trim().to_ascii_uppercase();
+            let name = upper.strip_prefix("CAP_").unwrap_or(&upper).to_string();
+            if !CAPABILITIES.contains(&name.as_str()) {
+                return Err(SpecError::field(
+                    "runs.add_capabilities",
+                    format!(
+                        "{c:?} is not a Linux capability: write its name as in capabilities(7) without CAP_, e.g. NET_BIND_SERVICE"
+                    ),
+                ));
+            }
+            if !caps.contains(&name) {
+                caps.push(name);
+            }
+        }
+        self.add_capabilities = caps;
+        if self.max_processes == Some(0) {
+            return Err(SpecError::field(
+                "runs.max_processes",
+                "0 would let a run start nothing: give at least 1, or leave it out for 4096",
+            ));
+        }
+        Ok(self)
+    }
 }
 
 /// The image a `docker` provisioner starts agents from when none is given.
@@ -442,7 +552,7 @@ impl Quota {
 }
 
 /// Millicores as cores, e.g. `2`, `0.5`.
-pub(crate) fn cores(millis: u64) -> String {
+pub fn cores(millis: u64) -> String {
     if millis.is_multiple_of(1000) {
         format!("{}", millis / 1000)
     } else {
@@ -467,6 +577,7 @@ impl ComputeSpec {
             workspace: crate::access::default_workspace(),
             tags: BTreeMap::new(),
             stopped: false,
+            run_policy: RunPolicy::default(),
         }
     }
 
@@ -680,6 +791,7 @@ impl ComputeSpec {
             }
         }
         self.quota.validate()?;
+        self.run_policy.clone().normalized()?;
         self.provisioner.validate(self.kind)?;
         if self.kind == ComputeKind::Cluster && self.min_instances > self.max_instances {
             return Err(SpecError::field(
@@ -748,6 +860,17 @@ struct ComputeFile {
     quota: Option<QuotaFile>,
     /// muster: what turns "scale to N" into machines.
     provisioner: Option<ProvisionerFile>,
+    /// muster: what the target's runs may do beyond the hardened defaults.
+    runs: Option<RunsFile>,
+}
+
+/// `runs:` as written (a muster addition to Azure ML's compute YAML).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunsFile {
+    allow_root: Option<bool>,
+    add_capabilities: Option<Vec<String>>,
+    max_processes: Option<u32>,
 }
 
 /// The Azure-only keys of a compute file, each refused with what to use on-prem.
@@ -948,6 +1071,14 @@ pub fn parse_compute_yaml_as(
     if let Some(p) = file.provisioner {
         spec.provisioner = p.into_provisioner()?;
     }
+    if let Some(r) = file.runs {
+        spec.run_policy = RunPolicy {
+            allow_root: r.allow_root.unwrap_or(false),
+            add_capabilities: r.add_capabilities.unwrap_or_default(),
+            max_processes: r.max_processes,
+        }
+        .normalized()?;
+    }
     spec.validate()?;
     Ok(spec)
 }
@@ -1117,6 +1248,50 @@ mod tests {
         assert!(parse_compute_yaml("name: gpus\ntype: attached\nsize: my-box\n", None).is_ok());
         let e = parse_compute_yaml("name: gpus\ntype: attached\nsize: cpu=x\n", None).unwrap_err();
         assert_eq!(e.path, "size");
+    }
+
+    #[test]
+    fn a_run_policy_parses_normalised_and_old_specs_decode_hardened() {
+        let spec = parse_compute_yaml(
+            "name: gpus\ntype: amlcompute\nruns:\n  allow_root: true\n  add_capabilities: [cap_net_bind_service, NET_BIND_SERVICE]\n  max_processes: 64\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            spec.run_policy,
+            RunPolicy {
+                allow_root: true,
+                add_capabilities: vec!["NET_BIND_SERVICE".into()],
+                max_processes: Some(64),
+            }
+        );
+        assert_eq!(spec.run_policy.max_processes(), 64);
+        let e = parse_compute_yaml(
+            "name: gpus\ntype: amlcompute\nruns:\n  add_capabilities: [ROOT]\n",
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "runs.add_capabilities");
+        let e = parse_compute_yaml(
+            "name: gpus\ntype: amlcompute\nruns:\n  max_processes: 0\n",
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "runs.max_processes");
+        assert!(
+            parse_compute_yaml(
+                "name: gpus\ntype: amlcompute\nruns:\n  privileged: true\n",
+                None
+            )
+            .is_err()
+        );
+        // Written before run policies existed: the hardened defaults.
+        let mut old = serde_json::to_value(ComputeSpec::new("c", ComputeKind::Cluster)).unwrap();
+        assert!(old.get("run_policy").is_none());
+        old.as_object_mut().unwrap().remove("run_policy");
+        let decoded: ComputeSpec = serde_json::from_value(old).unwrap();
+        assert!(decoded.run_policy.is_default());
+        assert_eq!(decoded.run_policy.max_processes(), DEFAULT_MAX_PROCESSES);
     }
 
     #[test]

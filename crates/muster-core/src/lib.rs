@@ -35,6 +35,7 @@
 //! `sha2` for pipeline reuse keys.
 
 pub mod access;
+pub mod attach;
 pub mod autoscale;
 mod component;
 pub mod compute;

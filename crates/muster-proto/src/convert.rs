@@ -1,7 +1,8 @@
 //! Conversions between wire types and muster-core types.
 
 use muster_core::compute::{
-    CommandProvisioner, ComputeKind, ComputeSpec, DockerProvisioner, Provisioner, Quota, Tier,
+    CommandProvisioner, ComputeKind, ComputeSpec, DockerProvisioner, Provisioner, Quota, RunPolicy,
+    Tier,
 };
 use muster_core::snapshot::GitInfo as CoreGit;
 use muster_core::spec::{CodeRef as CoreCode, Distribution as CoreDist, Environment, OutputKind};
@@ -518,8 +519,33 @@ pub fn compute_spec_to_wire(s: &ComputeSpec) -> v1::ComputeTarget {
         workspace: s.workspace.clone(),
         tags: s.tags.clone().into_iter().collect(),
         stopped: s.stopped,
+        run_policy: run_policy_to_wire(&s.run_policy),
         ..Default::default()
     }
+}
+
+/// A compute target's run policy on the wire (`None` for the defaults).
+pub fn run_policy_to_wire(p: &RunPolicy) -> Option<v1::RunPolicy> {
+    (!p.is_default()).then(|| v1::RunPolicy {
+        allow_root: p.allow_root,
+        add_capabilities: p.add_capabilities.clone(),
+        max_processes: p.max_processes.unwrap_or(0),
+    })
+}
+
+/// Reads a run policy from the wire (unset: the defaults); a capability muster does not
+/// know is an error naming the field.
+pub fn run_policy_from_wire(p: Option<&v1::RunPolicy>) -> Result<RunPolicy, String> {
+    let Some(p) = p else {
+        return Ok(RunPolicy::default());
+    };
+    RunPolicy {
+        allow_root: p.allow_root,
+        add_capabilities: p.add_capabilities.clone(),
+        max_processes: Some(p.max_processes).filter(|m| *m > 0),
+    }
+    .normalized()
+    .map_err(|e| e.to_string())
 }
 
 /// Reads the definition fields of a wire compute target; the error names the field.
@@ -561,6 +587,7 @@ pub fn compute_spec_from_wire(c: &v1::ComputeTarget) -> Result<ComputeSpec, Stri
         tags: c.tags.clone().into_iter().collect(),
         // Read-only on the wire: only StopCompute and StartCompute change it.
         stopped: false,
+        run_policy: run_policy_from_wire(c.run_policy.as_ref())?,
     })
 }
 

@@ -59,5 +59,5 @@ mod storage;
 
 pub use config::{RaftConfig, WriteFaults};
 pub use error::{ProposeError, RaftError};
-pub use node::{RaftHandle, RaftNode, StateMachine, Transport};
+pub use node::{MAX_MESSAGE_BYTES, RaftHandle, RaftNode, StateMachine, Transport, decode_message};
 pub use status::{Membership, MembershipChange, PeerProgress, RaftStatus, ReplicationState, Role};

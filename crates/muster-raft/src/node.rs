@@ -213,14 +213,7 @@ impl RaftHandle {
     /// Hands over a message received from a peer (bytes as given to [`Transport::send`]).
     /// Accept these only from cluster peers: decoding hostile input is not hardened.
     pub fn step(&self, message: Vec<u8>) -> Result<(), RaftError> {
-        let message = Message::parse_from_bytes(&message)
-            .map_err(|e| RaftError::InvalidMessage(e.to_string()))?;
-        if message.to != self.inner.id {
-            return Err(RaftError::InvalidMessage(format!(
-                "the message is addressed to raft node {}, but this is node {}",
-                message.to, self.inner.id
-            )));
-        }
+        let message = decode_message(&message, self.inner.id, MAX_MESSAGE_BYTES)?;
         self.inner
             .mailbox
             .send(Command::Step(Box::new(message)))
@@ -298,4 +291,31 @@ impl RaftHandle {
             None => ProposeError::Shutdown,
         }
     }
+}
+
+/// The largest encoded raft message [`RaftHandle::step`] decodes: the cap the coordinator's
+/// cluster service puts on a whole gRPC request (`RaftBatch`), so no message that arrived
+/// whole is refused for its size.
+pub const MAX_MESSAGE_BYTES: usize = 512 << 20;
+
+/// Decodes one raft message received from a peer, refusing one over `max_bytes`, one that is
+/// not a valid `eraftpb::Message`, or one addressed to a node other than `to`. Pure: what
+/// [`RaftHandle::step`] does before the message reaches the driver (and what the fuzz target
+/// `raft_message` drives).
+pub fn decode_message(bytes: &[u8], to: u64, max_bytes: usize) -> Result<Message, RaftError> {
+    if bytes.len() > max_bytes {
+        return Err(RaftError::InvalidMessage(format!(
+            "the message is {} bytes, over the {max_bytes} a raft message may be",
+            bytes.len()
+        )));
+    }
+    let message =
+        Message::parse_from_bytes(bytes).map_err(|e| RaftError::InvalidMessage(e.to_string()))?;
+    if message.to != to {
+        return Err(RaftError::InvalidMessage(format!(
+            "the message is addressed to raft node {}, but this is node {to}",
+            message.to
+        )));
+    }
+    Ok(message)
 }

@@ -197,6 +197,7 @@ mod tests {
             timeout: None,
             container: None,
             redact: Default::default(),
+            process_limits: Default::default(),
         }
     }
 

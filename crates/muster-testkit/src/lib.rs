@@ -8,6 +8,7 @@
 //! - [`fake_executor::FakeExecutor`]: an agent executor that records launches and lets a
 //!   test end them with an exit code.
 //! - [`mpi_image::mpi_image`]: an Open MPI image built from the host's `openmpi-bin`.
+//! - [`sshd_image::SshdImage`]: an sshd image (from the host's `openssh-server`) to attach over SSH.
 //! - [`muster`]: runs a CLI command against a server and captures what it printed.
 //! - [`access`]: the admin token of each cluster started here, and clients that present it.
 //!
@@ -22,6 +23,7 @@ pub mod faults;
 pub mod images;
 pub mod mpi_image;
 pub mod procfs;
+pub mod sshd_image;
 pub mod stats;
 
 use std::net::SocketAddr;

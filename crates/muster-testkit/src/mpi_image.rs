@@ -54,7 +54,7 @@ fn run(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn is_elf(path: &Path) -> bool {
+pub(crate) fn is_elf(path: &Path) -> bool {
     use std::io::Read;
     let mut magic = [0u8; 4];
     std::fs::File::open(path)
@@ -65,7 +65,7 @@ fn is_elf(path: &Path) -> bool {
 
 /// The libraries `path` loads (absolute paths as `ldd` names them), or `None` if one of
 /// them is missing on the host (such a plugin is left out: Open MPI skips it).
-fn ldd(path: &Path) -> Option<Vec<PathBuf>> {
+pub(crate) fn ldd(path: &Path) -> Option<Vec<PathBuf>> {
     let out = Command::new("ldd").arg(path).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     if text.contains("not found") {

@@ -65,6 +65,11 @@ pub async fn run(
         config.rsh_helper = Some(helper);
     }
     config.peer_wait = std::time::Duration::from_secs(args.peer_wait_secs);
+    if let Some(user) = &args.run_as {
+        config.run_as = Some(
+            muster_agent::executor::confine::resolve_run_as(user).map_err(anyhow::Error::msg)?,
+        );
+    }
     config.gpu_probe = Arc::new(NvmlProbe::new());
     config.tls = match (&args.tls_dir, ca_file) {
         (Some(dir), _) => Some(

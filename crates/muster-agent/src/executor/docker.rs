@@ -25,6 +25,7 @@ use bollard::query_parameters::{
 };
 use futures::StreamExt;
 use muster_core::AttemptEnd;
+use muster_core::compute::DEFAULT_MAX_PROCESSES;
 use muster_core::resources::format_bytes;
 use muster_core::secrets::Redactor;
 use muster_docker::{EngineError, message as engine_message, status_of};
@@ -33,6 +34,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{oneshot, watch};
 
 pub use super::Managed;
+use super::confine;
 use super::process::wait_stop;
 use super::{ContainerSpec, Launch, Outcome, Stop, StopReason, stopped};
 
@@ -233,6 +235,49 @@ impl DockerExecutor {
                 );
             }
         }
+        // What the run may touch: no host path outside its own, a non-root user owning
+        // what it writes.
+        if let Some(why) = spec
+            .read_only_mounts
+            .iter()
+            .chain(&spec.writable_mounts)
+            .find_map(|(source, _)| confine::forbidden_mount(source))
+        {
+            return failed(None, format!("refused to start the container: {why}"));
+        }
+        let user = confine::container_user(spec.allow_root);
+        if let Some(user) = user.filter(|_| confine::agent_is_root()) {
+            let writable: Vec<std::path::PathBuf> =
+                ["outputs", "logs", crate::plan::CHECKPOINT_DIR]
+                    .iter()
+                    .map(|sub| workdir.join(sub))
+                    .chain(
+                        spec.writable_mounts
+                            .iter()
+                            .map(|(source, _)| source.clone()),
+                    )
+                    .collect();
+            let root = workdir.clone();
+            let given = tokio::task::spawn_blocking(move || {
+                share_workspace(&root, user)?;
+                writable
+                    .iter()
+                    .try_for_each(|dir| confine::give_to(dir, user))
+            })
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+            if let Err(e) = given {
+                return failed(
+                    None,
+                    format!(
+                        "cannot give the run's writable folders in {} to uid {}: {e}",
+                        workdir.display(),
+                        user.uid
+                    ),
+                );
+            }
+        }
         let log_offset = match log.metadata().await {
             Ok(m) => m.len(),
             Err(e) => {
@@ -251,7 +296,7 @@ impl DockerExecutor {
                 format!("could not remove the leftover container {}: {e}", spec.name),
             );
         }
-        let body = container_body(&launch, spec, &workdir, log_offset);
+        let body = container_body(&launch, spec, &workdir, log_offset, user);
         let options = CreateContainerOptionsBuilder::default()
             .name(&spec.name)
             .build();
@@ -755,14 +800,32 @@ fn exited(code: Option<i32>, oom_flag: bool, limit: Option<u64>) -> Outcome {
     }
 }
 
+/// Lets the run's user read the workspace itself (its group becomes the user's, with
+/// read and search), whatever mode the agent's folder had.
+fn share_workspace(workdir: &Path, user: confine::RunUser) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    std::os::unix::fs::lchown(workdir, None, Some(user.gid))?;
+    let mode = std::fs::metadata(workdir)?.mode() & 0o7777;
+    if mode & 0o050 != 0o050 {
+        std::fs::set_permissions(workdir, std::fs::Permissions::from_mode(mode | 0o050))?;
+    }
+    Ok(())
+}
+
 /// The create request: `sh -c COMMAND` in `/workspace` (the working directory read-only,
 /// its `outputs/`, `logs/` and `checkpoint/` writable), the engine's init forwarding signals to the
 /// command's process group, limits, GPUs, and the labels plus [`LABEL_LOG_OFFSET`].
+///
+/// Hardened whatever the spec says: never privileged; every capability dropped but the
+/// compute target's `add_capabilities`; `no-new-privileges`; the engine's default seccomp
+/// profile (nothing unconfines it); a read-only root filesystem with a tmpfs at `/tmp`; a
+/// pids limit; `user` (none: the image's, when the compute target allows root).
 fn container_body(
     launch: &Launch,
     spec: &ContainerSpec,
     workdir: &Path,
     log_offset: u64,
+    user: Option<confine::RunUser>,
 ) -> ContainerCreateBody {
     let mut labels: HashMap<String, String> = spec
         .labels
@@ -777,7 +840,18 @@ fn container_body(
         read_only: Some(read_only),
         ..Default::default()
     };
-    let mut env: Vec<String> = launch.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    // One value per variable, the last given (the run's own come after muster's).
+    let mut last: HashMap<&str, usize> = HashMap::new();
+    for (i, (k, _)) in launch.env.iter().enumerate() {
+        last.insert(k.as_str(), i);
+    }
+    let mut env: Vec<String> = launch
+        .env
+        .iter()
+        .enumerate()
+        .filter(|(i, (k, _))| last.get(k.as_str()) == Some(i))
+        .map(|(_, (k, v))| format!("{k}={v}"))
+        .collect();
     // The engine's init (tini) sends SIGTERM to the command's whole process group, as the
     // process executor does, rather than to `sh` alone.
     env.push("TINI_KILL_PROCESS_GROUP=1".into());
@@ -819,12 +893,27 @@ fn container_body(
                 ..Default::default()
             }]
         }),
+        privileged: Some(false),
+        cap_drop: Some(vec!["ALL".into()]),
+        cap_add: (!spec.add_capabilities.is_empty()).then(|| spec.add_capabilities.clone()),
+        security_opt: Some(vec!["no-new-privileges:true".into()]),
+        readonly_rootfs: Some(true),
+        tmpfs: Some(HashMap::from([(
+            "/tmp".to_string(),
+            "rw,nosuid,nodev,mode=1777".to_string(),
+        )])),
+        pids_limit: Some(i64::from(if spec.max_processes == 0 {
+            DEFAULT_MAX_PROCESSES
+        } else {
+            spec.max_processes
+        })),
         ..Default::default()
     };
     ContainerCreateBody {
         image: Some(spec.image.clone()),
         cmd: Some(vec!["sh".into(), "-c".into(), launch.command.clone()]),
         env: Some(env),
+        user: user.map(|u| format!("{}:{}", u.uid, u.gid)),
         working_dir: Some(WORKSPACE.into()),
         labels: Some(labels),
         host_config: Some(host_config),
@@ -930,6 +1019,7 @@ mod tests {
             timeout: None,
             container: None,
             redact: Default::default(),
+            process_limits: Default::default(),
         };
         let spec = ContainerSpec {
             image: "img:1".into(),
@@ -942,7 +1032,8 @@ mod tests {
             gpu_device_requests: true,
             ..Default::default()
         };
-        let body = container_body(&launch, &spec, Path::new("/w"), 42);
+        let body = container_body(&launch, &spec, Path::new("/w"), 42, Some(confine::NOBODY));
+        assert_eq!(body.user.as_deref(), Some("65534:65534"));
         assert_eq!(
             body.cmd,
             Some(vec!["sh".into(), "-c".into(), "python train.py".into()])
@@ -957,6 +1048,17 @@ mod tests {
         assert_eq!(host.memory, Some(1 << 30));
         assert_eq!(host.memory_swap, Some(1 << 30));
         assert_eq!(host.shm_size, None);
+        // Hardened: no privileges, no capabilities, nothing gained, a read-only root.
+        assert_eq!(host.privileged, Some(false));
+        assert_eq!(host.cap_drop, Some(vec!["ALL".to_string()]));
+        assert_eq!(host.cap_add, None);
+        assert_eq!(
+            host.security_opt,
+            Some(vec!["no-new-privileges:true".to_string()])
+        );
+        assert_eq!(host.readonly_rootfs, Some(true));
+        assert!(host.tmpfs.as_ref().unwrap().contains_key("/tmp"));
+        assert_eq!(host.pids_limit, Some(4096));
         let mounts: Vec<_> = host
             .mounts
             .unwrap()
@@ -991,7 +1093,8 @@ mod tests {
             gpu_device_requests: false,
             ..spec.clone()
         };
-        let body = container_body(&launch, &fake, Path::new("/w"), 0);
+        let body = container_body(&launch, &fake, Path::new("/w"), 0, None);
+        assert_eq!(body.user, None);
         assert_eq!(body.host_config.unwrap().device_requests, None);
 
         // A distributed rank: the node's network and the rsh helper, read-only.
@@ -1000,7 +1103,7 @@ mod tests {
             read_only_mounts: vec![("/usr/bin/muster-rsh".into(), RSH_TARGET.into())],
             ..spec
         };
-        let host = container_body(&launch, &distributed, Path::new("/w"), 0)
+        let host = container_body(&launch, &distributed, Path::new("/w"), 0, None)
             .host_config
             .unwrap();
         assert_eq!(host.network_mode.as_deref(), Some("host"));
@@ -1013,6 +1116,39 @@ mod tests {
                 Some(true)
             )
         );
+    }
+
+    #[test]
+    fn capabilities_come_back_only_as_listed_and_the_last_value_of_a_variable_wins() {
+        let launch = Launch {
+            command: "true".into(),
+            workdir: "/w".into(),
+            env: vec![
+                ("HOME".into(), "/tmp".into()),
+                ("A".into(), "1".into()),
+                ("HOME".into(), "/home/me".into()),
+            ],
+            log_path: "/w/log".into(),
+            timeout: None,
+            container: None,
+            process_limits: Default::default(),
+        };
+        let spec = ContainerSpec {
+            image: "img:1".into(),
+            add_capabilities: vec!["NET_BIND_SERVICE".into()],
+            max_processes: 64,
+            ..Default::default()
+        };
+        let body = container_body(&launch, &spec, Path::new("/w"), 0, None);
+        let env = body.env.unwrap();
+        assert!(env.contains(&"HOME=/home/me".to_string()), "{env:?}");
+        assert!(!env.contains(&"HOME=/tmp".to_string()), "{env:?}");
+        assert!(env.contains(&"A=1".to_string()));
+        let host = body.host_config.unwrap();
+        assert_eq!(host.cap_drop, Some(vec!["ALL".to_string()]));
+        assert_eq!(host.cap_add, Some(vec!["NET_BIND_SERVICE".to_string()]));
+        assert_eq!(host.pids_limit, Some(64));
+        assert_eq!(host.privileged, Some(false));
     }
 
     #[test]

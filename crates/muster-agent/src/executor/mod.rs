@@ -11,6 +11,7 @@
 //!
 //! muster-testkit has a fake that records launches and lets a test end them.
 
+pub mod confine;
 pub mod docker;
 pub mod process;
 
@@ -103,6 +104,17 @@ pub struct Launch {
     /// The values of the run's secrets, replaced with `***` in the log as it is written
     /// (`crate::secrets`); empty for a run without secrets.
     pub redact: muster_core::secrets::Redactor,
+    /// The limits of a process run under `muster agent --run-as` (rlimits).
+    pub process_limits: ProcessLimits,
+}
+
+/// What a process run under `muster agent --run-as` may use (set as rlimits).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProcessLimits {
+    /// The run's memory request in bytes, its data segment's limit (`RLIMIT_DATA`; 0: none).
+    pub memory_bytes: u64,
+    /// The most processes the run user holds (`RLIMIT_NPROC`, per user; 0: none).
+    pub max_processes: u32,
 }
 
 /// The container-specific part of a launch.
@@ -133,6 +145,14 @@ pub struct ContainerSpec {
     /// Writable bind mounts inside the read-only workspace: (host path, path in the
     /// container), e.g. an input in `mode: download`.
     pub writable_mounts: Vec<(PathBuf, String)>,
+    /// Run as the image's user (often root) instead of a non-root one: the compute
+    /// target's `runs.allow_root`.
+    pub allow_root: bool,
+    /// Capabilities added back after all are dropped: the compute target's
+    /// `runs.add_capabilities`.
+    pub add_capabilities: Vec<String>,
+    /// The most processes the container holds (0: [`muster_core::compute::DEFAULT_MAX_PROCESSES`]).
+    pub max_processes: u32,
 }
 
 /// Why an attempt is being stopped from outside.

@@ -1,5 +1,10 @@
 //! The process executor: `sh -c COMMAND` in its own process group, output captured to the
 //! attempt's log file, stopped with SIGTERM to the group, then SIGKILL after the grace.
+//!
+//! Under `muster agent --run-as USER` the command runs as USER with a group of the
+//! attempt's own, in a working directory private to that group (see [`super::confine`]),
+//! and with rlimits: `RLIMIT_NPROC` (processes of USER) and `RLIMIT_DATA` (the run's
+//! memory request, when it has one).
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
@@ -11,14 +16,19 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::confine::{self, RunUser};
 use super::{
-    Executor, ExecutorError, Launch, Managed, Outcome, Stop, StopOrders, StopReason, stopped,
+    Executor, ExecutorError, Launch, Managed, Outcome, ProcessLimits, Stop, StopOrders, StopReason,
+    stopped,
 };
 
 /// The process executor as an [`Executor`]. Processes die with their agent, so there is
 /// nothing to re-adopt.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct ProcessExecutor;
+pub struct ProcessExecutor {
+    /// `--run-as`: the user processes run as (`None`: the agent's own).
+    pub run_as: Option<RunUser>,
+}
 
 impl Executor for ProcessExecutor {
     fn kind(&self) -> &'static str {
@@ -31,7 +41,7 @@ impl Executor for ProcessExecutor {
         stop: StopOrders,
         started: oneshot::Sender<()>,
     ) -> futures::future::BoxFuture<'_, Outcome> {
-        Box::pin(run(launch, stop, started))
+        Box::pin(run_as(launch, stop, started, self.run_as))
     }
 
     fn managed<'a>(
@@ -55,11 +65,23 @@ impl Executor for ProcessExecutor {
     }
 }
 
-/// Runs `launch` until it exits, is stopped, or times out. `started` fires once the process runs.
+/// Runs `launch` as the agent's user until it exits, is stopped, or times out. `started`
+/// fires once the process runs.
 pub async fn run(
+    launch: Launch,
+    stop: watch::Receiver<Option<Stop>>,
+    started: oneshot::Sender<()>,
+) -> Outcome {
+    run_as(launch, stop, started, None).await
+}
+
+/// [`run`], as `user` when given: the working directory is made private to the attempt's
+/// group first, and the command gets the launch's rlimits.
+pub async fn run_as(
     launch: Launch,
     mut stop: watch::Receiver<Option<Stop>>,
     started: oneshot::Sender<()>,
+    user: Option<RunUser>,
 ) -> Outcome {
     let log = match tokio::fs::OpenOptions::new()
         .create(true)
@@ -78,7 +100,8 @@ pub async fn run(
             );
         }
     };
-    let mut child = match tokio::process::Command::new("sh")
+    let mut command = tokio::process::Command::new("sh");
+    command
         .arg("-c")
         .arg(&launch.command)
         .current_dir(&launch.workdir)
@@ -87,9 +110,32 @@ pub async fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-    {
+        .kill_on_drop(true);
+    if let Some(user) = user {
+        let gid = confine::attempt_gid(&launch.workdir);
+        let (workdir, log_path) = (launch.workdir.clone(), launch.log_path.clone());
+        let private =
+            tokio::task::spawn_blocking(move || private_workdir(&workdir, &log_path, gid))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+        if let Err(e) = private {
+            return failed(
+                None,
+                format!(
+                    "cannot make the working directory {} private to the run: {e}",
+                    launch.workdir.display()
+                ),
+            );
+        }
+        // The agent's HOME is not the run user's: its home is its working directory.
+        if !launch.env.iter().any(|(k, _)| k == "HOME") {
+            command.env("HOME", &launch.workdir);
+        }
+        command.uid(user.uid).gid(gid);
+        limit(&mut command, launch.process_limits);
+    }
+    let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => return failed(None, format!("could not start `sh -c`: {e}")),
     };
@@ -172,6 +218,46 @@ pub async fn run(
             message: None,
         },
         None => failed(Some(code), describe(status)),
+    }
+}
+
+/// The working directory `workdir` of a process under `--run-as`: its attempt's group's
+/// alone (mode 0770, see [`confine::make_private`]); the attempt's folder around it (the
+/// log) searchable but not listable, the log the agent's alone.
+fn private_workdir(
+    workdir: &std::path::Path,
+    log: &std::path::Path,
+    gid: u32,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    confine::make_private(workdir, gid)?;
+    if let Some(attempt_dir) = workdir.parent() {
+        std::fs::set_permissions(attempt_dir, std::fs::Permissions::from_mode(0o711))?;
+    }
+    std::fs::set_permissions(log, std::fs::Permissions::from_mode(0o600))
+}
+
+/// Sets the launch's rlimits in the child before it executes `sh`.
+#[allow(unsafe_code)]
+fn limit(command: &mut tokio::process::Command, limits: ProcessLimits) {
+    use nix::sys::resource::{Resource, setrlimit};
+    let nproc = u64::from(limits.max_processes);
+    let data = limits.memory_bytes;
+    if nproc == 0 && data == 0 {
+        return;
+    }
+    // SAFETY: the closure runs in the child between fork and exec. It only calls
+    // setrlimit(2), which is async-signal-safe, and neither allocates nor takes a lock.
+    unsafe {
+        command.pre_exec(move || {
+            if nproc > 0 {
+                setrlimit(Resource::RLIMIT_NPROC, nproc, nproc)?;
+            }
+            if data > 0 {
+                setrlimit(Resource::RLIMIT_DATA, data, data)?;
+            }
+            Ok(())
+        });
     }
 }
 
@@ -267,6 +353,7 @@ mod tests {
             timeout,
             container: None,
             redact: Default::default(),
+            process_limits: Default::default(),
         }
     }
 

@@ -18,11 +18,12 @@ use tokio::sync::{mpsc, watch};
 use super::{Agent, SessionError, entry};
 use crate::attempt::{AttemptTask, Executors, Key};
 use crate::blobs::Blobs;
+use crate::executor::confine::RunUser;
 use crate::executor::docker::DockerExecutor;
 use crate::executor::process::ProcessExecutor;
 use crate::executor::{Executor, Stop, StopReason};
 use crate::plan::{self, Node};
-use crate::{AgentConfig, AgentError};
+use crate::{AgentConfig, AgentError, ConfigError};
 
 /// The reconnect backoff: 100 ms doubling to 5 s, without end.
 fn reconnect_backoff() -> backon::ExponentialBackoff {
@@ -45,6 +46,37 @@ fn session_servers(servers: &[String], credentials: Credentials, keep_alive: Dur
         .with_keep_alive(keep_alive, Duration::from_secs(2))
 }
 
+/// Under `--run-as`: the attempts' folder `work` is searchable but not listable (0711), and
+/// every folder above it searchable by `user` (it must reach its working directory).
+fn reachable_by(work: &std::path::Path, user: RunUser) -> Result<(), AgentError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    std::fs::set_permissions(work, std::fs::Permissions::from_mode(0o711)).map_err(|source| {
+        AgentError::DataDir {
+            path: work.to_path_buf(),
+            source,
+        }
+    })?;
+    let absolute = std::path::absolute(work).unwrap_or_else(|_| work.to_path_buf());
+    for dir in absolute.ancestors().skip(1) {
+        let Ok(meta) = std::fs::metadata(dir) else {
+            continue;
+        };
+        let mode = meta.mode();
+        let searchable = mode & 0o001 != 0
+            || (meta.uid() == user.uid && mode & 0o100 != 0)
+            || (meta.gid() == user.gid && mode & 0o010 != 0);
+        if !searchable {
+            return Err(ConfigError::RunAsUnreachable {
+                uid: user.uid,
+                dir: dir.to_path_buf(),
+                mode: mode & 0o7777,
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
 impl Agent {
     /// Takes the data directory and binds the exec listener; `config` is validated.
     pub(crate) fn open(config: AgentConfig) -> Result<Agent, AgentError> {
@@ -53,6 +85,9 @@ impl Agent {
             let path = config.data_dir.join(d);
             std::fs::create_dir_all(&path)
                 .map_err(|source| AgentError::DataDir { path, source })?;
+        }
+        if let Some(user) = config.run_as {
+            reachable_by(&config.data_dir.join("work"), user)?;
         }
         let (events_tx, events_rx) = mpsc::channel(1024);
         let listen_error = |source| AgentError::ExecListen {
@@ -65,10 +100,12 @@ impl Agent {
         let exec_port = exec_listener.local_addr().map_err(listen_error)?.port();
         let executors = Executors {
             container: None,
-            process: config
-                .executor
-                .clone()
-                .unwrap_or_else(|| Arc::new(ProcessExecutor)),
+            process: config.executor.clone().unwrap_or_else(|| {
+                Arc::new(ProcessExecutor {
+                    run_as: config.run_as,
+                })
+            }),
+            run_as: config.run_as,
             node: Node {
                 id: node_id.clone(),
                 work_root: config.data_dir.join("work"),

@@ -14,6 +14,11 @@ use crate::snapshot::human_bytes;
 use muster_client::status;
 
 pub async fn run(server: &str, output: OutputFormat, cmd: ComputeCommand) -> anyhow::Result<()> {
+    let cmd = match cmd {
+        ComputeCommand::Attach(args) => return super::attach::attach(server, output, *args).await,
+        ComputeCommand::Detach(args) => return super::attach::detach(server, output, *args).await,
+        cmd => cmd,
+    };
     // Validate input before touching the network.
     let create = match &cmd {
         ComputeCommand::Create(args) => {
@@ -200,6 +205,7 @@ pub async fn run(server: &str, output: OutputFormat, cmd: ComputeCommand) -> any
                 println!("Deleted compute target {name}.");
             }
         }
+        ComputeCommand::Attach(_) | ComputeCommand::Detach(_) => unreachable!("handled above"),
     }
     Ok(())
 }
@@ -439,7 +445,44 @@ fn compute_json(c: &v1::ComputeTarget) -> serde_json::Value {
             "max_gpus": q.max_gpus, "max_cpu_millis": q.max_cpu_millis,
             "max_concurrent_runs": q.max_concurrent_runs,
         })),
+        "runs": run_policy_json(c.run_policy.as_ref()),
     })
+}
+
+/// What the target's runs may do: the hardened defaults, or what its `runs:` allows.
+fn run_policy_json(p: Option<&v1::RunPolicy>) -> serde_json::Value {
+    let p = p.cloned().unwrap_or_default();
+    json!({
+        "allow_root": p.allow_root,
+        "add_capabilities": p.add_capabilities,
+        "max_processes": if p.max_processes == 0 {
+            muster_core::compute::DEFAULT_MAX_PROCESSES
+        } else {
+            p.max_processes
+        },
+    })
+}
+
+/// The text line of the target's run policy.
+fn run_policy_line(p: Option<&v1::RunPolicy>) -> String {
+    let p = p.cloned().unwrap_or_default();
+    let processes = if p.max_processes == 0 {
+        muster_core::compute::DEFAULT_MAX_PROCESSES
+    } else {
+        p.max_processes
+    };
+    let mut parts = vec![if p.allow_root {
+        "containers may run as root".to_string()
+    } else {
+        "non-root containers".to_string()
+    }];
+    parts.push(if p.add_capabilities.is_empty() {
+        "no capabilities".to_string()
+    } else {
+        format!("capabilities {}", p.add_capabilities.join(","))
+    });
+    parts.push(format!("at most {processes} processes"));
+    parts.join(", ")
 }
 
 fn show(output: OutputFormat, s: &v1::ComputeStatus) {
@@ -491,6 +534,7 @@ fn show(output: OutputFormat, s: &v1::ComputeStatus) {
         ),
         _ => println!("provisioner  static"),
     }
+    println!("run policy   {}", run_policy_line(c.run_policy.as_ref()));
     println!("nodes        {}", c.nodes);
     println!(
         "runs         {} queued, {} running, {} active",

@@ -1,6 +1,7 @@
 //! One module per noun (the daemon subcommands are run by the `muster` crate).
 
 pub mod access;
+pub mod attach;
 pub mod cluster;
 pub mod component;
 pub mod compute;

@@ -335,10 +335,13 @@ async fn stream_logs(
         .into_inner();
     let mut current = 0;
     let mut lines = RankLines::new();
+    let mut pulls = crate::progress::PullLines::for_terminal();
     let mut stdout = std::io::stdout();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(status)?;
         if chunk.attempt != current {
+            stdout.write_all(&pulls.finish())?;
+            pulls = crate::progress::PullLines::for_terminal();
             stdout.write_all(&lines.finish())?;
             if current != 0 || chunk.attempt > 1 {
                 let _ = stdout.flush();
@@ -349,10 +352,11 @@ async fn stream_logs(
         if rank.is_none() && chunk.ranks > 1 {
             stdout.write_all(&lines.push(chunk.rank, &chunk.data))?;
         } else {
-            stdout.write_all(&chunk.data)?;
+            stdout.write_all(&pulls.push(&chunk.data))?;
         }
         stdout.flush()?;
     }
+    stdout.write_all(&pulls.finish())?;
     stdout.write_all(&lines.finish())?;
     stdout.flush()?;
     Ok(())

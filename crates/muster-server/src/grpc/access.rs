@@ -306,6 +306,26 @@ impl AccessService for Accesses {
                 "token {id:?} does not exist: list yours with `muster token list`"
             ))
         };
+        // A join token: its maker, or an operator of its compute target's workspace.
+        let join = self.0.coordinator.read(|s| {
+            s.access.joins.get(&id).map(|j| {
+                let workspace = s.computes.get(&j.compute).map(|c| c.spec.workspace.clone());
+                (j.created_by.clone(), workspace)
+            })
+        });
+        if owner.is_none()
+            && let Some((maker, workspace)) = join
+        {
+            if maker != caller.label() {
+                let workspace = workspace.ok_or_else(not_found)?;
+                caller
+                    .require(&self.0, &workspace, Role::Operator, "")
+                    .map_err(|_| not_found())?;
+            }
+            self.propose(&caller, AccessChange::RevokeJoinToken { id: id.clone() })
+                .await?;
+            return Ok(Response::new(v1::RevokeTokenResponse { info: None }));
+        }
         match owner {
             Some(Principal::User { name }) if name == me => {}
             Some(_) => caller

@@ -853,6 +853,10 @@ fn assignment(
         outputs: step_outputs,
         resume: a.resumed_from.clone().map(checkpoint_to_wire),
         secrets: crate::grpc::secrets::values_for(s, key, &run.spec),
+        run_policy: s
+            .computes
+            .get(&run.spec.compute)
+            .and_then(|c| muster_proto::run_policy_to_wire(&c.spec.run_policy)),
     }))
 }
 

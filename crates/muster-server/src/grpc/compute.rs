@@ -17,6 +17,17 @@ use muster_core::access::Role;
 
 pub(crate) struct Computes(pub Arc<Server>);
 
+/// A compute target's `runs:` loosens the hardened defaults of every run on its nodes
+/// (root, capabilities): only a cluster admin sets or changes it.
+fn loosening(server: &Server, caller: &Caller) -> Result<(), Status> {
+    caller.require_cluster_admin(server).map_err(|e| {
+        Status::permission_denied(format!(
+            "runs: allowing root, adding capabilities or changing the process limit of a compute target's runs needs a cluster admin: {}",
+            e.message()
+        ))
+    })
+}
+
 #[tonic::async_trait]
 impl ComputeService for Computes {
     async fn create_compute(
@@ -35,6 +46,9 @@ impl ComputeService for Computes {
             Role::Operator,
             &format!("workspace {:?}", spec.workspace),
         )?;
+        if !spec.run_policy.is_default() {
+            loosening(&self.0, &caller)?;
+        }
         spec.validate()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if spec.name == muster_core::spec::SERVERLESS {
@@ -79,6 +93,14 @@ impl ComputeService for Computes {
             return Err(Status::invalid_argument(
                 "workspace: a compute target's workspace cannot change: create another target (and delete this one)",
             ));
+        }
+        let policy = self.0.coordinator.read(|s| {
+            s.computes
+                .get(&spec.name)
+                .map(|c| c.spec.run_policy.clone())
+        });
+        if policy.as_ref() != Some(&spec.run_policy) && !spec.run_policy.is_default() {
+            loosening(&self.0, &caller)?;
         }
         spec.validate()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;

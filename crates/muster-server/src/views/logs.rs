@@ -100,11 +100,22 @@ const RANK_END_SLACK_MS: u64 = 5_000;
 /// Most of an attempt's log a run page shows.
 pub(crate) const PAGE_LOG_BYTES: usize = 1 << 20;
 
-/// An attempt's log for its page: rank 0's as it is, or for a multi-instance attempt every
-/// rank's, line by line, each line prefixed `[rank N] ` (the ranks read in turns, a chunk
-/// at a time, as `muster run logs` shows them). An ended rank's log comes from its sealed
-/// blob (on any server); a live one from this server's file (the leader's).
-pub(crate) async fn combined_log(c: &Server, run: &muster_core::Run, attempt: u32) -> Vec<u8> {
+/// An attempt's log for its page, at most [`PAGE_LOG_BYTES`] of it, and what was left out
+/// when that is not all of it.
+pub(crate) struct PageLog {
+    /// The bytes shown.
+    pub bytes: Vec<u8>,
+    /// The bytes not shown (before them for one rank, after them for several), if any.
+    pub left_out: Option<u64>,
+}
+
+/// An attempt's log for its page: rank 0's **last** [`PAGE_LOG_BYTES`] (where a failing
+/// job says why), from the start of a line; or for a multi-instance attempt every rank's,
+/// line by line, each line prefixed `[rank N] ` (the ranks read in turns, a chunk at a time,
+/// as `muster run logs` shows them), its first [`PAGE_LOG_BYTES`]. An ended rank's log
+/// comes from its sealed blob (on any server); a live one from this server's file (the
+/// leader's).
+pub(crate) async fn combined_log(c: &Server, run: &muster_core::Run, attempt: u32) -> PageLog {
     let ranks = run
         .attempts
         .get(attempt as usize - 1)
@@ -122,7 +133,29 @@ pub(crate) async fn combined_log(c: &Server, run: &muster_core::Run, attempt: u3
         }
     };
     if ranks <= 1 {
-        return read(0, 0, PAGE_LOG_BYTES).await.unwrap_or_default();
+        let total = match run
+            .attempts
+            .get(attempt as usize - 1)
+            .and_then(|a| a.logs.get(&0))
+        {
+            Some(sealed) => sealed.bytes,
+            None => c.store.logs.len(&run.id, attempt, 0),
+        };
+        let start = total.saturating_sub(PAGE_LOG_BYTES as u64);
+        let mut bytes = read(0, start, PAGE_LOG_BYTES).await.unwrap_or_default();
+        if start == 0 {
+            return PageLog {
+                bytes,
+                left_out: None,
+            };
+        }
+        // Never from the middle of a line.
+        let cut = bytes.iter().position(|b| *b == b'\n').map_or(0, |i| i + 1);
+        bytes.drain(..cut);
+        return PageLog {
+            bytes,
+            left_out: Some(start + cut as u64),
+        };
     }
     let mut lines = RankLines::new();
     let mut out = Vec::new();
@@ -138,6 +171,20 @@ pub(crate) async fn combined_log(c: &Server, run: &muster_core::Run, attempt: u3
         }
         offsets = still;
     }
+    let more: u64 = offsets
+        .iter()
+        .map(|(rank, offset)| {
+            let total = run
+                .attempts
+                .get(attempt as usize - 1)
+                .and_then(|a| a.logs.get(rank))
+                .map_or_else(|| c.store.logs.len(&run.id, attempt, *rank), |s| s.bytes);
+            total.saturating_sub(*offset)
+        })
+        .sum();
     out.extend(lines.finish());
-    out
+    PageLog {
+        bytes: out,
+        left_out: (more > 0).then_some(more),
+    }
 }

@@ -1,9 +1,11 @@
 //! HTTP on the gRPC port: `/healthz`, `/metrics` (Prometheus text format, `prometheus.rs`)
-//! and the web UI, muster studio (`studio.rs`, its stylesheet at `/static/studio.css`),
+//! and the web UI, muster studio (`studio.rs`; its compute and queue pages in `compute.rs`;
+//! its stylesheet at `/static/studio.css`),
 //! behind the HTTP front (`front.rs`), which every request on the port passes first: it
 //! keeps browsers out of gRPC, checks the host and origin of web requests and adds the
 //! security headers.
 
+mod compute;
 pub(crate) mod front;
 mod prometheus;
 mod session;
@@ -27,6 +29,9 @@ pub(crate) fn router(server: Arc<Server>) -> axum::Router {
         .route("/runs/{id}", get(studio::run_page))
         .route("/sweeps/{id}", get(studio::sweep_page))
         .route("/pipelines/{id}", get(studio::pipeline_page))
+        .route("/compute", get(compute::compute_list))
+        .route("/compute/{name}", get(compute::compute_page))
+        .route("/queue", get(compute::queue_page))
         .route("/healthz", get(healthz))
         .route("/metrics", get(prometheus::metrics))
         .route("/static/studio.css", get(studio::stylesheet))

@@ -23,6 +23,7 @@ use muster_proto::v1;
 use muster_proto::{Word, pipeline_to_wire, run_to_wire, sweep_trial_note};
 use serde::{Deserialize, Serialize};
 
+use super::compute::{GpuRow, TargetCard, gpu_grid};
 use super::session::Viewer;
 use crate::server::Server;
 use crate::views::access::{pipeline_workspace, sweep_workspace};
@@ -40,7 +41,7 @@ const INDEX_REFRESH_S: u32 = 5;
 const LIVE_REFRESH_S: u32 = 2;
 
 /// A time (ms since the epoch) as RFC 3339 to the second; empty when there is none.
-fn ms(t: Option<u64>) -> String {
+pub(super) fn ms(t: Option<u64>) -> String {
     t.map(|t| {
         humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(t))
             .to_string()
@@ -165,7 +166,8 @@ struct IndexPage {
     head: Head,
     user: String,
     csrf: String,
-    computes: Vec<ComputeRow>,
+    computes: Vec<TargetCard>,
+    gpus: Vec<GpuRow>,
     sweeps: Vec<SweepRow>,
     pipelines: Vec<PipelineRow>,
     runs: Vec<RunRow>,
@@ -210,14 +212,6 @@ fn bad_query(what: &str, why: &str) -> Response {
         format!("{what}: {why}; the studio's front page (/) shows the newest runs\n"),
     )
         .into_response()
-}
-
-/// A compute target and how many nodes it has.
-#[derive(Debug)]
-struct ComputeRow {
-    name: String,
-    kind: &'static str,
-    nodes: usize,
 }
 
 /// A sweep on the front page.
@@ -299,21 +293,14 @@ pub(super) async fn index(
         state,
         ..RunFilter::default()
     };
-    let (computes, sweeps, pipelines) = c.coordinator.read(|s| {
-        let computes: Vec<ComputeRow> = s
+    let (computes, gpus, sweeps, pipelines) = c.coordinator.read(|s| {
+        let computes: Vec<TargetCard> = s
             .computes
             .values()
             .filter(|t| seen.contains(&t.spec.workspace))
-            .map(|t| ComputeRow {
-                name: t.spec.name.clone(),
-                kind: t.spec.kind.as_str(),
-                nodes: s
-                    .nodes
-                    .values()
-                    .filter(|n| n.compute == t.spec.name)
-                    .count(),
-            })
+            .map(|t| TargetCard::of(s, t))
             .collect();
+        let gpus = gpu_grid(s, seen);
         let sweeps: Vec<_> = s
             .sweeps_page(None, INDEX_ROWS, |w| seen.contains(sweep_workspace(w)))
             .map(|page| page.items.into_iter().cloned().collect())
@@ -339,7 +326,7 @@ pub(super) async fn index(
                 }
             })
             .collect();
-        (computes, sweeps, pipelines)
+        (computes, gpus, sweeps, pipelines)
     });
     // A sweep's view reads the metric store and then the state: outside the lock above.
     let sweeps = sweeps
@@ -405,6 +392,7 @@ pub(super) async fn index(
         user: viewer.user,
         csrf: viewer.csrf,
         computes,
+        gpus,
         sweeps,
         pipelines,
         runs,
@@ -746,6 +734,8 @@ struct AttemptSection {
     resumed: Option<String>,
     /// Its ranks' output, combined.
     log: String,
+    /// What of the log the page leaves out, and how to read it whole.
+    log_note: Option<String>,
 }
 
 /// `GET /runs/{id}`.
@@ -790,10 +780,22 @@ pub(super) async fn run_page(
     let mut attempts = Vec::with_capacity(wire.attempts.len());
     for a in &wire.attempts {
         let log = combined_log(&c, &run, a.number).await;
-        attempts.push(attempt_section(
-            a,
-            String::from_utf8_lossy(&log).into_owned(),
-        ));
+        let note = log.left_out.map(|n| {
+            let (what, ranks) = if a.placements.len() > 1 {
+                ("The log goes on", "after these lines")
+            } else {
+                ("The log starts", "before these lines")
+            };
+            format!(
+                "{what} with {} more {ranks}: `muster run logs {} --attempt {}` prints it whole.",
+                muster_core::state::human_bytes(n),
+                run.id,
+                a.number
+            )
+        });
+        let mut section = attempt_section(a, String::from_utf8_lossy(&log.bytes).into_owned());
+        section.log_note = note;
+        attempts.push(section);
     }
     render(&RunPage {
         head: Head::page(&run.id, !run.state.is_terminal(), "runs"),
@@ -911,6 +913,7 @@ fn attempt_section(a: &v1::Attempt, log: String) -> AttemptSection {
             )
         }),
         log,
+        log_note: None,
     }
 }
 
@@ -960,6 +963,7 @@ mod tests {
                     "from the checkpoint of attempt 1 (1 file, 3 B, taken when preempted)".into(),
                 ),
                 log: format!("{text}\n"),
+                log_note: None,
             }],
             queued: false,
             waiting: String::new(),
@@ -1035,6 +1039,7 @@ mod tests {
             user: "admin".into(),
             csrf: "c0ffee".into(),
             computes: Vec::new(),
+            gpus: Vec::new(),
             sweeps: Vec::new(),
             pipelines: Vec::new(),
             runs: Vec::new(),
@@ -1053,10 +1058,36 @@ mod tests {
             "{html}"
         );
         let full = IndexPage {
-            computes: vec![ComputeRow {
-                name: "local".to_string(),
-                kind: "local",
-                nodes: 1,
+            computes: vec![TargetCard {
+                name: "gpu-pool".to_string(),
+                kind: "cluster",
+                tier: "dedicated",
+                size: String::new(),
+                provisioner: "docker",
+                nodes: "2 ready".to_string(),
+                gpus_used: 3,
+                gpus: 8,
+                queued: 5,
+                active: 2,
+                stopped: false,
+            }],
+            gpus: vec![GpuRow {
+                compute: "gpu-pool".to_string(),
+                node: "muster-gpu-pool-0".to_string(),
+                cells: vec![
+                    super::super::compute::GpuCell {
+                        uuid: "GPU-1".to_string(),
+                        model: "H200".to_string(),
+                        memory: "139.8 GiB".to_string(),
+                        run: Some("run-7".to_string()),
+                    },
+                    super::super::compute::GpuCell {
+                        uuid: "GPU-2".to_string(),
+                        model: "H200".to_string(),
+                        memory: "139.8 GiB".to_string(),
+                        run: None,
+                    },
+                ],
             }],
             sweeps: vec![SweepRow {
                 id: "sweep-1".to_string(),
@@ -1085,7 +1116,11 @@ mod tests {
         };
         let html = full.render().unwrap();
         assert!(
-            html.contains("<tr><td>local</td><td>local</td><td>1</td></tr>"),
+            html.contains("<div class=card><h3><a href=\"/compute/gpu-pool\">gpu-pool</a></h3><p>cluster, dedicated</p><p>nodes: 2 ready</p><p>GPUs: 3 used, 5 free</p><p>runs: 5 queued, 2 active</p></div>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<tr><td>gpu-pool</td><td>muster-gpu-pool-0</td><td><span class=gpu title=\"H200 139.8 GiB GPU-1\"><a href=\"/runs/run-7\">run-7</a></span> <span class=gpu title=\"H200 139.8 GiB GPU-2\">free</span> </td></tr>"),
             "{html}"
         );
         assert!(html.contains("<tr class=sweep><td><a href=\"/sweeps/sweep-1\">sweep-1</a></td><td>&#60;b&#62;lr&#60;/b&#62;</td><td class=completed>completed</td><td>maximize accuracy</td><td>8/8</td><td>trial 2 (<a href=\"/runs/run-2\">run-2</a>) 0.96</td><td>1970-01-01T00:00:00Z</td></tr>"), "{html}");
@@ -1117,6 +1152,7 @@ mod tests {
             user: "admin".into(),
             csrf: "c0ffee".into(),
             computes: Vec::new(),
+            gpus: Vec::new(),
             sweeps: Vec::new(),
             pipelines: Vec::new(),
             runs: vec![RunRow {
