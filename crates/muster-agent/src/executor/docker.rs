@@ -1131,6 +1131,7 @@ mod tests {
             log_path: "/w/log".into(),
             timeout: None,
             container: None,
+            redact: Default::default(),
             process_limits: Default::default(),
         };
         let spec = ContainerSpec {
