@@ -267,18 +267,24 @@ impl RunService for Runs {
         let caller = Caller::of(&req);
         let req = req.into_inner();
         allow_run(&self.0, &caller, &req.id, Role::User)?;
-        self.0
+        let proposed = self
+            .0
             .coordinator
             .propose(Command::CancelRun {
                 run_id: req.id.clone(),
                 reason: req.reason,
                 at: now_ms(),
             })
-            .await
-            .map_err(|e| match e {
-                ProposalError::Rejected(ApplyError::UnknownRun(id)) => not_found(&id),
-                e => status(e),
-            })?;
+            .await;
+        match proposed {
+            Ok(_) => {}
+            // A cancel again (a client's retry of one whose answer was lost, or a second
+            // user's) is answered as the first was: the run is canceled.
+            Err(ProposalError::Rejected(ApplyError::RunFinished { state, .. }))
+                if state == RunState::Canceled.as_str() => {}
+            Err(ProposalError::Rejected(ApplyError::UnknownRun(id))) => return Err(not_found(&id)),
+            Err(e) => return Err(status(e)),
+        }
         self.get(&req.id).map(Response::new)
     }
 
